@@ -1,0 +1,72 @@
+"""Bearer JWT -> Principal. Nothing else in mediavault knows about tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jwt
+
+from mediavault.errors import PermissionDenied, Unauthenticated
+
+ROLES = frozenset({"user", "admin", "billing", "service"})
+MAX_USER_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    roles: frozenset[str]
+
+    def has_any(self, *roles: str) -> bool:
+        return not self.roles.isdisjoint(roles)
+
+    def require_any(self, *roles: str) -> None:
+        if not self.has_any(*roles):
+            raise PermissionDenied(f"requires one of the roles: {', '.join(roles)}")
+
+    def user_or_self(self, user_id: str, *privileged: str) -> str:
+        """The account a call acts on: the caller's own, or user_id when the caller holds a privileged role."""
+        if not user_id or user_id == self.user_id:
+            return self.user_id
+        self.require_any(*privileged)
+        return user_id
+
+
+class Authenticator:
+    def __init__(self, secret: str) -> None:
+        if not secret:
+            raise ValueError("MEDIAVAULT_JWT_SECRET must be set")
+        self._secret = secret
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
+        header = next((value for key, value in metadata if key == "authorization"), None)
+        if not isinstance(header, str):
+            raise Unauthenticated("missing bearer token")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization must be 'Bearer <token>'")
+        try:
+            claims = jwt.decode(token.strip(), self._secret, algorithms=["HS256"], options={"require": ["sub", "exp"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("invalid token") from None
+        user_id = claims["sub"]
+        if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_USER_ID_LENGTH:
+            raise Unauthenticated("invalid token subject")
+        raw_roles = claims.get("roles", ["user"])
+        if isinstance(raw_roles, str):
+            raw_roles = [raw_roles]
+        if not isinstance(raw_roles, list):
+            raise Unauthenticated("invalid roles claim")
+        return Principal(user_id, frozenset(r for r in raw_roles if r in ROLES))
+
+    def issue(self, user_id: str, roles: Iterable[str], ttl_seconds: int = 3600) -> str:
+        roles = list(roles)
+        unknown = set(roles) - ROLES
+        if unknown:
+            raise ValueError(f"unknown roles: {', '.join(sorted(unknown))}")
+        now = int(time.time())
+        return jwt.encode({"sub": user_id, "roles": roles, "iat": now, "exp": now + ttl_seconds}, self._secret, algorithm="HS256")

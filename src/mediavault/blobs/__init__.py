@@ -1,0 +1,19 @@
+"""Blob storage behind one small interface: ``fs`` (default) or ``s3``."""
+
+from __future__ import annotations
+
+from mediavault.blobs.base import BlobStore, BlobStoreError, ObjectInfo, SignedRequest, check_key
+from mediavault.config import Settings
+
+__all__ = ["BlobStore", "BlobStoreError", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store"]
+
+
+async def open_blob_store(settings: Settings) -> BlobStore:
+    if settings.blob_backend == "s3":
+        from mediavault.blobs.s3 import S3BlobStore
+
+        return await S3BlobStore.open(settings)
+    from mediavault.blobs.fs import FsBlobStore
+    from mediavault.blobs.signing import UrlSigner
+
+    return FsBlobStore(settings.blob_dir, UrlSigner(settings.url_signing_key, settings.public_url))

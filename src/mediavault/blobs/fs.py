@@ -1,0 +1,113 @@
+"""The local-filesystem backend: objects under MEDIAVAULT_BLOB_DIR, signed URLs served by blobs.http."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterable
+from pathlib import Path
+
+from mediavault.blobs.base import BlobStoreError, ObjectInfo, SignedRequest, check_key
+from mediavault.blobs.signing import UrlSigner
+
+_HASH_INLINE_LIMIT = 256 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+class FsBlobStore:
+    def __init__(self, root: Path, signer: UrlSigner) -> None:
+        self.root = root.resolve()
+        self.signer = signer
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def temp_path(self) -> Path:
+        return self._tmp / uuid.uuid4().hex
+
+    async def presign_put(
+        self, key: str, *, size_bytes: int, content_type: str, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        url = self.signer.sign("PUT", check_key(key), expires_in=expires_in, length=size_bytes, content_type=content_type)
+        return SignedRequest(url, "PUT", {"Content-Type": content_type, "Content-Length": str(size_bytes)})
+
+    async def presign_get(self, key: str, *, expires_in: int, content_type: str | None = None) -> str:
+        return self.signer.sign("GET", check_key(key), expires_in=expires_in, content_type=content_type or "")
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            return ObjectInfo(size=self.path(key).stat().st_size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
+
+    async def read_prefix(self, key: str, length: int) -> bytes:
+        try:
+            with self.path(key).open("rb") as f:
+                return f.read(length)
+        except OSError as exc:
+            raise BlobStoreError(f"read failed: {exc.strerror}") from exc
+
+    async def sha256(self, key: str) -> str:
+        path = self.path(key)
+        try:
+            if path.stat().st_size <= _HASH_INLINE_LIMIT:
+                return hashlib.sha256(path.read_bytes()).hexdigest()
+            return await asyncio.to_thread(_hash_file, path)
+        except OSError as exc:
+            raise BlobStoreError(f"read failed: {exc.strerror}") from exc
+
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
+        target = self.path(key)
+        tmp = self.temp_path()
+        size = 0
+        try:
+            with tmp.open("wb") as f:
+                async for chunk in chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise BlobStoreError(f"write failed: {exc.strerror}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
+    def publish_new(self, tmp: Path, key: str) -> bool:
+        """Moves a fully written temp file into place unless the object exists; False if it did.
+
+        A presigned PUT creates the object once: after finalize has verified the bytes,
+        a still-valid URL must not be able to swap them.
+        """
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    async def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise BlobStoreError(f"delete failed: {exc.strerror}") from exc
+
+    async def close(self) -> None:
+        return None
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,80 @@
+"""The fs backend's HTTP listener: serves signed PUT and GET URLs like S3 presigned URLs do.
+
+PUT needs the signed Content-Length and Content-Type, streams the body to a temp file,
+cuts off anything past the signed length and publishes the object only when complete,
+and only once (a second PUT to the same key is 412, as S3's If-None-Match: *).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from mediavault.blobs.fs import FsBlobStore
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 256 * 1024
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+def create_app(store: FsBlobStore) -> web.Application:
+    async def put_object(request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        problem = store.signer.verify("PUT", key, dict(request.query))
+        if problem:
+            return _error(403, "SignatureDoesNotMatch" if "signature" in problem else "AccessDenied", problem)
+        signed_length = int(request.query.get("X-Length", "-1"))
+        if request.content_length is None:
+            return _error(411, "MissingContentLength", "Content-Length is required")
+        if request.content_length != signed_length:
+            return _error(403, "SignatureDoesNotMatch", "Content-Length differs from the signed length")
+        if request.headers.get("Content-Type", "") != request.query.get("X-Content-Type", ""):
+            return _error(403, "SignatureDoesNotMatch", "Content-Type differs from the signed type")
+        if store.path(key).exists():
+            return _error(412, "PreconditionFailed", "object already uploaded")
+
+        tmp = store.temp_path()
+        received = 0
+        try:
+            with tmp.open("wb") as f:
+                while chunk := await request.content.read(_CHUNK):
+                    received += len(chunk)
+                    if received > signed_length:
+                        return _error(400, "EntityTooLarge", "body exceeds the signed length")
+                    f.write(chunk)
+            if received != signed_length:
+                return _error(400, "IncompleteBody", "body shorter than the signed length")
+            if not store.publish_new(tmp, key):
+                return _error(412, "PreconditionFailed", "object already uploaded")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return web.Response(status=200)
+
+    async def get_object(request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        problem = store.signer.verify("GET", key, dict(request.query))
+        if problem:
+            return _error(403, "AccessDenied", problem)
+        path = store.path(key)
+        if not path.is_file():
+            return _error(404, "NoSuchKey", "no such object")
+        response = web.FileResponse(path, chunk_size=_CHUNK)
+        content_type = request.query.get("X-Content-Type")
+        if content_type:
+            response.content_type = content_type
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=0)
+    app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", put_object)
+    app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", get_object)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,55 @@
+"""Every MEDIAVAULT_* setting, read once from the environment and passed down explicitly."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDIAVAULT_", frozen=True, extra="ignore")
+
+    database_url: str = ""
+    redis_url: str = ""
+    grpc_addr: str = "127.0.0.1:50051"
+    http_addr: str = "127.0.0.1:8081"
+    http_public_url: str = ""
+    metrics_addr: str = ""
+    blob_backend: Literal["fs", "s3"] = "fs"
+    blob_dir: Path = Path(".mediavault/blobs")
+    blob_signing_key: SecretStr = SecretStr("")
+    s3_bucket: str = "mediavault"
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    jwt_secret: SecretStr = SecretStr("")
+    free_quota_bytes: int = Field(default=GiB, ge=0)
+    max_image_bytes: int = Field(default=50 * MiB, gt=0)
+    max_video_bytes: int = Field(default=500 * MiB, gt=0)
+    upload_url_ttl_seconds: int = Field(default=15 * 60, gt=0)
+    reservation_ttl_seconds: int = Field(default=2 * 60 * 60, gt=0)
+    ephemeral_ttl_seconds: int = Field(default=60 * 60, gt=0)
+    db_pool_min_size: int = Field(default=2, ge=1)
+    db_pool_max_size: int = Field(default=10, ge=1)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: str = "INFO"
+
+    @property
+    def public_url(self) -> str:
+        """Base URL clients reach the blob listener at."""
+        return (self.http_public_url or f"http://{self.http_addr}").rstrip("/")
+
+    @property
+    def url_signing_key(self) -> bytes:
+        """Key for signed blob URLs; derived from the JWT secret unless set on its own."""
+        own = self.blob_signing_key.get_secret_value()
+        if own:
+            return own.encode()
+        return hmac.new(self.jwt_secret.get_secret_value().encode(), b"mediavault-blob-urls", hashlib.sha256).digest()

@@ -1,0 +1,115 @@
+"""Accounts: creation on first use, quota figures, freeze. SQL of the accounts aggregate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from mediavault.errors import InvalidArgument, NotFound
+
+MAX_FREEZE_REASON = 500
+
+# The free tier is granted through the ledger like every other change, so that
+# an account's quota always equals the sum of its ledger entries.
+_ENSURE_ACCOUNT = """
+WITH created AS (
+    INSERT INTO accounts (user_id, quota_bytes) VALUES ($1, $2)
+    ON CONFLICT (user_id) DO NOTHING
+    RETURNING user_id, quota_bytes
+)
+INSERT INTO ledger_entries (user_id, kind, quota_delta)
+SELECT user_id, 'grant', quota_bytes FROM created
+"""
+
+_SUMMARY = """
+SELECT a.user_id, a.quota_bytes, a.used_bytes, a.reserved_bytes, a.frozen,
+       (SELECT count(*) FROM media m WHERE m.owner_id = a.user_id AND m.deleted_at IS NULL) AS media_count,
+       (SELECT count(*) FROM uploads u WHERE u.user_id = a.user_id AND u.state = 'pending') AS pending_uploads
+FROM accounts a WHERE a.user_id = $1
+"""
+
+_FREEZE = """
+UPDATE accounts SET frozen = true, frozen_reason = $2, frozen_at = coalesce(frozen_at, now()), updated_at = now()
+WHERE user_id = $1
+RETURNING user_id, frozen, frozen_reason, frozen_at
+"""
+
+_UNFREEZE = """
+UPDATE accounts SET frozen = false, frozen_reason = NULL, frozen_at = NULL, updated_at = now()
+WHERE user_id = $1
+RETURNING user_id, frozen, frozen_reason, frozen_at
+"""
+
+_STANDING = "SELECT frozen, quota_bytes, used_bytes, reserved_bytes FROM accounts WHERE user_id = $1"
+
+
+@dataclass(frozen=True)
+class StorageSummary:
+    user_id: str
+    quota_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    media_count: int
+    pending_uploads: int
+    frozen: bool
+
+    @property
+    def available_bytes(self) -> int:
+        return self.quota_bytes - self.used_bytes - self.reserved_bytes
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: str
+    frozen: bool
+    frozen_reason: str | None
+    frozen_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Standing:
+    frozen: bool
+    quota_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+
+
+async def ensure(conn: asyncpg.Pool | asyncpg.Connection, user_id: str, free_quota_bytes: int) -> None:
+    await conn.execute(_ENSURE_ACCOUNT, user_id, free_quota_bytes)
+
+
+async def standing(conn: asyncpg.Pool | asyncpg.Connection, user_id: str) -> Standing | None:
+    row = await conn.fetchrow(_STANDING, user_id)
+    return Standing(**row) if row else None
+
+
+async def summary(pool: asyncpg.Pool, user_id: str, free_quota_bytes: int) -> StorageSummary:
+    row = await pool.fetchrow(_SUMMARY, user_id)
+    if row is None:
+        await ensure(pool, user_id, free_quota_bytes)
+        row = await pool.fetchrow(_SUMMARY, user_id)
+    return StorageSummary(**row)
+
+
+async def freeze(pool: asyncpg.Pool, user_id: str, reason: str, free_quota_bytes: int) -> Account:
+    _check_user_id(user_id)
+    reason = reason.strip()
+    if not reason or len(reason) > MAX_FREEZE_REASON:
+        raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
+    await ensure(pool, user_id, free_quota_bytes)
+    return Account(**await pool.fetchrow(_FREEZE, user_id, reason))
+
+
+async def unfreeze(pool: asyncpg.Pool, user_id: str) -> Account:
+    _check_user_id(user_id)
+    row = await pool.fetchrow(_UNFREEZE, user_id)
+    if row is None:
+        raise NotFound("account not found")
+    return Account(**row)
+
+
+def _check_user_id(user_id: str) -> None:
+    if not user_id or len(user_id) > 128:
+        raise InvalidArgument.single("user_id", "must be 1-128 characters")

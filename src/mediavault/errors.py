@@ -1,0 +1,95 @@
+"""The one exception tree of mediavault.
+
+Every error a caller can see is a ``MediavaultError`` whose ``reason`` is the
+UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
+
+    MediavaultError
+    ├── Unauthenticated       UNAUTHORIZED            missing, malformed or expired token
+    ├── PermissionDenied      FORBIDDEN               role does not allow the call
+    ├── NotFound              NOT_FOUND               unknown, or not the caller's
+    ├── InvalidArgument       INVALID_ARGUMENT        carries field violations
+    ├── StorageLimitReached   STORAGE_LIMIT_REACHED   reservation does not fit the quota
+    ├── AccountFrozen         ACCOUNT_FROZEN
+    ├── UploadNotPending      UPLOAD_NOT_PENDING      finalize/fail of a finished upload
+    ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters
+    ├── VerificationFailed    OBJECT_MISSING | SIZE_MISMATCH | CHECKSUM_MISMATCH | UNSUPPORTED_MEDIA_TYPE
+    └── InternalError         INTERNAL_ERROR          anything unexpected; details stay in the logs
+
+``domain`` raises these; ``rpc.errors`` is the single place that turns them into
+gRPC status codes. Messages are written for clients: no SQL, paths or other
+users' data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MediavaultError(Exception):
+    reason = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class Unauthenticated(MediavaultError):
+    reason = "UNAUTHORIZED"
+
+
+class PermissionDenied(MediavaultError):
+    reason = "FORBIDDEN"
+
+
+class NotFound(MediavaultError):
+    reason = "NOT_FOUND"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(MediavaultError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+    @classmethod
+    def single(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class StorageLimitReached(MediavaultError):
+    reason = "STORAGE_LIMIT_REACHED"
+
+
+class AccountFrozen(MediavaultError):
+    reason = "ACCOUNT_FROZEN"
+
+
+class UploadNotPending(MediavaultError):
+    reason = "UPLOAD_NOT_PENDING"
+
+
+class IdempotencyConflict(MediavaultError):
+    reason = "IDEMPOTENCY_CONFLICT"
+
+
+VERIFICATION_REASONS = frozenset({"OBJECT_MISSING", "SIZE_MISMATCH", "CHECKSUM_MISMATCH", "UNSUPPORTED_MEDIA_TYPE"})
+
+
+class VerificationFailed(MediavaultError):
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in VERIFICATION_REASONS:
+            raise ValueError(f"unknown verification reason {reason}")
+        super().__init__(message)
+        self.reason = reason
+
+
+class InternalError(MediavaultError):
+    reason = "INTERNAL_ERROR"
