@@ -12,6 +12,7 @@ from mediavault.errors import PermissionDenied, Unauthenticated
 
 ROLES = frozenset({"user", "admin", "billing", "service"})
 MAX_USER_ID_LENGTH = 128
+MIN_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class Principal:
 
 class Authenticator:
     def __init__(self, secret: str) -> None:
-        if not secret:
-            raise ValueError("MEDIAVAULT_JWT_SECRET must be set")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"MEDIAVAULT_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 3.2)")
         self._secret = secret
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:

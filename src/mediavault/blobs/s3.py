@@ -1,0 +1,229 @@
+"""The S3 backend: objects in one bucket, reached through a single long-lived aioboto3 client."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import re
+from collections.abc import AsyncIterable, Iterator
+from typing import Any
+
+import aioboto3
+import aiohttp
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mediavault.blobs.base import BlobStoreError, ObjectInfo, SignedRequest, check_key
+from mediavault.config import Settings
+
+# Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
+_PART_SIZE = 8 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
+_TRANSPORT_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
+
+
+class S3BlobStore:
+    def __init__(self, client: Any, bucket: str, exit_stack: contextlib.AsyncExitStack) -> None:
+        self._client = client
+        self.bucket = bucket
+        self._exit_stack = exit_stack
+
+    @classmethod
+    async def open(cls, settings: Settings) -> S3BlobStore:
+        endpoint_url = settings.s3_endpoint_url or None
+        config = Config(
+            signature_version="s3v4",
+            retries={"mode": "standard"},
+            # S3-compatible endpoints (moto, MinIO) rarely resolve bucket subdomains.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        exit_stack = contextlib.AsyncExitStack()
+        client = await exit_stack.enter_async_context(
+            aioboto3.Session().client(
+                "s3", region_name=settings.s3_region, endpoint_url=endpoint_url, config=config
+            )
+        )
+        return cls(client, settings.s3_bucket, exit_stack)
+
+    async def ensure_bucket(self) -> None:
+        """Creates the bucket unless it exists; production buckets are provisioned outside mediavault."""
+        with _translate_errors("create bucket"):
+            try:
+                await self._client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                if not _is_not_found(exc):
+                    raise
+            params: dict[str, Any] = {"Bucket": self.bucket}
+            region = self._client.meta.region_name
+            # us-east-1 is the one region S3 rejects as an explicit location constraint.
+            if region != "us-east-1":
+                params["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            try:
+                await self._client.create_bucket(**params)
+            except ClientError as exc:
+                if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                    raise
+
+    async def presign_put(
+        self, key: str, *, size_bytes: int, content_type: str, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        # Every header below is part of the signature, so S3 refuses a PUT that changes any of
+        # them: another length, another type, a body not matching the checksum, or a second
+        # PUT after the object exists (If-None-Match), which keeps finalized bytes immutable.
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": check_key(key),
+            "ContentType": content_type,
+            "ContentLength": size_bytes,
+            "IfNoneMatch": "*",
+        }
+        headers = {"Content-Type": content_type, "Content-Length": str(size_bytes), "If-None-Match": "*"}
+        if sha256 is not None:
+            if not _SHA256_HEX.match(sha256):
+                raise ValueError("sha256 must be 64 lowercase hex digits")
+            checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+            params["ChecksumSHA256"] = checksum
+            headers["x-amz-checksum-sha256"] = checksum
+        with _translate_errors("presign"):
+            url = await self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_in)
+        return SignedRequest(url, "PUT", headers)
+
+    async def presign_get(self, key: str, *, expires_in: int, content_type: str | None = None) -> str:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key)}
+        if content_type:
+            params["ResponseContentType"] = content_type
+        with _translate_errors("presign"):
+            return await self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        check_key(key)
+        with _translate_errors("stat"):
+            try:
+                head = await self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+        return ObjectInfo(size=head["ContentLength"], sha256=_full_object_sha256(head))
+
+    async def read_prefix(self, key: str, length: int) -> bytes:
+        check_key(key)
+        # "bytes=0--1" is not a valid range and S3 would answer with the whole object.
+        if length < 1:
+            return b""
+        with _translate_errors("read"):
+            try:
+                response = await self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{length - 1}")
+            except ClientError as exc:
+                # S3 refuses any range on an empty object; a shorter non-empty one is just returned whole.
+                if _error_code(exc) == "InvalidRange":
+                    return b""
+                raise
+            async with response["Body"] as body:
+                return await body.read()
+
+    async def sha256(self, key: str) -> str:
+        check_key(key)
+        digest = hashlib.sha256()
+        with _translate_errors("read"):
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                async for chunk in body.iter_chunks(_READ_CHUNK):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
+        check_key(key)
+        buffer = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        with _translate_errors("write"):
+            try:
+                async for chunk in chunks:
+                    buffer += chunk
+                    size += len(chunk)
+                    # Flush only once more data is known to follow, so that whatever fits
+                    # one buffer is stored with a single PUT instead of a multipart upload.
+                    while len(buffer) > _PART_SIZE:
+                        if upload_id is None:
+                            created = await self._client.create_multipart_upload(
+                                Bucket=self.bucket, Key=key, ContentType=content_type
+                            )
+                            upload_id = created["UploadId"]
+                        parts.append(await self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer[:_PART_SIZE])))
+                        del buffer[:_PART_SIZE]
+                if upload_id is None:
+                    await self._client.put_object(
+                        Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
+                    )
+                else:
+                    parts.append(await self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
+                    await self._client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                    )
+            except BaseException:
+                if upload_id is not None:
+                    await self._abort_upload(key, upload_id)
+                raise
+        return size
+
+    async def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        part = await self._client.upload_part(
+            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return {"ETag": part["ETag"], "PartNumber": number}
+
+    async def _abort_upload(self, key: str, upload_id: str) -> None:
+        # Best effort: the original failure is what the caller needs to see, and a bucket
+        # lifecycle rule is what finally reclaims parts of uploads that could not be aborted.
+        with contextlib.suppress(*_TRANSPORT_ERRORS):
+            await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    async def delete(self, key: str) -> None:
+        check_key(key)
+        with _translate_errors("delete"):
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def close(self) -> None:
+        await self._exit_stack.aclose()
+
+
+@contextlib.contextmanager
+def _translate_errors(action: str) -> Iterator[None]:
+    # The S3 error code or exception type is what a caller can act on; the chained
+    # exception keeps the full detail for logs.
+    try:
+        yield
+    except ClientError as exc:
+        raise BlobStoreError(f"{action} failed: {_error_code(exc)}") from exc
+    except _TRANSPORT_ERRORS as exc:
+        raise BlobStoreError(f"{action} failed: {type(exc).__name__}") from exc
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "unknown"))
+
+
+def _is_not_found(exc: ClientError) -> bool:
+    return _error_code(exc) in _NOT_FOUND
+
+
+def _full_object_sha256(head: dict[str, Any]) -> str | None:
+    """The SHA-256 S3 verified on upload, if it covers the whole object.
+
+    Multipart uploads record a checksum of the part checksums ("<base64>-<parts>"), which
+    says nothing a caller could compare with a digest of the bytes.
+    """
+    checksum = head.get("ChecksumSHA256")
+    if not checksum or head.get("ChecksumType") == "COMPOSITE" or "-" in checksum:
+        return None
+    try:
+        digest = base64.b64decode(checksum, validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == hashlib.sha256().digest_size else None

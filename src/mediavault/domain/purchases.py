@@ -1,0 +1,152 @@
+"""Credit purchases from payment webhooks, credited exactly once per (provider, payment_reference)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from mediavault.domain import accounts
+from mediavault.errors import FieldViolation, IdempotencyConflict, InvalidArgument
+
+PROVIDERS = ("stripe", "solana", "manual")
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 50
+_CURRENCY = re.compile(r"^[A-Z0-9]{3,10}$")
+
+_COLUMNS = "purchase_id, user_id, provider, payment_reference, credit_bytes, amount_minor, currency, created_at"
+
+# ON CONFLICT DO NOTHING waits for a concurrent insert of the same payment to commit
+# and then inserts nothing, so 100 simultaneous deliveries of one webhook credit once.
+_CREDIT = f"""
+WITH purchase AS (
+    INSERT INTO purchases (purchase_id, user_id, provider, payment_reference, credit_bytes, amount_minor, currency)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (provider, payment_reference) DO NOTHING
+    RETURNING {_COLUMNS}
+), credited AS (
+    UPDATE accounts a SET quota_bytes = a.quota_bytes + p.credit_bytes, updated_at = now()
+    FROM purchase p WHERE a.user_id = p.user_id
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, quota_delta, purchase_id)
+    SELECT user_id, 'purchase', credit_bytes, purchase_id FROM purchase
+)
+SELECT * FROM purchase
+"""
+
+_BY_REFERENCE = f"SELECT {_COLUMNS} FROM purchases WHERE provider = $1 AND payment_reference = $2"
+
+_PAGE = f"""
+SELECT {_COLUMNS} FROM purchases
+WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, purchase_id) < ($2, $3))
+ORDER BY created_at DESC, purchase_id DESC
+LIMIT $4
+"""
+
+
+@dataclass(frozen=True)
+class Purchase:
+    purchase_id: uuid.UUID
+    user_id: str
+    provider: str
+    payment_reference: str
+    credit_bytes: int
+    amount_minor: int
+    currency: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class CreditRequest:
+    user_id: str
+    provider: str
+    payment_reference: str
+    credit_bytes: int
+    amount_minor: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class CreditResult:
+    purchase: Purchase
+    already_processed: bool
+
+
+def _validate(request: CreditRequest) -> None:
+    violations = []
+    if not 0 < len(request.user_id) <= 128:
+        violations.append(FieldViolation("user_id", "must be 1-128 characters"))
+    if request.provider not in PROVIDERS:
+        violations.append(FieldViolation("provider", "must be STRIPE, SOLANA or MANUAL"))
+    if not 0 < len(request.payment_reference) <= 256:
+        violations.append(FieldViolation("payment_reference", "must be 1-256 characters"))
+    if request.credit_bytes <= 0:
+        violations.append(FieldViolation("credit_bytes", "must be positive"))
+    if request.amount_minor < 0:
+        violations.append(FieldViolation("amount_minor", "must not be negative"))
+    if not _CURRENCY.match(request.currency):
+        violations.append(FieldViolation("currency", "must be an upper-case currency code such as USD or SOL"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _matches(purchase: Purchase, request: CreditRequest) -> bool:
+    return (
+        purchase.user_id == request.user_id
+        and purchase.credit_bytes == request.credit_bytes
+        and purchase.amount_minor == request.amount_minor
+        and purchase.currency == request.currency
+    )
+
+
+async def add_credits(pool: asyncpg.Pool, request: CreditRequest, free_quota_bytes: int) -> CreditResult:
+    _validate(request)
+    await accounts.ensure(pool, request.user_id, free_quota_bytes)
+    row = await pool.fetchrow(
+        _CREDIT,
+        uuid.uuid4(),
+        request.user_id,
+        request.provider,
+        request.payment_reference,
+        request.credit_bytes,
+        request.amount_minor,
+        request.currency,
+    )
+    if row is not None:
+        return CreditResult(Purchase(**row), already_processed=False)
+    existing = Purchase(**await pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference))
+    if not _matches(existing, request):
+        raise IdempotencyConflict("payment_reference was already credited with different details")
+    return CreditResult(existing, already_processed=True)
+
+
+def _encode_token(purchase: Purchase) -> str:
+    raw = json.dumps([purchase.created_at.isoformat(), str(purchase.purchase_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, purchase_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return datetime.fromisoformat(created_at), uuid.UUID(purchase_id)
+    except (ValueError, TypeError):
+        raise InvalidArgument.single("page_token", "not a token this service issued") from None
+
+
+async def list_page(
+    pool: asyncpg.Pool, user_id: str, page_size: int, page_token: str
+) -> tuple[list[Purchase], str]:
+    """One page, newest first, keyset-paginated so new purchases never shift a page."""
+    if page_size < 0:
+        raise InvalidArgument.single("page_size", "must not be negative")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    after_at, after_id = _decode_token(page_token) if page_token else (None, None)
+    rows = await pool.fetch(_PAGE, user_id, after_at, after_id, size + 1)
+    purchases = [Purchase(**r) for r in rows[:size]]
+    next_token = _encode_token(purchases[-1]) if len(rows) > size else ""
+    return purchases, next_token

@@ -1,0 +1,406 @@
+"""Two-phase uploads: reserve at begin, verify and commit at finalize, release on failure.
+
+State machine: pending -> finalized | failed | expired, each transition a single
+UPDATE ... WHERE state = 'pending' so that concurrent finalize, fail and expiry of
+one upload end in exactly one outcome (the row lock decides, the loser sees 0 rows).
+The quota change and its ledger entry ride in the same statement as the transition.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from mediavault import metrics
+from mediavault.auth import Principal
+from mediavault.blobs import BlobStore, BlobStoreError
+from mediavault.config import Settings
+from mediavault.domain import accounts, content_types
+from mediavault.errors import (
+    AccountFrozen,
+    FieldViolation,
+    IdempotencyConflict,
+    InvalidArgument,
+    NotFound,
+    StorageLimitReached,
+    UploadNotPending,
+    VerificationFailed,
+)
+
+log = logging.getLogger(__name__)
+
+RETENTIONS = ("permanent", "ephemeral")
+MAX_FILENAME = 255
+MAX_IDEMPOTENCY_KEY = 128
+MAX_FAIL_REASON = 500
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+_UPLOAD_COLUMNS = (
+    "upload_id, user_id, filename, content_type, size_bytes, sha256, idempotency_key, retention, "
+    "state, object_key, media_id, failure_reason, created_at, expires_at"
+)
+
+# Reserve and record in one statement: the guarded UPDATE takes the account's row
+# lock and re-checks the guard after any concurrent reservation committed, and the
+# accounts_within_quota CHECK stands behind it.
+_BEGIN = f"""
+WITH reserved AS (
+    UPDATE accounts SET reserved_bytes = reserved_bytes + $5, updated_at = now()
+    WHERE user_id = $2 AND NOT frozen AND used_bytes + reserved_bytes + $5 <= quota_bytes
+    RETURNING user_id
+), created AS (
+    INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, sha256, idempotency_key,
+                         retention, object_key, expires_at)
+    SELECT $1, user_id, $3, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10)
+    FROM reserved
+    RETURNING {_UPLOAD_COLUMNS}
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id)
+    SELECT user_id, 'reserve', size_bytes, upload_id FROM created
+)
+SELECT * FROM created
+"""
+
+_GET = f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE upload_id = $1"
+_GET_BY_KEY = f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE user_id = $1 AND idempotency_key = $2"
+
+_COMMIT = f"""
+WITH finalized AS (
+    UPDATE uploads SET state = 'finalized', media_id = $2, updated_at = now()
+    WHERE upload_id = $1 AND state = 'pending' AND expires_at > now()
+    RETURNING {_UPLOAD_COLUMNS}
+), moved AS (
+    UPDATE accounts a SET reserved_bytes = a.reserved_bytes - f.size_bytes,
+                          used_bytes = a.used_bytes + f.size_bytes, updated_at = now()
+    FROM finalized f WHERE a.user_id = f.user_id
+), media_row AS (
+    INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, sha256, object_key,
+                       retention, expires_at)
+    SELECT $2, user_id, upload_id, $3, content_type, size_bytes, coalesce(sha256, $4), object_key, retention,
+           CASE WHEN retention = 'ephemeral' THEN now() + make_interval(secs => $5) END
+    FROM finalized
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, used_delta, reserved_delta, upload_id, media_id)
+    SELECT user_id, 'commit', size_bytes, -size_bytes, upload_id, $2 FROM finalized
+)
+SELECT * FROM finalized
+"""
+
+_RELEASE = f"""
+WITH released AS (
+    UPDATE uploads SET state = $2, failure_reason = $3, failure_detail = $4, updated_at = now()
+    WHERE upload_id = $1 AND state = 'pending'
+    RETURNING {_UPLOAD_COLUMNS}
+), freed AS (
+    UPDATE accounts a SET reserved_bytes = a.reserved_bytes - r.size_bytes, updated_at = now()
+    FROM released r WHERE a.user_id = r.user_id
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id)
+    SELECT user_id, 'release', -size_bytes, upload_id FROM released
+)
+SELECT * FROM released
+"""
+
+
+@dataclass(frozen=True)
+class Upload:
+    upload_id: uuid.UUID
+    user_id: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str | None
+    idempotency_key: str | None
+    retention: str
+    state: str
+    object_key: str
+    media_id: uuid.UUID | None
+    failure_reason: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class BeginRequest:
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str | None
+    idempotency_key: str | None
+    retention: str
+
+
+@dataclass(frozen=True)
+class BeginResult:
+    upload: Upload
+    upload_url: str
+    upload_method: str
+    upload_headers: dict[str, str]
+
+
+def object_key_for(upload_id: uuid.UUID) -> str:
+    hex_id = upload_id.hex
+    return f"originals/{hex_id[:2]}/{hex_id}"
+
+
+def parse_upload_id(raw: str, field: str = "upload_id") -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidArgument.single(field, "must be a UUID") from None
+
+
+def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
+    violations: list[FieldViolation] = []
+    filename = request.filename.strip()
+    if not filename or len(filename) > MAX_FILENAME or any(ord(c) < 32 for c in filename):
+        violations.append(FieldViolation("filename", f"must be 1-{MAX_FILENAME} printable characters"))
+    content_type = content_types.normalize(request.content_type)
+    if content_type not in content_types.ALLOWED_TYPES:
+        violations.append(
+            FieldViolation("content_type", f"must be one of {', '.join(sorted(content_types.ALLOWED_TYPES))}")
+        )
+    else:
+        limit = settings.max_video_bytes if content_types.kind_of(content_type) == "video" else settings.max_image_bytes
+        if not 0 < request.size_bytes <= limit:
+            violations.append(FieldViolation("size_bytes", f"must be between 1 and {limit} for {content_type}"))
+    sha256 = request.sha256.strip() if request.sha256 else None
+    if sha256 is not None and not _SHA256.match(sha256):
+        violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))
+    key = request.idempotency_key or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+        violations.append(FieldViolation("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
+    if request.retention not in RETENTIONS:
+        violations.append(FieldViolation("retention", "unknown retention"))
+    if violations:
+        raise InvalidArgument(violations)
+    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention)
+
+
+def _same_parameters(upload: Upload, request: BeginRequest) -> bool:
+    return (
+        upload.filename == request.filename
+        and upload.content_type == request.content_type
+        and upload.size_bytes == request.size_bytes
+        and upload.sha256 == request.sha256
+        and upload.retention == request.retention
+    )
+
+
+async def _replay(pool: asyncpg.Pool, user_id: str, request: BeginRequest) -> Upload | None:
+    row = await pool.fetchrow(_GET_BY_KEY, user_id, request.idempotency_key)
+    if row is None:
+        return None
+    upload = Upload(**row)
+    if not _same_parameters(upload, request):
+        raise IdempotencyConflict("idempotency_key was already used with different parameters")
+    return upload
+
+
+async def _signed_put(blobs: BlobStore, upload: Upload, settings: Settings) -> BeginResult:
+    signed = await blobs.presign_put(
+        upload.object_key,
+        size_bytes=upload.size_bytes,
+        content_type=upload.content_type,
+        sha256=upload.sha256,
+        expires_in=settings.upload_url_ttl_seconds,
+    )
+    return BeginResult(upload, signed.url, signed.method, dict(signed.headers))
+
+
+async def begin(
+    pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, principal: Principal, request: BeginRequest
+) -> BeginResult:
+    request = validate_begin(request, settings)
+    user_id = principal.user_id
+    if request.idempotency_key and (existing := await _replay(pool, user_id, request)):
+        return await _signed_put(blobs, existing, settings)
+
+    upload_id = uuid.uuid4()
+    args = (
+        upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
+        request.idempotency_key, request.retention, object_key_for(upload_id), float(settings.reservation_ttl_seconds),
+    )
+    # Zero rows means no account yet, frozen, or full; the account may also have been
+    # created or credited between the statement and the diagnosis, hence the retries.
+    for _ in range(3):
+        try:
+            row = await pool.fetchrow(_BEGIN, *args)
+        except asyncpg.UniqueViolationError:
+            # A concurrent begin with the same idempotency key won the insert.
+            existing = await _replay(pool, user_id, request)
+            if existing is None:
+                raise
+            return await _signed_put(blobs, existing, settings)
+        except asyncpg.CheckViolationError:
+            raise StorageLimitReached("upload does not fit in the remaining storage", requested_bytes=str(request.size_bytes)) from None
+        if row is not None:
+            return await _signed_put(blobs, Upload(**row), settings)
+        standing = await accounts.standing(pool, user_id)
+        if standing is None:
+            await accounts.ensure(pool, user_id, settings.free_quota_bytes)
+            continue
+        if standing.frozen:
+            raise AccountFrozen("account is frozen")
+        available = standing.quota_bytes - standing.used_bytes - standing.reserved_bytes
+        if available >= request.size_bytes:
+            continue
+        raise StorageLimitReached(
+            "upload does not fit in the remaining storage",
+            requested_bytes=str(request.size_bytes),
+            available_bytes=str(max(available, 0)),
+        )
+    raise RuntimeError("reservation neither succeeded nor failed after retries")
+
+
+async def get(pool: asyncpg.Pool, principal: Principal, upload_id: uuid.UUID) -> Upload:
+    row = await pool.fetchrow(_GET, upload_id)
+    # Someone else's upload is indistinguishable from a missing one.
+    if row is None or row["user_id"] != principal.user_id:
+        raise NotFound("upload not found")
+    return Upload(**row)
+
+
+@dataclass(frozen=True)
+class Verified:
+    kind: str
+    sha256: str | None
+
+
+async def verify_object(blobs: BlobStore, upload: Upload) -> Verified:
+    """Checks the stored object against the declaration; raises VerificationFailed with the specific reason."""
+    info = await blobs.stat(upload.object_key)
+    if info is None:
+        raise VerificationFailed("OBJECT_MISSING", "no object was uploaded")
+    if info.size != upload.size_bytes:
+        raise VerificationFailed("SIZE_MISMATCH", f"object has {info.size} bytes, {upload.size_bytes} were declared")
+    sha256 = info.sha256
+    if sha256 is None:
+        sha256 = await blobs.sha256(upload.object_key)
+    if upload.sha256 is not None and sha256 != upload.sha256:
+        raise VerificationFailed("CHECKSUM_MISMATCH", "object SHA-256 differs from the declared one")
+    sniffed = content_types.sniff(await blobs.read_prefix(upload.object_key, content_types.SNIFF_BYTES))
+    if not content_types.matches(upload.content_type, sniffed):
+        raise VerificationFailed(
+            "UNSUPPORTED_MEDIA_TYPE", f"object content is {sniffed or 'not an allowed type'}, not {upload.content_type}"
+        )
+    return Verified(content_types.kind_of(upload.content_type), sha256)
+
+
+async def release(
+    pool: asyncpg.Pool, upload_id: uuid.UUID, *, state: str, reason: str, detail: str | None = None
+) -> Upload | None:
+    """Moves a pending upload to failed/expired and frees its reservation; None if it was not pending."""
+    row = await pool.fetchrow(_RELEASE, upload_id, state, reason, detail)
+    return Upload(**row) if row else None
+
+
+async def _delete_quietly(blobs: BlobStore, key: str) -> None:
+    # The row change is committed; a blob left behind is found by the orphan sweep.
+    try:
+        await blobs.delete(key)
+    except BlobStoreError:
+        metrics.BLOB_DELETE_FAILURES.inc()
+        log.warning("blob delete failed; left for the orphan sweep", extra={"object_key": key}, exc_info=True)
+
+
+async def _settled(pool: asyncpg.Pool, principal: Principal, upload_id: uuid.UUID) -> Upload:
+    """The outcome after losing a race: a finalized upload is success (finalize is idempotent)."""
+    upload = await get(pool, principal, upload_id)
+    if upload.state == "finalized":
+        return upload
+    raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+
+
+async def _expire_if_lapsed(pool: asyncpg.Pool, blobs: BlobStore, upload: Upload) -> None:
+    expired = await release(pool, upload.upload_id, state="expired", reason="EXPIRED")
+    if expired is not None:
+        await _delete_quietly(blobs, upload.object_key)
+
+
+async def finalize(
+    pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, principal: Principal, upload_id: uuid.UUID
+) -> Upload:
+    upload = await get(pool, principal, upload_id)
+    if upload.state == "finalized":
+        return upload
+    if upload.state != "pending":
+        raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+    if upload.expires_at <= datetime.now(UTC):
+        await _expire_if_lapsed(pool, blobs, upload)
+        return await _settled(pool, principal, upload_id)
+
+    try:
+        verified = await verify_object(blobs, upload)
+    except VerificationFailed as failure:
+        failed = await release(pool, upload_id, state="failed", reason=failure.reason, detail=failure.message)
+        if failed is None:
+            return await _settled(pool, principal, upload_id)
+        await _delete_quietly(blobs, upload.object_key)
+        raise
+
+    row = await pool.fetchrow(
+        _COMMIT, upload_id, uuid.uuid4(), verified.kind, verified.sha256, float(settings.ephemeral_ttl_seconds)
+    )
+    if row is None:
+        # A concurrent fail, expiry or finalize changed the state first, or the
+        # reservation lapsed by the database's clock though not by ours.
+        current = await get(pool, principal, upload_id)
+        if current.state == "pending":
+            await _expire_if_lapsed(pool, blobs, current)
+        return await _settled(pool, principal, upload_id)
+    return Upload(**row)
+
+
+async def fail(
+    pool: asyncpg.Pool, blobs: BlobStore, principal: Principal, upload_id: uuid.UUID, reason: str
+) -> Upload:
+    if len(reason) > MAX_FAIL_REASON:
+        raise InvalidArgument.single("reason", f"must be at most {MAX_FAIL_REASON} characters")
+    upload = await get(pool, principal, upload_id)
+    failed = await release(pool, upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
+    if failed is None:
+        raise UploadNotPending(f"upload is {(await get(pool, principal, upload_id)).state}")
+    await _delete_quietly(blobs, upload.object_key)
+    return failed
+
+
+class _TooManyBytes(Exception):
+    pass
+
+
+async def upload_content(
+    pool: asyncpg.Pool,
+    blobs: BlobStore,
+    settings: Settings,
+    principal: Principal,
+    upload_id: uuid.UUID,
+    chunks: AsyncIterable[bytes],
+) -> Upload:
+    """Stores streamed bytes as the upload's object, then finalizes it exactly like the URL path."""
+    upload = await get(pool, principal, upload_id)
+    if upload.state == "finalized":
+        return upload
+    if upload.state != "pending":
+        raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+
+    async def bounded() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > upload.size_bytes:
+                raise _TooManyBytes
+            yield chunk
+
+    try:
+        await blobs.write(upload.object_key, bounded(), content_type=upload.content_type)
+    except _TooManyBytes:
+        await blobs.delete(upload.object_key)
+        raise InvalidArgument.single("chunk", f"stream exceeds the declared {upload.size_bytes} bytes") from None
+    return await finalize(pool, blobs, settings, principal, upload_id)

@@ -1,0 +1,19 @@
+"""Prometheus metrics, exported on MEDIAVAULT_METRICS_ADDR."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK or the ErrorInfo reason)", ["service", "method", "outcome"])
+RPC_LATENCY = Histogram(
+    "mediavault_rpc_duration_seconds",
+    "RPC handling time",
+    ["service", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob deletions left for the orphan sweep")
+
+
+def serve(addr: str) -> None:
+    host, _, port = addr.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")

@@ -1,0 +1,73 @@
+"""What every RPC does around its translation: request id, authentication, error mapping, log line, metrics."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from mediavault import logs, metrics
+from mediavault.auth import Authenticator, Principal
+from mediavault.errors import InternalError, MediavaultError
+from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
+
+log = logging.getLogger("mediavault.rpc")
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[Any]]
+
+
+class Servicer:
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+
+def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
+    def decorate(method: Handler):
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handle(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = context.invocation_metadata() or ()
+            request_id = next((v for k, v in metadata if k == "x-request-id" and isinstance(v, str)), None)
+            request_id = request_id[:64] if request_id else uuid.uuid4().hex
+            token = logs.request_id.set(request_id)
+            started = time.perf_counter()
+            user_id = None
+            failure: MediavaultError | None = None
+            try:
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                principal = self.authenticator.authenticate(metadata)
+                user_id = principal.user_id
+                return await method(self, request, context, principal)
+            except MediavaultError as exc:
+                failure = exc
+            except Exception:
+                log.exception("unhandled error", extra={"rpc": f"{service}/{name}"})
+                failure = InternalError("internal error")
+            finally:
+                elapsed = time.perf_counter() - started
+                outcome = failure.reason if failure else "OK"
+                metrics.RPC_LATENCY.labels(service, name).observe(elapsed)
+                metrics.RPC_TOTAL.labels(service, name, outcome).inc()
+                log.info(
+                    "rpc",
+                    extra={
+                        "rpc": f"{service}/{name}",
+                        "outcome": outcome,
+                        "user_id": user_id,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "peer": context.peer(),
+                    },
+                )
+                logs.request_id.reset(token)
+            code, message, status = to_status(failure)
+            await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status), ("x-request-id", request_id)))
+
+        return handle
+
+    return decorate

@@ -1,0 +1,226 @@
+"""StorageService: proto in, domain call, proto out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import asyncpg
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mediavault.auth import Authenticator, Principal
+from mediavault.blobs import BlobStore
+from mediavault.config import Settings
+from mediavault.domain import accounts, purchases, uploads
+from mediavault.errors import InvalidArgument
+from mediavault.rpc.handler import Servicer, rpc
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+
+SERVICE = "StorageService"
+
+_UPLOAD_STATES = {
+    "pending": pb.UPLOAD_STATE_PENDING,
+    "finalized": pb.UPLOAD_STATE_FINALIZED,
+    "failed": pb.UPLOAD_STATE_FAILED,
+    "expired": pb.UPLOAD_STATE_EXPIRED,
+}
+_RETENTION_TO_PB = {"permanent": pb.RETENTION_PERMANENT, "ephemeral": pb.RETENTION_EPHEMERAL}
+_RETENTION_FROM_PB = {
+    pb.RETENTION_UNSPECIFIED: "permanent",
+    pb.RETENTION_PERMANENT: "permanent",
+    pb.RETENTION_EPHEMERAL: "ephemeral",
+}
+_PROVIDER_TO_PB = {
+    "stripe": pb.PAYMENT_PROVIDER_STRIPE,
+    "solana": pb.PAYMENT_PROVIDER_SOLANA,
+    "manual": pb.PAYMENT_PROVIDER_MANUAL,
+}
+_PROVIDER_FROM_PB = {v: k for k, v in _PROVIDER_TO_PB.items()}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def upload_pb(upload: uploads.Upload) -> pb.Upload:
+    return pb.Upload(
+        upload_id=str(upload.upload_id),
+        user_id=upload.user_id,
+        filename=upload.filename,
+        content_type=upload.content_type,
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256 or "",
+        state=_UPLOAD_STATES[upload.state],
+        retention=_RETENTION_TO_PB[upload.retention],
+        media_id=str(upload.media_id) if upload.media_id else "",
+        failure_reason=upload.failure_reason or "",
+        created_at=timestamp(upload.created_at),
+        expires_at=timestamp(upload.expires_at),
+    )
+
+
+def summary_pb(summary: accounts.StorageSummary) -> pb.StorageSummary:
+    return pb.StorageSummary(
+        user_id=summary.user_id,
+        quota_bytes=summary.quota_bytes,
+        used_bytes=summary.used_bytes,
+        reserved_bytes=summary.reserved_bytes,
+        available_bytes=summary.available_bytes,
+        media_count=summary.media_count,
+        pending_uploads=summary.pending_uploads,
+        frozen=summary.frozen,
+    )
+
+
+def purchase_pb(purchase: purchases.Purchase) -> pb.Purchase:
+    return pb.Purchase(
+        purchase_id=str(purchase.purchase_id),
+        user_id=purchase.user_id,
+        provider=_PROVIDER_TO_PB[purchase.provider],
+        payment_reference=purchase.payment_reference,
+        credit_bytes=purchase.credit_bytes,
+        amount_minor=purchase.amount_minor,
+        currency=purchase.currency,
+        created_at=timestamp(purchase.created_at),
+    )
+
+
+def account_pb(account: accounts.Account) -> pb.Account:
+    return pb.Account(
+        user_id=account.user_id,
+        frozen=account.frozen,
+        frozen_reason=account.frozen_reason or "",
+        frozen_at=timestamp(account.frozen_at),
+    )
+
+
+class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
+    def __init__(self, authenticator: Authenticator, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings) -> None:
+        super().__init__(authenticator)
+        self.pool = pool
+        self.blobs = blobs
+        self.settings = settings
+
+    @rpc(SERVICE)
+    async def BeginUpload(self, request: pb.BeginUploadRequest, context, principal: Principal) -> pb.BeginUploadResponse:
+        retention = _RETENTION_FROM_PB.get(request.retention)
+        if retention is None:
+            raise InvalidArgument.single("retention", "unknown retention")
+        result = await uploads.begin(
+            self.pool,
+            self.blobs,
+            self.settings,
+            principal,
+            uploads.BeginRequest(
+                filename=request.filename,
+                content_type=request.content_type,
+                size_bytes=request.size_bytes,
+                sha256=request.sha256 or None,
+                idempotency_key=request.idempotency_key or None,
+                retention=retention,
+            ),
+        )
+        return pb.BeginUploadResponse(
+            upload=upload_pb(result.upload),
+            upload_url=result.upload_url,
+            upload_method=result.upload_method,
+            upload_headers=result.upload_headers,
+        )
+
+    @rpc(SERVICE)
+    async def FinalizeUpload(self, request: pb.FinalizeUploadRequest, context, principal: Principal) -> pb.FinalizeUploadResponse:
+        upload = await uploads.finalize(
+            self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(request.upload_id)
+        )
+        return pb.FinalizeUploadResponse(upload=upload_pb(upload), media_id=str(upload.media_id))
+
+    @rpc(SERVICE)
+    async def FailUpload(self, request: pb.FailUploadRequest, context, principal: Principal) -> pb.FailUploadResponse:
+        upload = await uploads.fail(
+            self.pool, self.blobs, principal, uploads.parse_upload_id(request.upload_id), request.reason
+        )
+        return pb.FailUploadResponse(upload=upload_pb(upload))
+
+    @rpc(SERVICE)
+    async def GetUpload(self, request: pb.GetUploadRequest, context, principal: Principal) -> pb.GetUploadResponse:
+        upload = await uploads.get(self.pool, principal, uploads.parse_upload_id(request.upload_id))
+        return pb.GetUploadResponse(upload=upload_pb(upload))
+
+    @rpc(SERVICE)
+    async def UploadContent(
+        self, request_iterator: AsyncIterator[pb.UploadContentRequest], context, principal: Principal
+    ) -> pb.UploadContentResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.upload_id:
+            raise InvalidArgument.single("upload_id", "the first message must carry upload_id")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if first.chunk:
+                raise InvalidArgument.single("chunk", "the first message carries only upload_id")
+            async for message in request_iterator:
+                if message.upload_id:
+                    raise InvalidArgument.single("upload_id", "only the first message may carry upload_id")
+                yield message.chunk
+
+        upload = await uploads.upload_content(
+            self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(first.upload_id), chunks()
+        )
+        return pb.UploadContentResponse(upload=upload_pb(upload))
+
+    @rpc(SERVICE)
+    async def GetStorageSummary(
+        self, request: pb.GetStorageSummaryRequest, context, principal: Principal
+    ) -> pb.GetStorageSummaryResponse:
+        user_id = principal.user_or_self(request.user_id, "admin", "service")
+        summary = await accounts.summary(self.pool, user_id, self.settings.free_quota_bytes)
+        return pb.GetStorageSummaryResponse(summary=summary_pb(summary))
+
+    @rpc(SERVICE)
+    async def AddStorageCredits(
+        self, request: pb.AddStorageCreditsRequest, context, principal: Principal
+    ) -> pb.AddStorageCreditsResponse:
+        principal.require_any("billing", "admin")
+        result = await purchases.add_credits(
+            self.pool,
+            purchases.CreditRequest(
+                user_id=request.user_id,
+                provider=_PROVIDER_FROM_PB.get(request.provider, ""),
+                payment_reference=request.payment_reference,
+                credit_bytes=request.credit_bytes,
+                amount_minor=request.amount_minor,
+                currency=request.currency,
+            ),
+            self.settings.free_quota_bytes,
+        )
+        summary = await accounts.summary(self.pool, request.user_id, self.settings.free_quota_bytes)
+        return pb.AddStorageCreditsResponse(
+            purchase=purchase_pb(result.purchase),
+            already_processed=result.already_processed,
+            summary=summary_pb(summary),
+        )
+
+    @rpc(SERVICE)
+    async def ListPurchases(self, request: pb.ListPurchasesRequest, context, principal: Principal) -> pb.ListPurchasesResponse:
+        user_id = principal.user_or_self(request.user_id, "admin", "billing", "service")
+        page, next_token = await purchases.list_page(self.pool, user_id, request.page_size, request.page_token)
+        return pb.ListPurchasesResponse(purchases=[purchase_pb(p) for p in page], next_page_token=next_token)
+
+    @rpc(SERVICE)
+    async def FreezeAccount(self, request: pb.FreezeAccountRequest, context, principal: Principal) -> pb.FreezeAccountResponse:
+        principal.require_any("admin")
+        account = await accounts.freeze(self.pool, request.user_id, request.reason, self.settings.free_quota_bytes)
+        return pb.FreezeAccountResponse(account=account_pb(account))
+
+    @rpc(SERVICE)
+    async def UnfreezeAccount(
+        self, request: pb.UnfreezeAccountRequest, context, principal: Principal
+    ) -> pb.UnfreezeAccountResponse:
+        principal.require_any("admin")
+        account = await accounts.unfreeze(self.pool, request.user_id)
+        return pb.UnfreezeAccountResponse(account=account_pb(account))

@@ -1,0 +1,148 @@
+"""Server(settings): startup / serve / shutdown(grace) for the gRPC API and the blob HTTP listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+import asyncpg
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mediavault import metrics
+from mediavault.auth import Authenticator
+from mediavault.blobs import BlobStore, open_blob_store
+from mediavault.blobs.fs import FsBlobStore
+from mediavault.blobs.http import create_app
+from mediavault.config import Settings
+from mediavault.db import create_pool
+from mediavault.media.v1 import media_pb2, media_pb2_grpc
+from mediavault.rpc.media import MediaServicer
+from mediavault.rpc.storage import StorageServicer
+from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
+    media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name,
+)
+
+
+class Server:
+    """Owns every long-lived resource of one API process.
+
+    ``async with Server(settings) as server`` starts it (tests use this);
+    ``server.grpc_port`` / ``server.http_port`` give the bound ports when
+    the configured ones are 0.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.blobs: BlobStore | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._http_runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+
+    async def startup(self) -> None:
+        settings = self.settings
+        authenticator = Authenticator(settings.jwt_secret.get_secret_value())
+        self.pool = await create_pool(settings)
+        http_socket = None
+        if settings.blob_backend == "fs":
+            http_socket = self._bind_http()
+            if not settings.http_public_url:
+                # Signed URLs must name the port really bound when MEDIAVAULT_HTTP_ADDR asks for port 0.
+                host = http_socket.getsockname()[0]
+                settings = settings.model_copy(update={"http_public_url": f"http://{host}:{self.http_port}"})
+        self.blobs = await open_blob_store(settings)
+
+        self.grpc_server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(
+            StorageServicer(authenticator, self.pool, self.blobs, settings), self.grpc_server
+        )
+        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        self.grpc_port = self.grpc_server.add_insecure_port(settings.grpc_addr)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {settings.grpc_addr}")
+        await self.grpc_server.start()
+
+        if http_socket is not None:
+            await self._start_http(http_socket, self.blobs)
+        if settings.metrics_addr:
+            metrics.serve(settings.metrics_addr)
+
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "server started",
+            extra={"grpc_port": self.grpc_port, "http_port": self.http_port, "blob_backend": settings.blob_backend},
+        )
+
+    def _bind_http(self) -> socket.socket:
+        host, _, port = self.settings.http_addr.rpartition(":")
+        sock = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=False)
+        self.http_port = sock.getsockname()[1]
+        return sock
+
+    async def _start_http(self, sock: socket.socket, store: FsBlobStore) -> None:
+        self._http_runner = web.AppRunner(create_app(store), access_log=None, shutdown_timeout=5)
+        await self._http_runner.setup()
+        await web.SockSite(self._http_runner, sock).start()
+
+    async def serve(self) -> None:
+        """Runs until SIGTERM/SIGINT (or shutdown()), then drains."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        await self.startup()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.shutdown(self.settings.shutdown_grace_seconds)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stops taking calls, lets in-flight ones finish for up to grace seconds, then closes resources."""
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+            self.grpc_server = None
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+            self._http_runner = None
+        if self.blobs is not None:
+            await self.blobs.close()
+            self.blobs = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        log.info("server stopped")
+
+    async def __aenter__(self) -> Server:
+        try:
+            await self.startup()
+        except BaseException:
+            await self.shutdown(0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.shutdown(self.settings.shutdown_grace_seconds)

