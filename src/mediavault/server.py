@@ -51,6 +51,7 @@ class Server:
         self.http_port = 0
         self._http_runner: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+        self._shutdown: asyncio.Future[None] | None = None
 
     async def startup(self) -> None:
         settings = self.settings
@@ -119,7 +120,15 @@ class Server:
             await self.shutdown(self.settings.shutdown_grace_seconds)
 
     async def shutdown(self, grace: float) -> None:
-        """Stops taking calls, lets in-flight ones finish for up to grace seconds, then closes resources."""
+        """Stops taking calls, lets in-flight ones finish for up to grace seconds, then closes resources.
+
+        Safe to call more than once and concurrently: every caller waits for the one drain.
+        """
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._drain_and_close(grace))
+        await asyncio.shield(self._shutdown)
+
+    async def _drain_and_close(self, grace: float) -> None:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         if self.grpc_server is not None:

@@ -22,7 +22,7 @@ _PART_SIZE = 8 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
-_TRANSPORT_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
+_S3_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
 
 
 class S3BlobStore:
@@ -36,6 +36,7 @@ class S3BlobStore:
         endpoint_url = settings.s3_endpoint_url or None
         config = Config(
             signature_version="s3v4",
+            # Three jittered attempts instead of the legacy five: a dead endpoint fails fast.
             retries={"mode": "standard"},
             # S3-compatible endpoints (moto, MinIO) rarely resolve bucket subdomains.
             s3={"addressing_style": "path"} if endpoint_url else None,
@@ -123,7 +124,10 @@ class S3BlobStore:
                 if _error_code(exc) == "InvalidRange":
                     return b""
                 raise
-            async with response["Body"] as body:
+            body = response["Body"]
+            # Entering the body yields the raw aiohttp response; reads go through the
+            # botocore wrapper, which checks the length and maps transport errors.
+            async with body:
                 return await body.read()
 
     async def sha256(self, key: str) -> str:
@@ -131,7 +135,8 @@ class S3BlobStore:
         digest = hashlib.sha256()
         with _translate_errors("read"):
             response = await self._client.get_object(Bucket=self.bucket, Key=key)
-            async with response["Body"] as body:
+            body = response["Body"]
+            async with body:
                 async for chunk in body.iter_chunks(_READ_CHUNK):
                     digest.update(chunk)
         return digest.hexdigest()
@@ -155,8 +160,9 @@ class S3BlobStore:
                                 Bucket=self.bucket, Key=key, ContentType=content_type
                             )
                             upload_id = created["UploadId"]
-                        parts.append(await self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer[:_PART_SIZE])))
+                        part = bytes(buffer[:_PART_SIZE])
                         del buffer[:_PART_SIZE]
+                        parts.append(await self._upload_part(key, upload_id, len(parts) + 1, part))
                 if upload_id is None:
                     await self._client.put_object(
                         Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
@@ -181,7 +187,7 @@ class S3BlobStore:
     async def _abort_upload(self, key: str, upload_id: str) -> None:
         # Best effort: the original failure is what the caller needs to see, and a bucket
         # lifecycle rule is what finally reclaims parts of uploads that could not be aborted.
-        with contextlib.suppress(*_TRANSPORT_ERRORS):
+        with contextlib.suppress(*_S3_ERRORS):
             await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     async def delete(self, key: str) -> None:
@@ -201,7 +207,7 @@ def _translate_errors(action: str) -> Iterator[None]:
         yield
     except ClientError as exc:
         raise BlobStoreError(f"{action} failed: {_error_code(exc)}") from exc
-    except _TRANSPORT_ERRORS as exc:
+    except _S3_ERRORS as exc:
         raise BlobStoreError(f"{action} failed: {type(exc).__name__}") from exc
 
 
@@ -222,6 +228,8 @@ def _full_object_sha256(head: dict[str, Any]) -> str | None:
     checksum = head.get("ChecksumSHA256")
     if not checksum or head.get("ChecksumType") == "COMPOSITE" or "-" in checksum:
         return None
+    # S3 only records checksums it verified, but S3-compatible stores (moto among them)
+    # may keep whatever value a client sent.
     try:
         digest = base64.b64decode(checksum, validate=True)
     except ValueError:

@@ -404,3 +404,44 @@ async def upload_content(
         await blobs.delete(upload.object_key)
         raise InvalidArgument.single("chunk", f"stream exceeds the declared {upload.size_bytes} bytes") from None
     return await finalize(pool, blobs, settings, principal, upload_id)
+
+
+# SKIP LOCKED lets replicas split the due uploads, and leaves alone any row a
+# finalize is committing right now: that finalize's guarded UPDATE then either
+# wins or sees the upload already expired, never both.
+_EXPIRE_DUE = f"""
+WITH due AS (
+    SELECT upload_id FROM uploads
+    WHERE state = 'pending' AND expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE uploads u SET state = 'expired', failure_reason = 'EXPIRED', updated_at = now()
+    FROM due WHERE u.upload_id = due.upload_id
+    RETURNING {", ".join("u." + c.strip() for c in _UPLOAD_COLUMNS.split(","))}
+), per_user AS (
+    SELECT user_id, sum(size_bytes) AS bytes FROM expired GROUP BY user_id
+), freed AS (
+    UPDATE accounts a SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
+    FROM per_user p WHERE a.user_id = p.user_id
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id)
+    SELECT user_id, 'release', -size_bytes, upload_id FROM expired
+)
+SELECT * FROM expired
+"""
+
+
+@dataclass(frozen=True)
+class ExpiryBatch:
+    expired: int
+    freed_bytes: int
+
+
+async def expire_due(pool: asyncpg.Pool, blobs: BlobStore, batch_size: int) -> ExpiryBatch:
+    """Expires one batch of lapsed pending uploads, releasing their reservations, then deletes their objects."""
+    rows = await pool.fetch(_EXPIRE_DUE, batch_size)
+    for row in rows:
+        await _delete_quietly(blobs, row["object_key"])
+    return ExpiryBatch(len(rows), sum(r["size_bytes"] for r in rows))

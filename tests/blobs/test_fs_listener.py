@@ -1,0 +1,92 @@
+"""The fs backend's signed URLs behave like S3 presigned URLs, over a real HTTP listener."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mediavault.blobs.fs import FsBlobStore
+from mediavault.blobs.http import create_app
+from mediavault.blobs.signing import UrlSigner
+
+
+@pytest.fixture
+async def store(tmp_path, unused_tcp_port):
+    signer = UrlSigner(b"k" * 32, f"http://127.0.0.1:{unused_tcp_port}")
+    store = FsBlobStore(tmp_path, signer)
+    runner = web.AppRunner(create_app(store))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    yield store
+    await runner.cleanup()
+
+
+async def send(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, data=body, headers=headers or {}) as response:
+            return response.status, await response.read(), dict(response.headers)
+
+
+async def test_put_then_get(store):
+    signed = await store.presign_put("originals/ab/one", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    assert (await send("PUT", signed.url, b"hello", signed.headers))[0] == 200
+    assert store.path("originals/ab/one").read_bytes() == b"hello"
+    status, body, headers = await send("GET", await store.presign_get("originals/ab/one", expires_in=60, content_type="image/png"))
+    assert (status, body) == (200, b"hello")
+    assert headers["Content-Type"] == "image/png"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_second_put_cannot_replace_the_object(store):
+    signed = await store.presign_put("originals/ab/two", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    assert (await send("PUT", signed.url, b"first", signed.headers))[0] == 200
+    assert (await send("PUT", signed.url, b"other", signed.headers))[0] == 412
+    assert store.path("originals/ab/two").read_bytes() == b"first"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b"toolong", {"Content-Type": "image/png"}, 403),
+        (b"shrt", {"Content-Type": "image/png"}, 403),
+        (b"hello", {"Content-Type": "image/jpeg"}, 403),
+    ],
+)
+async def test_put_must_match_what_was_signed(store, body, headers, status):
+    signed = await store.presign_put("originals/ab/three", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    assert (await send("PUT", signed.url, body, headers))[0] == status
+    assert not store.path("originals/ab/three").exists()
+
+
+async def test_chunked_body_without_length_is_refused(store):
+    signed = await store.presign_put("originals/ab/four", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+
+    async def chunks():
+        yield b"hel"
+        yield b"lo"
+
+    async with aiohttp.ClientSession() as session:
+        async with session.put(signed.url, data=chunks(), headers={"Content-Type": "image/png"}) as response:
+            assert response.status == 411
+    assert not store.path("originals/ab/four").exists()
+
+
+async def test_tampered_expired_or_wrong_method_urls_are_refused(store):
+    signed = await store.presign_put("originals/ab/five", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    assert (await send("PUT", signed.url.replace("five", "six"), b"hello", signed.headers))[0] == 403
+    assert (await send("PUT", signed.url.replace("X-Length=5", "X-Length=6"), b"hello!", {"Content-Type": "image/png"}))[0] == 403
+    assert (await send("GET", signed.url))[0] == 403
+    expired = store.signer.sign("PUT", "originals/ab/five", expires_in=-1, length=5, content_type="image/png")
+    assert (await send("PUT", expired, b"hello", signed.headers))[0] == 403
+    assert not store.path("originals/ab/five").exists()
+
+
+def test_signature_expires():
+    signer = UrlSigner(b"k" * 32, "http://x")
+    url = signer.sign("GET", "a/b", expires_in=10)
+    params = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+    assert signer.verify("GET", "a/b", params) is None
+    assert signer.verify("GET", "a/b", params, now=time.time() + 11) == "URL expired"

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import jwt
+import pytest
+
+from mediavault.auth import Authenticator, Principal
+from mediavault.errors import PermissionDenied, Unauthenticated
+from tests.conftest import JWT_SECRET
+
+
+def bearer(token: str):
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_roundtrip_keeps_known_roles_only():
+    auth = Authenticator(JWT_SECRET)
+    token = jwt.encode({"sub": "u1", "roles": ["admin", "root"], "exp": 2**40}, JWT_SECRET, algorithm="HS256")
+    assert auth.authenticate(bearer(token)) == Principal("u1", frozenset({"admin"}))
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"roles": ["user"], "exp": 2**40}, {"sub": "u", "roles": ["user"]}, {"sub": "", "exp": 2**40}, {"sub": "u", "roles": 5, "exp": 2**40}],
+)
+def test_incomplete_claims_are_rejected(claims):
+    token = jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    with pytest.raises(Unauthenticated):
+        Authenticator(JWT_SECRET).authenticate(bearer(token))
+
+
+def test_algorithm_none_is_rejected():
+    token = jwt.encode({"sub": "u", "exp": 2**40, "roles": ["admin"]}, None, algorithm="none")
+    with pytest.raises(Unauthenticated):
+        Authenticator(JWT_SECRET).authenticate(bearer(token))
+
+
+def test_short_secret_is_refused():
+    with pytest.raises(ValueError):
+        Authenticator("short")
+
+
+def test_privileged_access_to_other_accounts():
+    user = Principal("u1", frozenset({"user"}))
+    assert user.user_or_self("", "admin") == "u1"
+    assert user.user_or_self("u1", "admin") == "u1"
+    with pytest.raises(PermissionDenied):
+        user.user_or_self("u2", "admin")
+    assert Principal("svc", frozenset({"service"})).user_or_self("u2", "admin", "service") == "u2"

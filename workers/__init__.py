@@ -1,0 +1,1 @@
+"""arq workers: job functions and cron schedules, thin loops over domain functions."""
