@@ -13,7 +13,7 @@ SELECT a.user_id,
        a.reserved_bytes, coalesce(l.reserved, 0) AS ledger_reserved
 FROM accounts a
 LEFT JOIN (
-    SELECT user_id, sum(quota_delta) AS quota, sum(used_delta) AS used, sum(reserved_delta) AS reserved
+    SELECT user_id, sum(quota_delta)::bigint AS quota, sum(used_delta)::bigint AS used, sum(reserved_delta)::bigint AS reserved
     FROM ledger_entries GROUP BY user_id
 ) l ON l.user_id = a.user_id
 WHERE a.quota_bytes <> coalesce(l.quota, 0)
@@ -25,7 +25,7 @@ ORDER BY a.user_id
 _PENDING_RESERVATIONS = """
 SELECT a.user_id, a.reserved_bytes, coalesce(p.pending, 0) AS pending_bytes
 FROM accounts a
-LEFT JOIN (SELECT user_id, sum(size_bytes) AS pending FROM uploads WHERE state = 'pending' GROUP BY user_id) p
+LEFT JOIN (SELECT user_id, sum(size_bytes)::bigint AS pending FROM uploads WHERE state = 'pending' GROUP BY user_id) p
        ON p.user_id = a.user_id
 WHERE a.reserved_bytes <> coalesce(p.pending, 0)
 ORDER BY a.user_id

@@ -421,7 +421,7 @@ WITH due AS (
     FROM due WHERE u.upload_id = due.upload_id
     RETURNING {", ".join("u." + c.strip() for c in _UPLOAD_COLUMNS.split(","))}
 ), per_user AS (
-    SELECT user_id, sum(size_bytes) AS bytes FROM expired GROUP BY user_id
+    SELECT user_id, sum(size_bytes)::bigint AS bytes FROM expired GROUP BY user_id
 ), freed AS (
     UPDATE accounts a SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
     FROM per_user p WHERE a.user_id = p.user_id

@@ -1,0 +1,47 @@
+# Everything installs on first use into .venv/ at the repository root.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTO_FILES := protos/mediavault/storage/v1/storage.proto protos/mediavault/media/v1/media.proto
+GENERATED := src/mediavault/storage/v1 src/mediavault/media/v1
+
+.PHONY: venv run test proto proto-check lint bench clean
+
+$(INSTALLED): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
+	touch $@
+
+venv: $(INSTALLED)
+
+## The whole stack (API, blob listener, worker) on embedded PostgreSQL/Valkey unless MEDIAVAULT_DATABASE_URL/REDIS_URL are set.
+run: $(INSTALLED)
+	$(VENV)/bin/mediavault dev
+
+## The test suite against real servers (MEDIAVAULT_TEST_DATABASE_URL/REDIS_URL, else embedded ones).
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+## Regenerates the Python code of the protos.
+proto: $(INSTALLED)
+	$(PY) -m grpc_tools.protoc -I protos -I third_party/googleapis \
+		--python_out=src --pyi_out=src --grpc_python_out=src $(PROTO_FILES)
+
+## Fails when the committed generated code differs from what `make proto` produces.
+proto-check: proto
+	@git diff --exit-code -- $(GENERATED) || (echo "generated code is stale: run make proto and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- $(GENERATED))" || \
+		(echo "generated files not committed: run make proto and commit" >&2; git status --short -- $(GENERATED); exit 1)
+
+## buf lint (STANDARD rules) on the protos.
+lint:
+	npx --yes @bufbuild/buf lint
+
+## Every benchmark in bench/, against a stack it starts itself, or TARGET=host:port.
+bench: $(INSTALLED)
+	$(PY) bench/run.py $(if $(TARGET),--target $(TARGET))
+
+clean:
+	rm -rf $(VENV) .mediavault .pytest_cache

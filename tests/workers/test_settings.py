@@ -1,0 +1,34 @@
+"""The arq worker as `mediavault worker` builds it, on real Redis: start-up fills ctx and the cron job runs."""
+
+from __future__ import annotations
+
+import uuid
+
+from arq import Worker, create_pool
+
+from mediavault.storage.v1 import storage_pb2 as pb
+from tests.helpers import begin, fake_jpeg
+from workers.settings import worker_settings
+
+
+async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, storage, auth, user_id, pool):
+    md = auth(user_id)
+    begun = await begin(storage, md, fake_jpeg(1000))
+    await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 minute' WHERE upload_id = $1::uuid", begun.upload.upload_id)
+
+    settings = server.settings.model_copy(update={"redis_url": redis_url})
+    options = worker_settings(settings)
+    queue = f"mediavault-test:{uuid.uuid4().hex}"
+    redis = await create_pool(options["redis_settings"], default_queue_name=queue)
+    try:
+        assert await redis.enqueue_job("cron:reclaim_stale_uploads") is not None
+        worker = Worker(**options, queue_name=queue, burst=True, handle_signals=False)
+        try:
+            await worker.async_run()
+        finally:
+            await worker.close()
+    finally:
+        await redis.aclose()
+
+    got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)).upload
+    assert got.state == pb.UPLOAD_STATE_EXPIRED
