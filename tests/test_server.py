@@ -72,3 +72,20 @@ async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_setting
             response = await call
             assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
             await draining
+
+
+async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
+    import aiohttp
+
+    async with running(make_settings(metrics_addr="127.0.0.1:0")) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await storage.GetStorageSummary(pb.GetStorageSummaryRequest())
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
+                text = await response.text()
+    assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="OK",service="StorageService"}' in text
+    assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="UNAUTHORIZED",service="StorageService"}' in text
+    assert "mediavault_rpc_duration_seconds_bucket" in text

@@ -14,6 +14,15 @@ RPC_LATENCY = Histogram(
 BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob deletions left for the orphan sweep")
 
 
-def serve(addr: str) -> None:
-    host, _, port = addr.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0")
+class MetricsEndpoint:
+    """The /metrics HTTP endpoint, on a thread of its own so a busy event loop cannot starve scrapes."""
+
+    def __init__(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        self._httpd, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+        self.port = self._httpd.server_address[1]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

@@ -52,6 +52,7 @@ class Server:
         self._http_runner: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         self._shutdown: asyncio.Future[None] | None = None
+        self.metrics: metrics.MetricsEndpoint | None = None
 
     async def startup(self) -> None:
         settings = self.settings
@@ -88,7 +89,7 @@ class Server:
         if http_socket is not None:
             await self._start_http(http_socket, self.blobs)
         if settings.metrics_addr:
-            metrics.serve(settings.metrics_addr)
+            self.metrics = metrics.MetricsEndpoint(settings.metrics_addr)
 
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -137,6 +138,9 @@ class Server:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
             self._http_runner = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.blobs is not None:
             await self.blobs.close()
             self.blobs = None

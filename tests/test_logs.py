@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+import pytest
+
+from mediavault import logs
+from mediavault.storage.v1 import storage_pb2 as pb
+
+
+def test_json_line_carries_request_id_and_extras():
+    token = logs.request_id.set("req-42")
+    try:
+        record = logging.LogRecord("mediavault.rpc", logging.INFO, __file__, 1, "rpc", None, None)
+        record.outcome = "OK"
+        line = logs.JsonFormatter().format(record)
+    finally:
+        logs.request_id.reset(token)
+    entry = json.loads(line)
+    assert entry["request_id"] == "req-42" and entry["outcome"] == "OK" and entry["msg"] == "rpc"
+
+
+async def test_request_id_is_echoed_in_trailers(storage, auth, user_id):
+    call = storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(*auth(user_id), ("x-request-id", "abc-123")))
+    await call
+    assert ("x-request-id", "abc-123") in tuple(await call.trailing_metadata())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("x-request-id", "def-456"),))
+    assert ("x-request-id", "def-456") in tuple(caught.value.trailing_metadata())
