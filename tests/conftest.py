@@ -28,7 +28,7 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
 
 
 def with_database(dsn: str, name: str) -> str:
