@@ -401,7 +401,7 @@ async def upload_content(
     try:
         await blobs.write(upload.object_key, bounded(), content_type=upload.content_type)
     except _TooManyBytes:
-        await blobs.delete(upload.object_key)
+        # Both backends publish an object only when its stream completes, so nothing was stored.
         raise InvalidArgument.single("chunk", f"stream exceeds the declared {upload.size_bytes} bytes") from None
     return await finalize(pool, blobs, settings, principal, upload_id)
 
