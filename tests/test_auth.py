@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import jwt
 import pytest
 
@@ -46,3 +48,20 @@ def test_privileged_access_to_other_accounts():
     with pytest.raises(PermissionDenied):
         user.user_or_self("u2", "admin")
     assert Principal("svc", frozenset({"service"})).user_or_self("u2", "admin", "service") == "u2"
+
+
+def test_remembered_token_still_expires():
+    auth = Authenticator(JWT_SECRET)
+    token = jwt.encode({"sub": "u1", "roles": ["user"], "exp": time.time() + 1}, JWT_SECRET, algorithm="HS256")
+    assert auth.authenticate(bearer(token)).user_id == "u1"
+    time.sleep(1.1)
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(bearer(token))
+
+
+def test_a_bad_token_is_never_remembered_as_good():
+    auth = Authenticator(JWT_SECRET)
+    forged = jwt.encode({"sub": "u1", "exp": 2**40}, "another-secret-of-at-least-32-bytes!", algorithm="HS256")
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate(bearer(forged))

@@ -44,10 +44,10 @@ async def test_health_is_serving(channel, service):
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_media_service_is_declared_but_unimplemented(channel, auth):
+async def test_media_service_needs_a_token(channel):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await media_pb2_grpc.MediaServiceStub(channel).GetMedia(media_pb2.GetMediaRequest(media_id="x"), metadata=auth("u"))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        await media_pb2_grpc.MediaServiceStub(channel).ListFeed(media_pb2.ListFeedRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_settings, auth, user_id):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from arq import cron
+from arq import cron, func
 from arq.connections import RedisSettings
 
 from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
 from mediavault.db import create_pool
+from mediavault.domain import media as media_domain
+from mediavault.domain.feed import Feed
+from mediavault.imaging import DEFAULT_LIMITS, Transcoder
 from workers.maintenance import reclaim_stale_uploads
+from workers.transcode import transcode_media
 
 CRON_JOBS = [cron(reclaim_stale_uploads, minute=set(range(0, 60, 5)), unique=True)]
 
@@ -19,9 +24,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["pool"] = await create_pool(settings)
     ctx["blobs"] = await open_blob_store(settings)
+    ctx["feed"] = Feed(ctx["pool"], ctx["redis"], settings.feed_cache_ttl)
+    ctx["transcoder"] = Transcoder(
+        workers=settings.transcode_workers or None,
+        limits=dataclasses.replace(DEFAULT_LIMITS, job_timeout_seconds=settings.transcode_timeout_seconds),
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "transcoder" in ctx:
+        await ctx["transcoder"].close()
     if "blobs" in ctx:
         await ctx["blobs"].close()
     if "pool" in ctx:
@@ -31,10 +43,14 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for arq.Worker, bound to these settings."""
     return {
-        "functions": [],
+        # Our own attempt count in PostgreSQL decides retries; arq's bound only stops
+        # a job whose database is unreachable from being retried forever.
+        "functions": [func(transcode_media, max_tries=media_domain.MAX_ATTEMPTS + 2)],
         "cron_jobs": CRON_JOBS,
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.queue_name,
+        "job_timeout": settings.job_timeout_seconds,
         "ctx": {"settings": settings},
     }

@@ -35,16 +35,32 @@ class Principal:
         return user_id
 
 
+# Clients reuse one token for many calls; a verified token is remembered until it
+# expires, so the HMAC check and claim parsing run once per token, not per call.
+_CACHE_SIZE = 10_000
+
+
 class Authenticator:
     def __init__(self, secret: str) -> None:
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"MEDIAVAULT_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 3.2)")
         self._secret = secret
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
         header = next((value for key, value in metadata if key == "authorization"), None)
         if not isinstance(header, str):
             raise Unauthenticated("missing bearer token")
+        cached = self._verified.get(header)
+        if cached is not None and cached[1] > time.time():
+            return cached[0]
+        principal, expires_at = self._verify(header)
+        if len(self._verified) >= _CACHE_SIZE:
+            self._verified.clear()
+        self._verified[header] = (principal, expires_at)
+        return principal
+
+    def _verify(self, header: str) -> tuple[Principal, float]:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
@@ -62,7 +78,10 @@ class Authenticator:
             raw_roles = [raw_roles]
         if not isinstance(raw_roles, list):
             raise Unauthenticated("invalid roles claim")
-        return Principal(user_id, frozenset(r for r in raw_roles if r in ROLES))
+        exp = claims["exp"]
+        if not isinstance(exp, int | float):
+            raise Unauthenticated("invalid exp claim")
+        return Principal(user_id, frozenset(r for r in raw_roles if r in ROLES)), float(exp)
 
     def issue(self, user_id: str, roles: Iterable[str], ttl_seconds: int = 3600) -> str:
         roles = list(roles)

@@ -8,6 +8,8 @@ import json
 import logging
 import sys
 
+import uvloop
+
 from mediavault import logs
 from mediavault.auth import ROLES, Authenticator
 from mediavault.config import Settings
@@ -26,12 +28,15 @@ def cmd_serve(_args: argparse.Namespace) -> int:
 
     settings = Settings()
     _require_database(settings)
+    if not settings.redis_url:
+        sys.exit("MEDIAVAULT_REDIS_URL is not set")
 
     async def main() -> None:
         await migrate(settings.database_url)
         await Server(settings).serve()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
     return 0
 
 
@@ -95,7 +100,8 @@ def cmd_audit_ledger(_args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from mediavault.dev import run_dev
 
-    asyncio.run(run_dev(args.data_dir))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run_dev(args.data_dir))
     return 0
 
 

@@ -35,7 +35,14 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(default=500 * MiB, gt=0)
     upload_url_ttl_seconds: int = Field(default=15 * 60, gt=0)
     reservation_ttl_seconds: int = Field(default=2 * 60 * 60, gt=0)
-    ephemeral_ttl_seconds: int = Field(default=60 * 60, gt=0)
+    ephemeral_ttl: int = Field(default=60 * 60, gt=0)
+    public_base_url: str = ""
+    media_url_ttl: int = Field(default=60 * 60, gt=0)
+    feed_cache_ttl: int = Field(default=30, gt=0)
+    transcode_workers: int = Field(default=0, ge=0)
+    transcode_timeout_seconds: float = Field(default=30.0, gt=0)
+    queue_name: str = "arq:queue"
+    job_timeout_seconds: int = Field(default=300, gt=0)
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

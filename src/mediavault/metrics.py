@@ -26,3 +26,14 @@ class MetricsEndpoint:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+FEED_CACHE = Counter("mediavault_feed_cache_total", "Feed page cache lookups", ["result"])
+REDIS_FALLBACKS = Counter("mediavault_redis_fallback_total", "Operations that went on without Redis", ["operation"])
+TRANSCODE_SECONDS = Histogram(
+    "mediavault_transcode_duration_seconds",
+    "Time to make all variants of one media item",
+    ["kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+TRANSCODE_OUTCOMES = Counter("mediavault_transcode_total", "Transcode job outcomes", ["outcome", "reason"])
+EVENTS_RECORDED = Counter("mediavault_usage_events_total", "Usage events received", ["result"])

@@ -10,6 +10,8 @@ import socket
 import asyncpg
 import grpc
 from aiohttp import web
+from arq import create_pool
+from arq.connections import ArqRedis, RedisSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -19,7 +21,8 @@ from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.config import Settings
-from mediavault.db import create_pool
+from mediavault.db import create_pool as create_db_pool
+from mediavault.domain.feed import Feed
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
@@ -53,11 +56,12 @@ class Server:
         self._stopped = asyncio.Event()
         self._shutdown: asyncio.Future[None] | None = None
         self.metrics: metrics.MetricsEndpoint | None = None
+        self.queue: ArqRedis | None = None
 
     async def startup(self) -> None:
         settings = self.settings
         authenticator = Authenticator(settings.jwt_secret.get_secret_value())
-        self.pool = await create_pool(settings)
+        self.pool = await create_db_pool(settings)
         http_socket = None
         if settings.blob_backend == "fs":
             http_socket = self._bind_http()
@@ -73,10 +77,15 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        if settings.redis_url:
+            self.queue = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+        feed_cache = Feed(self.pool, self.queue, settings.feed_cache_ttl)
         storage_pb2_grpc.add_StorageServiceServicer_to_server(
-            StorageServicer(authenticator, self.pool, self.blobs, settings), self.grpc_server
+            StorageServicer(authenticator, self.pool, self.blobs, settings, feed_cache, self.queue), self.grpc_server
         )
-        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(), self.grpc_server)
+        media_pb2_grpc.add_MediaServiceServicer_to_server(
+            MediaServicer(authenticator, self.pool, self.blobs, settings, feed_cache, self.queue), self.grpc_server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
@@ -144,6 +153,9 @@ class Server:
         if self.blobs is not None:
             await self.blobs.close()
             self.blobs = None
+        if self.queue is not None:
+            await self.queue.aclose()
+            self.queue = None
         if self.pool is not None:
             await self.pool.close()
             self.pool = None

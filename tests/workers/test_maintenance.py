@@ -7,6 +7,8 @@ import random
 
 import grpc
 import pytest
+from arq import create_pool
+from arq.connections import RedisSettings
 
 from mediavault.domain import ledger
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -17,10 +19,12 @@ from workers.settings import shutdown, startup
 
 @pytest.fixture
 async def ctx(server):
-    ctx = {"settings": server.settings}
+    redis = await create_pool(RedisSettings.from_dsn(server.settings.redis_url))
+    ctx = {"settings": server.settings, "redis": redis}
     await startup(ctx)
     yield ctx
     await shutdown(ctx)
+    await redis.aclose()
 
 
 async def test_lapsed_reservations_are_released_and_objects_deleted(ctx, storage, auth, user_id, pool, server):

@@ -16,13 +16,12 @@ async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, sto
     begun = await begin(storage, md, fake_jpeg(1000))
     await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 minute' WHERE upload_id = $1::uuid", begun.upload.upload_id)
 
-    settings = server.settings.model_copy(update={"redis_url": redis_url})
+    settings = server.settings.model_copy(update={"redis_url": redis_url, "queue_name": f"mediavault-test:{uuid.uuid4().hex}"})
     options = worker_settings(settings)
-    queue = f"mediavault-test:{uuid.uuid4().hex}"
-    redis = await create_pool(options["redis_settings"], default_queue_name=queue)
+    redis = await create_pool(options["redis_settings"], default_queue_name=settings.queue_name)
     try:
         assert await redis.enqueue_job("cron:reclaim_stale_uploads") is not None
-        worker = Worker(**options, queue_name=queue, burst=True, handle_signals=False)
+        worker = Worker(**options, burst=True, handle_signals=False)
         try:
             await worker.async_run()
         finally:

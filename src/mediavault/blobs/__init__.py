@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mediavault.blobs.base import BlobStore, BlobStoreError, ObjectInfo, SignedRequest, check_key
+from mediavault.blobs.base import BlobStore, BlobStoreError, ObjectInfo, SignedRequest, check_key, single_chunk
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store"]
+__all__ = ["BlobStore", "BlobStoreError", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

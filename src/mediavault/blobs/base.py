@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,6 +60,10 @@ class BlobStore(Protocol):
         """Lowercase hex SHA-256 of the whole object, computed by reading it."""
         ...
 
+    async def read(self, key: str) -> bytes:
+        """The whole object; raises BlobStoreError when it is missing."""
+        ...
+
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
         """Stores the object from chunks, replacing any previous one atomically; returns its size."""
         ...
@@ -69,3 +73,8 @@ class BlobStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def single_chunk(data: bytes) -> AsyncIterator[bytes]:
+    """Adapts bytes already in memory to BlobStore.write."""
+    yield data

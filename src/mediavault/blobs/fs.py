@@ -12,7 +12,8 @@ from pathlib import Path
 from mediavault.blobs.base import BlobStoreError, ObjectInfo, SignedRequest, check_key
 from mediavault.blobs.signing import UrlSigner
 
-_HASH_INLINE_LIMIT = 256 * 1024
+# Files up to this size are read on the event loop; larger ones in a thread.
+_INLINE_READ_LIMIT = 256 * 1024
 _READ_CHUNK = 1024 * 1024
 
 
@@ -56,9 +57,18 @@ class FsBlobStore:
     async def sha256(self, key: str) -> str:
         path = self.path(key)
         try:
-            if path.stat().st_size <= _HASH_INLINE_LIMIT:
+            if path.stat().st_size <= _INLINE_READ_LIMIT:
                 return hashlib.sha256(path.read_bytes()).hexdigest()
             return await asyncio.to_thread(_hash_file, path)
+        except OSError as exc:
+            raise BlobStoreError(f"read failed: {exc.strerror}") from exc
+
+    async def read(self, key: str) -> bytes:
+        path = self.path(key)
+        try:
+            if path.stat().st_size <= _INLINE_READ_LIMIT:
+                return path.read_bytes()
+            return await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             raise BlobStoreError(f"read failed: {exc.strerror}") from exc
 

@@ -16,6 +16,8 @@ from mediavault.blobs.fs import FsBlobStore
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
+# Variant keys are versioned per processing run, so their bytes never change.
+IMMUTABLE_PREFIX = "variants/"
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -63,11 +65,16 @@ def create_app(store: FsBlobStore) -> web.Application:
         path = store.path(key)
         if not path.is_file():
             return _error(404, "NoSuchKey", "no such object")
+        # FileResponse answers If-None-Match with 304 from its ETag (mtime and size).
         response = web.FileResponse(path, chunk_size=_CHUNK)
         content_type = request.query.get("X-Content-Type")
         if content_type:
             response.content_type = content_type
         response.headers["X-Content-Type-Options"] = "nosniff"
+        if key.startswith(IMMUTABLE_PREFIX):
+            response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+        else:
+            response.headers["Cache-Control"] = "private, max-age=3600"
         return response
 
     async def healthz(_request: web.Request) -> web.Response:

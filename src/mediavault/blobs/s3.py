@@ -130,6 +130,14 @@ class S3BlobStore:
             async with body:
                 return await body.read()
 
+    async def read(self, key: str) -> bytes:
+        check_key(key)
+        with _translate_errors("read"):
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            async with body:
+                return await body.read()
+
     async def sha256(self, key: str) -> str:
         check_key(key)
         digest = hashlib.sha256()

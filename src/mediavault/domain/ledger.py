@@ -32,6 +32,16 @@ ORDER BY a.user_id
 """
 
 
+_LIVE_MEDIA = """
+SELECT a.user_id, a.used_bytes, coalesce(m.live, 0) AS live_bytes
+FROM accounts a
+LEFT JOIN (SELECT owner_id, sum(size_bytes)::bigint AS live FROM media WHERE deleted_at IS NULL GROUP BY owner_id) m
+       ON m.owner_id = a.user_id
+WHERE a.used_bytes <> coalesce(m.live, 0)
+ORDER BY a.user_id
+"""
+
+
 @dataclass(frozen=True)
 class Mismatch:
     user_id: str
@@ -43,9 +53,9 @@ class Mismatch:
 async def audit(pool: asyncpg.Pool) -> list[Mismatch]:
     """Returns every disagreement; an empty list means the books add up.
 
-    Two checks, each in one REPEATABLE READ snapshot so concurrent writers cannot
-    produce a false alarm: account figures against the ledger sums, and reserved
-    bytes against the sizes of the uploads still pending.
+    Three checks in one REPEATABLE READ snapshot, so concurrent writers cannot
+    produce a false alarm: account figures against the ledger sums, reserved bytes
+    against the uploads still pending, used bytes against the media not deleted.
     """
     mismatches: list[Mismatch] = []
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
@@ -56,4 +66,6 @@ async def audit(pool: asyncpg.Pool) -> list[Mismatch]:
                     mismatches.append(Mismatch(row["user_id"], f"{figure}_bytes", actual, expected))
         for row in await conn.fetch(_PENDING_RESERVATIONS):
             mismatches.append(Mismatch(row["user_id"], "reserved_bytes_vs_pending_uploads", row["reserved_bytes"], row["pending_bytes"]))
+        for row in await conn.fetch(_LIVE_MEDIA):
+            mismatches.append(Mismatch(row["user_id"], "used_bytes_vs_live_media", row["used_bytes"], row["live_bytes"]))
     return mismatches

@@ -346,7 +346,7 @@ async def finalize(
         raise
 
     row = await pool.fetchrow(
-        _COMMIT, upload_id, uuid.uuid4(), verified.kind, verified.sha256, float(settings.ephemeral_ttl_seconds)
+        _COMMIT, upload_id, uuid.uuid4(), verified.kind, verified.sha256, float(settings.ephemeral_ttl)
     )
     if row is None:
         # A concurrent fail, expiry or finalize changed the state first, or the

@@ -54,16 +54,17 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                 outcome = failure.reason if failure else "OK"
                 metrics.RPC_LATENCY.labels(service, name).observe(elapsed)
                 metrics.RPC_TOTAL.labels(service, name, outcome).inc()
-                log.info(
-                    "rpc",
-                    extra={
-                        "rpc": f"{service}/{name}",
-                        "outcome": outcome,
-                        "user_id": user_id,
-                        "duration_ms": round(elapsed * 1000, 2),
-                        "peer": context.peer(),
-                    },
-                )
+                if log.isEnabledFor(logging.INFO):
+                    log.info(
+                        "rpc",
+                        extra={
+                            "rpc": f"{service}/{name}",
+                            "outcome": outcome,
+                            "user_id": user_id,
+                            "duration_ms": round(elapsed * 1000, 2),
+                            "peer": context.peer(),
+                        },
+                    )
                 logs.request_id.reset(token)
             code, message, status = to_status(failure)
             await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status), ("x-request-id", request_id)))

@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
-import grpc
+from arq.connections import ArqRedis
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mediavault import jobs
 from mediavault.auth import Authenticator, Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
-from mediavault.domain import accounts, purchases, uploads
+from mediavault.domain import accounts, feed, purchases, uploads
 from mediavault.errors import InvalidArgument
 from mediavault.rpc.handler import Servicer, rpc
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -26,7 +27,7 @@ _UPLOAD_STATES = {
     "failed": pb.UPLOAD_STATE_FAILED,
     "expired": pb.UPLOAD_STATE_EXPIRED,
 }
-_RETENTION_TO_PB = {"permanent": pb.RETENTION_PERMANENT, "ephemeral": pb.RETENTION_EPHEMERAL}
+RETENTION_TO_PB = {"permanent": pb.RETENTION_PERMANENT, "ephemeral": pb.RETENTION_EPHEMERAL}
 _RETENTION_FROM_PB = {
     pb.RETENTION_UNSPECIFIED: "permanent",
     pb.RETENTION_PERMANENT: "permanent",
@@ -57,7 +58,7 @@ def upload_pb(upload: uploads.Upload) -> pb.Upload:
         size_bytes=upload.size_bytes,
         sha256=upload.sha256 or "",
         state=_UPLOAD_STATES[upload.state],
-        retention=_RETENTION_TO_PB[upload.retention],
+        retention=RETENTION_TO_PB[upload.retention],
         media_id=str(upload.media_id) if upload.media_id else "",
         failure_reason=upload.failure_reason or "",
         created_at=timestamp(upload.created_at),
@@ -101,11 +102,25 @@ def account_pb(account: accounts.Account) -> pb.Account:
 
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
-    def __init__(self, authenticator: Authenticator, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        settings: Settings,
+        feed_cache: feed.Feed,
+        queue: ArqRedis | None,
+    ) -> None:
         super().__init__(authenticator)
         self.pool = pool
         self.blobs = blobs
         self.settings = settings
+        self.feed = feed_cache
+        self.queue = queue
+
+    async def _media_created(self, upload: uploads.Upload) -> None:
+        await jobs.enqueue_transcode(self.queue, upload.media_id, 0)
+        await self.feed.changed(upload.user_id)
 
     @rpc(SERVICE)
     async def BeginUpload(self, request: pb.BeginUploadRequest, context, principal: Principal) -> pb.BeginUploadResponse:
@@ -138,6 +153,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
         upload = await uploads.finalize(
             self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(request.upload_id)
         )
+        await self._media_created(upload)
         return pb.FinalizeUploadResponse(upload=upload_pb(upload), media_id=str(upload.media_id))
 
     @rpc(SERVICE)
@@ -171,6 +187,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
         upload = await uploads.upload_content(
             self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(first.upload_id), chunks()
         )
+        await self._media_created(upload)
         return pb.UploadContentResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)

@@ -1,0 +1,372 @@
+"""Variant pipeline throughput on the corpus photos, on one core, beside stock Pillow and pyvips.
+
+Five contenders make the same variants (sizes, qualities, byte budgets and Huffman
+optimisation from mediavault.imaging.spec) from the same files, one after the other,
+each in its own subprocess pinned to the same single core:
+
+  mediavault         mediavault.imaging.transcode: pillow-simd, draft decoding, one decode
+                     per photo, each variant resized from the previous one
+  stock_pillow       the naive pipeline on stock Pillow: full decode (no draft), exif_transpose,
+                     then every variant resize()d with Lanczos from the full image; the
+                     baseline of the speed goal and the reference of the SSIM
+  stock_pillow_thumbnail  the same with Image.thumbnail(), whose reducing_gap=2 box-reduces
+                     first: the idiomatic stock pipeline, reported beside it
+  pillow_simd_naive  the naive pipeline on pillow-simd
+  pyvips             pyvips.Image.thumbnail_buffer per variant (shrink-on-load, autorotate),
+                     with libvips' operation cache off and VIPS_CONCURRENCY=1
+
+Each contender makes one untimed pass over the files, then --repeat timed passes; ms per
+image, p50/p99 and source megapixels per second come from those. Quality: SSIM (luma,
+7x7 window, as scikit-image computes it) of each mediavault and pyvips variant against
+the stock-Pillow one. Memory: for each contender, a fresh subprocess per photo (and for a
+12 MP photo made from a corpus one) reads getrusage's ru_maxrss after one job; `job_mb` is
+that peak less the process's RSS just before the job, `process_mb` the peak itself.
+
+Stock Pillow, pyvips (libvips from the pyvips-binary wheel) and numpy live in .bench/venv,
+created on first run: pillow-simd owns the PIL package in the project's virtualenv.
+Prints exactly one JSON line on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_ENV = ROOT / ".bench" / "venv"
+BASELINE_PINS = ("pillow==12.1.1", "pyvips[binary]==3.2.0", "numpy==2.4.6")
+CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or ROOT.parent / "shared" / "corpus")
+PHOTOS = ("images/camera/jolla.jpg", "images/camera/iphone_hdr_NO.jpg", "images/camera/28-hex_value.jpg", "images/formats/rommel.jpg")
+GOAL_SPEEDUP = 4.0
+GOAL_JOB_MB = 150.0
+
+
+def log(message: str) -> None:
+    print(f"[transcode] {message}", file=sys.stderr, flush=True)
+
+
+# ---- contenders: run inside the worker subprocesses, importing only what they use ----
+
+
+def naive_pipeline(data: bytes, specs: list[dict], idiomatic: bool = False) -> list[tuple[str, bytes]]:
+    """Full decode, then each variant Lanczos-resized from the full image (thumbnail() if idiomatic)."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image.load()
+    out = []
+    for spec in specs:
+        if idiomatic:
+            picture = image.copy()
+            picture.thumbnail((spec["box"], spec["box"]), Image.Resampling.LANCZOS)
+        else:
+            scale = min(1.0, spec["box"] / image.width, spec["box"] / image.height)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            picture = image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
+        out.append((spec["name"], budgeted(lambda q: pillow_jpeg(picture, q, spec["optimize"]), spec)))
+    return out
+
+
+def pillow_jpeg(picture, quality: int, optimize: bool) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=quality, optimize=optimize, subsampling="4:2:0")
+    return buffer.getvalue()
+
+
+def pyvips_pipeline(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
+    import pyvips
+
+    out = []
+    for spec in specs:
+        picture = pyvips.Image.thumbnail_buffer(data, spec["box"], height=spec["box"], size="down")
+        out.append((spec["name"], budgeted(
+            lambda q: picture.jpegsave_buffer(Q=q, keep="none", subsample_mode="on", optimize_coding=spec["optimize"]),
+            spec,
+        )))
+    return out
+
+
+def mediavault_pipeline(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
+    from mediavault.imaging import transcode
+
+    return [(variant.name, variant.data) for variant in transcode(data, "image/jpeg").variants]
+
+
+def budgeted(encode, spec: dict) -> bytes:
+    """mediavault's byte-budget rule up to its floor: lower quality step by step."""
+    quality = spec["quality"]
+    data = encode(quality)
+    while len(data) > spec["max_bytes"] and quality > spec["min_quality"]:
+        quality = max(spec["min_quality"], quality - spec["quality_step"])
+        data = encode(quality)
+    return data
+
+
+PIPELINES = {
+    "mediavault": mediavault_pipeline,
+    "pillow_simd_naive": naive_pipeline,
+    "stock_pillow": naive_pipeline,
+    "stock_pillow_thumbnail": lambda data, specs: naive_pipeline(data, specs, idiomatic=True),
+    "pyvips": pyvips_pipeline,
+}
+
+
+def prepare_contender(name: str) -> None:
+    """Imports up front, so that neither a job's time nor its memory includes them."""
+    if name == "pyvips":
+        import pyvips
+
+        # Repeating thumbnail_buffer on the same bytes would otherwise be served from the cache.
+        pyvips.cache_set_max(0)
+    elif name == "mediavault":
+        import mediavault.imaging  # noqa: F401
+    else:
+        import PIL.Image  # noqa: F401
+        import PIL.ImageOps  # noqa: F401
+
+
+def worker_time(args: argparse.Namespace) -> None:
+    os.sched_setaffinity(0, {args.core})
+    prepare_contender(args.contender)
+    pipeline = PIPELINES[args.contender]
+    specs = json.loads(args.specs)
+    files = [Path(f) for f in args.files]
+    payloads = [f.read_bytes() for f in files]
+    for data in payloads:
+        pipeline(data, specs)
+    samples = []
+    for _ in range(args.repeat):
+        for path, data in zip(files, payloads):
+            start = time.perf_counter()
+            variants = pipeline(data, specs)
+            samples.append({"file": path.name, "ms": (time.perf_counter() - start) * 1000})
+    out_dir = Path(args.out) / args.contender
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, data in zip(files, payloads):
+        for variant, encoded in pipeline(data, specs):
+            (out_dir / f"{path.stem}.{variant}.jpg").write_bytes(encoded)
+    print(json.dumps({"samples": samples, "versions": versions(args.contender)}))
+
+
+def worker_memory(args: argparse.Namespace) -> None:
+    os.sched_setaffinity(0, {args.core})
+    prepare_contender(args.contender)
+    pipeline = PIPELINES[args.contender]
+    specs = json.loads(args.specs)
+    data = Path(args.files[0]).read_bytes()
+    before = rss_kib()
+    pipeline(data, specs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"process_mb": peak / 1024, "job_mb": (peak - before) / 1024}))
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def versions(contender: str) -> dict:
+    import PIL
+
+    found = {"PIL": PIL.__version__}
+    if contender == "pyvips":
+        import pyvips
+
+        found["libvips"] = ".".join(str(pyvips.version(i)) for i in range(3))
+    return found
+
+
+def worker_ssim(args: argparse.Namespace) -> None:
+    """SSIM of every variant of each contender against stock Pillow's, as {contender: {variant: [values]}}."""
+    import numpy as np
+    from PIL import Image
+
+    def luma(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+        image = Image.open(path).convert("L")
+        if size is not None and image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        return np.asarray(image, dtype=np.float64)
+
+    def windowed_mean(a: np.ndarray, w: int = 7) -> np.ndarray:
+        s = np.pad(a, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return (s[w:, w:] - s[:-w, w:] - s[w:, :-w] + s[:-w, :-w]) / (w * w)
+
+    def ssim(x: np.ndarray, y: np.ndarray, w: int = 7) -> float:
+        if min(x.shape) < w:
+            return float(np.array_equal(x, y)) if x.shape == y.shape else 0.0
+        c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+        n = w * w
+        mx, my = windowed_mean(x, w), windowed_mean(y, w)
+        cov = n / (n - 1)
+        vx = cov * (windowed_mean(x * x, w) - mx * mx)
+        vy = cov * (windowed_mean(y * y, w) - my * my)
+        vxy = cov * (windowed_mean(x * y, w) - mx * my)
+        s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        return float(s.mean())
+
+    out = Path(args.out)
+    result: dict[str, dict[str, list[float]]] = {}
+    for reference in sorted((out / "stock_pillow").glob("*.jpg")):
+        _, variant, _ = reference.name.rsplit(".", 2)
+        ref = luma(reference)
+        for contender in args.contenders:
+            candidate = out / contender / reference.name
+            value = ssim(ref, luma(candidate, (ref.shape[1], ref.shape[0])))
+            result.setdefault(contender, {}).setdefault(variant, []).append(value)
+    print(json.dumps(result))
+
+
+# ---- orchestration: runs in the project's virtualenv ----
+
+
+def ensure_bench_env() -> Path:
+    python = BENCH_ENV / "bin" / "python"
+    marker = BENCH_ENV / ("installed-" + "-".join(sorted(BASELINE_PINS)).replace("/", "_"))
+    if marker.exists():
+        return python
+    log(f"creating {BENCH_ENV} with {', '.join(BASELINE_PINS)}")
+    # The folder ignores itself, so nothing here is ever committed by accident.
+    BENCH_ENV.parent.mkdir(parents=True, exist_ok=True)
+    (BENCH_ENV.parent / ".gitignore").write_text("*\n")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(BENCH_ENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *BASELINE_PINS], check=True, stdout=sys.stderr)
+    marker.touch()
+    return python
+
+
+def run_worker(python: Path, mode: str, *extra: str) -> dict:
+    env = dict(os.environ, VIPS_CONCURRENCY="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [str(python), __file__, "--worker", mode, *extra],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, check=True, cwd=ROOT,
+    )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def variant_specs() -> list[dict]:
+    from mediavault.imaging import DEFAULT_VARIANTS
+
+    specs = sorted(DEFAULT_VARIANTS.image, key=lambda s: s.box, reverse=True)
+    return [
+        {"name": s.name, "box": s.box, "quality": s.quality, "max_bytes": s.max_bytes,
+         "min_quality": s.min_quality, "quality_step": s.quality_step, "optimize": s.optimize}
+        for s in specs
+    ]
+
+
+def twelve_megapixel_photo(directory: Path) -> Path:
+    """A 4032x3024 (iPhone-sized) JPEG with an EXIF block, made from a corpus photo."""
+    from PIL import Image
+
+    source = Image.open(CORPUS / PHOTOS[0])
+    exif = source.info["exif"]
+    path = directory / "phone12mp.jpg"
+    source.resize((4032, 3024), Image.Resampling.LANCZOS).save(path, "JPEG", quality=92, exif=exif)
+    return path
+
+
+def summarize(samples: list[dict], source_mp: dict[str, float]) -> dict:
+    ms = [s["ms"] for s in samples]
+    quantiles = statistics.quantiles(ms, n=100, method="inclusive")
+    megapixels = sum(source_mp[s["file"]] for s in samples)
+    return {
+        "mp_per_s": round(megapixels / (sum(ms) / 1000), 2),
+        "ms_per_image": round(statistics.fmean(ms), 1),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(quantiles[98], 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=8, help="timed passes over the photos per contender")
+    parser.add_argument("--core", type=int, help="the CPU to pin every contender to (default: the last one allowed)")
+    parser.add_argument("--target", help="ignored: this benchmark needs no server (bench/run.py passes it to all)")
+    parser.add_argument("--jwt-secret", help="ignored, as --target")
+    parser.add_argument("--worker", choices=("time", "memory", "ssim"), help=argparse.SUPPRESS)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--contenders", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--specs", help=argparse.SUPPRESS)
+    parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        {"time": worker_time, "memory": worker_memory, "ssim": worker_ssim}[args.worker](args)
+        return 0
+
+    from PIL import Image
+
+    core = args.core if args.core is not None else max(os.sched_getaffinity(0))
+    files = [CORPUS / p for p in PHOTOS]
+    source_mp = {}
+    for path in files:
+        with Image.open(path) as image:
+            source_mp[path.name] = image.width * image.height / 1e6
+    specs = json.dumps(variant_specs())
+    bench_python = ensure_bench_env()
+    pythons = {"mediavault": Path(sys.executable), "pillow_simd_naive": Path(sys.executable),
+               "stock_pillow": bench_python, "stock_pillow_thumbnail": bench_python, "pyvips": bench_python}
+
+    report: dict = {"bench": "transcode", "core": core, "repeat": args.repeat,
+                    "photos": {name: round(mp, 2) for name, mp in source_mp.items()},
+                    "variants": [s["name"] for s in json.loads(specs)], "contenders": {}, "versions": {}}
+    with tempfile.TemporaryDirectory(prefix="mediavault-bench-") as tmp:
+        out = Path(tmp) / "variants"
+        for contender, python in pythons.items():
+            log(f"timing {contender}")
+            timed = run_worker(python, "time", "--contender", contender, "--core", str(core), "--repeat", str(args.repeat),
+                               "--specs", specs, "--out", str(out), "--files", *map(str, files))
+            report["contenders"][contender] = summarize(timed["samples"], source_mp)
+            report["versions"][contender] = timed["versions"]
+
+        big = twelve_megapixel_photo(Path(tmp))
+        for contender, python in pythons.items():
+            log(f"measuring memory of {contender}")
+            per_photo = {
+                path.name: run_worker(python, "memory", "--contender", contender, "--core", str(core), "--specs", specs, "--files", str(path))
+                for path in [*files, big]
+            }
+            report["contenders"][contender]["job_mb_12mp"] = round(per_photo[big.name]["job_mb"], 1)
+            report["contenders"][contender]["process_mb_12mp"] = round(per_photo[big.name]["process_mb"], 1)
+            report["contenders"][contender]["job_mb_max_corpus"] = round(
+                max(m["job_mb"] for name, m in per_photo.items() if name != big.name), 1)
+
+        log("computing SSIM against stock Pillow")
+        ssim = run_worker(bench_python, "ssim", "--out", str(out),
+                          "--contenders", "mediavault", "pyvips", "stock_pillow_thumbnail", "pillow_simd_naive")
+    report["ssim_vs_stock_pillow"] = {
+        contender: {variant: {"min": round(min(v), 4), "mean": round(statistics.fmean(v), 4)} for variant, v in per.items()}
+        for contender, per in ssim.items()
+    }
+
+    contenders = report["contenders"]
+    stock, vips, ours = contenders["stock_pillow"], contenders["pyvips"], contenders["mediavault"]
+    for entry in contenders.values():
+        entry["speedup_vs_stock"] = round(entry["mp_per_s"] / stock["mp_per_s"], 2)
+    report["goals"] = {
+        f"at_least_{GOAL_SPEEDUP:g}x_stock_pillow": ours["speedup_vs_stock"] >= GOAL_SPEEDUP,
+        f"at_least_{GOAL_SPEEDUP:g}x_stock_pillow_thumbnail":
+            ours["mp_per_s"] >= GOAL_SPEEDUP * contenders["stock_pillow_thumbnail"]["mp_per_s"],
+        "faster_than_pyvips": ours["mp_per_s"] > vips["mp_per_s"],
+        f"job_mb_12mp_under_{GOAL_JOB_MB:g}": ours["job_mb_12mp"] < GOAL_JOB_MB,
+        "min_ssim_vs_stock": min(v["min"] for v in report["ssim_vs_stock_pillow"]["mediavault"].values()),
+    }
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Debian packages the imaging stack needs, installed as root; idempotent.
+#
+# pillow-simd ships no wheels, so it is compiled here against Debian's codecs:
+# libjpeg-turbo (fast JPEG decode, draft/DCT scaling), libwebp (alpha variants),
+# zlib (PNG), lcms2 (ICC profile -> sRGB). TIFF, JPEG 2000, FreeType and the rest
+# are left out on purpose: none of them is in the upload allow-list.
+# pillow-heif, av (FFmpeg) and pyvips-binary come as manylinux wheels that carry
+# their own native libraries, so they need nothing from here.
+set -euo pipefail
+
+packages=(
+    build-essential
+    pkg-config
+    libjpeg62-turbo-dev
+    zlib1g-dev
+    libwebp-dev
+    liblcms2-dev
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if [ "$(dpkg-query --show --showformat='${db:Status-Status}' "$pkg" 2>/dev/null)" != "installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

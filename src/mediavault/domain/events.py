@@ -1,0 +1,113 @@
+"""Usage telemetry: validated, sanitised events, stored with their per-item counters in one statement."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from mediavault.errors import InvalidArgument
+
+EVENT_TYPES = frozenset({"impression", "dwell_start", "dwell_end", "click", "open", "share", "like", "save", "hide", "report"})
+MAX_BATCH = 500
+MAX_SURFACE = 64
+MAX_META_BYTES = 2048
+MAX_META_DEPTH = 3
+MAX_META_KEYS = 32
+# Clients' clocks drift; anything further off than this is not a real occurrence time.
+MAX_CLOCK_SKEW = timedelta(days=7)
+
+# Keys that look like personal data never reach the table, whatever the client sends.
+_PERSONAL = re.compile(
+    r"e-?mail|phone|mobile|\bip\b|^ip_|_ip$|ip_?addr|address|name|token|password|passwd|secret|ssn|birth|"
+    r"credit|card|iban|lat(itude)?$|lon(gitude)?$|gps|location|device_?id|idfa|gaid|cookie|session|auth",
+    re.IGNORECASE,
+)
+
+_INSERT = """
+WITH incoming AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
+        AS e(user_id, media_id, event_type, surface, occurred_at, meta)
+), stored AS (
+    INSERT INTO usage_events (user_id, media_id, event_type, surface, occurred_at, meta)
+    SELECT user_id, media_id, event_type, surface, occurred_at, meta FROM incoming
+    RETURNING media_id, event_type
+), counted AS (
+    SELECT s.media_id,
+           count(*) FILTER (WHERE s.event_type = 'impression') AS views,
+           count(*) FILTER (WHERE s.event_type = 'like') AS likes,
+           count(*) FILTER (WHERE s.event_type = 'share') AS shares
+    FROM stored s JOIN media m ON m.media_id = s.media_id
+    GROUP BY s.media_id
+    HAVING count(*) FILTER (WHERE s.event_type IN ('impression', 'like', 'share')) > 0
+)
+INSERT INTO media_counters AS c (media_id, view_count, like_count, share_count)
+SELECT media_id, views, likes, shares FROM counted ORDER BY media_id
+ON CONFLICT (media_id) DO UPDATE SET
+    view_count = c.view_count + EXCLUDED.view_count,
+    like_count = c.like_count + EXCLUDED.like_count,
+    share_count = c.share_count + EXCLUDED.share_count
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    event_type: str
+    media_id: str
+    surface: str
+    occurred_at: datetime | None
+    meta: dict
+
+
+def sanitise_meta(meta: object, depth: int = 1) -> object:
+    """Drops personal-looking keys and anything nested deeper than MAX_META_DEPTH."""
+    if isinstance(meta, dict):
+        if depth > MAX_META_DEPTH:
+            return None
+        clean = {}
+        for key, value in list(meta.items())[:MAX_META_KEYS]:
+            if _PERSONAL.search(key):
+                continue
+            value = sanitise_meta(value, depth + 1)
+            if value is not None:
+                clean[key[:64]] = value
+        return clean
+    if isinstance(meta, list):
+        if depth > MAX_META_DEPTH:
+            return None
+        return [v for v in (sanitise_meta(item, depth + 1) for item in meta[:MAX_META_KEYS]) if v is not None]
+    if isinstance(meta, str):
+        return meta[:256]
+    return meta
+
+
+def _accept(event: Event, now: datetime) -> tuple | None:
+    if event.event_type not in EVENT_TYPES or len(event.surface) > MAX_SURFACE:
+        return None
+    try:
+        media_id = uuid.UUID(event.media_id)
+    except ValueError:
+        return None
+    occurred_at = event.occurred_at or now
+    if abs(occurred_at - now) > MAX_CLOCK_SKEW:
+        return None
+    meta = json.dumps(sanitise_meta(event.meta) or {})
+    if len(meta) > MAX_META_BYTES:
+        meta = "{}"
+    return media_id, event.event_type, event.surface, occurred_at, meta
+
+
+async def record(pool: asyncpg.Pool, user_id: str, events: list[Event]) -> tuple[int, int]:
+    """Stores the valid events of a batch; returns (accepted, rejected)."""
+    if not 0 < len(events) <= MAX_BATCH:
+        raise InvalidArgument.single("events", f"must hold 1-{MAX_BATCH} events")
+    now = datetime.now(UTC)
+    rows = [row for row in (_accept(e, now) for e in events) if row is not None]
+    if rows:
+        media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows))
+        await pool.execute(_INSERT, [user_id] * len(rows), media_ids, types, surfaces, times, metas)
+    return len(rows), len(events) - len(rows)

@@ -1,0 +1,166 @@
+"""The feed: cursor pages of an owner's media, cached in Redis under versioned keys.
+
+Anything that changes an owner's feed bumps ``feed:v:<owner>``; page keys embed the
+version, so the next call after a change misses and recomputes. Concurrent misses of one
+key compute once: in-process callers share one future, other processes wait briefly on a
+Redis lock. With Redis unreachable the feed is served straight from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mediavault import metrics
+from mediavault.domain import media as media_domain
+from mediavault.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 50
+_LOCK_SECONDS = 5
+_LOCK_WAIT_STEP = 0.02
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[media_domain.Media]
+    next_page_token: str
+    etag: str
+
+
+def clamp_page_size(page_size: int) -> int:
+    if page_size < 0:
+        raise InvalidArgument.single("page_size", "must not be negative")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_token(item: media_domain.Media) -> str:
+    raw = json.dumps([item.created_at.isoformat(), str(item.media_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, media_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return datetime.fromisoformat(created_at), uuid.UUID(media_id)
+    except (ValueError, TypeError):
+        raise InvalidArgument.single("page_token", "not a token this service issued") from None
+
+
+def _to_json(items: list[media_domain.Media]) -> list[dict]:
+    return [dataclasses.asdict(item) for item in items]
+
+
+def _from_json(raw: list[dict]) -> list[media_domain.Media]:
+    items = []
+    for values in raw:
+        variants = tuple(media_domain.Variant(**v) for v in values.pop("variants"))
+        for key in ("created_at", "saved_at", "expires_at", "next_attempt_at"):
+            if values[key] is not None:
+                values[key] = datetime.fromisoformat(values[key])
+        values["media_id"] = uuid.UUID(values["media_id"])
+        items.append(media_domain.Media(**values, variants=variants))
+    return items
+
+
+def _etag(payload: dict) -> str:
+    # Signed URLs are made per response, so the etag covers the rows, not the URLs.
+    canonical = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+class Feed:
+    def __init__(self, pool: asyncpg.Pool, redis: Redis | None, ttl_seconds: int) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.ttl_seconds = ttl_seconds
+        self._inflight: dict[str, asyncio.Future[dict]] = {}
+
+    async def page(self, owner_id: str, page_size: int, page_token: str) -> Page:
+        size = clamp_page_size(page_size)
+        after = decode_token(page_token) if page_token else None
+        payload = await self._cached(owner_id, size, page_token, lambda: self._compute(owner_id, size, after))
+        return Page(_from_json(payload["items"]), payload["next_page_token"], payload["etag"])
+
+    async def changed(self, owner_id: str) -> None:
+        """Makes the owner's next feed call recompute; a Redis outage only delays that by one TTL."""
+        if self.redis is None:
+            return
+        try:
+            await self.redis.incr(f"feed:v:{owner_id}")
+        except (RedisError, OSError):
+            metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
+            log.warning("feed invalidation failed", extra={"owner_id": owner_id}, exc_info=True)
+
+    async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> dict:
+        items, more = await media_domain.page(self.pool, owner_id, size, after)
+        payload = {"items": _to_json(items), "next_page_token": encode_token(items[-1]) if more else ""}
+        payload["etag"] = _etag(payload)
+        return json.loads(json.dumps(payload, default=str))
+
+    async def _cached(self, owner_id: str, size: int, token: str, compute: Callable[[], Awaitable[dict]]) -> dict:
+        if self.redis is None:
+            return await compute()
+        try:
+            version = int(await self.redis.get(f"feed:v:{owner_id}") or 0)
+            key = f"feed:p:{owner_id}:{version}:{size}:{token}"
+            cached = await self.redis.get(key)
+        except (RedisError, OSError):
+            metrics.REDIS_FALLBACKS.labels("feed_read").inc()
+            return await compute()
+        if cached is not None:
+            metrics.FEED_CACHE.labels("hit").inc()
+            return json.loads(cached)
+        metrics.FEED_CACHE.labels("miss").inc()
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        future: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            payload = await self._fill(key, compute)
+            future.set_result(payload)
+            return payload
+        except BaseException as exc:
+            future.set_exception(exc)
+            # Waiters get the exception; nobody else needs it retrieved.
+            future.exception()
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _fill(self, key: str, compute: Callable[[], Awaitable[dict]]) -> dict:
+        redis = self.redis
+        try:
+            locked = await redis.set(f"{key}:lock", "1", nx=True, ex=_LOCK_SECONDS)
+            if not locked:
+                # Another process is computing this page: wait for its result, briefly.
+                for _ in range(int(_LOCK_SECONDS / _LOCK_WAIT_STEP)):
+                    await asyncio.sleep(_LOCK_WAIT_STEP)
+                    cached = await redis.get(key)
+                    if cached is not None:
+                        return json.loads(cached)
+        except (RedisError, OSError):
+            metrics.REDIS_FALLBACKS.labels("feed_lock").inc()
+            return await compute()
+        payload = await compute()
+        try:
+            await redis.set(key, json.dumps(payload), ex=self.ttl_seconds)
+            await redis.delete(f"{key}:lock")
+        except (RedisError, OSError):
+            metrics.REDIS_FALLBACKS.labels("feed_write").inc()
+        return payload

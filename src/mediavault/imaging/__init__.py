@@ -1,0 +1,39 @@
+"""Pure pixel work: upload bytes in, upright metadata-free variants out.
+
+No database, network or grpc here. `transcode` is the synchronous pipeline;
+`Transcoder` runs it in a process pool with a per-job time limit.
+"""
+
+from mediavault.imaging.errors import ImagingError, PermanentImagingError
+from mediavault.imaging.pipeline import TranscodeResult, transcode
+from mediavault.imaging.runner import Transcoder
+from mediavault.imaging.spec import (
+    DEFAULT_LIMITS,
+    DEFAULT_VARIANTS,
+    DISPLAY,
+    POSTER,
+    PREVIEW,
+    THUMBNAIL,
+    Limits,
+    VariantSet,
+    VariantSpec,
+)
+from mediavault.imaging.variants import Variant
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_VARIANTS",
+    "DISPLAY",
+    "POSTER",
+    "PREVIEW",
+    "THUMBNAIL",
+    "ImagingError",
+    "Limits",
+    "PermanentImagingError",
+    "TranscodeResult",
+    "Transcoder",
+    "Variant",
+    "VariantSet",
+    "VariantSpec",
+    "transcode",
+]

@@ -1,0 +1,229 @@
+"""Untrusted bytes to one upright sRGB still: allow-listed decoders, bounds checked from headers first."""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from dataclasses import dataclass
+
+import av
+import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
+import pillow_heif
+from PIL import Image, ImageCms, ImageFilter
+
+from mediavault.domain import content_types
+from mediavault.imaging.errors import (
+    CORRUPT_IMAGE,
+    CORRUPT_VIDEO,
+    IMAGE_TOO_LARGE,
+    TOO_MANY_FRAMES,
+    UNSUPPORTED_FORMAT,
+    VIDEO_TOO_LARGE,
+    PermanentImagingError,
+)
+from mediavault.imaging.spec import Limits
+
+# Embedded HEIF thumbnails could differ from the image they claim to preview, and depth
+# or auxiliary images are never shown: decode only the primary image. One decoder
+# thread per worker, since the pool already runs one worker per core.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False, decode_threads=1)
+
+# The only Pillow plugin each sniffed type may reach. Anything else Pillow can open
+# (EPS runs Ghostscript, PSD, TIFF, ...) is never tried.
+_PIL_FORMATS = {
+    "image/jpeg": "JPEG",
+    "image/png": "PNG",
+    "image/gif": "GIF",
+    "image/webp": "WEBP",
+    "image/heif": "HEIF",
+    "image/avif": "AVIF",
+}
+_DEMUXERS = {"video/mp4": "mp4", "video/quicktime": "mov", "video/webm": "matroska"}
+_VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "libdav1d"})
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+_SRGB = ImageCms.createProfile("sRGB")
+# A 33-point grid keeps the mean error under half a level; lcms applied per pixel
+# costs about four times as much on a phone photo.
+_LUT_POINTS = 33
+
+
+@dataclass
+class Still:
+    """The picture to make variants from, and the upright size of the original it came from."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+
+def fit(width: int, height: int, box: int) -> tuple[int, int]:
+    """The size that fits width x height inside box x box, aspect kept, never upscaled."""
+    scale = min(1.0, box / width, box / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def sniff(data: bytes, declared: str) -> str:
+    """The allow-listed type the bytes really are, which must also be the family declared."""
+    declared = content_types.normalize(declared)
+    sniffed = content_types.sniff(data[: content_types.SNIFF_BYTES])
+    if declared not in content_types.ALLOWED_TYPES or not content_types.matches(declared, sniffed):
+        raise PermanentImagingError(UNSUPPORTED_FORMAT)
+    return sniffed
+
+
+def decode_image(data: bytes, mime: str, limits: Limits, largest_box: int) -> Still:
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between one and two times MAX_IMAGE_PIXELS; refuse those as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[mime]])
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise PermanentImagingError(IMAGE_TOO_LARGE)
+        if getattr(image, "n_frames", 1) > limits.max_frames:
+            raise PermanentImagingError(TOO_MANY_FRAMES)
+        orientation = _orientation(image)
+        if image.format in ("JPEG", "MPO"):
+            # libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT: far less to decode,
+            # and never below what the largest variant needs.
+            image.draft(None, fit(width, height, largest_box))
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PermanentImagingError(IMAGE_TOO_LARGE) from None
+    except (PermanentImagingError, MemoryError):
+        raise
+    except Exception:
+        # Whatever a decoder raises on malformed input (OSError, SyntaxError, ValueError,
+        # struct.error, EOFError, ...) means the same thing to the uploader.
+        raise PermanentImagingError(CORRUPT_IMAGE) from None
+    picture = _to_srgb(image)
+    transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    if transpose is not None:
+        picture = picture.transpose(transpose)
+        if transpose in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE,
+                         Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):
+            width, height = height, width
+    return Still(picture, width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:
+        # An unreadable EXIF block is metadata we drop anyway; the pixels are still good.
+        return 1
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """RGB, or RGBA when the image has any transparency, with colours in sRGB."""
+    alpha = None
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] == 255:
+            alpha = None
+        image = rgba
+    elif image.mode in ("I;16", "I"):
+        # 16-bit grey: keep the top 8 bits; a plain convert would clip everything above 255.
+        image = image.point(lambda v: v / 256).convert("L")
+    icc = image.info.get("icc_profile")
+    rgb = _apply_profile(image, icc) if icc else None
+    if rgb is None:
+        # convert() copies even when the mode already matches: 16 ms on a phone photo.
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # Resized and transposed copies inherit info, and the encoders write parts of it
+    # (comments, EXIF) back out: clear it once here.
+    rgb.info = {}
+    if alpha is not None:
+        rgb.putalpha(alpha)
+    return rgb
+
+
+def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
+    """The image converted from its embedded profile to sRGB, or None to convert it plainly."""
+    try:
+        if image.mode in ("RGB", "RGBA"):
+            lut = _srgb_lut(icc)
+            source = image.convert("RGB") if image.mode == "RGBA" else image
+            return source if lut is None else source.filter(lut)
+        if image.mode in ("CMYK", "L"):
+            return ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        # A broken or mismatched profile: the pixels are fine, the colour tag is not.
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_lut(icc: bytes) -> ImageFilter.Color3DLUT | None:
+    """The embedded RGB profile's conversion to sRGB as a 3D LUT, None when it is sRGB already."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if "srgb" in ImageCms.getProfileDescription(profile).lower():
+        return None
+    transform = ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
+    ramp = [round(i * 255 / (_LUT_POINTS - 1)) for i in range(_LUT_POINTS)]
+    # Color3DLUT wants red to vary fastest, then green, then blue.
+    grid = bytes(v for b in ramp for g in ramp for r in ramp for v in (r, g, b))
+    converted = ImageCms.applyTransform(Image.frombytes("RGB", (_LUT_POINTS**3, 1), grid), transform)
+    return ImageFilter.Color3DLUT(_LUT_POINTS, [v / 255 for v in converted.tobytes()])
+
+
+def decode_poster(data: bytes, mime: str, limits: Limits) -> Still:
+    """The first decodable keyframe of the first video stream, upright."""
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[mime]) as container:
+            if not container.streams.video:
+                raise PermanentImagingError(CORRUPT_VIDEO)
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            if codec.name not in _VIDEO_CODECS:
+                raise PermanentImagingError(UNSUPPORTED_FORMAT)
+            if codec.width * codec.height > limits.max_pixels:
+                raise PermanentImagingError(VIDEO_TOO_LARGE)
+            codec.thread_count = 1
+            codec.skip_frame = "NONKEY"
+            frame = _first_keyframe(container, stream, limits.max_frames)
+            image = frame.to_image()
+            rotation = frame.rotation
+            aspect = stream.sample_aspect_ratio or codec.sample_aspect_ratio
+    except (PermanentImagingError, MemoryError):
+        raise
+    except Exception:
+        raise PermanentImagingError(CORRUPT_VIDEO) from None
+    if aspect and aspect != 1:
+        # Anamorphic video stores non-square pixels; the picture is as wide as they say.
+        width = max(1, round(image.width * aspect))
+        if width * image.height > limits.max_pixels:
+            raise PermanentImagingError(VIDEO_TOO_LARGE)
+        image = image.resize((width, image.height), Image.Resampling.LANCZOS)
+    # The display matrix rotates counter-clockwise by `rotation` degrees; phones store
+    # portrait video as landscape frames with a -90 there.
+    transpose = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270,
+                 180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}.get(int(rotation))
+    if transpose is not None:
+        image = image.transpose(transpose)
+    return Still(image, image.width, image.height)
+
+
+def _first_keyframe(container: av.container.InputContainer, stream: av.VideoStream, max_packets: int) -> av.VideoFrame:
+    for count, packet in enumerate(container.demux(stream), start=1):
+        for frame in packet.decode():
+            return frame
+        if count >= max_packets:
+            break
+    raise PermanentImagingError(CORRUPT_VIDEO)
+

@@ -1,0 +1,126 @@
+"""Pixel work off the event loop: one process per core, a wall-clock limit per job."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from mediavault.imaging.errors import TIMED_OUT, ImagingError, PermanentImagingError
+from mediavault.imaging.pipeline import TranscodeResult, transcode
+from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
+
+# Spawned, not forked: the parent runs grpc and asyncio threads that a fork would copy half-way.
+_CONTEXT = multiprocessing.get_context("spawn")
+# Starting a worker (interpreter, PIL, PyAV) takes about a second; it does not depend
+# on the input, so it is bounded apart from the job's own limit.
+_START_TIMEOUT_SECONDS = 60.0
+
+
+def _ready() -> int:
+    # Unpickling this function imported the pipeline (PIL, pillow-heif, PyAV), so a
+    # job's time limit never pays for interpreter start-up.
+    return os.getpid()
+
+
+class _Worker:
+    """A single-process executor, so that one stuck job can be killed without touching the others."""
+
+    def __init__(self) -> None:
+        self.executor = ProcessPoolExecutor(max_workers=1, mp_context=_CONTEXT)
+        self.pid = 0
+
+    async def start(self) -> None:
+        future = self.executor.submit(_ready)
+        try:
+            self.pid = await asyncio.wait_for(asyncio.wrap_future(future), _START_TIMEOUT_SECONDS)
+        except (TimeoutError, BrokenProcessPool):
+            raise ImagingError("processing failed") from None
+
+    def kill(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Transcoder:
+    """Runs `transcode` in a pool of worker processes, sized to the cores by default.
+
+    A job past `limits.job_timeout_seconds` has its process killed and replaced, and
+    fails with PermanentImagingError("processing timed out"): the same bytes would
+    stall again. A worker that dies on its own (a crash in a native decoder, the OOM
+    killer) fails its job with a plain ImagingError, which the caller may retry.
+    """
+
+    def __init__(
+        self, workers: int | None = None, variants: VariantSet = DEFAULT_VARIANTS, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
+        self.size = workers or os.cpu_count() or 1
+        self.variants = variants
+        self.limits = limits
+        self._slots = asyncio.Semaphore(self.size)
+        self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> Transcoder:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def run(self, data: bytes, content_type: str) -> TranscodeResult:
+        if self._closed:
+            raise ImagingError("transcoder is closed")
+        async with self._slots:
+            worker = await self._acquire()
+            healthy = False
+            try:
+                future = worker.executor.submit(transcode, data, content_type, self.variants, self.limits)
+                result = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.job_timeout_seconds)
+                healthy = True
+                return result
+            except PermanentImagingError:
+                healthy = True
+                raise
+            except TimeoutError:
+                raise PermanentImagingError(TIMED_OUT) from None
+            except BrokenProcessPool:
+                raise ImagingError("processing failed") from None
+            finally:
+                self._release(worker, healthy)
+
+    async def close(self) -> None:
+        self._closed = True
+        for worker in self._busy:
+            worker.kill()
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            await asyncio.to_thread(worker.executor.shutdown, wait=True, cancel_futures=True)
+
+    async def _acquire(self) -> _Worker:
+        worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = _Worker()
+            try:
+                await worker.start()
+            except BaseException:
+                worker.kill()
+                raise
+        self._busy.add(worker)
+        return worker
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
+        self._busy.discard(worker)
+        if healthy and not self._closed:
+            self._idle.append(worker)
+        else:
+            # Timed out, cancelled or crashed: the process may still be chewing on the
+            # job, so it goes, and the next job starts a fresh one.
+            worker.kill()

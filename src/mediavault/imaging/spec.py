@@ -1,0 +1,66 @@
+"""Every tunable of the imaging pipeline: the variants and the bounds on untrusted input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One output: fits inside box x box (aspect kept, never upscaled) in at most max_bytes.
+
+    The byte budget is met by lowering quality by quality_step down to min_quality;
+    if that floor still does not fit, the dimensions shrink until it does.
+    """
+
+    name: str
+    box: int
+    quality: int
+    max_bytes: int
+    min_quality: int = 60
+    quality_step: int = 5
+    # Optimised Huffman tables: about 4% smaller JPEGs for about 75% more encoding time,
+    # which costs well under a millisecond at thumbnail size and tens at display size.
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.box < 1 or self.max_bytes < 1:
+            raise ValueError(f"variant {self.name}: box and max_bytes must be positive")
+        if not 1 <= self.min_quality <= self.quality <= 100 or self.quality_step < 1:
+            raise ValueError(f"variant {self.name}: need 1 <= min_quality <= quality <= 100 and a positive step")
+
+
+@dataclass(frozen=True)
+class VariantSet:
+    """What each kind of upload turns into.
+
+    Images: every spec in `image`, all from one decode. Videos: the `poster` frame,
+    then every spec in `video` made from the poster's pixels.
+    """
+
+    image: tuple[VariantSpec, ...]
+    poster: VariantSpec
+    video: tuple[VariantSpec, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on untrusted input, all checked before the expensive work they guard."""
+
+    # Width x height from the header; decoding never starts above it.
+    max_pixels: int = 100_000_000
+    # Frames an animated image may declare, and packets a video may need before
+    # its first decodable keyframe.
+    max_frames: int = 1_000
+    # Wall-clock time of one job in the pool; past it the worker process is killed.
+    job_timeout_seconds: float = 30.0
+
+
+# Budgets in decimal units (40 KB = 40,000 bytes), which also meets them read as KiB.
+THUMBNAIL = VariantSpec("thumbnail", box=300, quality=80, max_bytes=40_000)
+PREVIEW = VariantSpec("preview", box=600, quality=85, max_bytes=100_000)
+DISPLAY = VariantSpec("display", box=4000, quality=90, max_bytes=2_000_000, optimize=False)
+POSTER = VariantSpec("poster", box=600, quality=85, max_bytes=100_000)
+
+DEFAULT_VARIANTS = VariantSet(image=(THUMBNAIL, PREVIEW, DISPLAY), poster=POSTER, video=(THUMBNAIL, PREVIEW))
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,107 @@
+"""Shared checks for the imaging tests: every variant is decoded back and inspected."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode
+from tests.conftest import CORPUS
+
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".heic": "image/heic",
+    ".heif": "image/heif",
+    ".avif": "image/avif",
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+}
+FORMATS = {"image/jpeg": "JPEG", "image/webp": "WEBP"}
+SPECS = {spec.name: spec for spec in (*DEFAULT_VARIANTS.image, DEFAULT_VARIANTS.poster, *DEFAULT_VARIANTS.video)}
+
+
+def corpus(relative: str) -> Path:
+    return CORPUS / relative
+
+
+def content_type(path: Path) -> str:
+    return CONTENT_TYPES[path.suffix.lower()]
+
+
+@functools.cache
+def transcoded(relative: str) -> TranscodeResult:
+    """Each corpus file is transcoded once per test run, however many tests look at it."""
+    path = corpus(relative)
+    return transcode(path.read_bytes(), content_type(path))
+
+
+def open_variant(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def check_variants(result: TranscodeResult, names: set[str]) -> dict[str, Image.Image]:
+    """Every variant present, decodable, within its box and budget, aspect kept, never upscaled, no metadata."""
+    assert {v.name for v in result.variants} == names
+    assert len(result.variants) == len(names)
+    decoded = {}
+    for variant in result.variants:
+        spec = SPECS[variant.name]
+        image = open_variant(variant.data)
+        assert image.format == FORMATS[variant.content_type], variant.name
+        assert image.size == (variant.width, variant.height), variant.name
+        assert len(variant.data) <= spec.max_bytes, variant.name
+        assert variant.width <= spec.box and variant.height <= spec.box, variant.name
+        assert variant.width <= result.width and variant.height <= result.height, f"{variant.name} upscaled"
+        assert aspect_kept(variant.width, variant.height, result.width, result.height), variant.name
+        assert_no_metadata(image, variant.data)
+        decoded[variant.name] = image
+    return decoded
+
+
+def aspect_kept(width: int, height: int, original_width: int, original_height: int) -> bool:
+    """Equal aspect ratios up to rounding one side to a whole pixel."""
+    return (
+        abs(width - height * original_width / original_height) <= 1
+        or abs(height - width * original_height / original_width) <= 1
+    )
+
+
+def assert_no_metadata(image: Image.Image, data: bytes) -> None:
+    assert len(image.getexif()) == 0
+    for key in ("exif", "xmp", "XML:com.adobe.xmp", "comment", "icc_profile", "photoshop"):
+        assert key not in image.info, key
+    if image.format == "JPEG":
+        # Only the JFIF header may precede the tables: no APP1 (EXIF, XMP), APP2 (ICC),
+        # APP13 (IPTC) or COM segment.
+        assert set(jpeg_segments(data)) <= {0xE0, 0xDB, 0xC4, 0xC0, 0xDD}, [hex(m) for m in jpeg_segments(data)]
+    else:
+        assert set(webp_chunks(data)) <= {b"VP8 ", b"VP8L", b"VP8X", b"ALPH"}, webp_chunks(data)
+
+
+def jpeg_segments(data: bytes) -> list[int]:
+    """The marker of every segment between SOI and the first scan."""
+    markers = []
+    position = 2
+    while data[position] == 0xFF and data[position + 1] != 0xDA:
+        markers.append(data[position + 1])
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return markers
+
+
+def webp_chunks(data: bytes) -> list[bytes]:
+    """The FourCC of every chunk in a RIFF/WEBP file (EXIF, XMP and ICCP carry metadata)."""
+    chunks = []
+    position = 12
+    while position + 8 <= len(data):
+        size = int.from_bytes(data[position + 4 : position + 8], "little")
+        chunks.append(data[position : position + 4])
+        position += 8 + size + (size & 1)
+    return chunks

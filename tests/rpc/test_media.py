@@ -1,0 +1,225 @@
+"""MediaService over real gRPC, PostgreSQL, Redis and a running arq worker."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import aiohttp
+import grpc
+import pytest
+from PIL import Image
+
+from mediavault.domain import ledger
+from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.media.v1 import media_pb2_grpc
+from mediavault.storage.v1 import storage_pb2 as pb
+from tests.conftest import CORPUS
+from tests.helpers import error_info, fake_jpeg, upload
+
+TERMINAL = (mpb.PROCESSING_STATUS_COMPLETE, mpb.PROCESSING_STATUS_FAILED)
+
+
+@pytest.fixture(scope="session")
+def media(channel) -> media_pb2_grpc.MediaServiceStub:
+    return media_pb2_grpc.MediaServiceStub(channel)
+
+
+async def settled(media, md, media_id: str, timeout: float = 60.0) -> mpb.Media:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        item = (await media.GetMedia(mpb.GetMediaRequest(media_id=media_id), metadata=md)).media
+        if item.processing_status in TERMINAL:
+            return item
+        assert asyncio.get_running_loop().time() < deadline, f"media {media_id} still {item.processing_status}"
+        await asyncio.sleep(0.05)
+
+
+async def fetch(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers=headers or {}) as response:
+            return response.status, await response.read(), response.headers.copy()
+
+
+async def test_photo_becomes_upright_variants_within_budget(storage, media, auth, user_id, worker):
+    md = auth(user_id)
+    data = (CORPUS / "images/formats/rommel.jpg").read_bytes()
+    done = await upload(storage, md, data, filename="rommel.jpg")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert item.kind == mpb.MEDIA_KIND_IMAGE and item.attempts == 1
+    assert (item.width, item.height) == (2304, 3072), "EXIF orientation 6 makes it portrait"
+    variants = {v.name: v for v in item.variants}
+    assert set(variants) == {"thumbnail", "preview", "display"}
+    assert item.display_url == variants["thumbnail"].url
+    for name, box, budget in (("thumbnail", 300, 40_000), ("preview", 600, 100_000), ("display", 4000, 2_000_000)):
+        variant = variants[name]
+        status, body, headers = await fetch(variant.url)
+        assert status == 200 and len(body) == variant.size_bytes <= budget
+        assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert headers["Content-Type"] == variant.content_type
+        picture = Image.open(io.BytesIO(body))
+        assert picture.size == (variant.width, variant.height)
+        assert max(picture.size) <= box and picture.height > picture.width
+        assert not picture.getexif()
+        not_modified, _, _ = await fetch(variant.url, {"If-None-Match": headers["ETag"]})
+        assert not_modified == 304
+    status, body, _ = await fetch(item.original_url)
+    assert (status, body) == (200, data)
+
+
+async def test_video_gets_a_poster_and_its_variants(storage, media, auth, user_id, worker):
+    md = auth(user_id)
+    data = (CORPUS / "video/realshort.mp4").read_bytes()
+    done = await upload(storage, md, data, filename="clip.mp4", content_type="video/mp4")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert item.kind == mpb.MEDIA_KIND_VIDEO
+    assert {v.name for v in item.variants} == {"poster", "thumbnail", "preview"}
+    assert (item.width, item.height) == (320, 240)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "reason"),
+    [
+        ("images/bad/truncated_jpeg.jpg", "image/jpeg", "corrupt image"),
+        ("images/bad/broken.png", "image/png", "corrupt image"),
+        ("images/bad/decompression_bomb.gif", "image/gif", "image too large"),
+    ],
+)
+async def test_bad_files_fail_at_once_with_a_clear_reason(storage, media, auth, user_id, worker, path, content_type, reason):
+    md = auth(user_id)
+    data = (CORPUS / path).read_bytes()
+    done = await upload(storage, md, data, filename=path.rsplit("/", 1)[1], content_type=content_type)
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
+    assert item.processing_error == reason
+    assert item.attempts == 1, "permanent failures are not retried"
+    assert item.display_url == item.original_url, "a feed still has something to show"
+
+
+async def test_feed_pages_are_stable_under_concurrent_inserts(storage, media, auth, user_id):
+    md = auth(user_id)
+    created = [(await upload(storage, md, fake_jpeg(1000 + i))).media_id for i in range(12)]
+    first = await media.ListFeed(mpb.ListFeedRequest(page_size=5), metadata=md)
+    assert [m.media_id for m in first.media] == created[::-1][:5]
+    newer = await asyncio.gather(*(upload(storage, md, fake_jpeg(3000 + i)) for i in range(3)))
+    seen = [m.media_id for m in first.media]
+    token = first.next_page_token
+    while token:
+        page = await media.ListFeed(mpb.ListFeedRequest(page_size=5, page_token=token), metadata=md)
+        seen.extend(m.media_id for m in page.media)
+        token = page.next_page_token
+    assert seen == created[::-1], "no repeats, no skips, the inserts land before the cursor"
+    top = await media.ListFeed(mpb.ListFeedRequest(page_size=3), metadata=md)
+    assert {m.media_id for m in top.media} == {n.media_id for n in newer}
+
+
+async def test_page_size_is_clamped(storage, media, auth, user_id):
+    md = auth(user_id)
+    await asyncio.gather(*(upload(storage, md, fake_jpeg(900 + i)) for i in range(3)))
+    page = await media.ListFeed(mpb.ListFeedRequest(page_size=500), metadata=md)
+    assert len(page.media) == 3
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await media.ListFeed(mpb.ListFeedRequest(page_token="not-a-token"), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_etag_answers_not_modified_until_the_feed_changes(storage, media, auth, user_id):
+    md = auth(user_id)
+    first = await upload(storage, md, fake_jpeg(1234))
+    await upload(storage, md, fake_jpeg(1235))
+    page = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    assert page.etag and len(page.media) == 2
+    same = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
+    assert same.not_modified and not same.media and same.etag == page.etag
+
+    await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=first.media_id), metadata=md)
+    changed = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
+    assert not changed.not_modified and changed.etag != page.etag
+    assert [m.media_id for m in changed.media] != [m.media_id for m in page.media]
+    assert first.media_id not in {m.media_id for m in changed.media}
+
+
+async def test_delete_frees_bytes_and_hides_media_from_everyone(storage, media, auth, user_id, pool):
+    md = auth(user_id)
+    data = fake_jpeg(7000)
+    done = await upload(storage, md, data)
+    with pytest.raises(grpc.aio.AioRpcError) as foreign:
+        await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=auth("intruder"))
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+
+    await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md)
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert (summary.used_bytes, summary.media_count) == (0, 0)
+    assert await pool.fetchval("SELECT used_delta FROM ledger_entries WHERE media_id = $1::uuid AND kind = 'free'", done.media_id) == -7000
+    for who in (md, auth("ops", "admin")):
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=who)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_info(gone.value).reason == "NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError):
+        await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md)
+    assert await ledger.audit(pool) == []
+
+
+async def test_others_media_is_not_found_but_service_may_read(storage, media, auth, user_id):
+    done = await upload(storage, auth(user_id), fake_jpeg(1500))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=auth("someone"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    seen = await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=auth("feed-svc", "service"))
+    assert seen.media.owner_id == user_id
+    feed = await media.ListFeed(mpb.ListFeedRequest(owner_id=user_id), metadata=auth("feed-svc", "service"))
+    assert [m.media_id for m in feed.media] == [done.media_id]
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await media.ListFeed(mpb.ListFeedRequest(owner_id=user_id), metadata=auth("someone"))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_save_makes_ephemeral_media_permanent(storage, media, auth, user_id):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(2500), retention=pb.RETENTION_EPHEMERAL)
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert item.retention == pb.RETENTION_EPHEMERAL and item.HasField("expires_at")
+    saved = (await media.SaveMedia(mpb.SaveMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert saved.retention == pb.RETENTION_PERMANENT
+    assert saved.HasField("saved_at") and not saved.HasField("expires_at")
+
+
+async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, auth, user_id, worker, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, (CORPUS / "images/formats/hopper.png").read_bytes(), content_type="image/png")
+    first = await settled(media, md, done.media_id)
+    assert first.processing_status == mpb.PROCESSING_STATUS_COMPLETE, first.processing_error
+    again = (await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert again.processing_status == mpb.PROCESSING_STATUS_PENDING
+    second = await settled(media, md, done.media_id)
+    assert second.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+    keys = [r["object_key"] for r in await pool.fetch("SELECT object_key FROM media_variants WHERE media_id = $1::uuid", done.media_id)]
+    assert len(keys) == 3 and all("/v1/" in k for k in keys)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=auth("someone"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_events_are_counted_and_sanitised(storage, media, auth, user_id, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1800))
+    request = mpb.RecordEventsRequest()
+    for event_type in (mpb.USAGE_EVENT_TYPE_IMPRESSION,) * 3 + (mpb.USAGE_EVENT_TYPE_LIKE, mpb.USAGE_EVENT_TYPE_SHARE):
+        event = request.events.add(event_type=event_type, media_id=done.media_id, surface="feed")
+        event.meta.update({"position": 3, "email": "a@b.c", "client": {"os": "ios", "ip": "1.2.3.4", "deep": {"deeper": {"x": 1}}}})
+    request.events.add(event_type=mpb.USAGE_EVENT_TYPE_UNSPECIFIED, media_id=done.media_id)
+    request.events.add(event_type=mpb.USAGE_EVENT_TYPE_CLICK, media_id="not-a-uuid")
+    result = await media.RecordEvents(request, metadata=md)
+    assert (result.accepted, result.rejected) == (5, 2)
+
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert (item.view_count, item.like_count, item.share_count) == (3, 1, 1)
+    meta = json.loads(await pool.fetchval("SELECT meta::text FROM usage_events WHERE media_id = $1::uuid LIMIT 1", done.media_id))
+    assert meta == {"position": 3, "client": {"os": "ios", "deep": {}}}
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await media.RecordEvents(mpb.RecordEventsRequest(), metadata=md)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
