@@ -145,12 +145,16 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def bench_stack(
-    log_level: str | None = None, extra_env: dict[str, str] | None = None, server_argv: list[str] | None = None
+    log_level: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    server_argv: list[str] | None = None,
+    with_worker: bool = False,
 ) -> Iterator[Stack]:
     """Starts database, blob dir and one server process; yields Stack(target, jwt_secret); tears all down.
 
     server_argv replaces `python -m mediavault.cli serve` (e.g. to try a patched server); it
-    gets the same MEDIAVAULT_* environment.
+    gets the same MEDIAVAULT_* environment. with_worker also runs one `mediavault worker`.
+    Jobs go to a queue of the run's own, so a shared Redis never mixes runs.
     """
     log_level = log_level or os.environ.get("MEDIAVAULT_BENCH_LOG_LEVEL", "WARNING")
     jwt_secret = secrets.token_hex(32)  # 64 characters
@@ -175,6 +179,7 @@ def bench_stack(
                 "MEDIAVAULT_JWT_SECRET": jwt_secret,
                 "MEDIAVAULT_LOG_LEVEL": log_level,
                 "MEDIAVAULT_SHUTDOWN_GRACE_SECONDS": "2",
+                "MEDIAVAULT_QUEUE_NAME": f"mediavault-bench:{secrets.token_hex(6)}",
             }
         )
         env.update(extra_env or {})
@@ -188,6 +193,16 @@ def bench_stack(
             stderr=subprocess.STDOUT,
         )
         cleanup.callback(_stop, process)
+        if with_worker:
+            worker_log = cleanup.enter_context((work_dir / "worker.log").open("wb"))
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "mediavault.cli", "worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
+            cleanup.callback(_stop, worker)
 
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _health_serving(target, timeout=1.0):

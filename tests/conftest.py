@@ -27,6 +27,7 @@ from mediavault.auth import Authenticator
 from mediavault.config import Settings
 from mediavault.db import migrate
 from mediavault.server import Server
+from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2_grpc
 from workers.settings import worker_settings
 
@@ -163,6 +164,11 @@ def storage(channel: grpc.aio.Channel) -> storage_pb2_grpc.StorageServiceStub:
 
 
 @pytest.fixture(scope="session")
+def media(channel: grpc.aio.Channel) -> media_pb2_grpc.MediaServiceStub:
+    return media_pb2_grpc.MediaServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
 def auth(authenticator: Authenticator):
     """auth(user_id, *roles) -> call metadata carrying a bearer token."""
 
@@ -176,7 +182,7 @@ def auth(authenticator: Authenticator):
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     """A real arq worker in this event loop, on the settings' queue, with its transcoder pool."""
-    worker = Worker(**worker_settings(settings), handle_signals=False, poll_delay=0.05)
+    worker = Worker(**worker_settings(settings), handle_signals=False)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker

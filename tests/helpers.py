@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import aiohttp
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
 
 JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
@@ -70,3 +72,23 @@ async def upload(storage, auth_md, data: bytes, **fields) -> pb.FinalizeUploadRe
     status = await put(begun.upload_url, dict(begun.upload_headers), data)
     assert status == 200, status
     return await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=auth_md)
+
+
+TERMINAL = (mpb.PROCESSING_STATUS_COMPLETE, mpb.PROCESSING_STATUS_FAILED)
+
+
+async def settled(media, md, media_id: str, timeout: float = 60.0) -> mpb.Media:
+    """Polls GetMedia until processing ends."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        item = (await media.GetMedia(mpb.GetMediaRequest(media_id=media_id), metadata=md)).media
+        if item.processing_status in TERMINAL:
+            return item
+        assert asyncio.get_running_loop().time() < deadline, f"media {media_id} still {item.processing_status}"
+        await asyncio.sleep(0.05)
+
+
+async def fetch(url: str, headers: dict | None = None):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers=headers or {}) as response:
+            return response.status, await response.read(), response.headers.copy()

@@ -52,5 +52,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "job_timeout": settings.job_timeout_seconds,
+        "poll_delay": settings.worker_poll_delay_seconds,
         "ctx": {"settings": settings},
     }

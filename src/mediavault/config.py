@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     transcode_timeout_seconds: float = Field(default=30.0, gt=0)
     queue_name: str = "arq:queue"
     job_timeout_seconds: int = Field(default=300, gt=0)
+    # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.
+    worker_poll_delay_seconds: float = Field(default=0.05, gt=0)
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

@@ -6,41 +6,15 @@ import asyncio
 import io
 import json
 
-import aiohttp
 import grpc
 import pytest
 from PIL import Image
 
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2 as mpb
-from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
-from tests.helpers import error_info, fake_jpeg, upload
-
-TERMINAL = (mpb.PROCESSING_STATUS_COMPLETE, mpb.PROCESSING_STATUS_FAILED)
-
-
-@pytest.fixture(scope="session")
-def media(channel) -> media_pb2_grpc.MediaServiceStub:
-    return media_pb2_grpc.MediaServiceStub(channel)
-
-
-async def settled(media, md, media_id: str, timeout: float = 60.0) -> mpb.Media:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        item = (await media.GetMedia(mpb.GetMediaRequest(media_id=media_id), metadata=md)).media
-        if item.processing_status in TERMINAL:
-            return item
-        assert asyncio.get_running_loop().time() < deadline, f"media {media_id} still {item.processing_status}"
-        await asyncio.sleep(0.05)
-
-
-async def fetch(url: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, headers=headers or {}) as response:
-            return response.status, await response.read(), response.headers.copy()
-
+from tests.helpers import error_info, fake_jpeg, fetch, settled, upload
 
 async def test_photo_becomes_upright_variants_within_budget(storage, media, auth, user_id, worker):
     md = auth(user_id)
