@@ -1,14 +1,23 @@
-FROM python:3.11-slim AS build
+# One image for every process: `serve` (default), `worker` or `migrate`.
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /app
+COPY scripts ./scripts
+RUN scripts/install-system-deps.sh
 COPY pyproject.toml requirements.lock ./
 COPY src ./src
 COPY workers ./workers
+# pillow-simd is compiled here, with AVX2 when the build machine has it: run the image on
+# CPUs of the same generation (an AVX2 build stops with SIGILL on an older CPU).
 RUN python -m venv /venv \
  && /venv/bin/pip install --no-cache-dir --upgrade pip \
+ && scripts/install-imaging.sh /venv requirements.lock \
  && /venv/bin/pip install --no-cache-dir --constraint requirements.lock .
 
-FROM python:3.11-slim
-RUN useradd --system --uid 10001 mediavault \
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjpeg62-turbo libwebp7 libwebpmux3 libwebpdemux2 liblcms2-2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 mediavault \
  && mkdir -p /data/blobs && chown mediavault /data/blobs
 COPY --from=build /venv /venv
 ENV PATH=/venv/bin:$PATH \

@@ -8,9 +8,11 @@ GENERATED := src/mediavault/storage/v1 src/mediavault/media/v1
 
 .PHONY: venv run test proto proto-check lint bench clean
 
-$(INSTALLED): pyproject.toml requirements.lock
+$(INSTALLED): pyproject.toml requirements.lock scripts/install-system-deps.sh scripts/install-imaging.sh
+	scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	scripts/install-imaging.sh $(VENV)
 	$(PY) -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
 	touch $@
 
@@ -44,4 +46,4 @@ bench: $(INSTALLED)
 	$(PY) bench/run.py $(if $(TARGET),--target $(TARGET))
 
 clean:
-	rm -rf $(VENV) .mediavault .pytest_cache
+	rm -rf $(VENV) .mediavault .pytest_cache .bench

@@ -17,10 +17,11 @@ each in its own subprocess pinned to the same single core:
 
 Each contender makes one untimed pass over the files, then --repeat timed passes; ms per
 image, p50/p99 and source megapixels per second come from those. Quality: SSIM (luma,
-7x7 window, as scikit-image computes it) of each mediavault and pyvips variant against
-the stock-Pillow one. Memory: for each contender, a fresh subprocess per photo (and for a
-12 MP photo made from a corpus one) reads getrusage's ru_maxrss after one job; `job_mb` is
-that peak less the process's RSS just before the job, `process_mb` the peak itself.
+7x7 window, as scikit-image computes it) of every other contender's variants against
+stock_pillow's, min and mean over the photos. Memory: for each contender, a fresh subprocess per photo (and for a
+12 MP photo made from a corpus one) resets the kernel's RSS high-water mark, runs one job
+and reads it back (VmHWM): `job_mb` is that peak less the RSS just before the job (imports
+excluded), `process_mb` the peak itself.
 
 Stock Pillow, pyvips (libvips from the pyvips-binary wheel) and numpy live in .bench/venv,
 created on first run: pillow-simd owns the PIL package in the project's virtualenv.
@@ -30,10 +31,11 @@ Prints exactly one JSON line on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_ENV = ROOT / ".bench" / "venv"
 BASELINE_PINS = ("pillow==12.1.1", "pyvips[binary]==3.2.0", "numpy==2.4.6")
 CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or ROOT.parent / "shared" / "corpus")
-PHOTOS = ("images/camera/jolla.jpg", "images/camera/iphone_hdr_NO.jpg", "images/camera/28-hex_value.jpg", "images/formats/rommel.jpg")
+PHOTOS = (
+    "images/camera/jolla.jpg",
+    "images/camera/iphone_hdr_NO.jpg",
+    "images/camera/28-hex_value.jpg",
+    "images/formats/rommel.jpg",
+)
 GOAL_SPEEDUP = 4.0
 GOAL_JOB_MB = 150.0
 
@@ -74,11 +81,11 @@ def naive_pipeline(data: bytes, specs: list[dict], idiomatic: bool = False) -> l
             scale = min(1.0, spec["box"] / image.width, spec["box"] / image.height)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             picture = image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
-        out.append((spec["name"], budgeted(lambda q: pillow_jpeg(picture, q, spec["optimize"]), spec)))
+        out.append((spec["name"], budgeted(functools.partial(pillow_jpeg, picture, optimize=spec["optimize"]), spec)))
     return out
 
 
-def pillow_jpeg(picture, quality: int, optimize: bool) -> bytes:
+def pillow_jpeg(picture, quality: int, *, optimize: bool) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG", quality=quality, optimize=optimize, subsampling="4:2:0")
     return buffer.getvalue()
@@ -90,11 +97,12 @@ def pyvips_pipeline(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
     out = []
     for spec in specs:
         picture = pyvips.Image.thumbnail_buffer(data, spec["box"], height=spec["box"], size="down")
-        out.append((spec["name"], budgeted(
-            lambda q: picture.jpegsave_buffer(Q=q, keep="none", subsample_mode="on", optimize_coding=spec["optimize"]),
-            spec,
-        )))
+        out.append((spec["name"], budgeted(functools.partial(vips_jpeg, picture, optimize=spec["optimize"]), spec)))
     return out
+
+
+def vips_jpeg(picture, quality: int, *, optimize: bool) -> bytes:
+    return picture.jpegsave_buffer(Q=quality, keep="none", subsample_mode="on", optimize_coding=optimize)
 
 
 def mediavault_pipeline(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
@@ -132,8 +140,7 @@ def prepare_contender(name: str) -> None:
     elif name == "mediavault":
         import mediavault.imaging  # noqa: F401
     else:
-        import PIL.Image  # noqa: F401
-        import PIL.ImageOps  # noqa: F401
+        from PIL import Image, ImageOps  # noqa: F401
 
 
 def worker_time(args: argparse.Namespace) -> None:
@@ -147,13 +154,13 @@ def worker_time(args: argparse.Namespace) -> None:
         pipeline(data, specs)
     samples = []
     for _ in range(args.repeat):
-        for path, data in zip(files, payloads):
+        for path, data in zip(files, payloads, strict=True):
             start = time.perf_counter()
-            variants = pipeline(data, specs)
+            pipeline(data, specs)
             samples.append({"file": path.name, "ms": (time.perf_counter() - start) * 1000})
     out_dir = Path(args.out) / args.contender
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, data in zip(files, payloads):
+    for path, data in zip(files, payloads, strict=True):
         for variant, encoded in pipeline(data, specs):
             (out_dir / f"{path.stem}.{variant}.jpg").write_bytes(encoded)
     print(json.dumps({"samples": samples, "versions": versions(args.contender)}))
@@ -165,17 +172,20 @@ def worker_memory(args: argparse.Namespace) -> None:
     pipeline = PIPELINES[args.contender]
     specs = json.loads(args.specs)
     data = Path(args.files[0]).read_bytes()
-    before = rss_kib()
+    # Reset the high-water mark so that it covers the job alone (and not, through fork
+    # and exec, the parent's peak, which getrusage's ru_maxrss carries over).
+    Path("/proc/self/clear_refs").write_text("5")
+    before = proc_status_kib("VmRSS")
     pipeline(data, specs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = proc_status_kib("VmHWM")
     print(json.dumps({"process_mb": peak / 1024, "job_mb": (peak - before) / 1024}))
 
 
-def rss_kib() -> int:
+def proc_status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def versions(contender: str) -> dict:
@@ -259,12 +269,7 @@ def run_worker(python: Path, mode: str, *extra: str) -> dict:
 def variant_specs() -> list[dict]:
     from mediavault.imaging import DEFAULT_VARIANTS
 
-    specs = sorted(DEFAULT_VARIANTS.image, key=lambda s: s.box, reverse=True)
-    return [
-        {"name": s.name, "box": s.box, "quality": s.quality, "max_bytes": s.max_bytes,
-         "min_quality": s.min_quality, "quality_step": s.quality_step, "optimize": s.optimize}
-        for s in specs
-    ]
+    return [dataclasses.asdict(s) for s in sorted(DEFAULT_VARIANTS.image, key=lambda s: s.box, reverse=True)]
 
 
 def twelve_megapixel_photo(directory: Path) -> Path:
@@ -317,38 +322,51 @@ def main(argv: list[str] | None = None) -> int:
             source_mp[path.name] = image.width * image.height / 1e6
     specs = json.dumps(variant_specs())
     bench_python = ensure_bench_env()
-    pythons = {"mediavault": Path(sys.executable), "pillow_simd_naive": Path(sys.executable),
-               "stock_pillow": bench_python, "stock_pillow_thumbnail": bench_python, "pyvips": bench_python}
-
-    report: dict = {"bench": "transcode", "core": core, "repeat": args.repeat,
-                    "photos": {name: round(mp, 2) for name, mp in source_mp.items()},
-                    "variants": [s["name"] for s in json.loads(specs)], "contenders": {}, "versions": {}}
+    pythons = {
+        "mediavault": Path(sys.executable),
+        "pillow_simd_naive": Path(sys.executable),
+        "stock_pillow": bench_python,
+        "stock_pillow_thumbnail": bench_python,
+        "pyvips": bench_python,
+    }
+    pinned = ("--core", str(core), "--specs", specs)
+    report: dict = {
+        "bench": "transcode",
+        "core": core,
+        "repeat": args.repeat,
+        # Other work on the machine slows every contender alike, but shows in p99.
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "photos_mp": {name: round(mp, 2) for name, mp in source_mp.items()},
+        "variants": [s["name"] for s in json.loads(specs)],
+        "contenders": {},
+        "versions": {},
+    }
     with tempfile.TemporaryDirectory(prefix="mediavault-bench-") as tmp:
         out = Path(tmp) / "variants"
         for contender, python in pythons.items():
             log(f"timing {contender}")
-            timed = run_worker(python, "time", "--contender", contender, "--core", str(core), "--repeat", str(args.repeat),
-                               "--specs", specs, "--out", str(out), "--files", *map(str, files))
+            timed = run_worker(python, "time", "--contender", contender, *pinned, "--repeat", str(args.repeat),
+                               "--out", str(out), "--files", *map(str, files))
             report["contenders"][contender] = summarize(timed["samples"], source_mp)
             report["versions"][contender] = timed["versions"]
 
         big = twelve_megapixel_photo(Path(tmp))
         for contender, python in pythons.items():
             log(f"measuring memory of {contender}")
-            per_photo = {
-                path.name: run_worker(python, "memory", "--contender", contender, "--core", str(core), "--specs", specs, "--files", str(path))
+            memory = {
+                path.name: run_worker(python, "memory", "--contender", contender, *pinned, "--files", str(path))
                 for path in [*files, big]
             }
-            report["contenders"][contender]["job_mb_12mp"] = round(per_photo[big.name]["job_mb"], 1)
-            report["contenders"][contender]["process_mb_12mp"] = round(per_photo[big.name]["process_mb"], 1)
-            report["contenders"][contender]["job_mb_max_corpus"] = round(
-                max(m["job_mb"] for name, m in per_photo.items() if name != big.name), 1)
+            entry = report["contenders"][contender]
+            entry["job_mb_12mp"] = round(memory[big.name]["job_mb"], 1)
+            entry["process_mb_12mp"] = round(memory[big.name]["process_mb"], 1)
+            entry["job_mb_max_corpus"] = round(max(m["job_mb"] for n, m in memory.items() if n != big.name), 1)
 
         log("computing SSIM against stock Pillow")
-        ssim = run_worker(bench_python, "ssim", "--out", str(out),
-                          "--contenders", "mediavault", "pyvips", "stock_pillow_thumbnail", "pillow_simd_naive")
+        compared = ("mediavault", "pyvips", "stock_pillow_thumbnail", "pillow_simd_naive")
+        ssim = run_worker(bench_python, "ssim", "--out", str(out), "--contenders", *compared)
     report["ssim_vs_stock_pillow"] = {
-        contender: {variant: {"min": round(min(v), 4), "mean": round(statistics.fmean(v), 4)} for variant, v in per.items()}
+        contender: {name: {"min": round(min(v), 4), "mean": round(statistics.fmean(v), 4)} for name, v in per.items()}
         for contender, per in ssim.items()
     }
 

@@ -7,9 +7,9 @@
 # Run it after scripts/install-system-deps.sh and before `pip install --editable .`:
 # pillow-simd ships no wheels, and pillow-heif declares a dependency on stock `pillow`,
 # which installs over the same PIL/ package and would silently replace pillow-simd.
-# Versions come from LOCK_FILE (default: requirements.lock beside this folder).
-# The compiled wheel is kept in a cache keyed by version and instruction set,
-# so only the first run pays for the build.
+# Versions come from LOCK_FILE (default: requirements.lock at the repository root).
+# The compiled wheel is cached (MEDIAVAULT_WHEELHOUSE, default ~/.cache/mediavault/wheels)
+# under its version, instruction set and build options, so only the first run builds.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -30,7 +30,7 @@ if [ -z "$simd_version" ] || [ -z "$heif_version" ]; then
     exit 1
 fi
 
-# -mavx2 lets the compiler use AVX2 in the resampling and colour-conversion loops;
+# -mavx2 turns on pillow-simd's AVX2 paths (resampling, filters, 3D colour LUTs);
 # a binary built with it crashes (SIGILL) on a CPU without AVX2, hence the check.
 if grep -qw avx2 /proc/cpuinfo; then
     flavour=avx2
@@ -39,7 +39,16 @@ else
     flavour=sse4
     compiler="cc"
 fi
-wheelhouse="${MEDIAVAULT_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/mediavault/wheels}/pillow-simd-$simd_version-$flavour"
+# jpeg, zlib, webp and lcms are required, so that a missing -dev package fails the build
+# instead of producing a PIL that cannot write WebP. Every other codec is left out
+# whatever -dev packages the machine happens to have: none is in the upload allow-list,
+# and the build links the same libraries on every machine.
+build_options=(
+    jpeg=enable zlib=enable webp=enable lcms=enable
+    tiff=disable freetype=disable raqm=disable jpeg2000=disable imagequant=disable xcb=disable avif=disable
+)
+build_key=$(printf '%s ' "$compiler" "${build_options[@]}" | sha256sum | cut -c1-12)
+wheelhouse="${MEDIAVAULT_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/mediavault/wheels}/pillow-simd-$simd_version-$flavour-$build_key"
 
 # Stock Pillow and pillow-simd own the same files: uninstalling one after installing
 # the other deletes the files both share, so stock Pillow goes first and pillow-simd
@@ -51,12 +60,10 @@ fi
 if ! compgen -G "$wheelhouse/pillow_simd-*.whl" >/dev/null; then
     rm -rf "$wheelhouse.partial"
     # --no-cache-dir: pip's wheel cache ignores CC, so it could hand back a build made
-    # without -mavx2. jpeg, zlib, webp and lcms are required so that a missing -dev
-    # package fails the build instead of producing a PIL that cannot write WebP.
+    # without -mavx2.
     CC="$compiler" "$py" -m pip wheel --quiet --no-deps --no-cache-dir \
         --no-binary pillow-simd \
-        --config-settings=jpeg=enable --config-settings=zlib=enable \
-        --config-settings=webp=enable --config-settings=lcms=enable \
+        "${build_options[@]/#/--config-settings=}" \
         --wheel-dir "$wheelhouse.partial" "pillow-simd==$simd_version"
     mv "$wheelhouse.partial" "$wheelhouse"
 fi

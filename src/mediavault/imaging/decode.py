@@ -39,8 +39,13 @@ _PIL_FORMATS = {
     "image/heif": "HEIF",
     "image/avif": "AVIF",
 }
+# FFmpeg is told which demuxer to use, so it never probes its way into playlists
+# (HLS, concat) that would open other files or URLs.
 _DEMUXERS = {"video/mp4": "mp4", "video/quicktime": "mov", "video/webm": "matroska"}
+# Decoder names as FFmpeg reports them; PyAV's FFmpeg decodes AV1 with libdav1d.
 _VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "libdav1d"})
+_ROTATIONS = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270,
+              180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {
@@ -52,6 +57,7 @@ _TRANSPOSE_FOR_ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -85,6 +91,8 @@ def sniff(data: bytes, declared: str) -> str:
 
 
 def decode_image(data: bytes, mime: str, limits: Limits, largest_box: int) -> Still:
+    # Pillow checks this in open(), from the header, before any pixel is decoded. It is
+    # a global, but a pool worker runs one job at a time.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
         with warnings.catch_warnings():
@@ -111,12 +119,10 @@ def decode_image(data: bytes, mime: str, limits: Limits, largest_box: int) -> St
         # struct.error, EOFError, ...) means the same thing to the uploader.
         raise PermanentImagingError(CORRUPT_IMAGE) from None
     picture = _to_srgb(image)
-    transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
-    if transpose is not None:
-        picture = picture.transpose(transpose)
-        if transpose in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE,
-                         Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):
-            width, height = height, width
+    if orientation in _TRANSPOSE_FOR_ORIENTATION:
+        picture = picture.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+    if orientation in _QUARTER_TURNS:
+        width, height = height, width
     return Still(picture, width, height)
 
 
@@ -212,10 +218,8 @@ def decode_poster(data: bytes, mime: str, limits: Limits) -> Still:
         image = image.resize((width, image.height), Image.Resampling.LANCZOS)
     # The display matrix rotates counter-clockwise by `rotation` degrees; phones store
     # portrait video as landscape frames with a -90 there.
-    transpose = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270,
-                 180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}.get(int(rotation))
-    if transpose is not None:
-        image = image.transpose(transpose)
+    if int(rotation) in _ROTATIONS:
+        image = image.transpose(_ROTATIONS[int(rotation)])
     return Still(image, image.width, image.height)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -24,7 +24,7 @@ class TranscodeResult:
     kind: str
     width: int
     height: int
-    variants: list[Variant] = field(default_factory=list)
+    variants: list[Variant]
 
 
 def transcode(
@@ -42,4 +42,5 @@ def transcode(
         return TranscodeResult("video", poster.width, poster.height, made)
     largest = max(spec.box for spec in variants.image)
     still = decode_image(data, mime, limits, largest)
-    return TranscodeResult("image", still.width, still.height, make_variants(still.image, still.width, still.height, variants.image))
+    made = make_variants(still.image, still.width, still.height, variants.image)
+    return TranscodeResult("image", still.width, still.height, made)

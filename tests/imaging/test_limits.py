@@ -1,0 +1,140 @@
+"""Untrusted input is bounded: allow-listed decoders, pixel and frame limits checked from headers."""
+
+from __future__ import annotations
+
+import io
+import resource
+import time
+
+import av
+import pytest
+from PIL import Image
+
+from mediavault.imaging import DEFAULT_LIMITS, Limits, PermanentImagingError, transcode
+from tests.imaging.helpers import corpus
+
+JOLLA = "images/camera/jolla.jpg"  # 3264x2448, 8 MP
+
+
+def refused(data: bytes, content_type: str, limits: Limits = DEFAULT_LIMITS) -> str:
+    with pytest.raises(PermanentImagingError) as caught:
+        transcode(data, content_type, limits=limits)
+    return caught.value.message
+
+
+def test_decompression_bomb_is_refused_without_allocating_it() -> None:
+    data = corpus("images/bad/decompression_bomb.gif").read_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    assert refused(data, "image/gif") == "image too large"
+    assert time.perf_counter() - started < 1
+    # Decoding its 4.3 gigapixels would take more than 4 GB.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024
+
+
+@pytest.mark.parametrize("max_pixels", [1_000_000, 5_000_000])
+def test_pixel_limit_is_checked_from_the_header(max_pixels: int) -> None:
+    # 5 MP is below Pillow's own bomb error (twice the limit), where it only warns.
+    data = corpus(JOLLA).read_bytes()
+    assert refused(data, "image/jpeg", Limits(max_pixels=max_pixels)) == "image too large"
+
+
+def test_pixel_limit_at_the_image_size_is_allowed() -> None:
+    result = transcode(corpus(JOLLA).read_bytes(), "image/jpeg", limits=Limits(max_pixels=3264 * 2448))
+    assert (result.width, result.height) == (3264, 2448)
+
+
+def test_frame_limit_counts_declared_frames() -> None:
+    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(5)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
+    data = buffer.getvalue()
+    assert refused(data, "image/webp", Limits(max_frames=4)) == "too many frames"
+    assert transcode(data, "image/webp", limits=Limits(max_frames=5)).width == 32
+
+
+def test_animated_png_frame_limit() -> None:
+    frames = [Image.new("RGB", (16, 16), (0, i * 40, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    assert refused(buffer.getvalue(), "image/png", Limits(max_frames=2)) == "too many frames"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n",
+        b"\xc5\xd0\xd3\xc6" + b"\x00" * 28,  # DOS EPS binary header
+        b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x10\x00\x00\x00\x10\x00\x08\x00\x03" + b"\x00" * 64,
+        b"II*\x00\x08\x00\x00\x00" + b"\x00" * 64,  # TIFF
+        b"BM" + b"\x00" * 64,  # BMP
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+    ],
+    ids=["eps", "eps-binary", "psd", "tiff", "bmp", "svg"],
+)
+@pytest.mark.parametrize("declared", ["image/jpeg", "image/png", "application/postscript", "image/vnd.adobe.photoshop"])
+def test_formats_outside_the_allow_list_are_refused(payload: bytes, declared: str) -> None:
+    assert refused(payload, declared) == "unsupported format"
+
+
+def test_declared_type_must_match_the_bytes() -> None:
+    png = corpus("images/formats/hopper.png").read_bytes()
+    assert refused(png, "video/mp4") == "unsupported format"
+    assert refused(png, "image/gif") == "unsupported format"
+    assert transcode(png, "image/png; charset=binary").kind == "image"
+
+
+def test_heic_declared_as_heif_is_accepted() -> None:
+    assert transcode(corpus("images/heic/IMG_5195.HEIC").read_bytes(), "image/heif").kind == "image"
+
+
+def test_truncated_video_is_corrupt() -> None:
+    data = corpus("video/realshort.mp4").read_bytes()
+    assert refused(data[:2048], "video/mp4") == "corrupt video"
+
+
+def test_garbage_after_a_video_header_is_corrupt() -> None:
+    data = corpus("video/realshort.mp4").read_bytes()
+    assert refused(data[:32] + bytes(4096), "video/mp4") == "corrupt video"
+
+
+def test_video_pixel_limit() -> None:
+    data = corpus("video/realshort.mp4").read_bytes()
+    assert refused(data, "video/mp4", Limits(max_pixels=320 * 240 - 1)) == "video too large"
+
+
+def test_frame_limit_bounds_the_search_for_a_keyframe() -> None:
+    data = video_starting_mid_gop(skip=5)
+    # Keyframes every 10 frames; cut at 5, the first one is the 6th packet.
+    assert refused(data, "video/mp4", Limits(max_frames=5)) == "corrupt video"
+    result = transcode(data, "video/mp4", limits=Limits(max_frames=6))
+    assert (result.kind, result.width, result.height) == ("video", 64, 48)
+
+
+def video_starting_mid_gop(skip: int) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 10
+        stream.codec_context.options = {"x264-params": "scenecut=0:bframes=0"}
+        packets = []
+        for i in range(30):
+            packets += stream.encode(av.VideoFrame.from_image(Image.new("RGB", (64, 48), (i * 8, 0, 0))))
+        packets += stream.encode()
+        assert [p.is_keyframe for p in packets[: 11]] == [True] + [False] * 9 + [True]
+        for packet in packets[skip:]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_video_codec_outside_the_allow_list_is_refused() -> None:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (i * 60, 0, 0)))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    assert refused(buffer.getvalue(), "video/mp4") == "unsupported format"
