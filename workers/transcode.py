@@ -18,14 +18,13 @@ from mediavault.imaging import ImagingError, PermanentImagingError
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_SECONDS = 5.0
 # A worker process that crashed (ImagingError that is not permanent) is retried like
 # an infrastructure fault: the next attempt runs in a fresh process.
 TRANSIENT_ERRORS = (BlobStoreError, ImagingError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, OSError)
 
 
-def backoff(attempt: int) -> float:
-    return BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)
+def backoff(base_seconds: float, attempt: int) -> float:
+    return base_seconds * 2 ** (attempt - 1)
 
 
 async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> str:
@@ -57,7 +56,7 @@ async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> s
             owner = await media_domain.fail(pool, media_uuid, version, "processing failed, try again later")
             await _feed_changed(ctx, owner)
             return "failed"
-        delay = backoff(claim.attempts)
+        delay = backoff(ctx["settings"].transcode_retry_base_seconds, claim.attempts)
         await media_domain.retry_later(pool, media_uuid, version, "temporary error, retrying", delay)
         raise Retry(defer=delay) from exc
     metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     feed_cache_ttl: int = Field(default=30, gt=0)
     transcode_workers: int = Field(default=0, ge=0)
     transcode_timeout_seconds: float = Field(default=30.0, gt=0)
+    transcode_retry_base_seconds: float = Field(default=5.0, gt=0)
     queue_name: str = "arq:queue"
     job_timeout_seconds: int = Field(default=300, gt=0)
     # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.
