@@ -21,7 +21,9 @@ lock=${2:-"$(cd "$(dirname "$0")/.." && pwd)/requirements.lock"}
 py="$venv/bin/python"
 
 pin() {
-    sed -n "s/^$1==\([^ ;#]*\).*/\1/Ip" "$lock" | head -n 1
+    # pip freeze spells some names with "_", people with "-": accept both.
+    local name=${1//[-_]/[-_]}
+    sed -n "s/^$name==\([^ ;#]*\).*/\1/Ip" "$lock" | head -n 1
 }
 simd_version=$(pin pillow-simd)
 heif_version=$(pin pillow-heif)
