@@ -1,32 +1,327 @@
-"""Cron jobs. Each is a thin loop over a domain function, one bounded batch per transaction."""
+"""The cleanup cron jobs: thin loops over domain.cleanup, one bounded batch per transaction.
+
+Every job runs from arq cron in the workers and by hand (`mediavault jobs run NAME
+[--dry-run]`). A run writes one structured log line with its counts and updates the
+metrics; a failing item is counted and skipped, never stops the run. A dry run does the
+same row changes inside one transaction that is rolled back, touching no blob, so it
+reports exactly what a real run would change.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mediavault.domain import uploads
+import asyncpg
+
+from mediavault import jobs, metrics
+from mediavault.config import JobConfig, Settings
+from mediavault.domain import cleanup, ledger
+from mediavault.domain import media as media_domain
 
 log = logging.getLogger(__name__)
 
-RECLAIM_BATCH_SIZE = 1000
-RECLAIM_MAX_BATCHES = 200
+# A run stops after this many batches and leaves the rest to the next run, so one run
+# of a job never holds a worker for long.
+MAX_BATCHES_PER_RUN = 1000
+QUARANTINE = "quarantine/"
+SWEPT_PREFIXES = ("originals/", "variants/")
 
 
-async def reclaim_stale_uploads(ctx: dict[str, Any]) -> dict[str, int]:
-    """Expires pending uploads past expires_at and releases their reserved bytes."""
-    started = time.perf_counter()
-    expired = freed = 0
-    for _ in range(RECLAIM_MAX_BATCHES):
-        batch = await uploads.expire_due(ctx["pool"], ctx["blobs"], RECLAIM_BATCH_SIZE)
-        expired += batch.expired
-        freed += batch.freed_bytes
-        if batch.expired < RECLAIM_BATCH_SIZE:
-            break
-    result = {"expired": expired, "freed_bytes": freed}
-    log.info(
-        "job finished",
-        extra={"job": "reclaim_stale_uploads", **result, "duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+@dataclass
+class RunReport:
+    job: str
+    dry_run: bool
+    scanned: int = 0
+    changed: int = 0
+    freed_bytes: int = 0
+    errors: int = 0
+    duration_ms: float = 0.0
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+BatchStep = Callable[[asyncpg.Connection, JobConfig], Awaitable[cleanup.Batch]]
+AfterCommit = Callable[[dict[str, Any], list[asyncpg.Record], RunReport], Awaitable[None]]
+
+
+async def _batched(ctx: dict[str, Any], report: RunReport, config: JobConfig, step: BatchStep, after: AfterCommit | None) -> None:
+    pool: asyncpg.Pool = ctx["pool"]
+    async with pool.acquire() as conn:
+        if report.dry_run:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                for _ in range(MAX_BATCHES_PER_RUN):
+                    batch = await step(conn, config)
+                    _count(report, batch)
+                    if batch.changed < config.batch_size:
+                        break
+            finally:
+                await transaction.rollback()
+            return
+        for _ in range(MAX_BATCHES_PER_RUN):
+            async with conn.transaction():
+                batch = await step(conn, config)
+            _count(report, batch)
+            if after is not None and batch.rows:
+                await after(ctx, batch.rows, report)
+            if batch.changed < config.batch_size:
+                break
+
+
+def _count(report: RunReport, batch: cleanup.Batch) -> None:
+    report.scanned += batch.changed
+    report.changed += batch.changed
+    report.freed_bytes += batch.freed_bytes
+
+
+async def _delete_blobs(ctx: dict[str, Any], keys: list[str], report: RunReport) -> bool:
+    ok = True
+    for key in keys:
+        try:
+            await ctx["blobs"].delete(key)
+        except Exception:
+            # Whatever one object's problem is, the others still go; this one is retried next run.
+            report.errors += 1
+            ok = False
+            log.warning("blob delete failed", extra={"job": report.job, "object_key": key}, exc_info=True)
+    return ok
+
+
+async def _feed_changed(ctx: dict[str, Any], owners: set[str]) -> None:
+    for owner in owners:
+        await ctx["feed"].changed(owner)
+
+
+async def _delete_upload_objects(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
+    # A failed delete leaves an object no row owns any more: the orphan sweep takes it.
+    await _delete_blobs(ctx, [r["object_key"] for r in rows], report)
+
+
+async def reclaim_stale_uploads(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Pending uploads past expires_at become EXPIRED and their reserved bytes are released."""
+    await _batched(
+        ctx, report, config,
+        lambda conn, c: cleanup.reclaim_stale_uploads(conn, c.batch_size, c.age_seconds),
+        _delete_upload_objects,
     )
-    return result
+
+
+async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Deletes blobs of claimed deleted media, then marks them purged; failures are retried next run."""
+    pool: asyncpg.Pool = ctx["pool"]
+    for _ in range(MAX_BATCHES_PER_RUN):
+        async with pool.acquire() as conn, conn.transaction():
+            batch = await cleanup.claim_purge(conn, config.batch_size)
+        purged, kept = [], []
+        for row in batch.rows:
+            keys = [row["object_key"], *row["variant_keys"]]
+            (purged if await _delete_blobs(ctx, keys, report) else kept).append(row["media_id"])
+        if purged:
+            await cleanup.mark_purged(pool, purged)
+        if kept:
+            await cleanup.release_purge_claim(pool, kept)
+        report.details["purged"] = report.details.get("purged", 0) + len(purged)
+        report.details["purge_retry_next_run"] = report.details.get("purge_retry_next_run", 0) + len(kept)
+        if batch.changed < config.batch_size:
+            break
+
+
+async def _count_purge_due(ctx: dict[str, Any], report: RunReport) -> None:
+    due = await ctx["pool"].fetchval(
+        "SELECT count(*) FROM media WHERE deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()"
+    )
+    report.details["purged"] = due
+
+
+async def expire_ephemeral_media(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Unsaved ephemeral media past its TTL is deleted with its blobs and its bytes freed."""
+
+    async def purge_now(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
+        await _feed_changed(ctx, {r["owner_id"] for r in rows})
+
+    await _batched(
+        ctx, report, config,
+        lambda conn, c: cleanup.expire_ephemeral_media(conn, c.batch_size, c.age_seconds),
+        purge_now,
+    )
+    if not report.dry_run:
+        # Expired items are due for purge at once (purge_after = now()).
+        await _purge(ctx, report, config)
+
+
+async def purge_deleted_media(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Blobs of media deleted longer ago than the grace period are removed; rows stay as tombstones."""
+    if report.dry_run:
+        await _count_purge_due(ctx, report)
+        report.changed = report.scanned = report.details["purged"]
+        return
+    await _purge(ctx, report, config)
+    report.changed = report.scanned = report.details.get("purged", 0)
+
+
+async def fail_stuck_processing(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Media stuck in PENDING/PROCESSING is re-enqueued while it has attempts left, else FAILED."""
+
+    async def enqueue(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
+        for row in rows:
+            if row["processing_status"] == "pending":
+                if not await jobs.enqueue_transcode(ctx["redis"], row["media_id"], row["variants_version"], retry=row["attempts"]):
+                    report.errors += 1
+        report.details["failed"] = report.details.get("failed", 0) + sum(r["processing_status"] == "failed" for r in rows)
+        await _feed_changed(ctx, {r["owner_id"] for r in rows})
+
+    await _batched(
+        ctx, report, config,
+        lambda conn, c: cleanup.fail_stuck_processing(conn, c.batch_size, c.age_seconds, media_domain.MAX_ATTEMPTS),
+        enqueue,
+    )
+
+
+async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Usage events older than the retention are deleted in batches."""
+    await _batched(ctx, report, config, lambda conn, c: cleanup.prune_telemetry(conn, c.batch_size, c.age_seconds), None)
+
+
+async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """The ledger audit, plus accounts whose reservations exceed half their quota for too long."""
+    mismatches = await ledger.audit(ctx["pool"])
+    heavy = await cleanup.heavy_reservations(ctx["pool"], config.age_seconds, config.batch_size)
+    for m in mismatches:
+        log.warning("ledger mismatch", extra={"job": report.job, "user_id": m.user_id, "figure": m.figure,
+                                              "account_value": m.account_value, "expected_value": m.expected_value})
+    for row in heavy:
+        log.warning("reservations above half the quota", extra={"job": report.job, "user_id": row["user_id"],
+                                                                 "reserved_bytes": row["reserved_bytes"], "quota_bytes": row["quota_bytes"]})
+    metrics.LEDGER_MISMATCHES.set(len(mismatches))
+    metrics.HEAVY_RESERVATIONS.set(len(heavy))
+    report.scanned = len(mismatches) + len(heavy)
+    report.details.update(ledger_mismatches=len(mismatches), heavy_reservations=len(heavy))
+
+
+async def sweep_orphan_blobs(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Unowned objects older than the grace period go to quarantine; quarantined ones still
+    unowned a run later are deleted; live media whose original is missing is marked FAILED."""
+    blobs, pool = ctx["blobs"], ctx["pool"]
+    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
+    quarantined = deleted = missing = 0
+    # Quarantine first, so an object moved in this run waits a whole run before it can go.
+    after = None
+    while True:
+        page = await blobs.list_page(QUARANTINE, after=after, limit=config.batch_size)
+        report.scanned += len(page)
+        originals = [o.key.removeprefix(QUARANTINE) for o in page]
+        owned = await cleanup.owned_keys(pool, originals)
+        for listed, original in zip(page, originals, strict=True):
+            if original in owned:
+                if not report.dry_run:
+                    await _restore(ctx, listed.key, original, report)
+                continue
+            deleted += 1
+            if not report.dry_run:
+                await _delete_blobs(ctx, [listed.key], report)
+        if len(page) < config.batch_size:
+            break
+        after = page[-1].key
+    for prefix in SWEPT_PREFIXES:
+        after = None
+        while True:
+            page = await blobs.list_page(prefix, after=after, limit=config.batch_size)
+            report.scanned += len(page)
+            old = [o for o in page if o.modified_at < cutoff]
+            owned = await cleanup.owned_keys(pool, [o.key for o in old])
+            for listed in old:
+                if listed.key in owned:
+                    continue
+                quarantined += 1
+                if not report.dry_run:
+                    try:
+                        await blobs.move(listed.key, QUARANTINE + listed.key)
+                    except Exception:
+                        report.errors += 1
+                        log.warning("quarantine failed", extra={"job": report.job, "object_key": listed.key}, exc_info=True)
+            if len(page) < config.batch_size:
+                break
+            after = page[-1].key
+    after_id = _MIN_UUID
+    while True:
+        rows = await cleanup.live_originals(pool, after_id, config.batch_size)
+        for row in rows:
+            if await blobs.stat(row["object_key"]) is None:
+                missing += 1
+                log.warning("original missing", extra={"job": report.job, "media_id": str(row["media_id"]), "object_key": row["object_key"]})
+                if not report.dry_run:
+                    owner = await cleanup.mark_original_missing(pool, row["media_id"])
+                    if owner:
+                        await _feed_changed(ctx, {owner})
+        if len(rows) < config.batch_size:
+            break
+        after_id = rows[-1]["media_id"]
+    report.changed = quarantined + deleted + missing
+    report.details.update(quarantined=quarantined, deleted_from_quarantine=deleted, originals_missing=missing)
+
+
+async def _restore(ctx: dict[str, Any], quarantined_key: str, original: str, report: RunReport) -> None:
+    # A row came to own the object after it was quarantined (a slow upload): put it back.
+    try:
+        await ctx["blobs"].move(quarantined_key, original)
+    except Exception:
+        report.errors += 1
+        log.warning("restore from quarantine failed", extra={"job": report.job, "object_key": original}, exc_info=True)
+    report.details["restored"] = report.details.get("restored", 0) + 1
+
+
+_MIN_UUID = uuid.UUID(int=0)
+
+JobFunction = Callable[[dict[str, Any], RunReport, JobConfig], Awaitable[None]]
+
+JOBS: dict[str, JobFunction] = {
+    "reclaim_stale_uploads": reclaim_stale_uploads,
+    "expire_ephemeral_media": expire_ephemeral_media,
+    "purge_deleted_media": purge_deleted_media,
+    "fail_stuck_processing": fail_stuck_processing,
+    "sweep_orphan_blobs": sweep_orphan_blobs,
+    "prune_telemetry": prune_telemetry,
+    "audit_accounts": audit_accounts,
+}
+
+
+def job_config(settings: Settings, name: str) -> JobConfig:
+    return getattr(settings.jobs, name)
+
+
+async def run_job(ctx: dict[str, Any], name: str, *, dry_run: bool = False) -> RunReport:
+    """Runs one job once; never raises for a failing item, logs one line, updates metrics."""
+    report = RunReport(job=name, dry_run=dry_run)
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        await JOBS[name](ctx, report, job_config(ctx["settings"], name))
+    except Exception:
+        outcome = "failed"
+        report.errors += 1
+        log.exception("job failed", extra={"job": name})
+    report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    if not dry_run:
+        metrics.JOB_RUNS.labels(name, outcome).inc()
+        metrics.JOB_ITEMS.labels(name, "changed").inc(report.changed)
+        metrics.JOB_ITEMS.labels(name, "errors").inc(report.errors)
+        metrics.JOB_FREED_BYTES.labels(name).inc(report.freed_bytes)
+        if outcome == "ok":
+            metrics.JOB_LAST_SUCCESS.labels(name).set_to_current_time()
+    log.info("job run", extra={**dataclasses.asdict(report), "outcome": outcome})
+    return report
+
+
+def cron_task(name: str) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    async def task(ctx: dict[str, Any]) -> dict[str, Any]:
+        return dataclasses.asdict(await run_job(ctx, name))
+
+    task.__qualname__ = task.__name__ = name
+    return task

@@ -14,10 +14,29 @@ from mediavault.db import create_pool
 from mediavault.domain import media as media_domain
 from mediavault.domain.feed import Feed
 from mediavault.imaging import DEFAULT_LIMITS, Transcoder
-from workers.maintenance import reclaim_stale_uploads
+from workers.maintenance import JOBS, cron_task, job_config
 from workers.transcode import transcode_media
 
-CRON_JOBS = [cron(reclaim_stale_uploads, minute=set(range(0, 60, 5)), unique=True)]
+
+
+def _schedule(every_minutes: int) -> dict[str, set[int]]:
+    """arq cron fields for "every N minutes": N below an hour, whole hours, or once a day."""
+    if every_minutes < 60:
+        return {"minute": set(range(0, 60, every_minutes))}
+    if every_minutes < 24 * 60:
+        return {"minute": {0}, "hour": set(range(0, 24, every_minutes // 60))}
+    return {"minute": {0}, "hour": {3}}
+
+
+def cron_jobs(settings: Settings) -> list:
+    # unique=True only keeps one replica's clock from starting a run twice; the batches'
+    # row locks are what make concurrent runs on many replicas split the work.
+    return [
+        cron(cron_task(name), name=f"cron:{name}", unique=True, timeout=settings.job_timeout_seconds,
+             **_schedule(job_config(settings, name).every_minutes))
+        for name in JOBS
+        if job_config(settings, name).enabled
+    ]
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -46,7 +65,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # Our own attempt count in PostgreSQL decides retries; arq's bound only stops
         # a job whose database is unreachable from being retried forever.
         "functions": [func(transcode_media, max_tries=media_domain.MAX_ATTEMPTS + 2)],
-        "cron_jobs": CRON_JOBS,
+        "cron_jobs": cron_jobs(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -97,12 +98,53 @@ def cmd_audit_ledger(_args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from workers.maintenance import JOBS, job_config
+
+    settings = Settings()
+    if args.jobs_command == "list":
+        for name, function in JOBS.items():
+            config = job_config(settings, name)
+            print(f"{name:24} every {config.every_minutes:>5} min  age {config.age_seconds:>8} s  "
+                  f"batch {config.batch_size:>5}  {'on ' if config.enabled else 'off'}  {function.__doc__.splitlines()[0]}")
+        return 0
+    _require_database(settings)
+    if not settings.redis_url:
+        sys.exit("MEDIAVAULT_REDIS_URL is not set")
+    report = asyncio.run(_run_job_once(settings, args.name, args.dry_run))
+    print(json.dumps(dataclasses.asdict(report)))
+    return 1 if report.errors else 0
+
+
+async def _run_job_once(settings: Settings, name: str, dry_run: bool):
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from workers.maintenance import run_job
+    from workers.settings import shutdown, startup
+
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    ctx = {"settings": settings, "redis": redis}
+    try:
+        await startup(ctx)
+        return await run_job(ctx, name, dry_run=dry_run)
+    finally:
+        await shutdown(ctx)
+        await redis.aclose()
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from mediavault.dev import run_dev
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_dev(args.data_dir))
     return 0
+
+
+def _job_names() -> list[str]:
+    from workers.maintenance import JOBS
+
+    return list(JOBS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("audit-ledger", help="check every account against its ledger; exit 1 on a mismatch").set_defaults(
         func=cmd_audit_ledger
     )
+    jobs = commands.add_parser("jobs", help="the cleanup jobs: list them, or run one once by hand")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_commands.add_parser("list", help="every job with its schedule, threshold and batch size")
+    run = jobs_commands.add_parser("run", help="run one job now and print its report as JSON")
+    run.add_argument("name", choices=_job_names())
+    run.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
+    jobs.set_defaults(func=cmd_jobs)
     dev = commands.add_parser("dev", help="the whole stack in one process, embedded PostgreSQL/Redis when none is configured")
     dev.add_argument("--data-dir", default=".mediavault", help="where embedded servers and blobs keep data")
     dev.set_defaults(func=cmd_dev)

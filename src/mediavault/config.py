@@ -7,15 +7,61 @@ import hmac
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
 MiB = 1024**2
 
 
+class JobConfig(BaseModel):
+    """Schedule, age threshold and batch size of one cleanup job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    every_minutes: int = Field(gt=0)
+    age_seconds: int = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    enabled: bool = True
+
+
+def _job(every_minutes: int, age_seconds: int, batch_size: int) -> type[JobConfig]:
+    # A model per job whose fields default to that job's values, so that setting one
+    # field from the environment keeps the others' defaults.
+    return create_model(
+        "JobConfig",
+        __base__=JobConfig,
+        every_minutes=(int, Field(default=every_minutes, gt=0)),
+        age_seconds=(int, Field(default=age_seconds, ge=0)),
+        batch_size=(int, Field(default=batch_size, gt=0)),
+    )
+
+
+_RECLAIM = _job(5, 0, 1000)
+_EXPIRE = _job(5, 0, 1000)
+_PURGE = _job(60, 24 * 3600, 500)
+_STUCK = _job(10, 3600, 500)
+_SWEEP = _job(24 * 60, 24 * 3600, 1000)
+_PRUNE = _job(24 * 60, 30 * 24 * 3600, 5000)
+_AUDIT = _job(60, 3600, 1000)
+
+
+class JobsConfig(BaseModel):
+    """Every cleanup job's settings: MEDIAVAULT_JOBS__<JOB>__<FIELD>, e.g. MEDIAVAULT_JOBS__PURGE_DELETED_MEDIA__AGE_SECONDS."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reclaim_stale_uploads: _RECLAIM = _RECLAIM()
+    expire_ephemeral_media: _EXPIRE = _EXPIRE()
+    purge_deleted_media: _PURGE = _PURGE()
+    fail_stuck_processing: _STUCK = _STUCK()
+    sweep_orphan_blobs: _SWEEP = _SWEEP()
+    prune_telemetry: _PRUNE = _PRUNE()
+    audit_accounts: _AUDIT = _AUDIT()
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MEDIAVAULT_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MEDIAVAULT_", env_nested_delimiter="__", frozen=True, extra="ignore")
 
     database_url: str = ""
     redis_url: str = ""
@@ -50,6 +96,7 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(default=10, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
+    jobs: JobsConfig = JobsConfig()
 
     @property
     def public_url(self) -> str:

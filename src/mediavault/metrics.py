@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK or the ErrorInfo reason)", ["service", "method", "outcome"])
 RPC_LATENCY = Histogram(
@@ -37,3 +37,12 @@ TRANSCODE_SECONDS = Histogram(
 )
 TRANSCODE_OUTCOMES = Counter("mediavault_transcode_total", "Transcode job outcomes", ["outcome", "reason"])
 EVENTS_RECORDED = Counter("mediavault_usage_events_total", "Usage events received", ["result"])
+
+JOB_RUNS = Counter("mediavault_job_runs_total", "Cleanup job runs", ["job", "outcome"])
+JOB_ITEMS = Counter("mediavault_job_items_total", "Rows or objects a cleanup job changed, and its errors", ["job", "kind"])
+JOB_FREED_BYTES = Counter("mediavault_job_freed_bytes_total", "Quota bytes a cleanup job released", ["job"])
+JOB_LAST_SUCCESS = Gauge("mediavault_job_last_success_timestamp_seconds", "When a cleanup job last finished", ["job"])
+LEDGER_MISMATCHES = Gauge("mediavault_ledger_mismatches", "Account figures that disagree with the ledger, at the last audit")
+HEAVY_RESERVATIONS = Gauge(
+    "mediavault_heavy_reservation_accounts", "Accounts holding over half their quota in reservations for over the threshold"
+)

@@ -1,30 +1,50 @@
-"""reclaim_stale_uploads against real PostgreSQL and the fs blob store."""
+"""The cleanup jobs against real PostgreSQL, Redis and blob stores."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import grpc
 import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
 
+from mediavault.blobs import single_chunk
 from mediavault.domain import ledger
+from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
-from tests.helpers import begin, fake_jpeg, put
-from workers.maintenance import reclaim_stale_uploads
+from tests.helpers import begin, fake_jpeg, put, settled, upload
+from workers.maintenance import JOBS, run_job
 from workers.settings import shutdown, startup
 
 
 @pytest.fixture
-async def ctx(server):
-    redis = await create_pool(RedisSettings.from_dsn(server.settings.redis_url))
-    ctx = {"settings": server.settings, "redis": redis}
-    await startup(ctx)
-    yield ctx
-    await shutdown(ctx)
-    await redis.aclose()
+async def make_ctx(server):
+    made = []
+
+    async def make(settings=None):
+        settings = settings or server.settings
+        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+        ctx = {"settings": settings, "redis": redis}
+        await startup(ctx)
+        made.append(ctx)
+        return ctx
+
+    yield make
+    for ctx in made:
+        await shutdown(ctx)
+        await ctx["redis"].aclose()
+
+
+@pytest.fixture
+async def ctx(make_ctx):
+    return await make_ctx()
+
+
+async def state_of(pool, upload_id: str) -> str:
+    return await pool.fetchval("SELECT state FROM uploads WHERE upload_id = $1::uuid", upload_id)
 
 
 async def test_lapsed_reservations_are_released_and_objects_deleted(ctx, storage, auth, user_id, pool, server):
@@ -35,13 +55,12 @@ async def test_lapsed_reservations_are_released_and_objects_deleted(ctx, storage
     fresh = await begin(storage, md, data)
     await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1::uuid", lapsed.upload.upload_id)
 
-    result = await reclaim_stale_uploads(ctx)
-    assert result["expired"] >= 1 and result["freed_bytes"] >= len(data)
+    report = await run_job(ctx, "reclaim_stale_uploads")
+    assert report.changed >= 1 and report.freed_bytes >= len(data) and report.errors == 0
 
     got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=lapsed.upload.upload_id), metadata=md)).upload
     assert got.state == pb.UPLOAD_STATE_EXPIRED and got.failure_reason == "EXPIRED"
-    still = (await storage.GetUpload(pb.GetUploadRequest(upload_id=fresh.upload.upload_id), metadata=md)).upload
-    assert still.state == pb.UPLOAD_STATE_PENDING
+    assert await state_of(pool, fresh.upload.upload_id) == "pending"
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
     assert summary.reserved_bytes == len(data)
     key = await pool.fetchval("SELECT object_key FROM uploads WHERE upload_id = $1::uuid", lapsed.upload.upload_id)
@@ -55,7 +74,8 @@ async def test_lapsed_reservations_are_released_and_objects_deleted(ctx, storage
 
 async def test_finalize_racing_reclaim_ends_committed_or_released_never_both(ctx, storage, auth, user_id, pool):
     md = auth(user_id)
-    for _ in range(25):
+    outcomes = []
+    for _ in range(40):
         data = fake_jpeg(2048)
         begun = await begin(storage, md, data)
         await put(begun.upload_url, dict(begun.upload_headers), data)
@@ -66,15 +86,317 @@ async def test_finalize_racing_reclaim_ends_committed_or_released_never_both(ctx
         await asyncio.sleep(random.uniform(0.0, 0.02))
         await asyncio.gather(
             storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md),
-            reclaim_stale_uploads(ctx),
+            run_job(ctx, "reclaim_stale_uploads"),
             return_exceptions=True,
         )
-        state = await pool.fetchval("SELECT state FROM uploads WHERE upload_id = $1::uuid", begun.upload.upload_id)
+        state = await state_of(pool, begun.upload.upload_id)
         if state == "pending":
-            await reclaim_stale_uploads(ctx)
-            state = await pool.fetchval("SELECT state FROM uploads WHERE upload_id = $1::uuid", begun.upload.upload_id)
-        kinds = tuple(r["kind"] for r in await pool.fetch("SELECT kind FROM ledger_entries WHERE upload_id = $1::uuid ORDER BY entry_id", begun.upload.upload_id))
+            await asyncio.sleep(0.03)
+            await run_job(ctx, "reclaim_stale_uploads")
+            state = await state_of(pool, begun.upload.upload_id)
+        kinds = tuple(r["kind"] for r in await pool.fetch(
+            "SELECT kind FROM ledger_entries WHERE upload_id = $1::uuid ORDER BY entry_id", begun.upload.upload_id))
         assert (state, kinds) in {("finalized", ("reserve", "commit")), ("expired", ("reserve", "release"))}
+        outcomes.append(state)
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
     assert summary.reserved_bytes == 0
     assert await ledger.audit(pool) == []
+
+
+async def seed_media(pool, blobs, owner: str, count: int, *, retention: str, expired: bool, saved: bool = False) -> list[uuid.UUID]:
+    """Media rows with real blobs (original and a thumbnail), committed through the ledger like finalize does."""
+    ids = [uuid.uuid4() for _ in range(count)]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO accounts (user_id, quota_bytes) VALUES ($1, 1073741824) ON CONFLICT DO NOTHING", owner)
+        await conn.execute(
+            "INSERT INTO ledger_entries (user_id, kind, quota_delta) SELECT $1, 'grant', 1073741824 "
+            "WHERE NOT EXISTS (SELECT 1 FROM ledger_entries WHERE user_id = $1 AND kind = 'grant')", owner)
+        for media_id in ids:
+            key = f"originals/{media_id.hex[:2]}/{media_id.hex}"
+            await conn.execute(
+                "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key, media_id, expires_at) "
+                "VALUES ($1, $2, 'x.jpg', 'image/jpeg', 100, $3, 'finalized', $4, $1, now())", media_id, owner, retention, key)
+            await conn.execute(
+                "INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, object_key, retention, "
+                "processing_status, expires_at, saved_at) VALUES ($1, $2, $1, 'image', 'image/jpeg', 100, $3, $4, 'complete', "
+                "CASE WHEN $4 = 'ephemeral' THEN now() + make_interval(secs => $5) END, CASE WHEN $6 THEN now() END)",
+                media_id, owner, key, retention, -60.0 if expired else 3600.0, saved)
+            await conn.execute(
+                "INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes) "
+                "VALUES ($1, 'thumbnail', 0, $2, 'image/jpeg', 10, 10, 5)", media_id, f"variants/{media_id.hex[:2]}/{media_id.hex}/v0/thumbnail.jpg")
+            await conn.execute("UPDATE accounts SET used_bytes = used_bytes + 100 WHERE user_id = $1", owner)
+            await conn.execute("INSERT INTO ledger_entries (user_id, kind, used_delta, media_id) VALUES ($1, 'commit', 100, $2)", owner, media_id)
+    for media_id in ids:
+        await blobs.write(f"originals/{media_id.hex[:2]}/{media_id.hex}", single_chunk(b"o" * 100), content_type="image/jpeg")
+        await blobs.write(f"variants/{media_id.hex[:2]}/{media_id.hex}/v0/thumbnail.jpg", single_chunk(b"t" * 5), content_type="image/jpeg")
+    return ids
+
+
+async def soft_delete(pool, media_ids: list[uuid.UUID], purge_after_seconds: float) -> None:
+    """What DeleteMedia does, for many rows at once: bytes freed through the ledger."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "UPDATE media SET deleted_at = now(), purge_after = now() + make_interval(secs => $2) "
+            "WHERE media_id = ANY($1::uuid[]) AND deleted_at IS NULL RETURNING media_id, owner_id, size_bytes",
+            media_ids, purge_after_seconds)
+        for row in rows:
+            await conn.execute("UPDATE accounts SET used_bytes = used_bytes - $2 WHERE user_id = $1", row["owner_id"], row["size_bytes"])
+            await conn.execute(
+                "INSERT INTO ledger_entries (user_id, kind, used_delta, media_id) VALUES ($1, 'free', $2, $3)",
+                row["owner_id"], -row["size_bytes"], row["media_id"])
+
+
+async def blobs_exist(blobs, media_id: uuid.UUID) -> tuple[bool, bool]:
+    original = await blobs.stat(f"originals/{media_id.hex[:2]}/{media_id.hex}")
+    thumbnail = await blobs.stat(f"variants/{media_id.hex[:2]}/{media_id.hex}/v0/thumbnail.jpg")
+    return original is not None, thumbnail is not None
+
+
+async def test_expired_ephemeral_media_goes_with_its_blobs_and_saved_media_stays(ctx, pool, user_id):
+    blobs = ctx["blobs"]
+    doomed = await seed_media(pool, blobs, user_id, 30, retention="ephemeral", expired=True)
+    not_yet = await seed_media(pool, blobs, user_id, 3, retention="ephemeral", expired=False)
+    saved = await seed_media(pool, blobs, user_id, 3, retention="permanent", expired=True, saved=True)
+    permanent = await seed_media(pool, blobs, user_id, 3, retention="permanent", expired=False)
+
+    report = await run_job(ctx, "expire_ephemeral_media")
+    assert report.errors == 0 and report.changed >= 30 and report.freed_bytes >= 3000
+    for media_id in doomed:
+        row = await pool.fetchrow("SELECT deleted_at, purged_at FROM media WHERE media_id = $1", media_id)
+        assert row["deleted_at"] and row["purged_at"]
+        assert await blobs_exist(blobs, media_id) == (False, False)
+    for media_id in not_yet + saved + permanent:
+        assert await pool.fetchval("SELECT deleted_at FROM media WHERE media_id = $1", media_id) is None
+        assert await blobs_exist(blobs, media_id) == (True, True)
+    assert await pool.fetchval("SELECT used_bytes FROM accounts WHERE user_id = $1", user_id) == 900
+    assert await ledger.audit(pool) == []
+
+
+async def test_purge_waits_for_the_grace_period_and_keeps_tombstones(ctx, storage, media, auth, user_id, pool):
+    blobs = ctx["blobs"]
+    md = auth(user_id)
+    ids = await seed_media(pool, blobs, user_id, 4, retention="permanent", expired=False)
+    for media_id in ids:
+        await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=str(media_id)), metadata=md)
+    await run_job(ctx, "purge_deleted_media")
+    assert all([await blobs_exist(blobs, m) == (True, True) for m in ids]), "inside the grace period nothing goes"
+
+    await pool.execute("UPDATE media SET purge_after = now() - interval '1 second' WHERE media_id = ANY($1::uuid[])", ids[:2])
+    report = await run_job(ctx, "purge_deleted_media")
+    assert report.errors == 0 and report.details["purged"] >= 2
+    for media_id in ids[:2]:
+        assert await blobs_exist(blobs, media_id) == (False, False)
+        row = await pool.fetchrow("SELECT purged_at, deleted_at FROM media WHERE media_id = $1", media_id)
+        assert row["purged_at"] and row["deleted_at"], "the row stays as a tombstone"
+        assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1", media_id) == 0
+    for media_id in ids[2:]:
+        assert await blobs_exist(blobs, media_id) == (True, True)
+
+
+async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, user_id, pool, worker):
+    from tests.conftest import CORPUS
+
+    md = auth(user_id)
+    retry = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    exhausted = await upload(storage, md, fake_jpeg(1234))
+    await settled(media, md, retry.media_id)
+    await settled(media, md, exhausted.media_id)
+    await pool.execute(
+        "UPDATE media SET processing_status = 'processing', attempts = 1, updated_at = now() - interval '2 hours' "
+        "WHERE media_id = $1::uuid", retry.media_id)
+    await pool.execute(
+        "UPDATE media SET processing_status = 'processing', attempts = 3, processing_error = NULL, "
+        "updated_at = now() - interval '2 hours' WHERE media_id = $1::uuid", exhausted.media_id)
+    await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", retry.media_id)
+
+    report = await run_job(ctx, "fail_stuck_processing")
+    assert report.errors == 0 and report.changed >= 2 and report.details["failed"] >= 1
+    done = await settled(media, md, retry.media_id)
+    assert done.processing_status == mpb.PROCESSING_STATUS_COMPLETE and done.attempts == 2 and len(done.variants) == 3
+    failed = (await media.GetMedia(mpb.GetMediaRequest(media_id=exhausted.media_id), metadata=md)).media
+    assert failed.processing_status == mpb.PROCESSING_STATUS_FAILED
+    assert failed.processing_error == "processing did not finish"
+
+
+async def test_old_telemetry_is_pruned(ctx, pool, user_id):
+    media_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at, received_at) "
+        "SELECT $1, $2, 'impression', now(), now() - make_interval(days => d) FROM generate_series(1, 40) AS d",
+        user_id, media_id)
+    report = await run_job(ctx, "prune_telemetry")
+    assert report.changed >= 10 and report.errors == 0
+    left = await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id)
+    assert left == 29
+
+
+async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, pool):
+    from mediavault import metrics
+
+    md = auth(user_id)
+    await storage.BeginUpload(pb.BeginUploadRequest(filename="a.mp4", content_type="video/mp4", size_bytes=400 * 1024 * 1024), metadata=md)
+    await storage.BeginUpload(pb.BeginUploadRequest(filename="b.mp4", content_type="video/mp4", size_bytes=400 * 1024 * 1024), metadata=md)
+    report = await run_job(ctx, "audit_accounts")
+    assert report.details["ledger_mismatches"] == 0
+    await pool.execute("UPDATE uploads SET created_at = now() - interval '2 hours' WHERE user_id = $1", user_id)
+    report = await run_job(ctx, "audit_accounts")
+    assert report.details["heavy_reservations"] >= 1
+    assert metrics.HEAVY_RESERVATIONS._value.get() >= 1
+    assert metrics.LEDGER_MISMATCHES._value.get() == 0
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+async def test_dry_run_changes_nothing(ctx, pool, user_id, name):
+    blobs = ctx["blobs"]
+    expired = await seed_media(pool, blobs, user_id, 5, retention="ephemeral", expired=True)
+    await pool.execute("UPDATE media SET processing_status = 'processing', updated_at = now() - interval '2 hours' WHERE media_id = $1", expired[0])
+    await soft_delete(pool, [expired[1]], -3600)
+    before = await snapshot(pool)
+    report = await run_job(ctx, name, dry_run=True)
+    assert report.dry_run and report.errors == 0
+    if name in ("expire_ephemeral_media", "fail_stuck_processing", "purge_deleted_media"):
+        assert report.changed >= 1, "a dry run reports what it would change"
+    assert await snapshot(pool) == before
+    assert all([await blobs_exist(blobs, m) == (True, True) for m in expired])
+
+
+async def snapshot(pool) -> list:
+    return [
+        await pool.fetch("SELECT * FROM media ORDER BY media_id"),
+        await pool.fetch("SELECT * FROM uploads ORDER BY upload_id"),
+        await pool.fetch("SELECT * FROM accounts ORDER BY user_id"),
+        await pool.fetchval("SELECT count(*) FROM ledger_entries"),
+        await pool.fetchval("SELECT count(*) FROM usage_events"),
+    ]
+
+
+async def test_two_runners_split_the_work_and_do_nothing_twice(make_ctx, pool, user_id):
+    first, second = await make_ctx(), await make_ctx()
+    owner_ids = [f"{user_id}-{i}" for i in range(20)]
+    for owner in owner_ids:
+        await pool.execute("INSERT INTO accounts (user_id, quota_bytes, reserved_bytes) VALUES ($1, 1000000, 100000)", owner)
+        await pool.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', 1000000)", owner)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at) "
+            "SELECT gen_random_uuid(), o, 'x', 'image/jpeg', 1000, 'permanent', 'originals/zz/' || md5(random()::text), now() - interval '1 minute' "
+            "FROM unnest($1::text[]) AS o, generate_series(1, 100)", owner_ids)
+        await conn.execute(
+            "INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id) "
+            "SELECT user_id, 'reserve', size_bytes, upload_id FROM uploads WHERE user_id = ANY($1::text[])", owner_ids)
+    reports = await asyncio.gather(run_job(first, "reclaim_stale_uploads"), run_job(second, "reclaim_stale_uploads"))
+    assert sum(r.changed for r in reports) >= 2000
+    assert all(r.changed > 0 for r in reports), "both runners took a share"
+    assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = ANY($1::text[]) AND state = 'pending'", owner_ids) == 0
+    releases = await pool.fetchval(
+        "SELECT count(*) FROM ledger_entries WHERE kind = 'release' AND user_id = ANY($1::text[])", owner_ids)
+    assert releases == 2000, "every reservation released exactly once"
+    assert await pool.fetchval("SELECT sum(reserved_bytes) FROM accounts WHERE user_id = ANY($1::text[])", owner_ids) == 0
+    assert await ledger.audit(pool) == []
+
+
+async def test_saved_canaries_survive_every_job_run_by_two_workers(make_ctx, pool, user_id):
+    first, second = await make_ctx(), await make_ctx()
+    blobs = first["blobs"]
+    canaries = await seed_media(pool, blobs, f"{user_id}-canary", 20, retention="permanent", expired=True, saved=True)
+    candidates = await seed_media(pool, blobs, user_id, 1000, retention="ephemeral", expired=True)
+    random.shuffle(candidates)
+    await soft_delete(pool, candidates[:200], 0)
+    for name in JOBS:
+        await asyncio.gather(run_job(first, name), run_job(second, name))
+    for media_id in canaries:
+        row = await pool.fetchrow("SELECT deleted_at, purged_at, processing_status FROM media WHERE media_id = $1", media_id)
+        assert row["deleted_at"] is None and row["purged_at"] is None and row["processing_status"] == "complete"
+        assert await blobs_exist(blobs, media_id) == (True, True)
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL", candidates) == 0
+    assert await ledger.audit(pool) == []
+
+
+async def test_jobs_cli_dry_run_prints_a_report(database_url, redis_url, server):
+    import json
+
+    from tests.test_cli import mediavault
+
+    result = await asyncio.to_thread(
+        mediavault, "jobs", "run", "reclaim_stale_uploads", "--dry-run", database_url=database_url,
+        MEDIAVAULT_REDIS_URL=redis_url, MEDIAVAULT_BLOB_DIR=str(server.settings.blob_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["job"] == "reclaim_stale_uploads" and report["dry_run"] is True
+    listed = await asyncio.to_thread(mediavault, "jobs", "list")
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(JOBS)
+
+
+async def test_a_failing_item_never_stops_the_run(ctx, pool, user_id):
+    ids = await seed_media(pool, ctx["blobs"], user_id, 3, retention="ephemeral", expired=True)
+    # An object key the blob store refuses (not one mediavault would write) makes its delete fail.
+    await pool.execute("UPDATE media SET object_key = 'originals/../escape' WHERE media_id = $1", ids[0])
+    report = await run_job(ctx, "expire_ephemeral_media")
+    assert report.errors >= 1
+    assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", ids[0]) is None, "retried next run"
+    for media_id in ids[1:]:
+        assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", media_id) is not None
+
+    await pool.execute("UPDATE media SET object_key = $2 WHERE media_id = $1", ids[0], f"originals/{ids[0].hex[:2]}/{ids[0].hex}")
+    retried = await run_job(ctx, "purge_deleted_media")
+    assert retried.errors == 0
+    assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", ids[0]) is not None
+    assert await blobs_exist(ctx["blobs"], ids[0]) == (False, False)
+
+
+async def test_blob_delete_failure_is_retried_next_run_and_loses_nothing(make_ctx, make_settings, pool, user_id):
+    from mediavault.blobs.s3 import S3BlobStore
+    from tests.s3server import moto_server
+
+    async with moto_server() as moto:
+        settings = make_settings(blob_backend="s3", s3_endpoint_url=moto.endpoint_url, s3_bucket="cleanup-test")
+        ctx = await make_ctx(settings)
+        assert isinstance(ctx["blobs"], S3BlobStore)
+        await ctx["blobs"].ensure_bucket()
+        doomed = await seed_media(pool, ctx["blobs"], user_id, 5, retention="ephemeral", expired=True)
+        kept = await seed_media(pool, ctx["blobs"], f"{user_id}-kept", 3, retention="permanent", expired=False)
+
+        await moto.stop()
+        failed = await run_job(ctx, "expire_ephemeral_media")
+        assert failed.errors >= 5
+        rows = await pool.fetch("SELECT deleted_at, purged_at FROM media WHERE media_id = ANY($1::uuid[])", doomed)
+        assert all(r["deleted_at"] is not None and r["purged_at"] is None for r in rows), "blobs not gone, so not purged"
+        assert await ledger.audit(pool) == []
+
+        await moto.start()
+        await ctx["blobs"].ensure_bucket()
+        retried = await run_job(ctx, "purge_deleted_media")
+        assert retried.errors == 0 and retried.details["purged"] >= 5
+        assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL", doomed) == 0
+        assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND deleted_at IS NULL", kept) == 3
+
+
+async def test_orphans_are_quarantined_then_deleted_and_missing_originals_reported(ctx, pool, user_id, server):
+    import os
+    import time as clock
+
+    blobs = ctx["blobs"]
+    owned = await seed_media(pool, blobs, user_id, 2, retention="permanent", expired=False)
+    orphan, fresh_orphan = f"originals/ff/{uuid.uuid4().hex}", f"originals/ff/{uuid.uuid4().hex}"
+    for key in (orphan, fresh_orphan):
+        await blobs.write(key, single_chunk(b"lost"), content_type="image/jpeg")
+    two_days_ago = clock.time() - 2 * 86400
+    for key in (orphan, *(f"originals/{m.hex[:2]}/{m.hex}" for m in owned)):
+        os.utime(blobs.path(key), (two_days_ago, two_days_ago))
+    missing = (await seed_media(pool, blobs, user_id, 1, retention="permanent", expired=False))[0]
+    await blobs.delete(f"originals/{missing.hex[:2]}/{missing.hex}")
+
+    first = await run_job(ctx, "sweep_orphan_blobs")
+    assert first.details["quarantined"] >= 1 and first.details["originals_missing"] >= 1
+    assert await blobs.stat(orphan) is None and await blobs.stat("quarantine/" + orphan) is not None
+    assert await blobs.stat(fresh_orphan) is not None, "younger than the grace period: maybe an upload in flight"
+    assert all([await blobs_exist(blobs, m) == (True, True) for m in owned])
+    row = await pool.fetchrow("SELECT processing_status, processing_error FROM media WHERE media_id = $1", missing)
+    assert (row["processing_status"], row["processing_error"]) == ("failed", "original missing")
+
+    second = await run_job(ctx, "sweep_orphan_blobs")
+    assert second.details["deleted_from_quarantine"] >= 1
+    assert await blobs.stat("quarantine/" + orphan) is None
+    assert all([await blobs_exist(blobs, m) == (True, True) for m in owned])

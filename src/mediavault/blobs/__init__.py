@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from mediavault.blobs.base import BlobStore, BlobStoreError, ObjectInfo, SignedRequest, check_key, single_chunk
+from mediavault.blobs.base import (
+    BlobStore,
+    BlobStoreError,
+    ListedObject,
+    ObjectInfo,
+    SignedRequest,
+    check_key,
+    single_chunk,
+)
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "ListedObject", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
@@ -24,6 +25,14 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    # Timezone-aware UTC: when the object was last written or moved (S3 LastModified, fs st_mtime).
+    modified_at: datetime
+
+
+@dataclass(frozen=True)
 class SignedRequest:
     url: str
     method: str
@@ -35,6 +44,14 @@ def check_key(key: str) -> str:
     if len(key) > MAX_KEY_LENGTH or not _KEY.match(key):
         raise ValueError(f"invalid object key {key!r}")
     return key
+
+
+def check_list_args(prefix: str, limit: int) -> None:
+    """A listing prefix is "" or a key followed by "/", so that it names a directory on fs."""
+    if prefix and not (prefix.endswith("/") and _KEY.match(prefix[:-1])):
+        raise ValueError(f"invalid listing prefix {prefix!r}")
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
 
 
 class BlobStore(Protocol):
@@ -70,6 +87,14 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Removes the object; removing a missing object is not an error."""
+        ...
+
+    async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
+        """Up to limit objects under prefix with keys strictly after `after`, ascending; shorter means the end."""
+        ...
+
+    async def move(self, key: str, new_key: str) -> None:
+        """Moves the object to new_key (replacing any there, modified_at now); BlobStoreError if it is missing."""
         ...
 
     async def close(self) -> None: ...

@@ -6,10 +6,19 @@ import asyncio
 import hashlib
 import os
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterator
+from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 
-from mediavault.blobs.base import BlobStoreError, ObjectInfo, SignedRequest, check_key
+from mediavault.blobs.base import (
+    BlobStoreError,
+    ListedObject,
+    ObjectInfo,
+    SignedRequest,
+    check_key,
+    check_list_args,
+)
 from mediavault.blobs.signing import UrlSigner
 
 # Files up to this size are read on the event loop; larger ones in a thread.
@@ -111,8 +120,76 @@ class FsBlobStore:
         except OSError as exc:
             raise BlobStoreError(f"delete failed: {exc.strerror}") from exc
 
+    async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
+        check_list_args(prefix, limit)
+        # A page means up to limit stat calls plus a few directory scans: blocking I/O that
+        # would stall every other request on the loop when the disk is cold.
+        return await asyncio.to_thread(self._list_page, prefix, after, limit)
+
+    def _list_page(self, prefix: str, after: str | None, limit: int) -> list[ListedObject]:
+        try:
+            return list(islice(_walk(self.root / prefix, prefix, after), limit))
+        except OSError as exc:
+            raise BlobStoreError(f"list failed: {exc.strerror}") from exc
+
+    async def move(self, key: str, new_key: str) -> None:
+        source = self.path(key)
+        target = self.path(new_key)
+        if source == target:
+            # Harmless here, but on S3 the copy-then-delete would destroy the object.
+            raise ValueError(f"cannot move {key!r} onto itself")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+            # S3's copy gives the moved object a fresh LastModified; matching it means
+            # modified_at of a quarantined object says when it was quarantined on both.
+            os.utime(target)
+        except OSError as exc:
+            raise BlobStoreError(f"move failed: {exc.strerror}") from exc
+
     async def close(self) -> None:
         return None
+
+
+def _walk(directory: Path, key_prefix: str, after: str | None) -> Iterator[ListedObject]:
+    """Objects below directory with keys after `after`, in S3's order (ascending by key).
+
+    Only one directory's entries per level are held at a time, and a directory whose keys
+    all sort at or before `after` is never opened, so resuming deep into a large tree costs
+    a few directory scans rather than a walk over everything already listed.
+    """
+    try:
+        with os.scandir(directory) as scan:
+            # No key segment starts with ".", so this skips the private .tmp dir and any
+            # stray hidden file, neither of which could be addressed as an object.
+            entries = [(_sort_name(entry), entry) for entry in scan if not entry.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        # A prefix nobody wrote under yet (or that is an object itself) holds nothing.
+        return
+    # Keys compare as whole strings: "a-b" sorts before "a/x" because "-" < "/", so a
+    # directory sorts as its name plus "/", the common start of every key inside it.
+    entries.sort(key=lambda pair: pair[0])
+    for name, entry in entries:
+        key = key_prefix + name
+        if name.endswith("/"):
+            # Every key inside starts with key, so when `after` sorts later without starting
+            # with it, `after` differs from it at an earlier, greater character: all of them
+            # sort before `after` and the directory need not be opened.
+            if after is None or key > after or after.startswith(key):
+                yield from _walk(Path(entry.path), key, after)
+            continue
+        if after is not None and key <= after:
+            continue
+        try:
+            stat = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            # Deleted or moved since the scan; a listing is not a snapshot.
+            continue
+        yield ListedObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc))
+
+
+def _sort_name(entry: os.DirEntry[str]) -> str:
+    return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
 
 
 def _hash_file(path: Path) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterable, Iterator
+from datetime import timezone
 from typing import Any
 
 import aioboto3
@@ -14,12 +15,21 @@ import aiohttp
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from mediavault.blobs.base import BlobStoreError, ObjectInfo, SignedRequest, check_key
+from mediavault.blobs.base import (
+    BlobStoreError,
+    ListedObject,
+    ObjectInfo,
+    SignedRequest,
+    check_key,
+    check_list_args,
+)
 from mediavault.config import Settings
 
 # Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
 _PART_SIZE = 8 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
+# S3 returns at most this many keys per ListObjectsV2 call, whatever MaxKeys asks for.
+_MAX_LIST_KEYS = 1000
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
 _S3_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
@@ -201,6 +211,41 @@ class S3BlobStore:
     async def delete(self, key: str) -> None:
         check_key(key)
         with _translate_errors("delete"):
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
+        check_list_args(prefix, limit)
+        page: list[ListedObject] = []
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if after is not None:
+            params["StartAfter"] = after
+        with _translate_errors("list"):
+            # One call returns at most 1000 keys, and a short page tells the caller the
+            # listing is over, so larger limits are filled from further calls.
+            while len(page) < limit:
+                response = await self._client.list_objects_v2(
+                    **params, MaxKeys=min(limit - len(page), _MAX_LIST_KEYS)
+                )
+                page.extend(
+                    ListedObject(item["Key"], item["Size"], item["LastModified"].astimezone(timezone.utc))
+                    for item in response.get("Contents", [])
+                )
+                if not response["IsTruncated"]:
+                    break
+                params["StartAfter"] = page[-1].key
+        return page
+
+    async def move(self, key: str, new_key: str) -> None:
+        if check_key(key) == check_key(new_key):
+            # Deleting after copying onto itself would destroy the object.
+            raise ValueError(f"cannot move {key!r} onto itself")
+        with _translate_errors("move"):
+            # CopyObject handles objects up to 5 GiB, ten times the default video size limit.
+            # Not atomic: if the delete fails the object is in both places, and repeating the
+            # move finishes it.
+            await self._client.copy_object(
+                Bucket=self.bucket, Key=new_key, CopySource={"Bucket": self.bucket, "Key": key}
+            )
             await self._client.delete_object(Bucket=self.bucket, Key=key)
 
     async def close(self) -> None:

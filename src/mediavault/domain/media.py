@@ -48,7 +48,7 @@ LIMIT $4
 
 _DELETE = """
 WITH deleted AS (
-    UPDATE media SET deleted_at = now(), updated_at = now()
+    UPDATE media SET deleted_at = now(), purge_after = now() + make_interval(secs => $2), updated_at = now()
     WHERE media_id = $1 AND deleted_at IS NULL
     RETURNING media_id, owner_id, size_bytes
 ), freed AS (
@@ -194,10 +194,10 @@ async def page(
     return [from_row(r) for r in rows[:size]], len(rows) > size
 
 
-async def delete(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID) -> Media:
-    """Soft delete; the owner's used bytes are freed at once. Blobs are purged later by the cron jobs."""
+async def delete(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID, purge_grace_seconds: float) -> Media:
+    """Soft delete; the owner's used bytes are freed at once, the blobs purged after the grace period."""
     media = await _visible(pool, principal, media_id, read_roles=("admin",))
-    if await pool.fetchrow(_DELETE, media_id) is None:
+    if await pool.fetchrow(_DELETE, media_id, purge_grace_seconds) is None:
         raise NotFound("media not found")
     return media
 

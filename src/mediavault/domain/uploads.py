@@ -409,10 +409,10 @@ async def upload_content(
 # SKIP LOCKED lets replicas split the due uploads, and leaves alone any row a
 # finalize is committing right now: that finalize's guarded UPDATE then either
 # wins or sees the upload already expired, never both.
-_EXPIRE_DUE = f"""
+EXPIRE_DUE = f"""
 WITH due AS (
     SELECT upload_id FROM uploads
-    WHERE state = 'pending' AND expires_at <= now()
+    WHERE state = 'pending' AND expires_at <= now() - make_interval(secs => $2)
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -431,17 +431,3 @@ WITH due AS (
 )
 SELECT * FROM expired
 """
-
-
-@dataclass(frozen=True)
-class ExpiryBatch:
-    expired: int
-    freed_bytes: int
-
-
-async def expire_due(pool: asyncpg.Pool, blobs: BlobStore, batch_size: int) -> ExpiryBatch:
-    """Expires one batch of lapsed pending uploads, releasing their reservations, then deletes their objects."""
-    rows = await pool.fetch(_EXPIRE_DUE, batch_size)
-    for row in rows:
-        await _delete_quietly(blobs, row["object_key"])
-    return ExpiryBatch(len(rows), sum(r["size_bytes"] for r in rows))

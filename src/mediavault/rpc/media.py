@@ -117,7 +117,9 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def DeleteMedia(self, request: pb.DeleteMediaRequest, context, principal: Principal) -> pb.DeleteMediaResponse:
-        media = await media_domain.delete(self.pool, principal, media_domain.parse_media_id(request.media_id))
+        media = await media_domain.delete(
+            self.pool, principal, media_domain.parse_media_id(request.media_id), self.settings.jobs.purge_deleted_media.age_seconds
+        )
         await self.feed.changed(media.owner_id)
         return pb.DeleteMediaResponse()
 

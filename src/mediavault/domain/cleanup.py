@@ -1,0 +1,192 @@
+"""The row side of the cleanup jobs: one bounded batch per call, on a connection the caller
+holds in a transaction.
+
+Every batch picks its rows with FOR UPDATE SKIP LOCKED, so replicas running the same job
+at once split the rows between them, and a row a user request holds (a finalize, a save)
+is left for the next run instead of waited on. Blob deletions are not done here: the
+caller does them after the batch's transaction has committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from mediavault.domain import uploads
+
+# A purge claim outlives any sane blob deletion; a replica that died mid-purge has its
+# rows picked up again once the claim lapses.
+PURGE_CLAIM_SECONDS = 600
+
+_EXPIRE_EPHEMERAL = """
+WITH due AS (
+    SELECT media_id FROM media
+    WHERE retention = 'ephemeral' AND deleted_at IS NULL AND saved_at IS NULL
+      AND expires_at <= now() - make_interval(secs => $2)
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), removed AS (
+    UPDATE media m SET deleted_at = now(), purge_after = now(), updated_at = now()
+    FROM due WHERE m.media_id = due.media_id
+    RETURNING m.media_id, m.owner_id, m.size_bytes
+), per_owner AS (
+    SELECT owner_id, sum(size_bytes)::bigint AS bytes FROM removed GROUP BY owner_id
+), freed AS (
+    UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, updated_at = now()
+    FROM per_owner p WHERE a.user_id = p.owner_id
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, used_delta, media_id)
+    SELECT owner_id, 'free', -size_bytes, media_id FROM removed
+)
+SELECT media_id, owner_id, size_bytes FROM removed
+"""
+
+_CLAIM_PURGE = """
+WITH due AS (
+    SELECT media_id FROM media
+    WHERE deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()
+      AND (purge_claimed_until IS NULL OR purge_claimed_until < now())
+    ORDER BY purge_after
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE media m SET purge_claimed_until = now() + make_interval(secs => $2)
+FROM due WHERE m.media_id = due.media_id
+RETURNING m.media_id, m.owner_id, m.object_key,
+          ARRAY(SELECT v.object_key FROM media_variants v WHERE v.media_id = m.media_id) AS variant_keys
+"""
+
+_MARK_PURGED = """
+WITH purged AS (
+    UPDATE media SET purged_at = now(), purge_claimed_until = NULL
+    WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL
+    RETURNING media_id
+)
+DELETE FROM media_variants v USING purged p WHERE v.media_id = p.media_id
+"""
+
+_RELEASE_PURGE_CLAIM = "UPDATE media SET purge_claimed_until = NULL WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL"
+
+_STUCK = """
+WITH stuck AS (
+    SELECT media_id FROM media
+    WHERE processing_status IN ('pending', 'processing') AND deleted_at IS NULL
+      AND updated_at < now() - make_interval(secs => $2)
+      AND (next_attempt_at IS NULL OR next_attempt_at < now())
+    ORDER BY updated_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE media m SET
+    processing_status = CASE WHEN m.attempts >= $3 THEN 'failed' ELSE 'pending' END,
+    processing_error = CASE WHEN m.attempts >= $3 THEN 'processing did not finish' ELSE m.processing_error END,
+    updated_at = now()
+FROM stuck WHERE m.media_id = stuck.media_id
+RETURNING m.media_id, m.owner_id, m.variants_version, m.attempts, m.processing_status
+"""
+
+_PRUNE_EVENTS = """
+WITH old AS (
+    SELECT event_id FROM usage_events
+    WHERE received_at < now() - make_interval(secs => $2)
+    ORDER BY event_id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM usage_events e USING old WHERE e.event_id = old.event_id
+RETURNING e.event_id
+"""
+
+_HEAVY_RESERVATIONS = """
+SELECT a.user_id, a.quota_bytes, a.reserved_bytes, min(u.created_at) AS oldest_pending
+FROM accounts a JOIN uploads u ON u.user_id = a.user_id AND u.state = 'pending'
+WHERE a.reserved_bytes * 2 > a.quota_bytes
+GROUP BY a.user_id, a.quota_bytes, a.reserved_bytes
+HAVING min(u.created_at) < now() - make_interval(secs => $1)
+ORDER BY a.user_id
+LIMIT $2
+"""
+
+_OWNED = """
+SELECT k.key FROM unnest($1::text[]) AS k(key)
+WHERE EXISTS (SELECT 1 FROM uploads u WHERE u.object_key = k.key AND u.state = 'pending')
+   OR EXISTS (SELECT 1 FROM media m WHERE m.object_key = k.key AND m.purged_at IS NULL)
+   OR EXISTS (SELECT 1 FROM media_variants v WHERE v.object_key = k.key)
+"""
+
+_LIVE_ORIGINALS = """
+SELECT media_id, object_key FROM media
+WHERE deleted_at IS NULL AND processing_status <> 'failed' AND media_id > $1
+ORDER BY media_id
+LIMIT $2
+"""
+
+_MARK_ORIGINAL_MISSING = """
+UPDATE media SET processing_status = 'failed', processing_error = 'original missing', updated_at = now()
+WHERE media_id = $1 AND deleted_at IS NULL
+RETURNING owner_id
+"""
+
+
+@dataclass
+class Batch:
+    """What one batch changed; `rows` feeds the after-commit step (blob deletions, enqueues)."""
+
+    changed: int = 0
+    freed_bytes: int = 0
+    rows: list[asyncpg.Record] = field(default_factory=list)
+
+
+async def reclaim_stale_uploads(conn: asyncpg.Connection, batch_size: int, age_seconds: int) -> Batch:
+    rows = await conn.fetch(uploads.EXPIRE_DUE, batch_size, float(age_seconds))
+    return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
+
+
+async def expire_ephemeral_media(conn: asyncpg.Connection, batch_size: int, age_seconds: int) -> Batch:
+    rows = await conn.fetch(_EXPIRE_EPHEMERAL, batch_size, float(age_seconds))
+    return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
+
+
+async def claim_purge(conn: asyncpg.Connection, batch_size: int) -> Batch:
+    rows = await conn.fetch(_CLAIM_PURGE, batch_size, float(PURGE_CLAIM_SECONDS))
+    return Batch(len(rows), 0, rows)
+
+
+async def mark_purged(conn: asyncpg.Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
+    await conn.execute(_MARK_PURGED, media_ids)
+
+
+async def release_purge_claim(conn: asyncpg.Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
+    await conn.execute(_RELEASE_PURGE_CLAIM, media_ids)
+
+
+async def fail_stuck_processing(conn: asyncpg.Connection, batch_size: int, age_seconds: int, max_attempts: int) -> Batch:
+    rows = await conn.fetch(_STUCK, batch_size, float(age_seconds), max_attempts)
+    return Batch(len(rows), 0, rows)
+
+
+async def prune_telemetry(conn: asyncpg.Connection, batch_size: int, age_seconds: int) -> Batch:
+    rows = await conn.fetch(_PRUNE_EVENTS, batch_size, float(age_seconds))
+    return Batch(len(rows), 0, [])
+
+
+async def heavy_reservations(conn: asyncpg.Connection | asyncpg.Pool, age_seconds: int, limit: int) -> list[asyncpg.Record]:
+    """Accounts holding over half their quota in reservations for longer than age_seconds."""
+    return await conn.fetch(_HEAVY_RESERVATIONS, float(age_seconds), limit)
+
+
+async def owned_keys(conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> set[str]:
+    return {r["key"] for r in await conn.fetch(_OWNED, keys)}
+
+
+async def live_originals(
+    conn: asyncpg.Connection | asyncpg.Pool, after: uuid.UUID, limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(_LIVE_ORIGINALS, after, limit)
+
+
+async def mark_original_missing(conn: asyncpg.Connection | asyncpg.Pool, media_id: uuid.UUID) -> str | None:
+    return await conn.fetchval(_MARK_ORIGINAL_MISSING, media_id)
