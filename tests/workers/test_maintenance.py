@@ -300,11 +300,13 @@ async def test_saved_canaries_survive_every_job_run_by_two_workers(make_ctx, poo
     first, second = await make_ctx(), await make_ctx()
     blobs = first["blobs"]
     canaries = await seed_media(pool, blobs, f"{user_id}-canary", 20, retention="permanent", expired=True, saved=True)
-    candidates = await seed_media(pool, blobs, user_id, 1000, retention="ephemeral", expired=True)
+    candidates = await seed_media(pool, blobs, user_id, 2000, retention="ephemeral", expired=True)
     random.shuffle(candidates)
-    await soft_delete(pool, candidates[:200], 0)
+    await soft_delete(pool, candidates[:400], 0)
     for name in JOBS:
-        await asyncio.gather(run_job(first, name), run_job(second, name))
+        reports = await asyncio.gather(run_job(first, name), run_job(second, name))
+        assert all(r.errors == 0 for r in reports), name
+        assert await ledger.audit(pool) == [], f"books add up after {name}"
     for media_id in canaries:
         row = await pool.fetchrow("SELECT deleted_at, purged_at, processing_status FROM media WHERE media_id = $1", media_id)
         assert row["deleted_at"] is None and row["purged_at"] is None and row["processing_status"] == "complete"
