@@ -37,9 +37,10 @@ proto-check: proto
 	@test -z "$$(git status --porcelain --untracked-files=all -- $(GENERATED))" || \
 		(echo "generated files not committed: run make proto and commit" >&2; git status --short -- $(GENERATED); exit 1)
 
-## buf lint (STANDARD rules) on the protos.
-lint:
+## buf lint (STANDARD rules) on the protos, ruff on the Python.
+lint: $(INSTALLED)
 	npx --yes @bufbuild/buf lint
+	$(VENV)/bin/ruff check src workers tests bench
 
 ## Every benchmark in bench/, against a stack it starts itself, or TARGET=host:port.
 bench: $(INSTALLED)

@@ -26,8 +26,8 @@ from arq import Worker
 from mediavault.auth import Authenticator
 from mediavault.config import Settings
 from mediavault.db import migrate
-from mediavault.server import Server
 from mediavault.media.v1 import media_pb2_grpc
+from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
 from workers.settings import worker_settings
 

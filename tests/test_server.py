@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from google.protobuf import descriptor_pb2
 
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb

@@ -18,7 +18,6 @@ from workers.maintenance import JOBS, cron_task, job_config
 from workers.transcode import transcode_media
 
 
-
 def _schedule(every_minutes: int) -> dict[str, set[int]]:
     """arq cron fields for "every N minutes": N below an hour, whole hours, or once a day."""
     if every_minutes < 60:

@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -156,10 +156,10 @@ async def test_invalid_arguments_are_refused(store: BlobStore) -> None:
 
 
 async def test_sizes_and_modification_times(store: BlobStore) -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     objects = {original_key(): os.urandom(size) for size in (0, 1, 1000, 300_000)}
     await put_all(store, objects)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
 
     listed = await store.list_page("originals/", after=None, limit=10)
 
@@ -173,7 +173,7 @@ async def test_move_to_quarantine(store: BlobStore) -> None:
     kept, orphan = original_key(), original_key()
     await put_all(store, {kept: b"kept", orphan: b"orphaned bytes"})
     quarantined = check_key(f"quarantine/{orphan}")
-    moved_at = datetime.now(timezone.utc)
+    moved_at = datetime.now(UTC)
 
     await store.move(orphan, quarantined)
 

@@ -16,6 +16,7 @@ from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
 from tests.helpers import error_info, fake_jpeg, fetch, settled, upload
 
+
 async def test_photo_becomes_upright_variants_within_budget(storage, media, auth, user_id, worker):
     md = auth(user_id)
     data = (CORPUS / "images/formats/rommel.jpg").read_bytes()

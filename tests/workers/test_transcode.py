@@ -11,7 +11,6 @@ import time
 import uuid
 
 import grpc
-import pytest
 
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc

@@ -7,7 +7,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 
@@ -185,7 +185,7 @@ def _walk(directory: Path, key_prefix: str, after: str | None) -> Iterator[Liste
         except FileNotFoundError:
             # Deleted or moved since the scan; a listing is not a snapshot.
             continue
-        yield ListedObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc))
+        yield ListedObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=UTC))
 
 
 def _sort_name(entry: os.DirEntry[str]) -> str:

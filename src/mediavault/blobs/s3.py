@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterable, Iterator
-from datetime import timezone
+from datetime import UTC
 from typing import Any
 
 import aioboto3
@@ -227,7 +227,7 @@ class S3BlobStore:
                     **params, MaxKeys=min(limit - len(page), _MAX_LIST_KEYS)
                 )
                 page.extend(
-                    ListedObject(item["Key"], item["Size"], item["LastModified"].astimezone(timezone.utc))
+                    ListedObject(item["Key"], item["Size"], item["LastModified"].astimezone(UTC))
                     for item in response.get("Contents", [])
                 )
                 if not response["IsTruncated"]:

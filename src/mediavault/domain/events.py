@@ -108,6 +108,6 @@ async def record(pool: asyncpg.Pool, user_id: str, events: list[Event]) -> tuple
     now = datetime.now(UTC)
     rows = [row for row in (_accept(e, now) for e in events) if row is not None]
     if rows:
-        media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows))
+        media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
         await pool.execute(_INSERT, [user_id] * len(rows), media_ids, types, surfaces, times, metas)
     return len(rows), len(events) - len(rows)

@@ -7,12 +7,18 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
+from arq.connections import ArqRedis
 
 from mediavault import logs, metrics
 from mediavault.auth import Authenticator, Principal
+from mediavault.blobs import BlobStore
+from mediavault.config import Settings
+from mediavault.domain.feed import Feed
 from mediavault.errors import InternalError, MediavaultError
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
@@ -21,9 +27,16 @@ log = logging.getLogger("mediavault.rpc")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[Any]]
 
 
+@dataclass
 class Servicer:
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
+    """What every servicer is handed: the long-lived resources of the server process."""
+
+    authenticator: Authenticator
+    pool: asyncpg.Pool
+    blobs: BlobStore
+    settings: Settings
+    feed: Feed
+    queue: ArqRedis | None
 
 
 def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:

@@ -5,15 +5,11 @@ from __future__ import annotations
 import logging
 from datetime import UTC
 
-import asyncpg
-from arq.connections import ArqRedis
 from google.protobuf import json_format
 
 from mediavault import jobs, metrics
-from mediavault.auth import Authenticator, Principal
-from mediavault.blobs import BlobStore
-from mediavault.config import Settings
-from mediavault.domain import events, feed
+from mediavault.auth import Principal
+from mediavault.domain import events
 from mediavault.domain import media as media_domain
 from mediavault.media.v1 import media_pb2 as pb
 from mediavault.media.v1 import media_pb2_grpc
@@ -40,22 +36,6 @@ _EVENT_TYPES = {
 
 
 class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
-    def __init__(
-        self,
-        authenticator: Authenticator,
-        pool: asyncpg.Pool,
-        blobs: BlobStore,
-        settings: Settings,
-        feed_cache: feed.Feed,
-        queue: ArqRedis | None,
-    ) -> None:
-        super().__init__(authenticator)
-        self.pool = pool
-        self.blobs = blobs
-        self.settings = settings
-        self.feed = feed_cache
-        self.queue = queue
-
     async def _url(self, object_key: str, content_type: str) -> str:
         if self.settings.public_base_url:
             return f"{self.settings.public_base_url.rstrip('/')}/{object_key}"

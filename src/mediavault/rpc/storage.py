@@ -5,15 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-import asyncpg
-from arq.connections import ArqRedis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault import jobs
-from mediavault.auth import Authenticator, Principal
-from mediavault.blobs import BlobStore
-from mediavault.config import Settings
-from mediavault.domain import accounts, feed, purchases, uploads
+from mediavault.auth import Principal
+from mediavault.domain import accounts, purchases, uploads
 from mediavault.errors import InvalidArgument
 from mediavault.rpc.handler import Servicer, rpc
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -102,22 +98,6 @@ def account_pb(account: accounts.Account) -> pb.Account:
 
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
-    def __init__(
-        self,
-        authenticator: Authenticator,
-        pool: asyncpg.Pool,
-        blobs: BlobStore,
-        settings: Settings,
-        feed_cache: feed.Feed,
-        queue: ArqRedis | None,
-    ) -> None:
-        super().__init__(authenticator)
-        self.pool = pool
-        self.blobs = blobs
-        self.settings = settings
-        self.feed = feed_cache
-        self.queue = queue
-
     async def _media_created(self, upload: uploads.Upload) -> None:
         await jobs.enqueue_transcode(self.queue, upload.media_id, 0)
         await self.feed.changed(upload.user_id)
