@@ -89,6 +89,9 @@ def user_id() -> str:
 @pytest.fixture(scope="session")
 def make_settings(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     queue_name = f"mediavault-test:{uuid.uuid4().hex}"
+    # One blob dir for the run: every server it starts enqueues to the same queue, so the
+    # session worker must find their originals.
+    blob_dir = tmp_path_factory.mktemp("blobs")
 
     def make(**overrides) -> Settings:
         values = {
@@ -98,10 +101,12 @@ def make_settings(database_url: str, redis_url: str, tmp_path_factory: pytest.Te
             "grpc_addr": "127.0.0.1:0",
             "http_addr": "127.0.0.1:0",
             "blob_backend": "fs",
-            "blob_dir": tmp_path_factory.mktemp("blobs"),
+            "blob_dir": blob_dir,
             "jwt_secret": JWT_SECRET,
             "db_pool_max_size": 20,
             "shutdown_grace_seconds": 1.0,
+            # Suites that make hundreds of calls as one user; tests/test_ratelimit.py turns limits on.
+            "rate_limits": "off",
         }
         values.update(overrides)
         return Settings(**values)

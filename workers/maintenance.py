@@ -100,6 +100,7 @@ async def _feed_changed(ctx: dict[str, Any], owners: set[str]) -> None:
 
 
 async def _delete_upload_objects(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
+    metrics.UPLOAD_OUTCOMES.labels("expired", "EXPIRED").inc(len(rows))
     # A failed delete leaves an object no row owns any more: the orphan sweep takes it.
     await _delete_blobs(ctx, [r["object_key"] for r in rows], report)
 
@@ -199,6 +200,12 @@ async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConf
     for row in heavy:
         log.warning("reservations above half the quota", extra={"job": report.job, "user_id": row["user_id"],
                                                                  "reserved_bytes": row["reserved_bytes"], "quota_bytes": row["quota_bytes"]})
+    totals = await ctx["pool"].fetchrow(
+        "SELECT coalesce(sum(quota_bytes), 0)::bigint AS quota, coalesce(sum(used_bytes), 0)::bigint AS used, "
+        "coalesce(sum(reserved_bytes), 0)::bigint AS reserved FROM accounts"
+    )
+    for kind in ("quota", "used", "reserved"):
+        metrics.STORAGE_BYTES.labels(kind).set(totals[kind])
     metrics.LEDGER_MISMATCHES.set(len(mismatches))
     metrics.HEAVY_RESERVATIONS.set(len(heavy))
     report.scanned = len(mismatches) + len(heavy)
@@ -317,6 +324,13 @@ async def run_job(ctx: dict[str, Any], name: str, *, dry_run: bool = False) -> R
             metrics.JOB_LAST_SUCCESS.labels(name).set_to_current_time()
     log.info("job run", extra={**dataclasses.asdict(report), "outcome": outcome})
     return report
+
+
+async def observe_queue(ctx: dict[str, Any]) -> int:
+    """Exports how many jobs wait in the queue (arq keeps them in a sorted set)."""
+    depth = await ctx["redis"].zcard(ctx["settings"].queue_name)
+    metrics.QUEUE_DEPTH.set(depth)
+    return depth
 
 
 def cron_task(name: str) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:

@@ -8,13 +8,14 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
+from mediavault import metrics
 from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
 from mediavault.db import create_pool
 from mediavault.domain import media as media_domain
 from mediavault.domain.feed import Feed
 from mediavault.imaging import DEFAULT_LIMITS, Transcoder
-from workers.maintenance import JOBS, cron_task, job_config
+from workers.maintenance import JOBS, cron_task, job_config, observe_queue
 from workers.transcode import transcode_media
 
 
@@ -30,12 +31,13 @@ def _schedule(every_minutes: int) -> dict[str, set[int]]:
 def cron_jobs(settings: Settings) -> list:
     # unique=True only keeps one replica's clock from starting a run twice; the batches'
     # row locks are what make concurrent runs on many replicas split the work.
-    return [
+    cleanup = [
         cron(cron_task(name), name=f"cron:{name}", unique=True, timeout=settings.job_timeout_seconds,
              **_schedule(job_config(settings, name).every_minutes))
         for name in JOBS
         if job_config(settings, name).enabled
     ]
+    return [*cleanup, cron(observe_queue, name="cron:observe_queue", second={0, 15, 30, 45})]
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -43,6 +45,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = await create_pool(settings)
     ctx["blobs"] = await open_blob_store(settings)
     ctx["feed"] = Feed(ctx["pool"], ctx["redis"], settings.feed_cache_ttl)
+    if settings.metrics_addr:
+        ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
     ctx["transcoder"] = Transcoder(
         workers=settings.transcode_workers or None,
         limits=dataclasses.replace(DEFAULT_LIMITS, job_timeout_seconds=settings.transcode_timeout_seconds),
@@ -52,6 +56,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def shutdown(ctx: dict[str, Any]) -> None:
     if "transcoder" in ctx:
         await ctx["transcoder"].close()
+    if "metrics" in ctx:
+        ctx["metrics"].close()
     if "blobs" in ctx:
         await ctx["blobs"].close()
     if "pool" in ctx:

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(default=10, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
+    rate_limits: Literal["on", "off"] = "on"
+    rate_limit_redis_down_policy: Literal["reads-open", "open", "closed"] = "reads-open"
+    rate_limit_reload_seconds: float = Field(default=5.0, gt=0)
+    health_probe_seconds: float = Field(default=2.0, gt=0)
+    trusted_proxies: tuple[str, ...] = ()
+    rate_limit_auto_freeze_refusals: int = Field(default=0, ge=0)
+    rate_limit_auto_freeze_window_seconds: int = Field(default=3600, gt=0)
     jobs: JobsConfig = JobsConfig()
 
     @property

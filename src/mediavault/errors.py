@@ -12,6 +12,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── AccountFrozen         ACCOUNT_FROZEN
     ├── UploadNotPending      UPLOAD_NOT_PENDING      finalize/fail of a finished upload
     ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters
+    ├── RateLimited           RATE_LIMIT_EXCEEDED     carries the delay and the quota that was hit
     ├── VerificationFailed    OBJECT_MISSING | SIZE_MISMATCH | CHECKSUM_MISMATCH | UNSUPPORTED_MEDIA_TYPE
     └── InternalError         INTERNAL_ERROR          anything unexpected; details stay in the logs
 
@@ -78,6 +79,16 @@ class UploadNotPending(MediavaultError):
 
 class IdempotencyConflict(MediavaultError):
     reason = "IDEMPOTENCY_CONFLICT"
+
+
+class RateLimited(MediavaultError):
+    reason = "RATE_LIMIT_EXCEEDED"
+
+    def __init__(self, retry_after_seconds: int, subject: str, description: str) -> None:
+        super().__init__(f"rate limit exceeded; retry in {retry_after_seconds} s", retry_after_seconds=str(retry_after_seconds))
+        self.retry_after_seconds = retry_after_seconds
+        self.subject = subject
+        self.description = description
 
 
 VERIFICATION_REASONS = frozenset({"OBJECT_MISSING", "SIZE_MISMATCH", "CHECKSUM_MISMATCH", "UNSUPPORTED_MEDIA_TYPE"})

@@ -46,3 +46,10 @@ LEDGER_MISMATCHES = Gauge("mediavault_ledger_mismatches", "Account figures that 
 HEAVY_RESERVATIONS = Gauge(
     "mediavault_heavy_reservation_accounts", "Accounts holding over half their quota in reservations for over the threshold"
 )
+UPLOAD_OUTCOMES = Counter("mediavault_upload_outcomes_total", "Uploads that ended, by outcome and reason", ["outcome", "reason"])
+STORAGE_BYTES = Gauge("mediavault_storage_bytes", "Bytes across all accounts at the last audit", ["kind"])
+QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in the arq queue")
+RATE_LIMIT_DECISIONS = Counter(
+    "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
+)
+HEALTH_DATABASE = Gauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL")

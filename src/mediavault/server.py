@@ -24,6 +24,7 @@ from mediavault.config import Settings
 from mediavault.db import create_pool as create_db_pool
 from mediavault.domain.feed import Feed
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
+from mediavault.ratelimit import RateLimiter
 from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
 from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -57,6 +58,8 @@ class Server:
         self._shutdown: asyncio.Future[None] | None = None
         self.metrics: metrics.MetricsEndpoint | None = None
         self.queue: ArqRedis | None = None
+        self.limiter: RateLimiter | None = None
+        self._background: list[asyncio.Task] = []
 
     async def startup(self) -> None:
         settings = self.settings
@@ -80,12 +83,19 @@ class Server:
         if settings.redis_url:
             self.queue = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
         feed_cache = Feed(self.pool, self.queue, settings.feed_cache_ttl)
-        storage_pb2_grpc.add_StorageServiceServicer_to_server(
-            StorageServicer(authenticator, self.pool, self.blobs, settings, feed_cache, self.queue), self.grpc_server
+        self.limiter = RateLimiter(
+            self.queue,
+            self.pool,
+            redis_down_policy=settings.rate_limit_redis_down_policy,
+            trusted_proxies=settings.trusted_proxies,
+            auto_freeze_refusals=settings.rate_limit_auto_freeze_refusals,
+            auto_freeze_window_seconds=settings.rate_limit_auto_freeze_window_seconds,
+            free_quota_bytes=settings.free_quota_bytes,
         )
-        media_pb2_grpc.add_MediaServiceServicer_to_server(
-            MediaServicer(authenticator, self.pool, self.blobs, settings, feed_cache, self.queue), self.grpc_server
-        )
+        await self.limiter.reload()
+        resources = (authenticator, self.pool, self.blobs, settings, feed_cache, self.queue, self.limiter)
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(*resources), self.grpc_server)
+        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(*resources), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
@@ -100,8 +110,11 @@ class Server:
         if settings.metrics_addr:
             self.metrics = metrics.MetricsEndpoint(settings.metrics_addr)
 
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        self._background = [
+            asyncio.create_task(self.limiter.run_reloads(settings.rate_limit_reload_seconds)),
+            asyncio.create_task(self._probe_database()),
+        ]
         log.info(
             "server started",
             extra={"grpc_port": self.grpc_port, "http_port": self.http_port, "blob_backend": settings.blob_backend},
@@ -138,8 +151,32 @@ class Server:
             self._shutdown = asyncio.ensure_future(self._drain_and_close(grace))
         await asyncio.shield(self._shutdown)
 
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _probe_database(self) -> None:
+        """Health follows PostgreSQL: NOT_SERVING while it cannot be reached, so balancers route around."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.health_probe_seconds)
+            try:
+                async with asyncio.timeout(self.settings.health_probe_seconds):
+                    await self.pool.fetchval("SELECT 1")
+                reachable = True
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                reachable = False
+            metrics.HEALTH_DATABASE.set(1 if reachable else 0)
+            if reachable != serving and not self._stopped.is_set():
+                serving = reachable
+                await self._set_health(serving)
+                log.warning("database reachable" if serving else "database unreachable: NOT_SERVING")
+
     async def _drain_and_close(self, grace: float) -> None:
         self._stopped.set()
+        for task in self._background:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)

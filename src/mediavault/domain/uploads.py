@@ -298,7 +298,10 @@ async def release(
 ) -> Upload | None:
     """Moves a pending upload to failed/expired and frees its reservation; None if it was not pending."""
     row = await pool.fetchrow(_RELEASE, upload_id, state, reason, detail)
-    return Upload(**row) if row else None
+    if row is None:
+        return None
+    metrics.UPLOAD_OUTCOMES.labels(state, reason).inc()
+    return Upload(**row)
 
 
 async def _delete_quietly(blobs: BlobStore, key: str) -> None:
@@ -355,6 +358,7 @@ async def finalize(
         if current.state == "pending":
             await _expire_if_lapsed(pool, blobs, current)
         return await _settled(pool, principal, upload_id)
+    metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
     return Upload(**row)
 
 

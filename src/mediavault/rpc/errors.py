@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from mediavault.errors import InvalidArgument, MediavaultError
+from mediavault.errors import InvalidArgument, MediavaultError, RateLimited
 
 DOMAIN = "mediavault"
 
@@ -52,6 +52,15 @@ def to_status(error: MediavaultError) -> tuple[grpc.StatusCode, str, bytes]:
                         error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
                         for v in error.violations
                     ]
+                )
+            )
+        )
+    if isinstance(error, RateLimited):
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after_seconds))))
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.description)]
                 )
             )
         )

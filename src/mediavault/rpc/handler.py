@@ -19,7 +19,8 @@ from mediavault.auth import Authenticator, Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
 from mediavault.domain.feed import Feed
-from mediavault.errors import InternalError, MediavaultError
+from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, Unauthenticated
+from mediavault.ratelimit import WRITES, RateLimiter
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
 log = logging.getLogger("mediavault.rpc")
@@ -37,11 +38,43 @@ class Servicer:
     settings: Settings
     feed: Feed
     queue: ArqRedis | None
+    limiter: RateLimiter
+
+    async def _admit(self, rpc_name: str, metadata, context: grpc.aio.ServicerContext) -> Principal:
+        """Authenticates the caller, applies its rate limit and refuses writes by frozen accounts."""
+        limiter = self.limiter
+        try:
+            principal = self.authenticator.authenticate(metadata)
+        except Unauthenticated:
+            if self.settings.rate_limits == "on":
+                forwarded = next((v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)), None)
+                address = limiter.client_address(context.peer(), forwarded)
+                await self._limit(rpc_name, address, "anonymous", context)
+            raise
+        privileged = principal.has_any("service", "admin")
+        if self.settings.rate_limits == "on":
+            await self._limit(rpc_name, principal.user_id, "service" if privileged else "user", context)
+        if not privileged and rpc_name in WRITES and principal.user_id in limiter.frozen:
+            raise AccountFrozen("account is frozen")
+        return principal
+
+    async def _limit(self, rpc_name: str, subject: str, scope: str, context: grpc.aio.ServicerContext) -> None:
+        decision = await self.limiter.check(rpc_name, subject, scope)
+        if decision is None:
+            return
+        await context.send_initial_metadata(decision.metadata())
+        if not decision.allowed:
+            raise RateLimited(
+                decision.retry_after_seconds,
+                f"{scope}:{subject}",
+                f"{rpc_name}: {decision.limit} calls per {'second' if decision.layer == 'burst' else 'hour'}",
+            )
 
 
 def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
     def decorate(method: Handler):
         name = method.__name__
+        rpc_name = f"{service}/{name}"
 
         @functools.wraps(method)
         async def handle(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -54,13 +87,13 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             failure: MediavaultError | None = None
             try:
                 context.set_trailing_metadata((("x-request-id", request_id),))
-                principal = self.authenticator.authenticate(metadata)
+                principal = await self._admit(rpc_name, metadata, context)
                 user_id = principal.user_id
                 return await method(self, request, context, principal)
             except MediavaultError as exc:
                 failure = exc
             except Exception:
-                log.exception("unhandled error", extra={"rpc": f"{service}/{name}"})
+                log.exception("unhandled error", extra={"rpc": rpc_name})
                 failure = InternalError("internal error")
             finally:
                 elapsed = time.perf_counter() - started
@@ -71,7 +104,7 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                     log.info(
                         "rpc",
                         extra={
-                            "rpc": f"{service}/{name}",
+                            "rpc": rpc_name,
                             "outcome": outcome,
                             "user_id": user_id,
                             "duration_ms": round(elapsed * 1000, 2),

@@ -1,0 +1,237 @@
+"""Rate limits per (caller, RPC): an in-process burst limiter, then a sustained GCRA limit in Redis.
+
+The burst layer is a token bucket per caller and RPC in this process: it costs no network
+hop and keeps working when Redis does not. The sustained layer is one atomic Lua script on
+Redis's own clock, so its limit holds across any number of server processes. Limits live in
+the ``rate_limit_config`` table and are reloaded every few seconds, with the set of frozen
+accounts, so operators change both without a restart.
+
+When Redis is unreachable the sustained layer follows MEDIAVAULT_RATE_LIMIT_REDIS_DOWN_POLICY:
+``reads-open`` (default) lets reads through and refuses uploads and other writes, ``open`` lets
+everything through, ``closed`` refuses everything. Every decision is counted in
+``mediavault_rate_limit_decisions_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from mediavault import metrics
+from mediavault.domain import accounts
+
+log = logging.getLogger(__name__)
+
+WRITES = frozenset({
+    "StorageService/BeginUpload", "StorageService/FinalizeUpload", "StorageService/FailUpload",
+    "StorageService/UploadContent", "MediaService/DeleteMedia", "MediaService/SaveMedia",
+    "MediaService/ReprocessMedia", "MediaService/RecordEvents",
+})
+_BUCKETS_KEPT = 100_000
+
+# GCRA: every allowed call pushes the theoretical arrival time (TAT) one emission interval
+# (an hour / limit) further; a call is allowed while TAT - now stays within the burst
+# tolerance, which here is the whole hourly limit.
+_GCRA = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - tolerance - interval
+if now < allow_at then
+    return {0, 0, tat - now, allow_at - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+return {1, math.floor((tolerance + interval - (new_tat - now)) / interval), new_tat - now, 0}
+"""
+
+
+@dataclass(frozen=True)
+class Limit:
+    per_hour: int
+    burst_per_second: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+    retry_after_seconds: int
+    layer: str
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        pairs = [
+            ("ratelimit-limit", str(self.limit)),
+            ("ratelimit-remaining", str(self.remaining)),
+            ("ratelimit-reset", str(self.reset_seconds)),
+        ]
+        if not self.allowed:
+            pairs.append(("retry-after", str(self.retry_after_seconds)))
+        return tuple(pairs)
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.tokens = capacity
+        self.updated = now
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: Redis | None,
+        pool: asyncpg.Pool,
+        *,
+        redis_down_policy: str = "reads-open",
+        trusted_proxies: tuple[str, ...] = (),
+        auto_freeze_refusals: int = 0,
+        auto_freeze_window_seconds: int = 3600,
+        free_quota_bytes: int = 0,
+    ) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.redis_down_policy = redis_down_policy
+        self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+        self.auto_freeze_refusals = auto_freeze_refusals
+        self.auto_freeze_window_seconds = auto_freeze_window_seconds
+        self.free_quota_bytes = free_quota_bytes
+        self.limits: dict[tuple[str, str], Limit] = {}
+        self.frozen: frozenset[str] = frozenset()
+        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+        self._script_sha: str | None = None
+
+    async def reload(self) -> None:
+        """Reads the limits and the frozen accounts; called at start-up and every few seconds."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT method, scope, per_hour, burst_per_second FROM rate_limit_config")
+            frozen = await conn.fetch("SELECT user_id FROM accounts WHERE frozen")
+        self.limits = {(r["method"], r["scope"]): Limit(r["per_hour"], r["burst_per_second"]) for r in rows}
+        self.frozen = frozenset(r["user_id"] for r in frozen)
+
+    async def run_reloads(self, every_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.reload()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                log.warning("rate limit config reload failed; keeping the previous one", exc_info=True)
+
+    def limit_for(self, method: str, scope: str) -> Limit | None:
+        return self.limits.get((method, scope)) or self.limits.get(("*", scope))
+
+    def client_address(self, peer: str, forwarded_for: str | None) -> str:
+        """The caller's address: the peer, or the first x-forwarded-for hop when the peer is a trusted proxy."""
+        address = _peer_address(peer)
+        if forwarded_for and self.trusted_proxies:
+            try:
+                peer_ip = ipaddress.ip_address(address)
+            except ValueError:
+                return address
+            if any(peer_ip in network for network in self.trusted_proxies):
+                return forwarded_for.split(",")[0].strip() or address
+        return address
+
+    async def check(self, method: str, subject: str, scope: str) -> Decision | None:
+        """None when the caller is not limited for this method (exempt roles without own limits)."""
+        limit = self.limit_for(method, scope)
+        if limit is None:
+            return None
+        burst = self._burst(method, subject, limit)
+        if burst is not None:
+            metrics.RATE_LIMIT_DECISIONS.labels(method, "burst", "refused").inc()
+            return burst
+        decision = await self._sustained(method, subject, limit)
+        metrics.RATE_LIMIT_DECISIONS.labels(method, decision.layer, "allowed" if decision.allowed else "refused").inc()
+        if not decision.allowed and self.auto_freeze_refusals and scope == "user":
+            await self._count_refusal(subject)
+        return decision
+
+    def _burst(self, method: str, subject: str, limit: Limit) -> Decision | None:
+        now = time.monotonic()
+        key = (method, subject)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(limit.burst_per_second, now)
+            if len(self._buckets) > _BUCKETS_KEPT:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket.tokens = min(limit.burst_per_second, bucket.tokens + (now - bucket.updated) * limit.burst_per_second)
+            bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return None
+        wait = (1 - bucket.tokens) / limit.burst_per_second
+        return Decision(False, limit.burst_per_second, 0, 1, max(1, math.ceil(wait)), "burst")
+
+    async def _sustained(self, method: str, subject: str, limit: Limit) -> Decision:
+        interval_ms = 3_600_000 / limit.per_hour
+        tolerance_ms = interval_ms * (limit.per_hour - 1)
+        key = f"rl:{method}:{subject}"
+        try:
+            allowed, remaining, reset_ms, retry_ms = await self._eval(key, interval_ms, tolerance_ms)
+        except (RedisError, OSError):
+            return self._redis_down(method, limit)
+        return Decision(
+            bool(allowed), limit.per_hour, int(remaining), math.ceil(reset_ms / 1000),
+            max(1, math.ceil(retry_ms / 1000)) if not allowed else 0, "sustained",
+        )
+
+    async def _eval(self, key: str, interval_ms: float, tolerance_ms: float) -> list[int]:
+        if self.redis is None:
+            raise RedisError("no Redis configured")
+        if self._script_sha is None:
+            self._script_sha = await self.redis.script_load(_GCRA)
+        try:
+            return await self.redis.evalsha(self._script_sha, 1, key, interval_ms, tolerance_ms)
+        except NoScriptError:
+            # Redis restarted and lost its script cache.
+            self._script_sha = await self.redis.script_load(_GCRA)
+            return await self.redis.evalsha(self._script_sha, 1, key, interval_ms, tolerance_ms)
+
+    def _redis_down(self, method: str, limit: Limit) -> Decision:
+        refuse = self.redis_down_policy == "closed" or (self.redis_down_policy == "reads-open" and method in WRITES)
+        decision = "fail_closed" if refuse else "fail_open"
+        metrics.RATE_LIMIT_DECISIONS.labels(method, "sustained", decision).inc()
+        metrics.REDIS_FALLBACKS.labels("rate_limit").inc()
+        return Decision(not refuse, limit.per_hour, 0, 1, 1 if refuse else 0, f"redis_down_{decision}")
+
+    async def _count_refusal(self, user_id: str) -> None:
+        key = f"rl:refusals:{user_id}"
+        try:
+            refusals = await self.redis.incr(key)
+            if refusals == 1:
+                await self.redis.expire(key, self.auto_freeze_window_seconds)
+        except (RedisError, OSError):
+            return
+        if refusals == self.auto_freeze_refusals:
+            reason = f"automatic: {refusals} rate-limit refusals within {self.auto_freeze_window_seconds} s"
+            await accounts.freeze(self.pool, user_id, reason, self.free_quota_bytes)
+            self.frozen = self.frozen | {user_id}
+            log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
+
+
+def _peer_address(peer: str) -> str:
+    # grpc peers look like "ipv4:1.2.3.4:5678" or "ipv6:[::1]:5678".
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer

