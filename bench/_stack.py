@@ -43,6 +43,7 @@ STOP_TIMEOUT_S = 20.0
 class Stack(NamedTuple):
     target: str
     jwt_secret: str
+    database_url: str
 
 
 def _log(message: str) -> None:
@@ -180,6 +181,8 @@ def bench_stack(
                 "MEDIAVAULT_LOG_LEVEL": log_level,
                 "MEDIAVAULT_SHUTDOWN_GRACE_SECONDS": "2",
                 "MEDIAVAULT_QUEUE_NAME": f"mediavault-bench:{secrets.token_hex(6)}",
+                # Benchmarks drive one user far past any real limit; ratelimit_overhead.py turns them on.
+                "MEDIAVAULT_RATE_LIMITS": "off",
             }
         )
         env.update(extra_env or {})
@@ -213,7 +216,7 @@ def bench_stack(
             time.sleep(0.1)
         _log(f"server pid {process.pid} SERVING on {target} (log level {log_level})")
         try:
-            yield Stack(target, jwt_secret)
+            yield Stack(target, jwt_secret, database_url)
         finally:
             if process.poll() is not None:
                 _log(f"server exited early with {process.returncode}:\n{_tail(log_path)}")

@@ -84,9 +84,11 @@ class IdempotencyConflict(MediavaultError):
 class RateLimited(MediavaultError):
     reason = "RATE_LIMIT_EXCEEDED"
 
-    def __init__(self, retry_after_seconds: int, subject: str, description: str) -> None:
-        super().__init__(f"rate limit exceeded; retry in {retry_after_seconds} s", retry_after_seconds=str(retry_after_seconds))
-        self.retry_after_seconds = retry_after_seconds
+    def __init__(self, decision, subject: str, description: str) -> None:
+        retry = decision.retry_after_seconds
+        super().__init__(f"rate limit exceeded; retry in {retry} s", retry_after_seconds=str(retry))
+        self.decision = decision
+        self.retry_after_seconds = retry
         self.subject = subject
         self.description = description
 

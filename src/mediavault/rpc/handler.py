@@ -40,8 +40,14 @@ class Servicer:
     queue: ArqRedis | None
     limiter: RateLimiter
 
-    async def _admit(self, rpc_name: str, metadata, context: grpc.aio.ServicerContext) -> Principal:
-        """Authenticates the caller, applies its rate limit and refuses writes by frozen accounts."""
+    async def _admit(
+        self, rpc_name: str, metadata, context: grpc.aio.ServicerContext
+    ) -> tuple[Principal, tuple[tuple[str, str], ...]]:
+        """Authenticates the caller, applies its rate limit and refuses writes by frozen accounts.
+
+        Returns the caller and the rate-limit response metadata. It travels in the trailers,
+        with the request id, so that a limited call costs no extra metadata round.
+        """
         limiter = self.limiter
         try:
             principal = self.authenticator.authenticate(metadata)
@@ -49,26 +55,27 @@ class Servicer:
             if self.settings.rate_limits == "on":
                 forwarded = next((v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)), None)
                 address = limiter.client_address(context.peer(), forwarded)
-                await self._limit(rpc_name, address, "anonymous", context)
+                await self._limit(rpc_name, address, "anonymous")
             raise
         privileged = principal.has_any("service", "admin")
+        limits: tuple[tuple[str, str], ...] = ()
         if self.settings.rate_limits == "on":
-            await self._limit(rpc_name, principal.user_id, "service" if privileged else "user", context)
+            limits = await self._limit(rpc_name, principal.user_id, "service" if privileged else "user")
         if not privileged and rpc_name in WRITES and principal.user_id in limiter.frozen:
             raise AccountFrozen("account is frozen")
-        return principal
+        return principal, limits
 
-    async def _limit(self, rpc_name: str, subject: str, scope: str, context: grpc.aio.ServicerContext) -> None:
+    async def _limit(self, rpc_name: str, subject: str, scope: str) -> tuple[tuple[str, str], ...]:
         decision = await self.limiter.check(rpc_name, subject, scope)
         if decision is None:
-            return
-        await context.send_initial_metadata(decision.metadata())
+            return ()
         if not decision.allowed:
             raise RateLimited(
-                decision.retry_after_seconds,
+                decision,
                 f"{scope}:{subject}",
                 f"{rpc_name}: {decision.limit} calls per {'second' if decision.layer == 'burst' else 'hour'}",
             )
+        return decision.metadata()
 
 
 def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
@@ -86,8 +93,9 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             user_id = None
             failure: MediavaultError | None = None
             try:
-                context.set_trailing_metadata((("x-request-id", request_id),))
-                principal = await self._admit(rpc_name, metadata, context)
+                principal, limits = await self._admit(rpc_name, metadata, context)
+                trailers = (("x-request-id", request_id), *limits)
+                context.set_trailing_metadata(trailers)
                 user_id = principal.user_id
                 return await method(self, request, context, principal)
             except MediavaultError as exc:
@@ -113,7 +121,10 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                     )
                 logs.request_id.reset(token)
             code, message, status = to_status(failure)
-            await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, status), ("x-request-id", request_id)))
+            limits = failure.decision.metadata() if isinstance(failure, RateLimited) else ()
+            await context.abort(
+                code, message, trailing_metadata=((STATUS_DETAILS_KEY, status), ("x-request-id", request_id), *limits)
+            )
 
         return handle
 
