@@ -29,3 +29,17 @@ async def test_request_id_is_echoed_in_trailers(storage, auth, user_id):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("x-request-id", "def-456"),))
     assert ("x-request-id", "def-456") in tuple(caught.value.trailing_metadata())
+
+
+async def test_tokens_never_reach_the_logs(storage, auth, user_id, caplog):
+    import logging
+
+    md = auth(user_id)
+    token = md[0][1].split(" ", 1)[1]
+    with caplog.at_level(logging.DEBUG):
+        await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("authorization", f"Bearer {token}x"),))
+    lines = [logs.JsonFormatter().format(record) for record in caplog.records]
+    assert any('"rpc": "StorageService/GetStorageSummary"' in line for line in lines)
+    assert not any(token in line for line in lines)

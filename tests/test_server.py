@@ -89,3 +89,33 @@ async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="OK",service="StorageService"}' in text
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="UNAUTHORIZED",service="StorageService"}' in text
     assert "mediavault_rpc_duration_seconds_bucket" in text
+
+
+async def test_health_follows_postgres(make_settings, tmp_path):
+    import pgserver
+
+    from mediavault.db import migrate
+
+    data_dir = tmp_path / "pg"
+    postgres = pgserver.get_server(data_dir, cleanup_mode="stop")
+    try:
+        await migrate(postgres.get_uri())
+        settings = make_settings(database_url=postgres.get_uri(), health_probe_seconds=0.2, db_pool_min_size=1)
+        async with running(settings) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+
+                async def becomes(expected: int) -> None:
+                    for _ in range(100):
+                        if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
+                            return
+                        await asyncio.sleep(0.1)
+                    raise AssertionError(f"health never became {expected}")
+
+                await becomes(health_pb2.HealthCheckResponse.SERVING)
+                await asyncio.to_thread(postgres.cleanup)
+                await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+                postgres = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
+                await becomes(health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        postgres.cleanup()
