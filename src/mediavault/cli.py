@@ -124,7 +124,8 @@ async def _run_job_once(settings: Settings, name: str, dry_run: bool):
     from workers.settings import shutdown, startup
 
     redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
-    ctx = {"settings": settings, "redis": redis}
+    # A one-off run next to a worker must not compete for the worker's metrics port.
+    ctx = {"settings": settings.model_copy(update={"metrics_addr": ""}), "redis": redis}
     try:
         await startup(ctx)
         return await run_job(ctx, name, dry_run=dry_run)

@@ -1,0 +1,804 @@
+"""deploy/: the compose file, Prometheus rules and the Grafana dashboard, checked against the code.
+
+No Docker engine or promtool runs here, so the checks are structural, against the real
+thing wherever there is one: compose commands are parsed by the CLI's own parser and run
+(migrate) or probed (the healthchecks, against a running server and worker); every
+MEDIAVAULT_* variable goes through Settings; every metric a rule or panel names is looked
+up in the prometheus_client registry that mediavault.metrics fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic import BaseModel, SecretStr
+
+from mediavault import cli
+from mediavault import metrics as mediavault_metrics
+from mediavault.config import Settings
+from workers.maintenance import JOBS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROMETHEUS_FILE = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS_FILE = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD_FILE = DEPLOY / "grafana" / "mediavault.json"
+
+# What a user must export before `docker compose up`; anything else has a default.
+REQUIRED_VARIABLES = {"MEDIAVAULT_JWT_SECRET"}
+COMPOSE_ENV = {"MEDIAVAULT_JWT_SECRET": "compose-test-secret-0123456789-abcdefghij"}
+
+# The services built from our Dockerfile and the CLI subcommand each runs.
+OUR_SERVICES = {"migrate": ["migrate"], "server": ["serve"], "worker": ["worker"]}
+
+FIVE_ALERTS = {
+    "MediavaultUploadSuccessRateLow",
+    "MediavaultHeavyReservations",
+    "MediavaultTranscodeFailureRate",
+    "MediavaultCronJobNotRun",
+    "MediavaultLedgerAuditFailed",
+}
+
+
+# --- compose interpolation -----------------------------------------------------------------
+
+_INTERPOLATION = re.compile(
+    r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)|\$"
+)
+
+
+class MissingVariable(Exception):
+    pass
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable substitution ($$, $VAR, ${VAR}, ${VAR:-default}, ${VAR:?error}, and the forms without ':')."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text == "$$":
+            return "$"
+        if text == "$":
+            raise ValueError(f"a lone '$' in {value!r}: write '$$' for a literal dollar")
+        name = match.group("braced") or match.group("bare")
+        op, arg = match.group("op"), match.group("arg") or ""
+        current = env.get(name)
+        unset = current is None or (op is not None and op.startswith(":") and current == "")
+        if op in (":-", "-"):
+            return arg if unset else current
+        if op in (":?", "?"):
+            if unset:
+                raise MissingVariable(f"{name}: {arg}")
+            return current
+        return current or ""
+
+    return _INTERPOLATION.sub(substitute, value)
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def raw_compose() -> dict[str, Any]:
+    return load_yaml(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def compose(raw_compose) -> dict[str, Any]:
+    return interpolate(raw_compose, COMPOSE_ENV)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def mediavault_env(service: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k, v in environment_of(service).items() if k.startswith("MEDIAVAULT_")}
+
+
+def port_of(addr: str) -> int:
+    return int(addr.rpartition(":")[2])
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[int | None, int]]:
+    """(host port, container port) pairs, short or long syntax."""
+    pairs = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            published = entry.get("published")
+            pairs.append((int(published) if published is not None else None, int(entry["target"])))
+            continue
+        spec = str(entry).split("/")[0]
+        parts = spec.split(":")
+        assert all(part.isdigit() for part in parts[-2:]), f"port ranges are not used here: {entry!r}"
+        pairs.append((int(parts[-2]) if len(parts) >= 2 else None, int(parts[-1])))
+    return pairs
+
+
+# --- compose -------------------------------------------------------------------------------
+
+TOP_LEVEL_KEYS = {"name", "services", "volumes", "networks", "configs", "secrets", "include"}
+# Service keys of the Compose Specification (the common ones; extend when a new one is needed): catches typos
+# such as `depend_on`, which compose would reject and which no engine here can show.
+SERVICE_KEYS = {
+    "annotations", "attach", "build", "cap_add", "cap_drop", "command", "configs", "container_name", "cpus",
+    "depends_on", "deploy", "develop", "devices", "dns", "entrypoint", "env_file", "environment", "expose", "extends",
+    "extra_hosts", "group_add", "healthcheck", "hostname", "image", "init", "ipc", "labels", "logging", "mem_limit",
+    "network_mode", "networks", "pid", "platform", "ports", "privileged", "profiles", "pull_policy", "read_only",
+    "restart", "runtime", "scale", "secrets", "security_opt", "shm_size", "stdin_open", "stop_grace_period",
+    "stop_signal", "sysctls", "tmpfs", "tty", "ulimits", "user", "volumes", "working_dir",
+}
+HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "start_interval", "disable"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+COMPOSE_DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
+
+
+def test_compose_parses_with_only_known_keys(raw_compose):
+    assert isinstance(raw_compose, dict)
+    unknown = {k for k in raw_compose if k not in TOP_LEVEL_KEYS and not k.startswith("x-")}
+    assert not unknown, f"unknown top-level keys {unknown}"
+    for name, service in raw_compose["services"].items():
+        assert not set(service) - SERVICE_KEYS, f"{name}: unknown keys {set(service) - SERVICE_KEYS}"
+        if "restart" in service:
+            assert re.fullmatch(r"no|always|unless-stopped|on-failure(:\d+)?", service["restart"]), name
+        for key in ("stop_grace_period",):
+            if key in service:
+                assert COMPOSE_DURATION.match(service[key]), f"{name}.{key}"
+
+
+def test_compose_has_the_whole_stack(services):
+    assert set(services) >= {"postgres", "redis", "minio", "createbucket", "migrate", "server", "worker", "prometheus", "grafana"}
+    assert services["postgres"]["image"] == "postgres:15"
+    assert services["redis"]["image"].startswith("redis:7")
+    assert services["minio"]["image"].startswith("minio/minio")
+    assert services["createbucket"]["image"].startswith("minio/mc")
+    # The monitoring stack is optional: it only starts with --profile monitoring.
+    for optional in ("prometheus", "grafana"):
+        assert services[optional].get("profiles") == ["monitoring"]
+    for core in ("postgres", "redis", "minio", "createbucket", "migrate", "server", "worker"):
+        assert "profiles" not in services[core], f"{core} must start without a profile"
+
+
+def test_a_missing_jwt_secret_stops_compose_with_a_message(raw_compose):
+    with pytest.raises(MissingVariable, match="MEDIAVAULT_JWT_SECRET: set MEDIAVAULT_JWT_SECRET"):
+        interpolate(raw_compose, {})
+    # Nothing else is required: every other variable has a default.
+    interpolate(raw_compose, {name: "x" * 40 for name in REQUIRED_VARIABLES})
+
+
+def test_every_service_has_an_image_or_our_build(services):
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        if "build" not in service:
+            assert re.fullmatch(r"[a-z0-9./_-]+(:[A-Za-z0-9._-]+)?", service["image"]), f"{name}: {service['image']!r}"
+            continue
+        build = service["build"]
+        context = (DEPLOY / build["context"]).resolve()
+        assert context == ROOT, f"{name} builds from {context}"
+        assert (context / build.get("dockerfile", "Dockerfile")).resolve() == ROOT / "Dockerfile"
+    assert set(OUR_SERVICES) == {name for name, service in services.items() if "build" in service}
+    # One image for every process: the same tag, built once and reused.
+    assert len({services[name]["image"] for name in OUR_SERVICES}) == 1
+
+
+def test_our_commands_are_the_cli_subcommands_the_tests_run(services):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["mediavault"\]$', dockerfile, re.M), "the image's entrypoint is the mediavault CLI"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mediavault"] == "mediavault.cli:main"
+    handlers = {"migrate": cli.cmd_migrate, "serve": cli.cmd_serve, "worker": cli.cmd_worker}
+    for name, command in OUR_SERVICES.items():
+        service = services[name]
+        assert "entrypoint" not in service, f"{name} must keep the image's entrypoint"
+        assert service["command"] == command
+        args = cli.build_parser().parse_args(service["command"])
+        assert args.func is handlers[command[0]]
+
+
+def settings_field(env_name: str) -> tuple[str, ...]:
+    """MEDIAVAULT_JOBS__AUDIT_ACCOUNTS__AGE_SECONDS -> ("jobs", "audit_accounts", "age_seconds"); fails for unknown names."""
+    assert env_name.startswith("MEDIAVAULT_")
+    path = tuple(env_name.removeprefix("MEDIAVAULT_").lower().split("__"))
+    model: type[BaseModel] | None = Settings
+    for i, part in enumerate(path):
+        assert model is not None and part in model.model_fields, f"{env_name}: no Settings field {'.'.join(path[: i + 1])}"
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    assert model is None, f"{env_name} names a whole section, not a field"
+    return path
+
+
+def test_settings_field_mapping_knows_nested_job_settings():
+    assert settings_field("MEDIAVAULT_JOBS__AUDIT_ACCOUNTS__AGE_SECONDS") == ("jobs", "audit_accounts", "age_seconds")
+    with pytest.raises(AssertionError):
+        settings_field("MEDIAVAULT_JOBS__NO_SUCH_JOB__AGE_SECONDS")
+    with pytest.raises(AssertionError):
+        settings_field("MEDIAVAULT_GRPC_ADDRESS")
+
+
+@pytest.fixture
+def clean_env(monkeypatch) -> Iterator[pytest.MonkeyPatch]:
+    for name in list(os.environ):
+        if name.startswith("MEDIAVAULT_"):
+            monkeypatch.delenv(name)
+    yield monkeypatch
+
+
+def test_every_mediavault_variable_is_a_setting_with_a_valid_value(services, clean_env):
+    seen = 0
+    for name, service in services.items():
+        env = mediavault_env(service)
+        if not env:
+            continue
+        for var, value in env.items():
+            clean_env.setenv(var, value)
+        settings = Settings()  # the way every process reads them: validation errors raise here
+        for var, value in env.items():
+            field: Any = settings
+            for part in settings_field(var):
+                field = getattr(field, part)
+            if isinstance(field, SecretStr):
+                field = field.get_secret_value()
+            if isinstance(field, str | Path):
+                assert str(field) == value, f"{name}: {var}"
+            seen += 1
+        for var in env:
+            clean_env.delenv(var)
+    assert seen, "the compose file sets MEDIAVAULT_* variables"
+
+
+def test_servers_and_workers_share_what_must_be_shared(services):
+    shared = ("MEDIAVAULT_DATABASE_URL", "MEDIAVAULT_REDIS_URL", "MEDIAVAULT_QUEUE_NAME", "MEDIAVAULT_JWT_SECRET",
+              "MEDIAVAULT_BLOB_BACKEND", "MEDIAVAULT_S3_BUCKET", "MEDIAVAULT_S3_ENDPOINT_URL", "MEDIAVAULT_S3_REGION",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    envs = {name: environment_of(services[name]) for name in OUR_SERVICES}
+    for var in shared:
+        values = {name: env.get(var) for name, env in envs.items()}
+        assert None not in values.values() and len(set(values.values())) == 1, f"{var}: {values}"
+    server, worker = envs["server"], envs["worker"]
+    assert server["MEDIAVAULT_BLOB_BACKEND"] == "s3"
+    assert server["MEDIAVAULT_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert server["AWS_ACCESS_KEY_ID"] == environment_of(services["minio"])["MINIO_ROOT_USER"]
+    assert server["AWS_SECRET_ACCESS_KEY"] == environment_of(services["minio"])["MINIO_ROOT_PASSWORD"]
+    assert server["MEDIAVAULT_S3_BUCKET"] in " ".join(services["createbucket"]["command"]), "createbucket makes the bucket"
+    database = environment_of(services["postgres"])
+    assert server["MEDIAVAULT_DATABASE_URL"] == (
+        f"postgresql://{database['POSTGRES_USER']}:{database['POSTGRES_PASSWORD']}@postgres:5432/{database['POSTGRES_DB']}"
+    )
+    assert server["MEDIAVAULT_REDIS_URL"].startswith("redis://redis:6379")
+    assert port_of(server["MEDIAVAULT_METRICS_ADDR"]) != port_of(worker["MEDIAVAULT_METRICS_ADDR"])
+
+
+def test_depends_on_targets_exist_and_can_satisfy_their_condition(services):
+    graph: dict[str, set[str]] = {}
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        if isinstance(depends, list):
+            depends = {target: {"condition": "service_started"} for target in depends}
+        graph[name] = set(depends)
+        for target, spec in depends.items():
+            assert target in services, f"{name} depends on unknown {target}"
+            condition = spec.get("condition", "service_started")
+            assert condition in CONDITIONS, f"{name} -> {target}: {condition}"
+            if condition == "service_healthy":
+                assert services[target].get("healthcheck", {}).get("test"), f"{target} has no healthcheck for {name}"
+            if condition == "service_completed_successfully":
+                assert services[target].get("restart") == "no", f"{target} is a one-shot for {name}"
+            assert set(services[target].get("profiles", [])) <= set(services[name].get("profiles", [])), (
+                f"{name} depends on {target}, which only starts in another profile"
+            )
+    # No cycle, and migrations plus the bucket come before any server or worker.
+    order: list[str] = []
+    pending = dict(graph)
+    while pending:
+        ready = sorted(name for name, needs in pending.items() if needs <= set(order))
+        assert ready, f"depends_on cycle among {sorted(pending)}"
+        order.extend(ready)
+        for name in ready:
+            del pending[name]
+    for name in ("server", "worker"):
+        for needed, condition in (("migrate", "service_completed_successfully"),
+                                  ("createbucket", "service_completed_successfully"),
+                                  ("postgres", "service_healthy"), ("redis", "service_healthy"), ("minio", "service_healthy")):
+            assert services[name]["depends_on"][needed]["condition"] == condition, f"{name} -> {needed}"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_healthchecks_are_well_formed(services):
+    for name in ("postgres", "redis", "minio", "server", "worker", "prometheus"):
+        check = services[name]["healthcheck"]
+        assert not set(check) - HEALTHCHECK_KEYS, name
+        test = check["test"]
+        assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+        for key in ("interval", "timeout", "start_period"):
+            if key in check:
+                assert COMPOSE_DURATION.match(check[key]), f"{name}.{key}"
+    assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
+    for name in ("server", "worker"):
+        test = services[name]["healthcheck"]["test"]
+        assert test[1:3] == ["python", "-c"], f"{name}: a python -c check in the image's venv"
+        compile(test[3], f"<{name} healthcheck>", "exec")
+
+
+def test_published_ports_do_not_collide_and_match_the_listeners(services):
+    owners: dict[int, str] = {}
+    for name, service in services.items():
+        for host, _ in published_ports(service):
+            if host is None:
+                continue
+            assert host not in owners, f"host port {host} published by {owners[host]} and {name}"
+            owners[host] = name
+    server_env, worker_env = environment_of(services["server"]), environment_of(services["worker"])
+    server_ports = {target for _, target in published_ports(services["server"])}
+    assert {port_of(server_env["MEDIAVAULT_GRPC_ADDR"]), port_of(server_env["MEDIAVAULT_METRICS_ADDR"])} <= server_ports
+    assert server_env["MEDIAVAULT_GRPC_ADDR"].startswith("0.0.0.0:") and server_env["MEDIAVAULT_METRICS_ADDR"].startswith("0.0.0.0:")
+    # Workers publish nothing, so `--scale worker=N` works; Prometheus reaches them inside the network.
+    assert not services["worker"].get("ports")
+    assert str(port_of(worker_env["MEDIAVAULT_METRICS_ADDR"])) in {str(p) for p in services["worker"].get("expose", [])}
+    assert worker_env["MEDIAVAULT_METRICS_ADDR"].startswith("0.0.0.0:")
+
+
+def test_volumes_are_declared_and_bind_mounts_exist(compose, services):
+    declared = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source, _, rest = volume.partition(":")
+            target = rest.split(":")[0]
+            assert target.startswith("/"), f"{name}: {volume}"
+            if source.startswith((".", "/")):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in declared, f"{name} uses undeclared volume {source}"
+
+
+def test_prometheus_scrapes_every_server_and_worker_and_loads_the_alerts(services):
+    config = load_yaml(PROMETHEUS_FILE)
+    mounts = dict(reversed(v.split(":")[:2]) for v in services["prometheus"]["volumes"])
+    assert (DEPLOY / mounts[config["rule_files"][0]]).resolve() == ALERTS_FILE
+    assert (DEPLOY / mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS_FILE
+    scraped = {}
+    for job in config["scrape_configs"]:
+        # The job metrics carry a `job` label of their own: the rules query it unrenamed.
+        assert job.get("honor_labels") is True, job["job_name"]
+        for sd in job["dns_sd_configs"]:
+            for host in sd["names"]:
+                scraped[host] = (job["job_name"], sd["port"])
+    for name in ("server", "worker"):
+        assert scraped[name][1] == port_of(environment_of(services[name])["MEDIAVAULT_METRICS_ADDR"]), name
+    assert {job for job, _ in scraped.values()} == {"mediavault-server", "mediavault-worker"}
+
+
+def test_grafana_is_provisioned_with_the_dashboard(services):
+    mounts = {target: source for source, target in (v.split(":")[:2] for v in services["grafana"]["volumes"])}
+    provisioning = (DEPLOY / mounts["/etc/grafana/provisioning"]).resolve()
+    datasources = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert any(d["type"] == "prometheus" and d["url"] == "http://prometheus:9090" and d.get("isDefault") for d in datasources)
+    providers = load_yaml(provisioning / "dashboards" / "mediavault.yml")["providers"]
+    dashboards_dir = providers[0]["options"]["path"]
+    mounted = {target: (DEPLOY / source).resolve() for target, source in mounts.items()}
+    assert mounted[f"{dashboards_dir}/mediavault.json"] == DASHBOARD_FILE
+
+
+# --- the image's commands, run the way the tests run them ---------------------------------------
+
+
+def process_env(service: dict[str, Any], **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
+    env.update(environment_of(service))
+    env.update(overrides)
+    return env
+
+
+async def run(argv: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    # Asynchronously: the server and worker under test live in this event loop.
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, output.decode()
+
+
+def in_venv(test: list[str]) -> list[str]:
+    """A compose healthcheck's CMD, with the image's `python` (first on PATH there) as this interpreter."""
+    assert test[0] == "CMD" and test[1] == "python"
+    return [sys.executable, *test[2:]]
+
+
+async def test_migrate_service_command_runs(services, database_url):
+    service = services["migrate"]
+    code, output = await run(
+        [sys.executable, "-m", "mediavault.cli", *service["command"]],
+        process_env(service, MEDIAVAULT_DATABASE_URL=database_url),
+    )
+    assert code == 0, output
+    assert "applied 0 migration(s)" in output
+
+
+async def test_server_healthcheck_passes_against_a_serving_server(services, server):
+    service = services["server"]
+    check = in_venv(service["healthcheck"]["test"])
+    code, output = await run(check, process_env(service, MEDIAVAULT_GRPC_ADDR=f"0.0.0.0:{server.grpc_port}"))
+    assert code == 0, output
+
+
+async def test_server_healthcheck_fails_without_a_server(services, closed_port):
+    service = services["server"]
+    check = in_venv(service["healthcheck"]["test"])
+    code, _ = await run(check, process_env(service, MEDIAVAULT_GRPC_ADDR=f"0.0.0.0:{closed_port}"))
+    assert code != 0
+
+
+async def test_worker_healthcheck_passes_against_a_running_worker(services, worker):
+    service = services["worker"]
+    check = in_venv(service["healthcheck"]["test"])
+    settings = worker.ctx["settings"]
+    env = process_env(service, MEDIAVAULT_REDIS_URL=settings.redis_url, MEDIAVAULT_QUEUE_NAME=settings.queue_name)
+    for _ in range(100):  # the worker records its health once it polls
+        code, output = await run(check, env)
+        if code == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert code == 0, output
+    code, _ = await run(check, {**env, "MEDIAVAULT_QUEUE_NAME": f"{settings.queue_name}:nobody-polls-this"})
+    assert code != 0
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- metrics and PromQL ----------------------------------------------------------------------
+
+TARGET_LABELS = {"instance", "job"}  # added by Prometheus to every scraped series
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+    "stateset": ("",),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "unknown": ("",),
+}
+
+
+def known_metrics() -> dict[str, set[str]]:
+    """Every sample name the process exports (mediavault.metrics plus the default collectors) -> its label names."""
+    labels_of = {
+        wrapper._name: set(wrapper._labelnames)
+        for wrapper in vars(mediavault_metrics).values()
+        if isinstance(wrapper, MetricWrapperBase)
+    }
+    names: dict[str, set[str]] = {"up": set()}
+    for family in REGISTRY.collect():
+        base = family.name
+        for suffix in SUFFIXES[family.type]:
+            labels = set(labels_of.get(base, set()))
+            if suffix == "_bucket":
+                labels.add("le")
+            names[base + suffix] = labels | {sample_label for sample in family.samples for sample_label in sample.labels}
+    return names
+
+
+FUNCTIONS = {
+    "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min",
+    "count_over_time", "day_of_month", "day_of_week", "days_in_month", "delta", "deriv", "exp", "floor",
+    "histogram_quantile", "hour", "idelta", "increase", "irate", "label_join", "label_replace", "last_over_time", "ln",
+    "log10", "log2", "max_over_time", "min_over_time", "minute", "month", "predict_linear", "present_over_time",
+    "quantile_over_time", "rate", "resets", "round", "scalar", "sgn", "sort", "sort_desc", "sqrt", "stddev_over_time",
+    "stdvar_over_time", "sum_over_time", "time", "timestamp", "vector", "year",
+}
+AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile"}
+BINARY_KEYWORDS = {"and", "or", "unless", "bool"}
+GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+PROM_DURATION = r"(\d+(ms|s|m|h|d|w|y))+"
+
+_TOKEN = re.compile(
+    r"""(?P<space>\s+)
+      | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+      | (?P<range>\[[^\]]*\])
+      | (?P<number>(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(?![A-Za-z_]))
+      | (?P<duration>\d+[a-z]+)
+      | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+      | (?P<matchop>=~|!~|!=|==|<=|>=|=)
+      | (?P<op>[-+*/%^<>])
+      | (?P<punct>[(){},])
+    """,
+    re.X,
+)
+
+
+def tokens(expr: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    while pos < len(expr):
+        match = _TOKEN.match(expr, pos)
+        assert match, f"cannot read {expr[pos:pos + 20]!r} in {expr!r}"
+        pos = match.end()
+        if match.lastgroup != "space":
+            out.append((match.lastgroup, match.group(0)))
+    return out
+
+
+def check_promql(expr: str, metrics: dict[str, set[str]]) -> dict[str, list[tuple[str, str, str]]]:
+    """A small PromQL reader: brackets balance, ranges and matchers are well formed, every function is real,
+    every metric exists and every label a matcher or grouping names is one of the expression's metrics' labels.
+    Returns {metric: [(label, op, value), ...]}."""
+    toks = tokens(expr)
+    depth = {"(": 0, "{": 0}
+    used: dict[str, list[tuple[str, str, str]]] = {}
+    grouping_labels: set[str] = set()
+    i = 0
+
+    def matchers(start: int, metric: str | None) -> int:
+        j = start + 1
+        while toks[j] != ("punct", "}"):
+            kind, label = toks[j]
+            assert kind == "ident", f"label name expected in {expr!r}, got {label!r}"
+            op_kind, op = toks[j + 1]
+            assert op_kind == "matchop" and op in ("=", "!=", "=~", "!~"), f"matcher operator in {expr!r}: {op!r}"
+            value_kind, value = toks[j + 2]
+            assert value_kind == "string", f"quoted value expected in {expr!r}"
+            used.setdefault(metric or label, []).append((label, op, value[1:-1]))
+            j += 3
+            if toks[j] == ("punct", ","):
+                j += 1
+        return j + 1
+
+    while i < len(toks):
+        kind, text = toks[i]
+        following = toks[i + 1] if i + 1 < len(toks) else ("", "")
+        if kind == "punct":
+            if text in "({":
+                depth[text] += 1
+            elif text in ")}":
+                opener = "(" if text == ")" else "{"
+                depth[opener] -= 1
+                assert depth[opener] >= 0, f"unbalanced {text} in {expr!r}"
+            if text == "{":  # a selector without a metric name
+                i = matchers(i, None)
+                depth["{"] -= 1
+                continue
+            i += 1
+        elif kind == "range":
+            assert re.fullmatch(rf"\[{PROM_DURATION}(:{PROM_DURATION}?)?\]", text), f"bad range {text} in {expr!r}"
+            i += 1
+        elif kind == "ident" and text in GROUPING:
+            i += 1
+            if toks[i] == ("punct", "("):
+                i += 1
+                while toks[i] != ("punct", ")"):
+                    if toks[i][0] == "ident":
+                        grouping_labels.add(toks[i][1])
+                    else:
+                        assert toks[i] == ("punct", ","), f"label list in {expr!r}"
+                    i += 1
+                i += 1
+            else:
+                assert text in ("group_left", "group_right"), f"{text} needs a label list in {expr!r}"
+        elif kind == "ident" and text == "offset":
+            assert toks[i + 1][0] == "duration" and re.fullmatch(PROM_DURATION, toks[i + 1][1]), f"offset in {expr!r}"
+            i += 2
+        elif kind == "ident" and text in BINARY_KEYWORDS:
+            i += 1
+        elif kind == "ident" and following == ("punct", "("):
+            assert text in FUNCTIONS | AGGREGATIONS, f"unknown function {text}() in {expr!r}"
+            i += 1
+        elif kind == "ident" and text in AGGREGATIONS and following[1] in ("by", "without"):
+            i += 1
+        elif kind == "ident":
+            assert text in metrics, f"{text} in {expr!r} is not a metric mediavault exports"
+            used.setdefault(text, [])
+            i += 1
+            if i < len(toks) and toks[i] == ("punct", "{"):
+                i = matchers(i, text)
+        elif kind in ("number", "matchop", "op"):
+            i += 1
+        else:
+            raise AssertionError(f"unexpected {text!r} in {expr!r}")
+    assert depth == {"(": 0, "{": 0}, f"unbalanced brackets in {expr!r}"
+    assert used, f"{expr!r} reads no metric"
+    allowed = set().union(*(metrics[name] for name in used if name in metrics)) | TARGET_LABELS
+    for name, label_matchers in used.items():
+        assert name in metrics, f"a selector without a metric name in {expr!r}"
+        for label, _, _ in label_matchers:
+            assert label in metrics[name] | TARGET_LABELS, f"{name} has no label {label} ({expr!r})"
+    assert grouping_labels <= allowed, f"grouping by {grouping_labels - allowed} in {expr!r}"
+    return used
+
+
+def source_literals() -> set[str]:
+    """Every string literal in the code: label values the rules match on must be among them."""
+    literals = set()
+    for path in [*(ROOT / "src" / "mediavault").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]:
+        literals.update(re.findall(r"""["']([A-Za-z0-9_ -]+)["']""", path.read_text()))
+    return literals
+
+
+def check_label_values(used: dict[str, list[tuple[str, str, str]]], expr: str) -> None:
+    literals = source_literals() | set(JOBS) | {"mediavault-server", "mediavault-worker"}
+    for name, label_matchers in used.items():
+        for label, op, value in label_matchers:
+            if op in ("=", "!="):
+                values = [value]
+            else:
+                assert re.fullmatch(r"[A-Za-z0-9_ -]+(\|[A-Za-z0-9_ -]+)*", value), f"keep regexes to alternations: {expr!r}"
+                values = value.split("|")
+            for v in values:
+                assert v in literals, f'{name}{{{label}{op}"{value}"}}: the code never sets {v!r} ({expr!r})'
+
+
+def test_the_promql_reader_catches_mistakes():
+    metrics = known_metrics()
+    assert "mediavault_rpc_duration_seconds_bucket" in metrics and "mediavault_rpc_total" in metrics
+    assert "le" in metrics["mediavault_rpc_duration_seconds_bucket"]
+    check_promql('sum by (method) (rate(mediavault_rpc_total{outcome!="OK"}[5m])) > 0', metrics)
+    for broken in (
+        "rate(mediavault_rpc_totl[5m])",  # no such metric
+        "rate(mediavault_rpc_total[5 m])",  # bad range
+        'sum(rate(mediavault_rpc_total{outcom="OK"}[5m]))',  # no such label
+        "sum(rate(mediavault_rpc_total[5m])",  # unbalanced
+        "rat(mediavault_rpc_total[5m])",  # no such function
+        "sum by (nope) (rate(mediavault_rpc_total[5m]))",  # grouping by a label nobody has
+    ):
+        with pytest.raises(AssertionError):
+            check_promql(broken, metrics)
+    with pytest.raises(AssertionError):
+        check_label_values(check_promql('mediavault_transcode_total{outcome="exploded"}', metrics), "")
+
+
+# --- alerts ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> list[dict[str, Any]]:
+    groups = load_yaml(ALERTS_FILE)["groups"]
+    assert len({g["name"] for g in groups}) == len(groups)
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_alerts_parse_and_include_the_five_the_old_system_had(alert_rules):
+    names = {rule["alert"] for rule in alert_rules}
+    assert FIVE_ALERTS <= names
+    for rule in alert_rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        annotations = rule["annotations"]
+        for key in ("summary", "description", "runbook"):
+            assert annotations.get(key, "").strip(), f"{rule['alert']}: {key}"
+        assert rule["alert"] in annotations["runbook"], f"{rule['alert']}: the runbook hint names its README paragraph"
+        if "for" in rule:
+            assert re.fullmatch(PROM_DURATION, rule["for"]), rule["alert"]
+        for text in annotations.values():
+            assert text.count("{{") == text.count("}}"), rule["alert"]
+    # promtool's lint: rules of one name must differ in their static labels.
+    keys = [(rule["alert"], tuple(sorted(rule["labels"].items()))) for rule in alert_rules]
+    assert len(keys) == len(set(keys))
+
+
+def test_every_alert_expression_reads_real_metrics_labels_and_values(alert_rules):
+    metrics = known_metrics()
+    for rule in alert_rules:
+        check_label_values(check_promql(rule["expr"], metrics), rule["expr"])
+
+
+def duration_seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([smhdw])", text))
+
+
+def test_cron_alerts_cover_every_job_at_two_to_three_times_its_schedule(alert_rules, clean_env):
+    settings = Settings()
+    cron_rules = [rule for rule in alert_rules if rule["alert"] == "MediavaultCronJobNotRun"]
+    for name in JOBS:
+        schedule = getattr(settings.jobs, name).every_minutes * 60
+        stale = [r for r in cron_rules if re.search(rf'last_success_timestamp_seconds\{{job="{name}"\}}\) > (\d+)', r["expr"])]
+        assert len(stale) == 1, f"{name}: one rule on the age of the last success"
+        threshold = int(re.search(r"> (\d+)\s*$", stale[0]["expr"]).group(1))
+        assert 2 * schedule <= threshold <= 3 * schedule, f"{name}: {threshold} s for a {schedule} s schedule"
+        missing = [r for r in cron_rules if r["expr"].strip() == f'absent(mediavault_job_last_success_timestamp_seconds{{job="{name}"}})']
+        assert len(missing) == 1, f"{name}: one rule for no success reported at all"
+        assert duration_seconds(missing[0]["for"]) == threshold, name
+
+
+def test_ledger_alert_fires_on_mismatches_and_on_failed_audits(alert_rules):
+    exprs = [rule["expr"] for rule in alert_rules if rule["alert"] == "MediavaultLedgerAuditFailed"]
+    assert any("mediavault_ledger_mismatches" in e for e in exprs)
+    assert any('mediavault_job_runs_total{job="audit_accounts",outcome="failed"}' in e for e in exprs)
+    (upload,) = [rule["expr"] for rule in alert_rules if rule["alert"] == "MediavaultUploadSuccessRateLow"]
+    assert "< 0.9" in upload and 'outcome="finalized"' in upload
+    (heavy,) = [rule["expr"] for rule in alert_rules if rule["alert"] == "MediavaultHeavyReservations"]
+    assert "mediavault_heavy_reservation_accounts" in heavy
+    (transcode,) = [rule["expr"] for rule in alert_rules if rule["alert"] == "MediavaultTranscodeFailureRate"]
+    assert 'mediavault_transcode_total{outcome="failed"}' in transcode
+
+
+# --- dashboard -------------------------------------------------------------------------------
+
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+DASHBOARD_METRICS = {
+    "mediavault_rpc_total", "mediavault_rpc_duration_seconds_bucket", "mediavault_upload_outcomes_total",
+    "mediavault_storage_bytes", "mediavault_transcode_duration_seconds_bucket", "mediavault_transcode_total",
+    "mediavault_queue_depth", "mediavault_job_runs_total", "mediavault_job_last_success_timestamp_seconds",
+    "mediavault_feed_cache_total", "mediavault_rate_limit_decisions_total", "mediavault_redis_fallback_total",
+    "mediavault_database_up",
+}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_FILE.read_text())
+
+
+def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))  # collapsed rows
+    return out
+
+
+def test_dashboard_is_a_grafana_dashboard_with_a_datasource_variable(dashboard):
+    assert dashboard["uid"] and dashboard["title"]
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == "prometheus"
+    ids = [panel["id"] for panel in panels_of(dashboard)]
+    assert len(ids) == len(set(ids))
+    for panel in panels_of(dashboard):
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] in ("timeseries", "stat", "gauge", "bargauge", "table", "heatmap", "text"), panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": f"${{{variable['name']}}}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+
+
+def test_every_dashboard_query_reads_real_metrics(dashboard):
+    metrics = known_metrics()
+    seen: set[str] = set()
+    for panel in panels_of(dashboard):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{panel['title']}: undefined variable in {expr!r}"
+            used = check_promql(expr, metrics)
+            check_label_values(used, expr)
+            seen.update(used)
+    assert DASHBOARD_METRICS <= seen, f"no panel for {DASHBOARD_METRICS - seen}"
