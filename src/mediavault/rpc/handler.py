@@ -91,11 +91,11 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             token = logs.request_id.set(request_id)
             started = time.perf_counter()
             user_id = None
+            limits: tuple[tuple[str, str], ...] = ()
             failure: MediavaultError | None = None
             try:
                 principal, limits = await self._admit(rpc_name, metadata, context)
-                trailers = (("x-request-id", request_id), *limits)
-                context.set_trailing_metadata(trailers)
+                context.set_trailing_metadata((("x-request-id", request_id), *limits))
                 user_id = principal.user_id
                 return await method(self, request, context, principal)
             except MediavaultError as exc:
@@ -121,7 +121,8 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                     )
                 logs.request_id.reset(token)
             code, message, status = to_status(failure)
-            limits = failure.decision.metadata() if isinstance(failure, RateLimited) else ()
+            if isinstance(failure, RateLimited):
+                limits = failure.decision.metadata()
             await context.abort(
                 code, message, trailing_metadata=((STATUS_DETAILS_KEY, status), ("x-request-id", request_id), *limits)
             )
