@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PROTO_FILES := protos/mediavault/storage/v1/storage.proto protos/mediavault/media/v1/media.proto
 GENERATED := src/mediavault/storage/v1 src/mediavault/media/v1
 
-.PHONY: venv run test proto proto-check lint bench clean
+.PHONY: venv run test proto proto-check gateway gateway-gen gateway-check lint bench clean
 
 $(INSTALLED): pyproject.toml requirements.lock scripts/install-system-deps.sh scripts/install-imaging.sh
 	scripts/install-system-deps.sh
@@ -37,6 +37,22 @@ proto-check: proto
 	@test -z "$$(git status --porcelain --untracked-files=all -- $(GENERATED))" || \
 		(echo "generated files not committed: run make proto and commit" >&2; git status --short -- $(GENERATED); exit 1)
 
+## The REST/JSON gateway for the BFF (grpc-gateway v1 from Debian's packages, GOPATH mode): gateway/bin/mediavault-gateway.
+gateway:
+	scripts/install-gateway-deps.sh
+	gateway/build.sh
+
+## Regenerates the gateway's Go code (gateway/gen) and the OpenAPI documents (docs/openapi) from protos/.
+gateway-gen:
+	scripts/install-gateway-deps.sh
+	gateway/generate.sh
+
+## Fails when the committed gateway code or OpenAPI documents differ from what `make gateway-gen` produces.
+gateway-check: gateway-gen
+	@git diff --exit-code -- gateway/gen docs/openapi || (echo "gateway code or OpenAPI is stale: run make gateway-gen and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- gateway/gen docs/openapi)" || \
+		(echo "generated files not committed: run make gateway-gen and commit" >&2; git status --short -- gateway/gen docs/openapi; exit 1)
+
 ## buf lint (STANDARD rules) on the protos, ruff on the Python.
 lint: $(INSTALLED)
 	npx --yes @bufbuild/buf lint
@@ -47,4 +63,4 @@ bench: $(INSTALLED)
 	$(PY) bench/run.py $(if $(TARGET),--target $(TARGET))
 
 clean:
-	rm -rf $(VENV) .mediavault .pytest_cache .bench
+	rm -rf $(VENV) .mediavault .pytest_cache .bench gateway/bin

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Debian packages that build gateway/ (grpc-gateway v1) in GOPATH mode, installed as root; idempotent.
+#
+# No Go module can be downloaded here, so every Go source comes from Debian's
+# /usr/share/gocode: grpc-gateway 1.6.4 (runtime, utilities), grpc-go 1.33,
+# golang/protobuf 1.3.5 (pulled in by golang-goprotobuf-dev, which also brings
+# protoc-gen-go) and genproto (google.golang.org/genproto/googleapis/...).
+# golang-grpc-gateway ships protoc-gen-grpc-gateway and protoc-gen-swagger; libprotobuf-dev
+# the well-known .proto files (a mere Recommends of protobuf-compiler).
+set -euo pipefail
+
+packages=(
+    golang-go
+    protobuf-compiler
+    libprotobuf-dev
+    golang-grpc-gateway
+    golang-github-grpc-ecosystem-grpc-gateway-dev
+    golang-google-grpc-dev
+    golang-goprotobuf-dev
+    golang-google-genproto-dev
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if [ "$(dpkg-query --show --showformat='${db:Status-Status}' "$pkg" 2>/dev/null)" != "installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-gateway-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

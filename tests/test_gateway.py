@@ -1,0 +1,230 @@
+"""The mobile BFF's path: the real grpc-gateway binary (gateway/) in front of a real server and worker, over HTTP/JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from tests.conftest import running
+from tests.helpers import fake_jpeg, sha256_hex
+from tests.test_ratelimit import free_port, limit
+
+GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
+BINARY = GATEWAY_DIR / "bin" / "mediavault-gateway"
+
+
+@pytest.fixture(scope="module")
+def gateway_binary() -> Path:
+    if not BINARY.exists():
+        if shutil.which("go") is None:
+            pytest.skip("Go toolchain absent: scripts/install-gateway-deps.sh installs it (.ci/run does)")
+        subprocess.run([str(GATEWAY_DIR / "build.sh")], check=True)
+    return BINARY
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(binary: Path, grpc_port: int) -> AsyncIterator[str]:
+    """The gateway as its own process, the way a BFF runs it next to the service; yields its base URL."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{grpc_port}", "MEDIAVAULT_GATEWAY_ADDR": address}
+    process = subprocess.Popen([str(binary)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection(*address.split(":"))
+                writer.close()
+                break
+            assert process.poll() is None, f"gateway exited with {process.returncode}"
+            assert time.monotonic() < deadline, "gateway never listened"
+            await asyncio.sleep(0.05)
+        yield f"http://{address}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+async def gateway(gateway_binary, make_settings, worker) -> AsyncIterator[str]:
+    """Base URL of a gateway in front of a server with rate limits on; the session worker processes its jobs."""
+    async with running(make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)) as server:
+        async with gateway_process(gateway_binary, server.grpc_port) as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def bearer(authenticator):
+    def headers(user_id: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}"}
+
+    return headers
+
+
+async def call(http, method: str, url: str, headers: dict | None = None, body: dict | None = None):
+    """(status, JSON body, headers) of one request."""
+    async with http.request(method, url, headers=headers or {}, json=body) as response:
+        return response.status, await response.json(content_type=None), response.headers
+
+
+def small_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 80, 40)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def begin_body(data: bytes, **fields) -> dict:
+    return {"filename": "photo.jpg", "content_type": "image/jpeg", "size_bytes": len(data), "sha256": sha256_hex(data), **fields}
+
+
+async def put_bytes(http, begun: dict, data: bytes) -> None:
+    assert begun["upload_method"] == "PUT"
+    async with http.put(begun["upload_url"], data=data, headers=begun["upload_headers"]) as response:
+        assert response.status == 200, await response.text()
+
+
+def reason(body: dict) -> str:
+    infos = [d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"]
+    assert len(infos) == 1 and infos[0]["domain"] == "mediavault", body
+    return infos[0]["reason"]
+
+
+async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    data = small_jpeg()
+
+    status, begun, headers = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data))
+    assert status == 200, begun
+    assert begun["upload"]["state"] == "UPLOAD_STATE_PENDING" and begun["upload"]["size_bytes"] == str(len(data))
+    assert 0 <= int(headers["RateLimit-Remaining"]) < int(headers["RateLimit-Limit"])
+    assert int(headers["RateLimit-Reset"]) > 0 and "Retry-After" not in headers
+    upload_id = begun["upload"]["upload_id"]
+
+    await put_bytes(http, begun, data)
+    status, done, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:finalize", md, {})
+    assert status == 200, done
+    assert done["upload"]["state"] == "UPLOAD_STATE_FINALIZED"
+    media_id = done["media_id"]
+
+    deadline = time.monotonic() + 60
+    while True:
+        status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}", md)
+        assert status == 200, item
+        if item["media"]["processing_status"] == "PROCESSING_STATUS_COMPLETE":
+            break
+        assert item["media"]["processing_status"] != "PROCESSING_STATUS_FAILED", item
+        assert time.monotonic() < deadline, item
+        await asyncio.sleep(0.2)
+    media = item["media"]
+    assert (media["width"], media["height"], media["kind"]) == (96, 64, "MEDIA_KIND_IMAGE")
+    assert {v["name"] for v in media["variants"]} == {"thumbnail", "preview", "display"}
+
+    status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", md)
+    assert status == 200, feed
+    assert [m["media_id"] for m in feed["media"]] == [media_id] and not feed["not_modified"]
+    assert headers["ETag"] == f'"{feed["etag"]}"'
+    status, same, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
+    assert status == 200, same
+    assert same["not_modified"] and same["media"] == [] and same["etag"] == feed["etag"]
+
+    status, deleted, _ = await call(http, "DELETE", f"{gateway}/v1/media/{media_id}", md)
+    assert (status, deleted) == (200, {})
+    status, gone, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}", md)
+    assert status == 404 and reason(gone) == "NOT_FOUND"
+    status, changed, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
+    assert status == 200 and not changed["not_modified"] and changed["media"] == [] and changed["etag"] != feed["etag"]
+
+
+async def test_missing_token_is_401_unauthorized(gateway, http):
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/media/{uuid.uuid4()}")
+    assert status == 401 and body["code"] == 16 and reason(body) == "UNAUTHORIZED"
+    assert body["message"]
+
+
+async def test_another_users_summary_is_403_forbidden(gateway, http, bearer, user_id):
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary?user_id=someone-else", bearer(user_id))
+    assert status == 403 and reason(body) == "FORBIDDEN"
+
+
+async def test_unknown_media_is_404_not_found(gateway, http, bearer, user_id):
+    status, body, _ = await call(http, "DELETE", f"{gateway}/v1/media/{uuid.uuid4()}", bearer(user_id))
+    assert status == 404 and reason(body) == "NOT_FOUND"
+
+
+async def test_reused_idempotency_key_is_409_conflict(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    data = fake_jpeg(2000)
+    status, first, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data, idempotency_key="k1"))
+    assert status == 200, first
+    status, again, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data, idempotency_key="k1"))
+    assert status == 200 and again["upload"]["upload_id"] == first["upload"]["upload_id"]
+    status, body, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(fake_jpeg(2001), idempotency_key="k1"))
+    assert status == 409 and reason(body) == "IDEMPOTENCY_CONFLICT"
+
+
+async def test_finalizing_a_failed_upload_is_412_upload_not_pending(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(fake_jpeg(3000)))
+    assert status == 200, begun
+    upload_id = begun["upload"]["upload_id"]
+    status, failed, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:fail", md, {"reason": "user cancelled"})
+    assert status == 200 and failed["upload"]["state"] == "UPLOAD_STATE_FAILED"
+    status, body, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:finalize", md, {})
+    assert status == 412 and reason(body) == "UPLOAD_NOT_PENDING"
+
+
+async def test_missing_object_is_412_and_fails_the_upload(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(fake_jpeg(3000)))
+    assert status == 200, begun
+    upload_id = begun["upload"]["upload_id"]
+    status, body, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:finalize", md, {})
+    assert status == 412 and reason(body) == "OBJECT_MISSING"
+    status, read, _ = await call(http, "GET", f"{gateway}/v1/uploads/{upload_id}", md)
+    assert status == 200 and read["upload"]["failure_reason"] == "OBJECT_MISSING"
+
+
+async def test_over_the_limit_is_429_with_ratelimit_and_retry_after_headers(gateway, http, bearer, user_id, pool):
+    summary = f"{gateway}/v1/storage/summary"
+    async with limit(pool, "StorageService/GetStorageSummary", per_hour=2, burst=50):
+        deadline = time.monotonic() + 10
+        while (await call(http, "GET", summary, bearer(f"probe-{uuid.uuid4().hex[:8]}")))[2]["RateLimit-Limit"] != "2":
+            assert time.monotonic() < deadline, "the server never reloaded the limit"
+            await asyncio.sleep(0.1)
+
+        md = bearer(user_id)
+        for _ in range(2):
+            status, body, headers = await call(http, "GET", summary, md)
+            assert status == 200 and body["summary"]["user_id"] == user_id
+        status, body, headers = await call(http, "GET", summary, md)
+    assert status == 429 and body["code"] == 8 and reason(body) == "RATE_LIMIT_EXCEEDED"
+    assert (headers["RateLimit-Limit"], headers["RateLimit-Remaining"]) == ("2", "0")
+    assert int(headers["Retry-After"]) > 0 and int(headers["RateLimit-Reset"]) > 0
+    retry = next(d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
+    assert retry["retry_delay"] == f'{headers["Retry-After"]}s'
+
+
+async def test_request_id_goes_through_both_ways(gateway, http, bearer, user_id):
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/storage/summary", {**bearer(user_id), "X-Request-Id": "bff-123"})
+    assert status == 200 and headers["X-Request-Id"] == "bff-123"
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/media/not-a-uuid", {"X-Request-Id": "bff-456"})
+    assert status == 401 and headers["X-Request-Id"] == "bff-456"
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/storage/summary", bearer(user_id))
+    assert status == 200 and len(headers["X-Request-Id"]) == 32, "the server makes one up when the caller sends none"
