@@ -290,6 +290,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--phases", default=",".join(PHASES), help="comma-separated subset to run, e.g. for profiling (default: all three)"
     )
+    parser.add_argument(
+        "--rate-limits", choices=("off", "on"), default="off",
+        help="on: the server runs its rate limiter (limits raised so nothing is refused, every call still pays"
+        " for the burst bucket and the Redis GCRA script); compare with an off run for the limiter's cost",
+    )
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not args.phases or set(args.phases) - set(PHASES):
@@ -308,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from _stack import bench_stack
 
-        with bench_stack() as (target, jwt_secret):
-            result = measure(target, jwt_secret, args)
+        with bench_stack(extra_env={"MEDIAVAULT_RATE_LIMITS": args.rate_limits}) as stack:
+            if args.rate_limits == "on":
+                from ratelimit_overhead import raise_limits
+
+                asyncio.run(raise_limits(stack.database_url))
+                time.sleep(6)  # the server re-reads its limits every 5 s
+            result = measure(stack.target, stack.jwt_secret, args)
+    result["rate_limits"] = args.rate_limits
     print(json.dumps(result, allow_nan=False), flush=True)
     errors = sum(result[phase]["errors"] for phase in args.phases)
     return 1 if errors else 0

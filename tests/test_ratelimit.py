@@ -277,3 +277,16 @@ async def test_metrics_show_the_series_operators_need(make_settings, pool, auth,
         "mediavault_database_up",
     ):
         assert series in text, series
+
+
+async def test_very_high_limits_allow_and_never_look_like_a_redis_outage(limited, pool, auth, user_id):
+    from mediavault import metrics
+
+    async with limit(pool, SUMMARY, per_hour=2_000_000_000, burst=1_000_000), running(limited) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            before = metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get()
+            results = [await call_summary(stub, auth(user_id)) for _ in range(20)]
+    assert all(ok for ok, _, _ in results)
+    assert results[-1][1]["ratelimit-limit"] == "2000000000"
+    assert metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get() == before

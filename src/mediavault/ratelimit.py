@@ -53,7 +53,7 @@ local allow_at = new_tat - tolerance - interval
 if now < allow_at then
     return {0, 0, tat - now, allow_at - now}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
 return {1, math.floor((tolerance + interval - (new_tat - now)) / interval), new_tat - now, 0}
 """
 
