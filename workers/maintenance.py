@@ -81,17 +81,17 @@ def _count(report: RunReport, batch: cleanup.Batch) -> None:
     report.freed_bytes += batch.freed_bytes
 
 
-async def _delete_blobs(ctx: dict[str, Any], keys: list[str], report: RunReport) -> bool:
-    ok = True
-    for key in keys:
-        try:
-            await ctx["blobs"].delete(key)
-        except Exception:
-            # Whatever one object's problem is, the others still go; this one is retried next run.
-            report.errors += 1
-            ok = False
-            log.warning("blob delete failed", extra={"job": report.job, "object_key": key}, exc_info=True)
-    return ok
+async def _delete_blobs(ctx: dict[str, Any], keys: list[str], report: RunReport) -> set[str]:
+    """Deletes the objects; returns the keys that failed (counted as errors, retried next run)."""
+    try:
+        failed = set(await ctx["blobs"].delete_many(keys))
+    except Exception:
+        log.warning("blob deletes failed", extra={"job": report.job, "objects": len(keys)}, exc_info=True)
+        failed = set(keys)
+    if failed:
+        report.errors += len(failed)
+        log.warning("blob deletes failed", extra={"job": report.job, "failed": len(failed), "example": next(iter(failed))})
+    return failed
 
 
 async def _feed_changed(ctx: dict[str, Any], owners: set[str]) -> None:
@@ -120,10 +120,10 @@ async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> N
     for _ in range(MAX_BATCHES_PER_RUN):
         async with pool.acquire() as conn, conn.transaction():
             batch = await cleanup.claim_purge(conn, config.batch_size)
-        purged, kept = [], []
-        for row in batch.rows:
-            keys = [row["object_key"], *row["variant_keys"]]
-            (purged if await _delete_blobs(ctx, keys, report) else kept).append(row["media_id"])
+        keys_of = {row["media_id"]: [row["object_key"], *row["variant_keys"]] for row in batch.rows}
+        failed = await _delete_blobs(ctx, [key for keys in keys_of.values() for key in keys], report)
+        purged = [media_id for media_id, keys in keys_of.items() if failed.isdisjoint(keys)]
+        kept = [media_id for media_id, keys in keys_of.items() if not failed.isdisjoint(keys)]
         if purged:
             await cleanup.mark_purged(pool, purged)
         if kept:

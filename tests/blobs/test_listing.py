@@ -280,3 +280,11 @@ async def test_fs_paging_cost_does_not_grow_with_the_position(tmp_path) -> None:
     first, last = await best_of_five(None), await best_of_five(keys[-1001])
     print(f"20k-file paging: best first page {first:.4f}s, best last page {last:.4f}s")
     assert last < 3 * first
+
+
+async def test_delete_many_removes_what_it_can_and_names_the_rest(store: BlobStore) -> None:
+    keys = [f"originals/dd/{i:032x}" for i in range(1205)]
+    await asyncio.gather(*(store.write(key, single_chunk(b"x"), content_type="image/jpeg") for key in keys[:40]))
+    failed = await store.delete_many([*keys, "originals/../escape"])
+    assert failed == ["originals/../escape"]
+    assert await store.list_page("originals/dd/", after=None, limit=100) == []

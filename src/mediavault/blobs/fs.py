@@ -7,6 +7,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -24,6 +25,7 @@ from mediavault.blobs.signing import UrlSigner
 # Files up to this size are read on the event loop; larger ones in a thread.
 _INLINE_READ_LIMIT = 256 * 1024
 _READ_CHUNK = 1024 * 1024
+_DELETE_THREADS = 8
 
 
 class FsBlobStore:
@@ -119,6 +121,21 @@ class FsBlobStore:
             self.path(key).unlink(missing_ok=True)
         except OSError as exc:
             raise BlobStoreError(f"delete failed: {exc.strerror}") from exc
+
+    async def delete_many(self, keys: list[str]) -> list[str]:
+        # Unlinks are metadata writes that wait on the file system; a few threads overlap them.
+        return [key for key in await asyncio.to_thread(self._unlink_all, keys) if key]
+
+    def _unlink_all(self, keys: list[str]) -> list[str | None]:
+        with ThreadPoolExecutor(max_workers=_DELETE_THREADS) as pool:
+            return list(pool.map(self._unlink_quietly, keys))
+
+    def _unlink_quietly(self, key: str) -> str | None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            return key
+        return None
 
     async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
         check_list_args(prefix, limit)

@@ -22,12 +22,15 @@ from mediavault.blobs.base import (
     SignedRequest,
     check_key,
     check_list_args,
+    is_valid_key,
 )
 from mediavault.config import Settings
 
 # Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
 _PART_SIZE = 8 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
+# S3's DeleteObjects takes at most 1,000 keys.
+_DELETE_BATCH = 1000
 # S3 returns at most this many keys per ListObjectsV2 call, whatever MaxKeys asks for.
 _MAX_LIST_KEYS = 1000
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -212,6 +215,21 @@ class S3BlobStore:
         check_key(key)
         with _translate_errors("delete"):
             await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def delete_many(self, keys: list[str]) -> list[str]:
+        failed = [key for key in keys if not is_valid_key(key)]
+        valid = [key for key in keys if is_valid_key(key)]
+        for start in range(0, len(valid), _DELETE_BATCH):
+            batch = valid[start : start + _DELETE_BATCH]
+            try:
+                response = await self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}
+                )
+            except _S3_ERRORS:
+                failed.extend(batch)
+                continue
+            failed.extend(error["Key"] for error in response.get("Errors", []))
+        return failed
 
     async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
         check_list_args(prefix, limit)
