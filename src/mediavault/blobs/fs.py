@@ -34,6 +34,7 @@ class FsBlobStore:
         self.signer = signer
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._deleters = ThreadPoolExecutor(max_workers=_DELETE_THREADS, thread_name_prefix="blob-delete")
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -123,19 +124,23 @@ class FsBlobStore:
             raise BlobStoreError(f"delete failed: {exc.strerror}") from exc
 
     async def delete_many(self, keys: list[str]) -> list[str]:
-        # Unlinks are metadata writes that wait on the file system; a few threads overlap them.
-        return [key for key in await asyncio.to_thread(self._unlink_all, keys) if key]
+        # Unlinks are metadata writes that wait on the file system: a few threads, each
+        # with a share of the keys, overlap those waits.
+        loop = asyncio.get_running_loop()
+        shares = [keys[i::_DELETE_THREADS] for i in range(_DELETE_THREADS)]
+        failed = await asyncio.gather(
+            *(loop.run_in_executor(self._deleters, self._unlink_each, share) for share in shares if share)
+        )
+        return [key for share in failed for key in share]
 
-    def _unlink_all(self, keys: list[str]) -> list[str | None]:
-        with ThreadPoolExecutor(max_workers=_DELETE_THREADS) as pool:
-            return list(pool.map(self._unlink_quietly, keys))
-
-    def _unlink_quietly(self, key: str) -> str | None:
-        try:
-            self.path(key).unlink(missing_ok=True)
-        except (OSError, ValueError):
-            return key
-        return None
+    def _unlink_each(self, keys: list[str]) -> list[str]:
+        failed = []
+        for key in keys:
+            try:
+                self.path(key).unlink(missing_ok=True)
+            except (OSError, ValueError):
+                failed.append(key)
+        return failed
 
     async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
         check_list_args(prefix, limit)
@@ -165,7 +170,7 @@ class FsBlobStore:
             raise BlobStoreError(f"move failed: {exc.strerror}") from exc
 
     async def close(self) -> None:
-        return None
+        self._deleters.shutdown(wait=False)
 
 
 def _walk(directory: Path, key_prefix: str, after: str | None) -> Iterator[ListedObject]:
