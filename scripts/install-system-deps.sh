@@ -18,22 +18,4 @@ packages=(
     liblcms2-dev
 )
 
-missing=()
-for pkg in "${packages[@]}"; do
-    if [ "$(dpkg-query --show --showformat='${db:Status-Status}' "$pkg" 2>/dev/null)" != "installed" ]; then
-        missing+=("$pkg")
-    fi
-done
-
-if [ "${#missing[@]}" -eq 0 ]; then
-    exit 0
-fi
-
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install-system-deps: need root to install: ${missing[*]}" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+exec "$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"
