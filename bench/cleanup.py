@@ -18,7 +18,9 @@ before each measured step. Every trial writes a fresh set of blob files, fsyncs 
   floor  on one copy: the reclaim statement, then the expire statement (UPDATE media to
          deleted + purged, DELETE its variant rows, free used bytes, INSERT the 'free'
          ledger rows: the job's final row changes in one statement), then an os.unlink
-         loop in one thread over the doomed media's files (blob_unlink_floor_seconds)
+         loop in one thread over the doomed media's files (blob_unlink_floor_seconds), and
+         the same over a second set of the same files in --unlink-threads threads
+         (blob_unlink_threads_floor: what deleting concurrently could reach)
   jobs   per batch size (the configured default, then each --batch-sizes value) on a fresh
          copy: workers.maintenance.run_job(ctx, "reclaim_stale_uploads") until no stale
          reservation is left, then run_job(ctx, "expire_ephemeral_media") (which purges the
@@ -53,6 +55,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +106,9 @@ _SEED = [
            CASE WHEN j >= {M} AND (j - {M}) % 3 = 2 THEN now() - interval '20 minutes' END AS saved_at
     FROM generate_series(0, {M} + {K} - 1) AS j JOIN s_acct a ON a.i = j % {A}
     """,
+    # Created an hour before it expires (the ephemeral TTL); permanent media half an hour ago.
+    "ALTER TABLE s_media ADD COLUMN created_at timestamptz",
+    "UPDATE s_media SET created_at = coalesce(expires_at - interval '1 hour', now() - interval '30 minutes')",
     """
     INSERT INTO accounts (user_id, quota_bytes, used_bytes, reserved_bytes, created_at, updated_at)
     SELECT a.user_id, greatest(1073741824, coalesce(m.used, 0) + coalesce(u.reserved, 0)),
@@ -116,54 +122,53 @@ _SEED = [
     INSERT INTO ledger_entries (user_id, kind, quota_delta, created_at)
     SELECT user_id, 'grant', quota_bytes, created_at FROM accounts ORDER BY user_id
     """,
-    # The media's uploads, finalized, then the media, their variants and the ledger rows finalize writes.
+    # Uploads (the media's, finalized, and the reservations, pending), media, variants and
+    # ledger rows each in creation order, as production writes them: the heap order follows
+    # created_at and so expires_at, which the jobs scan by.
     """
     INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key,
                          media_id, created_at, updated_at, expires_at)
-    SELECT upload_id, owner_id, 'photo.jpg', 'image/jpeg', size_bytes, retention, 'finalized',
+    SELECT upload_id, user_id, filename, 'image/jpeg', size_bytes, retention, state,
            'originals/' || left(replace(upload_id::text, '-', ''), 2) || '/' || replace(upload_id::text, '-', ''),
-           media_id, coalesce(expires_at, now()) - interval '2 hours', coalesce(expires_at, now()) - interval '1 hour',
-           coalesce(expires_at, now()) + interval '1 hour'
-    FROM s_media
+           media_id, created_at, updated_at, expires_at
+    FROM (
+        SELECT upload_id, owner_id AS user_id, 'photo.jpg' AS filename, size_bytes, retention, 'finalized' AS state,
+               media_id, created_at - interval '1 minute' AS created_at, created_at AS updated_at,
+               created_at + interval '119 minutes' AS expires_at
+        FROM s_media
+        UNION ALL
+        SELECT upload_id, user_id, 'clip.jpg', size_bytes, 'permanent', 'pending', NULL,
+               expires_at - interval '2 hours', expires_at - interval '2 hours', expires_at
+        FROM s_up
+    ) u ORDER BY created_at
     """,
     """
     INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, object_key, retention,
                        processing_status, created_at, expires_at, saved_at, width, height, processed_at, updated_at)
     SELECT media_id, owner_id, upload_id, 'image', 'image/jpeg', size_bytes,
            'originals/' || left(replace(upload_id::text, '-', ''), 2) || '/' || replace(upload_id::text, '-', ''),
-           retention, 'complete', coalesce(expires_at, now()) - interval '1 hour', expires_at, saved_at, 640, 480,
-           coalesce(expires_at, now()) - interval '1 hour', coalesce(saved_at, expires_at, now()) - interval '59 minutes'
-    FROM s_media
+           retention, 'complete', created_at, expires_at, saved_at, 640, 480,
+           created_at + interval '1 second', coalesce(saved_at, created_at + interval '1 second')
+    FROM s_media ORDER BY created_at
     """,
     """
     INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes, created_at)
     SELECT media_id, 'thumbnail', 0,
            'variants/' || left(replace(media_id::text, '-', ''), 2) || '/' || replace(media_id::text, '-', '') || '/v0/thumbnail.jpg',
-           'image/jpeg', 320, 240, 32, coalesce(expires_at, now()) - interval '59 minutes'
-    FROM s_media
+           'image/jpeg', 320, 240, 32, created_at + interval '1 second'
+    FROM s_media ORDER BY created_at
     """,
+    # What begin and finalize wrote to the ledger: a reserve per upload, a commit per media.
     """
     INSERT INTO ledger_entries (user_id, kind, used_delta, reserved_delta, upload_id, media_id, created_at)
-    SELECT owner_id, kind, used_delta, reserved_delta, upload_id, media, created_at FROM (
-        SELECT owner_id, 'reserve' AS kind, 0::bigint AS used_delta, size_bytes AS reserved_delta, upload_id,
-               NULL::uuid AS media, coalesce(expires_at, now()) - interval '2 hours' AS created_at, 0 AS step FROM s_media
+    SELECT user_id, kind, used_delta, reserved_delta, upload_id, media_id, created_at FROM (
+        SELECT owner_id AS user_id, 'reserve' AS kind, 0::bigint AS used_delta, size_bytes AS reserved_delta,
+               upload_id, NULL::uuid AS media_id, created_at - interval '1 minute' AS created_at FROM s_media
         UNION ALL
-        SELECT owner_id, 'commit', size_bytes, -size_bytes, upload_id, media_id,
-               coalesce(expires_at, now()) - interval '1 hour', 1 FROM s_media
-    ) e ORDER BY created_at, step
-    """,
-    # The reservations still pending: most of them stale, a few fresh.
-    """
-    INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key,
-                         created_at, updated_at, expires_at)
-    SELECT upload_id, user_id, 'clip.jpg', 'image/jpeg', size_bytes, 'permanent', 'pending',
-           'originals/' || left(replace(upload_id::text, '-', ''), 2) || '/' || replace(upload_id::text, '-', ''),
-           expires_at - interval '2 hours', expires_at - interval '2 hours', expires_at
-    FROM s_up
-    """,
-    """
-    INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id, created_at)
-    SELECT user_id, 'reserve', size_bytes, upload_id, expires_at - interval '2 hours' FROM s_up ORDER BY expires_at
+        SELECT owner_id, 'commit', size_bytes, -size_bytes, upload_id, media_id, created_at FROM s_media
+        UNION ALL
+        SELECT user_id, 'reserve', 0, size_bytes, upload_id, NULL, expires_at - interval '2 hours' FROM s_up
+    ) e ORDER BY created_at, kind DESC
     """,
 ]
 
@@ -257,6 +262,12 @@ def _unlink_all(paths: list[str]) -> None:
     unlink = os.unlink
     for path in paths:
         unlink(path)
+
+
+def _unlink_parallel(paths: list[str], threads: int) -> None:
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(_unlink_all, paths[i::threads]) for i in range(threads)]:
+            done.result()
 
 
 # --------------------------------------------------------------------------- database copies
@@ -579,9 +590,15 @@ async def measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis
         await asyncio.to_thread(os.sync)
         await checkpoint(url)
 
-    # The floor, on its own copy of the same rows and its own blob files.
+    # The floor, on its own copy of the same rows and its own blob files (a second set
+    # for the unlink floor with threads).
     root, doomed_paths, survivor_paths, writer = blob_set("floor")
+    par_root = work_dir / "floor-threads"
+    par_writer = _Thread(write_blobs, par_root, media["doomed"] if args.unlink_threads else [])
+    par_writer.start()
+    par_paths = _paths(par_root, media["doomed"])
     async with copy_of(admin_url, template, "floor") as url:
+        await asyncio.to_thread(par_writer.join)
         await ready(url, writer)
         floor_reclaim, n_reclaim = await _timed_statement(url, _FLOOR_RECLAIM)
         _log(f"[floor] reclaim statement: {floor_reclaim:.2f}s for {n_reclaim} rows")
@@ -593,9 +610,19 @@ async def measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis
         await asyncio.to_thread(unlinker.join)
         floor_unlink = unlinker.seconds
         _log(f"[floor] os.unlink of {len(doomed_paths)} files: {floor_unlink:.2f}s")
+        floor_unlink_threads = None
+        if args.unlink_threads:
+            unlinker = _Thread(_unlink_parallel, par_paths, args.unlink_threads)
+            unlinker.start()
+            await asyncio.to_thread(unlinker.join)
+            floor_unlink_threads = unlinker.seconds
+            _log(f"[floor] os.unlink of {len(par_paths)} files in {args.unlink_threads} threads: {floor_unlink_threads:.2f}s")
         floor_figures, floor_failed = await verify_rows(url, args, survivors)
         floor_failed += verify_files(doomed_paths, survivor_paths)
+        if args.unlink_threads:
+            floor_failed += verify_files(par_paths, [])
     await asyncio.to_thread(shutil.rmtree, root, True)
+    await asyncio.to_thread(shutil.rmtree, par_root, True)
     blob_write_s = writer.seconds
     if n_reclaim != args.reservations or n_expire != args.media:
         floor_failed.append(f"floor changed {n_reclaim} reservations, {n_expire} media")
@@ -655,6 +682,8 @@ async def measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis
         entry["floor_seconds"] = round(floor_reclaim if name == "reclaim_stale_uploads" else floor_expire, 3)
         if name == "expire_ephemeral_media":
             entry["blob_unlink_floor_seconds"] = round(floor_unlink, 3)
+            if floor_unlink_threads is not None:
+                entry["blob_unlink_threads_floor"] = {"threads": args.unlink_threads, "seconds": round(floor_unlink_threads, 3)}
         entry["by_batch_size"] = {str(t.batch_sizes[name]): figures(name, t) for t in trials}
         best = min(trials, key=lambda t: t.results[name]["seconds"])
         entry["best"] = figures(name, best)
@@ -696,13 +725,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-sizes", default="1000,5000,10000",
         help="comma-separated batch sizes tried for both jobs besides the configured default (default 1000,5000,10000)",
     )
+    parser.add_argument(
+        "--unlink-threads", type=int, default=8,
+        help="also measure the unlink floor with this many threads, on a blob set of its own (default 8; 0: skip)",
+    )
     args = parser.parse_args(argv)
     try:
         args.batch_sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     except ValueError:
         parser.error("--batch-sizes takes comma-separated integers")
-    if args.reservations < 1 or args.media < 1 or args.accounts < 1 or any(s < 1 for s in args.batch_sizes):
-        parser.error("--reservations, --media, --accounts and every batch size must be >= 1")
+    if args.reservations < 1 or args.media < 1 or args.accounts < 1 or any(s < 1 for s in args.batch_sizes) or args.unlink_threads < 0:
+        parser.error("--reservations, --media, --accounts and every batch size must be >= 1, --unlink-threads >= 0")
     return args
 
 
