@@ -50,6 +50,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -58,6 +59,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -563,11 +565,18 @@ def _ratio(seconds: float, floor: float) -> float | None:
 
 
 async def measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis_url: str, work_dir: Path) -> dict:
+    prefix = f"b{secrets.token_hex(4)}-"  # of the seeded user ids, so that their feed keys can be found
+    try:
+        return await _measure(args, admin_url, seed_url, redis_url, work_dir, prefix)
+    finally:
+        await forget_feed_keys(redis_url, prefix)
+
+
+async def _measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis_url: str, work_dir: Path, prefix: str) -> dict:
     from mediavault.config import JobsConfig
     from mediavault.db import migrate
 
-    template = seed_url.rsplit("/", 1)[1].split("?")[0]
-    prefix = f"b{secrets.token_hex(4)}-"
+    template = urlsplit(seed_url).path.lstrip("/")
     queue = f"mediavault-bench:{secrets.token_hex(6)}"
 
     started = time.perf_counter()
@@ -644,7 +653,6 @@ async def measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis
             trial.failed.append("account figures differ from the floor's")
         for problem in trial.failed:
             _log(f"[{trial.label}] FAILED: {problem}")
-    await forget_feed_keys(redis_url, prefix)
     for problem in floor_failed:
         _log(f"[floor] FAILED: {problem}")
 
@@ -748,8 +756,15 @@ def _work_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the database copies, the seeded
+    # database, the blob files and the feed keys are still removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     with contextlib.ExitStack() as stack:
         work_dir = stack.enter_context(_work_dir())
