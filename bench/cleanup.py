@@ -668,6 +668,7 @@ async def _measure(args: argparse.Namespace, admin_url: str, seed_url: str, redi
             "seconds": round(r["seconds"], 3),
             "rows_per_s": _rate(rows[name], r["seconds"]),
             "batch_size": trial.batch_sizes[name],
+            "concurrency": getattr(JobsConfig(), name).concurrency,
             "calls": r["calls"],
             "ratio_to_floor": _ratio(r["seconds"], floors[name]),
         }

@@ -9,6 +9,7 @@ reports exactly what a real run would change.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -46,33 +47,80 @@ class RunReport:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-BatchStep = Callable[[asyncpg.Connection, JobConfig], Awaitable[cleanup.Batch]]
+BatchStep = Callable[[asyncpg.Connection, JobConfig, cleanup.Lane], Awaitable[cleanup.Batch]]
 AfterCommit = Callable[[dict[str, Any], list[asyncpg.Record], RunReport], Awaitable[None]]
 
 
 async def _batched(ctx: dict[str, Any], report: RunReport, config: JobConfig, step: BatchStep, after: AfterCommit | None) -> None:
-    pool: asyncpg.Pool = ctx["pool"]
-    async with pool.acquire() as conn:
-        if report.dry_run:
+    """Runs the step batch after batch until a short batch, in config.concurrency lanes at once."""
+    if report.dry_run:
+        async with ctx["pool"].acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
                 for _ in range(MAX_BATCHES_PER_RUN):
-                    batch = await step(conn, config)
+                    batch = await step(conn, config, cleanup.ALL)
                     _count(report, batch)
                     if batch.changed < config.batch_size:
                         break
             finally:
                 await transaction.rollback()
-            return
+        return
+    lanes = [cleanup.Lane(index, config.concurrency) for index in range(config.concurrency)]
+    await asyncio.gather(*(_lane(ctx, report, config, step, after, lane) for lane in lanes))
+
+
+async def _lane(
+    ctx: dict[str, Any], report: RunReport, config: JobConfig, step: BatchStep, after: AfterCommit | None, lane: cleanup.Lane
+) -> None:
+    pool: asyncpg.Pool = ctx["pool"]
+    async with _Overlap() as overlap:
         for _ in range(MAX_BATCHES_PER_RUN):
-            async with conn.transaction():
-                batch = await step(conn, config)
+            # A connection per batch, not per lane: the after-commit step in flight may
+            # need one from the same pool.
+            async with pool.acquire() as conn, conn.transaction():
+                batch = await step(conn, config, lane)
             _count(report, batch)
             if after is not None and batch.rows:
-                await after(ctx, batch.rows, report)
+                await overlap.then(after(ctx, batch.rows, report))
             if batch.changed < config.batch_size:
                 break
+
+
+class _Overlap:
+    """Runs each batch's after-commit step while the next batch's SQL runs.
+
+    The blob deletions and cache invalidations of batch N wait on the disk or Redis, the
+    next batch waits on PostgreSQL: overlapping them roughly halves a long run. At most
+    one step is in flight, so memory and the order of failures stay bounded; leaving the
+    block waits for the last one.
+    """
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Task[None] | None = None
+
+    async def then(self, step: Awaitable[None]) -> None:
+        await self._drain()
+        self._pending = asyncio.ensure_future(step)
+
+    async def _drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def __aenter__(self) -> _Overlap:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            await self._drain()
+            return
+        # The run already failed; the step in flight still finishes, and its own failure
+        # must not hide the first one.
+        try:
+            await self._drain()
+        except Exception:
+            log.warning("after-commit step failed while the run was failing", exc_info=True)
 
 
 def _count(report: RunReport, batch: cleanup.Batch) -> None:
@@ -95,8 +143,7 @@ async def _delete_blobs(ctx: dict[str, Any], keys: list[str], report: RunReport)
 
 
 async def _feed_changed(ctx: dict[str, Any], owners: set[str]) -> None:
-    for owner in owners:
-        await ctx["feed"].changed(owner)
+    await ctx["feed"].changed_many(owners)
 
 
 async def _delete_upload_objects(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
@@ -109,29 +156,37 @@ async def reclaim_stale_uploads(ctx: dict[str, Any], report: RunReport, config: 
     """Pending uploads past expires_at become EXPIRED and their reserved bytes are released."""
     await _batched(
         ctx, report, config,
-        lambda conn, c: cleanup.reclaim_stale_uploads(conn, c.batch_size, c.age_seconds),
+        lambda conn, c, lane: cleanup.reclaim_stale_uploads(conn, c.batch_size, c.age_seconds, lane),
         _delete_upload_objects,
     )
 
 
-async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
-    """Deletes blobs of claimed deleted media, then marks them purged; failures are retried next run."""
+async def _delete_then_mark_purged(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
+    """Deletes the blobs of claimed media, then marks them purged; a failure leaves it for the next run."""
     pool: asyncpg.Pool = ctx["pool"]
-    for _ in range(MAX_BATCHES_PER_RUN):
-        async with pool.acquire() as conn, conn.transaction():
-            batch = await cleanup.claim_purge(conn, config.batch_size)
-        keys_of = {row["media_id"]: [row["object_key"], *row["variant_keys"]] for row in batch.rows}
-        failed = await _delete_blobs(ctx, [key for keys in keys_of.values() for key in keys], report)
-        purged = [media_id for media_id, keys in keys_of.items() if failed.isdisjoint(keys)]
-        kept = [media_id for media_id, keys in keys_of.items() if not failed.isdisjoint(keys)]
-        if purged:
-            await cleanup.mark_purged(pool, purged)
-        if kept:
-            await cleanup.release_purge_claim(pool, kept)
-        report.details["purged"] = report.details.get("purged", 0) + len(purged)
-        report.details["purge_retry_next_run"] = report.details.get("purge_retry_next_run", 0) + len(kept)
-        if batch.changed < config.batch_size:
-            break
+    keys_of = {row["media_id"]: [row["object_key"], *row["variant_keys"]] for row in rows}
+    failed = await _delete_blobs(ctx, [key for keys in keys_of.values() for key in keys], report)
+    purged = [media_id for media_id, keys in keys_of.items() if failed.isdisjoint(keys)]
+    kept = [media_id for media_id, keys in keys_of.items() if not failed.isdisjoint(keys)]
+    if purged:
+        await cleanup.mark_purged(pool, purged)
+    if kept:
+        await cleanup.release_purge_claim(pool, kept)
+    report.details["purged"] = report.details.get("purged", 0) + len(purged)
+    report.details["purge_retry_next_run"] = report.details.get("purge_retry_next_run", 0) + len(kept)
+
+
+async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+    """Claims deleted media due for purge batch by batch and purges each claimed batch."""
+    pool: asyncpg.Pool = ctx["pool"]
+    async with _Overlap() as overlap:
+        for _ in range(MAX_BATCHES_PER_RUN):
+            async with pool.acquire() as conn, conn.transaction():
+                batch = await cleanup.claim_purge(conn, config.batch_size)
+            if batch.rows:
+                await overlap.then(_delete_then_mark_purged(ctx, batch.rows, report))
+            if batch.changed < config.batch_size:
+                break
 
 
 async def _count_purge_due(ctx: dict[str, Any], report: RunReport) -> None:
@@ -146,14 +201,15 @@ async def expire_ephemeral_media(ctx: dict[str, Any], report: RunReport, config:
 
     async def purge_now(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
         await _feed_changed(ctx, {r["owner_id"] for r in rows})
+        await _delete_then_mark_purged(ctx, rows, report)
 
     await _batched(
         ctx, report, config,
-        lambda conn, c: cleanup.expire_ephemeral_media(conn, c.batch_size, c.age_seconds),
+        lambda conn, c, lane: cleanup.expire_ephemeral_media(conn, c.batch_size, c.age_seconds, lane),
         purge_now,
     )
     if not report.dry_run:
-        # Expired items are due for purge at once (purge_after = now()).
+        # Earlier runs' items whose blob deletions failed, now that their claims lapsed.
         await _purge(ctx, report, config)
 
 
@@ -180,14 +236,14 @@ async def fail_stuck_processing(ctx: dict[str, Any], report: RunReport, config: 
 
     await _batched(
         ctx, report, config,
-        lambda conn, c: cleanup.fail_stuck_processing(conn, c.batch_size, c.age_seconds, media_domain.MAX_ATTEMPTS),
+        lambda conn, c, lane: cleanup.fail_stuck_processing(conn, c.batch_size, c.age_seconds, media_domain.MAX_ATTEMPTS),
         enqueue,
     )
 
 
 async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     """Usage events older than the retention are deleted in batches."""
-    await _batched(ctx, report, config, lambda conn, c: cleanup.prune_telemetry(conn, c.batch_size, c.age_seconds), None)
+    await _batched(ctx, report, config, lambda conn, c, lane: cleanup.prune_telemetry(conn, c.batch_size, c.age_seconds), None)
 
 
 async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:

@@ -12,7 +12,7 @@ from arq import create_pool
 from arq.connections import RedisSettings
 
 from mediavault.blobs import single_chunk
-from mediavault.domain import ledger
+from mediavault.domain import cleanup, ledger
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.helpers import begin, fake_jpeg, put, settled, upload
@@ -294,6 +294,54 @@ async def test_two_runners_split_the_work_and_do_nothing_twice(make_ctx, pool, u
     assert releases == 2000, "every reservation released exactly once"
     assert await pool.fetchval("SELECT sum(reserved_bytes) FROM accounts WHERE user_id = ANY($1::text[])", owner_ids) == 0
     assert await ledger.audit(pool) == []
+
+
+async def test_runners_with_many_lanes_over_shared_accounts_never_deadlock(make_ctx, make_settings, pool, user_id):
+    # Small batches spread over many accounts: every batch locks dozens of accounts that
+    # other batches (other lanes, the other runner) also hold rows of.
+    settings = make_settings(jobs={"reclaim_stale_uploads": {"batch_size": 40, "concurrency": 3},
+                                   "expire_ephemeral_media": {"batch_size": 40, "concurrency": 3}})
+    first, second = await make_ctx(settings), await make_ctx(settings)
+    owner_ids = [f"{user_id}-{i}" for i in range(150)]
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO accounts (user_id, quota_bytes, reserved_bytes) SELECT o, 1000000, 8000 FROM unnest($1::text[]) AS o",
+            owner_ids)
+        await conn.execute(
+            "INSERT INTO ledger_entries (user_id, kind, quota_delta) SELECT o, 'grant', 1000000 FROM unnest($1::text[]) AS o",
+            owner_ids)
+        await conn.execute(
+            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at) "
+            "SELECT gen_random_uuid(), o, 'x', 'image/jpeg', 1000, 'permanent', 'originals/zz/' || md5(random()::text), "
+            "now() - make_interval(secs => random() * 60 + 1) FROM unnest($1::text[]) AS o, generate_series(1, 8)", owner_ids)
+        await conn.execute(
+            "INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id) "
+            "SELECT user_id, 'reserve', size_bytes, upload_id FROM uploads WHERE user_id = ANY($1::text[])", owner_ids)
+    reports = await asyncio.gather(run_job(first, "reclaim_stale_uploads"), run_job(second, "reclaim_stale_uploads"))
+    assert [r.errors for r in reports] == [0, 0]
+    assert sum(r.changed for r in reports) >= 1200
+    releases = await pool.fetch(
+        "SELECT upload_id, count(*) AS n FROM ledger_entries WHERE kind = 'release' AND user_id = ANY($1::text[]) "
+        "GROUP BY upload_id", owner_ids)
+    assert len(releases) == 1200 and {r["n"] for r in releases} == {1}
+    assert await pool.fetchval("SELECT sum(reserved_bytes) FROM accounts WHERE user_id = ANY($1::text[])", owner_ids) == 0
+
+    media_ids = []
+    for owner in owner_ids[:30]:
+        media_ids += await seed_media(pool, first["blobs"], owner, 8, retention="ephemeral", expired=True)
+    reports = await asyncio.gather(run_job(first, "expire_ephemeral_media"), run_job(second, "expire_ephemeral_media"))
+    assert [r.errors for r in reports] == [0, 0]
+    assert sum(r.changed for r in reports) >= 240
+    assert await pool.fetchval(
+        "SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NOT NULL", media_ids) == 240
+    assert [await blobs_exist(first["blobs"], m) for m in media_ids] == [(False, False)] * 240
+    assert await ledger.audit(pool) == []
+
+
+def test_a_lane_is_one_share_of_the_accounts():
+    assert cleanup.ALL == cleanup.Lane(0, 1)
+    with pytest.raises(ValueError):
+        cleanup.Lane(2, 2)
 
 
 async def test_saved_canaries_survive_every_job_run_by_two_workers(make_ctx, pool, user_id):

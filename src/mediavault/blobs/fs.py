@@ -19,6 +19,7 @@ from mediavault.blobs.base import (
     SignedRequest,
     check_key,
     check_list_args,
+    is_valid_key,
 )
 from mediavault.blobs.signing import UrlSigner
 
@@ -134,11 +135,18 @@ class FsBlobStore:
         return [key for share in failed for key in share]
 
     def _unlink_each(self, keys: list[str]) -> list[str]:
+        # Hot loop of the cleanup jobs: plain string paths, no Path objects per key.
+        base = f"{self.root}{os.sep}"
         failed = []
         for key in keys:
+            if not is_valid_key(key):
+                failed.append(key)
+                continue
             try:
-                self.path(key).unlink(missing_ok=True)
-            except (OSError, ValueError):
+                os.unlink(base + key)
+            except FileNotFoundError:
+                pass
+            except OSError:
                 failed.append(key)
         return failed
 

@@ -3,7 +3,9 @@ holds in a transaction.
 
 Every batch picks its rows with FOR UPDATE SKIP LOCKED, so replicas running the same job
 at once split the rows between them, and a row a user request holds (a finalize, a save)
-is left for the next run instead of waited on. Blob deletions are not done here: the
+is left for the next run instead of waited on. Batches that change accounts take a Lane:
+the loops of one run each work on their own share of the accounts, so they never queue
+behind each other's account locks. Blob deletions are not done here: the
 caller does them after the batch's transaction has committed.
 """
 
@@ -20,28 +22,36 @@ from mediavault.domain import uploads
 # rows picked up again once the claim lapses.
 PURGE_CLAIM_SECONDS = 600
 
+# Expiring claims the purge in the same statement (as _CLAIM_PURGE would), so the run
+# deletes the blobs straight after the commit instead of finding the rows again.
 _EXPIRE_EPHEMERAL = """
 WITH due AS (
     SELECT media_id FROM media
     WHERE retention = 'ephemeral' AND deleted_at IS NULL AND saved_at IS NULL
       AND expires_at <= now() - make_interval(secs => $2)
+      AND abs(mod(hashtext(owner_id), $4)) = $3
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), removed AS (
-    UPDATE media m SET deleted_at = now(), purge_after = now(), updated_at = now()
+    UPDATE media m SET deleted_at = now(), purge_after = now(), updated_at = now(),
+                       purge_claimed_until = now() + make_interval(secs => $5)
     FROM due WHERE m.media_id = due.media_id
-    RETURNING m.media_id, m.owner_id, m.size_bytes
+    RETURNING m.media_id, m.owner_id, m.size_bytes, m.object_key,
+              ARRAY(SELECT v.object_key FROM media_variants v WHERE v.media_id = m.media_id) AS variant_keys
 ), per_owner AS (
     SELECT owner_id, sum(size_bytes)::bigint AS bytes FROM removed GROUP BY owner_id
+), locked AS (
+    -- In user_id order, so that batches locking many accounts at once never deadlock.
+    SELECT user_id FROM accounts WHERE user_id IN (SELECT owner_id FROM per_owner) ORDER BY user_id FOR UPDATE
 ), freed AS (
     UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, updated_at = now()
-    FROM per_owner p WHERE a.user_id = p.owner_id
+    FROM per_owner p JOIN locked l ON l.user_id = p.owner_id WHERE a.user_id = p.owner_id
 ), entry AS (
     INSERT INTO ledger_entries (user_id, kind, used_delta, media_id)
     SELECT owner_id, 'free', -size_bytes, media_id FROM removed
 )
-SELECT media_id, owner_id, size_bytes FROM removed
+SELECT * FROM removed
 """
 
 _CLAIM_PURGE = """
@@ -131,6 +141,21 @@ RETURNING owner_id
 """
 
 
+@dataclass(frozen=True)
+class Lane:
+    """Share `index` of `count`: the rows whose account hashes to it (PostgreSQL's hashtext)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"lane {self.index} of {self.count}")
+
+
+ALL = Lane()
+
+
 @dataclass
 class Batch:
     """What one batch changed; `rows` feeds the after-commit step (blob deletions, enqueues)."""
@@ -140,13 +165,14 @@ class Batch:
     rows: list[asyncpg.Record] = field(default_factory=list)
 
 
-async def reclaim_stale_uploads(conn: asyncpg.Connection, batch_size: int, age_seconds: int) -> Batch:
-    rows = await conn.fetch(uploads.EXPIRE_DUE, batch_size, float(age_seconds))
+async def reclaim_stale_uploads(conn: asyncpg.Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
+    rows = await conn.fetch(uploads.EXPIRE_DUE, batch_size, float(age_seconds), lane.index, lane.count)
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
 
-async def expire_ephemeral_media(conn: asyncpg.Connection, batch_size: int, age_seconds: int) -> Batch:
-    rows = await conn.fetch(_EXPIRE_EPHEMERAL, batch_size, float(age_seconds))
+async def expire_ephemeral_media(conn: asyncpg.Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
+    """Deletes the batch and claims its purge; rows carry object_key and variant_keys like claim_purge's."""
+    rows = await conn.fetch(_EXPIRE_EPHEMERAL, batch_size, float(age_seconds), lane.index, lane.count, float(PURGE_CLAIM_SECONDS))
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -98,13 +98,21 @@ class Feed:
 
     async def changed(self, owner_id: str) -> None:
         """Makes the owner's next feed call recompute; a Redis outage only delays that by one TTL."""
-        if self.redis is None:
+        await self.changed_many([owner_id])
+
+    async def changed_many(self, owner_ids: Iterable[str]) -> None:
+        """`changed` for many owners in one round trip (the cleanup jobs touch thousands)."""
+        owners = list(owner_ids)
+        if self.redis is None or not owners:
             return
         try:
-            await self.redis.incr(f"feed:v:{owner_id}")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for owner_id in owners:
+                    pipe.incr(f"feed:v:{owner_id}")
+                await pipe.execute()
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
-            log.warning("feed invalidation failed", extra={"owner_id": owner_id}, exc_info=True)
+            log.warning("feed invalidation failed", extra={"owners": len(owners), "example": owners[0]}, exc_info=True)
 
     async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> dict:
         items, more = await media_domain.page(self.pool, owner_id, size, after)

@@ -413,22 +413,26 @@ async def upload_content(
 # SKIP LOCKED lets replicas split the due uploads, and leaves alone any row a
 # finalize is committing right now: that finalize's guarded UPDATE then either
 # wins or sees the upload already expired, never both.
-EXPIRE_DUE = f"""
+EXPIRE_DUE = """
 WITH due AS (
     SELECT upload_id FROM uploads
     WHERE state = 'pending' AND expires_at <= now() - make_interval(secs => $2)
+      AND abs(mod(hashtext(user_id), $4)) = $3
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), expired AS (
     UPDATE uploads u SET state = 'expired', failure_reason = 'EXPIRED', updated_at = now()
     FROM due WHERE u.upload_id = due.upload_id
-    RETURNING {", ".join("u." + c.strip() for c in _UPLOAD_COLUMNS.split(","))}
+    RETURNING u.upload_id, u.user_id, u.size_bytes, u.object_key
 ), per_user AS (
     SELECT user_id, sum(size_bytes)::bigint AS bytes FROM expired GROUP BY user_id
+), locked AS (
+    -- In user_id order, so that batches locking many accounts at once never deadlock.
+    SELECT user_id FROM accounts WHERE user_id IN (SELECT user_id FROM per_user) ORDER BY user_id FOR UPDATE
 ), freed AS (
     UPDATE accounts a SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
-    FROM per_user p WHERE a.user_id = p.user_id
+    FROM per_user p JOIN locked USING (user_id) WHERE a.user_id = p.user_id
 ), entry AS (
     INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id)
     SELECT user_id, 'release', -size_bytes, upload_id FROM expired

@@ -1,0 +1,34 @@
+"""Feed invalidation against a real Redis."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from mediavault import metrics
+from mediavault.domain.feed import Feed
+
+
+async def test_changed_many_bumps_every_owner_once_in_one_round(pool, redis_url, user_id):
+    owners = [f"{user_id}-{i}" for i in range(300)]
+    redis = Redis.from_url(redis_url)
+    try:
+        feed = Feed(pool, redis, ttl_seconds=30)
+        await feed.changed(owners[0])
+        await feed.changed_many(owners)
+        versions = [int(v) for v in await redis.mget([f"feed:v:{o}" for o in owners])]
+        assert versions == [2] + [1] * 299
+        await feed.changed_many([])
+    finally:
+        await redis.delete(*(f"feed:v:{o}" for o in owners))
+        await redis.aclose()
+
+
+async def test_changed_many_with_redis_down_counts_a_fallback_and_does_not_raise(pool, user_id):
+    redis = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    fallbacks = metrics.REDIS_FALLBACKS.labels("feed_invalidate")
+    before = fallbacks._value.get()
+    try:
+        await Feed(pool, redis, ttl_seconds=30).changed_many([user_id, f"{user_id}-b"])
+    finally:
+        await redis.aclose()
+    assert fallbacks._value.get() == before + 1
