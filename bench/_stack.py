@@ -231,8 +231,8 @@ def _main() -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    with bench_stack() as (target, jwt_secret):
-        print(f"target={target}\njwt_secret={jwt_secret}", flush=True)
+    with bench_stack() as stack:
+        print(f"target={stack.target}\njwt_secret={stack.jwt_secret}", flush=True)
         _log("up until Ctrl-C / SIGTERM")
         while not stop:
             time.sleep(0.2)

@@ -53,6 +53,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
 
 
+async def worker_startup(ctx: dict[str, Any]) -> None:
+    """The arq worker's start-up: the shared resources, then the transcoding processes,
+    which a one-off `mediavault jobs run` never needs."""
+    await startup(ctx)
+    await ctx["transcoder"].prewarm()
+
+
 async def shutdown(ctx: dict[str, Any]) -> None:
     if "transcoder" in ctx:
         await ctx["transcoder"].close()
@@ -71,7 +78,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # a job whose database is unreachable from being retried forever.
         "functions": [func(transcode_media, max_tries=media_domain.MAX_ATTEMPTS + 2)],
         "cron_jobs": cron_jobs(settings),
-        "on_startup": startup,
+        "on_startup": worker_startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,

@@ -150,3 +150,18 @@ async def test_closed_transcoder_refuses_jobs_and_leaves_no_process() -> None:
     while worker_pids() - before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert not worker_pids() - before
+
+
+async def test_prewarm_starts_every_worker_before_the_first_job() -> None:
+    before = worker_pids()
+    async with Transcoder(workers=2) as transcoder:
+        await transcoder.prewarm()
+        warm = worker_pids() - before
+        assert len(warm) == 2
+        await transcoder.prewarm()
+        assert worker_pids() - before == warm, "a second prewarm starts nothing more"
+        results = await asyncio.gather(*(transcoder.run(JOLLA, "image/jpeg") for _ in range(2)))
+        assert [len(r.variants) for r in results] == [3, 3]
+        assert worker_pids() - before == warm, "the jobs ran in the prewarmed processes"
+    for pid in warm:
+        assert await gone(pid)

@@ -74,6 +74,19 @@ class Transcoder:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    async def prewarm(self) -> None:
+        """Starts every worker process now, so that the first jobs do not wait about a
+        second each for an interpreter; best effort, a worker that fails to start is
+        started again by the job that needs it."""
+        missing = self.size - len(self._idle) - len(self._busy)
+        workers = [_Worker() for _ in range(max(0, missing))]
+        started = await asyncio.gather(*(worker.start() for worker in workers), return_exceptions=True)
+        for worker, outcome in zip(workers, started, strict=True):
+            if isinstance(outcome, BaseException) or self._closed:
+                worker.kill()
+            else:
+                self._idle.append(worker)
+
     async def run(self, data: bytes, content_type: str) -> TranscodeResult:
         if self._closed:
             raise ImagingError("transcoder is closed")
