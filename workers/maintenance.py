@@ -177,7 +177,12 @@ async def _delete_then_mark_purged(ctx: dict[str, Any], rows: list[asyncpg.Recor
 
 
 async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
-    """Claims deleted media due for purge batch by batch and purges each claimed batch."""
+    """Claims deleted media due for purge batch by batch and purges each claimed batch,
+    in config.concurrency loops (a claim is exclusive, and no account is touched)."""
+    await asyncio.gather(*(_purge_loop(ctx, report, config) for _ in range(config.concurrency)))
+
+
+async def _purge_loop(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     pool: asyncpg.Pool = ctx["pool"]
     async with _Overlap() as overlap:
         for _ in range(MAX_BATCHES_PER_RUN):

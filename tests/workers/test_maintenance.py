@@ -194,6 +194,28 @@ async def test_purge_waits_for_the_grace_period_and_keeps_tombstones(ctx, storag
         assert await blobs_exist(blobs, media_id) == (True, True)
 
 
+async def test_purge_loops_of_two_runners_purge_each_item_once(make_ctx, make_settings, pool, user_id, monkeypatch):
+    settings = make_settings(jobs={"purge_deleted_media": {"batch_size": 15, "concurrency": 3}})
+    first, second = await make_ctx(settings), await make_ctx(settings)
+    ids = await seed_media(pool, first["blobs"], user_id, 240, retention="permanent", expired=False)
+    await soft_delete(pool, ids, -1)
+    marked = []
+    real_mark_purged = cleanup.mark_purged
+
+    async def recording_mark_purged(conn, media_ids):
+        marked.extend(media_ids)
+        await real_mark_purged(conn, media_ids)
+
+    # Which loop marked what: a double purge would leave the same rows behind.
+    monkeypatch.setattr(cleanup, "mark_purged", recording_mark_purged)
+    reports = await asyncio.gather(run_job(first, "purge_deleted_media"), run_job(second, "purge_deleted_media"))
+    assert [r.errors for r in reports] == [0, 0]
+    mine = [m for m in marked if m in set(ids)]
+    assert sorted(mine) == sorted(ids), "every item purged by exactly one loop"
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL", ids) == 0
+    assert [await blobs_exist(first["blobs"], m) for m in ids] == [(False, False)] * 240
+
+
 async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, user_id, pool, worker):
     from tests.conftest import CORPUS
 
