@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,7 +48,7 @@ class RunReport:
 
 
 BatchStep = Callable[[asyncpg.Connection, JobConfig, cleanup.Lane], Awaitable[cleanup.Batch]]
-AfterCommit = Callable[[dict[str, Any], list[asyncpg.Record], RunReport], Awaitable[None]]
+AfterCommit = Callable[[dict[str, Any], list[asyncpg.Record], RunReport], Coroutine[Any, Any, None]]
 
 
 async def _batched(ctx: dict[str, Any], report: RunReport, config: JobConfig, step: BatchStep, after: AfterCommit | None) -> None:
@@ -99,8 +99,12 @@ class _Overlap:
     def __init__(self) -> None:
         self._pending: asyncio.Task[None] | None = None
 
-    async def then(self, step: Awaitable[None]) -> None:
-        await self._drain()
+    async def then(self, step: Coroutine[Any, Any, None]) -> None:
+        try:
+            await self._drain()
+        except BaseException:
+            step.close()
+            raise
         self._pending = asyncio.ensure_future(step)
 
     async def _drain(self) -> None:
