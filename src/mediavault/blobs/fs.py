@@ -125,23 +125,39 @@ class FsBlobStore:
             raise BlobStoreError(f"delete failed: {exc.strerror}") from exc
 
     async def delete_many(self, keys: list[str]) -> list[str]:
-        # Unlinks are metadata writes that wait on the file system: a few threads, each
-        # with a share of the keys, overlap those waits.
         loop = asyncio.get_running_loop()
-        shares = [keys[i::_DELETE_THREADS] for i in range(_DELETE_THREADS)]
-        failed = await asyncio.gather(
+        # Most keys of a reclaim batch were never uploaded: one thread finds the files
+        # that exist (an lstat is cheap, and threads would only trade the GIL back and
+        # forth over it). Unlinks are metadata writes that wait on the file system: a
+        # few threads, each with a share of the existing files, overlap those waits.
+        present, failed = await loop.run_in_executor(self._deleters, self._present, keys)
+        shares = [present[i::_DELETE_THREADS] for i in range(_DELETE_THREADS)]
+        unlinked = await asyncio.gather(
             *(loop.run_in_executor(self._deleters, self._unlink_each, share) for share in shares if share)
         )
-        return [key for share in failed for key in share]
+        return failed + [key for share in unlinked for key in share]
+
+    def _present(self, keys: list[str]) -> tuple[list[str], list[str]]:
+        """The keys whose files may exist (lstat found them, or could not tell), and the invalid keys."""
+        base = f"{self.root}{os.sep}"
+        present, invalid = [], []
+        for key in keys:
+            if not is_valid_key(key):
+                invalid.append(key)
+                continue
+            try:
+                os.lstat(base + key)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass
+            present.append(key)
+        return present, invalid
 
     def _unlink_each(self, keys: list[str]) -> list[str]:
-        # Hot loop of the cleanup jobs: plain string paths, no Path objects per key.
         base = f"{self.root}{os.sep}"
         failed = []
         for key in keys:
-            if not is_valid_key(key):
-                failed.append(key)
-                continue
             try:
                 os.unlink(base + key)
             except FileNotFoundError:
