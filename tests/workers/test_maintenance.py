@@ -293,20 +293,29 @@ async def snapshot(pool) -> list:
     ]
 
 
-async def test_two_runners_split_the_work_and_do_nothing_twice(make_ctx, pool, user_id):
-    first, second = await make_ctx(), await make_ctx()
-    owner_ids = [f"{user_id}-{i}" for i in range(20)]
-    for owner in owner_ids:
-        await pool.execute("INSERT INTO accounts (user_id, quota_bytes, reserved_bytes) VALUES ($1, 1000000, 100000)", owner)
-        await pool.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', 1000000)", owner)
-    async with pool.acquire() as conn:
+async def seed_stale_reservations(pool, owner_ids: list[str], per_owner: int) -> None:
+    """New accounts each holding per_owner lapsed 1000-byte reservations, consistent with the ledger."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO accounts (user_id, quota_bytes, reserved_bytes) SELECT o, 1000000, $2 FROM unnest($1::text[]) AS o",
+            owner_ids, 1000 * per_owner)
+        await conn.execute(
+            "INSERT INTO ledger_entries (user_id, kind, quota_delta) SELECT o, 'grant', 1000000 FROM unnest($1::text[]) AS o",
+            owner_ids)
         await conn.execute(
             "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at) "
-            "SELECT gen_random_uuid(), o, 'x', 'image/jpeg', 1000, 'permanent', 'originals/zz/' || md5(random()::text), now() - interval '1 minute' "
-            "FROM unnest($1::text[]) AS o, generate_series(1, 100)", owner_ids)
+            "SELECT gen_random_uuid(), o, 'x', 'image/jpeg', 1000, 'permanent', 'originals/zz/' || md5(random()::text), "
+            "now() - make_interval(secs => random() * 60 + 1) FROM unnest($1::text[]) AS o, generate_series(1, $2)",
+            owner_ids, per_owner)
         await conn.execute(
             "INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id) "
             "SELECT user_id, 'reserve', size_bytes, upload_id FROM uploads WHERE user_id = ANY($1::text[])", owner_ids)
+
+
+async def test_two_runners_split_the_work_and_do_nothing_twice(make_ctx, pool, user_id):
+    first, second = await make_ctx(), await make_ctx()
+    owner_ids = [f"{user_id}-{i}" for i in range(20)]
+    await seed_stale_reservations(pool, owner_ids, 100)
     reports = await asyncio.gather(run_job(first, "reclaim_stale_uploads"), run_job(second, "reclaim_stale_uploads"))
     assert sum(r.changed for r in reports) >= 2000
     assert all(r.changed > 0 for r in reports), "both runners took a share"
@@ -325,20 +334,7 @@ async def test_runners_with_many_lanes_over_shared_accounts_never_deadlock(make_
                                    "expire_ephemeral_media": {"batch_size": 40, "concurrency": 3}})
     first, second = await make_ctx(settings), await make_ctx(settings)
     owner_ids = [f"{user_id}-{i}" for i in range(150)]
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO accounts (user_id, quota_bytes, reserved_bytes) SELECT o, 1000000, 8000 FROM unnest($1::text[]) AS o",
-            owner_ids)
-        await conn.execute(
-            "INSERT INTO ledger_entries (user_id, kind, quota_delta) SELECT o, 'grant', 1000000 FROM unnest($1::text[]) AS o",
-            owner_ids)
-        await conn.execute(
-            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at) "
-            "SELECT gen_random_uuid(), o, 'x', 'image/jpeg', 1000, 'permanent', 'originals/zz/' || md5(random()::text), "
-            "now() - make_interval(secs => random() * 60 + 1) FROM unnest($1::text[]) AS o, generate_series(1, 8)", owner_ids)
-        await conn.execute(
-            "INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id) "
-            "SELECT user_id, 'reserve', size_bytes, upload_id FROM uploads WHERE user_id = ANY($1::text[])", owner_ids)
+    await seed_stale_reservations(pool, owner_ids, 8)
     reports = await asyncio.gather(run_job(first, "reclaim_stale_uploads"), run_job(second, "reclaim_stale_uploads"))
     assert [r.errors for r in reports] == [0, 0]
     assert sum(r.changed for r in reports) >= 1200
