@@ -98,7 +98,12 @@ class Feed:
 
     async def changed(self, owner_id: str) -> None:
         """Makes the owner's next feed call recompute; a Redis outage only delays that by one TTL."""
-        await self.changed_many([owner_id])
+        if self.redis is None:
+            return
+        try:
+            await self.redis.incr(f"feed:v:{owner_id}")
+        except (RedisError, OSError):
+            self._invalidation_failed([owner_id])
 
     async def changed_many(self, owner_ids: Iterable[str]) -> None:
         """`changed` for many owners in one round trip (the cleanup jobs touch thousands)."""
@@ -111,8 +116,12 @@ class Feed:
                     pipe.incr(f"feed:v:{owner_id}")
                 await pipe.execute()
         except (RedisError, OSError):
-            metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
-            log.warning("feed invalidation failed", extra={"owners": len(owners), "example": owners[0]}, exc_info=True)
+            self._invalidation_failed(owners)
+
+    @staticmethod
+    def _invalidation_failed(owners: list[str]) -> None:
+        metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
+        log.warning("feed invalidation failed", extra={"owners": len(owners), "example": owners[0]}, exc_info=True)
 
     async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> dict:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
