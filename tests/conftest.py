@@ -22,7 +22,7 @@ from arq import Worker
 
 from mediavault import embedded
 from mediavault.auth import Authenticator
-from mediavault.config import Settings
+from mediavault.config import JobsConfig, Settings
 from mediavault.db import migrate, scratch
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
@@ -107,6 +107,9 @@ def make_settings(database_url: str, redis_url: str, tmp_path_factory: pytest.Te
             "shutdown_grace_seconds": 1.0,
             # Suites that make hundreds of calls as one user; tests/test_ratelimit.py turns limits on.
             "rate_limits": "off",
+            # Tests run the cleanup jobs by hand; the session worker's crons firing on the
+            # shared database every few minutes would race them.
+            "jobs": {name: {"enabled": False} for name in JobsConfig.model_fields},
         }
         values.update(overrides)
         return Settings(**values)

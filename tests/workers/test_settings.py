@@ -6,6 +6,7 @@ import uuid
 
 from arq import Worker, create_pool
 
+from mediavault.config import JobsConfig
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.helpers import begin, fake_jpeg
 from workers.settings import worker_settings
@@ -16,7 +17,9 @@ async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, sto
     begun = await begin(storage, md, fake_jpeg(1000))
     await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 minute' WHERE upload_id = $1::uuid", begun.upload.upload_id)
 
-    settings = server.settings.model_copy(update={"redis_url": redis_url, "queue_name": f"mediavault-test:{uuid.uuid4().hex}"})
+    settings = server.settings.model_copy(
+        update={"redis_url": redis_url, "queue_name": f"mediavault-test:{uuid.uuid4().hex}", "jobs": JobsConfig()}
+    )
     options = worker_settings(settings)
     redis = await create_pool(options["redis_settings"], default_queue_name=settings.queue_name)
     try:
