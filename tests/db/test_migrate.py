@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 import pytest
 
 from mediavault.db import migrate
 from mediavault.db.migrate import available_migrations
+from mediavault.domain import accounts, cleanup
 from tests.conftest import create_database, drop_database
 
 
@@ -51,3 +53,30 @@ async def test_quota_invariant_is_a_constraint(pool, used, reserved, quota):
             "INSERT INTO accounts (user_id, quota_bytes, used_bytes, reserved_bytes) VALUES ('bad', $1, $2, $3)",
             quota, used, reserved,
         )
+
+
+def _index_names(plan: dict) -> set[str]:
+    names = {plan["Index Name"]} if "Index Name" in plan else set()
+    for child in plan.get("Plans", ()):
+        names |= _index_names(child)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("statement", "args", "index"),
+    [
+        (accounts._SUMMARY, ("someone",), "uploads_pending_oldest"),
+        (cleanup._STUCK, (500, 3600.0, 3), "media_stuck"),
+    ],
+)
+async def test_queries_of_dropped_indexes_keep_an_index(pool, statement, args, index):
+    # 0005 dropped uploads_pending_by_user and media_unfinished as redundant: the queries
+    # they served must still find the index that replaced them, not fall back to a scan.
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args))[0]["Plan"]
+    assert index in _index_names(plan)
+    names = await pool.fetchval(
+        "SELECT array_agg(indexname) FROM pg_indexes WHERE indexname IN ('uploads_pending_by_user', 'media_unfinished')"
+    )
+    assert names is None
