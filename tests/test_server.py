@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
+from mediavault.server import Server
 from tests.conftest import running
 from tests.helpers import begin, fake_jpeg
 
@@ -119,3 +121,26 @@ async def test_health_follows_postgres(make_settings, tmp_path):
                 await becomes(health_pb2.HealthCheckResponse.SERVING)
     finally:
         postgres.cleanup()
+
+
+async def test_serve_takes_long_lived_objects_out_of_the_collector(make_settings):
+    gc.unfreeze()
+    server = Server(make_settings())
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(20):
+            while not gc.get_freeze_count():
+                await asyncio.sleep(0.05)
+        assert server.pool is not None
+        assert not any(obj is server.pool for obj in gc.get_objects()), "every collection still walks the pool"
+        reply = await health_check(server.grpc_port)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.shutdown(0)
+        await serving
+        gc.unfreeze()
+
+
+async def health_check(port: int) -> health_pb2.HealthCheckResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -137,10 +138,17 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
         await self.startup()
+        # What exists now (modules, descriptors, pools) lives as long as the process. Out of
+        # the collector's sight, a full collection no longer walks it: under load that walk
+        # stalled every call in flight for about 50 ms every few seconds.
+        gc.collect()
+        gc.freeze()
         try:
             await self._stopped.wait()
         finally:
             await self.shutdown(self.settings.shutdown_grace_seconds)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
     async def shutdown(self, grace: float) -> None:
         """Stops taking calls, lets in-flight ones finish for up to grace seconds, then closes resources.
