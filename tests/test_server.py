@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
+from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
-from mediavault.server import Server
 from tests.conftest import running
 from tests.helpers import begin, fake_jpeg
 
