@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 
@@ -32,6 +33,27 @@ def start_worker(settings) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mediavault.cli", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def children_of(parent: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                children.append(int(entry.name))
+    return children
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 async def test_worker_killed_mid_job_is_rerun_and_completes_once(make_settings, auth, user_id, pool):
     settings = make_settings(queue_name=f"kill-test:{user_id}")
     async with running(settings) as server:
@@ -50,10 +72,16 @@ async def test_worker_killed_mid_job_is_rerun_and_completes_once(make_settings, 
                 while await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) != "processing":
                     assert time.monotonic() < deadline, "the first worker never claimed the job"
                     await asyncio.sleep(0.005)
+                pool_processes = children_of(first.pid)
+                assert pool_processes, "the job runs in a pool process"
                 first.send_signal(signal.SIGKILL)
             finally:
                 first.wait()
             assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
+            deadline = time.monotonic() + 10
+            while any(is_alive(pid) for pid in pool_processes):
+                assert time.monotonic() < deadline, "the killed worker's pool process outlived it"
+                await asyncio.sleep(0.05)
 
             second = start_worker(settings)
             try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -19,6 +21,18 @@ _CONTEXT = multiprocessing.get_context("spawn")
 # Starting a worker (interpreter, PIL, PyAV) takes about a second; it does not depend
 # on the input, so it is bounded apart from the job's own limit.
 _START_TIMEOUT_SECONDS = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # A SIGKILLed worker cannot shut its pool down, and the pool process would wait on
+    # its call queue forever (it holds that pipe's write end too): have the kernel kill
+    # it with its parent. The executor starts it from the event loop's thread, which
+    # lives as long as the parent, as the parent-death signal requires.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _ready() -> int:
@@ -31,7 +45,9 @@ class _Worker:
     """A single-process executor, so that one stuck job can be killed without touching the others."""
 
     def __init__(self) -> None:
-        self.executor = ProcessPoolExecutor(max_workers=1, mp_context=_CONTEXT)
+        self.executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=_CONTEXT, initializer=_die_with_parent, initargs=(os.getpid(),)
+        )
         self.pid = 0
 
     async def start(self) -> None:
