@@ -23,6 +23,7 @@ from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.config import Settings
 from mediavault.db import create_pool as create_db_pool
+from mediavault.domain import uploads
 from mediavault.domain.feed import Feed
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.ratelimit import RateLimiter
@@ -94,7 +95,8 @@ class Server:
             free_quota_bytes=settings.free_quota_bytes,
         )
         await self.limiter.reload()
-        resources = (authenticator, self.pool, self.blobs, settings, feed_cache, self.queue, self.limiter)
+        reservations = uploads.Reservations(self.pool)
+        resources = (authenticator, self.pool, self.blobs, settings, feed_cache, self.queue, self.limiter, reservations)
         storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(*resources), self.grpc_server)
         media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(*resources), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

@@ -19,6 +19,7 @@ from mediavault.auth import Authenticator, Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
 from mediavault.domain.feed import Feed
+from mediavault.domain.uploads import Reservations
 from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, Unauthenticated
 from mediavault.ratelimit import WRITES, RateLimiter
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
@@ -39,6 +40,7 @@ class Servicer:
     feed: Feed
     queue: ArqRedis | None
     limiter: RateLimiter
+    reservations: Reservations
 
     async def _admit(
         self, rpc_name: str, metadata, context: grpc.aio.ServicerContext

@@ -120,6 +120,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
                 idempotency_key=request.idempotency_key or None,
                 retention=retention,
             ),
+            self.reservations,
         )
         return pb.BeginUploadResponse(
             upload=upload_pb(result.upload),

@@ -1,0 +1,138 @@
+"""uploads.Reservations: concurrent BeginUploads reserved together, with single-upload answers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from mediavault.auth import Principal
+from mediavault.blobs import open_blob_store
+from mediavault.domain import accounts, ledger, uploads
+from mediavault.errors import AccountFrozen, StorageLimitReached
+
+SIZE = 1000
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings(free_quota_bytes=10 * SIZE)
+
+
+@pytest.fixture
+async def blobs(settings):
+    store = await open_blob_store(settings)
+    yield store
+    await store.close()
+
+
+def new_user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def begin(pool, blobs, settings, reservations, user_id: str, size: int = SIZE):
+    request = uploads.BeginRequest(
+        filename="a.jpg", content_type="image/jpeg", size_bytes=size, sha256=None, idempotency_key=None,
+        retention="permanent",
+    )
+    return uploads.begin(pool, blobs, settings, Principal(user_id, frozenset({"user"})), request, reservations)
+
+
+async def reserved_bytes(pool, user_id: str) -> int | None:
+    return await pool.fetchval("SELECT reserved_bytes FROM accounts WHERE user_id = $1", user_id)
+
+
+async def test_concurrent_begins_of_many_accounts_are_all_reserved(pool, blobs, settings):
+    reservations = uploads.Reservations(pool)
+    users = [new_user() for _ in range(20)]
+    for user in users:
+        await accounts.ensure(pool, user, settings.free_quota_bytes)
+
+    results = await asyncio.gather(*(begin(pool, blobs, settings, reservations, u) for u in users for _ in range(3)))
+
+    assert len({r.upload.upload_id for r in results}) == 60
+    assert all(r.upload.state == "pending" and r.upload_url for r in results)
+    for user in users:
+        assert await reserved_bytes(pool, user) == 3 * SIZE
+        assert await pool.fetchval(
+            "SELECT count(*) FROM uploads WHERE user_id = $1 AND state = 'pending'", user
+        ) == 3
+    assert await ledger.audit(pool) == []
+
+
+async def test_a_batch_gives_each_call_the_answer_it_would_get_alone(pool, blobs, settings):
+    reservations = uploads.Reservations(pool)
+    roomy, frozen, newcomer, nearly_full = new_user(), new_user(), new_user(), new_user()
+    for user in (roomy, frozen, nearly_full):
+        await accounts.ensure(pool, user, settings.free_quota_bytes)
+    await accounts.freeze(pool, frozen, "abuse", settings.free_quota_bytes)
+    # Room for one more upload of SIZE: the two below do not fit together, one of them does.
+    await pool.execute("UPDATE accounts SET quota_bytes = $2 WHERE user_id = $1", nearly_full, SIZE)
+    await pool.execute(
+        "INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', $2)",
+        nearly_full, SIZE - settings.free_quota_bytes,
+    )
+
+    calls = [
+        begin(pool, blobs, settings, reservations, roomy),
+        begin(pool, blobs, settings, reservations, frozen),
+        begin(pool, blobs, settings, reservations, newcomer),
+        begin(pool, blobs, settings, reservations, nearly_full),
+        begin(pool, blobs, settings, reservations, nearly_full),
+    ]
+    roomy_result, frozen_result, newcomer_result, *nearly_full_results = await asyncio.gather(
+        *calls, return_exceptions=True
+    )
+
+    assert roomy_result.upload.user_id == roomy
+    assert isinstance(frozen_result, AccountFrozen)
+    assert newcomer_result.upload.user_id == newcomer
+    assert await reserved_bytes(pool, newcomer) == SIZE
+    placed = [r for r in nearly_full_results if isinstance(r, uploads.BeginResult)]
+    refused = [r for r in nearly_full_results if isinstance(r, StorageLimitReached)]
+    assert len(placed) == 1 and len(refused) == 1
+    assert await reserved_bytes(pool, nearly_full) == SIZE
+    assert await reserved_bytes(pool, frozen) == 0
+    assert await ledger.audit(pool) == []
+
+
+async def test_an_account_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings):
+    reservations = uploads.Reservations(pool)
+    busy, others = new_user(), [new_user() for _ in range(3)]
+    for user in (busy, *others):
+        await accounts.ensure(pool, user, settings.free_quota_bytes)
+
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", busy)
+        waiting = asyncio.create_task(begin(pool, blobs, settings, reservations, busy))
+        done = await asyncio.wait_for(
+            asyncio.gather(*(begin(pool, blobs, settings, reservations, u) for u in others)), timeout=10
+        )
+        assert [r.upload.user_id for r in done] == others
+        await asyncio.sleep(0.2)
+        assert not waiting.done(), "the locked account's upload cannot be reserved while the lock is held"
+
+    result = await asyncio.wait_for(waiting, timeout=10)
+    assert result.upload.user_id == busy
+    assert await reserved_bytes(pool, busy) == SIZE
+    assert await ledger.audit(pool) == []
+
+
+async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, settings):
+    reservations = uploads.Reservations(pool)
+    users = [new_user() for _ in range(3)]
+    for user in users:
+        await accounts.ensure(pool, user, settings.free_quota_bytes)
+    # A reservation TTL past what an interval can hold makes the statement itself fail.
+    broken = settings.model_copy(update={"reservation_ttl_seconds": 10**300})
+
+    results = await asyncio.gather(
+        *(begin(pool, blobs, broken, reservations, u) for u in users), return_exceptions=True
+    )
+
+    assert all(isinstance(r, Exception) for r in results)
+    for user in users:
+        assert await reserved_bytes(pool, user) == 0
+    later = await begin(pool, blobs, settings, reservations, users[0])
+    assert later.upload.user_id == users[0]
