@@ -106,6 +106,7 @@ async def test_an_account_locked_elsewhere_does_not_hold_up_the_batch(pool, blob
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", busy)
         waiting = asyncio.create_task(begin(pool, blobs, settings, reservations, busy))
+        await asyncio.sleep(0.2)  # alone in its batch, then left to wait for the lock on its own
         done = await asyncio.wait_for(
             asyncio.gather(*(begin(pool, blobs, settings, reservations, u) for u in others)), timeout=10
         )

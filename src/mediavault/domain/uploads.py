@@ -285,13 +285,12 @@ class Reservations:
             self._draining = None
 
     async def _run(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
+        # _BEGIN's arguments minus the idempotency key (6), one array per column. A batch of
+        # one goes the same way: _BEGIN would wait for a locked account, and every call
+        # arriving meanwhile with it.
+        columns = list(zip(*(args[:6] + args[7:] for args, _ in batch), strict=True))
         try:
-            if len(batch) == 1:
-                rows = [row] if (row := await self.pool.fetchrow(_BEGIN, *batch[0][0])) else []
-            else:
-                # _BEGIN's arguments minus the idempotency key (6), one array per column.
-                columns = list(zip(*(args[:6] + args[7:] for args, _ in batch), strict=True))
-                rows = await self.pool.fetch(_BEGIN_MANY, *map(list, columns))
+            rows = await self.pool.fetch(_BEGIN_MANY, *map(list, columns))
         except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
             for _, future in batch:
                 if not future.done():
