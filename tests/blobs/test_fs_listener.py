@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from mediavault.blobs.base import single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.blobs.signing import UrlSigner
@@ -38,6 +39,40 @@ async def test_put_then_get(store):
     assert (status, body) == (200, b"hello")
     assert headers["Content-Type"] == "image/png"
     assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_put_of_several_megabytes_stores_every_byte(store):
+    body = bytes(range(256)) * (3 * 4096 + 17)
+    signed = await store.presign_put(
+        "originals/ab/big", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
+    )
+    assert (await send("PUT", signed.url, body, signed.headers))[0] == 200
+    assert store.path("originals/ab/big").read_bytes() == body
+    assert not any(store.temp_path().parent.iterdir()), "no temp file is left behind"
+
+
+async def test_write_of_many_chunks_replaces_the_object_whole(store):
+    chunks = [bytes([i]) * 300_000 for i in range(10)]
+
+    async def stream():
+        for chunk in chunks:
+            yield chunk
+
+    await store.write("variants/ab/old", single_chunk(b"previous"), content_type="image/jpeg")
+    assert await store.write("variants/ab/old", stream(), content_type="image/jpeg") == 3_000_000
+    assert store.path("variants/ab/old").read_bytes() == b"".join(chunks)
+    assert not any(store.temp_path().parent.iterdir())
+
+
+async def test_a_failing_stream_leaves_neither_object_nor_temp_file(store):
+    async def stream():
+        yield b"x" * 2_000_000
+        raise RuntimeError("client went away")
+
+    with pytest.raises(RuntimeError):
+        await store.write("variants/ab/none", stream(), content_type="image/jpeg")
+    assert not store.path("variants/ab/none").exists()
+    assert not any(store.temp_path().parent.iterdir())
 
 
 async def test_second_put_cannot_replace_the_object(store):
