@@ -269,7 +269,7 @@ class Reservations:
         self._draining: asyncio.Task | None = None
 
     async def reserve(self, args: tuple) -> asyncpg.Record | None:
-        """args as _BEGIN takes them, without an idempotency key; the created row, or None."""
+        """The created row, or None. args: one row of _BEGIN_MANY's columns, upload_id first."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((args, future))
         if self._draining is None:
@@ -285,13 +285,13 @@ class Reservations:
             self._draining = None
 
     async def _run(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
-        # _BEGIN's arguments minus the idempotency key (6), one array per column. A batch of
-        # one goes the same way: _BEGIN would wait for a locked account, and every call
-        # arriving meanwhile with it.
-        columns = list(zip(*(args[:6] + args[7:] for args, _ in batch), strict=True))
+        # A batch of one goes the same way: _BEGIN would wait for a locked account, and
+        # every call arriving meanwhile with it.
+        columns = zip(*(args for args, _ in batch), strict=True)
         try:
             rows = await self.pool.fetch(_BEGIN_MANY, *map(list, columns))
-        except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
+        except Exception as exc:
+            # Every caller in the batch gets the statement's failure.
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -316,13 +316,12 @@ async def begin(
         return await _signed_put(blobs, existing, settings)
 
     upload_id = uuid.uuid4()
-    args = (
-        upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
-        request.idempotency_key, request.retention, object_key_for(upload_id), float(settings.reservation_ttl_seconds),
-    )
+    upload = (upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256)
+    placement = (request.retention, object_key_for(upload_id), float(settings.reservation_ttl_seconds))
+    args = (*upload, request.idempotency_key, *placement)
     # A batch cannot take an idempotency key: one duplicate would abort everyone's insert.
     if reservations is not None and request.idempotency_key is None:
-        row = await reservations.reserve(args)
+        row = await reservations.reserve((*upload, *placement))
         if row is not None:
             return await _signed_put(blobs, Upload(**row), settings)
     # Zero rows means no account yet, frozen, or full; the account may also have been
