@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from mediavault.domain import content_types
 from mediavault.domain.content_types import matches, sniff
 from tests.conftest import CORPUS
 
@@ -43,3 +44,13 @@ def test_families():
     assert not matches("image/jpeg", "image/png")
     assert not matches("image/avif", "image/heif")
     assert not matches("image/jpeg", None)
+
+
+def test_a_declared_type_and_the_bytes_that_satisfy_it_are_of_one_kind():
+    # finalize takes the media kind from the sniffed type when it commits in one statement.
+    for sniffed in content_types.ALLOWED_TYPES:
+        declarable = content_types.declarable_as(sniffed)
+        assert sniffed in declarable
+        assert {content_types.kind_of(t) for t in declarable} == {content_types.kind_of(sniffed)}
+    assert content_types.declarable_as(None) == ()
+    assert content_types.declarable_as("image/heif") == ("image/heic", "image/heif")

@@ -1,16 +1,17 @@
-"""uploads.Reservations: concurrent BeginUploads reserved together, with single-upload answers."""
+"""uploads: concurrent BeginUploads reserved together (Reservations), and finalize's guarded commit."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 
 import pytest
 
 from mediavault.auth import Principal
-from mediavault.blobs import open_blob_store
+from mediavault.blobs import open_blob_store, single_chunk
 from mediavault.domain import accounts, ledger, uploads
-from mediavault.errors import AccountFrozen, StorageLimitReached
+from mediavault.errors import AccountFrozen, NotFound, StorageLimitReached, VerificationFailed
 
 SIZE = 1000
 
@@ -31,12 +32,17 @@ def new_user() -> str:
     return f"user-{uuid.uuid4().hex[:12]}"
 
 
-def begin(pool, blobs, settings, reservations, user_id: str, size: int = SIZE):
+def principal(user_id: str) -> Principal:
+    return Principal(user_id, frozenset({"user"}))
+
+
+def begin(pool, blobs, settings, reservations, user_id: str, size: int = SIZE, content_type: str = "image/jpeg",
+          sha256: str | None = None):
     request = uploads.BeginRequest(
-        filename="a.jpg", content_type="image/jpeg", size_bytes=size, sha256=None, idempotency_key=None,
+        filename="a.jpg", content_type=content_type, size_bytes=size, sha256=sha256, idempotency_key=None,
         retention="permanent",
     )
-    return uploads.begin(pool, blobs, settings, Principal(user_id, frozenset({"user"})), request, reservations)
+    return uploads.begin(pool, blobs, settings, principal(user_id), request, reservations)
 
 
 async def reserved_bytes(pool, user_id: str) -> int | None:
@@ -137,3 +143,63 @@ async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, set
         assert await reserved_bytes(pool, user) == 0
     later = await begin(pool, blobs, settings, reservations, users[0])
     assert later.upload.user_id == users[0]
+
+
+# ftyp boxes: major brand, minor version, compatible brands.
+HEIF_BYTES = (b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic" + b"\0" * SIZE)[:SIZE]
+QUICKTIME_BYTES = (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + b"\0" * SIZE)[:SIZE]
+JPEG_BYTES = (b"\xff\xd8\xff\xe0" + b"\x5a" * SIZE)[:SIZE]
+
+
+@pytest.mark.parametrize(
+    ("declared", "data", "kind"),
+    [("image/jpeg", JPEG_BYTES, "image"), ("image/heic", HEIF_BYTES, "image"), ("video/mp4", QUICKTIME_BYTES, "video")],
+)
+async def test_finalize_commits_an_object_of_the_declared_family_in_one_statement(pool, blobs, settings, declared, data, kind):
+    user_id = new_user()
+    begun = await begin(pool, blobs, settings, None, user_id, content_type=declared, sha256=hashlib.sha256(data).hexdigest())
+    await blobs.write(begun.upload.object_key, single_chunk(data), content_type=declared)
+
+    done = await uploads.finalize(pool, blobs, settings, principal(user_id), begun.upload.upload_id)
+    assert done.state == "finalized"
+    media = await pool.fetchrow("SELECT kind, content_type, sha256 FROM media WHERE media_id = $1", done.media_id)
+    assert tuple(media) == (kind, declared, hashlib.sha256(data).hexdigest())
+    assert await pool.fetchrow("SELECT used_bytes, reserved_bytes FROM accounts WHERE user_id = $1", user_id) == (SIZE, 0)
+    assert await ledger.audit(pool) == []
+    again = await uploads.finalize(pool, blobs, settings, principal(user_id), begun.upload.upload_id)
+    assert again == done
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE upload_id = $1", done.upload_id) == 1
+
+
+async def test_an_uploaded_object_of_another_user_is_not_committed_by_the_intruder(pool, blobs, settings):
+    owner = new_user()
+    begun = await begin(pool, blobs, settings, None, owner)
+    await blobs.write(begun.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
+
+    with pytest.raises(NotFound):
+        await uploads.finalize(pool, blobs, settings, principal(new_user()), begun.upload.upload_id)
+    assert (await uploads.get(pool, principal(owner), begun.upload.upload_id)).state == "pending"
+    assert (await uploads.finalize(pool, blobs, settings, principal(owner), begun.upload.upload_id)).state == "finalized"
+
+
+@pytest.mark.parametrize(
+    ("declared_sha256", "data", "reason"),
+    [
+        (hashlib.sha256(JPEG_BYTES).hexdigest(), JPEG_BYTES[:-1] + b"\x00", "CHECKSUM_MISMATCH"),
+        (None, HEIF_BYTES, "UNSUPPORTED_MEDIA_TYPE"),
+        (None, JPEG_BYTES[: SIZE // 2], "SIZE_MISMATCH"),
+    ],
+)
+async def test_an_object_that_is_not_what_was_declared_fails_with_its_reason(pool, blobs, settings, declared_sha256, data, reason):
+    user_id = new_user()
+    begun = await begin(pool, blobs, settings, None, user_id, sha256=declared_sha256)
+    await blobs.write(begun.upload.object_key, single_chunk(data), content_type="image/jpeg")
+
+    with pytest.raises(VerificationFailed) as caught:
+        await uploads.finalize(pool, blobs, settings, principal(user_id), begun.upload.upload_id)
+    assert caught.value.reason == reason
+    failed = await uploads.get(pool, principal(user_id), begun.upload.upload_id)
+    assert (failed.state, failed.failure_reason) == ("failed", reason)
+    assert await reserved_bytes(pool, user_id) == 0
+    assert await blobs.stat(begun.upload.object_key) is None
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE upload_id = $1", begun.upload.upload_id) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/heic", "image/heif", "image/avif"})
 VIDEO_TYPES = frozenset({"video/mp4", "video/quicktime", "video/webm"})
 ALLOWED_TYPES = IMAGE_TYPES | VIDEO_TYPES
@@ -72,3 +74,9 @@ def matches(declared: str, sniffed: str | None) -> bool:
     if sniffed is None:
         return False
     return _FAMILY.get(declared, declared) == _FAMILY.get(sniffed, sniffed)
+
+
+@functools.cache
+def declarable_as(sniffed: str | None) -> tuple[str, ...]:
+    """Every allowed declared type that bytes sniffed as `sniffed` satisfy (see matches)."""
+    return tuple(sorted(t for t in ALLOWED_TYPES if matches(t, sniffed)))

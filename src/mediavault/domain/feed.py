@@ -42,6 +42,11 @@ class Page:
     etag: str
 
 
+def version_key(owner_id: str) -> str:
+    """The Redis counter that anything changing owner_id's feed increments."""
+    return f"feed:v:{owner_id}"
+
+
 def clamp_page_size(page_size: int) -> int:
     if page_size < 0:
         raise InvalidArgument.single("page_size", "must not be negative")
@@ -101,7 +106,7 @@ class Feed:
         if self.redis is None:
             return
         try:
-            await self.redis.incr(f"feed:v:{owner_id}")
+            await self.redis.incr(version_key(owner_id))
         except (RedisError, OSError):
             self._invalidation_failed([owner_id])
 
@@ -113,7 +118,7 @@ class Feed:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for owner_id in owners:
-                    pipe.incr(f"feed:v:{owner_id}")
+                    pipe.incr(version_key(owner_id))
                 await pipe.execute()
         except (RedisError, OSError):
             self._invalidation_failed(owners)
@@ -133,7 +138,7 @@ class Feed:
         if self.redis is None:
             return await compute()
         try:
-            version = int(await self.redis.get(f"feed:v:{owner_id}") or 0)
+            version = int(await self.redis.get(version_key(owner_id)) or 0)
             key = f"feed:p:{owner_id}:{version}:{size}:{token}"
             cached = await self.redis.get(key)
         except (RedisError, OSError):

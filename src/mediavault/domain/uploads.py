@@ -105,10 +105,14 @@ SELECT * FROM created
 _GET = f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE upload_id = $1"
 _GET_BY_KEY = f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE user_id = $1 AND idempotency_key = $2"
 
+# Commits only an upload whose declaration the stored object satisfies: the caller's,
+# still pending and unexpired, of the observed size, with no declared SHA-256 or the
+# observed one, declared as a type the observed bytes are.
 _COMMIT = f"""
 WITH finalized AS (
     UPDATE uploads SET state = 'finalized', media_id = $2, updated_at = now()
     WHERE upload_id = $1 AND state = 'pending' AND expires_at > now()
+      AND user_id = $6 AND size_bytes = $7 AND (sha256 IS NULL OR sha256 = $4) AND content_type = ANY($8::text[])
     RETURNING {_UPLOAD_COLUMNS}
 ), moved AS (
     UPDATE accounts a SET reserved_bytes = a.reserved_bytes - f.size_bytes,
@@ -365,29 +369,37 @@ async def get(pool: asyncpg.Pool, principal: Principal, upload_id: uuid.UUID) ->
 
 
 @dataclass(frozen=True)
-class Verified:
-    kind: str
-    sha256: str | None
+class Observed:
+    """The stored object as it is: size, SHA-256, and the allowed type its bytes are (None: none)."""
+
+    size: int
+    sha256: str
+    sniffed: str | None
 
 
-async def verify_object(blobs: BlobStore, upload: Upload) -> Verified:
-    """Checks the stored object against the declaration; raises VerificationFailed with the specific reason."""
-    info = await blobs.stat(upload.object_key)
+async def observe_object(blobs: BlobStore, key: str) -> Observed | None:
+    """What is stored under key, or None when nothing is."""
+    info = await blobs.stat(key)
     if info is None:
+        return None
+    sha256 = info.sha256 or await blobs.sha256(key)
+    sniffed = content_types.sniff(await blobs.read_prefix(key, content_types.SNIFF_BYTES))
+    return Observed(info.size, sha256, sniffed)
+
+
+def check_object(upload: Upload, observed: Observed | None) -> None:
+    """Raises VerificationFailed with the specific reason when the object is not what was declared."""
+    if observed is None:
         raise VerificationFailed("OBJECT_MISSING", "no object was uploaded")
-    if info.size != upload.size_bytes:
-        raise VerificationFailed("SIZE_MISMATCH", f"object has {info.size} bytes, {upload.size_bytes} were declared")
-    sha256 = info.sha256
-    if sha256 is None:
-        sha256 = await blobs.sha256(upload.object_key)
-    if upload.sha256 is not None and sha256 != upload.sha256:
+    if observed.size != upload.size_bytes:
+        raise VerificationFailed("SIZE_MISMATCH", f"object has {observed.size} bytes, {upload.size_bytes} were declared")
+    if upload.sha256 is not None and observed.sha256 != upload.sha256:
         raise VerificationFailed("CHECKSUM_MISMATCH", "object SHA-256 differs from the declared one")
-    sniffed = content_types.sniff(await blobs.read_prefix(upload.object_key, content_types.SNIFF_BYTES))
-    if not content_types.matches(upload.content_type, sniffed):
+    if not content_types.matches(upload.content_type, observed.sniffed):
         raise VerificationFailed(
-            "UNSUPPORTED_MEDIA_TYPE", f"object content is {sniffed or 'not an allowed type'}, not {upload.content_type}"
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"object content is {observed.sniffed or 'not an allowed type'}, not {upload.content_type}",
         )
-    return Verified(content_types.kind_of(upload.content_type), sha256)
 
 
 async def release(
@@ -427,6 +439,19 @@ async def _expire_if_lapsed(pool: asyncpg.Pool, blobs: BlobStore, upload: Upload
 async def finalize(
     pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, principal: Principal, upload_id: uuid.UUID
 ) -> Upload:
+    # The object key follows from the upload id, so the object can be checked before
+    # the row is read: when it is what the upload declared, one guarded statement
+    # commits it. Everything else (already finalized, failed, expired, someone else's,
+    # not the declared bytes) takes the path below, which reads the row and says which.
+    # A repeated Finalize thus reads the object again, as the first call did.
+    object_key = object_key_for(upload_id)
+    observed = await observe_object(blobs, object_key)
+    if observed is not None:
+        row = await _commit(pool, settings, upload_id, principal.user_id, observed)
+        if row is not None:
+            metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
+            return Upload(**row)
+
     upload = await get(pool, principal, upload_id)
     if upload.state == "finalized":
         return upload
@@ -436,8 +461,10 @@ async def finalize(
         await _expire_if_lapsed(pool, blobs, upload)
         return await _settled(pool, principal, upload_id)
 
+    # Read again: the object may have been uploaded since the first look.
+    observed = await observe_object(blobs, object_key)
     try:
-        verified = await verify_object(blobs, upload)
+        check_object(upload, observed)
     except VerificationFailed as failure:
         failed = await release(pool, upload_id, state="failed", reason=failure.reason, detail=failure.message)
         if failed is None:
@@ -445,9 +472,7 @@ async def finalize(
         await _delete_quietly(blobs, upload.object_key)
         raise
 
-    row = await pool.fetchrow(
-        _COMMIT, upload_id, uuid.uuid4(), verified.kind, verified.sha256, float(settings.ephemeral_ttl)
-    )
+    row = await _commit(pool, settings, upload_id, upload.user_id, observed)
     if row is None:
         # A concurrent fail, expiry or finalize changed the state first, or the
         # reservation lapsed by the database's clock though not by ours.
@@ -457,6 +482,23 @@ async def finalize(
         return await _settled(pool, principal, upload_id)
     metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
     return Upload(**row)
+
+
+async def _commit(
+    pool: asyncpg.Pool, settings: Settings, upload_id: uuid.UUID, user_id: str, observed: Observed
+) -> asyncpg.Record | None:
+    """Reserved bytes become used and the media row is created, or None when the guard refused."""
+    return await pool.fetchrow(
+        _COMMIT,
+        upload_id,
+        uuid.uuid4(),
+        content_types.kind_of(observed.sniffed or ""),
+        observed.sha256,
+        float(settings.ephemeral_ttl),
+        user_id,
+        observed.size,
+        content_types.declarable_as(observed.sniffed),
+    )
 
 
 async def fail(

@@ -113,9 +113,8 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
     async def ReprocessMedia(self, request: pb.ReprocessMediaRequest, context, principal: Principal) -> pb.ReprocessMediaResponse:
         media_id = media_domain.parse_media_id(request.media_id)
         version = await media_domain.request_reprocess(self.pool, principal, media_id)
-        await jobs.enqueue_transcode(self.queue, media_id, version)
         media = await media_domain.get(self.pool, principal, media_id)
-        await self.feed.changed(media.owner_id)
+        await jobs.enqueue_transcode(self.queue, media_id, version, feed_owner=media.owner_id)
         return pb.ReprocessMediaResponse(media=await self.media_pb(media))
 
     @rpc(SERVICE)

@@ -99,8 +99,7 @@ def account_pb(account: accounts.Account) -> pb.Account:
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     async def _media_created(self, upload: uploads.Upload) -> None:
-        await jobs.enqueue_transcode(self.queue, upload.media_id, 0)
-        await self.feed.changed(upload.user_id)
+        await jobs.enqueue_transcode(self.queue, upload.media_id, 0, feed_owner=upload.user_id)
 
     @rpc(SERVICE)
     async def BeginUpload(self, request: pb.BeginUploadRequest, context, principal: Principal) -> pb.BeginUploadResponse:
