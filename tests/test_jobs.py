@@ -1,7 +1,8 @@
-"""jobs.enqueue_transcode against a real Redis and a real arq worker."""
+"""jobs.enqueue_transcode and TranscodeQueue against a real Redis and a real arq worker."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -117,3 +118,32 @@ async def test_redis_down_returns_false_and_counts_both_fallbacks():
 
 async def test_no_redis_configured_returns_false():
     assert await jobs.enqueue_transcode(None, _media_id(), 0) is False
+
+
+async def test_concurrent_runs_of_the_transcode_queue_go_together_and_each_is_queued_once(
+    queue: ArqRedis, redis_url: str, user_id: str
+):
+    transcodes = jobs.TranscodeQueue(queue)
+    media_ids = [_media_id() for _ in range(30)]
+    # Every media twice (a retried finalize), a third of them for the owner's feed.
+    results = await asyncio.gather(
+        *(transcodes.enqueue(m, 0, feed_owner=user_id if i % 3 == 0 else None) for i, m in enumerate(media_ids * 2))
+    )
+    assert results == [True] * 60
+    assert await queue.zcard(queue.default_queue_name) == 30
+    assert int(await queue.get(version_key(user_id))) == 20
+    calls = await _run_worker(redis_url, queue)
+    assert sorted(call[1] for call in calls) == sorted(str(m) for m in media_ids)
+
+
+async def test_the_transcode_queue_with_redis_down_or_absent_returns_false():
+    unreachable = ArqRedis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    fallbacks = metrics.REDIS_FALLBACKS.labels("enqueue_transcode")
+    before = fallbacks._value.get()
+    try:
+        results = await asyncio.gather(*(jobs.TranscodeQueue(unreachable).enqueue(_media_id(), 0) for _ in range(3)))
+    finally:
+        await unreachable.aclose()
+    assert results == [False] * 3
+    assert fallbacks._value.get() == before + 3
+    assert await jobs.TranscodeQueue(None).enqueue(_media_id(), 0) is False

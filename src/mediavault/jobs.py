@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
@@ -13,29 +14,45 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from mediavault import metrics
+from mediavault.batching import Batcher
 from mediavault.domain.feed import version_key
 
 log = logging.getLogger(__name__)
 
 TRANSCODE = "transcode_media"
 
-# arq's enqueue_job (WATCH the job key, EXISTS job or result, MULTI PSETEX + ZADD) as
-# one script, with the owner's feed-version bump that every new run goes with: one
-# round trip where arq and the feed took four. Same keys, payload and expiry as arq's.
+# arq's enqueue_job (WATCH the job key, EXISTS job or result, MULTI PSETEX + ZADD) for
+# any number of runs in one script, each with the owner's feed-version bump that a new
+# run goes with: one round trip where arq and the feed took four per run. Same keys,
+# payload and expiry as arq's.
+#   KEYS: the queue, then per run: job key, result key and, when its flag is 1, a feed version key
+#   ARGV: the expiry in ms, then per run: payload, score, job id, flag
 _ENQUEUE = AsyncScript(
     None,  # type: ignore[arg-type]  # bytes need no client to encode them; every call names one
     b"""
-if KEYS[4] then
-    redis.call('INCR', KEYS[4])
+local k = 2
+for a = 2, #ARGV, 4 do
+    local job_key, result_key = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    if ARGV[a + 3] == '1' then
+        redis.call('INCR', KEYS[k])
+        k = k + 1
+    end
+    if redis.call('EXISTS', job_key, result_key) == 0 then
+        redis.call('PSETEX', job_key, ARGV[1], ARGV[a])
+        redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a + 2])
+    end
 end
-if redis.call('EXISTS', KEYS[1], KEYS[2]) == 1 then
-    return 0
-end
-redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-return 1
 """,
 )
+
+
+@dataclass(frozen=True)
+class TranscodeRun:
+    media_id: uuid.UUID
+    version: int
+    retry: int
+    feed_owner: str | None
 
 
 def transcode_job_id(media_id: uuid.UUID, version: int, retry: int = 0) -> str:
@@ -43,6 +60,29 @@ def transcode_job_id(media_id: uuid.UUID, version: int, retry: int = 0) -> str:
     # (a new variants_version) and every re-enqueue by the stuck sweep needs an id of its own.
     job_id = f"transcode:{media_id}" if version == 0 else f"transcode:{media_id}:v{version}"
     return f"{job_id}:r{retry}" if retry else job_id
+
+
+async def _enqueue_runs(redis: ArqRedis, runs: list[TranscodeRun]) -> list[bool]:
+    enqueued_ms = timestamp_ms()
+    keys: list[str] = [redis.default_queue_name]
+    args: list[object] = [redis.expires_extra_ms]
+    for run in runs:
+        job_id = transcode_job_id(run.media_id, run.version, run.retry)
+        keys += [job_key_prefix + job_id, result_key_prefix + job_id]
+        if run.feed_owner is not None:
+            keys.append(version_key(run.feed_owner))
+        payload = serialize_job(TRANSCODE, (str(run.media_id), run.version), {}, None, enqueued_ms, serializer=redis.job_serializer)
+        args += [payload, enqueued_ms, job_id, 1 if run.feed_owner is not None else 0]
+    await _ENQUEUE(keys, args, client=redis)
+    return [True] * len(runs)
+
+
+def _enqueue_failed(run: TranscodeRun) -> bool:
+    metrics.REDIS_FALLBACKS.labels("enqueue_transcode").inc()
+    if run.feed_owner is not None:
+        metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
+    log.warning("transcode enqueue failed", extra={"media_id": str(run.media_id)}, exc_info=True)
+    return False
 
 
 async def enqueue_transcode(
@@ -55,20 +95,33 @@ async def enqueue_transcode(
     False when Redis is unreachable: the stuck-media sweep re-enqueues the run later,
     and the owner's cached feed pages live out their TTL.
     """
+    run = TranscodeRun(media_id, version, retry, feed_owner)
     if redis is None:
         return False
-    job_id = transcode_job_id(media_id, version, retry)
-    enqueued_ms = timestamp_ms()
-    job = serialize_job(TRANSCODE, (str(media_id), version), {}, None, enqueued_ms, serializer=redis.job_serializer)
-    keys = [job_key_prefix + job_id, result_key_prefix + job_id, redis.default_queue_name]
-    if feed_owner is not None:
-        keys.append(version_key(feed_owner))
     try:
-        await _ENQUEUE(keys, [redis.expires_extra_ms, job, enqueued_ms, job_id], client=redis)
+        await _enqueue_runs(redis, [run])
     except (RedisError, OSError):
-        metrics.REDIS_FALLBACKS.labels("enqueue_transcode").inc()
-        if feed_owner is not None:
-            metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
-        log.warning("transcode enqueue failed", extra={"media_id": str(media_id)}, exc_info=True)
-        return False
+        return _enqueue_failed(run)
     return True
+
+
+class TranscodeQueue:
+    """enqueue_transcode for concurrent callers (the servicers): their runs go to Redis together."""
+
+    def __init__(self, redis: ArqRedis | None, max_batch: int = 256) -> None:
+        self.redis = redis
+        self._batches: Batcher[TranscodeRun, bool] | None = None
+        if redis is not None:
+            self._batches = Batcher(lambda runs: _enqueue_runs(redis, runs), max_batch)
+
+    async def enqueue(
+        self, media_id: uuid.UUID, version: int, retry: int = 0, *, feed_owner: str | None = None
+    ) -> bool:
+        """As enqueue_transcode."""
+        run = TranscodeRun(media_id, version, retry, feed_owner)
+        if self._batches is None:
+            return False
+        try:
+            return await self._batches.submit(run)
+        except (RedisError, OSError):
+            return _enqueue_failed(run)

@@ -16,7 +16,7 @@ from arq.connections import ArqRedis, RedisSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mediavault import metrics
+from mediavault import jobs, metrics
 from mediavault.auth import Authenticator
 from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
@@ -95,8 +95,10 @@ class Server:
             free_quota_bytes=settings.free_quota_bytes,
         )
         await self.limiter.reload()
-        reservations = uploads.Reservations(self.pool)
-        resources = (authenticator, self.pool, self.blobs, settings, feed_cache, self.queue, self.limiter, reservations)
+        resources = (
+            authenticator, self.pool, self.blobs, settings, feed_cache, self.limiter,
+            uploads.Reservations(self.pool), uploads.Commits(self.pool), jobs.TranscodeQueue(self.queue),
+        )
         storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(*resources), self.grpc_server)
         media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(*resources), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

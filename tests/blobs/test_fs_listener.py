@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from mediavault.blobs.base import single_chunk
+from mediavault.blobs.base import Inspection, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.blobs.signing import UrlSigner
@@ -49,6 +50,16 @@ async def test_put_of_several_megabytes_stores_every_byte(store):
     assert (await send("PUT", signed.url, body, signed.headers))[0] == 200
     assert store.path("originals/ab/big").read_bytes() == body
     assert not any(store.temp_path().parent.iterdir()), "no temp file is left behind"
+
+
+@pytest.mark.parametrize("size", [0, 10, 256 * 1024, 256 * 1024 + 1, 3_000_001])
+async def test_inspect_reads_size_checksum_and_head_of_small_and_large_objects(store, size):
+    # Up to 256 KiB in one read on the event loop, larger ones chunk by chunk in a thread.
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    await store.write("originals/ab/inspected", single_chunk(body), content_type="image/jpeg")
+    expected = Inspection(size, hashlib.sha256(body).hexdigest(), body[:1024])
+    assert await store.inspect("originals/ab/inspected", 1024) == expected
+    assert await store.inspect("originals/ab/missing", 1024) is None
 
 
 async def test_write_of_many_chunks_replaces_the_object_whole(store):

@@ -13,7 +13,7 @@ import aioboto3
 import aiohttp
 import pytest
 
-from mediavault.blobs import BlobStoreError, ObjectInfo, open_blob_store
+from mediavault.blobs import BlobStoreError, Inspection, ObjectInfo, open_blob_store
 from mediavault.blobs.s3 import S3BlobStore
 from mediavault.config import MiB, Settings
 from tests.s3server import MotoServer, moto_server
@@ -91,9 +91,9 @@ async def test_presigned_put_with_returned_headers_stores_the_bytes(store: S3Blo
     # Real S3 records the verified checksum; moto records none for a presigned PUT, so
     # stat must then say None and finalize hashes the bytes itself.
     assert info.sha256 in (None, sha256_hex(data))
-    assert await store.read_prefix(key, len(JPEG_HEAD)) == JPEG_HEAD
-    assert await store.read_prefix(key, len(data) + 100) == data
-    assert await store.sha256(key) == sha256_hex(data)
+    assert await store.inspect(key, len(JPEG_HEAD)) == Inspection(len(data), sha256_hex(data), JPEG_HEAD)
+    assert await store.inspect(key, len(data) + 100) == Inspection(len(data), sha256_hex(data), data)
+    assert await store.inspect(f"{key}-missing", 16) is None
 
 
 async def test_presigned_put_signs_every_header_it_returns(store: S3BlobStore, key: str) -> None:
@@ -137,7 +137,7 @@ async def test_put_of_bytes_not_matching_the_declared_sha256_cannot_pass_finaliz
     else:
         info = await store.stat(key)
         assert info is not None and info.sha256 != sha256_hex(declared)
-        assert await store.sha256(key) == sha256_hex(sent)
+        assert (await store.inspect(key, 0)).sha256 == sha256_hex(sent)
 
 
 async def test_put_of_another_length_than_signed_cannot_pass_finalize(store: S3BlobStore, key: str) -> None:
@@ -164,7 +164,7 @@ async def test_presigned_put_cannot_replace_an_existing_object(store: S3BlobStor
     status, _, _ = await http("PUT", signed.url, signed.headers, JPEG_HEAD + b"swapd")
 
     assert status == 412
-    assert await store.sha256(key) == sha256_hex(data)
+    assert (await store.inspect(key, 0)).sha256 == sha256_hex(data)
 
 
 async def test_presigned_get_serves_the_bytes(store: S3BlobStore, key: str) -> None:
@@ -185,7 +185,7 @@ async def test_small_write_is_one_put_and_round_trips(store: S3BlobStore, raw_s3
 
     info = await store.stat(key)
     assert info is not None and info.size == len(data)
-    assert await store.sha256(key) == sha256_hex(data)
+    assert (await store.inspect(key, 0)).sha256 == sha256_hex(data)
     head = await raw_s3.head_object(Bucket=BUCKET, Key=key)
     assert head["ContentType"] == "image/png"
     assert "-" not in head["ETag"], "a single PUT, not a multipart upload"
@@ -197,7 +197,7 @@ async def test_write_of_exactly_one_part_is_one_put(store: S3BlobStore, raw_s3, 
     assert await store.write(key, stream(data), content_type="video/mp4") == len(data)
 
     assert "-" not in (await raw_s3.head_object(Bucket=BUCKET, Key=key))["ETag"]
-    assert await store.sha256(key) == sha256_hex(data)
+    assert (await store.inspect(key, 0)).sha256 == sha256_hex(data)
 
 
 async def test_large_write_is_multipart_and_round_trips(store: S3BlobStore, raw_s3, key: str) -> None:
@@ -208,8 +208,8 @@ async def test_large_write_is_multipart_and_round_trips(store: S3BlobStore, raw_
     info = await store.stat(key)
     assert info is not None and info.size == len(data)
     assert info.sha256 is None, "no full-object SHA-256 is recorded for a multipart upload"
-    assert await store.sha256(key) == sha256_hex(data)
-    assert await store.read_prefix(key, 64) == data[:64]
+    assert (await store.inspect(key, 0)).sha256 == sha256_hex(data)
+    assert (await store.inspect(key, 64)).head == data[:64]
     head = await raw_s3.head_object(Bucket=BUCKET, Key=key)
     assert head["ETag"].strip('"').endswith("-3"), "8 + 8 + 4 MiB parts"
     assert head["ContentType"] == "video/mp4"
@@ -220,7 +220,7 @@ async def test_write_replaces_an_existing_object(store: S3BlobStore, key: str) -
 
     await store.write(key, stream(b"new"), content_type="image/png")
 
-    assert await store.read_prefix(key, 100) == b"new"
+    assert (await store.inspect(key, 100)).head == b"new"
 
 
 async def test_failed_stream_aborts_the_multipart_upload(store: S3BlobStore, raw_s3, key: str) -> None:
@@ -240,8 +240,8 @@ async def test_empty_object(store: S3BlobStore, key: str) -> None:
     assert await store.write(key, stream(b""), content_type="image/png") == 0
 
     assert await store.stat(key) == ObjectInfo(size=0)
-    assert await store.read_prefix(key, 16) == b""
-    assert await store.sha256(key) == sha256_hex(b"")
+    assert (await store.inspect(key, 16)).head == b""
+    assert (await store.inspect(key, 0)).sha256 == sha256_hex(b"")
 
 
 async def test_delete_is_idempotent(store: S3BlobStore, key: str) -> None:
@@ -255,16 +255,15 @@ async def test_delete_is_idempotent(store: S3BlobStore, key: str) -> None:
 
 async def test_missing_object(store: S3BlobStore, key: str) -> None:
     assert await store.stat(key) is None
+    assert await store.inspect(key, 16) is None
     with pytest.raises(BlobStoreError):
-        await store.read_prefix(key, 16)
-    with pytest.raises(BlobStoreError):
-        await store.sha256(key)
+        await store.read(key)
 
 
 async def test_keys_are_checked(store: S3BlobStore) -> None:
     for call in (
         lambda: store.stat("../etc/passwd"),
-        lambda: store.read_prefix("Upper/case", 1),
+        lambda: store.inspect("Upper/case", 1),
         lambda: store.delete(""),
         lambda: store.presign_get("a//b", expires_in=60),
     ):
@@ -281,8 +280,7 @@ async def test_outage_raises_blob_store_error_and_recovers() -> None:
 
             for operation in (
                 lambda: store.stat("test/kept"),
-                lambda: store.read_prefix("test/kept", 4),
-                lambda: store.sha256("test/kept"),
+                lambda: store.inspect("test/kept", 4),
                 lambda: store.write("test/new", stream(b"during"), content_type="image/png"),
                 lambda: store.write("test/big", stream(os.urandom(9 * MiB)), content_type="video/mp4"),
                 lambda: store.delete("test/kept"),
@@ -297,6 +295,6 @@ async def test_outage_raises_blob_store_error_and_recovers() -> None:
             # moto forgets everything when it stops; the same client reconnects by itself.
             await store.ensure_bucket()
             await store.write("test/new", stream(b"after"), content_type="image/png")
-            assert await store.read_prefix("test/new", 16) == b"after"
+            assert (await store.inspect("test/new", 16)).head == b"after"
         finally:
             await store.close()

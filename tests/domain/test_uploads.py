@@ -203,3 +203,59 @@ async def test_an_object_that_is_not_what_was_declared_fails_with_its_reason(poo
     assert await reserved_bytes(pool, user_id) == 0
     assert await blobs.stat(begun.upload.object_key) is None
     assert await pool.fetchval("SELECT count(*) FROM media WHERE upload_id = $1", begun.upload.upload_id) == 0
+
+
+async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer(pool, blobs, settings):
+    # Many users, some with several uploads; a fifth of the objects are not what was declared.
+    reservations, commits = uploads.Reservations(pool), uploads.Commits(pool)
+    users = [new_user() for _ in range(12)]
+    begun = await asyncio.gather(
+        *(begin(pool, blobs, settings, reservations, users[i % len(users)], sha256=hashlib.sha256(JPEG_BYTES).hexdigest())
+          for i in range(40))
+    )
+    for i, b in enumerate(begun):
+        data = JPEG_BYTES if i % 5 else JPEG_BYTES[:-1] + b"\x00"
+        await blobs.write(b.upload.object_key, single_chunk(data), content_type="image/jpeg")
+
+    async def finalize(b):
+        try:
+            return await uploads.finalize(pool, blobs, settings, principal(b.upload.user_id), b.upload.upload_id, commits)
+        except VerificationFailed as failure:
+            return failure.reason
+
+    outcomes = await asyncio.gather(*(finalize(b) for b in begun))
+    for i, outcome in enumerate(outcomes):
+        if i % 5:
+            assert outcome.state == "finalized" and outcome.media_id is not None
+        else:
+            assert outcome == "CHECKSUM_MISMATCH"
+    expected_used = {u: 0 for u in users}
+    for i, b in enumerate(begun):
+        if i % 5:
+            expected_used[b.upload.user_id] += SIZE
+    rows = await pool.fetch("SELECT user_id, used_bytes, reserved_bytes FROM accounts WHERE user_id = ANY($1)", users)
+    assert {r["user_id"]: (r["used_bytes"], r["reserved_bytes"]) for r in rows} == {u: (n, 0) for u, n in expected_used.items()}
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE owner_id = ANY($1)", users) == 32
+    assert await ledger.audit(pool) == []
+
+
+async def test_an_upload_row_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings):
+    commits = uploads.Commits(pool)
+    user_id = new_user()
+    begun = [await begin(pool, blobs, settings, None, user_id) for _ in range(3)]
+    for b in begun:
+        await blobs.write(b.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
+    held = begun[0].upload.upload_id
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM uploads WHERE upload_id = $1 FOR UPDATE", held)
+        blocked = asyncio.create_task(uploads.finalize(pool, blobs, settings, principal(user_id), held, commits))
+        others = await asyncio.wait_for(
+            asyncio.gather(*(uploads.finalize(pool, blobs, settings, principal(user_id), b.upload.upload_id, commits)
+                             for b in begun[1:])),
+            timeout=10,
+        )
+        assert [o.state for o in others] == ["finalized", "finalized"]
+        assert not blocked.done()
+    assert (await asyncio.wait_for(blocked, timeout=10)).state == "finalized"
+    assert await pool.fetchrow("SELECT used_bytes, reserved_bytes FROM accounts WHERE user_id = $1", user_id) == (3 * SIZE, 0)
+    assert await ledger.audit(pool) == []

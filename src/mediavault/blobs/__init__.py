@@ -5,6 +5,7 @@ from __future__ import annotations
 from mediavault.blobs.base import (
     BlobStore,
     BlobStoreError,
+    Inspection,
     ListedObject,
     ObjectInfo,
     SignedRequest,
@@ -13,7 +14,7 @@ from mediavault.blobs.base import (
 )
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "ListedObject", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "Inspection", "ListedObject", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

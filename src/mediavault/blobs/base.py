@@ -25,6 +25,15 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class Inspection:
+    """What an object holds: its size, lowercase hex SHA-256 and leading bytes."""
+
+    size: int
+    sha256: str
+    head: bytes
+
+
+@dataclass(frozen=True)
 class ListedObject:
     key: str
     size: int
@@ -73,12 +82,11 @@ class BlobStore(Protocol):
         """Size (and recorded checksum) of the object, or None when it does not exist."""
         ...
 
-    async def read_prefix(self, key: str, length: int) -> bytes:
-        """Up to length leading bytes of the object."""
-        ...
+    async def inspect(self, key: str, head_length: int) -> Inspection | None:
+        """Size, SHA-256 and up to head_length leading bytes of the object; None when it does not exist.
 
-    async def sha256(self, key: str) -> str:
-        """Lowercase hex SHA-256 of the whole object, computed by reading it."""
+        Reads the whole object once, unless the backend recorded a verified checksum.
+        """
         ...
 
     async def read(self, key: str) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mediavault.blobs.base import (
     BlobStoreError,
+    Inspection,
     ListedObject,
     ObjectInfo,
     SignedRequest,
@@ -60,19 +61,16 @@ class FsBlobStore:
         except OSError as exc:
             raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
 
-    async def read_prefix(self, key: str, length: int) -> bytes:
-        try:
-            with self.path(key).open("rb") as f:
-                return f.read(length)
-        except OSError as exc:
-            raise BlobStoreError(f"read failed: {exc.strerror}") from exc
-
-    async def sha256(self, key: str) -> str:
+    async def inspect(self, key: str, head_length: int) -> Inspection | None:
         path = self.path(key)
         try:
-            if path.stat().st_size <= _INLINE_READ_LIMIT:
-                return hashlib.sha256(path.read_bytes()).hexdigest()
-            return await asyncio.to_thread(_hash_file, path)
+            with path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size <= _INLINE_READ_LIMIT:
+                    data = f.read()
+                    return Inspection(len(data), hashlib.sha256(data).hexdigest(), data[:head_length])
+            return await asyncio.to_thread(_inspect_file, path, head_length)
+        except FileNotFoundError:
+            return None
         except OSError as exc:
             raise BlobStoreError(f"read failed: {exc.strerror}") from exc
 
@@ -109,9 +107,13 @@ class FsBlobStore:
         a still-valid URL must not be able to swap them.
         """
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(tmp, target)
+            try:
+                os.link(tmp, target)
+            except FileNotFoundError:
+                # The first object under this prefix: make its directory, once.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(tmp, target)
         except FileExistsError:
             return False
         finally:
@@ -238,9 +240,14 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
     return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
 
 
-def _hash_file(path: Path) -> str:
+def _inspect_file(path: Path, head_length: int) -> Inspection:
     digest = hashlib.sha256()
+    head = b""
+    size = 0
     with path.open("rb") as f:
         while chunk := f.read(_READ_CHUNK):
+            if size < head_length:
+                head += chunk[: head_length - size]
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return Inspection(size, digest.hexdigest(), head)

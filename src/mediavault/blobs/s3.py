@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mediavault.blobs.base import (
     BlobStoreError,
+    Inspection,
     ListedObject,
     ObjectInfo,
     SignedRequest,
@@ -124,8 +125,40 @@ class S3BlobStore:
                 raise
         return ObjectInfo(size=head["ContentLength"], sha256=_full_object_sha256(head))
 
-    async def read_prefix(self, key: str, length: int) -> bytes:
+    async def read(self, key: str) -> bytes:
         check_key(key)
+        with _translate_errors("read"):
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            async with body:
+                return await body.read()
+
+    async def inspect(self, key: str, head_length: int) -> Inspection | None:
+        info = await self.stat(key)
+        if info is None:
+            return None
+        if info.sha256 is not None:
+            return Inspection(info.size, info.sha256, await self._read_prefix(key, head_length))
+        digest = hashlib.sha256()
+        head = b""
+        size = 0
+        with _translate_errors("read"):
+            try:
+                response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+            body = response["Body"]
+            async with body:
+                async for chunk in body.iter_chunks(_READ_CHUNK):
+                    if size < head_length:
+                        head += chunk[: head_length - size]
+                    digest.update(chunk)
+                    size += len(chunk)
+        return Inspection(size, digest.hexdigest(), head)
+
+    async def _read_prefix(self, key: str, length: int) -> bytes:
         # "bytes=0--1" is not a valid range and S3 would answer with the whole object.
         if length < 1:
             return b""
@@ -142,25 +175,6 @@ class S3BlobStore:
             # botocore wrapper, which checks the length and maps transport errors.
             async with body:
                 return await body.read()
-
-    async def read(self, key: str) -> bytes:
-        check_key(key)
-        with _translate_errors("read"):
-            response = await self._client.get_object(Bucket=self.bucket, Key=key)
-            body = response["Body"]
-            async with body:
-                return await body.read()
-
-    async def sha256(self, key: str) -> str:
-        check_key(key)
-        digest = hashlib.sha256()
-        with _translate_errors("read"):
-            response = await self._client.get_object(Bucket=self.bucket, Key=key)
-            body = response["Body"]
-            async with body:
-                async for chunk in body.iter_chunks(_READ_CHUNK):
-                    digest.update(chunk)
-        return digest.hexdigest()
 
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
         check_key(key)

@@ -12,15 +12,15 @@ from typing import Any
 
 import asyncpg
 import grpc
-from arq.connections import ArqRedis
 
 from mediavault import logs, metrics
 from mediavault.auth import Authenticator, Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
 from mediavault.domain.feed import Feed
-from mediavault.domain.uploads import Reservations
+from mediavault.domain.uploads import Commits, Reservations
 from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, Unauthenticated
+from mediavault.jobs import TranscodeQueue
 from mediavault.ratelimit import WRITES, RateLimiter
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
@@ -38,9 +38,10 @@ class Servicer:
     blobs: BlobStore
     settings: Settings
     feed: Feed
-    queue: ArqRedis | None
     limiter: RateLimiter
     reservations: Reservations
+    commits: Commits
+    transcodes: TranscodeQueue
 
     async def _admit(
         self, rpc_name: str, metadata, context: grpc.aio.ServicerContext

@@ -7,7 +7,7 @@ from datetime import UTC
 
 from google.protobuf import json_format
 
-from mediavault import jobs, metrics
+from mediavault import metrics
 from mediavault.auth import Principal
 from mediavault.domain import events
 from mediavault.domain import media as media_domain
@@ -114,7 +114,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
         media_id = media_domain.parse_media_id(request.media_id)
         version = await media_domain.request_reprocess(self.pool, principal, media_id)
         media = await media_domain.get(self.pool, principal, media_id)
-        await jobs.enqueue_transcode(self.queue, media_id, version, feed_owner=media.owner_id)
+        await self.transcodes.enqueue(media_id, version, feed_owner=media.owner_id)
         return pb.ReprocessMediaResponse(media=await self.media_pb(media))
 
     @rpc(SERVICE)

@@ -7,7 +7,6 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mediavault import jobs
 from mediavault.auth import Principal
 from mediavault.domain import accounts, purchases, uploads
 from mediavault.errors import InvalidArgument
@@ -99,7 +98,7 @@ def account_pb(account: accounts.Account) -> pb.Account:
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     async def _media_created(self, upload: uploads.Upload) -> None:
-        await jobs.enqueue_transcode(self.queue, upload.media_id, 0, feed_owner=upload.user_id)
+        await self.transcodes.enqueue(upload.media_id, 0, feed_owner=upload.user_id)
 
     @rpc(SERVICE)
     async def BeginUpload(self, request: pb.BeginUploadRequest, context, principal: Principal) -> pb.BeginUploadResponse:
@@ -131,7 +130,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     @rpc(SERVICE)
     async def FinalizeUpload(self, request: pb.FinalizeUploadRequest, context, principal: Principal) -> pb.FinalizeUploadResponse:
         upload = await uploads.finalize(
-            self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(request.upload_id)
+            self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(request.upload_id), self.commits
         )
         await self._media_created(upload)
         return pb.FinalizeUploadResponse(upload=upload_pb(upload), media_id=str(upload.media_id))

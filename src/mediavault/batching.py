@@ -1,0 +1,60 @@
+"""Concurrent calls to one statement or script, run together as one batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Item, Result]):
+    """Runs concurrent submissions together: one batch in flight, the next takes what arrived meanwhile.
+
+    `run` gets up to max_batch items and returns one result per item, in order. When
+    it raises, every submission of that batch raises the same exception. Under load,
+    N calls then cost one round trip and one commit instead of N; an idle server runs
+    a batch of one at once, so a lone call waits for nothing.
+
+    A cancelled submitter leaves its item in the batch: callers submit work that is
+    safe to complete without them (the caller's retry finds it done).
+    """
+
+    def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_batch: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._run = run
+        self.max_batch = max_batch
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+                await self._run_batch(batch)
+        finally:
+            self._draining = None
+
+    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)

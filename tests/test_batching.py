@@ -1,0 +1,81 @@
+"""Batcher: concurrent submissions run together, one batch in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mediavault.batching import Batcher
+
+
+class Recorder:
+    """A run function that records its batches and holds each until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.fail_on: int | None = None
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await self.release.wait()
+        if self.fail_on in items:
+            raise ValueError("statement failed")
+        return [item * 10 for item in items]
+
+
+async def test_calls_arriving_while_a_batch_runs_form_the_next_batch():
+    run = Recorder()
+    batcher = Batcher(run, max_batch=3)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 8)]
+    await asyncio.sleep(0)
+    assert run.batches == [[1]]
+    run.release.set()
+    assert await first == 10
+    assert await asyncio.gather(*rest) == [20, 30, 40, 50, 60, 70]
+    assert run.batches == [[1], [2, 3, 4], [5, 6, 7]]
+
+
+async def test_a_failing_batch_fails_its_own_callers_only():
+    run = Recorder()
+    run.fail_on = 3
+    batcher = Batcher(run)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    doomed = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
+    await asyncio.sleep(0)
+    run.release.set()
+    assert await first == 10
+    for task in doomed:
+        with pytest.raises(ValueError, match="statement failed"):
+            await task
+    assert await batcher.submit(4) == 40
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others():
+    run = Recorder()
+    batcher = Batcher(run)
+    tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    run.release.set()
+    assert await tasks[0] == 10 and await tasks[2] == 30
+    assert tasks[1].cancelled()
+    assert run.batches == [[1, 2, 3]]
+
+
+async def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    batcher = Batcher(short)
+    with pytest.raises(RuntimeError, match="returned"):
+        await asyncio.gather(batcher.submit(1), batcher.submit(2))
+
+
+def test_max_batch_must_be_positive():
+    with pytest.raises(ValueError):
+        Batcher(Recorder(), max_batch=0)
