@@ -3,7 +3,6 @@ method, key, expiry, content length and content type are bound into the signatur
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from urllib.parse import quote, urlencode
@@ -16,7 +15,7 @@ class UrlSigner:
 
     def _signature(self, method: str, key: str, expires: int, length: str, content_type: str) -> str:
         message = "\n".join((method, key, str(expires), length, content_type)).encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, message, "sha256").hex()
 
     def sign(self, method: str, key: str, *, expires_in: int, length: int | None = None, content_type: str = "") -> str:
         expires = int(time.time()) + expires_in
