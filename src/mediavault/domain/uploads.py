@@ -293,51 +293,52 @@ async def _signed_put(blobs: BlobStore, upload: Upload, settings: Settings) -> B
     return BeginResult(upload, signed.url, signed.method, dict(signed.headers))
 
 
-class Reservations:
-    """Reserves the uploads of concurrent BeginUploads together: one statement, one commit.
+class UploadBatches:
+    """Runs one statement for concurrent calls together: one round trip, one commit.
+
+    Each call's args are one row of the statement's unnest() columns, upload_id first;
+    the call gets back the row the statement returned for its upload, or None.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, statement: str, max_batch: int = 256) -> None:
+        self.pool = pool
+        self.statement = statement
+        self._batches: Batcher[tuple, asyncpg.Record | None] = Batcher(self._run_many, max_batch)
+
+    async def submit(self, args: tuple) -> asyncpg.Record | None:
+        return await self._batches.submit(args)
+
+    async def _run_many(self, batch: list[tuple]) -> list[asyncpg.Record | None]:
+        rows = await self.pool.fetch(self.statement, *map(list, zip(*batch, strict=True)))
+        by_upload = {row["upload_id"]: row for row in rows}
+        return [by_upload.get(args[0]) for args in batch]
+
+
+class Reservations(UploadBatches):
+    """Reserves the uploads of concurrent BeginUploads together (_BEGIN_MANY).
 
     Under load that halves PostgreSQL's CPU per reservation (about 390 to 190 us
     measured). The batch places only what it can place for sure: an account's uploads
-    in it are reserved together or not at all. reserve() returns None for the rest (no
-    account yet, frozen, locked by another transaction, or the account's total does not
-    fit), and begin() asks again for that upload alone, which gives the exact answer.
+    in it are reserved together or not at all. None comes back for the rest (no account
+    yet, frozen, locked by another transaction, or the account's total does not fit),
+    and begin() asks again for that upload alone, which gives the exact answer. A batch
+    of one goes the same way: _BEGIN would wait for a locked account, and every call
+    arriving meanwhile with it.
     """
 
     def __init__(self, pool: asyncpg.Pool, max_batch: int = 256) -> None:
-        self.pool = pool
-        self._batches: Batcher[tuple, asyncpg.Record | None] = Batcher(self._reserve_many, max_batch)
-
-    async def reserve(self, args: tuple) -> asyncpg.Record | None:
-        """The created row, or None. args: one row of _BEGIN_MANY's columns, upload_id first."""
-        return await self._batches.submit(args)
-
-    async def _reserve_many(self, batch: list[tuple]) -> list[asyncpg.Record | None]:
-        # A batch of one goes the same way: _BEGIN would wait for a locked account, and
-        # every call arriving meanwhile with it.
-        rows = await self.pool.fetch(_BEGIN_MANY, *map(list, zip(*batch, strict=True)))
-        created = {row["upload_id"]: row for row in rows}
-        return [created.get(args[0]) for args in batch]
+        super().__init__(pool, _BEGIN_MANY, max_batch)
 
 
-class Commits:
-    """Commits the verified uploads of concurrent FinalizeUploads together: one statement, one commit.
+class Commits(UploadBatches):
+    """Commits the verified uploads of concurrent FinalizeUploads together (_COMMIT_MANY).
 
-    commit() returns the finalized row, or None when the upload's guard refused it or
-    another transaction held its row; finalize() then settles that upload alone.
+    None comes back when the upload's guard refused it or another transaction held
+    its row; finalize() then settles that upload alone.
     """
 
     def __init__(self, pool: asyncpg.Pool, max_batch: int = 256) -> None:
-        self.pool = pool
-        self._batches: Batcher[tuple, asyncpg.Record | None] = Batcher(self._commit_many, max_batch)
-
-    async def commit(self, args: tuple) -> asyncpg.Record | None:
-        """args: one row of _COMMIT_MANY's columns (see _commit_args)."""
-        return await self._batches.submit(args)
-
-    async def _commit_many(self, batch: list[tuple]) -> list[asyncpg.Record | None]:
-        rows = await self.pool.fetch(_COMMIT_MANY, *map(list, zip(*batch, strict=True)))
-        finalized = {row["upload_id"]: row for row in rows}
-        return [finalized.get(args[0]) for args in batch]
+        super().__init__(pool, _COMMIT_MANY, max_batch)
 
 
 async def begin(
@@ -359,7 +360,7 @@ async def begin(
     args = (*upload, request.idempotency_key, *placement)
     # A batch cannot take an idempotency key: one duplicate would abort everyone's insert.
     if reservations is not None and request.idempotency_key is None:
-        row = await reservations.reserve((*upload, *placement))
+        row = await reservations.submit((*upload, *placement))
         if row is not None:
             return await _signed_put(blobs, Upload(**row), settings)
     # Zero rows means no account yet, frozen, or full; the account may also have been
@@ -485,7 +486,7 @@ async def finalize(
     observed = await observe_object(blobs, object_key)
     if observed is not None:
         args = _commit_args(settings, upload_id, principal.user_id, observed)
-        row = await (commits.commit(args) if commits is not None else pool.fetchrow(_COMMIT, *args))
+        row = await (commits.submit(args) if commits is not None else pool.fetchrow(_COMMIT, *args))
         if row is not None:
             metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
             return Upload(**row)
@@ -499,8 +500,10 @@ async def finalize(
         await _expire_if_lapsed(pool, blobs, upload)
         return await _settled(pool, principal, upload_id)
 
-    # Read again: the object may have been uploaded since the first look.
-    observed = await observe_object(blobs, object_key)
+    if observed is None:
+        # It may have been uploaded since the first look. Once there, an object never
+        # changes (both backends store it once), so what was seen then still holds.
+        observed = await observe_object(blobs, object_key)
     try:
         check_object(upload, observed)
     except VerificationFailed as failure:
