@@ -79,3 +79,19 @@ async def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError):
         Batcher(Recorder(), max_batch=0)
+
+
+@pytest.mark.parametrize("started", [True, False])
+async def test_a_cancelled_drain_cancels_its_callers_and_the_next_call_starts_anew(started):
+    run = Recorder()
+    batcher = Batcher(run)
+    tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    for _ in range(2 if started else 1):
+        await asyncio.sleep(0)
+    assert run.batches == ([[1, 2]] if started else [])
+    batcher._draining.cancel()
+    for task in tasks:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    run.release.set()
+    assert await asyncio.wait_for(batcher.submit(3), timeout=5) == 30

@@ -35,7 +35,18 @@ class Batcher(Generic[Item, Result]):
         self._waiting.append((item, future))
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain())
+            self._draining.add_done_callback(self._drained)
         return await future
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        # A drain task cancelled before it ran (loop shutdown) never reached its finally.
+        if self._draining is task:
+            self._draining = None
+        # Calls that were still waiting for a batch would otherwise wait forever.
+        if task.cancelled() and self._draining is None:
+            waiting, self._waiting = self._waiting, []
+            for _, future in waiting:
+                future.cancel()
 
     async def _drain(self) -> None:
         try:
@@ -50,6 +61,11 @@ class Batcher(Generic[Item, Result]):
             results = await self._run([item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+        except asyncio.CancelledError:
+            # The loop is shutting down: the batch's callers must not wait for it forever.
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
