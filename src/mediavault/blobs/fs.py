@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import uuid
@@ -34,15 +35,29 @@ class FsBlobStore:
     def __init__(self, root: Path, signer: UrlSigner) -> None:
         self.root = root.resolve()
         self.signer = signer
-        self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        # The upload path (PUT, publish, inspect) joins str paths: building pathlib
+        # objects there cost more than its system calls.
+        self._root_prefix = f"{self.root}/"
+        self._tmp_prefix = f"{tmp}/"
         self._deleters = ThreadPoolExecutor(max_workers=_DELETE_THREADS, thread_name_prefix="blob-delete")
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _file(self, key: str) -> str:
+        return self._root_prefix + check_key(key)
+
+    def new_temp_file(self) -> str:
+        """A fresh name in the temp directory, where objects are written before they are published."""
+        return self._tmp_prefix + uuid.uuid4().hex
+
     def temp_path(self) -> Path:
-        return self._tmp / uuid.uuid4().hex
+        return Path(self.new_temp_file())
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._file(key))
 
     async def presign_put(
         self, key: str, *, size_bytes: int, content_type: str, sha256: str | None, expires_in: int
@@ -62,9 +77,9 @@ class FsBlobStore:
             raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
 
     async def inspect(self, key: str, head_length: int) -> Inspection | None:
-        path = self.path(key)
+        path = self._file(key)
         try:
-            with path.open("rb") as f:
+            with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size <= _INLINE_READ_LIMIT:
                     data = f.read()
                     return Inspection(len(data), hashlib.sha256(data).hexdigest(), data[:head_length])
@@ -85,39 +100,39 @@ class FsBlobStore:
 
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
         target = self.path(key)
-        tmp = self.temp_path()
+        tmp = self.new_temp_file()
         size = 0
         try:
-            with tmp.open("wb") as f:
-                async for chunk in chunks:
-                    f.write(chunk)
-                    size += len(chunk)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    async for chunk in chunks:
+                        f.write(chunk)
+                        size += len(chunk)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
+            except BaseException:
+                remove_quietly(tmp)
+                raise
         except OSError as exc:
             raise BlobStoreError(f"write failed: {exc.strerror}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
         return size
 
-    def publish_new(self, tmp: Path, key: str) -> bool:
-        """Moves a fully written temp file into place unless the object exists; False if it did.
+    def publish_new(self, tmp: str, key: str) -> bool:
+        """Links a fully written temp file in as the object unless it exists; False if it did.
 
         A presigned PUT creates the object once: after finalize has verified the bytes,
-        a still-valid URL must not be able to swap them.
+        a still-valid URL must not be able to swap them. The caller removes the temp file.
         """
-        target = self.path(key)
+        target = self._file(key)
         try:
             try:
                 os.link(tmp, target)
             except FileNotFoundError:
                 # The first object under this prefix: make its directory, once.
-                target.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.link(tmp, target)
         except FileExistsError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
         return True
 
     async def delete(self, key: str) -> None:
@@ -240,11 +255,17 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
     return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
 
 
-def _inspect_file(path: Path, head_length: int) -> Inspection:
+def remove_quietly(path: str) -> None:
+    """Removes a file that may already be gone."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _inspect_file(path: str, head_length: int) -> Inspection:
     digest = hashlib.sha256()
     head = b""
     size = 0
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(_READ_CHUNK):
             if size < head_length:
                 head += chunk[: head_length - size]

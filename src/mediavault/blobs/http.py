@@ -11,7 +11,7 @@ import logging
 
 from aiohttp import web
 
-from mediavault.blobs.fs import FsBlobStore
+from mediavault.blobs.fs import FsBlobStore, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,13 @@ def create_app(store: FsBlobStore) -> web.Application:
             return _error(403, "SignatureDoesNotMatch", "Content-Length differs from the signed length")
         if request.headers.get("Content-Type", "") != request.query.get("X-Content-Type", ""):
             return _error(403, "SignatureDoesNotMatch", "Content-Type differs from the signed type")
-        if store.path(key).exists():
+        if store.exists(key):
             return _error(412, "PreconditionFailed", "object already uploaded")
 
-        tmp = store.temp_path()
+        tmp = store.new_temp_file()
         received = 0
         try:
-            with tmp.open("wb") as f:
+            with open(tmp, "wb") as f:
                 while chunk := await request.content.read(_CHUNK):
                     received += len(chunk)
                     if received > signed_length:
@@ -54,7 +54,7 @@ def create_app(store: FsBlobStore) -> web.Application:
             if not store.publish_new(tmp, key):
                 return _error(412, "PreconditionFailed", "object already uploaded")
         finally:
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
         return web.Response(status=200)
 
     async def get_object(request: web.Request) -> web.StreamResponse:
