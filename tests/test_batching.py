@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -76,9 +77,53 @@ async def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
         await asyncio.gather(batcher.submit(1), batcher.submit(2))
 
 
-def test_max_batch_must_be_positive():
+def test_max_batch_must_be_positive_and_spacing_not_negative():
     with pytest.raises(ValueError):
         Batcher(Recorder(), max_batch=0)
+    with pytest.raises(ValueError):
+        Batcher(Recorder(), spacing=-0.001)
+
+
+class Timed:
+    """A run function that takes `duration` seconds and records when each batch started."""
+
+    def __init__(self, duration: float) -> None:
+        self.duration = duration
+        self.batches: list[tuple[float, list[int]]] = []
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append((asyncio.get_running_loop().time(), items))
+        await asyncio.sleep(self.duration)
+        return items
+
+
+async def test_with_spacing_back_to_back_batches_start_spacing_apart_and_carry_the_calls_that_waited():
+    run = Timed(duration=0.005)
+    batcher = Batcher(run, spacing=0.05)
+    loop = asyncio.get_running_loop()
+    calls = []
+    for i in range(40):
+        calls.append(asyncio.create_task(batcher.submit(i)))
+        await asyncio.sleep(0.004)
+    assert await asyncio.gather(*calls) == list(range(40))
+    starts = [started for started, _ in run.batches]
+    assert all(later - earlier >= 0.05 - 0.002 for earlier, later in itertools.pairwise(starts))
+    # 40 calls over about 160 ms: without spacing about 20 batches of two; with it, four or five.
+    assert len(run.batches) <= 5
+    assert sorted(item for _, items in run.batches for item in items) == list(range(40))
+    assert loop.time() - starts[0] < 0.5
+
+
+async def test_with_spacing_a_call_after_a_quiet_spell_starts_at_once():
+    run = Timed(duration=0.0)
+    batcher = Batcher(run, spacing=0.2)
+    assert await batcher.submit(1) == 1
+    await asyncio.sleep(0.25)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await batcher.submit(2) == 2
+    assert run.batches[-1][0] - started < 0.05
+    assert len(run.batches) == 2
 
 
 @pytest.mark.parametrize("started", [True, False])

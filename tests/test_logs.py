@@ -31,6 +31,17 @@ async def test_request_id_is_echoed_in_trailers(storage, auth, user_id):
     assert ("x-request-id", "def-456") in tuple(caught.value.trailing_metadata())
 
 
+async def test_a_call_without_request_id_gets_a_new_one(storage, auth, user_id):
+    seen = set()
+    for _ in range(3):
+        call = storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
+        await call
+        ids = [value for key, value in await call.trailing_metadata() if key == "x-request-id"]
+        assert len(ids) == 1 and len(ids[0]) == 20
+        seen.add(ids[0])
+    assert len(seen) == 3
+
+
 async def test_tokens_never_reach_the_logs(storage, auth, user_id, caplog):
     import logging
 

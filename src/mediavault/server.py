@@ -97,7 +97,9 @@ class Server:
         await self.limiter.reload()
         resources = (
             authenticator, self.pool, self.blobs, settings, feed_cache, self.limiter,
-            uploads.Reservations(self.pool), uploads.Commits(self.pool), jobs.TranscodeQueue(self.queue),
+            uploads.Reservations(self.pool, spacing=settings.upload_batch_spacing_ms / 1000),
+            uploads.Commits(self.pool, spacing=settings.upload_batch_spacing_ms / 1000),
+            jobs.TranscodeQueue(self.queue),
         )
         storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(*resources), self.grpc_server)
         media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(*resources), self.grpc_server)

@@ -62,11 +62,11 @@ class FsBlobStore:
     async def presign_put(
         self, key: str, *, size_bytes: int, content_type: str, sha256: str | None, expires_in: int
     ) -> SignedRequest:
-        url = self.signer.sign("PUT", check_key(key), expires_in=expires_in, length=size_bytes, content_type=content_type)
+        url = self.signer.sign("PUT", key, expires_in=expires_in, length=size_bytes, content_type=content_type)
         return SignedRequest(url, "PUT", {"Content-Type": content_type, "Content-Length": str(size_bytes)})
 
     async def presign_get(self, key: str, *, expires_in: int, content_type: str | None = None) -> str:
-        return self.signer.sign("GET", check_key(key), expires_in=expires_in, content_type=content_type or "")
+        return self.signer.sign("GET", key, expires_in=expires_in, content_type=content_type or "")
 
     async def stat(self, key: str) -> ObjectInfo | None:
         try:

@@ -300,10 +300,10 @@ class UploadBatches:
     the call gets back the row the statement returned for its upload, or None.
     """
 
-    def __init__(self, pool: asyncpg.Pool, statement: str, max_batch: int = 256) -> None:
+    def __init__(self, pool: asyncpg.Pool, statement: str, max_batch: int = 256, spacing: float = 0.0) -> None:
         self.pool = pool
         self.statement = statement
-        self._batches: Batcher[tuple, asyncpg.Record | None] = Batcher(self._run_many, max_batch)
+        self._batches: Batcher[tuple, asyncpg.Record | None] = Batcher(self._run_many, max_batch, spacing)
 
     async def submit(self, args: tuple) -> asyncpg.Record | None:
         return await self._batches.submit(args)
@@ -326,8 +326,8 @@ class Reservations(UploadBatches):
     arriving meanwhile with it.
     """
 
-    def __init__(self, pool: asyncpg.Pool, max_batch: int = 256) -> None:
-        super().__init__(pool, _BEGIN_MANY, max_batch)
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 256, spacing: float = 0.0) -> None:
+        super().__init__(pool, _BEGIN_MANY, max_batch, spacing)
 
 
 class Commits(UploadBatches):
@@ -337,8 +337,8 @@ class Commits(UploadBatches):
     its row; finalize() then settles that upload alone.
     """
 
-    def __init__(self, pool: asyncpg.Pool, max_batch: int = 256) -> None:
-        super().__init__(pool, _COMMIT_MANY, max_batch)
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 256, spacing: float = 0.0) -> None:
+        super().__init__(pool, _COMMIT_MANY, max_batch, spacing)
 
 
 async def begin(

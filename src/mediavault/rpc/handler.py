@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,16 +82,22 @@ class Servicer:
         return decision.metadata()
 
 
+# Request ids only need to be unique, not secret: a random prefix per process and a counter.
+_request_ids = map(f"{secrets.token_hex(4)}{{:012x}}".format, itertools.count())
+
+
 def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
     def decorate(method: Handler):
         name = method.__name__
         rpc_name = f"{service}/{name}"
+        latency = metrics.RPC_LATENCY.labels(service, name)
+        totals: dict[str, Any] = {}
 
         @functools.wraps(method)
         async def handle(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = context.invocation_metadata() or ()
             request_id = next((v for k, v in metadata if k == "x-request-id" and isinstance(v, str)), None)
-            request_id = request_id[:64] if request_id else uuid.uuid4().hex
+            request_id = request_id[:64] if request_id else next(_request_ids)
             token = logs.request_id.set(request_id)
             started = time.perf_counter()
             user_id = None
@@ -109,8 +116,11 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             finally:
                 elapsed = time.perf_counter() - started
                 outcome = failure.reason if failure else "OK"
-                metrics.RPC_LATENCY.labels(service, name).observe(elapsed)
-                metrics.RPC_TOTAL.labels(service, name, outcome).inc()
+                latency.observe(elapsed)
+                total = totals.get(outcome)
+                if total is None:
+                    total = totals[outcome] = metrics.RPC_TOTAL.labels(service, name, outcome)
+                total.inc()
                 if log.isEnabledFor(logging.INFO):
                     log.info(
                         "rpc",
