@@ -295,10 +295,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="on: the server runs its rate limiter (limits raised so nothing is refused, every call still pays"
         " for the burst bucket and the Redis GCRA script); compare with an off run for the limiter's cost",
     )
+    parser.add_argument(
+        "--batch-spacing-ms", type=float, default=None,
+        help="the stack's MEDIAVAULT_UPLOAD_BATCH_SPACING_MS (default: the server's own default); 0 to"
+        " compare with batches that start back to back",
+    )
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not args.phases or set(args.phases) - set(PHASES):
         parser.error(f"--phases takes a comma-separated subset of {','.join(PHASES)}")
+    if args.target and args.batch_spacing_ms is not None:
+        parser.error("--batch-spacing-ms configures the stack this script starts; a --target server has its own")
     if args.target and not args.jwt_secret:
         parser.error("--target needs --jwt-secret (or MEDIAVAULT_JWT_SECRET)")
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.client_procs < 1 or args.channels < 1 or args.rounds < 1:
@@ -313,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from _stack import bench_stack
 
-        with bench_stack(extra_env={"MEDIAVAULT_RATE_LIMITS": args.rate_limits}) as stack:
+        server_env = {"MEDIAVAULT_RATE_LIMITS": args.rate_limits}
+        if args.batch_spacing_ms is not None:
+            server_env["MEDIAVAULT_UPLOAD_BATCH_SPACING_MS"] = str(args.batch_spacing_ms)
+        with bench_stack(extra_env=server_env) as stack:
             if args.rate_limits == "on":
                 from ratelimit_overhead import raise_limits
 
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(6)  # the server re-reads its limits every 5 s
             result = measure(stack.target, stack.jwt_secret, args)
     result["rate_limits"] = args.rate_limits
+    if args.batch_spacing_ms is not None:
+        result["batch_spacing_ms"] = args.batch_spacing_ms
     print(json.dumps(result, allow_nan=False), flush=True)
     errors = sum(result[phase]["errors"] for phase in args.phases)
     return 1 if errors else 0
