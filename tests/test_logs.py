@@ -37,7 +37,7 @@ async def test_a_call_without_request_id_gets_a_new_one(storage, auth, user_id):
         call = storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
         await call
         ids = [value for key, value in await call.trailing_metadata() if key == "x-request-id"]
-        assert len(ids) == 1 and len(ids[0]) == 20
+        assert len(ids) == 1 and len(ids[0]) == 32
         seen.add(ids[0])
     assert len(seen) == 3
 

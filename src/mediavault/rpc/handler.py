@@ -83,7 +83,7 @@ class Servicer:
 
 
 # Request ids only need to be unique, not secret: a random prefix per process and a counter.
-_request_ids = map(f"{secrets.token_hex(4)}{{:012x}}".format, itertools.count())
+_request_ids = map(f"{secrets.token_hex(8)}{{:016x}}".format, itertools.count())
 
 
 def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
