@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import urllib.parse
 
 import aiohttp
 import pytest
@@ -136,3 +137,16 @@ def test_signature_expires():
     params = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
     assert signer.verify("GET", "a/b", params) is None
     assert signer.verify("GET", "a/b", params, now=time.time() + 11) == "URL expired"
+
+
+def test_signed_urls_escape_the_content_type_and_refuse_keys_that_are_not_generated():
+    signer = UrlSigner(b"k" * 32, "http://x/")
+    url = signer.sign("PUT", "originals/ab/c-d_e.f", expires_in=10, length=7, content_type="image/svg+xml")
+    path, _, query = url.partition("?")
+    assert path == "http://x/blobs/originals/ab/c-d_e.f"
+    params = dict(urllib.parse.parse_qsl(query))
+    assert params["X-Content-Type"] == "image/svg+xml" and params["X-Length"] == "7"
+    assert signer.verify("PUT", "originals/ab/c-d_e.f", params) is None
+    for key in ("../etc/passwd", "a b", "A/b", "a/b?c", ""):
+        with pytest.raises(ValueError):
+            signer.sign("GET", key, expires_in=10)

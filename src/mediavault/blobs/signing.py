@@ -48,7 +48,6 @@ class UrlSigner:
         return None
 
 
-
 @lru_cache(maxsize=256)
 def _query_value(value: str) -> str:
     # Content types: a handful of distinct values, each signed many times.
