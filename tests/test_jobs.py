@@ -13,7 +13,7 @@ from arq.jobs import Job, JobStatus
 from arq.worker import Worker, func
 
 from mediavault import jobs, metrics
-from mediavault.domain.feed import version_key
+from mediavault.domain.feed import VERSION_TTL_SECONDS, version_key
 
 
 @pytest.fixture
@@ -68,6 +68,7 @@ async def test_an_enqueued_run_is_the_job_arq_would_have_queued_and_a_worker_run
     ttl_ms = await queue.pttl(job_key_prefix + job_id)
     assert queue.expires_extra_ms - 60_000 < ttl_ms <= queue.expires_extra_ms
     assert int(await queue.get(version_key(user_id))) == 1
+    assert VERSION_TTL_SECONDS - 60 < await queue.ttl(version_key(user_id)) <= VERSION_TTL_SECONDS
 
     assert await _run_worker(redis_url, queue) == [(job_id, str(media_id), 2)]
     assert await Job(job_id, queue).status() == JobStatus.complete

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.batching import Batcher
-from mediavault.domain.feed import version_key
+from mediavault.domain.feed import VERSION_TTL_SECONDS, version_key
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ TRANSCODE = "transcode_media"
 
 # arq's enqueue_job (WATCH the job key, EXISTS job or result, MULTI PSETEX + ZADD) for
 # any number of runs in one script, each with the owner's feed-version bump that a new
-# run goes with: one round trip where arq and the feed took four per run. Same keys,
-# payload and expiry as arq's.
+# run goes with (and its expiry, as domain.feed): one round trip where arq and the feed
+# took four per run. Same keys, payload and expiry as arq's.
 #   KEYS: the queue, then per run: job key, result key and, when its flag is 1, a feed version key
 #   ARGV: the expiry in ms, then per run: payload, score, job id, flag
 _ENQUEUE = AsyncScript(
@@ -36,6 +36,7 @@ for a = 2, #ARGV, 4 do
     k = k + 2
     if ARGV[a + 3] == '1' then
         redis.call('INCR', KEYS[k])
+        redis.call('EXPIRE', KEYS[k], %d)
         k = k + 1
     end
     if redis.call('EXISTS', job_key, result_key) == 0 then
@@ -43,7 +44,8 @@ for a = 2, #ARGV, 4 do
         redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a + 2])
     end
 end
-""",
+"""
+    % VERSION_TTL_SECONDS,
 )
 
 

@@ -1,7 +1,10 @@
 """The feed: cursor pages of an owner's media, cached in Redis under versioned keys.
 
 Anything that changes an owner's feed bumps ``feed:v:<owner>``; page keys embed the
-version, so the next call after a change misses and recomputes. Concurrent misses of one
+version, so the next call after a change misses and recomputes. Version keys expire
+after VERSION_TTL_SECONDS without a bump or a read, so Redis does not keep one key per
+owner who ever uploaded; every page is written after a read of its version, so pages
+(seconds) are long gone before a version can expire and restart from zero. Concurrent misses of one
 key compute once: in-process callers share one future, other processes wait briefly on a
 Redis lock. With Redis unreachable the feed is served straight from PostgreSQL.
 """
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 50
 _LOCK_SECONDS = 5
+VERSION_TTL_SECONDS = 7 * 24 * 3600
 _LOCK_WAIT_STEP = 0.02
 
 
@@ -106,7 +110,10 @@ class Feed:
         if self.redis is None:
             return
         try:
-            await self.redis.incr(version_key(owner_id))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(version_key(owner_id))
+                pipe.expire(version_key(owner_id), VERSION_TTL_SECONDS)
+                await pipe.execute()
         except (RedisError, OSError):
             self._invalidation_failed([owner_id])
 
@@ -119,6 +126,7 @@ class Feed:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for owner_id in owners:
                     pipe.incr(version_key(owner_id))
+                    pipe.expire(version_key(owner_id), VERSION_TTL_SECONDS)
                 await pipe.execute()
         except (RedisError, OSError):
             self._invalidation_failed(owners)
@@ -138,7 +146,7 @@ class Feed:
         if self.redis is None:
             return await compute()
         try:
-            version = int(await self.redis.get(version_key(owner_id)) or 0)
+            version = int(await self.redis.getex(version_key(owner_id), ex=VERSION_TTL_SECONDS) or 0)
             key = f"feed:p:{owner_id}:{version}:{size}:{token}"
             cached = await self.redis.get(key)
         except (RedisError, OSError):
