@@ -22,7 +22,7 @@ class Batcher(Generic[Item, Result]):
     started. A batch's fixed cost (pool checkout, round trip, commit, the wake-ups
     around them) is most of a small batch's: when batches follow each other back to
     back, waiting out the spacing lets more calls join, each paying less. A call that
-    arrives after a quiet spell still starts at once.
+    arrives later than the spacing after the last batch started still goes at once.
 
     A cancelled submitter leaves its item in the batch: callers submit work that is
     safe to complete without them (the caller's retry finds it done).
