@@ -97,21 +97,32 @@ class Timed:
         return items
 
 
-async def test_with_spacing_back_to_back_batches_start_spacing_apart_and_carry_the_calls_that_waited():
+async def test_with_spacing_batches_after_a_shared_one_start_spacing_apart_and_carry_the_calls_that_waited():
     run = Timed(duration=0.005)
     batcher = Batcher(run, spacing=0.05)
     loop = asyncio.get_running_loop()
     calls = []
     for i in range(40):
         calls.append(asyncio.create_task(batcher.submit(i)))
-        await asyncio.sleep(0.004)
+        await asyncio.sleep(0.002)
     assert await asyncio.gather(*calls) == list(range(40))
-    starts = [started for started, _ in run.batches]
-    assert all(later - earlier >= 0.05 - 0.002 for earlier, later in itertools.pairwise(starts))
-    # 40 calls over about 160 ms: without spacing about 20 batches of two; with it, four or five.
-    assert len(run.batches) <= 5
+    pairs = list(itertools.pairwise(run.batches))
+    assert all(later - earlier >= 0.05 - 0.002 for (earlier, items), (later, _) in pairs if len(items) > 1)
+    # 40 calls over about 80 ms: without spacing about 15 batches of two or three; with it, four or five.
+    assert len(run.batches) <= 6
     assert sorted(item for _, items in run.batches for item in items) == list(range(40))
-    assert loop.time() - starts[0] < 0.5
+    assert loop.time() - run.batches[0][0] < 0.5
+
+
+async def test_with_spacing_a_lone_caller_in_sequence_never_waits():
+    run = Timed(duration=0.0)
+    batcher = Batcher(run, spacing=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(5):
+        assert await batcher.submit(i) == i
+    assert loop.time() - started < 0.1
+    assert [items for _, items in run.batches] == [[0], [1], [2], [3], [4]]
 
 
 async def test_with_spacing_a_call_after_a_quiet_spell_starts_at_once():

@@ -18,11 +18,12 @@ class Batcher(Generic[Item, Result]):
     N calls then cost one round trip and one commit instead of N; an idle server runs
     a batch of one at once, so a lone call waits for nothing.
 
-    With spacing, a batch starts at least that many seconds after the previous one
-    started. A batch's fixed cost (pool checkout, round trip, commit, the wake-ups
-    around them) is most of a small batch's: when batches follow each other back to
-    back, waiting out the spacing lets more calls join, each paying less. A call that
-    arrives later than the spacing after the last batch started still goes at once.
+    With spacing, a batch that follows one of several calls starts at least that many
+    seconds after that one started. A batch's fixed cost (pool checkout, round trip,
+    commit, the wake-ups around them) is most of a small batch's: when concurrent calls
+    keep batches back to back, waiting out the spacing lets more calls join, each paying
+    less. A lone caller's calls in sequence never wait (nobody would join them), nor does
+    a call that arrives later than the spacing after the last batch started.
 
     A cancelled submitter leaves its item in the batch: callers submit work that is
     safe to complete without them (the caller's retry finds it done).
@@ -39,6 +40,7 @@ class Batcher(Generic[Item, Result]):
         self.max_batch = max_batch
         self.spacing = spacing
         self._last_start = float("-inf")
+        self._last_size = 0
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._draining: asyncio.Task[None] | None = None
 
@@ -65,10 +67,11 @@ class Batcher(Generic[Item, Result]):
             while self._waiting:
                 if self.spacing:
                     loop = asyncio.get_running_loop()
-                    if (wait := self._last_start + self.spacing - loop.time()) > 0:
+                    if self._last_size > 1 and (wait := self._last_start + self.spacing - loop.time()) > 0:
                         await asyncio.sleep(wait)
                     self._last_start = loop.time()
                 batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+                self._last_size = len(batch)
                 await self._run_batch(batch)
         finally:
             self._draining = None

@@ -96,9 +96,9 @@ class Settings(BaseSettings):
     job_timeout_seconds: int = Field(default=300, gt=0)
     # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.
     worker_poll_delay_seconds: float = Field(default=0.05, gt=0)
-    # Batches of concurrent BeginUploads / FinalizeUploads start at most this often, so that
-    # under load each carries more calls; a call arriving later than this after the last
-    # batch started goes at once (see batching.Batcher).
+    # Under load, batches of concurrent BeginUploads / FinalizeUploads start at most this
+    # often, so that each carries more calls; a lone client's calls never wait (see
+    # batching.Batcher).
     upload_batch_spacing_ms: float = Field(default=2.0, ge=0, le=50)
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
