@@ -1,12 +1,13 @@
 """The feed: cursor pages of an owner's media, cached in Redis under versioned keys.
 
 Anything that changes an owner's feed bumps ``feed:v:<owner>``; page keys embed the
-version, so the next call after a change misses and recomputes. Version keys expire
-after VERSION_TTL_SECONDS without a bump or a read, so Redis does not keep one key per
-owner who ever uploaded; every page is written after a read of its version, so pages
-(seconds) are long gone before a version can expire and restart from zero. Concurrent misses of one
+version, so the next call after a change misses and recomputes. Concurrent misses of one
 key compute once: in-process callers share one future, other processes wait briefly on a
 Redis lock. With Redis unreachable the feed is served straight from PostgreSQL.
+
+Version keys expire after VERSION_TTL_SECONDS without a bump or a read, so Redis does
+not keep one key per owner who ever uploaded. Every page is written after a read of its
+version, so pages (seconds) are long gone before a version can expire and restart.
 """
 
 from __future__ import annotations
@@ -107,15 +108,7 @@ class Feed:
 
     async def changed(self, owner_id: str) -> None:
         """Makes the owner's next feed call recompute; a Redis outage only delays that by one TTL."""
-        if self.redis is None:
-            return
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.incr(version_key(owner_id))
-                pipe.expire(version_key(owner_id), VERSION_TTL_SECONDS)
-                await pipe.execute()
-        except (RedisError, OSError):
-            self._invalidation_failed([owner_id])
+        await self.changed_many((owner_id,))
 
     async def changed_many(self, owner_ids: Iterable[str]) -> None:
         """`changed` for many owners in one round trip (the cleanup jobs touch thousands)."""
