@@ -239,6 +239,34 @@ async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer
     assert await ledger.audit(pool) == []
 
 
+async def test_one_upload_finalized_twice_in_one_batch_commits_once_and_an_intruder_in_it_gets_nothing(
+    pool, blobs, settings
+):
+    commits = uploads.Commits(pool)
+    owner, intruder = new_user(), new_user()
+    begun = [await begin(pool, blobs, settings, None, owner) for _ in range(2)]
+    for b in begun:
+        await blobs.write(b.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
+    twice, other = begun[0].upload.upload_id, begun[1].upload.upload_id
+
+    async def finalize(user_id: str, upload_id: uuid.UUID):
+        try:
+            return await uploads.finalize(pool, blobs, settings, principal(user_id), upload_id, commits)
+        except NotFound:
+            return "NOT_FOUND"
+
+    # The owner's two calls and the intruder's arrive together: one batch.
+    first, intruding, second, alone = await asyncio.gather(
+        finalize(owner, twice), finalize(intruder, twice), finalize(owner, twice), finalize(owner, other)
+    )
+    assert first.state == second.state == alone.state == "finalized"
+    assert first.media_id == second.media_id is not None
+    assert intruding == "NOT_FOUND"
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE upload_id = $1", twice) == 1
+    assert await pool.fetchrow("SELECT used_bytes, reserved_bytes FROM accounts WHERE user_id = $1", owner) == (2 * SIZE, 0)
+    assert await ledger.audit(pool) == []
+
+
 async def test_an_upload_row_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings):
     commits = uploads.Commits(pool)
     user_id = new_user()

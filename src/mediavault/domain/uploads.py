@@ -309,9 +309,25 @@ class UploadBatches:
         return await self._batches.submit(args)
 
     async def _run_many(self, batch: list[tuple]) -> list[asyncpg.Record | None]:
-        rows = await self.pool.fetch(self.statement, *map(list, zip(*batch, strict=True)))
-        by_upload = {row["upload_id"]: row for row in rows}
-        return [by_upload.get(args[0]) for args in batch]
+        # The statements join on upload_id, so one upload twice in a statement (a client
+        # finalizing again before its first call returned) would insert its media twice.
+        # Repeats run in a later statement of their own, which sees the first one's outcome.
+        results: list[asyncpg.Record | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        while pending:
+            seen: set[uuid.UUID] = set()
+            now: list[int] = []
+            later: list[int] = []
+            for i in pending:
+                upload_id = batch[i][0]
+                (later if upload_id in seen else now).append(i)
+                seen.add(upload_id)
+            rows = await self.pool.fetch(self.statement, *map(list, zip(*(batch[i] for i in now), strict=True)))
+            by_upload = {row["upload_id"]: row for row in rows}
+            for i in now:
+                results[i] = by_upload.get(batch[i][0])
+            pending = later
+        return results
 
 
 class Reservations(UploadBatches):
