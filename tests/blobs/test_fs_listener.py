@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import urllib.parse
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -50,7 +51,7 @@ async def test_put_of_several_megabytes_stores_every_byte(store):
     )
     assert (await send("PUT", signed.url, body, signed.headers))[0] == 200
     assert store.path("originals/ab/big").read_bytes() == body
-    assert not any(store.temp_path().parent.iterdir()), "no temp file is left behind"
+    assert not any(Path(store.new_temp_file()).parent.iterdir()), "no temp file is left behind"
 
 
 @pytest.mark.parametrize("size", [0, 10, 256 * 1024, 256 * 1024 + 1, 3_000_001])
@@ -73,7 +74,7 @@ async def test_write_of_many_chunks_replaces_the_object_whole(store):
     await store.write("variants/ab/old", single_chunk(b"previous"), content_type="image/jpeg")
     assert await store.write("variants/ab/old", stream(), content_type="image/jpeg") == 3_000_000
     assert store.path("variants/ab/old").read_bytes() == b"".join(chunks)
-    assert not any(store.temp_path().parent.iterdir())
+    assert not any(Path(store.new_temp_file()).parent.iterdir())
 
 
 async def test_a_failing_stream_leaves_neither_object_nor_temp_file(store):
@@ -84,7 +85,7 @@ async def test_a_failing_stream_leaves_neither_object_nor_temp_file(store):
     with pytest.raises(RuntimeError):
         await store.write("variants/ab/none", stream(), content_type="image/jpeg")
     assert not store.path("variants/ab/none").exists()
-    assert not any(store.temp_path().parent.iterdir())
+    assert not any(Path(store.new_temp_file()).parent.iterdir())
 
 
 async def test_second_put_cannot_replace_the_object(store):

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -235,7 +236,7 @@ async def test_fs_never_lists_temp_files(tmp_path) -> None:
     key = original_key()
     await put_all(store, {key: b"done"})
     # What an unfinished write or presigned PUT leaves behind while it runs.
-    store.temp_path().write_bytes(b"in flight")
+    Path(store.new_temp_file()).write_bytes(b"in flight")
 
     assert [item.key for item in await list_all(store, "", 1)] == [key]
 

@@ -53,9 +53,6 @@ class FsBlobStore:
         """A fresh name in the temp directory, where objects are written before they are published."""
         return self._tmp_prefix + uuid.uuid4().hex
 
-    def temp_path(self) -> Path:
-        return Path(self.new_temp_file())
-
     def exists(self, key: str) -> bool:
         return os.path.exists(self._file(key))
 
