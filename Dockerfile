@@ -15,7 +15,7 @@ RUN python -m venv /venv \
 
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libjpeg62-turbo libwebp7 libwebpmux3 libwebpdemux2 liblcms2-2 \
+ && apt-get install -y --no-install-recommends libjpeg62-turbo libturbojpeg0 libwebp7 libwebpmux3 libwebpdemux2 liblcms2-2 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 mediavault \
  && mkdir -p /data/blobs && chown mediavault /data/blobs

@@ -3,7 +3,9 @@
 #
 # pillow-simd ships no wheels, so it is compiled here against Debian's codecs:
 # libjpeg-turbo (fast JPEG decode, draft/DCT scaling), libwebp (alpha variants),
-# zlib (PNG), lcms2 (ICC profile -> sRGB). TIFF, JPEG 2000, FreeType and the rest
+# zlib (PNG), lcms2 (ICC profile -> sRGB). libturbojpeg0 is the same libjpeg-turbo's
+# TurboJPEG API, which mediavault.imaging.turbojpeg loads at run time to decode JPEGs
+# to YCbCr planes and encode from them. TIFF, JPEG 2000, FreeType and the rest
 # are left out on purpose: none of them is in the upload allow-list.
 # pillow-heif, av (FFmpeg) and pyvips-binary come as manylinux wheels that carry
 # their own native libraries, so they need nothing from here.
@@ -16,6 +18,7 @@ packages=(
     zlib1g-dev
     libwebp-dev
     liblcms2-dev
+    libturbojpeg0
 )
 
 exec "$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"

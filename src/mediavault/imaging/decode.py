@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import av
@@ -13,6 +14,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageFilter
 
 from mediavault.domain import content_types
+from mediavault.imaging import planar, turbojpeg
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
@@ -22,7 +24,8 @@ from mediavault.imaging.errors import (
     VIDEO_TOO_LARGE,
     PermanentImagingError,
 )
-from mediavault.imaging.spec import Limits
+from mediavault.imaging.planar import Planes
+from mediavault.imaging.spec import Limits, VariantSpec, fit
 
 # Embedded HEIF thumbnails could differ from the image they claim to preview, and depth
 # or auxiliary images are never shown: decode only the primary image. One decoder
@@ -68,17 +71,15 @@ _LUT_POINTS = 33
 
 @dataclass
 class Still:
-    """The picture to make variants from, and the upright size of the original it came from."""
+    """The picture to make variants from, and the upright size of the original it came from.
 
-    image: Image.Image
+    A JPEG whose variants can all be made from its YCbCr planes comes as Planes, any
+    other picture as a Pillow image.
+    """
+
+    image: Image.Image | Planes
     width: int
     height: int
-
-
-def fit(width: int, height: int, box: int) -> tuple[int, int]:
-    """The size that fits width x height inside box x box, aspect kept, never upscaled."""
-    scale = min(1.0, box / width, box / height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def sniff(data: bytes, declared: str) -> str:
@@ -90,7 +91,7 @@ def sniff(data: bytes, declared: str) -> str:
     return sniffed
 
 
-def decode_image(data: bytes, mime: str, limits: Limits, largest_box: int) -> Still:
+def decode_image(data: bytes, mime: str, limits: Limits, specs: Sequence[VariantSpec]) -> Still:
     # Pillow checks this in open(), from the header, before any pixel is decoded. It is
     # a global, but a pool worker runs one job at a time.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
@@ -106,9 +107,12 @@ def decode_image(data: bytes, mime: str, limits: Limits, largest_box: int) -> St
             raise PermanentImagingError(TOO_MANY_FRAMES)
         orientation = _orientation(image)
         if image.format in ("JPEG", "MPO"):
+            planes = _decode_planes(data, image, orientation, specs)
+            if planes is not None:
+                return Still(planes, planes.width, planes.height)
             # libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT: far less to decode,
             # and never below what the largest variant needs.
-            image.draft(None, fit(width, height, largest_box))
+            image.draft(None, fit(width, height, max(spec.box for spec in specs)))
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PermanentImagingError(IMAGE_TOO_LARGE) from None
@@ -124,6 +128,33 @@ def decode_image(data: bytes, mime: str, limits: Limits, largest_box: int) -> St
     if orientation in _QUARTER_TURNS:
         width, height = height, width
     return Still(picture, width, height)
+
+
+def _decode_planes(data: bytes, image: Image.Image, orientation: int, specs: Sequence[VariantSpec]) -> Planes | None:
+    """The JPEG as upright YCbCr planes, or None when it has to go through RGB instead.
+
+    That is when a variant needs what planes cannot give (see planar.covers), when its
+    colour needs converting to sRGB, when it is not three-component YCbCr, and when
+    libjpeg-turbo warns about it: the Pillow path then decodes it, or refuses it.
+    """
+    icc = image.info.get("icc_profile")
+    if not planar.covers(*image.size, specs) or (icc and _converts_colour(icc)):
+        return None
+    try:
+        header = turbojpeg.read_header(data)
+        if (header.width, header.height) != image.size or not planar.readable(header):
+            return None
+        return planar.decode(data, header, _TRANSPOSE_FOR_ORIENTATION.get(orientation))
+    except turbojpeg.TurboJPEGError:
+        return None
+
+
+def _converts_colour(icc: bytes) -> bool:
+    try:
+        return _srgb_lut(icc) is not None
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        # _apply_profile ignores a broken profile too.
+        return False
 
 
 def _orientation(image: Image.Image) -> int:

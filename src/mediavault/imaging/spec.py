@@ -56,6 +56,12 @@ class Limits:
     job_timeout_seconds: float = 30.0
 
 
+def fit(width: int, height: int, box: int) -> tuple[int, int]:
+    """The size that fits width x height inside box x box, aspect kept, never upscaled."""
+    scale = min(1.0, box / width, box / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 # Budgets in decimal units (40 KB = 40,000 bytes), which also meets them read as KiB.
 THUMBNAIL = VariantSpec("thumbnail", box=300, quality=80, max_bytes=40_000)
 PREVIEW = VariantSpec("preview", box=600, quality=85, max_bytes=100_000)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from mediavault.imaging.decode import fit
-from mediavault.imaging.spec import VariantSpec
+from mediavault.imaging.planar import Planes
+from mediavault.imaging.spec import VariantSpec, fit
 
 # Above this many pixels in Pillow's intermediate (16 MB of RGBX), resize band by band.
 _MAX_INTERMEDIATE_PIXELS = 4_000_000
@@ -26,12 +26,23 @@ class Variant:
     data: bytes
 
 
-def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
+def make_variants(
+    image: Image.Image | Planes, width: int, height: int, specs: Sequence[VariantSpec]
+) -> list[Variant]:
     """Every spec from one decoded picture; width x height is the original's upright size.
 
     The picture may be smaller than the original (JPEG draft decoding), never smaller
-    than the largest variant, so sizes are computed from the original.
+    than the largest variant, so sizes are computed from the original. Planes make the
+    largest spec at their own size and the others from their half-size picture (the
+    decoder only hands out planes that planar.covers the specs).
     """
+    if isinstance(image, Planes):
+        largest, *others = sorted(specs, key=lambda spec: spec.box, reverse=True)
+        return [_encode_planes(image, largest), *_resized_variants(image.half(), width, height, others)]
+    return _resized_variants(image, width, height, specs)
+
+
+def _resized_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
     made = [image]
     variants = []
     for spec in sorted(specs, key=lambda s: s.box, reverse=True):
@@ -62,6 +73,19 @@ def _resize(source: Image.Image, size: tuple[int, int]) -> Image.Image:
         box = (0, top * scale, source.width, bottom * scale)
         picture.paste(source.resize((size[0], bottom - top), Image.Resampling.LANCZOS, box=box), (0, top))
     return picture
+
+
+def _encode_planes(planes: Planes, spec: VariantSpec) -> Variant:
+    quality = spec.quality
+    while True:
+        data = planes.encode(quality)
+        if len(data) <= spec.max_bytes:
+            return Variant(spec.name, "image/jpeg", planes.width, planes.height, data)
+        if quality <= spec.min_quality:
+            # Shrinking needs a resize in RGB; pictures this noisy are rare enough that
+            # converting once and starting over there costs nothing overall.
+            return _encode(planes.to_rgb(), spec)
+        quality = max(spec.min_quality, quality - spec.quality_step)
 
 
 def _encode(picture: Image.Image, spec: VariantSpec) -> Variant:
