@@ -4,6 +4,11 @@ Prints one JSON line: p50/p99 ms from the FinalizeUpload response until GetMedia
 COMPLETE, and, measured in the same run on the same bytes, the floor: the transcode alone
 (mediavault.imaging.Transcoder in this process), so the difference is what the queue, the
 blob reads and writes and the status updates cost.
+
+Workers poll the queue every WORKER_POLL_DELAY_SECONDS (50 ms), and a client that uploads
+again as soon as the last one completed falls into step with those polls: every run then
+waits the same part of a poll. A random pause of up to two polls before each Finalize
+makes the runs land anywhere in the poll cycle, as independent uploads do.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import random
 import statistics
 import sys
 import time
@@ -31,6 +37,7 @@ from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc  # noqa: E402
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "images" / "camera" / "jolla.jpg"
 POLL_SECONDS = 0.005
+PHASE_SPREAD_SECONDS = 0.1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -60,6 +67,7 @@ async def end_to_end(target: str, secret: str, data: bytes, runs: int) -> list[f
             )
             async with http.put(begun.upload_url, data=data, headers=dict(begun.upload_headers)) as response:
                 response.raise_for_status()
+            await asyncio.sleep(random.uniform(0, PHASE_SPREAD_SECONDS))
             done = await storage.FinalizeUpload(storage_pb2.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=metadata)
             started = time.perf_counter()
             while True:
