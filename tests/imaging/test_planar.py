@@ -165,3 +165,18 @@ def test_truncated_photo_is_refused_not_decoded_grey() -> None:
 def test_turbojpeg_refuses_what_is_not_a_jpeg() -> None:
     with pytest.raises(turbojpeg.TurboJPEGError):
         turbojpeg.read_header(b"\x89PNG\r\n\x1a\n" + bytes(64))
+
+
+def test_progressive_and_multi_picture_jpegs_take_the_planes() -> None:
+    photo = quadrants((2000, 1500))
+    progressive = jpeg(photo, "4:2:0", progressive=True)
+    # iPhones write MPO: the primary picture first, then others (depth, a second frame).
+    mpo = io.BytesIO()
+    photo.save(mpo, "MPO", save_all=True, append_images=[quadrants((800, 600)).rotate(180)], quality=95)
+    assert Image.open(mpo).format == "MPO"
+    for data in (progressive, mpo.getvalue()):
+        assert isinstance(decoded(data), Planes)
+        result = transcode(data, "image/jpeg")
+        assert (result.width, result.height) == photo.size
+        for name, variant in check_variants(result, IMAGE_VARIANTS).items():
+            assert mean_difference(variant, photo) < 2.0, name
