@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from mediavault.imaging import turbojpeg
+from mediavault.imaging import _pixels, turbojpeg
 from mediavault.imaging.spec import VariantSpec, fit
 from mediavault.imaging.turbojpeg import SAMP_420, SAMP_422, SAMP_440, SAMP_444
 
@@ -53,8 +53,10 @@ class Planes:
 
     def half(self) -> Image.Image:
         """The picture at the chroma's resolution, as one "YCbCr" image: luma box-averaged 2x2."""
-        luma = self.plane(0).reduce(2, box=(0, 0, self.width, self.height))
-        return Image.merge("YCbCr", (luma, self.plane(1), self.plane(2)))
+        y_stride = turbojpeg.plane_size(0, self.width, self.height, SAMP_420)[0]
+        size = turbojpeg.plane_size(1, self.width, self.height, SAMP_420)
+        pixels = _pixels.half_ycbcr(self.data[0], y_stride, self.width, self.height, self.data[1], self.data[2], size[0])
+        return Image.frombuffer("YCbCr", size, pixels, "raw", "YCbCrX", 0, 1)
 
     def to_rgb(self) -> Image.Image:
         """The picture in RGB, colour-converted as a JPEG decoder does."""
@@ -92,31 +94,48 @@ def decode(data: bytes, header: turbojpeg.Header, transpose: Image.Transpose | N
     width, height = header.width, header.height
     fx, fy = _CHROMA_FACTORS[header.subsampling]
     buffers = turbojpeg.decompress_to_planes(data, header)
-    decoded = [
-        Image.frombuffer("L", turbojpeg.plane_size(c, width, height, header.subsampling), buffer, "raw", "L", 0, 1)
-        for c, buffer in enumerate(buffers)
-    ]
+    # Each plane as (bytes, width, height, stride): TurboJPEG pads rows and columns to
+    # whole MCUs, which a stride wider than the width skips.
     chroma = (_ceil_div(width, fx), _ceil_div(height, fy))
-    y, cb, cr = (_crop(plane, size) for plane, size in zip(decoded, ((width, height), chroma, chroma), strict=True))
+    strides = [turbojpeg.plane_size(c, width, height, header.subsampling)[0] for c in range(3)]
+    y = (buffers[0], width, height, strides[0])
+    cb, cr = ((buffer, *chroma, stride) for buffer, stride in zip(buffers[1:], strides[1:], strict=True))
     if (fx, fy) != (2, 2):
         # Box-averaging to 4:2:0 is what libjpeg's own downsampling does on encode;
         # before turning, so that the turn moves fewer samples.
-        cb, cr = cb.reduce((2 // fx, 2 // fy)), cr.reduce((2 // fx, 2 // fy))
+        cb, cr = (_reduce(plane, (2 // fx, 2 // fy)) for plane in (cb, cr))
     if transpose is not None:
-        y, cb, cr = (plane.transpose(transpose) for plane in (y, cb, cr))
+        y, cb, cr = (_orient(plane, transpose) for plane in (y, cb, cr))
         if transpose in _QUARTER_TURNS:
             width, height = height, width
-    y = _pad(y, turbojpeg.plane_size(0, width, height, SAMP_420))
-    # A plane left as decoded goes to the encoder as it is, without a copy.
-    planes = tuple(
-        next((buffer for image, buffer in zip(decoded, buffers, strict=True) if image is plane), None) or plane.tobytes()
-        for plane in (y, cb, cr)
-    )
+    planes = (_laid_out(y, turbojpeg.plane_size(0, width, height, SAMP_420)), cb[0], cr[0])
     return Planes(width, height, planes)
 
 
-def _crop(plane: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return plane if plane.size == size else plane.crop((0, 0, *size))
+_Plane = tuple[bytes | bytearray, int, int, int]
+
+
+def _reduce(plane: _Plane, factor: tuple[int, int]) -> _Plane:
+    buffer, width, height, stride = plane
+    image = Image.frombuffer("L", (stride, len(buffer) // stride), buffer, "raw", "L", 0, 1)
+    reduced = image.reduce(factor, box=(0, 0, width, height))
+    return reduced.tobytes(), reduced.width, reduced.height, reduced.width
+
+
+def _orient(plane: _Plane, transpose: Image.Transpose) -> _Plane:
+    buffer, width, height, stride = plane
+    turned = _pixels.orient(buffer, width, height, stride, transpose.value)
+    width, height = (height, width) if transpose in _QUARTER_TURNS else (width, height)
+    return turned, width, height, width
+
+
+def _laid_out(plane: _Plane, size: tuple[int, int]) -> bytes | bytearray:
+    """The luma as the encoder reads it: `size`, which is at most a column and a row more than the picture."""
+    buffer, width, height, stride = plane
+    if (stride, len(buffer) // stride) == size:
+        return buffer
+    image = Image.frombuffer("L", (stride, len(buffer) // stride), buffer, "raw", "L", 0, 1)
+    return _pad(image.crop((0, 0, width, height)), size).tobytes()
 
 
 def _pad(plane: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -1,0 +1,9 @@
+"""The one C extension; everything else about the package is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("mediavault.imaging._pixels", ["src/mediavault/imaging/_pixels.c"], extra_compile_args=["-O3"]),
+    ],
+)

@@ -1,0 +1,241 @@
+/*
+ * Two loops over 8-bit YCbCr planes that Pillow can only do in several passes.
+ *
+ * half_ycbcr: luma box-averaged 2x2 and interleaved with the 4:2:0 chroma planes into
+ * one 4-byte-per-pixel "YCbCr" picture at the chroma's resolution. Pillow needs a
+ * reduce(), a merge() and two intermediate images for it: 4.2 ms on an 8 MP photo,
+ * about 2 ms here, in one pass.
+ *
+ * orient: one plane turned or flipped as Image.transpose(method) would, straight into
+ * the bytes the encoder reads, in 16x16 blocks turned in SSE2 registers. Pillow's
+ * transpose() plus tobytes() took 6-7 ms on a 7 MP luma plane, this 0.2-0.7 ms.
+ *
+ * Both give exactly Pillow's results (the tests compare them) and release the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Pillow's Image.Transpose values. */
+enum { FLIP_LEFT_RIGHT, FLIP_TOP_BOTTOM, ROTATE_90, ROTATE_180, ROTATE_270, TRANSPOSE, TRANSVERSE };
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+
+/* Rows first[0], first[step], ... first[15 * step] in, their 16 columns out: four rounds
+ * of interleaving bytes, then pairs, quads and eights of them. About six times faster
+ * than moving byte by byte. (No SSE2, as on ARM: the byte loop does it all.) */
+static inline void
+transpose16(const uint8_t *first, Py_ssize_t step, __m128i column[16])
+{
+    __m128i a[16], b[16];
+    for (int i = 0; i < 16; i++)
+        a[i] = _mm_loadu_si128((const __m128i *)(first + i * step));
+    for (int i = 0; i < 8; i++) {
+        b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        a[4 * i] = _mm_unpacklo_epi16(b[4 * i], b[4 * i + 2]);
+        a[4 * i + 1] = _mm_unpackhi_epi16(b[4 * i], b[4 * i + 2]);
+        a[4 * i + 2] = _mm_unpacklo_epi16(b[4 * i + 1], b[4 * i + 3]);
+        a[4 * i + 3] = _mm_unpackhi_epi16(b[4 * i + 1], b[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            b[8 * i + 2 * j] = _mm_unpacklo_epi32(a[8 * i + j], a[8 * i + j + 4]);
+            b[8 * i + 2 * j + 1] = _mm_unpackhi_epi32(a[8 * i + j], a[8 * i + j + 4]);
+        }
+    for (int j = 0; j < 8; j++) {
+        column[2 * j] = _mm_unpacklo_epi64(b[j], b[j + 8]);
+        column[2 * j + 1] = _mm_unpackhi_epi64(b[j], b[j + 8]);
+    }
+}
+
+/* The 16 bytes in reverse order: dwords, then words in each dword, then bytes in each word. */
+static inline __m128i
+reversed16(__m128i v)
+{
+    v = _mm_shuffle_epi32(v, _MM_SHUFFLE(0, 1, 2, 3));
+    v = _mm_shufflelo_epi16(v, _MM_SHUFFLE(2, 3, 0, 1));
+    v = _mm_shufflehi_epi16(v, _MM_SHUFFLE(2, 3, 0, 1));
+    return _mm_or_si128(_mm_slli_epi16(v, 8), _mm_srli_epi16(v, 8));
+}
+#endif
+
+static int
+check_plane(const Py_buffer *view, const char *name, Py_ssize_t stride, Py_ssize_t width, Py_ssize_t height)
+{
+    if (width < 1 || height < 1 || stride < width) {
+        PyErr_Format(PyExc_ValueError, "%s: need 1 <= width <= stride and height >= 1", name);
+        return -1;
+    }
+    if (view->len < stride * (height - 1) + width) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is too short for %zdx%zd with stride %zd",
+                     name, view->len, width, height, stride);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+half_rows(const uint8_t *restrict y, Py_ssize_t y_stride, Py_ssize_t width, Py_ssize_t height,
+          const uint8_t *restrict cb, const uint8_t *restrict cr, Py_ssize_t c_stride,
+          uint8_t *restrict luma, uint8_t *restrict out)
+{
+    Py_ssize_t half_width = (width + 1) / 2, half_height = (height + 1) / 2, pairs = width / 2;
+    for (Py_ssize_t j = 0; j < half_height; j++) {
+        const uint8_t *top = y + 2 * j * y_stride;
+        /* An odd last row or column is averaged over the samples there are, as Pillow's reduce() does. */
+        const uint8_t *bottom = 2 * j + 1 < height ? top + y_stride : top;
+        for (Py_ssize_t i = 0; i < pairs; i++)
+            luma[i] = (uint8_t)((top[2 * i] + top[2 * i + 1] + bottom[2 * i] + bottom[2 * i + 1] + 2) >> 2);
+        if (half_width > pairs)
+            luma[pairs] = (uint8_t)((top[width - 1] + bottom[width - 1] + 1) >> 1);
+        const uint8_t *b = cb + j * c_stride, *r = cr + j * c_stride;
+        uint8_t *row = out + j * half_width * 4;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        /* One 32-bit store per pixel, which the compiler vectorises; byte stores it does not. */
+        for (Py_ssize_t i = 0; i < half_width; i++) {
+            uint32_t pixel = (uint32_t)luma[i] | (uint32_t)b[i] << 8 | (uint32_t)r[i] << 16 | 0xFF000000u;
+            memcpy(row + 4 * i, &pixel, 4);
+        }
+#else
+        for (Py_ssize_t i = 0; i < half_width; i++) {
+            row[4 * i] = luma[i];
+            row[4 * i + 1] = b[i];
+            row[4 * i + 2] = r[i];
+            row[4 * i + 3] = 255;
+        }
+#endif
+    }
+}
+
+static PyObject *
+half_ycbcr(PyObject *module, PyObject *args)
+{
+    Py_buffer y, cb, cr;
+    Py_ssize_t y_stride, width, height, c_stride;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*n", &y, &y_stride, &width, &height, &cb, &cr, &c_stride))
+        return NULL;
+    PyObject *result = NULL;
+    uint8_t *luma = NULL;
+    Py_ssize_t half_width = (width + 1) / 2, half_height = (height + 1) / 2;
+    if (check_plane(&y, "y", y_stride, width, height) == 0 &&
+        check_plane(&cb, "cb", c_stride, half_width, half_height) == 0 &&
+        check_plane(&cr, "cr", c_stride, half_width, half_height) == 0 &&
+        (luma = PyMem_RawMalloc((size_t)half_width)) != NULL &&
+        (result = PyBytes_FromStringAndSize(NULL, half_width * half_height * 4)) != NULL) {
+        uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
+        Py_BEGIN_ALLOW_THREADS
+        half_rows(y.buf, y_stride, width, height, cb.buf, cr.buf, c_stride, luma, out);
+        Py_END_ALLOW_THREADS
+    }
+    else if (luma == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    PyMem_RawFree(luma);
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&cb);
+    PyBuffer_Release(&cr);
+    return result;
+}
+
+static void
+orient_plane(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride, int method,
+             uint8_t *restrict dst)
+{
+    int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+    /* Where source (x, y) lands: (u, v) = swap ? (y, x) : (x, y), then mirrored as flagged. */
+    int flip_u = method == FLIP_LEFT_RIGHT || method == ROTATE_180 || method == ROTATE_270 || method == TRANSVERSE;
+    int flip_v = method == FLIP_TOP_BOTTOM || method == ROTATE_180 || method == ROTATE_90 || method == TRANSVERSE;
+    Py_ssize_t out_width = swap ? height : width, out_height = swap ? width : height;
+    if (!swap) {
+        for (Py_ssize_t y = 0; y < height; y++) {
+            const uint8_t *in = src + y * stride;
+            uint8_t *out = dst + (flip_v ? height - 1 - y : y) * out_width;
+            if (flip_u) {
+                Py_ssize_t x = 0;
+#ifdef __SSE2__
+                for (; x + 16 <= width; x += 16)
+                    _mm_storeu_si128((__m128i *)(out + width - 16 - x),
+                                     reversed16(_mm_loadu_si128((const __m128i *)(in + x))));
+#endif
+                for (; x < width; x++)
+                    out[width - 1 - x] = in[x];
+            }
+            else
+                memcpy(out, in, (size_t)width);
+        }
+        return;
+    }
+    Py_ssize_t full_rows = 0, full_columns = 0;
+#ifdef __SSE2__
+    full_rows = height / 16 * 16;
+    full_columns = width / 16 * 16;
+    for (Py_ssize_t y0 = 0; y0 < full_rows; y0 += 16) {
+        /* Mirroring u is reading the block's rows bottom up; mirroring v is storing
+         * its columns to rows counted from the bottom. */
+        const uint8_t *first = src + (flip_u ? y0 + 15 : y0) * stride;
+        Py_ssize_t step = flip_u ? -stride : stride;
+        Py_ssize_t u0 = flip_u ? out_width - 16 - y0 : y0;
+        for (Py_ssize_t x0 = 0; x0 < full_columns; x0 += 16) {
+            __m128i column[16];
+            transpose16(first + x0, step, column);
+            for (int c = 0; c < 16; c++) {
+                Py_ssize_t x = x0 + c;
+                _mm_storeu_si128((__m128i *)(dst + (flip_v ? out_height - 1 - x : x) * out_width + u0), column[c]);
+            }
+        }
+    }
+#endif
+    /* What the 16x16 blocks leave: the right strip, then the bottom one. */
+    for (Py_ssize_t y = 0; y < height; y++) {
+        Py_ssize_t u = flip_u ? out_width - 1 - y : y;
+        for (Py_ssize_t x = y < full_rows ? full_columns : 0; x < width; x++)
+            dst[(flip_v ? out_height - 1 - x : x) * out_width + u] = src[y * stride + x];
+    }
+}
+
+static PyObject *
+orient(PyObject *module, PyObject *args)
+{
+    Py_buffer plane;
+    Py_ssize_t width, height, stride;
+    int method;
+    if (!PyArg_ParseTuple(args, "y*nnni", &plane, &width, &height, &stride, &method))
+        return NULL;
+    PyObject *result = NULL;
+    if (method < FLIP_LEFT_RIGHT || method > TRANSVERSE)
+        PyErr_Format(PyExc_ValueError, "unknown transpose method %d", method);
+    else if (check_plane(&plane, "plane", stride, width, height) == 0 &&
+             (result = PyBytes_FromStringAndSize(NULL, width * height)) != NULL) {
+        uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
+        Py_BEGIN_ALLOW_THREADS
+        orient_plane(plane.buf, width, height, stride, method, out);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&plane);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"half_ycbcr", half_ycbcr, METH_VARARGS,
+     "half_ycbcr(y, y_stride, width, height, cb, cr, c_stride) -> bytes\n\n"
+     "Luma box-averaged 2x2 beside the 4:2:0 chroma: ceil(width/2) x ceil(height/2) pixels of\n"
+     "Y, Cb, Cr, 255 (Pillow's raw mode YCbCrX)."},
+    {"orient", orient, METH_VARARGS,
+     "orient(plane, width, height, stride, method) -> bytes\n\n"
+     "An 8-bit plane as Image.transpose(method) turns it, rows unpadded."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_pixels", "Loops over 8-bit YCbCr planes (see the source's header).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__pixels(void)
+{
+    return PyModule_Create(&module);
+}
