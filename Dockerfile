@@ -3,7 +3,7 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /app
 COPY scripts ./scripts
 RUN scripts/install-system-deps.sh
-COPY pyproject.toml requirements.lock ./
+COPY pyproject.toml setup.py requirements.lock ./
 COPY src ./src
 COPY workers ./workers
 # pillow-simd is compiled here, with AVX2 when the build machine has it: run the image on

@@ -225,6 +225,17 @@ def test_our_commands_are_the_cli_subcommands_the_tests_run(services):
         assert args.func is handlers[command[0]]
 
 
+def test_the_image_builds_the_c_extension_and_carries_the_libraries_the_imaging_loads():
+    _, build, runtime = (ROOT / "Dockerfile").read_text().split("\nFROM ")
+    copied = {name for line in re.findall(r"^COPY (?!--from)(.+) \S+$", build, re.M) for name in line.split()}
+    # setup.py declares mediavault.imaging._pixels; without it `pip install .` builds no extension.
+    assert {"pyproject.toml", "setup.py", "src", "workers"} <= copied
+    # ctypes finds libturbojpeg at run time, so no build step notices if the image lacks it.
+    installed = set(re.search(r"apt-get install -y --no-install-recommends ([^\\&]+)", runtime).group(1).split())
+    assert {"libjpeg62-turbo", "libturbojpeg0", "libwebp7", "liblcms2-2"} <= installed
+    assert "libturbojpeg0" in (ROOT / "scripts" / "install-system-deps.sh").read_text()
+
+
 def settings_field(env_name: str) -> tuple[str, ...]:
     """MEDIAVAULT_JOBS__AUDIT_ACCOUNTS__AGE_SECONDS -> ("jobs", "audit_accounts", "age_seconds"); fails for unknown names."""
     assert env_name.startswith("MEDIAVAULT_")
