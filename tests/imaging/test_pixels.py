@@ -43,6 +43,14 @@ def test_half_ycbcr_matches_pillows_reduce_and_merge(size: tuple[int, int]) -> N
     assert pixels[3::4] == b"\xff" * (half[0] * half[1])
 
 
+@pytest.mark.parametrize("factor", [(1, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (7, 5), (130, 71), (301, 200)])
+def test_halve_matches_pillows_reduce(factor: tuple[int, int], size: tuple[int, int]) -> None:
+    plane = random_plane(*size)
+    stride = size[0] + 3
+    assert _pixels.halve(padded_rows(plane, stride), *size, stride, *factor) == plane.reduce(factor).tobytes()
+
+
 def test_short_buffers_and_unknown_methods_are_refused() -> None:
     with pytest.raises(ValueError, match="too short"):
         _pixels.orient(bytes(99), 10, 10, 10, Image.Transpose.ROTATE_90.value)
@@ -50,5 +58,7 @@ def test_short_buffers_and_unknown_methods_are_refused() -> None:
         _pixels.orient(bytes(100), 10, 10, 9, Image.Transpose.ROTATE_90.value)
     with pytest.raises(ValueError, match="method"):
         _pixels.orient(bytes(100), 10, 10, 10, 7)
+    with pytest.raises(ValueError, match="factors"):
+        _pixels.halve(bytes(100), 10, 10, 10, 1, 1)
     with pytest.raises(ValueError, match="cb"):
         _pixels.half_ycbcr(bytes(100), 10, 10, 10, bytes(24), bytes(25), 5)

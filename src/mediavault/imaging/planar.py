@@ -117,9 +117,9 @@ _Plane = tuple[bytes | bytearray, int, int, int]
 
 def _reduce(plane: _Plane, factor: tuple[int, int]) -> _Plane:
     buffer, width, height, stride = plane
-    image = Image.frombuffer("L", (stride, len(buffer) // stride), buffer, "raw", "L", 0, 1)
-    reduced = image.reduce(factor, box=(0, 0, width, height))
-    return reduced.tobytes(), reduced.width, reduced.height, reduced.width
+    halved = _pixels.halve(buffer, width, height, stride, *factor)
+    width, height = _ceil_div(width, factor[0]), _ceil_div(height, factor[1])
+    return halved, width, height, width
 
 
 def _orient(plane: _Plane, transpose: Image.Transpose) -> _Plane:
