@@ -2,9 +2,10 @@
 
 A phone photo usually fits the display box, so its display variant is a re-encode at
 full size: decoding to planes and encoding from them is about a quarter faster than
-going through RGB (see turbojpeg). The smaller variants are resized from one YCbCr
-picture at the chroma's resolution, where luma and chroma line up, with Pillow's
-four-byte resampling (its one-byte path has no SIMD and runs 3-5 times slower).
+going through RGB (see turbojpeg). EXIF turns and the chroma's move to 4:2:0 happen
+on the planes (in _pixels, the C loops). The smaller variants are resized from one
+"YCbCr" picture at the chroma's resolution, where luma and chroma line up, with
+Pillow's four-byte resampling (its one-byte path has no SIMD and runs 3-5 times slower).
 """
 
 from __future__ import annotations
@@ -41,11 +42,6 @@ class Planes:
     width: int
     height: int
     data: tuple[bytes | bytearray, bytes | bytearray, bytes | bytearray]
-
-    def plane(self, component: int) -> Image.Image:
-        """Plane `component` (0 = Y) as an "L" image sharing the plane's memory."""
-        size = turbojpeg.plane_size(component, self.width, self.height, SAMP_420)
-        return Image.frombuffer("L", size, self.data[component], "raw", "L", 0, 1)
 
     def encode(self, quality: int) -> bytes:
         """A baseline 4:2:0 JPEG of the planes, without any metadata."""

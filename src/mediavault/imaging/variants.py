@@ -82,8 +82,8 @@ def _encode_planes(planes: Planes, spec: VariantSpec) -> Variant:
         if len(data) <= spec.max_bytes:
             return Variant(spec.name, "image/jpeg", planes.width, planes.height, data)
         if quality <= spec.min_quality:
-            # Shrinking needs a resize in RGB; pictures this noisy are rare enough that
-            # converting once and starting over there costs nothing overall.
+            # Shrinking needs a resize, which _encode does in RGB; pictures this noisy
+            # are rare enough that its few extra encodes do not matter.
             return _encode(planes.to_rgb(), spec)
         quality = max(spec.min_quality, quality - spec.quality_step)
 
