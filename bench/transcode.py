@@ -5,11 +5,12 @@ optimisation from mediavault.imaging.spec) from the same files, and a sixth only
 display variant, one after the other, each in its own subprocess pinned to the same
 single core:
 
-  mediavault         mediavault.imaging.transcode, as a pool worker runs it: a JPEG that
-                     fits the display box is decoded to its YCbCr planes (libjpeg-turbo's
-                     TurboJPEG API), its display encoded from them and the smaller variants
-                     resized from one half-resolution YCbCr picture; anything else goes
-                     through pillow-simd with draft decoding, one decode per photo
+  mediavault         mediavault.imaging.transcode, as a pool worker runs it: a YCbCr JPEG
+                     in sRGB is decoded to its planes (libjpeg-turbo's TurboJPEG API, scaled
+                     by 1/2, 1/4 or 1/8 where the display allows, resized the rest of the
+                     way), its display encoded from them and the smaller variants resized
+                     from one half-resolution YCbCr picture; anything else goes through
+                     pillow-simd with draft decoding, one decode per photo
   stock_pillow       the naive pipeline on stock Pillow: full decode (no draft), exif_transpose,
                      then every variant resize()d with Lanczos from the full image; the
                      baseline of the speed goal and the reference of the SSIM
@@ -35,7 +36,8 @@ variant's size. Memory: for each contender, a fresh subprocess per photo (and fo
 12 MP photo made from a corpus one) resets the kernel's RSS high-water mark, runs one job
 and reads it back (VmHWM): `job_mb` is that peak less the RSS just before the job (imports
 excluded), `process_mb` the peak itself. That 12 MP photo is 4032x3024, as iPhones take
-them, a little larger than the display box: each contender is also timed on it apart
+them, a little larger than the display box, which none of the corpus photos is: each
+contender is also timed on it apart
 (`ms_12mp`, the median of --repeat runs), outside the corpus figures.
 
 Stock Pillow, pyvips (libvips from the pyvips-binary wheel) and numpy live in .bench/venv,

@@ -30,6 +30,16 @@ def test_orient_matches_pillows_transpose(method: Image.Transpose, size: tuple[i
     assert turned == plane.transpose(method).tobytes()
 
 
+@pytest.mark.parametrize("method", [Image.Transpose.TRANSPOSE, Image.Transpose.FLIP_LEFT_RIGHT])
+def test_orient_pads_each_row_with_its_last_sample(method: Image.Transpose) -> None:
+    plane = random_plane(37, 21)
+    turned = plane.transpose(method)
+    padded = _pixels.orient(plane.tobytes(), 37, 21, 37, method.value, turned.width + 3)
+    rows = [padded[y * (turned.width + 3) : (y + 1) * (turned.width + 3)] for y in range(turned.height)]
+    assert b"".join(row[: turned.width] for row in rows) == turned.tobytes()
+    assert all(row[turned.width :] == row[turned.width - 1 : turned.width] * 3 for row in rows)
+
+
 @pytest.mark.parametrize("size", [(2, 2), (1, 1), (7, 5), (130, 71), (301, 200)])
 def test_half_ycbcr_matches_pillows_reduce_and_merge(size: tuple[int, int]) -> None:
     width, height = size
@@ -56,6 +66,8 @@ def test_short_buffers_and_unknown_methods_are_refused() -> None:
         _pixels.orient(bytes(99), 10, 10, 10, Image.Transpose.ROTATE_90.value)
     with pytest.raises(ValueError, match="stride"):
         _pixels.orient(bytes(100), 10, 10, 9, Image.Transpose.ROTATE_90.value)
+    with pytest.raises(ValueError, match="out_stride"):
+        _pixels.orient(bytes(200), 20, 10, 20, Image.Transpose.ROTATE_90.value, 9)
     with pytest.raises(ValueError, match="method"):
         _pixels.orient(bytes(100), 10, 10, 10, 7)
     with pytest.raises(ValueError, match="factors"):

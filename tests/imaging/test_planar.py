@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from PIL import Image, ImageChops, ImageOps, ImageStat
@@ -90,6 +91,46 @@ def test_every_orientation_and_subsampling_comes_out_upright_in_its_colours(subs
 
 
 @pytest.mark.parametrize(
+    ("size", "subsampling", "orientation"),
+    [
+        ((4032, 3024), "4:2:0", 1),
+        ((4032, 3024), "4:2:2", 6),
+        ((4101, 2999), "4:2:0", 8),
+        ((4101, 2999), "4:4:4", 3),
+        # Decoded at half scale (4050x3025), then resized to 4000x2988.
+        ((8100, 6049), "4:2:0", 6),
+    ],
+)
+def test_photos_larger_than_the_display_box_are_resized_in_their_planes(
+    size: tuple[int, int], subsampling: str, orientation: int
+) -> None:
+    source = quadrants(size)
+    data = jpeg(source, subsampling, orientation)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    planes = decoded(data)
+    assert isinstance(planes, Planes)
+    result = transcode(data, "image/jpeg")
+    assert (result.width, result.height) == upright.size
+    variants = check_variants(result, IMAGE_VARIANTS)
+    display = variants["display"]
+    assert display.size == (planes.width, planes.height) and max(display.size) == 4000
+    for name, variant in variants.items():
+        assert mean_difference(variant, upright) < 2.0, name
+
+
+def test_a_resized_plane_is_pillows_lanczos_resize_to_the_sample() -> None:
+    from mediavault.imaging.planar import _resize
+
+    plane = Image.frombytes("L", (203, 117), os.urandom(203 * 117))
+    stride = 205
+    rows = b"".join(plane.tobytes()[y * 203 : (y + 1) * 203] + b"\0\0" for y in range(117))
+    buffer, width, height, out_stride = _resize((rows, 203, 117, stride), (150, 61))
+    resized = b"".join(buffer[y * out_stride : y * out_stride + width] for y in range(height))
+    assert (width, height) == (150, 61)
+    assert resized == plane.resize((150, 61), Image.Resampling.LANCZOS).tobytes()
+
+
+@pytest.mark.parametrize(
     "relative", ["images/camera/jolla.jpg", "images/camera/28-hex_value.jpg", "images/formats/rommel.jpg"]
 )
 def test_phone_photos_keep_their_pixels(relative: str) -> None:
@@ -115,7 +156,6 @@ def test_jpegs_the_planes_cannot_serve_go_through_rgb() -> None:
         cmyk.getvalue(),
         grey.getvalue(),
         jpeg(photo, "4:2:0", icc_profile=foreign_profile),
-        jpeg(quadrants((4032, 3024)), "4:2:0"),
         jpeg(quadrants((900, 700)), "4:2:0"),
     ):
         picture = decoded(data)
@@ -133,8 +173,9 @@ def test_an_srgb_profile_needs_no_conversion_and_keeps_the_planes() -> None:
 def test_which_variant_sets_planes_cover() -> None:
     assert covers(3264, 2448, DEFAULT_VARIANTS.image)
     assert covers(4000, 3000, DEFAULT_VARIANTS.image)
-    # The display would need a resize.
-    assert not covers(4032, 3024, DEFAULT_VARIANTS.image)
+    # The display is resized from the planes.
+    assert covers(4032, 3024, DEFAULT_VARIANTS.image)
+    assert covers(12000, 9000, DEFAULT_VARIANTS.image)
     # The preview is more than half the picture.
     assert not covers(1100, 800, DEFAULT_VARIANTS.image)
     optimised = VariantSpec("display", box=4000, quality=90, max_bytes=2_000_000, optimize=True)

@@ -146,7 +146,7 @@ half_ycbcr(PyObject *module, PyObject *args)
 
 static void
 orient_plane(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride, int method,
-             uint8_t *restrict dst)
+             uint8_t *restrict dst, Py_ssize_t out_stride)
 {
     int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
     /* Where source (x, y) lands: (u, v) = swap ? (y, x) : (x, y), then mirrored as flagged. */
@@ -156,7 +156,7 @@ orient_plane(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, P
     if (!swap) {
         for (Py_ssize_t y = 0; y < height; y++) {
             const uint8_t *in = src + y * stride;
-            uint8_t *out = dst + (flip_v ? height - 1 - y : y) * out_width;
+            uint8_t *out = dst + (flip_v ? height - 1 - y : y) * out_stride;
             if (flip_u) {
                 Py_ssize_t x = 0;
 #ifdef __SSE2__
@@ -187,7 +187,7 @@ orient_plane(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, P
             transpose16(first + x0, step, column);
             for (int c = 0; c < 16; c++) {
                 Py_ssize_t x = x0 + c;
-                _mm_storeu_si128((__m128i *)(dst + (flip_v ? out_height - 1 - x : x) * out_width + u0), column[c]);
+                _mm_storeu_si128((__m128i *)(dst + (flip_v ? out_height - 1 - x : x) * out_stride + u0), column[c]);
             }
         }
     }
@@ -196,26 +196,46 @@ orient_plane(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, P
     for (Py_ssize_t y = 0; y < height; y++) {
         Py_ssize_t u = flip_u ? out_width - 1 - y : y;
         for (Py_ssize_t x = y < full_rows ? full_columns : 0; x < width; x++)
-            dst[(flip_v ? out_height - 1 - x : x) * out_width + u] = src[y * stride + x];
+            dst[(flip_v ? out_height - 1 - x : x) * out_stride + u] = src[y * stride + x];
     }
+}
+
+static void
+orient_and_pad(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride, int method,
+               uint8_t *restrict dst, Py_ssize_t out_stride)
+{
+    orient_plane(src, width, height, stride, method, dst, out_stride);
+    int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+    Py_ssize_t out_width = swap ? height : width, out_height = swap ? width : height;
+    /* Each row's last sample repeated to the stride: an encoder reading past the picture
+     * sees an edge, not a step. */
+    if (out_stride > out_width)
+        for (Py_ssize_t v = 0; v < out_height; v++)
+            memset(dst + v * out_stride + out_width, dst[v * out_stride + out_width - 1], (size_t)(out_stride - out_width));
 }
 
 static PyObject *
 orient(PyObject *module, PyObject *args)
 {
     Py_buffer plane;
-    Py_ssize_t width, height, stride;
+    Py_ssize_t width, height, stride, out_stride = 0;
     int method;
-    if (!PyArg_ParseTuple(args, "y*nnni", &plane, &width, &height, &stride, &method))
+    if (!PyArg_ParseTuple(args, "y*nnni|n", &plane, &width, &height, &stride, &method, &out_stride))
         return NULL;
     PyObject *result = NULL;
+    int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+    Py_ssize_t out_width = swap ? height : width, out_height = swap ? width : height;
+    if (out_stride == 0)
+        out_stride = out_width;
     if (method < FLIP_LEFT_RIGHT || method > TRANSVERSE)
         PyErr_Format(PyExc_ValueError, "unknown transpose method %d", method);
+    else if (out_stride < out_width)
+        PyErr_Format(PyExc_ValueError, "out_stride %zd is narrower than the turned plane (%zd)", out_stride, out_width);
     else if (check_plane(&plane, "plane", stride, width, height) == 0 &&
-             (result = PyBytes_FromStringAndSize(NULL, width * height)) != NULL) {
+             (result = PyBytes_FromStringAndSize(NULL, out_stride * out_height)) != NULL) {
         uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
         Py_BEGIN_ALLOW_THREADS
-        orient_plane(plane.buf, width, height, stride, method, out);
+        orient_and_pad(plane.buf, width, height, stride, method, out, out_stride);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&plane);
@@ -282,8 +302,9 @@ static PyMethodDef methods[] = {
      "An 8-bit plane box-averaged by (fx, fy) in (1, 2), (2, 1) or (2, 2), as Image.reduce((fx, fy)),\n"
      "rows unpadded."},
     {"orient", orient, METH_VARARGS,
-     "orient(plane, width, height, stride, method) -> bytes\n\n"
-     "An 8-bit plane as Image.transpose(method) turns it, rows unpadded."},
+     "orient(plane, width, height, stride, method, out_stride=0) -> bytes\n\n"
+     "An 8-bit plane as Image.transpose(method) turns it, each row padded to out_stride bytes\n"
+     "(0: not padded) with copies of its last sample."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -109,7 +109,7 @@ def decode_image(data: bytes, mime: str, limits: Limits, specs: Sequence[Variant
         if image.format in ("JPEG", "MPO"):
             planes = _decode_planes(data, image, orientation, specs)
             if planes is not None:
-                return Still(planes, planes.width, planes.height)
+                return Still(planes, *_upright(width, height, orientation))
             # libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT: far less to decode,
             # and never below what the largest variant needs.
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
@@ -125,9 +125,7 @@ def decode_image(data: bytes, mime: str, limits: Limits, specs: Sequence[Variant
     picture = _to_srgb(image)
     if orientation in _TRANSPOSE_FOR_ORIENTATION:
         picture = picture.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-    if orientation in _QUARTER_TURNS:
-        width, height = height, width
-    return Still(picture, width, height)
+    return Still(picture, *_upright(width, height, orientation))
 
 
 def _decode_planes(data: bytes, image: Image.Image, orientation: int, specs: Sequence[VariantSpec]) -> Planes | None:
@@ -140,11 +138,13 @@ def _decode_planes(data: bytes, image: Image.Image, orientation: int, specs: Seq
     icc = image.info.get("icc_profile")
     if not planar.covers(*image.size, specs) or (icc and _converts_colour(icc)):
         return None
+    width, height = _upright(*image.size, orientation)
     try:
         header = turbojpeg.read_header(data)
         if (header.width, header.height) != image.size or not planar.readable(header):
             return None
-        return planar.decode(data, header, _TRANSPOSE_FOR_ORIENTATION.get(orientation))
+        display = fit(width, height, max(spec.box for spec in specs))
+        return planar.decode(data, header, _TRANSPOSE_FOR_ORIENTATION.get(orientation), display)
     except turbojpeg.TurboJPEGError:
         return None
 
@@ -155,6 +155,10 @@ def _converts_colour(icc: bytes) -> bool:
     except (ImageCms.PyCMSError, OSError, ValueError):
         # _apply_profile ignores a broken profile too.
         return False
+
+
+def _upright(width: int, height: int, orientation: int) -> tuple[int, int]:
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 def _orientation(image: Image.Image) -> int:

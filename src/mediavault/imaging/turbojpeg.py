@@ -123,25 +123,43 @@ def read_header(data: bytes) -> Header:
     return Header(width.value, height.value, subsampling.value, colorspace.value)
 
 
-def decompress_to_planes(data: bytes, header: Header) -> list[bytearray]:
-    """The picture's Y, Cb and Cr planes at full scale, each plane_size() and unpadded rows."""
-    sizes = [plane_size(c, header.width, header.height, header.subsampling) for c in range(3)]
+def scaled_size(header: Header, denominator: int) -> tuple[int, int]:
+    """The picture's size decoded at 1/denominator (1, 2, 4 or 8), as libjpeg rounds it."""
+    return -(-header.width // denominator), -(-header.height // denominator)
+
+
+def decompress_to_planes(data: bytes, header: Header, denominator: int = 1) -> list[bytearray]:
+    """The picture's Y, Cb and Cr planes at 1/denominator scale, each plane_size() of scaled_size().
+
+    libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, so a smaller scale decodes less.
+    """
+    width, height = scaled_size(header, denominator)
+    sizes = [plane_size(c, width, height, header.subsampling) for c in range(3)]
     planes = [bytearray(w * h) for w, h in sizes]
     with _handle(_lib.tjInitDecompress) as handle:
         _check(
-            _lib.tjDecompressToYUVPlanes(handle, data, len(data), _pointers(planes), header.width, None,
-                                         header.height, _DECODE_FLAGS),
+            _lib.tjDecompressToYUVPlanes(handle, data, len(data), _pointers(planes), width, None, height, _DECODE_FLAGS),
             handle,
         )
     return planes
 
 
-def compress_planes(planes: Sequence[bytes | bytearray], width: int, height: int, subsampling: int, quality: int) -> bytes:
-    """A baseline JFIF JPEG of planes laid out as plane_size() says, with no metadata at all."""
+def _strides(strides: Sequence[int] | None) -> ctypes.Array | None:
+    return None if strides is None else (ctypes.c_int * len(strides))(*strides)
+
+
+def compress_planes(
+    planes: Sequence[bytes | bytearray], width: int, height: int, subsampling: int, quality: int,
+    strides: Sequence[int] | None = None,
+) -> bytes:
+    """A baseline JFIF JPEG of the planes, with no metadata at all.
+
+    Each plane holds at least plane_size() rows of `strides` bytes (default: the plane's width).
+    """
     out, size = ctypes.c_void_p(), ctypes.c_ulong(0)
     with _handle(_lib.tjInitCompress) as handle:
         _check(
-            _lib.tjCompressFromYUVPlanes(handle, _pointers(planes), width, None, height, subsampling,
+            _lib.tjCompressFromYUVPlanes(handle, _pointers(planes), width, _strides(strides), height, subsampling,
                                          ctypes.byref(out), ctypes.byref(size), quality, _ENCODE_FLAGS),
             handle,
         )
@@ -151,13 +169,15 @@ def compress_planes(planes: Sequence[bytes | bytearray], width: int, height: int
         _lib.tjFree(out)
 
 
-def planes_to_rgbx(planes: Sequence[bytes | bytearray], width: int, height: int, subsampling: int) -> bytearray:
-    """The planes colour-converted to packed RGBX rows, as a JPEG decoder would."""
+def planes_to_rgbx(
+    planes: Sequence[bytes | bytearray], width: int, height: int, subsampling: int, strides: Sequence[int] | None = None
+) -> bytearray:
+    """The planes (laid out as for compress_planes) colour-converted to packed RGBX rows, as a JPEG decoder would."""
     rgbx = bytearray(width * height * 4)
     target = (ctypes.c_char * len(rgbx)).from_buffer(rgbx)
     with _handle(_lib.tjInitDecompress) as handle:
         _check(
-            _lib.tjDecodeYUVPlanes(handle, _pointers(planes), None, subsampling, ctypes.addressof(target), width,
+            _lib.tjDecodeYUVPlanes(handle, _pointers(planes), _strides(strides), subsampling, ctypes.addressof(target), width,
                                    0, height, _PIXEL_FORMAT_RGBX, 0),
             handle,
         )
