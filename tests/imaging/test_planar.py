@@ -19,7 +19,7 @@ from mediavault.imaging import (
 )
 from mediavault.imaging.decode import decode_image
 from mediavault.imaging.planar import Planes, covers
-from mediavault.imaging.spec import DISPLAY, PREVIEW, THUMBNAIL
+from mediavault.imaging.spec import DISPLAY, PREVIEW, THUMBNAIL, fit
 from tests.imaging.helpers import check_variants, corpus, open_variant
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
@@ -118,6 +118,23 @@ def test_photos_larger_than_the_display_box_are_resized_in_their_planes(
         assert mean_difference(variant, upright) < 2.0, name
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("box", [999, 1002, 1003])
+def test_odd_and_unaligned_display_sizes_keep_their_pixels(box: int, orientation: int) -> None:
+    # 999x749: a luma row repeated at the bottom; 1002x752: rows of 1004 bytes, wider
+    # than the 1002 the encoder reads; 1003x752: an odd width padded for the encoder.
+    source = quadrants((1600, 1200))
+    display = VariantSpec("display", box=box, quality=90, max_bytes=2_000_000, optimize=False)
+    variants = VariantSet(image=(THUMBNAIL, display), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
+    data = jpeg(source, "4:2:0", orientation)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert isinstance(decode_image(data, "image/jpeg", DEFAULT_LIMITS, variants.image).image, Planes)
+    made = {v.name: v for v in transcode(data, "image/jpeg", variants=variants).variants}
+    picture = open_variant(made["display"].data)
+    assert picture.size == fit(*upright.size, box)
+    assert mean_difference(picture, upright) < 2.0
+
+
 def test_a_resized_plane_is_pillows_lanczos_resize_to_the_sample() -> None:
     from mediavault.imaging.planar import _resize
 
@@ -183,14 +200,22 @@ def test_which_variant_sets_planes_cover() -> None:
     assert covers(3264, 2448, (DISPLAY,))
 
 
-def test_display_over_budget_at_the_quality_floor_shrinks_through_rgb() -> None:
-    data = jpeg(Image.merge("RGB", [Image.effect_noise((1600, 1200), 90) for _ in range(3)]), "4:2:0")
-    assert isinstance(decoded(data), Planes)
-    tight = VariantSpec("display", box=4000, quality=90, max_bytes=150_000, optimize=False)
-    variants = VariantSet(image=(THUMBNAIL, PREVIEW, tight), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
+@pytest.mark.parametrize("box", [4000, 999, 1002])
+def test_display_over_budget_at_the_quality_floor_shrinks_through_rgb(box: int) -> None:
+    # 999 and 1002: the planes are resized first, to an odd height (999x749) or to rows
+    # padded past what the encoder reads (1002: 1004 bytes a row).
+    noise = Image.merge("RGB", [Image.effect_noise((1600, 1200), 90) for _ in range(3)])
+    photo = Image.blend(quadrants((1600, 1200)), noise, 0.5)
+    data = jpeg(photo, "4:2:0")
+    tight = VariantSpec("display", box=box, quality=90, max_bytes=60_000, optimize=False)
+    variants = VariantSet(image=(THUMBNAIL, tight), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
+    planes = decode_image(data, "image/jpeg", DEFAULT_LIMITS, variants.image).image
+    assert isinstance(planes, Planes) and (planes.width, planes.height) == fit(1600, 1200, box)
     display = next(v for v in transcode(data, "image/jpeg", variants=variants).variants if v.name == "display")
     assert len(display.data) <= tight.max_bytes
-    assert display.width < 1600 and open_variant(display.data).size == (display.width, display.height)
+    assert display.width < planes.width and open_variant(display.data).size == (display.width, display.height)
+    # The RGB picture it shrank was the planes' own, colours and all.
+    assert mean_difference(open_variant(display.data), photo) < 3.0
 
 
 def test_truncated_photo_is_refused_not_decoded_grey() -> None:
