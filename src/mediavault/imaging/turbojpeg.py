@@ -22,8 +22,9 @@ from dataclasses import dataclass
 SAMP_444, SAMP_422, SAMP_420, SAMP_GRAY, SAMP_440, SAMP_411 = range(6)
 COLORSPACE_YCBCR = 1
 _PIXEL_FORMAT_RGBX = 2
-# A warning (a truncated or slightly corrupt file) fails the call, so such files go to
-# the stricter Pillow path; hostile progressive files are refused after 500 scans.
+# A warning (a truncated or slightly corrupt file) fails the call, and so does a
+# progressive file of more than 500 scans (a known way to burn CPU): such files go to
+# the stricter Pillow path, where the job's time limit bounds them.
 _FLAG_STOPONWARNING = 8192
 _FLAG_LIMITSCANS = 32768
 _DECODE_FLAGS = _FLAG_STOPONWARNING | _FLAG_LIMITSCANS
