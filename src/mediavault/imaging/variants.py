@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
@@ -76,41 +76,60 @@ def _resize(source: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def _encode_planes(planes: Planes, spec: VariantSpec) -> Variant:
-    quality = spec.quality
-    while True:
+    for quality in _qualities(spec):
         data = planes.encode(quality)
         if len(data) <= spec.max_bytes:
             return Variant(spec.name, "image/jpeg", planes.width, planes.height, data)
-        if quality <= spec.min_quality:
-            # Shrinking needs a resize, which _encode does in RGB; pictures this noisy
-            # are rare enough that its few extra encodes do not matter.
-            return _encode(planes.to_rgb(), spec)
-        quality = max(spec.min_quality, quality - spec.quality_step)
+    # Shrinking needs a resize, done in RGB; pictures this noisy are rare.
+    return _shrunk(planes.to_rgb(), spec, len(data))
 
 
 def _encode(picture: Image.Image, spec: VariantSpec) -> Variant:
-    # Only WebP of the web's formats has both lossy compression (so a byte budget can
-    # be met) and an alpha channel.
-    webp = picture.mode == "RGBA"
-    quality = spec.quality
-    while True:
-        data = _save(picture, quality, spec.optimize, webp)
+    for quality in _qualities(spec):
+        data = _save(picture, quality, spec.optimize)
         if len(data) <= spec.max_bytes:
-            return Variant(spec.name, "image/webp" if webp else "image/jpeg", picture.width, picture.height, data)
-        if quality > spec.min_quality:
-            quality = max(spec.min_quality, quality - spec.quality_step)
-            continue
-        # Still too big at the quality floor: bytes grow roughly with pixel count, so
-        # shrink by the square root of the overshoot, a little more to converge quickly.
-        scale = min(0.9, math.sqrt(spec.max_bytes / len(data)) * 0.95)
+            return _variant(spec, picture, data)
+    return _shrunk(picture, spec, len(data))
+
+
+def _qualities(spec: VariantSpec) -> Iterator[int]:
+    """spec.quality, then lower by quality_step down to min_quality."""
+    quality = spec.quality
+    yield quality
+    while quality > spec.min_quality:
+        quality = max(spec.min_quality, quality - spec.quality_step)
+        yield quality
+
+
+def _shrunk(picture: Image.Image, spec: VariantSpec, size_at_floor: int) -> Variant:
+    # Still too big at the quality floor: bytes grow roughly with pixel count, so
+    # shrink by the square root of the overshoot, a little more to converge quickly.
+    size = size_at_floor
+    while True:
+        scale = min(0.9, math.sqrt(spec.max_bytes / size) * 0.95)
         picture = picture.resize(
             (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.Resampling.LANCZOS
         )
+        data = _save(picture, spec.min_quality, spec.optimize)
+        if len(data) <= spec.max_bytes:
+            return _variant(spec, picture, data)
+        size = len(data)
 
 
-def _save(picture: Image.Image, quality: int, optimize: bool, webp: bool) -> bytes:
+def _variant(spec: VariantSpec, picture: Image.Image, data: bytes) -> Variant:
+    content_type = "image/webp" if _has_alpha(picture) else "image/jpeg"
+    return Variant(spec.name, content_type, picture.width, picture.height, data)
+
+
+def _has_alpha(picture: Image.Image) -> bool:
+    # Only WebP of the web's formats has both lossy compression (so a byte budget can
+    # be met) and an alpha channel.
+    return picture.mode == "RGBA"
+
+
+def _save(picture: Image.Image, quality: int, optimize: bool) -> bytes:
     buffer = io.BytesIO()
-    if webp:
+    if _has_alpha(picture):
         picture.save(buffer, "WEBP", quality=quality)
     else:
         picture.save(buffer, "JPEG", quality=quality, optimize=optimize, subsampling="4:2:0")
