@@ -23,6 +23,13 @@
 /* Pillow's Image.Transpose values. */
 enum { FLIP_LEFT_RIGHT, FLIP_TOP_BOTTOM, ROTATE_90, ROTATE_180, ROTATE_270, TRANSPOSE, TRANSVERSE };
 
+/* The quarter turns and the two diagonal flips: rows become columns. */
+static inline int
+swaps_axes(int method)
+{
+    return method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+}
+
 #ifdef __SSE2__
 #include <emmintrin.h>
 
@@ -148,7 +155,7 @@ static void
 orient_plane(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height, Py_ssize_t stride, int method,
              uint8_t *restrict dst, Py_ssize_t out_stride)
 {
-    int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+    int swap = swaps_axes(method);
     /* Where source (x, y) lands: (u, v) = swap ? (y, x) : (x, y), then mirrored as flagged. */
     int flip_u = method == FLIP_LEFT_RIGHT || method == ROTATE_180 || method == ROTATE_270 || method == TRANSVERSE;
     int flip_v = method == FLIP_TOP_BOTTOM || method == ROTATE_180 || method == ROTATE_90 || method == TRANSVERSE;
@@ -205,7 +212,7 @@ orient_and_pad(const uint8_t *restrict src, Py_ssize_t width, Py_ssize_t height,
                uint8_t *restrict dst, Py_ssize_t out_stride)
 {
     orient_plane(src, width, height, stride, method, dst, out_stride);
-    int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+    int swap = swaps_axes(method);
     Py_ssize_t out_width = swap ? height : width, out_height = swap ? width : height;
     /* Each row's last sample repeated to the stride: an encoder reading past the picture
      * sees an edge, not a step. */
@@ -223,7 +230,7 @@ orient(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*nnni|n", &plane, &width, &height, &stride, &method, &out_stride))
         return NULL;
     PyObject *result = NULL;
-    int swap = method == ROTATE_90 || method == ROTATE_270 || method == TRANSPOSE || method == TRANSVERSE;
+    int swap = swaps_axes(method);
     Py_ssize_t out_width = swap ? height : width, out_height = swap ? width : height;
     if (out_stride == 0)
         out_stride = out_width;
