@@ -37,8 +37,8 @@ variant's size. Memory: for each contender, a fresh subprocess per photo (and fo
 and reads it back (VmHWM): `job_mb` is that peak less the RSS just before the job (imports
 excluded), `process_mb` the peak itself. That 12 MP photo is 4032x3024, as iPhones take
 them, a little larger than the display box, which none of the corpus photos is: each
-contender is also timed on it apart
-(`ms_12mp`, the median of --repeat runs), outside the corpus figures.
+contender is also timed on it apart (`ms_12mp`, the median of --repeat runs), outside the
+corpus figures.
 
 Stock Pillow, pyvips (libvips from the pyvips-binary wheel) and numpy live in .bench/venv,
 created on first run: pillow-simd owns the PIL package in the project's virtualenv.
