@@ -1,9 +1,10 @@
 """A JPEG's pixels kept as its own YCbCr planes, from decode to the encoded variants.
 
-A phone photo usually fits the display box, so its display variant is a re-encode at
-full size: decoding to planes and encoding from them is about a quarter faster than
-going through RGB (see turbojpeg). EXIF turns and the chroma's move to 4:2:0 happen
-on the planes (in _pixels, the C loops). The smaller variants are resized from one
+The display variant is the picture decoded at the largest of 1, 1/2, 1/4 or 1/8 scale
+that keeps the display's size (most phone photos: full size), resized the rest of the
+way, and re-encoded: decoding to planes and encoding from them is about a quarter faster
+than going through RGB (see turbojpeg). EXIF turns and the chroma's move to 4:2:0
+happen on the planes (in _pixels, the C loops). The smaller variants are resized from one
 "YCbCr" picture at the chroma's resolution, where luma and chroma line up, with
 Pillow's four-byte resampling (its one-byte path has no SIMD and runs 3-5 times slower).
 """
