@@ -1,7 +1,7 @@
 """What a reservation costs the server process by batch size: why upload batches are spaced.
 
-Calls mediavault.domain.uploads.begin (validation, the batched reservation statement
-through uploads.Reservations and asyncpg, the signed upload URL) in this process, no gRPC,
+Calls mediavault.domain.uploads.Uploads.begin (validation, the batched reservation statement
+through asyncpg, the signed upload URL) in this process, no gRPC,
 from --concurrency-levels closed-loop workers, each its own user. With N workers every
 batch carries the N calls, so N is the batch size. Per level it reports this process's
 CPU time per call (time.process_time: the Python, asyncpg and event-loop work a server
@@ -36,14 +36,17 @@ async def _measure(database_url: str, levels: list[int], calls: int) -> dict:
     from mediavault.config import Settings
     from mediavault.db import create_pool, migrate
     from mediavault.domain import ledger, uploads
+    from mediavault.jobs import TranscodeQueue
 
     await migrate(database_url)
     with tempfile.TemporaryDirectory(prefix="mediavault-bench-batches-") as blob_dir:
-        settings = Settings(database_url=database_url, blob_dir=Path(blob_dir), jwt_secret=secrets.token_hex(32))
+        settings = Settings(
+            database_url=database_url, blob_dir=Path(blob_dir), jwt_secret=secrets.token_hex(32), upload_batch_spacing_seconds=0
+        )
         pool = await create_pool(settings)
         blobs = await open_blob_store(settings)
         try:
-            reservations = uploads.Reservations(pool)
+            service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None))
             request = uploads.BeginRequest("bench.jpg", "image/jpeg", BODY_SIZE, SHA256, None, "permanent")
             result: dict = {"cpu_us_per_call": {}, "wall_us_per_call": {}, "calls_per_batch": {}}
             for level in levels:
@@ -53,7 +56,7 @@ async def _measure(database_url: str, levels: list[int], calls: int) -> dict:
 
                 async def worker(principal: Principal, count: int) -> None:
                     for _ in range(count):
-                        await uploads.begin(pool, blobs, settings, principal, request, reservations)
+                        await service.begin(principal, request)
 
                 # Warm-up: accounts exist, statements are prepared.
                 await asyncio.gather(*(worker(p, 2) for p in principals))

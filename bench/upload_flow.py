@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-spacing-ms", type=float, default=None,
-        help="the stack's MEDIAVAULT_UPLOAD_BATCH_SPACING_MS (default: the server's own default); 0 to"
+        help="the stack's MEDIAVAULT_UPLOAD_BATCH_SPACING_SECONDS, in ms (default: the server's own default); 0 to"
         " compare with batches that start back to back",
     )
     args = parser.parse_args(argv)
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
         server_env = {"MEDIAVAULT_RATE_LIMITS": args.rate_limits}
         if args.batch_spacing_ms is not None:
-            server_env["MEDIAVAULT_UPLOAD_BATCH_SPACING_MS"] = str(args.batch_spacing_ms)
+            server_env["MEDIAVAULT_UPLOAD_BATCH_SPACING_SECONDS"] = str(args.batch_spacing_ms / 1000)
         with bench_stack(extra_env=server_env) as stack:
             if args.rate_limits == "on":
                 from ratelimit_overhead import raise_limits

@@ -734,7 +734,7 @@ def test_cron_alerts_cover_every_job_at_two_to_three_times_its_schedule(alert_ru
     settings = Settings()
     cron_rules = [rule for rule in alert_rules if rule["alert"] == "MediavaultCronJobNotRun"]
     for name in JOBS:
-        schedule = getattr(settings.jobs, name).every_minutes * 60
+        schedule = getattr(settings.jobs, name).every_seconds
         stale = [r for r in cron_rules if re.search(rf'last_success_timestamp_seconds\{{job="{name}"\}}\) > (\d+)', r["expr"])]
         assert len(stale) == 1, f"{name}: one rule on the age of the last success"
         threshold = int(re.search(r"> (\d+)\s*$", stale[0]["expr"]).group(1))

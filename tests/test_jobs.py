@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix
-from arq.jobs import Job, JobStatus
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import Job, JobStatus, deserialize_job_raw
+from arq.version import VERSION
 from arq.worker import Worker, func
 
 from mediavault import jobs, metrics
@@ -148,3 +149,36 @@ async def test_the_transcode_queue_with_redis_down_or_absent_returns_false():
     assert results == [False] * 3
     assert fallbacks._value.get() == before + 3
     assert await jobs.TranscodeQueue(None).enqueue(_media_id(), 0) is False
+
+
+async def test_the_enqueue_script_writes_what_arq_enqueue_job_writes(queue: ArqRedis, redis_url: str):
+    """The script mirrors arq's enqueue protocol; a newer arq that changes it fails here, not in production."""
+    assert VERSION in jobs.MIRRORED_ARQ_VERSIONS, f"arq {VERSION}: compare jobs._ENQUEUE with ArqRedis.enqueue_job"
+    media_id = _media_id()
+    ours = jobs.transcode_job_id(media_id, 0)
+    theirs = f"{ours}:arq"
+    assert await jobs.enqueue_transcode(queue, media_id, 0)
+    assert await queue.enqueue_job(jobs.TRANSCODE, str(media_id), 0, _job_id=theirs) is not None
+
+    async def written(job_id: str) -> dict[str, object]:
+        keys = sorted([key.decode() async for key in queue.scan_iter(f"arq:*{job_id}")])
+        return {key.replace(job_id, "<id>"): await queue.type(key) for key in keys if key.endswith(job_id)}
+
+    assert await written(ours) == await written(theirs) == {job_key_prefix + "<id>": b"string"}
+    our_job = deserialize_job_raw(await queue.get(job_key_prefix + ours))
+    their_job = deserialize_job_raw(await queue.get(job_key_prefix + theirs))
+    # (function, args, kwargs, job_try, enqueue_time_ms): the same but for the moment of enqueueing.
+    assert our_job[:4] == their_job[:4]
+    assert abs(our_job[4] - their_job[4]) < 5_000
+    assert abs(await queue.pttl(job_key_prefix + ours) - await queue.pttl(job_key_prefix + theirs)) < 5_000
+    scores = dict(await queue.zrange(queue.default_queue_name, 0, -1, withscores=True))
+    assert set(scores) == {ours.encode(), theirs.encode()}
+    assert abs(scores[ours.encode()] - scores[theirs.encode()]) < 5_000
+
+    # Each refuses a job id the other queued, and one whose result arq still keeps.
+    assert await queue.enqueue_job(jobs.TRANSCODE, str(media_id), 0, _job_id=ours) is None
+    finished = _media_id()
+    await queue.set(result_key_prefix + jobs.transcode_job_id(finished, 0), b"done")
+    assert await jobs.enqueue_transcode(queue, finished, 0)
+    assert await queue.enqueue_job(jobs.TRANSCODE, str(finished), 0, _job_id=jobs.transcode_job_id(finished, 0)) is None
+    assert await queue.zcard(queue.default_queue_name) == 2

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,15 +23,13 @@ import asyncpg
 from mediavault import jobs, metrics
 from mediavault.config import JobConfig, Settings
 from mediavault.domain import cleanup, ledger
-from mediavault.domain import media as media_domain
+from mediavault.domain.media import MAX_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
 # A run stops after this many batches and leaves the rest to the next run, so one run
 # of a job never holds a worker for long.
 MAX_BATCHES_PER_RUN = 1000
-QUARANTINE = "quarantine/"
-SWEPT_PREFIXES = ("originals/", "variants/")
 
 
 @dataclass
@@ -199,10 +196,7 @@ async def _purge_loop(ctx: dict[str, Any], report: RunReport, config: JobConfig)
 
 
 async def _count_purge_due(ctx: dict[str, Any], report: RunReport) -> None:
-    due = await ctx["pool"].fetchval(
-        "SELECT count(*) FROM media WHERE deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()"
-    )
-    report.details["purged"] = due
+    report.details["purged"] = await cleanup.count_purge_due(ctx["pool"])
 
 
 async def expire_ephemeral_media(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
@@ -245,7 +239,7 @@ async def fail_stuck_processing(ctx: dict[str, Any], report: RunReport, config: 
 
     await _batched(
         ctx, report, config,
-        lambda conn, c, lane: cleanup.fail_stuck_processing(conn, c.batch_size, c.age_seconds, media_domain.MAX_ATTEMPTS),
+        lambda conn, c, lane: cleanup.fail_stuck_processing(conn, c.batch_size, c.age_seconds, MAX_ATTEMPTS),
         enqueue,
     )
 
@@ -265,12 +259,9 @@ async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConf
     for row in heavy:
         log.warning("reservations above half the quota", extra={"job": report.job, "user_id": row["user_id"],
                                                                  "reserved_bytes": row["reserved_bytes"], "quota_bytes": row["quota_bytes"]})
-    totals = await ctx["pool"].fetchrow(
-        "SELECT coalesce(sum(quota_bytes), 0)::bigint AS quota, coalesce(sum(used_bytes), 0)::bigint AS used, "
-        "coalesce(sum(reserved_bytes), 0)::bigint AS reserved FROM accounts"
-    )
+    totals = await ctx["accounts"].totals()
     for kind in ("quota", "used", "reserved"):
-        metrics.STORAGE_BYTES.labels(kind).set(totals[kind])
+        metrics.STORAGE_BYTES.labels(kind).set(getattr(totals, kind))
     metrics.LEDGER_MISMATCHES.set(len(mismatches))
     metrics.HEAVY_RESERVATIONS.set(len(heavy))
     report.scanned = len(mismatches) + len(heavy)
@@ -280,63 +271,75 @@ async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConf
 async def sweep_orphan_blobs(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     """Unowned objects older than the grace period go to quarantine; quarantined ones still
     unowned a run later are deleted; live media whose original is missing is marked FAILED."""
+    # Quarantine is emptied first, so an object moved in this run waits a whole run before it can go.
+    deleted = await _empty_quarantine(ctx, report, config)
+    quarantined = await _quarantine_orphans(ctx, report, config)
+    missing = await _fail_media_missing_originals(ctx, report, config)
+    report.changed = quarantined + deleted + missing
+    report.details.update(quarantined=quarantined, deleted_from_quarantine=deleted, originals_missing=missing)
+
+
+async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
+    """Deletes quarantined objects that are still unowned, and puts back those a row came to own."""
     blobs, pool = ctx["blobs"], ctx["pool"]
-    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
-    quarantined = deleted = missing = 0
-    # Quarantine first, so an object moved in this run waits a whole run before it can go.
+    deleted = 0
     after = None
     while True:
-        page = await blobs.list_page(QUARANTINE, after=after, limit=config.batch_size)
+        page = await blobs.list_page(cleanup.QUARANTINE, after=after, limit=config.batch_size)
         report.scanned += len(page)
-        originals = [o.key.removeprefix(QUARANTINE) for o in page]
-        owned = await cleanup.owned_keys(pool, originals)
-        for listed, original in zip(page, originals, strict=True):
-            if original in owned:
-                if not report.dry_run:
-                    await _restore(ctx, listed.key, original, report)
-                continue
-            deleted += 1
-            if not report.dry_run:
-                await _delete_blobs(ctx, [listed.key], report)
+        verdict = await cleanup.judge_quarantined(pool, [o.key for o in page])
+        deleted += len(verdict.delete)
+        if not report.dry_run:
+            for quarantined_key, original in verdict.restore:
+                await _restore(ctx, quarantined_key, original, report)
+            if verdict.delete:
+                await _delete_blobs(ctx, verdict.delete, report)
         if len(page) < config.batch_size:
-            break
+            return deleted
         after = page[-1].key
-    for prefix in SWEPT_PREFIXES:
+
+
+async def _quarantine_orphans(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
+    """Moves the objects no row owns, older than the grace period, to quarantine."""
+    blobs, pool = ctx["blobs"], ctx["pool"]
+    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
+    quarantined = 0
+    for prefix in cleanup.SWEPT_PREFIXES:
         after = None
         while True:
             page = await blobs.list_page(prefix, after=after, limit=config.batch_size)
             report.scanned += len(page)
-            old = [o for o in page if o.modified_at < cutoff]
-            owned = await cleanup.owned_keys(pool, [o.key for o in old])
-            for listed in old:
-                if listed.key in owned:
-                    continue
+            for key in await cleanup.orphans(pool, page, cutoff):
                 quarantined += 1
                 if not report.dry_run:
                     try:
-                        await blobs.move(listed.key, QUARANTINE + listed.key)
+                        await blobs.move(key, cleanup.QUARANTINE + key)
                     except Exception:
                         report.errors += 1
-                        log.warning("quarantine failed", extra={"job": report.job, "object_key": listed.key}, exc_info=True)
+                        log.warning("quarantine failed", extra={"job": report.job, "object_key": key}, exc_info=True)
             if len(page) < config.batch_size:
                 break
             after = page[-1].key
-    after_id = _MIN_UUID
+    return quarantined
+
+
+async def _fail_media_missing_originals(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
+    """Marks live media whose original is gone from the blob store FAILED."""
+    blobs, pool = ctx["blobs"], ctx["pool"]
+    missing = 0
+    after_id = cleanup.FIRST_MEDIA_ID
     while True:
         rows = await cleanup.live_originals(pool, after_id, config.batch_size)
         for row in rows:
-            if await blobs.stat(row["object_key"]) is None:
-                missing += 1
-                log.warning("original missing", extra={"job": report.job, "media_id": str(row["media_id"]), "object_key": row["object_key"]})
-                if not report.dry_run:
-                    owner = await cleanup.mark_original_missing(pool, row["media_id"])
-                    if owner:
-                        await _feed_changed(ctx, {owner})
+            if await blobs.stat(row["object_key"]) is not None:
+                continue
+            missing += 1
+            log.warning("original missing", extra={"job": report.job, "media_id": str(row["media_id"]), "object_key": row["object_key"]})
+            if not report.dry_run and (owner := await cleanup.mark_original_missing(pool, row["media_id"])):
+                await _feed_changed(ctx, {owner})
         if len(rows) < config.batch_size:
-            break
+            return missing
         after_id = rows[-1]["media_id"]
-    report.changed = quarantined + deleted + missing
-    report.details.update(quarantined=quarantined, deleted_from_quarantine=deleted, originals_missing=missing)
 
 
 async def _restore(ctx: dict[str, Any], quarantined_key: str, original: str, report: RunReport) -> None:
@@ -348,8 +351,6 @@ async def _restore(ctx: dict[str, Any], quarantined_key: str, original: str, rep
         log.warning("restore from quarantine failed", extra={"job": report.job, "object_key": original}, exc_info=True)
     report.details["restored"] = report.details.get("restored", 0) + 1
 
-
-_MIN_UUID = uuid.UUID(int=0)
 
 JobFunction = Callable[[dict[str, Any], RunReport, JobConfig], Awaitable[None]]
 

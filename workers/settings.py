@@ -12,15 +12,16 @@ from mediavault import metrics
 from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
 from mediavault.db import create_pool
-from mediavault.domain import media as media_domain
-from mediavault.domain.feed import Feed
+from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.imaging import DEFAULT_LIMITS, Transcoder
+from mediavault.services import build_services
 from workers.maintenance import JOBS, cron_task, job_config, observe_queue
 from workers.transcode import transcode_media
 
 
-def _schedule(every_minutes: int) -> dict[str, set[int]]:
+def _schedule(every_seconds: int) -> dict[str, set[int]]:
     """arq cron fields for "every N minutes": N below an hour, whole hours, or once a day."""
+    every_minutes = every_seconds // 60
     if every_minutes < 60:
         return {"minute": set(range(0, 60, every_minutes))}
     if every_minutes < 24 * 60:
@@ -33,7 +34,7 @@ def cron_jobs(settings: Settings) -> list:
     # row locks are what make concurrent runs on many replicas split the work.
     cleanup = [
         cron(cron_task(name), name=f"cron:{name}", unique=True, timeout=settings.job_timeout_seconds,
-             **_schedule(job_config(settings, name).every_minutes))
+             **_schedule(job_config(settings, name).every_seconds))
         for name in JOBS
         if job_config(settings, name).enabled
     ]
@@ -44,7 +45,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["pool"] = await create_pool(settings)
     ctx["blobs"] = await open_blob_store(settings)
-    ctx["feed"] = Feed(ctx["pool"], ctx["redis"], settings.feed_cache_ttl)
+    services = build_services(ctx["pool"], ctx["blobs"], ctx["redis"], settings)
+    ctx["library"] = services.library
+    ctx["feed"] = services.feed
+    ctx["accounts"] = services.accounts
+    ctx["transcodes"] = services.transcodes
     if settings.metrics_addr:
         ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
     ctx["transcoder"] = Transcoder(
@@ -76,7 +81,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     return {
         # Our own attempt count in PostgreSQL decides retries; arq's bound only stops
         # a job whose database is unreachable from being retried forever.
-        "functions": [func(transcode_media, max_tries=media_domain.MAX_ATTEMPTS + 2)],
+        "functions": [func(transcode_media, max_tries=MAX_ATTEMPTS + 2)],
         "cron_jobs": cron_jobs(settings),
         "on_startup": worker_startup,
         "on_shutdown": shutdown,

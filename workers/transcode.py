@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.blobs import BlobStoreError, single_chunk
-from mediavault.domain import media as media_domain
+from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ def backoff(base_seconds: float, attempt: int) -> float:
 
 
 async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> str:
-    pool = ctx["pool"]
+    library: Library = ctx["library"]
     media_uuid = uuid.UUID(media_id)
-    claim = await media_domain.claim(pool, media_uuid, version)
+    claim = await library.claim(media_uuid, version)
     if claim is None:
         return "skipped"
     started = time.perf_counter()
@@ -39,33 +39,24 @@ async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> s
         result = await ctx["transcoder"].run(data, claim.content_type)
         stored = []
         for variant in result.variants:
-            key = media_domain.variant_key(media_uuid, version, variant.name, variant.content_type)
+            key = variant_key(media_uuid, version, variant.name, variant.content_type)
             await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
-            stored.append(
-                media_domain.Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data))
-            )
-        owner = await media_domain.complete(pool, media_uuid, version, result.width, result.height, stored)
-        outcome, reason = ("complete", "") if owner else ("superseded", "")
+            stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
+        completed = await library.complete(media_uuid, version, result.width, result.height, stored)
+        outcome, reason = ("complete", "") if completed else ("superseded", "")
     except PermanentImagingError as exc:
-        owner = await media_domain.fail(pool, media_uuid, version, exc.message)
+        await library.fail(media_uuid, version, exc.message)
         outcome, reason = "failed", exc.message
     except TRANSIENT_ERRORS as exc:
         log.warning("transcode attempt failed", extra={"media_id": media_id, "attempt": claim.attempts}, exc_info=True)
-        metrics.TRANSCODE_OUTCOMES.labels("retry" if claim.attempts < media_domain.MAX_ATTEMPTS else "failed", type(exc).__name__).inc()
-        if claim.attempts >= media_domain.MAX_ATTEMPTS:
-            owner = await media_domain.fail(pool, media_uuid, version, "processing failed, try again later")
-            await _feed_changed(ctx, owner)
+        metrics.TRANSCODE_OUTCOMES.labels("retry" if claim.attempts < MAX_ATTEMPTS else "failed", type(exc).__name__).inc()
+        if claim.attempts >= MAX_ATTEMPTS:
+            await library.fail(media_uuid, version, "processing failed, try again later")
             return "failed"
         delay = backoff(ctx["settings"].transcode_retry_base_seconds, claim.attempts)
-        await media_domain.retry_later(pool, media_uuid, version, "temporary error, retrying", delay)
+        await library.retry_later(media_uuid, version, "temporary error, retrying", delay)
         raise Retry(defer=delay) from exc
     metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()
     metrics.TRANSCODE_SECONDS.labels(claim.kind).observe(time.perf_counter() - started)
-    await _feed_changed(ctx, owner)
     log.info("transcode finished", extra={"media_id": media_id, "outcome": outcome, "reason": reason})
     return outcome
-
-
-async def _feed_changed(ctx: dict[str, Any], owner: str | None) -> None:
-    if owner is not None:
-        await ctx["feed"].changed(owner)

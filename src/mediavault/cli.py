@@ -76,6 +76,7 @@ def cmd_audit_ledger(_args: argparse.Namespace) -> int:
     import asyncpg
 
     from mediavault.domain import ledger
+    from mediavault.domain.accounts import Accounts
 
     settings = Settings()
     _require_database(settings)
@@ -84,7 +85,7 @@ def cmd_audit_ledger(_args: argparse.Namespace) -> int:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
         try:
             mismatches = await ledger.audit(pool)
-            accounts = await pool.fetchval("SELECT count(*) FROM accounts")
+            accounts = await Accounts(pool, settings.free_quota_bytes).count()
         finally:
             await pool.close()
         for m in mismatches:
@@ -105,7 +106,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.jobs_command == "list":
         for name, function in JOBS.items():
             config = job_config(settings, name)
-            print(f"{name:24} every {config.every_minutes:>5} min  age {config.age_seconds:>8} s  "
+            print(f"{name:24} every {config.every_seconds:>6} s  age {config.age_seconds:>8} s  "
                   f"batch {config.batch_size:>5}  {'on ' if config.enabled else 'off'}  {function.__doc__.splitlines()[0]}")
         return 0
     _require_database(settings)

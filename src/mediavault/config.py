@@ -19,7 +19,8 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    every_minutes: int = Field(gt=0)
+    # arq cron runs on whole minutes, so a schedule is a whole number of minutes.
+    every_seconds: int = Field(gt=0, multiple_of=60)
     age_seconds: int = Field(ge=0)
     batch_size: int = Field(gt=0)
     # Batch loops one run drives at once, each over its own share of the accounts (see
@@ -28,26 +29,26 @@ class JobConfig(BaseModel):
     enabled: bool = True
 
 
-def _job(every_minutes: int, age_seconds: int, batch_size: int, concurrency: int = 1) -> type[JobConfig]:
+def _job(every_seconds: int, age_seconds: int, batch_size: int, concurrency: int = 1) -> type[JobConfig]:
     # A model per job whose fields default to that job's values, so that setting one
     # field from the environment keeps the others' defaults.
     return create_model(
         "JobConfig",
         __base__=JobConfig,
-        every_minutes=(int, Field(default=every_minutes, gt=0)),
+        every_seconds=(int, Field(default=every_seconds, gt=0, multiple_of=60)),
         age_seconds=(int, Field(default=age_seconds, ge=0)),
         batch_size=(int, Field(default=batch_size, gt=0)),
         concurrency=(int, Field(default=concurrency, ge=1, le=16)),
     )
 
 
-_RECLAIM = _job(5, 0, 2000, concurrency=2)
-_EXPIRE = _job(5, 0, 2000, concurrency=2)
-_PURGE = _job(60, 24 * 3600, 500)
-_STUCK = _job(10, 3600, 500)
-_SWEEP = _job(24 * 60, 24 * 3600, 1000)
-_PRUNE = _job(24 * 60, 30 * 24 * 3600, 5000)
-_AUDIT = _job(60, 3600, 1000)
+_RECLAIM = _job(5 * 60, 0, 2000, concurrency=2)
+_EXPIRE = _job(5 * 60, 0, 2000, concurrency=2)
+_PURGE = _job(3600, 24 * 3600, 500)
+_STUCK = _job(10 * 60, 3600, 500)
+_SWEEP = _job(24 * 3600, 24 * 3600, 1000)
+_PRUNE = _job(24 * 3600, 30 * 24 * 3600, 5000)
+_AUDIT = _job(3600, 3600, 1000)
 
 
 class JobsConfig(BaseModel):
@@ -85,10 +86,10 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(default=500 * MiB, gt=0)
     upload_url_ttl_seconds: int = Field(default=15 * 60, gt=0)
     reservation_ttl_seconds: int = Field(default=2 * 60 * 60, gt=0)
-    ephemeral_ttl: int = Field(default=60 * 60, gt=0)
+    ephemeral_ttl_seconds: int = Field(default=60 * 60, gt=0)
     public_base_url: str = ""
-    media_url_ttl: int = Field(default=60 * 60, gt=0)
-    feed_cache_ttl: int = Field(default=30, gt=0)
+    media_url_ttl_seconds: int = Field(default=60 * 60, gt=0)
+    feed_cache_ttl_seconds: int = Field(default=30, gt=0)
     transcode_workers: int = Field(default=0, ge=0)
     transcode_timeout_seconds: float = Field(default=30.0, gt=0)
     transcode_retry_base_seconds: float = Field(default=5.0, gt=0)
@@ -99,7 +100,7 @@ class Settings(BaseSettings):
     # Under load, batches of concurrent BeginUploads / FinalizeUploads start at most this
     # often, so that each carries more calls; a lone client's calls never wait (see
     # batching.Batcher).
-    upload_batch_spacing_ms: float = Field(default=2.0, ge=0, le=50)
+    upload_batch_spacing_seconds: float = Field(default=0.002, ge=0, le=0.05)
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

@@ -15,28 +15,31 @@ from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.batching import Batcher
-from mediavault.domain.feed import VERSION_TTL_SECONDS, version_key
+from mediavault.domain.feed import bump_version_lua, version_key
 
 log = logging.getLogger(__name__)
 
 TRANSCODE = "transcode_media"
 
+# The arq releases whose enqueue protocol _ENQUEUE mirrors (pyproject pins arq to them;
+# tests/test_jobs.py compares the script's keys, payload and expiry with arq's own enqueue_job).
+MIRRORED_ARQ_VERSIONS = ("0.28.0",)
+
 # arq's enqueue_job (WATCH the job key, EXISTS job or result, MULTI PSETEX + ZADD) for
 # any number of runs in one script, each with the owner's feed-version bump that a new
-# run goes with (and its expiry, as domain.feed): one round trip where arq and the feed
+# run goes with (the Lua domain.feed defines): one round trip where arq and the feed
 # took four per run. Same keys, payload and expiry as arq's.
 #   KEYS: the queue, then per run: job key, result key and, when its flag is 1, a feed version key
 #   ARGV: the expiry in ms, then per run: payload, score, job id, flag
 _ENQUEUE = AsyncScript(
     None,  # type: ignore[arg-type]  # bytes need no client to encode them; every call names one
-    b"""
+    f"""
 local k = 2
 for a = 2, #ARGV, 4 do
     local job_key, result_key = KEYS[k], KEYS[k + 1]
     k = k + 2
     if ARGV[a + 3] == '1' then
-        redis.call('INCR', KEYS[k])
-        redis.call('EXPIRE', KEYS[k], %d)
+        {bump_version_lua("KEYS[k]")}
         k = k + 1
     end
     if redis.call('EXISTS', job_key, result_key) == 0 then
@@ -44,8 +47,7 @@ for a = 2, #ARGV, 4 do
         redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a + 2])
     end
 end
-"""
-    % VERSION_TTL_SECONDS,
+""".encode(),
 )
 
 

@@ -27,7 +27,8 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from mediavault import metrics
-from mediavault.domain import accounts
+from mediavault.domain.accounts import Accounts
+from mediavault.domain.rate_limit_config import RateLimitConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +97,21 @@ class RateLimiter:
     def __init__(
         self,
         redis: Redis | None,
-        pool: asyncpg.Pool,
+        config: RateLimitConfig | None,
+        accounts: Accounts | None = None,
         *,
         redis_down_policy: str = "reads-open",
         trusted_proxies: tuple[str, ...] = (),
         auto_freeze_refusals: int = 0,
         auto_freeze_window_seconds: int = 3600,
-        free_quota_bytes: int = 0,
     ) -> None:
         self.redis = redis
-        self.pool = pool
+        self.config = config
+        self.accounts = accounts
         self.redis_down_policy = redis_down_policy
         self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
         self.auto_freeze_refusals = auto_freeze_refusals
         self.auto_freeze_window_seconds = auto_freeze_window_seconds
-        self.free_quota_bytes = free_quota_bytes
         self.limits: dict[tuple[str, str], Limit] = {}
         self.frozen: frozenset[str] = frozenset()
         self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
@@ -118,11 +119,11 @@ class RateLimiter:
 
     async def reload(self) -> None:
         """Reads the limits and the frozen accounts; called at start-up and every few seconds."""
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT method, scope, per_hour, burst_per_second FROM rate_limit_config")
-            frozen = await conn.fetch("SELECT user_id FROM accounts WHERE frozen")
-        self.limits = {(r["method"], r["scope"]): Limit(r["per_hour"], r["burst_per_second"]) for r in rows}
-        self.frozen = frozenset(r["user_id"] for r in frozen)
+        if self.config is None:
+            return
+        snapshot = await self.config.load()
+        self.limits = {(c.method, c.scope): Limit(c.per_hour, c.burst_per_second) for c in snapshot.limits}
+        self.frozen = snapshot.frozen
 
     async def run_reloads(self, every_seconds: float) -> None:
         while True:
@@ -220,9 +221,9 @@ class RateLimiter:
                 await self.redis.expire(key, self.auto_freeze_window_seconds)
         except (RedisError, OSError):
             return
-        if refusals == self.auto_freeze_refusals:
+        if refusals == self.auto_freeze_refusals and self.accounts is not None:
             reason = f"automatic: {refusals} rate-limit refusals within {self.auto_freeze_window_seconds} s"
-            await accounts.freeze(self.pool, user_id, reason, self.free_quota_bytes)
+            await self.accounts.freeze(user_id, reason)
             self.frozen = self.frozen | {user_id}
             log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
 

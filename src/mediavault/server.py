@@ -16,19 +16,20 @@ from arq.connections import ArqRedis, RedisSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mediavault import jobs, metrics
+from mediavault import metrics
 from mediavault.auth import Authenticator
 from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.config import Settings
 from mediavault.db import create_pool as create_db_pool
-from mediavault.domain import uploads
-from mediavault.domain.feed import Feed
+from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.ratelimit import RateLimiter
+from mediavault.rpc.handler import Admission
 from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
+from mediavault.services import build_services
 from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -84,25 +85,24 @@ class Server:
         )
         if settings.redis_url:
             self.queue = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
-        feed_cache = Feed(self.pool, self.queue, settings.feed_cache_ttl)
+        services = build_services(self.pool, self.blobs, self.queue, settings)
         self.limiter = RateLimiter(
             self.queue,
-            self.pool,
+            RateLimitConfig(self.pool),
+            services.accounts,
             redis_down_policy=settings.rate_limit_redis_down_policy,
             trusted_proxies=settings.trusted_proxies,
             auto_freeze_refusals=settings.rate_limit_auto_freeze_refusals,
             auto_freeze_window_seconds=settings.rate_limit_auto_freeze_window_seconds,
-            free_quota_bytes=settings.free_quota_bytes,
         )
         await self.limiter.reload()
-        resources = (
-            authenticator, self.pool, self.blobs, settings, feed_cache, self.limiter,
-            uploads.Reservations(self.pool, spacing=settings.upload_batch_spacing_ms / 1000),
-            uploads.Commits(self.pool, spacing=settings.upload_batch_spacing_ms / 1000),
-            jobs.TranscodeQueue(self.queue),
+        admission = Admission(authenticator, self.limiter, rate_limits=settings.rate_limits == "on")
+        storage = StorageServicer(
+            admission, uploads=services.uploads, accounts=services.accounts, purchases=services.purchases
         )
-        storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(*resources), self.grpc_server)
-        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(*resources), self.grpc_server)
+        media = MediaServicer(admission, library=services.library, events=services.events)
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(storage, self.grpc_server)
+        media_pb2_grpc.add_MediaServiceServicer_to_server(media, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server

@@ -1,4 +1,4 @@
-"""uploads: concurrent BeginUploads reserved together (Reservations), and finalize's guarded commit."""
+"""Uploads: concurrent BeginUploads reserved together, and finalize's guarded commit, batched or alone."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mediavault.auth import Principal
 from mediavault.blobs import open_blob_store, single_chunk
 from mediavault.domain import accounts, ledger, uploads
 from mediavault.errors import AccountFrozen, NotFound, StorageLimitReached, VerificationFailed
+from mediavault.jobs import TranscodeQueue
 
 SIZE = 1000
 
@@ -28,6 +29,11 @@ async def blobs(settings):
     await store.close()
 
 
+@pytest.fixture
+def service(pool, blobs, settings) -> uploads.Uploads:
+    return uploads.Uploads(pool, blobs, settings, TranscodeQueue(None))
+
+
 def new_user() -> str:
     return f"user-{uuid.uuid4().hex[:12]}"
 
@@ -36,26 +42,25 @@ def principal(user_id: str) -> Principal:
     return Principal(user_id, frozenset({"user"}))
 
 
-def begin(pool, blobs, settings, reservations, user_id: str, size: int = SIZE, content_type: str = "image/jpeg",
+def begin(service: uploads.Uploads, user_id: str, size: int = SIZE, content_type: str = "image/jpeg",
           sha256: str | None = None):
     request = uploads.BeginRequest(
         filename="a.jpg", content_type=content_type, size_bytes=size, sha256=sha256, idempotency_key=None,
         retention="permanent",
     )
-    return uploads.begin(pool, blobs, settings, principal(user_id), request, reservations)
+    return service.begin(principal(user_id), request)
 
 
 async def reserved_bytes(pool, user_id: str) -> int | None:
     return await pool.fetchval("SELECT reserved_bytes FROM accounts WHERE user_id = $1", user_id)
 
 
-async def test_concurrent_begins_of_many_accounts_are_all_reserved(pool, blobs, settings):
-    reservations = uploads.Reservations(pool)
+async def test_concurrent_begins_of_many_accounts_are_all_reserved(pool, blobs, settings, service):
     users = [new_user() for _ in range(20)]
     for user in users:
         await accounts.ensure(pool, user, settings.free_quota_bytes)
 
-    results = await asyncio.gather(*(begin(pool, blobs, settings, reservations, u) for u in users for _ in range(3)))
+    results = await asyncio.gather(*(begin(service, u) for u in users for _ in range(3)))
 
     assert len({r.upload.upload_id for r in results}) == 60
     assert all(r.upload.state == "pending" and r.upload_url for r in results)
@@ -67,12 +72,11 @@ async def test_concurrent_begins_of_many_accounts_are_all_reserved(pool, blobs, 
     assert await ledger.audit(pool) == []
 
 
-async def test_a_batch_gives_each_call_the_answer_it_would_get_alone(pool, blobs, settings):
-    reservations = uploads.Reservations(pool)
+async def test_a_batch_gives_each_call_the_answer_it_would_get_alone(pool, blobs, settings, service):
     roomy, frozen, newcomer, nearly_full = new_user(), new_user(), new_user(), new_user()
     for user in (roomy, frozen, nearly_full):
         await accounts.ensure(pool, user, settings.free_quota_bytes)
-    await accounts.freeze(pool, frozen, "abuse", settings.free_quota_bytes)
+    await accounts.Accounts(pool, settings.free_quota_bytes).freeze(frozen, "abuse")
     # Room for one more upload of SIZE: the two below do not fit together, one of them does.
     await pool.execute("UPDATE accounts SET quota_bytes = $2 WHERE user_id = $1", nearly_full, SIZE)
     await pool.execute(
@@ -81,11 +85,11 @@ async def test_a_batch_gives_each_call_the_answer_it_would_get_alone(pool, blobs
     )
 
     calls = [
-        begin(pool, blobs, settings, reservations, roomy),
-        begin(pool, blobs, settings, reservations, frozen),
-        begin(pool, blobs, settings, reservations, newcomer),
-        begin(pool, blobs, settings, reservations, nearly_full),
-        begin(pool, blobs, settings, reservations, nearly_full),
+        begin(service, roomy),
+        begin(service, frozen),
+        begin(service, newcomer),
+        begin(service, nearly_full),
+        begin(service, nearly_full),
     ]
     roomy_result, frozen_result, newcomer_result, *nearly_full_results = await asyncio.gather(
         *calls, return_exceptions=True
@@ -103,18 +107,17 @@ async def test_a_batch_gives_each_call_the_answer_it_would_get_alone(pool, blobs
     assert await ledger.audit(pool) == []
 
 
-async def test_an_account_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings):
-    reservations = uploads.Reservations(pool)
+async def test_an_account_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings, service):
     busy, others = new_user(), [new_user() for _ in range(3)]
     for user in (busy, *others):
         await accounts.ensure(pool, user, settings.free_quota_bytes)
 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", busy)
-        waiting = asyncio.create_task(begin(pool, blobs, settings, reservations, busy))
+        waiting = asyncio.create_task(begin(service, busy))
         await asyncio.sleep(0.2)  # alone in its batch, then left to wait for the lock on its own
         done = await asyncio.wait_for(
-            asyncio.gather(*(begin(pool, blobs, settings, reservations, u) for u in others)), timeout=10
+            asyncio.gather(*(begin(service, u) for u in others)), timeout=10
         )
         assert [r.upload.user_id for r in done] == others
         await asyncio.sleep(0.2)
@@ -126,22 +129,22 @@ async def test_an_account_locked_elsewhere_does_not_hold_up_the_batch(pool, blob
     assert await ledger.audit(pool) == []
 
 
-async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, settings):
-    reservations = uploads.Reservations(pool)
+async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, settings, service):
     users = [new_user() for _ in range(3)]
     for user in users:
         await accounts.ensure(pool, user, settings.free_quota_bytes)
     # A reservation TTL past what an interval can hold makes the statement itself fail.
     broken = settings.model_copy(update={"reservation_ttl_seconds": 10**300})
+    broken_service = uploads.Uploads(pool, blobs, broken, TranscodeQueue(None))
 
     results = await asyncio.gather(
-        *(begin(pool, blobs, broken, reservations, u) for u in users), return_exceptions=True
+        *(begin(broken_service, u) for u in users), return_exceptions=True
     )
 
     assert all(isinstance(r, Exception) for r in results)
     for user in users:
         assert await reserved_bytes(pool, user) == 0
-    later = await begin(pool, blobs, settings, reservations, users[0])
+    later = await begin(service, users[0])
     assert later.upload.user_id == users[0]
 
 
@@ -155,31 +158,31 @@ JPEG_BYTES = (b"\xff\xd8\xff\xe0" + b"\x5a" * SIZE)[:SIZE]
     ("declared", "data", "kind"),
     [("image/jpeg", JPEG_BYTES, "image"), ("image/heic", HEIF_BYTES, "image"), ("video/mp4", QUICKTIME_BYTES, "video")],
 )
-async def test_finalize_commits_an_object_of_the_declared_family_in_one_statement(pool, blobs, settings, declared, data, kind):
+async def test_finalize_commits_an_object_of_the_declared_family_in_one_statement(pool, blobs, settings, service, declared, data, kind):
     user_id = new_user()
-    begun = await begin(pool, blobs, settings, None, user_id, content_type=declared, sha256=hashlib.sha256(data).hexdigest())
+    begun = await begin(service, user_id, content_type=declared, sha256=hashlib.sha256(data).hexdigest())
     await blobs.write(begun.upload.object_key, single_chunk(data), content_type=declared)
 
-    done = await uploads.finalize(pool, blobs, settings, principal(user_id), begun.upload.upload_id)
+    done = await service.finalize(principal(user_id), begun.upload.upload_id)
     assert done.state == "finalized"
     media = await pool.fetchrow("SELECT kind, content_type, sha256 FROM media WHERE media_id = $1", done.media_id)
     assert tuple(media) == (kind, declared, hashlib.sha256(data).hexdigest())
     assert await pool.fetchrow("SELECT used_bytes, reserved_bytes FROM accounts WHERE user_id = $1", user_id) == (SIZE, 0)
     assert await ledger.audit(pool) == []
-    again = await uploads.finalize(pool, blobs, settings, principal(user_id), begun.upload.upload_id)
+    again = await service.finalize(principal(user_id), begun.upload.upload_id)
     assert again == done
     assert await pool.fetchval("SELECT count(*) FROM media WHERE upload_id = $1", done.upload_id) == 1
 
 
-async def test_an_uploaded_object_of_another_user_is_not_committed_by_the_intruder(pool, blobs, settings):
+async def test_an_uploaded_object_of_another_user_is_not_committed_by_the_intruder(pool, blobs, settings, service):
     owner = new_user()
-    begun = await begin(pool, blobs, settings, None, owner)
+    begun = await begin(service, owner)
     await blobs.write(begun.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
 
     with pytest.raises(NotFound):
-        await uploads.finalize(pool, blobs, settings, principal(new_user()), begun.upload.upload_id)
-    assert (await uploads.get(pool, principal(owner), begun.upload.upload_id)).state == "pending"
-    assert (await uploads.finalize(pool, blobs, settings, principal(owner), begun.upload.upload_id)).state == "finalized"
+        await service.finalize(principal(new_user()), begun.upload.upload_id)
+    assert (await service.get(principal(owner), begun.upload.upload_id)).state == "pending"
+    assert (await service.finalize(principal(owner), begun.upload.upload_id)).state == "finalized"
 
 
 @pytest.mark.parametrize(
@@ -190,27 +193,26 @@ async def test_an_uploaded_object_of_another_user_is_not_committed_by_the_intrud
         (None, JPEG_BYTES[: SIZE // 2], "SIZE_MISMATCH"),
     ],
 )
-async def test_an_object_that_is_not_what_was_declared_fails_with_its_reason(pool, blobs, settings, declared_sha256, data, reason):
+async def test_an_object_that_is_not_what_was_declared_fails_with_its_reason(pool, blobs, settings, service, declared_sha256, data, reason):
     user_id = new_user()
-    begun = await begin(pool, blobs, settings, None, user_id, sha256=declared_sha256)
+    begun = await begin(service, user_id, sha256=declared_sha256)
     await blobs.write(begun.upload.object_key, single_chunk(data), content_type="image/jpeg")
 
     with pytest.raises(VerificationFailed) as caught:
-        await uploads.finalize(pool, blobs, settings, principal(user_id), begun.upload.upload_id)
+        await service.finalize(principal(user_id), begun.upload.upload_id)
     assert caught.value.reason == reason
-    failed = await uploads.get(pool, principal(user_id), begun.upload.upload_id)
+    failed = await service.get(principal(user_id), begun.upload.upload_id)
     assert (failed.state, failed.failure_reason) == ("failed", reason)
     assert await reserved_bytes(pool, user_id) == 0
     assert await blobs.stat(begun.upload.object_key) is None
     assert await pool.fetchval("SELECT count(*) FROM media WHERE upload_id = $1", begun.upload.upload_id) == 0
 
 
-async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer(pool, blobs, settings):
+async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer(pool, blobs, settings, service):
     # Many users, some with several uploads; a fifth of the objects are not what was declared.
-    reservations, commits = uploads.Reservations(pool), uploads.Commits(pool)
     users = [new_user() for _ in range(12)]
     begun = await asyncio.gather(
-        *(begin(pool, blobs, settings, reservations, users[i % len(users)], sha256=hashlib.sha256(JPEG_BYTES).hexdigest())
+        *(begin(service, users[i % len(users)], sha256=hashlib.sha256(JPEG_BYTES).hexdigest())
           for i in range(40))
     )
     for i, b in enumerate(begun):
@@ -219,7 +221,7 @@ async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer
 
     async def finalize(b):
         try:
-            return await uploads.finalize(pool, blobs, settings, principal(b.upload.user_id), b.upload.upload_id, commits)
+            return await service.finalize(principal(b.upload.user_id), b.upload.upload_id)
         except VerificationFailed as failure:
             return failure.reason
 
@@ -240,18 +242,17 @@ async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer
 
 
 async def test_one_upload_finalized_twice_in_one_batch_commits_once_and_an_intruder_in_it_gets_nothing(
-    pool, blobs, settings
+    pool, blobs, settings, service
 ):
-    commits = uploads.Commits(pool)
     owner, intruder = new_user(), new_user()
-    begun = [await begin(pool, blobs, settings, None, owner) for _ in range(2)]
+    begun = [await begin(service, owner) for _ in range(2)]
     for b in begun:
         await blobs.write(b.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
     twice, other = begun[0].upload.upload_id, begun[1].upload.upload_id
 
     async def finalize(user_id: str, upload_id: uuid.UUID):
         try:
-            return await uploads.finalize(pool, blobs, settings, principal(user_id), upload_id, commits)
+            return await service.finalize(principal(user_id), upload_id)
         except NotFound:
             return "NOT_FOUND"
 
@@ -267,18 +268,17 @@ async def test_one_upload_finalized_twice_in_one_batch_commits_once_and_an_intru
     assert await ledger.audit(pool) == []
 
 
-async def test_an_upload_row_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings):
-    commits = uploads.Commits(pool)
+async def test_an_upload_row_locked_elsewhere_does_not_hold_up_the_batch(pool, blobs, settings, service):
     user_id = new_user()
-    begun = [await begin(pool, blobs, settings, None, user_id) for _ in range(3)]
+    begun = [await begin(service, user_id) for _ in range(3)]
     for b in begun:
         await blobs.write(b.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
     held = begun[0].upload.upload_id
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM uploads WHERE upload_id = $1 FOR UPDATE", held)
-        blocked = asyncio.create_task(uploads.finalize(pool, blobs, settings, principal(user_id), held, commits))
+        blocked = asyncio.create_task(service.finalize(principal(user_id), held))
         others = await asyncio.wait_for(
-            asyncio.gather(*(uploads.finalize(pool, blobs, settings, principal(user_id), b.upload.upload_id, commits)
+            asyncio.gather(*(service.finalize(principal(user_id), b.upload.upload_id)
                              for b in begun[1:])),
             timeout=10,
         )

@@ -104,15 +104,15 @@ async def test_worker_killed_mid_job_is_rerun_and_completes_once(make_settings, 
 
 
 async def test_a_superseded_run_changes_nothing(server, storage, auth, user_id, pool, worker):
-    from mediavault.domain import media as media_domain
+    from mediavault.services import build_services
     from workers.transcode import transcode_media
 
     md = auth(user_id)
     done = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
     await pool.execute("UPDATE media SET variants_version = 5, processing_status = 'pending' WHERE media_id = $1::uuid", done.media_id)
-    ctx = {"pool": pool}
-    assert await transcode_media(ctx, done.media_id, 0) == "skipped"
-    assert await media_domain.claim(pool, uuid.UUID(done.media_id), 0) is None
+    library = build_services(pool, server.blobs, None, server.settings).library
+    assert await transcode_media({"library": library}, done.media_id, 0) == "skipped"
+    assert await library.claim(uuid.UUID(done.media_id), 0) is None
 
 
 async def test_feed_is_served_from_postgres_when_redis_is_down(make_settings, auth, user_id):

@@ -85,29 +85,61 @@ async def standing(conn: asyncpg.Pool | asyncpg.Connection, user_id: str) -> Sta
     return Standing(**row) if row else None
 
 
-async def summary(pool: asyncpg.Pool, user_id: str, free_quota_bytes: int) -> StorageSummary:
-    row = await pool.fetchrow(_SUMMARY, user_id)
-    if row is None:
-        await ensure(pool, user_id, free_quota_bytes)
-        row = await pool.fetchrow(_SUMMARY, user_id)
-    return StorageSummary(**row)
+_TOTALS = """
+SELECT coalesce(sum(quota_bytes), 0)::bigint AS quota, coalesce(sum(used_bytes), 0)::bigint AS used,
+       coalesce(sum(reserved_bytes), 0)::bigint AS reserved
+FROM accounts
+"""
+
+_COUNT = "SELECT count(*) FROM accounts"
 
 
-async def freeze(pool: asyncpg.Pool, user_id: str, reason: str, free_quota_bytes: int) -> Account:
-    _check_user_id(user_id)
-    reason = reason.strip()
-    if not reason or len(reason) > MAX_FREEZE_REASON:
-        raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
-    await ensure(pool, user_id, free_quota_bytes)
-    return Account(**await pool.fetchrow(_FREEZE, user_id, reason))
+@dataclass(frozen=True)
+class Totals:
+    """The bytes of every account added up."""
+
+    quota: int
+    used: int
+    reserved: int
 
 
-async def unfreeze(pool: asyncpg.Pool, user_id: str) -> Account:
-    _check_user_id(user_id)
-    row = await pool.fetchrow(_UNFREEZE, user_id)
-    if row is None:
-        raise NotFound("account not found")
-    return Account(**row)
+class Accounts:
+    """Quota figures and freezes; an account is created with the free tier on first use."""
+
+    def __init__(self, pool: asyncpg.Pool, free_quota_bytes: int) -> None:
+        self._pool = pool
+        self.free_quota_bytes = free_quota_bytes
+
+    async def ensure(self, user_id: str) -> None:
+        await ensure(self._pool, user_id, self.free_quota_bytes)
+
+    async def summary(self, user_id: str) -> StorageSummary:
+        row = await self._pool.fetchrow(_SUMMARY, user_id)
+        if row is None:
+            await self.ensure(user_id)
+            row = await self._pool.fetchrow(_SUMMARY, user_id)
+        return StorageSummary(**row)
+
+    async def freeze(self, user_id: str, reason: str) -> Account:
+        _check_user_id(user_id)
+        reason = reason.strip()
+        if not reason or len(reason) > MAX_FREEZE_REASON:
+            raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
+        await self.ensure(user_id)
+        return Account(**await self._pool.fetchrow(_FREEZE, user_id, reason))
+
+    async def unfreeze(self, user_id: str) -> Account:
+        _check_user_id(user_id)
+        row = await self._pool.fetchrow(_UNFREEZE, user_id)
+        if row is None:
+            raise NotFound("account not found")
+        return Account(**row)
+
+    async def totals(self) -> Totals:
+        return Totals(**await self._pool.fetchrow(_TOTALS))
+
+    async def count(self) -> int:
+        return int(await self._pool.fetchval(_COUNT))
 
 
 def _check_user_id(user_id: str) -> None:

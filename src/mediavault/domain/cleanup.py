@@ -12,11 +12,52 @@ caller does them after the batch's transaction has committed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 
-from mediavault.domain import uploads
+from mediavault.blobs import ListedObject
+
+# The orphan sweep: objects under these prefixes that no row owns are moved under
+# QUARANTINE first and deleted only if still unowned a run later, so an object whose
+# row commits late (a slow upload) is put back rather than lost.
+QUARANTINE = "quarantine/"
+SWEPT_PREFIXES = ("originals/", "variants/")
+FIRST_MEDIA_ID = uuid.UUID(int=0)
+
+# SKIP LOCKED lets replicas split the due uploads, and leaves alone any row a
+# finalize is committing right now: that finalize's guarded UPDATE then either
+# wins or sees the upload already expired, never both.
+_EXPIRE_DUE_UPLOADS = """
+WITH due AS (
+    SELECT upload_id FROM uploads
+    WHERE state = 'pending' AND expires_at <= now() - make_interval(secs => $2)
+      AND abs(mod(hashtext(user_id), $4)) = $3
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE uploads u SET state = 'expired', failure_reason = 'EXPIRED', updated_at = now()
+    FROM due WHERE u.upload_id = due.upload_id
+    RETURNING u.upload_id, u.user_id, u.size_bytes, u.object_key
+), per_user AS (
+    SELECT user_id, sum(size_bytes)::bigint AS bytes FROM expired GROUP BY user_id
+), locked AS (
+    -- In user_id order, so that batches locking many accounts at once never deadlock.
+    SELECT user_id FROM accounts WHERE user_id IN (SELECT user_id FROM per_user) ORDER BY user_id FOR UPDATE
+), freed AS (
+    UPDATE accounts a SET reserved_bytes = a.reserved_bytes - p.bytes, updated_at = now()
+    FROM per_user p JOIN locked USING (user_id) WHERE a.user_id = p.user_id
+), entry AS (
+    INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id)
+    SELECT user_id, 'release', -size_bytes, upload_id FROM expired
+)
+SELECT * FROM expired
+"""
+
+_COUNT_PURGE_DUE = "SELECT count(*) FROM media WHERE deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()"
 
 # A purge claim outlives any sane blob deletion; a replica that died mid-purge has its
 # rows picked up again once the claim lapses.
@@ -166,7 +207,7 @@ class Batch:
 
 
 async def reclaim_stale_uploads(conn: asyncpg.Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
-    rows = await conn.fetch(uploads.EXPIRE_DUE, batch_size, float(age_seconds), lane.index, lane.count)
+    rows = await conn.fetch(_EXPIRE_DUE_UPLOADS, batch_size, float(age_seconds), lane.index, lane.count)
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
 
@@ -216,3 +257,32 @@ async def live_originals(
 
 async def mark_original_missing(conn: asyncpg.Connection | asyncpg.Pool, media_id: uuid.UUID) -> str | None:
     return await conn.fetchval(_MARK_ORIGINAL_MISSING, media_id)
+
+
+async def count_purge_due(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    return int(await conn.fetchval(_COUNT_PURGE_DUE))
+
+
+async def orphans(conn: asyncpg.Connection | asyncpg.Pool, listed: Sequence[ListedObject], cutoff: datetime) -> list[str]:
+    """The keys of the listed objects that no row owns and that were written before cutoff."""
+    old = [o.key for o in listed if o.modified_at < cutoff]
+    owned = await owned_keys(conn, old)
+    return [key for key in old if key not in owned]
+
+
+@dataclass(frozen=True)
+class QuarantineVerdict:
+    restore: list[tuple[str, str]]
+    """(quarantined key, original key) of objects a row came to own since they were quarantined."""
+    delete: list[str]
+    """Quarantined keys still unowned: deleted for good."""
+
+
+async def judge_quarantined(conn: asyncpg.Connection | asyncpg.Pool, quarantined_keys: list[str]) -> QuarantineVerdict:
+    originals = [key.removeprefix(QUARANTINE) for key in quarantined_keys]
+    owned = await owned_keys(conn, originals)
+    pairs = list(zip(quarantined_keys, originals, strict=True))
+    return QuarantineVerdict(
+        restore=[(q, original) for q, original in pairs if original in owned],
+        delete=[q for q, original in pairs if original not in owned],
+    )

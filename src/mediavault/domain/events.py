@@ -101,13 +101,19 @@ def _accept(event: Event, now: datetime) -> tuple | None:
     return media_id, event.event_type, event.surface, occurred_at, meta
 
 
-async def record(pool: asyncpg.Pool, user_id: str, events: list[Event]) -> tuple[int, int]:
-    """Stores the valid events of a batch; returns (accepted, rejected)."""
-    if not 0 < len(events) <= MAX_BATCH:
-        raise InvalidArgument.single("events", f"must hold 1-{MAX_BATCH} events")
-    now = datetime.now(UTC)
-    rows = [row for row in (_accept(e, now) for e in events) if row is not None]
-    if rows:
-        media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
-        await pool.execute(_INSERT, [user_id] * len(rows), media_ids, types, surfaces, times, metas)
-    return len(rows), len(events) - len(rows)
+class Events:
+    """Usage telemetry: a client's batches of view, like and share events."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def record(self, user_id: str, events: list[Event]) -> tuple[int, int]:
+        """Stores the valid events of a batch; returns (accepted, rejected)."""
+        if not 0 < len(events) <= MAX_BATCH:
+            raise InvalidArgument.single("events", f"must hold 1-{MAX_BATCH} events")
+        now = datetime.now(UTC)
+        rows = [row for row in (_accept(e, now) for e in events) if row is not None]
+        if rows:
+            media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
+            await self._pool.execute(_INSERT, [user_id] * len(rows), media_ids, types, surfaces, times, metas)
+        return len(rows), len(events) - len(rows)

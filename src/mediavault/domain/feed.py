@@ -25,6 +25,7 @@ from datetime import datetime
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from mediavault import metrics
@@ -50,6 +51,21 @@ class Page:
 def version_key(owner_id: str) -> str:
     """The Redis counter that anything changing owner_id's feed increments."""
     return f"feed:v:{owner_id}"
+
+
+def bump_version_lua(key: str) -> str:
+    """The Lua that bumps the version counter named by the Lua expression key, and renews its expiry.
+
+    Feed.changed_many runs it, and jobs' enqueue script embeds it, so that a new
+    media's run and its owner's feed bump cost one round trip.
+    """
+    return f"redis.call('INCR', {key}) redis.call('EXPIRE', {key}, {VERSION_TTL_SECONDS})"
+
+
+_BUMP_VERSIONS = AsyncScript(
+    None,  # type: ignore[arg-type]  # bytes need no client to encode them; every call names one
+    f"for i = 1, #KEYS do {bump_version_lua('KEYS[i]')} end".encode(),
+)
 
 
 def clamp_page_size(page_size: int) -> int:
@@ -116,11 +132,7 @@ class Feed:
         if self.redis is None or not owners:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for owner_id in owners:
-                    pipe.incr(version_key(owner_id))
-                    pipe.expire(version_key(owner_id), VERSION_TTL_SECONDS)
-                await pipe.execute()
+            await _BUMP_VERSIONS([version_key(owner_id) for owner_id in owners], [], client=self.redis)
         except (RedisError, OSError):
             self._invalidation_failed(owners)
 

@@ -12,14 +12,23 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from mediavault.auth import Principal
-from mediavault.errors import FieldViolation, InvalidArgument, NotFound, UploadNotPending
+from mediavault.blobs import BlobStore
+from mediavault.config import Settings
+from mediavault.errors import FieldViolation, InvalidArgument, MediaBusy, NotFound
+
+if TYPE_CHECKING:
+    from mediavault.domain.feed import Feed
+    from mediavault.jobs import TranscodeQueue
 
 MAX_ATTEMPTS = 3
 READERS = ("admin", "service")
+# The variant a feed shows, smallest first; the original when none exists yet.
+FEED_ORDER = ("thumbnail", "preview", "display")
 
 _COLUMNS = """
     m.media_id, m.owner_id, m.kind, m.content_type, m.size_bytes, m.sha256, m.object_key, m.retention,
@@ -102,6 +111,8 @@ WHERE media_id = $1 AND variants_version = $2 AND processing_status IN ('pending
 RETURNING owner_id
 """
 
+_DROP_OTHER_VARIANTS = "DELETE FROM media_variants WHERE media_id = $1 AND NOT (name = ANY($2::text[]))"
+
 _RETRY_LATER = """
 UPDATE media SET processing_status = 'pending', processing_error = $3,
                  next_attempt_at = now() + make_interval(secs => $4), updated_at = now()
@@ -159,6 +170,27 @@ class Claim:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Shown:
+    """A media item as a client sees it: with the URLs of its original and of each variant."""
+
+    media: Media
+    original_url: str
+    variant_urls: dict[str, str]
+
+    @property
+    def feed_url(self) -> str:
+        return next((self.variant_urls[n] for n in FEED_ORDER if n in self.variant_urls), self.original_url)
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    items: list[Shown]
+    next_page_token: str
+    etag: str
+    not_modified: bool
+
+
 def from_row(row: asyncpg.Record) -> Media:
     values = dict(row)
     raw = values.pop("variants")
@@ -173,16 +205,11 @@ def parse_media_id(raw: str) -> uuid.UUID:
         raise InvalidArgument([FieldViolation("media_id", "must be a UUID")]) from None
 
 
-async def _visible(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID, *, read_roles: tuple[str, ...]) -> Media:
-    row = await pool.fetchrow(_GET, media_id)
-    # Others' media is indistinguishable from missing media.
-    if row is None or (row["owner_id"] != principal.user_id and not principal.has_any(*read_roles)):
-        raise NotFound("media not found")
-    return from_row(row)
-
-
-async def get(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID) -> Media:
-    return await _visible(pool, principal, media_id, read_roles=READERS)
+def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:
+    """Deterministic per run, so a rerun overwrites; versioned, so a served URL never changes content."""
+    extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png"}[content_type]
+    hex_id = media_id.hex
+    return f"variants/{hex_id[:2]}/{hex_id}/v{version}/{name}.{extension}"
 
 
 async def page(
@@ -194,62 +221,109 @@ async def page(
     return [from_row(r) for r in rows[:size]], len(rows) > size
 
 
-async def delete(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID, purge_grace_seconds: float) -> Media:
-    """Soft delete; the owner's used bytes are freed at once, the blobs purged after the grace period."""
-    media = await _visible(pool, principal, media_id, read_roles=("admin",))
-    if await pool.fetchrow(_DELETE, media_id, purge_grace_seconds) is None:
-        raise NotFound("media not found")
-    return media
+class Library:
+    """Media records: what users do to them (get, delete, save, reprocess) and the workers' status machine.
 
+    Every change that alters an owner's feed bumps it through the Feed; a new
+    processing run goes to the transcode queue, with its feed bump in the same call.
+    """
 
-async def save(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID) -> Media:
-    await _visible(pool, principal, media_id, read_roles=())
-    await pool.execute(_SAVE, media_id)
-    return await get(pool, principal, media_id)
+    def __init__(
+        self, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, transcodes: TranscodeQueue, feed: Feed
+    ) -> None:
+        self._pool = pool
+        self._blobs = blobs
+        self._settings = settings
+        self._transcodes = transcodes
+        self._feed = feed
 
-
-async def request_reprocess(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID) -> int:
-    """Starts a new processing run and returns its version; refused while a run is in progress."""
-    await _visible(pool, principal, media_id, read_roles=("admin",))
-    version = await pool.fetchval(_REPROCESS, media_id)
-    if version is None:
-        raise UploadNotPending("media is being processed; reprocess it when that finishes")
-    return version
-
-
-async def claim(pool: asyncpg.Pool, media_id: uuid.UUID, version: int) -> Claim | None:
-    """Marks the run as processing and counts the attempt; None when there is nothing to do."""
-    row = await pool.fetchrow(_CLAIM, media_id, version)
-    return Claim(**row) if row else None
-
-
-async def complete(
-    pool: asyncpg.Pool, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant]
-) -> str | None:
-    """Records the run's variants and marks it complete; returns the owner, or None if the run was superseded."""
-    async with pool.acquire() as conn, conn.transaction():
-        owner = await conn.fetchval(_COMPLETE, media_id, version, width, height)
-        if owner is None:
-            return None
-        await conn.executemany(
-            _STORE_VARIANT,
-            [(media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes) for v in variants],
+    async def url(self, object_key: str, content_type: str) -> str:
+        """A plain CDN URL when PUBLIC_BASE_URL is set, else a signed one."""
+        if self._settings.public_base_url:
+            return f"{self._settings.public_base_url.rstrip('/')}/{object_key}"
+        return await self._blobs.presign_get(
+            object_key, expires_in=self._settings.media_url_ttl_seconds, content_type=content_type
         )
-        names = [v.name for v in variants]
-        await conn.execute("DELETE FROM media_variants WHERE media_id = $1 AND NOT (name = ANY($2::text[]))", media_id, names)
-    return owner
 
+    async def show(self, media: Media) -> Shown:
+        variant_urls = {v.name: await self.url(v.object_key, v.content_type) for v in media.variants}
+        return Shown(media, await self.url(media.object_key, media.content_type), variant_urls)
 
-async def fail(pool: asyncpg.Pool, media_id: uuid.UUID, version: int, error: str) -> str | None:
-    return await pool.fetchval(_FAIL, media_id, version, error)
+    async def _visible(self, principal: Principal, media_id: uuid.UUID, *, read_roles: tuple[str, ...]) -> Media:
+        row = await self._pool.fetchrow(_GET, media_id)
+        # Others' media is indistinguishable from missing media.
+        if row is None or (row["owner_id"] != principal.user_id and not principal.has_any(*read_roles)):
+            raise NotFound("media not found")
+        return from_row(row)
 
+    async def get(self, principal: Principal, media_id: uuid.UUID) -> Shown:
+        return await self.show(await self._visible(principal, media_id, read_roles=READERS))
 
-async def retry_later(pool: asyncpg.Pool, media_id: uuid.UUID, version: int, error: str, delay_seconds: float) -> str | None:
-    return await pool.fetchval(_RETRY_LATER, media_id, version, error, delay_seconds)
+    async def feed_page(
+        self, principal: Principal, owner_id: str, page_size: int, page_token: str, if_none_match: str = ""
+    ) -> FeedPage:
+        """A page of the owner's feed (the caller's own unless a reader role names another owner).
 
+        With the etag the client already holds, an unchanged page comes back without items.
+        """
+        owner = principal.user_or_self(owner_id, *READERS)
+        page = await self._feed.page(owner, page_size, page_token)
+        if if_none_match and if_none_match == page.etag:
+            return FeedPage([], page.next_page_token, page.etag, not_modified=True)
+        return FeedPage([await self.show(m) for m in page.items], page.next_page_token, page.etag, not_modified=False)
 
-def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:
-    """Deterministic per run, so a rerun overwrites; versioned, so a served URL never changes content."""
-    extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png"}[content_type]
-    hex_id = media_id.hex
-    return f"variants/{hex_id[:2]}/{hex_id}/v{version}/{name}.{extension}"
+    async def delete(self, principal: Principal, media_id: uuid.UUID) -> None:
+        """Soft delete; the owner's used bytes are freed at once, the blobs purged after the grace period."""
+        media = await self._visible(principal, media_id, read_roles=("admin",))
+        grace = float(self._settings.jobs.purge_deleted_media.age_seconds)
+        if await self._pool.fetchrow(_DELETE, media_id, grace) is None:
+            raise NotFound("media not found")
+        await self._feed.changed(media.owner_id)
+
+    async def save(self, principal: Principal, media_id: uuid.UUID) -> Shown:
+        """An ephemeral item becomes permanent; saving a permanent one changes nothing."""
+        media = await self._visible(principal, media_id, read_roles=())
+        await self._pool.execute(_SAVE, media_id)
+        await self._feed.changed(media.owner_id)
+        return await self.get(principal, media_id)
+
+    async def reprocess(self, principal: Principal, media_id: uuid.UUID) -> Shown:
+        """Starts a new processing run; refused while a run is in progress."""
+        await self._visible(principal, media_id, read_roles=("admin",))
+        version = await self._pool.fetchval(_REPROCESS, media_id)
+        if version is None:
+            raise MediaBusy("media is being processed; reprocess it when that finishes")
+        shown = await self.get(principal, media_id)
+        await self._transcodes.enqueue(media_id, version, feed_owner=shown.media.owner_id)
+        return shown
+
+    async def claim(self, media_id: uuid.UUID, version: int) -> Claim | None:
+        """Marks the run as processing and counts the attempt; None when there is nothing to do."""
+        row = await self._pool.fetchrow(_CLAIM, media_id, version)
+        return Claim(**row) if row else None
+
+    async def complete(self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant]) -> bool:
+        """Records the run's variants and marks it complete; False when the run was superseded."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            owner = await conn.fetchval(_COMPLETE, media_id, version, width, height)
+            if owner is None:
+                return False
+            await conn.executemany(
+                _STORE_VARIANT,
+                [(media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes) for v in variants],
+            )
+            await conn.execute(_DROP_OTHER_VARIANTS, media_id, [v.name for v in variants])
+        await self._feed.changed(owner)
+        return True
+
+    async def fail(self, media_id: uuid.UUID, version: int, error: str) -> bool:
+        """Ends the run FAILED with a reason for the client; False when it was no longer running."""
+        owner = await self._pool.fetchval(_FAIL, media_id, version, error)
+        if owner is None:
+            return False
+        await self._feed.changed(owner)
+        return True
+
+    async def retry_later(self, media_id: uuid.UUID, version: int, error: str, delay_seconds: float) -> bool:
+        """Puts the run back to PENDING until its next attempt; False when it was no longer running."""
+        return await self._pool.fetchval(_RETRY_LATER, media_id, version, error, delay_seconds) is not None

@@ -75,6 +75,7 @@ class CreditRequest:
 class CreditResult:
     purchase: Purchase
     already_processed: bool
+    summary: accounts.StorageSummary
 
 
 def _validate(request: CreditRequest) -> None:
@@ -104,27 +105,6 @@ def _matches(purchase: Purchase, request: CreditRequest) -> bool:
     )
 
 
-async def add_credits(pool: asyncpg.Pool, request: CreditRequest, free_quota_bytes: int) -> CreditResult:
-    _validate(request)
-    await accounts.ensure(pool, request.user_id, free_quota_bytes)
-    row = await pool.fetchrow(
-        _CREDIT,
-        uuid.uuid4(),
-        request.user_id,
-        request.provider,
-        request.payment_reference,
-        request.credit_bytes,
-        request.amount_minor,
-        request.currency,
-    )
-    if row is not None:
-        return CreditResult(Purchase(**row), already_processed=False)
-    existing = Purchase(**await pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference))
-    if not _matches(existing, request):
-        raise IdempotencyConflict("payment_reference was already credited with different details")
-    return CreditResult(existing, already_processed=True)
-
-
 def _encode_token(purchase: Purchase) -> str:
     raw = json.dumps([purchase.created_at.isoformat(), str(purchase.purchase_id)]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -138,15 +118,46 @@ def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidArgument.single("page_token", "not a token this service issued") from None
 
 
-async def list_page(
-    pool: asyncpg.Pool, user_id: str, page_size: int, page_token: str
-) -> tuple[list[Purchase], str]:
-    """One page, newest first, keyset-paginated so new purchases never shift a page."""
-    if page_size < 0:
-        raise InvalidArgument.single("page_size", "must not be negative")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    after_at, after_id = _decode_token(page_token) if page_token else (None, None)
-    rows = await pool.fetch(_PAGE, user_id, after_at, after_id, size + 1)
-    purchases = [Purchase(**r) for r in rows[:size]]
-    next_token = _encode_token(purchases[-1]) if len(rows) > size else ""
-    return purchases, next_token
+class Purchases:
+    """Credits bought through payment webhooks; each payment credits its account once."""
+
+    def __init__(self, pool: asyncpg.Pool, accounts: accounts.Accounts) -> None:
+        self._pool = pool
+        self._accounts = accounts
+
+    async def add_credits(self, request: CreditRequest) -> CreditResult:
+        """Credits the payment, or answers the first crediting of it again; with the account's figures after."""
+        _validate(request)
+        await self._accounts.ensure(request.user_id)
+        row = await self._pool.fetchrow(
+            _CREDIT,
+            uuid.uuid4(),
+            request.user_id,
+            request.provider,
+            request.payment_reference,
+            request.credit_bytes,
+            request.amount_minor,
+            request.currency,
+        )
+        if row is not None:
+            purchase, already_processed = Purchase(**row), False
+        else:
+            purchase, already_processed = await self._first_crediting(request), True
+        return CreditResult(purchase, already_processed, await self._accounts.summary(request.user_id))
+
+    async def _first_crediting(self, request: CreditRequest) -> Purchase:
+        existing = Purchase(**await self._pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference))
+        if not _matches(existing, request):
+            raise IdempotencyConflict("payment_reference was already credited with different details")
+        return existing
+
+    async def list_page(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Purchase], str]:
+        """One page, newest first, keyset-paginated so new purchases never shift a page."""
+        if page_size < 0:
+            raise InvalidArgument.single("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after_at, after_id = _decode_token(page_token) if page_token else (None, None)
+        rows = await self._pool.fetch(_PAGE, user_id, after_at, after_id, size + 1)
+        purchases = [Purchase(**r) for r in rows[:size]]
+        next_token = _encode_token(purchases[-1]) if len(rows) > size else ""
+        return purchases, next_token

@@ -8,20 +8,13 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import grpc
 
 from mediavault import logs, metrics
 from mediavault.auth import Authenticator, Principal
-from mediavault.blobs import BlobStore
-from mediavault.config import Settings
-from mediavault.domain.feed import Feed
-from mediavault.domain.uploads import Commits, Reservations
 from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, Unauthenticated
-from mediavault.jobs import TranscodeQueue
 from mediavault.ratelimit import WRITES, RateLimiter
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
@@ -30,47 +23,41 @@ log = logging.getLogger("mediavault.rpc")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[Any]]
 
 
-@dataclass
-class Servicer:
-    """What every servicer is handed: the long-lived resources of the server process."""
+class Admission:
+    """Who may call: authenticates the caller, applies its rate limit and refuses writes by frozen accounts."""
 
-    authenticator: Authenticator
-    pool: asyncpg.Pool
-    blobs: BlobStore
-    settings: Settings
-    feed: Feed
-    limiter: RateLimiter
-    reservations: Reservations
-    commits: Commits
-    transcodes: TranscodeQueue
+    def __init__(self, authenticator: Authenticator, limiter: RateLimiter, *, rate_limits: bool) -> None:
+        self._authenticator = authenticator
+        self._limiter = limiter
+        self._rate_limits = rate_limits
 
-    async def _admit(
-        self, rpc_name: str, metadata, context: grpc.aio.ServicerContext
+    async def admit(
+        self, rpc_name: str, metadata: Any, context: grpc.aio.ServicerContext
     ) -> tuple[Principal, tuple[tuple[str, str], ...]]:
-        """Authenticates the caller, applies its rate limit and refuses writes by frozen accounts.
+        """Returns the caller and the rate-limit response metadata.
 
-        Returns the caller and the rate-limit response metadata. It travels in the trailers,
-        with the request id, so that a limited call costs no extra metadata round.
+        The metadata travels in the trailers, with the request id, so that a limited
+        call costs no extra metadata round.
         """
-        limiter = self.limiter
+        limiter = self._limiter
         try:
-            principal = self.authenticator.authenticate(metadata)
+            principal = self._authenticator.authenticate(metadata)
         except Unauthenticated:
-            if self.settings.rate_limits == "on":
+            if self._rate_limits:
                 forwarded = next((v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)), None)
                 address = limiter.client_address(context.peer(), forwarded)
                 await self._limit(rpc_name, address, "anonymous")
             raise
         privileged = principal.has_any("service", "admin")
         limits: tuple[tuple[str, str], ...] = ()
-        if self.settings.rate_limits == "on":
+        if self._rate_limits:
             limits = await self._limit(rpc_name, principal.user_id, "service" if privileged else "user")
         if not privileged and rpc_name in WRITES and principal.user_id in limiter.frozen:
             raise AccountFrozen("account is frozen")
         return principal, limits
 
     async def _limit(self, rpc_name: str, subject: str, scope: str) -> tuple[tuple[str, str], ...]:
-        decision = await self.limiter.check(rpc_name, subject, scope)
+        decision = await self._limiter.check(rpc_name, subject, scope)
         if decision is None:
             return ()
         if not decision.allowed:
@@ -80,6 +67,13 @@ class Servicer:
                 f"{rpc_name}: {decision.limit} calls per {'second' if decision.layer == 'burst' else 'hour'}",
             )
         return decision.metadata()
+
+
+class Servicer:
+    """What every servicer has: the admission of its calls. Each adds the domain services it uses."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
 
 
 # Request ids only need to be unique, not secret: a random prefix per process and a counter.
@@ -104,7 +98,7 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             limits: tuple[tuple[str, str], ...] = ()
             failure: MediavaultError | None = None
             try:
-                principal, limits = await self._admit(rpc_name, metadata, context)
+                principal, limits = await self.admission.admit(rpc_name, metadata, context)
                 context.set_trailing_metadata((("x-request-id", request_id), *limits))
                 user_id = principal.user_id
                 return await method(self, request, context, principal)

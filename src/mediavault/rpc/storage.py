@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault.auth import Principal
-from mediavault.domain import accounts, purchases, uploads
+from mediavault.domain import accounts as accounts_domain
+from mediavault.domain import purchases as purchases_domain
+from mediavault.domain import uploads as uploads_domain
 from mediavault.errors import InvalidArgument
-from mediavault.rpc.handler import Servicer, rpc
+from mediavault.rpc.handler import Admission, Servicer, rpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 
@@ -47,7 +49,7 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000)
 
 
-def upload_pb(upload: uploads.Upload) -> pb.Upload:
+def upload_pb(upload: uploads_domain.Upload) -> pb.Upload:
     return pb.Upload(
         upload_id=str(upload.upload_id),
         user_id=upload.user_id,
@@ -64,7 +66,7 @@ def upload_pb(upload: uploads.Upload) -> pb.Upload:
     )
 
 
-def summary_pb(summary: accounts.StorageSummary) -> pb.StorageSummary:
+def summary_pb(summary: accounts_domain.StorageSummary) -> pb.StorageSummary:
     return pb.StorageSummary(
         user_id=summary.user_id,
         quota_bytes=summary.quota_bytes,
@@ -77,7 +79,7 @@ def summary_pb(summary: accounts.StorageSummary) -> pb.StorageSummary:
     )
 
 
-def purchase_pb(purchase: purchases.Purchase) -> pb.Purchase:
+def purchase_pb(purchase: purchases_domain.Purchase) -> pb.Purchase:
     return pb.Purchase(
         purchase_id=str(purchase.purchase_id),
         user_id=purchase.user_id,
@@ -90,7 +92,7 @@ def purchase_pb(purchase: purchases.Purchase) -> pb.Purchase:
     )
 
 
-def account_pb(account: accounts.Account) -> pb.Account:
+def account_pb(account: accounts_domain.Account) -> pb.Account:
     return pb.Account(
         user_id=account.user_id,
         frozen=account.frozen,
@@ -100,20 +102,27 @@ def account_pb(account: accounts.Account) -> pb.Account:
 
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
-    async def _media_created(self, upload: uploads.Upload) -> None:
-        await self.transcodes.enqueue(upload.media_id, 0, feed_owner=upload.user_id)
+    def __init__(
+        self,
+        admission: Admission,
+        *,
+        uploads: uploads_domain.Uploads,
+        accounts: accounts_domain.Accounts,
+        purchases: purchases_domain.Purchases,
+    ) -> None:
+        super().__init__(admission)
+        self.uploads = uploads
+        self.accounts = accounts
+        self.purchases = purchases
 
     @rpc(SERVICE)
     async def BeginUpload(self, request: pb.BeginUploadRequest, context, principal: Principal) -> pb.BeginUploadResponse:
         retention = _RETENTION_FROM_PB.get(request.retention)
         if retention is None:
             raise InvalidArgument.single("retention", "unknown retention")
-        result = await uploads.begin(
-            self.pool,
-            self.blobs,
-            self.settings,
+        result = await self.uploads.begin(
             principal,
-            uploads.BeginRequest(
+            uploads_domain.BeginRequest(
                 filename=request.filename,
                 content_type=request.content_type,
                 size_bytes=request.size_bytes,
@@ -121,7 +130,6 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
                 idempotency_key=request.idempotency_key or None,
                 retention=retention,
             ),
-            self.reservations,
         )
         return pb.BeginUploadResponse(
             upload=upload_pb(result.upload),
@@ -132,22 +140,17 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
 
     @rpc(SERVICE)
     async def FinalizeUpload(self, request: pb.FinalizeUploadRequest, context, principal: Principal) -> pb.FinalizeUploadResponse:
-        upload = await uploads.finalize(
-            self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(request.upload_id), self.commits
-        )
-        await self._media_created(upload)
+        upload = await self.uploads.finalize(principal, uploads_domain.parse_upload_id(request.upload_id))
         return pb.FinalizeUploadResponse(upload=upload_pb(upload), media_id=str(upload.media_id))
 
     @rpc(SERVICE)
     async def FailUpload(self, request: pb.FailUploadRequest, context, principal: Principal) -> pb.FailUploadResponse:
-        upload = await uploads.fail(
-            self.pool, self.blobs, principal, uploads.parse_upload_id(request.upload_id), request.reason
-        )
+        upload = await self.uploads.fail(principal, uploads_domain.parse_upload_id(request.upload_id), request.reason)
         return pb.FailUploadResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)
     async def GetUpload(self, request: pb.GetUploadRequest, context, principal: Principal) -> pb.GetUploadResponse:
-        upload = await uploads.get(self.pool, principal, uploads.parse_upload_id(request.upload_id))
+        upload = await self.uploads.get(principal, uploads_domain.parse_upload_id(request.upload_id))
         return pb.GetUploadResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)
@@ -166,10 +169,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
                     raise InvalidArgument.single("upload_id", "only the first message may carry upload_id")
                 yield message.chunk
 
-        upload = await uploads.upload_content(
-            self.pool, self.blobs, self.settings, principal, uploads.parse_upload_id(first.upload_id), chunks()
-        )
-        await self._media_created(upload)
+        upload = await self.uploads.upload_content(principal, uploads_domain.parse_upload_id(first.upload_id), chunks())
         return pb.UploadContentResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)
@@ -177,49 +177,43 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
         self, request: pb.GetStorageSummaryRequest, context, principal: Principal
     ) -> pb.GetStorageSummaryResponse:
         user_id = principal.user_or_self(request.user_id, "admin", "service")
-        summary = await accounts.summary(self.pool, user_id, self.settings.free_quota_bytes)
-        return pb.GetStorageSummaryResponse(summary=summary_pb(summary))
+        return pb.GetStorageSummaryResponse(summary=summary_pb(await self.accounts.summary(user_id)))
 
     @rpc(SERVICE)
     async def AddStorageCredits(
         self, request: pb.AddStorageCreditsRequest, context, principal: Principal
     ) -> pb.AddStorageCreditsResponse:
         principal.require_any("billing", "admin")
-        result = await purchases.add_credits(
-            self.pool,
-            purchases.CreditRequest(
+        result = await self.purchases.add_credits(
+            purchases_domain.CreditRequest(
                 user_id=request.user_id,
                 provider=_PROVIDER_FROM_PB.get(request.provider, ""),
                 payment_reference=request.payment_reference,
                 credit_bytes=request.credit_bytes,
                 amount_minor=request.amount_minor,
                 currency=request.currency,
-            ),
-            self.settings.free_quota_bytes,
+            )
         )
-        summary = await accounts.summary(self.pool, request.user_id, self.settings.free_quota_bytes)
         return pb.AddStorageCreditsResponse(
             purchase=purchase_pb(result.purchase),
             already_processed=result.already_processed,
-            summary=summary_pb(summary),
+            summary=summary_pb(result.summary),
         )
 
     @rpc(SERVICE)
     async def ListPurchases(self, request: pb.ListPurchasesRequest, context, principal: Principal) -> pb.ListPurchasesResponse:
         user_id = principal.user_or_self(request.user_id, "admin", "billing", "service")
-        page, next_token = await purchases.list_page(self.pool, user_id, request.page_size, request.page_token)
+        page, next_token = await self.purchases.list_page(user_id, request.page_size, request.page_token)
         return pb.ListPurchasesResponse(purchases=[purchase_pb(p) for p in page], next_page_token=next_token)
 
     @rpc(SERVICE)
     async def FreezeAccount(self, request: pb.FreezeAccountRequest, context, principal: Principal) -> pb.FreezeAccountResponse:
         principal.require_any("admin")
-        account = await accounts.freeze(self.pool, request.user_id, request.reason, self.settings.free_quota_bytes)
-        return pb.FreezeAccountResponse(account=account_pb(account))
+        return pb.FreezeAccountResponse(account=account_pb(await self.accounts.freeze(request.user_id, request.reason)))
 
     @rpc(SERVICE)
     async def UnfreezeAccount(
         self, request: pb.UnfreezeAccountRequest, context, principal: Principal
     ) -> pb.UnfreezeAccountResponse:
         principal.require_any("admin")
-        account = await accounts.unfreeze(self.pool, request.user_id)
-        return pb.UnfreezeAccountResponse(account=account_pb(account))
+        return pb.UnfreezeAccountResponse(account=account_pb(await self.accounts.unfreeze(request.user_id)))

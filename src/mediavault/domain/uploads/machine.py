@@ -1,0 +1,269 @@
+"""The upload state machine: pending -> finalized | failed | expired.
+
+Each transition is one guarded statement on a pending row, so that concurrent finalize,
+fail and expiry of one upload end in exactly one outcome (the row lock decides, the
+loser sees no row). The quota change and its ledger entry ride in the same statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from mediavault import metrics
+from mediavault.auth import Principal
+from mediavault.blobs import BlobStore, BlobStoreError
+from mediavault.config import Settings
+from mediavault.domain import accounts, content_types
+from mediavault.domain.uploads import statements
+from mediavault.domain.uploads.batches import StatementBatches, columns_of
+from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
+from mediavault.domain.uploads.streaming import store_stream
+from mediavault.domain.uploads.validation import (
+    Observed,
+    check_object,
+    observe_object,
+    same_parameters,
+    validate_begin,
+    validate_fail_reason,
+)
+from mediavault.errors import (
+    AccountFrozen,
+    IdempotencyConflict,
+    NotFound,
+    StorageLimitReached,
+    UploadNotPending,
+    VerificationFailed,
+)
+from mediavault.jobs import TranscodeQueue
+
+log = logging.getLogger(__name__)
+
+# A reservation that neither succeeded nor failed is diagnosed and asked again this often:
+# the account may be created or credited between the statement and the diagnosis.
+_BEGIN_ATTEMPTS = 3
+
+
+class Uploads:
+    """Begin, finalize, fail and stream uploads; one entry point per operation.
+
+    Concurrent calls share statements (see statements.py): a BeginUpload without an
+    idempotency key and every FinalizeUpload first go into the batched statement of
+    their operation; what the batch could not place for sure is settled by the single
+    form, which waits for locks and reads the row to name the exact outcome.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, transcodes: TranscodeQueue
+    ) -> None:
+        self._pool = pool
+        self._blobs = blobs
+        self._settings = settings
+        self._transcodes = transcodes
+        spacing = settings.upload_batch_spacing_seconds
+        self._reservations = StatementBatches(pool, statements.BEGIN_MANY, spacing=spacing)
+        self._commits = StatementBatches(pool, statements.COMMIT_MANY, spacing=spacing)
+
+    async def begin(self, principal: Principal, request: BeginRequest) -> BeginResult:
+        request = validate_begin(request, self._settings)
+        user_id = principal.user_id
+        if request.idempotency_key and (existing := await self._replay(user_id, request)):
+            return await self._signed_put(existing)
+        upload_id = uuid.uuid4()
+        row = (
+            upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
+            request.idempotency_key, request.retention, object_key_for(upload_id),
+            float(self._settings.reservation_ttl_seconds),
+        )
+        # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
+        # The batch places only what it can place for sure; None is settled alone below.
+        if request.idempotency_key is None and (reserved := await self._reservations.submit(row)) is not None:
+            return await self._signed_put(Upload(**reserved))
+        return await self._signed_put(await self._reserve_alone(principal, request, row))
+
+    async def _reserve_alone(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
+        user_id = principal.user_id
+        for _ in range(_BEGIN_ATTEMPTS):
+            try:
+                reserved = await self._pool.fetchrow(statements.BEGIN_ONE, *columns_of([row]))
+            except asyncpg.UniqueViolationError:
+                # A concurrent begin with the same idempotency key won the insert.
+                existing = await self._replay(user_id, request)
+                if existing is None:
+                    raise
+                return existing
+            except asyncpg.CheckViolationError:
+                raise StorageLimitReached(
+                    "upload does not fit in the remaining storage", requested_bytes=str(request.size_bytes)
+                ) from None
+            if reserved is not None:
+                return Upload(**reserved)
+            await self._diagnose_refusal(user_id, request.size_bytes)
+        raise RuntimeError("reservation neither succeeded nor failed after retries")
+
+    async def _diagnose_refusal(self, user_id: str, size_bytes: int) -> None:
+        """Raises why a reservation placed nothing; returns when it is worth asking again."""
+        standing = await accounts.standing(self._pool, user_id)
+        if standing is None:
+            await accounts.ensure(self._pool, user_id, self._settings.free_quota_bytes)
+            return
+        if standing.frozen:
+            raise AccountFrozen("account is frozen")
+        available = standing.quota_bytes - standing.used_bytes - standing.reserved_bytes
+        if available < size_bytes:
+            raise StorageLimitReached(
+                "upload does not fit in the remaining storage",
+                requested_bytes=str(size_bytes),
+                available_bytes=str(max(available, 0)),
+            )
+
+    async def _replay(self, user_id: str, request: BeginRequest) -> Upload | None:
+        row = await self._pool.fetchrow(statements.GET_BY_KEY, user_id, request.idempotency_key)
+        if row is None:
+            return None
+        upload = Upload(**row)
+        if not same_parameters(upload, request):
+            raise IdempotencyConflict("idempotency_key was already used with different parameters")
+        return upload
+
+    async def _signed_put(self, upload: Upload) -> BeginResult:
+        signed = await self._blobs.presign_put(
+            upload.object_key,
+            size_bytes=upload.size_bytes,
+            content_type=upload.content_type,
+            sha256=upload.sha256,
+            expires_in=self._settings.upload_url_ttl_seconds,
+        )
+        return BeginResult(upload, signed.url, signed.method, dict(signed.headers))
+
+    async def get(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
+        row = await self._pool.fetchrow(statements.GET, upload_id)
+        # Someone else's upload is indistinguishable from a missing one.
+        if row is None or row["user_id"] != principal.user_id:
+            raise NotFound("upload not found")
+        return Upload(**row)
+
+    async def finalize(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
+        """Commits the upload when its object is what it declared, then queues the new media's processing.
+
+        Idempotent: finalizing a finalized upload answers it again.
+        """
+        upload = await self._finalize(principal, upload_id)
+        # The new media's transcode run and its owner's feed bump; a repeat finds the run queued or done.
+        await self._transcodes.enqueue(upload.media_id, 0, feed_owner=upload.user_id)
+        return upload
+
+    async def _finalize(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
+        # The object key follows from the upload id, so the object can be checked before
+        # the row is read: when it is what the upload declared, one guarded statement
+        # commits it. Everything else (already finalized, failed, expired, someone else's,
+        # not the declared bytes) takes the path below, which reads the row and says which.
+        object_key = object_key_for(upload_id)
+        observed = await observe_object(self._blobs, object_key)
+        if observed is not None:
+            committed = await self._commits.submit(self._commit_row(upload_id, principal.user_id, observed))
+            if committed is not None:
+                metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
+                return Upload(**committed)
+
+        upload = await self.get(principal, upload_id)
+        if upload.state == "finalized":
+            return upload
+        if upload.state != "pending":
+            raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+        if upload.expires_at <= datetime.now(UTC):
+            await self._expire_if_lapsed(upload)
+            return await self._settled(principal, upload_id)
+        if observed is None:
+            # It may have been uploaded since the first look. Once there, an object never
+            # changes (both backends store it once), so what was seen then still holds.
+            observed = await observe_object(self._blobs, object_key)
+        return await self._commit_alone(principal, upload, observed)
+
+    async def _commit_alone(self, principal: Principal, upload: Upload, observed: Observed | None) -> Upload:
+        try:
+            check_object(upload, observed)
+        except VerificationFailed as failure:
+            failed = await self.release(upload.upload_id, state="failed", reason=failure.reason, detail=failure.message)
+            if failed is None:
+                return await self._settled(principal, upload.upload_id)
+            await self._delete_quietly(upload.object_key)
+            raise
+        assert observed is not None  # check_object refused a missing object
+        row = self._commit_row(upload.upload_id, upload.user_id, observed)
+        committed = await self._pool.fetchrow(statements.COMMIT_ONE, *columns_of([row]))
+        if committed is None:
+            # A concurrent fail, expiry or finalize changed the state first, or the
+            # reservation lapsed by the database's clock though not by ours.
+            current = await self.get(principal, upload.upload_id)
+            if current.state == "pending":
+                await self._expire_if_lapsed(current)
+            return await self._settled(principal, upload.upload_id)
+        metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
+        return Upload(**committed)
+
+    def _commit_row(self, upload_id: uuid.UUID, user_id: str, observed: Observed) -> tuple[Any, ...]:
+        """One row of statements.COMMIT_PARAMETERS."""
+        return (
+            upload_id,
+            uuid.uuid4(),
+            content_types.kind_of(observed.sniffed or ""),
+            observed.sha256,
+            float(self._settings.ephemeral_ttl_seconds),
+            user_id,
+            observed.size,
+            ",".join(content_types.declarable_as(observed.sniffed)),
+        )
+
+    async def _settled(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
+        """The outcome after losing a race: a finalized upload is success (finalize is idempotent)."""
+        upload = await self.get(principal, upload_id)
+        if upload.state == "finalized":
+            return upload
+        raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+
+    async def _expire_if_lapsed(self, upload: Upload) -> None:
+        expired = await self.release(upload.upload_id, state="expired", reason="EXPIRED")
+        if expired is not None:
+            await self._delete_quietly(upload.object_key)
+
+    async def fail(self, principal: Principal, upload_id: uuid.UUID, reason: str) -> Upload:
+        """The client gives up: the reservation is released and whatever was uploaded deleted."""
+        validate_fail_reason(reason)
+        upload = await self.get(principal, upload_id)
+        failed = await self.release(upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
+        if failed is None:
+            raise UploadNotPending(f"upload is {(await self.get(principal, upload_id)).state}")
+        await self._delete_quietly(upload.object_key)
+        return failed
+
+    async def release(self, upload_id: uuid.UUID, *, state: str, reason: str, detail: str | None = None) -> Upload | None:
+        """Moves a pending upload to failed/expired and frees its reservation; None if it was not pending."""
+        row = await self._pool.fetchrow(statements.RELEASE, upload_id, state, reason, detail)
+        if row is None:
+            return None
+        metrics.UPLOAD_OUTCOMES.labels(state, reason).inc()
+        return Upload(**row)
+
+    async def upload_content(self, principal: Principal, upload_id: uuid.UUID, chunks: AsyncIterable[bytes]) -> Upload:
+        """Stores streamed bytes as the upload's object, then finalizes it exactly like the URL path."""
+        upload = await self.get(principal, upload_id)
+        if upload.state == "finalized":
+            return upload
+        if upload.state != "pending":
+            raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+        await store_stream(self._blobs, upload, chunks)
+        return await self.finalize(principal, upload_id)
+
+    async def _delete_quietly(self, key: str) -> None:
+        # The row change is committed; a blob left behind is found by the orphan sweep.
+        try:
+            await self._blobs.delete(key)
+        except BlobStoreError:
+            metrics.BLOB_DELETE_FAILURES.inc()
+            log.warning("blob delete failed; left for the orphan sweep", extra={"object_key": key}, exc_info=True)

@@ -1,0 +1,65 @@
+"""What an upload is: its row, the request that begins one, and where its object lives."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+COLUMNS = (
+    "upload_id",
+    "user_id",
+    "filename",
+    "content_type",
+    "size_bytes",
+    "sha256",
+    "idempotency_key",
+    "retention",
+    "state",
+    "object_key",
+    "media_id",
+    "failure_reason",
+    "created_at",
+    "expires_at",
+)
+
+
+@dataclass(frozen=True)
+class Upload:
+    upload_id: uuid.UUID
+    user_id: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str | None
+    idempotency_key: str | None
+    retention: str
+    state: str
+    object_key: str
+    media_id: uuid.UUID | None
+    failure_reason: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class BeginRequest:
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str | None
+    idempotency_key: str | None
+    retention: str
+
+
+@dataclass(frozen=True)
+class BeginResult:
+    upload: Upload
+    upload_url: str
+    upload_method: str
+    upload_headers: dict[str, str]
+
+
+def object_key_for(upload_id: uuid.UUID) -> str:
+    hex_id = upload_id.hex
+    return f"originals/{hex_id[:2]}/{hex_id}"

@@ -1,0 +1,31 @@
+"""Bytes streamed through the service (gRPC UploadContent) stored as an upload's object."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+from mediavault.blobs import BlobStore
+from mediavault.domain.uploads.records import Upload
+from mediavault.errors import InvalidArgument
+
+
+class _TooManyBytes(Exception):
+    pass
+
+
+async def store_stream(blobs: BlobStore, upload: Upload, chunks: AsyncIterable[bytes]) -> None:
+    """Writes the stream as the upload's object; refuses a stream longer than the declared size."""
+
+    async def bounded() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > upload.size_bytes:
+                raise _TooManyBytes
+            yield chunk
+
+    try:
+        await blobs.write(upload.object_key, bounded(), content_type=upload.content_type)
+    except _TooManyBytes:
+        # Both backends publish an object only when its stream completes, so nothing was stored.
+        raise InvalidArgument.single("chunk", f"stream exceeds the declared {upload.size_bytes} bytes") from None

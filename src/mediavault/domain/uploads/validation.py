@@ -1,0 +1,102 @@
+"""What a request and a stored object must be: checked before anything is written."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from mediavault.blobs import BlobStore
+from mediavault.config import Settings
+from mediavault.domain import content_types
+from mediavault.domain.uploads.records import BeginRequest, Upload
+from mediavault.errors import FieldViolation, InvalidArgument, VerificationFailed
+
+RETENTIONS = ("permanent", "ephemeral")
+MAX_FILENAME = 255
+MAX_IDEMPOTENCY_KEY = 128
+MAX_FAIL_REASON = 500
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_upload_id(raw: str, field: str = "upload_id") -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidArgument.single(field, "must be a UUID") from None
+
+
+def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
+    """The request normalized, or InvalidArgument naming every field that is wrong."""
+    violations: list[FieldViolation] = []
+    filename = request.filename.strip()
+    if not filename or len(filename) > MAX_FILENAME or any(ord(c) < 32 for c in filename):
+        violations.append(FieldViolation("filename", f"must be 1-{MAX_FILENAME} printable characters"))
+    content_type = content_types.normalize(request.content_type)
+    if content_type not in content_types.ALLOWED_TYPES:
+        violations.append(
+            FieldViolation("content_type", f"must be one of {', '.join(sorted(content_types.ALLOWED_TYPES))}")
+        )
+    else:
+        limit = settings.max_video_bytes if content_types.kind_of(content_type) == "video" else settings.max_image_bytes
+        if not 0 < request.size_bytes <= limit:
+            violations.append(FieldViolation("size_bytes", f"must be between 1 and {limit} for {content_type}"))
+    sha256 = request.sha256.strip() if request.sha256 else None
+    if sha256 is not None and not _SHA256.match(sha256):
+        violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))
+    key = request.idempotency_key or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+        violations.append(FieldViolation("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
+    if request.retention not in RETENTIONS:
+        violations.append(FieldViolation("retention", "unknown retention"))
+    if violations:
+        raise InvalidArgument(violations)
+    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention)
+
+
+def validate_fail_reason(reason: str) -> None:
+    if len(reason) > MAX_FAIL_REASON:
+        raise InvalidArgument.single("reason", f"must be at most {MAX_FAIL_REASON} characters")
+
+
+def same_parameters(upload: Upload, request: BeginRequest) -> bool:
+    """Whether a replay of an idempotency key asks for what the first call asked for."""
+    return (
+        upload.filename == request.filename
+        and upload.content_type == request.content_type
+        and upload.size_bytes == request.size_bytes
+        and upload.sha256 == request.sha256
+        and upload.retention == request.retention
+    )
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The stored object as it is: size, SHA-256, and the allowed type its bytes are (None: none)."""
+
+    size: int
+    sha256: str
+    sniffed: str | None
+
+
+async def observe_object(blobs: BlobStore, key: str) -> Observed | None:
+    """What is stored under key, or None when nothing is."""
+    inspection = await blobs.inspect(key, content_types.SNIFF_BYTES)
+    if inspection is None:
+        return None
+    return Observed(inspection.size, inspection.sha256, content_types.sniff(inspection.head))
+
+
+def check_object(upload: Upload, observed: Observed | None) -> None:
+    """Raises VerificationFailed with the specific reason when the object is not what was declared."""
+    if observed is None:
+        raise VerificationFailed("OBJECT_MISSING", "no object was uploaded")
+    if observed.size != upload.size_bytes:
+        raise VerificationFailed("SIZE_MISMATCH", f"object has {observed.size} bytes, {upload.size_bytes} were declared")
+    if upload.sha256 is not None and observed.sha256 != upload.sha256:
+        raise VerificationFailed("CHECKSUM_MISMATCH", "object SHA-256 differs from the declared one")
+    if not content_types.matches(upload.content_type, observed.sniffed):
+        raise VerificationFailed(
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"object content is {observed.sniffed or 'not an allowed type'}, not {upload.content_type}",
+        )

@@ -1,0 +1,48 @@
+"""The domain services of one process, built once from its long-lived resources.
+
+The server and the worker both build them here, so that a rule changed in a service
+holds for the RPCs, the jobs and the cron runs alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+from arq.connections import ArqRedis
+
+from mediavault.blobs import BlobStore
+from mediavault.config import Settings
+from mediavault.domain.accounts import Accounts
+from mediavault.domain.events import Events
+from mediavault.domain.feed import Feed
+from mediavault.domain.media import Library
+from mediavault.domain.purchases import Purchases
+from mediavault.domain.uploads import Uploads
+from mediavault.jobs import TranscodeQueue
+
+
+@dataclass(frozen=True)
+class Services:
+    accounts: Accounts
+    purchases: Purchases
+    uploads: Uploads
+    library: Library
+    feed: Feed
+    events: Events
+    transcodes: TranscodeQueue
+
+
+def build_services(pool: asyncpg.Pool, blobs: BlobStore, redis: ArqRedis | None, settings: Settings) -> Services:
+    accounts = Accounts(pool, settings.free_quota_bytes)
+    feed = Feed(pool, redis, settings.feed_cache_ttl_seconds)
+    transcodes = TranscodeQueue(redis)
+    return Services(
+        accounts=accounts,
+        purchases=Purchases(pool, accounts),
+        uploads=Uploads(pool, blobs, settings, transcodes),
+        library=Library(pool, blobs, settings, transcodes, feed),
+        feed=feed,
+        events=Events(pool),
+        transcodes=transcodes,
+    )
