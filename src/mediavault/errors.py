@@ -11,6 +11,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── StorageLimitReached   STORAGE_LIMIT_REACHED   reservation does not fit the quota
     ├── AccountFrozen         ACCOUNT_FROZEN
     ├── UploadNotPending      UPLOAD_NOT_PENDING      finalize/fail of a finished upload
+    ├── MediaBusy             MEDIA_BUSY              reprocess while a worker processes the media
     ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters
     ├── RateLimited           RATE_LIMIT_EXCEEDED     carries the delay and the quota that was hit
     ├── VerificationFailed    OBJECT_MISSING | SIZE_MISMATCH | CHECKSUM_MISMATCH | UNSUPPORTED_MEDIA_TYPE
@@ -75,6 +76,10 @@ class AccountFrozen(MediavaultError):
 
 class UploadNotPending(MediavaultError):
     reason = "UPLOAD_NOT_PENDING"
+
+
+class MediaBusy(MediavaultError):
+    reason = "MEDIA_BUSY"
 
 
 class IdempotencyConflict(MediavaultError):

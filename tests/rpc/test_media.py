@@ -182,6 +182,25 @@ async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, aut
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_reprocess_while_a_worker_processes_answers_media_busy(storage, media, auth, user_id, worker, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(2700))
+    await settled(media, md, done.media_id)
+    # As a worker's claim leaves it; settled first, so no queued job of this media runs meanwhile.
+    version = await pool.fetchval(
+        "UPDATE media SET processing_status = 'processing', processing_started_at = now() "
+        "WHERE media_id = $1::uuid RETURNING variants_version",
+        done.media_id,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "MEDIA_BUSY"
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert item.processing_status == mpb.PROCESSING_STATUS_PROCESSING
+    assert await pool.fetchval("SELECT variants_version FROM media WHERE media_id = $1::uuid", done.media_id) == version
+
+
 async def test_events_are_counted_and_sanitised(storage, media, auth, user_id, pool):
     md = auth(user_id)
     done = await upload(storage, md, fake_jpeg(1800))

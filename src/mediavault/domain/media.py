@@ -16,7 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from mediavault.auth import Principal
-from mediavault.errors import FieldViolation, InvalidArgument, NotFound, UploadNotPending
+from mediavault.errors import FieldViolation, InvalidArgument, MediaBusy, NotFound
 
 MAX_ATTEMPTS = 3
 READERS = ("admin", "service")
@@ -213,7 +213,7 @@ async def request_reprocess(pool: asyncpg.Pool, principal: Principal, media_id: 
     await _visible(pool, principal, media_id, read_roles=("admin",))
     version = await pool.fetchval(_REPROCESS, media_id)
     if version is None:
-        raise UploadNotPending("media is being processed; reprocess it when that finishes")
+        raise MediaBusy("media is being processed; reprocess it when that finishes")
     return version
 
 
