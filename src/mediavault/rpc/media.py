@@ -58,7 +58,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
         shown = next((by_name[n].url for n in DISPLAY_ORDER if n in by_name), original_url)
         return pb.Media(
             media_id=str(media.media_id),
-            owner_id=media.owner_id,
+            user_id=media.owner_id,
             kind=_KINDS[media.kind],
             content_type=media.content_type,
             size_bytes=media.size_bytes,
@@ -70,7 +70,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
             processing_error=media.processing_error or "",
             attempts=media.attempts,
             variants=variants,
-            display_url=shown,
+            feed_url=shown,
             original_url=original_url,
             created_at=timestamp(media.created_at),
             saved_at=timestamp(media.saved_at),
@@ -87,7 +87,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def ListFeed(self, request: pb.ListFeedRequest, context, principal: Principal) -> pb.ListFeedResponse:
-        owner_id = principal.user_or_self(request.owner_id, *media_domain.READERS)
+        owner_id = principal.user_or_self(request.user_id, *media_domain.READERS)
         page = await self.feed.page(owner_id, request.page_size, request.page_token)
         if request.if_none_match and request.if_none_match == page.etag:
             return pb.ListFeedResponse(etag=page.etag, not_modified=True, next_page_token=page.next_page_token)
