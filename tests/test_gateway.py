@@ -135,6 +135,8 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
     media = item["media"]
     assert (media["width"], media["height"], media["kind"]) == (96, 64, "MEDIA_KIND_IMAGE")
     assert {v["name"] for v in media["variants"]} == {"thumbnail", "preview", "display"}
+    assert media["user_id"] == user_id
+    assert media["feed_url"] == next(v["url"] for v in media["variants"] if v["name"] == "thumbnail")
 
     status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", md)
     assert status == 200, feed
@@ -143,6 +145,8 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
     status, same, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
     assert status == 200, same
     assert same["not_modified"] and same["media"] == [] and same["etag"] == feed["etag"]
+    status, foreign, _ = await call(http, "GET", f"{gateway}/v1/feed?user_id={user_id}", bearer("someone-else"))
+    assert status == 403 and reason(foreign) == "FORBIDDEN"
 
     status, deleted, _ = await call(http, "DELETE", f"{gateway}/v1/media/{media_id}", md)
     assert (status, deleted) == (200, {})

@@ -27,7 +27,7 @@ async def test_photo_becomes_upright_variants_within_budget(storage, media, auth
     assert (item.width, item.height) == (2304, 3072), "EXIF orientation 6 makes it portrait"
     variants = {v.name: v for v in item.variants}
     assert set(variants) == {"thumbnail", "preview", "display"}
-    assert item.display_url == variants["thumbnail"].url
+    assert item.feed_url == variants["thumbnail"].url
     for name, box, budget in (("thumbnail", 300, 40_000), ("preview", 600, 100_000), ("display", 4000, 2_000_000)):
         variant = variants[name]
         status, body, headers = await fetch(variant.url)
@@ -71,7 +71,7 @@ async def test_bad_files_fail_at_once_with_a_clear_reason(storage, media, auth, 
     assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
     assert item.processing_error == reason
     assert item.attempts == 1, "permanent failures are not retried"
-    assert item.display_url == item.original_url, "a feed still has something to show"
+    assert item.feed_url == item.original_url, "a feed still has something to show"
 
 
 async def test_feed_pages_are_stable_under_concurrent_inserts(storage, media, auth, user_id):
@@ -148,11 +148,11 @@ async def test_others_media_is_not_found_but_service_may_read(storage, media, au
         await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=auth("someone"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     seen = await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=auth("feed-svc", "service"))
-    assert seen.media.owner_id == user_id
-    feed = await media.ListFeed(mpb.ListFeedRequest(owner_id=user_id), metadata=auth("feed-svc", "service"))
+    assert seen.media.user_id == user_id
+    feed = await media.ListFeed(mpb.ListFeedRequest(user_id=user_id), metadata=auth("feed-svc", "service"))
     assert [m.media_id for m in feed.media] == [done.media_id]
     with pytest.raises(grpc.aio.AioRpcError) as denied:
-        await media.ListFeed(mpb.ListFeedRequest(owner_id=user_id), metadata=auth("someone"))
+        await media.ListFeed(mpb.ListFeedRequest(user_id=user_id), metadata=auth("someone"))
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -180,6 +180,25 @@ async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, aut
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=auth("someone"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reprocess_while_a_worker_processes_answers_media_busy(storage, media, auth, user_id, worker, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(2700))
+    await settled(media, md, done.media_id)
+    # As a worker's claim leaves it; settled first, so no queued job of this media runs meanwhile.
+    version = await pool.fetchval(
+        "UPDATE media SET processing_status = 'processing', processing_started_at = now() "
+        "WHERE media_id = $1::uuid RETURNING variants_version",
+        done.media_id,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "MEDIA_BUSY"
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert item.processing_status == mpb.PROCESSING_STATUS_PROCESSING
+    assert await pool.fetchval("SELECT variants_version FROM media WHERE media_id = $1::uuid", done.media_id) == version
 
 
 async def test_events_are_counted_and_sanitised(storage, media, auth, user_id, pool):

@@ -52,7 +52,7 @@ async def test_photos(storage, media, auth, user_id, worker, relative):
     assert item.attempts == 1
     pictures = await variant_pictures(item)
     assert set(pictures) == {"thumbnail", "preview", "display"}
-    assert item.display_url == next(v.url for v in item.variants if v.name == "thumbnail")
+    assert item.feed_url == next(v.url for v in item.variants if v.name == "thumbnail")
     if relative in ORIENTATION:
         landscape = "Landscape" in relative
         for picture in (*pictures.values(),):
@@ -80,7 +80,7 @@ async def test_videos(storage, media, auth, user_id, worker, relative):
     assert item.kind == mpb.MEDIA_KIND_VIDEO and (item.width, item.height) == VIDEOS[relative]
     pictures = await variant_pictures(item)
     assert set(pictures) == {"poster", "thumbnail", "preview"}
-    assert item.display_url == next(v.url for v in item.variants if v.name == "thumbnail")
+    assert item.feed_url == next(v.url for v in item.variants if v.name == "thumbnail")
 
 
 async def test_many_uploads_at_once_all_complete(storage, media, auth, user_id, worker):

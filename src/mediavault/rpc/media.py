@@ -38,7 +38,7 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
     media = shown.media
     return pb.Media(
         media_id=str(media.media_id),
-        owner_id=media.owner_id,
+        user_id=media.owner_id,
         kind=_KINDS[media.kind],
         content_type=media.content_type,
         size_bytes=media.size_bytes,
@@ -60,7 +60,7 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
             )
             for v in media.variants
         ],
-        display_url=shown.feed_url,
+        feed_url=shown.feed_url,
         original_url=shown.original_url,
         created_at=timestamp(media.created_at),
         saved_at=timestamp(media.saved_at),
@@ -85,7 +85,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
     @rpc(SERVICE)
     async def ListFeed(self, request: pb.ListFeedRequest, context, principal: Principal) -> pb.ListFeedResponse:
         page = await self.library.feed_page(
-            principal, request.owner_id, request.page_size, request.page_token, request.if_none_match
+            principal, request.user_id, request.page_size, request.page_token, request.if_none_match
         )
         return pb.ListFeedResponse(
             media=[media_pb(shown) for shown in page.items],

@@ -1,6 +1,7 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from mediavault.storage.v1 import storage_pb2 as _storage_pb2
@@ -77,9 +78,9 @@ class Variant(_message.Message):
     def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Media(_message.Message):
-    __slots__ = ("media_id", "owner_id", "kind", "content_type", "size_bytes", "sha256", "width", "height", "retention", "processing_status", "processing_error", "attempts", "variants", "display_url", "original_url", "created_at", "saved_at", "expires_at", "view_count", "like_count", "share_count")
+    __slots__ = ("media_id", "user_id", "kind", "content_type", "size_bytes", "sha256", "width", "height", "retention", "processing_status", "processing_error", "attempts", "variants", "feed_url", "original_url", "created_at", "saved_at", "expires_at", "view_count", "like_count", "share_count")
     MEDIA_ID_FIELD_NUMBER: _ClassVar[int]
-    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -91,7 +92,7 @@ class Media(_message.Message):
     PROCESSING_ERROR_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
-    DISPLAY_URL_FIELD_NUMBER: _ClassVar[int]
+    FEED_URL_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_URL_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SAVED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -100,7 +101,7 @@ class Media(_message.Message):
     LIKE_COUNT_FIELD_NUMBER: _ClassVar[int]
     SHARE_COUNT_FIELD_NUMBER: _ClassVar[int]
     media_id: str
-    owner_id: str
+    user_id: str
     kind: MediaKind
     content_type: str
     size_bytes: int
@@ -112,7 +113,7 @@ class Media(_message.Message):
     processing_error: str
     attempts: int
     variants: _containers.RepeatedCompositeFieldContainer[Variant]
-    display_url: str
+    feed_url: str
     original_url: str
     created_at: _timestamp_pb2.Timestamp
     saved_at: _timestamp_pb2.Timestamp
@@ -120,7 +121,7 @@ class Media(_message.Message):
     view_count: int
     like_count: int
     share_count: int
-    def __init__(self, media_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., retention: _Optional[_Union[_storage_pb2.Retention, str]] = ..., processing_status: _Optional[_Union[ProcessingStatus, str]] = ..., processing_error: _Optional[str] = ..., attempts: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., display_url: _Optional[str] = ..., original_url: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., view_count: _Optional[int] = ..., like_count: _Optional[int] = ..., share_count: _Optional[int] = ...) -> None: ...
+    def __init__(self, media_id: _Optional[str] = ..., user_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., retention: _Optional[_Union[_storage_pb2.Retention, str]] = ..., processing_status: _Optional[_Union[ProcessingStatus, str]] = ..., processing_error: _Optional[str] = ..., attempts: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., feed_url: _Optional[str] = ..., original_url: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., view_count: _Optional[int] = ..., like_count: _Optional[int] = ..., share_count: _Optional[int] = ...) -> None: ...
 
 class GetMediaRequest(_message.Message):
     __slots__ = ("media_id",)
@@ -135,16 +136,16 @@ class GetMediaResponse(_message.Message):
     def __init__(self, media: _Optional[_Union[Media, _Mapping]] = ...) -> None: ...
 
 class ListFeedRequest(_message.Message):
-    __slots__ = ("owner_id", "page_size", "page_token", "if_none_match")
-    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("user_id", "page_size", "page_token", "if_none_match")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     IF_NONE_MATCH_FIELD_NUMBER: _ClassVar[int]
-    owner_id: str
+    user_id: str
     page_size: int
     page_token: str
     if_none_match: str
-    def __init__(self, owner_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., if_none_match: _Optional[str] = ...) -> None: ...
+    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., if_none_match: _Optional[str] = ...) -> None: ...
 
 class ListFeedResponse(_message.Message):
     __slots__ = ("media", "next_page_token", "etag", "not_modified")

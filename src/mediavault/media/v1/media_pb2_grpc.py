@@ -26,7 +26,15 @@ if _version_not_supported:
 
 
 class MediaServiceStub:
-    """MediaService serves media and the feed; every RPC needs a bearer JWT (UNAUTHENTICATED without one) and answers UNIMPLEMENTED until the media issue lands.
+    """MediaService serves media, their variants and the feed, and records usage events.
+
+    Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
+    "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
+    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
+    RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
+    QuotaFailure which limit it was.
+    INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
     """
 
     def __init__(self, channel):
@@ -68,46 +76,87 @@ class MediaServiceStub:
 
 
 class MediaServiceServicer:
-    """MediaService serves media and the feed; every RPC needs a bearer JWT (UNAUTHENTICATED without one) and answers UNIMPLEMENTED until the media issue lands.
+    """MediaService serves media, their variants and the feed, and records usage events.
+
+    Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
+    "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
+    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
+    RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
+    QuotaFailure which limit it was.
+    INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
     """
 
     def GetMedia(self, request, context):
-        """Returns one media item; NOT_FOUND for unknown, deleted or foreign media, INVALID_ARGUMENT for a malformed id.
+        """Returns one media item of the caller or, for roles admin and service, of anyone.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
+        NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListFeed(self, request, context):
-        """Returns one page of an owner's feed, newest first; PERMISSION_DENIED for another owner without service/admin, INVALID_ARGUMENT for a bad page_token.
+        """Returns one page of a user's media, newest first, whatever their processing status.
+
+        Errors:
+        PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteMedia(self, request, context):
-        """Soft-deletes media and frees its bytes; NOT_FOUND for unknown, deleted or foreign media.
+        """Deletes a media item of the caller; role admin may delete anyone's.
+
+        Its bytes are freed from the owner's quota at once, its blobs removed later.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
+        NOT_FOUND (NOT_FOUND): no such media, already deleted, or another user's.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SaveMedia(self, request, context):
-        """Makes ephemeral media permanent; NOT_FOUND for unknown, deleted or foreign media.
+        """Makes the caller's ephemeral media permanent; permanent media is returned unchanged.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
+        NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReprocessMedia(self, request, context):
-        """Re-runs variant generation; NOT_FOUND for unknown or foreign media, FAILED_PRECONDITION while processing.
+        """Makes the variants of a media item of the caller again; role admin may reprocess anyone's.
+
+        The new variants get new URLs; the current ones stay served until then.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
+        NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+        FAILED_PRECONDITION (MEDIA_BUSY): a worker is processing the media now; retry once
+        processing_status is no longer PROCESSING.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RecordEvents(self, request, context):
-        """Stores usage events; INVALID_ARGUMENT only for an empty or oversized batch, bad events are counted in rejected.
+        """Stores the caller's usage events; an invalid event is counted in rejected, not answered with an error.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): the batch is empty or holds more than 500 events.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +204,15 @@ def add_MediaServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MediaService:
-    """MediaService serves media and the feed; every RPC needs a bearer JWT (UNAUTHENTICATED without one) and answers UNIMPLEMENTED until the media issue lands.
+    """MediaService serves media, their variants and the feed, and records usage events.
+
+    Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
+    "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
+    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
+    RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
+    QuotaFailure which limit it was.
+    INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
     """
 
     @staticmethod

@@ -26,7 +26,15 @@ if _version_not_supported:
 
 
 class StorageServiceStub:
-    """StorageService owns quotas, uploads, purchases and the ledger; every RPC needs a bearer JWT (UNAUTHENTICATED without one, INTERNAL on unexpected faults).
+    """StorageService owns quotas, uploads, purchases and the ledger.
+
+    Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
+    "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
+    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
+    RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
+    QuotaFailure which limit it was.
+    INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
     """
 
     def __init__(self, channel):
@@ -88,74 +96,139 @@ class StorageServiceStub:
 
 
 class StorageServiceServicer:
-    """StorageService owns quotas, uploads, purchases and the ledger; every RPC needs a bearer JWT (UNAUTHENTICATED without one, INTERNAL on unexpected faults).
+    """StorageService owns quotas, uploads, purchases and the ledger.
+
+    Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
+    "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
+    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
+    RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
+    QuotaFailure which limit it was.
+    INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
     """
 
     def BeginUpload(self, request, context):
-        """Reserves size_bytes and returns a signed upload URL; INVALID_ARGUMENT, RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED), FAILED_PRECONDITION (ACCOUNT_FROZEN), ALREADY_EXISTS (IDEMPOTENCY_CONFLICT).
+        """Reserves size_bytes of the caller's quota and returns a signed URL to PUT the object to.
+
+        A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it.
+        RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+        ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FinalizeUpload(self, request, context):
-        """Verifies the stored object and commits its bytes; NOT_FOUND, FAILED_PRECONDITION (UPLOAD_NOT_PENDING, OBJECT_MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH, UNSUPPORTED_MEDIA_TYPE).
+        """Checks the stored object against the upload and commits its bytes, creating the media.
+
+        Finalizing a FINALIZED upload again returns it unchanged.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID.
+        NOT_FOUND (NOT_FOUND): no such upload, or another user's.
+        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state").
+        FAILED_PRECONDITION (OBJECT_MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH, UNSUPPORTED_MEDIA_TYPE):
+        the object is not what BeginUpload declared; the upload is now FAILED with that reason.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FailUpload(self, request, context):
-        """Marks a pending upload failed and releases its reservation; NOT_FOUND, FAILED_PRECONDITION (UPLOAD_NOT_PENDING), INVALID_ARGUMENT.
+        """Marks a pending upload FAILED (failure_reason CLIENT_FAILED) and releases its reservation.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID, or reason is too long.
+        NOT_FOUND (NOT_FOUND): no such upload, or another user's.
+        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUpload(self, request, context):
-        """Returns one upload of the caller; NOT_FOUND (also for other users' uploads), INVALID_ARGUMENT.
+        """Returns one upload of the caller.
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID.
+        NOT_FOUND (NOT_FOUND): no such upload, or another user's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UploadContent(self, request_iterator, context):
-        """Streams the object bytes (first message upload_id, then chunks) and finalizes; same errors as FinalizeUpload plus INVALID_ARGUMENT for a malformed stream or too many bytes.
+        """Stores the object from the stream (first message upload_id, then chunks) and finalizes it.
+
+        Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
+
+        Errors: those of FinalizeUpload, and
+        INVALID_ARGUMENT (INVALID_ARGUMENT): the first message lacks upload_id or carries a chunk, a
+        later one carries upload_id, or the chunks exceed size_bytes (then nothing is stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStorageSummary(self, request, context):
-        """Returns the quota figures of the caller or, for admin/service, of user_id; PERMISSION_DENIED (FORBIDDEN), INVALID_ARGUMENT.
+        """Returns the quota figures of the caller or, for roles admin and service, of user_id.
+
+        Errors:
+        PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddStorageCredits(self, request, context):
-        """Credits purchased bytes once per (provider, payment_reference); PERMISSION_DENIED (billing/admin only), INVALID_ARGUMENT, ALREADY_EXISTS (IDEMPOTENCY_CONFLICT).
+        """Credits purchased bytes once per (provider, payment_reference). Roles billing and admin only.
+
+        A repeat with the same details changes nothing and answers already_processed.
+
+        Errors:
+        PERMISSION_DENIED (FORBIDDEN): the caller is neither billing nor admin.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it.
+        ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): the payment was already credited with other details.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListPurchases(self, request, context):
-        """Lists purchases newest first; PERMISSION_DENIED (FORBIDDEN) for another user's without admin/billing/service, INVALID_ARGUMENT for a bad page_token.
+        """Lists the purchases of the caller or, for roles admin, billing and service, of user_id; newest first.
+
+        Errors:
+        PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin, billing or service.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FreezeAccount(self, request, context):
-        """Freezes an account so it can start no uploads; PERMISSION_DENIED (admin only), INVALID_ARGUMENT.
+        """Freezes an account so that it can start no uploads and make no other writes. Role admin only.
+
+        Errors:
+        PERMISSION_DENIED (FORBIDDEN): the caller is not admin.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): user_id or reason breaks the rule on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnfreezeAccount(self, request, context):
-        """Lifts a freeze; PERMISSION_DENIED (admin only), INVALID_ARGUMENT.
+        """Lifts a freeze. Role admin only.
+
+        Errors:
+        PERMISSION_DENIED (FORBIDDEN): the caller is not admin.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): user_id breaks the rule on it.
+        NOT_FOUND (NOT_FOUND): no account has this user_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,7 +296,15 @@ def add_StorageServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StorageService:
-    """StorageService owns quotas, uploads, purchases and the ledger; every RPC needs a bearer JWT (UNAUTHENTICATED without one, INTERNAL on unexpected faults).
+    """StorageService owns quotas, uploads, purchases and the ledger.
+
+    Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
+    "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
+    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
+    RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
+    QuotaFailure which limit it was.
+    INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
     """
 
     @staticmethod
