@@ -18,7 +18,6 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from arq import Worker
 
 from mediavault import embedded
 from mediavault.auth import Authenticator
@@ -28,6 +27,7 @@ from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
 from workers.settings import worker_settings
+from workers.worker import Worker
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
 CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")

@@ -87,8 +87,8 @@ async def test_a_known_job_id_is_not_queued_again_but_the_feed_is_bumped_each_ti
     assert await jobs.enqueue_transcode(queue, media_id, 0)
     assert await queue.zcard(queue.default_queue_name) == 0
     assert await _run_worker(redis_url, queue) == []
-    # A retry has an id of its own.
-    assert await jobs.enqueue_transcode(queue, media_id, 0, retry=1)
+    # A re-enqueue by the stuck sweep has an id of its own.
+    assert await jobs.enqueue_transcode(queue, media_id, 0, requeue=1)
     assert [call[0] for call in await _run_worker(redis_url, queue)] == [jobs.transcode_job_id(media_id, 0, 1)]
     assert int(await queue.get(version_key(user_id))) == 3
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from mediavault import jobs, metrics
+from mediavault import metrics
 from mediavault.config import JobConfig, Settings
 from mediavault.domain import cleanup, ledger
 from mediavault.domain.media import MAX_ATTEMPTS
@@ -230,11 +230,17 @@ async def fail_stuck_processing(ctx: dict[str, Any], report: RunReport, config: 
     """Media stuck in PENDING/PROCESSING is re-enqueued while it has attempts left, else FAILED."""
 
     async def enqueue(ctx: dict[str, Any], rows: list[asyncpg.Record], report: RunReport) -> None:
-        for row in rows:
-            if row["processing_status"] == "pending":
-                if not await jobs.enqueue_transcode(ctx["redis"], row["media_id"], row["variants_version"], retry=row["attempts"]):
-                    report.errors += 1
-        report.details["failed"] = report.details.get("failed", 0) + sum(r["processing_status"] == "failed" for r in rows)
+        requeued = [row for row in rows if row["processing_status"] == "pending"]
+        # Each re-enqueue has a job id of its own (media.requeues), so arq runs it.
+        enqueued = await asyncio.gather(
+            *(ctx["transcodes"].enqueue(r["media_id"], r["variants_version"], r["requeues"]) for r in requeued)
+        )
+        # A run left unqueued (Redis down) changed nothing yet: the next sweep tries it again.
+        not_queued = enqueued.count(False)
+        report.errors += not_queued
+        report.changed -= not_queued
+        report.details["requeued"] = report.details.get("requeued", 0) + enqueued.count(True)
+        report.details["failed"] = report.details.get("failed", 0) + len(rows) - len(requeued)
         await _feed_changed(ctx, {r["owner_id"] for r in rows})
 
     await _batched(

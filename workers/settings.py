@@ -16,7 +16,7 @@ from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.imaging import DEFAULT_LIMITS, Transcoder
 from mediavault.services import build_services
 from workers.maintenance import JOBS, cron_task, job_config, observe_queue
-from workers.transcode import transcode_media
+from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
 
 
 def _schedule(every_seconds: int) -> dict[str, set[int]]:
@@ -76,16 +76,24 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["pool"].close()
 
 
+def _redis_settings(settings: Settings) -> RedisSettings:
+    redis = RedisSettings.from_dsn(settings.redis_url)
+    # A worker starting during a Redis failover waits for it as long as a running one does.
+    redis.conn_retries = max(1, int(settings.worker_redis_outage_seconds / redis.conn_retry_delay))
+    return redis
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for arq.Worker, bound to these settings."""
+    """Keyword arguments for workers.worker.Worker, bound to these settings."""
     return {
-        # Our own attempt count in PostgreSQL decides retries; arq's bound only stops
-        # a job whose database is unreachable from being retried forever.
-        "functions": [func(transcode_media, max_tries=MAX_ATTEMPTS + 2)],
+        # Our own attempt count in PostgreSQL bounds the retries of the pixel work; arq's
+        # bound adds the retries through an outage of the database, Redis or blob store.
+        "functions": [func(transcode_media, max_tries=MAX_ATTEMPTS + INFRASTRUCTURE_TRIES)],
         "cron_jobs": cron_jobs(settings),
         "on_startup": worker_startup,
         "on_shutdown": shutdown,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": _redis_settings(settings),
+        "redis_outage_seconds": settings.worker_redis_outage_seconds,
         "queue_name": settings.queue_name,
         "job_timeout": settings.job_timeout_seconds,
         "poll_delay": settings.worker_poll_delay_seconds,

@@ -22,15 +22,33 @@ log = logging.getLogger(__name__)
 # an infrastructure fault: the next attempt runs in a fresh process.
 TRANSIENT_ERRORS = (BlobStoreError, ImagingError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, OSError)
 
+# Faults of the database, Redis or the blob store are retried by arq, at any step of the
+# job, the claim included: with the delays capped at RETRY_CAP_SECONDS, this many tries
+# ride out an outage of a quarter of an hour. The media's own attempts (MAX_ATTEMPTS,
+# counted in PostgreSQL) bound the retries of a run that reached the pixel work.
+INFRASTRUCTURE_TRIES = 20
+RETRY_CAP_SECONDS = 60.0
+
 
 def backoff(base_seconds: float, attempt: int) -> float:
-    return base_seconds * 2 ** (attempt - 1)
+    return min(base_seconds * 2 ** (attempt - 1), RETRY_CAP_SECONDS)
 
 
 async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> str:
+    try:
+        return await _transcode(ctx, uuid.UUID(media_id), version)
+    except TRANSIENT_ERRORS as exc:
+        job_try = ctx.get("job_try", 1)
+        delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
+        log.warning("transcode job hit an infrastructure fault; retrying",
+                    extra={"media_id": media_id, "job_try": job_try, "delay_seconds": delay}, exc_info=True)
+        metrics.TRANSCODE_OUTCOMES.labels("retry", type(exc).__name__).inc()
+        raise Retry(defer=delay) from exc
+
+
+async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
     library: Library = ctx["library"]
-    media_uuid = uuid.UUID(media_id)
-    claim = await library.claim(media_uuid, version)
+    claim = await library.claim(media_id, version)
     if claim is None:
         return "skipped"
     started = time.perf_counter()
@@ -39,24 +57,24 @@ async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> s
         result = await ctx["transcoder"].run(data, claim.content_type)
         stored = []
         for variant in result.variants:
-            key = variant_key(media_uuid, version, variant.name, variant.content_type)
+            key = variant_key(media_id, version, variant.name, variant.content_type)
             await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
             stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
-        completed = await library.complete(media_uuid, version, result.width, result.height, stored)
+        completed = await library.complete(media_id, version, result.width, result.height, stored)
         outcome, reason = ("complete", "") if completed else ("superseded", "")
     except PermanentImagingError as exc:
-        await library.fail(media_uuid, version, exc.message)
+        await library.fail(media_id, version, exc.message)
         outcome, reason = "failed", exc.message
     except TRANSIENT_ERRORS as exc:
-        log.warning("transcode attempt failed", extra={"media_id": media_id, "attempt": claim.attempts}, exc_info=True)
+        log.warning("transcode attempt failed", extra={"media_id": str(media_id), "attempt": claim.attempts}, exc_info=True)
         metrics.TRANSCODE_OUTCOMES.labels("retry" if claim.attempts < MAX_ATTEMPTS else "failed", type(exc).__name__).inc()
         if claim.attempts >= MAX_ATTEMPTS:
-            await library.fail(media_uuid, version, "processing failed, try again later")
+            await library.fail(media_id, version, "processing failed, try again later")
             return "failed"
         delay = backoff(ctx["settings"].transcode_retry_base_seconds, claim.attempts)
-        await library.retry_later(media_uuid, version, "temporary error, retrying", delay)
+        await library.retry_later(media_id, version, "temporary error, retrying", delay)
         raise Retry(defer=delay) from exc
     metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()
     metrics.TRANSCODE_SECONDS.labels(claim.kind).observe(time.perf_counter() - started)
-    log.info("transcode finished", extra={"media_id": media_id, "outcome": outcome, "reason": reason})
+    log.info("transcode finished", extra={"media_id": str(media_id), "outcome": outcome, "reason": reason})
     return outcome

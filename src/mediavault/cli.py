@@ -42,9 +42,8 @@ def cmd_serve(_args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_args: argparse.Namespace) -> int:
-    from arq import Worker
-
     from workers.settings import worker_settings
+    from workers.worker import Worker
 
     settings = Settings()
     _require_database(settings)

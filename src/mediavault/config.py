@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     job_timeout_seconds: int = Field(default=300, gt=0)
     # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.
     worker_poll_delay_seconds: float = Field(default=0.05, gt=0)
+    # How long a worker waits for Redis to come back (a failover) before it exits.
+    worker_redis_outage_seconds: float = Field(default=60.0, ge=0)
     # Under load, batches of concurrent BeginUploads / FinalizeUploads start at most this
     # often, so that each carries more calls; a lone client's calls never wait (see
     # batching.Batcher).

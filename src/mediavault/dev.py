@@ -31,11 +31,10 @@ def jwt_secret(settings: Settings, data_dir: Path = DEV_DIR) -> str:
 
 
 async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
-    from arq import Worker
-
     from mediavault.db import migrate
     from mediavault.server import Server
     from workers.settings import worker_settings
+    from workers.worker import Worker
 
     data_dir = Path(data_dir).resolve()
     env = Settings()

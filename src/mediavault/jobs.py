@@ -55,15 +55,16 @@ end
 class TranscodeRun:
     media_id: uuid.UUID
     version: int
-    retry: int
+    requeue: int
     feed_owner: str | None
 
 
-def transcode_job_id(media_id: uuid.UUID, version: int, retry: int = 0) -> str:
+def transcode_job_id(media_id: uuid.UUID, version: int, requeue: int = 0) -> str:
     # arq remembers a finished job's id for keep_result seconds, so every reprocess run
-    # (a new variants_version) and every re-enqueue by the stuck sweep needs an id of its own.
+    # (a new variants_version) and every re-enqueue by the stuck sweep (media.requeues)
+    # needs an id of its own.
     job_id = f"transcode:{media_id}" if version == 0 else f"transcode:{media_id}:v{version}"
-    return f"{job_id}:r{retry}" if retry else job_id
+    return f"{job_id}:r{requeue}" if requeue else job_id
 
 
 async def _enqueue_runs(redis: ArqRedis, runs: list[TranscodeRun]) -> list[bool]:
@@ -71,7 +72,7 @@ async def _enqueue_runs(redis: ArqRedis, runs: list[TranscodeRun]) -> list[bool]
     keys: list[str] = [redis.default_queue_name]
     args: list[object] = [redis.expires_extra_ms]
     for run in runs:
-        job_id = transcode_job_id(run.media_id, run.version, run.retry)
+        job_id = transcode_job_id(run.media_id, run.version, run.requeue)
         keys += [job_key_prefix + job_id, result_key_prefix + job_id]
         if run.feed_owner is not None:
             keys.append(version_key(run.feed_owner))
@@ -90,7 +91,7 @@ def _enqueue_failed(run: TranscodeRun) -> bool:
 
 
 async def enqueue_transcode(
-    redis: ArqRedis | None, media_id: uuid.UUID, version: int, retry: int = 0, *, feed_owner: str | None = None
+    redis: ArqRedis | None, media_id: uuid.UUID, version: int, requeue: int = 0, *, feed_owner: str | None = None
 ) -> bool:
     """Queues the run unless its job id is already queued or finished, as arq's enqueue_job.
 
@@ -99,7 +100,7 @@ async def enqueue_transcode(
     False when Redis is unreachable: the stuck-media sweep re-enqueues the run later,
     and the owner's cached feed pages live out their TTL.
     """
-    run = TranscodeRun(media_id, version, retry, feed_owner)
+    run = TranscodeRun(media_id, version, requeue, feed_owner)
     if redis is None:
         return False
     try:
@@ -119,10 +120,10 @@ class TranscodeQueue:
             self._batches = Batcher(lambda runs: _enqueue_runs(redis, runs), max_batch)
 
     async def enqueue(
-        self, media_id: uuid.UUID, version: int, retry: int = 0, *, feed_owner: str | None = None
+        self, media_id: uuid.UUID, version: int, requeue: int = 0, *, feed_owner: str | None = None
     ) -> bool:
         """As enqueue_transcode."""
-        run = TranscodeRun(media_id, version, retry, feed_owner)
+        run = TranscodeRun(media_id, version, requeue, feed_owner)
         if self._batches is None:
             return False
         try:

@@ -53,3 +53,4 @@ RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )
 HEALTH_DATABASE = Gauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL")
+WORKER_REDIS_UP = Gauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis")

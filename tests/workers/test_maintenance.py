@@ -9,12 +9,14 @@ import uuid
 import grpc
 import pytest
 from arq import create_pool
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 
 from mediavault.blobs import single_chunk
 from mediavault.domain import cleanup, ledger
+from mediavault.jobs import TranscodeQueue
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
+from tests.conftest import CORPUS
 from tests.helpers import begin, fake_jpeg, put, settled, upload
 from workers.maintenance import JOBS, run_job
 from workers.settings import shutdown, startup
@@ -217,8 +219,6 @@ async def test_purge_loops_of_two_runners_purge_each_item_once(make_ctx, make_se
 
 
 async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, user_id, pool, worker):
-    from tests.conftest import CORPUS
-
     md = auth(user_id)
     retry = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
     exhausted = await upload(storage, md, fake_jpeg(1234))
@@ -239,6 +239,40 @@ async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, u
     failed = (await media.GetMedia(mpb.GetMediaRequest(media_id=exhausted.media_id), metadata=md)).media
     assert failed.processing_status == mpb.PROCESSING_STATUS_FAILED
     assert failed.processing_error == "processing did not finish"
+
+
+async def test_a_stuck_run_whose_job_id_arq_remembers_runs_again(ctx, storage, media, auth, user_id, pool, worker):
+    md = auth(user_id)
+    done = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    await settled(media, md, done.media_id)
+    # What a database outage at the claim left behind: PENDING, no attempt counted, and the
+    # job that should have run it finished (arq keeps its id for an hour).
+    await pool.execute(
+        "UPDATE media SET processing_status = 'pending', attempts = 0, updated_at = now() - interval '2 hours' "
+        "WHERE media_id = $1::uuid", done.media_id)
+    await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", done.media_id)
+
+    report = await run_job(ctx, "fail_stuck_processing")
+    assert report.errors == 0 and report.details["requeued"] >= 1
+    item = await settled(media, md, done.media_id, timeout=30)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE and len(item.variants) == 3
+    assert await pool.fetchval("SELECT requeues FROM media WHERE media_id = $1", uuid.UUID(done.media_id)) == 1
+
+
+async def test_a_sweep_that_cannot_queue_a_run_does_not_count_it_changed(ctx, storage, media, auth, user_id, pool, worker):
+    md = auth(user_id)
+    done = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    await settled(media, md, done.media_id)
+    await pool.execute(
+        "UPDATE media SET processing_status = 'pending', attempts = 0, updated_at = now() - interval '2 hours' "
+        "WHERE media_id = $1::uuid", done.media_id)
+    unreachable = ArqRedis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    try:
+        report = await run_job({**ctx, "transcodes": TranscodeQueue(unreachable)}, "fail_stuck_processing")
+    finally:
+        await unreachable.aclose()
+    assert report.errors >= 1 and report.changed == 0
+    assert await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) == "pending"
 
 
 async def test_old_telemetry_is_pruned(ctx, pool, user_id):

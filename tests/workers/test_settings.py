@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 
-from arq import Worker, create_pool
+from arq import create_pool
 
 from mediavault.config import JobsConfig
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.helpers import begin, fake_jpeg
 from workers.settings import worker_settings
+from workers.worker import Worker
 
 
 async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, storage, auth, user_id, pool):

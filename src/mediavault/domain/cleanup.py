@@ -134,9 +134,10 @@ WITH stuck AS (
 UPDATE media m SET
     processing_status = CASE WHEN m.attempts >= $3 THEN 'failed' ELSE 'pending' END,
     processing_error = CASE WHEN m.attempts >= $3 THEN 'processing did not finish' ELSE m.processing_error END,
+    requeues = m.requeues + CASE WHEN m.attempts >= $3 THEN 0 ELSE 1 END,
     updated_at = now()
 FROM stuck WHERE m.media_id = stuck.media_id
-RETURNING m.media_id, m.owner_id, m.variants_version, m.attempts, m.processing_status
+RETURNING m.media_id, m.owner_id, m.variants_version, m.attempts, m.requeues, m.processing_status
 """
 
 _PRUNE_EVENTS = """

@@ -1,0 +1,128 @@
+"""Faults made on purpose: a TCP proxy that can refuse connections, a private Redis that can stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to a server; `down()` kills every connection and refuses new ones until `up()`.
+
+    What a client sees of a failover: its connections drop, and for a while nothing answers.
+    The server is reached over TCP, or over a Unix socket (an embedded PostgreSQL).
+    """
+
+    def __init__(self, target_host: str, target_port: int, unix_socket: str | None = None) -> None:
+        self.target = (target_host, target_port)
+        self.unix_socket = unix_socket
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.BaseTransport] = set()
+
+    def url_for(self, url: str) -> str:
+        """url with its host and port replaced by the proxy's (and no Unix socket host)."""
+        parts = urlsplit(url)
+        netloc = parts.netloc.rsplit("@", 1)
+        auth = netloc[0] + "@" if len(netloc) == 2 else ""
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+        return urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{self.port}", query=query))
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.unix_socket is not None:
+            return await asyncio.open_unix_connection(self.unix_socket)
+        return await asyncio.open_connection(*self.target)
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for transport in list(self._transports):
+            transport.abort()
+        self._transports.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await self._connect_upstream()
+        except OSError:
+            writer.transport.abort()
+            return
+        self._transports.update((writer.transport, upstream_writer.transport))
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._transports.discard(writer.transport)
+            writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def proxied(url: str) -> AsyncIterator[TcpProxy]:
+    """A proxy in front of the PostgreSQL server of url."""
+    parts = urlsplit(url)
+    port = parts.port or 5432
+    socket_dir = dict(parse_qsl(parts.query)).get("host") or (None if parts.hostname else "/var/run/postgresql")
+    unix_socket = f"{socket_dir}/.s.PGSQL.{port}" if socket_dir and socket_dir.startswith("/") else None
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", port, unix_socket)
+    await proxy.up()
+    try:
+        yield proxy
+    finally:
+        await proxy.down()
+
+
+class PrivateRedis:
+    """A redis-server of this test alone, on a free port, that can be stopped and started again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.mkdtemp(prefix="mediavault-redis-")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or shutil.which("valkey-server")
+        assert binary, "redis-server is installed on every machine of this project"
+        self._process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self._dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("private redis did not start")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
