@@ -11,12 +11,13 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import begin, fake_jpeg
+from tests.helpers import begin, error_info, fake_jpeg, put
 
 
 async def reflect(channel, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
@@ -52,28 +53,68 @@ async def test_media_service_needs_a_token(channel):
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_settings, auth, user_id):
+async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_settings, auth, user_id, storage):
     async with running(make_settings(shutdown_grace_seconds=10)) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            draining_storage = storage_pb2_grpc.StorageServiceStub(channel)
             md = auth(user_id)
             data = fake_jpeg(200_000)
-            begun = await begin(storage, md, data)
-            call = storage.UploadContent(metadata=md)
+            begun = await begin(draining_storage, md, data)
+            call = draining_storage.UploadContent(metadata=md)
             await call.write(pb.UploadContentRequest(upload_id=begun.upload.upload_id))
             await call.write(pb.UploadContentRequest(chunk=data[:100_000]))
 
             draining = asyncio.create_task(server.shutdown(10))
             await asyncio.sleep(0.2)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+                await draining_storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(refused.value).reason == "SERVER_SHUTTING_DOWN"
+            checked = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING, "health answers through the drain"
+            summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+            assert summary.summary.reserved_bytes == len(data), "another server in the process serves on"
 
             await call.write(pb.UploadContentRequest(chunk=data[100_000:]))
             await call.done_writing()
             response = await call
             assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
             await draining
+
+
+async def test_calls_still_running_when_the_grace_period_ends_are_answered_unavailable(
+    make_settings, auth, user_id, storage, pool
+):
+    md = auth(user_id)
+    data = fake_jpeg(50_000)
+    begun = await begin(storage, md, data)
+    assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
+    async with running(make_settings()) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            # A transaction holding the account keeps the finalize waiting past the grace period.
+            async with pool.acquire() as conn:
+                holding = conn.transaction()
+                await holding.start()
+                await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user_id)
+                try:
+                    finalizing = storage_pb2_grpc.StorageServiceStub(channel).FinalizeUpload(
+                        pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md
+                    )
+                    await asyncio.sleep(0.2)
+                    draining = asyncio.create_task(server.shutdown(0.3))
+                    with pytest.raises(grpc.aio.AioRpcError) as shed:
+                        await finalizing
+                finally:
+                    await holding.rollback()
+            await draining
+    assert shed.value.code() == grpc.StatusCode.UNAVAILABLE, "clients retry UNAVAILABLE, not CANCELLED"
+    assert error_info(shed.value).reason == "SERVER_SHUTTING_DOWN"
+
+    retried = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    assert retried.upload.state == pb.UPLOAD_STATE_FINALIZED
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert (summary.used_bytes, summary.reserved_bytes, summary.media_count) == (len(data), 0, 1)
+    assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
 
 
 async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     upload_batch_spacing_seconds: float = Field(default=0.002, ge=0, le=0.05)
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
+    # After SIGTERM, health answers NOT_SERVING while the server still serves this long, so that
+    # balancers move traffic away before calls are refused; the grace period starts after it.
+    shutdown_prestop_seconds: float = Field(default=0.0, ge=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
     rate_limits: Literal["on", "off"] = "on"

@@ -15,6 +15,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters
     ├── RateLimited           RATE_LIMIT_EXCEEDED     carries the delay and the quota that was hit
     ├── VerificationFailed    OBJECT_MISSING | SIZE_MISMATCH | CHECKSUM_MISMATCH | UNSUPPORTED_MEDIA_TYPE
+    ├── ServerShuttingDown    SERVER_SHUTTING_DOWN    refused or cut short by a draining server; retry
     └── InternalError         INTERNAL_ERROR          anything unexpected; details stay in the logs
 
 ``domain`` raises these; ``rpc.errors`` is the single place that turns them into
@@ -107,6 +108,10 @@ class VerificationFailed(MediavaultError):
             raise ValueError(f"unknown verification reason {reason}")
         super().__init__(message)
         self.reason = reason
+
+
+class ServerShuttingDown(MediavaultError):
+    reason = "SERVER_SHUTTING_DOWN"
 
 
 class InternalError(MediavaultError):

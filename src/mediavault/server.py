@@ -26,6 +26,7 @@ from mediavault.db import create_pool as create_db_pool
 from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.ratelimit import RateLimiter
+from mediavault.rpc.drain import CallGate, current_gate
 from mediavault.rpc.handler import Admission
 from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
@@ -33,6 +34,10 @@ from mediavault.services import build_services
 from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# After the gate's drain only calls it does not see can be left, such as a balancer's health
+# Watch, which never ends by itself: it must not hold the process for the whole grace period.
+_TRANSPORT_GRACE_SECONDS = 0.5
 
 SERVICE_NAMES = (
     storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
@@ -54,6 +59,7 @@ class Server:
         self.blobs: BlobStore | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
+        self.calls = CallGate()
         self.grpc_port = 0
         self.http_port = 0
         self._http_runner: web.AppRunner | None = None
@@ -110,7 +116,11 @@ class Server:
         self.grpc_port = self.grpc_server.add_insecure_port(settings.grpc_addr)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {settings.grpc_addr}")
-        await self.grpc_server.start()
+        gate_token = current_gate.set(self.calls)
+        try:
+            await self.grpc_server.start()
+        finally:
+            current_gate.reset(gate_token)
 
         if http_socket is not None:
             await self._start_http(http_socket, self.blobs)
@@ -139,7 +149,7 @@ class Server:
         await web.SockSite(self._http_runner, sock).start()
 
     async def serve(self) -> None:
-        """Runs until SIGTERM/SIGINT (or shutdown()), then drains."""
+        """Runs until SIGTERM/SIGINT (or shutdown()), then leaves the balancers' rotation and drains."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
@@ -152,17 +162,18 @@ class Server:
         try:
             await self._stopped.wait()
         finally:
-            await self.shutdown(self.settings.shutdown_grace_seconds)
+            await self.shutdown(self.settings.shutdown_grace_seconds, prestop=self.settings.shutdown_prestop_seconds)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
-    async def shutdown(self, grace: float) -> None:
-        """Stops taking calls, lets in-flight ones finish for up to grace seconds, then closes resources.
+    async def shutdown(self, grace: float, prestop: float = 0.0) -> None:
+        """Answers NOT_SERVING at once and serves on for prestop seconds; then refuses new calls
+        (UNAVAILABLE), lets the received ones finish for up to grace seconds, and closes resources.
 
         Safe to call more than once and concurrently: every caller waits for the one drain.
         """
         if self._shutdown is None:
-            self._shutdown = asyncio.ensure_future(self._drain_and_close(grace))
+            self._shutdown = asyncio.ensure_future(self._drain_and_close(grace, prestop))
         await asyncio.shield(self._shutdown)
 
     async def _set_health(self, serving: bool) -> None:
@@ -187,13 +198,17 @@ class Server:
                 await self._set_health(serving)
                 log.warning("database reachable" if serving else "database unreachable: NOT_SERVING")
 
-    async def _drain_and_close(self, grace: float) -> None:
+    async def _drain_and_close(self, grace: float, prestop: float) -> None:
         self._stopped.set()
         for task in self._background:
             task.cancel()
+        # Balancers and Kubernetes move traffic away on NOT_SERVING. Check keeps answering it
+        # through the pre-stop period and the drain, because the gRPC server stops only after.
         await self.health.enter_graceful_shutdown()
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+            await asyncio.sleep(prestop)
+            await self.calls.drain(grace)
+            await self.grpc_server.stop(min(grace, _TRANSPORT_GRACE_SECONDS))
             self.grpc_server = None
         if self._http_runner is not None:
             await self._http_runner.cleanup()

@@ -25,6 +25,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "CHECKSUM_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "UNSUPPORTED_MEDIA_TYPE": grpc.StatusCode.FAILED_PRECONDITION,
     "IDEMPOTENCY_CONFLICT": grpc.StatusCode.ALREADY_EXISTS,
+    "SERVER_SHUTTING_DOWN": grpc.StatusCode.UNAVAILABLE,
     "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -14,8 +15,9 @@ import grpc
 
 from mediavault import logs, metrics
 from mediavault.auth import Authenticator, Principal
-from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, Unauthenticated
+from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, ServerShuttingDown, Unauthenticated
 from mediavault.ratelimit import WRITES, RateLimiter
+from mediavault.rpc.drain import current_gate
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
 log = logging.getLogger("mediavault.rpc")
@@ -97,17 +99,31 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             user_id = None
             limits: tuple[tuple[str, str], ...] = ()
             failure: MediavaultError | None = None
+            gate = current_gate.get()
+            task = asyncio.current_task()
+            admitted = gate.enter(task)
             try:
+                if not admitted:
+                    raise ServerShuttingDown("the server is shutting down; retry the call")
                 principal, limits = await self.admission.admit(rpc_name, metadata, context)
                 context.set_trailing_metadata((("x-request-id", request_id), *limits))
                 user_id = principal.user_id
                 return await method(self, request, context, principal)
             except MediavaultError as exc:
                 failure = exc
+            except asyncio.CancelledError:
+                # Only the client's cancellation ends the call unanswered. The drain's (it sheds
+                # what still runs when the grace period ends), or one aimed at something this call
+                # waited for (a Batcher's batch), leaves the work undone or unconfirmed, and a
+                # retry finishes it: UNAVAILABLE tells the client to retry, CANCELLED would not.
+                if task.cancelling() and not gate.was_shed(task):
+                    raise
+                failure = ServerShuttingDown("the server shut down before the call completed; retry the call")
             except Exception:
                 log.exception("unhandled error", extra={"rpc": rpc_name})
                 failure = InternalError("internal error")
             finally:
+                gate.leave(task)
                 elapsed = time.perf_counter() - started
                 outcome = failure.reason if failure else "OK"
                 latency.observe(elapsed)

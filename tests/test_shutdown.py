@@ -1,0 +1,191 @@
+"""A rolling deploy as Kubernetes runs one: SIGTERM to a real `mediavault serve` under load.
+
+The server is a subprocess on a database of its own, so that the signal, the pre-stop
+period and the drain are the ones operators get, and a second server started on the same
+database afterwards shows what the first one left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from mediavault.db import scratch
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import JWT_SECRET
+from tests.helpers import begin, error_info, fake_jpeg, put
+
+CALLS = 50
+USERS = 5
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture
+async def scratch_database(postgres_admin_url: str) -> AsyncIterator[str]:
+    dsn = await scratch.create_database(postgres_admin_url, "mediavault_shutdown")
+    yield dsn
+    await scratch.drop_database(postgres_admin_url, dsn)
+
+
+@pytest.fixture
+async def environment(scratch_database: str, redis_url: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    queue_name = f"mediavault-test-shutdown:{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
+    env.update(
+        MEDIAVAULT_DATABASE_URL=scratch_database,
+        MEDIAVAULT_REDIS_URL=redis_url,
+        MEDIAVAULT_QUEUE_NAME=queue_name,
+        MEDIAVAULT_HTTP_ADDR="127.0.0.1:0",
+        MEDIAVAULT_BLOB_DIR=str(tmp_path / "blobs"),
+        MEDIAVAULT_JWT_SECRET=JWT_SECRET,
+        MEDIAVAULT_RATE_LIMITS="off",
+        MEDIAVAULT_LOG_LEVEL="WARNING",
+    )
+    yield env
+    # Nobody works this queue: its transcode jobs would otherwise stay in Redis for a day.
+    redis = Redis.from_url(redis_url)
+    try:
+        job_ids = await redis.zrange(queue_name, 0, -1)
+        await redis.delete(queue_name, *(b"arq:job:" + job_id for job_id in job_ids))
+    finally:
+        await redis.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(env: dict[str, str], **settings: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
+    """`mediavault serve` in a subprocess, yielded once its health answers SERVING."""
+    port = free_port()
+    env = {**env, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{port}", **settings}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mediavault.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while await health_status(port) != SERVING:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert asyncio.get_running_loop().time() < deadline, "the server never answered SERVING"
+            await asyncio.sleep(0.1)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stderr.close()
+
+
+async def health_status(port: int) -> int | None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return None
+        return reply.status
+
+
+async def audit_ledger(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "mediavault.cli", "audit-ledger"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("prestop_seconds", [0.0, 1.0], ids=["no-prestop", "prestop"])
+async def test_sigterm_under_load_answers_every_call_ok_or_unavailable_and_the_books_add_up(
+    environment, auth, prestop_seconds
+):
+    users = [f"user-{uuid.uuid4().hex[:12]}" for _ in range(USERS)]
+    pending: list[tuple[str, str, int]] = []  # (user, upload id, size)
+    settings = {"MEDIAVAULT_SHUTDOWN_PRESTOP_SECONDS": str(prestop_seconds), "MEDIAVAULT_SHUTDOWN_GRACE_SECONDS": "10"}
+
+    async with serving(environment, **settings) as (process, port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+
+            async def prepare(index: int) -> tuple[str, str, int]:
+                user = users[index % USERS]
+                data = fake_jpeg(10_000 + index * 101)
+                begun = await begin(storage, auth(user), data, filename=f"photo-{index}.jpg")
+                assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
+                return user, begun.upload.upload_id, len(data)
+
+            pending = list(await asyncio.gather(*(prepare(i) for i in range(CALLS))))
+
+            async def finalize(user: str, upload_id: str) -> grpc.StatusCode:
+                try:
+                    await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=auth(user), timeout=30)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        assert error_info(error).reason == "SERVER_SHUTTING_DOWN"
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            calls = [asyncio.create_task(finalize(user, upload_id)) for user, upload_id, _ in pending]
+            await asyncio.sleep(0.015)
+            process.send_signal(signal.SIGTERM)
+            if prestop_seconds:
+                await asyncio.sleep(prestop_seconds / 5)
+                assert await health_status(port) == NOT_SERVING, "balancers must see the server leave at once"
+                summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(users[0]), timeout=5)
+                assert summary.summary.quota_bytes > 0, "during the pre-stop period calls are still served"
+            codes = await asyncio.gather(*calls)
+
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    outcomes = {code: codes.count(code) for code in set(codes)}
+    assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, outcomes
+    if prestop_seconds:
+        assert outcomes == {grpc.StatusCode.OK: CALLS}, "calls sent before the pre-stop period ends are served"
+
+    audited = await audit_ledger(environment)
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+
+    async with serving(environment) as (process, port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            retried = 0
+            for (user, upload_id, size), code in zip(pending, codes, strict=True):
+                md = auth(user)
+                upload = (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload
+                if code == grpc.StatusCode.OK:
+                    assert upload.state == pb.UPLOAD_STATE_FINALIZED, upload_id
+                else:
+                    assert upload.state in (pb.UPLOAD_STATE_PENDING, pb.UPLOAD_STATE_FINALIZED), upload_id
+                    retried += 1
+                done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+                assert done.upload.state == pb.UPLOAD_STATE_FINALIZED and done.upload.size_bytes == size
+            assert retried == outcomes.get(grpc.StatusCode.UNAVAILABLE, 0)
+            for user in users:
+                summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user))).summary
+                sizes = [size for owner, _, size in pending if owner == user]
+                assert (summary.used_bytes, summary.reserved_bytes, summary.pending_uploads, summary.media_count) == (
+                    sum(sizes), 0, 0, len(sizes)
+                )
+
+    audited = await audit_ledger(environment)
+    assert audited.returncode == 0, audited.stdout + audited.stderr
