@@ -10,7 +10,7 @@ in the database: every upload of one batch got the same created_at (now() of its
 transaction), so calls_per_batch = uploads / distinct created_at.
 
 After each level it checks that every call got a pending upload and that the ledger
-audit passes. Database as bench/_stack.py. Prints exactly one JSON line on stdout.
+audit passes. Database as bench/stack.py. Prints exactly one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BODY_SIZE = 64 * 1024
 SHA256 = "a" * 64
@@ -102,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("concurrency levels and --calls must be >= 1")
 
     import uvloop
-    from _stack import _database, _postgres_admin_url
+    from stack import bench_database, bench_postgres
 
-    with _postgres_admin_url() as admin_url, _database(admin_url) as database_url:
+    with bench_postgres() as admin_url, bench_database(admin_url) as database_url:
         result = uvloop.run(_measure(database_url, levels, args.calls))
     print(json.dumps({"bench": "begin_batches", "calls": args.calls, **result}), flush=True)
     return 0

@@ -34,7 +34,7 @@ every survivor untouched (row and files), one release/free ledger row per item, 
 error, and mediavault.domain.ledger.audit(pool) == []. The floor copy is audited too and
 its account figures must equal the trials'.
 
-Database and Redis as bench/_stack.py: MEDIAVAULT_BENCH_DATABASE_URL (else
+Database and Redis as bench/stack.py: MEDIAVAULT_BENCH_DATABASE_URL (else
 MEDIAVAULT_TEST_DATABASE_URL) as admin URL, else an embedded pgserver; MEDIAVAULT_BENCH_REDIS_URL
 (else MEDIAVAULT_TEST_REDIS_URL), else an embedded Valkey. Prints exactly one JSON line on
 stdout, progress on stderr; exits 1 if verification failed or a job counted errors.
@@ -61,9 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack import bench_database, bench_postgres, bench_redis
 
-from _stack import _database, _postgres_admin_url, _redis_url, _with_database  # noqa: E402
+from mediavault.devservers import with_database
 
 SPEC_RESERVATIONS = 200_000
 SPEC_MEDIA = 100_000
@@ -295,7 +295,7 @@ async def copy_of(admin_url: str, template: str, label: str):
     finally:
         await admin.close()
     try:
-        yield _with_database(admin_url, name)
+        yield with_database(admin_url, name)
     finally:
         admin = await asyncpg.connect(admin_url)
         try:
@@ -769,9 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     with contextlib.ExitStack() as stack:
         work_dir = stack.enter_context(_work_dir())
-        admin_url = stack.enter_context(_postgres_admin_url())
-        seed_url = stack.enter_context(_database(admin_url))
-        redis_url = stack.enter_context(_redis_url())
+        admin_url = stack.enter_context(bench_postgres())
+        seed_url = stack.enter_context(bench_database(admin_url))
+        redis_url = stack.enter_context(bench_redis())
         result = asyncio.run(measure(args, admin_url, seed_url, redis_url, work_dir))
     print(json.dumps(result, allow_nan=False), flush=True)
     return 0 if result["verified"] and not result["job_errors"] else 1

@@ -25,15 +25,12 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+from stack import bench_stack
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _stack import bench_stack  # noqa: E402
-
-from mediavault.auth import Authenticator  # noqa: E402
-from mediavault.imaging import Transcoder  # noqa: E402
-from mediavault.media.v1 import media_pb2, media_pb2_grpc  # noqa: E402
-from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc  # noqa: E402
+from mediavault.auth import Authenticator
+from mediavault.imaging import Transcoder
+from mediavault.media.v1 import media_pb2, media_pb2_grpc
+from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "images" / "camera" / "jolla.jpg"
 POLL_SECONDS = 0.005

@@ -1,6 +1,6 @@
 """What the rate limiter costs per call: GetStorageSummary with limits off and on, same run.
 
-Two stacks side by side (bench/_stack.py): one with MEDIAVAULT_RATE_LIMITS=off, one with the
+Two stacks side by side (bench/stack.py): one with MEDIAVAULT_RATE_LIMITS=off, one with the
 limiter on and limits raised so that nothing is refused (the burst buckets and the Redis
 GCRA script still run for every call). Phases alternate between the stacks in slices so
 machine noise hits both alike. Prints one JSON line: p50/p99 ms of sequential calls from one
@@ -17,17 +17,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import asyncpg
 import grpc
+from stack import bench_stack
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _stack import bench_stack  # noqa: E402
-
-from mediavault.auth import Authenticator  # noqa: E402
-from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc  # noqa: E402
+from mediavault.auth import Authenticator
+from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 
 GOAL_P50_OVERHEAD_MS = 0.3
 

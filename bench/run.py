@@ -1,9 +1,9 @@
 """Runs every benchmark in bench/ and prints their JSON lines: what `make bench` calls.
 
-Every bench/*.py except run.py and private modules (leading underscore) is run as its own
-subprocess, in name order, with --target/--jwt-secret passed on when given here (without
-them each benchmark starts a stack of its own). Only the benchmarks' JSON lines go to
-stdout; their progress and errors go to stderr. Exits 1 if any benchmark fails (non-zero
+Every bench/*.py except run.py and the harness stack.py is run as its own subprocess, in
+name order, with --target/--jwt-secret passed on when given here (without them each
+benchmark starts a stack of its own). Only the benchmarks' JSON lines go to stdout; their
+progress and errors go to stderr. Exits 1 if any benchmark fails (non-zero
 exit, or no valid JSON line on stdout), after running all of them.
 """
 
@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+NOT_BENCHMARKS = {Path(__file__).name, "stack.py"}
 
 
 def benchmarks() -> list[Path]:
-    return sorted(p for p in BENCH_DIR.glob("*.py") if not p.name.startswith("_") and p.name != Path(__file__).name)
+    return sorted(p for p in BENCH_DIR.glob("*.py") if p.name not in NOT_BENCHMARKS)
 
 
 def main(argv: list[str] | None = None) -> int:

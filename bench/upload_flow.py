@@ -13,7 +13,7 @@ Only requests that complete inside the measured window (after the warmup) count 
 rps and the percentiles; every failed request of the phase, warmup included, is counted
 in errors, and the script exits 1 if there was any. Prints exactly one JSON line on stdout.
 
-Without --target it starts its own stack (bench/_stack.py); with --target HOST:PORT it
+Without --target it starts its own stack (bench/stack.py); with --target HOST:PORT it
 needs the server's JWT secret (--jwt-secret or MEDIAVAULT_JWT_SECRET).
 """
 
@@ -31,9 +31,6 @@ import sys
 import time
 from array import array
 from collections import Counter
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHASES = ("health_check", "begin_upload", "upload_flow")
 BODY_SIZE = 64 * 1024
@@ -318,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target:
         result = measure(args.target, args.jwt_secret, args)
     else:
-        from _stack import bench_stack
+        from stack import bench_stack
 
         server_env = {"MEDIAVAULT_RATE_LIMITS": args.rate_limits}
         if args.batch_spacing_ms is not None:

