@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from mediavault.domain import accounts
 from mediavault.ratelimit import RateLimiter
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -215,6 +216,17 @@ async def test_redis_down_fails_open_for_reads_and_closed_for_uploads(make_setti
     finally:
         if redis.is_running():
             redis.stop()
+
+
+async def test_without_redis_a_refusal_is_answered_and_not_counted_towards_a_freeze(pool, user_id):
+    await accounts.ensure(pool, user_id, 0)
+    limiter = RateLimiter(None, pool, redis_down_policy="closed", auto_freeze_refusals=1)
+    async with limit(pool, SUMMARY, per_hour=1000, burst=50):
+        await limiter.reload()
+        decision = await limiter.check(SUMMARY, user_id, "user")
+    assert decision is not None
+    assert (decision.allowed, decision.layer) == (False, "redis_down_fail_closed")
+    assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
 
 
 async def test_frozen_account_cannot_write_but_can_read(limited, pool, auth, user_id, storage):
