@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 from pathlib import Path
+from typing import Any
 
 from mediavault import embedded
 from mediavault.auth import Authenticator
@@ -39,7 +40,7 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
 
     data_dir = Path(data_dir).resolve()
     env = Settings()
-    overrides: dict[str, object] = {"jwt_secret": jwt_secret(env, data_dir)}
+    overrides: dict[str, Any] = {"jwt_secret": jwt_secret(env, data_dir)}
     with contextlib.ExitStack() as cleanup:
         if not env.database_url:
             overrides["database_url"] = cleanup.enter_context(embedded.postgres(data_dir / "pg"))

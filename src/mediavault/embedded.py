@@ -15,14 +15,13 @@ def postgres(data_dir: Path | None = None) -> Iterator[str]:
     """Yields the DSN of a running server; its data stays in data_dir, or goes with a temp dir."""
     import pgserver
 
-    scratch = data_dir is None
-    path = Path(tempfile.mkdtemp(prefix="mediavault-pg-")) if scratch else data_dir
+    path = Path(tempfile.mkdtemp(prefix="mediavault-pg-")) if data_dir is None else data_dir
     server = pgserver.get_server(path, cleanup_mode="stop")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
-        if scratch:
+        if data_dir is None:
             shutil.rmtree(path, ignore_errors=True)
 
 

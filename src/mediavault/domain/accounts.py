@@ -90,6 +90,8 @@ async def summary(pool: asyncpg.Pool, user_id: str, free_quota_bytes: int) -> St
     if row is None:
         await ensure(pool, user_id, free_quota_bytes)
         row = await pool.fetchrow(_SUMMARY, user_id)
+    if row is None:
+        raise NotFound("account not found")
     return StorageSummary(**row)
 
 
@@ -99,7 +101,10 @@ async def freeze(pool: asyncpg.Pool, user_id: str, reason: str, free_quota_bytes
     if not reason or len(reason) > MAX_FREEZE_REASON:
         raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
     await ensure(pool, user_id, free_quota_bytes)
-    return Account(**await pool.fetchrow(_FREEZE, user_id, reason))
+    row = await pool.fetchrow(_FREEZE, user_id, reason)
+    if row is None:
+        raise NotFound("account not found")
+    return Account(**row)
 
 
 async def unfreeze(pool: asyncpg.Pool, user_id: str) -> Account:

@@ -211,7 +211,7 @@ async def save(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID) ->
 async def request_reprocess(pool: asyncpg.Pool, principal: Principal, media_id: uuid.UUID) -> int:
     """Starts a new processing run and returns its version; refused while a run is in progress."""
     await _visible(pool, principal, media_id, read_roles=("admin",))
-    version = await pool.fetchval(_REPROCESS, media_id)
+    version: int | None = await pool.fetchval(_REPROCESS, media_id)
     if version is None:
         raise UploadNotPending("media is being processed; reprocess it when that finishes")
     return version
@@ -228,7 +228,7 @@ async def complete(
 ) -> str | None:
     """Records the run's variants and marks it complete; returns the owner, or None if the run was superseded."""
     async with pool.acquire() as conn, conn.transaction():
-        owner = await conn.fetchval(_COMPLETE, media_id, version, width, height)
+        owner: str | None = await conn.fetchval(_COMPLETE, media_id, version, width, height)
         if owner is None:
             return None
         await conn.executemany(
@@ -241,11 +241,13 @@ async def complete(
 
 
 async def fail(pool: asyncpg.Pool, media_id: uuid.UUID, version: int, error: str) -> str | None:
-    return await pool.fetchval(_FAIL, media_id, version, error)
+    owner: str | None = await pool.fetchval(_FAIL, media_id, version, error)
+    return owner
 
 
 async def retry_later(pool: asyncpg.Pool, media_id: uuid.UUID, version: int, error: str, delay_seconds: float) -> str | None:
-    return await pool.fetchval(_RETRY_LATER, media_id, version, error, delay_seconds)
+    owner: str | None = await pool.fetchval(_RETRY_LATER, media_id, version, error, delay_seconds)
+    return owner
 
 
 def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:

@@ -12,7 +12,7 @@ from datetime import datetime
 import asyncpg
 
 from mediavault.domain import accounts
-from mediavault.errors import FieldViolation, IdempotencyConflict, InvalidArgument
+from mediavault.errors import FieldViolation, IdempotencyConflict, InternalError, InvalidArgument
 
 PROVIDERS = ("stripe", "solana", "manual")
 MAX_PAGE_SIZE = 100
@@ -119,7 +119,11 @@ async def add_credits(pool: asyncpg.Pool, request: CreditRequest, free_quota_byt
     )
     if row is not None:
         return CreditResult(Purchase(**row), already_processed=False)
-    existing = Purchase(**await pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference))
+    # Purchases are never deleted, so the row that conflicted is there.
+    conflicting = await pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference)
+    if conflicting is None:
+        raise InternalError("the conflicting purchase is gone")
+    existing = Purchase(**conflicting)
     if not _matches(existing, request):
         raise IdempotencyConflict("payment_reference was already credited with different details")
     return CreditResult(existing, already_processed=True)
