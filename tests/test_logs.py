@@ -19,7 +19,9 @@ def test_json_line_carries_request_id_and_extras():
     finally:
         logs.request_id.reset(token)
     entry = json.loads(line)
-    assert entry["request_id"] == "req-42" and entry["outcome"] == "OK" and entry["msg"] == "rpc"
+    assert entry["request_id"] == "req-42"
+    assert entry["outcome"] == "OK"
+    assert entry["msg"] == "rpc"
 
 
 async def test_request_id_is_echoed_in_trailers(storage, auth, user_id):
@@ -37,7 +39,8 @@ async def test_a_call_without_request_id_gets_a_new_one(storage, auth, user_id):
         call = storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
         await call
         ids = [value for key, value in await call.trailing_metadata() if key == "x-request-id"]
-        assert len(ids) == 1 and len(ids[0]) == 32
+        assert len(ids) == 1
+        assert len(ids[0]) == 32
         seen.add(ids[0])
     assert len(seen) == 3
 

@@ -53,27 +53,29 @@ async def test_media_service_needs_a_token(channel):
 
 
 async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_settings, auth, user_id):
-    async with running(make_settings(shutdown_grace_seconds=10)) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
-            md = auth(user_id)
-            data = fake_jpeg(200_000)
-            begun = await begin(storage, md, data)
-            call = storage.UploadContent(metadata=md)
-            await call.write(pb.UploadContentRequest(upload_id=begun.upload.upload_id))
-            await call.write(pb.UploadContentRequest(chunk=data[:100_000]))
+    async with (
+        running(make_settings(shutdown_grace_seconds=10)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(200_000)
+        begun = await begin(storage, md, data)
+        call = storage.UploadContent(metadata=md)
+        await call.write(pb.UploadContentRequest(upload_id=begun.upload.upload_id))
+        await call.write(pb.UploadContentRequest(chunk=data[:100_000]))
 
-            draining = asyncio.create_task(server.shutdown(10))
-            await asyncio.sleep(0.2)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        draining = asyncio.create_task(server.shutdown(10))
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
-            await call.write(pb.UploadContentRequest(chunk=data[100_000:]))
-            await call.done_writing()
-            response = await call
-            assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
-            await draining
+        await call.write(pb.UploadContentRequest(chunk=data[100_000:]))
+        await call.done_writing()
+        response = await call
+        assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
+        await draining
 
 
 async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
@@ -85,9 +87,8 @@ async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
             await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
             with pytest.raises(grpc.aio.AioRpcError):
                 await storage.GetStorageSummary(pb.GetStorageSummaryRequest())
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
-                text = await response.text()
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
+            text = await response.text()
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="OK",service="StorageService"}' in text
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="UNAUTHORIZED",service="StorageService"}' in text
     assert "mediavault_rpc_duration_seconds_bucket" in text
@@ -103,22 +104,21 @@ async def test_health_follows_postgres(make_settings, tmp_path):
     try:
         await migrate(postgres.get_uri())
         settings = make_settings(database_url=postgres.get_uri(), health_probe_seconds=0.2, db_pool_min_size=1)
-        async with running(settings) as server:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
 
-                async def becomes(expected: int) -> None:
-                    for _ in range(100):
-                        if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
-                            return
-                        await asyncio.sleep(0.1)
-                    raise AssertionError(f"health never became {expected}")
+            async def becomes(expected: int) -> None:
+                for _ in range(100):
+                    if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"health never became {expected}")
 
-                await becomes(health_pb2.HealthCheckResponse.SERVING)
-                await asyncio.to_thread(postgres.cleanup)
-                await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
-                postgres = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
-                await becomes(health_pb2.HealthCheckResponse.SERVING)
+            await becomes(health_pb2.HealthCheckResponse.SERVING)
+            await asyncio.to_thread(postgres.cleanup)
+            await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+            postgres = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
+            await becomes(health_pb2.HealthCheckResponse.SERVING)
     finally:
         postgres.cleanup()
 
