@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PROTO_FILES := protos/mediavault/storage/v1/storage.proto protos/mediavault/media/v1/media.proto
 GENERATED := src/mediavault/storage/v1 src/mediavault/media/v1
 
-.PHONY: venv run test proto proto-check gateway gateway-gen gateway-check lint bench clean
+.PHONY: venv run test proto proto-check gateway gateway-gen gateway-check check bench clean
 
 $(INSTALLED): pyproject.toml setup.py src/mediavault/imaging/_pixels.c requirements.lock scripts/install-system-deps.sh scripts/install-imaging.sh
 	scripts/install-system-deps.sh
@@ -53,14 +53,20 @@ gateway-check: gateway-gen
 	@test -z "$$(git status --porcelain --untracked-files=all -- gateway/gen docs/openapi)" || \
 		(echo "generated files not committed: run make gateway-gen and commit" >&2; git status --short -- gateway/gen docs/openapi; exit 1)
 
-## buf lint (STANDARD rules) on the protos, ruff on the Python.
-lint: $(INSTALLED)
+## The static gates: buf lint (STANDARD rules) on the protos; ruff and mypy (configured in
+## pyproject.toml) on the Python; promtool on the Prometheus rules and configuration (the rules'
+## unit tests run in tests/test_deploy.py). The configuration's rule_files path exists only in
+## the container, so that check is of its syntax.
+check: $(INSTALLED)
 	npx --yes @bufbuild/buf lint
 	$(VENV)/bin/ruff check src workers tests bench
+	$(VENV)/bin/mypy
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool check config --syntax-only deploy/prometheus/prometheus.yml
 
 ## Every benchmark in bench/, against a stack it starts itself, or TARGET=host:port.
 bench: $(INSTALLED)
 	$(PY) bench/run.py $(if $(TARGET),--target $(TARGET))
 
 clean:
-	rm -rf $(VENV) .mediavault .pytest_cache .bench gateway/bin
+	rm -rf $(VENV) .mediavault .pytest_cache .mypy_cache .bench gateway/bin

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,12 +572,150 @@ async def measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis
         await forget_feed_keys(redis_url, prefix)
 
 
-async def _measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis_url: str, work_dir: Path, prefix: str) -> dict:
+@dataclass
+class Floor:
+    """The bare statements and unlinks on a copy of the same rows and blob files: what the jobs are compared to."""
+
+    reclaim_s: float
+    expire_s: float
+    unlink_s: float
+    unlink_threads_s: float | None
+    accounts_digest: str
+    blob_write_s: float
+    failed: list[str]
+
+
+def _blob_set(work_dir: Path, label: str, media: dict[str, list[tuple[str, str]]]) -> tuple[Path, list[str], list[str], _Thread]:
+    root = work_dir / label
+    thread = _Thread(write_blobs, root, media["doomed"] + media["survivors"])
+    thread.start()
+    return root, _paths(root, media["doomed"]), _paths(root, media["survivors"]), thread
+
+
+async def _ready(url: str, writer: _Thread) -> None:
+    await prewarm(url)
+    await asyncio.to_thread(writer.join)
+    await asyncio.to_thread(os.sync)
+    await checkpoint(url)
+
+
+async def _unlink_seconds(target: Callable[..., None], *target_args: object) -> float:
+    unlinker = _Thread(target, *target_args)
+    unlinker.start()
+    await asyncio.to_thread(unlinker.join)
+    return unlinker.seconds
+
+
+async def _measure_floor(
+    args: argparse.Namespace, admin_url: str, template: str, media: dict[str, list[tuple[str, str]]], work_dir: Path
+) -> Floor:
+    # Its own copy of the rows and its own blob files (a second set for the unlink floor with threads).
+    survivors = len(media["survivors"])
+    root, doomed_paths, survivor_paths, writer = _blob_set(work_dir, "floor", media)
+    par_root = work_dir / "floor-threads"
+    par_writer = _Thread(write_blobs, par_root, media["doomed"] if args.unlink_threads else [])
+    par_writer.start()
+    par_paths = _paths(par_root, media["doomed"])
+    async with copy_of(admin_url, template, "floor") as url:
+        await asyncio.to_thread(par_writer.join)
+        await _ready(url, writer)
+        reclaim_s, n_reclaim = await _timed_statement(url, _FLOOR_RECLAIM)
+        _log(f"[floor] reclaim statement: {reclaim_s:.2f}s for {n_reclaim} rows")
+        await checkpoint(url)
+        expire_s, n_expire = await _timed_statement(url, _FLOOR_EXPIRE)
+        _log(f"[floor] expire statement: {expire_s:.2f}s for {n_expire} rows")
+        unlink_s = await _unlink_seconds(_unlink_all, doomed_paths)
+        _log(f"[floor] os.unlink of {len(doomed_paths)} files: {unlink_s:.2f}s")
+        unlink_threads_s = None
+        if args.unlink_threads:
+            unlink_threads_s = await _unlink_seconds(_unlink_parallel, par_paths, args.unlink_threads)
+            _log(f"[floor] os.unlink of {len(par_paths)} files in {args.unlink_threads} threads: {unlink_threads_s:.2f}s")
+        figures, failed = await verify_rows(url, args, survivors)
+        failed += verify_files(doomed_paths, survivor_paths)
+        if args.unlink_threads:
+            failed += verify_files(par_paths, [])
+    await asyncio.to_thread(shutil.rmtree, root, True)
+    await asyncio.to_thread(shutil.rmtree, par_root, True)
+    if n_reclaim != args.reservations or n_expire != args.media:
+        failed.append(f"floor changed {n_reclaim} reservations, {n_expire} media")
+    return Floor(reclaim_s, expire_s, unlink_s, unlink_threads_s, figures["accounts_digest"], writer.seconds, failed)
+
+
+async def _run_trials(
+    args: argparse.Namespace, admin_url: str, template: str, media: dict[str, list[tuple[str, str]]], work_dir: Path,
+    redis_url: str, floor: Floor,
+) -> list[Trial]:
+    """The jobs: the configured defaults first, then each batch size asked for."""
     from mediavault.config import JobsConfig
+
+    queue = f"mediavault-bench:{secrets.token_hex(6)}"
+    survivors = len(media["survivors"])
+    defaults = {name: getattr(JobsConfig(), name).batch_size for name in JOB_NAMES}
+    trials = [Trial("default", dict(defaults))]
+    trials += [
+        Trial(f"b{size}", {name: size for name in JOB_NAMES})
+        for size in args.batch_sizes
+        if any(defaults[name] != size for name in JOB_NAMES)
+    ]
+    for trial in trials:
+        root, doomed_paths, survivor_paths, writer = _blob_set(work_dir, trial.label, media)
+        async with copy_of(admin_url, template, trial.label) as url:
+            await _ready(url, writer)
+            trial.blob_write_s = writer.seconds
+            await run_trial(trial, url, redis_url, root, doomed_paths, survivor_paths, args, survivors, queue)
+        await asyncio.to_thread(shutil.rmtree, root, True)
+        if trial.digest != floor.accounts_digest:
+            trial.failed.append("account figures differ from the floor's")
+        for problem in trial.failed:
+            _log(f"[{trial.label}] FAILED: {problem}")
+    return trials
+
+
+def _job_figures(name: str, trial: Trial, args: argparse.Namespace, floor: Floor) -> dict:
+    from mediavault.config import JobsConfig
+
+    floors = {"reclaim_stale_uploads": floor.reclaim_s, "expire_ephemeral_media": floor.expire_s + floor.unlink_s}
+    rows = {"reclaim_stale_uploads": args.reservations, "expire_ephemeral_media": args.media}
+    r = trial.results[name]
+    out = {
+        "seconds": round(r["seconds"], 3),
+        "rows_per_s": _rate(rows[name], r["seconds"]),
+        "batch_size": trial.batch_sizes[name],
+        "concurrency": getattr(JobsConfig(), name).concurrency,
+        "calls": r["calls"],
+        "ratio_to_floor": _ratio(r["seconds"], floors[name]),
+    }
+    if name == "expire_ephemeral_media":
+        out["ratio_to_sql_floor"] = _ratio(r["seconds"], floor.expire_s)
+    return out
+
+
+def _job_entry(name: str, trials: list[Trial], args: argparse.Namespace, floor: Floor) -> dict:
+    entry = _job_figures(name, trials[0], args, floor)
+    entry["floor_seconds"] = round(floor.reclaim_s if name == "reclaim_stale_uploads" else floor.expire_s, 3)
+    if name == "expire_ephemeral_media":
+        entry["blob_unlink_floor_seconds"] = round(floor.unlink_s, 3)
+        if floor.unlink_threads_s is not None:
+            entry["blob_unlink_threads_floor"] = {"threads": args.unlink_threads, "seconds": round(floor.unlink_threads_s, 3)}
+    entry["by_batch_size"] = {str(t.batch_sizes[name]): _job_figures(name, t, args, floor) for t in trials}
+    best = min(trials, key=lambda t: t.results[name]["seconds"])
+    entry["best"] = _job_figures(name, best, args, floor)
+    return entry
+
+
+def _goals(reclaim: dict, expire: dict) -> dict:
+    return {
+        "reclaim_ratio_le_3": bool(reclaim["ratio_to_floor"] is not None and reclaim["ratio_to_floor"] <= GOALS["ratio_to_floor"]),
+        "reclaim_lt_10s": reclaim["seconds"] < GOALS["reclaim_seconds"],
+        "expire_ratio_le_3": bool(expire["ratio_to_floor"] is not None and expire["ratio_to_floor"] <= GOALS["ratio_to_floor"]),
+        "expire_lt_30s": expire["seconds"] < GOALS["expire_seconds"],
+    }
+
+
+async def _measure(args: argparse.Namespace, admin_url: str, seed_url: str, redis_url: str, work_dir: Path, prefix: str) -> dict:
     from mediavault.db import migrate
 
     template = urlsplit(seed_url).path.lstrip("/")
-    queue = f"mediavault-bench:{secrets.token_hex(6)}"
 
     started = time.perf_counter()
     await migrate(seed_url)
@@ -587,94 +725,10 @@ async def _measure(args: argparse.Namespace, admin_url: str, seed_url: str, redi
     survivors = len(media["survivors"])
     _log(f"seeded in {seed_s:.1f}s ({survivors} surviving media, {args.reservations // 100} fresh reservations)")
 
-    def blob_set(label: str) -> tuple[Path, list[str], list[str], _Thread]:
-        root = work_dir / label
-        thread = _Thread(write_blobs, root, media["doomed"] + media["survivors"])
-        thread.start()
-        return root, _paths(root, media["doomed"]), _paths(root, media["survivors"]), thread
-
-    async def ready(url: str, writer: _Thread) -> None:
-        await prewarm(url)
-        await asyncio.to_thread(writer.join)
-        await asyncio.to_thread(os.sync)
-        await checkpoint(url)
-
-    # The floor, on its own copy of the same rows and its own blob files (a second set
-    # for the unlink floor with threads).
-    root, doomed_paths, survivor_paths, writer = blob_set("floor")
-    par_root = work_dir / "floor-threads"
-    par_writer = _Thread(write_blobs, par_root, media["doomed"] if args.unlink_threads else [])
-    par_writer.start()
-    par_paths = _paths(par_root, media["doomed"])
-    async with copy_of(admin_url, template, "floor") as url:
-        await asyncio.to_thread(par_writer.join)
-        await ready(url, writer)
-        floor_reclaim, n_reclaim = await _timed_statement(url, _FLOOR_RECLAIM)
-        _log(f"[floor] reclaim statement: {floor_reclaim:.2f}s for {n_reclaim} rows")
-        await checkpoint(url)
-        floor_expire, n_expire = await _timed_statement(url, _FLOOR_EXPIRE)
-        _log(f"[floor] expire statement: {floor_expire:.2f}s for {n_expire} rows")
-        unlinker = _Thread(_unlink_all, doomed_paths)
-        unlinker.start()
-        await asyncio.to_thread(unlinker.join)
-        floor_unlink = unlinker.seconds
-        _log(f"[floor] os.unlink of {len(doomed_paths)} files: {floor_unlink:.2f}s")
-        floor_unlink_threads = None
-        if args.unlink_threads:
-            unlinker = _Thread(_unlink_parallel, par_paths, args.unlink_threads)
-            unlinker.start()
-            await asyncio.to_thread(unlinker.join)
-            floor_unlink_threads = unlinker.seconds
-            _log(f"[floor] os.unlink of {len(par_paths)} files in {args.unlink_threads} threads: {floor_unlink_threads:.2f}s")
-        floor_figures, floor_failed = await verify_rows(url, args, survivors)
-        floor_failed += verify_files(doomed_paths, survivor_paths)
-        if args.unlink_threads:
-            floor_failed += verify_files(par_paths, [])
-    await asyncio.to_thread(shutil.rmtree, root, True)
-    await asyncio.to_thread(shutil.rmtree, par_root, True)
-    blob_write_s = writer.seconds
-    if n_reclaim != args.reservations or n_expire != args.media:
-        floor_failed.append(f"floor changed {n_reclaim} reservations, {n_expire} media")
-
-    # The jobs: the configured defaults first, then each batch size asked for.
-    defaults = {name: getattr(JobsConfig(), name).batch_size for name in JOB_NAMES}
-    trials = [Trial("default", dict(defaults))]
-    for size in args.batch_sizes:
-        if any(defaults[name] != size for name in JOB_NAMES):
-            trials.append(Trial(f"b{size}", {name: size for name in JOB_NAMES}))
-    for trial in trials:
-        root, doomed_paths, survivor_paths, writer = blob_set(trial.label)
-        async with copy_of(admin_url, template, trial.label) as url:
-            await ready(url, writer)
-            trial.blob_write_s = writer.seconds
-            await run_trial(trial, url, redis_url, root, doomed_paths, survivor_paths, args, survivors, queue)
-        await asyncio.to_thread(shutil.rmtree, root, True)
-        if trial.digest != floor_figures["accounts_digest"]:
-            trial.failed.append("account figures differ from the floor's")
-        for problem in trial.failed:
-            _log(f"[{trial.label}] FAILED: {problem}")
-    for problem in floor_failed:
+    floor = await _measure_floor(args, admin_url, template, media, work_dir)
+    trials = await _run_trials(args, admin_url, template, media, work_dir, redis_url, floor)
+    for problem in floor.failed:
         _log(f"[floor] FAILED: {problem}")
-
-    floors = {
-        "reclaim_stale_uploads": floor_reclaim,
-        "expire_ephemeral_media": floor_expire + floor_unlink,
-    }
-    rows = {"reclaim_stale_uploads": args.reservations, "expire_ephemeral_media": args.media}
-
-    def figures(name: str, trial: Trial) -> dict:
-        r = trial.results[name]
-        out = {
-            "seconds": round(r["seconds"], 3),
-            "rows_per_s": _rate(rows[name], r["seconds"]),
-            "batch_size": trial.batch_sizes[name],
-            "concurrency": getattr(JobsConfig(), name).concurrency,
-            "calls": r["calls"],
-            "ratio_to_floor": _ratio(r["seconds"], floors[name]),
-        }
-        if name == "expire_ephemeral_media":
-            out["ratio_to_sql_floor"] = _ratio(r["seconds"], floor_expire)
-        return out
 
     result: dict = {
         "bench": "cleanup",
@@ -683,41 +737,22 @@ async def _measure(args: argparse.Namespace, admin_url: str, seed_url: str, redi
         "accounts": args.accounts,
         "survivors": {"fresh_reservations": args.reservations // 100, "media": survivors},
         "seed_s": round(seed_s, 2),
-        "blob_write_s": round(blob_write_s, 2),
+        "blob_write_s": round(floor.blob_write_s, 2),
     }
-    default = trials[0]
     for name in JOB_NAMES:
-        entry = figures(name, default)
-        entry["floor_seconds"] = round(floor_reclaim if name == "reclaim_stale_uploads" else floor_expire, 3)
-        if name == "expire_ephemeral_media":
-            entry["blob_unlink_floor_seconds"] = round(floor_unlink, 3)
-            if floor_unlink_threads is not None:
-                entry["blob_unlink_threads_floor"] = {"threads": args.unlink_threads, "seconds": round(floor_unlink_threads, 3)}
-        entry["by_batch_size"] = {str(t.batch_sizes[name]): figures(name, t) for t in trials}
-        best = min(trials, key=lambda t: t.results[name]["seconds"])
-        entry["best"] = figures(name, best)
-        result[name] = entry
-
-    def goals(reclaim: dict, expire: dict) -> dict:
-        return {
-            "reclaim_ratio_le_3": bool(reclaim["ratio_to_floor"] is not None and reclaim["ratio_to_floor"] <= GOALS["ratio_to_floor"]),
-            "reclaim_lt_10s": reclaim["seconds"] < GOALS["reclaim_seconds"],
-            "expire_ratio_le_3": bool(expire["ratio_to_floor"] is not None and expire["ratio_to_floor"] <= GOALS["ratio_to_floor"]),
-            "expire_lt_30s": expire["seconds"] < GOALS["expire_seconds"],
-        }
-
+        result[name] = _job_entry(name, trials, args, floor)
     reclaim, expire = result["reclaim_stale_uploads"], result["expire_ephemeral_media"]
     result["goals"] = {
-        **goals(reclaim, expire),
+        **_goals(reclaim, expire),
         "batch_size": {"reclaim_stale_uploads": reclaim["batch_size"], "expire_ephemeral_media": expire["batch_size"]},
         "spec_size": args.reservations == SPEC_RESERVATIONS and args.media == SPEC_MEDIA,
     }
     result["goals_at_best_batch_size"] = {
-        **goals(reclaim["best"], expire["best"]),
+        **_goals(reclaim["best"], expire["best"]),
         "batch_size": {"reclaim_stale_uploads": reclaim["best"]["batch_size"],
                        "expire_ephemeral_media": expire["best"]["batch_size"]},
     }
-    problems = floor_failed + [f"{t.label}: {p}" for t in trials for p in t.failed]
+    problems = floor.failed + [f"{t.label}: {p}" for t in trials for p in t.failed]
     result["verified"] = not problems
     if problems:
         result["problems"] = problems[:10]

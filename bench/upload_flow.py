@@ -139,25 +139,8 @@ async def _run_phase(phase: str, spec: dict) -> dict:
     latencies = array("d")
     errors: Counter[str] = Counter()
 
-    async def loop(worker: _Worker) -> None:
-        op = getattr(worker, phase)
-        if (wait := start - time.perf_counter()) > 0:
-            await asyncio.sleep(wait)
-        while (t0 := time.perf_counter()) < window_end:
-            try:
-                await op()
-            except Exception as exc:  # noqa: BLE001 - every failure is counted
-                kind = _error_kind(exc)
-                errors[kind] += 1
-                if kind.startswith("grpc RESOURCE_EXHAUSTED"):  # a smaller quota than the free tier assumed
-                    worker._rotate()
-                continue
-            t1 = time.perf_counter()
-            if window_start <= t1 < window_end:
-                latencies.append(t1 - t0)
-
     try:
-        await asyncio.gather(*(loop(w) for w in workers))
+        await asyncio.gather(*(_drive(w, phase, start, (window_start, window_end), latencies, errors) for w in workers))
     finally:
         for worker in workers:
             if worker.session is not None:
@@ -165,6 +148,28 @@ async def _run_phase(phase: str, spec: dict) -> dict:
         for channel in channels:
             await channel.close()
     return {"latencies": latencies, "errors": dict(errors), "late_s": late_s}
+
+
+async def _drive(
+    worker: _Worker, phase: str, start: float, window: tuple[float, float], latencies: array, errors: Counter[str]
+) -> None:
+    """One worker's calls of the phase from `start` until the window ends; the latency of each call that ends inside it."""
+    window_start, window_end = window
+    op = getattr(worker, phase)
+    if (wait := start - time.perf_counter()) > 0:
+        await asyncio.sleep(wait)
+    while (t0 := time.perf_counter()) < window_end:
+        try:
+            await op()
+        except Exception as exc:  # noqa: BLE001 - every failure is counted
+            kind = _error_kind(exc)
+            errors[kind] += 1
+            if kind.startswith("grpc RESOURCE_EXHAUSTED"):  # a smaller quota than the free tier assumed
+                worker._rotate()
+            continue
+        t1 = time.perf_counter()
+        if window_start <= t1 < window_end:
+            latencies.append(t1 - t0)
 
 
 def _phase_in_process(phase: str, spec: dict) -> dict:

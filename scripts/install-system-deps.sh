@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the imaging stack needs, installed as root; idempotent.
+# Debian packages the imaging stack and `make check` need, installed as root; idempotent.
 #
 # pillow-simd ships no wheels, so it is compiled here against Debian's codecs:
 # libjpeg-turbo (fast JPEG decode, draft/DCT scaling), libwebp (alpha variants),
@@ -9,6 +9,8 @@
 # are left out on purpose: none of them is in the upload allow-list.
 # pillow-heif, av (FFmpeg) and pyvips-binary come as manylinux wheels that carry
 # their own native libraries, so they need nothing from here.
+# prometheus brings promtool, which `make check` and tests/test_deploy.py run on the
+# alerting rules (the server it also installs is never started here).
 set -euo pipefail
 
 packages=(
@@ -19,6 +21,7 @@ packages=(
     libwebp-dev
     liblcms2-dev
     libturbojpeg0
+    prometheus
 )
 
 exec "$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"

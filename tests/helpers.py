@@ -25,10 +25,9 @@ def sha256_hex(data: bytes) -> str:
 
 
 async def put(url: str, headers: dict[str, str], body: bytes) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.put(url, data=body, headers=headers) as response:
-            await response.read()
-            return response.status
+    async with aiohttp.ClientSession() as session, session.put(url, data=body, headers=headers) as response:
+        await response.read()
+        return response.status
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -89,6 +88,5 @@ async def settled(media, md, media_id: str, timeout: float = 60.0) -> mpb.Media:
 
 
 async def fetch(url: str, headers: dict | None = None):
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, headers=headers or {}) as response:
-            return response.status, await response.read(), response.headers.copy()
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers or {}) as response:
+        return response.status, await response.read(), response.headers.copy()

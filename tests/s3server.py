@@ -35,19 +35,17 @@ class MotoServer:
         if self._process is not None:
             raise RuntimeError("moto server already running")
         # A file, not a pipe: moto logs every request and a full pipe would stall it.
-        log = tempfile.TemporaryFile()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            await self._wait_until_listening(log)
-        except BaseException:
-            await self.stop()
-            raise
-        finally:
-            log.close()
+        with tempfile.TemporaryFile() as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                await self._wait_until_listening(log)
+            except BaseException:
+                await self.stop()
+                raise
 
     async def stop(self) -> None:
         process, self._process = self._process, None

@@ -37,7 +37,7 @@ def test_algorithm_none_is_rejected():
 
 
 def test_short_secret_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="MEDIAVAULT_JWT_SECRET must be at least"):
         Authenticator("short")
 
 

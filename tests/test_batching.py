@@ -63,7 +63,8 @@ async def test_a_cancelled_caller_does_not_disturb_the_others():
     await asyncio.sleep(0)
     tasks[1].cancel()
     run.release.set()
-    assert await tasks[0] == 10 and await tasks[2] == 30
+    assert await tasks[0] == 10
+    assert await tasks[2] == 30
     assert tasks[1].cancelled()
     assert run.batches == [[1, 2, 3]]
 
@@ -78,9 +79,9 @@ async def test_a_run_returning_the_wrong_number_of_results_fails_the_batch():
 
 
 def test_max_batch_must_be_positive_and_spacing_not_negative():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
         Batcher(Recorder(), max_batch=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="spacing must not be negative"):
         Batcher(Recorder(), spacing=-0.001)
 
 

@@ -23,7 +23,8 @@ def test_token_prints_a_usable_jwt():
     result = mediavault("token", "--sub", "alice", "--role", "admin", "--role", "billing")
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
-    assert claims["sub"] == "alice" and claims["roles"] == ["admin", "billing"]
+    assert claims["sub"] == "alice"
+    assert claims["roles"] == ["admin", "billing"]
 
 
 def test_migrate_is_idempotent(database_url):

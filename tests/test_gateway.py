@@ -59,9 +59,11 @@ async def gateway_process(binary: Path, grpc_port: int) -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 async def gateway(gateway_binary, make_settings, worker) -> AsyncIterator[str]:
     """Base URL of a gateway in front of a server with rate limits on; the session worker processes its jobs."""
-    async with running(make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)) as server:
-        async with gateway_process(gateway_binary, server.grpc_port) as url:
-            yield url
+    async with (
+        running(make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)) as server,
+        gateway_process(gateway_binary, server.grpc_port) as url,
+    ):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,8 @@ async def put_bytes(http, begun: dict, data: bytes) -> None:
 
 def reason(body: dict) -> str:
     infos = [d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"]
-    assert len(infos) == 1 and infos[0]["domain"] == "mediavault", body
+    assert len(infos) == 1, body
+    assert infos[0]["domain"] == "mediavault", body
     return infos[0]["reason"]
 
 
@@ -112,9 +115,11 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
 
     status, begun, headers = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data))
     assert status == 200, begun
-    assert begun["upload"]["state"] == "UPLOAD_STATE_PENDING" and begun["upload"]["size_bytes"] == str(len(data))
+    assert begun["upload"]["state"] == "UPLOAD_STATE_PENDING"
+    assert begun["upload"]["size_bytes"] == str(len(data))
     assert 0 <= int(headers["RateLimit-Remaining"]) < int(headers["RateLimit-Limit"])
-    assert int(headers["RateLimit-Reset"]) > 0 and "Retry-After" not in headers
+    assert int(headers["RateLimit-Reset"]) > 0
+    assert "Retry-After" not in headers
     upload_id = begun["upload"]["upload_id"]
 
     await put_bytes(http, begun, data)
@@ -140,36 +145,48 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
 
     status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", md)
     assert status == 200, feed
-    assert [m["media_id"] for m in feed["media"]] == [media_id] and not feed["not_modified"]
+    assert [m["media_id"] for m in feed["media"]] == [media_id]
+    assert not feed["not_modified"]
     assert headers["ETag"] == f'"{feed["etag"]}"'
     status, same, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
     assert status == 200, same
-    assert same["not_modified"] and same["media"] == [] and same["etag"] == feed["etag"]
+    assert same["not_modified"]
+    assert same["media"] == []
+    assert same["etag"] == feed["etag"]
     status, foreign, _ = await call(http, "GET", f"{gateway}/v1/feed?user_id={user_id}", bearer("someone-else"))
-    assert status == 403 and reason(foreign) == "FORBIDDEN"
+    assert status == 403
+    assert reason(foreign) == "FORBIDDEN"
 
     status, deleted, _ = await call(http, "DELETE", f"{gateway}/v1/media/{media_id}", md)
     assert (status, deleted) == (200, {})
     status, gone, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}", md)
-    assert status == 404 and reason(gone) == "NOT_FOUND"
+    assert status == 404
+    assert reason(gone) == "NOT_FOUND"
     status, changed, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
-    assert status == 200 and not changed["not_modified"] and changed["media"] == [] and changed["etag"] != feed["etag"]
+    assert status == 200
+    assert not changed["not_modified"]
+    assert changed["media"] == []
+    assert changed["etag"] != feed["etag"]
 
 
 async def test_missing_token_is_401_unauthorized(gateway, http):
     status, body, _ = await call(http, "GET", f"{gateway}/v1/media/{uuid.uuid4()}")
-    assert status == 401 and body["code"] == 16 and reason(body) == "UNAUTHORIZED"
+    assert status == 401
+    assert body["code"] == 16
+    assert reason(body) == "UNAUTHORIZED"
     assert body["message"]
 
 
 async def test_another_users_summary_is_403_forbidden(gateway, http, bearer, user_id):
     status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary?user_id=someone-else", bearer(user_id))
-    assert status == 403 and reason(body) == "FORBIDDEN"
+    assert status == 403
+    assert reason(body) == "FORBIDDEN"
 
 
 async def test_unknown_media_is_404_not_found(gateway, http, bearer, user_id):
     status, body, _ = await call(http, "DELETE", f"{gateway}/v1/media/{uuid.uuid4()}", bearer(user_id))
-    assert status == 404 and reason(body) == "NOT_FOUND"
+    assert status == 404
+    assert reason(body) == "NOT_FOUND"
 
 
 async def test_reused_idempotency_key_is_409_conflict(gateway, http, bearer, user_id):
@@ -178,9 +195,11 @@ async def test_reused_idempotency_key_is_409_conflict(gateway, http, bearer, use
     status, first, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data, idempotency_key="k1"))
     assert status == 200, first
     status, again, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data, idempotency_key="k1"))
-    assert status == 200 and again["upload"]["upload_id"] == first["upload"]["upload_id"]
+    assert status == 200
+    assert again["upload"]["upload_id"] == first["upload"]["upload_id"]
     status, body, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(fake_jpeg(2001), idempotency_key="k1"))
-    assert status == 409 and reason(body) == "IDEMPOTENCY_CONFLICT"
+    assert status == 409
+    assert reason(body) == "IDEMPOTENCY_CONFLICT"
 
 
 async def test_finalizing_a_failed_upload_is_412_upload_not_pending(gateway, http, bearer, user_id):
@@ -189,9 +208,11 @@ async def test_finalizing_a_failed_upload_is_412_upload_not_pending(gateway, htt
     assert status == 200, begun
     upload_id = begun["upload"]["upload_id"]
     status, failed, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:fail", md, {"reason": "user cancelled"})
-    assert status == 200 and failed["upload"]["state"] == "UPLOAD_STATE_FAILED"
+    assert status == 200
+    assert failed["upload"]["state"] == "UPLOAD_STATE_FAILED"
     status, body, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:finalize", md, {})
-    assert status == 412 and reason(body) == "UPLOAD_NOT_PENDING"
+    assert status == 412
+    assert reason(body) == "UPLOAD_NOT_PENDING"
 
 
 async def test_missing_object_is_412_and_fails_the_upload(gateway, http, bearer, user_id):
@@ -200,9 +221,11 @@ async def test_missing_object_is_412_and_fails_the_upload(gateway, http, bearer,
     assert status == 200, begun
     upload_id = begun["upload"]["upload_id"]
     status, body, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:finalize", md, {})
-    assert status == 412 and reason(body) == "OBJECT_MISSING"
+    assert status == 412
+    assert reason(body) == "OBJECT_MISSING"
     status, read, _ = await call(http, "GET", f"{gateway}/v1/uploads/{upload_id}", md)
-    assert status == 200 and read["upload"]["failure_reason"] == "OBJECT_MISSING"
+    assert status == 200
+    assert read["upload"]["failure_reason"] == "OBJECT_MISSING"
 
 
 async def test_over_the_limit_is_429_with_ratelimit_and_retry_after_headers(gateway, http, bearer, user_id, pool):
@@ -216,19 +239,26 @@ async def test_over_the_limit_is_429_with_ratelimit_and_retry_after_headers(gate
         md = bearer(user_id)
         for _ in range(2):
             status, body, headers = await call(http, "GET", summary, md)
-            assert status == 200 and body["summary"]["user_id"] == user_id
+            assert status == 200
+            assert body["summary"]["user_id"] == user_id
         status, body, headers = await call(http, "GET", summary, md)
-    assert status == 429 and body["code"] == 8 and reason(body) == "RATE_LIMIT_EXCEEDED"
+    assert status == 429
+    assert body["code"] == 8
+    assert reason(body) == "RATE_LIMIT_EXCEEDED"
     assert (headers["RateLimit-Limit"], headers["RateLimit-Remaining"]) == ("2", "0")
-    assert int(headers["Retry-After"]) > 0 and int(headers["RateLimit-Reset"]) > 0
+    assert int(headers["Retry-After"]) > 0
+    assert int(headers["RateLimit-Reset"]) > 0
     retry = next(d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
     assert retry["retry_delay"] == f'{headers["Retry-After"]}s'
 
 
 async def test_request_id_goes_through_both_ways(gateway, http, bearer, user_id):
     status, _, headers = await call(http, "GET", f"{gateway}/v1/storage/summary", {**bearer(user_id), "X-Request-Id": "bff-123"})
-    assert status == 200 and headers["X-Request-Id"] == "bff-123"
+    assert status == 200
+    assert headers["X-Request-Id"] == "bff-123"
     status, _, headers = await call(http, "GET", f"{gateway}/v1/media/not-a-uuid", {"X-Request-Id": "bff-456"})
-    assert status == 401 and headers["X-Request-Id"] == "bff-456"
+    assert status == 401
+    assert headers["X-Request-Id"] == "bff-456"
     status, _, headers = await call(http, "GET", f"{gateway}/v1/storage/summary", bearer(user_id))
-    assert status == 200 and len(headers["X-Request-Id"]) == 32, "the server makes one up when the caller sends none"
+    assert status == 200, "the server makes one up when the caller sends none"
+    assert len(headers["X-Request-Id"]) == 32, "the server makes one up when the caller sends none"

@@ -42,7 +42,8 @@ async def test_begin_upload_with_a_token(server, authenticator, user_id):
     response = json.loads(out)
     assert response["upload"]["state"] == "UPLOAD_STATE_PENDING"
     assert response["upload"]["retention"] == "RETENTION_EPHEMERAL"
-    assert response["upload_method"] == "PUT" and response["upload_url"].startswith("http://")
+    assert response["upload_method"] == "PUT"
+    assert response["upload_url"].startswith("http://")
 
 
 async def test_errors_show_code_and_error_info(server):

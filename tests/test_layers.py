@@ -70,4 +70,5 @@ def test_sql_lives_in_domain_and_db_only():
 
 def test_the_sql_detector_finds_sql():
     assert sql_strings(PACKAGE / "domain" / "accounts.py")
-    assert SQL.search("SELECT count(*) FROM accounts") and not SQL.search("select the best one from these")
+    assert SQL.search("SELECT count(*) FROM accounts")
+    assert not SQL.search("select the best one from these")

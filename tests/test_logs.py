@@ -83,7 +83,9 @@ def test_json_line_carries_request_id_and_extras():
     finally:
         logs.request_id.reset(token)
     entry = json.loads(line)
-    assert entry["request_id"] == "req-42" and entry["outcome"] == "OK" and entry["msg"] == "rpc"
+    assert entry["request_id"] == "req-42"
+    assert entry["outcome"] == "OK"
+    assert entry["msg"] == "rpc"
 
 
 async def test_request_id_is_echoed_in_trailers(storage, auth, user_id):
@@ -101,7 +103,8 @@ async def test_a_call_without_request_id_gets_a_new_one(storage, auth, user_id):
         call = storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
         await call
         ids = [value for key, value in await call.trailing_metadata() if key == "x-request-id"]
-        assert len(ids) == 1 and len(ids[0]) == 32
+        assert len(ids) == 1
+        assert len(ids[0]) == 32
         seen.add(ids[0])
     assert len(seen) == 3
 
@@ -144,7 +147,8 @@ def test_text_line_of_an_error_carries_its_traceback():
         record = logging.LogRecord("workers.transcode", logging.ERROR, __file__, 1, "transcode failed", None, sys.exc_info())
     first, *rest = logs.TextFormatter().format(record).splitlines()
     assert first.endswith(" ERROR   workers.transcode: transcode failed")
-    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: bad pixels"
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "ValueError: bad pixels"
 
 
 @pytest.mark.usefixtures("root_logging")
@@ -160,7 +164,8 @@ def test_text_in_a_terminal_json_elsewhere(log_format, terminal, text):
         os.close(read_fd)
         os.close(write_fd)
     if text:
-        assert TEXT_LINE.match(line) and line.endswith(" INFO    mediavault.server: server started grpc_port=50051"), line
+        assert TEXT_LINE.match(line), line
+        assert line.endswith(" INFO    mediavault.server: server started grpc_port=50051"), line
     else:
         entry = json.loads(line)
         assert (entry["logger"], entry["msg"], entry["grpc_port"]) == ("mediavault.server", "server started", 50051)
@@ -199,7 +204,8 @@ async def test_routine_cron_lines_are_debug(make_settings, redis_url):
 
     info = await console("INFO")
     assert "INFO    arq.worker: Starting worker" in info
-    assert "→ cron:observe_queue" not in info and "← cron:observe_queue" not in info, info
+    assert "→ cron:observe_queue" not in info, info
+    assert "← cron:observe_queue" not in info, info
     debug = await console("DEBUG")
     assert re.search(r"DEBUG   arq\.worker: +[\d.]+s → cron:observe_queue\(\)", debug), debug
     assert re.search(r"DEBUG   arq\.worker: +[\d.]+s ← cron:observe_queue ● \d+$", debug, re.MULTILINE), debug

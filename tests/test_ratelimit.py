@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from mediavault.domain import accounts
 from mediavault.ratelimit import RateLimiter
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -116,12 +117,14 @@ async def test_a_burst_of_twice_the_limit_lets_exactly_the_limit_through_two_pro
                 assert other[0], "another user is unaffected"
 
                 allowed = next(meta for ok, meta, _ in results if ok)
-                assert allowed["ratelimit-limit"] == "10" and int(allowed["ratelimit-remaining"]) < 10
+                assert allowed["ratelimit-limit"] == "10"
+                assert int(allowed["ratelimit-remaining"]) < 10
                 assert int(allowed["ratelimit-reset"]) > 0
                 _, refused_meta, refused = next(r for r in results if not r[0])
                 assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
-                assert refused_meta["ratelimit-remaining"] == "0" and int(refused_meta["retry-after"]) > 0
+                assert refused_meta["ratelimit-remaining"] == "0"
+                assert int(refused_meta["retry-after"]) > 0
                 kinds = {d.type_url.rsplit(".", 1)[1] for d in rich_status(refused).details}
                 assert {"ErrorInfo", "RetryInfo", "QuotaFailure"} <= kinds
                 retry = next(d for d in rich_status(refused).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR))
@@ -131,10 +134,13 @@ async def test_a_burst_of_twice_the_limit_lets_exactly_the_limit_through_two_pro
 
 
 async def test_burst_layer_refuses_within_one_second(limited, pool, auth, user_id):
-    async with limit(pool, SUMMARY, per_hour=1000, burst=3), running(limited) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
-            results = [await call_summary(stub, auth(user_id)) for _ in range(5)]
+    async with (
+        limit(pool, SUMMARY, per_hour=1000, burst=3),
+        running(limited) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        results = [await call_summary(stub, auth(user_id)) for _ in range(5)]
     assert [ok for ok, _, _ in results] == [True, True, True, False, False]
     failure = error_details_pb2.QuotaFailure()
     next(d for d in rich_status(results[-1][2]).details if d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR)).Unpack(failure)
@@ -143,46 +149,56 @@ async def test_burst_layer_refuses_within_one_second(limited, pool, auth, user_i
 
 
 async def test_config_change_takes_effect_without_restart(limited, pool, auth, user_id):
-    async with limit(pool, SUMMARY, per_hour=1000, burst=50), running(limited) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
-            md = auth(user_id)
-            assert (await call_summary(stub, md))[1]["ratelimit-limit"] == "1000"
-            await pool.execute("UPDATE rate_limit_config SET per_hour = 2 WHERE method = $1 AND scope = 'user'", SUMMARY)
-            await asyncio.sleep(0.6)
-            results = [await call_summary(stub, md) for _ in range(3)]
+    async with (
+        limit(pool, SUMMARY, per_hour=1000, burst=50),
+        running(limited) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        assert (await call_summary(stub, md))[1]["ratelimit-limit"] == "1000"
+        await pool.execute("UPDATE rate_limit_config SET per_hour = 2 WHERE method = $1 AND scope = 'user'", SUMMARY)
+        await asyncio.sleep(0.6)
+        results = [await call_summary(stub, md) for _ in range(3)]
     assert results[0][1]["ratelimit-limit"] == "2"
     assert not results[-1][0]
 
 
 async def test_service_callers_are_exempt_unless_given_their_own_limit(limited, pool, auth, user_id):
-    async with limit(pool, SUMMARY, per_hour=1, burst=50), running(limited) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
-            results = [await call_summary(stub, auth("feed-svc-" + user_id, "service")) for _ in range(5)]
-            assert all(ok for ok, _, _ in results) and "ratelimit-limit" not in results[0][1]
-            async with limit(pool, SUMMARY, per_hour=2, burst=50, scope="service"):
-                await asyncio.sleep(0.6)
-                own = [await call_summary(stub, auth("feed-svc-" + user_id, "service")) for _ in range(3)]
+    async with (
+        limit(pool, SUMMARY, per_hour=1, burst=50),
+        running(limited) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        results = [await call_summary(stub, auth("feed-svc-" + user_id, "service")) for _ in range(5)]
+        assert all(ok for ok, _, _ in results)
+        assert "ratelimit-limit" not in results[0][1]
+        async with limit(pool, SUMMARY, per_hour=2, burst=50, scope="service"):
+            await asyncio.sleep(0.6)
+            own = [await call_summary(stub, auth("feed-svc-" + user_id, "service")) for _ in range(3)]
     assert [ok for ok, _, _ in own] == [True, True, False]
 
 
 async def test_unauthenticated_calls_are_limited_per_client_address(make_settings, pool):
     settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))
-    async with limit(pool, SUMMARY, per_hour=3, burst=50, scope="anonymous"), running(settings) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
+    async with (
+        limit(pool, SUMMARY, per_hour=3, burst=50, scope="anonymous"),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
 
-            async def anonymous(forwarded: str) -> grpc.StatusCode:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("x-forwarded-for", forwarded),))
-                return caught.value.code()
+        async def anonymous(forwarded: str) -> grpc.StatusCode:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("x-forwarded-for", forwarded),))
+            return caught.value.code()
 
-            # Addresses of their own, so that limits left in a shared Redis by earlier runs do not count.
-            client, other = (str(ipaddress.IPv6Address(random.getrandbits(128))) for _ in range(2))
-            codes = [await anonymous(client) for _ in range(4)]
-            assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert await anonymous(other) == grpc.StatusCode.UNAUTHENTICATED, "another client has its own limit"
+        # Addresses of their own, so that limits left in a shared Redis by earlier runs do not count.
+        client, other = (str(ipaddress.IPv6Address(random.getrandbits(128))) for _ in range(2))
+        codes = [await anonymous(client) for _ in range(4)]
+        assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert await anonymous(other) == grpc.StatusCode.UNAUTHENTICATED, "another client has its own limit"
 
 
 def test_forwarded_for_is_trusted_only_from_configured_proxies():
@@ -199,47 +215,64 @@ async def test_redis_down_fails_open_for_reads_and_closed_for_uploads(make_setti
     redis.start()
     try:
         settings = make_settings(rate_limits="on", redis_url=redis.connection_url)
-        async with limit(pool, SUMMARY, per_hour=1000, burst=4), running(settings) as server:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                stub = storage_pb2_grpc.StorageServiceStub(channel)
-                md = auth(user_id)
-                assert (await call_summary(stub, md))[0]
-                redis.stop()
-                assert (await call_summary(stub, md))[0], "reads fail open"
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.BeginUpload(pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=10), metadata=md)
-                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert error_info(refused.value).reason == "RATE_LIMIT_EXCEEDED"
-                burst = [await call_summary(stub, md) for _ in range(4)]
-                assert not burst[-1][0], "the in-process burst layer still limits"
+        async with (
+            limit(pool, SUMMARY, per_hour=1000, burst=4),
+            running(settings) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        ):
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            assert (await call_summary(stub, md))[0]
+            redis.stop()
+            assert (await call_summary(stub, md))[0], "reads fail open"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.BeginUpload(pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=10), metadata=md)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(refused.value).reason == "RATE_LIMIT_EXCEEDED"
+            burst = [await call_summary(stub, md) for _ in range(4)]
+            assert not burst[-1][0], "the in-process burst layer still limits"
     finally:
         if redis.is_running():
             redis.stop()
 
 
+async def test_without_redis_a_refusal_is_answered_and_not_counted_towards_a_freeze(pool, user_id):
+    await accounts.ensure(pool, user_id, 0)
+    limiter = RateLimiter(None, pool, redis_down_policy="closed", auto_freeze_refusals=1)
+    async with limit(pool, SUMMARY, per_hour=1000, burst=50):
+        await limiter.reload()
+        decision = await limiter.check(SUMMARY, user_id, "user")
+    assert decision is not None
+    assert (decision.allowed, decision.layer) == (False, "redis_down_fail_closed")
+    assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
+
+
 async def test_frozen_account_cannot_write_but_can_read(limited, pool, auth, user_id, storage):
-    async with running(limited) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
-            md = auth(user_id)
-            done = await upload(stub, md, fake_jpeg(1000))
-            await stub.FreezeAccount(pb.FreezeAccountRequest(user_id=user_id, reason="abuse"), metadata=auth("ops", "admin"))
-            await asyncio.sleep(0.6)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.FailUpload(pb.FailUploadRequest(upload_id=done.upload.upload_id), metadata=md)
-            assert error_info(caught.value).reason == "ACCOUNT_FROZEN"
-            assert (await call_summary(stub, md))[0]
+    async with running(limited) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        done = await upload(stub, md, fake_jpeg(1000))
+        await stub.FreezeAccount(pb.FreezeAccountRequest(user_id=user_id, reason="abuse"), metadata=auth("ops", "admin"))
+        await asyncio.sleep(0.6)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.FailUpload(pb.FailUploadRequest(upload_id=done.upload.upload_id), metadata=md)
+        assert error_info(caught.value).reason == "ACCOUNT_FROZEN"
+        assert (await call_summary(stub, md))[0]
 
 
 async def test_repeated_refusals_can_freeze_an_account(make_settings, pool, auth, user_id):
     settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=3)
-    async with limit(pool, SUMMARY, per_hour=1, burst=50), running(settings) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
-            results = [await call_summary(stub, auth(user_id)) for _ in range(4)]
+    async with (
+        limit(pool, SUMMARY, per_hour=1, burst=50),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        results = [await call_summary(stub, auth(user_id)) for _ in range(4)]
     assert [ok for ok, _, _ in results] == [True, False, False, False]
     row = await pool.fetchrow("SELECT frozen, frozen_reason FROM accounts WHERE user_id = $1", user_id)
-    assert row["frozen"] and row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
+    assert row["frozen"]
+    assert row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
 
 
 async def test_metrics_show_the_series_operators_need(make_settings, pool, auth, user_id, worker):
@@ -260,9 +293,8 @@ async def test_metrics_show_the_series_operators_need(make_settings, pool, auth,
             await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
             await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
         await run_job(worker.ctx, "audit_accounts")
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
-                text = await response.text()
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
+            text = await response.text()
     for series in (
         'mediavault_rpc_total{method="BeginUpload",outcome="OK",service="StorageService"}',
         'mediavault_rpc_duration_seconds_bucket{le="0.01",method="FinalizeUpload",service="StorageService"}',
@@ -282,11 +314,14 @@ async def test_metrics_show_the_series_operators_need(make_settings, pool, auth,
 async def test_very_high_limits_allow_and_never_look_like_a_redis_outage(limited, pool, auth, user_id):
     from mediavault import metrics
 
-    async with limit(pool, SUMMARY, per_hour=2_000_000_000, burst=1_000_000), running(limited) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            stub = storage_pb2_grpc.StorageServiceStub(channel)
-            before = metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get()
-            results = [await call_summary(stub, auth(user_id)) for _ in range(20)]
+    async with (
+        limit(pool, SUMMARY, per_hour=2_000_000_000, burst=1_000_000),
+        running(limited) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        before = metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get()
+        results = [await call_summary(stub, auth(user_id)) for _ in range(20)]
     assert all(ok for ok, _, _ in results)
     assert results[-1][1]["ratelimit-limit"] == "2000000000"
     assert metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get() == before

@@ -75,11 +75,11 @@ async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_setting
             summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
             assert summary.summary.reserved_bytes == len(data), "another server in the process serves on"
 
-            await call.write(pb.UploadContentRequest(chunk=data[100_000:]))
-            await call.done_writing()
-            response = await call
-            assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
-            await draining
+        await call.write(pb.UploadContentRequest(chunk=data[100_000:]))
+        await call.done_writing()
+        response = await call
+        assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
+        await draining
 
 
 async def test_calls_still_running_when_the_grace_period_ends_are_answered_unavailable(
@@ -89,24 +89,23 @@ async def test_calls_still_running_when_the_grace_period_ends_are_answered_unava
     data = fake_jpeg(50_000)
     begun = await begin(storage, md, data)
     assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
-    async with running(make_settings()) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            # A transaction holding the account keeps the finalize waiting past the grace period.
-            async with pool.acquire() as conn:
-                holding = conn.transaction()
-                await holding.start()
-                await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user_id)
-                try:
-                    finalizing = storage_pb2_grpc.StorageServiceStub(channel).FinalizeUpload(
-                        pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md
-                    )
-                    await asyncio.sleep(0.2)
-                    draining = asyncio.create_task(server.shutdown(0.3))
-                    with pytest.raises(grpc.aio.AioRpcError) as shed:
-                        await finalizing
-                finally:
-                    await holding.rollback()
-            await draining
+    async with running(make_settings()) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        # A transaction holding the account keeps the finalize waiting past the grace period.
+        async with pool.acquire() as conn:
+            holding = conn.transaction()
+            await holding.start()
+            await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user_id)
+            try:
+                finalizing = storage_pb2_grpc.StorageServiceStub(channel).FinalizeUpload(
+                    pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md
+                )
+                await asyncio.sleep(0.2)
+                draining = asyncio.create_task(server.shutdown(0.3))
+                with pytest.raises(grpc.aio.AioRpcError) as shed:
+                    await finalizing
+            finally:
+                await holding.rollback()
+        await draining
     assert shed.value.code() == grpc.StatusCode.UNAVAILABLE, "clients retry UNAVAILABLE, not CANCELLED"
     assert error_info(shed.value).reason == "SERVER_SHUTTING_DOWN"
 
@@ -126,9 +125,8 @@ async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
             await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
             with pytest.raises(grpc.aio.AioRpcError):
                 await storage.GetStorageSummary(pb.GetStorageSummaryRequest())
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
-                text = await response.text()
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
+            text = await response.text()
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="OK",service="StorageService"}' in text
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="UNAUTHORIZED",service="StorageService"}' in text
     assert "mediavault_rpc_duration_seconds_bucket" in text
@@ -144,22 +142,21 @@ async def test_health_follows_postgres(make_settings, tmp_path):
     try:
         await migrate(postgres.get_uri())
         settings = make_settings(database_url=postgres.get_uri(), health_probe_seconds=0.2, db_pool_min_size=1)
-        async with running(settings) as server:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
 
-                async def becomes(expected: int) -> None:
-                    for _ in range(100):
-                        if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
-                            return
-                        await asyncio.sleep(0.1)
-                    raise AssertionError(f"health never became {expected}")
+            async def becomes(expected: int) -> None:
+                for _ in range(100):
+                    if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"health never became {expected}")
 
-                await becomes(health_pb2.HealthCheckResponse.SERVING)
-                await asyncio.to_thread(postgres.cleanup)
-                await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
-                postgres = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
-                await becomes(health_pb2.HealthCheckResponse.SERVING)
+            await becomes(health_pb2.HealthCheckResponse.SERVING)
+            await asyncio.to_thread(postgres.cleanup)
+            await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+            postgres = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
+            await becomes(health_pb2.HealthCheckResponse.SERVING)
     finally:
         postgres.cleanup()
 

@@ -137,14 +137,13 @@ async def test_sigterm_under_load_answers_every_call_ok_or_unavailable_and_the_b
 
             pending = list(await asyncio.gather(*(prepare(i) for i in range(CALLS))))
 
-            async def finalize(user: str, upload_id: str) -> grpc.StatusCode:
+            async def finalize(user: str, upload_id: str) -> tuple[grpc.StatusCode, str]:
+                """The call's code, and the ErrorInfo reason of a refusal."""
                 try:
                     await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=auth(user), timeout=30)
                 except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
-                        assert error_info(error).reason == "SERVER_SHUTTING_DOWN"
-                    return error.code()
-                return grpc.StatusCode.OK
+                    return error.code(), error_info(error).reason
+                return grpc.StatusCode.OK, ""
 
             calls = [asyncio.create_task(finalize(user, upload_id)) for user, upload_id, _ in pending]
             await asyncio.sleep(0.015)
@@ -154,38 +153,40 @@ async def test_sigterm_under_load_answers_every_call_ok_or_unavailable_and_the_b
                 assert await health_status(port) == NOT_SERVING, "balancers must see the server leave at once"
                 summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(users[0]), timeout=5)
                 assert summary.summary.quota_bytes > 0, "during the pre-stop period calls are still served"
-            codes = await asyncio.gather(*calls)
+            answers = await asyncio.gather(*calls)
 
         assert await asyncio.to_thread(process.wait, 30) == 0
+    codes = [code for code, _ in answers]
     outcomes = {code: codes.count(code) for code in set(codes)}
     assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, outcomes
+    assert {reason for code, reason in answers if code == grpc.StatusCode.UNAVAILABLE} <= {"SERVER_SHUTTING_DOWN"}
     if prestop_seconds:
         assert outcomes == {grpc.StatusCode.OK: CALLS}, "calls sent before the pre-stop period ends are served"
 
     audited = await audit_ledger(environment)
     assert audited.returncode == 0, audited.stdout + audited.stderr
 
-    async with serving(environment) as (process, port):
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
-            retried = 0
-            for (user, upload_id, size), code in zip(pending, codes, strict=True):
-                md = auth(user)
-                upload = (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload
-                if code == grpc.StatusCode.OK:
-                    assert upload.state == pb.UPLOAD_STATE_FINALIZED, upload_id
-                else:
-                    assert upload.state in (pb.UPLOAD_STATE_PENDING, pb.UPLOAD_STATE_FINALIZED), upload_id
-                    retried += 1
-                done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
-                assert done.upload.state == pb.UPLOAD_STATE_FINALIZED and done.upload.size_bytes == size
-            assert retried == outcomes.get(grpc.StatusCode.UNAVAILABLE, 0)
-            for user in users:
-                summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user))).summary
-                sizes = [size for owner, _, size in pending if owner == user]
-                assert (summary.used_bytes, summary.reserved_bytes, summary.pending_uploads, summary.media_count) == (
-                    sum(sizes), 0, 0, len(sizes)
-                )
+    async with serving(environment) as (process, port), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        retried = 0
+        for (user, upload_id, size), code in zip(pending, codes, strict=True):
+            md = auth(user)
+            upload = (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload
+            if code == grpc.StatusCode.OK:
+                assert upload.state == pb.UPLOAD_STATE_FINALIZED, upload_id
+            else:
+                assert upload.state in (pb.UPLOAD_STATE_PENDING, pb.UPLOAD_STATE_FINALIZED), upload_id
+                retried += 1
+            done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+            assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+            assert done.upload.size_bytes == size
+        assert retried == outcomes.get(grpc.StatusCode.UNAVAILABLE, 0)
+        for user in users:
+            summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user))).summary
+            sizes = [size for owner, _, size in pending if owner == user]
+            assert (summary.used_bytes, summary.reserved_bytes, summary.pending_uploads, summary.media_count) == (
+                sum(sizes), 0, 0, len(sizes)
+            )
 
     audited = await audit_ledger(environment)
     assert audited.returncode == 0, audited.stdout + audited.stderr

@@ -106,7 +106,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         for name, function in JOBS.items():
             config = job_config(settings, name)
             print(f"{name:24} every {config.every_seconds:>6} s  age {config.age_seconds:>8} s  "
-                  f"batch {config.batch_size:>5}  {'on ' if config.enabled else 'off'}  {function.__doc__.splitlines()[0]}")
+                  f"batch {config.batch_size:>5}  {'on ' if config.enabled else 'off'}  {(function.__doc__ or name).splitlines()[0]}")
         return 0
     _require_database(settings)
     if not settings.redis_url:

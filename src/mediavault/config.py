@@ -7,7 +7,7 @@ import hmac
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -29,40 +29,28 @@ class JobConfig(BaseModel):
     enabled: bool = True
 
 
-def _job(every_seconds: int, age_seconds: int, batch_size: int, concurrency: int = 1) -> type[JobConfig]:
-    # A model per job whose fields default to that job's values, so that setting one
-    # field from the environment keeps the others' defaults.
-    return create_model(
-        "JobConfig",
-        __base__=JobConfig,
-        every_seconds=(int, Field(default=every_seconds, gt=0, multiple_of=60)),
-        age_seconds=(int, Field(default=age_seconds, ge=0)),
-        batch_size=(int, Field(default=batch_size, gt=0)),
-        concurrency=(int, Field(default=concurrency, ge=1, le=16)),
-    )
-
-
-_RECLAIM = _job(5 * 60, 0, 2000, concurrency=2)
-_EXPIRE = _job(5 * 60, 0, 2000, concurrency=2)
-_PURGE = _job(3600, 24 * 3600, 500)
-_STUCK = _job(10 * 60, 3600, 500)
-_SWEEP = _job(24 * 3600, 24 * 3600, 1000)
-_PRUNE = _job(24 * 3600, 30 * 24 * 3600, 5000)
-_AUDIT = _job(3600, 3600, 1000)
-
-
 class JobsConfig(BaseModel):
     """Every cleanup job's settings: MEDIAVAULT_JOBS__<JOB>__<FIELD>, e.g. MEDIAVAULT_JOBS__PURGE_DELETED_MEDIA__AGE_SECONDS."""
 
     model_config = ConfigDict(frozen=True)
 
-    reclaim_stale_uploads: _RECLAIM = _RECLAIM()
-    expire_ephemeral_media: _EXPIRE = _EXPIRE()
-    purge_deleted_media: _PURGE = _PURGE()
-    fail_stuck_processing: _STUCK = _STUCK()
-    sweep_orphan_blobs: _SWEEP = _SWEEP()
-    prune_telemetry: _PRUNE = _PRUNE()
-    audit_accounts: _AUDIT = _AUDIT()
+    reclaim_stale_uploads: JobConfig = JobConfig(every_seconds=5 * 60, age_seconds=0, batch_size=2000, concurrency=2)
+    expire_ephemeral_media: JobConfig = JobConfig(every_seconds=5 * 60, age_seconds=0, batch_size=2000, concurrency=2)
+    purge_deleted_media: JobConfig = JobConfig(every_seconds=3600, age_seconds=24 * 3600, batch_size=500)
+    fail_stuck_processing: JobConfig = JobConfig(every_seconds=10 * 60, age_seconds=3600, batch_size=500)
+    sweep_orphan_blobs: JobConfig = JobConfig(every_seconds=24 * 3600, age_seconds=24 * 3600, batch_size=1000)
+    prune_telemetry: JobConfig = JobConfig(every_seconds=24 * 3600, age_seconds=30 * 24 * 3600, batch_size=5000)
+    audit_accounts: JobConfig = JobConfig(every_seconds=3600, age_seconds=3600, batch_size=1000)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _over_the_job_defaults(cls, value: object, info: ValidationInfo) -> object:
+        # Setting one field of a job (from the environment or a dict) keeps that job's
+        # defaults for the others, not JobConfig's.
+        if not isinstance(value, dict) or info.field_name is None:
+            return value
+        default = cls.model_fields[info.field_name].default
+        return {**default.model_dump(), **value}
 
 
 class Settings(BaseSettings):
@@ -105,10 +93,10 @@ class Settings(BaseSettings):
     upload_batch_spacing_seconds: float = Field(default=0.002, ge=0, le=0.05)
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # After SIGTERM, health answers NOT_SERVING while the server still serves this long, so that
     # balancers move traffic away before calls are refused; the grace period starts after it.
     shutdown_prestop_seconds: float = Field(default=0.0, ge=0)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
     # auto: one line for a person to read when stderr is a terminal, JSON lines otherwise.
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.domain.accounts import Accounts
@@ -115,7 +115,8 @@ class RateLimiter:
         self.limits: dict[tuple[str, str], Limit] = {}
         self.frozen: frozenset[str] = frozenset()
         self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
-        self._script_sha: str | None = None
+        # Loads the script on first use and again after Redis lost its script cache.
+        self._gcra = redis.register_script(_GCRA) if redis is not None else None
 
     async def reload(self) -> None:
         """Reads the limits and the frozen accounts; called at start-up and every few seconds."""
@@ -195,16 +196,10 @@ class RateLimiter:
         )
 
     async def _eval(self, key: str, interval_ms: float, tolerance_ms: float) -> list[int]:
-        if self.redis is None:
+        if self._gcra is None:
             raise RedisError("no Redis configured")
-        if self._script_sha is None:
-            self._script_sha = await self.redis.script_load(_GCRA)
-        try:
-            return await self.redis.evalsha(self._script_sha, 1, key, interval_ms, tolerance_ms)
-        except NoScriptError:
-            # Redis restarted and lost its script cache.
-            self._script_sha = await self.redis.script_load(_GCRA)
-            return await self.redis.evalsha(self._script_sha, 1, key, interval_ms, tolerance_ms)
+        result: list[int] = await self._gcra(keys=[key], args=[interval_ms, tolerance_ms])
+        return result
 
     def _redis_down(self, method: str, limit: Limit) -> Decision:
         refuse = self.redis_down_policy == "closed" or (self.redis_down_policy == "reads-open" and method in WRITES)
@@ -214,6 +209,8 @@ class RateLimiter:
         return Decision(not refuse, limit.per_hour, 0, 1, 1 if refuse else 0, f"redis_down_{decision}")
 
     async def _count_refusal(self, user_id: str) -> None:
+        if self.redis is None:
+            return
         key = f"rl:refusals:{user_id}"
         try:
             refusals = await self.redis.incr(key)

@@ -65,9 +65,8 @@ def sha256_hex(data: bytes) -> str:
 async def http(
     method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b""
 ) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, url, headers=headers, data=body) as response:
-            return response.status, dict(response.headers), await response.read()
+    async with aiohttp.ClientSession() as session, session.request(method, url, headers=headers, data=body) as response:
+        return response.status, dict(response.headers), await response.read()
 
 
 async def stream(data: bytes, chunk_size: int = MiB) -> AsyncIterator[bytes]:
@@ -115,7 +114,7 @@ async def test_presigned_put_signs_every_header_it_returns(store: S3BlobStore, k
 
 
 async def test_presign_put_rejects_a_malformed_sha256(store: S3BlobStore, key: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sha256 must be 64 lowercase hex digits"):
         await store.presign_put(key, size_bytes=1, content_type="image/png", sha256="AB" * 32, expires_in=60)
 
 
@@ -136,7 +135,8 @@ async def test_put_of_bytes_not_matching_the_declared_sha256_cannot_pass_finaliz
         assert await store.stat(key) is None
     else:
         info = await store.stat(key)
-        assert info is not None and info.sha256 != sha256_hex(declared)
+        assert info is not None
+        assert info.sha256 != sha256_hex(declared)
         assert (await store.inspect(key, 0)).sha256 == sha256_hex(sent)
 
 
@@ -153,7 +153,8 @@ async def test_put_of_another_length_than_signed_cannot_pass_finalize(store: S3B
         assert await store.stat(key) is None
     else:
         info = await store.stat(key)
-        assert info is not None and info.size == len(longer) != len(data)
+        assert info is not None
+        assert info.size == len(longer) != len(data)
 
 
 async def test_presigned_put_cannot_replace_an_existing_object(store: S3BlobStore, key: str) -> None:
@@ -184,7 +185,8 @@ async def test_small_write_is_one_put_and_round_trips(store: S3BlobStore, raw_s3
     assert await store.write(key, stream(data, 30_000), content_type="image/png") == len(data)
 
     info = await store.stat(key)
-    assert info is not None and info.size == len(data)
+    assert info is not None
+    assert info.size == len(data)
     assert (await store.inspect(key, 0)).sha256 == sha256_hex(data)
     head = await raw_s3.head_object(Bucket=BUCKET, Key=key)
     assert head["ContentType"] == "image/png"
@@ -206,7 +208,8 @@ async def test_large_write_is_multipart_and_round_trips(store: S3BlobStore, raw_
     assert await store.write(key, stream(data), content_type="video/mp4") == len(data)
 
     info = await store.stat(key)
-    assert info is not None and info.size == len(data)
+    assert info is not None
+    assert info.size == len(data)
     assert info.sha256 is None, "no full-object SHA-256 is recorded for a multipart upload"
     assert (await store.inspect(key, 0)).sha256 == sha256_hex(data)
     assert (await store.inspect(key, 64)).head == data[:64]
@@ -267,7 +270,7 @@ async def test_keys_are_checked(store: S3BlobStore) -> None:
         lambda: store.delete(""),
         lambda: store.presign_get("a//b", expires_in=60),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid object key"):
             await call()
 
 

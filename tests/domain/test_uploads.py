@@ -101,7 +101,8 @@ async def test_a_batch_gives_each_call_the_answer_it_would_get_alone(pool, blobs
     assert await reserved_bytes(pool, newcomer) == SIZE
     placed = [r for r in nearly_full_results if isinstance(r, uploads.BeginResult)]
     refused = [r for r in nearly_full_results if isinstance(r, StorageLimitReached)]
-    assert len(placed) == 1 and len(refused) == 1
+    assert len(placed) == 1
+    assert len(refused) == 1
     assert await reserved_bytes(pool, nearly_full) == SIZE
     assert await reserved_bytes(pool, frozen) == 0
     assert await ledger.audit(pool) == []
@@ -228,7 +229,8 @@ async def test_concurrent_finalizes_commit_together_and_each_gets_its_own_answer
     outcomes = await asyncio.gather(*(finalize(b) for b in begun))
     for i, outcome in enumerate(outcomes):
         if i % 5:
-            assert outcome.state == "finalized" and outcome.media_id is not None
+            assert outcome.state == "finalized"
+            assert outcome.media_id is not None
         else:
             assert outcome == "CHECKSUM_MISMATCH"
     expected_used = {u: 0 for u in users}

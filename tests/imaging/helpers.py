@@ -58,8 +58,10 @@ def check_variants(result: TranscodeResult, names: set[str]) -> dict[str, Image.
         assert image.format == FORMATS[variant.content_type], variant.name
         assert image.size == (variant.width, variant.height), variant.name
         assert len(variant.data) <= spec.max_bytes, variant.name
-        assert variant.width <= spec.box and variant.height <= spec.box, variant.name
-        assert variant.width <= result.width and variant.height <= result.height, f"{variant.name} upscaled"
+        assert variant.width <= spec.box, variant.name
+        assert variant.height <= spec.box, variant.name
+        assert variant.width <= result.width, f"{variant.name} upscaled"
+        assert variant.height <= result.height, f"{variant.name} upscaled"
         assert aspect_kept(variant.width, variant.height, result.width, result.height), variant.name
         assert_no_metadata(image, variant.data)
         decoded[variant.name] = image

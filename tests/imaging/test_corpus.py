@@ -100,7 +100,8 @@ def test_gps_exif_is_in_the_source_and_in_no_variant() -> None:
 def test_transparency_is_kept_in_webp(relative: str) -> None:
     result = transcoded(relative)
     for name, image in check_variants(result, IMAGE_VARIANTS).items():
-        assert image.format == "WEBP" and image.mode == "RGBA", name
+        assert image.format == "WEBP", name
+        assert image.mode == "RGBA", name
         assert image.getchannel("A").getextrema()[0] < 255, f"{name} lost its transparency"
 
 
@@ -109,7 +110,8 @@ def test_other_formats_make_jpeg_variants(relative: str) -> None:
     result = transcoded(relative)
     assert result.kind == "image"
     for name, image in check_variants(result, IMAGE_VARIANTS).items():
-        assert image.format == "JPEG" and image.mode == "RGB", name
+        assert image.format == "JPEG", name
+        assert image.mode == "RGB", name
 
 
 def test_small_images_are_never_upscaled() -> None:

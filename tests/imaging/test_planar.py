@@ -113,7 +113,8 @@ def test_photos_larger_than_the_display_box_are_resized_in_their_planes(
     assert (result.width, result.height) == upright.size
     variants = check_variants(result, IMAGE_VARIANTS)
     display = variants["display"]
-    assert display.size == (planes.width, planes.height) and max(display.size) == 4000
+    assert display.size == (planes.width, planes.height)
+    assert max(display.size) == 4000
     for name, variant in variants.items():
         assert mean_difference(variant, upright) < 2.0, name
 
@@ -176,7 +177,8 @@ def test_jpegs_the_planes_cannot_serve_go_through_rgb() -> None:
         jpeg(quadrants((900, 700)), "4:2:0"),
     ):
         picture = decoded(data)
-        assert isinstance(picture, Image.Image) and picture.mode == "RGB"
+        assert isinstance(picture, Image.Image)
+        assert picture.mode == "RGB"
         check_variants(transcode(data, "image/jpeg"), IMAGE_VARIANTS)
 
 
@@ -210,10 +212,12 @@ def test_display_over_budget_at_the_quality_floor_shrinks_through_rgb(box: int) 
     tight = VariantSpec("display", box=box, quality=90, max_bytes=60_000, optimize=False)
     variants = VariantSet(image=(THUMBNAIL, tight), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
     planes = decode_image(data, "image/jpeg", DEFAULT_LIMITS, variants.image).image
-    assert isinstance(planes, Planes) and (planes.width, planes.height) == fit(1600, 1200, box)
+    assert isinstance(planes, Planes)
+    assert (planes.width, planes.height) == fit(1600, 1200, box)
     display = next(v for v in transcode(data, "image/jpeg", variants=variants).variants if v.name == "display")
     assert len(display.data) <= tight.max_bytes
-    assert display.width < planes.width and open_variant(display.data).size == (display.width, display.height)
+    assert display.width < planes.width
+    assert open_variant(display.data).size == (display.width, display.height)
     # The RGB picture it shrank was the planes' own, colours and all.
     assert mean_difference(open_variant(display.data), photo) < 3.0
 

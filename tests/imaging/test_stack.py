@@ -19,7 +19,8 @@ def test_pil_is_pillow_simd() -> None:
     assert PIL.__version__ == importlib.metadata.version("pillow-simd")
     assert ".post" in PIL.__version__
     owned = {str(f) for f in importlib.metadata.distribution("pillow-simd").files}
-    assert "PIL/__init__.py" in owned and "PIL/_imaging.cpython-311-x86_64-linux-gnu.so" in owned
+    assert "PIL/__init__.py" in owned
+    assert "PIL/_imaging.cpython-311-x86_64-linux-gnu.so" in owned
 
 
 def test_pillow_heif_did_not_pull_stock_pillow() -> None:

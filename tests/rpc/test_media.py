@@ -23,7 +23,8 @@ async def test_photo_becomes_upright_variants_within_budget(storage, media, auth
     done = await upload(storage, md, data, filename="rommel.jpg")
     item = await settled(media, md, done.media_id)
     assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
-    assert item.kind == mpb.MEDIA_KIND_IMAGE and item.attempts == 1
+    assert item.kind == mpb.MEDIA_KIND_IMAGE
+    assert item.attempts == 1
     assert (item.width, item.height) == (2304, 3072), "EXIF orientation 6 makes it portrait"
     variants = {v.name: v for v in item.variants}
     assert set(variants) == {"thumbnail", "preview", "display"}
@@ -31,12 +32,14 @@ async def test_photo_becomes_upright_variants_within_budget(storage, media, auth
     for name, box, budget in (("thumbnail", 300, 40_000), ("preview", 600, 100_000), ("display", 4000, 2_000_000)):
         variant = variants[name]
         status, body, headers = await fetch(variant.url)
-        assert status == 200 and len(body) == variant.size_bytes <= budget
+        assert status == 200
+        assert len(body) == variant.size_bytes <= budget
         assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
         assert headers["Content-Type"] == variant.content_type
         picture = Image.open(io.BytesIO(body))
         assert picture.size == (variant.width, variant.height)
-        assert max(picture.size) <= box and picture.height > picture.width
+        assert max(picture.size) <= box
+        assert picture.height > picture.width
         assert not picture.getexif()
         not_modified, _, _ = await fetch(variant.url, {"If-None-Match": headers["ETag"]})
         assert not_modified == 304
@@ -109,13 +112,17 @@ async def test_etag_answers_not_modified_until_the_feed_changes(storage, media, 
     for done in (first, second):
         await settled(media, md, done.media_id)
     page = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
-    assert page.etag and len(page.media) == 2
+    assert page.etag
+    assert len(page.media) == 2
     same = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
-    assert same.not_modified and not same.media and same.etag == page.etag
+    assert same.not_modified
+    assert not same.media
+    assert same.etag == page.etag
 
     await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=first.media_id), metadata=md)
     changed = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
-    assert not changed.not_modified and changed.etag != page.etag
+    assert not changed.not_modified
+    assert changed.etag != page.etag
     assert [m.media_id for m in changed.media] != [m.media_id for m in page.media]
     assert first.media_id not in {m.media_id for m in changed.media}
 
@@ -160,10 +167,12 @@ async def test_save_makes_ephemeral_media_permanent(storage, media, auth, user_i
     md = auth(user_id)
     done = await upload(storage, md, fake_jpeg(2500), retention=pb.RETENTION_EPHEMERAL)
     item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
-    assert item.retention == pb.RETENTION_EPHEMERAL and item.HasField("expires_at")
+    assert item.retention == pb.RETENTION_EPHEMERAL
+    assert item.HasField("expires_at")
     saved = (await media.SaveMedia(mpb.SaveMediaRequest(media_id=done.media_id), metadata=md)).media
     assert saved.retention == pb.RETENTION_PERMANENT
-    assert saved.HasField("saved_at") and not saved.HasField("expires_at")
+    assert saved.HasField("saved_at")
+    assert not saved.HasField("expires_at")
 
 
 async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, auth, user_id, worker, pool):
@@ -176,7 +185,8 @@ async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, aut
     second = await settled(media, md, done.media_id)
     assert second.processing_status == mpb.PROCESSING_STATUS_COMPLETE
     keys = [r["object_key"] for r in await pool.fetch("SELECT object_key FROM media_variants WHERE media_id = $1::uuid", done.media_id)]
-    assert len(keys) == 3 and all("/v1/" in k for k in keys)
+    assert len(keys) == 3
+    assert all("/v1/" in k for k in keys)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=auth("someone"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

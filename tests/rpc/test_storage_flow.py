@@ -32,7 +32,8 @@ async def test_begin_put_finalize_commits_bytes_and_creates_media(storage, auth,
     assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
     done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
     assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
-    assert done.media_id and done.upload.media_id == done.media_id
+    assert done.media_id
+    assert done.upload.media_id == done.media_id
 
     after = await summary(storage, md)
     assert (after.reserved_bytes, after.used_bytes, after.media_count, after.pending_uploads) == (0, len(data), 1, 0)
@@ -75,7 +76,8 @@ async def test_verification_failure_fails_upload_and_releases(storage, auth, use
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(caught.value).reason == reason
     got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)).upload
-    assert got.state == pb.UPLOAD_STATE_FAILED and got.failure_reason == reason
+    assert got.state == pb.UPLOAD_STATE_FAILED
+    assert got.failure_reason == reason
     after = await summary(storage, md)
     assert (after.reserved_bytes, after.used_bytes, after.pending_uploads) == (0, 0, 0)
     object_key = f"originals/{begun.upload.upload_id.replace('-', '')[:2]}/{begun.upload.upload_id.replace('-', '')}"
@@ -166,7 +168,8 @@ async def test_concurrent_finalize_and_fail_end_in_exactly_one_outcome(storage, 
     if final.state == pb.UPLOAD_STATE_FINALIZED:
         assert kinds == ["reserve", "commit"]
         assert figures.used_bytes == len(data)
-        assert isinstance(results[1], grpc.aio.AioRpcError) and error_info(results[1]).reason == "UPLOAD_NOT_PENDING"
+        assert isinstance(results[1], grpc.aio.AioRpcError)
+        assert error_info(results[1]).reason == "UPLOAD_NOT_PENDING"
         assert results[0].media_id == results[2].media_id == final.media_id
     else:
         assert final.state == pb.UPLOAD_STATE_FAILED
@@ -283,14 +286,16 @@ async def test_second_upload_that_does_not_fit_fails_at_begin(storage, auth, use
         await begin(storage, md, fake_jpeg(6000))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = error_info(caught.value)
-    assert info.reason == "STORAGE_LIMIT_REACHED" and info.domain == "mediavault"
+    assert info.reason == "STORAGE_LIMIT_REACHED"
+    assert info.domain == "mediavault"
     assert info.metadata["available_bytes"] == "4000"
 
 
 async def test_frozen_account_cannot_begin(storage, auth, user_id):
     admin = auth("ops", "admin")
     frozen = await storage.FreezeAccount(pb.FreezeAccountRequest(user_id=user_id, reason="chargeback"), metadata=admin)
-    assert frozen.account.frozen and frozen.account.frozen_reason == "chargeback"
+    assert frozen.account.frozen
+    assert frozen.account.frozen_reason == "chargeback"
     assert frozen.account.frozen_at.seconds > 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await begin(storage, auth(user_id), fake_jpeg(100))
@@ -299,7 +304,8 @@ async def test_frozen_account_cannot_begin(storage, auth, user_id):
     assert (await summary(storage, auth(user_id))).frozen
 
     thawed = await storage.UnfreezeAccount(pb.UnfreezeAccountRequest(user_id=user_id), metadata=admin)
-    assert not thawed.account.frozen and not thawed.account.HasField("frozen_at")
+    assert not thawed.account.frozen
+    assert not thawed.account.HasField("frozen_at")
     await begin(storage, auth(user_id), fake_jpeg(100))
 
 

@@ -26,9 +26,8 @@ async def s3_settings(make_settings):
 
 @pytest.fixture(scope="module")
 async def s3_storage(s3_settings):
-    async with running(s3_settings) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            yield storage_pb2_grpc.StorageServiceStub(channel), server
+    async with running(s3_settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield storage_pb2_grpc.StorageServiceStub(channel), server
 
 
 async def test_begin_put_finalize_on_s3(s3_storage, auth, user_id, pool):
@@ -43,9 +42,11 @@ async def test_begin_put_finalize_on_s3(s3_storage, auth, user_id, pool):
     assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
     row = await pool.fetchrow("SELECT object_key, sha256 FROM media WHERE media_id = $1::uuid", done.media_id)
     assert row["sha256"] == sha256_hex(data)
-    async with aiohttp.ClientSession() as session:
-        async with session.get(await server.blobs.presign_get(row["object_key"], expires_in=60)) as response:
-            assert await response.read() == data
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(await server.blobs.presign_get(row["object_key"], expires_in=60)) as response,
+    ):
+        assert await response.read() == data
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
     assert (summary.used_bytes, summary.reserved_bytes) == (len(data), 0)
 

@@ -58,10 +58,13 @@ async def test_lapsed_reservations_are_released_and_objects_deleted(ctx, storage
     await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1::uuid", lapsed.upload.upload_id)
 
     report = await run_job(ctx, "reclaim_stale_uploads")
-    assert report.changed >= 1 and report.freed_bytes >= len(data) and report.errors == 0
+    assert report.changed >= 1
+    assert report.freed_bytes >= len(data)
+    assert report.errors == 0
 
     got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=lapsed.upload.upload_id), metadata=md)).upload
-    assert got.state == pb.UPLOAD_STATE_EXPIRED and got.failure_reason == "EXPIRED"
+    assert got.state == pb.UPLOAD_STATE_EXPIRED
+    assert got.failure_reason == "EXPIRED"
     assert await state_of(pool, fresh.upload.upload_id) == "pending"
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
     assert summary.reserved_bytes == len(data)
@@ -163,10 +166,13 @@ async def test_expired_ephemeral_media_goes_with_its_blobs_and_saved_media_stays
     permanent = await seed_media(pool, blobs, user_id, 3, retention="permanent", expired=False)
 
     report = await run_job(ctx, "expire_ephemeral_media")
-    assert report.errors == 0 and report.changed >= 30 and report.freed_bytes >= 3000
+    assert report.errors == 0
+    assert report.changed >= 30
+    assert report.freed_bytes >= 3000
     for media_id in doomed:
         row = await pool.fetchrow("SELECT deleted_at, purged_at FROM media WHERE media_id = $1", media_id)
-        assert row["deleted_at"] and row["purged_at"]
+        assert row["deleted_at"]
+        assert row["purged_at"]
         assert await blobs_exist(blobs, media_id) == (False, False)
     for media_id in not_yet + saved + permanent:
         assert await pool.fetchval("SELECT deleted_at FROM media WHERE media_id = $1", media_id) is None
@@ -186,11 +192,13 @@ async def test_purge_waits_for_the_grace_period_and_keeps_tombstones(ctx, storag
 
     await pool.execute("UPDATE media SET purge_after = now() - interval '1 second' WHERE media_id = ANY($1::uuid[])", ids[:2])
     report = await run_job(ctx, "purge_deleted_media")
-    assert report.errors == 0 and report.details["purged"] >= 2
+    assert report.errors == 0
+    assert report.details["purged"] >= 2
     for media_id in ids[:2]:
         assert await blobs_exist(blobs, media_id) == (False, False)
         row = await pool.fetchrow("SELECT purged_at, deleted_at FROM media WHERE media_id = $1", media_id)
-        assert row["purged_at"] and row["deleted_at"], "the row stays as a tombstone"
+        assert row["purged_at"], "the row stays as a tombstone"
+        assert row["deleted_at"], "the row stays as a tombstone"
         assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1", media_id) == 0
     for media_id in ids[2:]:
         assert await blobs_exist(blobs, media_id) == (True, True)
@@ -233,9 +241,13 @@ async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, u
     await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", retry.media_id)
 
     report = await run_job(ctx, "fail_stuck_processing")
-    assert report.errors == 0 and report.changed >= 2 and report.details["failed"] >= 1
+    assert report.errors == 0
+    assert report.changed >= 2
+    assert report.details["failed"] >= 1
     done = await settled(media, md, retry.media_id)
-    assert done.processing_status == mpb.PROCESSING_STATUS_COMPLETE and done.attempts == 2 and len(done.variants) == 3
+    assert done.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+    assert done.attempts == 2
+    assert len(done.variants) == 3
     failed = (await media.GetMedia(mpb.GetMediaRequest(media_id=exhausted.media_id), metadata=md)).media
     assert failed.processing_status == mpb.PROCESSING_STATUS_FAILED
     assert failed.processing_error == "processing did not finish"
@@ -253,9 +265,11 @@ async def test_a_stuck_run_whose_job_id_arq_remembers_runs_again(ctx, storage, m
     await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", done.media_id)
 
     report = await run_job(ctx, "fail_stuck_processing")
-    assert report.errors == 0 and report.details["requeued"] >= 1
+    assert report.errors == 0
+    assert report.details["requeued"] >= 1
     item = await settled(media, md, done.media_id, timeout=30)
-    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE and len(item.variants) == 3
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+    assert len(item.variants) == 3
     assert await pool.fetchval("SELECT requeues FROM media WHERE media_id = $1", uuid.UUID(done.media_id)) == 1
 
 
@@ -271,7 +285,8 @@ async def test_a_sweep_that_cannot_queue_a_run_does_not_count_it_changed(ctx, st
         report = await run_job({**ctx, "transcodes": TranscodeQueue(unreachable)}, "fail_stuck_processing")
     finally:
         await unreachable.aclose()
-    assert report.errors >= 1 and report.changed == 0
+    assert report.errors >= 1
+    assert report.changed == 0
     assert await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) == "pending"
 
 
@@ -282,7 +297,8 @@ async def test_old_telemetry_is_pruned(ctx, pool, user_id):
         "SELECT $1, $2, 'impression', now(), now() - make_interval(days => d) FROM generate_series(1, 40) AS d",
         user_id, media_id)
     report = await run_job(ctx, "prune_telemetry")
-    assert report.changed >= 10 and report.errors == 0
+    assert report.changed >= 10
+    assert report.errors == 0
     left = await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id)
     assert left == 29
 
@@ -310,7 +326,8 @@ async def test_dry_run_changes_nothing(ctx, pool, user_id, name):
     await soft_delete(pool, [expired[1]], -3600)
     before = await snapshot(pool)
     report = await run_job(ctx, name, dry_run=True)
-    assert report.dry_run and report.errors == 0
+    assert report.dry_run
+    assert report.errors == 0
     if name in ("expire_ephemeral_media", "fail_stuck_processing", "purge_deleted_media"):
         assert report.changed >= 1, "a dry run reports what it would change"
     assert await snapshot(pool) == before
@@ -375,7 +392,8 @@ async def test_runners_with_many_lanes_over_shared_accounts_never_deadlock(make_
     releases = await pool.fetch(
         "SELECT upload_id, count(*) AS n FROM ledger_entries WHERE kind = 'release' AND user_id = ANY($1::text[]) "
         "GROUP BY upload_id", owner_ids)
-    assert len(releases) == 1200 and {r["n"] for r in releases} == {1}
+    assert len(releases) == 1200
+    assert {r["n"] for r in releases} == {1}
     assert await pool.fetchval("SELECT sum(reserved_bytes) FROM accounts WHERE user_id = ANY($1::text[])", owner_ids) == 0
 
     media_ids = []
@@ -391,8 +409,8 @@ async def test_runners_with_many_lanes_over_shared_accounts_never_deadlock(make_
 
 
 def test_a_lane_is_one_share_of_the_accounts():
-    assert cleanup.ALL == cleanup.Lane(0, 1)
-    with pytest.raises(ValueError):
+    assert cleanup.Lane(0, 1) == cleanup.ALL
+    with pytest.raises(ValueError, match="lane 2 of 2"):
         cleanup.Lane(2, 2)
 
 
@@ -409,7 +427,9 @@ async def test_saved_canaries_survive_every_job_run_by_two_workers(make_ctx, poo
         assert await ledger.audit(pool) == [], f"books add up after {name}"
     for media_id in canaries:
         row = await pool.fetchrow("SELECT deleted_at, purged_at, processing_status FROM media WHERE media_id = $1", media_id)
-        assert row["deleted_at"] is None and row["purged_at"] is None and row["processing_status"] == "complete"
+        assert row["deleted_at"] is None
+        assert row["purged_at"] is None
+        assert row["processing_status"] == "complete"
         assert await blobs_exist(blobs, media_id) == (True, True)
     assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL", candidates) == 0
     assert await ledger.audit(pool) == []
@@ -426,9 +446,11 @@ async def test_jobs_cli_dry_run_prints_a_report(database_url, redis_url, server)
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["job"] == "reclaim_stale_uploads" and report["dry_run"] is True
+    assert report["job"] == "reclaim_stale_uploads"
+    assert report["dry_run"] is True
     listed = await asyncio.to_thread(mediavault, "jobs", "list")
-    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(JOBS)
+    assert listed.returncode == 0
+    assert len(listed.stdout.splitlines()) == len(JOBS)
 
 
 async def test_a_failing_item_never_stops_the_run(ctx, pool, user_id):
@@ -470,7 +492,8 @@ async def test_blob_delete_failure_is_retried_next_run_and_loses_nothing(make_ct
         await moto.start()
         await ctx["blobs"].ensure_bucket()
         retried = await run_job(ctx, "purge_deleted_media")
-        assert retried.errors == 0 and retried.details["purged"] >= 5
+        assert retried.errors == 0
+        assert retried.details["purged"] >= 5
         assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL", doomed) == 0
         assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND deleted_at IS NULL", kept) == 3
 
@@ -491,8 +514,10 @@ async def test_orphans_are_quarantined_then_deleted_and_missing_originals_report
     await blobs.delete(f"originals/{missing.hex[:2]}/{missing.hex}")
 
     first = await run_job(ctx, "sweep_orphan_blobs")
-    assert first.details["quarantined"] >= 1 and first.details["originals_missing"] >= 1
-    assert await blobs.stat(orphan) is None and await blobs.stat("quarantine/" + orphan) is not None
+    assert first.details["quarantined"] >= 1
+    assert first.details["originals_missing"] >= 1
+    assert await blobs.stat(orphan) is None
+    assert await blobs.stat("quarantine/" + orphan) is not None
     assert await blobs.stat(fresh_orphan) is not None, "younger than the grace period: maybe an upload in flight"
     assert all([await blobs_exist(blobs, m) == (True, True) for m in owned])
     row = await pool.fetchrow("SELECT processing_status, processing_error FROM media WHERE media_id = $1", missing)

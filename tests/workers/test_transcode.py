@@ -56,46 +56,45 @@ def is_alive(pid: int) -> bool:
 
 async def test_worker_killed_mid_job_is_rerun_and_completes_once(make_settings, auth, user_id, pool):
     settings = make_settings(queue_name=f"kill-test:{user_id}")
-    async with running(settings) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            from mediavault.storage.v1 import storage_pb2_grpc
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        from mediavault.storage.v1 import storage_pb2_grpc
 
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
-            media = media_pb2_grpc.MediaServiceStub(channel)
-            md = auth(user_id)
-            data = (CORPUS / "images/camera/jolla.jpg").read_bytes()
-            done = await upload(storage, md, data, filename="jolla.jpg")
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        media = media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        data = (CORPUS / "images/camera/jolla.jpg").read_bytes()
+        done = await upload(storage, md, data, filename="jolla.jpg")
 
-            first = start_worker(settings)
-            try:
-                deadline = time.monotonic() + 30
-                while await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) != "processing":
-                    assert time.monotonic() < deadline, "the first worker never claimed the job"
-                    await asyncio.sleep(0.005)
-                pool_processes = children_of(first.pid)
-                assert pool_processes, "the job runs in a pool process"
-                first.send_signal(signal.SIGKILL)
-            finally:
-                first.wait()
-            assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
-            deadline = time.monotonic() + 10
-            while any(is_alive(pid) for pid in pool_processes):
-                assert time.monotonic() < deadline, "the killed worker's pool process outlived it"
-                await asyncio.sleep(0.05)
+        first = start_worker(settings)
+        try:
+            deadline = time.monotonic() + 30
+            while await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) != "processing":
+                assert time.monotonic() < deadline, "the first worker never claimed the job"
+                await asyncio.sleep(0.005)
+            pool_processes = children_of(first.pid)
+            assert pool_processes, "the job runs in a pool process"
+            first.send_signal(signal.SIGKILL)
+        finally:
+            first.wait()
+        assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
+        deadline = time.monotonic() + 10
+        while any(is_alive(pid) for pid in pool_processes):
+            assert time.monotonic() < deadline, "the killed worker's pool process outlived it"
+            await asyncio.sleep(0.05)
 
-            second = start_worker(settings)
-            try:
-                deadline = time.monotonic() + 60
-                while True:
-                    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
-                    if item.processing_status == mpb.PROCESSING_STATUS_COMPLETE:
-                        break
-                    assert item.processing_status != mpb.PROCESSING_STATUS_FAILED, item.processing_error
-                    assert time.monotonic() < deadline, "the rerun never completed"
-                    await asyncio.sleep(0.1)
-            finally:
-                second.terminate()
-                second.wait()
+        second = start_worker(settings)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+                if item.processing_status == mpb.PROCESSING_STATUS_COMPLETE:
+                    break
+                assert item.processing_status != mpb.PROCESSING_STATUS_FAILED, item.processing_error
+                assert time.monotonic() < deadline, "the rerun never completed"
+                await asyncio.sleep(0.1)
+        finally:
+            second.terminate()
+            second.wait()
     assert item.attempts == 2
     rows = await pool.fetch("SELECT name, object_key FROM media_variants WHERE media_id = $1::uuid", done.media_id)
     assert sorted(r["name"] for r in rows) == ["display", "preview", "thumbnail"]
@@ -124,20 +123,19 @@ async def test_feed_is_served_from_postgres_when_redis_is_down(make_settings, au
     redis.start()
     try:
         settings = make_settings(redis_url=redis.connection_url)
-        async with running(settings) as server:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                storage = storage_pb2_grpc.StorageServiceStub(channel)
-                media = media_pb2_grpc.MediaServiceStub(channel)
-                md = auth(user_id)
-                first = await upload(storage, md, fake_jpeg(1111))
-                cached = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
-                assert [m.media_id for m in cached.media] == [first.media_id]
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            media = media_pb2_grpc.MediaServiceStub(channel)
+            md = auth(user_id)
+            first = await upload(storage, md, fake_jpeg(1111))
+            cached = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+            assert [m.media_id for m in cached.media] == [first.media_id]
 
-                redis.stop()
-                second = await upload(storage, md, fake_jpeg(2222))
-                served = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
-                assert [m.media_id for m in served.media] == [second.media_id, first.media_id]
-                assert served.etag != cached.etag
+            redis.stop()
+            second = await upload(storage, md, fake_jpeg(2222))
+            served = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+            assert [m.media_id for m in served.media] == [second.media_id, first.media_id]
+            assert served.etag != cached.etag
     finally:
         if redis.is_running():
             redis.stop()
@@ -149,22 +147,25 @@ async def test_transient_failures_retry_with_backoff_then_fail(make_settings, au
     from tests.helpers import settled
 
     settings = make_settings(queue_name=f"retry-test:{user_id}", transcode_retry_base_seconds=0.2)
-    async with running(settings) as server, running_worker(settings):
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
-            media = media_pb2_grpc.MediaServiceStub(channel)
-            md = auth(user_id)
-            data = (CORPUS / "images/formats/hopper.jpg").read_bytes()
-            done = await upload(storage, md, data)
-            key = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", done.media_id)
-            (settings.blob_dir / key).unlink(missing_ok=True)
-            seen_retry = False
-            deadline = time.monotonic() + 30
-            while not seen_retry and time.monotonic() < deadline:
-                row = await pool.fetchrow("SELECT processing_error, next_attempt_at FROM media WHERE media_id = $1::uuid", done.media_id)
-                seen_retry = row["next_attempt_at"] is not None and row["processing_error"] == "temporary error, retrying"
-                await asyncio.sleep(0.01)
-            assert seen_retry, "a transient failure schedules the next attempt"
-            item = await settled(media, md, done.media_id, timeout=30)
+    async with (
+        running(settings) as server,
+        running_worker(settings),
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        media = media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        data = (CORPUS / "images/formats/hopper.jpg").read_bytes()
+        done = await upload(storage, md, data)
+        key = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", done.media_id)
+        (settings.blob_dir / key).unlink(missing_ok=True)
+        seen_retry = False
+        deadline = time.monotonic() + 30
+        while not seen_retry and time.monotonic() < deadline:
+            row = await pool.fetchrow("SELECT processing_error, next_attempt_at FROM media WHERE media_id = $1::uuid", done.media_id)
+            seen_retry = row["next_attempt_at"] is not None and row["processing_error"] == "temporary error, retrying"
+            await asyncio.sleep(0.01)
+        assert seen_retry, "a transient failure schedules the next attempt"
+        item = await settled(media, md, done.media_id, timeout=30)
     assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
     assert (item.attempts, item.processing_error) == (3, "processing failed, try again later")

@@ -24,64 +24,80 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
+_STORE = web.AppKey("store", FsBlobStore)
+
+
 def create_app(store: FsBlobStore) -> web.Application:
-    async def put_object(request: web.Request) -> web.StreamResponse:
-        key = request.match_info["key"]
-        problem = store.signer.verify("PUT", key, dict(request.query))
-        if problem:
-            return _error(403, "SignatureDoesNotMatch" if "signature" in problem else "AccessDenied", problem)
-        signed_length = int(request.query.get("X-Length", "-1"))
-        if request.content_length is None:
-            return _error(411, "MissingContentLength", "Content-Length is required")
-        if request.content_length != signed_length:
-            return _error(403, "SignatureDoesNotMatch", "Content-Length differs from the signed length")
-        if request.headers.get("Content-Type", "") != request.query.get("X-Content-Type", ""):
-            return _error(403, "SignatureDoesNotMatch", "Content-Type differs from the signed type")
-        if store.exists(key):
-            return _error(412, "PreconditionFailed", "object already uploaded")
-
-        tmp = store.new_temp_file()
-        received = 0
-        try:
-            with open(tmp, "wb") as f:
-                while chunk := await request.content.read(_CHUNK):
-                    received += len(chunk)
-                    if received > signed_length:
-                        return _error(400, "EntityTooLarge", "body exceeds the signed length")
-                    f.write(chunk)
-            if received != signed_length:
-                return _error(400, "IncompleteBody", "body shorter than the signed length")
-            if not store.publish_new(tmp, key):
-                return _error(412, "PreconditionFailed", "object already uploaded")
-        finally:
-            remove_quietly(tmp)
-        return web.Response(status=200)
-
-    async def get_object(request: web.Request) -> web.StreamResponse:
-        key = request.match_info["key"]
-        problem = store.signer.verify("GET", key, dict(request.query))
-        if problem:
-            return _error(403, "AccessDenied", problem)
-        path = store.path(key)
-        if not path.is_file():
-            return _error(404, "NoSuchKey", "no such object")
-        # FileResponse answers If-None-Match with 304 from its ETag (mtime and size).
-        response = web.FileResponse(path, chunk_size=_CHUNK)
-        content_type = request.query.get("X-Content-Type")
-        if content_type:
-            response.content_type = content_type
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        if key.startswith(IMMUTABLE_PREFIX):
-            response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
-        else:
-            response.headers["Cache-Control"] = "private, max-age=3600"
-        return response
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     app = web.Application(client_max_size=0)
-    app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", put_object)
-    app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", get_object)
-    app.router.add_get("/healthz", healthz)
+    app[_STORE] = store
+    app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object)
+    app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
+    app.router.add_get("/healthz", _healthz)
     return app
+
+
+def _put_refusal(request: web.Request, store: FsBlobStore, key: str) -> web.Response | None:
+    """Why the PUT may not store its body under key, as the error response; None when it may."""
+    problem = store.signer.verify("PUT", key, dict(request.query))
+    if problem:
+        return _error(403, "SignatureDoesNotMatch" if "signature" in problem else "AccessDenied", problem)
+    if request.content_length is None:
+        return _error(411, "MissingContentLength", "Content-Length is required")
+    if request.content_length != int(request.query.get("X-Length", "-1")):
+        return _error(403, "SignatureDoesNotMatch", "Content-Length differs from the signed length")
+    if request.headers.get("Content-Type", "") != request.query.get("X-Content-Type", ""):
+        return _error(403, "SignatureDoesNotMatch", "Content-Type differs from the signed type")
+    if store.exists(key):
+        return _error(412, "PreconditionFailed", "object already uploaded")
+    return None
+
+
+async def _put_object(request: web.Request) -> web.StreamResponse:
+    store = request.app[_STORE]
+    key = request.match_info["key"]
+    refusal = _put_refusal(request, store, key)
+    if refusal is not None:
+        return refusal
+    signed_length = int(request.query["X-Length"])
+    tmp = store.new_temp_file()
+    received = 0
+    try:
+        with open(tmp, "wb") as f:
+            while chunk := await request.content.read(_CHUNK):
+                received += len(chunk)
+                if received > signed_length:
+                    return _error(400, "EntityTooLarge", "body exceeds the signed length")
+                f.write(chunk)
+        if received != signed_length:
+            return _error(400, "IncompleteBody", "body shorter than the signed length")
+        if not store.publish_new(tmp, key):
+            return _error(412, "PreconditionFailed", "object already uploaded")
+    finally:
+        remove_quietly(tmp)
+    return web.Response(status=200)
+
+
+async def _get_object(request: web.Request) -> web.StreamResponse:
+    store = request.app[_STORE]
+    key = request.match_info["key"]
+    problem = store.signer.verify("GET", key, dict(request.query))
+    if problem:
+        return _error(403, "AccessDenied", problem)
+    path = store.path(key)
+    if not path.is_file():
+        return _error(404, "NoSuchKey", "no such object")
+    # FileResponse answers If-None-Match with 304 from its ETag (mtime and size).
+    response = web.FileResponse(path, chunk_size=_CHUNK)
+    content_type = request.query.get("X-Content-Type")
+    if content_type:
+        response.content_type = content_type
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if key.startswith(IMMUTABLE_PREFIX):
+        response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+    else:
+        response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.Response(text="ok")

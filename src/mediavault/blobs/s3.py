@@ -8,11 +8,11 @@ import hashlib
 import re
 from collections.abc import AsyncIterable, Iterator
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiohttp
-from botocore.config import Config
+from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mediavault.blobs.base import (
@@ -27,6 +27,10 @@ from mediavault.blobs.base import (
 )
 from mediavault.config import Settings
 
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef, HeadObjectOutputTypeDef
+
 # Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
 _PART_SIZE = 8 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
@@ -40,7 +44,7 @@ _S3_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
 
 
 class S3BlobStore:
-    def __init__(self, client: Any, bucket: str, exit_stack: contextlib.AsyncExitStack) -> None:
+    def __init__(self, client: S3Client, bucket: str, exit_stack: contextlib.AsyncExitStack) -> None:
         self._client = client
         self.bucket = bucket
         self._exit_stack = exit_stack
@@ -48,7 +52,7 @@ class S3BlobStore:
     @classmethod
     async def open(cls, settings: Settings) -> S3BlobStore:
         endpoint_url = settings.s3_endpoint_url or None
-        config = Config(
+        config = AioConfig(
             signature_version="s3v4",
             # Three jittered attempts instead of the legacy five: a dead endpoint fails fast.
             retries={"mode": "standard"},
@@ -181,7 +185,7 @@ class S3BlobStore:
         buffer = bytearray()
         size = 0
         upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
+        parts: list[CompletedPartTypeDef] = []
         with _translate_errors("write"):
             try:
                 async for chunk in chunks:
@@ -213,7 +217,7 @@ class S3BlobStore:
                 raise
         return size
 
-    async def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+    async def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> CompletedPartTypeDef:
         part = await self._client.upload_part(
             Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
         )
@@ -304,7 +308,7 @@ def _is_not_found(exc: ClientError) -> bool:
     return _error_code(exc) in _NOT_FOUND
 
 
-def _full_object_sha256(head: dict[str, Any]) -> str | None:
+def _full_object_sha256(head: HeadObjectOutputTypeDef) -> str | None:
     """The SHA-256 S3 verified on upload, if it covers the whole object.
 
     Multipart uploads record a checksum of the part checksums ("<base64>-<parts>"), which

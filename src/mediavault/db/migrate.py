@@ -19,7 +19,7 @@ MIGRATION_LOCK_ID = 0x6D766D6967726174
 
 def available_migrations() -> list[tuple[str, str]]:
     folder = resources.files("mediavault.db") / "migrations"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 

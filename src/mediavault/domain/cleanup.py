@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.blobs import ListedObject
 
@@ -62,6 +63,9 @@ _COUNT_PURGE_DUE = "SELECT count(*) FROM media WHERE deleted_at IS NOT NULL AND 
 # A purge claim outlives any sane blob deletion; a replica that died mid-purge has its
 # rows picked up again once the claim lapses.
 PURGE_CLAIM_SECONDS = 600
+
+# A connection of its own or one acquired from a pool, which asyncpg's types tell apart.
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Expiring claims the purge in the same statement (as _CLAIM_PURGE would), so the run
 # deletes the blobs straight after the commit instead of finding the rows again.
@@ -212,46 +216,46 @@ async def reclaim_stale_uploads(conn: asyncpg.Connection, batch_size: int, age_s
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
 
-async def expire_ephemeral_media(conn: asyncpg.Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
+async def expire_ephemeral_media(conn: Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
     """Deletes the batch and claims its purge; rows carry object_key and variant_keys like claim_purge's."""
     rows = await conn.fetch(_EXPIRE_EPHEMERAL, batch_size, float(age_seconds), lane.index, lane.count, float(PURGE_CLAIM_SECONDS))
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
 
-async def claim_purge(conn: asyncpg.Connection, batch_size: int) -> Batch:
+async def claim_purge(conn: Connection, batch_size: int) -> Batch:
     rows = await conn.fetch(_CLAIM_PURGE, batch_size, float(PURGE_CLAIM_SECONDS))
     return Batch(len(rows), 0, rows)
 
 
-async def mark_purged(conn: asyncpg.Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
+async def mark_purged(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
     await conn.execute(_MARK_PURGED, media_ids)
 
 
-async def release_purge_claim(conn: asyncpg.Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
+async def release_purge_claim(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
     await conn.execute(_RELEASE_PURGE_CLAIM, media_ids)
 
 
-async def fail_stuck_processing(conn: asyncpg.Connection, batch_size: int, age_seconds: int, max_attempts: int) -> Batch:
+async def fail_stuck_processing(conn: Connection, batch_size: int, age_seconds: int, max_attempts: int) -> Batch:
     rows = await conn.fetch(_STUCK, batch_size, float(age_seconds), max_attempts)
     return Batch(len(rows), 0, rows)
 
 
-async def prune_telemetry(conn: asyncpg.Connection, batch_size: int, age_seconds: int) -> Batch:
+async def prune_telemetry(conn: Connection, batch_size: int, age_seconds: int) -> Batch:
     rows = await conn.fetch(_PRUNE_EVENTS, batch_size, float(age_seconds))
     return Batch(len(rows), 0, [])
 
 
-async def heavy_reservations(conn: asyncpg.Connection | asyncpg.Pool, age_seconds: int, limit: int) -> list[asyncpg.Record]:
+async def heavy_reservations(conn: Connection | asyncpg.Pool, age_seconds: int, limit: int) -> list[asyncpg.Record]:
     """Accounts holding over half their quota in reservations for longer than age_seconds."""
     return await conn.fetch(_HEAVY_RESERVATIONS, float(age_seconds), limit)
 
 
-async def owned_keys(conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> set[str]:
+async def owned_keys(conn: Connection | asyncpg.Pool, keys: list[str]) -> set[str]:
     return {r["key"] for r in await conn.fetch(_OWNED, keys)}
 
 
 async def live_originals(
-    conn: asyncpg.Connection | asyncpg.Pool, after: uuid.UUID, limit: int
+    conn: Connection | asyncpg.Pool, after: uuid.UUID, limit: int
 ) -> list[asyncpg.Record]:
     return await conn.fetch(_LIVE_ORIGINALS, after, limit)
 

@@ -60,7 +60,7 @@ class Event:
     media_id: str
     surface: str
     occurred_at: datetime | None
-    meta: dict
+    meta: dict[str, object]
 
 
 def sanitise_meta(meta: object, depth: int = 1) -> object:
@@ -85,7 +85,7 @@ def sanitise_meta(meta: object, depth: int = 1) -> object:
     return meta
 
 
-def _accept(event: Event, now: datetime) -> tuple | None:
+def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime, str] | None:
     if event.event_type not in EVENT_TYPES or len(event.surface) > MAX_SURFACE:
         return None
     try:

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -39,6 +40,10 @@ MAX_PAGE_SIZE = 50
 _LOCK_SECONDS = 5
 VERSION_TTL_SECONDS = 7 * 24 * 3600
 _LOCK_WAIT_STEP = 0.02
+
+
+# A page as cached: {"items": [Media as JSON], "next_page_token": str, "etag": str}.
+_Payload = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,11 @@ def decode_token(token: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidArgument.single("page_token", "not a token this service issued") from None
 
 
-def _to_json(items: list[media_domain.Media]) -> list[dict]:
+def _to_json(items: list[media_domain.Media]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(item) for item in items]
 
 
-def _from_json(raw: list[dict]) -> list[media_domain.Media]:
+def _from_json(raw: list[dict[str, Any]]) -> list[media_domain.Media]:
     items = []
     for values in raw:
         variants = tuple(media_domain.Variant(**v) for v in values.pop("variants"))
@@ -103,7 +108,7 @@ def _from_json(raw: list[dict]) -> list[media_domain.Media]:
     return items
 
 
-def _etag(payload: dict) -> str:
+def _etag(payload: _Payload) -> str:
     # Signed URLs are made per response, so the etag covers the rows, not the URLs.
     canonical = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(canonical).hexdigest()[:32]
@@ -114,7 +119,7 @@ class Feed:
         self.pool = pool
         self.redis = redis
         self.ttl_seconds = ttl_seconds
-        self._inflight: dict[str, asyncio.Future[dict]] = {}
+        self._inflight: dict[str, asyncio.Future[_Payload]] = {}
 
     async def page(self, owner_id: str, page_size: int, page_token: str) -> Page:
         size = clamp_page_size(page_size)
@@ -141,33 +146,36 @@ class Feed:
         metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
         log.warning("feed invalidation failed", extra={"owners": len(owners), "example": owners[0]}, exc_info=True)
 
-    async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> dict:
+    async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> _Payload:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
-        payload = {"items": _to_json(items), "next_page_token": encode_token(items[-1]) if more else ""}
+        payload: _Payload = {"items": _to_json(items), "next_page_token": encode_token(items[-1]) if more else ""}
         payload["etag"] = _etag(payload)
-        return json.loads(json.dumps(payload, default=str))
+        as_cached: _Payload = json.loads(json.dumps(payload, default=str))
+        return as_cached
 
-    async def _cached(self, owner_id: str, size: int, token: str, compute: Callable[[], Awaitable[dict]]) -> dict:
-        if self.redis is None:
+    async def _cached(self, owner_id: str, size: int, token: str, compute: Callable[[], Awaitable[_Payload]]) -> _Payload:
+        redis = self.redis
+        if redis is None:
             return await compute()
         try:
-            version = int(await self.redis.getex(version_key(owner_id), ex=VERSION_TTL_SECONDS) or 0)
+            version = int(await redis.getex(version_key(owner_id), ex=VERSION_TTL_SECONDS) or 0)
             key = f"feed:p:{owner_id}:{version}:{size}:{token}"
-            cached = await self.redis.get(key)
+            cached = await redis.get(key)
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_read").inc()
             return await compute()
         if cached is not None:
             metrics.FEED_CACHE.labels("hit").inc()
-            return json.loads(cached)
+            hit: _Payload = json.loads(cached)
+            return hit
         metrics.FEED_CACHE.labels("miss").inc()
         inflight = self._inflight.get(key)
         if inflight is not None:
             return await asyncio.shield(inflight)
-        future: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Payload] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            payload = await self._fill(key, compute)
+            payload = await self._fill(redis, key, compute)
             future.set_result(payload)
             return payload
         except BaseException as exc:
@@ -178,8 +186,7 @@ class Feed:
         finally:
             del self._inflight[key]
 
-    async def _fill(self, key: str, compute: Callable[[], Awaitable[dict]]) -> dict:
-        redis = self.redis
+    async def _fill(self, redis: Redis, key: str, compute: Callable[[], Awaitable[_Payload]]) -> _Payload:
         try:
             locked = await redis.set(f"{key}:lock", "1", nx=True, ex=_LOCK_SECONDS)
             if not locked:
@@ -188,7 +195,8 @@ class Feed:
                     await asyncio.sleep(_LOCK_WAIT_STEP)
                     cached = await redis.get(key)
                     if cached is not None:
-                        return json.loads(cached)
+                        filled: _Payload = json.loads(cached)
+                        return filled
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_lock").inc()
             return await compute()

@@ -86,7 +86,7 @@ def sniff(data: bytes, declared: str) -> str:
     """The allow-listed type the bytes really are, which must also be the family declared."""
     declared = content_types.normalize(declared)
     sniffed = content_types.sniff(data[: content_types.SNIFF_BYTES])
-    if declared not in content_types.ALLOWED_TYPES or not content_types.matches(declared, sniffed):
+    if sniffed is None or declared not in content_types.ALLOWED_TYPES or not content_types.matches(declared, sniffed):
         raise PermanentImagingError(UNSUPPORTED_FORMAT)
     return sniffed
 
@@ -219,7 +219,7 @@ def _srgb_lut(icc: bytes) -> ImageFilter.Color3DLUT | None:
     ramp = [round(i * 255 / (_LUT_POINTS - 1)) for i in range(_LUT_POINTS)]
     # Color3DLUT wants red to vary fastest, then green, then blue.
     grid = bytes(v for b in ramp for g in ramp for r in ramp for v in (r, g, b))
-    converted = ImageCms.applyTransform(Image.frombytes("RGB", (_LUT_POINTS**3, 1), grid), transform)
+    converted = transform.apply(Image.frombytes("RGB", (_LUT_POINTS**3, 1), grid))
     return ImageFilter.Color3DLUT(_LUT_POINTS, [v / 255 for v in converted.tobytes()])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from PIL import Image
 
@@ -29,6 +30,12 @@ _CHROMA_FACTORS = {SAMP_444: (1, 1), SAMP_422: (2, 1), SAMP_420: (2, 2), SAMP_44
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _raw_image(mode: str, size: tuple[int, int], buffer: bytes | bytearray, raw_mode: str) -> Image.Image:
+    """An image over the buffer's rows, without a copy."""
+    # Pillow annotates the data as bytes, but maps any buffer (TurboJPEG's bytearrays too).
+    return Image.frombuffer(mode, size, cast(bytes, buffer), "raw", raw_mode, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -54,12 +61,12 @@ class Planes:
         y, cb, cr = self.data
         pixels = _pixels.half_ycbcr(y, self.strides[0], self.width, self.height, cb, cr, self.strides[1])
         size = turbojpeg.plane_size(1, self.width, self.height, SAMP_420)
-        return Image.frombuffer("YCbCr", size, pixels, "raw", "YCbCrX", 0, 1)
+        return _raw_image("YCbCr", size, pixels, "YCbCrX")
 
     def to_rgb(self) -> Image.Image:
         """The picture in RGB, colour-converted as a JPEG decoder does."""
         rgbx = turbojpeg.planes_to_rgbx(self.data, self.width, self.height, SAMP_420, self.strides)
-        return Image.frombuffer("RGB", (self.width, self.height), rgbx, "raw", "RGBX", 0, 1)
+        return _raw_image("RGB", (self.width, self.height), rgbx, "RGBX")
 
 
 def covers(width: int, height: int, specs: Sequence[VariantSpec]) -> bool:
@@ -100,7 +107,9 @@ def decode(data: bytes, header: turbojpeg.Header, transpose: Image.Transpose | N
     # whole MCUs, which a stride wider than the width skips.
     chroma = (_ceil_div(width, fx), _ceil_div(height, fy))
     strides = [turbojpeg.plane_size(c, width, height, header.subsampling)[0] for c in range(3)]
-    y = (buffers[0], width, height, strides[0])
+    y: _Plane = (buffers[0], width, height, strides[0])
+    cb: _Plane
+    cr: _Plane
     cb, cr = ((buffer, *chroma, stride) for buffer, stride in zip(buffers[1:], strides[1:], strict=True))
     if (fx, fy) != (2, 2):
         # Box-averaging to 4:2:0 is what libjpeg's own downsampling does on encode;
@@ -160,7 +169,7 @@ def _four(width: int) -> int:
 
 def _columns_resampled(plane: _Plane, rows: int) -> _Plane:
     buffer, width, height, stride = plane
-    packed = Image.frombuffer("CMYK", (stride // 4, height), buffer, "raw", "CMYK", 0, 1)
+    packed = _raw_image("CMYK", (stride // 4, height), buffer, "CMYK")
     return packed.resize((stride // 4, rows), Image.Resampling.LANCZOS).tobytes(), width, rows, stride
 
 
@@ -169,7 +178,7 @@ def _for_encoder(plane: _Plane) -> _Plane:
     buffer, width, height, stride = plane
     rows = len(buffer) // stride
     if stride < _padded(width):
-        image = Image.frombuffer("L", (stride, rows), buffer, "raw", "L", 0, 1).crop((0, 0, width, height))
+        image = _raw_image("L", (stride, rows), buffer, "L").crop((0, 0, width, height))
         padded = _pad(image, (_padded(width), _padded(height)))
         return padded.tobytes(), width, height, padded.width
     if rows < _padded(height):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -83,7 +83,8 @@ class Header:
 
 
 @contextmanager
-def _handle(init: ctypes._CFuncPtr) -> Iterator[ctypes.c_void_p]:
+def _handle(init: Callable[[], int | None]) -> Iterator[int]:
+    # A c_void_p restype comes back as an int, or None for NULL.
     handle = init()
     if not handle:
         raise TurboJPEGError(_lib.tjGetErrorStr2(None).decode(errors="replace"))
@@ -93,7 +94,7 @@ def _handle(init: ctypes._CFuncPtr) -> Iterator[ctypes.c_void_p]:
         _lib.tjDestroy(handle)
 
 
-def _check(status: int, handle: ctypes.c_void_p) -> None:
+def _check(status: int, handle: int) -> None:
     if status != 0:
         raise TurboJPEGError(_lib.tjGetErrorStr2(handle).decode(errors="replace"))
 
