@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from arq.typing import WorkerCoroutine
 
 from mediavault import metrics
 from mediavault.config import JobConfig, Settings
@@ -44,7 +45,7 @@ class RunReport:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-BatchStep = Callable[[asyncpg.Connection, JobConfig, cleanup.Lane], Awaitable[cleanup.Batch]]
+BatchStep = Callable[[cleanup.Connection, JobConfig, cleanup.Lane], Awaitable[cleanup.Batch]]
 AfterCommit = Callable[[dict[str, Any], list[asyncpg.Record], RunReport], Coroutine[Any, Any, None]]
 
 
@@ -405,8 +406,8 @@ async def observe_queue(ctx: dict[str, Any]) -> int:
     return depth
 
 
-def cron_task(name: str) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
-    async def task(ctx: dict[str, Any]) -> dict[str, Any]:
+def cron_task(name: str) -> WorkerCoroutine:
+    async def task(ctx: dict[str, Any], *_: Any, **__: Any) -> dict[str, Any]:
         return dataclasses.asdict(await run_job(ctx, name))
 
     task.__qualname__ = task.__name__ = name

@@ -19,25 +19,26 @@ from workers.maintenance import JOBS, cron_task, job_config, observe_queue
 from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
 
 
-def _schedule(every_seconds: int) -> dict[str, set[int]]:
-    """arq cron fields for "every N minutes": N below an hour, whole hours, or once a day."""
+def _schedule(every_seconds: int) -> tuple[set[int], set[int] | None]:
+    """arq cron (minute, hour) for "every N minutes": N below an hour, whole hours, or once a day."""
     every_minutes = every_seconds // 60
     if every_minutes < 60:
-        return {"minute": set(range(0, 60, every_minutes))}
+        return set(range(0, 60, every_minutes)), None
     if every_minutes < 24 * 60:
-        return {"minute": {0}, "hour": set(range(0, 24, every_minutes // 60))}
-    return {"minute": {0}, "hour": {3}}
+        return {0}, set(range(0, 24, every_minutes // 60))
+    return {0}, {3}
 
 
 def cron_jobs(settings: Settings) -> list:
     # unique=True only keeps one replica's clock from starting a run twice; the batches'
     # row locks are what make concurrent runs on many replicas split the work.
-    cleanup = [
-        cron(cron_task(name), name=f"cron:{name}", unique=True, timeout=settings.job_timeout_seconds,
-             **_schedule(job_config(settings, name).every_seconds))
-        for name in JOBS
-        if job_config(settings, name).enabled
-    ]
+    cleanup = []
+    for name in JOBS:
+        if not job_config(settings, name).enabled:
+            continue
+        minute, hour = _schedule(job_config(settings, name).every_seconds)
+        cleanup.append(cron(cron_task(name), name=f"cron:{name}", unique=True, timeout=settings.job_timeout_seconds,
+                            minute=minute, hour=hour))
     return [*cleanup, cron(observe_queue, name="cron:observe_queue", second={0, 15, 30, 45})]
 
 

@@ -70,7 +70,7 @@ def transcode_job_id(media_id: uuid.UUID, version: int, requeue: int = 0) -> str
 async def _enqueue_runs(redis: ArqRedis, runs: list[TranscodeRun]) -> list[bool]:
     enqueued_ms = timestamp_ms()
     keys: list[str] = [redis.default_queue_name]
-    args: list[object] = [redis.expires_extra_ms]
+    args: list[bytes | str | int] = [redis.expires_extra_ms]
     for run in runs:
         job_id = transcode_job_id(run.media_id, run.version, run.requeue)
         keys += [job_key_prefix + job_id, result_key_prefix + job_id]

@@ -123,6 +123,7 @@ class Server:
             current_gate.reset(gate_token)
 
         if http_socket is not None:
+            assert isinstance(self.blobs, FsBlobStore)  # the listener is bound for the fs backend only
             await self._start_http(http_socket, self.blobs)
         if settings.metrics_addr:
             self.metrics = metrics.MetricsEndpoint(settings.metrics_addr)
@@ -183,12 +184,14 @@ class Server:
 
     async def _probe_database(self) -> None:
         """Health follows PostgreSQL: NOT_SERVING while it cannot be reached, so balancers route around."""
+        pool = self.pool
+        assert pool is not None  # probing starts after start-up made the pool
         serving = True
         while True:
             await asyncio.sleep(self.settings.health_probe_seconds)
             try:
                 async with asyncio.timeout(self.settings.health_probe_seconds):
-                    await self.pool.fetchval("SELECT 1")
+                    await pool.fetchval("SELECT 1")
                 reachable = True
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
                 reachable = False

@@ -118,6 +118,8 @@ class Accounts:
         if row is None:
             await self.ensure(user_id)
             row = await self._pool.fetchrow(_SUMMARY, user_id)
+        if row is None:
+            raise NotFound("account not found")
         return StorageSummary(**row)
 
     async def freeze(self, user_id: str, reason: str) -> Account:
@@ -126,7 +128,10 @@ class Accounts:
         if not reason or len(reason) > MAX_FREEZE_REASON:
             raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
         await self.ensure(user_id)
-        return Account(**await self._pool.fetchrow(_FREEZE, user_id, reason))
+        row = await self._pool.fetchrow(_FREEZE, user_id, reason)
+        if row is None:
+            raise NotFound("account not found")
+        return Account(**row)
 
     async def unfreeze(self, user_id: str) -> Account:
         _check_user_id(user_id)
@@ -136,7 +141,9 @@ class Accounts:
         return Account(**row)
 
     async def totals(self) -> Totals:
-        return Totals(**await self._pool.fetchrow(_TOTALS))
+        row = await self._pool.fetchrow(_TOTALS)
+        assert row is not None  # an aggregate without GROUP BY returns one row
+        return Totals(**row)
 
     async def count(self) -> int:
         return int(await self._pool.fetchval(_COUNT))

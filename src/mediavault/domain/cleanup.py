@@ -211,7 +211,7 @@ class Batch:
     rows: list[asyncpg.Record] = field(default_factory=list)
 
 
-async def reclaim_stale_uploads(conn: asyncpg.Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
+async def reclaim_stale_uploads(conn: Connection, batch_size: int, age_seconds: int, lane: Lane = ALL) -> Batch:
     rows = await conn.fetch(_EXPIRE_DUE_UPLOADS, batch_size, float(age_seconds), lane.index, lane.count)
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
@@ -260,15 +260,16 @@ async def live_originals(
     return await conn.fetch(_LIVE_ORIGINALS, after, limit)
 
 
-async def mark_original_missing(conn: asyncpg.Connection | asyncpg.Pool, media_id: uuid.UUID) -> str | None:
-    return await conn.fetchval(_MARK_ORIGINAL_MISSING, media_id)
+async def mark_original_missing(conn: Connection | asyncpg.Pool, media_id: uuid.UUID) -> str | None:
+    owner: str | None = await conn.fetchval(_MARK_ORIGINAL_MISSING, media_id)
+    return owner
 
 
-async def count_purge_due(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+async def count_purge_due(conn: Connection | asyncpg.Pool) -> int:
     return int(await conn.fetchval(_COUNT_PURGE_DUE))
 
 
-async def orphans(conn: asyncpg.Connection | asyncpg.Pool, listed: Sequence[ListedObject], cutoff: datetime) -> list[str]:
+async def orphans(conn: Connection | asyncpg.Pool, listed: Sequence[ListedObject], cutoff: datetime) -> list[str]:
     """The keys of the listed objects that no row owns and that were written before cutoff."""
     old = [o.key for o in listed if o.modified_at < cutoff]
     owned = await owned_keys(conn, old)
@@ -283,7 +284,7 @@ class QuarantineVerdict:
     """Quarantined keys still unowned: deleted for good."""
 
 
-async def judge_quarantined(conn: asyncpg.Connection | asyncpg.Pool, quarantined_keys: list[str]) -> QuarantineVerdict:
+async def judge_quarantined(conn: Connection | asyncpg.Pool, quarantined_keys: list[str]) -> QuarantineVerdict:
     originals = [key.removeprefix(QUARANTINE) for key in quarantined_keys]
     owned = await owned_keys(conn, originals)
     pairs = list(zip(quarantined_keys, originals, strict=True))

@@ -12,7 +12,7 @@ from datetime import datetime
 import asyncpg
 
 from mediavault.domain import accounts
-from mediavault.errors import FieldViolation, IdempotencyConflict, InvalidArgument
+from mediavault.errors import FieldViolation, IdempotencyConflict, InternalError, InvalidArgument
 
 PROVIDERS = ("stripe", "solana", "manual")
 MAX_PAGE_SIZE = 100
@@ -146,7 +146,11 @@ class Purchases:
         return CreditResult(purchase, already_processed, await self._accounts.summary(request.user_id))
 
     async def _first_crediting(self, request: CreditRequest) -> Purchase:
-        existing = Purchase(**await self._pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference))
+        # Purchases are never deleted, so the row that conflicted is there.
+        conflicting = await self._pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference)
+        if conflicting is None:
+            raise InternalError("the conflicting purchase is gone")
+        existing = Purchase(**conflicting)
         if not _matches(existing, request):
             raise IdempotencyConflict("payment_reference was already credited with different details")
         return existing

@@ -101,6 +101,7 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
             failure: MediavaultError | None = None
             gate = current_gate.get()
             task = asyncio.current_task()
+            assert task is not None  # grpc.aio runs every handler in a task of its own
             admitted = gate.enter(task)
             try:
                 if not admitted:

@@ -154,6 +154,7 @@ class Uploads:
         Idempotent: finalizing a finalized upload answers it again.
         """
         upload = await self._finalize(principal, upload_id)
+        assert upload.media_id is not None  # a finalized upload names its media
         # The new media's transcode run and its owner's feed bump; a repeat finds the run queued or done.
         await self._transcodes.enqueue(upload.media_id, 0, feed_owner=upload.user_id)
         return upload
