@@ -13,7 +13,7 @@ PACKAGE = ROOT / "src" / "mediavault"
 GENERATED = ("storage/v1", "media/v1")
 # The composition roots: the CLI's commands (worker, jobs, dev) start the arq layer.
 MAY_IMPORT_WORKERS = {"cli.py", "dev.py"}
-SQL = re.compile(r"\b(SELECT\b[\s\S]*\bFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM)\b")
+SQL = re.compile(r"\b(SELECT\b[\s\S]*\bFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|(CREATE|DROP|ALTER)\s+(TABLE|DATABASE|INDEX))\b")
 
 
 def modules(root: Path) -> list[Path]:

@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from mediavault.db import scratch
+from mediavault import devservers
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import JWT_SECRET
@@ -38,9 +38,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 @pytest.fixture
 async def scratch_database(postgres_admin_url: str) -> AsyncIterator[str]:
-    dsn = await scratch.create_database(postgres_admin_url, "mediavault_shutdown")
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_shutdown")
     yield dsn
-    await scratch.drop_database(postgres_admin_url, dsn)
+    await devservers.drop_database(postgres_admin_url, dsn)
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
+from mediavault.db.scratch import create_database, drop_database, with_database
+
+__all__ = ["create_database", "drop_database", "postgres", "redis", "with_database"]
 
 
 @contextlib.contextmanager
@@ -53,29 +53,3 @@ def redis(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
         yield server.connection_url
     finally:
         server.stop()
-
-
-def with_database(dsn: str, name: str) -> str:
-    """dsn pointing at the database called name on the same server."""
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
-async def create_database(admin_url: str, prefix: str) -> str:
-    """Creates an empty database named prefix_<random> and returns its DSN."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return with_database(admin_url, name)
-
-
-async def drop_database(admin_url: str, dsn: str) -> None:
-    """Drops dsn's database, ending the sessions still connected to it."""
-    name = urlsplit(dsn).path.lstrip("/")
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
