@@ -17,6 +17,8 @@ import pytest
 from google.rpc import error_details_pb2
 
 from mediavault.domain import accounts
+from mediavault.domain.accounts import Accounts
+from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.ratelimit import RateLimiter
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -238,7 +240,7 @@ async def test_redis_down_fails_open_for_reads_and_closed_for_uploads(make_setti
 
 async def test_without_redis_a_refusal_is_answered_and_not_counted_towards_a_freeze(pool, user_id):
     await accounts.ensure(pool, user_id, 0)
-    limiter = RateLimiter(None, pool, redis_down_policy="closed", auto_freeze_refusals=1)
+    limiter = RateLimiter(None, RateLimitConfig(pool), Accounts(pool, 0), redis_down_policy="closed", auto_freeze_refusals=1)
     async with limit(pool, SUMMARY, per_hour=1000, burst=50):
         await limiter.reload()
         decision = await limiter.check(SUMMARY, user_id, "user")

@@ -54,26 +54,28 @@ async def test_media_service_needs_a_token(channel):
 
 
 async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_settings, auth, user_id, storage):
-    async with running(make_settings(shutdown_grace_seconds=10)) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            draining_storage = storage_pb2_grpc.StorageServiceStub(channel)
-            md = auth(user_id)
-            data = fake_jpeg(200_000)
-            begun = await begin(draining_storage, md, data)
-            call = draining_storage.UploadContent(metadata=md)
-            await call.write(pb.UploadContentRequest(upload_id=begun.upload.upload_id))
-            await call.write(pb.UploadContentRequest(chunk=data[:100_000]))
+    async with (
+        running(make_settings(shutdown_grace_seconds=10)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        draining_storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(200_000)
+        begun = await begin(draining_storage, md, data)
+        call = draining_storage.UploadContent(metadata=md)
+        await call.write(pb.UploadContentRequest(upload_id=begun.upload.upload_id))
+        await call.write(pb.UploadContentRequest(chunk=data[:100_000]))
 
-            draining = asyncio.create_task(server.shutdown(10))
-            await asyncio.sleep(0.2)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await draining_storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_info(refused.value).reason == "SERVER_SHUTTING_DOWN"
-            checked = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-            assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING, "health answers through the drain"
-            summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
-            assert summary.summary.reserved_bytes == len(data), "another server in the process serves on"
+        draining = asyncio.create_task(server.shutdown(10))
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await draining_storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(refused.value).reason == "SERVER_SHUTTING_DOWN"
+        checked = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING, "health answers through the drain"
+        summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+        assert summary.summary.reserved_bytes == len(data), "another server in the process serves on"
 
         await call.write(pb.UploadContentRequest(chunk=data[100_000:]))
         await call.done_writing()
