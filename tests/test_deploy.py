@@ -620,7 +620,7 @@ def test_alerts_parse_and_include_the_five_the_old_system_had(alert_rules):
         annotations = rule["annotations"]
         for key in ("summary", "description", "runbook"):
             assert annotations.get(key, "").strip(), f"{rule['alert']}: {key}"
-        assert rule["alert"] in annotations["runbook"], f"{rule['alert']}: the runbook hint names its README paragraph"
+        assert rule["alert"] in annotations["runbook"], f"{rule['alert']}: the runbook hint names its paragraph in docs/operations.md"
         if "for" in rule:
             assert re.fullmatch(PROM_DURATION, rule["for"]), rule["alert"]
         for text in annotations.values():
