@@ -8,7 +8,8 @@
 # to YCbCr planes and encode from them. TIFF, JPEG 2000, FreeType and the rest
 # are left out on purpose: none of them is in the upload allow-list.
 # pillow-heif, av (FFmpeg) and pyvips-binary come as manylinux wheels that carry
-# their own native libraries, so they need nothing from here.
+# their own native libraries, so they need nothing from here. libjpeg-turbo-progs
+# brings djpeg, a reference decoder that tests/imaging/test_broken.py holds JPEGs to.
 set -euo pipefail
 
 packages=(
@@ -19,6 +20,7 @@ packages=(
     libwebp-dev
     liblcms2-dev
     libturbojpeg0
+    libjpeg-turbo-progs
 )
 
 exec "$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import av
 import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
 import pillow_heif
-from PIL import Image, ImageCms, ImageFilter
+from PIL import Image, ImageCms, ImageFile, ImageFilter
 
 from mediavault.domain import content_types
 from mediavault.imaging.errors import (
@@ -91,6 +91,14 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     # Pillow checks this in open(), from the header, before any pixel is decoded. It is
     # a global, but a pool worker runs one job at a time.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    # Another global, which anything imported into the process may have turned on: it
+    # makes Pillow (and pillow-heif) hand out what it decoded of a truncated or corrupt
+    # file, grey or black where the data ended, instead of raising.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if mime in ("image/heif", "image/avif") and _boxes_run_past_the_end(data):
+        # libheif fills the tiles of a grid image (phone HEICs) whose data is missing
+        # with grey and reports no error: the file must be whole before it decodes.
+        raise PermanentImagingError(CORRUPT_IMAGE)
     with _refused_if_corrupt():
         with warnings.catch_warnings():
             # Pillow only warns between one and two times MAX_IMAGE_PIXELS; refuse those as well.
@@ -104,6 +112,23 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     return image
 
 
+def _boxes_run_past_the_end(data: bytes) -> bool:
+    """Whether an ISOBMFF file's (HEIF, AVIF) top-level boxes claim more bytes than it has."""
+    position = 0
+    while position + 8 <= len(data):
+        size, header = int.from_bytes(data[position : position + 4], "big"), 8
+        if size == 1:
+            # A 64-bit size follows the box type.
+            size, header = int.from_bytes(data[position + 8 : position + 16], "big"), 16
+        elif size == 0:
+            # The last box, running to the end of the file.
+            return False
+        if size < header:
+            return True
+        position += size
+    return position > len(data)
+
+
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:
     """The opened image decoded by Pillow, in sRGB and upright.
 
@@ -112,10 +137,10 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
     """
     width, height = image.size
     with _refused_if_corrupt():
-        orientation = exif_orientation(image)
         if image.format in ("JPEG", "MPO"):
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
         image.load()
+    orientation = exif_orientation(image)
     picture = _to_srgb(image)
     if orientation in TRANSPOSE_FOR_ORIENTATION:
         picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
@@ -152,7 +177,12 @@ def upright(width: int, height: int, orientation: int) -> tuple[int, int]:
 
 
 def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation, 1 (upright) when there is none or it cannot be read."""
+    """The EXIF orientation, 1 (upright) when there is none or it cannot be read.
+
+    Only for a loaded image or a JPEG: a PNG's eXIf chunk may follow its pixels, so
+    getexif() loads it, and a load error swallowed here would leave the half-decoded
+    pixels behind for a later load() to accept as the whole picture.
+    """
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:
