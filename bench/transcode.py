@@ -168,14 +168,17 @@ PIPELINES = {
 
 
 def prepare_contender(name: str) -> None:
-    """Imports up front, so that neither a job's time nor its memory includes them."""
+    """Imports (and for mediavault, a pool process's set-up) up front, so that neither a
+    job's time nor its memory includes them."""
     if name == "pyvips":
         import pyvips
 
         # Repeating thumbnail_buffer on the same bytes would otherwise be served from the cache.
         pyvips.cache_set_max(0)
     elif name == "mediavault":
-        import mediavault.imaging  # noqa: F401
+        from mediavault.imaging import tune_worker_process
+
+        tune_worker_process()
     else:
         from PIL import Image, ImageOps  # noqa: F401
 

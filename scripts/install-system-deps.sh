@@ -11,6 +11,7 @@
 # their own native libraries, so they need nothing from here.
 # prometheus brings promtool, which `make check` and tests/test_deploy.py run on the
 # alerting rules (the server it also installs is never started here).
+# libjpeg-turbo-progs brings djpeg, a reference decoder that tests/imaging/test_broken.py holds JPEGs to.
 set -euo pipefail
 
 packages=(
@@ -22,6 +23,7 @@ packages=(
     liblcms2-dev
     libturbojpeg0
     prometheus
+    libjpeg-turbo-progs
 )
 
 exec "$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"

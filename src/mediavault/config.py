@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     transcode_workers: int = Field(default=0, ge=0)
     transcode_timeout_seconds: float = Field(default=30.0, gt=0)
     transcode_retry_base_seconds: float = Field(default=5.0, gt=0)
+    # off: every JPEG goes through Pillow, never its YCbCr planes (see imaging.strategies).
+    imaging_jpeg_planes: Literal["on", "off"] = "on"
     queue_name: str = "arq:queue"
     job_timeout_seconds: int = Field(default=300, gt=0)
     # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.

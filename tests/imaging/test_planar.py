@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 
 import pytest
 from PIL import Image, ImageChops, ImageOps, ImageStat
@@ -17,9 +18,10 @@ from mediavault.imaging import (
     transcode,
     turbojpeg,
 )
-from mediavault.imaging.decode import decode_image
+from mediavault.imaging.decode import open_image
 from mediavault.imaging.planar import Planes, covers
 from mediavault.imaging.spec import DISPLAY, PREVIEW, THUMBNAIL, fit
+from mediavault.imaging.strategies import PlanarJpeg, choose
 from tests.imaging.helpers import check_variants, corpus, open_variant
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
@@ -72,8 +74,12 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
 
 
-def decoded(data: bytes) -> Image.Image | Planes:
-    return decode_image(data, "image/jpeg", DEFAULT_LIMITS, DEFAULT_VARIANTS.image).image
+def decoded(data: bytes, specs: Sequence[VariantSpec] = DEFAULT_VARIANTS.image) -> Image.Image | Planes:
+    """What the strategy chosen for the JPEG decodes it to: its planes, or a Pillow picture."""
+    strategy = choose(open_image(data, "image/jpeg", DEFAULT_LIMITS), data, specs)
+    if isinstance(strategy, PlanarJpeg):
+        return strategy.decode(specs)
+    return strategy.decode(specs).image
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -129,7 +135,7 @@ def test_odd_and_unaligned_display_sizes_keep_their_pixels(box: int, orientation
     variants = VariantSet(image=(THUMBNAIL, display), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
     data = jpeg(source, "4:2:0", orientation)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    assert isinstance(decode_image(data, "image/jpeg", DEFAULT_LIMITS, variants.image).image, Planes)
+    assert isinstance(decoded(data, variants.image), Planes)
     made = {v.name: v for v in transcode(data, "image/jpeg", variants=variants).variants}
     picture = open_variant(made["display"].data)
     assert picture.size == fit(*upright.size, box)
@@ -211,7 +217,7 @@ def test_display_over_budget_at_the_quality_floor_shrinks_through_rgb(box: int) 
     data = jpeg(photo, "4:2:0")
     tight = VariantSpec("display", box=box, quality=90, max_bytes=60_000, optimize=False)
     variants = VariantSet(image=(THUMBNAIL, tight), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
-    planes = decode_image(data, "image/jpeg", DEFAULT_LIMITS, variants.image).image
+    planes = decoded(data, variants.image)
     assert isinstance(planes, Planes)
     assert (planes.width, planes.height) == fit(1600, 1200, box)
     display = next(v for v in transcode(data, "image/jpeg", variants=variants).variants if v.name == "display")

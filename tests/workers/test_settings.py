@@ -8,8 +8,9 @@ from arq import create_pool
 
 from mediavault.config import JobsConfig
 from mediavault.storage.v1 import storage_pb2 as pb
+from tests.conftest import CORPUS
 from tests.helpers import begin, fake_jpeg
-from workers.settings import worker_settings
+from workers.settings import shutdown, startup, worker_settings
 from workers.worker import Worker
 
 
@@ -35,3 +36,14 @@ async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, sto
 
     got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)).upload
     assert got.state == pb.UPLOAD_STATE_EXPIRED
+
+
+async def test_jpeg_planes_off_reaches_the_transcoding_processes(make_settings, monkeypatch):
+    monkeypatch.setenv("MEDIAVAULT_IMAGING_JPEG_PLANES", "off")
+    ctx = {"settings": make_settings(transcode_workers=1), "redis": None}
+    try:
+        await startup(ctx)
+        result = await ctx["transcoder"].run((CORPUS / "images/camera/jolla.jpg").read_bytes(), "image/jpeg")
+    finally:
+        await shutdown(ctx)
+    assert result.strategy == "pillow"

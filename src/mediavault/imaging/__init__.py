@@ -1,11 +1,12 @@
 """Pure pixel work: upload bytes in, upright metadata-free variants out.
 
 No database, network or grpc here. `transcode` is the synchronous pipeline;
-`Transcoder` runs it in a process pool with a per-job time limit.
+`Transcoder` runs it in a process pool with a per-job time limit, in processes
+set up by `tune_worker_process`.
 """
 
 from mediavault.imaging.errors import ImagingError, PermanentImagingError
-from mediavault.imaging.pipeline import TranscodeResult, transcode
+from mediavault.imaging.pipeline import transcode
 from mediavault.imaging.runner import Transcoder
 from mediavault.imaging.spec import (
     DEFAULT_LIMITS,
@@ -18,7 +19,8 @@ from mediavault.imaging.spec import (
     VariantSet,
     VariantSpec,
 )
-from mediavault.imaging.variants import Variant
+from mediavault.imaging.tuning import tune_worker_process
+from mediavault.imaging.variants import TranscodeResult, Variant
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -36,4 +38,5 @@ __all__ = [
     "VariantSet",
     "VariantSpec",
     "transcode",
+    "tune_worker_process",
 ]

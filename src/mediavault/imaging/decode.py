@@ -1,20 +1,20 @@
-"""Untrusted bytes to one upright sRGB still: allow-listed decoders, bounds checked from headers first."""
+"""Untrusted bytes to pictures: allow-listed decoders, bounds checked from headers first."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import av
 import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
 import pillow_heif
-from PIL import Image, ImageCms, ImageFilter
+from PIL import Image, ImageCms, ImageFile, ImageFilter
 
 from mediavault.domain import content_types
-from mediavault.imaging import planar, turbojpeg
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
@@ -24,7 +24,6 @@ from mediavault.imaging.errors import (
     VIDEO_TOO_LARGE,
     PermanentImagingError,
 )
-from mediavault.imaging.planar import Planes
 from mediavault.imaging.spec import Limits, VariantSpec, fit
 
 # Embedded HEIF thumbnails could differ from the image they claim to preview, and depth
@@ -51,7 +50,7 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270,
               180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}
 
 _EXIF_ORIENTATION = 0x0112
-_TRANSPOSE_FOR_ORIENTATION = {
+TRANSPOSE_FOR_ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -71,13 +70,9 @@ _LUT_POINTS = 33
 
 @dataclass
 class Still:
-    """The picture to make variants from, and the upright size of the original it came from.
+    """A picture to make variants from, and the upright size of the original it came from."""
 
-    A JPEG whose variants can all be made from its YCbCr planes comes as Planes, any
-    other picture as a Pillow image.
-    """
-
-    image: Image.Image | Planes
+    image: Image.Image
     width: int
     height: int
 
@@ -91,11 +86,20 @@ def sniff(data: bytes, declared: str) -> str:
     return sniffed
 
 
-def decode_image(data: bytes, mime: str, limits: Limits, specs: Sequence[VariantSpec]) -> Still:
+def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
+    """The bytes opened by the one Pillow plugin their type allows: header read and checked, no pixel decoded."""
     # Pillow checks this in open(), from the header, before any pixel is decoded. It is
     # a global, but a pool worker runs one job at a time.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
-    try:
+    # Another global, which anything imported into the process may have turned on: it
+    # makes Pillow (and pillow-heif) hand out what it decoded of a truncated or corrupt
+    # file, grey or black where the data ended, instead of raising.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if mime in ("image/heif", "image/avif") and _boxes_run_past_the_end(data):
+        # libheif fills the tiles of a grid image (phone HEICs) whose data is missing
+        # with grey and reports no error: the file must be whole before it decodes.
+        raise PermanentImagingError(CORRUPT_IMAGE)
+    with _refused_if_corrupt():
         with warnings.catch_warnings():
             # Pillow only warns between one and two times MAX_IMAGE_PIXELS; refuse those as well.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -105,51 +109,61 @@ def decode_image(data: bytes, mime: str, limits: Limits, specs: Sequence[Variant
             raise PermanentImagingError(IMAGE_TOO_LARGE)
         if getattr(image, "n_frames", 1) > limits.max_frames:
             raise PermanentImagingError(TOO_MANY_FRAMES)
-        orientation = _orientation(image)
+    return image
+
+
+def _boxes_run_past_the_end(data: bytes) -> bool:
+    """Whether an ISOBMFF file's (HEIF, AVIF) top-level boxes claim more bytes than it has."""
+    position = 0
+    while position + 8 <= len(data):
+        size, header = int.from_bytes(data[position : position + 4], "big"), 8
+        if size == 1:
+            # A 64-bit size follows the box type.
+            size, header = int.from_bytes(data[position + 8 : position + 16], "big"), 16
+        elif size == 0:
+            # The last box, running to the end of the file.
+            return False
+        if size < header:
+            return True
+        position += size
+    return position > len(data)
+
+
+def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:
+    """The opened image decoded by Pillow, in sRGB and upright.
+
+    A JPEG is decoded at the smallest of libjpeg's scales that still covers the largest
+    variant; libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, far less to decode.
+    """
+    width, height = image.size
+    with _refused_if_corrupt():
         if image.format in ("JPEG", "MPO"):
-            planes = _decode_planes(data, image, orientation, specs)
-            if planes is not None:
-                return Still(planes, *_upright(width, height, orientation))
-            # libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT: far less to decode,
-            # and never below what the largest variant needs.
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
         image.load()
+    orientation = exif_orientation(image)
+    picture = _to_srgb(image)
+    if orientation in TRANSPOSE_FOR_ORIENTATION:
+        picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
+    return Still(picture, *upright(width, height, orientation))
+
+
+@contextlib.contextmanager
+def _refused_if_corrupt() -> Iterator[None]:
+    """Whatever a decoder raises on malformed input, as the PermanentImagingError the uploader sees."""
+    try:
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PermanentImagingError(IMAGE_TOO_LARGE) from None
     except (PermanentImagingError, MemoryError):
         raise
     except Exception:
-        # Whatever a decoder raises on malformed input (OSError, SyntaxError, ValueError,
-        # struct.error, EOFError, ...) means the same thing to the uploader.
+        # OSError, SyntaxError, ValueError, struct.error, EOFError, ... all mean the same
+        # thing to the uploader.
         raise PermanentImagingError(CORRUPT_IMAGE) from None
-    picture = _to_srgb(image)
-    if orientation in _TRANSPOSE_FOR_ORIENTATION:
-        picture = picture.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-    return Still(picture, *_upright(width, height, orientation))
 
 
-def _decode_planes(data: bytes, image: Image.Image, orientation: int, specs: Sequence[VariantSpec]) -> Planes | None:
-    """The JPEG as upright YCbCr planes, or None when it has to go through RGB instead.
-
-    That is when a variant needs what planes cannot give (see planar.covers), when its
-    colour needs converting to sRGB, when it is not three-component YCbCr, and when
-    libjpeg-turbo warns about it: the Pillow path then decodes it, or refuses it.
-    """
-    icc = image.info.get("icc_profile")
-    if not planar.covers(*image.size, specs) or (icc and _converts_colour(icc)):
-        return None
-    width, height = _upright(*image.size, orientation)
-    try:
-        header = turbojpeg.read_header(data)
-        if (header.width, header.height) != image.size or not planar.readable(header):
-            return None
-        display = fit(width, height, max(spec.box for spec in specs))
-        return planar.decode(data, header, _TRANSPOSE_FOR_ORIENTATION.get(orientation), display)
-    except turbojpeg.TurboJPEGError:
-        return None
-
-
-def _converts_colour(icc: bytes) -> bool:
+def converts_colour(icc: bytes) -> bool:
+    """Whether pixels tagged with this ICC profile need converting to be sRGB."""
     try:
         return _srgb_lut(icc) is not None
     except (ImageCms.PyCMSError, OSError, ValueError):
@@ -157,11 +171,18 @@ def _converts_colour(icc: bytes) -> bool:
         return False
 
 
-def _upright(width: int, height: int, orientation: int) -> tuple[int, int]:
+def upright(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """The size of a width x height picture once its EXIF orientation is applied."""
     return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
-def _orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation, 1 (upright) when there is none or it cannot be read.
+
+    Only for a loaded image or a JPEG: a PNG's eXIf chunk may follow its pixels, so
+    getexif() loads it, and a load error swallowed here would leave the half-decoded
+    pixels behind for a later load() to accept as the whole picture.
+    """
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:

@@ -13,8 +13,10 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from mediavault.imaging.errors import TIMED_OUT, ImagingError, PermanentImagingError
-from mediavault.imaging.pipeline import TranscodeResult, transcode
+from mediavault.imaging.pipeline import transcode
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
+from mediavault.imaging.tuning import tune_worker_process
+from mediavault.imaging.variants import TranscodeResult
 
 # Spawned, not forked: the parent runs grpc and asyncio threads that a fork would copy half-way.
 _CONTEXT = multiprocessing.get_context("spawn")
@@ -22,6 +24,11 @@ _CONTEXT = multiprocessing.get_context("spawn")
 # on the input, so it is bounded apart from the job's own limit.
 _START_TIMEOUT_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
+
+
+def _start_worker(parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    tune_worker_process()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -36,8 +43,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _ready() -> int:
-    # Unpickling this function imported the pipeline (PIL, pillow-heif, PyAV), so a
-    # job's time limit never pays for interpreter start-up.
+    # By now the initializer has imported the pipeline (PIL, pillow-heif, PyAV) and
+    # tuned the process, so a job's time limit never pays for interpreter start-up.
     return os.getpid()
 
 
@@ -46,7 +53,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.executor = ProcessPoolExecutor(
-            max_workers=1, mp_context=_CONTEXT, initializer=_die_with_parent, initargs=(os.getpid(),)
+            max_workers=1, mp_context=_CONTEXT, initializer=_start_worker, initargs=(os.getpid(),)
         )
         self.pid = 0
 
@@ -71,14 +78,20 @@ class Transcoder:
     fails with PermanentImagingError("processing timed out"): the same bytes would
     stall again. A worker that dies on its own (a crash in a native decoder, the OOM
     killer) fails its job with a plain ImagingError, which the caller may retry.
+    `jpeg_planes` off makes every JPEG go through Pillow (see strategies.choose).
     """
 
     def __init__(
-        self, workers: int | None = None, variants: VariantSet = DEFAULT_VARIANTS, limits: Limits = DEFAULT_LIMITS
+        self,
+        workers: int | None = None,
+        variants: VariantSet = DEFAULT_VARIANTS,
+        limits: Limits = DEFAULT_LIMITS,
+        jpeg_planes: bool = True,
     ) -> None:
         self.size = workers or os.cpu_count() or 1
         self.variants = variants
         self.limits = limits
+        self.jpeg_planes = jpeg_planes
         self._slots = asyncio.Semaphore(self.size)
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
@@ -110,7 +123,7 @@ class Transcoder:
             worker = await self._acquire()
             healthy = False
             try:
-                future = worker.executor.submit(transcode, data, content_type, self.variants, self.limits)
+                future = worker.executor.submit(transcode, data, content_type, self.variants, self.limits, self.jpeg_planes)
                 result = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.job_timeout_seconds)
                 healthy = True
                 return result

@@ -26,23 +26,24 @@ class Variant:
     data: bytes
 
 
-def make_variants(
-    image: Image.Image | Planes, width: int, height: int, specs: Sequence[VariantSpec]
-) -> list[Variant]:
+@dataclass(frozen=True)
+class TranscodeResult:
+    """What an upload became. width x height is the original's upright size (for video, the frame's);
+    `strategy` names the way its variants were made (strategies.PlanarJpeg.name or PillowPipeline.name)."""
+
+    kind: str
+    width: int
+    height: int
+    variants: list[Variant]
+    strategy: str
+
+
+def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
     """Every spec from one decoded picture; width x height is the original's upright size.
 
     The picture may be smaller than the original (JPEG draft decoding), never smaller
-    than the largest variant, so sizes are computed from the original. Planes make the
-    largest spec at their own size and the others from their half-size picture (the
-    decoder only hands out planes that planar.covers the specs).
+    than the largest variant, so sizes are computed from the original.
     """
-    if isinstance(image, Planes):
-        largest, *others = sorted(specs, key=lambda spec: spec.box, reverse=True)
-        return [_encode_planes(image, largest), *_resized_variants(image.half(), width, height, others)]
-    return _resized_variants(image, width, height, specs)
-
-
-def _resized_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
     made = [image]
     variants = []
     for spec in sorted(specs, key=lambda s: s.box, reverse=True):
@@ -73,6 +74,16 @@ def _resize(source: Image.Image, size: tuple[int, int]) -> Image.Image:
         box = (0, top * scale, source.width, bottom * scale)
         picture.paste(source.resize((size[0], bottom - top), Image.Resampling.LANCZOS, box=box), (0, top))
     return picture
+
+
+def make_variants_from_planes(planes: Planes, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
+    """Every spec from a JPEG's planes; width x height is the original's upright size.
+
+    The planes make the largest spec at their own size and the others from their
+    half-size picture, which is why only planes that planar.covers the specs come here.
+    """
+    largest, *others = sorted(specs, key=lambda spec: spec.box, reverse=True)
+    return [_encode_planes(planes, largest), *make_variants(planes.half(), width, height, others)]
 
 
 def _encode_planes(planes: Planes, spec: VariantSpec) -> Variant:

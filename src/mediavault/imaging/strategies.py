@@ -1,0 +1,133 @@
+"""The two ways a still image becomes its variants, and the one place that picks between them.
+
+PlanarJpeg      A YCbCr JPEG in sRGB whose variants its planes can all make: libjpeg-turbo
+                decodes it to its YCbCr planes, turned upright in them, and the variants
+                are encoded from them (see planar), never through RGB.
+PillowPipeline  Everything else: Pillow decodes it (a JPEG at the smallest DCT scale that
+                covers the largest variant), converts it to sRGB, turns it upright, and
+                the variants are resized and encoded from that picture.
+
+`choose` picks one and says why (the strategy's `reason`); with `jpeg_planes` off
+(MEDIAVAULT_IMAGING_JPEG_PLANES=off) it always picks Pillow. The planes decoder stops at
+anything libjpeg-turbo warns about, a truncated or damaged file among others; such a
+JPEG goes through Pillow after all, which refuses it or decodes it as stock Pillow does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from PIL import Image
+
+from mediavault.imaging import planar, turbojpeg
+from mediavault.imaging.decode import (
+    TRANSPOSE_FOR_ORIENTATION,
+    Still,
+    converts_colour,
+    decode_with_pillow,
+    exif_orientation,
+    open_image,
+    upright,
+)
+from mediavault.imaging.errors import CORRUPT_IMAGE, PermanentImagingError
+from mediavault.imaging.planar import Planes
+from mediavault.imaging.spec import Limits, VariantSpec, fit
+from mediavault.imaging.variants import TranscodeResult, make_variants, make_variants_from_planes
+
+
+class Strategy(Protocol):
+    """One way from an opened still image to its variants."""
+
+    name: ClassVar[str]
+
+    @property
+    def reason(self) -> str:
+        """Why the strategy was chosen for this file."""
+        ...
+
+    def transcode(self, specs: Sequence[VariantSpec]) -> TranscodeResult: ...
+
+
+@dataclass(frozen=True)
+class PlanarJpeg:
+    name: ClassVar[str] = "jpeg-planes"
+    data: bytes
+    header: turbojpeg.Header
+    orientation: int
+    reason: str
+
+    def decode(self, specs: Sequence[VariantSpec]) -> Planes:
+        """The upright planes at the size of the largest variant.
+
+        Raises TurboJPEGError on anything libjpeg-turbo warns about.
+        """
+        width, height = self.upright_size()
+        display = fit(width, height, max(spec.box for spec in specs))
+        try:
+            return planar.decode(self.data, self.header, TRANSPOSE_FOR_ORIENTATION.get(self.orientation), display)
+        except (turbojpeg.TurboJPEGError, MemoryError):
+            raise
+        except Exception:
+            # As on the Pillow path: whatever the input makes fail is the uploader's answer,
+            # never a retry of the same bytes.
+            raise PermanentImagingError(CORRUPT_IMAGE) from None
+
+    def transcode(self, specs: Sequence[VariantSpec]) -> TranscodeResult:
+        planes = self.decode(specs)
+        width, height = self.upright_size()
+        return TranscodeResult("image", width, height, make_variants_from_planes(planes, width, height, specs), self.name)
+
+    def upright_size(self) -> tuple[int, int]:
+        return upright(self.header.width, self.header.height, self.orientation)
+
+
+@dataclass(frozen=True)
+class PillowPipeline:
+    name: ClassVar[str] = "pillow"
+    image: Image.Image
+    reason: str
+
+    def decode(self, specs: Sequence[VariantSpec]) -> Still:
+        return decode_with_pillow(self.image, specs)
+
+    def transcode(self, specs: Sequence[VariantSpec]) -> TranscodeResult:
+        still = self.decode(specs)
+        return TranscodeResult(
+            "image", still.width, still.height, make_variants(still.image, still.width, still.height, specs), self.name
+        )
+
+
+def choose(image: Image.Image, data: bytes, specs: Sequence[VariantSpec], jpeg_planes: bool = True) -> Strategy:
+    """The strategy for an opened still image (decode.open_image), and why."""
+    if not jpeg_planes:
+        return PillowPipeline(image, "the JPEG planes are turned off")
+    if image.format not in ("JPEG", "MPO"):
+        return PillowPipeline(image, f"{image.format} is not a JPEG")
+    if not planar.covers(*image.size, specs):
+        return PillowPipeline(image, "a variant needs more than half the largest one, which the planes cannot make")
+    icc = image.info.get("icc_profile")
+    if icc and converts_colour(icc):
+        return PillowPipeline(image, "its colours need converting to sRGB")
+    try:
+        header = turbojpeg.read_header(data)
+    except turbojpeg.TurboJPEGError as exc:
+        return PillowPipeline(image, f"libjpeg-turbo cannot read its header: {exc}")
+    if (header.width, header.height) != image.size:
+        return PillowPipeline(image, "libjpeg-turbo and Pillow disagree on its size")
+    if not planar.readable(header):
+        return PillowPipeline(image, "it is not three-component YCbCr with a common chroma subsampling")
+    return PlanarJpeg(data, header, exif_orientation(image), "a YCbCr JPEG in sRGB whose planes make every variant")
+
+
+def transcode_image(
+    data: bytes, mime: str, limits: Limits, specs: Sequence[VariantSpec], jpeg_planes: bool = True
+) -> TranscodeResult:
+    """Every spec of a still image of an allow-listed type, by the strategy `choose` picks."""
+    image = open_image(data, mime, limits)
+    strategy = choose(image, data, specs, jpeg_planes)
+    try:
+        return strategy.transcode(specs)
+    except turbojpeg.TurboJPEGError as exc:
+        return PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
