@@ -253,33 +253,34 @@ async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, u
     assert failed.processing_error == "processing did not finish"
 
 
-async def test_a_stuck_run_whose_job_id_arq_remembers_runs_again(ctx, storage, media, auth, user_id, pool, worker):
-    md = auth(user_id)
+async def stuck_before_its_claim(storage, media, md, pool) -> str:
+    """A processed media put back as a database outage at the claim leaves one: PENDING, no
+    attempt counted, no variants, and the job that should have run it finished (arq keeps
+    its id for an hour)."""
     done = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
     await settled(media, md, done.media_id)
-    # What a database outage at the claim left behind: PENDING, no attempt counted, and the
-    # job that should have run it finished (arq keeps its id for an hour).
     await pool.execute(
         "UPDATE media SET processing_status = 'pending', attempts = 0, updated_at = now() - interval '2 hours' "
         "WHERE media_id = $1::uuid", done.media_id)
     await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", done.media_id)
+    return done.media_id
+
+
+async def test_a_stuck_run_whose_job_id_arq_remembers_runs_again(ctx, storage, media, auth, user_id, pool, worker):
+    md = auth(user_id)
+    media_id = await stuck_before_its_claim(storage, media, md, pool)
 
     report = await run_job(ctx, "fail_stuck_processing")
     assert report.errors == 0
     assert report.details["requeued"] >= 1
-    item = await settled(media, md, done.media_id, timeout=30)
+    item = await settled(media, md, media_id, timeout=30)
     assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE
     assert len(item.variants) == 3
-    assert await pool.fetchval("SELECT requeues FROM media WHERE media_id = $1", uuid.UUID(done.media_id)) == 1
+    assert await pool.fetchval("SELECT requeues FROM media WHERE media_id = $1", uuid.UUID(media_id)) == 1
 
 
 async def test_a_sweep_that_cannot_queue_a_run_does_not_count_it_changed(ctx, storage, media, auth, user_id, pool, worker):
-    md = auth(user_id)
-    done = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
-    await settled(media, md, done.media_id)
-    await pool.execute(
-        "UPDATE media SET processing_status = 'pending', attempts = 0, updated_at = now() - interval '2 hours' "
-        "WHERE media_id = $1::uuid", done.media_id)
+    media_id = await stuck_before_its_claim(storage, media, auth(user_id), pool)
     unreachable = ArqRedis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     try:
         report = await run_job({**ctx, "transcodes": TranscodeQueue(unreachable)}, "fail_stuck_processing")
@@ -287,7 +288,7 @@ async def test_a_sweep_that_cannot_queue_a_run_does_not_count_it_changed(ctx, st
         await unreachable.aclose()
     assert report.errors >= 1
     assert report.changed == 0
-    assert await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) == "pending"
+    assert await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", media_id) == "pending"
 
 
 async def test_old_telemetry_is_pruned(ctx, pool, user_id):
