@@ -22,9 +22,9 @@ def connect_options(settings: Settings) -> dict[str, Any]:
         return {"server_settings": server_settings}
     return {
         # Behind a transaction pooler a connection's next transaction may run in another
-        # server session, where asyncpg's cached named statements do not exist. Uncached, a
-        # statement is parsed unnamed and bound before the Sync that ends the transaction,
-        # so PgBouncer runs both in one session.
+        # server session, where asyncpg's cached named statements do not exist. Uncached,
+        # asyncpg sends each statement's (unnamed) Parse again with its Bind and Execute, so
+        # the whole statement runs in the one session PgBouncer gives it.
         "statement_cache_size": 0,
         # asyncpg announces client_encoding 'utf-8'; PgBouncer compares that with the
         # server's UTF8 and would otherwise SET it again before every transaction.
