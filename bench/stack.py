@@ -11,7 +11,9 @@ bench_stack() is one `mediavault serve` process on such a database:
         ...  # drive the server at stack.target (HOST:PORT), sign tokens with stack.jwt_secret
 
 The jobs the server enqueued (a queue of the run's own) are deleted at the end.
-No worker runs unless with_worker=True. Blobs go to a temp dir, the JWT secret is random, ports are free
+No worker runs unless with_worker=True. With pooler="pgbouncer" the server reaches its database
+through a PgBouncer of the run's own in transaction mode (mediavault.devservers.pgbouncer, one
+server connection per connection of the server's pool) and migrates it directly. Blobs go to a temp dir, the JWT secret is random, ports are free
 ones. The server logs at MEDIAVAULT_BENCH_LOG_LEVEL (default WARNING, so that per-RPC log
 lines do not distort the numbers) into a file whose tail is shown if the server fails.
 
@@ -35,6 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,6 +45,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mediavault import devservers
 
 STARTUP_TIMEOUT_S = 60.0
+# The server's default MEDIAVAULT_DB_POOL_MAX_SIZE: PgBouncer then adds its hop, not a smaller pool.
+PGBOUNCER_POOL_SIZE = 10
 STOP_TIMEOUT_S = 20.0
 
 
@@ -146,6 +151,7 @@ def bench_stack(
     extra_env: dict[str, str] | None = None,
     server_argv: list[str] | None = None,
     with_worker: bool = False,
+    pooler: str = "none",
 ) -> Iterator[Stack]:
     """Starts database, blob dir and one server process; yields Stack(target, jwt_secret); tears all down.
 
@@ -184,6 +190,15 @@ def bench_stack(
                 "MEDIAVAULT_RATE_LIMITS": "off",
             }
         )
+        if pooler == "pgbouncer":
+            pgbouncer_url = cleanup.enter_context(devservers.pgbouncer(admin_url, pool_size=PGBOUNCER_POOL_SIZE))
+            env.update(
+                {
+                    "MEDIAVAULT_DATABASE_URL": devservers.with_database(pgbouncer_url, urlsplit(database_url).path.lstrip("/")),
+                    "MEDIAVAULT_DATABASE_POOLER": "pgbouncer",
+                    "MEDIAVAULT_MIGRATE_DATABASE_URL": database_url,
+                }
+            )
         env.update(extra_env or {})
         log_path = work_dir / "server.log"
         log_file = cleanup.enter_context(log_path.open("wb"))
@@ -213,7 +228,7 @@ def bench_stack(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mediavault serve not SERVING after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(log_path)}")
             time.sleep(0.1)
-        _log(f"server pid {process.pid} SERVING on {target} (log level {log_level})")
+        _log(f"server pid {process.pid} SERVING on {target} (log level {log_level}, pooler {pooler})")
         try:
             yield Stack(target, jwt_secret, database_url)
         finally:

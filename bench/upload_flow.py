@@ -11,10 +11,14 @@ Three phases, one after the other in the same run, each with the same client har
 
 Only requests that complete inside the measured window (after the warmup) count toward
 rps and the percentiles; every failed request of the phase, warmup included, is counted
-in errors, and the script exits 1 if there was any. Prints exactly one JSON line on stdout.
+in errors, and the script exits 1 if there was any. Prints exactly one JSON line on stdout
+(one per stack with --pooler pgbouncer).
 
 Without --target it starts its own stack (bench/stack.py); with --target HOST:PORT it
 needs the server's JWT secret (--jwt-secret or MEDIAVAULT_JWT_SECRET).
+
+--pooler pgbouncer measures the cost of PgBouncer in transaction mode: the same run measures a
+stack straight to PostgreSQL, then one through PgBouncer, and prints a JSON line for each.
 """
 
 from __future__ import annotations
@@ -302,10 +306,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the stack's MEDIAVAULT_UPLOAD_BATCH_SPACING_SECONDS, in ms (default: the server's own default); 0 to"
         " compare with batches that start back to back",
     )
+    parser.add_argument(
+        "--pooler", choices=("none", "pgbouncer"), default="none",
+        help="pgbouncer: measure a stack straight to PostgreSQL, then one behind PgBouncer in transaction mode,"
+        " one JSON line each",
+    )
     args = parser.parse_args(argv)
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not args.phases or set(args.phases) - set(PHASES):
         parser.error(f"--phases takes a comma-separated subset of {','.join(PHASES)}")
+    if args.target and args.pooler != "none":
+        parser.error("--pooler configures the stacks this script starts; a --target server has its own")
     if args.target and args.batch_spacing_ms is not None:
         parser.error("--batch-spacing-ms configures the stack this script starts; a --target server has its own")
     if args.target and not args.jwt_secret:
@@ -315,28 +326,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def measure_stack(args: argparse.Namespace, pooler: str) -> dict:
+    from stack import bench_stack
+
+    server_env = {"MEDIAVAULT_RATE_LIMITS": args.rate_limits}
+    if args.batch_spacing_ms is not None:
+        server_env["MEDIAVAULT_UPLOAD_BATCH_SPACING_SECONDS"] = str(args.batch_spacing_ms / 1000)
+    with bench_stack(extra_env=server_env, pooler=pooler) as stack:
+        if args.rate_limits == "on":
+            from ratelimit_overhead import raise_limits
+
+            asyncio.run(raise_limits(stack.database_url))
+            time.sleep(6)  # the server re-reads its limits every 5 s
+        return measure(stack.target, stack.jwt_secret, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.target:
-        result = measure(args.target, args.jwt_secret, args)
+        results = [measure(args.target, args.jwt_secret, args)]
+    elif args.pooler == "pgbouncer":
+        results = [{**measure_stack(args, pooler), "pooler": pooler} for pooler in ("none", "pgbouncer")]
     else:
-        from stack import bench_stack
-
-        server_env = {"MEDIAVAULT_RATE_LIMITS": args.rate_limits}
+        results = [measure_stack(args, "none")]
+    errors = 0
+    for result in results:
+        result["rate_limits"] = args.rate_limits
         if args.batch_spacing_ms is not None:
-            server_env["MEDIAVAULT_UPLOAD_BATCH_SPACING_SECONDS"] = str(args.batch_spacing_ms / 1000)
-        with bench_stack(extra_env=server_env) as stack:
-            if args.rate_limits == "on":
-                from ratelimit_overhead import raise_limits
-
-                asyncio.run(raise_limits(stack.database_url))
-                time.sleep(6)  # the server re-reads its limits every 5 s
-            result = measure(stack.target, stack.jwt_secret, args)
-    result["rate_limits"] = args.rate_limits
-    if args.batch_spacing_ms is not None:
-        result["batch_spacing_ms"] = args.batch_spacing_ms
-    print(json.dumps(result, allow_nan=False), flush=True)
-    errors = sum(result[phase]["errors"] for phase in args.phases)
+            result["batch_spacing_ms"] = args.batch_spacing_ms
+        print(json.dumps(result, allow_nan=False), flush=True)
+        errors += sum(result[phase]["errors"] for phase in args.phases)
     return 1 if errors else 0
 
 

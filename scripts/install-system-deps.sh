@@ -12,6 +12,9 @@
 # prometheus brings promtool, which `make check` and tests/test_deploy.py run on the
 # alerting rules (the server it also installs is never started here).
 # libjpeg-turbo-progs brings djpeg, a reference decoder that tests/imaging/test_broken.py holds JPEGs to.
+# pgbouncer (1.18) is what the tests and bench/upload_flow.py --pooler pgbouncer run in front
+# of PostgreSQL, each its own on a free port (mediavault.devservers.pgbouncer); the system
+# PgBouncer the package may start on 6432 is stopped and disabled when it is first installed.
 set -euo pipefail
 
 packages=(
@@ -24,6 +27,18 @@ packages=(
     libturbojpeg0
     prometheus
     libjpeg-turbo-progs
+    pgbouncer
 )
 
-exec "$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"
+pgbouncer_was_installed=$(dpkg-query --show --showformat='${db:Status-Status}' pgbouncer 2>/dev/null || true)
+
+"$(dirname "$0")/apt-install-missing.sh" "${packages[@]}"
+
+if [ "$pgbouncer_was_installed" != "installed" ]; then
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now pgbouncer.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/pgbouncer ]; then
+        /etc/init.d/pgbouncer stop >/dev/null 2>&1 || true
+        update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+    fi
+fi

@@ -3,6 +3,9 @@
 MEDIAVAULT_TEST_DATABASE_URL / MEDIAVAULT_TEST_REDIS_URL point at existing servers
 (CI sets them); otherwise mediavault.devservers starts embedded ones for the run.
 Either way the run works in a database of its own, dropped at the end.
+
+A suite that must hold behind PgBouncer too takes `stack`, parametrized over POOLERS, and
+overrides pool/server/storage with the stack's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -21,7 +26,7 @@ import pytest
 from mediavault import devservers
 from mediavault.auth import Authenticator
 from mediavault.config import JobsConfig, Settings
-from mediavault.db import migrate
+from mediavault.db import create_pool, migrate
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -57,6 +62,13 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
     yield pool
     await pool.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_database_url(postgres_admin_url: str, database_url: str) -> Iterator[str]:
+    """The run's database through PgBouncer in transaction mode, 5 server connections for all its clients."""
+    with devservers.pgbouncer(postgres_admin_url, pool_size=5) as admin_url:
+        yield devservers.with_database(admin_url, urlsplit(database_url).path.lstrip("/"))
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +169,29 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 async def worker(server: Server) -> AsyncIterator[Worker]:
     async with running_worker(server.settings) as worker:
         yield worker
+
+
+POOLERS = ("none", "pgbouncer")
+
+
+class Stack(NamedTuple):
+    """A server and a pool of the test's own, both straight to PostgreSQL or both through PgBouncer."""
+
+    settings: Settings
+    server: Server
+    pool: asyncpg.Pool
+    storage: storage_pb2_grpc.StorageServiceStub
+
+
+@pytest.fixture(scope="session", params=POOLERS)
+async def stack(request: pytest.FixtureRequest, make_settings) -> AsyncIterator[Stack]:
+    if request.param == "pgbouncer":
+        settings = make_settings(database_url=request.getfixturevalue("pgbouncer_database_url"), database_pooler="pgbouncer")
+    else:
+        settings = make_settings()
+    pool = await create_pool(settings)
+    try:
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            yield Stack(settings, server, pool, storage_pb2_grpc.StorageServiceStub(channel))
+    finally:
+        await pool.close()

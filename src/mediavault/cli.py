@@ -33,7 +33,7 @@ def cmd_serve(_args: argparse.Namespace) -> int:
         sys.exit("MEDIAVAULT_REDIS_URL is not set")
 
     async def main() -> None:
-        await migrate(settings.database_url)
+        await migrate(settings.migration_url)
         await Server(settings).serve()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -58,7 +58,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
     settings = Settings()
     _require_database(settings)
-    applied = asyncio.run(migrate(settings.database_url))
+    applied = asyncio.run(migrate(settings.migration_url))
     print(f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''}")
     return 0
 
@@ -74,6 +74,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_audit_ledger(_args: argparse.Namespace) -> int:
     import asyncpg
 
+    from mediavault.db.pool import connect_options
     from mediavault.domain import ledger
     from mediavault.domain.accounts import Accounts
 
@@ -81,7 +82,7 @@ def cmd_audit_ledger(_args: argparse.Namespace) -> int:
     _require_database(settings)
 
     async def main() -> int:
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1, **connect_options(settings))
         try:
             mismatches = await ledger.audit(pool)
             accounts = await Accounts(pool, settings.free_quota_bytes).count()

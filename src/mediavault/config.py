@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEDIAVAULT_", env_nested_delimiter="__", frozen=True, extra="ignore")
 
     database_url: str = ""
+    # pgbouncer: database_url reaches PostgreSQL through a transaction-mode pooler (see
+    # db/pool.py); migrations go to migrate_database_url when set, else to database_url.
+    database_pooler: Literal["none", "pgbouncer"] = "none"
+    migrate_database_url: str = ""
     redis_url: str = ""
     grpc_addr: str = "127.0.0.1:50051"
     http_addr: str = "127.0.0.1:8081"
@@ -110,6 +114,10 @@ class Settings(BaseSettings):
     rate_limit_auto_freeze_refusals: int = Field(default=0, ge=0)
     rate_limit_auto_freeze_window_seconds: int = Field(default=3600, gt=0)
     jobs: JobsConfig = JobsConfig()
+
+    @property
+    def migration_url(self) -> str:
+        return self.migrate_database_url or self.database_url
 
     @property
     def public_url(self) -> str:

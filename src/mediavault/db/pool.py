@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 
 from mediavault.config import Settings
@@ -13,6 +15,23 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """asyncpg.connect / create_pool keyword arguments for settings.database_pooler."""
+    server_settings = {"application_name": "mediavault", "timezone": "UTC"}
+    if settings.database_pooler == "none":
+        return {"server_settings": server_settings}
+    return {
+        # Behind a transaction pooler a connection's next transaction may run in another
+        # server session, where asyncpg's cached named statements do not exist. Uncached,
+        # asyncpg sends each statement's (unnamed) Parse again with its Bind and Execute, so
+        # the whole statement runs in the one session PgBouncer gives it.
+        "statement_cache_size": 0,
+        # asyncpg announces client_encoding 'utf-8'; PgBouncer compares that with the
+        # server's UTF8 and would otherwise SET it again before every transaction.
+        "server_settings": {**server_settings, "client_encoding": "UTF8"},
+    }
+
+
 async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Pool:
     dsn = dsn or settings.database_url
     if not dsn:
@@ -21,6 +40,6 @@ async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Poo
         dsn,
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
-        server_settings={"application_name": "mediavault", "timezone": "UTC"},
         reset=_reset,
+        **connect_options(settings),
     )
