@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import string
 import time
+import uuid
+from datetime import UTC, datetime
 
 import grpc
 import jwt
 import pytest
 
+from mediavault.domain.pages import PageTokens
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import JWT_SECRET
-from tests.helpers import error_info
+from tests.helpers import bad_request, error_info, fake_jpeg, upload
 
 
 @pytest.mark.parametrize("subject", ["a\x00b", "\x00", "", "u" * 129])
@@ -27,3 +33,80 @@ async def test_a_signed_token_whose_subject_no_account_can_have_is_unauthenticat
             await call
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert error_info(caught.value).reason == "UNAUTHORIZED"
+
+
+def _unsigned(value: object) -> str:
+    """A token as the service once made them: base64 of JSON, which anyone could write."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+FORGED_TOKENS = {
+    "garbage": "not-a-token",
+    "date-before-year-1-in-utc": _unsigned(["0001-01-01T00:00:00+14:00", str(uuid.uuid4())]),
+    "date-after-year-9999-in-utc": _unsigned(["9999-12-31T23:59:59.999999-14:00", str(uuid.uuid4())]),
+    "deeply-nested-json": base64.urlsafe_b64encode(b"[" * 100_000).decode(),
+    "nested-json": _unsigned([[[[[[]]]]], {"a": [1]}]),
+    "wrong-types": _unsigned([1, 2]),
+    "object": _unsigned({"created_at": "2026-01-01", "id": 1}),
+    "nulls": _unsigned([None, None]),
+    "feed-token-signed-with-another-key": PageTokens(b"another key").encode("feed", datetime.now(UTC), uuid.uuid4()),
+    "purchases-token-signed-with-another-key": PageTokens(b"another key").encode("purchases", datetime.now(UTC), uuid.uuid4()),
+    "right-length-letters": "A" * 60,
+    "right-length-padding": "=" * 60,
+    "right-length-non-ascii": "\u00e9" * 60,
+    "right-length-nul": "\x00" * 60,
+}
+
+
+def _assert_bad_page_token(error: grpc.aio.AioRpcError) -> None:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error_info(error).reason == "INVALID_ARGUMENT"
+    assert [v.field for v in bad_request(error).field_violations] == ["page_token"]
+
+
+@pytest.mark.parametrize("token", FORGED_TOKENS.values(), ids=FORGED_TOKENS.keys())
+async def test_a_page_token_the_service_did_not_issue_is_invalid_argument(storage, media, auth, user_id, token):
+    md = auth(user_id)
+    for call in (
+        media.ListFeed(mpb.ListFeedRequest(page_token=token), metadata=md),
+        storage.ListPurchases(pb.ListPurchasesRequest(page_token=token), metadata=md),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        _assert_bad_page_token(caught.value)
+
+
+def _altered(token: str) -> list[str]:
+    """Every spelling of the token with one character changed to another of the base64url alphabet."""
+    alphabet = string.ascii_letters + string.digits + "-_"
+    return [token[:i] + alphabet[(alphabet.index(c) + 1) % len(alphabet)] + token[i + 1 :] for i, c in enumerate(token)]
+
+
+async def test_issued_page_tokens_page_on_and_any_change_to_them_is_refused(storage, media, auth, user_id):
+    md = auth(user_id)
+    for size in (900, 901, 902):
+        await upload(storage, md, fake_jpeg(size))
+    billing = auth("billing-bot", "billing")
+    for n in range(3):
+        await storage.AddStorageCredits(
+            pb.AddStorageCreditsRequest(
+                user_id=user_id, provider=pb.PAYMENT_PROVIDER_MANUAL, payment_reference=f"{user_id}-{n}",
+                credit_bytes=1000, currency="USD",
+            ),
+            metadata=billing,
+        )
+    feed_token = (await media.ListFeed(mpb.ListFeedRequest(page_size=2), metadata=md)).next_page_token
+    purchases_token = (await storage.ListPurchases(pb.ListPurchasesRequest(page_size=2), metadata=md)).next_page_token
+    assert len((await media.ListFeed(mpb.ListFeedRequest(page_size=2, page_token=feed_token), metadata=md)).media) == 1
+    rest = await storage.ListPurchases(pb.ListPurchasesRequest(page_size=2, page_token=purchases_token), metadata=md)
+    assert len(rest.purchases) == 1
+
+    calls = [media.ListFeed(mpb.ListFeedRequest(page_token=t), metadata=md) for t in (*_altered(feed_token), purchases_token)]
+    calls += [
+        storage.ListPurchases(pb.ListPurchasesRequest(page_token=t), metadata=md)
+        for t in (*_altered(purchases_token), feed_token, feed_token[:-4], purchases_token + "AAAA")
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        _assert_bad_page_token(caught.value)

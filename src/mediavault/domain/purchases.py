@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -12,11 +10,14 @@ from datetime import datetime
 import asyncpg
 
 from mediavault.domain import accounts
+from mediavault.domain.pages import PageTokens, page_size
 from mediavault.errors import FieldViolation, IdempotencyConflict, InvalidArgument
 
 PROVIDERS = ("stripe", "solana", "manual")
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
+# The name the purchase list's page tokens are signed under.
+LISTING = "purchases"
 _CURRENCY = re.compile(r"^[A-Z0-9]{3,10}$")
 
 _COLUMNS = "purchase_id, user_id, provider, payment_reference, credit_bytes, amount_minor, currency, created_at"
@@ -105,25 +106,13 @@ def _matches(purchase: Purchase, request: CreditRequest) -> bool:
     )
 
 
-def _encode_token(purchase: Purchase) -> str:
-    raw = json.dumps([purchase.created_at.isoformat(), str(purchase.purchase_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, purchase_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return datetime.fromisoformat(created_at), uuid.UUID(purchase_id)
-    except (ValueError, TypeError):
-        raise InvalidArgument.single("page_token", "not a token this service issued") from None
-
-
 class Purchases:
     """Credits bought through payment webhooks; each payment credits its account once."""
 
-    def __init__(self, pool: asyncpg.Pool, accounts: accounts.Accounts) -> None:
+    def __init__(self, pool: asyncpg.Pool, accounts: accounts.Accounts, tokens: PageTokens) -> None:
         self._pool = pool
         self._accounts = accounts
+        self._tokens = tokens
 
     async def add_credits(self, request: CreditRequest) -> CreditResult:
         """Credits the payment, or answers the first crediting of it again; with the account's figures after."""
@@ -151,13 +140,11 @@ class Purchases:
             raise IdempotencyConflict("payment_reference was already credited with different details")
         return existing
 
-    async def list_page(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Purchase], str]:
+    async def list_page(self, user_id: str, requested_size: int, page_token: str) -> tuple[list[Purchase], str]:
         """One page, newest first, keyset-paginated so new purchases never shift a page."""
-        if page_size < 0:
-            raise InvalidArgument.single("page_size", "must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after_at, after_id = _decode_token(page_token) if page_token else (None, None)
+        size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after_at, after_id = self._tokens.decode(LISTING, page_token) if page_token else (None, None)
         rows = await self._pool.fetch(_PAGE, user_id, after_at, after_id, size + 1)
         purchases = [Purchase(**r) for r in rows[:size]]
-        next_token = _encode_token(purchases[-1]) if len(rows) > size else ""
-        return purchases, next_token
+        last = purchases[-1] if len(rows) > size else None
+        return purchases, self._tokens.encode(LISTING, last.created_at, last.purchase_id) if last else ""
