@@ -11,9 +11,14 @@ BIGINT_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
 
 
+def storable(text: str) -> bool:
+    """Whether PostgreSQL text and jsonb can hold it: they take any character but NUL."""
+    return "\x00" not in text
+
+
 @dataclass(frozen=True, slots=True)
 class Text:
-    """min_len to max_len characters of text PostgreSQL can store: text and jsonb hold any character but NUL."""
+    """min_len to max_len characters of text PostgreSQL can store."""
 
     max_len: int
     min_len: int = 0
@@ -23,7 +28,7 @@ class Text:
             if self.min_len:
                 return f"must be {self.min_len}-{self.max_len} characters"
             return f"must be at most {self.max_len} characters"
-        if "\x00" in value:
+        if not storable(value):
             return "must not contain NUL characters"
         return None
 

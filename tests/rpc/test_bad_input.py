@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import string
 import time
 import uuid
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 import grpc
 import jwt
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault.domain.pages import PageTokens
 from mediavault.media.v1 import media_pb2 as mpb
@@ -110,3 +112,69 @@ async def test_issued_page_tokens_page_on_and_any_change_to_them_is_refused(stor
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         _assert_bad_page_token(caught.value)
+
+
+def _bad_events(media_id: str) -> list[mpb.UsageEvent]:
+    """One event per way a client can get an event wrong; each must be rejected alone."""
+    click = mpb.USAGE_EVENT_TYPE_CLICK
+    bad = [
+        mpb.UsageEvent(event_type=click, media_id=media_id, surface="fe\x00ed"),
+        mpb.UsageEvent(event_type=click, media_id=media_id, surface="s" * 65),
+        mpb.UsageEvent(event_type=click, media_id=media_id + "\x00"),
+        mpb.UsageEvent(event_type=click, media_id="not-a-uuid"),
+        mpb.UsageEvent(event_type=mpb.USAGE_EVENT_TYPE_UNSPECIFIED, media_id=media_id),
+        mpb.UsageEvent(event_type=99, media_id=media_id),
+    ]
+    for meta in (
+        {"position": math.nan},
+        {"position": math.inf},
+        {"client": {"ratio": -math.inf}},
+        {"list": [1, math.nan]},
+        {"note": "a\x00b"},
+        {"ke\x00y": 1},
+        {"client": {"os\x00": "ios"}},
+    ):
+        event = mpb.UsageEvent(event_type=click, media_id=media_id)
+        event.meta.update(meta)
+        bad.append(event)
+    for seconds, nanos in (
+        (2**62, 0),
+        (-(2**62), 0),
+        (253402300799, 999_999_999),
+        (-62135596800, 0),
+        (2**63 - 1, 0),
+        (-(2**63), 0),
+        (int(time.time()) + 8 * 86_400, 0),
+        (0, -5),
+    ):
+        bad.append(mpb.UsageEvent(event_type=click, media_id=media_id, occurred_at=Timestamp(seconds=seconds, nanos=nanos)))
+    return bad
+
+
+async def test_each_bad_event_is_rejected_alone_and_the_good_ones_are_stored(storage, media, auth, user_id, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1700))
+    bad = _bad_events(done.media_id)
+    good = [
+        mpb.UsageEvent(event_type=mpb.USAGE_EVENT_TYPE_IMPRESSION, media_id=done.media_id, surface="feed"),
+        mpb.UsageEvent(
+            event_type=mpb.USAGE_EVENT_TYPE_LIKE,
+            media_id=done.media_id,
+            occurred_at=Timestamp(seconds=int(time.time()) - 86_400, nanos=999_999_999),
+        ),
+        mpb.UsageEvent(event_type=mpb.USAGE_EVENT_TYPE_SHARE, media_id=done.media_id, surface="s" * 64),
+    ]
+    good[0].meta.update({"position": 1e308, "text": "\u00e9\U0001f600", "list": [1, "x", None, True]})
+    batch = [event for pair in zip(bad, good * len(bad), strict=False) for event in pair]
+    result = await media.RecordEvents(mpb.RecordEventsRequest(events=batch), metadata=md)
+    assert (result.accepted, result.rejected) == (len(bad), len(bad))
+
+    stored = await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", user_id)
+    assert stored == len(bad)
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert (item.view_count, item.like_count, item.share_count) == tuple(
+        sum(1 for e in batch[1::2] if e.event_type == kind)
+        for kind in (mpb.USAGE_EVENT_TYPE_IMPRESSION, mpb.USAGE_EVENT_TYPE_LIKE, mpb.USAGE_EVENT_TYPE_SHARE)
+    )
+    metas = await pool.fetch("SELECT meta::text FROM usage_events WHERE user_id = $1 AND meta <> '{}'", user_id)
+    assert {json.loads(r["meta"])["text"] for r in metas} == {"\u00e9\U0001f600"}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault import metrics
 from mediavault.auth import Principal
@@ -32,6 +32,22 @@ _EVENT_TYPES = {
     for name, value in pb.UsageEventType.items()
     if value != pb.USAGE_EVENT_TYPE_UNSPECIFIED
 }
+
+
+def _plain(value: struct_pb2.Value) -> object:
+    """A Struct value as plain data, whatever it holds: judging it is the events domain's work."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
+
+
+def _micros(timestamp: Timestamp) -> int:
+    return timestamp.seconds * 1_000_000 + timestamp.nanos // 1_000
 
 
 def media_pb(shown: media_domain.Shown) -> pb.Media:
@@ -116,8 +132,8 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
                 event_type=_EVENT_TYPES.get(e.event_type, ""),
                 media_id=e.media_id,
                 surface=e.surface,
-                occurred_at=e.occurred_at.ToDatetime(tzinfo=UTC) if e.HasField("occurred_at") else None,
-                meta=json_format.MessageToDict(e.meta) if e.HasField("meta") else {},
+                occurred_at_micros=_micros(e.occurred_at) if e.HasField("occurred_at") else None,
+                meta={key: _plain(value) for key, value in e.meta.fields.items()},
             )
             for e in request.events
         ]
