@@ -15,6 +15,8 @@ import jwt
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mediavault.config import GiB
+from mediavault.domain import ledger
 from mediavault.domain.pages import PageTokens
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -178,3 +180,95 @@ async def test_each_bad_event_is_rejected_alone_and_the_good_ones_are_stored(sto
     )
     metas = await pool.fetch("SELECT meta::text FROM usage_events WHERE user_id = $1 AND meta <> '{}'", user_id)
     assert {json.loads(r["meta"])["text"] for r in metas} == {"\u00e9\U0001f600"}
+
+
+NUL = "must not contain NUL characters"
+FREE_QUOTA = GiB
+BEGIN = {"filename": "a.jpg", "content_type": "image/jpeg", "size_bytes": 100}
+CREDIT = {"provider": pb.PAYMENT_PROVIDER_STRIPE, "credit_bytes": 1000, "currency": "USD"}
+
+# (rpc, request fields, the violated field, why); "{owner}" and "{upload}" are filled in per test.
+REFUSED = {
+    "idempotency-key-with-nul": ("BeginUpload", {**BEGIN, "idempotency_key": "k\x00"}, "idempotency_key", NUL),
+    "idempotency-key-too-long": ("BeginUpload", {**BEGIN, "idempotency_key": "k" * 129}, "idempotency_key", "must be at most 128 characters"),
+    "filename-too-long": ("BeginUpload", {**BEGIN, "filename": "f" * 256}, "filename", "must be at most 255 characters"),
+    "fail-reason-with-nul": ("FailUpload", {"upload_id": "{upload}", "reason": "gave up\x00"}, "reason", NUL),
+    "fail-reason-too-long": ("FailUpload", {"upload_id": "{upload}", "reason": "r" * 501}, "reason", "must be at most 500 characters"),
+    "upload-id-with-nul": ("GetUpload", {"upload_id": "{upload}\x00"}, "upload_id", "must be a UUID"),
+    "payment-reference-with-nul": (
+        "AddStorageCredits", {**CREDIT, "user_id": "{owner}", "payment_reference": "pi_\x00"}, "payment_reference", NUL,
+    ),
+    "payment-reference-too-long": (
+        "AddStorageCredits", {**CREDIT, "user_id": "{owner}", "payment_reference": "p" * 257}, "payment_reference",
+        "must be 1-256 characters",
+    ),
+    "credit-user-with-nul": ("AddStorageCredits", {**CREDIT, "user_id": "u\x00", "payment_reference": "{upload}"}, "user_id", NUL),
+    "credit-user-too-long": (
+        "AddStorageCredits", {**CREDIT, "user_id": "u" * 129, "payment_reference": "{upload}"}, "user_id", "must be 1-128 characters",
+    ),
+    "credit-bytes-largest-int64": (
+        "AddStorageCredits", {**CREDIT, "user_id": "{owner}", "payment_reference": "{upload}", "credit_bytes": 2**63 - 1},
+        "credit_bytes", f"must be at most {2**50}",
+    ),
+    "currency-with-nul": ("AddStorageCredits", {**CREDIT, "user_id": "{owner}", "payment_reference": "{upload}", "currency": "US\x00"},
+                          "currency", "must be an upper-case currency code such as USD or SOL"),
+    "currency-with-newline": ("AddStorageCredits", {**CREDIT, "user_id": "{owner}", "payment_reference": "{upload}", "currency": "USD\n"},
+                              "currency", "must be an upper-case currency code such as USD or SOL"),
+    "summary-user-with-nul": ("GetStorageSummary", {"user_id": "{owner}\x00"}, "user_id", NUL),
+    "summary-user-too-long": ("GetStorageSummary", {"user_id": "u" * 129}, "user_id", "must be at most 128 characters"),
+    "purchases-user-with-nul": ("ListPurchases", {"user_id": "\x00"}, "user_id", NUL),
+    "purchases-user-too-long": ("ListPurchases", {"user_id": "u" * 129}, "user_id", "must be at most 128 characters"),
+    "purchases-page-size-negative": ("ListPurchases", {"page_size": -1}, "page_size", "must not be negative"),
+    "freeze-user-with-nul": ("FreezeAccount", {"user_id": "{owner}\x00", "reason": "abuse"}, "user_id", NUL),
+    "freeze-user-too-long": ("FreezeAccount", {"user_id": "u" * 129, "reason": "abuse"}, "user_id", "must be 1-128 characters"),
+    "freeze-reason-with-nul": ("FreezeAccount", {"user_id": "{owner}", "reason": "abuse\x00"}, "reason", NUL),
+    "unfreeze-user-with-nul": ("UnfreezeAccount", {"user_id": "{owner}\x00"}, "user_id", NUL),
+    "feed-owner-with-nul": ("ListFeed", {"owner_id": "{owner}\x00"}, "owner_id", NUL),
+    "feed-owner-too-long": ("ListFeed", {"owner_id": "u" * 129}, "owner_id", "must be at most 128 characters"),
+    "feed-page-size-negative": ("ListFeed", {"page_size": -(2**31)}, "page_size", "must not be negative"),
+    "media-id-with-nul": ("GetMedia", {"media_id": "\x00"}, "media_id", "must be a UUID"),
+}
+
+
+@pytest.mark.parametrize(("rpc", "fields", "field", "why"), REFUSED.values(), ids=REFUSED.keys())
+async def test_a_field_breaking_its_declared_rule_is_invalid_argument_naming_the_field_and_why(
+    storage, media, auth, user_id, pool, rpc, fields, field, why
+):
+    # An admin, so that every user id field is read; the owner's pending upload, so that a
+    # request would reach SQL if nothing stopped it.
+    admin = auth("ops", "admin")
+    pending = await storage.BeginUpload(pb.BeginUploadRequest(**BEGIN), metadata=auth(user_id))
+    values = {
+        k: v.replace("{owner}", user_id).replace("{upload}", pending.upload.upload_id) if isinstance(v, str) else v
+        for k, v in fields.items()
+    }
+    stub = storage if hasattr(storage, rpc) else media
+    module = pb if stub is storage else mpb
+    request = getattr(module, f"{rpc}Request")(**values)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await getattr(stub, rpc)(request, metadata=auth(user_id) if rpc in ("BeginUpload", "FailUpload", "GetUpload") else admin)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    assert [(v.field, v.description) for v in bad_request(caught.value).field_violations] == [(field, why)]
+    assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))).summary
+    assert (summary.quota_bytes, summary.reserved_bytes, summary.frozen) == (FREE_QUOTA, 100, False)
+
+
+async def test_a_credit_that_would_take_a_quota_past_bigint_is_invalid_argument_and_changes_nothing(storage, auth, user_id, pool):
+    billing = auth("billing-bot", "billing")
+    md = auth(user_id)
+    quota = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary.quota_bytes
+    near_the_top = 2**63 - 2**49
+    await pool.execute("UPDATE accounts SET quota_bytes = $2 WHERE user_id = $1", user_id, near_the_top)
+    await pool.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', $2)", user_id, near_the_top - quota)
+    credit = pb.AddStorageCreditsRequest(
+        user_id=user_id, provider=pb.PAYMENT_PROVIDER_STRIPE, payment_reference=f"pi_{user_id}", credit_bytes=2**50, currency="USD"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.AddStorageCredits(credit, metadata=billing)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["credit_bytes"]
+    assert (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary.quota_bytes == near_the_top
+    assert await pool.fetchval("SELECT count(*) FROM purchases WHERE user_id = $1", user_id) == 0
+    assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []

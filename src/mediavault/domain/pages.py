@@ -29,9 +29,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def page_size(requested: int, default: int, maximum: int) -> int:
-    """The page size a request asks for: 0 means the default, more than the maximum is the maximum."""
-    if requested < 0:
-        raise InvalidArgument.single("page_size", "must not be negative")
+    """The page size a request asks for: 0 means the default, more than the maximum is the maximum.
+
+    A negative size is refused at the boundary (rpc.fields).
+    """
     return min(requested or default, maximum)
 
 

@@ -1,4 +1,4 @@
-"""What every RPC does around its translation: request id, authentication, error mapping, log line, metrics."""
+"""What every RPC does around its translation: request id, authentication, field checks, error mapping, log line, metrics."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
 
 from mediavault import logs, metrics
 from mediavault.auth import Authenticator, Principal
 from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, Unauthenticated
 from mediavault.ratelimit import WRITES, RateLimiter
+from mediavault.rpc import fields
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
 log = logging.getLogger("mediavault.rpc")
@@ -80,12 +83,23 @@ class Servicer:
 _request_ids = map(f"{secrets.token_hex(8)}{{:016x}}".format, itertools.count())
 
 
-def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
+async def _each_checked(messages: AsyncIterator[Message], check: Callable[[Message], None]) -> AsyncIterator[Message]:
+    """A client stream whose messages are checked one by one as the handler reads them."""
+    async for message in messages:
+        check(message)
+        yield message
+
+
+def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
     def decorate(method: Handler):
         name = method.__name__
-        rpc_name = f"{service}/{name}"
-        latency = metrics.RPC_LATENCY.labels(service, name)
+        rpc_name = f"{service.name}/{name}"
+        latency = metrics.RPC_LATENCY.labels(service.name, name)
         totals: dict[str, Any] = {}
+        described = service.methods_by_name[name]
+        # Worked out once per RPC, here, so that a call pays only for reading its fields.
+        check = fields.checker(described.input_type)
+        streaming = described.client_streaming
 
         @functools.wraps(method)
         async def handle(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -101,6 +115,10 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                 principal, limits = await self.admission.admit(rpc_name, metadata, context)
                 context.set_trailing_metadata((("x-request-id", request_id), *limits))
                 user_id = principal.user_id
+                if streaming:
+                    request = _each_checked(request, check)
+                else:
+                    check(request)
                 return await method(self, request, context, principal)
             except MediavaultError as exc:
                 failure = exc
@@ -113,7 +131,7 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                 latency.observe(elapsed)
                 total = totals.get(outcome)
                 if total is None:
-                    total = totals[outcome] = metrics.RPC_TOTAL.labels(service, name, outcome)
+                    total = totals[outcome] = metrics.RPC_TOTAL.labels(service.name, name, outcome)
                 total.inc()
                 if log.isEnabledFor(logging.INFO):
                     log.info(

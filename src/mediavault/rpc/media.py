@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,7 +19,7 @@ from mediavault.rpc.storage import RETENTION_TO_PB, timestamp
 
 log = logging.getLogger(__name__)
 
-SERVICE = "MediaService"
+SERVICE = pb.DESCRIPTOR.services_by_name["MediaService"]
 
 _KINDS = {"image": pb.MEDIA_KIND_IMAGE, "video": pb.MEDIA_KIND_VIDEO}
 _STATUSES = {
@@ -95,7 +96,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def GetMedia(self, request: pb.GetMediaRequest, context, principal: Principal) -> pb.GetMediaResponse:
-        shown = await self.library.get(principal, media_domain.parse_media_id(request.media_id))
+        shown = await self.library.get(principal, uuid.UUID(request.media_id))
         return pb.GetMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
@@ -112,17 +113,17 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def DeleteMedia(self, request: pb.DeleteMediaRequest, context, principal: Principal) -> pb.DeleteMediaResponse:
-        await self.library.delete(principal, media_domain.parse_media_id(request.media_id))
+        await self.library.delete(principal, uuid.UUID(request.media_id))
         return pb.DeleteMediaResponse()
 
     @rpc(SERVICE)
     async def SaveMedia(self, request: pb.SaveMediaRequest, context, principal: Principal) -> pb.SaveMediaResponse:
-        shown = await self.library.save(principal, media_domain.parse_media_id(request.media_id))
+        shown = await self.library.save(principal, uuid.UUID(request.media_id))
         return pb.SaveMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
     async def ReprocessMedia(self, request: pb.ReprocessMediaRequest, context, principal: Principal) -> pb.ReprocessMediaResponse:
-        shown = await self.library.reprocess(principal, media_domain.parse_media_id(request.media_id))
+        shown = await self.library.reprocess(principal, uuid.UUID(request.media_id))
         return pb.ReprocessMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
