@@ -272,3 +272,54 @@ async def test_a_credit_that_would_take_a_quota_past_bigint_is_invalid_argument_
     assert (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary.quota_bytes == near_the_top
     assert await pool.fetchval("SELECT count(*) FROM purchases WHERE user_id = $1", user_id) == 0
     assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
+
+
+def _nested_meta(depth: int) -> bytes:
+    """RecordEvents whose event meta nests Structs depth deep; past 50 the server's parser gives up."""
+    request = mpb.RecordEventsRequest()
+    event = request.events.add(event_type=mpb.USAGE_EVENT_TYPE_CLICK, media_id=str(uuid.uuid4()))
+    struct = event.meta
+    for _ in range(depth):
+        struct = struct.fields["a"].struct_value
+    return request.SerializeToString()
+
+
+STORAGE_PATH = "/mediavault.storage.v1.StorageService/"
+UNDECODABLE = {
+    "invalid-utf8-in-a-string": (STORAGE_PATH + "GetStorageSummary", b"\x0a\x02\xff\xfe"),
+    "truncated-field": (STORAGE_PATH + "GetUpload", b"\x0a\x24abc"),
+    "garbage": (STORAGE_PATH + "BeginUpload", b"\xff\xff\xff\xff"),
+    "meta-nested-past-the-parsers-depth": ("/mediavault.media.v1.MediaService/RecordEvents", _nested_meta(200)),
+}
+
+
+def _assert_undecodable(error: grpc.aio.AioRpcError) -> None:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+    assert error_info(error).reason == "INVALID_ARGUMENT"
+    assert [v.field for v in bad_request(error).field_violations] == [""]
+
+
+@pytest.mark.parametrize(("path", "raw"), UNDECODABLE.values(), ids=UNDECODABLE.keys())
+async def test_a_request_whose_bytes_do_not_decode_is_invalid_argument(channel, auth, user_id, path, raw):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(path)(raw, metadata=auth(user_id))
+    _assert_undecodable(caught.value)
+
+
+async def test_an_undecodable_message_in_an_upload_stream_is_invalid_argument_and_stores_nothing(channel, storage, auth, user_id):
+    md = auth(user_id)
+    pending = await storage.BeginUpload(pb.BeginUploadRequest(**BEGIN), metadata=md)
+    first = pb.UploadContentRequest(upload_id=pending.upload.upload_id).SerializeToString()
+
+    async def stream():
+        yield first
+        yield pb.UploadContentRequest(chunk=fake_jpeg(50)).SerializeToString()
+        yield b"\x12\x10only-half"
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.stream_unary(STORAGE_PATH + "UploadContent")(stream(), metadata=md)
+    _assert_undecodable(caught.value)
+    upload = (await storage.GetUpload(pb.GetUploadRequest(upload_id=pending.upload.upload_id), metadata=md)).upload
+    assert upload.state == pb.UPLOAD_STATE_PENDING
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert (summary.reserved_bytes, summary.used_bytes) == (100, 0)

@@ -89,6 +89,8 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
 
 
 class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
+    service = SERVICE
+
     def __init__(self, admission: Admission, *, library: media_domain.Library, events: events_domain.Events) -> None:
         super().__init__(admission)
         self.library = library

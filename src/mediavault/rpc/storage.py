@@ -103,6 +103,8 @@ def account_pb(account: accounts_domain.Account) -> pb.Account:
 
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
+    service = SERVICE
+
     def __init__(
         self,
         admission: Admission,
