@@ -260,18 +260,26 @@ async def test_a_credit_that_would_take_a_quota_past_bigint_is_invalid_argument_
     md = auth(user_id)
     quota = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary.quota_bytes
     near_the_top = 2**63 - 2**49
-    await pool.execute("UPDATE accounts SET quota_bytes = $2 WHERE user_id = $1", user_id, near_the_top)
-    await pool.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', $2)", user_id, near_the_top - quota)
+
+    async def grant(new_quota: int, delta: int) -> None:
+        await pool.execute("UPDATE accounts SET quota_bytes = $2 WHERE user_id = $1", user_id, new_quota)
+        await pool.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', $2)", user_id, delta)
+
+    await grant(near_the_top, near_the_top - quota)
     credit = pb.AddStorageCreditsRequest(
         user_id=user_id, provider=pb.PAYMENT_PROVIDER_STRIPE, payment_reference=f"pi_{user_id}", credit_bytes=2**50, currency="USD"
     )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await storage.AddStorageCredits(credit, metadata=billing)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-    assert [v.field for v in bad_request(caught.value).field_violations] == ["credit_bytes"]
-    assert (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary.quota_bytes == near_the_top
-    assert await pool.fetchval("SELECT count(*) FROM purchases WHERE user_id = $1", user_id) == 0
-    assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await storage.AddStorageCredits(credit, metadata=billing)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert [v.field for v in bad_request(caught.value).field_violations] == ["credit_bytes"]
+        assert (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary.quota_bytes == near_the_top
+        assert await pool.fetchval("SELECT count(*) FROM purchases WHERE user_id = $1", user_id) == 0
+        assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
+    finally:
+        # Sums over every account (the audit job's totals) must stay within bigint for the tests after this one.
+        await grant(quota, quota - near_the_top)
 
 
 def _nested_meta(depth: int) -> bytes:
