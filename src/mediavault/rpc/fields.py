@@ -4,7 +4,7 @@ Every string, bytes and number field of every request message has a declaration:
 ``checker`` refuses to build the check of a request with an undeclared field, so a
 server with a new field nobody declared does not start (tests/rpc/test_fields.py names
 them). Message fields are entered unless declared ``Domain``; enums and bools are not
-declared, the servicers map them through their tables.
+declared: the servicers map them through their dictionaries.
 
 A declaration either states the limits here (``Text``, ``Int``, ``Uuid``), from the
 constants of the domain and the column sizes in db/migrations, or says that the whole

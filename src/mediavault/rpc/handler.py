@@ -88,7 +88,7 @@ _request_ids = map(f"{secrets.token_hex(8)}{{:016x}}".format, itertools.count())
 
 # What a request whose bytes are no message of its type decodes to (invalid UTF-8 in a string,
 # nesting past the parser's depth limit, garbage): grpc would answer UNKNOWN for the client's mistake.
-UNDECODABLE = object()
+_UNDECODABLE = object()
 
 
 def _decoder(message_class: type[Message]) -> Callable[[bytes], Any]:
@@ -96,7 +96,7 @@ def _decoder(message_class: type[Message]) -> Callable[[bytes], Any]:
         try:
             return message_class.FromString(raw)
         except DecodeError:
-            return UNDECODABLE
+            return _UNDECODABLE
 
     return decode
 
@@ -124,7 +124,7 @@ def _request_check(descriptor: Descriptor) -> Callable[[Any], None]:
     refusal = f"not a {descriptor.full_name} message: the bytes do not decode"
 
     def check(request: Any) -> None:
-        if request is UNDECODABLE:
+        if request is _UNDECODABLE:
             raise InvalidArgument.single("", refusal)
         check_fields(request)
 
