@@ -22,6 +22,7 @@ from stack import bench_redis
 
 from mediavault import jobs
 from mediavault.domain.feed import Feed
+from mediavault.domain.pages import PageTokens
 
 
 async def _one_round(redis: ArqRedis, feed: Feed, script: jobs.TranscodeQueue, calls: int, concurrency: int) -> dict[str, float]:
@@ -57,7 +58,8 @@ async def _measure(redis_url: str, rounds: int, calls: int, concurrency: int) ->
     queue_name = f"bench-enqueue:{uuid.uuid4().hex}"
     redis = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=queue_name)
     try:
-        feed = Feed(None, redis, 30)  # type: ignore[arg-type]  # changed() needs no database
+        # Feed.changed touches only Redis: no database, and no page tokens are made.
+        feed = Feed(None, redis, 30, PageTokens(b"bench"))  # type: ignore[arg-type]
         script = jobs.TranscodeQueue(redis)
         results = [await _one_round(redis, feed, script, calls, concurrency) for _ in range(rounds)]
     finally:

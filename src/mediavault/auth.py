@@ -9,9 +9,12 @@ from dataclasses import dataclass
 import jwt
 
 from mediavault.errors import PermissionDenied, Unauthenticated
+from mediavault.limits import Text
 
 ROLES = frozenset({"user", "admin", "billing", "service"})
 MAX_USER_ID_LENGTH = 128
+# What accounts.user_id holds; a token's subject and every user id a request names.
+USER_ID = Text(min_len=1, max_len=MAX_USER_ID_LENGTH)
 MIN_SECRET_BYTES = 32
 
 
@@ -71,7 +74,7 @@ class Authenticator:
         except jwt.InvalidTokenError:
             raise Unauthenticated("invalid token") from None
         user_id = claims["sub"]
-        if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_USER_ID_LENGTH:
+        if not isinstance(user_id, str) or USER_ID.violation(user_id) is not None:
             raise Unauthenticated("invalid token subject")
         raw_roles = claims.get("roles", ["user"])
         if isinstance(raw_roles, str):

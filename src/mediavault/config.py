@@ -131,3 +131,8 @@ class Settings(BaseSettings):
         if own:
             return own.encode()
         return hmac.new(self.jwt_secret.get_secret_value().encode(), b"mediavault-blob-urls", hashlib.sha256).digest()
+
+    @property
+    def page_token_key(self) -> bytes:
+        """Key the list RPCs sign their page tokens with, derived from the JWT secret."""
+        return hmac.new(self.jwt_secret.get_secret_value().encode(), b"mediavault-page-tokens", hashlib.sha256).digest()

@@ -24,14 +24,14 @@ from mediavault.blobs.http import create_app
 from mediavault.config import Settings
 from mediavault.db import create_pool as create_db_pool
 from mediavault.domain.rate_limit_config import RateLimitConfig
-from mediavault.media.v1 import media_pb2, media_pb2_grpc
+from mediavault.media.v1 import media_pb2
 from mediavault.ratelimit import RateLimiter
 from mediavault.rpc.drain import CallGate, current_gate
-from mediavault.rpc.handler import Admission
+from mediavault.rpc.handler import Admission, add_to_server
 from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
 from mediavault.services import build_services
-from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
+from mediavault.storage.v1 import storage_pb2
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ class Server:
             admission, uploads=services.uploads, accounts=services.accounts, purchases=services.purchases
         )
         media = MediaServicer(admission, library=services.library, events=services.events)
-        storage_pb2_grpc.add_StorageServiceServicer_to_server(storage, self.grpc_server)
-        media_pb2_grpc.add_MediaServiceServicer_to_server(media, self.grpc_server)
+        add_to_server(storage, self.grpc_server)
+        add_to_server(media, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server

@@ -17,6 +17,7 @@ from mediavault.domain.accounts import Accounts
 from mediavault.domain.events import Events
 from mediavault.domain.feed import Feed
 from mediavault.domain.media import Library
+from mediavault.domain.pages import PageTokens
 from mediavault.domain.purchases import Purchases
 from mediavault.domain.uploads import Uploads
 from mediavault.jobs import TranscodeQueue
@@ -35,11 +36,12 @@ class Services:
 
 def build_services(pool: asyncpg.Pool, blobs: BlobStore, redis: ArqRedis | None, settings: Settings) -> Services:
     accounts = Accounts(pool, settings.free_quota_bytes)
-    feed = Feed(pool, redis, settings.feed_cache_ttl_seconds)
+    tokens = PageTokens(settings.page_token_key)
+    feed = Feed(pool, redis, settings.feed_cache_ttl_seconds, tokens)
     transcodes = TranscodeQueue(redis)
     return Services(
         accounts=accounts,
-        purchases=Purchases(pool, accounts),
+        purchases=Purchases(pool, accounts, tokens),
         uploads=Uploads(pool, blobs, settings, transcodes),
         library=Library(pool, blobs, settings, transcodes, feed),
         feed=feed,

@@ -6,13 +6,16 @@ from redis.asyncio import Redis
 
 from mediavault import metrics
 from mediavault.domain.feed import VERSION_TTL_SECONDS, Feed, version_key
+from mediavault.domain.pages import PageTokens
+
+TOKENS = PageTokens(b"test-page-token-key")
 
 
 async def test_changed_many_bumps_every_owner_once_in_one_round(pool, redis_url, user_id):
     owners = [f"{user_id}-{i}" for i in range(300)]
     redis = Redis.from_url(redis_url)
     try:
-        feed = Feed(pool, redis, ttl_seconds=30)
+        feed = Feed(pool, redis, ttl_seconds=30, tokens=TOKENS)
         await feed.changed(owners[0])
         await feed.changed_many(owners)
         versions = [int(v) for v in await redis.mget([f"feed:v:{o}" for o in owners])]
@@ -30,7 +33,7 @@ async def test_changed_many_with_redis_down_counts_a_fallback_and_does_not_raise
     fallbacks = metrics.REDIS_FALLBACKS.labels("feed_invalidate")
     before = fallbacks._value.get()
     try:
-        await Feed(pool, redis, ttl_seconds=30).changed_many([user_id, f"{user_id}-b"])
+        await Feed(pool, redis, ttl_seconds=30, tokens=TOKENS).changed_many([user_id, f"{user_id}-b"])
     finally:
         await redis.aclose()
     assert fallbacks._value.get() == before + 1
@@ -39,7 +42,7 @@ async def test_changed_many_with_redis_down_counts_a_fallback_and_does_not_raise
 async def test_a_feed_read_keeps_the_version_alive_and_an_expired_version_restarts_uncached(pool, redis_url, user_id):
     redis = Redis.from_url(redis_url)
     try:
-        feed = Feed(pool, redis, ttl_seconds=30)
+        feed = Feed(pool, redis, ttl_seconds=30, tokens=TOKENS)
         await feed.changed(user_id)
         await redis.expire(version_key(user_id), 100)
         first = await feed.page(user_id, 20, "")

@@ -123,9 +123,9 @@ class Accounts:
         return StorageSummary(**row)
 
     async def freeze(self, user_id: str, reason: str) -> Account:
-        _check_user_id(user_id)
+        # The user id and the reason's length are declared at the boundary (rpc.fields).
         reason = reason.strip()
-        if not reason or len(reason) > MAX_FREEZE_REASON:
+        if not reason:
             raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
         await self.ensure(user_id)
         row = await self._pool.fetchrow(_FREEZE, user_id, reason)
@@ -134,7 +134,6 @@ class Accounts:
         return Account(**row)
 
     async def unfreeze(self, user_id: str) -> Account:
-        _check_user_id(user_id)
         row = await self._pool.fetchrow(_UNFREEZE, user_id)
         if row is None:
             raise NotFound("account not found")
@@ -147,8 +146,3 @@ class Accounts:
 
     async def count(self) -> int:
         return int(await self._pool.fetchval(_COUNT))
-
-
-def _check_user_id(user_id: str) -> None:
-    if not user_id or len(user_id) > 128:
-        raise InvalidArgument.single("user_id", "must be 1-128 characters")

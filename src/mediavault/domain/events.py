@@ -1,8 +1,13 @@
-"""Usage telemetry: validated, sanitised events, stored with their per-item counters in one statement."""
+"""Usage telemetry: validated, sanitised events, stored with their per-item counters in one statement.
+
+Each event of a batch is judged alone: one a client got wrong is counted as rejected and
+the others are stored, so that a bad event never costs the batch.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -11,15 +16,18 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from mediavault.errors import InvalidArgument
+from mediavault.limits import Text, storable
 
 EVENT_TYPES = frozenset({"impression", "dwell_start", "dwell_end", "click", "open", "share", "like", "save", "hide", "report"})
 MAX_BATCH = 500
 MAX_SURFACE = 64
+SURFACE = Text(max_len=MAX_SURFACE)
 MAX_META_BYTES = 2048
 MAX_META_DEPTH = 3
 MAX_META_KEYS = 32
 # Clients' clocks drift; anything further off than this is not a real occurrence time.
 MAX_CLOCK_SKEW = timedelta(days=7)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Keys that look like personal data never reach the table, whatever the client sends.
 _PERSONAL = re.compile(
@@ -59,7 +67,8 @@ class Event:
     event_type: str
     media_id: str
     surface: str
-    occurred_at: datetime | None
+    # Microseconds since the epoch as the client sent them, whatever they are; None means now.
+    occurred_at_micros: int | None
     meta: dict[str, object]
 
 
@@ -85,20 +94,48 @@ def sanitise_meta(meta: object, depth: int = 1) -> object:
     return meta
 
 
+def _storable_meta(meta: object) -> bool:
+    """Whether jsonb takes it: no NUL in any key or string, no NaN or infinity."""
+    if isinstance(meta, dict):
+        return all(storable(key) and _storable_meta(value) for key, value in meta.items())
+    if isinstance(meta, list):
+        return all(_storable_meta(item) for item in meta)
+    if isinstance(meta, str):
+        return storable(meta)
+    if isinstance(meta, float):
+        return math.isfinite(meta)
+    return True
+
+
+def _occurred_at(micros: int | None, now: datetime) -> datetime | None:
+    """When the event happened, or None when the client's time is no real occurrence time."""
+    if micros is None:
+        return now
+    since = now - _EPOCH
+    skew = micros - ((since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds)
+    if abs(skew) > MAX_CLOCK_SKEW // timedelta(microseconds=1):
+        return None
+    return now + timedelta(microseconds=skew)
+
+
 def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime, str] | None:
-    if event.event_type not in EVENT_TYPES or len(event.surface) > MAX_SURFACE:
+    """The event's row, or None when it is rejected."""
+    if event.event_type not in EVENT_TYPES or SURFACE.violation(event.surface) is not None:
         return None
     try:
         media_id = uuid.UUID(event.media_id)
     except ValueError:
         return None
-    occurred_at = event.occurred_at or now
-    if abs(occurred_at - now) > MAX_CLOCK_SKEW:
+    occurred_at = _occurred_at(event.occurred_at_micros, now)
+    if occurred_at is None:
         return None
-    meta = json.dumps(sanitise_meta(event.meta) or {})
-    if len(meta) > MAX_META_BYTES:
-        meta = "{}"
-    return media_id, event.event_type, event.surface, occurred_at, meta
+    meta = sanitise_meta(event.meta) or {}
+    if not _storable_meta(meta):
+        return None
+    encoded = json.dumps(meta)
+    if len(encoded) > MAX_META_BYTES:
+        encoded = "{}"
+    return media_id, event.event_type, event.surface, occurred_at, encoded
 
 
 class Events:

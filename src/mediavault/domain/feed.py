@@ -13,7 +13,6 @@ version, so pages (seconds) are long gone before a version can expire and restar
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import hashlib
 import json
@@ -31,7 +30,7 @@ from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.domain import media as media_domain
-from mediavault.errors import InvalidArgument
+from mediavault.domain.pages import PageTokens, page_size
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ MAX_PAGE_SIZE = 50
 _LOCK_SECONDS = 5
 VERSION_TTL_SECONDS = 7 * 24 * 3600
 _LOCK_WAIT_STEP = 0.02
+# The name the feed's page tokens are signed under.
+LISTING = "feed"
 
 
 # A page as cached: {"items": [Media as JSON], "next_page_token": str, "etag": str}.
@@ -73,25 +74,6 @@ _BUMP_VERSIONS = AsyncScript(
 )
 
 
-def clamp_page_size(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument.single("page_size", "must not be negative")
-    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_token(item: media_domain.Media) -> str:
-    raw = json.dumps([item.created_at.isoformat(), str(item.media_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, media_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return datetime.fromisoformat(created_at), uuid.UUID(media_id)
-    except (ValueError, TypeError):
-        raise InvalidArgument.single("page_token", "not a token this service issued") from None
-
-
 def _to_json(items: list[media_domain.Media]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(item) for item in items]
 
@@ -115,15 +97,17 @@ def _etag(payload: _Payload) -> str:
 
 
 class Feed:
-    def __init__(self, pool: asyncpg.Pool, redis: Redis | None, ttl_seconds: int) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: Redis | None, ttl_seconds: int, tokens: PageTokens) -> None:
         self.pool = pool
         self.redis = redis
         self.ttl_seconds = ttl_seconds
+        self._tokens = tokens
         self._inflight: dict[str, asyncio.Future[_Payload]] = {}
 
-    async def page(self, owner_id: str, page_size: int, page_token: str) -> Page:
-        size = clamp_page_size(page_size)
-        after = decode_token(page_token) if page_token else None
+    async def page(self, owner_id: str, requested_size: int, page_token: str) -> Page:
+        size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        # Verified before the cache: the token is part of the page's key, so only issued tokens make keys.
+        after = self._tokens.decode(LISTING, page_token) if page_token else None
         payload = await self._cached(owner_id, size, page_token, lambda: self._compute(owner_id, size, after))
         return Page(_from_json(payload["items"]), payload["next_page_token"], payload["etag"])
 
@@ -148,7 +132,8 @@ class Feed:
 
     async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> _Payload:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
-        payload: _Payload = {"items": _to_json(items), "next_page_token": encode_token(items[-1]) if more else ""}
+        next_token = self._tokens.encode(LISTING, items[-1].created_at, items[-1].media_id) if more else ""
+        payload = {"items": _to_json(items), "next_page_token": next_token}
         payload["etag"] = _etag(payload)
         as_cached: _Payload = json.loads(json.dumps(payload, default=str))
         return as_cached

@@ -19,7 +19,7 @@ import asyncpg
 from mediavault.auth import Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
-from mediavault.errors import FieldViolation, InvalidArgument, MediaBusy, NotFound
+from mediavault.errors import MediaBusy, NotFound
 
 if TYPE_CHECKING:
     from mediavault.domain.feed import Feed
@@ -196,13 +196,6 @@ def from_row(row: asyncpg.Record) -> Media:
     raw = values.pop("variants")
     variants = json.loads(raw) if isinstance(raw, str) else raw
     return Media(**values, variants=tuple(Variant(**v) for v in variants))
-
-
-def parse_media_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise InvalidArgument([FieldViolation("media_id", "must be a UUID")]) from None
 
 
 def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -12,12 +10,19 @@ from datetime import datetime
 import asyncpg
 
 from mediavault.domain import accounts
+from mediavault.domain.pages import PageTokens, page_size
 from mediavault.errors import FieldViolation, IdempotencyConflict, InternalError, InvalidArgument
 
 PROVIDERS = ("stripe", "solana", "manual")
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
-_CURRENCY = re.compile(r"^[A-Z0-9]{3,10}$")
+MAX_PAYMENT_REFERENCE = 256
+# A quota is the free tier plus every credit, summed in a bigint: at 1 PiB per credit, more
+# than any plan sells, an account needs over 8000 of the largest before 2**63 comes near.
+MAX_CREDIT_BYTES = 2**50
+# The name the purchase list's page tokens are signed under.
+LISTING = "purchases"
+_CURRENCY = re.compile(r"[A-Z0-9]{3,10}")
 
 _COLUMNS = "purchase_id, user_id, provider, payment_reference, credit_bytes, amount_minor, currency, created_at"
 
@@ -79,18 +84,11 @@ class CreditResult:
 
 
 def _validate(request: CreditRequest) -> None:
+    """The rules beyond the fields' limits, which are declared at the boundary (rpc.fields)."""
     violations = []
-    if not 0 < len(request.user_id) <= 128:
-        violations.append(FieldViolation("user_id", "must be 1-128 characters"))
     if request.provider not in PROVIDERS:
         violations.append(FieldViolation("provider", "must be STRIPE, SOLANA or MANUAL"))
-    if not 0 < len(request.payment_reference) <= 256:
-        violations.append(FieldViolation("payment_reference", "must be 1-256 characters"))
-    if request.credit_bytes <= 0:
-        violations.append(FieldViolation("credit_bytes", "must be positive"))
-    if request.amount_minor < 0:
-        violations.append(FieldViolation("amount_minor", "must not be negative"))
-    if not _CURRENCY.match(request.currency):
+    if not _CURRENCY.fullmatch(request.currency):
         violations.append(FieldViolation("currency", "must be an upper-case currency code such as USD or SOL"))
     if violations:
         raise InvalidArgument(violations)
@@ -105,40 +103,32 @@ def _matches(purchase: Purchase, request: CreditRequest) -> bool:
     )
 
 
-def _encode_token(purchase: Purchase) -> str:
-    raw = json.dumps([purchase.created_at.isoformat(), str(purchase.purchase_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, purchase_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return datetime.fromisoformat(created_at), uuid.UUID(purchase_id)
-    except (ValueError, TypeError):
-        raise InvalidArgument.single("page_token", "not a token this service issued") from None
-
-
 class Purchases:
     """Credits bought through payment webhooks; each payment credits its account once."""
 
-    def __init__(self, pool: asyncpg.Pool, accounts: accounts.Accounts) -> None:
+    def __init__(self, pool: asyncpg.Pool, accounts: accounts.Accounts, tokens: PageTokens) -> None:
         self._pool = pool
         self._accounts = accounts
+        self._tokens = tokens
 
     async def add_credits(self, request: CreditRequest) -> CreditResult:
         """Credits the payment, or answers the first crediting of it again; with the account's figures after."""
         _validate(request)
         await self._accounts.ensure(request.user_id)
-        row = await self._pool.fetchrow(
-            _CREDIT,
-            uuid.uuid4(),
-            request.user_id,
-            request.provider,
-            request.payment_reference,
-            request.credit_bytes,
-            request.amount_minor,
-            request.currency,
-        )
+        try:
+            row = await self._pool.fetchrow(
+                _CREDIT,
+                uuid.uuid4(),
+                request.user_id,
+                request.provider,
+                request.payment_reference,
+                request.credit_bytes,
+                request.amount_minor,
+                request.currency,
+            )
+        except asyncpg.NumericValueOutOfRangeError:
+            # Only an account already holding nearly 2**63 bytes of quota gets here (see MAX_CREDIT_BYTES).
+            raise InvalidArgument.single("credit_bytes", "would take the account's quota past the largest it can hold") from None
         if row is not None:
             purchase, already_processed = Purchase(**row), False
         else:
@@ -155,13 +145,11 @@ class Purchases:
             raise IdempotencyConflict("payment_reference was already credited with different details")
         return existing
 
-    async def list_page(self, user_id: str, page_size: int, page_token: str) -> tuple[list[Purchase], str]:
+    async def list_page(self, user_id: str, requested_size: int, page_token: str) -> tuple[list[Purchase], str]:
         """One page, newest first, keyset-paginated so new purchases never shift a page."""
-        if page_size < 0:
-            raise InvalidArgument.single("page_size", "must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after_at, after_id = _decode_token(page_token) if page_token else (None, None)
+        size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after_at, after_id = self._tokens.decode(LISTING, page_token) if page_token else (None, None)
         rows = await self._pool.fetch(_PAGE, user_id, after_at, after_id, size + 1)
         purchases = [Purchase(**r) for r in rows[:size]]
-        next_token = _encode_token(purchases[-1]) if len(rows) > size else ""
-        return purchases, next_token
+        last = purchases[-1] if len(rows) > size else None
+        return purchases, self._tokens.encode(LISTING, last.created_at, last.purchase_id) if last else ""

@@ -1,4 +1,4 @@
-"""What every RPC does around its translation: request id, authentication, error mapping, log line, metrics."""
+"""What every RPC does around its translation: request id, authentication, field checks, error mapping, log line, metrics."""
 
 from __future__ import annotations
 
@@ -8,15 +8,27 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from mediavault import logs, metrics
 from mediavault.auth import Authenticator, Principal
-from mediavault.errors import AccountFrozen, InternalError, MediavaultError, RateLimited, ServerShuttingDown, Unauthenticated
+from mediavault.errors import (
+    AccountFrozen,
+    InternalError,
+    InvalidArgument,
+    MediavaultError,
+    RateLimited,
+    ServerShuttingDown,
+    Unauthenticated,
+)
 from mediavault.ratelimit import WRITES, RateLimiter
+from mediavault.rpc import fields
 from mediavault.rpc.drain import current_gate
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
 
@@ -72,7 +84,9 @@ class Admission:
 
 
 class Servicer:
-    """What every servicer has: the admission of its calls. Each adds the domain services it uses."""
+    """What every servicer has: the admission of its calls. Each names its service and adds the domain services it uses."""
+
+    service: ClassVar[ServiceDescriptor]
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
@@ -82,12 +96,68 @@ class Servicer:
 _request_ids = map(f"{secrets.token_hex(8)}{{:016x}}".format, itertools.count())
 
 
-def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
+# What a request whose bytes are no message of its type decodes to (invalid UTF-8 in a string,
+# nesting past the parser's depth limit, garbage): grpc would answer UNKNOWN for the client's mistake.
+_UNDECODABLE = object()
+
+
+def _decoder(message_class: type[Message]) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return message_class.FromString(raw)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return decode
+
+
+def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer's RPCs as the generated add_*_to_server does, but with decoders that never raise."""
+    service = servicer.service
+    handlers = {}
+    for method in service.methods:
+        if method.server_streaming:
+            raise TypeError(f"{method.full_name}: server streaming is not served")
+        make = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_decoder(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _request_check(descriptor: Descriptor) -> Callable[[Any], None]:
+    """Refuses an undecodable request, then checks the fields of a decoded one (rpc.fields)."""
+    check_fields = fields.checker(descriptor)
+    refusal = f"not a {descriptor.full_name} message: the bytes do not decode"
+
+    def check(request: Any) -> None:
+        if request is _UNDECODABLE:
+            raise InvalidArgument.single("", refusal)
+        check_fields(request)
+
+    return check
+
+
+async def _each_checked(messages: AsyncIterator[Message], check: Callable[[Message], None]) -> AsyncIterator[Message]:
+    """A client stream whose messages are checked one by one as the handler reads them."""
+    async for message in messages:
+        check(message)
+        yield message
+
+
+def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
     def decorate(method: Handler):
         name = method.__name__
-        rpc_name = f"{service}/{name}"
-        latency = metrics.RPC_LATENCY.labels(service, name)
+        rpc_name = f"{service.name}/{name}"
+        latency = metrics.RPC_LATENCY.labels(service.name, name)
         totals: dict[str, Any] = {}
+        described = service.methods_by_name[name]
+        # Worked out once per RPC, here, so that a call pays only for reading its fields.
+        check = _request_check(described.input_type)
+        streaming = described.client_streaming
 
         @functools.wraps(method)
         async def handle(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -109,6 +179,10 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                 principal, limits = await self.admission.admit(rpc_name, metadata, context)
                 context.set_trailing_metadata((("x-request-id", request_id), *limits))
                 user_id = principal.user_id
+                if streaming:
+                    request = _each_checked(request, check)
+                else:
+                    check(request)
                 return await method(self, request, context, principal)
             except MediavaultError as exc:
                 failure = exc
@@ -130,7 +204,7 @@ def rpc(service: str) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.Servic
                 latency.observe(elapsed)
                 total = totals.get(outcome)
                 if total is None:
-                    total = totals[outcome] = metrics.RPC_TOTAL.labels(service, name, outcome)
+                    total = totals[outcome] = metrics.RPC_TOTAL.labels(service.name, name, outcome)
                 total.inc()
                 if log.isEnabledFor(logging.INFO):
                     log.info(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC
+import uuid
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault import metrics
 from mediavault.auth import Principal
@@ -18,7 +19,7 @@ from mediavault.rpc.storage import RETENTION_TO_PB, timestamp
 
 log = logging.getLogger(__name__)
 
-SERVICE = "MediaService"
+SERVICE = pb.DESCRIPTOR.services_by_name["MediaService"]
 
 _KINDS = {"image": pb.MEDIA_KIND_IMAGE, "video": pb.MEDIA_KIND_VIDEO}
 _STATUSES = {
@@ -32,6 +33,22 @@ _EVENT_TYPES = {
     for name, value in pb.UsageEventType.items()
     if value != pb.USAGE_EVENT_TYPE_UNSPECIFIED
 }
+
+
+def _plain(value: struct_pb2.Value) -> object:
+    """A Struct value as plain data, whatever it holds: judging it is the events domain's work."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
+
+
+def _micros(timestamp: Timestamp) -> int:
+    return timestamp.seconds * 1_000_000 + timestamp.nanos // 1_000
 
 
 def media_pb(shown: media_domain.Shown) -> pb.Media:
@@ -72,6 +89,8 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
 
 
 class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
+    service = SERVICE
+
     def __init__(self, admission: Admission, *, library: media_domain.Library, events: events_domain.Events) -> None:
         super().__init__(admission)
         self.library = library
@@ -79,7 +98,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def GetMedia(self, request: pb.GetMediaRequest, context, principal: Principal) -> pb.GetMediaResponse:
-        shown = await self.library.get(principal, media_domain.parse_media_id(request.media_id))
+        shown = await self.library.get(principal, uuid.UUID(request.media_id))
         return pb.GetMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
@@ -96,17 +115,17 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def DeleteMedia(self, request: pb.DeleteMediaRequest, context, principal: Principal) -> pb.DeleteMediaResponse:
-        await self.library.delete(principal, media_domain.parse_media_id(request.media_id))
+        await self.library.delete(principal, uuid.UUID(request.media_id))
         return pb.DeleteMediaResponse()
 
     @rpc(SERVICE)
     async def SaveMedia(self, request: pb.SaveMediaRequest, context, principal: Principal) -> pb.SaveMediaResponse:
-        shown = await self.library.save(principal, media_domain.parse_media_id(request.media_id))
+        shown = await self.library.save(principal, uuid.UUID(request.media_id))
         return pb.SaveMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
     async def ReprocessMedia(self, request: pb.ReprocessMediaRequest, context, principal: Principal) -> pb.ReprocessMediaResponse:
-        shown = await self.library.reprocess(principal, media_domain.parse_media_id(request.media_id))
+        shown = await self.library.reprocess(principal, uuid.UUID(request.media_id))
         return pb.ReprocessMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
@@ -116,8 +135,8 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
                 event_type=_EVENT_TYPES.get(e.event_type, ""),
                 media_id=e.media_id,
                 surface=e.surface,
-                occurred_at=e.occurred_at.ToDatetime(tzinfo=UTC) if e.HasField("occurred_at") else None,
-                meta=json_format.MessageToDict(e.meta) if e.HasField("meta") else {},
+                occurred_at_micros=_micros(e.occurred_at) if e.HasField("occurred_at") else None,
+                meta={key: _plain(value) for key, value in e.meta.fields.items()},
             )
             for e in request.events
         ]

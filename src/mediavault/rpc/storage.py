@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -16,7 +17,7 @@ from mediavault.rpc.handler import Admission, Servicer, rpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 
-SERVICE = "StorageService"
+SERVICE = pb.DESCRIPTOR.services_by_name["StorageService"]
 
 _UPLOAD_STATES = {
     "pending": pb.UPLOAD_STATE_PENDING,
@@ -102,6 +103,8 @@ def account_pb(account: accounts_domain.Account) -> pb.Account:
 
 
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
+    service = SERVICE
+
     def __init__(
         self,
         admission: Admission,
@@ -140,17 +143,17 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
 
     @rpc(SERVICE)
     async def FinalizeUpload(self, request: pb.FinalizeUploadRequest, context, principal: Principal) -> pb.FinalizeUploadResponse:
-        upload = await self.uploads.finalize(principal, uploads_domain.parse_upload_id(request.upload_id))
+        upload = await self.uploads.finalize(principal, uuid.UUID(request.upload_id))
         return pb.FinalizeUploadResponse(upload=upload_pb(upload), media_id=str(upload.media_id))
 
     @rpc(SERVICE)
     async def FailUpload(self, request: pb.FailUploadRequest, context, principal: Principal) -> pb.FailUploadResponse:
-        upload = await self.uploads.fail(principal, uploads_domain.parse_upload_id(request.upload_id), request.reason)
+        upload = await self.uploads.fail(principal, uuid.UUID(request.upload_id), request.reason)
         return pb.FailUploadResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)
     async def GetUpload(self, request: pb.GetUploadRequest, context, principal: Principal) -> pb.GetUploadResponse:
-        upload = await self.uploads.get(principal, uploads_domain.parse_upload_id(request.upload_id))
+        upload = await self.uploads.get(principal, uuid.UUID(request.upload_id))
         return pb.GetUploadResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)
@@ -169,7 +172,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
                     raise InvalidArgument.single("upload_id", "only the first message may carry upload_id")
                 yield message.chunk
 
-        upload = await self.uploads.upload_content(principal, uploads_domain.parse_upload_id(first.upload_id), chunks())
+        upload = await self.uploads.upload_content(principal, uuid.UUID(first.upload_id), chunks())
         return pb.UploadContentResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)

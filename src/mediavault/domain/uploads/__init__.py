@@ -9,7 +9,7 @@ and their transitions).
 
 from mediavault.domain.uploads.machine import Uploads
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
-from mediavault.domain.uploads.validation import Observed, check_object, parse_upload_id, validate_begin
+from mediavault.domain.uploads.validation import Observed, check_object, validate_begin
 
 __all__ = [
     "BeginRequest",
@@ -19,6 +19,5 @@ __all__ = [
     "Uploads",
     "check_object",
     "object_key_for",
-    "parse_upload_id",
     "validate_begin",
 ]

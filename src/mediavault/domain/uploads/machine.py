@@ -30,7 +30,6 @@ from mediavault.domain.uploads.validation import (
     observe_object,
     same_parameters,
     validate_begin,
-    validate_fail_reason,
 )
 from mediavault.errors import (
     AccountFrozen,
@@ -235,7 +234,6 @@ class Uploads:
 
     async def fail(self, principal: Principal, upload_id: uuid.UUID, reason: str) -> Upload:
         """The client gives up: the reservation is released and whatever was uploaded deleted."""
-        validate_fail_reason(reason)
         upload = await self.get(principal, upload_id)
         failed = await self.release(upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
         if failed is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 
 from mediavault.blobs import BlobStore
@@ -19,18 +18,12 @@ MAX_FAIL_REASON = 500
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def parse_upload_id(raw: str, field: str = "upload_id") -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise InvalidArgument.single(field, "must be a UUID") from None
-
-
 def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     """The request normalized, or InvalidArgument naming every field that is wrong."""
     violations: list[FieldViolation] = []
     filename = request.filename.strip()
-    if not filename or len(filename) > MAX_FILENAME or any(ord(c) < 32 for c in filename):
+    # Its length is declared at the boundary (rpc.fields), before it is stripped.
+    if not filename or any(ord(c) < 32 for c in filename):
         violations.append(FieldViolation("filename", f"must be 1-{MAX_FILENAME} printable characters"))
     content_type = content_types.normalize(request.content_type)
     if content_type not in content_types.ALLOWED_TYPES:
@@ -45,18 +38,11 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     if sha256 is not None and not _SHA256.match(sha256):
         violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))
     key = request.idempotency_key or None
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
-        violations.append(FieldViolation("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
     if request.retention not in RETENTIONS:
         violations.append(FieldViolation("retention", "unknown retention"))
     if violations:
         raise InvalidArgument(violations)
     return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention)
-
-
-def validate_fail_reason(reason: str) -> None:
-    if len(reason) > MAX_FAIL_REASON:
-        raise InvalidArgument.single("reason", f"must be at most {MAX_FAIL_REASON} characters")
 
 
 def same_parameters(upload: Upload, request: BeginRequest) -> bool:
