@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from redis.asyncio import Redis
 
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
+from tests.conftest import JWT_SECRET
 
 JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
 
@@ -90,3 +97,29 @@ async def settled(media, md, media_id: str, timeout: float = 60.0) -> mpb.Media:
 async def fetch(url: str, headers: dict | None = None):
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers or {}) as response:
         return response.status, await response.read(), response.headers.copy()
+
+
+@contextlib.asynccontextmanager
+async def serve_environment(database_url: str, redis_url: str, blob_dir: Path, **extra: str) -> AsyncIterator[dict[str, str]]:
+    """The environment of a `mediavault serve` subprocess on a queue of its own, without the caller's MEDIAVAULT_*."""
+    queue_name = f"mediavault-test-serve:{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
+    env.update(
+        MEDIAVAULT_DATABASE_URL=database_url,
+        MEDIAVAULT_REDIS_URL=redis_url,
+        MEDIAVAULT_QUEUE_NAME=queue_name,
+        MEDIAVAULT_HTTP_ADDR="127.0.0.1:0",
+        MEDIAVAULT_BLOB_DIR=str(blob_dir),
+        MEDIAVAULT_JWT_SECRET=JWT_SECRET,
+        MEDIAVAULT_RATE_LIMITS="off",
+        MEDIAVAULT_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    yield env
+    # Nobody works this queue: its transcode jobs would otherwise stay in Redis for a day.
+    redis = Redis.from_url(redis_url)
+    try:
+        job_ids = await redis.zrange(queue_name, 0, -1)
+        await redis.delete(queue_name, *(b"arq:job:" + job_id for job_id in job_ids))
+    finally:
+        await redis.aclose()

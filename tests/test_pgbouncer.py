@@ -7,7 +7,6 @@ The concurrency, flow and uploads suites themselves run through PgBouncer too (c
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import pytest
-from redis.asyncio import Redis
 
 from mediavault import devservers
 from mediavault.db import create_pool
@@ -24,8 +22,7 @@ from mediavault.db.migrate import available_migrations
 from mediavault.domain import ledger
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
-from tests.conftest import JWT_SECRET
-from tests.helpers import fake_jpeg, upload
+from tests.helpers import fake_jpeg, serve_environment, upload
 from tests.test_cli import mediavault
 from tests.test_shutdown import audit_ledger, serving
 
@@ -77,27 +74,14 @@ def test_migrate_goes_to_the_migrate_url_when_set(fresh_database):
 async def pooled_environment(
     fresh_database: str, pgbouncer_database_url: str, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[dict[str, str]]:
-    queue_name = f"mediavault-test-pooler:{uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
-    env.update(
-        MEDIAVAULT_DATABASE_URL=devservers.with_database(pgbouncer_database_url, database_name(fresh_database)),
+    async with serve_environment(
+        devservers.with_database(pgbouncer_database_url, database_name(fresh_database)),
+        redis_url,
+        tmp_path / "blobs",
         MEDIAVAULT_DATABASE_POOLER="pgbouncer",
         MEDIAVAULT_MIGRATE_DATABASE_URL=fresh_database,
-        MEDIAVAULT_REDIS_URL=redis_url,
-        MEDIAVAULT_QUEUE_NAME=queue_name,
-        MEDIAVAULT_HTTP_ADDR="127.0.0.1:0",
-        MEDIAVAULT_BLOB_DIR=str(tmp_path / "blobs"),
-        MEDIAVAULT_JWT_SECRET=JWT_SECRET,
-        MEDIAVAULT_RATE_LIMITS="off",
-        MEDIAVAULT_LOG_LEVEL="WARNING",
-    )
-    yield env
-    redis = Redis.from_url(redis_url)
-    try:
-        job_ids = await redis.zrange(queue_name, 0, -1)
-        await redis.delete(queue_name, *(b"arq:job:" + job_id for job_id in job_ids))
-    finally:
-        await redis.aclose()
+    ) as env:
+        yield env
 
 
 async def test_serve_behind_pgbouncer_migrates_and_serves_concurrent_uploads(pooled_environment, fresh_database, auth):

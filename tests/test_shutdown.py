@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -21,13 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from redis.asyncio import Redis
 
 from mediavault import devservers
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
-from tests.conftest import JWT_SECRET
-from tests.helpers import begin, error_info, fake_jpeg, put
+from tests.helpers import begin, error_info, fake_jpeg, put, serve_environment
 
 CALLS = 50
 USERS = 5
@@ -45,26 +42,8 @@ async def scratch_database(postgres_admin_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def environment(scratch_database: str, redis_url: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
-    queue_name = f"mediavault-test-shutdown:{uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
-    env.update(
-        MEDIAVAULT_DATABASE_URL=scratch_database,
-        MEDIAVAULT_REDIS_URL=redis_url,
-        MEDIAVAULT_QUEUE_NAME=queue_name,
-        MEDIAVAULT_HTTP_ADDR="127.0.0.1:0",
-        MEDIAVAULT_BLOB_DIR=str(tmp_path / "blobs"),
-        MEDIAVAULT_JWT_SECRET=JWT_SECRET,
-        MEDIAVAULT_RATE_LIMITS="off",
-        MEDIAVAULT_LOG_LEVEL="WARNING",
-    )
-    yield env
-    # Nobody works this queue: its transcode jobs would otherwise stay in Redis for a day.
-    redis = Redis.from_url(redis_url)
-    try:
-        job_ids = await redis.zrange(queue_name, 0, -1)
-        await redis.delete(queue_name, *(b"arq:job:" + job_id for job_id in job_ids))
-    finally:
-        await redis.aclose()
+    async with serve_environment(scratch_database, redis_url, tmp_path / "blobs") as env:
+        yield env
 
 
 def free_port() -> int:
