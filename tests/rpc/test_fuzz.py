@@ -317,6 +317,20 @@ def _requests(method: MethodDescriptor, scene: Scene) -> st.SearchStrategy:
     return st.one_of(whole, st.lists(requests, max_size=4))
 
 
+def _client_wrote_after_the_answer(error: grpc.aio.AioRpcError) -> bool:
+    """The client's own status for a stream message it sent after the server had already answered.
+
+    grpc's client marks the call INTERNAL "Internal error from Core" when sending a message fails
+    because the server ended the call (it refused an earlier message); the server's answer is then
+    lost to the client, and it never came from the server: every answer of ours carries an ErrorInfo.
+    """
+    return (
+        error.code() == grpc.StatusCode.INTERNAL
+        and error.details() == "Internal error from Core"
+        and "SendMessageOperation" in (error.debug_error_string() or "")
+    )
+
+
 def _described(request) -> str:
     shown = str(request) if not isinstance(request, list) else "; ".join(str(m) for m in request)
     return shown[:600]
@@ -344,7 +358,7 @@ async def test_no_request_to_any_rpc_gets_a_server_error(channel, storage, media
         await call(iter(request) if method.client_streaming else request, metadata=scene.metadata[role], timeout=20)
     except grpc.aio.AioRpcError as error:
         refusal = error
-    if refusal is not None:
+    if refusal is not None and not _client_wrote_after_the_answer(refusal):
         assert refusal.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
             f"{method.name} as {role}: {refusal.code().name} {refusal.details()} for {_described(request)}"
         )
