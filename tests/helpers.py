@@ -8,9 +8,11 @@ import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio import Redis
@@ -123,3 +125,27 @@ async def serve_environment(database_url: str, redis_url: str, blob_dir: Path, *
         await redis.delete(queue_name, *(b"arq:job:" + job_id for job_id in job_ids))
     finally:
         await redis.aclose()
+
+
+PARTITION_BOUNDS = """
+SELECT c.relname AS name,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz AS lower,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS upper
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'usage_events'::regclass
+ORDER BY lower
+"""
+
+
+def midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+async def partition_days(conn: asyncpg.Connection | asyncpg.Pool) -> dict[date, str]:
+    """Each partition's UTC day, after checking that it spans exactly that day."""
+    days = {}
+    for row in await conn.fetch(PARTITION_BOUNDS):
+        day = row["lower"].astimezone(UTC).date()
+        assert (row["lower"], row["upper"]) == (midnight(day), midnight(day + timedelta(days=1))), row["name"]
+        days[day] = row["name"]
+    return days

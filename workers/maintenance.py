@@ -10,10 +10,11 @@ reports exactly what a real run would change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +24,7 @@ from arq.typing import WorkerCoroutine
 
 from mediavault import metrics
 from mediavault.config import JobConfig, Settings
-from mediavault.domain import cleanup, ledger
+from mediavault.domain import cleanup, events, ledger
 from mediavault.domain.media import MAX_ATTEMPTS
 
 log = logging.getLogger(__name__)
@@ -251,9 +252,51 @@ async def fail_stuck_processing(ctx: dict[str, Any], report: RunReport, config: 
     )
 
 
+@contextlib.asynccontextmanager
+async def _transaction(conn: cleanup.Connection, dry_run: bool) -> AsyncIterator[None]:
+    """A transaction that commits, or that a dry run rolls back."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    except BaseException:
+        await transaction.rollback()
+        raise
+    await (transaction.rollback() if dry_run else transaction.commit())
+
+
+# A partition drop queues every insert behind its lock request while it waits for the
+# statements already reading or writing usage_events: it gives up soon and tries again.
+PARTITION_DROP_LOCK_TIMEOUT_MS = 1000
+PARTITION_DROP_ATTEMPTS = 5
+PARTITION_DROP_RETRY_SECONDS = 2.0
+
+
 async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
-    """Usage events older than the retention are deleted in batches."""
-    await _batched(ctx, report, config, lambda conn, c, lane: cleanup.prune_telemetry(conn, c.batch_size, c.age_seconds), None)
+    """Makes usage_events' partitions of the days ahead, then drops the partitions whose
+    events were all received longer ago than the retention (age_seconds): whole days, so
+    an event stays between age_seconds and a day more. Counters (media_counters) are
+    lifetime totals and stay."""
+    pool: asyncpg.Pool = ctx["pool"]
+    dropped: list[asyncpg.Record] = []
+    async with pool.acquire() as conn:
+        async with _transaction(conn, report.dry_run):
+            added = await events.add_partitions(conn)
+        for attempt in range(1, PARTITION_DROP_ATTEMPTS + 1):
+            try:
+                async with _transaction(conn, report.dry_run):
+                    dropped = await events.drop_partitions(conn, config.age_seconds, PARTITION_DROP_LOCK_TIMEOUT_MS)
+                break
+            except asyncpg.LockNotAvailableError:
+                if attempt == PARTITION_DROP_ATTEMPTS:
+                    raise
+                await asyncio.sleep(PARTITION_DROP_RETRY_SECONDS)
+    report.scanned = report.changed = len(dropped)
+    report.details.update(
+        partitions_added=added,
+        partitions_dropped=[r["partition_name"] for r in dropped],
+        estimated_events_dropped=sum(r["estimated_rows"] for r in dropped),
+    )
 
 
 async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:

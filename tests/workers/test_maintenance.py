@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from mediavault.jobs import TranscodeQueue
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
-from tests.helpers import begin, fake_jpeg, put, settled, upload
+from tests.helpers import begin, fake_jpeg, partition_days, put, settled, upload
 from workers.maintenance import JOBS, run_job
 from workers.settings import shutdown, startup
 
@@ -291,17 +292,47 @@ async def test_a_sweep_that_cannot_queue_a_run_does_not_count_it_changed(ctx, st
     assert await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", media_id) == "pending"
 
 
-async def test_old_telemetry_is_pruned(ctx, pool, user_id):
-    media_id = uuid.uuid4()
+async def test_prune_drops_exactly_the_partitions_past_retention_and_keeps_the_counters(ctx, storage, media, auth, user_id, pool):
+    retention = ctx["settings"].jobs.prune_telemetry.age_seconds
+    assert retention == 30 * 86400
+    done = await upload(storage, auth(user_id), fake_jpeg(1800))
+    request = mpb.RecordEventsRequest()
+    for event_type in (mpb.USAGE_EVENT_TYPE_IMPRESSION, mpb.USAGE_EVENT_TYPE_LIKE):
+        request.events.add(event_type=event_type, media_id=done.media_id, surface="feed")
+    await media.RecordEvents(request, metadata=auth(user_id))
+    counters_before = await pool.fetchrow("SELECT * FROM media_counters WHERE media_id = $1::uuid", done.media_id)
+
+    today = datetime.now(UTC).date()
+    await pool.execute("SELECT usage_events_add_partitions($1, $2)", today - timedelta(days=40), today)
+    # One event at noon of each of the 40 days before today, and one a second inside the
+    # retention: it shares its day's partition with events past the retention.
     await pool.execute(
         "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at, received_at) "
-        "SELECT $1, $2, 'impression', now(), now() - make_interval(days => d) FROM generate_series(1, 40) AS d",
-        user_id, media_id)
+        "SELECT $1, $2::uuid, 'impression', now(), ($3::date - d)::timestamp AT TIME ZONE 'UTC' + interval '12 hours' "
+        "FROM generate_series(1, 40) AS d",
+        user_id, done.media_id, today)
+    await pool.execute(
+        "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at, received_at) "
+        "VALUES ($1, $2::uuid, 'share', now(), now() - make_interval(secs => $3))", user_id, done.media_id, retention - 1.0)
+    partitions_before = await partition_days(pool)
+
+    dry = await run_job(ctx, "prune_telemetry", dry_run=True)
+    assert await partition_days(pool) == partitions_before
     report = await run_job(ctx, "prune_telemetry")
-    assert report.changed >= 10
+
     assert report.errors == 0
-    left = await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id)
-    assert left == 29
+    cutoff_day = (datetime.now(UTC) - timedelta(seconds=retention)).date()
+    expected_gone = {day: name for day, name in partitions_before.items() if day < cutoff_day}
+    assert len(expected_gone) >= 10
+    assert sorted(report.details["partitions_dropped"]) == sorted(expected_gone.values()) == sorted(dry.details["partitions_dropped"])
+    assert report.changed == len(expected_gone)
+    assert await partition_days(pool) == {d: n for d, n in partitions_before.items() if d not in expected_gone}
+    received = [r["received_at"] for r in await pool.fetch("SELECT received_at FROM usage_events WHERE media_id = $1::uuid", done.media_id)]
+    assert min(received).astimezone(UTC).date() == cutoff_day, "the day holding the cutoff stays whole"
+    assert len([t for t in received if t.astimezone(UTC).date() < today]) == 30 + 1
+    assert len(received) == 30 + 1 + 2
+    assert await pool.fetchrow("SELECT * FROM media_counters WHERE media_id = $1::uuid", done.media_id) == counters_before
+    assert (await run_job(ctx, "prune_telemetry")).changed == 0
 
 
 async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, pool):

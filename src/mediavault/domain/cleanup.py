@@ -144,18 +144,6 @@ FROM stuck WHERE m.media_id = stuck.media_id
 RETURNING m.media_id, m.owner_id, m.variants_version, m.attempts, m.requeues, m.processing_status
 """
 
-_PRUNE_EVENTS = """
-WITH old AS (
-    SELECT event_id FROM usage_events
-    WHERE received_at < now() - make_interval(secs => $2)
-    ORDER BY event_id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM usage_events e USING old WHERE e.event_id = old.event_id
-RETURNING e.event_id
-"""
-
 _HEAVY_RESERVATIONS = """
 SELECT a.user_id, a.quota_bytes, a.reserved_bytes, min(u.created_at) AS oldest_pending
 FROM accounts a JOIN uploads u ON u.user_id = a.user_id AND u.state = 'pending'
@@ -238,11 +226,6 @@ async def release_purge_claim(conn: Connection | asyncpg.Pool, media_ids: list[u
 async def fail_stuck_processing(conn: Connection, batch_size: int, age_seconds: int, max_attempts: int) -> Batch:
     rows = await conn.fetch(_STUCK, batch_size, float(age_seconds), max_attempts)
     return Batch(len(rows), 0, rows)
-
-
-async def prune_telemetry(conn: Connection, batch_size: int, age_seconds: int) -> Batch:
-    rows = await conn.fetch(_PRUNE_EVENTS, batch_size, float(age_seconds))
-    return Batch(len(rows), 0, [])
 
 
 async def heavy_reservations(conn: Connection | asyncpg.Pool, age_seconds: int, limit: int) -> list[asyncpg.Record]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.errors import InvalidArgument
 from mediavault.limits import Text, storable
@@ -27,6 +28,10 @@ MAX_META_DEPTH = 3
 MAX_META_KEYS = 32
 # Clients' clocks drift; anything further off than this is not a real occurrence time.
 MAX_CLOCK_SKEW = timedelta(days=7)
+# usage_events is partitioned by the UTC day of received_at (migration 0011); the
+# partitions of today and this many days ahead are kept made, so that no insert waits for
+# one even when the prune_telemetry job has not run for days.
+PARTITION_DAYS_AHEAD = 7
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Keys that look like personal data never reach the table, whatever the client sends.
@@ -60,6 +65,36 @@ ON CONFLICT (media_id) DO UPDATE SET
     like_count = c.like_count + EXCLUDED.like_count,
     share_count = c.share_count + EXCLUDED.share_count
 """
+
+
+_ADD_PARTITIONS = """
+SELECT usage_events_add_partitions(today, today + $1::integer) FROM (SELECT (now() AT TIME ZONE 'UTC')::date AS today) AS t
+"""
+
+_DROP_PARTITIONS = "SELECT * FROM usage_events_drop_partitions(now() - make_interval(secs => $1))"
+
+# Connection or pool: what asyncpg's types accept for one statement.
+Executor = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
+
+
+async def add_partitions(conn: Executor, days_ahead: int = PARTITION_DAYS_AHEAD) -> int:
+    """Makes the missing partitions of today and the days_ahead days after; returns how many."""
+    return int(await conn.fetchval(_ADD_PARTITIONS, days_ahead))
+
+
+async def drop_partitions(conn: asyncpg.Connection | PoolConnectionProxy, age_seconds: int, lock_timeout_ms: int) -> list[asyncpg.Record]:
+    """Drops the partitions holding only events received more than age_seconds ago, on a
+    connection the caller holds in a transaction; returns (partition_name, received_before,
+    estimated_rows) of each. Waits at most lock_timeout_ms for usage_events, behind whose
+    ACCESS EXCLUSIVE request every insert queues, then raises LockNotAvailableError."""
+    await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{lock_timeout_ms}ms")
+    return await conn.fetch(_DROP_PARTITIONS, float(age_seconds))
+
+
+def _no_partition(error: asyncpg.CheckViolationError) -> bool:
+    """Whether the insert failed because no partition holds its received_at (a CHECK
+    constraint names itself; the partition routing names none)."""
+    return error.table_name == "usage_events" and error.constraint_name is None
 
 
 @dataclass(frozen=True)
@@ -152,5 +187,14 @@ class Events:
         rows = [row for row in (_accept(e, now) for e in events) if row is not None]
         if rows:
             media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
-            await self._pool.execute(_INSERT, [user_id] * len(rows), media_ids, types, surfaces, times, metas)
+            arguments = ([user_id] * len(rows), media_ids, types, surfaces, times, metas)
+            try:
+                await self._pool.execute(_INSERT, *arguments)
+            except asyncpg.CheckViolationError as error:
+                if not _no_partition(error):
+                    raise
+                # Today's partition is missing (no job made it ahead): make it and store
+                # the batch after all. The failed statement stored nothing, counters included.
+                await add_partitions(self._pool)
+                await self._pool.execute(_INSERT, *arguments)
         return len(rows), len(events) - len(rows)
