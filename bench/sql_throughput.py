@@ -43,6 +43,7 @@ from mediavault.domain import events, media
 from mediavault.domain.uploads import statements
 
 PAGE = 20
+MEDIA_PER_ACCOUNT = 30
 EVENTS_PER_CALL = 20
 
 SEED = """
@@ -53,7 +54,7 @@ WITH owners AS (
     INSERT INTO ledger_entries (user_id, kind, quota_delta) SELECT user_id, 'grant', quota_bytes FROM owners
 ), made AS (
     SELECT md5(o.user_id || '-' || n)::uuid AS id, o.user_id, now() - make_interval(secs => n) AS at
-    FROM owners o, generate_series(1, 30) AS n
+    FROM owners o, generate_series(1, $2) AS n
 ), uploaded AS (
     INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key, media_id, expires_at)
     SELECT id, user_id, 'a.jpg', 'image/jpeg', 65536, 'permanent', 'finalized', 'originals/' || id, id, at FROM made
@@ -90,7 +91,7 @@ def scripts(accounts: int) -> dict[str, str]:
         user, "ARRAY[65536]", "ARRAY['image/jpeg']",
     ])
     # Random media of the seeded ones (their ids are md5(owner-n)): 3 impressions to every like.
-    picked = f"md5('bench-' || (1 + floor(random() * {accounts}))::int || '-' || (1 + floor(random() * 30))::int)::uuid"
+    picked = f"md5('bench-' || (1 + floor(random() * {accounts}))::int || '-' || (1 + floor(random() * {MEDIA_PER_ACCOUNT}))::int)::uuid"
     event_rows = (
         f"SELECT n, {picked} AS media_id, CASE WHEN n % 4 = 0 THEN 'like' ELSE 'impression' END AS event_type"
         f" FROM generate_series(1, {EVENTS_PER_CALL}) AS n"
@@ -145,7 +146,7 @@ async def seed(url: str, accounts: int) -> None:
     await migrate(url)
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(SEED, accounts)
+        await conn.execute(SEED, accounts, MEDIA_PER_ACCOUNT)
         await conn.execute(SEED_VARIANTS)
         await conn.execute("VACUUM ANALYZE")
     finally:
