@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import sys
 import time
 
@@ -107,6 +108,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     args = parser.parse_args()
+    load_before = round(os.getloadavg()[0], 2)
     with bench_stack() as stack:
         print(f"[feed_page] seeding {args.owners} owners", file=sys.stderr, flush=True)
         asyncio.run(seed(stack.database_url, args.owners))
@@ -117,6 +119,7 @@ def main() -> int:
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "owners": args.owners,
+        "load_average_1m": load_before,
         **figures,
         "cached_to_uncached": round(cached["rps"] / uncached["rps"], 2) if uncached["rps"] else None,
         "goals": {

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -269,6 +270,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "benchmark": "telemetry_prune",
         "events": args.events,
         "days": args.days,
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "events_past_retention": before["past_retention"],
         **seeded,
         "partitions": partitions,

@@ -4,7 +4,7 @@
 -- client's clock can never send an event outside the partitions made ahead.
 --
 -- The existing rows are copied into their days' partitions within this migration's
--- transaction (a table kept within the default 30 days' retention copies in minutes).
+-- transaction, which holds usage_events for as long as the copy takes.
 
 ALTER TABLE usage_events RENAME TO usage_events_unpartitioned;
 ALTER INDEX usage_events_pkey RENAME TO usage_events_unpartitioned_pkey;
