@@ -11,13 +11,20 @@ import uuid
 from collections.abc import Iterator
 from concurrent import futures
 
+import asyncpg
 import grpc
 import pytest
+from arq.connections import RedisSettings
+from arq.connections import create_pool as create_arq_pool
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job_raw
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 from PIL import Image
 
-from mediavault import logs, tracing
+from mediavault import jobs, logs, tracing
+from mediavault.blobs import open_blob_store
+from mediavault.db import create_pool
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -172,3 +179,62 @@ async def test_one_upload_is_one_trace_from_begin_through_the_enqueue_to_the_tra
     lines = [json.loads(line) for line in rpc_lines.getvalue().splitlines()]
     finalize_line = next(line for line in lines if line.get("rpc") == "StorageService/FinalizeUpload")
     assert (finalize_line["trace_id"], finalize_line["span_id"]) == (trace_id.hex(), finalize.span_id.hex())
+
+
+async def test_a_traced_job_is_what_arq_enqueue_job_writes_with_the_trace_context_keyword(otlp_receiver: Receiver, redis_url: str):
+    redis = await create_arq_pool(RedisSettings.from_dsn(redis_url), default_queue_name=f"test-tracing:{uuid.uuid4().hex}")
+    media_id = uuid.uuid4()
+    ours = jobs.transcode_job_id(media_id, 0)
+    theirs = f"{ours}:arq"
+    assert tracing.start("mediavault-test")
+    try:
+        assert await jobs.enqueue_transcode(redis, media_id, 0)
+        our_job = deserialize_job_raw(await redis.get(job_key_prefix + ours))
+        carried = our_job[2]["trace_context"]
+        assert await redis.enqueue_job(jobs.TRANSCODE, str(media_id), 0, trace_context=carried, _job_id=theirs) is not None
+        their_job = deserialize_job_raw(await redis.get(job_key_prefix + theirs))
+    finally:
+        await tracing.stop()
+        await redis.delete(redis.default_queue_name, job_key_prefix + ours, job_key_prefix + theirs)
+        await redis.aclose()
+    # (function, args, kwargs, job_try): the one keyword more is the only difference from arq's plain job.
+    assert our_job[:4] == their_job[:4] == (jobs.TRANSCODE, (str(media_id), 0), {"trace_context": carried}, None)
+    (enqueue,) = [span for _, span in otlp_receiver.spans if span.name == "enqueue transcode_media"]
+    version, trace_id, span_id, flags = carried["traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", enqueue.trace_id.hex(), enqueue.span_id.hex())
+    assert int(flags, 16) & 1, "sampled"
+
+
+async def test_without_an_endpoint_tracing_stays_off_and_nothing_is_wrapped(monkeypatch: pytest.MonkeyPatch, make_settings):
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    settings = make_settings()
+    assert tracing.start("mediavault-test") is False
+    assert tracing.tracer is None
+    pool = await create_pool(settings)
+    blobs = await open_blob_store(settings)
+    try:
+        async with pool.acquire() as conn:
+            assert type(conn._con) is asyncpg.Connection
+        assert tracing.traced_blobs(blobs, settings.blob_backend) is blobs
+    finally:
+        await blobs.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("environment", "on"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({}, False),
+    ],
+)
+def test_the_standard_environment_decides(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], on: bool):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tracing.configured() is on
