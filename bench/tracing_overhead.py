@@ -1,0 +1,256 @@
+"""What tracing costs per call: two RPCs on the code before tracing, with tracing off, and on, same run.
+
+Three stacks side by side (bench/stack.py), each on a database of its own:
+- `baseline`: the code of --baseline-rev (default: the parent of the commit that added
+  mediavault/tracing.py), extracted with `git archive` and run by this venv's Python with
+  PYTHONPATH pointing at it (the imaging extension built here is copied beside it);
+- `off`: this tree without OTEL_* variables, which is how it runs unless a collector is named;
+- `on`: this tree with OTEL_EXPORTER_OTLP_ENDPOINT naming a receiver in this process that
+  counts and drops the spans (every call is sampled: parentbased_always_on).
+Phases alternate between the stacks in slices so machine noise hits all alike. BeginUpload
+goes through the handler, a batch, PostgreSQL (a commit) and the blob store's presign: every
+kind of span an RPC makes; GetStorageSummary is one read, the handler's cost shows best in it.
+Prints one JSON line: per RPC and stack p50/p99 ms of sequential calls from one client and
+requests/s at --concurrency, off's and on's overhead against the baseline, and what the
+instrumented places cost in-process with tracing off (`off_path_ns`: the calls one RPC makes
+into mediavault.tracing, timed with timeit). The goal: off costs nothing measurable, GetStorageSummary's
+p50 within 0.05 ms of the baseline's and throughput within 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import timeit
+from collections.abc import Iterator
+from concurrent import futures
+from io import BytesIO
+from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from stack import bench_stack
+
+import mediavault
+from mediavault import tracing
+from mediavault.auth import Authenticator
+from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL_P50_OVERHEAD_MS = 0.05
+GOAL_RPS_RATIO = 0.95
+SIZE_BYTES = 1024
+SHA256 = hashlib.sha256(b"\x00" * SIZE_BYTES).hexdigest()
+# A user's BeginUploads reserve quota: each client changes user before the free quota could fill.
+CALLS_PER_USER = 2000
+
+
+class CountingReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans = 0
+        self._lock = threading.Lock()
+
+    def Export(self, request, context):
+        count = sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
+        with self._lock:
+            self.spans += count
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@contextlib.contextmanager
+def receiver() -> Iterator[tuple[CountingReceiver, int]]:
+    counting = CountingReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(counting, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield counting, port
+    finally:
+        server.stop(0)
+
+
+def default_baseline_rev() -> str:
+    added = subprocess.run(
+        ["git", "log", "--diff-filter=A", "--format=%H", "--", "src/mediavault/tracing.py"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout.split()
+    if not added:
+        raise SystemExit("no commit adds src/mediavault/tracing.py: pass --baseline-rev")
+    return f"{added[-1]}^"
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str) -> Iterator[Path]:
+    """The sources of rev (src/, workers/) in a temp dir, with this tree's built imaging extension."""
+    work = Path(tempfile.mkdtemp(prefix="mediavault-bench-baseline-"))
+    try:
+        archive = subprocess.run(["git", "archive", rev, "src", "workers"], cwd=ROOT, check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(archive)) as tar:
+            tar.extractall(work, filter="data")
+        imaging = Path(mediavault.__file__).parent / "imaging"
+        for built in imaging.glob("_pixels*.so"):
+            shutil.copy2(built, work / "src" / "mediavault" / "imaging" / built.name)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def begin_upload(stub: storage_pb2_grpc.StorageServiceStub, n: int, metadata):
+    request = storage_pb2.BeginUploadRequest(filename=f"bench-{n}.jpg", content_type="image/jpeg", size_bytes=SIZE_BYTES, sha256=SHA256)
+    return stub.BeginUpload(request, metadata=metadata)
+
+
+def get_storage_summary(stub: storage_pb2_grpc.StorageServiceStub, n: int, metadata):
+    return stub.GetStorageSummary(storage_pb2.GetStorageSummaryRequest(), metadata=metadata)
+
+
+RPCS = {"BeginUpload": begin_upload, "GetStorageSummary": get_storage_summary}
+
+
+class Users:
+    """Bearer metadata of a fresh user every CALLS_PER_USER calls of one client."""
+
+    def __init__(self, authenticator: Authenticator, client: str) -> None:
+        self._authenticator = authenticator
+        self._client = client
+        self._calls = itertools.count()
+        self._metadata: tuple[tuple[str, str], ...] = ()
+
+    def next(self) -> tuple[tuple[str, str], ...]:
+        n = next(self._calls)
+        if n % CALLS_PER_USER == 0:
+            user = f"bench-{self._client}-{n // CALLS_PER_USER}-{time.monotonic_ns()}"
+            self._metadata = (("authorization", f"Bearer {self._authenticator.issue(user, ['user'])}"),)
+        return self._metadata
+
+
+async def sequential(rpc: str, target: str, secret: str, seconds: float) -> list[float]:
+    call = RPCS[rpc]
+    users = Users(Authenticator(secret), "sequential")
+    latencies = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        await call(stub, 0, users.next())
+        deadline = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+            started = time.perf_counter()
+            await call(stub, n, users.next())
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+async def concurrent(rpc: str, target: str, secret: str, seconds: float, clients: int) -> float:
+    call = RPCS[rpc]
+    authenticator = Authenticator(secret)
+    done = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+
+        async def client(c: int) -> None:
+            nonlocal done
+            users = Users(authenticator, f"c{c}")
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                await call(stub, done, users.next())
+                done += 1
+
+        await asyncio.gather(*(client(c) for c in range(clients)))
+    return done / seconds
+
+
+def off_path_ns() -> float:
+    """ns that one RPC's calls into mediavault.tracing cost with tracing off: the server span's
+    start, a batch submission's span context, the batch's check (median of 7 timeit runs)."""
+    assert tracing.tracer is None
+    metadata = (("authorization", "Bearer x"),)
+
+    def one_rpc() -> None:
+        tracing.start_rpc("mediavault.storage.v1.StorageService", "BeginUpload", metadata, "r")
+        tracing.submitter()
+        tracing.tracer is None  # noqa: B015  # the batch's check, timed as the server makes it
+
+    number = 200_000
+    return statistics.median(timeit.repeat(one_rpc, number=number, repeat=7)) / number * 1e9
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per slice and stack")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--baseline-rev", help="the uninstrumented code (default: the commit before tracing)")
+    args = parser.parse_args()
+    baseline_rev = args.baseline_rev or default_baseline_rev()
+    modes = ("baseline", "off", "on")
+    latencies = {(rpc, mode): [] for rpc in RPCS for mode in modes}
+    rps = {(rpc, mode): [] for rpc in RPCS for mode in modes}
+    with contextlib.ExitStack() as stacks:
+        counting, port = stacks.enter_context(receiver())
+        tree = stacks.enter_context(baseline_tree(baseline_rev))
+        no_otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}
+        servers = {
+            "baseline": stacks.enter_context(bench_stack(extra_env={**no_otel, "PYTHONPATH": f"{tree / 'src'}:{tree}"})),
+            "off": stacks.enter_context(bench_stack(extra_env=no_otel)),
+            "on": stacks.enter_context(
+                bench_stack(extra_env={**no_otel, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+            ),
+        }
+        for _ in range(args.rounds):
+            for rpc in RPCS:
+                for mode in modes:
+                    stack = servers[mode]
+                    latencies[rpc, mode] += asyncio.run(sequential(rpc, stack.target, stack.jwt_secret, args.seconds))
+                    rps[rpc, mode].append(
+                        asyncio.run(concurrent(rpc, stack.target, stack.jwt_secret, args.seconds, args.concurrency))
+                    )
+        spans_received = counting.spans
+    result: dict = {"bench": "tracing_overhead", "baseline_rev": baseline_rev, "rounds": args.rounds, "seconds": args.seconds}
+    for rpc in RPCS:
+        per_mode = {}
+        for mode in modes:
+            per_mode[mode] = {
+                "p50_ms": round(statistics.median(latencies[rpc, mode]) * 1000, 3),
+                "p99_ms": round(percentile(latencies[rpc, mode], 0.99) * 1000, 3),
+                "calls": len(latencies[rpc, mode]),
+                "rps_at_concurrency": round(statistics.median(rps[rpc, mode]), 1),
+            }
+        for mode in ("off", "on"):
+            per_mode[f"{mode}_p50_overhead_ms"] = round(per_mode[mode]["p50_ms"] - per_mode["baseline"]["p50_ms"], 3)
+            per_mode[f"{mode}_rps_ratio_to_baseline"] = round(
+                per_mode[mode]["rps_at_concurrency"] / per_mode["baseline"]["rps_at_concurrency"], 3
+            )
+        result[rpc] = per_mode
+    result["spans_received_from_on"] = spans_received
+    result["off_path_ns"] = round(off_path_ns(), 1)
+    summary = result["GetStorageSummary"]
+    result["goals"] = {
+        f"off_p50_overhead_lt_{GOAL_P50_OVERHEAD_MS}ms": summary["off_p50_overhead_ms"] < GOAL_P50_OVERHEAD_MS,
+        f"off_rps_ratio_gte_{GOAL_RPS_RATIO}": summary["off_rps_ratio_to_baseline"] >= GOAL_RPS_RATIO,
+        "on_exported_spans": spans_received > 0,
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
