@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -234,7 +235,13 @@ def main() -> int:
                         asyncio.run(concurrent(rpc, stack.target, stack.jwt_secret, args.seconds, args.concurrency))
                     )
         exports = (counting.exports, counting.bytes)
-    result: dict = {"bench": "tracing_overhead", "baseline_rev": baseline_rev, "rounds": args.rounds, "seconds": args.seconds}
+    result: dict = {
+        "bench": "tracing_overhead",
+        "baseline_rev": baseline_rev,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
     for rpc in RPCS:
         per_mode = {}
         for mode in modes:
