@@ -2,7 +2,8 @@
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, then exported by OTLP/gRPC.
 
 Every instrumented place reads `tracer` and does nothing more while it is None: with tracing
-off the database pool and blob store are not even wrapped, and an RPC pays one `is None`.
+off the database pool and blob store are not even wrapped, and an RPC pays a few calls that
+find it None.
 Spans of the database and the blob store are made only inside a sampled trace (an RPC or a
 job), so the health probe and the cron jobs send nothing. docs/operations.md lists the spans.
 """
