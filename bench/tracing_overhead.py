@@ -10,12 +10,14 @@ Three stacks side by side (bench/stack.py), each on a database of its own:
 Phases alternate between the stacks in slices so machine noise hits all alike. BeginUpload
 goes through the handler, a batch, PostgreSQL (a commit) and the blob store's presign: every
 kind of span an RPC makes; GetStorageSummary is one read, the handler's cost shows best in it.
-Prints one JSON line: per RPC and stack p50/p99 ms of sequential calls from one client and
-requests/s at --concurrency, off's and on's overhead against the baseline (p50 difference;
-throughput as the median of the rounds' paired ratios, with their range), and what the
-instrumented places cost in-process with tracing off (`off_path_ns`: the calls one RPC makes
-into mediavault.tracing, timed with timeit). The goal: off costs nothing measurable, GetStorageSummary's
-p50 within 0.05 ms of the baseline's and throughput within 5%.
+Prints one JSON line: per RPC and stack p50/p99 ms of sequential calls from one client,
+requests/s at --concurrency and the server's CPU microseconds per call there; off's and on's
+overhead against the baseline (p50 difference; throughput and CPU per call as the median of the
+rounds' paired ratios, with their range); and what the instrumented places cost in-process with
+tracing off (`off_path_ns`: the calls one RPC makes into mediavault.tracing, timed with timeit).
+The goals: off costs nothing measurable, GetStorageSummary's p50 within 0.05 ms of the
+baseline's and its server CPU per call within 5%. Throughput is printed but is no goal: on a
+shared 2-core machine the rounds' rps ratios swing by several times either way.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from io import BytesIO
 from pathlib import Path
 
 import grpc
+import psutil
 from stack import bench_stack
 
 import mediavault
@@ -51,7 +54,7 @@ from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_P50_OVERHEAD_MS = 0.05
-GOAL_RPS_RATIO = 0.95
+GOAL_CPU_RATIO = 1.05
 SIZE_BYTES = 1024
 SHA256 = hashlib.sha256(b"\x00" * SIZE_BYTES).hexdigest()
 # A user's BeginUploads reserve quota: each client changes user before the free quota could fill.
@@ -89,6 +92,20 @@ def receiver() -> Iterator[tuple[CountingReceiver, int]]:
         yield counting, port
     finally:
         server.stop(0)
+
+
+def server_process(target: str) -> psutil.Process:
+    """The process listening on target's port: the stack's `mediavault serve`."""
+    port = int(target.rsplit(":", 1)[1])
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return psutil.Process(connection.pid)
+    raise RuntimeError(f"no process listens on {target}")
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def default_baseline_rev() -> str:
@@ -163,7 +180,7 @@ async def sequential(rpc: str, target: str, secret: str, seconds: float) -> list
     return latencies
 
 
-async def concurrent(rpc: str, target: str, secret: str, seconds: float, clients: int) -> float:
+async def concurrent(rpc: str, target: str, secret: str, seconds: float, clients: int) -> tuple[float, int]:
     call = RPCS[rpc]
     authenticator = Authenticator(secret)
     done = 0
@@ -179,7 +196,7 @@ async def concurrent(rpc: str, target: str, secret: str, seconds: float, clients
                 done += 1
 
         await asyncio.gather(*(client(c) for c in range(clients)))
-    return done / seconds
+    return done / seconds, done
 
 
 def off_path_ns() -> float:
@@ -213,6 +230,8 @@ def main() -> int:
     modes = ("baseline", "off", "on")
     latencies = {(rpc, mode): [] for rpc in RPCS for mode in modes}
     rps = {(rpc, mode): [] for rpc in RPCS for mode in modes}
+    # The server's CPU time per call under concurrency: what the machine's load disturbs least.
+    cpu_us = {(rpc, mode): [] for rpc in RPCS for mode in modes}
     with contextlib.ExitStack() as stacks:
         counting, port = stacks.enter_context(receiver())
         tree = stacks.enter_context(baseline_tree(baseline_rev))
@@ -224,6 +243,11 @@ def main() -> int:
                 bench_stack(extra_env={**no_otel, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
             ),
         }
+        processes = {mode: server_process(stack.target) for mode, stack in servers.items()}
+        # Unmeasured: each server opens its pool's connections and warms its caches.
+        for stack in servers.values():
+            for rpc in RPCS:
+                asyncio.run(concurrent(rpc, stack.target, stack.jwt_secret, 1.0, args.concurrency))
         for round_number in range(args.rounds):
             # Each round starts with another stack, so no stack always runs first or last.
             order = modes[round_number % 3 :] + modes[: round_number % 3]
@@ -231,9 +255,10 @@ def main() -> int:
                 for mode in order:
                     stack = servers[mode]
                     latencies[rpc, mode] += asyncio.run(sequential(rpc, stack.target, stack.jwt_secret, args.seconds))
-                    rps[rpc, mode].append(
-                        asyncio.run(concurrent(rpc, stack.target, stack.jwt_secret, args.seconds, args.concurrency))
-                    )
+                    cpu_before = cpu_seconds(processes[mode])
+                    rate, calls = asyncio.run(concurrent(rpc, stack.target, stack.jwt_secret, args.seconds, args.concurrency))
+                    rps[rpc, mode].append(rate)
+                    cpu_us[rpc, mode].append((cpu_seconds(processes[mode]) - cpu_before) / max(calls, 1) * 1e6)
         exports = (counting.exports, counting.bytes)
     result: dict = {
         "bench": "tracing_overhead",
@@ -250,6 +275,7 @@ def main() -> int:
                 "p99_ms": round(percentile(latencies[rpc, mode], 0.99) * 1000, 3),
                 "calls": len(latencies[rpc, mode]),
                 "rps_at_concurrency": round(statistics.median(rps[rpc, mode]), 1),
+                "server_cpu_us_per_call": round(statistics.median(cpu_us[rpc, mode]), 1),
             }
         for mode in ("off", "on"):
             per_mode[f"{mode}_p50_overhead_ms"] = round(per_mode[mode]["p50_ms"] - per_mode["baseline"]["p50_ms"], 3)
@@ -257,13 +283,16 @@ def main() -> int:
             ratios = sorted(m / b for m, b in zip(rps[rpc, mode], rps[rpc, "baseline"], strict=True))
             per_mode[f"{mode}_rps_ratio_to_baseline"] = round(statistics.median(ratios), 3)
             per_mode[f"{mode}_rps_ratio_range"] = [round(ratios[0], 3), round(ratios[-1], 3)]
+            cpu_ratios = sorted(m / b for m, b in zip(cpu_us[rpc, mode], cpu_us[rpc, "baseline"], strict=True))
+            per_mode[f"{mode}_cpu_ratio_to_baseline"] = round(statistics.median(cpu_ratios), 3)
+            per_mode[f"{mode}_cpu_ratio_range"] = [round(cpu_ratios[0], 3), round(cpu_ratios[-1], 3)]
         result[rpc] = per_mode
     result["otlp_exports_from_on"], result["otlp_export_bytes_from_on"] = exports
     result["off_path_ns"] = round(off_path_ns(), 1)
     summary = result["GetStorageSummary"]
     result["goals"] = {
         f"off_p50_overhead_lt_{GOAL_P50_OVERHEAD_MS}ms": summary["off_p50_overhead_ms"] < GOAL_P50_OVERHEAD_MS,
-        f"off_rps_ratio_gte_{GOAL_RPS_RATIO}": summary["off_rps_ratio_to_baseline"] >= GOAL_RPS_RATIO,
+        f"off_cpu_ratio_lte_{GOAL_CPU_RATIO}": summary["off_cpu_ratio_to_baseline"] <= GOAL_CPU_RATIO,
         "on_exported_spans": exports[0] > 0,
     }
     print(json.dumps(result), flush=True)
