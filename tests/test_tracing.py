@@ -135,6 +135,8 @@ async def test_one_upload_is_one_trace_from_begin_through_the_enqueue_to_the_tra
     # Stopping the server and the worker exported every span; tracing is off again.
     assert tracing.tracer is None
 
+    # Server and worker share this process, so one provider (the first start's, "mediavault-server")
+    # sends both; in production each process names its own service.
     spans = [span for _, span in otlp_receiver.spans if span.trace_id == trace_id]
     print(f"\ntrace {trace_id.hex()}: {len(spans)} spans, from services {sorted({s for s, _ in otlp_receiver.spans})}")
     print(render(spans, client_span_id))
