@@ -23,6 +23,7 @@ import grpc
 import pytest
 from arq import Worker, cron
 from arq.connections import RedisSettings
+from opentelemetry.sdk.trace import TracerProvider
 
 from mediavault import logs
 from mediavault.config import Settings
@@ -86,6 +87,19 @@ def test_json_line_carries_request_id_and_extras():
     assert entry["request_id"] == "req-42"
     assert entry["outcome"] == "OK"
     assert entry["msg"] == "rpc"
+    assert "trace_id" not in entry
+    assert "span_id" not in entry
+
+
+def test_json_line_in_a_span_carries_its_trace_and_span_ids():
+    provider = TracerProvider()
+    record = logging.LogRecord("mediavault.rpc", logging.INFO, __file__, 1, "rpc", None, None)
+    with provider.get_tracer("test").start_as_current_span("call") as span:
+        entry = json.loads(logs.JsonFormatter().format(record))
+    context = span.get_span_context()
+    assert entry["trace_id"] == f"{context.trace_id:032x}"
+    assert entry["span_id"] == f"{context.span_id:016x}"
+    provider.shutdown()
 
 
 async def test_request_id_is_echoed_in_trailers(storage, auth, user_id):

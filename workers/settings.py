@@ -8,7 +8,7 @@ from typing import Any
 from arq import cron, func
 from arq.connections import RedisSettings
 
-from mediavault import metrics
+from mediavault import metrics, tracing
 from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
 from mediavault.db import create_pool
@@ -44,8 +44,10 @@ def cron_jobs(settings: Settings) -> list:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    # First: the pool and the blob store are made traced or not by it.
+    ctx["traced"] = tracing.start("mediavault-worker")
     ctx["pool"] = await create_pool(settings)
-    ctx["blobs"] = await open_blob_store(settings)
+    ctx["blobs"] = tracing.traced_blobs(await open_blob_store(settings), settings.blob_backend)
     services = build_services(ctx["pool"], ctx["blobs"], ctx["redis"], settings)
     ctx["library"] = services.library
     ctx["feed"] = services.feed
@@ -76,6 +78,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["blobs"].close()
     if "pool" in ctx:
         await ctx["pool"].close()
+    if ctx.pop("traced", False):
+        await tracing.stop()
 
 
 def _redis_settings(settings: Settings) -> RedisSettings:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 from arq import Retry
 from redis.exceptions import RedisError
 
-from mediavault import metrics
+from mediavault import metrics, tracing
 from mediavault.blobs import BlobStoreError, single_chunk
 from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
+from mediavault.jobs import TRANSCODE
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,15 @@ def backoff(base_seconds: float, attempt: int) -> float:
     return min(base_seconds * 2 ** (attempt - 1), RETRY_CAP_SECONDS)
 
 
-async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> str:
+async def transcode_media(
+    ctx: dict[str, Any], media_id: str, version: int, trace_context: Mapping[str, str] | None = None
+) -> str:
+    """trace_context: the W3C trace context of the enqueue (mediavault.jobs), when the enqueuer traced."""
+    with tracing.job_span(TRANSCODE, trace_context, ctx.get("job_id", ""), ctx.get("job_try", 1)):
+        return await _run(ctx, media_id, version)
+
+
+async def _run(ctx: dict[str, Any], media_id: str, version: int) -> str:
     try:
         return await _transcode(ctx, uuid.UUID(media_id), version)
     except TRANSIENT_ERRORS as exc:
@@ -54,7 +64,11 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
     started = time.perf_counter()
     try:
         data = await ctx["blobs"].read(claim.object_key)
-        result = await ctx["transcoder"].run(data, claim.content_type)
+        with tracing.span("transcode", **{"mediavault.media_id": str(media_id), "mediavault.content_type": claim.content_type}) as span:
+            result = await ctx["transcoder"].run(data, claim.content_type)
+            if span is not None:
+                span.set_attributes({"mediavault.width": result.width, "mediavault.height": result.height,
+                                     "mediavault.variants": len(result.variants)})
         stored = []
         for variant in result.variants:
             key = variant_key(media_id, version, variant.name, variant.content_type)

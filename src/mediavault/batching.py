@@ -6,6 +6,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from opentelemetry.trace import SpanContext
+
+from mediavault import tracing
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -30,7 +34,12 @@ class Batcher(Generic[Item, Result]):
     """
 
     def __init__(
-        self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_batch: int = 256, spacing: float = 0.0
+        self,
+        run: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        max_batch: int = 256,
+        spacing: float = 0.0,
+        *,
+        name: str = "batch",
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -41,12 +50,15 @@ class Batcher(Generic[Item, Result]):
         self.spacing = spacing
         self._last_start = float("-inf")
         self._last_size = 0
-        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        # The batch's span is "batch {name}" (mediavault.tracing).
+        self._name = name
+        # Each submission with the span it was made in (None while tracing is off).
+        self._waiting: list[tuple[Item, asyncio.Future[Result], SpanContext | None]] = []
         self._draining: asyncio.Task[None] | None = None
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.append((item, future, tracing.submitter()))
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain())
             self._draining.add_done_callback(self._drained)
@@ -59,7 +71,7 @@ class Batcher(Generic[Item, Result]):
         # Calls that were still waiting for a batch would otherwise wait forever.
         if task.cancelled() and self._draining is None:
             waiting, self._waiting = self._waiting, []
-            for _, future in waiting:
+            for _, future, _ in waiting:
                 future.cancel()
 
     async def _drain(self) -> None:
@@ -76,21 +88,25 @@ class Batcher(Generic[Item, Result]):
         finally:
             self._draining = None
 
-    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[Result], SpanContext | None]]) -> None:
         try:
-            results = await self._run([item for item, _ in batch])
+            if tracing.tracer is None:
+                results = await self._run([item for item, _, _ in batch])
+            else:
+                with tracing.batch_span(self._name, [submitter for _, _, submitter in batch]):
+                    results = await self._run([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
         except asyncio.CancelledError:
             # The loop is shutting down: the batch's callers must not wait for it forever.
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

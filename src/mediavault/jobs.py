@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
@@ -13,7 +14,7 @@ from arq.utils import timestamp_ms
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from mediavault import metrics
+from mediavault import metrics, tracing
 from mediavault.batching import Batcher
 from mediavault.domain.feed import bump_version_lua, version_key
 
@@ -57,6 +58,8 @@ class TranscodeRun:
     version: int
     requeue: int
     feed_owner: str | None
+    # The enqueue span's W3C trace context, which the job carries to the worker (None when tracing is off).
+    trace_context: Mapping[str, str] | None = None
 
 
 def transcode_job_id(media_id: uuid.UUID, version: int, requeue: int = 0) -> str:
@@ -76,7 +79,9 @@ async def _enqueue_runs(redis: ArqRedis, runs: list[TranscodeRun]) -> list[bool]
         keys += [job_key_prefix + job_id, result_key_prefix + job_id]
         if run.feed_owner is not None:
             keys.append(version_key(run.feed_owner))
-        payload = serialize_job(TRANSCODE, (str(run.media_id), run.version), {}, None, enqueued_ms, serializer=redis.job_serializer)
+        # Without tracing the payload is exactly arq's; with it, the job has one keyword more.
+        kwargs = {"trace_context": dict(run.trace_context)} if run.trace_context else {}
+        payload = serialize_job(TRANSCODE, (str(run.media_id), run.version), kwargs, None, enqueued_ms, serializer=redis.job_serializer)
         args += [payload, enqueued_ms, job_id, 1 if run.feed_owner is not None else 0]
     await _ENQUEUE(keys, args, client=redis)
     return [True] * len(runs)
@@ -87,6 +92,7 @@ def _enqueue_failed(run: TranscodeRun) -> bool:
     if run.feed_owner is not None:
         metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
     log.warning("transcode enqueue failed", extra={"media_id": str(run.media_id)}, exc_info=True)
+    tracing.mark_failed("redis unreachable")
     return False
 
 
@@ -100,14 +106,16 @@ async def enqueue_transcode(
     False when Redis is unreachable: the stuck-media sweep re-enqueues the run later,
     and the owner's cached feed pages live out their TTL.
     """
-    run = TranscodeRun(media_id, version, requeue, feed_owner)
     if redis is None:
         return False
-    try:
-        await _enqueue_runs(redis, [run])
-    except (RedisError, OSError):
-        return _enqueue_failed(run)
-    return True
+    job_id = transcode_job_id(media_id, version, requeue)
+    with tracing.enqueue_span(TRANSCODE, job_id, redis.default_queue_name) as trace_context:
+        run = TranscodeRun(media_id, version, requeue, feed_owner, trace_context)
+        try:
+            await _enqueue_runs(redis, [run])
+        except (RedisError, OSError):
+            return _enqueue_failed(run)
+        return True
 
 
 class TranscodeQueue:
@@ -117,16 +125,19 @@ class TranscodeQueue:
         self.redis = redis
         self._batches: Batcher[TranscodeRun, bool] | None = None
         if redis is not None:
-            self._batches = Batcher(lambda runs: _enqueue_runs(redis, runs), max_batch)
+            self._batches = Batcher(lambda runs: _enqueue_runs(redis, runs), max_batch, name=f"enqueue {TRANSCODE}")
 
     async def enqueue(
         self, media_id: uuid.UUID, version: int, requeue: int = 0, *, feed_owner: str | None = None
     ) -> bool:
         """As enqueue_transcode."""
-        run = TranscodeRun(media_id, version, requeue, feed_owner)
         if self._batches is None:
             return False
-        try:
-            return await self._batches.submit(run)
-        except (RedisError, OSError):
-            return _enqueue_failed(run)
+        assert self.redis is not None  # batches exist only with Redis
+        job_id = transcode_job_id(media_id, version, requeue)
+        with tracing.enqueue_span(TRANSCODE, job_id, self.redis.default_queue_name) as trace_context:
+            run = TranscodeRun(media_id, version, requeue, feed_owner, trace_context)
+            try:
+                return await self._batches.submit(run)
+            except (RedisError, OSError):
+                return _enqueue_failed(run)

@@ -1,5 +1,5 @@
-"""Log lines carrying the request id of the call being served: one JSON object each, or in a
-terminal one short line for a person to read."""
+"""Log lines carrying the request id of the call being served (and, in JSON, the trace and span
+ids of the current span): one JSON object each, or in a terminal one short line for a person to read."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 import traceback
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
+
+from opentelemetry import trace
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -35,6 +37,10 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = "".join(traceback.format_exception(*record.exc_info))

@@ -16,7 +16,7 @@ from arq.connections import ArqRedis, RedisSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mediavault import metrics
+from mediavault import metrics, tracing
 from mediavault.auth import Authenticator
 from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
@@ -69,9 +69,12 @@ class Server:
         self.queue: ArqRedis | None = None
         self.limiter: RateLimiter | None = None
         self._background: list[asyncio.Task] = []
+        self._traced = False
 
     async def startup(self) -> None:
         settings = self.settings
+        # First: the pool and the blob store are made traced or not by it.
+        self._traced = tracing.start("mediavault-server")
         authenticator = Authenticator(settings.jwt_secret.get_secret_value())
         self.pool = await create_db_pool(settings)
         http_socket = None
@@ -91,7 +94,7 @@ class Server:
         )
         if settings.redis_url:
             self.queue = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
-        services = build_services(self.pool, self.blobs, self.queue, settings)
+        services = build_services(self.pool, tracing.traced_blobs(self.blobs, settings.blob_backend), self.queue, settings)
         self.limiter = RateLimiter(
             self.queue,
             RateLimitConfig(self.pool),
@@ -228,6 +231,9 @@ class Server:
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
+        if self._traced:
+            self._traced = False
+            await tracing.stop()
         log.info("server stopped")
 
     async def __aenter__(self) -> Server:

@@ -4,6 +4,7 @@ from typing import Any
 
 import asyncpg
 
+from mediavault import tracing
 from mediavault.config import Settings
 
 
@@ -41,5 +42,7 @@ async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Poo
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
         reset=_reset,
+        # Statements are spans only while tracing is on; otherwise asyncpg's own class runs them.
+        connection_class=tracing.TracedConnection if tracing.tracer is not None else asyncpg.Connection,
         **connect_options(settings),
     )

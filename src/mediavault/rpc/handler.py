@@ -16,7 +16,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from mediavault import logs, metrics
+from mediavault import logs, metrics, tracing
 from mediavault.auth import Authenticator, Principal
 from mediavault.errors import (
     AccountFrozen,
@@ -30,7 +30,7 @@ from mediavault.errors import (
 from mediavault.ratelimit import WRITES, RateLimiter
 from mediavault.rpc import fields
 from mediavault.rpc.drain import current_gate
-from mediavault.rpc.errors import STATUS_DETAILS_KEY, to_status
+from mediavault.rpc.errors import STATUS_DETAILS_KEY, status_code, to_status
 
 log = logging.getLogger("mediavault.rpc")
 
@@ -148,12 +148,27 @@ async def _each_checked(messages: AsyncIterator[Message], check: Callable[[Messa
         yield message
 
 
+class _RpcMetrics:
+    """The latency histogram and outcome counters of one RPC, their label children made once."""
+
+    def __init__(self, service: str, method: str) -> None:
+        self._labels = (service, method)
+        self._latency = metrics.RPC_LATENCY.labels(service, method)
+        self._totals: dict[str, Any] = {}
+
+    def record(self, outcome: str, elapsed: float) -> None:
+        self._latency.observe(elapsed)
+        total = self._totals.get(outcome)
+        if total is None:
+            total = self._totals[outcome] = metrics.RPC_TOTAL.labels(*self._labels, outcome)
+        total.inc()
+
+
 def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
     def decorate(method: Handler):
         name = method.__name__
         rpc_name = f"{service.name}/{name}"
-        latency = metrics.RPC_LATENCY.labels(service.name, name)
-        totals: dict[str, Any] = {}
+        observed = _RpcMetrics(service.name, name)
         described = service.methods_by_name[name]
         # Worked out once per RPC, here, so that a call pays only for reading its fields.
         check = _request_check(described.input_type)
@@ -165,6 +180,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
             request_id = next((v for k, v in metadata if k == "x-request-id" and isinstance(v, str)), None)
             request_id = request_id[:64] if request_id else next(_request_ids)
             token = logs.request_id.set(request_id)
+            span = tracing.start_rpc(service.full_name, name, metadata, request_id)
             started = time.perf_counter()
             user_id = None
             limits: tuple[tuple[str, str], ...] = ()
@@ -201,11 +217,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
                 gate.leave(task)
                 elapsed = time.perf_counter() - started
                 outcome = failure.reason if failure else "OK"
-                latency.observe(elapsed)
-                total = totals.get(outcome)
-                if total is None:
-                    total = totals[outcome] = metrics.RPC_TOTAL.labels(service.name, name, outcome)
-                total.inc()
+                observed.record(outcome, elapsed)
                 if log.isEnabledFor(logging.INFO):
                     log.info(
                         "rpc",
@@ -217,6 +229,9 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
                             "peer": context.peer(),
                         },
                     )
+                if span is not None:
+                    code = status_code(failure) if failure else grpc.StatusCode.OK
+                    span.end(status_code=code.value[0], outcome=outcome, user_id=user_id)
                 logs.request_id.reset(token)
             code, message, status = to_status(failure)
             if isinstance(failure, RateLimited):

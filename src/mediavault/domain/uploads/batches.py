@@ -25,10 +25,12 @@ class StatementBatches:
     the call gets back the row the statement returned for its upload, or None.
     """
 
-    def __init__(self, pool: asyncpg.Pool, statement: str, *, max_batch: int = 256, spacing: float = 0.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, statement: str, *, max_batch: int = 256, spacing: float = 0.0, name: str = "statement"
+    ) -> None:
         self._pool = pool
         self._statement = statement
-        self._batches: Batcher[Row, asyncpg.Record | None] = Batcher(self._run_many, max_batch, spacing)
+        self._batches: Batcher[Row, asyncpg.Record | None] = Batcher(self._run_many, max_batch, spacing, name=name)
 
     async def submit(self, row: Row) -> asyncpg.Record | None:
         return await self._batches.submit(row)

@@ -65,8 +65,8 @@ class Uploads:
         self._settings = settings
         self._transcodes = transcodes
         spacing = settings.upload_batch_spacing_seconds
-        self._reservations = StatementBatches(pool, statements.BEGIN_MANY, spacing=spacing)
-        self._commits = StatementBatches(pool, statements.COMMIT_MANY, spacing=spacing)
+        self._reservations = StatementBatches(pool, statements.BEGIN_MANY, spacing=spacing, name="reserve uploads")
+        self._commits = StatementBatches(pool, statements.COMMIT_MANY, spacing=spacing, name="commit uploads")
 
     async def begin(self, principal: Principal, request: BeginRequest) -> BeginResult:
         request = validate_begin(request, self._settings)

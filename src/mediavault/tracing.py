@@ -1,0 +1,344 @@
+"""OpenTelemetry traces: off unless the standard OTEL_EXPORTER_OTLP_ENDPOINT (or
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, then exported by OTLP/gRPC.
+
+Every instrumented place reads `tracer` and does nothing more while it is None: with tracing
+off the database pool and blob store are not even wrapped, and an RPC pays a few calls that
+find it None.
+Spans of the database and the blob store are made only inside a sampled trace (an RPC or a
+job), so the health probe and the cron jobs send nothing. docs/operations.md lists the spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
+
+from mediavault.blobs.base import BlobStore, Inspection, ListedObject, ObjectInfo, SignedRequest
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+# The tracer of this process while tracing is on; None when off.
+tracer: trace.Tracer | None = None
+_provider: TracerProvider | None = None
+# Servers and workers that started tracing in this process (tests run both in one).
+_users = 0
+
+# Longer statements are cut in db.query.text: the text is the parameterized SQL, never values.
+_MAX_QUERY_TEXT = 2000
+
+
+def configured() -> bool:
+    """Whether the standard OpenTelemetry environment asks for traces to be exported."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def start(service_name: str) -> bool:
+    """Turns tracing on when the environment asks for it; True when it did (then call stop()).
+
+    The first start in a process makes the provider, and its service_name names the
+    resource unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name it.
+    """
+    global tracer, _provider, _users
+    if _provider is None:
+        if not configured():
+            return False
+        # Imported here: a process that does not trace never loads the SDK or the exporter.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create()
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+        _provider = TracerProvider(resource=resource)
+        _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        tracer = _provider.get_tracer("mediavault")
+    _users += 1
+    return True
+
+
+async def stop() -> None:
+    """Ends what start() began; the last user's stop exports the spans still buffered."""
+    global tracer, _provider, _users
+    _users -= 1
+    if _users > 0 or _provider is None:
+        return
+    provider, _provider, tracer = _provider, None, None
+    # Shutting down exports synchronously (up to OTEL_EXPORTER_OTLP_TIMEOUT): not on the loop.
+    await asyncio.to_thread(provider.shutdown)
+
+
+def _recording_parent() -> bool:
+    return trace.get_current_span().is_recording()
+
+
+# RPCs -------------------------------------------------------------------------------------
+
+
+class RpcSpan:
+    """The server span of one call, current from start_rpc until end."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span, token: object) -> None:
+        self._span = span
+        self._token = token
+
+    def end(self, *, status_code: int, outcome: str, user_id: str | None) -> None:
+        span = self._span
+        span.set_attribute("rpc.grpc.status_code", status_code)
+        span.set_attribute("mediavault.outcome", outcome)
+        if user_id is not None:
+            span.set_attribute("enduser.id", user_id)
+        if outcome != "OK":
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        otel_context.detach(self._token)  # type: ignore[arg-type]  # the token attach() returned
+        span.end()
+
+
+def start_rpc(service: str, method: str, metadata: Any, request_id: str) -> RpcSpan | None:
+    """The server span of one call (None while tracing is off); its parent is the caller's W3C traceparent, if any."""
+    if tracer is None:
+        return None
+    carrier = {key: value for key, value in metadata if isinstance(value, str) and key in ("traceparent", "tracestate")}
+    parent = propagate.extract(carrier) if carrier else None
+    span = tracer.start_span(
+        f"{service}/{method}",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method, "mediavault.request_id": request_id},
+    )
+    return RpcSpan(span, otel_context.attach(trace.set_span_in_context(span, parent)))
+
+
+# Batches (mediavault.batching) --------------------------------------------------------------
+
+
+def submitter() -> SpanContext | None:
+    """What a Batcher keeps of a submission: the span it was submitted in."""
+    return trace.get_current_span().get_span_context() if tracer is not None else None
+
+
+@contextlib.contextmanager
+def batch_span(name: str, submitters: Sequence[SpanContext | None]) -> Iterator[None]:
+    """Runs a batch in a span of the first traced submitter's trace, linked to every other one.
+
+    Without a traced submitter the batch runs outside any trace, whatever trace started the
+    task that drains the batches.
+    """
+    traced = [sc for sc in submitters if sc is not None and sc.is_valid]
+    if tracer is None or not traced:
+        token = otel_context.attach(trace.set_span_in_context(trace.INVALID_SPAN))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+        return
+    parent = trace.set_span_in_context(NonRecordingSpan(traced[0]))
+    links = [Link(sc) for sc in traced[1:]]
+    with tracer.start_as_current_span(
+        f"batch {name}", context=parent, links=links, attributes={"mediavault.batch.size": len(submitters)}
+    ):
+        yield
+
+
+# The transcode queue (mediavault.jobs, workers.transcode) -----------------------------------
+
+
+@contextlib.contextmanager
+def enqueue_span(function: str, job_id: str, queue_name: str) -> Iterator[dict[str, str] | None]:
+    """The producer span of one job; yields the trace context (W3C traceparent) the job carries, None when off."""
+    if tracer is None:
+        yield None
+        return
+    with tracer.start_as_current_span(
+        f"enqueue {function}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "arq",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": queue_name,
+            "messaging.message.id": job_id,
+        },
+    ):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        yield carrier
+
+
+@contextlib.contextmanager
+def job_span(function: str, carried: Mapping[str, str] | None, job_id: str, job_try: int) -> Iterator[None]:
+    """The consumer span of one job run, a child of the enqueue span whose context the job carried."""
+    if tracer is None:
+        yield
+        return
+    with tracer.start_as_current_span(
+        f"process {function}",
+        context=propagate.extract(dict(carried)) if carried else otel_context.Context(),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "arq",
+            "messaging.operation.type": "process",
+            "messaging.message.id": job_id,
+            "mediavault.job_try": job_try,
+        },
+    ):
+        yield
+
+
+def mark_failed(description: str) -> None:
+    """Marks the current span failed, for a failure handled without an exception."""
+    trace.get_current_span().set_status(Status(StatusCode.ERROR, description))
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes: Any) -> Iterator[Span | None]:
+    """An internal span of the current trace (the transcode); None when off or outside a trace."""
+    if tracer is None or not _recording_parent():
+        yield None
+        return
+    with tracer.start_as_current_span(name, attributes=attributes) as current:
+        yield current
+
+
+# The database -------------------------------------------------------------------------------
+
+
+def _operation(query: str) -> str:
+    words = query.lstrip(" \t\r\n(").split(None, 1)
+    return words[0].rstrip(";").upper() if words else "SQL"
+
+
+class TracedConnection(asyncpg.Connection):
+    """An asyncpg connection whose statements are client spans of the current trace.
+
+    db.pool makes its connections of this class only while tracing is on.
+    """
+
+    def _span(self, query: str) -> contextlib.AbstractContextManager[Any]:
+        if tracer is None or not _recording_parent():
+            return contextlib.nullcontext()
+        operation = _operation(query)
+        return tracer.start_as_current_span(
+            operation,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": "postgresql",
+                "db.operation.name": operation,
+                "db.query.text": query[:_MAX_QUERY_TEXT],
+            },
+        )
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        with self._span(query):
+            return await super().execute(query, *args, **kwargs)
+
+    async def executemany(self, command: str, args: Any, **kwargs: Any) -> Any:
+        with self._span(command):
+            return await super().executemany(command, args, **kwargs)
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        with self._span(query):
+            return await super().fetch(query, *args, **kwargs)
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        with self._span(query):
+            return await super().fetchrow(query, *args, **kwargs)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        with self._span(query):
+            return await super().fetchval(query, *args, **kwargs)
+
+
+# The blob store -----------------------------------------------------------------------------
+
+
+def traced_blobs(store: BlobStore, backend: str) -> BlobStore:
+    """The store itself while tracing is off; else one whose calls are client spans of the current trace."""
+    return store if tracer is None else TracedBlobStore(store, backend)
+
+
+class TracedBlobStore:
+    def __init__(self, store: BlobStore, backend: str) -> None:
+        self._store = store
+        self._backend = backend
+
+    def _span(self, operation: str, key: str) -> contextlib.AbstractContextManager[Span | None]:
+        if tracer is None or not _recording_parent():
+            return contextlib.nullcontext()
+        return tracer.start_as_current_span(
+            f"blob {operation}",
+            kind=SpanKind.CLIENT,
+            attributes={"mediavault.blob.backend": self._backend, "mediavault.blob.operation": operation, "mediavault.blob.key": key},
+        )
+
+    async def presign_put(self, key: str, *, size_bytes: int, content_type: str, sha256: str | None, expires_in: int) -> SignedRequest:
+        with self._span("presign_put", key):
+            return await self._store.presign_put(
+                key, size_bytes=size_bytes, content_type=content_type, sha256=sha256, expires_in=expires_in
+            )
+
+    async def presign_get(self, key: str, *, expires_in: int, content_type: str | None = None) -> str:
+        with self._span("presign_get", key):
+            return await self._store.presign_get(key, expires_in=expires_in, content_type=content_type)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        with self._span("stat", key):
+            return await self._store.stat(key)
+
+    async def inspect(self, key: str, head_length: int) -> Inspection | None:
+        with self._span("inspect", key) as current:
+            inspection = await self._store.inspect(key, head_length)
+            if current is not None and inspection is not None:
+                current.set_attribute("mediavault.blob.size", inspection.size)
+            return inspection
+
+    async def read(self, key: str) -> bytes:
+        with self._span("read", key) as current:
+            data = await self._store.read(key)
+            if current is not None:
+                current.set_attribute("mediavault.blob.size", len(data))
+            return data
+
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
+        with self._span("write", key) as current:
+            size = await self._store.write(key, chunks, content_type=content_type)
+            if current is not None:
+                current.set_attribute("mediavault.blob.size", size)
+            return size
+
+    async def delete(self, key: str) -> None:
+        with self._span("delete", key):
+            await self._store.delete(key)
+
+    async def delete_many(self, keys: list[str]) -> list[str]:
+        with self._span("delete_many", keys[0] if keys else "") as current:
+            if current is not None:
+                current.set_attribute("mediavault.blob.count", len(keys))
+            return await self._store.delete_many(keys)
+
+    async def list_page(self, prefix: str, *, after: str | None, limit: int) -> list[ListedObject]:
+        with self._span("list_page", prefix):
+            return await self._store.list_page(prefix, after=after, limit=limit)
+
+    async def move(self, key: str, new_key: str) -> None:
+        with self._span("move", key):
+            await self._store.move(key, new_key)
+
+    async def close(self) -> None:
+        await self._store.close()
+

@@ -1,0 +1,242 @@
+"""Traces of one upload, from the client's BeginUpload to the worker's transcode, received by OTLP."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+
+import asyncpg
+import grpc
+import pytest
+from arq.connections import RedisSettings
+from arq.connections import create_pool as create_arq_pool
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job_raw
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from PIL import Image
+
+from mediavault import jobs, logs, tracing
+from mediavault.blobs import open_blob_store
+from mediavault.db import create_pool
+from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.media.v1 import media_pb2_grpc
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import running, running_worker
+from tests.helpers import settled, upload
+
+BEGIN = "mediavault.storage.v1.StorageService/BeginUpload"
+FINALIZE = "mediavault.storage.v1.StorageService/FinalizeUpload"
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace collector that keeps every span it is sent, with its resource's service.name."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, trace_pb2.Span]] = []
+        self._lock = threading.Lock()
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                )
+                for scope_spans in resource_spans.scope_spans:
+                    self.spans.extend((service, span) for span in scope_spans.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def otlp_receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A receiver on a free port, and the standard environment that sends this process's traces to it."""
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    try:
+        yield receiver
+    finally:
+        server.stop(0)
+
+
+def small_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def attribute(span: trace_pb2.Span, key: str):
+    for a in span.attributes:
+        if a.key == key:
+            value = a.value
+            return getattr(value, value.WhichOneof("value"))
+    return None
+
+
+def render(spans: list[trace_pb2.Span], root_parent: bytes) -> str:
+    """The trace as an indented tree: name, duration, service and the attributes that say what it did."""
+    children: dict[bytes, list[trace_pb2.Span]] = {}
+    for span in spans:
+        children.setdefault(span.parent_span_id, []).append(span)
+    lines: list[str] = []
+
+    def walk(parent: bytes, depth: int) -> None:
+        for span in sorted(children.get(parent, []), key=lambda s: s.start_time_unix_nano):
+            ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+            detail = attribute(span, "db.query.text") or attribute(span, "mediavault.blob.key") or ""
+            detail = " ".join(str(detail).split())[:70]
+            lines.append(f"{'  ' * depth}{span.name} [{span.span_id.hex()}] {ms:.2f} ms {detail}".rstrip())
+            walk(span.span_id, depth + 1)
+
+    walk(root_parent, 0)
+    return "\n".join(lines)
+
+
+async def test_one_upload_is_one_trace_from_begin_through_the_enqueue_to_the_transcode(
+    otlp_receiver: Receiver, make_settings, auth, user_id: str
+):
+    # The client's (the BFF's) trace: both RPCs join it through the W3C traceparent metadata.
+    trace_id, client_span_id = secrets.token_bytes(16), secrets.token_bytes(8)
+    md = (*auth(user_id), ("traceparent", f"00-{trace_id.hex()}-{client_span_id.hex()}-01"))
+    # A queue of this test's own: the session's worker must not take the job.
+    settings = make_settings(queue_name=f"mediavault-test-tracing:{uuid.uuid4().hex}")
+    rpc_lines = io.StringIO()
+    line_handler = logging.StreamHandler(rpc_lines)
+    line_handler.setFormatter(logs.JsonFormatter())
+    rpc_log = logging.getLogger("mediavault.rpc")
+    level = rpc_log.level
+    rpc_log.addHandler(line_handler)
+    rpc_log.setLevel(logging.INFO)
+    try:
+        async with running(settings) as server, running_worker(settings):
+            assert tracing.tracer is not None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                storage = storage_pb2_grpc.StorageServiceStub(channel)
+                finalized = await upload(storage, md, small_jpeg())
+                # Polled outside the client's trace: the trace shows the upload only.
+                item = await settled(media_pb2_grpc.MediaServiceStub(channel), auth(user_id), finalized.upload.media_id)
+                assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+    finally:
+        rpc_log.removeHandler(line_handler)
+        rpc_log.setLevel(level)
+    # Stopping the server and the worker exported every span; tracing is off again.
+    assert tracing.tracer is None
+
+    # Server and worker share this process, so one provider (the first start's, "mediavault-server")
+    # sends both; in production each process names its own service.
+    spans = [span for _, span in otlp_receiver.spans if span.trace_id == trace_id]
+    print(f"\ntrace {trace_id.hex()}: {len(spans)} spans, from services {sorted({s for s, _ in otlp_receiver.spans})}")
+    print(render(spans, client_span_id))
+    by_id = {span.span_id: span for span in spans}
+
+    def named(name: str, parent: trace_pb2.Span | None = None) -> list[trace_pb2.Span]:
+        return [s for s in spans if s.name == name and (parent is None or s.parent_span_id == parent.span_id)]
+
+    def under(span: trace_pb2.Span, ancestor: trace_pb2.Span) -> bool:
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            if span.span_id == ancestor.span_id:
+                return True
+        return False
+
+    # Every span of the trace hangs from the client's span: one tree.
+    assert all(s.parent_span_id in by_id or s.parent_span_id == client_span_id for s in spans)
+    (begin,) = named(BEGIN)
+    (finalize,) = named(FINALIZE)
+    assert begin.parent_span_id == finalize.parent_span_id == client_span_id
+    assert begin.kind == finalize.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert attribute(finalize, "rpc.grpc.status_code") == 0
+    assert attribute(finalize, "enduser.id") == user_id
+    (enqueue,) = named("enqueue transcode_media", finalize)
+    assert enqueue.kind == trace_pb2.Span.SPAN_KIND_PRODUCER
+    assert attribute(enqueue, "messaging.message.id") == f"transcode:{finalized.upload.media_id}"
+    (job,) = named("process transcode_media", enqueue)
+    assert job.kind == trace_pb2.Span.SPAN_KIND_CONSUMER
+    (transcode,) = named("transcode", job)
+    assert attribute(transcode, "mediavault.width") == 96
+
+    db_spans = [s for s in spans if attribute(s, "db.system.name") == "postgresql"]
+    blob_spans = [s for s in spans if s.name.startswith("blob ")]
+    for rpc in (begin, finalize, job):
+        assert any(under(s, rpc) for s in db_spans), f"no database span under {rpc.name}"
+    assert {s.name for s in blob_spans if under(s, begin)} == {"blob presign_put"}
+    assert any(under(s, finalize) for s in blob_spans)
+    assert {"blob read", "blob write"} <= {s.name for s in blob_spans if under(s, job)}
+    assert all(s.kind == trace_pb2.Span.SPAN_KIND_CLIENT for s in db_spans + blob_spans)
+
+    # The JSON log line of each RPC names its trace and its span.
+    lines = [json.loads(line) for line in rpc_lines.getvalue().splitlines()]
+    finalize_line = next(line for line in lines if line.get("rpc") == "StorageService/FinalizeUpload")
+    assert (finalize_line["trace_id"], finalize_line["span_id"]) == (trace_id.hex(), finalize.span_id.hex())
+
+
+async def test_a_traced_job_is_what_arq_enqueue_job_writes_with_the_trace_context_keyword(otlp_receiver: Receiver, redis_url: str):
+    redis = await create_arq_pool(RedisSettings.from_dsn(redis_url), default_queue_name=f"test-tracing:{uuid.uuid4().hex}")
+    media_id = uuid.uuid4()
+    ours = jobs.transcode_job_id(media_id, 0)
+    theirs = f"{ours}:arq"
+    assert tracing.start("mediavault-test")
+    try:
+        assert await jobs.enqueue_transcode(redis, media_id, 0)
+        our_job = deserialize_job_raw(await redis.get(job_key_prefix + ours))
+        carried = our_job[2]["trace_context"]
+        assert await redis.enqueue_job(jobs.TRANSCODE, str(media_id), 0, trace_context=carried, _job_id=theirs) is not None
+        their_job = deserialize_job_raw(await redis.get(job_key_prefix + theirs))
+    finally:
+        await tracing.stop()
+        await redis.delete(redis.default_queue_name, job_key_prefix + ours, job_key_prefix + theirs)
+        await redis.aclose()
+    # (function, args, kwargs, job_try): the one keyword more is the only difference from arq's plain job.
+    assert our_job[:4] == their_job[:4] == (jobs.TRANSCODE, (str(media_id), 0), {"trace_context": carried}, None)
+    (enqueue,) = [span for _, span in otlp_receiver.spans if span.name == "enqueue transcode_media"]
+    version, trace_id, span_id, flags = carried["traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", enqueue.trace_id.hex(), enqueue.span_id.hex())
+    assert int(flags, 16) & 1, "sampled"
+
+
+async def test_without_an_endpoint_tracing_stays_off_and_nothing_is_wrapped(monkeypatch: pytest.MonkeyPatch, make_settings):
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    settings = make_settings()
+    assert tracing.start("mediavault-test") is False
+    assert tracing.tracer is None
+    pool = await create_pool(settings)
+    blobs = await open_blob_store(settings)
+    try:
+        async with pool.acquire() as conn:
+            assert type(conn._con) is asyncpg.Connection
+        assert tracing.traced_blobs(blobs, settings.blob_backend) is blobs
+    finally:
+        await blobs.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("environment", "on"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({}, False),
+    ],
+)
+def test_the_standard_environment_decides(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], on: bool):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tracing.configured() is on
