@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import uuid
@@ -220,3 +221,16 @@ async def test_sigterm_drains_every_process_and_the_books_add_up(environment, au
     audited = await audit_ledger(environment)
     assert audited.returncode == 0, audited.stdout + audited.stderr
     assert f"ledger audit ok: {len(users)} account(s) add up" in audited.stdout
+
+
+async def test_processes_drain_and_exit_when_the_supervisor_is_killed(environment):
+    async with serving(environment, processes=PROCESSES) as (process, port):
+        pids = await children_listening(process, port)
+        metrics_dir = metrics_dir_of(pids[0])
+        children = [psutil.Process(pid) for pid in pids]
+        process.kill()
+        _, alive = await asyncio.to_thread(psutil.wait_procs, children, 30)
+        assert not alive, "orphaned server processes would hold the ports"
+        assert await health_status(port) is None
+    # Nobody was left to remove the run's metrics files.
+    shutil.rmtree(metrics_dir)
