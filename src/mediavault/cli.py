@@ -35,17 +35,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.processes < 0:
         sys.exit("--processes takes a number of processes, or 0 for one per core")
     processes = supervisor.process_count(args.processes)
-    if args.supervised:
+    supervised = bool(args.supervisor_pid)
+    if supervised:
         # A child of the supervisor, which has migrated already.
-        supervisor.follow_parent()
+        supervisor.follow_parent(args.supervisor_pid)
     elif processes > 1:
         asyncio.run(migrate(settings.migration_url))
         return supervisor.Supervisor(settings, processes).run()
 
     async def main() -> None:
-        if not args.supervised:
+        if not supervised:
             await migrate(settings.migration_url)
-        await Server(settings, reuse_port=args.supervised).serve()
+        await Server(settings, reuse_port=supervised).serve()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--processes", type=int, default=1,
         help="server processes sharing the ports (SO_REUSEPORT) under a supervising parent; 0: one per core (default 1)",
     )
-    serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-pid", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     commands.add_parser("worker", help="arq worker (jobs and cron)").set_defaults(func=cmd_worker)
     commands.add_parser("migrate", help="apply SQL migrations (safe to run from many replicas)").set_defaults(func=cmd_migrate)

@@ -2,10 +2,10 @@
 
 The parent binds nothing that serves. It reserves the ports (SO_REUSEPORT, never listening), so a
 port 0 becomes one real port every child binds and no other program takes it while a child
-restarts; starts each child as `mediavault serve --supervised`, which listens on the same ports with
-SO_REUSEPORT (the kernel spreads new connections over the listeners); restarts a child that exits,
-after a delay that doubles while children keep failing; and on SIGTERM or SIGINT passes SIGTERM to
-every child, each of which drains as a lone server does, then exits.
+restarts; starts each child as `mediavault serve --supervisor-pid PID`, which listens on the same
+ports with SO_REUSEPORT (the kernel spreads new connections over the listeners); restarts a child
+that exits, after a delay that doubles while children keep failing; and on SIGTERM or SIGINT passes
+SIGTERM to every child, each of which drains as a lone server does, then exits.
 
 Metrics: prometheus-client's multiprocess mode. Each child writes its samples into files in a
 directory the parent makes for this run (the children's PROMETHEUS_MULTIPROC_DIR; removed at
@@ -74,12 +74,12 @@ def reserve_port(addr: str) -> tuple[str, socket.socket]:
     return f"{host}:{sock.getsockname()[1]}", sock
 
 
-def follow_parent() -> None:
+def follow_parent(supervisor_pid: int) -> None:
     """In a supervised child: SIGTERM (a drain) when the supervisor dies, even by SIGKILL."""
     if sys.platform != "linux":
         return
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before the request above
+    if os.getppid() != supervisor_pid:  # the supervisor died before the request above
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -111,9 +111,8 @@ class Supervisor:
         try:
             self._prepare()
             slots = [_Slot(index) for index in range(self.processes)]
-            for slot in slots:
-                self._start(slot)
-            log.info("server processes started", extra={"processes": self.processes, "pids": [s.process.pid for s in slots if s.process]})
+            pids = [self._start(slot).pid for slot in slots]
+            log.info("server processes started", extra={"processes": self.processes, "pids": pids})
             while not self._stopping:
                 for slot in slots:
                     self._watch(slot)
@@ -146,18 +145,21 @@ class Supervisor:
         self._metrics = MetricsEndpoint(self.settings.metrics_addr, registry)
         return directory
 
-    def _start(self, slot: _Slot) -> None:
+    def _start(self, slot: _Slot) -> subprocess.Popen[bytes]:
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "mediavault.cli", "serve", "--supervised"], env=self._env, stdin=subprocess.DEVNULL
+            [sys.executable, "-m", "mediavault.cli", "serve", "--supervisor-pid", str(os.getpid())],
+            env=self._env,
+            stdin=subprocess.DEVNULL,
         )
         slot.started_at = time.monotonic()
+        return slot.process
 
     def _watch(self, slot: _Slot) -> None:
         now = time.monotonic()
         if slot.process is None:
             if now >= slot.restart_at:
-                self._start(slot)
-                log.info("server process restarted", extra={"slot": slot.index, "pid": slot.process.pid if slot.process else 0})
+                process = self._start(slot)
+                log.info("server process restarted", extra={"slot": slot.index, "pid": process.pid})
             return
         code = slot.process.poll()
         if code is None:
