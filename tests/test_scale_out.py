@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -68,9 +68,10 @@ async def environment(scale_database: str, pgbouncer_database_url: str, redis_ur
         yield env
 
 
-@contextlib.contextmanager
-def workers(env: dict[str, str]) -> Iterator[list[str]]:
-    """WORKERS `mediavault worker` processes on the servers' queue; yields their metrics addresses."""
+@contextlib.asynccontextmanager
+async def workers(env: dict[str, str]) -> AsyncIterator[list[str]]:
+    """WORKERS `mediavault worker` processes on the servers' queue, yielded once each polls it; yields
+    their metrics addresses."""
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(WORKERS)]
     processes = [
         subprocess.Popen(
@@ -82,17 +83,33 @@ def workers(env: dict[str, str]) -> Iterator[list[str]]:
         for address in addresses
     ]
     try:
+        for process, address in zip(processes, addresses, strict=True):
+            await polling(process, address)
         yield addresses
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             try:
-                assert process.wait(30) == 0
+                assert await asyncio.to_thread(process.wait, 30) == 0
             finally:
                 if process.poll() is None:
                     process.kill()
                     process.wait()
+
+
+async def polling(process: subprocess.Popen[bytes], metrics_address: str) -> None:
+    """Waits until the worker's start-up has run (it opens its metrics endpoint there, then polls)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"http://{metrics_address}/metrics") as response:
+                    if response.status == 200:
+                        return
+            assert process.poll() is None, "the worker exited"
+            assert asyncio.get_running_loop().time() < deadline, "the worker never started"
+            await asyncio.sleep(0.1)
 
 
 async def transcodes_completed(address: str) -> float:
@@ -126,7 +143,7 @@ async def summary(client: Client, md) -> tuple[int, int, int, int]:
 
 async def test_two_servers_and_two_workers_behind_one_pgbouncer_keep_every_invariant(environment, scale_database, auth):
     users = [f"user-{uuid.uuid4().hex[:12]}" for _ in range(USERS)]
-    with workers(environment) as worker_metrics:
+    async with workers(environment) as worker_metrics:
         async with (
             serving(environment, processes=2) as (_, port_a),
             serving(environment) as (_, port_b),
