@@ -9,10 +9,12 @@ PROMETHEUS_MULTIPROC_DIR the supervisor gave its children.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,6 +37,7 @@ PROCESSES = 2
 # all landing on the same process has a chance of one in 32768.
 CHANNELS = 16
 CALLS_PER_CHANNEL = 3
+EXITS_WATCHED = 3
 
 
 @pytest.fixture
@@ -234,3 +237,33 @@ async def test_processes_drain_and_exit_when_the_supervisor_is_killed(environmen
         assert await health_status(port) is None
     # Nobody was left to remove the run's metrics files.
     shutil.rmtree(metrics_dir)
+
+
+async def test_a_process_that_keeps_failing_is_restarted_ever_later(environment, supervised_database):
+    # Migrations reach the database, the servers' own pools do not: every child exits at start-up.
+    env = {
+        **environment,
+        "MEDIAVAULT_MIGRATE_DATABASE_URL": supervised_database,
+        "MEDIAVAULT_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/unreachable",
+        "MEDIAVAULT_LOG_FORMAT": "json",
+        "MEDIAVAULT_GRPC_ADDR": "127.0.0.1:0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediavault.cli", "serve", "--processes", str(PROCESSES),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    delays: dict[int, list[float]] = {slot: [] for slot in range(PROCESSES)}
+    try:
+        async with asyncio.timeout(90):
+            while min(len(d) for d in delays.values()) < EXITS_WATCHED:
+                line = await process.stderr.readline()
+                assert line, "the supervisor keeps going"
+                entry = json.loads(line) if line.startswith(b"{") else {}
+                if entry.get("msg") == "server process exited; restarting it":
+                    delays[entry["slot"]].append(entry["restart_in_seconds"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.communicate()
+    for slot_delays in delays.values():
+        assert slot_delays[:EXITS_WATCHED] == [0.5 * 2**exit_ for exit_ in range(EXITS_WATCHED)], delays
