@@ -54,6 +54,7 @@ class Stack(NamedTuple):
     target: str
     jwt_secret: str
     database_url: str
+    server_pid: int
 
 
 def _log(message: str) -> None:
@@ -230,7 +231,7 @@ def bench_stack(
             time.sleep(0.1)
         _log(f"server pid {process.pid} SERVING on {target} (log level {log_level}, pooler {pooler})")
         try:
-            yield Stack(target, jwt_secret, database_url)
+            yield Stack(target, jwt_secret, database_url, process.pid)
         finally:
             if process.poll() is not None:
                 _log(f"server exited early with {process.returncode}:\n{_tail(log_path)}")

@@ -144,14 +144,25 @@ async def _run_phase(phase: str, spec: dict) -> dict:
     errors: Counter[str] = Counter()
 
     try:
-        await asyncio.gather(*(_drive(w, phase, start, (window_start, window_end), latencies, errors) for w in workers))
+        *_, cpu_s = await asyncio.gather(
+            *(_drive(w, phase, start, (window_start, window_end), latencies, errors) for w in workers),
+            _cpu_seconds(window_start, window_end),
+        )
     finally:
         for worker in workers:
             if worker.session is not None:
                 await worker.session.close()
         for channel in channels:
             await channel.close()
-    return {"latencies": latencies, "errors": dict(errors), "late_s": late_s}
+    return {"latencies": latencies, "errors": dict(errors), "late_s": late_s, "cpu_s": cpu_s}
+
+
+async def _cpu_seconds(window_start: float, window_end: float) -> float:
+    """CPU time this client process (grpc's threads included) spends inside the measured window."""
+    await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+    begin = time.process_time()
+    await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+    return time.process_time() - begin
 
 
 async def _drive(
@@ -202,6 +213,8 @@ def _summarize(results: list[dict], duration: float) -> dict:
         "p99_ms": _percentile_ms(latencies, 99),
         "requests": len(latencies),
         "errors": sum(errors.values()),
+        # The client shares the machine's cores with the server: what it took of them.
+        "client_cpu_cores": round(sum(r["cpu_s"] for r in results) / duration, 2),
     }
     if errors:
         summary["error_kinds"] = dict(errors.most_common(5))

@@ -53,12 +53,17 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serving(env: dict[str, str], **settings: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
-    """`mediavault serve` in a subprocess, yielded once its health answers SERVING."""
+async def serving(
+    env: dict[str, str], *, processes: int = 1, **settings: str
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
+    """`mediavault serve --processes N` in a subprocess, yielded once its health answers SERVING."""
     port = free_port()
     env = {**env, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{port}", **settings}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mediavault.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "mediavault.cli", "serve", "--processes", str(processes)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = asyncio.get_running_loop().time() + 60

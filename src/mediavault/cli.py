@@ -23,7 +23,8 @@ def _require_database(settings: Settings) -> None:
         sys.exit("MEDIAVAULT_DATABASE_URL is not set (or use `mediavault dev` for an embedded stack)")
 
 
-def cmd_serve(_args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mediavault import supervisor
     from mediavault.db import migrate
     from mediavault.server import Server
 
@@ -31,10 +32,21 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     _require_database(settings)
     if not settings.redis_url:
         sys.exit("MEDIAVAULT_REDIS_URL is not set")
+    if args.processes < 0:
+        sys.exit("--processes takes a number of processes, or 0 for one per core")
+    processes = supervisor.process_count(args.processes)
+    supervised = bool(args.supervisor_pid)
+    if supervised:
+        # A child of the supervisor, which has migrated already.
+        supervisor.follow_parent(args.supervisor_pid)
+    elif processes > 1:
+        asyncio.run(migrate(settings.migration_url))
+        return supervisor.Supervisor(settings, processes).run()
 
     async def main() -> None:
-        await migrate(settings.migration_url)
-        await Server(settings).serve()
+        if not supervised:
+            await migrate(settings.migration_url)
+        await Server(settings, reuse_port=supervised).serve()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
@@ -152,7 +164,13 @@ def _job_names() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mediavault", description="mediavault media storage backend")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="gRPC API with health and reflection, plus the blob HTTP listener").set_defaults(func=cmd_serve)
+    serve = commands.add_parser("serve", help="gRPC API with health and reflection, plus the blob HTTP listener")
+    serve.add_argument(
+        "--processes", type=int, default=1,
+        help="server processes sharing the ports (SO_REUSEPORT) under a supervising parent; 0: one per core (default 1)",
+    )
+    serve.add_argument("--supervisor-pid", type=int, default=0, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
     commands.add_parser("worker", help="arq worker (jobs and cron)").set_defaults(func=cmd_worker)
     commands.add_parser("migrate", help="apply SQL migrations (safe to run from many replicas)").set_defaults(func=cmd_migrate)
     token = commands.add_parser("token", help="print a bearer token for grpcurl")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK or the ErrorInfo reason)", ["service", "method", "outcome"])
 RPC_LATENCY = Histogram(
@@ -17,9 +17,9 @@ BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob de
 class MetricsEndpoint:
     """The /metrics HTTP endpoint, on a thread of its own so a busy event loop cannot starve scrapes."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self, addr: str, registry: CollectorRegistry = REGISTRY) -> None:
         host, _, port = addr.rpartition(":")
-        self._httpd, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+        self._httpd, self._thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
         self.port = self._httpd.server_address[1]
 
     def close(self) -> None:
@@ -52,5 +52,7 @@ QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in the arq queue")
 RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )
-HEALTH_DATABASE = Gauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL")
+# Under `serve --processes N` (multiprocess mode) one series per live process, labelled pid:
+# each process probes on its own, and a dead one's last value must not linger.
+HEALTH_DATABASE = Gauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL", multiprocess_mode="liveall")
 WORKER_REDIS_UP = Gauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis")

@@ -50,11 +50,13 @@ class Server:
 
     ``async with Server(settings) as server`` starts it (tests use this);
     ``server.grpc_port`` / ``server.http_port`` give the bound ports when
-    the configured ones are 0.
+    the configured ones are 0. With ``reuse_port`` (a child of ``serve --processes N``) both
+    listeners share their port with the other processes bound to it (SO_REUSEPORT).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.pool: asyncpg.Pool | None = None
         self.blobs: BlobStore | None = None
         self.grpc_server: grpc.aio.Server | None = None
@@ -89,7 +91,7 @@ class Server:
         self.grpc_server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ]
         )
         if settings.redis_url:
@@ -132,6 +134,7 @@ class Server:
             self.metrics = metrics.MetricsEndpoint(settings.metrics_addr)
 
         await self._set_health(True)
+        metrics.HEALTH_DATABASE.set(1)  # start-up has just read the rate limits from PostgreSQL
         self._background = [
             asyncio.create_task(self.limiter.run_reloads(settings.rate_limit_reload_seconds)),
             asyncio.create_task(self._probe_database()),
@@ -143,7 +146,7 @@ class Server:
 
     def _bind_http(self) -> socket.socket:
         host, _, port = self.settings.http_addr.rpartition(":")
-        sock = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=False)
+        sock = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=self.reuse_port)
         self.http_port = sock.getsockname()[1]
         return sock
 
