@@ -8,13 +8,15 @@ from mediavault.blobs.base import (
     Inspection,
     ListedObject,
     ObjectInfo,
+    PartialState,
+    PartialWriter,
     SignedRequest,
     check_key,
     single_chunk,
 )
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "Inspection", "ListedObject", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "Inspection", "ListedObject", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

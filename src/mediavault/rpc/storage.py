@@ -31,6 +31,12 @@ _RETENTION_FROM_PB = {
     pb.RETENTION_PERMANENT: "permanent",
     pb.RETENTION_EPHEMERAL: "ephemeral",
 }
+_PROTOCOL_TO_PB = {"single": pb.UPLOAD_PROTOCOL_SINGLE, "tus": pb.UPLOAD_PROTOCOL_TUS}
+_PROTOCOL_FROM_PB = {
+    pb.UPLOAD_PROTOCOL_UNSPECIFIED: "single",
+    pb.UPLOAD_PROTOCOL_SINGLE: "single",
+    pb.UPLOAD_PROTOCOL_TUS: "tus",
+}
 _PROVIDER_TO_PB = {
     "stripe": pb.PAYMENT_PROVIDER_STRIPE,
     "solana": pb.PAYMENT_PROVIDER_SOLANA,
@@ -64,6 +70,8 @@ def upload_pb(upload: uploads_domain.Upload) -> pb.Upload:
         failure_reason=upload.failure_reason or "",
         created_at=timestamp(upload.created_at),
         expires_at=timestamp(upload.expires_at),
+        protocol=_PROTOCOL_TO_PB[upload.protocol],
+        received_bytes=upload.received_bytes,
     )
 
 
@@ -123,6 +131,9 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
         retention = _RETENTION_FROM_PB.get(request.retention)
         if retention is None:
             raise InvalidArgument.single("retention", "unknown retention")
+        protocol = _PROTOCOL_FROM_PB.get(request.protocol)
+        if protocol is None:
+            raise InvalidArgument.single("protocol", "unknown protocol")
         result = await self.uploads.begin(
             principal,
             uploads_domain.BeginRequest(
@@ -132,6 +143,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
                 sha256=request.sha256 or None,
                 idempotency_key=request.idempotency_key or None,
                 retention=retention,
+                protocol=protocol,
             ),
         )
         return pb.BeginUploadResponse(
@@ -139,6 +151,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
             upload_url=result.upload_url,
             upload_method=result.upload_method,
             upload_headers=result.upload_headers,
+            chunk_size_bytes=result.chunk_size_bytes,
         )
 
     @rpc(SERVICE)

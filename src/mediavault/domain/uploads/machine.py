@@ -23,6 +23,7 @@ from mediavault.domain import accounts, content_types
 from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.batches import StatementBatches, columns_of
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
+from mediavault.domain.uploads.resumable import TUS_VERSION, Resumable
 from mediavault.domain.uploads.streaming import store_stream
 from mediavault.domain.uploads.validation import (
     Observed,
@@ -58,12 +59,18 @@ class Uploads:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, transcodes: TranscodeQueue
+        self,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        settings: Settings,
+        transcodes: TranscodeQueue,
+        resumable: Resumable,
     ) -> None:
         self._pool = pool
         self._blobs = blobs
         self._settings = settings
         self._transcodes = transcodes
+        self._resumable = resumable
         spacing = settings.upload_batch_spacing_seconds
         self._reservations = StatementBatches(pool, statements.BEGIN_MANY, spacing=spacing)
         self._commits = StatementBatches(pool, statements.COMMIT_MANY, spacing=spacing)
@@ -77,7 +84,7 @@ class Uploads:
         row = (
             upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
             request.idempotency_key, request.retention, object_key_for(upload_id),
-            float(self._settings.reservation_ttl_seconds),
+            float(self._settings.reservation_ttl_seconds), request.protocol,
         )
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
         # The batch places only what it can place for sure; None is settled alone below.
@@ -131,6 +138,15 @@ class Uploads:
         return upload
 
     async def _signed_put(self, upload: Upload) -> BeginResult:
+        if upload.protocol == "tus":
+            await self._resumable.start(upload)
+            return BeginResult(
+                upload,
+                self._resumable.url(upload),
+                "PATCH",
+                {"Tus-Resumable": TUS_VERSION},
+                self._resumable.chunk_size_bytes,
+            )
         signed = await self._blobs.presign_put(
             upload.object_key,
             size_bytes=upload.size_bytes,
@@ -164,7 +180,7 @@ class Uploads:
         # commits it. Everything else (already finalized, failed, expired, someone else's,
         # not the declared bytes) takes the path below, which reads the row and says which.
         object_key = object_key_for(upload_id)
-        observed = await observe_object(self._blobs, object_key)
+        observed = await self._observe(upload_id, object_key)
         if observed is not None:
             committed = await self._commits.submit(self._commit_row(upload_id, principal.user_id, observed))
             if committed is not None:
@@ -182,8 +198,15 @@ class Uploads:
         if observed is None:
             # It may have been uploaded since the first look. Once there, an object never
             # changes (both backends store it once), so what was seen then still holds.
-            observed = await observe_object(self._blobs, object_key)
+            observed = await self._observe(upload_id, object_key)
         return await self._commit_alone(principal, upload, observed)
+
+    async def _observe(self, upload_id: uuid.UUID, object_key: str) -> Observed | None:
+        """The object as finalize checks it: as stored, or else as a resumable upload's checkpoint says."""
+        observed = await observe_object(self._blobs, object_key)
+        if observed is None:
+            observed = await self._resumable.observe(upload_id)
+        return observed
 
     async def _commit_alone(self, principal: Principal, upload: Upload, observed: Observed | None) -> Upload:
         try:
@@ -192,7 +215,7 @@ class Uploads:
             failed = await self.release(upload.upload_id, state="failed", reason=failure.reason, detail=failure.message)
             if failed is None:
                 return await self._settled(principal, upload.upload_id)
-            await self._delete_quietly(upload.object_key)
+            await self._discard(upload)
             raise
         assert observed is not None  # check_object refused a missing object
         row = self._commit_row(upload.upload_id, upload.user_id, observed)
@@ -230,7 +253,7 @@ class Uploads:
     async def _expire_if_lapsed(self, upload: Upload) -> None:
         expired = await self.release(upload.upload_id, state="expired", reason="EXPIRED")
         if expired is not None:
-            await self._delete_quietly(upload.object_key)
+            await self._discard(upload)
 
     async def fail(self, principal: Principal, upload_id: uuid.UUID, reason: str) -> Upload:
         """The client gives up: the reservation is released and whatever was uploaded deleted."""
@@ -238,7 +261,7 @@ class Uploads:
         failed = await self.release(upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
         if failed is None:
             raise UploadNotPending(f"upload is {(await self.get(principal, upload_id)).state}")
-        await self._delete_quietly(upload.object_key)
+        await self._discard(upload)
         return failed
 
     async def release(self, upload_id: uuid.UUID, *, state: str, reason: str, detail: str | None = None) -> Upload | None:
@@ -256,8 +279,25 @@ class Uploads:
             return upload
         if upload.state != "pending":
             raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
-        await store_stream(self._blobs, upload, chunks)
+        if upload.protocol == "tus":
+            await self._resumable.append(upload_id, chunks, owner=principal.user_id)
+        else:
+            await store_stream(self._blobs, upload, chunks)
         return await self.finalize(principal, upload_id)
+
+    async def _discard(self, upload: Upload) -> None:
+        """Deletes what a released upload stored: its object, and a resumable upload's partial bytes."""
+        await self._delete_quietly(upload.object_key)
+        if upload.protocol == "tus":
+            try:
+                await self._resumable.discard(upload)
+            except BlobStoreError:
+                metrics.BLOB_DELETE_FAILURES.inc()
+                log.warning(
+                    "partial upload delete failed; left for the orphan sweep",
+                    extra={"upload_id": str(upload.upload_id)},
+                    exc_info=True,
+                )
 
     async def _delete_quietly(self, key: str) -> None:
         # The row change is committed; a blob left behind is found by the orphan sweep.

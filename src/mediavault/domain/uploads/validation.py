@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
 from mediavault.domain import content_types
-from mediavault.domain.uploads.records import BeginRequest, Upload
+from mediavault.domain.uploads.records import PROTOCOLS, BeginRequest, Upload
 from mediavault.errors import FieldViolation, InvalidArgument, VerificationFailed
 
 RETENTIONS = ("permanent", "ephemeral")
@@ -40,9 +40,11 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     key = request.idempotency_key or None
     if request.retention not in RETENTIONS:
         violations.append(FieldViolation("retention", "unknown retention"))
+    if request.protocol not in PROTOCOLS:
+        violations.append(FieldViolation("protocol", "unknown protocol"))
     if violations:
         raise InvalidArgument(violations)
-    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention)
+    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention, request.protocol)
 
 
 def same_parameters(upload: Upload, request: BeginRequest) -> bool:
@@ -53,6 +55,7 @@ def same_parameters(upload: Upload, request: BeginRequest) -> bool:
         and upload.size_bytes == request.size_bytes
         and upload.sha256 == request.sha256
         and upload.retention == request.retention
+        and upload.protocol == request.protocol
     )
 
 

@@ -26,6 +26,12 @@ class UploadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPLOAD_STATE_FAILED: _ClassVar[UploadState]
     UPLOAD_STATE_EXPIRED: _ClassVar[UploadState]
 
+class UploadProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPLOAD_PROTOCOL_UNSPECIFIED: _ClassVar[UploadProtocol]
+    UPLOAD_PROTOCOL_SINGLE: _ClassVar[UploadProtocol]
+    UPLOAD_PROTOCOL_TUS: _ClassVar[UploadProtocol]
+
 class PaymentProvider(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PAYMENT_PROVIDER_UNSPECIFIED: _ClassVar[PaymentProvider]
@@ -40,13 +46,16 @@ UPLOAD_STATE_PENDING: UploadState
 UPLOAD_STATE_FINALIZED: UploadState
 UPLOAD_STATE_FAILED: UploadState
 UPLOAD_STATE_EXPIRED: UploadState
+UPLOAD_PROTOCOL_UNSPECIFIED: UploadProtocol
+UPLOAD_PROTOCOL_SINGLE: UploadProtocol
+UPLOAD_PROTOCOL_TUS: UploadProtocol
 PAYMENT_PROVIDER_UNSPECIFIED: PaymentProvider
 PAYMENT_PROVIDER_STRIPE: PaymentProvider
 PAYMENT_PROVIDER_SOLANA: PaymentProvider
 PAYMENT_PROVIDER_MANUAL: PaymentProvider
 
 class Upload(_message.Message):
-    __slots__ = ("upload_id", "user_id", "filename", "content_type", "size_bytes", "sha256", "state", "retention", "media_id", "failure_reason", "created_at", "expires_at")
+    __slots__ = ("upload_id", "user_id", "filename", "content_type", "size_bytes", "sha256", "state", "retention", "media_id", "failure_reason", "created_at", "expires_at", "protocol", "received_bytes")
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +68,8 @@ class Upload(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     upload_id: str
     user_id: str
     filename: str
@@ -71,26 +82,30 @@ class Upload(_message.Message):
     failure_reason: str
     created_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, upload_id: _Optional[str] = ..., user_id: _Optional[str] = ..., filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., state: _Optional[_Union[UploadState, str]] = ..., retention: _Optional[_Union[Retention, str]] = ..., media_id: _Optional[str] = ..., failure_reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    protocol: UploadProtocol
+    received_bytes: int
+    def __init__(self, upload_id: _Optional[str] = ..., user_id: _Optional[str] = ..., filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., state: _Optional[_Union[UploadState, str]] = ..., retention: _Optional[_Union[Retention, str]] = ..., media_id: _Optional[str] = ..., failure_reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protocol: _Optional[_Union[UploadProtocol, str]] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class BeginUploadRequest(_message.Message):
-    __slots__ = ("filename", "content_type", "size_bytes", "sha256", "idempotency_key", "retention")
+    __slots__ = ("filename", "content_type", "size_bytes", "sha256", "idempotency_key", "retention", "protocol")
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     RETENTION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     filename: str
     content_type: str
     size_bytes: int
     sha256: str
     idempotency_key: str
     retention: Retention
-    def __init__(self, filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., retention: _Optional[_Union[Retention, str]] = ...) -> None: ...
+    protocol: UploadProtocol
+    def __init__(self, filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., retention: _Optional[_Union[Retention, str]] = ..., protocol: _Optional[_Union[UploadProtocol, str]] = ...) -> None: ...
 
 class BeginUploadResponse(_message.Message):
-    __slots__ = ("upload", "upload_url", "upload_method", "upload_headers")
+    __slots__ = ("upload", "upload_url", "upload_method", "upload_headers", "chunk_size_bytes")
     class UploadHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,11 +117,13 @@ class BeginUploadResponse(_message.Message):
     UPLOAD_URL_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_METHOD_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     upload: Upload
     upload_url: str
     upload_method: str
     upload_headers: _containers.ScalarMap[str, str]
-    def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ..., upload_url: _Optional[str] = ..., upload_method: _Optional[str] = ..., upload_headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    chunk_size_bytes: int
+    def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ..., upload_url: _Optional[str] = ..., upload_method: _Optional[str] = ..., upload_headers: _Optional[_Mapping[str, str]] = ..., chunk_size_bytes: _Optional[int] = ...) -> None: ...
 
 class FinalizeUploadRequest(_message.Message):
     __slots__ = ("upload_id",)

@@ -108,7 +108,9 @@ class StorageServiceServicer:
     """
 
     def BeginUpload(self, request, context):
-        """Reserves size_bytes of the caller's quota and returns a signed URL to PUT the object to.
+        """Reserves size_bytes of the caller's quota and returns a signed URL to send the object to:
+        one PUT (protocol SINGLE), or a tus 1.0.0 upload URL (protocol TUS) that takes the bytes in
+        resumable chunks, from any server replica.
 
         A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
 
@@ -166,11 +168,14 @@ class StorageServiceServicer:
     def UploadContent(self, request_iterator, context):
         """Stores the object from the stream (first message upload_id, then chunks) and finalizes it.
 
+        For a TUS upload the chunks continue the object from its received_bytes (GetUpload), so a
+        stream cut short resumes where the bytes already stored end; chunks are stored as they come.
         Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
 
         Errors: those of FinalizeUpload, and
         INVALID_ARGUMENT (INVALID_ARGUMENT): the first message lacks upload_id or carries a chunk, a
         later one carries upload_id, or the chunks exceed size_bytes (then nothing is stored).
+        ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
