@@ -14,6 +14,7 @@ import aiohttp
 import grpc
 import pytest
 
+from mediavault.blobs import single_chunk
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -249,3 +250,74 @@ async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
             await storage.UploadContent(stream(), metadata=md)
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert error_info(caught.value).reason == "UPLOAD_BUSY"
+
+
+async def partial_objects(server: Server, upload_id: str) -> list[str]:
+    """Keys under partial/ that belong to the upload (the fs file or the S3 tail objects)."""
+    assert server.blobs is not None
+    hex_id = uuid.UUID(upload_id).hex
+    listed = await server.blobs.list_page(f"partial/{hex_id[:2]}/", after=None, limit=1000)
+    return [o.key for o in listed if o.key.startswith(f"partial/{hex_id[:2]}/{hex_id}")]
+
+
+async def multipart_uploads(server: Server, upload_id: str) -> list[str]:
+    if server.settings.blob_backend != "s3":
+        return []
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=server.settings.s3_endpoint_url, region_name=server.settings.s3_region)
+    listed = client.list_multipart_uploads(Bucket=server.settings.s3_bucket)
+    return [u["UploadId"] for u in listed.get("Uploads", []) if uuid.UUID(upload_id).hex in u["Key"]]
+
+
+@pytest.fixture
+async def worker_ctx(tus_server: Server) -> AsyncIterator[dict]:
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from workers.settings import shutdown, startup
+
+    settings = tus_server.settings
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    ctx = {"settings": settings, "redis": redis}
+    await startup(ctx)
+    yield ctx
+    await shutdown(ctx)
+    await redis.aclose()
+
+
+async def test_reclaim_and_orphan_sweep_know_partial_data(tus_server, worker_ctx, storage, http, auth, user_id):
+    from mediavault.domain import ledger
+    from workers.maintenance import run_job
+
+    md = auth(user_id)
+    data = fake_jpeg(CHUNK + 1000)
+    lapsing = await begin_tus(storage, md, data)
+    kept = await begin_tus(storage, md, data)
+    # A whole part and a tail on S3; the partial file on fs.
+    for begun in (lapsing, kept):
+        assert (await patch(http, begun.upload_url, 0, data[: CHUNK + 10])).status == 204
+    assert await partial_objects(tus_server, lapsing.upload.upload_id)
+    assert tus_server.pool is not None
+    pool = tus_server.pool
+    await pool.execute(
+        "UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1::uuid", lapsing.upload.upload_id
+    )
+    assert (await head(http, lapsing.upload_url)).status == 410
+
+    report = await run_job(worker_ctx, "reclaim_stale_uploads")
+    assert report.errors == 0
+    assert await partial_objects(tus_server, lapsing.upload.upload_id) == []
+    assert await multipart_uploads(tus_server, lapsing.upload.upload_id) == []
+    assert await partial_objects(tus_server, kept.upload.upload_id)
+    assert await ledger.audit(pool) == []
+
+    # A partial object left behind by an upload that ended is an orphan; a pending upload's is not.
+    stray = f"partial/{uuid.UUID(lapsing.upload.upload_id).hex[:2]}/{uuid.UUID(lapsing.upload.upload_id).hex}-9"
+    assert tus_server.blobs is not None
+    await tus_server.blobs.write(stray, single_chunk(b"late tail"), content_type="application/octet-stream")
+    from mediavault.domain import cleanup
+
+    owned = await cleanup.owned_keys(pool, [stray, *await partial_objects(tus_server, kept.upload.upload_id)])
+    assert stray not in owned
+    assert owned == set(await partial_objects(tus_server, kept.upload.upload_id))
