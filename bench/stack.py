@@ -54,6 +54,8 @@ class Stack(NamedTuple):
     target: str
     jwt_secret: str
     database_url: str
+    # The `mediavault serve` process: for benchmarks that read its memory from /proc.
+    server_pid: int = 0
 
 
 def _log(message: str) -> None:
@@ -230,7 +232,7 @@ def bench_stack(
             time.sleep(0.1)
         _log(f"server pid {process.pid} SERVING on {target} (log level {log_level}, pooler {pooler})")
         try:
-            yield Stack(target, jwt_secret, database_url)
+            yield Stack(target, jwt_secret, database_url, process.pid)
         finally:
             if process.poll() is not None:
                 _log(f"server exited early with {process.returncode}:\n{_tail(log_path)}")
