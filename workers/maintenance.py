@@ -154,7 +154,7 @@ async def _delete_upload_objects(ctx: dict[str, Any], rows: list[asyncpg.Record]
     # A failed delete leaves an object no row owns any more: the orphan sweep takes it.
     await _delete_blobs(ctx, [r["object_key"] for r in rows], report)
     for row in rows:
-        if row["protocol"] != "tus":
+        if row["protocol"] == "single":
             continue
         # Partial bytes and, on S3, the multipart upload's parts (which no listing shows).
         try:

@@ -6,7 +6,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
 MAX_KEY_LENGTH = 512
@@ -71,6 +71,34 @@ class PartialWriter(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A part of a multipart upload as the store lists it."""
+
+    number: int
+    size: int
+    etag: str
+
+
+@runtime_checkable
+class DirectParts(Protocol):
+    """A store clients send multipart parts to directly (S3): presigned parts, listed, completed."""
+
+    async def presign_upload_part(
+        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        """A URL accepting a PUT of the part's bytes (and only bytes of sha256, when given)."""
+        ...
+
+    async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
+        """The parts the store holds, by ascending number."""
+        ...
+
+    async def complete_parts(self, key: str, multipart_id: str, parts: list[StoredPart]) -> None:
+        """Joins the parts into the object at key; repeating it once completed is harmless."""
+        ...
 
 
 def is_valid_key(key: str) -> bool:

@@ -22,6 +22,7 @@ from mediavault.blobs.base import (
     ObjectInfo,
     PartialState,
     SignedRequest,
+    StoredPart,
     check_key,
     check_list_args,
     is_valid_key,
@@ -348,6 +349,44 @@ class S3BlobStore:
                 if _error_code(exc) != "NoSuchUpload" or await self.stat(key) is None:
                     raise
         await self._delete_tails(partial_key)
+
+    async def presign_upload_part(
+        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id, "PartNumber": number}
+        headers: dict[str, str] = {}
+        if sha256 is not None:
+            if not _SHA256_HEX.match(sha256):
+                raise ValueError("sha256 must be 64 lowercase hex digits")
+            # Signed in, so S3 refuses a part whose bytes do not have this digest.
+            checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+            params["ChecksumSHA256"] = checksum
+            headers["x-amz-checksum-sha256"] = checksum
+        with _translate_errors("presign"):
+            url = await self._client.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires_in)
+        return SignedRequest(url, "PUT", headers)
+
+    async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
+        parts: list[StoredPart] = []
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id}
+        with _translate_errors("list parts"):
+            while True:
+                response = await self._client.list_parts(**params)
+                parts.extend(StoredPart(p["PartNumber"], p["Size"], p["ETag"]) for p in response.get("Parts", []))
+                if not response.get("IsTruncated"):
+                    return parts
+                params["PartNumberMarker"] = response["NextPartNumberMarker"]
+
+    async def complete_parts(self, key: str, multipart_id: str, parts: list[StoredPart]) -> None:
+        completed: list[CompletedPartTypeDef] = [{"ETag": p.etag, "PartNumber": p.number} for p in parts]
+        with _translate_errors("complete multipart"):
+            try:
+                await self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id, MultipartUpload={"Parts": completed}
+                )
+            except ClientError as exc:
+                if _error_code(exc) != "NoSuchUpload" or await self.stat(key) is None:
+                    raise
 
     async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
         if multipart_id is not None:

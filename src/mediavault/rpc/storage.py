@@ -31,12 +31,12 @@ _RETENTION_FROM_PB = {
     pb.RETENTION_PERMANENT: "permanent",
     pb.RETENTION_EPHEMERAL: "ephemeral",
 }
-_PROTOCOL_TO_PB = {"single": pb.UPLOAD_PROTOCOL_SINGLE, "tus": pb.UPLOAD_PROTOCOL_TUS}
-_PROTOCOL_FROM_PB = {
-    pb.UPLOAD_PROTOCOL_UNSPECIFIED: "single",
-    pb.UPLOAD_PROTOCOL_SINGLE: "single",
-    pb.UPLOAD_PROTOCOL_TUS: "tus",
+_PROTOCOL_TO_PB = {
+    "single": pb.UPLOAD_PROTOCOL_SINGLE,
+    "tus": pb.UPLOAD_PROTOCOL_TUS,
+    "s3_multipart": pb.UPLOAD_PROTOCOL_S3_MULTIPART,
 }
+_PROTOCOL_FROM_PB = {pb.UPLOAD_PROTOCOL_UNSPECIFIED: "single", **{v: k for k, v in _PROTOCOL_TO_PB.items()}}
 _PROVIDER_TO_PB = {
     "stripe": pb.PAYMENT_PROVIDER_STRIPE,
     "solana": pb.PAYMENT_PROVIDER_SOLANA,
@@ -163,6 +163,16 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     async def FailUpload(self, request: pb.FailUploadRequest, context, principal: Principal) -> pb.FailUploadResponse:
         upload = await self.uploads.fail(principal, uuid.UUID(request.upload_id), request.reason)
         return pb.FailUploadResponse(upload=upload_pb(upload))
+
+    @rpc(SERVICE)
+    async def PresignUploadParts(
+        self, request: pb.PresignUploadPartsRequest, context, principal: Principal
+    ) -> pb.PresignUploadPartsResponse:
+        parts = [uploads_domain.PartRequest(p.part_number, p.sha256 or None) for p in request.parts]
+        signed = await self.uploads.presign_parts(principal, uuid.UUID(request.upload_id), parts)
+        return pb.PresignUploadPartsResponse(
+            parts=[pb.PresignedPart(part_number=s.part_number, url=s.url, headers=s.headers) for s in signed]
+        )
 
     @rpc(SERVICE)
     async def GetUpload(self, request: pb.GetUploadRequest, context, principal: Principal) -> pb.GetUploadResponse:

@@ -1,8 +1,9 @@
--- Resumable uploads (tus 1.0.0, and UploadContent streams that continue one): the protocol an
--- upload was begun with, and the progress any replica can resume from.
+-- Resumable uploads (tus 1.0.0, UploadContent streams that continue one, and S3 multipart parts
+-- sent straight to S3): the protocol an upload was begun with, and the progress any replica can
+-- resume from.
 
 ALTER TABLE uploads ADD COLUMN protocol text NOT NULL DEFAULT 'single'
-    CONSTRAINT uploads_protocol_known CHECK (protocol IN ('single', 'tus'));
+    CONSTRAINT uploads_protocol_known CHECK (protocol IN ('single', 'tus', 's3_multipart'));
 
 -- One row per resumable upload: the row a writer locks (FOR NO KEY UPDATE NOWAIT) for as long
 -- as it appends a chunk, so that of two writers on any two replicas exactly one proceeds.

@@ -9,7 +9,7 @@ and their transitions).
 
 from mediavault.domain.uploads.machine import Uploads
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
-from mediavault.domain.uploads.resumable import ChunkChecksum, Resumable
+from mediavault.domain.uploads.resumable import ChunkChecksum, PartRequest, PresignedPart, Resumable
 from mediavault.domain.uploads.validation import Observed, check_object, validate_begin
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "BeginResult",
     "ChunkChecksum",
     "Observed",
+    "PartRequest",
+    "PresignedPart",
     "Resumable",
     "Upload",
     "Uploads",

@@ -7,6 +7,7 @@ loser sees no row). The quota change and its ledger entry ride in the same state
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterable
@@ -23,7 +24,7 @@ from mediavault.domain import accounts, content_types
 from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.batches import StatementBatches, columns_of
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
-from mediavault.domain.uploads.resumable import TUS_VERSION, Resumable
+from mediavault.domain.uploads.resumable import TUS_VERSION, PartRequest, PresignedPart, Resumable
 from mediavault.domain.uploads.streaming import store_stream
 from mediavault.domain.uploads.validation import (
     Observed,
@@ -35,6 +36,7 @@ from mediavault.domain.uploads.validation import (
 from mediavault.errors import (
     AccountFrozen,
     IdempotencyConflict,
+    InvalidArgument,
     NotFound,
     StorageLimitReached,
     UploadNotPending,
@@ -138,6 +140,10 @@ class Uploads:
         return upload
 
     async def _signed_put(self, upload: Upload) -> BeginResult:
+        if upload.protocol == "s3_multipart":
+            # The parts' URLs come from presign_parts, as many at a time as the client asks.
+            await self._resumable.start(upload)
+            return BeginResult(upload, "", "PUT", {}, self._resumable.chunk_size_bytes)
         if upload.protocol == "tus":
             await self._resumable.start(upload)
             return BeginResult(
@@ -161,7 +167,14 @@ class Uploads:
         # Someone else's upload is indistinguishable from a missing one.
         if row is None or row["user_id"] != principal.user_id:
             raise NotFound("upload not found")
-        return Upload(**row)
+        upload = Upload(**row)
+        if upload.protocol == "s3_multipart" and upload.state == "pending":
+            return dataclasses.replace(upload, received_bytes=await self._resumable.received_direct(upload))
+        return upload
+
+    async def presign_parts(self, principal: Principal, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
+        """Presigned S3 UploadPart URLs for parts of the caller's S3_MULTIPART upload."""
+        return await self._resumable.presign_parts(principal.user_id, upload_id, parts)
 
     async def finalize(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
         """Commits the upload when its object is what it declared, then queues the new media's processing.
@@ -279,6 +292,8 @@ class Uploads:
             return upload
         if upload.state != "pending":
             raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+        if upload.protocol == "s3_multipart":
+            raise InvalidArgument.single("upload_id", "an S3_MULTIPART upload takes its parts at presigned S3 URLs")
         if upload.protocol == "tus":
             await self._resumable.append(upload_id, chunks, owner=principal.user_id)
         else:
@@ -288,7 +303,7 @@ class Uploads:
     async def _discard(self, upload: Upload) -> None:
         """Deletes what a released upload stored: its object, and a resumable upload's partial bytes."""
         await self._delete_quietly(upload.object_key)
-        if upload.protocol == "tus":
+        if upload.protocol != "single":
             try:
                 await self._resumable.discard(upload)
             except BlobStoreError:

@@ -24,9 +24,9 @@ COLUMNS = (
     "protocol",
 )
 
-# How the bytes of an upload arrive: one PUT or stream, or resumable chunks (tus, or
-# UploadContent streams that continue one).
-PROTOCOLS = ("single", "tus")
+# How the bytes of an upload arrive: one PUT or stream; resumable chunks through the service
+# (tus, or UploadContent streams that continue one); or S3 multipart parts sent straight to S3.
+PROTOCOLS = ("single", "tus", "s3_multipart")
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,18 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from mediavault.blobs import BlobStore, PartialState, PartialWriter
+from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter
 from mediavault.blobs.signing import UrlSigner
 from mediavault.config import Settings
 from mediavault.domain import content_types
+from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.records import COLUMNS, Upload, partial_key_for
-from mediavault.domain.uploads.validation import Observed
+from mediavault.domain.uploads.validation import SHA256_HEX, Observed, observe_object
 from mediavault.errors import (
     BeyondDeclaredSize,
     ChunkChecksumMismatch,
+    FieldViolation,
+    InvalidArgument,
     NotFound,
     OffsetMismatch,
     UploadBusy,
@@ -73,6 +76,25 @@ RETURNING received_bytes
 
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
 
+# S3's limits on the parts of a multipart upload; the per-call bound keeps one answer small.
+MAX_PART_NUMBER = 10_000
+MAX_PARTS_PER_CALL = 100
+
+
+@dataclass(frozen=True)
+class PartRequest:
+    """A part of an S3_MULTIPART upload to presign, with the SHA-256 S3 must check it against."""
+
+    part_number: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class PresignedPart:
+    part_number: int
+    url: str
+    headers: dict[str, str]
+
 
 @dataclass(frozen=True)
 class ChunkChecksum:
@@ -112,6 +134,7 @@ class Resumable:
         self._blobs = blobs
         self._signer = UrlSigner(settings.url_signing_key, settings.public_url)
         self.chunk_size_bytes = settings.tus_chunk_size_bytes
+        self._part_url_ttl_seconds = settings.upload_url_ttl_seconds
         # A writer holds two connections (its lock and its checkpoints): with at most half
         # the pool writing, checkpoints always find a connection.
         self._writers = asyncio.Semaphore(max(1, settings.db_pool_max_size // 2))
@@ -200,9 +223,12 @@ class Resumable:
         """The received bytes as finalize checks them, published as the object when complete.
 
         None when the upload is not resumable or nothing was received. Nothing is read back:
-        size, digest and leading bytes come from the last checkpoint.
+        size, digest and leading bytes come from the last checkpoint. S3_MULTIPART parts never
+        passed through the service, so their object is completed and then read once.
         """
         row = await self._pool.fetchrow(_PROGRESS, upload_id)
+        if row is not None and row["protocol"] == "s3_multipart":
+            return await self._observe_direct(row["object_key"], row["multipart_id"], row["size_bytes"])
         if row is None or row["checkpoint_bytes"] is None:
             return None
         received = row["checkpoint_bytes"]
@@ -212,10 +238,74 @@ class Resumable:
         head = bytes(row["head"])
         return Observed(received, Sha256.restore(row["sha256_state"]).hexdigest(), content_types.sniff(head))
 
+    async def _observe_direct(self, object_key: str, multipart_id: str, size_bytes: int) -> Observed | None:
+        store = self._direct_parts()
+        parts = await store.list_parts(object_key, multipart_id)
+        if not parts:
+            # Completed by an earlier finalize whose commit did not follow, or never sent.
+            return await observe_object(self._blobs, object_key)
+        received = sum(part.size for part in parts)
+        if received != size_bytes:
+            # Not all there: the size check refuses it, and nothing is completed.
+            return Observed(received, "", None)
+        await store.complete_parts(object_key, multipart_id, parts)
+        return await observe_object(self._blobs, object_key)
+
+    def _direct_parts(self) -> DirectParts:
+        # validate_begin admits S3_MULTIPART only on the S3 backend.
+        if not isinstance(self._blobs, DirectParts):
+            raise RuntimeError("the blob backend takes no direct multipart parts")
+        return self._blobs
+
+    async def received_direct(self, upload: Upload) -> int:
+        """The bytes of the parts S3 holds for an S3_MULTIPART upload (its progress)."""
+        multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
+        if multipart_id is None:
+            return 0
+        return sum(part.size for part in await self._direct_parts().list_parts(upload.object_key, multipart_id))
+
+    async def presign_parts(self, owner: str, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
+        """Presigned UploadPart URLs for parts of the owner's pending S3_MULTIPART upload."""
+        violations = _part_violations(parts)
+        row = await self._pool.fetchrow(statements.GET, upload_id)
+        if row is None or row["user_id"] != owner:
+            raise NotFound("upload not found")
+        upload = Upload(**row)
+        if upload.protocol != "s3_multipart":
+            violations.insert(0, FieldViolation("upload_id", "not an S3_MULTIPART upload"))
+        if violations:
+            raise InvalidArgument(violations)
+        progress = await self.progress(upload_id)
+        check_writable(progress)
+        multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload_id)
+        store = self._direct_parts()
+        signed = []
+        for part in parts:
+            request = await store.presign_upload_part(
+                upload.object_key, multipart_id, part.part_number, sha256=part.sha256, expires_in=self._part_url_ttl_seconds
+            )
+            signed.append(PresignedPart(part.part_number, request.url, dict(request.headers)))
+        return signed
+
     async def discard(self, upload: Upload) -> None:
         """Deletes the partial bytes and aborts the multipart upload of a released upload."""
         multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
         await self._blobs.discard_partial(partial_key_for(upload.upload_id), upload.object_key, multipart_id)
+
+
+def _part_violations(parts: list[PartRequest]) -> list[FieldViolation]:
+    violations = []
+    if not 1 <= len(parts) <= MAX_PARTS_PER_CALL:
+        violations.append(FieldViolation("parts", f"must hold 1 to {MAX_PARTS_PER_CALL} parts"))
+    numbers = [part.part_number for part in parts]
+    if len(set(numbers)) != len(numbers):
+        violations.append(FieldViolation("parts", "repeats a part_number"))
+    for i, part in enumerate(parts):
+        if not 1 <= part.part_number <= MAX_PART_NUMBER:
+            violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {MAX_PART_NUMBER}"))
+        if part.sha256 is not None and not SHA256_HEX.match(part.sha256):
+            violations.append(FieldViolation(f"parts[{i}].sha256", "must be 64 lowercase hex characters"))
+    return violations
 
 
 class _Chunk:

@@ -31,6 +31,7 @@ class UploadProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPLOAD_PROTOCOL_UNSPECIFIED: _ClassVar[UploadProtocol]
     UPLOAD_PROTOCOL_SINGLE: _ClassVar[UploadProtocol]
     UPLOAD_PROTOCOL_TUS: _ClassVar[UploadProtocol]
+    UPLOAD_PROTOCOL_S3_MULTIPART: _ClassVar[UploadProtocol]
 
 class PaymentProvider(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +50,7 @@ UPLOAD_STATE_EXPIRED: UploadState
 UPLOAD_PROTOCOL_UNSPECIFIED: UploadProtocol
 UPLOAD_PROTOCOL_SINGLE: UploadProtocol
 UPLOAD_PROTOCOL_TUS: UploadProtocol
+UPLOAD_PROTOCOL_S3_MULTIPART: UploadProtocol
 PAYMENT_PROVIDER_UNSPECIFIED: PaymentProvider
 PAYMENT_PROVIDER_STRIPE: PaymentProvider
 PAYMENT_PROVIDER_SOLANA: PaymentProvider
@@ -152,6 +154,45 @@ class FailUploadResponse(_message.Message):
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
     upload: Upload
     def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ...) -> None: ...
+
+class PresignUploadPartsRequest(_message.Message):
+    __slots__ = ("upload_id", "parts")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    parts: _containers.RepeatedCompositeFieldContainer[UploadPartRequest]
+    def __init__(self, upload_id: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[UploadPartRequest, _Mapping]]] = ...) -> None: ...
+
+class UploadPartRequest(_message.Message):
+    __slots__ = ("part_number", "sha256")
+    PART_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    part_number: int
+    sha256: str
+    def __init__(self, part_number: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PresignUploadPartsResponse(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[PresignedPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[PresignedPart, _Mapping]]] = ...) -> None: ...
+
+class PresignedPart(_message.Message):
+    __slots__ = ("part_number", "url", "headers")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PART_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    part_number: int
+    url: str
+    headers: _containers.ScalarMap[str, str]
+    def __init__(self, part_number: _Optional[int] = ..., url: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetUploadRequest(_message.Message):
     __slots__ = ("upload_id",)
