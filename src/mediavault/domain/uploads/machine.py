@@ -81,7 +81,7 @@ class Uploads:
         request = validate_begin(request, self._settings)
         user_id = principal.user_id
         if request.idempotency_key and (existing := await self._replay(user_id, request)):
-            return await self._signed_put(existing)
+            return await self._destination(existing)
         upload_id = uuid.uuid4()
         row = (
             upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
@@ -91,8 +91,8 @@ class Uploads:
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
         # The batch places only what it can place for sure; None is settled alone below.
         if request.idempotency_key is None and (reserved := await self._reservations.submit(row)) is not None:
-            return await self._signed_put(Upload(**reserved))
-        return await self._signed_put(await self._reserve_alone(principal, request, row))
+            return await self._destination(Upload(**reserved))
+        return await self._destination(await self._reserve_alone(principal, request, row))
 
     async def _reserve_alone(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
         user_id = principal.user_id
@@ -139,7 +139,8 @@ class Uploads:
             raise IdempotencyConflict("idempotency_key was already used with different parameters")
         return upload
 
-    async def _signed_put(self, upload: Upload) -> BeginResult:
+    async def _destination(self, upload: Upload) -> BeginResult:
+        """Where and how the client sends the upload's bytes, by its protocol."""
         if upload.protocol == "s3_multipart":
             # The parts' URLs come from presign_parts, as many at a time as the client asks.
             await self._resumable.start(upload)
