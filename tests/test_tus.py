@@ -321,3 +321,21 @@ async def test_reclaim_and_orphan_sweep_know_partial_data(tus_server, worker_ctx
     owned = await cleanup.owned_keys(pool, [stray, *await partial_objects(tus_server, kept.upload.upload_id)])
     assert stray not in owned
     assert owned == set(await partial_objects(tus_server, kept.upload.upload_id))
+
+
+async def test_cors_for_the_configured_origins_only(make_settings, http):
+    async with running(make_settings(tus_cors_origins=("https://app.example",))) as server:
+        base = f"http://127.0.0.1:{server.http_port}/tus/"
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "PATCH"}
+        async with http.options(base, headers=preflight) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+            assert "Upload-Offset" in response.headers["Access-Control-Allow-Headers"]
+            assert "Upload-Offset" in response.headers["Access-Control-Expose-Headers"]
+        async with http.options(base, headers={**preflight, "Origin": "https://evil.example"}) as response:
+            assert "Access-Control-Allow-Origin" not in response.headers
+        async with http.post(base, headers={**TUS, "Origin": "https://app.example"}) as response:
+            assert response.status == 401
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "Location" in response.headers["Access-Control-Expose-Headers"]
