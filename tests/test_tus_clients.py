@@ -195,7 +195,8 @@ async def interrupted_twice(stage: Stage, url: str, data: bytes, send) -> None:
 
     killer = asyncio.create_task(kill_server_at(stage, len(data) * 9 // 10 - at_cut))
     await send(url, False)
-    await killer
+    # The cut comes while the client sends; a client that stopped before it never gets there.
+    await asyncio.wait_for(killer, timeout=30)
     await stage.replica.start()
     # What the killed process had made durable; the bytes it was still reading from its socket
     # are lost with it.
@@ -281,11 +282,17 @@ async def test_two_replicas_two_patches_exactly_one_proceeds(stage: Stage, auth,
 
             first = asyncio.create_task(first_patch())
             # The first writer holds the upload once the other replica refuses even an empty chunk.
+            deadline = asyncio.get_running_loop().time() + 30
             while True:
+                if first.done():
+                    # It came while a probe held the upload: it was refused, and goes again.
+                    assert await first == 423
+                    first = asyncio.create_task(first_patch())
                 async with http.patch(url_two, data=b"", headers=headers) as response:
                     if response.status == 423:
                         break
                     assert response.status == 204
+                assert asyncio.get_running_loop().time() < deadline, "the first writer never took the upload"
                 await asyncio.sleep(0.02)
             # Other bytes at the same offset, on the other replica, while the first writer stores its chunk.
             async with http.patch(url_two, data=b"\x00" * CHUNK, headers=headers) as response:

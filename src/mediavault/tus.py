@@ -186,11 +186,10 @@ class TusEndpoints:
         if offset is None:
             raise _Refused(400, "Upload-Offset is required")
         checksum = _checksum(request.headers.get("Upload-Checksum"))
-        received = await self._resumable.append(
+        progress = await self._resumable.append(
             upload_id, _body(request), offset=offset, length=request.content_length, checksum=checksum
         )
-        progress = await self._resumable.progress(upload_id)
-        return self._respond(request, 204, _progress_headers(progress) | {"Upload-Offset": str(received)})
+        return self._respond(request, 204, _progress_headers(progress))
 
     async def _delete(self, request: web.Request) -> web.Response:
         return await self._handle(request, self._delete_upload)

@@ -15,6 +15,7 @@ are there, and publishing the bytes as the object is a rename or a multipart com
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import uuid
@@ -175,8 +176,8 @@ class Resumable:
         length: int | None = None,
         checksum: ChunkChecksum | None = None,
         owner: str | None = None,
-    ) -> int:
-        """Appends the chunk after the stored bytes; returns the durable offset after it.
+    ) -> Progress:
+        """Appends the chunk after the stored bytes; returns the upload with the durable offset after it.
 
         offset: the client's idea of the stored offset (tus Upload-Offset), None to continue
         wherever the bytes end (UploadContent). length: the chunk's length when known up
@@ -215,9 +216,10 @@ class Resumable:
                 checksum,
             )
             try:
-                return await chunk.store(chunks)
+                durable = await chunk.store(chunks)
             finally:
                 await writer.close()
+            return Progress(dataclasses.replace(upload, received_bytes=durable), durable, progress.lapsed)
 
     async def observe(self, upload_id: uuid.UUID) -> Observed | None:
         """The received bytes as finalize checks them, published as the object when complete.
