@@ -44,7 +44,7 @@ async def _measure(database_url: str, levels: list[int], calls: int) -> dict:
         pool = await create_pool(settings)
         blobs = await open_blob_store(settings)
         try:
-            service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None))
+            service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None), uploads.Resumable(pool, blobs, settings))
             request = uploads.BeginRequest("bench.jpg", "image/jpeg", BODY_SIZE, SHA256, None, "permanent")
             result: dict = {"cpu_us_per_call": {}, "wall_us_per_call": {}, "calls_per_batch": {}}
             for level in levels:

@@ -54,7 +54,8 @@ class Stack(NamedTuple):
     target: str
     jwt_secret: str
     database_url: str
-    server_pid: int
+    # The `mediavault serve` process: for benchmarks that read its memory from /proc.
+    server_pid: int = 0
 
 
 def _log(message: str) -> None:

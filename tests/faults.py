@@ -32,6 +32,10 @@ class TcpProxy:
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.BaseTransport] = set()
+        # Bytes clients sent through the proxy; when they reach cut_at, every connection is killed once.
+        self.sent_upstream = 0
+        self.cut_at: int | None = None
+        self.cut = asyncio.Event()
 
     def url_for(self, url: str) -> str:
         """url with its host and port replaced by the proxy's (and no Unix socket host)."""
@@ -64,12 +68,28 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._transports.update((writer.transport, upstream_writer.transport))
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+        await asyncio.gather(self._pipe(reader, upstream_writer, upstream=True), self._pipe(upstream_reader, writer))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def cut_after(self, more_bytes: int) -> None:
+        """Kills every connection once clients have sent more_bytes more through the proxy."""
+        self.cut.clear()
+        self.cut_at = self.sent_upstream + more_bytes
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
         try:
             while data := await reader.read(65536):
+                if upstream and self.cut_at is not None and self.sent_upstream + len(data) >= self.cut_at:
+                    data = data[: self.cut_at - self.sent_upstream]
+                    writer.write(data)
+                    self.sent_upstream += len(data)
+                    self.cut_at = None
+                    for transport in list(self._transports):
+                        transport.abort()
+                    self.cut.set()
+                    return
                 writer.write(data)
+                if upstream:
+                    self.sent_upstream += len(data)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass

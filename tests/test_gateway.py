@@ -20,6 +20,9 @@ from PIL import Image
 from tests.conftest import running
 from tests.helpers import fake_jpeg, sha256_hex
 from tests.test_ratelimit import free_port, limit
+from tests.test_tus_clients import node_modules, node_upload
+
+__all__ = ["node_modules"]  # the fixture the tus-js-client test uses
 
 GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
 BINARY = GATEWAY_DIR / "bin" / "mediavault-gateway"
@@ -262,3 +265,28 @@ async def test_request_id_goes_through_both_ways(gateway, http, bearer, user_id)
     status, _, headers = await call(http, "GET", f"{gateway}/v1/storage/summary", bearer(user_id))
     assert status == 200, "the server makes one up when the caller sends none"
     assert len(headers["X-Request-Id"]) == 32, "the server makes one up when the caller sends none"
+
+
+async def test_resumable_upload_through_the_gateway_with_tus_js_client(gateway, http, bearer, user_id, node_modules, tmp_path):
+    data = small_jpeg()
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(data)
+    md = bearer(user_id)
+    status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data, protocol="UPLOAD_PROTOCOL_TUS"))
+    assert status == 200, begun
+    assert begun["upload_method"] == "PATCH"
+    assert begun["upload_headers"] == {"Tus-Resumable": "1.0.0"}
+    assert "/tus/" in begun["upload_url"]
+    chunk = int(begun["chunk_size_bytes"])
+    outcome = await node_upload(node_modules, "resume", begun["upload_url"], str(source), str(chunk))
+    assert outcome.get("done"), outcome
+
+    upload_id = begun["upload"]["upload_id"]
+    status, got, _ = await call(http, "GET", f"{gateway}/v1/uploads/{upload_id}", md)
+    assert status == 200, got
+    assert int(got["upload"]["received_bytes"]) == len(data)
+    assert got["upload"]["protocol"] == "UPLOAD_PROTOCOL_TUS"
+    status, done, _ = await call(http, "POST", f"{gateway}/v1/uploads/{upload_id}:finalize", md, {})
+    assert status == 200, done
+    assert done["upload"]["state"] == "UPLOAD_STATE_FINALIZED"
+    assert done["upload"]["sha256"] == sha256_hex(data)

@@ -26,6 +26,7 @@ from mediavault import metrics
 from mediavault.config import JobConfig, Settings
 from mediavault.domain import cleanup, events, ledger
 from mediavault.domain.media import MAX_ATTEMPTS
+from mediavault.domain.uploads.records import partial_key_for
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,15 @@ async def _delete_upload_objects(ctx: dict[str, Any], rows: list[asyncpg.Record]
     metrics.UPLOAD_OUTCOMES.labels("expired", "EXPIRED").inc(len(rows))
     # A failed delete leaves an object no row owns any more: the orphan sweep takes it.
     await _delete_blobs(ctx, [r["object_key"] for r in rows], report)
+    for row in rows:
+        if row["protocol"] == "single":
+            continue
+        # Partial bytes and, on S3, the multipart upload's parts (which no listing shows).
+        try:
+            await ctx["blobs"].discard_partial(partial_key_for(row["upload_id"]), row["object_key"], row["multipart_id"])
+        except Exception:
+            report.errors += 1
+            log.warning("partial upload delete failed", extra={"job": report.job, "upload_id": str(row["upload_id"])}, exc_info=True)
 
 
 async def reclaim_stale_uploads(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:

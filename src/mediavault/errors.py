@@ -11,6 +11,9 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── StorageLimitReached   STORAGE_LIMIT_REACHED   reservation does not fit the quota
     ├── AccountFrozen         ACCOUNT_FROZEN
     ├── UploadNotPending      UPLOAD_NOT_PENDING      finalize/fail of a finished upload
+    ├── UploadBusy            UPLOAD_BUSY             another writer is appending to the resumable upload
+    ├── OffsetMismatch        OFFSET_MISMATCH         a tus chunk that does not start at the stored offset
+    ├── ChunkChecksumMismatch CHUNK_CHECKSUM_MISMATCH a tus chunk that differs from its Upload-Checksum
     ├── MediaBusy             MEDIA_BUSY              reprocess while a processing run is in progress
     ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters
     ├── RateLimited           RATE_LIMIT_EXCEEDED     carries the delay and the quota that was hit
@@ -77,6 +80,25 @@ class AccountFrozen(MediavaultError):
 
 class UploadNotPending(MediavaultError):
     reason = "UPLOAD_NOT_PENDING"
+
+
+class UploadBusy(MediavaultError):
+    reason = "UPLOAD_BUSY"
+
+
+class OffsetMismatch(MediavaultError):
+    reason = "OFFSET_MISMATCH"
+
+
+class ChunkChecksumMismatch(MediavaultError):
+    reason = "CHUNK_CHECKSUM_MISMATCH"
+
+
+class BeyondDeclaredSize(InvalidArgument):
+    """Bytes past the upload's declared size: INVALID_ARGUMENT on gRPC, 413 on tus."""
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__([FieldViolation("chunk", f"stream exceeds the declared {size_bytes} bytes")])
 
 
 class MediaBusy(MediavaultError):

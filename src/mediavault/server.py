@@ -32,6 +32,7 @@ from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
 from mediavault.services import build_services
 from mediavault.storage.v1 import storage_pb2
+from mediavault.tus import TusEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,12 @@ class Server:
         self._traced = tracing.start("mediavault-server")
         authenticator = Authenticator(settings.jwt_secret.get_secret_value())
         self.pool = await create_db_pool(settings)
-        http_socket = None
-        if settings.blob_backend == "fs":
-            http_socket = self._bind_http()
-            if not settings.http_public_url:
-                # Signed URLs must name the port really bound when MEDIAVAULT_HTTP_ADDR asks for port 0.
-                host = http_socket.getsockname()[0]
-                settings = settings.model_copy(update={"http_public_url": f"http://{host}:{self.http_port}"})
+        # Both backends: the listener carries the tus endpoints, and on fs the signed blob URLs.
+        http_socket = self._bind_http()
+        if not settings.http_public_url:
+            # Signed URLs must name the port really bound when MEDIAVAULT_HTTP_ADDR asks for port 0.
+            host = http_socket.getsockname()[0]
+            settings = settings.model_copy(update={"http_public_url": f"http://{host}:{self.http_port}"})
         self.blobs = await open_blob_store(settings)
 
         self.grpc_server = grpc.aio.server(
@@ -127,9 +127,8 @@ class Server:
         finally:
             current_gate.reset(gate_token)
 
-        if http_socket is not None:
-            assert isinstance(self.blobs, FsBlobStore)  # the listener is bound for the fs backend only
-            await self._start_http(http_socket, self.blobs)
+        tus = TusEndpoints(services.resumable, services.uploads, authenticator, settings)
+        await self._start_http(http_socket, self.blobs if isinstance(self.blobs, FsBlobStore) else None, tus)
         if settings.metrics_addr:
             self.metrics = metrics.MetricsEndpoint(settings.metrics_addr)
 
@@ -150,8 +149,10 @@ class Server:
         self.http_port = sock.getsockname()[1]
         return sock
 
-    async def _start_http(self, sock: socket.socket, store: FsBlobStore) -> None:
-        self._http_runner = web.AppRunner(create_app(store), access_log=None, shutdown_timeout=5)
+    async def _start_http(self, sock: socket.socket, store: FsBlobStore | None, tus: TusEndpoints) -> None:
+        app = create_app(store)
+        tus.add_routes(app)
+        self._http_runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
         await self._http_runner.setup()
         await web.SockSite(self._http_runner, sock).start()
 

@@ -19,7 +19,7 @@ from mediavault.domain.feed import Feed
 from mediavault.domain.media import Library
 from mediavault.domain.pages import PageTokens
 from mediavault.domain.purchases import Purchases
-from mediavault.domain.uploads import Uploads
+from mediavault.domain.uploads import Resumable, Uploads
 from mediavault.jobs import TranscodeQueue
 
 
@@ -28,6 +28,7 @@ class Services:
     accounts: Accounts
     purchases: Purchases
     uploads: Uploads
+    resumable: Resumable
     library: Library
     feed: Feed
     events: Events
@@ -39,10 +40,12 @@ def build_services(pool: asyncpg.Pool, blobs: BlobStore, redis: ArqRedis | None,
     tokens = PageTokens(settings.page_token_key)
     feed = Feed(pool, redis, settings.feed_cache_ttl_seconds, tokens)
     transcodes = TranscodeQueue(redis)
+    resumable = Resumable(pool, blobs, settings)
     return Services(
         accounts=accounts,
         purchases=Purchases(pool, accounts, tokens),
-        uploads=Uploads(pool, blobs, settings, transcodes),
+        uploads=Uploads(pool, blobs, settings, transcodes, resumable),
+        resumable=resumable,
         library=Library(pool, blobs, settings, transcodes, feed),
         feed=feed,
         events=Events(pool),

@@ -5,16 +5,20 @@ from __future__ import annotations
 from mediavault.blobs.base import (
     BlobStore,
     BlobStoreError,
+    DirectParts,
     Inspection,
     ListedObject,
     ObjectInfo,
+    PartialState,
+    PartialWriter,
     SignedRequest,
+    StoredPart,
     check_key,
     single_chunk,
 )
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "Inspection", "ListedObject", "ObjectInfo", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "DirectParts", "StoredPart", "Inspection", "ListedObject", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

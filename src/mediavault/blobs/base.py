@@ -6,7 +6,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
 MAX_KEY_LENGTH = 512
@@ -46,6 +46,59 @@ class SignedRequest:
     url: str
     method: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartialState:
+    """The durable bytes of a resumable upload, as its backend holds them until they are published."""
+
+    received: int
+    # S3: ETags of the completed multipart parts, in order (every one of the backend's part size).
+    parts: tuple[str, ...] = ()
+    # S3: the bytes after the last part, kept in a tail object until a whole part can be sent.
+    tail_bytes: int = 0
+
+
+class PartialWriter(Protocol):
+    """Appends to a resumable upload's bytes; one writer at a time per upload (the caller's lock)."""
+
+    async def write(self, data: bytes) -> None:
+        """Takes the next bytes; they are durable only once flush() has returned."""
+        ...
+
+    async def flush(self, *, final: bool) -> PartialState:
+        """Makes every byte written so far durable; final: they end the object."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A part of a multipart upload as the store lists it."""
+
+    number: int
+    size: int
+    etag: str
+
+
+@runtime_checkable
+class DirectParts(Protocol):
+    """A store clients send multipart parts to directly (S3): presigned parts, listed, completed."""
+
+    async def presign_upload_part(
+        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        """A URL accepting a PUT of the part's bytes (and only bytes of sha256, when given)."""
+        ...
+
+    async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
+        """The parts the store holds, by ascending number."""
+        ...
+
+    async def complete_parts(self, key: str, multipart_id: str, parts: list[StoredPart]) -> None:
+        """Joins the parts into the object at key; repeating it once completed is harmless."""
+        ...
 
 
 def is_valid_key(key: str) -> bool:
@@ -114,6 +167,27 @@ class BlobStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    # Resumable uploads: their bytes wait under partial_key (and, on S3, in the multipart upload
+    # multipart_id of the object key) until publish_partial makes them the object at key.
+
+    async def start_partial(self, key: str, *, content_type: str) -> str | None:
+        """Prepares a resumable upload of key; returns the S3 multipart upload id (None on fs)."""
+        ...
+
+    async def open_partial(
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+    ) -> PartialWriter:
+        """A writer continuing after state; bytes stored beyond it by a writer that died are dropped."""
+        ...
+
+    async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:
+        """Makes the bytes of state the object at key (without reading them); repeating it is harmless."""
+        ...
+
+    async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
+        """Deletes what a resumable upload stored and aborts its multipart upload."""
+        ...
 
 
 async def single_chunk(data: bytes) -> AsyncIterator[bytes]:

@@ -1,4 +1,5 @@
-"""The fs backend's HTTP listener: serves signed PUT and GET URLs like S3 presigned URLs do.
+"""The service's HTTP listener: on the fs backend it serves signed PUT and GET URLs like S3
+presigned URLs do; on both backends it carries the tus endpoints (mediavault.tus).
 
 PUT needs the signed Content-Length and Content-Type, streams the body to a temp file,
 cuts off anything past the signed length and publishes the object only when complete,
@@ -27,11 +28,13 @@ def _error(status: int, code: str, message: str) -> web.Response:
 _STORE = web.AppKey("store", FsBlobStore)
 
 
-def create_app(store: FsBlobStore) -> web.Application:
+def create_app(store: FsBlobStore | None) -> web.Application:
+    """The listener's application; the blob routes only when the fs backend serves the blobs."""
     app = web.Application(client_max_size=0)
-    app[_STORE] = store
-    app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object)
-    app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
+    if store is not None:
+        app[_STORE] = store
+        app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object)
+        app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
     app.router.add_get("/healthz", _healthz)
     return app
 

@@ -20,7 +20,9 @@ from mediavault.blobs.base import (
     Inspection,
     ListedObject,
     ObjectInfo,
+    PartialState,
     SignedRequest,
+    StoredPart,
     check_key,
     check_list_args,
     is_valid_key,
@@ -44,10 +46,15 @@ _S3_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
 
 
 class S3BlobStore:
-    def __init__(self, client: S3Client, bucket: str, exit_stack: contextlib.AsyncExitStack) -> None:
+    def __init__(
+        self, client: S3Client, bucket: str, exit_stack: contextlib.AsyncExitStack, *, partial_part_size: int = _PART_SIZE
+    ) -> None:
         self._client = client
         self.bucket = bucket
         self._exit_stack = exit_stack
+        # Resumable uploads send parts of this size (the tus chunk size), so that a client
+        # sending chunks of it has each one stored as one part, with no tail object between.
+        self.partial_part_size = partial_part_size
 
     @classmethod
     async def open(cls, settings: Settings) -> S3BlobStore:
@@ -65,7 +72,7 @@ class S3BlobStore:
                 "s3", region_name=settings.s3_region, endpoint_url=endpoint_url, config=config
             )
         )
-        return cls(client, settings.s3_bucket, exit_stack)
+        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=settings.tus_chunk_size_bytes)
 
     async def ensure_bucket(self) -> None:
         """Creates the bucket unless it exists; production buckets are provisioned outside mediavault."""
@@ -286,6 +293,167 @@ class S3BlobStore:
 
     async def close(self) -> None:
         await self._exit_stack.aclose()
+
+    async def start_partial(self, key: str, *, content_type: str) -> str | None:
+        with _translate_errors("start multipart"):
+            created = await self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=check_key(key), ContentType=content_type
+            )
+        return created["UploadId"]
+
+    async def open_partial(
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+    ) -> _S3PartialWriter:
+        if multipart_id is None:
+            raise ValueError("an S3 resumable upload needs its multipart upload id")
+        tail = b""
+        if state.tail_bytes:
+            # Only the bytes the checkpoint vouches for: a writer that died may have stored more.
+            with _translate_errors("read tail"):
+                response = await self._client.get_object(
+                    Bucket=self.bucket,
+                    Key=tail_key(partial_key, len(state.parts) + 1),
+                    Range=f"bytes=0-{state.tail_bytes - 1}",
+                )
+                body = response["Body"]
+                async with body:
+                    tail = await body.read()
+            if len(tail) != state.tail_bytes:
+                raise BlobStoreError("read tail failed: shorter than its checkpoint")
+        return _S3PartialWriter(self, partial_key, check_key(key), multipart_id, state, tail)
+
+    async def upload_partial_part(self, key: str, multipart_id: str, number: int, data: bytes) -> str:
+        with _translate_errors("upload part"):
+            part = await self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=multipart_id, PartNumber=number, Body=data
+            )
+        return part["ETag"]
+
+    async def put_tail(self, partial_key: str, number: int, data: bytes) -> None:
+        with _translate_errors("write tail"):
+            await self._client.put_object(Bucket=self.bucket, Key=tail_key(partial_key, number), Body=data)
+
+    async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:
+        if multipart_id is None:
+            raise ValueError("an S3 resumable upload needs its multipart upload id")
+        parts: list[CompletedPartTypeDef] = [
+            {"ETag": etag, "PartNumber": number} for number, etag in enumerate(state.parts, 1)
+        ]
+        with _translate_errors("complete multipart"):
+            try:
+                await self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id, MultipartUpload={"Parts": parts}
+                )
+            except ClientError as exc:
+                # Completed by an earlier call whose commit did not follow: the object is there.
+                if _error_code(exc) != "NoSuchUpload" or await self.stat(key) is None:
+                    raise
+        await self._delete_tails(partial_key)
+
+    async def presign_upload_part(
+        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id, "PartNumber": number}
+        headers: dict[str, str] = {}
+        if sha256 is not None:
+            if not _SHA256_HEX.match(sha256):
+                raise ValueError("sha256 must be 64 lowercase hex digits")
+            # Signed in, so S3 refuses a part whose bytes do not have this digest.
+            checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+            params["ChecksumSHA256"] = checksum
+            headers["x-amz-checksum-sha256"] = checksum
+        with _translate_errors("presign"):
+            url = await self._client.generate_presigned_url("upload_part", Params=params, ExpiresIn=expires_in)
+        return SignedRequest(url, "PUT", headers)
+
+    async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
+        parts: list[StoredPart] = []
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id}
+        with _translate_errors("list parts"):
+            while True:
+                response = await self._client.list_parts(**params)
+                parts.extend(StoredPart(p["PartNumber"], p["Size"], p["ETag"]) for p in response.get("Parts", []))
+                if not response.get("IsTruncated"):
+                    return parts
+                params["PartNumberMarker"] = response["NextPartNumberMarker"]
+
+    async def complete_parts(self, key: str, multipart_id: str, parts: list[StoredPart]) -> None:
+        completed: list[CompletedPartTypeDef] = [{"ETag": p.etag, "PartNumber": p.number} for p in parts]
+        with _translate_errors("complete multipart"):
+            try:
+                await self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id, MultipartUpload={"Parts": completed}
+                )
+            except ClientError as exc:
+                if _error_code(exc) != "NoSuchUpload" or await self.stat(key) is None:
+                    raise
+
+    async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
+        if multipart_id is not None:
+            with _translate_errors("abort multipart"):
+                try:
+                    await self._client.abort_multipart_upload(Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id)
+                except ClientError as exc:
+                    if _error_code(exc) != "NoSuchUpload":
+                        raise
+        await self._delete_tails(partial_key)
+
+    async def _delete_tails(self, partial_key: str) -> None:
+        with _translate_errors("list tails"):
+            # An upload has at most one tail object per part: far fewer than one listing page.
+            response = await self._client.list_objects_v2(Bucket=self.bucket, Prefix=check_key(partial_key) + "-")
+        tails = [item["Key"] for item in response.get("Contents", [])]
+        if tails and (failed := await self.delete_many(tails)):
+            raise BlobStoreError(f"delete failed for {len(failed)} tail objects")
+
+
+def tail_key(partial_key: str, part_number: int) -> str:
+    """The object holding the bytes that will begin part part_number, until it can be sent whole."""
+    return f"{partial_key}-{part_number}"
+
+
+class _S3PartialWriter:
+    """Sends whole parts as soon as they are buffered; flush() stores what is left in a tail object.
+
+    Each part covers fixed offsets of the object, so a part sent again after a writer died
+    replaces the same bytes. A tail object is named after the part it will begin, so writing
+    one never overwrites the tail an older checkpoint still names.
+    """
+
+    def __init__(
+        self, store: S3BlobStore, partial_key: str, key: str, multipart_id: str, state: PartialState, tail: bytes
+    ) -> None:
+        self._store = store
+        self._partial_key = partial_key
+        self._key = key
+        self._multipart_id = multipart_id
+        self._parts = list(state.parts)
+        self._buffer = bytearray(tail)
+        self._received = state.received
+        self._part_size = store.partial_part_size
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self._received += len(data)
+        while len(self._buffer) >= self._part_size:
+            await self._send_part(bytes(self._buffer[: self._part_size]))
+            del self._buffer[: self._part_size]
+
+    async def _send_part(self, data: bytes) -> None:
+        number = len(self._parts) + 1
+        self._parts.append(await self._store.upload_partial_part(self._key, self._multipart_id, number, data))
+
+    async def flush(self, *, final: bool) -> PartialState:
+        if self._buffer:
+            if final:
+                await self._send_part(bytes(self._buffer))
+                self._buffer.clear()
+            else:
+                await self._store.put_tail(self._partial_key, len(self._parts) + 1, bytes(self._buffer))
+        return PartialState(self._received, tuple(self._parts), len(self._buffer))
+
+    async def close(self) -> None:
+        self._buffer.clear()
 
 
 @contextlib.contextmanager

@@ -21,8 +21,22 @@ class UrlSigner:
         return hmac.digest(self._key, message, "sha256").hex()
 
     def sign(self, method: str, key: str, *, expires_in: int, length: int | None = None, content_type: str = "") -> str:
+        return self.sign_until(
+            method, key, expires=int(time.time()) + expires_in, length=length, content_type=content_type
+        )
+
+    def sign_until(
+        self,
+        method: str,
+        key: str,
+        *,
+        expires: int,
+        length: int | None = None,
+        content_type: str = "",
+        route: str = "blobs",
+    ) -> str:
+        """A URL under /route/key valid until the Unix time expires."""
         check_key(key)
-        expires = int(time.time()) + expires_in
         length_part = "" if length is None else str(length)
         query = f"X-Expires={expires}"
         if length is not None:
@@ -31,7 +45,7 @@ class UrlSigner:
             query += f"&X-Content-Type={_query_value(content_type)}"
         signature = self._signature(method, key, expires, length_part, content_type)
         # check_key admits only characters that need no escaping in a path.
-        return f"{self._base_url}/blobs/{key}?{query}&X-Signature={signature}"
+        return f"{self._base_url}/{route}/{key}?{query}&X-Signature={signature}"
 
     def verify(self, method: str, key: str, params: dict[str, str], now: float | None = None) -> str | None:
         """None when the URL is valid for this method and key, else why not."""

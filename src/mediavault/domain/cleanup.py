@@ -25,7 +25,8 @@ from mediavault.blobs import ListedObject
 # QUARANTINE first and deleted only if still unowned a run later, so an object whose
 # row commits late (a slow upload) is put back rather than lost.
 QUARANTINE = "quarantine/"
-SWEPT_PREFIXES = ("originals/", "variants/")
+# partial/: the bytes of resumable uploads until finalize publishes them (records.partial_key_for).
+SWEPT_PREFIXES = ("originals/", "partial/", "variants/")
 FIRST_MEDIA_ID = uuid.UUID(int=0)
 
 # SKIP LOCKED lets replicas split the due uploads, and leaves alone any row a
@@ -42,7 +43,8 @@ WITH due AS (
 ), expired AS (
     UPDATE uploads u SET state = 'expired', failure_reason = 'EXPIRED', updated_at = now()
     FROM due WHERE u.upload_id = due.upload_id
-    RETURNING u.upload_id, u.user_id, u.size_bytes, u.object_key
+    RETURNING u.upload_id, u.user_id, u.size_bytes, u.object_key, u.protocol,
+              (SELECT p.multipart_id FROM upload_progress p WHERE p.upload_id = u.upload_id) AS multipart_id
 ), per_user AS (
     SELECT user_id, sum(size_bytes)::bigint AS bytes FROM expired GROUP BY user_id
 ), locked AS (
@@ -154,9 +156,12 @@ ORDER BY a.user_id
 LIMIT $2
 """
 
+# A partial key names its upload: partial/<2 hex>/<upload id hex>, and on S3 "-<part>" tails.
 _OWNED = """
 SELECT k.key FROM unnest($1::text[]) AS k(key)
 WHERE EXISTS (SELECT 1 FROM uploads u WHERE u.object_key = k.key AND u.state = 'pending')
+   OR EXISTS (SELECT 1 FROM uploads u WHERE u.state = 'pending' AND u.upload_id =
+              CASE WHEN k.key ~ '^partial/[0-9a-f]{2}/[0-9a-f]{32}(-[0-9]+)?$' THEN substr(k.key, 12, 32)::uuid END)
    OR EXISTS (SELECT 1 FROM media m WHERE m.object_key = k.key AND m.purged_at IS NULL)
    OR EXISTS (SELECT 1 FROM media_variants v WHERE v.object_key = k.key)
 """

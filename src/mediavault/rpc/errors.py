@@ -20,6 +20,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "ACCOUNT_FROZEN": grpc.StatusCode.FAILED_PRECONDITION,
     "UPLOAD_NOT_PENDING": grpc.StatusCode.FAILED_PRECONDITION,
     "MEDIA_BUSY": grpc.StatusCode.FAILED_PRECONDITION,
+    "UPLOAD_BUSY": grpc.StatusCode.ABORTED,
     "OBJECT_MISSING": grpc.StatusCode.FAILED_PRECONDITION,
     "SIZE_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "CHECKSUM_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,

@@ -31,6 +31,12 @@ _RETENTION_FROM_PB = {
     pb.RETENTION_PERMANENT: "permanent",
     pb.RETENTION_EPHEMERAL: "ephemeral",
 }
+_PROTOCOL_TO_PB = {
+    "single": pb.UPLOAD_PROTOCOL_SINGLE,
+    "tus": pb.UPLOAD_PROTOCOL_TUS,
+    "s3_multipart": pb.UPLOAD_PROTOCOL_S3_MULTIPART,
+}
+_PROTOCOL_FROM_PB = {pb.UPLOAD_PROTOCOL_UNSPECIFIED: "single", **{v: k for k, v in _PROTOCOL_TO_PB.items()}}
 _PROVIDER_TO_PB = {
     "stripe": pb.PAYMENT_PROVIDER_STRIPE,
     "solana": pb.PAYMENT_PROVIDER_SOLANA,
@@ -64,6 +70,8 @@ def upload_pb(upload: uploads_domain.Upload) -> pb.Upload:
         failure_reason=upload.failure_reason or "",
         created_at=timestamp(upload.created_at),
         expires_at=timestamp(upload.expires_at),
+        protocol=_PROTOCOL_TO_PB[upload.protocol],
+        received_bytes=upload.received_bytes,
     )
 
 
@@ -123,6 +131,9 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
         retention = _RETENTION_FROM_PB.get(request.retention)
         if retention is None:
             raise InvalidArgument.single("retention", "unknown retention")
+        protocol = _PROTOCOL_FROM_PB.get(request.protocol)
+        if protocol is None:
+            raise InvalidArgument.single("protocol", "unknown protocol")
         result = await self.uploads.begin(
             principal,
             uploads_domain.BeginRequest(
@@ -132,6 +143,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
                 sha256=request.sha256 or None,
                 idempotency_key=request.idempotency_key or None,
                 retention=retention,
+                protocol=protocol,
             ),
         )
         return pb.BeginUploadResponse(
@@ -139,6 +151,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
             upload_url=result.upload_url,
             upload_method=result.upload_method,
             upload_headers=result.upload_headers,
+            chunk_size_bytes=result.chunk_size_bytes,
         )
 
     @rpc(SERVICE)
@@ -150,6 +163,16 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     async def FailUpload(self, request: pb.FailUploadRequest, context, principal: Principal) -> pb.FailUploadResponse:
         upload = await self.uploads.fail(principal, uuid.UUID(request.upload_id), request.reason)
         return pb.FailUploadResponse(upload=upload_pb(upload))
+
+    @rpc(SERVICE)
+    async def PresignUploadParts(
+        self, request: pb.PresignUploadPartsRequest, context, principal: Principal
+    ) -> pb.PresignUploadPartsResponse:
+        parts = [uploads_domain.PartRequest(p.part_number, p.sha256 or None) for p in request.parts]
+        signed = await self.uploads.presign_parts(principal, uuid.UUID(request.upload_id), parts)
+        return pb.PresignUploadPartsResponse(
+            parts=[pb.PresignedPart(part_number=s.part_number, url=s.url, headers=s.headers) for s in signed]
+        )
 
     @rpc(SERVICE)
     async def GetUpload(self, request: pb.GetUploadRequest, context, principal: Principal) -> pb.GetUploadResponse:

@@ -7,6 +7,7 @@ loser sees no row). The quota change and its ledger entry ride in the same state
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterable
@@ -23,6 +24,7 @@ from mediavault.domain import accounts, content_types
 from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.batches import StatementBatches, columns_of
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
+from mediavault.domain.uploads.resumable import TUS_VERSION, PartRequest, PresignedPart, Resumable
 from mediavault.domain.uploads.streaming import store_stream
 from mediavault.domain.uploads.validation import (
     Observed,
@@ -34,6 +36,7 @@ from mediavault.domain.uploads.validation import (
 from mediavault.errors import (
     AccountFrozen,
     IdempotencyConflict,
+    InvalidArgument,
     NotFound,
     StorageLimitReached,
     UploadNotPending,
@@ -58,12 +61,18 @@ class Uploads:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, transcodes: TranscodeQueue
+        self,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        settings: Settings,
+        transcodes: TranscodeQueue,
+        resumable: Resumable,
     ) -> None:
         self._pool = pool
         self._blobs = blobs
         self._settings = settings
         self._transcodes = transcodes
+        self._resumable = resumable
         spacing = settings.upload_batch_spacing_seconds
         self._reservations = StatementBatches(pool, statements.BEGIN_MANY, spacing=spacing, name="reserve uploads")
         self._commits = StatementBatches(pool, statements.COMMIT_MANY, spacing=spacing, name="commit uploads")
@@ -72,18 +81,18 @@ class Uploads:
         request = validate_begin(request, self._settings)
         user_id = principal.user_id
         if request.idempotency_key and (existing := await self._replay(user_id, request)):
-            return await self._signed_put(existing)
+            return await self._destination(existing)
         upload_id = uuid.uuid4()
         row = (
             upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
             request.idempotency_key, request.retention, object_key_for(upload_id),
-            float(self._settings.reservation_ttl_seconds),
+            float(self._settings.reservation_ttl_seconds), request.protocol,
         )
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
         # The batch places only what it can place for sure; None is settled alone below.
         if request.idempotency_key is None and (reserved := await self._reservations.submit(row)) is not None:
-            return await self._signed_put(Upload(**reserved))
-        return await self._signed_put(await self._reserve_alone(principal, request, row))
+            return await self._destination(Upload(**reserved))
+        return await self._destination(await self._reserve_alone(principal, request, row))
 
     async def _reserve_alone(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
         user_id = principal.user_id
@@ -130,7 +139,21 @@ class Uploads:
             raise IdempotencyConflict("idempotency_key was already used with different parameters")
         return upload
 
-    async def _signed_put(self, upload: Upload) -> BeginResult:
+    async def _destination(self, upload: Upload) -> BeginResult:
+        """Where and how the client sends the upload's bytes, by its protocol."""
+        if upload.protocol == "s3_multipart":
+            # The parts' URLs come from presign_parts, as many at a time as the client asks.
+            await self._resumable.start(upload)
+            return BeginResult(upload, "", "PUT", {}, self._resumable.chunk_size_bytes)
+        if upload.protocol == "tus":
+            await self._resumable.start(upload)
+            return BeginResult(
+                upload,
+                self._resumable.url(upload),
+                "PATCH",
+                {"Tus-Resumable": TUS_VERSION},
+                self._resumable.chunk_size_bytes,
+            )
         signed = await self._blobs.presign_put(
             upload.object_key,
             size_bytes=upload.size_bytes,
@@ -145,7 +168,14 @@ class Uploads:
         # Someone else's upload is indistinguishable from a missing one.
         if row is None or row["user_id"] != principal.user_id:
             raise NotFound("upload not found")
-        return Upload(**row)
+        upload = Upload(**row)
+        if upload.protocol == "s3_multipart" and upload.state == "pending":
+            return dataclasses.replace(upload, received_bytes=await self._resumable.received_direct(upload))
+        return upload
+
+    async def presign_parts(self, principal: Principal, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
+        """Presigned S3 UploadPart URLs for parts of the caller's S3_MULTIPART upload."""
+        return await self._resumable.presign_parts(principal.user_id, upload_id, parts)
 
     async def finalize(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
         """Commits the upload when its object is what it declared, then queues the new media's processing.
@@ -164,7 +194,7 @@ class Uploads:
         # commits it. Everything else (already finalized, failed, expired, someone else's,
         # not the declared bytes) takes the path below, which reads the row and says which.
         object_key = object_key_for(upload_id)
-        observed = await observe_object(self._blobs, object_key)
+        observed = await self._observe(upload_id, object_key)
         if observed is not None:
             committed = await self._commits.submit(self._commit_row(upload_id, principal.user_id, observed))
             if committed is not None:
@@ -182,8 +212,15 @@ class Uploads:
         if observed is None:
             # It may have been uploaded since the first look. Once there, an object never
             # changes (both backends store it once), so what was seen then still holds.
-            observed = await observe_object(self._blobs, object_key)
+            observed = await self._observe(upload_id, object_key)
         return await self._commit_alone(principal, upload, observed)
+
+    async def _observe(self, upload_id: uuid.UUID, object_key: str) -> Observed | None:
+        """The object as finalize checks it: as stored, or else as a resumable upload's checkpoint says."""
+        observed = await observe_object(self._blobs, object_key)
+        if observed is None:
+            observed = await self._resumable.observe(upload_id)
+        return observed
 
     async def _commit_alone(self, principal: Principal, upload: Upload, observed: Observed | None) -> Upload:
         try:
@@ -192,7 +229,7 @@ class Uploads:
             failed = await self.release(upload.upload_id, state="failed", reason=failure.reason, detail=failure.message)
             if failed is None:
                 return await self._settled(principal, upload.upload_id)
-            await self._delete_quietly(upload.object_key)
+            await self._discard(upload)
             raise
         assert observed is not None  # check_object refused a missing object
         row = self._commit_row(upload.upload_id, upload.user_id, observed)
@@ -230,7 +267,7 @@ class Uploads:
     async def _expire_if_lapsed(self, upload: Upload) -> None:
         expired = await self.release(upload.upload_id, state="expired", reason="EXPIRED")
         if expired is not None:
-            await self._delete_quietly(upload.object_key)
+            await self._discard(upload)
 
     async def fail(self, principal: Principal, upload_id: uuid.UUID, reason: str) -> Upload:
         """The client gives up: the reservation is released and whatever was uploaded deleted."""
@@ -238,7 +275,7 @@ class Uploads:
         failed = await self.release(upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
         if failed is None:
             raise UploadNotPending(f"upload is {(await self.get(principal, upload_id)).state}")
-        await self._delete_quietly(upload.object_key)
+        await self._discard(upload)
         return failed
 
     async def release(self, upload_id: uuid.UUID, *, state: str, reason: str, detail: str | None = None) -> Upload | None:
@@ -256,8 +293,27 @@ class Uploads:
             return upload
         if upload.state != "pending":
             raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
-        await store_stream(self._blobs, upload, chunks)
+        if upload.protocol == "s3_multipart":
+            raise InvalidArgument.single("upload_id", "an S3_MULTIPART upload takes its parts at presigned S3 URLs")
+        if upload.protocol == "tus":
+            await self._resumable.append(upload_id, chunks, owner=principal.user_id)
+        else:
+            await store_stream(self._blobs, upload, chunks)
         return await self.finalize(principal, upload_id)
+
+    async def _discard(self, upload: Upload) -> None:
+        """Deletes what a released upload stored: its object, and a resumable upload's partial bytes."""
+        await self._delete_quietly(upload.object_key)
+        if upload.protocol != "single":
+            try:
+                await self._resumable.discard(upload)
+            except BlobStoreError:
+                metrics.BLOB_DELETE_FAILURES.inc()
+                log.warning(
+                    "partial upload delete failed; left for the orphan sweep",
+                    extra={"upload_id": str(upload.upload_id)},
+                    exc_info=True,
+                )
 
     async def _delete_quietly(self, key: str) -> None:
         # The row change is committed; a blob left behind is found by the orphan sweep.

@@ -21,7 +21,12 @@ COLUMNS = (
     "failure_reason",
     "created_at",
     "expires_at",
+    "protocol",
 )
+
+# How the bytes of an upload arrive: one PUT or stream; resumable chunks through the service
+# (tus, or UploadContent streams that continue one); or S3 multipart parts sent straight to S3.
+PROTOCOLS = ("single", "tus", "s3_multipart")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class Upload:
     failure_reason: str | None
     created_at: datetime
     expires_at: datetime
+    protocol: str
+    # Durable bytes so far; the statements that read an upload say it, the others leave 0.
+    received_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class BeginRequest:
     sha256: str | None
     idempotency_key: str | None
     retention: str
+    protocol: str = "single"
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,16 @@ class BeginResult:
     upload_url: str
     upload_method: str
     upload_headers: dict[str, str]
+    # tus: the chunk size the server stores as one durable piece; 0 for a single upload.
+    chunk_size_bytes: int = 0
 
 
 def object_key_for(upload_id: uuid.UUID) -> str:
     hex_id = upload_id.hex
     return f"originals/{hex_id[:2]}/{hex_id}"
+
+
+def partial_key_for(upload_id: uuid.UUID) -> str:
+    """Where a resumable upload's bytes wait until finalize (fs: the file; S3: its tail objects' prefix)."""
+    hex_id = upload_id.hex
+    return f"partial/{hex_id[:2]}/{hex_id}"

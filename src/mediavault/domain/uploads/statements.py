@@ -35,6 +35,7 @@ BEGIN_PARAMETERS = (
     ("retention", "text"),
     ("object_key", "text"),
     ("ttl_seconds", "float8"),
+    ("protocol", "text"),
 )
 
 COMMIT_PARAMETERS = (
@@ -81,9 +82,9 @@ WITH requested AS (
     RETURNING a.user_id
 ), created AS (
     INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, sha256, idempotency_key,
-                         retention, object_key, expires_at)
+                         retention, object_key, expires_at, protocol)
     SELECT r.upload_id, r.user_id, r.filename, r.content_type, r.size_bytes, r.sha256, r.idempotency_key,
-           r.retention, r.object_key, now() + make_interval(secs => r.ttl_seconds)
+           r.retention, r.object_key, now() + make_interval(secs => r.ttl_seconds), r.protocol
     FROM requested r JOIN reserved USING (user_id)
     RETURNING {_COLUMN_LIST}
 ), entry AS (
@@ -101,7 +102,8 @@ def commit_statement(*, skip_locked: bool) -> str:
     transaction holds (a fail, an expiry sweep), whose callers then commit alone.
     Accounts are locked in user_id order.
     """
-    returned = ", ".join(f"u.{column}" for column in COLUMNS)
+    # A finalized upload has received all its bytes.
+    returned = ", ".join(f"u.{column}" for column in COLUMNS) + ", u.size_bytes AS received_bytes"
     return f"""
 WITH requested AS (
     {_requested(COMMIT_PARAMETERS)}
@@ -142,8 +144,17 @@ BEGIN_MANY = begin_statement(skip_locked=True)
 COMMIT_ONE = commit_statement(skip_locked=False)
 COMMIT_MANY = commit_statement(skip_locked=True)
 
-GET = f"SELECT {_COLUMN_LIST} FROM uploads WHERE upload_id = $1"
-GET_BY_KEY = f"SELECT {_COLUMN_LIST} FROM uploads WHERE user_id = $1 AND idempotency_key = $2"
+# received_bytes: all of them once finalized; a resumable upload's last checkpoint while pending.
+_RECEIVED = (
+    "CASE WHEN u.state = 'finalized' THEN u.size_bytes"
+    " WHEN u.state = 'pending' THEN coalesce(c.received_bytes, 0) ELSE 0 END AS received_bytes"
+)
+_READ = (
+    f"SELECT {', '.join(f'u.{column}' for column in COLUMNS)}, {_RECEIVED}"
+    " FROM uploads u LEFT JOIN upload_checkpoints c USING (upload_id)"
+)
+GET = f"{_READ} WHERE u.upload_id = $1"
+GET_BY_KEY = f"{_READ} WHERE u.user_id = $1 AND u.idempotency_key = $2"
 
 RELEASE = f"""
 WITH released AS (

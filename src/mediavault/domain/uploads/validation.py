@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
 from mediavault.domain import content_types
-from mediavault.domain.uploads.records import BeginRequest, Upload
+from mediavault.domain.uploads.records import PROTOCOLS, BeginRequest, Upload
 from mediavault.errors import FieldViolation, InvalidArgument, VerificationFailed
 
 RETENTIONS = ("permanent", "ephemeral")
 MAX_FILENAME = 255
 MAX_IDEMPOTENCY_KEY = 128
 MAX_FAIL_REASON = 500
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
@@ -35,14 +35,18 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
         if not 0 < request.size_bytes <= limit:
             violations.append(FieldViolation("size_bytes", f"must be between 1 and {limit} for {content_type}"))
     sha256 = request.sha256.strip() if request.sha256 else None
-    if sha256 is not None and not _SHA256.match(sha256):
+    if sha256 is not None and not SHA256_HEX.match(sha256):
         violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))
     key = request.idempotency_key or None
     if request.retention not in RETENTIONS:
         violations.append(FieldViolation("retention", "unknown retention"))
+    if request.protocol not in PROTOCOLS:
+        violations.append(FieldViolation("protocol", "unknown protocol"))
+    elif request.protocol == "s3_multipart" and settings.blob_backend != "s3":
+        violations.append(FieldViolation("protocol", "S3_MULTIPART needs the S3 blob backend"))
     if violations:
         raise InvalidArgument(violations)
-    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention)
+    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention, request.protocol)
 
 
 def same_parameters(upload: Upload, request: BeginRequest) -> bool:
@@ -53,6 +57,7 @@ def same_parameters(upload: Upload, request: BeginRequest) -> bool:
         and upload.size_bytes == request.size_bytes
         and upload.sha256 == request.sha256
         and upload.retention == request.retention
+        and upload.protocol == request.protocol
     )
 
 

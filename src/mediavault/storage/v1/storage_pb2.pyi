@@ -26,6 +26,13 @@ class UploadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPLOAD_STATE_FAILED: _ClassVar[UploadState]
     UPLOAD_STATE_EXPIRED: _ClassVar[UploadState]
 
+class UploadProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPLOAD_PROTOCOL_UNSPECIFIED: _ClassVar[UploadProtocol]
+    UPLOAD_PROTOCOL_SINGLE: _ClassVar[UploadProtocol]
+    UPLOAD_PROTOCOL_TUS: _ClassVar[UploadProtocol]
+    UPLOAD_PROTOCOL_S3_MULTIPART: _ClassVar[UploadProtocol]
+
 class PaymentProvider(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PAYMENT_PROVIDER_UNSPECIFIED: _ClassVar[PaymentProvider]
@@ -40,13 +47,17 @@ UPLOAD_STATE_PENDING: UploadState
 UPLOAD_STATE_FINALIZED: UploadState
 UPLOAD_STATE_FAILED: UploadState
 UPLOAD_STATE_EXPIRED: UploadState
+UPLOAD_PROTOCOL_UNSPECIFIED: UploadProtocol
+UPLOAD_PROTOCOL_SINGLE: UploadProtocol
+UPLOAD_PROTOCOL_TUS: UploadProtocol
+UPLOAD_PROTOCOL_S3_MULTIPART: UploadProtocol
 PAYMENT_PROVIDER_UNSPECIFIED: PaymentProvider
 PAYMENT_PROVIDER_STRIPE: PaymentProvider
 PAYMENT_PROVIDER_SOLANA: PaymentProvider
 PAYMENT_PROVIDER_MANUAL: PaymentProvider
 
 class Upload(_message.Message):
-    __slots__ = ("upload_id", "user_id", "filename", "content_type", "size_bytes", "sha256", "state", "retention", "media_id", "failure_reason", "created_at", "expires_at")
+    __slots__ = ("upload_id", "user_id", "filename", "content_type", "size_bytes", "sha256", "state", "retention", "media_id", "failure_reason", "created_at", "expires_at", "protocol", "received_bytes")
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +70,8 @@ class Upload(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     upload_id: str
     user_id: str
     filename: str
@@ -71,26 +84,30 @@ class Upload(_message.Message):
     failure_reason: str
     created_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, upload_id: _Optional[str] = ..., user_id: _Optional[str] = ..., filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., state: _Optional[_Union[UploadState, str]] = ..., retention: _Optional[_Union[Retention, str]] = ..., media_id: _Optional[str] = ..., failure_reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    protocol: UploadProtocol
+    received_bytes: int
+    def __init__(self, upload_id: _Optional[str] = ..., user_id: _Optional[str] = ..., filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., state: _Optional[_Union[UploadState, str]] = ..., retention: _Optional[_Union[Retention, str]] = ..., media_id: _Optional[str] = ..., failure_reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protocol: _Optional[_Union[UploadProtocol, str]] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class BeginUploadRequest(_message.Message):
-    __slots__ = ("filename", "content_type", "size_bytes", "sha256", "idempotency_key", "retention")
+    __slots__ = ("filename", "content_type", "size_bytes", "sha256", "idempotency_key", "retention", "protocol")
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     RETENTION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     filename: str
     content_type: str
     size_bytes: int
     sha256: str
     idempotency_key: str
     retention: Retention
-    def __init__(self, filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., retention: _Optional[_Union[Retention, str]] = ...) -> None: ...
+    protocol: UploadProtocol
+    def __init__(self, filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., retention: _Optional[_Union[Retention, str]] = ..., protocol: _Optional[_Union[UploadProtocol, str]] = ...) -> None: ...
 
 class BeginUploadResponse(_message.Message):
-    __slots__ = ("upload", "upload_url", "upload_method", "upload_headers")
+    __slots__ = ("upload", "upload_url", "upload_method", "upload_headers", "chunk_size_bytes")
     class UploadHeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,11 +119,13 @@ class BeginUploadResponse(_message.Message):
     UPLOAD_URL_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_METHOD_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     upload: Upload
     upload_url: str
     upload_method: str
     upload_headers: _containers.ScalarMap[str, str]
-    def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ..., upload_url: _Optional[str] = ..., upload_method: _Optional[str] = ..., upload_headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    chunk_size_bytes: int
+    def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ..., upload_url: _Optional[str] = ..., upload_method: _Optional[str] = ..., upload_headers: _Optional[_Mapping[str, str]] = ..., chunk_size_bytes: _Optional[int] = ...) -> None: ...
 
 class FinalizeUploadRequest(_message.Message):
     __slots__ = ("upload_id",)
@@ -135,6 +154,45 @@ class FailUploadResponse(_message.Message):
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
     upload: Upload
     def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ...) -> None: ...
+
+class PresignUploadPartsRequest(_message.Message):
+    __slots__ = ("upload_id", "parts")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    parts: _containers.RepeatedCompositeFieldContainer[UploadPartRequest]
+    def __init__(self, upload_id: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[UploadPartRequest, _Mapping]]] = ...) -> None: ...
+
+class UploadPartRequest(_message.Message):
+    __slots__ = ("part_number", "sha256")
+    PART_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    part_number: int
+    sha256: str
+    def __init__(self, part_number: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PresignUploadPartsResponse(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[PresignedPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[PresignedPart, _Mapping]]] = ...) -> None: ...
+
+class PresignedPart(_message.Message):
+    __slots__ = ("part_number", "url", "headers")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PART_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    part_number: int
+    url: str
+    headers: _containers.ScalarMap[str, str]
+    def __init__(self, part_number: _Optional[int] = ..., url: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetUploadRequest(_message.Message):
     __slots__ = ("upload_id",)

@@ -58,6 +58,11 @@ class StorageServiceStub:
                 request_serializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.FailUploadRequest.SerializeToString,
                 response_deserializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.FailUploadResponse.FromString,
                 _registered_method=True)
+        self.PresignUploadParts = channel.unary_unary(
+                '/mediavault.storage.v1.StorageService/PresignUploadParts',
+                request_serializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.PresignUploadPartsRequest.SerializeToString,
+                response_deserializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.PresignUploadPartsResponse.FromString,
+                _registered_method=True)
         self.GetUpload = channel.unary_unary(
                 '/mediavault.storage.v1.StorageService/GetUpload',
                 request_serializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.GetUploadRequest.SerializeToString,
@@ -108,12 +113,14 @@ class StorageServiceServicer:
     """
 
     def BeginUpload(self, request, context):
-        """Reserves size_bytes of the caller's quota and returns a signed URL to PUT the object to.
+        """Reserves size_bytes of the caller's quota and returns a signed URL to send the object to:
+        one PUT (protocol SINGLE), or a tus 1.0.0 upload URL (protocol TUS) that takes the bytes in
+        resumable chunks, from any server replica.
 
         A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
 
         Errors:
-        INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it (protocol S3_MULTIPART on the fs backend).
         RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
@@ -152,6 +159,23 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PresignUploadParts(self, request, context):
+        """Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
+        MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. A part given a sha256 has it
+        signed in as x-amz-checksum-sha256, so S3 refuses bytes that differ from it. Every part but the
+        last must be at least 5 MiB (S3's rule; BeginUploadResponse.chunk_size_bytes is a good size).
+
+        Errors:
+        INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID or not an S3_MULTIPART upload;
+        parts is empty, longer than 100 or repeats a part_number; a part_number is outside
+        1-10000; a sha256 is not 64 lowercase hex characters.
+        NOT_FOUND (NOT_FOUND): no such upload, or another user's.
+        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetUpload(self, request, context):
         """Returns one upload of the caller.
 
@@ -166,11 +190,15 @@ class StorageServiceServicer:
     def UploadContent(self, request_iterator, context):
         """Stores the object from the stream (first message upload_id, then chunks) and finalizes it.
 
+        For a TUS upload the chunks continue the object from its received_bytes (GetUpload), so a
+        stream cut short resumes where the bytes already stored end; chunks are stored as they come.
         Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
 
         Errors: those of FinalizeUpload, and
         INVALID_ARGUMENT (INVALID_ARGUMENT): the first message lacks upload_id or carries a chunk, a
-        later one carries upload_id, or the chunks exceed size_bytes (then nothing is stored).
+        later one carries upload_id, the chunks exceed size_bytes (then nothing is stored), or the
+        upload is S3_MULTIPART (its parts go to PresignUploadParts' URLs).
+        ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,6 +279,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.FailUpload,
                     request_deserializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.FailUploadRequest.FromString,
                     response_serializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.FailUploadResponse.SerializeToString,
+            ),
+            'PresignUploadParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.PresignUploadParts,
+                    request_deserializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.PresignUploadPartsRequest.FromString,
+                    response_serializer=mediavault_dot_storage_dot_v1_dot_storage__pb2.PresignUploadPartsResponse.SerializeToString,
             ),
             'GetUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUpload,
@@ -378,6 +411,33 @@ class StorageService:
             '/mediavault.storage.v1.StorageService/FailUpload',
             mediavault_dot_storage_dot_v1_dot_storage__pb2.FailUploadRequest.SerializeToString,
             mediavault_dot_storage_dot_v1_dot_storage__pb2.FailUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PresignUploadParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mediavault.storage.v1.StorageService/PresignUploadParts',
+            mediavault_dot_storage_dot_v1_dot_storage__pb2.PresignUploadPartsRequest.SerializeToString,
+            mediavault_dot_storage_dot_v1_dot_storage__pb2.PresignUploadPartsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,386 @@
+"""Resumable uploads: chunks appended from any replica, progress and hash state in PostgreSQL.
+
+A writer takes the upload's upload_progress row FOR NO KEY UPDATE NOWAIT for as long as it
+appends, so of two writers (on any replicas) exactly one proceeds and the other is told
+UploadBusy at once. The writer stores bytes through the blob backend's PartialWriter and
+records each durable point in upload_checkpoints on a connection of its own, committed
+while the lock is held: offset, SHA-256 state over exactly those bytes, the first bytes
+(for the magic-byte check) and the S3 part list. A writer that dies loses its lock with
+its connection, and whatever it stored past its last checkpoint is dropped by the next.
+
+Finalize reads the last checkpoint instead of the object: size, digest and leading bytes
+are there, and publishing the bytes as the object is a rename or a multipart completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+
+import asyncpg
+
+from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter
+from mediavault.blobs.signing import UrlSigner
+from mediavault.config import Settings
+from mediavault.domain import content_types
+from mediavault.domain.uploads import statements
+from mediavault.domain.uploads.records import COLUMNS, Upload, partial_key_for
+from mediavault.domain.uploads.validation import SHA256_HEX, Observed, observe_object
+from mediavault.errors import (
+    BeyondDeclaredSize,
+    ChunkChecksumMismatch,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    OffsetMismatch,
+    UploadBusy,
+    UploadNotPending,
+)
+from mediavault.sha256state import Sha256
+
+# tus checksum extension: the algorithms a chunk's Upload-Checksum may use.
+CHECKSUM_ALGORITHMS = ("sha1", "sha256")
+TUS_VERSION = "1.0.0"
+# The signature covers no HTTP method: one URL serves HEAD, PATCH and DELETE.
+_TUS_URL_METHOD = "TUS"
+TUS_ROUTE = "tus"
+
+_ENSURE_PROGRESS = "INSERT INTO upload_progress (upload_id) VALUES ($1) ON CONFLICT (upload_id) DO NOTHING"
+# Blocks (no NOWAIT): a concurrent start of the same upload waits and then finds the id set.
+_LOCK_FOR_START = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1 FOR NO KEY UPDATE"
+_SET_MULTIPART = "UPDATE upload_progress SET multipart_id = $2 WHERE upload_id = $1"
+
+_UPLOAD_COLUMNS = ", ".join(f"u.{column}" for column in COLUMNS)
+_PROGRESS = f"""
+SELECT {_UPLOAD_COLUMNS}, p.multipart_id, u.expires_at <= now() AS lapsed,
+       c.received_bytes AS checkpoint_bytes, c.sha256_state, c.head, c.parts, c.tail_bytes
+FROM upload_progress p JOIN uploads u USING (upload_id) LEFT JOIN upload_checkpoints c USING (upload_id)
+WHERE p.upload_id = $1
+"""
+# The writer's lock: held until the chunk is stored and checkpointed.
+_LOCK_FOR_WRITE = _PROGRESS + " FOR NO KEY UPDATE OF p NOWAIT"
+
+# Only a pending upload moves on: once it is finalized, failed or expired nothing is recorded.
+_CHECKPOINT = """
+INSERT INTO upload_checkpoints (upload_id, received_bytes, sha256_state, head, parts, tail_bytes)
+SELECT upload_id, $2, $3, $4, $5, $6 FROM uploads WHERE upload_id = $1 AND state = 'pending'
+ON CONFLICT (upload_id) DO UPDATE
+SET received_bytes = excluded.received_bytes, sha256_state = excluded.sha256_state, head = excluded.head,
+    parts = excluded.parts, tail_bytes = excluded.tail_bytes, updated_at = now()
+RETURNING received_bytes
+"""
+
+_MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
+
+# S3's limits on the parts of a multipart upload; the per-call bound keeps one answer small.
+MAX_PART_NUMBER = 10_000
+MAX_PARTS_PER_CALL = 100
+
+
+@dataclass(frozen=True)
+class PartRequest:
+    """A part of an S3_MULTIPART upload to presign, with the SHA-256 S3 must check it against."""
+
+    part_number: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class PresignedPart:
+    part_number: int
+    url: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ChunkChecksum:
+    """A tus Upload-Checksum: the digest the whole chunk must have."""
+
+    algorithm: str
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A resumable upload and its last durable point."""
+
+    upload: Upload
+    received_bytes: int
+    lapsed: bool
+
+
+def _progress(row: asyncpg.Record) -> Progress:
+    upload = Upload(**{column: row[column] for column in COLUMNS}, received_bytes=row["checkpoint_bytes"] or 0)
+    return Progress(upload, upload.received_bytes, row["lapsed"])
+
+
+def check_writable(progress: Progress) -> None:
+    """Raises UploadNotPending when no chunk may be added: finalized, failed, expired or lapsed."""
+    if progress.upload.state != "pending":
+        raise UploadNotPending(f"upload is {progress.upload.state}", state=progress.upload.state)
+    if progress.lapsed:
+        raise UploadNotPending("upload is expired", state="expired")
+
+
+class Resumable:
+    """Starts, appends to, publishes and discards resumable uploads."""
+
+    def __init__(self, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings) -> None:
+        self._pool = pool
+        self._blobs = blobs
+        self._signer = UrlSigner(settings.url_signing_key, settings.public_url)
+        self.chunk_size_bytes = settings.tus_chunk_size_bytes
+        self._part_url_ttl_seconds = settings.upload_url_ttl_seconds
+        # A writer holds two connections (its lock and its checkpoints): with at most half
+        # the pool writing, checkpoints always find a connection.
+        self._writers = asyncio.Semaphore(max(1, settings.db_pool_max_size // 2))
+
+    async def start(self, upload: Upload) -> None:
+        """Creates the upload's progress row and, on S3, its multipart upload; once, however often called."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_ENSURE_PROGRESS, upload.upload_id)
+            if await conn.fetchval(_LOCK_FOR_START, upload.upload_id) is not None:
+                return
+            multipart_id = await self._blobs.start_partial(upload.object_key, content_type=upload.content_type)
+            if multipart_id is not None:
+                await conn.execute(_SET_MULTIPART, upload.upload_id, multipart_id)
+
+    def url(self, upload: Upload) -> str:
+        """The tus upload URL: signed for this upload alone, valid as long as its reservation."""
+        return self._signer.sign_until(
+            _TUS_URL_METHOD, str(upload.upload_id), expires=int(upload.expires_at.timestamp()), route=TUS_ROUTE
+        )
+
+    def verify_url(self, upload_id: str, query: dict[str, str]) -> str | None:
+        """None when the query signs a tus URL for upload_id and has not expired, else why not."""
+        return self._signer.verify(_TUS_URL_METHOD, upload_id, query)
+
+    async def progress(self, upload_id: uuid.UUID) -> Progress:
+        """The upload and its durable offset; NotFound when it is not a resumable upload."""
+        row = await self._pool.fetchrow(_PROGRESS, upload_id)
+        if row is None:
+            raise NotFound("upload not found")
+        return _progress(row)
+
+    async def append(
+        self,
+        upload_id: uuid.UUID,
+        chunks: AsyncIterable[bytes],
+        *,
+        offset: int | None = None,
+        length: int | None = None,
+        checksum: ChunkChecksum | None = None,
+        owner: str | None = None,
+    ) -> Progress:
+        """Appends the chunk after the stored bytes; returns the upload with the durable offset after it.
+
+        offset: the client's idea of the stored offset (tus Upload-Offset), None to continue
+        wherever the bytes end (UploadContent). length: the chunk's length when known up
+        front. owner: the caller whose upload it must be (None: the URL signature vouched).
+        Without a checksum, the bytes become durable chunk size by chunk size as they come,
+        so a chunk cut short keeps what arrived up to its last multiple of the chunk size
+        and its end; with one, the chunk is kept whole or not at all.
+        """
+        async with self._writers, self._pool.acquire() as conn, conn.transaction():
+            try:
+                row = await conn.fetchrow(_LOCK_FOR_WRITE, upload_id)
+            except asyncpg.LockNotAvailableError:
+                raise UploadBusy("another chunk of this upload is being stored; retry") from None
+            if row is None or (owner is not None and row["user_id"] != owner):
+                raise NotFound("upload not found")
+            progress = _progress(row)
+            check_writable(progress)
+            upload = progress.upload
+            received = progress.received_bytes
+            if offset is not None and offset != received:
+                raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
+            if length is not None and received + length > upload.size_bytes:
+                raise BeyondDeclaredSize(upload.size_bytes)
+            state = PartialState(received, tuple(row["parts"] or ()), row["tail_bytes"] or 0)
+            writer = await self._blobs.open_partial(
+                partial_key_for(upload_id), upload.object_key, row["multipart_id"], state
+            )
+            chunk = _Chunk(
+                self._pool,
+                upload,
+                writer,
+                Sha256.restore(row["sha256_state"]) if received else Sha256(),
+                row["head"] or b"",
+                received,
+                self.chunk_size_bytes,
+                checksum,
+            )
+            try:
+                durable = await chunk.store(chunks)
+            finally:
+                await writer.close()
+            return Progress(dataclasses.replace(upload, received_bytes=durable), durable, progress.lapsed)
+
+    async def observe(self, upload_id: uuid.UUID) -> Observed | None:
+        """The received bytes as finalize checks them, published as the object when complete.
+
+        None when the upload is not resumable or nothing was received. Nothing is read back:
+        size, digest and leading bytes come from the last checkpoint. S3_MULTIPART parts never
+        passed through the service, so their object is completed and then read once.
+        """
+        row = await self._pool.fetchrow(_PROGRESS, upload_id)
+        if row is not None and row["protocol"] == "s3_multipart":
+            return await self._observe_direct(row["object_key"], row["multipart_id"], row["size_bytes"])
+        if row is None or row["checkpoint_bytes"] is None:
+            return None
+        received = row["checkpoint_bytes"]
+        if received == row["size_bytes"]:
+            state = PartialState(received, tuple(row["parts"]), row["tail_bytes"])
+            await self._blobs.publish_partial(partial_key_for(upload_id), row["object_key"], row["multipart_id"], state)
+        head = bytes(row["head"])
+        return Observed(received, Sha256.restore(row["sha256_state"]).hexdigest(), content_types.sniff(head))
+
+    async def _observe_direct(self, object_key: str, multipart_id: str, size_bytes: int) -> Observed | None:
+        store = self._direct_parts()
+        parts = await store.list_parts(object_key, multipart_id)
+        if not parts:
+            # Completed by an earlier finalize whose commit did not follow, or never sent.
+            return await observe_object(self._blobs, object_key)
+        received = sum(part.size for part in parts)
+        if received != size_bytes:
+            # Not all there: the size check refuses it, and nothing is completed.
+            return Observed(received, "", None)
+        await store.complete_parts(object_key, multipart_id, parts)
+        return await observe_object(self._blobs, object_key)
+
+    def _direct_parts(self) -> DirectParts:
+        # validate_begin admits S3_MULTIPART only on the S3 backend.
+        if not isinstance(self._blobs, DirectParts):
+            raise RuntimeError("the blob backend takes no direct multipart parts")
+        return self._blobs
+
+    async def received_direct(self, upload: Upload) -> int:
+        """The bytes of the parts S3 holds for an S3_MULTIPART upload (its progress)."""
+        multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
+        if multipart_id is None:
+            return 0
+        return sum(part.size for part in await self._direct_parts().list_parts(upload.object_key, multipart_id))
+
+    async def presign_parts(self, owner: str, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
+        """Presigned UploadPart URLs for parts of the owner's pending S3_MULTIPART upload."""
+        violations = _part_violations(parts)
+        row = await self._pool.fetchrow(statements.GET, upload_id)
+        if row is None or row["user_id"] != owner:
+            raise NotFound("upload not found")
+        upload = Upload(**row)
+        if upload.protocol != "s3_multipart":
+            violations.insert(0, FieldViolation("upload_id", "not an S3_MULTIPART upload"))
+        if violations:
+            raise InvalidArgument(violations)
+        progress = await self.progress(upload_id)
+        check_writable(progress)
+        multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload_id)
+        store = self._direct_parts()
+        signed = []
+        for part in parts:
+            request = await store.presign_upload_part(
+                upload.object_key, multipart_id, part.part_number, sha256=part.sha256, expires_in=self._part_url_ttl_seconds
+            )
+            signed.append(PresignedPart(part.part_number, request.url, dict(request.headers)))
+        return signed
+
+    async def discard(self, upload: Upload) -> None:
+        """Deletes the partial bytes and aborts the multipart upload of a released upload."""
+        multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
+        await self._blobs.discard_partial(partial_key_for(upload.upload_id), upload.object_key, multipart_id)
+
+
+def _part_violations(parts: list[PartRequest]) -> list[FieldViolation]:
+    violations = []
+    if not 1 <= len(parts) <= MAX_PARTS_PER_CALL:
+        violations.append(FieldViolation("parts", f"must hold 1 to {MAX_PARTS_PER_CALL} parts"))
+    numbers = [part.part_number for part in parts]
+    if len(set(numbers)) != len(numbers):
+        violations.append(FieldViolation("parts", "repeats a part_number"))
+    for i, part in enumerate(parts):
+        if not 1 <= part.part_number <= MAX_PART_NUMBER:
+            violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {MAX_PART_NUMBER}"))
+        if part.sha256 is not None and not SHA256_HEX.match(part.sha256):
+            violations.append(FieldViolation(f"parts[{i}].sha256", "must be 64 lowercase hex characters"))
+    return violations
+
+
+class _Chunk:
+    """One writer's pass: bytes to the backend, hash and head carried, checkpoints recorded."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        upload: Upload,
+        writer: PartialWriter,
+        hasher: Sha256,
+        head: bytes,
+        received: int,
+        checkpoint_every: int,
+        checksum: ChunkChecksum | None,
+    ) -> None:
+        self._pool = pool
+        self._upload = upload
+        self._writer = writer
+        self._hasher = hasher
+        self._head = head
+        self._position = received
+        self._durable = received
+        self._checkpoint_every = checkpoint_every
+        self._checksum = checksum
+        self._chunk_digest = hashlib.new(checksum.algorithm) if checksum else None
+
+    async def store(self, chunks: AsyncIterable[bytes]) -> int:
+        size = self._upload.size_bytes
+        async for data in chunks:
+            if self._position + len(data) > size:
+                # What came since the last checkpoint is dropped with the chunk: nothing past
+                # the declared size is ever stored.
+                raise BeyondDeclaredSize(size)
+            while data:
+                # Pieces end on multiples of the checkpoint interval, where a checkpoint may fall.
+                room = self._checkpoint_every - self._position % self._checkpoint_every
+                piece, data = data[:room], data[room:]
+                await self._write(piece)
+                if self._checksum is None and (self._position % self._checkpoint_every == 0 or self._position == size):
+                    await self._checkpoint()
+        if (
+            self._checksum is not None
+            and self._chunk_digest is not None
+            and not hmac.compare_digest(self._chunk_digest.digest(), self._checksum.digest)
+        ):
+            raise ChunkChecksumMismatch(f"the chunk's {self._checksum.algorithm} differs from Upload-Checksum")
+        if self._position > self._durable:
+            await self._checkpoint()
+        return self._durable
+
+    async def _write(self, piece: bytes) -> None:
+        await self._writer.write(piece)
+        self._hasher.update(piece)
+        if self._chunk_digest is not None:
+            self._chunk_digest.update(piece)
+        if len(self._head) < content_types.SNIFF_BYTES:
+            self._head += piece[: content_types.SNIFF_BYTES - len(self._head)]
+        self._position += len(piece)
+
+    async def _checkpoint(self) -> None:
+        state = await self._writer.flush(final=self._position == self._upload.size_bytes)
+        recorded = await self._pool.fetchval(
+            _CHECKPOINT,
+            self._upload.upload_id,
+            state.received,
+            self._hasher.save(),
+            self._head,
+            list(state.parts),
+            state.tail_bytes,
+        )
+        if recorded is None:
+            # Failed or expired while the chunk was being stored: its bytes go with the upload.
+            raise UploadNotPending("upload is no longer pending", state="failed")
+        self._durable = state.received
+

@@ -1,0 +1,257 @@
+"""tus 1.0.0 on the service's HTTP listener: HTTP in, one call on a domain service, HTTP out.
+
+Extensions: creation (POST with the same bearer JWT as gRPC), checksum (sha1, sha256),
+expiration (Upload-Expires: the reservation's expiry) and termination (DELETE = FailUpload).
+An upload URL is signed for its upload alone (domain.uploads.resumable), so HEAD, PATCH
+and DELETE need no other credential. Which replica takes a chunk does not matter: the
+offset, the hash state and the writer's lock live in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from mediavault.auth import Authenticator, Principal
+from mediavault.config import Settings
+from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
+from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
+from mediavault.errors import (
+    AccountFrozen,
+    BeyondDeclaredSize,
+    ChunkChecksumMismatch,
+    InvalidArgument,
+    MediavaultError,
+    NotFound,
+    OffsetMismatch,
+    StorageLimitReached,
+    Unauthenticated,
+    UploadBusy,
+    UploadNotPending,
+)
+
+_CHUNK = 256 * 1024
+_OFFSET_TYPE = "application/offset+octet-stream"
+_EXTENSIONS = "creation,expiration,termination,checksum"
+# 460 Checksum Mismatch: the tus checksum extension's own status.
+_CHECKSUM_MISMATCH = 460
+_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CORS_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
+_CORS_HEADERS = (
+    "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
+    "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With"
+)
+_CORS_EXPOSED = "Location, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires"
+
+# Statuses of the domain errors a tus request can meet.
+_STATUS: dict[type[MediavaultError], int] = {
+    Unauthenticated: 401,
+    AccountFrozen: 403,
+    NotFound: 404,
+    OffsetMismatch: 409,
+    UploadNotPending: 410,
+    BeyondDeclaredSize: 413,
+    StorageLimitReached: 413,
+    UploadBusy: 423,
+    ChunkChecksumMismatch: _CHECKSUM_MISMATCH,
+    InvalidArgument: 400,
+}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _http_date(moment: datetime) -> str:
+    return email.utils.format_datetime(moment, usegmt=True)
+
+
+class TusEndpoints:
+    def __init__(self, resumable: Resumable, uploads: Uploads, authenticator: Authenticator, settings: Settings) -> None:
+        self._resumable = resumable
+        self._uploads = uploads
+        self._authenticator = authenticator
+        self._max_size = max(settings.max_image_bytes, settings.max_video_bytes)
+        self._origins = frozenset(settings.tus_cors_origins)
+
+    def add_routes(self, app: web.Application) -> None:
+        base = f"/{TUS_ROUTE}"
+        one = rf"{base}/{{upload_id:{_UUID}}}"
+        app.router.add_route("OPTIONS", base, self._options)
+        app.router.add_route("OPTIONS", base + "/", self._options)
+        app.router.add_route("OPTIONS", one, self._options)
+        app.router.add_post(base, self._create)
+        app.router.add_post(base + "/", self._create)
+        app.router.add_route("HEAD", one, self._head)
+        app.router.add_patch(one, self._patch)
+        app.router.add_delete(one, self._delete)
+
+    def _respond(self, request: web.Request, status: int, headers: dict[str, str] | None = None, text: str | None = None) -> web.Response:
+        response = web.Response(status=status, text=text, headers={"Tus-Resumable": TUS_VERSION, **(headers or {})})
+        origin = request.headers.get("Origin")
+        if origin and ("*" in self._origins or origin in self._origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+            response.headers["Vary"] = "Origin"
+        return response
+
+    async def _options(self, request: web.Request) -> web.Response:
+        headers = {
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": _EXTENSIONS,
+            "Tus-Max-Size": str(self._max_size),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
+        }
+        response = self._respond(request, 204, headers)
+        if "Access-Control-Allow-Origin" in response.headers:
+            response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+            response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+            response.headers["Access-Control-Max-Age"] = "86400"
+        return response
+
+    async def _handle(self, request: web.Request, action) -> web.Response:
+        """Runs action(request) with the checks every tus request shares; errors become statuses."""
+        if request.headers.get("Tus-Resumable") != TUS_VERSION:
+            return self._respond(request, 412, {"Tus-Version": TUS_VERSION}, "Tus-Resumable must be 1.0.0")
+        try:
+            return await action(request)
+        except _Refused as refused:
+            return self._respond(request, refused.status, text=refused.message)
+        except MediavaultError as error:
+            status = next((code for kind, code in _STATUS.items() if isinstance(error, kind)), 500)
+            headers = {}
+            if isinstance(error, OffsetMismatch):
+                headers["Upload-Offset"] = error.metadata["offset"]
+            return self._respond(request, status, headers, error.message)
+
+    def _signed_progress_id(self, request: web.Request) -> uuid.UUID:
+        upload_id = request.match_info["upload_id"]
+        problem = self._resumable.verify_url(upload_id, dict(request.query))
+        if problem:
+            raise _Refused(403, problem)
+        return uuid.UUID(upload_id)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._create_upload)
+
+    async def _create_upload(self, request: web.Request) -> web.Response:
+        principal = self._authenticator.authenticate([("authorization", request.headers.get("Authorization", ""))])
+        length = _non_negative(request.headers.get("Upload-Length"), "Upload-Length")
+        if length is None:
+            raise _Refused(400, "Upload-Length is required (Upload-Defer-Length is not supported)")
+        if length > self._max_size:
+            raise _Refused(413, f"Upload-Length exceeds Tus-Max-Size {self._max_size}")
+        metadata = _metadata(request.headers.get("Upload-Metadata", ""))
+        result = await self._uploads.begin(
+            principal,
+            BeginRequest(
+                filename=metadata.get("filename", ""),
+                content_type=metadata.get("filetype", ""),
+                size_bytes=length,
+                sha256=None,
+                idempotency_key=None,
+                retention="permanent",
+                protocol="tus",
+            ),
+        )
+        headers = {"Location": result.upload_url, "Upload-Expires": _http_date(result.upload.expires_at)}
+        return self._respond(request, 201, headers)
+
+    async def _head(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._head_upload)
+
+    async def _head_upload(self, request: web.Request) -> web.Response:
+        progress = await self._resumable.progress(self._signed_progress_id(request))
+        _check_open(progress)
+        return self._respond(request, 200, _progress_headers(progress) | {"Cache-Control": "no-store"})
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._patch_upload)
+
+    async def _patch_upload(self, request: web.Request) -> web.Response:
+        upload_id = self._signed_progress_id(request)
+        if request.headers.get("Content-Type") != _OFFSET_TYPE:
+            raise _Refused(415, f"Content-Type must be {_OFFSET_TYPE}")
+        offset = _non_negative(request.headers.get("Upload-Offset"), "Upload-Offset")
+        if offset is None:
+            raise _Refused(400, "Upload-Offset is required")
+        checksum = _checksum(request.headers.get("Upload-Checksum"))
+        progress = await self._resumable.append(
+            upload_id, _body(request), offset=offset, length=request.content_length, checksum=checksum
+        )
+        return self._respond(request, 204, _progress_headers(progress))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._delete_upload)
+
+    async def _delete_upload(self, request: web.Request) -> web.Response:
+        progress = await self._resumable.progress(self._signed_progress_id(request))
+        _check_open(progress)
+        # The signed URL is the owner's credential for this one upload.
+        owner = Principal(progress.upload.user_id, frozenset())
+        await self._uploads.fail(owner, progress.upload.upload_id, "tus termination")
+        return self._respond(request, 204)
+
+
+def _check_open(progress: Progress) -> None:
+    if progress.upload.state != "pending" or progress.lapsed:
+        raise _Refused(410, f"upload is {'expired' if progress.lapsed else progress.upload.state}")
+
+
+def _progress_headers(progress: Progress) -> dict[str, str]:
+    return {
+        "Upload-Offset": str(progress.received_bytes),
+        "Upload-Length": str(progress.upload.size_bytes),
+        "Upload-Expires": _http_date(progress.upload.expires_at),
+    }
+
+
+def _non_negative(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise _Refused(400, f"{name} must be a non-negative integer")
+    return int(value)
+
+
+def _metadata(header: str) -> dict[str, str]:
+    """Upload-Metadata: comma-separated "key base64(value)" pairs (a key alone has an empty value)."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in header.split(","))):
+        key, _, encoded = item.partition(" ")
+        try:
+            pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise _Refused(400, f"Upload-Metadata value of {key!r} is not base64 of UTF-8") from None
+    return pairs
+
+
+def _checksum(header: str | None) -> ChunkChecksum | None:
+    if header is None:
+        return None
+    algorithm, _, encoded = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise _Refused(400, f"Upload-Checksum algorithm must be one of {', '.join(CHECKSUM_ALGORITHMS)}")
+    try:
+        return ChunkChecksum(algorithm, base64.b64decode(encoded, validate=True))
+    except binascii.Error:
+        raise _Refused(400, "Upload-Checksum digest is not base64") from None
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The PATCH body; a connection cut mid-body just ends it, and what arrived is kept."""
+    try:
+        async for data in request.content.iter_chunked(_CHUNK):
+            yield data
+    except (OSError, HttpProcessingError):
+        return

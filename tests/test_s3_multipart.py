@@ -1,0 +1,213 @@
+"""UPLOAD_PROTOCOL_S3_MULTIPART: parts PUT straight to S3 (moto) at presigned URLs, progress from
+ListParts, completion at FinalizeUpload, abort at FailUpload; boto3 checks what S3 holds."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import boto3
+import grpc
+import pytest
+
+from mediavault.blobs.s3 import S3BlobStore
+from mediavault.server import Server
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import running
+from tests.helpers import bad_request, error_info, fake_jpeg, sha256_hex
+from tests.s3server import moto_server
+
+MiB = 1024 * 1024
+PART = 5 * MiB
+
+
+@pytest.fixture(scope="module")
+async def s3_server(make_settings) -> AsyncIterator[Server]:
+    async with moto_server() as moto:
+        settings = make_settings(
+            blob_backend="s3", s3_bucket=f"direct-{uuid.uuid4().hex[:12]}", s3_endpoint_url=moto.endpoint_url,
+            tus_chunk_size_bytes=PART,
+        )
+        store = await S3BlobStore.open(settings)
+        await store.ensure_bucket()
+        await store.close()
+        async with running(settings) as server:
+            yield server
+
+
+@pytest.fixture
+async def storage(s3_server: Server) -> AsyncIterator[storage_pb2_grpc.StorageServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{s3_server.grpc_port}") as channel:
+        yield storage_pb2_grpc.StorageServiceStub(channel)
+
+
+def s3_client(server: Server):
+    return boto3.client("s3", endpoint_url=server.settings.s3_endpoint_url, region_name=server.settings.s3_region)
+
+
+def object_key(upload_id: str) -> str:
+    hex_id = uuid.UUID(upload_id).hex
+    return f"originals/{hex_id[:2]}/{hex_id}"
+
+
+def open_multipart_uploads(server: Server, upload_id: str) -> list[str]:
+    listed = s3_client(server).list_multipart_uploads(Bucket=server.settings.s3_bucket)
+    return [u["UploadId"] for u in listed.get("Uploads", []) if u["Key"] == object_key(upload_id)]
+
+
+async def begin_direct(storage, md, data: bytes) -> pb.BeginUploadResponse:
+    return await storage.BeginUpload(
+        pb.BeginUploadRequest(
+            filename="clip.jpg", content_type="image/jpeg", size_bytes=len(data), sha256=sha256_hex(data),
+            protocol=pb.UPLOAD_PROTOCOL_S3_MULTIPART,
+        ),
+        metadata=md,
+    )
+
+
+async def presign(storage, md, upload_id: str, *parts: tuple[int, str]) -> list[pb.PresignedPart]:
+    request = pb.PresignUploadPartsRequest(
+        upload_id=upload_id, parts=[pb.UploadPartRequest(part_number=n, sha256=sha) for n, sha in parts]
+    )
+    return list((await storage.PresignUploadParts(request, metadata=md)).parts)
+
+
+async def put_part(http: aiohttp.ClientSession, part: pb.PresignedPart, body) -> int:
+    async with http.put(part.url, data=body, headers=dict(part.headers)) as response:
+        await response.read()
+        return response.status
+
+
+async def received(storage, md, upload_id: str) -> int:
+    return (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload.received_bytes
+
+
+async def test_parts_sent_directly_resume_and_complete_at_finalize(s3_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(PART + MiB + 1234)
+    first, second = data[:PART], data[PART:]
+    begun = await begin_direct(storage, md, data)
+    upload_id = begun.upload.upload_id
+    assert begun.upload.protocol == pb.UPLOAD_PROTOCOL_S3_MULTIPART
+    assert begun.chunk_size_bytes == PART
+    assert open_multipart_uploads(s3_server, upload_id)
+
+    signed = await presign(storage, md, upload_id, (1, sha256_hex(first)), (2, ""))
+    assert [p.part_number for p in signed] == [1, 2]
+    assert "x-amz-checksum-sha256" in signed[0].headers
+    assert "x-amz-checksum-sha256" not in signed[1].headers
+    async with aiohttp.ClientSession() as http:
+        assert await put_part(http, signed[0], first) == 200
+        assert await received(storage, md, upload_id) == PART
+
+        async def cut_short():
+            yield second[: len(second) // 2]
+            raise ConnectionAbortedError("the phone lost its network")
+
+        with pytest.raises(aiohttp.ClientError):
+            await put_part(http, signed[1], cut_short())
+        # S3 keeps no half part: progress is still the first part.
+        assert await received(storage, md, upload_id) == PART
+        again = await presign(storage, md, upload_id, (2, sha256_hex(second)))
+        assert await put_part(http, again[0], second) == 200
+    assert await received(storage, md, upload_id) == len(data)
+
+    done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+    assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+    stored = s3_client(s3_server).get_object(Bucket=s3_server.settings.s3_bucket, Key=object_key(upload_id))["Body"].read()
+    assert sha256_hex(stored) == sha256_hex(data)
+    assert open_multipart_uploads(s3_server, upload_id) == []
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert (summary.used_bytes, summary.reserved_bytes) == (len(data), 0)
+
+
+async def test_bad_part_requests_change_nothing_and_fail_aborts(s3_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(PART + 10)
+    begun = await begin_direct(storage, md, data)
+    upload_id = begun.upload.upload_id
+    before = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    cases = {
+        "parts": [],
+        "parts[0].part_number": [(0, "")],
+        "parts[1].part_number": [(1, ""), (10001, "")],
+        "parts[0].sha256": [(1, "ABC")],
+    }
+    for field, parts in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await presign(storage, md, upload_id, *parts)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in [v.field for v in bad_request(caught.value).field_violations]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, upload_id, (1, ""), (1, ""))
+    assert [v.description for v in bad_request(caught.value).field_violations] == ["repeats a part_number"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, upload_id, *((n, "") for n in range(1, 102)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, auth("someone-else"), upload_id, (1, ""))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    single = await storage.BeginUpload(
+        pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=100), metadata=md
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, single.upload.upload_id, (1, ""))
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["upload_id"]
+    after = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert after.reserved_bytes == before.reserved_bytes + 100
+
+    await storage.FailUpload(pb.FailUploadRequest(upload_id=upload_id, reason="gave up"), metadata=md)
+    assert open_multipart_uploads(s3_server, upload_id) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, upload_id, (1, ""))
+    assert error_info(caught.value).reason == "UPLOAD_NOT_PENDING"
+
+
+async def test_fs_backend_refuses_s3_multipart(storage_fs, auth, user_id):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await begin_direct(storage_fs, auth(user_id), fake_jpeg(100))
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["protocol"]
+
+
+@pytest.fixture
+def storage_fs(channel) -> storage_pb2_grpc.StorageServiceStub:
+    return storage_pb2_grpc.StorageServiceStub(channel)
+
+
+
+
+async def test_expiry_aborts_the_multipart_upload(s3_server, storage, auth, user_id):
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from mediavault.domain import ledger
+    from workers.maintenance import run_job
+    from workers.settings import shutdown, startup
+
+    md = auth(user_id)
+    data = fake_jpeg(PART + 10)
+    begun = await begin_direct(storage, md, data)
+    upload_id = begun.upload.upload_id
+    signed = await presign(storage, md, upload_id, (1, ""))
+    async with aiohttp.ClientSession() as http:
+        assert await put_part(http, signed[0], data[:PART]) == 200
+    assert s3_server.pool is not None
+    await s3_server.pool.execute(
+        "UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1::uuid", upload_id
+    )
+    settings = s3_server.settings
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    ctx = {"settings": settings, "redis": redis}
+    await startup(ctx)
+    try:
+        report = await run_job(ctx, "reclaim_stale_uploads")
+    finally:
+        await shutdown(ctx)
+        await redis.aclose()
+    assert report.errors == 0
+    assert open_multipart_uploads(s3_server, upload_id) == []
+    assert await ledger.audit(s3_server.pool) == []
+    got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload
+    assert (got.state, got.received_bytes) == (pb.UPLOAD_STATE_EXPIRED, 0)

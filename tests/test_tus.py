@@ -1,0 +1,341 @@
+"""The tus 1.0.0 endpoints against a real server: the protocol's statuses, bytes and balances.
+
+Real clients (tuspy, tus-js-client) and killed servers are in tests/test_tus_clients.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import grpc
+import pytest
+
+from mediavault.blobs import single_chunk
+from mediavault.server import Server
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import running
+from tests.helpers import error_info, fake_jpeg, sha256_hex
+from tests.s3server import MotoServer, moto_server
+
+MiB = 1024 * 1024
+CHUNK = 5 * MiB
+TUS = {"Tus-Resumable": "1.0.0"}
+PATCH_HEADERS = {**TUS, "Content-Type": "application/offset+octet-stream"}
+
+
+@pytest.fixture(scope="module")
+async def moto() -> AsyncIterator[MotoServer]:
+    async with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["fs", "s3"])
+async def tus_server(request: pytest.FixtureRequest, make_settings, moto: MotoServer) -> AsyncIterator[Server]:
+    overrides: dict = {"tus_chunk_size_bytes": CHUNK}
+    if request.param == "s3":
+        overrides |= {"blob_backend": "s3", "s3_bucket": f"tus-{uuid.uuid4().hex[:12]}", "s3_endpoint_url": moto.endpoint_url}
+    settings = make_settings(**overrides)
+    if request.param == "s3":
+        from mediavault.blobs.s3 import S3BlobStore
+
+        store = await S3BlobStore.open(settings)
+        await store.ensure_bucket()
+        await store.close()
+    async with running(settings) as server:
+        yield server
+
+
+@pytest.fixture
+async def storage(tus_server: Server) -> AsyncIterator[storage_pb2_grpc.StorageServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{tus_server.grpc_port}") as channel:
+        yield storage_pb2_grpc.StorageServiceStub(channel)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def begin_tus(storage, md, data: bytes, **fields) -> pb.BeginUploadResponse:
+    return await storage.BeginUpload(
+        pb.BeginUploadRequest(
+            filename="clip.jpg",
+            content_type="image/jpeg",
+            size_bytes=len(data),
+            protocol=pb.UPLOAD_PROTOCOL_TUS,
+            **fields,
+        ),
+        metadata=md,
+    )
+
+
+async def summary(storage, md) -> pb.StorageSummary:
+    return (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+
+
+async def stored_sha256(server: Server, object_key: str) -> str:
+    assert server.blobs is not None
+    return hashlib.sha256(await server.blobs.read(object_key)).hexdigest()
+
+
+async def patch(http: aiohttp.ClientSession, url: str, offset: int, body: bytes, **headers: str) -> aiohttp.ClientResponse:
+    async with http.patch(url, data=body, headers={**PATCH_HEADERS, "Upload-Offset": str(offset), **headers}) as response:
+        await response.read()
+        return response
+
+
+async def head(http: aiohttp.ClientSession, url: str, **headers: str) -> aiohttp.ClientResponse:
+    async with http.head(url, headers={**TUS, **headers}) as response:
+        return response
+
+
+async def test_chunks_then_finalize_without_reading_back(tus_server, storage, http, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(CHUNK * 2 + 12345)
+    begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
+    assert begun.upload_method == "PATCH"
+    assert begun.chunk_size_bytes == CHUNK
+    assert begun.upload.protocol == pb.UPLOAD_PROTOCOL_TUS
+    url = begun.upload_url
+
+    first = await head(http, url)
+    assert first.status == 200
+    assert first.headers["Upload-Offset"] == "0"
+    assert first.headers["Upload-Length"] == str(len(data))
+    assert "Upload-Expires" in first.headers
+
+    offset = 0
+    # One chunk of the preferred size, then one that crosses a chunk boundary, then the rest.
+    for end in (CHUNK, CHUNK * 2 - 7, len(data)):
+        response = await patch(http, url, offset, data[offset:end])
+        assert response.status == 204, response.status
+        assert response.headers["Upload-Offset"] == str(end)
+        offset = end
+        got = await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert got.upload.received_bytes == end
+
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert finalized.upload.received_bytes == len(data)
+    object_key = f"originals/{uuid.UUID(begun.upload.upload_id).hex[:2]}/{uuid.UUID(begun.upload.upload_id).hex}"
+    assert await stored_sha256(tus_server, object_key) == sha256_hex(data)
+    after = await summary(storage, md)
+    assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
+
+    gone = await patch(http, url, len(data), b"x")
+    assert gone.status == 410
+
+
+async def test_checksums(tus_server, storage, http, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(300_000)
+    begun = await begin_tus(storage, md, data)
+    url = begun.upload_url
+    piece = data[:100_000]
+    wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+    refused = await patch(http, url, 0, piece, **{"Upload-Checksum": f"sha1 {wrong}"})
+    assert refused.status == 460
+    assert (await head(http, url)).headers["Upload-Offset"] == "0"
+
+    sha1 = base64.b64encode(hashlib.sha1(piece).digest()).decode()
+    assert (await patch(http, url, 0, piece, **{"Upload-Checksum": f"sha1 {sha1}"})).status == 204
+    rest = data[100_000:]
+    sha256 = base64.b64encode(hashlib.sha256(rest).digest()).decode()
+    done = await patch(http, url, 100_000, rest, **{"Upload-Checksum": f"sha256 {sha256}"})
+    assert done.status == 204
+    assert done.headers["Upload-Offset"] == str(len(data))
+    unknown = await patch(http, url, len(data), b"", **{"Upload-Checksum": f"md5 {sha1}"})
+    assert unknown.status == 400
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+
+
+async def test_bad_requests_change_nothing(tus_server, storage, http, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(200_000)
+    begun = await begin_tus(storage, md, data)
+    url = begun.upload_url
+    assert (await patch(http, url, 0, data[:1000])).status == 204
+    before = await summary(storage, md)
+
+    wrong_offset = await patch(http, url, 5, data[5:2000])
+    assert wrong_offset.status == 409
+    assert wrong_offset.headers["Upload-Offset"] == "1000"
+    assert (await patch(http, url, 1000, data[1000:2000], **{"Content-Type": "application/json"})).status == 415
+    assert (await patch(http, url, 1000, data[1000:] + b"extra")).status == 413
+    no_version = await patch(http, url, 1000, data[1000:2000], **{"Tus-Resumable": "0.2.2"})
+    assert no_version.status == 412
+    assert no_version.headers["Tus-Version"] == "1.0.0"
+    tampered = url.replace("X-Signature=", "X-Signature=0")
+    assert (await patch(http, tampered, 1000, data[1000:2000])).status == 403
+    assert (await head(http, tampered)).status == 403
+    foreign = url.replace(begun.upload.upload_id, str(uuid.uuid4()))
+    assert (await head(http, foreign)).status == 403
+    assert (await head(http, url)).headers["Upload-Offset"] == "1000"
+    assert await summary(storage, md) == before
+
+    # Termination: the reservation is released and the partial bytes deleted.
+    async with http.delete(url, headers=TUS) as response:
+        assert response.status == 204
+    after = await summary(storage, md)
+    assert after.reserved_bytes == before.reserved_bytes - len(data)
+    assert (await patch(http, url, 1000, data[1000:2000])).status == 410
+    got = await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    assert got.upload.state == pb.UPLOAD_STATE_FAILED
+
+
+async def test_options_and_creation(tus_server, storage, http, auth, user_id, authenticator):
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    async with http.options(base) as response:
+        assert response.status == 204
+        assert response.headers["Tus-Version"] == "1.0.0"
+        assert set(response.headers["Tus-Extension"].split(",")) == {"creation", "expiration", "termination", "checksum"}
+        assert response.headers["Tus-Checksum-Algorithm"] == "sha1,sha256"
+        assert int(response.headers["Tus-Max-Size"]) == tus_server.settings.max_video_bytes
+        assert "Access-Control-Allow-Origin" not in response.headers
+
+    data = fake_jpeg(50_000)
+    metadata = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
+    headers = {**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": metadata}
+    async with http.post(base, headers=headers) as response:
+        assert response.status == 401
+    token = authenticator.issue(user_id, ["user"])
+    async with http.post(base, headers={**headers, "Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 201
+        location = response.headers["Location"]
+    assert (await patch(http, location, 0, data)).status == 204
+    upload_id = location.split("/tus/")[1].split("?")[0]
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=auth(user_id))
+    assert finalized.upload.filename == "a.jpg"
+    assert finalized.upload.size_bytes == len(data)
+
+
+async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(CHUNK + 4321)
+    begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
+    assert (await patch(http, begun.upload_url, 0, data[:777])).status == 204
+
+    async def stream():
+        yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
+        for start in range(777, len(data), 1 << 20):
+            yield pb.UploadContentRequest(chunk=data[start : start + (1 << 20)])
+
+    done = await storage.UploadContent(stream(), metadata=md)
+    assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+    object_key = f"originals/{uuid.UUID(begun.upload.upload_id).hex[:2]}/{uuid.UUID(begun.upload.upload_id).hex}"
+    assert await stored_sha256(tus_server, object_key) == sha256_hex(data)
+
+
+async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
+    """The gRPC face of the writer lock; two PATCHes on two processes are in test_tus_clients.py."""
+    md = auth(user_id)
+    data = fake_jpeg(1000)
+    begun = await begin_tus(storage, md, data)
+    assert tus_server.pool is not None
+    async with tus_server.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM upload_progress WHERE upload_id = $1 FOR NO KEY UPDATE", uuid.UUID(begun.upload.upload_id))
+
+        async def stream():
+            yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
+            yield pb.UploadContentRequest(chunk=data)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await storage.UploadContent(stream(), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert error_info(caught.value).reason == "UPLOAD_BUSY"
+
+
+async def partial_objects(server: Server, upload_id: str) -> list[str]:
+    """Keys under partial/ that belong to the upload (the fs file or the S3 tail objects)."""
+    assert server.blobs is not None
+    hex_id = uuid.UUID(upload_id).hex
+    listed = await server.blobs.list_page(f"partial/{hex_id[:2]}/", after=None, limit=1000)
+    return [o.key for o in listed if o.key.startswith(f"partial/{hex_id[:2]}/{hex_id}")]
+
+
+async def multipart_uploads(server: Server, upload_id: str) -> list[str]:
+    if server.settings.blob_backend != "s3":
+        return []
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=server.settings.s3_endpoint_url, region_name=server.settings.s3_region)
+    listed = client.list_multipart_uploads(Bucket=server.settings.s3_bucket)
+    return [u["UploadId"] for u in listed.get("Uploads", []) if uuid.UUID(upload_id).hex in u["Key"]]
+
+
+@pytest.fixture
+async def worker_ctx(tus_server: Server) -> AsyncIterator[dict]:
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from workers.settings import shutdown, startup
+
+    settings = tus_server.settings
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    ctx = {"settings": settings, "redis": redis}
+    await startup(ctx)
+    yield ctx
+    await shutdown(ctx)
+    await redis.aclose()
+
+
+async def test_reclaim_and_orphan_sweep_know_partial_data(tus_server, worker_ctx, storage, http, auth, user_id):
+    from mediavault.domain import ledger
+    from workers.maintenance import run_job
+
+    md = auth(user_id)
+    data = fake_jpeg(CHUNK + 1000)
+    lapsing = await begin_tus(storage, md, data)
+    kept = await begin_tus(storage, md, data)
+    # A whole part and a tail on S3; the partial file on fs.
+    for begun in (lapsing, kept):
+        assert (await patch(http, begun.upload_url, 0, data[: CHUNK + 10])).status == 204
+    assert await partial_objects(tus_server, lapsing.upload.upload_id)
+    assert tus_server.pool is not None
+    pool = tus_server.pool
+    await pool.execute(
+        "UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1::uuid", lapsing.upload.upload_id
+    )
+    assert (await head(http, lapsing.upload_url)).status == 410
+
+    report = await run_job(worker_ctx, "reclaim_stale_uploads")
+    assert report.errors == 0
+    assert await partial_objects(tus_server, lapsing.upload.upload_id) == []
+    assert await multipart_uploads(tus_server, lapsing.upload.upload_id) == []
+    assert await partial_objects(tus_server, kept.upload.upload_id)
+    assert await ledger.audit(pool) == []
+
+    # A partial object left behind by an upload that ended is an orphan; a pending upload's is not.
+    stray = f"partial/{uuid.UUID(lapsing.upload.upload_id).hex[:2]}/{uuid.UUID(lapsing.upload.upload_id).hex}-9"
+    assert tus_server.blobs is not None
+    await tus_server.blobs.write(stray, single_chunk(b"late tail"), content_type="application/octet-stream")
+    from mediavault.domain import cleanup
+
+    owned = await cleanup.owned_keys(pool, [stray, *await partial_objects(tus_server, kept.upload.upload_id)])
+    assert stray not in owned
+    assert owned == set(await partial_objects(tus_server, kept.upload.upload_id))
+
+
+async def test_cors_for_the_configured_origins_only(make_settings, http):
+    async with running(make_settings(tus_cors_origins=("https://app.example",))) as server:
+        base = f"http://127.0.0.1:{server.http_port}/tus/"
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "PATCH"}
+        async with http.options(base, headers=preflight) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+            assert "Upload-Offset" in response.headers["Access-Control-Allow-Headers"]
+            assert "Upload-Offset" in response.headers["Access-Control-Expose-Headers"]
+        async with http.options(base, headers={**preflight, "Origin": "https://evil.example"}) as response:
+            assert "Access-Control-Allow-Origin" not in response.headers
+        async with http.post(base, headers={**TUS, "Origin": "https://app.example"}) as response:
+            assert response.status == 401
+            assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "Location" in response.headers["Access-Control-Expose-Headers"]
