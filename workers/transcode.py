@@ -15,6 +15,7 @@ from mediavault import metrics
 from mediavault.blobs import BlobStoreError, single_chunk
 from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
+from mediavault.jobs import enqueue_video
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ async def transcode_media(ctx: dict[str, Any], media_id: str, version: int) -> s
 
 async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
     library: Library = ctx["library"]
+    if await library.kind(media_id) == "video":
+        await enqueue_video(ctx["redis"], ctx["settings"].video_queue, media_id, version, ctx["job_id"])
+        return "handed to the video queue"
     claim = await library.claim(media_id, version)
     if claim is None:
         return "skipped"
