@@ -117,7 +117,8 @@ def check_rendition(path: Path, *, width: int, height: int, duration: float, aud
     sound = [s for s in report["streams"] if s["codec_type"] == "audio"]
     assert len(video) == 1
     stream = video[0]
-    assert stream["codec_name"] == "h264" and stream["profile"] == "High"
+    assert stream["codec_name"] == "h264"
+    assert stream["profile"] == "High"
     assert stream["pix_fmt"] == "yuv420p"
     assert (stream["width"], stream["height"]) == (width, height)
     assert stream.get("sample_aspect_ratio", "1:1") in ("1:1", "0:1")
@@ -125,7 +126,9 @@ def check_rendition(path: Path, *, width: int, height: int, duration: float, aud
     assert abs(float(report["format"]["duration"]) - duration) <= 0.1, report["format"]["duration"]
     assert float(stream["avg_frame_rate"].split("/")[0]) / float(stream["avg_frame_rate"].split("/")[1]) <= 30.01
     if audio:
-        assert len(sound) == 1 and sound[0]["codec_name"] == "aac" and sound[0]["profile"] == "LC"
+        assert len(sound) == 1
+        assert sound[0]["codec_name"] == "aac"
+        assert sound[0]["profile"] == "LC"
         assert sound[0]["channels"] == 2
     else:
         assert not sound

@@ -12,6 +12,7 @@ import logging
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ async def _run(
     return "superseded", ""
 
 
-async def _file_chunks(path: Path, chunk_bytes: int = 1 << 20):  # type: ignore[no-untyped-def]
+async def _file_chunks(path: Path, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(chunk_bytes):
             yield chunk

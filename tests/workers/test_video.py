@@ -35,14 +35,16 @@ async def test_an_iphone_video_completes_with_renditions_metadata_and_ranges(sto
     assert (item.width, item.height) == (480, 640), "shown upright"
     assert abs(item.duration_seconds - 1.0) < 0.05
     assert item.frame_rate == 30.0
-    assert item.has_audio and item.source_codec == "hevc"
+    assert item.has_audio
+    assert item.source_codec == "hevc"
     assert item.processing_progress == 0, "nothing runs any more"
     assert {v.name for v in item.variants} == {"poster", "thumbnail", "preview"}
     assert [(r.name, r.width, r.height, r.content_type) for r in item.renditions] == [("360p", 360, 480, "video/mp4")]
     rendition = item.renditions[0]
 
     status, body, headers = await fetch(rendition.url)
-    assert status == 200 and headers["Content-Type"] == "video/mp4"
+    assert status == 200
+    assert headers["Content-Type"] == "video/mp4"
     assert len(body) == rendition.size_bytes
     assert rendition.bitrate == pytest.approx(rendition.size_bytes * 8 / item.duration_seconds, rel=0.05)
     played = clips / "played.mp4"
@@ -50,7 +52,8 @@ async def test_an_iphone_video_completes_with_renditions_metadata_and_ranges(sto
     make.check_rendition(played, width=360, height=480, duration=1.0, audio=True)
     # Players seek with byte ranges.
     status, part, headers = await fetch(rendition.url, {"Range": "bytes=100-199"})
-    assert status == 206 and part == body[100:200]
+    assert status == 206
+    assert part == body[100:200]
     assert headers["Content-Range"] == f"bytes 100-199/{len(body)}"
     assert headers["Content-Type"] == "video/mp4"
 
@@ -101,7 +104,8 @@ async def test_deleting_a_video_cancels_its_transcode_and_leaves_nothing(make_se
                 if item.processing_progress:
                     progress.append(item.processing_progress)
                 await asyncio.sleep(0.05)
-            assert progress == sorted(progress) and progress[-1] < 100
+            assert progress == sorted(progress)
+            assert progress[-1] < 100
             assert _ffmpeg_running()
             await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md)
             deadline = time.monotonic() + 5

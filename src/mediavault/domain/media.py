@@ -356,7 +356,8 @@ class Library:
 
     async def kind(self, media_id: uuid.UUID) -> str | None:
         """image or video; None when the media is gone."""
-        return await self._pool.fetchval(_KIND, media_id)
+        kind: str | None = await self._pool.fetchval(_KIND, media_id)
+        return kind
 
     async def progress(self, media_id: uuid.UUID, version: int, percent: int) -> bool:
         """Records how far a running transcode is; False when the run is no longer wanted
