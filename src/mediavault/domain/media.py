@@ -117,9 +117,10 @@ RETURNING owner_id
 """
 
 # Also the liveness check of a running transcode: no row means the media was deleted or
-# its run superseded, and the transcode stops.
+# its run superseded, and the transcode stops. updated_at is its heartbeat: the stuck-media
+# sweep leaves a long transcode that still reports progress alone.
 _PROGRESS = """
-UPDATE media SET processing_progress = $3
+UPDATE media SET processing_progress = $3, updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
 RETURNING 1
 """
