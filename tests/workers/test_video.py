@@ -15,7 +15,7 @@ from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests import videos as make
-from tests.conftest import running, running_worker
+from tests.conftest import CORPUS, running, running_worker
 from tests.helpers import fetch, settled, upload
 from tests.workers.test_transcode import children_of, is_alive
 
@@ -87,9 +87,11 @@ async def test_refused_videos_fail_once_with_their_reason(storage, media, auth, 
     assert not item.renditions
 
 
-async def test_deleting_a_video_cancels_its_transcode_and_leaves_nothing(make_settings, auth, user_id, pool, clips):
+async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_transcode(
+    make_settings, auth, user_id, pool, clips
+):
     settings = make_settings(queue_name=f"video-cancel:{user_id}", video_ffmpeg_threads=1)
-    source = make.h264(clips / "long.mp4", "1280x720", 20.0, audio=False)
+    source = make.h264(clips / "long.mp4", "1280x720", 10.0, audio=False)
     async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         storage = storage_pb2_grpc.StorageServiceStub(channel)
         media = media_pb2_grpc.MediaServiceStub(channel)
@@ -107,6 +109,11 @@ async def test_deleting_a_video_cancels_its_transcode_and_leaves_nothing(make_se
             assert progress == sorted(progress)
             assert progress[-1] < 100
             assert _ffmpeg_running()
+            # The video holds no place on the photo queue: a photo completes while it transcodes.
+            photo = await upload(storage, md, (CORPUS / "images/camera/jolla.jpg").read_bytes(), filename="jolla.jpg")
+            assert (await settled(media, md, photo.media_id)).processing_status == mpb.PROCESSING_STATUS_COMPLETE
+            item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+            assert item.processing_status == mpb.PROCESSING_STATUS_PROCESSING
             await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md)
             deadline = time.monotonic() + 5
             while _ffmpeg_running():

@@ -130,7 +130,7 @@ _KIND = "SELECT kind FROM media WHERE media_id = $1 AND deleted_at IS NULL"
 _DROP_OTHER_VARIANTS = "DELETE FROM media_variants WHERE media_id = $1 AND NOT (name = ANY($2::text[]))"
 
 _RETRY_LATER = """
-UPDATE media SET processing_status = 'pending', processing_error = $3,
+UPDATE media SET processing_status = 'pending', processing_error = $3, processing_progress = NULL,
                  next_attempt_at = now() + make_interval(secs => $4), updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing'
 RETURNING owner_id
