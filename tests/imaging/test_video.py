@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from mediavault.imaging import PermanentImagingError
+from mediavault.imaging import ImagingError, PermanentImagingError
 from mediavault.imaging import video as videos
 from mediavault.imaging.decode import NEAR_BLACK_LUMA, decode_poster
 from mediavault.imaging.spec import DEFAULT_LIMITS
 from tests import videos as make
 from tests.conftest import CORPUS
+from tests.workers.test_transcode import children_of
 
 
 async def _always(_done: float) -> bool:
@@ -157,3 +160,18 @@ def test_an_all_black_start_past_the_search_window_gives_the_first_frame(clips):
     path = make.black_lead_in(clips / "long-fade.mp4", seconds_black=4.0)
     still = decode_poster(path.read_bytes(), "video/mp4", DEFAULT_LIMITS)
     assert still.image.convert("L").getextrema()[1] < NEAR_BLACK_LUMA
+
+
+async def test_an_ffmpeg_killed_by_someone_else_fails_the_attempt_not_the_media(clips):
+    source_path = make.h264(clips / "oom.mp4", "1280x720", 4.0, audio=False)
+    source = await videos.probe(source_path, "video/mp4", videos.VideoLimits())
+
+    async def kill_ffmpeg(_done: float) -> bool:
+        for pid in children_of(os.getpid()):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ffmpeg":
+                os.kill(pid, signal.SIGKILL)
+        return True
+
+    with pytest.raises(ImagingError) as failed:
+        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=60, on_progress=kill_ffmpeg)
+    assert not isinstance(failed.value, PermanentImagingError), "the OOM killer's victim is retried"

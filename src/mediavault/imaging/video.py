@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from mediavault.imaging.errors import CORRUPT_VIDEO, UNSUPPORTED_FORMAT, PermanentImagingError
+from mediavault.imaging.errors import CORRUPT_VIDEO, UNSUPPORTED_FORMAT, ImagingError, PermanentImagingError
 
 # The one demuxer each sniffed type may reach (mp4 and mov share FFmpeg's mov demuxer),
 # and only local files: no playlists, no network protocols.
@@ -328,6 +328,9 @@ async def transcode(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+    if process.returncode is not None and process.returncode < 0:
+        # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
+        raise ImagingError("processing failed")
     if process.returncode != 0:
         raise PermanentImagingError(CORRUPT_VIDEO)
     made = []
