@@ -40,6 +40,13 @@ def h264(path: Path, size: str = "320x240", seconds: float = 1.0, *, audio: bool
     return path
 
 
+def anamorphic(path: Path) -> Path:
+    """480x360 stored pixels that are 4:3 wide each: shown as 640x360."""
+    ffmpeg(*_testsrc("480x360", 1.0), "-vf", "setsar=4/3", "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
 def hlg_rotated_mov(path: Path, size: str = "320x240", seconds: float = 1.0) -> Path:
     """An iPhone-like clip: HEVC 10-bit HLG tagged hvc1 in a .mov, sound, a 90° display matrix."""
     plain = path.with_suffix(".plain.mov")

@@ -80,6 +80,12 @@ async def test_the_ladder_follows_the_source_and_never_upscales(clips, size, run
         make.check_rendition(rendition.path, width=rendition.width, height=rendition.height, duration=seconds, audio=True)
 
 
+async def test_anamorphic_pixels_become_square(clips):
+    source, made = await _transcode(make.anamorphic(clips / "anamorphic.mp4"), "video/mp4", clips / "anamorphic")
+    assert (source.coded_width, source.width, source.height) == (480, 640, 360)
+    make.check_rendition(made[0].path, width=640, height=360, duration=1.0, audio=False)
+
+
 async def test_a_silent_source_gives_silent_renditions(clips):
     _, made = await _transcode(make.h264(clips / "silent.mp4", audio=False), "video/mp4", clips / "silent")
     make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
