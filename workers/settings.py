@@ -45,7 +45,15 @@ def cron_jobs(settings: Settings) -> list:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    ctx["pool"] = await create_pool(settings)
+    video_queue = ctx.get("queue") == "video"
+    # A video transcode needs a connection for its claim, its progress reports and its
+    # completion: its worker's pool stays small beside the photo worker's.
+    pool_settings = (
+        settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": settings.video_workers + 1})
+        if video_queue
+        else settings
+    )
+    ctx["pool"] = await create_pool(pool_settings)
     ctx["blobs"] = await open_blob_store(settings)
     services = build_services(ctx["pool"], ctx["blobs"], ctx["redis"], settings)
     ctx["library"] = services.library
@@ -55,7 +63,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     if settings.metrics_addr:
         ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
     # The video worker's pool only makes posters, one video at a time per transcode slot.
-    pool_size = settings.video_workers if ctx.get("queue") == "video" else settings.transcode_workers or None
+    pool_size = settings.video_workers if video_queue else settings.transcode_workers or None
     ctx["transcoder"] = Transcoder(
         workers=pool_size,
         limits=dataclasses.replace(DEFAULT_LIMITS, job_timeout_seconds=settings.transcode_timeout_seconds),
