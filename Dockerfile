@@ -14,8 +14,9 @@ RUN python -m venv /venv \
  && /venv/bin/pip install --no-cache-dir --constraint requirements.lock .
 
 FROM python:3.11-slim-bookworm
+# ffmpeg (with ffprobe) makes the video renditions: the worker runs it as a subprocess.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libjpeg62-turbo libturbojpeg0 libwebp7 libwebpmux3 libwebpdemux2 liblcms2-2 \
+ && apt-get install -y --no-install-recommends libjpeg62-turbo libturbojpeg0 libwebp7 libwebpmux3 libwebpdemux2 liblcms2-2 ffmpeg \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 mediavault \
  && mkdir -p /data/blobs && chown mediavault /data/blobs

@@ -175,6 +175,7 @@ def bench_stack(
         queue_name = f"mediavault-bench:{secrets.token_hex(6)}"
         # Registered before the server starts, so it runs after the server has stopped.
         cleanup.callback(_drop_queue, redis_url, queue_name)
+        cleanup.callback(_drop_queue, redis_url, f"{queue_name}:video")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
         env.update(
             {

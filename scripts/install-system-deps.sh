@@ -12,6 +12,8 @@
 # prometheus brings promtool, which `make check` and tests/test_deploy.py run on the
 # alerting rules (the server it also installs is never started here).
 # libjpeg-turbo-progs brings djpeg, a reference decoder that tests/imaging/test_broken.py holds JPEGs to.
+# ffmpeg (with ffprobe, libx264 and zscale/tonemap through libzimg) transcodes videos to their
+# H.264 renditions: mediavault.video runs it as a supervised subprocess (see docs/video.md).
 # pgbouncer (1.18) is what the tests and bench/upload_flow.py --pooler pgbouncer run in front
 # of PostgreSQL, each its own on a free port (mediavault.devservers.pgbouncer); the system
 # PgBouncer the package may start on 6432 is stopped and disabled when it is first installed.
@@ -28,6 +30,7 @@ packages=(
     prometheus
     libjpeg-turbo-progs
     pgbouncer
+    ffmpeg
 )
 
 pgbouncer_was_installed=$(dpkg-query --show --showformat='${db:Status-Status}' pgbouncer 2>/dev/null || true)

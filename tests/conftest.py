@@ -30,7 +30,7 @@ from mediavault.db import create_pool, migrate
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
-from workers.settings import worker_settings
+from workers.settings import video_worker_settings, worker_settings
 from workers.worker import Worker
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
@@ -153,16 +153,20 @@ def auth(authenticator: Authenticator):
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """A real arq worker in this event loop, on the settings' queue, with its transcoder pool."""
+    """Real arq workers in this event loop, as `mediavault worker` runs them: the settings'
+    queue with its transcoder pool (yielded), and the video queue."""
     worker = Worker(**worker_settings(settings), handle_signals=False)
-    task = asyncio.create_task(worker.async_run())
+    videos = Worker(**video_worker_settings(settings), handle_signals=False)
+    tasks = [asyncio.create_task(worker.async_run()), asyncio.create_task(videos.async_run())]
     try:
         yield worker
     finally:
         await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await videos.close()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @pytest.fixture(scope="session")

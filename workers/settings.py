@@ -17,6 +17,7 @@ from mediavault.imaging import DEFAULT_LIMITS, Transcoder
 from mediavault.services import build_services
 from workers.maintenance import JOBS, cron_task, job_config, observe_queue
 from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
+from workers.video import transcode_video
 
 
 def _schedule(every_seconds: int) -> tuple[set[int], set[int] | None]:
@@ -46,7 +47,15 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     # First: the pool and the blob store are made traced or not by it.
     ctx["traced"] = tracing.start("mediavault-worker")
-    ctx["pool"] = await create_pool(settings)
+    video_queue = ctx.get("queue") == "video"
+    # A video transcode needs a connection for its claim, its progress reports and its
+    # completion: its worker's pool stays small beside the photo worker's.
+    pool_settings = (
+        settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": settings.video_workers + 1})
+        if video_queue
+        else settings
+    )
+    ctx["pool"] = await create_pool(pool_settings)
     ctx["blobs"] = tracing.traced_blobs(await open_blob_store(settings), settings.blob_backend)
     services = build_services(ctx["pool"], ctx["blobs"], ctx["redis"], settings)
     ctx["library"] = services.library
@@ -55,8 +64,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["transcodes"] = services.transcodes
     if settings.metrics_addr:
         ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
+    # The video worker's pool only makes posters, one video at a time per transcode slot.
+    pool_size = settings.video_workers if video_queue else settings.transcode_workers or None
     ctx["transcoder"] = Transcoder(
-        workers=settings.transcode_workers or None,
+        workers=pool_size,
         limits=dataclasses.replace(DEFAULT_LIMITS, job_timeout_seconds=settings.transcode_timeout_seconds),
         jpeg_planes=settings.imaging_jpeg_planes == "on",
     )
@@ -104,4 +115,22 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "job_timeout": settings.job_timeout_seconds,
         "poll_delay": settings.worker_poll_delay_seconds,
         "ctx": {"settings": settings},
+    }
+
+
+def video_worker_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for the Worker of the video queue: video_workers transcodes at a
+    time, each with a job timeout above the longest video's transcode limit."""
+    longest = settings.video_timeout_seconds(settings.video_max_duration_seconds)
+    return {
+        "functions": [func(transcode_video, max_tries=MAX_ATTEMPTS + INFRASTRUCTURE_TRIES, timeout=longest + 120)],
+        "on_startup": worker_startup,
+        "on_shutdown": shutdown,
+        "redis_settings": _redis_settings(settings),
+        "redis_outage_seconds": settings.worker_redis_outage_seconds,
+        "queue_name": settings.video_queue,
+        "max_jobs": settings.video_workers,
+        "job_timeout": longest + 120,
+        "poll_delay": settings.worker_poll_delay_seconds,
+        "ctx": {"settings": settings, "queue": "video"},
     }

@@ -16,7 +16,7 @@ from mediavault import metrics, tracing
 from mediavault.blobs import BlobStoreError, single_chunk
 from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
-from mediavault.jobs import TRANSCODE
+from mediavault.jobs import TRANSCODE, enqueue_video
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ async def _run(ctx: dict[str, Any], media_id: str, version: int) -> str:
 
 async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
     library: Library = ctx["library"]
+    if await library.kind(media_id) == "video":
+        await enqueue_video(ctx["redis"], ctx["settings"].video_queue, media_id, version, ctx["job_id"])
+        return "handed to the video queue"
     claim = await library.claim(media_id, version)
     if claim is None:
         return "skipped"

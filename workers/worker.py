@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ import arq
 from redis.exceptions import RedisError
 
 from mediavault import metrics
+from mediavault.config import Settings
+from workers.settings import video_worker_settings, worker_settings
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +60,31 @@ class Worker(arq.Worker):
             raise exc
         await asyncio.sleep(self._retry_delay)
         self._retry_delay = min(self._retry_delay * 2, _MAX_DELAY_SECONDS)
+
+
+async def run_workers(settings: Settings) -> None:
+    """The photo queue's worker (transcodes and crons) and the video queue's, in one process
+    until SIGTERM or SIGINT: each stops taking jobs, cancels its running ones (their runs are
+    retried, as arq does on a signal) and closes."""
+    workers = [
+        Worker(**worker_settings(settings), handle_signals=False),
+        Worker(**video_worker_settings(settings), handle_signals=False),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runs = [asyncio.create_task(worker.async_run()) for worker in workers]
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([*runs, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        for worker in workers:
+            await worker.close()
+        for run in runs:
+            run.cancel()
+        results = await asyncio.gather(*runs, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result

@@ -54,14 +54,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_args: argparse.Namespace) -> int:
-    from workers.settings import worker_settings
-    from workers.worker import Worker
+    from workers.worker import run_workers
 
     settings = Settings()
     _require_database(settings)
     if not settings.redis_url:
         sys.exit("MEDIAVAULT_REDIS_URL is not set")
-    Worker(**worker_settings(settings)).run()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run_workers(settings))
     return 0
 
 

@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     # off: every JPEG goes through Pillow, never its YCbCr planes (see imaging.strategies).
     imaging_jpeg_planes: Literal["on", "off"] = "on"
     queue_name: str = "arq:queue"
+    # Videos have an arq queue of their own (default: queue_name + ":video"), served by
+    # video_workers concurrent transcodes per worker process, so photos never wait behind them.
+    video_queue_name: str = ""
+    video_workers: int = Field(default=1, ge=1)
+    # ffmpeg's threads per transcode; 0 lets ffmpeg use every core (it runs niced below the photo pool).
+    video_ffmpeg_threads: int = Field(default=0, ge=0)
+    video_max_duration_seconds: float = Field(default=600.0, gt=0)
+    video_max_long_side_px: int = Field(default=4096, gt=0)
+    video_max_frame_rate: float = Field(default=240.0, gt=0)
+    # A transcode may take video_timeout_base_seconds plus this many seconds per second of video.
+    video_timeout_base_seconds: float = Field(default=60.0, gt=0)
+    video_timeout_seconds_per_second: float = Field(default=5.0, gt=0)
     job_timeout_seconds: int = Field(default=300, gt=0)
     # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.
     worker_poll_delay_seconds: float = Field(default=0.05, gt=0)
@@ -119,6 +131,14 @@ class Settings(BaseSettings):
     rate_limit_auto_freeze_refusals: int = Field(default=0, ge=0)
     rate_limit_auto_freeze_window_seconds: int = Field(default=3600, gt=0)
     jobs: JobsConfig = JobsConfig()
+
+    @property
+    def video_queue(self) -> str:
+        return self.video_queue_name or f"{self.queue_name}:video"
+
+    def video_timeout_seconds(self, duration_seconds: float) -> float:
+        """The wall-clock limit of one video's transcode, which grows with its length."""
+        return self.video_timeout_base_seconds + self.video_timeout_seconds_per_second * duration_seconds
 
     @property
     def migration_url(self) -> str:

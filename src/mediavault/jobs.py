@@ -21,6 +21,8 @@ from mediavault.domain.feed import bump_version_lua, version_key
 log = logging.getLogger(__name__)
 
 TRANSCODE = "transcode_media"
+# A video's run, on the video queue: transcode_media hands videos over to it.
+TRANSCODE_VIDEO = "transcode_video"
 
 # The arq releases whose enqueue protocol _ENQUEUE mirrors (pyproject pins arq to them;
 # tests/test_jobs.py compares the script's keys, payload and expiry with arq's own enqueue_job).
@@ -141,3 +143,11 @@ class TranscodeQueue:
                 return await self._batches.submit(run)
             except (RedisError, OSError):
                 return _enqueue_failed(run)
+
+
+async def enqueue_video(redis: ArqRedis, queue_name: str, media_id: uuid.UUID, version: int, transcode_job_id: str) -> None:
+    """Hands a video's run to the video queue, under an id derived from the transcode job's:
+    the same run handed over twice is queued once, a re-enqueued run (a new job id) again."""
+    await redis.enqueue_job(
+        TRANSCODE_VIDEO, str(media_id), version, _job_id=f"video:{transcode_job_id}", _queue_name=queue_name
+    )

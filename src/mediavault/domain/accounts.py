@@ -26,7 +26,9 @@ SELECT user_id, 'grant', quota_bytes FROM created
 _SUMMARY = """
 SELECT a.user_id, a.quota_bytes, a.used_bytes, a.reserved_bytes, a.frozen,
        (SELECT count(*) FROM media m WHERE m.owner_id = a.user_id AND m.deleted_at IS NULL) AS media_count,
-       (SELECT count(*) FROM uploads u WHERE u.user_id = a.user_id AND u.state = 'pending') AS pending_uploads
+       (SELECT count(*) FROM uploads u WHERE u.user_id = a.user_id AND u.state = 'pending') AS pending_uploads,
+       (SELECT coalesce(sum(v.size_bytes), 0)::bigint FROM media m JOIN media_variants v ON v.media_id = m.media_id
+        WHERE m.owner_id = a.user_id AND m.deleted_at IS NULL) AS derived_bytes
 FROM accounts a WHERE a.user_id = $1
 """
 
@@ -54,6 +56,8 @@ class StorageSummary:
     media_count: int
     pending_uploads: int
     frozen: bool
+    # Variants and renditions of the media not deleted; not part of used_bytes.
+    derived_bytes: int
 
     @property
     def available_bytes(self) -> int:

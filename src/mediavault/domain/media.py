@@ -38,8 +38,10 @@ _COLUMNS = """
     coalesce(c.share_count, 0) AS share_count,
     coalesce((SELECT json_agg(json_build_object(
                  'name', v.name, 'object_key', v.object_key, 'content_type', v.content_type,
-                 'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes) ORDER BY v.width)
-              FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants
+                 'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes, 'bitrate', v.bitrate)
+                 ORDER BY v.width, v.name)
+              FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
+    m.duration_seconds, m.frame_rate, m.has_audio, m.source_codec, m.processing_progress
 """
 
 _GET = f"""
@@ -91,30 +93,44 @@ RETURNING media_id, owner_id, kind, content_type, object_key, attempts
 """
 
 _STORE_VARIANT = """
-INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes, bitrate)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (media_id, name) DO UPDATE SET
     version = EXCLUDED.version, object_key = EXCLUDED.object_key, content_type = EXCLUDED.content_type,
-    width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes, created_at = now()
+    width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes, bitrate = EXCLUDED.bitrate,
+    created_at = now()
 """
 
 _COMPLETE = """
 UPDATE media SET processing_status = 'complete', width = $3, height = $4, processing_error = NULL,
-                 processed_at = now(), updated_at = now()
+                 duration_seconds = $5, frame_rate = $6, has_audio = $7, source_codec = $8,
+                 processing_progress = NULL, processed_at = now(), updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
 RETURNING owner_id
 """
 
 _FAIL = """
-UPDATE media SET processing_status = 'failed', processing_error = $3, next_attempt_at = NULL, updated_at = now()
+UPDATE media SET processing_status = 'failed', processing_error = $3, next_attempt_at = NULL,
+                 processing_progress = NULL, updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status IN ('pending', 'processing')
 RETURNING owner_id
 """
 
+# Also the liveness check of a running transcode: no row means the media was deleted or
+# its run superseded, and the transcode stops. updated_at is its heartbeat: the stuck-media
+# sweep leaves a long transcode that still reports progress alone.
+_PROGRESS = """
+UPDATE media SET processing_progress = $3, updated_at = now()
+WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
+RETURNING 1
+"""
+
+_KIND = "SELECT kind FROM media WHERE media_id = $1 AND deleted_at IS NULL"
+
 _DROP_OTHER_VARIANTS = "DELETE FROM media_variants WHERE media_id = $1 AND NOT (name = ANY($2::text[]))"
 
 _RETRY_LATER = """
-UPDATE media SET processing_status = 'pending', processing_error = $3,
+UPDATE media SET processing_status = 'pending', processing_error = $3, processing_progress = NULL,
                  next_attempt_at = now() + make_interval(secs => $4), updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing'
 RETURNING owner_id
@@ -129,6 +145,23 @@ class Variant:
     width: int
     height: int
     size_bytes: int
+    # Bits per second of a video rendition; None for pictures.
+    bitrate: int | None = None
+
+    @property
+    def is_rendition(self) -> bool:
+        """A playable video encoding, as opposed to a picture (poster, thumbnail, ...)."""
+        return self.content_type.startswith("video/")
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    """What a source video is, as probed from its container."""
+
+    duration_seconds: float
+    frame_rate: float
+    has_audio: bool
+    source_codec: str
 
 
 @dataclass(frozen=True)
@@ -155,6 +188,12 @@ class Media:
     like_count: int
     share_count: int
     variants: tuple[Variant, ...] = field(default=())
+    duration_seconds: float | None = None
+    frame_rate: float | None = None
+    has_audio: bool | None = None
+    source_codec: str | None = None
+    # 0-100 while a video transcode runs.
+    processing_progress: int | None = None
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
@@ -200,7 +239,7 @@ def from_row(row: asyncpg.Record) -> Media:
 
 def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:
     """Deterministic per run, so a rerun overwrites; versioned, so a served URL never changes content."""
-    extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png"}[content_type]
+    extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png", "video/mp4": "mp4"}[content_type]
     hex_id = media_id.hex
     return f"variants/{hex_id[:2]}/{hex_id}/v{version}/{name}.{extension}"
 
@@ -295,19 +334,36 @@ class Library:
         row = await self._pool.fetchrow(_CLAIM, media_id, version)
         return Claim(**row) if row else None
 
-    async def complete(self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant]) -> bool:
-        """Records the run's variants and marks it complete; False when the run was superseded."""
+    async def complete(
+        self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant], video: VideoFacts | None = None
+    ) -> bool:
+        """Records the run's variants (and a video's facts) and marks it complete; False when the
+        run was superseded or the media deleted."""
+        facts = (video.duration_seconds, video.frame_rate, video.has_audio, video.source_codec) if video else (None,) * 4
         async with self._pool.acquire() as conn, conn.transaction():
-            owner = await conn.fetchval(_COMPLETE, media_id, version, width, height)
+            owner = await conn.fetchval(_COMPLETE, media_id, version, width, height, *facts)
             if owner is None:
                 return False
             await conn.executemany(
                 _STORE_VARIANT,
-                [(media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes) for v in variants],
+                [
+                    (media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes, v.bitrate)
+                    for v in variants
+                ],
             )
             await conn.execute(_DROP_OTHER_VARIANTS, media_id, [v.name for v in variants])
         await self._feed.changed(owner)
         return True
+
+    async def kind(self, media_id: uuid.UUID) -> str | None:
+        """image or video; None when the media is gone."""
+        kind: str | None = await self._pool.fetchval(_KIND, media_id)
+        return kind
+
+    async def progress(self, media_id: uuid.UUID, version: int, percent: int) -> bool:
+        """Records how far a running transcode is; False when the run is no longer wanted
+        (the media was deleted, or a reprocess superseded the run)."""
+        return await self._pool.fetchval(_PROGRESS, media_id, version, percent) is not None
 
     async def fail(self, media_id: uuid.UUID, version: int, error: str) -> bool:
         """Ends the run FAILED with a reason for the client; False when it was no longer running."""

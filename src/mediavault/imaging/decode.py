@@ -244,8 +244,16 @@ def _srgb_lut(icc: bytes) -> ImageFilter.Color3DLUT | None:
     return ImageFilter.Color3DLUT(_LUT_POINTS, [v / 255 for v in converted.tobytes()])
 
 
+# A poster is the first frame in the first seconds that is not near-black (a fade-in or a
+# lens cap is not what the video shows); frames are looked at this far apart.
+POSTER_SEARCH_SECONDS = 3.0
+_POSTER_SAMPLE_SECONDS = 0.25
+# Mean luma (0-255, full range) at or below which a frame counts as near-black.
+NEAR_BLACK_LUMA = 24
+
+
 def decode_poster(data: bytes, mime: str, limits: Limits) -> Still:
-    """The first decodable keyframe of the first video stream, upright."""
+    """The first frame of the first seconds that is not near-black (else the first frame), upright."""
     try:
         with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[mime]) as container:
             if not container.streams.video:
@@ -257,8 +265,7 @@ def decode_poster(data: bytes, mime: str, limits: Limits) -> Still:
             if codec.width * codec.height > limits.max_pixels:
                 raise PermanentImagingError(VIDEO_TOO_LARGE)
             codec.thread_count = 1
-            codec.skip_frame = "NONKEY"
-            frame = _first_keyframe(container, stream, limits.max_frames)
+            frame = _poster_frame(container, stream, limits.max_frames)
             image = frame.to_image()
             rotation = frame.rotation
             aspect = stream.sample_aspect_ratio or codec.sample_aspect_ratio
@@ -279,11 +286,29 @@ def decode_poster(data: bytes, mime: str, limits: Limits) -> Still:
     return Still(image, image.width, image.height)
 
 
-def _first_keyframe(container: av.container.InputContainer, stream: av.VideoStream, max_packets: int) -> av.VideoFrame:
+def _poster_frame(container: av.container.InputContainer, stream: av.VideoStream, max_packets: int) -> av.VideoFrame:
+    first: av.VideoFrame | None = None
+    next_sample = 0.0
     for count, packet in enumerate(container.demux(stream), start=1):
         for frame in packet.decode():
-            return frame
-        if count >= max_packets:
+            at = float(frame.time) if frame.time is not None else 0.0
+            if first is None:
+                first, start = frame, at
+            elapsed = at - start
+            if elapsed > POSTER_SEARCH_SECONDS:
+                return first
+            if elapsed >= next_sample:
+                if _mean_luma(frame) > NEAR_BLACK_LUMA:
+                    return frame
+                next_sample = elapsed + _POSTER_SAMPLE_SECONDS
+        if first is None and count >= max_packets:
             break
-    raise PermanentImagingError(CORRUPT_VIDEO)
+    if first is None:
+        raise PermanentImagingError(CORRUPT_VIDEO)
+    return first
+
+
+def _mean_luma(frame: av.VideoFrame) -> float:
+    small = frame.reformat(width=32, height=32, format="rgb24").to_image().convert("L")
+    return sum(small.get_flattened_data()) / (32 * 32)
 

@@ -76,7 +76,26 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
                 size_bytes=v.size_bytes,
             )
             for v in media.variants
+            if not v.is_rendition
         ],
+        renditions=[
+            pb.Rendition(
+                name=v.name,
+                url=shown.variant_urls[v.name],
+                content_type=v.content_type,
+                width=v.width,
+                height=v.height,
+                bitrate=v.bitrate or 0,
+                size_bytes=v.size_bytes,
+            )
+            for v in sorted(media.variants, key=lambda v: v.height * v.width)
+            if v.is_rendition
+        ],
+        duration_seconds=media.duration_seconds or 0.0,
+        frame_rate=media.frame_rate or 0.0,
+        has_audio=bool(media.has_audio),
+        source_codec=media.source_codec or "",
+        processing_progress=media.processing_progress or 0,
         feed_url=shown.feed_url,
         original_url=shown.original_url,
         created_at=timestamp(media.created_at),

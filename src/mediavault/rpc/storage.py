@@ -85,6 +85,7 @@ def summary_pb(summary: accounts_domain.StorageSummary) -> pb.StorageSummary:
         media_count=summary.media_count,
         pending_uploads=summary.pending_uploads,
         frozen=summary.frozen,
+        derived_bytes=summary.derived_bytes,
     )
 
 

@@ -233,7 +233,7 @@ class GetStorageSummaryResponse(_message.Message):
     def __init__(self, summary: _Optional[_Union[StorageSummary, _Mapping]] = ...) -> None: ...
 
 class StorageSummary(_message.Message):
-    __slots__ = ("user_id", "quota_bytes", "used_bytes", "reserved_bytes", "available_bytes", "media_count", "pending_uploads", "frozen")
+    __slots__ = ("user_id", "quota_bytes", "used_bytes", "reserved_bytes", "available_bytes", "media_count", "pending_uploads", "frozen", "derived_bytes")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class StorageSummary(_message.Message):
     MEDIA_COUNT_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     quota_bytes: int
     used_bytes: int
@@ -250,7 +251,8 @@ class StorageSummary(_message.Message):
     media_count: int
     pending_uploads: int
     frozen: bool
-    def __init__(self, user_id: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., media_count: _Optional[int] = ..., pending_uploads: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    derived_bytes: int
+    def __init__(self, user_id: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., media_count: _Optional[int] = ..., pending_uploads: _Optional[int] = ..., frozen: _Optional[bool] = ..., derived_bytes: _Optional[int] = ...) -> None: ...
 
 class AddStorageCreditsRequest(_message.Message):
     __slots__ = ("user_id", "provider", "payment_reference", "credit_bytes", "amount_minor", "currency")

@@ -1,0 +1,183 @@
+"""imaging.video: probing and limits from the container, the ladder, and renditions checked by decoding."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mediavault.imaging import ImagingError, PermanentImagingError
+from mediavault.imaging import video as videos
+from mediavault.imaging.decode import NEAR_BLACK_LUMA, decode_poster
+from mediavault.imaging.spec import DEFAULT_LIMITS
+from tests import videos as make
+from tests.conftest import CORPUS
+from tests.workers.test_transcode import children_of
+
+
+async def _always(_done: float) -> bool:
+    return True
+
+
+async def _transcode(path: Path, mime: str, out: Path):
+    source = await videos.probe(path, mime, videos.VideoLimits())
+    out.mkdir(exist_ok=True)
+    made = await videos.transcode(path, mime, source, out, timeout_seconds=60, on_progress=_always, threads=1)
+    return source, made
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("clips")
+
+
+async def test_iphone_hlg_hevc_rotated_becomes_upright_sdr_h264(clips):
+    source_path = make.hlg_rotated_mov(clips / "iphone.mov")
+    source, made = await _transcode(source_path, "video/quicktime", clips / "iphone")
+    assert (source.codec, source.is_hdr, source.has_audio) == ("hevc", True, True)
+    # 320x240 frames with a quarter turn are shown 240x320; below 360p, nothing is upscaled.
+    assert (source.width, source.height) == (240, 320)
+    assert [(r.name, r.width, r.height) for r in made] == [("360p", 240, 320)]
+    stream = make.check_rendition(made[0].path, width=240, height=320, duration=1.0, audio=True)
+    assert (stream["color_transfer"], stream["color_primaries"]) == ("bt709", "bt709")
+    assert made[0].size_bytes == made[0].path.stat().st_size
+    assert made[0].bitrate > 0
+
+
+@pytest.mark.parametrize(("name", "colour", "transfer"), [("hlg", make.HLG, "arib-std-b67"), ("pq", make.PQ, "smpte2084")])
+async def test_hdr_is_tone_mapped_like_the_zscale_reference(clips, name, colour, transfer):
+    source_path = make.hdr(clips / f"{name}.mp4", colour, transfer)
+    _, made = await _transcode(source_path, "video/mp4", clips / name)
+    reference = clips / f"{name}-reference.mp4"
+    make.ffmpeg("-i", str(source_path), "-vf", "zscale=t=linear,tonemap=hable,zscale=t=bt709:m=bt709:p=bt709,format=yuv420p",
+                "-c:v", "libx264", "-crf", "12", str(reference))
+    assert make.ssim(made[0].path, reference) >= 0.90
+    ours, theirs = make.mean_saturation(made[0].path), make.mean_saturation(reference)
+    assert abs(ours - theirs) <= 0.15 * theirs, (ours, theirs)
+    # Not merely decodable: an untouched HLG/PQ signal shown as SDR is grey and washed out.
+    washed = clips / f"{name}-untouched.mp4"
+    make.ffmpeg("-i", str(source_path), "-pix_fmt", "yuv420p", "-c:v", "libx264", "-crf", "12", str(washed))
+    assert make.ssim(washed, reference) < make.ssim(made[0].path, reference)
+
+
+@pytest.mark.parametrize(
+    ("size", "rungs"),
+    [
+        ("320x240", [("360p", 320, 240)]),
+        ("480x360", [("360p", 480, 360)]),
+        ("720x1280", [("360p", 360, 640), ("720p", 720, 1280)]),
+        ("1920x1080", [("360p", 640, 360), ("720p", 1280, 720), ("1080p", 1920, 1080)]),
+    ],
+)
+async def test_the_ladder_follows_the_source_and_never_upscales(clips, size, rungs):
+    seconds = 0.5 if size == "1920x1080" else 1.0
+    source_path = make.h264(clips / f"{size}.mp4", size, seconds)
+    _, made = await _transcode(source_path, "video/mp4", clips / size)
+    assert [(r.name, r.width, r.height) for r in made] == rungs
+    for rendition in made:
+        make.check_rendition(rendition.path, width=rendition.width, height=rendition.height, duration=seconds, audio=True)
+
+
+async def test_anamorphic_pixels_become_square(clips):
+    source, made = await _transcode(make.anamorphic(clips / "anamorphic.mp4"), "video/mp4", clips / "anamorphic")
+    assert (source.coded_width, source.width, source.height) == (480, 640, 360)
+    make.check_rendition(made[0].path, width=640, height=360, duration=1.0, audio=False)
+
+
+async def test_a_silent_source_gives_silent_renditions(clips):
+    _, made = await _transcode(make.h264(clips / "silent.mp4", audio=False), "video/mp4", clips / "silent")
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
+
+
+async def test_sixty_fps_is_halved_and_vfr_keeps_its_length(clips):
+    _, made = await _transcode(make.h264(clips / "60.mp4", rate=60, audio=False), "video/mp4", clips / "60")
+    stream = make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
+    assert stream["avg_frame_rate"] == "30/1"
+    source, made = await _transcode(make.vfr(clips / "vfr.mp4"), "video/mp4", clips / "vfr")
+    make.check_rendition(made[0].path, width=320, height=240, duration=source.duration_seconds, audio=False)
+
+
+async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips):
+    # The corpus file is Matroska written live: no duration in its header.
+    source, made = await _transcode(CORPUS / "video/test.webm", "video/webm", clips / "webm")
+    assert 3.0 < source.duration_seconds < 3.2
+    for rendition in made:
+        make.check_rendition(rendition.path, width=rendition.width, height=rendition.height,
+                             duration=source.duration_seconds, audio=source.has_audio)
+
+
+@pytest.mark.parametrize(
+    ("build", "limits", "reason"),
+    [
+        (lambda d: make.claims_hours(d / "long.mp4", make.h264(d / "short.mp4")), videos.VideoLimits(), videos.VIDEO_TOO_LONG),
+        (lambda d: make.truncated(d / "cut.mp4", make.h264(d / "whole.mp4", faststart=False)), videos.VideoLimits(), "corrupt video"),
+        (lambda d: make.tiny(d / "dot.mp4"), videos.VideoLimits(), videos.VIDEO_TOO_SMALL),
+        (lambda d: make.h264(d / "wide.mp4"), videos.VideoLimits(max_long_side=300), videos.VIDEO_TOO_LARGE),
+        (lambda d: make.h264(d / "fast.mp4", rate=60), videos.VideoLimits(max_frame_rate=50), videos.FRAME_RATE_TOO_HIGH),
+        (lambda d: _write(d / "text.mp4", b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 100), videos.VideoLimits(), "corrupt video"),
+    ],
+    ids=["claims-10h", "truncated", "1x1", "too-large", "too-fast", "garbage"],
+)
+async def test_refused_from_the_container_before_decoding(tmp_path, build, limits, reason):
+    path = build(tmp_path)
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(path, "video/mp4", limits)
+    assert refused.value.message == reason
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+async def test_a_cancelled_run_kills_ffmpeg_at_once(clips):
+    source_path = make.h264(clips / "cancel.mp4", "1280x720", 4.0, audio=False)
+    source = await videos.probe(source_path, "video/mp4", videos.VideoLimits())
+    seen: list[float] = []
+
+    async def cancel_at_first_report(done: float) -> bool:
+        seen.append(done)
+        return False
+
+    with pytest.raises(videos.Cancelled):
+        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=60, on_progress=cancel_at_first_report)
+    assert len(seen) == 1
+    assert seen[0] < 1.0
+
+
+async def test_a_transcode_past_its_time_limit_fails_for_good(clips):
+    source_path = make.h264(clips / "slow.mp4", "1280x720", 4.0, audio=False)
+    source = await videos.probe(source_path, "video/mp4", videos.VideoLimits())
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=0.05, on_progress=_always)
+    assert refused.value.message == "processing timed out"
+
+
+def test_the_poster_skips_a_black_lead_in(clips):
+    path = make.black_lead_in(clips / "fade.mp4")
+    still = decode_poster(path.read_bytes(), "video/mp4", DEFAULT_LIMITS)
+    assert still.image.convert("L").resize((32, 32)).getextrema()[1] > 200
+    assert sum(still.image.convert("L").resize((32, 32)).get_flattened_data()) / 1024 > NEAR_BLACK_LUMA
+
+
+def test_an_all_black_start_past_the_search_window_gives_the_first_frame(clips):
+    path = make.black_lead_in(clips / "long-fade.mp4", seconds_black=4.0)
+    still = decode_poster(path.read_bytes(), "video/mp4", DEFAULT_LIMITS)
+    assert still.image.convert("L").getextrema()[1] < NEAR_BLACK_LUMA
+
+
+async def test_an_ffmpeg_killed_by_someone_else_fails_the_attempt_not_the_media(clips):
+    source_path = make.h264(clips / "oom.mp4", "1280x720", 4.0, audio=False)
+    source = await videos.probe(source_path, "video/mp4", videos.VideoLimits())
+
+    async def kill_ffmpeg(_done: float) -> bool:
+        for pid in children_of(os.getpid()):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ffmpeg":
+                os.kill(pid, signal.SIGKILL)
+        return True
+
+    with pytest.raises(ImagingError) as failed:
+        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=60, on_progress=kill_ffmpeg)
+    assert not isinstance(failed.value, PermanentImagingError), "the OOM killer's victim is retried"

@@ -1,0 +1,166 @@
+"""Test videos made at run time with Debian's ffmpeg (nothing large is committed), and
+the checks every rendition must pass: probed and decoded, not trusted."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+HLG = ["-color_primaries", "bt2020", "-color_trc", "arib-std-b67", "-colorspace", "bt2020nc"]
+PQ = ["-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "bt2020nc"]
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+
+
+def _testsrc(size: str, seconds: float, rate: int = 30) -> list[str]:
+    return ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
+
+
+def _tone(seconds: float) -> list[str]:
+    return ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
+
+
+def _hevc10(colour: list[str], transfer: str) -> list[str]:
+    return [
+        "-c:v", "libx265", "-pix_fmt", "yuv420p10le", "-tag:v", "hvc1",
+        "-x265-params", f"log-level=error:colorprim=bt2020:transfer={transfer}:colormatrix=bt2020nc", *colour,
+    ]
+
+
+def h264(path: Path, size: str = "320x240", seconds: float = 1.0, *, audio: bool = True, rate: int = 30,
+         faststart: bool = True) -> Path:
+    ffmpeg(*_testsrc(size, seconds, rate), *(_tone(seconds) if audio else []),
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           *(["-c:a", "aac", "-shortest"] if audio else []),
+           *(["-movflags", "+faststart"] if faststart else []), str(path))
+    return path
+
+
+def anamorphic(path: Path) -> Path:
+    """480x360 stored pixels that are 4:3 wide each: shown as 640x360."""
+    ffmpeg(*_testsrc("480x360", 1.0), "-vf", "setsar=4/3", "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+def hlg_rotated_mov(path: Path, size: str = "320x240", seconds: float = 1.0) -> Path:
+    """An iPhone-like clip: HEVC 10-bit HLG tagged hvc1 in a .mov, sound, a 90° display matrix."""
+    plain = path.with_suffix(".plain.mov")
+    ffmpeg(*_testsrc(size, seconds), *_tone(seconds), *_hevc10(HLG, "arib-std-b67"), "-c:a", "aac", "-shortest", str(plain))
+    # Debian's ffmpeg 5.1 writes the display matrix from the rotate tag only when copying.
+    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(path))
+    plain.unlink()
+    return path
+
+
+def hdr(path: Path, colour: list[str], transfer: str, size: str = "320x240", seconds: float = 1.0) -> Path:
+    ffmpeg(*_testsrc(size, seconds), *_hevc10(colour, transfer), str(path))
+    return path
+
+
+def vfr(path: Path) -> Path:
+    """Frames dropped unevenly, timestamps kept: 30 fps, then 10, then 30."""
+    ffmpeg(*_testsrc("320x240", 1.5), "-vf", "select='lt(t,0.5)+gt(t,1)+not(mod(n,3))'", "-fps_mode", "vfr",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+def black_lead_in(path: Path, seconds_black: float = 2.0) -> Path:
+    """Black for the first seconds, then a bright test picture."""
+    ffmpeg("-f", "lavfi", "-i", f"color=black:size=320x240:rate=30:duration={seconds_black}",
+           *_testsrc("320x240", 1.0), "-filter_complex", "[0:v][1:v]concat=n=2:v=1[v]", "-map", "[v]",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+def tiny(path: Path) -> Path:
+    """A 1x1 video (4:4:4, which H.264 allows at odd sizes)."""
+    ffmpeg("-f", "lavfi", "-i", "color=red:size=16x16:rate=30:duration=0.5", "-vf", "scale=1:1", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p", str(path))
+    return path
+
+
+def truncated(path: Path, source: Path) -> Path:
+    """The first half of an MP4 whose index (moov) comes last: the index is gone."""
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def claims_hours(path: Path, source: Path, hours: float = 10.0) -> Path:
+    """source with its movie and media headers (mvhd, mdhd) claiming `hours`."""
+    data = bytearray(source.read_bytes())
+    for box in (b"mvhd", b"mdhd"):
+        at = 0
+        while (at := data.find(box, at)) != -1:
+            # version 0: version/flags, creation, modification, timescale, duration (4 bytes each)
+            timescale = struct.unpack_from(">I", data, at + 16)[0]
+            struct.pack_into(">I", data, at + 20, int(timescale * hours * 3600))
+            at += 4
+    path.write_bytes(bytes(data))
+    return path
+
+
+def probe(path: Path) -> dict:
+    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_streams", "-show_format", str(path)],
+                         check=True, capture_output=True).stdout
+    return json.loads(out)
+
+
+def rotation(stream: dict) -> int:
+    for side in stream.get("side_data_list", ()):
+        if "rotation" in side:
+            return int(side["rotation"])
+    return int(stream.get("tags", {}).get("rotate", 0))
+
+
+def check_rendition(path: Path, *, width: int, height: int, duration: float, audio: bool) -> dict:
+    """Asserts what every rendition must be, from ffprobe and a full decode; returns the video stream."""
+    report = probe(path)
+    video = [s for s in report["streams"] if s["codec_type"] == "video"]
+    sound = [s for s in report["streams"] if s["codec_type"] == "audio"]
+    assert len(video) == 1
+    stream = video[0]
+    assert stream["codec_name"] == "h264"
+    assert stream["profile"] == "High"
+    assert stream["pix_fmt"] == "yuv420p"
+    assert (stream["width"], stream["height"]) == (width, height)
+    assert stream.get("sample_aspect_ratio", "1:1") in ("1:1", "0:1")
+    assert rotation(stream) == 0
+    assert abs(float(report["format"]["duration"]) - duration) <= 0.1, report["format"]["duration"]
+    assert float(stream["avg_frame_rate"].split("/")[0]) / float(stream["avg_frame_rate"].split("/")[1]) <= 30.01
+    if audio:
+        assert len(sound) == 1
+        assert sound[0]["codec_name"] == "aac"
+        assert sound[0]["profile"] == "LC"
+        assert sound[0]["channels"] == 2
+    else:
+        assert not sound
+    data = path.read_bytes()
+    assert 0 <= data.find(b"moov") < data.find(b"mdat"), "the index comes before the media data (+faststart)"
+    # Every frame decodes without an error.
+    subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"], check=True)
+    return stream
+
+
+def ssim(a: Path, b: Path) -> float:
+    out = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-i", str(a), "-i", str(b), "-lavfi", "ssim", "-f", "null", "-"],
+                         check=True, capture_output=True, text=True).stderr
+    return float(out.rsplit("All:", 1)[1].split()[0])
+
+
+def mean_saturation(path: Path) -> float:
+    """Mean HSV saturation (0-255) over every frame, decoded with PyAV."""
+    import av
+
+    total, count = 0.0, 0
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            hsv = frame.to_image().convert("HSV")
+            saturation = hsv.getchannel("S")
+            total += sum(saturation.get_flattened_data()) / (saturation.width * saturation.height)
+            count += 1
+    return total / count

@@ -1,0 +1,135 @@
+"""transcode_video over real gRPC, PostgreSQL, Redis, the blob listener and both worker queues."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.media.v1 import media_pb2_grpc
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests import videos as make
+from tests.conftest import CORPUS, running, running_worker
+from tests.helpers import fetch, settled, upload
+from tests.workers.test_transcode import children_of, is_alive
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("clips")
+
+
+async def test_an_iphone_video_completes_with_renditions_metadata_and_ranges(storage, media, auth, user_id, worker, clips):
+    md = auth(user_id)
+    source = make.hlg_rotated_mov(clips / "iphone.mov", size="640x480")
+    done = await upload(storage, md, source.read_bytes(), filename="IMG_0001.MOV", content_type="video/quicktime")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert item.kind == mpb.MEDIA_KIND_VIDEO
+    assert (item.width, item.height) == (480, 640), "shown upright"
+    assert abs(item.duration_seconds - 1.0) < 0.05
+    assert item.frame_rate == 30.0
+    assert item.has_audio
+    assert item.source_codec == "hevc"
+    assert item.processing_progress == 0, "nothing runs any more"
+    assert {v.name for v in item.variants} == {"poster", "thumbnail", "preview"}
+    assert [(r.name, r.width, r.height, r.content_type) for r in item.renditions] == [("360p", 360, 480, "video/mp4")]
+    rendition = item.renditions[0]
+
+    status, body, headers = await fetch(rendition.url)
+    assert status == 200
+    assert headers["Content-Type"] == "video/mp4"
+    assert len(body) == rendition.size_bytes
+    assert rendition.bitrate == pytest.approx(rendition.size_bytes * 8 / item.duration_seconds, rel=0.05)
+    played = clips / "played.mp4"
+    played.write_bytes(body)
+    make.check_rendition(played, width=360, height=480, duration=1.0, audio=True)
+    # Players seek with byte ranges.
+    status, part, headers = await fetch(rendition.url, {"Range": "bytes=100-199"})
+    assert status == 206
+    assert part == body[100:200]
+    assert headers["Content-Range"] == f"bytes 100-199/{len(body)}"
+    assert headers["Content-Type"] == "video/mp4"
+
+    feed = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    shown = next(m for m in feed.media if m.media_id == done.media_id)
+    assert [(r.name, r.size_bytes) for r in shown.renditions] == [(rendition.name, rendition.size_bytes)]
+    assert shown.duration_seconds == item.duration_seconds
+
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert summary.derived_bytes == sum(v.size_bytes for v in item.variants) + rendition.size_bytes
+    assert summary.used_bytes == source.stat().st_size, "derived bytes do not count against the quota"
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda d: make.claims_hours(d / "long.mp4", make.h264(d / "short.mp4")), "video too long"),
+        (lambda d: make.truncated(d / "cut.mp4", make.h264(d / "whole.mp4", faststart=False)), "corrupt video"),
+        (lambda d: make.tiny(d / "dot.mp4"), "video too small"),
+    ],
+    ids=["claims-10h", "truncated", "1x1"],
+)
+async def test_refused_videos_fail_once_with_their_reason(storage, media, auth, user_id, worker, tmp_path, build, reason):
+    md = auth(user_id)
+    data = build(tmp_path).read_bytes()
+    done = await upload(storage, md, data, filename="clip.mp4", content_type="video/mp4")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
+    assert item.processing_error == reason
+    assert item.attempts == 1, "never retried"
+    assert not item.renditions
+
+
+async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_transcode(
+    make_settings, auth, user_id, pool, clips
+):
+    settings = make_settings(queue_name=f"video-cancel:{user_id}", video_ffmpeg_threads=1)
+    source = make.h264(clips / "long.mp4", "1280x720", 10.0, audio=False)
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        media = media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        done = await upload(storage, md, source.read_bytes(), filename="long.mp4", content_type="video/mp4")
+        async with running_worker(settings):
+            progress = []
+            deadline = time.monotonic() + 60
+            while not progress or progress[-1] < 5:
+                assert time.monotonic() < deadline, "no progress reported"
+                item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+                if item.processing_progress:
+                    progress.append(item.processing_progress)
+                await asyncio.sleep(0.05)
+            assert progress == sorted(progress)
+            assert progress[-1] < 100
+            assert _ffmpeg_running()
+            # The video holds no place on the photo queue: a photo completes while it transcodes.
+            photo = await upload(storage, md, (CORPUS / "images/camera/jolla.jpg").read_bytes(), filename="jolla.jpg")
+            assert (await settled(media, md, photo.media_id)).processing_status == mpb.PROCESSING_STATUS_COMPLETE
+            item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+            assert item.processing_status == mpb.PROCESSING_STATUS_PROCESSING
+            await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md)
+            deadline = time.monotonic() + 5
+            while _ffmpeg_running():
+                assert time.monotonic() < deadline, "ffmpeg still runs after the media was deleted"
+                await asyncio.sleep(0.05)
+        hex_id = done.media_id.replace("-", "")
+        assert not list((Path(settings.blob_dir) / "variants" / hex_id[:2] / hex_id).rglob("*.*"))
+        assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
+
+
+def _ffmpeg_running() -> bool:
+    """Whether this process (whose event loop runs the workers) has an ffmpeg child alive."""
+    for pid in children_of(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ffmpeg" and is_alive(pid):
+                return True
+        except OSError:
+            continue
+    return False

@@ -1,0 +1,164 @@
+"""transcode_video: a video's original -> H.264 renditions, poster variants, facts -> status.
+
+Runs on the video queue (workers.settings.video_worker_settings), so that a long
+transcode never holds a photo's place. Idempotent per (media, variants_version) like
+transcode_media: keys are deterministic per run, and a rerun overwrites them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from arq import Retry
+
+from mediavault import metrics
+from mediavault.blobs import single_chunk
+from mediavault.config import Settings
+from mediavault.domain import content_types
+from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, VideoFacts, variant_key
+from mediavault.imaging import PermanentImagingError
+from mediavault.imaging import video as videos
+from mediavault.imaging.decode import sniff
+from workers.transcode import TRANSIENT_ERRORS, backoff
+
+log = logging.getLogger(__name__)
+
+# The database is told of progress at most this often; each report is also the check
+# that the run is still wanted.
+PROGRESS_EVERY_SECONDS = 0.5
+MP4 = "video/mp4"
+
+
+def limits(settings: Settings) -> videos.VideoLimits:
+    return videos.VideoLimits(
+        max_duration_seconds=settings.video_max_duration_seconds,
+        max_long_side=settings.video_max_long_side_px,
+        max_frame_rate=settings.video_max_frame_rate,
+    )
+
+
+async def transcode_video(ctx: dict[str, Any], media_id: str, version: int) -> str:
+    try:
+        return await _transcode_video(ctx, uuid.UUID(media_id), version)
+    except TRANSIENT_ERRORS as exc:
+        job_try = ctx.get("job_try", 1)
+        delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
+        log.warning("video job hit an infrastructure fault; retrying",
+                    extra={"media_id": media_id, "job_try": job_try, "delay_seconds": delay}, exc_info=True)
+        metrics.TRANSCODE_OUTCOMES.labels("retry", type(exc).__name__).inc()
+        raise Retry(defer=delay) from exc
+
+
+class _Progress:
+    """The progress callback of one run: whole percents, at most every PROGRESS_EVERY_SECONDS."""
+
+    def __init__(self, library: Library, media_id: uuid.UUID, version: int) -> None:
+        self.library = library
+        self.media_id = media_id
+        self.version = version
+        self.reported = -1
+        self.at = 0.0
+
+    async def __call__(self, done: float) -> bool:
+        percent = min(99, int(done * 100))
+        now = time.monotonic()
+        if percent == self.reported or now - self.at < PROGRESS_EVERY_SECONDS:
+            return True
+        self.reported, self.at = percent, now
+        return await self.library.progress(self.media_id, self.version, percent)
+
+
+async def _transcode_video(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
+    library: Library = ctx["library"]
+    settings: Settings = ctx["settings"]
+    claim = await library.claim(media_id, version)
+    if claim is None:
+        return "skipped"
+    started = time.perf_counter()
+    written: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mediavault-video-") as scratch:
+            outcome, reason = await _run(ctx, claim.media_id, version, claim.object_key, claim.content_type,
+                                         Path(scratch), written)
+    except videos.Cancelled:
+        outcome, reason = "cancelled", ""
+    except PermanentImagingError as exc:
+        await library.fail(media_id, version, exc.message)
+        outcome, reason = "failed", exc.message
+    except TRANSIENT_ERRORS as exc:
+        await _forget(ctx, written)
+        log.warning("video attempt failed", extra={"media_id": str(media_id), "attempt": claim.attempts}, exc_info=True)
+        metrics.TRANSCODE_OUTCOMES.labels("retry" if claim.attempts < MAX_ATTEMPTS else "failed", type(exc).__name__).inc()
+        if claim.attempts >= MAX_ATTEMPTS:
+            await library.fail(media_id, version, "processing failed, try again later")
+            return "failed"
+        delay = backoff(settings.transcode_retry_base_seconds, claim.attempts)
+        await library.retry_later(media_id, version, "temporary error, retrying", delay)
+        raise Retry(defer=delay) from exc
+    if outcome in ("cancelled", "superseded"):
+        await _forget(ctx, written)
+    metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()
+    metrics.TRANSCODE_SECONDS.labels("video").observe(time.perf_counter() - started)
+    log.info("video transcode finished", extra={"media_id": str(media_id), "outcome": outcome, "reason": reason})
+    return outcome
+
+
+async def _run(
+    ctx: dict[str, Any], media_id: uuid.UUID, version: int, object_key: str, content_type: str, scratch: Path,
+    written: list[str],
+) -> tuple[str, str]:
+    library: Library = ctx["library"]
+    settings: Settings = ctx["settings"]
+    data = await ctx["blobs"].read(object_key)
+    mime = sniff(data, content_type)
+    if content_types.kind_of(mime) != "video":
+        raise PermanentImagingError("unsupported format")
+    source_path = scratch / "source"
+    source_path.write_bytes(data)
+    del data
+    source = await videos.probe(source_path, mime, limits(settings))
+    renditions = await videos.transcode(
+        source_path, mime, source, scratch,
+        timeout_seconds=settings.video_timeout_seconds(source.duration_seconds),
+        on_progress=_Progress(library, media_id, version),
+        threads=settings.video_ffmpeg_threads,
+    )
+    # The poster comes from the smallest rendition: already upright, square-pixelled and
+    # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
+    poster = await ctx["transcoder"].run(renditions[0].path.read_bytes(), MP4)
+    stored = []
+    for made in poster.variants:
+        key = variant_key(media_id, version, made.name, made.content_type)
+        written.append(key)
+        await ctx["blobs"].write(key, single_chunk(made.data), content_type=made.content_type)
+        stored.append(Variant(made.name, key, made.content_type, made.width, made.height, len(made.data)))
+    for rendition in renditions:
+        key = variant_key(media_id, version, rendition.name, MP4)
+        written.append(key)
+        await ctx["blobs"].write(key, _file_chunks(rendition.path), content_type=MP4)
+        stored.append(Variant(rendition.name, key, MP4, rendition.width, rendition.height, rendition.size_bytes,
+                              rendition.bitrate))
+    facts = VideoFacts(source.duration_seconds, source.frame_rate, source.has_audio, source.codec)
+    if await library.complete(media_id, version, source.width, source.height, stored, facts):
+        return "complete", ""
+    return "superseded", ""
+
+
+async def _file_chunks(path: Path, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            yield chunk
+
+
+async def _forget(ctx: dict[str, Any], keys: list[str]) -> None:
+    """Deletes what a run that will not complete had written; the purge job is the backstop."""
+    if keys:
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await ctx["blobs"].delete_many(keys)
