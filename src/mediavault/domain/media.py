@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -40,7 +40,7 @@ _COLUMNS = """
     coalesce(c.share_count, 0) AS share_count,
     coalesce((SELECT json_agg(json_build_object(
                  'name', v.name, 'object_key', v.object_key, 'content_type', v.content_type,
-                 'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes) ORDER BY v.width, v.content_type)
+                 'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes) ORDER BY v.width, v.name, v.content_type)
               FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants
 """
 

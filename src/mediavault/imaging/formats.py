@@ -23,6 +23,7 @@ there already.
 from __future__ import annotations
 
 import io
+
 import pillow_avif  # noqa: F401  registers the AVIF encoder with Pillow
 from PIL import Image
 
