@@ -227,7 +227,7 @@ async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, aut
     second = await settled(media, md, done.media_id)
     assert second.processing_status == mpb.PROCESSING_STATUS_COMPLETE
     keys = [r["object_key"] for r in await pool.fetch("SELECT object_key FROM media_variants WHERE media_id = $1::uuid", done.media_id)]
-    assert len(keys) == 3
+    assert len(keys) == 7, "display, and thumbnail and preview in JPEG, WebP and AVIF"
     assert all("/v1/" in k for k in keys)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=auth("someone"))

@@ -3,21 +3,21 @@
 Every variant has a primary format, JPEG (WebP for pictures with alpha), which every client
 decodes. A spec's `alternates` (spec.Alternate) are made from the same resized pixels in
 the same job, so a client that decodes AVIF or WebP (MediaService's `accept`) gets the same
-picture in fewer bytes. Only the thumbnail and the preview have them, eagerly:
+picture in fewer bytes. Only the thumbnail and the preview have them, made eagerly; the
+figures behind each choice are in bench/README.md (delivery):
 
-- They are what a feed page is made of: bench/delivery.py measures a page of AVIF at
-  about half of the JPEG page's bytes and WebP at about two thirds, at a quality that
-  scores at least as well as the JPEG (SSIMULACRA2 against the unencoded resize).
-- At their sizes AVIF (libaom at speed 9) and WebP (method 4) cost a few milliseconds
-  each, a small part of a job whose decode dominates; made on demand, the first viewer
-  of each item would wait for that encode, and a cache would have to remember it.
-- The display variant keeps JPEG alone: it is opened one at a time, and AVIF at 12 MP
-  costs about a second of a worker's core per photo.
+- They are what a feed page is made of, and a page of them in AVIF or WebP takes a fraction
+  of the JPEG page's bytes at a quality that scores at least as well (SSIMULACRA2).
+- At their sizes each encode costs a small part of a job that decodes a whole photo; made on
+  demand instead, the first viewer of each item would wait for it, and a second code path
+  (a request that writes variants) would be needed to remember it.
+- The display variant keeps JPEG alone: it is opened one at a time, where the bytes matter
+  less, and an AVIF of its size costs many times the whole JPEG job.
 
 AVIF comes from libavif through pillow-avif-plugin (the wheel bundles libaom to encode
-and dav1d to decode; pillow-heif's libheif has no AV1 encoder built in). Alpha is kept in
-both alternates. An alternate over the variant's byte budget is left out: the primary is
-there already.
+and dav1d to decode; pillow-heif's libheif is built without an AV1 encoder). Alpha is kept
+in both alternates. An alternate over the variant's byte budget is left out: the primary
+is there already.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ AVIF = "image/avif"
 WEBP = "image/webp"
 JPEG = "image/jpeg"
 
-# libaom's speed 9 encodes a preview about four times as fast as speed 8 for 3% more
-# bytes; one thread, since a pool already runs one worker per core.
+# libaom's fastest speed for still images: slower speeds buy a few percent of bytes for
+# several times the time (bench/README.md). One thread: a pool runs one worker per core.
 _AVIF_SPEED = 9
-# libwebp's method 4 (its default) against method 2: 4% fewer bytes for twice the time.
+# libwebp's default effort; method 2 is faster for a few percent more bytes.
 _WEBP_METHOD = 4
 
 
