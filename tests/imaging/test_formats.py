@@ -19,15 +19,19 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
 
 
-@pytest.mark.parametrize("relative", ["images/camera/jolla.jpg", "images/formats/rommel.jpg", "images/heic/IMG_5195.HEIC"])
-def test_thumbnail_and_preview_come_in_avif_and_webp_with_the_same_picture_in_fewer_bytes(relative):
+PHOTOS = ["images/camera/jolla.jpg", "images/formats/rommel.jpg", "images/heic/IMG_5195.HEIC"]
+
+
+@pytest.mark.parametrize("relative", PHOTOS)
+def test_thumbnail_and_preview_come_in_other_formats_with_the_same_picture_in_fewer_bytes(relative):
     result = transcoded(relative)
     by_name = {v.name: v for v in result.variants}
     assert by_name["display"].alternates == ()
     for name in ("thumbnail", "preview"):
         primary = by_name[name]
         assert primary.content_type == "image/jpeg"
-        assert [a.content_type for a in primary.alternates] == [AVIF, WEBP]
+        # In the spec's order, each only when smaller than the JPEG.
+        assert [a.content_type for a in primary.alternates] in ([AVIF, WEBP], [AVIF], [WEBP], [])
         reference = open_variant(primary.data)
         for alternate in primary.alternates:
             picture = open_variant(alternate.data)
@@ -37,6 +41,14 @@ def test_thumbnail_and_preview_come_in_avif_and_webp_with_the_same_picture_in_fe
             assert len(alternate.data) < len(primary.data) <= SPECS[name].max_bytes
             # Both are lossy encodes of the same resize: they differ by a few levels, not by content.
             assert mean_difference(picture, reference) < 6, (name, alternate.content_type)
+
+
+def test_the_corpus_photos_get_avif_thumbnails_and_previews():
+    # At matched quality AVIF is smaller than the JPEG on these photos (bench/README.md, delivery).
+    for relative in PHOTOS:
+        for variant in transcoded(relative).variants:
+            if variant.name in ("thumbnail", "preview"):
+                assert AVIF in {a.content_type for a in variant.alternates}, (relative, variant.name)
 
 
 def test_alternates_carry_no_metadata():
@@ -70,19 +82,19 @@ def test_video_thumbnail_and_preview_get_alternates_and_the_poster_none():
     assert {a.content_type for a in by_name["thumbnail"].alternates} == {AVIF, WEBP}
 
 
-def test_an_alternate_over_the_budget_is_left_out_and_the_primary_kept():
+def test_an_alternate_no_smaller_than_the_primary_is_left_out():
     noise = Image.effect_noise((300, 300), 120).convert("RGB")
     data = io.BytesIO()
     noise.save(data, "PNG")
-    tight = VariantSpec(
-        "thumbnail", box=300, quality=60, max_bytes=60_000, min_quality=10,
-        alternates=(Alternate(AVIF, quality=100), Alternate(WEBP, quality=10)),
+    spec = VariantSpec(
+        "thumbnail", box=300, quality=60, max_bytes=200_000,
+        alternates=(Alternate(AVIF, quality=30), Alternate(WEBP, quality=100)),
     )
-    variants = VariantSet(image=(tight,), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
+    variants = VariantSet(image=(spec,), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
     (thumbnail,) = transcode(data.getvalue(), "image/png", variants=variants).variants
-    assert len(thumbnail.data) <= 60_000
-    assert len(encode(noise, AVIF, 100)) > 60_000
-    assert [a.content_type for a in thumbnail.alternates] == [WEBP]
+    assert len(encode(noise, WEBP, 100)) > len(thumbnail.data)
+    assert [a.content_type for a in thumbnail.alternates] == [AVIF]
+    assert len(thumbnail.alternates[0].data) < len(thumbnail.data)
 
 
 def test_encode_refuses_a_format_it_has_no_encoder_for():

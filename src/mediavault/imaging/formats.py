@@ -16,8 +16,7 @@ figures behind each choice are in bench/README.md (delivery):
 
 AVIF comes from libavif through pillow-avif-plugin (the wheel bundles libaom to encode
 and dav1d to decode; pillow-heif's libheif is built without an AV1 encoder). Alpha is kept
-in both alternates. An alternate over the variant's byte budget is left out: the primary
-is there already.
+in both alternates.
 """
 
 from __future__ import annotations
@@ -55,13 +54,18 @@ def encode(picture: Image.Image, content_type: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def alternates(picture: Image.Image, spec: VariantSpec, primary: str) -> list[tuple[str, bytes]]:
-    """(content type, bytes) of each of the spec's alternates but the primary's format, within its budget."""
+def alternates(picture: Image.Image, spec: VariantSpec, primary: str, primary_bytes: int) -> list[tuple[str, bytes]]:
+    """(content type, bytes) of each of the spec's alternates but the primary's format that is smaller than the primary.
+
+    An alternate at least as large as the primary is left out: at its quality it looks no
+    better (the qualities are matched), so a client that prefers its format is better
+    served by the primary. That also keeps every alternate within the variant's budget.
+    """
     made = []
     for alternate in spec.alternates:
         if alternate.content_type == primary:
             continue
         data = encode(picture, alternate.content_type, alternate.quality)
-        if len(data) <= spec.max_bytes:
+        if len(data) < primary_bytes:
             made.append((alternate.content_type, data))
     return made

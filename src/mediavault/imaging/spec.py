@@ -79,10 +79,10 @@ def fit(width: int, height: int, box: int) -> tuple[int, int]:
 # The alternates' qualities: the lowest on each format's scale whose mean SSIMULACRA2
 # against the unencoded resize is at least the JPEG's at the variant's quality, on the
 # corpus photos (bench/delivery.py checks that they still are).
-AVIF_THUMBNAIL_QUALITY = 60
-AVIF_PREVIEW_QUALITY = 60
-WEBP_THUMBNAIL_QUALITY = 80
-WEBP_PREVIEW_QUALITY = 80
+AVIF_THUMBNAIL_QUALITY = 70
+AVIF_PREVIEW_QUALITY = 75
+WEBP_THUMBNAIL_QUALITY = 85
+WEBP_PREVIEW_QUALITY = 90
 
 # Budgets in decimal units (40 KB = 40,000 bytes), which also meets them read as KiB.
 THUMBNAIL = VariantSpec(

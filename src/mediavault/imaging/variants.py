@@ -63,7 +63,7 @@ def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[V
 
 
 def _with_alternates(primary: Variant, picture: Image.Image, spec: VariantSpec) -> Variant:
-    made = formats.alternates(picture, spec, primary.content_type)
+    made = formats.alternates(picture, spec, primary.content_type, len(primary.data))
     return replace(primary, alternates=tuple(Variant(spec.name, ct, *picture.size, data) for ct, data in made))
 
 
