@@ -1,22 +1,25 @@
-"""The formats a variant is encoded in besides its primary one: AVIF and WebP for the feed's images.
+"""The formats a variant is encoded in besides its primary one: AVIF for the feed's images.
 
 Every variant has a primary format, JPEG (WebP for pictures with alpha), which every client
 decodes. A spec's `alternates` (spec.Alternate) are made from the same resized pixels in
-the same job, so a client that decodes AVIF or WebP (MediaService's `accept`) gets the same
-picture in fewer bytes. Only the thumbnail and the preview have them, made eagerly; the
-figures behind each choice are in bench/README.md (delivery):
+the same job, so a client that decodes them (MediaService's `accept`) gets the same picture
+in fewer bytes. The choices, per variant and format, follow from bench/delivery.py's
+figures (bench/README.md, delivery), each format at the quality that scores at least as
+well as the JPEG (SSIMULACRA2 against the unencoded resize):
 
-- They are what a feed page is made of, and a page of them in AVIF or WebP takes a fraction
-  of the JPEG page's bytes at a quality that scores at least as well (SSIMULACRA2).
-- At their sizes each encode costs a small part of a job that decodes a whole photo; made on
-  demand instead, the first viewer of each item would wait for it, and a second code path
-  (a request that writes variants) would be needed to remember it.
-- The display variant keeps JPEG alone: it is opened one at a time, where the bytes matter
-  less, and an AVIF of its size costs many times the whole JPEG job.
+- AVIF for the thumbnail and the preview, made eagerly: they are what a feed page is made
+  of, AVIF takes fewer bytes than the JPEG at that quality, and each encode costs a small
+  part of a job that decodes a whole photo. Made on demand instead, the first viewer of each
+  item would wait for an encode, and a request would have to write variants.
+- No WebP beside a JPEG: at these sizes a WebP that scores as well is about as large as the
+  JPEG, so it would cost encoding time and storage for nothing; a client that prefers WebP
+  gets the JPEG. Pictures with alpha have WebP as their primary, and AVIF beside it.
+- The display variant keeps its primary alone: it is opened one at a time, and an AVIF of
+  its size costs many times the whole JPEG job.
+- Per picture, an alternate no smaller than its primary is left out (`alternates`).
 
 AVIF comes from libavif through pillow-avif-plugin (the wheel bundles libaom to encode
-and dav1d to decode; pillow-heif's libheif is built without an AV1 encoder). Alpha is kept
-in both alternates.
+and dav1d to decode; pillow-heif's libheif is built without an AV1 encoder). Alpha is kept.
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ type Variant struct {
 	// Size of the encoded variant in bytes.
 	SizeBytes int64 `protobuf:"varint,6,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
 	// The same variant in its other formats, in the order the request's accept ranks them (then
-	// the server's: JPEG, WebP, PNG, AVIF). Thumbnails and previews exist as AVIF, WebP and JPEG.
+	// the server's: JPEG, WebP, PNG, AVIF). Thumbnails and previews exist as JPEG and AVIF (WebP
+	// and AVIF for images with alpha); an AVIF that would be no smaller is not made.
 	Alternatives         []*VariantFormat `protobuf:"bytes,10,rep,name=alternatives,proto3" json:"alternatives,omitempty"`
 	XXX_NoUnkeyedLiteral struct{}         `json:"-"`
 	XXX_unrecognized     []byte           `json:"-"`
@@ -578,7 +579,7 @@ type GetMediaRequest struct {
 	MediaId string `protobuf:"bytes,1,opt,name=media_id,json=mediaId,proto3" json:"media_id,omitempty"`
 	// Image MIME types the client decodes, most preferred first (image/avif, image/webp,
 	// image/jpeg; image/* and */* accept any). Each variant answers in the first of them it
-	// exists in, else in JPEG (WebP for images with alpha). Other types, parameters such as
+	// exists in, else in the server's order (JPEG, WebP, PNG, AVIF). Other types, parameters such as
 	// ;q=0.8 and entries past the 16th are ignored, never an error. The REST gateway fills it
 	// from the Accept header.
 	Accept               []string `protobuf:"bytes,2,rep,name=accept,proto3" json:"accept,omitempty"`
