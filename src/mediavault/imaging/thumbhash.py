@@ -7,7 +7,7 @@ bits each. Unlike BlurHash it keeps the aspect ratio and alpha, and needs no par
 
 The reference encodes any picture up to 100x100; this one reads the smallest variant
 box-averaged into 32x32, whose lowest seven frequencies are those of the whole picture,
-so that a pure-Python DCT costs about a millisecond.
+so that the pure-Python DCT reads a tenth of the pixels.
 """
 
 from __future__ import annotations
@@ -37,25 +37,30 @@ def encode(width: int, height: int, rgba: bytes) -> bytes:
     if not (0 < width <= 100 and 0 < height <= 100) or len(rgba) != width * height * 4:
         raise ValueError(f"{width}x{height} RGBA with {len(rgba)} bytes is no picture up to 100x100")
     count = width * height
-    alphas = [rgba[i + 3] / 255 for i in range(0, 4 * count, 4)]
+    # Byte strides: each channel is one C-level slice, so the loops below are comprehensions.
+    reds, greens, blues, alpha_bytes = (rgba[c::4] for c in range(4))
+    alphas = [a / 255 for a in alpha_bytes]
     total_alpha = sum(alphas)
-    average = [0.0, 0.0, 0.0]
-    for channel in range(3):
-        weighted = sum(alpha * rgba[4 * i + channel] / 255 for i, alpha in enumerate(alphas))
-        average[channel] = weighted / total_alpha if total_alpha else 0.0
     has_alpha = total_alpha < count
+    if has_alpha:
+        # Composited over the picture's average colour, weighted by alpha.
+        average = [
+            sum(a * v for a, v in zip(alphas, channel, strict=True)) / 255 / total_alpha if total_alpha else 0.0
+            for channel in (reds, greens, blues)
+        ]
+        r, g, b = (
+            [avg * (1 - a) + a / 255 * v for a, v in zip(alphas, channel, strict=True)]
+            for avg, channel in zip(average, (reds, greens, blues), strict=True)
+        )
+    else:
+        r, g, b = ([v / 255 for v in channel] for channel in (reds, greens, blues))
+    luma = [(x + y + z) / 3 for x, y, z in zip(r, g, b, strict=True)]
+    p = [(x + y) / 2 - z for x, y, z in zip(r, g, b, strict=True)]
+    q = [x - y for x, y in zip(r, g, strict=True)]
     l_limit = 5 if has_alpha else 7
     longest = max(width, height)
     lx = max(1, _round(l_limit * width / longest))
     ly = max(1, _round(l_limit * height / longest))
-
-    # RGBA to LPQA, composited over the average colour.
-    luma, p, q = [0.0] * count, [0.0] * count, [0.0] * count
-    for i, alpha in enumerate(alphas):
-        r, g, b = (average[c] * (1 - alpha) + alpha / 255 * rgba[4 * i + c] for c in range(3))
-        luma[i] = (r + g + b) / 3
-        p[i] = (r + g) / 2 - b
-        q[i] = r - g
 
     l_dc, l_ac, l_scale = _encode_channel(luma, width, height, max(3, lx), max(3, ly))
     p_dc, p_ac, p_scale = _encode_channel(p, width, height, 3, 3)
