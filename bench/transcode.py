@@ -5,7 +5,8 @@ optimisation from mediavault.imaging.spec) from the same files, and a sixth only
 display variant, one after the other, each in its own subprocess pinned to the same
 single core:
 
-  mediavault         mediavault.imaging.transcode, as a pool worker runs it: a YCbCr JPEG
+  mediavault         mediavault.imaging.transcode, as a pool worker runs it, without the
+                     AVIF and WebP alternates (JPEG only, as the others): a YCbCr JPEG
                      in sRGB is decoded to its planes (libjpeg-turbo's TurboJPEG API, scaled
                      by 1/2, 1/4 or 1/8 where the display allows, resized the rest of the
                      way), its display encoded from them and the smaller variants resized
@@ -142,9 +143,19 @@ def vips_jpeg(picture, quality: int, *, optimize: bool) -> bytes:
 
 
 def mediavault_pipeline(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
-    from mediavault.imaging import transcode
+    from mediavault.imaging import DEFAULT_VARIANTS, transcode
 
-    return [(variant.name, variant.data) for variant in transcode(data, "image/jpeg").variants]
+    return [(variant.name, variant.data) for variant in transcode(data, "image/jpeg", jpeg_only(DEFAULT_VARIANTS)).variants]
+
+
+def jpeg_only(variants):
+    """The variant set without its AVIF and WebP alternates: the JPEG set the other contenders make
+    (bench/delivery.py measures the multi-format set)."""
+    return dataclasses.replace(
+        variants,
+        image=tuple(dataclasses.replace(s, alternates=()) for s in variants.image),
+        video=tuple(dataclasses.replace(s, alternates=()) for s in variants.video),
+    )
 
 
 def budgeted(encode, spec: dict) -> bytes:

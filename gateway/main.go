@@ -7,9 +7,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"log"
 	"net/http"
 	"os"
+	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/golang/protobuf/proto"
@@ -38,6 +41,13 @@ func main() {
 
 	runtime.HTTPError = func(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
 		copyTrailers(ctx, w)
+		if err == errNotModified {
+			// No body: drop what announced one (ForwardResponseMessage set them before the options ran).
+			w.Header().Del("Content-Type")
+			w.Header().Del("Trailer")
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
 		runtime.DefaultHTTPError(ctx, mux, m, w, r, err)
 	}
 	mux := runtime.NewServeMux(
@@ -55,7 +65,7 @@ func main() {
 	}
 
 	log.Printf("mediavault-gateway listening on %s, proxying to %s", listen, upstream)
-	log.Fatal(http.ListenAndServe(listen, ifNoneMatch(mux)))
+	log.Fatal(http.ListenAndServe(listen, acceptedFormats(ifNoneMatch(mux))))
 }
 
 func env(name, fallback string) string {
@@ -79,12 +89,21 @@ func outgoingHeader(key string) (string, bool) {
 	return key, responseHeaders[key]
 }
 
+// errNotModified is what forwardResponse answers for a feed page the client holds already:
+// grpc-gateway v1 then hands it to runtime.HTTPError instead of writing the body, and main's
+// HTTPError writes a bodiless 304.
+var errNotModified = errors.New("not modified")
+
 // forwardResponse runs before a successful response is written: the rate-limit and request-id
-// trailers become headers, and a feed page's etag becomes the ETag header.
+// trailers become headers, and a feed page's etag becomes the ETag header; a page whose etag
+// the client sent in If-None-Match (ifNoneMatch) is a 304 Not Modified.
 func forwardResponse(ctx context.Context, w http.ResponseWriter, resp proto.Message) error {
 	copyTrailers(ctx, w)
 	if feed, ok := resp.(*mediav1.ListFeedResponse); ok {
 		w.Header().Set("ETag", `"`+feed.Etag+`"`)
+		if feed.NotModified {
+			return errNotModified
+		}
 	}
 	return nil
 }
@@ -112,4 +131,57 @@ func ifNoneMatch(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// acceptedFormats copies the image types of the Accept header, best first by their q values,
+// into the accept query parameters of GET /v1/feed and GET /v1/media/{id}, unless the query
+// names some itself, and marks those responses Vary: Accept, since the variants' formats follow
+// it. The server ignores the types it does not make (application/json among them).
+func acceptedFormats(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && (r.URL.Path == "/v1/feed" || strings.HasPrefix(r.URL.Path, "/v1/media/")) {
+			w.Header().Add("Vary", "Accept")
+			query := r.URL.Query()
+			if _, named := query["accept"]; !named {
+				if types := byPreference(r.Header.Values("Accept")); len(types) > 0 {
+					query["accept"] = types
+					r.URL.RawQuery = query.Encode()
+				}
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// byPreference is the media types of Accept header values in preference order: higher q first,
+// the header's order among equals, q=0 (not acceptable) left out.
+func byPreference(headers []string) []string {
+	type ranked struct {
+		mime string
+		q    float64
+	}
+	var found []ranked
+	for _, header := range headers {
+		for _, entry := range strings.Split(header, ",") {
+			parts := strings.Split(entry, ";")
+			mime := strings.TrimSpace(parts[0])
+			q := 1.0
+			for _, param := range parts[1:] {
+				if name, value, ok := strings.Cut(strings.TrimSpace(param), "="); ok && strings.EqualFold(name, "q") {
+					if parsed, err := strconv.ParseFloat(value, 64); err == nil {
+						q = parsed
+					}
+				}
+			}
+			if mime != "" && q > 0 {
+				found = append(found, ranked{mime, q})
+			}
+		}
+	}
+	sort.SliceStable(found, func(i, j int) bool { return found[i].q > found[j].q })
+	types := make([]string, len(found))
+	for i, f := range found {
+		types[i] = f.mime
+	}
+	return types
 }

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.conftest import running
+from tests.conftest import CORPUS, running
 from tests.helpers import fake_jpeg, sha256_hex
 from tests.test_ratelimit import free_port, limit
 from tests.test_tus_clients import node_modules, node_upload
@@ -151,11 +151,12 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
     assert [m["media_id"] for m in feed["media"]] == [media_id]
     assert not feed["not_modified"]
     assert headers["ETag"] == f'"{feed["etag"]}"'
-    status, same, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
-    assert status == 200, same
-    assert same["not_modified"]
-    assert same["media"] == []
-    assert same["etag"] == feed["etag"]
+    async with http.get(f"{gateway}/v1/feed?page_size=10", headers={**md, "If-None-Match": headers["ETag"]}) as response:
+        assert response.status == 304
+        assert await response.read() == b""
+        assert response.headers["ETag"] == headers["ETag"]
+        assert "Content-Type" not in response.headers
+        assert response.headers["Vary"] == "Accept"
     status, foreign, _ = await call(http, "GET", f"{gateway}/v1/feed?user_id={user_id}", bearer("someone-else"))
     assert status == 403
     assert reason(foreign) == "FORBIDDEN"
@@ -166,10 +167,64 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
     assert status == 404
     assert reason(gone) == "NOT_FOUND"
     status, changed, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=10", {**md, "If-None-Match": headers["ETag"]})
-    assert status == 200
+    assert status == 200, changed
     assert not changed["not_modified"]
     assert changed["media"] == []
     assert changed["etag"] != feed["etag"]
+
+
+def thumbnail_of(media: dict) -> dict:
+    return next(v for v in media["variants"] if v["name"] == "thumbnail")
+
+
+async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    # Its thumbnail and preview are smaller in AVIF than in JPEG, so both are kept.
+    data = (CORPUS / "images/formats/hopper.jpg").read_bytes()
+    status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data))
+    assert status == 200, begun
+    await put_bytes(http, begun, data)
+    status, done, _ = await call(http, "POST", f"{gateway}/v1/uploads/{begun['upload']['upload_id']}:finalize", md, {})
+    assert status == 200, done
+    deadline = time.monotonic() + 60
+    while True:
+        status, item, headers = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}", md)
+        if item["media"]["processing_status"] == "PROCESSING_STATUS_COMPLETE":
+            break
+        assert time.monotonic() < deadline, item
+        await asyncio.sleep(0.2)
+    assert headers["Vary"] == "Accept"
+    assert item["media"]["thumbhash"], "bytes come as base64 in JSON"
+    plain = {v["name"]: v for v in item["media"]["variants"]}
+    assert plain["thumbnail"]["content_type"] == "image/jpeg"
+    assert [a["content_type"] for a in plain["thumbnail"]["alternatives"]] == ["image/avif"]
+
+    # JPEG is named first but with a lower q: the gateway orders by q.
+    browser = {**md, "Accept": "application/json, image/jpeg;q=0.5, image/avif;q=0.9, */*;q=0.1"}
+    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}", browser)
+    assert status == 200, item
+    chosen = {v["name"]: v for v in item["media"]["variants"]}
+    assert chosen["thumbnail"]["content_type"] == "image/avif"
+    assert [a["content_type"] for a in chosen["thumbnail"]["alternatives"]] == ["image/jpeg"]
+    assert chosen["display"]["content_type"] == "image/jpeg", "the display exists in JPEG only"
+    assert item["media"]["feed_url"] == chosen["thumbnail"]["url"]
+    async with http.get(chosen["thumbnail"]["url"]) as response:
+        assert response.headers["Content-Type"] == "image/avif"
+        assert Image.open(io.BytesIO(await response.read())).format == "AVIF"
+
+    status, jpeg_feed, jpeg_headers = await call(http, "GET", f"{gateway}/v1/feed", md)
+    status, avif_feed, avif_headers = await call(http, "GET", f"{gateway}/v1/feed", browser)
+    assert avif_headers["Vary"] == jpeg_headers["Vary"] == "Accept"
+    assert thumbnail_of(jpeg_feed["media"][0])["content_type"] == "image/jpeg"
+    assert thumbnail_of(avif_feed["media"][0])["content_type"] == "image/avif"
+    assert avif_feed["etag"] != jpeg_feed["etag"]
+    # An etag of the JPEG page is not current for a client that gets AVIF.
+    status, answer, _ = await call(http, "GET", f"{gateway}/v1/feed", {**browser, "If-None-Match": jpeg_headers["ETag"]})
+    assert status == 200, answer
+    assert answer["etag"] == avif_feed["etag"]
+    # The query's accept wins over the header.
+    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}?accept=image/jpeg", browser)
+    assert thumbnail_of(item["media"])["content_type"] == "image/jpeg"
 
 
 async def test_missing_token_is_401_unauthorized(gateway, http):

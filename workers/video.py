@@ -134,7 +134,7 @@ async def _run(
     # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
     poster = await ctx["transcoder"].run(renditions[0].path.read_bytes(), MP4)
     stored = []
-    for made in poster.variants:
+    for made in (made for primary in poster.variants for made in (primary, *primary.alternates)):
         key = variant_key(media_id, version, made.name, made.content_type)
         written.append(key)
         await ctx["blobs"].write(key, single_chunk(made.data), content_type=made.content_type)
@@ -146,7 +146,9 @@ async def _run(
         stored.append(Variant(rendition.name, key, MP4, rendition.width, rendition.height, rendition.size_bytes,
                               rendition.bitrate))
     facts = VideoFacts(source.duration_seconds, source.frame_rate, source.has_audio, source.codec)
-    if await library.complete(media_id, version, source.width, source.height, stored, facts):
+    if await library.complete(
+        media_id, version, source.width, source.height, stored, thumbhash=poster.thumbhash, video=facts
+    ):
         return "complete", ""
     return "superseded", ""
 

@@ -48,10 +48,10 @@ async def test_a_feed_read_keeps_the_version_alive_and_an_expired_version_restar
         first = await feed.page(user_id, 20, "")
         assert VERSION_TTL_SECONDS - 60 < await redis.ttl(version_key(user_id)) <= VERSION_TTL_SECONDS
         assert first.items == []
-        assert await redis.exists(f"feed:p:{user_id}:1:20:")
+        assert await redis.exists(f"feed:p:{user_id}:1:20::")
         await redis.delete(version_key(user_id))
         assert (await feed.page(user_id, 20, "")).etag == first.etag
-        assert await redis.exists(f"feed:p:{user_id}:0:20:")
+        assert await redis.exists(f"feed:p:{user_id}:0:20::")
     finally:
         keys = [k async for k in redis.scan_iter(match=f"feed:*{user_id}*")]
         if keys:

@@ -205,6 +205,7 @@ def _valid_strings(scene: Scene) -> dict[str, st.SearchStrategy[str]]:
         "currency": st.sampled_from(["USD", "EUR", "SOL"]),
         "page_token": st.sampled_from(["", *scene.page_tokens]),
         "if_none_match": st.just(""),
+        "accept": st.sampled_from(["image/avif", "image/webp", "image/jpeg", "image/*", "*/*", "image/png;q=0.5"]),
         "media_id": st.sampled_from(scene.media_ids),
         "surface": st.sampled_from(["feed", "profile", ""]),
     }

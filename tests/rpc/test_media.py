@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 
 import grpc
 import pytest
@@ -45,6 +46,48 @@ async def test_photo_becomes_upright_variants_within_budget(storage, media, auth
         assert not_modified == 304
     status, body, _ = await fetch(item.original_url)
     assert (status, body) == (200, data)
+
+
+async def test_variants_answer_in_the_accepted_format_with_the_others_as_alternatives(storage, media, auth, user_id, worker, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, (CORPUS / "images/formats/hopper.jpg").read_bytes(), filename="hopper.jpg")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert 5 <= len(item.thumbhash) <= 25
+    rows = await pool.fetch("SELECT name, content_type FROM media_variants WHERE media_id = $1", uuid.UUID(done.media_id))
+    assert sorted((r["name"], r["content_type"]) for r in rows) == [
+        ("display", "image/jpeg"),
+        ("preview", "image/avif"), ("preview", "image/jpeg"),
+        ("thumbnail", "image/avif"), ("thumbnail", "image/jpeg"),
+    ]
+    assert [v.content_type for v in item.variants] == ["image/jpeg"] * 3, "no accept: JPEG, which every client decodes"
+
+    avif = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id, accept=["image/avif", "image/webp"]), metadata=md)).media
+    variants = {v.name: v for v in avif.variants}
+    assert avif.feed_url == variants["thumbnail"].url
+    for name in ("thumbnail", "preview"):
+        chosen = variants[name]
+        assert chosen.content_type == "image/avif"
+        assert [a.content_type for a in chosen.alternatives] == ["image/jpeg"]
+        for served in (chosen, *chosen.alternatives):
+            status, body, headers = await fetch(served.url)
+            assert (status, headers["Content-Type"], len(body)) == (200, served.content_type, served.size_bytes)
+            assert Image.open(io.BytesIO(body)).size == (served.width, served.height)
+        jpeg = chosen.alternatives[-1]
+        assert chosen.size_bytes < jpeg.size_bytes
+    assert variants["display"].content_type == "image/jpeg"
+    assert not variants["display"].alternatives
+
+    plain = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    preferring = await media.ListFeed(mpb.ListFeedRequest(accept=["image/webp", "image/avif"]), metadata=md)
+    assert {v.content_type for v in preferring.media[0].variants if v.name != "display"} == {"image/avif"}
+    assert {v.content_type for v in plain.media[0].variants} == {"image/jpeg"}
+    assert preferring.media[0].thumbhash == item.thumbhash
+    assert preferring.etag != plain.etag
+    again = await media.ListFeed(mpb.ListFeedRequest(accept=["image/webp", "image/avif"], if_none_match=preferring.etag), metadata=md)
+    assert again.not_modified
+    other = await media.ListFeed(mpb.ListFeedRequest(accept=["image/jpeg"], if_none_match=preferring.etag), metadata=md)
+    assert not other.not_modified
 
 
 async def test_video_gets_a_poster_and_its_variants(storage, media, auth, user_id, worker):
@@ -185,7 +228,7 @@ async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, aut
     second = await settled(media, md, done.media_id)
     assert second.processing_status == mpb.PROCESSING_STATUS_COMPLETE
     keys = [r["object_key"] for r in await pool.fetch("SELECT object_key FROM media_variants WHERE media_id = $1::uuid", done.media_id)]
-    assert len(keys) == 3
+    assert len(keys) == 5, "display, and thumbnail and preview in JPEG and AVIF"
     assert all("/v1/" in k for k in keys)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=auth("someone"))

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,6 +29,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from mediavault import metrics
+from mediavault.domain import formats
 from mediavault.domain import media as media_domain
 from mediavault.domain.pages import PageTokens, page_size
 
@@ -75,7 +76,10 @@ _BUMP_VERSIONS = AsyncScript(
 
 
 def _to_json(items: list[media_domain.Media]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(item) for item in items]
+    rows = [dataclasses.asdict(item) for item in items]
+    for row in rows:
+        row["thumbhash"] = row["thumbhash"].hex() if row["thumbhash"] is not None else None
+    return rows
 
 
 def _from_json(raw: list[dict[str, Any]]) -> list[media_domain.Media]:
@@ -86,13 +90,16 @@ def _from_json(raw: list[dict[str, Any]]) -> list[media_domain.Media]:
             if values[key] is not None:
                 values[key] = datetime.fromisoformat(values[key])
         values["media_id"] = uuid.UUID(values["media_id"])
+        if values["thumbhash"] is not None:
+            values["thumbhash"] = bytes.fromhex(values["thumbhash"])
         items.append(media_domain.Media(**values, variants=variants))
     return items
 
 
-def _etag(payload: _Payload) -> str:
-    # Signed URLs are made per response, so the etag covers the rows, not the URLs.
-    canonical = json.dumps(payload, sort_keys=True, default=str).encode()
+def _etag(payload: _Payload, preferred: str) -> str:
+    # Signed URLs are made per response, so the etag covers the rows, not the URLs; and the
+    # formats the client prefers, which decide the variants each row is answered with.
+    canonical = json.dumps({"page": payload, "formats": preferred}, sort_keys=True, default=str).encode()
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
@@ -104,11 +111,13 @@ class Feed:
         self._tokens = tokens
         self._inflight: dict[str, asyncio.Future[_Payload]] = {}
 
-    async def page(self, owner_id: str, requested_size: int, page_token: str) -> Page:
+    async def page(self, owner_id: str, requested_size: int, page_token: str, preferred: Sequence[str] = ()) -> Page:
+        """A page of the owner's media; `preferred` (formats.preference) is the client's, which the etag covers."""
         size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # Verified before the cache: the token is part of the page's key, so only issued tokens make keys.
         after = self._tokens.decode(LISTING, page_token) if page_token else None
-        payload = await self._cached(owner_id, size, page_token, lambda: self._compute(owner_id, size, after))
+        named = formats.signature(preferred)
+        payload = await self._cached(owner_id, f"{size}:{named}:{page_token}", lambda: self._compute(owner_id, size, after, named))
         return Page(_from_json(payload["items"]), payload["next_page_token"], payload["etag"])
 
     async def changed(self, owner_id: str) -> None:
@@ -130,21 +139,24 @@ class Feed:
         metrics.REDIS_FALLBACKS.labels("feed_invalidate").inc()
         log.warning("feed invalidation failed", extra={"owners": len(owners), "example": owners[0]}, exc_info=True)
 
-    async def _compute(self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None) -> _Payload:
+    async def _compute(
+        self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None, preferred: str
+    ) -> _Payload:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
         next_token = self._tokens.encode(LISTING, items[-1].created_at, items[-1].media_id) if more else ""
         payload = {"items": _to_json(items), "next_page_token": next_token}
-        payload["etag"] = _etag(payload)
+        payload["etag"] = _etag(payload, preferred)
         as_cached: _Payload = json.loads(json.dumps(payload, default=str))
         return as_cached
 
-    async def _cached(self, owner_id: str, size: int, token: str, compute: Callable[[], Awaitable[_Payload]]) -> _Payload:
+    async def _cached(self, owner_id: str, page: str, compute: Callable[[], Awaitable[_Payload]]) -> _Payload:
         redis = self.redis
         if redis is None:
             return await compute()
         try:
             version = int(await redis.getex(version_key(owner_id), ex=VERSION_TTL_SECONDS) or 0)
-            key = f"feed:p:{owner_id}:{version}:{size}:{token}"
+            # `page` is the size, the client's formats (formats.signature) and the page token.
+            key = f"feed:p:{owner_id}:{version}:{page}"
             cached = await redis.get(key)
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_read").inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import asyncpg
 from mediavault.auth import Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
+from mediavault.domain import formats
 from mediavault.errors import MediaBusy, NotFound
 
 if TYPE_CHECKING:
@@ -33,13 +35,13 @@ FEED_ORDER = ("thumbnail", "preview", "display")
 _COLUMNS = """
     m.media_id, m.owner_id, m.kind, m.content_type, m.size_bytes, m.sha256, m.object_key, m.retention,
     m.processing_status, m.processing_error, m.attempts, m.width, m.height, m.variants_version,
-    m.created_at, m.saved_at, m.expires_at, m.next_attempt_at,
+    m.created_at, m.saved_at, m.expires_at, m.next_attempt_at, m.thumbhash,
     coalesce(c.view_count, 0) AS view_count, coalesce(c.like_count, 0) AS like_count,
     coalesce(c.share_count, 0) AS share_count,
     coalesce((SELECT json_agg(json_build_object(
                  'name', v.name, 'object_key', v.object_key, 'content_type', v.content_type,
                  'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes, 'bitrate', v.bitrate)
-                 ORDER BY v.width, v.name)
+                 ORDER BY v.width, v.name, v.content_type)
               FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
     m.duration_seconds, m.frame_rate, m.has_audio, m.source_codec, m.processing_progress
 """
@@ -95,15 +97,15 @@ RETURNING media_id, owner_id, kind, content_type, object_key, attempts
 _STORE_VARIANT = """
 INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes, bitrate)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-ON CONFLICT (media_id, name) DO UPDATE SET
+ON CONFLICT (media_id, name, content_type) DO UPDATE SET
     version = EXCLUDED.version, object_key = EXCLUDED.object_key, content_type = EXCLUDED.content_type,
     width = EXCLUDED.width, height = EXCLUDED.height, size_bytes = EXCLUDED.size_bytes, bitrate = EXCLUDED.bitrate,
     created_at = now()
 """
 
 _COMPLETE = """
-UPDATE media SET processing_status = 'complete', width = $3, height = $4, processing_error = NULL,
-                 duration_seconds = $5, frame_rate = $6, has_audio = $7, source_codec = $8,
+UPDATE media SET processing_status = 'complete', width = $3, height = $4, thumbhash = $5, processing_error = NULL,
+                 duration_seconds = $6, frame_rate = $7, has_audio = $8, source_codec = $9,
                  processing_progress = NULL, processed_at = now(), updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
 RETURNING owner_id
@@ -127,7 +129,10 @@ RETURNING 1
 
 _KIND = "SELECT kind FROM media WHERE media_id = $1 AND deleted_at IS NULL"
 
-_DROP_OTHER_VARIANTS = "DELETE FROM media_variants WHERE media_id = $1 AND NOT (name = ANY($2::text[]))"
+_DROP_OTHER_VARIANTS = """
+DELETE FROM media_variants WHERE media_id = $1
+  AND (name, content_type) NOT IN (SELECT * FROM unnest($2::text[], $3::text[]))
+"""
 
 _RETRY_LATER = """
 UPDATE media SET processing_status = 'pending', processing_error = $3, processing_progress = NULL,
@@ -187,6 +192,9 @@ class Media:
     view_count: int
     like_count: int
     share_count: int
+    # ThumbHash of the smallest variant (imaging/thumbhash.py); None until processed.
+    thumbhash: bytes | None = None
+    # One per (name, format): a variant in several formats has several.
     variants: tuple[Variant, ...] = field(default=())
     duration_seconds: float | None = None
     frame_rate: float | None = None
@@ -194,9 +202,6 @@ class Media:
     source_codec: str | None = None
     # 0-100 while a video transcode runs.
     processing_progress: int | None = None
-
-    def variant(self, name: str) -> Variant | None:
-        return next((v for v in self.variants if v.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -210,16 +215,37 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Located:
+    """A stored variant and the URL it is served at."""
+
+    variant: Variant
+    url: str
+
+    @property
+    def content_type(self) -> str:
+        return self.variant.content_type
+
+
+@dataclass(frozen=True)
+class Offered:
+    """One variant as a client gets it: in the format chosen for it (domain.formats), and its other formats."""
+
+    chosen: Located
+    alternatives: tuple[Located, ...]
+
+
+@dataclass(frozen=True)
 class Shown:
-    """A media item as a client sees it: with the URLs of its original and of each variant."""
+    """A media item as a client sees it: with the URLs of its original and of each variant, formats chosen."""
 
     media: Media
     original_url: str
-    variant_urls: dict[str, str]
+    variants: tuple[Offered, ...]
 
     @property
     def feed_url(self) -> str:
-        return next((self.variant_urls[n] for n in FEED_ORDER if n in self.variant_urls), self.original_url)
+        urls = {offered.chosen.variant.name: offered.chosen.url for offered in self.variants}
+        return next((urls[n] for n in FEED_ORDER if n in urls), self.original_url)
 
 
 @dataclass(frozen=True)
@@ -239,7 +265,7 @@ def from_row(row: asyncpg.Record) -> Media:
 
 def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:
     """Deterministic per run, so a rerun overwrites; versioned, so a served URL never changes content."""
-    extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png", "video/mp4": "mp4"}[content_type]
+    extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png", "image/avif": "avif", "video/mp4": "mp4"}[content_type]
     hex_id = media_id.hex
     return f"variants/{hex_id[:2]}/{hex_id}/v{version}/{name}.{extension}"
 
@@ -277,9 +303,16 @@ class Library:
             object_key, expires_in=self._settings.media_url_ttl_seconds, content_type=content_type
         )
 
-    async def show(self, media: Media) -> Shown:
-        variant_urls = {v.name: await self.url(v.object_key, v.content_type) for v in media.variants}
-        return Shown(media, await self.url(media.object_key, media.content_type), variant_urls)
+    async def show(self, media: Media, preferred: Sequence[str] = ()) -> Shown:
+        """The media with URLs, each variant in the first format of `preferred` (domain.formats.preference) it has."""
+        by_name: dict[str, list[Located]] = {}
+        for v in media.variants:
+            by_name.setdefault(v.name, []).append(Located(v, await self.url(v.object_key, v.content_type)))
+        offered = []
+        for located in by_name.values():
+            chosen, *alternatives = formats.ordered(located, preferred)
+            offered.append(Offered(chosen, tuple(alternatives)))
+        return Shown(media, await self.url(media.object_key, media.content_type), tuple(offered))
 
     async def _visible(self, principal: Principal, media_id: uuid.UUID, *, read_roles: tuple[str, ...]) -> Media:
         row = await self._pool.fetchrow(_GET, media_id)
@@ -288,21 +321,27 @@ class Library:
             raise NotFound("media not found")
         return from_row(row)
 
-    async def get(self, principal: Principal, media_id: uuid.UUID) -> Shown:
-        return await self.show(await self._visible(principal, media_id, read_roles=READERS))
+    async def get(self, principal: Principal, media_id: uuid.UUID, accept: Sequence[str] = ()) -> Shown:
+        """One media item, each variant in the first of the `accept`ed MIME types it exists in."""
+        return await self.show(await self._visible(principal, media_id, read_roles=READERS), formats.preference(accept))
 
     async def feed_page(
-        self, principal: Principal, owner_id: str, page_size: int, page_token: str, if_none_match: str = ""
+        self, principal: Principal, owner_id: str, page_size: int, page_token: str, if_none_match: str = "",
+        accept: Sequence[str] = (),
     ) -> FeedPage:
         """A page of the owner's feed (the caller's own unless a reader role names another owner).
 
-        With the etag the client already holds, an unchanged page comes back without items.
+        Each variant comes in the first of the `accept`ed MIME types it exists in, and the
+        etag covers that choice. With the etag the client already holds, an unchanged page
+        comes back without items.
         """
         owner = principal.user_or_self(owner_id, *READERS)
-        page = await self._feed.page(owner, page_size, page_token)
+        preferred = formats.preference(accept)
+        page = await self._feed.page(owner, page_size, page_token, preferred)
         if if_none_match and if_none_match == page.etag:
             return FeedPage([], page.next_page_token, page.etag, not_modified=True)
-        return FeedPage([await self.show(m) for m in page.items], page.next_page_token, page.etag, not_modified=False)
+        items = [await self.show(m, preferred) for m in page.items]
+        return FeedPage(items, page.next_page_token, page.etag, not_modified=False)
 
     async def delete(self, principal: Principal, media_id: uuid.UUID) -> None:
         """Soft delete; the owner's used bytes are freed at once, the blobs purged after the grace period."""
@@ -335,13 +374,20 @@ class Library:
         return Claim(**row) if row else None
 
     async def complete(
-        self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant], video: VideoFacts | None = None
+        self,
+        media_id: uuid.UUID,
+        version: int,
+        width: int,
+        height: int,
+        variants: list[Variant],
+        thumbhash: bytes = b"",
+        video: VideoFacts | None = None,
     ) -> bool:
-        """Records the run's variants (and a video's facts) and marks it complete; False when the
-        run was superseded or the media deleted."""
+        """Records the run's variants (every format of each), its ThumbHash and a video's facts, and
+        marks it complete; False when the run was superseded or the media deleted."""
         facts = (video.duration_seconds, video.frame_rate, video.has_audio, video.source_codec) if video else (None,) * 4
         async with self._pool.acquire() as conn, conn.transaction():
-            owner = await conn.fetchval(_COMPLETE, media_id, version, width, height, *facts)
+            owner = await conn.fetchval(_COMPLETE, media_id, version, width, height, thumbhash or None, *facts)
             if owner is None:
                 return False
             await conn.executemany(
@@ -351,7 +397,7 @@ class Library:
                     for v in variants
                 ],
             )
-            await conn.execute(_DROP_OTHER_VARIANTS, media_id, [v.name for v in variants])
+            await conn.execute(_DROP_OTHER_VARIANTS, media_id, [v.name for v in variants], [v.content_type for v in variants])
         await self._feed.changed(owner)
         return True
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mediavault.domain import content_types
 from mediavault.imaging.decode import decode_poster, sniff
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
 from mediavault.imaging.strategies import PillowPipeline, transcode_image
+from mediavault.imaging.thumbhash import from_variant
 from mediavault.imaging.variants import TranscodeResult, make_variants
 
 
@@ -26,5 +29,15 @@ def transcode(
     if content_types.kind_of(mime) == "video":
         poster = decode_poster(data, mime, limits)
         made = make_variants(poster.image, poster.width, poster.height, (variants.poster, *variants.video))
-        return TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name)
-    return transcode_image(data, mime, limits, variants.image, jpeg_planes)
+        result = TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name)
+    else:
+        result = transcode_image(data, mime, limits, variants.image, jpeg_planes)
+    return with_thumbhash(result)
+
+
+def with_thumbhash(result: TranscodeResult) -> TranscodeResult:
+    """The result with the ThumbHash of its smallest variant, for images and video posters alike."""
+    if not result.variants:
+        return result
+    smallest = min(result.variants, key=lambda variant: variant.width * variant.height)
+    return dataclasses.replace(result, thumbhash=from_variant(smallest.data))

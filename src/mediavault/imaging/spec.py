@@ -6,6 +6,18 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Alternate:
+    """The same variant in another format, made from the same pixels beside the primary (JPEG, or WebP with alpha).
+
+    `quality` is the format's own scale, chosen so that the alternate looks at least as good
+    as the primary JPEG (bench/delivery.py matches them); formats.py encodes it.
+    """
+
+    content_type: str
+    quality: int
+
+
+@dataclass(frozen=True)
 class VariantSpec:
     """One output: fits inside box x box (aspect kept, never upscaled) in at most max_bytes.
 
@@ -22,6 +34,8 @@ class VariantSpec:
     # Optimised Huffman tables: about 4% smaller JPEGs for about 75% more encoding time,
     # which costs well under a millisecond at thumbnail size and tens at display size.
     optimize: bool = True
+    # Formats made eagerly besides the primary one; see formats.py for why these.
+    alternates: tuple[Alternate, ...] = ()
 
     def __post_init__(self) -> None:
         if self.box < 1 or self.max_bytes < 1:
@@ -62,9 +76,22 @@ def fit(width: int, height: int, box: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+# Each format's quality for a variant: the lowest on its scale (in steps of 5) whose mean
+# SSIMULACRA2 against the unencoded resize is at least the JPEG's at the variant's quality,
+# on the corpus photos; bench/delivery.py checks that they still are. At these WebP is no
+# smaller than the JPEG, so only AVIF is made (formats.py); WebP's stay measured.
+AVIF_THUMBNAIL_QUALITY = 70
+AVIF_PREVIEW_QUALITY = 75
+WEBP_THUMBNAIL_QUALITY = 85
+WEBP_PREVIEW_QUALITY = 90
+
 # Budgets in decimal units (40 KB = 40,000 bytes), which also meets them read as KiB.
-THUMBNAIL = VariantSpec("thumbnail", box=300, quality=80, max_bytes=40_000)
-PREVIEW = VariantSpec("preview", box=600, quality=85, max_bytes=100_000)
+THUMBNAIL = VariantSpec(
+    "thumbnail", box=300, quality=80, max_bytes=40_000, alternates=(Alternate("image/avif", quality=AVIF_THUMBNAIL_QUALITY),)
+)
+PREVIEW = VariantSpec(
+    "preview", box=600, quality=85, max_bytes=100_000, alternates=(Alternate("image/avif", quality=AVIF_PREVIEW_QUALITY),)
+)
 DISPLAY = VariantSpec("display", box=4000, quality=90, max_bytes=2_000_000, optimize=False)
 POSTER = VariantSpec("poster", box=600, quality=85, max_bytes=100_000)
 

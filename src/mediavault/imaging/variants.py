@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
+from mediavault.imaging import formats
 from mediavault.imaging.planar import Planes
 from mediavault.imaging.spec import VariantSpec, fit
 
@@ -24,6 +25,8 @@ class Variant:
     width: int
     height: int
     data: bytes
+    # The same variant in other formats (formats.py), each without alternates of its own.
+    alternates: tuple[Variant, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class TranscodeResult:
     height: int
     variants: list[Variant]
     strategy: str
+    # ThumbHash of the smallest variant (thumbhash.py); empty when there is none.
+    thumbhash: bytes = b""
 
 
 def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
@@ -53,8 +58,13 @@ def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[V
         source = next((p for p in reversed(made) if p.width >= 2 * size[0] and p.height >= 2 * size[1]), image)
         picture = source if source.size == size else _resize(source, size)
         made.append(picture)
-        variants.append(_encode(picture, spec))
+        variants.append(_with_alternates(_encode(picture, spec), picture, spec))
     return variants
+
+
+def _with_alternates(primary: Variant, picture: Image.Image, spec: VariantSpec) -> Variant:
+    made = formats.alternates(picture, spec, primary.content_type, len(primary.data))
+    return replace(primary, alternates=tuple(Variant(spec.name, ct, *picture.size, data) for ct, data in made))
 
 
 def _resize(source: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -75,6 +75,8 @@ _CALLER_OR_USER_ID = Text(max_len=MAX_USER_ID_LENGTH)
 # 0 asks for the default page size and anything above the maximum gets the maximum.
 _PAGE_SIZE = Int(0, INT32_MAX)
 _PAGE_TOKEN = Domain("a token the same list issued (domain.pages)")
+# A hint, as an HTTP Accept header is: what the server does not make is ignored, never an error.
+_ACCEPT = Domain("image MIME types in preference order; unknown ones and entries past the 16th ignored (domain.formats)")
 
 _STORAGE = "mediavault.storage.v1."
 _MEDIA = "mediavault.media.v1."
@@ -109,10 +111,12 @@ FIELDS: dict[str, Rule] = {
     _STORAGE + "FreezeAccountRequest.reason": Text(max_len=accounts.MAX_FREEZE_REASON),
     _STORAGE + "UnfreezeAccountRequest.user_id": USER_ID,
     _MEDIA + "GetMediaRequest.media_id": Uuid(),
+    _MEDIA + "GetMediaRequest.accept": _ACCEPT,
     _MEDIA + "ListFeedRequest.user_id": _CALLER_OR_USER_ID,
     _MEDIA + "ListFeedRequest.page_size": _PAGE_SIZE,
     _MEDIA + "ListFeedRequest.page_token": _PAGE_TOKEN,
     _MEDIA + "ListFeedRequest.if_none_match": Domain("only compared with the page's etag, never stored; never an error"),
+    _MEDIA + "ListFeedRequest.accept": _ACCEPT,
     _MEDIA + "DeleteMediaRequest.media_id": Uuid(),
     _MEDIA + "SaveMediaRequest.media_id": Uuid(),
     _MEDIA + "ReprocessMediaRequest.media_id": Uuid(),

@@ -51,6 +51,38 @@ def _micros(timestamp: Timestamp) -> int:
     return timestamp.seconds * 1_000_000 + timestamp.nanos // 1_000
 
 
+def _variant_pb(offered: media_domain.Offered) -> pb.Variant:
+    chosen = offered.chosen.variant
+    return pb.Variant(
+        name=chosen.name,
+        url=offered.chosen.url,
+        content_type=chosen.content_type,
+        width=chosen.width,
+        height=chosen.height,
+        size_bytes=chosen.size_bytes,
+        alternatives=[
+            pb.VariantFormat(
+                content_type=a.variant.content_type, url=a.url, width=a.variant.width, height=a.variant.height,
+                size_bytes=a.variant.size_bytes,
+            )
+            for a in offered.alternatives
+        ],
+    )
+
+
+def _rendition_pb(located: media_domain.Located) -> pb.Rendition:
+    v = located.variant
+    return pb.Rendition(
+        name=v.name,
+        url=located.url,
+        content_type=v.content_type,
+        width=v.width,
+        height=v.height,
+        bitrate=v.bitrate or 0,
+        size_bytes=v.size_bytes,
+    )
+
+
 def media_pb(shown: media_domain.Shown) -> pb.Media:
     media = shown.media
     return pb.Media(
@@ -66,30 +98,11 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
         processing_status=_STATUSES[media.processing_status],
         processing_error=media.processing_error or "",
         attempts=media.attempts,
-        variants=[
-            pb.Variant(
-                name=v.name,
-                url=shown.variant_urls[v.name],
-                content_type=v.content_type,
-                width=v.width,
-                height=v.height,
-                size_bytes=v.size_bytes,
-            )
-            for v in media.variants
-            if not v.is_rendition
-        ],
+        variants=[_variant_pb(offered) for offered in shown.variants if not offered.chosen.variant.is_rendition],
         renditions=[
-            pb.Rendition(
-                name=v.name,
-                url=shown.variant_urls[v.name],
-                content_type=v.content_type,
-                width=v.width,
-                height=v.height,
-                bitrate=v.bitrate or 0,
-                size_bytes=v.size_bytes,
-            )
-            for v in sorted(media.variants, key=lambda v: v.height * v.width)
-            if v.is_rendition
+            _rendition_pb(offered.chosen)
+            for offered in sorted(shown.variants, key=lambda o: o.chosen.variant.width * o.chosen.variant.height)
+            if offered.chosen.variant.is_rendition
         ],
         duration_seconds=media.duration_seconds or 0.0,
         frame_rate=media.frame_rate or 0.0,
@@ -104,6 +117,7 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
         view_count=media.view_count,
         like_count=media.like_count,
         share_count=media.share_count,
+        thumbhash=media.thumbhash or b"",
     )
 
 
@@ -117,13 +131,13 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def GetMedia(self, request: pb.GetMediaRequest, context, principal: Principal) -> pb.GetMediaResponse:
-        shown = await self.library.get(principal, uuid.UUID(request.media_id))
+        shown = await self.library.get(principal, uuid.UUID(request.media_id), request.accept)
         return pb.GetMediaResponse(media=media_pb(shown))
 
     @rpc(SERVICE)
     async def ListFeed(self, request: pb.ListFeedRequest, context, principal: Principal) -> pb.ListFeedResponse:
         page = await self.library.feed_page(
-            principal, request.user_id, request.page_size, request.page_token, request.if_none_match
+            principal, request.user_id, request.page_size, request.page_token, request.if_none_match, request.accept
         )
         return pb.ListFeedResponse(
             media=[media_pb(shown) for shown in page.items],

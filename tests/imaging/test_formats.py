@@ -1,0 +1,94 @@
+"""The alternates: the thumbnail and the preview in AVIF and WebP beside the primary, from the same pixels."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageChops, ImageStat
+
+from mediavault.imaging import DEFAULT_VARIANTS, transcode
+from mediavault.imaging.formats import AVIF, WEBP, encode
+from mediavault.imaging.spec import Alternate, VariantSet, VariantSpec
+from tests.imaging.helpers import SPECS, assert_no_metadata, open_variant, transcoded
+
+FORMATS = {AVIF: "AVIF", WEBP: "WEBP"}
+
+
+def mean_difference(a: Image.Image, b: Image.Image) -> float:
+    return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
+
+
+PHOTOS = ["images/camera/jolla.jpg", "images/formats/rommel.jpg", "images/heic/IMG_5195.HEIC"]
+
+
+@pytest.mark.parametrize("relative", PHOTOS)
+def test_thumbnail_and_preview_come_in_avif_with_the_same_picture_in_fewer_bytes(relative):
+    result = transcoded(relative)
+    by_name = {v.name: v for v in result.variants}
+    assert by_name["display"].alternates == ()
+    for name in ("thumbnail", "preview"):
+        primary = by_name[name]
+        assert primary.content_type == "image/jpeg"
+        # Made only when smaller than the JPEG, which on these photos AVIF is.
+        assert [a.content_type for a in primary.alternates] == [AVIF]
+        reference = open_variant(primary.data)
+        for alternate in primary.alternates:
+            picture = open_variant(alternate.data)
+            assert picture.format == FORMATS[alternate.content_type]
+            assert picture.size == reference.size == (alternate.width, alternate.height)
+            assert alternate.name == name
+            assert len(alternate.data) < len(primary.data) <= SPECS[name].max_bytes
+            # Both are lossy encodes of the same resize: they differ by a few levels, not by content.
+            assert mean_difference(picture, reference) < 6, (name, alternate.content_type)
+
+
+def test_alternates_carry_no_metadata():
+    # DSCN0010 carries GPS EXIF; none of it may reach any format.
+    for variant in transcoded("images/camera/DSCN0010.jpg").variants:
+        for alternate in variant.alternates:
+            picture = open_variant(alternate.data)
+            assert not picture.getexif()
+            for key in ("exif", "xmp", "icc_profile"):
+                assert not picture.info.get(key), (alternate.content_type, key)
+            if alternate.content_type == WEBP:
+                assert_no_metadata(picture, alternate.data)
+
+
+def test_a_picture_with_alpha_keeps_it_in_its_webp_primary_and_its_avif_alternate():
+    result = transcoded("images/formats/transparent.png")
+    thumbnail = next(v for v in result.variants if v.name == "thumbnail")
+    assert thumbnail.content_type == WEBP
+    assert [a.content_type for a in thumbnail.alternates] == [AVIF]
+    primary = open_variant(thumbnail.data)
+    avif = open_variant(thumbnail.alternates[0].data)
+    assert avif.mode == "RGBA"
+    assert avif.getchannel("A").getextrema()[0] < 16, "transparent pixels stay transparent"
+    assert mean_difference(avif.getchannel("A"), primary.getchannel("A")) < 4
+
+
+def test_video_thumbnail_and_preview_get_alternates_and_the_poster_none():
+    result = transcoded("video/realshort.mp4")
+    by_name = {v.name: v for v in result.variants}
+    assert by_name["poster"].alternates == ()
+    assert [a.content_type for a in by_name["thumbnail"].alternates] == [AVIF]
+
+
+def test_an_alternate_no_smaller_than_the_primary_is_left_out():
+    noise = Image.effect_noise((300, 300), 120).convert("RGB")
+    data = io.BytesIO()
+    noise.save(data, "PNG")
+    spec = VariantSpec(
+        "thumbnail", box=300, quality=60, max_bytes=200_000,
+        alternates=(Alternate(AVIF, quality=30), Alternate(WEBP, quality=100)),
+    )
+    variants = VariantSet(image=(spec,), poster=DEFAULT_VARIANTS.poster, video=DEFAULT_VARIANTS.video)
+    (thumbnail,) = transcode(data.getvalue(), "image/png", variants=variants).variants
+    assert len(encode(noise, WEBP, 100)) > len(thumbnail.data)
+    assert [a.content_type for a in thumbnail.alternates] == [AVIF]
+    assert len(thumbnail.alternates[0].data) < len(thumbnail.data)
+
+
+def test_encode_refuses_a_format_it_has_no_encoder_for():
+    with pytest.raises(ValueError, match="image/png"):
+        encode(Image.new("RGB", (4, 4)), "image/png", 80)
