@@ -57,6 +57,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         workers=settings.transcode_workers or None,
         limits=dataclasses.replace(DEFAULT_LIMITS, job_timeout_seconds=settings.transcode_timeout_seconds),
         jpeg_planes=settings.imaging_jpeg_planes == "on",
+        lossless_display=settings.imaging_lossless_display == "on",
     )
 
 

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     transcode_retry_base_seconds: float = Field(default=5.0, gt=0)
     # off: every JPEG goes through Pillow, never its YCbCr planes (see imaging.strategies).
     imaging_jpeg_planes: Literal["on", "off"] = "on"
+    # off: a JPEG's display is always re-encoded, never the original less its metadata
+    # (see imaging.lossless).
+    imaging_lossless_display: Literal["on", "off"] = "on"
     queue_name: str = "arq:queue"
     job_timeout_seconds: int = Field(default=300, gt=0)
     # arq polls its queue; its default half second would be most of a photo's time to COMPLETE.

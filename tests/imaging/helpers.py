@@ -81,9 +81,10 @@ def assert_no_metadata(image: Image.Image, data: bytes) -> None:
     for key in ("exif", "xmp", "XML:com.adobe.xmp", "comment", "icc_profile", "photoshop"):
         assert key not in image.info, key
     if image.format == "JPEG":
-        # Only the JFIF header may precede the tables: no APP1 (EXIF, XMP), APP2 (ICC),
-        # APP13 (IPTC) or COM segment.
-        assert set(jpeg_segments(data)) <= {0xE0, 0xDB, 0xC4, 0xC0, 0xDD}, [hex(m) for m in jpeg_segments(data)]
+        # Only the JFIF header may precede the tables and the frame (baseline or, for a
+        # lossless display, progressive): no APP1 (EXIF, XMP), APP2 (ICC), APP13 (IPTC)
+        # or COM segment.
+        assert set(jpeg_segments(data)) <= {0xE0, 0xDB, 0xC4, 0xC0, 0xC2, 0xDD}, [hex(m) for m in jpeg_segments(data)]
     else:
         assert set(webp_chunks(data)) <= {b"VP8 ", b"VP8L", b"VP8X", b"ALPH"}, webp_chunks(data)
 

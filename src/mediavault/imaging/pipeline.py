@@ -15,10 +15,11 @@ def transcode(
     variants: VariantSet = DEFAULT_VARIANTS,
     limits: Limits = DEFAULT_LIMITS,
     jpeg_planes: bool = True,
+    lossless_display: bool = True,
 ) -> TranscodeResult:
     """Decode once and make every variant of the kind the bytes turn out to be.
 
-    `jpeg_planes` lets JPEGs take the planes strategy (see strategies). Raises
+    `jpeg_planes` lets JPEGs take the planes strategy, `lossless_display` the lossless one (see strategies). Raises
     PermanentImagingError when the input is refused. CPU-bound: call it from a worker
     process (Transcoder does), never on an event loop.
     """
@@ -27,4 +28,4 @@ def transcode(
         poster = decode_poster(data, mime, limits)
         made = make_variants(poster.image, poster.width, poster.height, (variants.poster, *variants.video))
         return TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name)
-    return transcode_image(data, mime, limits, variants.image, jpeg_planes)
+    return transcode_image(data, mime, limits, variants.image, jpeg_planes, lossless_display)
