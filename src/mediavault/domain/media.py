@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -23,6 +23,7 @@ from mediavault.errors import MediaBusy, NotFound
 
 if TYPE_CHECKING:
     from mediavault.domain.feed import Feed
+    from mediavault.imaging.metadata import PhotoFacts
     from mediavault.jobs import TranscodeQueue
 
 MAX_ATTEMPTS = 3
@@ -39,7 +40,8 @@ _COLUMNS = """
     coalesce((SELECT json_agg(json_build_object(
                  'name', v.name, 'object_key', v.object_key, 'content_type', v.content_type,
                  'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes) ORDER BY v.width)
-              FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants
+              FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
+    m.taken_at, m.taken_at_utc_offset_minutes, m.camera
 """
 
 _GET = f"""
@@ -105,6 +107,12 @@ WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processin
 RETURNING owner_id
 """
 
+# In the completing transaction, after _COMPLETE has matched the run. GPS is never stored.
+_RECORD_PHOTO_FACTS = """
+UPDATE media SET taken_at = $2, taken_at_utc_offset_minutes = $3, camera = nullif($4, '')
+WHERE media_id = $1
+"""
+
 _FAIL = """
 UPDATE media SET processing_status = 'failed', processing_error = $3, next_attempt_at = NULL, updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status IN ('pending', 'processing')
@@ -155,6 +163,21 @@ class Media:
     like_count: int
     share_count: int
     variants: tuple[Variant, ...] = field(default=())
+    # From the photo's EXIF: the camera's wall clock, the UTC offset it recorded (None when
+    # none), and "Make Model".
+    taken_at: datetime | None = None
+    taken_at_utc_offset_minutes: int | None = None
+    camera: str | None = None
+
+    @property
+    def taken_at_iso(self) -> str:
+        """taken_at in ISO 8601, with the recorded UTC offset when there is one; empty when unknown."""
+        if self.taken_at is None:
+            return ""
+        if self.taken_at_utc_offset_minutes is None:
+            return self.taken_at.isoformat()
+        offset = timezone(timedelta(minutes=self.taken_at_utc_offset_minutes))
+        return self.taken_at.replace(tzinfo=offset).isoformat()
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
@@ -295,12 +318,18 @@ class Library:
         row = await self._pool.fetchrow(_CLAIM, media_id, version)
         return Claim(**row) if row else None
 
-    async def complete(self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant]) -> bool:
-        """Records the run's variants and marks it complete; False when the run was superseded."""
+    async def complete(
+        self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant],
+        photo: PhotoFacts | None = None,
+    ) -> bool:
+        """Records the run's variants (and a photo's EXIF facts) and marks it complete; False
+        when the run was superseded."""
         async with self._pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchval(_COMPLETE, media_id, version, width, height)
             if owner is None:
                 return False
+            if photo is not None:
+                await conn.execute(_RECORD_PHOTO_FACTS, media_id, photo.taken_at, photo.utc_offset_minutes, photo.camera)
             await conn.executemany(
                 _STORE_VARIANT,
                 [(media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes) for v in variants],

@@ -20,6 +20,7 @@ JPEG goes through Pillow after all, which refuses it or decodes it as stock Pill
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -37,6 +38,7 @@ from mediavault.imaging.decode import (
     upright,
 )
 from mediavault.imaging.errors import CORRUPT_IMAGE, PermanentImagingError
+from mediavault.imaging.metadata import photo_facts
 from mediavault.imaging.planar import Planes
 from mediavault.imaging.spec import Limits, VariantSpec, fit
 from mediavault.imaging.variants import TranscodeResult, Variant, make_variants, make_variants_from_planes
@@ -167,6 +169,8 @@ def transcode_image(
     image = open_image(data, mime, limits)
     strategy = choose(image, data, specs, jpeg_planes, lossless_display)
     try:
-        return strategy.transcode(specs)
+        result = strategy.transcode(specs)
     except turbojpeg.TurboJPEGError as exc:
-        return PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
+        result = PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
+    # After the pixels: a JPEG's EXIF is read from its header, anything else's once loaded.
+    return dataclasses.replace(result, photo=photo_facts(image))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from mediavault.imaging.metadata import PhotoFacts
 from mediavault.imaging.planar import Planes
 from mediavault.imaging.spec import VariantSpec, fit
 
@@ -29,13 +30,15 @@ class Variant:
 @dataclass(frozen=True)
 class TranscodeResult:
     """What an upload became. width x height is the original's upright size (for video, the frame's);
-    `strategy` names the way its variants were made (strategies.PlanarJpeg.name or PillowPipeline.name)."""
+    `strategy` names the way its variants were made (the name of a strategies.Strategy);
+    `photo` holds the facts of its EXIF kept as data (none for videos)."""
 
     kind: str
     width: int
     height: int
     variants: list[Variant]
     strategy: str
+    photo: PhotoFacts = PhotoFacts()
 
 
 def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:

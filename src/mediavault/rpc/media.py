@@ -85,6 +85,8 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
         view_count=media.view_count,
         like_count=media.like_count,
         share_count=media.share_count,
+        taken_at=media.taken_at_iso,
+        camera=media.camera or "",
     )
 
 

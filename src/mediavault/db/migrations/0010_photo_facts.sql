@@ -1,0 +1,10 @@
+-- Photo metadata kept as data (issue 18): when and with what a photo was taken, from its
+-- EXIF, which the variants never carry. GPS is never stored.
+ALTER TABLE media
+    -- The camera's wall clock (EXIF DateTimeOriginal), in whatever zone the camera was set to.
+    ADD COLUMN taken_at                    timestamp,
+    -- The offset from UTC the camera recorded beside it (OffsetTimeOriginal); NULL when none.
+    ADD COLUMN taken_at_utc_offset_minutes smallint CHECK (taken_at_utc_offset_minutes BETWEEN -840 AND 840),
+    -- "Make Model"; NULL when the photo names no camera.
+    ADD COLUMN camera                      text CHECK (length(camera) BETWEEN 1 AND 100),
+    ADD CONSTRAINT media_offset_needs_taken_at CHECK (taken_at_utc_offset_minutes IS NULL OR taken_at IS NOT NULL);
