@@ -106,7 +106,7 @@ async def test_a_photos_exif_date_and_camera_are_data_and_its_location_is_nowher
     )
     # Nothing of the GPS block anywhere: not a column, not in the answer, not in a variant.
     located = ("gps", "latitude", "longitude", "location")
-    assert not [name for name in row if any(word in name for word in located)]
+    assert not [name for name in dict(row) if any(word in name for word in located)]
     assert not [f.name for f in mpb.Media.DESCRIPTOR.fields if any(word in f.name for word in located)]
     for picture in (await variant_pictures(item)).values():
         assert not picture.getexif().get_ifd(0x8825)
