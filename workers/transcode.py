@@ -60,7 +60,10 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
             key = variant_key(media_id, version, variant.name, variant.content_type)
             await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
             stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
-        completed = await library.complete(media_id, version, result.width, result.height, stored, result.photo)
+        # The animation's own renditions (result.animation.variants) are stored once the
+        # variant names allow them (migration 0008); its length is recorded now.
+        duration_ms = result.animation.duration_ms if result.animation else None
+        completed = await library.complete(media_id, version, result.width, result.height, stored, result.photo, duration_ms)
         outcome, reason = ("complete", "") if completed else ("superseded", "")
     except PermanentImagingError as exc:
         await library.fail(media_id, version, exc.message)

@@ -116,3 +116,12 @@ async def test_an_iphone_photo_keeps_its_utc_offset(storage, media, auth, user_i
     item = await run_through(storage, media, auth(user_id), "images/heic/IMG_5195.HEIC")
     assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
     assert (item.taken_at, item.camera) == ("2021-04-11T15:47:53-05:00", "Apple iPhone 11 Pro Max")
+
+
+async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, auth, user_id, worker):
+    moving = await run_through(storage, media, auth(user_id), "images/formats/newtonscradle.gif")
+    still = await run_through(storage, media, auth(user_id), "images/formats/hopper.gif")
+    assert moving.processing_status == still.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+    assert (moving.animated, moving.animation_duration_ms) == (True, 820)
+    assert (still.animated, still.animation_duration_ms) == (False, 0)
+    assert {v.name for v in moving.variants} == {"thumbnail", "preview", "display"}

@@ -41,7 +41,7 @@ _COLUMNS = """
                  'name', v.name, 'object_key', v.object_key, 'content_type', v.content_type,
                  'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes) ORDER BY v.width)
               FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
-    m.taken_at, m.taken_at_utc_offset_minutes, m.camera
+    m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms
 """
 
 _GET = f"""
@@ -108,8 +108,9 @@ RETURNING owner_id
 """
 
 # In the completing transaction, after _COMPLETE has matched the run. GPS is never stored.
-_RECORD_PHOTO_FACTS = """
-UPDATE media SET taken_at = $2, taken_at_utc_offset_minutes = $3, camera = nullif($4, '')
+_RECORD_IMAGE_FACTS = """
+UPDATE media SET taken_at = $2, taken_at_utc_offset_minutes = $3, camera = nullif($4, ''),
+                 animated = $5::integer IS NOT NULL, animation_duration_ms = $5
 WHERE media_id = $1
 """
 
@@ -168,6 +169,8 @@ class Media:
     taken_at: datetime | None = None
     taken_at_utc_offset_minutes: int | None = None
     camera: str | None = None
+    animated: bool = False
+    animation_duration_ms: int | None = None
 
     @property
     def taken_at_iso(self) -> str:
@@ -320,16 +323,19 @@ class Library:
 
     async def complete(
         self, media_id: uuid.UUID, version: int, width: int, height: int, variants: list[Variant],
-        photo: PhotoFacts | None = None,
+        photo: PhotoFacts | None = None, animation_duration_ms: int | None = None,
     ) -> bool:
-        """Records the run's variants (and a photo's EXIF facts) and marks it complete; False
-        when the run was superseded."""
+        """Records the run's variants (and an image's EXIF facts and animation length) and marks
+        it complete; False when the run was superseded."""
         async with self._pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchval(_COMPLETE, media_id, version, width, height)
             if owner is None:
                 return False
             if photo is not None:
-                await conn.execute(_RECORD_PHOTO_FACTS, media_id, photo.taken_at, photo.utc_offset_minutes, photo.camera)
+                await conn.execute(
+                    _RECORD_IMAGE_FACTS, media_id, photo.taken_at, photo.utc_offset_minutes, photo.camera,
+                    animation_duration_ms,
+                )
             await conn.executemany(
                 _STORE_VARIANT,
                 [(media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes) for v in variants],

@@ -18,7 +18,7 @@ costs several times the whole pipeline (bench/README.md, transcode).
 
 from __future__ import annotations
 
-from mediavault.imaging import turbojpeg
+from mediavault.imaging import colour, turbojpeg
 
 _SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 # Huffman-coded frames every browser decodes: baseline and progressive. Extended
@@ -108,13 +108,16 @@ def _scan_end(data: bytes, position: int) -> int:
         return position
 
 
-def display(data: bytes, header: turbojpeg.Header, max_bytes: int) -> bytes:
+def display(data: bytes, header: turbojpeg.Header, max_bytes: int, icc: bytes | None = None) -> bytes:
     """The original as its own display, or NotLossless when it cannot be.
 
     `header` is the original's; the stripped file must read back the same, in YCbCr, and fit
-    in max_bytes.
+    in max_bytes. `icc`, when given, is embedded as the one profile (colour.DISPLAY_P3 for a
+    wide-colour original).
     """
     stripped = strip(data)
+    if icc is not None:
+        stripped = stripped[:2] + colour.jpeg_icc_segment(icc) + stripped[2:]
     if len(stripped) > max_bytes:
         raise NotLossless("larger than the display's byte budget")
     try:

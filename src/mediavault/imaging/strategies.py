@@ -27,7 +27,7 @@ from typing import ClassVar, Protocol
 
 from PIL import Image
 
-from mediavault.imaging import lossless, planar, turbojpeg
+from mediavault.imaging import animation, colour, lossless, planar, turbojpeg
 from mediavault.imaging.decode import (
     TRANSPOSE_FOR_ORIENTATION,
     Still,
@@ -35,6 +35,7 @@ from mediavault.imaging.decode import (
     decode_with_pillow,
     exif_orientation,
     open_image,
+    refused_if_corrupt,
     upright,
 )
 from mediavault.imaging.errors import CORRUPT_IMAGE, PermanentImagingError
@@ -133,7 +134,8 @@ def choose(
     if image.format not in ("JPEG", "MPO"):
         return PillowPipeline(image, f"{image.format} is not a JPEG")
     icc = image.info.get("icc_profile")
-    if icc and converts_colour(icc):
+    wide = bool(icc) and colour.is_display_p3(icc)
+    if icc and not wide and converts_colour(icc):
         return PillowPipeline(image, "its colours need converting to sRGB")
     try:
         header = turbojpeg.read_header(data)
@@ -147,11 +149,15 @@ def choose(
     display = max(specs, key=lambda spec: spec.box)
     if lossless_display and orientation not in TRANSPOSE_FOR_ORIENTATION and fit(header.width, header.height, display.box) == image.size:
         try:
-            return LosslessJpeg(image, header, lossless.display(data, header, display.max_bytes),
-                                "an upright YCbCr JPEG in sRGB that fits the display")
+            profile = colour.DISPLAY_P3 if wide else None
+            return LosslessJpeg(image, header, lossless.display(data, header, display.max_bytes, profile),
+                                f"an upright YCbCr JPEG in {'Display P3' if wide else 'sRGB'} that fits the display")
         except lossless.NotLossless:
             # Not a JPEG every browser decodes as it is, or over the budget: re-encoded.
             pass
+    if wide:
+        # The planes encoder writes no profile.
+        return PillowPipeline(image, "its Display P3 colours are kept")
     if not planar.covers(*image.size, specs):
         return PillowPipeline(image, "a variant needs more than half the largest one, which the planes cannot make")
     return PlanarJpeg(data, header, orientation, "a YCbCr JPEG in sRGB whose planes make every variant")
@@ -172,5 +178,9 @@ def transcode_image(
         result = strategy.transcode(specs)
     except turbojpeg.TurboJPEGError as exc:
         result = PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
+    moving = None
+    if animation.is_animated(image):
+        with refused_if_corrupt():
+            moving = animation.animate(image, limits.animation)
     # After the pixels: a JPEG's EXIF is read from its header, anything else's once loaded.
-    return dataclasses.replace(result, photo=photo_facts(image))
+    return dataclasses.replace(result, photo=photo_facts(image), animation=moving)

@@ -87,6 +87,8 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
         share_count=media.share_count,
         taken_at=media.taken_at_iso,
         camera=media.camera or "",
+        animated=media.animated,
+        animation_duration_ms=media.animation_duration_ms or 0,
     )
 
 

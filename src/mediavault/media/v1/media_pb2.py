@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mediavault.storage.v1 import storage_pb2 as mediavault_dot_storage_dot_v1_dot_storage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmediavault/media/v1/media.proto\x12\x13mediavault.media.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#mediavault/storage/v1/storage.proto\"\x91\x01\n\x07Variant\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63ontent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\"\xa3\x06\n\x05Media\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x32\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.mediavault.media.v1.MediaKindB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63ontent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x39\n\tretention\x18\t \x01(\x0e\x32 .mediavault.storage.v1.RetentionB\x04\xe2\x41\x01\x03\x12\x46\n\x11processing_status\x18\n \x01(\x0e\x32%.mediavault.media.v1.ProcessingStatusB\x04\xe2\x41\x01\x03\x12\x1e\n\x10processing_error\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x0c \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x34\n\x08variants\x18\r \x03(\x0b\x32\x1c.mediavault.media.v1.VariantB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x65\x65\x64_url\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0coriginal_url\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08saved_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nexpires_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\nview_count\x18\x13 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlike_count\x18\x14 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bshare_count\x18\x15 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08taken_at\x18- \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x63\x61mera\x18. \x01(\tB\x04\xe2\x41\x01\x03\")\n\x0fGetMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x10GetMediaResponse\x12)\n\x05media\x18\x01 \x01(\x0b\x32\x1a.mediavault.media.v1.Media\"x\n\x0fListFeedRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rif_none_match\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"z\n\x10ListFeedResponse\x12)\n\x05media\x18\x01 \x03(\x0b\x32\x1a.mediavault.media.v1.Media\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x14\n\x0cnot_modified\x18\x04 \x01(\x08\",\n\x12\x44\x65leteMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x15\n\x13\x44\x65leteMediaResponse\"*\n\x10SaveMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x11SaveMediaResponse\x12)\n\x05media\x18\x01 \x01(\x0b\x32\x1a.mediavault.media.v1.Media\"/\n\x15ReprocessMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"C\n\x16ReprocessMediaResponse\x12)\n\x05media\x18\x01 \x01(\x0b\x32\x1a.mediavault.media.v1.Media\"\xde\x01\n\nUsageEvent\x12=\n\nevent_type\x18\x01 \x01(\x0e\x32#.mediavault.media.v1.UsageEventTypeB\x04\xe2\x41\x01\x02\x12\x16\n\x08media_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07surface\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12+\n\x04meta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\"L\n\x13RecordEventsRequest\x12\x35\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.mediavault.media.v1.UsageEventB\x04\xe2\x41\x01\x02\":\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02*\xb4\x01\n\x10ProcessingStatus\x12!\n\x1dPROCESSING_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROCESSING_STATUS_PENDING\x10\x01\x12 \n\x1cPROCESSING_STATUS_PROCESSING\x10\x02\x12\x1e\n\x1aPROCESSING_STATUS_COMPLETE\x10\x03\x12\x1c\n\x18PROCESSING_STATUS_FAILED\x10\x04*\xd6\x02\n\x0eUsageEventType\x12 \n\x1cUSAGE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUSAGE_EVENT_TYPE_IMPRESSION\x10\x01\x12 \n\x1cUSAGE_EVENT_TYPE_DWELL_START\x10\x02\x12\x1e\n\x1aUSAGE_EVENT_TYPE_DWELL_END\x10\x03\x12\x1a\n\x16USAGE_EVENT_TYPE_CLICK\x10\x04\x12\x19\n\x15USAGE_EVENT_TYPE_OPEN\x10\x05\x12\x1a\n\x16USAGE_EVENT_TYPE_SHARE\x10\x06\x12\x19\n\x15USAGE_EVENT_TYPE_LIKE\x10\x07\x12\x19\n\x15USAGE_EVENT_TYPE_SAVE\x10\x08\x12\x19\n\x15USAGE_EVENT_TYPE_HIDE\x10\t\x12\x1b\n\x17USAGE_EVENT_TYPE_REPORT\x10\n2\x86\x06\n\x0cMediaService\x12u\n\x08GetMedia\x12$.mediavault.media.v1.GetMediaRequest\x1a%.mediavault.media.v1.GetMediaResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/media/{media_id}\x12i\n\x08ListFeed\x12$.mediavault.media.v1.ListFeedRequest\x1a%.mediavault.media.v1.ListFeedResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/feed\x12~\n\x0b\x44\x65leteMedia\x12\'.mediavault.media.v1.DeleteMediaRequest\x1a(.mediavault.media.v1.DeleteMediaResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/media/{media_id}\x12\x80\x01\n\tSaveMedia\x12%.mediavault.media.v1.SaveMediaRequest\x1a&.mediavault.media.v1.SaveMediaResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/media/{media_id}:save:\x01*\x12\x94\x01\n\x0eReprocessMedia\x12*.mediavault.media.v1.ReprocessMediaRequest\x1a+.mediavault.media.v1.ReprocessMediaResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/media/{media_id}:reprocess:\x01*\x12z\n\x0cRecordEvents\x12(.mediavault.media.v1.RecordEventsRequest\x1a).mediavault.media.v1.RecordEventsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/events:\x01*B/Z-mediavault/gen/go/mediavault/media/v1;mediav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmediavault/media/v1/media.proto\x12\x13mediavault.media.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#mediavault/storage/v1/storage.proto\"\x91\x01\n\x07Variant\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03url\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63ontent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\"\xe0\x06\n\x05Media\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x32\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.mediavault.media.v1.MediaKindB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63ontent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x39\n\tretention\x18\t \x01(\x0e\x32 .mediavault.storage.v1.RetentionB\x04\xe2\x41\x01\x03\x12\x46\n\x11processing_status\x18\n \x01(\x0e\x32%.mediavault.media.v1.ProcessingStatusB\x04\xe2\x41\x01\x03\x12\x1e\n\x10processing_error\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61ttempts\x18\x0c \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x34\n\x08variants\x18\r \x03(\x0b\x32\x1c.mediavault.media.v1.VariantB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x65\x65\x64_url\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0coriginal_url\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08saved_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nexpires_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\nview_count\x18\x13 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nlike_count\x18\x14 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bshare_count\x18\x15 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08taken_at\x18- \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x63\x61mera\x18. \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x61nimated\x18/ \x01(\x08\x42\x04\xe2\x41\x01\x03\x12#\n\x15\x61nimation_duration_ms\x18\x30 \x01(\x05\x42\x04\xe2\x41\x01\x03\")\n\x0fGetMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x10GetMediaResponse\x12)\n\x05media\x18\x01 \x01(\x0b\x32\x1a.mediavault.media.v1.Media\"x\n\x0fListFeedRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rif_none_match\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"z\n\x10ListFeedResponse\x12)\n\x05media\x18\x01 \x03(\x0b\x32\x1a.mediavault.media.v1.Media\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x14\n\x0cnot_modified\x18\x04 \x01(\x08\",\n\x12\x44\x65leteMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x15\n\x13\x44\x65leteMediaResponse\"*\n\x10SaveMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x11SaveMediaResponse\x12)\n\x05media\x18\x01 \x01(\x0b\x32\x1a.mediavault.media.v1.Media\"/\n\x15ReprocessMediaRequest\x12\x16\n\x08media_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"C\n\x16ReprocessMediaResponse\x12)\n\x05media\x18\x01 \x01(\x0b\x32\x1a.mediavault.media.v1.Media\"\xde\x01\n\nUsageEvent\x12=\n\nevent_type\x18\x01 \x01(\x0e\x32#.mediavault.media.v1.UsageEventTypeB\x04\xe2\x41\x01\x02\x12\x16\n\x08media_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07surface\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12+\n\x04meta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\"L\n\x13RecordEventsRequest\x12\x35\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.mediavault.media.v1.UsageEventB\x04\xe2\x41\x01\x02\":\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x10\n\x08rejected\x18\x02 \x01(\x05*S\n\tMediaKind\x12\x1a\n\x16MEDIA_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEDIA_KIND_IMAGE\x10\x01\x12\x14\n\x10MEDIA_KIND_VIDEO\x10\x02*\xb4\x01\n\x10ProcessingStatus\x12!\n\x1dPROCESSING_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROCESSING_STATUS_PENDING\x10\x01\x12 \n\x1cPROCESSING_STATUS_PROCESSING\x10\x02\x12\x1e\n\x1aPROCESSING_STATUS_COMPLETE\x10\x03\x12\x1c\n\x18PROCESSING_STATUS_FAILED\x10\x04*\xd6\x02\n\x0eUsageEventType\x12 \n\x1cUSAGE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bUSAGE_EVENT_TYPE_IMPRESSION\x10\x01\x12 \n\x1cUSAGE_EVENT_TYPE_DWELL_START\x10\x02\x12\x1e\n\x1aUSAGE_EVENT_TYPE_DWELL_END\x10\x03\x12\x1a\n\x16USAGE_EVENT_TYPE_CLICK\x10\x04\x12\x19\n\x15USAGE_EVENT_TYPE_OPEN\x10\x05\x12\x1a\n\x16USAGE_EVENT_TYPE_SHARE\x10\x06\x12\x19\n\x15USAGE_EVENT_TYPE_LIKE\x10\x07\x12\x19\n\x15USAGE_EVENT_TYPE_SAVE\x10\x08\x12\x19\n\x15USAGE_EVENT_TYPE_HIDE\x10\t\x12\x1b\n\x17USAGE_EVENT_TYPE_REPORT\x10\n2\x86\x06\n\x0cMediaService\x12u\n\x08GetMedia\x12$.mediavault.media.v1.GetMediaRequest\x1a%.mediavault.media.v1.GetMediaResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/media/{media_id}\x12i\n\x08ListFeed\x12$.mediavault.media.v1.ListFeedRequest\x1a%.mediavault.media.v1.ListFeedResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/feed\x12~\n\x0b\x44\x65leteMedia\x12\'.mediavault.media.v1.DeleteMediaRequest\x1a(.mediavault.media.v1.DeleteMediaResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/media/{media_id}\x12\x80\x01\n\tSaveMedia\x12%.mediavault.media.v1.SaveMediaRequest\x1a&.mediavault.media.v1.SaveMediaResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/media/{media_id}:save:\x01*\x12\x94\x01\n\x0eReprocessMedia\x12*.mediavault.media.v1.ReprocessMediaRequest\x1a+.mediavault.media.v1.ReprocessMediaResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/media/{media_id}:reprocess:\x01*\x12z\n\x0cRecordEvents\x12(.mediavault.media.v1.RecordEventsRequest\x1a).mediavault.media.v1.RecordEventsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/events:\x01*B/Z-mediavault/gen/go/mediavault/media/v1;mediav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -95,6 +95,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEDIA'].fields_by_name['taken_at']._serialized_options = b'\342A\001\003'
   _globals['_MEDIA'].fields_by_name['camera']._loaded_options = None
   _globals['_MEDIA'].fields_by_name['camera']._serialized_options = b'\342A\001\003'
+  _globals['_MEDIA'].fields_by_name['animated']._loaded_options = None
+  _globals['_MEDIA'].fields_by_name['animated']._serialized_options = b'\342A\001\003'
+  _globals['_MEDIA'].fields_by_name['animation_duration_ms']._loaded_options = None
+  _globals['_MEDIA'].fields_by_name['animation_duration_ms']._serialized_options = b'\342A\001\003'
   _globals['_GETMEDIAREQUEST'].fields_by_name['media_id']._loaded_options = None
   _globals['_GETMEDIAREQUEST'].fields_by_name['media_id']._serialized_options = b'\342A\001\002'
   _globals['_LISTFEEDREQUEST'].fields_by_name['user_id']._loaded_options = None
@@ -135,42 +139,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEDIASERVICE'].methods_by_name['ReprocessMedia']._serialized_options = b'\202\323\344\223\002#\"\036/v1/media/{media_id}:reprocess:\001*'
   _globals['_MEDIASERVICE'].methods_by_name['RecordEvents']._loaded_options = None
   _globals['_MEDIASERVICE'].methods_by_name['RecordEvents']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/events:\001*'
-  _globals['_MEDIAKIND']._serialized_start=2183
-  _globals['_MEDIAKIND']._serialized_end=2266
-  _globals['_PROCESSINGSTATUS']._serialized_start=2269
-  _globals['_PROCESSINGSTATUS']._serialized_end=2449
-  _globals['_USAGEEVENTTYPE']._serialized_start=2452
-  _globals['_USAGEEVENTTYPE']._serialized_end=2794
+  _globals['_MEDIAKIND']._serialized_start=2244
+  _globals['_MEDIAKIND']._serialized_end=2327
+  _globals['_PROCESSINGSTATUS']._serialized_start=2330
+  _globals['_PROCESSINGSTATUS']._serialized_end=2510
+  _globals['_USAGEEVENTTYPE']._serialized_start=2513
+  _globals['_USAGEEVENTTYPE']._serialized_end=2855
   _globals['_VARIANT']._serialized_start=220
   _globals['_VARIANT']._serialized_end=365
   _globals['_MEDIA']._serialized_start=368
-  _globals['_MEDIA']._serialized_end=1171
-  _globals['_GETMEDIAREQUEST']._serialized_start=1173
-  _globals['_GETMEDIAREQUEST']._serialized_end=1214
-  _globals['_GETMEDIARESPONSE']._serialized_start=1216
-  _globals['_GETMEDIARESPONSE']._serialized_end=1277
-  _globals['_LISTFEEDREQUEST']._serialized_start=1279
-  _globals['_LISTFEEDREQUEST']._serialized_end=1399
-  _globals['_LISTFEEDRESPONSE']._serialized_start=1401
-  _globals['_LISTFEEDRESPONSE']._serialized_end=1523
-  _globals['_DELETEMEDIAREQUEST']._serialized_start=1525
-  _globals['_DELETEMEDIAREQUEST']._serialized_end=1569
-  _globals['_DELETEMEDIARESPONSE']._serialized_start=1571
-  _globals['_DELETEMEDIARESPONSE']._serialized_end=1592
-  _globals['_SAVEMEDIAREQUEST']._serialized_start=1594
-  _globals['_SAVEMEDIAREQUEST']._serialized_end=1636
-  _globals['_SAVEMEDIARESPONSE']._serialized_start=1638
-  _globals['_SAVEMEDIARESPONSE']._serialized_end=1700
-  _globals['_REPROCESSMEDIAREQUEST']._serialized_start=1702
-  _globals['_REPROCESSMEDIAREQUEST']._serialized_end=1749
-  _globals['_REPROCESSMEDIARESPONSE']._serialized_start=1751
-  _globals['_REPROCESSMEDIARESPONSE']._serialized_end=1818
-  _globals['_USAGEEVENT']._serialized_start=1821
-  _globals['_USAGEEVENT']._serialized_end=2043
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=2045
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=2121
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=2123
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=2181
-  _globals['_MEDIASERVICE']._serialized_start=2797
-  _globals['_MEDIASERVICE']._serialized_end=3571
+  _globals['_MEDIA']._serialized_end=1232
+  _globals['_GETMEDIAREQUEST']._serialized_start=1234
+  _globals['_GETMEDIAREQUEST']._serialized_end=1275
+  _globals['_GETMEDIARESPONSE']._serialized_start=1277
+  _globals['_GETMEDIARESPONSE']._serialized_end=1338
+  _globals['_LISTFEEDREQUEST']._serialized_start=1340
+  _globals['_LISTFEEDREQUEST']._serialized_end=1460
+  _globals['_LISTFEEDRESPONSE']._serialized_start=1462
+  _globals['_LISTFEEDRESPONSE']._serialized_end=1584
+  _globals['_DELETEMEDIAREQUEST']._serialized_start=1586
+  _globals['_DELETEMEDIAREQUEST']._serialized_end=1630
+  _globals['_DELETEMEDIARESPONSE']._serialized_start=1632
+  _globals['_DELETEMEDIARESPONSE']._serialized_end=1653
+  _globals['_SAVEMEDIAREQUEST']._serialized_start=1655
+  _globals['_SAVEMEDIAREQUEST']._serialized_end=1697
+  _globals['_SAVEMEDIARESPONSE']._serialized_start=1699
+  _globals['_SAVEMEDIARESPONSE']._serialized_end=1761
+  _globals['_REPROCESSMEDIAREQUEST']._serialized_start=1763
+  _globals['_REPROCESSMEDIAREQUEST']._serialized_end=1810
+  _globals['_REPROCESSMEDIARESPONSE']._serialized_start=1812
+  _globals['_REPROCESSMEDIARESPONSE']._serialized_end=1879
+  _globals['_USAGEEVENT']._serialized_start=1882
+  _globals['_USAGEEVENT']._serialized_end=2104
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=2106
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=2182
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=2184
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=2242
+  _globals['_MEDIASERVICE']._serialized_start=2858
+  _globals['_MEDIASERVICE']._serialized_end=3632
 # @@protoc_insertion_point(module_scope)
