@@ -13,7 +13,7 @@ from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
 from mediavault.db import create_pool
 from mediavault.domain.media import MAX_ATTEMPTS
-from mediavault.imaging import DEFAULT_LIMITS, Transcoder
+from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder
 from mediavault.services import build_services
 from workers.maintenance import JOBS, cron_task, job_config, observe_queue
 from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
@@ -68,8 +68,17 @@ async def startup(ctx: dict[str, Any]) -> None:
     pool_size = settings.video_workers if video_queue else settings.transcode_workers or None
     ctx["transcoder"] = Transcoder(
         workers=pool_size,
-        limits=dataclasses.replace(DEFAULT_LIMITS, job_timeout_seconds=settings.transcode_timeout_seconds),
+        limits=dataclasses.replace(
+            DEFAULT_LIMITS,
+            job_timeout_seconds=settings.transcode_timeout_seconds,
+            animation=AnimationLimits(
+                max_frames=settings.imaging_animation_max_frames,
+                max_total_pixels=settings.imaging_animation_max_total_pixels,
+                max_seconds=settings.imaging_animation_max_seconds,
+            ),
+        ),
         jpeg_planes=settings.imaging_jpeg_planes == "on",
+        lossless_display=settings.imaging_lossless_display == "on",
     )
 
 

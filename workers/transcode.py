@@ -73,12 +73,17 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
                 span.set_attributes({"mediavault.width": result.width, "mediavault.height": result.height,
                                      "mediavault.variants": len(result.variants)})
         stored = []
-        # Every format of every variant (imaging/formats.py), each under its own key.
-        for variant in (made for primary in result.variants for made in (primary, *primary.alternates)):
+        # Every format of every variant (imaging/formats.py), and an animation's moving ones, each under its own key.
+        moving = result.animation.variants if result.animation else []
+        for variant in (made for primary in (*result.variants, *moving) for made in (primary, *primary.alternates)):
             key = variant_key(media_id, version, variant.name, variant.content_type)
             await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
             stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
-        completed = await library.complete(media_id, version, result.width, result.height, stored, result.thumbhash)
+        duration_ms = result.animation.duration_ms if result.animation else None
+        completed = await library.complete(
+            media_id, version, result.width, result.height, stored, result.thumbhash,
+            photo=result.photo, animation_duration_ms=duration_ms,
+        )
         outcome, reason = ("complete", "") if completed else ("superseded", "")
     except PermanentImagingError as exc:
         await library.fail(media_id, version, exc.message)

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     transcode_retry_base_seconds: float = Field(default=5.0, gt=0)
     # off: every JPEG goes through Pillow, never its YCbCr planes (see imaging.strategies).
     imaging_jpeg_planes: Literal["on", "off"] = "on"
+    # off: a JPEG's display is always re-encoded, never the original less its metadata
+    # (see imaging.lossless).
+    imaging_lossless_display: Literal["on", "off"] = "on"
+    # Animated GIF/WebP/PNG past any of these keep first-frame stills only (imaging.animation).
+    imaging_animation_max_frames: int = Field(default=300, gt=1)
+    imaging_animation_max_total_pixels: int = Field(default=20_000_000, gt=0)
+    imaging_animation_max_seconds: float = Field(default=60.0, gt=0)
     queue_name: str = "arq:queue"
     # Videos have an arq queue of their own (default: queue_name + ":video"), served by
     # video_workers concurrent transcodes per worker process, so photos never wait behind them.

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode
+from mediavault.imaging.colour import DISPLAY_P3
 from tests.conftest import CORPUS
 
 CONTENT_TYPES = {
@@ -77,15 +78,22 @@ def aspect_kept(width: int, height: int, original_width: int, original_height: i
 
 
 def assert_no_metadata(image: Image.Image, data: bytes) -> None:
+    """No metadata but, for a wide-colour variant, our own compact Display P3 profile."""
     assert len(image.getexif()) == 0
-    for key in ("exif", "xmp", "XML:com.adobe.xmp", "comment", "icc_profile", "photoshop"):
+    for key in ("exif", "xmp", "XML:com.adobe.xmp", "comment", "photoshop"):
         assert key not in image.info, key
+    wide = "icc_profile" in image.info
+    if wide:
+        assert image.info["icc_profile"] == DISPLAY_P3
     if image.format == "JPEG":
-        # Only the JFIF header may precede the tables: no APP1 (EXIF, XMP), APP2 (ICC),
-        # APP13 (IPTC) or COM segment.
-        assert set(jpeg_segments(data)) <= {0xE0, 0xDB, 0xC4, 0xC0, 0xDD}, [hex(m) for m in jpeg_segments(data)]
+        # Only the JFIF header may precede the tables and the frame (baseline or, for a
+        # lossless display, progressive): no APP1 (EXIF, XMP), APP13 (IPTC) or COM
+        # segment, and APP2 (ICC) only to hold DISPLAY_P3.
+        allowed = {0xE0, 0xDB, 0xC4, 0xC0, 0xC2, 0xDD} | ({0xE2} if wide else set())
+        assert set(jpeg_segments(data)) <= allowed, [hex(m) for m in jpeg_segments(data)]
     else:
-        assert set(webp_chunks(data)) <= {b"VP8 ", b"VP8L", b"VP8X", b"ALPH"}, webp_chunks(data)
+        allowed_chunks = {b"VP8 ", b"VP8L", b"VP8X", b"ALPH"} | ({b"ICCP"} if wide else set())
+        assert set(webp_chunks(data)) <= allowed_chunks, webp_chunks(data)
 
 
 def jpeg_segments(data: bytes) -> list[int]:

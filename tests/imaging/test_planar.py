@@ -75,8 +75,9 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
 
 
 def decoded(data: bytes, specs: Sequence[VariantSpec] = DEFAULT_VARIANTS.image) -> Image.Image | Planes:
-    """What the strategy chosen for the JPEG decodes it to: its planes, or a Pillow picture."""
-    strategy = choose(open_image(data, "image/jpeg", DEFAULT_LIMITS), data, specs)
+    """What the strategy chosen for the JPEG decodes it to, the lossless display left out
+    (test_lossless has it): its planes, or a Pillow picture."""
+    strategy = choose(open_image(data, "image/jpeg", DEFAULT_LIMITS), data, specs, lossless_display=False)
     if isinstance(strategy, PlanarJpeg):
         return strategy.decode(specs)
     return strategy.decode(specs).image
@@ -90,7 +91,7 @@ def test_every_orientation_and_subsampling_comes_out_upright_in_its_colours(subs
     data = jpeg(source, subsampling, orientation)
     assert isinstance(decoded(data), Planes)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    result = transcode(data, "image/jpeg")
+    result = transcode(data, "image/jpeg", lossless_display=False)
     assert (result.width, result.height) == upright.size
     for name, variant in check_variants(result, IMAGE_VARIANTS).items():
         assert mean_difference(variant, upright) < 2.0, name
@@ -115,7 +116,7 @@ def test_photos_larger_than_the_display_box_are_resized_in_their_planes(
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     planes = decoded(data)
     assert isinstance(planes, Planes)
-    result = transcode(data, "image/jpeg")
+    result = transcode(data, "image/jpeg", lossless_display=False)
     assert (result.width, result.height) == upright.size
     variants = check_variants(result, IMAGE_VARIANTS)
     display = variants["display"]
@@ -136,7 +137,7 @@ def test_odd_and_unaligned_display_sizes_keep_their_pixels(box: int, orientation
     data = jpeg(source, "4:2:0", orientation)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     assert isinstance(decoded(data, variants.image), Planes)
-    made = {v.name: v for v in transcode(data, "image/jpeg", variants=variants).variants}
+    made = {v.name: v for v in transcode(data, "image/jpeg", lossless_display=False, variants=variants).variants}
     picture = open_variant(made["display"].data)
     assert picture.size == fit(*upright.size, box)
     assert mean_difference(picture, upright) < 2.0
@@ -161,7 +162,7 @@ def test_phone_photos_keep_their_pixels(relative: str) -> None:
     data = corpus(relative).read_bytes()
     assert isinstance(decoded(data), Planes)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    display = open_variant(next(v for v in transcode(data, "image/jpeg").variants if v.name == "display").data)
+    display = open_variant(next(v for v in transcode(data, "image/jpeg", lossless_display=False).variants if v.name == "display").data)
     assert display.size == upright.size
     # Pixel for pixel, not only on average: a chroma plane shifted by one sample or a
     # luma plane off by a row shows here.
@@ -185,7 +186,7 @@ def test_jpegs_the_planes_cannot_serve_go_through_rgb() -> None:
         picture = decoded(data)
         assert isinstance(picture, Image.Image)
         assert picture.mode == "RGB"
-        check_variants(transcode(data, "image/jpeg"), IMAGE_VARIANTS)
+        check_variants(transcode(data, "image/jpeg", lossless_display=False), IMAGE_VARIANTS)
 
 
 def test_an_srgb_profile_needs_no_conversion_and_keeps_the_planes() -> None:
@@ -220,7 +221,7 @@ def test_display_over_budget_at_the_quality_floor_shrinks_through_rgb(box: int) 
     planes = decoded(data, variants.image)
     assert isinstance(planes, Planes)
     assert (planes.width, planes.height) == fit(1600, 1200, box)
-    display = next(v for v in transcode(data, "image/jpeg", variants=variants).variants if v.name == "display")
+    display = next(v for v in transcode(data, "image/jpeg", lossless_display=False, variants=variants).variants if v.name == "display")
     assert len(display.data) <= tight.max_bytes
     assert display.width < planes.width
     assert open_variant(display.data).size == (display.width, display.height)
@@ -252,7 +253,7 @@ def test_progressive_and_multi_picture_jpegs_take_the_planes() -> None:
     assert Image.open(mpo).format == "MPO"
     for data in (progressive, mpo.getvalue()):
         assert isinstance(decoded(data), Planes)
-        result = transcode(data, "image/jpeg")
+        result = transcode(data, "image/jpeg", lossless_display=False)
         assert (result.width, result.height) == photo.size
         for name, variant in check_variants(result, IMAGE_VARIANTS).items():
             assert mean_difference(variant, photo) < 2.0, name

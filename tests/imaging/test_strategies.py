@@ -12,11 +12,19 @@ from PIL import Image, ImageFile
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, Transcoder, transcode
 from mediavault.imaging.decode import open_image
-from mediavault.imaging.strategies import PillowPipeline, PlanarJpeg, choose
+from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, PlanarJpeg, choose
 from tests.imaging.helpers import check_variants, corpus, open_variant
 
 SPECS = DEFAULT_VARIANTS.image
 JOLLA = corpus("images/camera/jolla.jpg").read_bytes()
+# EXIF orientation 6: its display is turned, so it is re-encoded from the planes.
+ROMMEL = corpus("images/formats/rommel.jpg").read_bytes()
+
+
+def turned() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
 
 
 def photo(mode: str = "RGB", size: tuple[int, int] = (2000, 1500), **params: object) -> bytes:
@@ -31,10 +39,12 @@ def photo(mode: str = "RGB", size: tuple[int, int] = (2000, 1500), **params: obj
 @pytest.mark.parametrize(
     ("data", "mime", "jpeg_planes", "strategy", "reason"),
     [
-        (JOLLA, "image/jpeg", True, PlanarJpeg, "a YCbCr JPEG in sRGB whose planes make every variant"),
+        (JOLLA, "image/jpeg", True, LosslessJpeg, "an upright YCbCr JPEG in sRGB that fits the display"),
+        (ROMMEL, "image/jpeg", True, PlanarJpeg, "a YCbCr JPEG in sRGB whose planes make every variant"),
         (JOLLA, "image/jpeg", False, PillowPipeline, "the JPEG planes are turned off"),
         (corpus("images/formats/hopper.png").read_bytes(), "image/png", True, PillowPipeline, "PNG is not a JPEG"),
-        (photo(size=(1100, 800)), "image/jpeg", True, PillowPipeline, "a variant needs more than half the largest one"),
+        (photo(size=(1100, 800), exif=turned()), "image/jpeg", True, PillowPipeline,
+         "a variant needs more than half the largest one"),
         (photo("CMYK"), "image/jpeg", True, PillowPipeline, "it is not three-component YCbCr"),
         (photo("L"), "image/jpeg", True, PillowPipeline, "it is not three-component YCbCr"),
         (
@@ -42,7 +52,7 @@ def photo(mode: str = "RGB", size: tuple[int, int] = (2000, 1500), **params: obj
             "image/jpeg", True, PillowPipeline, "its colours need converting to sRGB",
         ),
     ],
-    ids=["phone-photo", "planes-off", "png", "small-jpeg", "cmyk", "grey", "foreign-profile"],
+    ids=["phone-photo", "turned-phone-photo", "planes-off", "png", "small-jpeg", "cmyk", "grey", "foreign-profile"],
 )
 def test_choose_names_the_strategy_and_says_why(
     data: bytes, mime: str, jpeg_planes: bool, strategy: type, reason: str
@@ -54,10 +64,10 @@ def test_choose_names_the_strategy_and_says_why(
 
 
 def test_with_the_planes_off_a_phone_photo_gets_the_pillow_pipelines_variants() -> None:
-    planar = transcode(JOLLA, "image/jpeg")
-    pillow = transcode(JOLLA, "image/jpeg", jpeg_planes=False)
+    planar = transcode(ROMMEL, "image/jpeg")
+    pillow = transcode(ROMMEL, "image/jpeg", jpeg_planes=False)
     assert (planar.strategy, pillow.strategy) == ("jpeg-planes", "pillow")
-    by_pillow = PillowPipeline(open_image(JOLLA, "image/jpeg", DEFAULT_LIMITS), "").transcode(SPECS)
+    by_pillow = PillowPipeline(open_image(ROMMEL, "image/jpeg", DEFAULT_LIMITS), "").transcode(SPECS)
     assert [v.data for v in pillow.variants] == [v.data for v in by_pillow.variants]
     # The two encoders differ, so the display's bytes tell which path made it.
     assert open_variant(pillow.variants[0].data).size == open_variant(planar.variants[0].data).size
@@ -67,13 +77,13 @@ def test_with_the_planes_off_a_phone_photo_gets_the_pillow_pipelines_variants() 
 
 async def test_the_pool_passes_the_setting_to_its_processes() -> None:
     async with Transcoder(workers=1, jpeg_planes=False) as off, Transcoder(workers=1) as on:
-        pillow, planar = await asyncio.gather(off.run(JOLLA, "image/jpeg"), on.run(JOLLA, "image/jpeg"))
+        pillow, planar = await asyncio.gather(off.run(ROMMEL, "image/jpeg"), on.run(ROMMEL, "image/jpeg"))
     assert (pillow.strategy, planar.strategy) == ("pillow", "jpeg-planes")
-    assert [v.data for v in pillow.variants] == [v.data for v in transcode(JOLLA, "image/jpeg", jpeg_planes=False).variants]
+    assert [v.data for v in pillow.variants] == [v.data for v in transcode(ROMMEL, "image/jpeg", jpeg_planes=False).variants]
 
 
 def test_a_jpeg_libjpeg_turbo_warns_about_goes_through_pillow() -> None:
-    data = photo()
+    data = photo(exif=turned())
     # Bytes between the last scan and the EOI marker: libjpeg-turbo warns ("extraneous
     # bytes before marker"), stock Pillow decodes it all the same.
     damaged = data[:-2] + bytes(5) + data[-2:]

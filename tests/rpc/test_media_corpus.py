@@ -92,3 +92,36 @@ async def test_many_uploads_at_once_all_complete(storage, media, auth, user_id, 
     md = auth(user_id)
     items = await asyncio.gather(*(run_through(storage, media, md, r) for r in CAMERA + ORIENTATION[:5]))
     assert all(i.processing_status == mpb.PROCESSING_STATUS_COMPLETE for i in items)
+
+
+async def test_a_photos_exif_date_and_camera_are_data_and_its_location_is_nowhere(storage, media, auth, user_id, worker, pool):
+    relative = "images/camera/DSCN0010.jpg"
+    assert Image.open(CORPUS / relative).getexif().get_ifd(0x8825)
+    item = await run_through(storage, media, auth(user_id), relative)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert (item.taken_at, item.camera) == ("2008-10-22T16:28:39", "NIKON COOLPIX P6000")
+    row = await pool.fetchrow("SELECT * FROM media WHERE media_id = $1::uuid", item.media_id)
+    assert (row["taken_at"].isoformat(), row["taken_at_utc_offset_minutes"], row["camera"]) == (
+        "2008-10-22T16:28:39", None, "NIKON COOLPIX P6000",
+    )
+    # Nothing of the GPS block anywhere: not a column, not in the answer, not in a variant.
+    located = ("gps", "latitude", "longitude", "location")
+    assert not [name for name in dict(row) if any(word in name for word in located)]
+    assert not [f.name for f in mpb.Media.DESCRIPTOR.fields if any(word in f.name for word in located)]
+    for picture in (await variant_pictures(item)).values():
+        assert not picture.getexif().get_ifd(0x8825)
+
+
+async def test_an_iphone_photo_keeps_its_utc_offset(storage, media, auth, user_id, worker):
+    item = await run_through(storage, media, auth(user_id), "images/heic/IMG_5195.HEIC")
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert (item.taken_at, item.camera) == ("2021-04-11T15:47:53-05:00", "Apple iPhone 11 Pro Max")
+
+
+async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, auth, user_id, worker):
+    moving = await run_through(storage, media, auth(user_id), "images/formats/newtonscradle.gif")
+    still = await run_through(storage, media, auth(user_id), "images/formats/hopper.gif")
+    assert moving.processing_status == still.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+    assert (moving.animated, moving.animation_duration_ms) == (True, 820)
+    assert (still.animated, still.animation_duration_ms) == (False, 0)
+    assert {v.name for v in moving.variants} == {"thumbnail", "preview", "display"}

@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -25,6 +25,7 @@ from mediavault.errors import MediaBusy, NotFound
 
 if TYPE_CHECKING:
     from mediavault.domain.feed import Feed
+    from mediavault.imaging.metadata import PhotoFacts
     from mediavault.jobs import TranscodeQueue
 
 MAX_ATTEMPTS = 3
@@ -43,7 +44,8 @@ _COLUMNS = """
                  'width', v.width, 'height', v.height, 'size_bytes', v.size_bytes, 'bitrate', v.bitrate)
                  ORDER BY v.width, v.name, v.content_type)
               FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
-    m.duration_seconds, m.frame_rate, m.has_audio, m.source_codec, m.processing_progress
+    m.duration_seconds, m.frame_rate, m.has_audio, m.source_codec, m.processing_progress,
+    m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms
 """
 
 _GET = f"""
@@ -109,6 +111,13 @@ UPDATE media SET processing_status = 'complete', width = $3, height = $4, thumbh
                  processing_progress = NULL, processed_at = now(), updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
 RETURNING owner_id
+"""
+
+# In the completing transaction, after _COMPLETE has matched the run. GPS is never stored.
+_RECORD_IMAGE_FACTS = """
+UPDATE media SET taken_at = $2, taken_at_utc_offset_minutes = $3, camera = nullif($4, ''),
+                 animated = $5::integer IS NOT NULL, animation_duration_ms = $5
+WHERE media_id = $1
 """
 
 _FAIL = """
@@ -202,6 +211,23 @@ class Media:
     source_codec: str | None = None
     # 0-100 while a video transcode runs.
     processing_progress: int | None = None
+    # From the photo's EXIF: the camera's wall clock, the UTC offset it recorded (None when
+    # none), and "Make Model".
+    taken_at: datetime | None = None
+    taken_at_utc_offset_minutes: int | None = None
+    camera: str | None = None
+    animated: bool = False
+    animation_duration_ms: int | None = None
+
+    @property
+    def taken_at_iso(self) -> str:
+        """taken_at in ISO 8601, with the recorded UTC offset when there is one; empty when unknown."""
+        if self.taken_at is None:
+            return ""
+        if self.taken_at_utc_offset_minutes is None:
+            return self.taken_at.isoformat()
+        offset = timezone(timedelta(minutes=self.taken_at_utc_offset_minutes))
+        return self.taken_at.replace(tzinfo=offset).isoformat()
 
 
 @dataclass(frozen=True)
@@ -382,14 +408,21 @@ class Library:
         variants: list[Variant],
         thumbhash: bytes = b"",
         video: VideoFacts | None = None,
+        photo: PhotoFacts | None = None,
+        animation_duration_ms: int | None = None,
     ) -> bool:
-        """Records the run's variants (every format of each), its ThumbHash and a video's facts, and
-        marks it complete; False when the run was superseded or the media deleted."""
+        """Records the run's variants (every format of each), its ThumbHash, a video's facts or an
+        image's EXIF facts and animation length, and marks it complete; False when the run was superseded or the media deleted."""
         facts = (video.duration_seconds, video.frame_rate, video.has_audio, video.source_codec) if video else (None,) * 4
         async with self._pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchval(_COMPLETE, media_id, version, width, height, thumbhash or None, *facts)
             if owner is None:
                 return False
+            if photo is not None:
+                await conn.execute(
+                    _RECORD_IMAGE_FACTS, media_id, photo.taken_at, photo.utc_offset_minutes, photo.camera,
+                    animation_duration_ms,
+                )
             await conn.executemany(
                 _STORE_VARIANT,
                 [

@@ -15,6 +15,7 @@ from mediavault.imaging.spec import (
     POSTER,
     PREVIEW,
     THUMBNAIL,
+    AnimationLimits,
     Limits,
     VariantSet,
     VariantSpec,
@@ -23,6 +24,7 @@ from mediavault.imaging.tuning import tune_worker_process
 from mediavault.imaging.variants import TranscodeResult, Variant
 
 __all__ = [
+    "AnimationLimits",
     "DEFAULT_LIMITS",
     "DEFAULT_VARIANTS",
     "DISPLAY",

@@ -15,6 +15,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageFilter
 
 from mediavault.domain import content_types
+from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
@@ -99,7 +100,7 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
         # libheif fills the tiles of a grid image (phone HEICs) whose data is missing
         # with grey and reports no error: the file must be whole before it decodes.
         raise PermanentImagingError(CORRUPT_IMAGE)
-    with _refused_if_corrupt():
+    with refused_if_corrupt():
         with warnings.catch_warnings():
             # Pillow only warns between one and two times MAX_IMAGE_PIXELS; refuse those as well.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -130,13 +131,13 @@ def _boxes_run_past_the_end(data: bytes) -> bool:
 
 
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:
-    """The opened image decoded by Pillow, in sRGB and upright.
+    """The opened image decoded by Pillow, in sRGB (or Display P3, see colour) and upright.
 
     A JPEG is decoded at the smallest of libjpeg's scales that still covers the largest
     variant; libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, far less to decode.
     """
     width, height = image.size
-    with _refused_if_corrupt():
+    with refused_if_corrupt():
         if image.format in ("JPEG", "MPO"):
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
         image.load()
@@ -148,7 +149,7 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
 
 
 @contextlib.contextmanager
-def _refused_if_corrupt() -> Iterator[None]:
+def refused_if_corrupt() -> Iterator[None]:
     """Whatever a decoder raises on malformed input, as the PermanentImagingError the uploader sees."""
     try:
         yield
@@ -191,7 +192,9 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 def _to_srgb(image: Image.Image) -> Image.Image:
-    """RGB, or RGBA when the image has any transparency, with colours in sRGB."""
+    """RGB, or RGBA when the image has any transparency, with colours in sRGB; or, for a
+    Display P3 source, its own colours with info["icc_profile"] = colour.DISPLAY_P3, which
+    the resized and turned copies inherit and the encoders embed."""
     alpha = None
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -203,13 +206,13 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         # 16-bit grey: keep the top 8 bits; a plain convert would clip everything above 255.
         image = image.point(lambda v: v / 256).convert("L")
     icc = image.info.get("icc_profile")
-    rgb = _apply_profile(image, icc) if icc else None
-    if rgb is None:
-        # convert() copies even when the mode already matches: 16 ms on a phone photo.
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+    wide = bool(icc) and image.mode in ("RGB", "RGBA") and is_display_p3(icc)
+    converted = _apply_profile(image, icc) if icc and not wide else None
+    # convert() copies even when the mode already matches: 16 ms on a phone photo.
+    rgb = converted or (image if image.mode == "RGB" else image.convert("RGB"))
     # Resized and transposed copies inherit info, and the encoders write parts of it
-    # (comments, EXIF) back out: clear it once here.
-    rgb.info = {}
+    # (comments, EXIF) back out: clear it once here, but for a wide-colour profile.
+    rgb.info = {"icc_profile": DISPLAY_P3} if wide else {}
     if alpha is not None:
         rgb.putalpha(alpha)
     return rgb

@@ -18,10 +18,11 @@ def transcode(
     variants: VariantSet = DEFAULT_VARIANTS,
     limits: Limits = DEFAULT_LIMITS,
     jpeg_planes: bool = True,
+    lossless_display: bool = True,
 ) -> TranscodeResult:
     """Decode once and make every variant of the kind the bytes turn out to be.
 
-    `jpeg_planes` lets JPEGs take the planes strategy (see strategies). Raises
+    `jpeg_planes` lets JPEGs take the planes strategy, `lossless_display` the lossless one (see strategies). Raises
     PermanentImagingError when the input is refused. CPU-bound: call it from a worker
     process (Transcoder does), never on an event loop.
     """
@@ -31,7 +32,7 @@ def transcode(
         made = make_variants(poster.image, poster.width, poster.height, (variants.poster, *variants.video))
         result = TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name)
     else:
-        result = transcode_image(data, mime, limits, variants.image, jpeg_planes)
+        result = transcode_image(data, mime, limits, variants.image, jpeg_planes, lossless_display)
     return with_thumbhash(result)
 
 

@@ -78,7 +78,8 @@ class Transcoder:
     fails with PermanentImagingError("processing timed out"): the same bytes would
     stall again. A worker that dies on its own (a crash in a native decoder, the OOM
     killer) fails its job with a plain ImagingError, which the caller may retry.
-    `jpeg_planes` off makes every JPEG go through Pillow (see strategies.choose).
+    `jpeg_planes` off makes every JPEG go through Pillow, `lossless_display` off re-encodes
+    every display (see strategies.choose).
     """
 
     def __init__(
@@ -87,11 +88,13 @@ class Transcoder:
         variants: VariantSet = DEFAULT_VARIANTS,
         limits: Limits = DEFAULT_LIMITS,
         jpeg_planes: bool = True,
+        lossless_display: bool = True,
     ) -> None:
         self.size = workers or os.cpu_count() or 1
         self.variants = variants
         self.limits = limits
         self.jpeg_planes = jpeg_planes
+        self.lossless_display = lossless_display
         self._slots = asyncio.Semaphore(self.size)
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
@@ -123,7 +126,9 @@ class Transcoder:
             worker = await self._acquire()
             healthy = False
             try:
-                future = worker.executor.submit(transcode, data, content_type, self.variants, self.limits, self.jpeg_planes)
+                future = worker.executor.submit(
+                    transcode, data, content_type, self.variants, self.limits, self.jpeg_planes, self.lossless_display
+                )
                 result = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.job_timeout_seconds)
                 healthy = True
                 return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,18 @@ class VariantSet:
 
 
 @dataclass(frozen=True)
+class AnimationLimits:
+    """Animations beyond these keep their first-frame stills only (see animation)."""
+
+    max_frames: int = 300
+    # Source pixels over all frames: 80 frames of 500x500.
+    max_total_pixels: int = 20_000_000
+    max_seconds: float = 60.0
+    # The animated renditions fit in box x box (never upscaled).
+    box: int = 600
+
+
+@dataclass(frozen=True)
 class Limits:
     """Bounds on untrusted input, all checked before the expensive work they guard."""
 
@@ -68,6 +80,7 @@ class Limits:
     max_frames: int = 1_000
     # Wall-clock time of one job in the pool; past it the worker process is killed.
     job_timeout_seconds: float = 30.0
+    animation: AnimationLimits = field(default_factory=AnimationLimits)
 
 
 def fit(width: int, height: int, box: int) -> tuple[int, int]:

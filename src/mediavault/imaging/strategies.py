@@ -1,5 +1,9 @@
-"""The two ways a still image becomes its variants, and the one place that picks between them.
+"""The ways a still image becomes its variants, and the one place that picks between them.
 
+LosslessJpeg    A YCbCr JPEG in sRGB that needs no turn and already fits the display's box
+                and budget: its display is the original less its metadata (see lossless),
+                the smaller variants come from Pillow decoding it at the smallest DCT
+                scale that covers them.
 PlanarJpeg      A YCbCr JPEG in sRGB whose variants its planes can all make: libjpeg-turbo
                 decodes it to its YCbCr planes, turned upright in them, and the variants
                 are encoded from them (see planar), never through RGB.
@@ -8,20 +12,22 @@ PillowPipeline  Everything else: Pillow decodes it (a JPEG at the smallest DCT s
                 the variants are resized and encoded from that picture.
 
 `choose` picks one and says why (the strategy's `reason`); with `jpeg_planes` off
-(MEDIAVAULT_IMAGING_JPEG_PLANES=off) it always picks Pillow. The planes decoder stops at
+(MEDIAVAULT_IMAGING_JPEG_PLANES=off) it always picks Pillow, with `lossless_display` off
+(MEDIAVAULT_IMAGING_LOSSLESS_DISPLAY=off) never LosslessJpeg. The planes decoder stops at
 anything libjpeg-turbo warns about, a truncated or damaged file among others; such a
 JPEG goes through Pillow after all, which refuses it or decodes it as stock Pillow does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from PIL import Image
 
-from mediavault.imaging import planar, turbojpeg
+from mediavault.imaging import animation, colour, lossless, planar, turbojpeg
 from mediavault.imaging.decode import (
     TRANSPOSE_FOR_ORIENTATION,
     Still,
@@ -29,12 +35,14 @@ from mediavault.imaging.decode import (
     decode_with_pillow,
     exif_orientation,
     open_image,
+    refused_if_corrupt,
     upright,
 )
 from mediavault.imaging.errors import CORRUPT_IMAGE, PermanentImagingError
+from mediavault.imaging.metadata import photo_facts
 from mediavault.imaging.planar import Planes
 from mediavault.imaging.spec import Limits, VariantSpec, fit
-from mediavault.imaging.variants import TranscodeResult, make_variants, make_variants_from_planes
+from mediavault.imaging.variants import TranscodeResult, Variant, make_variants, make_variants_from_planes
 
 
 class Strategy(Protocol):
@@ -84,6 +92,24 @@ class PlanarJpeg:
 
 
 @dataclass(frozen=True)
+class LosslessJpeg:
+    name: ClassVar[str] = "jpeg-lossless"
+    image: Image.Image
+    header: turbojpeg.Header
+    display: bytes
+    reason: str
+
+    def transcode(self, specs: Sequence[VariantSpec]) -> TranscodeResult:
+        largest, *others = sorted(specs, key=lambda spec: spec.box, reverse=True)
+        width, height = self.header.width, self.header.height
+        display = Variant(largest.name, "image/jpeg", width, height, self.display)
+        if not others:
+            return TranscodeResult("image", width, height, [display], self.name)
+        still = decode_with_pillow(self.image, others)
+        return TranscodeResult("image", width, height, [display, *make_variants(still.image, width, height, others)], self.name)
+
+
+@dataclass(frozen=True)
 class PillowPipeline:
     name: ClassVar[str] = "pillow"
     image: Image.Image
@@ -99,16 +125,17 @@ class PillowPipeline:
         )
 
 
-def choose(image: Image.Image, data: bytes, specs: Sequence[VariantSpec], jpeg_planes: bool = True) -> Strategy:
+def choose(
+    image: Image.Image, data: bytes, specs: Sequence[VariantSpec], jpeg_planes: bool = True, lossless_display: bool = True
+) -> Strategy:
     """The strategy for an opened still image (decode.open_image), and why."""
     if not jpeg_planes:
         return PillowPipeline(image, "the JPEG planes are turned off")
     if image.format not in ("JPEG", "MPO"):
         return PillowPipeline(image, f"{image.format} is not a JPEG")
-    if not planar.covers(*image.size, specs):
-        return PillowPipeline(image, "a variant needs more than half the largest one, which the planes cannot make")
     icc = image.info.get("icc_profile")
-    if icc and converts_colour(icc):
+    wide = bool(icc) and colour.is_display_p3(icc)
+    if icc and not wide and converts_colour(icc):
         return PillowPipeline(image, "its colours need converting to sRGB")
     try:
         header = turbojpeg.read_header(data)
@@ -118,16 +145,42 @@ def choose(image: Image.Image, data: bytes, specs: Sequence[VariantSpec], jpeg_p
         return PillowPipeline(image, "libjpeg-turbo and Pillow disagree on its size")
     if not planar.readable(header):
         return PillowPipeline(image, "it is not three-component YCbCr with a common chroma subsampling")
-    return PlanarJpeg(data, header, exif_orientation(image), "a YCbCr JPEG in sRGB whose planes make every variant")
+    orientation = exif_orientation(image)
+    display = max(specs, key=lambda spec: spec.box)
+    if lossless_display and orientation not in TRANSPOSE_FOR_ORIENTATION and fit(header.width, header.height, display.box) == image.size:
+        try:
+            profile = colour.DISPLAY_P3 if wide else None
+            return LosslessJpeg(image, header, lossless.display(data, header, display.max_bytes, profile),
+                                f"an upright YCbCr JPEG in {'Display P3' if wide else 'sRGB'} that fits the display")
+        except lossless.NotLossless:
+            # Not a JPEG every browser decodes as it is, or over the budget: re-encoded.
+            pass
+    if wide:
+        # The planes encoder writes no profile.
+        return PillowPipeline(image, "its Display P3 colours are kept")
+    if not planar.covers(*image.size, specs):
+        return PillowPipeline(image, "a variant needs more than half the largest one, which the planes cannot make")
+    return PlanarJpeg(data, header, orientation, "a YCbCr JPEG in sRGB whose planes make every variant")
 
 
 def transcode_image(
-    data: bytes, mime: str, limits: Limits, specs: Sequence[VariantSpec], jpeg_planes: bool = True
+    data: bytes,
+    mime: str,
+    limits: Limits,
+    specs: Sequence[VariantSpec],
+    jpeg_planes: bool = True,
+    lossless_display: bool = True,
 ) -> TranscodeResult:
     """Every spec of a still image of an allow-listed type, by the strategy `choose` picks."""
     image = open_image(data, mime, limits)
-    strategy = choose(image, data, specs, jpeg_planes)
+    strategy = choose(image, data, specs, jpeg_planes, lossless_display)
     try:
-        return strategy.transcode(specs)
+        result = strategy.transcode(specs)
     except turbojpeg.TurboJPEGError as exc:
-        return PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
+        result = PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
+    moving = None
+    if animation.is_animated(image):
+        with refused_if_corrupt():
+            moving = animation.animate(image, limits.animation)
+    # After the pixels: a JPEG's EXIF is read from its header, anything else's once loaded.
+    return dataclasses.replace(result, photo=photo_facts(image), animation=moving)

@@ -6,12 +6,17 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from mediavault.imaging import formats
+from mediavault.imaging.metadata import PhotoFacts
 from mediavault.imaging.planar import Planes
 from mediavault.imaging.spec import VariantSpec, fit
+
+if TYPE_CHECKING:
+    from mediavault.imaging.animation import Animation
 
 # Above this many pixels in Pillow's intermediate (16 MB of RGBX), resize band by band.
 _MAX_INTERMEDIATE_PIXELS = 4_000_000
@@ -32,7 +37,9 @@ class Variant:
 @dataclass(frozen=True)
 class TranscodeResult:
     """What an upload became. width x height is the original's upright size (for video, the frame's);
-    `strategy` names the way its variants were made (strategies.PlanarJpeg.name or PillowPipeline.name)."""
+    `strategy` names the way its variants were made (the name of a strategies.Strategy);
+    `photo` holds the facts of its EXIF kept as data (none for videos); `animation` the
+    moving renditions of an animated image (None for anything else, or past the limits)."""
 
     kind: str
     width: int
@@ -41,6 +48,8 @@ class TranscodeResult:
     strategy: str
     # ThumbHash of the smallest variant (thumbhash.py); empty when there is none.
     thumbhash: bytes = b""
+    photo: PhotoFacts = PhotoFacts()
+    animation: Animation | None = None
 
 
 def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
@@ -78,6 +87,8 @@ def _resize(source: Image.Image, size: tuple[int, int]) -> Image.Image:
     # is the same to within rounding. (Outputs this large downscale by less than 2x,
     # where reducing_gap would do nothing anyway.)
     picture = Image.new(source.mode, size)
+    # A new image starts with no info: the source's colour profile goes along.
+    picture.info = dict(source.info)
     scale = source.height / size[1]
     for top in range(0, size[1], _BAND_ROWS):
         bottom = min(size[1], top + _BAND_ROWS)
@@ -150,8 +161,10 @@ def _has_alpha(picture: Image.Image) -> bool:
 
 def _save(picture: Image.Image, quality: int, optimize: bool) -> bytes:
     buffer = io.BytesIO()
+    # Set on wide-colour pictures only (decode._to_srgb); sRGB goes untagged.
+    icc = picture.info.get("icc_profile")
     if _has_alpha(picture):
-        picture.save(buffer, "WEBP", quality=quality)
+        picture.save(buffer, "WEBP", quality=quality, icc_profile=icc)
     else:
-        picture.save(buffer, "JPEG", quality=quality, optimize=optimize, subsampling="4:2:0")
+        picture.save(buffer, "JPEG", quality=quality, optimize=optimize, subsampling="4:2:0", icc_profile=icc)
     return buffer.getvalue()

@@ -118,6 +118,10 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
         like_count=media.like_count,
         share_count=media.share_count,
         thumbhash=media.thumbhash or b"",
+        taken_at=media.taken_at_iso,
+        camera=media.camera or "",
+        animated=media.animated,
+        animation_duration_ms=media.animation_duration_ms or 0,
     )
 
 

@@ -1,0 +1,137 @@
+"""Animated GIF, WebP and PNG kept moving: an animated WebP and an H.264 MP4 ("gifv").
+
+The still variants still come from the first frame (strategies); these two come from
+every frame, decoded one at a time by Pillow and fed to both encoders (FFmpeg's libwebp
+animation encoder and libx264, through PyAV) as it goes, so that memory holds one frame
+whatever the length. An animation over any of `AnimationLimits` keeps its stills only:
+the upload is still good, it is just not worth animating at that size.
+
+Frame timing is kept in milliseconds: each frame is shown for the duration its source
+gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The MP4 has no
+alpha, so transparent pixels are composited over white; its sides are rounded down to
+even numbers, as 4:2:0 needs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import cast
+
+import av
+from PIL import Image
+
+from mediavault.imaging.spec import AnimationLimits, fit
+from mediavault.imaging.variants import Variant
+
+ANIMATION = "animation"
+GIFV = "gifv"
+_MILLISECONDS = Fraction(1, 1000)
+# What browsers do with a GIF frame shown for (nearly) no time.
+_SHORTEST_FRAME_MS = 20
+_DEFAULT_FRAME_MS = 100
+_WEBP_QUALITY = "75"
+# No B-frames: with them, x264's reordering delay shifts the decode times below zero, and
+# the MP4's duration comes out shorter than the frames' own.
+_X264_OPTIONS: dict[str, object] = {"crf": "23", "preset": "veryfast", "profile": "high", "bf": "0"}
+
+
+@dataclass(frozen=True)
+class Animation:
+    """The moving renditions of an animated image and how long one loop lasts."""
+
+    duration_ms: int
+    frames: int
+    variants: list[Variant]
+
+
+def is_animated(image: Image.Image) -> bool:
+    return bool(getattr(image, "is_animated", False)) and getattr(image, "n_frames", 1) > 1
+
+
+def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
+    """The animation of an opened, animated image; None when it is over a limit or not animated.
+
+    Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode; the caller
+    turns that into the uploader's answer.
+    """
+    if not is_animated(image):
+        return None
+    frames: int = getattr(image, "n_frames", 1)
+    if frames > limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
+        return None
+    width, height = fit(image.width, image.height, limits.box)
+    even = (max(2, width - width % 2), max(2, height - height % 2))
+    with tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
+        # The MP4's index goes first (faststart), which FFmpeg does by rewriting a file.
+        mp4_path = os.path.join(folder, "gifv.mp4")
+        webp = io.BytesIO()
+        with av.open(webp, "w", format="webp", options={"loop": "0"}) as webp_out, \
+                av.open(mp4_path, "w", format="mp4", options={"movflags": "+faststart"}) as mp4_out:
+            webp_stream = _stream(webp_out, "libwebp_anim", (width, height), "yuva420p", {"quality": _WEBP_QUALITY})
+            mp4_stream = _stream(mp4_out, "libx264", even, "yuv420p", _X264_OPTIONS)
+            start = 0
+            for index in range(frames):
+                image.seek(index)
+                # Loading the frame is what gives a WebP frame its duration.
+                rgba = image.convert("RGBA")
+                if rgba.size != (width, height):
+                    rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
+                flat = _over_white(rgba).crop((0, 0, *even))
+                _encode(webp_out, webp_stream, rgba, start)
+                _encode(mp4_out, mp4_stream, flat, start)
+                start += _duration(image)
+                if start > limits.max_seconds * 1000:
+                    image.seek(0)
+                    return None
+            # An MP4 frame lasts until the next one: the last one, repeated at the end,
+            # makes the last frame last its own duration.
+            _encode(mp4_out, mp4_stream, flat, start - 1)
+            for out, stream in ((webp_out, webp_stream), (mp4_out, mp4_stream)):
+                for packet in stream.encode():
+                    out.mux(packet)
+        with open(mp4_path, "rb") as mp4:
+            gifv = mp4.read()
+    image.seek(0)
+    return Animation(
+        start,
+        frames,
+        [
+            Variant(ANIMATION, "image/webp", width, height, webp.getvalue()),
+            Variant(GIFV, "video/mp4", even[0], even[1], gifv),
+        ],
+    )
+
+
+def _duration(image: Image.Image) -> int:
+    duration = int(image.info.get("duration") or _DEFAULT_FRAME_MS)
+    return _DEFAULT_FRAME_MS if duration < _SHORTEST_FRAME_MS else duration
+
+
+def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int, int], pixel_format: str,
+            options: dict[str, object]) -> av.VideoStream:
+    stream = cast(av.VideoStream, container.add_stream(codec, rate=1000))
+    stream.width, stream.height = size
+    stream.pix_fmt = pixel_format
+    stream.time_base = _MILLISECONDS
+    stream.codec_context.time_base = _MILLISECONDS
+    stream.codec_context.thread_count = 1
+    stream.options = options
+    return stream
+
+
+def _encode(container: av.container.OutputContainer, stream: av.VideoStream, picture: Image.Image, pts: int) -> None:
+    frame = av.VideoFrame.from_image(picture)
+    frame.pts = pts
+    frame.time_base = _MILLISECONDS
+    for packet in stream.encode(frame):
+        container.mux(packet)
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    return flat

@@ -1,0 +1,131 @@
+"""Wide colour: Display P3 sources keep their gamut, tagged with a compact profile of our own.
+
+Phones (iPhones since the 7) shoot in Display P3, whose reds and greens lie outside sRGB;
+converting to sRGB clips them. A source whose profile is Display P3 keeps its pixels as
+they are, and every variant carries DISPLAY_P3, an ICC v4 profile of a few hundred bytes
+built here (P3 primaries, D65 white, the sRGB tone curve), instead of the source's
+profile with its copyright, descriptions and whatever else a camera wrote in it.
+Anything else is converted to sRGB and carries no profile (decode._to_srgb).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+
+from PIL import Image, ImageCms
+
+_D50 = (0.9642, 1.0, 0.8249)
+_D65_XY = (0.3127, 0.3290)
+_P3_PRIMARIES = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+# The sRGB transfer function as an ICC parametric curve (type 3): g, a, b, c, d.
+_SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+_BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0685, 1.0296))
+# A profile counts as Display P3 when it maps this grid of colours to within this many
+# levels of DISPLAY_P3.
+_GRID_STEPS = (0, 64, 128, 192, 255)
+_SAME_WITHIN_LEVELS = 2
+
+
+def _matmul(a: tuple, b: tuple) -> tuple:
+    return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)) for i in range(3))
+
+
+def _inverse(m: tuple) -> tuple:
+    (a, b, c), (d, e, f), (g, h, i) = m
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return (
+        ((e * i - f * h) / det, (c * h - b * i) / det, (b * f - c * e) / det),
+        ((f * g - d * i) / det, (a * i - c * g) / det, (c * d - a * f) / det),
+        ((d * h - e * g) / det, (b * g - a * h) / det, (a * e - b * d) / det),
+    )
+
+
+def _xyz(x: float, y: float) -> tuple[float, float, float]:
+    return x / y, 1.0, (1 - x - y) / y
+
+
+def _diagonal(values: tuple[float, ...]) -> tuple:
+    return tuple(tuple(values[i] if i == j else 0.0 for j in range(3)) for i in range(3))
+
+
+def _rgb_to_xyz(primaries: tuple, white: tuple[float, float, float]) -> tuple:
+    columns = tuple(_xyz(*xy) for xy in primaries)
+    m = tuple(tuple(columns[j][i] for j in range(3)) for i in range(3))
+    scale = [sum(row[k] * w for k, w in enumerate(white)) for row in _inverse(m)]
+    return _matmul(m, _diagonal(tuple(scale)))
+
+
+def _adaptation(source: tuple[float, float, float], target: tuple[float, float, float]) -> tuple:
+    """Bradford chromatic adaptation from one white to another, as ICC v4 wants it in 'chad'."""
+    cone_source = [sum(_BRADFORD[i][k] * source[k] for k in range(3)) for i in range(3)]
+    cone_target = [sum(_BRADFORD[i][k] * target[k] for k in range(3)) for i in range(3)]
+    scale = _diagonal(tuple(t / s for t, s in zip(cone_target, cone_source, strict=True)))
+    return _matmul(_inverse(_BRADFORD), _matmul(scale, _BRADFORD))
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _xyz_tag(xyz: tuple[float, ...]) -> bytes:
+    return b"XYZ \0\0\0\0" + b"".join(_s15(v) for v in xyz)
+
+
+def _text_tag(text: str) -> bytes:
+    encoded = text.encode("utf-16-be")
+    return b"mluc\0\0\0\0" + struct.pack(">II2s2sII", 1, 12, b"en", b"US", len(encoded), 28) + encoded
+
+
+def _build_display_p3() -> bytes:
+    chad = _adaptation(_xyz(*_D65_XY), _D50)
+    colorants = _matmul(chad, _rgb_to_xyz(_P3_PRIMARIES, _xyz(*_D65_XY)))
+    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(_s15(v) for v in _SRGB_CURVE)
+    tags: list[tuple[bytes, bytes]] = [
+        (b"desc", _text_tag("Display P3")),
+        (b"cprt", _text_tag("No copyright, use freely")),
+        (b"wtpt", _xyz_tag(_D50)),
+        (b"chad", b"sf32\0\0\0\0" + b"".join(_s15(v) for row in chad for v in row)),
+        *((name, _xyz_tag(tuple(colorants[i][column] for i in range(3))))
+          for column, name in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))),
+        (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data, placed = [], b"", {}
+    for signature, body in tags:
+        if body not in placed:
+            # The three tone curves share one copy.
+            placed[body] = offset + len(data)
+            data += body + bytes(-len(body) % 4)
+        table.append(signature + struct.pack(">II", placed[body], len(body)))
+    size = offset + len(data)
+    header = (
+        struct.pack(">I4sI4s4s4s", size, b"\0\0\0\0", 0x04300000, b"mntr", b"RGB ", b"XYZ ")
+        + bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0) + b"".join(_s15(v) for v in _D50) + bytes(4 + 16 + 28)
+    )
+    return header + struct.pack(">I", len(tags)) + b"".join(table) + data
+
+
+DISPLAY_P3 = _build_display_p3()
+_DISPLAY_P3_PROFILE = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
+
+
+@functools.lru_cache(maxsize=16)
+def is_display_p3(icc: bytes) -> bool:
+    """Whether pixels tagged with this RGB profile are Display P3 as they are (to within two levels)."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        transform = ImageCms.buildTransform(profile, _DISPLAY_P3_PROFILE, "RGB", "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return False
+    grid = bytes(v for r in _GRID_STEPS for g in _GRID_STEPS for b in _GRID_STEPS for v in (r, g, b))
+    source = Image.frombytes("RGB", (len(grid) // 3, 1), grid)
+    converted = transform.apply(source).tobytes()
+    return max(abs(a - b) for a, b in zip(grid, converted, strict=True)) <= _SAME_WITHIN_LEVELS
+
+
+def jpeg_icc_segment(icc: bytes) -> bytes:
+    """An APP2 ICC_PROFILE segment holding the whole profile (one chunk: profiles under 64 KB)."""
+    payload = b"ICC_PROFILE\0" + bytes((1, 1)) + icc
+    return b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload

@@ -1,0 +1,155 @@
+"""Animated GIF, WebP and PNG keep moving: an animated WebP and an H.264 MP4 besides the stills."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import av
+import pytest
+from PIL import Image, ImageChops, ImageStat
+
+from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, PermanentImagingError, transcode
+from mediavault.imaging.animation import ANIMATION, GIFV, Animation
+from mediavault.imaging.spec import AnimationLimits
+from tests.imaging.helpers import check_variants, transcoded
+
+IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
+COLOURS = ((220, 30, 40, 255), (30, 180, 60, 255), (40, 60, 210, 255))
+
+
+def webp_frame_durations(data: bytes) -> list[int]:
+    """The duration of each ANMF chunk of an animated WebP, in milliseconds."""
+    durations, position = [], 12
+    while position + 8 <= len(data):
+        size = int.from_bytes(data[position + 4 : position + 8], "little")
+        if data[position : position + 4] == b"ANMF":
+            durations.append(int.from_bytes(data[position + 20 : position + 23], "little"))
+        position += 8 + size + (size & 1)
+    return durations
+
+
+def mp4_facts(data: bytes) -> tuple[str, tuple[int, int], int, float]:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_image() for frame in container.decode(stream)]
+        assert stream.duration is not None
+        assert stream.time_base is not None
+        return stream.codec_context.name, frames[0].size, len(frames), float(stream.duration * stream.time_base)
+
+
+def renditions(animation: Animation | None) -> dict[str, bytes]:
+    assert animation is not None
+    assert [(v.name, v.content_type) for v in animation.variants] == [(ANIMATION, "image/webp"), (GIFV, "video/mp4")]
+    return {v.name: v.data for v in animation.variants}
+
+
+def test_newtons_cradle_keeps_all_its_frames_and_timing() -> None:
+    result = transcoded("images/formats/newtonscradle.gif")
+    check_variants(result, IMAGE_VARIANTS)
+    assert result.animation is not None
+    assert (result.animation.frames, result.animation.duration_ms) == (36, 820)
+    made = renditions(result.animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    assert (webp.format, webp.size, getattr(webp, "n_frames", 1)) == ("WEBP", (200, 150), 36)
+    durations = webp_frame_durations(made[ANIMATION])
+    assert durations[:3] == [50, 20, 20]
+    assert abs(sum(durations) - 820) <= 5
+    codec, size, frames, seconds = mp4_facts(made[GIFV])
+    assert (codec, size) == ("h264", (200, 150))
+    assert frames >= 36
+    assert seconds == pytest.approx(0.82, abs=0.03)
+    # Index first, so that a browser starts playing before the whole file is in.
+    assert made[GIFV].find(b"moov") < made[GIFV].find(b"mdat")
+
+
+def animated(fmt: str, size: tuple[int, int] = (161, 121), durations: tuple[int, ...] = (100, 200, 300)) -> bytes:
+    frames = [Image.new("RGBA", size, colour) for colour in COLOURS[: len(durations)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=list(durations), loop=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("WEBP", "image/webp"), ("PNG", "image/png"), ("GIF", "image/gif")])
+def test_animated_webp_png_and_gif_become_both_renditions(fmt: str, mime: str) -> None:
+    result = transcode(animated(fmt), mime)
+    check_variants(result, IMAGE_VARIANTS)
+    assert result.animation is not None
+    assert result.animation.duration_ms == 600
+    made = renditions(result.animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    assert (webp.size, getattr(webp, "n_frames", 1)) == ((161, 121), 3)
+    assert webp_frame_durations(made[ANIMATION])[:2] == [100, 200]
+    codec, size, _, seconds = mp4_facts(made[GIFV])
+    # 4:2:0 wants even sides.
+    assert (codec, size) == ("h264", (160, 120))
+    assert seconds == pytest.approx(0.6, abs=0.03)
+
+
+def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:
+    frames = [Image.new("RGBA", (161, 121), colour) for colour in (COLOURS[0], (40, 60, 210, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=[100, 100], loop=0)
+    result = transcode(buffer.getvalue(), "image/png")
+    with av.open(io.BytesIO(renditions(result.animation)[GIFV])) as container:
+        pictures = [frame.to_image() for frame in container.decode(video=0)]
+    first, last = pictures[0].getpixel((80, 60)), pictures[-1].getpixel((80, 60))
+    assert isinstance(first, tuple)
+    assert isinstance(last, tuple)
+    assert max(abs(a - b) for a, b in zip(first, COLOURS[0][:3], strict=True)) < 12
+    assert min(last) > 240
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        AnimationLimits(max_frames=2),
+        AnimationLimits(max_total_pixels=161 * 121 * 3 - 1),
+        AnimationLimits(max_seconds=0.5),
+    ],
+    ids=["frames", "pixels", "seconds"],
+)
+def test_past_a_limit_only_the_stills_are_made(limits: AnimationLimits) -> None:
+    result = transcode(animated("GIF"), "image/gif", limits=dataclasses.replace(DEFAULT_LIMITS, animation=limits))
+    check_variants(result, IMAGE_VARIANTS)
+    assert result.animation is None
+
+
+@pytest.mark.parametrize("relative", ["images/formats/hopper.gif", "images/formats/hopper.webp", "images/formats/hopper.png"])
+def test_still_images_are_not_animated(relative: str) -> None:
+    assert transcoded(relative).animation is None
+
+
+def test_a_large_animation_is_scaled_into_its_box() -> None:
+    result = transcode(animated("GIF", size=(1300, 700), durations=(100, 100)), "image/gif")
+    made = renditions(result.animation)
+    assert Image.open(io.BytesIO(made[ANIMATION])).size == (600, 323)
+    assert mp4_facts(made[GIFV])[1] == (600, 322)
+
+
+def test_a_corrupt_later_frame_refuses_the_upload() -> None:
+    data = animated("GIF", durations=(100, 100, 100))
+    damaged = data[: len(data) - 40]
+    assert stock_pillow_refuses_a_frame(damaged)
+    with pytest.raises(PermanentImagingError, match="corrupt image"):
+        transcode(damaged, "image/gif")
+
+
+def stock_pillow_refuses_a_frame(data: bytes) -> bool:
+    image = Image.open(io.BytesIO(data))
+    try:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            image.load()
+    except (OSError, EOFError, ValueError):
+        return True
+    return False
+
+
+def test_the_renditions_differ_from_frame_to_frame() -> None:
+    made = renditions(transcode(animated("WEBP"), "image/webp").animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    first = webp.convert("RGB")
+    webp.seek(1)
+    second = webp.convert("RGB")
+    assert max(ImageStat.Stat(ImageChops.difference(first, second)).mean) > 50

@@ -1,0 +1,102 @@
+"""Display P3 sources keep their gamut, tagged with our compact profile; sRGB stays untagged."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image, ImageCms
+
+from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, transcode
+from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
+from mediavault.imaging.decode import open_image
+from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
+from tests.imaging.helpers import check_variants, corpus, transcoded
+
+IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
+# The iPhone's own Display P3 profile, as its HEIC carries it.
+APPLE_P3 = Image.open(corpus("images/heic/IMG_5195.HEIC")).info["icc_profile"]
+# Linear Display P3 to linear sRGB (both D65).
+P3_TO_SRGB = ((1.2249, -0.2247, 0.0), (-0.0420, 1.0419, 0.0), (-0.0197, -0.0786, 1.0979))
+
+
+def linear(level: int) -> float:
+    value = level / 255
+    return value / 12.92 if value <= 0.04045 else ((value + 0.055) / 1.055) ** 2.4
+
+
+def in_linear_srgb(p3_pixel: tuple[int, ...]) -> tuple[float, ...]:
+    rgb = [linear(v) for v in p3_pixel[:3]]
+    return tuple(sum(row[i] * rgb[i] for i in range(3)) for row in P3_TO_SRGB)
+
+
+def p3_red_photo(fmt: str, size: tuple[int, int] = (1600, 1200), **params: object) -> bytes:
+    """Saturated P3 red on the left half, a P3 green on the right, tagged with Apple's profile."""
+    picture = Image.new("RGB", size, (255, 0, 0))
+    picture.paste((0, 255, 0), (size[0] // 2, 0, size[0], size[1]))
+    exif = Image.Exif()
+    exif[0x010F] = "Apple"
+    exif.get_ifd(0x8825)[2] = (48.0, 51.0, 24.0)
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt, icc_profile=APPLE_P3, exif=exif, **params)
+    return buffer.getvalue()
+
+
+def test_the_profile_is_display_p3_and_compact() -> None:
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
+    assert ImageCms.getProfileDescription(profile).strip() == "Display P3"
+    assert len(DISPLAY_P3) <= 600
+    assert is_display_p3(APPLE_P3)
+    assert is_display_p3(DISPLAY_P3)
+    assert not is_display_p3(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    assert not is_display_p3(Image.open(corpus("images/formats/icc_profile_big.jpg")).info["icc_profile"])
+    assert not is_display_p3(b"not a profile")
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png")])
+def test_a_saturated_p3_red_stays_outside_srgb_in_every_variant(fmt: str, mime: str) -> None:
+    result = transcode(p3_red_photo(fmt, quality=95) if fmt == "JPEG" else p3_red_photo(fmt), mime)
+    for name, picture in check_variants(result, IMAGE_VARIANTS).items():
+        assert picture.info["icc_profile"] == DISPLAY_P3, name
+        red = picture.convert("RGB").getpixel((picture.width // 4, picture.height // 2))
+        assert isinstance(red, tuple)
+        srgb = in_linear_srgb(red)
+        # Clipped to sRGB, P3 red would come back as sRGB red: green and blue at zero.
+        assert srgb[0] > 1.1, (name, red, srgb)
+        assert min(srgb[1:]) < -0.02, (name, red, srgb)
+        # GPS and the rest of the EXIF are gone all the same (check_variants), only the profile is left.
+        assert not picture.getexif()
+
+
+def test_an_upright_p3_jpeg_is_its_own_display_with_our_profile() -> None:
+    data = p3_red_photo("JPEG", quality=95)
+    strategy = choose(open_image(data, "image/jpeg", DEFAULT_LIMITS), data, DEFAULT_VARIANTS.image)
+    assert isinstance(strategy, LosslessJpeg)
+    assert "Display P3" in strategy.reason
+    display = Image.open(io.BytesIO(strategy.display))
+    assert display.info["icc_profile"] == DISPLAY_P3
+    assert display.tobytes() == Image.open(io.BytesIO(data)).tobytes()
+
+
+def test_a_turned_p3_jpeg_keeps_its_colours_through_pillow() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture = Image.new("RGB", (1600, 1200), (255, 0, 0))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=95, icc_profile=APPLE_P3, exif=exif)
+    data = buffer.getvalue()
+    assert isinstance(choose(open_image(data, "image/jpeg", DEFAULT_LIMITS), data, DEFAULT_VARIANTS.image), PillowPipeline)
+    for picture in check_variants(transcode(data, "image/jpeg"), IMAGE_VARIANTS).values():
+        assert picture.size[1] > picture.size[0]
+        assert picture.info["icc_profile"] == DISPLAY_P3
+
+
+def test_the_iphone_heic_keeps_display_p3() -> None:
+    for picture in check_variants(transcoded("images/heic/IMG_5195.HEIC"), IMAGE_VARIANTS).values():
+        assert picture.info["icc_profile"] == DISPLAY_P3
+
+
+@pytest.mark.parametrize("relative", ["images/camera/jolla.jpg", "images/camera/Canon_40D.jpg", "images/formats/hopper.png"])
+def test_srgb_sources_stay_untagged(relative: str) -> None:
+    for picture in check_variants(transcoded(relative), IMAGE_VARIANTS).values():
+        assert "icc_profile" not in picture.info

@@ -1,0 +1,161 @@
+"""A JPEG as its own display: which ones, the same pixels, no metadata, never more bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+
+import pytest
+from PIL import Image, ImageOps
+
+from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, transcode, turbojpeg
+from mediavault.imaging.decode import open_image
+from mediavault.imaging.lossless import NotLossless, display, strip
+from mediavault.imaging.strategies import LosslessJpeg, PlanarJpeg, choose
+from tests.imaging.helpers import check_variants, corpus, jpeg_segments
+
+SPECS = DEFAULT_VARIANTS.image
+DISPLAY = max(SPECS, key=lambda spec: spec.box)
+IMAGE_VARIANTS = {spec.name for spec in SPECS}
+CORPUS_JPEGS = sorted(
+    str(path.relative_to(corpus(""))) for path in corpus("images").rglob("*.jpg") if "bad" not in path.parts
+)
+# Upright, YCbCr, sRGB or untagged, within the display's box and budget: these must take the path.
+EXPECTED = {
+    "images/camera/jolla.jpg",
+    "images/camera/iphone_hdr_NO.jpg",
+    "images/camera/28-hex_value.jpg",
+    "images/camera/DSCN0010.jpg",
+    "images/camera/Canon_40D.jpg",
+    "images/formats/hopper.jpg",
+    "images/orientation/Landscape_0.jpg",
+    "images/orientation/Landscape_1.jpg",
+    "images/orientation/Portrait_0.jpg",
+    "images/orientation/Portrait_1.jpg",
+}
+_APPS_AND_COMMENT = {*range(0xE0, 0xF0), 0xFE}
+
+
+def chosen(data: bytes, lossless_display: bool = True) -> object:
+    return choose(open_image(data, "image/jpeg", DEFAULT_LIMITS), data, SPECS, lossless_display=lossless_display)
+
+
+def metadata_bytes(data: bytes) -> int:
+    """Bytes of the APPn and COM segments before the first scan, markers included."""
+    total, position = 0, 2
+    while data[position] == 0xFF and data[position + 1] != 0xDA:
+        length = 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if data[position + 1] in _APPS_AND_COMMENT:
+            total += length
+        position += length
+    return total
+
+
+def pixels(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+def test_the_expected_corpus_photos_take_the_lossless_path() -> None:
+    taken = {relative for relative in CORPUS_JPEGS if isinstance(chosen(corpus(relative).read_bytes()), LosslessJpeg)}
+    assert taken == EXPECTED
+
+
+@pytest.mark.parametrize("relative", CORPUS_JPEGS)
+def test_a_lossless_display_decodes_to_exactly_the_originals_upright_pixels(relative: str) -> None:
+    data = corpus(relative).read_bytes()
+    result = transcode(data, "image/jpeg")
+    if result.strategy != LosslessJpeg.name:
+        assert relative not in EXPECTED
+        return
+    check_variants(result, IMAGE_VARIANTS)
+    variant = next(v for v in result.variants if v.name == "display")
+    original, shown = pixels(data), pixels(variant.data)
+    assert (shown.mode, shown.size) == (original.mode, original.size)
+    assert shown.tobytes() == original.tobytes()
+    assert len(variant.data) <= len(data) - metadata_bytes(data)
+    assert not set(jpeg_segments(variant.data)) & _APPS_AND_COMMENT
+
+
+def test_gps_and_every_other_segment_of_metadata_are_gone() -> None:
+    data = corpus("images/camera/DSCN0010.jpg").read_bytes()
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(0x8825)
+    stripped = display(data, turbojpeg.read_header(data), DISPLAY.max_bytes)
+    assert b"Exif" not in stripped[:4096]
+    assert not Image.open(io.BytesIO(stripped)).getexif()
+
+
+def test_a_turned_photo_is_re_encoded_from_its_planes() -> None:
+    # Turned in the DCT domain, the IDCT rounds differently: never the exact pixels.
+    for relative in ("images/formats/rommel.jpg", "images/orientation/Landscape_6.jpg"):
+        assert isinstance(chosen(corpus(relative).read_bytes()), PlanarJpeg)
+
+
+def test_the_setting_off_re_encodes_the_display() -> None:
+    data = corpus("images/camera/jolla.jpg").read_bytes()
+    assert isinstance(chosen(data, lossless_display=False), PlanarJpeg)
+    assert transcode(data, "image/jpeg", lossless_display=False).strategy == PlanarJpeg.name
+
+
+def photo(size: tuple[int, int] = (1200, 900), **params: object) -> bytes:
+    picture = Image.new("RGB", size, (200, 40, 30))
+    picture.paste((30, 60, 200), (0, 0, size[0] // 2, size[1]))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90, **params)
+    return buffer.getvalue()
+
+
+def test_a_progressive_jpeg_keeps_its_scans() -> None:
+    data = photo(progressive=True)
+    assert isinstance(chosen(data), LosslessJpeg)
+    assert pixels(strip(data)).tobytes() == pixels(data).tobytes()
+
+
+def test_the_pictures_after_the_first_are_left_out() -> None:
+    # iPhones write MPO: the primary picture, then a gain map or depth image.
+    first = Image.new("RGB", (1200, 900), (10, 120, 200))
+    mpo = io.BytesIO()
+    first.save(mpo, "MPO", save_all=True, append_images=[Image.new("RGB", (600, 450), (250, 0, 0))], quality=90)
+    data = mpo.getvalue()
+    stripped = strip(data)
+    assert len(stripped) < len(data) - metadata_bytes(data) - 1000
+    assert pixels(stripped).tobytes() == pixels(data).tobytes()
+
+
+def with_segment(data: bytes, marker: int, payload: bytes) -> bytes:
+    return data[:2] + bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (with_segment(photo(), 0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01"), "an Adobe segment"),
+        (corpus("images/formats/hopper_16bit_qtables.jpg").read_bytes(), "segment 0xC1"),
+        (photo()[:-5000], "scan runs past the end"),
+        (photo()[:300], "runs past the end"),
+        (b"\x89PNG\r\n\x1a\n", "no SOI"),
+    ],
+    ids=["adobe", "extended-sequential", "truncated-scan", "truncated-header", "not-a-jpeg"],
+)
+def test_what_cannot_be_its_own_display_is_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(NotLossless, match=reason):
+        strip(data)
+
+
+def test_a_display_over_its_budget_is_re_encoded() -> None:
+    data = photo()
+    with pytest.raises(NotLossless, match="byte budget"):
+        display(data, turbojpeg.read_header(data), max_bytes=len(strip(data)) - 1)
+
+
+def test_damaged_bytes_make_the_parser_refuse_never_crash() -> None:
+    source = photo(size=(300, 200), exif=b"Exif\x00\x00" + bytes(40))
+    generator = random.Random(18)
+    for _ in range(400):
+        damaged = bytearray(source)
+        for _ in range(generator.randint(1, 4)):
+            damaged[generator.randrange(len(damaged))] = generator.randrange(256)
+        with contextlib.suppress(NotLossless):
+            strip(bytes(damaged))
