@@ -21,7 +21,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 
-from mediavault.blobs.base import BlobStore, Inspection, ListedObject, ObjectInfo, SignedRequest
+from mediavault.blobs.base import (
+    BlobStore,
+    DirectParts,
+    Inspection,
+    ListedObject,
+    ObjectInfo,
+    PartialState,
+    PartialWriter,
+    SignedRequest,
+    StoredPart,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -269,7 +279,10 @@ class TracedConnection(asyncpg.Connection):
 
 def traced_blobs(store: BlobStore, backend: str) -> BlobStore:
     """The store itself while tracing is off; else one whose calls are client spans of the current trace."""
-    return store if tracer is None else TracedBlobStore(store, backend)
+    if tracer is None:
+        return store
+    # A store clients send parts to directly stays one after wrapping (isinstance(..., DirectParts)).
+    return TracedDirectPartsStore(store, backend) if isinstance(store, DirectParts) else TracedBlobStore(store, backend)
 
 
 class TracedBlobStore:
@@ -341,4 +354,43 @@ class TracedBlobStore:
 
     async def close(self) -> None:
         await self._store.close()
+
+    async def start_partial(self, key: str, *, content_type: str) -> str | None:
+        with self._span("start_partial", key):
+            return await self._store.start_partial(key, content_type=content_type)
+
+    async def open_partial(
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+    ) -> PartialWriter:
+        with self._span("open_partial", key):
+            return await self._store.open_partial(partial_key, key, multipart_id, state)
+
+    async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:
+        with self._span("publish_partial", key):
+            await self._store.publish_partial(partial_key, key, multipart_id, state)
+
+    async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
+        with self._span("discard_partial", key):
+            await self._store.discard_partial(partial_key, key, multipart_id)
+
+
+class TracedDirectPartsStore(TracedBlobStore):
+    def __init__(self, store: BlobStore, backend: str) -> None:
+        super().__init__(store, backend)
+        assert isinstance(store, DirectParts)
+        self._parts: DirectParts = store
+
+    async def presign_upload_part(
+        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+    ) -> SignedRequest:
+        with self._span("presign_upload_part", key):
+            return await self._parts.presign_upload_part(key, multipart_id, number, sha256=sha256, expires_in=expires_in)
+
+    async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
+        with self._span("list_parts", key):
+            return await self._parts.list_parts(key, multipart_id)
+
+    async def complete_parts(self, key: str, multipart_id: str, parts: list[StoredPart]) -> None:
+        with self._span("complete_parts", key):
+            await self._parts.complete_parts(key, multipart_id, parts)
 

@@ -62,23 +62,57 @@ USAGE_EVENT_TYPE_HIDE: UsageEventType
 USAGE_EVENT_TYPE_REPORT: UsageEventType
 
 class Variant(_message.Message):
-    __slots__ = ("name", "url", "content_type", "width", "height", "size_bytes")
+    __slots__ = ("name", "url", "content_type", "width", "height", "size_bytes", "alternatives")
     NAME_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     name: str
     url: str
     content_type: str
     width: int
     height: int
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    alternatives: _containers.RepeatedCompositeFieldContainer[VariantFormat]
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_bytes: _Optional[int] = ..., alternatives: _Optional[_Iterable[_Union[VariantFormat, _Mapping]]] = ...) -> None: ...
+
+class VariantFormat(_message.Message):
+    __slots__ = ("content_type", "url", "width", "height", "size_bytes")
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    content_type: str
+    url: str
+    width: int
+    height: int
+    size_bytes: int
+    def __init__(self, content_type: _Optional[str] = ..., url: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class Rendition(_message.Message):
+    __slots__ = ("name", "url", "content_type", "width", "height", "bitrate", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BITRATE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    content_type: str
+    width: int
+    height: int
+    bitrate: int
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., bitrate: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Media(_message.Message):
-    __slots__ = ("media_id", "user_id", "kind", "content_type", "size_bytes", "sha256", "width", "height", "retention", "processing_status", "processing_error", "attempts", "variants", "feed_url", "original_url", "created_at", "saved_at", "expires_at", "view_count", "like_count", "share_count", "taken_at", "camera", "animated", "animation_duration_ms")
+    __slots__ = ("media_id", "user_id", "kind", "content_type", "size_bytes", "sha256", "width", "height", "retention", "processing_status", "processing_error", "attempts", "variants", "feed_url", "original_url", "created_at", "saved_at", "expires_at", "view_count", "like_count", "share_count", "duration_seconds", "frame_rate", "has_audio", "source_codec", "renditions", "processing_progress", "thumbhash", "taken_at", "camera", "animated", "animation_duration_ms")
     MEDIA_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +134,13 @@ class Media(_message.Message):
     VIEW_COUNT_FIELD_NUMBER: _ClassVar[int]
     LIKE_COUNT_FIELD_NUMBER: _ClassVar[int]
     SHARE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_RATE_FIELD_NUMBER: _ClassVar[int]
+    HAS_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_CODEC_FIELD_NUMBER: _ClassVar[int]
+    RENDITIONS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSING_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    THUMBHASH_FIELD_NUMBER: _ClassVar[int]
     TAKEN_AT_FIELD_NUMBER: _ClassVar[int]
     CAMERA_FIELD_NUMBER: _ClassVar[int]
     ANIMATED_FIELD_NUMBER: _ClassVar[int]
@@ -125,17 +166,26 @@ class Media(_message.Message):
     view_count: int
     like_count: int
     share_count: int
+    duration_seconds: float
+    frame_rate: float
+    has_audio: bool
+    source_codec: str
+    renditions: _containers.RepeatedCompositeFieldContainer[Rendition]
+    processing_progress: int
+    thumbhash: bytes
     taken_at: str
     camera: str
     animated: bool
     animation_duration_ms: int
-    def __init__(self, media_id: _Optional[str] = ..., user_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., retention: _Optional[_Union[_storage_pb2.Retention, str]] = ..., processing_status: _Optional[_Union[ProcessingStatus, str]] = ..., processing_error: _Optional[str] = ..., attempts: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., feed_url: _Optional[str] = ..., original_url: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., view_count: _Optional[int] = ..., like_count: _Optional[int] = ..., share_count: _Optional[int] = ..., taken_at: _Optional[str] = ..., camera: _Optional[str] = ..., animated: _Optional[bool] = ..., animation_duration_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, media_id: _Optional[str] = ..., user_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., retention: _Optional[_Union[_storage_pb2.Retention, str]] = ..., processing_status: _Optional[_Union[ProcessingStatus, str]] = ..., processing_error: _Optional[str] = ..., attempts: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., feed_url: _Optional[str] = ..., original_url: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., view_count: _Optional[int] = ..., like_count: _Optional[int] = ..., share_count: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., frame_rate: _Optional[float] = ..., has_audio: _Optional[bool] = ..., source_codec: _Optional[str] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., processing_progress: _Optional[int] = ..., thumbhash: _Optional[bytes] = ..., taken_at: _Optional[str] = ..., camera: _Optional[str] = ..., animated: _Optional[bool] = ..., animation_duration_ms: _Optional[int] = ...) -> None: ...
 
 class GetMediaRequest(_message.Message):
-    __slots__ = ("media_id",)
+    __slots__ = ("media_id", "accept")
     MEDIA_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
     media_id: str
-    def __init__(self, media_id: _Optional[str] = ...) -> None: ...
+    accept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, media_id: _Optional[str] = ..., accept: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetMediaResponse(_message.Message):
     __slots__ = ("media",)
@@ -144,16 +194,18 @@ class GetMediaResponse(_message.Message):
     def __init__(self, media: _Optional[_Union[Media, _Mapping]] = ...) -> None: ...
 
 class ListFeedRequest(_message.Message):
-    __slots__ = ("user_id", "page_size", "page_token", "if_none_match")
+    __slots__ = ("user_id", "page_size", "page_token", "if_none_match", "accept")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     IF_NONE_MATCH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     page_size: int
     page_token: str
     if_none_match: str
-    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., if_none_match: _Optional[str] = ...) -> None: ...
+    accept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., if_none_match: _Optional[str] = ..., accept: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListFeedResponse(_message.Message):
     __slots__ = ("media", "next_page_token", "etag", "not_modified")
