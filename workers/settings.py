@@ -62,7 +62,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["feed"] = services.feed
     ctx["accounts"] = services.accounts
     ctx["transcodes"] = services.transcodes
-    if settings.metrics_addr:
+    # The video worker runs in the photo worker's process and shares its registry and endpoint.
+    if settings.metrics_addr and not video_queue:
         ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
     # The video worker's pool only makes posters, one video at a time per transcode slot.
     pool_size = settings.video_workers if video_queue else settings.transcode_workers or None

@@ -12,13 +12,13 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from arq import Retry
 
-from mediavault import metrics
+from mediavault import metrics, tracing
 from mediavault.blobs import single_chunk
 from mediavault.config import Settings
 from mediavault.domain import content_types
@@ -26,6 +26,7 @@ from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, VideoFacts, 
 from mediavault.imaging import PermanentImagingError
 from mediavault.imaging import video as videos
 from mediavault.imaging.decode import sniff
+from mediavault.jobs import TRANSCODE_VIDEO
 from workers.transcode import TRANSIENT_ERRORS, backoff
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,15 @@ def limits(settings: Settings) -> videos.VideoLimits:
     )
 
 
-async def transcode_video(ctx: dict[str, Any], media_id: str, version: int) -> str:
+async def transcode_video(
+    ctx: dict[str, Any], media_id: str, version: int, trace_context: Mapping[str, str] | None = None
+) -> str:
+    """trace_context: the W3C trace context of the hand-over (mediavault.jobs.enqueue_video), when traced."""
+    with tracing.job_span(TRANSCODE_VIDEO, trace_context, ctx.get("job_id", ""), ctx.get("job_try", 1)):
+        return await _run_video(ctx, media_id, version)
+
+
+async def _run_video(ctx: dict[str, Any], media_id: str, version: int) -> str:
     try:
         return await _transcode_video(ctx, uuid.UUID(media_id), version)
     except TRANSIENT_ERRORS as exc:

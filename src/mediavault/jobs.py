@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
@@ -148,6 +149,8 @@ class TranscodeQueue:
 async def enqueue_video(redis: ArqRedis, queue_name: str, media_id: uuid.UUID, version: int, transcode_job_id: str) -> None:
     """Hands a video's run to the video queue, under an id derived from the transcode job's:
     the same run handed over twice is queued once, a re-enqueued run (a new job id) again."""
-    await redis.enqueue_job(
-        TRANSCODE_VIDEO, str(media_id), version, _job_id=f"video:{transcode_job_id}", _queue_name=queue_name
-    )
+    job_id = f"video:{transcode_job_id}"
+    with tracing.enqueue_span(TRANSCODE_VIDEO, job_id, queue_name) as trace_context:
+        # Without tracing the job is exactly what it was: no trace_context argument at all.
+        carried: dict[str, Any] = {"trace_context": trace_context} if trace_context else {}
+        await redis.enqueue_job(TRANSCODE_VIDEO, str(media_id), version, _job_id=job_id, _queue_name=queue_name, **carried)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
+import av
 import pytest
 from PIL import Image
 
@@ -31,8 +32,9 @@ async def run_through(storage, media, md, relative: str) -> mpb.Media:
 
 
 async def variant_pictures(item: mpb.Media) -> dict[str, Image.Image]:
+    """The still variants, checked and opened; an animation's moving ones are checked by their own test."""
     pictures = {}
-    for variant in item.variants:
+    for variant in (v for v in item.variants if v.name != "animation"):
         status, body, headers = await fetch(variant.url)
         assert status == 200
         assert headers["Content-Type"] == variant.content_type
@@ -124,4 +126,19 @@ async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, au
     assert moving.processing_status == still.processing_status == mpb.PROCESSING_STATUS_COMPLETE
     assert (moving.animated, moving.animation_duration_ms) == (True, 820)
     assert (still.animated, still.animation_duration_ms) == (False, 0)
-    assert {v.name for v in moving.variants} == {"thumbnail", "preview", "display"}
+    assert {v.name for v in moving.variants} == {"thumbnail", "preview", "display", "animation"}
+    assert {v.name for v in still.variants} == {"thumbnail", "preview", "display"}
+    assert not still.renditions
+    animation = next(v for v in moving.variants if v.name == "animation")
+    status, body, headers = await fetch(animation.url)
+    assert (status, headers["Content-Type"], len(body)) == (200, "image/webp", animation.size_bytes)
+    webp = Image.open(io.BytesIO(body))
+    assert (webp.format, webp.n_frames, webp.size) == ("WEBP", 36, (animation.width, animation.height))
+    (gifv,) = moving.renditions
+    assert (gifv.name, gifv.content_type) == ("gifv", "video/mp4")
+    status, body, headers = await fetch(gifv.url)
+    assert (status, headers["Content-Type"], len(body)) == (200, "video/mp4", gifv.size_bytes)
+    with av.open(io.BytesIO(body)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.width, stream.height) == ("h264", gifv.width, gifv.height)
+        assert sum(1 for _ in container.decode(stream)) >= 2

@@ -63,7 +63,9 @@ async def test_an_iphone_video_completes_with_renditions_metadata_and_ranges(sto
     assert shown.duration_seconds == item.duration_seconds
 
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
-    assert summary.derived_bytes == sum(v.size_bytes for v in item.variants) + rendition.size_bytes
+    # Every stored format counts: each poster variant and its alternates (AVIF), and the rendition.
+    stored = sum(v.size_bytes + sum(a.size_bytes for a in v.alternatives) for v in item.variants)
+    assert summary.derived_bytes == stored + rendition.size_bytes
     assert summary.used_bytes == source.stat().st_size, "derived bytes do not count against the quota"
 
 
