@@ -82,7 +82,9 @@ def _log(message: str) -> None:
 
 # Every seeded row, first into temp tables so that the accounts get their final figures
 # in one INSERT; {A} accounts, {N} stale reservations, {F} fresh ones, {M} doomed media, {K}
-# surviving media (integers), {P} the user-id prefix (a quoted literal of hex digits).
+# surviving media (integers), {P} the user-id prefix (a quoted literal of hex digits), {D}
+# the bytes of each media's one variant (THUMBNAIL_BYTES).
+THUMBNAIL_BYTES = 32
 _SEED = [
     """
     CREATE TEMP TABLE s_acct AS
@@ -112,11 +114,12 @@ _SEED = [
     "ALTER TABLE s_media ADD COLUMN created_at timestamptz",
     "UPDATE s_media SET created_at = coalesce(expires_at - interval '1 hour', now() - interval '30 minutes')",
     """
-    INSERT INTO accounts (user_id, quota_bytes, used_bytes, reserved_bytes, created_at, updated_at)
+    INSERT INTO accounts (user_id, quota_bytes, used_bytes, reserved_bytes, derived_bytes, created_at, updated_at)
     SELECT a.user_id, greatest(1073741824, coalesce(m.used, 0) + coalesce(u.reserved, 0)),
-           coalesce(m.used, 0), coalesce(u.reserved, 0), now() - interval '30 days', now() - interval '1 day'
+           coalesce(m.used, 0), coalesce(u.reserved, 0), coalesce(m.derived, 0), now() - interval '30 days', now() - interval '1 day'
     FROM s_acct a
-    LEFT JOIN (SELECT owner_id, sum(size_bytes)::bigint AS used FROM s_media GROUP BY owner_id) m ON m.owner_id = a.user_id
+    LEFT JOIN (SELECT owner_id, sum(size_bytes)::bigint AS used, {D} * count(*) AS derived FROM s_media GROUP BY owner_id) m
+           ON m.owner_id = a.user_id
     LEFT JOIN (SELECT user_id, sum(size_bytes)::bigint AS reserved FROM s_up GROUP BY user_id) u ON u.user_id = a.user_id
     ORDER BY a.i
     """,
@@ -145,9 +148,9 @@ _SEED = [
     ) u ORDER BY created_at
     """,
     """
-    INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, object_key, retention,
+    INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, derived_bytes, object_key, retention,
                        processing_status, created_at, expires_at, saved_at, width, height, processed_at, updated_at)
-    SELECT media_id, owner_id, upload_id, 'image', 'image/jpeg', size_bytes,
+    SELECT media_id, owner_id, upload_id, 'image', 'image/jpeg', size_bytes, {D},
            'originals/' || left(replace(upload_id::text, '-', ''), 2) || '/' || replace(upload_id::text, '-', ''),
            retention, 'complete', created_at, expires_at, saved_at, 640, 480,
            created_at + interval '1 second', coalesce(saved_at, created_at + interval '1 second')
@@ -157,7 +160,7 @@ _SEED = [
     INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes, created_at)
     SELECT media_id, 'thumbnail', 0,
            'variants/' || left(replace(media_id::text, '-', ''), 2) || '/' || replace(media_id::text, '-', '') || '/v0/thumbnail.jpg',
-           'image/jpeg', 320, 240, 32, created_at + interval '1 second'
+           'image/jpeg', 320, 240, {D}, created_at + interval '1 second'
     FROM s_media ORDER BY created_at
     """,
     # What begin and finalize wrote to the ledger: a reserve per upload, a commit per media.
@@ -189,7 +192,7 @@ async def seed(url: str, args: argparse.Namespace, prefix: str) -> dict[str, lis
     try:
         async with conn.transaction():
             values = {"A": args.accounts, "N": args.reservations, "F": fresh, "M": args.media, "K": surviving,
-                      "P": f"'{prefix}'"}
+                      "P": f"'{prefix}'", "D": THUMBNAIL_BYTES}
             for sql in _SEED:
                 await conn.execute(sql.format(**values))
             rows = await conn.fetch(_SEEDED_MEDIA)
@@ -366,13 +369,13 @@ _FLOOR_EXPIRE = """
 WITH removed AS (
     UPDATE media SET deleted_at = now(), purge_after = now(), purged_at = now(), updated_at = now()
     WHERE retention = 'ephemeral' AND deleted_at IS NULL AND saved_at IS NULL AND expires_at <= now()
-    RETURNING media_id, owner_id, size_bytes
+    RETURNING media_id, owner_id, size_bytes, derived_bytes
 ), variants AS (
     DELETE FROM media_variants v USING removed r WHERE v.media_id = r.media_id
 ), per_owner AS (
-    SELECT owner_id, sum(size_bytes)::bigint AS bytes FROM removed GROUP BY owner_id
+    SELECT owner_id, sum(size_bytes)::bigint AS bytes, sum(derived_bytes)::bigint AS derived FROM removed GROUP BY owner_id
 ), freed AS (
-    UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, updated_at = now()
+    UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, derived_bytes = a.derived_bytes - p.derived, updated_at = now()
     FROM per_owner p WHERE a.user_id = p.owner_id
 ), entry AS (
     INSERT INTO ledger_entries (user_id, kind, used_delta, media_id)

@@ -86,6 +86,7 @@ def scripts(accounts: int) -> dict[str, str]:
     begin = _substitute(statements.BEGIN_ONE, [
         "ARRAY[gen_random_uuid()]", user, "ARRAY['a.jpg']", "ARRAY['image/jpeg']", "ARRAY[65536]",
         "ARRAY[NULL]", "ARRAY[NULL]", "ARRAY['permanent']", "ARRAY['originals/' || gen_random_uuid()]", "ARRAY[900]",
+        "ARRAY['single']", "ARRAY[false]",
     ])
     commit = _substitute(statements.COMMIT_ONE, [
         "ARRAY[:upload_id::uuid]", "ARRAY[gen_random_uuid()]", "ARRAY['image']", "ARRAY[NULL]", "ARRAY[900]",

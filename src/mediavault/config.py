@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     jwt_secret: SecretStr = SecretStr("")
     free_quota_bytes: int = Field(default=GiB, ge=0)
+    # Whether the bytes of variants and renditions count against the quota: a new upload must
+    # then fit beside them too. They are always reported (GetStorageSummary.derived_bytes).
+    quota_counts_derived_bytes: bool = False
     max_image_bytes: int = Field(default=50 * MiB, gt=0)
     max_video_bytes: int = Field(default=500 * MiB, gt=0)
     upload_url_ttl_seconds: int = Field(default=15 * 60, gt=0)

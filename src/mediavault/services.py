@@ -36,7 +36,7 @@ class Services:
 
 
 def build_services(pool: asyncpg.Pool, blobs: BlobStore, redis: ArqRedis | None, settings: Settings) -> Services:
-    accounts = Accounts(pool, settings.free_quota_bytes)
+    accounts = Accounts(pool, settings.free_quota_bytes, settings.quota_counts_derived_bytes)
     tokens = PageTokens(settings.page_token_key)
     feed = Feed(pool, redis, settings.feed_cache_ttl_seconds, tokens)
     transcodes = TranscodeQueue(redis)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -107,3 +108,45 @@ async def test_queries_of_dropped_indexes_keep_an_index(pool, statement, args, i
         "SELECT array_agg(indexname) FROM pg_indexes WHERE indexname IN ('uploads_pending_by_user', 'media_unfinished')"
     )
     assert names is None
+
+
+async def test_derived_bytes_are_backfilled_from_the_variants_of_media_not_deleted(postgres_admin_url):
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
+    conn = await asyncpg.connect(dsn)
+    try:
+        # The schema before 0012, with an account owning a live and a deleted media, each with variants.
+        await conn.execute("CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        for name, sql in available_migrations():
+            if name.startswith("0012"):
+                break
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        await conn.execute("INSERT INTO accounts (user_id, quota_bytes, used_bytes) VALUES ('u', 1000000, 300)")
+        for n, deleted in ((1, False), (2, True)):
+            await conn.execute(
+                "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key,"
+                " media_id, expires_at) VALUES ($1, 'u', 'a.jpg', 'image/jpeg', 100 * $2, 'permanent', 'finalized', $3, $1, now())",
+                uuid.UUID(int=n), n, f"originals/{n}",
+            )
+            await conn.execute(
+                "INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, object_key, retention,"
+                " deleted_at) VALUES ($1, 'u', $1, 'image', 'image/jpeg', 100 * $2, $3, 'permanent', CASE WHEN $4 THEN now() END)",
+                uuid.UUID(int=n), n, f"originals/{n}", deleted,
+            )
+            await conn.executemany(
+                "INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes)"
+                " VALUES ($1, $2, 0, $3, $4, 10, 10, $5)",
+                [
+                    (uuid.UUID(int=n), name, f"variants/{n}/{name}.{content_type[6:]}", content_type, size * n)
+                    for name, content_type, size in (("thumbnail", "image/jpeg", 10), ("thumbnail", "image/avif", 7), ("preview", "image/jpeg", 30))
+                ],
+            )
+
+        assert await migrate(dsn) == [name for name, _ in available_migrations() if name >= "0012"]
+        assert dict(await conn.fetch("SELECT media_id, derived_bytes FROM media ORDER BY media_id")) == {
+            uuid.UUID(int=1): 47, uuid.UUID(int=2): 94,
+        }
+        assert await conn.fetchval("SELECT derived_bytes FROM accounts WHERE user_id = 'u'") == 47, "the deleted media's are not the account's"
+    finally:
+        await conn.close()
+        await devservers.drop_database(postgres_admin_url, dsn)

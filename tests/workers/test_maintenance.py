@@ -110,7 +110,8 @@ async def test_finalize_racing_reclaim_ends_committed_or_released_never_both(ctx
 
 
 async def seed_media(pool, blobs, owner: str, count: int, *, retention: str, expired: bool, saved: bool = False) -> list[uuid.UUID]:
-    """Media rows with real blobs (original and a thumbnail), committed through the ledger like finalize does."""
+    """Media rows with real blobs (original and a thumbnail), committed through the ledger like finalize does,
+    the thumbnail counted in the derived figures like the transcode's completion does."""
     ids = [uuid.uuid4() for _ in range(count)]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -124,14 +125,14 @@ async def seed_media(pool, blobs, owner: str, count: int, *, retention: str, exp
                 "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key, media_id, expires_at) "
                 "VALUES ($1, $2, 'x.jpg', 'image/jpeg', 100, $3, 'finalized', $4, $1, now())", media_id, owner, retention, key)
             await conn.execute(
-                "INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, object_key, retention, "
-                "processing_status, expires_at, saved_at) VALUES ($1, $2, $1, 'image', 'image/jpeg', 100, $3, $4, 'complete', "
+                "INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, derived_bytes, object_key, retention, "
+                "processing_status, expires_at, saved_at) VALUES ($1, $2, $1, 'image', 'image/jpeg', 100, 5, $3, $4, 'complete', "
                 "CASE WHEN $4 = 'ephemeral' THEN now() + make_interval(secs => $5) END, CASE WHEN $6 THEN now() END)",
                 media_id, owner, key, retention, -60.0 if expired else 3600.0, saved)
             await conn.execute(
                 "INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes) "
                 "VALUES ($1, 'thumbnail', 0, $2, 'image/jpeg', 10, 10, 5)", media_id, f"variants/{media_id.hex[:2]}/{media_id.hex}/v0/thumbnail.jpg")
-            await conn.execute("UPDATE accounts SET used_bytes = used_bytes + 100 WHERE user_id = $1", owner)
+            await conn.execute("UPDATE accounts SET used_bytes = used_bytes + 100, derived_bytes = derived_bytes + 5 WHERE user_id = $1", owner)
             await conn.execute("INSERT INTO ledger_entries (user_id, kind, used_delta, media_id) VALUES ($1, 'commit', 100, $2)", owner, media_id)
     for media_id in ids:
         await blobs.write(f"originals/{media_id.hex[:2]}/{media_id.hex}", single_chunk(b"o" * 100), content_type="image/jpeg")
@@ -144,10 +145,12 @@ async def soft_delete(pool, media_ids: list[uuid.UUID], purge_after_seconds: flo
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             "UPDATE media SET deleted_at = now(), purge_after = now() + make_interval(secs => $2) "
-            "WHERE media_id = ANY($1::uuid[]) AND deleted_at IS NULL RETURNING media_id, owner_id, size_bytes",
+            "WHERE media_id = ANY($1::uuid[]) AND deleted_at IS NULL RETURNING media_id, owner_id, size_bytes, derived_bytes",
             media_ids, purge_after_seconds)
         for row in rows:
-            await conn.execute("UPDATE accounts SET used_bytes = used_bytes - $2 WHERE user_id = $1", row["owner_id"], row["size_bytes"])
+            await conn.execute(
+                "UPDATE accounts SET used_bytes = used_bytes - $2, derived_bytes = derived_bytes - $3 WHERE user_id = $1",
+                row["owner_id"], row["size_bytes"], row["derived_bytes"])
             await conn.execute(
                 "INSERT INTO ledger_entries (user_id, kind, used_delta, media_id) VALUES ($1, 'free', $2, $3)",
                 row["owner_id"], -row["size_bytes"], row["media_id"])
@@ -239,7 +242,7 @@ async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, u
     await pool.execute(
         "UPDATE media SET processing_status = 'processing', attempts = 3, processing_error = NULL, "
         "updated_at = now() - interval '2 hours' WHERE media_id = $1::uuid", exhausted.media_id)
-    await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", retry.media_id)
+    await without_variants(pool, retry.media_id)
 
     report = await run_job(ctx, "fail_stuck_processing")
     assert report.errors == 0
@@ -263,8 +266,18 @@ async def stuck_before_its_claim(storage, media, md, pool) -> str:
     await pool.execute(
         "UPDATE media SET processing_status = 'pending', attempts = 0, updated_at = now() - interval '2 hours' "
         "WHERE media_id = $1::uuid", done.media_id)
-    await pool.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", done.media_id)
+    await without_variants(pool, done.media_id)
     return done.media_id
+
+
+async def without_variants(pool, media_id: str) -> None:
+    """The media as a run that never stored its variants leaves it: no variant rows, nothing derived."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT owner_id, derived_bytes FROM media WHERE media_id = $1::uuid FOR UPDATE", media_id)
+        await conn.execute("DELETE FROM media_variants WHERE media_id = $1::uuid", media_id)
+        await conn.execute("UPDATE media SET derived_bytes = 0 WHERE media_id = $1::uuid", media_id)
+        await conn.execute(
+            "UPDATE accounts SET derived_bytes = derived_bytes - $2 WHERE user_id = $1", row["owner_id"], row["derived_bytes"])
 
 
 async def test_a_stuck_run_whose_job_id_arq_remembers_runs_again(ctx, storage, media, auth, user_id, pool, worker):

@@ -24,11 +24,9 @@ SELECT user_id, 'grant', quota_bytes FROM created
 """
 
 _SUMMARY = """
-SELECT a.user_id, a.quota_bytes, a.used_bytes, a.reserved_bytes, a.frozen,
+SELECT a.user_id, a.quota_bytes, a.used_bytes, a.reserved_bytes, a.frozen, a.derived_bytes,
        (SELECT count(*) FROM media m WHERE m.owner_id = a.user_id AND m.deleted_at IS NULL) AS media_count,
-       (SELECT count(*) FROM uploads u WHERE u.user_id = a.user_id AND u.state = 'pending') AS pending_uploads,
-       (SELECT coalesce(sum(v.size_bytes), 0)::bigint FROM media m JOIN media_variants v ON v.media_id = m.media_id
-        WHERE m.owner_id = a.user_id AND m.deleted_at IS NULL) AS derived_bytes
+       (SELECT count(*) FROM uploads u WHERE u.user_id = a.user_id AND u.state = 'pending') AS pending_uploads
 FROM accounts a WHERE a.user_id = $1
 """
 
@@ -44,7 +42,7 @@ WHERE user_id = $1
 RETURNING user_id, frozen, frozen_reason, frozen_at
 """
 
-_STANDING = "SELECT frozen, quota_bytes, used_bytes, reserved_bytes FROM accounts WHERE user_id = $1"
+_STANDING = "SELECT frozen, quota_bytes, used_bytes, reserved_bytes, derived_bytes FROM accounts WHERE user_id = $1"
 
 
 @dataclass(frozen=True)
@@ -58,10 +56,12 @@ class StorageSummary:
     frozen: bool
     # Variants and renditions of the media not deleted; not part of used_bytes.
     derived_bytes: int
+    # Whether derived_bytes count against the quota (settings.quota_counts_derived_bytes).
+    derived_counted: bool
 
     @property
     def available_bytes(self) -> int:
-        return self.quota_bytes - self.used_bytes - self.reserved_bytes
+        return available_bytes(self.quota_bytes, self.used_bytes, self.reserved_bytes, self.derived_bytes, self.derived_counted)
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,19 @@ class Standing:
     quota_bytes: int
     used_bytes: int
     reserved_bytes: int
+    derived_bytes: int
+
+    def available_bytes(self, *, counts_derived: bool) -> int:
+        return available_bytes(self.quota_bytes, self.used_bytes, self.reserved_bytes, self.derived_bytes, counts_derived)
+
+
+def available_bytes(quota: int, used: int, reserved: int, derived: int, counts_derived: bool) -> int:
+    """What a new reservation may still take, as uploads.statements.RESERVATION_GUARD counts it.
+
+    Derived bytes arrive after their upload was committed and may push an account past its
+    quota; it then has nothing available until media are deleted or quota is bought.
+    """
+    return max(quota - used - reserved - (derived if counts_derived else 0), 0)
 
 
 async def ensure(conn: asyncpg.Pool | asyncpg.Connection, user_id: str, free_quota_bytes: int) -> None:
@@ -110,9 +123,10 @@ class Totals:
 class Accounts:
     """Quota figures and freezes; an account is created with the free tier on first use."""
 
-    def __init__(self, pool: asyncpg.Pool, free_quota_bytes: int) -> None:
+    def __init__(self, pool: asyncpg.Pool, free_quota_bytes: int, counts_derived_bytes: bool = False) -> None:
         self._pool = pool
         self.free_quota_bytes = free_quota_bytes
+        self._counts_derived_bytes = counts_derived_bytes
 
     async def ensure(self, user_id: str) -> None:
         await ensure(self._pool, user_id, self.free_quota_bytes)
@@ -124,7 +138,7 @@ class Accounts:
             row = await self._pool.fetchrow(_SUMMARY, user_id)
         if row is None:
             raise NotFound("account not found")
-        return StorageSummary(**row)
+        return StorageSummary(**row, derived_counted=self._counts_derived_bytes)
 
     async def freeze(self, user_id: str, reason: str) -> Account:
         # The user id and the reason's length are declared at the boundary (rpc.fields).

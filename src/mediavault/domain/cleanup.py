@@ -84,15 +84,17 @@ WITH due AS (
     UPDATE media m SET deleted_at = now(), purge_after = now(), updated_at = now(),
                        purge_claimed_until = now() + make_interval(secs => $5)
     FROM due WHERE m.media_id = due.media_id
-    RETURNING m.media_id, m.owner_id, m.size_bytes, m.object_key,
+    RETURNING m.media_id, m.owner_id, m.size_bytes, m.derived_bytes, m.object_key,
               ARRAY(SELECT v.object_key FROM media_variants v WHERE v.media_id = m.media_id) AS variant_keys
 ), per_owner AS (
-    SELECT owner_id, sum(size_bytes)::bigint AS bytes FROM removed GROUP BY owner_id
+    SELECT owner_id, sum(size_bytes)::bigint AS bytes, sum(derived_bytes)::bigint AS derived
+    FROM removed GROUP BY owner_id
 ), locked AS (
     -- In user_id order, so that batches locking many accounts at once never deadlock.
     SELECT user_id FROM accounts WHERE user_id IN (SELECT owner_id FROM per_owner) ORDER BY user_id FOR UPDATE
 ), freed AS (
-    UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, updated_at = now()
+    UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, derived_bytes = a.derived_bytes - p.derived,
+                          updated_at = now()
     FROM per_owner p JOIN locked l ON l.user_id = p.owner_id WHERE a.user_id = p.owner_id
 ), entry AS (
     INSERT INTO ledger_entries (user_id, kind, used_delta, media_id)

@@ -41,6 +41,25 @@ WHERE a.used_bytes <> coalesce(m.live, 0)
 ORDER BY a.user_id
 """
 
+# Both derived figures against the variants they stand for: each live media's, and each
+# account's over its live media (deleted media keep their figure until purged, counted nowhere).
+_DERIVED = """
+WITH live AS (
+    SELECT m.media_id, m.owner_id, m.derived_bytes,
+           (SELECT coalesce(sum(v.size_bytes), 0)::bigint FROM media_variants v WHERE v.media_id = m.media_id) AS variant_bytes
+    FROM media m WHERE m.deleted_at IS NULL
+)
+SELECT a.user_id, 'derived_bytes_vs_variants' AS figure, a.derived_bytes AS account_value,
+       coalesce(l.variant_bytes, 0) AS expected_value
+FROM accounts a
+LEFT JOIN (SELECT owner_id, sum(variant_bytes)::bigint AS variant_bytes FROM live GROUP BY owner_id) l ON l.owner_id = a.user_id
+WHERE a.derived_bytes <> coalesce(l.variant_bytes, 0)
+UNION ALL
+SELECT owner_id, 'media_derived_bytes_vs_variants:' || media_id, derived_bytes, variant_bytes
+FROM live WHERE derived_bytes <> variant_bytes
+ORDER BY 1, 2
+"""
+
 
 @dataclass(frozen=True)
 class Mismatch:
@@ -53,9 +72,10 @@ class Mismatch:
 async def audit(pool: asyncpg.Pool) -> list[Mismatch]:
     """Returns every disagreement; an empty list means the books add up.
 
-    Three checks in one REPEATABLE READ snapshot, so concurrent writers cannot
+    Four checks in one REPEATABLE READ snapshot, so concurrent writers cannot
     produce a false alarm: account figures against the ledger sums, reserved bytes
-    against the uploads still pending, used bytes against the media not deleted.
+    against the uploads still pending, used bytes against the media not deleted, and
+    derived bytes (the account's and each media's) against the variants stored.
     """
     mismatches: list[Mismatch] = []
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
@@ -68,4 +88,6 @@ async def audit(pool: asyncpg.Pool) -> list[Mismatch]:
             mismatches.append(Mismatch(row["user_id"], "reserved_bytes_vs_pending_uploads", row["reserved_bytes"], row["pending_bytes"]))
         for row in await conn.fetch(_LIVE_MEDIA):
             mismatches.append(Mismatch(row["user_id"], "used_bytes_vs_live_media", row["used_bytes"], row["live_bytes"]))
+        for row in await conn.fetch(_DERIVED):
+            mismatches.append(Mismatch(*row))
     return mismatches

@@ -65,9 +65,10 @@ _DELETE = """
 WITH deleted AS (
     UPDATE media SET deleted_at = now(), purge_after = now() + make_interval(secs => $2), updated_at = now()
     WHERE media_id = $1 AND deleted_at IS NULL
-    RETURNING media_id, owner_id, size_bytes
+    RETURNING media_id, owner_id, size_bytes, derived_bytes
 ), freed AS (
-    UPDATE accounts a SET used_bytes = a.used_bytes - d.size_bytes, updated_at = now()
+    UPDATE accounts a SET used_bytes = a.used_bytes - d.size_bytes, derived_bytes = a.derived_bytes - d.derived_bytes,
+                          updated_at = now()
     FROM deleted d WHERE a.user_id = d.owner_id
 ), entry AS (
     INSERT INTO ledger_entries (user_id, kind, used_delta, media_id)
@@ -141,6 +142,21 @@ _KIND = "SELECT kind FROM media WHERE media_id = $1 AND deleted_at IS NULL"
 _DROP_OTHER_VARIANTS = """
 DELETE FROM media_variants WHERE media_id = $1
   AND (name, content_type) NOT IN (SELECT * FROM unnest($2::text[], $3::text[]))
+"""
+
+# In the completing transaction, once the run's variants are stored and the others dropped:
+# the media row is locked by _COMPLETE, so its previous figure is read race-free, and the
+# owner's figure moves by the difference.
+_COUNT_DERIVED = """
+WITH previous AS (
+    SELECT media_id, owner_id, derived_bytes FROM media WHERE media_id = $1
+), counted AS (
+    UPDATE media m SET derived_bytes = (SELECT coalesce(sum(v.size_bytes), 0) FROM media_variants v WHERE v.media_id = $1)
+    FROM previous p WHERE m.media_id = p.media_id
+    RETURNING p.owner_id, m.derived_bytes - p.derived_bytes AS delta
+)
+UPDATE accounts a SET derived_bytes = a.derived_bytes + c.delta, updated_at = now()
+FROM counted c WHERE a.user_id = c.owner_id AND c.delta <> 0
 """
 
 _RETRY_LATER = """
@@ -431,6 +447,7 @@ class Library:
                 ],
             )
             await conn.execute(_DROP_OTHER_VARIANTS, media_id, [v.name for v in variants], [v.content_type for v in variants])
+            await conn.execute(_COUNT_DERIVED, media_id)
         await self._feed.changed(owner)
         return True
 

@@ -86,7 +86,7 @@ class Uploads:
         row = (
             upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
             request.idempotency_key, request.retention, object_key_for(upload_id),
-            float(self._settings.reservation_ttl_seconds), request.protocol,
+            float(self._settings.reservation_ttl_seconds), request.protocol, self._settings.quota_counts_derived_bytes,
         )
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
         # The batch places only what it can place for sure; None is settled alone below.
@@ -122,7 +122,7 @@ class Uploads:
             return
         if standing.frozen:
             raise AccountFrozen("account is frozen")
-        available = standing.quota_bytes - standing.used_bytes - standing.reserved_bytes
+        available = standing.available_bytes(counts_derived=self._settings.quota_counts_derived_bytes)
         if available < size_bytes:
             raise StorageLimitReached(
                 "upload does not fit in the remaining storage",

@@ -13,8 +13,13 @@ from mediavault.domain.uploads.records import COLUMNS
 _COLUMN_LIST = ", ".join(COLUMNS)
 
 # An upload fits when its account is not frozen and the account's total of the
-# statement still fits the quota; the accounts_within_quota CHECK stands behind it.
-RESERVATION_GUARD = "NOT a.frozen AND a.used_bytes + a.reserved_bytes + p.total <= a.quota_bytes"
+# statement still fits the quota, beside the bytes of its variants and renditions
+# when the deployment counts those (settings.quota_counts_derived_bytes, carried by
+# each requested row); the accounts_within_quota CHECK stands behind the rest.
+RESERVATION_GUARD = (
+    "NOT a.frozen AND a.used_bytes + a.reserved_bytes + p.total"
+    " + CASE WHEN p.derived_counted THEN a.derived_bytes ELSE 0 END <= a.quota_bytes"
+)
 
 # Commits only an upload whose declaration the stored object satisfies: the caller's,
 # still pending and unexpired, of the observed size, with no declared SHA-256 or the
@@ -36,6 +41,7 @@ BEGIN_PARAMETERS = (
     ("object_key", "text"),
     ("ttl_seconds", "float8"),
     ("protocol", "text"),
+    ("derived_counted", "boolean"),
 )
 
 COMMIT_PARAMETERS = (
@@ -71,7 +77,8 @@ def begin_statement(*, skip_locked: bool) -> str:
 WITH requested AS (
     {_requested(BEGIN_PARAMETERS)}
 ), per_account AS (
-    SELECT user_id, sum(size_bytes)::bigint AS total FROM requested GROUP BY user_id
+    SELECT user_id, sum(size_bytes)::bigint AS total, bool_or(derived_counted) AS derived_counted
+    FROM requested GROUP BY user_id
 ), locked AS (
     SELECT a.user_id FROM accounts a JOIN per_account p USING (user_id)
     ORDER BY a.user_id FOR NO KEY UPDATE OF a{_locking(skip_locked)}

@@ -1160,7 +1160,8 @@ type StorageSummary struct {
 	UsedBytes int64 `protobuf:"varint,3,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
 	// Bytes held by pending uploads.
 	ReservedBytes int64 `protobuf:"varint,4,opt,name=reserved_bytes,json=reservedBytes,proto3" json:"reserved_bytes,omitempty"`
-	// quota_bytes - used_bytes - reserved_bytes.
+	// What a new upload may still reserve: quota_bytes - used_bytes - reserved_bytes, minus
+	// derived_bytes when the server counts them against the quota; never below 0.
 	AvailableBytes int64 `protobuf:"varint,5,opt,name=available_bytes,json=availableBytes,proto3" json:"available_bytes,omitempty"`
 	// Media the account owns.
 	MediaCount int64 `protobuf:"varint,6,opt,name=media_count,json=mediaCount,proto3" json:"media_count,omitempty"`
@@ -1168,8 +1169,9 @@ type StorageSummary struct {
 	PendingUploads int64 `protobuf:"varint,7,opt,name=pending_uploads,json=pendingUploads,proto3" json:"pending_uploads,omitempty"`
 	// Whether the account is frozen: its uploads and other writes are refused.
 	Frozen bool `protobuf:"varint,8,opt,name=frozen,proto3" json:"frozen,omitempty"`
-	// Bytes of the variants and video renditions made from the account's media not deleted;
-	// counted in used_bytes (and so against the quota) only when the server is set to.
+	// Bytes of the variants and video renditions made from the account's media not deleted.
+	// Never part of used_bytes; they count against the quota (a new upload must fit beside
+	// them) only when the server is set to (MEDIAVAULT_QUOTA_COUNTS_DERIVED_BYTES).
 	DerivedBytes         int64    `protobuf:"varint,9,opt,name=derived_bytes,json=derivedBytes,proto3" json:"derived_bytes,omitempty"`
 	XXX_NoUnkeyedLiteral struct{} `json:"-"`
 	XXX_unrecognized     []byte   `json:"-"`
