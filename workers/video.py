@@ -125,13 +125,14 @@ async def _run(
 ) -> tuple[str, str]:
     library: Library = ctx["library"]
     settings: Settings = ctx["settings"]
-    data = await ctx["blobs"].read(object_key)
-    mime = sniff(data, content_type)
+    # Up to MAX_VIDEO_BYTES: to the scratch file ffmpeg reads, never whole in memory.
+    source_path = scratch / "source"
+    await ctx["blobs"].download(object_key, source_path)
+    with source_path.open("rb") as source_file:
+        head = source_file.read(content_types.SNIFF_BYTES)
+    mime = sniff(head, content_type)
     if content_types.kind_of(mime) != "video":
         raise PermanentImagingError("unsupported format")
-    source_path = scratch / "source"
-    source_path.write_bytes(data)
-    del data
     source = await videos.probe(source_path, mime, limits(settings))
     renditions = await videos.transcode(
         source_path, mime, source, scratch,

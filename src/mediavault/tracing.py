@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -326,6 +327,13 @@ class TracedBlobStore:
             if current is not None:
                 current.set_attribute("mediavault.blob.size", len(data))
             return data
+
+    async def download(self, key: str, path: Path) -> int:
+        with self._span("download", key) as current:
+            size = await self._store.download(key, path)
+            if current is not None:
+                current.set_attribute("mediavault.blob.size", size)
+            return size
 
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
         with self._span("write", key) as current:

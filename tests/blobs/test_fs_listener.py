@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import urllib.parse
 from pathlib import Path
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mediavault.blobs.base import Inspection, single_chunk
+from mediavault.blobs.base import BlobStoreError, Inspection, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.blobs.signing import UrlSigner
@@ -61,6 +62,17 @@ async def test_inspect_reads_size_checksum_and_head_of_small_and_large_objects(s
     expected = Inspection(size, hashlib.sha256(body).hexdigest(), body[:1024])
     assert await store.inspect("originals/ab/inspected", 1024) == expected
     assert await store.inspect("originals/ab/missing", 1024) is None
+
+
+async def test_download_copies_the_object_into_a_file_and_refuses_a_missing_one(store, tmp_path):
+    data = os.urandom(9 * 1024 * 1024 + 5)
+    await store.write("originals/ab/big", single_chunk(data), content_type="video/mp4")
+
+    assert await store.download("originals/ab/big", tmp_path / "copy") == len(data)
+
+    assert (tmp_path / "copy").read_bytes() == data
+    with pytest.raises(BlobStoreError):
+        await store.download("originals/ab/missing", tmp_path / "other")
 
 
 async def test_write_of_many_chunks_replaces_the_object_whole(store):

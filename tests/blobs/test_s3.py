@@ -218,6 +218,15 @@ async def test_large_write_is_multipart_and_round_trips(store: S3BlobStore, raw_
     assert head["ContentType"] == "video/mp4"
 
 
+async def test_download_streams_a_multipart_object_into_a_file(store: S3BlobStore, key: str, tmp_path) -> None:
+    data = os.urandom(20 * MiB)
+    await store.write(key, stream(data), content_type="video/mp4")
+
+    assert await store.download(key, tmp_path / "copy") == len(data)
+
+    assert (tmp_path / "copy").read_bytes() == data
+
+
 async def test_write_replaces_an_existing_object(store: S3BlobStore, key: str) -> None:
     await store.write(key, stream(b"old contents"), content_type="image/png")
 
@@ -256,11 +265,13 @@ async def test_delete_is_idempotent(store: S3BlobStore, key: str) -> None:
     assert await store.stat(key) is None
 
 
-async def test_missing_object(store: S3BlobStore, key: str) -> None:
+async def test_missing_object(store: S3BlobStore, key: str, tmp_path) -> None:
     assert await store.stat(key) is None
     assert await store.inspect(key, 16) is None
     with pytest.raises(BlobStoreError):
         await store.read(key)
+    with pytest.raises(BlobStoreError):
+        await store.download(key, tmp_path / "copy")
 
 
 async def test_keys_are_checked(store: S3BlobStore) -> None:

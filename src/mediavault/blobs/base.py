@@ -6,6 +6,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
@@ -144,6 +145,11 @@ class BlobStore(Protocol):
 
     async def read(self, key: str) -> bytes:
         """The whole object; raises BlobStoreError when it is missing."""
+        ...
+
+    async def download(self, key: str, path: Path) -> int:
+        """Copies the object into the local file at path, never holding it whole in memory;
+        returns its size; raises BlobStoreError when it is missing."""
         ...
 
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:

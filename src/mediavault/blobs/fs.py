@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,14 @@ class FsBlobStore:
             if path.stat().st_size <= _INLINE_READ_LIMIT:
                 return path.read_bytes()
             return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise BlobStoreError(f"read failed: {exc.strerror}") from exc
+
+    async def download(self, key: str, path: Path) -> int:
+        source = self.path(key)
+        try:
+            await asyncio.to_thread(shutil.copyfile, source, path)
+            return path.stat().st_size
         except OSError as exc:
             raise BlobStoreError(f"read failed: {exc.strerror}") from exc
 

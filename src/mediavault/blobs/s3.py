@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterable, Iterator
 from datetime import UTC
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
@@ -143,6 +145,18 @@ class S3BlobStore:
             body = response["Body"]
             async with body:
                 return await body.read()
+
+    async def download(self, key: str, path: Path) -> int:
+        check_key(key)
+        size = 0
+        with _translate_errors("read"), path.open("wb") as file:
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            async with body:
+                async for chunk in body.iter_chunks(_READ_CHUNK):
+                    await asyncio.to_thread(file.write, chunk)
+                    size += len(chunk)
+        return size
 
     async def inspect(self, key: str, head_length: int) -> Inspection | None:
         info = await self.stat(key)
