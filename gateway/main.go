@@ -75,11 +75,14 @@ func env(name, fallback string) string {
 	return fallback
 }
 
-// incomingHeader passes the caller's X-Request-Id on as gRPC metadata, besides the gateway's
-// defaults (Authorization, Grpc-Metadata-* and the permanent HTTP headers).
+// incomingHeader passes the caller's X-Request-Id and W3C trace context (traceparent,
+// tracestate) on as gRPC metadata, so that the server's log lines and spans join the BFF's
+// request, besides the gateway's defaults (Authorization, Grpc-Metadata-* and the permanent
+// HTTP headers).
 func incomingHeader(key string) (string, bool) {
-	if key == "X-Request-Id" {
-		return "x-request-id", true
+	switch key {
+	case "X-Request-Id", "Traceparent", "Tracestate":
+		return strings.ToLower(key), true
 	}
 	return runtime.DefaultHeaderMatcher(key)
 }

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -20,9 +21,10 @@ from PIL import Image
 from tests.conftest import CORPUS, running
 from tests.helpers import fake_jpeg, sha256_hex
 from tests.test_ratelimit import free_port, limit
+from tests.test_tracing import otlp_receiver
 from tests.test_tus_clients import node_modules, node_upload
 
-__all__ = ["node_modules"]  # the fixture the tus-js-client test uses
+__all__ = ["node_modules", "otlp_receiver"]  # fixtures of other modules' tests used here
 
 GATEWAY_DIR = Path(__file__).resolve().parents[1] / "gateway"
 BINARY = GATEWAY_DIR / "bin" / "mediavault-gateway"
@@ -320,6 +322,22 @@ async def test_request_id_goes_through_both_ways(gateway, http, bearer, user_id)
     status, _, headers = await call(http, "GET", f"{gateway}/v1/storage/summary", bearer(user_id))
     assert status == 200, "the server makes one up when the caller sends none"
     assert len(headers["X-Request-Id"]) == 32, "the server makes one up when the caller sends none"
+
+
+async def test_the_bffs_trace_context_reaches_the_server_spans(gateway_binary, make_settings, otlp_receiver, http, bearer, user_id):
+    trace_id, bff_span_id = secrets.token_hex(16), secrets.token_hex(8)
+    headers = {**bearer(user_id), "traceparent": f"00-{trace_id}-{bff_span_id}-01", "tracestate": "bff=1"}
+    # A server of its own, started with the OTLP environment the receiver set.
+    async with running(make_settings()) as server, gateway_process(gateway_binary, server.grpc_port) as url:
+        status, _, _ = await call(http, "GET", f"{url}/v1/storage/summary", headers)
+        assert status == 200
+    # Stopping the server flushed its spans.
+    spans = [span for _, span in otlp_receiver.spans if span.trace_id.hex() == trace_id]
+    rpc = [s for s in spans if s.name == "mediavault.storage.v1.StorageService/GetStorageSummary"]
+    assert len(rpc) == 1, [s.name for s in spans]
+    assert rpc[0].parent_span_id.hex() == bff_span_id
+    assert rpc[0].trace_state == "bff=1"
+    assert any(s.parent_span_id == rpc[0].span_id for s in spans), "the RPC's own database spans join it"
 
 
 async def test_resumable_upload_through_the_gateway_with_tus_js_client(gateway, http, bearer, user_id, node_modules, tmp_path):
