@@ -45,8 +45,8 @@ class InOrder:
     async def settle(self) -> None:
         """Waits for the batch in the thread to end, never cancelling it, and drops what still waits.
 
-        For the end of a stream that failed: the thread may still use what the caller is about to
-        release (a file descriptor), and its error, if any, is no longer news.
+        For the end of a stream, drained or failed: after a failure the thread may still use what
+        the caller is about to release (a file descriptor), and its error is no longer news.
         """
         self._batch, self._waiting_bytes = [], 0
         running, self._running = self._running, None

@@ -337,7 +337,7 @@ class _FsPartialWriter:
         try:
             await asyncio.to_thread(os.fdatasync, self._fd)
         except OSError as exc:
-            raise BlobStoreError(f"fsync failed: {exc.strerror}") from exc
+            raise BlobStoreError(f"fdatasync failed: {exc.strerror}") from exc
         self._unsynced = 0
         return PartialState(self._received)
 

@@ -219,6 +219,7 @@ class Resumable:
                 Sha256.restore(row["sha256_state"]) if received else Sha256(),
                 row["head"] or b"",
                 received,
+                None if length is None else received + length,
                 self.chunk_size_bytes,
                 checksum,
             )
@@ -323,7 +324,8 @@ class _Chunk:
     The hashes are updated in a worker thread (InOrder) while the next bytes arrive, and caught
     up with before a checkpoint saves their state. Checkpoints inside the chunk go through the
     pool, committed at once, so that they stand when the chunk then fails; the one at its end
-    goes in the lock's own transaction, whose commit records it.
+    (end: where its bytes stop, when its length was given) goes in the lock's own transaction,
+    whose commit records it.
     """
 
     def __init__(
@@ -335,10 +337,12 @@ class _Chunk:
         hasher: Sha256,
         head: bytes,
         received: int,
+        end: int | None,
         checkpoint_every: int,
         checksum: ChunkChecksum | None,
     ) -> None:
         self._pool = pool
+        self._end = end
         self._lock = lock
         self._upload = upload
         self._writer = writer
@@ -360,17 +364,17 @@ class _Chunk:
     async def _store(self, chunks: AsyncIterable[bytes]) -> int:
         size = self._upload.size_bytes
         async for data in chunks:
+            if self._position + len(data) > size:
+                # What came since the last checkpoint is dropped with the chunk: nothing past
+                # the declared size is ever stored.
+                raise BeyondDeclaredSize(size)
             while data:
-                if self._checkpoint_due():
-                    await self._checkpoint(self._pool)
-                if self._position + len(data) > size:
-                    # What came since the last checkpoint is dropped with the chunk: nothing past
-                    # the declared size is ever stored.
-                    raise BeyondDeclaredSize(size)
                 # Pieces end on multiples of the checkpoint interval, where a checkpoint may fall.
                 room = self._checkpoint_every - self._position % self._checkpoint_every
                 piece, data = data[:room], data[room:]
                 await self._write(piece)
+                if self._checkpoint_due():
+                    await self._checkpoint(self._pool)
         if self._checksum is not None and self._chunk_digest is not None:
             await self._digests.drain()
             if not hmac.compare_digest(self._chunk_digest.digest(), self._checksum.digest):
@@ -380,9 +384,12 @@ class _Chunk:
         return self._durable
 
     def _checkpoint_due(self) -> bool:
-        """Whether the bytes so far end on a checkpoint (only chunks without a checksum have inner ones)."""
+        """Whether the bytes so far end on an inner checkpoint (only chunks without a checksum have them).
+
+        Not at the chunk's known end: the checkpoint there is the last one, in the lock's transaction.
+        """
         at_boundary = self._position % self._checkpoint_every == 0 or self._position == self._upload.size_bytes
-        return self._checksum is None and self._position > self._durable and at_boundary
+        return self._checksum is None and at_boundary and self._position != self._end
 
     async def _write(self, piece: bytes) -> None:
         await self._writer.write(piece)
