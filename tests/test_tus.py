@@ -19,7 +19,7 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import error_info, fake_jpeg, sha256_hex
+from tests.helpers import bad_request, error_info, fake_jpeg, sha256_hex
 from tests.s3server import MotoServer, moto_server
 
 MiB = 1024 * 1024
@@ -339,3 +339,37 @@ async def test_cors_for_the_configured_origins_only(make_settings, http):
             assert response.status == 401
             assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
             assert "Location" in response.headers["Access-Control-Expose-Headers"]
+
+
+async def test_tus_max_size_is_advertised_and_enforced(make_settings, http, auth, user_id, authenticator):
+    limit = 3 * MiB
+    async with (
+        running(make_settings(tus_max_size_bytes=limit)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        base = f"http://127.0.0.1:{server.http_port}/tus/"
+        async with http.options(base) as response:
+            assert int(response.headers["Tus-Max-Size"]) == limit
+        before = await summary(storage, md)
+
+        bearer = {"Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}"}
+        metadata = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
+        too_long = {**TUS, **bearer, "Upload-Length": str(limit + 1), "Upload-Metadata": metadata}
+        async with http.post(base, headers=too_long) as response:
+            assert response.status == 413
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await begin_tus(storage, md, fake_jpeg(limit + 1))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in bad_request(caught.value).field_violations] == ["size_bytes"]
+        assert await summary(storage, md) == before
+
+        # The limit is tus's alone: the same size still goes up as a single PUT.
+        single = await storage.BeginUpload(
+            pb.BeginUploadRequest(filename="big.jpg", content_type="image/jpeg", size_bytes=limit + 1), metadata=md
+        )
+        assert single.upload.state == pb.UPLOAD_STATE_PENDING
+        async with http.post(base, headers={**too_long, "Upload-Length": str(limit)}) as response:
+            assert response.status == 201
+        assert (await summary(storage, md)).reserved_bytes == before.reserved_bytes + 2 * limit + 1

@@ -81,11 +81,13 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(default=500 * MiB, gt=0)
     upload_url_ttl_seconds: int = Field(default=15 * 60, gt=0)
     reservation_ttl_seconds: int = Field(default=2 * 60 * 60, gt=0)
-    # tus: the chunk a client is told to send per PATCH, stored durably as one piece (fs: one
-    # fsync; S3: one multipart part, hence at least S3's 5 MiB minimum part size).
+    # tus: the chunk a client is told to send per PATCH, stored durably as one piece (fs: synced
+    # before its offset is answered; S3: one multipart part, hence at least S3's 5 MiB minimum part size).
     tus_chunk_size_bytes: int = Field(default=8 * MiB, ge=5 * MiB, le=512 * MiB)
     # Browser origins allowed to call the tus endpoints (CORS); empty: no CORS headers at all.
     tus_cors_origins: tuple[str, ...] = ()
+    # The largest tus upload (Tus-Max-Size); 0: the largest any content type may be.
+    tus_max_size_bytes: int = Field(default=0, ge=0)
     ephemeral_ttl_seconds: int = Field(default=60 * 60, gt=0)
     public_base_url: str = ""
     media_url_ttl_seconds: int = Field(default=60 * 60, gt=0)
@@ -149,6 +151,12 @@ class Settings(BaseSettings):
     def video_timeout_seconds(self, duration_seconds: float) -> float:
         """The wall-clock limit of one video's transcode, which grows with its length."""
         return self.video_timeout_base_seconds + self.video_timeout_seconds_per_second * duration_seconds
+
+    @property
+    def tus_max_size(self) -> int:
+        """The largest upload tus creation and BeginUpload TUS accept: never above the per-type maximums."""
+        largest = max(self.max_image_bytes, self.max_video_bytes)
+        return min(self.tus_max_size_bytes, largest) if self.tus_max_size_bytes else largest
 
     @property
     def migration_url(self) -> str:

@@ -81,7 +81,7 @@ class TusEndpoints:
         self._resumable = resumable
         self._uploads = uploads
         self._authenticator = authenticator
-        self._max_size = max(settings.max_image_bytes, settings.max_video_bytes)
+        self._max_size = settings.tus_max_size
         self._origins = frozenset(settings.tus_cors_origins)
 
     def add_routes(self, app: web.Application) -> None:

@@ -26,11 +26,16 @@ from mediavault.blobs.base import (
     is_valid_key,
 )
 from mediavault.blobs.signing import UrlSigner
+from mediavault.offload import InOrder
 
 # Files up to this size are read on the event loop; larger ones in a thread.
 _INLINE_READ_LIMIT = 256 * 1024
 _READ_CHUNK = 1024 * 1024
 _DELETE_THREADS = 8
+# A resumable upload's bytes: the writer thread syncs whenever this much is written and not yet
+# synced, and as much again may arrive meanwhile before the event loop waits for the thread.
+_SYNC_EVERY = 2 * 1024 * 1024
+_WRITE_AHEAD = _SYNC_EVERY
 
 
 class FsBlobStore:
@@ -230,10 +235,9 @@ class FsBlobStore:
         path = self._file(partial_key)
         try:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_WRONLY)
             except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                fd = await asyncio.to_thread(_create_durably, path)
             try:
                 # A writer that died after its write and before its checkpoint left bytes
                 # nobody vouches for: the file is what the checkpoint says, no more.
@@ -307,30 +311,75 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
 
 
 class _FsPartialWriter:
-    """Appends to the partial file; flush() is an fsync, so the checkpoint after it is true."""
+    """Appends to the partial file from a worker thread while the next bytes arrive.
+
+    flush() waits for every byte written and fdatasyncs them (the file's data and its size, what
+    reading it back needs), so the checkpoint after it is true. The thread also fdatasyncs every
+    _SYNC_EVERY bytes as it goes: the disk then writes during the transfer, not all at its end.
+    """
 
     def __init__(self, fd: int, received: int) -> None:
         self._fd = fd
         self._received = received
+        self._unsynced = 0
+        self._queue = InOrder(self._write_batch, max_waiting_bytes=_WRITE_AHEAD)
 
     async def write(self, data: bytes) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as exc:
-            raise BlobStoreError(f"write failed: {exc.strerror}") from exc
+        await self._queue.put(data)
         self._received += len(data)
 
-    async def flush(self, *, final: bool) -> PartialState:
+    def _write_batch(self, batch: list[bytes]) -> None:
         try:
-            await asyncio.to_thread(os.fsync, self._fd)
+            for data in batch:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                self._unsynced += len(data)
+            if self._unsynced >= _SYNC_EVERY:
+                os.fdatasync(self._fd)
+                self._unsynced = 0
         except OSError as exc:
-            raise BlobStoreError(f"fsync failed: {exc.strerror}") from exc
+            raise BlobStoreError(f"write failed: {exc.strerror}") from exc
+
+    async def flush(self, *, final: bool) -> PartialState:
+        await self._queue.drain()
+        try:
+            await asyncio.to_thread(os.fdatasync, self._fd)
+        except OSError as exc:
+            raise BlobStoreError(f"fdatasync failed: {exc.strerror}") from exc
+        self._unsynced = 0
         return PartialState(self._received)
 
     async def close(self) -> None:
+        await self._queue.settle()
         os.close(self._fd)
+
+
+def _create_durably(path: str) -> int:
+    """Creates the file, its name synced into its directory (and any new directory into its parent).
+
+    A checkpoint vouches for the bytes once they are synced; a crash must not then take the
+    file's name away with them.
+    """
+    directory = os.path.dirname(path)
+    created = []
+    missing = directory
+    while not os.path.isdir(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for changed in {directory, *(os.path.dirname(new) for new in created)}:
+            dir_fd = os.open(changed, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_quietly(path: str) -> None:

@@ -3,9 +3,10 @@
 A writer takes the upload's upload_progress row FOR NO KEY UPDATE NOWAIT for as long as it
 appends, so of two writers (on any replicas) exactly one proceeds and the other is told
 UploadBusy at once. The writer stores bytes through the blob backend's PartialWriter and
-records each durable point in upload_checkpoints on a connection of its own, committed
-while the lock is held: offset, SHA-256 state over exactly those bytes, the first bytes
-(for the magic-byte check) and the S3 part list. A writer that dies loses its lock with
+records each durable point in upload_checkpoints while the lock is held (those inside a
+chunk on a connection of their own, committed at once; the chunk's last one in the lock's
+transaction): offset, SHA-256 state over exactly those bytes, the first bytes (for the
+magic-byte check) and the S3 part list. A writer that dies loses its lock with
 its connection, and whatever it stored past its last checkpoint is dropped by the next.
 
 Finalize reads the last checkpoint instead of the object: size, digest and leading bytes
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter
 from mediavault.blobs.signing import UrlSigner
@@ -41,6 +43,7 @@ from mediavault.errors import (
     UploadBusy,
     UploadNotPending,
 )
+from mediavault.offload import InOrder
 from mediavault.sha256state import Sha256
 
 # tus checksum extension: the algorithms a chunk's Upload-Checksum may use.
@@ -76,6 +79,9 @@ RETURNING received_bytes
 """
 
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
+
+# At most this many received bytes wait on the event loop for the hashing thread.
+_HASH_AHEAD = 1024 * 1024
 
 # S3's limits on the parts of a multipart upload; the per-call bound keeps one answer small.
 MAX_PART_NUMBER = 10_000
@@ -207,11 +213,13 @@ class Resumable:
             )
             chunk = _Chunk(
                 self._pool,
+                conn,
                 upload,
                 writer,
                 Sha256.restore(row["sha256_state"]) if received else Sha256(),
                 row["head"] or b"",
                 received,
+                None if length is None else received + length,
                 self.chunk_size_bytes,
                 checksum,
             )
@@ -311,20 +319,31 @@ def _part_violations(parts: list[PartRequest]) -> list[FieldViolation]:
 
 
 class _Chunk:
-    """One writer's pass: bytes to the backend, hash and head carried, checkpoints recorded."""
+    """One writer's pass: bytes to the backend, hash and head carried, checkpoints recorded.
+
+    The hashes are updated in a worker thread (InOrder) while the next bytes arrive, and caught
+    up with before a checkpoint saves their state. Checkpoints inside the chunk go through the
+    pool, committed at once, so that they stand when the chunk then fails; the one at its end
+    (end: where its bytes stop, when its length was given) goes in the lock's own transaction,
+    whose commit records it.
+    """
 
     def __init__(
         self,
         pool: asyncpg.Pool,
+        lock: PoolConnectionProxy,
         upload: Upload,
         writer: PartialWriter,
         hasher: Sha256,
         head: bytes,
         received: int,
+        end: int | None,
         checkpoint_every: int,
         checksum: ChunkChecksum | None,
     ) -> None:
         self._pool = pool
+        self._end = end
+        self._lock = lock
         self._upload = upload
         self._writer = writer
         self._hasher = hasher
@@ -334,8 +353,15 @@ class _Chunk:
         self._checkpoint_every = checkpoint_every
         self._checksum = checksum
         self._chunk_digest = hashlib.new(checksum.algorithm) if checksum else None
+        self._digests = InOrder(self._digest, max_waiting_bytes=_HASH_AHEAD)
 
     async def store(self, chunks: AsyncIterable[bytes]) -> int:
+        try:
+            return await self._store(chunks)
+        finally:
+            await self._digests.settle()
+
+    async def _store(self, chunks: AsyncIterable[bytes]) -> int:
         size = self._upload.size_bytes
         async for data in chunks:
             if self._position + len(data) > size:
@@ -347,30 +373,42 @@ class _Chunk:
                 room = self._checkpoint_every - self._position % self._checkpoint_every
                 piece, data = data[:room], data[room:]
                 await self._write(piece)
-                if self._checksum is None and (self._position % self._checkpoint_every == 0 or self._position == size):
-                    await self._checkpoint()
-        if (
-            self._checksum is not None
-            and self._chunk_digest is not None
-            and not hmac.compare_digest(self._chunk_digest.digest(), self._checksum.digest)
-        ):
-            raise ChunkChecksumMismatch(f"the chunk's {self._checksum.algorithm} differs from Upload-Checksum")
+                if self._checkpoint_due():
+                    await self._checkpoint(self._pool)
+        if self._checksum is not None and self._chunk_digest is not None:
+            await self._digests.drain()
+            if not hmac.compare_digest(self._chunk_digest.digest(), self._checksum.digest):
+                raise ChunkChecksumMismatch(f"the chunk's {self._checksum.algorithm} differs from Upload-Checksum")
         if self._position > self._durable:
-            await self._checkpoint()
+            await self._checkpoint(self._lock)
         return self._durable
+
+    def _checkpoint_due(self) -> bool:
+        """Whether the bytes so far end on an inner checkpoint (only chunks without a checksum have them).
+
+        Not at the chunk's known end: the checkpoint there is the last one, in the lock's transaction.
+        """
+        at_boundary = self._position % self._checkpoint_every == 0 or self._position == self._upload.size_bytes
+        return self._checksum is None and at_boundary and self._position != self._end
 
     async def _write(self, piece: bytes) -> None:
         await self._writer.write(piece)
-        self._hasher.update(piece)
-        if self._chunk_digest is not None:
-            self._chunk_digest.update(piece)
+        await self._digests.put(piece)
         if len(self._head) < content_types.SNIFF_BYTES:
             self._head += piece[: content_types.SNIFF_BYTES - len(self._head)]
         self._position += len(piece)
 
-    async def _checkpoint(self) -> None:
+    def _digest(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._hasher.update(piece)
+            if self._chunk_digest is not None:
+                self._chunk_digest.update(piece)
+
+    async def _checkpoint(self, db: asyncpg.Pool | PoolConnectionProxy) -> None:
         state = await self._writer.flush(final=self._position == self._upload.size_bytes)
-        recorded = await self._pool.fetchval(
+        # After the flush: the hasher catches up while the bytes are synced.
+        await self._digests.drain()
+        recorded = await db.fetchval(
             _CHECKPOINT,
             self._upload.upload_id,
             state.received,
@@ -383,4 +421,3 @@ class _Chunk:
             # Failed or expired while the chunk was being stored: its bytes go with the upload.
             raise UploadNotPending("upload is no longer pending", state="failed")
         self._durable = state.received
-

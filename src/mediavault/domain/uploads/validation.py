@@ -34,6 +34,8 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
         limit = settings.max_video_bytes if content_types.kind_of(content_type) == "video" else settings.max_image_bytes
         if not 0 < request.size_bytes <= limit:
             violations.append(FieldViolation("size_bytes", f"must be between 1 and {limit} for {content_type}"))
+        elif request.protocol == "tus" and request.size_bytes > settings.tus_max_size:
+            violations.append(FieldViolation("size_bytes", f"must be at most {settings.tus_max_size} for protocol TUS"))
     sha256 = request.sha256.strip() if request.sha256 else None
     if sha256 is not None and not SHA256_HEX.match(sha256):
         violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))
