@@ -120,7 +120,8 @@ class StorageServiceServicer:
         A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
 
         Errors:
-        INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it (protocol S3_MULTIPART on the fs backend).
+        INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it (protocol S3_MULTIPART on the fs backend;
+        protocol TUS with size_bytes over the server's tus maximum, its Tus-Max-Size).
         RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
