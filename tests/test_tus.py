@@ -5,8 +5,11 @@ Real clients (tuspy, tus-js-client) and killed servers are in tests/test_tus_cli
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import ipaddress
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -21,10 +24,12 @@ from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
 from tests.helpers import bad_request, error_info, fake_jpeg, sha256_hex
 from tests.s3server import MotoServer, moto_server
+from tests.test_ratelimit import limit
 
 MiB = 1024 * 1024
 CHUNK = 5 * MiB
 TUS = {"Tus-Resumable": "1.0.0"}
+BEGIN = "StorageService/BeginUpload"
 PATCH_HEADERS = {**TUS, "Content-Type": "application/offset+octet-stream"}
 
 
@@ -373,3 +378,42 @@ async def test_tus_max_size_is_advertised_and_enforced(make_settings, http, auth
         async with http.post(base, headers={**too_long, "Upload-Length": str(limit)}) as response:
             assert response.status == 201
         assert (await summary(storage, md)).reserved_bytes == before.reserved_bytes + 2 * limit + 1
+
+
+async def test_creation_spends_the_begin_upload_rate_limit_and_a_refusal_reserves_nothing(make_settings, pool, http, auth, user_id, authenticator):
+    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2, trusted_proxies=("127.0.0.1/32",))
+    async with (
+        limit(pool, BEGIN, per_hour=2, burst=10),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        base = f"http://127.0.0.1:{server.http_port}/tus/"
+        metadata = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
+        create = {**TUS, "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}", "Upload-Length": "1000", "Upload-Metadata": metadata}
+
+        await begin_tus(storage, md, fake_jpeg(1000))
+        async with http.post(base, headers=create) as response:
+            assert response.status == 201
+            assert response.headers["RateLimit-Limit"] == "2"
+            assert response.headers["RateLimit-Remaining"] == "0"
+        before = await summary(storage, md)
+        async with http.post(base, headers=create) as response:
+            assert response.status == 429, await response.text()
+            assert int(response.headers["Retry-After"]) > 0
+            assert "Location" not in response.headers
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await begin_tus(storage, md, fake_jpeg(1000))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, "one budget, whichever way the upload begins"
+        assert await summary(storage, md) == before
+        # Anonymous creations are limited per client address (X-Forwarded-For from a trusted
+        # proxy), like anonymous calls; an address of its own, as a shared Redis remembers limits.
+        client = str(ipaddress.IPv6Address(random.getrandbits(128)))
+        async with limit(pool, BEGIN, per_hour=1, burst=10, scope="anonymous"):
+            await asyncio.sleep(0.5)
+            statuses = []
+            for _ in range(2):
+                async with http.post(base, headers={**TUS, "Upload-Length": "1000", "X-Forwarded-For": client}) as response:
+                    statuses.append(response.status)
+            assert statuses == [401, 429]

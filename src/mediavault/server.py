@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mediavault import metrics, tracing
+from mediavault.admission import Admission
 from mediavault.auth import Authenticator
 from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
@@ -27,7 +28,7 @@ from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2
 from mediavault.ratelimit import RateLimiter
 from mediavault.rpc.drain import CallGate, current_gate
-from mediavault.rpc.handler import Admission, add_to_server
+from mediavault.rpc.handler import add_to_server
 from mediavault.rpc.media import MediaServicer
 from mediavault.rpc.storage import StorageServicer
 from mediavault.services import build_services
@@ -127,7 +128,7 @@ class Server:
         finally:
             current_gate.reset(gate_token)
 
-        tus = TusEndpoints(services.resumable, services.uploads, authenticator, settings)
+        tus = TusEndpoints(services.resumable, services.uploads, admission, settings)
         await self._start_http(http_socket, self.blobs if isinstance(self.blobs, FsBlobStore) else None, tus)
         if settings.metrics_addr:
             self.metrics = metrics.MetricsEndpoint(settings.metrics_addr)

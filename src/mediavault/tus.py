@@ -19,7 +19,8 @@ from datetime import datetime
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mediavault.auth import Authenticator, Principal
+from mediavault.admission import Admission
+from mediavault.auth import Principal
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
 from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
@@ -31,6 +32,7 @@ from mediavault.errors import (
     MediavaultError,
     NotFound,
     OffsetMismatch,
+    RateLimited,
     StorageLimitReached,
     Unauthenticated,
     UploadBusy,
@@ -43,12 +45,13 @@ _EXTENSIONS = "creation,expiration,termination,checksum"
 # 460 Checksum Mismatch: the tus checksum extension's own status.
 _CHECKSUM_MISMATCH = 460
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CREATION_LIMITED_AS = "StorageService/BeginUpload"
 _CORS_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
     "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With"
 )
-_CORS_EXPOSED = "Location, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires"
+_CORS_EXPOSED = "Location, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires"
 
 # Statuses of the domain errors a tus request can meet.
 _STATUS: dict[type[MediavaultError], int] = {
@@ -60,6 +63,7 @@ _STATUS: dict[type[MediavaultError], int] = {
     BeyondDeclaredSize: 413,
     StorageLimitReached: 413,
     UploadBusy: 423,
+    RateLimited: 429,
     ChunkChecksumMismatch: _CHECKSUM_MISMATCH,
     InvalidArgument: 400,
 }
@@ -77,10 +81,10 @@ def _http_date(moment: datetime) -> str:
 
 
 class TusEndpoints:
-    def __init__(self, resumable: Resumable, uploads: Uploads, authenticator: Authenticator, settings: Settings) -> None:
+    def __init__(self, resumable: Resumable, uploads: Uploads, admission: Admission, settings: Settings) -> None:
         self._resumable = resumable
         self._uploads = uploads
-        self._authenticator = authenticator
+        self._admission = admission
         self._max_size = settings.tus_max_size
         self._origins = frozenset(settings.tus_cors_origins)
 
@@ -132,6 +136,8 @@ class TusEndpoints:
             headers = {}
             if isinstance(error, OffsetMismatch):
                 headers["Upload-Offset"] = error.metadata["offset"]
+            if isinstance(error, RateLimited):
+                headers.update(error.decision.metadata())
             return self._respond(request, status, headers, error.message)
 
     def _signed_progress_id(self, request: web.Request) -> uuid.UUID:
@@ -145,7 +151,13 @@ class TusEndpoints:
         return await self._handle(request, self._create_upload)
 
     async def _create_upload(self, request: web.Request) -> web.Response:
-        principal = self._authenticator.authenticate([("authorization", request.headers.get("Authorization", ""))])
+        # A creation is a BeginUpload: the same authentication, rate limit (the BeginUpload
+        # limits, whichever way the upload begins) and freeze. The chunks after it need no
+        # limit of their own: the reservation bounds what they can write.
+        credentials = [("authorization", request.headers.get("Authorization", ""))]
+        if forwarded := request.headers.get("X-Forwarded-For"):
+            credentials.append(("x-forwarded-for", forwarded))
+        principal, limits = await self._admission.admit(_CREATION_LIMITED_AS, credentials, request.remote or "")
         length = _non_negative(request.headers.get("Upload-Length"), "Upload-Length")
         if length is None:
             raise _Refused(400, "Upload-Length is required (Upload-Defer-Length is not supported)")
@@ -164,7 +176,7 @@ class TusEndpoints:
                 protocol="tus",
             ),
         )
-        headers = {"Location": result.upload_url, "Upload-Expires": _http_date(result.upload.expires_at)}
+        headers = {"Location": result.upload_url, "Upload-Expires": _http_date(result.upload.expires_at), **dict(limits)}
         return self._respond(request, 201, headers)
 
     async def _head(self, request: web.Request) -> web.Response:

@@ -17,17 +17,15 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from mediavault import logs, metrics, tracing
-from mediavault.auth import Authenticator, Principal
+from mediavault.admission import Admission
+from mediavault.auth import Principal
 from mediavault.errors import (
-    AccountFrozen,
     InternalError,
     InvalidArgument,
     MediavaultError,
     RateLimited,
     ServerShuttingDown,
-    Unauthenticated,
 )
-from mediavault.ratelimit import WRITES, RateLimiter
 from mediavault.rpc import fields
 from mediavault.rpc.drain import current_gate
 from mediavault.rpc.errors import STATUS_DETAILS_KEY, status_code, to_status
@@ -35,52 +33,6 @@ from mediavault.rpc.errors import STATUS_DETAILS_KEY, status_code, to_status
 log = logging.getLogger("mediavault.rpc")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[Any]]
-
-
-class Admission:
-    """Who may call: authenticates the caller, applies its rate limit and refuses writes by frozen accounts."""
-
-    def __init__(self, authenticator: Authenticator, limiter: RateLimiter, *, rate_limits: bool) -> None:
-        self._authenticator = authenticator
-        self._limiter = limiter
-        self._rate_limits = rate_limits
-
-    async def admit(
-        self, rpc_name: str, metadata: Any, context: grpc.aio.ServicerContext
-    ) -> tuple[Principal, tuple[tuple[str, str], ...]]:
-        """Returns the caller and the rate-limit response metadata.
-
-        The metadata travels in the trailers, with the request id, so that a limited
-        call costs no extra metadata round.
-        """
-        limiter = self._limiter
-        try:
-            principal = self._authenticator.authenticate(metadata)
-        except Unauthenticated:
-            if self._rate_limits:
-                forwarded = next((v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)), None)
-                address = limiter.client_address(context.peer(), forwarded)
-                await self._limit(rpc_name, address, "anonymous")
-            raise
-        privileged = principal.has_any("service", "admin")
-        limits: tuple[tuple[str, str], ...] = ()
-        if self._rate_limits:
-            limits = await self._limit(rpc_name, principal.user_id, "service" if privileged else "user")
-        if not privileged and rpc_name in WRITES and principal.user_id in limiter.frozen:
-            raise AccountFrozen("account is frozen")
-        return principal, limits
-
-    async def _limit(self, rpc_name: str, subject: str, scope: str) -> tuple[tuple[str, str], ...]:
-        decision = await self._limiter.check(rpc_name, subject, scope)
-        if decision is None:
-            return ()
-        if not decision.allowed:
-            raise RateLimited(
-                decision,
-                f"{scope}:{subject}",
-                f"{rpc_name}: {decision.limit} calls per {'second' if decision.layer == 'burst' else 'hour'}",
-            )
-        return decision.metadata()
 
 
 class Servicer:
@@ -192,7 +144,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
             try:
                 if not admitted:
                     raise ServerShuttingDown("the server is shutting down; retry the call")
-                principal, limits = await self.admission.admit(rpc_name, metadata, context)
+                principal, limits = await self.admission.admit(rpc_name, metadata, context.peer())
                 context.set_trailing_metadata((("x-request-id", request_id), *limits))
                 user_id = principal.user_id
                 if streaming:

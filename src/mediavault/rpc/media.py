@@ -9,12 +9,13 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault import metrics
+from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.domain import events as events_domain
 from mediavault.domain import media as media_domain
 from mediavault.media.v1 import media_pb2 as pb
 from mediavault.media.v1 import media_pb2_grpc
-from mediavault.rpc.handler import Admission, Servicer, rpc
+from mediavault.rpc.handler import Servicer, rpc
 from mediavault.rpc.storage import RETENTION_TO_PB, timestamp
 
 log = logging.getLogger(__name__)

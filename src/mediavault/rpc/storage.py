@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.domain import accounts as accounts_domain
 from mediavault.domain import purchases as purchases_domain
 from mediavault.domain import uploads as uploads_domain
 from mediavault.errors import InvalidArgument
-from mediavault.rpc.handler import Admission, Servicer, rpc
+from mediavault.rpc.handler import Servicer, rpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 
