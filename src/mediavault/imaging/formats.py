@@ -10,7 +10,7 @@ well as the JPEG (SSIMULACRA2 against the unencoded resize):
 - AVIF for the thumbnail and the preview, made eagerly: they are what a feed page is made
   of, AVIF takes about a fifth fewer bytes than the JPEG at that quality, and at libaom's
   fastest speed the two encodes keep the job within its throughput goal, though they are
-  about half of it now that the display is mostly lossless. Made on demand instead, the first
+  close to half of it now that the display is mostly lossless. Made on demand instead, the first
   viewer of each item would wait for an encode, and a request would have to write variants.
 - No WebP beside a JPEG: a WebP that scores as well is only about an eighth smaller than the
   JPEG, it would be served only to clients that decode WebP but not AVIF (every current
