@@ -39,14 +39,14 @@ WEBP = "image/webp"
 JPEG = "image/jpeg"
 
 # libaom's fastest all-intra speed. Speed 8 makes the AVIF about a twelfth smaller at a
-# matched quality, but its encodes take a few times as long, which about doubles the
+# matched quality, but its encodes take a few times as long, which more than doubles the
 # multi-format job and takes it far below the goal of three times stock Pillow's JPEG-only
 # throughput; 7 and 6 cost more time still (bench/README.md, delivery). One thread: a pool
 # runs one worker per core.
 _AVIF_SPEED = 9
 # 4:2:0 keeps the AVIF in AV1's Main profile, which AVIF's Baseline profile requires and
 # so every AVIF decoder takes; 4:4:4 would need the High profile (AVIF's Advanced) for
-# about 3% fewer bytes. libavif already picks libaom's image tuning (tune=iq)
+# about 4% fewer bytes. libavif already picks libaom's image tuning (tune=iq)
 # for a still; the other tunings and the delta-q and sharpness options measured larger.
 _AVIF_SUBSAMPLING = "4:2:0"
 # libwebp's slowest, smallest effort, which is how bench/delivery.py weighs WebP (not made
