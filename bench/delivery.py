@@ -10,7 +10,7 @@ Four measurements, each against its baseline in the same run:
                  the pipeline makes them (`made_eagerly`) or not.
                  Quality is matched by SSIMULACRA2 (PyPI ssimulacra2, the reference's
                  Python port) of each encode against its pristine picture: for each format
-                 and variant the walk starts at the configured quality and steps by 5 to the
+                 and variant the walk starts at the configured quality and steps by 1 to the
                  lowest quality whose mean score over the 20 pictures is at least the JPEG's
                  (`matched_quality`); the goals hold the configured qualities to that.
   encode ms      median milliseconds of one encode per variant per format, on one core.
@@ -57,7 +57,9 @@ PAGE_PHOTOS = (
     "images/heic/samplefilehub.heif",
 )
 AVIF, WEBP, JPEG = "image/avif", "image/webp", "image/jpeg"
-QUALITY_STEP = 5
+# Every quality on the scale: a coarser walk can stop above the lowest matching quality and
+# charge the format with bytes it does not need to look as good as the JPEG.
+QUALITY_STEP = 1
 GOAL_AVIF_RATIO = 0.5
 GOAL_WEBP_RATIO = 0.75
 GOAL_SPEEDUP = 3.0
@@ -244,7 +246,7 @@ class Scorer:
         return self.measured[key]
 
     def matched_quality(self, content_type: str, spec, start: int, target: float) -> int:
-        """The lowest quality on start's 5-step grid whose mean score reaches target (100 if none does)."""
+        """The lowest quality, walking from start by QUALITY_STEP, whose mean score reaches target (100 if none does)."""
         quality = start
         if self(content_type, spec, quality)[0] >= target:
             while quality - QUALITY_STEP >= 1 and self(content_type, spec, quality - QUALITY_STEP)[0] >= target:

@@ -43,6 +43,21 @@ def test_thumbnail_and_preview_come_in_avif_with_the_same_picture_in_fewer_bytes
             assert mean_difference(picture, reference) < 6, (name, alternate.content_type)
 
 
+def test_avif_alternates_stay_in_the_av1_main_profile_that_every_avif_decoder_takes():
+    for variant in transcoded("images/camera/jolla.jpg").variants:
+        for alternate in variant.alternates:
+            data = alternate.data
+            # The av1C property: marker and version, then seq_profile (3 bits) and level, then
+            # tier, high bit depth, 12 bit, monochrome, chroma subsampling x and y, sample position.
+            at = data.index(b"av1C") + 4
+            marker, profile_level, flags = data[at], data[at + 1], data[at + 2]
+            assert marker == 0x81
+            assert profile_level >> 5 == 0, "Main profile"
+            assert (flags >> 6) & 1 == 0, "8 bits"
+            assert (flags >> 4) & 1 == 0, "colour"
+            assert (flags >> 2) & 0b11 == 0b11, "4:2:0"
+
+
 def test_alternates_carry_no_metadata():
     # DSCN0010 carries GPS EXIF; none of it may reach any format.
     for variant in transcoded("images/camera/DSCN0010.jpg").variants:

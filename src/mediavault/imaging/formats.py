@@ -8,12 +8,15 @@ figures (bench/README.md, delivery), each format at the quality that scores at l
 well as the JPEG (SSIMULACRA2 against the unencoded resize):
 
 - AVIF for the thumbnail and the preview, made eagerly: they are what a feed page is made
-  of, AVIF takes fewer bytes than the JPEG at that quality, and each encode costs a small
-  part of a job that decodes a whole photo. Made on demand instead, the first viewer of each
-  item would wait for an encode, and a request would have to write variants.
-- No WebP beside a JPEG: at these sizes a WebP that scores as well is about as large as the
-  JPEG, so it would cost encoding time and storage for nothing; a client that prefers WebP
-  gets the JPEG. Pictures with alpha have WebP as their primary, and AVIF beside it.
+  of, AVIF takes about a fifth fewer bytes than the JPEG at that quality, and at libaom's
+  fastest speed the two encodes keep the job within its throughput goal, though they are
+  close to half of it now that the display is mostly lossless. Made on demand instead, the first
+  viewer of each item would wait for an encode, and a request would have to write variants.
+- No WebP beside a JPEG: a WebP that scores as well is only about an eighth smaller than the
+  JPEG, it would be served only to clients that decode WebP but not AVIF (every current
+  major browser decodes AVIF), and it would add at least as much encoding time to the job as
+  the AVIF does; such a client gets the JPEG. Pictures with alpha have WebP as their
+  primary, and AVIF beside it.
 - The display variant keeps its primary alone: it is opened one at a time, and an AVIF of
   its size costs many times the whole JPEG job.
 - Per picture, an alternate no smaller than its primary is left out (`alternates`).
@@ -35,11 +38,21 @@ AVIF = "image/avif"
 WEBP = "image/webp"
 JPEG = "image/jpeg"
 
-# libaom's fastest speed for still images: slower speeds buy a few percent of bytes for
-# several times the time (bench/README.md). One thread: a pool runs one worker per core.
+# libaom's fastest all-intra speed. Speed 8 makes the AVIF about a twelfth smaller at a
+# matched quality, but its encodes take a few times as long, which more than doubles the
+# multi-format job and takes it far below the goal of three times stock Pillow's JPEG-only
+# throughput; 7 and 6 cost more time still (bench/README.md, delivery). One thread: a pool
+# runs one worker per core.
 _AVIF_SPEED = 9
-# libwebp's default effort; method 2 is faster for a few percent more bytes.
-_WEBP_METHOD = 4
+# 4:2:0 keeps the AVIF in AV1's Main profile, which AVIF's Baseline profile requires and
+# so every AVIF decoder takes; 4:4:4 would need the High profile (AVIF's Advanced) for
+# about 4% fewer bytes. libavif already picks libaom's image tuning (tune=iq)
+# for a still; the other tunings and the delta-q and sharpness options measured larger.
+_AVIF_SUBSAMPLING = "4:2:0"
+# libwebp's slowest, smallest effort, which is how bench/delivery.py weighs WebP (not made
+# beside a JPEG, see above): about 4% fewer bytes than the default 4 at a matched quality.
+# Sharp YUV (cwebp's -sharp_yuv; Pillow has no option for it) measured larger.
+_WEBP_METHOD = 6
 
 
 def encode(picture: Image.Image, content_type: str, quality: int) -> bytes:
@@ -49,7 +62,7 @@ def encode(picture: Image.Image, content_type: str, quality: int) -> bytes:
     buffer = io.BytesIO()
     if content_type == AVIF:
         picture.save(buffer, "AVIF", quality=quality, speed=_AVIF_SPEED, max_threads=1, codec="aom",
-                     subsampling="4:2:0", exif=b"", xmp=b"", icc_profile=b"")
+                     subsampling=_AVIF_SUBSAMPLING, exif=b"", xmp=b"", icc_profile=b"")
     elif content_type == WEBP:
         picture.save(buffer, "WEBP", quality=quality, method=_WEBP_METHOD, exif=b"", xmp=b"", icc_profile=b"")
     else:

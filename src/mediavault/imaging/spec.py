@@ -89,14 +89,14 @@ def fit(width: int, height: int, box: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-# Each format's quality for a variant: the lowest on its scale (in steps of 5) whose mean
-# SSIMULACRA2 against the unencoded resize is at least the JPEG's at the variant's quality,
-# on the corpus photos; bench/delivery.py checks that they still are. At these WebP is no
-# smaller than the JPEG, so only AVIF is made (formats.py); WebP's stay measured.
-AVIF_THUMBNAIL_QUALITY = 70
+# Each format's quality for a variant: the lowest on its scale whose mean SSIMULACRA2
+# against the unencoded resize is at least the JPEG's at the variant's quality, on the
+# corpus photos, with formats.py's encoder settings; bench/delivery.py checks that they
+# still are. Only AVIF is made beside a JPEG (formats.py says why); WebP's stay measured.
+AVIF_THUMBNAIL_QUALITY = 66
 AVIF_PREVIEW_QUALITY = 75
-WEBP_THUMBNAIL_QUALITY = 85
-WEBP_PREVIEW_QUALITY = 90
+WEBP_THUMBNAIL_QUALITY = 81
+WEBP_PREVIEW_QUALITY = 88
 
 # Budgets in decimal units (40 KB = 40,000 bytes), which also meets them read as KiB.
 THUMBNAIL = VariantSpec(
