@@ -49,6 +49,13 @@ def _variant_bytes(item: mpb.Media) -> int:
     return sum(v.size_bytes + sum(a.size_bytes for a in v.alternatives) for v in item.variants)
 
 
+async def _processed_photo(storage, media, md) -> tuple[pb.FinalizeUploadResponse, mpb.Media]:
+    done = await upload(storage, md, PHOTO, filename="DSCN0010.jpg")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    return done, item
+
+
 async def _books_add_up(pool, user_id: str) -> None:
     assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
 
@@ -56,9 +63,7 @@ async def _books_add_up(pool, user_id: str) -> None:
 async def test_counted_derived_bytes_refuse_an_upload_that_fits_beside_the_original_alone(counting, auth, user_id, worker, pool):
     storage, media = counting
     md = auth(user_id)
-    done = await upload(storage, md, PHOTO, filename="DSCN0010.jpg")
-    item = await settled(media, md, done.media_id)
-    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    done, item = await _processed_photo(storage, media, md)
     derived = _variant_bytes(item)
     assert derived > 0
 
@@ -89,9 +94,7 @@ async def test_counted_derived_bytes_refuse_an_upload_that_fits_beside_the_origi
 async def test_derived_bytes_not_counted_are_reported_and_leave_the_quota_to_originals(not_counting, auth, user_id, worker, pool):
     storage, media = not_counting
     md = auth(user_id)
-    done = await upload(storage, md, PHOTO, filename="DSCN0010.jpg")
-    item = await settled(media, md, done.media_id)
-    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    done, item = await _processed_photo(storage, media, md)
     summary = await _summary(storage, md)
     assert summary.derived_bytes == _variant_bytes(item) > 0
     assert summary.available_bytes == QUOTA - len(PHOTO)
@@ -105,8 +108,7 @@ async def test_derived_bytes_not_counted_are_reported_and_leave_the_quota_to_ori
 
 async def test_a_reprocessed_media_moves_the_figures_by_the_difference(storage, media, auth, user_id, worker, pool):
     md = auth(user_id)
-    done = await upload(storage, md, PHOTO, filename="DSCN0010.jpg")
-    first = await settled(media, md, done.media_id)
+    done, first = await _processed_photo(storage, media, md)
     # As if the first run had written bigger variants: the next run's figure replaces the old one.
     await pool.execute("UPDATE media_variants SET size_bytes = size_bytes + 1000 WHERE media_id = $1", first.media_id)
     await pool.execute("UPDATE media SET derived_bytes = derived_bytes + 1000 * (SELECT count(*) FROM media_variants WHERE media_id = $1) WHERE media_id = $1", first.media_id)
@@ -122,8 +124,7 @@ async def test_a_reprocessed_media_moves_the_figures_by_the_difference(storage, 
 
 async def test_the_audit_reports_derived_figures_that_disagree_with_the_variants(storage, media, auth, user_id, worker, pool):
     md = auth(user_id)
-    done = await upload(storage, md, PHOTO, filename="DSCN0010.jpg")
-    await settled(media, md, done.media_id)
+    done, _ = await _processed_photo(storage, media, md)
     await pool.execute("UPDATE media SET derived_bytes = derived_bytes + 7 WHERE media_id = $1", done.media_id)
     try:
         found = {(m.figure, m.account_value - m.expected_value) for m in await ledger.audit(pool) if m.user_id == user_id}
