@@ -30,6 +30,8 @@ MiB = 1024 * 1024
 CHUNK = 5 * MiB
 TUS = {"Tus-Resumable": "1.0.0"}
 BEGIN = "StorageService/BeginUpload"
+# Upload-Metadata of a tus creation: filename a.jpg, filetype image/jpeg.
+A_JPEG = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
 PATCH_HEADERS = {**TUS, "Content-Type": "application/offset+octet-stream"}
 
 
@@ -206,8 +208,7 @@ async def test_options_and_creation(tus_server, storage, http, auth, user_id, au
         assert "Access-Control-Allow-Origin" not in response.headers
 
     data = fake_jpeg(50_000)
-    metadata = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
-    headers = {**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": metadata}
+    headers = {**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": A_JPEG}
     async with http.post(base, headers=headers) as response:
         assert response.status == 401
     token = authenticator.issue(user_id, ["user"])
@@ -360,8 +361,7 @@ async def test_tus_max_size_is_advertised_and_enforced(make_settings, http, auth
         before = await summary(storage, md)
 
         bearer = {"Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}"}
-        metadata = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
-        too_long = {**TUS, **bearer, "Upload-Length": str(limit + 1), "Upload-Metadata": metadata}
+        too_long = {**TUS, **bearer, "Upload-Length": str(limit + 1), "Upload-Metadata": A_JPEG}
         async with http.post(base, headers=too_long) as response:
             assert response.status == 413
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -390,8 +390,7 @@ async def test_creation_spends_the_begin_upload_rate_limit_and_a_refusal_reserve
         storage = storage_pb2_grpc.StorageServiceStub(channel)
         md = auth(user_id)
         base = f"http://127.0.0.1:{server.http_port}/tus/"
-        metadata = f"filename {base64.b64encode(b'a.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
-        create = {**TUS, "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}", "Upload-Length": "1000", "Upload-Metadata": metadata}
+        create = {**TUS, "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}", "Upload-Length": "1000", "Upload-Metadata": A_JPEG}
 
         await begin_tus(storage, md, fake_jpeg(1000))
         async with http.post(base, headers=create) as response:
