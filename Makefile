@@ -8,7 +8,7 @@ GENERATED := src/mediavault/storage/v1 src/mediavault/media/v1
 
 .PHONY: venv run test proto proto-check gateway gateway-gen gateway-check check bench clean
 
-$(INSTALLED): pyproject.toml setup.py src/mediavault/imaging/_pixels.c requirements.lock scripts/install-system-deps.sh scripts/install-imaging.sh
+$(INSTALLED): pyproject.toml setup.py src/mediavault/imaging/_pixels.c src/mediavault/imaging/_jpegtran.c requirements.lock scripts/install-system-deps.sh scripts/install-imaging.sh
 	scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

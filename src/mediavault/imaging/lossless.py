@@ -1,30 +1,51 @@
-"""A JPEG's own entropy-coded data as its display variant: no decode, no re-encode, no metadata.
+"""A JPEG's own coefficients as its display variant: no decode, no quantisation, no metadata.
 
 When a JPEG already fits the display's box and byte budget, re-encoding it only loses
 quality and, at the display's quality, usually adds bytes. Its display variant is instead
-the original's tables, frame and scans with every APPn and COM segment (EXIF, XMP, ICC,
-IPTC, maker notes, MPF and the gain map or depth image appended after the first picture)
-left out: the coefficients are the original's, so it decodes to exactly the original's
-pixels, and it is the original less its metadata.
+made in the DCT domain: the original's frame, quantisation tables and coefficients, read
+and written again by libjpeg's transcoding API (the _jpegtran extension, what `jpegtran
+-copy none -optimize` does) with optimal Huffman tables and none of its APPn and COM
+segments (EXIF, XMP, ICC, IPTC, maker notes, MPF and the gain map or depth image appended
+after the first picture). The coefficients are the original's, so it decodes to exactly
+the original's pixels. It is written sequential when the original is, progressive (libjpeg's
+simple progression) when the original is: on the corpus photos a sequential original
+re-encoded progressive is another 2-5% smaller but takes two to three times as long to
+write, and a progressive original re-encoded sequential grows (bench/README.md, transcode).
+When optimal tables would not make it smaller (an original already optimised), the
+display is the original's segments less the metadata, as they are (`strip`): the display
+is never larger than the original less its metadata.
 
-Turns are not made here. libjpeg-turbo turns the coefficients losslessly (tjTransform),
-but its integer IDCT rounds a turned block differently from the block it came from: on
-the corpus photos a turned display decodes up to one level away from the turned original
-in the planes, three to four in RGB. A JPEG whose EXIF orientation asks for a turn goes
-through the planes instead (strategies.choose). Huffman tables are the original's: the
-TurboJPEG API of libjpeg-turbo 2.1 optimises them only as a progressive re-encode, which
-costs several times the whole pipeline (bench/README.md, transcode).
+Orientation is applied in the DCT domain only where the decoded pixels come out exactly
+the decoded original's, turned as Pillow's ImageOps.exif_transpose turns them. Measured
+over the corpus photos and 150 crops of them per sampling (cjpeg, qualities 60-100, a third
+progressive), decoded by Pillow (libjpeg-turbo 2.1, islow IDCT, fancy upsampling):
+
+  4 (upside down, mirrored: a top-to-bottom flip)  exact for 4:4:4, 4:2:2, 4:2:0 (and 4:1:1)
+      whenever the height is a whole number of MCU rows (jpegtran's -perfect); never for
+      4:4:0, whose vertical chroma upsampling rounds the upper and lower rows with
+      different biases (1 and 2), so mirrored rows round differently.
+  2, 3 (left-right mirror, half turn)  not a rule: 80% of the 4:4:4 crops and almost none of
+      the subsampled ones. The column pass of the IDCT rounds a negated value up where it
+      rounded the value itself down, and the horizontal fancy upsampling of 4:2:x rounds its
+      left and right outputs with different biases.
+  5-8 (quarter turns and transposes)  never (0 of about 1100): the IDCT runs its two passes
+      in the other order on a transposed block, and they round in between.
+
+So a JPEG with EXIF orientation 4, 4:4:4, 4:2:2 or 4:2:0 and a height a multiple of its MCU
+height is flipped here (the coefficients' block rows reversed and their odd vertical
+frequencies negated); any other turn goes through the planes instead (strategies.choose).
 """
 
 from __future__ import annotations
 
-from mediavault.imaging import colour, turbojpeg
+from mediavault.imaging import _jpegtran, colour, turbojpeg
 
 _SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 # Huffman-coded frames every browser decodes: baseline and progressive. Extended
 # sequential (16-bit quantisation tables), arithmetic coding (SOF9-11), lossless and
 # hierarchical frames are re-encoded through the planes or Pillow.
-_FRAMES = frozenset({0xC0, 0xC2})
+_BASELINE, _PROGRESSIVE = 0xC0, 0xC2
+_FRAMES = frozenset({_BASELINE, _PROGRESSIVE})
 # Segments a decoder needs: quantisation and Huffman tables, restart interval, frame, scans.
 _KEPT = frozenset({0xDB, 0xC4, 0xDD, *_FRAMES, _SOS})
 _RESTARTS = frozenset(range(0xD0, 0xD8))
@@ -43,31 +64,36 @@ def strip(data: bytes) -> bytes:
     Raises NotLossless for anything but a well-formed 8-bit Huffman-coded JPEG without
     an Adobe colour-transform segment (whose absence would change how its colours decode).
     """
+    return _strip(data)[0]
+
+
+def _strip(data: bytes) -> tuple[bytes, bool]:
+    """strip(data), and whether its frame is progressive."""
     if data[:2] != b"\xff\xd8":
         raise NotLossless("no SOI marker")
     kept = [b"\xff\xd8"]
     position = 2
-    frame_seen = False
+    frame = None
     while True:
         marker, position = _next_marker(data, position)
         if marker == _EOI:
             break
         end = _segment_end(data, marker, position)
         if marker in _FRAMES:
-            if frame_seen or data[position + 2] != 8:
+            if frame is not None or data[position + 2] != 8:
                 raise NotLossless("not one 8-bit frame")
-            frame_seen = True
+            frame = marker
         if marker in _KEPT:
             if marker == _SOS:
-                if not frame_seen:
+                if frame is None:
                     raise NotLossless("scan before frame")
                 end = _scan_end(data, end)
             kept.append(data[position - 2 : end])
         position = end
-    if not frame_seen:
+    if frame is None:
         raise NotLossless("no frame")
     kept.append(b"\xff\xd9")
-    return b"".join(kept)
+    return b"".join(kept), frame == _PROGRESSIVE
 
 
 def _segment_end(data: bytes, marker: int, position: int) -> int:
@@ -108,22 +134,51 @@ def _scan_end(data: bytes, position: int) -> int:
         return position
 
 
-def display(data: bytes, header: turbojpeg.Header, max_bytes: int, icc: bytes | None = None) -> bytes:
-    """The original as its own display, or NotLossless when it cannot be.
+# EXIF orientations applied here: 4 is the top-to-bottom flip (see the module's docstring).
+_FLIP_TOP_BOTTOM = 4
+_UPRIGHT = frozenset({0, 1})
+_FLIP_EXACT_SUBSAMPLING = {turbojpeg.SAMP_444: 8, turbojpeg.SAMP_422: 8, turbojpeg.SAMP_420: 16}
 
-    `header` is the original's; the stripped file must read back the same, in YCbCr, and fit
-    in max_bytes. `icc`, when given, is embedded as the one profile (colour.DISPLAY_P3 for a
-    wide-colour original).
+
+def orients_exactly(header: turbojpeg.Header, orientation: int) -> bool:
+    """Whether the display made here decodes to exactly the upright pixels of a JPEG with this
+    header and EXIF orientation: upright already, or flipped top to bottom in a sampling whose
+    flip is exact, with a height of whole MCU rows."""
+    if orientation in _UPRIGHT:
+        return True
+    mcu_height = _FLIP_EXACT_SUBSAMPLING.get(header.subsampling)
+    return orientation == _FLIP_TOP_BOTTOM and mcu_height is not None and header.height % mcu_height == 0
+
+
+def display(data: bytes, header: turbojpeg.Header, max_bytes: int, icc: bytes | None = None, orientation: int = 1) -> bytes:
+    """The original as its own display, upright, or NotLossless when it cannot be.
+
+    `header` is the original's; the display must read back the same, in YCbCr, and fit in
+    max_bytes. `icc`, when given, is embedded as the one profile (colour.DISPLAY_P3 for a
+    wide-colour original). `orientation` is the original's EXIF orientation; the display
+    carries none, so it is applied here (orients_exactly says when it can be).
     """
-    stripped = strip(data)
+    if not orients_exactly(header, orientation):
+        raise NotLossless(f"EXIF orientation {orientation} does not turn exactly in the DCT domain")
+    stripped, progressive = _strip(data)
+    flip = orientation == _FLIP_TOP_BOTTOM
+    try:
+        # The header the pipeline admitted bounds the pixels: the same picture has no more.
+        optimised = _jpegtran.optimize(stripped, header.width * header.height, flip, progressive)
+    except _jpegtran.JpegError as exc:
+        raise NotLossless(f"libjpeg cannot transcode it: {exc}") from None
+    if len(optimised) > len(stripped):
+        if flip:
+            raise NotLossless("flipped, it is larger than the original less its metadata")
+        optimised = stripped
     if icc is not None:
-        stripped = stripped[:2] + colour.jpeg_icc_segment(icc) + stripped[2:]
-    if len(stripped) > max_bytes:
+        optimised = optimised[:2] + colour.jpeg_icc_segment(icc) + optimised[2:]
+    if len(optimised) > max_bytes:
         raise NotLossless("larger than the display's byte budget")
     try:
-        again = turbojpeg.read_header(stripped)
+        again = turbojpeg.read_header(optimised)
     except turbojpeg.TurboJPEGError as exc:
         raise NotLossless(f"libjpeg-turbo cannot read it without its metadata: {exc}") from None
     if again != header or again.colorspace != turbojpeg.COLORSPACE_YCBCR:
         raise NotLossless("it reads differently without its metadata")
-    return stripped
+    return optimised

@@ -1,9 +1,10 @@
 """The ways a still image becomes its variants, and the one place that picks between them.
 
-LosslessJpeg    A YCbCr JPEG in sRGB that needs no turn and already fits the display's box
-                and budget: its display is the original less its metadata (see lossless),
-                the smaller variants come from Pillow decoding it at the smallest DCT
-                scale that covers them.
+LosslessJpeg    A YCbCr JPEG in sRGB that already fits the display's box and budget and
+                is upright or turns upright exactly in the DCT domain: its display is the
+                original's coefficients with optimal Huffman tables and no metadata (see
+                lossless), the smaller variants come from Pillow decoding it at the
+                smallest DCT scale that covers them.
 PlanarJpeg      A YCbCr JPEG in sRGB whose variants its planes can all make: libjpeg-turbo
                 decodes it to its YCbCr planes, turned upright in them, and the variants
                 are encoded from them (see planar), never through RGB.
@@ -147,11 +148,14 @@ def choose(
         return PillowPipeline(image, "it is not three-component YCbCr with a common chroma subsampling")
     orientation = exif_orientation(image)
     display = max(specs, key=lambda spec: spec.box)
-    if lossless_display and orientation not in TRANSPOSE_FOR_ORIENTATION and fit(header.width, header.height, display.box) == image.size:
+    if lossless_display and lossless.orients_exactly(header, orientation) and fit(header.width, header.height, display.box) == image.size:
         try:
             profile = colour.DISPLAY_P3 if wide else None
-            return LosslessJpeg(image, header, lossless.display(data, header, display.max_bytes, profile),
-                                f"an upright YCbCr JPEG in {'Display P3' if wide else 'sRGB'} that fits the display")
+            shown = lossless.display(data, header, display.max_bytes, profile, orientation)
+            space = "Display P3" if wide else "sRGB"
+            reason = (f"an upright YCbCr JPEG in {space} that fits the display" if orientation in (0, 1)
+                      else f"a YCbCr JPEG in {space} that fits the display and flips upright exactly")
+            return LosslessJpeg(image, header, shown, reason)
         except lossless.NotLossless:
             # Not a JPEG every browser decodes as it is, or over the budget: re-encoded.
             pass

@@ -1,0 +1,6 @@
+# The signatures of the C extension built from _jpegtran.c (see its method table for what it does).
+from typing_extensions import Buffer
+
+class JpegError(Exception): ...
+
+def optimize(jpeg: Buffer, max_pixels: int, flip: bool, progressive: bool, /) -> bytes: ...

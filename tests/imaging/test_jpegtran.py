@@ -1,0 +1,104 @@
+"""libjpeg's lossless transcoding: the same pixels in fewer bytes, flipped exactly, errors as exceptions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import re
+
+import pytest
+from PIL import Image
+
+from mediavault.imaging._jpegtran import JpegError, optimize
+from tests.imaging.helpers import corpus, jpeg_segments
+
+NO_LIMIT = 10**9
+_APPS_AND_COMMENT = {*range(0xE0, 0xF0), 0xFE}
+
+
+def crop(size: tuple[int, int], **params: object) -> bytes:
+    """A JPEG of a corner of a corpus photo, made by Pillow (standard Huffman tables unless optimize=True)."""
+    picture = Image.open(corpus("images/camera/DSCN0010.jpg")).crop((0, 0, *size))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90, **params)
+    return buffer.getvalue()
+
+
+def decoded(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def is_progressive(data: bytes) -> bool:
+    return 0xC2 in jpeg_segments(data)
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["sequential", "progressive"])
+def test_the_same_pixels_in_fewer_bytes_and_the_same_coding(progressive: bool) -> None:
+    data = crop((640, 480), progressive=progressive, exif=b"Exif\x00\x00" + bytes(200))
+    optimised = optimize(data, NO_LIMIT, False, progressive)
+    assert decoded(optimised).tobytes() == decoded(data).tobytes()
+    assert len(optimised) < len(data) - 200
+    assert is_progressive(optimised) == progressive
+    assert not set(jpeg_segments(optimised)) & _APPS_AND_COMMENT
+
+
+@pytest.mark.parametrize(
+    ("subsampling", "height"),
+    [("4:4:4", 472), ("4:2:2", 472), ("4:2:0", 464)],
+)
+@pytest.mark.parametrize("progressive", [False, True], ids=["sequential", "progressive"])
+def test_a_flip_decodes_to_exactly_the_flipped_pixels(subsampling: str, height: int, progressive: bool) -> None:
+    data = crop((600, height), subsampling=subsampling, progressive=progressive)
+    flipped = optimize(data, NO_LIMIT, True, progressive)
+    assert decoded(flipped).tobytes() == decoded(data).transpose(Image.Transpose.FLIP_TOP_BOTTOM).tobytes()
+
+
+def test_a_flip_needs_whole_mcu_rows() -> None:
+    with pytest.raises(JpegError, match="whole number of MCU rows"):
+        optimize(crop((600, 472), subsampling="4:2:0"), NO_LIMIT, True, False)
+
+
+def scans_cut(data: bytes, kept: int) -> bytes:
+    """The progressive JPEG ending after its first `kept` scans."""
+    starts = [match.start() for match in re.finditer(b"\xff\xda", data)]
+    return data[: starts[kept]] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize(
+    ("data", "max_pixels", "message"),
+    [
+        (crop((640, 480))[:20000], NO_LIMIT, "Premature end of JPEG file"),
+        (b"\x89PNG\r\n\x1a\n", NO_LIMIT, "Not a JPEG file"),
+        (crop((640, 480)), 640 * 480 - 1, "more pixels than the limit"),
+        (crop((300, 200), progressive=True), NO_LIMIT, None),
+        (scans_cut(crop((300, 200), progressive=True), 3), NO_LIMIT, "scans leave coefficients unfinished"),
+    ],
+    ids=["truncated", "not-a-jpeg", "over-the-pixel-limit", "complete-progressive", "unfinished-progressive"],
+)
+def test_what_libjpeg_refuses_or_warns_about_raises(data: bytes, max_pixels: int, message: str | None) -> None:
+    if message is None:
+        assert decoded(optimize(data, max_pixels, False, True)).tobytes() == decoded(data).tobytes()
+        return
+    with pytest.raises(JpegError, match=message):
+        optimize(data, max_pixels, False, False)
+
+
+def test_only_three_component_ycbcr_is_taken() -> None:
+    grey = io.BytesIO()
+    Image.open(io.BytesIO(crop((64, 64)))).convert("L").save(grey, "JPEG")
+    with pytest.raises(JpegError, match="three-component YCbCr"):
+        optimize(grey.getvalue(), NO_LIMIT, False, False)
+
+
+def test_damaged_bytes_raise_never_crash() -> None:
+    sources = [crop((96, 64)), crop((96, 64), progressive=True)]
+    generator = random.Random(18)
+    for attempt in range(600):
+        damaged = bytearray(sources[attempt % 2])
+        for _ in range(generator.randint(1, 6)):
+            damaged[generator.randrange(len(damaged))] = generator.randrange(256)
+        with contextlib.suppress(JpegError):
+            optimize(bytes(damaged), NO_LIMIT, attempt % 3 == 0, attempt % 4 == 0)
