@@ -5,7 +5,9 @@
 # libjpeg-turbo (fast JPEG decode, draft/DCT scaling), libwebp (alpha variants),
 # zlib (PNG), lcms2 (ICC profile -> sRGB). libturbojpeg0 is the same libjpeg-turbo's
 # TurboJPEG API, which mediavault.imaging.turbojpeg loads at run time to decode JPEGs
-# to YCbCr planes and encode from them. TIFF, JPEG 2000, FreeType and the rest
+# to YCbCr planes and encode from them. libjpeg62-turbo-dev's headers also build the
+# _jpegtran extension (setup.py), which links the same libjpeg for its transcoding API
+# (the lossless display's optimal Huffman tables). TIFF, JPEG 2000, FreeType and the rest
 # are left out on purpose: none of them is in the upload allow-list.
 # pillow-heif, av (FFmpeg) and pyvips-binary come as manylinux wheels that carry
 # their own native libraries, so they need nothing from here.

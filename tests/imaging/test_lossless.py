@@ -20,9 +20,7 @@ from tests.imaging.helpers import check_variants, corpus, jpeg_segments
 SPECS = DEFAULT_VARIANTS.image
 DISPLAY = max(SPECS, key=lambda spec: spec.box)
 IMAGE_VARIANTS = {spec.name for spec in SPECS}
-CORPUS_JPEGS = sorted(
-    str(path.relative_to(corpus(""))) for path in corpus("images").rglob("*.jpg") if "bad" not in path.parts
-)
+CORPUS_JPEGS = sorted(str(path.relative_to(corpus(""))) for path in corpus("images").rglob("*.jpg") if "bad" not in path.parts)
 # YCbCr, sRGB or untagged, within the display's box and budget, upright or flipped top to
 # bottom (orientation 4) with a height of whole MCU rows: these must take the path.
 EXPECTED = {

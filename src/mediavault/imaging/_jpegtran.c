@@ -4,6 +4,12 @@
  * jpeg_write_coefficients), which the TurboJPEG API of libjpeg-turbo 2.1 does not reach.
  * The coefficients are the input's, so the output decodes to exactly its pixels.
  *
+ * A sequential output's tables are counted here, from the coefficients in memory, and
+ * handed to libjpeg, which then encodes once: its own optimisation encodes twice, the
+ * first time only to count symbols, a branch per coefficient, the largest part of the
+ * transcode (bench/README.md, lossless_display). The file is byte for byte jpegtran's (the tests compare them). A
+ * progressive output's tables, one set per scan, are libjpeg's own.
+ *
  * Optionally the picture is flipped top to bottom on the way, in the coefficients: block
  * rows in reverse order, the odd vertical frequencies negated. That is jpegtran's
  * `-flip vertical -perfect`; lossless.py says when it decodes to exactly the flipped pixels.
@@ -22,6 +28,14 @@
 
 #include <jpeglib.h>
 #include <jerror.h>
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+/* libjpeg's own, exported from its Huffman encoder (jchuff.c) but declared only in its
+ * private jchuff.h: the optimal table for a count of each of the 256 symbols. */
+void jpeg_gen_optimal_table(j_compress_ptr cinfo, JHUFF_TBL *htbl, long freq[]);
 
 /* As TurboJPEG's TJFLAG_LIMITSCANS: a progressive file of more scans is a known way to burn CPU. */
 #define MAX_SCANS 500
@@ -132,6 +146,161 @@ flip_vertical(j_decompress_ptr src, jvirt_barray_ptr *coefficients)
     }
 }
 
+/* The zigzag position of each coefficient in natural (row-major) order, and back. */
+static const int natural_order[DCTSIZE2] = {
+    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,  12, 19, 26, 33, 40, 48,
+    41, 34, 27, 20, 13, 6,  7,  14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23,
+    30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+};
+static int zigzag_position[DCTSIZE2];
+
+/* As libjpeg's jchuff.c: magnitudes of more bits than these are not baseline JPEG. */
+#define MAX_DC_BITS 11
+#define MAX_AC_BITS 10
+
+static inline int
+magnitude_bits(int value)
+{
+    unsigned magnitude = (unsigned)(value < 0 ? -value : value);
+    return magnitude ? 32 - __builtin_clz(magnitude) : 0;
+}
+
+/* zigzag_bits[r][m]: the zigzag-order bits of the coefficients of row r (natural order)
+ * whose columns are the bits of m. */
+static uint64_t zigzag_bits[DCTSIZE][256];
+
+static void
+make_zigzag_bits(void)
+{
+    for (int k = 0; k < DCTSIZE2; k++)
+        zigzag_position[natural_order[k]] = k;
+    for (int row = 0; row < DCTSIZE; row++)
+        for (int mask = 0; mask < 256; mask++) {
+            uint64_t bits = 0;
+            for (int column = 0; column < DCTSIZE; column++)
+                if (mask & (1 << column))
+                    bits |= (uint64_t)1 << zigzag_position[row * DCTSIZE + column];
+            zigzag_bits[row][mask] = bits;
+        }
+}
+
+/* Bit k set when the block's coefficient k in zigzag order is not zero. */
+static inline uint64_t
+nonzero_in_zigzag_order(const JCOEF *block)
+{
+    uint64_t zigzag = 0;
+#ifdef __SSE2__
+    const __m128i zero = _mm_setzero_si128();
+    for (int i = 0; i < 4; i++) {
+        __m128i a = _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(block + 16 * i)), zero);
+        __m128i b = _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(block + 16 * i + 8)), zero);
+        unsigned nonzero = ~(unsigned)_mm_movemask_epi8(_mm_packs_epi16(a, b));
+        zigzag |= zigzag_bits[2 * i][nonzero & 0xFF] | zigzag_bits[2 * i + 1][(nonzero >> 8) & 0xFF];
+    }
+#else
+    for (int row = 0; row < DCTSIZE; row++) {
+        unsigned nonzero = 0;
+        for (int column = 0; column < DCTSIZE; column++)
+            nonzero |= (unsigned)(block[row * DCTSIZE + column] != 0) << column;
+        zigzag |= zigzag_bits[row][nonzero];
+    }
+#endif
+    return zigzag;
+}
+
+/* Counts the Huffman symbols the sequential encoder will write for one block, as libjpeg's
+ * gathering pass (htest_one_block) does, visiting only its nonzero coefficients. -1 when a
+ * coefficient is out of baseline range, where libjpeg stops too. */
+static int
+count_block(const JCOEF *block, int *last_dc, long dc[257], long ac[257])
+{
+    int bits = magnitude_bits(block[0] - *last_dc);
+    if (bits > MAX_DC_BITS)
+        return -1;
+    dc[bits]++;
+    *last_dc = block[0];
+    uint64_t zigzag = nonzero_in_zigzag_order(block) & ~(uint64_t)1;
+    int previous = 0;
+    while (zigzag) {
+        int k = __builtin_ctzll(zigzag);
+        zigzag &= zigzag - 1;
+        int run = k - previous - 1;
+        for (; run > 15; run -= 16)
+            ac[0xF0]++;
+        bits = magnitude_bits(block[natural_order[k]]);
+        if (bits > MAX_AC_BITS)
+            return -1;
+        ac[(run << 4) + bits]++;
+        previous = k;
+    }
+    if (previous < DCTSIZE2 - 1)
+        ac[0]++;
+    return 0;
+}
+
+/* The optimal Huffman tables of the one interleaved scan a sequential `dst` will write,
+ * installed in dst so that libjpeg encodes once, with them, instead of gathering its own
+ * statistics in a pass of its own. Blocks are visited in the scan's MCU order, the order
+ * the DC predictions run in; the dummy blocks libjpeg pads an edge MCU with (DC the
+ * previous block's, AC zero: jctrans.c) count as a zero DC difference and an end of block.
+ * -1 when a coefficient is out of baseline range. */
+static int
+install_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *coefficients)
+{
+    long dc[NUM_HUFF_TBLS][257], ac[NUM_HUFF_TBLS][257];
+    int last_dc[MAX_COMPONENTS] = {0};
+    memset(dc, 0, sizeof dc);
+    memset(ac, 0, sizeof ac);
+    int max_h = src->max_h_samp_factor, max_v = src->max_v_samp_factor;
+    JDIMENSION mcu_columns = (src->image_width + DCTSIZE * max_h - 1) / (DCTSIZE * max_h);
+    JDIMENSION mcu_rows = (src->image_height + DCTSIZE * max_v - 1) / (DCTSIZE * max_v);
+    for (JDIMENSION mcu_row = 0; mcu_row < mcu_rows; mcu_row++) {
+        JBLOCKARRAY rows[MAX_COMPONENTS];
+        for (int c = 0; c < src->num_components; c++) {
+            jpeg_component_info *component = &src->comp_info[c];
+            rows[c] = (*src->mem->access_virt_barray)((j_common_ptr)src, coefficients[c],
+                                                      mcu_row * component->v_samp_factor,
+                                                      component->v_samp_factor, FALSE);
+        }
+        for (JDIMENSION mcu_column = 0; mcu_column < mcu_columns; mcu_column++) {
+            for (int c = 0; c < src->num_components; c++) {
+                jpeg_component_info *component = &src->comp_info[c];
+                long *dc_counts = dc[dst->comp_info[c].dc_tbl_no], *ac_counts = ac[dst->comp_info[c].ac_tbl_no];
+                for (int y = 0; y < component->v_samp_factor; y++) {
+                    JDIMENSION row = mcu_row * component->v_samp_factor + y;
+                    for (int x = 0; x < component->h_samp_factor; x++) {
+                        JDIMENSION column = mcu_column * component->h_samp_factor + x;
+                        if (row < component->height_in_blocks && column < component->width_in_blocks) {
+                            if (count_block(rows[c][y][column], &last_dc[c], dc_counts, ac_counts) < 0)
+                                return -1;
+                        }
+                        else {
+                            dc_counts[0]++;
+                            ac_counts[0]++;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    /* Components sharing a table share its counts: each table is made once. */
+    int made[2][NUM_HUFF_TBLS] = {{0}};
+    for (int c = 0; c < dst->num_components; c++) {
+        int numbers[2] = {dst->comp_info[c].dc_tbl_no, dst->comp_info[c].ac_tbl_no};
+        JHUFF_TBL **tables[2] = {&dst->dc_huff_tbl_ptrs[numbers[0]], &dst->ac_huff_tbl_ptrs[numbers[1]]};
+        long *counts[2] = {dc[numbers[0]], ac[numbers[1]]};
+        for (int i = 0; i < 2; i++) {
+            if (made[i][numbers[i]])
+                continue;
+            made[i][numbers[i]] = 1;
+            if (*tables[i] == NULL)
+                *tables[i] = jpeg_alloc_huff_table((j_common_ptr)dst);
+            jpeg_gen_optimal_table(dst, *tables[i], counts[i]);
+        }
+    }
+    return 0;
+}
+
 /* Whether every coefficient of every component was sent to its last bit. When one was
  * not, libjpeg smooths the blocks of a progressive file as it decodes them, which it
  * would not do for the complete re-encode: the pixels would differ. */
@@ -204,9 +373,13 @@ transcode(struct job *job)
     /* No APP0 (JFIF) nor APP14 (Adobe): the display carries no metadata at all. */
     dst.write_JFIF_header = FALSE;
     dst.write_Adobe_marker = FALSE;
-    dst.optimize_coding = TRUE;
-    if (job->progressive)
+    if (job->progressive) {
+        /* A scan script of ten scans, each with tables of its own: libjpeg gathers them. */
+        dst.optimize_coding = TRUE;
         jpeg_simple_progression(&dst);
+    }
+    else if (install_optimal_tables(&src, &dst, coefficients) < 0)
+        fail_with((j_common_ptr)&src, "a coefficient out of baseline range");
     jpeg_write_coefficients(&dst, coefficients);
     jpeg_finish_compress(&dst);
     job->out_size = job->out.capacity - job->out.manager.free_in_buffer;
@@ -270,6 +443,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__jpegtran(void)
 {
+    make_zigzag_bits();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

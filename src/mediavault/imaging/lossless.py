@@ -8,12 +8,12 @@ and written again by libjpeg's transcoding API (the _jpegtran extension, what `j
 segments (EXIF, XMP, ICC, IPTC, maker notes, MPF and the gain map or depth image appended
 after the first picture). The coefficients are the original's, so it decodes to exactly
 the original's pixels. It is written sequential when the original is, progressive (libjpeg's
-simple progression) when the original is: on the corpus photos a sequential original
-re-encoded progressive is another 2-5% smaller but takes two to three times as long to
-write, and a progressive original re-encoded sequential grows (bench/README.md, transcode).
-When optimal tables would not make it smaller (an original already optimised), the
-display is the original's segments less the metadata, as they are (`strip`): the display
-is never larger than the original less its metadata.
+simple progression) when the original is: a sequential original written progressive is
+smaller still but several times slower to write, and a progressive original written
+sequential grows (bench/README.md, lossless_display). When optimal tables would not make
+it smaller (an original already optimised), the display is the original's segments less
+the metadata, as they are (`strip`): the display is never larger than the original less
+its metadata.
 
 Orientation is applied in the DCT domain only where the decoded pixels come out exactly
 the decoded original's, turned as Pillow's ImageOps.exif_transpose turns them. Measured
