@@ -13,8 +13,9 @@ single core:
                      from one half-resolution YCbCr picture; anything else goes through
                      pillow-simd with draft decoding, one decode per photo; an upright
                      sRGB JPEG that fits the display's box and budget is its own display,
-                     less its metadata (mediavault.imaging.lossless), and only the smaller
-                     variants are decoded, at the smallest DCT scale that covers them
+                     its coefficients with optimal Huffman tables and no metadata
+                     (mediavault.imaging.lossless), and only the smaller variants are
+                     decoded, at the smallest DCT scale that covers them
   mediavault_reencoded  the same with MEDIAVAULT_IMAGING_LOSSLESS_DISPLAY=off: every display
                      re-encoded from the planes, as before the lossless display
   stock_pillow       the naive pipeline on stock Pillow: full decode (no draft), exif_transpose,
