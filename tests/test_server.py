@@ -65,6 +65,10 @@ async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_setting
         call = draining_storage.UploadContent(metadata=md)
         await call.write(pb.UploadContentRequest(upload_id=begun.upload.upload_id))
         await call.write(pb.UploadContentRequest(chunk=data[:100_000]))
+        # A written message may still sit in the transport: the drain must find the call admitted.
+        async with asyncio.timeout(10):
+            while server.calls.admitted == 0:
+                await asyncio.sleep(0.01)
 
         draining = asyncio.create_task(server.shutdown(10))
         await asyncio.sleep(0.2)

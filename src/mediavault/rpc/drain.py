@@ -40,6 +40,11 @@ class CallGate:
     def leave(self, task: asyncio.Task) -> None:
         self._running.discard(task)
 
+    @property
+    def admitted(self) -> int:
+        """How many admitted calls are running now."""
+        return len(self._running)
+
     def was_shed(self, task: asyncio.Task) -> bool:
         return task in self._shed
 
