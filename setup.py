@@ -4,6 +4,9 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("mediavault.imaging._pixels", ["src/mediavault/imaging/_pixels.c"], extra_compile_args=["-O3"]),
+        # No fused multiply-adds: the ThumbHash must round each product as Python did (see _pixels.c).
+        Extension(
+            "mediavault.imaging._pixels", ["src/mediavault/imaging/_pixels.c"], extra_compile_args=["-O3", "-ffp-contract=off"]
+        ),
     ],
 )
