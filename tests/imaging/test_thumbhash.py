@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import math
+import random
 
 import pytest
 from PIL import Image, ImageStat
 
 from mediavault.imaging import thumbhash
-from tests.imaging.helpers import open_variant, transcoded
+from tests.imaging import thumbhash_reference
+from tests.imaging.helpers import corpus, open_variant, transcoded
 
 
 def decode_average(hashed: bytes) -> tuple[float, float, float, float]:
@@ -166,3 +168,55 @@ def test_from_variant_reads_webp_with_alpha():
     picture.save(data, "WEBP", lossless=True)
     hashed = thumbhash.from_variant(data.getvalue())
     assert decode_average(hashed) == pytest.approx((0.0, 128 / 255, 1.0, 0.5), abs=0.05)
+
+
+def random_rgba(rng: random.Random, width: int, height: int) -> bytes:
+    """Noise, a solid colour or a noisy gradient, with alpha opaque, clear, on-off, one pixel short of opaque or as drawn."""
+    count = width * height
+    kind = rng.randrange(3)
+    if kind == 0:
+        pixels = bytearray(rng.randbytes(4 * count))
+    elif kind == 1:
+        pixels = bytearray(rng.randbytes(4) * count)
+    else:
+        start, end = [rng.random() for _ in range(4)], [rng.random() for _ in range(4)]
+        pixels = bytearray()
+        for y in range(height):
+            for x in range(width):
+                t = (x / max(1, width - 1) + y / max(1, height - 1)) / 2
+                pixels += bytes(
+                    max(0, min(255, int(255 * (s * (1 - t) + e * t)) + rng.randint(-3, 3))) for s, e in zip(start, end, strict=True)
+                )
+    alpha = rng.randrange(5)
+    if alpha == 0:
+        pixels[3::4] = b"\xff" * count
+    elif alpha == 1:
+        pixels[3::4] = bytes(count)
+    elif alpha == 2:
+        pixels[3::4] = bytes(rng.choice((0, 255)) for _ in range(count))
+    elif alpha == 3:
+        pixels[3::4] = b"\xff" * count
+        pixels[4 * rng.randrange(count) + 3] = 254
+    return bytes(pixels)
+
+
+def test_the_encoder_gives_the_python_references_bytes_on_random_pictures():
+    rng = random.Random(18)
+    for _ in range(400):
+        width, height = (rng.choice((rng.randint(1, 4), rng.randint(1, 40), 32, rng.randint(1, 100))) for _ in range(2))
+        rgba = random_rgba(rng, width, height)
+        assert thumbhash.encode(width, height, rgba) == thumbhash_reference.encode(width, height, rgba), (width, height, rgba)
+
+
+@pytest.mark.parametrize(
+    "relative",
+    ["images/camera/jolla.jpg", "images/formats/rommel.jpg", "images/heic/IMG_5195.HEIC", "images/formats/transparent.png"],
+)
+def test_the_encoder_gives_the_python_references_bytes_on_the_corpus(relative):
+    with Image.open(corpus(relative)) as image:
+        picture = image.convert("RGBA")
+    for side in (32, 100):
+        small = picture.copy()
+        small.thumbnail((side, side), Image.Resampling.BOX)
+        rgba = small.tobytes()
+        assert thumbhash.encode(*small.size, rgba) == thumbhash_reference.encode(*small.size, rgba)

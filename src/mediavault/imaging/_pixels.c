@@ -1,5 +1,5 @@
 /*
- * Two loops over 8-bit YCbCr planes that Pillow can only do in several passes.
+ * Loops over 8-bit pixels that Pillow can only do in several passes, or Python slowly.
  *
  * half_ycbcr: luma box-averaged 2x2 and interleaved with the 4:2:0 chroma planes into
  * one 4-byte-per-pixel "YCbCr" picture at the chroma's resolution. Pillow needs a
@@ -13,10 +13,17 @@
  * halve: a chroma plane box-averaged to half width, half height or both, as
  * Image.reduce() does, straight into bytes: 4:4:4, 4:2:2 and 4:4:0 chroma to 4:2:0.
  *
- * All give exactly Pillow's results (the tests compare them) and release the GIL.
+ * The plane loops give exactly Pillow's results (the tests compare them); all release the GIL.
+ *
+ * thumbhash: the ThumbHash of up to 100x100 RGBA pixels (see thumbhash.py), the same
+ * bytes as the encoder written out in Python that it replaced (tests/imaging compares
+ * them): every sum is taken in the same order, each product and quotient in the same
+ * grouping, and nothing is fused (setup.py builds with -ffp-contract=off), so each double
+ * is the one Python computed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -299,6 +306,174 @@ halve(PyObject *module, PyObject *args)
     return result;
 }
 
+
+/* The reference's rounding (JavaScript's Math.round: halves up). */
+static long
+round_half_up(double value)
+{
+    return (long)floor(value + 0.5);
+}
+
+/* The most AC terms of one channel: 7 x 7 frequencies keep those with cx * ny < nx * (ny - cy). */
+#define THUMBHASH_MAX_AC 48
+
+typedef struct {
+    double dc, scale;
+    double ac[THUMBHASH_MAX_AC];
+    int count;
+} channel_terms;
+
+/* DC, AC terms normalised to 0..1 and their scale: the DCT of a width x height channel,
+ * separable, each row first summed against each horizontal frequency. `row_sums` holds
+ * nx * height doubles, `cosines` max(width, height). */
+static void
+encode_channel(const double *channel, int width, int height, int nx, int ny, double *row_sums, double *cosines,
+               channel_terms *terms)
+{
+    for (int cx = 0; cx < nx; cx++) {
+        for (int x = 0; x < width; x++)
+            cosines[x] = cos(Py_MATH_PI / width * cx * (x + 0.5));
+        for (int y = 0; y < height; y++) {
+            const double *row = channel + (Py_ssize_t)y * width;
+            double sum = 0.0;
+            for (int x = 0; x < width; x++)
+                sum += row[x] * cosines[x];
+            row_sums[cx * height + y] = sum;
+        }
+    }
+    terms->dc = 0.0;
+    terms->scale = 0.0;
+    terms->count = 0;
+    for (int cy = 0; cy < ny; cy++) {
+        for (int y = 0; y < height; y++)
+            cosines[y] = cos(Py_MATH_PI / height * cy * (y + 0.5));
+        for (int cx = 0; cx * ny < nx * (ny - cy); cx++) {
+            double sum = 0.0;
+            for (int y = 0; y < height; y++)
+                sum += row_sums[cx * height + y] * cosines[y];
+            double f = sum / (double)(width * height);
+            if (cx || cy) {
+                terms->ac[terms->count++] = f;
+                if (fabs(f) > terms->scale)
+                    terms->scale = fabs(f);
+            }
+            else
+                terms->dc = f;
+        }
+    }
+    if (terms->scale != 0.0)
+        for (int i = 0; i < terms->count; i++)
+            terms->ac[i] = 0.5 + 0.5 / terms->scale * terms->ac[i];
+}
+
+/* The hash's bytes into `out` (at most 6 + (27 + 5 + 5 + 14 + 1) / 2); returns how many. */
+static Py_ssize_t
+thumbhash_bytes(const uint8_t *rgba, int width, int height, double *scratch, long *out)
+{
+    Py_ssize_t count = (Py_ssize_t)width * height;
+    double *l = scratch, *p = l + count, *q = p + count, *alpha = q + count;
+    double *row_sums = alpha + count, *cosines = row_sums + 7 * 100;
+    double total_alpha = 0.0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        alpha[i] = rgba[4 * i + 3] / 255.0;
+        total_alpha += alpha[i];
+    }
+    int has_alpha = total_alpha < (double)count;
+    double average[3] = {0.0, 0.0, 0.0};
+    if (has_alpha && total_alpha != 0.0)
+        /* Composited over the picture's average colour, weighted by alpha. */
+        for (int c = 0; c < 3; c++) {
+            double sum = 0.0;
+            for (Py_ssize_t i = 0; i < count; i++)
+                sum += alpha[i] * rgba[4 * i + c];
+            average[c] = sum / 255.0 / total_alpha;
+        }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        double rgb[3];
+        for (int c = 0; c < 3; c++)
+            rgb[c] = has_alpha ? average[c] * (1.0 - alpha[i]) + alpha[i] / 255.0 * rgba[4 * i + c]
+                               : rgba[4 * i + c] / 255.0;
+        l[i] = (rgb[0] + rgb[1] + rgb[2]) / 3.0;
+        p[i] = (rgb[0] + rgb[1]) / 2.0 - rgb[2];
+        q[i] = rgb[0] - rgb[1];
+    }
+    int l_limit = has_alpha ? 5 : 7, longest = width > height ? width : height;
+    long lx = round_half_up((double)(l_limit * width) / longest), ly = round_half_up((double)(l_limit * height) / longest);
+    lx = lx > 1 ? lx : 1;
+    ly = ly > 1 ? ly : 1;
+    channel_terms terms[4];
+    encode_channel(l, width, height, lx > 3 ? (int)lx : 3, ly > 3 ? (int)ly : 3, row_sums, cosines, &terms[0]);
+    encode_channel(p, width, height, 3, 3, row_sums, cosines, &terms[1]);
+    encode_channel(q, width, height, 3, 3, row_sums, cosines, &terms[2]);
+    int landscape = width > height;
+    long header24 = round_half_up(63 * terms[0].dc) | round_half_up(31.5 + 31.5 * terms[1].dc) << 6 |
+                    round_half_up(31.5 + 31.5 * terms[2].dc) << 12 | round_half_up(31 * terms[0].scale) << 18 |
+                    (long)has_alpha << 23;
+    long header16 = (landscape ? ly : lx) | round_half_up(63 * terms[1].scale) << 3 |
+                    round_half_up(63 * terms[2].scale) << 9 | (long)landscape << 15;
+    Py_ssize_t n = 0;
+    out[n++] = header24 & 255;
+    out[n++] = (header24 >> 8) & 255;
+    out[n++] = header24 >> 16;
+    out[n++] = header16 & 255;
+    out[n++] = header16 >> 8;
+    int channels = 3;
+    if (has_alpha) {
+        encode_channel(alpha, width, height, 5, 5, row_sums, cosines, &terms[3]);
+        out[n++] = round_half_up(15 * terms[3].dc) | round_half_up(15 * terms[3].scale) << 4;
+        channels = 4;
+    }
+    long low = -1;
+    for (int c = 0; c < channels; c++)
+        for (int i = 0; i < terms[c].count; i++) {
+            long nibble = round_half_up(15 * terms[c].ac[i]);
+            if (low < 0)
+                low = nibble;
+            else {
+                out[n++] = low | nibble << 4;
+                low = -1;
+            }
+        }
+    if (low >= 0)
+        out[n++] = low;
+    return n;
+}
+
+static PyObject *
+thumbhash(PyObject *module, PyObject *args)
+{
+    Py_buffer rgba;
+    int width, height;
+    if (!PyArg_ParseTuple(args, "iiy*", &width, &height, &rgba))
+        return NULL;
+    PyObject *result = NULL;
+    double *scratch = NULL;
+    long out[64];
+    Py_ssize_t n = 0;
+    if (!(0 < width && width <= 100 && 0 < height && height <= 100) || rgba.len != (Py_ssize_t)width * height * 4)
+        PyErr_Format(PyExc_ValueError, "%dx%d RGBA with %zd bytes is no picture up to 100x100", width, height, rgba.len);
+    else if ((scratch = PyMem_RawMalloc(sizeof(double) * (4 * (size_t)width * height + 7 * 100 + 100))) == NULL)
+        PyErr_NoMemory();
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        n = thumbhash_bytes(rgba.buf, width, height, scratch, out);
+        Py_END_ALLOW_THREADS
+        char bytes[64];
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (out[i] < 0 || out[i] > 255) {
+                PyErr_SetString(PyExc_ValueError, "bytes must be in range(0, 256)");
+                break;
+            }
+            bytes[i] = (char)out[i];
+        }
+        if (!PyErr_Occurred())
+            result = PyBytes_FromStringAndSize(bytes, n);
+    }
+    PyMem_RawFree(scratch);
+    PyBuffer_Release(&rgba);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"half_ycbcr", half_ycbcr, METH_VARARGS,
      "half_ycbcr(y, y_stride, width, height, cb, cr, c_stride) -> bytes\n\n"
@@ -312,11 +487,14 @@ static PyMethodDef methods[] = {
      "orient(plane, width, height, stride, method, out_stride=0) -> bytes\n\n"
      "An 8-bit plane as Image.transpose(method) turns it, each row padded to out_stride bytes\n"
      "(0: not padded) with copies of its last sample."},
+    {"thumbhash", thumbhash, METH_VARARGS,
+     "thumbhash(width, height, rgba) -> bytes\n\n"
+     "The ThumbHash of width x height (each 1 to 100) RGBA pixels, as thumbhash.py describes it."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_pixels", "Loops over 8-bit YCbCr planes (see the source's header).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_pixels", "Loops over 8-bit planes and pixels (see the source's header).", -1, methods,
 };
 
 PyMODINIT_FUNC
