@@ -177,6 +177,11 @@ class BlobStore(Protocol):
     # Resumable uploads: their bytes wait under partial_key (and, on S3, in the multipart upload
     # multipart_id of the object key) until publish_partial makes them the object at key.
 
+    @property
+    def partial_part_size(self) -> int | None:
+        """The bytes a partial writer holds before it can make them durable (S3: one part); None on fs."""
+        ...
+
     async def start_partial(self, key: str, *, content_type: str) -> str | None:
         """Prepares a resumable upload of key; returns the S3 multipart upload id (None on fs)."""
         ...

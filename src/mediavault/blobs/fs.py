@@ -39,6 +39,9 @@ _WRITE_AHEAD = _SYNC_EVERY
 
 
 class FsBlobStore:
+    # Any byte of a partial file can be synced: a resumable upload's checkpoints fall where the caller wants.
+    partial_part_size: int | None = None
+
     def __init__(self, root: Path, signer: UrlSigner) -> None:
         self.root = root.resolve()
         self.signer = signer

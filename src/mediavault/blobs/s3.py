@@ -54,8 +54,8 @@ class S3BlobStore:
         self._client = client
         self.bucket = bucket
         self._exit_stack = exit_stack
-        # Resumable uploads send parts of this size (the tus chunk size), so that a client
-        # sending chunks of it has each one stored as one part, with no tail object between.
+        # Resumable uploads send parts of this size whatever the tus chunk size: the writer holds
+        # one part in memory, and each part sent is a durable point inside a longer chunk.
         self.partial_part_size = partial_part_size
 
     @classmethod
@@ -74,7 +74,10 @@ class S3BlobStore:
                 "s3", region_name=settings.s3_region, endpoint_url=endpoint_url, config=config
             )
         )
-        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=settings.tus_chunk_size_bytes)
+        # A chunk smaller than a part (5 MiB at least) makes the parts its size, so that each
+        # chunk still ends on a part rather than in a tail object.
+        part_size = min(_PART_SIZE, settings.tus_chunk_size_bytes)
+        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=part_size)
 
     async def ensure_bucket(self) -> None:
         """Creates the bucket unless it exists; production buckets are provisioned outside mediavault."""

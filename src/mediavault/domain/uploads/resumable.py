@@ -141,6 +141,9 @@ class Resumable:
         self._blobs = blobs
         self._signer = UrlSigner(settings.url_signing_key, settings.public_url)
         self.chunk_size_bytes = settings.tus_chunk_size_bytes
+        # Checkpoints inside a chunk: after every part on S3, whose writer holds a part in memory
+        # until it is sent; every chunk size on fs, whose writer keeps nothing back.
+        self._checkpoint_every = blobs.partial_part_size or self.chunk_size_bytes
         self._part_url_ttl_seconds = settings.upload_url_ttl_seconds
         # A writer holds two connections (its lock and its checkpoints): with at most half
         # the pool writing, checkpoints always find a connection.
@@ -188,9 +191,10 @@ class Resumable:
         offset: the client's idea of the stored offset (tus Upload-Offset), None to continue
         wherever the bytes end (UploadContent). length: the chunk's length when known up
         front. owner: the caller whose upload it must be (None: the URL signature vouched).
-        Without a checksum, the bytes become durable chunk size by chunk size as they come,
-        so a chunk cut short keeps what arrived up to its last multiple of the chunk size
-        and its end; with one, the chunk is kept whole or not at all.
+        Without a checksum, the bytes become durable step by step as they come (S3: part by
+        part; fs: chunk size by chunk size) and at the chunk's end, so a chunk cut short keeps
+        what arrived, and one that fails keeps what its last step made durable; with a
+        checksum, the chunk is kept whole or not at all.
         """
         async with self._writers, self._pool.acquire() as conn, conn.transaction():
             try:
@@ -220,7 +224,7 @@ class Resumable:
                 row["head"] or b"",
                 received,
                 None if length is None else received + length,
-                self.chunk_size_bytes,
+                self._checkpoint_every,
                 checksum,
             )
             try:
