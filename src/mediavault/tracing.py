@@ -363,6 +363,10 @@ class TracedBlobStore:
     async def close(self) -> None:
         await self._store.close()
 
+    @property
+    def partial_part_size(self) -> int | None:
+        return self._store.partial_part_size
+
     async def start_partial(self, key: str, *, content_type: str) -> str | None:
         with self._span("start_partial", key):
             return await self._store.start_partial(key, content_type=content_type)
