@@ -24,6 +24,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 
 from mediavault.blobs.base import (
     BlobStore,
+    Digest,
     DirectParts,
     Inspection,
     ListedObject,
@@ -372,10 +373,10 @@ class TracedBlobStore:
             return await self._store.start_partial(key, content_type=content_type)
 
     async def open_partial(
-        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState, digest: Digest
     ) -> PartialWriter:
         with self._span("open_partial", key):
-            return await self._store.open_partial(partial_key, key, multipart_id, state)
+            return await self._store.open_partial(partial_key, key, multipart_id, state, digest)
 
     async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:
         with self._span("publish_partial", key):

@@ -19,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mediavault.blobs.base import (
     BlobStoreError,
+    Digest,
     Inspection,
     ListedObject,
     ObjectInfo,
@@ -30,6 +31,7 @@ from mediavault.blobs.base import (
     is_valid_key,
 )
 from mediavault.config import Settings
+from mediavault.offload import InOrder
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 # Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
 _PART_SIZE = 8 * 1024 * 1024
+# At most this many bytes of a resumable upload wait on the event loop for the digest's thread.
+_DIGEST_AHEAD = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 # S3's DeleteObjects takes at most 1,000 keys.
 _DELETE_BATCH = 1000
@@ -319,7 +323,7 @@ class S3BlobStore:
         return created["UploadId"]
 
     async def open_partial(
-        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState, digest: Digest
     ) -> _S3PartialWriter:
         if multipart_id is None:
             raise ValueError("an S3 resumable upload needs its multipart upload id")
@@ -337,7 +341,7 @@ class S3BlobStore:
                     tail = await body.read()
             if len(tail) != state.tail_bytes:
                 raise BlobStoreError("read tail failed: shorter than its checkpoint")
-        return _S3PartialWriter(self, partial_key, check_key(key), multipart_id, state, tail)
+        return _S3PartialWriter(self, partial_key, check_key(key), multipart_id, state, tail, digest)
 
     async def upload_partial_part(self, key: str, multipart_id: str, number: int, data: bytes) -> str:
         with _translate_errors("upload part"):
@@ -434,11 +438,19 @@ class _S3PartialWriter:
 
     Each part covers fixed offsets of the object, so a part sent again after a writer died
     replaces the same bytes. A tail object is named after the part it will begin, so writing
-    one never overwrites the tail an older checkpoint still names.
+    one never overwrites the tail an older checkpoint still names. The digest runs in a worker
+    thread while the parts are sent.
     """
 
     def __init__(
-        self, store: S3BlobStore, partial_key: str, key: str, multipart_id: str, state: PartialState, tail: bytes
+        self,
+        store: S3BlobStore,
+        partial_key: str,
+        key: str,
+        multipart_id: str,
+        state: PartialState,
+        tail: bytes,
+        digest: Digest,
     ) -> None:
         self._store = store
         self._partial_key = partial_key
@@ -448,8 +460,10 @@ class _S3PartialWriter:
         self._buffer = bytearray(tail)
         self._received = state.received
         self._part_size = store.partial_part_size
+        self._digests = InOrder(digest, max_waiting_bytes=_DIGEST_AHEAD)
 
     async def write(self, data: bytes) -> None:
+        await self._digests.put(data)
         self._buffer += data
         self._received += len(data)
         while len(self._buffer) >= self._part_size:
@@ -460,6 +474,9 @@ class _S3PartialWriter:
         number = len(self._parts) + 1
         self._parts.append(await self._store.upload_partial_part(self._key, self._multipart_id, number, data))
 
+    async def digested(self) -> None:
+        await self._digests.drain()
+
     async def flush(self, *, final: bool) -> PartialState:
         if self._buffer:
             if final:
@@ -467,9 +484,12 @@ class _S3PartialWriter:
                 self._buffer.clear()
             else:
                 await self._store.put_tail(self._partial_key, len(self._parts) + 1, bytes(self._buffer))
+        # After the last part or tail: the digest catches up while they are sent.
+        await self._digests.drain()
         return PartialState(self._received, tuple(self._parts), len(self._buffer))
 
     async def close(self) -> None:
+        await self._digests.settle()
         self._buffer.clear()
 
 
