@@ -276,6 +276,47 @@ async def multipart_uploads(server: Server, upload_id: str) -> list[str]:
     return [u["UploadId"] for u in listed.get("Uploads", []) if uuid.UUID(upload_id).hex in u["Key"]]
 
 
+async def test_s3_parts_are_checkpoints_inside_a_longer_chunk(make_settings, moto, http, auth, user_id):
+    """On S3 a chunk larger than a part goes up as 8 MiB parts, each one a durable point:
+    a PATCH that fails after its first part keeps that part, and the next PATCH goes on from it."""
+    from mediavault.blobs.s3 import S3BlobStore
+
+    settings = make_settings(
+        tus_chunk_size_bytes=32 * MiB,
+        blob_backend="s3",
+        s3_bucket=f"tus-{uuid.uuid4().hex[:12]}",
+        s3_endpoint_url=moto.endpoint_url,
+    )
+    store = await S3BlobStore.open(settings)
+    await store.ensure_bucket()
+    await store.close()
+    data = fake_jpeg(12 * MiB)
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
+        assert begun.chunk_size_bytes == 32 * MiB
+
+        async def too_long() -> AsyncIterator[bytes]:
+            # No Content-Length: the body is refused only once it passes Upload-Length, at 12 MiB.
+            for start in range(0, len(data), MiB):
+                yield data[start : start + MiB]
+            yield b"past the declared length"
+
+        try:
+            async with http.patch(begun.upload_url, data=too_long(), headers={**PATCH_HEADERS, "Upload-Offset": "0"}) as response:
+                assert response.status == 413
+        except aiohttp.ClientError:
+            pass  # the server may close the connection before the client has sent the whole body
+        assert (await head(http, begun.upload_url)).headers["Upload-Offset"] == str(8 * MiB)
+
+        assert (await patch(http, begun.upload_url, 8 * MiB, data[8 * MiB :])).status == 204
+        finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+        hex_id = uuid.UUID(begun.upload.upload_id).hex
+        assert await stored_sha256(server, f"originals/{hex_id[:2]}/{hex_id}") == sha256_hex(data)
+
+
 @pytest.fixture
 async def worker_ctx(tus_server: Server) -> AsyncIterator[dict]:
     from arq import create_pool

@@ -81,9 +81,11 @@ class Settings(BaseSettings):
     max_video_bytes: int = Field(default=500 * MiB, gt=0)
     upload_url_ttl_seconds: int = Field(default=15 * 60, gt=0)
     reservation_ttl_seconds: int = Field(default=2 * 60 * 60, gt=0)
-    # tus: the chunk a client is told to send per PATCH, stored durably as one piece (fs: synced
-    # before its offset is answered; S3: one multipart part, hence at least S3's 5 MiB minimum part size).
-    tus_chunk_size_bytes: int = Field(default=8 * MiB, ge=5 * MiB, le=512 * MiB)
+    # tus: the chunk a client is told to send per PATCH, durable before its offset is answered (fs:
+    # synced; S3: sent as 8 MiB multipart parts, each a checkpoint, or as parts of the chunk size when
+    # smaller, hence at least S3's 5 MiB minimum part size). Each chunk costs a request, a sync and a
+    # commit: larger chunks cost less per byte (bench/README.md, resumable).
+    tus_chunk_size_bytes: int = Field(default=64 * MiB, ge=5 * MiB, le=512 * MiB)
     # Browser origins allowed to call the tus endpoints (CORS); empty: no CORS headers at all.
     tus_cors_origins: tuple[str, ...] = ()
     # The largest tus upload (Tus-Max-Size); 0: the largest any content type may be.

@@ -24,6 +24,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 
 from mediavault.blobs.base import (
     BlobStore,
+    Digest,
     DirectParts,
     Inspection,
     ListedObject,
@@ -363,15 +364,19 @@ class TracedBlobStore:
     async def close(self) -> None:
         await self._store.close()
 
+    @property
+    def partial_part_size(self) -> int | None:
+        return self._store.partial_part_size
+
     async def start_partial(self, key: str, *, content_type: str) -> str | None:
         with self._span("start_partial", key):
             return await self._store.start_partial(key, content_type=content_type)
 
     async def open_partial(
-        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState, digest: Digest
     ) -> PartialWriter:
         with self._span("open_partial", key):
-            return await self._store.open_partial(partial_key, key, multipart_id, state)
+            return await self._store.open_partial(partial_key, key, multipart_id, state, digest)
 
     async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:
         with self._span("publish_partial", key):

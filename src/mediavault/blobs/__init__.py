@@ -5,6 +5,7 @@ from __future__ import annotations
 from mediavault.blobs.base import (
     BlobStore,
     BlobStoreError,
+    Digest,
     DirectParts,
     Inspection,
     ListedObject,
@@ -18,7 +19,7 @@ from mediavault.blobs.base import (
 )
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "DirectParts", "StoredPart", "Inspection", "ListedObject", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "Digest", "DirectParts", "StoredPart", "Inspection", "ListedObject", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -60,6 +60,11 @@ class PartialState:
     tail_bytes: int = 0
 
 
+# What a partial writer passes the bytes it takes to, in order, batch by batch, in a worker thread
+# (a resumable upload's hashes); it must release the GIL (hashlib, a ctypes call).
+Digest = Callable[[list[bytes]], None]
+
+
 class PartialWriter(Protocol):
     """Appends to a resumable upload's bytes; one writer at a time per upload (the caller's lock)."""
 
@@ -67,8 +72,12 @@ class PartialWriter(Protocol):
         """Takes the next bytes; they are durable only once flush() has returned."""
         ...
 
+    async def digested(self) -> None:
+        """Returns once the digest has been given every byte written."""
+        ...
+
     async def flush(self, *, final: bool) -> PartialState:
-        """Makes every byte written so far durable; final: they end the object."""
+        """Makes every byte written so far durable, and digested; final: they end the object."""
         ...
 
     async def close(self) -> None: ...
@@ -177,14 +186,20 @@ class BlobStore(Protocol):
     # Resumable uploads: their bytes wait under partial_key (and, on S3, in the multipart upload
     # multipart_id of the object key) until publish_partial makes them the object at key.
 
+    @property
+    def partial_part_size(self) -> int | None:
+        """The bytes a partial writer holds before it can make them durable (S3: one part); None on fs."""
+        ...
+
     async def start_partial(self, key: str, *, content_type: str) -> str | None:
         """Prepares a resumable upload of key; returns the S3 multipart upload id (None on fs)."""
         ...
 
     async def open_partial(
-        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState, digest: Digest
     ) -> PartialWriter:
-        """A writer continuing after state; bytes stored beyond it by a writer that died are dropped."""
+        """A writer continuing after state, passing what it takes to digest; bytes stored beyond
+        state by a writer that died are dropped."""
         ...
 
     async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:

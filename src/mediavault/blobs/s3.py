@@ -19,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mediavault.blobs.base import (
     BlobStoreError,
+    Digest,
     Inspection,
     ListedObject,
     ObjectInfo,
@@ -30,6 +31,7 @@ from mediavault.blobs.base import (
     is_valid_key,
 )
 from mediavault.config import Settings
+from mediavault.offload import InOrder
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 # Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
 _PART_SIZE = 8 * 1024 * 1024
+# At most this many bytes of a resumable upload wait on the event loop for the digest's thread.
+_DIGEST_AHEAD = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 # S3's DeleteObjects takes at most 1,000 keys.
 _DELETE_BATCH = 1000
@@ -54,8 +58,8 @@ class S3BlobStore:
         self._client = client
         self.bucket = bucket
         self._exit_stack = exit_stack
-        # Resumable uploads send parts of this size (the tus chunk size), so that a client
-        # sending chunks of it has each one stored as one part, with no tail object between.
+        # Resumable uploads send parts of this size whatever the tus chunk size: the writer holds
+        # one part in memory, and each part sent is a durable point inside a longer chunk.
         self.partial_part_size = partial_part_size
 
     @classmethod
@@ -74,7 +78,10 @@ class S3BlobStore:
                 "s3", region_name=settings.s3_region, endpoint_url=endpoint_url, config=config
             )
         )
-        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=settings.tus_chunk_size_bytes)
+        # A chunk smaller than a part (5 MiB at least) makes the parts its size, so that each
+        # chunk still ends on a part rather than in a tail object.
+        part_size = min(_PART_SIZE, settings.tus_chunk_size_bytes)
+        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=part_size)
 
     async def ensure_bucket(self) -> None:
         """Creates the bucket unless it exists; production buckets are provisioned outside mediavault."""
@@ -316,7 +323,7 @@ class S3BlobStore:
         return created["UploadId"]
 
     async def open_partial(
-        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState
+        self, partial_key: str, key: str, multipart_id: str | None, state: PartialState, digest: Digest
     ) -> _S3PartialWriter:
         if multipart_id is None:
             raise ValueError("an S3 resumable upload needs its multipart upload id")
@@ -334,7 +341,7 @@ class S3BlobStore:
                     tail = await body.read()
             if len(tail) != state.tail_bytes:
                 raise BlobStoreError("read tail failed: shorter than its checkpoint")
-        return _S3PartialWriter(self, partial_key, check_key(key), multipart_id, state, tail)
+        return _S3PartialWriter(self, partial_key, check_key(key), multipart_id, state, tail, digest)
 
     async def upload_partial_part(self, key: str, multipart_id: str, number: int, data: bytes) -> str:
         with _translate_errors("upload part"):
@@ -431,11 +438,19 @@ class _S3PartialWriter:
 
     Each part covers fixed offsets of the object, so a part sent again after a writer died
     replaces the same bytes. A tail object is named after the part it will begin, so writing
-    one never overwrites the tail an older checkpoint still names.
+    one never overwrites the tail an older checkpoint still names. The digest runs in a worker
+    thread while the parts are sent.
     """
 
     def __init__(
-        self, store: S3BlobStore, partial_key: str, key: str, multipart_id: str, state: PartialState, tail: bytes
+        self,
+        store: S3BlobStore,
+        partial_key: str,
+        key: str,
+        multipart_id: str,
+        state: PartialState,
+        tail: bytes,
+        digest: Digest,
     ) -> None:
         self._store = store
         self._partial_key = partial_key
@@ -445,8 +460,10 @@ class _S3PartialWriter:
         self._buffer = bytearray(tail)
         self._received = state.received
         self._part_size = store.partial_part_size
+        self._digests = InOrder(digest, max_waiting_bytes=_DIGEST_AHEAD)
 
     async def write(self, data: bytes) -> None:
+        await self._digests.put(data)
         self._buffer += data
         self._received += len(data)
         while len(self._buffer) >= self._part_size:
@@ -457,6 +474,9 @@ class _S3PartialWriter:
         number = len(self._parts) + 1
         self._parts.append(await self._store.upload_partial_part(self._key, self._multipart_id, number, data))
 
+    async def digested(self) -> None:
+        await self._digests.drain()
+
     async def flush(self, *, final: bool) -> PartialState:
         if self._buffer:
             if final:
@@ -464,9 +484,12 @@ class _S3PartialWriter:
                 self._buffer.clear()
             else:
                 await self._store.put_tail(self._partial_key, len(self._parts) + 1, bytes(self._buffer))
+        # After the last part or tail: the digest catches up while they are sent.
+        await self._digests.drain()
         return PartialState(self._received, tuple(self._parts), len(self._buffer))
 
     async def close(self) -> None:
+        await self._digests.settle()
         self._buffer.clear()
 
 

@@ -43,7 +43,6 @@ from mediavault.errors import (
     UploadBusy,
     UploadNotPending,
 )
-from mediavault.offload import InOrder
 from mediavault.sha256state import Sha256
 
 # tus checksum extension: the algorithms a chunk's Upload-Checksum may use.
@@ -79,9 +78,6 @@ RETURNING received_bytes
 """
 
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
-
-# At most this many received bytes wait on the event loop for the hashing thread.
-_HASH_AHEAD = 1024 * 1024
 
 # S3's limits on the parts of a multipart upload; the per-call bound keeps one answer small.
 MAX_PART_NUMBER = 10_000
@@ -141,6 +137,9 @@ class Resumable:
         self._blobs = blobs
         self._signer = UrlSigner(settings.url_signing_key, settings.public_url)
         self.chunk_size_bytes = settings.tus_chunk_size_bytes
+        # Checkpoints inside a chunk: after every part on S3, whose writer holds a part in memory
+        # until it is sent; every chunk size on fs, whose writer keeps nothing back.
+        self._checkpoint_every = blobs.partial_part_size or self.chunk_size_bytes
         self._part_url_ttl_seconds = settings.upload_url_ttl_seconds
         # A writer holds two connections (its lock and its checkpoints): with at most half
         # the pool writing, checkpoints always find a connection.
@@ -188,9 +187,10 @@ class Resumable:
         offset: the client's idea of the stored offset (tus Upload-Offset), None to continue
         wherever the bytes end (UploadContent). length: the chunk's length when known up
         front. owner: the caller whose upload it must be (None: the URL signature vouched).
-        Without a checksum, the bytes become durable chunk size by chunk size as they come,
-        so a chunk cut short keeps what arrived up to its last multiple of the chunk size
-        and its end; with one, the chunk is kept whole or not at all.
+        Without a checksum, the bytes become durable step by step as they come (S3: part by
+        part; fs: chunk size by chunk size) and at the chunk's end, so a chunk cut short keeps
+        what arrived, and one that fails keeps what its last step made durable; with a
+        checksum, the chunk is kept whole or not at all.
         """
         async with self._writers, self._pool.acquire() as conn, conn.transaction():
             try:
@@ -208,19 +208,23 @@ class Resumable:
             if length is not None and received + length > upload.size_bytes:
                 raise BeyondDeclaredSize(upload.size_bytes)
             state = PartialState(received, tuple(row["parts"] or ()), row["tail_bytes"] or 0)
+            hashes = _Hashes(
+                Sha256.restore(row["sha256_state"]) if received else Sha256(),
+                hashlib.new(checksum.algorithm) if checksum else None,
+            )
             writer = await self._blobs.open_partial(
-                partial_key_for(upload_id), upload.object_key, row["multipart_id"], state
+                partial_key_for(upload_id), upload.object_key, row["multipart_id"], state, hashes.update
             )
             chunk = _Chunk(
                 self._pool,
                 conn,
                 upload,
                 writer,
-                Sha256.restore(row["sha256_state"]) if received else Sha256(),
+                hashes,
                 row["head"] or b"",
                 received,
                 None if length is None else received + length,
-                self.chunk_size_bytes,
+                self._checkpoint_every,
                 checksum,
             )
             try:
@@ -318,14 +322,30 @@ def _part_violations(parts: list[PartRequest]) -> list[FieldViolation]:
     return violations
 
 
+class _Hashes:
+    """The upload's SHA-256, carried chunk to chunk, and the chunk's Upload-Checksum digest.
+
+    The writer updates them in its worker thread as it stores the bytes; they are read only once
+    the writer says it has caught up (flush, digested).
+    """
+
+    def __init__(self, upload: Sha256, chunk: hashlib._Hash | None) -> None:
+        self.upload = upload
+        self.chunk = chunk
+
+    def update(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.upload.update(piece)
+            if self.chunk is not None:
+                self.chunk.update(piece)
+
+
 class _Chunk:
     """One writer's pass: bytes to the backend, hash and head carried, checkpoints recorded.
 
-    The hashes are updated in a worker thread (InOrder) while the next bytes arrive, and caught
-    up with before a checkpoint saves their state. Checkpoints inside the chunk go through the
-    pool, committed at once, so that they stand when the chunk then fails; the one at its end
-    (end: where its bytes stop, when its length was given) goes in the lock's own transaction,
-    whose commit records it.
+    Checkpoints inside the chunk go through the pool, committed at once, so that they stand when
+    the chunk then fails; the one at its end (end: where its bytes stop, when its length was
+    given) goes in the lock's own transaction, whose commit records it.
     """
 
     def __init__(
@@ -334,7 +354,7 @@ class _Chunk:
         lock: PoolConnectionProxy,
         upload: Upload,
         writer: PartialWriter,
-        hasher: Sha256,
+        hashes: _Hashes,
         head: bytes,
         received: int,
         end: int | None,
@@ -346,22 +366,14 @@ class _Chunk:
         self._lock = lock
         self._upload = upload
         self._writer = writer
-        self._hasher = hasher
+        self._hashes = hashes
         self._head = head
         self._position = received
         self._durable = received
         self._checkpoint_every = checkpoint_every
         self._checksum = checksum
-        self._chunk_digest = hashlib.new(checksum.algorithm) if checksum else None
-        self._digests = InOrder(self._digest, max_waiting_bytes=_HASH_AHEAD)
 
     async def store(self, chunks: AsyncIterable[bytes]) -> int:
-        try:
-            return await self._store(chunks)
-        finally:
-            await self._digests.settle()
-
-    async def _store(self, chunks: AsyncIterable[bytes]) -> int:
         size = self._upload.size_bytes
         async for data in chunks:
             if self._position + len(data) > size:
@@ -375,9 +387,9 @@ class _Chunk:
                 await self._write(piece)
                 if self._checkpoint_due():
                     await self._checkpoint(self._pool)
-        if self._checksum is not None and self._chunk_digest is not None:
-            await self._digests.drain()
-            if not hmac.compare_digest(self._chunk_digest.digest(), self._checksum.digest):
+        if self._checksum is not None and self._hashes.chunk is not None:
+            await self._writer.digested()
+            if not hmac.compare_digest(self._hashes.chunk.digest(), self._checksum.digest):
                 raise ChunkChecksumMismatch(f"the chunk's {self._checksum.algorithm} differs from Upload-Checksum")
         if self._position > self._durable:
             await self._checkpoint(self._lock)
@@ -393,26 +405,17 @@ class _Chunk:
 
     async def _write(self, piece: bytes) -> None:
         await self._writer.write(piece)
-        await self._digests.put(piece)
         if len(self._head) < content_types.SNIFF_BYTES:
             self._head += piece[: content_types.SNIFF_BYTES - len(self._head)]
         self._position += len(piece)
 
-    def _digest(self, pieces: list[bytes]) -> None:
-        for piece in pieces:
-            self._hasher.update(piece)
-            if self._chunk_digest is not None:
-                self._chunk_digest.update(piece)
-
     async def _checkpoint(self, db: asyncpg.Pool | PoolConnectionProxy) -> None:
         state = await self._writer.flush(final=self._position == self._upload.size_bytes)
-        # After the flush: the hasher catches up while the bytes are synced.
-        await self._digests.drain()
         recorded = await db.fetchval(
             _CHECKPOINT,
             self._upload.upload_id,
             state.received,
-            self._hasher.save(),
+            self._hashes.upload.save(),
             self._head,
             list(state.parts),
             state.tail_bytes,
