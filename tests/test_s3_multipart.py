@@ -24,17 +24,26 @@ PART = 5 * MiB
 
 
 @pytest.fixture(scope="module")
-async def s3_server(make_settings) -> AsyncIterator[Server]:
+async def s3_settings(make_settings) -> AsyncIterator:
+    """Settings of an S3 backend on a moto server of the module's own, its bucket made."""
     async with moto_server() as moto:
-        settings = make_settings(
-            blob_backend="s3", s3_bucket=f"direct-{uuid.uuid4().hex[:12]}", s3_endpoint_url=moto.endpoint_url,
-            tus_chunk_size_bytes=PART,
-        )
-        store = await S3BlobStore.open(settings)
+
+        def make(**overrides):
+            return make_settings(
+                blob_backend="s3", s3_bucket=bucket, s3_endpoint_url=moto.endpoint_url, **overrides
+            )
+
+        bucket = f"direct-{uuid.uuid4().hex[:12]}"
+        store = await S3BlobStore.open(make())
         await store.ensure_bucket()
         await store.close()
-        async with running(settings) as server:
-            yield server
+        yield make
+
+
+@pytest.fixture(scope="module")
+async def s3_server(s3_settings) -> AsyncIterator[Server]:
+    async with running(s3_settings(tus_chunk_size_bytes=PART)) as server:
+        yield server
 
 
 @pytest.fixture
@@ -211,3 +220,13 @@ async def test_expiry_aborts_the_multipart_upload(s3_server, storage, auth, user
     assert await ledger.audit(s3_server.pool) == []
     got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload
     assert (got.state, got.received_bytes) == (pb.UPLOAD_STATE_EXPIRED, 0)
+
+
+async def test_parts_are_the_servers_part_size_not_the_tus_chunk(s3_settings, auth, user_id):
+    """A client sending parts straight to S3 is told 8 MiB, the size the server's own parts
+    checkpoint at, not the default 64 MiB tus chunk: a part cut on a mobile link is sent again whole."""
+    settings = s3_settings()
+    assert settings.tus_chunk_size_bytes == 64 * MiB
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        begun = await begin_direct(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), fake_jpeg(20 * MiB))
+    assert begun.chunk_size_bytes == 8 * MiB

@@ -144,7 +144,7 @@ class Uploads:
         if upload.protocol == "s3_multipart":
             # The parts' URLs come from presign_parts, as many at a time as the client asks.
             await self._resumable.start(upload)
-            return BeginResult(upload, "", "PUT", {}, self._resumable.chunk_size_bytes)
+            return BeginResult(upload, "", "PUT", {}, self._resumable.part_size_bytes)
         if upload.protocol == "tus":
             await self._resumable.start(upload)
             return BeginResult(

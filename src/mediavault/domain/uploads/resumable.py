@@ -140,6 +140,8 @@ class Resumable:
         # Checkpoints inside a chunk: after every part on S3, whose writer holds a part in memory
         # until it is sent; every chunk size on fs, whose writer keeps nothing back.
         self._checkpoint_every = blobs.partial_part_size or self.chunk_size_bytes
+        # What an S3_MULTIPART client is told to send per part: a cut part is sent again whole.
+        self.part_size_bytes = self._checkpoint_every
         self._part_url_ttl_seconds = settings.upload_url_ttl_seconds
         # A writer holds two connections (its lock and its checkpoints): with at most half
         # the pool writing, checkpoints always find a connection.

@@ -446,7 +446,8 @@ type BeginUploadResponse struct {
 	UploadHeaders map[string]string `protobuf:"bytes,4,rep,name=upload_headers,json=uploadHeaders,proto3" json:"upload_headers,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
 	// TUS: the chunk size the server prefers (MEDIAVAULT_TUS_CHUNK_SIZE_BYTES): each PATCH of this
 	// many bytes is stored durably as one piece, and a cut connection resends at most one chunk.
-	// S3_MULTIPART: the same size, a good part size. 0 for SINGLE.
+	// S3_MULTIPART: the part size the server uses for its own multipart uploads (8 MiB, or the tus
+	// chunk size when smaller), a good part size: a cut part is sent again whole. 0 for SINGLE.
 	ChunkSizeBytes       int64    `protobuf:"varint,5,opt,name=chunk_size_bytes,json=chunkSizeBytes,proto3" json:"chunk_size_bytes,omitempty"`
 	XXX_NoUnkeyedLiteral struct{} `json:"-"`
 	XXX_unrecognized     []byte   `json:"-"`
