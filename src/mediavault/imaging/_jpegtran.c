@@ -14,6 +14,11 @@
  * rows in reverse order, the odd vertical frequencies negated. That is jpegtran's
  * `-flip vertical -perfect`; lossless.py says when it decodes to exactly the flipped pixels.
  *
+ * optimize_and_decode also decodes the picture, scaled, from the same decompression
+ * (buffered-image mode, jdtrans.c: the coefficient arrays can be read after an output pass),
+ * as Pillow decodes it after draft(): the smaller variants' pixels without decoding the
+ * file's Huffman codes a second time.
+ *
  * libjpeg reports errors by calling exit() unless told otherwise: here every error and
  * every warning (a truncated or damaged file) longjmps back and becomes a Python
  * exception. The work runs without the GIL.

@@ -18,6 +18,16 @@ its metadata.
 A progressive original whose scans leave a coefficient unfinished is refused: libjpeg
 smooths such blocks as it decodes them, and would not smooth the complete re-encode.
 
+The smaller variants need the pixels all the same, at the smallest DCT scale that covers
+them. display_and_picture decodes them in the same libjpeg decompression that reads the
+coefficients (buffered-image mode: the scans are absorbed once into the coefficient arrays,
+the scaled picture is output from them, then jpeg_read_coefficients hands the same arrays
+to the re-encode), with the settings and the scale Pillow's draft decode uses, so the
+picture is the one decode.decode_with_pillow would give, pixel for pixel (the tests compare
+them), and the JPEG is entropy-decoded once instead of twice. At 1/8, libjpeg's sequential
+decoder keeps no AC coefficient, so a sequential original scaled that far is decoded twice;
+the default variants never scale a display-sized photo below 1/4.
+
 Orientation is applied in the DCT domain only where the decoded pixels come out exactly
 the decoded original's, turned as Pillow's ImageOps.exif_transpose turns them. Measured
 with jpegtran -perfect on the corpus orientation set and on 150 crops of corpus photos per
