@@ -14,8 +14,9 @@ single core:
                      pillow-simd with draft decoding, one decode per photo; an upright
                      sRGB JPEG that fits the display's box and budget is its own display,
                      its coefficients with optimal Huffman tables and no metadata
-                     (mediavault.imaging.lossless), and only the smaller variants are
-                     decoded, at the smallest DCT scale that covers them
+                     (mediavault.imaging.lossless), and the smaller variants are made
+                     from the picture libjpeg outputs, at the smallest DCT scale that
+                     covers them, from the same decompression (one entropy decode)
   mediavault_reencoded  the same with MEDIAVAULT_IMAGING_LOSSLESS_DISPLAY=off: every display
                      re-encoded from the planes, as before the lossless display
   stock_pillow       the naive pipeline on stock Pillow: full decode (no draft), exif_transpose,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode
+from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode, turbojpeg
 from mediavault.imaging.colour import DISPLAY_P3
 from tests.conftest import CORPUS
 
@@ -115,3 +115,12 @@ def webp_chunks(data: bytes) -> list[bytes]:
         chunks.append(data[position : position + 4])
         position += 8 + size + (size & 1)
     return chunks
+
+
+def chroma_440(data: bytes) -> bytes:
+    """The 4:4:4 JPEG again with its chroma at half height (4:4:0), which Pillow cannot write."""
+    header = turbojpeg.read_header(data)
+    y, cb, cr = turbojpeg.decompress_to_planes(data, header)
+    width = header.width
+    halved = [bytes(b"".join(plane[row * width : (row + 1) * width] for row in range(0, header.height, 2))) for plane in (cb, cr)]
+    return turbojpeg.compress_planes([y, *halved], width, header.height, turbojpeg.SAMP_440, 88)

@@ -9,7 +9,7 @@ from PIL import Image, ImageCms
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, transcode
 from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
-from mediavault.imaging.decode import open_image
+from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
 from tests.imaging.helpers import check_variants, corpus, transcoded
 
@@ -76,6 +76,13 @@ def test_an_upright_p3_jpeg_is_its_own_display_with_our_profile() -> None:
     display = Image.open(io.BytesIO(strategy.display))
     assert display.info["icc_profile"] == DISPLAY_P3
     assert display.tobytes() == Image.open(io.BytesIO(data)).tobytes()
+    # The smaller variants' picture keeps the colours and the profile, as Pillow's decode did.
+    largest = max(DEFAULT_VARIANTS.image, key=lambda spec: spec.box)
+    smaller = [spec for spec in DEFAULT_VARIANTS.image if spec is not largest]
+    expected = decode_with_pillow(open_image(data, "image/jpeg", DEFAULT_LIMITS), smaller).image
+    assert strategy.picture is not None
+    assert strategy.picture.info == expected.info == {"icc_profile": DISPLAY_P3}
+    assert strategy.picture.tobytes() == expected.tobytes()
 
 
 def test_a_turned_p3_jpeg_keeps_its_colours_through_pillow() -> None:

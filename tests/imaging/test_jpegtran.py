@@ -11,9 +11,9 @@ import subprocess
 import pytest
 from PIL import Image
 
-from mediavault.imaging._jpegtran import JpegError, optimize
+from mediavault.imaging._jpegtran import JpegError, optimize, optimize_and_decode
 from mediavault.imaging.lossless import strip
-from tests.imaging.helpers import corpus, jpeg_segments
+from tests.imaging.helpers import chroma_440, corpus, jpeg_segments
 
 NO_LIMIT = 10**9
 _APPS_AND_COMMENT = {*range(0xE0, 0xF0), 0xFE}
@@ -103,12 +103,21 @@ def scans_cut(data: bytes, kept: int) -> bytes:
     ],
     ids=["truncated", "not-a-jpeg", "over-the-pixel-limit", "complete-progressive", "unfinished-progressive"],
 )
-def test_what_libjpeg_refuses_or_warns_about_raises(data: bytes, max_pixels: int, message: str | None) -> None:
+@pytest.mark.parametrize("with_picture", [False, True], ids=["optimize", "optimize_and_decode"])
+def test_what_libjpeg_refuses_or_warns_about_raises(
+    data: bytes, max_pixels: int, message: str | None, with_picture: bool
+) -> None:
+    def transcode() -> bytes:
+        if not with_picture:
+            return optimize(data, max_pixels, False, message is None)
+        width, height = Image.open(io.BytesIO(data)).size if data.startswith(b"\xff\xd8") else (0, 0)
+        return optimize_and_decode(data, max_pixels, False, message is None, 2, bytearray(-(-width // 2) * -(-height // 2) * 3))
+
     if message is None:
-        assert decoded(optimize(data, max_pixels, False, True)).tobytes() == decoded(data).tobytes()
+        assert decoded(transcode()).tobytes() == decoded(data).tobytes()
         return
     with pytest.raises(JpegError, match=message):
-        optimize(data, max_pixels, False, False)
+        transcode()
 
 
 def test_only_three_component_ycbcr_is_taken() -> None:
@@ -127,3 +136,46 @@ def test_damaged_bytes_raise_never_crash() -> None:
             damaged[generator.randrange(len(damaged))] = generator.randrange(256)
         with contextlib.suppress(JpegError):
             optimize(bytes(damaged), NO_LIMIT, attempt % 3 == 0, attempt % 4 == 0)
+        with contextlib.suppress(JpegError):
+            optimize_and_decode(bytes(damaged), NO_LIMIT, attempt % 3 == 0, attempt % 4 == 0, 2, bytearray(48 * 32 * 3))
+
+
+def test_only_a_pixel_buffer_of_the_scaled_pictures_size_is_written() -> None:
+    with pytest.raises(JpegError, match="not the scaled picture's size"):
+        optimize_and_decode(crop((97, 64)), NO_LIMIT, False, False, 2, bytearray(48 * 32 * 3))
+    with pytest.raises(ValueError, match="scale"):
+        optimize_and_decode(crop((96, 64)), NO_LIMIT, False, False, 3, bytearray(32 * 22 * 3))
+
+
+def sampled(size: tuple[int, int], subsampling: str, progressive: bool) -> bytes:
+    """A crop in this chroma subsampling, written progressive (libjpeg's simple progression) or not."""
+    data = chroma_440(crop(size, subsampling="4:4:4")) if subsampling == "4:4:0" else crop(size, subsampling=subsampling)
+    if not progressive:
+        return data
+    return subprocess.run(["jpegtran", "-copy", "none", "-progressive"], input=data, capture_output=True, check=True).stdout
+
+
+def draft_decoded(data: bytes, scale: int) -> Image.Image:
+    """What Pillow decodes after draft() picked 1/scale, as decode.decode_with_pillow has it do."""
+    image = Image.open(io.BytesIO(data))
+    image.draft(None, (image.width // scale, image.height // scale))
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("progressive", [False, True], ids=["sequential", "progressive"])
+@pytest.mark.parametrize("subsampling", ["4:4:4", "4:2:2", "4:2:0", "4:4:0"])
+@pytest.mark.parametrize(("size", "flip"), [((333, 221), False), ((600, 464), True)], ids=["partial-mcus", "flipped"])
+def test_the_picture_decoded_with_the_coefficients_is_pillows_draft_decode(
+    subsampling: str, progressive: bool, scale: int, size: tuple[int, int], flip: bool
+) -> None:
+    data = sampled(size, subsampling, progressive)
+    expected = draft_decoded(data, scale)
+    assert expected.size == (-(-size[0] // scale), -(-size[1] // scale))
+    if flip:
+        expected = expected.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    pixels = bytearray(expected.width * expected.height * 3)
+    # One decode for both: the display is the same file optimize() writes.
+    assert optimize_and_decode(data, NO_LIMIT, flip, progressive, scale, pixels) == optimize(data, NO_LIMIT, flip, progressive)
+    assert Image.frombuffer("RGB", expected.size, pixels, "raw", "RGB", 0, 1).tobytes() == expected.tobytes()

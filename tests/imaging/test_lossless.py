@@ -12,10 +12,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, transcode, turbojpeg
-from mediavault.imaging.decode import open_image
-from mediavault.imaging.lossless import NotLossless, display, orients_exactly, strip
+from mediavault.imaging.decode import decode_with_pillow, open_image
+from mediavault.imaging.lossless import NotLossless, display, display_and_picture, draft_scale, orients_exactly, strip
+from mediavault.imaging.spec import fit
 from mediavault.imaging.strategies import LosslessJpeg, PlanarJpeg, choose
-from tests.imaging.helpers import check_variants, corpus, jpeg_segments
+from mediavault.imaging.variants import make_variants
+from tests.imaging.helpers import check_variants, chroma_440, corpus, jpeg_segments
 
 SPECS = DEFAULT_VARIANTS.image
 DISPLAY = max(SPECS, key=lambda spec: spec.box)
@@ -144,15 +146,6 @@ def test_a_photo_upside_down_and_mirrored_is_flipped_exactly(
     assert len(variant.data) <= len(strip(data))
 
 
-def chroma_440(data: bytes) -> bytes:
-    """The 4:4:4 JPEG again with its chroma at half height (4:4:0), which Pillow cannot write."""
-    header = turbojpeg.read_header(data)
-    y, cb, cr = turbojpeg.decompress_to_planes(data, header)
-    width = header.width
-    halved = [bytes(b"".join(plane[row * width : (row + 1) * width] for row in range(0, header.height, 2))) for plane in (cb, cr)]
-    return turbojpeg.compress_planes([y, *halved], width, header.height, turbojpeg.SAMP_440, 88)
-
-
 @pytest.mark.parametrize(
     ("data", "orientation"),
     [
@@ -252,3 +245,65 @@ def test_damaged_bytes_make_the_parser_refuse_never_crash() -> None:
             damaged[generator.randrange(len(damaged))] = generator.randrange(256)
         with contextlib.suppress(NotLossless):
             strip(bytes(damaged))
+
+
+SMALLER = [spec for spec in SPECS if spec is not DISPLAY]
+
+
+def pillows_still(data: bytes) -> Image.Image:
+    """The picture the smaller variants were made from before: Pillow decoding the JPEG again."""
+    return decode_with_pillow(open_image(data, "image/jpeg", DEFAULT_LIMITS), SMALLER).image
+
+
+FLIPPED_CROPS = [
+    f"flipped-{subsampling}-{coding}" for subsampling in ("4:4:4", "4:2:2", "4:2:0") for coding in ("sequential", "progressive")
+]
+
+
+def lossless_input(source: str) -> bytes:
+    """A corpus photo, or a crop of one flipped upside down (flipped-<subsampling>-<coding>)."""
+    if not source.startswith("flipped-"):
+        return corpus(source).read_bytes()
+    _, subsampling, coding = source.split("-")
+    height = 992 if subsampling == "4:2:0" else 1000
+    crop = corpus_crop("images/camera/jolla.jpg", (1400, height), subsampling=subsampling, progressive=coding == "progressive")
+    return oriented(crop, 4)
+
+
+@pytest.mark.parametrize("source", [*sorted(EXPECTED), *FLIPPED_CROPS])
+def test_the_smaller_variants_picture_is_the_one_pillow_decodes(source: str) -> None:
+    data = lossless_input(source)
+    # Decoded with the display's coefficients, once, instead of by Pillow again: the same pixels.
+    strategy = chosen(data)
+    assert isinstance(strategy, LosslessJpeg)
+    assert strategy.picture is not None
+    expected = pillows_still(data)
+    assert (strategy.picture.mode, strategy.picture.size, strategy.picture.info) == (expected.mode, expected.size, expected.info)
+    assert strategy.picture.tobytes() == expected.tobytes()
+
+
+def test_the_smaller_variants_are_the_bytes_pillows_picture_makes() -> None:
+    data = corpus("images/orientation/Landscape_4.jpg").read_bytes()
+    result = transcode(data, "image/jpeg")
+    assert result.strategy == LosslessJpeg.name
+    before = make_variants(pillows_still(data), result.width, result.height, SMALLER)
+    assert [v for v in result.variants if v.name != DISPLAY.name] == before
+
+
+@pytest.mark.parametrize(("width", "height"), [(4000, 3000), (3264, 2448), (1800, 1200), (1201, 900), (640, 480), (300, 200)])
+@pytest.mark.parametrize("box", [600, 300, 150, 75])
+def test_the_scale_is_the_one_pillows_draft_picks(width: int, height: int, box: int) -> None:
+    image = Image.open(io.BytesIO(photo((width, height))))
+    image.draft(None, fit(width, height, box))
+    scale = draft_scale(width, height, box)
+    assert image.size == (-(-width // scale), -(-height // scale))
+
+
+def test_what_libjpeg_cannot_decode_is_not_lossless_and_goes_the_decoded_way() -> None:
+    # Three scans of a progressive photo: libjpeg would smooth the coefficients it lacks.
+    data = photo(progressive=True)
+    starts = [position for position in range(len(data) - 1) if data[position : position + 2] == b"\xff\xda"]
+    cut = data[: starts[3]] + b"\xff\xd9"
+    with pytest.raises(NotLossless, match="unfinished"):
+        display_and_picture(cut, turbojpeg.read_header(cut), DISPLAY.max_bytes, 600)
+    assert not isinstance(chosen(cut), LosslessJpeg)

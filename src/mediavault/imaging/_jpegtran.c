@@ -14,6 +14,11 @@
  * rows in reverse order, the odd vertical frequencies negated. That is jpegtran's
  * `-flip vertical -perfect`; lossless.py says when it decodes to exactly the flipped pixels.
  *
+ * optimize_and_decode also decodes the picture, scaled, from the same decompression
+ * (buffered-image mode, jdtrans.c: the coefficient arrays can be read after an output pass),
+ * as Pillow decodes it after draft(): the smaller variants' pixels without decoding the
+ * file's Huffman codes a second time.
+ *
  * libjpeg reports errors by calling exit() unless told otherwise: here every error and
  * every warning (a truncated or damaged file) longjmps back and becomes a Python
  * exception. The work runs without the GIL.
@@ -322,19 +327,65 @@ struct job {
     unsigned long long max_pixels;
     int flip;
     int progressive;
+    /* When scale is not 0, the picture is also decoded, at 1/scale, into pixels. */
+    int scale;
+    JSAMPLE *pixels;
+    size_t pixels_size;
     struct output out;
     size_t out_size;
     struct failure failure;
 };
 
+/* The picture decoded to RGB at 1/job->scale into job->pixels, upside down when job->flip,
+ * with the settings Pillow's JPEG decoder uses after draft() (libjpeg's defaults: islow IDCT,
+ * fancy upsampling, block smoothing), so the pixels are the ones Pillow would decode. The
+ * decompression is in buffered-image mode: the coefficients it absorbs stay in memory for
+ * jpeg_read_coefficients, which returns them after this (jdtrans.c), so the file is
+ * entropy-decoded once for both. */
+static void
+decode_scaled(j_decompress_ptr src, struct job *job)
+{
+    src->buffered_image = TRUE;
+    src->out_color_space = JCS_RGB;
+    src->scale_num = 1;
+    src->scale_denom = (unsigned int)job->scale;
+    jpeg_calc_output_dimensions(src);
+    size_t stride = (size_t)src->output_width * 3;
+    if (src->output_components != 3 || stride * src->output_height != job->pixels_size)
+        fail_with((j_common_ptr)src, "the pixel buffer is not the scaled picture's size");
+    jpeg_start_decompress(src);
+    int status;
+    do {
+        limit_scans((j_common_ptr)src);
+        status = jpeg_consume_input(src);
+    } while (status != JPEG_REACHED_EOI && status != JPEG_SUSPENDED);
+    if (status == JPEG_SUSPENDED)
+        fail_with((j_common_ptr)src, "the input ends before its EOI");
+    if (!complete(src))
+        fail_with((j_common_ptr)src, "a progressive file whose scans leave coefficients unfinished");
+    jpeg_start_output(src, src->input_scan_number);
+    while (src->output_scanline < src->output_height) {
+        JSAMPROW rows[4];
+        JDIMENSION first = src->output_scanline, count = src->output_height - first;
+        if (count > 4)
+            count = 4;
+        for (JDIMENSION i = 0; i < count; i++) {
+            JDIMENSION y = first + i;
+            rows[i] = job->pixels + stride * (job->flip ? src->output_height - 1 - y : y);
+        }
+        jpeg_read_scanlines(src, rows, count);
+    }
+    jpeg_finish_output(src);
+}
+
 /* Runs without the GIL; 0 with job->out holding the JPEG, -1 with job->failure's message. */
 static int
 transcode(struct job *job)
 {
-    struct jpeg_decompress_struct src;
+    struct jpeg_decompress_struct src, scaled;
     struct jpeg_compress_struct dst;
     struct jpeg_progress_mgr progress = {.progress_monitor = limit_scans};
-    volatile int dst_created = 0;
+    volatile int dst_created = 0, scaled_created = 0;
 
     src.err = jpeg_std_error(&job->failure.manager);
     job->failure.manager.error_exit = fail;
@@ -342,6 +393,8 @@ transcode(struct job *job)
     if (setjmp(job->failure.jump)) {
         if (dst_created)
             jpeg_destroy_compress(&dst);
+        if (scaled_created)
+            jpeg_destroy_decompress(&scaled);
         jpeg_destroy_decompress(&src);
         return -1;
     }
@@ -355,6 +408,21 @@ transcode(struct job *job)
         fail_with((j_common_ptr)&src, "not an 8-bit three-component YCbCr JPEG");
     if (job->flip && src.image_height % (DCTSIZE * src.max_v_samp_factor) != 0)
         fail_with((j_common_ptr)&src, "its height is not a whole number of MCU rows");
+    if (job->scale == 8 && !src.progressive_mode) {
+        /* At 1/8 the sequential decoder decodes the AC coefficients but keeps none (jdhuff.c):
+         * the picture comes from a decompression of its own, the file decoded twice. */
+        scaled.err = &job->failure.manager;
+        jpeg_create_decompress(&scaled);
+        scaled_created = 1;
+        scaled.progress = &progress;
+        jpeg_mem_src(&scaled, job->input, (unsigned long)job->input_size);
+        jpeg_read_header(&scaled, TRUE);
+        decode_scaled(&scaled, job);
+        jpeg_destroy_decompress(&scaled);
+        scaled_created = 0;
+    }
+    else if (job->scale)
+        decode_scaled(&src, job);
     jvirt_barray_ptr *coefficients = jpeg_read_coefficients(&src);
     if (!complete(&src))
         fail_with((j_common_ptr)&src, "a progressive file whose scans leave coefficients unfinished");
@@ -389,6 +457,30 @@ transcode(struct job *job)
     return 0;
 }
 
+/* Transcodes job (its input, output and pixels set) without the GIL; its output as bytes. */
+static PyObject *
+run(struct job *job)
+{
+    /* Optimal tables rarely grow a file: a little over the input is enough most times. */
+    job->out.capacity = job->input_size + job->input_size / 8 + 4096;
+    job->out.data = malloc(job->out.capacity);
+    if (job->out.data == NULL)
+        return PyErr_NoMemory();
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = transcode(job);
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
+    if (status == 0)
+        result = PyBytes_FromStringAndSize((const char *)job->out.data, (Py_ssize_t)job->out_size);
+    else if (job->failure.out_of_memory)
+        PyErr_NoMemory();
+    else
+        PyErr_SetString(JpegError, job->failure.message);
+    free(job->out.data);
+    return result;
+}
+
 static PyObject *
 optimize(PyObject *self, PyObject *args)
 {
@@ -402,26 +494,32 @@ optimize(PyObject *self, PyObject *args)
         .input = input.buf, .input_size = (size_t)input.len, .max_pixels = max_pixels, .flip = flip,
         .progressive = progressive,
     };
-    /* Optimal tables rarely grow a file: a little over the input is enough most times. */
-    job.out.capacity = (size_t)input.len + (size_t)input.len / 8 + 4096;
-    job.out.data = malloc(job.out.capacity);
-    if (job.out.data == NULL) {
-        PyBuffer_Release(&input);
-        return PyErr_NoMemory();
-    }
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = transcode(&job);
-    Py_END_ALLOW_THREADS
+    PyObject *result = run(&job);
     PyBuffer_Release(&input);
+    return result;
+}
+
+static PyObject *
+optimize_and_decode(PyObject *self, PyObject *args)
+{
+    Py_buffer input, pixels;
+    unsigned long long max_pixels;
+    int flip, progressive, scale;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*Kppiw*", &input, &max_pixels, &flip, &progressive, &scale, &pixels))
+        return NULL;
     PyObject *result = NULL;
-    if (status == 0)
-        result = PyBytes_FromStringAndSize((const char *)job.out.data, (Py_ssize_t)job.out_size);
-    else if (job.failure.out_of_memory)
-        PyErr_NoMemory();
-    else
-        PyErr_SetString(JpegError, job.failure.message);
-    free(job.out.data);
+    if (scale != 1 && scale != 2 && scale != 4 && scale != 8)
+        PyErr_SetString(PyExc_ValueError, "scale must be 1, 2, 4 or 8");
+    else {
+        struct job job = {
+            .input = input.buf, .input_size = (size_t)input.len, .max_pixels = max_pixels, .flip = flip,
+            .progressive = progressive, .scale = scale, .pixels = pixels.buf, .pixels_size = (size_t)pixels.len,
+        };
+        result = run(&job);
+    }
+    PyBuffer_Release(&pixels);
+    PyBuffer_Release(&input);
     return result;
 }
 
@@ -433,6 +531,12 @@ static PyMethodDef methods[] = {
      "Raises JpegError on any libjpeg error or warning, on more than max_pixels pixels, on\n"
      "anything but an 8-bit three-component YCbCr JPEG, and when `flip` and its height is not a\n"
      "whole number of MCU rows."},
+    {"optimize_and_decode", optimize_and_decode, METH_VARARGS,
+     "optimize_and_decode(jpeg, max_pixels, flip, progressive, scale, pixels) -> bytes\n\n"
+     "optimize(jpeg, max_pixels, flip, progressive), and the picture decoded from the same\n"
+     "coefficients as Pillow decodes it after draft() picked this scale (1, 2, 4 or 8): RGB at\n"
+     "1/scale, flipped top to bottom when `flip`, into `pixels`, a writable buffer of exactly\n"
+     "ceil(width / scale) * ceil(height / scale) * 3 bytes. The file is entropy-decoded once."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,6 +18,16 @@ its metadata.
 A progressive original whose scans leave a coefficient unfinished is refused: libjpeg
 smooths such blocks as it decodes them, and would not smooth the complete re-encode.
 
+The smaller variants need the pixels all the same, at the smallest DCT scale that covers
+them. display_and_picture decodes them in the same libjpeg decompression that reads the
+coefficients (buffered-image mode: the scans are absorbed once into the coefficient arrays,
+the scaled picture is output from them, then jpeg_read_coefficients hands the same arrays
+to the re-encode), with the settings and the scale Pillow's draft decode uses, so the
+picture is the one decode.decode_with_pillow would give, pixel for pixel (the tests compare
+them), and the JPEG is entropy-decoded once instead of twice. At 1/8, libjpeg's sequential
+decoder keeps no AC coefficient, so a sequential original scaled that far is decoded twice;
+the default variants never scale a display-sized photo below 1/4.
+
 Orientation is applied in the DCT domain only where the decoded pixels come out exactly
 the decoded original's, turned as Pillow's ImageOps.exif_transpose turns them. Measured
 with jpegtran -perfect on the corpus orientation set and on 150 crops of corpus photos per
@@ -44,7 +54,10 @@ frequencies negated); any other turn goes through the planes instead (strategies
 
 from __future__ import annotations
 
+from PIL import Image
+
 from mediavault.imaging import _jpegtran, colour, turbojpeg
+from mediavault.imaging.spec import fit
 
 _SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 # Huffman-coded frames every browser decodes: baseline and progressive. Extended
@@ -164,13 +177,56 @@ def display(data: bytes, header: turbojpeg.Header, max_bytes: int, icc: bytes | 
     wide-colour original). `orientation` is the original's EXIF orientation; the display
     carries none, so it is applied here (orients_exactly says when it can be).
     """
+    return _display(data, header, max_bytes, icc, orientation, None)
+
+
+def display_and_picture(
+    data: bytes, header: turbojpeg.Header, max_bytes: int, box: int, icc: bytes | None = None, orientation: int = 1
+) -> tuple[bytes, Image.Image]:
+    """display(), and the upright picture the smaller variants, none larger than `box`, are
+    made from: pixel for pixel the one decode.decode_with_pillow gives (Pillow's draft decode
+    at the DCT scale that covers `box`, flipped as display() flips), decoded from the
+    coefficients the display is made of, so the JPEG is entropy-decoded once for both.
+    """
+    scale = draft_scale(header.width, header.height, box)
+    size = (-(-header.width // scale), -(-header.height // scale))
+    # Within the pixels open_image admitted: at most three bytes for each of them.
+    pixels = bytearray(size[0] * size[1] * 3)
+    shown = _display(data, header, max_bytes, icc, orientation, (scale, pixels))
+    picture = Image.frombytes("RGB", size, pixels)
+    # As decode_with_pillow's: no metadata to write back out, but the wide-colour profile.
+    picture.info = {"icc_profile": icc} if icc is not None else {}
+    return shown, picture
+
+
+def draft_scale(width: int, height: int, box: int) -> int:
+    """The DCT scale divisor (1, 2, 4 or 8) Pillow's JpegImageFile.draft picks for a picture
+    that must still cover fit(width, height, box): the largest that does."""
+    fitted_width, fitted_height = fit(width, height, box)
+    ratio = min(width // fitted_width, height // fitted_height)
+    return next(scale for scale in (8, 4, 2, 1) if ratio >= scale)
+
+
+def _display(
+    data: bytes,
+    header: turbojpeg.Header,
+    max_bytes: int,
+    icc: bytes | None,
+    orientation: int,
+    decoded: tuple[int, bytearray] | None,
+) -> bytes:
+    """display(); when `decoded` (a scale and a buffer) is given, the picture decoded into the buffer too."""
     if not orients_exactly(header, orientation):
         raise NotLossless(f"EXIF orientation {orientation} does not turn exactly in the DCT domain")
     stripped, progressive = _strip(data)
     flip = orientation == _FLIP_TOP_BOTTOM
+    # The header the pipeline admitted bounds the pixels: the same picture has no more.
+    max_pixels = header.width * header.height
     try:
-        # The header the pipeline admitted bounds the pixels: the same picture has no more.
-        optimised = _jpegtran.optimize(stripped, header.width * header.height, flip, progressive)
+        if decoded is None:
+            optimised = _jpegtran.optimize(stripped, max_pixels, flip, progressive)
+        else:
+            optimised = _jpegtran.optimize_and_decode(stripped, max_pixels, flip, progressive, *decoded)
     except _jpegtran.JpegError as exc:
         raise NotLossless(f"libjpeg cannot transcode it: {exc}") from None
     if len(optimised) > len(stripped):

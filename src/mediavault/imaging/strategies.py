@@ -3,8 +3,9 @@
 LosslessJpeg    A YCbCr JPEG in sRGB that already fits the display's box and budget and
                 is upright or turns upright exactly in the DCT domain: its display is the
                 original's coefficients with optimal Huffman tables and no metadata (see
-                lossless), the smaller variants come from Pillow decoding it at the
-                smallest DCT scale that covers them.
+                lossless), the smaller variants come from the picture libjpeg decodes
+                from the same coefficients at the smallest DCT scale that covers them,
+                exactly the picture Pillow's draft decode gives.
 PlanarJpeg      A YCbCr JPEG in sRGB whose variants its planes can all make: libjpeg-turbo
                 decodes it to its YCbCr planes, turned upright in them, and the variants
                 are encoded from them (see planar), never through RGB.
@@ -95,19 +96,20 @@ class PlanarJpeg:
 @dataclass(frozen=True)
 class LosslessJpeg:
     name: ClassVar[str] = "jpeg-lossless"
-    image: Image.Image
     header: turbojpeg.Header
     display: bytes
+    # What the smaller variants are made from (lossless.display_and_picture); None when the
+    # display is the only variant.
+    picture: Image.Image | None
     reason: str
 
     def transcode(self, specs: Sequence[VariantSpec]) -> TranscodeResult:
         largest, *others = sorted(specs, key=lambda spec: spec.box, reverse=True)
         width, height = self.header.width, self.header.height
         display = Variant(largest.name, "image/jpeg", width, height, self.display)
-        if not others:
+        if self.picture is None:
             return TranscodeResult("image", width, height, [display], self.name)
-        still = decode_with_pillow(self.image, others)
-        return TranscodeResult("image", width, height, [display, *make_variants(still.image, width, height, others)], self.name)
+        return TranscodeResult("image", width, height, [display, *make_variants(self.picture, width, height, others)], self.name)
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,16 @@ def choose(
     if lossless_display and lossless.orients_exactly(header, orientation) and fit(header.width, header.height, display.box) == image.size:
         try:
             profile = colour.DISPLAY_P3 if wide else None
-            shown = lossless.display(data, header, display.max_bytes, profile, orientation)
+            others = [spec.box for spec in specs if spec is not display]
+            picture = None
+            if others:
+                shown, picture = lossless.display_and_picture(data, header, display.max_bytes, max(others), profile, orientation)
+            else:
+                shown = lossless.display(data, header, display.max_bytes, profile, orientation)
             space = "Display P3" if wide else "sRGB"
             reason = (f"an upright YCbCr JPEG in {space} that fits the display" if orientation in (0, 1)
                       else f"a YCbCr JPEG in {space} that fits the display and flips upright exactly")
-            return LosslessJpeg(image, header, shown, reason)
+            return LosslessJpeg(header, shown, picture, reason)
         except lossless.NotLossless:
             # Not a JPEG every browser decodes as it is, or over the budget: re-encoded.
             pass
