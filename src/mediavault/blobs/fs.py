@@ -54,6 +54,33 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _load_sync_file_range()
 
 
+class Writeback:
+    """Starts a file's bytes on their way to disk every _SYNC_EVERY bytes written (sync_file_range,
+    which does not wait; fdatasync where there is none), so that the fdatasync that makes them
+    durable at the end has little left to wait for."""
+
+    def __init__(self, fd: int, offset: int = 0) -> None:
+        self._fd = fd
+        # Where the bytes not yet on their way to disk start, and how many there are.
+        self._from = offset
+        self._pending = 0
+
+    def wrote(self, count: int) -> None:
+        self._pending += count
+        if self._pending < _SYNC_EVERY:
+            return
+        if _sync_file_range is None:
+            os.fdatasync(self._fd)
+        elif _sync_file_range(self._fd, self._from, self._pending, _SYNC_FILE_RANGE_WRITE) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        self.synced(self._from + self._pending)
+
+    def synced(self, offset: int) -> None:
+        """Every byte before offset is on disk (or on its way)."""
+        self._from, self._pending = offset, 0
+
+
 class FsBlobStore:
     # Any byte of a partial file can be synced: a resumable upload's checkpoints fall where the caller wants.
     partial_part_size: int | None = None
@@ -152,7 +179,8 @@ class FsBlobStore:
         """Links a fully written temp file in as the object unless it exists; False if it did.
 
         A presigned PUT creates the object once: after finalize has verified the bytes,
-        a still-valid URL must not be able to swap them. The caller removes the temp file.
+        a still-valid URL must not be able to swap them. The caller has synced the file's
+        bytes; the name is synced here. The caller removes the temp file.
         """
         target = self._file(key)
         try:
@@ -164,6 +192,7 @@ class FsBlobStore:
                 os.link(tmp, target)
         except FileExistsError:
             return False
+        sync_directory(os.path.dirname(target))
         return True
 
     async def delete(self, key: str) -> None:
@@ -281,6 +310,8 @@ class FsBlobStore:
             # os.replace keeps the object's bytes immutable once published: no signed PUT URL
             # exists for a resumable upload, and the partial file goes away with the rename.
             os.replace(source, target)
+            # The partial file's bytes were synced at its last checkpoint; its new name is synced here.
+            sync_directory(os.path.dirname(target))
         except OSError as exc:
             raise BlobStoreError(f"publish failed: {exc.strerror}") from exc
 
@@ -343,9 +374,8 @@ class _FsPartialWriter:
         self._fd = fd
         self._received = received
         self._digest = digest
-        # The thread's own: where the bytes not yet on their way to disk start, and how many there are.
-        self._unsynced_from = received
-        self._unsynced = 0
+        # The worker thread's own.
+        self._writeback = Writeback(fd, received)
         self._queue = InOrder(self._write_batch, max_waiting_bytes=_WRITE_AHEAD)
 
     async def write(self, data: bytes) -> None:
@@ -358,24 +388,11 @@ class _FsPartialWriter:
     def _write_batch(self, batch: list[bytes]) -> None:
         try:
             for data in batch:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                self._unsynced += len(data)
-            if self._unsynced >= _SYNC_EVERY:
-                self._start_writeback()
+                write_all(self._fd, data)
+                self._writeback.wrote(len(data))
         except OSError as exc:
             raise BlobStoreError(f"write failed: {exc.strerror}") from exc
         self._digest(batch)
-
-    def _start_writeback(self) -> None:
-        if _sync_file_range is None:
-            os.fdatasync(self._fd)
-        elif _sync_file_range(self._fd, self._unsynced_from, self._unsynced, _SYNC_FILE_RANGE_WRITE) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
-        self._unsynced_from += self._unsynced
-        self._unsynced = 0
 
     async def flush(self, *, final: bool) -> PartialState:
         await self._queue.drain()
@@ -383,12 +400,27 @@ class _FsPartialWriter:
             await asyncio.to_thread(os.fdatasync, self._fd)
         except OSError as exc:
             raise BlobStoreError(f"fdatasync failed: {exc.strerror}") from exc
-        self._unsynced_from, self._unsynced = self._received, 0
+        self._writeback.synced(self._received)
         return PartialState(self._received)
 
     async def close(self) -> None:
         await self._queue.settle()
         os.close(self._fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def sync_directory(directory: str) -> None:
+    """Makes the names just linked, renamed or created in directory durable."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _create_durably(path: str) -> int:
@@ -407,11 +439,7 @@ def _create_durably(path: str) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for changed in {directory, *(os.path.dirname(new) for new in created)}:
-            dir_fd = os.open(changed, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            sync_directory(changed)
     except BaseException:
         os.close(fd)
         raise

@@ -3,16 +3,19 @@ presigned URLs do; on both backends it carries the tus endpoints (mediavault.tus
 
 PUT needs the signed Content-Length and Content-Type, streams the body to a temp file,
 cuts off anything past the signed length and publishes the object only when complete,
-and only once (a second PUT to the same key is 412, as S3's If-None-Match: *).
+and only once (a second PUT to the same key is 412, as S3's If-None-Match: *). Like S3's,
+its 200 means the object is durable: its bytes and its name are synced first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 
 from aiohttp import web
 
-from mediavault.blobs.fs import FsBlobStore, remove_quietly
+from mediavault.blobs.fs import FsBlobStore, Writeback, remove_quietly, write_all
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,22 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
     tmp = store.new_temp_file()
     received = 0
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            writeback = Writeback(fd)
             while chunk := await request.content.read(_CHUNK):
                 received += len(chunk)
                 if received > signed_length:
                     return _error(400, "EntityTooLarge", "body exceeds the signed length")
-                f.write(chunk)
-        if received != signed_length:
-            return _error(400, "IncompleteBody", "body shorter than the signed length")
-        if not store.publish_new(tmp, key):
+                write_all(fd, chunk)
+                writeback.wrote(len(chunk))
+            if received != signed_length:
+                return _error(400, "IncompleteBody", "body shorter than the signed length")
+            # A 200 says the object is stored, as S3's does: its bytes are on disk before it.
+            await asyncio.to_thread(os.fdatasync, fd)
+        finally:
+            os.close(fd)
+        if not await asyncio.to_thread(store.publish_new, tmp, key):
             return _error(412, "PreconditionFailed", "object already uploaded")
     finally:
         remove_quietly(tmp)
