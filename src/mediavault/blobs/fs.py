@@ -35,8 +35,8 @@ _INLINE_READ_LIMIT = 256 * 1024
 _READ_CHUNK = 1024 * 1024
 _DELETE_THREADS = 8
 # A resumable upload's bytes: the writer thread starts writing them to disk whenever this much
-# is written and not yet on its way, and twice as much may wait for the thread (which also hashes
-# them) before the event loop waits for it.
+# is written and not yet on its way, and twice as much may wait for the writer (or the hasher)
+# before the event loop waits for it.
 _SYNC_EVERY = 2 * 1024 * 1024
 _WRITE_AHEAD = 2 * _SYNC_EVERY
 _SYNC_FILE_RANGE_WRITE = 2
@@ -361,29 +361,32 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
 
 
 class _FsPartialWriter:
-    """Appends to the partial file and digests the bytes in one worker thread while the next ones arrive.
+    """Appends to the partial file in one worker thread and digests the bytes in another, while the
+    event loop takes the next ones.
 
-    One thread does both, batch by batch: a hand-off per batch rather than two, and the bytes are
-    hashed while the disk writes them. flush() waits for every byte written and fdatasyncs them (the
+    SHA-256 costs more than writing to the page cache, and done one after the other in a single
+    thread they were the slowest stage of a chunk (bench/README.md, resumable): each has its thread,
+    and the slower one sets the pace. flush() waits for both and fdatasyncs the bytes (the
     file's data and its size, what reading it back needs), so the checkpoint after it is true. The
-    thread starts writing every _SYNC_EVERY bytes to disk as it goes (sync_file_range, which does not
-    wait; fdatasync where there is none), so the sync at the end has little left to wait for.
+    writer starts writing every _SYNC_EVERY bytes to disk as it goes (sync_file_range, which does
+    not wait; fdatasync where there is none), so the sync at the end has little left to wait for.
     """
 
     def __init__(self, fd: int, received: int, digest: Digest) -> None:
         self._fd = fd
         self._received = received
-        self._digest = digest
-        # The worker thread's own.
+        # The writer thread's own.
         self._writeback = Writeback(fd, received)
-        self._queue = InOrder(self._write_batch, max_waiting_bytes=_WRITE_AHEAD)
+        self._writes = InOrder(self._write_batch, max_waiting_bytes=_WRITE_AHEAD)
+        self._digests = InOrder(digest, max_waiting_bytes=_WRITE_AHEAD)
 
     async def write(self, data: bytes) -> None:
-        await self._queue.put(data)
+        await self._writes.put(data)
+        await self._digests.put(data)
         self._received += len(data)
 
     async def digested(self) -> None:
-        await self._queue.drain()
+        await self._digests.drain()
 
     def _write_batch(self, batch: list[bytes]) -> None:
         try:
@@ -392,10 +395,10 @@ class _FsPartialWriter:
                 self._writeback.wrote(len(data))
         except OSError as exc:
             raise BlobStoreError(f"write failed: {exc.strerror}") from exc
-        self._digest(batch)
 
     async def flush(self, *, final: bool) -> PartialState:
-        await self._queue.drain()
+        await self._writes.drain()
+        await self._digests.drain()
         try:
             await asyncio.to_thread(os.fdatasync, self._fd)
         except OSError as exc:
@@ -404,7 +407,8 @@ class _FsPartialWriter:
         return PartialState(self._received)
 
     async def close(self) -> None:
-        await self._queue.settle()
+        await self._writes.settle()
+        await self._digests.settle()
         os.close(self._fd)
 
 
