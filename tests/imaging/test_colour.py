@@ -7,11 +7,11 @@ import io
 import pytest
 from PIL import Image, ImageCms
 
-from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, transcode
+from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, formats, transcode
 from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
-from tests.imaging.helpers import check_variants, corpus, transcoded
+from tests.imaging.helpers import assert_no_metadata, check_variants, corpus, open_variant, transcoded
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The iPhone's own Display P3 profile, as its HEIC carries it.
@@ -66,6 +66,30 @@ def test_a_saturated_p3_red_stays_outside_srgb_in_every_variant(fmt: str, mime: 
         assert min(srgb[1:]) < -0.02, (name, red, srgb)
         # GPS and the rest of the EXIF are gone all the same (check_variants), only the profile is left.
         assert not picture.getexif()
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png")])
+def test_the_avif_alternates_of_a_p3_photo_keep_its_gamut_and_carry_nothing_else(fmt: str, mime: str) -> None:
+    result = transcode(p3_red_photo(fmt, quality=95) if fmt == "JPEG" else p3_red_photo(fmt), mime)
+    alternates = [alternate for variant in result.variants for alternate in variant.alternates]
+    assert {(a.name, a.content_type) for a in alternates} == {("thumbnail", "image/avif"), ("preview", "image/avif")}
+    for alternate in alternates:
+        picture = open_variant(alternate.data)
+        assert picture.info.get("icc_profile") == DISPLAY_P3, alternate.name
+        assert not picture.getexif()
+        assert not picture.info.get("exif") and not picture.info.get("xmp")
+        red = picture.convert("RGB").getpixel((picture.width // 4, picture.height // 2))
+        assert isinstance(red, tuple)
+        srgb = in_linear_srgb(red)
+        assert srgb[0] > 1.1, (alternate.name, red, srgb)
+        assert min(srgb[1:]) < -0.02, (alternate.name, red, srgb)
+
+
+def test_the_webp_of_a_p3_picture_keeps_its_profile() -> None:
+    picture = decode_with_pillow(open_image(p3_red_photo("PNG"), "image/png", DEFAULT_LIMITS), DEFAULT_VARIANTS.image).image
+    decoded = open_variant(formats.encode(picture.resize((300, 225)), formats.WEBP, 90))
+    assert decoded.info.get("icc_profile") == DISPLAY_P3
+    assert_no_metadata(decoded, formats.encode(picture.resize((300, 225)), formats.WEBP, 90))
 
 
 def test_an_upright_p3_jpeg_is_its_own_display_with_our_profile() -> None:

@@ -56,15 +56,20 @@ _WEBP_METHOD = 6
 
 
 def encode(picture: Image.Image, content_type: str, quality: int) -> bytes:
-    """The picture (RGB or RGBA, or YCbCr as the planes strategy resizes) in AVIF or WebP, with no metadata."""
+    """The picture (RGB or RGBA, or YCbCr as the planes strategy resizes) in AVIF or WebP, with no
+    metadata but a wide-colour picture's profile."""
+    # Set on Display P3 pictures only (decode._to_srgb), as on their JPEG: without it a
+    # decoder reads the P3 levels as sRGB and the colours lose their gamut. An ICC colour
+    # box is how pillow-avif-plugin tags an AVIF (it has no nclx option); sRGB goes untagged.
+    icc = picture.info.get("icc_profile") or b""
     if picture.mode not in ("RGB", "RGBA"):
         picture = picture.convert("RGB")
     buffer = io.BytesIO()
     if content_type == AVIF:
         picture.save(buffer, "AVIF", quality=quality, speed=_AVIF_SPEED, max_threads=1, codec="aom",
-                     subsampling=_AVIF_SUBSAMPLING, exif=b"", xmp=b"", icc_profile=b"")
+                     subsampling=_AVIF_SUBSAMPLING, exif=b"", xmp=b"", icc_profile=icc)
     elif content_type == WEBP:
-        picture.save(buffer, "WEBP", quality=quality, method=_WEBP_METHOD, exif=b"", xmp=b"", icc_profile=b"")
+        picture.save(buffer, "WEBP", quality=quality, method=_WEBP_METHOD, exif=b"", xmp=b"", icc_profile=icc)
     else:
         raise ValueError(f"no alternate encoder for {content_type}")
     return buffer.getvalue()
