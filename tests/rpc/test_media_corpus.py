@@ -120,6 +120,18 @@ async def test_an_iphone_photo_keeps_its_utc_offset(storage, media, auth, user_i
     assert (item.taken_at, item.camera) == ("2021-04-11T15:47:53-05:00", "Apple iPhone 11 Pro Max")
 
 
+@pytest.mark.parametrize("relative", ["images/camera/DSCN0010.jpg", "images/heic/IMG_5195.HEIC"])
+async def test_the_feed_answers_a_photos_facts_alike_from_the_database_and_from_its_cache(
+    storage, media, auth, user_id, worker, relative
+):
+    md = auth(user_id)
+    item = await run_through(storage, media, md, relative)
+    computed = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    cached = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    assert cached.etag == computed.etag
+    assert [(m.media_id, m.taken_at, m.camera) for m in cached.media] == [(item.media_id, item.taken_at, item.camera)]
+
+
 async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, auth, user_id, worker):
     moving = await run_through(storage, media, auth(user_id), "images/formats/newtonscradle.gif")
     still = await run_through(storage, media, auth(user_id), "images/formats/hopper.gif")

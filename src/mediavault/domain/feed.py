@@ -86,7 +86,7 @@ def _from_json(raw: list[dict[str, Any]]) -> list[media_domain.Media]:
     items = []
     for values in raw:
         variants = tuple(media_domain.Variant(**v) for v in values.pop("variants"))
-        for key in ("created_at", "saved_at", "expires_at", "next_attempt_at"):
+        for key in ("created_at", "saved_at", "expires_at", "next_attempt_at", "taken_at"):
             if values[key] is not None:
                 values[key] = datetime.fromisoformat(values[key])
         values["media_id"] = uuid.UUID(values["media_id"])
