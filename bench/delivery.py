@@ -7,18 +7,22 @@ Four measurements, each against its baseline in the same run:
                  encoded as JPEG at the variants' qualities (spec.THUMBNAIL/PREVIEW, the
                  pipeline's encoder settings) and as AVIF and WebP at their configured
                  qualities (spec.AVIF_*_QUALITY, WEBP_*_QUALITY; formats.encode), whether
-                 the pipeline makes them (`made_eagerly`) or not.
+                 the upload's job makes them (`made_eagerly`) or a job of their own makes
+                 them once a client asks (`made_on_request`).
                  Quality is matched by SSIMULACRA2 (PyPI ssimulacra2, the reference's
                  Python port) of each encode against its pristine picture: for each format
                  and variant the walk starts at the configured quality and steps by 1 to the
                  lowest quality whose mean score over the 20 pictures is at least the JPEG's
                  (`matched_quality`); the goals hold the configured qualities to that.
   encode ms      median milliseconds of one encode per variant per format, on one core.
-  throughput     mediavault.imaging.transcode with the default variants (every format:
-                 the multi-format set) beside the same pipeline without alternates (the
-                 JPEG-only set) and beside stock Pillow's naive JPEG-only pipeline
-                 (bench/transcode.py's stock_pillow), on bench/transcode.py's photos, each in
-                 its own subprocess pinned to the same core, alternated --repeat times.
+  throughput     mediavault.imaging.transcode with the default variants (every format the
+                 upload's job makes: the multi-format set) beside the same pipeline without
+                 alternates (the JPEG-only set) and beside stock Pillow's naive JPEG-only
+                 pipeline (bench/transcode.py's stock_pillow), on bench/transcode.py's photos,
+                 each in its own subprocess pinned to the same core, alternated --repeat
+                 times; and `webp_on_request`, the make_formats job's pixel work for a
+                 photo's formats made on request (pipeline.made_on_request), which a photo
+                 costs on top once a client asks for them.
   job memory     the multi-format job's peak RSS above its starting point on a 12 MP photo.
 
 Stock Pillow, numpy, scipy and ssimulacra2 live in .bench/delivery, created on first run.
@@ -82,7 +86,7 @@ def worker_score(args: argparse.Namespace) -> None:
 
 
 def worker_throughput(args: argparse.Namespace) -> None:
-    """ms per photo of one contender: multi_format, jpeg_only (mediavault) or stock_pillow (stock Pillow, JPEG only)."""
+    """ms per photo of one contender: multi_format, jpeg_only, webp_on_request (mediavault) or stock_pillow (stock Pillow, JPEG only)."""
     os.sched_setaffinity(0, {args.core})
     files = [Path(f) for f in args.files]
     payloads = [f.read_bytes() for f in files]
@@ -117,6 +121,12 @@ def contender(name: str, specs: list[dict]):
     from mediavault.imaging import DEFAULT_VARIANTS, transcode, tune_worker_process
 
     tune_worker_process()
+    if name == "webp_on_request":
+        from mediavault.imaging.pipeline import made_on_request
+        from mediavault.imaging.spec import on_request
+
+        requested = on_request(DEFAULT_VARIANTS)
+        return lambda data: made_on_request(data, "image/jpeg", requested)
     variants = DEFAULT_VARIANTS if name == "multi_format" else transcode_bench.jpeg_only(DEFAULT_VARIANTS)
     return lambda data: transcode(data, "image/jpeg", variants=variants)
 
@@ -263,9 +273,10 @@ def page_report(scorer: Scorer, core: int, repeat: int) -> dict:
     from mediavault.imaging import spec as specs
     from mediavault.imaging.spec import PREVIEW, THUMBNAIL, Alternate
 
-    report: dict = {"formats": {}, "encode_ms": {}, "made_eagerly": {}}
+    report: dict = {"formats": {}, "encode_ms": {}, "made_eagerly": {}, "made_on_request": {}}
     for spec in (THUMBNAIL, PREVIEW):
-        report["made_eagerly"][spec.name] = [JPEG, *(a.content_type for a in spec.alternates)]
+        report["made_eagerly"][spec.name] = [JPEG, *(a.content_type for a in spec.alternates if a.eager)]
+        report["made_on_request"][spec.name] = [a.content_type for a in spec.alternates if not a.eager]
         # Every candidate format at its configured quality, made eagerly or not.
         candidates = [
             Alternate(content_type, getattr(specs, f"{content_type.removeprefix('image/').upper()}_{spec.name.upper()}_QUALITY"))
@@ -339,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
 
         specs = json.dumps(transcode_bench.variant_specs())
         files = [str(CORPUS / p) for p in transcode_bench.PHOTOS]
-        pythons = {"multi_format": Path(sys.executable), "jpeg_only": Path(sys.executable), "stock_pillow": bench_python}
+        pythons = {
+            "multi_format": Path(sys.executable), "jpeg_only": Path(sys.executable),
+            "webp_on_request": Path(sys.executable), "stock_pillow": bench_python,
+        }
         samples: dict[str, list[dict]] = {name: [] for name in pythons}
         # Alternated, one pass each, so that load on the machine falls on every contender alike.
         for round_number in range(args.repeat):

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 TRANSCODE = "transcode_media"
 # A video's run, on the video queue: transcode_media hands videos over to it.
 TRANSCODE_VIDEO = "transcode_video"
+# Formats made on request (domain.media.Library.get), on the transcode queue.
+MAKE_FORMATS = "make_formats"
 
 # The arq releases whose enqueue protocol _ENQUEUE mirrors (pyproject pins arq to them;
 # tests/test_jobs.py compares the script's keys, payload and expiry with arq's own enqueue_job).
@@ -144,6 +146,26 @@ class TranscodeQueue:
                 return await self._batches.submit(run)
             except (RedisError, OSError):
                 return _enqueue_failed(run)
+
+    async def enqueue_formats(self, media_id: uuid.UUID, version: int, requested: int) -> bool:
+        """Queues the job that makes the run's requested formats; False when Redis is unreachable.
+
+        `requested` is how many formats the run has had asked for so far: each request
+        that adds one queues a job of its own, as arq keeps a finished job's id for a while.
+        """
+        if self.redis is None:
+            return False
+        job_id = f"formats:{media_id}:v{version}:n{requested}"
+        with tracing.enqueue_span(MAKE_FORMATS, job_id, self.redis.default_queue_name) as trace_context:
+            carried: dict[str, Any] = {"trace_context": trace_context} if trace_context else {}
+            try:
+                await self.redis.enqueue_job(MAKE_FORMATS, str(media_id), version, _job_id=job_id, **carried)
+            except (RedisError, OSError):
+                metrics.REDIS_FALLBACKS.labels("enqueue_formats").inc()
+                log.warning("formats enqueue failed", extra={"media_id": str(media_id)}, exc_info=True)
+                tracing.mark_failed("redis unreachable")
+                return False
+        return True
 
 
 async def enqueue_video(redis: ArqRedis, queue_name: str, media_id: uuid.UUID, version: int, transcode_job_id: str) -> None:

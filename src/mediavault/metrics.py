@@ -36,6 +36,7 @@ TRANSCODE_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 TRANSCODE_OUTCOMES = Counter("mediavault_transcode_total", "Transcode job outcomes", ["outcome", "reason"])
+FORMAT_OUTCOMES = Counter("mediavault_formats_made_total", "Outcomes of make_formats jobs (formats made on request)", ["outcome", "reason"])
 EVENTS_RECORDED = Counter("mediavault_usage_events_total", "Usage events received", ["result"])
 
 JOB_RUNS = Counter("mediavault_job_runs_total", "Cleanup job runs", ["job", "outcome"])

@@ -20,6 +20,7 @@ from mediavault.domain.media import Library
 from mediavault.domain.pages import PageTokens
 from mediavault.domain.purchases import Purchases
 from mediavault.domain.uploads import Resumable, Uploads
+from mediavault.imaging.spec import DEFAULT_VARIANTS, on_request
 from mediavault.jobs import TranscodeQueue
 
 
@@ -46,7 +47,7 @@ def build_services(pool: asyncpg.Pool, blobs: BlobStore, redis: ArqRedis | None,
         purchases=Purchases(pool, accounts, tokens),
         uploads=Uploads(pool, blobs, settings, transcodes, resumable),
         resumable=resumable,
-        library=Library(pool, blobs, settings, transcodes, feed),
+        library=Library(pool, blobs, settings, transcodes, feed, on_request(DEFAULT_VARIANTS)),
         feed=feed,
         events=Events(pool),
         transcodes=transcodes,

@@ -1,4 +1,4 @@
-"""The alternates: the thumbnail and the preview in AVIF and WebP beside the primary, from the same pixels."""
+"""The alternates: the thumbnail and the preview in AVIF beside the primary, from the same pixels, and in WebP on request."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import io
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from mediavault.imaging import DEFAULT_VARIANTS, transcode
+from mediavault.imaging import DEFAULT_VARIANTS, PermanentImagingError, transcode
 from mediavault.imaging.formats import AVIF, WEBP, encode
-from mediavault.imaging.spec import Alternate, VariantSet, VariantSpec
+from mediavault.imaging.pipeline import made_on_request
+from mediavault.imaging.spec import Alternate, VariantSet, VariantSpec, on_request
+from tests.conftest import CORPUS
 from tests.imaging.helpers import SPECS, assert_no_metadata, open_variant, transcoded
 
 FORMATS = {AVIF: "AVIF", WEBP: "WEBP"}
@@ -107,3 +109,47 @@ def test_an_alternate_no_smaller_than_the_primary_is_left_out():
 def test_encode_refuses_a_format_it_has_no_encoder_for():
     with pytest.raises(ValueError, match="image/png"):
         encode(Image.new("RGB", (4, 4)), "image/png", 80)
+
+
+def test_webp_is_made_on_request_and_never_by_the_upload_job():
+    assert on_request(DEFAULT_VARIANTS) == {"thumbnail": (WEBP,), "preview": (WEBP,)}
+    for relative in PHOTOS:
+        assert not [a for v in transcoded(relative).variants for a in v.alternates if a.content_type == WEBP]
+
+
+@pytest.mark.parametrize("relative", PHOTOS)
+def test_a_format_made_on_request_is_the_variant_in_fewer_bytes(relative):
+    data = (CORPUS / relative).read_bytes()
+    mime = "image/heic" if relative.endswith(".HEIC") else "image/jpeg"
+    primaries = {v.name: v for v in transcode(data, mime).variants}
+    made = made_on_request(data, mime, {"thumbnail": (WEBP,), "preview": (WEBP,)})
+    assert {(v.name, v.content_type) for v in made} <= {("thumbnail", WEBP), ("preview", WEBP)}
+    assert ("thumbnail", WEBP) in {(v.name, v.content_type) for v in made}
+    for variant in made:
+        primary = primaries[variant.name]
+        picture = open_variant(variant.data)
+        assert picture.format == "WEBP"
+        assert picture.size == (variant.width, variant.height) == (primary.width, primary.height)
+        assert len(variant.data) < len(primary.data)
+        assert variant.alternates == ()
+        assert_no_metadata(picture, variant.data)
+        # Made from the original decoded again, not from the JPEG: the same picture within encoding noise.
+        assert mean_difference(picture, open_variant(primary.data)) < 6, variant.name
+
+
+def test_on_request_makes_only_what_is_asked_and_nothing_for_a_video_or_a_webp_primary():
+    jolla = (CORPUS / "images/camera/jolla.jpg").read_bytes()
+    assert [(v.name, v.content_type) for v in made_on_request(jolla, "image/jpeg", {"thumbnail": (WEBP,)})] == [
+        ("thumbnail", WEBP),
+    ]
+    assert made_on_request(jolla, "image/jpeg", {"display": (WEBP,)}) == [], "the display has no WebP to make"
+    video = (CORPUS / "video/realshort.mp4").read_bytes()
+    assert made_on_request(video, "video/mp4", {"thumbnail": (WEBP,)}) == []
+    transparent = (CORPUS / "images/formats/transparent.png").read_bytes()
+    assert made_on_request(transparent, "image/png", {"thumbnail": (WEBP,), "preview": (WEBP,)}) == []
+
+
+def test_a_refused_original_is_refused_on_request_too():
+    truncated = (CORPUS / "images/bad/truncated_jpeg.jpg").read_bytes()
+    with pytest.raises(PermanentImagingError):
+        made_on_request(truncated, "image/jpeg", {"thumbnail": (WEBP,)})

@@ -79,12 +79,12 @@ async def test_variants_answer_in_the_accepted_format_with_the_others_as_alterna
     assert not variants["display"].alternatives
 
     plain = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
-    preferring = await media.ListFeed(mpb.ListFeedRequest(accept=["image/webp", "image/avif"]), metadata=md)
+    preferring = await media.ListFeed(mpb.ListFeedRequest(accept=["image/avif", "image/webp"]), metadata=md)
     assert {v.content_type for v in preferring.media[0].variants if v.name != "display"} == {"image/avif"}
     assert {v.content_type for v in plain.media[0].variants} == {"image/jpeg"}
     assert preferring.media[0].thumbhash == item.thumbhash
     assert preferring.etag != plain.etag
-    again = await media.ListFeed(mpb.ListFeedRequest(accept=["image/webp", "image/avif"], if_none_match=preferring.etag), metadata=md)
+    again = await media.ListFeed(mpb.ListFeedRequest(accept=["image/avif", "image/webp"], if_none_match=preferring.etag), metadata=md)
     assert again.not_modified
     other = await media.ListFeed(mpb.ListFeedRequest(accept=["image/jpeg"], if_none_match=preferring.etag), metadata=md)
     assert not other.not_modified

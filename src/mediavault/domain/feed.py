@@ -92,14 +92,17 @@ def _from_json(raw: list[dict[str, Any]]) -> list[media_domain.Media]:
         values["media_id"] = uuid.UUID(values["media_id"])
         if values["thumbhash"] is not None:
             values["thumbhash"] = bytes.fromhex(values["thumbhash"])
+        values["requested_formats"] = tuple(values.get("requested_formats", ()))
         items.append(media_domain.Media(**values, variants=variants))
     return items
 
 
 def _etag(payload: _Payload, preferred: str) -> str:
     # Signed URLs are made per response, so the etag covers the rows, not the URLs; and the
-    # formats the client prefers, which decide the variants each row is answered with.
-    canonical = json.dumps({"page": payload, "formats": preferred}, sort_keys=True, default=str).encode()
+    # formats the client prefers, which decide the variants each row is answered with. The
+    # formats asked for but not made yet change no answer, so they leave it alone.
+    shown = {**payload, "items": [{k: v for k, v in item.items() if k != "requested_formats"} for item in payload["items"]]}
+    canonical = json.dumps({"page": shown, "formats": preferred}, sort_keys=True, default=str).encode()
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 

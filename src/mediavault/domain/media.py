@@ -9,8 +9,9 @@ its own deterministic variant keys.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from mediavault.domain.feed import Feed
     from mediavault.imaging.metadata import PhotoFacts
     from mediavault.jobs import TranscodeQueue
+
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 READERS = ("admin", "service")
@@ -45,7 +48,7 @@ _COLUMNS = """
                  ORDER BY v.width, v.name, v.content_type)
               FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
     m.duration_seconds, m.frame_rate, m.has_audio, m.source_codec, m.processing_progress,
-    m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms
+    m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms, m.requested_formats
 """
 
 _GET = f"""
@@ -84,7 +87,7 @@ WHERE media_id = $1 AND deleted_at IS NULL AND retention = 'ephemeral'
 
 _REPROCESS = """
 UPDATE media SET variants_version = variants_version + 1, processing_status = 'pending', attempts = 0,
-                 processing_error = NULL, next_attempt_at = NULL, updated_at = now()
+                 processing_error = NULL, next_attempt_at = NULL, requested_formats = '{}', updated_at = now()
 WHERE media_id = $1 AND deleted_at IS NULL AND processing_status IN ('complete', 'failed', 'pending')
 RETURNING variants_version
 """
@@ -157,6 +160,48 @@ WITH previous AS (
 )
 UPDATE accounts a SET derived_bytes = a.derived_bytes + c.delta, updated_at = now()
 FROM counted c WHERE a.user_id = c.owner_id AND c.delta <> 0
+"""
+
+# Formats made on request (imaging/spec.py, Alternate.eager), as "<variant name>:<content type>"
+# entries. Rows are locked in media_id order, so two requests for the same items cannot
+# deadlock; a row that already lists every entry asked for is left alone, so of concurrent
+# requests for one format exactly one adds it and queues the job that makes it.
+_REQUEST_FORMATS = """
+WITH wanted AS (
+    SELECT w.media_id, w.version, array_agg(w.entry ORDER BY w.entry) AS entries
+    FROM unnest($1::uuid[], $2::integer[], $3::text[]) AS w(media_id, version, entry)
+    GROUP BY w.media_id, w.version
+), locked AS (
+    SELECT m.media_id, w.entries FROM media m JOIN wanted w ON w.media_id = m.media_id AND w.version = m.variants_version
+    WHERE m.processing_status = 'complete' AND m.deleted_at IS NULL
+    ORDER BY m.media_id
+    FOR UPDATE OF m
+)
+UPDATE media m SET requested_formats = ARRAY(SELECT DISTINCT e FROM unnest(m.requested_formats || l.entries) AS e ORDER BY e)
+FROM locked l
+WHERE m.media_id = l.media_id AND NOT m.requested_formats @> l.entries
+RETURNING m.media_id, m.variants_version, m.owner_id, l.entries, cardinality(m.requested_formats) AS requested
+"""
+
+_UNREQUEST_FORMATS = """
+UPDATE media SET requested_formats = ARRAY(SELECT e FROM unnest(requested_formats) AS e WHERE e <> ALL($3::text[]) ORDER BY e)
+WHERE media_id = $1 AND variants_version = $2
+"""
+
+_FORMATS_TO_MAKE = """
+SELECT m.content_type, m.object_key,
+       ARRAY(SELECT e FROM unnest(m.requested_formats) AS e
+             EXCEPT SELECT v.name || ':' || v.content_type FROM media_variants v WHERE v.media_id = m.media_id) AS missing
+FROM media m
+WHERE m.media_id = $1 AND m.variants_version = $2 AND m.processing_status = 'complete' AND m.deleted_at IS NULL
+  AND m.kind = 'image'
+"""
+
+# The run whose variants a format made on request joins; locked, so a reprocess waits.
+_LOCK_COMPLETE_RUN = """
+SELECT owner_id FROM media
+WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'complete' AND deleted_at IS NULL
+FOR UPDATE
 """
 
 _RETRY_LATER = """
@@ -234,6 +279,9 @@ class Media:
     camera: str | None = None
     animated: bool = False
     animation_duration_ms: int | None = None
+    # Formats made on request that a client has asked for, as "<variant name>:<content type>";
+    # each is made, or was no smaller than its primary and is not made (see Library.get).
+    requested_formats: tuple[str, ...] = ()
 
     @property
     def taken_at_iso(self) -> str:
@@ -254,6 +302,15 @@ class Claim:
     content_type: str
     object_key: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class FormatsToMake:
+    """What a make_formats job makes: `requested` content types by variant name, from the original."""
+
+    content_type: str
+    object_key: str
+    requested: dict[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -302,7 +359,12 @@ def from_row(row: asyncpg.Record) -> Media:
     values = dict(row)
     raw = values.pop("variants")
     variants = json.loads(raw) if isinstance(raw, str) else raw
+    values["requested_formats"] = tuple(values["requested_formats"])
     return Media(**values, variants=tuple(Variant(**v) for v in variants))
+
+
+def format_entry(name: str, content_type: str) -> str:
+    return f"{name}:{content_type}"
 
 
 def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:
@@ -326,16 +388,25 @@ class Library:
 
     Every change that alters an owner's feed bumps it through the Feed; a new
     processing run goes to the transcode queue, with its feed bump in the same call.
+    `on_request` names, per image variant, the formats made only once a client asks for
+    them (imaging.spec.on_request); their jobs go to the transcode queue too.
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, blobs: BlobStore, settings: Settings, transcodes: TranscodeQueue, feed: Feed
+        self,
+        pool: asyncpg.Pool,
+        blobs: BlobStore,
+        settings: Settings,
+        transcodes: TranscodeQueue,
+        feed: Feed,
+        on_request: Mapping[str, tuple[str, ...]],
     ) -> None:
         self._pool = pool
         self._blobs = blobs
         self._settings = settings
         self._transcodes = transcodes
         self._feed = feed
+        self._on_request = on_request
 
     async def url(self, object_key: str, content_type: str) -> str:
         """A plain CDN URL when PUBLIC_BASE_URL is set, else a signed one."""
@@ -364,8 +435,57 @@ class Library:
         return from_row(row)
 
     async def get(self, principal: Principal, media_id: uuid.UUID, accept: Sequence[str] = ()) -> Shown:
-        """One media item, each variant in the first of the `accept`ed MIME types it exists in."""
-        return await self.show(await self._visible(principal, media_id, read_roles=READERS), formats.preference(accept))
+        """One media item, each variant in the first of the `accept`ed MIME types it exists in.
+
+        A variant whose first accepted format is one made on request and not made yet
+        answers in the next one it exists in, and that format is requested: its job makes
+        it for the calls that follow.
+        """
+        media = await self._visible(principal, media_id, read_roles=READERS)
+        preferred = formats.preference(accept)
+        await self._request_formats([media], preferred)
+        return await self.show(media, preferred)
+
+    def _formats_wanted(self, media: Media, preferred: Sequence[str]) -> list[str]:
+        """Entries of the formats made on request that this client would be answered in and
+        that are neither made nor asked for: per variant, the first preferred format it has or could have."""
+        if not preferred or media.kind != "image" or media.processing_status != "complete":
+            return []
+        made: dict[str, set[str]] = {}
+        for v in media.variants:
+            made.setdefault(v.name, set()).add(v.content_type)
+        wanted = []
+        for name, stored in made.items():
+            possible = stored.union(self._on_request.get(name, ()))
+            first = next((mime for mime in preferred if mime in possible), None)
+            if first is None or first in stored:
+                continue
+            entry = format_entry(name, first)
+            if entry not in media.requested_formats:
+                wanted.append(entry)
+        return wanted
+
+    async def _request_formats(self, items: Sequence[Media], preferred: Sequence[str]) -> None:
+        """Asks for the formats made on request that these items lack for this client (see get).
+
+        PostgreSQL decides which call asks first (_REQUEST_FORMATS); only that one queues
+        the job. A request that cannot be queued is withdrawn, so a later call asks again.
+        Best effort: a fault here is logged and the call answers with what exists.
+        """
+        wanted = [(m.media_id, m.variants_version, entry) for m in items for entry in self._formats_wanted(m, preferred)]
+        if not wanted:
+            return
+        try:
+            ids, versions, entries = (list(column) for column in zip(*wanted, strict=True))
+            rows = await self._pool.fetch(_REQUEST_FORMATS, ids, versions, entries)
+            for row in rows:
+                queued = await self._transcodes.enqueue_formats(row["media_id"], row["variants_version"], row["requested"])
+                if not queued:
+                    await self.withdraw_formats(row["media_id"], row["variants_version"], row["entries"])
+            # The cached pages learn that these are asked for, so their next reads ask no more.
+            await self._feed.changed_many({row["owner_id"] for row in rows})
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            log.warning("formats could not be requested", extra={"formats": len(wanted)}, exc_info=True)
 
     async def feed_page(
         self, principal: Principal, owner_id: str, page_size: int, page_token: str, if_none_match: str = "",
@@ -380,6 +500,7 @@ class Library:
         owner = principal.user_or_self(owner_id, *READERS)
         preferred = formats.preference(accept)
         page = await self._feed.page(owner, page_size, page_token, preferred)
+        await self._request_formats(page.items, preferred)
         if if_none_match and if_none_match == page.etag:
             return FeedPage([], page.next_page_token, page.etag, not_modified=True)
         items = [await self.show(m, preferred) for m in page.items]
@@ -450,6 +571,38 @@ class Library:
             await conn.execute(_COUNT_DERIVED, media_id)
         await self._feed.changed(owner)
         return True
+
+    async def formats_to_make(self, media_id: uuid.UUID, version: int) -> FormatsToMake | None:
+        """The requested formats of the run that are not made yet; None when there are none,
+        or the run is not complete (superseded, deleted, or still running)."""
+        row = await self._pool.fetchrow(_FORMATS_TO_MAKE, media_id, version)
+        if row is None or not row["missing"]:
+            return None
+        requested: dict[str, tuple[str, ...]] = {}
+        for entry in sorted(row["missing"]):
+            name, content_type = entry.split(":", 1)
+            requested[name] = (*requested.get(name, ()), content_type)
+        return FormatsToMake(row["content_type"], row["object_key"], requested)
+
+    async def add_formats(self, media_id: uuid.UUID, version: int, variants: Sequence[Variant]) -> bool:
+        """Records formats made on request beside the run's variants, and their bytes; False
+        when the run is no longer the media's complete one (reprocessed or deleted)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            owner = await conn.fetchval(_LOCK_COMPLETE_RUN, media_id, version)
+            if owner is None:
+                return False
+            await conn.executemany(
+                _STORE_VARIANT,
+                [(media_id, v.name, version, v.object_key, v.content_type, v.width, v.height, v.size_bytes, v.bitrate)
+                 for v in variants],
+            )
+            await conn.execute(_COUNT_DERIVED, media_id)
+        await self._feed.changed(owner)
+        return True
+
+    async def withdraw_formats(self, media_id: uuid.UUID, version: int, entries: Sequence[str]) -> None:
+        """Forgets that these formats were asked for, so the next client that wants them asks again."""
+        await self._pool.execute(_UNREQUEST_FORMATS, media_id, version, list(entries))
 
     async def kind(self, media_id: uuid.UUID) -> str | None:
         """image or video; None when the media is gone."""

@@ -8,15 +8,17 @@ figures (bench/README.md, delivery), each format at the quality that scores at l
 well as the JPEG (SSIMULACRA2 against the unencoded resize):
 
 - AVIF for the thumbnail and the preview, made eagerly: they are what a feed page is made
-  of, AVIF takes about a fifth fewer bytes than the JPEG at that quality, and at libaom's
-  fastest speed the two encodes keep the job within its throughput goal, though they are
-  close to half of it now that the display is mostly lossless. Made on demand instead, the first
-  viewer of each item would wait for an encode, and a request would have to write variants.
-- No WebP beside a JPEG: a WebP that scores as well is only about an eighth smaller than the
-  JPEG, it would be served only to clients that decode WebP but not AVIF (every current
-  major browser decodes AVIF), and it would add at least as much encoding time to the job as
-  the AVIF does; such a client gets the JPEG. Pictures with alpha have WebP as their
-  primary, and AVIF beside it.
+  of, AVIF takes about a fifth fewer bytes than the JPEG at that quality, and every current
+  major browser and phone decodes it, so nearly every view is an AVIF view, the first one
+  included. At libaom's fastest speed the two encodes cost about a third of the job.
+- WebP for the thumbnail and the preview, made on request (`spec.Alternate.eager` False):
+  a WebP that scores as well is only about an eighth smaller than the JPEG, it is served
+  only to clients that decode WebP but not AVIF, and at its smallest setting it costs
+  about three times the AVIF's encoding time, which made eagerly would slow every upload's
+  job for the few views it serves. The first such client asks for it (MediaService's
+  `accept`), gets the JPEG meanwhile, and the `make_formats` job (workers/formats.py)
+  makes it from the original; the next views get the WebP. Pictures with alpha have WebP
+  as their primary, and AVIF beside it.
 - The display variant keeps its primary alone: it is opened one at a time, and an AVIF of
   its size costs many times the whole JPEG job.
 - Per picture, an alternate no smaller than its primary is left out (`alternates`).
@@ -28,6 +30,7 @@ and dav1d to decode; pillow-heif's libheif is built without an AV1 encoder). Alp
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 
 import pillow_avif  # noqa: F401  registers the AVIF encoder with Pillow
 from PIL import Image
@@ -75,8 +78,11 @@ def encode(picture: Image.Image, content_type: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def alternates(picture: Image.Image, spec: VariantSpec, primary: str, primary_bytes: int) -> list[tuple[str, bytes]]:
-    """(content type, bytes) of each of the spec's alternates but the primary's format that is smaller than the primary.
+def alternates(
+    picture: Image.Image, spec: VariantSpec, primary: str, primary_bytes: int, requested: Collection[str] | None = None
+) -> list[tuple[str, bytes]]:
+    """(content type, bytes) of each of the spec's eager alternates (or of those `requested`)
+    but the primary's format that is smaller than the primary.
 
     An alternate at least as large as the primary is left out: at its quality it looks no
     better (the qualities are matched), so a client that prefers its format is better
@@ -84,7 +90,8 @@ def alternates(picture: Image.Image, spec: VariantSpec, primary: str, primary_by
     """
     made = []
     for alternate in spec.alternates:
-        if alternate.content_type == primary:
+        wanted = alternate.eager if requested is None else alternate.content_type in requested
+        if not wanted or alternate.content_type == primary:
             continue
         data = encode(picture, alternate.content_type, alternate.quality)
         if len(data) < primary_bytes:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Mapping
 
 from mediavault.domain import content_types
-from mediavault.imaging.decode import decode_poster, sniff
+from mediavault.imaging.decode import decode_poster, decode_with_pillow, open_image, sniff
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
 from mediavault.imaging.strategies import PillowPipeline, transcode_image
 from mediavault.imaging.thumbhash import from_variant
-from mediavault.imaging.variants import TranscodeResult, make_variants
+from mediavault.imaging.variants import TranscodeResult, Variant, make_variants
 
 
 def transcode(
@@ -42,3 +43,27 @@ def with_thumbhash(result: TranscodeResult) -> TranscodeResult:
         return result
     smallest = min(result.variants, key=lambda variant: variant.width * variant.height)
     return dataclasses.replace(result, thumbhash=from_variant(smallest.data))
+
+
+def made_on_request(
+    data: bytes,
+    content_type: str,
+    requested: Mapping[str, Collection[str]],
+    variants: VariantSet = DEFAULT_VARIANTS,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[Variant]:
+    """The formats `requested` (content types by image variant name) of an image's variants,
+    each made from the original as its job makes an alternate beside the primary.
+
+    Pillow decodes, whatever strategy the upload's job took: that job's display and shared
+    decode are not needed for a smaller variant, whose resize differs by rounding at most. A
+    format no smaller than the variant's primary is left out (formats.alternates). Raises
+    PermanentImagingError when the input is refused, as `transcode` does.
+    """
+    mime = sniff(data, content_type)
+    specs = [spec for spec in variants.image if spec.name in requested]
+    if content_types.kind_of(mime) != "image" or not specs:
+        return []
+    still = decode_with_pillow(open_image(data, mime, limits), specs)
+    made = make_variants(still.image, still.width, still.height, specs, requested)
+    return [alternate for variant in made for alternate in variant.alternates]

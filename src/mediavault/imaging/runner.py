@@ -9,14 +9,18 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 from mediavault.imaging.errors import TIMED_OUT, ImagingError, PermanentImagingError
-from mediavault.imaging.pipeline import transcode
+from mediavault.imaging.pipeline import made_on_request, transcode
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
 from mediavault.imaging.tuning import tune_worker_process
-from mediavault.imaging.variants import TranscodeResult
+from mediavault.imaging.variants import TranscodeResult, Variant
+
+T = TypeVar("T")
 
 # Spawned, not forked: the parent runs grpc and asyncio threads that a fork would copy half-way.
 _CONTEXT = multiprocessing.get_context("spawn")
@@ -120,15 +124,23 @@ class Transcoder:
                 self._idle.append(worker)
 
     async def run(self, data: bytes, content_type: str) -> TranscodeResult:
+        """`transcode` with this pool's variants, limits and strategies."""
+        return await self._in_worker(
+            transcode, data, content_type, self.variants, self.limits, self.jpeg_planes, self.lossless_display
+        )
+
+    async def made_on_request(self, data: bytes, content_type: str, requested: Mapping[str, Collection[str]]) -> list[Variant]:
+        """`pipeline.made_on_request` with this pool's variants and limits."""
+        return await self._in_worker(made_on_request, data, content_type, requested, self.variants, self.limits)
+
+    async def _in_worker(self, job: Callable[..., T], *args: object) -> T:
         if self._closed:
             raise ImagingError("transcoder is closed")
         async with self._slots:
             worker = await self._acquire()
             healthy = False
             try:
-                future = worker.executor.submit(
-                    transcode, data, content_type, self.variants, self.limits, self.jpeg_planes, self.lossless_display
-                )
+                future = worker.executor.submit(job, *args)
                 result = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.job_timeout_seconds)
                 healthy = True
                 return result

@@ -15,6 +15,10 @@ class Alternate:
 
     content_type: str
     quality: int
+    # Made by the upload's job (True), or by a job of its own the first time a client asks
+    # for the format (False: MediaService answers that client with the best format that
+    # exists meanwhile); formats.py says which and why.
+    eager: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def fit(width: int, height: int, box: int) -> tuple[int, int]:
 # Each format's quality for a variant: the lowest on its scale whose mean SSIMULACRA2
 # against the unencoded resize is at least the JPEG's at the variant's quality, on the
 # corpus photos, with formats.py's encoder settings; bench/delivery.py checks that they
-# still are. Only AVIF is made beside a JPEG (formats.py says why); WebP's stay measured.
+# still are. AVIF is made with the JPEG, WebP on request (formats.py says why).
 AVIF_THUMBNAIL_QUALITY = 66
 AVIF_PREVIEW_QUALITY = 75
 WEBP_THUMBNAIL_QUALITY = 81
@@ -100,13 +104,34 @@ WEBP_PREVIEW_QUALITY = 88
 
 # Budgets in decimal units (40 KB = 40,000 bytes), which also meets them read as KiB.
 THUMBNAIL = VariantSpec(
-    "thumbnail", box=300, quality=80, max_bytes=40_000, alternates=(Alternate("image/avif", quality=AVIF_THUMBNAIL_QUALITY),)
+    "thumbnail", box=300, quality=80, max_bytes=40_000,
+    alternates=(
+        Alternate("image/avif", quality=AVIF_THUMBNAIL_QUALITY),
+        Alternate("image/webp", quality=WEBP_THUMBNAIL_QUALITY, eager=False),
+    ),
 )
 PREVIEW = VariantSpec(
-    "preview", box=600, quality=85, max_bytes=100_000, alternates=(Alternate("image/avif", quality=AVIF_PREVIEW_QUALITY),)
+    "preview", box=600, quality=85, max_bytes=100_000,
+    alternates=(
+        Alternate("image/avif", quality=AVIF_PREVIEW_QUALITY),
+        Alternate("image/webp", quality=WEBP_PREVIEW_QUALITY, eager=False),
+    ),
 )
 DISPLAY = VariantSpec("display", box=4000, quality=90, max_bytes=2_000_000, optimize=False)
 POSTER = VariantSpec("poster", box=600, quality=85, max_bytes=100_000)
 
 DEFAULT_VARIANTS = VariantSet(image=(THUMBNAIL, PREVIEW, DISPLAY), poster=POSTER, video=(THUMBNAIL, PREVIEW))
 DEFAULT_LIMITS = Limits()
+
+
+def on_request(variants: VariantSet) -> dict[str, tuple[str, ...]]:
+    """The formats made on request (Alternate.eager False) of each image variant, by variant name.
+
+    Only images: a video's variants come from a frame its job decoded, which a format made
+    later would have to decode again from the whole video.
+    """
+    return {
+        spec.name: made
+        for spec in variants.image
+        if (made := tuple(a.content_type for a in spec.alternates if not a.eager))
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -52,11 +52,18 @@ class TranscodeResult:
     animation: Animation | None = None
 
 
-def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[VariantSpec]) -> list[Variant]:
+def make_variants(
+    image: Image.Image,
+    width: int,
+    height: int,
+    specs: Sequence[VariantSpec],
+    requested: Mapping[str, Collection[str]] | None = None,
+) -> list[Variant]:
     """Every spec from one decoded picture; width x height is the original's upright size.
 
     The picture may be smaller than the original (JPEG draft decoding), never smaller
-    than the largest variant, so sizes are computed from the original.
+    than the largest variant, so sizes are computed from the original. Each variant comes
+    with its spec's eager alternates, or with the formats `requested` for it by name.
     """
     made = [image]
     variants = []
@@ -67,12 +74,13 @@ def make_variants(image: Image.Image, width: int, height: int, specs: Sequence[V
         source = next((p for p in reversed(made) if p.width >= 2 * size[0] and p.height >= 2 * size[1]), image)
         picture = source if source.size == size else _resize(source, size)
         made.append(picture)
-        variants.append(_with_alternates(_encode(picture, spec), picture, spec))
+        wanted = None if requested is None else requested.get(spec.name, ())
+        variants.append(_with_alternates(_encode(picture, spec), picture, spec, wanted))
     return variants
 
 
-def _with_alternates(primary: Variant, picture: Image.Image, spec: VariantSpec) -> Variant:
-    made = formats.alternates(picture, spec, primary.content_type, len(primary.data))
+def _with_alternates(primary: Variant, picture: Image.Image, spec: VariantSpec, requested: Collection[str] | None) -> Variant:
+    made = formats.alternates(picture, spec, primary.content_type, len(primary.data), requested)
     return replace(primary, alternates=tuple(Variant(spec.name, ct, *picture.size, data) for ct, data in made))
 
 

@@ -1,0 +1,208 @@
+"""Formats made on request: asked for once through MediaService, made by one make_formats job, served after.
+
+Each test has a queue of its own, so jobs wait in Redis until the test starts a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from PIL import Image
+from redis.asyncio import Redis
+
+from mediavault.domain.media import Library
+from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.media.v1 import media_pb2_grpc
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import CORPUS, running, running_worker
+from tests.faults import PrivateRedis
+from tests.helpers import fetch, settled, upload
+from workers.formats import make_formats
+
+WEBP_FIRST = ["image/webp", "image/jpeg"]
+SMALL = ("thumbnail", "preview")
+
+
+class Client:
+    def __init__(self, channel: grpc.aio.Channel, md: tuple[tuple[str, str], ...]) -> None:
+        self.storage = storage_pb2_grpc.StorageServiceStub(channel)
+        self.media = media_pb2_grpc.MediaServiceStub(channel)
+        self.md = md
+
+    async def get(self, media_id: str, accept: list[str]) -> mpb.Media:
+        return (await self.media.GetMedia(mpb.GetMediaRequest(media_id=media_id, accept=accept), metadata=self.md)).media
+
+
+async def queued_jobs(redis_url: str, queue: str) -> list[str]:
+    """The make_formats jobs waiting in the queue (the worker's own cron runs are left out)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        return sorted(job for member in await redis.zrange(queue, 0, -1) if (job := member.decode()).startswith("formats:"))
+    finally:
+        await redis.aclose()
+
+
+async def processed(settings, client: Client, relative: str, content_type: str = "image/jpeg") -> str:
+    """An upload of the corpus file, settled by a worker that stops again."""
+    async with running_worker(settings):
+        done = await upload(client.storage, client.md, (CORPUS / relative).read_bytes(),
+                            filename=relative.rsplit("/", 1)[1], content_type=content_type)
+        item = await settled(client.media, client.md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    return done.media_id
+
+
+async def chosen(client: Client, media_id: str, accept: list[str], timeout: float = 60.0) -> dict[str, mpb.Variant]:
+    """The variants as answered once every small one comes in the first accepted format."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        variants = {v.name: v for v in (await client.get(media_id, accept)).variants}
+        if all(variants[name].content_type == accept[0] for name in SMALL):
+            return variants
+        assert asyncio.get_running_loop().time() < deadline, {n: v.content_type for n, v in variants.items()}
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def own_queue(make_settings, user_id) -> AsyncIterator[tuple]:
+    settings = make_settings(queue_name=f"formats:{user_id}")
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield settings, channel
+
+
+async def test_webp_is_asked_for_once_made_by_one_job_and_served_after(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/jolla.jpg")
+    stored = await pool.fetch("SELECT name, content_type FROM media_variants WHERE media_id = $1::uuid", media_id)
+    assert ("thumbnail", "image/webp") not in {(r["name"], r["content_type"]) for r in stored}, "the upload's job makes no WebP"
+
+    answers = await asyncio.gather(*(client.get(media_id, WEBP_FIRST) for _ in range(8)))
+    for answer in answers:
+        for variant in answer.variants:
+            assert variant.content_type == "image/jpeg", "meanwhile the next accepted format"
+    assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == [
+        "preview:image/webp", "thumbnail:image/webp",
+    ]
+    feed_before = await client.media.ListFeed(mpb.ListFeedRequest(accept=WEBP_FIRST), metadata=client.md)
+    again = await client.media.ListFeed(mpb.ListFeedRequest(accept=WEBP_FIRST, if_none_match=feed_before.etag), metadata=client.md)
+    assert again.not_modified, "a request changes no answer"
+    await client.get(media_id, ["image/webp"])
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+
+    jpeg_sizes = {v.name: v.size_bytes for v in answers[0].variants}
+    async with running_worker(settings):
+        variants = await chosen(client, media_id, WEBP_FIRST)
+    for name in SMALL:
+        webp = variants[name]
+        assert [a.content_type for a in webp.alternatives] == ["image/jpeg", "image/avif"]
+        status, body, headers = await fetch(webp.url)
+        assert (status, headers["Content-Type"], len(body)) == (200, "image/webp", webp.size_bytes)
+        picture = Image.open(io.BytesIO(body))
+        assert (picture.format, picture.size) == ("WEBP", (webp.width, webp.height))
+        assert picture.size == (webp.alternatives[0].width, webp.alternatives[0].height)
+        assert webp.size_bytes < jpeg_sizes[name]
+        assert not picture.getexif()
+        assert "icc_profile" not in picture.info
+    derived = await pool.fetchrow(
+        "SELECT m.derived_bytes, (SELECT sum(size_bytes) FROM media_variants v WHERE v.media_id = m.media_id) AS summed, "
+        "a.derived_bytes AS account FROM media m JOIN accounts a ON a.user_id = m.owner_id WHERE m.media_id = $1::uuid",
+        media_id,
+    )
+    assert derived["derived_bytes"] == derived["summed"] == derived["account"]
+    feed_after = await client.media.ListFeed(
+        mpb.ListFeedRequest(accept=WEBP_FIRST, if_none_match=feed_before.etag), metadata=client.md
+    )
+    assert not feed_after.not_modified, "a format made changes the page and its etag"
+    assert {v.content_type for v in feed_after.media[0].variants if v.name in SMALL} == {"image/webp"}
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == []
+
+
+async def test_clients_that_take_avif_or_anything_ask_for_nothing(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/jolla.jpg")
+    for accept in (["image/avif", "image/webp"], ["*/*"], ["image/*"], [], ["image/jpeg", "image/webp"]):
+        await client.get(media_id, accept)
+    await client.media.ListFeed(mpb.ListFeedRequest(accept=["image/avif", "image/webp"]), metadata=client.md)
+    assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == []
+
+
+@pytest.mark.parametrize(("relative", "content_type"), [
+    ("images/formats/transparent.png", "image/png"),
+    ("video/realshort.mp4", "video/mp4"),
+])
+async def test_webp_primaries_and_videos_ask_for_nothing(own_queue, auth, user_id, pool, relative, content_type):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, relative, content_type)
+    answer = await client.get(media_id, ["image/webp"])
+    assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == []
+    if content_type == "image/png":
+        assert {v.content_type for v in answer.variants if v.name in SMALL} == {"image/webp"}, "WebP is its primary"
+
+
+async def test_a_reprocess_forgets_the_requests_and_the_stale_job_records_nothing(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/Canon_40D.jpg")
+    await client.get(media_id, WEBP_FIRST)
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+    await client.media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=media_id), metadata=client.md)
+    assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
+    async with running_worker(settings):
+        item = await settled(client.media, client.md, media_id)
+        assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE
+        deadline = asyncio.get_running_loop().time() + 30
+        while await queued_jobs(settings.redis_url, settings.queue_name):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+    rows = await pool.fetch("SELECT content_type, version FROM media_variants WHERE media_id = $1::uuid", media_id)
+    assert {r["content_type"] for r in rows} == {"image/jpeg", "image/avif"}
+    assert {r["version"] for r in rows} == {1}
+
+
+async def test_a_job_for_a_deleted_media_or_an_old_run_makes_nothing(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/Canon_40D.jpg")
+    await client.get(media_id, WEBP_FIRST)
+    async with running_worker(settings) as worker:
+        while "library" not in worker.ctx:
+            await asyncio.sleep(0.01)
+        ctx = worker.ctx
+        library: Library = ctx["library"]
+        assert await make_formats(ctx, media_id, 7) == "skipped", "no such run"
+        await client.media.DeleteMedia(mpb.DeleteMediaRequest(media_id=media_id), metadata=client.md)
+        assert await library.formats_to_make(uuid.UUID(media_id), 0) is None
+    assert await pool.fetchval(
+        "SELECT count(*) FROM media_variants WHERE media_id = $1::uuid AND content_type = 'image/webp'", media_id
+    ) == 0
+
+
+async def test_a_request_redis_cannot_queue_is_withdrawn_and_asked_again(make_settings, auth, user_id, pool):
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        settings = make_settings(redis_url=redis.url, queue_name=f"formats-redis:{user_id}")
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            client = Client(channel, auth(user_id))
+            media_id = await processed(settings, client, "images/camera/jolla.jpg")
+            redis.stop()
+            answer = await client.get(media_id, WEBP_FIRST)
+            assert {v.content_type for v in answer.variants} == {"image/jpeg"}, "the call still answers"
+            assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
+            redis.start()
+            await client.get(media_id, WEBP_FIRST)
+            assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+            async with running_worker(settings):
+                await chosen(client, media_id, WEBP_FIRST)
+    finally:
+        redis.close()

@@ -1,0 +1,75 @@
+"""make_formats: the formats of a processed image that a client asked for, made from its original.
+
+Queued by MediaService (domain.media.Library.get) the first time a client asks for a
+format made on request (imaging.spec, Alternate.eager). Idempotent per (media,
+variants_version): it makes what is asked for and not stored, under the run's
+deterministic keys, and a superseded or deleted run records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from arq import Retry
+
+from mediavault import metrics, tracing
+from mediavault.blobs import single_chunk
+from mediavault.domain.media import Library, Variant, format_entry, variant_key
+from mediavault.imaging import PermanentImagingError
+from mediavault.jobs import MAKE_FORMATS
+from workers.transcode import TRANSIENT_ERRORS, backoff
+
+log = logging.getLogger(__name__)
+
+# As a transcode's retries of infrastructure faults: they ride out a quarter-hour outage.
+MAX_TRIES = 20
+
+
+async def make_formats(
+    ctx: dict[str, Any], media_id: str, version: int, trace_context: Mapping[str, str] | None = None
+) -> str:
+    """trace_context: the W3C trace context of the enqueue (mediavault.jobs), when the enqueuer traced."""
+    with tracing.job_span(MAKE_FORMATS, trace_context, ctx.get("job_id", ""), ctx.get("job_try", 1)):
+        return await _run(ctx, uuid.UUID(media_id), version)
+
+
+async def _run(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
+    library: Library = ctx["library"]
+    wanted = None
+    try:
+        wanted = await library.formats_to_make(media_id, version)
+        if wanted is None:
+            return "skipped"
+        data = await ctx["blobs"].read(wanted.object_key)
+        made = await ctx["transcoder"].made_on_request(data, wanted.content_type, wanted.requested)
+        stored = []
+        for variant in made:
+            key = variant_key(media_id, version, variant.name, variant.content_type)
+            await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
+            stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
+        outcome = "complete" if await library.add_formats(media_id, version, stored) else "superseded"
+        reason = ""
+    except PermanentImagingError as exc:
+        # The original was taken by its own job; refused now, it is refused for good.
+        outcome, reason = "failed", exc.message
+        log.warning("formats refused", extra={"media_id": str(media_id), "reason": exc.message})
+    except TRANSIENT_ERRORS as exc:
+        job_try = ctx.get("job_try", 1)
+        metrics.FORMAT_OUTCOMES.labels("retry" if job_try < MAX_TRIES else "gave_up", type(exc).__name__).inc()
+        if job_try >= MAX_TRIES:
+            # Given up: forgotten, so that the next client that wants them asks again.
+            if wanted is not None:
+                entries = [format_entry(name, mime) for name, mimes in wanted.requested.items() for mime in mimes]
+                await library.withdraw_formats(media_id, version, entries)
+            log.error("formats job gave up", extra={"media_id": str(media_id), "job_try": job_try}, exc_info=True)
+            return "gave up"
+        delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
+        log.warning("formats job hit an infrastructure fault; retrying",
+                    extra={"media_id": str(media_id), "job_try": job_try, "delay_seconds": delay}, exc_info=True)
+        raise Retry(defer=delay) from exc
+    metrics.FORMAT_OUTCOMES.labels(outcome, reason).inc()
+    log.info("formats made", extra={"media_id": str(media_id), "outcome": outcome})
+    return outcome
