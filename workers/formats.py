@@ -17,15 +17,12 @@ from arq import Retry
 
 from mediavault import metrics, tracing
 from mediavault.blobs import single_chunk
-from mediavault.domain.media import Library, Variant, format_entry, variant_key
-from mediavault.imaging import PermanentImagingError
+from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, format_entry, variant_key
+from mediavault.imaging import ImagingError, PermanentImagingError
 from mediavault.jobs import MAKE_FORMATS
-from workers.transcode import TRANSIENT_ERRORS, backoff
+from workers.transcode import INFRASTRUCTURE_TRIES, TRANSIENT_ERRORS, backoff
 
 log = logging.getLogger(__name__)
-
-# As a transcode's retries of infrastructure faults: they ride out a quarter-hour outage.
-MAX_TRIES = 20
 
 
 async def make_formats(
@@ -58,13 +55,16 @@ async def _run(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
         log.warning("formats refused", extra={"media_id": str(media_id), "reason": exc.message})
     except TRANSIENT_ERRORS as exc:
         job_try = ctx.get("job_try", 1)
-        metrics.FORMAT_OUTCOMES.labels("retry" if job_try < MAX_TRIES else "gave_up", type(exc).__name__).inc()
-        if job_try >= MAX_TRIES:
-            # Given up: forgotten, so that the next client that wants them asks again.
+        # As a transcode's: faults of the database, Redis or the blob store are retried through
+        # a quarter-hour outage, a crashed pool process as often as a run's pixel work.
+        tries = MAX_ATTEMPTS if isinstance(exc, ImagingError) else INFRASTRUCTURE_TRIES
+        metrics.FORMAT_OUTCOMES.labels("retry" if job_try < tries else "gave_up", type(exc).__name__).inc()
+        if job_try >= tries:
+            log.error("formats job gave up", extra={"media_id": str(media_id), "job_try": job_try}, exc_info=True)
             if wanted is not None:
+                # Forgotten, so that the next client that wants them asks again.
                 entries = [format_entry(name, mime) for name, mimes in wanted.requested.items() for mime in mimes]
                 await library.withdraw_formats(media_id, version, entries)
-            log.error("formats job gave up", extra={"media_id": str(media_id), "job_try": job_try}, exc_info=True)
             return "gave up"
         delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
         log.warning("formats job hit an infrastructure fault; retrying",

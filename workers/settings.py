@@ -15,7 +15,6 @@ from mediavault.db import create_pool
 from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder
 from mediavault.services import build_services
-from workers.formats import MAX_TRIES as FORMAT_TRIES
 from workers.formats import make_formats
 from workers.maintenance import JOBS, cron_task, job_config, observe_queue
 from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
@@ -119,7 +118,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # bound adds the retries through an outage of the database, Redis or blob store.
         "functions": [
             func(transcode_media, max_tries=MAX_ATTEMPTS + INFRASTRUCTURE_TRIES),
-            func(make_formats, max_tries=FORMAT_TRIES),
+            func(make_formats, max_tries=INFRASTRUCTURE_TRIES),
         ],
         "cron_jobs": cron_jobs(settings),
         "on_startup": worker_startup,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from arq import Retry
 from PIL import Image
 from redis.asyncio import Redis
 
@@ -23,6 +24,7 @@ from tests.conftest import CORPUS, running, running_worker
 from tests.faults import PrivateRedis
 from tests.helpers import fetch, settled, upload
 from workers.formats import make_formats
+from workers.transcode import INFRASTRUCTURE_TRIES
 
 WEBP_FIRST = ["image/webp", "image/jpeg"]
 SMALL = ("thumbnail", "preview")
@@ -185,6 +187,30 @@ async def test_a_job_for_a_deleted_media_or_an_old_run_makes_nothing(own_queue, 
     assert await pool.fetchval(
         "SELECT count(*) FROM media_variants WHERE media_id = $1::uuid AND content_type = 'image/webp'", media_id
     ) == 0
+
+
+async def test_a_job_that_gives_up_withdraws_its_requests_so_they_are_asked_again(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/jolla.jpg")
+    await client.get(media_id, WEBP_FIRST)
+    original = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", media_id)
+    stored = settings.blob_dir / original
+    kept = stored.read_bytes()
+    stored.unlink()
+    async with running_worker(settings) as worker:
+        while "library" not in worker.ctx:
+            await asyncio.sleep(0.01)
+        retried = {**worker.ctx, "job_try": 1}
+        with pytest.raises(Retry):
+            await make_formats(retried, media_id, 0)
+        assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) != []
+        last = {**worker.ctx, "job_try": INFRASTRUCTURE_TRIES}
+        assert await make_formats(last, media_id, 0) == "gave up"
+        assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
+        stored.write_bytes(kept)
+        await client.get(media_id, WEBP_FIRST)
+        await chosen(client, media_id, WEBP_FIRST)
 
 
 async def test_a_request_redis_cannot_queue_is_withdrawn_and_asked_again(make_settings, auth, user_id, pool):
