@@ -228,6 +228,23 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
     status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}?accept=image/jpeg", browser)
     assert thumbnail_of(item["media"])["content_type"] == "image/jpeg"
 
+    # Safari names WebP first: until its WebP is made on request it gets the AVIF, then the WebP.
+    safari = {**md, "Accept": "image/webp,image/avif,image/jxl,image/heic,image/*;q=0.8,*/*;q=0.5"}
+    deadline = time.monotonic() + 60
+    while True:
+        status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}", safari)
+        assert status == 200, item
+        thumbnail = thumbnail_of(item["media"])
+        if thumbnail["content_type"] == "image/webp":
+            break
+        assert thumbnail["content_type"] == "image/avif"
+        assert time.monotonic() < deadline, item
+        await asyncio.sleep(0.1)
+    assert [a["content_type"] for a in thumbnail["alternatives"]] == ["image/avif", "image/jpeg"]
+    async with http.get(thumbnail["url"]) as response:
+        assert response.headers["Content-Type"] == "image/webp"
+        assert Image.open(io.BytesIO(await response.read())).format == "WEBP"
+
 
 async def test_missing_token_is_401_unauthorized(gateway, http):
     status, body, _ = await call(http, "GET", f"{gateway}/v1/media/{uuid.uuid4()}")
