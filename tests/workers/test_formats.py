@@ -20,7 +20,7 @@ from mediavault.domain.media import Library
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2_grpc
-from tests.conftest import CORPUS, running, running_worker
+from tests.conftest import CORPUS, POOLERS, running, running_worker
 from tests.faults import PrivateRedis
 from tests.helpers import fetch, settled, upload
 from workers.formats import make_formats
@@ -77,8 +77,19 @@ async def own_queue(make_settings, user_id) -> AsyncIterator[tuple]:
         yield settings, channel
 
 
-async def test_webp_is_asked_for_once_made_by_one_job_and_served_after(own_queue, auth, user_id, pool):
-    settings, channel = own_queue
+@pytest.fixture(params=POOLERS)
+async def own_queue_pooled(request: pytest.FixtureRequest, make_settings, user_id) -> AsyncIterator[tuple]:
+    """own_queue, its server and workers straight to PostgreSQL or through PgBouncer."""
+    pooled = {}
+    if request.param == "pgbouncer":
+        pooled = {"database_url": request.getfixturevalue("pgbouncer_database_url"), "database_pooler": "pgbouncer"}
+    settings = make_settings(queue_name=f"formats:{user_id}", **pooled)
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield settings, channel
+
+
+async def test_webp_is_asked_for_once_made_by_one_job_and_served_after(own_queue_pooled, auth, user_id, pool):
+    settings, channel = own_queue_pooled
     client = Client(channel, auth(user_id))
     media_id = await processed(settings, client, "images/camera/jolla.jpg")
     stored = await pool.fetch("SELECT name, content_type FROM media_variants WHERE media_id = $1::uuid", media_id)
