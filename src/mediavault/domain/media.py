@@ -194,7 +194,6 @@ SELECT m.content_type, m.object_key,
              EXCEPT SELECT v.name || ':' || v.content_type FROM media_variants v WHERE v.media_id = m.media_id) AS missing
 FROM media m
 WHERE m.media_id = $1 AND m.variants_version = $2 AND m.processing_status = 'complete' AND m.deleted_at IS NULL
-  AND m.kind = 'image'
 """
 
 # The run whose variants a format made on request joins; locked, so a reprocess waits.
