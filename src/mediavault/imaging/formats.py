@@ -10,7 +10,7 @@ well as the JPEG (SSIMULACRA2 against the unencoded resize):
 - AVIF for the thumbnail and the preview, made eagerly: they are what a feed page is made
   of, AVIF takes about a fifth fewer bytes than the JPEG at that quality, and every current
   major browser and phone decodes it, so nearly every view is an AVIF view, the first one
-  included. At libaom's fastest speed the two encodes cost about a third of the job.
+  included. At libaom's fastest speed the two encodes cost about two fifths of the job.
 - WebP for the thumbnail and the preview, made on request (`spec.Alternate.eager` False):
   a WebP that scores as well is only about an eighth smaller than the JPEG, it is served
   only to clients that decode WebP but not AVIF, and at its smallest setting it costs
