@@ -156,13 +156,13 @@ def _in_flight(*workers: Worker) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, finish_jobs: bool = False) -> AsyncIterator[Worker]:
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     """Real arq workers in this event loop, as `mediavault worker` runs them: the settings'
     queue with its transcoder pool (yielded), and the video queue.
 
-    With finish_jobs, the jobs still running at the end finish before the workers close (up
-    to a minute): a job's outcome shows in PostgreSQL before arq records it in Redis, and
-    closing in between cancels the job's task, whose CancelledError the close then raises.
+    The jobs still running at the end finish before the workers close (up to a minute): a
+    job's outcome shows in PostgreSQL before arq records it in Redis, and closing in between
+    cancels the job's task, whose CancelledError the close then raises into the test.
     """
     worker = Worker(**worker_settings(settings), handle_signals=False)
     videos = Worker(**video_worker_settings(settings), handle_signals=False)
@@ -170,7 +170,7 @@ async def running_worker(settings: Settings, finish_jobs: bool = False) -> Async
     try:
         yield worker
         deadline = asyncio.get_running_loop().time() + 60
-        while finish_jobs and _in_flight(worker, videos) and asyncio.get_running_loop().time() < deadline:
+        while _in_flight(worker, videos) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
     finally:
         await worker.close()

@@ -51,7 +51,7 @@ async def queued_jobs(redis_url: str, queue: str) -> list[str]:
 
 async def processed(settings, client: Client, relative: str, content_type: str = "image/jpeg") -> str:
     """An upload of the corpus file, settled by a worker that stops again."""
-    async with running_worker(settings, finish_jobs=True):
+    async with running_worker(settings):
         done = await upload(client.storage, client.md, (CORPUS / relative).read_bytes(),
                             filename=relative.rsplit("/", 1)[1], content_type=content_type)
         item = await settled(client.media, client.md, done.media_id)
@@ -109,7 +109,7 @@ async def test_webp_is_asked_for_once_made_by_one_job_and_served_after(own_queue
     assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
 
     jpeg_sizes = {v.name: v.size_bytes for v in answers[0].variants}
-    async with running_worker(settings, finish_jobs=True):
+    async with running_worker(settings):
         variants = await chosen(client, media_id, WEBP_FIRST)
     for name in SMALL:
         webp = variants[name]
@@ -170,7 +170,7 @@ async def test_a_reprocess_forgets_the_requests_and_the_stale_job_records_nothin
     assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
     await client.media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=media_id), metadata=client.md)
     assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
-    async with running_worker(settings, finish_jobs=True):
+    async with running_worker(settings):
         item = await settled(client.media, client.md, media_id)
         assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE
         deadline = asyncio.get_running_loop().time() + 30
@@ -187,7 +187,7 @@ async def test_a_job_for_a_deleted_media_or_an_old_run_makes_nothing(own_queue, 
     client = Client(channel, auth(user_id))
     media_id = await processed(settings, client, "images/camera/Canon_40D.jpg")
     await client.get(media_id, WEBP_FIRST)
-    async with running_worker(settings, finish_jobs=True) as worker:
+    async with running_worker(settings) as worker:
         while "library" not in worker.ctx:
             await asyncio.sleep(0.01)
         ctx = worker.ctx
@@ -209,7 +209,7 @@ async def test_a_job_that_gives_up_withdraws_its_requests_so_they_are_asked_agai
     stored = settings.blob_dir / original
     kept = stored.read_bytes()
     stored.unlink()
-    async with running_worker(settings, finish_jobs=True) as worker:
+    async with running_worker(settings) as worker:
         while "library" not in worker.ctx:
             await asyncio.sleep(0.01)
         retried = {**worker.ctx, "job_try": 1}
@@ -239,7 +239,7 @@ async def test_a_request_redis_cannot_queue_is_withdrawn_and_asked_again(make_se
             redis.start()
             await client.get(media_id, WEBP_FIRST)
             assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
-            async with running_worker(settings, finish_jobs=True):
+            async with running_worker(settings):
                 await chosen(client, media_id, WEBP_FIRST)
     finally:
         redis.close()
