@@ -16,11 +16,10 @@ from typing import Any
 from arq import Retry
 
 from mediavault import metrics, tracing
-from mediavault.blobs import single_chunk
-from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, format_entry, variant_key
+from mediavault.domain.media import MAX_ATTEMPTS, Library, format_entry
 from mediavault.imaging import ImagingError, PermanentImagingError
 from mediavault.jobs import MAKE_FORMATS
-from workers.transcode import INFRASTRUCTURE_TRIES, TRANSIENT_ERRORS, backoff
+from workers.transcode import INFRASTRUCTURE_TRIES, TRANSIENT_ERRORS, backoff, store_pictures
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,7 @@ async def _run(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
             return "skipped"
         data = await ctx["blobs"].read(wanted.object_key)
         made = await ctx["transcoder"].made_on_request(data, wanted.content_type, wanted.requested)
-        stored = []
-        for variant in made:
-            key = variant_key(media_id, version, variant.name, variant.content_type)
-            await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
-            stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
+        stored = await store_pictures(ctx["blobs"], media_id, version, made)
         outcome = "complete" if await library.add_formats(media_id, version, stored) else "superseded"
         reason = ""
     except PermanentImagingError as exc:

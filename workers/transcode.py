@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import asyncpg
 from arq import Retry
 from redis.exceptions import RedisError
 
-from mediavault import metrics, tracing
-from mediavault.blobs import BlobStoreError, single_chunk
+from mediavault import imaging, metrics, tracing
+from mediavault.blobs import BlobStore, BlobStoreError, single_chunk
 from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
 from mediavault.jobs import TRANSCODE, enqueue_video
@@ -34,6 +34,21 @@ RETRY_CAP_SECONDS = 60.0
 
 def backoff(base_seconds: float, attempt: int) -> float:
     return min(base_seconds * 2 ** (attempt - 1), RETRY_CAP_SECONDS)
+
+
+async def store_pictures(
+    blobs: BlobStore, media_id: uuid.UUID, version: int, pictures: Iterable[imaging.Variant], written: list[str] | None = None
+) -> list[Variant]:
+    """Writes each picture under the run's deterministic key (a rerun overwrites its own) and
+    returns the records of them; each key goes into `written` before its write starts."""
+    stored = []
+    for picture in pictures:
+        key = variant_key(media_id, version, picture.name, picture.content_type)
+        if written is not None:
+            written.append(key)
+        await blobs.write(key, single_chunk(picture.data), content_type=picture.content_type)
+        stored.append(Variant(picture.name, key, picture.content_type, picture.width, picture.height, len(picture.data)))
+    return stored
 
 
 async def transcode_media(
@@ -72,13 +87,10 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
             if span is not None:
                 span.set_attributes({"mediavault.width": result.width, "mediavault.height": result.height,
                                      "mediavault.variants": len(result.variants)})
-        stored = []
         # Every format of every variant (imaging/formats.py), and an animation's moving ones, each under its own key.
         moving = result.animation.variants if result.animation else []
-        for variant in (made for primary in (*result.variants, *moving) for made in (primary, *primary.alternates)):
-            key = variant_key(media_id, version, variant.name, variant.content_type)
-            await ctx["blobs"].write(key, single_chunk(variant.data), content_type=variant.content_type)
-            stored.append(Variant(variant.name, key, variant.content_type, variant.width, variant.height, len(variant.data)))
+        made = (made for primary in (*result.variants, *moving) for made in (primary, *primary.alternates))
+        stored = await store_pictures(ctx["blobs"], media_id, version, made)
         duration_ms = result.animation.duration_ms if result.animation else None
         completed = await library.complete(
             media_id, version, result.width, result.height, stored, result.thumbhash,

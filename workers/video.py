@@ -19,7 +19,6 @@ from typing import Any
 from arq import Retry
 
 from mediavault import metrics, tracing
-from mediavault.blobs import single_chunk
 from mediavault.config import Settings
 from mediavault.domain import content_types
 from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, VideoFacts, variant_key
@@ -27,7 +26,7 @@ from mediavault.imaging import PermanentImagingError
 from mediavault.imaging import video as videos
 from mediavault.imaging.decode import sniff
 from mediavault.jobs import TRANSCODE_VIDEO
-from workers.transcode import TRANSIENT_ERRORS, backoff
+from workers.transcode import TRANSIENT_ERRORS, backoff, store_pictures
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +142,8 @@ async def _run(
     # The poster comes from the smallest rendition: already upright, square-pixelled and
     # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
     poster = await ctx["transcoder"].run(renditions[0].path.read_bytes(), MP4)
-    stored = []
-    for made in (made for primary in poster.variants for made in (primary, *primary.alternates)):
-        key = variant_key(media_id, version, made.name, made.content_type)
-        written.append(key)
-        await ctx["blobs"].write(key, single_chunk(made.data), content_type=made.content_type)
-        stored.append(Variant(made.name, key, made.content_type, made.width, made.height, len(made.data)))
+    pictures = (made for primary in poster.variants for made in (primary, *primary.alternates))
+    stored = await store_pictures(ctx["blobs"], media_id, version, pictures, written)
     for rendition in renditions:
         key = variant_key(media_id, version, rendition.name, MP4)
         written.append(key)
