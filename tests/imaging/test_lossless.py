@@ -209,6 +209,19 @@ def test_the_pictures_after_the_first_are_left_out() -> None:
     assert pixels(stripped).tobytes() == pixels(data).tobytes()
 
 
+def test_a_scan_ends_at_its_marker_past_stuffed_bytes_restart_markers_and_fill_bytes(tmp_path: Path) -> None:
+    original = tmp_path / "landscape.jpg"
+    original.write_bytes(corpus("images/orientation/Landscape_0.jpg").read_bytes())
+    data = subprocess.run(["jpegtran", "-copy", "none", "-restart", "1", str(original)], capture_output=True, check=True).stdout
+    scan = data[data.index(b"\xff\xda") : -2]
+    assert b"\xff\x00" in scan
+    assert any(bytes((0xFF, restart)) in scan for restart in range(0xD0, 0xD8))
+    assert strip(data).endswith(scan + b"\xff\xd9")
+    filled = data[:-2] + b"\xff\xff\xff\xd9"
+    assert strip(filled) == strip(data)[:-2] + b"\xff\xff\xff\xd9"
+    assert pixels(strip(filled)).tobytes() == pixels(data).tobytes()
+
+
 def with_segment(data: bytes, marker: int, payload: bytes) -> bytes:
     return data[:2] + bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
 

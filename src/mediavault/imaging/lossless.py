@@ -54,6 +54,8 @@ frequencies negated); any other turn goes through the planes instead (strategies
 
 from __future__ import annotations
 
+import re
+
 from PIL import Image
 
 from mediavault.imaging import _jpegtran, colour, turbojpeg
@@ -67,7 +69,10 @@ _BASELINE, _PROGRESSIVE = 0xC0, 0xC2
 _FRAMES = frozenset({_BASELINE, _PROGRESSIVE})
 # Segments a decoder needs: quantisation and Huffman tables, restart interval, frame, scans.
 _KEPT = frozenset({0xDB, 0xC4, 0xDD, *_FRAMES, _SOS})
-_RESTARTS = frozenset(range(0xD0, 0xD8))
+# An 0xFF in a scan followed by neither a stuffed 0x00, a restart marker (RST0-7) nor another
+# 0xFF (a fill byte before the marker): the first such ends the scan. One regular expression
+# search, not a Python loop over every stuffed byte of a megabyte of data.
+_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _APP_ADOBE = 0xEE
 _APPS = frozenset(range(0xE0, 0xF0))
 _COMMENT = 0xFE
@@ -142,15 +147,10 @@ def _next_marker(data: bytes, position: int) -> tuple[int, int]:
 def _scan_end(data: bytes, position: int) -> int:
     """Where the entropy-coded data that starts at `position` ends: at the next marker
     that is neither a stuffed 0xFF (FF 00) nor a restart marker."""
-    while True:
-        position = data.find(b"\xff", position)
-        if position < 0 or position + 1 >= len(data):
-            raise NotLossless("scan runs past the end")
-        following = data[position + 1]
-        if following == 0 or following in _RESTARTS or following == 0xFF:
-            position += 1 if following == 0xFF else 2
-            continue
-        return position
+    end = _MARKER_AFTER_SCAN.search(data, position)
+    if end is None:
+        raise NotLossless("scan runs past the end")
+    return end.start()
 
 
 # EXIF orientations applied here: 4 is the top-to-bottom flip (see the module's docstring).
