@@ -1,4 +1,5 @@
-"""make_formats: the formats of a processed image that a client asked for, made from its original.
+"""make_formats: the formats of a processed image or video that a client asked for, made
+from an image's original or from the rendition a video's poster came from.
 
 Queued by MediaService (domain.media.Library.get) the first time a client asks for a
 format made on request (imaging.spec, Alternate.eager). Idempotent per (media,

@@ -21,6 +21,7 @@ from arq import Retry
 from mediavault import metrics, tracing
 from mediavault.config import Settings
 from mediavault.domain import content_types
+from mediavault.domain.content_types import MP4
 from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, VideoFacts, variant_key
 from mediavault.imaging import PermanentImagingError
 from mediavault.imaging import video as videos
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 # The database is told of progress at most this often; each report is also the check
 # that the run is still wanted.
 PROGRESS_EVERY_SECONDS = 0.5
-MP4 = "video/mp4"
 
 
 def limits(settings: Settings) -> videos.VideoLimits:

@@ -114,7 +114,10 @@ def test_encode_refuses_a_format_it_has_no_encoder_for():
 
 
 def test_webp_is_made_on_request_and_never_by_the_upload_job():
-    assert on_request(DEFAULT_VARIANTS) == {"thumbnail": (WEBP,), "preview": (WEBP,)}
+    assert on_request(DEFAULT_VARIANTS) == {
+        "image": {"thumbnail": (WEBP,), "preview": (WEBP,)},
+        "video": {"thumbnail": (WEBP,), "preview": (WEBP,)},
+    }
     for relative in PHOTOS:
         assert not [a for v in transcoded(relative).variants for a in v.alternates if a.content_type == WEBP]
 
@@ -139,14 +142,28 @@ def test_a_format_made_on_request_is_the_variant_in_fewer_bytes(relative):
         assert mean_difference(picture, open_variant(primary.data)) < 6, variant.name
 
 
-def test_on_request_makes_only_what_is_asked_and_nothing_for_a_video_or_a_webp_primary():
+def test_a_videos_formats_on_request_are_made_from_its_poster_frame():
+    video = (CORPUS / "video/realshort.mp4").read_bytes()
+    primaries = {v.name: v for v in transcode(video, "video/mp4").variants}
+    made = made_on_request(video, "video/mp4", {"thumbnail": (WEBP,), "preview": (WEBP,)})
+    assert sorted((v.name, v.content_type) for v in made) == [("preview", WEBP), ("thumbnail", WEBP)]
+    for variant in made:
+        primary = primaries[variant.name]
+        picture = open_variant(variant.data)
+        assert picture.format == "WEBP"
+        assert picture.size == (variant.width, variant.height) == (primary.width, primary.height)
+        assert len(variant.data) < len(primary.data)
+        assert_no_metadata(picture, variant.data)
+        assert mean_difference(picture, open_variant(primary.data)) < 6, variant.name
+    assert made_on_request(video, "video/mp4", {"poster": (WEBP,)}) == [], "the poster has no WebP to make"
+
+
+def test_on_request_makes_only_what_is_asked_and_nothing_for_a_webp_primary():
     jolla = (CORPUS / "images/camera/jolla.jpg").read_bytes()
     assert [(v.name, v.content_type) for v in made_on_request(jolla, "image/jpeg", {"thumbnail": (WEBP,)})] == [
         ("thumbnail", WEBP),
     ]
     assert made_on_request(jolla, "image/jpeg", {"display": (WEBP,)}) == [], "the display has no WebP to make"
-    video = (CORPUS / "video/realshort.mp4").read_bytes()
-    assert made_on_request(video, "video/mp4", {"thumbnail": (WEBP,)}) == []
     transparent = (CORPUS / "images/formats/transparent.png").read_bytes()
     assert made_on_request(transparent, "image/png", {"thumbnail": (WEBP,), "preview": (WEBP,)}) == []
 

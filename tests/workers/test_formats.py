@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from arq import Retry
-from PIL import Image
+from PIL import Image, ImageChops, ImageStat
 from redis.asyncio import Redis
 
 from mediavault.domain.media import Library
@@ -28,6 +28,10 @@ from workers.transcode import INFRASTRUCTURE_TRIES
 
 WEBP_FIRST = ["image/webp", "image/jpeg"]
 SMALL = ("thumbnail", "preview")
+
+
+def mean_difference(a: Image.Image, b: Image.Image) -> float:
+    return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
 
 
 class Client:
@@ -147,19 +151,49 @@ async def test_clients_that_take_avif_or_anything_ask_for_nothing(own_queue, aut
     assert await queued_jobs(settings.redis_url, settings.queue_name) == []
 
 
-@pytest.mark.parametrize(("relative", "content_type"), [
-    ("images/formats/transparent.png", "image/png"),
-    ("video/realshort.mp4", "video/mp4"),
-])
-async def test_webp_primaries_and_videos_ask_for_nothing(own_queue, auth, user_id, pool, relative, content_type):
+async def test_webp_primaries_ask_for_nothing(own_queue, auth, user_id, pool):
     settings, channel = own_queue
     client = Client(channel, auth(user_id))
-    media_id = await processed(settings, client, relative, content_type)
+    media_id = await processed(settings, client, "images/formats/transparent.png", "image/png")
     answer = await client.get(media_id, ["image/webp"])
     assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
     assert await queued_jobs(settings.redis_url, settings.queue_name) == []
-    if content_type == "image/png":
-        assert {v.content_type for v in answer.variants if v.name in SMALL} == {"image/webp"}, "WebP is its primary"
+    assert {v.content_type for v in answer.variants if v.name in SMALL} == {"image/webp"}, "WebP is its primary"
+
+
+async def test_a_videos_webp_is_made_from_the_rendition_its_poster_came_from(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "video/realshort.mp4", "video/mp4")
+    first = {v.name: v for v in (await client.get(media_id, WEBP_FIRST)).variants}
+    assert {first[name].content_type for name in (*SMALL, "poster")} == {"image/jpeg"}
+    assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == [
+        "preview:image/webp", "thumbnail:image/webp",
+    ]
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+    # The job reads the smallest rendition, never the original, which may be 500 MiB.
+    original = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", media_id)
+    (settings.blob_dir / original).unlink()
+
+    async with running_worker(settings):
+        variants = await chosen(client, media_id, WEBP_FIRST)
+    assert variants["poster"].content_type == "image/jpeg", "the poster has no WebP"
+    for name in SMALL:
+        webp, jpeg = variants[name], first[name]
+        status, body, headers = await fetch(webp.url)
+        assert (status, headers["Content-Type"], len(body)) == (200, "image/webp", webp.size_bytes)
+        picture = Image.open(io.BytesIO(body))
+        assert (picture.format, picture.size) == ("WEBP", (jpeg.width, jpeg.height))
+        assert webp.size_bytes < jpeg.size_bytes
+        # The same frame as the JPEG's: the poster's, taken from the same rendition.
+        status, body, _ = await fetch(jpeg.url)
+        assert mean_difference(picture, Image.open(io.BytesIO(body))) < 6, name
+    derived = await pool.fetchrow(
+        "SELECT m.derived_bytes, (SELECT sum(size_bytes) FROM media_variants v WHERE v.media_id = m.media_id) AS summed "
+        "FROM media m WHERE m.media_id = $1::uuid",
+        media_id,
+    )
+    assert derived["derived_bytes"] == derived["summed"]
 
 
 async def test_a_reprocess_forgets_the_requests_and_the_stale_job_records_nothing(own_queue, auth, user_id, pool):

@@ -7,6 +7,8 @@ import functools
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/heic", "image/heif", "image/avif"})
 VIDEO_TYPES = frozenset({"video/mp4", "video/quicktime", "video/webm"})
 ALLOWED_TYPES = IMAGE_TYPES | VIDEO_TYPES
+# What the renditions of videos and animations are written as.
+MP4 = "video/mp4"
 
 # Declared types that the same container legitimately carries: HEIC is HEIF with
 # HEVC, and phones write MP4 and QuickTime files interchangeably.

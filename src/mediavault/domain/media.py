@@ -22,6 +22,7 @@ from mediavault.auth import Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
 from mediavault.domain import formats
+from mediavault.domain.content_types import MP4
 from mediavault.errors import MediaBusy, NotFound
 
 if TYPE_CHECKING:
@@ -188,8 +189,12 @@ UPDATE media SET requested_formats = ARRAY(SELECT e FROM unnest(requested_format
 WHERE media_id = $1 AND variants_version = $2
 """
 
+# A video's formats are made from the rendition its poster came from, the smallest (workers.video).
 _FORMATS_TO_MAKE = """
-SELECT m.content_type, m.object_key,
+SELECT m.kind, m.content_type, m.object_key,
+       (SELECT v.object_key FROM media_variants v
+        WHERE v.media_id = m.media_id AND v.content_type = $3
+        ORDER BY v.width * v.height, v.name LIMIT 1) AS smallest_rendition,
        ARRAY(SELECT e FROM unnest(m.requested_formats) AS e
              EXCEPT SELECT v.name || ':' || v.content_type FROM media_variants v WHERE v.media_id = m.media_id) AS missing
 FROM media m
@@ -305,7 +310,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class FormatsToMake:
-    """What a make_formats job makes: `requested` content types by variant name, from the original."""
+    """What a make_formats job makes: `requested` content types by variant name, from the
+    object at object_key (an image's original; the rendition a video's poster came from)."""
 
     content_type: str
     object_key: str
@@ -387,8 +393,8 @@ class Library:
 
     Every change that alters an owner's feed bumps it through the Feed; a new
     processing run goes to the transcode queue, with its feed bump in the same call.
-    `on_request` names, per image variant, the formats made only once a client asks for
-    them (imaging.spec.on_request); their jobs go to the transcode queue too.
+    `on_request` names, per kind of media and variant, the formats made only once a client
+    asks for them (imaging.spec.on_request); their jobs go to the transcode queue too.
     """
 
     def __init__(
@@ -398,7 +404,7 @@ class Library:
         settings: Settings,
         transcodes: TranscodeQueue,
         feed: Feed,
-        on_request: Mapping[str, tuple[str, ...]],
+        on_request: Mapping[str, Mapping[str, tuple[str, ...]]],
     ) -> None:
         self._pool = pool
         self._blobs = blobs
@@ -448,14 +454,15 @@ class Library:
     def _formats_wanted(self, media: Media, preferred: Sequence[str]) -> list[str]:
         """Entries of the formats made on request that this client would be answered in and
         that are neither made nor asked for: per variant, the first preferred format it has or could have."""
-        if not preferred or media.kind != "image" or media.processing_status != "complete":
+        on_request = self._on_request.get(media.kind)
+        if not preferred or not on_request or media.processing_status != "complete":
             return []
         made: dict[str, set[str]] = {}
         for v in media.variants:
             made.setdefault(v.name, set()).add(v.content_type)
         wanted = []
         for name, stored in made.items():
-            possible = stored.union(self._on_request.get(name, ()))
+            possible = stored.union(on_request.get(name, ()))
             first = next((mime for mime in preferred if mime in possible), None)
             if first is None or first in stored:
                 continue
@@ -574,13 +581,15 @@ class Library:
     async def formats_to_make(self, media_id: uuid.UUID, version: int) -> FormatsToMake | None:
         """The requested formats of the run that are not made yet; None when there are none,
         or the run is not complete (superseded, deleted, or still running)."""
-        row = await self._pool.fetchrow(_FORMATS_TO_MAKE, media_id, version)
+        row = await self._pool.fetchrow(_FORMATS_TO_MAKE, media_id, version, MP4)
         if row is None or not row["missing"]:
             return None
         requested: dict[str, tuple[str, ...]] = {}
         for entry in sorted(row["missing"]):
             name, content_type = entry.split(":", 1)
             requested[name] = (*requested.get(name, ()), content_type)
+        if row["kind"] == "video":
+            return FormatsToMake(MP4, row["smallest_rendition"], requested)
         return FormatsToMake(row["content_type"], row["object_key"], requested)
 
     async def add_formats(self, media_id: uuid.UUID, version: int, variants: Sequence[Variant]) -> bool:

@@ -17,8 +17,8 @@ well as the JPEG (SSIMULACRA2 against the unencoded resize):
   about three times the AVIF's encoding time, which made eagerly would slow every upload's
   job for the few views it serves. The first such client asks for it (MediaService's
   `accept`), gets the JPEG meanwhile, and the `make_formats` job (workers/formats.py)
-  makes it from the original; the next views get the WebP. Pictures with alpha have WebP
-  as their primary, and AVIF beside it.
+  makes it from the original (a video's from its poster frame); the next views get the
+  WebP. Pictures with alpha have WebP as their primary, and AVIF beside it.
 - The display variant keeps its primary alone: it is opened one at a time, and an AVIF of
   its size costs many times the whole JPEG job.
 - Per picture, an alternate no smaller than its primary is left out (`alternates`).

@@ -52,18 +52,21 @@ def made_on_request(
     variants: VariantSet = DEFAULT_VARIANTS,
     limits: Limits = DEFAULT_LIMITS,
 ) -> list[Variant]:
-    """The formats `requested` (content types by image variant name) of an image's variants,
-    each made from the original as its job makes an alternate beside the primary.
+    """The formats `requested` (content types by variant name) of an image's or a video's
+    variants, each made as its job makes an alternate beside the primary: from an image's
+    original, or from the poster frame of a video (`data` then being the video the upload's
+    job took its poster from, workers.video).
 
-    Pillow decodes, whatever strategy the upload's job took: that job's display and shared
-    decode are not needed for a smaller variant, whose resize differs by rounding at most. A
-    format no smaller than the variant's primary is left out (formats.alternates). Raises
-    PermanentImagingError when the input is refused, as `transcode` does.
+    Pillow decodes an image, whatever strategy the upload's job took: that job's display and
+    shared decode are not needed for a smaller variant, whose resize differs by rounding at
+    most. A format no smaller than the variant's primary is left out (formats.alternates).
+    Raises PermanentImagingError when the input is refused, as `transcode` does.
     """
     mime = sniff(data, content_type)
-    specs = [spec for spec in variants.image if spec.name in requested]
-    if content_types.kind_of(mime) != "image" or not specs:
+    kind = content_types.kind_of(mime)
+    specs = [spec for spec in (variants.video if kind == "video" else variants.image) if spec.name in requested]
+    if not specs:
         return []
-    still = decode_with_pillow(open_image(data, mime, limits), specs)
+    still = decode_poster(data, mime, limits) if kind == "video" else decode_with_pillow(open_image(data, mime, limits), specs)
     made = make_variants(still.image, still.width, still.height, specs, requested)
     return [alternate for variant in made for alternate in variant.alternates]

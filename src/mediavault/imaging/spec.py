@@ -124,14 +124,14 @@ DEFAULT_VARIANTS = VariantSet(image=(THUMBNAIL, PREVIEW, DISPLAY), poster=POSTER
 DEFAULT_LIMITS = Limits()
 
 
-def on_request(variants: VariantSet) -> dict[str, tuple[str, ...]]:
-    """The formats made on request (Alternate.eager False) of each image variant, by variant name.
-
-    Only images: a video's variants come from a frame its job decoded, which a format made
-    later would have to decode again from the whole video.
-    """
+def on_request(variants: VariantSet) -> dict[str, dict[str, tuple[str, ...]]]:
+    """The formats made on request (Alternate.eager False) by kind of media (image, video)
+    and variant name: an image's variants, and those a video's poster frame is made into."""
     return {
-        spec.name: made
-        for spec in variants.image
-        if (made := tuple(a.content_type for a in spec.alternates if not a.eager))
+        kind: {
+            spec.name: made
+            for spec in specs
+            if (made := tuple(a.content_type for a in spec.alternates if not a.eager))
+        }
+        for kind, specs in (("image", variants.image), ("video", variants.video))
     }

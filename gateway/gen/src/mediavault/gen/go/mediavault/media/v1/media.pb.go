@@ -183,8 +183,8 @@ type Variant struct {
 	SizeBytes int64 `protobuf:"varint,6,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
 	// The same variant in its other formats, in the order the request's accept ranks them (then
 	// the server's: JPEG, WebP, PNG, AVIF). Thumbnails and previews exist as JPEG and AVIF (WebP
-	// and AVIF for images with alpha), and an image's also as WebP once a client has asked for it
-	// (see GetMediaRequest.accept); a format that would be no smaller than the JPEG is not made.
+	// and AVIF for images with alpha), and also as WebP once a client has asked for it (see
+	// GetMediaRequest.accept); a format that would be no smaller than the JPEG is not made.
 	Alternatives         []*VariantFormat `protobuf:"bytes,10,rep,name=alternatives,proto3" json:"alternatives,omitempty"`
 	XXX_NoUnkeyedLiteral struct{}         `json:"-"`
 	XXX_unrecognized     []byte           `json:"-"`
@@ -774,9 +774,9 @@ type GetMediaRequest struct {
 	// image/jpeg; image/* and */* accept any). Each variant answers in the first of them it
 	// exists in, else in the server's order (JPEG, WebP, PNG, AVIF). Other types, parameters such as
 	// ;q=0.8 and entries past the 16th are ignored, never an error. The REST gateway fills it
-	// from the Accept header. WebP thumbnails and previews of images are made on request: while
-	// one the client ranks first is not made yet, the variant answers in the next accepted format
-	// it exists in, and the call has a job make the WebP for the calls that follow.
+	// from the Accept header. WebP thumbnails and previews (of images and of video posters) are
+	// made on request: while one the client ranks first is not made yet, the variant answers in the
+	// next accepted format it exists in, and the call has a job make the WebP for the calls that follow.
 	Accept               []string `protobuf:"bytes,2,rep,name=accept,proto3" json:"accept,omitempty"`
 	XXX_NoUnkeyedLiteral struct{} `json:"-"`
 	XXX_unrecognized     []byte   `json:"-"`
