@@ -34,9 +34,9 @@ from mediavault.offload import InOrder
 _INLINE_READ_LIMIT = 256 * 1024
 _READ_CHUNK = 1024 * 1024
 _DELETE_THREADS = 8
-# A resumable upload's bytes: the writer thread starts writing them to disk whenever this much
-# is written and not yet on its way, and twice as much may wait for the writer (or the hasher)
-# before the event loop waits for it.
+# An upload's bytes: the writer thread starts writing them to disk whenever this much is written
+# and not yet on its way, and twice as much may wait for the writer (or a resumable upload's
+# hasher) before the event loop waits for it.
 _SYNC_EVERY = 2 * 1024 * 1024
 _WRITE_AHEAD = 2 * _SYNC_EVERY
 _SYNC_FILE_RANGE_WRITE = 2
@@ -54,7 +54,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _load_sync_file_range()
 
 
-class Writeback:
+class _Writeback:
     """Starts a file's bytes on their way to disk every _SYNC_EVERY bytes written (sync_file_range,
     which does not wait; fdatasync where there is none), so that the fdatasync that makes them
     durable at the end has little left to wait for."""
@@ -360,59 +360,86 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
     return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
 
 
-class _FsPartialWriter:
-    """Appends to the partial file in one worker thread and digests the bytes in another, while the
-    event loop takes the next ones.
+class FileWriter:
+    """Appends the pieces written to an open file in a worker thread, in order, while the event
+    loop takes the next ones; sync() makes them durable.
 
-    SHA-256 costs more than writing to the page cache, and done one after the other in a single
-    thread they were the slowest stage of a chunk (bench/README.md, resumable): each has its thread,
-    and the slower one sets the pace. flush() waits for both and fdatasyncs the bytes (the
-    file's data and its size, what reading it back needs), so the checkpoint after it is true. The
-    writer starts writing every _SYNC_EVERY bytes to disk as it goes (sync_file_range, which does
-    not wait; fdatasync where there is none), so the sync at the end has little left to wait for.
+    A write to the page cache can stall (first touch of memory on a VM, dirty-page throttling):
+    in the thread it stalls the upload, not the event loop every request of the process shares.
+    The thread starts the bytes on their way to disk every _SYNC_EVERY bytes (sync_file_range,
+    which does not wait; fdatasync where there is none), so the sync at the end has little left
+    to wait for. The caller closes the file after settle().
     """
 
-    def __init__(self, fd: int, received: int, digest: Digest) -> None:
+    def __init__(self, fd: int, offset: int = 0) -> None:
         self._fd = fd
-        self._received = received
+        self._offset = offset
         # The writer thread's own.
-        self._writeback = Writeback(fd, received)
+        self._writeback = _Writeback(fd, offset)
         self._writes = InOrder(self._write_batch, max_waiting_bytes=_WRITE_AHEAD)
-        self._digests = InOrder(digest, max_waiting_bytes=_WRITE_AHEAD)
 
     async def write(self, data: bytes) -> None:
+        """Queues data after what was written before; raises BlobStoreError of an earlier write."""
         await self._writes.put(data)
-        await self._digests.put(data)
-        self._received += len(data)
+        self._offset += len(data)
 
-    async def digested(self) -> None:
-        await self._digests.drain()
-
-    def _write_batch(self, batch: list[bytes]) -> None:
-        try:
-            for data in batch:
-                write_all(self._fd, data)
-                self._writeback.wrote(len(data))
-        except OSError as exc:
-            raise BlobStoreError(f"write failed: {exc.strerror}") from exc
-
-    async def flush(self, *, final: bool) -> PartialState:
+    async def sync(self) -> int:
+        """Waits until everything written is on disk (the file's data and its size, what reading
+        it back needs); the file's length then, or BlobStoreError."""
         await self._writes.drain()
-        await self._digests.drain()
         try:
             await asyncio.to_thread(os.fdatasync, self._fd)
         except OSError as exc:
             raise BlobStoreError(f"fdatasync failed: {exc.strerror}") from exc
-        self._writeback.synced(self._received)
-        return PartialState(self._received)
+        self._writeback.synced(self._offset)
+        return self._offset
+
+    async def settle(self) -> None:
+        """Waits for the thread to be done with the file, dropping what was not written yet."""
+        await self._writes.settle()
+
+    def _write_batch(self, batch: list[bytes]) -> None:
+        try:
+            for data in batch:
+                _write_all(self._fd, data)
+                self._writeback.wrote(len(data))
+        except OSError as exc:
+            raise BlobStoreError(f"write failed: {exc.strerror}") from exc
+
+
+class _FsPartialWriter:
+    """Appends to the partial file in one worker thread (FileWriter) and digests the bytes in
+    another, while the event loop takes the next ones.
+
+    SHA-256 costs more than writing to the page cache, and done one after the other in a single
+    thread they were the slowest stage of a chunk (bench/README.md, resumable): each has its thread,
+    and the slower one sets the pace. flush() waits for both and syncs the file, so the
+    checkpoint after it is true.
+    """
+
+    def __init__(self, fd: int, received: int, digest: Digest) -> None:
+        self._fd = fd
+        self._file = FileWriter(fd, received)
+        self._digests = InOrder(digest, max_waiting_bytes=_WRITE_AHEAD)
+
+    async def write(self, data: bytes) -> None:
+        await self._file.write(data)
+        await self._digests.put(data)
+
+    async def digested(self) -> None:
+        await self._digests.drain()
+
+    async def flush(self, *, final: bool) -> PartialState:
+        await self._digests.drain()
+        return PartialState(await self._file.sync())
 
     async def close(self) -> None:
-        await self._writes.settle()
+        await self._file.settle()
         await self._digests.settle()
         os.close(self._fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -15,7 +15,7 @@ import os
 
 from aiohttp import web
 
-from mediavault.blobs.fs import FsBlobStore, Writeback, remove_quietly, write_all
+from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,19 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
     received = 0
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        writer = FileWriter(fd)
         try:
-            writeback = Writeback(fd)
             while chunk := await request.content.read(_CHUNK):
                 received += len(chunk)
                 if received > signed_length:
                     return _error(400, "EntityTooLarge", "body exceeds the signed length")
-                write_all(fd, chunk)
-                writeback.wrote(len(chunk))
+                await writer.write(chunk)
             if received != signed_length:
                 return _error(400, "IncompleteBody", "body shorter than the signed length")
             # A 200 says the object is stored, as S3's does: its bytes are on disk before it.
-            await asyncio.to_thread(os.fdatasync, fd)
+            await writer.sync()
         finally:
+            await writer.settle()
             os.close(fd)
         if not await asyncio.to_thread(store.publish_new, tmp, key):
             return _error(412, "PreconditionFailed", "object already uploaded")
