@@ -589,7 +589,8 @@ class Library:
             name, content_type = entry.split(":", 1)
             requested[name] = (*requested.get(name, ()), content_type)
         if row["kind"] == "video":
-            return FormatsToMake(MP4, row["smallest_rendition"], requested)
+            # A complete video has its renditions; without one there is no frame to make them from.
+            return FormatsToMake(MP4, row["smallest_rendition"], requested) if row["smallest_rendition"] else None
         return FormatsToMake(row["content_type"], row["object_key"], requested)
 
     async def add_formats(self, media_id: uuid.UUID, version: int, variants: Sequence[Variant]) -> bool:
