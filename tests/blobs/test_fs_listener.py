@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -97,6 +98,33 @@ async def test_a_failing_stream_leaves_neither_object_nor_temp_file(store):
         await store.write("variants/ab/none", stream(), content_type="image/jpeg")
     assert not store.path("variants/ab/none").exists()
     assert not any(Path(store.new_temp_file()).parent.iterdir())
+
+
+async def test_a_put_cut_mid_body_leaves_neither_object_nor_temp_file_and_the_url_still_works(store):
+    body = bytes(range(256)) * 40_000
+    signed = await store.presign_put(
+        "originals/ab/cut", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
+    )
+    url = urllib.parse.urlsplit(signed.url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    headers = {"Content-Length": str(len(body)), **signed.headers}
+    head = [f"PUT {url.path}?{url.query} HTTP/1.1", f"Host: {url.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body[: len(body) // 2])
+    await writer.drain()
+    temp_dir = Path(store.new_temp_file()).parent
+    deadline = time.monotonic() + 10
+    # Cut once the server is writing the body.
+    while not any(temp_file.stat().st_size > 0 for temp_file in temp_dir.iterdir()):
+        assert time.monotonic() < deadline, "the server never started writing the body"
+        await asyncio.sleep(0.01)
+    writer.close()
+    await writer.wait_closed()
+    while any(temp_dir.iterdir()):
+        assert time.monotonic() < deadline, "the cut PUT's temp file was never removed"
+        await asyncio.sleep(0.01)
+    assert not store.path("originals/ab/cut").exists()
+    assert (await send("PUT", signed.url, body, signed.headers))[0] == 200
+    assert store.path("originals/ab/cut").read_bytes() == body
 
 
 async def test_second_put_cannot_replace_the_object(store):
