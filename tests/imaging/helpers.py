@@ -6,7 +6,7 @@ import functools
 import io
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops, ImageStat
 
 from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode, turbojpeg
 from mediavault.imaging.colour import DISPLAY_P3
@@ -124,3 +124,8 @@ def chroma_440(data: bytes) -> bytes:
     width = header.width
     halved = [bytes(b"".join(plane[row * width : (row + 1) * width] for row in range(0, header.height, 2))) for plane in (cb, cr)]
     return turbojpeg.compress_planes([y, *halved], width, header.height, turbojpeg.SAMP_440, 88)
+
+
+def mean_difference(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference over the channels of two pictures of one size, in RGB."""
+    return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3

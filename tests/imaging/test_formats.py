@@ -6,20 +6,16 @@ import io
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageChops, ImageStat
+from PIL import Image
 
 from mediavault.imaging import DEFAULT_VARIANTS, PermanentImagingError, transcode
 from mediavault.imaging.formats import AVIF, WEBP, encode
 from mediavault.imaging.pipeline import made_on_request
 from mediavault.imaging.spec import Alternate, VariantSet, VariantSpec, on_request
 from tests.conftest import CORPUS
-from tests.imaging.helpers import SPECS, assert_no_metadata, open_variant, transcoded
+from tests.imaging.helpers import SPECS, assert_no_metadata, mean_difference, open_variant, transcoded
 
 FORMATS = {AVIF: "AVIF", WEBP: "WEBP"}
-
-
-def mean_difference(a: Image.Image, b: Image.Image) -> float:
-    return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
 
 
 PHOTOS = ["images/camera/jolla.jpg", "images/formats/rommel.jpg", "images/heic/IMG_5195.HEIC"]

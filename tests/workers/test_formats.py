@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from arq import Retry
-from PIL import Image, ImageChops, ImageStat
+from PIL import Image
 from redis.asyncio import Redis
 
 from mediavault.domain.media import Library
@@ -23,15 +23,12 @@ from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, POOLERS, running, running_worker
 from tests.faults import PrivateRedis
 from tests.helpers import fetch, settled, upload
+from tests.imaging.helpers import mean_difference
 from workers.formats import make_formats
 from workers.transcode import INFRASTRUCTURE_TRIES
 
 WEBP_FIRST = ["image/webp", "image/jpeg"]
 SMALL = ("thumbnail", "preview")
-
-
-def mean_difference(a: Image.Image, b: Image.Image) -> float:
-    return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
 
 
 class Client:
