@@ -372,6 +372,12 @@ def format_entry(name: str, content_type: str) -> str:
     return f"{name}:{content_type}"
 
 
+def split_entry(entry: str) -> tuple[str, str]:
+    """The variant name and content type of a format_entry."""
+    name, content_type = entry.split(":", 1)
+    return name, content_type
+
+
 def variant_key(media_id: uuid.UUID, version: int, name: str, content_type: str) -> str:
     """Deterministic per run, so a rerun overwrites; versioned, so a served URL never changes content."""
     extension = {"image/jpeg": "jpg", "image/webp": "webp", "image/png": "png", "image/avif": "avif", "video/mp4": "mp4"}[content_type]
@@ -586,7 +592,7 @@ class Library:
             return None
         requested: dict[str, tuple[str, ...]] = {}
         for entry in sorted(row["missing"]):
-            name, content_type = entry.split(":", 1)
+            name, content_type = split_entry(entry)
             requested[name] = (*requested.get(name, ()), content_type)
         if row["kind"] == "video":
             # A complete video has its renditions; without one there is no frame to make them from.
