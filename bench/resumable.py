@@ -11,6 +11,10 @@ For each backend, one `mediavault serve` (bench/stack.py) and, for S3, one moto 
   finalize_ms        FinalizeUpload of the 256 MiB tus upload, and the median of --small-uploads
                      64 KiB tus uploads (after one untimed finalize of another 64 KiB upload): the
                      carried SHA-256 state means no re-read, so no growth
+  finalize_put_256mib_ms
+                     FinalizeUpload of a 256 MiB single PUT (one more PUT per round, after the
+                     timed ones; median): on fs the listener hashed the body as it arrived, on S3
+                     (moto records no checksum) finalize reads the object
   rss_growth_mib     the server's peak RSS during one tus upload (VmHWM after clear_refs) minus its
                      RSS before it
 
@@ -144,7 +148,8 @@ class Client:
         assert done.upload.state == pb.UPLOAD_STATE_FINALIZED, done
         return elapsed
 
-    async def put(self) -> float:
+    async def put(self, *, keep: bool = False) -> tuple[float, str]:
+        """(seconds, upload_id); the upload is failed again unless keep."""
         from mediavault.storage.v1 import storage_pb2 as pb
 
         begun = await self.begin(SIZE, pb.UPLOAD_PROTOCOL_SINGLE, self.sha256)
@@ -153,11 +158,12 @@ class Client:
         async with self.http.put(begun.upload_url, data=_file_body(self.path, 0, SIZE), headers=headers) as response:
             assert response.status == 200, await response.text()
         elapsed = time.perf_counter() - started
-        # Deleted again (FailUpload deletes the object), so that the rounds after it write into
-        # page cache this one freed: see "Rounds that measure the VM" in bench/README.md.
-        reason = "bench: the PUT is timed, not kept"
-        await self.storage.FailUpload(pb.FailUploadRequest(upload_id=begun.upload.upload_id, reason=reason), metadata=self.md)
-        return elapsed
+        if not keep:
+            # Deleted again (FailUpload deletes the object), so that the rounds after it write into
+            # page cache this one freed: see "Rounds that measure the VM" in bench/README.md.
+            reason = "bench: the PUT is timed, not kept"
+            await self.storage.FailUpload(pb.FailUploadRequest(upload_id=begun.upload.upload_id, reason=reason), metadata=self.md)
+        return elapsed, begun.upload.upload_id
 
     async def patch(self, url: str, offset: int, end: int, cut_at: int | None = None, path: Path | None = None) -> int:
         headers = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset)}
@@ -202,7 +208,7 @@ async def measure(target: str, jwt_secret: str, pid: int, path: Path, sha256: st
         put_times, tus_times = [], []
         big_uploads = []
         for round_ in range(args.rounds):
-            put_times.append(await client.put())
+            put_times.append((await client.put())[0])
             before = _rss_kib(pid, "VmRSS")
             _reset_peak(pid)
             seconds, upload_id, chunk, _ = await client.tus()
@@ -218,10 +224,12 @@ async def measure(target: str, jwt_secret: str, pid: int, path: Path, sha256: st
         _, warm_id, _, _ = await client.tus(path=small, size=SMALL, sha256=small_sha256)
         await client.finalize(warm_id)
         # Alternating, so that both sizes meet the same load.
-        finalize_big, finalize_small = [], []
+        finalize_big, finalize_small, finalize_put = [], [], []
         for round_ in range(max(args.small_uploads, len(big_uploads))):
             if round_ < len(big_uploads):
                 finalize_big.append(await client.finalize(big_uploads[round_]))
+                _, put_id = await client.put(keep=True)
+                finalize_put.append(await client.finalize(put_id))
             if round_ < args.small_uploads:
                 _, small_id, _, _ = await client.tus(path=small, size=SMALL, sha256=small_sha256)
                 finalize_small.append(await client.finalize(small_id))
@@ -240,6 +248,7 @@ async def measure(target: str, jwt_secret: str, pid: int, path: Path, sha256: st
             "finalize_256mib_ms": round(statistics.median(finalize_big) * 1000, 2),
             "finalize_64kib_ms": round(statistics.median(finalize_small) * 1000, 2),
             "finalize_ratio": round(statistics.median(finalize_big) / statistics.median(finalize_small), 3),
+            "finalize_put_256mib_ms": round(statistics.median(finalize_put) * 1000, 2),
             "rss_growth_mib": round(rss_growth_mib, 1),
         }
 

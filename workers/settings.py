@@ -13,7 +13,7 @@ from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
 from mediavault.db import create_pool
 from mediavault.domain.media import MAX_ATTEMPTS
-from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder
+from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder, pool_size
 from mediavault.services import build_services
 from workers.formats import make_formats
 from workers.maintenance import JOBS, cron_task, job_config, observe_queue
@@ -67,9 +67,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     if settings.metrics_addr and not video_queue:
         ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
     # The video worker's pool only makes posters, one video at a time per transcode slot.
-    pool_size = settings.video_workers if video_queue else settings.transcode_workers or None
+    processes = settings.video_workers if video_queue else settings.transcode_workers or None
     ctx["transcoder"] = Transcoder(
-        workers=pool_size,
+        workers=processes,
         limits=dataclasses.replace(
             DEFAULT_LIMITS,
             job_timeout_seconds=settings.transcode_timeout_seconds,
@@ -111,6 +111,9 @@ def _redis_settings(settings: Settings) -> RedisSettings:
     return redis
 
 
+JOBS_PER_TRANSCODE_PROCESS = 2
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for workers.worker.Worker, bound to these settings."""
     return {
@@ -126,6 +129,11 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "redis_settings": _redis_settings(settings),
         "redis_outage_seconds": settings.worker_redis_outage_seconds,
         "queue_name": settings.queue_name,
+        # arq's default of 10 let one worker take a burst of jobs its few transcoding processes
+        # then ran one by one while another worker's stood idle: each process gets the job it
+        # runs and one doing its blob and database I/O beside it; the rest wait in the queue
+        # for whichever worker frees a slot first. Cron jobs take slots too.
+        "max_jobs": JOBS_PER_TRANSCODE_PROCESS * pool_size(settings.transcode_workers or None),
         "job_timeout": settings.job_timeout_seconds,
         "poll_delay": settings.worker_poll_delay_seconds,
         "ctx": {"settings": settings},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 import urllib.parse
@@ -13,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mediavault.blobs.base import BlobStoreError, Inspection, single_chunk
+from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.blobs.signing import UrlSigner
@@ -127,6 +128,57 @@ async def test_a_put_cut_mid_body_leaves_neither_object_nor_temp_file_and_the_ur
     assert store.path("originals/ab/cut").read_bytes() == body
 
 
+async def test_a_put_records_the_sha256_of_its_body_with_the_object(store):
+    body = os.urandom(3 * 1024 * 1024 + 11)
+    signed = await store.presign_put(
+        "originals/ab/hashed", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
+    )
+    assert (await send("PUT", signed.url, body, signed.headers))[0] == 200
+
+    digest = hashlib.sha256(body).hexdigest()
+    assert os.getxattr(store.path("originals/ab/hashed"), "user.mediavault.sha256") == digest.encode()
+    assert await store.stat("originals/ab/hashed") == ObjectInfo(len(body), digest)
+    assert await store.inspect("originals/ab/hashed", 64) == Inspection(len(body), digest, body[:64])
+
+
+@pytest.mark.parametrize("record", [None, b"not a digest", b"AB" * 32])
+async def test_an_object_without_a_valid_recorded_sha256_is_hashed(store, record):
+    # A copy that drops extended attributes (plain cp), or a value nobody could have recorded.
+    body = os.urandom(300 * 1024)
+    await store.write("originals/ab/copied", single_chunk(body), content_type="video/mp4")
+    if record is not None:
+        os.setxattr(store.path("originals/ab/copied"), "user.mediavault.sha256", record)
+
+    assert await store.stat("originals/ab/copied") == ObjectInfo(len(body), None)
+    digest = hashlib.sha256(body).hexdigest()
+    assert await store.inspect("originals/ab/copied", 8) == Inspection(len(body), digest, body[:8])
+
+
+async def test_a_put_whose_body_differs_from_the_signed_sha256_is_refused_and_stores_nothing(store):
+    declared = b"\xff\xd8\xff" + os.urandom(600 * 1024)
+    sent = declared[:-1] + bytes([declared[-1] ^ 1])
+    signed = await store.presign_put(
+        "originals/ab/digest",
+        size_bytes=len(declared),
+        content_type="image/jpeg",
+        sha256=hashlib.sha256(declared).hexdigest(),
+        expires_in=60,
+    )
+
+    status, body, _ = await send("PUT", signed.url, sent, signed.headers)
+
+    assert (status, json.loads(body)["error"]) == (400, "BadDigest")
+    assert await store.stat("originals/ab/digest") is None
+    assert not any(Path(store.new_temp_file()).parent.iterdir()), "no temp file is left behind"
+    assert (await send("PUT", signed.url, declared, signed.headers))[0] == 200
+    assert store.path("originals/ab/digest").read_bytes() == declared
+
+
+async def test_presign_put_rejects_a_malformed_sha256(store):
+    with pytest.raises(ValueError, match="sha256 must be 64 lowercase hex digits"):
+        await store.presign_put("originals/ab/x", size_bytes=1, content_type="image/png", sha256="AB" * 32, expires_in=60)
+
+
 async def test_second_put_cannot_replace_the_object(store):
     signed = await store.presign_put("originals/ab/two", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
     assert (await send("PUT", signed.url, b"first", signed.headers))[0] == 200
@@ -179,6 +231,22 @@ def test_signature_expires():
     params = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
     assert signer.verify("GET", "a/b", params) is None
     assert signer.verify("GET", "a/b", params, now=time.time() + 11) == "URL expired"
+
+
+def test_a_signed_sha256_cannot_be_dropped_added_or_changed():
+    signer = UrlSigner(b"k" * 32, "http://x")
+    digest = hashlib.sha256(b"body").hexdigest()
+    with_digest = dict(urllib.parse.parse_qsl(signer.sign("PUT", "a/b", expires_in=10, length=4, sha256=digest).split("?")[1]))
+    without = dict(urllib.parse.parse_qsl(signer.sign("PUT", "a/b", expires_in=10, length=4).split("?")[1]))
+
+    assert with_digest["X-Sha256"] == digest
+    assert signer.verify("PUT", "a/b", with_digest) is None
+    assert signer.verify("PUT", "a/b", without) is None
+    dropped = {k: v for k, v in with_digest.items() if k != "X-Sha256"}
+    added = {**without, "X-Sha256": digest}
+    changed = {**with_digest, "X-Sha256": hashlib.sha256(b"other").hexdigest()}
+    for params in (dropped, added, changed):
+        assert signer.verify("PUT", "a/b", params) == "signature does not match"
 
 
 def test_signed_urls_escape_the_content_type_and_refuse_keys_that_are_not_generated():

@@ -7,6 +7,7 @@ import uuid
 from arq import create_pool
 
 from mediavault.config import JobsConfig
+from mediavault.imaging import pool_size
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
 from tests.helpers import begin, fake_jpeg
@@ -47,3 +48,10 @@ async def test_jpeg_planes_off_reaches_the_transcoding_processes(make_settings, 
     finally:
         await shutdown(ctx)
     assert result.strategy == "pillow"
+
+
+def test_a_worker_takes_two_photo_jobs_per_transcoding_process(make_settings):
+    # More would wait inside this worker while another one's processes stand idle.
+    for processes, jobs in ((1, 2), (3, 6), (0, 2 * pool_size(None))):
+        worker = Worker(**worker_settings(make_settings(transcode_workers=processes)), handle_signals=False)
+        assert worker.max_jobs == jobs

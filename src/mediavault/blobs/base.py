@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
 MAX_KEY_LENGTH = 512
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BlobStoreError(Exception):
@@ -20,8 +21,8 @@ class BlobStoreError(Exception):
 @dataclass(frozen=True)
 class ObjectInfo:
     size: int
-    # Lowercase hex SHA-256 when the backend verified and recorded one on write
-    # (S3 with x-amz-checksum-sha256); None means the caller must hash the bytes.
+    # Lowercase hex SHA-256 when the backend verified and recorded one on write (S3 with
+    # x-amz-checksum-sha256; fs for a signed PUT); None means the caller must hash the bytes.
     sha256: str | None = None
 
 
@@ -120,6 +121,17 @@ def check_key(key: str) -> str:
     if not is_valid_key(key):
         raise ValueError(f"invalid object key {key!r}")
     return key
+
+
+def is_sha256_hex(value: str) -> bool:
+    return bool(_SHA256_HEX.match(value))
+
+
+def check_sha256(sha256: str) -> str:
+    """A checksum signed into a URL: the domain validated it, so anything else is a bug."""
+    if not is_sha256_hex(sha256):
+        raise ValueError("sha256 must be 64 lowercase hex digits")
+    return sha256
 
 
 def check_list_args(prefix: str, limit: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import shutil
@@ -25,6 +26,8 @@ from mediavault.blobs.base import (
     SignedRequest,
     check_key,
     check_list_args,
+    check_sha256,
+    is_sha256_hex,
     is_valid_key,
 )
 from mediavault.blobs.signing import UrlSigner
@@ -40,6 +43,11 @@ _DELETE_THREADS = 8
 _SYNC_EVERY = 2 * 1024 * 1024
 _WRITE_AHEAD = 2 * _SYNC_EVERY
 _SYNC_FILE_RANGE_WRITE = 2
+# The SHA-256 of a signed PUT's body, which the listener computed as it wrote the bytes; S3 keeps
+# a verified x-amz-checksum-sha256 the same way. A copy that drops extended attributes (plain
+# cp) or a file system without them only costs a read: the object is hashed instead.
+_SHA256_XATTR = "user.mediavault.sha256"
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA})
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -112,7 +120,14 @@ class FsBlobStore:
     async def presign_put(
         self, key: str, *, size_bytes: int, content_type: str, sha256: str | None, expires_in: int
     ) -> SignedRequest:
-        url = self.signer.sign("PUT", key, expires_in=expires_in, length=size_bytes, content_type=content_type)
+        url = self.signer.sign(
+            "PUT",
+            key,
+            expires_in=expires_in,
+            length=size_bytes,
+            content_type=content_type,
+            sha256=None if sha256 is None else check_sha256(sha256),
+        )
         return SignedRequest(url, "PUT", {"Content-Type": content_type, "Content-Length": str(size_bytes)})
 
     async def presign_get(self, key: str, *, expires_in: int, content_type: str | None = None) -> str:
@@ -120,17 +135,27 @@ class FsBlobStore:
 
     async def stat(self, key: str) -> ObjectInfo | None:
         try:
-            return ObjectInfo(size=self.path(key).stat().st_size)
+            fd = os.open(self._file(key), os.O_RDONLY)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
+        try:
+            return ObjectInfo(size=os.fstat(fd).st_size, sha256=_recorded_sha256(fd))
+        except OSError as exc:
+            raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
 
     async def inspect(self, key: str, head_length: int) -> Inspection | None:
         path = self._file(key)
         try:
             with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size <= _INLINE_READ_LIMIT:
+                size = os.fstat(f.fileno()).st_size
+                recorded = _recorded_sha256(f.fileno())
+                if recorded is not None:
+                    return Inspection(size, recorded, f.read(head_length))
+                if size <= _INLINE_READ_LIMIT:
                     data = f.read()
                     return Inspection(len(data), hashlib.sha256(data).hexdigest(), data[:head_length])
             return await asyncio.to_thread(_inspect_file, path, head_length)
@@ -175,14 +200,16 @@ class FsBlobStore:
             raise BlobStoreError(f"write failed: {exc.strerror}") from exc
         return size
 
-    def publish_new(self, tmp: str, key: str) -> bool:
+    def publish_new(self, tmp: str, key: str, *, sha256: str) -> bool:
         """Links a fully written temp file in as the object unless it exists; False if it did.
 
         A presigned PUT creates the object once: after finalize has verified the bytes,
         a still-valid URL must not be able to swap them. The caller has synced the file's
-        bytes; the name is synced here. The caller removes the temp file.
+        bytes and hashed them (sha256, recorded with the object); the name is synced here.
+        The caller removes the temp file.
         """
         target = self._file(key)
+        _record_sha256(tmp, sha256)
         try:
             try:
                 os.link(tmp, target)
@@ -361,31 +388,40 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
 
 
 class FileWriter:
-    """Appends the pieces written to an open file in a worker thread, in order, while the event
-    loop takes the next ones; sync() makes them durable.
+    """Appends the pieces written to an open file in a worker thread, in order, and passes them to
+    digest in another, while the event loop takes the next ones; sync() makes them durable.
 
     A write to the page cache can stall (first touch of memory on a VM, dirty-page throttling):
     in the thread it stalls the upload, not the event loop every request of the process shares.
     The thread starts the bytes on their way to disk every _SYNC_EVERY bytes (sync_file_range,
     which does not wait; fdatasync where there is none), so the sync at the end has little left
-    to wait for. The caller closes the file after settle().
+    to wait for. SHA-256 costs more than writing to the page cache, and done one after the other
+    in a single thread they were the slowest stage of a tus chunk (bench/README.md, resumable):
+    each has its thread, and the slower one sets the pace. The caller closes the file after settle().
     """
 
-    def __init__(self, fd: int, offset: int = 0) -> None:
+    def __init__(self, fd: int, digest: Digest, offset: int = 0) -> None:
         self._fd = fd
         self._offset = offset
         # The writer thread's own.
         self._writeback = _Writeback(fd, offset)
         self._writes = InOrder(self._write_batch, max_waiting_bytes=_WRITE_AHEAD)
+        self._digests = InOrder(digest, max_waiting_bytes=_WRITE_AHEAD)
 
     async def write(self, data: bytes) -> None:
         """Queues data after what was written before; raises BlobStoreError of an earlier write."""
         await self._writes.put(data)
+        await self._digests.put(data)
         self._offset += len(data)
+
+    async def digested(self) -> None:
+        """Returns once the digest has been given every byte written."""
+        await self._digests.drain()
 
     async def sync(self) -> int:
         """Waits until everything written is on disk (the file's data and its size, what reading
-        it back needs); the file's length then, or BlobStoreError."""
+        it back needs) and digested; the file's length then, or BlobStoreError."""
+        await self._digests.drain()
         await self._writes.drain()
         try:
             await asyncio.to_thread(os.fdatasync, self._fd)
@@ -395,8 +431,9 @@ class FileWriter:
         return self._offset
 
     async def settle(self) -> None:
-        """Waits for the thread to be done with the file, dropping what was not written yet."""
+        """Waits for the threads to be done with the file and the digest, dropping what waits."""
         await self._writes.settle()
+        await self._digests.settle()
 
     def _write_batch(self, batch: list[bytes]) -> None:
         try:
@@ -408,34 +445,23 @@ class FileWriter:
 
 
 class _FsPartialWriter:
-    """Appends to the partial file in one worker thread (FileWriter) and digests the bytes in
-    another, while the event loop takes the next ones.
-
-    SHA-256 costs more than writing to the page cache, and done one after the other in a single
-    thread they were the slowest stage of a chunk (bench/README.md, resumable): each has its thread,
-    and the slower one sets the pace. flush() waits for both and syncs the file, so the
-    checkpoint after it is true.
-    """
+    """Appends to the partial file (FileWriter); flush() syncs it, so the checkpoint after it is true."""
 
     def __init__(self, fd: int, received: int, digest: Digest) -> None:
         self._fd = fd
-        self._file = FileWriter(fd, received)
-        self._digests = InOrder(digest, max_waiting_bytes=_WRITE_AHEAD)
+        self._file = FileWriter(fd, digest, received)
 
     async def write(self, data: bytes) -> None:
         await self._file.write(data)
-        await self._digests.put(data)
 
     async def digested(self) -> None:
-        await self._digests.drain()
+        await self._file.digested()
 
     async def flush(self, *, final: bool) -> PartialState:
-        await self._digests.drain()
         return PartialState(await self._file.sync())
 
     async def close(self) -> None:
         await self._file.settle()
-        await self._digests.settle()
         os.close(self._fd)
 
 
@@ -481,6 +507,26 @@ def remove_quietly(path: str) -> None:
     """Removes a file that may already be gone."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _record_sha256(path: str, sha256: str) -> None:
+    try:
+        os.setxattr(path, _SHA256_XATTR, check_sha256(sha256).encode())
+    except OSError as exc:
+        if exc.errno not in _NO_XATTRS:
+            raise
+
+
+def _recorded_sha256(fd: int) -> str | None:
+    """The SHA-256 recorded with the object on write; None when there is none (or the file
+    system keeps no extended attributes)."""
+    try:
+        value = os.getxattr(fd, _SHA256_XATTR).decode("ascii", "replace")
+    except OSError as exc:
+        if exc.errno in _NO_XATTRS:
+            return None
+        raise
+    return value if is_sha256_hex(value) else None
 
 
 def _inspect_file(path: str, head_length: int) -> Inspection:

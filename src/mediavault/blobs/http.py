@@ -3,13 +3,17 @@ presigned URLs do; on both backends it carries the tus endpoints (mediavault.tus
 
 PUT needs the signed Content-Length and Content-Type, streams the body to a temp file,
 cuts off anything past the signed length and publishes the object only when complete,
-and only once (a second PUT to the same key is 412, as S3's If-None-Match: *). Like S3's,
-its 200 means the object is durable: its bytes and its name are synced first.
+and only once (a second PUT to the same key is 412, as S3's If-None-Match: *). It hashes
+the body as it arrives: a body that differs from a signed SHA-256 is refused (400 BadDigest,
+as S3 refuses one that differs from a signed x-amz-checksum-sha256), and the digest is recorded
+with the object, so FinalizeUpload does not read the object again. Like S3's, its 200 means the
+object is durable: its bytes and its name are synced first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 
@@ -67,9 +71,15 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
     signed_length = int(request.query["X-Length"])
     tmp = store.new_temp_file()
     received = 0
+    body_hash = hashlib.sha256()
+
+    def digest(batch: list[bytes]) -> None:
+        for piece in batch:
+            body_hash.update(piece)
+
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        writer = FileWriter(fd)
+        writer = FileWriter(fd, digest)
         try:
             while chunk := await request.content.read(_CHUNK):
                 received += len(chunk)
@@ -83,7 +93,10 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
         finally:
             await writer.settle()
             os.close(fd)
-        if not await asyncio.to_thread(store.publish_new, tmp, key):
+        sha256 = body_hash.hexdigest()
+        if sha256 != request.query.get("X-Sha256", sha256):
+            return _error(400, "BadDigest", "body does not match the signed SHA-256")
+        if not await asyncio.to_thread(store.publish_new, tmp, key, sha256=sha256):
             return _error(412, "PreconditionFailed", "object already uploaded")
     finally:
         remove_quietly(tmp)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import re
 from collections.abc import AsyncIterable, Iterator
 from datetime import UTC
 from pathlib import Path
@@ -28,6 +27,7 @@ from mediavault.blobs.base import (
     StoredPart,
     check_key,
     check_list_args,
+    check_sha256,
     is_valid_key,
 )
 from mediavault.config import Settings
@@ -46,7 +46,6 @@ _READ_CHUNK = 1024 * 1024
 _DELETE_BATCH = 1000
 # S3 returns at most this many keys per ListObjectsV2 call, whatever MaxKeys asks for.
 _MAX_LIST_KEYS = 1000
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
 _S3_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
 
@@ -118,9 +117,7 @@ class S3BlobStore:
         }
         headers = {"Content-Type": content_type, "Content-Length": str(size_bytes), "If-None-Match": "*"}
         if sha256 is not None:
-            if not _SHA256_HEX.match(sha256):
-                raise ValueError("sha256 must be 64 lowercase hex digits")
-            checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+            checksum = base64.b64encode(bytes.fromhex(check_sha256(sha256))).decode()
             params["ChecksumSHA256"] = checksum
             headers["x-amz-checksum-sha256"] = checksum
         with _translate_errors("presign"):
@@ -377,10 +374,8 @@ class S3BlobStore:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id, "PartNumber": number}
         headers: dict[str, str] = {}
         if sha256 is not None:
-            if not _SHA256_HEX.match(sha256):
-                raise ValueError("sha256 must be 64 lowercase hex digits")
             # Signed in, so S3 refuses a part whose bytes do not have this digest.
-            checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+            checksum = base64.b64encode(bytes.fromhex(check_sha256(sha256))).decode()
             params["ChecksumSHA256"] = checksum
             headers["x-amz-checksum-sha256"] = checksum
         with _translate_errors("presign"):

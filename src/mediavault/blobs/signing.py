@@ -1,5 +1,6 @@
 """HMAC-signed, expiring URLs for the fs backend, with the semantics of S3 presigned URLs:
-method, key, expiry, content length and content type are bound into the signature."""
+method, key, expiry, content length, content type and, when given, the body's SHA-256 are bound
+into the signature."""
 
 from __future__ import annotations
 
@@ -16,13 +17,26 @@ class UrlSigner:
         self._key = key
         self._base_url = base_url.rstrip("/")
 
-    def _signature(self, method: str, key: str, expires: int, length: str, content_type: str) -> str:
-        message = "\n".join((method, key, str(expires), length, content_type)).encode()
-        return hmac.digest(self._key, message, "sha256").hex()
+    def _signature(self, method: str, key: str, expires: int, length: str, content_type: str, sha256: str) -> str:
+        fields = [method, key, str(expires), length, content_type]
+        # Appended only when given, so URLs signed before checksums were signed still verify; a
+        # checksum cannot be dropped from (or added to) a URL, as the message would differ.
+        if sha256:
+            fields.append(sha256)
+        return hmac.digest(self._key, "\n".join(fields).encode(), "sha256").hex()
 
-    def sign(self, method: str, key: str, *, expires_in: int, length: int | None = None, content_type: str = "") -> str:
+    def sign(
+        self,
+        method: str,
+        key: str,
+        *,
+        expires_in: int,
+        length: int | None = None,
+        content_type: str = "",
+        sha256: str | None = None,
+    ) -> str:
         return self.sign_until(
-            method, key, expires=int(time.time()) + expires_in, length=length, content_type=content_type
+            method, key, expires=int(time.time()) + expires_in, length=length, content_type=content_type, sha256=sha256
         )
 
     def sign_until(
@@ -33,6 +47,7 @@ class UrlSigner:
         expires: int,
         length: int | None = None,
         content_type: str = "",
+        sha256: str | None = None,
         route: str = "blobs",
     ) -> str:
         """A URL under /route/key valid until the Unix time expires."""
@@ -43,7 +58,9 @@ class UrlSigner:
             query += f"&X-Length={length_part}"
         if content_type:
             query += f"&X-Content-Type={_query_value(content_type)}"
-        signature = self._signature(method, key, expires, length_part, content_type)
+        if sha256:
+            query += f"&X-Sha256={sha256}"
+        signature = self._signature(method, key, expires, length_part, content_type, sha256 or "")
         # check_key admits only characters that need no escaping in a path.
         return f"{self._base_url}/{route}/{key}?{query}&X-Signature={signature}"
 
@@ -54,7 +71,14 @@ class UrlSigner:
             signature = params["X-Signature"]
         except (KeyError, ValueError):
             return "missing or malformed signature parameters"
-        expected = self._signature(method, key, expires, params.get("X-Length", ""), params.get("X-Content-Type", ""))
+        expected = self._signature(
+            method,
+            key,
+            expires,
+            params.get("X-Length", ""),
+            params.get("X-Content-Type", ""),
+            params.get("X-Sha256", ""),
+        )
         if not hmac.compare_digest(expected, signature):
             return "signature does not match"
         if (now if now is not None else time.time()) > expires:

@@ -7,7 +7,7 @@ set up by `tune_worker_process`.
 
 from mediavault.imaging.errors import ImagingError, PermanentImagingError
 from mediavault.imaging.pipeline import transcode
-from mediavault.imaging.runner import Transcoder
+from mediavault.imaging.runner import Transcoder, pool_size
 from mediavault.imaging.spec import (
     DEFAULT_LIMITS,
     DEFAULT_VARIANTS,
@@ -39,6 +39,7 @@ __all__ = [
     "Variant",
     "VariantSet",
     "VariantSpec",
+    "pool_size",
     "transcode",
     "tune_worker_process",
 ]

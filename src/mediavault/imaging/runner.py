@@ -75,6 +75,11 @@ class _Worker:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+def pool_size(workers: int | None) -> int:
+    """The transcoding processes a Transcoder given workers runs: one per core unless said."""
+    return workers or os.cpu_count() or 1
+
+
 class Transcoder:
     """Runs `transcode` in a pool of worker processes, sized to the cores by default.
 
@@ -94,7 +99,7 @@ class Transcoder:
         jpeg_planes: bool = True,
         lossless_display: bool = True,
     ) -> None:
-        self.size = workers or os.cpu_count() or 1
+        self.size = pool_size(workers)
         self.variants = variants
         self.limits = limits
         self.jpeg_planes = jpeg_planes

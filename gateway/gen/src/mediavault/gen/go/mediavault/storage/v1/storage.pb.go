@@ -344,7 +344,8 @@ type BeginUploadRequest struct {
 	ContentType string `protobuf:"bytes,2,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
 	// Exact object size, from 1 up to the server's limit for images or for videos.
 	SizeBytes int64 `protobuf:"varint,3,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
-	// Lowercase hex SHA-256 of the object; when given, finalize checks the object against it.
+	// Lowercase hex SHA-256 of the object; when given, finalize checks the object against it, and
+	// the SINGLE upload URL refuses a body that differs from it (400 BadDigest, on both backends).
 	Sha256 string `protobuf:"bytes,4,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	// Up to 128 characters; a retry with the same key and parameters returns the same upload.
 	IdempotencyKey string `protobuf:"bytes,5,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
