@@ -15,11 +15,12 @@ from mediavault.blobs.base import (
     SignedRequest,
     StoredPart,
     check_key,
+    is_sha256_hex,
     single_chunk,
 )
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "Digest", "DirectParts", "StoredPart", "Inspection", "ListedObject", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "Digest", "DirectParts", "StoredPart", "Inspection", "ListedObject", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "is_sha256_hex", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

@@ -134,18 +134,13 @@ class FsBlobStore:
         return self.signer.sign("GET", key, expires_in=expires_in, content_type=content_type or "")
 
     async def stat(self, key: str) -> ObjectInfo | None:
+        path = self._file(key)
         try:
-            fd = os.open(self._file(key), os.O_RDONLY)
+            return ObjectInfo(size=os.stat(path).st_size, sha256=_recorded_sha256(path))
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
-        try:
-            return ObjectInfo(size=os.fstat(fd).st_size, sha256=_recorded_sha256(fd))
-        except OSError as exc:
-            raise BlobStoreError(f"stat failed: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     async def inspect(self, key: str, head_length: int) -> Inspection | None:
         path = self._file(key)
@@ -511,17 +506,17 @@ def remove_quietly(path: str) -> None:
 
 def _record_sha256(path: str, sha256: str) -> None:
     try:
-        os.setxattr(path, _SHA256_XATTR, check_sha256(sha256).encode())
+        os.setxattr(path, _SHA256_XATTR, sha256.encode())
     except OSError as exc:
         if exc.errno not in _NO_XATTRS:
             raise
 
 
-def _recorded_sha256(fd: int) -> str | None:
-    """The SHA-256 recorded with the object on write; None when there is none (or the file
-    system keeps no extended attributes)."""
+def _recorded_sha256(file: str | int) -> str | None:
+    """The SHA-256 recorded with the object (its path or open descriptor) on write; None when
+    there is none (or the file system keeps no extended attributes)."""
     try:
-        value = os.getxattr(fd, _SHA256_XATTR).decode("ascii", "replace")
+        value = os.getxattr(file, _SHA256_XATTR).decode("ascii", "replace")
     except OSError as exc:
         if exc.errno in _NO_XATTRS:
             return None

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter
+from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter, is_sha256_hex
 from mediavault.blobs.signing import UrlSigner
 from mediavault.config import Settings
 from mediavault.domain import content_types
 from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.records import COLUMNS, Upload, partial_key_for
-from mediavault.domain.uploads.validation import SHA256_HEX, Observed, observe_object
+from mediavault.domain.uploads.validation import Observed, observe_object
 from mediavault.errors import (
     BeyondDeclaredSize,
     ChunkChecksumMismatch,
@@ -319,7 +319,7 @@ def _part_violations(parts: list[PartRequest]) -> list[FieldViolation]:
     for i, part in enumerate(parts):
         if not 1 <= part.part_number <= MAX_PART_NUMBER:
             violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {MAX_PART_NUMBER}"))
-        if part.sha256 is not None and not SHA256_HEX.match(part.sha256):
+        if part.sha256 is not None and not is_sha256_hex(part.sha256):
             violations.append(FieldViolation(f"parts[{i}].sha256", "must be 64 lowercase hex characters"))
     return violations
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from mediavault.blobs import BlobStore
+from mediavault.blobs import BlobStore, is_sha256_hex
 from mediavault.config import Settings
 from mediavault.domain import content_types
 from mediavault.domain.uploads.records import PROTOCOLS, BeginRequest, Upload
@@ -15,7 +14,6 @@ RETENTIONS = ("permanent", "ephemeral")
 MAX_FILENAME = 255
 MAX_IDEMPOTENCY_KEY = 128
 MAX_FAIL_REASON = 500
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
@@ -37,7 +35,7 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
         elif request.protocol == "tus" and request.size_bytes > settings.tus_max_size:
             violations.append(FieldViolation("size_bytes", f"must be at most {settings.tus_max_size} for protocol TUS"))
     sha256 = request.sha256.strip() if request.sha256 else None
-    if sha256 is not None and not SHA256_HEX.match(sha256):
+    if sha256 is not None and not is_sha256_hex(sha256):
         violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))
     key = request.idempotency_key or None
     if request.retention not in RETENTIONS:
