@@ -39,10 +39,11 @@ def backoff(base_seconds: float, attempt: int) -> float:
 async def store_pictures(
     blobs: BlobStore, media_id: uuid.UUID, version: int, pictures: Iterable[imaging.Variant], written: list[str] | None = None
 ) -> list[Variant]:
-    """Writes each picture under the run's deterministic key (a rerun overwrites its own) and
-    returns the records of them; each key goes into `written` before its write starts."""
+    """Writes each picture, and each of its alternates (imaging/formats.py), under the run's
+    deterministic key (a rerun overwrites its own) and returns the records of them; each key
+    goes into `written` before its write starts."""
     stored = []
-    for picture in pictures:
+    for picture in (made for primary in pictures for made in (primary, *primary.alternates)):
         key = variant_key(media_id, version, picture.name, picture.content_type)
         if written is not None:
             written.append(key)
@@ -87,10 +88,9 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
             if span is not None:
                 span.set_attributes({"mediavault.width": result.width, "mediavault.height": result.height,
                                      "mediavault.variants": len(result.variants)})
-        # Every format of every variant (imaging/formats.py), and an animation's moving ones, each under its own key.
+        # Every variant, and an animation's moving ones, each format under its own key.
         moving = result.animation.variants if result.animation else []
-        made = (made for primary in (*result.variants, *moving) for made in (primary, *primary.alternates))
-        stored = await store_pictures(ctx["blobs"], media_id, version, made)
+        stored = await store_pictures(ctx["blobs"], media_id, version, (*result.variants, *moving))
         duration_ms = result.animation.duration_ms if result.animation else None
         completed = await library.complete(
             media_id, version, result.width, result.height, stored, result.thumbhash,

@@ -142,8 +142,7 @@ async def _run(
     # The poster comes from the smallest rendition: already upright, square-pixelled and
     # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
     poster = await ctx["transcoder"].run(renditions[0].path.read_bytes(), MP4)
-    pictures = (made for primary in poster.variants for made in (primary, *primary.alternates))
-    stored = await store_pictures(ctx["blobs"], media_id, version, pictures, written)
+    stored = await store_pictures(ctx["blobs"], media_id, version, poster.variants, written)
     for rendition in renditions:
         key = variant_key(media_id, version, rendition.name, MP4)
         written.append(key)
