@@ -93,13 +93,13 @@ def worker_throughput(args: argparse.Namespace) -> None:
     job = contender(args.contender, json.loads(args.specs))
     for path, data in zip(files, payloads, strict=True):
         # A contender that makes nothing would time as the fastest of all.
-        if not job(data):
+        if not job(path, data):
             raise SystemExit(f"{args.contender} made nothing of {path.name}")
     samples = []
     for _ in range(args.repeat):
         for path, data in zip(files, payloads, strict=True):
             start = time.perf_counter()
-            job(data)
+            job(path, data)
             samples.append({"file": path.name, "ms": (time.perf_counter() - start) * 1000})
     print(json.dumps({"samples": samples}))
 
@@ -107,10 +107,11 @@ def worker_throughput(args: argparse.Namespace) -> None:
 def worker_memory(args: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {args.core})
     job = contender(args.contender, json.loads(args.specs))
-    data = Path(args.files[0]).read_bytes()
+    path = Path(args.files[0])
+    data = path.read_bytes()
     Path("/proc/self/clear_refs").write_text("5")
     before = transcode_bench.proc_status_kib("VmRSS")
-    job(data)
+    job(path, data)
     peak = transcode_bench.proc_status_kib("VmHWM")
     print(json.dumps({"job_mb": (peak - before) / 1024, "process_mb": peak / 1024}))
 
@@ -119,7 +120,7 @@ def contender(name: str, specs: list[dict]):
     if name == "stock_pillow":
         from PIL import Image, ImageOps  # noqa: F401
 
-        return lambda data: transcode_bench.naive_pipeline(data, specs)
+        return lambda _path, data: transcode_bench.naive_pipeline(data, specs)
     from mediavault.imaging import DEFAULT_VARIANTS, transcode, tune_worker_process
 
     tune_worker_process()
@@ -128,9 +129,10 @@ def contender(name: str, specs: list[dict]):
         from mediavault.imaging.spec import on_request
 
         requested = on_request(DEFAULT_VARIANTS)["image"]
-        return lambda data: made_on_request(data, "image/jpeg", requested)
+        # From the file, as the make_formats job hands the original to the pool.
+        return lambda path, _data: made_on_request(path, "image/jpeg", requested)
     variants = DEFAULT_VARIANTS if name == "multi_format" else transcode_bench.jpeg_only(DEFAULT_VARIANTS)
-    return lambda data: transcode(data, "image/jpeg", variants=variants)
+    return lambda _path, data: transcode(data, "image/jpeg", variants=variants)
 
 
 # ---- orchestration: runs in the project's virtualenv ----

@@ -10,8 +10,10 @@ deterministic keys, and a superseded or deleted run records nothing.
 from __future__ import annotations
 
 import logging
+import tempfile
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from arq import Retry
@@ -40,8 +42,11 @@ async def _run(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
         wanted = await library.formats_to_make(media_id, version)
         if wanted is None:
             return "skipped"
-        data = await ctx["blobs"].read(wanted.object_key)
-        made = await ctx["transcoder"].made_on_request(data, wanted.content_type, wanted.requested)
+        # A file, not bytes: a video's rendition is decoded only as far as its poster frame.
+        with tempfile.TemporaryDirectory(prefix="mediavault-formats-") as scratch:
+            source = Path(scratch) / "source"
+            await ctx["blobs"].download(wanted.object_key, source)
+            made = await ctx["transcoder"].made_on_request(source, wanted.content_type, wanted.requested)
         stored = await store_pictures(ctx["blobs"], media_id, version, made)
         outcome = "complete" if await library.add_formats(media_id, version, stored) else "superseded"
         reason = ""

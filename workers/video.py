@@ -141,7 +141,7 @@ async def _run(
     )
     # The poster comes from the smallest rendition: already upright, square-pixelled and
     # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
-    poster = await ctx["transcoder"].run(renditions[0].path.read_bytes(), MP4)
+    poster = await ctx["transcoder"].run_poster(renditions[0].path, MP4)
     stored = await store_pictures(ctx["blobs"], media_id, version, poster.variants, written)
     for rendition in renditions:
         key = variant_key(media_id, version, rendition.name, MP4)

@@ -10,6 +10,7 @@ from PIL import Image, ImageChops, ImageStat
 
 from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode, turbojpeg
 from mediavault.imaging.colour import DISPLAY_P3
+from mediavault.imaging.pipeline import transcode_poster
 from tests.conftest import CORPUS
 
 CONTENT_TYPES = {
@@ -37,9 +38,13 @@ def content_type(path: Path) -> str:
 
 @functools.cache
 def transcoded(relative: str) -> TranscodeResult:
-    """Each corpus file is transcoded once per test run, however many tests look at it."""
+    """Each corpus file is transcoded once per test run, however many tests look at it (a video
+    from its file, as the video job passes it)."""
     path = corpus(relative)
-    return transcode(path.read_bytes(), content_type(path))
+    mime = content_type(path)
+    if mime.startswith("video/"):
+        return transcode_poster(path, mime)
+    return transcode(path.read_bytes(), mime)
 
 
 def open_variant(data: bytes) -> Image.Image:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from mediavault.imaging import DEFAULT_VARIANTS, PermanentImagingError, transcode
 from mediavault.imaging.formats import AVIF, WEBP, encode
-from mediavault.imaging.pipeline import made_on_request
+from mediavault.imaging.pipeline import made_on_request, transcode_poster
 from mediavault.imaging.spec import Alternate, VariantSet, VariantSpec, on_request
 from tests.conftest import CORPUS
 from tests.imaging.helpers import SPECS, assert_no_metadata, mean_difference, open_variant, transcoded
@@ -121,10 +120,11 @@ def test_webp_is_made_on_request_and_never_by_the_upload_job():
 
 @pytest.mark.parametrize("relative", [*PHOTOS, "video/realshort.mp4"])
 def test_a_format_made_on_request_is_the_variant_in_fewer_bytes(relative):
-    data = (CORPUS / relative).read_bytes()
-    mime = {".jpg": "image/jpeg", ".HEIC": "image/heic", ".mp4": "video/mp4"}[Path(relative).suffix]
-    primaries = {v.name: v for v in transcode(data, mime).variants}
-    made = made_on_request(data, mime, {"thumbnail": (WEBP,), "preview": (WEBP,)})
+    path = CORPUS / relative
+    mime = {".jpg": "image/jpeg", ".HEIC": "image/heic", ".mp4": "video/mp4"}[path.suffix]
+    result = transcode_poster(path, mime) if mime == "video/mp4" else transcode(path.read_bytes(), mime)
+    primaries = {v.name: v for v in result.variants}
+    made = made_on_request(path, mime, {"thumbnail": (WEBP,), "preview": (WEBP,)})
     assert {(v.name, v.content_type) for v in made} <= {("thumbnail", WEBP), ("preview", WEBP)}
     assert ("thumbnail", WEBP) in {(v.name, v.content_type) for v in made}
     for variant in made:
@@ -141,18 +141,18 @@ def test_a_format_made_on_request_is_the_variant_in_fewer_bytes(relative):
 
 
 def test_on_request_makes_only_what_is_asked_and_nothing_for_a_display_poster_or_webp_primary():
-    jolla = (CORPUS / "images/camera/jolla.jpg").read_bytes()
+    jolla = CORPUS / "images/camera/jolla.jpg"
     assert [(v.name, v.content_type) for v in made_on_request(jolla, "image/jpeg", {"thumbnail": (WEBP,)})] == [
         ("thumbnail", WEBP),
     ]
     assert made_on_request(jolla, "image/jpeg", {"display": (WEBP,)}) == [], "the display has no WebP to make"
-    video = (CORPUS / "video/realshort.mp4").read_bytes()
+    video = CORPUS / "video/realshort.mp4"
     assert made_on_request(video, "video/mp4", {"poster": (WEBP,)}) == [], "the poster has no WebP to make"
-    transparent = (CORPUS / "images/formats/transparent.png").read_bytes()
+    transparent = CORPUS / "images/formats/transparent.png"
     assert made_on_request(transparent, "image/png", {"thumbnail": (WEBP,), "preview": (WEBP,)}) == []
 
 
 def test_a_refused_original_is_refused_on_request_too():
-    truncated = (CORPUS / "images/bad/truncated_jpeg.jpg").read_bytes()
+    truncated = CORPUS / "images/bad/truncated_jpeg.jpg"
     with pytest.raises(PermanentImagingError):
         made_on_request(truncated, "image/jpeg", {"thumbnail": (WEBP,)})

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import io
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import av
 import pytest
 from PIL import Image
 
-from mediavault.imaging import DEFAULT_LIMITS, Limits, PermanentImagingError, transcode
+from mediavault.imaging import DEFAULT_LIMITS, Limits, PermanentImagingError, TranscodeResult, transcode
+from mediavault.imaging.pipeline import transcode_poster
 from tests.imaging.helpers import corpus
 
 JOLLA = "images/camera/jolla.jpg"  # 3264x2448, 8 MP
 
 
+def made(data: bytes, content_type: str, limits: Limits = DEFAULT_LIMITS) -> TranscodeResult:
+    """An image's bytes transcoded; a video's made into its poster from a file, as the video job passes it."""
+    if not content_type.startswith("video/"):
+        return transcode(data, content_type, limits=limits)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "video"
+        path.write_bytes(data)
+        return transcode_poster(path, content_type, limits=limits)
+
+
 def refused(data: bytes, content_type: str, limits: Limits = DEFAULT_LIMITS) -> str:
     with pytest.raises(PermanentImagingError) as caught:
-        transcode(data, content_type, limits=limits)
+        made(data, content_type, limits)
     return caught.value.message
 
 
@@ -107,7 +120,7 @@ def test_frame_limit_bounds_the_search_for_a_keyframe() -> None:
     data = video_starting_mid_gop(skip=5)
     # Keyframes every 10 frames; cut at 5, the first one is the 6th packet.
     assert refused(data, "video/mp4", Limits(max_frames=5)) == "corrupt video"
-    result = transcode(data, "video/mp4", limits=Limits(max_frames=6))
+    result = made(data, "video/mp4", Limits(max_frames=6))
     assert (result.kind, result.width, result.height) == ("video", 64, 48)
 
 

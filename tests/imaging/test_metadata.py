@@ -9,8 +9,8 @@ from datetime import datetime
 import pytest
 from PIL import Image
 
-from mediavault.imaging import transcode
 from mediavault.imaging.metadata import MAX_CAMERA_CHARS, PhotoFacts, photo_facts
+from mediavault.imaging.pipeline import transcode_poster
 from tests.imaging.helpers import corpus, transcoded
 
 
@@ -69,4 +69,4 @@ def test_untrusted_values_parse_exactly_or_are_dropped(exif: dict, facts: PhotoF
 
 def test_a_video_has_no_photo_facts() -> None:
     path = corpus("video/realshort.mp4")
-    assert transcode(path.read_bytes(), "video/mp4").photo == PhotoFacts()
+    assert transcode_poster(path, "video/mp4").photo == PhotoFacts()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from mediavault.imaging import ImagingError, PermanentImagingError
+from mediavault.imaging import ImagingError, PermanentImagingError, transcode
 from mediavault.imaging import video as videos
 from mediavault.imaging.decode import NEAR_BLACK_LUMA, decode_poster
+from mediavault.imaging.pipeline import transcode_poster
 from mediavault.imaging.spec import DEFAULT_LIMITS
 from tests import videos as make
 from tests.conftest import CORPUS
@@ -157,14 +160,14 @@ async def test_a_transcode_past_its_time_limit_fails_for_good(clips):
 
 def test_the_poster_skips_a_black_lead_in(clips):
     path = make.black_lead_in(clips / "fade.mp4")
-    still = decode_poster(path.read_bytes(), "video/mp4", DEFAULT_LIMITS)
+    still = decode_poster(path, "video/mp4", DEFAULT_LIMITS)
     assert still.image.convert("L").resize((32, 32)).getextrema()[1] > 200
     assert sum(still.image.convert("L").resize((32, 32)).get_flattened_data()) / 1024 > NEAR_BLACK_LUMA
 
 
 def test_an_all_black_start_past_the_search_window_gives_the_first_frame(clips):
     path = make.black_lead_in(clips / "long-fade.mp4", seconds_black=4.0)
-    still = decode_poster(path.read_bytes(), "video/mp4", DEFAULT_LIMITS)
+    still = decode_poster(path, "video/mp4", DEFAULT_LIMITS)
     assert still.image.convert("L").getextrema()[1] < NEAR_BLACK_LUMA
 
 
@@ -181,3 +184,45 @@ async def test_an_ffmpeg_killed_by_someone_else_fails_the_attempt_not_the_media(
     with pytest.raises(ImagingError) as failed:
         await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=60, on_progress=kill_ffmpeg)
     assert not isinstance(failed.value, PermanentImagingError), "the OOM killer's victim is retried"
+
+
+def test_a_video_is_refused_as_bytes_and_its_poster_made_from_its_file(clips):
+    path = make.h264(clips / "poster.mp4", "640x360", 1.0, audio=False)
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(path.read_bytes(), "video/mp4")
+    assert refused.value.message == "unsupported format"
+    result = transcode_poster(path, "video/mp4")
+    assert result.kind == "video"
+    assert (result.width, result.height) == (640, 360)
+    assert sorted(v.name for v in result.variants) == ["poster", "preview", "thumbnail"]
+
+
+_POSTER_PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from mediavault.imaging.pipeline import transcode_poster
+result = transcode_poster(Path(sys.argv[1]), "video/mp4")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, result.variants[0].data.hex())
+"""
+
+
+def test_a_posters_memory_does_not_grow_with_what_follows_the_first_frames(clips):
+    # A long video's bytes after its first seconds are never read into memory: here 256 MiB of a
+    # top-level free box after the media data (sparse on disk), which the poster must not cost.
+    short = make.h264(clips / "short.mp4", "640x360", 1.0, audio=False)
+    padded = clips / "padded.mp4"
+    tail = 256 * 1024 * 1024
+    with padded.open("wb") as f:
+        f.write(short.read_bytes())
+        f.write((tail + 8).to_bytes(4, "big") + b"free")
+        f.truncate(f.tell() + tail)
+
+    def poster(path: Path) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-c", _POSTER_PEAK_RSS, str(path)], capture_output=True, text=True, check=True)
+        peak_kib, picture = done.stdout.split()
+        return int(peak_kib), picture
+
+    short_peak, short_poster = poster(short)
+    padded_peak, padded_poster = poster(padded)
+    assert padded_poster == short_poster
+    assert padded_peak - short_peak < 32 * 1024, (short_peak, padded_peak)

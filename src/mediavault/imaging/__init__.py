@@ -1,12 +1,12 @@
 """Pure pixel work: upload bytes in, upright metadata-free variants out.
 
-No database, network or grpc here. `transcode` is the synchronous pipeline;
-`Transcoder` runs it in a process pool with a per-job time limit, in processes
-set up by `tune_worker_process`.
+No database, network or grpc here. `transcode` is the synchronous pipeline of an image
+(`transcode_poster` of a video's file); `Transcoder` runs them in a process pool with a
+per-job time limit, in processes set up by `tune_worker_process`.
 """
 
 from mediavault.imaging.errors import ImagingError, PermanentImagingError
-from mediavault.imaging.pipeline import transcode
+from mediavault.imaging.pipeline import transcode, transcode_poster
 from mediavault.imaging.runner import Transcoder, pool_size
 from mediavault.imaging.spec import (
     DEFAULT_LIMITS,
@@ -41,5 +41,6 @@ __all__ = [
     "VariantSpec",
     "pool_size",
     "transcode",
+    "transcode_poster",
     "tune_worker_process",
 ]

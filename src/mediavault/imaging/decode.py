@@ -8,6 +8,8 @@ import io
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import av
 import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
@@ -255,10 +257,17 @@ _POSTER_SAMPLE_SECONDS = 0.25
 NEAR_BLACK_LUMA = 24
 
 
-def decode_poster(data: bytes, mime: str, limits: Limits) -> Still:
-    """The first frame of the first seconds that is not near-black (else the first frame), upright."""
+def decode_poster(path: Path, mime: str, limits: Limits) -> Still:
+    """The first frame of the first seconds that is not near-black (else the first frame), upright,
+    of the video file at path: the demuxer reads the file as far as that frame and the container's
+    index, never the whole of a long video into memory."""
+    with open(path, "rb") as file:
+        return _decode_poster(file, mime, limits)
+
+
+def _decode_poster(file: BinaryIO, mime: str, limits: Limits) -> Still:
     try:
-        with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[mime]) as container:
+        with av.open(file, mode="r", format=_DEMUXERS[mime]) as container:
             if not container.streams.video:
                 raise PermanentImagingError(CORRUPT_VIDEO)
             stream = container.streams.video[0]

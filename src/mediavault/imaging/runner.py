@@ -12,10 +12,11 @@ import sys
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import TypeVar
 
 from mediavault.imaging.errors import TIMED_OUT, ImagingError, PermanentImagingError
-from mediavault.imaging.pipeline import made_on_request, transcode
+from mediavault.imaging.pipeline import made_on_request, transcode, transcode_poster
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
 from mediavault.imaging.tuning import tune_worker_process
 from mediavault.imaging.variants import TranscodeResult, Variant
@@ -81,7 +82,9 @@ def pool_size(workers: int | None) -> int:
 
 
 class Transcoder:
-    """Runs `transcode` in a pool of worker processes, sized to the cores by default.
+    """Runs `transcode` (and a video's `transcode_poster`) in a pool of worker processes, sized to
+    the cores by default. A video goes to the pool as the path of its file, never as bytes: the
+    poster needs only the file's first frames, and bytes would be copied whole into both processes.
 
     A job past `limits.job_timeout_seconds` has its process killed and replaced, and
     fails with PermanentImagingError("processing timed out"): the same bytes would
@@ -134,9 +137,13 @@ class Transcoder:
             transcode, data, content_type, self.variants, self.limits, self.jpeg_planes, self.lossless_display
         )
 
-    async def made_on_request(self, data: bytes, content_type: str, requested: Mapping[str, Collection[str]]) -> list[Variant]:
-        """`pipeline.made_on_request` with this pool's variants and limits."""
-        return await self._in_worker(made_on_request, data, content_type, requested, self.variants, self.limits)
+    async def run_poster(self, path: Path, content_type: str) -> TranscodeResult:
+        """`transcode_poster` of the video file at path (on this host) with this pool's variants and limits."""
+        return await self._in_worker(transcode_poster, path, content_type, self.variants, self.limits)
+
+    async def made_on_request(self, path: Path, content_type: str, requested: Mapping[str, Collection[str]]) -> list[Variant]:
+        """`pipeline.made_on_request` of the file at path (on this host) with this pool's variants and limits."""
+        return await self._in_worker(made_on_request, path, content_type, requested, self.variants, self.limits)
 
     async def _in_worker(self, job: Callable[..., T], *args: object) -> T:
         if self._closed:
