@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from mediavault import imaging, metrics, tracing
 from mediavault.blobs import BlobStore, BlobStoreError, single_chunk
-from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, variant_key
+from mediavault.domain.media import MAX_ATTEMPTS, Claim, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
 from mediavault.jobs import TRANSCODE, enqueue_video
 
@@ -34,6 +34,36 @@ RETRY_CAP_SECONDS = 60.0
 
 def backoff(base_seconds: float, attempt: int) -> float:
     return min(base_seconds * 2 ** (attempt - 1), RETRY_CAP_SECONDS)
+
+
+async def retried_on_fault(ctx: dict[str, Any], job: str, media_id: str, run: Awaitable[str]) -> str:
+    """What `run` returns; an infrastructure fault that reaches here (one outside a claimed run's
+    attempt, the claim included) is retried by arq after a backoff by the job's try."""
+    try:
+        return await run
+    except TRANSIENT_ERRORS as exc:
+        job_try = ctx.get("job_try", 1)
+        delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
+        log.warning(f"{job} job hit an infrastructure fault; retrying",
+                    extra={"media_id": media_id, "job_try": job_try, "delay_seconds": delay}, exc_info=True)
+        metrics.TRANSCODE_OUTCOMES.labels("retry", type(exc).__name__).inc()
+        raise Retry(defer=delay) from exc
+
+
+async def attempt_failed(ctx: dict[str, Any], job: str, claim: Claim, version: int, exc: Exception) -> str:
+    """After a fault in a claimed run's attempt: "failed" once it was the media's last attempt
+    (the media FAILED for its client), else the run is put back and arq retries the job after a
+    backoff by the attempt (raises Retry)."""
+    library: Library = ctx["library"]
+    log.warning(f"{job} attempt failed", extra={"media_id": str(claim.media_id), "attempt": claim.attempts}, exc_info=exc)
+    last = claim.attempts >= MAX_ATTEMPTS
+    metrics.TRANSCODE_OUTCOMES.labels("failed" if last else "retry", type(exc).__name__).inc()
+    if last:
+        await library.fail(claim.media_id, version, "processing failed, try again later")
+        return "failed"
+    delay = backoff(ctx["settings"].transcode_retry_base_seconds, claim.attempts)
+    await library.retry_later(claim.media_id, version, "temporary error, retrying", delay)
+    raise Retry(defer=delay) from exc
 
 
 async def store_pictures(
@@ -57,19 +87,7 @@ async def transcode_media(
 ) -> str:
     """trace_context: the W3C trace context of the enqueue (mediavault.jobs), when the enqueuer traced."""
     with tracing.job_span(TRANSCODE, trace_context, ctx.get("job_id", ""), ctx.get("job_try", 1)):
-        return await _run(ctx, media_id, version)
-
-
-async def _run(ctx: dict[str, Any], media_id: str, version: int) -> str:
-    try:
-        return await _transcode(ctx, uuid.UUID(media_id), version)
-    except TRANSIENT_ERRORS as exc:
-        job_try = ctx.get("job_try", 1)
-        delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
-        log.warning("transcode job hit an infrastructure fault; retrying",
-                    extra={"media_id": media_id, "job_try": job_try, "delay_seconds": delay}, exc_info=True)
-        metrics.TRANSCODE_OUTCOMES.labels("retry", type(exc).__name__).inc()
-        raise Retry(defer=delay) from exc
+        return await retried_on_fault(ctx, "transcode", media_id, _transcode(ctx, uuid.UUID(media_id), version))
 
 
 async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
@@ -101,14 +119,7 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
         await library.fail(media_id, version, exc.message)
         outcome, reason = "failed", exc.message
     except TRANSIENT_ERRORS as exc:
-        log.warning("transcode attempt failed", extra={"media_id": str(media_id), "attempt": claim.attempts}, exc_info=True)
-        metrics.TRANSCODE_OUTCOMES.labels("retry" if claim.attempts < MAX_ATTEMPTS else "failed", type(exc).__name__).inc()
-        if claim.attempts >= MAX_ATTEMPTS:
-            await library.fail(media_id, version, "processing failed, try again later")
-            return "failed"
-        delay = backoff(ctx["settings"].transcode_retry_base_seconds, claim.attempts)
-        await library.retry_later(media_id, version, "temporary error, retrying", delay)
-        raise Retry(defer=delay) from exc
+        return await attempt_failed(ctx, "transcode", claim, version, exc)
     metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()
     metrics.TRANSCODE_SECONDS.labels(claim.kind).observe(time.perf_counter() - started)
     log.info("transcode finished", extra={"media_id": str(media_id), "outcome": outcome, "reason": reason})

@@ -16,18 +16,16 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from arq import Retry
-
 from mediavault import metrics, tracing
 from mediavault.config import Settings
 from mediavault.domain import content_types
 from mediavault.domain.content_types import MP4
-from mediavault.domain.media import MAX_ATTEMPTS, Library, Variant, VideoFacts, variant_key
+from mediavault.domain.media import Library, Variant, VideoFacts, variant_key
 from mediavault.imaging import PermanentImagingError
 from mediavault.imaging import video as videos
 from mediavault.imaging.decode import sniff
 from mediavault.jobs import TRANSCODE_VIDEO
-from workers.transcode import TRANSIENT_ERRORS, backoff, store_pictures
+from workers.transcode import TRANSIENT_ERRORS, attempt_failed, retried_on_fault, store_pictures
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +47,7 @@ async def transcode_video(
 ) -> str:
     """trace_context: the W3C trace context of the hand-over (mediavault.jobs.enqueue_video), when traced."""
     with tracing.job_span(TRANSCODE_VIDEO, trace_context, ctx.get("job_id", ""), ctx.get("job_try", 1)):
-        return await _run_video(ctx, media_id, version)
-
-
-async def _run_video(ctx: dict[str, Any], media_id: str, version: int) -> str:
-    try:
-        return await _transcode_video(ctx, uuid.UUID(media_id), version)
-    except TRANSIENT_ERRORS as exc:
-        job_try = ctx.get("job_try", 1)
-        delay = backoff(ctx["settings"].transcode_retry_base_seconds, job_try)
-        log.warning("video job hit an infrastructure fault; retrying",
-                    extra={"media_id": media_id, "job_try": job_try, "delay_seconds": delay}, exc_info=True)
-        metrics.TRANSCODE_OUTCOMES.labels("retry", type(exc).__name__).inc()
-        raise Retry(defer=delay) from exc
+        return await retried_on_fault(ctx, "video", media_id, _transcode_video(ctx, uuid.UUID(media_id), version))
 
 
 class _Progress:
@@ -85,7 +71,6 @@ class _Progress:
 
 async def _transcode_video(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
     library: Library = ctx["library"]
-    settings: Settings = ctx["settings"]
     claim = await library.claim(media_id, version)
     if claim is None:
         return "skipped"
@@ -102,14 +87,7 @@ async def _transcode_video(ctx: dict[str, Any], media_id: uuid.UUID, version: in
         outcome, reason = "failed", exc.message
     except TRANSIENT_ERRORS as exc:
         await _forget(ctx, written)
-        log.warning("video attempt failed", extra={"media_id": str(media_id), "attempt": claim.attempts}, exc_info=True)
-        metrics.TRANSCODE_OUTCOMES.labels("retry" if claim.attempts < MAX_ATTEMPTS else "failed", type(exc).__name__).inc()
-        if claim.attempts >= MAX_ATTEMPTS:
-            await library.fail(media_id, version, "processing failed, try again later")
-            return "failed"
-        delay = backoff(settings.transcode_retry_base_seconds, claim.attempts)
-        await library.retry_later(media_id, version, "temporary error, retrying", delay)
-        raise Retry(defer=delay) from exc
+        return await attempt_failed(ctx, "video", claim, version, exc)
     if outcome in ("cancelled", "superseded"):
         await _forget(ctx, written)
     metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()

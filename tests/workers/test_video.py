@@ -89,6 +89,36 @@ async def test_refused_videos_fail_once_with_their_reason(storage, media, auth, 
     assert not item.renditions
 
 
+async def test_a_video_whose_original_is_gone_retries_with_backoff_then_fails(make_settings, auth, user_id, pool, tmp_path):
+    settings = make_settings(queue_name=f"video-retry-test:{user_id}", transcode_retry_base_seconds=0.2)
+    async with (
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        media = media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        done = await upload(storage, md, make.h264(tmp_path / "clip.mp4").read_bytes(), filename="clip.mp4",
+                            content_type="video/mp4")
+        # Gone before any worker runs: every attempt of the video job meets a blob store fault.
+        key = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", done.media_id)
+        (settings.blob_dir / key).unlink()
+        async with running_worker(settings):
+            seen_retry = False
+            deadline = time.monotonic() + 30
+            while not seen_retry and time.monotonic() < deadline:
+                row = await pool.fetchrow("SELECT processing_error, next_attempt_at FROM media WHERE media_id = $1::uuid",
+                                          done.media_id)
+                seen_retry = row["next_attempt_at"] is not None and row["processing_error"] == "temporary error, retrying"
+                await asyncio.sleep(0.01)
+            assert seen_retry, "a transient failure schedules the next attempt"
+            item = await settled(media, md, done.media_id, timeout=30)
+    assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
+    assert (item.attempts, item.processing_error) == (3, "processing failed, try again later")
+    assert not item.renditions
+    assert not item.variants
+
+
 async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_transcode(
     make_settings, auth, user_id, pool, clips
 ):
