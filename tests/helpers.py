@@ -96,6 +96,18 @@ async def settled(media, md, media_id: str, timeout: float = 60.0) -> mpb.Media:
         await asyncio.sleep(0.05)
 
 
+async def retry_scheduled(pool: asyncpg.Pool, media_id: str, timeout: float = 30.0) -> bool:
+    """Whether the media's run is seen waiting for its next attempt after a temporary error
+    (the worker's retry_later) within timeout seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        row = await pool.fetchrow("SELECT processing_error, next_attempt_at FROM media WHERE media_id = $1::uuid", media_id)
+        if row["next_attempt_at"] is not None and row["processing_error"] == "temporary error, retrying":
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def fetch(url: str, headers: dict | None = None):
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers or {}) as response:
         return response.status, await response.read(), response.headers.copy()

@@ -144,7 +144,7 @@ async def test_feed_is_served_from_postgres_when_redis_is_down(make_settings, au
 async def test_transient_failures_retry_with_backoff_then_fail(make_settings, auth, user_id, pool):
     from mediavault.storage.v1 import storage_pb2_grpc
     from tests.conftest import running_worker
-    from tests.helpers import settled
+    from tests.helpers import retry_scheduled, settled
 
     settings = make_settings(queue_name=f"retry-test:{user_id}", transcode_retry_base_seconds=0.2)
     async with (
@@ -159,13 +159,7 @@ async def test_transient_failures_retry_with_backoff_then_fail(make_settings, au
         done = await upload(storage, md, data)
         key = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", done.media_id)
         (settings.blob_dir / key).unlink(missing_ok=True)
-        seen_retry = False
-        deadline = time.monotonic() + 30
-        while not seen_retry and time.monotonic() < deadline:
-            row = await pool.fetchrow("SELECT processing_error, next_attempt_at FROM media WHERE media_id = $1::uuid", done.media_id)
-            seen_retry = row["next_attempt_at"] is not None and row["processing_error"] == "temporary error, retrying"
-            await asyncio.sleep(0.01)
-        assert seen_retry, "a transient failure schedules the next attempt"
+        assert await retry_scheduled(pool, done.media_id), "a transient failure schedules the next attempt"
         item = await settled(media, md, done.media_id, timeout=30)
     assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
     assert (item.attempts, item.processing_error) == (3, "processing failed, try again later")

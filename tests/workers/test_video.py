@@ -16,7 +16,7 @@ from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests import videos as make
 from tests.conftest import CORPUS, running, running_worker
-from tests.helpers import fetch, settled, upload
+from tests.helpers import fetch, retry_scheduled, settled, upload
 from tests.workers.test_transcode import children_of, is_alive
 
 
@@ -104,14 +104,7 @@ async def test_a_video_whose_original_is_gone_retries_with_backoff_then_fails(ma
         key = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", done.media_id)
         (settings.blob_dir / key).unlink()
         async with running_worker(settings):
-            seen_retry = False
-            deadline = time.monotonic() + 30
-            while not seen_retry and time.monotonic() < deadline:
-                row = await pool.fetchrow("SELECT processing_error, next_attempt_at FROM media WHERE media_id = $1::uuid",
-                                          done.media_id)
-                seen_retry = row["next_attempt_at"] is not None and row["processing_error"] == "temporary error, retrying"
-                await asyncio.sleep(0.01)
-            assert seen_retry, "a transient failure schedules the next attempt"
+            assert await retry_scheduled(pool, done.media_id), "a transient failure schedules the next attempt"
             item = await settled(media, md, done.media_id, timeout=30)
     assert item.processing_status == mpb.PROCESSING_STATUS_FAILED
     assert (item.attempts, item.processing_error) == (3, "processing failed, try again later")
