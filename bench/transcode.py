@@ -13,7 +13,7 @@ single core:
                      from one half-resolution YCbCr picture; anything else goes through
                      pillow-simd with draft decoding, one decode per photo; an upright
                      sRGB JPEG that fits the display's box and budget is its own display,
-                     its coefficients with optimal Huffman tables and no metadata
+                     its coefficients with optimised Huffman tables and no metadata
                      (mediavault.imaging.lossless), and the smaller variants are made
                      from the picture libjpeg outputs, at the smallest DCT scale that
                      covers them, from the same decompression (one entropy decode)
@@ -34,7 +34,7 @@ single core:
                      skips the colour conversions and chroma resampling it pays for
   lossless_floor     the display as issue 18 has it made and nothing else: a photo that
                      fits the display's box, upright or turned exactly in the DCT domain,
-                     its coefficients re-encoded with optimal Huffman tables (mediavault's
+                     its coefficients re-encoded with optimised Huffman tables (mediavault's
                      lossless.display); another that fits, its YCbCr planes decoded and
                      encoded unturned; a larger one as display_floor: the bound on the
                      JPEG-only set of any pipeline that writes that display with libjpeg
@@ -148,7 +148,7 @@ def display_floor(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
 def lossless_floor(data: bytes, specs: list[dict]) -> list[tuple[str, bytes]]:
     """The least work of writing the display as mediavault must, and nothing else: losslessly
     where the photo allows it (mediavault.imaging.lossless.display: the metadata stripped, the
-    coefficients re-encoded with optimal tables), else, for a photo that fits the display's
+    coefficients re-encoded with optimised tables), else, for a photo that fits the display's
     box, its YCbCr planes decoded and encoded as they are (no turn, no colour conversion); a
     larger photo as display_floor."""
     from PIL import Image

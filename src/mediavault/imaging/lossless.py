@@ -4,13 +4,15 @@ When a JPEG already fits the display's box and byte budget, re-encoding it only 
 quality and, at the display's quality, usually adds bytes. Its display variant is instead
 made in the DCT domain: the original's frame, quantisation tables and coefficients, read
 and written again by libjpeg's transcoding API (the _jpegtran extension, what `jpegtran
--copy none -optimize` does) with optimal Huffman tables and none of its APPn and COM
+-copy none -optimize` does) with optimised Huffman tables and none of its APPn and COM
 segments (EXIF, XMP, ICC, IPTC, maker notes, MPF and the gain map or depth image appended
-after the first picture). The coefficients are the original's, so it decodes to exactly
+after the first picture). The tables are optimal for the symbols counted, which for a large
+picture are its AC symbols in every eighth MCU row only (_jpegtran.c says why and what it
+costs). The coefficients are the original's, so it decodes to exactly
 the original's pixels. It is written sequential when the original is, progressive (libjpeg's
 simple progression) when the original is: a sequential original written progressive is
 smaller still but several times slower to write, and a progressive original written
-sequential grows (bench/README.md, lossless_display). When optimal tables would not make
+sequential grows (bench/README.md, lossless_display). When optimised tables would not make
 it smaller (an original already optimised), the display is the original's segments less
 the metadata, as they are (`strip`): the display is never larger than the original less
 its metadata.

@@ -2,7 +2,7 @@
 
 LosslessJpeg    A YCbCr JPEG in sRGB that already fits the display's box and budget and
                 is upright or turns upright exactly in the DCT domain: its display is the
-                original's coefficients with optimal Huffman tables and no metadata (see
+                original's coefficients with optimised Huffman tables and no metadata (see
                 lossless), the smaller variants come from the picture libjpeg decodes
                 from the same coefficients at the smallest DCT scale that covers them,
                 exactly the picture Pillow's draft decode gives.
