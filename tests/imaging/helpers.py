@@ -125,10 +125,17 @@ def webp_chunks(data: bytes) -> list[bytes]:
 def chroma_440(data: bytes) -> bytes:
     """The 4:4:4 JPEG again with its chroma at half height (4:4:0), which Pillow cannot write."""
     header = turbojpeg.read_header(data)
+    width, height = header.width, header.height
     y, cb, cr = turbojpeg.decompress_to_planes(data, header)
-    width = header.width
-    halved = [bytes(b"".join(plane[row * width : (row + 1) * width] for row in range(0, header.height, 2))) for plane in (cb, cr)]
-    return turbojpeg.compress_planes([y, *halved], width, header.height, turbojpeg.SAMP_440, 88)
+    rows = [row for row in range(0, height, 2)]
+    planes = [[plane[row * width : (row + 1) * width] for row in lines] for plane, lines in ((y, range(height)), (cb, rows), (cr, rows))]
+    # Each plane as many rows as the encoder reads (an odd height has a luma row more than the
+    # picture), the last one repeated.
+    padded = [
+        b"".join(lines + lines[-1:] * (turbojpeg.plane_size(c, width, height, turbojpeg.SAMP_440)[1] - len(lines)))
+        for c, lines in enumerate(planes)
+    ]
+    return turbojpeg.compress_planes(padded, width, height, turbojpeg.SAMP_440, 88)
 
 
 def mean_difference(a: Image.Image, b: Image.Image) -> float:

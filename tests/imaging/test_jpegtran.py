@@ -198,17 +198,28 @@ def test_only_three_component_ycbcr_is_taken() -> None:
         optimize(grey.getvalue(), NO_LIMIT, False, False)
 
 
+def stretched(size: tuple[int, int]) -> bytes:
+    """A corpus photo resized to `size` (to be tall and narrow: many MCU rows, few bytes)."""
+    buffer = io.BytesIO()
+    Image.open(corpus("images/camera/DSCN0010.jpg")).resize(size).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def test_damaged_bytes_raise_never_crash() -> None:
-    sources = [crop((96, 64)), crop((96, 64), progressive=True)]
+    # The tall one's AC symbols are counted in every eighth MCU row only.
+    sources = [crop((96, 64)), crop((96, 64), progressive=True), stretched((48, 2048))]
     generator = random.Random(18)
-    for attempt in range(600):
-        damaged = bytearray(sources[attempt % 2])
+    for attempt in range(900):
+        source = sources[attempt % 3]
+        width, height = Image.open(io.BytesIO(source)).size
+        damaged = bytearray(source)
         for _ in range(generator.randint(1, 6)):
             damaged[generator.randrange(len(damaged))] = generator.randrange(256)
+        flip, progressive = attempt % 4 == 0, attempt % 5 == 0
         with contextlib.suppress(JpegError):
-            optimize(bytes(damaged), NO_LIMIT, attempt % 3 == 0, attempt % 4 == 0)
+            optimize(bytes(damaged), NO_LIMIT, flip, progressive)
         with contextlib.suppress(JpegError):
-            optimize_and_decode(bytes(damaged), NO_LIMIT, attempt % 3 == 0, attempt % 4 == 0, 2, bytearray(48 * 32 * 3))
+            optimize_and_decode(bytes(damaged), NO_LIMIT, flip, progressive, 2, bytearray(width // 2 * height // 2 * 3))
 
 
 def test_only_a_pixel_buffer_of_the_scaled_pictures_size_is_written() -> None:
