@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PROTO_FILES := protos/mediavault/storage/v1/storage.proto protos/mediavault/media/v1/media.proto
 GENERATED := src/mediavault/storage/v1 src/mediavault/media/v1
 
-.PHONY: venv run test proto proto-check gateway gateway-gen gateway-check check bench clean
+.PHONY: venv run test test-sanitized proto proto-check gateway gateway-gen gateway-check check bench clean
 
 $(INSTALLED): pyproject.toml setup.py src/mediavault/imaging/_pixels.c src/mediavault/imaging/_jpegtran.c requirements.lock scripts/install-system-deps.sh scripts/install-imaging.sh
 	scripts/install-system-deps.sh
@@ -25,6 +25,10 @@ run: $(INSTALLED)
 ## The test suite against real servers (MEDIAVAULT_TEST_DATABASE_URL/REDIS_URL, else embedded ones).
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+## The imaging tests against the C extensions built with AddressSanitizer and UBSan (scripts/test-sanitized.sh).
+test-sanitized: $(INSTALLED)
+	scripts/test-sanitized.sh $(PY)
 
 ## Regenerates the Python code of the protos.
 proto: $(INSTALLED)
