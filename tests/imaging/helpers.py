@@ -127,7 +127,7 @@ def chroma_440(data: bytes) -> bytes:
     header = turbojpeg.read_header(data)
     width, height = header.width, header.height
     y, cb, cr = turbojpeg.decompress_to_planes(data, header)
-    rows = [row for row in range(0, height, 2)]
+    rows = range(0, height, 2)
     planes = [[plane[row * width : (row + 1) * width] for row in lines] for plane, lines in ((y, range(height)), (cb, rows), (cr, rows))]
     # Each plane as many rows as the encoder reads (an odd height has a luma row more than the
     # picture), the last one repeated.
