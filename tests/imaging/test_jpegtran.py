@@ -100,6 +100,15 @@ def test_a_large_pictures_ac_tables_from_every_eighth_row_are_within_a_fifth_of_
     assert ac_symbols_with_a_code(sampled) == [2 + 16 * 10] * len(ac_symbols_with_a_code(optimal))
 
 
+def test_a_large_flipped_pictures_tables_are_counted_whole() -> None:
+    # Its display has no stripped original to fall back on when it would not be smaller.
+    stripped = strip(corpus("images/camera/jolla.jpg").read_bytes())
+    reference = subprocess.run(
+        ["jpegtran", "-copy", "none", "-optimize", "-flip", "vertical", "-perfect"], input=stripped, capture_output=True, check=True
+    ).stdout
+    assert optimize(stripped, NO_LIMIT, True, False) == strip(reference)
+
+
 def with_an_ac_coefficient(value: int, mcu_rows: int, row: int) -> bytes:
     """A baseline 4:4:4 JPEG, one MCU wide and mcu_rows high, all grey but for the first AC
     coefficient of the luma block of MCU row `row`, which is `value` (positive): its Huffman

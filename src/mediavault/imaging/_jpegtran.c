@@ -7,9 +7,9 @@
  * A sequential output's tables are counted here, from the coefficients in memory, and
  * handed to libjpeg, which then encodes once: its own optimisation encodes twice, the
  * first time only to count symbols, a branch per coefficient, the largest part of the
- * transcode (bench/README.md, lossless_display). For a picture of fewer than
+ * transcode (bench/README.md, lossless_display). For a flipped picture or one of fewer than
  * MIN_SAMPLED_MCU_ROWS MCU rows the file is byte for byte jpegtran's (the tests compare
- * them); a larger one's AC symbols are counted in every SAMPLE_STEP-th MCU row only (see
+ * them); another's AC symbols are counted in every SAMPLE_STEP-th MCU row only (see
  * install_optimal_tables). A progressive output's tables, one set per scan, are libjpeg's own.
  *
  * Optionally the picture is flipped top to bottom on the way, in the coefficients: block
@@ -288,7 +288,9 @@ count_dc_only(const JCOEF *block, int *last_dc, long dc[257])
  * 0.05-0.11% more bytes than the optimal ones (bench/README.md, lossless_display). The DC
  * symbols, one per block, are all counted. A smaller picture is counted whole: it costs
  * less, and the codes of the symbols it may not hold, a hundred bytes or so of tables,
- * would outweigh what optimal tables save on a photo whose own are nearly optimal. */
+ * would outweigh what optimal tables save on a photo whose own are nearly optimal. So is a
+ * flipped one: its display must not be larger than the original less its metadata, and
+ * unlike an upright one it has no stripped original to fall back on (lossless.py). */
 #define SAMPLE_STEP 8
 #define MIN_SAMPLED_MCU_ROWS 128
 
@@ -297,9 +299,11 @@ count_dc_only(const JCOEF *block, int *last_dc, long dc[257])
  * of gathering its own statistics in a pass of its own. Blocks are visited in the scan's
  * MCU order, the order the DC predictions run in; the dummy blocks libjpeg pads an edge
  * MCU with (DC the previous block's, AC zero: jctrans.c) count as a zero DC difference and
- * an end of block. Every coefficient is checked: -1 when one is out of baseline range. */
+ * an end of block. Every coefficient is checked: -1 when one is out of baseline range.
+ * `sampled`: whether a picture of MIN_SAMPLED_MCU_ROWS or more may have its AC symbols
+ * counted in every SAMPLE_STEP-th row only. */
 static int
-install_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *coefficients)
+install_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *coefficients, int sampled)
 {
     long dc[NUM_HUFF_TBLS][257], ac[NUM_HUFF_TBLS][257];
     int last_dc[MAX_COMPONENTS] = {0};
@@ -308,7 +312,7 @@ install_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_pt
     int max_h = src->max_h_samp_factor, max_v = src->max_v_samp_factor;
     JDIMENSION mcu_columns = (src->image_width + DCTSIZE * max_h - 1) / (DCTSIZE * max_h);
     JDIMENSION mcu_rows = (src->image_height + DCTSIZE * max_v - 1) / (DCTSIZE * max_v);
-    JDIMENSION step = mcu_rows >= MIN_SAMPLED_MCU_ROWS ? SAMPLE_STEP : 1;
+    JDIMENSION step = sampled && mcu_rows >= MIN_SAMPLED_MCU_ROWS ? SAMPLE_STEP : 1;
     for (JDIMENSION mcu_row = 0; mcu_row < mcu_rows; mcu_row++) {
         int counted = mcu_row % step == 0;
         JBLOCKARRAY rows[MAX_COMPONENTS];
@@ -509,7 +513,7 @@ transcode(struct job *job)
         dst.optimize_coding = TRUE;
         jpeg_simple_progression(&dst);
     }
-    else if (install_optimal_tables(&src, &dst, coefficients) < 0)
+    else if (install_optimal_tables(&src, &dst, coefficients, !job->flip) < 0)
         fail_with((j_common_ptr)&src, "a coefficient out of baseline range");
     jpeg_write_coefficients(&dst, coefficients);
     jpeg_finish_compress(&dst);

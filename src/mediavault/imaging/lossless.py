@@ -7,8 +7,8 @@ and written again by libjpeg's transcoding API (the _jpegtran extension, what `j
 -copy none -optimize` does) with optimised Huffman tables and none of its APPn and COM
 segments (EXIF, XMP, ICC, IPTC, maker notes, MPF and the gain map or depth image appended
 after the first picture). The tables are optimal for the symbols counted, which for a large
-picture are its AC symbols in every eighth MCU row only (_jpegtran.c says why and what it
-costs). The coefficients are the original's, so it decodes to exactly
+upright picture are its AC symbols in every eighth MCU row only (_jpegtran.c says why and
+what it costs); a flipped one is counted whole. The coefficients are the original's, so it decodes to exactly
 the original's pixels. It is written sequential when the original is, progressive (libjpeg's
 simple progression) when the original is: a sequential original written progressive is
 smaller still but several times slower to write, and a progressive original written
