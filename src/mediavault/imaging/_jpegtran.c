@@ -215,17 +215,28 @@ nonzero_in_zigzag_order(const JCOEF *block)
     return zigzag;
 }
 
-/* Counts the Huffman symbols the sequential encoder will write for one block, as libjpeg's
- * gathering pass (htest_one_block) does, visiting only its nonzero coefficients. -1 when a
- * coefficient is out of baseline range, where libjpeg stops too. */
-static int
-count_block(const JCOEF *block, int *last_dc, long dc[257], long ac[257])
+/* Counts the block's DC symbol, its difference from the DC before it in the scan, and
+ * makes it the one the next block's differs from. -1 when the difference is out of baseline
+ * range. */
+static inline int
+count_dc(const JCOEF *block, int *last_dc, long dc[257])
 {
     int bits = magnitude_bits(block[0] - *last_dc);
     if (bits > MAX_DC_BITS)
         return -1;
     dc[bits]++;
     *last_dc = block[0];
+    return 0;
+}
+
+/* Counts the Huffman symbols the sequential encoder will write for one block, as libjpeg's
+ * gathering pass (htest_one_block) does, visiting only its nonzero coefficients. -1 when a
+ * coefficient is out of baseline range, where libjpeg stops too. */
+static int
+count_block(const JCOEF *block, int *last_dc, long dc[257], long ac[257])
+{
+    if (count_dc(block, last_dc, dc) < 0)
+        return -1;
     uint64_t zigzag = nonzero_in_zigzag_order(block) & ~(uint64_t)1;
     int previous = 0;
     while (zigzag) {
@@ -234,7 +245,7 @@ count_block(const JCOEF *block, int *last_dc, long dc[257], long ac[257])
         int run = k - previous - 1;
         for (; run > 15; run -= 16)
             ac[0xF0]++;
-        bits = magnitude_bits(block[natural_order[k]]);
+        int bits = magnitude_bits(block[natural_order[k]]);
         if (bits > MAX_AC_BITS)
             return -1;
         ac[(run << 4) + bits]++;
@@ -273,12 +284,7 @@ ac_in_baseline_range(const JCOEF *block)
 static inline int
 count_dc_only(const JCOEF *block, int *last_dc, long dc[257])
 {
-    int bits = magnitude_bits(block[0] - *last_dc);
-    if (bits > MAX_DC_BITS)
-        return -1;
-    dc[bits]++;
-    *last_dc = block[0];
-    return ac_in_baseline_range(block) ? 0 : -1;
+    return count_dc(block, last_dc, dc) == 0 && ac_in_baseline_range(block) ? 0 : -1;
 }
 
 /* A picture of at least MIN_SAMPLED_MCU_ROWS MCU rows has the AC symbols of every
