@@ -138,20 +138,6 @@ def contender(name: str, specs: list[dict]):
 # ---- orchestration: runs in the project's virtualenv ----
 
 
-def ensure_bench_env() -> Path:
-    python = BENCH_ENV / "bin" / "python"
-    marker = BENCH_ENV / ("installed-" + "-".join(sorted(BASELINE_PINS)))
-    if marker.exists():
-        return python
-    log(f"creating {BENCH_ENV} with {', '.join(BASELINE_PINS)}")
-    BENCH_ENV.parent.mkdir(parents=True, exist_ok=True)
-    (BENCH_ENV.parent / ".gitignore").write_text("*\n")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(BENCH_ENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *BASELINE_PINS], check=True, stdout=sys.stderr)
-    marker.touch()
-    return python
-
-
 def run_worker(python: Path, mode: str, *extra: str) -> dict | list:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     completed = subprocess.run(
@@ -349,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     core = args.core if args.core is not None else max(os.sched_getaffinity(0))
-    bench_python = ensure_bench_env()
+    bench_python = transcode_bench.ensure_bench_env(BENCH_ENV, BASELINE_PINS)
     report: dict = {"bench": "delivery", "core": core, "repeat": args.repeat, "load_average_1m": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory(prefix="mediavault-delivery-") as tmp:
         directory = Path(tmp)

@@ -374,17 +374,19 @@ def worker_ssim(args: argparse.Namespace) -> None:
 # ---- orchestration: runs in the project's virtualenv ----
 
 
-def ensure_bench_env() -> Path:
-    python = BENCH_ENV / "bin" / "python"
-    marker = BENCH_ENV / ("installed-" + "-".join(sorted(BASELINE_PINS)).replace("/", "_"))
+def ensure_bench_env(env: Path = BENCH_ENV, pins: tuple[str, ...] = BASELINE_PINS) -> Path:
+    """The python of a virtualenv at env with exactly the pinned baseline packages, made on first use
+    (bench/delivery.py keeps one of its own)."""
+    python = env / "bin" / "python"
+    marker = env / ("installed-" + "-".join(sorted(pins)).replace("/", "_"))
     if marker.exists():
         return python
-    log(f"creating {BENCH_ENV} with {', '.join(BASELINE_PINS)}")
+    log(f"creating {env} with {', '.join(pins)}")
     # The folder ignores itself, so nothing here is ever committed by accident.
-    BENCH_ENV.parent.mkdir(parents=True, exist_ok=True)
-    (BENCH_ENV.parent / ".gitignore").write_text("*\n")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(BENCH_ENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *BASELINE_PINS], check=True, stdout=sys.stderr)
+    env.parent.mkdir(parents=True, exist_ok=True)
+    (env.parent / ".gitignore").write_text("*\n")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True, stdout=sys.stderr)
     marker.touch()
     return python
 
