@@ -375,7 +375,7 @@ def worker_ssim(args: argparse.Namespace) -> None:
 
 
 def ensure_bench_env(env: Path = BENCH_ENV, pins: tuple[str, ...] = BASELINE_PINS) -> Path:
-    """The python of a virtualenv at env with exactly the pinned baseline packages, made on first use
+    """The python of a virtualenv at env with the pinned baseline packages installed, made on first use
     (bench/delivery.py keeps one of its own)."""
     python = env / "bin" / "python"
     marker = env / ("installed-" + "-".join(sorted(pins)).replace("/", "_"))
