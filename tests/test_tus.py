@@ -179,6 +179,9 @@ async def test_bad_requests_change_nothing(tus_server, storage, http, auth, user
     no_version = await patch(http, url, 1000, data[1000:2000], **{"Tus-Resumable": "0.2.2"})
     assert no_version.status == 412
     assert no_version.headers["Tus-Version"] == "1.0.0"
+    # Characters str.isdigit() takes but int() reads otherwise (Arabic-Indic) or not at all.
+    for offset in ("\u0661\u0660\u0660\u0660", "\u00b2", "-1", "1e3"):
+        assert (await patch(http, url, 1000, data[1000:2000], **{"Upload-Offset": offset})).status == 400
     tampered = url.replace("X-Signature=", "X-Signature=0")
     assert (await patch(http, tampered, 1000, data[1000:2000])).status == 403
     assert (await head(http, tampered)).status == 403
@@ -212,6 +215,17 @@ async def test_options_and_creation(tus_server, storage, http, auth, user_id, au
     async with http.post(base, headers=headers) as response:
         assert response.status == 401
     token = authenticator.issue(user_id, ["user"])
+    before = await summary(storage, auth(user_id))
+    long_name = f"filename {base64.b64encode(b'a' * 252 + b'.jpg').decode()},filetype {base64.b64encode(b'image/jpeg').decode()}"
+    bad_creations = [
+        {"Upload-Metadata": long_name},
+        {"Upload-Length": "\u0665\u0660\u0660\u0660\u0660"},
+        {"Upload-Length": "\u00b2"},
+    ]
+    for bad in bad_creations:
+        async with http.post(base, headers={**headers, **bad, "Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 400, bad
+    assert await summary(storage, auth(user_id)) == before
     async with http.post(base, headers={**headers, "Authorization": f"Bearer {token}"}) as response:
         assert response.status == 201
         location = response.headers["Location"]

@@ -231,7 +231,8 @@ def _progress_headers(progress: Progress) -> dict[str, str]:
 def _non_negative(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:
+    # str.isdigit alone admits digits int() reads differently or not at all ("١٢", "²").
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
         raise _Refused(400, f"{name} must be a non-negative integer")
     return int(value)
 

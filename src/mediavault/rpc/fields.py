@@ -82,7 +82,7 @@ _STORAGE = "mediavault.storage.v1."
 _MEDIA = "mediavault.media.v1."
 
 FIELDS: dict[str, Rule] = {
-    _STORAGE + "BeginUploadRequest.filename": Text(max_len=uploads.MAX_FILENAME),
+    _STORAGE + "BeginUploadRequest.filename": Domain(f"1-{uploads.MAX_FILENAME} printable characters (uploads.validate_begin)"),
     _STORAGE + "BeginUploadRequest.content_type": Domain("one of the allowed types (domain.content_types)"),
     _STORAGE + "BeginUploadRequest.size_bytes": Domain("1 to the configured maximum of its content type (uploads.validate_begin)"),
     _STORAGE + "BeginUploadRequest.sha256": Domain("empty, or 64 lowercase hex characters (uploads.validate_begin)"),

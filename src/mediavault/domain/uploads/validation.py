@@ -20,8 +20,10 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     """The request normalized, or InvalidArgument naming every field that is wrong."""
     violations: list[FieldViolation] = []
     filename = request.filename.strip()
-    # Its length is declared at the boundary (rpc.fields), before it is stripped.
-    if not filename or any(ord(c) < 32 for c in filename):
+    # The length is the sent name's, before stripping; every way in (gRPC, tus) is judged here.
+    if len(request.filename) > MAX_FILENAME:
+        violations.append(FieldViolation("filename", f"must be at most {MAX_FILENAME} characters"))
+    elif not filename or any(ord(c) < 32 for c in filename):
         violations.append(FieldViolation("filename", f"must be 1-{MAX_FILENAME} printable characters"))
     content_type = content_types.normalize(request.content_type)
     if content_type not in content_types.ALLOWED_TYPES:
