@@ -336,9 +336,9 @@ class TracedBlobStore:
                 current.set_attribute("mediavault.blob.size", size)
             return size
 
-    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, create_only: bool = False) -> int:
         with self._span("write", key) as current:
-            size = await self._store.write(key, chunks, content_type=content_type)
+            size = await self._store.write(key, chunks, content_type=content_type, create_only=create_only)
             if current is not None:
                 current.set_attribute("mediavault.blob.size", size)
             return size

@@ -1,4 +1,5 @@
-"""Paged listing and moves, the two operations the orphan sweep needs, on both backends.
+"""Paged listing and moves, the two operations the orphan sweep needs, and create-only writes
+(an original, once stored, is never replaced), on both backends.
 
 The fs store runs in a temp dir and the S3 store against a real moto server over HTTP;
 every test gets an empty store (a fresh bucket on S3).
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mediavault.blobs import BlobStore, BlobStoreError, check_key, open_blob_store, single_chunk
+from mediavault.blobs import BlobStore, BlobStoreError, ObjectExists, check_key, open_blob_store, single_chunk
 from mediavault.blobs.base import ListedObject
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.s3 import S3BlobStore
@@ -289,3 +290,37 @@ async def test_delete_many_removes_what_it_can_and_names_the_rest(store: BlobSto
     failed = await store.delete_many([*keys, "originals/../escape"])
     assert failed == ["originals/../escape"]
     assert await store.list_page("originals/dd/", after=None, limit=100) == []
+
+
+# One PUT, and a multipart upload on S3 (more than its 8 MiB part).
+@pytest.mark.parametrize("size", [1000, 9 * 1024 * 1024])
+async def test_a_create_only_write_never_replaces_an_object(store: BlobStore, size: int) -> None:
+    key = original_key()
+    first = os.urandom(size)
+    assert await store.write(key, single_chunk(first), content_type="image/jpeg", create_only=True) == size
+    with pytest.raises(ObjectExists):
+        await store.write(key, single_chunk(b"x" * size), content_type="image/jpeg", create_only=True)
+    assert await store.read(key) == first
+
+    # A stream that began before the object existed and ends after it was stored.
+    later = original_key()
+    started, stored = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"y" * (size // 2)
+        started.set()
+        await stored.wait()
+        yield b"y" * (size - size // 2)
+
+    writing = asyncio.create_task(store.write(later, slow(), content_type="image/jpeg", create_only=True))
+    await started.wait()
+    await store.write(later, single_chunk(first), content_type="image/jpeg", create_only=True)
+    stored.set()
+    with pytest.raises(ObjectExists):
+        await writing
+    assert await store.read(later) == first
+    assert await keys_under(store, "originals/") == sorted([key, later])
+
+    # Without create_only a write replaces, as variants' reruns need.
+    await store.write(key, single_chunk(b"z"), content_type="image/jpeg")
+    assert await store.read(key) == b"z"

@@ -159,6 +159,36 @@ async def test_upload_content_streams_and_finalizes(storage, auth, user_id):
     assert (await summary(storage, md)).used_bytes == len(data)
 
 
+async def test_a_stream_ending_after_finalize_cannot_replace_the_object(storage, auth, user_id, server, pool):
+    md = auth(user_id)
+    data = fake_jpeg(4096)
+    begun = await begin(storage, md, data)
+    other = b"<html><script>alert(1)</script>" + b" " * 100
+    sent_part, finalized = asyncio.Event(), asyncio.Event()
+
+    async def slow_stream():
+        yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
+        yield pb.UploadContentRequest(chunk=other[:10])
+        sent_part.set()
+        await finalized.wait()
+        yield pb.UploadContentRequest(chunk=other[10:])
+
+    async def stream():
+        yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
+        yield pb.UploadContentRequest(chunk=data)
+
+    slow = asyncio.ensure_future(storage.UploadContent(slow_stream(), metadata=md))
+    await sent_part.wait()
+    first = await storage.UploadContent(stream(), metadata=md)
+    assert first.upload.state == pb.UPLOAD_STATE_FINALIZED
+    finalized.set()
+    second = await slow
+    assert second.upload == first.upload
+    media = await pool.fetchrow("SELECT object_key, sha256 FROM media WHERE media_id = $1::uuid", first.upload.media_id)
+    assert media["sha256"] == sha256_hex(data)
+    assert await server.blobs.read(media["object_key"]) == data
+
+
 async def test_upload_content_rejects_bytes_past_declared_size(storage, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(1000)

@@ -18,6 +18,10 @@ class BlobStoreError(Exception):
     """The backend failed (I/O, network, permissions); the caller may retry."""
 
 
+class ObjectExists(BlobStoreError):
+    """A create-only write found an object at its key; that object was left as it was."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     size: int
@@ -173,8 +177,12 @@ class BlobStore(Protocol):
         returns its size; raises BlobStoreError when it is missing."""
         ...
 
-    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
-        """Stores the object from chunks, replacing any previous one atomically; returns its size."""
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, create_only: bool = False) -> int:
+        """Stores the object from chunks durably, replacing any previous one atomically; returns its size.
+
+        create_only: an object already at key (or stored there before the stream ends) is
+        kept and ObjectExists raised, as a presigned PUT's If-None-Match does.
+        """
         ...
 
     async def delete(self, key: str) -> None:

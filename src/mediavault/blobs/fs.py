@@ -21,6 +21,7 @@ from mediavault.blobs.base import (
     Digest,
     Inspection,
     ListedObject,
+    ObjectExists,
     ObjectInfo,
     PartialState,
     SignedRequest,
@@ -176,7 +177,7 @@ class FsBlobStore:
         except OSError as exc:
             raise BlobStoreError(f"read failed: {exc.strerror}") from exc
 
-    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, create_only: bool = False) -> int:
         target = self.path(key)
         tmp = self.new_temp_file()
         size = 0
@@ -186,8 +187,10 @@ class FsBlobStore:
                     async for chunk in chunks:
                         f.write(chunk)
                         size += len(chunk)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, target)
+                    f.flush()
+                    await asyncio.to_thread(os.fsync, f.fileno())
+                if not await asyncio.to_thread(_put_in_place, tmp, target, create_only=create_only):
+                    raise ObjectExists(f"{key} already exists")
             except BaseException:
                 remove_quietly(tmp)
                 raise
@@ -464,6 +467,23 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _put_in_place(tmp: str, target: Path, *, create_only: bool) -> bool:
+    """Makes the synced temp file the object at target, durably; False when create_only found one there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if create_only:
+        # A link fails where a rename would replace, so the first object stays.
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            remove_quietly(tmp)
+    else:
+        os.replace(tmp, target)
+    sync_directory(str(target.parent))
+    return True
 
 
 def sync_directory(directory: str) -> None:

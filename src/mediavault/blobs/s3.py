@@ -21,6 +21,7 @@ from mediavault.blobs.base import (
     Digest,
     Inspection,
     ListedObject,
+    ObjectExists,
     ObjectInfo,
     PartialState,
     SignedRequest,
@@ -205,13 +206,14 @@ class S3BlobStore:
             async with body:
                 return await body.read()
 
-    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str) -> int:
+    async def write(self, key: str, chunks: AsyncIterable[bytes], *, content_type: str, create_only: bool = False) -> int:
         check_key(key)
         buffer = bytearray()
         size = 0
         upload_id: str | None = None
         parts: list[CompletedPartTypeDef] = []
-        with _translate_errors("write"):
+        condition: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
+        with _translate_errors("write", exists_as=key if create_only else None):
             try:
                 async for chunk in chunks:
                     buffer += chunk
@@ -229,12 +231,12 @@ class S3BlobStore:
                         parts.append(await self._upload_part(key, upload_id, len(parts) + 1, part))
                 if upload_id is None:
                     await self._client.put_object(
-                        Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type
+                        Bucket=self.bucket, Key=key, Body=bytes(buffer), ContentType=content_type, **condition
                     )
                 else:
                     parts.append(await self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
                     await self._client.complete_multipart_upload(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **condition
                     )
             except BaseException:
                 if upload_id is not None:
@@ -489,12 +491,14 @@ class _S3PartialWriter:
 
 
 @contextlib.contextmanager
-def _translate_errors(action: str) -> Iterator[None]:
+def _translate_errors(action: str, *, exists_as: str | None = None) -> Iterator[None]:
     # The S3 error code or exception type is what a caller can act on; the chained
     # exception keeps the full detail for logs.
     try:
         yield
     except ClientError as exc:
+        if exists_as is not None and _error_code(exc) == "PreconditionFailed":
+            raise ObjectExists(f"{exists_as} already exists") from exc
         raise BlobStoreError(f"{action} failed: {_error_code(exc)}") from exc
     except _S3_ERRORS as exc:
         raise BlobStoreError(f"{action} failed: {type(exc).__name__}") from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
-from mediavault.blobs import BlobStore
+from mediavault.blobs import BlobStore, ObjectExists
 from mediavault.domain.uploads.records import Upload
 from mediavault.errors import InvalidArgument
 
@@ -14,7 +14,7 @@ class _TooManyBytes(Exception):
 
 
 async def store_stream(blobs: BlobStore, upload: Upload, chunks: AsyncIterable[bytes]) -> None:
-    """Writes the stream as the upload's object; refuses a stream longer than the declared size."""
+    """Writes the stream as the upload's object unless one is there; refuses a stream longer than the declared size."""
 
     async def bounded() -> AsyncIterator[bytes]:
         received = 0
@@ -25,7 +25,11 @@ async def store_stream(blobs: BlobStore, upload: Upload, chunks: AsyncIterable[b
             yield chunk
 
     try:
-        await blobs.write(upload.object_key, bounded(), content_type=upload.content_type)
+        await blobs.write(upload.object_key, bounded(), content_type=upload.content_type, create_only=True)
     except _TooManyBytes:
         # Both backends publish an object only when its stream completes, so nothing was stored.
         raise InvalidArgument.single("chunk", f"stream exceeds the declared {upload.size_bytes} bytes") from None
+    except ObjectExists:
+        # Another stream or the signed PUT stored the object first. Once stored, an object is
+        # never replaced (finalize may already have verified it), so finalize judges that one.
+        return
