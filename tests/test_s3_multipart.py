@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import boto3
@@ -230,3 +231,62 @@ async def test_parts_are_the_servers_part_size_not_the_tus_chunk(s3_settings, au
     async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         begun = await begin_direct(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), fake_jpeg(20 * MiB))
     assert begun.chunk_size_bytes == 8 * MiB
+
+
+async def test_parts_are_signed_for_their_place_in_the_object_and_no_more(s3_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(2 * PART + 1234)
+    upload_id = (await begin_direct(storage, md, data)).upload.upload_id
+    signed = await presign(storage, md, upload_id, (1, ""), (3, ""))
+    assert [p.headers["Content-Length"] for p in signed] == [str(PART), "1234"]
+    for part in signed:
+        assert "content-length" in parse_qs(urlsplit(part.url).query)["X-Amz-SignedHeaders"][0].split(";")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, upload_id, (2, ""), (4, ""))
+    assert [v.field for v in bad_request(caught.value).field_violations] == ["parts[1].part_number"]
+
+
+async def test_finalize_of_someone_elses_or_a_released_upload_touches_nothing(s3_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(1000)
+    upload_id = (await begin_direct(storage, md, data)).upload.upload_id
+    [part] = await presign(storage, md, upload_id, (1, ""))
+    async with aiohttp.ClientSession() as http:
+        assert await put_part(http, part, data) == 200
+
+    finalize = pb.FinalizeUploadRequest(upload_id=upload_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.FinalizeUpload(finalize, metadata=auth("someone-else"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert open_multipart_uploads(s3_server, upload_id), "another user's finalize completes nothing"
+    assert await received(storage, md, upload_id) == len(data)
+
+    await storage.FailUpload(pb.FailUploadRequest(upload_id=upload_id, reason="gave up"), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.FinalizeUpload(finalize, metadata=md)
+    assert error_info(caught.value).reason == "UPLOAD_NOT_PENDING"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.FinalizeUpload(finalize, metadata=auth("someone-else"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_parts_completed_by_a_finalize_whose_commit_did_not_follow(s3_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(1000)
+    upload_id = (await begin_direct(storage, md, data)).upload.upload_id
+    [part] = await presign(storage, md, upload_id, (1, ""))
+    async with aiohttp.ClientSession() as http:
+        assert await put_part(http, part, data) == 200
+    # What a finalize does before its commit: S3 joins the parts and forgets the multipart upload.
+    client, bucket, key = s3_client(s3_server), s3_server.settings.s3_bucket, object_key(upload_id)
+    [multipart_id] = open_multipart_uploads(s3_server, upload_id)
+    etag = client.list_parts(Bucket=bucket, Key=key, UploadId=multipart_id)["Parts"][0]["ETag"]
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=multipart_id, MultipartUpload={"Parts": [{"ETag": etag, "PartNumber": 1}]}
+    )
+
+    got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)).upload
+    assert (got.state, got.received_bytes) == (pb.UPLOAD_STATE_PENDING, len(data))
+    done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+    assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert sha256_hex(client.get_object(Bucket=bucket, Key=key)["Body"].read()) == sha256_hex(data)

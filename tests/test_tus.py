@@ -200,6 +200,30 @@ async def test_bad_requests_change_nothing(tus_server, storage, http, auth, user
     assert got.upload.state == pb.UPLOAD_STATE_FAILED
 
 
+async def test_only_the_owners_finalize_publishes_and_a_terminated_upload_stays_unpublished(tus_server, storage, http, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(50_000)
+    begun = await begin_tus(storage, md, data)
+    upload_id = begun.upload.upload_id
+    object_key = f"originals/{uuid.UUID(upload_id).hex[:2]}/{uuid.UUID(upload_id).hex}"
+    assert (await patch(http, begun.upload_url, 0, data)).status == 204
+    assert tus_server.blobs is not None
+
+    finalize = pb.FinalizeUploadRequest(upload_id=upload_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.FinalizeUpload(finalize, metadata=auth("someone-else"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await tus_server.blobs.stat(object_key) is None, "another user's finalize publishes nothing"
+
+    async with http.delete(begun.upload_url, headers=TUS) as response:
+        assert response.status == 204
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.FinalizeUpload(finalize, metadata=md)
+    assert error_info(caught.value).reason == "UPLOAD_NOT_PENDING"
+    assert await tus_server.blobs.stat(object_key) is None
+    assert await partial_objects(tus_server, upload_id) == []
+
+
 async def test_options_and_creation(tus_server, storage, http, auth, user_id, authenticator):
     base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
     async with http.options(base) as response:

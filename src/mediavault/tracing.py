@@ -394,10 +394,12 @@ class TracedDirectPartsStore(TracedBlobStore):
         self._parts: DirectParts = store
 
     async def presign_upload_part(
-        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+        self, key: str, multipart_id: str, number: int, *, size_bytes: int, sha256: str | None, expires_in: int
     ) -> SignedRequest:
         with self._span("presign_upload_part", key):
-            return await self._parts.presign_upload_part(key, multipart_id, number, sha256=sha256, expires_in=expires_in)
+            return await self._parts.presign_upload_part(
+                key, multipart_id, number, size_bytes=size_bytes, sha256=sha256, expires_in=expires_in
+            )
 
     async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
         with self._span("list_parts", key):

@@ -102,13 +102,13 @@ class DirectParts(Protocol):
     """A store clients send multipart parts to directly (S3): presigned parts, listed, completed."""
 
     async def presign_upload_part(
-        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+        self, key: str, multipart_id: str, number: int, *, size_bytes: int, sha256: str | None, expires_in: int
     ) -> SignedRequest:
-        """A URL accepting a PUT of the part's bytes (and only bytes of sha256, when given)."""
+        """A URL accepting a PUT of exactly size_bytes of the part's bytes (and only bytes of sha256, when given)."""
         ...
 
     async def list_parts(self, key: str, multipart_id: str) -> list[StoredPart]:
-        """The parts the store holds, by ascending number."""
+        """The parts the store holds, by ascending number; none once the upload is completed or aborted."""
         ...
 
     async def complete_parts(self, key: str, multipart_id: str, parts: list[StoredPart]) -> None:

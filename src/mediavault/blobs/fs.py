@@ -325,16 +325,17 @@ class FsBlobStore:
 
     async def publish_partial(self, partial_key: str, key: str, multipart_id: str | None, state: PartialState) -> None:
         source = self._file(partial_key)
+        target = self._file(key)
         try:
-            if not os.path.exists(source):
-                # Published by an earlier call; the object is there (or finalize finds it missing).
+            try:
+                os.truncate(source, state.received)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                # os.replace keeps the object's bytes immutable once published: no signed PUT URL
+                # exists for a resumable upload, and the partial file goes away with the rename.
+                os.replace(source, target)
+            except FileNotFoundError:
+                # Published by an earlier or concurrent call; the object is there (or finalize finds it missing).
                 return
-            os.truncate(source, state.received)
-            target = self._file(key)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            # os.replace keeps the object's bytes immutable once published: no signed PUT URL
-            # exists for a resumable upload, and the partial file goes away with the rename.
-            os.replace(source, target)
             # The partial file's bytes were synced at its last checkpoint; its new name is synced here.
             sync_directory(os.path.dirname(target))
         except OSError as exc:

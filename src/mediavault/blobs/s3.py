@@ -371,10 +371,17 @@ class S3BlobStore:
         await self._delete_tails(partial_key)
 
     async def presign_upload_part(
-        self, key: str, multipart_id: str, number: int, *, sha256: str | None, expires_in: int
+        self, key: str, multipart_id: str, number: int, *, size_bytes: int, sha256: str | None, expires_in: int
     ) -> SignedRequest:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id, "PartNumber": number}
-        headers: dict[str, str] = {}
+        # Signed in, so S3 refuses a part of any other length: the parts cannot hold more than the upload reserved.
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": check_key(key),
+            "UploadId": multipart_id,
+            "PartNumber": number,
+            "ContentLength": size_bytes,
+        }
+        headers: dict[str, str] = {"Content-Length": str(size_bytes)}
         if sha256 is not None:
             # Signed in, so S3 refuses a part whose bytes do not have this digest.
             checksum = base64.b64encode(bytes.fromhex(check_sha256(sha256))).decode()
@@ -389,7 +396,13 @@ class S3BlobStore:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": check_key(key), "UploadId": multipart_id}
         with _translate_errors("list parts"):
             while True:
-                response = await self._client.list_parts(**params)
+                try:
+                    response = await self._client.list_parts(**params)
+                except ClientError as exc:
+                    # Completed or aborted: it holds no parts any more.
+                    if _error_code(exc) == "NoSuchUpload":
+                        return []
+                    raise
                 parts.extend(StoredPart(p["PartNumber"], p["Size"], p["ETag"]) for p in response.get("Parts", []))
                 if not response.get("IsTruncated"):
                     return parts

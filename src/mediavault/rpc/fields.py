@@ -92,7 +92,7 @@ FIELDS: dict[str, Rule] = {
     _STORAGE + "FailUploadRequest.reason": Text(max_len=uploads.MAX_FAIL_REASON),
     _STORAGE + "GetUploadRequest.upload_id": Uuid(),
     _STORAGE + "PresignUploadPartsRequest.upload_id": Uuid(),
-    _STORAGE + "UploadPartRequest.part_number": Domain("1 to 10000, not repeated, 1 to 100 parts a call (uploads.resumable)"),
+    _STORAGE + "UploadPartRequest.part_number": Domain("1 to the upload's part count (at most 10000), not repeated, 1 to 100 parts a call (uploads.resumable)"),
     _STORAGE + "UploadPartRequest.sha256": Domain("empty, or 64 lowercase hex characters (uploads.resumable)"),
     # Only the first message of the stream carries it (rpc.storage checks which).
     _STORAGE + "UploadContentRequest.upload_id": Uuid(optional=True),

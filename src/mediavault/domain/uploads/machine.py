@@ -194,7 +194,7 @@ class Uploads:
         # commits it. Everything else (already finalized, failed, expired, someone else's,
         # not the declared bytes) takes the path below, which reads the row and says which.
         object_key = object_key_for(upload_id)
-        observed = await self._observe(upload_id, object_key)
+        observed = await self._observe(principal, upload_id, object_key)
         if observed is not None:
             committed = await self._commits.submit(self._commit_row(upload_id, principal.user_id, observed))
             if committed is not None:
@@ -212,14 +212,14 @@ class Uploads:
         if observed is None:
             # It may have been uploaded since the first look. Once there, an object never
             # changes (both backends store it once), so what was seen then still holds.
-            observed = await self._observe(upload_id, object_key)
+            observed = await self._observe(principal, upload_id, object_key)
         return await self._commit_alone(principal, upload, observed)
 
-    async def _observe(self, upload_id: uuid.UUID, object_key: str) -> Observed | None:
+    async def _observe(self, principal: Principal, upload_id: uuid.UUID, object_key: str) -> Observed | None:
         """The object as finalize checks it: as stored, or else as a resumable upload's checkpoint says."""
         observed = await observe_object(self._blobs, object_key)
         if observed is None:
-            observed = await self._resumable.observe(upload_id)
+            observed = await self._resumable.observe(upload_id, principal.user_id)
         return observed
 
     async def _commit_alone(self, principal: Principal, upload: Upload, observed: Observed | None) -> Upload:

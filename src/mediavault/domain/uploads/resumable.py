@@ -235,17 +235,21 @@ class Resumable:
                 await writer.close()
             return Progress(dataclasses.replace(upload, received_bytes=durable), durable, progress.lapsed)
 
-    async def observe(self, upload_id: uuid.UUID) -> Observed | None:
-        """The received bytes as finalize checks them, published as the object when complete.
+    async def observe(self, upload_id: uuid.UUID, owner: str) -> Observed | None:
+        """The received bytes of the owner's pending upload as finalize checks them, published as the object when complete.
 
-        None when the upload is not resumable or nothing was received. Nothing is read back:
-        size, digest and leading bytes come from the last checkpoint. S3_MULTIPART parts never
-        passed through the service, so their object is completed and then read once.
+        None when the upload is not resumable, not the owner's, no longer pending, lapsed, or
+        nothing was received: publishing is for its owner's finalize alone, and a released
+        upload's parts are gone. Nothing is read back: size, digest and leading bytes come from
+        the last checkpoint. S3_MULTIPART parts never passed through the service, so their
+        object is completed and then read once.
         """
         row = await self._pool.fetchrow(_PROGRESS, upload_id)
-        if row is not None and row["protocol"] == "s3_multipart":
+        if row is None or row["user_id"] != owner or row["state"] != "pending" or row["lapsed"]:
+            return None
+        if row["protocol"] == "s3_multipart":
             return await self._observe_direct(row["object_key"], row["multipart_id"], row["size_bytes"])
-        if row is None or row["checkpoint_bytes"] is None:
+        if row["checkpoint_bytes"] is None:
             return None
         received = row["checkpoint_bytes"]
         if received == row["size_bytes"]:
@@ -278,7 +282,12 @@ class Resumable:
         multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
         if multipart_id is None:
             return 0
-        return sum(part.size for part in await self._direct_parts().list_parts(upload.object_key, multipart_id))
+        parts = await self._direct_parts().list_parts(upload.object_key, multipart_id)
+        if not parts:
+            # A finalize may have completed the parts into the object before its commit.
+            stored = await self._blobs.stat(upload.object_key)
+            return 0 if stored is None else stored.size
+        return sum(part.size for part in parts)
 
     async def presign_parts(self, owner: str, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
         """Presigned UploadPart URLs for parts of the owner's pending S3_MULTIPART upload."""
@@ -289,6 +298,11 @@ class Resumable:
         upload = Upload(**row)
         if upload.protocol != "s3_multipart":
             violations.insert(0, FieldViolation("upload_id", "not an S3_MULTIPART upload"))
+        part_count = -(-upload.size_bytes // self.part_size_bytes)
+        # A list already refused for its length is not judged part by part as well.
+        for i, part in enumerate(parts if len(parts) <= MAX_PARTS_PER_CALL else []):
+            if part_count < part.part_number <= MAX_PART_NUMBER:
+                violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {part_count}, this upload's part count"))
         if violations:
             raise InvalidArgument(violations)
         progress = await self.progress(upload_id)
@@ -297,8 +311,14 @@ class Resumable:
         store = self._direct_parts()
         signed = []
         for part in parts:
+            start = (part.part_number - 1) * self.part_size_bytes
             request = await store.presign_upload_part(
-                upload.object_key, multipart_id, part.part_number, sha256=part.sha256, expires_in=self._part_url_ttl_seconds
+                upload.object_key,
+                multipart_id,
+                part.part_number,
+                size_bytes=min(self.part_size_bytes, upload.size_bytes - start),
+                sha256=part.sha256,
+                expires_in=self._part_url_ttl_seconds,
             )
             signed.append(PresignedPart(part.part_number, request.url, dict(request.headers)))
         return signed

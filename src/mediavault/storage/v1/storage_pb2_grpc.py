@@ -162,14 +162,17 @@ class StorageServiceServicer:
 
     def PresignUploadParts(self, request, context):
         """Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
-        MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. A part given a sha256 has it
-        signed in as x-amz-checksum-sha256, so S3 refuses bytes that differ from it. Every part but the
-        last must be at least 5 MiB (S3's rule; BeginUploadResponse.chunk_size_bytes is a good size).
+        MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. Part n holds the object's bytes
+        from (n - 1) * BeginUploadResponse.chunk_size_bytes, chunk_size_bytes of them (the last part
+        the rest), and its URL is signed for exactly that Content-Length, so S3 stores no more than the
+        upload reserved. A part given a sha256 has it signed in as x-amz-checksum-sha256, so S3
+        refuses bytes that differ from it.
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID or not an S3_MULTIPART upload;
         parts is empty, longer than 100 or repeats a part_number; a part_number is outside
-        1-10000; a sha256 is not 64 lowercase hex characters.
+        1 to the upload's part count (size_bytes over chunk_size_bytes, rounded up); a sha256 is
+        not 64 lowercase hex characters.
         NOT_FOUND (NOT_FOUND): no such upload, or another user's.
         FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
         """

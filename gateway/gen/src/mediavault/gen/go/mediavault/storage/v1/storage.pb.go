@@ -749,7 +749,7 @@ func (m *PresignUploadPartsRequest) GetParts() []*UploadPartRequest {
 
 // One part to sign.
 type UploadPartRequest struct {
-	// 1 to 10000; parts are joined in part_number order.
+	// 1 to the upload's part count (at most 10000); parts are joined in part_number order.
 	PartNumber int32 `protobuf:"varint,1,opt,name=part_number,json=partNumber,proto3" json:"part_number,omitempty"`
 	// Lowercase hex SHA-256 of the part's bytes; when given, S3 checks the part against it.
 	Sha256               string   `protobuf:"bytes,2,opt,name=sha256,proto3" json:"sha256,omitempty"`
@@ -2097,15 +2097,18 @@ type StorageServiceClient interface {
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	FailUpload(ctx context.Context, in *FailUploadRequest, opts ...grpc.CallOption) (*FailUploadResponse, error)
 	// Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
-	// MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. A part given a sha256 has it
-	// signed in as x-amz-checksum-sha256, so S3 refuses bytes that differ from it. Every part but the
-	// last must be at least 5 MiB (S3's rule; BeginUploadResponse.chunk_size_bytes is a good size).
+	// MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. Part n holds the object's bytes
+	// from (n - 1) * BeginUploadResponse.chunk_size_bytes, chunk_size_bytes of them (the last part
+	// the rest), and its URL is signed for exactly that Content-Length, so S3 stores no more than the
+	// upload reserved. A part given a sha256 has it signed in as x-amz-checksum-sha256, so S3
+	// refuses bytes that differ from it.
 	//
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID or not an S3_MULTIPART upload;
 	//	  parts is empty, longer than 100 or repeats a part_number; a part_number is outside
-	//	  1-10000; a sha256 is not 64 lowercase hex characters.
+	//	  1 to the upload's part count (size_bytes over chunk_size_bytes, rounded up); a sha256 is
+	//	  not 64 lowercase hex characters.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
 	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
 	PresignUploadParts(ctx context.Context, in *PresignUploadPartsRequest, opts ...grpc.CallOption) (*PresignUploadPartsResponse, error)
@@ -2340,15 +2343,18 @@ type StorageServiceServer interface {
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	FailUpload(context.Context, *FailUploadRequest) (*FailUploadResponse, error)
 	// Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
-	// MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. A part given a sha256 has it
-	// signed in as x-amz-checksum-sha256, so S3 refuses bytes that differ from it. Every part but the
-	// last must be at least 5 MiB (S3's rule; BeginUploadResponse.chunk_size_bytes is a good size).
+	// MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. Part n holds the object's bytes
+	// from (n - 1) * BeginUploadResponse.chunk_size_bytes, chunk_size_bytes of them (the last part
+	// the rest), and its URL is signed for exactly that Content-Length, so S3 stores no more than the
+	// upload reserved. A part given a sha256 has it signed in as x-amz-checksum-sha256, so S3
+	// refuses bytes that differ from it.
 	//
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID or not an S3_MULTIPART upload;
 	//	  parts is empty, longer than 100 or repeats a part_number; a part_number is outside
-	//	  1-10000; a sha256 is not 64 lowercase hex characters.
+	//	  1 to the upload's part count (size_bytes over chunk_size_bytes, rounded up); a sha256 is
+	//	  not 64 lowercase hex characters.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
 	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
 	PresignUploadParts(context.Context, *PresignUploadPartsRequest) (*PresignUploadPartsResponse, error)
