@@ -151,6 +151,15 @@ async def test_the_transcode_queue_with_redis_down_or_absent_returns_false():
     assert await jobs.TranscodeQueue(None).enqueue(_media_id(), 0) is False
 
 
+async def test_a_formats_request_whose_job_id_arq_already_holds_is_not_reported_queued(queue: ArqRedis):
+    transcodes = jobs.TranscodeQueue(queue)
+    media_id = _media_id()
+    assert await transcodes.enqueue_formats(media_id, 0, 1)
+    assert await transcodes.enqueue_formats(media_id, 0, 1) is False
+    assert await transcodes.enqueue_formats(media_id, 0, 2)
+    assert await queue.zcard(queue.default_queue_name) == 2
+
+
 async def test_the_enqueue_script_writes_what_arq_enqueue_job_writes(queue: ArqRedis, redis_url: str):
     """The script mirrors arq's enqueue protocol; a newer arq that changes it fails here, not in production."""
     assert VERSION in jobs.MIRRORED_ARQ_VERSIONS, f"arq {VERSION}: compare jobs._ENQUEUE with ArqRedis.enqueue_job"

@@ -147,23 +147,31 @@ class TranscodeQueue:
             except (RedisError, OSError):
                 return _enqueue_failed(run)
 
-    async def enqueue_formats(self, media_id: uuid.UUID, version: int, requested: int) -> bool:
-        """Queues the job that makes the run's requested formats; False when Redis is unreachable.
+    async def enqueue_formats(self, media_id: uuid.UUID, version: int, request: int) -> bool:
+        """Queues the job that makes the run's requested formats; False when it is not queued
+        (Redis unreachable, or the job id already known to arq), so the caller withdraws the request.
 
-        `requested` is how many formats the run has had asked for so far: each request
-        that adds one queues a job of its own, as arq keeps a finished job's id for a while.
+        `request` is the media's format_requests number (domain.media), taken by this request
+        alone and never again: arq keeps a finished job's id for an hour and ignores a new job under it.
         """
         if self.redis is None:
             return False
-        job_id = f"formats:{media_id}:v{version}:n{requested}"
+        job_id = f"formats:{media_id}:v{version}:q{request}"
         with tracing.enqueue_span(MAKE_FORMATS, job_id, self.redis.default_queue_name) as trace_context:
             carried: dict[str, Any] = {"trace_context": trace_context} if trace_context else {}
             try:
-                await self.redis.enqueue_job(MAKE_FORMATS, str(media_id), version, _job_id=job_id, **carried)
+                job = await self.redis.enqueue_job(MAKE_FORMATS, str(media_id), version, _job_id=job_id, **carried)
             except (RedisError, OSError):
                 metrics.REDIS_FALLBACKS.labels("enqueue_formats").inc()
                 log.warning("formats enqueue failed", extra={"media_id": str(media_id)}, exc_info=True)
                 tracing.mark_failed("redis unreachable")
+                return False
+            if job is None:
+                # A number handed out twice (a database restored from a backup older than Redis's
+                # keys): the job arq knows may be finished, or have read its formats before this
+                # request added its own, so the request is not left to it.
+                log.warning("formats job id already used", extra={"media_id": str(media_id), "job_id": job_id})
+                tracing.mark_failed("job id already used")
                 return False
         return True
 

@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from arq import Retry
+from arq.connections import RedisSettings, create_pool
+from arq.constants import result_key_prefix, retry_key_prefix
+from arq.jobs import Job
 from PIL import Image
 from redis.asyncio import Redis
 
@@ -107,7 +110,7 @@ async def test_webp_is_asked_for_once_made_by_one_job_and_served_after(own_queue
     again = await client.media.ListFeed(mpb.ListFeedRequest(accept=WEBP_FIRST, if_none_match=feed_before.etag), metadata=client.md)
     assert again.not_modified, "a request changes no answer"
     await client.get(media_id, ["image/webp"])
-    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:q1"]
 
     jpeg_sizes = {v.name: v.size_bytes for v in answers[0].variants}
     async with running_worker(settings):
@@ -167,7 +170,7 @@ async def test_a_videos_webp_is_made_from_the_rendition_its_poster_came_from(own
     assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == [
         "preview:image/webp", "thumbnail:image/webp",
     ]
-    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:q1"]
     # The job reads the smallest rendition, never the original, which may be 500 MiB.
     original = await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", media_id)
     (settings.blob_dir / original).unlink()
@@ -198,7 +201,7 @@ async def test_a_reprocess_forgets_the_requests_and_the_stale_job_records_nothin
     client = Client(channel, auth(user_id))
     media_id = await processed(settings, client, "images/camera/Canon_40D.jpg")
     await client.get(media_id, WEBP_FIRST)
-    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:q1"]
     await client.media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=media_id), metadata=client.md)
     assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
     async with running_worker(settings):
@@ -255,6 +258,39 @@ async def test_a_job_that_gives_up_withdraws_its_requests_so_they_are_asked_agai
         await chosen(client, media_id, WEBP_FIRST)
 
 
+async def test_a_request_after_a_job_gave_up_queues_a_job_of_its_own(own_queue, auth, user_id, pool):
+    """arq keeps the id of the job that gave up for an hour and ignores a new job under it."""
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/jolla.jpg")
+    await client.get(media_id, WEBP_FIRST)
+    (given_up,) = await queued_jobs(settings.redis_url, settings.queue_name)
+    original = settings.blob_dir / await pool.fetchval("SELECT object_key FROM media WHERE media_id = $1::uuid", media_id)
+    kept = original.read_bytes()
+    original.unlink()
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        # arq's count of the tries before the last: the worker's run is the last, and gives up.
+        await redis.set(retry_key_prefix + given_up, INFRASTRUCTURE_TRIES - 1, ex=3600)
+        async with running_worker(settings):
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await redis.exists(result_key_prefix + given_up):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+        assert (await Job(given_up, redis).result_info()).result == "gave up"
+        assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
+
+        original.write_bytes(kept)
+        await client.get(media_id, WEBP_FIRST)
+        queued = await queued_jobs(settings.redis_url, settings.queue_name)
+        assert len(queued) == 1, "the request is queued again"
+        assert queued != [given_up]
+        async with running_worker(settings):
+            await chosen(client, media_id, WEBP_FIRST)
+    finally:
+        await redis.aclose()
+
+
 async def test_a_request_redis_cannot_queue_is_withdrawn_and_asked_again(make_settings, auth, user_id, pool):
     redis = PrivateRedis()
     redis.start()
@@ -269,7 +305,8 @@ async def test_a_request_redis_cannot_queue_is_withdrawn_and_asked_again(make_se
             assert await pool.fetchval("SELECT requested_formats FROM media WHERE media_id = $1::uuid", media_id) == []
             redis.start()
             await client.get(media_id, WEBP_FIRST)
-            assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:n2"]
+            # The withdrawn request had number 1; this one has a job id of its own.
+            assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:q2"]
             async with running_worker(settings):
                 await chosen(client, media_id, WEBP_FIRST)
     finally:

@@ -166,7 +166,8 @@ FROM counted c WHERE a.user_id = c.owner_id AND c.delta <> 0
 # Formats made on request (imaging/spec.py, Alternate.eager), as "<variant name>:<content type>"
 # entries. Rows are locked in media_id order, so two requests for the same items cannot
 # deadlock; a row that already lists every entry asked for is left alone, so of concurrent
-# requests for one format exactly one adds it and queues the job that makes it.
+# requests for one format exactly one adds it and queues the job that makes it. That request
+# takes the next format_requests number under the row lock, for a job id of its own.
 _REQUEST_FORMATS = """
 WITH wanted AS (
     SELECT w.media_id, w.version, array_agg(w.entry ORDER BY w.entry) AS entries
@@ -178,10 +179,11 @@ WITH wanted AS (
     ORDER BY m.media_id
     FOR UPDATE OF m
 )
-UPDATE media m SET requested_formats = ARRAY(SELECT DISTINCT e FROM unnest(m.requested_formats || l.entries) AS e ORDER BY e)
+UPDATE media m SET requested_formats = ARRAY(SELECT DISTINCT e FROM unnest(m.requested_formats || l.entries) AS e ORDER BY e),
+                   format_requests = m.format_requests + 1
 FROM locked l
 WHERE m.media_id = l.media_id AND NOT m.requested_formats @> l.entries
-RETURNING m.media_id, m.variants_version, m.owner_id, l.entries, cardinality(m.requested_formats) AS requested
+RETURNING m.media_id, m.variants_version, m.owner_id, l.entries, m.format_requests
 """
 
 _UNREQUEST_FORMATS = """
@@ -491,7 +493,7 @@ class Library:
             ids, versions, entries = (list(column) for column in zip(*wanted, strict=True))
             rows = await self._pool.fetch(_REQUEST_FORMATS, ids, versions, entries)
             for row in rows:
-                queued = await self._transcodes.enqueue_formats(row["media_id"], row["variants_version"], row["requested"])
+                queued = await self._transcodes.enqueue_formats(row["media_id"], row["variants_version"], row["format_requests"])
                 if not queued:
                     await self.withdraw_formats(row["media_id"], row["variants_version"], row["entries"])
             # The cached pages learn that these are asked for, so their next reads ask no more.
