@@ -1,14 +1,79 @@
-"""Feed invalidation against a real Redis."""
+"""The feed's cache against real PostgreSQL and Redis: invalidation, and concurrent misses of one page."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from mediavault import metrics
 from mediavault.domain.feed import VERSION_TTL_SECONDS, Feed, version_key
+from mediavault.domain.media import Variant
 from mediavault.domain.pages import PageTokens
 
 TOKENS = PageTokens(b"test-page-token-key")
+
+
+@pytest.fixture
+async def redis(redis_url: str, user_id: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_url)
+    try:
+        yield redis
+    finally:
+        keys = [k async for k in redis.scan_iter(match=f"feed:*{user_id}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+@pytest.fixture
+async def one_connection_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool whose only connection a test can hold, so that a page's query waits until it lets go."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    yield pool
+    await pool.close()
+
+
+async def media_with_a_thumbnail(pool: asyncpg.Pool, owner: str, count: int) -> list[uuid.UUID]:
+    """count media rows of a new owner's, newest first, each with a thumbnail, in the books as finalize
+    and the transcode leave them (the suite's other tests audit the whole ledger)."""
+    ids = [uuid.uuid4() for _ in range(count)]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO accounts (user_id, quota_bytes, used_bytes, derived_bytes) VALUES ($1, 1000000, $2, $3)", owner, 100 * count, 5 * count)
+        await conn.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', 1000000)", owner)
+        for age, media_id in enumerate(ids):
+            key = f"originals/{media_id}"
+            await conn.execute(
+                "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key, media_id, expires_at) "
+                "VALUES ($1, $2, 'x.jpg', 'image/jpeg', 100, 'permanent', 'finalized', $3, $1, now())", media_id, owner, key)
+            await conn.execute(
+                "INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, derived_bytes, object_key, retention, "
+                "processing_status, created_at) VALUES ($1, $2, $1, 'image', 'image/jpeg', 100, 5, $3, 'permanent', 'complete', "
+                "now() - make_interval(secs => $4))", media_id, owner, key, float(age))
+            await conn.execute(
+                "INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes) "
+                "VALUES ($1, 'thumbnail', 0, $2, 'image/jpeg', 10, 10, 5)", media_id, f"variants/{media_id}/thumbnail.jpg")
+            await conn.execute("INSERT INTO ledger_entries (user_id, kind, used_delta, media_id) VALUES ($1, 'commit', 100, $2)", owner, media_id)
+    return ids
+
+
+def thumbnail(media_id: uuid.UUID) -> Variant:
+    return Variant("thumbnail", f"variants/{media_id}/thumbnail.jpg", "image/jpeg", 10, 10, 5)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def misses() -> float:
+    return metrics.FEED_CACHE.labels("miss")._value.get()
 
 
 async def test_changed_many_bumps_every_owner_once_in_one_round(pool, redis_url, user_id):
@@ -57,3 +122,59 @@ async def test_a_feed_read_keeps_the_version_alive_and_an_expired_version_restar
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+
+
+async def test_concurrent_misses_of_one_page_each_get_the_whole_page(pool, one_connection_pool, redis, user_id):
+    ids = await media_with_a_thumbnail(pool, user_id, 3)
+    feed = Feed(one_connection_pool, redis, ttl_seconds=30, tokens=TOKENS)
+    before = misses()
+    # Every caller misses before the page's query can run, so all of them share its one fill.
+    async with one_connection_pool.acquire():
+        reads = [asyncio.create_task(feed.page(user_id, 20, "")) for _ in range(6)]
+        await until(lambda: misses() >= before + 6)
+    pages = await asyncio.gather(*reads)
+    assert [(item.media_id, item.variants) for item in pages[0].items] == [(i, (thumbnail(i),)) for i in ids]
+    assert all(page == pages[0] for page in pages)
+    assert await feed.page(user_id, 20, "") == pages[0], "the cached page reads back the same"
+
+
+async def test_a_caller_going_away_leaves_the_page_to_the_others_and_the_lock_is_released(
+    pool, one_connection_pool, redis, user_id
+):
+    ids = await media_with_a_thumbnail(pool, user_id, 2)
+    feed = Feed(one_connection_pool, redis, ttl_seconds=30, tokens=TOKENS)
+    before = misses()
+    async with one_connection_pool.acquire():
+        first = asyncio.create_task(feed.page(user_id, 20, ""))
+        second = asyncio.create_task(feed.page(user_id, 20, ""))
+        await until(lambda: misses() >= before + 2)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    page = await second
+    assert [item.media_id for item in page.items] == ids
+    assert await redis.exists(f"feed:p:{user_id}:0:20::"), "the fill the first caller began went on and cached the page"
+    assert not await redis.exists(f"feed:p:{user_id}:0:20:::lock")
+
+
+async def test_a_failed_fill_releases_its_lock(database_url, redis, user_id):
+    closed = await asyncpg.create_pool(database_url, min_size=0, max_size=1)
+    await closed.close()
+    feed = Feed(closed, redis, ttl_seconds=30, tokens=TOKENS)
+    with pytest.raises(asyncpg.InterfaceError):
+        await feed.page(user_id, 20, "")
+    assert not await redis.exists(f"feed:p:{user_id}:0:20:::lock"), "the next miss computes without waiting out the lock"
+
+
+async def test_a_fill_leaves_the_lock_another_replica_took_after_its_own_expired(one_connection_pool, redis, user_id):
+    lock = f"feed:p:{user_id}:0:20:::lock"
+    feed = Feed(one_connection_pool, redis, ttl_seconds=30, tokens=TOKENS)
+    async with one_connection_pool.acquire():
+        read = asyncio.create_task(feed.page(user_id, 20, ""))
+        async with asyncio.timeout(10):
+            while not await redis.exists(lock):
+                await asyncio.sleep(0.005)
+        # What another replica does once this fill has held the lock past its expiry.
+        await redis.set(lock, "another replica", ex=30)
+    assert (await read).items == []
+    assert await redis.get(lock) == b"another replica"

@@ -2,7 +2,7 @@
 
 Anything that changes an owner's feed bumps ``feed:v:<owner>``; page keys embed the
 version, so the next call after a change misses and recomputes. Concurrent misses of one
-key compute once: in-process callers share one future, other processes wait briefly on a
+key compute once: in-process callers share one task, other processes wait briefly on a
 Redis lock. With Redis unreachable the feed is served straight from PostgreSQL.
 
 Version keys expire after VERSION_TTL_SECONDS without a bump or a read, so Redis does
@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,8 +45,11 @@ _LOCK_WAIT_STEP = 0.02
 LISTING = "feed"
 
 
-# A page as cached: {"items": [Media as JSON], "next_page_token": str, "etag": str}.
+# A page as computed, before its JSON text is made.
 _Payload = dict[str, Any]
+# A page as cached, the JSON of {"items": [Media as JSON], "next_page_token": str, "etag": str}:
+# text, which callers of one page can share, each parsing its own Page from it.
+_PageJson = str | bytes
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,13 @@ def bump_version_lua(key: str) -> str:
 _BUMP_VERSIONS = AsyncScript(
     None,  # type: ignore[arg-type]  # bytes need no client to encode them; every call names one
     f"for i = 1, #KEYS do {bump_version_lua('KEYS[i]')} end".encode(),
+)
+
+# Deletes the lock KEYS[1] only if it still holds ARGV[1]: a fill that outlives the lock's
+# expiry must not delete the lock another replica has taken since.
+_RELEASE_LOCK = AsyncScript(
+    None,  # type: ignore[arg-type]  # bytes need no client to encode them; every call names one
+    b"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
 )
 
 
@@ -112,7 +123,7 @@ class Feed:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
         self._tokens = tokens
-        self._inflight: dict[str, asyncio.Future[_Payload]] = {}
+        self._inflight: dict[str, asyncio.Task[_PageJson]] = {}
 
     async def page(self, owner_id: str, requested_size: int, page_token: str, preferred: Sequence[str] = ()) -> Page:
         """A page of the owner's media; `preferred` (formats.preference) is the client's, which the etag covers."""
@@ -120,7 +131,8 @@ class Feed:
         # Verified before the cache: the token is part of the page's key, so only issued tokens make keys.
         after = self._tokens.decode(LISTING, page_token) if page_token else None
         named = formats.signature(preferred)
-        payload = await self._cached(owner_id, f"{size}:{named}:{page_token}", lambda: self._compute(owner_id, size, after, named))
+        as_json = await self._cached(owner_id, f"{size}:{named}:{page_token}", lambda: self._compute(owner_id, size, after, named))
+        payload = json.loads(as_json)
         return Page(_from_json(payload["items"]), payload["next_page_token"], payload["etag"])
 
     async def changed(self, owner_id: str) -> None:
@@ -144,15 +156,14 @@ class Feed:
 
     async def _compute(
         self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None, preferred: str
-    ) -> _Payload:
+    ) -> _PageJson:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
         next_token = self._tokens.encode(LISTING, items[-1].created_at, items[-1].media_id) if more else ""
-        payload = {"items": _to_json(items), "next_page_token": next_token}
+        payload: _Payload = {"items": _to_json(items), "next_page_token": next_token}
         payload["etag"] = _etag(payload, preferred)
-        as_cached: _Payload = json.loads(json.dumps(payload, default=str))
-        return as_cached
+        return json.dumps(payload, default=str)
 
-    async def _cached(self, owner_id: str, page: str, compute: Callable[[], Awaitable[_Payload]]) -> _Payload:
+    async def _cached(self, owner_id: str, page: str, compute: Callable[[], Awaitable[_PageJson]]) -> _PageJson:
         redis = self.redis
         if redis is None:
             return await compute()
@@ -166,44 +177,50 @@ class Feed:
             return await compute()
         if cached is not None:
             metrics.FEED_CACHE.labels("hit").inc()
-            hit: _Payload = json.loads(cached)
+            hit: _PageJson = cached
             return hit
         metrics.FEED_CACHE.labels("miss").inc()
-        inflight = self._inflight.get(key)
-        if inflight is not None:
-            return await asyncio.shield(inflight)
-        future: asyncio.Future[_Payload] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            payload = await self._fill(redis, key, compute)
-            future.set_result(payload)
-            return payload
-        except BaseException as exc:
-            future.set_exception(exc)
-            # Waiters get the exception; nobody else needs it retrieved.
-            future.exception()
-            raise
-        finally:
-            del self._inflight[key]
+        fill = self._inflight.get(key)
+        if fill is None:
+            # A task of its own, so that a caller going away (deadline, disconnect) cancels only
+            # its own wait, never the fill the page's other callers are waiting for.
+            fill = asyncio.create_task(self._fill(redis, key, compute))
+            self._inflight[key] = fill
+            fill.add_done_callback(lambda _: self._inflight.pop(key))
+        return await asyncio.shield(fill)
 
-    async def _fill(self, redis: Redis, key: str, compute: Callable[[], Awaitable[_Payload]]) -> _Payload:
+    async def _fill(self, redis: Redis, key: str, compute: Callable[[], Awaitable[_PageJson]]) -> _PageJson:
+        lock = f"{key}:lock"
+        token = secrets.token_hex(16)
         try:
-            locked = await redis.set(f"{key}:lock", "1", nx=True, ex=_LOCK_SECONDS)
+            locked = await redis.set(lock, token, nx=True, ex=_LOCK_SECONDS)
             if not locked:
                 # Another process is computing this page: wait for its result, briefly.
                 for _ in range(int(_LOCK_SECONDS / _LOCK_WAIT_STEP)):
                     await asyncio.sleep(_LOCK_WAIT_STEP)
                     cached = await redis.get(key)
                     if cached is not None:
-                        filled: _Payload = json.loads(cached)
+                        filled: _PageJson = cached
                         return filled
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_lock").inc()
             return await compute()
-        payload = await compute()
         try:
-            await redis.set(key, json.dumps(payload), ex=self.ttl_seconds)
-            await redis.delete(f"{key}:lock")
+            page = await compute()
+            try:
+                await redis.set(key, page, ex=self.ttl_seconds)
+            except (RedisError, OSError):
+                metrics.REDIS_FALLBACKS.labels("feed_write").inc()
+            return page
+        finally:
+            # Released when the fill fails too, so that the next miss computes at once rather
+            # than after the lock's expiry.
+            if locked:
+                await self._release(redis, lock, token)
+
+    @staticmethod
+    async def _release(redis: Redis, lock: str, token: str) -> None:
+        try:
+            await _RELEASE_LOCK([lock], [token], client=redis)
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_write").inc()
-        return payload
