@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
 
 import av
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, PermanentImagingError, transcode
+from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, PermanentImagingError, TranscodeResult, transcode
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
+from mediavault.imaging.errors import CORRUPT_IMAGE, IMAGE_TOO_LARGE
 from mediavault.imaging.spec import AnimationLimits
 from tests.imaging.helpers import check_variants, transcoded
 
@@ -70,8 +72,10 @@ def animated(fmt: str, size: tuple[int, int] = (161, 121), durations: tuple[int,
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("fmt", "mime"), [("WEBP", "image/webp"), ("PNG", "image/png"), ("GIF", "image/gif")])
-def test_animated_webp_png_and_gif_become_both_renditions(fmt: str, mime: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "mime"), [("WEBP", "image/webp"), ("PNG", "image/png"), ("GIF", "image/gif"), ("AVIF", "image/avif")]
+)
+def test_animated_webp_png_gif_and_avif_become_both_renditions(fmt: str, mime: str) -> None:
     result = transcode(animated(fmt), mime)
     check_variants(result, IMAGE_VARIANTS)
     assert result.animation is not None
@@ -153,3 +157,72 @@ def test_the_renditions_differ_from_frame_to_frame() -> None:
     webp.seek(1)
     second = webp.convert("RGB")
     assert max(ImageStat.Stat(ImageChops.difference(first, second)).mean) > 50
+
+
+def gif_with_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int]]) -> bytes:
+    """A GIF with a two-colour palette whose frames, each (left, top, width, height) on the
+    logical screen, are all of colour 0."""
+    data = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    for left, top, width, height in frames:
+        pixels = width * height
+        # Minimum code size 2: clear is 4, end 5. A clear before every other pixel keeps the
+        # code table from growing, so every code stays 3 bits wide.
+        codes = [code for i in range(0, pixels, 2) for code in (4, *[0] * min(2, pixels - i))] + [5]
+        lzw = sum(code << (3 * i) for i, code in enumerate(codes)).to_bytes((3 * len(codes) + 7) // 8, "little")
+        blocks = b"".join(bytes([len(lzw[i : i + 255])]) + lzw[i : i + 255] for i in range(0, len(lzw), 255))
+        control = b"\x21\xf9\x04\x00\x0a\x00\x00\x00"
+        data += control + b"\x2c" + struct.pack("<HHHH", left, top, width, height) + b"\x00\x02" + blocks + b"\x00"
+    return data + b"\x3b"
+
+
+@pytest.mark.parametrize(
+    ("corner", "limits", "reason"),
+    [
+        # The canvas grows to 150x150: within every limit, but not the canvas the header declares.
+        (149, DEFAULT_LIMITS, CORRUPT_IMAGE),
+        # To 1100x1100, 1.21 times max_pixels, where Pillow only warns.
+        (1099, Limits(max_pixels=1_000_000), IMAGE_TOO_LARGE),
+    ],
+    ids=["past-the-screen", "past-max-pixels"],
+)
+def test_a_gif_frame_placed_past_its_screen_is_refused(corner: int, limits: Limits, reason: str) -> None:
+    data = gif_with_frames((100, 100), [(0, 0, 10, 10), (corner, corner, 1, 1)])
+    opened = Image.open(io.BytesIO(data))
+    assert (opened.size, getattr(opened, "n_frames", 1)) == ((100, 100), 2)
+    opened.seek(1)
+    assert opened.size == (corner + 1, corner + 1)
+    with pytest.raises(PermanentImagingError, match=f"^{reason}$"):
+        transcode(data, "image/gif", limits=limits)
+
+
+def assert_red_still(result: TranscodeResult) -> None:
+    assert result.animation is None
+    assert (result.width, result.height) == (64, 64)
+    for name, picture in check_variants(result, IMAGE_VARIANTS).items():
+        centre = picture.convert("RGB").getpixel((picture.width // 2, picture.height // 2))
+        assert isinstance(centre, tuple)
+        assert max(abs(a - b) for a, b in zip(centre, (200, 30, 30), strict=True)) < 12, name
+
+
+def test_an_mpo_is_the_still_of_its_first_picture() -> None:
+    # Phone photos with an Ultra HDR gain map are MPOs of two pictures; the second is never shown.
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(
+        buffer, "MPO", save_all=True, append_images=[Image.new("L", (3000, 3000), 128)]
+    )
+    data = buffer.getvalue()
+    opened = Image.open(io.BytesIO(data), formats=["JPEG"])
+    assert (opened.format, getattr(opened, "n_frames", 1)) == ("MPO", 2)
+    assert_red_still(transcode(data, "image/jpeg"))
+
+
+@pytest.mark.parametrize("primary", [0, 1])
+def test_a_heif_is_the_still_of_its_primary_image(primary: int) -> None:
+    # The other top-level image is over max_pixels: decoding it would be refused.
+    red, blue = Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (1200, 1200), (30, 60, 210))
+    first, other = (red, blue) if primary == 0 else (blue, red)
+    buffer = io.BytesIO()
+    first.save(buffer, "HEIF", save_all=True, append_images=[other], primary_index=primary, quality=90)
+    data = buffer.getvalue()
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    assert_red_still(transcode(data, "image/heic", limits=Limits(max_pixels=1_000_000)))

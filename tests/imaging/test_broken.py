@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
 import subprocess
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,21 @@ async def test_a_broken_upload_ends_failed_with_its_reason(storage, media, auth,
     assert item.processing_error == CORRUPT_IMAGE
     assert item.attempts == 1
     assert not item.variants
+
+
+def test_a_palette_png_with_more_transparency_entries_than_colours_is_corrupt() -> None:
+    # Pillow decodes it and only objects when the palette is applied, in the colour conversion.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(8) for _ in range(8))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 3, 0, 0, 0))
+        + chunk(b"PLTE", b"\x00\x00\x00")
+        + chunk(b"tRNS", b"\x00" * 300)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    with pytest.raises(PermanentImagingError, match=f"^{CORRUPT_IMAGE}$"):
+        transcode(data, "image/png")

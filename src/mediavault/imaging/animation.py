@@ -1,4 +1,4 @@
-"""Animated GIF, WebP and PNG kept moving: an animated WebP and an H.264 MP4 ("gifv").
+"""Animated GIF, WebP, PNG and AVIF kept moving: an animated WebP and an H.264 MP4 ("gifv").
 
 The still variants still come from the first frame (strategies); these two come from
 every frame, decoded one at a time by Pillow and fed to both encoders (FFmpeg's libwebp
@@ -10,6 +10,11 @@ Frame timing is kept in milliseconds: each frame is shown for the duration its s
 gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The MP4 has no
 alpha, so transparent pixels are composited over white; its sides are rounded down to
 even numbers, as 4:2:0 needs.
+
+Only those formats animate. The further pictures of a JPEG (MPO: the gain map of an Ultra
+HDR photo, the other half of a stereo pair) and the further top-level images of a HEIF
+are not frames of one animation, and Pillow lists them as frames all the same: such a
+file is a still of its first (HEIF: primary) picture, and the others are never decoded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import cast
@@ -24,11 +30,13 @@ from typing import cast
 import av
 from PIL import Image
 
+from mediavault.imaging.errors import CORRUPT_IMAGE, PermanentImagingError
 from mediavault.imaging.spec import AnimationLimits, fit
 from mediavault.imaging.variants import Variant
 
 ANIMATION = "animation"
 GIFV = "gifv"
+_ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP", "AVIF"})
 _MILLISECONDS = Fraction(1, 1000)
 # What browsers do with a GIF frame shown for (nearly) no time.
 _SHORTEST_FRAME_MS = 20
@@ -49,14 +57,19 @@ class Animation:
 
 
 def is_animated(image: Image.Image) -> bool:
-    return bool(getattr(image, "is_animated", False)) and getattr(image, "n_frames", 1) > 1
+    return (
+        image.format in _ANIMATED_FORMATS
+        and bool(getattr(image, "is_animated", False))
+        and getattr(image, "n_frames", 1) > 1
+    )
 
 
 def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     """The animation of an opened, animated image; None when it is over a limit or not animated.
 
-    Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode; the caller
-    turns that into the uploader's answer.
+    Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode, Pillow's
+    DecompressionBombWarning included, and PermanentImagingError(CORRUPT_IMAGE) on a frame
+    whose size is not the first one's; the caller turns that into the uploader's answer.
     """
     if not is_animated(image):
         return None
@@ -65,7 +78,12 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
         return None
     width, height = fit(image.width, image.height, limits.box)
     even = (max(2, width - width % 2), max(2, height - height % 2))
-    with tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
+    size = image.size
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
+        # Seeking to a GIF frame placed past the logical screen grows the canvas to fit it;
+        # Pillow only warns when the new canvas is between one and two times open_image's
+        # limit (MAX_IMAGE_PIXELS), and would then decode it.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         # The MP4's index goes first (faststart), which FFmpeg does by rewriting a file.
         mp4_path = os.path.join(folder, "gifv.mp4")
         webp = io.BytesIO()
@@ -76,6 +94,10 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
             start = 0
             for index in range(frames):
                 image.seek(index)
+                if image.size != size:
+                    # The limits above were checked against the first frame's size, and a
+                    # frame is drawn inside the canvas its header declares, never past it.
+                    raise PermanentImagingError(CORRUPT_IMAGE)
                 # Loading the frame is what gives a WebP frame its duration.
                 rgba = image.convert("RGBA")
                 if rgba.size != (width, height):

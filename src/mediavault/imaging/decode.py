@@ -143,10 +143,12 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
         if image.format in ("JPEG", "MPO"):
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
         image.load()
-    orientation = exif_orientation(image)
-    picture = _to_srgb(image)
-    if orientation in TRANSPOSE_FOR_ORIENTATION:
-        picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
+        orientation = exif_orientation(image)
+        # Converting is where Pillow first checks some chunks against each other (a PNG's
+        # tRNS longer than its palette), so what it raises is the decoder's answer too.
+        picture = _to_srgb(image)
+        if orientation in TRANSPOSE_FOR_ORIENTATION:
+            picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
 
 
