@@ -12,7 +12,7 @@ from PIL import Image, ImageChops, ImageStat
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, PermanentImagingError, TranscodeResult, transcode
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
-from mediavault.imaging.errors import CORRUPT_IMAGE, IMAGE_TOO_LARGE
+from mediavault.imaging.errors import IMAGE_TOO_LARGE
 from mediavault.imaging.spec import AnimationLimits
 from tests.imaging.helpers import check_variants, transcoded
 
@@ -175,24 +175,28 @@ def gif_with_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, i
     return data + b"\x3b"
 
 
-@pytest.mark.parametrize(
-    ("corner", "limits", "reason"),
-    [
-        # The canvas grows to 150x150: within every limit, but not the canvas the header declares.
-        (149, DEFAULT_LIMITS, CORRUPT_IMAGE),
-        # To 1100x1100, 1.21 times max_pixels, where Pillow only warns.
-        (1099, Limits(max_pixels=1_000_000), IMAGE_TOO_LARGE),
-    ],
-    ids=["past-the-screen", "past-max-pixels"],
-)
-def test_a_gif_frame_placed_past_its_screen_is_refused(corner: int, limits: Limits, reason: str) -> None:
+def gif_growing_to(corner: int) -> bytes:
+    """A 100x100 GIF whose second frame, at (corner, corner), grows Pillow's canvas past the screen."""
     data = gif_with_frames((100, 100), [(0, 0, 10, 10), (corner, corner, 1, 1)])
     opened = Image.open(io.BytesIO(data))
     assert (opened.size, getattr(opened, "n_frames", 1)) == ((100, 100), 2)
     opened.seek(1)
     assert opened.size == (corner + 1, corner + 1)
-    with pytest.raises(PermanentImagingError, match=f"^{reason}$"):
-        transcode(data, "image/gif", limits=limits)
+    return data
+
+
+def test_a_gif_frame_placed_past_its_screen_keeps_the_stills_only() -> None:
+    # The canvas grows to 150x150: within every limit, but not the canvas the header declares.
+    result = transcode(gif_growing_to(149), "image/gif")
+    assert result.animation is None
+    assert (result.width, result.height) == (100, 100)
+    assert all(picture.size[0] <= 100 for picture in check_variants(result, IMAGE_VARIANTS).values())
+
+
+def test_a_gif_canvas_grown_past_max_pixels_is_refused() -> None:
+    # To 1100x1100, 1.21 times max_pixels, where Pillow only warns.
+    with pytest.raises(PermanentImagingError, match=f"^{IMAGE_TOO_LARGE}$"):
+        transcode(gif_growing_to(1099), "image/gif", limits=Limits(max_pixels=1_000_000))
 
 
 def assert_red_still(result: TranscodeResult) -> None:

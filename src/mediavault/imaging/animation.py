@@ -30,7 +30,6 @@ from typing import cast
 import av
 from PIL import Image
 
-from mediavault.imaging.errors import CORRUPT_IMAGE, PermanentImagingError
 from mediavault.imaging.spec import AnimationLimits, fit
 from mediavault.imaging.variants import Variant
 
@@ -67,9 +66,10 @@ def is_animated(image: Image.Image) -> bool:
 def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     """The animation of an opened, animated image; None when it is over a limit or not animated.
 
+    None too when a frame is not the first one's size: browsers clip a GIF frame placed past
+    the screen, Pillow grows the canvas instead, and the limits were checked on the first.
     Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode, Pillow's
-    DecompressionBombWarning included, and PermanentImagingError(CORRUPT_IMAGE) on a frame
-    whose size is not the first one's; the caller turns that into the uploader's answer.
+    DecompressionBombWarning included; the caller turns that into the uploader's answer.
     """
     if not is_animated(image):
         return None
@@ -95,9 +95,8 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
             for index in range(frames):
                 image.seek(index)
                 if image.size != size:
-                    # The limits above were checked against the first frame's size, and a
-                    # frame is drawn inside the canvas its header declares, never past it.
-                    raise PermanentImagingError(CORRUPT_IMAGE)
+                    image.seek(0)
+                    return None
                 # Loading the frame is what gives a WebP frame its duration.
                 rgba = image.convert("RGBA")
                 if rgba.size != (width, height):
