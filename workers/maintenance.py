@@ -184,7 +184,9 @@ async def _delete_then_mark_purged(ctx: dict[str, Any], rows: list[asyncpg.Recor
     if purged:
         await cleanup.mark_purged(pool, purged)
     if kept:
-        await cleanup.release_purge_claim(pool, kept)
+        # arq ends a run at the job timeout: held that long, the rows go to a later run
+        # instead of this one's next batch, which would only fail on them again.
+        await cleanup.postpone_purge(pool, kept, ctx["settings"].job_timeout_seconds)
     report.details["purged"] = report.details.get("purged", 0) + len(purged)
     report.details["purge_retry_next_run"] = report.details.get("purge_retry_next_run", 0) + len(kept)
 
@@ -391,7 +393,15 @@ async def _fail_media_missing_originals(ctx: dict[str, Any], report: RunReport, 
     while True:
         rows = await cleanup.live_originals(pool, after_id, config.batch_size)
         for row in rows:
-            if await blobs.stat(row["object_key"]) is not None:
+            try:
+                found = await blobs.stat(row["object_key"])
+            except Exception:
+                # Neither found nor known to be missing: the media stays as it is, and the next run looks again.
+                report.errors += 1
+                log.warning("original stat failed", extra={"job": report.job, "media_id": str(row["media_id"]),
+                                                           "object_key": row["object_key"]}, exc_info=True)
+                continue
+            if found is not None:
                 continue
             missing += 1
             log.warning("original missing", extra={"job": report.job, "media_id": str(row["media_id"]), "object_key": row["object_key"]})

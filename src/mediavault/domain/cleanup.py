@@ -60,7 +60,12 @@ WITH due AS (
 SELECT * FROM expired
 """
 
-_COUNT_PURGE_DUE = "SELECT count(*) FROM media WHERE deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()"
+# Unclaimed is part of due, so that a dry run's count leaves out what a real run skips: the
+# purges in flight and those waiting to retry their blob deletions.
+_PURGE_DUE = """deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()
+      AND (purge_claimed_until IS NULL OR purge_claimed_until < now())"""
+
+_COUNT_PURGE_DUE = f"SELECT count(*) FROM media WHERE {_PURGE_DUE}"
 
 # A purge claim outlives any sane blob deletion; a replica that died mid-purge has its
 # rows picked up again once the claim lapses.
@@ -103,11 +108,10 @@ WITH due AS (
 SELECT * FROM removed
 """
 
-_CLAIM_PURGE = """
+_CLAIM_PURGE = f"""
 WITH due AS (
     SELECT media_id FROM media
-    WHERE deleted_at IS NOT NULL AND purged_at IS NULL AND purge_after <= now()
-      AND (purge_claimed_until IS NULL OR purge_claimed_until < now())
+    WHERE {_PURGE_DUE}
     ORDER BY purge_after
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -127,7 +131,10 @@ WITH purged AS (
 DELETE FROM media_variants v USING purged p WHERE v.media_id = p.media_id
 """
 
-_RELEASE_PURGE_CLAIM = "UPDATE media SET purge_claimed_until = NULL WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL"
+_POSTPONE_PURGE = """
+UPDATE media SET purge_claimed_until = now() + make_interval(secs => $2)
+WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL
+"""
 
 _STUCK = """
 WITH stuck AS (
@@ -226,8 +233,9 @@ async def mark_purged(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID
     await conn.execute(_MARK_PURGED, media_ids)
 
 
-async def release_purge_claim(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
-    await conn.execute(_RELEASE_PURGE_CLAIM, media_ids)
+async def postpone_purge(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID], retry_seconds: int) -> None:
+    """Keeps the claimed media from being claimed again for retry_seconds (its blob deletions failed)."""
+    await conn.execute(_POSTPONE_PURGE, media_ids, float(retry_seconds))
 
 
 async def fail_stuck_processing(conn: Connection, batch_size: int, age_seconds: int, max_attempts: int) -> Batch:
