@@ -86,6 +86,10 @@ async def summary(storage, md) -> pb.StorageSummary:
     return (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
 
 
+def object_key_of(upload_id: str) -> str:
+    return f"originals/{uuid.UUID(upload_id).hex[:2]}/{uuid.UUID(upload_id).hex}"
+
+
 async def stored_sha256(server: Server, object_key: str) -> str:
     assert server.blobs is not None
     return hashlib.sha256(await server.blobs.read(object_key)).hexdigest()
@@ -130,7 +134,7 @@ async def test_chunks_then_finalize_without_reading_back(tus_server, storage, ht
     finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
     assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
     assert finalized.upload.received_bytes == len(data)
-    object_key = f"originals/{uuid.UUID(begun.upload.upload_id).hex[:2]}/{uuid.UUID(begun.upload.upload_id).hex}"
+    object_key = object_key_of(begun.upload.upload_id)
     assert await stored_sha256(tus_server, object_key) == sha256_hex(data)
     after = await summary(storage, md)
     assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
@@ -205,7 +209,7 @@ async def test_only_the_owners_finalize_publishes_and_a_terminated_upload_stays_
     data = fake_jpeg(50_000)
     begun = await begin_tus(storage, md, data)
     upload_id = begun.upload.upload_id
-    object_key = f"originals/{uuid.UUID(upload_id).hex[:2]}/{uuid.UUID(upload_id).hex}"
+    object_key = object_key_of(upload_id)
     assert (await patch(http, begun.upload_url, 0, data)).status == 204
     assert tus_server.blobs is not None
 
@@ -273,7 +277,7 @@ async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, 
 
     done = await storage.UploadContent(stream(), metadata=md)
     assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
-    object_key = f"originals/{uuid.UUID(begun.upload.upload_id).hex[:2]}/{uuid.UUID(begun.upload.upload_id).hex}"
+    object_key = object_key_of(begun.upload.upload_id)
     assert await stored_sha256(tus_server, object_key) == sha256_hex(data)
 
 
@@ -424,6 +428,37 @@ async def test_cors_for_the_configured_origins_only(make_settings, http):
             assert response.status == 401
             assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
             assert "Location" in response.headers["Access-Control-Expose-Headers"]
+
+
+async def test_a_silent_patch_body_ends_and_frees_the_upload(make_settings, http, auth, user_id):
+    async with (
+        running(make_settings(tus_idle_timeout_seconds=0.5)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(100_000)
+        begun = await begin_tus(storage, md, data)
+        target = begun.upload_url.split(f":{server.http_port}", 1)[1]
+        # A client that declares the whole body, sends part of it and then goes quiet, connection open.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        header_lines = "".join(f"{name}: {value}\r\n" for name, value in PATCH_HEADERS.items())
+        writer.write(
+            f"PATCH {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}Upload-Offset: 0\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:30_000]
+        )
+        await writer.drain()
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+            assert status_line.split()[1] == b"204"
+            assert (await head(http, begun.upload_url)).headers["Upload-Offset"] == "30000"
+            # The lock is free: the client goes on from where the silent request ended.
+            assert (await patch(http, begun.upload_url, 30_000, data[30_000:])).status == 204
+        finally:
+            writer.close()
+        finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+        assert await stored_sha256(server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
 
 
 async def test_tus_max_size_is_advertised_and_enforced(make_settings, http, auth, user_id, authenticator):

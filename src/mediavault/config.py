@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     tus_cors_origins: tuple[str, ...] = ()
     # The largest tus upload (Tus-Max-Size); 0: the largest any content type may be.
     tus_max_size_bytes: int = Field(default=0, ge=0)
+    # A PATCH body that sends nothing for this long ends there, as a cut connection does: what
+    # arrived is kept, and the upload's lock, its connections and a writer slot are freed.
+    tus_idle_timeout_seconds: float = Field(default=60.0, gt=0)
     ephemeral_ttl_seconds: int = Field(default=60 * 60, gt=0)
     public_base_url: str = ""
     media_url_ttl_seconds: int = Field(default=60 * 60, gt=0)
@@ -129,7 +132,8 @@ class Settings(BaseSettings):
     # batching.Batcher).
     upload_batch_spacing_seconds: float = Field(default=0.002, ge=0, le=0.05)
     db_pool_min_size: int = Field(default=2, ge=1)
-    db_pool_max_size: int = Field(default=10, ge=1)
+    # At least two: a resumable upload's writer holds one for its lock and checkpoints on another.
+    db_pool_max_size: int = Field(default=10, ge=2)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # After SIGTERM, health answers NOT_SERVING while the server still serves this long, so that
     # balancers move traffic away before calls are refused; the grace period starts after it.

@@ -9,6 +9,7 @@ offset, the hash state and the writer's lock live in PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
@@ -86,6 +87,7 @@ class TusEndpoints:
         self._uploads = uploads
         self._admission = admission
         self._max_size = settings.tus_max_size
+        self._idle_seconds = settings.tus_idle_timeout_seconds
         self._origins = frozenset(settings.tus_cors_origins)
 
     def add_routes(self, app: web.Application) -> None:
@@ -199,7 +201,11 @@ class TusEndpoints:
             raise _Refused(400, "Upload-Offset is required")
         checksum = _checksum(request.headers.get("Upload-Checksum"))
         progress = await self._resumable.append(
-            upload_id, _body(request), offset=offset, length=request.content_length, checksum=checksum
+            upload_id,
+            _body(request, self._idle_seconds),
+            offset=offset,
+            length=request.content_length,
+            checksum=checksum,
         )
         return self._respond(request, 204, _progress_headers(progress))
 
@@ -261,10 +267,14 @@ def _checksum(header: str | None) -> ChunkChecksum | None:
         raise _Refused(400, "Upload-Checksum digest is not base64") from None
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    """The PATCH body; a connection cut mid-body just ends it, and what arrived is kept."""
+async def _body(request: web.Request, idle_seconds: float) -> AsyncIterator[bytes]:
+    """The PATCH body; a connection cut mid-body, or silent for idle_seconds, just ends it, and what arrived is kept."""
     try:
-        async for data in request.content.iter_chunked(_CHUNK):
+        while True:
+            async with asyncio.timeout(idle_seconds):
+                data = await request.content.read(_CHUNK)
+            if not data:
+                return
             yield data
-    except (OSError, HttpProcessingError):
+    except (OSError, HttpProcessingError, TimeoutError):
         return
