@@ -91,8 +91,10 @@ def one_mediavault_run(source: Path, mime: str, out: Path) -> dict:
 
     async def run() -> tuple[float, float]:
         started, cpu_started = time.perf_counter(), time.process_time()
-        probed = await videos.probe(source, mime, videos.VideoLimits())
-        await videos.transcode(source, mime, probed, out, timeout_seconds=3600, on_progress=progress, threads=1, niceness=0)
+        limits = videos.VideoLimits()
+        probed = await videos.probe(source, mime, limits)
+        await videos.transcode(source, mime, probed, out, limits=limits, timeout_seconds=3600, on_progress=progress, threads=1,
+                               niceness=0)
         return time.perf_counter() - started, time.process_time() - cpu_started
 
     seconds, own_cpu = asyncio.run(run())
@@ -113,8 +115,9 @@ def cli_command(source: Path, mime: str, out: Path) -> list[str]:
     """The command mediavault runs, without its progress pipe: the same graph and encoder settings."""
     from mediavault.imaging import video as videos
 
-    probed = asyncio.run(videos.probe(source, mime, videos.VideoLimits()))
-    args = videos.command(source, mime, probed, videos.plan(probed), out, threads=1)
+    limits = videos.VideoLimits()
+    probed = asyncio.run(videos.probe(source, mime, limits))
+    args = videos.command(source, mime, probed, videos.plan(probed), out, limits, threads=1)
     at = args.index("-progress")
     return args[:at] + args[at + 2 :]
 

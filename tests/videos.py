@@ -90,17 +90,103 @@ def truncated(path: Path, source: Path) -> Path:
     return path
 
 
-def claims_hours(path: Path, source: Path, hours: float = 10.0) -> Path:
-    """source with its movie and media headers (mvhd, mdhd) claiming `hours`."""
+def _boxes(data: bytes | bytearray, start: int, end: int) -> list[tuple[bytes, int, int]]:
+    """The ISO BMFF boxes between start and end: (type, start, end) each."""
+    found = []
+    while start < end:
+        size, kind = struct.unpack_from(">I4s", data, start)
+        found.append((kind, start, start + size))
+        start += size
+    return found
+
+
+def claims(path: Path, source: Path, seconds: float) -> Path:
+    """source with every duration its headers state (mvhd, tkhd, mdhd; version 0) set to `seconds`,
+    its sample table (every frame) left as it is."""
     data = bytearray(source.read_bytes())
-    for box in (b"mvhd", b"mdhd"):
-        at = 0
-        while (at := data.find(box, at)) != -1:
-            # version 0: version/flags, creation, modification, timescale, duration (4 bytes each)
-            timescale = struct.unpack_from(">I", data, at + 16)[0]
-            struct.pack_into(">I", data, at + 20, int(timescale * hours * 3600))
-            at += 4
+
+    def rewrite(start: int, end: int, movie_timescale: int = 0) -> None:
+        for kind, at, box_end in _boxes(data, start, end):
+            if kind in (b"mvhd", b"mdhd"):
+                # size, type, version/flags, creation, modification, timescale, duration
+                timescale = struct.unpack_from(">I", data, at + 20)[0]
+                struct.pack_into(">I", data, at + 24, int(timescale * seconds))
+                if kind == b"mvhd":
+                    movie_timescale = timescale
+            elif kind == b"tkhd":
+                # ... creation, modification, track id, reserved, duration (in the movie's timescale)
+                struct.pack_into(">I", data, at + 28, int(movie_timescale * seconds))
+            elif kind in (b"moov", b"trak", b"mdia"):
+                rewrite(at + 8, box_end, movie_timescale)
+
+    rewrite(0, len(data))
     path.write_bytes(bytes(data))
+    return path
+
+
+def cover_first(path: Path, source: Path) -> Path:
+    """source with a cover picture (a red 64x64 PNG) whose stream comes before the video's: the
+    cover's box (moov/udta) moved in front of the first trak, so FFmpeg's demuxer numbers it 0."""
+    cover = path.with_suffix(".png")
+    ffmpeg("-f", "lavfi", "-i", "color=red:size=64x64", "-frames:v", "1", str(cover))
+    covered = path.with_suffix(".covered.mp4")
+    ffmpeg("-i", str(source), "-i", str(cover), "-map", "0", "-map", "1", "-c", "copy", "-disposition:v:1", "attached_pic",
+           str(covered))
+    data = covered.read_bytes()
+    out = bytearray()
+    for kind, start, end in _boxes(data, 0, len(data)):
+        if kind != b"moov":
+            out += data[start:end]
+            continue
+        children = _boxes(data, start + 8, end)
+        udta = [c for c in children if c[0] == b"udta"]
+        rest = [c for c in children if c[0] != b"udta"]
+        first_trak = next(i for i, c in enumerate(rest) if c[0] == b"trak")
+        # The same boxes in another order: moov keeps its size, so every chunk offset stays right.
+        out += data[start:start + 8] + b"".join(data[s:e] for _, s, e in rest[:first_trak] + udta + rest[first_trak:])
+    path.write_bytes(bytes(out))
+    cover.unlink()
+    covered.unlink()
+    return path
+
+
+def size_switch(path: Path, first: str, then: str) -> Path:
+    """H.264 in MP4 whose first SPS (what the container reports) is `first`, and whose stream then
+    switches to `then` with an SPS of its own, as concatenated camera streams or a hostile file do."""
+    parts = []
+    for size in (first, then):
+        part = path.with_suffix(f".{size}.h264")
+        ffmpeg(*_testsrc(size, 0.5), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-f", "h264", str(part))
+        parts.append(part)
+    joined = path.with_suffix(".h264")
+    joined.write_bytes(b"".join(part.read_bytes() for part in parts))
+    ffmpeg("-f", "h264", "-framerate", "30", "-i", str(joined), "-c", "copy", str(path))
+    for part in (*parts, joined):
+        part.unlink()
+    return path
+
+
+def dubbed(path: Path, *tracks: tuple[str, int]) -> Path:
+    """1 s of 320x240 H.264 with one sound track per (codec, sample rate), in that order; the
+    container is path's suffix's (.mkv for Matroska, .mov for QuickTime)."""
+    sounds = [arg for _, rate in tracks for arg in ("-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}:duration=1")]
+    maps = [arg for i in range(len(tracks) + 1) for arg in ("-map", str(i))]
+    codecs = [arg for i, (codec, _) in enumerate(tracks) for arg in (f"-c:a:{i}", codec)]
+    ffmpeg(*_testsrc("320x240", 1.0), *sounds, *maps, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           *codecs, str(path))
+    return path
+
+
+def tagged(path: Path, key: str, value: str) -> Path:
+    """1 s of 320x240 H.264 in Matroska whose video stream carries the tag key=value. ffmpeg turns a
+    "rotate" tag into a display matrix or drops it, so the tag is written under a stand-in name of the
+    same length and renamed in the file's bytes."""
+    stand_in = "X" * len(key)
+    ffmpeg(*_testsrc("320x240", 1.0), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           "-metadata:s:v:0", f"{stand_in}={value}", str(path))
+    data = path.read_bytes()
+    assert data.count(stand_in.encode()) == 1
+    path.write_bytes(data.replace(stand_in.encode(), key.encode()))
     return path
 
 
@@ -144,6 +230,13 @@ def check_rendition(path: Path, *, width: int, height: int, duration: float, aud
     # Every frame decodes without an error.
     subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"], check=True)
     return stream
+
+
+def frame_count(path: Path) -> int:
+    """The video frames a full decode of path gives."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                          "stream=nb_read_frames", "-of", "csv=p=0", str(path)], check=True, capture_output=True, text=True)
+    return int(out.stdout)
 
 
 def ssim(a: Path, b: Path) -> float:

@@ -110,9 +110,10 @@ async def _run(
     mime = sniff(head, content_type)
     if content_types.kind_of(mime) != "video":
         raise PermanentImagingError("unsupported format")
-    source = await videos.probe(source_path, mime, limits(settings))
+    bounds = limits(settings)
+    source = await videos.probe(source_path, mime, bounds)
     renditions = await videos.transcode(
-        source_path, mime, source, scratch,
+        source_path, mime, source, scratch, limits=bounds,
         timeout_seconds=settings.video_timeout_seconds(source.duration_seconds),
         on_progress=_Progress(library, media_id, version),
         threads=settings.video_ffmpeg_threads,

@@ -19,15 +19,18 @@ from tests import videos as make
 from tests.conftest import CORPUS
 from tests.workers.test_transcode import children_of
 
+_DEFAULT_LIMITS = videos.VideoLimits()
+_TWO_SECONDS = videos.VideoLimits(max_duration_seconds=2.0)
+
 
 async def _always(_done: float) -> bool:
     return True
 
 
-async def _transcode(path: Path, mime: str, out: Path):
-    source = await videos.probe(path, mime, videos.VideoLimits())
+async def _transcode(path: Path, mime: str, out: Path, limits: videos.VideoLimits = _DEFAULT_LIMITS):
+    source = await videos.probe(path, mime, limits)
     out.mkdir(exist_ok=True)
-    made = await videos.transcode(path, mime, source, out, timeout_seconds=60, on_progress=_always, threads=1)
+    made = await videos.transcode(path, mime, source, out, limits=limits, timeout_seconds=60, on_progress=_always, threads=1)
     return source, made
 
 
@@ -114,14 +117,20 @@ async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips
 @pytest.mark.parametrize(
     ("build", "limits", "reason"),
     [
-        (lambda d: make.claims_hours(d / "long.mp4", make.h264(d / "short.mp4")), videos.VideoLimits(), videos.VIDEO_TOO_LONG),
+        (lambda d: make.claims(d / "long.mp4", make.h264(d / "short.mp4"), 36000), videos.VideoLimits(), videos.VIDEO_TOO_LONG),
+        # Headers that understate: the packets hold 4 s.
+        (lambda d: make.claims(d / "1s.mp4", make.h264(d / "4s.mp4", "64x48", 4.0, rate=10), 1), _TWO_SECONDS, videos.VIDEO_TOO_LONG),
+        (lambda d: make.claims(d / "0s.mp4", make.h264(d / "4s.mp4", "64x48", 4.0, rate=10), 0), _TWO_SECONDS, videos.VIDEO_TOO_LONG),
         (lambda d: make.truncated(d / "cut.mp4", make.h264(d / "whole.mp4", faststart=False)), videos.VideoLimits(), "corrupt video"),
         (lambda d: make.tiny(d / "dot.mp4"), videos.VideoLimits(), videos.VIDEO_TOO_SMALL),
         (lambda d: make.h264(d / "wide.mp4"), videos.VideoLimits(max_long_side=300), videos.VIDEO_TOO_LARGE),
         (lambda d: make.h264(d / "fast.mp4", rate=60), videos.VideoLimits(max_frame_rate=50), videos.FRAME_RATE_TOO_HIGH),
         (lambda d: _write(d / "text.mp4", b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 100), videos.VideoLimits(), "corrupt video"),
+        # Sound only in a codec off the allow-list: its decoder is never reached.
+        (lambda d: make.dubbed(d / "adpcm.mov", ("adpcm_ima_qt", 44100)), videos.VideoLimits(), "unsupported format"),
     ],
-    ids=["claims-10h", "truncated", "1x1", "too-large", "too-fast", "garbage"],
+    ids=["claims-10h", "claims-1s-holds-4s", "claims-0s-holds-4s", "truncated", "1x1", "too-large", "too-fast", "garbage",
+         "adpcm-sound"],
 )
 async def test_refused_from_the_container_before_decoding(tmp_path, build, limits, reason):
     path = build(tmp_path)
@@ -145,7 +154,7 @@ async def test_a_cancelled_run_kills_ffmpeg_at_once(clips):
         return False
 
     with pytest.raises(videos.Cancelled):
-        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=60, on_progress=cancel_at_first_report)
+        await videos.transcode(source_path, "video/mp4", source, clips, limits=videos.VideoLimits(), timeout_seconds=60, on_progress=cancel_at_first_report)
     assert len(seen) == 1
     assert seen[0] < 1.0
 
@@ -154,7 +163,7 @@ async def test_a_transcode_past_its_time_limit_fails_for_good(clips):
     source_path = make.h264(clips / "slow.mp4", "1280x720", 4.0, audio=False)
     source = await videos.probe(source_path, "video/mp4", videos.VideoLimits())
     with pytest.raises(PermanentImagingError) as refused:
-        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=0.05, on_progress=_always)
+        await videos.transcode(source_path, "video/mp4", source, clips, limits=videos.VideoLimits(), timeout_seconds=0.05, on_progress=_always)
     assert refused.value.message == "processing timed out"
 
 
@@ -182,7 +191,7 @@ async def test_an_ffmpeg_killed_by_someone_else_fails_the_attempt_not_the_media(
         return True
 
     with pytest.raises(ImagingError) as failed:
-        await videos.transcode(source_path, "video/mp4", source, clips, timeout_seconds=60, on_progress=kill_ffmpeg)
+        await videos.transcode(source_path, "video/mp4", source, clips, limits=videos.VideoLimits(), timeout_seconds=60, on_progress=kill_ffmpeg)
     assert not isinstance(failed.value, PermanentImagingError), "the OOM killer's victim is retried"
 
 
@@ -226,3 +235,79 @@ def test_a_posters_memory_does_not_grow_with_what_follows_the_first_frames(clips
     padded_peak, padded_poster = poster(padded)
     assert padded_poster == short_poster
     assert padded_peak - short_peak < 32 * 1024, (short_peak, padded_peak)
+
+
+async def test_a_cover_picture_stored_before_the_video_is_not_what_the_renditions_show(clips):
+    video = make.h264(clips / "uncovered.mp4", audio=False)
+    source, made = await _transcode(make.cover_first(clips / "cover-first.mp4", video), "video/mp4", clips / "cover-first")
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
+    assert make.frame_count(made[0].path) == 30
+    # The video's test pattern, not the red cover.
+    assert make.ssim(made[0].path, video) >= 0.9
+    assert (source.video_index, source.codec) == (1, "h264")
+
+
+async def test_the_renditions_end_at_the_duration_limit_whatever_the_probe_let_through(clips):
+    path = make.h264(clips / "four.mp4", "64x48", 4.0, audio=False, rate=10)
+    source = await videos.probe(path, "video/mp4", videos.VideoLimits())
+    (clips / "cut-at-limit").mkdir()
+    made = await videos.transcode(path, "video/mp4", source, clips / "cut-at-limit", limits=_TWO_SECONDS, timeout_seconds=60,
+                                  on_progress=_always, threads=1)
+    make.check_rendition(made[0].path, width=64, height=48, duration=2.0, audio=False)
+
+
+async def test_a_frame_past_the_size_limit_inside_the_stream_is_refused(clips):
+    # A frame exactly at the limit decodes, though FFmpeg counts its width rounded up (200 -> 256).
+    limits = videos.VideoLimits(max_long_side=200)
+    _, made = await _transcode(make.h264(clips / "square.mp4", "200x200", 0.5, audio=False), "video/mp4", clips / "square", limits)
+    make.check_rendition(made[0].path, width=200, height=200, duration=0.5, audio=False)
+    # The container and the first SPS say 160x120; a later SPS switches to 320x240.
+    path = make.size_switch(clips / "switch.mp4", "160x120", "320x240")
+    source = await videos.probe(path, "video/mp4", limits)
+    assert (source.coded_width, source.coded_height) == (160, 120)
+    (clips / "switch").mkdir()
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.transcode(path, "video/mp4", source, clips / "switch", limits=limits, timeout_seconds=60,
+                               on_progress=_always, threads=1)
+    assert refused.value.message == videos.VIDEO_TOO_LARGE
+
+
+async def test_sound_is_taken_only_from_an_allow_listed_codec(clips):
+    only_tta = make.dubbed(clips / "tta.mkv", ("tta", 44100))
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(only_tta, "video/webm", videos.VideoLimits())
+    assert refused.value.message == "unsupported format"
+    # The AAC track (48 kHz) is the one the renditions carry, not the TTA track (22.05 kHz) before it.
+    source, made = await _transcode(make.dubbed(clips / "tta-aac.mkv", ("tta", 22050), ("aac", 48000)), "video/webm",
+                                    clips / "tta-aac")
+    assert (source.video_index, source.audio_index) == (0, 2)
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)
+    assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == ["48000"]
+
+
+@pytest.mark.parametrize("value", ["zz", "90"])
+async def test_a_rotate_tag_turns_nothing_as_it_turns_nothing_in_ffmpeg(clips, value):
+    # ffmpeg's autorotate reads the display matrix only: the frames stay 320x240 whatever the tag says.
+    source, made = await _transcode(make.tagged(clips / f"rotate-{value}.mkv", "rotate", value), "video/webm",
+                                    clips / f"rotate-{value}")
+    assert (source.rotation, source.width, source.height) == (0, 320, 240)
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda video: video.update(width="wide"),
+        lambda video: video.update(avg_frame_rate="thirty/1"),
+        lambda video: video.update(side_data_list=[{"rotation": "quarter"}]),
+        lambda video: video.pop("index"),
+        lambda video: video.update(duration=["1.0"]),
+    ],
+    ids=["width", "frame-rate", "rotation", "no-index", "duration"],
+)
+def test_a_malformed_probe_report_is_a_corrupt_video_not_a_crash(clips, spoil):
+    report = make.probe(make.h264(clips / "report.mp4", audio=False))
+    spoil(report["streams"][0])
+    with pytest.raises(PermanentImagingError) as refused:
+        videos.parse_probe(report)
+    assert refused.value.message == "corrupt video"

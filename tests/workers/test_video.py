@@ -72,11 +72,12 @@ async def test_an_iphone_video_completes_with_renditions_metadata_and_ranges(sto
 @pytest.mark.parametrize(
     ("build", "reason"),
     [
-        (lambda d: make.claims_hours(d / "long.mp4", make.h264(d / "short.mp4")), "video too long"),
+        (lambda d: make.claims(d / "long.mp4", make.h264(d / "short.mp4"), 36000), "video too long"),
         (lambda d: make.truncated(d / "cut.mp4", make.h264(d / "whole.mp4", faststart=False)), "corrupt video"),
         (lambda d: make.tiny(d / "dot.mp4"), "video too small"),
+        (lambda d: make.dubbed(d / "adpcm.mov", ("adpcm_ima_qt", 44100)), "unsupported format"),
     ],
-    ids=["claims-10h", "truncated", "1x1"],
+    ids=["claims-10h", "truncated", "1x1", "adpcm-sound"],
 )
 async def test_refused_videos_fail_once_with_their_reason(storage, media, auth, user_id, worker, tmp_path, build, reason):
     md = auth(user_id)
@@ -158,3 +159,13 @@ def _ffmpeg_running() -> bool:
         except OSError:
             continue
     return False
+
+
+async def test_a_free_text_rotate_tag_neither_fails_nor_retries_the_video(storage, media, auth, user_id, worker, tmp_path):
+    md = auth(user_id)
+    data = make.tagged(tmp_path / "tagged.mkv", "rotate", "zz").read_bytes()
+    done = await upload(storage, md, data, filename="clip.mkv", content_type="video/webm")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert item.attempts == 1
+    assert (item.width, item.height) == (320, 240)

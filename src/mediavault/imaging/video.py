@@ -6,8 +6,17 @@ measured against, so running it is that reference's speed by construction. A sub
 is also the unit of cancellation: killing it stops the work at once, whatever the
 decoder was doing. See docs/video.md for the ladder and its encoder settings.
 
-Every fact the limits are checked against comes from ffprobe reading the container
-(headers only); ffmpeg decodes nothing before the source has passed them.
+Every fact the limits are checked against comes from ffprobe reading the container: its
+headers, then the timestamps of every packet of the streams the renditions are made from
+(demuxed, not decoded), since headers can state any duration. ffmpeg decodes nothing before
+the source has passed them, decodes only those streams (mapped by index), and enforces the
+limits again on what it decodes: every frame's size (`-max_pixels`, with `-xerror` so that a
+frame refused fails the run), and the duration (`-t`).
+
+Sound: the first audio stream whose codec is in AUDIO_CODECS becomes the renditions' AAC. A
+source whose audio streams are all of other codecs is refused as unsupported rather than made
+silent: its sound is part of what was uploaded, and a rendition without it would pass for a
+complete one.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,6 +40,13 @@ DEMUXERS = {"video/mp4": "mov", "video/quicktime": "mov", "video/webm": "matrosk
 _PROTOCOLS = "file,pipe"
 # Decoders the renditions may be made from, as ffprobe names the codecs.
 VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
+# What phones and cameras put beside those: AAC almost always; MP3, Opus, Vorbis, AC-3/E-AC-3,
+# ALAC and integer or float PCM (MOV's lpcm/sowt/twos/in24) from cameras, editors and screen
+# recorders; AMR-NB/WB from phones writing 3GP, whose brands the sniffer accepts as MP4.
+AUDIO_CODECS = frozenset({
+    "aac", "mp3", "opus", "vorbis", "ac3", "eac3", "alac", "amr_nb", "amr_wb",
+    "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le", "pcm_f32be",
+})
 
 VIDEO_TOO_LONG = "video too long"
 VIDEO_TOO_LARGE = "video too large"
@@ -49,6 +65,8 @@ TONEMAP_CHAIN = (
     "zscale=t=linear:npl=100,format=gbrpf32le,tonemap=tonemap=hable,"
     "zscale=t=bt709:m=bt709:p=bt709:r=tv,format=yuv420p"
 )
+# What FFmpeg logs when a decoder meets a frame past -max_pixels.
+_FRAME_TOO_LARGE = b"exceeds specified max pixel count"
 # The frame rate no rendition exceeds: 60 fps sources are halved.
 MAX_RENDITION_FPS = 30
 
@@ -60,6 +78,13 @@ class VideoLimits:
     max_duration_seconds: float = 600.0
     max_long_side: int = 4096
     max_frame_rate: float = 240.0
+
+    @property
+    def max_frame_pixels(self) -> int:
+        """The largest frame the long-side limit allows, as FFmpeg's decoders count it for -max_pixels:
+        they round the width up to their stride alignment (64 on builds with AVX-512), so a frame
+        exactly max_long_side wide would be refused by a bare max_long_side squared."""
+        return -(-self.max_long_side // 64) * 64 * self.max_long_side
 
 
 @dataclass(frozen=True)
@@ -93,9 +118,13 @@ X264_LOOKAHEAD_FRAMES = 5
 
 @dataclass(frozen=True)
 class Source:
-    """What ffprobe read from the container's headers."""
+    """What ffprobe read from the container: its headers, and the duration its packets last."""
 
     codec: str
+    # The streams the renditions are made from, by their index in the container; audio_index
+    # is None when the source has no sound.
+    video_index: int
+    audio_index: int | None
     coded_width: int
     coded_height: int
     # Upright and in square pixels: the size the video is shown at.
@@ -103,9 +132,14 @@ class Source:
     height: int
     rotation: int
     duration_seconds: float
+    # Where the container's clock starts: ffmpeg counts the renditions' time from here.
+    start_seconds: float
     frame_rate: float
-    has_audio: bool
     transfer: str
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_index is not None
 
     @property
     def is_hdr(self) -> bool:
@@ -157,24 +191,41 @@ def _ratio(text: str | None) -> Fraction | None:
 
 
 def _rotation(stream: dict) -> int:
+    # The display matrix only, the one thing ffmpeg's autorotate reads: a "rotate" tag (free
+    # text in Matroska) turns no frame, and counting it would plan renditions of the wrong shape.
     for side in stream.get("side_data_list", ()):
         if "rotation" in side:
             return int(side["rotation"])
-    return int(stream.get("tags", {}).get("rotate", 0))
+    return 0
 
 
-def parse_probe(report: dict, last_packet_end: float | None = None) -> Source:
-    """ffprobe's JSON (streams and format) as a Source; PermanentImagingError when it holds no usable video.
+def _seconds(text: str | None) -> float | None:
+    return None if text in (None, "N/A") else float(text)
 
-    last_packet_end stands in for the duration of a container that states none (a
-    Matroska file written live, say).
+
+def parse_probe(report: dict) -> Source:
+    """ffprobe's JSON (streams and format) as a Source whose duration is the longest the headers state
+    (0 when they state none); PermanentImagingError when it holds no usable video, or is malformed.
     """
+    try:
+        return _source(report)
+    except (ValueError, TypeError, KeyError):
+        # A value unfit for its field comes from the file (ffprobe reports what it reads), and
+        # the same bytes give the same report: the file is at fault, and a retry is no use.
+        raise PermanentImagingError(CORRUPT_VIDEO) from None
+
+
+def _source(report: dict) -> Source:
     streams = report.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")), None)
     if video is None or not video.get("width") or not video.get("height"):
         raise PermanentImagingError(CORRUPT_VIDEO)
     codec = video.get("codec_name", "")
     if codec not in VIDEO_CODECS:
+        raise PermanentImagingError(UNSUPPORTED_FORMAT)
+    sounds = [s for s in streams if s.get("codec_type") == "audio"]
+    audio = next((s for s in sounds if s.get("codec_name") in AUDIO_CODECS), None)
+    if sounds and audio is None:
         raise PermanentImagingError(UNSUPPORTED_FORMAT)
     coded_width, coded_height = int(video["width"]), int(video["height"])
     aspect = _ratio(video.get("sample_aspect_ratio")) or Fraction(1)
@@ -183,21 +234,22 @@ def parse_probe(report: dict, last_packet_end: float | None = None) -> Source:
     if rotation % 180:
         width, height = height, width
     rate = _ratio(video.get("avg_frame_rate")) or _ratio(video.get("r_frame_rate"))
-    durations = [float(d) for d in (report.get("format", {}).get("duration"), video.get("duration")) if d not in (None, "N/A")]
-    if not durations and last_packet_end is not None:
-        durations = [last_packet_end]
-    if not durations or rate is None:
+    if rate is None:
         raise PermanentImagingError(CORRUPT_VIDEO)
+    container = report.get("format", {})
+    stated = [d for d in (_seconds(container.get("duration")), _seconds(video.get("duration"))) if d is not None]
     return Source(
         codec=codec,
+        video_index=int(video["index"]),
+        audio_index=None if audio is None else int(audio["index"]),
         coded_width=coded_width,
         coded_height=coded_height,
         width=max(1, round(width)),
         height=max(1, round(height)),
         rotation=rotation,
-        duration_seconds=max(durations),
+        duration_seconds=max(stated, default=0.0),
+        start_seconds=_seconds(container.get("start_time")) or 0.0,
         frame_rate=float(rate),
-        has_audio=any(s.get("codec_type") == "audio" for s in streams),
         transfer=video.get("color_transfer", ""),
     )
 
@@ -215,25 +267,53 @@ def check(source: Source, limits: VideoLimits) -> None:
 
 
 async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
-    """The source's facts from its container, checked against the limits."""
-    report = await _ffprobe(path, mime, "-show_streams", "-show_format")
-    if not _has_duration(report):
-        # No stated duration: the end of the video's last packet, found by reading the
-        # packets' timestamps (demuxing only; nothing is decoded).
-        packets = await _ffprobe(path, mime, "-select_streams", "v:0", "-show_entries", "packet=pts_time,duration_time")
-        ends = [float(p["pts_time"]) + float(p.get("duration_time", 0) or 0)
-                for p in packets.get("packets", ()) if p.get("pts_time") not in (None, "N/A")]
-        source = parse_probe(report, max(ends, default=None))
-    else:
-        source = parse_probe(report)
+    """The source's facts from its container, checked against the limits: first as its headers state
+    them, then with the duration its packets actually last."""
+    stated = parse_probe(await _ffprobe(path, mime, "-show_streams", "-show_format"))
+    check(stated, limits)
+    measured = await _measured_duration(path, mime, stated, limits.max_duration_seconds)
+    source = replace(stated, duration_seconds=max(stated.duration_seconds, measured))
+    if source.duration_seconds <= 0:
+        raise PermanentImagingError(CORRUPT_VIDEO)
     check(source, limits)
     return source
 
 
-def _has_duration(report: dict) -> bool:
-    return report.get("format", {}).get("duration") not in (None, "N/A") or any(
-        s.get("duration") not in (None, "N/A") for s in report.get("streams", ()) if s.get("codec_type") == "video"
+async def _measured_duration(path: Path, mime: str, source: Source, bound: float) -> float:
+    """How long the renditions' streams last by their packets' timestamps, counted from where ffmpeg
+    starts the renditions' clock; demuxing only, nothing decoded. Reading stops once past bound,
+    and the packets are read as they come, so a file of millions of them costs no memory."""
+    wanted = {source.video_index, source.audio_index}
+    process = await asyncio.create_subprocess_exec(
+        "ffprobe", "-v", "error", "-protocol_whitelist", _PROTOCOLS, "-f", DEMUXERS[mime],
+        "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "csv=p=0", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
+    assert process.stdout is not None
+    measured = 0.0
+    try:
+        async for line in process.stdout:
+            fields = line.decode().strip().split(",")
+            # A packet with side data (AAC's priming samples, say) ends its line with a comma and
+            # is followed by an empty one: the side data section, whose fields were not asked for.
+            if len(fields) < 3:
+                continue
+            index, pts, length = fields[:3]
+            if int(index) in wanted and pts != "N/A":
+                measured = max(measured, float(pts) + (_seconds(length) or 0.0) - source.start_seconds)
+                if measured > bound:
+                    return measured
+        await process.wait()
+    except ValueError:
+        raise PermanentImagingError(CORRUPT_VIDEO) from None
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise PermanentImagingError(CORRUPT_VIDEO)
+    return measured
 
 
 async def _ffprobe(path: Path, mime: str, *what: str) -> dict:
@@ -252,7 +332,9 @@ async def _ffprobe(path: Path, mime: str, *what: str) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def command(source_path: Path, mime: str, source: Source, planned: list[Planned], out_dir: Path, threads: int) -> list[str]:
+def command(
+    source_path: Path, mime: str, source: Source, planned: list[Planned], out_dir: Path, limits: VideoLimits, threads: int
+) -> list[str]:
     """The ffmpeg command that makes every planned rendition in one decode."""
     chain = []
     if source.is_hdr:
@@ -261,20 +343,25 @@ def command(source_path: Path, mime: str, source: Source, planned: list[Planned]
         chain.append(f"fps={MAX_RENDITION_FPS}")
     # ffmpeg's autorotate has already turned the frames upright before this graph.
     chain.append(f"split={len(planned)}" + "".join(f"[s{i}]" for i in range(len(planned))))
-    graph = "[0:v:0]" + ",".join(chain)
+    # By index: "v:0" would be the first video stream, which may be an attached cover picture.
+    graph = f"[0:{source.video_index}]" + ",".join(chain)
     for i, item in enumerate(planned):
         graph += f";[s{i}]scale={item.width}:{item.height}:flags=bicubic,setsar=1,format=yuv420p[v{i}]"
     gop = max(1, round(min(source.frame_rate, MAX_RENDITION_FPS) * 2))
     args = [
-        "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y",
-        "-protocol_whitelist", _PROTOCOLS, "-threads", str(threads), "-f", DEMUXERS[mime], "-i", str(source_path),
+        "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y", "-xerror",
+        "-protocol_whitelist", _PROTOCOLS, "-threads", str(threads),
+        # The headers' facts bind nothing inside the stream: a later H.264 SPS may switch to any
+        # frame size, and the probe's duration may still fall short of what the demuxer delivers.
+        "-max_pixels", str(limits.max_frame_pixels), "-t", str(limits.max_duration_seconds),
+        "-f", DEMUXERS[mime], "-i", str(source_path),
         "-filter_complex_threads", str(threads), "-filter_complex", graph, "-progress", "pipe:1",
     ]
     for i, item in enumerate(planned):
         rung = item.rung
         args += ["-map", f"[v{i}]"]
-        if source.has_audio:
-            args += ["-map", "0:a:0", "-c:a", "aac", "-ac", "2", "-b:a", str(rung.audio_bps)]
+        if source.audio_index is not None:
+            args += ["-map", f"0:{source.audio_index}", "-c:a", "aac", "-ac", "2", "-b:a", str(rung.audio_bps)]
         args += [
             "-c:v", "libx264", "-threads", str(threads), "-preset", X264_PRESET, "-rc-lookahead", str(X264_LOOKAHEAD_FRAMES),
             "-profile:v", "high",
@@ -300,6 +387,7 @@ async def transcode(
     source: Source,
     out_dir: Path,
     *,
+    limits: VideoLimits,
     timeout_seconds: float,
     on_progress: ProgressCallback,
     threads: int = 0,
@@ -310,17 +398,19 @@ async def transcode(
     on_progress gets the fraction done (0-1) as ffmpeg reports it, about twice a second;
     when it returns False the subprocess is killed and Cancelled raised. Past
     timeout_seconds it is killed and the run fails for good ("processing timed out").
+    A frame past limits' size fails it for good too ("video too large"); the renditions end
+    at limits' duration whatever the source holds.
     """
     planned = plan(source)
     process = await asyncio.create_subprocess_exec(
-        *command(source_path, mime, source, planned, out_dir, threads),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        *command(source_path, mime, source, planned, out_dir, limits, threads),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         # Its own process group, so that a kill reaches nothing else; niced, so that the
         # photo pool's processes get the cores first.
         start_new_session=True, preexec_fn=lambda: os.nice(niceness),  # noqa: PLW1509
     )
     try:
-        await asyncio.wait_for(_follow(process, source.duration_seconds, on_progress), timeout_seconds)
+        errors = await asyncio.wait_for(_follow(process, source.duration_seconds, on_progress), timeout_seconds)
     except TimeoutError:
         raise PermanentImagingError("processing timed out") from None
     finally:
@@ -332,6 +422,9 @@ async def transcode(
         # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
         raise ImagingError("processing failed")
     if process.returncode != 0:
+        # Which check refused the stream, ffmpeg says only in its log.
+        if _FRAME_TOO_LARGE in errors:
+            raise PermanentImagingError(VIDEO_TOO_LARGE)
         raise PermanentImagingError(CORRUPT_VIDEO)
     made = []
     for item in planned:
@@ -342,13 +435,29 @@ async def transcode(
     return made
 
 
-async def _follow(process: asyncio.subprocess.Process, duration_seconds: float, on_progress: ProgressCallback) -> None:
+async def _follow(process: asyncio.subprocess.Process, duration_seconds: float, on_progress: ProgressCallback) -> bytes:
+    """Reports ffmpeg's progress until it exits; returns the end of its log."""
     assert process.stdout is not None
-    async for line in process.stdout:
-        key, _, value = line.decode(errors="replace").strip().partition("=")
-        # out_time_us is microseconds (out_time_ms is too, despite its name).
-        if key == "out_time_us" and value.lstrip("-").isdigit() and duration_seconds > 0:
-            done = min(1.0, max(0.0, int(value) / 1e6 / duration_seconds))
-            if not await on_progress(done):
-                raise Cancelled()
-    await process.wait()
+    assert process.stderr is not None
+    # Read all along: ffmpeg would stall on a full stderr pipe.
+    errors = asyncio.create_task(_tail(process.stderr))
+    try:
+        async for line in process.stdout:
+            key, _, value = line.decode(errors="replace").strip().partition("=")
+            # out_time_us is microseconds (out_time_ms is too, despite its name).
+            if key == "out_time_us" and value.lstrip("-").isdigit() and duration_seconds > 0:
+                done = min(1.0, max(0.0, int(value) / 1e6 / duration_seconds))
+                if not await on_progress(done):
+                    raise Cancelled()
+        await process.wait()
+        return await errors
+    finally:
+        errors.cancel()
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int = 1 << 16) -> bytes:
+    # -xerror stops ffmpeg at the first error, so the message that says why is among the last.
+    tail = b""
+    while chunk := await stream.read(1 << 16):
+        tail = (tail + chunk)[-keep:]
+    return tail
