@@ -460,8 +460,12 @@ class _FsPartialWriter:
         return PartialState(await self._file.sync())
 
     async def close(self) -> None:
-        await self._file.settle()
-        os.close(self._fd)
+        # The descriptor goes once the threads are done with it, also when this caller is
+        # cancelled while it waits (a chunk's cleanup cancelled again): not before, or a thread
+        # could write to whatever file reuses the number, and not never.
+        settled = asyncio.ensure_future(self._file.settle())
+        settled.add_done_callback(lambda _: os.close(self._fd))
+        await asyncio.shield(settled)
 
 
 def _write_all(fd: int, data: bytes) -> None:
