@@ -246,13 +246,19 @@ async def test_parts_are_signed_for_their_place_in_the_object_and_no_more(s3_ser
     assert [v.field for v in bad_request(caught.value).field_violations] == ["parts[1].part_number"]
 
 
-async def test_finalize_of_someone_elses_or_a_released_upload_touches_nothing(s3_server, storage, auth, user_id):
-    md = auth(user_id)
-    data = fake_jpeg(1000)
+async def sent_in_one_part(storage, md, data: bytes) -> str:
+    """An S3_MULTIPART upload whose one part S3 holds; its upload id."""
     upload_id = (await begin_direct(storage, md, data)).upload.upload_id
     [part] = await presign(storage, md, upload_id, (1, ""))
     async with aiohttp.ClientSession() as http:
         assert await put_part(http, part, data) == 200
+    return upload_id
+
+
+async def test_finalize_of_someone_elses_or_a_released_upload_touches_nothing(s3_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(1000)
+    upload_id = await sent_in_one_part(storage, md, data)
 
     finalize = pb.FinalizeUploadRequest(upload_id=upload_id)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -273,10 +279,7 @@ async def test_finalize_of_someone_elses_or_a_released_upload_touches_nothing(s3
 async def test_parts_completed_by_a_finalize_whose_commit_did_not_follow(s3_server, storage, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(1000)
-    upload_id = (await begin_direct(storage, md, data)).upload.upload_id
-    [part] = await presign(storage, md, upload_id, (1, ""))
-    async with aiohttp.ClientSession() as http:
-        assert await put_part(http, part, data) == 200
+    upload_id = await sent_in_one_part(storage, md, data)
     # What a finalize does before its commit: S3 joins the parts and forgets the multipart upload.
     client, bucket, key = s3_client(s3_server), s3_server.settings.s3_bucket, object_key(upload_id)
     [multipart_id] = open_multipart_uploads(s3_server, upload_id)
