@@ -13,6 +13,7 @@ from PIL import Image
 
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.services import build_services
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
 from tests.helpers import error_info, fake_jpeg, fetch, settled, upload
@@ -168,6 +169,39 @@ async def test_etag_answers_not_modified_until_the_feed_changes(storage, media, 
     assert changed.etag != page.etag
     assert [m.media_id for m in changed.media] != [m.media_id for m in page.media]
     assert first.media_id not in {m.media_id for m in changed.media}
+
+
+async def test_a_run_starting_reporting_progress_or_waiting_to_retry_changes_the_feed(storage, media, auth, user_id, worker, server):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1300))
+    await settled(media, md, done.media_id)
+    # A run of a new version, which no worker is asked for: this test plays the worker.
+    version = await server.pool.fetchval(
+        "UPDATE media SET variants_version = variants_version + 1, processing_status = 'pending', attempts = 0, "
+        "processing_error = NULL WHERE media_id = $1::uuid RETURNING variants_version",
+        done.media_id,
+    )
+    services = build_services(server.pool, server.blobs, server.queue, server.settings)
+    await services.feed.changed(user_id)
+    media_id = uuid.UUID(done.media_id)
+    etags: list[str] = []
+
+    async def in_feed() -> mpb.Media:
+        page = await media.ListFeed(mpb.ListFeedRequest(if_none_match=etags[-1] if etags else ""), metadata=md)
+        assert not page.not_modified, "the page changed, so its etag must have"
+        etags.append(page.etag)
+        [item] = [m for m in page.media if m.media_id == done.media_id]
+        return item
+
+    assert (await in_feed()).processing_status == mpb.PROCESSING_STATUS_PENDING
+    assert await services.library.claim(media_id, version) is not None
+    item = await in_feed()
+    assert (item.processing_status, item.attempts) == (mpb.PROCESSING_STATUS_PROCESSING, 1)
+    assert await services.library.progress(media_id, version, 40)
+    assert (await in_feed()).processing_progress == 40
+    assert await services.library.retry_later(media_id, version, "blob store unreachable", 3600)
+    assert (await in_feed()).processing_status == mpb.PROCESSING_STATUS_PENDING
+    assert len(set(etags)) == 4
 
 
 async def test_delete_frees_bytes_and_hides_media_from_everyone(storage, media, auth, user_id, pool):

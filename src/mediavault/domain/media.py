@@ -138,7 +138,7 @@ RETURNING owner_id
 _PROGRESS = """
 UPDATE media SET processing_progress = $3, updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
-RETURNING 1
+RETURNING owner_id
 """
 
 _KIND = "SELECT kind FROM media WHERE media_id = $1 AND deleted_at IS NULL"
@@ -548,7 +548,11 @@ class Library:
     async def claim(self, media_id: uuid.UUID, version: int) -> Claim | None:
         """Marks the run as processing and counts the attempt; None when there is nothing to do."""
         row = await self._pool.fetchrow(_CLAIM, media_id, version)
-        return Claim(**row) if row else None
+        if row is None:
+            return None
+        # The feed shows the status and the attempts: its cached pages and etags must change.
+        await self._feed.changed(row["owner_id"])
+        return Claim(**row)
 
     async def complete(
         self,
@@ -629,7 +633,12 @@ class Library:
     async def progress(self, media_id: uuid.UUID, version: int, percent: int) -> bool:
         """Records how far a running transcode is; False when the run is no longer wanted
         (the media was deleted, or a reprocess superseded the run)."""
-        return await self._pool.fetchval(_PROGRESS, media_id, version, percent) is not None
+        owner = await self._pool.fetchval(_PROGRESS, media_id, version, percent)
+        if owner is None:
+            return False
+        # The feed shows the progress; a worker reports it at most twice a second.
+        await self._feed.changed(owner)
+        return True
 
     async def fail(self, media_id: uuid.UUID, version: int, error: str) -> bool:
         """Ends the run FAILED with a reason for the client; False when it was no longer running."""
@@ -641,4 +650,8 @@ class Library:
 
     async def retry_later(self, media_id: uuid.UUID, version: int, error: str, delay_seconds: float) -> bool:
         """Puts the run back to PENDING until its next attempt; False when it was no longer running."""
-        return await self._pool.fetchval(_RETRY_LATER, media_id, version, error, delay_seconds) is not None
+        owner = await self._pool.fetchval(_RETRY_LATER, media_id, version, error, delay_seconds)
+        if owner is None:
+            return False
+        await self._feed.changed(owner)
+        return True
