@@ -2,16 +2,24 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import jwt
 import pytest
 
 from mediavault.auth import Authenticator, Principal
 from mediavault.errors import PermissionDenied, Unauthenticated
+from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import JWT_SECRET
+
+LEEWAY = 30
 
 
 def bearer(token: str):
     return (("authorization", f"Bearer {token}"),)
+
+
+def token_at(iat: float, exp: float) -> str:
+    return jwt.encode({"sub": "u1", "roles": ["user"], "iat": int(iat), "exp": int(exp)}, JWT_SECRET, algorithm="HS256")
 
 
 def test_roundtrip_keeps_known_roles_only():
@@ -51,7 +59,7 @@ def test_privileged_access_to_other_accounts():
 
 
 def test_remembered_token_still_expires():
-    auth = Authenticator(JWT_SECRET)
+    auth = Authenticator(JWT_SECRET, leeway_seconds=0)
     token = jwt.encode({"sub": "u1", "roles": ["user"], "exp": time.time() + 1}, JWT_SECRET, algorithm="HS256")
     assert auth.authenticate(bearer(token)).user_id == "u1"
     time.sleep(1.1)
@@ -65,3 +73,40 @@ def test_a_bad_token_is_never_remembered_as_good():
     for _ in range(2):
         with pytest.raises(Unauthenticated):
             auth.authenticate(bearer(forged))
+
+
+def test_an_issuer_clock_ahead_by_less_than_the_leeway_is_accepted():
+    auth = Authenticator(JWT_SECRET, leeway_seconds=LEEWAY)
+    now = time.time()
+    assert auth.authenticate(bearer(token_at(now + 5, now + 3600))).user_id == "u1"
+    with pytest.raises(Unauthenticated, match="invalid token"):
+        auth.authenticate(bearer(token_at(now + LEEWAY + 30, now + 3600)))
+
+
+def test_a_token_expired_within_the_leeway_is_accepted_and_beyond_it_refused():
+    auth = Authenticator(JWT_SECRET, leeway_seconds=LEEWAY)
+    now = time.time()
+    assert auth.authenticate(bearer(token_at(now - 3600, now - 10))).user_id == "u1"
+    with pytest.raises(Unauthenticated, match="token expired"):
+        auth.authenticate(bearer(token_at(now - 3600, now - LEEWAY - 10)))
+
+
+def test_a_remembered_token_expires_with_its_leeway():
+    auth = Authenticator(JWT_SECRET, leeway_seconds=2)
+    exp = int(time.time())  # expired without the leeway
+    token = token_at(exp - 3600, exp)
+    assert auth.authenticate(bearer(token)).user_id == "u1"
+    time.sleep(max(0.0, exp + 2.05 - time.time()))
+    with pytest.raises(Unauthenticated, match="token expired"):
+        auth.authenticate(bearer(token))
+
+
+async def test_the_server_allows_its_configured_clock_skew(storage):
+    now = time.time()
+    ahead = token_at(now + 5, now + 3600)
+    summary = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=bearer(ahead))
+    assert summary.summary.quota_bytes > 0
+    too_far = token_at(now + LEEWAY + 30, now + 3600)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=bearer(too_far))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -7,14 +7,17 @@ import contextlib
 import ipaddress
 import os
 import random
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from redis.asyncio import Redis
 
 from mediavault.domain import accounts
 from mediavault.domain.accounts import Accounts
@@ -23,9 +26,12 @@ from mediavault.ratelimit import RateLimiter
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
+from tests.faults import PrivateRedis
 from tests.helpers import error_info, fake_jpeg, rich_status, upload
 
 SUMMARY = "StorageService/GetStorageSummary"
+BEGIN = "StorageService/BeginUpload"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
@@ -245,8 +251,60 @@ async def test_without_redis_a_refusal_is_answered_and_not_counted_towards_a_fre
         await limiter.reload()
         decision = await limiter.check(SUMMARY, user_id, "user")
     assert decision is not None
-    assert (decision.allowed, decision.layer) == (False, "redis_down_fail_closed")
+    assert (decision.allowed, decision.layer) == (False, "redis_down")
     assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
+
+
+def decision_counts() -> dict[tuple[str, str, str], float]:
+    from mediavault import metrics
+
+    return {
+        (sample.labels["method"], sample.labels["layer"], sample.labels["decision"]): sample.value
+        for family in metrics.RATE_LIMIT_DECISIONS.collect()
+        for sample in family.samples
+        if sample.name == "mediavault_rate_limit_decisions_total"
+    }
+
+
+def counted_since(before: dict[tuple[str, str, str], float]) -> dict[tuple[str, str, str], float]:
+    return {labels: value - before.get(labels, 0) for labels, value in decision_counts().items() if value != before.get(labels, 0)}
+
+
+def documented_decision_labels() -> tuple[set[str], set[str]]:
+    """The layer and decision values docs/operations.md lists for mediavault_rate_limit_decisions_total."""
+    (row,) = [line for line in (ROOT / "docs" / "operations.md").read_text().splitlines() if line.startswith("| `mediavault_rate_limit_decisions_total`")]
+    what = row.split("|")[4]
+    layers = set(re.findall(r"`([a-z_]+)`", what.split("`decision`")[0]))
+    decisions = set(re.findall(r"`([a-z_]+)`", what.split("`decision`")[1]))
+    return layers - {"layer"}, decisions
+
+
+async def test_a_decision_without_redis_is_counted_once_with_documented_labels(pool, user_id):
+    layers, decisions = documented_decision_labels()
+    redis = PrivateRedis()
+    redis.start()
+    client = Redis.from_url(redis.url)
+    limiter = RateLimiter(client, RateLimitConfig(pool), redis_down_policy="reads-open")
+    try:
+        async with limit(pool, SUMMARY, per_hour=1000, burst=50), limit(pool, BEGIN, per_hour=1000, burst=50):
+            await limiter.reload()
+            before = decision_counts()
+            assert (await limiter.check(SUMMARY, user_id, "user")).allowed
+            assert counted_since(before) == {(SUMMARY, "sustained", "allowed"): 1}
+
+            redis.stop()
+            for method, allowed, outcome in ((SUMMARY, True, "allowed"), (BEGIN, False, "refused")):
+                before = decision_counts()
+                decision = await limiter.check(method, user_id, "user")
+                assert decision.allowed is allowed
+                counted = counted_since(before)
+                assert counted == {(method, "redis_down", outcome): 1}, counted
+                ((_, layer, label),) = counted
+                assert layer in layers, (layer, layers)
+                assert label in decisions, (label, decisions)
+    finally:
+        await client.aclose()
+        redis.close()
 
 
 async def test_frozen_account_cannot_write_but_can_read(limited, pool, auth, user_id, storage):
@@ -322,8 +380,8 @@ async def test_very_high_limits_allow_and_never_look_like_a_redis_outage(limited
         grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
     ):
         stub = storage_pb2_grpc.StorageServiceStub(channel)
-        before = metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get()
+        before = metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "redis_down", "allowed")._value.get()
         results = [await call_summary(stub, auth(user_id)) for _ in range(20)]
     assert all(ok for ok, _, _ in results)
     assert results[-1][1]["ratelimit-limit"] == "2000000000"
-    assert metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "sustained", "fail_open")._value.get() == before
+    assert metrics.RATE_LIMIT_DECISIONS.labels(SUMMARY, "redis_down", "allowed")._value.get() == before

@@ -17,7 +17,7 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import begin, error_info, fake_jpeg, put
+from tests.helpers import begin, error_info, fake_jpeg, fetch, put
 
 
 async def reflect(channel, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
@@ -120,6 +120,25 @@ async def test_calls_still_running_when_the_grace_period_ends_are_answered_unava
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
     assert (summary.used_bytes, summary.reserved_bytes, summary.media_count) == (len(data), 0, 1)
     assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
+
+
+@pytest.mark.parametrize(("http_addr", "also_ipv4"), [("[::1]:0", False), ("[::]:0", True)])
+async def test_the_http_listener_serves_on_ipv6(make_settings, auth, user_id, http_addr, also_ipv4):
+    md = auth(user_id)
+    data = fake_jpeg(3_000)
+    async with (
+        running(make_settings(http_addr=http_addr)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        begun = await begin(storage, md, data)
+        assert begun.upload_url.startswith(f"http://{http_addr.rpartition(':')[0]}:{server.http_port}/")
+        assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
+        done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+        assert (await fetch(f"http://[::1]:{server.http_port}/healthz"))[0] == 200
+        if also_ipv4:
+            assert (await fetch(f"http://127.0.0.1:{server.http_port}/healthz"))[0] == 200
 
 
 async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):

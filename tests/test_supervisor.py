@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mediavault import devservers
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
-from tests.helpers import begin, fake_jpeg, put, serve_environment
+from tests.helpers import begin, fake_jpeg, fetch, put, serve_environment
 from tests.test_shutdown import NOT_SERVING, SERVING, audit_ledger, free_port, health_status, serving
 
 PROCESSES = 2
@@ -147,6 +147,16 @@ async def test_every_process_serves_and_the_parent_exports_all_their_calls(envir
         assert sorted((int(labels["pid"]), value) for labels, value in samples["mediavault_database_up"]) == [
             (pid, 1.0) for pid in pids
         ]
+
+
+async def test_every_process_serves_http_on_an_ipv6_address(environment):
+    http_port = free_port()
+    async with serving(environment, processes=PROCESSES, MEDIAVAULT_HTTP_ADDR=f"[::]:{http_port}") as (process, _):
+        await children_listening(process, http_port)
+        for host in ("[::1]", "127.0.0.1"):
+            status, _, _ = await fetch(f"http://{host}:{http_port}/healthz")
+            assert status == 200, host
+        assert process.poll() is None
 
 
 async def test_a_killed_process_is_restarted_and_the_service_keeps_answering(environment, auth):

@@ -16,6 +16,9 @@ MAX_USER_ID_LENGTH = 128
 # What accounts.user_id holds; a token's subject and every user id a request names.
 USER_ID = Text(min_len=1, max_len=MAX_USER_ID_LENGTH)
 MIN_SECRET_BYTES = 32
+# Issuers' clocks drift from ours: without slack, a token stamped a second ahead (iat) is refused
+# as not yet valid. MEDIAVAULT_JWT_LEEWAY_SECONDS; the same slack applies to exp and nbf.
+DEFAULT_LEEWAY_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,17 @@ class Principal:
 
 
 # Clients reuse one token for many calls; a verified token is remembered until it
-# expires, so the HMAC check and claim parsing run once per token, not per call.
+# expires (exp plus the leeway, as jwt.decode judges it), so the HMAC check and claim
+# parsing run once per token, not per call.
 _CACHE_SIZE = 10_000
 
 
 class Authenticator:
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, *, leeway_seconds: int = DEFAULT_LEEWAY_SECONDS) -> None:
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"MEDIAVAULT_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 3.2)")
         self._secret = secret
+        self._leeway_seconds = leeway_seconds
         self._verified: dict[str, tuple[Principal, float]] = {}
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
@@ -68,7 +73,9 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
         try:
-            claims = jwt.decode(token.strip(), self._secret, algorithms=["HS256"], options={"require": ["sub", "exp"]})
+            claims = jwt.decode(
+                token.strip(), self._secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}, leeway=self._leeway_seconds
+            )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired") from None
         except jwt.InvalidTokenError:
@@ -84,7 +91,8 @@ class Authenticator:
         exp = claims["exp"]
         if not isinstance(exp, int | float):
             raise Unauthenticated("invalid exp claim")
-        return Principal(user_id, frozenset(r for r in raw_roles if r in ROLES)), float(exp)
+        # jwt.decode compares the whole seconds of exp.
+        return Principal(user_id, frozenset(r for r in raw_roles if r in ROLES)), int(exp) + self._leeway_seconds
 
     def issue(self, user_id: str, roles: Iterable[str], ttl_seconds: int = 3600) -> str:
         roles = list(roles)

@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mediavault.auth import DEFAULT_LEEWAY_SECONDS
+
 GiB = 1024**3
 MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    family: socket.AddressFamily
+    sockaddr: tuple[Any, ...]
+
+    @property
+    def dual_stack(self) -> bool:
+        """Whether IPv4 connections are taken too: on [::], as gRPC's listener there takes them."""
+        return self.family == socket.AF_INET6 and self.sockaddr[0] == "::"
+
+
+def listen_address(addr: str) -> ListenAddress:
+    """Where a listener on a *_ADDR value binds: "host:port", "[IPv6 address]:port", or ":port" (every IPv4 address)."""
+    host, _, port = addr.rpartition(":")
+    bare = host.strip("[]") or "0.0.0.0"
+    family, _, _, _, sockaddr = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return ListenAddress(family, sockaddr)
 
 
 class JobConfig(BaseModel):
@@ -73,6 +96,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     jwt_secret: SecretStr = SecretStr("")
+    # Slack for the issuer's clock on iat, nbf and exp; beyond a few minutes an expired token
+    # would stay good too long.
+    jwt_leeway_seconds: int = Field(default=DEFAULT_LEEWAY_SECONDS, ge=0, le=300)
     free_quota_bytes: int = Field(default=GiB, ge=0)
     # Whether the bytes of variants and renditions count against the quota: a new upload must
     # then fit beside them too. They are always reported (GetStorageSummary.derived_bytes).

@@ -8,8 +8,9 @@ accounts, so operators change both without a restart.
 
 When Redis is unreachable the sustained layer follows MEDIAVAULT_RATE_LIMIT_REDIS_DOWN_POLICY:
 ``reads-open`` (default) lets reads through and refuses uploads and other writes, ``open`` lets
-everything through, ``closed`` refuses everything. Every decision is counted in
-``mediavault_rate_limit_decisions_total``.
+everything through, ``closed`` refuses everything. Every decision is counted once in
+``mediavault_rate_limit_decisions_total``, by the layer that made it (``burst``, ``sustained``, or
+``redis_down`` for the policy's) and its outcome (``allowed`` or ``refused``).
 """
 
 from __future__ import annotations
@@ -203,10 +204,8 @@ class RateLimiter:
 
     def _redis_down(self, method: str, limit: Limit) -> Decision:
         refuse = self.redis_down_policy == "closed" or (self.redis_down_policy == "reads-open" and method in WRITES)
-        decision = "fail_closed" if refuse else "fail_open"
-        metrics.RATE_LIMIT_DECISIONS.labels(method, "sustained", decision).inc()
         metrics.REDIS_FALLBACKS.labels("rate_limit").inc()
-        return Decision(not refuse, limit.per_hour, 0, 1, 1 if refuse else 0, f"redis_down_{decision}")
+        return Decision(not refuse, limit.per_hour, 0, 1, 1 if refuse else 0, "redis_down")
 
     async def _count_refusal(self, user_id: str) -> None:
         if self.redis is None:

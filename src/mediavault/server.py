@@ -22,7 +22,7 @@ from mediavault.auth import Authenticator
 from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
-from mediavault.config import Settings
+from mediavault.config import Settings, listen_address
 from mediavault.db import create_pool as create_db_pool
 from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2
@@ -79,13 +79,15 @@ class Server:
         settings = self.settings
         # First: the pool and the blob store are made traced or not by it.
         self._traced = tracing.start("mediavault-server")
-        authenticator = Authenticator(settings.jwt_secret.get_secret_value())
+        authenticator = Authenticator(settings.jwt_secret.get_secret_value(), leeway_seconds=settings.jwt_leeway_seconds)
         self.pool = await create_db_pool(settings)
         # Both backends: the listener carries the tus endpoints, and on fs the signed blob URLs.
         http_socket = self._bind_http()
         if not settings.http_public_url:
             # Signed URLs must name the port really bound when MEDIAVAULT_HTTP_ADDR asks for port 0.
             host = http_socket.getsockname()[0]
+            if http_socket.family == socket.AF_INET6:
+                host = f"[{host}]"
             settings = settings.model_copy(update={"http_public_url": f"http://{host}:{self.http_port}"})
         self.blobs = await open_blob_store(settings)
 
@@ -145,8 +147,10 @@ class Server:
         )
 
     def _bind_http(self) -> socket.socket:
-        host, _, port = self.settings.http_addr.rpartition(":")
-        sock = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=self.reuse_port)
+        address = listen_address(self.settings.http_addr)
+        sock = socket.create_server(
+            address.sockaddr, family=address.family, dualstack_ipv6=address.dual_stack, reuse_port=self.reuse_port
+        )
         self.http_port = sock.getsockname()[1]
         return sock
 

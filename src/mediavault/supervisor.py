@@ -31,7 +31,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from mediavault.config import Settings
+from mediavault.config import Settings, listen_address
 from mediavault.metrics import MetricsEndpoint
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,15 @@ def process_count(requested: int) -> int:
 
 def reserve_port(addr: str) -> tuple[str, socket.socket]:
     """Binds addr with SO_REUSEPORT without listening; returns addr with the bound port, and the socket."""
-    host, _, port = addr.rpartition(":")
-    bare = host.strip("[]") or "0.0.0.0"
-    family, kind, protocol, _, sockaddr = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, protocol)
+    host = addr.rpartition(":")[0]
+    address = listen_address(addr)
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6 and bare == "::":
+        if address.dual_stack:
             # grpc's [::] listener takes IPv4 too; so must the socket that holds its port.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
+        sock.bind(address.sockaddr)
     except OSError:
         sock.close()
         raise

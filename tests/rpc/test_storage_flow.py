@@ -288,7 +288,7 @@ async def test_token_signed_with_another_secret_or_expired_is_unauthenticated(st
     from tests.conftest import JWT_SECRET
 
     forged = Authenticator("some-other-secret-of-32-bytes-or-more").issue(user_id, ["admin"])
-    expired = Authenticator(JWT_SECRET).issue(user_id, ["user"], ttl_seconds=-10)
+    expired = Authenticator(JWT_SECRET).issue(user_id, ["user"], ttl_seconds=-3600)
     for token in (forged, expired):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("authorization", f"Bearer {token}"),))
