@@ -3,6 +3,7 @@ ListParts, completion at FinalizeUpload, abort at FailUpload; boto3 checks what 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
@@ -173,6 +174,43 @@ async def test_bad_part_requests_change_nothing_and_fail_aborts(s3_server, stora
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await presign(storage, md, upload_id, (1, ""))
     assert error_info(caught.value).reason == "UPLOAD_NOT_PENDING"
+
+
+@pytest.mark.parametrize("count", [150, 1000, 3_000_000])
+async def test_too_many_parts_are_refused_by_their_count_alone(s3_server, storage, auth, user_id, count):
+    md = auth(user_id)
+    upload_id = (await begin_direct(storage, md, fake_jpeg(PART + 10))).upload.upload_id
+    # Parts numbered 0, each one wrong, two bytes each: millions fit in one request.
+    one = pb.PresignUploadPartsRequest(parts=[pb.UploadPartRequest(part_number=0)]).SerializeToString()
+    request = pb.PresignUploadPartsRequest.FromString(pb.PresignUploadPartsRequest(upload_id=upload_id).SerializeToString() + one * count)
+    started = time.perf_counter()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.PresignUploadParts(request, metadata=md)
+    elapsed = time.perf_counter() - started
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    assert [(v.field, v.description) for v in bad_request(caught.value).field_violations] == [
+        ("parts", "must hold 1 to 100 parts")
+    ]
+    assert elapsed < 1, f"refused after {elapsed:.2f} s"
+
+
+async def test_a_request_breaking_its_rules_hundreds_of_times_names_the_first_20_and_counts_the_others(
+    s3_server, storage, auth, user_id
+):
+    md = auth(user_id)
+    upload_id = (await begin_direct(storage, md, fake_jpeg(PART + 10))).upload.upload_id
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, upload_id, *((0, "x") for _ in range(100)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    violations = bad_request(caught.value).field_violations
+    assert [v.field for v in violations[:5]] == [
+        "parts", "parts[0].part_number", "parts[0].sha256", "parts[1].part_number", "parts[1].sha256"
+    ]
+    assert len(violations) == 20
+    # The repeat, then a bad number and a bad SHA-256 for each of the 100 parts.
+    assert caught.value.details().endswith("; and 181 more")
 
 
 async def test_fs_backend_refuses_s3_multipart(storage_fs, auth, user_id):

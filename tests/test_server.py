@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import aiohttp
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
@@ -142,8 +144,6 @@ async def test_the_http_listener_serves_on_ipv6(make_settings, auth, user_id, ht
 
 
 async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
-    import aiohttp
-
     async with running(make_settings(metrics_addr="127.0.0.1:0")) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             storage = storage_pb2_grpc.StorageServiceStub(channel)
@@ -155,6 +155,41 @@ async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="OK",service="StorageService"}' in text
     assert 'mediavault_rpc_total{method="GetStorageSummary",outcome="UNAUTHORIZED",service="StorageService"}' in text
     assert "mediavault_rpc_duration_seconds_bucket" in text
+
+
+async def rpc_totals(server: Server, method: str) -> dict[str, float]:
+    """The server's /metrics: mediavault_rpc_total of one method, by outcome."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
+        text = await response.text()
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mediavault_rpc_total" and sample.labels["method"] == method
+    }
+
+
+async def test_a_call_whose_deadline_passes_while_the_server_works_is_counted_cancelled(make_settings, auth, user_id, pool):
+    md = auth(user_id)
+    request = pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=100)
+    async with (
+        running(make_settings(metrics_addr="127.0.0.1:0")) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        await storage.BeginUpload(request, metadata=md)
+        before = await rpc_totals(server, "BeginUpload")
+        # A transaction holding the account keeps the next reservation waiting past the call's deadline.
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user_id)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await storage.BeginUpload(request, metadata=md, timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            async with asyncio.timeout(10):
+                while sum((after := await rpc_totals(server, "BeginUpload")).values()) == sum(before.values()):
+                    await asyncio.sleep(0.05)
+    assert after.get("CANCELLED", 0) == before.get("CANCELLED", 0) + 1
+    assert after["OK"] == before["OK"], "a call the client gave up on is not counted OK"
 
 
 async def test_health_follows_postgres(make_settings, tmp_path):

@@ -58,12 +58,23 @@ class FieldViolation:
     description: str
 
 
+# An answer names at most this many violations and counts the others: a repeated field can
+# break its rule once per item, and gRPC clients refuse trailers (where the message and the
+# violations both go) past 8 KiB at random and past 16 KiB always.
+MAX_REPORTED_VIOLATIONS = 20
+
+
 class InvalidArgument(MediavaultError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation]) -> None:
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        reported = violations[:MAX_REPORTED_VIOLATIONS]
+        message = "; ".join(f"{v.field}: {v.description}" for v in reported)
+        if len(violations) > len(reported):
+            message += f"; and {len(violations) - len(reported)} more"
+        super().__init__(message)
         self.violations = violations
+        self.reported = reported
 
     @classmethod
     def single(cls, field: str, description: str) -> InvalidArgument:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK or the ErrorInfo reason)", ["service", "method", "outcome"])
+RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK, CANCELLED or the ErrorInfo reason)", ["service", "method", "outcome"])
 RPC_LATENCY = Histogram(
     "mediavault_rpc_duration_seconds",
     "RPC handling time",

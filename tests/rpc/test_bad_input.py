@@ -182,6 +182,22 @@ async def test_each_bad_event_is_rejected_alone_and_the_good_ones_are_stored(sto
     assert {json.loads(r["meta"])["text"] for r in metas} == {"\u00e9\U0001f600"}
 
 
+async def test_a_batch_of_a_million_events_is_refused_by_its_count_before_any_event_is_read(media, auth, user_id, pool):
+    # Empty events, two bytes each: the server once made a domain event of each before the
+    # domain counted them, holding its event loop (every other call) for seconds.
+    one = mpb.RecordEventsRequest(events=[mpb.UsageEvent()]).SerializeToString()
+    request = mpb.RecordEventsRequest.FromString(one * 1_000_000)
+    started = time.perf_counter()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await media.RecordEvents(request, metadata=auth(user_id))
+    elapsed = time.perf_counter() - started
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    assert [(v.field, v.description) for v in bad_request(caught.value).field_violations] == [("events", "must hold 1-500 events")]
+    assert elapsed < 1, f"refused after {elapsed:.2f} s"
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", user_id) == 0
+
+
 NUL = "must not contain NUL characters"
 FREE_QUOTA = GiB
 BEGIN = {"filename": "a.jpg", "content_type": "image/jpeg", "size_bytes": 100}

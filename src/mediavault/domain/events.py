@@ -10,6 +10,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -179,8 +180,12 @@ class Events:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def record(self, user_id: str, events: list[Event]) -> tuple[int, int]:
-        """Stores the valid events of a batch; returns (accepted, rejected)."""
+    async def record(self, user_id: str, events: Sequence[Event]) -> tuple[int, int]:
+        """Stores the valid events of a batch; returns (accepted, rejected).
+
+        A batch of the wrong length is refused before any of its events is read, so that a
+        caller making each event as it is read pays nothing for a batch of millions.
+        """
         if not 0 < len(events) <= MAX_BATCH:
             raise InvalidArgument.single("events", f"must hold 1-{MAX_BATCH} events")
         now = datetime.now(UTC)

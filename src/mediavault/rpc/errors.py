@@ -53,7 +53,7 @@ def to_status(error: MediavaultError) -> tuple[grpc.StatusCode, str, bytes]:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in error.violations
+                        for v in error.reported
                     ]
                 )
             )

@@ -141,6 +141,9 @@ class _Plan:
     messages: tuple[tuple[str, _Plan, bool], ...]
 
 
+_NOTHING = _Plan((), (), ())
+
+
 def _plan(descriptor: Descriptor, declarations: Mapping[str, Rule], entered: tuple[str, ...] = ()) -> _Plan:
     if descriptor.full_name in entered:
         raise TypeError(f"{descriptor.full_name} contains itself: declare the field that does Domain")
@@ -155,16 +158,15 @@ def _plan(descriptor: Descriptor, declarations: Mapping[str, Rule], entered: tup
         if isinstance(rule, Domain):
             continue
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if rule is not None:
-                raise TypeError(f"{field.full_name} is a message: it is entered, or declared Domain")
-            message_type = field.message_type
-            assert message_type is not None  # a message field names its type
-            if message_type.GetOptions().map_entry:
-                raise TypeError(f"{field.full_name} is a map, which the check does not enter: declare it Domain")
             try:
-                messages.append((field.name, _plan(message_type, declarations, (*entered, descriptor.full_name)), field.is_repeated))
-            except Undeclared as inner:
-                missing += inner.names
+                inner = _message_plan(field, rule, declarations, (*entered, descriptor.full_name))
+            except Undeclared as undeclared:
+                missing += undeclared.names
+                continue
+            # A message with nothing to check in it is not walked: a repeated one may hold
+            # millions of items, which the domain refuses by their count alone.
+            if inner != _NOTHING:
+                messages.append((field.name, inner, field.is_repeated))
             continue
         if rule is None:
             missing.append(field.full_name)
@@ -175,6 +177,17 @@ def _plan(descriptor: Descriptor, declarations: Mapping[str, Rule], entered: tup
     if missing:
         raise Undeclared(missing)
     return _Plan(tuple(scalars), tuple(repeated_scalars), tuple(messages))
+
+
+def _message_plan(field: FieldDescriptor, rule: Rule | None, declarations: Mapping[str, Rule], entered: tuple[str, ...]) -> _Plan:
+    """The plan of a message field not declared Domain, which the check enters."""
+    if rule is not None:
+        raise TypeError(f"{field.full_name} is a message: it is entered, or declared Domain")
+    message_type = field.message_type
+    assert message_type is not None  # a message field names its type
+    if message_type.GetOptions().map_entry:
+        raise TypeError(f"{field.full_name} is a map, which the check does not enter: declare it Domain")
+    return _plan(message_type, declarations, entered)
 
 
 def _violations(message: Message, plan: _Plan, prefix: str, found: list[FieldViolation]) -> None:

@@ -137,6 +137,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
             user_id = None
             limits: tuple[tuple[str, str], ...] = ()
             failure: MediavaultError | None = None
+            outcome = "OK"
             gate = current_gate.get()
             task = asyncio.current_task()
             assert task is not None  # grpc.aio runs every handler in a task of its own
@@ -160,6 +161,9 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
                 # waited for (a Batcher's batch), leaves the work undone or unconfirmed, and a
                 # retry finishes it: UNAVAILABLE tells the client to retry, CANCELLED would not.
                 if task.cancelling() and not gate.was_shed(task):
+                    # The client gave up (cancelled, or its deadline passed): nothing is answered,
+                    # so not OK, and nothing failed here, so no ErrorInfo reason but gRPC's name.
+                    outcome = "CANCELLED"
                     raise
                 failure = ServerShuttingDown("the server shut down before the call completed; retry the call")
             except Exception:
@@ -168,7 +172,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
             finally:
                 gate.leave(task)
                 elapsed = time.perf_counter() - started
-                outcome = failure.reason if failure else "OK"
+                outcome = failure.reason if failure else outcome
                 observed.record(outcome, elapsed)
                 if log.isEnabledFor(logging.INFO):
                     log.info(
@@ -182,7 +186,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
                         },
                     )
                 if span is not None:
-                    code = status_code(failure) if failure else grpc.StatusCode.OK
+                    code = status_code(failure) if failure else grpc.StatusCode[outcome]
                     span.end(status_code=code.value[0], outcome=outcome, user_id=user_id)
                 logs.request_id.reset(token)
             code, message, status = to_status(failure)

@@ -16,6 +16,7 @@ from mediavault.domain import media as media_domain
 from mediavault.media.v1 import media_pb2 as pb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.rpc.handler import Servicer, rpc
+from mediavault.rpc.repeated import Converted
 from mediavault.rpc.storage import RETENTION_TO_PB, timestamp
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ def _plain(value: struct_pb2.Value) -> object:
 
 def _micros(timestamp: Timestamp) -> int:
     return timestamp.seconds * 1_000_000 + timestamp.nanos // 1_000
+
+
+def _event(event: pb.UsageEvent) -> events_domain.Event:
+    return events_domain.Event(
+        event_type=_EVENT_TYPES.get(event.event_type, ""),
+        media_id=event.media_id,
+        surface=event.surface,
+        occurred_at_micros=_micros(event.occurred_at) if event.HasField("occurred_at") else None,
+        meta={key: _plain(value) for key, value in event.meta.fields.items()},
+    )
 
 
 def _variant_pb(offered: media_domain.Offered) -> pb.Variant:
@@ -168,16 +179,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
 
     @rpc(SERVICE)
     async def RecordEvents(self, request: pb.RecordEventsRequest, context, principal: Principal) -> pb.RecordEventsResponse:
-        batch = [
-            events_domain.Event(
-                event_type=_EVENT_TYPES.get(e.event_type, ""),
-                media_id=e.media_id,
-                surface=e.surface,
-                occurred_at_micros=_micros(e.occurred_at) if e.HasField("occurred_at") else None,
-                meta={key: _plain(value) for key, value in e.meta.fields.items()},
-            )
-            for e in request.events
-        ]
+        batch = Converted(request.events, _event)
         accepted, rejected = await self.events.record(principal.user_id, batch)
         metrics.EVENTS_RECORDED.labels("accepted").inc(accepted)
         metrics.EVENTS_RECORDED.labels("rejected").inc(rejected)

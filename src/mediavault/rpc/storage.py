@@ -15,6 +15,7 @@ from mediavault.domain import purchases as purchases_domain
 from mediavault.domain import uploads as uploads_domain
 from mediavault.errors import InvalidArgument
 from mediavault.rpc.handler import Servicer, rpc
+from mediavault.rpc.repeated import Converted
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 
@@ -112,6 +113,10 @@ def account_pb(account: accounts_domain.Account) -> pb.Account:
     )
 
 
+def _part_request(part: pb.UploadPartRequest) -> uploads_domain.PartRequest:
+    return uploads_domain.PartRequest(part.part_number, part.sha256 or None)
+
+
 class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     service = SERVICE
 
@@ -170,7 +175,7 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
     async def PresignUploadParts(
         self, request: pb.PresignUploadPartsRequest, context, principal: Principal
     ) -> pb.PresignUploadPartsResponse:
-        parts = [uploads_domain.PartRequest(p.part_number, p.sha256 or None) for p in request.parts]
+        parts = Converted(request.parts, _part_request)
         signed = await self.uploads.presign_parts(principal, uuid.UUID(request.upload_id), parts)
         return pb.PresignUploadPartsResponse(
             parts=[pb.PresignedPart(part_number=s.part_number, url=s.url, headers=s.headers) for s in signed]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,7 +173,7 @@ class Uploads:
             return dataclasses.replace(upload, received_bytes=await self._resumable.received_direct(upload))
         return upload
 
-    async def presign_parts(self, principal: Principal, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
+    async def presign_parts(self, principal: Principal, upload_id: uuid.UUID, parts: Sequence[PartRequest]) -> list[PresignedPart]:
         """Presigned S3 UploadPart URLs for parts of the caller's S3_MULTIPART upload."""
         return await self._resumable.presign_parts(principal.user_id, upload_id, parts)
 

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import hmac
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -289,20 +289,14 @@ class Resumable:
             return 0 if stored is None else stored.size
         return sum(part.size for part in parts)
 
-    async def presign_parts(self, owner: str, upload_id: uuid.UUID, parts: list[PartRequest]) -> list[PresignedPart]:
+    async def presign_parts(self, owner: str, upload_id: uuid.UUID, parts: Sequence[PartRequest]) -> list[PresignedPart]:
         """Presigned UploadPart URLs for parts of the owner's pending S3_MULTIPART upload."""
-        violations = _part_violations(parts)
         row = await self._pool.fetchrow(statements.GET, upload_id)
         if row is None or row["user_id"] != owner:
             raise NotFound("upload not found")
         upload = Upload(**row)
-        if upload.protocol != "s3_multipart":
-            violations.insert(0, FieldViolation("upload_id", "not an S3_MULTIPART upload"))
-        part_count = -(-upload.size_bytes // self.part_size_bytes)
-        # A list already refused for its length is not judged part by part as well.
-        for i, part in enumerate(parts if len(parts) <= MAX_PARTS_PER_CALL else []):
-            if part_count < part.part_number <= MAX_PART_NUMBER:
-                violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {part_count}, this upload's part count"))
+        violations = [] if upload.protocol == "s3_multipart" else [FieldViolation("upload_id", "not an S3_MULTIPART upload")]
+        violations += _part_violations(parts, -(-upload.size_bytes // self.part_size_bytes))
         if violations:
             raise InvalidArgument(violations)
         progress = await self.progress(upload_id)
@@ -329,16 +323,20 @@ class Resumable:
         await self._blobs.discard_partial(partial_key_for(upload.upload_id), upload.object_key, multipart_id)
 
 
-def _part_violations(parts: list[PartRequest]) -> list[FieldViolation]:
-    violations = []
+def _part_violations(parts: Sequence[PartRequest], part_count: int) -> list[FieldViolation]:
+    """What is wrong with the parts asked for, of an upload of part_count parts."""
     if not 1 <= len(parts) <= MAX_PARTS_PER_CALL:
-        violations.append(FieldViolation("parts", f"must hold 1 to {MAX_PARTS_PER_CALL} parts"))
+        # A list refused for its length is not read: it may hold millions of parts.
+        return [FieldViolation("parts", f"must hold 1 to {MAX_PARTS_PER_CALL} parts")]
+    violations = []
     numbers = [part.part_number for part in parts]
     if len(set(numbers)) != len(numbers):
         violations.append(FieldViolation("parts", "repeats a part_number"))
     for i, part in enumerate(parts):
         if not 1 <= part.part_number <= MAX_PART_NUMBER:
             violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {MAX_PART_NUMBER}"))
+        elif part.part_number > part_count:
+            violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {part_count}, this upload's part count"))
         if part.sha256 is not None and not is_sha256_hex(part.sha256):
             violations.append(FieldViolation(f"parts[{i}].sha256", "must be 64 lowercase hex characters"))
     return violations

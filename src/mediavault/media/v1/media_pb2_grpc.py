@@ -30,7 +30,8 @@ class MediaServiceStub:
 
     Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
     "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
-    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    naming each bad field, the first 20 when there are more (the message counts the others).
+    Every RPC may answer, besides the errors listed on it:
     UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
@@ -80,7 +81,8 @@ class MediaServiceServicer:
 
     Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
     "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
-    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    naming each bad field, the first 20 when there are more (the message counts the others).
+    Every RPC may answer, besides the errors listed on it:
     UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
@@ -208,7 +210,8 @@ class MediaService:
 
     Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
     "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
-    naming each bad field. Every RPC may answer, besides the errors listed on it:
+    naming each bad field, the first 20 when there are more (the message counts the others).
+    Every RPC may answer, besides the errors listed on it:
     UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
