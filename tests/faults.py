@@ -35,6 +35,8 @@ class TcpProxy:
         # Bytes clients sent through the proxy; when they reach cut_at, every connection is killed once.
         self.sent_upstream = 0
         self.cut_at: int | None = None
+        # Or: when a client sends these bytes, every connection is killed once, right after them.
+        self.cut_marker: bytes | None = None
         self.cut = asyncio.Event()
 
     def url_for(self, url: str) -> str:
@@ -75,14 +77,28 @@ class TcpProxy:
         self.cut.clear()
         self.cut_at = self.sent_upstream + more_bytes
 
+    def cut_after_sent(self, marker: bytes) -> None:
+        """Kills every connection as soon as a client has sent marker (in one write) through the
+        proxy: the server gets the marker whole, the client never hears what the server answers."""
+        self.cut.clear()
+        self.cut_marker = marker
+
+    def _cut_point(self, data: bytes) -> int | None:
+        """How much of data a client sends on before the cut; None when there is no cut in it."""
+        if self.cut_at is not None and self.sent_upstream + len(data) >= self.cut_at:
+            return self.cut_at - self.sent_upstream
+        if self.cut_marker is not None and (found := data.find(self.cut_marker)) >= 0:
+            return found + len(self.cut_marker)
+        return None
+
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
         try:
             while data := await reader.read(65536):
-                if upstream and self.cut_at is not None and self.sent_upstream + len(data) >= self.cut_at:
-                    data = data[: self.cut_at - self.sent_upstream]
-                    writer.write(data)
-                    self.sent_upstream += len(data)
-                    self.cut_at = None
+                cut_point = self._cut_point(data) if upstream else None
+                if cut_point is not None:
+                    writer.write(data[:cut_point])
+                    self.sent_upstream += cut_point
+                    self.cut_at = self.cut_marker = None
                     for transport in list(self._transports):
                         transport.abort()
                     self.cut.set()

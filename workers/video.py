@@ -21,7 +21,7 @@ from mediavault.config import Settings
 from mediavault.domain import content_types
 from mediavault.domain.content_types import MP4
 from mediavault.domain.media import Library, Variant, VideoFacts, variant_key
-from mediavault.imaging import PermanentImagingError
+from mediavault.imaging import PermanentImagingError, TranscodeResult
 from mediavault.imaging import video as videos
 from mediavault.imaging.decode import sniff
 from mediavault.jobs import TRANSCODE_VIDEO
@@ -75,21 +75,16 @@ async def _transcode_video(ctx: dict[str, Any], media_id: uuid.UUID, version: in
     if claim is None:
         return "skipped"
     started = time.perf_counter()
-    written: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="mediavault-video-") as scratch:
-            outcome, reason = await _run(ctx, claim.media_id, version, claim.object_key, claim.content_type,
-                                         Path(scratch), written)
+            outcome, reason = await _run(ctx, claim.media_id, version, claim.object_key, claim.content_type, Path(scratch))
     except videos.Cancelled:
         outcome, reason = "cancelled", ""
     except PermanentImagingError as exc:
         await library.fail(media_id, version, exc.message)
         outcome, reason = "failed", exc.message
     except TRANSIENT_ERRORS as exc:
-        await _forget(ctx, written)
         return await attempt_failed(ctx, "video", claim, version, exc)
-    if outcome in ("cancelled", "superseded"):
-        await _forget(ctx, written)
     metrics.TRANSCODE_OUTCOMES.labels(outcome, reason).inc()
     metrics.TRANSCODE_SECONDS.labels("video").observe(time.perf_counter() - started)
     log.info("video transcode finished", extra={"media_id": str(media_id), "outcome": outcome, "reason": reason})
@@ -97,8 +92,7 @@ async def _transcode_video(ctx: dict[str, Any], media_id: uuid.UUID, version: in
 
 
 async def _run(
-    ctx: dict[str, Any], media_id: uuid.UUID, version: int, object_key: str, content_type: str, scratch: Path,
-    written: list[str],
+    ctx: dict[str, Any], media_id: uuid.UUID, version: int, object_key: str, content_type: str, scratch: Path
 ) -> tuple[str, str]:
     library: Library = ctx["library"]
     settings: Settings = ctx["settings"]
@@ -121,19 +115,36 @@ async def _run(
     # The poster comes from the smallest rendition: already upright, square-pixelled and
     # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
     poster = await ctx["transcoder"].run_poster(renditions[0].path, MP4)
-    stored = await store_pictures(ctx["blobs"], media_id, version, poster.variants, written)
-    for rendition in renditions:
-        key = variant_key(media_id, version, rendition.name, MP4)
-        written.append(key)
-        await ctx["blobs"].write(key, _file_chunks(rendition.path), content_type=MP4)
-        stored.append(Variant(rendition.name, key, MP4, rendition.width, rendition.height, rendition.size_bytes,
-                              rendition.bitrate))
+    stored = await _store(ctx, media_id, version, poster, renditions)
     facts = VideoFacts(source.duration_seconds, source.frame_rate, source.has_audio, source.codec)
+    # From here on the blobs stay, whatever complete() answers or raises: a fault may come
+    # after its COMMIT, and "superseded" may mean that another run of this version, whose rows
+    # own these same keys, completed first. The orphan sweep removes what no row owns.
     if await library.complete(
         media_id, version, source.width, source.height, stored, thumbhash=poster.thumbhash, video=facts
     ):
         return "complete", ""
     return "superseded", ""
+
+
+async def _store(
+    ctx: dict[str, Any], media_id: uuid.UUID, version: int, poster: TranscodeResult, renditions: list[videos.Rendition]
+) -> list[Variant]:
+    """Writes the poster's pictures and the renditions under the run's keys and returns their
+    records; a fault deletes what it had written."""
+    written: list[str] = []
+    try:
+        stored = await store_pictures(ctx["blobs"], media_id, version, poster.variants, written)
+        for rendition in renditions:
+            key = variant_key(media_id, version, rendition.name, MP4)
+            written.append(key)
+            await ctx["blobs"].write(key, _file_chunks(rendition.path), content_type=MP4)
+            stored.append(Variant(rendition.name, key, MP4, rendition.width, rendition.height, rendition.size_bytes,
+                                  rendition.bitrate))
+    except TRANSIENT_ERRORS:
+        await _forget(ctx, written)
+        raise
+    return stored
 
 
 async def _file_chunks(path: Path, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:

@@ -102,6 +102,19 @@ async def test_a_crashed_worker_fails_its_job_as_retryable_and_is_replaced() -> 
         assert (await transcoder.run(PNG, "image/png")).width == 128
 
 
+async def test_a_worker_killed_while_idle_costs_the_next_job_nothing() -> None:
+    before = worker_pids()
+    async with Transcoder(workers=1) as transcoder:
+        await transcoder.run(PNG, "image/png")
+        (pid,) = worker_pids() - before
+        os.kill(pid, signal.SIGKILL)
+        assert await gone(pid)
+        result = await transcoder.run(JOLLA, "image/jpeg")
+        assert (result.width, result.height) == (3264, 2448)
+        (fresh,) = worker_pids() - before
+        assert fresh != pid
+
+
 async def test_event_loop_keeps_running_while_a_job_decodes() -> None:
     gaps = []
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from pathlib import Path
 
 import grpc
 import pytest
+from arq.connections import RedisSettings
+from arq.connections import create_pool as create_arq_pool
+from arq.jobs import Job
 
+from mediavault.jobs import enqueue_video, transcode_job_id
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests import videos as make
 from tests.conftest import CORPUS, running, running_worker
+from tests.faults import proxied
 from tests.helpers import fetch, retry_scheduled, settled, upload
 from tests.workers.test_transcode import children_of, is_alive
 
@@ -148,6 +154,73 @@ async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_trans
         hex_id = done.media_id.replace("-", "")
         assert not list((Path(settings.blob_dir) / "variants" / hex_id[:2] / hex_id).rglob("*.*"))
         assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
+
+
+# What asyncpg sends to end a transaction: a simple Query message.
+COMMIT = b"Q\x00\x00\x00\x0cCOMMIT;\x00"
+
+
+async def test_a_completion_whose_commit_reply_is_lost_keeps_the_videos_blobs(make_settings, auth, user_id, pool, clips):
+    settings = make_settings(queue_name=f"video-commit-lost:{user_id}", transcode_retry_base_seconds=0.2)
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with (
+            proxied(settings.database_url) as proxy,
+            running(settings) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        ):
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            # The workers reach PostgreSQL through the proxy, the API server directly. Claims and
+            # progress reports are single statements: the first COMMIT the workers send is the
+            # video's completion, which PostgreSQL applies while the worker hears only a reset.
+            proxy.cut_after_sent(COMMIT)
+            async with running_worker(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})):
+                done = await upload(storage, md, make.h264(clips / "commit.mp4").read_bytes(), filename="commit.mp4",
+                                    content_type="video/mp4")
+                await asyncio.wait_for(proxy.cut.wait(), 60)
+                job = Job(f"video:{transcode_job_id(uuid.UUID(done.media_id), 0)}", redis, _queue_name=settings.video_queue)
+                # The fault was retried, and the retry found the run complete.
+                assert await job.result(timeout=60) == "skipped"
+    finally:
+        await redis.aclose()
+    row = await pool.fetchrow("SELECT processing_status, attempts FROM media WHERE media_id = $1::uuid", done.media_id)
+    assert (row["processing_status"], row["attempts"]) == ("complete", 1)
+    await _every_variant_is_stored(pool, settings.blob_dir, done.media_id)
+
+
+async def test_a_run_superseded_by_its_twin_leaves_the_winners_blobs(make_settings, auth, user_id, pool, clips):
+    settings = make_settings(queue_name=f"video-twins:{user_id}", video_workers=2)
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            done = await upload(storage, md, make.h264(clips / "twins.mp4").read_bytes(), filename="twins.mp4",
+                                content_type="video/mp4")
+            media_id = uuid.UUID(done.media_id)
+            # The stuck-media sweep re-queues a run under a new job id, and the first job may still
+            # be running. Both are queued before any worker starts: the two runs of version 0
+            # claim it together, and the second to finish finds the run complete.
+            job_ids = [f"video:{transcode_job_id(media_id, 0, requeue)}" for requeue in (0, 1)]
+            for requeue in (0, 1):
+                await enqueue_video(redis, settings.video_queue, media_id, 0, transcode_job_id(media_id, 0, requeue))
+            async with running_worker(settings):
+                outcomes = [await Job(job_id, redis, _queue_name=settings.video_queue).result(timeout=60) for job_id in job_ids]
+    finally:
+        await redis.aclose()
+    assert sorted(outcomes) == ["complete", "superseded"]
+    row = await pool.fetchrow("SELECT processing_status, attempts FROM media WHERE media_id = $1::uuid", done.media_id)
+    assert (row["processing_status"], row["attempts"]) == ("complete", 2)
+    await _every_variant_is_stored(pool, settings.blob_dir, done.media_id)
+
+
+async def _every_variant_is_stored(pool, blob_dir: Path, media_id: str) -> None:
+    rows = await pool.fetch("SELECT name, object_key, content_type FROM media_variants WHERE media_id = $1::uuid", media_id)
+    assert {"poster", "thumbnail", "preview"} <= {r["name"] for r in rows}
+    assert "video/mp4" in {r["content_type"] for r in rows}, "a rendition"
+    missing = [r["object_key"] for r in rows if not (blob_dir / r["object_key"]).is_file()]
+    assert not missing, "variant rows whose blobs are gone"
 
 
 def _ffmpeg_running() -> bool:

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TypeVar
@@ -69,6 +69,11 @@ class _Worker:
         except (TimeoutError, BrokenProcessPool):
             raise ImagingError("processing failed") from None
 
+    def alive(self) -> bool:
+        # Asks the process table rather than the executor, which learns of its process's
+        # death only when its manager thread next runs.
+        return any(child.pid == self.pid for child in multiprocessing.active_children())
+
     def kill(self) -> None:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
@@ -88,8 +93,9 @@ class Transcoder:
 
     A job past `limits.job_timeout_seconds` has its process killed and replaced, and
     fails with PermanentImagingError("processing timed out"): the same bytes would
-    stall again. A worker that dies on its own (a crash in a native decoder, the OOM
-    killer) fails its job with a plain ImagingError, which the caller may retry.
+    stall again. A worker that dies on its own during a job (a crash in a native decoder,
+    the OOM killer) fails that job with a plain ImagingError, which the caller may retry;
+    one found dead when a job is handed over is replaced, and the job runs in the new one.
     `jpeg_planes` off makes every JPEG go through Pillow, `lossless_display` off re-encodes
     every display (see strategies.choose).
     """
@@ -149,10 +155,9 @@ class Transcoder:
         if self._closed:
             raise ImagingError("transcoder is closed")
         async with self._slots:
-            worker = await self._acquire()
+            worker, future = await self._hand_over(job, args)
             healthy = False
             try:
-                future = worker.executor.submit(job, *args)
                 result = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.job_timeout_seconds)
                 healthy = True
                 return result
@@ -174,17 +179,35 @@ class Transcoder:
         for worker in idle:
             await asyncio.to_thread(worker.executor.shutdown, wait=True, cancel_futures=True)
 
-    async def _acquire(self) -> _Worker:
-        worker = self._idle.pop() if self._idle else None
-        if worker is None:
-            worker = _Worker()
-            try:
-                await worker.start()
-            except BaseException:
-                worker.kill()
-                raise
+    async def _hand_over(self, job: Callable[..., T], args: tuple[object, ...]) -> tuple[_Worker, Future[T]]:
+        """The job submitted to an idle worker, or to a new one when none is idle, and that worker.
+
+        An idle process can die unseen: kill -9, or the OOM killer, which picks the one still
+        holding its last big decode's memory. The job never reached it, so it goes to the next
+        worker instead of failing as if its input had crashed the process.
+        """
+        while self._idle:
+            worker = self._idle.pop()
+            # A refused submit is the same death, seen first by the executor's manager thread
+            # (which may reap the process just as alive() asks, and leave it none the wiser).
+            with contextlib.suppress(BrokenProcessPool):
+                if worker.alive():
+                    future = worker.executor.submit(job, *args)
+                    self._busy.add(worker)
+                    return worker, future
+            worker.kill()
+        worker = _Worker()
+        try:
+            await worker.start()
+            future = worker.executor.submit(job, *args)
+        except BrokenProcessPool:
+            worker.kill()
+            raise ImagingError("processing failed") from None
+        except BaseException:
+            worker.kill()
+            raise
         self._busy.add(worker)
-        return worker
+        return worker, future
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
         self._busy.discard(worker)
