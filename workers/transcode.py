@@ -67,16 +67,13 @@ async def attempt_failed(ctx: dict[str, Any], job: str, claim: Claim, version: i
 
 
 async def store_pictures(
-    blobs: BlobStore, media_id: uuid.UUID, version: int, pictures: Iterable[imaging.Variant], written: list[str] | None = None
+    blobs: BlobStore, media_id: uuid.UUID, version: int, pictures: Iterable[imaging.Variant]
 ) -> list[Variant]:
     """Writes each picture, and each of its alternates (imaging/formats.py), under the run's
-    deterministic key (a rerun overwrites its own) and returns the records of them; each key
-    goes into `written` before its write starts."""
+    deterministic key (a rerun overwrites its own) and returns the records of them."""
     stored = []
     for picture in (made for primary in pictures for made in (primary, *primary.alternates)):
         key = variant_key(media_id, version, picture.name, picture.content_type)
-        if written is not None:
-            written.append(key)
         await blobs.write(key, single_chunk(picture.data), content_type=picture.content_type)
         stored.append(Variant(picture.name, key, picture.content_type, picture.width, picture.height, len(picture.data)))
     return stored

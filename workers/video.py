@@ -7,7 +7,6 @@ transcode_media: keys are deterministic per run, and a rerun overwrites them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import time
@@ -131,19 +130,15 @@ async def _store(
     ctx: dict[str, Any], media_id: uuid.UUID, version: int, poster: TranscodeResult, renditions: list[videos.Rendition]
 ) -> list[Variant]:
     """Writes the poster's pictures and the renditions under the run's keys and returns their
-    records; a fault deletes what it had written."""
-    written: list[str] = []
-    try:
-        stored = await store_pictures(ctx["blobs"], media_id, version, poster.variants, written)
-        for rendition in renditions:
-            key = variant_key(media_id, version, rendition.name, MP4)
-            written.append(key)
-            await ctx["blobs"].write(key, _file_chunks(rendition.path), content_type=MP4)
-            stored.append(Variant(rendition.name, key, MP4, rendition.width, rendition.height, rendition.size_bytes,
-                                  rendition.bitrate))
-    except TRANSIENT_ERRORS:
-        await _forget(ctx, written)
-        raise
+    records. Nothing written is deleted on a fault: a twin run of the same version may already
+    have committed rows owning these keys, a rerun overwrites them, and the orphan sweep
+    removes what no row owns (as for photos)."""
+    stored = await store_pictures(ctx["blobs"], media_id, version, poster.variants)
+    for rendition in renditions:
+        key = variant_key(media_id, version, rendition.name, MP4)
+        await ctx["blobs"].write(key, _file_chunks(rendition.path), content_type=MP4)
+        stored.append(Variant(rendition.name, key, MP4, rendition.width, rendition.height, rendition.size_bytes,
+                              rendition.bitrate))
     return stored
 
 
@@ -151,10 +146,3 @@ async def _file_chunks(path: Path, chunk_bytes: int = 1 << 20) -> AsyncIterator[
     with path.open("rb") as f:
         while chunk := f.read(chunk_bytes):
             yield chunk
-
-
-async def _forget(ctx: dict[str, Any], keys: list[str]) -> None:
-    """Deletes what a run that will not complete had written; the purge job is the backstop."""
-    if keys:
-        with contextlib.suppress(*TRANSIENT_ERRORS):
-            await ctx["blobs"].delete_many(keys)

@@ -209,7 +209,10 @@ async def test_a_run_superseded_by_its_twin_leaves_the_winners_blobs(make_settin
                 outcomes = [await Job(job_id, redis, _queue_name=settings.video_queue).result(timeout=60) for job_id in job_ids]
     finally:
         await redis.aclose()
-    assert sorted(outcomes) == ["complete", "superseded"]
+    # The loser usually reaches complete() and is told it was superseded; on a slow machine a
+    # progress report may find the winner's completion first and cancel it before it writes.
+    # Either way the winner's blobs must all be there.
+    assert sorted(outcomes) in (["complete", "superseded"], ["cancelled", "complete"])
     row = await pool.fetchrow("SELECT processing_status, attempts FROM media WHERE media_id = $1::uuid", done.media_id)
     assert (row["processing_status"], row["attempts"]) == ("complete", 2)
     await _every_variant_is_stored(pool, settings.blob_dir, done.media_id)
