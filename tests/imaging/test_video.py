@@ -195,6 +195,25 @@ async def test_an_ffmpeg_killed_by_someone_else_fails_the_attempt_not_the_media(
     assert not isinstance(failed.value, PermanentImagingError), "the OOM killer's victim is retried"
 
 
+async def test_ffmpeg_runs_niced_in_a_session_of_its_own(clips):
+    source_path = make.h264(clips / "niced.mp4", "640x360", 2.0, audio=False)
+    source = await videos.probe(source_path, "video/mp4", _DEFAULT_LIMITS)
+    seen: set[tuple[int, bool]] = set()
+
+    async def look(_done: float) -> bool:
+        for pid in children_of(os.getpid()):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ffmpeg":
+                # /proc/<pid>/stat after the name: state, ppid, pgrp, session, ..., nice (the 17th).
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                seen.add((int(fields[16]), int(fields[3]) == pid))
+        return True
+
+    await videos.transcode(
+        source_path, "video/mp4", source, clips, limits=_DEFAULT_LIMITS, timeout_seconds=60, on_progress=look, niceness=7
+    )
+    assert seen == {(7 + os.nice(0), True)}
+
+
 def test_a_video_is_refused_as_bytes_and_its_poster_made_from_its_file(clips):
     path = make.h264(clips / "poster.mp4", "640x360", 1.0, audio=False)
     with pytest.raises(PermanentImagingError) as refused:

@@ -402,12 +402,14 @@ async def transcode(
     at limits' duration whatever the source holds.
     """
     planned = plan(source)
+    # Niced, so that the photo pool's processes get the cores first: by nice(1), which execs
+    # ffmpeg in the same process, rather than a preexec_fn, Python code between fork and exec
+    # that deadlocks when another thread held a lock (an allocator's) at the fork.
     process = await asyncio.create_subprocess_exec(
-        *command(source_path, mime, source, planned, out_dir, limits, threads),
+        "nice", "-n", str(niceness), *command(source_path, mime, source, planned, out_dir, limits, threads),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        # Its own process group, so that a kill reaches nothing else; niced, so that the
-        # photo pool's processes get the cores first.
-        start_new_session=True, preexec_fn=lambda: os.nice(niceness),  # noqa: PLW1509
+        # Its own process group, so that a kill reaches nothing else.
+        start_new_session=True,
     )
     try:
         errors = await asyncio.wait_for(_follow(process, source.duration_seconds, on_progress), timeout_seconds)
