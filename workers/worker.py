@@ -44,9 +44,10 @@ class Worker(arq.Worker):
         except (RedisError, OSError) as exc:
             await self._ride_out(exc)
             return
+        # Every poll, not only after an outage: the gauge starts at 0.
+        metrics.WORKER_REDIS_UP.set(1)
         if self._outage_since is not None:
             log.warning("redis reachable again", extra={"outage_seconds": round(time.monotonic() - self._outage_since, 1)})
-            metrics.WORKER_REDIS_UP.set(1)
             self._outage_since = None
             self._retry_delay = _FIRST_DELAY_SECONDS
 

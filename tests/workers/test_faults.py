@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import grpc
 
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, running
-from tests.faults import PrivateRedis, proxied
+from tests.faults import PrivateRedis, free_port, proxied
 from tests.helpers import upload
 from tests.workers.test_transcode import start_worker
 
@@ -65,27 +66,38 @@ async def test_a_postgres_failover_while_jobs_are_queued_delays_them_by_seconds(
     assert [r["n"] for r in counts] == [5] * 4, "display, and thumbnail and preview in JPEG and AVIF"
 
 
+async def worker_redis_up(metrics_port: int) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+        text = await response.text()
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith("mediavault_worker_redis_up ")]
+    return float(value)
+
+
 async def test_the_worker_rides_out_a_redis_failover(make_settings, auth, user_id, pool):
     redis = PrivateRedis()
     redis.start()
     try:
         settings = make_settings(redis_url=redis.url, queue_name=f"redis-failover:{user_id}")
+        metrics_port = free_port()
         async with running(settings) as server:
-            worker = start_worker(settings)
+            worker = start_worker(settings, MEDIAVAULT_METRICS_ADDR=f"127.0.0.1:{metrics_port}")
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
                     storage = storage_pb2_grpc.StorageServiceStub(channel)
                     md = auth(user_id)
                     before = await upload(storage, md, IMAGE.read_bytes())
                     await wait_until_complete(pool, [before.media_id], timeout=60)
+                    assert await worker_redis_up(metrics_port) == 1
 
                     redis.stop()
                     await asyncio.sleep(3)
                     assert worker.poll() is None, "the worker exited when Redis went away"
+                    assert await worker_redis_up(metrics_port) == 0
                     redis.start()
                     after = await upload(storage, md, IMAGE.read_bytes(), filename="after.jpg")
                     await wait_until_complete(pool, [after.media_id], timeout=30)
                     assert worker.poll() is None
+                    assert await worker_redis_up(metrics_port) == 1
             finally:
                 worker.terminate()
                 worker.wait()
