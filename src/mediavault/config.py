@@ -51,6 +51,17 @@ class JobConfig(BaseModel):
     concurrency: int = Field(default=1, ge=1, le=16)
     enabled: bool = True
 
+    @field_validator("every_seconds")
+    @classmethod
+    def _a_cron_schedule(cls, every_seconds: int) -> int:
+        # arq cron names minutes of the hour and hours of the day: "every N" is that only when N
+        # divides the hour (or the day); 45 minutes would run at :00 and :45, 15 minutes apart.
+        if every_seconds < 3600 and 3600 % every_seconds:
+            raise ValueError("under an hour, must divide an hour (60, 120, 180, 240, 300, 360, 600, 720, 900, 1200, 1800)")
+        if 3600 <= every_seconds < 86400 and (every_seconds % 3600 or 86400 % every_seconds):
+            raise ValueError("from an hour to a day, must be whole hours dividing a day (3600, 7200, 10800, 14400, 21600, 28800, 43200)")
+        return every_seconds
+
 
 class JobsConfig(BaseModel):
     """Every cleanup job's settings: MEDIAVAULT_JOBS__<JOB>__<FIELD>, e.g. MEDIAVAULT_JOBS__PURGE_DELETED_MEDIA__AGE_SECONDS."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from arq import create_pool
+from pydantic import ValidationError
 
 from mediavault.config import JobsConfig
 from mediavault.imaging import pool_size
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
 from tests.helpers import begin, fake_jpeg
-from workers.settings import shutdown, startup, worker_settings
+from workers.settings import _schedule, shutdown, startup, worker_settings
 from workers.worker import Worker
 
 
@@ -55,3 +57,17 @@ def test_a_worker_takes_two_photo_jobs_per_transcoding_process(make_settings):
     for processes, jobs in ((1, 2), (3, 6), (0, 2 * pool_size(None))):
         worker = Worker(**worker_settings(make_settings(transcode_workers=processes)), handle_signals=False)
         assert worker.max_jobs == jobs
+
+
+@pytest.mark.parametrize("every_seconds", [2700, 5400, 18000])
+def test_a_schedule_that_does_not_divide_the_hour_or_the_day_is_refused(every_seconds):
+    with pytest.raises(ValidationError, match="every_seconds"):
+        JobsConfig(audit_accounts={"every_seconds": every_seconds})
+
+
+@pytest.mark.parametrize("every_seconds", [60, 300, 900, 1800, 3600, 7200, 21600, 43200])
+def test_an_accepted_schedule_runs_evenly_spaced(every_seconds):
+    minutes, hours = _schedule(JobsConfig(audit_accounts={"every_seconds": every_seconds}).audit_accounts.every_seconds)
+    runs = sorted(hour * 60 + minute for hour in (hours or range(24)) for minute in minutes)
+    gaps = {later - earlier for earlier, later in zip(runs, [*runs[1:], runs[0] + 24 * 60], strict=True)}
+    assert gaps == {every_seconds // 60}
