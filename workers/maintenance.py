@@ -463,10 +463,14 @@ async def run_job(ctx: dict[str, Any], name: str, *, dry_run: bool = False) -> R
 
 
 async def observe_queue(ctx: dict[str, Any]) -> int:
-    """Exports how many jobs wait in the queue (arq keeps them in a sorted set)."""
-    depth = await ctx["redis"].zcard(ctx["settings"].queue_name)
-    metrics.QUEUE_DEPTH.set(depth)
-    return depth
+    """Exports how many jobs wait in the photo and the video queue (arq keeps each in a sorted set); returns both together."""
+    settings = ctx["settings"]
+    total = 0
+    for queue, name in (("photo", settings.queue_name), ("video", settings.video_queue)):
+        depth = await ctx["redis"].zcard(name)
+        metrics.QUEUE_DEPTH.labels(queue).set(depth)
+        total += depth
+    return total
 
 
 def cron_task(name: str) -> WorkerCoroutine:

@@ -49,7 +49,7 @@ HEAVY_RESERVATIONS = Gauge(
 )
 UPLOAD_OUTCOMES = Counter("mediavault_upload_outcomes_total", "Uploads that ended, by outcome and reason", ["outcome", "reason"])
 STORAGE_BYTES = Gauge("mediavault_storage_bytes", "Bytes across all accounts at the last audit", ["kind"])
-QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in the arq queue")
+QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in an arq queue", ["queue"])
 RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )

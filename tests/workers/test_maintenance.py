@@ -633,3 +633,19 @@ async def test_an_original_the_store_cannot_stat_leaves_the_sweep_to_check_the_o
         unreadable: ("complete", None),
         missing: ("failed", "original missing"),
     }
+
+
+async def test_the_queue_depth_is_exported_for_the_photo_and_the_video_queue(make_ctx, make_settings, user_id):
+    from prometheus_client import REGISTRY
+
+    from workers.maintenance import observe_queue
+
+    ctx = await make_ctx(make_settings(queue_name=f"depth:{user_id}"))
+    settings, redis = ctx["settings"], ctx["redis"]
+    for n in range(2):
+        await redis.enqueue_job("transcode_media", f"photo-{n}", 0, _queue_name=settings.queue_name)
+    for n in range(3):
+        await redis.enqueue_job("transcode_video", f"video-{n}", 0, _queue_name=settings.video_queue)
+    assert await observe_queue(ctx) == 5
+    depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")}
+    assert depth == {"photo": 2, "video": 3}
