@@ -1,27 +1,50 @@
 // Command mediavault-gateway serves StorageService and MediaService as REST/JSON, following the
 // google.api.http annotations of protos/, by proxying every call to the gRPC server.
 //
-// Environment: MEDIAVAULT_GRPC_ADDR, the server (default 127.0.0.1:50051), and
-// MEDIAVAULT_GATEWAY_ADDR, where to listen (default 127.0.0.1:8080).
+// Environment: MEDIAVAULT_GRPC_ADDR, the server (default 127.0.0.1:50051);
+// MEDIAVAULT_GATEWAY_ADDR, where to listen (default 127.0.0.1:8080);
+// MEDIAVAULT_GATEWAY_SHUTDOWN_GRACE_SECONDS, how long requests in flight at SIGTERM or SIGINT
+// may still take (default 10); MEDIAVAULT_GATEWAY_READ_HEADER_TIMEOUT_SECONDS, how long a client
+// may take to send a request's headers (default 10).
 package main
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log"
 	"net/http"
 	"os"
+	"os/signal"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
+	"time"
+	"unicode/utf8"
 
 	"github.com/golang/protobuf/proto"
 	"github.com/grpc-ecosystem/grpc-gateway/runtime"
-	_ "google.golang.org/genproto/googleapis/rpc/errdetails" // ErrorInfo & co., so error details marshal to JSON
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	mediav1 "mediavault/gen/go/mediavault/media/v1"
 	storagev1 "mediavault/gen/go/mediavault/storage/v1"
+)
+
+const (
+	// maxRequestBytes is the server's grpc.max_receive_message_length: a larger body would not
+	// reach it, and grpc-gateway v1 reads a whole body into memory before decoding it.
+	maxRequestBytes = 8 << 20
+	// maxHeaderBytes bounds a request's headers, forwarded or not; net/http answers 431 past it
+	// and 4 KiB more, request line included.
+	maxHeaderBytes = 8 << 10
+	// maxForwardedBytes bounds the headers that become gRPC metadata: the server refuses calls
+	// whose metadata passes 8 KiB at random (gRPC's soft limit, RESOURCE_EXHAUSTED) and all past
+	// 16 KiB, and gRPC adds its own (the method, content type, user agent).
+	maxForwardedBytes = 4 << 10
 )
 
 // responseHeaders is the response metadata that becomes HTTP headers. The server sends it as
@@ -30,26 +53,25 @@ var responseHeaders = map[string]bool{
 	"ratelimit-limit": true, "ratelimit-remaining": true, "ratelimit-reset": true, "retry-after": true, "x-request-id": true,
 }
 
+// incomingHeaders is what incomingHeader forwards besides what runtime.AnnotateContext always
+// does; forwardedHeaders is both, the headers whose values must be valid gRPC metadata.
+var (
+	incomingHeaders  = []string{"X-Request-Id", "Traceparent", "Tracestate"}
+	forwardedHeaders = append([]string{"Authorization", "X-Forwarded-For", "X-Forwarded-Host"}, incomingHeaders...)
+)
+
 func main() {
 	upstream := env("MEDIAVAULT_GRPC_ADDR", "127.0.0.1:50051")
 	listen := env("MEDIAVAULT_GATEWAY_ADDR", "127.0.0.1:8080")
+	grace := seconds("MEDIAVAULT_GATEWAY_SHUTDOWN_GRACE_SECONDS", 10)
+	readHeaderTimeout := seconds("MEDIAVAULT_GATEWAY_READ_HEADER_TIMEOUT_SECONDS", 10)
 
 	conn, err := grpc.Dial(upstream, grpc.WithInsecure())
 	if err != nil {
 		log.Fatalf("dial %s: %v", upstream, err)
 	}
 
-	runtime.HTTPError = func(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
-		copyTrailers(ctx, w)
-		if err == errNotModified {
-			// No body: drop what announced one (ForwardResponseMessage set them before the options ran).
-			w.Header().Del("Content-Type")
-			w.Header().Del("Trailer")
-			w.WriteHeader(http.StatusNotModified)
-			return
-		}
-		runtime.DefaultHTTPError(ctx, mux, m, w, r, err)
-	}
+	runtime.HTTPError = httpError
 	mux := runtime.NewServeMux(
 		runtime.WithMarshalerOption(runtime.MIMEWildcard, &runtime.JSONPb{OrigName: true, EmitDefaults: true}),
 		runtime.WithIncomingHeaderMatcher(incomingHeader),
@@ -64,8 +86,30 @@ func main() {
 		log.Fatal(err)
 	}
 
+	server := &http.Server{
+		Addr:              listen,
+		Handler:           limitBody(mux, validMetadata(mux, utf8Query(mux, acceptedFormats(ifNoneMatch(mux))))),
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    maxHeaderBytes,
+	}
+	// Never stopped: a second signal must not cut the requests the first one lets finish.
+	stop, _ := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	served := make(chan error, 1)
+	go func() { served <- server.ListenAndServe() }()
 	log.Printf("mediavault-gateway listening on %s, proxying to %s", listen, upstream)
-	log.Fatal(http.ListenAndServe(listen, acceptedFormats(ifNoneMatch(mux))))
+	select {
+	case err := <-served:
+		log.Fatal(err)
+	case <-stop.Done():
+	}
+	log.Printf("shutting down: requests in flight have %s to finish", grace)
+	deadline, cancel := context.WithTimeout(context.Background(), grace)
+	err = server.Shutdown(deadline)
+	cancel()
+	if err != nil {
+		log.Fatalf("shutdown: %v; the requests still in flight are cut", err)
+	}
 }
 
 func env(name, fallback string) string {
@@ -75,16 +119,29 @@ func env(name, fallback string) string {
 	return fallback
 }
 
+func seconds(name string, fallback float64) time.Duration {
+	value := fallback
+	if v := os.Getenv(name); v != "" {
+		parsed, err := strconv.ParseFloat(v, 64)
+		if err != nil || parsed <= 0 {
+			log.Fatalf("%s=%q: not a positive number of seconds", name, v)
+		}
+		value = parsed
+	}
+	return time.Duration(value * float64(time.Second))
+}
+
 // incomingHeader passes the caller's X-Request-Id and W3C trace context (traceparent,
 // tracestate) on as gRPC metadata, so that the server's log lines and spans join the BFF's
-// request, besides the gateway's defaults (Authorization, Grpc-Metadata-* and the permanent
-// HTTP headers).
+// request. No other header: the server reads none, and each one forwarded counts against its
+// metadata size limit. Authorization and X-Forwarded-For go through runtime.AnnotateContext.
 func incomingHeader(key string) (string, bool) {
-	switch key {
-	case "X-Request-Id", "Traceparent", "Tracestate":
-		return strings.ToLower(key), true
+	for _, name := range incomingHeaders {
+		if key == name {
+			return strings.ToLower(key), true
+		}
 	}
-	return runtime.DefaultHeaderMatcher(key)
+	return "", false
 }
 
 // outgoingHeader forwards header metadata of responseHeaders unprefixed, and no other.
@@ -93,18 +150,180 @@ func outgoingHeader(key string) (string, bool) {
 }
 
 // errNotModified is what forwardResponse answers for a feed page the client holds already:
-// grpc-gateway v1 then hands it to runtime.HTTPError instead of writing the body, and main's
-// HTTPError writes a bodiless 304.
+// grpc-gateway v1 then hands it to runtime.HTTPError instead of writing the body, and
+// httpError writes a bodiless 304.
 var errNotModified = errors.New("not modified")
 
+// errTooLarge answers a body over maxRequestBytes, with 413 rather than the 400 of its gRPC code.
+// As errHeadersTooLarge, it is INVALID_ARGUMENT, the code of the other requests the gateway refuses.
+var errTooLarge = gatewayError(codes.InvalidArgument, "REQUEST_TOO_LARGE",
+	fmt.Sprintf("the request body is larger than %d bytes", maxRequestBytes))
+
+// httpError is runtime.HTTPError: the error body of grpc-gateway, whose details are the
+// server's, with the rate-limit and request-id trailers as headers.
+func httpError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
+	if err == errNotModified {
+		// forwardResponse copied the trailers already. No body: drop what announced one
+		// (ForwardResponseMessage set them before the options ran).
+		w.Header().Del("Content-Type")
+		w.Header().Del("Trailer")
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	copyTrailers(ctx, w)
+	if err == errTooLarge || bodyTooLarge(r) {
+		runtime.DefaultHTTPError(ctx, mux, m, statusWriter{w, http.StatusRequestEntityTooLarge}, r, errTooLarge)
+		return
+	}
+	runtime.DefaultHTTPError(ctx, mux, m, w, r, withoutInternals(r, err))
+}
+
+// gatewayError is an error the gateway answers itself, in the server's shape: one ErrorInfo
+// of domain mediavault, whose reason clients switch on.
+func gatewayError(code codes.Code, reason, message string) error {
+	s, err := status.New(code, message).WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: "mediavault"})
+	if err != nil {
+		panic(err) // an ErrorInfo always marshals
+	}
+	return s.Err()
+}
+
+// withoutInternals keeps what the server answered, which always carries an ErrorInfo. Any other
+// UNAVAILABLE or internal error comes from the connection to the server or from the gateway,
+// and its message names internal addresses or types: the client gets a generic one, the log
+// the error.
+func withoutInternals(r *http.Request, err error) error {
+	s, _ := status.FromError(err)
+	for _, detail := range s.Details() {
+		if _, ok := detail.(*errdetails.ErrorInfo); ok {
+			return err
+		}
+	}
+	switch s.Code() {
+	case codes.Unavailable:
+		log.Printf("%s %s: %v", r.Method, r.URL.Path, err)
+		return gatewayError(codes.Unavailable, "UNAVAILABLE", "the service is unavailable; retry")
+	case codes.Unknown, codes.Internal, codes.DataLoss:
+		log.Printf("%s %s: %v", r.Method, r.URL.Path, err)
+		return gatewayError(codes.Internal, "INTERNAL_ERROR", "internal error")
+	}
+	return err
+}
+
+// statusWriter writes its status instead of the one grpc-gateway derives from the gRPC code,
+// for answers no gRPC code maps to.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w statusWriter) WriteHeader(int) { w.ResponseWriter.WriteHeader(w.status) }
+
+// limitBody answers 413 to a body declared larger than maxRequestBytes before reading any of it,
+// and stops reading an undeclared (chunked) one there; bodyTooLarge then tells httpError.
+func limitBody(mux *runtime.ServeMux, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength > maxRequestBytes {
+			reject(mux, w, r, errTooLarge)
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, maxRequestBytes)
+		next.ServeHTTP(w, r)
+	})
+}
+
+// bodyTooLarge tells whether reading the body stopped at maxRequestBytes: the generated code
+// keeps only the text of http.MaxBytesReader's error, which the reader returns again on any Read.
+func bodyTooLarge(r *http.Request) bool {
+	var tooLarge *http.MaxBytesError
+	_, err := r.Body.Read(nil)
+	return errors.As(err, &tooLarge)
+}
+
+// reject answers err before the request reaches the mux, as the mux answers a call's error.
+func reject(mux *runtime.ServeMux, w http.ResponseWriter, r *http.Request, err error) {
+	_, outbound := runtime.MarshalerForRequest(mux, r)
+	runtime.HTTPError(r.Context(), mux, outbound, w, r, err)
+}
+
+// errHeadersTooLarge answers forwarded headers over maxForwardedBytes, with 431.
+var errHeadersTooLarge = gatewayError(codes.InvalidArgument, "HEADERS_TOO_LARGE",
+	fmt.Sprintf("the headers passed on to the service (Authorization, X-Request-Id, traceparent, tracestate, "+
+		"X-Forwarded-For, X-Forwarded-Host, Host) are larger than %d bytes together", maxForwardedBytes))
+
+// validMetadata drops the values of forwarded headers that gRPC metadata cannot carry (printable
+// ASCII only): the server would refuse the whole call, on every route, for an X-Request-Id. It
+// answers 431 when what is left passes maxForwardedBytes.
+func validMetadata(mux *runtime.ServeMux, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// The Host header is forwarded as x-forwarded-host when X-Forwarded-Host is absent.
+		size := len(r.Host)
+		for _, name := range forwardedHeaders {
+			values := r.Header.Values(name)
+			if len(values) == 0 {
+				continue
+			}
+			kept := make([]string, 0, len(values))
+			for _, v := range values {
+				if printableASCII(v) {
+					kept = append(kept, v)
+					size += len(name) + len(v)
+				}
+			}
+			if len(kept) == 0 {
+				r.Header.Del(name)
+			} else {
+				r.Header[http.CanonicalHeaderKey(name)] = kept
+			}
+		}
+		if size > maxForwardedBytes {
+			reject(mux, statusWriter{w, http.StatusRequestHeaderFieldsTooLarge}, r, errHeadersTooLarge)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// utf8Query answers 400 to a path or query string that is not UTF-8 once decoded: the request
+// fields they fill are proto strings, which the gRPC client refuses to encode (a 500).
+func utf8Query(mux *runtime.ServeMux, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !utf8.ValidString(r.URL.Path) {
+			reject(mux, w, r, gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", "the path is not UTF-8"))
+			return
+		}
+		for key, values := range r.URL.Query() {
+			valid := utf8.ValidString(key)
+			for _, v := range values {
+				valid = valid && utf8.ValidString(v)
+			}
+			if !valid {
+				reject(mux, w, r, gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT",
+					fmt.Sprintf("the query parameter %q is not UTF-8", key)))
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
 // forwardResponse runs before a successful response is written: the rate-limit and request-id
-// trailers become headers, and a feed page's etag becomes the ETag header; a page whose etag
-// the client sent in If-None-Match (ifNoneMatch) is a 304 Not Modified.
+// trailers become headers, and a feed page's etag becomes the ETag header; a page the server
+// found unchanged, or whose etag is among those ifNoneMatch read, is a 304 Not Modified.
 func forwardResponse(ctx context.Context, w http.ResponseWriter, resp proto.Message) error {
 	copyTrailers(ctx, w)
 	if feed, ok := resp.(*mediav1.ListFeedResponse); ok {
 		w.Header().Set("ETag", `"`+feed.Etag+`"`)
-		if feed.NotModified {
+		if feed.NotModified || held(ctx, feed.Etag) {
 			return errNotModified
 		}
 	}
@@ -123,17 +342,49 @@ func copyTrailers(ctx context.Context, w http.ResponseWriter) {
 	}
 }
 
-// ifNoneMatch copies If-None-Match on GET /v1/feed into the if_none_match query parameter:
-// grpc-gateway v1 binds path, query and body to request fields, never a header.
+type heldETagsKey struct{}
+
+// ifNoneMatch reads If-None-Match on GET /v1/feed. A single etag also goes to the server as the
+// if_none_match query parameter (grpc-gateway v1 binds path, query and body to request fields,
+// never a header), which then leaves the page out; forwardResponse compares a list, or *, itself.
 func ifNoneMatch(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if etag := r.Header.Get("If-None-Match"); etag != "" && r.URL.Path == "/v1/feed" {
-			query := r.URL.Query()
-			query.Set("if_none_match", strings.Trim(etag, `"`))
-			r.URL.RawQuery = query.Encode()
+		if etags := entityTags(r.Header.Values("If-None-Match")); len(etags) > 0 && r.URL.Path == "/v1/feed" {
+			if len(etags) == 1 && etags[0] != "*" {
+				query := r.URL.Query()
+				query.Set("if_none_match", etags[0])
+				r.URL.RawQuery = query.Encode()
+			}
+			r = r.WithContext(context.WithValue(r.Context(), heldETagsKey{}, etags))
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// entityTags is the opaque tags of If-None-Match values, compared weakly (RFC 7232): W/ and the
+// quotes stripped, * kept; an entry that is not UTF-8 is no etag of the gateway's, left out.
+func entityTags(headers []string) []string {
+	var etags []string
+	for _, header := range headers {
+		for _, entry := range strings.Split(header, ",") {
+			etag := strings.Trim(strings.TrimPrefix(strings.TrimSpace(entry), "W/"), `"`)
+			if etag != "" && utf8.ValidString(etag) {
+				etags = append(etags, etag)
+			}
+		}
+	}
+	return etags
+}
+
+// held tells whether the client's If-None-Match names the page's etag, or is *.
+func held(ctx context.Context, etag string) bool {
+	etags, _ := ctx.Value(heldETagsKey{}).([]string)
+	for _, e := range etags {
+		if e == etag || e == "*" {
+			return true
+		}
+	}
+	return false
 }
 
 // acceptedFormats copies the image types of the Accept header, best first by their q values,
@@ -157,7 +408,8 @@ func acceptedFormats(next http.Handler) http.Handler {
 }
 
 // byPreference is the media types of Accept header values in preference order: higher q first,
-// the header's order among equals, q=0 (not acceptable) left out.
+// the header's order among equals, q=0 (not acceptable) left out, and so are types that are not
+// UTF-8, which no format the server makes is.
 func byPreference(headers []string) []string {
 	type ranked struct {
 		mime string
@@ -176,7 +428,7 @@ func byPreference(headers []string) []string {
 					}
 				}
 			}
-			if mime != "" && q > 0 {
+			if mime != "" && q > 0 && utf8.ValidString(mime) {
 				found = append(found, ranked{mime, q})
 			}
 		}

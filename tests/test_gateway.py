@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import secrets
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from http.client import HTTPConnection, HTTPMessage
 from pathlib import Path
 
 import aiohttp
@@ -42,8 +44,15 @@ def gateway_binary() -> Path:
 @contextlib.asynccontextmanager
 async def gateway_process(binary: Path, grpc_port: int) -> AsyncIterator[str]:
     """The gateway as its own process, the way a BFF runs it next to the service; yields its base URL."""
+    async with started_gateway(binary, grpc_port) as (url, _):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def started_gateway(binary: Path, grpc_port: int, **environ: str) -> AsyncIterator[tuple[str, subprocess.Popen]]:
+    """(base URL, process) of a gateway with these environment variables besides its addresses."""
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{grpc_port}", "MEDIAVAULT_GATEWAY_ADDR": address}
+    env = {**os.environ, **environ, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{grpc_port}", "MEDIAVAULT_GATEWAY_ADDR": address}
     process = subprocess.Popen([str(binary)], env=env)
     try:
         deadline = time.monotonic() + 30
@@ -55,7 +64,7 @@ async def gateway_process(binary: Path, grpc_port: int) -> AsyncIterator[str]:
             assert process.poll() is None, f"gateway exited with {process.returncode}"
             assert time.monotonic() < deadline, "gateway never listened"
             await asyncio.sleep(0.05)
-        yield f"http://{address}"
+        yield f"http://{address}", process
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -380,3 +389,171 @@ async def test_resumable_upload_through_the_gateway_with_tus_js_client(gateway, 
     assert status == 200, done
     assert done["upload"]["state"] == "UPLOAD_STATE_FINALIZED"
     assert done["upload"]["sha256"] == sha256_hex(data)
+
+
+def raw_get(url: str, target: str, headers: dict[str, bytes]) -> tuple[int, HTTPMessage, bytes]:
+    """(status, headers, body) of a GET whose header values are sent byte for byte, which aiohttp would refuse."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest("GET", target)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+async def summary_of(http, gateway: str, md: dict) -> dict:
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", md)
+    assert status == 200, body
+    return body["summary"]
+
+
+async def test_a_body_over_8_mib_is_413_and_never_reaches_the_server(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    # Valid JSON the server would take: the padding is whitespace, the message it decodes to small.
+    body = json.dumps(begin_body(fake_jpeg(2000))).encode() + b" " * (9 << 20)
+    async with http.post(f"{gateway}/v1/uploads", headers={**md, "Content-Type": "application/json"}, data=body) as response:
+        assert response.status == 413
+        declared = await response.json()
+
+    async def chunked():
+        for offset in range(0, len(body), 1 << 20):
+            yield body[offset : offset + (1 << 20)]
+
+    async with http.post(f"{gateway}/v1/uploads", headers={**md, "Content-Type": "application/json"}, data=chunked()) as response:
+        assert response.request_info.headers["Transfer-Encoding"] == "chunked"
+        assert response.status == 413
+        undeclared = await response.json()
+    for refused in (declared, undeclared):
+        assert refused["code"] == 3
+        assert reason(refused) == "REQUEST_TOO_LARGE"
+        assert refused["message"] == refused["error"] == f"the request body is larger than {8 << 20} bytes"
+    assert (await summary_of(http, gateway, md))["reserved_bytes"] == "0"
+
+
+async def test_only_the_headers_the_server_reads_are_forwarded(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    # 10 KB the server would refuse as metadata (at random past 8 KiB): none of it is forwarded.
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", {**md, "Cookie": "c=" + "x" * 6000, "User-Agent": "u" * 4000})
+    assert status == 200, body
+    async with http.get(f"{gateway}/v1/storage/summary", headers={**md, "Cookie": "c=" + "x" * 17000}) as response:
+        assert response.status == 431, "net/http's limit"
+    # What is forwarded has a budget of its own, well under the server's limit.
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", {**md, "X-Request-Id": "r" * 2500, "tracestate": "t=" + "s" * 2500})
+    assert status == 431
+    assert body["code"] == 3
+    assert reason(body) == "HEADERS_TOO_LARGE"
+    # Grpc-Metadata-* no longer reaches the server as metadata, so it cannot stand in for Authorization.
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", {"Grpc-Metadata-Authorization": md["Authorization"]})
+    assert status == 401
+    assert reason(body) == "UNAUTHORIZED"
+
+
+async def test_bytes_that_are_not_utf8_or_ascii_are_not_a_500(gateway, bearer, user_id):
+    auth = bearer(user_id)["Authorization"].encode()
+    status, headers, body = await asyncio.to_thread(raw_get, gateway, "/v1/feed", {"Authorization": auth, "If-None-Match": b'"\xff\xfe"'})
+    assert status == 200, body
+    assert json.loads(body)["etag"]
+    status, _, body = await asyncio.to_thread(raw_get, gateway, "/v1/feed", {"Authorization": auth, "Accept": b"image/avif\xff, image/webp"})
+    assert status == 200, body
+    status, headers, body = await asyncio.to_thread(
+        raw_get, gateway, "/v1/storage/summary", {"Authorization": auth, "X-Request-Id": "bff-caf\u00e9".encode()}
+    )
+    assert status == 200, body
+    assert len(headers["X-Request-Id"]) == 32, "dropped: the server made one up"
+    status, _, body = await asyncio.to_thread(raw_get, gateway, "/v1/feed?page_token=%ff", {"Authorization": auth})
+    assert status == 400, body
+    assert json.loads(body)["code"] == 3
+    assert reason(json.loads(body)) == "INVALID_ARGUMENT"
+
+
+async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed", md)
+    assert status == 200, feed
+    etag = headers["ETag"]
+    for if_none_match in (f"W/{etag}", f'"other", {etag}', f'W/"other", W/{etag}', "*"):
+        async with http.get(f"{gateway}/v1/feed", headers={**md, "If-None-Match": if_none_match}) as response:
+            assert response.status == 304, if_none_match
+            assert await response.read() == b""
+            assert response.headers["ETag"] == etag
+            assert response.headers["Vary"] == "Accept"
+    status, _, _ = await call(http, "GET", f"{gateway}/v1/feed", {**md, "If-None-Match": '"other", W/"another"'})
+    assert status == 200
+
+
+async def test_a_304_carries_each_header_once(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/feed", md)
+    assert status == 200
+    async with http.get(f"{gateway}/v1/feed", headers={**md, "If-None-Match": headers["ETag"]}) as response:
+        assert response.status == 304
+        for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Request-Id", "ETag", "Vary"):
+            assert len(response.headers.getall(name)) == 1, (name, response.headers)
+
+
+async def test_an_unreachable_server_is_503_without_its_address(gateway_binary, http):
+    port = free_port()
+    async with gateway_process(gateway_binary, port) as url:
+        status, body, _ = await call(http, "GET", f"{url}/v1/storage/summary")
+    assert status == 503
+    assert body["code"] == 14
+    assert reason(body) == "UNAVAILABLE"
+    assert str(port) not in body["message"]
+    assert body["message"] == "the service is unavailable; retry"
+
+
+async def test_sigterm_lets_requests_in_flight_finish(gateway_binary, make_settings, http, bearer, user_id, pool):
+    md = bearer(user_id)
+    data = small_jpeg()
+    async with running(make_settings()) as server, started_gateway(gateway_binary, server.grpc_port) as (url, process):
+        status, begun, _ = await call(http, "POST", f"{url}/v1/uploads", md, begin_body(data))
+        assert status == 200, begun
+        await put_bytes(http, begun, data)
+        # A transaction holding the account keeps the finalize waiting at the server.
+        async with pool.acquire() as conn:
+            holding = conn.transaction()
+            await holding.start()
+            try:
+                await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user_id)
+                finalizing = asyncio.create_task(call(http, "POST", f"{url}/v1/uploads/{begun['upload']['upload_id']}:finalize", md, {}))
+                deadline = time.monotonic() + 10
+                blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+                while not await pool.fetchval(blocked, conn.get_server_pid()):
+                    assert time.monotonic() < deadline, "the finalize never waited for the account"
+                    await asyncio.sleep(0.05)
+                process.terminate()
+                await asyncio.sleep(0.5)
+                assert process.poll() is None, "the gateway waits for the request in flight"
+            finally:
+                await holding.rollback()
+            status, done, _ = await finalizing
+        assert status == 200, done
+        assert done["upload"]["state"] == "UPLOAD_STATE_FINALIZED"
+        assert await asyncio.to_thread(process.wait, 10) == 0
+
+
+async def test_a_client_slow_to_send_its_headers_is_cut(gateway_binary):
+    async with started_gateway(gateway_binary, free_port(), MEDIAVAULT_GATEWAY_READ_HEADER_TIMEOUT_SECONDS="1") as (url, _):
+        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        writer.write(b"GET /v1/storage/summary HTTP/1.1\r\nHost: gateway\r\n")
+        started, cut = time.monotonic(), None
+        try:
+            # A header line every 0.25 s for 5 s, each well within any idle timeout.
+            for i in range(20):
+                writer.write(b"X-Pad-%d: y\r\n" % i)
+                await writer.drain()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    if await asyncio.wait_for(reader.read(1024), 0.25) == b"":
+                        cut = time.monotonic() - started
+                        break
+        except ConnectionError:
+            cut = time.monotonic() - started
+        finally:
+            writer.close()
+    assert cut is not None, "the gateway still waited for the headers after 5 s"
+    assert cut < 3
