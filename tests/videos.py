@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 HLG = ["-color_primaries", "bt2020", "-color_trc", "arib-std-b67", "-colorspace", "bt2020nc"]
@@ -147,6 +148,26 @@ def cover_first(path: Path, source: Path) -> Path:
     path.write_bytes(bytes(out))
     cover.unlink()
     covered.unlink()
+    return path
+
+
+def blank_png(path: Path, side: int) -> Path:
+    """A black side x side RGB PNG, written row by row: a few hundred KB that decode to side² x 3 bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + side * 3)
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def with_stream(path: Path, source: Path, *extra: str) -> Path:
+    """source with one more stream, the output of ffmpeg's input and encoding arguments extra, copied
+    into path beside the source's streams (the extra one last)."""
+    ffmpeg("-i", str(source), *extra, "-map", "0", "-map", "1", "-c:v:0", "copy", "-c:a", "copy", str(path))
     return path
 
 

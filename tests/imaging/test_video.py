@@ -296,12 +296,66 @@ async def test_sound_is_taken_only_from_an_allow_listed_codec(clips):
     with pytest.raises(PermanentImagingError) as refused:
         await videos.probe(only_tta, "video/webm", videos.VideoLimits())
     assert refused.value.message == "unsupported format"
-    # The AAC track (48 kHz) is the one the renditions carry, not the TTA track (22.05 kHz) before it.
-    source, made = await _transcode(make.dubbed(clips / "tta-aac.mkv", ("tta", 22050), ("aac", 48000)), "video/webm",
-                                    clips / "tta-aac")
-    assert (source.video_index, source.audio_index) == (0, 2)
+    # An AAC track beside it does not help: FFmpeg would open TTA's decoder on the file to probe it.
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(make.dubbed(clips / "tta-aac.mkv", ("tta", 22050), ("aac", 48000)), "video/webm", _DEFAULT_LIMITS)
+    assert refused.value.message == "unsupported format"
+    # Of two allowed tracks the first is the one the renditions carry.
+    source, made = await _transcode(make.dubbed(clips / "mp3-aac.mkv", ("mp3", 22050), ("aac", 48000)), "video/webm",
+                                    clips / "mp3-aac")
+    assert (source.video_index, source.audio_index) == (0, 1)
     make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)
-    assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == ["48000"]
+    assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == ["22050"]
+
+
+async def test_a_source_with_a_stream_no_allowed_decoder_reads_is_refused_before_anything_decodes_it(clips):
+    # An MPEG-4 Part 2 picture stream beside the H.264 video: the renditions would not use it, but
+    # FFmpeg's stream analysis would decode its first frame.
+    video = make.h264(clips / "plain.mp4", audio=False)
+    extra = make.with_stream(clips / "mpeg4-beside.mp4", video, *make._testsrc("64x48", 1.0, 5), "-c:v:1", "mpeg4")
+    assert [s["codec_name"] for s in make.probe(extra)["streams"]] == ["h264", "mpeg4"]
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(extra, "video/mp4", _DEFAULT_LIMITS)
+    assert refused.value.message == "unsupported format"
+
+
+_PROBE_AND_TRANSCODE_PEAK_RSS = """
+import asyncio, resource, sys
+from pathlib import Path
+from mediavault.imaging import video as videos
+
+async def main():
+    limits = videos.VideoLimits()
+    source = await videos.probe(Path(sys.argv[1]), "video/mp4", limits)
+    async def going_on(done):
+        return True
+    made = await videos.transcode(Path(sys.argv[1]), "video/mp4", source, Path(sys.argv[2]), limits=limits,
+                                  timeout_seconds=60, on_progress=going_on, threads=1)
+    print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, made[0].width, made[0].height)
+
+asyncio.run(main())
+"""
+
+
+def test_a_cover_picture_costs_the_probe_and_the_renditions_no_decode_of_its_size(clips):
+    # A 64 MP black PNG cover is 200 KB in the file and 192 MiB decoded: ffprobe may decode a cover
+    # only within -max_pixels, and ffmpeg, which never maps it, does not decode it at all.
+    video = make.h264(clips / "bare.mp4", audio=True)
+    cover = make.blank_png(clips / "blank.png", 8192)
+    covered = make.with_stream(clips / "big-cover.mp4", video, "-i", str(cover), "-c:v:1", "copy",
+                               "-disposition:v:1", "attached_pic")
+
+    def peak_of_ffmpeg(path: Path, out: Path) -> int:
+        out.mkdir()
+        done = subprocess.run([sys.executable, "-c", _PROBE_AND_TRANSCODE_PEAK_RSS, str(path), str(out)],
+                              capture_output=True, text=True, check=True)
+        peak_kib, width, height = done.stdout.split()
+        assert (width, height) == ("320", "240")
+        return int(peak_kib)
+
+    bare_peak = peak_of_ffmpeg(video, clips / "bare")
+    covered_peak = peak_of_ffmpeg(covered, clips / "big-cover")
+    assert covered_peak - bare_peak < 32 * 1024, (bare_peak, covered_peak)
 
 
 @pytest.mark.parametrize("value", ["zz", "90"])

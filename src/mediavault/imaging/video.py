@@ -8,9 +8,10 @@ decoder was doing. See docs/video.md for the ladder and its encoder settings.
 
 Every fact the limits are checked against comes from ffprobe reading the container: its
 headers, then the timestamps of every packet of the streams the renditions are made from
-(demuxed, not decoded), since headers can state any duration. ffmpeg decodes nothing before
-the source has passed them, decodes only those streams (mapped by index), and enforces the
-limits again on what it decodes: every frame's size (`-max_pixels`, with `-xerror` so that a
+(demuxed, not decoded), since headers can state any duration. No FFmpeg run on the source
+opens a decoder that is not on its whitelist (the stream analysis would decode a first frame of
+every stream otherwise). ffmpeg decodes nothing before the source has passed the checks, decodes
+only the renditions' streams (mapped by index), and enforces the limits again on what it decodes: every frame's size (`-max_pixels`, with `-xerror` so that a
 frame refused fails the run), and the duration (`-t`).
 
 Sound: the first audio stream whose codec is in AUDIO_CODECS becomes the renditions' AAC. A
@@ -47,6 +48,23 @@ AUDIO_CODECS = frozenset({
     "aac", "mp3", "opus", "vorbis", "ac3", "eac3", "alac", "amr_nb", "amr_wb",
     "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le", "pcm_f32be",
 })
+# The decoders FFmpeg may open on an upload (`-codec_whitelist`), by decoder name: a codec has
+# several (native, libvpx, dav1d, fixed-point...) and FFmpeg takes the first its build has.
+# Its stream analysis (avformat_find_stream_info) otherwise decodes the first frames of every
+# stream, of any of the hundreds of codecs its demuxers map, before a check has looked at them.
+RENDITION_DECODERS = frozenset({
+    "h264", "hevc", "vp8", "libvpx", "vp9", "libvpx-vp9", "libdav1d", "libaom-av1", "av1",
+    "aac", "aac_fixed", "mp3float", "mp3", "opus", "libopus", "vorbis", "libvorbis", "ac3", "ac3_fixed", "eac3",
+    "alac", "amrnb", "amrwb", "libopencore_amrnb", "libopencore_amrwb",
+    *(codec for codec in AUDIO_CODECS if codec.startswith("pcm_")),
+})
+# ffprobe opens a decoder for every stream and exits when one is refused, so the probe also allows
+# what phones and editors put beside the video and the renditions never use: a cover picture
+# (MP4's covr holds a JPEG or a PNG) and timed text. A source with any other decodable stream is
+# refused as unsupported; data streams (timecode, camera metadata) have no decoder to open.
+PROBE_DECODERS = RENDITION_DECODERS | {"mjpeg", "png", "mov_text", "webvtt"}
+# What FFmpeg logs when a stream's decoder is not on the whitelist.
+_DECODER_REFUSED = b"not on whitelist"
 
 VIDEO_TOO_LONG = "video too long"
 VIDEO_TOO_LARGE = "video too large"
@@ -269,9 +287,9 @@ def check(source: Source, limits: VideoLimits) -> None:
 async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     """The source's facts from its container, checked against the limits: first as its headers state
     them, then with the duration its packets actually last."""
-    stated = parse_probe(await _ffprobe(path, mime, "-show_streams", "-show_format"))
+    stated = parse_probe(await _ffprobe(path, mime, limits, "-show_streams", "-show_format"))
     check(stated, limits)
-    measured = await _measured_duration(path, mime, stated, limits.max_duration_seconds)
+    measured = await _measured_duration(path, mime, stated, limits)
     source = replace(stated, duration_seconds=max(stated.duration_seconds, measured))
     if source.duration_seconds <= 0:
         raise PermanentImagingError(CORRUPT_VIDEO)
@@ -279,14 +297,21 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     return source
 
 
-async def _measured_duration(path: Path, mime: str, source: Source, bound: float) -> float:
+def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> list[str]:
+    return [
+        "ffprobe", "-v", "error", "-protocol_whitelist", _PROTOCOLS, "-codec_whitelist", ",".join(sorted(PROBE_DECODERS)),
+        "-max_pixels", str(limits.max_frame_pixels), "-f", DEMUXERS[mime], *what, str(path),
+    ]
+
+
+async def _measured_duration(path: Path, mime: str, source: Source, limits: VideoLimits) -> float:
     """How long the renditions' streams last by their packets' timestamps, counted from where ffmpeg
-    starts the renditions' clock; demuxing only, nothing decoded. Reading stops once past bound,
-    and the packets are read as they come, so a file of millions of them costs no memory."""
+    starts the renditions' clock; demuxing only, nothing decoded. Reading stops once past the
+    limit, and the packets are read as they come, so a file of millions of them costs no memory."""
     wanted = {source.video_index, source.audio_index}
+    bound = limits.max_duration_seconds
     process = await asyncio.create_subprocess_exec(
-        "ffprobe", "-v", "error", "-protocol_whitelist", _PROTOCOLS, "-f", DEMUXERS[mime],
-        "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "csv=p=0", str(path),
+        *_ffprobe_command(path, mime, limits, "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "csv=p=0"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     assert process.stdout is not None
@@ -316,15 +341,14 @@ async def _measured_duration(path: Path, mime: str, source: Source, bound: float
     return measured
 
 
-async def _ffprobe(path: Path, mime: str, *what: str) -> dict:
+async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> dict:
     process = await asyncio.create_subprocess_exec(
-        "ffprobe", "-v", "error", "-protocol_whitelist", _PROTOCOLS, "-f", DEMUXERS[mime],
-        "-print_format", "json", *what, str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        *_ffprobe_command(path, mime, limits, "-print_format", "json", *what),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, _ = await process.communicate()
+    out, errors = await process.communicate()
     if process.returncode != 0:
-        raise PermanentImagingError(CORRUPT_VIDEO)
+        raise PermanentImagingError(UNSUPPORTED_FORMAT if _DECODER_REFUSED in errors else CORRUPT_VIDEO)
     try:
         report = json.loads(out or b"{}")
     except ValueError:
@@ -354,6 +378,9 @@ def command(
         # The headers' facts bind nothing inside the stream: a later H.264 SPS may switch to any
         # frame size, and the probe's duration may still fall short of what the demuxer delivers.
         "-max_pixels", str(limits.max_frame_pixels), "-t", str(limits.max_duration_seconds),
+        # Only the mapped streams are decoded, but the input's stream analysis would take a first
+        # frame of each (a cover picture's, say) without this.
+        "-codec_whitelist", ",".join(sorted(RENDITION_DECODERS)),
         "-f", DEMUXERS[mime], "-i", str(source_path),
         "-filter_complex_threads", str(threads), "-filter_complex", graph, "-progress", "pipe:1",
     ]
