@@ -78,6 +78,9 @@ func main() {
 		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
 		runtime.WithForwardResponseOption(forwardResponse),
 	)
+	runtime.OtherErrorHandler = func(w http.ResponseWriter, r *http.Request, _ string, httpStatus int) {
+		routingError(mux, w, r, httpStatus)
+	}
 	ctx := context.Background()
 	if err := storagev1.RegisterStorageServiceHandler(ctx, mux, conn); err != nil {
 		log.Fatal(err)
@@ -191,7 +194,8 @@ func gatewayError(code codes.Code, reason, message string) error {
 // withoutInternals keeps what the server answered, which always carries an ErrorInfo. Any other
 // UNAVAILABLE or internal error comes from the connection to the server or from the gateway,
 // and its message names internal addresses or types: the client gets a generic one, the log
-// the error.
+// the error. An INVALID_ARGUMENT without one is grpc-gateway's own, for a body or a parameter it
+// cannot decode into the request message: it gets the ErrorInfo the server's would carry.
 func withoutInternals(r *http.Request, err error) error {
 	s, _ := status.FromError(err)
 	for _, detail := range s.Details() {
@@ -200,6 +204,8 @@ func withoutInternals(r *http.Request, err error) error {
 		}
 	}
 	switch s.Code() {
+	case codes.InvalidArgument:
+		return gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", s.Message())
 	case codes.Unavailable:
 		log.Printf("%s %s: %v", r.Method, r.URL.Path, err)
 		return gatewayError(codes.Unavailable, "UNAVAILABLE", "the service is unavailable; retry")
@@ -244,6 +250,21 @@ func bodyTooLarge(r *http.Request) bool {
 func reject(mux *runtime.ServeMux, w http.ResponseWriter, r *http.Request, err error) {
 	_, outbound := runtime.MarshalerForRequest(mux, r)
 	runtime.HTTPError(r.Context(), mux, outbound, w, r, err)
+}
+
+// routingError is what runtime.OtherErrorHandler answers, in the JSON shape of every other error
+// rather than grpc-gateway's plain text: a path no route matches (404 NOT_FOUND), a method the
+// path's routes do not take (405 METHOD_NOT_ALLOWED), a path the mux cannot read (400).
+func routingError(mux *runtime.ServeMux, w http.ResponseWriter, r *http.Request, httpStatus int) {
+	switch httpStatus {
+	case http.StatusNotFound:
+		reject(mux, w, r, gatewayError(codes.NotFound, "NOT_FOUND", "no route for "+r.Method+" "+r.URL.Path))
+	case http.StatusMethodNotAllowed:
+		reject(mux, statusWriter{w, http.StatusMethodNotAllowed}, r, gatewayError(codes.Unimplemented, "METHOD_NOT_ALLOWED",
+			r.Method+" is not a method of "+r.URL.Path))
+	default:
+		reject(mux, statusWriter{w, httpStatus}, r, gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", http.StatusText(httpStatus)))
+	}
 }
 
 // errHeadersTooLarge answers forwarded headers over maxForwardedBytes, with 431.

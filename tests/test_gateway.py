@@ -471,6 +471,37 @@ async def test_bytes_that_are_not_utf8_or_ascii_are_not_a_500(gateway, bearer, u
     assert reason(json.loads(body)) == "INVALID_ARGUMENT"
 
 
+async def test_what_grpc_gateway_cannot_decode_is_400_with_an_error_info(gateway, http, bearer, user_id):
+    md = {**bearer(user_id), "Content-Type": "application/json"}
+    for body in (b'{"size_bytes": ', b'{"size_bytes": "many"}', b"[]"):
+        async with http.post(f"{gateway}/v1/uploads", headers=md, data=body) as response:
+            assert response.status == 400
+            refused = await response.json()
+        assert refused["code"] == 3
+        assert reason(refused) == "INVALID_ARGUMENT", refused
+        assert refused["message"]
+    status, body, _ = await call(http, "GET", f"{gateway}/v1/feed?page_size=ten", md)
+    assert status == 400
+    assert reason(body) == "INVALID_ARGUMENT", body
+    assert (await summary_of(http, gateway, bearer(user_id)))["reserved_bytes"] == "0"
+
+
+async def test_a_route_that_does_not_exist_is_answered_in_json_with_an_error_info(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    for method, path, status, code, why in (
+        ("GET", "/v1/nothing", 404, 5, "NOT_FOUND"),
+        ("DELETE", "/v1/feed", 405, 12, "METHOD_NOT_ALLOWED"),
+        ("PATCH", "/v1/uploads", 405, 12, "METHOD_NOT_ALLOWED"),
+    ):
+        async with http.request(method, f"{gateway}{path}", headers=md) as response:
+            assert response.status == status, (method, path)
+            assert response.headers["Content-Type"] == "application/json"
+            refused = await response.json()
+        assert refused["code"] == code
+        assert reason(refused) == why
+        assert path in refused["message"]
+
+
 async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, user_id):
     md = bearer(user_id)
     status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed", md)
