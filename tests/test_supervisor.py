@@ -277,3 +277,40 @@ async def test_a_process_that_keeps_failing_is_restarted_ever_later(environment,
         await process.communicate()
     for slot_delays in delays.values():
         assert slot_delays[:EXITS_WATCHED] == [0.5 * 2**exit_ for exit_ in range(EXITS_WATCHED)], delays
+
+
+
+async def test_a_stop_while_the_processes_still_start_is_a_clean_exit(environment):
+    env = {**environment, "MEDIAVAULT_LOG_FORMAT": "json", "MEDIAVAULT_LOG_LEVEL": "info", "MEDIAVAULT_GRPC_ADDR": "127.0.0.1:0"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediavault.cli", "serve", "--processes", str(PROCESSES),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(60):
+        while True:
+            line = await process.stderr.readline()
+            assert line, "the supervisor exited before starting its processes"
+            if line.startswith(b"{") and json.loads(line).get("msg") == "server processes started":
+                break
+        # At once: the children are still importing, their SIGTERM handlers not yet installed.
+        process.send_signal(signal.SIGTERM)
+        _, rest = await process.communicate()
+    stopped = [json.loads(line) for line in rest.splitlines() if b'"server processes stopped"' in line]
+    assert [entry["clean"] for entry in stopped] == [True]
+    assert process.returncode == 0
+
+
+async def test_a_second_supervisor_on_the_same_port_refuses_to_start(environment):
+    async with serving(environment, processes=PROCESSES) as (first, port):
+        await children_listening(first, port)
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mediavault.cli", "serve", "--processes", str(PROCESSES),
+            env={**environment, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{port}"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            _, errors = await second.communicate()
+        assert second.returncode == 1
+        assert f"cannot take 127.0.0.1:{port}: Address already in use" in errors.decode()
+        assert len(listening_children(first, port)) == PROCESSES
+        assert await health_status(port) == SERVING

@@ -31,7 +31,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from mediavault.config import Settings, listen_address
+from mediavault.config import ListenAddress, Settings, listen_address
 from mediavault.metrics import MetricsEndpoint
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,28 @@ def process_count(requested: int) -> int:
 
 
 def reserve_port(addr: str) -> tuple[str, socket.socket]:
-    """Binds addr with SO_REUSEPORT without listening; returns addr with the bound port, and the socket."""
+    """Binds addr with SO_REUSEPORT without listening; returns addr with the bound port, and the socket.
+
+    OSError (EADDRINUSE) when anything holds the port already: SO_REUSEPORT alone would share it
+    with another supervisor's processes (a second deployment started by mistake), and the kernel
+    would split the connections between the two. A first bind without it tells.
+    """
     host = addr.rpartition(":")[0]
     address = listen_address(addr)
+    with _bound(address, reuse_port=False) as probe:
+        port = probe.getsockname()[1]
+    sock = _bound(listen_address(f"{host}:{port}"), reuse_port=True)
+    return f"{host}:{port}", sock
+
+
+def _bound(address: ListenAddress, *, reuse_port: bool) -> socket.socket:
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:
+            # Connections of an earlier run in TIME_WAIT hold the port for no one.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address.dual_stack:
             # grpc's [::] listener takes IPv4 too; so must the socket that holds its port.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -70,7 +86,7 @@ def reserve_port(addr: str) -> tuple[str, socket.socket]:
     except OSError:
         sock.close()
         raise
-    return f"{host}:{sock.getsockname()[1]}", sock
+    return sock
 
 
 def follow_parent(supervisor_pid: int) -> None:
@@ -125,16 +141,20 @@ class Supervisor:
 
     def _prepare(self) -> None:
         settings = self.settings
-        grpc_addr, grpc_socket = reserve_port(settings.grpc_addr)
-        self._reserved.append(grpc_socket)
-        overrides = {"MEDIAVAULT_GRPC_ADDR": grpc_addr, "MEDIAVAULT_METRICS_ADDR": ""}
+        overrides = {"MEDIAVAULT_GRPC_ADDR": self._reserve(settings.grpc_addr), "MEDIAVAULT_METRICS_ADDR": ""}
         if settings.blob_backend == "fs":
-            http_addr, http_socket = reserve_port(settings.http_addr)
-            self._reserved.append(http_socket)
-            overrides["MEDIAVAULT_HTTP_ADDR"] = http_addr
+            overrides["MEDIAVAULT_HTTP_ADDR"] = self._reserve(settings.http_addr)
         if settings.metrics_addr:
             overrides[MULTIPROC_DIR_VARIABLE] = str(self._open_metrics())
         self._env = {**os.environ, **overrides}
+
+    def _reserve(self, addr: str) -> str:
+        try:
+            reserved, sock = reserve_port(addr)
+        except OSError as error:
+            raise SystemExit(f"cannot take {addr}: {error.strerror}") from None
+        self._reserved.append(sock)
+        return reserved
 
     def _open_metrics(self) -> Path:
         directory = Path(tempfile.mkdtemp(prefix="mediavault-metrics-"))
@@ -193,7 +213,9 @@ class Supervisor:
                 log.error("server process did not stop in time; killing it", extra={"pid": slot.process.pid})
                 slot.process.kill()
                 code = slot.process.wait()
-            clean = clean and code == 0
+            # A child still importing when the stop came dies of the signal: its handler, installed
+            # before it binds, was not there yet, so it had served nothing.
+            clean = clean and code in (0, -signal.SIGTERM)
             self._forget(slot)
         log.info("server processes stopped", extra={"clean": clean})
         return 0 if clean else 1
