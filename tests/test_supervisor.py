@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from mediavault import devservers
+from mediavault import devservers, supervisor
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.helpers import begin, fake_jpeg, fetch, put, serve_environment
@@ -314,3 +314,30 @@ async def test_a_second_supervisor_on_the_same_port_refuses_to_start(environment
         assert f"cannot take 127.0.0.1:{port}: Address already in use" in errors.decode()
         assert len(listening_children(first, port)) == PROCESSES
         assert await health_status(port) == SERVING
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_as_a_container_sees_it(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert supervisor.cpu_quota(tmp_path) == expected
+
+
+def test_one_process_per_core_stays_within_the_cpu_quota(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert supervisor.process_count(0, tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert supervisor.process_count(0, tmp_path) == min(cores, 2)
+    (tmp_path / "cpu.max").write_text("10000 100000\n")
+    assert supervisor.process_count(0, tmp_path) == 1
+    assert supervisor.process_count(3, tmp_path) == 3

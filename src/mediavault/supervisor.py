@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
@@ -49,11 +50,30 @@ _POLL_SECONDS = 0.05
 _PR_SET_PDEATHSIG = 1
 
 
-def process_count(requested: int) -> int:
-    """--processes: 0 is one per core this process may run on."""
+def process_count(requested: int, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """--processes: 0 is one per core this process may run on, within its cgroup's CPU quota."""
     if requested:
         return requested
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(cgroup_root)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cpu_quota(cgroup_root: Path) -> float | None:
+    """The CPUs' worth of time this process's cgroup may use (a container's CPU limit), None when
+    unlimited: the cores the scheduler offers take no account of it, and a process per core would
+    overrun the limit and be throttled. cgroup v2's cpu.max, else v1's cfs quota and period."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (cgroup_root / quota_file).read_text().split()
+            if period_file is not None:
+                fields += (cgroup_root / period_file).read_text().split()
+        except OSError:
+            continue
+        if len(fields) != 2 or fields[0] in ("max", "-1"):
+            return None
+        return int(fields[0]) / int(fields[1])
+    return None
 
 
 def reserve_port(addr: str) -> tuple[str, socket.socket]:
