@@ -13,9 +13,11 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"math"
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -408,10 +410,9 @@ func held(ctx context.Context, etag string) bool {
 	return false
 }
 
-// acceptedFormats copies the image types of the Accept header, best first by their q values,
-// into the accept query parameters of GET /v1/feed and GET /v1/media/{id}, unless the query
-// names some itself, and marks those responses Vary: Accept, since the variants' formats follow
-// it. The server ignores the types it does not make (application/json among them).
+// acceptedFormats puts the image formats the Accept header accepts, best first, into the accept
+// query parameters of GET /v1/feed and GET /v1/media/{id}, unless the query names some itself,
+// and marks those responses Vary: Accept, since the variants' formats follow it.
 func acceptedFormats(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodGet && (r.URL.Path == "/v1/feed" || strings.HasPrefix(r.URL.Path, "/v1/media/")) {
@@ -428,36 +429,76 @@ func acceptedFormats(next http.Handler) http.Handler {
 	})
 }
 
-// byPreference is the media types of Accept header values in preference order: higher q first,
-// the header's order among equals, q=0 (not acceptable) left out, and so are types that are not
-// UTF-8, which no format the server makes is.
+// serverFormats is what the server makes, in its own order (SERVER_ORDER in
+// src/mediavault/domain/formats.py). The server reads accept as a plain list, so wildcards and
+// q values are resolved here, against these.
+var serverFormats = []string{"image/jpeg", "image/webp", "image/png", "image/avif"}
+
+// wildcards is how specific each range that matches any of serverFormats is: all are image/*.
+var wildcards = map[string]int{"*/*": 0, "image/*": 1}
+
+const exactType = 2
+
+// qvalue accepts more decimals than RFC 9110's three, so that a client's q=0.0001 still ranks low.
+var qvalue = regexp.MustCompile(`^[0-9]+(\.[0-9]*)?$`)
+
+// byPreference is the server's formats that Accept header values accept, best first (RFC 9110
+// 12.5.1): each format takes its q from the most specific range that matches it (the first of
+// equals), q=0 refuses it, and one no range matches is not acceptable. Higher q first, then the
+// header's order of the ranges that gave them their q, then the server's order (the formats one
+// wildcard gives the same q).
 func byPreference(headers []string) []string {
-	type ranked struct {
-		mime string
-		q    float64
+	type match struct {
+		specificity int
+		q           float64
+		position    int
 	}
-	var found []ranked
+	matched := map[string]match{}
+	position := 0
 	for _, header := range headers {
 		for _, entry := range strings.Split(header, ",") {
 			parts := strings.Split(entry, ";")
-			mime := strings.TrimSpace(parts[0])
-			q := 1.0
-			for _, param := range parts[1:] {
-				if name, value, ok := strings.Cut(strings.TrimSpace(param), "="); ok && strings.EqualFold(name, "q") {
-					if parsed, err := strconv.ParseFloat(value, 64); err == nil {
-						q = parsed
+			mediaRange := strings.ToLower(strings.TrimSpace(parts[0]))
+			for _, format := range serverFormats {
+				specificity, wildcard := wildcards[mediaRange]
+				if !wildcard {
+					if mediaRange != format {
+						continue
 					}
+					specificity = exactType
+				}
+				if current, seen := matched[format]; !seen || specificity > current.specificity {
+					matched[format] = match{specificity, quality(parts[1:]), position}
 				}
 			}
-			if mime != "" && q > 0 && utf8.ValidString(mime) {
-				found = append(found, ranked{mime, q})
+			position++
+		}
+	}
+	var types []string
+	for _, format := range serverFormats {
+		if m, seen := matched[format]; seen && m.q > 0 {
+			types = append(types, format)
+		}
+	}
+	sort.SliceStable(types, func(i, j int) bool {
+		a, b := matched[types[i]], matched[types[j]]
+		if a.q != b.q {
+			return a.q > b.q
+		}
+		return a.position < b.position
+	})
+	return types
+}
+
+// quality is the q parameter of a media range, 1 when it has none or one that is no number.
+func quality(parameters []string) float64 {
+	q := 1.0
+	for _, param := range parameters {
+		if name, value, ok := strings.Cut(strings.TrimSpace(param), "="); ok && strings.EqualFold(name, "q") && qvalue.MatchString(value) {
+			if parsed, err := strconv.ParseFloat(value, 64); err == nil {
+				q = math.Min(parsed, 1)
 			}
 		}
 	}
-	sort.SliceStable(found, func(i, j int) bool { return found[i].q > found[j].q })
-	types := make([]string, len(found))
-	for i, f := range found {
-		types[i] = f.mime
-	}
-	return types
+	return q
 }

@@ -188,10 +188,8 @@ def thumbnail_of(media: dict) -> dict:
     return next(v for v in media["variants"] if v["name"] == "thumbnail")
 
 
-async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gateway, http, bearer, user_id):
-    md = bearer(user_id)
-    # Its thumbnail and preview are smaller in AVIF than in JPEG, so both are kept.
-    data = (CORPUS / "images/formats/hopper.jpg").read_bytes()
+async def processed(http, gateway: str, md: dict, data: bytes):
+    """(GetMedia's JSON, its headers) once the upload of this JPEG has been processed."""
     status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data))
     assert status == 200, begun
     await put_bytes(http, begun, data)
@@ -201,9 +199,16 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
     while True:
         status, item, headers = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}", md)
         if item["media"]["processing_status"] == "PROCESSING_STATUS_COMPLETE":
-            break
+            return item, headers
         assert time.monotonic() < deadline, item
         await asyncio.sleep(0.2)
+
+
+async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    # Its thumbnail and preview are smaller in AVIF than in JPEG, so both are kept.
+    item, headers = await processed(http, gateway, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    media_id = item["media"]["media_id"]
     assert headers["Vary"] == "Accept"
     assert item["media"]["thumbhash"], "bytes come as base64 in JSON"
     plain = {v["name"]: v for v in item["media"]["variants"]}
@@ -212,7 +217,7 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
 
     # JPEG is named first but with a lower q: the gateway orders by q.
     browser = {**md, "Accept": "application/json, image/jpeg;q=0.5, image/avif;q=0.9, */*;q=0.1"}
-    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}", browser)
+    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}", browser)
     assert status == 200, item
     chosen = {v["name"]: v for v in item["media"]["variants"]}
     assert chosen["thumbnail"]["content_type"] == "image/avif"
@@ -234,14 +239,14 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
     assert status == 200, answer
     assert answer["etag"] == avif_feed["etag"]
     # The query's accept wins over the header.
-    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}?accept=image/jpeg", browser)
+    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}?accept=image/jpeg", browser)
     assert thumbnail_of(item["media"])["content_type"] == "image/jpeg"
 
     # Safari names WebP first: until its WebP is made on request it gets the AVIF, then the WebP.
     safari = {**md, "Accept": "image/webp,image/avif,image/jxl,image/heic,image/*;q=0.8,*/*;q=0.5"}
     deadline = time.monotonic() + 60
     while True:
-        status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{done['media_id']}", safari)
+        status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}", safari)
         assert status == 200, item
         thumbnail = thumbnail_of(item["media"])
         if thumbnail["content_type"] == "image/webp":
@@ -253,6 +258,28 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
     async with http.get(thumbnail["url"]) as response:
         assert response.headers["Content-Type"] == "image/webp"
         assert Image.open(io.BytesIO(await response.read())).format == "WEBP"
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen", "alternatives"),
+    [
+        # A wildcard accepts only what no more specific range refuses or ranks lower.
+        ("image/*, image/jpeg;q=0, image/webp;q=0", "image/avif", ["image/jpeg"]),
+        ("image/jpeg;q=0.1, image/webp;q=0, image/*", "image/avif", ["image/jpeg"]),
+        ("*/*;q=0.5, image/avif;q=0", "image/jpeg", ["image/avif"]),
+    ],
+)
+async def test_a_wildcard_gives_a_format_no_q_a_more_specific_range_sets(gateway, http, bearer, user_id, accept, chosen, alternatives):
+    md = bearer(user_id)
+    item, _ = await processed(http, gateway, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{item['media']['media_id']}", {**md, "Accept": accept})
+    assert status == 200, item
+    thumbnail = thumbnail_of(item["media"])
+    assert thumbnail["content_type"] == chosen
+    assert [a["content_type"] for a in thumbnail["alternatives"]] == alternatives
+    async with http.get(thumbnail["url"]) as response:
+        assert response.headers["Content-Type"] == chosen
+        assert Image.open(io.BytesIO(await response.read())).get_format_mimetype() == chosen
 
 
 async def test_missing_token_is_401_unauthorized(gateway, http):

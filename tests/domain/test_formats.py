@@ -16,6 +16,8 @@ class Made:
 
 PHOTO = [Made("image/jpeg"), Made("image/webp"), Made("image/avif")]
 WITH_ALPHA = [Made("image/webp"), Made("image/avif")]
+# A photo's thumbnail before a client asked for WebP.
+STORED = [Made("image/jpeg"), Made("image/avif")]
 
 
 @pytest.mark.parametrize(
@@ -23,15 +25,27 @@ WITH_ALPHA = [Made("image/webp"), Made("image/avif")]
     [
         ([], ()),
         (["image/avif", "image/webp"], ("image/avif", "image/webp")),
-        (["IMAGE/WebP; q=0.9", "image/avif"], ("image/webp", "image/avif")),
+        (["IMAGE/WebP; q=0.9", "image/avif"], ("image/avif", "image/webp")),
         (["application/json", "image/svg+xml", "text/html"], ()),
         (["image/avif", "image/*"], ("image/avif", "image/jpeg", "image/webp", "image/png")),
         (["*/*"], formats.SERVER_ORDER),
         (["image/webp", "image/webp", "image/avif"], ("image/webp", "image/avif")),
         (["text/plain"] * formats.MAX_ACCEPTED + ["image/avif"], ()),
+        # A format takes its q from the most specific range naming it; q=0 refuses it.
+        (["image/avif;q=0"], ()),
+        (["image/avif;q=0", "image/webp"], ("image/webp",)),
+        (["image/avif;q=0", "image/avif"], ()),
+        (["image/*", "image/jpeg;q=0"], ("image/webp", "image/png", "image/avif")),
+        (["image/jpeg;q=0.1", "image/*"], ("image/webp", "image/png", "image/avif", "image/jpeg")),
+        (["image/*", "image/jpeg"], ("image/webp", "image/png", "image/avif", "image/jpeg")),
+        (["*/*;q=0.1", "image/*;q=0.5", "image/avif"], ("image/avif", "image/jpeg", "image/webp", "image/png")),
+        (["image/*;q=0", "*/*"], ()),
+        (["image/webp;q=0.5", "image/avif;q=0.50", "image/jpeg;q=0.9"], ("image/jpeg", "image/webp", "image/avif")),
+        (["image/avif;q=high", "image/webp;q=0.0001"], ("image/avif", "image/webp")),
+        (["image/avif;q=7", "image/webp;level=1"], ("image/avif", "image/webp")),
     ],
 )
-def test_preference_keeps_the_formats_the_server_makes_in_the_clients_order(accept, preferred):
+def test_preference_is_the_accepted_formats_the_server_makes_best_first(accept, preferred):
     assert formats.preference(accept) == preferred
 
 
@@ -45,6 +59,9 @@ def test_preference_keeps_the_formats_the_server_makes_in_the_clients_order(acce
         (["image/jpeg"], WITH_ALPHA, ["image/webp", "image/avif"]),
         (["image/avif"], [Made("image/jpeg")], ["image/jpeg"]),
         (["image/avif"], [Made("video/mp4")], ["video/mp4"]),
+        (["image/*", "image/jpeg;q=0"], STORED, ["image/avif", "image/jpeg"]),
+        (["image/jpeg;q=0.1", "image/*"], STORED, ["image/avif", "image/jpeg"]),
+        (["image/avif;q=0"], STORED, ["image/jpeg", "image/avif"]),
     ],
 )
 def test_a_variant_answers_in_the_first_accepted_format_it_has_else_the_servers_first(accept, made, answer):

@@ -1,16 +1,22 @@
 """Which of a variant's formats a client gets: the first it accepts, else the universal one.
 
 Clients name the image types they decode, in preference order (MediaService's `accept`;
-the REST gateway fills it from the HTTP Accept header). A variant answers in the first
-of those it exists in; `image/*` and `*/*` accept every format, in the server's order.
-Types the server never makes, parameters (`;q=0.8`) and anything past the first
-MAX_ACCEPTED entries are ignored, never refused: an Accept header is a hint.
-When a client accepts none of a variant's formats it gets the server's first choice,
-JPEG (WebP for pictures with alpha, which have no JPEG), which every client decodes.
+the REST gateway fills it from the HTTP Accept header). Each entry is a media range with
+an optional q, as in an Accept header (RFC 9110 12.5.1): a format takes its q from the
+most specific entry that matches it (`image/webp` before `image/*` before `*/*`, the first
+of equals), q=0 refuses it, and a format no entry matches is not accepted. The accepted
+formats rank by q, then by the position of the entry that gave them their q, then in the
+server's order (which orders the formats one wildcard gives the same q). A variant answers
+in the first of those it exists in. Types the server never makes, other parameters, a q
+that is not a decimal number and anything past the first MAX_ACCEPTED entries are
+ignored, never refused: an Accept header is a hint. When a client accepts none of a
+variant's formats it gets the server's first choice, JPEG (WebP for pictures with alpha,
+which have no JPEG), which every client decodes.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
@@ -20,7 +26,11 @@ JPEG = "image/jpeg"
 PNG = "image/png"
 # The server's order when a client states no preference: the most widely decoded first.
 SERVER_ORDER = (JPEG, WEBP, PNG, AVIF)
-_WILDCARDS = frozenset({"image/*", "*/*"})
+# How specific each range matching a format is; every format the server makes is an image/*.
+_WILDCARDS = {"*/*": 0, "image/*": 1}
+_EXACT = len(_WILDCARDS)
+# More decimals than RFC 9110's three, so that a client's q=0.0001 still ranks low.
+_QVALUE = re.compile(r"[0-9]+(\.[0-9]*)?")
 MAX_ACCEPTED = 16
 
 
@@ -33,15 +43,32 @@ E = TypeVar("E", bound=Encoded)
 
 
 def preference(accept: Iterable[str]) -> tuple[str, ...]:
-    """The formats the server makes, in the client's order; empty when the client named none."""
-    chosen: list[str] = []
+    """The formats the server makes that the client accepts, best first; empty when it accepts none."""
+    # Per format: (specificity, q, position) of the most specific entry matching it so far.
+    matched: dict[str, tuple[int, float, int]] = {}
     for position, entry in enumerate(accept):
         if position >= MAX_ACCEPTED:
             break
-        mime = entry.split(";", 1)[0].strip().lower()
-        expanded = SERVER_ORDER if mime in _WILDCARDS else (mime,) if mime in SERVER_ORDER else ()
-        chosen += (m for m in expanded if m not in chosen)
-    return tuple(chosen)
+        mime, *parameters = entry.split(";")
+        media_range = mime.strip().lower()
+        specificity = _EXACT if media_range in SERVER_ORDER else _WILDCARDS.get(media_range)
+        if specificity is None:
+            continue
+        q = _quality(parameters)
+        for format_ in SERVER_ORDER if specificity < _EXACT else (media_range,):
+            if format_ not in matched or specificity > matched[format_][0]:
+                matched[format_] = (specificity, q, position)
+    accepted = [f for f in SERVER_ORDER if f in matched and matched[f][1] > 0]
+    return tuple(sorted(accepted, key=lambda f: (-matched[f][1], matched[f][2])))
+
+
+def _quality(parameters: Sequence[str]) -> float:
+    q = 1.0
+    for parameter in parameters:
+        name, _, value = parameter.strip().partition("=")
+        if name.lower() == "q" and _QVALUE.fullmatch(value):
+            q = min(float(value), 1.0)
+    return q
 
 
 def signature(preferred: Sequence[str]) -> str:

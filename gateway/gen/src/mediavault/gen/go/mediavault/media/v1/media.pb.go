@@ -771,10 +771,12 @@ type GetMediaRequest struct {
 	// The media to read.
 	MediaId string `protobuf:"bytes,1,opt,name=media_id,json=mediaId,proto3" json:"media_id,omitempty"`
 	// Image MIME types the client decodes, most preferred first (image/avif, image/webp,
-	// image/jpeg; image/* and */* accept any). Each variant answers in the first of them it
-	// exists in, else in the server's order (JPEG, WebP, PNG, AVIF). Other types, parameters such as
-	// ;q=0.8 and entries past the 16th are ignored, never an error. The REST gateway fills it
-	// from the Accept header. WebP thumbnails and previews (of images and of video posters) are
+	// image/jpeg), read as the media ranges of an HTTP Accept header (RFC 9110 12.5.1): a q
+	// parameter (;q=0.8) ranks them, the list's order among equals, and q=0 refuses a format;
+	// image/* and */* accept the formats no more specific entry names, in the server's order (JPEG,
+	// WebP, PNG, AVIF). Each variant answers in the first accepted format it exists in, else in the
+	// server's order. Other types and parameters, and entries past the 16th, are ignored, never an
+	// error. The REST gateway fills it from the Accept header. WebP thumbnails and previews (of images and of video posters) are
 	// made on request: while one the client ranks first is not made yet, the variant answers in the
 	// next accepted format it exists in, and the call has a job make the WebP for the calls that follow.
 	Accept               []string `protobuf:"bytes,2,rep,name=accept,proto3" json:"accept,omitempty"`
