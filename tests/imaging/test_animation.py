@@ -8,13 +8,14 @@ import struct
 
 import av
 import pytest
-from PIL import Image, ImageChops, ImageStat
+from PIL import Image, ImageChops, ImageCms, ImageStat
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, PermanentImagingError, TranscodeResult, transcode
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
+from mediavault.imaging.colour import DISPLAY_P3
 from mediavault.imaging.errors import IMAGE_TOO_LARGE
 from mediavault.imaging.spec import AnimationLimits
-from tests.imaging.helpers import check_variants, transcoded
+from tests.imaging.helpers import check_variants, corpus, transcoded
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 COLOURS = ((220, 30, 40, 255), (30, 180, 60, 255), (40, 60, 210, 255))
@@ -102,6 +103,44 @@ def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:
     assert isinstance(last, tuple)
     assert max(abs(a - b) for a, b in zip(first, COLOURS[0][:3], strict=True)) < 12
     assert min(last) > 240
+
+
+def centre_in_srgb(picture: Image.Image) -> tuple[int, ...]:
+    """The centre pixel of a decoded picture in sRGB: converted from its embedded profile, if any."""
+    rgb = picture.convert("RGB")
+    icc = picture.info.get("icc_profile")
+    if icc:
+        rgb = ImageCms.profileToProfile(rgb, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"))
+    pixel = rgb.getpixel((rgb.width // 2, rgb.height // 2))
+    assert isinstance(pixel, tuple)
+    return pixel
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+@pytest.mark.parametrize(
+    "icc",
+    [
+        pytest.param(DISPLAY_P3, id="display-p3"),
+        # A wide RGB profile that is not P3, which the stills convert to sRGB.
+        pytest.param(Image.open(corpus("images/formats/icc_profile_big.jpg")).info["icc_profile"], id="other-rgb"),
+    ],
+)
+def test_the_renditions_show_a_tagged_sources_colours_in_srgb_as_the_stills_do(fmt: str, icc: bytes) -> None:
+    # A colour whose sRGB values lie far from its values in either profile.
+    frames = [Image.new("RGB", (160, 120), colour) for colour in ((60, 160, 70), (200, 60, 50))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, icc_profile=icc, lossless=True)
+    result = transcode(buffer.getvalue(), f"image/{fmt.lower()}")
+    preview = next(v for v in result.variants if v.name == "preview")
+    expected = centre_in_srgb(Image.open(io.BytesIO(preview.data)))
+    made = renditions(result.animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    assert "icc_profile" not in webp.info, "no profile: sRGB"
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = next(container.decode(video=0)).to_image()
+    for rendition, tolerance in ((webp, 4), (mp4, 8)):
+        pixel = centre_in_srgb(rendition)
+        assert max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) <= tolerance, (rendition.format, pixel, expected)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,11 @@ gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The MP
 alpha, so transparent pixels are composited over white; its sides are rounded down to
 even numbers, as 4:2:0 needs.
 
+Both are sRGB: the WebP carries no profile and the MP4 no colour tags, which players take
+for sRGB and BT.709 (the same primaries). So a source with an ICC profile has its frames
+converted to sRGB as the stills are (decode.srgb_conversion), and a Display P3 one as
+well, although its stills keep P3 (colour.py): P3 colours outside sRGB are clipped here.
+
 Only those formats animate. The further pictures of a JPEG (MPO: the gain map of an Ultra
 HDR photo, the other half of a stereo pair) and the further top-level images of a HEIF
 are not frames of one animation, and Pillow lists them as frames all the same: such a
@@ -30,6 +35,7 @@ from typing import cast
 import av
 from PIL import Image
 
+from mediavault.imaging.decode import srgb_conversion
 from mediavault.imaging.spec import AnimationLimits, fit
 from mediavault.imaging.variants import Variant
 
@@ -79,6 +85,8 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     width, height = fit(image.width, image.height, limits.box)
     even = (max(2, width - width % 2), max(2, height - height % 2))
     size = image.size
+    icc = image.info.get("icc_profile")
+    to_srgb = srgb_conversion(icc) if icc else None
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
         # Seeking to a GIF frame placed past the logical screen grows the canvas to fit it;
         # Pillow only warns when the new canvas is between one and two times open_image's
@@ -99,6 +107,8 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                     return None
                 # Loading the frame is what gives a WebP frame its duration.
                 rgba = image.convert("RGBA")
+                if to_srgb is not None:
+                    rgba = rgba.filter(to_srgb)
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
                 flat = _over_white(rgba).crop((0, 0, *even))

@@ -169,11 +169,17 @@ def refused_if_corrupt() -> Iterator[None]:
 
 def converts_colour(icc: bytes) -> bool:
     """Whether pixels tagged with this ICC profile need converting to be sRGB."""
+    return srgb_conversion(icc) is not None
+
+
+def srgb_conversion(icc: bytes) -> ImageFilter.Color3DLUT | None:
+    """What takes RGB pixels tagged with this ICC profile to sRGB (Display P3's included, which
+    the stills keep: see _to_srgb); None when they are sRGB already."""
     try:
-        return _srgb_lut(icc) is not None
+        return _srgb_lut(icc)
     except (ImageCms.PyCMSError, OSError, ValueError):
         # _apply_profile ignores a broken profile too.
-        return False
+        return None
 
 
 def upright(width: int, height: int, orientation: int) -> tuple[int, int]:
