@@ -2,11 +2,12 @@
 
 Everything else in EXIF, XMP and the maker notes is dropped with the pixels' metadata;
 GPS is never even read. Values are untrusted text: dates must parse exactly, camera
-names are printable and bounded.
+names are printable and bounded, read as UTF-8 when they are (else as Latin-1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,12 +47,25 @@ def photo_facts(image: Image.Image) -> PhotoFacts:
 
 
 def _text(value: object) -> str:
+    if isinstance(value, str):
+        with contextlib.suppress(UnicodeEncodeError):
+            # Pillow reads ASCII values as Latin-1: this gives back the bytes the camera wrote.
+            value = value.encode("latin-1")
     if isinstance(value, bytes):
-        value = value.decode("ascii", errors="replace")
+        value = _decoded(value.split(b"\x00", 1)[0])
     if not isinstance(value, str):
         return ""
     words = value.split("\x00", 1)[0].split()
     return " ".join(filter(None, ("".join(c for c in word if c.isprintable()) for word in words)))
+
+
+def _decoded(raw: bytes) -> str:
+    # EXIF text is ASCII by the standard, but phones write UTF-8 ("小米"); what is not valid
+    # UTF-8 is taken as Latin-1, as Pillow reads it.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _datetime(value: object) -> datetime | None:
