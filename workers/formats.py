@@ -46,7 +46,9 @@ async def _run(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
         with tempfile.TemporaryDirectory(prefix="mediavault-formats-") as scratch:
             source = Path(scratch) / "source"
             await ctx["blobs"].download(wanted.object_key, source)
-            made = await ctx["transcoder"].made_on_request(source, wanted.content_type, wanted.requested)
+            made = await ctx["transcoder"].made_on_request(
+                source, wanted.content_type, wanted.requested, wanted.primary_bytes
+            )
         stored = await store_pictures(ctx["blobs"], media_id, version, made)
         outcome = "complete" if await library.add_formats(media_id, version, stored) else "superseded"
         reason = ""

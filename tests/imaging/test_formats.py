@@ -18,6 +18,8 @@ FORMATS = {AVIF: "AVIF", WEBP: "WEBP"}
 
 
 PHOTOS = ["images/camera/jolla.jpg", "images/formats/rommel.jpg", "images/heic/IMG_5195.HEIC"]
+# What a stored primary is at most: tests that look at what is made, not at its size, pass these.
+BUDGETS = {spec.name: spec.max_bytes for spec in (*DEFAULT_VARIANTS.image, DEFAULT_VARIANTS.poster)}
 
 
 @pytest.mark.parametrize("relative", PHOTOS)
@@ -118,13 +120,16 @@ def test_webp_is_made_on_request_and_never_by_the_upload_job():
         assert not [a for v in transcoded(relative).variants for a in v.alternates if a.content_type == WEBP]
 
 
-@pytest.mark.parametrize("relative", [*PHOTOS, "video/realshort.mp4"])
+# Landscape_6's preview JPEG comes from the planes strategy, smaller than the one Pillow makes
+# of it again, with a WebP of a size between the two.
+@pytest.mark.parametrize("relative", [*PHOTOS, "images/orientation/Landscape_6.jpg", "video/realshort.mp4"])
 def test_a_format_made_on_request_is_the_variant_in_fewer_bytes(relative):
     path = CORPUS / relative
     mime = {".jpg": "image/jpeg", ".HEIC": "image/heic", ".mp4": "video/mp4"}[path.suffix]
     result = transcode_poster(path, mime) if mime == "video/mp4" else transcode(path.read_bytes(), mime)
     primaries = {v.name: v for v in result.variants}
-    made = made_on_request(path, mime, {"thumbnail": (WEBP,), "preview": (WEBP,)})
+    stored = {name: len(primary.data) for name, primary in primaries.items()}
+    made = made_on_request(path, mime, {"thumbnail": (WEBP,), "preview": (WEBP,)}, stored)
     assert {(v.name, v.content_type) for v in made} <= {("thumbnail", WEBP), ("preview", WEBP)}
     assert ("thumbnail", WEBP) in {(v.name, v.content_type) for v in made}
     for variant in made:
@@ -142,17 +147,17 @@ def test_a_format_made_on_request_is_the_variant_in_fewer_bytes(relative):
 
 def test_on_request_makes_only_what_is_asked_and_nothing_for_a_display_poster_or_webp_primary():
     jolla = CORPUS / "images/camera/jolla.jpg"
-    assert [(v.name, v.content_type) for v in made_on_request(jolla, "image/jpeg", {"thumbnail": (WEBP,)})] == [
+    assert [(v.name, v.content_type) for v in made_on_request(jolla, "image/jpeg", {"thumbnail": (WEBP,)}, BUDGETS)] == [
         ("thumbnail", WEBP),
     ]
-    assert made_on_request(jolla, "image/jpeg", {"display": (WEBP,)}) == [], "the display has no WebP to make"
+    assert made_on_request(jolla, "image/jpeg", {"display": (WEBP,)}, BUDGETS) == [], "the display has no WebP to make"
     video = CORPUS / "video/realshort.mp4"
-    assert made_on_request(video, "video/mp4", {"poster": (WEBP,)}) == [], "the poster has no WebP to make"
+    assert made_on_request(video, "video/mp4", {"poster": (WEBP,)}, BUDGETS) == [], "the poster has no WebP to make"
     transparent = CORPUS / "images/formats/transparent.png"
-    assert made_on_request(transparent, "image/png", {"thumbnail": (WEBP,), "preview": (WEBP,)}) == []
+    assert made_on_request(transparent, "image/png", {"thumbnail": (WEBP,), "preview": (WEBP,)}, BUDGETS) == []
 
 
 def test_a_refused_original_is_refused_on_request_too():
     truncated = CORPUS / "images/bad/truncated_jpeg.jpg"
     with pytest.raises(PermanentImagingError):
-        made_on_request(truncated, "image/jpeg", {"thumbnail": (WEBP,)})
+        made_on_request(truncated, "image/jpeg", {"thumbnail": (WEBP,)}, BUDGETS)

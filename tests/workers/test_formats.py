@@ -140,6 +140,35 @@ async def test_webp_is_asked_for_once_made_by_one_job_and_served_after(own_queue
     assert await queued_jobs(settings.redis_url, settings.queue_name) == []
 
 
+async def test_a_webp_is_kept_only_when_smaller_than_the_stored_primary(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    # Its preview's stored JPEG comes from the planes strategy, a few dozen bytes smaller than
+    # the JPEG Pillow makes of it again, and its WebP lies between the two.
+    media_id = await processed(settings, client, "images/orientation/Landscape_6.jpg")
+    jpegs = {v.name: v for v in (await client.get(media_id, WEBP_FIRST)).variants}
+    (job,) = await queued_jobs(settings.redis_url, settings.queue_name)
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with running_worker(settings):
+            deadline = asyncio.get_running_loop().time() + 60
+            while not await redis.exists(result_key_prefix + job):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+        assert (await Job(job, redis).result_info()).result == "complete"
+    finally:
+        await redis.aclose()
+    rows = await pool.fetch("SELECT name, content_type, size_bytes FROM media_variants WHERE media_id = $1::uuid", media_id)
+    stored = {(r["name"], r["content_type"]): r["size_bytes"] for r in rows}
+    assert ("thumbnail", "image/webp") in stored
+    for name in SMALL:
+        assert stored.get((name, "image/webp"), 0) < stored[(name, "image/jpeg")] == jpegs[name].size_bytes, name
+    for name, variant in {v.name: v for v in (await client.get(media_id, WEBP_FIRST)).variants}.items():
+        status, body, _ = await fetch(variant.url)
+        assert status == 200
+        assert len(body) <= jpegs[name].size_bytes, f"the {name} answers in no more bytes than its JPEG"
+
+
 async def test_clients_that_take_avif_or_anything_ask_for_nothing(own_queue, auth, user_id, pool):
     settings, channel = own_queue
     client = Client(channel, auth(user_id))

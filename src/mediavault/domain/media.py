@@ -198,7 +198,12 @@ SELECT m.kind, m.content_type, m.object_key,
         WHERE v.media_id = m.media_id AND v.content_type = $3
         ORDER BY v.width * v.height, v.name LIMIT 1) AS smallest_rendition,
        ARRAY(SELECT e FROM unnest(m.requested_formats) AS e
-             EXCEPT SELECT v.name || ':' || v.content_type FROM media_variants v WHERE v.media_id = m.media_id) AS missing
+             EXCEPT SELECT v.name || ':' || v.content_type FROM media_variants v WHERE v.media_id = m.media_id) AS missing,
+       -- Every stored format of a variant is smaller than its primary (imaging.formats.alternates),
+       -- so a variant's largest is its primary.
+       (SELECT jsonb_object_agg(p.name, p.size_bytes)
+        FROM (SELECT v.name, max(v.size_bytes) AS size_bytes FROM media_variants v
+              WHERE v.media_id = m.media_id GROUP BY v.name) AS p) AS primary_bytes
 FROM media m
 WHERE m.media_id = $1 AND m.variants_version = $2 AND m.processing_status = 'complete' AND m.deleted_at IS NULL
 """
@@ -313,11 +318,15 @@ class Claim:
 @dataclass(frozen=True)
 class FormatsToMake:
     """What a make_formats job makes: `requested` content types by variant name, from the
-    object at object_key (an image's original; the rendition a video's poster came from)."""
+    object at object_key (an image's original; the rendition a video's poster came from).
+    `primary_bytes` is the size of each variant's stored primary, which a format made must be
+    smaller than: the job's own JPEG of the variant may differ from it (the upload's job may
+    have taken the planes or lossless strategy)."""
 
     content_type: str
     object_key: str
     requested: dict[str, tuple[str, ...]]
+    primary_bytes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -600,10 +609,13 @@ class Library:
         for entry in sorted(row["missing"]):
             name, content_type = split_entry(entry)
             requested[name] = (*requested.get(name, ()), content_type)
+        primary_bytes = json.loads(row["primary_bytes"])
         if row["kind"] == "video":
             # A complete video has its renditions; without one there is no frame to make them from.
-            return FormatsToMake(MP4, row["smallest_rendition"], requested) if row["smallest_rendition"] else None
-        return FormatsToMake(row["content_type"], row["object_key"], requested)
+            if not row["smallest_rendition"]:
+                return None
+            return FormatsToMake(MP4, row["smallest_rendition"], requested, primary_bytes)
+        return FormatsToMake(row["content_type"], row["object_key"], requested, primary_bytes)
 
     async def add_formats(self, media_id: uuid.UUID, version: int, variants: Sequence[Variant]) -> bool:
         """Records formats made on request beside the run's variants, and their bytes; False

@@ -21,7 +21,8 @@ well as the JPEG (SSIMULACRA2 against the unencoded resize):
   WebP. Pictures with alpha have WebP as their primary, and AVIF beside it.
 - The display variant keeps its primary alone: it is opened one at a time, and an AVIF of
   its size costs many times the whole JPEG job.
-- Per picture, an alternate no smaller than its primary is left out (`alternates`).
+- Per picture, an alternate no smaller than its primary is left out (`alternates`); one made
+  on request is compared with the primary the upload's job stored.
 
 AVIF comes from libavif through pillow-avif-plugin (the wheel bundles libaom to encode
 and dav1d to decode; pillow-heif's libheif is built without an AV1 encoder). Alpha is kept.

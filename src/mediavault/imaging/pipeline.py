@@ -62,6 +62,7 @@ def made_on_request(
     path: Path,
     content_type: str,
     requested: Mapping[str, Collection[str]],
+    primary_bytes: Mapping[str, int],
     variants: VariantSet = DEFAULT_VARIANTS,
     limits: Limits = DEFAULT_LIMITS,
 ) -> list[Variant]:
@@ -72,8 +73,10 @@ def made_on_request(
 
     Pillow decodes an image, whatever strategy the upload's job took: that job's display and
     shared decode are not needed for a smaller variant, whose resize differs by rounding at
-    most. A format no smaller than the variant's primary is left out (formats.alternates).
-    Raises PermanentImagingError when the input is refused, as `transcode` does.
+    most. Its bytes may differ more (the planes and lossless strategies encode otherwise), so a
+    format is left out when it is no smaller than the stored primary, whose size `primary_bytes`
+    gives by variant name (formats.alternates). Raises PermanentImagingError when the input is
+    refused, as `transcode` does.
     """
     mime = _sniff_file(path, content_type)
     kind = content_types.kind_of(mime)
@@ -84,7 +87,7 @@ def made_on_request(
         still = decode_poster(path, mime, limits)
     else:
         still = decode_with_pillow(open_image(path.read_bytes(), mime, limits), specs)
-    made = make_variants(still.image, still.width, still.height, specs, requested)
+    made = make_variants(still.image, still.width, still.height, specs, requested, primary_bytes)
     return [alternate for variant in made for alternate in variant.alternates]
 
 

@@ -147,9 +147,13 @@ class Transcoder:
         """`transcode_poster` of the video file at path (on this host) with this pool's variants and limits."""
         return await self._in_worker(transcode_poster, path, content_type, self.variants, self.limits)
 
-    async def made_on_request(self, path: Path, content_type: str, requested: Mapping[str, Collection[str]]) -> list[Variant]:
+    async def made_on_request(
+        self, path: Path, content_type: str, requested: Mapping[str, Collection[str]], primary_bytes: Mapping[str, int]
+    ) -> list[Variant]:
         """`pipeline.made_on_request` of the file at path (on this host) with this pool's variants and limits."""
-        return await self._in_worker(made_on_request, path, content_type, requested, self.variants, self.limits)
+        return await self._in_worker(
+            made_on_request, path, content_type, requested, primary_bytes, self.variants, self.limits
+        )
 
     async def _in_worker(self, job: Callable[..., T], *args: object) -> T:
         if self._closed:

@@ -58,12 +58,14 @@ def make_variants(
     height: int,
     specs: Sequence[VariantSpec],
     requested: Mapping[str, Collection[str]] | None = None,
+    primary_bytes: Mapping[str, int] | None = None,
 ) -> list[Variant]:
     """Every spec from one decoded picture; width x height is the original's upright size.
 
     The picture may be smaller than the original (JPEG draft decoding), never smaller
     than the largest variant, so sizes are computed from the original. Each variant comes
-    with its spec's eager alternates, or with the formats `requested` for it by name.
+    with its spec's eager alternates, or with the formats `requested` for it by name, each
+    smaller than the primary: the one made here, or the stored one `primary_bytes` names.
     """
     made = [image]
     variants = []
@@ -75,12 +77,16 @@ def make_variants(
         picture = source if source.size == size else _resize(source, size)
         made.append(picture)
         wanted = None if requested is None else requested.get(spec.name, ())
-        variants.append(_with_alternates(_encode(picture, spec), picture, spec, wanted))
+        primary = _encode(picture, spec)
+        ceiling = len(primary.data) if primary_bytes is None else primary_bytes[spec.name]
+        variants.append(_with_alternates(primary, picture, spec, wanted, ceiling))
     return variants
 
 
-def _with_alternates(primary: Variant, picture: Image.Image, spec: VariantSpec, requested: Collection[str] | None) -> Variant:
-    made = formats.alternates(picture, spec, primary.content_type, len(primary.data), requested)
+def _with_alternates(
+    primary: Variant, picture: Image.Image, spec: VariantSpec, requested: Collection[str] | None, ceiling: int
+) -> Variant:
+    made = formats.alternates(picture, spec, primary.content_type, ceiling, requested)
     return replace(primary, alternates=tuple(Variant(spec.name, ct, *picture.size, data) for ct, data in made))
 
 
