@@ -240,6 +240,26 @@ async def test_others_media_is_not_found_but_service_may_read(storage, media, au
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_the_original_with_its_gps_goes_to_the_owner_alone(storage, media, auth, user_id):
+    exif = Image.Exif()
+    exif.get_ifd(0x8825)[2] = (48.0, 51.0, 24.0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 140, 200)).save(buffer, "JPEG", exif=exif)
+    data = buffer.getvalue()
+    done = await upload(storage, auth(user_id), data)
+    own = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=auth(user_id))).media
+    status, body, _ = await fetch(own.original_url)
+    assert (status, body) == (200, data)
+    assert Image.open(io.BytesIO(body)).getexif().get_ifd(0x8825), "the original keeps its GPS"
+    assert own.feed_url == own.original_url, "no variant yet"
+    for reader in (auth("feed-svc", "service"), auth("ops", "admin")):
+        seen = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=reader)).media
+        listed = (await media.ListFeed(mpb.ListFeedRequest(user_id=user_id), metadata=reader)).media
+        assert [m.media_id for m in listed] == [done.media_id]
+        for item in (seen, listed[0]):
+            assert (item.original_url, item.feed_url) == ("", "")
+
+
 async def test_save_makes_ephemeral_media_permanent(storage, media, auth, user_id):
     md = auth(user_id)
     done = await upload(storage, md, fake_jpeg(2500), retention=pb.RETENTION_EPHEMERAL)

@@ -351,7 +351,8 @@ class Offered:
 
 @dataclass(frozen=True)
 class Shown:
-    """A media item as a client sees it: with the URLs of its original and of each variant, formats chosen."""
+    """A media item as a client sees it: with the URLs of each variant, formats chosen, and of its
+    original for its owner alone ("" for anyone else)."""
 
     media: Media
     original_url: str
@@ -438,8 +439,12 @@ class Library:
             object_key, expires_in=self._settings.media_url_ttl_seconds, content_type=content_type
         )
 
-    async def show(self, media: Media, preferred: Sequence[str] = ()) -> Shown:
-        """The media with URLs, each variant in the first format of `preferred` (domain.formats.preference) it has."""
+    async def show(self, principal: Principal, media: Media, preferred: Sequence[str] = ()) -> Shown:
+        """The media with URLs, each variant in the first format of `preferred` (domain.formats.preference) it has.
+
+        The original's URL goes to the owner alone: the original is the upload as it came,
+        metadata and GPS included, and a reader role (the feed service) shows media to others.
+        """
         by_name: dict[str, list[Located]] = {}
         for v in media.variants:
             by_name.setdefault(v.name, []).append(Located(v, await self.url(v.object_key, v.content_type)))
@@ -447,7 +452,9 @@ class Library:
         for located in by_name.values():
             chosen, *alternatives = formats.ordered(located, preferred)
             offered.append(Offered(chosen, tuple(alternatives)))
-        return Shown(media, await self.url(media.object_key, media.content_type), tuple(offered))
+        owned = media.owner_id == principal.user_id
+        original_url = await self.url(media.object_key, media.content_type) if owned else ""
+        return Shown(media, original_url, tuple(offered))
 
     async def _visible(self, principal: Principal, media_id: uuid.UUID, *, read_roles: tuple[str, ...]) -> Media:
         row = await self._pool.fetchrow(_GET, media_id)
@@ -466,7 +473,7 @@ class Library:
         media = await self._visible(principal, media_id, read_roles=READERS)
         preferred = formats.preference(accept)
         await self._request_formats([media], preferred)
-        return await self.show(media, preferred)
+        return await self.show(principal, media, preferred)
 
     def _formats_wanted(self, media: Media, preferred: Sequence[str]) -> list[str]:
         """Entries of the formats made on request that this client would be answered in and
@@ -526,7 +533,7 @@ class Library:
         await self._request_formats(page.items, preferred)
         if if_none_match and if_none_match == page.etag:
             return FeedPage([], page.next_page_token, page.etag, not_modified=True)
-        items = [await self.show(m, preferred) for m in page.items]
+        items = [await self.show(principal, m, preferred) for m in page.items]
         return FeedPage(items, page.next_page_token, page.etag, not_modified=False)
 
     async def delete(self, principal: Principal, media_id: uuid.UUID) -> None:

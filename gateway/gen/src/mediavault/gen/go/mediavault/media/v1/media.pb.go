@@ -468,9 +468,11 @@ type Media struct {
 	// Stored variants; empty until the first run completes.
 	Variants []*Variant `protobuf:"bytes,13,rep,name=variants,proto3" json:"variants,omitempty"`
 	// What a feed shows for the item: the thumbnail's URL, else the preview's, else the display
-	// variant's, else original_url.
+	// variant's, else original_url (so empty for a caller other than the owner until a variant exists).
 	FeedUrl string `protobuf:"bytes,14,opt,name=feed_url,json=feedUrl,proto3" json:"feed_url,omitempty"`
-	// URL of the original, signed or on the CDN like the variants'.
+	// URL of the original, signed or on the CDN like the variants'; for the media's owner only,
+	// empty for any other caller (roles admin and service included): the original is the upload
+	// as it came, with its metadata, GPS included, which no variant has.
 	OriginalUrl string `protobuf:"bytes,15,opt,name=original_url,json=originalUrl,proto3" json:"original_url,omitempty"`
 	// When the media was created.
 	CreatedAt *timestamp.Timestamp `protobuf:"bytes,16,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
