@@ -532,13 +532,16 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 def known_metrics() -> dict[str, set[str]]:
-    """Every sample name the process exports (mediavault.metrics plus the default collectors) -> its label names."""
+    """Every sample name a process may export (mediavault.metrics plus the default collectors) -> its label names."""
     labels_of = {
         wrapper._name: set(wrapper._labelnames)
         for wrapper in vars(mediavault_metrics).values()
         if isinstance(wrapper, MetricWrapperBase)
     }
-    names: dict[str, set[str]] = {"up": set()}
+    # A SetGauge is in the registry only once this process has set it.
+    names: dict[str, set[str]] = {"up": set()} | {
+        gauge.name: set() for gauge in vars(mediavault_metrics).values() if isinstance(gauge, mediavault_metrics.SetGauge)
+    }
     for family in REGISTRY.collect():
         base = family.name
         for suffix in SUFFIXES[family.type]:

@@ -185,6 +185,9 @@ async def test_a_killed_process_is_restarted_and_the_service_keeps_answering(env
         assert sorted(int(labels["pid"]) for labels, _ in samples["mediavault_database_up"]) == sorted(
             (survivor, restarted[0])
         )
+        # Nothing else a process exports per pid outlives it, and servers export no worker gauge.
+        per_pid = {name: {int(labels["pid"]) for labels, _ in series if "pid" in labels} for name, series in samples.items()}
+        assert {name: pids for name, pids in per_pid.items() if pids} == {"mediavault_database_up": {survivor, restarted[0]}}
     assert process.returncode == 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Literal
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK, CANCELLED or the ErrorInfo reason)", ["service", "method", "outcome"])
@@ -27,6 +30,37 @@ class MetricsEndpoint:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
+
+# Under `serve --processes N` (multiprocess mode) prometheus-client drops the gauge samples of a
+# dead process only in a live* mode: every gauge here has one. Labelled gauges export no sample
+# before their first set; those without labels are SetGauges for the same reason, so a process
+# exports only the gauges its role sets.
+class SetGauge:
+    """A gauge without labels that exists from its first set() on.
+
+    prometheus-client exports an unlabelled gauge from the moment it is made, as 0, and in
+    multiprocess mode writes that 0 into the process's file: made at import, a server exported
+    the worker's `mediavault_worker_redis_up 0`, a worker `mediavault_database_up 0`, and a
+    restarted worker an audit's 0 it never made.
+    """
+
+    def __init__(self, name: str, documentation: str, multiprocess_mode: Literal["liveall", "livemostrecent"]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.multiprocess_mode = multiprocess_mode
+        self._gauge: Gauge | None = None
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        gauge = self._gauge
+        if gauge is None:
+            with self._lock:
+                if self._gauge is None:
+                    self._gauge = Gauge(self.name, self.documentation, multiprocess_mode=self.multiprocess_mode)
+                gauge = self._gauge
+        gauge.set(value)
+
+
 FEED_CACHE = Counter("mediavault_feed_cache_total", "Feed page cache lookups", ["result"])
 REDIS_FALLBACKS = Counter("mediavault_redis_fallback_total", "Operations that went on without Redis", ["operation"])
 TRANSCODE_SECONDS = Histogram(
@@ -42,18 +76,25 @@ EVENTS_RECORDED = Counter("mediavault_usage_events_total", "Usage events receive
 JOB_RUNS = Counter("mediavault_job_runs_total", "Cleanup job runs", ["job", "outcome"])
 JOB_ITEMS = Counter("mediavault_job_items_total", "Rows or objects a cleanup job changed, and its errors", ["job", "kind"])
 JOB_FREED_BYTES = Counter("mediavault_job_freed_bytes_total", "Quota bytes a cleanup job released", ["job"])
-JOB_LAST_SUCCESS = Gauge("mediavault_job_last_success_timestamp_seconds", "When a cleanup job last finished", ["job"])
-LEDGER_MISMATCHES = Gauge("mediavault_ledger_mismatches", "Account figures that disagree with the ledger, at the last audit")
-HEAVY_RESERVATIONS = Gauge(
-    "mediavault_heavy_reservation_accounts", "Accounts holding over half their quota in reservations for over the threshold"
+JOB_LAST_SUCCESS = Gauge(
+    "mediavault_job_last_success_timestamp_seconds", "When a cleanup job last finished", ["job"], multiprocess_mode="livemax"
+)
+LEDGER_MISMATCHES = SetGauge(
+    "mediavault_ledger_mismatches", "Account figures that disagree with the ledger, at the last audit", "livemostrecent"
+)
+HEAVY_RESERVATIONS = SetGauge(
+    "mediavault_heavy_reservation_accounts",
+    "Accounts holding over half their quota in reservations for over the threshold",
+    "livemostrecent",
 )
 UPLOAD_OUTCOMES = Counter("mediavault_upload_outcomes_total", "Uploads that ended, by outcome and reason", ["outcome", "reason"])
-STORAGE_BYTES = Gauge("mediavault_storage_bytes", "Bytes across all accounts at the last audit", ["kind"])
-QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in an arq queue", ["queue"])
+STORAGE_BYTES = Gauge(
+    "mediavault_storage_bytes", "Bytes across all accounts at the last audit", ["kind"], multiprocess_mode="livemostrecent"
+)
+QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in an arq queue", ["queue"], multiprocess_mode="livemostrecent")
 RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )
-# Under `serve --processes N` (multiprocess mode) one series per live process, labelled pid:
-# each process probes on its own, and a dead one's last value must not linger.
-HEALTH_DATABASE = Gauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL", multiprocess_mode="liveall")
-WORKER_REDIS_UP = Gauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis")
+# Under `serve --processes N` one series per live process, labelled pid: each process probes on its own.
+HEALTH_DATABASE = SetGauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL", "liveall")
+WORKER_REDIS_UP = SetGauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis", "liveall")

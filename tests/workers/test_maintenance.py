@@ -355,7 +355,7 @@ async def test_prune_drops_exactly_the_partitions_past_retention_and_keeps_the_c
 
 
 async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, pool):
-    from mediavault import metrics
+    from prometheus_client import REGISTRY
 
     md = auth(user_id)
     await storage.BeginUpload(pb.BeginUploadRequest(filename="a.mp4", content_type="video/mp4", size_bytes=400 * 1024 * 1024), metadata=md)
@@ -365,8 +365,8 @@ async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, poo
     await pool.execute("UPDATE uploads SET created_at = now() - interval '2 hours' WHERE user_id = $1", user_id)
     report = await run_job(ctx, "audit_accounts")
     assert report.details["heavy_reservations"] >= 1
-    assert metrics.HEAVY_RESERVATIONS._value.get() >= 1
-    assert metrics.LEDGER_MISMATCHES._value.get() == 0
+    assert REGISTRY.get_sample_value("mediavault_heavy_reservation_accounts") >= 1
+    assert REGISTRY.get_sample_value("mediavault_ledger_mismatches") == 0
 
 
 @pytest.mark.parametrize("name", sorted(JOBS))
