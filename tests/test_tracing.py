@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
@@ -27,9 +28,10 @@ from mediavault.blobs import open_blob_store
 from mediavault.db import create_pool
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
-from mediavault.storage.v1 import storage_pb2_grpc
+from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 from tests.conftest import running, running_worker
 from tests.helpers import settled, upload
+from tests.test_shutdown import free_port
 
 BEGIN = "mediavault.storage.v1.StorageService/BeginUpload"
 FINALIZE = "mediavault.storage.v1.StorageService/FinalizeUpload"
@@ -70,6 +72,14 @@ def otlp_receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
         yield receiver
     finally:
         server.stop(0)
+
+
+@pytest.fixture
+def collector_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard environment that sends this process's traces to a port where nothing listens."""
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
 
 
 def small_jpeg() -> bytes:
@@ -240,3 +250,28 @@ def test_the_standard_environment_decides(monkeypatch: pytest.MonkeyPatch, envir
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert tracing.configured() is on
+
+
+async def test_stop_gives_up_on_a_collector_that_is_down_within_its_budget(collector_down):
+    assert tracing.start("mediavault-test")
+    for n in range(2000):
+        span = tracing.start_rpc("mediavault.test.v1.TestService", "Call", (), f"request-{n}")
+        assert span is not None
+        span.end(status_code=0, outcome="OK", user_id=None)
+    started = time.monotonic()
+    await tracing.stop()
+    assert time.monotonic() - started < tracing.STOP_BUDGET_SECONDS + 1
+
+
+async def test_a_server_shuts_down_promptly_with_the_collector_down(collector_down, make_settings, auth, user_id):
+    grace = 1.0
+    async with running(make_settings(shutdown_grace_seconds=grace)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            await storage.GetStorageSummary(storage_pb2.GetStorageSummaryRequest(), metadata=auth(user_id))
+        started = time.monotonic()
+        await server.shutdown(grace)
+        elapsed = time.monotonic() - started
+    assert tracing.tracer is None
+    # No call is in flight, so the grace period is not waited out.
+    assert elapsed < tracing.STOP_BUDGET_SECONDS + 2

@@ -37,12 +37,18 @@ from mediavault.blobs.base import (
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 # The tracer of this process while tracing is on; None when off.
 tracer: trace.Tracer | None = None
 _provider: TracerProvider | None = None
+_processor: BatchSpanProcessor | None = None
 # Servers and workers that started tracing in this process (tests run both in one).
 _users = 0
+
+# How long stop() lets the spans still buffered take to reach the collector before it drops
+# them: a server's or worker's shutdown must not wait on a collector that is down.
+STOP_BUDGET_SECONDS = 2.0
 
 # Longer statements are cut in db.query.text: the text is the parameterized SQL, never values.
 _MAX_QUERY_TEXT = 2000
@@ -63,7 +69,7 @@ def start(service_name: str) -> bool:
     The first start in a process makes the provider, and its service_name names the
     resource unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name it.
     """
-    global tracer, _provider, _users
+    global tracer, _provider, _processor, _users
     if _provider is None:
         if not configured():
             return False
@@ -77,21 +83,34 @@ def start(service_name: str) -> bool:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: service_name}))
         _provider = TracerProvider(resource=resource)
-        _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _processor = BatchSpanProcessor(OTLPSpanExporter())
+        _provider.add_span_processor(_processor)
         tracer = _provider.get_tracer("mediavault")
     _users += 1
     return True
 
 
 async def stop() -> None:
-    """Ends what start() began; the last user's stop exports the spans still buffered."""
-    global tracer, _provider, _users
+    """Ends what start() began; the last user's stop exports the spans still buffered, for at
+    most STOP_BUDGET_SECONDS."""
+    global tracer, _provider, _processor, _users
     _users -= 1
-    if _users > 0 or _provider is None:
+    if _users > 0 or _provider is None or _processor is None:
         return
-    provider, _provider, tracer = _provider, None, None
-    # Shutting down exports synchronously (up to OTEL_EXPORTER_OTLP_TIMEOUT): not on the loop.
-    await asyncio.to_thread(provider.shutdown)
+    provider, processor = _provider, _processor
+    _provider, _processor, tracer = None, None, None
+    # The exports block their thread: not on the loop.
+    await asyncio.to_thread(_shut_down, provider, processor)
+
+
+def _shut_down(provider: TracerProvider, processor: BatchSpanProcessor) -> None:
+    # BatchSpanProcessor.shutdown() waits for its thread's last exports as long as the SDK's
+    # default limit, far longer than a drain, and each export retries a collector that is down
+    # until OTEL_EXPORTER_OTLP_TIMEOUT. The batch processor underneath takes a limit: past it,
+    # it shuts the exporter down, which ends the retries and the call in flight, and what is
+    # left in the queue is dropped. force_flush is no way round: the SDK ignores its timeout.
+    processor._batch_processor.shutdown(timeout_millis=int(STOP_BUDGET_SECONDS * 1000))
+    provider.shutdown()
 
 
 def _recording_parent() -> bool:
