@@ -20,7 +20,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from arq.constants import in_progress_key_prefix
 from arq.typing import WorkerCoroutine
+from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.config import JobConfig, Settings
@@ -462,15 +464,47 @@ async def run_job(ctx: dict[str, Any], name: str, *, dry_run: bool = False) -> R
     return report
 
 
+QUEUE_SAMPLE_SECONDS = 15.0
+# arq's queue is a sorted set of job ids scored by when each is due; a running job stays in it
+# (with an arq:in-progress:<id> key beside it) until it ends, and so does a deferred one (a
+# retry's backoff), scored in the future. Waiting are the due jobs without an in-progress key.
+# A worker starts only jobs among the first queue_read_limit (arq: 5 x max_jobs, at least
+# 100) due ones, and every job enqueued later is due later, so no running job is further back
+# than that: the in-progress keys are looked for among the oldest RUNNING_SCAN due jobs, which
+# covers workers of up to 200 job slots and keeps a long backlog from costing Redis its length.
+RUNNING_SCAN = 1000
+_WAITING = """
+local due = redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1])
+local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local running = 0
+for _, job_id in ipairs(oldest) do
+    running = running + redis.call('EXISTS', ARGV[2] .. job_id)
+end
+return due - running
+"""
+
+
 async def observe_queue(ctx: dict[str, Any]) -> int:
-    """Exports how many jobs wait in the photo and the video queue (arq keeps each in a sorted set); returns both together."""
+    """Exports how many jobs wait to run in the photo and the video queue: due now or earlier and
+    not running; returns both together."""
     settings = ctx["settings"]
+    redis = ctx["redis"]
     total = 0
     for queue, name in (("photo", settings.queue_name), ("video", settings.video_queue)):
-        depth = await ctx["redis"].zcard(name)
+        now_ms = int(time.time() * 1000)
+        depth = int(await redis.eval(_WAITING, 1, name, now_ms, in_progress_key_prefix, RUNNING_SCAN))
         metrics.QUEUE_DEPTH.labels(queue).set(depth)
         total += depth
     return total
+
+
+async def sample_queues(ctx: dict[str, Any]) -> None:
+    """observe_queue every QUEUE_SAMPLE_SECONDS, for as long as the worker runs."""
+    while True:
+        # While Redis is away the gauge keeps its last value; mediavault_worker_redis_up says so.
+        with contextlib.suppress(RedisError, OSError):
+            await observe_queue(ctx)
+        await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
 
 
 def cron_task(name: str) -> WorkerCoroutine:

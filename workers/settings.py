@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -16,7 +18,7 @@ from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder, pool_size
 from mediavault.services import build_services
 from workers.formats import make_formats
-from workers.maintenance import JOBS, cron_task, job_config, observe_queue
+from workers.maintenance import JOBS, cron_task, job_config, sample_queues
 from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
 from workers.video import transcode_video
 
@@ -41,7 +43,7 @@ def cron_jobs(settings: Settings) -> list:
         minute, hour = _schedule(job_config(settings, name).every_seconds)
         cleanup.append(cron(cron_task(name), name=f"cron:{name}", unique=True, timeout=settings.job_timeout_seconds,
                             minute=minute, hour=hour))
-    return [*cleanup, cron(observe_queue, name="cron:observe_queue", second={0, 15, 30, 45})]
+    return cleanup
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -89,9 +91,17 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     which a one-off `mediavault jobs run` never needs."""
     await startup(ctx)
     await ctx["transcoder"].prewarm()
+    # Every worker process samples both queues itself, so each exports a current depth (arq
+    # runs a cron job on one worker per tick, which would leave the others' gauges stale).
+    if ctx.get("queue") != "video":
+        ctx["queue_sampler"] = asyncio.create_task(sample_queues(ctx))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "queue_sampler" in ctx:
+        ctx["queue_sampler"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx["queue_sampler"]
     if "transcoder" in ctx:
         await ctx["transcoder"].close()
     if "metrics" in ctx:

@@ -78,8 +78,7 @@ def _text_value(value: object) -> str:
 
 class _RoutineCronLines(logging.Filter):
     """arq's start and success lines of cron jobs go at DEBUG: each cleanup run logs its own
-    `job run` line with its report, and the queue-depth probe that runs every 15 s only feeds a
-    metric. Transcode jobs, failures and retries keep arq's levels."""
+    `job run` line with its report. Transcode jobs, failures and retries keep arq's levels."""
 
     _LINES = ("%6.2fs → %s(%s)%s", "%6.2fs ← %s ● %s")
 

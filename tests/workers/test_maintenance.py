@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from mediavault.domain import cleanup, ledger
 from mediavault.jobs import TranscodeQueue
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, running_worker
 from tests.helpers import begin, fake_jpeg, partition_days, put, settled, upload
 from workers.maintenance import JOBS, run_job
 from workers.settings import shutdown, startup
@@ -649,3 +650,61 @@ async def test_the_queue_depth_is_exported_for_the_photo_and_the_video_queue(mak
     assert await observe_queue(ctx) == 5
     depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")}
     assert depth == {"photo": 2, "video": 3}
+
+
+async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_deferred_ones(make_ctx, make_settings, user_id):
+    from arq import Worker, func
+    from prometheus_client import REGISTRY
+
+    from workers.maintenance import observe_queue
+
+    ctx = await make_ctx(make_settings(queue_name=f"depth-waiting:{user_id}"))
+    settings, redis = ctx["settings"], ctx["redis"]
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_ctx) -> None:
+        started.set()
+        await release.wait()
+
+    await redis.enqueue_job("hold", _queue_name=settings.queue_name)
+    await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_by=3600)
+    # One job slot: the first job runs, the next one due waits.
+    worker = Worker(
+        functions=[func(hold, name="hold")], redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=settings.queue_name, max_jobs=1, poll_delay=0.05, handle_signals=False,
+    )
+    run = asyncio.create_task(worker.async_run())
+    try:
+        async with asyncio.timeout(20):
+            await started.wait()
+        await redis.enqueue_job("hold", _queue_name=settings.queue_name)
+        await redis.enqueue_job("transcode_video", "video-0", 0, _queue_name=settings.video_queue)
+        await redis.enqueue_job("transcode_video", "video-1", 0, _queue_name=settings.video_queue, _defer_by=3600)
+        assert await observe_queue(ctx) == 2
+        depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")}
+        assert depth == {"photo": 1, "video": 1}
+    finally:
+        release.set()
+        await worker.close()
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+
+async def test_a_worker_samples_the_queues_itself_without_taking_a_job_slot(make_settings, user_id):
+    from prometheus_client import REGISTRY
+
+    from mediavault import metrics
+
+    for queue in ("photo", "video"):
+        metrics.QUEUE_DEPTH.labels(queue).set(-1)
+    async with running_worker(make_settings(queue_name=f"depth-sampled:{user_id}")) as worker:
+        async with asyncio.timeout(20):
+            while REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": "photo"}) == -1:
+                await asyncio.sleep(0.01)
+        jobs_started = worker.jobs_complete + worker.jobs_failed + worker.jobs_retried + len(worker.tasks)
+    assert {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")} == {
+        "photo": 0,
+        "video": 0,
+    }
+    assert jobs_started == 0
