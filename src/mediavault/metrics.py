@@ -8,11 +8,12 @@ from typing import Literal
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 RPC_TOTAL = Counter("mediavault_rpc_total", "RPCs served, by outcome (OK, CANCELLED or the ErrorInfo reason)", ["service", "method", "outcome"])
+# Up to half an hour: a client-streaming UploadContent of a large video over a mobile link.
 RPC_LATENCY = Histogram(
     "mediavault_rpc_duration_seconds",
     "RPC handling time",
     ["service", "method"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob deletions left for the orphan sweep")
 
@@ -63,11 +64,14 @@ class SetGauge:
 
 FEED_CACHE = Counter("mediavault_feed_cache_total", "Feed page cache lookups", ["result"])
 REDIS_FALLBACKS = Counter("mediavault_redis_fallback_total", "Operations that went on without Redis", ["operation"])
+# Up to an hour: a video's ladder runs at a fraction of real time, and with the default
+# settings the longest video's time limit (VIDEO_TIMEOUT_BASE_SECONDS +
+# VIDEO_TIMEOUT_SECONDS_PER_SECOND x VIDEO_MAX_DURATION_SECONDS) is within it.
 TRANSCODE_SECONDS = Histogram(
     "mediavault_transcode_duration_seconds",
     "Time to make all variants of one media item",
     ["kind"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600),
 )
 TRANSCODE_OUTCOMES = Counter("mediavault_transcode_total", "Transcode job outcomes", ["outcome", "reason"])
 FORMAT_OUTCOMES = Counter("mediavault_formats_made_total", "Outcomes of make_formats jobs (formats made on request)", ["outcome", "reason"])
