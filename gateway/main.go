@@ -196,7 +196,8 @@ func gatewayError(code codes.Code, reason, message string) error {
 // withoutInternals keeps what the server answered, which always carries an ErrorInfo. Any other
 // UNAVAILABLE or internal error comes from the connection to the server or from the gateway,
 // and its message names internal addresses or types: the client gets a generic one, the log
-// the error. An INVALID_ARGUMENT without one is grpc-gateway's own, for a body or a parameter it
+// the error, with the path quoted: it is percent-decoded, and a %0A in it would otherwise
+// start a log line of the client's making. An INVALID_ARGUMENT without one is grpc-gateway's own, for a body or a parameter it
 // cannot decode into the request message: it gets the ErrorInfo the server's would carry.
 func withoutInternals(r *http.Request, err error) error {
 	s, _ := status.FromError(err)
@@ -209,10 +210,10 @@ func withoutInternals(r *http.Request, err error) error {
 	case codes.InvalidArgument:
 		return gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", s.Message())
 	case codes.Unavailable:
-		log.Printf("%s %s: %v", r.Method, r.URL.Path, err)
+		log.Printf("%s %q: %v", r.Method, r.URL.Path, err)
 		return gatewayError(codes.Unavailable, "UNAVAILABLE", "the service is unavailable; retry")
 	case codes.Unknown, codes.Internal, codes.DataLoss:
-		log.Printf("%s %s: %v", r.Method, r.URL.Path, err)
+		log.Printf("%s %q: %v", r.Method, r.URL.Path, err)
 		return gatewayError(codes.Internal, "INTERNAL_ERROR", "internal error")
 	}
 	return err

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from http.client import HTTPConnection, HTTPMessage
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import pytest
@@ -49,11 +51,14 @@ async def gateway_process(binary: Path, grpc_port: int) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def started_gateway(binary: Path, grpc_port: int, **environ: str) -> AsyncIterator[tuple[str, subprocess.Popen]]:
-    """(base URL, process) of a gateway with these environment variables besides its addresses."""
+async def started_gateway(
+    binary: Path, grpc_port: int, *, stderr: IO[bytes] | None = None, **environ: str
+) -> AsyncIterator[tuple[str, subprocess.Popen]]:
+    """(base URL, process) of a gateway with these environment variables besides its addresses,
+    writing its log to stderr (by default the test run's)."""
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, **environ, "MEDIAVAULT_GRPC_ADDR": f"127.0.0.1:{grpc_port}", "MEDIAVAULT_GATEWAY_ADDR": address}
-    process = subprocess.Popen([str(binary)], env=env)
+    process = subprocess.Popen([str(binary)], env=env, stderr=stderr)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -563,6 +568,20 @@ async def test_an_unreachable_server_is_503_without_its_address(gateway_binary, 
     assert reason(body) == "UNAVAILABLE"
     assert str(port) not in body["message"]
     assert body["message"] == "the service is unavailable; retry"
+
+
+async def test_a_newline_in_the_path_cannot_forge_a_log_line(gateway_binary, http, tmp_path):
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        # The server is unreachable, so the gateway logs the call's method, path and error.
+        async with started_gateway(gateway_binary, free_port(), stderr=log) as (url, _):
+            status, _, _ = await call(http, "GET", f"{url}/v1/media/abc%0AFORGED%20user%20admin%20logged%20in")
+    assert status == 503
+    lines = log_path.read_text().splitlines()
+    # Go's log prefix begins every line the gateway writes.
+    assert all(re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", line) for line in lines), lines
+    (logged,) = [line for line in lines if "FORGED" in line]
+    assert ' GET "/v1/media/abc\\nFORGED user admin logged in": ' in logged, logged
 
 
 async def test_sigterm_lets_requests_in_flight_finish(gateway_binary, make_settings, http, bearer, user_id, pool):
