@@ -10,7 +10,7 @@ shared cores as little as possible:
                     database side (reserve, then commit: media row, used bytes, ledger 'commit')
   record_events_20  the RecordEvents insert of 20 events (impressions and likes of random media):
                     20 usage_events rows and their media_counters upserts
-  feed_page         media._PAGE: one owner's newest 20 media with counters and variants (what a
+  feed_page         media._FIRST_PAGE: one owner's newest 20 media with counters and variants (what a
                     ListFeed cache miss reads)
 
 Seeded first: --accounts accounts with 30 media each (and a thumbnail variant each), then
@@ -107,7 +107,7 @@ def scripts(accounts: int) -> dict[str, str]:
         "6": f"array_fill('{{}}'::jsonb, ARRAY[{EVENTS_PER_CALL}])",
     }[m.group(1)], events._INSERT).strip()
     record = f"WITH events_in AS MATERIALIZED ({event_rows}), {record.removeprefix('WITH ')}"
-    page = media._PAGE.replace("$1", "'bench-' || :uid").replace("$2", "NULL").replace("$3", "NULL").replace("$4", str(PAGE)).strip()
+    page = media._FIRST_PAGE.replace("$1", "'bench-' || :uid").replace("$2", str(PAGE)).strip()
     uid = f"\\set uid random(1, {accounts})\n"
     return {
         "begin_upload": f"{uid}{begin};\n",

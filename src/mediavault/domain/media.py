@@ -57,13 +57,22 @@ SELECT {_COLUMNS} FROM media m LEFT JOIN media_counters c ON c.media_id = m.medi
 WHERE m.media_id = $1 AND m.deleted_at IS NULL
 """
 
-_PAGE = f"""
+
+# A feed page is two statements, not one with "$2 IS NULL OR (created_at, media_id) < ($2, $3)":
+# asyncpg keeps each statement prepared on its connection, and after five runs PostgreSQL may
+# switch it to a generic plan, where that OR cannot bound the index scan, so a deep page read
+# every newer row of the owner's.
+def _page_statement(after: str, limit: str) -> str:
+    return f"""
 SELECT {_COLUMNS} FROM media m LEFT JOIN media_counters c ON c.media_id = m.media_id
-WHERE m.owner_id = $1 AND m.deleted_at IS NULL
-  AND ($2::timestamptz IS NULL OR (m.created_at, m.media_id) < ($2, $3))
+WHERE m.owner_id = $1 AND m.deleted_at IS NULL{after}
 ORDER BY m.created_at DESC, m.media_id DESC
-LIMIT $4
+LIMIT {limit}
 """
+
+
+_FIRST_PAGE = _page_statement("", "$2")
+_PAGE_AFTER = _page_statement(" AND (m.created_at, m.media_id) < ($2, $3)", "$4")
 
 _DELETE = """
 WITH deleted AS (
@@ -401,8 +410,10 @@ async def page(
     pool: asyncpg.Pool, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None
 ) -> tuple[list[Media], bool]:
     """One page of the owner's media, newest first, and whether more follow."""
-    after_at, after_id = after if after else (None, None)
-    rows = await pool.fetch(_PAGE, owner_id, after_at, after_id, size + 1)
+    if after:
+        rows = await pool.fetch(_PAGE_AFTER, owner_id, *after, size + 1)
+    else:
+        rows = await pool.fetch(_FIRST_PAGE, owner_id, size + 1)
     return [from_row(r) for r in rows[:size]], len(rows) > size
 
 

@@ -46,12 +46,20 @@ SELECT * FROM purchase
 
 _BY_REFERENCE = f"SELECT {_COLUMNS} FROM purchases WHERE provider = $1 AND payment_reference = $2"
 
-_PAGE = f"""
+
+# Two statements for the reason of media's feed pages (media._page_statement): a cursor that may
+# be NULL does not bound the index scan of a generic plan.
+def _page_statement(after: str, limit: str) -> str:
+    return f"""
 SELECT {_COLUMNS} FROM purchases
-WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, purchase_id) < ($2, $3))
+WHERE user_id = $1{after}
 ORDER BY created_at DESC, purchase_id DESC
-LIMIT $4
+LIMIT {limit}
 """
+
+
+_FIRST_PAGE = _page_statement("", "$2")
+_PAGE_AFTER = _page_statement(" AND (created_at, purchase_id) < ($2, $3)", "$4")
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,10 @@ class Purchases:
     async def list_page(self, user_id: str, requested_size: int, page_token: str) -> tuple[list[Purchase], str]:
         """One page, newest first, keyset-paginated so new purchases never shift a page."""
         size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after_at, after_id = self._tokens.decode(LISTING, page_token) if page_token else (None, None)
-        rows = await self._pool.fetch(_PAGE, user_id, after_at, after_id, size + 1)
+        if page_token:
+            rows = await self._pool.fetch(_PAGE_AFTER, user_id, *self._tokens.decode(LISTING, page_token), size + 1)
+        else:
+            rows = await self._pool.fetch(_FIRST_PAGE, user_id, size + 1)
         purchases = [Purchase(**r) for r in rows[:size]]
         last = purchases[-1] if len(rows) > size else None
         return purchases, self._tokens.encode(LISTING, last.created_at, last.purchase_id) if last else ""
