@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -10,8 +12,28 @@ import pytest
 
 from mediavault import devservers
 from mediavault.db import migrate
-from mediavault.db.migrate import available_migrations
+from mediavault.db.migrate import MIGRATION_LOCK_ID, MigrationBlocked, available_migrations
 from mediavault.domain import accounts, cleanup
+
+# The module, which mediavault.db's function of the same name hides.
+migrations = importlib.import_module("mediavault.db.migrate")
+
+
+@pytest.fixture
+async def scratch_database(postgres_admin_url: str) -> AsyncIterator[str]:
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
+    yield dsn
+    await devservers.drop_database(postgres_admin_url, dsn)
+
+
+async def apply_before(conn: asyncpg.Connection, first_pending: str) -> None:
+    """The schema and ledger as migrate leaves them before the migration named first_pending."""
+    await conn.execute("CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+    for name, sql in available_migrations():
+        if name.startswith(first_pending):
+            return
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
 
 
 async def test_replicas_migrating_at_once_apply_each_migration_once(postgres_admin_url):
@@ -115,12 +137,7 @@ async def test_derived_bytes_are_backfilled_from_the_variants_of_media_not_delet
     conn = await asyncpg.connect(dsn)
     try:
         # The schema before 0012, with an account owning a live and a deleted media, each with variants.
-        await conn.execute("CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-        for name, sql in available_migrations():
-            if name.startswith("0012"):
-                break
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        await apply_before(conn, "0012")
         await conn.execute("INSERT INTO accounts (user_id, quota_bytes, used_bytes) VALUES ('u', 1000000, 300)")
         for n, deleted in ((1, False), (2, True)):
             await conn.execute(
@@ -150,3 +167,62 @@ async def test_derived_bytes_are_backfilled_from_the_variants_of_media_not_delet
     finally:
         await conn.close()
         await devservers.drop_database(postgres_admin_url, dsn)
+
+
+async def test_a_migration_behind_a_long_transaction_gives_up_without_holding_up_the_tables_readers(
+    scratch_database, monkeypatch
+):
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(migrations, "RETRY_DELAYS_SECONDS", (0.1, 0.2, 0.4))
+    setup, long_reader, reader = [await asyncpg.connect(scratch_database) for _ in range(3)]
+    try:
+        await apply_before(setup, "0012")  # whose first statement is an ALTER TABLE media
+        long_transaction = long_reader.transaction(isolation="repeatable_read", readonly=True)
+        await long_transaction.start()
+        await long_reader.fetchval("SELECT count(*) FROM media")
+        # A feed read queued behind the migration for as long as the long transaction lasts fails here.
+        await reader.execute("SET statement_timeout = '2s'")
+
+        migration = asyncio.create_task(migrate(scratch_database))
+        waits = []
+        while not migration.done():
+            started = asyncio.get_running_loop().time()
+            await reader.fetchval("SELECT count(*) FROM media WHERE owner_id = 'someone' AND deleted_at IS NULL")
+            waits.append(asyncio.get_running_loop().time() - started)
+            await asyncio.sleep(0.05)
+        with pytest.raises(MigrationBlocked, match="^migration 0012_derived_bytes not applied: a long transaction holds a table"):
+            await migration
+        assert len(waits) > 10
+        assert max(waits) < 1, "a reader waits at most one attempt's lock_timeout"
+        assert await setup.fetchval("SELECT count(*) FROM schema_migrations WHERE name >= '0012'") == 0
+
+        await long_transaction.rollback()
+        assert await migrate(scratch_database) == [name for name, _ in available_migrations() if name >= "0012"]
+    finally:
+        for conn in (setup, long_reader, reader):
+            await conn.close()
+
+
+async def test_an_index_build_goes_on_while_a_replica_waits_for_the_migration_lock(scratch_database):
+    # A replica waiting for the lock must hold no snapshot meanwhile: the replica holding it may be
+    # building an index concurrently, which waits for every older snapshot to go.
+    holder, builder = [await asyncpg.connect(scratch_database) for _ in range(2)]
+    try:
+        await builder.execute("CREATE TABLE probe (n integer)")
+        migrating = holder.transaction()
+        await migrating.start()
+        # A simple query (no arguments), as migrate's last before it builds an index: one sent with
+        # arguments leaves its portal, and the portal's snapshot, open until the next statement.
+        await holder.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
+        waiting = asyncio.create_task(migrate(scratch_database))
+        while await builder.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()") < 3:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        try:
+            await asyncio.wait_for(builder.execute("CREATE INDEX CONCURRENTLY probe_n ON probe (n)"), timeout=5)
+        finally:
+            await migrating.rollback()
+        assert await waiting == [name for name, _ in available_migrations()]
+    finally:
+        for conn in (holder, builder):
+            await conn.close()

@@ -1,16 +1,30 @@
-"""Plain SQL migrations, applied in file-name order, each in a transaction holding the migration lock.
+"""Plain SQL migrations, applied in file-name order, each while holding the migration lock.
 
-Two replicas starting at once both call ``migrate``: the second waits on the lock, then
+Two replicas starting at once both call ``migrate``: they take the lock in turn, and the second
 finds each migration applied and does nothing. The lock is transaction-level
-(pg_advisory_xact_lock) and nothing else of a run outlives its transaction, so the DSN may
+(pg_try_advisory_xact_lock) and nothing else of a run outlives its transactions, so the DSN may
 go through PgBouncer in transaction mode as well as straight to PostgreSQL; a session lock
 there would be taken on one server connection and released (or leaked) on another.
+
+A replica asks for the lock every LOCK_POLL_SECONDS, each time in a short transaction of its
+own, rather than waiting in pg_advisory_xact_lock: a statement waiting there holds a snapshot,
+CREATE INDEX CONCURRENTLY (run by the replica holding the lock) waits for every older snapshot
+to go, and neither would ever end, unseen by PostgreSQL's deadlock detector.
+
+A migration runs in one transaction under lock_timeout (LOCK_TIMEOUT_SECONDS). Without it, an
+ALTER TABLE queued behind a long transaction (a slow report, a session left idle in a
+transaction) would hold up every later query of its table for as long as that transaction
+lasts. A migration that times out is rolled back and tried again after each of
+RETRY_DELAYS_SECONDS, then ``migrate`` raises MigrationBlocked, which names it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import TypeVar
 
 import asyncpg
 
@@ -18,11 +32,24 @@ log = logging.getLogger(__name__)
 
 # Any constant shared by all mediavault processes; "mvmigrat" in ASCII.
 MIGRATION_LOCK_ID = 0x6D766D6967726174
+LOCK_POLL_SECONDS = 0.1
+# Every query of the table a migration waits to lock queues behind it meanwhile.
+LOCK_TIMEOUT_SECONDS = 3.0
+# Six attempts in all, giving up after about 50 s.
+RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 _CREATE_LEDGER = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
 )
+_IS_APPLIED = "SELECT EXISTS (SELECT FROM schema_migrations WHERE name = $1)"
+_RECORD = "INSERT INTO schema_migrations (name) VALUES ($1)"
+
+T = TypeVar("T")
+
+
+class MigrationBlocked(RuntimeError):
+    """A migration never got the lock on a table it changes within its attempts."""
 
 
 def available_migrations() -> list[tuple[str, str]]:
@@ -37,21 +64,55 @@ async def migrate(dsn: str) -> list[str]:
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     applied_now: list[str] = []
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
-            await conn.execute(_CREATE_LEDGER)
-            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        done = await _holding_lock(conn, lambda: _ledger(conn))
         for name, sql in available_migrations():
-            if name in done:
-                continue
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
-                if await conn.fetchval("SELECT EXISTS (SELECT FROM schema_migrations WHERE name = $1)", name):
-                    continue
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
-            log.info("migration applied", extra={"migration": name})
-            applied_now.append(name)
+            if name not in done and await _apply(conn, name, sql):
+                log.info("migration applied", extra={"migration": name})
+                applied_now.append(name)
     finally:
         await conn.close()
     return applied_now
+
+
+async def _holding_lock(conn: asyncpg.Connection, work: Callable[[], Awaitable[T]]) -> T:
+    """What work returns, run in a transaction that holds the migration lock."""
+    while True:
+        # Read committed whatever the database's default: between its statements the transaction
+        # then holds no snapshot, which an index build run meanwhile would wait for.
+        async with conn.transaction(isolation="read_committed"):
+            if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK_ID):
+                return await work()
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+
+
+async def _ledger(conn: asyncpg.Connection) -> set[str]:
+    await conn.execute(_CREATE_LEDGER)
+    return {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+
+
+async def _apply(conn: asyncpg.Connection, name: str, sql: str) -> bool:
+    """Whether this call applied the migration; False when another replica had meanwhile."""
+    delays = iter(RETRY_DELAYS_SECONDS)
+    while True:
+        try:
+            return await _holding_lock(conn, lambda: _apply_in_transaction(conn, name, sql))
+        except asyncpg.LockNotAvailableError as err:
+            delay = next(delays, None)
+            if delay is None:
+                raise MigrationBlocked(
+                    f"migration {name} not applied: a long transaction holds a table it changes (it waited"
+                    f" {LOCK_TIMEOUT_SECONDS:g} s for the table's lock {len(RETRY_DELAYS_SECONDS) + 1} times); end"
+                    " that transaction (pg_stat_activity: the oldest xact_start, sessions idle in transaction)"
+                    " or start again once it is over"
+                ) from err
+        log.warning("migration waited too long for a table lock, retrying", extra={"migration": name, "delay_seconds": delay})
+        await asyncio.sleep(delay)
+
+
+async def _apply_in_transaction(conn: asyncpg.Connection, name: str, sql: str) -> bool:
+    if await conn.fetchval(_IS_APPLIED, name):
+        return False
+    await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms")
+    await conn.execute(sql)
+    await conn.execute(_RECORD, name)
+    return True
