@@ -12,7 +12,7 @@ import pytest
 
 from mediavault import devservers
 from mediavault.db import migrate
-from mediavault.db.migrate import MIGRATION_LOCK_ID, MigrationBlocked, available_migrations
+from mediavault.db.migrate import MIGRATION_LOCK_ID, MigrationBlocked, available_migrations, statements
 from mediavault.domain import accounts, cleanup
 
 # The module, which mediavault.db's function of the same name hides.
@@ -226,3 +226,61 @@ async def test_an_index_build_goes_on_while_a_replica_waits_for_the_migration_lo
     finally:
         for conn in (holder, builder):
             await conn.close()
+
+
+def test_a_no_transaction_migration_is_split_at_lines_ending_in_a_semicolon():
+    sql = "\n".join([
+        "-- mediavault: no-transaction",
+        "-- a comment; not a statement;",
+        "DROP INDEX CONCURRENTLY IF EXISTS a;",
+        "CREATE INDEX CONCURRENTLY a",
+        "    ON t (x) WHERE y = ';' ;  ",
+        "",
+        "SELECT 1; SELECT 2;",
+    ])
+    assert statements(sql) == [
+        "DROP INDEX CONCURRENTLY IF EXISTS a;",
+        "CREATE INDEX CONCURRENTLY a\n    ON t (x) WHERE y = ';' ;",
+        "SELECT 1; SELECT 2;",
+    ]
+    with pytest.raises(ValueError, match="no semicolon ends the last statement: 'CREATE INDEX b ON t \\(x\\)'"):
+        statements("DROP INDEX a;\nCREATE INDEX b ON t (x)\n-- done\n")
+
+
+async def index_definitions(conn: asyncpg.Connection, name: str) -> list[tuple[str, bool]]:
+    rows = await conn.fetch(
+        "SELECT pg_get_indexdef(i.indexrelid), i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = $1", name
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_a_no_transaction_migration_cut_short_runs_again_to_a_valid_index(scratch_database):
+    conn = await asyncpg.connect(scratch_database)
+    try:
+        assert await migrate(scratch_database) == [name for name, _ in available_migrations()]
+        built = ("CREATE INDEX media_object_key ON public.media USING btree (object_key) WHERE (purged_at IS NULL)", True)
+        assert await index_definitions(conn, "media_object_key") == [built]
+
+        # A build cut short, as by a crash before the migration was recorded: one that failed on
+        # duplicates leaves its index behind, INVALID, as a cancelled or killed one does.
+        await conn.execute("DELETE FROM schema_migrations WHERE name = '0016_media_object_key_index'")
+        await conn.execute("DROP INDEX media_object_key")
+        await conn.execute(
+            "INSERT INTO accounts (user_id, quota_bytes) VALUES ('u', 1000);"
+            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, state, object_key, media_id,"
+            " expires_at) SELECT id, 'u', 'a.jpg', 'image/jpeg', 1, 'permanent', 'finalized', 'originals/' || id, id, now()"
+            " FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, 2)) g;"
+            "INSERT INTO media (media_id, owner_id, upload_id, kind, content_type, size_bytes, object_key, retention)"
+            " SELECT media_id, user_id, upload_id, 'image', content_type, size_bytes, object_key, retention FROM uploads"
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("CREATE UNIQUE INDEX CONCURRENTLY media_object_key ON media (owner_id)")
+        assert await index_definitions(conn, "media_object_key") == [
+            ("CREATE UNIQUE INDEX media_object_key ON public.media USING btree (owner_id)", False)
+        ]
+
+        assert await migrate(scratch_database) == ["0016_media_object_key_index"]
+        assert await index_definitions(conn, "media_object_key") == [built]
+    finally:
+        await conn.close()

@@ -13,7 +13,7 @@ import pytest
 
 from mediavault import devservers
 from mediavault.db import migrate
-from mediavault.domain import accounts, media, purchases
+from mediavault.domain import accounts, cleanup, media, purchases
 from mediavault.domain.pages import PageTokens
 
 OWNER = "heavy"
@@ -115,3 +115,24 @@ async def test_a_later_page_keeps_its_cursor_in_the_index_scan_of_a_generic_plan
     filters = [node["Filter"] for node in nodes if "Filter" in node]
     assert any("created_at" in condition and "$2" in condition for condition in conditions), (conditions, filters)
     assert not [f for f in filters if "created_at" in f], "the cursor bounds the scan, it does not filter it"
+
+
+async def test_the_orphan_sweeps_ownership_check_looks_keys_up_in_indexes(seeded_database: str):
+    conn = await asyncpg.connect(seeded_database)
+    try:
+        originals = [r[0] for r in await conn.fetch("SELECT object_key FROM media ORDER BY object_key LIMIT 800")]
+        variants = [r[0] for r in await conn.fetch("SELECT object_key FROM media_variants ORDER BY object_key LIMIT 100")]
+        unowned = [f"originals/00/{uuid.uuid4().hex}" for _ in range(100)]
+        keys = originals + variants + unowned  # a page of the sweep's listing (batch_size 1000)
+        async with conn.transaction():
+            # On a table this small the planner hashes every live media key once per page; from some
+            # tens of thousands of media that hash outgrows work_mem, and each key is looked up alone,
+            # which without an index read all of media per key (20 s for 1,100 keys in 500k media).
+            await conn.execute("SET LOCAL work_mem = '64kB'")
+            explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {cleanup._OWNED}", keys)
+        assert await cleanup.owned_keys(conn, keys) == set(originals + variants)
+    finally:
+        await conn.close()
+    nodes = plan_nodes(json.loads(explained)[0]["Plan"])
+    assert [node["Relation Name"] for node in nodes if node["Node Type"] == "Seq Scan"] == []
+    assert "media_object_key" in {node.get("Index Name") for node in nodes}

@@ -16,6 +16,19 @@ ALTER TABLE queued behind a long transaction (a slow report, a session left idle
 transaction) would hold up every later query of its table for as long as that transaction
 lasts. A migration that times out is rolled back and tried again after each of
 RETRY_DELAYS_SECONDS, then ``migrate`` raises MigrationBlocked, which names it.
+
+A migration whose first line is ``-- mediavault: no-transaction`` runs outside any transaction,
+for statements that cannot run in one (CREATE INDEX CONCURRENTLY). Its statements run one at a
+time, each in autocommit, on a second connection, while the first holds the lock in an open
+transaction and records the migration in it once every statement has succeeded. The file is
+split into statements by lines: a statement ends with the line whose last character (trailing
+blanks aside) is a semicolon, and whole-line ``--`` comments belong to no statement; so a
+statement with a line ending in a semicolon inside it (a function body) belongs in an ordinary
+migration. A crash midway leaves the migration unrecorded and it runs again from its first
+statement, so each statement must be safe to repeat: an index build cut short leaves an INVALID
+index of its name behind, which ``DROP INDEX CONCURRENTLY IF EXISTS`` before the ``CREATE INDEX
+CONCURRENTLY`` takes away. No lock_timeout applies there: such statements take no lock that
+readers or writers queue behind, and they wait for older transactions as long as those last.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ LOCK_POLL_SECONDS = 0.1
 LOCK_TIMEOUT_SECONDS = 3.0
 # Six attempts in all, giving up after about 50 s.
 RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+NO_TRANSACTION = "-- mediavault: no-transaction"
 
 _CREATE_LEDGER = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -58,6 +72,22 @@ def available_migrations() -> list[tuple[str, str]]:
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 
+def statements(sql: str) -> list[str]:
+    """The statements of a no-transaction migration, split as the module's docstring says."""
+    found: list[str] = []
+    lines: list[str] = []
+    for line in sql.splitlines():
+        if line.lstrip().startswith("--"):
+            continue
+        lines.append(line)
+        if line.rstrip().endswith(";"):
+            found.append("\n".join(lines).strip())
+            lines = []
+    if "".join(lines).strip():
+        raise ValueError(f"no semicolon ends the last statement: {' '.join(lines).strip()[:80]!r}")
+    return found
+
+
 async def migrate(dsn: str) -> list[str]:
     """Applies pending migrations and returns the names of those it applied."""
     # Uncached statements work behind a transaction pooler too; a run's few gain nothing from a cache.
@@ -66,7 +96,7 @@ async def migrate(dsn: str) -> list[str]:
     try:
         done = await _holding_lock(conn, lambda: _ledger(conn))
         for name, sql in available_migrations():
-            if name not in done and await _apply(conn, name, sql):
+            if name not in done and await _apply(conn, dsn, name, sql):
                 log.info("migration applied", extra={"migration": name})
                 applied_now.append(name)
     finally:
@@ -77,8 +107,8 @@ async def migrate(dsn: str) -> list[str]:
 async def _holding_lock(conn: asyncpg.Connection, work: Callable[[], Awaitable[T]]) -> T:
     """What work returns, run in a transaction that holds the migration lock."""
     while True:
-        # Read committed whatever the database's default: between its statements the transaction
-        # then holds no snapshot, which an index build run meanwhile would wait for.
+        # Read committed whatever the database's default: the transaction holding the lock then
+        # keeps no snapshot from its first statement to its end (see _apply_outside_transaction).
         async with conn.transaction(isolation="read_committed"):
             if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK_ID):
                 return await work()
@@ -90,8 +120,11 @@ async def _ledger(conn: asyncpg.Connection) -> set[str]:
     return {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
 
 
-async def _apply(conn: asyncpg.Connection, name: str, sql: str) -> bool:
+async def _apply(conn: asyncpg.Connection, dsn: str, name: str, sql: str) -> bool:
     """Whether this call applied the migration; False when another replica had meanwhile."""
+    if sql.partition("\n")[0].rstrip() == NO_TRANSACTION:
+        split = statements(sql)
+        return await _holding_lock(conn, lambda: _apply_outside_transaction(conn, dsn, name, split))
     delays = iter(RETRY_DELAYS_SECONDS)
     while True:
         try:
@@ -114,5 +147,23 @@ async def _apply_in_transaction(conn: asyncpg.Connection, name: str, sql: str) -
         return False
     await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{round(LOCK_TIMEOUT_SECONDS * 1000)}ms")
     await conn.execute(sql)
+    await conn.execute(_RECORD, name)
+    return True
+
+
+async def _apply_outside_transaction(conn: asyncpg.Connection, dsn: str, name: str, split: list[str]) -> bool:
+    if await conn.fetchval(_IS_APPLIED, name):
+        return False
+    # While the statements run, the lock's transaction sits idle for as long as an index build
+    # takes: a server-wide idle_in_transaction_session_timeout would end it, and the lock with it.
+    # Sent as a simple query (no arguments), which also closes the portal the statement before left
+    # open with its snapshot: an index build waits for every snapshot older than its own to go.
+    await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
+    autocommit = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        for statement in split:
+            await autocommit.execute(statement)
+    finally:
+        await autocommit.close()
     await conn.execute(_RECORD, name)
     return True
