@@ -136,3 +136,36 @@ async def test_the_orphan_sweeps_ownership_check_looks_keys_up_in_indexes(seeded
     nodes = plan_nodes(json.loads(explained)[0]["Plan"])
     assert [node["Relation Name"] for node in nodes if node["Node Type"] == "Seq Scan"] == []
     assert "media_object_key" in {node.get("Index Name") for node in nodes}
+
+
+async def test_the_ownership_check_looks_each_key_up_only_in_the_tables_of_its_prefix(seeded_database: str):
+    conn = await asyncpg.connect(seeded_database)
+    # Rolled back: the module's other tests see the seed alone.
+    scratch = conn.transaction()
+    await scratch.start()
+    try:
+        pending = [uuid.uuid4() for _ in range(10)]
+        await conn.executemany(
+            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at)"
+            f" VALUES ($1, '{OWNER}', 'a.jpg', 'image/jpeg', 1, 'permanent', $2, now())",
+            [(upload_id, f"originals/{upload_id.hex[:2]}/{upload_id.hex}") for upload_id in pending],
+        )
+        media_keys = [r[0] for r in await conn.fetch("SELECT object_key FROM media ORDER BY object_key LIMIT 300")]
+        originals = media_keys + [f"originals/{u.hex[:2]}/{u.hex}" for u in pending + [uuid.uuid4() for _ in range(50)]]
+        variants = [r[0] for r in await conn.fetch("SELECT object_key FROM media_variants ORDER BY object_key LIMIT 100")]
+        variants += [f"variants/00/{uuid.uuid4().hex}/v0/thumbnail.jpg" for _ in range(50)]
+        partials = [f"partial/{u.hex[:2]}/{u.hex}{tail}" for u in pending + [uuid.uuid4()] for tail in ("", "-3")]
+        keys = originals + variants + partials
+        assert await cleanup.owned_keys(conn, keys) == set(originals[:310] + variants[:100] + partials[:20])
+
+        await conn.execute("SET LOCAL work_mem = '64kB'")  # as in the test above
+        explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {cleanup._OWNED}", keys)
+    finally:
+        await scratch.rollback()
+        await conn.close()
+    loops: dict[str, int] = {}
+    for node in plan_nodes(json.loads(explained)[0]["Plan"]):
+        if "Relation Name" in node:
+            loops[node["Relation Name"]] = loops.get(node["Relation Name"], 0) + node["Actual Loops"]
+    assert loops["media"] <= len(originals), "only originals/ keys are looked up in media"
+    assert loops["media_variants"] <= len(variants), "only variants/ keys are looked up in media_variants"

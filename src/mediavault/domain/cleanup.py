@@ -165,14 +165,23 @@ ORDER BY a.user_id
 LIMIT $2
 """
 
-# A partial key names its upload: partial/<2 hex>/<upload id hex>, and on S3 "-<part>" tails.
+# Each key of SWEPT_PREFIXES is looked up only in the tables whose rows name keys under its
+# prefix (each lookup an index probe: media's is media_object_key, migration 0016). An original
+# is a pending upload's, then its media's until purged. A partial key names its upload:
+# partial/<2 hex>/<upload id hex>, and on S3 "-<part>" tails.
 _OWNED = """
 SELECT k.key FROM unnest($1::text[]) AS k(key)
-WHERE EXISTS (SELECT 1 FROM uploads u WHERE u.object_key = k.key AND u.state = 'pending')
-   OR EXISTS (SELECT 1 FROM uploads u WHERE u.state = 'pending' AND u.upload_id =
-              CASE WHEN k.key ~ '^partial/[0-9a-f]{2}/[0-9a-f]{32}(-[0-9]+)?$' THEN substr(k.key, 12, 32)::uuid END)
-   OR EXISTS (SELECT 1 FROM media m WHERE m.object_key = k.key AND m.purged_at IS NULL)
-   OR EXISTS (SELECT 1 FROM media_variants v WHERE v.object_key = k.key)
+WHERE CASE split_part(k.key, '/', 1)
+    WHEN 'originals' THEN
+        EXISTS (SELECT 1 FROM uploads u WHERE u.object_key = k.key AND u.state = 'pending')
+        OR EXISTS (SELECT 1 FROM media m WHERE m.object_key = k.key AND m.purged_at IS NULL)
+    WHEN 'partial' THEN
+        EXISTS (SELECT 1 FROM uploads u WHERE u.state = 'pending' AND u.upload_id =
+                CASE WHEN k.key ~ '^partial/[0-9a-f]{2}/[0-9a-f]{32}(-[0-9]+)?$' THEN substr(k.key, 12, 32)::uuid END)
+    WHEN 'variants' THEN
+        EXISTS (SELECT 1 FROM media_variants v WHERE v.object_key = k.key)
+    ELSE false
+END
 """
 
 _LIVE_ORIGINALS = """
