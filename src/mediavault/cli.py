@@ -195,10 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mediavault.db.migrate import MigrationBlocked
+
     args = build_parser().parse_args(argv)
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MigrationBlocked as blocked:
+        # What the operator must do is in the message; a traceback would bury it.
+        sys.exit(str(blocked))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from mediavault import devservers
+from mediavault import cli, devservers
 from mediavault.db import migrate
 from mediavault.db.migrate import MIGRATION_LOCK_ID, MigrationBlocked, available_migrations, statements
 from mediavault.domain import accounts, cleanup
@@ -200,6 +200,23 @@ async def test_a_migration_behind_a_long_transaction_gives_up_without_holding_up
         assert await migrate(scratch_database) == [name for name, _ in available_migrations() if name >= "0012"]
     finally:
         for conn in (setup, long_reader, reader):
+            await conn.close()
+
+
+async def test_a_blocked_migration_ends_the_command_with_its_message(scratch_database, monkeypatch):
+    monkeypatch.setattr(migrations, "LOCK_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(migrations, "RETRY_DELAYS_SECONDS", (0.1,))
+    monkeypatch.setenv("MEDIAVAULT_DATABASE_URL", scratch_database)
+    setup, long_reader = [await asyncpg.connect(scratch_database) for _ in range(2)]
+    try:
+        await apply_before(setup, "0012")
+        async with long_reader.transaction(isolation="repeatable_read", readonly=True):
+            await long_reader.fetchval("SELECT count(*) FROM media")
+            with pytest.raises(SystemExit) as ended:
+                await asyncio.to_thread(cli.main, ["migrate"])
+        assert str(ended.value.code).startswith("migration 0012_derived_bytes not applied: a long transaction holds a table")
+    finally:
+        for conn in (setup, long_reader):
             await conn.close()
 
 
