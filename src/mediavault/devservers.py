@@ -71,7 +71,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _pgbouncer_config(admin_url: str, port: int, pool_size: int, work_dir: Path) -> Path:
+def _pgbouncer_config(admin_url: str, port: int, pool_size: int, query_wait_timeout: int, work_dir: Path) -> Path:
     parts = urlsplit(admin_url)
     user = unquote(parts.username or "postgres")
     # A unix socket directory (pgserver's URLs) comes as ?host=, a TCP host in the netloc.
@@ -93,6 +93,7 @@ auth_type = trust
 auth_file = {work_dir / "users.txt"}
 pool_mode = transaction
 default_pool_size = {pool_size}
+query_wait_timeout = {query_wait_timeout}
 max_client_conn = 2000
 ignore_startup_parameters = extra_float_digits,options
 log_connections = 0
@@ -108,16 +109,18 @@ def _accepts(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def pgbouncer(admin_url: str, pool_size: int = 5) -> Iterator[str]:
+def pgbouncer(admin_url: str, pool_size: int = 5, query_wait_timeout: int = 120) -> Iterator[str]:
     """Runs PgBouncer (pool_mode = transaction, pool_size server connections per database)
-    in front of admin_url's server and yields admin_url as reached through it.
+    in front of admin_url's server and yields admin_url as reached through it. A client whose
+    statement has waited query_wait_timeout seconds for a server connection is disconnected
+    (PgBouncer's default: 120).
 
     Any database name works through it (`with_database`); clients log in without a password
     and PgBouncer logs in to the server as the admin URL's user.
     """
     work_dir = Path(tempfile.mkdtemp(prefix="mediavault-pgbouncer-"))
     port = _free_port()
-    config = _pgbouncer_config(admin_url, port, pool_size, work_dir)
+    config = _pgbouncer_config(admin_url, port, pool_size, query_wait_timeout, work_dir)
     command = ["pgbouncer", str(config)]
     if os.geteuid() == 0:
         # PgBouncer refuses to run as root; it reads its files before switching user.
