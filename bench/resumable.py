@@ -191,7 +191,7 @@ class Client:
         return time.perf_counter() - started, begun.upload.upload_id, chunk, offset
 
     async def settled(self, url: str) -> int:
-        """The offset once the server has stored what reached it of the cut PATCH (it holds the lock till then)."""
+        """The offset once the server has stored what reached it of the cut PATCH (it holds the upload's lease till then)."""
         tus = {"Tus-Resumable": "1.0.0"}
         while True:
             async with self.http.head(url, headers=tus) as response:

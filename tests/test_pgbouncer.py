@@ -2,6 +2,8 @@
 MEDIAVAULT_DATABASE_POOLER=pgbouncer is needed, and `mediavault serve` / `migrate` as operators run them there.
 
 The concurrency, flow and uploads suites themselves run through PgBouncer too (conftest: stack).
+Resumable uploads behind a PgBouncer of one or two server connections: no writer holds one while
+a client's bytes come in.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
 
 from mediavault import devservers
-from mediavault.db import create_pool
+from mediavault.auth import Authenticator, Principal
+from mediavault.blobs import open_blob_store
+from mediavault.db import create_pool, migrate
 from mediavault.db.migrate import available_migrations
-from mediavault.domain import ledger
+from mediavault.domain import accounts, ledger, uploads
+from mediavault.jobs import TranscodeQueue
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
-from tests.helpers import fake_jpeg, serve_environment, upload
+from tests.conftest import JWT_SECRET, running
+from tests.helpers import fake_jpeg, serve_environment, sha256_hex, upload
 from tests.test_cli import mediavault
 from tests.test_shutdown import audit_ledger, serving
 
@@ -104,3 +111,133 @@ async def test_serve_behind_pgbouncer_migrates_and_serves_concurrent_uploads(poo
     audited = await audit_ledger(pooled_environment)
     assert audited.returncode == 0, audited.stdout + audited.stderr
     assert "ledger audit ok: 8 account(s) add up" in audited.stdout
+
+
+# PgBouncer's default is 120 s: a statement stuck for want of a server connection fails sooner here.
+QUERY_WAIT_SECONDS = 5
+MiB = 1024 * 1024
+
+
+def principal(user_id: str) -> Principal:
+    return Principal(user_id, frozenset({"user"}))
+
+
+async def begin_tus(pool, service: uploads.Uploads, data: bytes) -> tuple[str, uuid.UUID]:
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    await accounts.ensure(pool, user_id, 100 * MiB)
+    request = uploads.BeginRequest("a.jpg", "image/jpeg", len(data), sha256_hex(data), None, "permanent", "tus")
+    return user_id, (await service.begin(principal(user_id), request)).upload.upload_id
+
+
+async def test_concurrent_tus_appends_cross_their_checkpoints_behind_two_server_connections(
+    make_settings, postgres_admin_url, database_url
+):
+    """More writers than PgBouncer has server connections, each past a checkpoint inside its chunk:
+    no writer holds a connection while its bytes come in, so none waits for another's."""
+    with devservers.pgbouncer(postgres_admin_url, pool_size=2, query_wait_timeout=QUERY_WAIT_SECONDS) as admin_url:
+        settings = make_settings(
+            database_url=devservers.with_database(admin_url, database_name(database_url)),
+            database_pooler="pgbouncer",
+            tus_chunk_size_bytes=5 * MiB,
+        )
+        pool = await create_pool(settings)
+        blobs = await open_blob_store(settings)
+        try:
+            resumable = uploads.Resumable(pool, blobs, settings)
+            service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None), resumable)
+            data = [fake_jpeg(7 * MiB, fill=bytes([n])) for n in (1, 2)]
+            begun = [await begin_tus(pool, service, d) for d in data]
+            both_writing = asyncio.Barrier(len(data))
+
+            async def body(d: bytes) -> AsyncIterator[bytes]:
+                yield d[:MiB]
+                # Each writer has its upload, and then crosses the 5 MiB checkpoint.
+                await both_writing.wait()
+                for start in range(MiB, len(d), MiB):
+                    yield d[start : start + MiB]
+
+            done = await asyncio.wait_for(
+                asyncio.gather(*(resumable.append(u, body(d), offset=0, length=len(d)) for (_, u), d in zip(begun, data, strict=True))),
+                timeout=4 * QUERY_WAIT_SECONDS,
+            )
+            assert [p.received_bytes for p in done] == [7 * MiB, 7 * MiB]
+            for (user_id, upload_id), d in zip(begun, data, strict=True):
+                finalized = await service.finalize(principal(user_id), upload_id)
+                assert finalized.state == "finalized"
+                assert sha256_hex(await blobs.read(finalized.object_key)) == sha256_hex(d)
+        finally:
+            await blobs.close()
+            await pool.close()
+
+
+async def test_a_stalled_tus_patch_holds_no_database_connection(make_settings, fresh_database, postgres_admin_url, tmp_path):
+    """One server connection behind PgBouncer for the whole server, a PATCH whose body stalls, and
+    another process's pool: its statement runs at once, and no session sits in a transaction."""
+    await migrate(fresh_database)
+    name = database_name(fresh_database)
+    with devservers.pgbouncer(postgres_admin_url, pool_size=1, query_wait_timeout=QUERY_WAIT_SECONDS) as admin_url:
+        settings = make_settings(
+            database_url=devservers.with_database(admin_url, name),
+            database_pooler="pgbouncer",
+            blob_dir=tmp_path / "blobs",
+            # Renewed every half second: the stall spans several renewals.
+            tus_lease_seconds=2.0,
+        )
+        data = fake_jpeg(100_000)
+        release = asyncio.Event()
+        first_part_sent = asyncio.Event()
+
+        async def stalling_body() -> AsyncIterator[bytes]:
+            yield data[:30_000]
+            first_part_sent.set()
+            await release.wait()
+            yield data[30_000:]
+
+        other_process = await create_pool(settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": 1}))
+        direct = await asyncpg.connect(fresh_database)
+        try:
+            async with (
+                running(settings) as server,
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+                aiohttp.ClientSession() as http,
+            ):
+                storage = storage_pb2_grpc.StorageServiceStub(channel)
+                user_id = f"user-{uuid.uuid4().hex[:12]}"
+                md = (("authorization", f"Bearer {Authenticator(JWT_SECRET).issue(user_id, ['user'])}"),)
+                begun = await storage.BeginUpload(
+                    pb.BeginUploadRequest(
+                        filename="a.jpg", content_type="image/jpeg", size_bytes=len(data), sha256=sha256_hex(data),
+                        protocol=pb.UPLOAD_PROTOCOL_TUS,
+                    ),
+                    metadata=md,
+                )
+                headers = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+
+                async def patch() -> int:
+                    async with http.patch(begun.upload_url, data=stalling_body(), headers=headers) as response:
+                        return response.status
+
+                patching = asyncio.create_task(patch())
+                try:
+                    await first_part_sent.wait()
+                    # Into the stall, past a renewal or two.
+                    await asyncio.sleep(1.2)
+                    assert not patching.done()
+                    in_transaction = await direct.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state LIKE 'idle in transaction%'", name
+                    )
+                    assert in_transaction == 0
+                    started = asyncio.get_running_loop().time()
+                    assert await asyncio.wait_for(other_process.fetchval("SELECT 1"), timeout=2) == 1
+                    assert asyncio.get_running_loop().time() - started < 1
+                    assert await direct.fetchval(
+                        "SELECT lease_until > now() FROM upload_progress WHERE upload_id = $1::uuid", begun.upload.upload_id
+                    ), "the writer still holds its upload"
+                finally:
+                    release.set()
+                assert await patching == 204
+                finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+                assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+        finally:
+            await direct.close()
+            await other_process.close()

@@ -282,20 +282,23 @@ async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, 
 
 
 async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
-    """The gRPC face of the writer lock; two PATCHes on two processes are in test_tus_clients.py."""
+    """The gRPC face of the writer lease; two PATCHes on two processes are in test_tus_clients.py."""
     md = auth(user_id)
     data = fake_jpeg(1000)
     begun = await begin_tus(storage, md, data)
     assert tus_server.pool is not None
-    async with tus_server.pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT 1 FROM upload_progress WHERE upload_id = $1 FOR NO KEY UPDATE", uuid.UUID(begun.upload.upload_id))
+    # Another writer's lease, running.
+    await tus_server.pool.execute(
+        "UPDATE upload_progress SET writer = gen_random_uuid(), lease_until = now() + interval '1 hour' WHERE upload_id = $1",
+        uuid.UUID(begun.upload.upload_id),
+    )
 
-        async def stream():
-            yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
-            yield pb.UploadContentRequest(chunk=data)
+    async def stream():
+        yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
+        yield pb.UploadContentRequest(chunk=data)
 
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await storage.UploadContent(stream(), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.UploadContent(stream(), metadata=md)
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert error_info(caught.value).reason == "UPLOAD_BUSY"
 

@@ -26,6 +26,7 @@ import pytest
 from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 
+from mediavault.config import Settings
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.faults import TcpProxy, free_port
@@ -37,6 +38,9 @@ MiB = 1024 * 1024
 CHUNK = 5 * MiB
 SIZE = 12 * MiB + 4321
 TUS = {"Tus-Resumable": "1.0.0"}
+# The killed server's writer holds the upload until its lease lapses (423 till then): a client
+# retrying once a second goes on for longer than that.
+TUSPY_RETRIES = int(Settings.model_fields["tus_lease_seconds"].default) + 5
 
 
 @pytest.fixture(scope="session")
@@ -220,7 +224,7 @@ async def test_tuspy_resumes_after_a_cut_and_a_killed_server(stage: Stage, auth,
 
     async def send(url: str, retry: bool) -> None:
         if retry:
-            await asyncio.to_thread(tuspy_upload, url, data, 5)
+            await asyncio.to_thread(tuspy_upload, url, data, TUSPY_RETRIES)
             return
         # Without retries the interruption ends the upload: the next send resumes it.
         with pytest.raises((TusCommunicationError, TusUploadFailed, OSError)):

@@ -128,8 +128,15 @@ class Settings(BaseSettings):
     # The largest tus upload (Tus-Max-Size); 0: the largest any content type may be.
     tus_max_size_bytes: int = Field(default=0, ge=0)
     # A PATCH body that sends nothing for this long ends there, as a cut connection does: what
-    # arrived is kept, and the upload's lock, its connections and a writer slot are freed.
+    # arrived is kept, and the upload's lease and a writer slot are freed.
     tus_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    # A resumable upload's writer leases the upload for this long and renews it as it goes; a
+    # writer that dies without giving it back holds the upload (others are told UPLOAD_BUSY,
+    # tus 423) until it lapses. The default lapses within the retries tus-js-client and Uppy
+    # make by default (the last 9 s after the failure). Each lease is renewed every quarter of
+    # it, and a writer stops once no renewal has got through for two thirds of it: a shorter
+    # lease frees a dead writer's uploads sooner, and stops live writers on shorter database stalls.
+    tus_lease_seconds: float = Field(default=8.0, ge=2, le=300)
     ephemeral_ttl_seconds: int = Field(default=60 * 60, gt=0)
     public_base_url: str = ""
     media_url_ttl_seconds: int = Field(default=60 * 60, gt=0)
@@ -169,7 +176,6 @@ class Settings(BaseSettings):
     # batching.Batcher).
     upload_batch_spacing_seconds: float = Field(default=0.002, ge=0, le=0.05)
     db_pool_min_size: int = Field(default=2, ge=1)
-    # At least two: a resumable upload's writer holds one for its lock and checkpoints on another.
     db_pool_max_size: int = Field(default=10, ge=2)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # After SIGTERM, health answers NOT_SERVING while the server still serves this long, so that

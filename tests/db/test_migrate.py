@@ -301,3 +301,47 @@ async def test_a_no_transaction_migration_cut_short_runs_again_to_a_valid_index(
         assert await index_definitions(conn, "media_object_key") == [built]
     finally:
         await conn.close()
+async def test_the_writer_lease_migration_holds_up_no_statement_behind_a_writer_of_the_previous_release(postgres_admin_url):
+    """0015 needs ACCESS EXCLUSIVE on upload_progress, where a writer of the previous release holds
+    ROW SHARE for as long as it writes a chunk: it waits a moment per try, so that the statements
+    queued behind it (that writer's own checkpoints among them) go on, and lands once the writer is done."""
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
+    conn, old_writer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    upload_id = uuid.uuid4()
+    try:
+        await conn.execute("CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        for name, sql in available_migrations():
+            if name.startswith("0015"):
+                break
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        await conn.execute("INSERT INTO accounts (user_id, quota_bytes, reserved_bytes) VALUES ('u', 1000, 100)")
+        await conn.execute(
+            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at, protocol)"
+            " VALUES ($1, 'u', 'a.jpg', 'image/jpeg', 100, 'permanent', 'originals/x', now() + interval '1 hour', 'tus')",
+            upload_id,
+        )
+        await conn.execute("INSERT INTO upload_progress (upload_id) VALUES ($1)", upload_id)
+
+        async with old_writer.transaction():
+            await old_writer.execute("SELECT 1 FROM upload_progress WHERE upload_id = $1 FOR NO KEY UPDATE NOWAIT", upload_id)
+            migrating = asyncio.create_task(migrate(dsn))
+            for received in range(1, 6):
+                await asyncio.sleep(0.3)
+                started = asyncio.get_running_loop().time()
+                await asyncio.wait_for(
+                    conn.execute(
+                        "INSERT INTO upload_checkpoints (upload_id, received_bytes, sha256_state, head) VALUES ($1, $2, '', '')"
+                        " ON CONFLICT (upload_id) DO UPDATE SET received_bytes = excluded.received_bytes",
+                        upload_id, received,
+                    ),
+                    timeout=2,
+                )
+                assert asyncio.get_running_loop().time() - started < 0.5
+            assert not migrating.done(), "the ALTER cannot have its lock while the old writer holds the table"
+        assert await asyncio.wait_for(migrating, timeout=5) == ["0015_upload_writer_lease", "0016_media_object_key_index"]
+        assert await conn.fetchval("SELECT writer IS NULL AND lease_until IS NULL FROM upload_progress WHERE upload_id = $1", upload_id)
+    finally:
+        await old_writer.close()
+        await conn.close()
+        await devservers.drop_database(postgres_admin_url, dsn)

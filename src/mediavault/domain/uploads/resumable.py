@@ -1,13 +1,22 @@
 """Resumable uploads: chunks appended from any replica, progress and hash state in PostgreSQL.
 
-A writer takes the upload's upload_progress row FOR NO KEY UPDATE NOWAIT for as long as it
-appends, so of two writers (on any replicas) exactly one proceeds and the other is told
-UploadBusy at once. The writer stores bytes through the blob backend's PartialWriter and
-records each durable point in upload_checkpoints while the lock is held (those inside a
-chunk on a connection of their own, committed at once; the chunk's last one in the lock's
-transaction): offset, SHA-256 state over exactly those bytes, the first bytes (for the
-magic-byte check) and the S3 part list. A writer that dies loses its lock with
-its connection, and whatever it stored past its last checkpoint is dropped by the next.
+A writer leases the upload for as long as it appends: one UPDATE names its token in the
+upload_progress row until lease_until, and only when no writer's lease is running, so of two
+writers (on any replicas) exactly one proceeds and the other is told UploadBusy at once. The
+writer stores bytes through the blob backend's PartialWriter and records each durable point in
+upload_checkpoints (offset, SHA-256 state over exactly those bytes, the first bytes for the
+magic-byte check, the S3 part list), each in one statement that records only while the row
+still names its token, and renews the lease; the chunk's last one gives the lease back. While
+bytes come slowly between checkpoints, a task renews the lease. No transaction waits for a
+client: behind a transaction pooler, a writer takes a server connection only for each of its
+statements.
+
+A writer that loses its lease (it lapsed, and another writer took the upload) records nothing
+more, and stops as soon as a renewal or checkpoint finds the lease gone; one whose renewals
+cannot get through stops while a third of its lease is left, before any other writer may take
+the upload, since the bytes it would still write are in the place the next writer writes to. A
+writer that dies holds the upload until its lease lapses (settings.tus_lease_seconds); whatever
+it stored past its last checkpoint is dropped by the next.
 
 Finalize reads the last checkpoint instead of the object: size, digest and leading bytes
 are there, and publishing the bytes as the object is a rename or a multipart completion.
@@ -16,15 +25,16 @@ are there, and publishing the bytes as the object is a rename or a multipart com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
+import logging
 import uuid
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter, is_sha256_hex
 from mediavault.blobs.signing import UrlSigner
@@ -45,6 +55,8 @@ from mediavault.errors import (
 )
 from mediavault.sha256state import Sha256
 
+log = logging.getLogger(__name__)
+
 # tus checksum extension: the algorithms a chunk's Upload-Checksum may use.
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 TUS_VERSION = "1.0.0"
@@ -64,18 +76,56 @@ SELECT {_UPLOAD_COLUMNS}, p.multipart_id, u.expires_at <= now() AS lapsed,
 FROM upload_progress p JOIN uploads u USING (upload_id) LEFT JOIN upload_checkpoints c USING (upload_id)
 WHERE p.upload_id = $1
 """
-# The writer's lock: held until the chunk is stored and checkpointed.
-_LOCK_FOR_WRITE = _PROGRESS + " FOR NO KEY UPDATE OF p NOWAIT"
-
-# Only a pending upload moves on: once it is finalized, failed or expired nothing is recorded.
-_CHECKPOINT = """
-INSERT INTO upload_checkpoints (upload_id, received_bytes, sha256_state, head, parts, tail_bytes)
-SELECT upload_id, $2, $3, $4, $5, $6 FROM uploads WHERE upload_id = $1 AND state = 'pending'
-ON CONFLICT (upload_id) DO UPDATE
-SET received_bytes = excluded.received_bytes, sha256_state = excluded.sha256_state, head = excluded.head,
-    parts = excluded.parts, tail_bytes = excluded.tail_bytes, updated_at = now()
-RETURNING received_bytes
+# The lease goes to $2 when no other writer's is running; found tells a missing upload (or
+# another owner's: NotFound, as if missing) from one another writer holds. The progress is read
+# by the next statement: this one's snapshot may predate a checkpoint committed by the writer
+# whose lease it then finds given back.
+_TAKE_LEASE = """
+WITH target AS (
+    SELECT p.upload_id FROM upload_progress p JOIN uploads u USING (upload_id)
+    WHERE p.upload_id = $1 AND ($4::text IS NULL OR u.user_id = $4)
+), taken AS (
+    UPDATE upload_progress p SET writer = $2, lease_until = now() + make_interval(secs => $3)
+    FROM target
+    WHERE p.upload_id = target.upload_id AND (p.writer IS NULL OR p.lease_until <= now())
+    RETURNING p.upload_id
+)
+SELECT EXISTS (SELECT FROM target) AS found, EXISTS (SELECT FROM taken) AS taken
 """
+_RENEW_LEASE = """
+UPDATE upload_progress SET lease_until = now() + make_interval(secs => $3)
+WHERE upload_id = $1 AND writer = $2
+RETURNING true
+"""
+_GIVE_BACK_LEASE = "UPDATE upload_progress SET writer = NULL, lease_until = NULL WHERE upload_id = $1 AND writer = $2"
+
+
+def _checkpoint_statement(lease_after: str) -> str:
+    """Records a checkpoint only while the row names the writer's token ($7), and only of a pending
+    upload (once it is finalized, failed or expired nothing is recorded); sets lease_after."""
+    return f"""
+WITH leased AS (
+    UPDATE upload_progress SET {lease_after} WHERE upload_id = $1 AND writer = $7 RETURNING upload_id
+), recorded AS (
+    INSERT INTO upload_checkpoints (upload_id, received_bytes, sha256_state, head, parts, tail_bytes)
+    SELECT upload_id, $2, $3, $4, $5, $6 FROM leased JOIN uploads USING (upload_id) WHERE state = 'pending'
+    ON CONFLICT (upload_id) DO UPDATE
+    SET received_bytes = excluded.received_bytes, sha256_state = excluded.sha256_state, head = excluded.head,
+        parts = excluded.parts, tail_bytes = excluded.tail_bytes, updated_at = now()
+    RETURNING received_bytes
+)
+SELECT EXISTS (SELECT FROM leased) AS leased, EXISTS (SELECT FROM recorded) AS recorded
+"""
+
+
+_CHECKPOINT = _checkpoint_statement("lease_until = now() + make_interval(secs => $8)")
+_LAST_CHECKPOINT = _checkpoint_statement("writer = NULL, lease_until = NULL")
+
+# A lease is renewed every quarter of its length. The writer stops once a third of it is all
+# that may be left since the last renewal it saw: the remaining third is for the bytes its
+# threads are still writing to settle, before another writer may take the upload.
+_RENEWALS_PER_LEASE = 4
+_FENCE_FRACTION = 2 / 3
 
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
 
@@ -143,8 +193,11 @@ class Resumable:
         # What an S3_MULTIPART client is told to send per part: a cut part is sent again whole.
         self.part_size_bytes = self._checkpoint_every
         self._part_url_ttl_seconds = settings.upload_url_ttl_seconds
-        # A writer holds two connections (its lock and its checkpoints): with at most half
-        # the pool writing, checkpoints always find a connection.
+        self._lease_seconds = settings.tus_lease_seconds
+        # Bounds what this process's writers hold at once: each keeps up to a part (S3) or its
+        # write-ahead (fs) in memory and worker threads busy. Not connections: a writer holds
+        # one only for each short statement, and one waiting here holds none. Half of
+        # DB_POOL_MAX_SIZE, the figure operators size a process by.
         self._writers = asyncio.Semaphore(max(1, settings.db_pool_max_size // 2))
 
     async def start(self, upload: Upload) -> None:
@@ -194,45 +247,46 @@ class Resumable:
         what arrived, and one that fails keeps what its last step made durable; with a
         checksum, the chunk is kept whole or not at all.
         """
-        async with self._writers, self._pool.acquire() as conn, conn.transaction():
+        async with self._writers:
+            lease = _Lease(self._pool, upload_id, self._lease_seconds)
             try:
-                row = await conn.fetchrow(_LOCK_FOR_WRITE, upload_id)
-            except asyncpg.LockNotAvailableError:
-                raise UploadBusy("another chunk of this upload is being stored; retry") from None
-            if row is None or (owner is not None and row["user_id"] != owner):
-                raise NotFound("upload not found")
-            progress = _progress(row)
-            check_writable(progress)
-            upload = progress.upload
-            received = progress.received_bytes
-            if offset is not None and offset != received:
-                raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
-            if length is not None and received + length > upload.size_bytes:
-                raise BeyondDeclaredSize(upload.size_bytes)
-            state = PartialState(received, tuple(row["parts"] or ()), row["tail_bytes"] or 0)
-            hashes = _Hashes(
-                Sha256.restore(row["sha256_state"]) if received else Sha256(),
-                hashlib.new(checksum.algorithm) if checksum else None,
-            )
-            writer = await self._blobs.open_partial(
-                partial_key_for(upload_id), upload.object_key, row["multipart_id"], state, hashes.update
-            )
-            chunk = _Chunk(
-                self._pool,
-                conn,
-                upload,
-                writer,
-                hashes,
-                row["head"] or b"",
-                received,
-                None if length is None else received + length,
-                self._checkpoint_every,
-                checksum,
-            )
-            try:
-                durable = await chunk.store(chunks)
+                await lease.take(owner)
+                row = await self._pool.fetchrow(_PROGRESS, upload_id)
+                assert row is not None  # the lease is on the row, and progress rows stay
+                progress = _progress(row)
+                check_writable(progress)
+                upload = progress.upload
+                received = progress.received_bytes
+                if offset is not None and offset != received:
+                    raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
+                if length is not None and received + length > upload.size_bytes:
+                    raise BeyondDeclaredSize(upload.size_bytes)
+                state = PartialState(received, tuple(row["parts"] or ()), row["tail_bytes"] or 0)
+                hashes = _Hashes(
+                    Sha256.restore(row["sha256_state"]) if received else Sha256(),
+                    hashlib.new(checksum.algorithm) if checksum else None,
+                )
+                async with lease.kept():
+                    writer = await self._blobs.open_partial(
+                        partial_key_for(upload_id), upload.object_key, row["multipart_id"], state, hashes.update
+                    )
+                    chunk = _Chunk(
+                        lease,
+                        upload,
+                        writer,
+                        hashes,
+                        row["head"] or b"",
+                        received,
+                        None if length is None else received + length,
+                        self._checkpoint_every,
+                        checksum,
+                    )
+                    try:
+                        durable = await chunk.store(chunks)
+                    finally:
+                        await writer.close()
             finally:
-                await writer.close()
+                await asyncio.shield(lease.give_back())
             return Progress(dataclasses.replace(upload, received_bytes=durable), durable, progress.lapsed)
 
     async def observe(self, upload_id: uuid.UUID, owner: str) -> Observed | None:
@@ -360,18 +414,147 @@ class _Hashes:
                 self.chunk.update(piece)
 
 
+class _Lease:
+    """A writer's lease on an upload: taken, renewed and given back by one guarded statement each.
+
+    PostgreSQL decides who holds the upload; the writer only stops itself in time. kept() runs
+    the writing with a task that renews the lease, and stops it (UploadBusy) when a renewal finds
+    the lease gone, or when none has got through for long enough that another writer might soon
+    take the upload.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, upload_id: uuid.UUID, seconds: float) -> None:
+        self._upload_id = upload_id
+        self._token = uuid.uuid4()
+        self._seconds = seconds
+        self._pool = pool
+        self._renew_every = seconds / _RENEWALS_PER_LEASE
+        # Whether the row may name this writer: from the take's sending until the lease is
+        # known not taken or given back.
+        self._held = False
+        # When the last statement that ran the lease on was sent (the event loop's clock):
+        # the lease lasts at least until then plus its length.
+        self._confirmed = 0.0
+        self._fence: asyncio.Timeout | None = None
+        # Set as the statement that gives the lease back is sent: a renewal finding no lease
+        # from then on tells nothing.
+        self._ending = False
+
+    async def take(self, owner: str | None) -> None:
+        """Takes the lease; NotFound when owner has no such upload, UploadBusy when another writer holds it."""
+        self._held = True
+        sent = asyncio.get_running_loop().time()
+        row = await self._pool.fetchrow(_TAKE_LEASE, self._upload_id, self._token, self._seconds, owner)
+        assert row is not None  # a SELECT without FROM returns one row
+        if not row["taken"]:
+            self._held = False
+            if not row["found"]:
+                raise NotFound("upload not found")
+            raise UploadBusy("another chunk of this upload is being stored; retry")
+        self._confirmed = sent
+
+    def extended(self, sent: float) -> None:
+        """A statement sent at `sent` ran the lease on."""
+        self._confirmed = max(self._confirmed, sent)
+        if self._fence is not None:
+            self._fence.reschedule(self._fence_at())
+
+    def given_back(self) -> None:
+        self._held = False
+        if self._fence is not None:
+            self._fence.reschedule(None)
+
+    def lost(self) -> None:
+        self._held = False
+        if self._fence is not None and not self._ending:
+            self._fence.reschedule(asyncio.get_running_loop().time())
+
+    def _fence_at(self) -> float:
+        return self._confirmed + self._seconds * _FENCE_FRACTION
+
+    @contextlib.asynccontextmanager
+    async def kept(self) -> AsyncIterator[None]:
+        """Keeps the lease while the block writes; UploadBusy when the block had to stop for it."""
+        keeper = asyncio.create_task(self._keep())
+        try:
+            async with asyncio.timeout_at(self._fence_at()) as fence:
+                self._fence = fence
+                yield
+        except TimeoutError:
+            if fence.expired():
+                raise UploadBusy("the upload's lease was lost while this chunk was stored; retry") from None
+            raise
+        finally:
+            self._fence = None
+            keeper.cancel()
+            await asyncio.wait([keeper])
+
+    async def _keep(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = self._confirmed + self._renew_every
+        while True:
+            await asyncio.sleep(due - loop.time())
+            if self._confirmed + self._renew_every > loop.time():
+                # A checkpoint ran the lease on meanwhile.
+                due = self._confirmed + self._renew_every
+                continue
+            sent = loop.time()
+            due = sent + self._renew_every
+            try:
+                renewed = await self._pool.fetchval(_RENEW_LEASE, self._upload_id, self._token, self._seconds)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                # The next renewal may still get through before the fence.
+                log.warning("upload lease not renewed", extra={"upload_id": str(self._upload_id), "error": repr(exc)})
+                continue
+            if not renewed:
+                self.lost()
+                return
+            self.extended(sent)
+
+    async def give_back(self) -> None:
+        """Gives the lease back, if this writer may still hold it; if that fails, it lapses."""
+        if not self._held:
+            return
+        try:
+            await self._pool.execute(_GIVE_BACK_LEASE, self._upload_id, self._token)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.warning("upload lease not given back", extra={"upload_id": str(self._upload_id), "error": repr(exc)})
+            return
+        self._held = False
+
+    async def checkpoint(self, state: PartialState, sha256_state: bytes, head: bytes, *, last: bool) -> bool:
+        """Records the checkpoint while the lease holds, running it on, or giving it back when last;
+        False when the upload is no longer pending, UploadBusy when the lease is gone."""
+        if last:
+            self._ending = True
+        sent = asyncio.get_running_loop().time()
+        args = [self._upload_id, state.received, sha256_state, head, list(state.parts), state.tail_bytes, self._token]
+        if last:
+            row = await self._pool.fetchrow(_LAST_CHECKPOINT, *args)
+        else:
+            row = await self._pool.fetchrow(_CHECKPOINT, *args, self._seconds)
+        assert row is not None  # a SELECT without FROM returns one row
+        if not row["leased"]:
+            self._held = False
+            raise UploadBusy("the upload's lease was lost while this chunk was stored; retry")
+        if last:
+            self.given_back()
+        else:
+            self.extended(sent)
+        return bool(row["recorded"])
+
+
 class _Chunk:
     """One writer's pass: bytes to the backend, hash and head carried, checkpoints recorded.
 
-    Checkpoints inside the chunk go through the pool, committed at once, so that they stand when
-    the chunk then fails; the one at its end (end: where its bytes stop, when its length was
-    given) goes in the lock's own transaction, whose commit records it.
+    Each checkpoint commits on its own, so that it stands when the chunk then fails; the one at
+    the chunk's end (end: where its bytes stop, when its length was given) also gives the lease
+    back, once every byte is flushed and nothing more will be written.
     """
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
-        lock: PoolConnectionProxy,
+        lease: _Lease,
         upload: Upload,
         writer: PartialWriter,
         hashes: _Hashes,
@@ -381,9 +564,8 @@ class _Chunk:
         checkpoint_every: int,
         checksum: ChunkChecksum | None,
     ) -> None:
-        self._pool = pool
+        self._lease = lease
         self._end = end
-        self._lock = lock
         self._upload = upload
         self._writer = writer
         self._hashes = hashes
@@ -406,19 +588,19 @@ class _Chunk:
                 piece, data = data[:room], data[room:]
                 await self._write(piece)
                 if self._checkpoint_due():
-                    await self._checkpoint(self._pool)
+                    await self._checkpoint(last=False)
         if self._checksum is not None and self._hashes.chunk is not None:
             await self._writer.digested()
             if not hmac.compare_digest(self._hashes.chunk.digest(), self._checksum.digest):
                 raise ChunkChecksumMismatch(f"the chunk's {self._checksum.algorithm} differs from Upload-Checksum")
         if self._position > self._durable:
-            await self._checkpoint(self._lock)
+            await self._checkpoint(last=True)
         return self._durable
 
     def _checkpoint_due(self) -> bool:
         """Whether the bytes so far end on an inner checkpoint (only chunks without a checksum have them).
 
-        Not at the chunk's known end: the checkpoint there is the last one, in the lock's transaction.
+        Not at the chunk's known end: the checkpoint there is the last one, which gives the lease back.
         """
         at_boundary = self._position % self._checkpoint_every == 0 or self._position == self._upload.size_bytes
         return self._checksum is None and at_boundary and self._position != self._end
@@ -429,18 +611,9 @@ class _Chunk:
             self._head += piece[: content_types.SNIFF_BYTES - len(self._head)]
         self._position += len(piece)
 
-    async def _checkpoint(self, db: asyncpg.Pool | PoolConnectionProxy) -> None:
+    async def _checkpoint(self, *, last: bool) -> None:
         state = await self._writer.flush(final=self._position == self._upload.size_bytes)
-        recorded = await db.fetchval(
-            _CHECKPOINT,
-            self._upload.upload_id,
-            state.received,
-            self._hashes.upload.save(),
-            self._head,
-            list(state.parts),
-            state.tail_bytes,
-        )
-        if recorded is None:
+        if not await self._lease.checkpoint(state, self._hashes.upload.save(), self._head, last=last):
             # Failed or expired while the chunk was being stored: its bytes go with the upload.
             raise UploadNotPending("upload is no longer pending", state="failed")
         self._durable = state.received

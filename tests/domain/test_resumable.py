@@ -1,0 +1,223 @@
+"""The writer's lease on a resumable upload, straight to PostgreSQL and through PgBouncer (conftest: stack).
+
+The lease is the upload_progress row naming a writer's token until lease_until. The tests stand
+in for the other writers (one that died holding it, one that took the upload over) by writing
+those two columns, as such a writer's statements would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from mediavault.auth import Principal
+from mediavault.blobs import open_blob_store
+from mediavault.domain import accounts, uploads
+from mediavault.domain.uploads.records import partial_key_for
+from mediavault.errors import NotFound, UploadBusy
+from mediavault.jobs import TranscodeQueue
+from tests.helpers import fake_jpeg, sha256_hex
+
+MiB = 1024 * 1024
+LEASE_SECONDS = 2.0
+
+SET_LEASE = "UPDATE upload_progress SET writer = $2, lease_until = now() + make_interval(secs => $3) WHERE upload_id = $1"
+
+
+@pytest.fixture
+def pool(stack):
+    return stack.pool
+
+
+@pytest.fixture
+def settings(stack):
+    return stack.settings.model_copy(
+        update={"tus_lease_seconds": LEASE_SECONDS, "tus_chunk_size_bytes": 5 * MiB, "free_quota_bytes": 100 * MiB}
+    )
+
+
+@pytest.fixture
+async def blobs(settings):
+    store = await open_blob_store(settings)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def resumable(pool, blobs, settings) -> uploads.Resumable:
+    return uploads.Resumable(pool, blobs, settings)
+
+
+@pytest.fixture
+def service(pool, blobs, settings, resumable) -> uploads.Uploads:
+    return uploads.Uploads(pool, blobs, settings, TranscodeQueue(None), resumable)
+
+
+def principal(user_id: str) -> Principal:
+    return Principal(user_id, frozenset({"user"}))
+
+
+async def begin_tus(pool, service: uploads.Uploads, settings, data: bytes) -> tuple[str, uuid.UUID]:
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    await accounts.ensure(pool, user_id, settings.free_quota_bytes)
+    request = uploads.BeginRequest("a.jpg", "image/jpeg", len(data), sha256_hex(data), None, "permanent", "tus")
+    return user_id, (await service.begin(principal(user_id), request)).upload.upload_id
+
+
+async def body(*pieces: bytes) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
+
+
+def trickle_deadline() -> float:
+    """Until when a test's body trickles: a writer that has not stopped by then gets the rest at once."""
+    return asyncio.get_running_loop().time() + 3 * LEASE_SECONDS
+
+
+async def checkpoint_bytes(pool, upload_id: uuid.UUID) -> int | None:
+    return await pool.fetchval("SELECT received_bytes FROM upload_checkpoints WHERE upload_id = $1", upload_id)
+
+
+async def stored_sha256(service: uploads.Uploads, blobs, user_id: str, upload_id: uuid.UUID) -> str:
+    finalized = await service.finalize(principal(user_id), upload_id)
+    assert finalized.state == "finalized"
+    return sha256_hex(await blobs.read(finalized.object_key))
+
+
+async def test_a_dead_writers_lease_holds_the_upload_until_it_lapses_then_the_next_goes_on_from_its_checkpoint(
+    pool, blobs, settings, resumable, service
+):
+    data = fake_jpeg(3000, fill=os.urandom(1))
+    user_id, upload_id = await begin_tus(pool, service, settings, data)
+    assert (await resumable.append(upload_id, body(data[:1000]), offset=0, length=1000)).received_bytes == 1000
+
+    # A writer took the upload, stored bytes past the checkpoint, and died before recording them.
+    await pool.execute(SET_LEASE, upload_id, uuid.uuid4(), 1.5)
+    with Path(settings.blob_dir, partial_key_for(upload_id)).open("ab") as partial:
+        partial.write(b"never recorded")
+
+    with pytest.raises(UploadBusy):
+        await resumable.append(upload_id, body(data[1000:]), offset=1000, length=2000)
+    with pytest.raises(UploadBusy):
+        await resumable.append(upload_id, body(data[1000:]), owner=user_id)
+    # Another user's caller learns nothing of the upload, busy or not.
+    with pytest.raises(NotFound):
+        await resumable.append(upload_id, body(data[1000:]), owner="someone-else")
+    # Busy for as long as the lease runs, as PostgreSQL's clock tells (with room for one try).
+    while await pool.fetchval("SELECT lease_until - now() > interval '0.3 s' FROM upload_progress WHERE upload_id = $1", upload_id):
+        with pytest.raises(UploadBusy):
+            await resumable.append(upload_id, body(data[1000:]), offset=1000, length=2000)
+        await asyncio.sleep(0.1)
+    assert await checkpoint_bytes(pool, upload_id) == 1000
+
+    while await pool.fetchval("SELECT lease_until > now() FROM upload_progress WHERE upload_id = $1", upload_id):
+        await asyncio.sleep(0.05)
+    done = await resumable.append(upload_id, body(data[1000:]), offset=1000, length=2000)
+    assert done.received_bytes == 3000
+    assert await pool.fetchval("SELECT writer IS NULL AND lease_until IS NULL FROM upload_progress WHERE upload_id = $1", upload_id)
+    assert await stored_sha256(service, blobs, user_id, upload_id) == sha256_hex(data)
+
+
+@pytest.mark.parametrize("found_by", ["renewal", "checkpoint"])
+async def test_a_writer_whose_lease_is_taken_mid_chunk_stops_and_records_nothing(
+    pool, blobs, settings, service, found_by
+):
+    data = fake_jpeg(6 * MiB, fill=os.urandom(1))
+    user_id, upload_id = await begin_tus(pool, service, settings, data)
+    # Found by a renewal while the bytes trickle in; or, with a lease no renewal comes due in,
+    # by the checkpoint at 5 MiB (the chunk size on fs).
+    lease_seconds = LEASE_SECONDS if found_by == "renewal" else 300.0
+    resumable = uploads.Resumable(pool, blobs, settings.model_copy(update={"tus_lease_seconds": lease_seconds}))
+    thief = uuid.uuid4()
+    sent = 0
+
+    async def stolen_mid_chunk() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield data[:MiB]
+        sent = MiB
+        async with pool.acquire() as conn, conn.transaction():
+            # A takeover is one short UPDATE: it waits on no writer.
+            await conn.execute("SET LOCAL lock_timeout = '1s'")
+            await conn.execute(SET_LEASE, upload_id, thief, 3600.0)
+        if found_by == "renewal":
+            until = trickle_deadline()
+            while asyncio.get_running_loop().time() < until:
+                await asyncio.sleep(0.05)
+                yield data[sent : sent + 1000]
+                sent += 1000
+        yield data[sent:]
+        sent = len(data)
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UploadBusy):
+        await resumable.append(upload_id, stolen_mid_chunk(), offset=0, length=len(data))
+    if found_by == "renewal":
+        # Stopped at the first renewal after the theft (every quarter of the lease), not at the body's end.
+        assert asyncio.get_running_loop().time() - started < LEASE_SECONDS
+        assert sent < MiB + 100_000
+    assert await checkpoint_bytes(pool, upload_id) is None, "nothing the writer stored is recorded"
+    assert await pool.fetchval("SELECT writer FROM upload_progress WHERE upload_id = $1", upload_id) == thief, (
+        "the writer gave back no lease it no longer held"
+    )
+
+    # Once the thief lets go, the upload starts over from its last checkpoint (none: offset 0).
+    await pool.execute("UPDATE upload_progress SET writer = NULL, lease_until = NULL WHERE upload_id = $1", upload_id)
+    assert (await resumable.append(upload_id, body(data), offset=0, length=len(data))).received_bytes == len(data)
+    assert await stored_sha256(service, blobs, user_id, upload_id) == sha256_hex(data)
+
+
+async def test_a_writer_whose_renewals_do_not_get_through_stops_before_its_lease_could_lapse(
+    pool, blobs, settings, resumable, service
+):
+    data = fake_jpeg(MiB, fill=os.urandom(1))
+    user_id, upload_id = await begin_tus(pool, service, settings, data)
+    loop = asyncio.get_running_loop()
+    row_locked = asyncio.Event()
+    last_read = loop.time()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        nonlocal last_read
+        yield data[:1000]
+        row_locked.set()
+        sent, until = 1000, trickle_deadline()
+        while loop.time() < until:
+            await asyncio.sleep(0.05)
+            last_read = loop.time()
+            yield data[sent : sent + 1000]
+            sent += 1000
+        yield data[sent:]
+
+    async with pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            writing = asyncio.create_task(resumable.append(upload_id, trickle(), offset=0, length=len(data)))
+            await row_locked.wait()
+            # The renewals wait behind this lock, as they would for a database that stopped answering.
+            await conn.execute("SET LOCAL lock_timeout = '1s'")
+            await conn.execute("SELECT 1 FROM upload_progress WHERE upload_id = $1 FOR UPDATE", upload_id)
+            locked_at = loop.time()
+            while loop.time() - last_read < 0.3:
+                assert loop.time() - locked_at < LEASE_SECONDS, "the writer still reads its body"
+                await asyncio.sleep(0.05)
+            assert last_read - locked_at < LEASE_SECONDS * 2 / 3 + 0.2
+            assert await conn.fetchval("SELECT lease_until > now() FROM upload_progress WHERE upload_id = $1", upload_id), (
+                "the writer stopped while its lease still ran: no other writer could have taken the upload yet"
+            )
+        finally:
+            await transaction.rollback()
+    with pytest.raises(UploadBusy):
+        await asyncio.wait_for(writing, timeout=LEASE_SECONDS)
+    assert await checkpoint_bytes(pool, upload_id) is None
+
+
+@pytest.mark.parametrize("seconds", [1.9, 300.1])
+def test_the_lease_length_is_bounded(make_settings, seconds):
+    with pytest.raises(pydantic.ValidationError, match="tus_lease_seconds"):
+        make_settings(tus_lease_seconds=seconds)
