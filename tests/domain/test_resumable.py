@@ -17,7 +17,6 @@ import pydantic
 import pytest
 
 from mediavault.auth import Principal
-from mediavault.blobs import open_blob_store
 from mediavault.domain import accounts, uploads
 from mediavault.domain.uploads.records import partial_key_for
 from mediavault.errors import NotFound, UploadBusy
@@ -40,13 +39,6 @@ def settings(stack):
     return stack.settings.model_copy(
         update={"tus_lease_seconds": LEASE_SECONDS, "tus_chunk_size_bytes": 5 * MiB, "free_quota_bytes": 100 * MiB}
     )
-
-
-@pytest.fixture
-async def blobs(settings):
-    store = await open_blob_store(settings)
-    yield store
-    await store.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from mediavault.auth import Principal
-from mediavault.blobs import open_blob_store, single_chunk
+from mediavault.blobs import single_chunk
 from mediavault.domain import accounts, ledger, uploads
 from mediavault.errors import AccountFrozen, NotFound, StorageLimitReached, VerificationFailed
 from mediavault.jobs import TranscodeQueue
@@ -26,13 +26,6 @@ def pool(stack):
 @pytest.fixture
 def settings(stack):
     return stack.settings.model_copy(update={"free_quota_bytes": 10 * SIZE})
-
-
-@pytest.fixture
-async def blobs(settings):
-    store = await open_blob_store(settings)
-    yield store
-    await store.close()
 
 
 @pytest.fixture
