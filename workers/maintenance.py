@@ -332,6 +332,11 @@ async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConf
     report.details.update(ledger_mismatches=len(mismatches), heavy_reservations=len(heavy))
 
 
+# Stats of live originals the orphan sweep has in flight at once: one at a time, a store that
+# answers a HEAD in 10 ms takes longer than the job's timeout over 100k originals.
+ORIGINAL_STATS_IN_FLIGHT = 16
+
+
 async def sweep_orphan_blobs(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     """Unowned objects older than the grace period go to quarantine; quarantined ones still
     unowned a run later are deleted; live media whose original is missing is marked FAILED."""
@@ -392,18 +397,24 @@ async def _fail_media_missing_originals(ctx: dict[str, Any], report: RunReport, 
     blobs, pool = ctx["blobs"], ctx["pool"]
     missing = 0
     after_id = cleanup.FIRST_MEDIA_ID
-    while True:
-        rows = await cleanup.live_originals(pool, after_id, config.batch_size)
-        for row in rows:
+    in_flight = asyncio.Semaphore(ORIGINAL_STATS_IN_FLIGHT)
+
+    async def present(row: Any) -> bool | None:
+        """Whether the row's original is there; None when the store could not tell."""
+        async with in_flight:
             try:
-                found = await blobs.stat(row["object_key"])
+                return await blobs.stat(row["object_key"]) is not None
             except Exception:
                 # Neither found nor known to be missing: the media stays as it is, and the next run looks again.
                 report.errors += 1
                 log.warning("original stat failed", extra={"job": report.job, "media_id": str(row["media_id"]),
                                                            "object_key": row["object_key"]}, exc_info=True)
-                continue
-            if found is not None:
+                return None
+
+    while True:
+        rows = await cleanup.live_originals(pool, after_id, config.batch_size)
+        for row, found in zip(rows, await asyncio.gather(*(present(row) for row in rows)), strict=True):
+            if found is not False:
                 continue
             missing += 1
             log.warning("original missing", extra={"job": report.job, "media_id": str(row["media_id"]), "object_key": row["object_key"]})

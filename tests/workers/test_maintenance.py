@@ -636,6 +636,40 @@ async def test_an_original_the_store_cannot_stat_leaves_the_sweep_to_check_the_o
     }
 
 
+class SlowStats:
+    """A blob store whose stat answers after `seconds`, as an object store's HEAD does across a network."""
+
+    def __init__(self, store, seconds: float) -> None:
+        self._store = store
+        self._seconds = seconds
+
+    async def stat(self, key: str):
+        await asyncio.sleep(self._seconds)
+        return await self._store.stat(key)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+async def test_the_sweep_stats_live_originals_side_by_side(ctx, pool, user_id):
+    blobs = ctx["blobs"]
+    seeded = await seed_media(pool, blobs, user_id, 40, retention="permanent", expired=False)
+    await blobs.delete(f"originals/{seeded[0].hex[:2]}/{seeded[0].hex}")
+    live = await pool.fetchval("SELECT count(*) FROM media WHERE deleted_at IS NULL AND purged_at IS NULL")
+    stat_seconds = 0.1
+    ctx["blobs"] = SlowStats(blobs, stat_seconds)
+    try:
+        started = asyncio.get_running_loop().time()
+        report = await run_job(ctx, "sweep_orphan_blobs")
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        ctx["blobs"] = blobs
+    assert report.errors == 0
+    assert await pool.fetchval("SELECT processing_error FROM media WHERE media_id = $1", seeded[0]) == "original missing"
+    one_by_one = live * stat_seconds
+    assert took < one_by_one / 4, (took, one_by_one)
+
+
 async def test_the_queue_depth_is_exported_for_the_photo_and_the_video_queue(make_ctx, make_settings, user_id):
     from prometheus_client import REGISTRY
 
