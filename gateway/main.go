@@ -13,12 +13,9 @@ import (
 	"errors"
 	"fmt"
 	"log"
-	"math"
 	"net/http"
 	"os"
 	"os/signal"
-	"regexp"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -411,17 +408,18 @@ func held(ctx context.Context, etag string) bool {
 	return false
 }
 
-// acceptedFormats puts the image formats the Accept header accepts, best first, into the accept
-// query parameters of GET /v1/feed and GET /v1/media/{id}, unless the query names some itself,
-// and marks those responses Vary: Accept, since the variants' formats follow it.
+// acceptedFormats puts the Accept header's image media ranges, as the client wrote them, into
+// the accept query parameters of GET /v1/feed and GET /v1/media/{id}, unless the query names
+// some itself, and marks those responses Vary: Accept, since the variants' formats follow it.
+// The server ranks them (q values, wildcards: src/mediavault/domain/formats.py).
 func acceptedFormats(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodGet && (r.URL.Path == "/v1/feed" || strings.HasPrefix(r.URL.Path, "/v1/media/")) {
 			w.Header().Add("Vary", "Accept")
 			query := r.URL.Query()
 			if _, named := query["accept"]; !named {
-				if types := byPreference(r.Header.Values("Accept")); len(types) > 0 {
-					query["accept"] = types
+				if ranges := imageRanges(r.Header.Values("Accept")); len(ranges) > 0 {
+					query["accept"] = ranges
 					r.URL.RawQuery = query.Encode()
 				}
 			}
@@ -430,76 +428,20 @@ func acceptedFormats(next http.Handler) http.Handler {
 	})
 }
 
-// serverFormats is what the server makes, in its own order (SERVER_ORDER in
-// src/mediavault/domain/formats.py). The server reads accept as a plain list, so wildcards and
-// q values are resolved here, against these.
-var serverFormats = []string{"image/jpeg", "image/webp", "image/png", "image/avif"}
-
-// wildcards is how specific each range that matches any of serverFormats is: all are image/*.
-var wildcards = map[string]int{"*/*": 0, "image/*": 1}
-
-const exactType = 2
-
-// qvalue accepts more decimals than RFC 9110's three, so that a client's q=0.0001 still ranks low.
-var qvalue = regexp.MustCompile(`^[0-9]+(\.[0-9]*)?$`)
-
-// byPreference is the server's formats that Accept header values accept, best first (RFC 9110
-// 12.5.1): each format takes its q from the most specific range that matches it (the first of
-// equals), q=0 refuses it, and one no range matches is not acceptable. Higher q first, then the
-// header's order of the ranges that gave them their q, then the server's order (the formats one
-// wildcard gives the same q).
-func byPreference(headers []string) []string {
-	type match struct {
-		specificity int
-		q           float64
-		position    int
-	}
-	matched := map[string]match{}
-	position := 0
+// imageRanges is the entries of Accept header values that can name an image (image/... and
+// */*), with their parameters, in the header's order. The others are left out so that a long
+// browser header does not push the image ranges past the entries the server reads.
+func imageRanges(headers []string) []string {
+	var ranges []string
 	for _, header := range headers {
 		for _, entry := range strings.Split(header, ",") {
-			parts := strings.Split(entry, ";")
-			mediaRange := strings.ToLower(strings.TrimSpace(parts[0]))
-			for _, format := range serverFormats {
-				specificity, wildcard := wildcards[mediaRange]
-				if !wildcard {
-					if mediaRange != format {
-						continue
-					}
-					specificity = exactType
-				}
-				if current, seen := matched[format]; !seen || specificity > current.specificity {
-					matched[format] = match{specificity, quality(parts[1:]), position}
-				}
-			}
-			position++
-		}
-	}
-	var types []string
-	for _, format := range serverFormats {
-		if m, seen := matched[format]; seen && m.q > 0 {
-			types = append(types, format)
-		}
-	}
-	sort.SliceStable(types, func(i, j int) bool {
-		a, b := matched[types[i]], matched[types[j]]
-		if a.q != b.q {
-			return a.q > b.q
-		}
-		return a.position < b.position
-	})
-	return types
-}
-
-// quality is the q parameter of a media range, 1 when it has none or one that is no number.
-func quality(parameters []string) float64 {
-	q := 1.0
-	for _, param := range parameters {
-		if name, value, ok := strings.Cut(strings.TrimSpace(param), "="); ok && strings.EqualFold(name, "q") && qvalue.MatchString(value) {
-			if parsed, err := strconv.ParseFloat(value, 64); err == nil {
-				q = math.Min(parsed, 1)
+			entry = strings.TrimSpace(entry)
+			mediaRange, _, _ := strings.Cut(entry, ";")
+			mediaRange = strings.ToLower(strings.TrimSpace(mediaRange))
+			if printableASCII(entry) && (mediaRange == "*/*" || strings.HasPrefix(mediaRange, "image/")) {
+				ranges = append(ranges, entry)
 			}
 		}
 	}
-	return q
+	return ranges
 }

@@ -220,7 +220,7 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
     assert plain["thumbnail"]["content_type"] == "image/jpeg"
     assert [a["content_type"] for a in plain["thumbnail"]["alternatives"]] == ["image/avif"]
 
-    # JPEG is named first but with a lower q: the gateway orders by q.
+    # JPEG is named first but with a lower q: the server orders by q.
     browser = {**md, "Accept": "application/json, image/jpeg;q=0.5, image/avif;q=0.9, */*;q=0.1"}
     status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{media_id}", browser)
     assert status == 200, item
@@ -272,6 +272,8 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
         ("image/*, image/jpeg;q=0, image/webp;q=0", "image/avif", ["image/jpeg"]),
         ("image/jpeg;q=0.1, image/webp;q=0, image/*", "image/avif", ["image/jpeg"]),
         ("*/*;q=0.5, image/avif;q=0", "image/jpeg", ["image/avif"]),
+        # The server reads 16 entries: other types before the image ones do not push them out.
+        (", ".join([*(f"application/x-type-{n}" for n in range(20)), "image/avif"]), "image/avif", ["image/jpeg"]),
     ],
 )
 async def test_a_wildcard_gives_a_format_no_q_a_more_specific_range_sets(gateway, http, bearer, user_id, accept, chosen, alternatives):
