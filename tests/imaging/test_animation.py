@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import struct
+import subprocess
+from pathlib import Path
 
 import av
 import pytest
@@ -103,6 +106,33 @@ def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:
     assert isinstance(last, tuple)
     assert max(abs(a - b) for a, b in zip(first, COLOURS[0][:3], strict=True)) < 12
     assert min(last) > 240
+
+
+def test_the_mp4_is_tagged_bt709_and_its_colours_come_back_in_ffmpeg(tmp_path: Path) -> None:
+    # Untagged, a player picks the matrix by size (BT.601 below HD, BT.709 above), and this green
+    # is more than 30 levels apart between the two.
+    colours = ((0, 200, 0), (200, 30, 40), (30, 60, 220))
+    frames = [Image.new("RGB", (320, 240), colour) for colour in colours]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    result = transcode(buffer.getvalue(), "image/gif")
+    mp4 = tmp_path / "gifv.mp4"
+    mp4.write_bytes(renditions(result.animation)[GIFV])
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-of", "json",
+         "-show_entries", "stream=color_space,color_primaries,color_transfer,color_range", str(mp4)],
+        capture_output=True, check=True, text=True,
+    )
+    tags = json.loads(probe.stdout)["streams"][0]
+    assert tags == {"color_space": "bt709", "color_primaries": "bt709", "color_transfer": "bt709", "color_range": "tv"}
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(mp4), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True
+    ).stdout
+    size = 320 * 240 * 3
+    centre = (120 * 320 + 160) * 3
+    decoded = [tuple(raw[i + centre : i + centre + 3]) for i in range(0, len(raw), size)]
+    for pixel, colour in zip(decoded, colours, strict=False):
+        assert max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) <= 4, (pixel, colour)
 
 
 def centre_in_srgb(picture: Image.Image) -> tuple[int, ...]:

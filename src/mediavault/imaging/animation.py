@@ -11,10 +11,13 @@ gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The MP
 alpha, so transparent pixels are composited over white; its sides are rounded down to
 even numbers, as 4:2:0 needs.
 
-Both are sRGB: the WebP carries no profile and the MP4 no colour tags, which players take
-for sRGB and BT.709 (the same primaries). So a source with an ICC profile has its frames
-converted to sRGB as the stills are (decode.srgb_conversion), and a Display P3 one as
-well, although its stills keep P3 (colour.py): P3 colours outside sRGB are clipped here.
+Both are sRGB: the WebP carries no profile, which browsers take for sRGB, and the MP4 is
+tagged BT.709 (primaries, transfer, matrix, limited range) as the video renditions are,
+its frames converted to YUV with that matrix: untagged, a player guesses the matrix from
+the size (BT.601 below HD, BT.709 above), and swscale's default is BT.601, so the colours
+of a large gifv shifted. So a source with an ICC profile has its frames converted to sRGB
+as the stills are (decode.srgb_conversion), and a Display P3 one as well, although its
+stills keep P3 (colour.py): P3 colours outside sRGB are clipped here.
 
 Only those formats animate. The further pictures of a JPEG (MPO: the gain map of an Ultra
 HDR photo, the other half of a stereo pair) and the further top-level images of a HEIF
@@ -33,6 +36,7 @@ from fractions import Fraction
 from typing import cast
 
 import av
+from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
 from mediavault.imaging.decode import srgb_conversion
@@ -47,6 +51,8 @@ _MILLISECONDS = Fraction(1, 1000)
 _SHORTEST_FRAME_MS = 20
 _DEFAULT_FRAME_MS = 100
 _WEBP_QUALITY = "75"
+# ITU-T H.273's code for BT.709, the same for primaries, transfer and matrix.
+_BT709 = 1
 # No B-frames: with them, x264's reordering delay shifts the decode times below zero, and
 # the MP4's duration comes out shorter than the frames' own.
 _X264_OPTIONS: dict[str, object] = {"crf": "23", "preset": "veryfast", "profile": "high", "bf": "0"}
@@ -99,6 +105,10 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                 av.open(mp4_path, "w", format="mp4", options={"movflags": "+faststart"}) as mp4_out:
             webp_stream = _stream(webp_out, "libwebp_anim", (width, height), "yuva420p", {"quality": _WEBP_QUALITY})
             mp4_stream = _stream(mp4_out, "libx264", even, "yuv420p", _X264_OPTIONS)
+            mp4_stream.codec_context.colorspace = _BT709
+            mp4_stream.codec_context.color_primaries = _BT709
+            mp4_stream.codec_context.color_trc = _BT709
+            mp4_stream.codec_context.color_range = ColorRange.MPEG
             start = 0
             for index in range(frames):
                 image.seek(index)
@@ -112,15 +122,15 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
                 flat = _over_white(rgba).crop((0, 0, *even))
-                _encode(webp_out, webp_stream, rgba, start)
-                _encode(mp4_out, mp4_stream, flat, start)
+                _encode(webp_out, webp_stream, _frame(rgba), start)
+                _encode(mp4_out, mp4_stream, _bt709(flat), start)
                 start += _duration(image)
                 if start > limits.max_seconds * 1000:
                     image.seek(0)
                     return None
             # An MP4 frame lasts until the next one: the last one, repeated at the end,
             # makes the last frame last its own duration.
-            _encode(mp4_out, mp4_stream, flat, start - 1)
+            _encode(mp4_out, mp4_stream, _bt709(flat), start - 1)
             for out, stream in ((webp_out, webp_stream), (mp4_out, mp4_stream)):
                 for packet in stream.encode():
                     out.mux(packet)
@@ -154,8 +164,18 @@ def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int
     return stream
 
 
-def _encode(container: av.container.OutputContainer, stream: av.VideoStream, picture: Image.Image, pts: int) -> None:
-    frame = av.VideoFrame.from_image(picture)
+def _frame(picture: Image.Image) -> av.VideoFrame:
+    return av.VideoFrame.from_image(picture)
+
+
+def _bt709(picture: Image.Image) -> av.VideoFrame:
+    return av.VideoFrame.from_image(picture).reformat(
+        format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG,
+        dst_color_trc=_BT709, dst_color_primaries=_BT709,
+    )
+
+
+def _encode(container: av.container.OutputContainer, stream: av.VideoStream, frame: av.VideoFrame, pts: int) -> None:
     frame.pts = pts
     frame.time_base = _MILLISECONDS
     for packet in stream.encode(frame):
