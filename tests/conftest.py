@@ -30,8 +30,7 @@ from mediavault.db import create_pool, migrate
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2_grpc
-from workers.settings import video_worker_settings, worker_settings
-from workers.worker import Worker
+from workers.worker import Worker, queue_workers
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
 CORPUS = Path(os.environ.get("MEDIAVAULT_TEST_CORPUS") or Path(__file__).resolve().parents[2] / "shared" / "corpus")
@@ -158,23 +157,22 @@ def _in_flight(*workers: Worker) -> bool:
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     """Real arq workers in this event loop, as `mediavault worker` runs them: the settings'
-    queue with its transcoder pool (yielded), and the video queue.
+    queue with its transcoder pool (yielded), the video queue and the cron queue.
 
     The jobs still running at the end finish before the workers close (up to a minute): a
     job's outcome shows in PostgreSQL before arq records it in Redis, and closing in between
     cancels the job's task, whose CancelledError the close then raises into the test.
     """
-    worker = Worker(**worker_settings(settings), handle_signals=False)
-    videos = Worker(**video_worker_settings(settings), handle_signals=False)
-    tasks = [asyncio.create_task(worker.async_run()), asyncio.create_task(videos.async_run())]
+    workers = queue_workers(settings)
+    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
     try:
-        yield worker
+        yield workers[0]
         deadline = asyncio.get_running_loop().time() + 60
-        while _in_flight(worker, videos) and asyncio.get_running_loop().time() < deadline:
+        while _in_flight(*workers) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
     finally:
-        await worker.close()
-        await videos.close()
+        for worker in workers:
+            await worker.close()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -244,7 +244,12 @@ def test_dev_in_a_terminal_prints_one_short_line_per_log(dev_dir):
     )
     os.close(terminal)
     try:
-        started = _read_until(master, lambda text: "arq.worker: Starting worker" in text, timeout=90)
+        # The photo, video and cron queues each have their worker, as under `mediavault worker`.
+        started = _read_until(
+            master,
+            lambda text: all(name in text for name in ("transcode_media", "transcode_video", "cron:reclaim_stale_uploads")),
+            timeout=90,
+        )
         dev.send_signal(signal.SIGINT)
         dev.wait(timeout=60)
         stopping = _read_until(master, lambda _text: False, timeout=2)
@@ -255,6 +260,9 @@ def test_dev_in_a_terminal_prints_one_short_line_per_log(dev_dir):
         os.close(master)
     assert dev.returncode == 0, started + stopping
     assert "mediavault dev stack is up" in started, started
+    workers = [line for line in started.splitlines() if "arq.worker: Starting worker" in line]
+    assert len(workers) == 3, started
+    assert any("transcode_video" in line for line in workers), "videos are transcoded in dev too"
     log_lines = [line for line in started.splitlines() if TEXT_LINE.match(line)]
     assert any(" INFO    mediavault.server: server started grpc_port=" in line for line in log_lines), started
     assert any(line.endswith(" INFO    mediavault.db.migrate: migration applied migration=0001_init") for line in log_lines), started

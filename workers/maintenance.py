@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 from arq.constants import in_progress_key_prefix
 from arq.typing import WorkerCoroutine
+from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from mediavault import metrics
@@ -496,14 +497,14 @@ return due - running
 
 
 async def observe_queue(ctx: dict[str, Any]) -> int:
-    """Exports how many jobs wait to run in the photo and the video queue: due now or earlier and
-    not running; returns both together."""
+    """Exports how many jobs wait to run in the photo, video and cron queues: due now or earlier
+    and not running; returns all together."""
     settings = ctx["settings"]
     redis = ctx["redis"]
     total = 0
-    for queue, name in (("photo", settings.queue_name), ("video", settings.video_queue)):
-        now_ms = int(time.time() * 1000)
-        depth = int(await redis.eval(_WAITING, 1, name, now_ms, in_progress_key_prefix, RUNNING_SCAN))
+    for queue, name in (("photo", settings.queue_name), ("video", settings.video_queue), ("cron", settings.cron_queue)):
+        # arq's own clock, which rounds: a job queued this millisecond has a score rounded up.
+        depth = int(await redis.eval(_WAITING, 1, name, timestamp_ms(), in_progress_key_prefix, RUNNING_SCAN))
         metrics.QUEUE_DEPTH.labels(queue).set(depth)
         total += depth
     return total

@@ -50,14 +50,17 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     # First: the pool and the blob store are made traced or not by it.
     ctx["traced"] = tracing.start("mediavault-worker")
-    video_queue = ctx.get("queue") == "video"
+    queue = ctx.get("queue")
+    video_queue = queue == "video"
     # A video transcode needs a connection for its claim, its progress reports and its
-    # completion: its worker's pool stays small beside the photo worker's.
-    pool_settings = (
-        settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": settings.video_workers + 1})
-        if video_queue
-        else settings
-    )
+    # completion: its worker's pool stays small beside the photo worker's. The cron worker
+    # is idle between runs, so its pool keeps one connection open.
+    if video_queue:
+        pool_settings = settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": settings.video_workers + 1})
+    elif queue == "cron":
+        pool_settings = settings.model_copy(update={"db_pool_min_size": 1})
+    else:
+        pool_settings = settings
     ctx["pool"] = await create_pool(pool_settings)
     ctx["blobs"] = tracing.traced_blobs(await open_blob_store(settings), settings.blob_backend)
     services = build_services(ctx["pool"], ctx["blobs"], ctx["redis"], settings)
@@ -65,9 +68,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["feed"] = services.feed
     ctx["accounts"] = services.accounts
     ctx["transcodes"] = services.transcodes
-    # The video worker runs in the photo worker's process and shares its registry and endpoint.
-    if settings.metrics_addr and not video_queue:
+    # The video and cron workers run in the photo worker's process and share its registry and endpoint.
+    if settings.metrics_addr and queue is None:
         ctx["metrics"] = metrics.MetricsEndpoint(settings.metrics_addr)
+    # The cleanup runs decode nothing.
+    if queue == "cron":
+        return
     # The video worker's pool only makes posters, one video at a time per transcode slot.
     processes = settings.video_workers if video_queue else settings.transcode_workers or None
     ctx["transcoder"] = Transcoder(
@@ -90,10 +96,11 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     """The arq worker's start-up: the shared resources, then the transcoding processes,
     which a one-off `mediavault jobs run` never needs."""
     await startup(ctx)
-    await ctx["transcoder"].prewarm()
-    # Every worker process samples both queues itself, so each exports a current depth (arq
+    if "transcoder" in ctx:
+        await ctx["transcoder"].prewarm()
+    # Every worker process samples the queues itself, so each exports a current depth (arq
     # runs a cron job on one worker per tick, which would leave the others' gauges stale).
-    if ctx.get("queue") != "video":
+    if ctx.get("queue") is None:
         ctx["queue_sampler"] = asyncio.create_task(sample_queues(ctx))
 
 
@@ -133,7 +140,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             func(transcode_media, max_tries=MAX_ATTEMPTS + INFRASTRUCTURE_TRIES),
             func(make_formats, max_tries=INFRASTRUCTURE_TRIES),
         ],
-        "cron_jobs": cron_jobs(settings),
         "on_startup": worker_startup,
         "on_shutdown": shutdown,
         "redis_settings": _redis_settings(settings),
@@ -142,7 +148,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         # arq's default of 10 let one worker take a burst of jobs its few transcoding processes
         # then ran one by one while another worker's stood idle: each process gets the job it
         # runs and one doing its blob and database I/O beside it; the rest wait in the queue
-        # for whichever worker frees a slot first. Cron jobs take slots too.
+        # for whichever worker frees a slot first.
         "max_jobs": JOBS_PER_TRANSCODE_PROCESS * pool_size(settings.transcode_workers or None),
         "job_timeout": settings.job_timeout_seconds,
         "poll_delay": settings.worker_poll_delay_seconds,
@@ -165,4 +171,25 @@ def video_worker_settings(settings: Settings) -> dict[str, Any]:
         "job_timeout": longest + 120,
         "poll_delay": settings.worker_poll_delay_seconds,
         "ctx": {"settings": settings, "queue": "video"},
+    }
+
+
+def cron_worker_settings(settings: Settings) -> dict[str, Any] | None:
+    """Keyword arguments for the Worker of the cron queue, which schedules and runs the
+    cleanup jobs, every enabled one at once if their ticks meet; None when all are disabled."""
+    jobs = cron_jobs(settings)
+    if not jobs:
+        return None
+    return {
+        "functions": [],
+        "cron_jobs": jobs,
+        "on_startup": worker_startup,
+        "on_shutdown": shutdown,
+        "redis_settings": _redis_settings(settings),
+        "redis_outage_seconds": settings.worker_redis_outage_seconds,
+        "queue_name": settings.cron_queue,
+        "max_jobs": len(jobs),
+        "job_timeout": settings.job_timeout_seconds,
+        "poll_delay": settings.worker_poll_delay_seconds,
+        "ctx": {"settings": settings, "queue": "cron"},
     }

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.config import Settings
-from workers.settings import video_worker_settings, worker_settings
+from workers.settings import cron_worker_settings, video_worker_settings, worker_settings
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,18 @@ class Worker(arq.Worker):
         self._retry_delay = min(self._retry_delay * 2, _MAX_DELAY_SECONDS)
 
 
+def queue_workers(settings: Settings) -> list[Worker]:
+    """The workers of one `mediavault worker` process: the photo queue's first, then the video
+    queue's and the cron queue's (none when every cleanup job is disabled)."""
+    options = [worker_settings(settings), video_worker_settings(settings), cron_worker_settings(settings)]
+    return [Worker(**kwargs, handle_signals=False) for kwargs in options if kwargs is not None]
+
+
 async def run_workers(settings: Settings) -> None:
-    """The photo queue's worker (transcodes and crons) and the video queue's, in one process
-    until SIGTERM or SIGINT: each stops taking jobs, cancels its running ones (their runs are
-    retried, as arq does on a signal) and closes."""
-    workers = [
-        Worker(**worker_settings(settings), handle_signals=False),
-        Worker(**video_worker_settings(settings), handle_signals=False),
-    ]
+    """The photo, video and cron queues' workers, in one process until SIGTERM or SIGINT: each
+    stops taking jobs, cancels its running ones (their runs are retried, as arq does on a
+    signal) and closes."""
+    workers = queue_workers(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     # video_workers concurrent transcodes per worker process, so photos never wait behind them.
     video_queue_name: str = ""
     video_workers: int = Field(default=1, ge=1)
+    # The cleanup runs have a queue of their own too (default: queue_name + ":cron"), so that a
+    # run starts at its tick, not behind a backlog of photo jobs queued before it.
+    cron_queue_name: str = ""
     # ffmpeg's threads per transcode; 0 lets ffmpeg use every core (it runs niced below the photo pool).
     video_ffmpeg_threads: int = Field(default=0, ge=0)
     video_max_duration_seconds: float = Field(default=600.0, gt=0)
@@ -196,6 +199,10 @@ class Settings(BaseSettings):
     @property
     def video_queue(self) -> str:
         return self.video_queue_name or f"{self.queue_name}:video"
+
+    @property
+    def cron_queue(self) -> str:
+        return self.cron_queue_name or f"{self.queue_name}:cron"
 
     def video_timeout_seconds(self, duration_seconds: float) -> float:
         """The wall-clock limit of one video's transcode, which grows with its length."""

@@ -34,8 +34,7 @@ def jwt_secret(settings: Settings, data_dir: Path = DEV_DIR) -> str:
 async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
     from mediavault.db import migrate
     from mediavault.server import Server
-    from workers.settings import worker_settings
-    from workers.worker import Worker
+    from workers.worker import queue_workers
 
     data_dir = Path(data_dir).resolve()
     env = Settings()
@@ -49,22 +48,24 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
 
         await migrate(settings.database_url)
         server = Server(settings)
-        worker = Worker(**worker_settings(settings), handle_signals=False)
+        workers = queue_workers(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await server.startup()
-        worker_task = asyncio.create_task(worker.async_run())
+        worker_tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
         _print_welcome(settings, server, data_dir)
         try:
             await stop.wait()
         finally:
             await server.shutdown(settings.shutdown_grace_seconds)
-            await worker.close()
-            worker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker_task
+            for worker in workers:
+                await worker.close()
+            for task in worker_tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def _print_welcome(settings: Settings, server, data_dir: Path) -> None:

@@ -670,7 +670,7 @@ async def test_the_sweep_stats_live_originals_side_by_side(ctx, pool, user_id):
     assert took < one_by_one / 4, (took, one_by_one)
 
 
-async def test_the_queue_depth_is_exported_for_the_photo_and_the_video_queue(make_ctx, make_settings, user_id):
+async def test_the_queue_depth_is_exported_for_the_photo_video_and_cron_queues(make_ctx, make_settings, user_id):
     from prometheus_client import REGISTRY
 
     from workers.maintenance import observe_queue
@@ -681,9 +681,10 @@ async def test_the_queue_depth_is_exported_for_the_photo_and_the_video_queue(mak
         await redis.enqueue_job("transcode_media", f"photo-{n}", 0, _queue_name=settings.queue_name)
     for n in range(3):
         await redis.enqueue_job("transcode_video", f"video-{n}", 0, _queue_name=settings.video_queue)
-    assert await observe_queue(ctx) == 5
-    depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")}
-    assert depth == {"photo": 2, "video": 3}
+    await redis.enqueue_job("cron:audit_accounts", _queue_name=settings.cron_queue)
+    assert await observe_queue(ctx) == 6
+    depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video", "cron")}
+    assert depth == {"photo": 2, "video": 3, "cron": 1}
 
 
 async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_deferred_ones(make_ctx, make_settings, user_id):

@@ -13,11 +13,11 @@ from mediavault.imaging import pool_size
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
 from tests.helpers import begin, fake_jpeg
-from workers.settings import _schedule, shutdown, startup, worker_settings
-from workers.worker import Worker
+from workers.settings import _schedule, cron_worker_settings, shutdown, startup, worker_settings
+from workers.worker import Worker, queue_workers
 
 
-async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, storage, auth, user_id, pool):
+async def test_the_cron_worker_runs_reclaim_with_its_own_resources_past_a_photo_backlog(server, redis_url, storage, auth, user_id, pool):
     md = auth(user_id)
     begun = await begin(storage, md, fake_jpeg(1000))
     await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 minute' WHERE upload_id = $1::uuid", begun.upload.upload_id)
@@ -25,20 +25,47 @@ async def test_worker_runs_reclaim_with_its_own_resources(server, redis_url, sto
     settings = server.settings.model_copy(
         update={"redis_url": redis_url, "queue_name": f"mediavault-test:{uuid.uuid4().hex}", "jobs": JobsConfig()}
     )
-    options = worker_settings(settings)
+    options = cron_worker_settings(settings)
+    assert options is not None
     redis = await create_pool(options["redis_settings"], default_queue_name=settings.queue_name)
     try:
-        assert await redis.enqueue_job("cron:reclaim_stale_uploads") is not None
+        # Every photo worker is busy: 50 transcodes wait, and none of them runs here.
+        for n in range(50):
+            await redis.enqueue_job("transcode_media", f"backlog-{n}", 0, _queue_name=settings.queue_name)
+        # What arq's scheduler does at a tick, on the queue of the worker that has the cron jobs.
+        assert await redis.enqueue_job("cron:reclaim_stale_uploads", _queue_name=settings.cron_queue) is not None
         worker = Worker(**options, burst=True, handle_signals=False)
         try:
             await worker.async_run()
         finally:
             await worker.close()
+        assert await redis.zcard(settings.queue_name) == 50, "the cron worker takes no photo job"
     finally:
+        await redis.delete(settings.queue_name)
         await redis.aclose()
 
     got = (await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)).upload
     assert got.state == pb.UPLOAD_STATE_EXPIRED
+
+
+def test_the_cleanup_jobs_are_scheduled_on_the_cron_queue_alone(make_settings):
+    settings = make_settings(queue_name="scheduled", jobs=JobsConfig(prune_telemetry={"enabled": False}))
+    photos, videos, crons = queue_workers(settings)
+    assert (photos.queue_name, videos.queue_name, crons.queue_name) == ("scheduled", "scheduled:video", "scheduled:cron")
+    assert not photos.cron_jobs
+    assert not videos.cron_jobs
+    enabled = {f"cron:{name}" for name in JobsConfig.model_fields if name != "prune_telemetry"}
+    assert {job.name for job in crons.cron_jobs} == enabled
+    assert crons.max_jobs == len(enabled), "a long sweep does not hold up the ledger audit"
+    assert make_settings(cron_queue_name="cleanup").cron_queue == "cleanup"
+
+
+def test_with_every_cleanup_job_disabled_there_is_no_cron_worker(make_settings):
+    disabled = {name: {"enabled": False} for name in JobsConfig.model_fields}
+    assert [worker.queue_name for worker in queue_workers(make_settings(queue_name="none", jobs=JobsConfig(**disabled)))] == [
+        "none",
+        "none:video",
+    ]
 
 
 async def test_jpeg_planes_off_reaches_the_transcoding_processes(make_settings, monkeypatch):
