@@ -185,7 +185,10 @@ async def _delete_then_mark_purged(ctx: dict[str, Any], rows: list[asyncpg.Recor
     purged = [media_id for media_id, keys in keys_of.items() if failed.isdisjoint(keys)]
     kept = [media_id for media_id, keys in keys_of.items() if not failed.isdisjoint(keys)]
     if purged:
-        await cleanup.mark_purged(pool, purged)
+        deleted = [key for media_id in purged for key in keys_of[media_id]]
+        again = set(await cleanup.mark_purged(pool, purged, deleted))
+        purged = [media_id for media_id in purged if media_id not in again]
+        report.details["purge_again"] = report.details.get("purge_again", 0) + len(again)
     if kept:
         # arq ends a run at the job timeout: held that long, the rows go to a later run
         # instead of this one's next batch, which would only fail on them again.

@@ -192,6 +192,39 @@ async def test_expired_ephemeral_media_goes_with_its_blobs_and_saved_media_stays
     assert await ledger.audit(pool) == []
 
 
+async def test_a_format_committed_after_the_expiry_claims_snapshot_is_purged_too(ctx, pool, user_id, monkeypatch):
+    blobs = ctx["blobs"]
+    doomed = await seed_media(pool, blobs, user_id, 3, retention="ephemeral", expired=True)
+    late_keys = {media_id: f"variants/{media_id.hex[:2]}/{media_id.hex}/v0/thumbnail.webp" for media_id in doomed}
+    real_mark_purged = cleanup.mark_purged
+
+    async def a_late_format_then_mark_purged(conn, media_ids, deleted_keys):
+        # A WebP made on request that committed after the claim's snapshot was taken and
+        # before the claim locked its row: in the table, not in the claim's variant list.
+        for media_id in set(media_ids) & set(late_keys):
+            key = late_keys.pop(media_id)
+            await blobs.write(key, single_chunk(b"w" * 4), content_type="image/webp")
+            await pool.execute(
+                "INSERT INTO media_variants (media_id, name, version, object_key, content_type, width, height, size_bytes) "
+                "VALUES ($1, 'thumbnail', 0, $2, 'image/webp', 10, 10, 4)", media_id, key)
+            assert key not in deleted_keys
+            late.append(key)
+        return await real_mark_purged(conn, media_ids, deleted_keys)
+
+    late: list[str] = []
+    monkeypatch.setattr(cleanup, "mark_purged", a_late_format_then_mark_purged)
+    report = await run_job(ctx, "expire_ephemeral_media")
+    assert report.errors == 0
+    assert len(late) == 3
+    assert report.details["purge_again"] == 3
+    for key in late:
+        assert await blobs.stat(key) is None, "no blob is left without a row"
+    for media_id in doomed:
+        assert await blobs_exist(blobs, media_id) == (False, False)
+        assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", media_id)
+        assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1", media_id) == 0
+
+
 async def test_purge_waits_for_the_grace_period_and_keeps_tombstones(ctx, storage, media, auth, user_id, pool):
     blobs = ctx["blobs"]
     md = auth(user_id)
@@ -223,9 +256,9 @@ async def test_purge_loops_of_two_runners_purge_each_item_once(make_ctx, make_se
     marked = []
     real_mark_purged = cleanup.mark_purged
 
-    async def recording_mark_purged(conn, media_ids):
+    async def recording_mark_purged(conn, media_ids, deleted_keys):
         marked.extend(media_ids)
-        await real_mark_purged(conn, media_ids)
+        return await real_mark_purged(conn, media_ids, deleted_keys)
 
     # Which loop marked what: a double purge would leave the same rows behind.
     monkeypatch.setattr(cleanup, "mark_purged", recording_mark_purged)

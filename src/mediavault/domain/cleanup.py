@@ -122,13 +122,24 @@ RETURNING m.media_id, m.owner_id, m.object_key,
           ARRAY(SELECT v.object_key FROM media_variants v WHERE v.media_id = m.media_id) AS variant_keys
 """
 
+# The claim listed the variants in its statement's snapshot: a format made on request that
+# committed between that snapshot and the claim's row lock is not in it, and its blob was not
+# deleted. Such media stays unpurged and unclaimed, for the next claim to list it whole;
+# nothing adds a variant once the media is deleted, so the second claim lists every one.
 _MARK_PURGED = """
 WITH purged AS (
-    UPDATE media SET purged_at = now(), purge_claimed_until = NULL
-    WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL
-    RETURNING media_id
+    UPDATE media m SET purged_at = now(), purge_claimed_until = NULL
+    WHERE m.media_id = ANY($1::uuid[]) AND m.purged_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM media_variants v WHERE v.media_id = m.media_id AND v.object_key <> ALL($2::text[]))
+    RETURNING m.media_id
+), unclaimed AS (
+    UPDATE media m SET purge_claimed_until = NULL
+    WHERE m.media_id = ANY($1::uuid[]) AND m.purged_at IS NULL AND m.media_id NOT IN (SELECT media_id FROM purged)
+    RETURNING m.media_id
+), dropped AS (
+    DELETE FROM media_variants v USING purged p WHERE v.media_id = p.media_id
 )
-DELETE FROM media_variants v USING purged p WHERE v.media_id = p.media_id
+SELECT media_id FROM unclaimed
 """
 
 _POSTPONE_PURGE = """
@@ -238,8 +249,10 @@ async def claim_purge(conn: Connection, batch_size: int) -> Batch:
     return Batch(len(rows), 0, rows)
 
 
-async def mark_purged(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID]) -> None:
-    await conn.execute(_MARK_PURGED, media_ids)
+async def mark_purged(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID], deleted_keys: list[str]) -> list[uuid.UUID]:
+    """Marks claimed media purged whose every variant's key is among those deleted; returns the
+    others, unclaimed again for a later claim (see _MARK_PURGED)."""
+    return [row["media_id"] for row in await conn.fetch(_MARK_PURGED, media_ids, deleted_keys)]
 
 
 async def postpone_purge(conn: Connection | asyncpg.Pool, media_ids: list[uuid.UUID], retry_seconds: int) -> None:
