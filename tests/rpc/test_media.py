@@ -13,9 +13,11 @@ from PIL import Image
 
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.media.v1 import media_pb2_grpc
 from mediavault.services import build_services
 from mediavault.storage.v1 import storage_pb2 as pb
-from tests.conftest import CORPUS
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import CORPUS, running
 from tests.helpers import error_info, fake_jpeg, fetch, settled, upload
 
 
@@ -258,6 +260,25 @@ async def test_the_original_with_its_gps_goes_to_the_owner_alone(storage, media,
         assert [m.media_id for m in listed] == [done.media_id]
         for item in (seen, listed[0]):
             assert (item.original_url, item.feed_url) == ("", "")
+
+
+async def test_behind_a_cdn_the_variants_are_plain_urls_and_the_original_stays_signed(make_settings, auth, user_id, worker):
+    cdn = "https://cdn.example/media"
+    async with running(make_settings(public_base_url=cdn)) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage, media = storage_pb2_grpc.StorageServiceStub(channel), media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        data = (CORPUS / "images/formats/hopper.jpg").read_bytes()
+        done = await upload(storage, md, data)
+        item = await settled(media, md, done.media_id)
+        assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+        urls = [v.url for v in item.variants] + [a.url for v in item.variants for a in v.alternatives]
+        assert urls
+        assert all(url.startswith(f"{cdn}/variants/") for url in urls), urls
+        # The thumbnail's URL names the media: a CDN URL of the original would be its neighbour.
+        assert not item.original_url.startswith(cdn), item.original_url
+        status, body, _ = await fetch(item.original_url)
+        assert (status, body) == (200, data)
 
 
 async def test_save_makes_ephemeral_media_permanent(storage, media, auth, user_id):

@@ -443,9 +443,13 @@ class Library:
         self._on_request = on_request
 
     async def url(self, object_key: str, content_type: str) -> str:
-        """A plain CDN URL when PUBLIC_BASE_URL is set, else a signed one."""
+        """A variant's URL: a plain CDN URL when PUBLIC_BASE_URL is set, else a signed one."""
         if self._settings.public_base_url:
             return f"{self._settings.public_base_url.rstrip('/')}/{object_key}"
+        return await self.signed_url(object_key, content_type)
+
+    async def signed_url(self, object_key: str, content_type: str) -> str:
+        """A URL that expires after MEDIA_URL_TTL_SECONDS, straight from the blob store."""
         return await self._blobs.presign_get(
             object_key, expires_in=self._settings.media_url_ttl_seconds, content_type=content_type
         )
@@ -455,6 +459,8 @@ class Library:
 
         The original's URL goes to the owner alone: the original is the upload as it came,
         metadata and GPS included, and a reader role (the feed service) shows media to others.
+        It is always signed, never a CDN URL: a variant's CDN URL names the media, and a CDN
+        serving originals/ would give anyone who saw a thumbnail the original beside it.
         """
         by_name: dict[str, list[Located]] = {}
         for v in media.variants:
@@ -464,7 +470,7 @@ class Library:
             chosen, *alternatives = formats.ordered(located, preferred)
             offered.append(Offered(chosen, tuple(alternatives)))
         owned = media.owner_id == principal.user_id
-        original_url = await self.url(media.object_key, media.content_type) if owned else ""
+        original_url = await self.signed_url(media.object_key, media.content_type) if owned else ""
         return Shown(media, original_url, tuple(offered))
 
     async def _visible(self, principal: Principal, media_id: uuid.UUID, *, read_roles: tuple[str, ...]) -> Media:
