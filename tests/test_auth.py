@@ -30,7 +30,15 @@ def test_roundtrip_keeps_known_roles_only():
 
 @pytest.mark.parametrize(
     "claims",
-    [{"roles": ["user"], "exp": 2**40}, {"sub": "u", "roles": ["user"]}, {"sub": "", "exp": 2**40}, {"sub": "u", "roles": 5, "exp": 2**40}],
+    [
+        {"roles": ["user"], "exp": 2**40},
+        {"sub": "u", "roles": ["user"]},
+        {"sub": "", "exp": 2**40},
+        {"sub": "u", "roles": 5, "exp": 2**40},
+        # A role that is not a string was a TypeError, answered INTERNAL.
+        {"sub": "u", "roles": [["admin"]], "exp": 2**40},
+        {"sub": "u", "roles": [{"admin": True}], "exp": 2**40},
+    ],
 )
 def test_incomplete_claims_are_rejected(claims):
     token = jwt.encode(claims, JWT_SECRET, algorithm="HS256")

@@ -86,7 +86,7 @@ class Authenticator:
         raw_roles = claims.get("roles", ["user"])
         if isinstance(raw_roles, str):
             raw_roles = [raw_roles]
-        if not isinstance(raw_roles, list):
+        if not isinstance(raw_roles, list) or not all(isinstance(role, str) for role in raw_roles):
             raise Unauthenticated("invalid roles claim")
         exp = claims["exp"]
         if not isinstance(exp, int | float):
