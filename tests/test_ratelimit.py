@@ -214,6 +214,27 @@ def test_forwarded_for_is_trusted_only_from_configured_proxies():
     assert limiter.client_address("ipv4:10.1.2.3:5000", "198.51.100.9, 10.1.2.3") == "198.51.100.9"
     assert limiter.client_address("ipv4:192.0.2.1:5000", "198.51.100.9") == "192.0.2.1"
     assert limiter.client_address("ipv6:[::1]:5000", "198.51.100.9") == "::1"
+    # The proxy appended the address it was called from; what the client wrote before it is not believed.
+    assert limiter.client_address("ipv4:10.1.2.3:5000", "203.0.113.7, 198.51.100.9") == "198.51.100.9"
+    assert limiter.client_address("ipv4:10.1.2.3:5000", "user-victim, 198.51.100.9, 10.0.0.5") == "198.51.100.9"
+
+
+async def test_an_anonymous_caller_cannot_spend_a_users_budget_by_naming_it(make_settings, pool, auth, user_id):
+    # Behind a proxy that appends rather than overwrites, the first hop is the client's own text.
+    settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))
+    async with (
+        limit(pool, SUMMARY, per_hour=3, burst=50),
+        limit(pool, SUMMARY, per_hour=3, burst=50, scope="anonymous"),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=(("x-forwarded-for", user_id),))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        own = [await call_summary(stub, auth(user_id)) for _ in range(3)]
+    assert [ok for ok, _, _ in own] == [True, True, True]
 
 
 async def test_redis_down_fails_open_for_reads_and_closed_for_uploads(make_settings, pool, auth, user_id):

@@ -115,7 +115,7 @@ class RateLimiter:
         self.auto_freeze_window_seconds = auto_freeze_window_seconds
         self.limits: dict[tuple[str, str], Limit] = {}
         self.frozen: frozenset[str] = frozenset()
-        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[tuple[str, str, str], _Bucket] = OrderedDict()
         # Loads the script on first use and again after Redis lost its script cache.
         self._gcra = redis.register_script(_GCRA) if redis is not None else None
 
@@ -139,35 +139,45 @@ class RateLimiter:
         return self.limits.get((method, scope)) or self.limits.get(("*", scope))
 
     def client_address(self, peer: str, forwarded_for: str | None) -> str:
-        """The caller's address: the peer, or the first x-forwarded-for hop when the peer is a trusted proxy."""
+        """The caller's address: the peer, or, when the peer is a trusted proxy, the last
+        x-forwarded-for hop that is not one. Each proxy appends the address it was called
+        from, so hops left of the last untrusted one are whatever the client wrote."""
         address = _peer_address(peer)
-        if forwarded_for and self.trusted_proxies:
-            try:
-                peer_ip = ipaddress.ip_address(address)
-            except ValueError:
-                return address
-            if any(peer_ip in network for network in self.trusted_proxies):
-                return forwarded_for.split(",")[0].strip() or address
+        if not forwarded_for or not self._trusted(address):
+            return address
+        for hop in reversed(forwarded_for.split(",")):
+            address = hop.strip() or address
+            if not self._trusted(address):
+                break
         return address
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
 
     async def check(self, method: str, subject: str, scope: str) -> Decision | None:
         """None when the caller is not limited for this method (exempt roles without own limits)."""
         limit = self.limit_for(method, scope)
         if limit is None:
             return None
-        burst = self._burst(method, subject, limit)
+        burst = self._burst(scope, method, subject, limit)
         if burst is not None:
             metrics.RATE_LIMIT_DECISIONS.labels(method, "burst", "refused").inc()
             return burst
-        decision = await self._sustained(method, subject, limit)
+        decision = await self._sustained(scope, method, subject, limit)
         metrics.RATE_LIMIT_DECISIONS.labels(method, decision.layer, "allowed" if decision.allowed else "refused").inc()
         if not decision.allowed and self.auto_freeze_refusals and scope == "user":
             await self._count_refusal(subject)
         return decision
 
-    def _burst(self, method: str, subject: str, limit: Limit) -> Decision | None:
+    # The scope is part of every key: an anonymous caller's subject is an address, free text
+    # behind a proxy, and must never name a user's budget.
+    def _burst(self, scope: str, method: str, subject: str, limit: Limit) -> Decision | None:
         now = time.monotonic()
-        key = (method, subject)
+        key = (scope, method, subject)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(limit.burst_per_second, now)
@@ -183,10 +193,10 @@ class RateLimiter:
         wait = (1 - bucket.tokens) / limit.burst_per_second
         return Decision(False, limit.burst_per_second, 0, 1, max(1, math.ceil(wait)), "burst")
 
-    async def _sustained(self, method: str, subject: str, limit: Limit) -> Decision:
+    async def _sustained(self, scope: str, method: str, subject: str, limit: Limit) -> Decision:
         interval_ms = 3_600_000 / limit.per_hour
         tolerance_ms = interval_ms * (limit.per_hour - 1)
-        key = f"rl:{method}:{subject}"
+        key = f"rl:{scope}:{method}:{subject}"
         try:
             allowed, remaining, reset_ms, retry_ms = await self._eval(key, interval_ms, tolerance_ms)
         except (RedisError, OSError):
