@@ -339,6 +339,20 @@ async def test_idempotency_key_returns_same_upload_or_conflicts(storage, auth, u
     assert other_user.upload.upload_id != first.upload.upload_id
 
 
+@pytest.mark.parametrize("protocol", [pb.UPLOAD_PROTOCOL_SINGLE, pb.UPLOAD_PROTOCOL_TUS])
+async def test_a_replayed_key_of_a_failed_upload_gives_no_url_to_store_bytes_at(storage, auth, user_id, protocol):
+    md = auth(user_id)
+    data = fake_jpeg(2000)
+    first = await begin(storage, md, data, idempotency_key="then-failed", protocol=protocol)
+    await storage.FailUpload(pb.FailUploadRequest(upload_id=first.upload.upload_id, reason="cancelled"), metadata=md)
+    replayed = await begin(storage, md, data, idempotency_key="then-failed", protocol=protocol)
+    assert replayed.upload.upload_id == first.upload.upload_id
+    assert replayed.upload.state == pb.UPLOAD_STATE_FAILED
+    assert (replayed.upload_url, replayed.upload_method, dict(replayed.upload_headers)) == ("", "", {})
+    standing = await summary(storage, md)
+    assert (standing.used_bytes, standing.reserved_bytes) == (0, 0)
+
+
 async def test_concurrent_first_uses_of_one_idempotency_key_reserve_once(storage, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(1500)

@@ -140,7 +140,11 @@ class Uploads:
         return upload
 
     async def _destination(self, upload: Upload) -> BeginResult:
-        """Where and how the client sends the upload's bytes, by its protocol."""
+        """Where and how the client sends the upload's bytes, by its protocol; nowhere once it is
+        no longer pending (a replayed key): a failed or expired upload has released its bytes and
+        its object, and a URL would let the client store an object no quota counts."""
+        if upload.state != "pending":
+            return BeginResult(upload, "", "", {})
         if upload.protocol == "s3_multipart":
             # The parts' URLs come from presign_parts, as many at a time as the client asks.
             await self._resumable.start(upload)
