@@ -63,6 +63,47 @@ def hdr(path: Path, colour: list[str], transfer: str, size: str = "320x240", sec
     return path
 
 
+def bars(path: Path, size: str, *, matrix: str = "", full_range: bool = False, seconds: float = 0.5) -> Path:
+    """SMPTE colour bars in H.264 whose YCbCr is in `matrix` (ffprobe's color_space name; "" for
+    an untagged file in BT.709 if HD, BT.601 if SD, as players assume) and range, and tagged so."""
+    swscale = {"bt709": "bt709", "smpte170m": "bt601", "bt470bg": "bt601"}
+    hd = int(size.split("x")[0]) >= 1280
+    encode = swscale[matrix] if matrix else ("bt709" if hd else "bt601")
+    tags = ["-colorspace", matrix, "-color_primaries", matrix, "-color_trc", "smpte170m" if matrix != "bt709" else "bt709"]
+    ffmpeg("-f", "lavfi", "-i", f"smptebars=size={size}:rate=30:duration={seconds}",
+           "-vf", f"scale=out_color_matrix={encode}:out_range={'pc' if full_range else 'tv'},"
+                  f"format={'yuvj420p' if full_range else 'yuv420p'}",
+           "-c:v", "libx264", "-preset", "ultrafast", *(tags if matrix else []),
+           *(["-color_range", "pc" if full_range else "tv"] if matrix else []), str(path))
+    return path
+
+
+def bt2020_sdr_bars(path: Path, size: str = "640x480") -> Path:
+    """SMPTE colour bars with BT.2020 primaries, matrix and 10-bit SDR transfer, in HEVC Main 10."""
+    # lavfi's bars are untagged BT.601 YCbCr, which zscale must be told.
+    ffmpeg("-f", "lavfi", "-i", f"smptebars=size={size}:rate=30:duration=0.5",
+           "-vf", "zscale=pin=bt709:tin=bt709:min=170m:rin=tv:p=bt2020:t=bt2020-10:m=bt2020nc:r=tv,format=yuv420p10le",
+           *_hevc10(["-color_primaries", "bt2020", "-color_trc", "bt2020-10", "-colorspace", "bt2020nc"], "bt2020-10"),
+           str(path))
+    return path
+
+
+def bar_colours(path: Path) -> list[tuple[int, int, int]]:
+    """The RGB of the seven top bars of the first frame, decoded as a player reads the file's tags:
+    its matrix (untagged: BT.709 if HD, else BT.601), its range, and BT.2020 primaries moved to BT.709."""
+    stream = probe(path)["streams"][0]
+    width, height = stream["width"], stream["height"]
+    untagged = "bt709" if width >= 1280 or height >= 720 else "bt601"
+    matrix = {"bt709": "bt709", "smpte170m": "bt601", "bt470bg": "bt601"}.get(stream.get("color_space", ""), untagged)
+    to_rgb = f"scale=in_color_matrix={matrix}:in_range={'pc' if stream.get('color_range') == 'pc' else 'tv'},format=rgb24"
+    if stream.get("color_primaries") == "bt2020":
+        to_rgb = "zscale=p=bt709:t=bt709:m=bt709:r=tv,scale=in_color_matrix=bt709:in_range=tv,format=rgb24"
+    rgb = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-vf", to_rgb, "-f", "rawvideo", "-"],
+                         check=True, capture_output=True).stdout
+    row = height // 3 * width
+    return [tuple(rgb[3 * (row + width * (2 * i + 1) // 14):][:3]) for i in range(7)]
+
+
 def vfr(path: Path) -> Path:
     """Frames dropped unevenly, timestamps kept: 30 fps, then 10, then 30."""
     ffmpeg(*_testsrc("320x240", 1.5), "-vf", "select='lt(t,0.5)+gt(t,1)+not(mod(n,3))'", "-fps_mode", "vfr",

@@ -69,6 +69,31 @@ async def test_hdr_is_tone_mapped_like_the_zscale_reference(clips, name, colour,
 
 
 @pytest.mark.parametrize(
+    "build",
+    [
+        # An Android phone's: full range, BT.601 (bt470bg), yuvj420p.
+        lambda d: make.bars(d / "android.mp4", "1280x720", matrix="bt470bg", full_range=True),
+        lambda d: make.bars(d / "sd.mp4", "640x480", matrix="smpte170m"),
+        lambda d: make.bt2020_sdr_bars(d / "bt2020.mp4"),
+        # Untagged: BT.709 in HD, BT.601 in SD, as players read them.
+        lambda d: make.bars(d / "untagged-hd.mp4", "1280x720"),
+        lambda d: make.bars(d / "untagged-sd.mp4", "640x480"),
+    ],
+    ids=["bt601-full-range", "bt601-limited", "bt2020-sdr", "untagged-hd", "untagged-sd"],
+)
+async def test_colours_of_a_source_not_in_bt709_are_the_renditions_colours(tmp_path, build):
+    source_path = build(tmp_path)
+    _, made = await _transcode(source_path, "video/mp4", tmp_path / "out")
+    expected = make.bar_colours(source_path)
+    for rendition in made:
+        stream = make.probe(rendition.path)["streams"][0]
+        assert (stream["color_space"], stream["color_primaries"], stream["color_range"]) == ("bt709", "bt709", "tv")
+        shown = make.bar_colours(rendition.path)
+        assert all(abs(a - b) <= 6 for bar, seen in zip(expected, shown, strict=True) for a, b in zip(bar, seen, strict=True)), (
+            expected, shown)
+
+
+@pytest.mark.parametrize(
     ("size", "rungs"),
     [
         ("320x240", [("360p", 320, 240)]),

@@ -83,6 +83,15 @@ TONEMAP_CHAIN = (
     "zscale=t=linear:npl=100,format=gbrpf32le,tonemap=tonemap=hable,"
     "zscale=t=bt709:m=bt709:p=bt709:r=tv,format=yuv420p"
 )
+# BT.2020 primaries with an SDR transfer (HLG and PQ go through the tone mapping instead):
+# the colours are moved into BT.709's gamut by zscale, which swscale cannot do.
+BT2020_SDR_TRANSFERS = frozenset({"bt709", "bt2020-10", "bt2020-12", "smpte170m"})
+BT2020_TO_BT709_CHAIN = "zscale=p=bt709:t=bt709:m=bt709:r=tv,format=yuv420p"
+# ffprobe's color_space names as swscale's in_color_matrix takes them.
+SCALE_MATRICES = {
+    "bt709": "bt709", "smpte170m": "smpte170m", "bt470bg": "bt470", "bt2020nc": "bt2020", "bt2020c": "bt2020",
+    "fcc": "fcc", "smpte240m": "smpte240m",
+}
 # What FFmpeg logs when a decoder meets a frame past -max_pixels.
 _FRAME_TOO_LARGE = b"exceeds specified max pixel count"
 # The frame rate no rendition exceeds: 60 fps sources are halved.
@@ -153,7 +162,10 @@ class Source:
     # Where the container's clock starts: ffmpeg counts the renditions' time from here.
     start_seconds: float
     frame_rate: float
+    # The colour tags as ffprobe names them ("" when untagged).
     transfer: str
+    matrix: str = ""
+    primaries: str = ""
 
     @property
     def has_audio(self) -> bool:
@@ -162,6 +174,20 @@ class Source:
     @property
     def is_hdr(self) -> bool:
         return self.transfer in HDR_TRANSFERS
+
+    @property
+    def is_bt2020_sdr(self) -> bool:
+        return self.primaries == "bt2020" and self.transfer in BT2020_SDR_TRANSFERS
+
+    @property
+    def scale_matrix(self) -> str:
+        """The YCbCr matrix of the frames the rungs' scalers get, as swscale names it."""
+        if self.is_hdr or self.is_bt2020_sdr:
+            return "bt709"
+        if self.matrix in SCALE_MATRICES:
+            return SCALE_MATRICES[self.matrix]
+        # Untagged: what players assume, BT.709 for HD and BT.601 for SD (swscale would take BT.601 for both).
+        return "bt709" if self.coded_width >= 1280 or self.coded_height >= 720 else "smpte170m"
 
 
 @dataclass(frozen=True)
@@ -269,6 +295,8 @@ def _source(report: dict) -> Source:
         start_seconds=_seconds(container.get("start_time")) or 0.0,
         frame_rate=float(rate),
         transfer=video.get("color_transfer", ""),
+        matrix=video.get("color_space", ""),
+        primaries=video.get("color_primaries", ""),
     )
 
 
@@ -363,14 +391,19 @@ def command(
     chain = []
     if source.is_hdr:
         chain.append(TONEMAP_CHAIN)
+    elif source.is_bt2020_sdr:
+        chain.append(BT2020_TO_BT709_CHAIN)
     if source.frame_rate > MAX_RENDITION_FPS + 0.01:
         chain.append(f"fps={MAX_RENDITION_FPS}")
     # ffmpeg's autorotate has already turned the frames upright before this graph.
     chain.append(f"split={len(planned)}" + "".join(f"[s{i}]" for i in range(len(planned))))
     # By index: "v:0" would be the first video stream, which may be an attached cover picture.
     graph = f"[0:{source.video_index}]" + ",".join(chain)
+    # The matrix and range named on both sides: swscale otherwise keeps the source's matrix in
+    # renditions tagged BT.709, and guesses BT.601 for an untagged source.
+    colour = f"in_color_matrix={source.scale_matrix}:out_color_matrix=bt709:out_range=tv"
     for i, item in enumerate(planned):
-        graph += f";[s{i}]scale={item.width}:{item.height}:flags=bicubic,setsar=1,format=yuv420p[v{i}]"
+        graph += f";[s{i}]scale={item.width}:{item.height}:flags=bicubic:{colour},setsar=1,format=yuv420p[v{i}]"
     gop = max(1, round(min(source.frame_rate, MAX_RENDITION_FPS) * 2))
     args = [
         "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y", "-xerror",
