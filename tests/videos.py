@@ -111,6 +111,14 @@ def vfr(path: Path) -> Path:
     return path
 
 
+def bursts(path: Path, size: str = "1920x1080", seconds: float = 1.0) -> Path:
+    """A phone's variable frame rate: 60 fps bursts (12 frames a second) between every fifth frame of
+    60 kept, so the nominal rate (r_frame_rate) is 60 and the average about 22."""
+    ffmpeg(*_testsrc(size, seconds, 60), "-vf", "select='lt(mod(n,60),12)+not(mod(n,5))'", "-fps_mode", "vfr",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
 def black_lead_in(path: Path, seconds_black: float = 2.0) -> Path:
     """Black for the first seconds, then a bright test picture."""
     ffmpeg("-f", "lavfi", "-i", f"color=black:size=320x240:rate=30:duration={seconds_black}",

@@ -128,6 +128,22 @@ async def test_sixty_fps_is_halved_and_vfr_keeps_its_length(clips):
     assert stream["avg_frame_rate"] == "30/1"
     source, made = await _transcode(make.vfr(clips / "vfr.mp4"), "video/mp4", clips / "vfr")
     make.check_rendition(made[0].path, width=320, height=240, duration=source.duration_seconds, audio=False)
+    # Under the cap, every frame is kept at its time, none duplicated to a constant rate.
+    assert make.frame_count(made[0].path) == make.frame_count(clips / "vfr.mp4")
+
+
+async def test_a_variable_frame_rate_source_is_capped_by_its_bursts_not_its_average(clips):
+    source_path = make.bursts(clips / "bursts.mp4")
+    source, made = await _transcode(source_path, "video/mp4", clips / "bursts")
+    assert make.probe(source_path)["streams"][0]["r_frame_rate"] == "60/1"
+    assert source.frame_rate < videos.MAX_RENDITION_FPS, "the average, as Media.frame_rate reports it"
+    for rendition in made:
+        stream = make.check_rendition(rendition.path, width=rendition.width, height=rendition.height,
+                                      duration=source.duration_seconds, audio=False)
+        assert stream["r_frame_rate"] == "30/1"
+        assert int(stream["nb_frames"]) <= round(videos.MAX_RENDITION_FPS * source.duration_seconds)
+    # At 1080p, 30 fps is level 4.0; 60 fps would be 4.2, past what many phones decode.
+    assert make.probe(made[-1].path)["streams"][0]["level"] <= 40
 
 
 async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips):

@@ -161,15 +161,24 @@ class Source:
     duration_seconds: float
     # Where the container's clock starts: ffmpeg counts the renditions' time from here.
     start_seconds: float
+    # The average frame rate (frames over duration), what Media.frame_rate reports and the limit
+    # checks; and the stream's nominal one (ffprobe's r_frame_rate), which a variable-frame-rate
+    # source's bursts reach: a phone's 60 fps stream that drops frames averages far below it.
     frame_rate: float
     # The colour tags as ffprobe names them ("" when untagged).
     transfer: str
     matrix: str = ""
     primaries: str = ""
+    nominal_frame_rate: float = 0.0
 
     @property
     def has_audio(self) -> bool:
         return self.audio_index is not None
+
+    @property
+    def is_capped(self) -> bool:
+        """Whether the renditions' frame rate is capped: when the average or the bursts go past it."""
+        return max(self.frame_rate, self.nominal_frame_rate) > MAX_RENDITION_FPS + 0.01
 
     @property
     def is_hdr(self) -> bool:
@@ -277,7 +286,8 @@ def _source(report: dict) -> Source:
     rotation = _rotation(video)
     if rotation % 180:
         width, height = height, width
-    rate = _ratio(video.get("avg_frame_rate")) or _ratio(video.get("r_frame_rate"))
+    nominal = _ratio(video.get("r_frame_rate"))
+    rate = _ratio(video.get("avg_frame_rate")) or nominal
     if rate is None:
         raise PermanentImagingError(CORRUPT_VIDEO)
     container = report.get("format", {})
@@ -294,6 +304,7 @@ def _source(report: dict) -> Source:
         duration_seconds=max(stated, default=0.0),
         start_seconds=_seconds(container.get("start_time")) or 0.0,
         frame_rate=float(rate),
+        nominal_frame_rate=float(nominal or rate),
         transfer=video.get("color_transfer", ""),
         matrix=video.get("color_space", ""),
         primaries=video.get("color_primaries", ""),
@@ -393,7 +404,7 @@ def command(
         chain.append(TONEMAP_CHAIN)
     elif source.is_bt2020_sdr:
         chain.append(BT2020_TO_BT709_CHAIN)
-    if source.frame_rate > MAX_RENDITION_FPS + 0.01:
+    if source.is_capped:
         chain.append(f"fps={MAX_RENDITION_FPS}")
     # ffmpeg's autorotate has already turned the frames upright before this graph.
     chain.append(f"split={len(planned)}" + "".join(f"[s{i}]" for i in range(len(planned))))
@@ -404,7 +415,7 @@ def command(
     colour = f"in_color_matrix={source.scale_matrix}:out_color_matrix=bt709:out_range=tv"
     for i, item in enumerate(planned):
         graph += f";[s{i}]scale={item.width}:{item.height}:flags=bicubic:{colour},setsar=1,format=yuv420p[v{i}]"
-    gop = max(1, round(min(source.frame_rate, MAX_RENDITION_FPS) * 2))
+    gop = max(1, round((MAX_RENDITION_FPS if source.is_capped else source.frame_rate) * 2))
     args = [
         "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y", "-xerror",
         "-protocol_whitelist", _PROTOCOLS, "-threads", str(threads),
@@ -428,6 +439,9 @@ def command(
             "-pix_fmt", "yuv420p", "-crf", str(rung.crf), "-maxrate", str(rung.maxrate_bps),
             "-bufsize", str(rung.bufsize_bits), "-g", str(gop),
             "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709",
+            # Frames as the graph gives them: the MP4 muxer's default is a constant rate at the
+            # source's nominal one, which duplicates a variable-frame-rate source's frames up to it.
+            "-fps_mode", "vfr",
             "-map_metadata", "-1", "-map_chapters", "-1", "-movflags", "+faststart", "-f", "mp4",
             str(out_dir / f"{rung.name}.mp4"),
         ]
