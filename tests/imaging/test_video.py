@@ -349,6 +349,14 @@ async def test_sound_is_taken_only_from_an_allow_listed_codec(clips):
     assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == ["22050"]
 
 
+@pytest.mark.parametrize(("rate", "expected"), [(96000, "48000"), (88200, "48000"), (48000, "48000"), (8000, "8000")])
+async def test_sound_above_48_khz_is_resampled_to_what_every_phone_plays(clips, rate, expected):
+    source_path = make.dubbed(clips / f"pcm-{rate}.mov", ("pcm_s24le", rate))
+    _, made = await _transcode(source_path, "video/quicktime", clips / f"pcm-{rate}")
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)
+    assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == [expected]
+
+
 async def test_a_source_with_a_stream_no_allowed_decoder_reads_is_refused_before_anything_decodes_it(clips):
     # An MPEG-4 Part 2 picture stream beside the H.264 video: the renditions would not use it, but
     # FFmpeg's stream analysis would decode its first frame.

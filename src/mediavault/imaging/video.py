@@ -94,6 +94,9 @@ SCALE_MATRICES = {
 }
 # What FFmpeg logs when a decoder meets a frame past -max_pixels.
 _FRAME_TOO_LARGE = b"exceeds specified max pixel count"
+# The highest sample rate Android's AAC decoder is required to play (its compatibility
+# definition: 8 to 48 kHz); a faster source (96 or 88.2 kHz PCM from a camera) is resampled.
+MAX_AUDIO_SAMPLE_RATE = 48000
 # The frame rate no rendition exceeds: 60 fps sources are halved.
 MAX_RENDITION_FPS = 30
 
@@ -170,6 +173,7 @@ class Source:
     matrix: str = ""
     primaries: str = ""
     nominal_frame_rate: float = 0.0
+    audio_sample_rate: int = 0
 
     @property
     def has_audio(self) -> bool:
@@ -305,6 +309,7 @@ def _source(report: dict) -> Source:
         start_seconds=_seconds(container.get("start_time")) or 0.0,
         frame_rate=float(rate),
         nominal_frame_rate=float(nominal or rate),
+        audio_sample_rate=0 if audio is None else int(audio.get("sample_rate") or 0),
         transfer=video.get("color_transfer", ""),
         matrix=video.get("color_space", ""),
         primaries=video.get("color_primaries", ""),
@@ -433,6 +438,8 @@ def command(
         args += ["-map", f"[v{i}]"]
         if source.audio_index is not None:
             args += ["-map", f"0:{source.audio_index}", "-c:a", "aac", "-ac", "2", "-b:a", str(rung.audio_bps)]
+            if source.audio_sample_rate > MAX_AUDIO_SAMPLE_RATE:
+                args += ["-ar", str(MAX_AUDIO_SAMPLE_RATE)]
         args += [
             "-c:v", "libx264", "-threads", str(threads), "-preset", X264_PRESET, "-rc-lookahead", str(X264_LOOKAHEAD_FRAMES),
             "-profile:v", "high",
