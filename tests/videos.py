@@ -119,6 +119,14 @@ def bursts(path: Path, size: str = "1920x1080", seconds: float = 1.0) -> Path:
     return path
 
 
+def packed_sound(path: Path, seconds: float, rate: int) -> Path:
+    """A 64x64 video at 1 fps in Matroska beside PCM sound of one sample a packet: `rate` packets a second."""
+    ffmpeg(*_testsrc("64x64", seconds, 1), "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl=mono", "-t", str(seconds),
+           "-af", "asetnsamples=n=1", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           "-c:a", "pcm_s16le", str(path))
+    return path
+
+
 def black_lead_in(path: Path, seconds_black: float = 2.0) -> Path:
     """Black for the first seconds, then a bright test picture."""
     ffmpeg("-f", "lavfi", "-i", f"color=black:size=320x240:rate=30:duration={seconds_black}",

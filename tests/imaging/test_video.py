@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -178,6 +180,49 @@ async def test_refused_from_the_container_before_decoding(tmp_path, build, limit
     with pytest.raises(PermanentImagingError) as refused:
         await videos.probe(path, "video/mp4", limits)
     assert refused.value.message == reason
+
+
+async def test_a_source_of_more_packets_than_the_limits_allow_is_refused(tmp_path):
+    # 8,000 one-sample PCM packets in 1 s, where 10 s of sound may hold 4,000: each one would
+    # cost the worker a line to parse, and a file of millions of them seconds of its CPU.
+    path = make.packed_sound(tmp_path / "packed.mkv", 1.0, 8_000)
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(path, "video/webm", videos.VideoLimits(max_duration_seconds=10.0))
+    assert refused.value.message == videos.TOO_MANY_PACKETS
+
+
+def _ffprobes() -> list[int]:
+    return [pid for pid in children_of(os.getpid()) if Path(f"/proc/{pid}/comm").read_text().strip() == "ffprobe"]
+
+
+@contextlib.contextmanager
+def _never_written(path: Path):
+    """A pipe nobody writes to: ffprobe waits to open it, a probe that never ends by itself."""
+    os.mkfifo(path)
+    try:
+        yield path
+    finally:
+        # Whatever a failed assertion left behind would wait for ever.
+        for pid in _ffprobes():
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_cancelled_probe_leaves_no_ffprobe_running(tmp_path):
+    with _never_written(tmp_path / "never.mp4") as never:
+        probing = asyncio.create_task(videos.probe(never, "video/mp4", _DEFAULT_LIMITS))
+        while not _ffprobes():
+            await asyncio.sleep(0.01)
+        probing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probing
+        assert not _ffprobes()
+
+
+async def test_a_probe_past_its_time_limit_fails_for_good_and_leaves_no_ffprobe_running(tmp_path):
+    with _never_written(tmp_path / "never.mp4") as never, pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(never, "video/mp4", videos.VideoLimits(max_probe_seconds=0.5))
+    assert refused.value.message == videos.PROBE_TIMED_OUT
+    assert not _ffprobes()
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -70,6 +70,8 @@ VIDEO_TOO_LONG = "video too long"
 VIDEO_TOO_LARGE = "video too large"
 VIDEO_TOO_SMALL = "video too small"
 FRAME_RATE_TOO_HIGH = "frame rate too high"
+TOO_MANY_PACKETS = "too many packets"
+PROBE_TIMED_OUT = "probe timed out"
 # Below a macroblock on a side, H.264 has nothing to show.
 MIN_SIDE = 16
 
@@ -97,6 +99,10 @@ _FRAME_TOO_LARGE = b"exceeds specified max pixel count"
 # The highest sample rate Android's AAC decoder is required to play (its compatibility
 # definition: 8 to 48 kHz); a faster source (96 or 88.2 kHz PCM from a camera) is resampled.
 MAX_AUDIO_SAMPLE_RATE = 48000
+# Packets a second of the duration limit may hold in the streams other than the video (the sound
+# and whatever is beside it): Opus's shortest frame, 2.5 ms, is the shortest packet of the allowed
+# audio codecs, and their usual ones last 20 ms or more (MOV's PCM is demuxed a chunk a packet).
+AUDIO_PACKETS_PER_SECOND = 400
 # The frame rate no rendition exceeds: 60 fps sources are halved.
 MAX_RENDITION_FPS = 30
 
@@ -108,6 +114,19 @@ class VideoLimits:
     max_duration_seconds: float = 600.0
     max_long_side: int = 4096
     max_frame_rate: float = 240.0
+    # The whole probe, both ffprobe runs: the packet bounds below make it a read of at most
+    # max_video_packets + max_other_packets lines, and this leaves room for a busy machine.
+    max_probe_seconds: float = 30.0
+
+    @property
+    def max_video_packets(self) -> int:
+        """As many frames as the longest video at the highest frame rate holds."""
+        return math.ceil(self.max_duration_seconds * self.max_frame_rate)
+
+    @property
+    def max_other_packets(self) -> int:
+        """The packets of every other stream together: the sound's, at a rate no allowed codec reaches."""
+        return math.ceil(self.max_duration_seconds * AUDIO_PACKETS_PER_SECOND)
 
     @property
     def max_frame_pixels(self) -> int:
@@ -330,10 +349,15 @@ def check(source: Source, limits: VideoLimits) -> None:
 
 async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     """The source's facts from its container, checked against the limits: first as its headers state
-    them, then with the duration its packets actually last."""
-    stated = parse_probe(await _ffprobe(path, mime, limits, "-show_streams", "-show_format"))
-    check(stated, limits)
-    measured = await _measured_duration(path, mime, stated, limits)
+    them, then with the duration its packets actually last. The whole probe is bounded by
+    limits.max_probe_seconds, and ffprobe never outlives it, cancelled or not."""
+    try:
+        async with asyncio.timeout(limits.max_probe_seconds):
+            stated = parse_probe(await _ffprobe(path, mime, limits, "-show_streams", "-show_format"))
+            check(stated, limits)
+            measured = await _measured_duration(path, mime, stated, limits)
+    except TimeoutError:
+        raise PermanentImagingError(PROBE_TIMED_OUT) from None
     source = replace(stated, duration_seconds=max(stated.duration_seconds, measured))
     if source.duration_seconds <= 0:
         raise PermanentImagingError(CORRUPT_VIDEO)
@@ -351,8 +375,11 @@ def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> 
 async def _measured_duration(path: Path, mime: str, source: Source, limits: VideoLimits) -> float:
     """How long the renditions' streams last by their packets' timestamps, counted from where ffmpeg
     starts the renditions' clock; demuxing only, nothing decoded. Reading stops once past the
-    limit, and the packets are read as they come, so a file of millions of them costs no memory."""
+    limit, and the packets are read as they come, so a file of millions of them costs no memory;
+    a file with more packets than the limits allow is refused when it passes them, since each one
+    costs the worker a line to parse."""
     wanted = {source.video_index, source.audio_index}
+    video_packets = other_packets = 0
     bound = limits.max_duration_seconds
     process = await asyncio.create_subprocess_exec(
         *_ffprobe_command(path, mime, limits, "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "csv=p=0"),
@@ -367,8 +394,14 @@ async def _measured_duration(path: Path, mime: str, source: Source, limits: Vide
             # is followed by an empty one: the side data section, whose fields were not asked for.
             if len(fields) < 3:
                 continue
-            index, pts, length = fields[:3]
-            if int(index) in wanted and pts != "N/A":
+            index, pts, length = int(fields[0]), fields[1], fields[2]
+            if index == source.video_index:
+                video_packets += 1
+            else:
+                other_packets += 1
+            if video_packets > limits.max_video_packets or other_packets > limits.max_other_packets:
+                raise PermanentImagingError(TOO_MANY_PACKETS)
+            if index in wanted and pts != "N/A":
                 measured = max(measured, float(pts) + (_seconds(length) or 0.0) - source.start_seconds)
                 if measured > bound:
                     return measured
@@ -390,7 +423,13 @@ async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> di
         *_ffprobe_command(path, mime, limits, "-print_format", "json", *what),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, errors = await process.communicate()
+    try:
+        out, errors = await process.communicate()
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
     if process.returncode != 0:
         raise PermanentImagingError(UNSUPPORTED_FORMAT if _DECODER_REFUSED in errors else CORRUPT_VIDEO)
     try:
