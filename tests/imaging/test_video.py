@@ -113,6 +113,33 @@ async def test_the_ladder_follows_the_source_and_never_upscales(clips, size, run
         make.check_rendition(rendition.path, width=rendition.width, height=rendition.height, duration=seconds, audio=True)
 
 
+def _shown(width: int, height: int) -> videos.Source:
+    return videos.Source(codec="h264", video_index=0, audio_index=None, coded_width=width, coded_height=height, width=width,
+                         height=height, rotation=0, duration_seconds=1.0, start_seconds=0.0, frame_rate=30.0, transfer="")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "sizes"),
+    [
+        (1440, 1080, [(480, 360), (960, 720), (1440, 1080)]),
+        (2400, 1000, [(640, 266), (1280, 534), (1920, 800)]),
+        (1300, 300, [(640, 148), (1280, 296)]),
+        (3840, 2160, [(640, 360), (1280, 720), (1920, 1080)]),
+        (1080, 2400, [(288, 640), (576, 1280), (864, 1920)]),
+    ],
+)
+def test_every_rung_fits_its_16_9_box_either_way_up(width, height, sizes):
+    assert [(p.width, p.height) for p in videos.plan(_shown(width, height))] == sizes
+
+
+async def test_a_tall_screen_recordings_1080p_rung_is_within_level_4(clips):
+    _, made = await _transcode(make.h264(clips / "screen.mp4", "1080x2400", 0.5, audio=False), "video/mp4", clips / "screen")
+    assert [(r.name, r.width, r.height) for r in made] == [("360p", 288, 640), ("720p", 576, 1280), ("1080p", 864, 1920)]
+    for rendition in made:
+        make.check_rendition(rendition.path, width=rendition.width, height=rendition.height, duration=0.5, audio=False)
+    assert make.probe(made[-1].path)["streams"][0]["level"] <= 40
+
+
 async def test_anamorphic_pixels_become_square(clips):
     source, made = await _transcode(make.anamorphic(clips / "anamorphic.mp4"), "video/mp4", clips / "anamorphic")
     assert (source.coded_width, source.width, source.height) == (480, 640, 360)

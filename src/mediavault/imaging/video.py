@@ -138,9 +138,12 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class Rung:
-    """One rendition: its name, its short side, and the encoder's quality target and cap."""
+    """One rendition: its name, the 16:9 box it fits in (either way up), and the encoder's quality
+    target and cap. The box, not the short side alone, keeps a tall or wide source's frames within
+    the H.264 level the rung's name promises (a 1080x2400 screen recording would be level 5.0)."""
 
     name: str
+    long_side: int
     short_side: int
     crf: int
     maxrate_bps: int
@@ -153,9 +156,9 @@ class Rung:
 
 
 LADDER = (
-    Rung("360p", 360, crf=24, maxrate_bps=1_000_000, audio_bps=96_000),
-    Rung("720p", 720, crf=23, maxrate_bps=3_500_000, audio_bps=128_000),
-    Rung("1080p", 1080, crf=23, maxrate_bps=6_500_000, audio_bps=128_000),
+    Rung("360p", 640, 360, crf=24, maxrate_bps=1_000_000, audio_bps=96_000),
+    Rung("720p", 1280, 720, crf=23, maxrate_bps=3_500_000, audio_bps=128_000),
+    Rung("1080p", 1920, 1080, crf=23, maxrate_bps=6_500_000, audio_bps=128_000),
 )
 # x264's speed/size trade-off for every rung; faster presets lose quality at the same CRF.
 X264_PRESET = "veryfast"
@@ -244,13 +247,14 @@ def _even(value: float) -> int:
 
 
 def plan(source: Source, ladder: tuple[Rung, ...] = LADDER) -> list[Planned]:
-    """The rungs the source gets: the first always, the others when the source reaches them; never upscaled."""
+    """The rungs the source gets, each fitted inside its box turned the source's way up: the first
+    always, the others when the source reaches their box on a side; never upscaled."""
     short, long = min(source.width, source.height), max(source.width, source.height)
     planned = []
     for index, rung in enumerate(ladder):
-        if index and short < rung.short_side:
+        if index and short < rung.short_side and long < rung.long_side:
             break
-        scale = min(1.0, rung.short_side / short)
+        scale = min(1.0, rung.short_side / short, rung.long_side / long)
         new_short, new_long = _even(short * scale), _even(long * scale)
         if source.width <= source.height:
             planned.append(Planned(rung, new_short, new_long))
