@@ -115,7 +115,8 @@ async def test_the_ladder_follows_the_source_and_never_upscales(clips, size, run
 
 def _shown(width: int, height: int) -> videos.Source:
     return videos.Source(codec="h264", video_index=0, audio_index=None, coded_width=width, coded_height=height, width=width,
-                         height=height, rotation=0, duration_seconds=1.0, start_seconds=0.0, frame_rate=30.0, transfer="")
+                         height=height, rotation=0, duration_seconds=1.0, start_seconds=0.0, frame_rate=30.0, nominal_frame_rate=30.0,
+                         transfer="")
 
 
 @pytest.mark.parametrize(

@@ -190,11 +190,12 @@ class Source:
     # checks; and the stream's nominal one (ffprobe's r_frame_rate), which a variable-frame-rate
     # source's bursts reach: a phone's 60 fps stream that drops frames averages far below it.
     frame_rate: float
+    nominal_frame_rate: float
     # The colour tags as ffprobe names them ("" when untagged).
     transfer: str
     matrix: str = ""
     primaries: str = ""
-    nominal_frame_rate: float = 0.0
+    # The renditions' sound's, in Hz; 0 without sound.
     audio_sample_rate: int = 0
 
     @property
