@@ -281,6 +281,34 @@ async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, 
     assert await stored_sha256(tus_server, object_key) == sha256_hex(data)
 
 
+async def test_upload_content_streams_that_end_early_leave_a_tus_upload_pending(tus_server, storage, auth, user_id):
+    """A TUS upload may go up as several UploadContent streams: each continues from received_bytes,
+    and only the one that brings the last byte finalizes."""
+    md = auth(user_id)
+    data = fake_jpeg(12 * MiB)
+    begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
+    upload_id = begun.upload.upload_id
+
+    async def stream(start: int, end: int) -> AsyncIterator[pb.UploadContentRequest]:
+        yield pb.UploadContentRequest(upload_id=upload_id)
+        for piece in range(start, end, MiB):
+            yield pb.UploadContentRequest(chunk=data[piece : min(piece + MiB, end)])
+
+    first = await storage.UploadContent(stream(0, 3 * MiB), metadata=md)
+    assert first.upload.state == pb.UPLOAD_STATE_PENDING
+    assert first.upload.received_bytes == 3 * MiB
+    got = await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)
+    assert (got.upload.state, got.upload.received_bytes) == (pb.UPLOAD_STATE_PENDING, 3 * MiB)
+    assert (await summary(storage, md)).reserved_bytes == len(data)
+
+    rest = await storage.UploadContent(stream(got.upload.received_bytes, len(data)), metadata=md)
+    assert rest.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert rest.upload.received_bytes == len(data)
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+    after = await summary(storage, md)
+    assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
+
+
 async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
     """The gRPC face of the writer lease; two PATCHes on two processes are in test_tus_clients.py."""
     md = auth(user_id)

@@ -291,7 +291,12 @@ class Uploads:
         return Upload(**row)
 
     async def upload_content(self, principal: Principal, upload_id: uuid.UUID, chunks: AsyncIterable[bytes]) -> Upload:
-        """Stores streamed bytes as the upload's object, then finalizes it exactly like the URL path."""
+        """Stores streamed bytes as the upload's object, then finalizes it exactly like the URL path.
+
+        A TUS upload is finalized only once its stored bytes reach size_bytes: a stream that ends
+        before is one piece of the upload, which stays pending with its received_bytes for the
+        next stream (or tus PATCH) to continue.
+        """
         upload = await self.get(principal, upload_id)
         if upload.state == "finalized":
             return upload
@@ -300,7 +305,9 @@ class Uploads:
         if upload.protocol == "s3_multipart":
             raise InvalidArgument.single("upload_id", "an S3_MULTIPART upload takes its parts at presigned S3 URLs")
         if upload.protocol == "tus":
-            await self._resumable.append(upload_id, chunks, owner=principal.user_id)
+            progress = await self._resumable.append(upload_id, chunks, owner=principal.user_id)
+            if progress.received_bytes < upload.size_bytes:
+                return progress.upload
         else:
             await store_stream(self._blobs, upload, chunks)
         return await self.finalize(principal, upload_id)

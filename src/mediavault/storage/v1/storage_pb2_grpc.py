@@ -198,6 +198,8 @@ class StorageServiceServicer:
 
         For a TUS upload the chunks continue the object from its received_bytes (GetUpload), so a
         stream cut short resumes where the bytes already stored end; chunks are stored as they come.
+        A TUS upload is finalized by the stream that brings its last byte; a stream that ends before
+        answers the upload still PENDING with its received_bytes, for the next stream to continue.
         Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
 
         Errors: those of FinalizeUpload, and

@@ -109,7 +109,8 @@ const (
 	// One PUT of the whole object to upload_url, or one UploadContent stream.
 	UploadProtocol_UPLOAD_PROTOCOL_SINGLE UploadProtocol = 1
 	// tus 1.0.0 at upload_url (extensions checksum, expiration, termination): HEAD for the offset,
-	// PATCH the next chunk; or UploadContent streams that continue from received_bytes.
+	// PATCH the next chunk; or UploadContent streams that continue from received_bytes (the one
+	// that brings the last byte finalizes).
 	UploadProtocol_UPLOAD_PROTOCOL_TUS UploadProtocol = 2
 	// Parts PUT straight to S3 (S3 backend only), with URLs from PresignUploadParts; received_bytes
 	// sums the parts S3 holds; FinalizeUpload completes the multipart upload and, since the server
@@ -2123,6 +2124,8 @@ type StorageServiceClient interface {
 	//
 	// For a TUS upload the chunks continue the object from its received_bytes (GetUpload), so a
 	// stream cut short resumes where the bytes already stored end; chunks are stored as they come.
+	// A TUS upload is finalized by the stream that brings its last byte; a stream that ends before
+	// answers the upload still PENDING with its received_bytes, for the next stream to continue.
 	// Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
 	//
 	// Errors: those of FinalizeUpload, and
@@ -2369,6 +2372,8 @@ type StorageServiceServer interface {
 	//
 	// For a TUS upload the chunks continue the object from its received_bytes (GetUpload), so a
 	// stream cut short resumes where the bytes already stored end; chunks are stored as they come.
+	// A TUS upload is finalized by the stream that brings its last byte; a stream that ends before
+	// answers the upload still PENDING with its received_bytes, for the next stream to continue.
 	// Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
 	//
 	// Errors: those of FinalizeUpload, and
