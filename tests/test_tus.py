@@ -139,8 +139,20 @@ async def test_chunks_then_finalize_without_reading_back(tus_server, storage, ht
     after = await summary(storage, md)
     assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
 
-    gone = await patch(http, url, len(data), b"x")
-    assert gone.status == 410
+    # Finalized, the upload is complete: HEAD answers its whole length as the offset, and no
+    # PATCH adds a byte.
+    complete = await head(http, url)
+    assert complete.status == 200
+    assert complete.headers["Upload-Offset"] == complete.headers["Upload-Length"] == str(len(data))
+    assert complete.headers["Cache-Control"] == "no-store"
+    assert "Upload-Expires" not in complete.headers
+    assert (await patch(http, url, len(data), b"x")).status == 413
+    elsewhere = await patch(http, url, CHUNK, b"x")
+    assert (elsewhere.status, elsewhere.headers["Upload-Offset"]) == (409, str(len(data)))
+    repeated = await patch(http, url, len(data), b"")
+    assert (repeated.status, repeated.headers["Upload-Offset"]) == (204, str(len(data)))
+    assert await stored_sha256(tus_server, object_key) == sha256_hex(data)
+    assert await summary(storage, md) == after
 
 
 async def test_checksums(tus_server, storage, http, auth, user_id):

@@ -242,7 +242,7 @@ async def test_tus_js_client_resumes_after_a_cut_and_a_killed_server(stage: Stag
     begun = await begin_tus(stage, md, data)
 
     async def send(url: str, retry: bool) -> None:
-        outcome = await node_upload(node_modules, "resume", url, str(source), str(CHUNK), *(["retry"] if retry else []))
+        outcome = await node_upload(node_modules, "resume", url, str(source), str(CHUNK), *(["--retry"] if retry else []))
         assert ("done" in outcome) or not retry, outcome
 
     await interrupted_twice(stage, begun.upload_url, data, send)
@@ -259,6 +259,29 @@ async def test_tus_js_client_creates_with_only_an_endpoint_and_a_token(stage: St
     assert outcome.get("done"), outcome
     upload_id = outcome["url"].split("/tus/")[1].split("?")[0]
     assert await finalized_sha256(stage, auth(user_id), upload_id) == sha256_hex(data)
+
+
+async def test_tus_js_client_run_again_on_a_finalized_upload_is_done_and_creates_nothing(stage: Stage, auth, authenticator, user_id, node_modules, tmp_path):
+    """An app that starts tus-js-client again on an upload URL it already finished (a retry after
+    its finalize call, a restart) is told the upload is complete, not sent to create another."""
+    md = auth(user_id)
+    data = fake_jpeg(CHUNK + 999, fill=os.urandom(1))
+    source = tmp_path / "clip.jpg"
+    source.write_bytes(data)
+    begun = await begin_tus(stage, md, data)
+    assert (await node_upload(node_modules, "resume", begun.upload_url, str(source), str(CHUNK))).get("done")
+    assert await finalized_sha256(stage, md, begun.upload.upload_id) == sha256_hex(data)
+    before = (await stage.storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert (before.used_bytes, before.reserved_bytes, before.pending_uploads) == (len(data), 0, 0)
+
+    endpoint = f"--endpoint=http://127.0.0.1:{stage.proxy.port}/tus/"
+    token = f"--token={authenticator.issue(user_id, ['user'])}"
+    for fallback in ([], [endpoint, token]):
+        again = await node_upload(node_modules, "resume", begun.upload_url, str(source), str(CHUNK), *fallback)
+        assert again == {"done": True, "url": begun.upload_url}, (fallback, again)
+    after = (await stage.storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert after == before
+    assert await asyncio.to_thread(stage.stored_sha256, begun.upload.upload_id) == sha256_hex(data)
 
 
 async def test_two_replicas_two_patches_exactly_one_proceeds(stage: Stage, auth, user_id):

@@ -3,7 +3,9 @@
 Extensions: creation (POST with the same bearer JWT as gRPC), checksum (sha1, sha256),
 expiration (Upload-Expires: the reservation's expiry) and termination (DELETE = FailUpload).
 An upload URL is signed for its upload alone (domain.uploads.resumable), so HEAD, PATCH
-and DELETE need no other credential. Which replica takes a chunk does not matter: the
+and DELETE need no other credential. A finalized upload stays a complete tus upload (HEAD: its
+Upload-Offset is its Upload-Length, so a client resuming it is done at once) that takes no more
+bytes; a failed or expired one is gone (410). Which replica takes a chunk does not matter: the
 offset, the hash state and the writer's lock live in PostgreSQL.
 """
 
@@ -186,7 +188,9 @@ class TusEndpoints:
 
     async def _head_upload(self, request: web.Request) -> web.Response:
         progress = await self._resumable.progress(self._signed_progress_id(request))
-        _check_open(progress)
+        # tus: HEAD always carries Upload-Offset, an upload's that is complete too.
+        if progress.upload.state != "finalized":
+            _check_open(progress)
         return self._respond(request, 200, _progress_headers(progress) | {"Cache-Control": "no-store"})
 
     async def _patch(self, request: web.Request) -> web.Response:
@@ -227,11 +231,11 @@ def _check_open(progress: Progress) -> None:
 
 
 def _progress_headers(progress: Progress) -> dict[str, str]:
-    return {
-        "Upload-Offset": str(progress.received_bytes),
-        "Upload-Length": str(progress.upload.size_bytes),
-        "Upload-Expires": _http_date(progress.upload.expires_at),
-    }
+    headers = {"Upload-Offset": str(progress.received_bytes), "Upload-Length": str(progress.upload.size_bytes)}
+    # A finalized upload no longer expires: its reservation became the media's bytes.
+    if progress.upload.state != "finalized":
+        headers["Upload-Expires"] = _http_date(progress.upload.expires_at)
+    return headers
 
 
 def _non_negative(value: str | None, name: str) -> int | None:

@@ -167,8 +167,10 @@ class Progress:
 
 
 def _progress(row: asyncpg.Record) -> Progress:
-    upload = Upload(**{column: row[column] for column in COLUMNS}, received_bytes=row["checkpoint_bytes"] or 0)
-    return Progress(upload, upload.received_bytes, row["lapsed"])
+    # A finalized upload has received all its bytes, whatever its last checkpoint says.
+    received = row["size_bytes"] if row["state"] == "finalized" else row["checkpoint_bytes"] or 0
+    upload = Upload(**{column: row[column] for column in COLUMNS}, received_bytes=received)
+    return Progress(upload, received, row["lapsed"])
 
 
 def check_writable(progress: Progress) -> None:
@@ -240,7 +242,8 @@ class Resumable:
         """Appends the chunk after the stored bytes; returns the upload with the durable offset after it.
 
         offset: the client's idea of the stored offset (tus Upload-Offset), None to continue
-        wherever the bytes end (UploadContent). length: the chunk's length when known up
+        wherever the bytes end (UploadContent); a finalized upload's is its size, where it takes
+        no more bytes. length: the chunk's length when known up
         front. owner: the caller whose upload it must be (None: the URL signature vouched).
         Without a checksum, the bytes become durable step by step as they come (S3: part by
         part; fs: chunk size by chunk size) and at the chunk's end, so a chunk cut short keeps
@@ -254,13 +257,22 @@ class Resumable:
                 row = await self._pool.fetchrow(_PROGRESS, upload_id)
                 assert row is not None  # the lease is on the row, and progress rows stay
                 progress = _progress(row)
-                check_writable(progress)
                 upload = progress.upload
+                if upload.state != "finalized":
+                    check_writable(progress)
                 received = progress.received_bytes
                 if offset is not None and offset != received:
                     raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
                 if length is not None and received + length > upload.size_bytes:
                     raise BeyondDeclaredSize(upload.size_bytes)
+                if upload.state == "finalized":
+                    # Complete, and published: a chunk at its end that brings no bytes is answered
+                    # with its offset (a client repeating its last request is done), any byte is
+                    # past the declared size, and nothing is written.
+                    async for data in chunks:
+                        if data:
+                            raise BeyondDeclaredSize(upload.size_bytes)
+                    return progress
                 state = PartialState(received, tuple(row["parts"] or ()), row["tail_bytes"] or 0)
                 hashes = _Hashes(
                     Sha256.restore(row["sha256_state"]) if received else Sha256(),
