@@ -216,6 +216,35 @@ async def test_bad_requests_change_nothing(tus_server, storage, http, auth, user
     assert got.upload.state == pb.UPLOAD_STATE_FAILED
 
 
+async def test_x_http_method_override_is_the_requests_method(tus_server, storage, http, auth, user_id):
+    """tus core: a POST with X-HTTP-Method-Override is the method the header names."""
+    md = auth(user_id)
+    data = fake_jpeg(200_000)
+    begun = await begin_tus(storage, md, data)
+    url = begun.upload_url
+
+    async def post(override: str | None, body: bytes = b"", **headers: str) -> aiohttp.ClientResponse:
+        sent = {**TUS, **headers, **({"X-HTTP-Method-Override": override} if override else {})}
+        async with http.post(url, data=body, headers=sent) as response:
+            await response.read()
+            return response
+
+    patched = await post("PATCH", data[:1000], **{"Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"})
+    assert (patched.status, patched.headers["Upload-Offset"]) == (204, "1000")
+    headed = await post("HEAD")
+    assert (headed.status, headed.headers["Upload-Offset"]) == (200, "1000")
+    for refused in (None, "GET", "PUT"):
+        answer = await post(refused, data[1000:2000], **{"Content-Type": "application/offset+octet-stream", "Upload-Offset": "1000"})
+        assert (answer.status, answer.headers["Allow"]) == (405, "HEAD, PATCH, DELETE, OPTIONS"), refused
+    assert (await head(http, url)).headers["Upload-Offset"] == "1000"
+    reserved = (await summary(storage, md)).reserved_bytes
+
+    assert (await post("DELETE")).status == 204
+    assert (await summary(storage, md)).reserved_bytes == reserved - len(data)
+    got = await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    assert got.upload.state == pb.UPLOAD_STATE_FAILED
+
+
 async def test_only_the_owners_finalize_publishes_and_a_terminated_upload_stays_unpublished(tus_server, storage, http, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(50_000)

@@ -261,6 +261,18 @@ async def test_tus_js_client_creates_with_only_an_endpoint_and_a_token(stage: St
     assert await finalized_sha256(stage, auth(user_id), upload_id) == sha256_hex(data)
 
 
+async def test_tus_js_client_with_override_patch_method(stage: Stage, auth, user_id, node_modules, tmp_path):
+    """overridePatchMethod: every chunk goes as a POST with X-HTTP-Method-Override: PATCH."""
+    md = auth(user_id)
+    data = fake_jpeg(CHUNK + 999, fill=os.urandom(1))
+    source = tmp_path / "clip.jpg"
+    source.write_bytes(data)
+    begun = await begin_tus(stage, md, data)
+    outcome = await node_upload(node_modules, "resume", begun.upload_url, str(source), str(CHUNK), "--override-patch")
+    assert outcome == {"done": True, "url": begun.upload_url}, outcome
+    assert await finalized_sha256(stage, md, begun.upload.upload_id) == sha256_hex(data)
+
+
 async def test_tus_js_client_run_again_on_a_finalized_upload_is_done_and_creates_nothing(stage: Stage, auth, authenticator, user_id, node_modules, tmp_path):
     """An app that starts tus-js-client again on an upload URL it already finished (a retry after
     its finalize call, a restart) is told the upload is complete, not sent to create another."""

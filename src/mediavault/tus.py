@@ -50,6 +50,8 @@ _CHECKSUM_MISMATCH = 460
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _CREATION_LIMITED_AS = "StorageService/BeginUpload"
 _CORS_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
+# What an upload URL answers; a POST on it is one of these by its X-HTTP-Method-Override.
+_UPLOAD_URL_METHODS = "HEAD, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
     "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With"
@@ -100,9 +102,10 @@ class TusEndpoints:
         app.router.add_route("OPTIONS", one, self._options)
         app.router.add_post(base, self._create)
         app.router.add_post(base + "/", self._create)
-        app.router.add_route("HEAD", one, self._head)
-        app.router.add_patch(one, self._patch)
-        app.router.add_delete(one, self._delete)
+        # tus core: X-HTTP-Method-Override, when present, is the request's method whatever was sent
+        # (a POST standing for a PATCH, from clients and proxies that cannot send PATCH), so one
+        # handler takes every method but OPTIONS and dispatches on the method it stands for.
+        app.router.add_route("*", one, self._upload_url)
 
     def _respond(self, request: web.Request, status: int, headers: dict[str, str] | None = None, text: str | None = None) -> web.Response:
         response = web.Response(status=status, text=text, headers={"Tus-Resumable": TUS_VERSION, **(headers or {})})
@@ -183,8 +186,12 @@ class TusEndpoints:
         headers = {"Location": result.upload_url, "Upload-Expires": _http_date(result.upload.expires_at), **dict(limits)}
         return self._respond(request, 201, headers)
 
-    async def _head(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._head_upload)
+    async def _upload_url(self, request: web.Request) -> web.Response:
+        method = request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
+        actions = {"HEAD": self._head_upload, "PATCH": self._patch_upload, "DELETE": self._delete_upload}
+        if method not in actions:
+            return self._respond(request, 405, {"Allow": _UPLOAD_URL_METHODS}, f"an upload URL takes no {method}")
+        return await self._handle(request, actions[method])
 
     async def _head_upload(self, request: web.Request) -> web.Response:
         progress = await self._resumable.progress(self._signed_progress_id(request))
@@ -192,9 +199,6 @@ class TusEndpoints:
         if progress.upload.state != "finalized":
             _check_open(progress)
         return self._respond(request, 200, _progress_headers(progress) | {"Cache-Control": "no-store"})
-
-    async def _patch(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._patch_upload)
 
     async def _patch_upload(self, request: web.Request) -> web.Response:
         upload_id = self._signed_progress_id(request)
@@ -212,9 +216,6 @@ class TusEndpoints:
             checksum=checksum,
         )
         return self._respond(request, 204, _progress_headers(progress))
-
-    async def _delete(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._delete_upload)
 
     async def _delete_upload(self, request: web.Request) -> web.Response:
         progress = await self._resumable.progress(self._signed_progress_id(request))
