@@ -350,6 +350,85 @@ async def test_upload_content_streams_that_end_early_leave_a_tus_upload_pending(
     assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
 
 
+async def received_once_settled(storage, md, upload_id: str) -> int:
+    """GetUpload's received_bytes once it is above 0, or 0 after a few seconds."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        got = await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)
+        if got.upload.received_bytes or asyncio.get_running_loop().time() > deadline:
+            return got.upload.received_bytes
+        await asyncio.sleep(0.05)
+
+
+async def test_a_cancelled_upload_content_stream_keeps_what_arrived(tus_server, storage, auth, user_id):
+    """A client cancels its stream mid-chunk, before any inner checkpoint: the bytes the server has
+    written are kept as a cut connection's are, and the next stream continues after them."""
+    md = auth(user_id)
+    data = fake_jpeg(12 * MiB)
+    begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
+    upload_id = begun.upload.upload_id
+    sent = asyncio.Event()
+
+    async def cut_stream() -> AsyncIterator[pb.UploadContentRequest]:
+        yield pb.UploadContentRequest(upload_id=upload_id)
+        for start in range(0, 3 * MiB, MiB):
+            yield pb.UploadContentRequest(chunk=data[start : start + MiB])
+        sent.set()
+        await asyncio.Event().wait()
+
+    call = storage.UploadContent(cut_stream(), metadata=md)
+    await sent.wait()
+    await asyncio.sleep(0.5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    received = await received_once_settled(storage, md, upload_id)
+    # Less than a checkpoint interval (a chunk on fs, a part on S3): without the cancelled stream's
+    # last checkpoint nothing would be kept.
+    assert 0 < received <= 3 * MiB
+
+    async def rest() -> AsyncIterator[pb.UploadContentRequest]:
+        yield pb.UploadContentRequest(upload_id=upload_id)
+        for start in range(received, len(data), MiB):
+            yield pb.UploadContentRequest(chunk=data[start : start + MiB])
+
+    done = await storage.UploadContent(rest(), metadata=md)
+    assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+
+
+async def test_a_patch_cut_by_the_servers_shutdown_keeps_what_arrived(make_settings, http, auth, user_id):
+    """The HTTP listener's shutdown cuts a PATCH body still coming (CancelledError from the body):
+    what arrived is kept, and the next server answers it as the offset."""
+    settings = make_settings(tus_chunk_size_bytes=CHUNK)
+    md = auth(user_id)
+    data = fake_jpeg(12 * MiB)
+    async with running(settings) as first:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.grpc_port}") as channel:
+            begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), md, data, sha256=sha256_hex(data))
+        target = begun.upload_url.split(f":{first.http_port}", 1)[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", first.http_port)
+        header_lines = "".join(f"{name}: {value}\r\n" for name, value in PATCH_HEADERS.items())
+        # A phone mid-chunk: 3 MiB of a 5 MiB PATCH are in, the rest is slow to come.
+        writer.write(
+            f"PATCH {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}Upload-Offset: 0\r\n"
+            f"Content-Length: {CHUNK}\r\n\r\n".encode() + data[: 3 * MiB]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        await first.shutdown(1.0)
+        writer.close()
+    async with running(settings) as second, grpc.aio.insecure_channel(f"127.0.0.1:{second.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        url = begun.upload_url.replace(f":{first.http_port}", f":{second.http_port}")
+        kept = await head(http, url)
+        assert kept.headers["Upload-Offset"] == str(3 * MiB)
+        assert (await patch(http, url, 3 * MiB, data[3 * MiB :])).status == 204
+        done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+        assert await stored_sha256(second, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
+
+
 async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
     """The gRPC face of the writer lease; two PATCHes on two processes are in test_tus_clients.py."""
     md = auth(user_id)
@@ -404,7 +483,7 @@ async def test_s3_parts_are_checkpoints_inside_a_longer_chunk(make_settings, mot
     store = await S3BlobStore.open(settings)
     await store.ensure_bucket()
     await store.close()
-    data = fake_jpeg(12 * MiB)
+    data = fake_jpeg(12 * MiB + 4321)
     async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         storage = storage_pb2_grpc.StorageServiceStub(channel)
         md = auth(user_id)
@@ -412,10 +491,12 @@ async def test_s3_parts_are_checkpoints_inside_a_longer_chunk(make_settings, mot
         assert begun.chunk_size_bytes == 32 * MiB
 
         async def too_long() -> AsyncIterator[bytes]:
-            # No Content-Length: the body is refused only once it passes Upload-Length, at 12 MiB.
-            for start in range(0, len(data), MiB):
+            # No Content-Length: the body is refused only once it passes Upload-Length. The
+            # object's last bytes come with the ones past it, so that no read of the body ends
+            # at the declared size, where the chunk would be checkpointed whole.
+            for start in range(0, 12 * MiB, MiB):
                 yield data[start : start + MiB]
-            yield b"past the declared length"
+            yield data[12 * MiB :] + b"past the declared length"
 
         try:
             async with http.patch(begun.upload_url, data=too_long(), headers={**PATCH_HEADERS, "Upload-Offset": "0"}) as response:

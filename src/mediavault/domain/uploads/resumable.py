@@ -16,7 +16,9 @@ more, and stops as soon as a renewal or checkpoint finds the lease gone; one who
 cannot get through stops while a third of its lease is left, before any other writer may take
 the upload, since the bytes it would still write are in the place the next writer writes to. A
 writer that dies holds the upload until its lease lapses (settings.tus_lease_seconds); whatever
-it stored past its last checkpoint is dropped by the next.
+it stored past its last checkpoint is dropped by the next. A writer that is cancelled (a gRPC
+client's cancel, a server's shutdown cutting a PATCH body) records a last checkpoint of what it
+wrote, as a cut connection's writer does, if it can within a few seconds and before its fence.
 
 Finalize reads the last checkpoint instead of the object: size, digest and leading bytes
 are there, and publishing the bytes as the object is a rename or a multipart completion.
@@ -126,6 +128,9 @@ _LAST_CHECKPOINT = _checkpoint_statement("writer = NULL, lease_until = NULL")
 # threads are still writing to settle, before another writer may take the upload.
 _RENEWALS_PER_LEASE = 4
 _FENCE_FRACTION = 2 / 3
+# A cancelled writer's last checkpoint (see _Chunk.store) gets this long, and never past its fence:
+# under the 5 s the HTTP listener gives a request's handler to end once it has cut its body.
+_CANCELLED_CHECKPOINT_SECONDS = 3.0
 
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
 
@@ -247,8 +252,9 @@ class Resumable:
         front. owner: the caller whose upload it must be (None: the URL signature vouched).
         Without a checksum, the bytes become durable step by step as they come (S3: part by
         part; fs: chunk size by chunk size) and at the chunk's end, so a chunk cut short keeps
-        what arrived, and one that fails keeps what its last step made durable; with a
-        checksum, the chunk is kept whole or not at all.
+        what arrived, one cancelled (a gRPC client's cancel, a server shutting down) keeps what
+        arrived if a last checkpoint can still be recorded in time, and one that fails keeps what
+        its last step made durable; with a checksum, the chunk is kept whole or not at all.
         """
         async with self._writers:
             lease = _Lease(self._pool, upload_id, self._lease_seconds)
@@ -293,10 +299,7 @@ class Resumable:
                         self._checkpoint_every,
                         checksum,
                     )
-                    try:
-                        durable = await chunk.store(chunks)
-                    finally:
-                        await writer.close()
+                    durable = await chunk.store(chunks)
             finally:
                 await asyncio.shield(lease.give_back())
             return Progress(dataclasses.replace(upload, received_bytes=durable), durable, progress.lapsed)
@@ -484,6 +487,14 @@ class _Lease:
     def _fence_at(self) -> float:
         return self._confirmed + self._seconds * _FENCE_FRACTION
 
+    def fence_at(self) -> float:
+        """When the writer must have stopped writing and recording (the event loop's clock)."""
+        return self._fence_at()
+
+    def may_record(self) -> bool:
+        """Whether the lease may still be this writer's and its fence has not fallen."""
+        return self._held and not (self._fence is not None and self._fence.expired())
+
     @contextlib.asynccontextmanager
     async def kept(self) -> AsyncIterator[None]:
         """Keeps the lease while the block writes; UploadBusy when the block had to stop for it."""
@@ -561,7 +572,8 @@ class _Chunk:
 
     Each checkpoint commits on its own, so that it stands when the chunk then fails; the one at
     the chunk's end (end: where its bytes stop, when its length was given) also gives the lease
-    back, once every byte is flushed and nothing more will be written.
+    back, once every byte is flushed and nothing more will be written. A cancelled chunk ends the
+    same way, within a bounded time (see store).
     """
 
     def __init__(
@@ -586,8 +598,49 @@ class _Chunk:
         self._durable = received
         self._checkpoint_every = checkpoint_every
         self._checksum = checksum
+        # False once a write was stopped part way: the writer's bytes, digest and offset may then
+        # disagree, and no checkpoint may vouch for them.
+        self._writes_whole = True
 
     async def store(self, chunks: AsyncIterable[bytes]) -> int:
+        """Stores the chunk and returns the durable offset after it; the writer is closed either way.
+
+        Cancelled, the chunk keeps what arrived, as a cut one does (tus: the server should store
+        as much of the received data as possible): a last checkpoint of the bytes written, in a
+        task of its own that a second cancellation does not stop, bounded in time and by the
+        lease's fence, then the CancelledError goes on. Not when the fence itself cancelled the
+        chunk or the lease is lost, nor for a chunk with a checksum, kept whole or not at all.
+        """
+        closes_here = True
+        try:
+            await self._receive(chunks)
+        except asyncio.CancelledError:
+            if self._checksum is None and self._writes_whole and self._lease.may_record():
+                # The writer is closed after the checkpoint, by the same task: a second
+                # cancellation must not close it under the checkpoint's flush.
+                closes_here = False
+                await asyncio.shield(asyncio.ensure_future(self._keep_what_arrived()))
+            raise
+        finally:
+            if closes_here:
+                await self._writer.close()
+        return self._durable
+
+    async def _keep_what_arrived(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self._position > self._durable:
+                async with asyncio.timeout_at(min(loop.time() + _CANCELLED_CHECKPOINT_SECONDS, self._lease.fence_at())):
+                    await self._checkpoint(last=True)
+        except Exception as exc:  # noqa: BLE001 - the chunk is cancelled whatever happens here; the cause is logged
+            log.warning(
+                "cancelled chunk's last checkpoint not recorded; its bytes since the one before are dropped",
+                extra={"upload_id": str(self._upload.upload_id), "error": repr(exc)},
+            )
+        finally:
+            await self._writer.close()
+
+    async def _receive(self, chunks: AsyncIterable[bytes]) -> None:
         size = self._upload.size_bytes
         async for data in chunks:
             if self._position + len(data) > size:
@@ -607,7 +660,6 @@ class _Chunk:
                 raise ChunkChecksumMismatch(f"the chunk's {self._checksum.algorithm} differs from Upload-Checksum")
         if self._position > self._durable:
             await self._checkpoint(last=True)
-        return self._durable
 
     def _checkpoint_due(self) -> bool:
         """Whether the bytes so far end on an inner checkpoint (only chunks without a checksum have them).
@@ -618,14 +670,32 @@ class _Chunk:
         return self._checksum is None and at_boundary and self._position != self._end
 
     async def _write(self, piece: bytes) -> None:
-        await self._writer.write(piece)
+        # First: the head then covers every byte the writer may hold (a checkpoint cuts it to its offset).
         if len(self._head) < content_types.SNIFF_BYTES:
             self._head += piece[: content_types.SNIFF_BYTES - len(self._head)]
+        writing = asyncio.ensure_future(self._writer.write(piece))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            self._writes_whole = False
+            if not self._lease.may_record():
+                # Fenced off, or the lease is lost: it may soon be another writer's, so the
+                # writing stops at once.
+                writing.cancel()
+                raise
+            # The piece is written whole before the cancellation goes on (it is queued, or waits
+            # for a part upload), so that a last checkpoint can vouch for it; a second
+            # cancellation stops it, and then none may.
+            await writing
+            self._writes_whole = True
+            self._position += len(piece)
+            raise
         self._position += len(piece)
 
     async def _checkpoint(self, *, last: bool) -> None:
         state = await self._writer.flush(final=self._position == self._upload.size_bytes)
-        if not await self._lease.checkpoint(state, self._hashes.upload.save(), self._head, last=last):
+        head = self._head[: state.received]
+        if not await self._lease.checkpoint(state, self._hashes.upload.save(), head, last=last):
             # Failed or expired while the chunk was being stored: its bytes go with the upload.
             raise UploadNotPending("upload is no longer pending", state="failed")
         self._durable = state.received
