@@ -120,6 +120,7 @@ async def test_chunks_then_finalize_without_reading_back(tus_server, storage, ht
     assert first.headers["Upload-Offset"] == "0"
     assert first.headers["Upload-Length"] == str(len(data))
     assert "Upload-Expires" in first.headers
+    assert "Upload-Metadata" not in first.headers, "begun through BeginUpload, without tus metadata"
 
     offset = 0
     # One chunk of the preferred size, then one that crosses a chunk boundary, then the rest.
@@ -295,9 +296,12 @@ async def test_options_and_creation(tus_server, storage, http, auth, user_id, au
         async with http.post(base, headers={**headers, **bad, "Authorization": f"Bearer {token}"}) as response:
             assert response.status == 400, bad
     assert await summary(storage, auth(user_id)) == before
-    async with http.post(base, headers={**headers, "Authorization": f"Bearer {token}"}) as response:
+    # tus creation: HEAD answers the Upload-Metadata as it was sent, keys without a value too.
+    sent_metadata = f"{A_JPEG},relativePath,note {base64.b64encode('été'.encode()).decode()}"
+    async with http.post(base, headers={**headers, "Upload-Metadata": sent_metadata, "Authorization": f"Bearer {token}"}) as response:
         assert response.status == 201
         location = response.headers["Location"]
+    assert (await head(http, location)).headers["Upload-Metadata"] == sent_metadata
     assert (await patch(http, location, 0, data)).status == 204
     upload_id = location.split("/tus/")[1].split("?")[0]
     finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=auth(user_id))
@@ -575,6 +579,7 @@ async def test_cors_for_the_configured_origins_only(make_settings, http):
             assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
             assert "Upload-Offset" in response.headers["Access-Control-Allow-Headers"]
             assert "Upload-Offset" in response.headers["Access-Control-Expose-Headers"]
+            assert "Upload-Metadata" in response.headers["Access-Control-Expose-Headers"]
         async with http.options(base, headers={**preflight, "Origin": "https://evil.example"}) as response:
             assert "Access-Control-Allow-Origin" not in response.headers
         async with http.post(base, headers={**TUS, "Origin": "https://app.example"}) as response:

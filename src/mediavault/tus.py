@@ -56,7 +56,7 @@ _CORS_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
     "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With"
 )
-_CORS_EXPOSED = "Location, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires"
+_CORS_EXPOSED = "Location, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata"
 
 # Statuses of the domain errors a tus request can meet.
 _STATUS: dict[type[MediavaultError], int] = {
@@ -170,7 +170,8 @@ class TusEndpoints:
             raise _Refused(400, "Upload-Length is required (Upload-Defer-Length is not supported)")
         if length > self._max_size:
             raise _Refused(413, f"Upload-Length exceeds Tus-Max-Size {self._max_size}")
-        metadata = _metadata(request.headers.get("Upload-Metadata", ""))
+        raw_metadata = request.headers.get("Upload-Metadata")
+        metadata = _metadata(raw_metadata or "")
         result = await self._uploads.begin(
             principal,
             BeginRequest(
@@ -181,6 +182,7 @@ class TusEndpoints:
                 idempotency_key=None,
                 retention="permanent",
                 protocol="tus",
+                tus_metadata=raw_metadata,
             ),
         )
         headers = {"Location": result.upload_url, "Upload-Expires": _http_date(result.upload.expires_at), **dict(limits)}
@@ -198,7 +200,11 @@ class TusEndpoints:
         # tus: HEAD always carries Upload-Offset, an upload's that is complete too.
         if progress.upload.state != "finalized":
             _check_open(progress)
-        return self._respond(request, 200, _progress_headers(progress) | {"Cache-Control": "no-store"})
+        headers = _progress_headers(progress) | {"Cache-Control": "no-store"}
+        # tus creation: the Upload-Metadata the upload was created with, as it came.
+        if progress.tus_metadata:
+            headers["Upload-Metadata"] = progress.tus_metadata
+        return self._respond(request, 200, headers)
 
     async def _patch_upload(self, request: web.Request) -> web.Response:
         upload_id = self._signed_progress_id(request)

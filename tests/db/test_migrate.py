@@ -339,7 +339,7 @@ async def test_the_writer_lease_migration_holds_up_no_statement_behind_a_writer_
                 )
                 assert asyncio.get_running_loop().time() - started < 0.5
             assert not migrating.done(), "the ALTER cannot have its lock while the old writer holds the table"
-        assert await asyncio.wait_for(migrating, timeout=5) == ["0015_upload_writer_lease", "0016_media_object_key_index"]
+        assert await asyncio.wait_for(migrating, timeout=5) == [name for name, _ in available_migrations() if name >= "0015"]
         assert await conn.fetchval("SELECT writer IS NULL AND lease_until IS NULL FROM upload_progress WHERE upload_id = $1", upload_id)
     finally:
         await old_writer.close()

@@ -81,7 +81,7 @@ class Uploads:
         request = validate_begin(request, self._settings)
         user_id = principal.user_id
         if request.idempotency_key and (existing := await self._replay(user_id, request)):
-            return await self._destination(existing)
+            return await self._destination(existing, request.tus_metadata)
         upload_id = uuid.uuid4()
         row = (
             upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
@@ -91,8 +91,8 @@ class Uploads:
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
         # The batch places only what it can place for sure; None is settled alone below.
         if request.idempotency_key is None and (reserved := await self._reservations.submit(row)) is not None:
-            return await self._destination(Upload(**reserved))
-        return await self._destination(await self._reserve_alone(principal, request, row))
+            return await self._destination(Upload(**reserved), request.tus_metadata)
+        return await self._destination(await self._reserve_alone(principal, request, row), request.tus_metadata)
 
     async def _reserve_alone(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
         user_id = principal.user_id
@@ -139,10 +139,11 @@ class Uploads:
             raise IdempotencyConflict("idempotency_key was already used with different parameters")
         return upload
 
-    async def _destination(self, upload: Upload) -> BeginResult:
-        """Where and how the client sends the upload's bytes, by its protocol; nowhere once it is
-        no longer pending (a replayed key): a failed or expired upload has released its bytes and
-        its object, and a URL would let the client store an object no quota counts."""
+    async def _destination(self, upload: Upload, tus_metadata: str | None) -> BeginResult:
+        """Where and how the client sends the upload's bytes, by its protocol (tus_metadata: see
+        BeginRequest); nowhere once it is no longer pending (a replayed key): a failed or expired
+        upload has released its bytes and its object, and a URL would let the client store an
+        object no quota counts."""
         if upload.state != "pending":
             return BeginResult(upload, "", "", {})
         if upload.protocol == "s3_multipart":
@@ -150,7 +151,7 @@ class Uploads:
             await self._resumable.start(upload)
             return BeginResult(upload, "", "PUT", {}, self._resumable.part_size_bytes)
         if upload.protocol == "tus":
-            await self._resumable.start(upload)
+            await self._resumable.start(upload, tus_metadata)
             return BeginResult(
                 upload,
                 self._resumable.url(upload),

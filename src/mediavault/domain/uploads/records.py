@@ -59,6 +59,8 @@ class BeginRequest:
     idempotency_key: str | None
     retention: str
     protocol: str = "single"
+    # A tus creation's Upload-Metadata header as the client sent it, for HEAD to echo.
+    tus_metadata: str | None = None
 
 
 @dataclass(frozen=True)

@@ -66,14 +66,16 @@ TUS_VERSION = "1.0.0"
 _TUS_URL_METHOD = "TUS"
 TUS_ROUTE = "tus"
 
-_ENSURE_PROGRESS = "INSERT INTO upload_progress (upload_id) VALUES ($1) ON CONFLICT (upload_id) DO NOTHING"
+_ENSURE_PROGRESS = (
+    "INSERT INTO upload_progress (upload_id, tus_metadata) VALUES ($1, $2) ON CONFLICT (upload_id) DO NOTHING"
+)
 # Blocks (no NOWAIT): a concurrent start of the same upload waits and then finds the id set.
 _LOCK_FOR_START = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1 FOR NO KEY UPDATE"
 _SET_MULTIPART = "UPDATE upload_progress SET multipart_id = $2 WHERE upload_id = $1"
 
 _UPLOAD_COLUMNS = ", ".join(f"u.{column}" for column in COLUMNS)
 _PROGRESS = f"""
-SELECT {_UPLOAD_COLUMNS}, p.multipart_id, u.expires_at <= now() AS lapsed,
+SELECT {_UPLOAD_COLUMNS}, p.multipart_id, p.tus_metadata, u.expires_at <= now() AS lapsed,
        c.received_bytes AS checkpoint_bytes, c.sha256_state, c.head, c.parts, c.tail_bytes
 FROM upload_progress p JOIN uploads u USING (upload_id) LEFT JOIN upload_checkpoints c USING (upload_id)
 WHERE p.upload_id = $1
@@ -169,13 +171,15 @@ class Progress:
     upload: Upload
     received_bytes: int
     lapsed: bool
+    # The Upload-Metadata of its tus creation, as sent; None when it had none.
+    tus_metadata: str | None
 
 
 def _progress(row: asyncpg.Record) -> Progress:
     # A finalized upload has received all its bytes, whatever its last checkpoint says.
     received = row["size_bytes"] if row["state"] == "finalized" else row["checkpoint_bytes"] or 0
     upload = Upload(**{column: row[column] for column in COLUMNS}, received_bytes=received)
-    return Progress(upload, received, row["lapsed"])
+    return Progress(upload, received, row["lapsed"], row["tus_metadata"])
 
 
 def check_writable(progress: Progress) -> None:
@@ -207,10 +211,11 @@ class Resumable:
         # DB_POOL_MAX_SIZE, the figure operators size a process by.
         self._writers = asyncio.Semaphore(max(1, settings.db_pool_max_size // 2))
 
-    async def start(self, upload: Upload) -> None:
-        """Creates the upload's progress row and, on S3, its multipart upload; once, however often called."""
+    async def start(self, upload: Upload, tus_metadata: str | None = None) -> None:
+        """Creates the upload's progress row (with its tus creation's Upload-Metadata) and, on S3, its
+        multipart upload; once, however often called."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_ENSURE_PROGRESS, upload.upload_id)
+            await conn.execute(_ENSURE_PROGRESS, upload.upload_id, tus_metadata)
             if await conn.fetchval(_LOCK_FOR_START, upload.upload_id) is not None:
                 return
             multipart_id = await self._blobs.start_partial(upload.object_key, content_type=upload.content_type)
@@ -302,7 +307,7 @@ class Resumable:
                     durable = await chunk.store(chunks)
             finally:
                 await asyncio.shield(lease.give_back())
-            return Progress(dataclasses.replace(upload, received_bytes=durable), durable, progress.lapsed)
+            return dataclasses.replace(progress, upload=dataclasses.replace(upload, received_bytes=durable), received_bytes=durable)
 
     async def observe(self, upload_id: uuid.UUID, owner: str) -> Observed | None:
         """The received bytes of the owner's pending upload as finalize checks them, published as the object when complete.

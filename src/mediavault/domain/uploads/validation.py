@@ -14,6 +14,9 @@ RETENTIONS = ("permanent", "ephemeral")
 MAX_FILENAME = 255
 MAX_IDEMPOTENCY_KEY = 128
 MAX_FAIL_REASON = 500
+# As long as a header the HTTP listener takes (aiohttp's max_field_size): it refuses no header
+# that was taken before it was stored, and bounds what one upload's row holds.
+MAX_TUS_METADATA = 8190
 
 
 def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
@@ -46,9 +49,13 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
         violations.append(FieldViolation("protocol", "unknown protocol"))
     elif request.protocol == "s3_multipart" and settings.blob_backend != "s3":
         violations.append(FieldViolation("protocol", "S3_MULTIPART needs the S3 blob backend"))
+    if request.tus_metadata is not None and len(request.tus_metadata) > MAX_TUS_METADATA:
+        violations.append(FieldViolation("Upload-Metadata", f"must be at most {MAX_TUS_METADATA} characters"))
     if violations:
         raise InvalidArgument(violations)
-    return BeginRequest(filename, content_type, request.size_bytes, sha256, key, request.retention, request.protocol)
+    return BeginRequest(
+        filename, content_type, request.size_bytes, sha256, key, request.retention, request.protocol, request.tus_metadata
+    )
 
 
 def same_parameters(upload: Upload, request: BeginRequest) -> bool:
