@@ -333,11 +333,33 @@ async def test_frozen_account_cannot_write_but_can_read(limited, pool, auth, use
         stub = storage_pb2_grpc.StorageServiceStub(channel)
         md = auth(user_id)
         done = await upload(stub, md, fake_jpeg(1000))
+        data = fake_jpeg(4000)
+        resumable = await stub.BeginUpload(
+            pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=len(data), protocol=pb.UPLOAD_PROTOCOL_TUS),
+            metadata=md,
+        )
         await stub.FreezeAccount(pb.FreezeAccountRequest(user_id=user_id, reason="abuse"), metadata=auth("ops", "admin"))
         await asyncio.sleep(0.6)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.FailUpload(pb.FailUploadRequest(upload_id=done.upload.upload_id), metadata=md)
         assert error_info(caught.value).reason == "ACCOUNT_FROZEN"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.PresignUploadParts(
+                pb.PresignUploadPartsRequest(upload_id=resumable.upload.upload_id, parts=[pb.UploadPartRequest(part_number=1)]), metadata=md
+            )
+        assert error_info(caught.value).reason == "ACCOUNT_FROZEN"
+        # The tus URL of an upload begun before the freeze is its credential, and writes nothing either.
+        tus = {"Tus-Resumable": "1.0.0"}
+        async with aiohttp.ClientSession() as http:
+            chunk = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+            async with http.patch(resumable.upload_url, data=data, headers=chunk) as response:
+                assert response.status == 403, await response.text()
+            async with http.delete(resumable.upload_url, headers=tus) as response:
+                assert response.status == 403, await response.text()
+            async with http.head(resumable.upload_url, headers=tus) as response:
+                assert (response.status, response.headers["Upload-Offset"]) == (200, "0")
+        got = (await stub.GetUpload(pb.GetUploadRequest(upload_id=resumable.upload.upload_id), metadata=md)).upload
+        assert got.state == pb.UPLOAD_STATE_PENDING
         assert (await call_summary(stub, md))[0]
 
 

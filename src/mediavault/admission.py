@@ -39,9 +39,15 @@ class Admission:
         limits: tuple[tuple[str, str], ...] = ()
         if self._rate_limits:
             limits = await self._limit(rpc_name, principal.user_id, "service" if privileged else "user")
-        if not privileged and rpc_name in WRITES and principal.user_id in limiter.frozen:
-            raise AccountFrozen("account is frozen")
+        if not privileged and rpc_name in WRITES:
+            self.refuse_frozen(principal.user_id)
         return principal, limits
+
+    def refuse_frozen(self, user_id: str) -> None:
+        """AccountFrozen when the account may not write: for the calls admitted above, and for
+        the tus chunks, whose credential is their signed URL rather than a token."""
+        if user_id in self._limiter.frozen:
+            raise AccountFrozen("account is frozen")
 
     async def _limit(self, rpc_name: str, subject: str, scope: str) -> tuple[tuple[str, str], ...]:
         decision = await self._limiter.check(rpc_name, subject, scope)

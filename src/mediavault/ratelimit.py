@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 WRITES = frozenset({
     "StorageService/BeginUpload", "StorageService/FinalizeUpload", "StorageService/FailUpload",
-    "StorageService/UploadContent", "MediaService/DeleteMedia", "MediaService/SaveMedia",
+    "StorageService/UploadContent", "StorageService/PresignUploadParts", "MediaService/DeleteMedia", "MediaService/SaveMedia",
     "MediaService/ReprocessMedia", "MediaService/RecordEvents",
 })
 _BUCKETS_KEPT = 100_000

@@ -208,6 +208,8 @@ class TusEndpoints:
 
     async def _patch_upload(self, request: web.Request) -> web.Response:
         upload_id = self._signed_progress_id(request)
+        # A frozen account writes nothing, through its signed URLs included, as UploadContent.
+        self._admission.refuse_frozen((await self._resumable.progress(upload_id)).upload.user_id)
         if request.headers.get("Content-Type") != _OFFSET_TYPE:
             raise _Refused(415, f"Content-Type must be {_OFFSET_TYPE}")
         offset = _non_negative(request.headers.get("Upload-Offset"), "Upload-Offset")
@@ -226,6 +228,7 @@ class TusEndpoints:
     async def _delete_upload(self, request: web.Request) -> web.Response:
         progress = await self._resumable.progress(self._signed_progress_id(request))
         _check_open(progress)
+        self._admission.refuse_frozen(progress.upload.user_id)
         # The signed URL is the owner's credential for this one upload.
         owner = Principal(progress.upload.user_id, frozenset())
         await self._uploads.fail(owner, progress.upload.upload_id, "tus termination")

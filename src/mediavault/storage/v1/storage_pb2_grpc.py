@@ -119,7 +119,9 @@ class StorageServiceServicer:
         one PUT (protocol SINGLE), or a tus 1.0.0 upload URL (protocol TUS) that takes the bytes in
         resumable chunks, from any server replica.
 
-        A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
+        A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL
+        while it is PENDING; once it is FINALIZED, FAILED or EXPIRED, the upload alone (no URL, method
+        or headers), whose state says what became of it.
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it (protocol S3_MULTIPART on the fs backend;
@@ -177,6 +179,7 @@ class StorageServiceServicer:
         not 64 lowercase hex characters.
         NOT_FOUND (NOT_FOUND): no such upload, or another user's.
         FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+        FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2065,7 +2065,9 @@ type StorageServiceClient interface {
 	// one PUT (protocol SINGLE), or a tus 1.0.0 upload URL (protocol TUS) that takes the bytes in
 	// resumable chunks, from any server replica.
 	//
-	// A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
+	// A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL
+	// while it is PENDING; once it is FINALIZED, FAILED or EXPIRED, the upload alone (no URL, method
+	// or headers), whose state says what became of it.
 	//
 	// Errors:
 	//
@@ -2112,6 +2114,7 @@ type StorageServiceClient interface {
 	//	  not 64 lowercase hex characters.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
 	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	PresignUploadParts(ctx context.Context, in *PresignUploadPartsRequest, opts ...grpc.CallOption) (*PresignUploadPartsResponse, error)
 	// Returns one upload of the caller.
 	//
@@ -2313,7 +2316,9 @@ type StorageServiceServer interface {
 	// one PUT (protocol SINGLE), or a tus 1.0.0 upload URL (protocol TUS) that takes the bytes in
 	// resumable chunks, from any server replica.
 	//
-	// A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL.
+	// A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL
+	// while it is PENDING; once it is FINALIZED, FAILED or EXPIRED, the upload alone (no URL, method
+	// or headers), whose state says what became of it.
 	//
 	// Errors:
 	//
@@ -2360,6 +2365,7 @@ type StorageServiceServer interface {
 	//	  not 64 lowercase hex characters.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
 	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	PresignUploadParts(context.Context, *PresignUploadPartsRequest) (*PresignUploadPartsResponse, error)
 	// Returns one upload of the caller.
 	//
