@@ -25,9 +25,9 @@ def _tone(seconds: float) -> list[str]:
     return ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
 
 
-def _hevc10(colour: list[str], transfer: str) -> list[str]:
+def _hevc10(colour: list[str], transfer: str, preset: str = "medium") -> list[str]:
     return [
-        "-c:v", "libx265", "-pix_fmt", "yuv420p10le", "-tag:v", "hvc1",
+        "-c:v", "libx265", "-preset", preset, "-pix_fmt", "yuv420p10le", "-tag:v", "hvc1",
         "-x265-params", f"log-level=error:colorprim=bt2020:transfer={transfer}:colormatrix=bt2020nc", *colour,
     ]
 
@@ -58,8 +58,9 @@ def hlg_rotated_mov(path: Path, size: str = "320x240", seconds: float = 1.0) -> 
     return path
 
 
-def hdr(path: Path, colour: list[str], transfer: str, size: str = "320x240", seconds: float = 1.0) -> Path:
-    ffmpeg(*_testsrc(size, seconds), *_hevc10(colour, transfer), str(path))
+def hdr(path: Path, colour: list[str], transfer: str, size: str = "320x240", seconds: float = 1.0,
+        preset: str = "medium") -> Path:
+    ffmpeg(*_testsrc(size, seconds), *_hevc10(colour, transfer, preset), str(path))
     return path
 
 

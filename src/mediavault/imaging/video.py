@@ -450,6 +450,11 @@ def command(
     """The ffmpeg command that makes every planned rendition in one decode."""
     chain = []
     if source.is_hdr:
+        # Down to the largest rung first, in the source's own pixel format (10-bit stays 10-bit,
+        # its matrix and transfer untouched): the tone mapping works on float RGB frames, 12 bytes
+        # a pixel, and at a 4K source's size it held ffmpeg's peak above 600 MB for a 1080p rung.
+        top = max(planned, key=lambda item: item.width * item.height)
+        chain.append(f"scale={top.width}:{top.height}:flags=bicubic")
         chain.append(TONEMAP_CHAIN)
     elif source.is_bt2020_sdr:
         chain.append(BT2020_TO_BT709_CHAIN)
