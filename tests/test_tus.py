@@ -16,13 +16,15 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from mediavault.blobs import single_chunk
+from mediavault.domain.uploads import resumable
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import bad_request, error_info, fake_jpeg, sha256_hex
+from tests.helpers import bad_request, error_info, fake_jpeg, rich_status, sha256_hex
 from tests.s3server import MotoServer, moto_server
 from tests.test_ratelimit import limit
 
@@ -617,6 +619,157 @@ async def test_a_silent_patch_body_ends_and_frees_the_upload(make_settings, http
         finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
         assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
         assert await stored_sha256(server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
+
+
+async def open_patch(
+    server: Server, url: str, offset: int, content_length: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw PATCH whose headers are sent and whose body the caller writes, as slowly as it likes."""
+    target = url.split(f":{server.http_port}", 1)[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    header_lines = "".join(f"{name}: {value}\r\n" for name, value in PATCH_HEADERS.items())
+    writer.write(
+        f"PATCH {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}Upload-Offset: {offset}\r\n"
+        f"Content-Length: {content_length}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """The status and headers of a raw HTTP response."""
+    status = int((await reader.readline()).split()[1])
+    headers = {}
+    while line := (await reader.readline()).strip():
+        name, _, value = line.decode().partition(":")
+        headers[name.strip()] = value.strip()
+    return status, headers
+
+
+async def leased(server: Server, upload_id: str) -> None:
+    """Returns once a writer holds the upload's lease: it has its writer slot."""
+    assert server.pool is not None
+    query = "SELECT writer IS NOT NULL FROM upload_progress WHERE upload_id = $1"
+    while not await server.pool.fetchval(query, uuid.UUID(upload_id)):
+        await asyncio.sleep(0.02)
+
+
+async def test_a_trickling_patch_body_ends_within_the_idle_timeout_and_frees_its_writer_slot(make_settings, http, auth, user_id):
+    """Bodies that send a byte every 0.6 s are never silent for the idle timeout, but bring far less
+    than the minimum progress: each ends within about the idle timeout with what arrived kept,
+    and their writer slots (2, with DB_POOL_MAX_SIZE 4) go to another user's PATCH waiting for one."""
+    idle = 2.0
+    async with (
+        running(make_settings(db_pool_max_size=4, tus_idle_timeout_seconds=idle)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(100_000)
+        trickled = [await begin_tus(storage, md, data) for _ in range(2)]
+        other_data = fake_jpeg(1000)
+        other = await begin_tus(storage, auth(f"{user_id}-other"), other_data)
+
+        sent = [0, 0]
+
+        async def trickle(i: int, writer: asyncio.StreamWriter) -> None:
+            while True:
+                writer.write(data[sent[i] : sent[i] + 1])
+                await writer.drain()
+                sent[i] += 1
+                await asyncio.sleep(0.6)
+
+        connections = [await open_patch(server, begun.upload_url, 0, len(data)) for begun in trickled]
+        tricklers = [asyncio.create_task(trickle(i, writer)) for i, (_, writer) in enumerate(connections)]
+        try:
+            for begun in trickled:
+                await leased(server, begun.upload.upload_id)
+            waiting = asyncio.create_task(patch(http, other.upload_url, 0, other_data))
+            answers = [await asyncio.wait_for(response_head(reader), timeout=idle + 3) for reader, _ in connections]
+        finally:
+            for trickler in tricklers:
+                trickler.cancel()
+            await asyncio.gather(*tricklers, return_exceptions=True)
+            for _, writer in connections:
+                writer.close()
+        for begun, (status, headers), count in zip(trickled, answers, sent, strict=True):
+            assert status == 204
+            kept = int(headers["Upload-Offset"])
+            # What arrived: the bytes sent until the answer, but one perhaps still on its way.
+            assert max(1, count - 1) <= kept <= count
+            assert (await head(http, begun.upload_url)).headers["Upload-Offset"] == str(kept)
+        assert (await asyncio.wait_for(waiting, timeout=5)).status == 204
+
+        # The bytes kept are the body's first ones: the upload goes on from them to the right object.
+        begun, kept = trickled[0], int(answers[0][1]["Upload-Offset"])
+        assert (await patch(http, begun.upload_url, kept, data[kept:])).status == 204
+        finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+        assert await stored_sha256(server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
+
+
+async def test_with_every_writer_slot_held_a_chunk_is_refused_as_busy_and_stores_nothing(
+    make_settings, http, auth, user_id, monkeypatch
+):
+    """Slow but valid bodies (64 KiB every 0.5 s) hold both writer slots: a further PATCH is answered
+    503 with Retry-After once the bounded wait for a slot is over, and UploadContent UNAVAILABLE
+    SERVER_BUSY with RetryInfo; neither takes a lease or stores a byte, and a retry once the
+    slots are free is taken."""
+    monkeypatch.setattr(resumable, "WRITER_SLOT_WAIT_SECONDS", 1.0)
+    piece = 64 * 1024
+    async with (
+        running(make_settings(db_pool_max_size=4, tus_idle_timeout_seconds=2.0)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        assert server.pool is not None
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(12 * piece)
+        holding = [await begin_tus(storage, md, data) for _ in range(2)]
+        other_md = auth(f"{user_id}-other")
+        other_data = fake_jpeg(1000)
+        other = await begin_tus(storage, other_md, other_data)
+
+        async def slow_body():
+            for start in range(0, len(data), piece):
+                yield data[start : start + piece]
+                await asyncio.sleep(0.5)
+
+        holders = [asyncio.create_task(patch(http, begun.upload_url, 0, slow_body())) for begun in holding]
+        for begun in holding:
+            await leased(server, begun.upload.upload_id)
+
+        started = asyncio.get_running_loop().time()
+        refused = await patch(http, other.upload_url, 0, other_data)
+        waited = asyncio.get_running_loop().time() - started
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == str(resumable.WRITERS_BUSY_RETRY_AFTER_SECONDS)
+        assert 1.0 <= waited < 3.0
+
+        async def stream():
+            yield pb.UploadContentRequest(upload_id=other.upload.upload_id)
+            yield pb.UploadContentRequest(chunk=other_data)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await storage.UploadContent(stream(), metadata=other_md)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "SERVER_BUSY"
+        assert any(detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in rich_status(caught.value).details)
+
+        # Refused before its lease: no writer was named, no byte stored.
+        progress = await server.pool.fetchrow(
+            "SELECT p.writer, c.received_bytes FROM upload_progress p LEFT JOIN upload_checkpoints c USING (upload_id)"
+            " WHERE p.upload_id = $1",
+            uuid.UUID(other.upload.upload_id),
+        )
+        assert (progress["writer"], progress["received_bytes"]) == (None, None)
+        assert (await head(http, other.upload_url)).headers["Upload-Offset"] == "0"
+        assert await partial_objects(server, other.upload.upload_id) == []
+
+        for holder in holders:
+            assert (await holder).status == 204, "slow bodies that make progress are not cut"
+        done = await patch(http, other.upload_url, 0, other_data)
+        assert (done.status, done.headers["Upload-Offset"]) == (204, "1000")
 
 
 async def test_tus_max_size_is_advertised_and_enforced(make_settings, http, auth, user_id, authenticator):

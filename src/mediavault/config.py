@@ -127,8 +127,9 @@ class Settings(BaseSettings):
     tus_cors_origins: tuple[str, ...] = ()
     # The largest tus upload (Tus-Max-Size); 0: the largest any content type may be.
     tus_max_size_bytes: int = Field(default=0, ge=0)
-    # A PATCH body that sends nothing for this long ends there, as a cut connection does: what
-    # arrived is kept, and the upload's lease and a writer slot are freed.
+    # A PATCH body that has not brought 64 KiB (tus.py) within this long of waiting since it last
+    # did (silent, or trickling) ends there, as a cut connection does: what arrived is kept, and the
+    # upload's lease and a writer slot are freed.
     tus_idle_timeout_seconds: float = Field(default=60.0, gt=0)
     # A resumable upload's writer leases the upload for this long and renews it as it goes; a
     # writer that dies without giving it back holds the upload (others are told UPLOAD_BUSY,

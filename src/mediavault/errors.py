@@ -19,6 +19,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── RateLimited           RATE_LIMIT_EXCEEDED     carries the delay and the quota that was hit
     ├── VerificationFailed    OBJECT_MISSING | SIZE_MISMATCH | CHECKSUM_MISMATCH | UNSUPPORTED_MEDIA_TYPE
     ├── ServerShuttingDown    SERVER_SHUTTING_DOWN    refused or cut short by a draining server; retry
+    ├── WritersBusy           SERVER_BUSY             every resumable-upload writer slot stayed taken; retry
     └── InternalError         INTERNAL_ERROR          anything unexpected; details stay in the logs
 
 ``domain`` raises these; ``rpc.errors`` is the single place that turns them into
@@ -145,6 +146,16 @@ class VerificationFailed(MediavaultError):
 
 class ServerShuttingDown(MediavaultError):
     reason = "SERVER_SHUTTING_DOWN"
+
+
+class WritersBusy(MediavaultError):
+    """No writer slot of this process freed in time for a resumable chunk; nothing was stored."""
+
+    reason = "SERVER_BUSY"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message, retry_after_seconds=str(retry_after_seconds))
+        self.retry_after_seconds = retry_after_seconds
 
 
 class InternalError(MediavaultError):

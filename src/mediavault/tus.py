@@ -40,9 +40,16 @@ from mediavault.errors import (
     Unauthenticated,
     UploadBusy,
     UploadNotPending,
+    WritersBusy,
 )
 
 _CHUNK = 256 * 1024
+# A PATCH body must bring at least this many bytes within every TUS_IDLE_TIMEOUT_SECONDS spent
+# waiting for it, or it ends as a cut connection does: a body trickling a byte every few seconds
+# would otherwise hold a writer slot for ever, and with every slot held other uploads' chunks are
+# refused (WritersBusy). 64 KiB in the default 60 s is about 1 KiB/s, far below any real mobile
+# link (2G EDGE carries tens of KiB/s), so only a stalled or trickling client is cut.
+_MIN_PROGRESS_BYTES = 64 * 1024
 _OFFSET_TYPE = "application/offset+octet-stream"
 _EXTENSIONS = "creation,expiration,termination,checksum"
 # 460 Checksum Mismatch: the tus checksum extension's own status.
@@ -71,6 +78,8 @@ _STATUS: dict[type[MediavaultError], int] = {
     RateLimited: 429,
     ChunkChecksumMismatch: _CHECKSUM_MISMATCH,
     InvalidArgument: 400,
+    # 503, which tus-js-client and Uppy retry by default, as they do 423.
+    WritersBusy: 503,
 }
 
 
@@ -145,6 +154,8 @@ class TusEndpoints:
                 headers["Upload-Offset"] = error.metadata["offset"]
             if isinstance(error, RateLimited):
                 headers.update(error.decision.metadata())
+            if isinstance(error, WritersBusy):
+                headers["Retry-After"] = str(error.retry_after_seconds)
             return self._respond(request, status, headers, error.message)
 
     def _signed_progress_id(self, request: web.Request) -> uuid.UUID:
@@ -282,13 +293,24 @@ def _checksum(header: str | None) -> ChunkChecksum | None:
 
 
 async def _body(request: web.Request, idle_seconds: float) -> AsyncIterator[bytes]:
-    """The PATCH body; a connection cut mid-body, or silent for idle_seconds, just ends it, and what arrived is kept."""
+    """The PATCH body; a connection cut mid-body, or one that has not brought _MIN_PROGRESS_BYTES
+    within idle_seconds of waiting since it last did, just ends it, and what arrived is kept."""
+    loop = asyncio.get_running_loop()
+    # Only the time spent waiting for the client's bytes counts: while the server stores what it
+    # read (a sync, an S3 part), the client's next bytes wait unread through no fault of its own.
+    waited = 0.0
+    brought = 0
     try:
         while True:
-            async with asyncio.timeout(idle_seconds):
+            started = loop.time()
+            async with asyncio.timeout(idle_seconds - waited):
                 data = await request.content.read(_CHUNK)
+            waited += loop.time() - started
             if not data:
                 return
+            brought += len(data)
+            if brought >= _MIN_PROGRESS_BYTES:
+                waited, brought = 0.0, 0
             yield data
     except (OSError, HttpProcessingError, TimeoutError):
         return

@@ -6,7 +6,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from mediavault.errors import InvalidArgument, MediavaultError, RateLimited
+from mediavault.errors import InvalidArgument, MediavaultError, RateLimited, WritersBusy
 
 DOMAIN = "mediavault"
 
@@ -27,6 +27,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "UNSUPPORTED_MEDIA_TYPE": grpc.StatusCode.FAILED_PRECONDITION,
     "IDEMPOTENCY_CONFLICT": grpc.StatusCode.ALREADY_EXISTS,
     "SERVER_SHUTTING_DOWN": grpc.StatusCode.UNAVAILABLE,
+    "SERVER_BUSY": grpc.StatusCode.UNAVAILABLE,
     "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
 }
 
@@ -58,8 +59,9 @@ def to_status(error: MediavaultError) -> tuple[grpc.StatusCode, str, bytes]:
                 )
             )
         )
-    if isinstance(error, RateLimited):
+    if isinstance(error, (RateLimited, WritersBusy)):
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after_seconds))))
+    if isinstance(error, RateLimited):
         details.append(
             _pack(
                 error_details_pb2.QuotaFailure(

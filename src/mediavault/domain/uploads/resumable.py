@@ -54,6 +54,7 @@ from mediavault.errors import (
     OffsetMismatch,
     UploadBusy,
     UploadNotPending,
+    WritersBusy,
 )
 from mediavault.sha256state import Sha256
 
@@ -134,6 +135,15 @@ _FENCE_FRACTION = 2 / 3
 # under the 5 s the HTTP listener gives a request's handler to end once it has cut its body.
 _CANCELLED_CHECKPOINT_SECONDS = 3.0
 
+# A chunk waits at most this long for a writer slot, then is refused WritersBusy (SERVER_BUSY, tus
+# 503) before any lease is taken or byte stored: a client that gets no slot hears so and retries,
+# instead of its request hanging while slow bodies hold every slot. Slots free as chunks end (a
+# body that stops making progress ends within TUS_IDLE_TIMEOUT_SECONDS, tus.py), so the retry,
+# after WRITERS_BUSY_RETRY_AFTER_SECONDS (tus-js-client's and Uppy's last default retry delay),
+# usually finds one.
+WRITER_SLOT_WAIT_SECONDS = 10.0
+WRITERS_BUSY_RETRY_AFTER_SECONDS = 5
+
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
 
 # S3's limits on the parts of a multipart upload; the per-call bound keeps one answer small.
@@ -211,6 +221,19 @@ class Resumable:
         # DB_POOL_MAX_SIZE, the figure operators size a process by.
         self._writers = asyncio.Semaphore(max(1, settings.db_pool_max_size // 2))
 
+    @contextlib.asynccontextmanager
+    async def _writer_slot(self) -> AsyncIterator[None]:
+        """Holds one of the process's writer slots; WritersBusy when none frees within WRITER_SLOT_WAIT_SECONDS."""
+        try:
+            async with asyncio.timeout(WRITER_SLOT_WAIT_SECONDS):
+                await self._writers.acquire()
+        except TimeoutError:
+            raise WritersBusy("every upload writer of this server is busy; retry", WRITERS_BUSY_RETRY_AFTER_SECONDS) from None
+        try:
+            yield
+        finally:
+            self._writers.release()
+
     async def start(self, upload: Upload, tus_metadata: str | None = None) -> None:
         """Creates the upload's progress row (with its tus creation's Upload-Metadata) and, on S3, its
         multipart upload; once, however often called."""
@@ -260,8 +283,9 @@ class Resumable:
         what arrived, one cancelled (a gRPC client's cancel, a server shutting down) keeps what
         arrived if a last checkpoint can still be recorded in time, and one that fails keeps what
         its last step made durable; with a checksum, the chunk is kept whole or not at all.
+        WritersBusy when no writer slot frees in time: then no lease is taken and nothing is read or stored.
         """
-        async with self._writers:
+        async with self._writer_slot():
             lease = _Lease(self._pool, upload_id, self._lease_seconds)
             try:
                 await lease.take(owner)

@@ -210,6 +210,8 @@ class StorageServiceServicer:
         later one carries upload_id, the chunks exceed size_bytes (then nothing is stored), or the
         upload is S3_MULTIPART (its parts go to PresignUploadParts' URLs).
         ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
+        UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
+        chunks for 10 s; nothing was stored. RetryInfo says when to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

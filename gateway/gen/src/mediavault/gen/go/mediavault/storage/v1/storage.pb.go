@@ -2137,6 +2137,8 @@ type StorageServiceClient interface {
 	//	  later one carries upload_id, the chunks exceed size_bytes (then nothing is stored), or the
 	//	  upload is S3_MULTIPART (its parts go to PresignUploadParts' URLs).
 	//	ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
+	//	UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
+	//	  chunks for 10 s; nothing was stored. RetryInfo says when to retry.
 	UploadContent(ctx context.Context, opts ...grpc.CallOption) (StorageService_UploadContentClient, error)
 	// Returns the quota figures of the caller or, for roles admin and service, of user_id.
 	//
@@ -2388,6 +2390,8 @@ type StorageServiceServer interface {
 	//	  later one carries upload_id, the chunks exceed size_bytes (then nothing is stored), or the
 	//	  upload is S3_MULTIPART (its parts go to PresignUploadParts' URLs).
 	//	ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
+	//	UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
+	//	  chunks for 10 s; nothing was stored. RetryInfo says when to retry.
 	UploadContent(StorageService_UploadContentServer) error
 	// Returns the quota figures of the caller or, for roles admin and service, of user_id.
 	//
