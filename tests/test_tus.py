@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import random
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
+from google.protobuf.wrappers_pb2 import Int64Value
 from google.rpc import error_details_pb2
 
 from mediavault.blobs import single_chunk
@@ -354,6 +356,179 @@ async def test_upload_content_streams_that_end_early_leave_a_tus_upload_pending(
     assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
     after = await summary(storage, md)
     assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
+
+
+def content_stream(upload_id: str, data: bytes, start: int, end: int, **first) -> AsyncIterator[pb.UploadContentRequest]:
+    """An UploadContent stream of data[start:end] in 1 MiB messages; first: more fields of the first message."""
+
+    async def stream() -> AsyncIterator[pb.UploadContentRequest]:
+        yield pb.UploadContentRequest(upload_id=upload_id, **first)
+        for piece in range(start, end, MiB):
+            yield pb.UploadContentRequest(chunk=data[piece : min(piece + MiB, end)])
+
+    return stream()
+
+
+async def refused(storage, md, sent: list[pb.UploadContentRequest], rest: AsyncIterator[pb.UploadContentRequest]) -> grpc.aio.AioRpcError:
+    """The error an UploadContent answers, its stream sending `sent`, then `rest` unless answered within 2 s.
+
+    A server that refuses before reading on answers while the client would still be sending, and
+    grpc's client may then report its failed send (INTERNAL) instead of the server's status.
+    """
+    answered = asyncio.Event()
+
+    async def stream() -> AsyncIterator[pb.UploadContentRequest]:
+        for message in sent:
+            yield message
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(answered.wait(), 2)
+            return
+        async for message in rest:
+            yield message
+
+    call = storage.UploadContent(stream(), metadata=md)
+    call.add_done_callback(lambda _: answered.set())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+def chunks_of(data: bytes, start: int, end: int) -> AsyncIterator[pb.UploadContentRequest]:
+    async def stream() -> AsyncIterator[pb.UploadContentRequest]:
+        for piece in range(start, end, MiB):
+            yield pb.UploadContentRequest(chunk=data[piece : min(piece + MiB, end)])
+
+    return stream()
+
+
+async def received(storage, md, upload_id: str) -> tuple[int, int]:
+    got = await storage.GetUpload(pb.GetUploadRequest(upload_id=upload_id), metadata=md)
+    return got.upload.state, got.upload.received_bytes
+
+
+async def test_upload_content_streams_with_offsets_finalize_the_upload(tus_server, storage, auth, user_id):
+    """Each stream names the received_bytes it continues from: the pieces join into the declared bytes."""
+    md = auth(user_id)
+    data = random.Random(7).randbytes(12 * MiB)
+    data = fake_jpeg(64) + data[64:]
+    begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
+    upload_id = begun.upload.upload_id
+
+    first = await storage.UploadContent(content_stream(upload_id, data, 0, 3 * MiB, offset=Int64Value(value=0)), metadata=md)
+    assert (first.upload.state, first.upload.received_bytes) == (pb.UPLOAD_STATE_PENDING, 3 * MiB)
+    _, offset = await received(storage, md, upload_id)
+    second = await storage.UploadContent(content_stream(upload_id, data, offset, 8 * MiB, offset=Int64Value(value=offset)), metadata=md)
+    assert (second.upload.state, second.upload.received_bytes) == (pb.UPLOAD_STATE_PENDING, 8 * MiB)
+    last = await storage.UploadContent(
+        content_stream(upload_id, data, 8 * MiB, len(data), offset=Int64Value(value=8 * MiB)), metadata=md
+    )
+    assert (last.upload.state, last.upload.received_bytes) == (pb.UPLOAD_STATE_FINALIZED, len(data))
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+
+
+async def test_upload_content_from_a_stale_offset_is_refused_and_stores_nothing(tus_server, storage, http, auth, user_id):
+    """The client read received_bytes 0, then a tus PATCH stored 1 MiB: its stream from offset 0 is
+    refused OFFSET_MISMATCH with the offset to continue from, and appends nothing."""
+    md = auth(user_id)
+    data = random.Random(8).randbytes(6 * MiB)
+    data = fake_jpeg(64) + data[64:]
+    begun = await begin_tus(storage, md, data)  # no sha256: nothing but the offset guards the bytes
+    upload_id = begun.upload.upload_id
+    assert await received(storage, md, upload_id) == (pb.UPLOAD_STATE_PENDING, 0)
+    assert (await patch(http, begun.upload_url, 0, data[:MiB])).status == 204
+
+    # The whole file from the stale offset 0; refused before any chunk is read.
+    first = pb.UploadContentRequest(upload_id=upload_id, offset=Int64Value(value=0))
+    error = await refused(storage, md, [first], chunks_of(data, 0, len(data)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    info = error_info(error)
+    assert (info.reason, dict(info.metadata)) == ("OFFSET_MISMATCH", {"offset": str(MiB)})
+    assert await received(storage, md, upload_id) == (pb.UPLOAD_STATE_PENDING, MiB)
+    assert (await head(http, begun.upload_url)).headers["Upload-Offset"] == str(MiB)
+
+    # The client continues from the offset it was told.
+    done = await storage.UploadContent(
+        content_stream(upload_id, data, MiB, len(data), offset=Int64Value(value=int(info.metadata["offset"]))), metadata=md
+    )
+    assert (done.upload.state, done.upload.received_bytes) == (pb.UPLOAD_STATE_FINALIZED, len(data))
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+
+
+async def test_upload_content_past_the_declared_size_completes_nothing(tus_server, storage, http, auth, user_id):
+    """The stale client of the test above without an offset: its 6 MiB go after the 1 MiB a PATCH
+    stored and overrun the declared size. INVALID_ARGUMENT, and the stream's bytes never reach
+    size_bytes: only what its inner checkpoint made durable (the 5 MiB chunk boundary, on fs and on
+    S3) stays, so FinalizeUpload answers SIZE_MISMATCH instead of publishing the wrong bytes."""
+    md = auth(user_id)
+    data = random.Random(9).randbytes(6 * MiB)
+    data = fake_jpeg(64) + data[64:]
+    begun = await begin_tus(storage, md, data)
+    upload_id = begun.upload.upload_id
+    assert (await patch(http, begun.upload_url, 0, data[:MiB])).status == 204
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.UploadContent(content_stream(upload_id, data, 0, len(data)), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"chunk: stream exceeds the declared {len(data)} bytes"
+    assert await received(storage, md, upload_id) == (pb.UPLOAD_STATE_PENDING, CHUNK)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(refused.value).reason == "SIZE_MISMATCH"
+    assert (await received(storage, md, upload_id))[0] == pb.UPLOAD_STATE_FAILED
+    assert tus_server.blobs is not None
+    assert await tus_server.blobs.stat(object_key_of(upload_id)) is None, "nothing published"
+
+
+async def test_upload_content_overrunning_within_a_chunk_keeps_the_bytes_from_before_the_stream(tus_server, storage, http, auth, user_id):
+    """An overrun that crosses no checkpoint boundary leaves received_bytes where the stream found
+    it, even when the stream's bytes reached size_bytes exactly before the one that overran."""
+    md = auth(user_id)
+    data = random.Random(10).randbytes(3 * MiB)
+    data = fake_jpeg(64) + data[64:]
+    begun = await begin_tus(storage, md, data)
+    upload_id = begun.upload.upload_id
+    assert (await patch(http, begun.upload_url, 0, data[:MiB])).status == 204
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await storage.UploadContent(content_stream(upload_id, data, 0, len(data)), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await received(storage, md, upload_id) == (pb.UPLOAD_STATE_PENDING, MiB)
+
+    done = await storage.UploadContent(content_stream(upload_id, data, MiB, len(data), offset=Int64Value(value=MiB)), metadata=md)
+    assert (done.upload.state, done.upload.received_bytes) == (pb.UPLOAD_STATE_FINALIZED, len(data))
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+
+
+async def test_upload_content_offset_is_validated(tus_server, storage, auth, user_id):
+    md = auth(user_id)
+    data = fake_jpeg(1000)
+    tus = await begin_tus(storage, md, data)
+    single = await storage.BeginUpload(
+        pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=len(data)), metadata=md
+    )
+
+    cases = [
+        ([pb.UploadContentRequest(upload_id=tus.upload.upload_id, offset=Int64Value(value=-1))], "offset: must be at least 0"),
+        (
+            [pb.UploadContentRequest(upload_id=tus.upload.upload_id), pb.UploadContentRequest(chunk=data[:10], offset=Int64Value(value=0))],
+            "offset: only the first message may carry offset",
+        ),
+        (
+            [pb.UploadContentRequest(upload_id=single.upload.upload_id, offset=Int64Value(value=10))],
+            "offset: a SINGLE upload's stream starts at 0",
+        ),
+    ]
+    for sent, details in cases:
+        error = await refused(storage, md, sent, chunks_of(data, 0, len(data)))
+        assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+        assert [v.field for v in bad_request(error).field_violations] == ["offset"]
+    assert await received(storage, md, tus.upload.upload_id) == (pb.UPLOAD_STATE_PENDING, 0)
+
+    # A SINGLE upload's stream may say it starts at 0.
+    done = await storage.UploadContent(content_stream(single.upload.upload_id, data, 0, len(data), offset=Int64Value(value=0)), metadata=md)
+    assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
 
 
 async def received_once_settled(storage, md, upload_id: str) -> int:

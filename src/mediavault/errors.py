@@ -12,7 +12,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── AccountFrozen         ACCOUNT_FROZEN
     ├── UploadNotPending      UPLOAD_NOT_PENDING      finalize/fail of a finished upload
     ├── UploadBusy            UPLOAD_BUSY             another writer is appending to the resumable upload
-    ├── OffsetMismatch        OFFSET_MISMATCH         a tus chunk that does not start at the stored offset
+    ├── OffsetMismatch        OFFSET_MISMATCH         a tus chunk or UploadContent stream that does not start at the stored offset
     ├── ChunkChecksumMismatch CHUNK_CHECKSUM_MISMATCH a tus chunk that differs from its Upload-Checksum
     ├── MediaBusy             MEDIA_BUSY              reprocess while a processing run is in progress
     ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters

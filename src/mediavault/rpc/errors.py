@@ -21,6 +21,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "UPLOAD_NOT_PENDING": grpc.StatusCode.FAILED_PRECONDITION,
     "MEDIA_BUSY": grpc.StatusCode.FAILED_PRECONDITION,
     "UPLOAD_BUSY": grpc.StatusCode.ABORTED,
+    "OFFSET_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "OBJECT_MISSING": grpc.StatusCode.FAILED_PRECONDITION,
     "SIZE_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "CHECKSUM_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,

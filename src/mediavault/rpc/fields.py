@@ -97,6 +97,7 @@ FIELDS: dict[str, Rule] = {
     # Only the first message of the stream carries it (rpc.storage checks which).
     _STORAGE + "UploadContentRequest.upload_id": Uuid(optional=True),
     _STORAGE + "UploadContentRequest.chunk": Domain("the object's bytes, bounded by the upload's declared size (uploads.streaming)"),
+    _STORAGE + "UploadContentRequest.offset": Domain("at least 0, in the first message only; a TUS upload's received_bytes (uploads.validation.check_stream_offset, uploads.resumable)"),
     _STORAGE + "GetStorageSummaryRequest.user_id": _CALLER_OR_USER_ID,
     _STORAGE + "AddStorageCreditsRequest.user_id": USER_ID,
     _STORAGE + "AddStorageCreditsRequest.payment_reference": Text(min_len=1, max_len=purchases.MAX_PAYMENT_REFERENCE),

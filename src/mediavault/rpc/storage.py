@@ -196,13 +196,16 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
 
         async def chunks() -> AsyncIterator[bytes]:
             if first.chunk:
-                raise InvalidArgument.single("chunk", "the first message carries only upload_id")
+                raise InvalidArgument.single("chunk", "the first message carries only upload_id and offset")
             async for message in request_iterator:
                 if message.upload_id:
                     raise InvalidArgument.single("upload_id", "only the first message may carry upload_id")
+                if message.HasField("offset"):
+                    raise InvalidArgument.single("offset", "only the first message may carry offset")
                 yield message.chunk
 
-        upload = await self.uploads.upload_content(principal, uuid.UUID(first.upload_id), chunks())
+        offset = first.offset.value if first.HasField("offset") else None
+        upload = await self.uploads.upload_content(principal, uuid.UUID(first.upload_id), chunks(), offset=offset)
         return pb.UploadContentResponse(upload=upload_pb(upload))
 
     @rpc(SERVICE)

@@ -29,6 +29,7 @@ from mediavault.domain.uploads.streaming import store_stream
 from mediavault.domain.uploads.validation import (
     Observed,
     check_object,
+    check_stream_offset,
     observe_object,
     same_parameters,
     validate_begin,
@@ -291,13 +292,18 @@ class Uploads:
         metrics.UPLOAD_OUTCOMES.labels(state, reason).inc()
         return Upload(**row)
 
-    async def upload_content(self, principal: Principal, upload_id: uuid.UUID, chunks: AsyncIterable[bytes]) -> Upload:
+    async def upload_content(
+        self, principal: Principal, upload_id: uuid.UUID, chunks: AsyncIterable[bytes], *, offset: int | None = None
+    ) -> Upload:
         """Stores streamed bytes as the upload's object, then finalizes it exactly like the URL path.
 
         A TUS upload is finalized only once its stored bytes reach size_bytes: a stream that ends
         before is one piece of the upload, which stays pending with its received_bytes for the
-        next stream (or tus PATCH) to continue.
+        next stream (or tus PATCH) to continue. offset: the received_bytes the client continues
+        from (None: wherever the stored bytes end); OffsetMismatch, with nothing stored, when
+        another writer has moved them since the client read them.
         """
+        check_stream_offset(offset)
         upload = await self.get(principal, upload_id)
         if upload.state == "finalized":
             return upload
@@ -306,10 +312,12 @@ class Uploads:
         if upload.protocol == "s3_multipart":
             raise InvalidArgument.single("upload_id", "an S3_MULTIPART upload takes its parts at presigned S3 URLs")
         if upload.protocol == "tus":
-            progress = await self._resumable.append(upload_id, chunks, owner=principal.user_id)
+            progress = await self._resumable.append(upload_id, chunks, offset=offset, owner=principal.user_id)
             if progress.received_bytes < upload.size_bytes:
                 return progress.upload
         else:
+            if offset:
+                raise InvalidArgument.single("offset", "a SINGLE upload's stream starts at 0")
             await store_stream(self._blobs, upload, chunks)
         return await self.finalize(principal, upload_id)
 

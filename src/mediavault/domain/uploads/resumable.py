@@ -274,9 +274,10 @@ class Resumable:
     ) -> Progress:
         """Appends the chunk after the stored bytes; returns the upload with the durable offset after it.
 
-        offset: the client's idea of the stored offset (tus Upload-Offset), None to continue
-        wherever the bytes end (UploadContent); a finalized upload's is its size, where it takes
-        no more bytes. length: the chunk's length when known up
+        offset: the client's idea of the stored offset (tus Upload-Offset, UploadContent's offset),
+        None to continue wherever the bytes end (an UploadContent without one); a finalized
+        upload's is its size, where it takes no more bytes; OffsetMismatch when it is not, before
+        any byte is read or stored. length: the chunk's length when known up
         front. owner: the caller whose upload it must be (None: the URL signature vouched).
         Without a checksum, the bytes become durable step by step as they come (S3: part by
         part; fs: chunk size by chunk size) and at the chunk's end, so a chunk cut short keeps
@@ -693,9 +694,12 @@ class _Chunk:
     def _checkpoint_due(self) -> bool:
         """Whether the bytes so far end on an inner checkpoint (only chunks without a checksum have them).
 
-        Not at the chunk's known end: the checkpoint there is the last one, which gives the lease back.
+        Not at the chunk's known end: the checkpoint there is the last one, which gives the lease
+        back. Nor at the declared size: only the chunk's end shows that no byte past it follows
+        (a stream may go on past it, and then none of its bytes since the last checkpoint may
+        stand), so the checkpoint there is the last one too.
         """
-        at_boundary = self._position % self._checkpoint_every == 0 or self._position == self._upload.size_bytes
+        at_boundary = self._position % self._checkpoint_every == 0 and self._position != self._upload.size_bytes
         return self._checksum is None and at_boundary and self._position != self._end
 
     async def _write(self, piece: bytes) -> None:

@@ -58,6 +58,12 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     )
 
 
+def check_stream_offset(offset: int | None) -> None:
+    """InvalidArgument when an UploadContent stream's offset (None: not given) cannot be an offset."""
+    if offset is not None and offset < 0:
+        raise InvalidArgument.single("offset", "must be at least 0")
+
+
 def same_parameters(upload: Upload, request: BeginRequest) -> bool:
     """Whether a replay of an idempotency key asks for what the first call asked for."""
     return (

@@ -3,6 +3,7 @@ import datetime
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf import wrappers_pb2 as _wrappers_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -207,12 +208,14 @@ class GetUploadResponse(_message.Message):
     def __init__(self, upload: _Optional[_Union[Upload, _Mapping]] = ...) -> None: ...
 
 class UploadContentRequest(_message.Message):
-    __slots__ = ("upload_id", "chunk")
+    __slots__ = ("upload_id", "chunk", "offset")
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     upload_id: str
     chunk: bytes
-    def __init__(self, upload_id: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    offset: _wrappers_pb2.Int64Value
+    def __init__(self, upload_id: _Optional[str] = ..., chunk: _Optional[bytes] = ..., offset: _Optional[_Union[_wrappers_pb2.Int64Value, _Mapping]] = ...) -> None: ...
 
 class UploadContentResponse(_message.Message):
     __slots__ = ("upload",)

@@ -201,14 +201,24 @@ class StorageServiceServicer:
 
         For a TUS upload the chunks continue the object from its received_bytes (GetUpload), so a
         stream cut short resumes where the bytes already stored end; chunks are stored as they come.
+        The first message's offset (the received_bytes the client continues from, as tus
+        Upload-Offset) makes the stream conditional: when another writer (a tus PATCH, another
+        stream) stored more since the client read received_bytes, nothing is stored, instead of the
+        chunks landing after bytes the client did not count. A client that resumes should send it.
         A TUS upload is finalized by the stream that brings its last byte; a stream that ends before
         answers the upload still PENDING with its received_bytes, for the next stream to continue.
         Finalizing works as in FinalizeUpload; an upload already FINALIZED is returned without reading the chunks.
 
         Errors: those of FinalizeUpload, and
         INVALID_ARGUMENT (INVALID_ARGUMENT): the first message lacks upload_id or carries a chunk, a
-        later one carries upload_id, the chunks exceed size_bytes (then nothing is stored), or the
-        upload is S3_MULTIPART (its parts go to PresignUploadParts' URLs).
+        later one carries upload_id or offset, offset is negative (or, for a SINGLE upload, not 0),
+        the chunks exceed size_bytes, or the upload is S3_MULTIPART (its parts go to
+        PresignUploadParts' URLs). Chunks past size_bytes are never stored: of a SINGLE upload's
+        stream, nothing is; a TUS upload keeps what the stream made durable before the overrun
+        (as a cut stream does: received_bytes may have grown, by whole durable steps), but never
+        reaches size_bytes through it, so FinalizeUpload then answers SIZE_MISMATCH.
+        FAILED_PRECONDITION (OFFSET_MISMATCH): offset is not the TUS upload's received_bytes; nothing
+        was stored. ErrorInfo metadata "offset" is the received_bytes to continue from.
         ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
         UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
         chunks for 10 s; nothing was stored. RetryInfo says when to retry.
