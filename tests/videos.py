@@ -11,6 +11,7 @@ from pathlib import Path
 
 HLG = ["-color_primaries", "bt2020", "-color_trc", "arib-std-b67", "-colorspace", "bt2020nc"]
 PQ = ["-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "bt2020nc"]
+BT2020_SDR = ["-color_primaries", "bt2020", "-color_trc", "bt2020-10", "-colorspace", "bt2020nc"]
 
 
 def ffmpeg(*args: str) -> None:
@@ -25,10 +26,10 @@ def _tone(seconds: float) -> list[str]:
     return ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
 
 
-def _hevc10(colour: list[str], transfer: str, preset: str = "medium") -> list[str]:
+def _hevc10(colour: list[str], transfer: str, preset: str = "medium", x265: str = "") -> list[str]:
     return [
         "-c:v", "libx265", "-preset", preset, "-pix_fmt", "yuv420p10le", "-tag:v", "hvc1",
-        "-x265-params", f"log-level=error:colorprim=bt2020:transfer={transfer}:colormatrix=bt2020nc", *colour,
+        "-x265-params", f"log-level=error:colorprim=bt2020:transfer={transfer}:colormatrix=bt2020nc{x265}", *colour,
     ]
 
 
@@ -59,8 +60,8 @@ def hlg_rotated_mov(path: Path, size: str = "320x240", seconds: float = 1.0) -> 
 
 
 def hdr(path: Path, colour: list[str], transfer: str, size: str = "320x240", seconds: float = 1.0,
-        preset: str = "medium") -> Path:
-    ffmpeg(*_testsrc(size, seconds), *_hevc10(colour, transfer, preset), str(path))
+        preset: str = "medium", x265: str = "") -> Path:
+    ffmpeg(*_testsrc(size, seconds), *_hevc10(colour, transfer, preset, x265), str(path))
     return path
 
 

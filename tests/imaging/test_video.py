@@ -54,10 +54,20 @@ async def test_iphone_hlg_hevc_rotated_becomes_upright_sdr_h264(clips):
     assert made[0].bitrate > 0
 
 
-@pytest.mark.parametrize(("name", "colour", "transfer"), [("hlg", make.HLG, "arib-std-b67"), ("pq", make.PQ, "smpte2084")])
-async def test_hdr_is_tone_mapped_like_the_zscale_reference(clips, name, colour, transfer):
-    source_path = make.hdr(clips / f"{name}.mp4", colour, transfer)
-    _, made = await _transcode(source_path, "video/mp4", clips / name)
+@pytest.mark.parametrize(
+    ("name", "colour", "transfer", "x265"),
+    [
+        ("hlg", make.HLG, "arib-std-b67", ""),
+        ("pq", make.PQ, "smpte2084", ""),
+        # HLG said only in an alternative-transfer-characteristics SEI (18: HLG), as some cameras
+        # write it: the stream's transfer is BT.2020's SDR one, its frames' HLG.
+        ("hlg-sei", make.BT2020_SDR, "bt2020-10", ":atc-sei=18"),
+    ],
+)
+async def test_hdr_is_tone_mapped_like_the_zscale_reference(clips, name, colour, transfer, x265):
+    source_path = make.hdr(clips / f"{name}.mp4", colour, transfer, x265=x265)
+    source, made = await _transcode(source_path, "video/mp4", clips / name)
+    assert source.is_hdr
     reference = clips / f"{name}-reference.mp4"
     make.ffmpeg("-i", str(source_path), "-vf", "zscale=t=linear,tonemap=hable,zscale=t=bt709:m=bt709:p=bt709,format=yuv420p",
                 "-c:v", "libx264", "-crf", "12", str(reference))

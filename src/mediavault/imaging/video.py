@@ -361,6 +361,8 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
             stated = parse_probe(await _ffprobe(path, mime, limits, "-show_streams", "-show_format"))
             check(stated, limits)
             measured = await _measured_duration(path, mime, stated, limits)
+            if stated.primaries == "bt2020" and not stated.is_hdr:
+                stated = replace(stated, transfer=await _frame_transfer(path, mime, stated, limits) or stated.transfer)
     except TimeoutError:
         raise PermanentImagingError(PROBE_TIMED_OUT) from None
     source = replace(stated, duration_seconds=max(stated.duration_seconds, measured))
@@ -368,6 +370,19 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
         raise PermanentImagingError(CORRUPT_VIDEO)
     check(source, limits)
     return source
+
+
+async def _frame_transfer(path: Path, mime: str, source: Source, limits: VideoLimits) -> str | None:
+    """The HDR transfer the first frame of a BT.2020 source declares when its stream does not:
+    some cameras signal HLG only in an alternative-transfer-characteristics SEI message, which
+    the decoder applies to its frames while the stream keeps its SDR transfer."""
+    report = await _ffprobe(
+        path, mime, limits, "-select_streams", str(source.video_index), "-read_intervals", "%+#1",
+        "-show_frames", "-show_entries", "frame=color_transfer",
+    )
+    frames = report.get("frames") or [{}]
+    transfer = frames[0].get("color_transfer") if isinstance(frames[0], dict) else None
+    return transfer if transfer in HDR_TRANSFERS else None
 
 
 def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> list[str]:
