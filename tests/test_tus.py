@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import ipaddress
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -827,6 +828,39 @@ async def leased(server: Server, upload_id: str) -> None:
     query = "SELECT writer IS NOT NULL FROM upload_progress WHERE upload_id = $1"
     while not await server.pool.fetchval(query, uuid.UUID(upload_id)):
         await asyncio.sleep(0.02)
+
+
+async def test_a_silent_upload_content_stream_ends_within_the_idle_timeout_and_keeps_what_came(make_settings, auth, user_id):
+    """The tus PATCH's rule holds for a TUS upload's UploadContent: a stream that goes silent
+    without closing no longer holds its writer slot until the client's deadline, if any."""
+    idle = 2.0
+    async with (
+        running(make_settings(tus_idle_timeout_seconds=idle)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(300_000)
+        begun = await begin_tus(storage, md, data)
+        silent = asyncio.Event()
+
+        async def then_silent() -> AsyncIterator[pb.UploadContentRequest]:
+            yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
+            yield pb.UploadContentRequest(chunk=data[:100_000])
+            await silent.wait()
+
+        started = time.monotonic()
+        call = storage.UploadContent(then_silent(), metadata=md)
+        try:
+            answered = await asyncio.wait_for(call, timeout=idle + 5)
+        finally:
+            silent.set()
+        assert time.monotonic() - started < idle + 5
+        assert answered.upload.state == pb.UPLOAD_STATE_PENDING
+        assert answered.upload.received_bytes == 100_000
+        rest = storage.UploadContent(content_stream(begun.upload.upload_id, data, 100_000, len(data), offset=Int64Value(value=100_000)), metadata=md)
+        done = await rest
+        assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
 
 
 async def test_a_trickling_patch_body_ends_within_the_idle_timeout_and_frees_its_writer_slot(make_settings, http, auth, user_id):

@@ -11,7 +11,6 @@ offset, the hash state and the writer's lock live in PostgreSQL.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import email.utils
@@ -25,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.config import Settings
-from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
+from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads, making_progress
 from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
 from mediavault.errors import (
     AccountFrozen,
@@ -44,12 +43,6 @@ from mediavault.errors import (
 )
 
 _CHUNK = 256 * 1024
-# A PATCH body must bring at least this many bytes within every TUS_IDLE_TIMEOUT_SECONDS spent
-# waiting for it, or it ends as a cut connection does: a body trickling a byte every few seconds
-# would otherwise hold a writer slot for ever, and with every slot held other uploads' chunks are
-# refused (WritersBusy). 64 KiB in the default 60 s is about 1 KiB/s, far below any real mobile
-# link (2G EDGE carries tens of KiB/s), so only a stalled or trickling client is cut.
-_MIN_PROGRESS_BYTES = 64 * 1024
 _OFFSET_TYPE = "application/offset+octet-stream"
 _EXTENSIONS = "creation,expiration,termination,checksum"
 # 460 Checksum Mismatch: the tus checksum extension's own status.
@@ -229,7 +222,7 @@ class TusEndpoints:
         checksum = _checksum(request.headers.get("Upload-Checksum"))
         progress = await self._resumable.append(
             upload_id,
-            _body(request, self._idle_seconds),
+            making_progress(_body(request), self._idle_seconds),
             offset=offset,
             length=request.content_length,
             checksum=checksum,
@@ -292,25 +285,10 @@ def _checksum(header: str | None) -> ChunkChecksum | None:
         raise _Refused(400, "Upload-Checksum digest is not base64") from None
 
 
-async def _body(request: web.Request, idle_seconds: float) -> AsyncIterator[bytes]:
-    """The PATCH body; a connection cut mid-body, or one that has not brought _MIN_PROGRESS_BYTES
-    within idle_seconds of waiting since it last did, just ends it, and what arrived is kept."""
-    loop = asyncio.get_running_loop()
-    # Only the time spent waiting for the client's bytes counts: while the server stores what it
-    # read (a sync, an S3 part), the client's next bytes wait unread through no fault of its own.
-    waited = 0.0
-    brought = 0
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The PATCH body; a connection cut mid-body just ends it, and what arrived is kept."""
     try:
-        while True:
-            started = loop.time()
-            async with asyncio.timeout(idle_seconds - waited):
-                data = await request.content.read(_CHUNK)
-            waited += loop.time() - started
-            if not data:
-                return
-            brought += len(data)
-            if brought >= _MIN_PROGRESS_BYTES:
-                waited, brought = 0.0, 0
+        while data := await request.content.read(_CHUNK):
             yield data
-    except (OSError, HttpProcessingError, TimeoutError):
+    except (OSError, HttpProcessingError):
         return

@@ -25,7 +25,7 @@ from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.batches import StatementBatches, columns_of
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
 from mediavault.domain.uploads.resumable import TUS_VERSION, PartRequest, PresignedPart, Resumable
-from mediavault.domain.uploads.streaming import store_stream
+from mediavault.domain.uploads.streaming import making_progress, store_stream
 from mediavault.domain.uploads.validation import (
     Observed,
     check_object,
@@ -312,7 +312,9 @@ class Uploads:
         if upload.protocol == "s3_multipart":
             raise InvalidArgument.single("upload_id", "an S3_MULTIPART upload takes its parts at presigned S3 URLs")
         if upload.protocol == "tus":
-            progress = await self._resumable.append(upload_id, chunks, offset=offset, owner=principal.user_id)
+            # Held to the tus PATCH's rule, so that a silent stream cannot keep a writer slot.
+            stream = making_progress(chunks, self._settings.tus_idle_timeout_seconds)
+            progress = await self._resumable.append(upload_id, stream, offset=offset, owner=principal.user_id)
             if progress.received_bytes < upload.size_bytes:
                 return progress.upload
         else:
