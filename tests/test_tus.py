@@ -407,11 +407,24 @@ async def received(storage, md, upload_id: str) -> tuple[int, int]:
     return got.upload.state, got.upload.received_bytes
 
 
+def jpeg_of(size: int, seed: int) -> bytes:
+    """size bytes that begin as a JPEG and go on at random, so that no two pieces are alike."""
+    return fake_jpeg(64) + random.Random(seed).randbytes(size)[64:]
+
+
+async def patched_first_mib(storage, http, md, size: int, seed: int) -> tuple[bytes, str]:
+    """A TUS upload of jpeg_of(size, seed), no sha256 declared, whose first MiB a tus PATCH stored;
+    the data and the upload id."""
+    data = jpeg_of(size, seed)
+    begun = await begin_tus(storage, md, data)
+    assert (await patch(http, begun.upload_url, 0, data[:MiB])).status == 204
+    return data, begun.upload.upload_id
+
+
 async def test_upload_content_streams_with_offsets_finalize_the_upload(tus_server, storage, auth, user_id):
     """Each stream names the received_bytes it continues from: the pieces join into the declared bytes."""
     md = auth(user_id)
-    data = random.Random(7).randbytes(12 * MiB)
-    data = fake_jpeg(64) + data[64:]
+    data = jpeg_of(12 * MiB, 7)
     begun = await begin_tus(storage, md, data, sha256=sha256_hex(data))
     upload_id = begun.upload.upload_id
 
@@ -431,8 +444,7 @@ async def test_upload_content_from_a_stale_offset_is_refused_and_stores_nothing(
     """The client read received_bytes 0, then a tus PATCH stored 1 MiB: its stream from offset 0 is
     refused OFFSET_MISMATCH with the offset to continue from, and appends nothing."""
     md = auth(user_id)
-    data = random.Random(8).randbytes(6 * MiB)
-    data = fake_jpeg(64) + data[64:]
+    data = jpeg_of(6 * MiB, 8)
     begun = await begin_tus(storage, md, data)  # no sha256: nothing but the offset guards the bytes
     upload_id = begun.upload.upload_id
     assert await received(storage, md, upload_id) == (pb.UPLOAD_STATE_PENDING, 0)
@@ -461,11 +473,7 @@ async def test_upload_content_past_the_declared_size_completes_nothing(tus_serve
     size_bytes: only what its inner checkpoint made durable (the 5 MiB chunk boundary, on fs and on
     S3) stays, so FinalizeUpload answers SIZE_MISMATCH instead of publishing the wrong bytes."""
     md = auth(user_id)
-    data = random.Random(9).randbytes(6 * MiB)
-    data = fake_jpeg(64) + data[64:]
-    begun = await begin_tus(storage, md, data)
-    upload_id = begun.upload.upload_id
-    assert (await patch(http, begun.upload_url, 0, data[:MiB])).status == 204
+    data, upload_id = await patched_first_mib(storage, http, md, 6 * MiB, 9)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await storage.UploadContent(content_stream(upload_id, data, 0, len(data)), metadata=md)
@@ -486,11 +494,7 @@ async def test_upload_content_overrunning_within_a_chunk_keeps_the_bytes_from_be
     """An overrun that crosses no checkpoint boundary leaves received_bytes where the stream found
     it, even when the stream's bytes reached size_bytes exactly before the one that overran."""
     md = auth(user_id)
-    data = random.Random(10).randbytes(3 * MiB)
-    data = fake_jpeg(64) + data[64:]
-    begun = await begin_tus(storage, md, data)
-    upload_id = begun.upload.upload_id
-    assert (await patch(http, begun.upload_url, 0, data[:MiB])).status == 204
+    data, upload_id = await patched_first_mib(storage, http, md, 3 * MiB, 10)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await storage.UploadContent(content_stream(upload_id, data, 0, len(data)), metadata=md)
@@ -623,12 +627,8 @@ async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
         uuid.UUID(begun.upload.upload_id),
     )
 
-    async def stream():
-        yield pb.UploadContentRequest(upload_id=begun.upload.upload_id)
-        yield pb.UploadContentRequest(chunk=data)
-
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await storage.UploadContent(stream(), metadata=md)
+        await storage.UploadContent(content_stream(begun.upload.upload_id, data, 0, len(data)), metadata=md)
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert error_info(caught.value).reason == "UPLOAD_BUSY"
 
@@ -955,12 +955,8 @@ async def test_with_every_writer_slot_held_a_chunk_is_refused_as_busy_and_stores
         assert refused.headers["Retry-After"] == str(resumable.WRITERS_BUSY_RETRY_AFTER_SECONDS)
         assert 1.0 <= waited < 3.0
 
-        async def stream():
-            yield pb.UploadContentRequest(upload_id=other.upload.upload_id)
-            yield pb.UploadContentRequest(chunk=other_data)
-
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await storage.UploadContent(stream(), metadata=other_md)
+            await storage.UploadContent(content_stream(other.upload.upload_id, other_data, 0, len(other_data)), metadata=other_md)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(caught.value).reason == "SERVER_BUSY"
         assert any(detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in rich_status(caught.value).details)
