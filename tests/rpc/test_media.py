@@ -11,7 +11,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from mediavault.domain import ledger
+from mediavault.domain import cleanup, ledger
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.services import build_services
@@ -204,6 +204,63 @@ async def test_a_run_starting_reporting_progress_or_waiting_to_retry_changes_the
     assert await services.library.retry_later(media_id, version, "blob store unreachable", 3600)
     assert (await in_feed()).processing_status == mpb.PROCESSING_STATUS_PENDING
     assert len(set(etags)) == 4
+
+
+async def test_progress_is_the_running_attempts_alone(storage, media, auth, user_id, worker, server):
+    """A run's progress goes with it: a new attempt, a run the stuck sweep ended and a reprocess
+    show none of the last one's (0: nothing runs), not the percentage it stopped at."""
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1400))
+    await settled(media, md, done.media_id)
+    media_id = uuid.UUID(done.media_id)
+    version = await server.pool.fetchval(
+        "UPDATE media SET variants_version = variants_version + 1, processing_status = 'pending', attempts = 0 "
+        "WHERE media_id = $1 RETURNING variants_version",
+        media_id,
+    )
+    services = build_services(server.pool, server.blobs, server.queue, server.settings)
+
+    async def progress() -> int:
+        await services.feed.changed(user_id)
+        return (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media.processing_progress
+
+    assert await services.library.claim(media_id, version) is not None
+    assert await services.library.progress(media_id, version, 40)
+    assert await progress() == 40
+    # Its worker died: the next attempt claims the run again.
+    assert await services.library.claim(media_id, version) is not None
+    assert await progress() == 0
+    assert await services.library.progress(media_id, version, 70)
+    await server.pool.execute("UPDATE media SET updated_at = now() - interval '1 hour' WHERE media_id = $1", media_id)
+    async with server.pool.acquire() as conn:
+        ended = await cleanup.fail_stuck_processing(conn, 100, 60, 1)
+    assert media_id in {row["media_id"] for row in ended.rows}
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert (item.processing_status, item.processing_progress) == (mpb.PROCESSING_STATUS_FAILED, 0)
+    await server.pool.execute("UPDATE media SET processing_progress = 55 WHERE media_id = $1", media_id)
+    again = (await media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert (again.processing_status, again.processing_progress) == (mpb.PROCESSING_STATUS_PENDING, 0)
+
+
+async def test_a_reprocess_that_meets_a_delete_is_not_found_not_busy(storage, media, auth, user_id, pool):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1500))
+    async with pool.acquire() as deleting:
+        transaction = deleting.transaction()
+        await transaction.start()
+        await deleting.execute("UPDATE media SET deleted_at = now() WHERE media_id = $1::uuid", done.media_id)
+        # The reprocess reads the media as live, then waits for the delete's row lock.
+        reprocess = asyncio.ensure_future(media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md))
+        while not await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%SET variants_version = variants_version + 1%'"
+        ):
+            assert not reprocess.done(), reprocess
+            await asyncio.sleep(0.02)
+        await transaction.commit()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reprocess
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "NOT_FOUND"
 
 
 async def test_delete_frees_bytes_and_hides_media_from_everyone(storage, media, auth, user_id, pool):

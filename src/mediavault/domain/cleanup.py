@@ -161,6 +161,7 @@ UPDATE media m SET
     processing_status = CASE WHEN m.attempts >= $3 THEN 'failed' ELSE 'pending' END,
     processing_error = CASE WHEN m.attempts >= $3 THEN 'processing did not finish' ELSE m.processing_error END,
     requeues = m.requeues + CASE WHEN m.attempts >= $3 THEN 0 ELSE 1 END,
+    processing_progress = NULL,
     updated_at = now()
 FROM stuck WHERE m.media_id = stuck.media_id
 RETURNING m.media_id, m.owner_id, m.variants_version, m.attempts, m.requeues, m.processing_status
@@ -203,7 +204,8 @@ LIMIT $2
 """
 
 _MARK_ORIGINAL_MISSING = """
-UPDATE media SET processing_status = 'failed', processing_error = 'original missing', updated_at = now()
+UPDATE media SET processing_status = 'failed', processing_error = 'original missing', processing_progress = NULL,
+                 updated_at = now()
 WHERE media_id = $1 AND deleted_at IS NULL
 RETURNING owner_id
 """

@@ -97,14 +97,15 @@ WHERE media_id = $1 AND deleted_at IS NULL AND retention = 'ephemeral'
 
 _REPROCESS = """
 UPDATE media SET variants_version = variants_version + 1, processing_status = 'pending', attempts = 0,
-                 processing_error = NULL, next_attempt_at = NULL, requested_formats = '{}', updated_at = now()
+                 processing_error = NULL, next_attempt_at = NULL, requested_formats = '{}', processing_progress = NULL,
+                 updated_at = now()
 WHERE media_id = $1 AND deleted_at IS NULL AND processing_status IN ('complete', 'failed', 'pending')
 RETURNING variants_version
 """
 
 _CLAIM = """
 UPDATE media SET processing_status = 'processing', attempts = attempts + 1, processing_started_at = now(),
-                 next_attempt_at = NULL, updated_at = now()
+                 next_attempt_at = NULL, processing_progress = NULL, updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND deleted_at IS NULL
   AND processing_status IN ('pending', 'processing')
 RETURNING media_id, owner_id, kind, content_type, object_key, attempts
@@ -573,6 +574,8 @@ class Library:
         await self._visible(principal, media_id, read_roles=("admin",))
         version = await self._pool.fetchval(_REPROCESS, media_id)
         if version is None:
+            # Deleted since it was read (NotFound, for good), or a run is in progress.
+            await self._visible(principal, media_id, read_roles=("admin",))
             raise MediaBusy("media is being processed; reprocess it when that finishes")
         shown = await self.get(principal, media_id)
         await self._transcodes.enqueue(media_id, version, feed_owner=shown.media.owner_id)
