@@ -415,7 +415,9 @@ func held(ctx context.Context, etag string) bool {
 func acceptedFormats(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodGet && (r.URL.Path == "/v1/feed" || strings.HasPrefix(r.URL.Path, "/v1/media/")) {
-			w.Header().Add("Vary", "Accept")
+			// The answer is the caller's too (the owner's has the originals' URLs): no shared cache may keep it.
+			w.Header().Set("Vary", "Accept, Authorization")
+			w.Header().Set("Cache-Control", "private")
 			query := r.URL.Query()
 			if _, named := query["accept"]; !named {
 				if ranges := imageRanges(r.Header.Values("Accept")); len(ranges) > 0 {

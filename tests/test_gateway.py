@@ -172,7 +172,7 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
         assert await response.read() == b""
         assert response.headers["ETag"] == headers["ETag"]
         assert "Content-Type" not in response.headers
-        assert response.headers["Vary"] == "Accept"
+        assert response.headers["Vary"] == "Accept, Authorization"
     status, foreign, _ = await call(http, "GET", f"{gateway}/v1/feed?user_id={user_id}", bearer("someone-else"))
     assert status == 403
     assert reason(foreign) == "FORBIDDEN"
@@ -214,7 +214,8 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
     # Its thumbnail and preview are smaller in AVIF than in JPEG, so both are kept.
     item, headers = await processed(http, gateway, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
     media_id = item["media"]["media_id"]
-    assert headers["Vary"] == "Accept"
+    assert headers["Vary"] == "Accept, Authorization"
+    assert headers["Cache-Control"] == "private", "the owner's answer has its originals' URLs"
     assert item["media"]["thumbhash"], "bytes come as base64 in JSON"
     plain = {v["name"]: v for v in item["media"]["variants"]}
     assert plain["thumbnail"]["content_type"] == "image/jpeg"
@@ -235,7 +236,7 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
 
     status, jpeg_feed, jpeg_headers = await call(http, "GET", f"{gateway}/v1/feed", md)
     status, avif_feed, avif_headers = await call(http, "GET", f"{gateway}/v1/feed", browser)
-    assert avif_headers["Vary"] == jpeg_headers["Vary"] == "Accept"
+    assert avif_headers["Vary"] == jpeg_headers["Vary"] == "Accept, Authorization"
     assert thumbnail_of(jpeg_feed["media"][0])["content_type"] == "image/jpeg"
     assert thumbnail_of(avif_feed["media"][0])["content_type"] == "image/avif"
     assert avif_feed["etag"] != jpeg_feed["etag"]
@@ -546,7 +547,7 @@ async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, use
             assert response.status == 304, if_none_match
             assert await response.read() == b""
             assert response.headers["ETag"] == etag
-            assert response.headers["Vary"] == "Accept"
+            assert response.headers["Vary"] == "Accept, Authorization"
     status, _, _ = await call(http, "GET", f"{gateway}/v1/feed", {**md, "If-None-Match": '"other", W/"another"'})
     assert status == 200
 

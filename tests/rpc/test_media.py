@@ -173,6 +173,42 @@ async def test_etag_answers_not_modified_until_the_feed_changes(storage, media, 
     assert first.media_id not in {m.media_id for m in changed.media}
 
 
+async def test_the_feed_etag_is_the_callers_answers_the_owners_differs_from_a_readers(storage, media, auth, user_id):
+    md, reader = auth(user_id), auth("feed-svc", "service")
+    await upload(storage, md, fake_jpeg(1200))
+    own = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    seen = await media.ListFeed(mpb.ListFeedRequest(user_id=user_id), metadata=reader)
+    assert own.media[0].original_url
+    assert not seen.media[0].original_url
+    assert own.etag != seen.etag
+    for caller, held in ((reader, own.etag), (md, seen.etag)):
+        answer = await media.ListFeed(mpb.ListFeedRequest(user_id=user_id, if_none_match=held), metadata=caller)
+        assert not answer.not_modified, "another caller's etag is not this answer's"
+
+
+async def test_an_etag_stops_being_current_before_its_answers_signed_urls_expire(make_settings, auth, user_id):
+    ttl = 2
+    async with running(make_settings(media_url_ttl_seconds=ttl)) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage, media = storage_pb2_grpc.StorageServiceStub(channel), media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        await upload(storage, md, fake_jpeg(1200))
+        page = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+        # Within the same half TTL the page is current (a second try if the first met its end).
+        for _ in range(2):
+            held = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
+            if held.not_modified:
+                break
+            page = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+        assert held.not_modified
+        await asyncio.sleep(ttl / 2)
+        later = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
+        assert not later.not_modified, "its URLs would have had less than half their life left"
+        assert later.etag != page.etag
+        status, _, _ = await fetch(later.media[0].original_url)
+        assert status == 200
+
+
 async def test_a_run_starting_reporting_progress_or_waiting_to_retry_changes_the_feed(storage, media, auth, user_id, worker, server):
     md = auth(user_id)
     done = await upload(storage, md, fake_jpeg(1300))
@@ -248,7 +284,14 @@ async def test_a_reprocess_that_meets_a_delete_is_not_found_not_busy(storage, me
     async with pool.acquire() as deleting:
         transaction = deleting.transaction()
         await transaction.start()
-        await deleting.execute("UPDATE media SET deleted_at = now() WHERE media_id = $1::uuid", done.media_id)
+        # What DeleteMedia does, its bytes freed through the ledger, held uncommitted.
+        size = await deleting.fetchval(
+            "UPDATE media SET deleted_at = now(), purge_after = now() + interval '1 day' WHERE media_id = $1::uuid "
+            "RETURNING size_bytes", done.media_id)
+        await deleting.execute("UPDATE accounts SET used_bytes = used_bytes - $2 WHERE user_id = $1", user_id, size)
+        await deleting.execute(
+            "INSERT INTO ledger_entries (user_id, kind, used_delta, media_id) VALUES ($1, 'free', $2, $3::uuid)",
+            user_id, -size, done.media_id)
         # The reprocess reads the media as live, then waits for the delete's row lock.
         reprocess = asyncio.ensure_future(media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md))
         while not await pool.fetchval(

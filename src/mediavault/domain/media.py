@@ -8,8 +8,10 @@ its own deterministic variant keys.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -549,10 +551,23 @@ class Library:
         preferred = formats.preference(accept)
         page = await self._feed.page(owner, page_size, page_token, preferred)
         await self._request_formats(page.items, preferred)
-        if if_none_match and if_none_match == page.etag:
-            return FeedPage([], page.next_page_token, page.etag, not_modified=True)
+        etag = self._answer_etag(page.etag, owned=owner == principal.user_id)
+        if if_none_match and if_none_match == etag:
+            return FeedPage([], page.next_page_token, etag, not_modified=True)
         items = [await self.show(principal, m, preferred) for m in page.items]
-        return FeedPage(items, page.next_page_token, page.etag, not_modified=False)
+        return FeedPage(items, page.next_page_token, etag, not_modified=False)
+
+    def _answer_etag(self, page_etag: str, *, owned: bool) -> str:
+        """The page's etag as this caller's answer shows it. The owner's answer has the originals'
+        URLs, a reader's none. And signed URLs expire (MEDIA_URL_TTL_SECONDS): their answers' etag
+        also names the half TTL it was made in, so an etag stops being current before the URLs of
+        the answer it came with have less than half their life left. Only the variants' CDN URLs
+        (PUBLIC_BASE_URL, on a reader's answer) never expire."""
+        parts = [page_etag, "owner" if owned else "reader"]
+        if owned or not self._settings.public_base_url:
+            half_ttl = self._settings.media_url_ttl_seconds / 2
+            parts.append(str(int(time.time() // half_ttl)))
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     async def delete(self, principal: Principal, media_id: uuid.UUID) -> None:
         """Soft delete; the owner's used bytes are freed at once, the blobs purged after the grace period."""

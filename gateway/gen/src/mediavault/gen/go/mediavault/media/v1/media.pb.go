@@ -951,7 +951,10 @@ type ListFeedResponse struct {
 	Media []*Media `protobuf:"bytes,1,rep,name=media,proto3" json:"media,omitempty"`
 	// Token of the next page; empty on the last.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
-	// Changes whenever the page's content changes, and with the formats accept chooses.
+	// Changes whenever the page's content changes, with the formats accept chooses, between the
+	// owner's answer (with original URLs) and a reader's, and, while the answer holds signed URLs,
+	// every half MEDIA_URL_TTL_SECONDS: a current etag's answer has URLs with at least half their
+	// life left.
 	Etag string `protobuf:"bytes,3,opt,name=etag,proto3" json:"etag,omitempty"`
 	// True when if_none_match equals etag.
 	NotModified          bool     `protobuf:"varint,4,opt,name=not_modified,json=notModified,proto3" json:"not_modified,omitempty"`
