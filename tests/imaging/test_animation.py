@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import av
 import pytest
 from PIL import Image, ImageChops, ImageCms, ImageStat
 
-from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, PermanentImagingError, TranscodeResult, transcode
+from mediavault.imaging import (
+    DEFAULT_LIMITS,
+    DEFAULT_VARIANTS,
+    ImagingError,
+    Limits,
+    PermanentImagingError,
+    TranscodeResult,
+    transcode,
+)
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
 from mediavault.imaging.colour import DISPLAY_P3
 from mediavault.imaging.errors import IMAGE_TOO_LARGE
@@ -191,6 +201,44 @@ def test_past_a_limit_only_the_stills_are_made(limits: AnimationLimits) -> None:
 @pytest.mark.parametrize("relative", ["images/formats/hopper.gif", "images/formats/hopper.webp", "images/formats/hopper.png"])
 def test_still_images_are_not_animated(relative: str) -> None:
     assert transcoded(relative).animation is None
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("WEBP", "image/webp"), ("PNG", "image/png")])
+def test_the_renditions_are_turned_upright_by_the_exif_orientation_as_the_stills_are(fmt: str, mime: str) -> None:
+    # Stored 200 wide and 400 tall, red above blue; orientation 6 shows it turned a quarter
+    # clockwise: 400 wide, red on the right.
+    frame = Image.new("RGB", (200, 400), (220, 30, 40))
+    frame.paste((40, 60, 210), (0, 200, 200, 400))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    # A second frame that differs (identical ones are merged), red above blue as well.
+    second = frame.copy()
+    second.paste((230, 40, 50), (0, 0, 200, 200))
+    frame.save(buffer, fmt, save_all=True, append_images=[second], duration=100, loop=0, exif=exif, lossless=True)
+    result = transcode(buffer.getvalue(), mime)
+    assert (result.width, result.height) == (400, 200)
+    made = renditions(result.animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION])).convert("RGB")
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = next(container.decode(video=0)).to_image()
+    for picture in (webp, mp4):
+        assert picture.size == (400, 200)
+        right, left = picture.getpixel((350, 100)), picture.getpixel((50, 100))
+        assert isinstance(right, tuple)
+        assert isinstance(left, tuple)
+        assert right[0] > 150 > right[2], right
+        assert left[2] > 150 > left[0], left
+
+
+def test_a_scratch_space_fault_while_animating_is_tried_again_not_a_corrupt_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", full)
+    with pytest.raises(ImagingError) as caught:
+        transcode(animated("GIF"), "image/gif")
+    assert not isinstance(caught.value, PermanentImagingError)
 
 
 def test_a_large_animation_is_scaled_into_its_box() -> None:

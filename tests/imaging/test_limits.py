@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import resource
+import struct
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 from PIL import Image
 
 from mediavault.imaging import DEFAULT_LIMITS, Limits, PermanentImagingError, TranscodeResult, transcode
+from mediavault.imaging.metadata import PhotoFacts
 from mediavault.imaging.pipeline import transcode_poster
 from tests.imaging.helpers import corpus
 
@@ -43,6 +47,46 @@ def test_decompression_bomb_is_refused_without_allocating_it() -> None:
     assert time.perf_counter() - started < 1
     # Decoding its 4.3 gigapixels would take more than 4 GB.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024
+
+
+def exif_bomb(tags: int, blob_bytes: int) -> bytes:
+    """A little-endian TIFF block whose IFD0 has `tags` UNDEFINED tags all pointing at one blob."""
+    ifd_at = 8
+    blob_at = ifd_at + 2 + 12 * tags + 4
+    entries = b"".join(struct.pack("<HHLL", 0x100 + i, 7, blob_bytes, blob_at) for i in range(tags))
+    return b"II*\0" + struct.pack("<L", ifd_at) + struct.pack("<H", tags) + entries + b"\0\0\0\0" + bytes(blob_bytes)
+
+
+_PEAK_OF_A_TRANSCODE = """
+import resource, sys
+from mediavault.imaging import transcode
+data = sys.stdin.buffer.read()
+result = transcode(data, sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, result.width, repr(result.photo))
+"""
+
+
+def peak_kib_of_a_transcode(data: bytes, content_type: str) -> tuple[int, int, str]:
+    """Peak RSS (KiB), width and photo facts (repr) of one transcode in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_A_TRANSCODE, content_type], input=data, capture_output=True, check=True
+    )
+    peak, width, facts = done.stdout.decode().split(maxsplit=2)
+    return int(peak), int(width), facts.strip()
+
+
+@pytest.mark.parametrize(("fmt", "content_type"), [("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_an_exif_block_past_jpegs_bound_is_dropped_unread(fmt: str, content_type: str) -> None:
+    # 400 tags at one 1 MB blob: Pillow's reader would copy the blob for each, 400 MB.
+    picture = Image.new("RGB", (64, 64), (200, 40, 40))
+    plain, bomb = io.BytesIO(), io.BytesIO()
+    picture.save(plain, fmt)
+    picture.save(bomb, fmt, exif=exif_bomb(400, 1_000_000))
+    assert len(bomb.getvalue()) < 1_100_000
+    baseline, _, _ = peak_kib_of_a_transcode(plain.getvalue(), content_type)
+    peak, width, facts = peak_kib_of_a_transcode(bomb.getvalue(), content_type)
+    assert (width, facts) == (64, repr(PhotoFacts())), "the pixels are still good; the facts are dropped"
+    assert peak - baseline < 50 * 1024, (peak, baseline)
 
 
 @pytest.mark.parametrize("max_pixels", [1_000_000, 5_000_000])

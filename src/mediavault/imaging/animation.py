@@ -39,7 +39,7 @@ import av
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
-from mediavault.imaging.decode import srgb_conversion
+from mediavault.imaging.decode import TRANSPOSE_FOR_ORIENTATION, exif_orientation, srgb_conversion, upright
 from mediavault.imaging.spec import AnimationLimits, fit
 from mediavault.imaging.variants import Variant
 
@@ -76,7 +76,8 @@ def is_animated(image: Image.Image) -> bool:
 
 
 def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
-    """The animation of an opened, animated image; None when it is over a limit or not animated.
+    """The animation of a loaded, animated image (its first frame loaded: see decode.exif); None
+    when it is over a limit or not animated.
 
     None too when a frame is not the first one's size: browsers clip a GIF frame placed past
     the screen, Pillow grows the canvas instead, and the limits were checked on the first.
@@ -88,7 +89,10 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     frames: int = getattr(image, "n_frames", 1)
     if frames > limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
         return None
-    width, height = fit(image.width, image.height, limits.box)
+    # Turned upright as the stills are: neither rendition carries the EXIF that would turn it.
+    orientation = exif_orientation(image)
+    transpose = TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    width, height = fit(*upright(image.width, image.height, orientation), limits.box)
     even = (max(2, width - width % 2), max(2, height - height % 2))
     size = image.size
     icc = image.info.get("icc_profile")
@@ -119,6 +123,8 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                 rgba = image.convert("RGBA")
                 if to_srgb is not None:
                     rgba = rgba.filter(to_srgb)
+                if transpose is not None:
+                    rgba = rgba.transpose(transpose)
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
                 flat = _over_white(rgba).crop((0, 0, *even))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import warnings
@@ -25,6 +26,7 @@ from mediavault.imaging.errors import (
     TOO_MANY_FRAMES,
     UNSUPPORTED_FORMAT,
     VIDEO_TOO_LARGE,
+    ImagingError,
     PermanentImagingError,
 )
 from mediavault.imaging.spec import Limits, VariantSpec, fit
@@ -152,15 +154,27 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
     return Still(picture, *upright(width, height, orientation))
 
 
+# Faults of the machine, not of the file (scratch space full, descriptors or memory out): the
+# decoders' own errors carry no errno.
+_MACHINE_FAULTS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS, errno.EACCES}
+)
+
+
 @contextlib.contextmanager
 def refused_if_corrupt() -> Iterator[None]:
-    """Whatever a decoder raises on malformed input, as the PermanentImagingError the uploader sees."""
+    """Whatever a decoder raises on malformed input, as the PermanentImagingError the uploader sees;
+    a fault of the machine (the animations' scratch files) as an ImagingError, tried again."""
     try:
         yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PermanentImagingError(IMAGE_TOO_LARGE) from None
     except (PermanentImagingError, MemoryError):
         raise
+    except OSError as exc:
+        if exc.errno in _MACHINE_FAULTS:
+            raise ImagingError("processing failed") from exc
+        raise PermanentImagingError(CORRUPT_IMAGE) from None
     except Exception:
         # OSError, SyntaxError, ValueError, struct.error, EOFError, ... all mean the same
         # thing to the uploader.
@@ -187,15 +201,32 @@ def upright(width: int, height: int, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
-def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation, 1 (upright) when there is none or it cannot be read.
+# JPEG holds its EXIF in one segment of at most 64 KiB; a PNG's eXIf chunk and the EXIF of a
+# WebP or HEIF have no bound, and Pillow's reader copies a tag's data once for every tag that
+# points at it: 2,000 tags at one 1 MB blob, a 1 MB file, cost 2 GB. A larger block is dropped
+# unread, as an unreadable one is.
+MAX_EXIF_BYTES = 64 * 1024
+
+
+def exif(image: Image.Image) -> Image.Exif:
+    """The image's EXIF, empty when its block is larger than MAX_EXIF_BYTES.
 
     Only for a loaded image or a JPEG: a PNG's eXIf chunk may follow its pixels, so
-    getexif() loads it, and a load error swallowed here would leave the half-decoded
+    getexif() loads it, and a load error swallowed by a caller would leave the half-decoded
     pixels behind for a later load() to accept as the whole picture.
     """
+    raw = image.info.get("exif") or b""
+    # PNG's older text form, hex digits (two a byte) with a header.
+    legacy = image.info.get("Raw profile type exif") or ""
+    if len(raw) > MAX_EXIF_BYTES or len(legacy) > 2 * MAX_EXIF_BYTES + 64:
+        return Image.Exif()
+    return image.getexif()
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation, 1 (upright) when there is none or it cannot be read (see exif)."""
     try:
-        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        return int(exif(image).get(_EXIF_ORIENTATION, 1))
     except Exception:
         # An unreadable EXIF block is metadata we drop anyway; the pixels are still good.
         return 1

@@ -14,6 +14,8 @@ from datetime import datetime
 
 from PIL import Image
 
+from mediavault.imaging.decode import exif
+
 _MAKE, _MODEL, _EXIF_IFD = 0x010F, 0x0110, 0x8769
 _DATE_TIME_ORIGINAL, _OFFSET_TIME_ORIGINAL = 0x9003, 0x9011
 _OFFSET = re.compile(r"([+-])(\d\d):(\d\d)")
@@ -36,14 +38,14 @@ class PhotoFacts:
 def photo_facts(image: Image.Image) -> PhotoFacts:
     """The facts of an opened image: a JPEG, or any image once loaded (see decode.exif_orientation)."""
     try:
-        exif = image.getexif()
-        details = exif.get_ifd(_EXIF_IFD)
+        tags = exif(image)
+        details = tags.get_ifd(_EXIF_IFD)
     except Exception:
         # Unreadable EXIF is metadata we drop anyway.
         return PhotoFacts()
     taken_at = _datetime(details.get(_DATE_TIME_ORIGINAL))
     offset = _offset_minutes(details.get(_OFFSET_TIME_ORIGINAL)) if taken_at else None
-    return PhotoFacts(taken_at, offset, _camera(exif.get(_MAKE), exif.get(_MODEL)))
+    return PhotoFacts(taken_at, offset, _camera(tags.get(_MAKE), tags.get(_MODEL)))
 
 
 def _text(value: object) -> str:
