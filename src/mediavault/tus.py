@@ -212,8 +212,6 @@ class TusEndpoints:
 
     async def _patch_upload(self, request: web.Request) -> web.Response:
         upload_id = self._signed_progress_id(request)
-        # A frozen account writes nothing, through its signed URLs included, as UploadContent.
-        self._admission.refuse_frozen((await self._resumable.progress(upload_id)).upload.user_id)
         if request.headers.get("Content-Type") != _OFFSET_TYPE:
             raise _Refused(415, f"Content-Type must be {_OFFSET_TYPE}")
         offset = _non_negative(request.headers.get("Upload-Offset"), "Upload-Offset")
@@ -226,6 +224,8 @@ class TusEndpoints:
             offset=offset,
             length=request.content_length,
             checksum=checksum,
+            # A frozen account writes nothing, through its signed URLs included, as UploadContent.
+            owner_may_write=self._admission.refuse_frozen,
         )
         return self._respond(request, 204, _progress_headers(progress))
 

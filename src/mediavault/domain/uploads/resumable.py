@@ -33,7 +33,7 @@ import hashlib
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -271,6 +271,7 @@ class Resumable:
         length: int | None = None,
         checksum: ChunkChecksum | None = None,
         owner: str | None = None,
+        owner_may_write: Callable[[str], None] | None = None,
     ) -> Progress:
         """Appends the chunk after the stored bytes; returns the upload with the durable offset after it.
 
@@ -279,6 +280,8 @@ class Resumable:
         upload's is its size, where it takes no more bytes; OffsetMismatch when it is not, before
         any byte is read or stored. length: the chunk's length when known up
         front. owner: the caller whose upload it must be (None: the URL signature vouched).
+        owner_may_write: called with the upload's owner before anything is read or stored, to
+        raise when that account may not write (a frozen one, for a caller the URL vouched for).
         Without a checksum, the bytes become durable step by step as they come (S3: part by
         part; fs: chunk size by chunk size) and at the chunk's end, so a chunk cut short keeps
         what arrived, one cancelled (a gRPC client's cancel, a server shutting down) keeps what
@@ -294,6 +297,8 @@ class Resumable:
                 assert row is not None  # the lease is on the row, and progress rows stay
                 progress = _progress(row)
                 upload = progress.upload
+                if owner_may_write is not None:
+                    owner_may_write(upload.user_id)
                 if upload.state != "finalized":
                     check_writable(progress)
                 received = progress.received_bytes
