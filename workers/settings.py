@@ -81,6 +81,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits=dataclasses.replace(
             DEFAULT_LIMITS,
             job_timeout_seconds=settings.transcode_timeout_seconds,
+            process_memory_bytes=settings.transcode_memory_limit_mb * 1024 * 1024,
             animation=AnimationLimits(
                 max_frames=settings.imaging_animation_max_frames,
                 max_total_pixels=settings.imaging_animation_max_total_pixels,

@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     feed_cache_ttl_seconds: int = Field(default=30, gt=0)
     transcode_workers: int = Field(default=0, ge=0)
     transcode_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Private memory of each transcoding process (imaging.spec.Limits.process_memory_bytes); 0: no limit.
+    transcode_memory_limit_mb: int = Field(default=4096, ge=0)
     transcode_retry_base_seconds: float = Field(default=5.0, gt=0)
     # off: every JPEG goes through Pillow, never its YCbCr planes (see imaging.strategies).
     imaging_jpeg_planes: Literal["on", "off"] = "on"

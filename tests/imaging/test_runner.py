@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mediavault.imaging import ImagingError, Limits, PermanentImagingError, Transcoder
 from tests.imaging.helpers import corpus
@@ -86,6 +88,44 @@ async def test_timeout_kills_the_stuck_worker_and_the_pool_recovers() -> None:
         result = await transcoder.run(HEIC, "image/heic")
         assert (result.width, result.height) == (2566, 3313)
         assert pid not in worker_pids()
+
+
+def solid_png(width: int, height: int) -> bytes:
+    """A PNG of a few kilobytes whose decode needs width x height x 3 bytes."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 60)).save(out, "PNG", compress_level=9)
+    return out.getvalue()
+
+
+def data_limit(pid: int) -> int | None:
+    """The process's RLIMIT_DATA soft limit in bytes, None when unlimited."""
+    for line in proc(pid, "limits").decode().splitlines():
+        if line.startswith("Max data size"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    raise AssertionError("no data limit line")
+
+
+async def test_a_job_past_the_memory_limit_fails_as_too_large_and_the_pool_recovers() -> None:
+    big = solid_png(10_000, 8_000)  # 240 MB of pixels once decoded, within max_pixels
+    before = worker_pids()
+    async with Transcoder(workers=1, limits=Limits(process_memory_bytes=200 * 1024**2)) as transcoder:
+        await transcoder.run(PNG, "image/png")
+        (pid,) = worker_pids() - before
+        assert data_limit(pid) == 200 * 1024**2
+        with pytest.raises(PermanentImagingError, match=r"^image too large$"):
+            await transcoder.run(big, "image/png")
+        assert await gone(pid), "the worker that ran out of memory is still running"
+        result = await transcoder.run(JOLLA, "image/jpeg")
+        assert (result.width, result.height) == (3264, 2448)
+        (replacement,) = worker_pids() - before
+        assert data_limit(replacement) == 200 * 1024**2
+    # The same picture under the default limit: the limit, not the picture, refused it.
+    async with Transcoder(workers=1) as transcoder:
+        result = await transcoder.run(big, "image/png")
+        assert (result.width, result.height) == (10_000, 8_000)
+        (pid,) = worker_pids() - before
+        assert data_limit(pid) == Limits().process_memory_bytes
 
 
 async def test_a_crashed_worker_fails_its_job_as_retryable_and_is_replaced() -> None:

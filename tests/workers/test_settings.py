@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from arq import create_pool
@@ -77,6 +78,20 @@ async def test_jpeg_planes_off_reaches_the_transcoding_processes(make_settings, 
     finally:
         await shutdown(ctx)
     assert result.strategy == "pillow"
+
+
+async def test_the_memory_limit_reaches_the_transcoding_processes(make_settings, monkeypatch):
+    monkeypatch.setenv("MEDIAVAULT_TRANSCODE_MEMORY_LIMIT_MB", "300")
+    ctx = {"settings": make_settings(transcode_workers=1), "redis": None}
+    try:
+        await startup(ctx)
+        await ctx["transcoder"].prewarm()
+        (worker,) = ctx["transcoder"]._idle
+        limits = Path(f"/proc/{worker.pid}/limits").read_text()
+    finally:
+        await shutdown(ctx)
+    (line,) = [line for line in limits.splitlines() if line.startswith("Max data size")]
+    assert line.split()[3:5] == [str(300 * 1024 * 1024)] * 2
 
 
 def test_a_worker_takes_two_photo_jobs_per_transcoding_process(make_settings):

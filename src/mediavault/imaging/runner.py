@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Collection, Mapping
@@ -15,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TypeVar
 
-from mediavault.imaging.errors import TIMED_OUT, ImagingError, PermanentImagingError
+from mediavault.imaging.errors import IMAGE_TOO_LARGE, TIMED_OUT, ImagingError, PermanentImagingError
 from mediavault.imaging.pipeline import made_on_request, transcode, transcode_poster
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
 from mediavault.imaging.tuning import tune_worker_process
@@ -31,8 +32,12 @@ _START_TIMEOUT_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _start_worker(parent_pid: int) -> None:
+def _start_worker(parent_pid: int, memory_bytes: int) -> None:
     _die_with_parent(parent_pid)
+    if memory_bytes:
+        # RLIMIT_DATA, not RLIMIT_AS: it counts what the process can write (heap, anonymous
+        # maps, thread stacks), not the libraries' code or address space reserved and never used.
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     tune_worker_process()
 
 
@@ -56,9 +61,9 @@ def _ready() -> int:
 class _Worker:
     """A single-process executor, so that one stuck job can be killed without touching the others."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_bytes: int) -> None:
         self.executor = ProcessPoolExecutor(
-            max_workers=1, mp_context=_CONTEXT, initializer=_start_worker, initargs=(os.getpid(),)
+            max_workers=1, mp_context=_CONTEXT, initializer=_start_worker, initargs=(os.getpid(), memory_bytes)
         )
         self.pid = 0
 
@@ -93,7 +98,9 @@ class Transcoder:
 
     A job past `limits.job_timeout_seconds` has its process killed and replaced, and
     fails with PermanentImagingError("processing timed out"): the same bytes would
-    stall again. A worker that dies on its own during a job (a crash in a native decoder,
+    stall again. One that needs more than `limits.process_memory_bytes` fails with
+    PermanentImagingError("image too large") and its process is replaced too (its heap
+    may be left as large as the limit). A worker that dies on its own during a job (a crash in a native decoder,
     the OOM killer) fails that job with a plain ImagingError, which the caller may retry;
     one found dead when a job is handed over is replaced, and the job runs in the new one.
     `jpeg_planes` off makes every JPEG go through Pillow, `lossless_display` off re-encodes
@@ -129,7 +136,7 @@ class Transcoder:
         second each for an interpreter; best effort, a worker that fails to start is
         started again by the job that needs it."""
         missing = self.size - len(self._idle) - len(self._busy)
-        workers = [_Worker() for _ in range(max(0, missing))]
+        workers = [_Worker(self.limits.process_memory_bytes) for _ in range(max(0, missing))]
         started = await asyncio.gather(*(worker.start() for worker in workers), return_exceptions=True)
         for worker, outcome in zip(workers, started, strict=True):
             if isinstance(outcome, BaseException) or self._closed:
@@ -170,6 +177,8 @@ class Transcoder:
                 raise
             except TimeoutError:
                 raise PermanentImagingError(TIMED_OUT) from None
+            except MemoryError:
+                raise PermanentImagingError(IMAGE_TOO_LARGE) from None
             except BrokenProcessPool:
                 raise ImagingError("processing failed") from None
             finally:
@@ -200,7 +209,7 @@ class Transcoder:
                     self._busy.add(worker)
                     return worker, future
             worker.kill()
-        worker = _Worker()
+        worker = _Worker(self.limits.process_memory_bytes)
         try:
             await worker.start()
             future = worker.executor.submit(job, *args)
