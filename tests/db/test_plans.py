@@ -73,7 +73,7 @@ async def media_page(pool: asyncpg.Pool, after: tuple[datetime, uuid.UUID]) -> l
 
 async def purchases_page(pool: asyncpg.Pool, after: tuple[datetime, uuid.UUID]) -> list[uuid.UUID]:
     listing = purchases.Purchases(pool, accounts.Accounts(pool, 0), TOKENS)
-    items, _ = await listing.list_page(OWNER, 20, TOKENS.encode(purchases.LISTING, *after))
+    items, _ = await listing.list_page(OWNER, 20, TOKENS.encode(purchases.LISTING, OWNER, *after))
     return [item.purchase_id for item in items]
 
 

@@ -53,8 +53,8 @@ FORGED_TOKENS = {
     "wrong-types": _unsigned([1, 2]),
     "object": _unsigned({"created_at": "2026-01-01", "id": 1}),
     "nulls": _unsigned([None, None]),
-    "feed-token-signed-with-another-key": PageTokens(b"another key").encode("feed", datetime.now(UTC), uuid.uuid4()),
-    "purchases-token-signed-with-another-key": PageTokens(b"another key").encode("purchases", datetime.now(UTC), uuid.uuid4()),
+    "feed-token-signed-with-another-key": PageTokens(b"another key").encode("feed", "u", datetime.now(UTC), uuid.uuid4()),
+    "purchases-token-signed-with-another-key": PageTokens(b"another key").encode("purchases", "u", datetime.now(UTC), uuid.uuid4()),
     "right-length-letters": "A" * 60,
     "right-length-padding": "=" * 60,
     "right-length-non-ascii": "\u00e9" * 60,
@@ -114,6 +114,41 @@ async def test_issued_page_tokens_page_on_and_any_change_to_them_is_refused(stor
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         _assert_bad_page_token(caught.value)
+
+
+async def test_a_page_token_of_another_users_list_is_refused(storage, media, auth, user_id):
+    other = f"{user_id}-other"
+    billing = auth("billing-bot", "billing")
+    for owner in (user_id, other):
+        for size in (900, 901, 902):
+            await upload(storage, auth(owner), fake_jpeg(size))
+        for n in range(3):
+            await storage.AddStorageCredits(
+                pb.AddStorageCreditsRequest(
+                    user_id=owner, provider=pb.PAYMENT_PROVIDER_MANUAL, payment_reference=f"{owner}-{n}",
+                    credit_bytes=1000, currency="USD",
+                ),
+                metadata=billing,
+            )
+    theirs = auth(other)
+    feed_token = (await media.ListFeed(mpb.ListFeedRequest(page_size=2), metadata=theirs)).next_page_token
+    purchases_token = (await storage.ListPurchases(pb.ListPurchasesRequest(page_size=2), metadata=theirs)).next_page_token
+    assert feed_token and purchases_token
+    md = auth(user_id)
+    admin = auth("admin-bot", "admin")
+    calls = [
+        media.ListFeed(mpb.ListFeedRequest(page_token=feed_token), metadata=md),
+        storage.ListPurchases(pb.ListPurchasesRequest(page_token=purchases_token), metadata=md),
+        # A caller who may read both lists still pages each with its own tokens only.
+        media.ListFeed(mpb.ListFeedRequest(user_id=user_id, page_token=feed_token), metadata=admin),
+        storage.ListPurchases(pb.ListPurchasesRequest(user_id=user_id, page_token=purchases_token), metadata=admin),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        _assert_bad_page_token(caught.value)
+    page = await media.ListFeed(mpb.ListFeedRequest(user_id=other, page_token=feed_token), metadata=admin)
+    assert len(page.media) == 1
 
 
 def _bad_events(media_id: str) -> list[mpb.UsageEvent]:

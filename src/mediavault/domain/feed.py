@@ -129,7 +129,7 @@ class Feed:
         """A page of the owner's media; `preferred` (formats.preference) is the client's, which the etag covers."""
         size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # Verified before the cache: the token is part of the page's key, so only issued tokens make keys.
-        after = self._tokens.decode(LISTING, page_token) if page_token else None
+        after = self._tokens.decode(LISTING, owner_id, page_token) if page_token else None
         named = formats.signature(preferred)
         as_json = await self._cached(owner_id, f"{size}:{named}:{page_token}", lambda: self._compute(owner_id, size, after, named))
         payload = json.loads(as_json)
@@ -158,7 +158,7 @@ class Feed:
         self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None, preferred: str
     ) -> _PageJson:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
-        next_token = self._tokens.encode(LISTING, items[-1].created_at, items[-1].media_id) if more else ""
+        next_token = self._tokens.encode(LISTING, owner_id, items[-1].created_at, items[-1].media_id) if more else ""
         payload: _Payload = {"items": _to_json(items), "next_page_token": next_token}
         payload["etag"] = _etag(payload, preferred)
         return json.dumps(payload, default=str)

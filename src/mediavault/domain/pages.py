@@ -2,9 +2,10 @@
 
 A token names the last item of a page by (created_at, id), the order every list
 pages in. It is signed with a key only the service knows and bound to the list that
-issued it, so that a client can hand back only a position the service gave it: a
-forged, altered or truncated token, or one of another list, is refused before it
-reaches SQL, and nothing a client writes into one is ever parsed.
+issued it and the user whose list that was, so that a client can hand back only a
+position the service gave it for that list: a forged, altered or truncated token, or
+one of another list or another user's, is refused before it reaches SQL, and nothing
+a client writes into one is ever parsed.
 """
 
 from __future__ import annotations
@@ -41,19 +42,19 @@ def _refused() -> InvalidArgument:
 
 
 class PageTokens:
-    """Encodes and verifies the page tokens of every list, each list under its own name."""
+    """Encodes and verifies the page tokens of every list, each list under its own name and owner."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def encode(self, listing: str, created_at: datetime, item_id: uuid.UUID) -> str:
+    def encode(self, listing: str, owner: str, created_at: datetime, item_id: uuid.UUID) -> str:
         since = created_at - _EPOCH
         micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
         position = _POSITION.pack(_VERSION, micros, item_id.bytes)
-        return base64.urlsafe_b64encode(position + self._mac(listing, position)).decode()
+        return base64.urlsafe_b64encode(position + self._mac(listing, owner, position)).decode()
 
-    def decode(self, listing: str, token: str) -> tuple[datetime, uuid.UUID]:
-        """The position a token of this listing names; InvalidArgument on page_token for anything else."""
+    def decode(self, listing: str, owner: str, token: str) -> tuple[datetime, uuid.UUID]:
+        """The position a token of this owner's listing names; InvalidArgument on page_token for anything else."""
         if len(token) != TOKEN_LENGTH or not token.isascii():
             raise _refused()
         try:
@@ -64,7 +65,7 @@ class PageTokens:
         if base64.urlsafe_b64encode(raw).decode() != token:
             raise _refused()
         position, mac = raw[: _POSITION.size], raw[_POSITION.size :]
-        if not hmac.compare_digest(mac, self._mac(listing, position)):
+        if not hmac.compare_digest(mac, self._mac(listing, owner, position)):
             raise _refused()
         version, micros, item_id = _POSITION.unpack(position)
         if version != _VERSION:
@@ -75,5 +76,7 @@ class PageTokens:
             raise _refused() from None
         return created_at, uuid.UUID(bytes=item_id)
 
-    def _mac(self, listing: str, position: bytes) -> bytes:
-        return hmac.new(self._key, listing.encode() + b"\x00" + position, hashlib.sha256).digest()[:_MAC_BYTES]
+    def _mac(self, listing: str, owner: str, position: bytes) -> bytes:
+        # Neither a list's name nor a user id holds a NUL (auth.USER_ID), so the message names one pair.
+        signed = b"\x00".join((listing.encode(), owner.encode(), position))
+        return hmac.new(self._key, signed, hashlib.sha256).digest()[:_MAC_BYTES]

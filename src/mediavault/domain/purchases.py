@@ -157,9 +157,9 @@ class Purchases:
         """One page, newest first, keyset-paginated so new purchases never shift a page."""
         size = page_size(requested_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         if page_token:
-            rows = await self._pool.fetch(_PAGE_AFTER, user_id, *self._tokens.decode(LISTING, page_token), size + 1)
+            rows = await self._pool.fetch(_PAGE_AFTER, user_id, *self._tokens.decode(LISTING, user_id, page_token), size + 1)
         else:
             rows = await self._pool.fetch(_FIRST_PAGE, user_id, size + 1)
         purchases = [Purchase(**r) for r in rows[:size]]
         last = purchases[-1] if len(rows) > size else None
-        return purchases, self._tokens.encode(LISTING, last.created_at, last.purchase_id) if last else ""
+        return purchases, self._tokens.encode(LISTING, user_id, last.created_at, last.purchase_id) if last else ""
