@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net/http"
 	"os"
@@ -81,6 +82,8 @@ func main() {
 		routingError(mux, w, r, httpStatus)
 	}
 	ctx := context.Background()
+	// Before the generated handlers: the mux takes the first route that matches.
+	handleUploadContent(mux, storagev1.NewStorageServiceClient(conn))
 	if err := storagev1.RegisterStorageServiceHandler(ctx, mux, conn); err != nil {
 		log.Fatal(err)
 	}
@@ -216,6 +219,69 @@ func withoutInternals(r *http.Request, err error) error {
 	return err
 }
 
+// uploadContentPattern is POST /v1/uploads:uploadContent, UploadContent's google.api.http rule.
+var uploadContentPattern = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1}, []string{"v1", "uploads"}, "uploadContent"))
+
+// handleUploadContent serves UploadContent in place of the generated handler, which answered
+// the error of the Send that found the stream closed (io.EOF: the server had answered already,
+// for an unknown or finalized upload or a refused chunk) as a 500 instead of the server's status,
+// and read the whole body into memory before sending its first message.
+func handleUploadContent(mux *runtime.ServeMux, client storagev1.StorageServiceClient) {
+	mux.Handle("POST", uploadContentPattern, func(w http.ResponseWriter, req *http.Request, _ map[string]string) {
+		ctx, cancel := context.WithCancel(req.Context())
+		defer cancel()
+		inbound, outbound := runtime.MarshalerForRequest(mux, req)
+		rctx, err := runtime.AnnotateContext(ctx, mux, req)
+		if err != nil {
+			runtime.HTTPError(ctx, mux, outbound, w, req, err)
+			return
+		}
+		resp, md, err := uploadContent(rctx, inbound, client, req.Body)
+		ctx = runtime.NewServerMetadataContext(ctx, md)
+		if err != nil {
+			runtime.HTTPError(ctx, mux, outbound, w, req, err)
+			return
+		}
+		runtime.ForwardResponseMessage(ctx, mux, outbound, w, req, resp, mux.GetForwardResponseOptions()...)
+	})
+}
+
+// uploadContent sends the body's messages, one JSON object after another, as they are decoded,
+// and answers what the server answers: once it has, the rest of the body is not read.
+func uploadContent(ctx context.Context, marshaler runtime.Marshaler, client storagev1.StorageServiceClient,
+	body io.Reader) (proto.Message, runtime.ServerMetadata, error) {
+	var md runtime.ServerMetadata
+	stream, err := client.UploadContent(ctx)
+	if err != nil {
+		return nil, md, err
+	}
+	decoder := marshaler.NewDecoder(body)
+	for {
+		var message storagev1.UploadContentRequest
+		err = decoder.Decode(&message)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, md, status.Errorf(codes.InvalidArgument, "%v", err)
+		}
+		if err = stream.Send(&message); err == io.EOF {
+			break
+		} else if err != nil {
+			return nil, md, err
+		}
+	}
+	if err = stream.CloseSend(); err != nil {
+		return nil, md, err
+	}
+	if md.HeaderMD, err = stream.Header(); err != nil {
+		return nil, md, err
+	}
+	resp, err := stream.CloseAndRecv()
+	md.TrailerMD = stream.Trailer()
+	return resp, md, err
+}
+
 // statusWriter writes its status instead of the one grpc-gateway derives from the gRPC code,
 // for answers no gRPC code maps to.
 type statusWriter struct {
@@ -274,9 +340,12 @@ var errHeadersTooLarge = gatewayError(codes.InvalidArgument, "HEADERS_TOO_LARGE"
 
 // validMetadata drops the values of forwarded headers that gRPC metadata cannot carry (printable
 // ASCII only): the server would refuse the whole call, on every route, for an X-Request-Id. It
-// answers 431 when what is left passes maxForwardedBytes.
+// answers 431 when what is left passes maxForwardedBytes. It drops Grpc-Timeout, which
+// runtime.AnnotateContext would make the call's deadline: a client's header must not cut a call
+// short into a 504 that carries no ErrorInfo.
 func validMetadata(mux *runtime.ServeMux, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Header.Del("Grpc-Timeout")
 		// The Host header is forwarded as x-forwarded-host when X-Forwarded-Host is absent.
 		size := len(r.Host)
 		for _, name := range forwardedHeaders {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -637,3 +638,47 @@ async def test_a_client_slow_to_send_its_headers_is_cut(gateway_binary):
             writer.close()
     assert cut is not None, "the gateway still waited for the headers after 5 s"
     assert cut < 3
+
+
+def content_stream(upload_id: str, data: bytes, chunk_bytes: int = 64 * 1024) -> bytes:
+    """An UploadContent body: its messages as JSON objects one after another (newline-separated)."""
+    lines = [json.dumps({"upload_id": upload_id})]
+    lines += [json.dumps({"chunk": base64.b64encode(data[i : i + chunk_bytes]).decode()}) for i in range(0, len(data), chunk_bytes)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def test_upload_content_answers_the_servers_status_when_it_answers_before_the_body_ends(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    # Larger than the HTTP/2 windows between the gateway and the server, so that the server's
+    # early answer comes while the gateway still has chunks to send.
+    stream = content_stream(str(uuid.uuid4()), os.urandom(5 * 1024 * 1024))
+    async with http.post(f"{gateway}/v1/uploads:uploadContent", data=stream, headers=md) as response:
+        unknown = await response.json(content_type=None)
+        assert response.status == 404, unknown
+        assert reason(unknown) == "NOT_FOUND"
+        assert response.headers["X-Request-Id"]
+
+    data = fake_jpeg(2 * 1024 * 1024)
+    status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(data))
+    assert status == 200, begun
+    upload_id = begun["upload"]["upload_id"]
+    for attempt in ("sends the bytes", "finds it finalized"):
+        async with http.post(f"{gateway}/v1/uploads:uploadContent", data=content_stream(upload_id, data), headers=md) as response:
+            done = await response.json(content_type=None)
+            assert response.status == 200, (attempt, done)
+            assert done["upload"]["state"] == "UPLOAD_STATE_FINALIZED", attempt
+
+    small = fake_jpeg(1000)
+    status, begun, _ = await call(http, "POST", f"{gateway}/v1/uploads", md, begin_body(small))
+    assert status == 200, begun
+    async with http.post(f"{gateway}/v1/uploads:uploadContent", data=content_stream(begun["upload"]["upload_id"], os.urandom(5 * 1024 * 1024)),
+                         headers=md) as response:
+        overrun = await response.json(content_type=None)
+        assert response.status == 400, overrun
+        assert reason(overrun) == "INVALID_ARGUMENT"
+
+
+async def test_a_clients_grpc_timeout_header_is_not_the_calls_deadline(gateway, http, bearer, user_id):
+    status, summary, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", {**bearer(user_id), "Grpc-Timeout": "1n"})
+    assert status == 200, summary
+    assert int(summary["summary"]["quota_bytes"]) > 0
