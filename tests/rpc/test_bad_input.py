@@ -243,6 +243,14 @@ REFUSED = {
     "idempotency-key-with-nul": ("BeginUpload", {**BEGIN, "idempotency_key": "k\x00"}, "idempotency_key", NUL),
     "idempotency-key-too-long": ("BeginUpload", {**BEGIN, "idempotency_key": "k" * 129}, "idempotency_key", "must be at most 128 characters"),
     "filename-too-long": ("BeginUpload", {**BEGIN, "filename": "f" * 256}, "filename", "must be at most 255 characters"),
+    **{
+        f"filename-with-{name}": ("BeginUpload", {**BEGIN, "filename": f"a{char}b.jpg"}, "filename", "must be 1-255 printable characters")
+        for name, char in (
+            ("newline", "\n"), ("del", "\x7f"), ("c1-control", "\x85"), ("line-separator", "\u2028"),
+            ("paragraph-separator", "\u2029"), ("private-use", "\ue000"), ("right-to-left-override", "\u202e"),
+            ("left-to-right-mark", "\u200e"), ("right-to-left-isolate", "\u2067"), ("arabic-letter-mark", "\u061c"),
+        )
+    },
     "fail-reason-with-nul": ("FailUpload", {"upload_id": "{upload}", "reason": "gave up\x00"}, "reason", NUL),
     "fail-reason-too-long": ("FailUpload", {"upload_id": "{upload}", "reason": "r" * 501}, "reason", "must be at most 500 characters"),
     "upload-id-with-nul": ("GetUpload", {"upload_id": "{upload}\x00"}, "upload_id", "must be a UUID"),
@@ -304,6 +312,16 @@ async def test_a_field_breaking_its_declared_rule_is_invalid_argument_naming_the
     assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))).summary
     assert (summary.quota_bytes, summary.reserved_bytes, summary.frozen) == (FREE_QUOTA, 100, False)
+
+
+@pytest.mark.parametrize(
+    "filename",
+    ["Fam\u00edlia \U0001f468\u200d\U0001f469\u200d\U0001f467.jpg", "\u5199\u771f\u00a0\u0031.jpg", "\u0635\u0648\u0631\u0629.jpg", "  padded.jpg  "],
+    ids=["emoji-joiner-sequence", "cjk-with-no-break-space", "right-to-left-script", "padded"],
+)
+async def test_a_filename_in_any_script_is_kept_as_written(storage, auth, user_id, filename):
+    begun = await storage.BeginUpload(pb.BeginUploadRequest(**{**BEGIN, "filename": filename}), metadata=auth(user_id))
+    assert begun.upload.filename == filename.strip()
 
 
 async def test_a_credit_that_would_take_a_quota_past_bigint_is_invalid_argument_and_changes_nothing(storage, auth, user_id, pool):

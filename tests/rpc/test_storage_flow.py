@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from mediavault.blobs import single_chunk
+from mediavault.config import GiB
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.helpers import bad_request, begin, error_info, fake_jpeg, put, sha256_hex, upload
 
@@ -409,6 +410,22 @@ async def test_reading_another_users_summary_needs_admin_or_service(storage, aut
     for role in ("admin", "service"):
         seen = await storage.GetStorageSummary(pb.GetStorageSummaryRequest(user_id=user_id), metadata=auth("svc", role))
         assert seen.summary.user_id == user_id
+
+
+async def test_reading_the_summary_of_a_user_without_an_account_makes_none(storage, auth, user_id, pool):
+    accounts_before = await pool.fetchval("SELECT count(*) FROM accounts")
+    entries_before = await pool.fetchval("SELECT count(*) FROM ledger_entries")
+    for role in ("admin", "service"):
+        seen = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(user_id=user_id), metadata=auth("svc", role))).summary
+        assert (seen.user_id, seen.quota_bytes, seen.used_bytes, seen.reserved_bytes, seen.frozen) == (user_id, GiB, 0, 0, False)
+        assert seen.available_bytes == GiB
+    assert await pool.fetchval("SELECT count(*) FROM accounts WHERE user_id = $1", user_id) == 0
+    assert await pool.fetchval("SELECT count(*) FROM accounts") == accounts_before
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries") == entries_before
+    # The user's own first read is the account's first use.
+    own = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))).summary
+    assert own.quota_bytes == GiB
+    assert await pool.fetchval("SELECT count(*) FROM accounts WHERE user_id = $1", user_id) == 1
 
 
 async def test_internal_errors_reveal_nothing(storage, auth, user_id, server, pool):

@@ -131,8 +131,16 @@ class Accounts:
     async def ensure(self, user_id: str) -> None:
         await ensure(self._pool, user_id, self.free_quota_bytes)
 
-    async def summary(self, user_id: str) -> StorageSummary:
+    async def summary(self, user_id: str, *, create: bool = True) -> StorageSummary:
+        """The account's figures. One not made yet is made (its first use), unless create is false:
+        then it is answered with the figures it would start with and nothing is written, so that
+        reading other users' figures never makes accounts (nor ledger entries) for them."""
         row = await self._pool.fetchrow(_SUMMARY, user_id)
+        if row is None and not create:
+            return StorageSummary(
+                user_id, self.free_quota_bytes, used_bytes=0, reserved_bytes=0, media_count=0, pending_uploads=0,
+                frozen=False, derived_bytes=0, derived_counted=self._counts_derived_bytes,
+            )
         if row is None:
             await self.ensure(user_id)
             row = await self._pool.fetchrow(_SUMMARY, user_id)

@@ -213,7 +213,8 @@ class StorageServicer(Servicer, storage_pb2_grpc.StorageServiceServicer):
         self, request: pb.GetStorageSummaryRequest, context, principal: Principal
     ) -> pb.GetStorageSummaryResponse:
         user_id = principal.user_or_self(request.user_id, "admin", "service")
-        return pb.GetStorageSummaryResponse(summary=summary_pb(await self.accounts.summary(user_id)))
+        summary = await self.accounts.summary(user_id, create=user_id == principal.user_id)
+        return pb.GetStorageSummaryResponse(summary=summary_pb(summary))
 
     @rpc(SERVICE)
     async def AddStorageCredits(

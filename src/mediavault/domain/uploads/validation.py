@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from mediavault.blobs import BlobStore, is_sha256_hex
@@ -17,6 +18,17 @@ MAX_FAIL_REASON = 500
 # As long as a header the HTTP listener takes (aiohttp's max_field_size): it refuses no header
 # that was taken before it was stored, and bounds what one upload's row holds.
 MAX_TUS_METADATA = 8190
+# Characters a displayed name must not hold: controls (C0, DEL, C1), line and paragraph
+# separators, surrogates and private use by category, and the bidirectional controls, which
+# make "\u202egpj.exe" show as "exe.jpg". Other format characters stay: the zero-width joiner
+# builds emoji.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(name: str) -> bool:
+    """Whether a name shows as what it says: see _UNPRINTABLE_CATEGORIES."""
+    return not any(c in _BIDI_CONTROLS or unicodedata.category(c) in _UNPRINTABLE_CATEGORIES for c in name)
 
 
 def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
@@ -26,7 +38,7 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     # The length is the sent name's, before stripping; every way in (gRPC, tus) is judged here.
     if len(request.filename) > MAX_FILENAME:
         violations.append(FieldViolation("filename", f"must be at most {MAX_FILENAME} characters"))
-    elif not filename or any(ord(c) < 32 for c in filename):
+    elif not filename or not printable(filename):
         violations.append(FieldViolation("filename", f"must be 1-{MAX_FILENAME} printable characters"))
     content_type = content_types.normalize(request.content_type)
     if content_type not in content_types.ALLOWED_TYPES:

@@ -36,6 +36,8 @@ class MediaServiceStub:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
+    the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
 
     def __init__(self, channel):
@@ -87,6 +89,8 @@ class MediaServiceServicer:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
+    the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
 
     def GetMedia(self, request, context):
@@ -105,7 +109,8 @@ class MediaServiceServicer:
 
         Errors:
         PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
-        INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL,
+        page_size is negative, or page_token is not one this service issued for this user's list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +221,8 @@ class MediaService:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
+    the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
 
     @staticmethod

@@ -36,6 +36,8 @@ class StorageServiceStub:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
+    the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
 
     def __init__(self, channel):
@@ -112,6 +114,8 @@ class StorageServiceServicer:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
+    the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
 
     def BeginUpload(self, request, context):
@@ -229,9 +233,13 @@ class StorageServiceServicer:
 
     def GetStorageSummary(self, request, context):
         """Returns the quota figures of the caller or, for roles admin and service, of user_id.
+        The caller's account is made on its first use, this call included; another user's that is
+        not made yet is answered with the figures it would start with (the free quota, nothing used),
+        and reading it makes nothing.
 
         Errors:
         PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -256,7 +264,8 @@ class StorageServiceServicer:
 
         Errors:
         PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin, billing or service.
-        INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
+        INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL,
+        page_size is negative, or page_token is not one this service issued for this user's list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -362,6 +371,8 @@ class StorageService:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
+    the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
 
     @staticmethod

@@ -1589,7 +1589,8 @@ type MediaServiceClient interface {
 	// Errors:
 	//
 	//	PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
-	//	INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
+	//	INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL,
+	//	  page_size is negative, or page_token is not one this service issued for this user's list.
 	ListFeed(ctx context.Context, in *ListFeedRequest, opts ...grpc.CallOption) (*ListFeedResponse, error)
 	// Deletes a media item of the caller; role admin may delete anyone's.
 	//
@@ -1706,7 +1707,8 @@ type MediaServiceServer interface {
 	// Errors:
 	//
 	//	PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
-	//	INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
+	//	INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL,
+	//	  page_size is negative, or page_token is not one this service issued for this user's list.
 	ListFeed(context.Context, *ListFeedRequest) (*ListFeedResponse, error)
 	// Deletes a media item of the caller; role admin may delete anyone's.
 	//

@@ -339,7 +339,9 @@ func (m *Upload) GetReceivedBytes() int64 {
 
 // Starts an upload.
 type BeginUploadRequest struct {
-	// Display name, 1-255 printable characters.
+	// Display name, 1-255 characters, leading and trailing spaces dropped; no control characters,
+	// line or paragraph separators, private-use characters or bidirectional controls (U+061C,
+	// U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), which would make a name show as another.
 	Filename string `protobuf:"bytes,1,opt,name=filename,proto3" json:"filename,omitempty"`
 	// MIME type: image/jpeg, image/png, image/webp, image/gif, image/heic, image/heif, image/avif,
 	// video/mp4, video/quicktime or video/webm.
@@ -2165,10 +2167,14 @@ type StorageServiceClient interface {
 	//	  chunks for 10 s; nothing was stored. RetryInfo says when to retry.
 	UploadContent(ctx context.Context, opts ...grpc.CallOption) (StorageService_UploadContentClient, error)
 	// Returns the quota figures of the caller or, for roles admin and service, of user_id.
+	// The caller's account is made on its first use, this call included; another user's that is
+	// not made yet is answered with the figures it would start with (the free quota, nothing used),
+	// and reading it makes nothing.
 	//
 	// Errors:
 	//
 	//	PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
+	//	INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL.
 	GetStorageSummary(ctx context.Context, in *GetStorageSummaryRequest, opts ...grpc.CallOption) (*GetStorageSummaryResponse, error)
 	// Credits purchased bytes once per (provider, payment_reference). Roles billing and admin only.
 	//
@@ -2185,7 +2191,8 @@ type StorageServiceClient interface {
 	// Errors:
 	//
 	//	PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin, billing or service.
-	//	INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
+	//	INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL,
+	//	  page_size is negative, or page_token is not one this service issued for this user's list.
 	ListPurchases(ctx context.Context, in *ListPurchasesRequest, opts ...grpc.CallOption) (*ListPurchasesResponse, error)
 	// Freezes an account so that it can start no uploads and make no other writes. Role admin only.
 	//
@@ -2428,10 +2435,14 @@ type StorageServiceServer interface {
 	//	  chunks for 10 s; nothing was stored. RetryInfo says when to retry.
 	UploadContent(StorageService_UploadContentServer) error
 	// Returns the quota figures of the caller or, for roles admin and service, of user_id.
+	// The caller's account is made on its first use, this call included; another user's that is
+	// not made yet is answered with the figures it would start with (the free quota, nothing used),
+	// and reading it makes nothing.
 	//
 	// Errors:
 	//
 	//	PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
+	//	INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL.
 	GetStorageSummary(context.Context, *GetStorageSummaryRequest) (*GetStorageSummaryResponse, error)
 	// Credits purchased bytes once per (provider, payment_reference). Roles billing and admin only.
 	//
@@ -2448,7 +2459,8 @@ type StorageServiceServer interface {
 	// Errors:
 	//
 	//	PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin, billing or service.
-	//	INVALID_ARGUMENT (INVALID_ARGUMENT): page_size is negative or page_token is not one this service issued.
+	//	INVALID_ARGUMENT (INVALID_ARGUMENT): user_id is longer than 128 characters or holds a NUL,
+	//	  page_size is negative, or page_token is not one this service issued for this user's list.
 	ListPurchases(context.Context, *ListPurchasesRequest) (*ListPurchasesResponse, error)
 	// Freezes an account so that it can start no uploads and make no other writes. Role admin only.
 	//
