@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from http.client import HTTPConnection, HTTPMessage
@@ -682,3 +683,15 @@ async def test_a_clients_grpc_timeout_header_is_not_the_calls_deadline(gateway, 
     status, summary, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", {**bearer(user_id), "Grpc-Timeout": "1n"})
     assert status == 200, summary
     assert int(summary["summary"]["quota_bytes"]) > 0
+
+
+async def test_an_account_whose_user_id_holds_a_slash_is_frozen_and_unfrozen_through_rest(gateway, http, authenticator):
+    admin = {"Authorization": f"Bearer {authenticator.issue('ops', ['admin'])}"}
+    for user_id in (f"org/{uuid.uuid4().hex}/user", f"plain-{uuid.uuid4().hex}", f"a:b-{uuid.uuid4().hex}"):
+        path = urllib.parse.quote(user_id, safe="")
+        status, frozen, _ = await call(http, "POST", f"{gateway}/v1/accounts/{path}:freeze", admin, {"reason": "chargeback"})
+        assert status == 200, (user_id, frozen)
+        assert (frozen["account"]["user_id"], frozen["account"]["frozen"]) == (user_id, True)
+        status, thawed, _ = await call(http, "POST", f"{gateway}/v1/accounts/{path}:unfreeze", admin, {})
+        assert status == 200, (user_id, thawed)
+        assert (thawed["account"]["user_id"], thawed["account"]["frozen"]) == (user_id, False)

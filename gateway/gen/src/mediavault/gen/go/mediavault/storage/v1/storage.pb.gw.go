@@ -623,9 +623,9 @@ var (
 
 	pattern_StorageService_ListPurchases_0 = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1, 2, 2}, []string{"v1", "storage", "purchases"}, ""))
 
-	pattern_StorageService_FreezeAccount_0 = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1, 1, 0, 4, 1, 5, 2}, []string{"v1", "accounts", "user_id"}, "freeze"))
+	pattern_StorageService_FreezeAccount_0 = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1, 3, 0, 4, 1, 5, 2}, []string{"v1", "accounts", "user_id"}, "freeze"))
 
-	pattern_StorageService_UnfreezeAccount_0 = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1, 1, 0, 4, 1, 5, 2}, []string{"v1", "accounts", "user_id"}, "unfreeze"))
+	pattern_StorageService_UnfreezeAccount_0 = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1, 3, 0, 4, 1, 5, 2}, []string{"v1", "accounts", "user_id"}, "unfreeze"))
 )
 
 var (
