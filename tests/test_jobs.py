@@ -125,7 +125,7 @@ async def test_no_redis_configured_returns_false():
 async def test_concurrent_runs_of_the_transcode_queue_go_together_and_each_is_queued_once(
     queue: ArqRedis, redis_url: str, user_id: str
 ):
-    transcodes = jobs.TranscodeQueue(queue)
+    transcodes = jobs.TranscodeQueue(queue, queue.default_queue_name)
     media_ids = [_media_id() for _ in range(30)]
     # Every media twice (a retried finalize), a third of them for the owner's feed.
     results = await asyncio.gather(
@@ -143,16 +143,16 @@ async def test_the_transcode_queue_with_redis_down_or_absent_returns_false():
     fallbacks = metrics.REDIS_FALLBACKS.labels("enqueue_transcode")
     before = fallbacks._value.get()
     try:
-        results = await asyncio.gather(*(jobs.TranscodeQueue(unreachable).enqueue(_media_id(), 0) for _ in range(3)))
+        results = await asyncio.gather(*(jobs.TranscodeQueue(unreachable, unreachable.default_queue_name).enqueue(_media_id(), 0) for _ in range(3)))
     finally:
         await unreachable.aclose()
     assert results == [False] * 3
     assert fallbacks._value.get() == before + 3
-    assert await jobs.TranscodeQueue(None).enqueue(_media_id(), 0) is False
+    assert await jobs.TranscodeQueue(None, "unused").enqueue(_media_id(), 0) is False
 
 
 async def test_a_formats_request_whose_job_id_arq_already_holds_is_not_reported_queued(queue: ArqRedis):
-    transcodes = jobs.TranscodeQueue(queue)
+    transcodes = jobs.TranscodeQueue(queue, queue.default_queue_name)
     media_id = _media_id()
     assert await transcodes.enqueue_formats(media_id, 0, 1)
     assert await transcodes.enqueue_formats(media_id, 0, 1) is False

@@ -144,7 +144,7 @@ async def test_concurrent_tus_appends_cross_their_checkpoints_behind_two_server_
         blobs = await open_blob_store(settings)
         try:
             resumable = uploads.Resumable(pool, blobs, settings)
-            service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None), resumable)
+            service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None, settings.queue_name), resumable)
             data = [fake_jpeg(7 * MiB, fill=bytes([n])) for n in (1, 2)]
             begun = [await begin_tus(pool, service, d) for d in data]
             both_writing = asyncio.Barrier(len(data))

@@ -75,9 +75,9 @@ def transcode_job_id(media_id: uuid.UUID, version: int, requeue: int = 0) -> str
     return f"{job_id}:r{requeue}" if requeue else job_id
 
 
-async def _enqueue_runs(redis: ArqRedis, runs: list[TranscodeRun]) -> list[bool]:
+async def _enqueue_runs(redis: ArqRedis, queue_name: str, runs: list[TranscodeRun]) -> list[bool]:
     enqueued_ms = timestamp_ms()
-    keys: list[str] = [redis.default_queue_name]
+    keys: list[str] = [queue_name]
     args: list[bytes | str | int] = [redis.expires_extra_ms]
     for run in runs:
         job_id = transcode_job_id(run.media_id, run.version, run.requeue)
@@ -117,20 +117,26 @@ async def enqueue_transcode(
     with tracing.enqueue_span(TRANSCODE, job_id, redis.default_queue_name) as trace_context:
         run = TranscodeRun(media_id, version, requeue, feed_owner, trace_context)
         try:
-            await _enqueue_runs(redis, [run])
+            await _enqueue_runs(redis, redis.default_queue_name, [run])
         except (RedisError, OSError):
             return _enqueue_failed(run)
         return True
 
 
 class TranscodeQueue:
-    """enqueue_transcode for concurrent callers (the servicers): their runs go to Redis together."""
+    """enqueue_transcode for concurrent callers (the servicers): their runs go to Redis together.
 
-    def __init__(self, redis: ArqRedis | None, max_batch: int = 256) -> None:
+    queue_name is the photo workers' queue (settings.queue_name), named rather than taken from
+    the pool: an arq worker's pool is bound to that worker's own queue, and the cron and video
+    workers re-enqueue transcodes too.
+    """
+
+    def __init__(self, redis: ArqRedis | None, queue_name: str, max_batch: int = 256) -> None:
         self.redis = redis
+        self.queue_name = queue_name
         self._batches: Batcher[TranscodeRun, bool] | None = None
         if redis is not None:
-            self._batches = Batcher(lambda runs: _enqueue_runs(redis, runs), max_batch, name=f"enqueue {TRANSCODE}")
+            self._batches = Batcher(lambda runs: _enqueue_runs(redis, queue_name, runs), max_batch, name=f"enqueue {TRANSCODE}")
 
     async def enqueue(
         self, media_id: uuid.UUID, version: int, requeue: int = 0, *, feed_owner: str | None = None
@@ -140,7 +146,7 @@ class TranscodeQueue:
             return False
         assert self.redis is not None  # batches exist only with Redis
         job_id = transcode_job_id(media_id, version, requeue)
-        with tracing.enqueue_span(TRANSCODE, job_id, self.redis.default_queue_name) as trace_context:
+        with tracing.enqueue_span(TRANSCODE, job_id, self.queue_name) as trace_context:
             run = TranscodeRun(media_id, version, requeue, feed_owner, trace_context)
             try:
                 return await self._batches.submit(run)
@@ -157,10 +163,12 @@ class TranscodeQueue:
         if self.redis is None:
             return False
         job_id = f"formats:{media_id}:v{version}:q{request}"
-        with tracing.enqueue_span(MAKE_FORMATS, job_id, self.redis.default_queue_name) as trace_context:
+        with tracing.enqueue_span(MAKE_FORMATS, job_id, self.queue_name) as trace_context:
             carried: dict[str, Any] = {"trace_context": trace_context} if trace_context else {}
             try:
-                job = await self.redis.enqueue_job(MAKE_FORMATS, str(media_id), version, _job_id=job_id, **carried)
+                job = await self.redis.enqueue_job(
+                    MAKE_FORMATS, str(media_id), version, _job_id=job_id, _queue_name=self.queue_name, **carried
+                )
             except (RedisError, OSError):
                 metrics.REDIS_FALLBACKS.labels("enqueue_formats").inc()
                 log.warning("formats enqueue failed", extra={"media_id": str(media_id)}, exc_info=True)

@@ -40,7 +40,7 @@ def build_services(pool: asyncpg.Pool, blobs: BlobStore, redis: ArqRedis | None,
     accounts = Accounts(pool, settings.free_quota_bytes, settings.quota_counts_derived_bytes)
     tokens = PageTokens(settings.page_token_key)
     feed = Feed(pool, redis, settings.feed_cache_ttl_seconds, tokens)
-    transcodes = TranscodeQueue(redis)
+    transcodes = TranscodeQueue(redis, settings.queue_name)
     resumable = Resumable(pool, blobs, settings)
     return Services(
         accounts=accounts,

@@ -48,7 +48,7 @@ def resumable(pool, blobs, settings) -> uploads.Resumable:
 
 @pytest.fixture
 def service(pool, blobs, settings, resumable) -> uploads.Uploads:
-    return uploads.Uploads(pool, blobs, settings, TranscodeQueue(None), resumable)
+    return uploads.Uploads(pool, blobs, settings, TranscodeQueue(None, settings.queue_name), resumable)
 
 
 def principal(user_id: str) -> Principal:

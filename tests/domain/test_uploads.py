@@ -30,7 +30,7 @@ def settings(stack):
 
 @pytest.fixture
 def service(pool, blobs, settings) -> uploads.Uploads:
-    return uploads.Uploads(pool, blobs, settings, TranscodeQueue(None), uploads.Resumable(pool, blobs, settings))
+    return uploads.Uploads(pool, blobs, settings, TranscodeQueue(None, settings.queue_name), uploads.Resumable(pool, blobs, settings))
 
 
 def new_user() -> str:
@@ -135,7 +135,7 @@ async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, set
         await accounts.ensure(pool, user, settings.free_quota_bytes)
     # A reservation TTL past what an interval can hold makes the statement itself fail.
     broken = settings.model_copy(update={"reservation_ttl_seconds": 10**300})
-    broken_service = uploads.Uploads(pool, blobs, broken, TranscodeQueue(None), uploads.Resumable(pool, blobs, broken))
+    broken_service = uploads.Uploads(pool, blobs, broken, TranscodeQueue(None, broken.queue_name), uploads.Resumable(pool, blobs, broken))
 
     results = await asyncio.gather(
         *(begin(broken_service, u) for u in users), return_exceptions=True

@@ -30,7 +30,8 @@ async def make_ctx(server):
 
     async def make(settings=None):
         settings = settings or server.settings
-        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+        # As the cron worker's: arq binds the ctx's pool to the worker's own queue.
+        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.cron_queue)
         ctx = {"settings": settings, "redis": redis}
         await startup(ctx)
         made.append(ctx)
@@ -337,7 +338,7 @@ async def test_a_sweep_that_cannot_queue_a_run_does_not_count_it_changed(ctx, st
     media_id = await stuck_before_its_claim(storage, media, auth(user_id), pool)
     unreachable = ArqRedis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     try:
-        report = await run_job({**ctx, "transcodes": TranscodeQueue(unreachable)}, "fail_stuck_processing")
+        report = await run_job({**ctx, "transcodes": TranscodeQueue(unreachable, ctx["settings"].queue_name)}, "fail_stuck_processing")
     finally:
         await unreachable.aclose()
     assert report.errors >= 1
