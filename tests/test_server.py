@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
+from mediavault.rpc import drain
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
@@ -88,6 +89,37 @@ async def test_shutdown_drains_in_flight_calls_and_refuses_new_ones(make_setting
         response = await call
         assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
         await draining
+
+
+async def test_a_client_calling_steadily_does_not_hold_the_drain_for_the_grace_period(make_settings, auth, user_id):
+    md = auth(user_id)
+    answers: list[grpc.StatusCode] = []
+    async with (
+        running(make_settings(shutdown_grace_seconds=10)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        steady = storage_pb2_grpc.StorageServiceStub(channel)
+        stop = asyncio.Event()
+
+        async def call_every_50_ms() -> None:
+            while not stop.is_set():
+                try:
+                    await steady.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md, timeout=5)
+                    answers.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    answers.append(error.code())
+                await asyncio.sleep(0.05)
+
+        caller = asyncio.create_task(call_every_50_ms())
+        await asyncio.sleep(0.3)
+        started = asyncio.get_running_loop().time()
+        await server.shutdown(10)
+        took = asyncio.get_running_loop().time() - started
+        stop.set()
+        await caller
+    assert took < drain.SETTLE_SECONDS + 1.0, f"the drain took {took:.2f} s with no call running"
+    assert grpc.StatusCode.OK in answers
+    assert grpc.StatusCode.UNAVAILABLE in answers, "calls arriving during the drain are refused"
 
 
 async def test_calls_still_running_when_the_grace_period_ends_are_answered_unavailable(

@@ -10,6 +10,10 @@ import contextvars
 # open, refuses what still arrives (fast, UNAVAILABLE), and stops the transport only once no
 # call has arrived for this long since the drain began.
 QUIET_SECONDS = 0.1
+# ...but no longer than this once the admitted calls have ended: a client calling steadily on
+# one connection (the REST gateway's) never pauses, and its calls, all refused, go to another
+# server only after the transport's GOAWAY.
+SETTLE_SECONDS = 1.0
 _POLL_SECONDS = 0.01
 # Shed calls only have their refusal left to send.
 _SHED_SECONDS = 1.0
@@ -49,7 +53,8 @@ class CallGate:
         return task in self._shed
 
     async def drain(self, grace: float) -> None:
-        """Refuses new calls; returns once the admitted ones have ended and arrivals have paused.
+        """Refuses new calls; returns once the admitted ones have ended and arrivals have paused
+        (for at most SETTLE_SECONDS more).
 
         What is still running after grace seconds is shed.
         """
@@ -59,10 +64,13 @@ class CallGate:
         # window starts no earlier than the drain.
         self._last_arrival = loop.time()
         deadline = self._last_arrival + grace
-        while self._running or loop.time() - self._last_arrival < QUIET_SECONDS:
+        while self._running:
             if loop.time() >= deadline:
                 await self._shed_running()
                 return
+            await asyncio.sleep(_POLL_SECONDS)
+        settled = min(deadline, loop.time() + SETTLE_SECONDS)
+        while loop.time() - self._last_arrival < QUIET_SECONDS and loop.time() < settled:
             await asyncio.sleep(_POLL_SECONDS)
 
     async def _shed_running(self) -> None:
