@@ -51,6 +51,18 @@ class Worker(arq.Worker):
             self._outage_since = None
             self._retry_delay = _FIRST_DELAY_SECONDS
 
+    async def close(self) -> None:
+        """arq's close, once the job tasks have ended whichever way.
+
+        arq's own close gathers them and raises the CancelledError of one cancelled outside its
+        job function (while it starts, or records its result) before its on_shutdown: the
+        worker's pools, transcoder and spans would stay open, and the process exit with an error.
+        """
+        self.handle_sig(signal.SIGUSR1)
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        await super().close()
+
     async def _ride_out(self, exc: Exception) -> None:
         now = time.monotonic()
         if self._outage_since is None:
@@ -85,11 +97,13 @@ async def run_workers(settings: Settings) -> None:
         await asyncio.wait([*runs, stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopped.cancel()
-        for worker in workers:
-            await worker.close()
+        # Each closes whatever another's close meets.
+        closed = await asyncio.gather(*(worker.close() for worker in workers), return_exceptions=True)
         for run in runs:
             run.cancel()
         results = await asyncio.gather(*runs, return_exceptions=True)
-    for result in results:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    for result in (*closed, *results):
         if isinstance(result, Exception):
             raise result

@@ -1,0 +1,53 @@
+"""`mediavault worker`'s process: its workers start, and stop on SIGTERM whatever their jobs are doing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from typing import Any
+
+import arq
+from arq import create_pool
+from arq.connections import RedisSettings
+
+import workers.settings
+from mediavault.config import JobsConfig
+from workers.worker import run_workers
+
+
+async def test_sigterm_while_a_job_records_its_result_closes_every_worker(make_settings, pool, monkeypatch):
+    # One cleanup job on, so that the process has its cron worker too (its runs only read).
+    jobs = JobsConfig(**{name: {"enabled": name == "audit_accounts"} for name in JobsConfig.model_fields})
+    settings = make_settings(queue_name=f"mediavault-test-close:{uuid.uuid4().hex}", jobs=jobs)
+    recording = asyncio.Event()
+    finish_job = arq.Worker.finish_job
+
+    async def slow_finish_job(self: arq.Worker, *args: Any, **kwargs: Any) -> None:
+        # A Redis round trip slow enough for the signal to land while the job's result is written.
+        recording.set()
+        await asyncio.sleep(0.5)
+        await finish_job(self, *args, **kwargs)
+
+    closed: list[str] = []
+    shutdown = workers.settings.shutdown
+
+    async def recorded_shutdown(ctx: dict[str, Any]) -> None:
+        await shutdown(ctx)
+        closed.append(ctx.get("queue") or "photo")
+
+    monkeypatch.setattr(arq.Worker, "finish_job", slow_finish_job)
+    monkeypatch.setattr(workers.settings, "shutdown", recorded_shutdown)
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    try:
+        # A media no row names: the job claims nothing and ends "skipped" at once.
+        await redis.enqueue_job("transcode_media", str(uuid.uuid4()), 0)
+        run = asyncio.create_task(run_workers(settings))
+        await asyncio.wait_for(recording.wait(), 60)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(run, 60)
+    finally:
+        await redis.delete(settings.queue_name)
+        await redis.aclose()
+    assert sorted(closed) == sorted(["photo", "video", "cron"]), "every worker's resources are closed"
