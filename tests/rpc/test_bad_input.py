@@ -133,7 +133,8 @@ async def test_a_page_token_of_another_users_list_is_refused(storage, media, aut
     theirs = auth(other)
     feed_token = (await media.ListFeed(mpb.ListFeedRequest(page_size=2), metadata=theirs)).next_page_token
     purchases_token = (await storage.ListPurchases(pb.ListPurchasesRequest(page_size=2), metadata=theirs)).next_page_token
-    assert feed_token and purchases_token
+    assert feed_token
+    assert purchases_token
     md = auth(user_id)
     admin = auth("admin-bot", "admin")
     calls = [
