@@ -378,6 +378,41 @@ async def test_repeated_refusals_can_freeze_an_account(make_settings, pool, auth
     assert row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
 
 
+async def test_an_automatic_freeze_keeps_the_reason_an_operator_froze_the_account_for(make_settings, pool, auth, user_id):
+    settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=3)
+    async with (
+        limit(pool, SUMMARY, per_hour=1, burst=50),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        frozen = await stub.FreezeAccount(
+            pb.FreezeAccountRequest(user_id=user_id, reason="chargeback fraud, case #4711"), metadata=auth("ops", "admin")
+        )
+        # The frozen user's client keeps reading before the server's next reload learns of the freeze.
+        results = [await call_summary(stub, auth(user_id)) for _ in range(4)]
+    assert [ok for ok, _, _ in results] == [True, False, False, False]
+    row = await pool.fetchrow("SELECT frozen, frozen_reason, frozen_at FROM accounts WHERE user_id = $1", user_id)
+    assert (row["frozen"], row["frozen_reason"]) == (True, "chargeback fraud, case #4711")
+    assert row["frozen_at"] == frozen.account.frozen_at.ToDatetime(tzinfo=row["frozen_at"].tzinfo)
+
+
+async def test_refusals_of_an_account_known_frozen_are_not_counted(pool, redis_url, user_id):
+    operators = Accounts(pool, 0)
+    await operators.freeze(user_id, "abuse")
+    client = Redis.from_url(redis_url)
+    limiter = RateLimiter(client, RateLimitConfig(pool), operators, auto_freeze_refusals=1)
+    try:
+        async with limit(pool, SUMMARY, per_hour=1, burst=50):
+            await limiter.reload()
+            decisions = [await limiter.check(SUMMARY, user_id, "user") for _ in range(3)]
+        assert [d.allowed for d in decisions] == [True, False, False]
+        assert await client.get(f"rl:refusals:{user_id}") is None
+    finally:
+        await client.aclose()
+    assert await pool.fetchval("SELECT frozen_reason FROM accounts WHERE user_id = $1", user_id) == "abuse"
+
+
 async def test_metrics_show_the_series_operators_need(make_settings, pool, auth, user_id, worker):
     from tests.helpers import settled
     from workers.maintenance import run_job

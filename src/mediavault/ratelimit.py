@@ -169,7 +169,8 @@ class RateLimiter:
             return burst
         decision = await self._sustained(scope, method, subject, limit)
         metrics.RATE_LIMIT_DECISIONS.labels(method, decision.layer, "allowed" if decision.allowed else "refused").inc()
-        if not decision.allowed and self.auto_freeze_refusals and scope == "user":
+        # A frozen account's refusals could freeze nothing more.
+        if not decision.allowed and self.auto_freeze_refusals and scope == "user" and subject not in self.frozen:
             await self._count_refusal(subject)
         return decision
 
@@ -229,9 +230,10 @@ class RateLimiter:
             return
         if refusals == self.auto_freeze_refusals and self.accounts is not None:
             reason = f"automatic: {refusals} rate-limit refusals within {self.auto_freeze_window_seconds} s"
-            await self.accounts.freeze(user_id, reason)
+            # An operator may have frozen it since the last reload, here or in another process.
+            if await self.accounts.freeze_automatically(user_id, reason):
+                log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
             self.frozen = self.frozen | {user_id}
-            log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
 
 
 def _peer_address(peer: str) -> str:

@@ -30,9 +30,11 @@ SELECT a.user_id, a.quota_bytes, a.used_bytes, a.reserved_bytes, a.frozen, a.der
 FROM accounts a WHERE a.user_id = $1
 """
 
+# An operator's freeze ($3 true) replaces the reason of an earlier one; an automatic freeze
+# acts only on an account not frozen yet, so that it never hides why an operator froze it.
 _FREEZE = """
 UPDATE accounts SET frozen = true, frozen_reason = $2, frozen_at = coalesce(frozen_at, now()), updated_at = now()
-WHERE user_id = $1
+WHERE user_id = $1 AND ($3 OR NOT frozen)
 RETURNING user_id, frozen, frozen_reason, frozen_at
 """
 
@@ -149,15 +151,22 @@ class Accounts:
         return StorageSummary(**row, derived_counted=self._counts_derived_bytes)
 
     async def freeze(self, user_id: str, reason: str) -> Account:
+        row = await self._freeze(user_id, reason, replace=True)
+        if row is None:
+            raise NotFound("account not found")
+        return Account(**row)
+
+    async def freeze_automatically(self, user_id: str, reason: str) -> bool:
+        """Freezes an account that is not frozen yet; whether it did. A frozen one keeps its freeze as it is."""
+        return await self._freeze(user_id, reason, replace=False) is not None
+
+    async def _freeze(self, user_id: str, reason: str, *, replace: bool) -> asyncpg.Record | None:
         # The user id and the reason's length are declared at the boundary (rpc.fields).
         reason = reason.strip()
         if not reason:
             raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
         await self.ensure(user_id)
-        row = await self._pool.fetchrow(_FREEZE, user_id, reason)
-        if row is None:
-            raise NotFound("account not found")
-        return Account(**row)
+        return await self._pool.fetchrow(_FREEZE, user_id, reason, replace)
 
     async def unfreeze(self, user_id: str) -> Account:
         row = await self._pool.fetchrow(_UNFREEZE, user_id)
