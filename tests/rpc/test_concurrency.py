@@ -96,7 +96,37 @@ async def test_100_concurrent_deliveries_of_one_payment_credit_once(storage, aut
     summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))).summary
     assert summary.quota_bytes == 6 * GiB
     assert await pool.fetchval("SELECT count(*) FROM purchases WHERE user_id = $1", user_id + "-x") == 0
+    assert await pool.fetchval("SELECT count(*) FROM accounts WHERE user_id = $1", user_id + "-x") == 0
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = $1", user_id + "-x") == 0
     assert await ledger.audit(pool) == []
+
+
+async def test_concurrent_deliveries_of_one_payment_for_several_users_credit_one_and_make_no_other_account(storage, auth, user_id, pool):
+    billing = auth("solana-webhook", "billing")
+    users = [f"{user_id}-{i}" for i in range(4)]
+    requests = [
+        pb.AddStorageCreditsRequest(
+            user_id=u, provider=pb.PAYMENT_PROVIDER_SOLANA, payment_reference=f"sig-{user_id}",
+            credit_bytes=(i + 1) * GiB, amount_minor=i, currency="SOL",
+        )
+        for i, u in enumerate(users)
+        for _ in range(25)
+    ]
+    results = await asyncio.gather(*(storage.AddStorageCredits(r, metadata=billing) for r in requests), return_exceptions=True)
+    credited = [r for r in results if isinstance(r, pb.AddStorageCreditsResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(credited) + len(refused) == 100
+    assert sum(not r.already_processed for r in credited) == 1
+    (winner,) = {r.purchase.user_id for r in credited}
+    assert len(credited) == 25
+    assert {(e.code(), error_info(e).reason) for e in refused} == {(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_CONFLICT")}
+
+    accounts = await pool.fetch("SELECT user_id, quota_bytes FROM accounts WHERE user_id = ANY($1)", users)
+    credit = (users.index(winner) + 1) * GiB
+    assert [tuple(a) for a in accounts] == [(winner, GiB + credit)]
+    entries = await pool.fetch("SELECT user_id, kind, quota_delta FROM ledger_entries WHERE user_id = ANY($1) ORDER BY entry_id", users)
+    assert [tuple(e) for e in entries] == [(winner, "grant", GiB), (winner, "purchase", credit)]
+    assert [m for m in await ledger.audit(pool) if m.user_id in users] == []
 
 
 async def test_same_reference_from_another_provider_is_another_payment(storage, auth, user_id):

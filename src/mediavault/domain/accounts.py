@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.errors import InvalidArgument, NotFound
 
@@ -95,7 +96,7 @@ def available_bytes(quota: int, used: int, reserved: int, derived: int, counts_d
     return max(quota - used - reserved - (derived if counts_derived else 0), 0)
 
 
-async def ensure(conn: asyncpg.Pool | asyncpg.Connection, user_id: str, free_quota_bytes: int) -> None:
+async def ensure(conn: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy, user_id: str, free_quota_bytes: int) -> None:
     await conn.execute(_ENSURE_ACCOUNT, user_id, free_quota_bytes)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.domain import accounts
 from mediavault.domain.pages import PageTokens, page_size
@@ -122,30 +123,34 @@ class Purchases:
     async def add_credits(self, request: CreditRequest) -> CreditResult:
         """Credits the payment, or answers the first crediting of it again; with the account's figures after."""
         _validate(request)
-        await self._accounts.ensure(request.user_id)
-        try:
-            row = await self._pool.fetchrow(
-                _CREDIT,
-                uuid.uuid4(),
-                request.user_id,
-                request.provider,
-                request.payment_reference,
-                request.credit_bytes,
-                request.amount_minor,
-                request.currency,
-            )
-        except asyncpg.NumericValueOutOfRangeError:
-            # Only an account already holding nearly 2**63 bytes of quota gets here (see MAX_CREDIT_BYTES).
-            raise InvalidArgument.single("credit_bytes", "would take the account's quota past the largest it can hold") from None
-        if row is not None:
-            purchase, already_processed = Purchase(**row), False
-        else:
-            purchase, already_processed = await self._first_crediting(request), True
+        # One transaction, so that a refused call leaves nothing behind: not even the account of a
+        # user the payment was not for, made before the payment's reference could be checked.
+        # READ COMMITTED: _first_crediting must see the conflicting purchase the insert waited for.
+        async with self._pool.acquire() as conn, conn.transaction(isolation="read_committed"):
+            await accounts.ensure(conn, request.user_id, self._accounts.free_quota_bytes)
+            try:
+                row = await conn.fetchrow(
+                    _CREDIT,
+                    uuid.uuid4(),
+                    request.user_id,
+                    request.provider,
+                    request.payment_reference,
+                    request.credit_bytes,
+                    request.amount_minor,
+                    request.currency,
+                )
+            except asyncpg.NumericValueOutOfRangeError:
+                # Only an account already holding nearly 2**63 bytes of quota gets here (see MAX_CREDIT_BYTES).
+                raise InvalidArgument.single("credit_bytes", "would take the account's quota past the largest it can hold") from None
+            if row is not None:
+                purchase, already_processed = Purchase(**row), False
+            else:
+                purchase, already_processed = await self._first_crediting(conn, request), True
         return CreditResult(purchase, already_processed, await self._accounts.summary(request.user_id))
 
-    async def _first_crediting(self, request: CreditRequest) -> Purchase:
+    async def _first_crediting(self, conn: PoolConnectionProxy, request: CreditRequest) -> Purchase:
         # Purchases are never deleted, so the row that conflicted is there.
-        conflicting = await self._pool.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference)
+        conflicting = await conn.fetchrow(_BY_REFERENCE, request.provider, request.payment_reference)
         if conflicting is None:
             raise InternalError("the conflicting purchase is gone")
         existing = Purchase(**conflicting)
