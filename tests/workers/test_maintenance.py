@@ -404,6 +404,23 @@ async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, poo
     assert REGISTRY.get_sample_value("mediavault_ledger_mismatches") == 0
 
 
+async def test_audit_totals_accounts_whose_quotas_add_up_past_bigint(ctx, pool, user_id):
+    from prometheus_client import REGISTRY
+
+    # Each a quota AddStorageCredits can reach (2**63 - 1 at most), granted through the ledger.
+    near_the_top = 2**63 - 2**50
+    for owner in (user_id, user_id + "-b"):
+        await pool.execute("INSERT INTO accounts (user_id, quota_bytes) VALUES ($1, $2)", owner, near_the_top)
+        await pool.execute("INSERT INTO ledger_entries (user_id, kind, quota_delta) VALUES ($1, 'grant', $2)", owner, near_the_top)
+    report = await run_job(ctx, "audit_accounts")
+    assert report.errors == 0
+    assert report.details["ledger_mismatches"] == 0
+    assert REGISTRY.get_sample_value("mediavault_ledger_mismatches") == 0
+    quota = int(await pool.fetchval("SELECT sum(quota_bytes) FROM accounts"))
+    assert quota > 2**64 - 2**51
+    assert REGISTRY.get_sample_value("mediavault_storage_bytes", {"kind": "quota"}) == float(quota)
+
+
 @pytest.mark.parametrize("name", sorted(JOBS))
 async def test_dry_run_changes_nothing(ctx, pool, user_id, name):
     blobs = ctx["blobs"]

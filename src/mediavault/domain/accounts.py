@@ -105,9 +105,11 @@ async def standing(conn: asyncpg.Pool | asyncpg.Connection, user_id: str) -> Sta
     return Standing(**row) if row else None
 
 
+# sum() of bigints is numeric, and stays so: each account's figures fit in a bigint, all
+# accounts' together need not (one quota near 2**63, which purchases allow, and any other).
 _TOTALS = """
-SELECT coalesce(sum(quota_bytes), 0)::bigint AS quota, coalesce(sum(used_bytes), 0)::bigint AS used,
-       coalesce(sum(reserved_bytes), 0)::bigint AS reserved
+SELECT coalesce(sum(quota_bytes), 0) AS quota, coalesce(sum(used_bytes), 0) AS used,
+       coalesce(sum(reserved_bytes), 0) AS reserved
 FROM accounts
 """
 
@@ -178,7 +180,7 @@ class Accounts:
     async def totals(self) -> Totals:
         row = await self._pool.fetchrow(_TOTALS)
         assert row is not None  # an aggregate without GROUP BY returns one row
-        return Totals(**row)
+        return Totals(**{kind: int(total) for kind, total in row.items()})
 
     async def count(self) -> int:
         return int(await self._pool.fetchval(_COUNT))
