@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -147,6 +148,28 @@ FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = 'usage_events'::regclass
 ORDER BY lower
 """
+
+
+# Zones east of UTC whose abbreviation, which the SQL DateStyle prints, PostgreSQL reads as
+# another zone's (CST as US Central, IST as Israel's): a timestamp put through text comes back
+# hours off.
+MISREAD_ZONES = ("Asia/Shanghai", "Asia/Kolkata")
+
+
+async def set_session_defaults(admin_url: str, dsn: str, zone: str) -> None:
+    """Makes zone and the SQL DateStyle, day first, the defaults of the database's sessions."""
+    name = urlsplit(dsn).path.lstrip("/")
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f"ALTER DATABASE \"{name}\" SET timezone = '{zone}'")
+        await admin.execute(f"ALTER DATABASE \"{name}\" SET datestyle = 'SQL, DMY'")
+    finally:
+        await admin.close()
+
+
+# partition_days reads bounds as text, as the session prints them: where a database defaults to
+# MISREAD_ZONES, read them on a connection with these.
+UTC_SESSION = {"timezone": "UTC", "datestyle": "ISO, YMD"}
 
 
 def midnight(day: date) -> datetime:

@@ -11,9 +11,12 @@ import asyncpg
 import pytest
 
 from mediavault import cli, devservers
-from mediavault.db import migrate
-from mediavault.db.migrate import MIGRATION_LOCK_ID, MigrationBlocked, available_migrations, statements
+from mediavault.config import Settings
+from mediavault.db import create_pool, migrate
+from mediavault.db.migrate import MIGRATION_LOCK_ID, NO_TRANSACTION, MigrationBlocked, available_migrations, statements
 from mediavault.domain import accounts, cleanup
+from tests.conftest import JWT_SECRET
+from tests.helpers import MISREAD_ZONES, set_session_defaults
 
 # The module, which mediavault.db's function of the same name hides.
 migrations = importlib.import_module("mediavault.db.migrate")
@@ -76,6 +79,26 @@ async def test_replicas_migrating_at_once_through_pgbouncer_apply_each_migration
             await conn.close()
     finally:
         await devservers.drop_database(postgres_admin_url, dsn)
+
+
+async def test_migrations_run_in_the_sessions_of_the_app_whatever_the_database_defaults_to(
+    postgres_admin_url, scratch_database, monkeypatch
+):
+    await set_session_defaults(postgres_admin_url, scratch_database, MISREAD_ZONES[0])
+    probe = "CREATE TABLE {} AS SELECT current_setting('TimeZone') AS timezone, current_setting('DateStyle') AS datestyle;"
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [
+        ("0001_in_transaction", probe.format("in_transaction")),
+        ("0002_outside_transaction", f"{NO_TRANSACTION}\n{probe.format('outside_transaction')}"),
+    ])
+    assert await migrate(scratch_database) == ["0001_in_transaction", "0002_outside_transaction"]
+
+    pool = await create_pool(Settings(database_url=scratch_database, jwt_secret=JWT_SECRET))
+    try:
+        for table in ("in_transaction", "outside_transaction"):
+            assert tuple(await pool.fetchrow(f"SELECT * FROM {table}")) == ("UTC", "ISO, YMD"), table
+        assert tuple(await pool.fetchrow("SELECT current_setting('TimeZone'), current_setting('DateStyle')")) == ("UTC", "ISO, YMD")
+    finally:
+        await pool.close()
 
 
 async def test_ledger_is_append_only(pool):

@@ -1,5 +1,6 @@
-"""usage_events' day partitions (migration 0011): made ahead, safe to make from many replicas
-at once, made by an insert that finds none, and counters kept with the events."""
+"""usage_events' day partitions (migrations 0011, 0018): made ahead, safe to make from many
+replicas at once, made by an insert that finds none, UTC days whatever the session's TimeZone
+and DateStyle, and counters kept with the events."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mediavault.db import migrate
 from mediavault.db.migrate import available_migrations
 from mediavault.domain import events
 from mediavault.domain.events import PARTITION_DAYS_AHEAD, Event, Events
-from tests.helpers import partition_days
+from tests.helpers import MISREAD_ZONES, UTC_SESSION, midnight, partition_days, set_session_defaults
 
 
 @pytest.fixture
@@ -31,6 +32,17 @@ async def fresh_pool(postgres_admin_url: str) -> AsyncIterator[asyncpg.Pool]:
             yield pool
         finally:
             await pool.close()
+    finally:
+        await devservers.drop_database(postgres_admin_url, dsn)
+
+
+@pytest.fixture(params=MISREAD_ZONES)
+async def misread_zone_database(request, postgres_admin_url: str) -> AsyncIterator[str]:
+    """A database of the test's own whose sessions default to a zone far from UTC and the SQL DateStyle."""
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_test")
+    try:
+        await set_session_defaults(postgres_admin_url, dsn, request.param)
+        yield dsn
     finally:
         await devservers.drop_database(postgres_admin_url, dsn)
 
@@ -140,3 +152,95 @@ async def test_migration_copies_existing_events_into_their_days(postgres_admin_u
     finally:
         await conn.close()
         await devservers.drop_database(postgres_admin_url, dsn)
+
+
+async def test_a_database_defaulting_to_another_zone_and_datestyle_gets_utc_days_and_stores_events_at_their_edges(
+    misread_zone_database,
+):
+    dsn = misread_zone_database
+    await migrate(dsn)
+    # Sessions with the database's defaults, not the app's: the partition functions set their own.
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    utc = await asyncpg.connect(dsn, server_settings=UTC_SESSION)
+    try:
+        assert await pool.fetchval("SHOW datestyle") == "SQL, DMY"
+        today = datetime.now(UTC).date()
+        days = await partition_days(utc)
+        assert {today + timedelta(days=n) for n in range(PARTITION_DAYS_AHEAD + 1)} <= days.keys()
+
+        owner = f"user-{uuid.uuid4().hex[:12]}"
+        media_id = await a_media_row(pool, owner)
+        assert await Events(pool).record(owner, [Event("like", str(media_id), "feed", None, {})]) == (1, 0)
+        last = today + timedelta(days=PARTITION_DAYS_AHEAD)
+        edges = [midnight(today), midnight(today + timedelta(days=1)) - timedelta(microseconds=1), midnight(today + timedelta(days=1)),
+                 midnight(last), midnight(last + timedelta(days=1)) - timedelta(microseconds=1)]
+        for received_at in edges:
+            stored_in = await pool.fetchval(
+                "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at, received_at) VALUES ($1, $2, 'click', now(), $3)"
+                " RETURNING tableoid::regclass::text", owner, media_id, received_at)
+            assert stored_in == days[received_at.date()], received_at
+
+        assert await events.add_partitions(pool, PARTITION_DAYS_AHEAD + 1) == 1, "the day after the migration's last does not overlap it"
+        await pool.execute("SELECT usage_events_add_partitions($1, $2)", today - timedelta(days=40), today - timedelta(days=1))
+        await pool.execute(
+            "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at, received_at) "
+            "SELECT $1, $2, 'click', now(), $3::timestamptz - make_interval(days => d) FROM generate_series(1, 40) AS d",
+            owner, media_id, midnight(today) + timedelta(hours=12))
+        days = await partition_days(utc)
+        assert {today + timedelta(days=n) for n in range(-40, PARTITION_DAYS_AHEAD + 2)} == days.keys()
+
+        retention = 30 * 86400
+        async with pool.acquire() as conn, conn.transaction():
+            dropped = await events.drop_partitions(conn, retention, lock_timeout_ms=1000)
+        cutoff_day = (datetime.now(UTC) - timedelta(seconds=retention)).date()
+        gone = sorted(day for day in days if day < cutoff_day)
+        assert len(gone) == 10
+        assert [(r["partition_name"], r["received_before"]) for r in dropped] == [
+            (days[day], midnight(day + timedelta(days=1))) for day in gone]
+        assert (await partition_days(utc)).keys() == days.keys() - set(gone)
+        assert await pool.fetchval("SELECT min(received_at) FROM usage_events") == midnight(cutoff_day) + timedelta(hours=12)
+    finally:
+        await utc.close()
+        await pool.close()
+
+
+async def test_partitions_made_off_their_utc_day_are_made_again_with_their_events(misread_zone_database):
+    dsn = misread_zone_database
+    local = await asyncpg.connect(dsn)
+    utc = await asyncpg.connect(dsn, server_settings=UTC_SESSION)
+    try:
+        # 0011 as migrate ran it before it set its session up: under the database's defaults.
+        await local.execute("CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        for name, sql in available_migrations():
+            if name >= "0012":
+                break
+            await local.execute(sql)
+            await local.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        with pytest.raises(AssertionError):
+            await partition_days(utc)
+        bounds = await utc.fetch(
+            "SELECT c.relname, m[1]::timestamptz AS lower, m[2]::timestamptz AS upper FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,"
+            " regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS m"
+            " WHERE i.inhparent = 'usage_events'::regclass ORDER BY lower")
+        assert len(bounds) == PARTITION_DAYS_AHEAD + 1
+        assert bounds[0]["lower"] != midnight(bounds[0]["lower"].astimezone(UTC).date())
+        await local.executemany(
+            "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at, received_at) VALUES ('u', gen_random_uuid(), 'click', now(), $1)",
+            [(at,) for b in bounds for at in (b["lower"], b["upper"] - timedelta(microseconds=1))])
+        old = [dict(r) for r in await utc.fetch("SELECT * FROM usage_events ORDER BY event_id")]
+
+        assert await migrate(dsn) == [name for name, _ in available_migrations() if name >= "0012"]
+
+        days = await partition_days(utc)
+        first, last = bounds[0]["lower"].astimezone(UTC).date(), bounds[-1]["upper"].astimezone(UTC).date()
+        assert days.keys() == {first + timedelta(days=n) for n in range((last - first).days + 1)}
+        assert [dict(r) for r in await utc.fetch("SELECT * FROM usage_events ORDER BY event_id")] == old
+        for row in old:
+            assert await utc.fetchval(
+                "SELECT tableoid::regclass::text FROM usage_events WHERE event_id = $1", row["event_id"]
+            ) == days[row["received_at"].astimezone(UTC).date()]
+        assert await utc.fetchval("SELECT count(*) FROM pg_class WHERE relname LIKE 'usage_events_p%_off_utc'") == 0
+        assert await events.add_partitions(local, (last - datetime.now(UTC).date()).days + 1) == 1
+    finally:
+        await utc.close()
+        await local.close()

@@ -29,6 +29,10 @@ statement, so each statement must be safe to repeat: an index build cut short le
 index of its name behind, which ``DROP INDEX CONCURRENTLY IF EXISTS`` before the ``CREATE INDEX
 CONCURRENTLY`` takes away. No lock_timeout applies there: such statements take no lock that
 readers or writers queue behind, and they wait for older transactions as long as those last.
+
+Both connections have the app's session settings (db/pool.py: TimeZone UTC, DateStyle ISO),
+not the database's defaults, under which a timestamp put through text can come back in another
+zone: 0011's partition bounds did (see 0018).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from importlib import resources
 from typing import TypeVar
 
 import asyncpg
+
+from mediavault.db.pool import SESSION_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +94,14 @@ def statements(sql: str) -> list[str]:
     return found
 
 
+async def _connect(dsn: str) -> asyncpg.Connection:
+    # Uncached statements work behind a transaction pooler too; a run's few gain nothing from a cache.
+    return await asyncpg.connect(dsn, statement_cache_size=0, server_settings=dict(SESSION_SETTINGS))
+
+
 async def migrate(dsn: str) -> list[str]:
     """Applies pending migrations and returns the names of those it applied."""
-    # Uncached statements work behind a transaction pooler too; a run's few gain nothing from a cache.
-    conn = await asyncpg.connect(dsn, statement_cache_size=0)
+    conn = await _connect(dsn)
     applied_now: list[str] = []
     try:
         done = await _holding_lock(conn, lambda: _ledger(conn))
@@ -159,7 +169,7 @@ async def _apply_outside_transaction(conn: asyncpg.Connection, dsn: str, name: s
     # Sent as a simple query (no arguments), which also closes the portal the statement before left
     # open with its snapshot: an index build waits for every snapshot older than its own to go.
     await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
-    autocommit = await asyncpg.connect(dsn, statement_cache_size=0)
+    autocommit = await _connect(dsn)
     try:
         for statement in split:
             await autocommit.execute(statement)

@@ -7,6 +7,11 @@ import asyncpg
 from mediavault import tracing
 from mediavault.config import Settings
 
+# Every session's, the migrations' included (db/migrate.py), rather than the database's
+# defaults: SQL that puts a timestamp through text (a partition bound of usage_events) reads
+# it back in the zone it was written in only under ISO, and days are UTC days.
+SESSION_SETTINGS = {"timezone": "UTC", "datestyle": "ISO, YMD"}
+
 
 async def _reset(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset (RESET ALL, UNLISTEN, advisory unlock) costs a round trip
@@ -18,7 +23,7 @@ async def _reset(conn: asyncpg.Connection) -> None:
 
 def connect_options(settings: Settings) -> dict[str, Any]:
     """asyncpg.connect / create_pool keyword arguments for settings.database_pooler."""
-    server_settings = {"application_name": "mediavault", "timezone": "UTC"}
+    server_settings = {"application_name": "mediavault", **SESSION_SETTINGS}
     if settings.database_pooler == "none":
         return {"server_settings": server_settings}
     return {
