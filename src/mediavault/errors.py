@@ -20,6 +20,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── VerificationFailed    OBJECT_MISSING | SIZE_MISMATCH | CHECKSUM_MISMATCH | UNSUPPORTED_MEDIA_TYPE
     ├── ServerShuttingDown    SERVER_SHUTTING_DOWN    refused or cut short by a draining server; retry
     ├── WritersBusy           SERVER_BUSY             every resumable-upload writer slot stayed taken; retry
+    ├── BlobStoreUnavailable  BLOB_STORE_UNAVAILABLE  the blob store failed a step a retry may get through
     └── InternalError         INTERNAL_ERROR          anything unexpected; details stay in the logs
 
 ``domain`` raises these; ``rpc.errors`` is the single place that turns them into
@@ -156,6 +157,10 @@ class WritersBusy(MediavaultError):
     def __init__(self, message: str, retry_after_seconds: int) -> None:
         super().__init__(message, retry_after_seconds=str(retry_after_seconds))
         self.retry_after_seconds = retry_after_seconds
+
+
+class BlobStoreUnavailable(MediavaultError):
+    reason = "BLOB_STORE_UNAVAILABLE"
 
 
 class InternalError(MediavaultError):

@@ -29,6 +29,7 @@ from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, 
 from mediavault.errors import (
     AccountFrozen,
     BeyondDeclaredSize,
+    BlobStoreUnavailable,
     ChunkChecksumMismatch,
     InvalidArgument,
     MediavaultError,
@@ -73,6 +74,7 @@ _STATUS: dict[type[MediavaultError], int] = {
     InvalidArgument: 400,
     # 503, which tus-js-client and Uppy retry by default, as they do 423.
     WritersBusy: 503,
+    BlobStoreUnavailable: 503,
 }
 
 

@@ -10,9 +10,11 @@ import pytest
 
 from mediavault.auth import Principal
 from mediavault.blobs import single_chunk
+from mediavault.blobs.s3 import S3BlobStore
 from mediavault.domain import accounts, ledger, uploads
-from mediavault.errors import AccountFrozen, NotFound, StorageLimitReached, VerificationFailed
+from mediavault.errors import AccountFrozen, BlobStoreUnavailable, NotFound, StorageLimitReached, VerificationFailed
 from mediavault.jobs import TranscodeQueue
+from tests.s3server import moto_server
 
 SIZE = 1000
 
@@ -42,10 +44,10 @@ def principal(user_id: str) -> Principal:
 
 
 def begin(service: uploads.Uploads, user_id: str, size: int = SIZE, content_type: str = "image/jpeg",
-          sha256: str | None = None):
+          sha256: str | None = None, protocol: str = "single", idempotency_key: str | None = None):
     request = uploads.BeginRequest(
-        filename="a.jpg", content_type=content_type, size_bytes=size, sha256=sha256, idempotency_key=None,
-        retention="permanent",
+        filename="a.jpg", content_type=content_type, size_bytes=size, sha256=sha256, idempotency_key=idempotency_key,
+        retention="permanent", protocol=protocol,
     )
     return service.begin(principal(user_id), request)
 
@@ -146,6 +148,66 @@ async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, set
         assert await reserved_bytes(pool, user) == 0
     later = await begin(service, users[0])
     assert later.upload.user_id == users[0]
+
+
+async def test_a_begin_the_blob_store_cannot_start_releases_what_no_retry_could_find(pool, settings):
+    user_id = new_user()
+    async with moto_server() as moto:
+        s3 = settings.model_copy(
+            update={"blob_backend": "s3", "s3_endpoint_url": moto.endpoint_url, "s3_bucket": f"begin-{uuid.uuid4().hex[:12]}"}
+        )
+        store = await S3BlobStore.open(s3)
+        try:
+            await store.ensure_bucket()
+            service = uploads.Uploads(pool, store, s3, TranscodeQueue(None, s3.queue_name), uploads.Resumable(pool, store, s3))
+            await moto.stop()
+
+            keyless, keyed = await asyncio.gather(
+                begin(service, user_id, protocol="s3_multipart"),
+                begin(service, user_id, protocol="s3_multipart", idempotency_key="k"),
+                return_exceptions=True,
+            )
+
+            assert isinstance(keyless, BlobStoreUnavailable)
+            assert isinstance(keyed, BlobStoreUnavailable)
+            # No retry could find the upload without a key again; the one with a key waits for its retry.
+            assert await reserved_bytes(pool, user_id) == SIZE
+            rows = await pool.fetch("SELECT * FROM uploads WHERE user_id = $1", user_id)
+            assert {row["idempotency_key"]: (row["state"], row["failure_reason"]) for row in rows} == {
+                None: ("failed", "BEGIN_FAILED"),
+                "k": ("pending", None),
+            }
+            assert await ledger.audit(pool) == []
+
+            await moto.start()
+            await store.ensure_bucket()
+            retried = await begin(service, user_id, protocol="s3_multipart", idempotency_key="k")
+            assert retried.upload.upload_id == next(row["upload_id"] for row in rows if row["idempotency_key"] == "k")
+            assert await pool.fetchval("SELECT multipart_id FROM upload_progress WHERE upload_id = $1", retried.upload.upload_id)
+            assert await reserved_bytes(pool, user_id) == SIZE
+        finally:
+            await store.close()
+
+
+async def test_a_begin_cancelled_while_its_upload_starts_keeps_nothing_reserved(pool, service):
+    user_id = new_user()
+    async with pool.acquire() as conn, conn.transaction():
+        # Holds every resumable upload's start (its progress row) after its reservation.
+        await conn.execute("LOCK TABLE upload_progress IN SHARE MODE")
+        beginning = asyncio.create_task(begin(service, user_id, protocol="tus"))
+        async with asyncio.timeout(10):
+            while not await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert not beginning.done(), "the start waits for the lock"
+        beginning.cancel()
+        await asyncio.wait([beginning])
+
+        assert beginning.cancelled()
+        assert await reserved_bytes(pool, user_id) == 0
+        ended = await pool.fetchrow("SELECT state, failure_reason FROM uploads WHERE user_id = $1", user_id)
+        assert tuple(ended) == ("failed", "BEGIN_FAILED")
+    assert await ledger.audit(pool) == []
 
 
 # ftyp boxes: major brand, minor version, compatible brands.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+
 import aiohttp
 import grpc
 import pytest
@@ -111,3 +114,45 @@ async def test_upload_content_multipart_on_s3(s3_storage, auth, user_id):
 
     response = await storage.UploadContent(stream(), metadata=md)
     assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
+
+
+async def test_a_begin_while_s3_is_down_is_unavailable_and_reserves_nothing(make_settings, auth, authenticator, user_id):
+    async with moto_server() as moto:
+        settings = make_settings(blob_backend="s3", s3_endpoint_url=moto.endpoint_url, s3_bucket="mediavault-test")
+        store = await S3BlobStore.open(settings)
+        await store.ensure_bucket()
+        await store.close()
+        async with (
+            running(settings) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+            aiohttp.ClientSession() as http,
+        ):
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            await moto.stop()
+
+            async def begin_tus():
+                request = pb.BeginUploadRequest(
+                    filename="clip.mp4", content_type="video/mp4", size_bytes=5000, protocol=pb.UPLOAD_PROTOCOL_TUS
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await storage.BeginUpload(request, metadata=md)
+                return caught.value
+
+            async def create_tus():
+                metadata = f"filename {base64.b64encode(b'clip.mp4').decode()},filetype {base64.b64encode(b'video/mp4').decode()}"
+                headers = {
+                    "Tus-Resumable": "1.0.0",
+                    "Upload-Length": "5000",
+                    "Upload-Metadata": metadata,
+                    "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}",
+                }
+                async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", headers=headers) as response:
+                    return response.status
+
+            refused, created = await asyncio.gather(begin_tus(), create_tus())
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(refused).reason == "BLOB_STORE_UNAVAILABLE"
+            assert created == 503
+            summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+            assert (summary.reserved_bytes, summary.pending_uploads) == (0, 0)

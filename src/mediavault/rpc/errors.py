@@ -29,6 +29,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "IDEMPOTENCY_CONFLICT": grpc.StatusCode.ALREADY_EXISTS,
     "SERVER_SHUTTING_DOWN": grpc.StatusCode.UNAVAILABLE,
     "SERVER_BUSY": grpc.StatusCode.UNAVAILABLE,
+    "BLOB_STORE_UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
 }
 

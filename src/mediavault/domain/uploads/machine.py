@@ -7,6 +7,7 @@ loser sees no row). The quota change and its ledger entry ride in the same state
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -36,6 +37,7 @@ from mediavault.domain.uploads.validation import (
 )
 from mediavault.errors import (
     AccountFrozen,
+    BlobStoreUnavailable,
     IdempotencyConflict,
     InvalidArgument,
     NotFound,
@@ -82,7 +84,7 @@ class Uploads:
         request = validate_begin(request, self._settings)
         user_id = principal.user_id
         if request.idempotency_key and (existing := await self._replay(user_id, request)):
-            return await self._destination(existing, request.tus_metadata)
+            return await self._begun(existing, request.tus_metadata)
         upload_id = uuid.uuid4()
         row = (
             upload_id, user_id, request.filename, request.content_type, request.size_bytes, request.sha256,
@@ -92,8 +94,38 @@ class Uploads:
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
         # The batch places only what it can place for sure; None is settled alone below.
         if request.idempotency_key is None and (reserved := await self._reservations.submit(row)) is not None:
-            return await self._destination(Upload(**reserved), request.tus_metadata)
-        return await self._destination(await self._reserve_alone(principal, request, row), request.tus_metadata)
+            return await self._begun(Upload(**reserved), request.tus_metadata)
+        return await self._begun(await self._reserve_alone(principal, request, row), request.tus_metadata)
+
+    async def _begun(self, upload: Upload, tus_metadata: str | None) -> BeginResult:
+        """The upload's destination. When it cannot be made (the blob store fails to start a resumable
+        upload, the call is cancelled), an upload without an idempotency key is released before the
+        error goes up: no retry could find it again (a tus creation never has a key), so its bytes
+        would stay reserved until it expired while every retry reserved more. One with a key stays
+        for the retry with that key, which makes its destination then."""
+        try:
+            return await self._destination(upload, tus_metadata)
+        except BaseException as exc:
+            if upload.idempotency_key is None:
+                # In a task of its own, which a cancellation of this call does not stop.
+                await asyncio.shield(asyncio.ensure_future(self._abandon(upload, exc)))
+            if isinstance(exc, BlobStoreError):
+                raise BlobStoreUnavailable("the blob store could not start the upload; retry") from exc
+            raise
+
+    async def _abandon(self, upload: Upload, cause: BaseException) -> None:
+        try:
+            failed = await self.release(
+                upload.upload_id, state="failed", reason="BEGIN_FAILED", detail=str(cause) or type(cause).__name__
+            )
+            if failed is not None:
+                await self._discard(upload)
+        except Exception:  # the begin's own error is what goes up; this one is logged
+            log.warning(
+                "reservation of a failed begin not released; it lapses at its expiry",
+                extra={"upload_id": str(upload.upload_id)},
+                exc_info=True,
+            )
 
     async def _reserve_alone(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
         user_id = principal.user_id

@@ -133,6 +133,9 @@ class StorageServiceServicer:
         RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
+        UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store could not start a TUS or S3_MULTIPART
+        upload; retry. Without an idempotency_key nothing stays reserved; with one the upload stays
+        PENDING, and the retry with that key returns it started.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2091,6 +2091,9 @@ type StorageServiceClient interface {
 	//	RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	//	ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store could not start a TUS or S3_MULTIPART
+	//	  upload; retry. Without an idempotency_key nothing stays reserved; with one the upload stays
+	//	  PENDING, and the retry with that key returns it started.
 	BeginUpload(ctx context.Context, in *BeginUploadRequest, opts ...grpc.CallOption) (*BeginUploadResponse, error)
 	// Checks the stored object against the upload and commits its bytes, creating the media.
 	//
@@ -2359,6 +2362,9 @@ type StorageServiceServer interface {
 	//	RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	//	ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store could not start a TUS or S3_MULTIPART
+	//	  upload; retry. Without an idempotency_key nothing stays reserved; with one the upload stays
+	//	  PENDING, and the retry with that key returns it started.
 	BeginUpload(context.Context, *BeginUploadRequest) (*BeginUploadResponse, error)
 	// Checks the stored object against the upload and commits its bytes, creating the media.
 	//
