@@ -728,6 +728,10 @@ async def test_reclaim_and_orphan_sweep_know_partial_data(tus_server, worker_ctx
         "UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1::uuid", lapsing.upload.upload_id
     )
     assert (await head(http, lapsing.upload_url)).status == 410
+    # Its URL is signed until the expiry it was created with; a chunk after the reservation lapsed stores nothing all the same.
+    assert (await patch(http, lapsing.upload_url, CHUNK + 10, data[CHUNK + 10 :])).status == 410
+    received = "SELECT received_bytes FROM upload_checkpoints WHERE upload_id = $1::uuid"
+    assert await pool.fetchval(received, lapsing.upload.upload_id) == CHUNK + 10
 
     report = await run_job(worker_ctx, "reclaim_stale_uploads")
     assert report.errors == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
 
 import pytest
@@ -14,6 +15,7 @@ from mediavault.blobs.s3 import S3BlobStore
 from mediavault.domain import accounts, ledger, uploads
 from mediavault.errors import AccountFrozen, BlobStoreUnavailable, NotFound, StorageLimitReached, VerificationFailed
 from mediavault.jobs import TranscodeQueue
+from tests.helpers import put
 from tests.s3server import moto_server
 
 SIZE = 1000
@@ -208,6 +210,41 @@ async def test_a_begin_cancelled_while_its_upload_starts_keeps_nothing_reserved(
         ended = await pool.fetchrow("SELECT state, failure_reason FROM uploads WHERE user_id = $1", user_id)
         assert tuple(ended) == ("failed", "BEGIN_FAILED")
     assert await ledger.audit(pool) == []
+
+
+async def test_a_replayed_key_of_a_lapsed_upload_expires_it_and_gets_no_url(pool, service):
+    user_id = new_user()
+    first = await begin(service, user_id, idempotency_key="k")
+    # Past its reservation, before the expiry run came by.
+    await pool.execute("UPDATE uploads SET expires_at = now() - interval '1 second' WHERE upload_id = $1", first.upload.upload_id)
+
+    replay = await begin(service, user_id, idempotency_key="k")
+
+    assert (replay.upload.upload_id, replay.upload.state, replay.upload.failure_reason) == (
+        first.upload.upload_id, "expired", "EXPIRED"
+    )
+    assert (replay.upload_url, replay.upload_method, replay.upload_headers) == ("", "", {})
+    assert (await service.get(principal(user_id), first.upload.upload_id)).state == "expired"
+    assert await reserved_bytes(pool, user_id) == 0
+    assert await ledger.audit(pool) == []
+
+
+async def test_a_replayed_url_expires_with_the_reservation(pool, stack, settings):
+    # The server's store signs URLs its listener takes.
+    blobs = stack.server.blobs
+    service = uploads.Uploads(pool, blobs, settings, TranscodeQueue(None, settings.queue_name), uploads.Resumable(pool, blobs, settings))
+    user_id = new_user()
+    sha256 = hashlib.sha256(JPEG_BYTES).hexdigest()
+    first = await begin(service, user_id, sha256=sha256, idempotency_key="k")
+    await pool.execute("UPDATE uploads SET expires_at = now() + interval '2 seconds' WHERE upload_id = $1", first.upload.upload_id)
+
+    replay = await begin(service, user_id, sha256=sha256, idempotency_key="k")
+    assert replay.upload.state == "pending"
+    # The listener's expiry is in whole seconds.
+    await asyncio.sleep(replay.upload.expires_at.timestamp() + 1.1 - time.time())
+
+    assert await put(replay.upload_url, replay.upload_headers, JPEG_BYTES) == 403
+    assert await blobs.stat(first.upload.object_key) is None
 
 
 # ftyp boxes: major brand, minor version, compatible brands.

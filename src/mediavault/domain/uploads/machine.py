@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 _BEGIN_ATTEMPTS = 3
 
 
+def _lapsed(upload: Upload) -> bool:
+    """Whether a pending upload's reservation has run out, though the expiry run may not have expired it yet."""
+    return upload.expires_at <= datetime.now(UTC)
+
+
 class Uploads:
     """Begin, finalize, fail and stream uploads; one entry point per operation.
 
@@ -170,13 +175,20 @@ class Uploads:
         upload = Upload(**row)
         if not same_parameters(upload, request):
             raise IdempotencyConflict("idempotency_key was already used with different parameters")
+        if upload.state == "pending" and _lapsed(upload):
+            # Expired here, as finalize would, rather than left for the expiry run: the replay then
+            # answers what GetUpload answers from now on, and no URL.
+            await self._expire_if_lapsed(upload)
+            row = await self._pool.fetchrow(statements.GET, upload.upload_id)
+            assert row is not None  # upload rows are never deleted
+            upload = Upload(**row)
         return upload
 
     async def _destination(self, upload: Upload, tus_metadata: str | None) -> BeginResult:
         """Where and how the client sends the upload's bytes, by its protocol (tus_metadata: see
-        BeginRequest); nowhere once it is no longer pending (a replayed key): a failed or expired
-        upload has released its bytes and its object, and a URL would let the client store an
-        object no quota counts."""
+        BeginRequest), until its reservation lapses at the latest; nowhere once it is no longer
+        pending (a replayed key): a failed or expired upload has released its bytes and its object,
+        and a URL would let the client store an object no quota counts."""
         if upload.state != "pending":
             return BeginResult(upload, "", "", {})
         if upload.protocol == "s3_multipart":
@@ -197,7 +209,7 @@ class Uploads:
             size_bytes=upload.size_bytes,
             content_type=upload.content_type,
             sha256=upload.sha256,
-            expires_in=self._settings.upload_url_ttl_seconds,
+            expires_in=min(self._settings.upload_url_ttl_seconds, int((upload.expires_at - datetime.now(UTC)).total_seconds())),
         )
         return BeginResult(upload, signed.url, signed.method, dict(signed.headers))
 
@@ -244,7 +256,7 @@ class Uploads:
             return upload
         if upload.state != "pending":
             raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
-        if upload.expires_at <= datetime.now(UTC):
+        if _lapsed(upload):
             await self._expire_if_lapsed(upload)
             return await self._settled(principal, upload_id)
         if observed is None:

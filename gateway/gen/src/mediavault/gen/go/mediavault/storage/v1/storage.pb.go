@@ -2082,7 +2082,8 @@ type StorageServiceClient interface {
 	//
 	// A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL
 	// while it is PENDING; once it is FINALIZED, FAILED or EXPIRED, the upload alone (no URL, method
-	// or headers), whose state says what became of it.
+	// or headers), whose state says what became of it. A PENDING upload past its expires_at is
+	// EXPIRED by the repeat. The URL is never valid past the upload's expires_at.
 	//
 	// Errors:
 	//
@@ -2353,7 +2354,8 @@ type StorageServiceServer interface {
 	//
 	// A repeat with the same idempotency_key and parameters returns the same upload, with a fresh URL
 	// while it is PENDING; once it is FINALIZED, FAILED or EXPIRED, the upload alone (no URL, method
-	// or headers), whose state says what became of it.
+	// or headers), whose state says what became of it. A PENDING upload past its expires_at is
+	// EXPIRED by the repeat. The URL is never valid past the upload's expires_at.
 	//
 	// Errors:
 	//
