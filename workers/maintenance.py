@@ -343,8 +343,9 @@ ORIGINAL_STATS_IN_FLIGHT = 16
 
 async def sweep_orphan_blobs(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     """Unowned objects older than the grace period go to quarantine; quarantined ones still
-    unowned a run later are deleted; live media whose original is missing is marked FAILED."""
-    # Quarantine is emptied first, so an object moved in this run waits a whole run before it can go.
+    unowned once quarantined for the grace period are deleted; live media whose original is
+    missing is marked FAILED."""
+    # Quarantine is emptied first, so that not even a zero grace period lets a run delete what it moved.
     deleted = await _empty_quarantine(ctx, report, config)
     quarantined = await _quarantine_orphans(ctx, report, config)
     missing = await _fail_media_missing_originals(ctx, report, config)
@@ -353,14 +354,18 @@ async def sweep_orphan_blobs(ctx: dict[str, Any], report: RunReport, config: Job
 
 
 async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
-    """Deletes quarantined objects that are still unowned, and puts back those a row came to own."""
+    """Deletes quarantined objects that are still unowned and were quarantined longer ago than
+    the grace period, and puts back those a row came to own."""
     blobs, pool = ctx["blobs"], ctx["pool"]
+    # By the time in quarantine, not by the runs: a run by hand right after the cron's (or during
+    # it) must not delete what that one just quarantined.
+    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
     deleted = 0
     after = None
     while True:
         page = await blobs.list_page(cleanup.QUARANTINE, after=after, limit=config.batch_size)
         report.scanned += len(page)
-        verdict = await cleanup.judge_quarantined(pool, [o.key for o in page])
+        verdict = await cleanup.judge_quarantined(pool, page, cutoff)
         deleted += len(verdict.delete)
         if not report.dry_run:
             for quarantined_key, original in verdict.restore:

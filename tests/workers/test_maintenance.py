@@ -13,7 +13,9 @@ import pytest
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 
+from mediavault import devservers
 from mediavault.blobs import single_chunk
+from mediavault.db import migrate
 from mediavault.domain import cleanup, ledger
 from mediavault.jobs import TranscodeQueue
 from mediavault.media.v1 import media_pb2 as mpb
@@ -658,10 +660,72 @@ async def test_orphans_are_quarantined_then_deleted_and_missing_originals_report
     row = await pool.fetchrow("SELECT processing_status, processing_error FROM media WHERE media_id = $1", missing)
     assert (row["processing_status"], row["processing_error"]) == ("failed", "original missing")
 
+    # A grace period in quarantine later.
+    os.utime(blobs.path("quarantine/" + orphan), (two_days_ago, two_days_ago))
     second = await run_job(ctx, "sweep_orphan_blobs")
     assert second.details["deleted_from_quarantine"] >= 1
     assert await blobs.stat("quarantine/" + orphan) is None
     assert all([await blobs_exist(blobs, m) == (True, True) for m in owned])
+
+
+@pytest.fixture
+async def database_of_its_own(postgres_admin_url):
+    """A migrated database no other test writes to: a sweep over a blob store of the test's own
+    would find every other test's originals missing and mark their media FAILED."""
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_sweep")
+    try:
+        await migrate(dsn)
+        yield dsn
+    finally:
+        await devservers.drop_database(postgres_admin_url, dsn)
+
+
+@pytest.mark.parametrize("backend", ["fs", "s3"])
+async def test_a_sweep_right_after_another_deletes_nothing_it_quarantined(
+    backend, database_of_its_own, make_ctx, make_settings, tmp_path, user_id
+):
+    from tests.s3server import moto_server
+
+    # S3 LastModified has whole seconds: a grace period of a few seconds keeps the test short and
+    # still tells an object quarantined a moment ago from one quarantined a grace period ago.
+    grace = 3
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "s3":
+            moto = await stack.enter_async_context(moto_server())
+            store = {"blob_backend": "s3", "s3_endpoint_url": moto.endpoint_url, "s3_bucket": "sweep-test"}
+        else:
+            store = {"blob_dir": tmp_path / "blobs"}
+        settings = make_settings(database_url=database_of_its_own, jobs={"sweep_orphan_blobs": {"age_seconds": grace}}, **store)
+        cron, by_hand = await make_ctx(settings), await make_ctx(settings)
+        blobs = cron["blobs"]
+        if backend == "s3":
+            await blobs.ensure_bucket()
+        orphan, claimed = f"originals/fd/{uuid.uuid4().hex}", f"originals/fd/{uuid.uuid4().hex}"
+        for key in (orphan, claimed):
+            await blobs.write(key, single_chunk(b"lost"), content_type="image/jpeg")
+        await asyncio.sleep(grace + 0.5)
+
+        first = await run_job(cron, "sweep_orphan_blobs")
+        assert (first.errors, first.details["quarantined"]) == (0, 2)
+        # A slow upload's row commits after its object was quarantined.
+        async with cron["pool"].acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO accounts (user_id, quota_bytes) VALUES ($1, 1000000)", user_id)
+            await conn.execute(
+                "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at) "
+                "VALUES (gen_random_uuid(), $1, 'x.jpg', 'image/jpeg', 4, 'permanent', $2, now() + interval '1 hour')",
+                user_id, claimed)
+        second = await run_job(by_hand, "sweep_orphan_blobs")
+        assert second.errors == 0
+        assert second.details["deleted_from_quarantine"] == 0
+        assert await blobs.stat("quarantine/" + orphan) is not None, "quarantined a moment ago"
+        assert await blobs.stat(claimed) is not None, "put back at once, however young"
+
+        await asyncio.sleep(grace + 0.5)
+        third = await run_job(by_hand, "sweep_orphan_blobs")
+        assert (third.errors, third.details["deleted_from_quarantine"]) == (0, 1)
+        assert await blobs.stat("quarantine/" + orphan) is None
+        assert await blobs.stat(orphan) is None
+        assert await blobs.stat(claimed) is not None
 
 
 async def test_an_original_the_store_cannot_stat_leaves_the_sweep_to_check_the_others(ctx, pool, user_id):

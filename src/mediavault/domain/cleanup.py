@@ -22,8 +22,9 @@ from asyncpg.pool import PoolConnectionProxy
 from mediavault.blobs import ListedObject
 
 # The orphan sweep: objects under these prefixes that no row owns are moved under
-# QUARANTINE first and deleted only if still unowned a run later, so an object whose
-# row commits late (a slow upload) is put back rather than lost.
+# QUARANTINE first and deleted only if still unowned once they have been there for the
+# grace period too (counted from the move, which sets modified_at), so an object whose
+# row commits late (a slow upload) is put back rather than lost, however soon runs follow.
 QUARANTINE = "quarantine/"
 # partial/: the bytes of resumable uploads until finalize publishes them (records.partial_key_for).
 SWEPT_PREFIXES = ("originals/", "partial/", "variants/")
@@ -303,14 +304,17 @@ class QuarantineVerdict:
     restore: list[tuple[str, str]]
     """(quarantined key, original key) of objects a row came to own since they were quarantined."""
     delete: list[str]
-    """Quarantined keys still unowned: deleted for good."""
+    """Quarantined keys still unowned and quarantined before the cutoff: deleted for good."""
 
 
-async def judge_quarantined(conn: Connection | asyncpg.Pool, quarantined_keys: list[str]) -> QuarantineVerdict:
-    originals = [key.removeprefix(QUARANTINE) for key in quarantined_keys]
+async def judge_quarantined(
+    conn: Connection | asyncpg.Pool, quarantined: Sequence[ListedObject], cutoff: datetime
+) -> QuarantineVerdict:
+    """Unowned objects quarantined after cutoff are in neither list: they wait for a later run."""
+    originals = [o.key.removeprefix(QUARANTINE) for o in quarantined]
     owned = await owned_keys(conn, originals)
-    pairs = list(zip(quarantined_keys, originals, strict=True))
+    pairs = list(zip(quarantined, originals, strict=True))
     return QuarantineVerdict(
-        restore=[(q, original) for q, original in pairs if original in owned],
-        delete=[q for q, original in pairs if original not in owned],
+        restore=[(o.key, original) for o, original in pairs if original in owned],
+        delete=[o.key for o, original in pairs if original not in owned and o.modified_at < cutoff],
     )
