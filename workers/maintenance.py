@@ -145,6 +145,7 @@ async def _delete_blobs(ctx: dict[str, Any], keys: list[str], report: RunReport)
         failed = set(keys)
     if failed:
         report.errors += len(failed)
+        metrics.BLOB_DELETE_FAILURES.inc(len(failed))
         log.warning("blob deletes failed", extra={"job": report.job, "failed": len(failed), "example": next(iter(failed))})
     return failed
 
@@ -165,6 +166,7 @@ async def _delete_upload_objects(ctx: dict[str, Any], rows: list[asyncpg.Record]
             await ctx["blobs"].discard_partial(partial_key_for(row["upload_id"]), row["object_key"], row["multipart_id"])
         except Exception:
             report.errors += 1
+            metrics.BLOB_DELETE_FAILURES.inc()
             log.warning("partial upload delete failed", extra={"job": report.job, "upload_id": str(row["upload_id"])}, exc_info=True)
 
 

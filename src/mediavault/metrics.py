@@ -15,7 +15,7 @@ RPC_LATENCY = Histogram(
     ["service", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
-BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob deletions left for the orphan sweep")
+BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob deletions that failed, left for a later cleanup run or the orphan sweep")
 
 
 class MetricsEndpoint:

@@ -605,6 +605,44 @@ async def test_blob_delete_failure_is_retried_next_run_and_loses_nothing(make_ct
         assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND deleted_at IS NULL", kept) == 3
 
 
+def blob_delete_failures() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("mediavault_blob_delete_failures_total")
+
+
+async def test_the_blob_deletions_the_jobs_fail_are_counted_in_the_metric(database_of_its_own, make_ctx, make_settings, user_id):
+    from tests.s3server import moto_server
+
+    async with moto_server() as moto:
+        # A database of its own: the counts are this test's rows' alone.
+        ctx = await make_ctx(make_settings(
+            database_url=database_of_its_own, blob_backend="s3", s3_endpoint_url=moto.endpoint_url, s3_bucket="delete-failures"))
+        pool, blobs = ctx["pool"], ctx["blobs"]
+        await blobs.ensure_bucket()
+        await seed_media(pool, blobs, user_id, 2, retention="ephemeral", expired=True)
+        lapsed = uuid.uuid4()
+        # A lapsed tus upload: its object's delete and its partial bytes' discard both fail.
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at, protocol) "
+                "VALUES ($1, $2, 'x.jpg', 'image/jpeg', 100, 'permanent', $3, now() - interval '1 second', 'tus')",
+                lapsed, user_id, f"originals/{lapsed.hex[:2]}/{lapsed.hex}")
+            await conn.execute("UPDATE accounts SET reserved_bytes = reserved_bytes + 100 WHERE user_id = $1", user_id)
+            await conn.execute(
+                "INSERT INTO ledger_entries (user_id, kind, reserved_delta, upload_id) VALUES ($1, 'reserve', 100, $2)", user_id, lapsed)
+
+        await moto.stop()
+        before = blob_delete_failures()
+        reclaimed = await run_job(ctx, "reclaim_stale_uploads")
+        assert (reclaimed.changed, reclaimed.errors) == (1, 2)
+        assert blob_delete_failures() - before == 2, "the object and the partial bytes"
+        expired = await run_job(ctx, "expire_ephemeral_media")
+        assert (expired.changed, expired.errors) == (2, 4)
+        assert blob_delete_failures() - before == 2 + 4, "each media's original and thumbnail"
+        assert await ledger.audit(pool) == []
+
+
 async def test_a_purge_whose_deletes_fail_is_tried_once_a_run_and_again_after_its_retry_time(make_ctx, make_settings, pool, user_id):
     # Batches smaller than the failing rows: a run that took them again would keep finding full batches.
     ctx = await make_ctx(make_settings(jobs={"purge_deleted_media": {"batch_size": 4}}))
