@@ -373,7 +373,8 @@ async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobC
             for quarantined_key, original in verdict.restore:
                 await _restore(ctx, quarantined_key, original, report)
             if verdict.delete:
-                await _delete_blobs(ctx, verdict.delete, report)
+                # A failed delete is an error, not a change: the object stays for the next run.
+                deleted -= len(await _delete_blobs(ctx, verdict.delete, report))
         if len(page) < config.batch_size:
             return deleted
         after = page[-1].key
@@ -390,13 +391,14 @@ async def _quarantine_orphans(ctx: dict[str, Any], report: RunReport, config: Jo
             page = await blobs.list_page(prefix, after=after, limit=config.batch_size)
             report.scanned += len(page)
             for key in await cleanup.orphans(pool, page, cutoff):
-                quarantined += 1
                 if not report.dry_run:
                     try:
                         await blobs.move(key, cleanup.QUARANTINE + key)
                     except Exception:
                         report.errors += 1
                         log.warning("quarantine failed", extra={"job": report.job, "object_key": key}, exc_info=True)
+                        continue
+                quarantined += 1
             if len(page) < config.batch_size:
                 break
             after = page[-1].key
@@ -443,6 +445,7 @@ async def _restore(ctx: dict[str, Any], quarantined_key: str, original: str, rep
     except Exception:
         report.errors += 1
         log.warning("restore from quarantine failed", extra={"job": report.job, "object_key": original}, exc_info=True)
+        return
     report.details["restored"] = report.details.get("restored", 0) + 1
 
 

@@ -14,7 +14,7 @@ from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 
 from mediavault import devservers
-from mediavault.blobs import single_chunk
+from mediavault.blobs import BlobStoreError, single_chunk
 from mediavault.db import migrate
 from mediavault.domain import cleanup, ledger
 from mediavault.jobs import TranscodeQueue
@@ -802,6 +802,69 @@ class SlowStats:
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
+
+
+class RefusingKeys:
+    """A blob store that refuses to move or delete the given keys, as a store answering 403 for them does."""
+
+    def __init__(self, store, refused: set[str]) -> None:
+        self._store = store
+        self._refused = refused
+
+    async def move(self, key: str, new_key: str) -> None:
+        if key in self._refused:
+            raise BlobStoreError("move failed: AccessDenied")
+        await self._store.move(key, new_key)
+
+    async def delete_many(self, keys: list[str]) -> list[str]:
+        return [key for key in keys if key in self._refused] + await self._store.delete_many(
+            [key for key in keys if key not in self._refused])
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+async def test_the_sweep_counts_as_changed_only_the_moves_and_deletes_that_succeeded(
+    database_of_its_own, make_ctx, make_settings, tmp_path, user_id
+):
+    import os
+    import time as clock
+
+    from prometheus_client import REGISTRY
+
+    # A database and a blob directory of its own: the counts are this test's objects' alone.
+    ctx = await make_ctx(make_settings(database_url=database_of_its_own, blob_dir=tmp_path / "blobs"))
+    blobs = ctx["blobs"]
+    orphans = {outcome: f"originals/fc/{uuid.uuid4().hex}" for outcome in ("moved", "refused")}
+    quarantined = {outcome: f"quarantine/originals/fc/{uuid.uuid4().hex}" for outcome in ("deleted", "refused")}
+    claimed = {outcome: f"originals/fc/{uuid.uuid4().hex}" for outcome in ("restored", "refused")}
+    two_days_ago = clock.time() - 2 * 86400
+    for key in (*orphans.values(), *quarantined.values(), *(cleanup.QUARANTINE + key for key in claimed.values())):
+        await blobs.write(key, single_chunk(b"lost"), content_type="image/jpeg")
+        os.utime(blobs.path(key), (two_days_ago, two_days_ago))
+    async with ctx["pool"].acquire() as conn, conn.transaction():
+        await conn.execute("INSERT INTO accounts (user_id, quota_bytes) VALUES ($1, 1000000)", user_id)
+        await conn.executemany(
+            "INSERT INTO uploads (upload_id, user_id, filename, content_type, size_bytes, retention, object_key, expires_at) "
+            "VALUES (gen_random_uuid(), $1, 'x.jpg', 'image/jpeg', 4, 'permanent', $2, now() + interval '1 hour')",
+            [(user_id, key) for key in claimed.values()])
+    refused = {orphans["refused"], quarantined["refused"], cleanup.QUARANTINE + claimed["refused"]}
+
+    def items(kind: str) -> float:
+        return REGISTRY.get_sample_value("mediavault_job_items_total", {"job": "sweep_orphan_blobs", "kind": kind}) or 0.0
+
+    changed, errors = items("changed"), items("errors")
+    report = await run_job({**ctx, "blobs": RefusingKeys(blobs, refused)}, "sweep_orphan_blobs")
+
+    assert report.details == {"quarantined": 1, "deleted_from_quarantine": 1, "restored": 1, "originals_missing": 0}
+    assert (report.changed, report.errors) == (2, 3)
+    assert (items("changed") - changed, items("errors") - errors) == (2, 3)
+    assert await blobs.stat(cleanup.QUARANTINE + orphans["moved"]) is not None
+    assert await blobs.stat(orphans["refused"]) is not None
+    assert await blobs.stat(quarantined["deleted"]) is None
+    assert await blobs.stat(quarantined["refused"]) is not None
+    assert await blobs.stat(claimed["restored"]) is not None
+    assert await blobs.stat(cleanup.QUARANTINE + claimed["refused"]) is not None
 
 
 async def test_the_sweep_stats_live_originals_side_by_side(ctx, pool, user_id):
