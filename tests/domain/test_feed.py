@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -178,3 +179,21 @@ async def test_a_fill_leaves_the_lock_another_replica_took_after_its_own_expired
         await redis.set(lock, "another replica", ex=30)
     assert (await read).items == []
     assert await redis.get(lock) == b"another replica"
+
+
+async def test_a_cached_page_lasts_no_longer_than_the_first_expiry_on_it(pool, redis, user_id):
+    ids = await media_with_a_thumbnail(pool, user_id, 3)
+    expires_at = await pool.fetchval(
+        "UPDATE media SET retention = 'ephemeral', expires_at = now() + interval '2 seconds' WHERE media_id = $1 RETURNING expires_at",
+        ids[1])
+    feed = Feed(pool, redis, ttl_seconds=300, tokens=TOKENS)
+    first = await feed.page(user_id, 20, "")
+    assert [item.media_id for item in first.items] == ids
+    # An expiry bumps no feed version: the cached page ends with it instead.
+    assert 0 < await redis.pttl(f"feed:p:{user_id}:0:20::") <= 2000
+
+    await asyncio.sleep((expires_at - datetime.now(UTC)).total_seconds() + 0.1)
+    later = await feed.page(user_id, 20, "")
+    assert [item.media_id for item in later.items] == [ids[0], ids[2]]
+    assert later.etag != first.etag
+    assert 290_000 < await redis.pttl(f"feed:p:{user_id}:0:20::") <= 300_000, "no item on it expires"

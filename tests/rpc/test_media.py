@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import uuid
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -391,6 +392,54 @@ async def test_save_makes_ephemeral_media_permanent(storage, media, auth, user_i
     assert saved.retention == pb.RETENTION_PERMANENT
     assert saved.HasField("saved_at")
     assert not saved.HasField("expires_at")
+
+
+async def test_ephemeral_media_past_its_expiry_is_gone_before_the_expiry_job_removes_it(storage, media, auth, user_id, pool, worker):
+    md = auth(user_id)
+    expired = await upload(storage, md, fake_jpeg(2600), retention=pb.RETENTION_EPHEMERAL)
+    live = await upload(storage, md, fake_jpeg(2601), retention=pb.RETENTION_EPHEMERAL)
+    # The session's worker processes both; its status changes would change the feed mid-test.
+    for done in (expired, live):
+        await settled(media, md, done.media_id)
+    await pool.execute("UPDATE media SET expires_at = now() - interval '1 second' WHERE media_id = $1::uuid", expired.media_id)
+
+    for who in (md, auth("ops", "admin"), auth("feed-svc", "service")):
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await media.GetMedia(mpb.GetMediaRequest(media_id=expired.media_id), metadata=who)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_info(gone.value).reason == "NOT_FOUND"
+        listed = await media.ListFeed(mpb.ListFeedRequest(user_id=user_id), metadata=who)
+        assert [m.media_id for m in listed.media] == [live.media_id]
+    for call in (media.SaveMedia(mpb.SaveMediaRequest(media_id=expired.media_id), metadata=md),
+                 media.DeleteMedia(mpb.DeleteMediaRequest(media_id=expired.media_id), metadata=md),
+                 media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=expired.media_id), metadata=md)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    row = await pool.fetchrow("SELECT retention, saved_at, deleted_at FROM media WHERE media_id = $1::uuid", expired.media_id)
+    assert tuple(row) == ("ephemeral", None, None), "not saved; the expiry job removes it"
+    saved = (await media.SaveMedia(mpb.SaveMediaRequest(media_id=live.media_id), metadata=md)).media
+    assert saved.retention == pb.RETENTION_PERMANENT
+
+
+async def test_a_feed_page_and_its_etag_end_when_an_item_on_it_expires(storage, media, auth, user_id, pool, worker):
+    md = auth(user_id)
+    kept = await upload(storage, md, fake_jpeg(2700))
+    expiring = await upload(storage, md, fake_jpeg(2701), retention=pb.RETENTION_EPHEMERAL)
+    for done in (kept, expiring):
+        await settled(media, md, done.media_id)
+    # Well inside the feed cache's TTL (30 s); an expiry bumps no feed version.
+    expires_at = await pool.fetchval(
+        "UPDATE media SET expires_at = now() + interval '2 seconds' WHERE media_id = $1::uuid RETURNING expires_at", expiring.media_id)
+    page = await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    assert [m.media_id for m in page.media] == [expiring.media_id, kept.media_id]
+    assert (await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)).not_modified
+
+    await asyncio.sleep((expires_at - datetime.now(UTC)).total_seconds() + 0.1)
+    later = await media.ListFeed(mpb.ListFeedRequest(if_none_match=page.etag), metadata=md)
+    assert not later.not_modified
+    assert later.etag != page.etag
+    assert [m.media_id for m in later.media] == [kept.media_id]
 
 
 async def test_reprocess_runs_again_under_a_new_job_and_keys(storage, media, auth, user_id, worker, pool):

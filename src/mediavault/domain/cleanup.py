@@ -20,6 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.blobs import ListedObject
+from mediavault.domain.media import expired_by
 
 # The orphan sweep: objects under these prefixes that no row owns are moved under
 # QUARANTINE first and deleted only if still unowned once they have been there for the
@@ -77,11 +78,10 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Expiring claims the purge in the same statement (as _CLAIM_PURGE would), so the run
 # deletes the blobs straight after the commit instead of finding the rows again.
-_EXPIRE_EPHEMERAL = """
+_EXPIRE_EPHEMERAL = f"""
 WITH due AS (
-    SELECT media_id FROM media
-    WHERE retention = 'ephemeral' AND deleted_at IS NULL AND saved_at IS NULL
-      AND expires_at <= now() - make_interval(secs => $2)
+    SELECT media_id FROM media m
+    WHERE m.deleted_at IS NULL AND {expired_by("now() - make_interval(secs => $2)")}
       AND abs(mod(hashtext(owner_id), $4)) = $3
     ORDER BY expires_at
     LIMIT $1

@@ -1,9 +1,11 @@
 """The feed: cursor pages of an owner's media, cached in Redis under versioned keys.
 
 Anything that changes an owner's feed bumps ``feed:v:<owner>``; page keys embed the
-version, so the next call after a change misses and recomputes. Concurrent misses of one
-key compute once: in-process callers share one task, other processes wait briefly on a
-Redis lock. With Redis unreachable the feed is served straight from PostgreSQL.
+version, so the next call after a change misses and recomputes. An item leaving the feed
+as it expires (media.expired_by) bumps nothing, so a page is cached no longer than until
+its first item expires. Concurrent misses of one key compute once: in-process callers
+share one task, other processes wait briefly on a Redis lock. With Redis unreachable the
+feed is served straight from PostgreSQL.
 
 Version keys expire after VERSION_TTL_SECONDS without a bump or a read, so Redis does
 not keep one key per owner who ever uploaded. Every page is written after a read of its
@@ -21,7 +23,7 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -50,6 +52,14 @@ _Payload = dict[str, Any]
 # A page as cached, the JSON of {"items": [Media as JSON], "next_page_token": str, "etag": str}:
 # text, which callers of one page can share, each parsing its own Page from it.
 _PageJson = str | bytes
+
+
+@dataclass(frozen=True)
+class _Computed:
+    """A page as computed: its JSON, and when its first item expires (None when none does)."""
+
+    text: _PageJson
+    first_expiry: datetime | None
 
 
 @dataclass(frozen=True)
@@ -156,17 +166,19 @@ class Feed:
 
     async def _compute(
         self, owner_id: str, size: int, after: tuple[datetime, uuid.UUID] | None, preferred: str
-    ) -> _PageJson:
+    ) -> _Computed:
         items, more = await media_domain.page(self.pool, owner_id, size, after)
         next_token = self._tokens.encode(LISTING, owner_id, items[-1].created_at, items[-1].media_id) if more else ""
         payload: _Payload = {"items": _to_json(items), "next_page_token": next_token}
         payload["etag"] = _etag(payload, preferred)
-        return json.dumps(payload, default=str)
+        # Only unsaved ephemeral media has an expires_at (saving clears it).
+        first_expiry = min((item.expires_at for item in items if item.expires_at is not None), default=None)
+        return _Computed(json.dumps(payload, default=str), first_expiry)
 
-    async def _cached(self, owner_id: str, page: str, compute: Callable[[], Awaitable[_PageJson]]) -> _PageJson:
+    async def _cached(self, owner_id: str, page: str, compute: Callable[[], Awaitable[_Computed]]) -> _PageJson:
         redis = self.redis
         if redis is None:
-            return await compute()
+            return (await compute()).text
         try:
             version = int(await redis.getex(version_key(owner_id), ex=VERSION_TTL_SECONDS) or 0)
             # `page` is the size, the client's formats (formats.signature) and the page token.
@@ -174,7 +186,7 @@ class Feed:
             cached = await redis.get(key)
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_read").inc()
-            return await compute()
+            return (await compute()).text
         if cached is not None:
             metrics.FEED_CACHE.labels("hit").inc()
             hit: _PageJson = cached
@@ -189,7 +201,7 @@ class Feed:
             fill.add_done_callback(lambda _: self._inflight.pop(key))
         return await asyncio.shield(fill)
 
-    async def _fill(self, redis: Redis, key: str, compute: Callable[[], Awaitable[_PageJson]]) -> _PageJson:
+    async def _fill(self, redis: Redis, key: str, compute: Callable[[], Awaitable[_Computed]]) -> _PageJson:
         lock = f"{key}:lock"
         token = secrets.token_hex(16)
         try:
@@ -204,19 +216,29 @@ class Feed:
                         return filled
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_lock").inc()
-            return await compute()
+            return (await compute()).text
         try:
             page = await compute()
+            ttl_ms = self._ttl_ms(page.first_expiry)
             try:
-                await redis.set(key, page, ex=self.ttl_seconds)
+                if ttl_ms > 0:
+                    await redis.set(key, page.text, px=ttl_ms)
             except (RedisError, OSError):
                 metrics.REDIS_FALLBACKS.labels("feed_write").inc()
-            return page
+            return page.text
         finally:
             # Released when the fill fails too, so that the next miss computes at once rather
             # than after the lock's expiry.
             if locked:
                 await self._release(redis, lock, token)
+
+    def _ttl_ms(self, first_expiry: datetime | None) -> int:
+        """How long a page stays cached: an item leaving it by its expiry bumps no feed version,
+        so the page must not outlive the first item to expire (0: not cached at all)."""
+        ttl_ms = self.ttl_seconds * 1000
+        if first_expiry is None:
+            return ttl_ms
+        return max(0, min(ttl_ms, int((first_expiry - datetime.now(UTC)).total_seconds() * 1000)))
 
     @staticmethod
     async def _release(redis: Redis, lock: str, token: str) -> None:

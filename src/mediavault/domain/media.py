@@ -54,9 +54,20 @@ _COLUMNS = """
     m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms, m.requested_formats
 """
 
+
+def expired_by(moment: str) -> str:
+    """The one statement of when media m has expired: unsaved ephemeral media whose expires_at
+    is at or before `moment` (SQL). Saving makes media permanent and clears expires_at."""
+    return f"m.retention = 'ephemeral' AND m.saved_at IS NULL AND m.expires_at <= {moment}"
+
+
+# Expired media is gone at once, though the expiry job (cleanup._EXPIRE_EPHEMERAL) deletes its
+# row, frees its bytes and its blobs only on its next run: no read or save finds it meanwhile.
+_PRESENT = f"m.deleted_at IS NULL AND ({expired_by('now()')}) IS NOT TRUE"
+
 _GET = f"""
 SELECT {_COLUMNS} FROM media m LEFT JOIN media_counters c ON c.media_id = m.media_id
-WHERE m.media_id = $1 AND m.deleted_at IS NULL
+WHERE m.media_id = $1 AND {_PRESENT}
 """
 
 
@@ -67,7 +78,7 @@ WHERE m.media_id = $1 AND m.deleted_at IS NULL
 def _page_statement(after: str, limit: str) -> str:
     return f"""
 SELECT {_COLUMNS} FROM media m LEFT JOIN media_counters c ON c.media_id = m.media_id
-WHERE m.owner_id = $1 AND m.deleted_at IS NULL{after}
+WHERE m.owner_id = $1 AND {_PRESENT}{after}
 ORDER BY m.created_at DESC, m.media_id DESC
 LIMIT {limit}
 """
@@ -92,9 +103,9 @@ WITH deleted AS (
 SELECT * FROM deleted
 """
 
-_SAVE = """
-UPDATE media SET retention = 'permanent', saved_at = coalesce(saved_at, now()), expires_at = NULL, updated_at = now()
-WHERE media_id = $1 AND deleted_at IS NULL AND retention = 'ephemeral'
+_SAVE = f"""
+UPDATE media m SET retention = 'permanent', saved_at = coalesce(saved_at, now()), expires_at = NULL, updated_at = now()
+WHERE m.media_id = $1 AND {_PRESENT} AND m.retention = 'ephemeral'
 """
 
 _REPROCESS = """

@@ -98,14 +98,15 @@ class MediaServiceServicer:
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-        NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+        NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListFeed(self, request, context):
-        """Returns one page of a user's media, newest first, whatever their processing status.
+        """Returns one page of a user's media, newest first, whatever their processing status;
+        expired media (Media.expires_at) is left out.
 
         Errors:
         PERMISSION_DENIED (FORBIDDEN): user_id is another user and the caller is not admin or service.
@@ -123,7 +124,7 @@ class MediaServiceServicer:
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-        NOT_FOUND (NOT_FOUND): no such media, already deleted, or another user's.
+        NOT_FOUND (NOT_FOUND): no such media, already deleted, expired (Media.expires_at), or another user's.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -135,7 +136,7 @@ class MediaServiceServicer:
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-        NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+        NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,7 +150,7 @@ class MediaServiceServicer:
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-        NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+        NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
         FAILED_PRECONDITION (MEDIA_BUSY): a worker is processing the media now; retry once
         processing_status is no longer PROCESSING.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.

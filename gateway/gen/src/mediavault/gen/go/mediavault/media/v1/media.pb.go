@@ -478,7 +478,9 @@ type Media struct {
 	CreatedAt *timestamp.Timestamp `protobuf:"bytes,16,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// When ephemeral media was saved; unset otherwise.
 	SavedAt *timestamp.Timestamp `protobuf:"bytes,17,opt,name=saved_at,json=savedAt,proto3" json:"saved_at,omitempty"`
-	// When unsaved ephemeral media will be removed; unset otherwise.
+	// When unsaved ephemeral media expires; unset otherwise. From then on it is gone: GetMedia,
+	// SaveMedia, DeleteMedia and ReprocessMedia answer NOT_FOUND and ListFeed leaves it out,
+	// while its bytes are freed and its files removed by a cleanup run soon after.
 	ExpiresAt *timestamp.Timestamp `protobuf:"bytes,18,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
 	// IMPRESSION events recorded for it.
 	ViewCount int64 `protobuf:"varint,19,opt,name=view_count,json=viewCount,proto3" json:"view_count,omitempty"`
@@ -1582,9 +1584,10 @@ type MediaServiceClient interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
 	GetMedia(ctx context.Context, in *GetMediaRequest, opts ...grpc.CallOption) (*GetMediaResponse, error)
-	// Returns one page of a user's media, newest first, whatever their processing status.
+	// Returns one page of a user's media, newest first, whatever their processing status;
+	// expired media (Media.expires_at) is left out.
 	//
 	// Errors:
 	//
@@ -1599,7 +1602,7 @@ type MediaServiceClient interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, already deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, already deleted, expired (Media.expires_at), or another user's.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
 	DeleteMedia(ctx context.Context, in *DeleteMediaRequest, opts ...grpc.CallOption) (*DeleteMediaResponse, error)
 	// Makes the caller's ephemeral media permanent; permanent media is returned unchanged.
@@ -1607,7 +1610,7 @@ type MediaServiceClient interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
 	SaveMedia(ctx context.Context, in *SaveMediaRequest, opts ...grpc.CallOption) (*SaveMediaResponse, error)
 	// Makes the variants of a media item of the caller again; role admin may reprocess anyone's.
@@ -1617,7 +1620,7 @@ type MediaServiceClient interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
 	//	FAILED_PRECONDITION (MEDIA_BUSY): a worker is processing the media now; retry once
 	//	  processing_status is no longer PROCESSING.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
@@ -1700,9 +1703,10 @@ type MediaServiceServer interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
 	GetMedia(context.Context, *GetMediaRequest) (*GetMediaResponse, error)
-	// Returns one page of a user's media, newest first, whatever their processing status.
+	// Returns one page of a user's media, newest first, whatever their processing status;
+	// expired media (Media.expires_at) is left out.
 	//
 	// Errors:
 	//
@@ -1717,7 +1721,7 @@ type MediaServiceServer interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, already deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, already deleted, expired (Media.expires_at), or another user's.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
 	DeleteMedia(context.Context, *DeleteMediaRequest) (*DeleteMediaResponse, error)
 	// Makes the caller's ephemeral media permanent; permanent media is returned unchanged.
@@ -1725,7 +1729,7 @@ type MediaServiceServer interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
 	SaveMedia(context.Context, *SaveMediaRequest) (*SaveMediaResponse, error)
 	// Makes the variants of a media item of the caller again; role admin may reprocess anyone's.
@@ -1735,7 +1739,7 @@ type MediaServiceServer interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): media_id is not a UUID.
-	//	NOT_FOUND (NOT_FOUND): no such media, deleted, or another user's.
+	//	NOT_FOUND (NOT_FOUND): no such media, deleted, expired (Media.expires_at), or another user's.
 	//	FAILED_PRECONDITION (MEDIA_BUSY): a worker is processing the media now; retry once
 	//	  processing_status is no longer PROCESSING.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
