@@ -304,14 +304,23 @@ def test_an_all_black_start_past_the_search_window_gives_the_first_frame(clips):
     assert still.image.convert("L").getextrema()[1] < NEAR_BLACK_LUMA
 
 
+def _command(pid: int) -> str:
+    """The process's command name; empty once it has exited (a child listed a moment ago may be gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 async def test_an_ffmpeg_killed_by_someone_else_fails_the_attempt_not_the_media(clips):
     source_path = make.h264(clips / "oom.mp4", "1280x720", 4.0, audio=False)
     source = await videos.probe(source_path, "video/mp4", videos.VideoLimits())
 
     async def kill_ffmpeg(_done: float) -> bool:
         for pid in children_of(os.getpid()):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "ffmpeg":
-                os.kill(pid, signal.SIGKILL)
+            if _command(pid) == "ffmpeg":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         return True
 
     with pytest.raises(ImagingError) as failed:
@@ -326,10 +335,11 @@ async def test_ffmpeg_runs_niced_in_a_session_of_its_own(clips):
 
     async def look(_done: float) -> bool:
         for pid in children_of(os.getpid()):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "ffmpeg":
+            if _command(pid) == "ffmpeg":
                 # /proc/<pid>/stat after the name: state, ppid, pgrp, session, ..., nice (the 17th).
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                seen.add((int(fields[16]), int(fields[3]) == pid))
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    seen.add((int(fields[16]), int(fields[3]) == pid))
         return True
 
     await videos.transcode(
