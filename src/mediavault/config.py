@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     s3_bucket: str = "mediavault"
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
+    # Every S3 request waits this long for a connection, and this long for each read of the
+    # answer, over at most s3_max_attempts attempts (the first included).
+    s3_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    s3_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
     jwt_secret: SecretStr = SecretStr("")
     # Slack for the issuer's clock on iat, nbf and exp; beyond a few minutes an expired token
     # would stay good too long.

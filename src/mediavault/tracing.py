@@ -405,6 +405,10 @@ class TracedBlobStore:
         with self._span("discard_partial", key):
             await self._store.discard_partial(partial_key, key, multipart_id)
 
+    async def abort_partial(self, key: str, multipart_id: str) -> None:
+        with self._span("abort_partial", key):
+            await self._store.abort_partial(key, multipart_id)
+
 
 class TracedDirectPartsStore(TracedBlobStore):
     def __init__(self, store: BlobStore, backend: str) -> None:

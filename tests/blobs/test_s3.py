@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
@@ -312,3 +313,34 @@ async def test_outage_raises_blob_store_error_and_recovers() -> None:
             assert (await store.inspect("test/new", 16)).head == b"after"
         finally:
             await store.close()
+
+
+async def test_an_s3_that_stops_answering_fails_a_request_within_its_timeouts_and_attempts() -> None:
+    attempts = 0
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        held.append(writer)  # reads the request, answers nothing, keeps the connection
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    settings = s3_settings(f"http://127.0.0.1:{port}").model_copy(
+        update={"s3_read_timeout_seconds": 0.5, "s3_max_attempts": 2}
+    )
+    store = await open_blob_store(settings)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(BlobStoreError):
+            async with asyncio.timeout(20):
+                await store.stat("test/kept")
+        # Two attempts of 0.5 s each and the backoff between them; botocore's defaults wait 60 s per read.
+        assert asyncio.get_running_loop().time() - started < 5
+        assert attempts == 2
+    finally:
+        await store.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()

@@ -3,28 +3,37 @@
 The lease is the upload_progress row naming a writer's token until lease_until. The tests stand
 in for the other writers (one that died holding it, one that took the upload over) by writing
 those two columns, as such a writer's statements would.
+
+And the start of a resumable upload on S3 (moto): its multipart upload is made while no
+transaction waits, and recorded once, whatever races or cancels the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import boto3
 import pydantic
 import pytest
 
 from mediavault.auth import Principal
+from mediavault.blobs.s3 import S3BlobStore
 from mediavault.domain import accounts, uploads
 from mediavault.domain.uploads.records import partial_key_for
 from mediavault.errors import NotFound, UploadBusy
 from mediavault.jobs import TranscodeQueue
 from tests.helpers import fake_jpeg, sha256_hex
+from tests.s3server import MotoServer, moto_server
 
 MiB = 1024 * 1024
 LEASE_SECONDS = 2.0
+
+S3_BUCKET = "resumable-test"
 
 SET_LEASE = "UPDATE upload_progress SET writer = $2, lease_until = now() + make_interval(secs => $3) WHERE upload_id = $1"
 
@@ -213,3 +222,147 @@ async def test_a_writer_whose_renewals_do_not_get_through_stops_before_its_lease
 def test_the_lease_length_is_bounded(make_settings, seconds):
     with pytest.raises(pydantic.ValidationError, match="tus_lease_seconds"):
         make_settings(tus_lease_seconds=seconds)
+
+
+
+@pytest.fixture(scope="module")
+async def moto() -> AsyncIterator[MotoServer]:
+    async with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_settings(settings, moto):
+    return settings.model_copy(update={"blob_backend": "s3", "s3_endpoint_url": moto.endpoint_url, "s3_bucket": S3_BUCKET})
+
+
+@pytest.fixture
+async def s3_store(s3_settings) -> AsyncIterator[S3BlobStore]:
+    """An S3 store of the test's own on the module's moto server, the bucket made."""
+    store = await S3BlobStore.open(s3_settings)
+    await store.ensure_bucket()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def s3_service(pool, s3_settings, s3_store) -> uploads.Uploads:
+    resumable = uploads.Resumable(pool, s3_store, s3_settings)
+    return uploads.Uploads(pool, s3_store, s3_settings, TranscodeQueue(None, s3_settings.queue_name), resumable)
+
+
+def begin_on_s3(service: uploads.Uploads, user_id: str, protocol: str, idempotency_key: str | None = None):
+    request = uploads.BeginRequest("a.jpg", "image/jpeg", 1000, None, idempotency_key, "permanent", protocol)
+    return service.begin(principal(user_id), request)
+
+
+def multipart_uploads(moto: MotoServer, key: str) -> list[str]:
+    """The ids of the multipart uploads S3 holds for key, as ListMultipartUploads tells."""
+    client = boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+    listed = client.list_multipart_uploads(Bucket=S3_BUCKET, Prefix=key)
+    return [upload["UploadId"] for upload in listed.get("Uploads", [])]
+
+
+async def recorded_multipart_id(pool, upload_id: uuid.UUID) -> str | None:
+    return await pool.fetchval("SELECT multipart_id FROM upload_progress WHERE upload_id = $1", upload_id)
+
+
+async def test_begins_waiting_on_s3_hold_no_connection_in_a_transaction(pool, moto, s3_store, s3_service, monkeypatch):
+    waiting, answer = asyncio.Event(), asyncio.Event()
+    calls = 0
+    create = s3_store.start_partial
+
+    async def slow(key: str, *, content_type: str) -> str | None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            waiting.set()
+        await answer.wait()  # S3 browning out: CreateMultipartUpload takes its time
+        return await create(key, content_type=content_type)
+
+    monkeypatch.setattr(s3_store, "start_partial", slow)
+    users = [f"user-{uuid.uuid4().hex[:12]}" for _ in range(3)]
+    begins = asyncio.gather(*(begin_on_s3(s3_service, user, "tus") for user in users))
+    try:
+        async with asyncio.timeout(10):
+            await waiting.wait()
+        # Behind PgBouncer each of these would be a server connection no other client can have.
+        idle = await pool.fetch(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+        )
+        assert [row["query"] for row in idle] == []
+    finally:
+        answer.set()
+        begun = await begins
+    for result in begun:
+        multipart_id = await recorded_multipart_id(pool, result.upload.upload_id)
+        assert multipart_uploads(moto, result.upload.object_key) == [multipart_id]
+
+
+async def test_racing_starts_record_one_multipart_upload_and_abort_the_other(pool, moto, s3_store, s3_service, monkeypatch):
+    made: list[str | None] = []
+    both = asyncio.Event()
+    create = s3_store.start_partial
+
+    async def together(key: str, *, content_type: str) -> str | None:
+        multipart_id = await create(key, content_type=content_type)
+        made.append(multipart_id)
+        if len(made) == 2:
+            both.set()
+        # Each start is answered once both have made theirs (or after a while, should one never come).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await both.wait()
+        return multipart_id
+
+    monkeypatch.setattr(s3_store, "start_partial", together)
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    # A client's retry with the same key while its first call is still on its way.
+    first, second = await asyncio.gather(
+        begin_on_s3(s3_service, user_id, "s3_multipart", "k"), begin_on_s3(s3_service, user_id, "s3_multipart", "k")
+    )
+
+    assert first.upload.upload_id == second.upload.upload_id
+    assert len(made) == 2, "both starts made a multipart upload"
+    multipart_id = await recorded_multipart_id(pool, first.upload.upload_id)
+    assert multipart_id in made
+    assert multipart_uploads(moto, first.upload.object_key) == [multipart_id]
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "k"])
+async def test_a_begin_cancelled_while_s3_answers_leaves_no_multipart_upload_behind(
+    pool, moto, s3_store, s3_service, monkeypatch, idempotency_key
+):
+    made, answer = asyncio.Event(), asyncio.Event()
+    create = s3_store.start_partial
+
+    async def slow_answer(key: str, *, content_type: str) -> str | None:
+        multipart_id = await create(key, content_type=content_type)
+        made.set()
+        await answer.wait()  # S3 made it; its answer is slow to come back
+        return multipart_id
+
+    monkeypatch.setattr(s3_store, "start_partial", slow_answer)
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    beginning = asyncio.create_task(begin_on_s3(s3_service, user_id, "s3_multipart", idempotency_key))
+    async with asyncio.timeout(10):
+        await made.wait()
+    beginning.cancel()  # the client gave up
+    await asyncio.sleep(0.2)
+    answer.set()
+    await asyncio.wait([beginning])
+
+    assert beginning.cancelled()
+    upload_id, key, state = await pool.fetchrow("SELECT upload_id, object_key, state FROM uploads WHERE user_id = $1", user_id)
+    if idempotency_key is None:
+        # Released, since no retry could find it, and its multipart upload aborted with it.
+        assert state == "failed"
+        assert multipart_uploads(moto, key) == []
+    else:
+        # Kept for the retry with the key, which finds its multipart upload started.
+        assert state == "pending"
+        multipart_id = await recorded_multipart_id(pool, upload_id)
+        assert multipart_uploads(moto, key) == [multipart_id]
+        retried = await begin_on_s3(s3_service, user_id, "s3_multipart", idempotency_key)
+        assert retried.upload.upload_id == upload_id
+        assert multipart_uploads(moto, key) == [multipart_id]

@@ -230,6 +230,11 @@ class BlobStore(Protocol):
         """Deletes what a resumable upload stored and aborts its multipart upload."""
         ...
 
+    async def abort_partial(self, key: str, multipart_id: str) -> None:
+        """Aborts the multipart upload alone, one the upload does not use (another start's was
+        recorded), leaving the partial bytes; aborting one already gone is not an error."""
+        ...
+
 
 async def single_chunk(data: bytes) -> AsyncIterator[bytes]:
     """Adapts bytes already in memory to BlobStore.write."""

@@ -344,6 +344,9 @@ class FsBlobStore:
     async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
         await self.delete(partial_key)
 
+    async def abort_partial(self, key: str, multipart_id: str) -> None:
+        raise ValueError("the fs backend starts no multipart uploads")
+
 
 def _walk(directory: Path, key_prefix: str, after: str | None) -> Iterator[ListedObject]:
     """Objects below directory with keys after `after`, in S3's order (ascending by key).

@@ -67,8 +67,13 @@ class S3BlobStore:
         endpoint_url = settings.s3_endpoint_url or None
         config = AioConfig(
             signature_version="s3v4",
-            # Three jittered attempts instead of the legacy five: a dead endpoint fails fast.
-            retries={"mode": "standard"},
+            # Bounded, where botocore's defaults (60 s to connect, 60 s per read) keep a call on an
+            # S3 that stopped answering waiting for minutes.
+            connect_timeout=settings.s3_connect_timeout_seconds,
+            read_timeout=settings.s3_read_timeout_seconds,
+            # Jittered attempts (standard mode), three by default instead of the legacy mode's five: a
+            # dead endpoint fails fast.
+            retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
             # S3-compatible endpoints (moto, MinIO) rarely resolve bucket subdomains.
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
@@ -421,13 +426,16 @@ class S3BlobStore:
 
     async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
         if multipart_id is not None:
-            with _translate_errors("abort multipart"):
-                try:
-                    await self._client.abort_multipart_upload(Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id)
-                except ClientError as exc:
-                    if _error_code(exc) != "NoSuchUpload":
-                        raise
+            await self.abort_partial(key, multipart_id)
         await self._delete_tails(partial_key)
+
+    async def abort_partial(self, key: str, multipart_id: str) -> None:
+        with _translate_errors("abort multipart"):
+            try:
+                await self._client.abort_multipart_upload(Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id)
+            except ClientError as exc:
+                if _error_code(exc) != "NoSuchUpload":
+                    raise
 
     async def _delete_tails(self, partial_key: str) -> None:
         with _translate_errors("list tails"):

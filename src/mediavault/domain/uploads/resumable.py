@@ -70,9 +70,8 @@ TUS_ROUTE = "tus"
 _ENSURE_PROGRESS = (
     "INSERT INTO upload_progress (upload_id, tus_metadata) VALUES ($1, $2) ON CONFLICT (upload_id) DO NOTHING"
 )
-# Blocks (no NOWAIT): a concurrent start of the same upload waits and then finds the id set.
-_LOCK_FOR_START = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1 FOR NO KEY UPDATE"
-_SET_MULTIPART = "UPDATE upload_progress SET multipart_id = $2 WHERE upload_id = $1"
+# Of concurrent starts of one upload, the first to record its multipart upload keeps it.
+_SET_MULTIPART = "UPDATE upload_progress SET multipart_id = $2 WHERE upload_id = $1 AND multipart_id IS NULL RETURNING true"
 
 _UPLOAD_COLUMNS = ", ".join(f"u.{column}" for column in COLUMNS)
 _PROGRESS = f"""
@@ -236,14 +235,51 @@ class Resumable:
 
     async def start(self, upload: Upload, tus_metadata: str | None = None) -> None:
         """Creates the upload's progress row (with its tus creation's Upload-Metadata) and, on S3, its
-        multipart upload; once, however often called."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_ENSURE_PROGRESS, upload.upload_id, tus_metadata)
-            if await conn.fetchval(_LOCK_FOR_START, upload.upload_id) is not None:
-                return
-            multipart_id = await self._blobs.start_partial(upload.object_key, content_type=upload.content_type)
-            if multipart_id is not None:
-                await conn.execute(_SET_MULTIPART, upload.upload_id, multipart_id)
+        multipart upload; once, however often called.
+
+        No transaction waits for S3, which may take seconds to answer (behind PgBouncer, a server
+        connection idle in transaction all that time): the multipart upload is made first, then
+        recorded by one guarded statement; a concurrent start that recorded its own first wins,
+        and the loser's is aborted.
+        """
+        await self._pool.execute(_ENSURE_PROGRESS, upload.upload_id, tus_metadata)
+        if await self._pool.fetchval(_MULTIPART_ID, upload.upload_id) is not None:
+            return
+        # Once S3 has made the multipart upload, only its recorded id lets a discard abort it: the
+        # making and the recording go on in a task of their own, which a cancellation of this call
+        # does not stop, and which ends before the cancellation goes on (a failed begin's release
+        # then finds the id, and aborts the upload).
+        starting = asyncio.ensure_future(self._start_multipart(upload))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            await asyncio.wait([starting])
+            raise
+
+    async def _start_multipart(self, upload: Upload) -> None:
+        multipart_id = await self._blobs.start_partial(upload.object_key, content_type=upload.content_type)
+        if multipart_id is None:
+            return
+        recorded = False
+        try:
+            recorded = bool(await self._pool.fetchval(_SET_MULTIPART, upload.upload_id, multipart_id))
+        finally:
+            if not recorded:
+                await self._abort_unrecorded(upload, multipart_id)
+
+    async def _abort_unrecorded(self, upload: Upload, multipart_id: str) -> None:
+        """Aborts the multipart upload a start made and could not record (another start's was recorded
+        first, or the statement failed), unless the row names it after all: a statement whose answer
+        was lost may have recorded it."""
+        try:
+            if await self._pool.fetchval(_MULTIPART_ID, upload.upload_id) != multipart_id:
+                await self._blobs.abort_partial(upload.object_key, multipart_id)
+        except Exception:  # the start's own outcome is what goes up; this one is logged
+            log.warning(
+                "unrecorded multipart upload not aborted; left for the bucket's lifecycle rule",
+                extra={"upload_id": str(upload.upload_id)},
+                exc_info=True,
+            )
 
     def url(self, upload: Upload) -> str:
         """The tus upload URL: signed for this upload alone, valid as long as its reservation."""
