@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,10 +14,17 @@ from mediavault.auth import Principal
 from mediavault.blobs import single_chunk
 from mediavault.blobs.s3 import S3BlobStore
 from mediavault.domain import accounts, ledger, uploads
-from mediavault.errors import AccountFrozen, BlobStoreUnavailable, NotFound, StorageLimitReached, VerificationFailed
+from mediavault.errors import (
+    AccountFrozen,
+    BlobStoreUnavailable,
+    NotFound,
+    StorageLimitReached,
+    UploadNotPending,
+    VerificationFailed,
+)
 from mediavault.jobs import TranscodeQueue
 from tests.helpers import put
-from tests.s3server import moto_server
+from tests.s3server import MotoServer, moto_server
 
 SIZE = 1000
 
@@ -387,3 +395,69 @@ async def test_an_upload_row_locked_elsewhere_does_not_hold_up_the_batch(pool, b
     assert (await asyncio.wait_for(blocked, timeout=10)).state == "finalized"
     assert await pool.fetchrow("SELECT used_bytes, reserved_bytes FROM accounts WHERE user_id = $1", user_id) == (3 * SIZE, 0)
     assert await ledger.audit(pool) == []
+
+
+@pytest.fixture(scope="module")
+async def moto() -> AsyncIterator[MotoServer]:
+    async with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def s3_store(settings, moto) -> AsyncIterator[S3BlobStore]:
+    """An S3 store of the test's own on the module's moto server, the bucket made."""
+    store = await S3BlobStore.open(s3_settings(settings, moto))
+    await store.ensure_bucket()
+    yield store
+    await store.close()
+
+
+def s3_settings(settings, moto: MotoServer):
+    return settings.model_copy(update={"blob_backend": "s3", "s3_endpoint_url": moto.endpoint_url, "s3_bucket": "uploads-test"})
+
+
+@pytest.fixture
+def s3_service(pool, settings, moto, s3_store) -> uploads.Uploads:
+    s3 = s3_settings(settings, moto)
+    return uploads.Uploads(pool, s3_store, s3, TranscodeQueue(None, s3.queue_name), uploads.Resumable(pool, s3_store, s3))
+
+
+def s3_requests(store: S3BlobStore, monkeypatch) -> list[str]:
+    """The names of the S3 operations the store sends from now on (HeadObject, GetObject, ...), as it sends them."""
+    sent: list[str] = []
+    client = store._client
+    send = client._make_api_call
+
+    async def recorded(operation_name, api_params):
+        sent.append(operation_name)
+        return await send(operation_name, api_params)
+
+    monkeypatch.setattr(client, "_make_api_call", recorded)
+    return sent
+
+
+async def test_a_finalize_that_commits_nothing_answers_from_the_row_without_looking_at_the_object(
+    pool, s3_store, s3_service, monkeypatch
+):
+    owner = new_user()
+    # No declared SHA-256, so S3 records no full-object checksum: looking at the object reads all of it.
+    begun = await begin(s3_service, owner)
+    await s3_store.write(begun.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
+    given_up = await begin(s3_service, owner)
+    await s3_store.write(given_up.upload.object_key, single_chunk(JPEG_BYTES), content_type="image/jpeg")
+    await s3_service.fail(principal(owner), given_up.upload.upload_id, "changed my mind")
+    sent = s3_requests(s3_store, monkeypatch)
+
+    with pytest.raises(NotFound):
+        await s3_service.finalize(principal(new_user()), begun.upload.upload_id)
+    assert sent == [], "someone else's finalize"
+    with pytest.raises(UploadNotPending):
+        await s3_service.finalize(principal(owner), given_up.upload.upload_id)
+    assert sent == [], "a failed upload's finalize"
+
+    done = await s3_service.finalize(principal(owner), begun.upload.upload_id)
+    assert done.state == "finalized"
+    assert sent.count("GetObject") == 1
+    sent.clear()
+    assert await s3_service.finalize(principal(owner), begun.upload.upload_id) == done
+    assert sent == [], "a repeat of a finalized upload's finalize"

@@ -54,6 +54,14 @@ log = logging.getLogger(__name__)
 _BEGIN_ATTEMPTS = 3
 
 
+def _finished(upload: Upload) -> Upload:
+    """What finalize answers for an upload no longer pending: a finalized one is success (finalize
+    is idempotent), a failed or expired one UploadNotPending."""
+    if upload.state == "finalized":
+        return upload
+    raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+
+
 def _lapsed(upload: Upload) -> bool:
     """Whether a pending upload's reservation has run out, though the expiry run may not have expired it yet."""
     return upload.expires_at <= datetime.now(UTC)
@@ -214,14 +222,18 @@ class Uploads:
         return BeginResult(upload, signed.url, signed.method, dict(signed.headers))
 
     async def get(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
+        upload = await self._row(principal, upload_id)
+        if upload.protocol == "s3_multipart" and upload.state == "pending":
+            return dataclasses.replace(upload, received_bytes=await self._resumable.received_direct(upload))
+        return upload
+
+    async def _row(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
+        """The caller's upload as its row says, without a look at the blob store."""
         row = await self._pool.fetchrow(statements.GET, upload_id)
         # Someone else's upload is indistinguishable from a missing one.
         if row is None or row["user_id"] != principal.user_id:
             raise NotFound("upload not found")
-        upload = Upload(**row)
-        if upload.protocol == "s3_multipart" and upload.state == "pending":
-            return dataclasses.replace(upload, received_bytes=await self._resumable.received_direct(upload))
-        return upload
+        return Upload(**row)
 
     async def presign_parts(self, principal: Principal, upload_id: uuid.UUID, parts: Sequence[PartRequest]) -> list[PresignedPart]:
         """Presigned S3 UploadPart URLs for parts of the caller's S3_MULTIPART upload."""
@@ -239,30 +251,25 @@ class Uploads:
         return upload
 
     async def _finalize(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
-        # The object key follows from the upload id, so the object can be checked before
-        # the row is read: when it is what the upload declared, one guarded statement
-        # commits it. Everything else (already finalized, failed, expired, someone else's,
-        # not the declared bytes) takes the path below, which reads the row and says which.
-        object_key = object_key_for(upload_id)
-        observed = await self._observe(principal, upload_id, object_key)
+        # The row first, by its primary key: looking at the object may mean reading all of it
+        # (S3 without a full-object checksum), which only the owner's pending upload is worth.
+        # A finalized upload is answered as it is, a failed, expired or someone else's one
+        # from the row alone.
+        upload = await self._row(principal, upload_id)
+        if upload.state != "pending":
+            return _finished(upload)
+        if _lapsed(upload):
+            await self._expire_if_lapsed(upload)
+            return await self._settled(principal, upload_id)
+        observed = await self._observe(principal, upload_id, upload.object_key)
         if observed is not None:
+            # What the upload declared commits in one guarded statement, batched with concurrent
+            # finalizes; anything else (not the declared bytes, a row another transaction holds)
+            # is settled alone, which names the outcome.
             committed = await self._commits.submit(self._commit_row(upload_id, principal.user_id, observed))
             if committed is not None:
                 metrics.UPLOAD_OUTCOMES.labels("finalized", "").inc()
                 return Upload(**committed)
-
-        upload = await self.get(principal, upload_id)
-        if upload.state == "finalized":
-            return upload
-        if upload.state != "pending":
-            raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
-        if _lapsed(upload):
-            await self._expire_if_lapsed(upload)
-            return await self._settled(principal, upload_id)
-        if observed is None:
-            # It may have been uploaded since the first look. Once there, an object never
-            # changes (both backends store it once), so what was seen then still holds.
-            observed = await self._observe(principal, upload_id, object_key)
         return await self._commit_alone(principal, upload, observed)
 
     async def _observe(self, principal: Principal, upload_id: uuid.UUID, object_key: str) -> Observed | None:
@@ -308,11 +315,8 @@ class Uploads:
         )
 
     async def _settled(self, principal: Principal, upload_id: uuid.UUID) -> Upload:
-        """The outcome after losing a race: a finalized upload is success (finalize is idempotent)."""
-        upload = await self.get(principal, upload_id)
-        if upload.state == "finalized":
-            return upload
-        raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+        """The outcome after losing a race."""
+        return _finished(await self.get(principal, upload_id))
 
     async def _expire_if_lapsed(self, upload: Upload) -> None:
         expired = await self.release(upload.upload_id, state="expired", reason="EXPIRED")
@@ -349,10 +353,8 @@ class Uploads:
         """
         check_stream_offset(offset)
         upload = await self.get(principal, upload_id)
-        if upload.state == "finalized":
-            return upload
         if upload.state != "pending":
-            raise UploadNotPending(f"upload is {upload.state}", state=upload.state)
+            return _finished(upload)
         if upload.protocol == "s3_multipart":
             raise InvalidArgument.single("upload_id", "an S3_MULTIPART upload takes its parts at presigned S3 URLs")
         if upload.protocol == "tus":
