@@ -118,7 +118,7 @@ class TcpProxy:
 
 @contextlib.asynccontextmanager
 async def proxied(url: str) -> AsyncIterator[TcpProxy]:
-    """A proxy in front of the PostgreSQL server of url."""
+    """A proxy in front of the server of url: PostgreSQL, or an S3 endpoint."""
     parts = urlsplit(url)
     port = parts.port or 5432
     socket_dir = dict(parse_qsl(parts.query)).get("host") or (None if parts.hostname else "/var/run/postgresql")

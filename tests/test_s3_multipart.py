@@ -12,6 +12,7 @@ import aiohttp
 import boto3
 import grpc
 import pytest
+from botocore.exceptions import NoCredentialsError
 
 from mediavault.blobs.s3 import S3BlobStore
 from mediavault.server import Server
@@ -331,3 +332,22 @@ async def test_parts_completed_by_a_finalize_whose_commit_did_not_follow(s3_serv
     done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
     assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
     assert sha256_hex(client.get_object(Bucket=bucket, Key=key)["Body"].read()) == sha256_hex(data)
+
+
+async def test_parts_that_cannot_be_signed_are_unavailable(s3_server, storage, auth, user_id, monkeypatch):
+    md = auth(user_id)
+    upload_id = (await begin_direct(storage, md, fake_jpeg(PART + 10))).upload.upload_id
+
+    async def no_credentials(*args, **kwargs):
+        # What signing meets when a role's credentials cannot be fetched anew.
+        raise NoCredentialsError
+
+    assert isinstance(s3_server.blobs, S3BlobStore)
+    monkeypatch.setattr(s3_server.blobs._client, "generate_presigned_url", no_credentials)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await presign(storage, md, upload_id, (1, ""))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "BLOB_STORE_UNAVAILABLE"
+
+    monkeypatch.undo()
+    assert [p.part_number for p in await presign(storage, md, upload_id, (1, ""))] == [1]

@@ -461,3 +461,39 @@ async def test_a_finalize_that_commits_nothing_answers_from_the_row_without_look
     sent.clear()
     assert await s3_service.finalize(principal(owner), begun.upload.upload_id) == done
     assert sent == [], "a repeat of a finalized upload's finalize"
+
+
+@pytest.mark.parametrize(("protocol", "completion"), [("s3_multipart", "complete_parts"), ("tus", "publish_partial")])
+async def test_a_fail_landing_while_finalize_completes_the_parts_is_what_finalize_answers(
+    pool, s3_store, s3_service, monkeypatch, protocol, completion
+):
+    owner = new_user()
+    upload_id = (await begin(s3_service, owner, protocol=protocol)).upload.upload_id
+    reached, go = asyncio.Event(), asyncio.Event()
+    complete = getattr(s3_store, completion)
+
+    async def held(*args):
+        reached.set()
+        await go.wait()
+        return await complete(*args)
+
+    monkeypatch.setattr(s3_store, completion, held)
+    if protocol == "s3_multipart":
+        [part] = await s3_service.presign_parts(principal(owner), upload_id, [uploads.PartRequest(1, None)])
+        assert await put(part.url, part.headers, JPEG_BYTES) == 200
+        finalizing = asyncio.create_task(s3_service.finalize(principal(owner), upload_id))
+    else:
+        # The stream's last byte finalizes the upload.
+        finalizing = asyncio.create_task(s3_service.upload_content(principal(owner), upload_id, single_chunk(JPEG_BYTES)))
+    async with asyncio.timeout(10):
+        await reached.wait()
+    # The abort lands between the look at the parts and their completion.
+    failed = await s3_service.fail(principal(owner), upload_id, "gave up")
+    go.set()
+
+    with pytest.raises(UploadNotPending) as caught:
+        await finalizing
+    assert caught.value.metadata == {"state": "failed"}
+    assert (failed.state, (await s3_service.get(principal(owner), upload_id)).state) == ("failed", "failed")
+    assert await reserved_bytes(pool, owner) == 0
+    assert await ledger.audit(pool) == []

@@ -13,6 +13,7 @@ from mediavault.blobs.s3 import S3BlobStore
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, running
+from tests.faults import proxied
 from tests.helpers import begin, error_info, fake_jpeg, put, sha256_hex, upload
 from tests.s3server import moto_server
 
@@ -156,3 +157,54 @@ async def test_a_begin_while_s3_is_down_is_unavailable_and_reserves_nothing(make
             assert created == 503
             summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
             assert (summary.reserved_bytes, summary.pending_uploads) == (0, 0)
+
+
+async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_is_back(make_settings, auth, user_id):
+    # S3 behind a proxy that can refuse connections: moto itself would forget everything when stopped.
+    async with moto_server() as moto, proxied(moto.endpoint_url) as s3:
+        settings = make_settings(
+            blob_backend="s3", s3_endpoint_url=s3.url_for(moto.endpoint_url), s3_bucket="mediavault-test", s3_max_attempts=1
+        )
+        store = await S3BlobStore.open(settings)
+        await store.ensure_bucket()
+        await store.close()
+        async with (
+            running(settings) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+            aiohttp.ClientSession() as http,
+        ):
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            md = auth(user_id)
+            data = fake_jpeg(5000)
+            sent = await begin(storage, md, data)
+            assert await put(sent.upload_url, dict(sent.upload_headers), data) == 200
+            streamed = await begin(storage, md, data)
+            tus = await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_TUS)
+
+            def finalize(begun):
+                return storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+
+            async def stream():
+                yield pb.UploadContentRequest(upload_id=streamed.upload.upload_id)
+                yield pb.UploadContentRequest(chunk=data)
+
+            async def patch() -> int:
+                headers = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+                async with http.patch(tus.upload_url, data=data, headers=headers) as response:
+                    return response.status
+
+            await s3.down()
+            refused = []
+            for call in (lambda: finalize(sent), lambda: storage.UploadContent(stream(), metadata=md)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call()
+                refused.append((caught.value.code(), error_info(caught.value).reason))
+            assert refused == [(grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE")] * 2
+            assert await patch() == 503
+
+            await s3.up()
+            # The retries, as the clients make them.
+            assert (await finalize(sent)).upload.state == pb.UPLOAD_STATE_FINALIZED
+            assert (await storage.UploadContent(stream(), metadata=md)).upload.state == pb.UPLOAD_STATE_FINALIZED
+            assert await patch() == 204
+            assert (await finalize(tus)).upload.state == pb.UPLOAD_STATE_FINALIZED

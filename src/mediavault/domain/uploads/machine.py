@@ -261,7 +261,15 @@ class Uploads:
         if _lapsed(upload):
             await self._expire_if_lapsed(upload)
             return await self._settled(principal, upload_id)
-        observed = await self._observe(principal, upload_id, upload.object_key)
+        try:
+            observed = await self._observe(principal, upload_id, upload.object_key)
+        except BlobStoreError as exc:
+            # A fail or expiry that lands while a resumable upload's parts are completed aborts
+            # them under the completion: the upload's new state is then the answer.
+            current = await self._row(principal, upload_id)
+            if current.state != "pending":
+                return _finished(current)
+            raise BlobStoreUnavailable("the blob store could not check the object; retry") from exc
         if observed is not None:
             # What the upload declared commits in one guarded statement, batched with concurrent
             # finalizes; anything else (not the declared bytes, a row another transaction holds)

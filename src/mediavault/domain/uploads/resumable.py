@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from mediavault.blobs import BlobStore, DirectParts, PartialState, PartialWriter, is_sha256_hex
+from mediavault.blobs import BlobStore, BlobStoreError, DirectParts, PartialState, PartialWriter, is_sha256_hex
 from mediavault.blobs.signing import UrlSigner
 from mediavault.config import Settings
 from mediavault.domain import content_types
@@ -47,6 +47,7 @@ from mediavault.domain.uploads.records import COLUMNS, Upload, partial_key_for
 from mediavault.domain.uploads.validation import Observed, observe_object
 from mediavault.errors import (
     BeyondDeclaredSize,
+    BlobStoreUnavailable,
     ChunkChecksumMismatch,
     FieldViolation,
     InvalidArgument,
@@ -371,6 +372,9 @@ class Resumable:
                         checksum,
                     )
                     durable = await chunk.store(chunks)
+            except BlobStoreError as exc:
+                # What the last checkpoint recorded stays; the retry goes on from there.
+                raise BlobStoreUnavailable("the blob store could not store the chunk; retry") from exc
             finally:
                 await asyncio.shield(lease.give_back())
             return dataclasses.replace(progress, upload=dataclasses.replace(upload, received_bytes=durable), received_bytes=durable)
@@ -446,14 +450,18 @@ class Resumable:
         signed = []
         for part in parts:
             start = (part.part_number - 1) * self.part_size_bytes
-            request = await store.presign_upload_part(
-                upload.object_key,
-                multipart_id,
-                part.part_number,
-                size_bytes=min(self.part_size_bytes, upload.size_bytes - start),
-                sha256=part.sha256,
-                expires_in=self._part_url_ttl_seconds,
-            )
+            try:
+                request = await store.presign_upload_part(
+                    upload.object_key,
+                    multipart_id,
+                    part.part_number,
+                    size_bytes=min(self.part_size_bytes, upload.size_bytes - start),
+                    sha256=part.sha256,
+                    expires_in=self._part_url_ttl_seconds,
+                )
+            except BlobStoreError as exc:
+                # Signing is local, but its credentials may not be: a role's are fetched anew as they expire.
+                raise BlobStoreUnavailable("the blob store could not sign the parts; retry") from exc
             signed.append(PresignedPart(part.part_number, request.url, dict(request.headers)))
         return signed
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
-from mediavault.blobs import BlobStore, ObjectExists
+from mediavault.blobs import BlobStore, BlobStoreError, ObjectExists
 from mediavault.domain.uploads.records import Upload
-from mediavault.errors import InvalidArgument
+from mediavault.errors import BlobStoreUnavailable, InvalidArgument
 
 # A resumable upload's stream (a tus PATCH body, a TUS upload's UploadContent) must bring at
 # least this many bytes within every TUS_IDLE_TIMEOUT_SECONDS spent waiting for it, or it ends as
@@ -65,3 +65,5 @@ async def store_stream(blobs: BlobStore, upload: Upload, chunks: AsyncIterable[b
         # Another stream or the signed PUT stored the object first. Once stored, an object is
         # never replaced (finalize may already have verified it), so finalize judges that one.
         return
+    except BlobStoreError as exc:
+        raise BlobStoreUnavailable("the blob store could not store the stream; retry") from exc

@@ -150,10 +150,13 @@ class StorageServiceServicer:
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID.
         NOT_FOUND (NOT_FOUND): no such upload, or another user's.
-        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state").
+        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state"),
+        a FailUpload or the expiry that lands while the object is checked included.
         FAILED_PRECONDITION (OBJECT_MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH, UNSUPPORTED_MEDIA_TYPE):
         the object is not what BeginUpload declared; the upload is now FAILED with that reason.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+        UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store failed while the object was checked (S3
+        unreachable, timing out, or refusing with 503 SlowDown); the upload stays PENDING; retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +191,8 @@ class StorageServiceServicer:
         NOT_FOUND (NOT_FOUND): no such upload, or another user's.
         FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+        UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the URLs could not be signed: the S3 credentials could
+        not be fetched (a role's are fetched anew as they expire); retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +235,9 @@ class StorageServiceServicer:
         ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
         UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
         chunks for 10 s; nothing was stored. RetryInfo says when to retry.
+        UNAVAILABLE (BLOB_STORE_UNAVAILABLE): also when the blob store failed while the chunks were
+        stored: a SINGLE upload keeps none of the stream, a TUS upload what it made durable before
+        (its received_bytes); retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2104,10 +2104,13 @@ type StorageServiceClient interface {
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
-	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state").
+	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state"),
+	//	  a FailUpload or the expiry that lands while the object is checked included.
 	//	FAILED_PRECONDITION (OBJECT_MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH, UNSUPPORTED_MEDIA_TYPE):
 	//	  the object is not what BeginUpload declared; the upload is now FAILED with that reason.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store failed while the object was checked (S3
+	//	  unreachable, timing out, or refusing with 503 SlowDown); the upload stays PENDING; retry.
 	FinalizeUpload(ctx context.Context, in *FinalizeUploadRequest, opts ...grpc.CallOption) (*FinalizeUploadResponse, error)
 	// Marks a pending upload FAILED (failure_reason CLIENT_FAILED) and releases its reservation.
 	//
@@ -2134,6 +2137,8 @@ type StorageServiceClient interface {
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
 	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the URLs could not be signed: the S3 credentials could
+	//	  not be fetched (a role's are fetched anew as they expire); retry.
 	PresignUploadParts(ctx context.Context, in *PresignUploadPartsRequest, opts ...grpc.CallOption) (*PresignUploadPartsResponse, error)
 	// Returns one upload of the caller.
 	//
@@ -2168,6 +2173,9 @@ type StorageServiceClient interface {
 	//	ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
 	//	UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
 	//	  chunks for 10 s; nothing was stored. RetryInfo says when to retry.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): also when the blob store failed while the chunks were
+	//	  stored: a SINGLE upload keeps none of the stream, a TUS upload what it made durable before
+	//	  (its received_bytes); retry.
 	UploadContent(ctx context.Context, opts ...grpc.CallOption) (StorageService_UploadContentClient, error)
 	// Returns the quota figures of the caller or, for roles admin and service, of user_id.
 	// The caller's account is made on its first use, this call included; another user's that is
@@ -2376,10 +2384,13 @@ type StorageServiceServer interface {
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
-	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state").
+	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is FAILED or EXPIRED (metadata "state"),
+	//	  a FailUpload or the expiry that lands while the object is checked included.
 	//	FAILED_PRECONDITION (OBJECT_MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH, UNSUPPORTED_MEDIA_TYPE):
 	//	  the object is not what BeginUpload declared; the upload is now FAILED with that reason.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store failed while the object was checked (S3
+	//	  unreachable, timing out, or refusing with 503 SlowDown); the upload stays PENDING; retry.
 	FinalizeUpload(context.Context, *FinalizeUploadRequest) (*FinalizeUploadResponse, error)
 	// Marks a pending upload FAILED (failure_reason CLIENT_FAILED) and releases its reservation.
 	//
@@ -2406,6 +2417,8 @@ type StorageServiceServer interface {
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
 	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the URLs could not be signed: the S3 credentials could
+	//	  not be fetched (a role's are fetched anew as they expire); retry.
 	PresignUploadParts(context.Context, *PresignUploadPartsRequest) (*PresignUploadPartsResponse, error)
 	// Returns one upload of the caller.
 	//
@@ -2440,6 +2453,9 @@ type StorageServiceServer interface {
 	//	ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
 	//	UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
 	//	  chunks for 10 s; nothing was stored. RetryInfo says when to retry.
+	//	UNAVAILABLE (BLOB_STORE_UNAVAILABLE): also when the blob store failed while the chunks were
+	//	  stored: a SINGLE upload keeps none of the stream, a TUS upload what it made durable before
+	//	  (its received_bytes); retry.
 	UploadContent(StorageService_UploadContentServer) error
 	// Returns the quota figures of the caller or, for roles admin and service, of user_id.
 	// The caller's account is made on its first use, this call included; another user's that is
