@@ -180,6 +180,7 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
             assert await put(sent.upload_url, dict(sent.upload_headers), data) == 200
             streamed = await begin(storage, md, data)
             tus = await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_TUS)
+            multipart = await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_S3_MULTIPART)
 
             def finalize(begun):
                 return storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
@@ -195,11 +196,12 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
 
             await s3.down()
             refused = []
-            for call in (lambda: finalize(sent), lambda: storage.UploadContent(stream(), metadata=md)):
+            read_parts = lambda: storage.GetUpload(pb.GetUploadRequest(upload_id=multipart.upload.upload_id), metadata=md)  # noqa: E731
+            for call in (lambda: finalize(sent), lambda: storage.UploadContent(stream(), metadata=md), read_parts):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call()
                 refused.append((caught.value.code(), error_info(caught.value).reason))
-            assert refused == [(grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE")] * 2
+            assert refused == [(grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE")] * 3
             assert await patch() == 503
 
             await s3.up()
@@ -208,3 +210,4 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
             assert (await storage.UploadContent(stream(), metadata=md)).upload.state == pb.UPLOAD_STATE_FINALIZED
             assert await patch() == 204
             assert (await finalize(tus)).upload.state == pb.UPLOAD_STATE_FINALIZED
+            assert (await read_parts()).upload.state == pb.UPLOAD_STATE_PENDING

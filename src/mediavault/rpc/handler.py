@@ -19,7 +19,9 @@ from google.protobuf.message import DecodeError, Message
 from mediavault import logs, metrics, tracing
 from mediavault.admission import Admission
 from mediavault.auth import Principal
+from mediavault.blobs import BlobStoreError
 from mediavault.errors import (
+    BlobStoreUnavailable,
     InternalError,
     InvalidArgument,
     MediavaultError,
@@ -116,6 +118,17 @@ class _RpcMetrics:
         total.inc()
 
 
+def _unanswered(rpc_name: str, exc: Exception) -> MediavaultError:
+    """The answer to an error no domain step answered itself."""
+    if isinstance(exc, BlobStoreError):
+        # Reading a pending S3_MULTIPART upload's parts, signing a GET: the store's fault, which
+        # a retry may get through.
+        log.warning("blob store fault", extra={"rpc": rpc_name}, exc_info=exc)
+        return BlobStoreUnavailable("the blob store failed; retry")
+    log.error("unhandled error", extra={"rpc": rpc_name}, exc_info=exc)
+    return InternalError("internal error")
+
+
 def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]]:
     def decorate(method: Handler):
         name = method.__name__
@@ -166,9 +179,8 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
                     outcome = "CANCELLED"
                     raise
                 failure = ServerShuttingDown("the server shut down before the call completed; retry the call")
-            except Exception:
-                log.exception("unhandled error", extra={"rpc": rpc_name})
-                failure = InternalError("internal error")
+            except Exception as exc:
+                failure = _unanswered(rpc_name, exc)
             finally:
                 gate.leave(task)
                 elapsed = time.perf_counter() - started

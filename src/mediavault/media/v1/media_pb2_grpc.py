@@ -36,6 +36,8 @@ class MediaServiceStub:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store (S3) failed or did not answer in time;
+    retry. What an RPC leaves behind then is said on it where it matters.
     UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
     the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
@@ -89,6 +91,8 @@ class MediaServiceServicer:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store (S3) failed or did not answer in time;
+    retry. What an RPC leaves behind then is said on it where it matters.
     UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
     the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
@@ -222,6 +226,8 @@ class MediaService:
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
     QuotaFailure which limit it was.
     INTERNAL (INTERNAL_ERROR): an unexpected fault; the details stay in the server's logs.
+    UNAVAILABLE (BLOB_STORE_UNAVAILABLE): the blob store (S3) failed or did not answer in time;
+    retry. What an RPC leaves behind then is said on it where it matters.
     UNAVAILABLE (SERVER_SHUTTING_DOWN): the server is shutting down and did not take the call, or
     the call did not finish within the shutdown grace period; retry it (another replica takes it).
     """
