@@ -16,10 +16,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,14 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
+from redis.asyncio import Redis
 
 from mediavault import cli
 from mediavault import metrics as mediavault_metrics
 from mediavault.config import Settings
+from tests.conftest import running_worker
 from workers.maintenance import JOBS
+from workers.worker import HEALTH_CHECK_INTERVAL_SECONDS, health_check_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -478,19 +483,67 @@ async def test_server_healthcheck_fails_without_a_server(services, closed_port):
     assert code != 0
 
 
+def worker_env(service: dict[str, Any], settings: Settings) -> dict[str, str]:
+    """The service's environment with the Redis, queue and cleanup jobs of settings."""
+    jobs = {f"MEDIAVAULT_JOBS__{name.upper()}__ENABLED": str(getattr(settings.jobs, name).enabled).lower() for name in JOBS}
+    return process_env(service, MEDIAVAULT_REDIS_URL=settings.redis_url, MEDIAVAULT_QUEUE_NAME=settings.queue_name, **jobs)
+
+
 async def test_worker_healthcheck_passes_against_a_running_worker(services, worker):
     service = services["worker"]
     check = in_venv(service["healthcheck"]["test"])
     settings = worker.ctx["settings"]
-    env = process_env(service, MEDIAVAULT_REDIS_URL=settings.redis_url, MEDIAVAULT_QUEUE_NAME=settings.queue_name)
+    env = worker_env(service, settings)
     for _ in range(100):  # the worker records its health once it polls
         code, output = await run(check, env)
         if code == 0:
             break
         await asyncio.sleep(0.1)
     assert code == 0, output
+    # A worker that stops polling (hung) fails its check within the interval and a second.
+    ttl = await worker.pool.pttl(health_check_key(settings.queue_name))
+    assert 0 < ttl <= (HEALTH_CHECK_INTERVAL_SECONDS + 1) * 1000
     code, _ = await run(check, {**env, "MEDIAVAULT_QUEUE_NAME": f"{settings.queue_name}:nobody-polls-this"})
     assert code != 0
+    # This process has no cron worker: with cleanup jobs enabled a worker process must have one.
+    code, _ = await run(check, {**env, **{f"MEDIAVAULT_JOBS__{name.upper()}__ENABLED": "true" for name in JOBS}})
+    assert code != 0
+
+
+async def test_worker_healthcheck_passes_while_another_worker_process_stops(services, make_settings):
+    settings = make_settings(queue_name=f"mediavault-test-health:{uuid.uuid4().hex}", transcode_workers=1)
+    service = services["worker"]
+    env = worker_env(service, settings)
+    check = in_venv(service["healthcheck"]["test"])
+    queues = (settings.queue_name, settings.video_queue)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with running_worker(settings):
+            replica = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mediavault.cli", "worker",
+                env={**env, "MEDIAVAULT_DATABASE_URL": settings.database_url, "MEDIAVAULT_BLOB_BACKEND": "fs",
+                     "MEDIAVAULT_BLOB_DIR": str(settings.blob_dir), "MEDIAVAULT_TRANSCODE_WORKERS": "1",
+                     "MEDIAVAULT_METRICS_ADDR": ""},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )
+            ours = [health_check_key(queue) for queue in queues]
+            theirs = [health_check_key(queue, replica.pid) for queue in queues]
+            try:
+                for _ in range(600):  # both processes' workers record their health once they poll
+                    if await redis.exists(*ours, *theirs) == len(ours) + len(theirs):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("the worker processes never recorded their health")
+            finally:
+                replica.send_signal(signal.SIGTERM)
+                _, stderr = await asyncio.wait_for(replica.communicate(), 60)
+            assert replica.returncode == 0, stderr.decode()
+            assert not await redis.exists(*theirs), "the stopped process's close deletes its own records"
+            code, output = await run(check, env)
+    finally:
+        await redis.aclose()
+    assert code == 0, output
 
 
 @pytest.fixture

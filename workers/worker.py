@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import arq
+import redis
 from redis.exceptions import RedisError
 
 from mediavault import metrics
@@ -19,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _FIRST_DELAY_SECONDS = 0.1
 _MAX_DELAY_SECONDS = 5.0
+
+HEALTH_CHECK_INTERVAL_SECONDS = 30
 
 
 class Worker(arq.Worker):
@@ -75,11 +81,51 @@ class Worker(arq.Worker):
         self._retry_delay = min(self._retry_delay * 2, _MAX_DELAY_SECONDS)
 
 
+def health_check_key(queue_name: str, pid: int | None = None) -> str:
+    """The key under which the worker process pid (this one by default) on this host records
+    its health on queue_name, every HEALTH_CHECK_INTERVAL_SECONDS, kept one second longer.
+
+    Not arq's default, one key per queue: every replica wrote that one only hourly, so a hung
+    worker looked healthy for an hour, and any replica's close deleted it for all of them.
+    """
+    return f"{queue_name}:health-check:{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def _queue_options(settings: Settings) -> list[dict[str, Any]]:
+    options = [worker_settings(settings), video_worker_settings(settings), cron_worker_settings(settings)]
+    return [kwargs for kwargs in options if kwargs is not None]
+
+
 def queue_workers(settings: Settings) -> list[Worker]:
     """The workers of one `mediavault worker` process: the photo queue's first, then the video
     queue's and the cron queue's (none when every cleanup job is disabled)."""
-    options = [worker_settings(settings), video_worker_settings(settings), cron_worker_settings(settings)]
-    return [Worker(**kwargs, handle_signals=False) for kwargs in options if kwargs is not None]
+    return [
+        Worker(
+            **kwargs,
+            handle_signals=False,
+            health_check_key=health_check_key(kwargs["queue_name"]),
+            health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
+        )
+        for kwargs in _queue_options(settings)
+    ]
+
+
+def check_health(settings: Settings) -> int:
+    """The compose health check: 0 when a process on this host (in a container, the container's
+    processes) has recorded its health on every queue a `mediavault worker` with these settings
+    serves, within the last HEALTH_CHECK_INTERVAL_SECONDS + 1; else 1."""
+    queues = [kwargs["queue_name"] for kwargs in _queue_options(settings)]
+    pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        # redis-py types its sync and asyncio clients' commands alike.
+        records = cast(list[bytes | None], client.mget([health_check_key(queue, pid) for pid in pids for queue in queues]))
+    finally:
+        client.close()
+    if any(all(records[i : i + len(queues)]) for i in range(0, len(records), len(queues))):
+        return 0
+    print(f"no worker process on {socket.gethostname()} has recorded its health on {', '.join(queues)}", file=sys.stderr)
+    return 1
 
 
 async def run_workers(settings: Settings) -> None:
