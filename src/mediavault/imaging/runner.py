@@ -34,6 +34,9 @@ _PR_SET_PDEATHSIG = 1
 
 def _start_worker(parent_pid: int, memory_bytes: int) -> None:
     _die_with_parent(parent_pid)
+    # A Ctrl-C in a terminal signals the whole process group: the parent stops the pool itself
+    # when it shuts down, instead of its jobs failing and its processes dying with tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_bytes:
         # RLIMIT_DATA, not RLIMIT_AS: it counts what the process can write (heap, anonymous
         # maps, thread stacks), not the libraries' code or address space reserved and never used.
