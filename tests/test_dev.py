@@ -3,24 +3,33 @@ embedded PostgreSQL and Valkey under a data dir of the test's own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from redis import Redis
 
+from mediavault import devservers
 from workers.worker import health_check_key
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    data_dir = tmp_path / "data"
+    yield data_dir
+    # What a failed test left running.
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if str(data_dir) in " ".join(process.info["cmdline"] or ()) or str(data_dir) in (process.info["cwd"] or ""):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def start_dev(data_dir: Path, log_dir: Path) -> subprocess.Popen[bytes]:
@@ -64,19 +73,52 @@ def processes_of(dev: subprocess.Popen[bytes], data_dir: Path) -> list[psutil.Pr
     return found
 
 
-def test_ctrl_c_stops_dev_and_every_server_it_started(data_dir, tmp_path):
-    dev = start_dev(data_dir, tmp_path)
-    started = processes_of(dev, data_dir)
+def stop_dev(dev: subprocess.Popen[bytes], log_dir: Path, signum: int = signal.SIGINT) -> str:
+    """Signals dev's process group, as a Ctrl-C (SIGINT) or a closed terminal (SIGHUP) does,
+    expects exit 0 and answers dev's stderr."""
     try:
-        names = {process.name() for process in started}
-        assert {"postgres", "valkey-server"} <= names, names
-        os.killpg(dev.pid, signal.SIGINT)
+        os.killpg(dev.pid, signum)
         code = dev.wait(timeout=60)
     finally:
         if dev.poll() is None:
             dev.kill()
-    stderr = (tmp_path / "dev.err").read_text(errors="replace")
+    stderr = (log_dir / "dev.err").read_text(errors="replace")
     assert code == 0, stderr
-    assert "Traceback" not in stderr, stderr
-    _, alive = psutil.wait_procs(started, timeout=10)
+    return stderr
+
+
+def assert_gone(processes: list[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=10)
     assert not alive, [process.cmdline() for process in alive]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
+def test_a_signal_to_its_terminal_stops_dev_and_every_server_it_started(data_dir, tmp_path, signum):
+    dev = start_dev(data_dir, tmp_path)
+    started = processes_of(dev, data_dir)
+    names = {process.name() for process in started}
+    assert {"postgres", "valkey-server"} <= names, names
+    stderr = stop_dev(dev, tmp_path, signum)
+    if signum == signal.SIGINT:
+        # A SIGHUP also ends multiprocessing's resource tracker, which ignores only SIGINT and
+        # SIGTERM: its successor's complaints go to the closed terminal.
+        assert "Traceback" not in stderr, stderr
+    assert_gone(started)
+
+
+def test_a_dev_run_after_one_that_was_killed_stops_the_servers_it_left(data_dir, tmp_path):
+    killed = start_dev(data_dir, tmp_path)
+    left = processes_of(killed, data_dir)
+    killed.kill()
+    killed.wait()
+
+    dev = start_dev(data_dir, tmp_path)
+    started = processes_of(dev, data_dir)
+    stop_dev(dev, tmp_path)
+    assert_gone(left + started)
+
+
+def test_one_data_dir_has_one_embedded_valkey_at_a_time(tmp_path):
+    refused = pytest.raises(RuntimeError, match="another process runs the embedded Valkey")
+    with devservers.redis("", tmp_path), refused, devservers.redis("", tmp_path):
+        pass

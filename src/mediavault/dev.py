@@ -54,7 +54,9 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
         workers = queue_workers(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: the terminal closed. Left to its default, dev would end at once and leave
+        # PostgreSQL and Valkey running.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         await server.startup()
         worker_tasks = [asyncio.create_task(worker.async_run()) for worker in workers]

