@@ -122,3 +122,10 @@ def test_one_data_dir_has_one_embedded_valkey_at_a_time(tmp_path):
     refused = pytest.raises(RuntimeError, match="another process runs the embedded Valkey")
     with devservers.redis("", tmp_path), refused, devservers.redis("", tmp_path):
         pass
+
+
+def test_the_embedded_valkey_keeps_its_data_in_its_data_dir(tmp_path):
+    with devservers.redis("", tmp_path) as url, Redis.from_url(url) as redis:
+        redis.zadd("arq:queue", {"a-job": 1})
+    with devservers.redis("", tmp_path) as url, Redis.from_url(url) as redis:
+        assert redis.zrange("arq:queue", 0, -1) == [b"a-job"]

@@ -86,7 +86,9 @@ def redis(url: str = "", data_dir: Path | None = None) -> Iterator[str]:
         _stop_stale_valkey(path)
         port = _free_port()
         config = path / "valkey.conf"
-        config.write_text(f'bind 127.0.0.1\nport {port}\ndir "{path}"\nsave ""\nappendonly no\n')
+        # In a data dir the queue outlives a restart, as the rest of dev's data does.
+        appendonly = "no" if data_dir is None else "yes"
+        config.write_text(f'bind 127.0.0.1\nport {port}\ndir "{path}"\nsave ""\nappendonly {appendonly}\n')
         log_path = path / "valkey.log"
         with log_path.open("ab") as log_file:
             # A session of its own: a Ctrl-C in dev's terminal signals dev's whole process group,
