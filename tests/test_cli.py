@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jwt
+import pytest
 
+from mediavault.config import Settings
+from mediavault.dev import jwt_secret
 from tests.conftest import JWT_SECRET
 
 
-def mediavault(*args: str, database_url: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+def mediavault(*args: str, database_url: str = "", cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
     environment.update({"MEDIAVAULT_JWT_SECRET": JWT_SECRET, "MEDIAVAULT_DATABASE_URL": database_url, **env})
     return subprocess.run(
-        [sys.executable, "-m", "mediavault.cli", *args], capture_output=True, text=True, env=environment, timeout=60
+        [sys.executable, "-m", "mediavault.cli", *args], capture_output=True, text=True, env=environment, timeout=60, cwd=cwd
     )
 
 
@@ -25,6 +29,42 @@ def test_token_prints_a_usable_jwt():
     claims = jwt.decode(result.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
     assert claims["roles"] == ["admin", "billing"]
+
+
+def test_token_without_a_secret_signs_with_the_dev_secret_of_its_data_dir(tmp_path):
+    data_dir = tmp_path / "dev-data"
+    secret = jwt_secret(Settings(jwt_secret=""), data_dir)  # what `mediavault dev --data-dir` makes
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = mediavault("token", "--sub", "alice", "--data-dir", str(data_dir), cwd=elsewhere, MEDIAVAULT_JWT_SECRET="")
+    assert result.returncode == 0, result.stderr
+    assert jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "alice"
+    assert not (elsewhere / ".mediavault").exists()
+
+
+def test_token_without_any_secret_makes_none_and_fails(tmp_path):
+    # A secret of its own would sign a token that no server accepts.
+    result = mediavault("token", "--sub", "alice", cwd=tmp_path, MEDIAVAULT_JWT_SECRET="")
+    assert result.returncode == 1
+    assert not result.stdout
+    assert "MEDIAVAULT_JWT_SECRET is not set and there is no .mediavault/dev-jwt-secret" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--sub", ""], "argument --sub: must be 1-128 characters"),
+        (["--sub", "a" * 129], "argument --sub: must be 1-128 characters"),
+        (["--sub", "alice", "--ttl", "0"], "argument --ttl: must be a positive whole number of seconds"),
+        (["--sub", "alice", "--ttl", "-60"], "argument --ttl: must be a positive whole number of seconds"),
+    ],
+)
+def test_token_refuses_what_no_server_would_accept(args, error):
+    result = mediavault("token", *args)
+    assert result.returncode != 0
+    assert not result.stdout
+    assert error in result.stderr
 
 
 def test_migrate_is_idempotent(database_url):

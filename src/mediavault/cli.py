@@ -8,11 +8,12 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
 import uvloop
 
 from mediavault import logs
-from mediavault.auth import ROLES, Authenticator
+from mediavault.auth import ROLES, USER_ID, Authenticator
 from mediavault.config import Settings
 
 log = logging.getLogger("mediavault.cli")
@@ -78,9 +79,28 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     from mediavault.dev import jwt_secret
 
-    token = Authenticator(jwt_secret(Settings())).issue(args.sub, args.role or ["user"], ttl_seconds=args.ttl)
-    print(token)
+    # A secret made here would sign tokens no server accepts.
+    try:
+        secret = jwt_secret(Settings(), Path(args.data_dir), create=False)
+    except FileNotFoundError as missing:
+        sys.exit(
+            f"MEDIAVAULT_JWT_SECRET is not set and there is no {missing.filename}: set the servers' secret, "
+            "or give --data-dir the data dir of the `mediavault dev` the token is for"
+        )
+    print(Authenticator(secret).issue(args.sub, args.role or ["user"], ttl_seconds=args.ttl))
     return 0
+
+
+def _user_id(value: str) -> str:
+    if (violation := USER_ID.violation(value)) is not None:
+        raise argparse.ArgumentTypeError(violation)
+    return value
+
+
+def _positive_seconds(value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError("must be a positive whole number of seconds")
+    return int(value)
 
 
 def cmd_audit_ledger(_args: argparse.Namespace) -> int:
@@ -174,9 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="arq worker (jobs and cron)").set_defaults(func=cmd_worker)
     commands.add_parser("migrate", help="apply SQL migrations (safe to run from many replicas)").set_defaults(func=cmd_migrate)
     token = commands.add_parser("token", help="print a bearer token for grpcurl")
-    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--sub", required=True, type=_user_id, help="user id (1-128 characters)")
     token.add_argument("--role", action="append", choices=sorted(ROLES), help="repeatable; default user")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds of validity")
+    token.add_argument("--ttl", type=_positive_seconds, default=3600, help="seconds of validity")
+    token.add_argument(
+        "--data-dir", default=".mediavault",
+        help="without MEDIAVAULT_JWT_SECRET: the data dir of the `mediavault dev` whose secret signs the token",
+    )
     token.set_defaults(func=cmd_token)
     commands.add_parser("audit-ledger", help="check every account against its ledger; exit 1 on a mismatch").set_defaults(
         func=cmd_audit_ledger

@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 DEV_DIR = Path(".mediavault")
 
 
-def jwt_secret(settings: Settings, data_dir: Path = DEV_DIR) -> str:
-    """MEDIAVAULT_JWT_SECRET, else the dev stack's own secret (created on first use)."""
+def jwt_secret(settings: Settings, data_dir: Path = DEV_DIR, *, create: bool = True) -> str:
+    """MEDIAVAULT_JWT_SECRET, else the secret of the dev stack of data_dir, made on first use
+    when create; FileNotFoundError when there is none."""
     configured = settings.jwt_secret.get_secret_value()
     if configured:
         return configured
     path = data_dir / "dev-jwt-secret"
-    if not path.exists():
+    if create and not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32))
         path.chmod(0o600)
