@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,26 @@ async def test_audit_ledger_exits_non_zero_on_a_mismatch(database_url, pool, sto
     assert broken.returncode == 1
     assert f'"user_id": "{user_id}", "figure": "used_bytes"' in broken.stdout
     assert "FAILED" in broken.stderr
+
+
+async def test_jobs_run_audit_accounts_exits_non_zero_on_a_mismatch(database_url, redis_url, pool, storage, auth, user_id, tmp_path):
+    from mediavault.storage.v1 import storage_pb2 as pb
+
+    await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
+    env = {"database_url": database_url, "MEDIAVAULT_REDIS_URL": redis_url, "MEDIAVAULT_BLOB_DIR": str(tmp_path)}
+    clean = mediavault("jobs", "run", "audit_accounts", **env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert json.loads(clean.stdout)["findings"] == 0
+
+    await pool.execute("UPDATE accounts SET used_bytes = used_bytes + 7 WHERE user_id = $1", user_id)
+    try:
+        broken = mediavault("jobs", "run", "audit_accounts", **env)
+    finally:
+        await pool.execute("UPDATE accounts SET used_bytes = used_bytes - 7 WHERE user_id = $1", user_id)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    report = json.loads(broken.stdout)
+    assert report["errors"] == 0
+    assert report["findings"] == report["details"]["ledger_mismatches"] > 0
 
 
 def test_serve_refuses_to_start_without_a_database():

@@ -46,6 +46,8 @@ class RunReport:
     changed: int = 0
     freed_bytes: int = 0
     errors: int = 0
+    # What the run found wrong and cannot put right itself: audit_accounts' ledger mismatches.
+    findings: int = 0
     duration_ms: float = 0.0
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -335,6 +337,7 @@ async def audit_accounts(ctx: dict[str, Any], report: RunReport, config: JobConf
     metrics.LEDGER_MISMATCHES.set(len(mismatches))
     metrics.HEAVY_RESERVATIONS.set(len(heavy))
     report.scanned = len(mismatches) + len(heavy)
+    report.findings = len(mismatches)
     report.details.update(ledger_mismatches=len(mismatches), heavy_reservations=len(heavy))
 
 

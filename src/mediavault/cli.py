@@ -146,7 +146,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         sys.exit("MEDIAVAULT_REDIS_URL is not set")
     report = asyncio.run(_run_job_once(settings, args.name, args.dry_run))
     print(json.dumps(dataclasses.asdict(report)))
-    return 1 if report.errors else 0
+    # As audit-ledger does: an operator's attention is needed when the run failed or found
+    # something wrong that it cannot put right.
+    return 1 if report.errors or report.findings else 0
 
 
 async def _run_job_once(settings: Settings, name: str, dry_run: bool):
