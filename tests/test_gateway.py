@@ -45,6 +45,16 @@ def gateway_binary() -> Path:
     return BINARY
 
 
+def test_the_docs_name_every_variable_the_gateway_reads():
+    read = set(re.findall(r'\b(?:env|seconds)\("(MEDIAVAULT_\w+)"', (GATEWAY_DIR / "main.go").read_text()))
+    assert "MEDIAVAULT_GATEWAY_ADDR" in read
+    docs = GATEWAY_DIR.parent / "docs"
+    configuration = (docs / "configuration.md").read_text()
+    gateway_section = configuration[configuration.index("## The REST gateway") :].split("\n## ")[0]
+    for doc, text in (("configuration.md", gateway_section), ("gateway.md", (docs / "gateway.md").read_text())):
+        assert {name for name in read if f"`{name}`" not in text} == set(), doc
+
+
 @contextlib.asynccontextmanager
 async def gateway_process(binary: Path, grpc_port: int) -> AsyncIterator[str]:
     """The gateway as its own process, the way a BFF runs it next to the service; yields its base URL."""
