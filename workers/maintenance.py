@@ -348,14 +348,18 @@ ORIGINAL_STATS_IN_FLIGHT = 16
 
 async def sweep_orphan_blobs(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     """Unowned objects older than the grace period go to quarantine; quarantined ones still
-    unowned once quarantined for the grace period are deleted; live media whose original is
+    unowned once quarantined for the grace period are deleted; multipart uploads no pending
+    upload owns, begun before the grace period, are aborted; live media whose original is
     missing is marked FAILED."""
     # Quarantine is emptied first, so that not even a zero grace period lets a run delete what it moved.
     deleted = await _empty_quarantine(ctx, report, config)
     quarantined = await _quarantine_orphans(ctx, report, config)
+    aborted = await _abort_unowned_multipart_uploads(ctx, report, config)
     missing = await _fail_media_missing_originals(ctx, report, config)
-    report.changed = quarantined + deleted + missing
-    report.details.update(quarantined=quarantined, deleted_from_quarantine=deleted, originals_missing=missing)
+    report.changed = quarantined + deleted + aborted + missing
+    report.details.update(
+        quarantined=quarantined, deleted_from_quarantine=deleted, multipart_uploads_aborted=aborted, originals_missing=missing
+    )
 
 
 async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
@@ -406,6 +410,36 @@ async def _quarantine_orphans(ctx: dict[str, Any], report: RunReport, config: Jo
                 break
             after = page[-1].key
     return quarantined
+
+
+async def _abort_unowned_multipart_uploads(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
+    """Aborts the multipart uploads no pending upload owns, begun before the grace period: a released
+    upload's or a failed write's whose abort failed, which no object listing shows and no other job
+    aborts."""
+    blobs, pool = ctx["blobs"], ctx["pool"]
+    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
+    aborted = 0
+    for prefix in cleanup.MULTIPART_PREFIXES:
+        after = None
+        while True:
+            page = await blobs.list_multipart_uploads(prefix, after=after, limit=config.batch_size)
+            report.scanned += len(page)
+            for upload in await cleanup.unowned_multipart_uploads(pool, page, cutoff):
+                if not report.dry_run:
+                    try:
+                        await blobs.abort_multipart_upload(upload.key, upload.multipart_id)
+                    except Exception:
+                        # Its parts stay: an error, not a change, and the next run tries again.
+                        report.errors += 1
+                        metrics.BLOB_DELETE_FAILURES.inc()
+                        log.warning("multipart upload abort failed", extra={"job": report.job, "object_key": upload.key,
+                                                                            "multipart_id": upload.multipart_id}, exc_info=True)
+                        continue
+                aborted += 1
+            if len(page) < config.batch_size:
+                break
+            after = page[-1]
+    return aborted
 
 
 async def _fail_media_missing_originals(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:

@@ -28,6 +28,7 @@ from mediavault.blobs.base import (
     DirectParts,
     Inspection,
     ListedObject,
+    MultipartUpload,
     ObjectInfo,
     PartialState,
     PartialWriter,
@@ -408,6 +409,13 @@ class TracedBlobStore:
     async def abort_partial(self, key: str, multipart_id: str) -> None:
         with self._span("abort_partial", key):
             await self._store.abort_partial(key, multipart_id)
+    async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
+        with self._span("list_multipart_uploads", prefix):
+            return await self._store.list_multipart_uploads(prefix, after=after, limit=limit)
+
+    async def abort_multipart_upload(self, key: str, multipart_id: str) -> None:
+        with self._span("abort_multipart_upload", key):
+            await self._store.abort_multipart_upload(key, multipart_id)
 
 
 class TracedDirectPartsStore(TracedBlobStore):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -820,6 +821,11 @@ class RefusingKeys:
         return [key for key in keys if key in self._refused] + await self._store.delete_many(
             [key for key in keys if key not in self._refused])
 
+    async def abort_multipart_upload(self, key: str, multipart_id: str) -> None:
+        if key in self._refused:
+            raise BlobStoreError("abort multipart failed: SlowDown")
+        await self._store.abort_multipart_upload(key, multipart_id)
+
     def __getattr__(self, name: str):
         return getattr(self._store, name)
 
@@ -856,7 +862,9 @@ async def test_the_sweep_counts_as_changed_only_the_moves_and_deletes_that_succe
     changed, errors = items("changed"), items("errors")
     report = await run_job({**ctx, "blobs": RefusingKeys(blobs, refused)}, "sweep_orphan_blobs")
 
-    assert report.details == {"quarantined": 1, "deleted_from_quarantine": 1, "restored": 1, "originals_missing": 0}
+    assert report.details == {
+        "quarantined": 1, "deleted_from_quarantine": 1, "restored": 1, "multipart_uploads_aborted": 0, "originals_missing": 0
+    }
     assert (report.changed, report.errors) == (2, 3)
     assert (items("changed") - changed, items("errors") - errors) == (2, 3)
     assert await blobs.stat(cleanup.QUARANTINE + orphans["moved"]) is not None
@@ -865,6 +873,144 @@ async def test_the_sweep_counts_as_changed_only_the_moves_and_deletes_that_succe
     assert await blobs.stat(quarantined["refused"]) is not None
     assert await blobs.stat(claimed["restored"]) is not None
     assert await blobs.stat(cleanup.QUARANTINE + claimed["refused"]) is not None
+
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def s3_of_its_own(database_of_its_own, make_settings):
+    """Settings of an S3 backend on a moto server of the test's own, its bucket made, over a database of
+    its own: a sweep then judges the test's multipart uploads and rows alone."""
+    from mediavault.blobs.s3 import S3BlobStore
+    from tests.s3server import moto_server
+
+    async with moto_server() as moto:
+
+        def make(**overrides):
+            return make_settings(database_url=database_of_its_own, blob_backend="s3", s3_endpoint_url=moto.endpoint_url,
+                                 s3_bucket="multipart-sweep", tus_chunk_size_bytes=5 * MiB, **overrides)
+
+        store = await S3BlobStore.open(make())
+        await store.ensure_bucket()
+        await store.close()
+        yield make
+
+
+def multipart_uploads(settings) -> set[tuple[str, str]]:
+    """(key, upload id) of every multipart upload S3 holds in the bucket, neither completed nor aborted."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region)
+    return {(u["Key"], u["UploadId"]) for u in client.list_multipart_uploads(Bucket=settings.s3_bucket).get("Uploads", [])}
+
+
+class BegunAt:
+    """A blob store listing the given multipart uploads (by id) as begun at the given times, as S3 would:
+    moto lists every one as begun on 2010-11-10, however new."""
+
+    def __init__(self, store, begun: dict[str, datetime]) -> None:
+        self._store = store
+        self._begun = begun
+
+    async def list_multipart_uploads(self, prefix: str, *, after, limit: int):
+        listed = await self._store.list_multipart_uploads(prefix, after=after, limit=limit)
+        return [dataclasses.replace(u, started_at=self._begun.get(u.multipart_id, u.started_at)) for u in listed]
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+async def test_a_multipart_upload_whose_abort_failed_at_fail_upload_is_aborted_by_the_sweep(
+    s3_of_its_own, make_ctx, auth, user_id, monkeypatch
+):
+    from mediavault.blobs.s3 import S3BlobStore
+    from mediavault.storage.v1 import storage_pb2_grpc
+    from tests.conftest import running
+
+    settings = s3_of_its_own(jobs={"sweep_orphan_blobs": {"age_seconds": 0}})
+    md = auth(user_id)
+    data = fake_jpeg(5 * MiB + 10)
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        upload_id = (await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_S3_MULTIPART)).upload.upload_id
+        request = pb.PresignUploadPartsRequest(upload_id=upload_id, parts=[pb.UploadPartRequest(part_number=1)])
+        [part] = (await storage.PresignUploadParts(request, metadata=md)).parts
+        assert await put(part.url, dict(part.headers), data[: 5 * MiB]) == 200
+        real_discard = S3BlobStore.discard_partial
+
+        async def slow_down_once(self, *args):
+            monkeypatch.setattr(S3BlobStore, "discard_partial", real_discard)
+            raise BlobStoreError("abort multipart failed: SlowDown")
+
+        monkeypatch.setattr(S3BlobStore, "discard_partial", slow_down_once)
+        failed = await storage.FailUpload(pb.FailUploadRequest(upload_id=upload_id, reason="gave up"), metadata=md)
+    assert failed.upload.state == pb.UPLOAD_STATE_FAILED
+    assert len(multipart_uploads(settings)) == 1, "its one abort failed"
+
+    ctx = await make_ctx(settings)
+    assert (await run_job(ctx, "reclaim_stale_uploads")).changed == 0, "FAILED already: the expiry never sees it"
+    report = await run_job(ctx, "sweep_orphan_blobs")
+    assert multipart_uploads(settings) == set()
+    assert (report.changed, report.errors, report.details["multipart_uploads_aborted"]) == (1, 0, 1)
+
+
+async def test_the_sweep_keeps_a_pending_uploads_multipart_upload_and_one_begun_within_the_grace_period(
+    s3_of_its_own, make_ctx, auth, user_id
+):
+    from mediavault.storage.v1 import storage_pb2_grpc
+    from tests.conftest import running
+
+    settings = s3_of_its_own(jobs={"sweep_orphan_blobs": {"age_seconds": 3600}})
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        await begin(storage, auth(user_id), fake_jpeg(5 * MiB + 10), protocol=pb.UPLOAD_PROTOCOL_S3_MULTIPART)
+    [(key, recorded)] = multipart_uploads(settings)
+    ctx = await make_ctx(settings)
+    blobs = ctx["blobs"]
+    # One more of the pending upload's key, never recorded (a start that lost to another), and a
+    # variant's whose write failed and whose abort failed too: both begun long ago.
+    unrecorded = await blobs.start_partial(key, content_type="image/jpeg")
+    variant_key = f"variants/fb/{uuid.uuid4().hex}/v0/display.jpg"
+    failed_write = await blobs.start_partial(variant_key, content_type="image/jpeg")
+    # Begun a moment ago by a start whose commit, recording it, is still to come.
+    starting_key = f"originals/fb/{uuid.uuid4().hex}"
+    starting = await blobs.start_partial(starting_key, content_type="image/jpeg")
+    long_ago = datetime.now(UTC) - timedelta(days=2)
+    ctx["blobs"] = BegunAt(blobs, {recorded: long_ago, unrecorded: long_ago, failed_write: long_ago, starting: datetime.now(UTC)})
+
+    report = await run_job(ctx, "sweep_orphan_blobs")
+    assert multipart_uploads(settings) == {(key, recorded), (starting_key, starting)}
+    assert (report.changed, report.errors, report.details["multipart_uploads_aborted"]) == (2, 0, 2)
+
+
+async def test_a_dry_run_aborts_no_multipart_upload_and_a_failed_abort_is_an_error_tried_again_next_run(
+    s3_of_its_own, make_ctx
+):
+    from prometheus_client import REGISTRY
+
+    def items(kind: str) -> float:
+        return REGISTRY.get_sample_value("mediavault_job_items_total", {"job": "sweep_orphan_blobs", "kind": kind}) or 0.0
+
+    settings = s3_of_its_own(jobs={"sweep_orphan_blobs": {"age_seconds": 0}})
+    ctx = await make_ctx(settings)
+    blobs = ctx["blobs"]
+    key = f"variants/fa/{uuid.uuid4().hex}/v0/display.jpg"
+    stray = await blobs.start_partial(key, content_type="image/jpeg")
+
+    dry = await run_job(ctx, "sweep_orphan_blobs", dry_run=True)
+    assert (dry.changed, dry.errors, dry.details["multipart_uploads_aborted"]) == (1, 0, 1), "what a real run would abort"
+    assert multipart_uploads(settings) == {(key, stray)}
+
+    failures, changed, errors = blob_delete_failures(), items("changed"), items("errors")
+    refused = await run_job({**ctx, "blobs": RefusingKeys(blobs, {key})}, "sweep_orphan_blobs")
+    assert (refused.changed, refused.errors, refused.details["multipart_uploads_aborted"]) == (0, 1, 0)
+    assert (blob_delete_failures() - failures, items("changed") - changed, items("errors") - errors) == (1, 0, 1)
+    assert multipart_uploads(settings) == {(key, stray)}
+
+    again = await run_job(ctx, "sweep_orphan_blobs")
+    assert (again.changed, again.errors, again.details["multipart_uploads_aborted"]) == (1, 0, 1)
+    assert multipart_uploads(settings) == set()
 
 
 async def test_the_sweep_stats_live_originals_side_by_side(ctx, pool, user_id):

@@ -9,6 +9,7 @@ from mediavault.blobs.base import (
     DirectParts,
     Inspection,
     ListedObject,
+    MultipartUpload,
     ObjectExists,
     ObjectInfo,
     PartialState,
@@ -21,7 +22,7 @@ from mediavault.blobs.base import (
 )
 from mediavault.config import Settings
 
-__all__ = ["BlobStore", "BlobStoreError", "Digest", "DirectParts", "StoredPart", "Inspection", "ListedObject", "ObjectExists", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "is_sha256_hex", "open_blob_store", "single_chunk"]
+__all__ = ["BlobStore", "BlobStoreError", "Digest", "DirectParts", "StoredPart", "Inspection", "ListedObject", "MultipartUpload", "ObjectExists", "ObjectInfo", "PartialState", "PartialWriter", "SignedRequest", "check_key", "is_sha256_hex", "open_blob_store", "single_chunk"]
 
 
 async def open_blob_store(settings: Settings) -> BlobStore:

@@ -48,6 +48,17 @@ class ListedObject:
 
 
 @dataclass(frozen=True)
+class MultipartUpload:
+    """An S3 multipart upload neither completed nor aborted: its parts are stored, billed, and in no
+    object listing."""
+
+    key: str
+    multipart_id: str
+    # Timezone-aware UTC: when it was begun (S3 Initiated).
+    started_at: datetime
+
+
+@dataclass(frozen=True)
 class SignedRequest:
     url: str
     method: str
@@ -233,6 +244,14 @@ class BlobStore(Protocol):
     async def abort_partial(self, key: str, multipart_id: str) -> None:
         """Aborts the multipart upload alone, one the upload does not use (another start's was
         recorded), leaving the partial bytes; aborting one already gone is not an error."""
+    async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
+        """Up to limit multipart uploads under prefix, those after `after` in the store's order (by key);
+        shorter means the end. Never any on fs, whose resumable uploads are files under their partial
+        keys, which list_page lists."""
+        ...
+
+    async def abort_multipart_upload(self, key: str, multipart_id: str) -> None:
+        """Aborts the multipart upload, deleting its parts; aborting one already gone is not an error."""
         ...
 
 

@@ -21,6 +21,7 @@ from mediavault.blobs.base import (
     Digest,
     Inspection,
     ListedObject,
+    MultipartUpload,
     ObjectExists,
     ObjectInfo,
     PartialState,
@@ -346,6 +347,12 @@ class FsBlobStore:
 
     async def abort_partial(self, key: str, multipart_id: str) -> None:
         raise ValueError("the fs backend starts no multipart uploads")
+    async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
+        check_list_args(prefix, limit)
+        return []
+
+    async def abort_multipart_upload(self, key: str, multipart_id: str) -> None:
+        raise ValueError("the fs backend has no multipart uploads")
 
 
 def _walk(directory: Path, key_prefix: str, after: str | None) -> Iterator[ListedObject]:

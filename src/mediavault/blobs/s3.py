@@ -21,6 +21,7 @@ from mediavault.blobs.base import (
     Digest,
     Inspection,
     ListedObject,
+    MultipartUpload,
     ObjectExists,
     ObjectInfo,
     PartialState,
@@ -256,8 +257,8 @@ class S3BlobStore:
         return {"ETag": part["ETag"], "PartNumber": number}
 
     async def _abort_upload(self, key: str, upload_id: str) -> None:
-        # Best effort: the original failure is what the caller needs to see, and a bucket
-        # lifecycle rule is what finally reclaims parts of uploads that could not be aborted.
+        # Best effort: the original failure is what the caller needs to see; an upload that could
+        # not be aborted here is aborted by the orphan sweep once older than its grace period.
         with contextlib.suppress(*_S3_ERRORS):
             await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
@@ -430,6 +431,31 @@ class S3BlobStore:
         await self._delete_tails(partial_key)
 
     async def abort_partial(self, key: str, multipart_id: str) -> None:
+            await self.abort_multipart_upload(key, multipart_id)
+        await self._delete_tails(partial_key)
+
+    async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
+        check_list_args(prefix, limit)
+        page: list[MultipartUpload] = []
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if after is not None:
+            params.update(KeyMarker=after.key, UploadIdMarker=after.multipart_id)
+        with _translate_errors("list multipart uploads"):
+            # Filled from further calls, as list_page's: one returns at most 1000 uploads.
+            while len(page) < limit:
+                response = await self._client.list_multipart_uploads(
+                    **params, MaxUploads=min(limit - len(page), _MAX_LIST_KEYS)
+                )
+                page.extend(
+                    MultipartUpload(item["Key"], item["UploadId"], item["Initiated"].astimezone(UTC))
+                    for item in response.get("Uploads", [])
+                )
+                if not response.get("IsTruncated"):
+                    break
+                params.update(KeyMarker=response["NextKeyMarker"], UploadIdMarker=response["NextUploadIdMarker"])
+        return page
+
+    async def abort_multipart_upload(self, key: str, multipart_id: str) -> None:
         with _translate_errors("abort multipart"):
             try:
                 await self._client.abort_multipart_upload(Bucket=self.bucket, Key=check_key(key), UploadId=multipart_id)

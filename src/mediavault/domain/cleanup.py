@@ -19,7 +19,7 @@ from datetime import datetime
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from mediavault.blobs import ListedObject
+from mediavault.blobs import ListedObject, MultipartUpload
 from mediavault.domain.media import expired_by
 
 # The orphan sweep: objects under these prefixes that no row owns are moved under
@@ -29,6 +29,11 @@ from mediavault.domain.media import expired_by
 QUARANTINE = "quarantine/"
 # partial/: the bytes of resumable uploads until finalize publishes them (records.partial_key_for).
 SWEPT_PREFIXES = ("originals/", "partial/", "variants/")
+# The orphan sweep also aborts the S3 multipart uploads under these prefixes that are no pending
+# upload's, begun before the grace period: their parts are in no object listing. A resumable
+# upload's is begun at its object key; BlobStore.write begins one for an object over a part (a
+# streamed original, a video rendition), and its abort when the write fails is best effort.
+MULTIPART_PREFIXES = ("originals/", "variants/")
 FIRST_MEDIA_ID = uuid.UUID(int=0)
 
 # SKIP LOCKED lets replicas split the due uploads, and leaves alone any row a
@@ -197,6 +202,17 @@ WHERE CASE split_part(k.key, '/', 1)
 END
 """
 
+# A multipart upload is owned while it is the one recorded for a pending upload (by object_key,
+# unique, then upload_progress's primary key). Nothing records BlobStore.write's, nor a resumable
+# upload's in the moment between its start and its commit: the grace period keeps those.
+_OWNED_MULTIPART = """
+SELECT m.multipart_id FROM unnest($1::text[], $2::text[]) AS m(key, multipart_id)
+WHERE EXISTS (
+    SELECT 1 FROM uploads u JOIN upload_progress p USING (upload_id)
+    WHERE u.object_key = m.key AND u.state = 'pending' AND p.multipart_id = m.multipart_id
+)
+"""
+
 _LIVE_ORIGINALS = """
 SELECT media_id, object_key FROM media
 WHERE deleted_at IS NULL AND processing_status <> 'failed' AND media_id > $1
@@ -297,6 +313,16 @@ async def orphans(conn: Connection | asyncpg.Pool, listed: Sequence[ListedObject
     old = [o.key for o in listed if o.modified_at < cutoff]
     owned = await owned_keys(conn, old)
     return [key for key in old if key not in owned]
+
+
+async def unowned_multipart_uploads(
+    conn: Connection | asyncpg.Pool, listed: Sequence[MultipartUpload], cutoff: datetime
+) -> list[MultipartUpload]:
+    """The listed multipart uploads begun before cutoff that are no pending upload's."""
+    old = [u for u in listed if u.started_at < cutoff]
+    rows = await conn.fetch(_OWNED_MULTIPART, [u.key for u in old], [u.multipart_id for u in old])
+    owned = {r["multipart_id"] for r in rows}
+    return [u for u in old if u.multipart_id not in owned]
 
 
 @dataclass(frozen=True)
