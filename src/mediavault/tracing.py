@@ -406,9 +406,6 @@ class TracedBlobStore:
         with self._span("discard_partial", key):
             await self._store.discard_partial(partial_key, key, multipart_id)
 
-    async def abort_partial(self, key: str, multipart_id: str) -> None:
-        with self._span("abort_partial", key):
-            await self._store.abort_partial(key, multipart_id)
     async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
         with self._span("list_multipart_uploads", prefix):
             return await self._store.list_multipart_uploads(prefix, after=after, limit=limit)

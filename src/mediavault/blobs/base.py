@@ -241,9 +241,6 @@ class BlobStore(Protocol):
         """Deletes what a resumable upload stored and aborts its multipart upload."""
         ...
 
-    async def abort_partial(self, key: str, multipart_id: str) -> None:
-        """Aborts the multipart upload alone, one the upload does not use (another start's was
-        recorded), leaving the partial bytes; aborting one already gone is not an error."""
     async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
         """Up to limit multipart uploads under prefix, those after `after` in the store's order (by key);
         shorter means the end. Never any on fs, whose resumable uploads are files under their partial
@@ -251,7 +248,8 @@ class BlobStore(Protocol):
         ...
 
     async def abort_multipart_upload(self, key: str, multipart_id: str) -> None:
-        """Aborts the multipart upload, deleting its parts; aborting one already gone is not an error."""
+        """Aborts the multipart upload alone, deleting its parts but no partial bytes (a losing start's
+        upload, or one no pending upload owns); aborting one already gone is not an error."""
         ...
 
 

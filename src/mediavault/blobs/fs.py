@@ -345,8 +345,6 @@ class FsBlobStore:
     async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
         await self.delete(partial_key)
 
-    async def abort_partial(self, key: str, multipart_id: str) -> None:
-        raise ValueError("the fs backend starts no multipart uploads")
     async def list_multipart_uploads(self, prefix: str, *, after: MultipartUpload | None, limit: int) -> list[MultipartUpload]:
         check_list_args(prefix, limit)
         return []

@@ -427,10 +427,6 @@ class S3BlobStore:
 
     async def discard_partial(self, partial_key: str, key: str, multipart_id: str | None) -> None:
         if multipart_id is not None:
-            await self.abort_partial(key, multipart_id)
-        await self._delete_tails(partial_key)
-
-    async def abort_partial(self, key: str, multipart_id: str) -> None:
             await self.abort_multipart_upload(key, multipart_id)
         await self._delete_tails(partial_key)
 

@@ -274,7 +274,7 @@ class Resumable:
         was lost may have recorded it."""
         try:
             if await self._pool.fetchval(_MULTIPART_ID, upload.upload_id) != multipart_id:
-                await self._blobs.abort_partial(upload.object_key, multipart_id)
+                await self._blobs.abort_multipart_upload(upload.object_key, multipart_id)
         except Exception:  # the start's own outcome is what goes up; this one is logged
             log.warning(
                 "unrecorded multipart upload not aborted; left for the bucket's lifecycle rule",
