@@ -181,6 +181,7 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
             streamed = await begin(storage, md, data)
             tus = await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_TUS)
             multipart = await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_S3_MULTIPART)
+            given_up = await begin(storage, md, data, protocol=pb.UPLOAD_PROTOCOL_S3_MULTIPART)
 
             def finalize(begun):
                 return storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
@@ -202,6 +203,11 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
                     await call()
                 refused.append((caught.value.code(), error_info(caught.value).reason))
             assert refused == [(grpc.StatusCode.UNAVAILABLE, "BLOB_STORE_UNAVAILABLE")] * 3
+            # Giving up needs no word from S3: the bytes are released, the parts aborted later (the sweep).
+            failed = await storage.FailUpload(pb.FailUploadRequest(upload_id=given_up.upload.upload_id), metadata=md)
+            assert failed.upload.state == pb.UPLOAD_STATE_FAILED
+            summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+            assert summary.pending_uploads == 4
             assert await patch() == 503
 
             await s3.up()

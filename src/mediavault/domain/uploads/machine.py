@@ -302,7 +302,7 @@ class Uploads:
         if committed is None:
             # A concurrent fail, expiry or finalize changed the state first, or the
             # reservation lapsed by the database's clock though not by ours.
-            current = await self.get(principal, upload.upload_id)
+            current = await self._row(principal, upload.upload_id)
             if current.state == "pending":
                 await self._expire_if_lapsed(current)
             return await self._settled(principal, upload.upload_id)
@@ -333,10 +333,12 @@ class Uploads:
 
     async def fail(self, principal: Principal, upload_id: uuid.UUID, reason: str) -> Upload:
         """The client gives up: the reservation is released and whatever was uploaded deleted."""
-        upload = await self.get(principal, upload_id)
+        # The row alone: a pending S3_MULTIPART upload's parts (what get lists) are not needed to
+        # release it, and a blob store that is down must not keep its bytes reserved.
+        upload = await self._row(principal, upload_id)
         failed = await self.release(upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
         if failed is None:
-            raise UploadNotPending(f"upload is {(await self.get(principal, upload_id)).state}")
+            raise UploadNotPending(f"upload is {(await self._row(principal, upload_id)).state}")
         await self._discard(upload)
         return failed
 
@@ -360,7 +362,7 @@ class Uploads:
         another writer has moved them since the client read them.
         """
         check_stream_offset(offset)
-        upload = await self.get(principal, upload_id)
+        upload = await self._row(principal, upload_id)
         if upload.state != "pending":
             return _finished(upload)
         if upload.protocol == "s3_multipart":
