@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -58,16 +59,29 @@ class Worker(arq.Worker):
             self._retry_delay = _FIRST_DELAY_SECONDS
 
     async def close(self) -> None:
-        """arq's close, once the job tasks have ended whichever way.
+        """arq's close, made to finish whatever it meets.
 
-        arq's own close gathers them and raises the CancelledError of one cancelled outside its
-        job function (while it starts, or records its result) before its on_shutdown: the
-        worker's pools, transcoder and spans would stay open, and the process exit with an error.
+        arq's own raises, before its on_shutdown, the CancelledError of a job task cancelled
+        outside its job function (while it starts, or records its result) and the error of
+        deleting the health record from a Redis that is down: the worker's pools, transcoder and
+        spans would stay open, and the process exit with an error.
         """
         self.handle_sig(signal.SIGUSR1)
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
-        await super().close()
+        if self._pool is None:
+            return
+        try:
+            await self._pool.delete(self.health_check_key)
+        except (RedisError, OSError):
+            log.warning("health record not deleted, redis unreachable: it expires by itself", extra={"queue": self.queue_name})
+        try:
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pool.aclose()
+            self._pool = None
 
     async def _ride_out(self, exc: Exception) -> None:
         now = time.monotonic()

@@ -14,6 +14,7 @@ from arq.connections import RedisSettings
 
 import workers.settings
 from mediavault.config import JobsConfig
+from tests.faults import PrivateRedis
 from workers.worker import run_workers
 
 
@@ -51,3 +52,35 @@ async def test_sigterm_while_a_job_records_its_result_closes_every_worker(make_s
         await redis.delete(settings.queue_name)
         await redis.aclose()
     assert sorted(closed) == sorted(["photo", "video", "cron"]), "every worker's resources are closed"
+
+
+async def test_sigterm_while_redis_is_down_closes_every_worker(make_settings, pool, monkeypatch):
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        jobs = JobsConfig(**{name: {"enabled": name == "audit_accounts"} for name in JobsConfig.model_fields})
+        settings = make_settings(redis_url=redis.url, queue_name=f"mediavault-test-outage:{uuid.uuid4().hex}", jobs=jobs)
+        started: list[str] = []
+        closed: list[str] = []
+        startup, shutdown = workers.settings.worker_startup, workers.settings.shutdown
+
+        async def recorded_startup(ctx: dict[str, Any]) -> None:
+            await startup(ctx)
+            started.append(ctx.get("queue") or "photo")
+
+        async def recorded_shutdown(ctx: dict[str, Any]) -> None:
+            await shutdown(ctx)
+            closed.append(ctx.get("queue") or "photo")
+
+        monkeypatch.setattr(workers.settings, "worker_startup", recorded_startup)
+        monkeypatch.setattr(workers.settings, "shutdown", recorded_shutdown)
+        run = asyncio.create_task(run_workers(settings))
+        async with asyncio.timeout(60):
+            while len(started) < 3:
+                await asyncio.sleep(0.05)
+        redis.stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(run, 60)
+    finally:
+        redis.close()
+    assert sorted(closed) == ["cron", "photo", "video"], "every worker's resources are closed"
