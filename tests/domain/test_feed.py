@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mediavault import metrics
-from mediavault.domain.feed import VERSION_TTL_SECONDS, Feed, version_key
+from mediavault.domain.feed import VERSION_TTL_SECONDS, Feed, page_key, version_key
 from mediavault.domain.media import Variant
 from mediavault.domain.pages import PageTokens
 
@@ -114,10 +114,10 @@ async def test_a_feed_read_keeps_the_version_alive_and_an_expired_version_restar
         first = await feed.page(user_id, 20, "")
         assert VERSION_TTL_SECONDS - 60 < await redis.ttl(version_key(user_id)) <= VERSION_TTL_SECONDS
         assert first.items == []
-        assert await redis.exists(f"feed:p:{user_id}:1:20::")
+        assert await redis.exists(page_key(user_id, 1, "20::"))
         await redis.delete(version_key(user_id))
         assert (await feed.page(user_id, 20, "")).etag == first.etag
-        assert await redis.exists(f"feed:p:{user_id}:0:20::")
+        assert await redis.exists(page_key(user_id, 0, "20::"))
     finally:
         keys = [k async for k in redis.scan_iter(match=f"feed:*{user_id}*")]
         if keys:
@@ -154,8 +154,8 @@ async def test_a_caller_going_away_leaves_the_page_to_the_others_and_the_lock_is
             await first
     page = await second
     assert [item.media_id for item in page.items] == ids
-    assert await redis.exists(f"feed:p:{user_id}:0:20::"), "the fill the first caller began went on and cached the page"
-    assert not await redis.exists(f"feed:p:{user_id}:0:20:::lock")
+    assert await redis.exists(page_key(user_id, 0, "20::")), "the fill the first caller began went on and cached the page"
+    assert not await redis.exists(page_key(user_id, 0, "20::") + ":lock")
 
 
 async def test_a_failed_fill_releases_its_lock(database_url, redis, user_id):
@@ -164,11 +164,11 @@ async def test_a_failed_fill_releases_its_lock(database_url, redis, user_id):
     feed = Feed(closed, redis, ttl_seconds=30, tokens=TOKENS)
     with pytest.raises(asyncpg.InterfaceError):
         await feed.page(user_id, 20, "")
-    assert not await redis.exists(f"feed:p:{user_id}:0:20:::lock"), "the next miss computes without waiting out the lock"
+    assert not await redis.exists(page_key(user_id, 0, "20::") + ":lock"), "the next miss computes without waiting out the lock"
 
 
 async def test_a_fill_leaves_the_lock_another_replica_took_after_its_own_expired(one_connection_pool, redis, user_id):
-    lock = f"feed:p:{user_id}:0:20:::lock"
+    lock = page_key(user_id, 0, "20::") + ":lock"
     feed = Feed(one_connection_pool, redis, ttl_seconds=30, tokens=TOKENS)
     async with one_connection_pool.acquire():
         read = asyncio.create_task(feed.page(user_id, 20, ""))
@@ -190,10 +190,19 @@ async def test_a_cached_page_lasts_no_longer_than_the_first_expiry_on_it(pool, r
     first = await feed.page(user_id, 20, "")
     assert [item.media_id for item in first.items] == ids
     # An expiry bumps no feed version: the cached page ends with it instead.
-    assert 0 < await redis.pttl(f"feed:p:{user_id}:0:20::") <= 2000
+    assert 0 < await redis.pttl(page_key(user_id, 0, "20::")) <= 2000
 
     await asyncio.sleep((expires_at - datetime.now(UTC)).total_seconds() + 0.1)
     later = await feed.page(user_id, 20, "")
     assert [item.media_id for item in later.items] == [ids[0], ids[2]]
     assert later.etag != first.etag
-    assert 290_000 < await redis.pttl(f"feed:p:{user_id}:0:20::") <= 300_000, "no item on it expires"
+    assert 290_000 < await redis.pttl(page_key(user_id, 0, "20::")) <= 300_000, "no item on it expires"
+
+
+async def test_a_page_another_release_cached_is_not_served(pool, redis, user_id):
+    # During a rolling deploy, replicas of the previous release cache pages whose tokens (named
+    # the list alone) this release refuses; they cached them under this key.
+    ids = await media_with_a_thumbnail(pool, user_id, 1)
+    await redis.set(f"feed:p:{user_id}:0:20::", '{"items": [], "next_page_token": "old", "etag": "old"}', ex=60)
+    page = await Feed(pool, redis, ttl_seconds=300, tokens=TOKENS).page(user_id, 20, "")
+    assert [item.media_id for item in page.items] == ids

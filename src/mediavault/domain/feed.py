@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from mediavault import metrics
 from mediavault.domain import formats
 from mediavault.domain import media as media_domain
-from mediavault.domain.pages import PageTokens, page_size
+from mediavault.domain.pages import TOKEN_VERSION, PageTokens, page_size
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ class Page:
     items: list[media_domain.Media]
     next_page_token: str
     etag: str
+
+
+def page_key(owner_id: str, version: int, page: str) -> str:
+    """Where a page of the owner's feed at this feed version is cached; `page` is the size, the
+    client's formats (formats.signature) and the page token."""
+    return f"feed:p{TOKEN_VERSION}:{owner_id}:{version}:{page}"
 
 
 def version_key(owner_id: str) -> str:
@@ -181,8 +187,7 @@ class Feed:
             return (await compute()).text
         try:
             version = int(await redis.getex(version_key(owner_id), ex=VERSION_TTL_SECONDS) or 0)
-            # `page` is the size, the client's formats (formats.signature) and the page token.
-            key = f"feed:p:{owner_id}:{version}:{page}"
+            key = page_key(owner_id, version, page)
             cached = await redis.get(key)
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_read").inc()

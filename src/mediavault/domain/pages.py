@@ -19,7 +19,9 @@ from datetime import UTC, datetime, timedelta
 
 from mediavault.errors import InvalidArgument
 
-_VERSION = 1
+# 2: the owner of the list is signed too (1 named the list alone). Caches of pages that hold
+# tokens name it, so that replicas of two releases never serve each other's tokens.
+TOKEN_VERSION = 2
 # version, microseconds since the epoch (PostgreSQL's precision), the item's id
 _POSITION = struct.Struct(">Bq16s")
 # With the position, a whole number of base64 groups: no padding, and no spare bits
@@ -50,7 +52,7 @@ class PageTokens:
     def encode(self, listing: str, owner: str, created_at: datetime, item_id: uuid.UUID) -> str:
         since = created_at - _EPOCH
         micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
-        position = _POSITION.pack(_VERSION, micros, item_id.bytes)
+        position = _POSITION.pack(TOKEN_VERSION, micros, item_id.bytes)
         return base64.urlsafe_b64encode(position + self._mac(listing, owner, position)).decode()
 
     def decode(self, listing: str, owner: str, token: str) -> tuple[datetime, uuid.UUID]:
@@ -68,7 +70,7 @@ class PageTokens:
         if not hmac.compare_digest(mac, self._mac(listing, owner, position)):
             raise _refused()
         version, micros, item_id = _POSITION.unpack(position)
-        if version != _VERSION:
+        if version != TOKEN_VERSION:
             raise _refused()
         try:
             created_at = _EPOCH + timedelta(microseconds=micros)
