@@ -160,7 +160,7 @@ async def test_a_failed_statement_fails_every_call_in_its_batch(pool, blobs, set
     assert later.upload.user_id == users[0]
 
 
-async def test_a_begin_the_blob_store_cannot_start_releases_what_no_retry_could_find(pool, settings):
+async def test_a_begin_the_blob_store_cannot_start_releases_what_no_retry_could_find(pool, settings, monkeypatch):
     user_id = new_user()
     async with moto_server() as moto:
         s3 = settings.model_copy(
@@ -171,6 +171,7 @@ async def test_a_begin_the_blob_store_cannot_start_releases_what_no_retry_could_
             await store.ensure_bucket()
             service = uploads.Uploads(pool, store, s3, TranscodeQueue(None, s3.queue_name), uploads.Resumable(pool, store, s3))
             await moto.stop()
+            sent = s3_requests(store, monkeypatch)
 
             keyless, keyed = await asyncio.gather(
                 begin(service, user_id, protocol="s3_multipart"),
@@ -188,6 +189,8 @@ async def test_a_begin_the_blob_store_cannot_start_releases_what_no_retry_could_
                 "k": ("pending", None),
             }
             assert await ledger.audit(pool) == []
+            # The answer waited on the failing store for the start alone: nothing else was stored to undo.
+            assert sent == ["CreateMultipartUpload"] * 2
 
             await moto.start()
             await store.ensure_bucket()

@@ -127,15 +127,18 @@ class Uploads:
             raise
 
     async def _abandon(self, upload: Upload, cause: BaseException) -> None:
+        # No URL was answered, so nothing was stored: what is left to undo is the multipart upload
+        # the start recorded, if it got that far (when the blob store failed, it did not). A full
+        # discard would make the answer wait on that store once per request of it.
         try:
             failed = await self.release(
                 upload.upload_id, state="failed", reason="BEGIN_FAILED", detail=str(cause) or type(cause).__name__
             )
-            if failed is not None:
-                await self._discard(upload)
+            if failed is not None and upload.protocol != "single":
+                await self._resumable.abort_started(upload)
         except Exception:  # the begin's own error is what goes up; this one is logged
             log.warning(
-                "reservation of a failed begin not released; it lapses at its expiry",
+                "failed begin not undone: an unreleased reservation lapses at its expiry, a multipart upload left is the sweep's",
                 extra={"upload_id": str(upload.upload_id)},
                 exc_info=True,
             )

@@ -470,6 +470,13 @@ class Resumable:
         multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
         await self._blobs.discard_partial(partial_key_for(upload.upload_id), upload.object_key, multipart_id)
 
+    async def abort_started(self, upload: Upload) -> None:
+        """Aborts the multipart upload a released upload's start recorded, if any: all an upload
+        whose URL was never answered can hold."""
+        multipart_id = await self._pool.fetchval(_MULTIPART_ID, upload.upload_id)
+        if multipart_id is not None:
+            await self._blobs.abort_multipart_upload(upload.object_key, multipart_id)
+
 
 def _part_violations(parts: Sequence[PartRequest], part_count: int) -> list[FieldViolation]:
     """What is wrong with the parts asked for, of an upload of part_count parts."""
