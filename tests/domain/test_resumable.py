@@ -366,3 +366,33 @@ async def test_a_begin_cancelled_while_s3_answers_leaves_no_multipart_upload_beh
         retried = await begin_on_s3(s3_service, user_id, "s3_multipart", idempotency_key)
         assert retried.upload.upload_id == upload_id
         assert multipart_uploads(moto, key) == [multipart_id]
+
+
+async def test_a_begin_released_while_its_start_waits_on_s3_records_no_multipart_upload(pool, moto, s3_store, s3_service, monkeypatch):
+    made, answer = asyncio.Event(), asyncio.Event()
+    create = s3_store.start_partial
+
+    async def slow_answer(key: str, *, content_type: str) -> str | None:
+        multipart_id = await create(key, content_type=content_type)
+        made.set()
+        await answer.wait()
+        return multipart_id
+
+    monkeypatch.setattr(s3_store, "start_partial", slow_answer)
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    beginning = asyncio.create_task(begin_on_s3(s3_service, user_id, "s3_multipart", None))
+    async with asyncio.timeout(10):
+        await made.wait()
+    # Cancelled twice (the client, then a draining server): the begin releases the upload while
+    # its start still waits for S3's answer.
+    beginning.cancel()
+    await asyncio.sleep(0.1)
+    beginning.cancel()
+    await asyncio.wait([beginning], timeout=10)
+    upload_id, key, state = await pool.fetchrow("SELECT upload_id, object_key, state FROM uploads WHERE user_id = $1", user_id)
+    assert state == "failed"
+    answer.set()
+    async with asyncio.timeout(10):
+        while multipart_uploads(moto, key):
+            await asyncio.sleep(0.05)
+    assert await recorded_multipart_id(pool, upload_id) is None

@@ -72,7 +72,15 @@ _ENSURE_PROGRESS = (
     "INSERT INTO upload_progress (upload_id, tus_metadata) VALUES ($1, $2) ON CONFLICT (upload_id) DO NOTHING"
 )
 # Of concurrent starts of one upload, the first to record its multipart upload keeps it.
-_SET_MULTIPART = "UPDATE upload_progress SET multipart_id = $2 WHERE upload_id = $1 AND multipart_id IS NULL RETURNING true"
+# Only for an upload still pending: one released meanwhile (a begin cancelled twice, the second
+# time while its start waited on S3) must not record a multipart upload no one would abort. The
+# share lock orders this against the release's update of the row.
+_SET_MULTIPART = """
+UPDATE upload_progress SET multipart_id = $2
+WHERE upload_id = $1 AND multipart_id IS NULL
+  AND EXISTS (SELECT 1 FROM uploads WHERE upload_id = $1 AND state = 'pending' FOR SHARE)
+RETURNING true
+"""
 
 _UPLOAD_COLUMNS = ", ".join(f"u.{column}" for column in COLUMNS)
 _PROGRESS = f"""
@@ -270,14 +278,14 @@ class Resumable:
 
     async def _abort_unrecorded(self, upload: Upload, multipart_id: str) -> None:
         """Aborts the multipart upload a start made and could not record (another start's was recorded
-        first, or the statement failed), unless the row names it after all: a statement whose answer
-        was lost may have recorded it."""
+        first, the upload was released meanwhile, or the statement failed), unless the row names it
+        after all: a statement whose answer was lost may have recorded it."""
         try:
             if await self._pool.fetchval(_MULTIPART_ID, upload.upload_id) != multipart_id:
                 await self._blobs.abort_multipart_upload(upload.object_key, multipart_id)
         except Exception:  # the start's own outcome is what goes up; this one is logged
             log.warning(
-                "unrecorded multipart upload not aborted; left for the bucket's lifecycle rule",
+                "unrecorded multipart upload not aborted; left for the orphan sweep",
                 extra={"upload_id": str(upload.upload_id)},
                 exc_info=True,
             )
