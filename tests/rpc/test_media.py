@@ -410,6 +410,8 @@ async def test_ephemeral_media_past_its_expiry_is_gone_before_the_expiry_job_rem
         assert error_info(gone.value).reason == "NOT_FOUND"
         listed = await media.ListFeed(mpb.ListFeedRequest(user_id=user_id), metadata=who)
         assert [m.media_id for m in listed.media] == [live.media_id]
+    summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+    assert summary.media_count == 1, "the summary counts what the feed lists"
     for call in (media.SaveMedia(mpb.SaveMediaRequest(media_id=expired.media_id), metadata=md),
                  media.DeleteMedia(mpb.DeleteMediaRequest(media_id=expired.media_id), metadata=md),
                  media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=expired.media_id), metadata=md)):

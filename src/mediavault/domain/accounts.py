@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from mediavault.domain.media import PRESENT
 from mediavault.errors import InvalidArgument, NotFound
 
 MAX_FREEZE_REASON = 500
@@ -24,9 +25,9 @@ INSERT INTO ledger_entries (user_id, kind, quota_delta)
 SELECT user_id, 'grant', quota_bytes FROM created
 """
 
-_SUMMARY = """
+_SUMMARY = f"""
 SELECT a.user_id, a.quota_bytes, a.used_bytes, a.reserved_bytes, a.frozen, a.derived_bytes,
-       (SELECT count(*) FROM media m WHERE m.owner_id = a.user_id AND m.deleted_at IS NULL) AS media_count,
+       (SELECT count(*) FROM media m WHERE m.owner_id = a.user_id AND {PRESENT}) AS media_count,
        (SELECT count(*) FROM uploads u WHERE u.user_id = a.user_id AND u.state = 'pending') AS pending_uploads
 FROM accounts a WHERE a.user_id = $1
 """

@@ -63,11 +63,11 @@ def expired_by(moment: str) -> str:
 
 # Expired media is gone at once, though the expiry job (cleanup._EXPIRE_EPHEMERAL) deletes its
 # row, frees its bytes and its blobs only on its next run: no read or save finds it meanwhile.
-_PRESENT = f"m.deleted_at IS NULL AND ({expired_by('now()')}) IS NOT TRUE"
+PRESENT = f"m.deleted_at IS NULL AND ({expired_by('now()')}) IS NOT TRUE"
 
 _GET = f"""
 SELECT {_COLUMNS} FROM media m LEFT JOIN media_counters c ON c.media_id = m.media_id
-WHERE m.media_id = $1 AND {_PRESENT}
+WHERE m.media_id = $1 AND {PRESENT}
 """
 
 
@@ -78,7 +78,7 @@ WHERE m.media_id = $1 AND {_PRESENT}
 def _page_statement(after: str, limit: str) -> str:
     return f"""
 SELECT {_COLUMNS} FROM media m LEFT JOIN media_counters c ON c.media_id = m.media_id
-WHERE m.owner_id = $1 AND {_PRESENT}{after}
+WHERE m.owner_id = $1 AND {PRESENT}{after}
 ORDER BY m.created_at DESC, m.media_id DESC
 LIMIT {limit}
 """
@@ -105,7 +105,7 @@ SELECT * FROM deleted
 
 _SAVE = f"""
 UPDATE media m SET retention = 'permanent', saved_at = coalesce(saved_at, now()), expires_at = NULL, updated_at = now()
-WHERE m.media_id = $1 AND {_PRESENT} AND m.retention = 'ephemeral'
+WHERE m.media_id = $1 AND {PRESENT} AND m.retention = 'ephemeral'
 """
 
 _REPROCESS = """
