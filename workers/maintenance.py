@@ -367,8 +367,11 @@ async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobC
     the grace period, and puts back those a row came to own."""
     blobs, pool = ctx["blobs"], ctx["pool"]
     # By the time in quarantine, not by the runs: a run by hand right after the cron's (or during
-    # it) must not delete what that one just quarantined.
-    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
+    # it) must not delete what that one just quarantined. Less half a period (of the grace period
+    # at most): the run after a day's run starts at the same minute, a few seconds sooner into its
+    # work than the moves were, which the grace period itself would send to the run after that.
+    slack = min(config.every_seconds, config.age_seconds) / 2
+    cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds - slack)
     deleted = 0
     after = None
     while True:

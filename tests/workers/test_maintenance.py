@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -726,8 +728,9 @@ async def test_a_sweep_right_after_another_deletes_nothing_it_quarantined(
     from tests.s3server import moto_server
 
     # S3 LastModified has whole seconds: a grace period of a few seconds keeps the test short and
-    # still tells an object quarantined a moment ago from one quarantined a grace period ago.
-    grace = 3
+    # still tells an object quarantined a moment ago from one quarantined a grace period ago (the
+    # sweep counts half of it, at most, as slack).
+    grace = 6
     async with contextlib.AsyncExitStack() as stack:
         if backend == "s3":
             moto = await stack.enter_async_context(moto_server())
@@ -765,6 +768,20 @@ async def test_a_sweep_right_after_another_deletes_nothing_it_quarantined(
         assert await blobs.stat("quarantine/" + orphan) is None
         assert await blobs.stat(orphan) is None
         assert await blobs.stat(claimed) is not None
+
+
+async def test_the_daily_sweep_deletes_what_the_previous_days_run_quarantined(database_of_its_own, make_ctx, make_settings, tmp_path):
+    # The default schedule: daily, with a day's grace. Yesterday's run moved this a little later
+    # into its work than today's run has got into its own.
+    ctx = await make_ctx(make_settings(database_url=database_of_its_own, blob_dir=tmp_path / "blobs", jobs={"sweep_orphan_blobs": {}}))
+    blobs = ctx["blobs"]
+    key = f"quarantine/originals/fd/{uuid.uuid4().hex}"
+    await blobs.write(key, single_chunk(b"lost"), content_type="image/jpeg")
+    moved = time.time() - (24 * 3600 - 60)
+    os.utime(blobs.path(key), (moved, moved))
+    report = await run_job(ctx, "sweep_orphan_blobs")
+    assert (report.errors, report.details["deleted_from_quarantine"]) == (0, 1)
+    assert await blobs.stat(key) is None
 
 
 async def test_an_original_the_store_cannot_stat_leaves_the_sweep_to_check_the_others(ctx, pool, user_id):
