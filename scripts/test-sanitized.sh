@@ -27,5 +27,8 @@ sanitizers="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-om
 (cd "$work" && CFLAGS="-g $sanitizers" LDFLAGS="$sanitizers" "$OLDPWD/$python" setup.py -q build_ext --inplace)
 
 # CPython allocates for good at start-up and never frees: leaks are not what this looks for.
+# The transcoding processes' memory limit is tested by `make test` alone: ASan keeps freed memory
+# mapped (its quarantine), so a process that reached its limit has none left to answer with.
 LD_PRELOAD="${runtimes[*]}" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 PYTHONPATH="$work/src" \
-    "$python" -m pytest -q -p no:cacheprovider "$@"
+    "$python" -m pytest -q -p no:cacheprovider \
+    --deselect tests/imaging/test_runner.py::test_a_job_past_the_memory_limit_fails_as_too_large_and_the_pool_recovers "$@"

@@ -38,10 +38,25 @@ def _start_worker(parent_pid: int, memory_bytes: int) -> None:
     # when it shuts down, instead of its jobs failing and its processes dying with tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_bytes:
-        # RLIMIT_DATA, not RLIMIT_AS: it counts what the process can write (heap, anonymous
-        # maps, thread stacks), not the libraries' code or address space reserved and never used.
-        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+        _limit_private_memory(memory_bytes)
     tune_worker_process()
+
+
+def _limit_private_memory(budget: int) -> None:
+    # RLIMIT_DATA, not RLIMIT_AS: it counts what the process can write (heap, anonymous maps,
+    # thread stacks), not the libraries' code. It counts what is mapped already too, which some
+    # runtimes make large before the first job (AddressSanitizer's shadow memory: terabytes,
+    # reserved and never touched), so the budget comes on top of what the process holds now.
+    limit = _private_bytes() + budget
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _private_bytes() -> int:
+    """The process's private writable memory as RLIMIT_DATA counts it (VmData)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmData:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmData in /proc/self/status")
 
 
 def _die_with_parent(parent_pid: int) -> None:

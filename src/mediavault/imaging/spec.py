@@ -84,9 +84,10 @@ class Limits:
     max_frames: int = 1_000
     # Wall-clock time of one job in the pool; past it the worker process is killed.
     job_timeout_seconds: float = 30.0
-    # A pool process's heap and other private memory (RLIMIT_DATA); a job that needs more fails
-    # "image too large" instead of waking the host's OOM killer. Twice what the largest
-    # picture max_pixels admits has been seen to take (docs/configuration.md); 0: no limit.
+    # A pool process's heap and other private memory beyond what it holds at start (RLIMIT_DATA);
+    # a job that needs more fails "image too large" instead of waking the host's OOM killer. Twice
+    # what the largest picture max_pixels admits has been seen to take (docs/configuration.md);
+    # 0: no limit.
     process_memory_bytes: int = 4 * 1024**3
     animation: AnimationLimits = field(default_factory=AnimationLimits)
 
