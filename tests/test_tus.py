@@ -171,6 +171,10 @@ async def test_checksums(tus_server, storage, http, auth, user_id):
     refused = await patch(http, url, 0, piece, **{"Upload-Checksum": f"sha1 {wrong}"})
     assert refused.status == 460
     assert (await head(http, url)).headers["Upload-Offset"] == "0"
+    # A digest with characters base64 has not: 400, which a tus client does not retry, not 500.
+    for digest in ("not*base64", "d\u00e9j\u00e0"):
+        assert (await patch(http, url, 0, piece, **{"Upload-Checksum": f"sha1 {digest}"})).status == 400, digest
+    assert (await head(http, url)).headers["Upload-Offset"] == "0"
 
     sha1 = base64.b64encode(hashlib.sha1(piece).digest()).decode()
     assert (await patch(http, url, 0, piece, **{"Upload-Checksum": f"sha1 {sha1}"})).status == 204
@@ -296,6 +300,7 @@ async def test_options_and_creation(tus_server, storage, http, auth, user_id, au
         {"Upload-Metadata": long_name},
         {"Upload-Length": "\u0665\u0660\u0660\u0660\u0660"},
         {"Upload-Length": "\u00b2"},
+        {"Upload-Metadata": f"{A_JPEG},note d\u00e9j\u00e0"},
     ]
     for bad in bad_creations:
         async with http.post(base, headers={**headers, **bad, "Authorization": f"Bearer {token}"}) as response:

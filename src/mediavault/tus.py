@@ -270,7 +270,8 @@ def _metadata(header: str) -> dict[str, str]:
         key, _, encoded = item.partition(" ")
         try:
             pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        # ValueError: a header value holding non-ASCII characters, which aiohttp passes on as str.
+        except (binascii.Error, UnicodeDecodeError, ValueError):
             raise _Refused(400, f"Upload-Metadata value of {key!r} is not base64 of UTF-8") from None
     return pairs
 
@@ -283,7 +284,7 @@ def _checksum(header: str | None) -> ChunkChecksum | None:
         raise _Refused(400, f"Upload-Checksum algorithm must be one of {', '.join(CHECKSUM_ALGORITHMS)}")
     try:
         return ChunkChecksum(algorithm, base64.b64decode(encoded, validate=True))
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or non-ASCII characters in the header
         raise _Refused(400, "Upload-Checksum digest is not base64") from None
 
 
