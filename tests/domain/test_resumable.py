@@ -329,20 +329,27 @@ async def test_racing_starts_record_one_multipart_upload_and_abort_the_other(poo
     assert multipart_uploads(moto, first.upload.object_key) == [multipart_id]
 
 
-@pytest.mark.parametrize("idempotency_key", [None, "k"])
-async def test_a_begin_cancelled_while_s3_answers_leaves_no_multipart_upload_behind(
-    pool, moto, s3_store, s3_service, monkeypatch, idempotency_key
-):
+def answer_held_back(s3_store, monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """(made, answer): S3 makes each multipart upload at once (made is set), and its answer comes
+    back only once answer is set."""
     made, answer = asyncio.Event(), asyncio.Event()
     create = s3_store.start_partial
 
     async def slow_answer(key: str, *, content_type: str) -> str | None:
         multipart_id = await create(key, content_type=content_type)
         made.set()
-        await answer.wait()  # S3 made it; its answer is slow to come back
+        await answer.wait()
         return multipart_id
 
     monkeypatch.setattr(s3_store, "start_partial", slow_answer)
+    return made, answer
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "k"])
+async def test_a_begin_cancelled_while_s3_answers_leaves_no_multipart_upload_behind(
+    pool, moto, s3_store, s3_service, monkeypatch, idempotency_key
+):
+    made, answer = answer_held_back(s3_store, monkeypatch)
     user_id = f"user-{uuid.uuid4().hex[:12]}"
     beginning = asyncio.create_task(begin_on_s3(s3_service, user_id, "s3_multipart", idempotency_key))
     async with asyncio.timeout(10):
@@ -369,16 +376,7 @@ async def test_a_begin_cancelled_while_s3_answers_leaves_no_multipart_upload_beh
 
 
 async def test_a_begin_released_while_its_start_waits_on_s3_records_no_multipart_upload(pool, moto, s3_store, s3_service, monkeypatch):
-    made, answer = asyncio.Event(), asyncio.Event()
-    create = s3_store.start_partial
-
-    async def slow_answer(key: str, *, content_type: str) -> str | None:
-        multipart_id = await create(key, content_type=content_type)
-        made.set()
-        await answer.wait()
-        return multipart_id
-
-    monkeypatch.setattr(s3_store, "start_partial", slow_answer)
+    made, answer = answer_held_back(s3_store, monkeypatch)
     user_id = f"user-{uuid.uuid4().hex[:12]}"
     beginning = asyncio.create_task(begin_on_s3(s3_service, user_id, "s3_multipart", None))
     async with asyncio.timeout(10):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+from collections.abc import AsyncIterator
 
 import aiohttp
 import grpc
 import pytest
 
 from mediavault.blobs.s3 import S3BlobStore
+from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, running
@@ -117,18 +120,24 @@ async def test_upload_content_multipart_on_s3(s3_storage, auth, user_id):
     assert response.upload.state == pb.UPLOAD_STATE_FINALIZED
 
 
+@contextlib.asynccontextmanager
+async def serving_on_s3(settings) -> AsyncIterator[tuple[Server, storage_pb2_grpc.StorageServiceStub, aiohttp.ClientSession]]:
+    """A server on the settings' S3 bucket (made here), its StorageService stub and an HTTP client for its listener."""
+    store = await S3BlobStore.open(settings)
+    await store.ensure_bucket()
+    await store.close()
+    async with (
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        aiohttp.ClientSession() as http,
+    ):
+        yield server, storage_pb2_grpc.StorageServiceStub(channel), http
+
+
 async def test_a_begin_while_s3_is_down_is_unavailable_and_reserves_nothing(make_settings, auth, authenticator, user_id):
     async with moto_server() as moto:
         settings = make_settings(blob_backend="s3", s3_endpoint_url=moto.endpoint_url, s3_bucket="mediavault-test")
-        store = await S3BlobStore.open(settings)
-        await store.ensure_bucket()
-        await store.close()
-        async with (
-            running(settings) as server,
-            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-            aiohttp.ClientSession() as http,
-        ):
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
+        async with serving_on_s3(settings) as (server, storage, http):
             md = auth(user_id)
             await moto.stop()
 
@@ -165,15 +174,7 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
         settings = make_settings(
             blob_backend="s3", s3_endpoint_url=s3.url_for(moto.endpoint_url), s3_bucket="mediavault-test", s3_max_attempts=1
         )
-        store = await S3BlobStore.open(settings)
-        await store.ensure_bucket()
-        await store.close()
-        async with (
-            running(settings) as server,
-            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-            aiohttp.ClientSession() as http,
-        ):
-            storage = storage_pb2_grpc.StorageServiceStub(channel)
+        async with serving_on_s3(settings) as (server, storage, http):
             md = auth(user_id)
             data = fake_jpeg(5000)
             sent = await begin(storage, md, data)
