@@ -285,6 +285,26 @@ async def test_parts_are_signed_for_their_place_in_the_object_and_no_more(s3_ser
     assert [v.field for v in bad_request(caught.value).field_violations] == ["parts[1].part_number"]
 
 
+async def test_part_urls_expire_with_the_reservation(s3_server, storage, auth, user_id):
+    """S3 takes a part until its URL's X-Amz-Expires: never past expires_at, when the expiry run
+    aborts the multipart upload and releases the bytes."""
+    md = auth(user_id)
+    data = fake_jpeg(PART + 10)
+    upload_id = (await begin_direct(storage, md, data)).upload.upload_id
+
+    def lifetime(part: pb.PresignedPart) -> int:
+        return int(parse_qs(urlsplit(part.url).query)["X-Amz-Expires"][0])
+
+    [far] = await presign(storage, md, upload_id, (1, ""))
+    assert lifetime(far) == s3_server.settings.upload_url_ttl_seconds
+    assert s3_server.pool is not None
+    await s3_server.pool.execute(
+        "UPDATE uploads SET expires_at = now() + interval '60 seconds' WHERE upload_id = $1::uuid", upload_id
+    )
+    [near] = await presign(storage, md, upload_id, (1, ""))
+    assert 55 <= lifetime(near) <= 60
+
+
 async def sent_in_one_part(storage, md, data: bytes) -> str:
     """An S3_MULTIPART upload whose one part S3 holds; its upload id."""
     upload_id = (await begin_direct(storage, md, data)).upload.upload_id

@@ -220,7 +220,7 @@ class Uploads:
             size_bytes=upload.size_bytes,
             content_type=upload.content_type,
             sha256=upload.sha256,
-            expires_in=min(self._settings.upload_url_ttl_seconds, int((upload.expires_at - datetime.now(UTC)).total_seconds())),
+            expires_in=upload.url_lifetime(self._settings.upload_url_ttl_seconds),
         )
         return BeginResult(upload, signed.url, signed.method, dict(signed.headers))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 COLUMNS = (
     "upload_id",
@@ -48,6 +48,11 @@ class Upload:
     protocol: str
     # Durable bytes so far; the statements that read an upload say it, the others leave 0.
     received_bytes: int = 0
+
+    def url_lifetime(self, ttl_seconds: int) -> int:
+        """Seconds a URL that sends bytes to this upload may be signed for: its TTL, never past
+        expires_at, when the expiry run releases the bytes and nothing counts what arrives after."""
+        return min(ttl_seconds, int((self.expires_at - datetime.now(UTC)).total_seconds()))
 
 
 @dataclass(frozen=True)

@@ -465,7 +465,7 @@ class Resumable:
                     part.part_number,
                     size_bytes=min(self.part_size_bytes, upload.size_bytes - start),
                     sha256=part.sha256,
-                    expires_in=self._part_url_ttl_seconds,
+                    expires_in=upload.url_lifetime(self._part_url_ttl_seconds),
                 )
             except BlobStoreError as exc:
                 # Signing is local, but its credentials may not be: a role's are fetched anew as they expire.

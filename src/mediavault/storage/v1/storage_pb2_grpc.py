@@ -181,11 +181,11 @@ class StorageServiceServicer:
 
     def PresignUploadParts(self, request, context):
         """Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
-        MEDIAVAULT_UPLOAD_URL_TTL_SECONDS; ask again for fresh ones. Part n holds the object's bytes
-        from (n - 1) * BeginUploadResponse.chunk_size_bytes, chunk_size_bytes of them (the last part
-        the rest), and its URL is signed for exactly that Content-Length, so S3 stores no more than the
-        upload reserved. A part given a sha256 has it signed in as x-amz-checksum-sha256, so S3
-        refuses bytes that differ from it.
+        MEDIAVAULT_UPLOAD_URL_TTL_SECONDS and never past upload.expires_at; ask again for fresh ones.
+        Part n holds the object's bytes from (n - 1) * BeginUploadResponse.chunk_size_bytes,
+        chunk_size_bytes of them (the last part the rest), and its URL is signed for exactly that
+        Content-Length, so S3 stores no more than the upload reserved. A part given a sha256 has it
+        signed in as x-amz-checksum-sha256, so S3 refuses bytes that differ from it.
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID or not an S3_MULTIPART upload;
