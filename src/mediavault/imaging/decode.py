@@ -18,6 +18,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageFilter
 
 from mediavault.domain import content_types
+from mediavault.imaging import isobmff
 from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
@@ -100,9 +101,10 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     # makes Pillow (and pillow-heif) hand out what it decoded of a truncated or corrupt
     # file, grey or black where the data ended, instead of raising.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    if mime in ("image/heif", "image/avif") and _boxes_run_past_the_end(data):
-        # libheif fills the tiles of a grid image (phone HEICs) whose data is missing
-        # with grey and reports no error: the file must be whole before it decodes.
+    if mime in ("image/heif", "image/avif") and (
+        isobmff.runs_past_the_end(data) or not isobmff.av1_frames_match_their_declared_sizes(data)
+    ):
+        # What the decoders would take and decode wrongly (see isobmff).
         raise PermanentImagingError(CORRUPT_IMAGE)
     with refused_if_corrupt():
         with warnings.catch_warnings():
@@ -115,23 +117,6 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
         if getattr(image, "n_frames", 1) > limits.max_frames:
             raise PermanentImagingError(TOO_MANY_FRAMES)
     return image
-
-
-def _boxes_run_past_the_end(data: bytes) -> bool:
-    """Whether an ISOBMFF file's (HEIF, AVIF) top-level boxes claim more bytes than it has."""
-    position = 0
-    while position + 8 <= len(data):
-        size, header = int.from_bytes(data[position : position + 4], "big"), 8
-        if size == 1:
-            # A 64-bit size follows the box type.
-            size, header = int.from_bytes(data[position + 8 : position + 16], "big"), 16
-        elif size == 0:
-            # The last box, running to the end of the file.
-            return False
-        if size < header:
-            return True
-        position += size
-    return position > len(data)
 
 
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:

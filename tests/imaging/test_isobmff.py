@@ -1,0 +1,254 @@
+"""HEIF/AVIF boxes read before any decoder sees the file (mediavault.imaging.isobmff).
+
+An AVIF whose AV1 frame is not the size its ispe (or, for an image sequence, its track
+header) declares is what libavif decodes anyway (the whole coded frame, past the pixel
+limit checked against the declared size) and hands out as a picture of the declared size
+made of the wrong samples: the pipeline refuses it.
+The files are made here: libavif's own, with the ispe rewritten, and boxes built by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pillow_avif  # noqa: F401  registers the AVIF encoder
+import pillow_heif  # noqa: F401  registers the HEIF encoder
+import pytest
+from PIL import Image
+
+from mediavault.imaging import PermanentImagingError, transcode
+from mediavault.imaging.errors import CORRUPT_IMAGE
+from mediavault.imaging.isobmff import av1_frames_match_their_declared_sizes
+from tests.conftest import CORPUS
+from tests.imaging.helpers import content_type
+
+RED = (200, 30, 30)
+
+
+def avif(mode: str, size: tuple[int, int], **options) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, RED[: len(mode)] if mode != "L" else 120).save(out, "AVIF", speed=10, **options)
+    return out.getvalue()
+
+
+def with_ispe(data: bytes, width: int, height: int) -> bytes:
+    """The file with its (one) ispe property declaring width x height."""
+    at = data.index(b"ispe") + 8
+    return data[:at] + struct.pack(">II", width, height) + data[at + 8 :]
+
+
+# Boxes by hand: an AVIF is a meta box naming items, where their bytes are and their properties.
+
+
+def box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def full_box(kind: bytes, version: int, payload: bytes, flags: int = 0) -> bytes:
+    return box(kind, struct.pack(">I", version << 24 | flags) + payload)
+
+
+class Bits:
+    def __init__(self) -> None:
+        self.bits: list[int] = []
+
+    def f(self, count: int, value: int) -> Bits:
+        self.bits += [(value >> (count - 1 - i)) & 1 for i in range(count)]
+        return self
+
+    def obu(self, kind: int = 1) -> bytes:
+        padded = self.bits + [0] * (-len(self.bits) % 8)
+        payload = bytes(int("".join(map(str, padded[i : i + 8])), 2) for i in range(0, len(padded), 8))
+        # has_size_field set; sizes under 128 are one leb128 byte.
+        return bytes([kind << 3 | 0x2, len(payload)]) + payload
+
+
+def reduced_header(width: int, height: int) -> bytes:
+    bits = Bits().f(3, 0).f(1, 1).f(1, 1).f(5, 8).f(4, 15).f(4, 15)
+    return bits.f(16, width - 1).f(16, height - 1).obu()
+
+
+def full_header(width: int, height: int) -> bytes:
+    """A sequence header with timing and decoder-model information and two operating points,
+    the fields in front of the frame size that a reader must step over exactly."""
+    bits = Bits().f(3, 0).f(1, 0).f(1, 0)
+    bits.f(1, 1).f(32, 1).f(32, 30).f(1, 1).f(3, 0b011)  # timing info, uvlc 2
+    bits.f(1, 1).f(5, 9).f(32, 1).f(5, 3).f(5, 3)  # decoder model info: delays of 10 bits
+    bits.f(1, 1).f(5, 1)  # initial display delay present; two operating points
+    bits.f(12, 0x101).f(5, 9).f(1, 0).f(1, 1).f(10, 5).f(10, 7).f(1, 0).f(1, 1).f(4, 3)
+    bits.f(12, 0).f(5, 4).f(1, 0).f(1, 0)
+    bits.f(4, 12).f(4, 11)
+    return bits.f(13, width - 1).f(12, height - 1).obu()
+
+
+def item_file(items: list[tuple[bytes, tuple[int, int] | None]], *, in_idat: bool = False) -> bytes:
+    """An AVIF of av01 items, each (its coded bytes, its ispe or None), stored in mdat (file
+    offsets, construction method 0) or in idat (method 1)."""
+    infe = b"".join(full_box(b"infe", 2, struct.pack(">HH", n, 0) + b"av01") for n, _ in enumerate(items, 1))
+    iinf = full_box(b"iinf", 0, struct.pack(">H", len(items)) + infe)
+    ispes = [full_box(b"ispe", 0, struct.pack(">II", *size)) for _, size in items if size is not None]
+    ipco = box(b"ipco", b"".join(ispes))
+    associations, index = b"", 0
+    for n, (_, size) in enumerate(items, 1):
+        if size is None:
+            associations += struct.pack(">HB", n, 0)
+        else:
+            index += 1
+            associations += struct.pack(">HBB", n, 1, 0x80 | index)
+    ipma = full_box(b"ipma", 0, struct.pack(">I", len(items)) + associations)
+    iprp = box(b"iprp", ipco + ipma)
+
+    def meta(base: int) -> bytes:
+        # iloc version 1: 4-byte offsets and lengths, no base offset, construction method given.
+        entries, offset = b"", base
+        for n, (data, _) in enumerate(items, 1):
+            entries += struct.pack(">HHHH", n, 1 if in_idat else 0, 0, 1) + struct.pack(">II", offset, len(data))
+            offset += len(data)
+        iloc = full_box(b"iloc", 1, struct.pack(">BBH", 0x44, 0x00, len(items)) + entries)
+        idat = box(b"idat", b"".join(data for data, _ in items)) if in_idat else b""
+        return full_box(b"meta", 0, full_box(b"hdlr", 0, b"\0" * 4 + b"pict" + b"\0" * 13) + iinf + iloc + iprp + idat)
+
+    ftyp = box(b"ftyp", b"avif\0\0\0\0avifmif1")
+    if in_idat:
+        return ftyp + meta(0)
+    head = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(head) + box(b"mdat", b"".join(data for data, _ in items))
+
+
+def test_a_frame_larger_than_its_ispe_is_refused_before_libavif_decodes_it_whole():
+    data = with_ispe(avif("RGB", (3000, 2000), quality=30), 16, 16)
+    # What the reference does with it: the declared size, the wrong samples.
+    reference = Image.open(io.BytesIO(data))
+    reference.load()
+    assert reference.size == (16, 16)
+    assert reference.getpixel((0, 0)) != pytest.approx(RED, abs=20)
+
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(data, "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
+@pytest.mark.parametrize("declared", [(640, 479), (639, 480), (6000, 4000)])
+def test_an_ispe_that_differs_from_the_frame_either_way_is_refused(declared):
+    data = avif("RGB", (640, 480))
+    assert av1_frames_match_their_declared_sizes(data)
+    assert not av1_frames_match_their_declared_sizes(with_ispe(data, *declared))
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(with_ispe(data, *declared), "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
+def sequence(size: tuple[int, int]) -> bytes:
+    frames = [Image.linear_gradient("L").resize(size).convert("RGB"), Image.new("RGB", size, RED)]
+    out = io.BytesIO()
+    frames[0].save(out, "AVIF", save_all=True, append_images=frames[1:], duration=100, speed=10)
+    return out.getvalue()
+
+
+def with_track_size(data: bytes, width: int, height: int) -> bytes:
+    """The image sequence with its track header (tkhd) declaring width x height."""
+    at = data.index(b"tkhd") + 4
+    # Past version and flags, times and ids (32 or 64 bits), reserved, layer, group, volume, the matrix.
+    at += 4 + (20 if data[at] == 0 else 32) + 8 + 8 + 36
+    return data[:at] + struct.pack(">II", width << 16, height << 16) + data[at + 8 :]
+
+
+def test_an_image_sequence_whose_frames_are_not_its_tracks_size_is_refused():
+    data = sequence((400, 400))
+    assert av1_frames_match_their_declared_sizes(data)
+    assert transcode(data, "image/avif").width == 400
+
+    lying = with_track_size(data, 16, 16)
+    # libavif takes the track header's size and fills it with the wrong samples: the first
+    # frame is a gradient from black at the top, and row 15 of it is nearly white.
+    reference = Image.open(io.BytesIO(lying))
+    reference.load()
+    assert reference.size == (16, 16)
+    assert reference.getpixel((0, 15))[0] > 128
+    assert not av1_frames_match_their_declared_sizes(lying)
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(lying, "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "options"),
+    [
+        ("RGB", (1, 1), {}),
+        ("RGB", (4097, 20), {}),
+        ("RGBA", (640, 480), {}),
+        ("L", (17, 33), {}),
+        ("RGB", (640, 480), {"subsampling": "4:4:4"}),
+        ("RGBA", (640, 480), {"codec": "svt"}),
+    ],
+)
+def test_what_the_encoders_write_passes(mode, size, options):
+    data = avif(mode, size, **options)
+    assert av1_frames_match_their_declared_sizes(data)
+    assert transcode(data, "image/avif").width == size[0]
+
+
+def test_the_corpus_heif_and_avif_files_pass():
+    paths = [p for p in (CORPUS / "images").rglob("*") if p.suffix.lower() in {".heic", ".heif", ".avif"}]
+    assert paths
+    for path in paths:
+        assert av1_frames_match_their_declared_sizes(path.read_bytes()), path
+        transcode(path.read_bytes(), content_type(path))
+
+
+def test_a_heic_is_read_for_av1_items_only():
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), RED).save(out, "HEIF")
+    data = with_ispe(out.getvalue(), 16, 16)
+    assert av1_frames_match_their_declared_sizes(data)
+    # libheif checks its HEVC items itself.
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(data, "image/heic")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
+@pytest.mark.parametrize("header", [reduced_header, full_header])
+@pytest.mark.parametrize("in_idat", [False, True])
+def test_every_av1_item_is_checked_against_its_own_ispe(header, in_idat):
+    tile, alpha = header(600, 400), header(600, 400)
+    assert av1_frames_match_their_declared_sizes(item_file([(tile, (600, 400)), (alpha, (600, 400))], in_idat=in_idat))
+    # A second item (an alpha plane, a grid's tile) coded at another size than it declares.
+    assert not av1_frames_match_their_declared_sizes(
+        item_file([(tile, (600, 400)), (header(4000, 400), (600, 400))], in_idat=in_idat)
+    )
+    assert not av1_frames_match_their_declared_sizes(item_file([(header(600, 401), (600, 400))], in_idat=in_idat))
+
+
+def test_the_frame_size_is_read_past_every_field_before_it():
+    data = item_file([(full_header(8000, 3000), (8000, 3000))])
+    assert av1_frames_match_their_declared_sizes(data)
+    assert not av1_frames_match_their_declared_sizes(item_file([(full_header(8000, 3000), (3000, 8000))]))
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        pytest.param([(reduced_header(64, 64), None)], id="no ispe"),
+        pytest.param([(Bits().f(8, 0).obu(kind=6), (64, 64))], id="no sequence header"),
+        pytest.param([(Bits().f(3, 0).f(1, 1).f(1, 1).f(5, 8).obu(), (64, 64))], id="sequence header cut short"),
+        pytest.param([(reduced_header(64, 64)[:-2], (64, 64))], id="OBU cut short"),
+        pytest.param([(bytes([1 << 3 | 0x2, 0x80]), (64, 64))], id="OBU size cut short"),
+        pytest.param([(bytes([1 << 3 | 0x2, 0x7F, 0x00]), (64, 64))], id="OBU past its item"),
+    ],
+)
+def test_an_item_libavif_could_not_size_is_refused(items):
+    assert not av1_frames_match_their_declared_sizes(item_file(items))
+
+
+def test_item_data_outside_the_file_is_refused():
+    good = item_file([(reduced_header(64, 64), (64, 64))])
+    # The mdat cut: the item's extent now runs past the end of the file.
+    assert not av1_frames_match_their_declared_sizes(good[:-3])
+
+
+def test_boxes_that_claim_more_than_the_file_has_are_refused():
+    data = avif("RGB", (64, 48))
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(data[:-10], "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
