@@ -115,6 +115,26 @@ async def test_an_insert_that_finds_no_partition_for_today_makes_it_and_counts_o
     assert tuple(counters) == (1, 1, 0)
 
 
+async def test_only_media_still_there_is_counted_and_every_event_is_kept(pool):
+    owner = f"user-{uuid.uuid4().hex[:12]}"
+    present, deleted, expired, saved = [await a_media_row(pool, owner) for _ in range(4)]
+    await pool.execute("UPDATE media SET deleted_at = now() WHERE media_id = $1", deleted)
+    await pool.execute(
+        "UPDATE media SET retention = 'ephemeral', expires_at = now() - interval '1 second' WHERE media_id = ANY($1::uuid[])",
+        [expired, saved])
+    # Saved before it expired: permanent, with no expires_at.
+    await pool.execute("UPDATE media SET retention = 'permanent', saved_at = now(), expires_at = NULL WHERE media_id = $1", saved)
+    every = (present, deleted, expired, saved)
+    batch = [Event(kind, str(media_id), "feed", None, {}) for media_id in every for kind in ("impression", "like", "share")]
+
+    assert await Events(pool).record(owner, batch) == (12, 0)
+
+    counted = await pool.fetch(
+        "SELECT media_id, view_count, like_count, share_count FROM media_counters WHERE media_id = ANY($1::uuid[])", list(every))
+    assert {row["media_id"]: tuple(row)[1:] for row in counted} == {present: (1, 1, 1), saved: (1, 1, 1)}
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = ANY($1::uuid[])", list(every)) == 12
+
+
 async def test_a_check_constraint_violation_is_not_taken_for_a_missing_partition(fresh_pool):
     with pytest.raises(asyncpg.CheckViolationError) as caught:
         await fresh_pool.execute(

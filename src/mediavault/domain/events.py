@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from mediavault.domain.media import PRESENT
 from mediavault.errors import InvalidArgument
 from mediavault.limits import Text, storable
 
@@ -42,7 +43,9 @@ _PERSONAL = re.compile(
     re.IGNORECASE,
 )
 
-_INSERT = """
+# The events of media no one can see any more (deleted, or ephemeral and expired) are kept as
+# telemetry, but count for nothing: their counters are never read again.
+_INSERT = f"""
 WITH incoming AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
         AS e(user_id, media_id, event_type, surface, occurred_at, meta)
@@ -56,6 +59,7 @@ WITH incoming AS (
            count(*) FILTER (WHERE s.event_type = 'like') AS likes,
            count(*) FILTER (WHERE s.event_type = 'share') AS shares
     FROM stored s JOIN media m ON m.media_id = s.media_id
+    WHERE {PRESENT}
     GROUP BY s.media_id
     HAVING count(*) FILTER (WHERE s.event_type IN ('impression', 'like', 'share')) > 0
 )
