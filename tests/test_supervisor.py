@@ -18,8 +18,10 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
+import boto3
 import grpc
 import psutil
 import pytest
@@ -30,6 +32,7 @@ from mediavault import devservers, supervisor
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.helpers import begin, fake_jpeg, fetch, put, serve_environment
+from tests.s3server import moto_server
 from tests.test_shutdown import NOT_SERVING, SERVING, audit_ledger, free_port, health_status, serving
 
 PROCESSES = 2
@@ -157,6 +160,22 @@ async def test_every_process_serves_http_on_an_ipv6_address(environment):
             status, _, _ = await fetch(f"http://{host}:{http_port}/healthz")
             assert status == 200, host
         assert process.poll() is None
+
+
+async def test_on_s3_every_process_serves_tus_on_the_one_port_its_urls_name(environment, auth):
+    """HTTP_ADDR port 0 is one port for all the children on S3 too, where HTTP carries only tus:
+    a tus URL one process signs is served by whichever process the kernel hands the PATCH."""
+    async with moto_server() as moto:
+        bucket = f"supervised-{uuid.uuid4().hex[:12]}"
+        await asyncio.to_thread(boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1").create_bucket, Bucket=bucket)
+        s3 = {"MEDIAVAULT_BLOB_BACKEND": "s3", "MEDIAVAULT_S3_ENDPOINT_URL": moto.endpoint_url, "MEDIAVAULT_S3_BUCKET": bucket}
+        async with serving({**environment, **s3}, processes=PROCESSES) as (process, port):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                storage = storage_pb2_grpc.StorageServiceStub(channel)
+                begun = await begin(storage, auth(f"user-{uuid.uuid4().hex[:8]}"), fake_jpeg(1000), protocol=pb.UPLOAD_PROTOCOL_TUS)
+            tus_port = urlsplit(begun.upload_url).port
+            assert tus_port
+            assert len(await children_listening(process, tus_port)) == PROCESSES
 
 
 async def test_a_killed_process_is_restarted_and_the_service_keeps_answering(environment, auth):

@@ -1,4 +1,4 @@
-"""`mediavault serve --processes N`: N server processes sharing the gRPC and blob ports, kept running.
+"""`mediavault serve --processes N`: N server processes sharing the gRPC and HTTP ports, kept running.
 
 The parent binds nothing that serves. It reserves the ports (SO_REUSEPORT, never listening), so a
 port 0 becomes one real port every child binds and no other program takes it while a child
@@ -161,9 +161,12 @@ class Supervisor:
 
     def _prepare(self) -> None:
         settings = self.settings
-        overrides = {"MEDIAVAULT_GRPC_ADDR": self._reserve(settings.grpc_addr), "MEDIAVAULT_METRICS_ADDR": ""}
-        if settings.blob_backend == "fs":
-            overrides["MEDIAVAULT_HTTP_ADDR"] = self._reserve(settings.http_addr)
+        # Every backend serves HTTP: the tus endpoints, and on fs the signed blob URLs too.
+        overrides = {
+            "MEDIAVAULT_GRPC_ADDR": self._reserve(settings.grpc_addr),
+            "MEDIAVAULT_HTTP_ADDR": self._reserve(settings.http_addr),
+            "MEDIAVAULT_METRICS_ADDR": "",
+        }
         if settings.metrics_addr:
             overrides[MULTIPROC_DIR_VARIABLE] = str(self._open_metrics())
         self._env = {**os.environ, **overrides}
