@@ -18,6 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _CONTAINERS_OF_ITEMS = frozenset({b"iprp", b"ipco"})
+# How much of an item or sample is read for its sequence header, which comes before the frame
+# it describes: enough for any metadata OBUs in front, and a file of many items naming one
+# large extent costs a copy of this much for each, not of the extent.
+_HEAD_BYTES = 1 << 16
 _OBU_SEQUENCE_HEADER = 1
 
 
@@ -64,7 +68,7 @@ def _items_match(data: bytes) -> bool:
         if item_type != b"av01":
             continue
         declared = items.extents(item_id)
-        if declared is None or _coded_size(items.data(item_id)) != declared:
+        if declared is None or _coded_size(items.head(item_id)) != declared:
             return False
     return True
 
@@ -109,7 +113,7 @@ def _track_matches(data: bytes, start: int, end: int) -> bool:
     offset = offsets.uint(8 if wide_offsets else 4)
     if offset + size > len(data):
         raise Malformed("sample past the end of the file")
-    return _coded_size(data[offset : offset + size]) == declared
+    return _coded_size(data[offset : offset + min(size, _HEAD_BYTES)]) == declared
 
 
 def _nested(data: bytes, start: int, end: int, containers: tuple[bytes, ...]) -> dict[bytes, tuple[int, int]]:
@@ -265,8 +269,8 @@ class _Items:
                 return box.uint(4), box.uint(4)
         return None
 
-    def data(self, item_id: int) -> bytes:
-        """The item's coded bytes, its extents joined."""
+    def head(self, item_id: int) -> bytes:
+        """The first _HEAD_BYTES of the item's coded bytes, its extents joined."""
         if item_id not in self.locations:
             raise Malformed("item without a location")
         method, base, extents = self.locations[item_id]
@@ -277,14 +281,16 @@ class _Items:
         else:
             # Offsets into another item (2): libavif refuses them too.
             raise Malformed("unsupported construction method")
-        parts = []
+        parts, wanted = [], _HEAD_BYTES
         for offset, length in extents:
             begin = origin + base + offset
             # A length of 0 runs to the end of the source.
             finish = limit if length == 0 else begin + length
             if begin > limit or finish > limit:
                 raise Malformed("item data past the end of its source")
-            parts.append(self.file[begin:finish])
+            if wanted > 0:
+                parts.append(self.file[begin : min(finish, begin + wanted)])
+                wanted -= len(parts[-1])
         return b"".join(parts)
 
 
@@ -325,22 +331,22 @@ def _leb128(data: bytes, position: int) -> tuple[int, int]:
     raise Malformed("OBU size longer than 8 bytes")
 
 
-def _coded_size(item: bytes) -> tuple[int, int]:
-    """The frame size of the item's AV1 sequence header: an image item's one frame has it, as a
-    still's reduced header must and libavif writes it for every still."""
+def _coded_size(head: bytes) -> tuple[int, int]:
+    """The frame size of the AV1 sequence header at the start of an item or a sync sample, where
+    AVIF requires one (a still's reduced header, a sequence's first sample)."""
     position = 0
-    while position < len(item):
-        header = item[position]
+    while position < len(head):
+        header = head[position]
         kind, has_extension, has_size = (header >> 3) & 0xF, header & 0x4, header & 0x2
         position += 2 if has_extension else 1
         if has_size:
-            size, position = _leb128(item, position)
+            size, position = _leb128(head, position)
         else:
-            size = len(item) - position
-        if position + size > len(item):
-            raise Malformed("OBU past the end of its item")
+            size = len(head) - position
+        if position + size > len(head):
+            raise Malformed("OBU past the end of what is read")
         if kind == _OBU_SEQUENCE_HEADER:
-            return _sequence_frame_size(item[position : position + size])
+            return _sequence_frame_size(head[position : position + size])
         position += size
     raise Malformed("no sequence header")
 
