@@ -115,7 +115,9 @@ async def test_an_insert_that_finds_no_partition_for_today_makes_it_and_counts_o
     assert tuple(counters) == (1, 1, 0)
 
 
-async def test_only_media_still_there_is_counted_and_every_event_is_kept(pool):
+async def test_only_media_still_there_is_counted_and_every_event_is_kept(fresh_pool):
+    # A database of its own: a_media_row makes an account without the ledger's grant.
+    pool = fresh_pool
     owner = f"user-{uuid.uuid4().hex[:12]}"
     present, deleted, expired, saved = [await a_media_row(pool, owner) for _ in range(4)]
     await pool.execute("UPDATE media SET deleted_at = now() WHERE media_id = $1", deleted)
