@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-_CONTAINERS_OF_ITEMS = frozenset({b"iprp", b"ipco"})
 # How much of an item or sample is read for its sequence header, which comes before the frame
 # it describes: enough for any metadata OBUs in front, and a file of many items naming one
 # large extent costs a copy of this much for each, not of the extent.
@@ -201,7 +200,7 @@ class _Items:
                 items._read_iloc(data, start, end)
             elif kind == b"idat":
                 items.item_data = (start, end)
-            elif kind in _CONTAINERS_OF_ITEMS:
+            elif kind == b"iprp":
                 items._read_iprp(data, start, end)
         return items
 
