@@ -66,6 +66,19 @@ def test_sixteen_bit_grey_keeps_its_tones() -> None:
     assert display.getpixel((250, 8))[0] > 240
 
 
+def test_sixteen_bit_grey_with_a_transparent_level_keeps_its_tones_and_only_that_level_transparent() -> None:
+    # tRNS names a 16-bit level: 128 * 257 is transparent, 128 * 257 + 1 (the same top 8 bits) is not.
+    levels = [x * 257 for x in range(256)]
+    levels[129] = 128 * 257 + 1
+    image = Image.new("I;16", (256, 16))
+    image.putdata(levels * 16)
+    display = open_variant(transcode(encoded(image, "PNG", transparency=128 * 257), "image/png").variants[0].data)
+    assert display.mode == "RGBA"
+    assert [display.getpixel((x, 8))[3] for x in (127, 128, 129)] == [255, 0, 255]
+    assert abs(display.getpixel((64, 8))[0] - 64) <= 3
+    assert display.getpixel((250, 8))[0] > 240
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_exif_orientation_gives_an_upright_picture(orientation: int) -> None:
     # A picture whose top-left quarter is white: after orientation it must be top-left.

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import av
 import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
 import pillow_heif
-from PIL import Image, ImageCms, ImageFile, ImageFilter
+from PIL import Image, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
 from mediavault.imaging import isobmff
@@ -222,15 +222,14 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     Display P3 source, its own colours with info["icc_profile"] = colour.DISPLAY_P3, which
     the resized and turned copies inherit and the encoders embed."""
     alpha = None
+    if image.mode in ("I;16", "I"):
+        image = _eight_bit_grey(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         alpha = rgba.getchannel("A")
         if alpha.getextrema()[0] == 255:
             alpha = None
         image = rgba
-    elif image.mode in ("I;16", "I"):
-        # 16-bit grey: keep the top 8 bits; a plain convert would clip everything above 255.
-        image = image.point(lambda v: v / 256).convert("L")
     icc = image.info.get("icc_profile")
     wide = bool(icc) and image.mode in ("RGB", "RGBA") and is_display_p3(icc)
     converted = _apply_profile(image, icc) if icc and not wide else None
@@ -242,6 +241,19 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     if alpha is not None:
         rgb.putalpha(alpha)
     return rgb
+
+
+def _eight_bit_grey(image: Image.Image) -> Image.Image:
+    """16-bit grey as "L", the top 8 bits of each level (a plain convert clips everything above
+    255 to white); "LA" when a tRNS chunk makes a level transparent, matched against the 16-bit
+    levels, since many of them share their top 8 bits."""
+    levels = image.convert("I")
+    grey = levels.point(lambda v: v / 256).convert("L")
+    grey.info = {key: value for key, value in image.info.items() if key != "transparency"}
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        grey.putalpha(ImageMath.lambda_eval(lambda args: (args["levels"] != transparent) * 255, levels=levels).convert("L"))
+    return grey
 
 
 def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
