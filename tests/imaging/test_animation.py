@@ -267,6 +267,23 @@ def stock_pillow_refuses_a_frame(data: bytes) -> bool:
     return False
 
 
+def test_a_sixteen_bit_grey_animation_keeps_its_tones_as_its_stills_do() -> None:
+    frames = []
+    for step in range(2):
+        frame = Image.new("I;16", (64, 48))
+        frame.putdata([(x * 4 + step) * 257 for _ in range(48) for x in range(64)])
+        frames.append(frame)
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=100)
+    made = renditions(transcode(buffer.getvalue(), "image/png").animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION])).convert("L")
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = next(container.decode(video=0)).to_image().convert("L")
+    for picture in (webp, mp4):
+        # Column 32 is level 128 * 257: 128 in 8 bits, not clipped to 255.
+        assert abs(picture.getpixel((32, 20)) - 128) <= 8, picture.getpixel((32, 20))
+
+
 def test_the_renditions_differ_from_frame_to_frame() -> None:
     made = renditions(transcode(animated("WEBP"), "image/webp").animation)
     webp = Image.open(io.BytesIO(made[ANIMATION]))

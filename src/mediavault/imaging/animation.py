@@ -39,7 +39,7 @@ import av
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
-from mediavault.imaging.decode import TRANSPOSE_FOR_ORIENTATION, exif_orientation, srgb_conversion, upright
+from mediavault.imaging.decode import TRANSPOSE_FOR_ORIENTATION, eight_bit, exif_orientation, srgb_conversion, upright
 from mediavault.imaging.spec import AnimationLimits, fit
 from mediavault.imaging.variants import Variant
 
@@ -120,7 +120,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                     image.seek(0)
                     return None
                 # Loading the frame is what gives a WebP frame its duration.
-                rgba = image.convert("RGBA")
+                rgba = eight_bit(image).convert("RGBA")
                 if to_srgb is not None:
                     rgba = rgba.filter(to_srgb)
                 if transpose is not None:

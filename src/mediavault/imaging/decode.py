@@ -222,8 +222,7 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     Display P3 source, its own colours with info["icc_profile"] = colour.DISPLAY_P3, which
     the resized and turned copies inherit and the encoders embed."""
     alpha = None
-    if image.mode in ("I;16", "I"):
-        image = _eight_bit_grey(image)
+    image = eight_bit(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         alpha = rgba.getchannel("A")
@@ -243,10 +242,12 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     return rgb
 
 
-def _eight_bit_grey(image: Image.Image) -> Image.Image:
+def eight_bit(image: Image.Image) -> Image.Image:
     """16-bit grey as "L", the top 8 bits of each level (a plain convert clips everything above
     255 to white); "LA" when a tRNS chunk makes a level transparent, matched against the 16-bit
-    levels, since many of them share their top 8 bits."""
+    levels, since many of them share their top 8 bits. Any other image as it is."""
+    if image.mode not in ("I;16", "I"):
+        return image
     levels = image.convert("I")
     grey = levels.point(lambda v: v / 256).convert("L")
     grey.info = {key: value for key, value in image.info.items() if key != "transparency"}
