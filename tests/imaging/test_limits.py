@@ -89,6 +89,38 @@ def test_an_exif_block_past_jpegs_bound_is_dropped_unread(fmt: str, content_type
     assert peak - baseline < 50 * 1024, (peak, baseline)
 
 
+_HELD_AFTER_TRANSCODES = """
+import io, sys
+from PIL import Image
+from mediavault.imaging import transcode
+
+def resident_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+count, size = int(sys.argv[1]), int(sys.argv[2])
+for index in range(count):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "WEBP", icc_profile=bytes([index]) * size)
+    data = buffer.getvalue()
+    del buffer
+    transcode(data, "image/webp")
+    del data
+    if index == 0:
+        after_one = resident_bytes()
+print(resident_bytes() - after_one)
+"""
+
+
+def test_the_icc_profiles_of_past_uploads_are_not_kept_in_memory() -> None:
+    # Nothing bounds a WebP's ICCP chunk but the upload's size; the colour checks' caches kept
+    # the last 16 profiles whole in the worker, which holds them against its memory budget.
+    size = 40_000_000
+    done = subprocess.run([sys.executable, "-c", _HELD_AFTER_TRANSCODES, "17", str(size)], capture_output=True, check=True)
+    assert int(done.stdout) < 2 * size, int(done.stdout)
+
+
 @pytest.mark.parametrize("max_pixels", [1_000_000, 5_000_000])
 def test_pixel_limit_is_checked_from_the_header(max_pixels: int) -> None:
     # 5 MP is below Pillow's own bomb error (twice the limit), where it only warns.

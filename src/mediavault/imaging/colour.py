@@ -11,8 +11,12 @@ Anything else is converted to sRGB and carries no profile (decode._to_srgb).
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 from PIL import Image, ImageCms
 
@@ -26,6 +30,10 @@ _BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0
 # levels of DISPLAY_P3.
 _GRID_STEPS = (0, 64, 128, 192, 255)
 _SAME_WITHIN_LEVELS = 2
+# Profiles whose answers a worker keeps: a phone's uploads carry one or two.
+_CACHED_PROFILES = 16
+
+T = TypeVar("T")
 
 
 def _matmul(a: tuple, b: tuple) -> tuple:
@@ -111,7 +119,28 @@ DISPLAY_P3 = _build_display_p3()
 _DISPLAY_P3_PROFILE = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
 
 
-@functools.lru_cache(maxsize=16)
+def cached_by_digest(compute: Callable[[bytes], T]) -> Callable[[bytes], T]:
+    """`compute` of an ICC profile, its answers for the last _CACHED_PROFILES profiles kept by
+    their SHA-256. Not by the profiles themselves: nothing bounds a WebP's or a HEIF's profile but
+    the upload's size, and a worker would hold the last ones, tens of megabytes each, against its
+    memory budget for every later job."""
+    answers: OrderedDict[bytes, T] = OrderedDict()
+
+    @functools.wraps(compute)
+    def cached(icc: bytes) -> T:
+        digest = hashlib.sha256(icc).digest()
+        if digest in answers:
+            answers.move_to_end(digest)
+            return answers[digest]
+        answer = answers[digest] = compute(icc)
+        if len(answers) > _CACHED_PROFILES:
+            answers.popitem(last=False)
+        return answer
+
+    return cached
+
+
+@cached_by_digest
 def is_display_p3(icc: bytes) -> bool:
     """Whether pixels tagged with this RGB profile are Display P3 as they are (to within two levels)."""
     try:

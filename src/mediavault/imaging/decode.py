@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import io
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from PIL import Image, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
 from mediavault.imaging import isobmff
-from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
+from mediavault.imaging.colour import DISPLAY_P3, cached_by_digest, is_display_p3
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
@@ -230,7 +229,7 @@ def _to_srgb(image: Image.Image) -> Image.Image:
             alpha = None
         image = rgba
     icc = image.info.get("icc_profile")
-    wide = bool(icc) and image.mode in ("RGB", "RGBA") and is_display_p3(icc)
+    wide = bool(icc and image.mode in ("RGB", "RGBA") and is_display_p3(icc))
     converted = _apply_profile(image, icc) if icc and not wide else None
     # convert() copies even when the mode already matches: 16 ms on a phone photo.
     rgb = converted or (image if image.mode == "RGB" else image.convert("RGB"))
@@ -272,7 +271,7 @@ def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
     return None
 
 
-@functools.lru_cache(maxsize=16)
+@cached_by_digest
 def _srgb_lut(icc: bytes) -> ImageFilter.Color3DLUT | None:
     """The embedded RGB profile's conversion to sRGB as a 3D LUT, None when it is sRGB already."""
     profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))

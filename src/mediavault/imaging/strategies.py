@@ -137,7 +137,7 @@ def choose(
     if image.format not in ("JPEG", "MPO"):
         return PillowPipeline(image, f"{image.format} is not a JPEG")
     icc = image.info.get("icc_profile")
-    wide = bool(icc) and colour.is_display_p3(icc)
+    wide = bool(icc and colour.is_display_p3(icc))
     if icc and not wide and converts_colour(icc):
         return PillowPipeline(image, "its colours need converting to sRGB")
     try:
