@@ -142,6 +142,13 @@ def test_many_items_naming_one_large_extent_cost_a_header_each_not_the_extent():
     assert av1_frames_match_their_declared_sizes(data)
     assert time.perf_counter() - started < 10
 
+    # And each item's head of empty OBUs in front of its sequence header: 4,000 x 32,000 OBUs
+    # walked in all, unless one budget bounds the file.
+    hidden = items_sharing_one_extent(4000, padding_obu(0) * (1 << 15) + reduced_header(64, 64), (64, 64))
+    started = time.perf_counter()
+    assert not av1_frames_match_their_declared_sizes(hidden)
+    assert time.perf_counter() - started < 10
+
 
 def test_a_frame_larger_than_its_ispe_is_refused_before_libavif_decodes_it_whole():
     data = with_ispe(avif("RGB", (3000, 2000), quality=30), 16, 16)
@@ -197,6 +204,86 @@ def test_an_image_sequence_whose_frames_are_not_its_tracks_size_is_refused():
     with pytest.raises(PermanentImagingError) as refused:
         transcode(lying, "image/avif")
     assert str(refused.value) == CORRUPT_IMAGE
+
+
+def samples(data: bytes) -> tuple[int, list[bytes]]:
+    """Where the sample sizes (stsz's entries) start, and the samples: the encoder writes one chunk."""
+    sizes_at = data.index(b"stsz") + 4
+    sizes = [int.from_bytes(data[sizes_at + 12 + 4 * i : sizes_at + 16 + 4 * i], "big") for i in range(data[sizes_at + 11])]
+    chunks_at = data.index(b"stco") + 4
+    assert data[chunks_at + 7] == 1
+    offset = int.from_bytes(data[chunks_at + 8 : chunks_at + 12], "big")
+    found = []
+    for size in sizes:
+        found.append(data[offset : offset + size])
+        offset += size
+    return sizes_at + 12, found
+
+
+def with_last_frame_from(data: bytes, other: bytes) -> bytes:
+    """The image sequence with its last sample the first of another sequence: a keyframe that
+    starts a new AV1 sequence, with its own sequence header."""
+    return with_last_sample(data, samples(other)[1][0])
+
+
+def with_last_sample(data: bytes, sample: bytes) -> bytes:
+    """The image sequence with its last sample replaced. The encoder writes the mdat last."""
+    sizes_at, own = samples(data)
+    parts = [*own[:-1], sample]
+    mdat = data.rindex(b"mdat") - 4
+    assert data[mdat : mdat + 4] == struct.pack(">I", len(data) - mdat)
+    payload = b"".join(parts)
+    spliced = bytearray(data[:mdat] + struct.pack(">I", 8 + len(payload)) + b"mdat" + payload)
+    spliced[sizes_at : sizes_at + 4 * len(parts)] = b"".join(struct.pack(">I", len(part)) for part in parts)
+    return bytes(spliced)
+
+
+def test_a_later_frame_that_starts_a_sequence_of_another_size_is_refused():
+    data = sequence((64, 64))
+    # The same size passes: only the size is checked.
+    assert transcode(with_last_frame_from(data, sequence((64, 64))), "image/avif").animation is not None
+
+    lying = with_last_frame_from(data, sequence((2000, 2000)))
+    # libavif decodes the 4-megapixel frame whole and hands out 64x64 of its samples.
+    reference = Image.open(io.BytesIO(lying))
+    reference.seek(1)
+    reference.load()
+    assert reference.size == (64, 64)
+    assert not av1_frames_match_their_declared_sizes(lying)
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(lying, "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
+def padding_obu(size: int) -> bytes:
+    """An AV1 padding OBU (type 15) of size zero bytes, its size in leb128."""
+    length, rest = bytearray(), size
+    while True:
+        length.append(rest & 0x7F)
+        rest >>= 7
+        if not rest:
+            break
+        length[-1] |= 0x80
+    return bytes([15 << 3 | 0x2]) + bytes(length) + bytes(size)
+
+
+def test_a_sequence_header_behind_a_large_obu_is_still_read():
+    data = sequence((64, 64))
+    hidden = padding_obu(100_000) + samples(sequence((2000, 2000)))[1][0]
+    lying = with_last_sample(data, hidden)
+    assert not av1_frames_match_their_declared_sizes(lying)
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(lying, "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
+def test_a_sample_of_countless_empty_obus_is_refused_in_bounded_time():
+    data = sequence((64, 64))
+    last = samples(data)[1][-1]
+    lying = with_last_sample(data, padding_obu(0) * 200_000 + last)
+    started = time.perf_counter()
+    assert not av1_frames_match_their_declared_sizes(lying)
+    assert time.perf_counter() - started < 5
 
 
 @pytest.mark.parametrize(

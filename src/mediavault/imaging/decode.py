@@ -101,7 +101,7 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     # file, grey or black where the data ended, instead of raising.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     if mime in ("image/heif", "image/avif") and (
-        isobmff.runs_past_the_end(data) or not isobmff.av1_frames_match_their_declared_sizes(data)
+        isobmff.runs_past_the_end(data) or not isobmff.av1_frames_match_their_declared_sizes(data, limits.max_frames)
     ):
         # What the decoders would take and decode wrongly (see isobmff).
         raise PermanentImagingError(CORRUPT_IMAGE)

@@ -3,9 +3,10 @@
 - Boxes that claim more bytes than the file has: libheif fills a grid image's missing tiles
   with grey and reports no error.
 - An AV1 image item whose coded frame is not the size its `ispe` property declares, or an AV1
-  image sequence whose first frame is not the size its track header declares: libavif decodes
-  the whole coded frame, whatever its size against the pixel limit Pillow checked against the
-  declared one, and hands out a picture of the declared size made of the wrong samples.
+  image sequence with a frame (the first, or a later one starting a new sequence) that is not
+  the size its track header declares: libavif decodes the whole coded frame, whatever its size
+  against the pixel limit Pillow checked against the declared one, and hands out a picture of
+  the declared size made of the wrong samples.
   Browsers refuse such a file (the frame must be the declared size), so it is corrupt here
   too. libheif checks its HEVC items itself.
 
@@ -17,11 +18,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-# How much of an item or sample is read for its sequence header, which comes before the frame
-# it describes: enough for any metadata OBUs in front, and a file of many items naming one
-# large extent costs a copy of this much for each, not of the extent.
+from mediavault.imaging.spec import DEFAULT_LIMITS
+
+# How much of an item is read for its sequence header, which comes before the frame it
+# describes: enough for any metadata OBUs in front, and a file of many items naming one large
+# extent costs a copy of this much for each, not of the extent.
 _HEAD_BYTES = 1 << 16
 _OBU_SEQUENCE_HEADER = 1
+# A frame header, a frame, a tile group: a sequence header after them comes too late for the frame.
+_OBU_FRAME_DATA = frozenset({3, 4, 6})
+_MAX_OBUS = 1 << 16
 
 
 class Malformed(ValueError):
@@ -45,19 +51,21 @@ def runs_past_the_end(data: bytes) -> bool:
     return position > len(data)
 
 
-def av1_frames_match_their_declared_sizes(data: bytes) -> bool:
+def av1_frames_match_their_declared_sizes(data: bytes, max_samples: int = DEFAULT_LIMITS.max_frames) -> bool:
     """Whether every AV1 image item (the primary, a grid's tiles, an alpha plane) codes a frame
-    of exactly the size its ispe property declares, and every AV1 track of an image sequence
-    starts with a frame of the size its track header declares. False too when the boxes or a
-    sequence header do not parse, or an item has no ispe or no sequence header (libavif
-    refuses those as well)."""
+    of exactly the size its ispe property declares, and every sequence header in the first
+    max_samples samples of an AV1 track of an image sequence declares the size its track header
+    does (a sequence with more is refused as too many frames anyway). False too when the boxes
+    or a sequence header do not parse, or an item has no ispe or no sequence header, or a
+    track's first sample none (libavif refuses those as well)."""
     try:
-        return _items_match(data) and _tracks_match(data)
+        budget = _ObuBudget()
+        return _items_match(data, budget) and _tracks_match(data, max_samples, budget)
     except (Malformed, IndexError):
         return False
 
 
-def _items_match(data: bytes) -> bool:
+def _items_match(data: bytes, budget: _ObuBudget) -> bool:
     meta = _top_level(data, b"meta")
     if meta is None:
         return True
@@ -67,29 +75,34 @@ def _items_match(data: bytes) -> bool:
         if item_type != b"av01":
             continue
         declared = items.extents(item_id)
-        if declared is None or _coded_size(items.head(item_id)) != declared:
+        # An item's one frame needs its sequence header: None is no match either.
+        if declared is None or _coded_size(items.head(item_id), budget) != declared:
             return False
     return True
 
 
-def _tracks_match(data: bytes) -> bool:
+def _tracks_match(data: bytes, max_samples: int, budget: _ObuBudget) -> bool:
     moov = _top_level(data, b"moov")
     if moov is None:
         return True
-    return all(_track_matches(data, start, end) for kind, start, end in _boxes(data, *moov) if kind == b"trak")
+    return all(
+        _track_matches(data, start, end, max_samples, budget) for kind, start, end in _boxes(data, *moov) if kind == b"trak"
+    )
 
 
-def _track_matches(data: bytes, start: int, end: int) -> bool:
-    """Whether an AV1 track's first sample codes a frame of the size its tkhd declares (libavif
-    takes a sequence's size from there); True for a track of another codec."""
+def _track_matches(data: bytes, start: int, end: int, max_samples: int, budget: _ObuBudget) -> bool:
+    """Whether an AV1 track's samples code frames of the size its tkhd declares (libavif takes a
+    sequence's size from there): the first sample's sequence header, and that of any later
+    sample starting a new sequence, which libavif decodes whole as well. True for a track of
+    another codec."""
     boxes = _nested(data, start, end, (b"mdia", b"minf", b"stbl"))
     stsd = boxes.get(b"stsd")
     if stsd is None or _first_sample_entry(data, *stsd) != b"av01":
         return True
-    tkhd, stsz = boxes.get(b"tkhd"), boxes.get(b"stsz")
+    tkhd, stsz, stsc = boxes.get(b"tkhd"), boxes.get(b"stsz"), boxes.get(b"stsc")
     wide_offsets = b"stco" not in boxes
     chunks = boxes.get(b"co64" if wide_offsets else b"stco")
-    if tkhd is None or stsz is None or chunks is None:
+    if tkhd is None or stsz is None or stsc is None or chunks is None:
         raise Malformed("an AV1 track without its header, sizes or chunks")
     header = _Reader(data, *tkhd)
     version = header.uint(1)
@@ -98,21 +111,55 @@ def _track_matches(data: bytes, start: int, end: int) -> bool:
     header.uint(20 if version == 0 else 32)
     header.uint(52)
     declared = (header.uint(4) >> 16, header.uint(4) >> 16)
+    # A sequence header anywhere in a sample holds for the frames after it, so every one counts.
+    for index, (sample_start, sample_end) in enumerate(_samples(data, stsz, stsc, chunks, wide_offsets, max_samples)):
+        sizes = [
+            _sequence_frame_size(data[a:b])
+            for kind, a, b in _obus(data, sample_start, sample_end, budget)
+            if kind == _OBU_SEQUENCE_HEADER
+        ]
+        if index == 0 and not sizes:
+            raise Malformed("no sequence header")
+        if any(size != declared for size in sizes):
+            return False
+    return True
+
+
+def _samples(
+    data: bytes, stsz: tuple[int, int], stsc: tuple[int, int], chunks: tuple[int, int], wide_offsets: bool, limit: int
+) -> Iterator[tuple[int, int]]:
+    """Where each of the track's first `limit` samples starts and ends, laid out by its sample
+    sizes, sample-to-chunk runs and chunk offsets."""
     sizes = _Reader(data, *stsz)
     sizes.uint(4)
     size = sizes.uint(4)
-    if sizes.uint(4) == 0:
-        return True
-    if size == 0:
-        size = sizes.uint(4)
+    count = min(sizes.uint(4), limit)
+    runs = _Reader(data, *stsc)
+    runs.uint(4)
+    # (first chunk, samples in each chunk from it on)
+    per_chunk = []
+    for _ in range(runs.uint(4)):
+        per_chunk.append((runs.uint(4), runs.uint(4)))
+        runs.uint(4)  # the sample description index
     offsets = _Reader(data, *chunks)
     offsets.uint(4)
-    if offsets.uint(4) == 0:
+    chunk_count = offsets.uint(4)
+    run, taken = 0, 0
+    for chunk in range(1, chunk_count + 1):
+        if taken == count:
+            return
+        while run + 1 < len(per_chunk) and per_chunk[run + 1][0] <= chunk:
+            run += 1
+        offset = offsets.uint(8 if wide_offsets else 4)
+        for _ in range(min(per_chunk[run][1] if per_chunk else 0, count - taken)):
+            length = size or sizes.uint(4)
+            if offset + length > len(data):
+                raise Malformed("sample past the end of the file")
+            yield offset, offset + length
+            offset += length
+            taken += 1
+    if taken < count:
         raise Malformed("samples in no chunk")
-    offset = offsets.uint(8 if wide_offsets else 4)
-    if offset + size > len(data):
-        raise Malformed("sample past the end of the file")
-    return _coded_size(data[offset : offset + min(size, _HEAD_BYTES)]) == declared
 
 
 def _nested(data: bytes, start: int, end: int, containers: tuple[bytes, ...]) -> dict[bytes, tuple[int, int]]:
@@ -330,24 +377,47 @@ def _leb128(data: bytes, position: int) -> tuple[int, int]:
     raise Malformed("OBU size longer than 8 bytes")
 
 
-def _coded_size(head: bytes) -> tuple[int, int]:
-    """The frame size of the AV1 sequence header at the start of an item or a sync sample, where
-    AVIF requires one (a still's reduced header, a sequence's first sample)."""
-    position = 0
-    while position < len(head):
-        header = head[position]
+def _coded_size(head: bytes, budget: _ObuBudget) -> tuple[int, int] | None:
+    """The frame size of the AV1 sequence header in front of an image item's frame (a still's
+    one frame needs one), None when the frame, or the end of what is read, comes first."""
+    for kind, start, end in _obus(head, 0, len(head), budget):
+        if kind == _OBU_SEQUENCE_HEADER:
+            return _sequence_frame_size(head[start:end])
+        if kind in _OBU_FRAME_DATA:
+            return None
+    return None
+
+
+class _ObuBudget:
+    """How many OBUs one file's check may walk: a file of millions of empty ones costs no more
+    than a real image sequence's few per frame."""
+
+    def __init__(self) -> None:
+        self.left = _MAX_OBUS
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise Malformed("too many OBUs")
+
+
+def _obus(data: bytes, start: int, end: int, budget: _ObuBudget) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each OBU from start to end, read in place; stops at
+    an OBU that runs past end (what is read of an item is cut at _HEAD_BYTES)."""
+    position = start
+    while position < end:
+        budget.spend()
+        header = data[position]
         kind, has_extension, has_size = (header >> 3) & 0xF, header & 0x4, header & 0x2
         position += 2 if has_extension else 1
         if has_size:
-            size, position = _leb128(head, position)
+            size, position = _leb128(data, position)
         else:
-            size = len(head) - position
-        if position + size > len(head):
-            raise Malformed("OBU past the end of what is read")
-        if kind == _OBU_SEQUENCE_HEADER:
-            return _sequence_frame_size(head[position : position + size])
+            size = end - position
+        if position + size > end:
+            return
+        yield kind, position, position + size
         position += size
-    raise Malformed("no sequence header")
 
 
 def _sequence_frame_size(obu: bytes) -> tuple[int, int]:
