@@ -121,6 +121,40 @@ def test_the_icc_profiles_of_past_uploads_are_not_kept_in_memory() -> None:
     assert int(done.stdout) < 2 * size, int(done.stdout)
 
 
+def with_last_scan_repeated(data: bytes, times: int) -> bytes:
+    """The progressive JPEG with its last scan (its SOS segment and entropy-coded data) repeated:
+    as valid to a decoder, which makes one more pass over the picture for each."""
+    last = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * times + data[end:]
+
+
+def progressive(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (120, 130, 140)).save(out, "JPEG", quality=90, progressive=True)
+    return out.getvalue()
+
+
+def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding() -> None:
+    data = progressive((4000, 3000))
+    at_limit = with_last_scan_repeated(data, DEFAULT_LIMITS.max_jpeg_scans - data.count(b"\xff\xda"))
+    assert made(at_limit, "image/jpeg").width == 4000
+    # A thousand scans of a few bytes each: about 100 KB that take a decoder seconds.
+    hostile = with_last_scan_repeated(data, 1000)
+    assert len(hostile) < 150_000
+    started = time.perf_counter()
+    assert refused(hostile, "image/jpeg") == "image too large"
+    assert time.perf_counter() - started < 1
+
+
+def test_ff_da_bytes_in_metadata_are_not_taken_for_scans() -> None:
+    out = io.BytesIO()
+    # The COM segment holds 200 FF DA pairs; the picture is baseline, one scan.
+    Image.new("RGB", (64, 48), (120, 130, 140)).save(out, "JPEG", comment=b"\xff\xda" * 200)
+    assert out.getvalue().count(b"\xff\xda") > DEFAULT_LIMITS.max_jpeg_scans
+    assert made(out.getvalue(), "image/jpeg").width == 64
+
+
 @pytest.mark.parametrize("max_pixels", [1_000_000, 5_000_000])
 def test_pixel_limit_is_checked_from_the_header(max_pixels: int) -> None:
     # 5 MP is below Pillow's own bomb error (twice the limit), where it only warns.

@@ -82,6 +82,10 @@ class Limits:
     # Frames an animated image may declare, and packets a video may need before
     # its first decodable keyframe.
     max_frames: int = 1_000
+    # Scans a JPEG may hold: each is one more pass over the whole picture, and a progressive file
+    # of a thousand scans of a few bytes each takes a 12 MP decode past the job's time limit.
+    # libjpeg's progressive scripts write ten for a colour picture.
+    max_jpeg_scans: int = 100
     # Wall-clock time of one job in the pool; past it the worker process is killed.
     job_timeout_seconds: float = 30.0
     # A pool process's heap and other private memory beyond what it holds at start (RLIMIT_DATA);
