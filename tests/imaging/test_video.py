@@ -291,6 +291,48 @@ async def test_a_transcode_past_its_time_limit_fails_for_good(clips):
     assert refused.value.message == "processing timed out"
 
 
+@pytest.mark.parametrize(
+    ("build", "threads", "megabytes"),
+    [
+        # x264 says its malloc failed.
+        (lambda d: make.h264(d / "capped-1080.mp4", "1920x1080", 0.5, audio=False), 1, 64),
+        # HEVC's frame threads fail to start, and ffmpeg says nothing at all.
+        (lambda d: make.hdr(d / "capped-4k.mp4", make.HLG, "arib-std-b67", size="3840x2160", seconds=0.25,
+                            preset="ultrafast"), 0, 128),
+    ],
+    ids=["1080p-x264", "4k-hevc-silent"],
+)
+async def test_a_run_past_its_memory_cap_fails_for_good_as_too_large_and_leaves_no_process(
+    tmp_path, build, threads, megabytes
+):
+    source_path = build(tmp_path)
+    capped = videos.VideoLimits(max_memory_bytes=megabytes * 1024 * 1024)
+    source = await videos.probe(source_path, "video/mp4", capped)
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.transcode(source_path, "video/mp4", source, tmp_path, limits=capped, timeout_seconds=60,
+                               on_progress=_always, threads=threads)
+    assert refused.value.message == videos.VIDEO_TOO_LARGE
+    assert not children_of(os.getpid())
+
+
+async def test_ffmpeg_runs_under_its_memory_cap(clips):
+    source_path = make.h264(clips / "cap.mp4", "640x360", 2.0, audio=False)
+    source = await videos.probe(source_path, "video/mp4", _DEFAULT_LIMITS)
+    seen: set[str] = set()
+
+    async def look(_done: float) -> bool:
+        for pid in children_of(os.getpid()):
+            if _command(pid) == "ffmpeg":
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    seen.update(line.split()[3] for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                                if line.startswith("Max data size"))
+        return True
+
+    await videos.transcode(source_path, "video/mp4", source, clips, limits=_DEFAULT_LIMITS, timeout_seconds=60,
+                           on_progress=look, threads=1)
+    assert seen == {str(_DEFAULT_LIMITS.max_memory_bytes)}
+
+
 def test_the_poster_skips_a_black_lead_in(clips):
     path = make.black_lead_in(clips / "fade.mp4")
     still = decode_poster(path, "video/mp4", DEFAULT_LIMITS)

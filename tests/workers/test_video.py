@@ -14,6 +14,8 @@ from arq.connections import RedisSettings
 from arq.connections import create_pool as create_arq_pool
 from arq.jobs import Job
 
+from mediavault.config import Settings
+from mediavault.imaging import video as videos
 from mediavault.jobs import enqueue_video, transcode_job_id
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
@@ -24,6 +26,7 @@ from tests.conftest import CORPUS, running, running_worker
 from tests.faults import proxied
 from tests.helpers import fetch, retry_scheduled, settled, upload
 from tests.workers.test_transcode import children_of, is_alive
+from workers.video import limits as video_limits
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +248,8 @@ async def test_a_free_text_rotate_tag_neither_fails_nor_retries_the_video(storag
     assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
     assert item.attempts == 1
     assert (item.width, item.height) == (320, 240)
+
+
+def test_video_memory_limit_mb_is_ffmpegs_cap():
+    assert video_limits(Settings(video_memory_limit_mb=300)).max_memory_bytes == 300 * 1024 * 1024
+    assert video_limits(Settings()).max_memory_bytes == videos.VideoLimits().max_memory_bytes

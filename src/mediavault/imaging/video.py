@@ -12,7 +12,8 @@ headers, then the timestamps of every packet of the streams the renditions are m
 opens a decoder that is not on its whitelist (the stream analysis would decode a first frame of
 every stream otherwise). ffmpeg decodes nothing before the source has passed the checks, decodes
 only the renditions' streams (mapped by index), and enforces the limits again on what it decodes: every frame's size (`-max_pixels`, with `-xerror` so that a
-frame refused fails the run), and the duration (`-t`).
+frame refused fails the run), and the duration (`-t`). ffmpeg's private memory is capped too
+(VideoLimits.max_memory_bytes), since neither limit bounds what its decoders and encoders allocate.
 
 Sound: the first audio stream whose codec is in AUDIO_CODECS becomes the renditions' AAC. A
 source whose audio streams are all of other codecs is refused as unsupported rather than made
@@ -96,6 +97,15 @@ SCALE_MATRICES = {
 }
 # What FFmpeg logs when a decoder meets a frame past -max_pixels.
 _FRAME_TOO_LARGE = b"exceeds specified max pixel count"
+# What ffmpeg logs when an allocation fails under its memory cap, as seen with the cap swept from
+# 48 MiB up to what 1080p H.264, 4K HLG HEVC and 4K VP9 sources need: FFmpeg's ENOMEM in its
+# several spellings, x264's own, a thread whose stack could not be mapped (EAGAIN), a decoder's
+# frame pool, and an encoder that does not open: with our parameters only for want of memory,
+# and x264 then says nothing of why.
+_OUT_OF_MEMORY = (
+    b"Cannot allocate memory", b"Could not allocate", b"malloc of size", b"Resource temporarily unavailable",
+    b"get_buffer() failed", b"Error while opening encoder",
+)
 # The highest sample rate Android's AAC decoder is required to play (its compatibility
 # definition: 8 to 48 kHz); a faster source (96 or 88.2 kHz PCM from a camera) is resampled.
 MAX_AUDIO_SAMPLE_RATE = 48000
@@ -117,6 +127,10 @@ class VideoLimits:
     # The whole probe, both ffprobe runs: the packet bounds below make it a read of at most
     # max_video_packets + max_other_packets lines, and this leaves room for a busy machine.
     max_probe_seconds: float = 30.0
+    # ffmpeg's private memory as RLIMIT_DATA counts it (0: no cap). That counts every thread's
+    # stack reservation (8 MiB at the usual `ulimit -s`), so the need grows with ffmpeg's threads:
+    # a 4K HLG source took 988 MiB with threads=0 on 2 cores and 3177 MiB with 16 (docs/video.md).
+    max_memory_bytes: int = 4 * 1024**3
 
     @property
     def max_video_packets(self) -> int:
@@ -543,15 +557,19 @@ async def transcode(
     on_progress gets the fraction done (0-1) as ffmpeg reports it, about twice a second;
     when it returns False the subprocess is killed and Cancelled raised. Past
     timeout_seconds it is killed and the run fails for good ("processing timed out").
-    A frame past limits' size fails it for good too ("video too large"); the renditions end
-    at limits' duration whatever the source holds.
+    A frame past limits' size, or a run past limits' memory, fails it for good too ("video too
+    large"); the renditions end at limits' duration whatever the source holds.
     """
     planned = plan(source)
-    # Niced, so that the photo pool's processes get the cores first: by nice(1), which execs
-    # ffmpeg in the same process, rather than a preexec_fn, Python code between fork and exec
-    # that deadlocks when another thread held a lock (an allocator's) at the fork.
+    # Niced, so that the photo pool's processes get the cores first, and capped, so that one source
+    # cannot take the host's memory: by nice(1) and prlimit(1), which exec ffmpeg in the same
+    # process, rather than a preexec_fn, Python code between fork and exec that deadlocks when
+    # another thread held a lock (an allocator's) at the fork. RLIMIT_DATA, not RLIMIT_AS: the
+    # address space also counts every thread's 64 MiB malloc arena reservation and the shared
+    # libraries, and took 1.5 times as much for the same runs.
+    capped = ["prlimit", f"--data={limits.max_memory_bytes}", "--"] if limits.max_memory_bytes else []
     process = await asyncio.create_subprocess_exec(
-        "nice", "-n", str(niceness), *command(source_path, mime, source, planned, out_dir, limits, threads),
+        *capped, "nice", "-n", str(niceness), *command(source_path, mime, source, planned, out_dir, limits, threads),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         # Its own process group, so that a kill reaches nothing else.
         start_new_session=True,
@@ -569,8 +587,10 @@ async def transcode(
         # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
         raise ImagingError("processing failed")
     if process.returncode != 0:
-        # Which check refused the stream, ffmpeg says only in its log.
-        if _FRAME_TOO_LARGE in errors:
+        # Which check refused the stream, ffmpeg says only in its log. Past its memory cap it may say
+        # nothing at all (seen with 4K HEVC's decoder threads failing to start); a stream it cannot
+        # decode it always names.
+        if _FRAME_TOO_LARGE in errors or any(sign in errors for sign in _OUT_OF_MEMORY) or (capped and not errors.strip()):
             raise PermanentImagingError(VIDEO_TOO_LARGE)
         raise PermanentImagingError(CORRUPT_VIDEO)
     made = []
