@@ -38,7 +38,9 @@ def limits(settings: Settings) -> videos.VideoLimits:
         max_duration_seconds=settings.video_max_duration_seconds,
         max_long_side=settings.video_max_long_side_px,
         max_frame_rate=settings.video_max_frame_rate,
-        max_memory_bytes=settings.video_memory_limit_mb * 1024 * 1024,
+        max_memory_bytes=videos.memory_cap_bytes(settings.video_ffmpeg_threads)
+        if settings.video_memory_limit_mb is None
+        else settings.video_memory_limit_mb * 1024 * 1024,
     )
 
 

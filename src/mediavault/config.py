@@ -171,8 +171,8 @@ class Settings(BaseSettings):
     cron_queue_name: str = ""
     # ffmpeg's threads per transcode; 0 lets ffmpeg use every core (it runs niced below the photo pool).
     video_ffmpeg_threads: int = Field(default=0, ge=0)
-    # ffmpeg's private memory per transcode (imaging.video.VideoLimits.max_memory_bytes); 0: no limit.
-    video_memory_limit_mb: int = Field(default=4096, ge=0)
+    # ffmpeg's private memory per transcode; unset: sized for its threads (imaging.video.memory_cap_bytes); 0: no limit.
+    video_memory_limit_mb: int | None = Field(default=None, ge=0)
     video_max_duration_seconds: float = Field(default=600.0, gt=0)
     video_max_long_side_px: int = Field(default=4096, gt=0)
     video_max_frame_rate: float = Field(default=240.0, gt=0)

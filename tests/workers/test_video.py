@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 import uuid
@@ -252,4 +253,14 @@ async def test_a_free_text_rotate_tag_neither_fails_nor_retries_the_video(storag
 
 def test_video_memory_limit_mb_is_ffmpegs_cap():
     assert video_limits(Settings(video_memory_limit_mb=300)).max_memory_bytes == 300 * 1024 * 1024
+    assert video_limits(Settings(video_memory_limit_mb=0)).max_memory_bytes == 0
+
+
+def test_unset_the_cap_grows_with_ffmpegs_threads():
+    """Each thread's stack and codec buffers count: 4K HLG took 3177 MiB with 16 threads."""
+    assert video_limits(Settings(video_ffmpeg_threads=16)).max_memory_bytes == 4096 * 1024 * 1024
+    assert video_limits(Settings(video_ffmpeg_threads=1)).max_memory_bytes == 1216 * 1024 * 1024
+    # Left to choose, ffmpeg's x264 takes 1.5 threads a core this process may run on.
+    cores = len(os.sched_getaffinity(0))
+    assert video_limits(Settings()).max_memory_bytes == (1024 + 192 * math.ceil(1.5 * cores)) * 1024 * 1024
     assert video_limits(Settings()).max_memory_bytes == videos.VideoLimits().max_memory_bytes

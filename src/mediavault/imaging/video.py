@@ -30,7 +30,7 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -117,6 +117,17 @@ AUDIO_PACKETS_PER_SECOND = 400
 MAX_RENDITION_FPS = 30
 
 
+def memory_cap_bytes(threads: int) -> int:
+    """A cap on ffmpeg's private memory that the renditions of any admitted source fit under with
+    room to spare, for ffmpeg run with `threads` (0: its own choice). RLIMIT_DATA counts every
+    thread's stack reservation and codec buffers, so the need grows with the threads, about 175 MiB
+    a thread over 544 MiB for one (4K HLG HEVC, the largest measured: 988 MiB with its own choice
+    on 2 cores, 3177 with 16, 5244 with 32; docs/video.md). Left to choose, x264 takes 1.5 threads
+    a core, and the decoders one a core and one more."""
+    effective = threads or math.ceil(1.5 * len(os.sched_getaffinity(0)))
+    return (1024 + 192 * effective) * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class VideoLimits:
     """Bounds on a source video, checked from its container before anything is decoded."""
@@ -127,10 +138,8 @@ class VideoLimits:
     # The whole probe, both ffprobe runs: the packet bounds below make it a read of at most
     # max_video_packets + max_other_packets lines, and this leaves room for a busy machine.
     max_probe_seconds: float = 30.0
-    # ffmpeg's private memory as RLIMIT_DATA counts it (0: no cap). That counts every thread's
-    # stack reservation (8 MiB at the usual `ulimit -s`), so the need grows with ffmpeg's threads:
-    # a 4K HLG source took 988 MiB with threads=0 on 2 cores and 3177 MiB with 16 (docs/video.md).
-    max_memory_bytes: int = 4 * 1024**3
+    # ffmpeg's private memory as RLIMIT_DATA counts it (0: no cap), for ffmpeg left to choose its threads.
+    max_memory_bytes: int = field(default_factory=lambda: memory_cap_bytes(0))
 
     @property
     def max_video_packets(self) -> int:
