@@ -256,6 +256,19 @@ async def test_a_cancelled_probe_leaves_no_ffprobe_running(tmp_path):
         assert not _ffprobes()
 
 
+async def test_the_probe_runs_under_the_memory_cap(tmp_path):
+    """ffprobe's demuxer allocates what a container's tables claim: it runs under the cap ffmpeg does."""
+    with _never_written(tmp_path / "never.mp4") as never:
+        probing = asyncio.create_task(videos.probe(never, "video/mp4", _DEFAULT_LIMITS))
+        while not (running := _ffprobes()):
+            await asyncio.sleep(0.01)
+        limits = Path(f"/proc/{running[0]}/limits").read_text().splitlines()
+        probing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probing
+    assert [line.split()[3] for line in limits if line.startswith("Max data size")] == [str(_DEFAULT_LIMITS.max_memory_bytes)]
+
+
 async def test_a_probe_past_its_time_limit_fails_for_good_and_leaves_no_ffprobe_running(tmp_path):
     with _never_written(tmp_path / "never.mp4") as never, pytest.raises(PermanentImagingError) as refused:
         await videos.probe(never, "video/mp4", videos.VideoLimits(max_probe_seconds=0.5))

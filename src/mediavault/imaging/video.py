@@ -408,8 +408,18 @@ async def _frame_transfer(path: Path, mime: str, source: Source, limits: VideoLi
     return transfer if transfer in HDR_TRANSFERS else None
 
 
+def _capped(limits: VideoLimits) -> list[str]:
+    """What execs a command under the memory cap: prlimit(1), with no Python code between fork
+    and exec (see transcode). RLIMIT_DATA, not RLIMIT_AS: the address space also counts every
+    thread's 64 MiB malloc arena reservation and the shared libraries, and took 1.5 times as much
+    for the same runs."""
+    return ["prlimit", f"--data={limits.max_memory_bytes}", "--"] if limits.max_memory_bytes else []
+
+
 def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> list[str]:
+    # Under the renditions' memory cap too: the demuxer allocates what the container's tables claim.
     return [
+        *_capped(limits),
         "ffprobe", "-v", "error", "-protocol_whitelist", _PROTOCOLS, "-codec_whitelist", ",".join(sorted(PROBE_DECODERS)),
         "-max_pixels", str(limits.max_frame_pixels), "-f", DEMUXERS[mime], *what, str(path),
     ]
@@ -573,10 +583,8 @@ async def transcode(
     # Niced, so that the photo pool's processes get the cores first, and capped, so that one source
     # cannot take the host's memory: by nice(1) and prlimit(1), which exec ffmpeg in the same
     # process, rather than a preexec_fn, Python code between fork and exec that deadlocks when
-    # another thread held a lock (an allocator's) at the fork. RLIMIT_DATA, not RLIMIT_AS: the
-    # address space also counts every thread's 64 MiB malloc arena reservation and the shared
-    # libraries, and took 1.5 times as much for the same runs.
-    capped = ["prlimit", f"--data={limits.max_memory_bytes}", "--"] if limits.max_memory_bytes else []
+    # another thread held a lock (an allocator's) at the fork.
+    capped = _capped(limits)
     process = await asyncio.create_subprocess_exec(
         *capped, "nice", "-n", str(niceness), *command(source_path, mime, source, planned, out_dir, limits, threads),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
