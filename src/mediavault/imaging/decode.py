@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
-from mediavault.imaging import isobmff
+from mediavault.imaging import isobmff, lossless
 from mediavault.imaging.colour import DISPLAY_P3, cached_by_digest, is_display_p3
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
@@ -101,7 +100,7 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     # makes Pillow (and pillow-heif) hand out what it decoded of a truncated or corrupt
     # file, grey or black where the data ended, instead of raising.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    if mime == "image/jpeg" and _more_scans_than(data, limits.max_jpeg_scans):
+    if mime == "image/jpeg" and lossless.more_scans_than(data, limits.max_jpeg_scans):
         raise PermanentImagingError(IMAGE_TOO_LARGE)
     if mime in ("image/heif", "image/avif") and (
         isobmff.runs_past_the_end(data) or not isobmff.av1_frames_match_their_declared_sizes(data, limits.max_frames)
@@ -119,40 +118,6 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
         if getattr(image, "n_frames", 1) > limits.max_frames:
             raise PermanentImagingError(TOO_MANY_FRAMES)
     return image
-
-
-# Where a scan's entropy-coded data ends: an 0xFF followed by neither a stuffed 0x00, a restart
-# marker (RST0-7) nor another 0xFF (a fill byte before the marker).
-_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_SOS, _EOI = 0xDA, 0xD9
-# Markers without a length: SOI, RST0-7, TEM.
-_STANDALONE = frozenset({0xD8, *range(0xD0, 0xD8), 0x01})
-
-
-def _more_scans_than(data: bytes, limit: int) -> bool:
-    """Whether the JPEG's first picture holds more than limit scans (SOS markers, its other
-    segments skipped), counted up to where its structure ends or breaks: the decoder judges the rest."""
-    # Every SOS marker is an FF DA, and FF DA bytes inside other segments only add to the
-    # count: a file at or under the limit this way needs no walk.
-    if data.count(b"\xff\xda") <= limit:
-        return False
-    scans, position = 0, 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        while position < len(data) and data[position] == 0xFF:
-            position += 1
-        if position >= len(data) or data[position] == _EOI:
-            break
-        marker, position = data[position], position + 1
-        if marker in _STANDALONE:
-            continue
-        position += int.from_bytes(data[position : position + 2], "big")
-        if marker == _SOS:
-            scans += 1
-            end = _MARKER_AFTER_SCAN.search(data, position)
-            if end is None:
-                break
-            position = end.start()
-    return scans > limit
 
 
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:

@@ -75,6 +75,8 @@ _KEPT = frozenset({0xDB, 0xC4, 0xDD, *_FRAMES, _SOS})
 # 0xFF (a fill byte before the marker): the first such ends the scan. One regular expression
 # search, not a Python loop over every stuffed byte of a megabyte of data.
 _MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Markers without a length: SOI, RST0-7, TEM.
+_STANDALONE = frozenset({_SOI, *range(0xD0, 0xD8), 0x01})
 _APP_ADOBE = 0xEE
 _APPS = frozenset(range(0xE0, 0xF0))
 _COMMENT = 0xFE
@@ -153,6 +155,32 @@ def _scan_end(data: bytes, position: int) -> int:
     if end is None:
         raise NotLossless("scan runs past the end")
     return end.start()
+
+
+def more_scans_than(data: bytes, limit: int) -> bool:
+    """Whether the JPEG's first picture holds more than limit scans (SOS markers, its other
+    segments skipped), counted up to where its structure ends or breaks: the decoder judges the rest."""
+    # Every SOS marker is an FF DA, and FF DA bytes inside other segments only add to the
+    # count: a file at or under the limit this way needs no walk.
+    if data.count(b"\xff\xda") <= limit:
+        return False
+    scans, position = 0, 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        while position < len(data) and data[position] == 0xFF:
+            position += 1
+        if position >= len(data) or data[position] == _EOI:
+            break
+        marker, position = data[position], position + 1
+        if marker in _STANDALONE:
+            continue
+        position += int.from_bytes(data[position : position + 2], "big")
+        if marker == _SOS:
+            scans += 1
+            end = _MARKER_AFTER_SCAN.search(data, position)
+            if end is None:
+                break
+            position = end.start()
+    return scans > limit
 
 
 # EXIF orientations applied here: 4 is the top-to-bottom flip (see the module's docstring).
