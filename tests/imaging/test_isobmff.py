@@ -361,6 +361,17 @@ def test_item_data_outside_the_file_is_refused():
     assert not av1_frames_match_their_declared_sizes(good[:-3])
 
 
+def test_containers_nested_thousands_deep_are_read_without_recursion():
+    nested = b""
+    for _ in range(5000):
+        nested = box(b"mdia", nested)
+    data = box(b"ftyp", b"avis\0\0\0\0avis") + box(b"moov", box(b"trak", nested))
+    av1_frames_match_their_declared_sizes(data)
+    with pytest.raises(PermanentImagingError) as refused:
+        transcode(data, "image/avif")
+    assert str(refused.value) == CORRUPT_IMAGE
+
+
 def test_boxes_that_claim_more_than_the_file_has_are_refused():
     data = avif("RGB", (64, 48))
     with pytest.raises(PermanentImagingError) as refused:

@@ -95,7 +95,7 @@ def _track_matches(data: bytes, start: int, end: int, max_samples: int, budget: 
     sequence's size from there): the first sample's sequence header, and that of any later
     sample starting a new sequence, which libavif decodes whole as well. True for a track of
     another codec."""
-    boxes = _nested(data, start, end, (b"mdia", b"minf", b"stbl"))
+    boxes = _track_boxes(data, start, end)
     stsd = boxes.get(b"stsd")
     if stsd is None or _first_sample_entry(data, *stsd) != b"av01":
         return True
@@ -162,15 +162,25 @@ def _samples(
         raise Malformed("samples in no chunk")
 
 
-def _nested(data: bytes, start: int, end: int, containers: tuple[bytes, ...]) -> dict[bytes, tuple[int, int]]:
-    """The boxes from start to end and inside the named containers, by type (the first of each)."""
+def _track_boxes(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+    """The track's tkhd and the boxes of its sample table (mdia/minf/stbl), by type, the first of
+    each where a reader finds them. Followed once each, not searched: a file of containers nested
+    a thousand deep costs a thousand boxes, not a recursion out of stack."""
+    track = _first_of_each(data, start, end)
+    boxes = track
+    for container in (b"mdia", b"minf", b"stbl"):
+        if container not in boxes:
+            return {}
+        boxes = _first_of_each(data, *boxes[container])
+    if b"tkhd" in track:
+        boxes[b"tkhd"] = track[b"tkhd"]
+    return boxes
+
+
+def _first_of_each(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
     found: dict[bytes, tuple[int, int]] = {}
     for kind, box_start, box_end in _boxes(data, start, end):
-        if kind in containers:
-            for inner, span in _nested(data, box_start, box_end, containers).items():
-                found.setdefault(inner, span)
-        else:
-            found.setdefault(kind, (box_start, box_end))
+        found.setdefault(kind, (box_start, box_end))
     return found
 
 
