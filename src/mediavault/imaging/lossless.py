@@ -75,6 +75,9 @@ _KEPT = frozenset({0xDB, 0xC4, 0xDD, *_FRAMES, _SOS})
 # 0xFF (a fill byte before the marker): the first such ends the scan. One regular expression
 # search, not a Python loop over every stuffed byte of a megabyte of data.
 _MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Every frame marker (SOF0-15 less DHT, JPG and DAC), and the progressive ones among them.
+_ALL_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # Markers without a length: SOI, RST0-7, TEM.
 _STANDALONE = frozenset({_SOI, *range(0xD0, 0xD8), 0x01})
 _APP_ADOBE = 0xEE
@@ -158,13 +161,12 @@ def _scan_end(data: bytes, position: int) -> int:
 
 
 def more_scans_than(data: bytes, limit: int) -> bool:
-    """Whether the JPEG's first picture holds more than limit scans (SOS markers, its other
-    segments skipped), counted up to where its structure ends or breaks: the decoder judges the rest."""
-    # Every SOS marker is an FF DA, and FF DA bytes inside other segments only add to the
-    # count: a file at or under the limit this way needs no walk.
-    if data.count(b"\xff\xda") <= limit:
-        return False
-    scans, position = 0, 2
+    """Whether the JPEG's first picture is progressive and holds more than limit scans, counted
+    up to where its structure ends or breaks (the decoder judges the rest). Each scan of a
+    progressive picture is one more pass over all of it; a sequential one has a scan per
+    component at most, and libjpeg refuses a scan that repeats one. So a sequential picture,
+    what phones write, costs a walk of its header segments and no search of its data."""
+    scans, position, progressive = 0, 2, False
     while position + 4 <= len(data) and data[position] == 0xFF:
         while position < len(data) and data[position] == 0xFF:
             position += 1
@@ -175,12 +177,18 @@ def more_scans_than(data: bytes, limit: int) -> bool:
             continue
         position += int.from_bytes(data[position : position + 2], "big")
         if marker == _SOS:
+            if scans == 0 and not progressive:
+                return False
             scans += 1
+            if scans > limit:
+                return True
             end = _MARKER_AFTER_SCAN.search(data, position)
             if end is None:
                 break
             position = end.start()
-    return scans > limit
+        elif marker in _ALL_FRAMES:
+            progressive = marker in _PROGRESSIVE_FRAMES
+    return False
 
 
 # EXIF orientations applied here: 4 is the top-to-bottom flip (see the module's docstring).

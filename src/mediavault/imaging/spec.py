@@ -82,7 +82,7 @@ class Limits:
     # Frames an animated image may declare, and packets a video may need before
     # its first decodable keyframe.
     max_frames: int = 1_000
-    # Scans a JPEG may hold: each is one more pass over the whole picture, and a progressive file
+    # Scans a progressive JPEG may hold: each is one more pass over the whole picture, and a file
     # of a thousand scans of a few bytes each takes a 12 MP decode past the job's time limit.
     # libjpeg's progressive scripts write ten for a colour picture.
     max_jpeg_scans: int = 100
