@@ -104,6 +104,18 @@ def test_animated_webp_png_gif_and_avif_become_both_renditions(fmt: str, mime: s
     assert seconds == pytest.approx(0.6, abs=0.03)
 
 
+@pytest.mark.parametrize(("fmt", "mime"), [("WEBP", "image/webp"), ("PNG", "image/png")])
+def test_an_opaque_animation_keeps_each_frames_duration(fmt: str, mime: str) -> None:
+    # Pillow opens these in RGB, which the stills' decode takes as they are, without a copy.
+    frames = [Image.new("RGB", (161, 121), colour[:3]) for colour in COLOURS]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=[300, 100, 200], loop=0)
+    result = transcode(buffer.getvalue(), mime)
+    assert result.animation is not None
+    assert result.animation.duration_ms == 600
+    assert webp_frame_durations(renditions(result.animation)[ANIMATION]) == [300, 100, 200]
+
+
 def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:
     frames = [Image.new("RGBA", (161, 121), colour) for colour in (COLOURS[0], (40, 60, 210, 0))]
     buffer = io.BytesIO()

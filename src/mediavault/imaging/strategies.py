@@ -191,7 +191,11 @@ def transcode_image(
         result = PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
     moving = None
     if animation.is_animated(image):
+        # From an image of its own: the stills' decode may keep this one's pixels and replace its
+        # info (decode._to_srgb), where Pillow puts each frame's duration as it seeks.
+        frames = open_image(data, mime, limits)
         with refused_if_corrupt():
-            moving = animation.animate(image, limits.animation)
+            frames.load()
+            moving = animation.animate(frames, limits.animation)
     # After the pixels: a JPEG's EXIF is read from its header, anything else's once loaded.
     return dataclasses.replace(result, photo=photo_facts(image), animation=moving)
