@@ -116,6 +116,13 @@ def test_an_opaque_animation_keeps_each_frames_duration(fmt: str, mime: str) -> 
     assert webp_frame_durations(renditions(result.animation)[ANIMATION]) == [300, 100, 200]
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_the_webps_last_frame_lasts_its_own_duration(fmt: str) -> None:
+    # A long last frame, a pause before the loop starts again, is common in GIFs.
+    made = renditions(transcode(animated(fmt, durations=(100, 200, 1500)), f"image/{fmt.lower()}").animation)
+    assert webp_frame_durations(made[ANIMATION]) == [100, 200, 1500]
+
+
 def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:
     frames = [Image.new("RGBA", (161, 121), colour) for colour in (COLOURS[0], (40, 60, 210, 0))]
     buffer = io.BytesIO()

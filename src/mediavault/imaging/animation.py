@@ -147,10 +147,29 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
         start,
         frames,
         [
-            Variant(ANIMATION, "image/webp", width, height, webp.getvalue()),
+            Variant(ANIMATION, "image/webp", width, height, _ending_at(webp.getvalue(), start)),
             Variant(GIFV, "video/mp4", even[0], even[1], gifv),
         ],
     )
+
+
+def _ending_at(webp: bytes, end_ms: int) -> bytes:
+    """The animated WebP with its last frame shown until end_ms. FFmpeg's libwebp_anim never tells
+    libwebp when the last frame ends, and libwebp then shows it for the mean of the others' durations
+    (a GIF's long last frame, the pause before it loops, came out as short as the rest)."""
+    data = bytearray(webp)
+    # Each ANMF chunk's payload starts with its offset and size (3 bytes each), then its duration.
+    position, last, shown = 12, None, 0
+    while position + 8 <= len(data):
+        size = int.from_bytes(data[position + 4 : position + 8], "little")
+        if data[position : position + 4] == b"ANMF":
+            if last is not None:
+                shown += int.from_bytes(data[last + 20 : last + 23], "little")
+            last = position
+        position += 8 + size + (size & 1)
+    if last is not None:
+        data[last + 20 : last + 23] = (end_ms - shown).to_bytes(3, "little")
+    return bytes(data)
 
 
 def _duration(image: Image.Image) -> int:
