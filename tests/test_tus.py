@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
+import yarl
 from google.protobuf.wrappers_pb2 import Int64Value
 from google.rpc import error_details_pb2
 
@@ -211,6 +212,10 @@ async def test_bad_requests_change_nothing(tus_server, storage, http, auth, user
     tampered = url.replace("X-Signature=", "X-Signature=0")
     assert (await patch(http, tampered, 1000, data[1000:2000])).status == 403
     assert (await head(http, tampered)).status == 403
+    # Percent-encoded UTF-8 in the signature was a TypeError in hmac.compare_digest, a 500.
+    non_ascii = yarl.URL(url.split("X-Signature=")[0] + "X-Signature=%C3%A9", encoded=True)
+    async with http.head(non_ascii, headers=TUS) as response:
+        assert response.status == 403
     foreign = url.replace(begun.upload.upload_id, str(uuid.uuid4()))
     assert (await head(http, foreign)).status == 403
     assert (await head(http, url)).headers["Upload-Offset"] == "1000"

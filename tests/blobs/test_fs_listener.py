@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 
 from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, single_chunk
@@ -31,7 +32,7 @@ async def store(tmp_path, unused_tcp_port):
     await runner.cleanup()
 
 
-async def send(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
+async def send(method: str, url: str | yarl.URL, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
     async with aiohttp.ClientSession() as session, session.request(method, url, data=body, headers=headers or {}) as response:
         return response.status, await response.read(), dict(response.headers)
 
@@ -223,6 +224,18 @@ async def test_tampered_expired_or_wrong_method_urls_are_refused(store):
     expired = store.signer.sign("PUT", "originals/ab/five", expires_in=-1, length=5, content_type="image/png")
     assert (await send("PUT", expired, b"hello", signed.headers))[0] == 403
     assert not store.path("originals/ab/five").exists()
+
+
+async def test_a_signature_of_non_ascii_characters_is_refused_not_an_error(store):
+    # hmac.compare_digest raises TypeError on a str holding non-ASCII characters: the listener
+    # answered 500 to a URL whose X-Signature was percent-encoded UTF-8.
+    signed = await store.presign_put("originals/ab/seven", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    for signature in ("%C3%A9", "%FF"):
+        put = signed.url.split("X-Signature=")[0] + "X-Signature=" + signature
+        assert (await send("PUT", yarl.URL(put, encoded=True), b"hello", signed.headers))[0] == 403
+        get = (await store.presign_get("originals/ab/seven", expires_in=60)).split("X-Signature=")[0] + "X-Signature=" + signature
+        assert (await send("GET", yarl.URL(get, encoded=True)))[0] == 403
+    assert not store.path("originals/ab/seven").exists()
 
 
 def test_signature_expires():

@@ -79,7 +79,9 @@ class UrlSigner:
             params.get("X-Content-Type", ""),
             params.get("X-Sha256", ""),
         )
-        if not hmac.compare_digest(expected, signature):
+        # compare_digest raises TypeError on a str holding non-ASCII characters, which a
+        # percent-encoded X-Signature may: such a one matches no hex digest.
+        if not signature.isascii() or not hmac.compare_digest(expected, signature):
             return "signature does not match"
         if (now if now is not None else time.time()) > expires:
             return "URL expired"
