@@ -1060,3 +1060,18 @@ async def test_creation_spends_the_begin_upload_rate_limit_and_a_refusal_reserve
                 async with http.post(base, headers={**TUS, "Upload-Length": "1000", "X-Forwarded-For": client}) as response:
                     statuses.append(response.status)
             assert statuses == [401, 429]
+
+
+async def test_an_anonymous_creation_is_limited_by_every_x_forwarded_for_line(make_settings, pool, http):
+    # A proxy may add its hop as a line of its own below the client's (HAProxy's option forwardfor)
+    # rather than extend the client's line: the lines are one list, in order (RFC 9110 5.3). Only
+    # the first was read, the client's own text, so each creation could name an address of its own.
+    settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))
+    client, *spoofed = (str(ipaddress.IPv6Address(random.getrandbits(128))) for _ in range(3))
+    async with limit(pool, BEGIN, per_hour=1, burst=10, scope="anonymous"), running(settings) as server:
+        statuses = []
+        for written in spoofed:
+            headers = [*TUS.items(), ("Upload-Length", "1000"), ("X-Forwarded-For", written), ("X-Forwarded-For", client)]
+            async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", headers=headers) as response:
+                statuses.append(response.status)
+    assert statuses == [401, 429]

@@ -168,7 +168,10 @@ class TusEndpoints:
         # limits, whichever way the upload begins) and freeze. The chunks after it need no
         # limit of their own: the reservation bounds what they can write.
         credentials = [("authorization", request.headers.get("Authorization", ""))]
-        if forwarded := request.headers.get("X-Forwarded-For"):
+        # Every X-Forwarded-For line, in order: they are one list (RFC 9110 5.3), and a proxy may
+        # add its hop as a line of its own below the client's (HAProxy does), so the first alone
+        # is the client's own text.
+        if forwarded := ", ".join(request.headers.getall("X-Forwarded-For", ())):
             credentials.append(("x-forwarded-for", forwarded))
         principal, limits = await self._admission.admit(_CREATION_LIMITED_AS, credentials, request.remote or "")
         length = _non_negative(request.headers.get("Upload-Length"), "Upload-Length")
