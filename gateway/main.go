@@ -340,6 +340,7 @@ var errHeadersTooLarge = gatewayError(codes.InvalidArgument, "HEADERS_TOO_LARGE"
 
 // validMetadata drops the values of forwarded headers that gRPC metadata cannot carry (printable
 // ASCII only): the server would refuse the whole call, on every route, for an X-Request-Id. It
+// joins the X-Forwarded-For lines into one. It
 // answers 431 when what is left passes maxForwardedBytes. It drops Grpc-Timeout, which
 // runtime.AnnotateContext would make the call's deadline: a client's header must not cut a call
 // short into a 504 that carries no ErrorInfo.
@@ -360,9 +361,15 @@ func validMetadata(mux *runtime.ServeMux, next http.Handler) http.Handler {
 					size += len(name) + len(v)
 				}
 			}
-			if len(kept) == 0 {
+			switch {
+			case len(kept) == 0:
 				r.Header.Del(name)
-			} else {
+			case name == "X-Forwarded-For":
+				// Its lines are one list (RFC 9110 5.3), and a balancer in front may add its hop as a
+				// line of its own below the client's; runtime.AnnotateContext forwards the first
+				// line alone, the client's own text.
+				r.Header.Set(name, strings.Join(kept, ", "))
+			default:
 				r.Header[http.CanonicalHeaderKey(name)] = kept
 			}
 		}

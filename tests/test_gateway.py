@@ -500,6 +500,25 @@ async def test_only_the_headers_the_server_reads_are_forwarded(gateway, http, be
     assert reason(body) == "UNAUTHORIZED"
 
 
+async def test_a_balancers_own_x_forwarded_for_line_is_forwarded(gateway_binary, make_settings, pool, http):
+    # A balancer in front of the gateway may add its hop as a line of its own below the client's
+    # (HAProxy does): the lines are one list (RFC 9110 5.3). grpc-gateway forwards the first line
+    # alone, the client's own text, so an anonymous caller could name a new address each call.
+    settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))
+    client, *spoofed = (f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}" for _ in range(5))
+    async with (
+        limit(pool, "StorageService/GetStorageSummary", per_hour=3, burst=50, scope="anonymous"),
+        running(settings) as server,
+        gateway_process(gateway_binary, server.grpc_port) as url,
+    ):
+        statuses = []
+        for written in spoofed:
+            headers = [("X-Forwarded-For", written), ("X-Forwarded-For", client)]
+            async with http.get(f"{url}/v1/storage/summary", headers=headers) as response:
+                statuses.append(response.status)
+    assert statuses == [401, 401, 401, 429]
+
+
 async def test_bytes_that_are_not_utf8_or_ascii_are_not_a_500(gateway, bearer, user_id):
     auth = bearer(user_id)["Authorization"].encode()
     status, headers, body = await asyncio.to_thread(raw_get, gateway, "/v1/feed", {"Authorization": auth, "If-None-Match": b'"\xff\xfe"'})
