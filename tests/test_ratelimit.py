@@ -219,6 +219,17 @@ def test_forwarded_for_is_trusted_only_from_configured_proxies():
     assert limiter.client_address("ipv4:10.1.2.3:5000", "user-victim, 198.51.100.9, 10.0.0.5") == "198.51.100.9"
 
 
+def test_an_ipv4_address_written_ipv4_mapped_is_the_same_address():
+    # A dual-stack listener ([::]:port) sees an IPv4 client as ::ffff:a.b.c.d: the HTTP listener
+    # (request.remote) does, gRPC's peer string does not. TRUSTED_PROXIES' IPv4 networks never
+    # matched a proxy seen so, and a client had one budget per way it was seen.
+    limiter = RateLimiter(None, None, trusted_proxies=("10.0.0.0/8",))
+    assert limiter.client_address("::ffff:10.1.2.3", "198.51.100.9") == "198.51.100.9"
+    assert limiter.client_address("ipv4:10.1.2.3:5000", "198.51.100.9, ::ffff:10.0.0.5") == "198.51.100.9"
+    assert limiter.client_address("::ffff:192.0.2.1", None) == limiter.client_address("ipv4:192.0.2.1:5000", None) == "192.0.2.1"
+    assert limiter.client_address("ipv4:10.1.2.3:5000", "::ffff:198.51.100.9") == "198.51.100.9"
+
+
 async def test_an_anonymous_caller_cannot_spend_a_users_budget_by_naming_it(make_settings, pool, auth, user_id):
     # Behind a proxy that appends rather than overwrites, the first hop is the client's own text.
     settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))

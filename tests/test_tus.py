@@ -1075,3 +1075,17 @@ async def test_an_anonymous_creation_is_limited_by_every_x_forwarded_for_line(ma
             async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", headers=headers) as response:
                 statuses.append(response.status)
     assert statuses == [401, 429]
+
+
+async def test_a_trusted_proxy_is_recognised_on_a_dual_stack_listener(make_settings, pool, http):
+    # On [::]:port the listener sees an IPv4 proxy as ::ffff:127.0.0.1, which 127.0.0.1/32 did not
+    # match: its X-Forwarded-For was ignored and every client behind it shared one anonymous budget.
+    settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",), http_addr="[::]:0")
+    first, second = (str(ipaddress.IPv6Address(random.getrandbits(128))) for _ in range(2))
+    async with limit(pool, BEGIN, per_hour=1, burst=10, scope="anonymous"), running(settings) as server:
+        statuses = []
+        for client in (first, second):
+            headers = {**TUS, "Upload-Length": "1000", "X-Forwarded-For": client}
+            async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", headers=headers) as response:
+                statuses.append(response.status)
+    assert statuses == [401, 401], "each client behind the proxy has its own budget"

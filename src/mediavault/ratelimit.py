@@ -142,11 +142,11 @@ class RateLimiter:
         """The caller's address: the peer, or, when the peer is a trusted proxy, the last
         x-forwarded-for hop that is not one. Each proxy appends the address it was called
         from, so hops left of the last untrusted one are whatever the client wrote."""
-        address = _peer_address(peer)
+        address = _unmapped(_peer_address(peer))
         if not forwarded_for or not self._trusted(address):
             return address
         for hop in reversed(forwarded_for.split(",")):
-            address = hop.strip() or address
+            address = _unmapped(hop.strip()) or address
             if not self._trusted(address):
                 break
         return address
@@ -234,6 +234,17 @@ class RateLimiter:
             if await self.accounts.freeze_automatically(user_id, reason):
                 log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
             self.frozen = self.frozen | {user_id}
+
+
+def _unmapped(address: str) -> str:
+    """An IPv4 address written IPv4-mapped ("::ffff:10.0.0.5") as itself: a dual-stack listener
+    sees IPv4 clients so (aiohttp's request.remote; gRPC's peer does not), and TRUSTED_PROXIES'
+    IPv4 networks, and the budgets kept per address, must take it as the IPv4 address it is."""
+    try:
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return str(mapped) if mapped else address
 
 
 def _peer_address(peer: str) -> str:
