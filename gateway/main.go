@@ -340,8 +340,8 @@ var errHeadersTooLarge = gatewayError(codes.InvalidArgument, "HEADERS_TOO_LARGE"
 
 // validMetadata drops the values of forwarded headers that gRPC metadata cannot carry (printable
 // ASCII only): the server would refuse the whole call, on every route, for an X-Request-Id. It
-// joins the X-Forwarded-For lines into one. It
-// answers 431 when what is left passes maxForwardedBytes. It drops Grpc-Timeout, which
+// joins the X-Forwarded-For lines into one. It answers 431 when what is left passes
+// maxForwardedBytes. It drops Grpc-Timeout, which
 // runtime.AnnotateContext would make the call's deadline: a client's header must not cut a call
 // short into a 504 that carries no ErrorInfo.
 func validMetadata(mux *runtime.ServeMux, next http.Handler) http.Handler {
