@@ -4,6 +4,7 @@ the checks every rendition must pass: probed and decoded, not trusted."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import zlib
@@ -184,6 +185,27 @@ def claims(path: Path, source: Path, seconds: float) -> Path:
     return path
 
 
+def turned(path: Path, source: Path, degrees: float | None) -> Path:
+    """source with its video track's matrix (tkhd, version 0) turning the picture by `degrees`, any
+    angle, as a hostile or odd writer may store it; None for an all-zero matrix, which turns nothing."""
+    data = bytearray(source.read_bytes())
+    turn = math.radians(degrees or 0.0)
+    cos, sin = (0, 0) if degrees is None else (round(math.cos(turn) * 65536), round(math.sin(turn) * 65536))
+
+    def rewrite(start: int, end: int) -> None:
+        for kind, at, box_end in _boxes(data, start, end):
+            if kind == b"tkhd":
+                # size, type, version/flags, creation, modification, track id, reserved, duration,
+                # reserved (8), layer, group, volume, reserved: then a, b, u, c, d, v, x, y, w.
+                struct.pack_into(">9i", data, at + 48, cos, sin, 0, -sin, cos, 0, 0, 0, 1 << 30)
+            elif kind in (b"moov", b"trak"):
+                rewrite(at + 8, box_end)
+
+    rewrite(0, len(data))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def cover_first(path: Path, source: Path) -> Path:
     """source with a cover picture (a red 64x64 PNG) whose stream comes before the video's: the
     cover's box (moov/udta) moved in front of the first trak, so FFmpeg's demuxer numbers it 0."""
@@ -281,6 +303,15 @@ def rotation(stream: dict) -> int:
         if "rotation" in side:
             return int(side["rotation"])
     return int(stream.get("tags", {}).get("rotate", 0))
+
+
+def autorotated_size(path: Path) -> tuple[int, int]:
+    """The size of path's first frame as the ffmpeg CLI gives it, turned by its autorotate."""
+    png = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-c:v", "png", "-f", "image2pipe", "-"],
+                         check=True, capture_output=True).stdout
+    # The PNG signature, then the IHDR chunk's length and type, then its width and height.
+    width, height = struct.unpack_from(">II", png, 16)
+    return width, height
 
 
 def check_rendition(path: Path, *, width: int, height: int, duration: float, audio: bool) -> dict:

@@ -571,12 +571,26 @@ async def test_a_rotate_tag_turns_nothing_as_it_turns_nothing_in_ffmpeg(clips, v
     make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
 
 
+@pytest.mark.parametrize("degrees", [90, -90, 45, 89.3, 89.6, None], ids=str)
+async def test_the_renditions_are_shaped_as_ffmpeg_turns_the_frames(clips, degrees):
+    # ffmpeg's autorotate turns the frames a quarter only when the display matrix's angle, rounded to
+    # a degree, is one (89.6 is, 89.3 is not); any other angle is drawn turned inside the frame's own
+    # size, and a matrix without an angle (all zero) turns nothing. The renditions' shape must be that
+    # of the frames they are scaled from, or the picture is squeezed.
+    source_path = make.turned(clips / f"turned-{degrees}.mp4", make.h264(clips / "unturned.mp4", "640x360", audio=False),
+                              degrees)
+    shown = make.autorotated_size(source_path)
+    source, made = await _transcode(source_path, "video/mp4", clips / f"turned-{degrees}")
+    assert (source.width, source.height) == shown
+    make.check_rendition(made[0].path, width=shown[0], height=shown[1], duration=1.0, audio=False)
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
         lambda video: video.update(width="wide"),
         lambda video: video.update(avg_frame_rate="thirty/1"),
-        lambda video: video.update(side_data_list=[{"rotation": "quarter"}]),
+        lambda video: video.update(side_data_list=[{"displaymatrix": "a quarter", "rotation": 90}]),
         lambda video: video.pop("index"),
         lambda video: video.update(duration=["1.0"]),
     ],

@@ -295,11 +295,22 @@ def _ratio(text: str | None) -> Fraction | None:
 
 
 def _rotation(stream: dict) -> int:
+    """The display matrix's angle (counter-clockwise) rounded to a degree, as ffmpeg's autorotate
+    rounds it before it turns the frames; ffprobe's own "rotation" truncates it (89.6 is 89, where
+    ffmpeg turns a quarter) and is a huge negative number for a matrix without an angle."""
     # The display matrix only, the one thing ffmpeg's autorotate reads: a "rotate" tag (free
     # text in Matroska) turns no frame, and counting it would plan renditions of the wrong shape.
     for side in stream.get("side_data_list", ()):
-        if "rotation" in side:
-            return int(side["rotation"])
+        if "displaymatrix" in side:
+            # Three rows "00000000:  a  b  u", in 16.16 fixed point but for the last column.
+            matrix = [int(v) for row in side["displaymatrix"].strip().splitlines() for v in row.partition(":")[2].split()]
+            if len(matrix) != 9:
+                raise ValueError("display matrix")
+            a, b, c, d = matrix[0], matrix[1], matrix[3], matrix[4]
+            if not math.hypot(a, c) or not math.hypot(b, d):
+                # av_display_rotation_get's NaN: ffmpeg turns nothing.
+                return 0
+            return round(-math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c))))
     return 0
 
 
@@ -335,7 +346,9 @@ def _source(report: dict) -> Source:
     aspect = _ratio(video.get("sample_aspect_ratio")) or Fraction(1)
     width, height = coded_width * aspect, Fraction(coded_height)
     rotation = _rotation(video)
-    if rotation % 180:
+    # ffmpeg's autorotate transposes the frames at a quarter turn only; any other angle it draws
+    # turned inside the frame's own size (its rotate filter), so the frames keep their shape.
+    if rotation % 180 == 90:
         width, height = height, width
     nominal = _ratio(video.get("r_frame_rate"))
     rate = _ratio(video.get("avg_frame_rate")) or nominal
