@@ -91,6 +91,14 @@ def bt2020_sdr_bars(path: Path, size: str = "640x480") -> Path:
     return path
 
 
+def colour_tagged(path: Path, **tags: str) -> Path:
+    """0.5 s of 320x240 H.264 tagged with only the colour fields given, as ffmpeg names its options
+    (color_trc, color_primaries, colorspace): the others are left unspecified."""
+    ffmpeg(*_testsrc("320x240", 0.5), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           *(arg for key, value in tags.items() for arg in (f"-{key}", value)), str(path))
+    return path
+
+
 def bar_colours(path: Path) -> list[tuple[int, int, int]]:
     """The RGB of the seven top bars of the first frame, decoded as a player reads the file's tags:
     its matrix (untagged: BT.709 if HD, else BT.601), its range, and BT.2020 primaries moved to BT.709."""

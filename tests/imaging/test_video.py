@@ -196,6 +196,27 @@ async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips
 
 
 @pytest.mark.parametrize(
+    "tags",
+    [
+        {"color_trc": "smpte2084"},
+        {"color_trc": "arib-std-b67", "colorspace": "bt2020nc"},
+        {"color_trc": "arib-std-b67", "color_primaries": "bt2020"},
+        {"color_trc": "bt709", "color_primaries": "bt2020"},
+    ],
+    ids=["pq-alone", "hlg-without-primaries", "hlg-without-matrix", "bt2020-sdr-without-matrix"],
+)
+async def test_an_hdr_or_bt2020_source_that_leaves_out_its_primaries_or_matrix_is_read_as_bt2020(clips, tags):
+    # zscale finds no path from unspecified primaries or matrix: the whole run failed, "corrupt video",
+    # though every frame decodes. Left out, they are BT.2020's, the same renditions as when tagged so.
+    name = "-".join(tags.values())
+    source, made = await _transcode(make.colour_tagged(clips / f"{name}.mp4", **tags), "video/mp4", clips / name)
+    make.check_rendition(made[0].path, width=320, height=240, duration=0.5, audio=False)
+    tagged = make.colour_tagged(clips / f"{name}-all.mp4", **{"color_primaries": "bt2020", "colorspace": "bt2020nc", **tags})
+    _, reference = await _transcode(tagged, "video/mp4", clips / f"{name}-all")
+    assert make.ssim(made[0].path, reference[0].path) > 0.99
+
+
+@pytest.mark.parametrize(
     ("build", "limits", "reason"),
     [
         (lambda d: make.claims(d / "long.mp4", make.h264(d / "short.mp4"), 36000), videos.VideoLimits(), videos.VIDEO_TOO_LONG),

@@ -510,6 +510,17 @@ def command(
 ) -> list[str]:
     """The ffmpeg command that makes every planned rendition in one decode."""
     chain = []
+    if source.is_hdr or source.is_bt2020_sdr:
+        # zscale finds no path from a frame whose primaries or matrix are unspecified, and the run
+        # failed though every frame decodes: left out, they are read as BT.2020's, those HLG and PQ
+        # are defined in (setparams only tags the frames).
+        untagged = []
+        if not source.primaries:
+            untagged.append("color_primaries=bt2020")
+        if not source.matrix:
+            untagged.append("colorspace=bt2020nc")
+        if untagged:
+            chain.append("setparams=" + ":".join(untagged))
     if source.is_hdr:
         # Down to the largest rung first, in the source's own pixel format (10-bit stays 10-bit,
         # its matrix and transfer untouched): the tone mapping works on float RGB frames, 12 bytes
