@@ -225,13 +225,15 @@ async def test_an_hdr_or_bt2020_source_that_leaves_out_its_primaries_or_matrix_i
         (lambda d: make.claims(d / "0s.mp4", make.h264(d / "4s.mp4", "64x48", 4.0, rate=10), 0), _TWO_SECONDS, videos.VIDEO_TOO_LONG),
         (lambda d: make.truncated(d / "cut.mp4", make.h264(d / "whole.mp4", faststart=False)), videos.VideoLimits(), "corrupt video"),
         (lambda d: make.tiny(d / "dot.mp4"), videos.VideoLimits(), videos.VIDEO_TOO_SMALL),
+        # 16 px high itself, but 2 px in the 360p rendition's 640 px box.
+        (lambda d: make.h264(d / "strip.mp4", "4096x16"), videos.VideoLimits(), videos.VIDEO_TOO_SMALL),
         (lambda d: make.h264(d / "wide.mp4"), videos.VideoLimits(max_long_side=300), videos.VIDEO_TOO_LARGE),
         (lambda d: make.h264(d / "fast.mp4", rate=60), videos.VideoLimits(max_frame_rate=50), videos.FRAME_RATE_TOO_HIGH),
         (lambda d: _write(d / "text.mp4", b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 100), videos.VideoLimits(), "corrupt video"),
         # Sound only in a codec off the allow-list: its decoder is never reached.
         (lambda d: make.dubbed(d / "adpcm.mov", ("adpcm_ima_qt", 44100)), videos.VideoLimits(), "unsupported format"),
     ],
-    ids=["claims-10h", "claims-1s-holds-4s", "claims-0s-holds-4s", "truncated", "1x1", "too-large", "too-fast", "garbage",
+    ids=["claims-10h", "claims-1s-holds-4s", "claims-0s-holds-4s", "truncated", "1x1", "4096x16", "too-large", "too-fast", "garbage",
          "adpcm-sound"],
 )
 async def test_refused_from_the_container_before_decoding(tmp_path, build, limits, reason):

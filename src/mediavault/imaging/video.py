@@ -382,7 +382,10 @@ def check(source: Source, limits: VideoLimits) -> None:
         raise PermanentImagingError(VIDEO_TOO_LONG)
     if max(source.coded_width, source.coded_height, source.width, source.height) > limits.max_long_side:
         raise PermanentImagingError(VIDEO_TOO_LARGE)
-    if min(source.width, source.height) < MIN_SIDE:
+    # The smallest rendition too: a 4096x16 source fits the first rung's box at 640x2, frames a
+    # phone's hardware decoder refuses.
+    first = plan(source)[0]
+    if min(source.width, source.height, first.width, first.height) < MIN_SIDE:
         raise PermanentImagingError(VIDEO_TOO_SMALL)
     if source.frame_rate > limits.max_frame_rate:
         raise PermanentImagingError(FRAME_RATE_TOO_HIGH)
