@@ -11,7 +11,7 @@ from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, formats, transc
 from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
-from tests.imaging.helpers import assert_no_metadata, check_variants, corpus, open_variant, transcoded
+from tests.imaging.helpers import assert_no_metadata, check_variants, corpus, mean_difference, open_variant, transcoded
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The iPhone's own Display P3 profile, as its HEIC carries it.
@@ -132,3 +132,34 @@ def test_the_iphone_heic_keeps_display_p3() -> None:
 def test_srgb_sources_stay_untagged(relative: str) -> None:
     for picture in check_variants(transcoded(relative), IMAGE_VARIANTS).values():
         assert "icc_profile" not in picture.info
+
+
+def gradient(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    width, height = size
+    picture = Image.new("RGB", size)
+    picture.putdata([(x * 255 // (width - 1), y * 255 // (height - 1), 128) for y in range(height) for x in range(width)])
+    return picture
+
+
+def test_a_palette_png_in_display_p3_keeps_its_gamut() -> None:
+    picture = Image.new("RGB", (200, 100), (255, 0, 0))
+    picture.paste((0, 255, 0), (100, 0, 200, 100))
+    buffer = io.BytesIO()
+    # No tRNS: Pillow opens it as "P", not "RGBA".
+    picture.convert("P").save(buffer, "PNG", icc_profile=APPLE_P3)
+    for name, variant in check_variants(transcode(buffer.getvalue(), "image/png"), IMAGE_VARIANTS).items():
+        assert variant.info.get("icc_profile") == DISPLAY_P3, name
+        red = variant.convert("RGB").getpixel((variant.width // 4, variant.height // 2))
+        assert isinstance(red, tuple)
+        assert in_linear_srgb(red)[0] > 1.1, (name, red)
+
+
+def test_a_palette_png_with_another_profile_is_converted_to_srgb() -> None:
+    icc = Image.open(corpus("images/formats/icc_profile_big.jpg")).info["icc_profile"]
+    buffer = io.BytesIO()
+    gradient().convert("P", palette=Image.Palette.ADAPTIVE).save(buffer, "PNG", icc_profile=icc)
+    source = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    expected = ImageCms.profileToProfile(source, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"))
+    display = check_variants(transcode(buffer.getvalue(), "image/png"), IMAGE_VARIANTS)["display"]
+    assert "icc_profile" not in display.info
+    assert mean_difference(display, expected) < 3 < 6 < mean_difference(display, source)

@@ -230,6 +230,10 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         if alpha.getextrema()[0] == 255:
             alpha = None
         image = rgba
+    elif image.mode == "P":
+        # A palette's colours are RGB, what its profile describes: _apply_profile and the
+        # Display P3 check take RGB.
+        image = image.convert("RGB")
     icc = image.info.get("icc_profile")
     wide = bool(icc and image.mode in ("RGB", "RGBA") and is_display_p3(icc))
     converted = _apply_profile(image, icc) if icc and not wide else None
