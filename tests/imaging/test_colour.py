@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import pytest
 from PIL import Image, ImageCms
@@ -163,3 +164,43 @@ def test_a_palette_png_with_another_profile_is_converted_to_srgb() -> None:
     display = check_variants(transcode(buffer.getvalue(), "image/png"), IMAGE_VARIANTS)["display"]
     assert "icc_profile" not in display.info
     assert mean_difference(display, expected) < 3 < 6 < mean_difference(display, source)
+
+
+def grey_profile(gamma: float) -> bytes:
+    """A grey ICC v4 profile whose tone curve is a plain gamma."""
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    d50 = (0.9642, 1.0, 0.8249)
+    description = "Grey".encode("utf-16-be")
+    tags = [
+        (b"desc", b"mluc\0\0\0\0" + struct.pack(">II2s2sII", 1, 12, b"en", b"US", len(description), 28) + description),
+        (b"wtpt", b"XYZ \0\0\0\0" + b"".join(s15(v) for v in d50)),
+        (b"kTRC", b"para\0\0\0\0" + struct.pack(">HH", 0, 0) + s15(gamma)),
+    ]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body + bytes(-len(body) % 4)
+    size = offset + len(data)
+    header = (
+        struct.pack(">I4sI4s4s4s", size, b"\0\0\0\0", 0x04300000, b"mntr", b"GRAY", b"XYZ ")
+        + bytes(12) + b"acsp" + bytes(28) + b"".join(s15(v) for v in d50) + bytes(48)
+    )
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+@pytest.mark.parametrize("mode", ["L", "LA"])
+def test_grey_with_a_grey_profile_is_converted_with_or_without_alpha(mode: str) -> None:
+    icc = grey_profile(1.8)
+    grey = Image.linear_gradient("L").resize((128, 64))
+    picture = grey.convert(mode)
+    if mode == "LA":
+        picture.putalpha(Image.linear_gradient("L").rotate(90).resize((128, 64)).point(lambda v: 64 + v // 2))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", icc_profile=icc)
+    expected = ImageCms.profileToProfile(grey, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"), outputMode="RGB")
+    assert mean_difference(grey, expected) > 10
+    display = check_variants(transcode(buffer.getvalue(), "image/png"), IMAGE_VARIANTS)["display"]
+    assert display.mode == ("RGBA" if mode == "LA" else "RGB")
+    assert mean_difference(display, expected) < 2

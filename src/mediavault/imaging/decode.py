@@ -229,7 +229,9 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         alpha = rgba.getchannel("A")
         if alpha.getextrema()[0] == 255:
             alpha = None
-        image = rgba
+        # Grey stays grey until its profile, a grey one, is applied (_apply_profile); the
+        # alpha goes back on after.
+        image = image.convert("L") if image.mode in ("L", "LA") else rgba
     elif image.mode == "P":
         # A palette's colours are RGB, what its profile describes: _apply_profile and the
         # Display P3 check take RGB.
