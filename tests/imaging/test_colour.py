@@ -204,3 +204,18 @@ def test_grey_with_a_grey_profile_is_converted_with_or_without_alpha(mode: str) 
     display = check_variants(transcode(buffer.getvalue(), "image/png"), IMAGE_VARIANTS)["display"]
     assert display.mode == ("RGBA" if mode == "LA" else "RGB")
     assert mean_difference(display, expected) < 2
+
+
+@pytest.mark.parametrize(("primaries", "wide"), [(12, True), (1, False)])
+def test_a_heif_whose_colour_box_says_display_p3_keeps_its_gamut(primaries: int, wide: bool) -> None:
+    """libheif's encoders (and some phones) describe the colours with an nclx box, not an ICC
+    profile: H.273 primaries 12 with transfer 13 are Display P3, 1 with 13 are sRGB."""
+    picture = Image.new("RGB", (200, 100), (255, 0, 0))
+    buffer = io.BytesIO()
+    picture.save(buffer, "HEIF", quality=95, color_primaries=primaries, transfer_characteristics=13, matrix_coefficients=6)
+    assert "icc_profile" not in Image.open(io.BytesIO(buffer.getvalue())).info
+    result = transcode(buffer.getvalue(), "image/heif")
+    for name, variant in check_variants(result, IMAGE_VARIANTS).items():
+        # Untagged, a variant's levels are read as sRGB's: the P3 red's would be clipped to sRGB red.
+        assert variant.info.get("icc_profile") == (DISPLAY_P3 if wide else None), name
+        assert variant.convert("RGB").getpixel((variant.width // 2, variant.height // 2))[0] > 250, name

@@ -237,7 +237,7 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         # Display P3 check take RGB.
         image = image.convert("RGB")
     icc = image.info.get("icc_profile")
-    wide = bool(icc and image.mode in ("RGB", "RGBA") and is_display_p3(icc))
+    wide = image.mode in ("RGB", "RGBA") and (is_display_p3(icc) if icc else _nclx_display_p3(image.info))
     converted = _apply_profile(image, icc) if icc and not wide else None
     # convert() copies even when the mode already matches: 16 ms on a phone photo.
     rgb = converted or (image if image.mode == "RGB" else image.convert("RGB"))
@@ -247,6 +247,17 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     if alpha is not None:
         rgb.putalpha(alpha)
     return rgb
+
+
+# A HEIF may describe its colours with an nclx box (H.273 codes, pillow-heif's "nclx_profile")
+# instead of an ICC profile; libheif's encoders do. Primaries 12 (P3, D65 white) with transfer 13
+# (sRGB's curve) are Display P3, which DISPLAY_P3 tags as it is.
+_NCLX_DISPLAY_P3 = (12, 13)
+
+
+def _nclx_display_p3(info: dict) -> bool:
+    nclx = info.get("nclx_profile") or {}
+    return (nclx.get("color_primaries"), nclx.get("transfer_characteristics")) == _NCLX_DISPLAY_P3
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
