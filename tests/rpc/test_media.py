@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from mediavault.domain import cleanup, ledger
+from mediavault.domain.media import Variant, variant_key
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.services import build_services
@@ -305,6 +306,46 @@ async def test_a_reprocess_that_meets_a_delete_is_not_found_not_busy(storage, me
         await reprocess
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert error_info(caught.value).reason == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("recording", ["complete", "add_formats"])
+async def test_a_delete_that_meets_a_run_recording_its_variants_frees_their_bytes(make_settings, auth, user_id, pool, recording):
+    # A queue no worker serves: the test plays the worker.
+    settings = make_settings(queue_name=f"delete-meets-variants:{user_id}")
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage, media = storage_pb2_grpc.StorageServiceStub(channel), media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        done = await upload(storage, md, fake_jpeg(1500))
+        media_id = uuid.UUID(done.media_id)
+        library = build_services(server.pool, server.blobs, None, server.settings).library
+        thumbnail = Variant("thumbnail", variant_key(media_id, 0, "thumbnail", "image/jpeg"), "image/jpeg", 10, 10, 700)
+        webp = Variant("thumbnail", variant_key(media_id, 0, "thumbnail", "image/webp"), "image/webp", 10, 10, 300)
+        assert await library.claim(media_id, 0)
+        if recording == "add_formats":
+            assert await library.complete(media_id, 0, 10, 10, [thumbnail])
+        async with pool.acquire() as holding, holding.transaction():
+            # The owner's account held: the run records its variants, holding the media row,
+            # and waits to add their bytes to the account.
+            await holding.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE", user_id)
+            if recording == "complete":
+                run = asyncio.ensure_future(library.complete(media_id, 0, 10, 10, [thumbnail]))
+            else:
+                run = asyncio.ensure_future(library.add_formats(media_id, 0, [webp]))
+            waiting = ("SELECT count(*) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1")
+            while not await pool.fetchval(waiting, "%derived_bytes = a.derived_bytes + c.delta%"):
+                assert not run.done(), run
+                await asyncio.sleep(0.02)
+            # The delete waits for the media row.
+            delete = asyncio.ensure_future(media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md))
+            while not await pool.fetchval(waiting, "%SET deleted_at = now()%"):
+                assert not delete.done(), delete
+                await asyncio.sleep(0.02)
+        assert await run
+        await delete
+        summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+        assert (summary.used_bytes, summary.derived_bytes, summary.media_count) == (0, 0, 0)
+    assert [m for m in await ledger.audit(pool) if m.user_id == user_id] == []
 
 
 async def test_delete_frees_bytes_and_hides_media_from_everyone(storage, media, auth, user_id, pool):

@@ -87,15 +87,25 @@ LIMIT {limit}
 _FIRST_PAGE = _page_statement("", "$2")
 _PAGE_AFTER = _page_statement(" AND (m.created_at, m.media_id) < ($2, $3)", "$4")
 
+# A run recording its variants (complete, add_formats) holds the media row until it has added
+# their bytes to the account. A delete that waited for that row gets them back in `deleted`,
+# while its snapshot, taken before the run committed, shows the account without them, and
+# PostgreSQL checks a CHECK on the new row made from that snapshot's row before it moves to
+# the run's: a figure computed from it would break accounts_derived_nonnegative. So the account
+# is locked after the media row (the CTE reads `deleted`), which gives its latest row, and the
+# figures are computed from that.
 _DELETE = """
 WITH deleted AS (
     UPDATE media SET deleted_at = now(), purge_after = now() + make_interval(secs => $2), updated_at = now()
     WHERE media_id = $1 AND deleted_at IS NULL
     RETURNING media_id, owner_id, size_bytes, derived_bytes
+), locked AS (
+    SELECT a.user_id, a.used_bytes, a.derived_bytes FROM accounts a JOIN deleted d ON a.user_id = d.owner_id
+    FOR NO KEY UPDATE OF a
 ), freed AS (
-    UPDATE accounts a SET used_bytes = a.used_bytes - d.size_bytes, derived_bytes = a.derived_bytes - d.derived_bytes,
+    UPDATE accounts a SET used_bytes = l.used_bytes - d.size_bytes, derived_bytes = l.derived_bytes - d.derived_bytes,
                           updated_at = now()
-    FROM deleted d WHERE a.user_id = d.owner_id
+    FROM deleted d JOIN locked l ON l.user_id = d.owner_id WHERE a.user_id = d.owner_id
 ), entry AS (
     INSERT INTO ledger_entries (user_id, kind, used_delta, media_id)
     SELECT owner_id, 'free', -size_bytes, media_id FROM deleted
