@@ -20,6 +20,7 @@ from mediavault import devservers
 from mediavault.blobs import BlobStoreError, single_chunk
 from mediavault.db import migrate
 from mediavault.domain import cleanup, ledger
+from mediavault.domain.media import Variant, variant_key
 from mediavault.jobs import TranscodeQueue
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -229,6 +230,41 @@ async def test_a_format_committed_after_the_expiry_claims_snapshot_is_purged_too
         assert await blobs_exist(blobs, media_id) == (False, False)
         assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", media_id)
         assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1", media_id) == 0
+
+
+async def test_an_expiry_that_meets_a_format_being_recorded_frees_what_it_recorded(ctx, pool, user_id):
+    # A format made on request adds its bytes to the media and to the account, holding the media
+    # row. The race: the run commits after the expiry's batch took its snapshot and before the
+    # batch locks that row. Many of the owner's items due before it make that a while, and a
+    # format recorded again and again lands in it.
+    items = await seed_media(pool, ctx["blobs"], user_id, 500, retention="ephemeral", expired=True)
+    last = items[-1]
+    await pool.execute("UPDATE media SET expires_at = now() - interval '1 second' WHERE media_id = $1", last)
+    webp = variant_key(last, 0, "thumbnail", "image/webp")
+    recording = True
+
+    async def record_formats() -> None:
+        size = 0
+        while recording:
+            size += 1
+            await ctx["library"].add_formats(last, 0, [Variant("thumbnail", webp, "image/webp", 10, 10, size)])
+            await asyncio.sleep(0.001)
+
+    formats = asyncio.ensure_future(record_formats())
+    try:
+        # A dry run makes the batch's changes and rolls them back: the same race, run after run.
+        for _ in range(20):
+            assert (await run_job(ctx, "expire_ephemeral_media", dry_run=True)).errors == 0
+        assert (await run_job(ctx, "expire_ephemeral_media")).errors == 0
+    finally:
+        recording = False
+        await formats
+    # The last item, if the run found it locked by a format being recorded.
+    assert (await run_job(ctx, "expire_ephemeral_media")).errors == 0
+    assert await pool.fetchval("SELECT count(*) FROM media WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL", items) == 0
+    account = await pool.fetchrow("SELECT used_bytes, derived_bytes FROM accounts WHERE user_id = $1", user_id)
+    assert tuple(account) == (0, 0)
+    assert await ledger.audit(pool) == []
 
 
 async def test_purge_waits_for_the_grace_period_and_keeps_tombstones(ctx, storage, media, auth, user_id, pool):

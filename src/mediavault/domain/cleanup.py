@@ -101,10 +101,13 @@ WITH due AS (
     SELECT owner_id, sum(size_bytes)::bigint AS bytes, sum(derived_bytes)::bigint AS derived
     FROM removed GROUP BY owner_id
 ), locked AS (
-    -- In user_id order, so that batches locking many accounts at once never deadlock.
-    SELECT user_id FROM accounts WHERE user_id IN (SELECT owner_id FROM per_owner) ORDER BY user_id FOR UPDATE
+    -- In user_id order, so that batches locking many accounts at once never deadlock. The figures
+    -- are the locked rows', as media._DELETE's: a run that recorded variants between this
+    -- statement's snapshot and the batch's lock of their media is in `removed`, not in the snapshot.
+    SELECT user_id, used_bytes, derived_bytes FROM accounts WHERE user_id IN (SELECT owner_id FROM per_owner)
+    ORDER BY user_id FOR UPDATE
 ), freed AS (
-    UPDATE accounts a SET used_bytes = a.used_bytes - p.bytes, derived_bytes = a.derived_bytes - p.derived,
+    UPDATE accounts a SET used_bytes = l.used_bytes - p.bytes, derived_bytes = l.derived_bytes - p.derived,
                           updated_at = now()
     FROM per_owner p JOIN locked l ON l.user_id = p.owner_id WHERE a.user_id = p.owner_id
 ), entry AS (
