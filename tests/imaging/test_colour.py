@@ -219,3 +219,21 @@ def test_a_heif_whose_colour_box_says_display_p3_keeps_its_gamut(primaries: int,
         # Untagged, a variant's levels are read as sRGB's: the P3 red's would be clipped to sRGB red.
         assert variant.info.get("icc_profile") == (DISPLAY_P3 if wide else None), name
         assert variant.convert("RGB").getpixel((variant.width // 2, variant.height // 2))[0] > 250, name
+
+
+@pytest.mark.parametrize(("primaries", "wide"), [(12, True), (1, False)])
+def test_an_avif_whose_colour_box_says_display_p3_keeps_its_gamut(primaries: int, wide: bool) -> None:
+    """As a HEIF's (above), for an AVIF: libavif reads the nclx box but Pillow's AVIF plugin
+    passes on only an ICC profile."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 100), (255, 0, 0)).save(buffer, "AVIF", quality=95, speed=10)
+    data = bytearray(buffer.getvalue())
+    # libavif writes an nclx box when there is no ICC profile: primaries 1, transfer 13.
+    colr = data.index(b"colrnclx") + 8
+    assert struct.unpack(">HH", data[colr : colr + 4]) == (1, 13)
+    struct.pack_into(">H", data, colr, primaries)
+    assert "icc_profile" not in Image.open(io.BytesIO(bytes(data))).info
+    result = transcode(bytes(data), "image/avif")
+    for name, variant in check_variants(result, IMAGE_VARIANTS).items():
+        assert variant.info.get("icc_profile") == (DISPLAY_P3 if wide else None), name
+        assert variant.convert("RGB").getpixel((variant.width // 2, variant.height // 2))[0] > 250, name

@@ -20,7 +20,7 @@ from PIL import Image
 
 from mediavault.imaging import PermanentImagingError, transcode
 from mediavault.imaging.errors import CORRUPT_IMAGE
-from mediavault.imaging.isobmff import av1_frames_match_their_declared_sizes
+from mediavault.imaging.isobmff import PrimaryImage, av1_frames_match_their_declared_sizes, primary_image
 from tests.conftest import CORPUS
 from tests.imaging.helpers import content_type
 
@@ -377,3 +377,135 @@ def test_boxes_that_claim_more_than_the_file_has_are_refused():
     with pytest.raises(PermanentImagingError) as refused:
         transcode(data[:-10], "image/avif")
     assert str(refused.value) == CORRUPT_IMAGE
+
+
+# What libavif reads of the primary item but leaves to its caller: the clean aperture and
+# nclx colours (mediavault.imaging.isobmff.primary_image, applied in decode).
+
+
+def children(data: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]:
+    found, position = [], start
+    while position < end:
+        size, kind = struct.unpack(">I4s", data[position : position + 8])
+        found.append((kind, data[position + 8 : position + size]))
+        position += size
+    return found
+
+
+def with_primary_property(data: bytes, prop: bytes) -> bytes:
+    """libavif's AVIF (meta before mdat, iloc version 0 with 4-byte offsets, one item) with one
+    more property, essential, associated with its primary item."""
+    meta_at = data.index(b"meta") - 4
+    meta_end = meta_at + struct.unpack(">I", data[meta_at : meta_at + 4])[0]
+    parts = children(data, meta_at + 12, meta_end)
+    rebuilt = []
+    for kind, payload in parts:
+        if kind == b"iprp":
+            (ipco_kind, ipco), (ipma_kind, ipma) = children(payload, 0, len(payload))
+            assert (ipco_kind, ipma_kind) == (b"ipco", b"ipma")
+            assert ipma[:4] == b"\0\0\0\0"
+            index = len(children(ipco, 0, len(ipco))) + 1
+            (count,) = struct.unpack(">I", ipma[4:8])
+            assert count == 1
+            item, associations = ipma[8:10], ipma[10]
+            ipma = ipma[:8] + item + bytes([associations + 1]) + ipma[11:] + bytes([0x80 | index])
+            payload = box(b"ipco", ipco + prop) + box(b"ipma", ipma)
+        rebuilt.append((kind, payload))
+    delta = sum(8 + len(payload) for _, payload in rebuilt) - sum(8 + len(payload) for _, payload in parts)
+    meta = b""
+    for kind, payload in rebuilt:
+        if kind == b"iloc":
+            assert payload[:6] == b"\0\0\0\0\x44\x00"
+            entries, position = bytearray(payload), 8
+            for _ in range(struct.unpack(">H", payload[6:8])[0]):
+                extents = struct.unpack(">H", payload[position + 4 : position + 6])[0]
+                position += 6
+                for _ in range(extents):
+                    struct.pack_into(">I", entries, position, struct.unpack(">I", payload[position : position + 4])[0] + delta)
+                    position += 8
+            payload = bytes(entries)
+        meta += box(kind, payload)
+    return data[:meta_at] + full_box(b"meta", 0, meta) + data[meta_end:]
+
+
+def clap(width: int, height: int, horizontal: tuple[int, int] = (0, 1), vertical: tuple[int, int] = (0, 1)) -> bytes:
+    return box(b"clap", struct.pack(">IIIIiIiI", width, 1, height, 1, *horizontal, *vertical))
+
+
+def framed(size: tuple[int, int], inner: tuple[int, int, int, int]) -> Image.Image:
+    """Blue, with a red rectangle at inner (left, top, right, bottom)."""
+    picture = Image.new("RGB", size, (20, 40, 220))
+    picture.paste(RED, inner)
+    return picture
+
+
+def avif_of(picture: Image.Image) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, "AVIF", speed=10, quality=95, subsampling="4:4:4")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("prop", "crop"),
+    [
+        # Centred: the clean aperture's centre is the picture's.
+        (clap(96, 64), (32, 32, 128, 96)),
+        # Moved 16 pixels left and 8 down from the centre.
+        (clap(96, 64, (-16, 1), (8, 1)), (16, 40, 112, 104)),
+        # Offsets as fractions: -32/2 and 16/2.
+        (clap(96, 64, (-32, 2), (16, 2)), (16, 40, 112, 104)),
+    ],
+)
+def test_the_clean_aperture_is_read_where_the_clap_box_puts_it(prop, crop):
+    data = with_primary_property(avif_of(framed((160, 128), crop)), prop)
+    assert primary_image(data) == PrimaryImage((160, 128), crop, (1, 13))
+
+
+@pytest.mark.parametrize(
+    "prop",
+    [
+        # Past the picture's right edge.
+        clap(96, 64, (40, 1), (0, 1)),
+        # Half a pixel: (160 - 1) / 2 - (95 - 1) / 2 - 1/2 is no whole column.
+        clap(95, 64),
+        # A zero denominator.
+        box(b"clap", struct.pack(">IIIIiIiI", 96, 0, 64, 1, 0, 1, 0, 1)),
+        # Larger than the picture.
+        clap(320, 64),
+    ],
+)
+def test_a_clean_aperture_that_is_not_whole_pixels_inside_the_picture_is_not_applied(prop):
+    assert primary_image(with_primary_property(avif_of(framed((160, 128), (0, 0, 160, 128))), prop)).clean_aperture is None
+
+
+def test_an_avif_is_cropped_to_its_clean_aperture():
+    """Pillow's AVIF plugin hands out the whole coded picture; libavif leaves the crop to its
+    caller, and browsers show only the clean aperture."""
+    crop = (16, 40, 112, 104)
+    data = with_primary_property(avif_of(framed((160, 128), crop)), clap(96, 64, (-16, 1), (8, 1)))
+    result = transcode(data, "image/avif")
+    assert (result.width, result.height) == (96, 64)
+    for variant in result.variants:
+        picture = Image.open(io.BytesIO(variant.data)).convert("RGB")
+        assert picture.size == (variant.width, variant.height)
+        assert variant.width * 64 == variant.height * 96, variant.name
+        # Every pixel red: none of the blue frame around the clean aperture is left.
+        lowest_red = picture.getchannel("R").getextrema()[0]
+        highest_blue = picture.getchannel("B").getextrema()[1]
+        assert lowest_red > 150, variant.name
+        assert highest_blue < 110, variant.name
+
+
+def test_a_turned_avif_is_cropped_before_it_is_turned():
+    """ISO/IEC 23000-22 (MIAF): clap, then irot. A quarter turn makes the 96x64 aperture 64x96."""
+    crop = (16, 40, 112, 104)
+    picture = framed((160, 128), crop)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    picture.save(out, "AVIF", speed=10, quality=95, subsampling="4:4:4", exif=exif.tobytes())
+    assert b"irot" in out.getvalue()
+    result = transcode(with_primary_property(out.getvalue(), clap(96, 64, (-16, 1), (8, 1))), "image/avif")
+    assert (result.width, result.height) == (64, 96)
+    display = Image.open(io.BytesIO(next(v for v in result.variants if v.name == "display").data)).convert("RGB")
+    assert display.getchannel("R").getextrema()[0] > 150

@@ -117,7 +117,33 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
             raise PermanentImagingError(IMAGE_TOO_LARGE)
         if getattr(image, "n_frames", 1) > limits.max_frames:
             raise PermanentImagingError(TOO_MANY_FRAMES)
+    if mime == "image/avif":
+        _describe_avif(image, isobmff.primary_image(data))
     return image
+
+
+def _describe_avif(image: Image.Image, primary: isobmff.PrimaryImage) -> None:
+    """What Pillow's AVIF plugin leaves out of the image's info: its nclx colours, under
+    pillow-heif's name for them (see _nclx_display_p3), and its clean aperture (see
+    clean_aperture). Only for the primary item's picture: an image sequence's frames may be
+    another size."""
+    if image.size != primary.size:
+        return
+    if primary.nclx is not None and "icc_profile" not in image.info:
+        image.info["nclx_profile"] = {"color_primaries": primary.nclx[0], "transfer_characteristics": primary.nclx[1]}
+    if primary.clean_aperture is not None:
+        image.info[_CLEAN_APERTURE] = primary.clean_aperture
+
+
+# Where open_image leaves an AVIF's clean aperture for decode_with_pillow.
+_CLEAN_APERTURE = "mediavault_clean_aperture"
+
+
+def clean_aperture(image: Image.Image) -> Image.Image:
+    """The loaded image cropped to the clean aperture its file declares (libavif reads the
+    box but leaves the crop to its caller), or the image itself."""
+    box = image.info.get(_CLEAN_APERTURE)
+    return image if box is None else image.crop(box)
 
 
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:
@@ -132,9 +158,12 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
         image.load()
         orientation = exif_orientation(image)
+        cropped = clean_aperture(image)
+        if cropped is not image:
+            width, height = cropped.size
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
-        picture = _to_srgb(image)
+        picture = _to_srgb(cropped)
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))

@@ -10,13 +10,18 @@
   Browsers refuse such a file (the frame must be the declared size), so it is corrupt here
   too. libheif checks its HEVC items itself.
 
+And what libavif reads from an AVIF's primary item but leaves to its caller, which Pillow's
+AVIF plugin does not do (see primary_image): the clean aperture (`clap`) it is to be cropped
+to, and its colours described by an `nclx` box instead of an ICC profile.
+
 Only the boxes' headers and the AV1 sequence headers are read; nothing is decoded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from mediavault.imaging.spec import DEFAULT_LIMITS
 
@@ -63,6 +68,69 @@ def av1_frames_match_their_declared_sizes(data: bytes, max_samples: int = DEFAUL
         return _items_match(data, budget) and _tracks_match(data, max_samples, budget)
     except (Malformed, IndexError):
         return False
+
+
+@dataclass(frozen=True)
+class PrimaryImage:
+    """What an AVIF's primary item says of its picture beyond the coded frame."""
+
+    # The ispe (width, height): the size the decoder hands out.
+    size: tuple[int, int] | None = None
+    # (left, top, right, bottom) of the clean aperture, in that picture's pixels; None when
+    # there is no clap or it is not one a reader may apply (see _clean_aperture).
+    clean_aperture: tuple[int, int, int, int] | None = None
+    # The nclx colr box's H.273 (colour primaries, transfer characteristics), None without one.
+    nclx: tuple[int, int] | None = None
+
+
+def primary_image(data: bytes) -> PrimaryImage:
+    """The primary item's size, clean aperture and nclx colours; empty when the file has no
+    primary item or its boxes do not parse (the decoder then has its own say)."""
+    try:
+        meta = _top_level(data, b"meta")
+        if meta is None:
+            return PrimaryImage()
+        items = _Items.read(data, (meta[0] + 4, meta[1]))
+        if items.primary is None:
+            return PrimaryImage()
+        size = items.extents(items.primary)
+        clap = items.property(items.primary, b"clap")
+        colr = items.property(items.primary, b"colr", lambda start, end: data[start : start + 4] == b"nclx")
+        return PrimaryImage(
+            size,
+            _clean_aperture(_Reader(data, *clap), size) if clap is not None and size is not None else None,
+            _nclx(_Reader(data, *colr)) if colr is not None else None,
+        )
+    except (Malformed, IndexError):
+        return PrimaryImage()
+
+
+def _clean_aperture(box: _Reader, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The crop a clap box describes on a width x height picture (ISO/IEC 14496-12 12.1.4: its
+    centre is offset from the picture's), None when it is not whole pixels inside the picture:
+    libavif calls that invalid, and browsers then show the whole picture."""
+    width_n, width_d, height_n, height_d = (box.uint(4) for _ in range(4))
+    horizontal_n, horizontal_d, vertical_n, vertical_d = (_signed(box.uint(4)) for _ in range(4))
+    if min(width_d, height_d, horizontal_d, vertical_d) <= 0:
+        return None
+    clean_width, clean_height = Fraction(width_n, width_d), Fraction(height_n, height_d)
+    left = Fraction(horizontal_n, horizontal_d) + Fraction(size[0] - 1, 2) - (clean_width - 1) / 2
+    top = Fraction(vertical_n, vertical_d) + Fraction(size[1] - 1, 2) - (clean_height - 1) / 2
+    if any(value.denominator != 1 for value in (clean_width, clean_height, left, top)):
+        return None
+    crop = (int(left), int(top), int(left + clean_width), int(top + clean_height))
+    if clean_width <= 0 or clean_height <= 0 or crop[0] < 0 or crop[1] < 0 or crop[2] > size[0] or crop[3] > size[1]:
+        return None
+    return crop
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 32) if value & (1 << 31) else value
+
+
+def _nclx(box: _Reader) -> tuple[int, int]:
+    box.tag()
+    return box.uint(2), box.uint(2)
 
 
 def _items_match(data: bytes, budget: _ObuBudget) -> bool:
@@ -246,6 +314,7 @@ class _Items:
     properties: list[tuple[bytes, int, int]] = field(default_factory=list)
     associations: dict[int, list[int]] = field(default_factory=dict)
     item_data: tuple[int, int] = (0, 0)
+    primary: int | None = None
 
     @classmethod
     def read(cls, data: bytes, meta: tuple[int, int]) -> _Items:
@@ -259,6 +328,11 @@ class _Items:
                 items.item_data = (start, end)
             elif kind == b"iprp":
                 items._read_iprp(data, start, end)
+            elif kind == b"pitm":
+                box = _Reader(data, start, end)
+                version = box.uint(1)
+                box.uint(3)
+                items.primary = box.uint(2 if version == 0 else 4)
         return items
 
     def _read_iinf(self, data: bytes, start: int, end: int) -> None:
@@ -315,14 +389,23 @@ class _Items:
 
     def extents(self, item_id: int) -> tuple[int, int] | None:
         """The item's ispe (width, height), or None when it has none."""
+        ispe = self.property(item_id, b"ispe")
+        if ispe is None:
+            return None
+        box = _Reader(self.file, *ispe)
+        box.uint(4)
+        return box.uint(4), box.uint(4)
+
+    def property(
+        self, item_id: int, kind: bytes, wanted: Callable[[int, int], bool] = lambda start, end: True
+    ) -> tuple[int, int] | None:
+        """(payload start, payload end) of the item's first property of this kind that is wanted."""
         for index in self.associations.get(item_id, []):
             if not 0 < index <= len(self.properties):
                 raise Malformed("property index out of range")
-            kind, start, end = self.properties[index - 1]
-            if kind == b"ispe":
-                box = _Reader(self.file, start, end)
-                box.uint(4)
-                return box.uint(4), box.uint(4)
+            found, start, end = self.properties[index - 1]
+            if found == kind and wanted(start, end):
+                return start, end
         return None
 
     def head(self, item_id: int) -> bytes:
