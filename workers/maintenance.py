@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from arq.constants import in_progress_key_prefix
@@ -26,12 +27,15 @@ from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from mediavault import metrics
+from mediavault.blobs import ListedObject, MultipartUpload
 from mediavault.config import JobConfig, Settings
 from mediavault.domain import cleanup, events, ledger
 from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.domain.uploads.records import partial_key_for
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A run stops after this many batches and leaves the rest to the next run, so one run
 # of a job never holds a worker for long.
@@ -373,9 +377,7 @@ async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobC
     slack = min(config.every_seconds, config.age_seconds) / 2
     cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds - slack)
     deleted = 0
-    after = None
-    while True:
-        page = await blobs.list_page(cleanup.QUARANTINE, after=after, limit=config.batch_size)
+    async for page in _pages(functools.partial(blobs.list_page, cleanup.QUARANTINE), config.batch_size, _key):
         report.scanned += len(page)
         verdict = await cleanup.judge_quarantined(pool, page, cutoff)
         deleted += len(verdict.delete)
@@ -385,9 +387,27 @@ async def _empty_quarantine(ctx: dict[str, Any], report: RunReport, config: JobC
             if verdict.delete:
                 # A failed delete is an error, not a change: the object stays for the next run.
                 deleted -= len(await _delete_blobs(ctx, verdict.delete, report))
-        if len(page) < config.batch_size:
-            return deleted
-        after = page[-1].key
+    return deleted
+
+
+async def _pages(list_page: Callable[..., Awaitable[list[T]]], limit: int, cursor: Callable[[T], Any]) -> AsyncIterator[list[T]]:
+    """A blob store listing page by page: list_page(after=..., limit=...) from the start, each
+    page after the cursor of the last one's last entry, until a short page."""
+    after = None
+    while True:
+        page = await list_page(after=after, limit=limit)
+        yield page
+        if len(page) < limit:
+            return
+        after = cursor(page[-1])
+
+
+def _key(listed: ListedObject) -> str:
+    return listed.key
+
+
+def _itself(upload: MultipartUpload) -> MultipartUpload:
+    return upload
 
 
 async def _quarantine_orphans(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> int:
@@ -396,9 +416,7 @@ async def _quarantine_orphans(ctx: dict[str, Any], report: RunReport, config: Jo
     cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
     quarantined = 0
     for prefix in cleanup.SWEPT_PREFIXES:
-        after = None
-        while True:
-            page = await blobs.list_page(prefix, after=after, limit=config.batch_size)
+        async for page in _pages(functools.partial(blobs.list_page, prefix), config.batch_size, _key):
             report.scanned += len(page)
             for key in await cleanup.orphans(pool, page, cutoff):
                 if not report.dry_run:
@@ -409,9 +427,6 @@ async def _quarantine_orphans(ctx: dict[str, Any], report: RunReport, config: Jo
                         log.warning("quarantine failed", extra={"job": report.job, "object_key": key}, exc_info=True)
                         continue
                 quarantined += 1
-            if len(page) < config.batch_size:
-                break
-            after = page[-1].key
     return quarantined
 
 
@@ -423,9 +438,7 @@ async def _abort_unowned_multipart_uploads(ctx: dict[str, Any], report: RunRepor
     cutoff = datetime.now(UTC) - timedelta(seconds=config.age_seconds)
     aborted = 0
     for prefix in cleanup.MULTIPART_PREFIXES:
-        after = None
-        while True:
-            page = await blobs.list_multipart_uploads(prefix, after=after, limit=config.batch_size)
+        async for page in _pages(functools.partial(blobs.list_multipart_uploads, prefix), config.batch_size, _itself):
             report.scanned += len(page)
             for upload in await cleanup.unowned_multipart_uploads(pool, page, cutoff):
                 if not report.dry_run:
@@ -439,9 +452,6 @@ async def _abort_unowned_multipart_uploads(ctx: dict[str, Any], report: RunRepor
                                                                             "multipart_id": upload.multipart_id}, exc_info=True)
                         continue
                 aborted += 1
-            if len(page) < config.batch_size:
-                break
-            after = page[-1]
     return aborted
 
 
