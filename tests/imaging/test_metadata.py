@@ -59,13 +59,15 @@ def test_the_facts_hold_nothing_but_date_offset_and_camera() -> None:
         ({"make": "Canon", "model": "Canon EOS 5D\x00\x00junk"}, PhotoFacts(camera="Canon EOS 5D")),
         ({"make": "  Apple ", "model": "iPhone\t15\x07"}, PhotoFacts(camera="Apple iPhone 15")),
         ({"model": "X" * 500}, PhotoFacts(camera="X" * MAX_CAMERA_CHARS)),
+        # The cut falls on the space between the make and the model: not kept at the end.
+        ({"make": "M" * (MAX_CAMERA_CHARS - 1), "model": "Y1"}, PhotoFacts(camera="M" * (MAX_CAMERA_CHARS - 1))),
         ({"make": "小米".encode(), "model": b"Redmi Note 8 Pro"}, PhotoFacts(camera="小米 Redmi Note 8 Pro")),
         ({"make": b"LEICA", "model": "Q2 Moné".encode()}, PhotoFacts(camera="LEICA Q2 Moné")),
         ({"make": b"Sony", "model": "ILCE Moné\u202e\x00\xff".encode()}, PhotoFacts(camera="Sony ILCE Moné")),
         ({"make": b"Sony", "model": b"ILCE\xe9\xff-7"}, PhotoFacts(camera="Sony ILCE\xe9\xff-7")),
     ],
     ids=["offset", "zero-offset", "zero-date", "blank-date", "impossible-date", "offset-out-of-range",
-         "offset-minutes", "offset-alone", "nul-padded", "whitespace-and-control", "long-model",
+         "offset-minutes", "offset-alone", "nul-padded", "whitespace-and-control", "long-model", "cut-at-the-space",
          "utf8-make", "utf8-model", "utf8-then-nul-and-junk", "latin1"],
 )
 def test_untrusted_values_parse_exactly_or_are_dropped(exif: dict, facts: PhotoFacts) -> None:

@@ -94,4 +94,4 @@ def _camera(make: object, model: object) -> str:
     # Many cameras repeat the make in the model ("Canon" / "Canon EOS 40D").
     if make_text and model_text.lower().startswith(make_text.lower()):
         make_text = ""
-    return " ".join(part for part in (make_text, model_text) if part)[:MAX_CAMERA_CHARS]
+    return " ".join(part for part in (make_text, model_text) if part)[:MAX_CAMERA_CHARS].rstrip()
