@@ -302,6 +302,21 @@ async def test_a_wildcard_gives_a_format_no_q_a_more_specific_range_sets(gateway
         assert Image.open(io.BytesIO(await response.read())).get_format_mimetype() == chosen
 
 
+async def test_an_accept_query_value_may_list_several_ranges_as_openapi_clients_send_them(gateway, http, bearer, user_id):
+    # docs/openapi declares accept a query array, which Swagger 2.0 sends comma-separated by default.
+    md = bearer(user_id)
+    item, _ = await processed(http, gateway, md, (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    query = urllib.parse.urlencode({"accept": "image/avif,image/jpeg"})
+    status, item, _ = await call(http, "GET", f"{gateway}/v1/media/{item['media']['media_id']}?{query}", md)
+    assert status == 200, item
+    thumbnail = thumbnail_of(item["media"])
+    assert thumbnail["content_type"] == "image/avif"
+    assert [a["content_type"] for a in thumbnail["alternatives"]] == ["image/jpeg"]
+    status, feed, _ = await call(http, "GET", f"{gateway}/v1/feed?{query}", md)
+    assert status == 200, feed
+    assert thumbnail_of(feed["media"][0])["content_type"] == "image/avif"
+
+
 async def test_missing_token_is_401_unauthorized(gateway, http):
     status, body, _ = await call(http, "GET", f"{gateway}/v1/media/{uuid.uuid4()}")
     assert status == 401

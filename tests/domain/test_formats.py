@@ -43,6 +43,11 @@ STORED = [Made("image/jpeg"), Made("image/avif")]
         (["image/webp;q=0.5", "image/avif;q=0.50", "image/jpeg;q=0.9"], ("image/jpeg", "image/webp", "image/avif")),
         (["image/avif;q=high", "image/webp;q=0.0001"], ("image/avif", "image/webp")),
         (["image/avif;q=7", "image/webp;level=1"], ("image/avif", "image/webp")),
+        # An entry is read as an Accept header line: it may list several ranges, as an OpenAPI
+        # client sends an array query parameter, and the 16 read are ranges, not entries.
+        (["image/avif,image/jpeg"], ("image/avif", "image/jpeg")),
+        (["image/*;q=0.5, image/avif", "image/jpeg;q=0"], ("image/avif", "image/webp", "image/png")),
+        ([", ".join(["text/plain"] * formats.MAX_ACCEPTED + ["image/avif"])], ()),
     ],
 )
 def test_preference_is_the_accepted_formats_the_server_makes_best_first(accept, preferred):

@@ -1,23 +1,26 @@
 """Which of a variant's formats a client gets: the first it accepts, else the universal one.
 
 Clients name the image types they decode, in preference order (MediaService's `accept`;
-the REST gateway fills it from the HTTP Accept header). Each entry is a media range with
-an optional q, as in an Accept header (RFC 9110 12.5.1): a format takes its q from the
-most specific entry that matches it (`image/webp` before `image/*` before `*/*`, the first
-of equals), q=0 refuses it, and a format no entry matches is not accepted. The accepted
-formats rank by q, then by the position of the entry that gave them their q, then in the
-server's order (which orders the formats one wildcard gives the same q). A variant answers
-in the first of those it exists in. Types the server never makes, other parameters, a q
-that is not a decimal number and anything past the first MAX_ACCEPTED entries are
-ignored, never refused: an Accept header is a hint. When a client accepts none of a
-variant's formats it gets the server's first choice, JPEG (WebP for pictures with alpha,
-which have no JPEG), which every client decodes.
+the REST gateway fills it from the HTTP Accept header). Each entry is read as a line of an
+Accept header (RFC 9110 12.5.1): one media range or several separated by commas, as an
+OpenAPI client sends the query array `accept` (comma-separated, Swagger 2.0's default).
+Each range has an optional q: a format takes its q from the most specific range that
+matches it (`image/webp` before `image/*` before `*/*`, the first of equals), q=0 refuses
+it, and a format no range matches is not accepted. The accepted formats rank by q, then by
+the position of the range that gave them their q, then in the server's order (which orders
+the formats one wildcard gives the same q). A variant answers in the first of those it
+exists in. Types the server never makes, other parameters, a q that is not a decimal number
+and anything past the first MAX_ACCEPTED ranges are ignored, never refused: an Accept
+header is a hint. When a client accepts none of a variant's formats it gets the server's
+first choice, JPEG (WebP for pictures with alpha, which have no JPEG), which every client
+decodes.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 AVIF = "image/avif"
@@ -44,12 +47,10 @@ E = TypeVar("E", bound=Encoded)
 
 def preference(accept: Iterable[str]) -> tuple[str, ...]:
     """The formats the server makes that the client accepts, best first; empty when it accepts none."""
-    # Per format: (specificity, q, position) of the most specific entry matching it so far.
+    # Per format: (specificity, q, position) of the most specific range matching it so far.
     matched: dict[str, tuple[int, float, int]] = {}
-    for position, entry in enumerate(accept):
-        if position >= MAX_ACCEPTED:
-            break
-        mime, *parameters = entry.split(";")
+    for position, accepted_range in enumerate(itertools.islice(_ranges(accept), MAX_ACCEPTED)):
+        mime, *parameters = accepted_range.split(";")
         media_range = mime.strip().lower()
         specificity = _EXACT if media_range in SERVER_ORDER else _WILDCARDS.get(media_range)
         if specificity is None:
@@ -60,6 +61,12 @@ def preference(accept: Iterable[str]) -> tuple[str, ...]:
                 matched[format_] = (specificity, q, position)
     accepted = [f for f in SERVER_ORDER if f in matched and matched[f][1] > 0]
     return tuple(sorted(accepted, key=lambda f: (-matched[f][1], matched[f][2])))
+
+
+def _ranges(accept: Iterable[str]) -> Iterator[str]:
+    for entry in accept:
+        # At most MAX_ACCEPTED ranges are read: the rest of a long entry is never split.
+        yield from entry.split(",", MAX_ACCEPTED)[:MAX_ACCEPTED]
 
 
 def _quality(parameters: Sequence[str]) -> float:

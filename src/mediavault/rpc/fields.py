@@ -76,7 +76,7 @@ _CALLER_OR_USER_ID = Text(max_len=MAX_USER_ID_LENGTH)
 _PAGE_SIZE = Int(0, INT32_MAX)
 _PAGE_TOKEN = Domain("a token the same list issued (domain.pages)")
 # A hint, as an HTTP Accept header is: what the server does not make is ignored, never an error.
-_ACCEPT = Domain("image media ranges as in an Accept header; unknown ones and entries past the 16th ignored (domain.formats)")
+_ACCEPT = Domain("image media ranges as in Accept header lines; unknown ones and ranges past the 16th ignored (domain.formats)")
 
 _STORAGE = "mediavault.storage.v1."
 _MEDIA = "mediavault.media.v1."

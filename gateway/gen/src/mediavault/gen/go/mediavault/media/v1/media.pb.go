@@ -775,11 +775,12 @@ type GetMediaRequest struct {
 	// The media to read.
 	MediaId string `protobuf:"bytes,1,opt,name=media_id,json=mediaId,proto3" json:"media_id,omitempty"`
 	// Image MIME types the client decodes, most preferred first (image/avif, image/webp,
-	// image/jpeg), read as the media ranges of an HTTP Accept header (RFC 9110 12.5.1): a q
+	// image/jpeg), read as the media ranges of an HTTP Accept header (RFC 9110 12.5.1), an entry
+	// holding one range or several separated by commas ("image/avif,image/webp"): a q
 	// parameter (;q=0.8) ranks them, the list's order among equals, and q=0 refuses a format;
-	// image/* and */* accept the formats no more specific entry names, in the server's order (JPEG,
+	// image/* and */* accept the formats no more specific range names, in the server's order (JPEG,
 	// WebP, PNG, AVIF). Each variant answers in the first accepted format it exists in, else in the
-	// server's order. Other types and parameters, and entries past the 16th, are ignored, never an
+	// server's order. Other types and parameters, and ranges past the 16th, are ignored, never an
 	// error. The REST gateway fills it from the Accept header. WebP thumbnails and previews (of images and of video posters) are
 	// made on request: while one the client ranks first is not made yet, the variant answers in the
 	// next accepted format it exists in, and the call has a job make the WebP for the calls that follow.
