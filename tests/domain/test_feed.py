@@ -167,6 +167,24 @@ async def test_a_failed_fill_releases_its_lock(database_url, redis, user_id):
     assert not await redis.exists(page_key(user_id, 0, "20::") + ":lock"), "the next miss computes without waiting out the lock"
 
 
+async def test_a_miss_waiting_for_another_replicas_fill_computes_at_once_when_that_fill_ends_without_a_page(
+    pool, redis, user_id
+):
+    ids = await media_with_a_thumbnail(pool, user_id, 2)
+    lock = page_key(user_id, 0, "20::") + ":lock"
+    await redis.set(lock, "another replica", ex=30)
+    read = asyncio.create_task(Feed(pool, redis, ttl_seconds=30, tokens=TOKENS).page(user_id, 20, ""))
+    await asyncio.sleep(0.5)
+    assert not read.done(), "it waits for the other replica's page"
+    # The other replica's query failed, or its page was not to be cached: it lets go of the lock
+    # and writes no page.
+    await redis.delete(lock)
+    async with asyncio.timeout(2):
+        page = await read
+    assert [item.media_id for item in page.items] == ids
+    assert await redis.exists(page_key(user_id, 0, "20::"))
+
+
 async def test_a_fill_leaves_the_lock_another_replica_took_after_its_own_expired(one_connection_pool, redis, user_id):
     lock = page_key(user_id, 0, "20::") + ":lock"
     feed = Feed(one_connection_pool, redis, ttl_seconds=30, tokens=TOKENS)

@@ -211,14 +211,19 @@ class Feed:
         token = secrets.token_hex(16)
         try:
             locked = await redis.set(lock, token, nx=True, ex=_LOCK_SECONDS)
-            if not locked:
-                # Another process is computing this page: wait for its result, briefly.
-                for _ in range(int(_LOCK_SECONDS / _LOCK_WAIT_STEP)):
-                    await asyncio.sleep(_LOCK_WAIT_STEP)
-                    cached = await redis.get(key)
-                    if cached is not None:
-                        filled: _PageJson = cached
-                        return filled
+            waits = int(_LOCK_SECONDS / _LOCK_WAIT_STEP)
+            # Another process is computing this page: wait for its result, briefly.
+            while not locked and waits:
+                await asyncio.sleep(_LOCK_WAIT_STEP)
+                waits -= 1
+                cached, holder = await redis.mget(key, lock)
+                if cached is not None:
+                    filled: _PageJson = cached
+                    return filled
+                if holder is None:
+                    # Its fill ended without a page (its query failed, or the page was not to be
+                    # cached): the wait is over, and one of the waiters computes in its place.
+                    locked = await redis.set(lock, token, nx=True, ex=_LOCK_SECONDS)
         except (RedisError, OSError):
             metrics.REDIS_FALLBACKS.labels("feed_lock").inc()
             return (await compute()).text
