@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mediavault import metrics
+from mediavault.domain import media as media_domain
 from mediavault.domain.feed import VERSION_TTL_SECONDS, Feed, page_key, version_key
 from mediavault.domain.media import Variant
 from mediavault.domain.pages import PageTokens
@@ -224,3 +226,20 @@ async def test_a_page_another_release_cached_is_not_served(pool, redis, user_id)
     await redis.set(f"feed:p:{user_id}:0:20::", '{"items": [], "next_page_token": "old", "etag": "old"}', ex=60)
     page = await Feed(pool, redis, ttl_seconds=300, tokens=TOKENS).page(user_id, 20, "")
     assert [item.media_id for item in page.items] == ids
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaOfALaterRelease(media_domain.Media):
+    a_later_field: int = 0
+
+
+async def test_a_page_a_release_with_other_media_fields_cached_is_not_served(pool, redis, user_id, monkeypatch):
+    # During a rolling deploy, replicas of the release that adds a field to Media cache pages
+    # whose items have it; this release's Media takes no such field.
+    ids = await media_with_a_thumbnail(pool, user_id, 1)
+    feed = Feed(pool, redis, ttl_seconds=300, tokens=TOKENS)
+    with monkeypatch.context() as later_release:
+        later_release.setattr(media_domain, "Media", MediaOfALaterRelease)
+        assert [type(item) for item in (await feed.page(user_id, 20, "")).items] == [MediaOfALaterRelease]
+    page = await feed.page(user_id, 20, "")
+    assert [(type(item), item.media_id) for item in page.items] == [(media_domain.Media, ids[0])]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -72,7 +73,16 @@ class Page:
 def page_key(owner_id: str, version: int, page: str) -> str:
     """Where a page of the owner's feed at this feed version is cached; `page` is the size, the
     client's formats (formats.signature) and the page token."""
-    return f"feed:p{TOKEN_VERSION}:{owner_id}:{version}:{page}"
+    return f"feed:p{TOKEN_VERSION}:{_item_fields(media_domain.Media, media_domain.Variant)}:{owner_id}:{version}:{page}"
+
+
+@functools.cache
+def _item_fields(media: type, variant: type) -> str:
+    """A short name of the fields a cached page's items have. Pages are read back with Media(**item),
+    which refuses a field it lacks: a release that adds, drops or renames one caches its pages
+    under other keys, so that replicas of two releases never read each other's pages."""
+    names = [[field.name for field in dataclasses.fields(shape)] for shape in (media, variant)]
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:8]
 
 
 def version_key(owner_id: str) -> str:
@@ -119,7 +129,7 @@ def _from_json(raw: list[dict[str, Any]]) -> list[media_domain.Media]:
         values["media_id"] = uuid.UUID(values["media_id"])
         if values["thumbhash"] is not None:
             values["thumbhash"] = bytes.fromhex(values["thumbhash"])
-        values["requested_formats"] = tuple(values.get("requested_formats", ()))
+        values["requested_formats"] = tuple(values["requested_formats"])
         items.append(media_domain.Media(**values, variants=variants))
     return items
 
