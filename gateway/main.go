@@ -176,11 +176,25 @@ func httpError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, 
 		return
 	}
 	copyTrailers(ctx, w)
+	if status.Code(err) == codes.Unauthenticated {
+		w.Header().Set("WWW-Authenticate", bearerChallenge(r))
+	}
 	if err == errTooLarge || bodyTooLarge(r) {
 		runtime.DefaultHTTPError(ctx, mux, m, statusWriter{w, http.StatusRequestEntityTooLarge}, r, errTooLarge)
 		return
 	}
 	runtime.DefaultHTTPError(ctx, mux, m, w, r, withoutInternals(r, err))
+}
+
+// bearerChallenge is the WWW-Authenticate header every 401 must carry (RFC 9110 15.5.2; Jetty's
+// HttpClient fails a call whose 401 has none): the Bearer scheme (RFC 6750), with
+// error="invalid_token" when the request carried a bearer token, which the server refused.
+func bearerChallenge(r *http.Request) string {
+	scheme, _, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if strings.EqualFold(scheme, "Bearer") {
+		return `Bearer realm="mediavault", error="invalid_token"`
+	}
+	return `Bearer realm="mediavault"`
 }
 
 // gatewayError is an error the gateway answers itself, in the server's shape: one ErrorInfo

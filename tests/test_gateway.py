@@ -325,6 +325,15 @@ async def test_missing_token_is_401_unauthorized(gateway, http):
     assert body["message"]
 
 
+async def test_a_401_carries_the_bearer_challenge_rfc_9110_requires(gateway, http):
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/feed")
+    assert status == 401
+    assert headers["WWW-Authenticate"] == 'Bearer realm="mediavault"'
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/feed", {"Authorization": "Bearer not-a-token"})
+    assert status == 401
+    assert headers["WWW-Authenticate"] == 'Bearer realm="mediavault", error="invalid_token"'
+
+
 async def test_another_users_summary_is_403_forbidden(gateway, http, bearer, user_id):
     status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary?user_id=someone-else", bearer(user_id))
     assert status == 403
