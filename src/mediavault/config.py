@@ -40,7 +40,8 @@ def listen_address(addr: str) -> ListenAddress:
 class JobConfig(BaseModel):
     """Schedule, age threshold and batch size of one cleanup job."""
 
-    model_config = ConfigDict(frozen=True)
+    # A misspelled field (MEDIAVAULT_JOBS__<JOB>__ENABLE) would otherwise be dropped unread.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     # arq cron runs on whole minutes, so a schedule is a whole number of minutes.
     every_seconds: int = Field(gt=0, multiple_of=60)
@@ -66,7 +67,7 @@ class JobConfig(BaseModel):
 class JobsConfig(BaseModel):
     """Every cleanup job's settings: MEDIAVAULT_JOBS__<JOB>__<FIELD>, e.g. MEDIAVAULT_JOBS__PURGE_DELETED_MEDIA__AGE_SECONDS."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     reclaim_stale_uploads: JobConfig = JobConfig(every_seconds=5 * 60, age_seconds=0, batch_size=2000, concurrency=2)
     expire_ephemeral_media: JobConfig = JobConfig(every_seconds=5 * 60, age_seconds=0, batch_size=2000, concurrency=2)

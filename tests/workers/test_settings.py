@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from arq import create_pool
 from pydantic import ValidationError
 
-from mediavault.config import JobsConfig
+from mediavault.config import JobsConfig, Settings
 from mediavault.imaging import pool_size
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import CORPUS
@@ -118,3 +119,18 @@ def test_an_accepted_schedule_runs_evenly_spaced(every_seconds):
     runs = sorted(hour * 60 + minute for hour in (hours or range(24)) for minute in minutes)
     gaps = {later - earlier for earlier, later in zip(runs, [*runs[1:], runs[0] + 24 * 60], strict=True)}
     assert gaps == {every_seconds // 60}
+
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        # The operator believes the sweep is off; it would go on quarantining blobs every night.
+        ("MEDIAVAULT_JOBS__SWEEP_ORPHAN_BLOBS__ENABLE", "false", "jobs.sweep_orphan_blobs.enable"),
+        ("MEDIAVAULT_JOBS__PURGE_DELETD_MEDIA__AGE_SECONDS", "172800", "jobs.purge_deletd_media"),
+    ],
+)
+def test_a_misspelled_cleanup_job_setting_fails_start_up_naming_it(monkeypatch, variable, value, named):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=re.escape(named)):
+        Settings()
