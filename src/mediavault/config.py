@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mediavault.auth import DEFAULT_LEEWAY_SECONDS
@@ -206,6 +208,38 @@ class Settings(BaseSettings):
     rate_limit_auto_freeze_refusals: int = Field(default=0, ge=0)
     rate_limit_auto_freeze_window_seconds: int = Field(default=3600, gt=0)
     jobs: JobsConfig = JobsConfig()
+
+    # Values that would otherwise fail only when a server binds, configures its logs or builds
+    # its rate limiter (after migrations ran; workers never build one), with a message that
+    # names neither the setting nor the value.
+    @field_validator("grpc_addr", "http_addr", "metrics_addr")
+    @classmethod
+    def _host_and_port(cls, value: str, info: ValidationInfo) -> str:
+        if value or info.field_name != "metrics_addr":
+            _, colon, port = value.rpartition(":")
+            if not colon or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"{value!r} is not host:port, [IPv6 address]:port or :port")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"{value!r} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
+
+    @model_validator(mode="after")
+    def _pool_sizes_in_order(self) -> Settings:
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError(f"db_pool_min_size ({self.db_pool_min_size}) is larger than db_pool_max_size ({self.db_pool_max_size})")
+        return self
 
     @property
     def video_queue(self) -> str:
