@@ -1089,3 +1089,42 @@ async def test_a_trusted_proxy_is_recognised_on_a_dual_stack_listener(make_setti
             async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", headers=headers) as response:
                 statuses.append(response.status)
     assert statuses == [401, 401], "each client behind the proxy has its own budget"
+
+
+async def raw_exchange(server: Server, request: bytes) -> tuple[int, bytes]:
+    """Sends request as raw bytes (headers an HTTP client library would not send) and returns the status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        status, headers = await response_head(reader)
+        body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+    finally:
+        writer.close()
+    return status, body
+
+
+async def test_header_bytes_that_are_not_utf8_are_refused_as_bad_requests_not_500(make_settings, auth, user_id, authenticator):
+    # The listener takes header bytes that are not UTF-8 as they came (surrogate escapes): stored
+    # (an Upload-Metadata key), echoed (a method override) or verified (a bearer token), they
+    # were a UnicodeEncodeError, a 500 which tus clients retry for ever.
+    async with (
+        running(make_settings()) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        begun = await begin_tus(storage, md, fake_jpeg(1000))
+        before = await summary(storage, md)
+        bearer = f"Authorization: Bearer {authenticator.issue(user_id, ['user'])}\r\n".encode()
+        creation = b"POST /tus/ HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Length: 1000\r\nContent-Length: 0\r\n"
+        metadata = f"Upload-Metadata: {A_JPEG},note\xff {base64.b64encode(b'x').decode()}\r\n".encode("latin-1")
+        status, body = await raw_exchange(server, creation + bearer + metadata + b"\r\n")
+        assert status == 400, body
+        status, body = await raw_exchange(server, creation + b"Authorization: Bearer \xff\xfe\r\n\r\n")
+        assert status == 401, body
+        target = begun.upload_url.split(f":{server.http_port}", 1)[1].encode()
+        override = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nX-HTTP-Method-Override: G\xffT\r\nContent-Length: 0\r\n\r\n"
+        status, body = await raw_exchange(server, override)
+        assert status == 405, body
+        assert await summary(storage, md) == before

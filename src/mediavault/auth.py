@@ -72,6 +72,10 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
+        # A JWT is ASCII; an HTTP header's bytes that are not UTF-8 come as surrogate escapes,
+        # which jwt.decode cannot encode.
+        if not token.isascii():
+            raise Unauthenticated("invalid token")
         try:
             claims = jwt.decode(
                 token.strip(), self._secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}, leeway=self._leeway_seconds

@@ -201,7 +201,8 @@ class TusEndpoints:
         method = request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
         actions = {"HEAD": self._head_upload, "PATCH": self._patch_upload, "DELETE": self._delete_upload}
         if method not in actions:
-            return self._respond(request, 405, {"Allow": _UPLOAD_URL_METHODS}, f"an upload URL takes no {method}")
+            # Quoted: a header's bytes that are not UTF-8 come as surrogate escapes, which a body cannot carry.
+            return self._respond(request, 405, {"Allow": _UPLOAD_URL_METHODS}, f"an upload URL takes no {method!r}")
         return await self._handle(request, actions[method])
 
     async def _head_upload(self, request: web.Request) -> web.Response:
@@ -271,12 +272,23 @@ def _metadata(header: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in header.split(","))):
         key, _, encoded = item.partition(" ")
+        # Header bytes that are not UTF-8 come as surrogate escapes, which no text column takes.
+        if not _is_utf8(key):
+            raise _Refused(400, f"Upload-Metadata key {key!r} is not UTF-8")
         try:
             pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode()
         # ValueError: a header value holding non-ASCII characters, which aiohttp passes on as str.
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise _Refused(400, f"Upload-Metadata value of {key!r} is not base64 of UTF-8") from None
     return pairs
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checksum(header: str | None) -> ChunkChecksum | None:
