@@ -25,7 +25,7 @@ from mediavault.auth import Principal
 from mediavault.blobs.s3 import S3BlobStore
 from mediavault.domain import accounts, uploads
 from mediavault.domain.uploads.records import partial_key_for
-from mediavault.errors import NotFound, UploadBusy
+from mediavault.errors import BeyondDeclaredSize, NotFound, UploadBusy
 from mediavault.jobs import TranscodeQueue
 from tests.helpers import fake_jpeg, sha256_hex
 from tests.s3server import MotoServer, moto_server
@@ -216,6 +216,30 @@ async def test_a_writer_whose_renewals_do_not_get_through_stops_before_its_lease
     with pytest.raises(UploadBusy):
         await asyncio.wait_for(writing, timeout=LEASE_SECONDS)
     assert await checkpoint_bytes(pool, upload_id) is None
+
+
+async def test_a_chunk_at_the_end_of_a_complete_upload_leaves_nothing_a_concurrent_finalize_could_publish(
+    pool, blobs, settings, resumable, service
+):
+    """On fs, an empty chunk at the end of a complete upload (a PATCH repeated, an UploadContent
+    stream without chunks) that came after a finalize had published the bytes made a new partial
+    file of the upload's size, all zeros; a finalize that had found no object before that publish
+    then published it in the object's place, and committed the checkpoint's digest over zeros."""
+    data = fake_jpeg(3000, fill=os.urandom(1))
+    user_id, upload_id = await begin_tus(pool, service, settings, data)
+    assert (await resumable.append(upload_id, body(data), offset=0, length=len(data))).received_bytes == len(data)
+    # A finalize publishes the bytes; its commit has not come yet.
+    assert await resumable.observe(upload_id, user_id) is not None
+
+    assert (await resumable.append(upload_id, body(), offset=len(data), length=0)).received_bytes == len(data)
+    assert (await resumable.append(upload_id, body(b""), owner=user_id)).received_bytes == len(data)
+    with pytest.raises(BeyondDeclaredSize):
+        await resumable.append(upload_id, body(b"x"), offset=len(data))
+    assert not Path(settings.blob_dir, partial_key_for(upload_id)).exists()
+
+    # A concurrent finalize that looked for the object before the first one published it.
+    await resumable.observe(upload_id, user_id)
+    assert await stored_sha256(service, blobs, user_id, upload_id) == sha256_hex(data)
 
 
 @pytest.mark.parametrize("seconds", [1.9, 300.1])

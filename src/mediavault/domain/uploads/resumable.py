@@ -351,10 +351,11 @@ class Resumable:
                     raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
                 if length is not None and received + length > upload.size_bytes:
                     raise BeyondDeclaredSize(upload.size_bytes)
-                if upload.state == "finalized":
-                    # Complete, and published: a chunk at its end that brings no bytes is answered
-                    # with its offset (a client repeating its last request is done), any byte is
-                    # past the declared size, and nothing is written.
+                if received == upload.size_bytes:
+                    # Complete: a chunk at its end that brings no bytes is answered with its offset
+                    # (a client repeating its last request is done), any byte is past the declared
+                    # size, and no writer is opened: on fs one would make the partial file anew once
+                    # a finalize had published it, for a concurrent finalize to publish over the object.
                     async for data in chunks:
                         if data:
                             raise BeyondDeclaredSize(upload.size_bytes)
