@@ -274,3 +274,21 @@ def test_signed_urls_escape_the_content_type_and_refuse_keys_that_are_not_genera
     for key in ("../etc/passwd", "a b", "A/b", "a/b?c", ""):
         with pytest.raises(ValueError, match="invalid object key"):
             signer.sign("GET", key, expires_in=10)
+
+
+async def test_signed_fields_cannot_be_shifted_into_one_another(store):
+    # The signature covers the fields joined by newlines, so a URL whose X-Length took in the
+    # content type and whose X-Content-Type took the SHA-256 signed the same message without one:
+    # it passed the signature and its X-Length was an int() ValueError, a 500.
+    declared = b"hello"
+    signed = await store.presign_put(
+        "originals/ab/eight", size_bytes=5, content_type="image/png", sha256=hashlib.sha256(declared).hexdigest(), expires_in=60
+    )
+    params = dict(urllib.parse.parse_qsl(signed.url.split("?", 1)[1]))
+    shifted = {**params, "X-Length": f"{params['X-Length']}\n{params['X-Content-Type']}", "X-Content-Type": params.pop("X-Sha256")}
+    del shifted["X-Sha256"]
+    assert store.signer.verify("PUT", "originals/ab/eight", shifted) is not None
+    url = signed.url.split("?", 1)[0] + "?" + urllib.parse.urlencode(shifted)
+    status, _, _ = await send("PUT", yarl.URL(url, encoded=True), b"other", {"Content-Type": shifted["X-Content-Type"]})
+    assert status == 403
+    assert not store.path("originals/ab/eight").exists()

@@ -71,14 +71,12 @@ class UrlSigner:
             signature = params["X-Signature"]
         except (KeyError, ValueError):
             return "missing or malformed signature parameters"
-        expected = self._signature(
-            method,
-            key,
-            expires,
-            params.get("X-Length", ""),
-            params.get("X-Content-Type", ""),
-            params.get("X-Sha256", ""),
-        )
+        signed = (params.get("X-Length", ""), params.get("X-Content-Type", ""), params.get("X-Sha256", ""))
+        # The fields are signed joined by newlines: one holding a newline could carry the next
+        # (a SHA-256 moved into X-Content-Type, the content type into X-Length) under the same signature.
+        if any("\n" in field for field in signed):
+            return "missing or malformed signature parameters"
+        expected = self._signature(method, key, expires, *signed)
         # compare_digest raises TypeError on a str holding non-ASCII characters, which a
         # percent-encoded X-Signature may: such a one matches no hex digest.
         if not signature.isascii() or not hmac.compare_digest(expected, signature):
