@@ -761,6 +761,36 @@ async def test_reclaim_and_orphan_sweep_know_partial_data(tus_server, worker_ctx
     assert owned == set(await partial_objects(tus_server, kept.upload.upload_id))
 
 
+async def test_a_termination_landing_while_a_patch_is_stored_answers_that_patch_gone(tus_server, storage, http, auth, user_id):
+    # On S3 the termination aborts the multipart upload under the writer, whose next part then
+    # failed: the PATCH was answered 503, which tus clients retry (and then, told 410 by HEAD,
+    # start the upload anew), where on fs it was 410.
+    md = auth(user_id)
+    data = fake_jpeg(12 * MiB)
+    begun = await begin_tus(storage, md, data)
+    upload_id = uuid.UUID(begun.upload.upload_id)
+    reader, writer = await open_patch(tus_server, begun.upload_url, 0, len(data))
+    try:
+        writer.write(data[: 9 * MiB])
+        await writer.drain()
+        assert tus_server.pool is not None
+        checkpointed = "SELECT received_bytes FROM upload_checkpoints WHERE upload_id = $1"
+        while await tus_server.pool.fetchval(checkpointed, upload_id) != CHUNK:
+            await asyncio.sleep(0.02)
+        async with http.delete(begun.upload_url, headers=TUS) as response:
+            assert response.status == 204
+        writer.write(data[9 * MiB :])
+        await writer.drain()
+        status, _ = await response_head(reader)
+    finally:
+        writer.close()
+    assert status == 410
+    assert (await head(http, begun.upload_url)).status == 410
+    assert (await summary(storage, md)).reserved_bytes == 0
+    assert await partial_objects(tus_server, begun.upload.upload_id) == []
+    assert await multipart_uploads(tus_server, begun.upload.upload_id) == []
+
+
 async def test_cors_for_the_configured_origins_only(make_settings, http):
     async with running(make_settings(tus_cors_origins=("https://app.example",))) as server:
         base = f"http://127.0.0.1:{server.http_port}/tus/"

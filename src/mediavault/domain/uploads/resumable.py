@@ -382,6 +382,9 @@ class Resumable:
                     )
                     durable = await chunk.store(chunks)
             except BlobStoreError as exc:
+                # A fail or expiry that lands while the chunk is stored aborts the multipart upload
+                # under it (S3): the upload's new state is then the answer, as on fs, not a retry.
+                check_writable(await self.progress(upload_id))
                 # What the last checkpoint recorded stays; the retry goes on from there.
                 raise BlobStoreUnavailable("the blob store could not store the chunk; retry") from exc
             finally:
