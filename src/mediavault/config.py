@@ -19,6 +19,14 @@ from mediavault.auth import DEFAULT_LEEWAY_SECONDS
 GiB = 1024**3
 MiB = 1024**2
 
+# S3's limits: one PUT stores at most 5 GiB, a multipart upload has at most 10,000 parts, each but
+# the last of at least 5 MiB.
+S3_MAX_PUT_BYTES = 5 * GiB
+S3_MAX_PARTS = 10_000
+# The part size of resumable uploads on S3, unless the tus chunk size is smaller: a writer holds
+# one part in memory, and requests stay few.
+S3_PART_BYTES = 8 * MiB
+
 
 @dataclass(frozen=True)
 class ListenAddress:
@@ -255,9 +263,19 @@ class Settings(BaseSettings):
 
     @property
     def tus_max_size(self) -> int:
-        """The largest upload tus creation and BeginUpload TUS accept: never above the per-type maximums."""
+        """The largest upload tus creation and BeginUpload TUS accept: never above the per-type
+        maximums, nor on S3 above what a multipart upload of its parts holds."""
         largest = max(self.max_image_bytes, self.max_video_bytes)
+        if self.blob_backend == "s3":
+            largest = min(largest, S3_MAX_PARTS * self.s3_part_size)
         return min(self.tus_max_size_bytes, largest) if self.tus_max_size_bytes else largest
+
+    @property
+    def s3_part_size(self) -> int:
+        """The part size of resumable (TUS and S3_MULTIPART) uploads on S3: a chunk smaller than
+        S3_PART_BYTES (5 MiB at least) makes the parts its size, so that each chunk still ends on
+        a part rather than in a tail object."""
+        return min(S3_PART_BYTES, self.tus_chunk_size_bytes)
 
     @property
     def migration_url(self) -> str:

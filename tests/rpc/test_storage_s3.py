@@ -17,7 +17,7 @@ from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, running
 from tests.faults import proxied
-from tests.helpers import begin, error_info, fake_jpeg, put, sha256_hex, upload
+from tests.helpers import bad_request, begin, error_info, fake_jpeg, put, sha256_hex, upload
 from tests.s3server import moto_server
 
 
@@ -218,3 +218,31 @@ async def test_upload_calls_while_s3_is_down_are_unavailable_and_go_on_once_it_i
             assert await patch() == 204
             assert (await finalize(tus)).upload.state == pb.UPLOAD_STATE_FINALIZED
             assert (await read_parts()).upload.state == pb.UPLOAD_STATE_PENDING
+
+
+async def test_an_upload_larger_than_s3_can_store_by_its_protocol_is_refused_at_begin(s3_settings, auth, user_id):
+    """One PUT stores at most 5 GiB, a multipart upload at most 10,000 parts (of 8 MiB here): with
+    video limits above both, such an upload used to be reserved and then never complete (its PUT
+    refused by S3, its tus chunks answered 503 past the 10,000th part)."""
+    GiB = 1024**3
+    settings = s3_settings.model_copy(update={"max_video_bytes": 100 * GiB, "free_quota_bytes": 200 * GiB})
+    parts_limit = 10_000 * 8 * 1024**2
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        for protocol, size in ((pb.UPLOAD_PROTOCOL_SINGLE, 5 * GiB + 1), (pb.UPLOAD_PROTOCOL_S3_MULTIPART, parts_limit + 1),
+                               (pb.UPLOAD_PROTOCOL_TUS, parts_limit + 1)):
+            request = pb.BeginUploadRequest(filename="long.mp4", content_type="video/mp4", size_bytes=size, protocol=protocol)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await storage.BeginUpload(request, metadata=md)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, protocol
+            assert [v.field for v in bad_request(refused.value).field_violations] == ["size_bytes"], protocol
+        async with aiohttp.ClientSession() as http, http.options(f"http://127.0.0.1:{server.http_port}/tus/") as response:
+            assert int(response.headers["Tus-Max-Size"]) == parts_limit
+        # At the limits, reserved and started.
+        for protocol, size in ((pb.UPLOAD_PROTOCOL_SINGLE, 5 * GiB), (pb.UPLOAD_PROTOCOL_S3_MULTIPART, parts_limit)):
+            request = pb.BeginUploadRequest(filename="long.mp4", content_type="video/mp4", size_bytes=size, protocol=protocol)
+            begun = await storage.BeginUpload(request, metadata=md)
+            await storage.FailUpload(pb.FailUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
+        assert summary.reserved_bytes == 0

@@ -32,15 +32,13 @@ from mediavault.blobs.base import (
     check_sha256,
     is_valid_key,
 )
-from mediavault.config import Settings
+from mediavault.config import S3_PART_BYTES, Settings
 from mediavault.offload import InOrder
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef, HeadObjectOutputTypeDef
 
-# Every part but the last must be at least 5 MiB; 8 MiB keeps memory bounded and requests few.
-_PART_SIZE = 8 * 1024 * 1024
 # At most this many bytes of a resumable upload wait on the event loop for the digest's thread.
 _DIGEST_AHEAD = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
@@ -54,7 +52,7 @@ _S3_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError)
 
 class S3BlobStore:
     def __init__(
-        self, client: S3Client, bucket: str, exit_stack: contextlib.AsyncExitStack, *, partial_part_size: int = _PART_SIZE
+        self, client: S3Client, bucket: str, exit_stack: contextlib.AsyncExitStack, *, partial_part_size: int = S3_PART_BYTES
     ) -> None:
         self._client = client
         self.bucket = bucket
@@ -84,10 +82,7 @@ class S3BlobStore:
                 "s3", region_name=settings.s3_region, endpoint_url=endpoint_url, config=config
             )
         )
-        # A chunk smaller than a part (5 MiB at least) makes the parts its size, so that each
-        # chunk still ends on a part rather than in a tail object.
-        part_size = min(_PART_SIZE, settings.tus_chunk_size_bytes)
-        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=part_size)
+        return cls(client, settings.s3_bucket, exit_stack, partial_part_size=settings.s3_part_size)
 
     async def ensure_bucket(self) -> None:
         """Creates the bucket unless it exists; production buckets are provisioned outside mediavault."""
@@ -226,14 +221,14 @@ class S3BlobStore:
                     size += len(chunk)
                     # Flush only once more data is known to follow, so that whatever fits
                     # one buffer is stored with a single PUT instead of a multipart upload.
-                    while len(buffer) > _PART_SIZE:
+                    while len(buffer) > S3_PART_BYTES:
                         if upload_id is None:
                             created = await self._client.create_multipart_upload(
                                 Bucket=self.bucket, Key=key, ContentType=content_type
                             )
                             upload_id = created["UploadId"]
-                        part = bytes(buffer[:_PART_SIZE])
-                        del buffer[:_PART_SIZE]
+                        part = bytes(buffer[:S3_PART_BYTES])
+                        del buffer[:S3_PART_BYTES]
                         parts.append(await self._upload_part(key, upload_id, len(parts) + 1, part))
                 if upload_id is None:
                     await self._client.put_object(

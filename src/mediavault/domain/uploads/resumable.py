@@ -40,7 +40,7 @@ import asyncpg
 
 from mediavault.blobs import BlobStore, BlobStoreError, DirectParts, PartialState, PartialWriter, is_sha256_hex
 from mediavault.blobs.signing import UrlSigner
-from mediavault.config import Settings
+from mediavault.config import S3_MAX_PARTS, Settings
 from mediavault.domain import content_types
 from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.records import COLUMNS, Upload, partial_key_for
@@ -154,8 +154,7 @@ WRITERS_BUSY_RETRY_AFTER_SECONDS = 5
 
 _MULTIPART_ID = "SELECT multipart_id FROM upload_progress WHERE upload_id = $1"
 
-# S3's limits on the parts of a multipart upload; the per-call bound keeps one answer small.
-MAX_PART_NUMBER = 10_000
+# The per-call bound keeps one answer small.
 MAX_PARTS_PER_CALL = 100
 
 
@@ -500,8 +499,8 @@ def _part_violations(parts: Sequence[PartRequest], part_count: int) -> list[Fiel
     if len(set(numbers)) != len(numbers):
         violations.append(FieldViolation("parts", "repeats a part_number"))
     for i, part in enumerate(parts):
-        if not 1 <= part.part_number <= MAX_PART_NUMBER:
-            violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {MAX_PART_NUMBER}"))
+        if not 1 <= part.part_number <= S3_MAX_PARTS:
+            violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {S3_MAX_PARTS}"))
         elif part.part_number > part_count:
             violations.append(FieldViolation(f"parts[{i}].part_number", f"must be 1 to {part_count}, this upload's part count"))
         if part.sha256 is not None and not is_sha256_hex(part.sha256):

@@ -6,7 +6,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from mediavault.blobs import BlobStore, is_sha256_hex
-from mediavault.config import Settings
+from mediavault.config import S3_MAX_PARTS, S3_MAX_PUT_BYTES, Settings
 from mediavault.domain import content_types
 from mediavault.domain.uploads.records import PROTOCOLS, BeginRequest, Upload
 from mediavault.errors import FieldViolation, InvalidArgument, VerificationFailed
@@ -31,6 +31,23 @@ def printable(name: str) -> bool:
     return not any(c in _BIDI_CONTROLS or unicodedata.category(c) in _UNPRINTABLE_CATEGORIES for c in name)
 
 
+def _size_violation(request: BeginRequest, content_type: str, settings: Settings) -> FieldViolation | None:
+    limit = settings.max_video_bytes if content_types.kind_of(content_type) == "video" else settings.max_image_bytes
+    if not 0 < request.size_bytes <= limit:
+        return FieldViolation("size_bytes", f"must be between 1 and {limit} for {content_type}")
+    if request.protocol == "tus" and request.size_bytes > settings.tus_max_size:
+        return FieldViolation("size_bytes", f"must be at most {settings.tus_max_size} for protocol TUS")
+    if settings.blob_backend == "s3" and request.size_bytes > (largest := _largest_on_s3(request.protocol, settings)):
+        return FieldViolation("size_bytes", f"must be at most {largest} for protocol {request.protocol.upper()} on S3")
+    return None
+
+
+def _largest_on_s3(protocol: str, settings: Settings) -> int:
+    """The most one upload by this protocol can store on S3: a SINGLE upload's URL is one PUT;
+    an S3_MULTIPART upload is a multipart upload of s3_part_size parts (TUS: tus_max_size)."""
+    return S3_MAX_PUT_BYTES if protocol == "single" else S3_MAX_PARTS * settings.s3_part_size
+
+
 def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
     """The request normalized, or InvalidArgument naming every field that is wrong."""
     violations: list[FieldViolation] = []
@@ -45,12 +62,8 @@ def validate_begin(request: BeginRequest, settings: Settings) -> BeginRequest:
         violations.append(
             FieldViolation("content_type", f"must be one of {', '.join(sorted(content_types.ALLOWED_TYPES))}")
         )
-    else:
-        limit = settings.max_video_bytes if content_types.kind_of(content_type) == "video" else settings.max_image_bytes
-        if not 0 < request.size_bytes <= limit:
-            violations.append(FieldViolation("size_bytes", f"must be between 1 and {limit} for {content_type}"))
-        elif request.protocol == "tus" and request.size_bytes > settings.tus_max_size:
-            violations.append(FieldViolation("size_bytes", f"must be at most {settings.tus_max_size} for protocol TUS"))
+    elif (wrong_size := _size_violation(request, content_type, settings)) is not None:
+        violations.append(wrong_size)
     sha256 = request.sha256.strip() if request.sha256 else None
     if sha256 is not None and not is_sha256_hex(sha256):
         violations.append(FieldViolation("sha256", "must be 64 lowercase hex characters"))

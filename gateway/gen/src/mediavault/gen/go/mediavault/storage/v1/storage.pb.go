@@ -2088,7 +2088,8 @@ type StorageServiceClient interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it (protocol S3_MULTIPART on the fs backend;
-	//	  protocol TUS with size_bytes over the server's tus maximum, its Tus-Max-Size).
+	//	  protocol TUS with size_bytes over the server's tus maximum, its Tus-Max-Size; on the S3
+	//	  backend, SINGLE over 5 GiB (one PUT) or S3_MULTIPART over 10,000 parts of chunk_size_bytes).
 	//	RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	//	ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
@@ -2368,7 +2369,8 @@ type StorageServiceServer interface {
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): a field breaks the rule on it (protocol S3_MULTIPART on the fs backend;
-	//	  protocol TUS with size_bytes over the server's tus maximum, its Tus-Max-Size).
+	//	  protocol TUS with size_bytes over the server's tus maximum, its Tus-Max-Size; on the S3
+	//	  backend, SINGLE over 5 GiB (one PUT) or S3_MULTIPART over 10,000 parts of chunk_size_bytes).
 	//	RESOURCE_EXHAUSTED (STORAGE_LIMIT_REACHED): the upload does not fit in the remaining quota.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	//	ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key was used with other parameters.
