@@ -10,9 +10,10 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -109,28 +110,29 @@ class Event:
     surface: str
     # Microseconds since the epoch as the client sent them, whatever they are; None means now.
     occurred_at_micros: int | None
-    meta: dict[str, object]
+    meta: Mapping[str, object]
 
 
 def sanitise_meta(meta: object, depth: int = 1) -> object:
-    """Drops personal-looking keys and anything nested deeper than MAX_META_DEPTH."""
-    if isinstance(meta, dict):
+    """Drops personal-looking keys and anything nested deeper than MAX_META_DEPTH; returns plain
+    dicts and lists. Past the first MAX_META_KEYS of a mapping or sequence, no item is read."""
+    if isinstance(meta, str):
+        return meta[:256]
+    if isinstance(meta, Mapping):
         if depth > MAX_META_DEPTH:
             return None
         clean = {}
-        for key, value in list(meta.items())[:MAX_META_KEYS]:
+        for key, value in islice(meta.items(), MAX_META_KEYS):
             if _PERSONAL.search(key):
                 continue
             value = sanitise_meta(value, depth + 1)
             if value is not None:
                 clean[key[:64]] = value
         return clean
-    if isinstance(meta, list):
+    if isinstance(meta, Sequence):
         if depth > MAX_META_DEPTH:
             return None
-        return [v for v in (sanitise_meta(item, depth + 1) for item in meta[:MAX_META_KEYS]) if v is not None]
-    if isinstance(meta, str):
-        return meta[:256]
+        return [v for v in (sanitise_meta(item, depth + 1) for item in islice(meta, MAX_META_KEYS)) if v is not None]
     return meta
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator, Mapping, MutableMapping
 
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,13 +38,30 @@ _EVENT_TYPES = {
 }
 
 
+class _Fields(Mapping[str, object]):
+    """A Struct's fields as plain data, each value made as the domain reads it: a Struct may hold
+    millions of values where the domain keeps a few dozen."""
+
+    def __init__(self, fields: MutableMapping[str, struct_pb2.Value]) -> None:
+        self._fields = fields
+
+    def __getitem__(self, key: str) -> object:
+        return _plain(self._fields[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+
 def _plain(value: struct_pb2.Value) -> object:
     """A Struct value as plain data, whatever it holds: judging it is the events domain's work."""
     kind = value.WhichOneof("kind")
     if kind == "struct_value":
-        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+        return _Fields(value.struct_value.fields)
     if kind == "list_value":
-        return [_plain(item) for item in value.list_value.values]
+        return Converted(value.list_value.values, _plain)
     if kind is None or kind == "null_value":
         return None
     return getattr(value, kind)
@@ -59,7 +77,7 @@ def _event(event: pb.UsageEvent) -> events_domain.Event:
         media_id=event.media_id,
         surface=event.surface,
         occurred_at_micros=_micros(event.occurred_at) if event.HasField("occurred_at") else None,
-        meta={key: _plain(value) for key, value in event.meta.fields.items()},
+        meta=_Fields(event.meta.fields),
     )
 
 
