@@ -5,6 +5,7 @@ and DateStyle, and counters kept with the events."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -266,3 +267,15 @@ async def test_partitions_made_off_their_utc_day_are_made_again_with_their_event
     finally:
         await utc.close()
         await local.close()
+
+
+async def test_keys_naming_an_ip_address_or_a_coordinate_are_dropped_however_they_are_spelt(pool):
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    personal = {"client_ip": "1.2.3.4", "clientIp": "1.2.3.4", "userIP": "1.2.3.4", "ipv4": "1.2.3.4", "IPv6": "::1",
+                "src_ip_hash": "ab12", "remoteAddr": "1.2.3.4:5", "lat": 37.7, "lng": -122.4, "latitude_deg": 37.7,
+                "geo": {"lat": 37.7, "lng": -122.4, "lon": -122.4}}
+    innocent = {"latency_ms": 12, "clip": "intro", "ship_mode": "fast", "tip": 1}
+    assert await Events(pool).record(user_id, [Event("click", str(uuid.uuid4()), "feed", None, {**personal, **innocent})]) == (1, 0)
+
+    stored = await pool.fetchval("SELECT meta FROM usage_events WHERE user_id = $1", user_id)
+    assert json.loads(stored) == {**innocent, "geo": {}}

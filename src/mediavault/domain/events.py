@@ -37,12 +37,24 @@ MAX_CLOCK_SKEW = timedelta(days=7)
 PARTITION_DAYS_AHEAD = 7
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# Keys that look like personal data never reach the table, whatever the client sends.
+# Keys that look like personal data never reach the table, whatever the client sends: a key
+# this matches,
 _PERSONAL = re.compile(
     r"e-?mail|phone|mobile|\bip\b|^ip_|_ip$|ip_?addr|address|name|token|password|passwd|secret|ssn|birth|"
     r"credit|card|iban|lat(itude)?$|lon(gitude)?$|gps|location|device_?id|idfa|gaid|cookie|session|auth",
     re.IGNORECASE,
 )
+# or one of these as a word of its own (client_ip, clientIp, IPv6, lng), which inside other
+# words is innocent (tip, latency).
+_PERSONAL_WORDS = frozenset({"ip", "ipv4", "ipv6", "addr", "lat", "latitude", "lon", "lng", "longitude"})
+_CAMEL_CASE_WORD = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_NOT_A_WORD = re.compile(r"[^a-z0-9]+")
+
+
+def _personal(key: str) -> bool:
+    words = _NOT_A_WORD.split(_CAMEL_CASE_WORD.sub("_", key).lower())
+    return _PERSONAL.search(key) is not None or not _PERSONAL_WORDS.isdisjoint(words)
+
 
 # The events of media no one can see any more (deleted, or ephemeral and expired) are kept as
 # telemetry, but count for nothing: their counters are never read again.
@@ -123,7 +135,7 @@ def sanitise_meta(meta: object, depth: int = 1) -> object:
             return None
         clean = {}
         for key, value in islice(meta.items(), MAX_META_KEYS):
-            if _PERSONAL.search(key):
+            if _personal(key):
                 continue
             value = sanitise_meta(value, depth + 1)
             if value is not None:
