@@ -279,3 +279,14 @@ async def test_keys_naming_an_ip_address_or_a_coordinate_are_dropped_however_the
 
     stored = await pool.fetchval("SELECT meta FROM usage_events WHERE user_id = $1", user_id)
     assert json.loads(stored) == {**innocent, "geo": {}}
+
+
+async def test_meta_of_non_ascii_text_is_kept_up_to_the_same_bytes_as_ascii(pool):
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    # About 1 KiB as UTF-8 either way, or as JSON that writes each non-ASCII character as \uXXXX.
+    metas = [{"caption": "e" * 256, "title": "f" * 256}, {"caption": "é" * 256, "title": "日" * 256}]
+    batch = [Event("click", str(uuid.uuid4()), "feed", None, meta) for meta in metas]
+    assert await Events(pool).record(user_id, batch) == (2, 0)
+
+    stored = await pool.fetch("SELECT meta FROM usage_events WHERE user_id = $1 ORDER BY event_id", user_id)
+    assert [json.loads(row["meta"]) for row in stored] == metas

@@ -186,8 +186,9 @@ def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime,
     meta = sanitise_meta(event.meta) or {}
     if not _storable_meta(meta):
         return None
-    encoded = json.dumps(meta)
-    if len(encoded) > MAX_META_BYTES:
+    # Measured as stored, in UTF-8: escaped to ASCII, a character could count six bytes.
+    encoded = json.dumps(meta, ensure_ascii=False)
+    if len(encoded.encode()) > MAX_META_BYTES:
         encoded = "{}"
     return media_id, event.event_type, event.surface, occurred_at, encoded
 
