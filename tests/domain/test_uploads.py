@@ -223,6 +223,33 @@ async def test_a_begin_cancelled_while_its_upload_starts_keeps_nothing_reserved(
     assert await ledger.audit(pool) == []
 
 
+async def test_a_begin_cancelled_while_its_reservation_is_written_keeps_nothing_reserved(pool, service):
+    user_id = new_user()
+    await accounts.ensure(pool, user_id, 10 * SIZE)
+    async with pool.acquire() as conn, conn.transaction():
+        # Holds every reservation's statement at its upload row, after the account's figures.
+        await conn.execute("LOCK TABLE uploads IN SHARE MODE")
+        beginning = asyncio.create_task(begin(service, user_id))
+        await asyncio.sleep(0.3)
+        assert not beginning.done(), "the reservation waits for the lock"
+        # The client's deadline passes, or a draining server sheds the call: no answer names the upload.
+        beginning.cancel()
+    # The statement goes on without the call, and may commit: what it reserved no retry could find again.
+    await asyncio.wait([beginning], timeout=10)
+    assert beginning.cancelled()
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        ended = await pool.fetchrow("SELECT state, failure_reason FROM uploads WHERE user_id = $1", user_id)
+        if ended is not None and ended["state"] != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert ended is not None
+    assert tuple(ended) == ("failed", "BEGIN_FAILED")
+    assert await reserved_bytes(pool, user_id) == 0
+    assert await ledger.audit(pool) == []
+
+
 async def test_a_replayed_key_of_a_lapsed_upload_expires_it_and_gets_no_url(pool, service):
     user_id = new_user()
     first = await begin(service, user_id, idempotency_key="k")

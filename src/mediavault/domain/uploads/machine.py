@@ -104,11 +104,35 @@ class Uploads:
             request.idempotency_key, request.retention, object_key_for(upload_id),
             float(self._settings.reservation_ttl_seconds), request.protocol, self._settings.quota_counts_derived_bytes,
         )
+        if request.idempotency_key is None:
+            upload = await self._reserve_keyless(principal, request, row)
+        else:
+            upload = await self._reserve_alone(principal, request, row)
+        return await self._begun(upload, request.tus_metadata)
+
+    async def _reserve_keyless(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
+        """Reserves an upload that no retry could find again, in a task of its own: a cancelled call
+        (the client's deadline, a draining server shedding it) does not stop its statement, which may
+        commit all the same, and what it reserved is then released as a failed begin, not left
+        reserved until it expires while every retry reserves more."""
+        reserving = asyncio.ensure_future(self._reserve(principal, request, row))
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.ensure_future(self._release_unanswered(reserving)))
+            raise
+
+    async def _reserve(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
         # A batch never carries an idempotency key: one duplicate would abort everyone's insert.
-        # The batch places only what it can place for sure; None is settled alone below.
-        if request.idempotency_key is None and (reserved := await self._reservations.submit(row)) is not None:
-            return await self._begun(Upload(**reserved), request.tus_metadata)
-        return await self._begun(await self._reserve_alone(principal, request, row), request.tus_metadata)
+        # The batch places only what it can place for sure; None is settled alone.
+        if (reserved := await self._reservations.submit(row)) is not None:
+            return Upload(**reserved)
+        return await self._reserve_alone(principal, request, row)
+
+    async def _release_unanswered(self, reserving: asyncio.Future[Upload]) -> None:
+        await asyncio.wait([reserving])
+        if not reserving.cancelled() and reserving.exception() is None:
+            await self._abandon(reserving.result(), asyncio.CancelledError("the call ended before its answer"))
 
     async def _begun(self, upload: Upload, tus_metadata: str | None) -> BeginResult:
         """The upload's destination. When it cannot be made (the blob store fails to start a resumable
