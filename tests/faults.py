@@ -40,6 +40,9 @@ class TcpProxy:
         # Or: when a client sends these bytes, every connection is killed once, right after them.
         self.cut_marker: bytes | None = None
         self.cut = asyncio.Event()
+        # While set, no byte goes either way and new connections are accepted but never answered.
+        self._frozen = False
+        self._held: set[asyncio.StreamWriter] = set()
 
     def url_for(self, url: str) -> str:
         """url with its host and port replaced by the proxy's (and no Unix socket host)."""
@@ -61,11 +64,22 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for transport in list(self._transports):
+        self._frozen = False
+        for transport in [*self._transports, *(writer.transport for writer in self._held)]:
             transport.abort()
         self._transports.clear()
+        self._held.clear()
+
+    def freeze(self) -> None:
+        """What a client sees of a server that stops answering (a host that hangs, a network
+        partition): its connections stay open and carry nothing, and new ones are accepted and
+        never answered, until `down()`."""
+        self._frozen = True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._frozen:
+            self._held.add(writer)
+            return
         try:
             upstream_reader, upstream_writer = await self._connect_upstream()
         except OSError:
@@ -96,6 +110,8 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
         try:
             while data := await reader.read(65536):
+                if self._frozen:
+                    continue
                 cut_point = self._cut_point(data) if upstream else None
                 if cut_point is not None:
                     writer.write(data[:cut_point])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
@@ -13,13 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from mediavault import devservers
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.rpc import drain
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
-from tests.conftest import running
+from tests.conftest import POOLERS, running
+from tests.faults import proxied
 from tests.helpers import begin, error_info, fake_jpeg, fetch, put
 
 
@@ -251,6 +255,42 @@ async def test_health_follows_postgres(make_settings, tmp_path):
             await becomes(health_pb2.HealthCheckResponse.SERVING)
     finally:
         postgres.cleanup()
+
+
+@pytest.mark.parametrize("pooler", POOLERS)
+async def test_health_answers_not_serving_soon_after_postgres_stops_answering(
+    make_settings, postgres_admin_url, database_url, pooler
+):
+    """PostgreSQL hangs, or the network to it: the probe's statement is never answered, nor is its
+    cancel (PgBouncer 1.18 ignores the cancel of a statement waiting for a server connection)."""
+    name = urlsplit(database_url).path.lstrip("/")
+    async with proxied(postgres_admin_url) as proxy:
+        with contextlib.ExitStack() as pgbouncer:
+            url = proxy.url_for(postgres_admin_url)
+            if pooler == "pgbouncer":
+                url = pgbouncer.enter_context(devservers.pgbouncer(url))
+            settings = make_settings(
+                database_url=devservers.with_database(url, name), database_pooler=pooler, health_probe_seconds=0.2,
+                db_pool_min_size=1,
+            )
+            async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+
+                async def becomes(expected: int) -> None:
+                    for _ in range(100):
+                        if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
+                            return
+                        await asyncio.sleep(0.1)
+                    raise AssertionError(f"health never became {expected}")
+
+                await becomes(health_pb2.HealthCheckResponse.SERVING)
+                proxy.freeze()
+                try:
+                    await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+                finally:
+                    await proxy.down()
+                    await proxy.up()
+                await becomes(health_pb2.HealthCheckResponse.SERVING)
 
 
 async def test_serve_takes_long_lived_objects_out_of_the_collector(make_settings):

@@ -202,8 +202,7 @@ class Server:
         while True:
             await asyncio.sleep(self.settings.health_probe_seconds)
             try:
-                async with asyncio.timeout(self.settings.health_probe_seconds):
-                    await pool.fetchval("SELECT 1")
+                await self._select_one(pool)
                 reachable = True
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
                 reachable = False
@@ -212,6 +211,20 @@ class Server:
                 serving = reachable
                 await self._set_health(serving)
                 log.warning("database reachable" if serving else "database unreachable: NOT_SERVING")
+
+    async def _select_one(self, pool: asyncpg.Pool) -> None:
+        """SELECT 1 within health_probe_seconds; TimeoutError past them."""
+        seconds = self.settings.health_probe_seconds
+        async with pool.acquire(timeout=seconds) as conn:
+            try:
+                await conn.fetchval("SELECT 1", timeout=seconds)
+            except TimeoutError:
+                # asyncpg gives the connection of a statement that timed out back only once that
+                # statement has ended: never on a PostgreSQL that stopped answering, nor behind
+                # PgBouncer 1.18 while it waits for a server connection (PgBouncer ignores its
+                # cancel). The probe, and health with it, would wait as long.
+                conn.terminate()
+                raise
 
     async def _drain_and_close(self, grace: float, prestop: float) -> None:
         self._stopped.set()
