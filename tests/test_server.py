@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
@@ -15,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from mediavault import devservers
 from mediavault.domain import ledger
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.rpc import drain
@@ -23,7 +20,7 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import POOLERS, running
-from tests.faults import proxied
+from tests.faults import database_through, proxied
 from tests.helpers import begin, error_info, fake_jpeg, fetch, put
 
 
@@ -263,16 +260,9 @@ async def test_health_answers_not_serving_soon_after_postgres_stops_answering(
 ):
     """PostgreSQL hangs, or the network to it: the probe's statement is never answered, nor is its
     cancel (PgBouncer 1.18 ignores the cancel of a statement waiting for a server connection)."""
-    name = urlsplit(database_url).path.lstrip("/")
     async with proxied(postgres_admin_url) as proxy:
-        with contextlib.ExitStack() as pgbouncer:
-            url = proxy.url_for(postgres_admin_url)
-            if pooler == "pgbouncer":
-                url = pgbouncer.enter_context(devservers.pgbouncer(url))
-            settings = make_settings(
-                database_url=devservers.with_database(url, name), database_pooler=pooler, health_probe_seconds=0.2,
-                db_pool_min_size=1,
-            )
+        with database_through(pooler, proxy, postgres_admin_url, database_url) as url:
+            settings = make_settings(database_url=url, database_pooler=pooler, health_probe_seconds=0.2, db_pool_min_size=1)
             async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
 
@@ -291,6 +281,32 @@ async def test_health_answers_not_serving_soon_after_postgres_stops_answering(
                     await proxy.down()
                     await proxy.up()
                 await becomes(health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("pooler", POOLERS)
+async def test_shutdown_ends_while_postgres_stops_answering(make_settings, postgres_admin_url, database_url, auth, user_id, pooler):
+    """A call whose statement PostgreSQL never answers is shed at the end of the grace period, and
+    the server stops all the same, its connections closed without a goodbye."""
+    async with proxied(postgres_admin_url) as proxy:
+        with database_through(pooler, proxy, postgres_admin_url, database_url) as url:
+            server = Server(make_settings(database_url=url, database_pooler=pooler))
+            await server.startup()
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                    storage = storage_pb2_grpc.StorageServiceStub(channel)
+                    proxy.freeze()
+                    call = storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))
+                    async with asyncio.timeout(10):
+                        while server.calls.admitted == 0:
+                            await asyncio.sleep(0.01)
+                    async with asyncio.timeout(server.settings.shutdown_grace_seconds + 10):
+                        await server.shutdown(server.settings.shutdown_grace_seconds)
+                    with pytest.raises(grpc.aio.AioRpcError) as shed:
+                        await call
+                    assert shed.value.code() == grpc.StatusCode.UNAVAILABLE
+            finally:
+                await proxy.down()
+                await server.shutdown(0)
 
 
 async def test_serve_takes_long_lived_objects_out_of_the_collector(make_settings):

@@ -23,6 +23,7 @@ from mediavault.blobs import BlobStore, open_blob_store
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
 from mediavault.config import Settings, listen_address
+from mediavault.db import close_pool
 from mediavault.db import create_pool as create_db_pool
 from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2
@@ -251,7 +252,7 @@ class Server:
             await self.queue.aclose()
             self.queue = None
         if self.pool is not None:
-            await self.pool.close()
+            await close_pool(self.pool)
             self.pool = None
         if self._traced:
             self._traced = False

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import asyncpg
@@ -7,10 +9,15 @@ import asyncpg
 from mediavault import tracing
 from mediavault.config import Settings
 
+log = logging.getLogger(__name__)
+
 # Every session's, the migrations' included (db/migrate.py), rather than the database's
 # defaults: SQL that puts a timestamp through text (a partition bound of usage_events) reads
 # it back in the zone it was written in only under ISO, and days are UTC days.
 SESSION_SETTINGS = {"timezone": "UTC", "datestyle": "ISO, YMD"}
+
+# Past it, close_pool cuts the connections (asyncpg terminates a pool whose close is cancelled).
+CLOSE_SECONDS = 2.0
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -51,3 +58,18 @@ async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Poo
         connection_class=tracing.TracedConnection if tracing.tracer is not None else asyncpg.Connection,
         **connect_options(settings),
     )
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Closes the pool once its users have ended or been cancelled, cutting its connections when
+    PostgreSQL does not answer within CLOSE_SECONDS.
+
+    asyncpg's close waits for every connection still held, and one whose statement was cancelled is
+    given back only once the statement ends; then for each connection's goodbye. From a PostgreSQL
+    that stopped answering (or behind PgBouncer, one it cannot reach) neither ever comes.
+    """
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await pool.close()
+    except TimeoutError:
+        log.warning("database connections cut: PostgreSQL did not answer their close")
