@@ -13,7 +13,7 @@ from arq.connections import RedisSettings
 from mediavault import metrics, tracing
 from mediavault.blobs import open_blob_store
 from mediavault.config import Settings
-from mediavault.db import create_pool
+from mediavault.db import close_pool, create_pool
 from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder, pool_size
 from mediavault.services import build_services
@@ -117,7 +117,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if "blobs" in ctx:
         await ctx["blobs"].close()
     if "pool" in ctx:
-        await ctx["pool"].close()
+        await close_pool(ctx["pool"])
     if ctx.pop("traced", False):
         await tracing.stop()
 

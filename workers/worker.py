@@ -26,6 +26,7 @@ _FIRST_DELAY_SECONDS = 0.1
 _MAX_DELAY_SECONDS = 5.0
 
 HEALTH_CHECK_INTERVAL_SECONDS = 30
+CANCELLED_JOBS_SECONDS = 2.0
 
 
 class Worker(arq.Worker):
@@ -65,9 +66,20 @@ class Worker(arq.Worker):
         outside its job function (while it starts, or records its result) and the error of
         deleting the health record from a Redis that is down: the worker's pools, transcoder and
         spans would stay open, and the process exit with an error.
+
+        A job cancelled during a statement ends only once asyncpg has the connection back, which
+        it gets when the statement ends: never on a PostgreSQL that stopped answering, nor behind
+        PgBouncer 1.18 while the statement waits for a server connection (its cancel is ignored).
+        Jobs still running after CANCELLED_JOBS_SECONDS have their database connections cut, and
+        so end, and arq queues them again, as it does every job cancelled here.
         """
         self.handle_sig(signal.SIGUSR1)
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        running = list(self.tasks.values())
+        if running:
+            _, stuck = await asyncio.wait(running, timeout=CANCELLED_JOBS_SECONDS)
+            if stuck and "pool" in self.ctx:
+                self.ctx["pool"].terminate()
+            await asyncio.gather(*running, return_exceptions=True)
         self.tasks.clear()
         if self._pool is None:
             return

@@ -9,12 +9,15 @@ import uuid
 from typing import Any
 
 import arq
+import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
 
 import workers.settings
 from mediavault.config import JobsConfig
-from tests.faults import PrivateRedis
+from tests.conftest import POOLERS
+from tests.faults import PrivateRedis, database_through, proxied
 from workers.worker import run_workers
 
 
@@ -83,4 +86,58 @@ async def test_sigterm_while_redis_is_down_closes_every_worker(make_settings, po
         await asyncio.wait_for(run, 60)
     finally:
         redis.close()
+    assert sorted(closed) == ["cron", "photo", "video"], "every worker's resources are closed"
+
+
+@pytest.mark.parametrize("pooler", POOLERS)
+async def test_sigterm_while_postgres_stops_answering_closes_every_worker(
+    make_settings, postgres_admin_url, database_url, monkeypatch, pooler
+):
+    """A job waits on a statement PostgreSQL never answers, nor its cancel: the signal cancels the
+    job, and every worker closes all the same."""
+    started: list[str] = []
+    closed: list[str] = []
+    startup, shutdown = workers.settings.worker_startup, workers.settings.shutdown
+
+    async def recorded_startup(ctx: dict[str, Any]) -> None:
+        await startup(ctx)
+        started.append(ctx.get("queue") or "photo")
+
+    async def recorded_shutdown(ctx: dict[str, Any]) -> None:
+        await shutdown(ctx)
+        closed.append(ctx.get("queue") or "photo")
+
+    monkeypatch.setattr(workers.settings, "worker_startup", recorded_startup)
+    monkeypatch.setattr(workers.settings, "shutdown", recorded_shutdown)
+    jobs = JobsConfig(**{name: {"enabled": name == "audit_accounts"} for name in JobsConfig.model_fields})
+    async with proxied(postgres_admin_url) as proxy:
+        with database_through(pooler, proxy, postgres_admin_url, database_url) as url:
+            settings = make_settings(
+                database_url=url,
+                database_pooler=pooler,
+                queue_name=f"mediavault-test-hung:{uuid.uuid4().hex}",
+                jobs=jobs,
+                transcode_workers=1,
+                video_workers=1,
+            )
+            redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+            run = asyncio.create_task(run_workers(settings))
+            try:
+                async with asyncio.timeout(60):
+                    while len(started) < 3:
+                        await asyncio.sleep(0.05)
+                proxy.freeze()
+                job = await redis.enqueue_job("transcode_media", str(uuid.uuid4()), 0)
+                assert job is not None
+                async with asyncio.timeout(10):
+                    while not await redis.exists(in_progress_key_prefix + job.job_id):
+                        await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.wait_for(asyncio.shield(run), 20)
+            finally:
+                await proxy.down()
+                await asyncio.wait_for(run, 60)
+                await redis.delete(settings.queue_name)
+                await redis.aclose()
     assert sorted(closed) == ["cron", "photo", "video"], "every worker's resources are closed"
