@@ -92,6 +92,8 @@ class Uploads:
         spacing = settings.upload_batch_spacing_seconds
         self._reservations = StatementBatches(pool, statements.BEGIN_MANY, spacing=spacing, name="reserve uploads")
         self._commits = StatementBatches(pool, statements.COMMIT_MANY, spacing=spacing, name="commit uploads")
+        # Releases of reservations whose call ended first (_reserve_keyless), held until they end.
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def begin(self, principal: Principal, request: BeginRequest) -> BeginResult:
         request = validate_begin(request, self._settings)
@@ -114,12 +116,15 @@ class Uploads:
         """Reserves an upload that no retry could find again, in a task of its own: a cancelled call
         (the client's deadline, a draining server shedding it) does not stop its statement, which may
         commit all the same, and what it reserved is then released as a failed begin, not left
-        reserved until it expires while every retry reserves more."""
+        reserved until it expires while every retry reserves more. The call ends at once: the
+        release waits for the statement on its own, however long a lock holds it."""
         reserving = asyncio.ensure_future(self._reserve(principal, request, row))
         try:
             return await asyncio.shield(reserving)
         except asyncio.CancelledError:
-            await asyncio.shield(asyncio.ensure_future(self._release_unanswered(reserving)))
+            release = asyncio.create_task(self._release_unanswered(reserving))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
             raise
 
     async def _reserve(self, principal: Principal, request: BeginRequest, row: tuple[Any, ...]) -> Upload:
