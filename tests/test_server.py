@@ -330,3 +330,35 @@ async def test_serve_takes_long_lived_objects_out_of_the_collector(make_settings
 async def health_check(port: int) -> health_pb2.HealthCheckResponse:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         return await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await reader.read(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_the_http_listener_closes_connections_that_send_no_request_or_trickle_its_headers(server):
+    # Each connection an anonymous client keeps costs the process a file descriptor: one that never
+    # finishes a request's headers must not keep it for long (as the gateway's read-header timeout).
+    silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    trickling_reader, trickling_writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    trickling_writer.write(b"GET /healthz HTTP/1.1\r\nHost: mediavault\r\n")
+
+    async def trickle() -> None:
+        for number in range(60):
+            await asyncio.sleep(0.5)
+            trickling_writer.write(b"X-Slow-%d: 1\r\n" % number)
+
+    trickling = asyncio.create_task(trickle())
+    started = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(25):
+            assert await _closed_by_server(silent_reader)
+            assert await _closed_by_server(trickling_reader)
+        assert asyncio.get_running_loop().time() - started < 25
+    finally:
+        trickling.cancel()
+        silent_writer.close()
+        trickling_writer.close()

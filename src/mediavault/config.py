@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     grpc_addr: str = "127.0.0.1:50051"
     http_addr: str = "127.0.0.1:8081"
     http_public_url: str = ""
+    # A connection to the HTTP listener that has not sent a whole request's headers within this long
+    # of opening, or of its last answer, is closed: every open connection holds a file descriptor,
+    # and without it one that sends nothing, or trickles its headers, was kept for an hour.
+    http_read_header_timeout_seconds: float = Field(default=10.0, gt=0)
     metrics_addr: str = ""
     blob_backend: Literal["fs", "s3"] = "fs"
     blob_dir: Path = Path(".mediavault/blobs")

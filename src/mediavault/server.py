@@ -158,7 +158,11 @@ class Server:
     async def _start_http(self, sock: socket.socket, store: FsBlobStore | None, tus: TusEndpoints) -> None:
         app = create_app(store)
         tus.add_routes(app)
-        self._http_runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+        # aiohttp's keep-alive timer also runs from a connection's opening, and closes it only while
+        # no request's headers are complete: it is the read-header timeout, and the idle one.
+        self._http_runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=5, keepalive_timeout=self.settings.http_read_header_timeout_seconds
+        )
         await self._http_runner.setup()
         await web.SockSite(self._http_runner, sock).start()
 
