@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
@@ -362,3 +364,32 @@ async def test_the_http_listener_closes_connections_that_send_no_request_or_tric
         trickling.cancel()
         silent_writer.close()
         trickling_writer.close()
+
+
+async def test_a_signed_put_whose_body_stalls_is_ended_and_keeps_nothing(make_settings, auth, user_id):
+    # A PUT whose body stops coming (a client gone without closing, or one that holds its
+    # connections on purpose) held its connection and a temp file for as long as it stayed open.
+    md = auth(user_id)
+    data = fake_jpeg(1_000_000)
+    async with (
+        running(make_settings(tus_idle_timeout_seconds=1)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        begun = await begin(storage, md, data)
+        url = urlsplit(begun.upload_url)
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        head = f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in begun.upload_headers.items())
+        writer.write(head.encode() + b"\r\n" + data[:1000])
+        temp_dir = Path(server.blobs.new_temp_file()).parent
+        try:
+            async with asyncio.timeout(15):
+                status_line = await reader.readline()
+            assert status_line.startswith(b"HTTP/1.1 400"), status_line
+            assert not any(temp_dir.iterdir()), "the stalled body's temp file is gone"
+        finally:
+            writer.close()
+        assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
+        done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+        assert done.upload.state == pb.UPLOAD_STATE_FINALIZED

@@ -156,7 +156,7 @@ class Server:
         return sock
 
     async def _start_http(self, sock: socket.socket, store: FsBlobStore | None, tus: TusEndpoints) -> None:
-        app = create_app(store)
+        app = create_app(store, idle_seconds=self.settings.tus_idle_timeout_seconds)
         tus.add_routes(app)
         # aiohttp's keep-alive timer also runs from a connection's opening, and closes it only while
         # no request's headers are complete: it is the read-header timeout, and the idle one.

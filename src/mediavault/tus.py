@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.config import Settings
-from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads, making_progress
+from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
 from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
 from mediavault.errors import (
     AccountFrozen,
@@ -42,6 +42,7 @@ from mediavault.errors import (
     UploadNotPending,
     WritersBusy,
 )
+from mediavault.pacing import making_progress
 
 _CHUNK = 256 * 1024
 _OFFSET_TYPE = "application/offset+octet-stream"

@@ -25,7 +25,7 @@ from mediavault.blobs.signing import UrlSigner
 async def store(tmp_path, unused_tcp_port):
     signer = UrlSigner(b"k" * 32, f"http://127.0.0.1:{unused_tcp_port}")
     store = FsBlobStore(tmp_path, signer)
-    runner = web.AppRunner(create_app(store))
+    runner = web.AppRunner(create_app(store, idle_seconds=60))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
     yield store

@@ -3,7 +3,9 @@ presigned URLs do; on both backends it carries the tus endpoints (mediavault.tus
 
 PUT needs the signed Content-Length and Content-Type, streams the body to a temp file,
 cuts off anything past the signed length and publishes the object only when complete,
-and only once (a second PUT to the same key is 412, as S3's If-None-Match: *). It hashes
+and only once (a second PUT to the same key is 412, as S3's If-None-Match: *). A body that stops
+coming is held to the tus PATCH's rule (pacing.making_progress): refused (400), nothing stored, so
+that it holds neither its connection nor a temp file for as long as the client keeps it. It hashes
 the body as it arrives: a body that differs from a signed SHA-256 is refused (400 BadDigest,
 as S3 refuses one that differs from a signed x-amz-checksum-sha256), and the digest is recorded
 with the object, so FinalizeUpload does not read the object again. Like S3's, its 200 means the
@@ -16,10 +18,12 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
+from mediavault.pacing import making_progress
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +37,18 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 _STORE = web.AppKey("store", FsBlobStore)
+_IDLE_SECONDS = web.AppKey("idle_seconds", float)
 
 
-def create_app(store: FsBlobStore | None) -> web.Application:
-    """The listener's application; the blob routes only when the fs backend serves the blobs."""
+def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Application:
+    """The listener's application; the blob routes only when the fs backend serves the blobs.
+
+    idle_seconds: how long a PUT's body may keep the listener waiting without bringing
+    pacing.MIN_PROGRESS_BYTES before it is refused (TUS_IDLE_TIMEOUT_SECONDS)."""
     app = web.Application(client_max_size=0)
     if store is not None:
         app[_STORE] = store
+        app[_IDLE_SECONDS] = idle_seconds
         app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object)
         app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
     app.router.add_get("/healthz", _healthz)
@@ -81,7 +90,7 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         writer = FileWriter(fd, digest)
         try:
-            while chunk := await request.content.read(_CHUNK):
+            async for chunk in making_progress(_body(request), request.app[_IDLE_SECONDS]):
                 received += len(chunk)
                 if received > signed_length:
                     return _error(400, "EntityTooLarge", "body exceeds the signed length")
@@ -101,6 +110,11 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
     finally:
         remove_quietly(tmp)
     return web.Response(status=200)
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    while chunk := await request.content.read(_CHUNK):
+        yield chunk
 
 
 async def _get_object(request: web.Request) -> web.StreamResponse:

@@ -10,7 +10,6 @@ and their transitions).
 from mediavault.domain.uploads.machine import Uploads
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
 from mediavault.domain.uploads.resumable import ChunkChecksum, PartRequest, PresignedPart, Resumable
-from mediavault.domain.uploads.streaming import making_progress
 from mediavault.domain.uploads.validation import Observed, check_object, validate_begin
 
 __all__ = [
@@ -24,7 +23,6 @@ __all__ = [
     "Upload",
     "Uploads",
     "check_object",
-    "making_progress",
     "object_key_for",
     "validate_begin",
 ]

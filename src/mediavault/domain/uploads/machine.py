@@ -26,7 +26,7 @@ from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.batches import StatementBatches, columns_of
 from mediavault.domain.uploads.records import BeginRequest, BeginResult, Upload, object_key_for
 from mediavault.domain.uploads.resumable import TUS_VERSION, PartRequest, PresignedPart, Resumable
-from mediavault.domain.uploads.streaming import making_progress, store_stream
+from mediavault.domain.uploads.streaming import store_stream
 from mediavault.domain.uploads.validation import (
     Observed,
     check_object,
@@ -46,6 +46,7 @@ from mediavault.errors import (
     VerificationFailed,
 )
 from mediavault.jobs import TranscodeQueue
+from mediavault.pacing import making_progress
 
 log = logging.getLogger(__name__)
 
