@@ -393,3 +393,18 @@ async def test_a_signed_put_whose_body_stalls_is_ended_and_keeps_nothing(make_se
         assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
         done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
         assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+
+
+async def test_grpc_connections_without_calls_are_closed(make_settings):
+    # Each connection costs the process a file descriptor; one that carries no call is let go.
+    async with running(make_settings(grpc_idle_connection_seconds=1)) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.grpc_port)
+        try:
+            # The HTTP/2 preface and an empty SETTINGS frame: a connection, and no call on it.
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            await writer.drain()
+            async with asyncio.timeout(15):
+                while await reader.read(65536):
+                    pass
+        finally:
+            writer.close()

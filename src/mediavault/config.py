@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     redis_url: str = ""
     grpc_addr: str = "127.0.0.1:50051"
     http_addr: str = "127.0.0.1:8081"
+    # A gRPC connection that has carried no call for this long is closed (a GOAWAY, which clients
+    # answer by connecting again for their next call): every open connection holds a file
+    # descriptor, and one that carried none was kept for as long as its client left it open.
+    grpc_idle_connection_seconds: float = Field(default=300.0, gt=0)
     http_public_url: str = ""
     # A connection to the HTTP listener that has not sent a whole request's headers within this long
     # of opening, or of its last answer, is closed: every open connection holds a file descriptor,

@@ -96,6 +96,7 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", 8 * 1024 * 1024),
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                ("grpc.max_connection_idle_ms", round(settings.grpc_idle_connection_seconds * 1000)),
             ]
         )
         if settings.redis_url:
