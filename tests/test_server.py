@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from mediavault.domain import ledger
+from mediavault.domain.uploads.records import object_key_for
 from mediavault.media.v1 import media_pb2, media_pb2_grpc
 from mediavault.rpc import drain
 from mediavault.server import Server
@@ -393,6 +396,57 @@ async def test_a_signed_put_whose_body_stalls_is_ended_and_keeps_nothing(make_se
         assert await put(begun.upload_url, dict(begun.upload_headers), data) == 200
         done = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
         assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
+
+
+async def test_a_single_upload_content_stream_that_stalls_is_refused_and_keeps_nothing(make_settings, auth, user_id):
+    # A SINGLE upload's stream had no pace rule: one gone silent, or sending empty chunks, held
+    # its call, a file descriptor and a temp file for as long as the client kept it open.
+    md = auth(user_id)
+    data = fake_jpeg(300_000)
+    stop = asyncio.Event()
+
+    async def silent(upload_id: str) -> AsyncIterator[pb.UploadContentRequest]:
+        yield pb.UploadContentRequest(upload_id=upload_id)
+        yield pb.UploadContentRequest(chunk=data[:1000])
+        await stop.wait()
+
+    async def empty_chunks(upload_id: str) -> AsyncIterator[pb.UploadContentRequest]:
+        yield pb.UploadContentRequest(upload_id=upload_id)
+        yield pb.UploadContentRequest(chunk=data[:1000])
+        while not stop.is_set():
+            yield pb.UploadContentRequest(chunk=b"")
+            await asyncio.sleep(0.05)
+
+    async def refusal(call) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call, timeout=15)
+        return caught.value
+
+    async with (
+        running(make_settings(tus_idle_timeout_seconds=1)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        begun = [await begin(storage, md, data) for _ in range(2)]
+        temp_dir = Path(server.blobs.new_temp_file()).parent
+        try:
+            refused = await asyncio.gather(
+                refusal(storage.UploadContent(silent(begun[0].upload.upload_id), metadata=md)),
+                refusal(storage.UploadContent(empty_chunks(begun[1].upload.upload_id), metadata=md)),
+            )
+        finally:
+            stop.set()
+        for error in refused:
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+            assert error_info(error).reason == "STREAM_STALLED"
+        assert not any(temp_dir.iterdir()), "the stalled streams' temp files are gone"
+        for each in begun:
+            assert not server.blobs.path(object_key_for(uuid.UUID(each.upload.upload_id))).exists()
+            got = await storage.GetUpload(pb.GetUploadRequest(upload_id=each.upload.upload_id), metadata=md)
+            assert got.upload.state == pb.UPLOAD_STATE_PENDING, "a stalled stream leaves the upload retryable"
+            whole = [pb.UploadContentRequest(upload_id=each.upload.upload_id), pb.UploadContentRequest(chunk=data)]
+            done = await storage.UploadContent(iter(whole), metadata=md)
+            assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
 
 
 async def test_grpc_connections_without_calls_are_closed(make_settings):

@@ -14,6 +14,7 @@ UPPER_SNAKE_CASE ErrorInfo reason of the google.rpc error model::
     ├── UploadBusy            UPLOAD_BUSY             another writer is appending to the resumable upload
     ├── OffsetMismatch        OFFSET_MISMATCH         a tus chunk or UploadContent stream that does not start at the stored offset
     ├── ChunkChecksumMismatch CHUNK_CHECKSUM_MISMATCH a tus chunk that differs from its Upload-Checksum
+    ├── StreamStalled         STREAM_STALLED          a SINGLE upload's UploadContent stream that stopped making progress
     ├── MediaBusy             MEDIA_BUSY              reprocess while a processing run is in progress
     ├── IdempotencyConflict   IDEMPOTENCY_CONFLICT    key reused with other parameters
     ├── RateLimited           RATE_LIMIT_EXCEEDED     carries the delay and the quota that was hit
@@ -105,6 +106,10 @@ class OffsetMismatch(MediavaultError):
 
 class ChunkChecksumMismatch(MediavaultError):
     reason = "CHUNK_CHECKSUM_MISMATCH"
+
+
+class StreamStalled(MediavaultError):
+    reason = "STREAM_STALLED"
 
 
 class BeyondDeclaredSize(InvalidArgument):

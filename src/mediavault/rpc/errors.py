@@ -22,6 +22,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "MEDIA_BUSY": grpc.StatusCode.FAILED_PRECONDITION,
     "UPLOAD_BUSY": grpc.StatusCode.ABORTED,
     "OFFSET_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
+    "STREAM_STALLED": grpc.StatusCode.DEADLINE_EXCEEDED,
     "OBJECT_MISSING": grpc.StatusCode.FAILED_PRECONDITION,
     "SIZE_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "CHECKSUM_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,

@@ -409,7 +409,7 @@ class Uploads:
         else:
             if offset:
                 raise InvalidArgument.single("offset", "a SINGLE upload's stream starts at 0")
-            await store_stream(self._blobs, upload, chunks)
+            await store_stream(self._blobs, upload, chunks, idle_seconds=self._settings.tus_idle_timeout_seconds)
         return await self.finalize(principal, upload_id)
 
     async def _discard(self, upload: Upload) -> None:

@@ -238,6 +238,11 @@ class StorageServiceServicer:
         FAILED_PRECONDITION (OFFSET_MISMATCH): offset is not the TUS upload's received_bytes; nothing
         was stored. ErrorInfo metadata "offset" is the received_bytes to continue from.
         ABORTED (UPLOAD_BUSY): a TUS upload is taking another chunk right now; retry.
+        DEADLINE_EXCEEDED (STREAM_STALLED): a SINGLE upload's stream brought less than 64 KiB within
+        TUS_IDLE_TIMEOUT_SECONDS (60 s by default) of waiting for it, counted from its start or from
+        the last time it reached 64 KiB (empty chunks bring nothing); nothing was stored and the
+        upload stays PENDING: send the whole stream again. A TUS upload's stream held to the same
+        rule ends there instead, as a cut one does, and is answered as one that ended early.
         UNAVAILABLE (SERVER_BUSY): for a TUS upload, every writer of the server stayed busy with other
         chunks for 10 s; nothing was stored. RetryInfo says when to retry.
         UNAVAILABLE (BLOB_STORE_UNAVAILABLE): also when the blob store failed while the chunks were
