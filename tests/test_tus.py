@@ -866,6 +866,53 @@ async def response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers
 
 
+async def asked_patch(server: Server, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
+    """The first answer to a PATCH's head that asks Expect: 100-continue, its body unsent."""
+    target = url.split(f":{server.http_port}", 1)[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    header_lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"PATCH {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n{header_lines}\r\n".encode())
+    async with asyncio.timeout(10):
+        status, answered = await response_head(reader)
+    return status, answered, reader, writer
+
+
+async def test_a_patch_that_will_be_refused_is_answered_before_its_body_is_sent(tus_server, storage, http, auth, user_id):
+    # aiohttp answered 100 Continue before any check ran, so a client that asks first sent the
+    # whole chunk of a PATCH that was then refused.
+    md = auth(user_id)
+    data = fake_jpeg(100_000)
+    begun = await begin_tus(storage, md, data)
+    url = begun.upload_url
+    assert (await patch(http, url, 0, data[:40_000])).status == 204
+    chunk = {**PATCH_HEADERS, "Upload-Offset": "40000", "Content-Length": "60000"}
+    refused = [
+        (url.replace("X-Signature=", "X-Signature=0"), chunk, 403),
+        (url, {**chunk, "Tus-Resumable": "0.2.2"}, 412),
+        (url, {**chunk, "Content-Type": "image/jpeg"}, 415),
+        (url, {**chunk, "Upload-Offset": "0"}, 409),
+        (url, {**chunk, "Content-Length": "60001"}, 413),
+    ]
+    for target, headers, expected in refused:
+        status, answered, _, writer = await asked_patch(tus_server, target, headers)
+        writer.close()
+        assert status == expected, headers
+        assert answered["Connection"] == "close", "a next request on it would be read as the body held back"
+    status, _, reader, writer = await asked_patch(tus_server, url, chunk)
+    try:
+        assert status == 100
+        writer.write(data[40_000:])
+        async with asyncio.timeout(30):
+            assert (await response_head(reader))[0] == 204
+    finally:
+        writer.close()
+    assert (await head(http, url)).headers["Upload-Offset"] == "100000"
+    await storage.FailUpload(pb.FailUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    status, _, _, writer = await asked_patch(tus_server, url, {**chunk, "Upload-Offset": "100000", "Content-Length": "0"})
+    writer.close()
+    assert status == 410
+
+
 async def leased(server: Server, upload_id: str) -> None:
     """Returns once a writer holds the upload's lease: it has its writer slot."""
     assert server.pool is not None

@@ -15,14 +15,16 @@ import base64
 import binascii
 import email.utils
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from mediavault.admission import Admission
 from mediavault.auth import Principal
+from mediavault.blobs.http import answer_expectation
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
 from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
@@ -79,6 +81,9 @@ _STATUS: dict[type[MediavaultError], int] = {
 }
 
 
+_Answer = TypeVar("_Answer")
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -110,7 +115,7 @@ class TusEndpoints:
         # tus core: X-HTTP-Method-Override, when present, is the request's method whatever was sent
         # (a POST standing for a PATCH, from clients and proxies that cannot send PATCH), so one
         # handler takes every method but OPTIONS and dispatches on the method it stands for.
-        app.router.add_route("*", one, self._upload_url)
+        app.router.add_route("*", one, self._upload_url, expect_handler=self._expect)
 
     def _respond(self, request: web.Request, status: int, headers: dict[str, str] | None = None, text: str | None = None) -> web.Response:
         response = web.Response(status=status, text=text, headers={"Tus-Resumable": TUS_VERSION, **(headers or {})})
@@ -135,7 +140,7 @@ class TusEndpoints:
             response.headers["Access-Control-Max-Age"] = "86400"
         return response
 
-    async def _handle(self, request: web.Request, action) -> web.Response:
+    async def _handle(self, request: web.Request, action: Callable[[web.Request], Awaitable[_Answer]]) -> _Answer | web.Response:
         """Runs action(request) with the checks every tus request shares; errors become statuses."""
         if request.headers.get("Tus-Resumable") != TUS_VERSION:
             return self._respond(request, 412, {"Tus-Version": TUS_VERSION}, "Tus-Resumable must be 1.0.0")
@@ -199,7 +204,7 @@ class TusEndpoints:
         return self._respond(request, 201, headers)
 
     async def _upload_url(self, request: web.Request) -> web.Response:
-        method = request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
+        method = _method(request)
         actions = {"HEAD": self._head_upload, "PATCH": self._patch_upload, "DELETE": self._delete_upload}
         if method not in actions:
             # Quoted: a header's bytes that are not UTF-8 come as surrogate escapes, which a body cannot carry.
@@ -217,14 +222,18 @@ class TusEndpoints:
             headers["Upload-Metadata"] = progress.tus_metadata
         return self._respond(request, 200, headers)
 
-    async def _patch_upload(self, request: web.Request) -> web.Response:
+    def _patch_head(self, request: web.Request) -> tuple[uuid.UUID, int, ChunkChecksum | None]:
+        """The PATCH's upload, Upload-Offset and Upload-Checksum, from headers that pass."""
         upload_id = self._signed_progress_id(request)
         if request.headers.get("Content-Type") != _OFFSET_TYPE:
             raise _Refused(415, f"Content-Type must be {_OFFSET_TYPE}")
         offset = _non_negative(request.headers.get("Upload-Offset"), "Upload-Offset")
         if offset is None:
             raise _Refused(400, "Upload-Offset is required")
-        checksum = _checksum(request.headers.get("Upload-Checksum"))
+        return upload_id, offset, _checksum(request.headers.get("Upload-Checksum"))
+
+    async def _patch_upload(self, request: web.Request) -> web.Response:
+        upload_id, offset, checksum = self._patch_head(request)
         progress = await self._resumable.append(
             upload_id,
             making_progress(_body(request), self._idle_seconds),
@@ -236,6 +245,20 @@ class TusEndpoints:
         )
         return self._respond(request, 204, _progress_headers(progress))
 
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """A PATCH that asks before sending its chunk (Expect: 100-continue) is answered what
+        _patch_upload would refuse it before reading a byte, instead of 100 Continue."""
+        refusal = None
+        if _method(request) == "PATCH":
+            refusal = await self._handle(request, self._check_patch)
+        return await answer_expectation(request, refusal)
+
+    async def _check_patch(self, request: web.Request) -> None:
+        upload_id, offset, _ = self._patch_head(request)
+        await self._resumable.check_append(
+            upload_id, offset=offset, length=request.content_length, owner_may_write=self._admission.refuse_frozen
+        )
+
     async def _delete_upload(self, request: web.Request) -> web.Response:
         progress = await self._resumable.progress(self._signed_progress_id(request))
         _check_open(progress)
@@ -244,6 +267,11 @@ class TusEndpoints:
         owner = Principal(progress.upload.user_id, frozenset())
         await self._uploads.fail(owner, progress.upload.upload_id, "tus termination")
         return self._respond(request, 204)
+
+
+def _method(request: web.Request) -> str:
+    """The method the request stands for: tus core's X-HTTP-Method-Override when present."""
+    return request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
 
 
 def _check_open(progress: Progress) -> None:

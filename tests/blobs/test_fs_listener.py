@@ -201,6 +201,52 @@ async def test_put_must_match_what_was_signed(store, body, headers, status):
     assert not store.path("originals/ab/three").exists()
 
 
+async def first_answer(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
+    """The status and headers the listener answers a PUT's head that asks Expect: 100-continue, its body unsent."""
+    split = urllib.parse.urlsplit(url)
+    reader, writer = await asyncio.open_connection(split.hostname, split.port)
+    head = [f"PUT {split.path}?{split.query} HTTP/1.1", f"Host: {split.netloc}", "Expect: 100-continue"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+    answered = {}
+    async with asyncio.timeout(10):
+        status = int((await reader.readline()).split()[1])
+        while line := (await reader.readline()).strip():
+            name, _, value = line.decode().partition(":")
+            answered[name.strip().lower()] = value.strip()
+    return status, answered, reader, writer
+
+
+async def test_a_put_that_will_be_refused_is_answered_before_its_body_is_sent(store):
+    # aiohttp answered 100 Continue before any check ran, so a client that asks first sent the
+    # whole body of a PUT that was then refused.
+    signed = await store.presign_put("originals/ab/asks", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    expired = store.signer.sign("PUT", "originals/ab/asks", expires_in=-1, length=5, content_type="image/png")
+    refused = [
+        (signed.url.replace("asks", "other"), {"Content-Length": "5", **signed.headers}, 403),
+        (expired, {"Content-Length": "5", **signed.headers}, 403),
+        (signed.url, {"Content-Length": "6", "Content-Type": "image/png"}, 403),
+        (signed.url, {"Content-Length": "5", "Content-Type": "image/jpeg"}, 403),
+    ]
+    for url, headers, expected in refused:
+        status, answered, _, writer = await first_answer(url, headers)
+        writer.close()
+        assert status == expected, (url, headers)
+        assert answered["connection"] == "close", "a next request on it would be read as the body held back"
+    status, _, reader, writer = await first_answer(signed.url, {"Content-Length": "5", **signed.headers})
+    try:
+        assert status == 100
+        writer.write(b"hello")
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert store.path("originals/ab/asks").read_bytes() == b"hello"
+    status, _, _, writer = await first_answer(signed.url, {"Content-Length": "5", **signed.headers})
+    writer.close()
+    assert status == 412, "an object is uploaded once"
+
+
 async def test_chunked_body_without_length_is_refused(store):
     signed = await store.presign_put("originals/ab/four", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
 

@@ -9,7 +9,8 @@ that it holds neither its connection nor a temp file for as long as the client k
 the body as it arrives: a body that differs from a signed SHA-256 is refused (400 BadDigest,
 as S3 refuses one that differs from a signed x-amz-checksum-sha256), and the digest is recorded
 with the object, so FinalizeUpload does not read the object again. Like S3's, its 200 means the
-object is durable: its bytes and its name are synced first.
+object is durable: its bytes and its name are synced first. A PUT that asks before sending its
+body (Expect: 100-continue) is answered its refusal, when it has one, instead of 100 Continue.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
 from mediavault.pacing import making_progress
@@ -49,7 +51,7 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
     if store is not None:
         app[_STORE] = store
         app[_IDLE_SECONDS] = idle_seconds
-        app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object)
+        app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object, expect_handler=_expect_put)
         app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
     app.router.add_get("/healthz", _healthz)
     return app
@@ -69,6 +71,22 @@ def _put_refusal(request: web.Request, store: FsBlobStore, key: str) -> web.Resp
     if store.exists(key):
         return _error(412, "PreconditionFailed", "object already uploaded")
     return None
+
+
+async def answer_expectation(request: web.Request, refusal: web.StreamResponse | None) -> web.StreamResponse | None:
+    """The answer to a request that asks before sending its body (Expect: 100-continue): its
+    refusal when it has one, so that the client does not send a body only to have it refused, or
+    else 100 Continue, as aiohttp answers it. A refusal ends the connection (Connection: close):
+    on a kept one, the client's next request would be read as the body it held back."""
+    if refusal is None:
+        await _default_expect_handler(request)
+    else:
+        refusal.force_close()
+    return refusal
+
+
+async def _expect_put(request: web.Request) -> web.StreamResponse | None:
+    return await answer_expectation(request, _put_refusal(request, request.app[_STORE], request.match_info["key"]))
 
 
 async def _put_object(request: web.Request) -> web.StreamResponse:

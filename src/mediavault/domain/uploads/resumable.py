@@ -207,6 +207,24 @@ def check_writable(progress: Progress) -> None:
         raise UploadNotPending("upload is expired", state="expired")
 
 
+def _check_chunk(
+    progress: Progress, offset: int | None, length: int | None, owner_may_write: Callable[[str], None] | None
+) -> None:
+    """Raises what refuses a chunk from its offset and length alone, before any of its bytes: an
+    owner who may not write, an upload that takes no more, another offset than the stored bytes'
+    end, or bytes past the declared size."""
+    upload = progress.upload
+    if owner_may_write is not None:
+        owner_may_write(upload.user_id)
+    if upload.state != "finalized":
+        check_writable(progress)
+    received = progress.received_bytes
+    if offset is not None and offset != received:
+        raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
+    if length is not None and received + length > upload.size_bytes:
+        raise BeyondDeclaredSize(upload.size_bytes)
+
+
 class Resumable:
     """Starts, appends to, publishes and discards resumable uploads."""
 
@@ -306,6 +324,19 @@ class Resumable:
             raise NotFound("upload not found")
         return _progress(row)
 
+    async def check_append(
+        self,
+        upload_id: uuid.UUID,
+        *,
+        offset: int | None = None,
+        length: int | None = None,
+        owner_may_write: Callable[[str], None] | None = None,
+    ) -> None:
+        """Raises what append would refuse the chunk before reading a byte of it, as the upload
+        stands now: for a client that asks before sending its chunk (Expect: 100-continue). Takes
+        no lease, so append checks again under its own."""
+        _check_chunk(await self.progress(upload_id), offset, length, owner_may_write)
+
     async def append(
         self,
         upload_id: uuid.UUID,
@@ -340,16 +371,9 @@ class Resumable:
                 row = await self._pool.fetchrow(_PROGRESS, upload_id)
                 assert row is not None  # the lease is on the row, and progress rows stay
                 progress = _progress(row)
+                _check_chunk(progress, offset, length, owner_may_write)
                 upload = progress.upload
-                if owner_may_write is not None:
-                    owner_may_write(upload.user_id)
-                if upload.state != "finalized":
-                    check_writable(progress)
                 received = progress.received_bytes
-                if offset is not None and offset != received:
-                    raise OffsetMismatch(f"the upload's offset is {received}", offset=str(received))
-                if length is not None and received + length > upload.size_bytes:
-                    raise BeyondDeclaredSize(upload.size_bytes)
                 if received == upload.size_bytes:
                     # Complete: a chunk at its end that brings no bytes is answered with its offset
                     # (a client repeating its last request is done), any byte is past the declared
