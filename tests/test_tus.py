@@ -23,6 +23,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from google.rpc import error_details_pb2
 
 from mediavault.blobs import single_chunk
+from mediavault.blobs.signing import UrlSigner
 from mediavault.domain.uploads import resumable
 from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -1166,6 +1167,60 @@ async def test_a_trusted_proxy_is_recognised_on_a_dual_stack_listener(make_setti
             async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", headers=headers) as response:
                 statuses.append(response.status)
     assert statuses == [401, 401], "each client behind the proxy has its own budget"
+
+
+async def test_requests_on_an_upload_url_spend_its_owners_budget_before_touching_the_database(make_settings, pool, http, auth, user_id):
+    # HEAD, PATCH and DELETE on an upload URL were not limited at all, while each costs PostgreSQL
+    # statements: whoever held one URL could keep the pool busy with a loop of HEADs.
+    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
+    data = fake_jpeg(1000)
+    async with (
+        limit(pool, "tus/HEAD", per_hour=2, burst=10),
+        limit(pool, "tus/PATCH", per_hour=1, burst=10),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        first, second = [await begin_tus(storage, md, data) for _ in range(2)]
+        statuses = [(await head(http, first.upload_url)).status for _ in range(2)]
+        refused = await head(http, second.upload_url)
+        assert statuses + [refused.status] == [200, 200, 429], "one budget: the owner's, whichever of its URLs"
+        assert int(refused.headers["Retry-After"]) > 0
+        assert refused.headers["RateLimit-Limit"] == "2"
+        assert "Upload-Offset" not in refused.headers
+        assert (await head(http, first.upload_url, **{"X-HTTP-Method-Override": "HEAD"})).status == 429
+
+        # A PATCH (or a POST standing for one) past its budget stores nothing.
+        assert (await patch(http, first.upload_url, 0, data[:100])).status == 204
+        async with http.post(first.upload_url, data=data[100:], headers={**PATCH_HEADERS, "Upload-Offset": "100", "X-HTTP-Method-Override": "PATCH"}) as response:
+            assert response.status == 429, await response.text()
+            assert int(response.headers["Retry-After"]) > 0
+        assert await received(storage, md, first.upload.upload_id) == (pb.UPLOAD_STATE_PENDING, 100)
+        # Another user's URLs are not spent by this one's requests; OPTIONS is never limited.
+        other = await begin_tus(storage, auth(user_id + "-other"), data)
+        assert (await head(http, other.upload_url)).status == 200
+        async with http.options(first.upload_url) as response:
+            assert response.status == 204
+
+
+async def test_an_upload_url_signed_before_urls_named_their_owner_spends_its_callers_address_budget(make_settings, pool, http, auth, user_id):
+    # URLs handed out before this release stay valid until their reservations expire; they name
+    # no owner, so their requests are limited as calls without a token are: per client address.
+    settings = make_settings(rate_limits="on", trusted_proxies=("127.0.0.1/32",))
+    client = str(ipaddress.IPv6Address(random.getrandbits(128)))
+    async with (
+        limit(pool, "tus/HEAD", per_hour=1, burst=10, scope="anonymous"),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), fake_jpeg(1000))
+        signer = UrlSigner(settings.url_signing_key, f"http://127.0.0.1:{server.http_port}")
+        expires = yarl.URL(begun.upload_url).query["X-Expires"]
+        older = signer.sign_until("TUS", begun.upload.upload_id, expires=int(expires), route="tus")
+        statuses = [(await head(http, older, **{"X-Forwarded-For": client})).status for _ in range(2)]
+        assert statuses == [200, 429]
+        assert (await head(http, begun.upload_url, **{"X-Forwarded-For": client})).status == 200, "its owner's budget"
 
 
 async def raw_exchange(server: Server, request: bytes) -> tuple[int, bytes]:

@@ -121,7 +121,10 @@ async def backend_env(backend: str, moto: MotoServer) -> dict[str, str]:
 async def stage(request, database_url, redis_url, tmp_path, moto) -> AsyncIterator[Stage]:
     extra = await backend_env(request.param, moto)
     async with serve_environment(database_url, redis_url, tmp_path / "blobs") as base:
-        env = {**base, **extra, "MEDIAVAULT_TUS_CHUNK_SIZE_BYTES": str(CHUNK)}
+        # Under the default rate limits: every request on an upload URL spends its owner's budget,
+        # and an honest client's HEADs, PATCHes and retries must never meet a 429, which
+        # tus-js-client does not retry by default.
+        env = {**base, **extra, "MEDIAVAULT_TUS_CHUNK_SIZE_BYTES": str(CHUNK), "MEDIAVAULT_RATE_LIMITS": "on"}
         replica = Replica(env)
         proxy = TcpProxy("127.0.0.1", replica.http_port)
         replica.env["MEDIAVAULT_HTTP_PUBLIC_URL"] = f"http://127.0.0.1:{proxy.port}"
@@ -171,11 +174,11 @@ async def kill_server_at(stage: Stage, sent: int) -> None:
     stage.replica.kill()
 
 
-def tuspy_upload(url: str, data: bytes, retries: int = 0) -> None:
+def tuspy_upload(url: str, data: bytes, retries: int = 0, chunk_size: int = CHUNK) -> None:
     import io
 
     uploader = tus_client.TusClient(url.split("/tus/")[0] + "/tus/").uploader(
-        file_stream=io.BytesIO(data), url=url, chunk_size=CHUNK, retries=retries, retry_delay=1, upload_checksum=True
+        file_stream=io.BytesIO(data), url=url, chunk_size=chunk_size, retries=retries, retry_delay=1, upload_checksum=True
     )
     uploader.upload()
 
@@ -344,3 +347,22 @@ async def test_two_replicas_two_patches_exactly_one_proceeds(stage: Stage, auth,
     finally:
         await second.stop()
     assert await finalized_sha256(stage, md, begun.upload.upload_id) == sha256_hex(data)
+
+
+async def test_a_large_file_in_many_chunks_under_the_default_rate_limits(stage: Stage, auth, user_id, node_modules, tmp_path):
+    """Each chunk is a PATCH on the upload URL, spending its owner's budget: tuspy and tus-js-client,
+    each sending 64 chunks after its HEAD, then resuming a finished upload (HEAD again), are never refused."""
+    md = auth(user_id)
+    small_chunk = 512 * 1024
+    for client in ("tuspy", "tus-js-client"):
+        data = fake_jpeg(64 * small_chunk, fill=os.urandom(1))
+        source = tmp_path / f"{client}.jpg"
+        source.write_bytes(data)
+        begun = await begin_tus(stage, md, data)
+        for _ in range(2):
+            if client == "tuspy":
+                await asyncio.to_thread(tuspy_upload, begun.upload_url, data, chunk_size=small_chunk)
+            else:
+                outcome = await node_upload(node_modules, "resume", begun.upload_url, str(source), str(small_chunk))
+                assert outcome.get("done"), outcome
+        assert await finalized_sha256(stage, md, begun.upload.upload_id) == sha256_hex(data)

@@ -26,14 +26,11 @@ class Admission:
         rpc_name: "Service/Method", the name limits are configured by; metadata: the call's
         pairs (authorization, x-forwarded-for), read more than once; peer: grpc's peer string or the client's address.
         """
-        limiter = self._limiter
         try:
             principal = self._authenticator.authenticate(metadata)
         except Unauthenticated:
             if self._rate_limits:
-                forwarded = next((v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)), None)
-                address = limiter.client_address(peer, forwarded)
-                await self._limit(rpc_name, address, "anonymous")
+                await self._limit(rpc_name, self._address(metadata, peer), "anonymous")
             raise
         privileged = principal.has_any("service", "admin")
         limits: tuple[tuple[str, str], ...] = ()
@@ -42,6 +39,23 @@ class Admission:
         if not privileged and rpc_name in WRITES:
             self.refuse_frozen(principal.user_id)
         return principal, limits
+
+    async def admit_signed_url(
+        self, request_name: str, owner: str | None, metadata: Any, peer: str
+    ) -> tuple[tuple[str, str], ...]:
+        """The rate-limit headers of a request whose credential is a signed URL, RateLimited when
+        it may not proceed: it spends the budget of the user the URL was signed for, as that
+        user's calls do, or, for a URL that names no one, its caller's address's, as a call
+        without a token does. Arguments as admit's, owner the user the URL names."""
+        if not self._rate_limits:
+            return ()
+        if owner is None:
+            return await self._limit(request_name, self._address(metadata, peer), "anonymous")
+        return await self._limit(request_name, owner, "user")
+
+    def _address(self, metadata: Any, peer: str) -> str:
+        forwarded = next((v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)), None)
+        return self._limiter.client_address(peer, forwarded)
 
     def refuse_frozen(self, user_id: str) -> None:
         """AccountFrozen when the account may not write: for the calls admitted above, and for

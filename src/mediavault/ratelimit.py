@@ -1,5 +1,9 @@
 """Rate limits per (caller, RPC): an in-process burst limiter, then a sustained GCRA limit in Redis.
 
+The HTTP listener's requests are limited by the same names: a tus creation as
+StorageService/BeginUpload, a HEAD, PATCH or DELETE on a tus upload URL as tus/HEAD, tus/PATCH or
+tus/DELETE (admission.py).
+
 The burst layer is a token bucket per caller and RPC in this process: it costs no network
 hop and keeps working when Redis does not. The sustained layer is one atomic Lua script on
 Redis's own clock, so its limit holds across any number of server processes. Limits live in
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 WRITES = frozenset({
     "StorageService/BeginUpload", "StorageService/FinalizeUpload", "StorageService/FailUpload",
     "StorageService/UploadContent", "StorageService/PresignUploadParts", "MediaService/DeleteMedia", "MediaService/SaveMedia",
-    "MediaService/ReprocessMedia", "MediaService/RecordEvents",
+    "MediaService/ReprocessMedia", "MediaService/RecordEvents", "tus/PATCH", "tus/DELETE",
 })
 _BUCKETS_KEPT = 100_000
 

@@ -3,7 +3,8 @@
 Extensions: creation (POST with the same bearer JWT as gRPC), checksum (sha1, sha256),
 expiration (Upload-Expires: the reservation's expiry) and termination (DELETE = FailUpload).
 An upload URL is signed for its upload alone (domain.uploads.resumable), so HEAD, PATCH
-and DELETE need no other credential. A finalized upload stays a complete tus upload (HEAD: its
+and DELETE need no other credential; it names its owner, whose rate limits they spend (tus/HEAD,
+tus/PATCH, tus/DELETE) before any statement runs. A finalized upload stays a complete tus upload (HEAD: its
 Upload-Offset is its Upload-Length, so a client resuming it is done at once) that takes no more
 bytes; a failed or expired one is gone (410). Which replica takes a chunk does not matter: the
 offset, the hash state and the writer's lock live in PostgreSQL.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -25,6 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.blobs.http import answer_expectation
+from mediavault.blobs.signing import signed_owner
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
 from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
@@ -159,7 +162,7 @@ class TusEndpoints:
                 headers["Retry-After"] = str(error.retry_after_seconds)
             return self._respond(request, status, headers, error.message)
 
-    def _signed_progress_id(self, request: web.Request) -> uuid.UUID:
+    def _signed_upload_id(self, request: web.Request) -> uuid.UUID:
         upload_id = request.match_info["upload_id"]
         problem = self._resumable.verify_url(upload_id, dict(request.query))
         if problem:
@@ -171,14 +174,8 @@ class TusEndpoints:
 
     async def _create_upload(self, request: web.Request) -> web.Response:
         # A creation is a BeginUpload: the same authentication, rate limit (the BeginUpload
-        # limits, whichever way the upload begins) and freeze. The chunks after it need no
-        # limit of their own: the reservation bounds what they can write.
-        credentials = [("authorization", request.headers.get("Authorization", ""))]
-        # Every X-Forwarded-For line, in order: they are one list (RFC 9110 5.3), and a proxy may
-        # add its hop as a line of its own below the client's (HAProxy does), so the first alone
-        # is the client's own text.
-        if forwarded := ", ".join(request.headers.getall("X-Forwarded-For", ())):
-            credentials.append(("x-forwarded-for", forwarded))
+        # limits, whichever way the upload begins) and freeze.
+        credentials = [("authorization", request.headers.get("Authorization", "")), *_forwarded_for(request)]
         principal, limits = await self._admission.admit(_CREATION_LIMITED_AS, credentials, request.remote or "")
         length = _non_negative(request.headers.get("Upload-Length"), "Upload-Length")
         if length is None:
@@ -205,14 +202,29 @@ class TusEndpoints:
 
     async def _upload_url(self, request: web.Request) -> web.Response:
         method = _method(request)
-        actions = {"HEAD": self._head_upload, "PATCH": self._patch_upload, "DELETE": self._delete_upload}
-        if method not in actions:
+        if method not in ("HEAD", "PATCH", "DELETE"):
             # Quoted: a header's bytes that are not UTF-8 come as surrogate escapes, which a body cannot carry.
             return self._respond(request, 405, {"Allow": _UPLOAD_URL_METHODS}, f"an upload URL takes no {method!r}")
-        return await self._handle(request, actions[method])
+        return await self._handle(request, functools.partial(self._admitted_upload_url, method))
 
-    async def _head_upload(self, request: web.Request) -> web.Response:
-        progress = await self._resumable.progress(self._signed_progress_id(request))
+    async def _admitted_upload_url(self, method: str, request: web.Request) -> web.Response:
+        upload_id, limits = await self._admitted(method, request)
+        actions = {"HEAD": self._head_upload, "PATCH": self._patch_upload, "DELETE": self._delete_upload}
+        response = await actions[method](request, upload_id)
+        response.headers.extend(limits)
+        return response
+
+    async def _admitted(self, method: str, request: web.Request) -> tuple[uuid.UUID, tuple[tuple[str, str], ...]]:
+        """The upload the URL is signed for, and the rate-limit headers of its owner's budget, spent
+        before any statement: each request on an upload URL costs the database at least one."""
+        upload_id = self._signed_upload_id(request)
+        limits = await self._admission.admit_signed_url(
+            f"tus/{method}", signed_owner(dict(request.query)), _forwarded_for(request), request.remote or ""
+        )
+        return upload_id, limits
+
+    async def _head_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
+        progress = await self._resumable.progress(upload_id)
         # tus: HEAD always carries Upload-Offset, an upload's that is complete too.
         if progress.upload.state != "finalized":
             _check_open(progress)
@@ -222,18 +234,17 @@ class TusEndpoints:
             headers["Upload-Metadata"] = progress.tus_metadata
         return self._respond(request, 200, headers)
 
-    def _patch_head(self, request: web.Request) -> tuple[uuid.UUID, int, ChunkChecksum | None]:
-        """The PATCH's upload, Upload-Offset and Upload-Checksum, from headers that pass."""
-        upload_id = self._signed_progress_id(request)
+    def _patch_head(self, request: web.Request) -> tuple[int, ChunkChecksum | None]:
+        """The PATCH's Upload-Offset and Upload-Checksum, from headers that pass."""
         if request.headers.get("Content-Type") != _OFFSET_TYPE:
             raise _Refused(415, f"Content-Type must be {_OFFSET_TYPE}")
         offset = _non_negative(request.headers.get("Upload-Offset"), "Upload-Offset")
         if offset is None:
             raise _Refused(400, "Upload-Offset is required")
-        return upload_id, offset, _checksum(request.headers.get("Upload-Checksum"))
+        return offset, _checksum(request.headers.get("Upload-Checksum"))
 
-    async def _patch_upload(self, request: web.Request) -> web.Response:
-        upload_id, offset, checksum = self._patch_head(request)
+    async def _patch_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
+        offset, checksum = self._patch_head(request)
         progress = await self._resumable.append(
             upload_id,
             making_progress(_body(request), self._idle_seconds),
@@ -254,13 +265,15 @@ class TusEndpoints:
         return await answer_expectation(request, refusal)
 
     async def _check_patch(self, request: web.Request) -> None:
-        upload_id, offset, _ = self._patch_head(request)
+        # The check reads the upload: it spends the PATCH budget as the PATCH itself will.
+        upload_id, _ = await self._admitted("PATCH", request)
+        offset, _ = self._patch_head(request)
         await self._resumable.check_append(
             upload_id, offset=offset, length=request.content_length, owner_may_write=self._admission.refuse_frozen
         )
 
-    async def _delete_upload(self, request: web.Request) -> web.Response:
-        progress = await self._resumable.progress(self._signed_progress_id(request))
+    async def _delete_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
+        progress = await self._resumable.progress(upload_id)
         _check_open(progress)
         self._admission.refuse_frozen(progress.upload.user_id)
         # The signed URL is the owner's credential for this one upload.
@@ -272,6 +285,14 @@ class TusEndpoints:
 def _method(request: web.Request) -> str:
     """The method the request stands for: tus core's X-HTTP-Method-Override when present."""
     return request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
+
+
+def _forwarded_for(request: web.Request) -> list[tuple[str, str]]:
+    """Every X-Forwarded-For line, in order, as the x-forwarded-for admission reads: they are one
+    list (RFC 9110 5.3), and a proxy may add its hop as a line of its own below the client's
+    (HAProxy does), so the first alone is the client's own text."""
+    forwarded = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    return [("x-forwarded-for", forwarded)] if forwarded else []
 
 
 def _check_open(progress: Progress) -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app
-from mediavault.blobs.signing import UrlSigner
+from mediavault.blobs.signing import UrlSigner, signed_owner
 
 
 @pytest.fixture
@@ -306,6 +306,30 @@ def test_a_signed_sha256_cannot_be_dropped_added_or_changed():
     changed = {**with_digest, "X-Sha256": hashlib.sha256(b"other").hexdigest()}
     for params in (dropped, added, changed):
         assert signer.verify("PUT", "a/b", params) == "signature does not match"
+
+
+def test_a_signed_owner_is_read_back_and_cannot_be_dropped_added_changed_or_taken_for_a_checksum():
+    signer = UrlSigner(b"k" * 32, "http://x")
+    owner = "user 1+\n\u00e9/&="
+    url = signer.sign_until("TUS", "a/b", expires=int(time.time()) + 10, route="tus", owner=owner)
+    with_owner = dict(urllib.parse.parse_qsl(url.split("?")[1]))
+    without = dict(urllib.parse.parse_qsl(signer.sign_until("TUS", "a/b", expires=int(with_owner["X-Expires"])).split("?")[1]))
+
+    assert signer.verify("TUS", "a/b", with_owner) is None
+    assert signed_owner(with_owner) == owner
+    assert signer.verify("TUS", "a/b", without) is None
+    assert signed_owner(without) is None
+    dropped = {k: v for k, v in with_owner.items() if k != "X-Owner"}
+    added = {**without, "X-Owner": owner}
+    changed = {**with_owner, "X-Owner": owner + "x"}
+    digest = hashlib.sha256(b"body").hexdigest()
+    as_checksum = {**without, "X-Sha256": digest}
+    checksummed = dict(urllib.parse.parse_qsl(
+        signer.sign_until("TUS", "a/b", expires=int(with_owner["X-Expires"]), owner=digest).split("?")[1]
+    ))
+    moved = {**{k: v for k, v in checksummed.items() if k != "X-Owner"}, "X-Sha256": digest}
+    for params in (dropped, added, changed, as_checksum, moved):
+        assert signer.verify("TUS", "a/b", params) == "signature does not match"
 
 
 def test_signed_urls_escape_the_content_type_and_refuse_keys_that_are_not_generated():

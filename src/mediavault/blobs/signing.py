@@ -1,13 +1,14 @@
 """HMAC-signed, expiring URLs for the fs backend, with the semantics of S3 presigned URLs:
-method, key, expiry, content length, content type and, when given, the body's SHA-256 are bound
-into the signature."""
+method, key, expiry, content length, content type and, when given, the body's SHA-256 and the
+owner (the user whose budget requests on the URL spend, as an S3 URL names its access key) are
+bound into the signature."""
 
 from __future__ import annotations
 
 import hmac
 import time
 from functools import lru_cache
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 from mediavault.blobs.base import check_key
 
@@ -17,12 +18,18 @@ class UrlSigner:
         self._key = key
         self._base_url = base_url.rstrip("/")
 
-    def _signature(self, method: str, key: str, expires: int, length: str, content_type: str, sha256: str) -> str:
+    def _signature(
+        self, method: str, key: str, expires: int, length: str, content_type: str, sha256: str, owner: str
+    ) -> str:
         fields = [method, key, str(expires), length, content_type]
-        # Appended only when given, so URLs signed before checksums were signed still verify; a
-        # checksum cannot be dropped from (or added to) a URL, as the message would differ.
-        if sha256:
+        # Appended only when given, so URLs signed before checksums (or owners) were signed still
+        # verify; neither can be dropped from (or added to) a URL, as the message would differ. An
+        # owner always comes seventh, so it is never read as a checksum, and percent-encoded: a user
+        # id may hold a newline, which would make the fields around it others.
+        if sha256 or owner:
             fields.append(sha256)
+        if owner:
+            fields.append(quote(owner, safe=""))
         return hmac.digest(self._key, "\n".join(fields).encode(), "sha256").hex()
 
     def sign(
@@ -49,6 +56,7 @@ class UrlSigner:
         content_type: str = "",
         sha256: str | None = None,
         route: str = "blobs",
+        owner: str | None = None,
     ) -> str:
         """A URL under /route/key valid until the Unix time expires."""
         check_key(key)
@@ -60,7 +68,9 @@ class UrlSigner:
             query += f"&X-Content-Type={_query_value(content_type)}"
         if sha256:
             query += f"&X-Sha256={sha256}"
-        signature = self._signature(method, key, expires, length_part, content_type, sha256 or "")
+        if owner:
+            query += f"&X-Owner={quote_plus(owner)}"
+        signature = self._signature(method, key, expires, length_part, content_type, sha256 or "", owner or "")
         # check_key admits only characters that need no escaping in a path.
         return f"{self._base_url}/{route}/{key}?{query}&X-Signature={signature}"
 
@@ -76,7 +86,7 @@ class UrlSigner:
         # (a SHA-256 moved into X-Content-Type, the content type into X-Length) under the same signature.
         if any("\n" in field for field in signed):
             return "missing or malformed signature parameters"
-        expected = self._signature(method, key, expires, *signed)
+        expected = self._signature(method, key, expires, *signed, params.get("X-Owner", ""))
         # compare_digest raises TypeError on a str holding non-ASCII characters, which a
         # percent-encoded X-Signature may: such a one matches no hex digest.
         if not signature.isascii() or not hmac.compare_digest(expected, signature):
@@ -84,6 +94,11 @@ class UrlSigner:
         if (now if now is not None else time.time()) > expires:
             return "URL expired"
         return None
+
+
+def signed_owner(params: dict[str, str]) -> str | None:
+    """The owner a URL verify accepted names; None when it was signed without one."""
+    return params.get("X-Owner") or None
 
 
 @lru_cache(maxsize=256)

@@ -308,9 +308,14 @@ class Resumable:
             )
 
     def url(self, upload: Upload) -> str:
-        """The tus upload URL: signed for this upload alone, valid as long as its reservation."""
+        """The tus upload URL: signed for this upload alone, valid as long as its reservation, naming
+        its owner, whose rate limits the requests on it spend."""
         return self._signer.sign_until(
-            _TUS_URL_METHOD, str(upload.upload_id), expires=int(upload.expires_at.timestamp()), route=TUS_ROUTE
+            _TUS_URL_METHOD,
+            str(upload.upload_id),
+            expires=int(upload.expires_at.timestamp()),
+            route=TUS_ROUTE,
+            owner=upload.user_id,
         )
 
     def verify_url(self, upload_id: str, query: dict[str, str]) -> str | None:
