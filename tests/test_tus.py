@@ -1204,6 +1204,26 @@ async def test_requests_on_an_upload_url_spend_its_owners_budget_before_touching
             assert response.status == 204
 
 
+async def test_a_patch_that_asks_first_spends_the_patch_budget_before_its_check_reads_the_upload(make_settings, pool, auth, user_id):
+    # The answer to Expect: 100-continue reads the upload (its state, its offset): it is limited as
+    # the PATCH is, or a loop of asking PATCHes would reach the database past every budget.
+    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
+    data = fake_jpeg(1000)
+    async with (
+        limit(pool, "tus/PATCH", per_hour=1, burst=10),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), data)
+        chunk = {**PATCH_HEADERS, "Upload-Offset": "0", "Content-Length": str(len(data))}
+        statuses = []
+        for _ in range(2):
+            status, _, _, writer = await asked_patch(server, begun.upload_url, chunk)
+            writer.close()
+            statuses.append(status)
+        assert statuses == [100, 429]
+
+
 async def test_an_upload_url_signed_before_urls_named_their_owner_spends_its_callers_address_budget(make_settings, pool, http, auth, user_id):
     # URLs handed out before this release stay valid until their reservations expire; they name
     # no owner, so their requests are limited as calls without a token are: per client address.
