@@ -230,6 +230,15 @@ async def test_a_call_whose_deadline_passes_while_the_server_works_is_counted_ca
     assert after["OK"] == before["OK"], "a call the client gave up on is not counted OK"
 
 
+async def becomes(health: health_pb2_grpc.HealthStub, expected: int) -> None:
+    """Returns once health answers expected, within 10 s."""
+    for _ in range(100):
+        if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health never became {expected}")
+
+
 async def test_health_follows_postgres(make_settings, tmp_path):
     import pgserver
 
@@ -242,19 +251,11 @@ async def test_health_follows_postgres(make_settings, tmp_path):
         settings = make_settings(database_url=postgres.get_uri(), health_probe_seconds=0.2, db_pool_min_size=1)
         async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-
-            async def becomes(expected: int) -> None:
-                for _ in range(100):
-                    if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
-                        return
-                    await asyncio.sleep(0.1)
-                raise AssertionError(f"health never became {expected}")
-
-            await becomes(health_pb2.HealthCheckResponse.SERVING)
+            await becomes(health, health_pb2.HealthCheckResponse.SERVING)
             await asyncio.to_thread(postgres.cleanup)
-            await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await becomes(health, health_pb2.HealthCheckResponse.NOT_SERVING)
             postgres = await asyncio.to_thread(pgserver.get_server, data_dir, cleanup_mode="stop")
-            await becomes(health_pb2.HealthCheckResponse.SERVING)
+            await becomes(health, health_pb2.HealthCheckResponse.SERVING)
     finally:
         postgres.cleanup()
 
@@ -270,22 +271,14 @@ async def test_health_answers_not_serving_soon_after_postgres_stops_answering(
             settings = make_settings(database_url=url, database_pooler=pooler, health_probe_seconds=0.2, db_pool_min_size=1)
             async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
-
-                async def becomes(expected: int) -> None:
-                    for _ in range(100):
-                        if (await health.Check(health_pb2.HealthCheckRequest())).status == expected:
-                            return
-                        await asyncio.sleep(0.1)
-                    raise AssertionError(f"health never became {expected}")
-
-                await becomes(health_pb2.HealthCheckResponse.SERVING)
+                await becomes(health, health_pb2.HealthCheckResponse.SERVING)
                 proxy.freeze()
                 try:
-                    await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+                    await becomes(health, health_pb2.HealthCheckResponse.NOT_SERVING)
                 finally:
                     await proxy.down()
                     await proxy.up()
-                await becomes(health_pb2.HealthCheckResponse.SERVING)
+                await becomes(health, health_pb2.HealthCheckResponse.SERVING)
 
 
 @pytest.mark.parametrize("pooler", POOLERS)

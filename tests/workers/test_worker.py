@@ -57,26 +57,32 @@ async def test_sigterm_while_a_job_records_its_result_closes_every_worker(make_s
     assert sorted(closed) == sorted(["photo", "video", "cron"]), "every worker's resources are closed"
 
 
+def recorded_lifecycle(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The queues whose workers have started and those whose resources have been closed, as they go."""
+    started: list[str] = []
+    closed: list[str] = []
+    startup, shutdown = workers.settings.worker_startup, workers.settings.shutdown
+
+    async def recorded_startup(ctx: dict[str, Any]) -> None:
+        await startup(ctx)
+        started.append(ctx.get("queue") or "photo")
+
+    async def recorded_shutdown(ctx: dict[str, Any]) -> None:
+        await shutdown(ctx)
+        closed.append(ctx.get("queue") or "photo")
+
+    monkeypatch.setattr(workers.settings, "worker_startup", recorded_startup)
+    monkeypatch.setattr(workers.settings, "shutdown", recorded_shutdown)
+    return started, closed
+
+
 async def test_sigterm_while_redis_is_down_closes_every_worker(make_settings, pool, monkeypatch):
     redis = PrivateRedis()
     redis.start()
     try:
         jobs = JobsConfig(**{name: {"enabled": name == "audit_accounts"} for name in JobsConfig.model_fields})
         settings = make_settings(redis_url=redis.url, queue_name=f"mediavault-test-outage:{uuid.uuid4().hex}", jobs=jobs)
-        started: list[str] = []
-        closed: list[str] = []
-        startup, shutdown = workers.settings.worker_startup, workers.settings.shutdown
-
-        async def recorded_startup(ctx: dict[str, Any]) -> None:
-            await startup(ctx)
-            started.append(ctx.get("queue") or "photo")
-
-        async def recorded_shutdown(ctx: dict[str, Any]) -> None:
-            await shutdown(ctx)
-            closed.append(ctx.get("queue") or "photo")
-
-        monkeypatch.setattr(workers.settings, "worker_startup", recorded_startup)
-        monkeypatch.setattr(workers.settings, "shutdown", recorded_shutdown)
+        started, closed = recorded_lifecycle(monkeypatch)
         run = asyncio.create_task(run_workers(settings))
         async with asyncio.timeout(60):
             while len(started) < 3:
@@ -95,20 +101,7 @@ async def test_sigterm_while_postgres_stops_answering_closes_every_worker(
 ):
     """A job waits on a statement PostgreSQL never answers, nor its cancel: the signal cancels the
     job, and every worker closes all the same."""
-    started: list[str] = []
-    closed: list[str] = []
-    startup, shutdown = workers.settings.worker_startup, workers.settings.shutdown
-
-    async def recorded_startup(ctx: dict[str, Any]) -> None:
-        await startup(ctx)
-        started.append(ctx.get("queue") or "photo")
-
-    async def recorded_shutdown(ctx: dict[str, Any]) -> None:
-        await shutdown(ctx)
-        closed.append(ctx.get("queue") or "photo")
-
-    monkeypatch.setattr(workers.settings, "worker_startup", recorded_startup)
-    monkeypatch.setattr(workers.settings, "shutdown", recorded_shutdown)
+    started, closed = recorded_lifecycle(monkeypatch)
     jobs = JobsConfig(**{name: {"enabled": name == "audit_accounts"} for name in JobsConfig.model_fields})
     async with proxied(postgres_admin_url) as proxy:
         with database_through(pooler, proxy, postgres_admin_url, database_url) as url:
