@@ -442,6 +442,26 @@ async def test_a_single_upload_content_stream_that_stalls_is_refused_and_keeps_n
             assert done.upload.state == pb.UPLOAD_STATE_FINALIZED
 
 
+async def test_calls_beyond_a_connections_stream_limit_wait_for_one_to_end(make_settings):
+    # Each open call may hold a request message before it is authenticated: one connection may
+    # not open more calls than the limit at once.
+    async with (
+        running(make_settings(grpc_max_concurrent_streams=1)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest())
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        check = asyncio.ensure_future(health.Check(health_pb2.HealthCheckRequest()))
+        done, _ = await asyncio.wait([check], timeout=1)
+        assert not done, "a second call on the connection waits while the first is open"
+        watch.cancel()
+        async with asyncio.timeout(10):
+            answered = await check
+        assert answered.status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_grpc_connections_without_calls_are_closed(make_settings):
     # Each connection costs the process a file descriptor; one that carries no call is let go.
     async with running(make_settings(grpc_idle_connection_seconds=1)) as server:

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     # answer by connecting again for their next call): every open connection holds a file
     # descriptor, and one that carried none was kept for as long as its client left it open.
     grpc_idle_connection_seconds: float = Field(default=300.0, gt=0)
+    # Calls one gRPC connection may have open at once; a client's further calls wait for one to end
+    # (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). Each open call may hold a request message of up to
+    # 8 MiB before it is authenticated, so without it one connection could hold any amount.
+    grpc_max_concurrent_streams: int = Field(default=250, ge=1)
     http_public_url: str = ""
     # A connection to the HTTP listener that has not sent a whole request's headers within this long
     # of opening, or of its last answer, is closed: every open connection holds a file descriptor,

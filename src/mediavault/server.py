@@ -97,6 +97,7 @@ class Server:
                 ("grpc.max_receive_message_length", 8 * 1024 * 1024),
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                 ("grpc.max_connection_idle_ms", round(settings.grpc_idle_connection_seconds * 1000)),
+                ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
             ]
         )
         if settings.redis_url:
