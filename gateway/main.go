@@ -17,11 +17,14 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"reflect"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/golang/protobuf/proto"
 	"github.com/grpc-ecosystem/grpc-gateway/runtime"
@@ -78,9 +81,6 @@ func main() {
 		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
 		runtime.WithForwardResponseOption(forwardResponse),
 	)
-	runtime.OtherErrorHandler = func(w http.ResponseWriter, r *http.Request, _ string, httpStatus int) {
-		routingError(mux, w, r, httpStatus)
-	}
 	ctx := context.Background()
 	// Before the generated handlers: the mux takes the first route that matches.
 	handleUploadContent(mux, storagev1.NewStorageServiceClient(conn))
@@ -90,10 +90,14 @@ func main() {
 	if err := mediav1.RegisterMediaServiceHandler(ctx, mux, conn); err != nil {
 		log.Fatal(err)
 	}
+	routes := registeredRoutes(mux)
+	runtime.OtherErrorHandler = func(w http.ResponseWriter, r *http.Request, _ string, httpStatus int) {
+		routingError(mux, routes, w, r, httpStatus)
+	}
 
 	server := &http.Server{
 		Addr:              listen,
-		Handler:           limitBody(mux, validMetadata(mux, utf8Query(mux, acceptedFormats(ifNoneMatch(mux))))),
+		Handler:           headAsGet(routes, limitBody(mux, validMetadata(mux, utf8Query(mux, acceptedFormats(ifNoneMatch(mux)))))),
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    maxHeaderBytes,
@@ -334,17 +338,93 @@ func reject(mux *runtime.ServeMux, w http.ResponseWriter, r *http.Request, err e
 
 // routingError is what runtime.OtherErrorHandler answers, in the JSON shape of every other error
 // rather than grpc-gateway's plain text: a path no route matches (404 NOT_FOUND), a method the
-// path's routes do not take (405 METHOD_NOT_ALLOWED), a path the mux cannot read (400).
-func routingError(mux *runtime.ServeMux, w http.ResponseWriter, r *http.Request, httpStatus int) {
+// path's routes do not take (405 METHOD_NOT_ALLOWED, with the Allow header RFC 9110 15.5.6
+// requires), a path the mux cannot read (400).
+func routingError(mux *runtime.ServeMux, routes routes, w http.ResponseWriter, r *http.Request, httpStatus int) {
 	switch httpStatus {
 	case http.StatusNotFound:
 		reject(mux, w, r, gatewayError(codes.NotFound, "NOT_FOUND", "no route for "+r.Method+" "+r.URL.Path))
 	case http.StatusMethodNotAllowed:
+		w.Header().Set("Allow", strings.Join(routes.allowed(r.URL.Path), ", "))
 		reject(mux, statusWriter{w, http.StatusMethodNotAllowed}, r, gatewayError(codes.Unimplemented, "METHOD_NOT_ALLOWED",
 			r.Method+" is not a method of "+r.URL.Path))
 	default:
 		reject(mux, statusWriter{w, httpStatus}, r, gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", http.StatusText(httpStatus)))
 	}
+}
+
+// routes is the mux's path patterns by method. grpc-gateway v1's ServeMux keeps them private and
+// tells OtherErrorHandler only that another method's route matched, not which: a 405's Allow
+// header and headAsGet read them from here.
+type routes map[string][]runtime.Pattern
+
+// registeredRoutes reads the routes registered on mux so far from its handlers field, a map of
+// method to []struct{pat Pattern; h HandlerFunc} in grpc-gateway 1.6.4 (Debian's, which
+// build.sh compiles against); any other shape stops the gateway at start-up.
+func registeredRoutes(mux *runtime.ServeMux) routes {
+	handlers := reflect.ValueOf(mux).Elem().FieldByName("handlers")
+	patternType := reflect.TypeOf(runtime.Pattern{})
+	if handlers.Kind() != reflect.Map || handlers.Type().Key().Kind() != reflect.String ||
+		handlers.Type().Elem().Kind() != reflect.Slice {
+		log.Fatalf("runtime.ServeMux has no handlers map of method to handlers: not grpc-gateway 1.6.4's")
+	}
+	table := routes{}
+	for _, method := range handlers.MapKeys() {
+		registered := handlers.MapIndex(method)
+		for i := 0; i < registered.Len(); i++ {
+			pattern := registered.Index(i).FieldByName("pat")
+			if !pattern.IsValid() || pattern.Type() != patternType {
+				log.Fatalf("runtime.ServeMux's handlers hold no runtime.Pattern named pat")
+			}
+			// An unexported field: reflect reads it only through its address.
+			table[method.String()] = append(table[method.String()], *(*runtime.Pattern)(unsafe.Pointer(pattern.UnsafeAddr())))
+		}
+	}
+	return table
+}
+
+// allowed is the methods whose routes match path, split as ServeMux.ServeHTTP splits it (its
+// segments, and a verb after the last segment's last colon), sorted; HEAD where GET is.
+func (t routes) allowed(path string) []string {
+	components := strings.Split(strings.TrimPrefix(path, "/"), "/")
+	last := len(components) - 1
+	var verb string
+	if i := strings.LastIndex(components[last], ":"); i > 0 {
+		components[last], verb = components[last][:i], components[last][i+1:]
+	}
+	var methods []string
+	for method, patterns := range t {
+		for _, pattern := range patterns {
+			if _, err := pattern.Match(components, verb); err == nil {
+				methods = append(methods, method)
+				if method == http.MethodGet {
+					methods = append(methods, http.MethodHead)
+				}
+				break
+			}
+		}
+	}
+	sort.Strings(methods)
+	return methods
+}
+
+// headAsGet serves HEAD on a path a GET route takes as that GET, with its status and headers
+// (ETag, Vary, Content-Type...), as RFC 9110 9.3.2 asks; net/http drops the body it writes,
+// since the request it answers is still the HEAD. grpc-gateway routes only the methods of the
+// protos' annotations, so HEAD elsewhere is a 405 as any other method those routes do not take.
+func headAsGet(routes routes, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodHead {
+			for _, method := range routes.allowed(r.URL.Path) {
+				if method == http.MethodGet {
+					r = r.Clone(r.Context())
+					r.Method = http.MethodGet
+					break
+				}
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // errHeadersTooLarge answers forwarded headers over maxForwardedBytes, with 431.

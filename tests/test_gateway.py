@@ -578,18 +578,56 @@ async def test_what_grpc_gateway_cannot_decode_is_400_with_an_error_info(gateway
 
 async def test_a_route_that_does_not_exist_is_answered_in_json_with_an_error_info(gateway, http, bearer, user_id):
     md = bearer(user_id)
-    for method, path, status, code, why in (
-        ("GET", "/v1/nothing", 404, 5, "NOT_FOUND"),
-        ("DELETE", "/v1/feed", 405, 12, "METHOD_NOT_ALLOWED"),
-        ("PATCH", "/v1/uploads", 405, 12, "METHOD_NOT_ALLOWED"),
+    media = f"/v1/media/{uuid.uuid4()}"
+    for method, path, status, code, why, allow in (
+        ("GET", "/v1/nothing", 404, 5, "NOT_FOUND", None),
+        ("DELETE", "/v1/feed", 405, 12, "METHOD_NOT_ALLOWED", "GET, HEAD"),
+        ("PATCH", "/v1/uploads", 405, 12, "METHOD_NOT_ALLOWED", "POST"),
+        ("PUT", media, 405, 12, "METHOD_NOT_ALLOWED", "DELETE, GET, HEAD"),
+        ("GET", "/v1/uploads:uploadContent", 405, 12, "METHOD_NOT_ALLOWED", "POST"),
+        ("OPTIONS", "/v1/storage/summary", 405, 12, "METHOD_NOT_ALLOWED", "GET, HEAD"),
     ):
         async with http.request(method, f"{gateway}{path}", headers=md) as response:
             assert response.status == status, (method, path)
             assert response.headers["Content-Type"] == "application/json"
+            # RFC 9110 15.5.6: a 405 names the methods the target takes.
+            assert response.headers.get("Allow") == allow, (method, path)
             refused = await response.json()
         assert refused["code"] == code
         assert reason(refused) == why
         assert path in refused["message"]
+
+
+async def test_head_on_a_get_route_is_answered_as_the_get_without_its_body(gateway, http, bearer, user_id):
+    # RFC 9110 9.3.2; grpc-gateway routes only the methods of the protos' annotations.
+    md = bearer(user_id)
+    item, _ = await processed(http, gateway, md, small_jpeg())
+    for path, headers in (
+        ("/v1/feed", md),
+        ("/v1/feed", {**md, "Accept": "image/avif"}),
+        (f"/v1/media/{item['media']['media_id']}", md),
+        ("/v1/storage/summary", md),
+        (f"/v1/media/{uuid.uuid4()}", md),
+        ("/v1/storage/summary", {}),
+    ):
+        async with http.get(f"{gateway}{path}", headers=headers) as got:
+            assert await got.read()
+        async with http.head(f"{gateway}{path}", headers=headers) as head:
+            assert await head.read() == b""
+        assert head.status == got.status, path
+        for name in ("Content-Type", "ETag", "Vary", "Cache-Control", "WWW-Authenticate", "RateLimit-Limit"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+        assert head.headers["X-Request-Id"], path
+    status, _, headers = await call(http, "GET", f"{gateway}/v1/feed", md)
+    assert status == 200
+    async with http.head(f"{gateway}/v1/feed", headers={**md, "If-None-Match": headers["ETag"]}) as head:
+        assert head.status == 304
+        assert head.headers["ETag"] == headers["ETag"]
+    # No GET route there: HEAD is refused as any other method, with the methods the path takes.
+    async with http.head(f"{gateway}/v1/uploads", headers=md) as head:
+        assert head.status == 405
+        assert head.headers["Allow"] == "POST"
+        assert await head.read() == b""
 
 
 async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, user_id):
