@@ -509,11 +509,13 @@ func utf8Query(mux *runtime.ServeMux, next http.Handler) http.Handler {
 
 // forwardResponse runs before a successful response is written: the rate-limit and request-id
 // trailers become headers, and a feed page's etag becomes the ETag header; a page the server
-// found unchanged, or whose etag is among those ifNoneMatch read, is a 304 Not Modified.
+// found unchanged, or whose etag is among those ifNoneMatch read, is a 304 Not Modified. The
+// ETag is weak (RFC 9110 8.8.1): each answer signs its URLs anew, so two answers with one etag
+// are equivalent, not the same bytes.
 func forwardResponse(ctx context.Context, w http.ResponseWriter, resp proto.Message) error {
 	copyTrailers(ctx, w)
 	if feed, ok := resp.(*mediav1.ListFeedResponse); ok {
-		w.Header().Set("ETag", `"`+feed.Etag+`"`)
+		w.Header().Set("ETag", `W/"`+feed.Etag+`"`)
 		if feed.NotModified || held(ctx, feed.Etag) {
 			return errNotModified
 		}

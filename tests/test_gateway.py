@@ -178,7 +178,7 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
     assert status == 200, feed
     assert [m["media_id"] for m in feed["media"]] == [media_id]
     assert not feed["not_modified"]
-    assert headers["ETag"] == f'"{feed["etag"]}"'
+    assert headers["ETag"] == f'W/"{feed["etag"]}"'
     async with http.get(f"{gateway}/v1/feed?page_size=10", headers={**md, "If-None-Match": headers["ETag"]}) as response:
         assert response.status == 304
         assert await response.read() == b""
@@ -635,7 +635,8 @@ async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, use
     status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed", md)
     assert status == 200, feed
     etag = headers["ETag"]
-    for if_none_match in (f"W/{etag}", f'"other", {etag}', f'W/"other", W/{etag}', "*"):
+    opaque = feed["etag"]
+    for if_none_match in (etag, f'"{opaque}"', f'"other", "{opaque}"', f'W/"other", {etag}', "*"):
         async with http.get(f"{gateway}/v1/feed", headers={**md, "If-None-Match": if_none_match}) as response:
             assert response.status == 304, if_none_match
             assert await response.read() == b""
@@ -643,6 +644,28 @@ async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, use
             assert response.headers["Vary"] == "Accept, Authorization"
     status, _, _ = await call(http, "GET", f"{gateway}/v1/feed", {**md, "If-None-Match": '"other", W/"another"'})
     assert status == 200
+
+
+async def test_the_feed_etag_is_weak_since_its_answers_urls_are_signed_anew(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    await processed(http, gateway, md, small_jpeg())
+    async with http.get(f"{gateway}/v1/feed", headers=md) as first:
+        first_body = await first.read()
+    # The URLs' expiry is in whole seconds.
+    await asyncio.sleep(1.1)
+    async with http.get(f"{gateway}/v1/feed", headers=md) as second:
+        second_body = await second.read()
+    assert second.headers["ETag"] == first.headers["ETag"]
+    assert second_body != first_body
+    # RFC 9110 8.8.1: a strong validator promises the same bytes; these answers are only equivalent.
+    opaque = json.loads(first_body)["etag"]
+    assert opaque.isalnum(), "the field gRPC clients read is the bare etag"
+    assert first.headers["ETag"] == f'W/"{opaque}"'
+    # What a client got back is current, and so is the etag in its strong form.
+    for if_none_match in (first.headers["ETag"], f'"{opaque}"'):
+        async with http.get(f"{gateway}/v1/feed", headers={**md, "If-None-Match": if_none_match}) as response:
+            assert response.status == 304, if_none_match
+            assert response.headers["ETag"] == first.headers["ETag"]
 
 
 async def test_a_304_carries_each_header_once(gateway, http, bearer, user_id):
