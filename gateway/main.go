@@ -537,43 +537,61 @@ func copyTrailers(ctx context.Context, w http.ResponseWriter) {
 
 type heldETagsKey struct{}
 
+// heldETags is what If-None-Match names: opaque tags, or any page (a bare *).
+type heldETags struct {
+	opaque []string
+	any    bool
+}
+
 // ifNoneMatch reads If-None-Match on GET /v1/feed. A single etag also goes to the server as the
 // if_none_match query parameter (grpc-gateway v1 binds path, query and body to request fields,
 // never a header), which then leaves the page out; forwardResponse compares a list, or *, itself.
 func ifNoneMatch(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if etags := entityTags(r.Header.Values("If-None-Match")); len(etags) > 0 && r.URL.Path == "/v1/feed" {
-			if len(etags) == 1 && etags[0] != "*" {
+		if named := entityTags(r.Header.Values("If-None-Match")); (named.any || len(named.opaque) > 0) && r.URL.Path == "/v1/feed" {
+			if len(named.opaque) == 1 && !named.any {
 				query := r.URL.Query()
-				query.Set("if_none_match", etags[0])
+				query.Set("if_none_match", named.opaque[0])
 				r.URL.RawQuery = query.Encode()
 			}
-			r = r.WithContext(context.WithValue(r.Context(), heldETagsKey{}, etags))
+			r = r.WithContext(context.WithValue(r.Context(), heldETagsKey{}, named))
 		}
 		next.ServeHTTP(w, r)
 	})
 }
 
-// entityTags is the opaque tags of If-None-Match values, compared weakly (RFC 7232): W/ and the
-// quotes stripped, * kept; an entry that is not UTF-8 is no etag of the gateway's, left out.
-func entityTags(headers []string) []string {
-	var etags []string
+// entityTags reads If-None-Match values for the weak comparison (RFC 9110 8.8.3.2): W/ and the
+// quotes stripped. Only a bare * is the wildcard (RFC 9110 13.1.2); a quoted "*" is an entity-tag
+// as any other. An entry that is not UTF-8 is no etag of the gateway's, left out.
+func entityTags(headers []string) heldETags {
+	var named heldETags
 	for _, header := range headers {
 		for _, entry := range strings.Split(header, ",") {
-			etag := strings.Trim(strings.TrimPrefix(strings.TrimSpace(entry), "W/"), `"`)
+			entry = strings.TrimSpace(entry)
+			if entry == "*" {
+				named.any = true
+				continue
+			}
+			etag := strings.TrimPrefix(entry, "W/")
+			if len(etag) >= 2 && strings.HasPrefix(etag, `"`) && strings.HasSuffix(etag, `"`) {
+				etag = etag[1 : len(etag)-1]
+			}
 			if etag != "" && utf8.ValidString(etag) {
-				etags = append(etags, etag)
+				named.opaque = append(named.opaque, etag)
 			}
 		}
 	}
-	return etags
+	return named
 }
 
 // held tells whether the client's If-None-Match names the page's etag, or is *.
 func held(ctx context.Context, etag string) bool {
-	etags, _ := ctx.Value(heldETagsKey{}).([]string)
-	for _, e := range etags {
-		if e == etag || e == "*" {
+	named, _ := ctx.Value(heldETagsKey{}).(heldETags)
+	if named.any {
+		return true
+	}
+	for _, e := range named.opaque {
+		if e == etag {
 			return true
 		}
 	}

@@ -646,6 +646,19 @@ async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, use
     assert status == 200
 
 
+async def test_only_a_bare_star_is_the_if_none_match_wildcard(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    status, feed, _ = await call(http, "GET", f"{gateway}/v1/feed", md)
+    assert status == 200, feed
+    # RFC 9110 13.1.2: "*" is an entity-tag, which no page has.
+    for if_none_match in ('"*"', 'W/"*"', '"other", "*"'):
+        status, answer, _ = await call(http, "GET", f"{gateway}/v1/feed", {**md, "If-None-Match": if_none_match})
+        assert status == 200, if_none_match
+        assert answer["etag"] == feed["etag"]
+    async with http.get(f"{gateway}/v1/feed", headers={**md, "If-None-Match": "*"}) as response:
+        assert response.status == 304
+
+
 async def test_the_feed_etag_is_weak_since_its_answers_urls_are_signed_anew(gateway, http, bearer, user_id):
     md = bearer(user_id)
     await processed(http, gateway, md, small_jpeg())
