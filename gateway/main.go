@@ -622,7 +622,9 @@ func acceptedFormats(next http.Handler) http.Handler {
 
 // imageRanges is the entries of Accept header values that can name an image (image/... and
 // */*), with their parameters, in the header's order. The others are left out so that a long
-// browser header does not push the image ranges past the entries the server reads.
+// browser header does not push the image ranges past the entries the server reads, and so are
+// entries that are not ASCII text, whose optional whitespace around ";" may be SP or HTAB
+// (RFC 9110 5.6.3): the server reads both.
 func imageRanges(headers []string) []string {
 	var ranges []string
 	for _, header := range headers {
@@ -630,10 +632,20 @@ func imageRanges(headers []string) []string {
 			entry = strings.TrimSpace(entry)
 			mediaRange, _, _ := strings.Cut(entry, ";")
 			mediaRange = strings.ToLower(strings.TrimSpace(mediaRange))
-			if printableASCII(entry) && (mediaRange == "*/*" || strings.HasPrefix(mediaRange, "image/")) {
+			if asciiText(entry) && (mediaRange == "*/*" || strings.HasPrefix(mediaRange, "image/")) {
 				ranges = append(ranges, entry)
 			}
 		}
 	}
 	return ranges
+}
+
+// asciiText tells whether s is printable ASCII or HTAB, the ASCII an HTTP field value holds.
+func asciiText(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] != '\t' && (s[i] < 0x20 || s[i] > 0x7e) {
+			return false
+		}
+	}
+	return true
 }

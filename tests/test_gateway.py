@@ -287,6 +287,10 @@ async def test_accept_header_picks_the_variants_formats_and_the_feed_etag(gatewa
         ("*/*;q=0.5, image/avif;q=0", "image/jpeg", ["image/avif"]),
         # The server reads 16 entries: other types before the image ones do not push them out.
         (", ".join([*(f"application/x-type-{n}" for n in range(20)), "image/avif"]), "image/avif", ["image/jpeg"]),
+        # The optional whitespace around ";" and "," may be tabs (RFC 9110 5.6.3).
+        ("image/jpeg;q=0.5, image/avif;\tq=0.9", "image/avif", ["image/jpeg"]),
+        ("image/jpeg;q=0.5,\timage/avif\t;q=0.9", "image/avif", ["image/jpeg"]),
+        ("image/avif;q=0\t,\timage/jpeg", "image/jpeg", ["image/avif"]),
     ],
 )
 async def test_a_wildcard_gives_a_format_no_q_a_more_specific_range_sets(gateway, http, bearer, user_id, accept, chosen, alternatives):
