@@ -15,6 +15,7 @@ import (
 	"io"
 	"log"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"reflect"
@@ -97,7 +98,7 @@ func main() {
 
 	server := &http.Server{
 		Addr:              listen,
-		Handler:           headAsGet(routes, limitBody(mux, validMetadata(mux, utf8Query(mux, acceptedFormats(ifNoneMatch(mux)))))),
+		Handler:           headAsGet(routes, limitBody(mux, validMetadata(mux, decodableURL(mux, acceptedFormats(ifNoneMatch(mux)))))),
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    maxHeaderBytes,
@@ -484,15 +485,23 @@ func printableASCII(s string) bool {
 	return true
 }
 
-// utf8Query answers 400 to a path or query string that is not UTF-8 once decoded: the request
+// decodableURL answers 400 to a query string that does not decode (a broken percent-escape, or a
+// semicolon, which is no separator): URL.Query(), which grpc-gateway reads, leaves such a pair
+// out without a word, and the call would run without it (the first page for a broken
+// page_token). It answers 400 too to a path or query that is not UTF-8 once decoded: the request
 // fields they fill are proto strings, which the gRPC client refuses to encode (a 500).
-func utf8Query(mux *runtime.ServeMux, next http.Handler) http.Handler {
+func decodableURL(mux *runtime.ServeMux, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !utf8.ValidString(r.URL.Path) {
 			reject(mux, w, r, gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", "the path is not UTF-8"))
 			return
 		}
-		for key, values := range r.URL.Query() {
+		query, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			reject(mux, w, r, gatewayError(codes.InvalidArgument, "INVALID_ARGUMENT", "the query string does not decode: "+err.Error()))
+			return
+		}
+		for key, values := range query {
 			valid := utf8.ValidString(key)
 			for _, v := range values {
 				valid = valid && utf8.ValidString(v)
