@@ -285,6 +285,64 @@ async def test_only_the_owners_finalize_publishes_and_a_terminated_upload_stays_
     assert await partial_objects(tus_server, upload_id) == []
 
 
+async def test_a_finalized_upload_refuses_termination_and_stays_complete(tus_server, storage, http, auth, user_id):
+    """A finalized upload is media: tus termination (DELETE, or a POST standing for one) is refused
+    403 and deletes nothing, while HEAD still answers the upload complete, as it did before."""
+    md = auth(user_id)
+    data = fake_jpeg(50_000)
+    begun = await begin_tus(storage, md, data)
+    url = begun.upload_url
+    assert (await patch(http, url, 0, data)).status == 204
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    before = await summary(storage, md)
+
+    async with http.delete(url, headers=TUS) as response:
+        assert (response.status, await response.text()) == (403, "upload is finalized")
+        assert response.headers["Tus-Resumable"] == "1.0.0"
+    async with http.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}) as response:
+        assert response.status == 403
+    complete = await head(http, url)
+    assert complete.status == 200
+    assert complete.headers["Upload-Offset"] == complete.headers["Upload-Length"] == str(len(data))
+    got = await storage.GetUpload(pb.GetUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
+    assert (got.upload.state, got.upload.media_id) == (pb.UPLOAD_STATE_FINALIZED, finalized.media_id)
+    assert await stored_sha256(tus_server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
+    assert await summary(storage, md) == before
+
+
+async def test_a_termination_that_loses_to_a_finalize_is_answered_as_one_of_a_finalized_upload(tus_server, storage, http, pool, auth, user_id):
+    """A DELETE that read the upload pending, and whose release then found it finalized by a
+    FinalizeUpload committed first, is refused 403 as a termination of a finalized upload, not 410."""
+    md = auth(user_id)
+    data = fake_jpeg(50_000)
+    begun = await begin_tus(storage, md, data)
+    upload_id = uuid.UUID(begun.upload.upload_id)
+    assert (await patch(http, begun.upload_url, 0, data)).status == 204
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+
+    async def until_waiting(count: int) -> None:
+        while await pool.fetchval(waiting) < count:
+            await asyncio.sleep(0.02)
+
+    async def terminate() -> tuple[int, str]:
+        async with http.delete(begun.upload_url, headers=TUS) as response:
+            return response.status, await response.text()
+
+    # The row held, the finalize waits on it first, then the termination's release behind it.
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM uploads WHERE upload_id = $1 FOR UPDATE", upload_id)
+        finalize = asyncio.ensure_future(storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=str(upload_id)), metadata=md))
+        await asyncio.wait_for(until_waiting(1), 30)
+        termination = asyncio.create_task(terminate())
+        await asyncio.wait_for(until_waiting(2), 30)
+    assert (await finalize).upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert await termination == (403, "upload is finalized")
+    assert (await head(http, begun.upload_url)).status == 200
+    assert await stored_sha256(tus_server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
+    after = await summary(storage, md)
+    assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
+
+
 async def test_options_and_creation(tus_server, storage, http, auth, user_id, authenticator):
     base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
     async with http.options(base) as response:

@@ -6,8 +6,9 @@ An upload URL is signed for its upload alone (domain.uploads.resumable), so HEAD
 and DELETE need no other credential; it names its owner, whose rate limits they spend (tus/HEAD,
 tus/PATCH, tus/DELETE) before any statement runs. A finalized upload stays a complete tus upload (HEAD: its
 Upload-Offset is its Upload-Length, so a client resuming it is done at once) that takes no more
-bytes; a failed or expired one is gone (410). Which replica takes a chunk does not matter: the
-offset, the hash state and the writer's lock live in PostgreSQL.
+bytes and is not terminated (DELETE: 403; it is media now, which DeleteMedia deletes); a failed or
+expired one is gone (410). Which replica takes a chunk does not matter: the offset, the hash state
+and the writer's lock live in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mediavault.blobs.http import answer_expectation
 from mediavault.blobs.signing import signed_owner
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
-from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress
+from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress, check_writable
 from mediavault.errors import (
     AccountFrozen,
     BeyondDeclaredSize,
@@ -152,7 +153,6 @@ class TusEndpoints:
         except _Refused as refused:
             return self._respond(request, refused.status, text=refused.message)
         except MediavaultError as error:
-            status = next((code for kind, code in _STATUS.items() if isinstance(error, kind)), 500)
             headers = {}
             if isinstance(error, OffsetMismatch):
                 headers["Upload-Offset"] = error.metadata["offset"]
@@ -160,7 +160,7 @@ class TusEndpoints:
                 headers.update(error.decision.metadata())
             if isinstance(error, WritersBusy):
                 headers["Retry-After"] = str(error.retry_after_seconds)
-            return self._respond(request, status, headers, error.message)
+            return self._respond(request, _status(error), headers, error.message)
 
     def _signed_upload_id(self, request: web.Request) -> uuid.UUID:
         upload_id = request.match_info["upload_id"]
@@ -227,7 +227,7 @@ class TusEndpoints:
         progress = await self._resumable.progress(upload_id)
         # tus: HEAD always carries Upload-Offset, an upload's that is complete too.
         if progress.upload.state != "finalized":
-            _check_open(progress)
+            check_writable(progress)
         headers = _progress_headers(progress) | {"Cache-Control": "no-store"}
         # tus creation: the Upload-Metadata the upload was created with, as it came.
         if progress.tus_metadata:
@@ -274,7 +274,7 @@ class TusEndpoints:
 
     async def _delete_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
         progress = await self._resumable.progress(upload_id)
-        _check_open(progress)
+        check_writable(progress)
         self._admission.refuse_frozen(progress.upload.user_id)
         # The signed URL is the owner's credential for this one upload.
         owner = Principal(progress.upload.user_id, frozenset())
@@ -295,9 +295,12 @@ def _forwarded_for(request: web.Request) -> list[tuple[str, str]]:
     return [("x-forwarded-for", forwarded)] if forwarded else []
 
 
-def _check_open(progress: Progress) -> None:
-    if progress.upload.state != "pending" or progress.lapsed:
-        raise _Refused(410, f"upload is {'expired' if progress.lapsed else progress.upload.state}")
+def _status(error: MediavaultError) -> int:
+    # A finalized upload is complete, not gone (HEAD answers it 200): only a termination meets it
+    # here, directly or as the release a finalize committed first, and is refused.
+    if isinstance(error, UploadNotPending) and error.metadata.get("state") == "finalized":
+        return 403
+    return next((code for kind, code in _STATUS.items() if isinstance(error, kind)), 500)
 
 
 def _progress_headers(progress: Progress) -> dict[str, str]:

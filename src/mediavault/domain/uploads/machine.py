@@ -371,7 +371,8 @@ class Uploads:
         upload = await self._row(principal, upload_id)
         failed = await self.release(upload_id, state="failed", reason="CLIENT_FAILED", detail=reason or None)
         if failed is None:
-            raise UploadNotPending(f"upload is {(await self._row(principal, upload_id)).state}")
+            state = (await self._row(principal, upload_id)).state
+            raise UploadNotPending(f"upload is {state}", state=state)
         await self._discard(upload)
         return failed
 
