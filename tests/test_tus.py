@@ -383,6 +383,27 @@ async def test_options_and_creation(tus_server, storage, http, auth, user_id, au
     assert finalized.upload.size_bytes == len(data)
 
 
+async def test_a_concatenation_creation_is_refused_and_creates_nothing(tus_server, storage, http, pool, auth, user_id, authenticator):
+    """Upload-Concat (tus concatenation, not in Tus-Extension) is refused 400 with nothing reserved,
+    a partial upload's creation as a final one's, instead of making an ordinary upload of it."""
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    headers = {**TUS, "Upload-Metadata": A_JPEG, "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}"}
+    before = await summary(storage, auth(user_id))
+    creations = [
+        {"Upload-Concat": "partial", "Upload-Length": "50000"},
+        # A final upload's creation, as tus has it, names no Upload-Length.
+        {"Upload-Concat": f"final;{base}a {base}b"},
+        {"Upload-Concat": f"final;{base}a", "Upload-Length": "50000"},
+        {"Upload-Concat": "", "Upload-Length": "50000"},
+    ]
+    for creation in creations:
+        async with http.post(base, headers={**headers, **creation}) as response:
+            assert (response.status, await response.text()) == (400, "Upload-Concat: the concatenation extension is not supported"), creation
+            assert "Location" not in response.headers
+    assert await summary(storage, auth(user_id)) == before
+    assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
+
+
 async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(CHUNK + 4321)

@@ -264,6 +264,21 @@ async def test_tus_js_client_creates_with_only_an_endpoint_and_a_token(stage: St
     assert await finalized_sha256(stage, auth(user_id), upload_id) == sha256_hex(data)
 
 
+async def test_tus_js_client_with_parallel_uploads_is_refused_before_any_part_is_reserved(stage: Stage, auth, authenticator, user_id, node_modules, tmp_path):
+    """parallelUploads creates each part with Upload-Concat: partial (tus concatenation, which the
+    server does not offer): the first creation is refused 400, so the client fails at once with
+    nothing reserved, instead of uploading parts whose concatenation is then refused."""
+    data = fake_jpeg(2 * CHUNK, fill=os.urandom(1))
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(data)
+    endpoint = f"http://127.0.0.1:{stage.proxy.port}/tus/"
+    token = authenticator.issue(user_id, ["user"])
+    outcome = await node_upload(node_modules, "create", endpoint, str(source), str(CHUNK), token, "photo.jpg", "image/jpeg", "--parallel=2")
+    assert "response code: 400" in outcome.get("error", ""), outcome
+    summary = (await stage.storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))).summary
+    assert (summary.used_bytes, summary.reserved_bytes, summary.pending_uploads) == (0, 0, 0)
+
+
 async def test_tus_js_client_with_override_patch_method(stage: Stage, auth, user_id, node_modules, tmp_path):
     """overridePatchMethod: every chunk goes as a POST with X-HTTP-Method-Override: PATCH."""
     md = auth(user_id)

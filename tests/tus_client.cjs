@@ -4,7 +4,9 @@
 // Options: --retry (retry delays: without them an interruption ends the run, so the test sees it
 // and resumes with a new one); --override-patch (POST with X-HTTP-Method-Override: PATCH, as
 // tus-js-client's overridePatchMethod sends); --endpoint=<url> --token=<bearer token> (resume: where
-// the client creates a new upload, with that credential, when the upload URL cannot be resumed).
+// the client creates a new upload, with that credential, when the upload URL cannot be resumed);
+// --parallel=<n> (create: parallelUploads, n partial uploads concatenated by a final one, each part
+// created with the same metadata).
 // NODE_PATH names the node_modules folder scripts/install-test-node-deps.sh filled.
 const fs = require("fs");
 const tus = require("tus-js-client");
@@ -36,6 +38,10 @@ if (mode === "create") {
   options.endpoint = url;
   options.headers = { Authorization: `Bearer ${token}` };
   options.metadata = { filename, filetype };
+  if (named.parallel) {
+    options.parallelUploads = Number(named.parallel);
+    options.metadataForPartialUploads = options.metadata;
+  }
 } else {
   options.uploadUrl = url;
   if (named.endpoint) {

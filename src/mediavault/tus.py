@@ -1,7 +1,8 @@
 """tus 1.0.0 on the service's HTTP listener: HTTP in, one call on a domain service, HTTP out.
 
 Extensions: creation (POST with the same bearer JWT as gRPC), checksum (sha1, sha256),
-expiration (Upload-Expires: the reservation's expiry) and termination (DELETE = FailUpload).
+expiration (Upload-Expires: the reservation's expiry) and termination (DELETE = FailUpload); not
+creation-defer-length nor concatenation, whose creations are refused 400.
 An upload URL is signed for its upload alone (domain.uploads.resumable), so HEAD, PATCH
 and DELETE need no other credential; it names its owner, whose rate limits they spend (tus/HEAD,
 tus/PATCH, tus/DELETE) before any statement runs. A finalized upload stays a complete tus upload (HEAD: its
@@ -177,6 +178,10 @@ class TusEndpoints:
         # limits, whichever way the upload begins) and freeze.
         credentials = [("authorization", request.headers.get("Authorization", "")), *_forwarded_for(request)]
         principal, limits = await self._admission.admit(_CREATION_LIMITED_AS, credentials, request.remote or "")
+        # tus concatenation is not offered: a part made an ordinary upload would reserve its bytes
+        # for a final creation refused once every part is sent (tus-js-client's parallelUploads).
+        if "Upload-Concat" in request.headers:
+            raise _Refused(400, "Upload-Concat: the concatenation extension is not supported")
         length = _non_negative(request.headers.get("Upload-Length"), "Upload-Length")
         if length is None:
             raise _Refused(400, "Upload-Length is required (Upload-Defer-Length is not supported)")
