@@ -404,6 +404,26 @@ async def test_a_concatenation_creation_is_refused_and_creates_nothing(tus_serve
     assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
 
 
+async def test_a_creation_that_defers_its_length_is_refused_and_creates_nothing(tus_server, storage, http, pool, auth, user_id, authenticator):
+    """creation-defer-length is not offered: Upload-Defer-Length in a creation is 400 with nothing
+    reserved, beside an Upload-Length too, and with a value other than 1 (tus: 400)."""
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    headers = {**TUS, "Upload-Metadata": A_JPEG, "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}"}
+    before = await summary(storage, auth(user_id))
+    answers = []
+    for creation in (
+        {"Upload-Defer-Length": "1"},
+        {"Upload-Defer-Length": "1", "Upload-Length": "50000"},
+        {"Upload-Defer-Length": "2", "Upload-Length": "50000"},
+    ):
+        async with http.post(base, headers={**headers, **creation}) as response:
+            answers.append((response.status, await response.text(), response.headers.get("Location")))
+    refused = (400, "Upload-Defer-Length: the creation-defer-length extension is not supported", None)
+    assert answers == [refused] * 3
+    assert await summary(storage, auth(user_id)) == before
+    assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
+
+
 async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(CHUNK + 4321)

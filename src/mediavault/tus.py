@@ -58,6 +58,12 @@ _EXTENSIONS = "creation,expiration,termination,checksum"
 _CHECKSUM_MISMATCH = 460
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _CREATION_LIMITED_AS = "StorageService/BeginUpload"
+# The creation headers of extensions not offered, each refused (400) before anything is reserved:
+# made an ordinary upload, such a creation is not what its client asked for. A concatenation's
+# part would reserve its bytes for a final creation refused once every part is sent (tus-js-client's
+# parallelUploads); the whole length is reserved at creation, so it cannot be deferred, and
+# Upload-Defer-Length beside an Upload-Length leaves which one holds unsaid.
+_NOT_OFFERED = {"Upload-Concat": "concatenation", "Upload-Defer-Length": "creation-defer-length"}
 _CORS_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 # What an upload URL answers; a POST on it is one of these by its X-HTTP-Method-Override.
 _UPLOAD_URL_METHODS = "HEAD, PATCH, DELETE, OPTIONS"
@@ -178,13 +184,12 @@ class TusEndpoints:
         # limits, whichever way the upload begins) and freeze.
         credentials = [("authorization", request.headers.get("Authorization", "")), *_forwarded_for(request)]
         principal, limits = await self._admission.admit(_CREATION_LIMITED_AS, credentials, request.remote or "")
-        # tus concatenation is not offered: a part made an ordinary upload would reserve its bytes
-        # for a final creation refused once every part is sent (tus-js-client's parallelUploads).
-        if "Upload-Concat" in request.headers:
-            raise _Refused(400, "Upload-Concat: the concatenation extension is not supported")
+        for header, extension in _NOT_OFFERED.items():
+            if header in request.headers:
+                raise _Refused(400, f"{header}: the {extension} extension is not supported")
         length = _non_negative(request.headers.get("Upload-Length"), "Upload-Length")
         if length is None:
-            raise _Refused(400, "Upload-Length is required (Upload-Defer-Length is not supported)")
+            raise _Refused(400, "Upload-Length is required")
         if length > self._max_size:
             raise _Refused(413, f"Upload-Length exceeds Tus-Max-Size {self._max_size}")
         raw_metadata = request.headers.get("Upload-Metadata")
