@@ -261,6 +261,29 @@ async def test_x_http_method_override_is_the_requests_method(tus_server, storage
     assert got.upload.state == pb.UPLOAD_STATE_FAILED
 
 
+async def test_x_http_method_override_on_the_creation_url_is_the_requests_method(tus_server, storage, http, pool, auth, user_id, authenticator):
+    """tus core: X-HTTP-Method-Override is the request's method on the creation URL too, whose POST
+    creates only when it stands for a POST; one standing for OPTIONS is answered as OPTIONS, on
+    either URL."""
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    creation = {**TUS, "Upload-Length": "50000", "Upload-Metadata": A_JPEG, "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}"}
+    before = await summary(storage, auth(user_id))
+    answers = []
+    for override in ("DELETE", "HEAD", "PATCH", "GET"):
+        async with http.post(base, headers={**creation, "X-HTTP-Method-Override": override}) as response:
+            answers.append((response.status, response.headers.get("Allow"), response.headers.get("Location")))
+    assert answers == [(405, "POST, OPTIONS", None)] * 4
+    assert await summary(storage, auth(user_id)) == before
+    assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
+
+    begun = await begin_tus(storage, auth(user_id), fake_jpeg(50_000))
+    for url in (base, begun.upload_url):
+        async with http.post(url, headers={**creation, "X-HTTP-Method-Override": "OPTIONS"}) as response:
+            assert (response.status, response.headers.get("Tus-Version")) == (204, "1.0.0"), url
+    async with http.post(base, headers={**creation, "X-HTTP-Method-Override": "POST"}) as response:
+        assert response.status == 201
+
+
 async def test_only_the_owners_finalize_publishes_and_a_terminated_upload_stays_unpublished(tus_server, storage, http, auth, user_id):
     md = auth(user_id)
     data = fake_jpeg(50_000)
@@ -1377,5 +1400,7 @@ async def test_header_bytes_that_are_not_utf8_are_refused_as_bad_requests_not_50
         target = begun.upload_url.split(f":{server.http_port}", 1)[1].encode()
         override = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nX-HTTP-Method-Override: G\xffT\r\nContent-Length: 0\r\n\r\n"
         status, body = await raw_exchange(server, override)
+        assert status == 405, body
+        status, body = await raw_exchange(server, creation + bearer + b"X-HTTP-Method-Override: G\xffT\r\n\r\n")
         assert status == 405, body
         assert await summary(storage, md) == before

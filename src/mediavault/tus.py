@@ -65,7 +65,8 @@ _CREATION_LIMITED_AS = "StorageService/BeginUpload"
 # Upload-Defer-Length beside an Upload-Length leaves which one holds unsaid.
 _NOT_OFFERED = {"Upload-Concat": "concatenation", "Upload-Defer-Length": "creation-defer-length"}
 _CORS_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
-# What an upload URL answers; a POST on it is one of these by its X-HTTP-Method-Override.
+# What the creation URL and an upload URL answer; a POST is one of these by its X-HTTP-Method-Override.
+_CREATION_URL_METHODS = "POST, OPTIONS"
 _UPLOAD_URL_METHODS = "HEAD, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
@@ -121,11 +122,11 @@ class TusEndpoints:
         app.router.add_route("OPTIONS", base, self._options)
         app.router.add_route("OPTIONS", base + "/", self._options)
         app.router.add_route("OPTIONS", one, self._options)
-        app.router.add_post(base, self._create)
-        app.router.add_post(base + "/", self._create)
         # tus core: X-HTTP-Method-Override, when present, is the request's method whatever was sent
         # (a POST standing for a PATCH, from clients and proxies that cannot send PATCH), so one
-        # handler takes every method but OPTIONS and dispatches on the method it stands for.
+        # handler per URL takes every method but OPTIONS and dispatches on the method it stands for.
+        app.router.add_route("*", base, self._creation_url)
+        app.router.add_route("*", base + "/", self._creation_url)
         app.router.add_route("*", one, self._upload_url, expect_handler=self._expect)
 
     def _respond(self, request: web.Request, status: int, headers: dict[str, str] | None = None, text: str | None = None) -> web.Response:
@@ -176,7 +177,16 @@ class TusEndpoints:
             raise _Refused(403, problem)
         return uuid.UUID(upload_id)
 
-    async def _create(self, request: web.Request) -> web.Response:
+    def _not_allowed(self, request: web.Request, url: str, method: str, allowed: str) -> web.Response:
+        # Quoted: a header's bytes that are not UTF-8 come as surrogate escapes, which a body cannot carry.
+        return self._respond(request, 405, {"Allow": allowed}, f"{url} takes no {method!r}")
+
+    async def _creation_url(self, request: web.Request) -> web.Response:
+        method = _method(request)
+        if method == "OPTIONS":
+            return await self._options(request)
+        if method != "POST":
+            return self._not_allowed(request, "the creation URL", method, _CREATION_URL_METHODS)
         return await self._handle(request, self._create_upload)
 
     async def _create_upload(self, request: web.Request) -> web.Response:
@@ -212,9 +222,10 @@ class TusEndpoints:
 
     async def _upload_url(self, request: web.Request) -> web.Response:
         method = _method(request)
+        if method == "OPTIONS":
+            return await self._options(request)
         if method not in ("HEAD", "PATCH", "DELETE"):
-            # Quoted: a header's bytes that are not UTF-8 come as surrogate escapes, which a body cannot carry.
-            return self._respond(request, 405, {"Allow": _UPLOAD_URL_METHODS}, f"an upload URL takes no {method!r}")
+            return self._not_allowed(request, "an upload URL", method, _UPLOAD_URL_METHODS)
         return await self._handle(request, functools.partial(self._admitted_upload_url, method))
 
     async def _admitted_upload_url(self, method: str, request: web.Request) -> web.Response:
