@@ -173,7 +173,8 @@ class StorageServiceServicer:
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID, or reason is too long.
         NOT_FOUND (NOT_FOUND): no such upload, or another user's.
-        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+        FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING (metadata "state":
+        what it is instead).
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -2119,7 +2119,8 @@ type StorageServiceClient interface {
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID, or reason is too long.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
-	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING (metadata "state":
+	//	  what it is instead).
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	FailUpload(ctx context.Context, in *FailUploadRequest, opts ...grpc.CallOption) (*FailUploadResponse, error)
 	// Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
@@ -2405,7 +2406,8 @@ type StorageServiceServer interface {
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): upload_id is not a UUID, or reason is too long.
 	//	NOT_FOUND (NOT_FOUND): no such upload, or another user's.
-	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING.
+	//	FAILED_PRECONDITION (UPLOAD_NOT_PENDING): the upload is no longer PENDING (metadata "state":
+	//	  what it is instead).
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the account is frozen.
 	FailUpload(context.Context, *FailUploadRequest) (*FailUploadResponse, error)
 	// Presigned S3 UploadPart URLs for parts of the caller's pending S3_MULTIPART upload, valid for
