@@ -14,10 +14,10 @@ from typing import BinaryIO
 import av
 import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
 import pillow_heif
-from PIL import Image, ImageCms, ImageFile, ImageFilter, ImageMath
+from PIL import Image, ImageChops, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
-from mediavault.imaging import isobmff, lossless
+from mediavault.imaging import isobmff, lossless, png
 from mediavault.imaging.colour import DISPLAY_P3, cached_by_digest, is_display_p3
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
@@ -119,6 +119,8 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
             raise PermanentImagingError(TOO_MANY_FRAMES)
     if mime == "image/avif":
         _describe_avif(image, isobmff.primary_image(data))
+    if mime == "image/png":
+        _describe_png(image, data)
     return image
 
 
@@ -137,6 +139,8 @@ def _describe_avif(image: Image.Image, primary: isobmff.PrimaryImage) -> None:
 
 # Where open_image leaves an AVIF's clean aperture for decode_with_pillow.
 _CLEAN_APERTURE = "mediavault_clean_aperture"
+# Where open_image leaves a 16-bit RGB PNG's transparent colour for decode_with_pillow.
+_TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 
 
 def clean_aperture(image: Image.Image) -> Image.Image:
@@ -144,6 +148,46 @@ def clean_aperture(image: Image.Image) -> Image.Image:
     box but leaves the crop to its caller), or the image itself."""
     box = image.info.get(_CLEAN_APERTURE)
     return image if box is None else image.crop(box)
+
+
+def _describe_png(image: Image.Image, data: bytes) -> None:
+    """What Pillow's PNG plugin gets wrong (see png): a 16-bit RGB PNG's transparent colour, left
+    for decode_with_pillow with the PNG's bytes, from which it decodes the samples' low bytes."""
+    colour = png.read(data).transparent_colour
+    if colour is None or image.mode != "RGB":
+        return
+    # Pillow's 16-bit samples of the colour: convert() would match their low bytes against the
+    # pixels' top bytes.
+    image.info.pop("transparency", None)
+    image.info[_TRANSPARENT_COLOUR] = (colour, data)
+
+
+def _with_transparent_colour(image: Image.Image) -> Image.Image:
+    """The loaded image with its PNG's transparent 16-bit colour (see _describe_png) made
+    transparent, as RGBA: each sample is compared whole, its top byte in the image and its low
+    byte in the PNG decoded again. Any other image as it is."""
+    described = image.info.get(_TRANSPARENT_COLOUR)
+    if described is None:
+        return image
+    colour, data = described
+    low_bytes = Image.open(io.BytesIO(data), formats=["PNG"])
+    # "RGB;16L" unpacks the second byte of each sample, the low one of a PNG's big-endian
+    # samples; the zip decoder still undoes the filters over whole 6-byte pixels.
+    low_bytes.tile = [tile._replace(args="RGB;16L") for tile in low_bytes.tile]
+    alpha = ImageChops.lighter(
+        _opaque_but(image, tuple(sample >> 8 for sample in colour)),
+        _opaque_but(low_bytes, tuple(sample & 0xFF for sample in colour)),
+    )
+    rgba = image.convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba
+
+
+def _opaque_but(picture: Image.Image, colour: tuple[int, ...]) -> Image.Image:
+    """An alpha channel for the RGB picture: 0 where its pixel is `colour`, 255 elsewhere."""
+    # Each sample 0 where it matches, 255 where not; their sum, clipped, is 0 only where all three match.
+    unmatched = picture.point([0 if level == value else 255 for value in colour for level in range(256)])
+    return unmatched.convert("L", (1, 1, 1, 0))
 
 
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:
@@ -163,7 +207,7 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
             width, height = cropped.size
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
-        picture = _to_srgb(cropped)
+        picture = _to_srgb(_with_transparent_colour(cropped))
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
