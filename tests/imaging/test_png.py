@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import struct
 import zlib
 
+import av
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from mediavault.imaging import DEFAULT_VARIANTS, transcode
+from mediavault.imaging.animation import ANIMATION, GIFV
+from mediavault.imaging.colour import DISPLAY_P3
 from mediavault.imaging.formats import AVIF
 from tests.imaging.helpers import check_variants, corpus, open_variant
 
@@ -31,11 +35,27 @@ def chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def png_file(width: int, height: int, bit_depth: int, colour_type: int, rows: list[bytes], before_pixels: bytes = b"") -> bytes:
-    """A PNG of unfiltered rows, with `before_pixels` (whole chunks) between its IHDR and its IDAT."""
+def png_file(
+    width: int,
+    height: int,
+    bit_depth: int,
+    colour_type: int,
+    rows: list[bytes],
+    before_pixels: bytes = b"",
+    after_pixels: bytes = b"",
+) -> bytes:
+    """A PNG of unfiltered rows, with `before_pixels` (whole chunks) between its IHDR and its IDAT
+    and `after_pixels` between its IDAT and its IEND."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + before_pixels + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + before_pixels
+        + chunk(b"IDAT", pixels)
+        + after_pixels
+        + chunk(b"IEND", b"")
+    )
 
 
 def sixteen_bit_photo(patches: list[bytes]) -> list[bytes]:
@@ -78,7 +98,9 @@ def test_a_sixteen_bit_rgb_png_keeps_its_transparent_colour_matched_on_all_sixte
     result = transcode(data, "image/png", SMALL_AVIF)
     decoded = check_variants(result, IMAGE_VARIANTS)
     assert {variant.name: [a.content_type for a in variant.alternates] for variant in result.variants} == {
-        "display": [], "preview": [AVIF], "thumbnail": [AVIF]
+        "display": [],
+        "preview": [AVIF],
+        "thumbnail": [AVIF],
     }
     pictures = [*decoded.values()] + [
         open_variant(alternate.data) for variant in result.variants for alternate in variant.alternates
@@ -91,3 +113,165 @@ def test_a_sixteen_bit_rgb_png_keeps_its_transparent_colour_matched_on_all_sixte
         assert min(pixel[3] for pixel in centres[1:]) > 247, (picture.format, picture.size, centres)
         # The colours are the samples' top bytes, as without tRNS.
         assert max(abs(a - b) for a, b in zip(centres[3][:3], (255, 128, 0), strict=True)) < 6, centres
+
+
+# Stripes of these levels, each STRIPE pixels wide: a pixel of a stripe is (level, 255 - level,
+# level // 2) in colour, the level in grey.
+LEVELS = (16, 48, 96, 128, 160, 224)
+STRIPE = 40
+PALETTE = 3
+
+
+def stripe_colours(colour_type: int) -> list[tuple[int, ...]]:
+    return [(level,) if colour_type == GREY else (level, 255 - level, level // 2) for level in LEVELS]
+
+
+def stripes(colour_type: int, bit_depth: int = 8, before_pixels: bytes = b"", after_pixels: bytes = b"") -> bytes:
+    """A 240x64 PNG of LEVELS' stripes in grey, RGB or a palette, with those chunks around its IDAT."""
+    colours = stripe_colours(colour_type)
+    if colour_type == PALETTE:
+        before_pixels += chunk(b"PLTE", b"".join(bytes(colour) for colour in colours))
+        pixels = [bytes((index,)) for index in range(len(LEVELS))]
+    else:
+        sample = ">H" if bit_depth == 16 else ">B"
+        pixels = [
+            b"".join(struct.pack(sample, level * 257 if bit_depth == 16 else level) for level in colour) for colour in colours
+        ]
+    row = b"".join(pixel * STRIPE for pixel in pixels)
+    return png_file(STRIPE * len(LEVELS), 64, bit_depth, colour_type, [row] * 64, before_pixels, after_pixels)
+
+
+def gama(gamma: int) -> bytes:
+    return chunk(b"gAMA", struct.pack(">I", gamma))
+
+
+def chrm(white: tuple[float, float], *primaries: tuple[float, float]) -> bytes:
+    return chunk(b"cHRM", struct.pack(">8I", *(round(value * 100_000) for xy in (white, *primaries) for value in xy)))
+
+
+SRGB_WHITE = (0.3127, 0.3290)
+SRGB_PRIMARIES = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06))
+
+
+def srgb_level(light: float) -> float:
+    """The sRGB level (0-255) of a light (0-1), by IEC 61966-2-1's encoding."""
+    return 255 * (12.92 * light if light <= 0.0031308 else 1.055 * light ** (1 / 2.4) - 0.055)
+
+
+def shown(data: bytes) -> list[tuple[int, ...]]:
+    """The colour at the centre of each stripe of the display variant, in RGB."""
+    display = open_variant(next(v for v in transcode(data, "image/png").variants if v.name == "display").data)
+    assert "icc_profile" not in display.info
+    rgb = display.convert("RGB")
+    return [rgb.getpixel((STRIPE * index + STRIPE // 2, 32)) for index in range(len(LEVELS))]
+
+
+def assert_within(got: list[tuple[int, ...]], expected: list[tuple[float, ...]], levels: float) -> None:
+    for pixel, colour in zip(got, expected, strict=True):
+        assert max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) <= levels, (got, expected)
+
+
+@pytest.mark.parametrize(
+    ("colour_type", "bit_depth"),
+    [(GREY, 8), (GREY, 16), (RGB, 8), (RGB, 16), (PALETTE, 8)],
+    ids=["grey", "grey-16", "rgb", "rgb-16", "palette"],
+)
+@pytest.mark.parametrize(
+    "gamma",
+    [
+        # Linear levels: brighter than the same levels in sRGB (128 shows as 188).
+        100_000,
+        # 1/1.8, as older Macs wrote: brighter too.
+        55_556,
+        # 1/2.6: darker.
+        38_462,
+    ],
+)
+def test_a_png_with_gama_and_no_profile_is_shown_in_its_tone_curve_as_browsers_show_it(
+    colour_type: int, bit_depth: int, gamma: int
+) -> None:
+    got = shown(stripes(colour_type, bit_depth, gama(gamma)))
+    exponent = 100_000 / gamma
+    expected = [tuple(srgb_level((value / 255) ** exponent) for value in colour) for colour in stripe_colours(colour_type)]
+    assert_within(got, [colour * 3 if len(colour) == 1 else colour for colour in expected], 3)
+
+
+def iccp(profile: bytes) -> bytes:
+    return chunk(b"iCCP", b"sRGB profile\0\0" + zlib.compress(profile))
+
+
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("before_pixels", "after_pixels"),
+    [
+        # The chunks that name the colours outright take precedence over gAMA.
+        pytest.param(chunk(b"sRGB", b"\0") + gama(100_000), b"", id="srgb"),
+        pytest.param(gama(100_000) + iccp(SRGB_ICC), b"", id="iccp"),
+        # BT.709 primaries, sRGB's transfer, RGB, full range.
+        pytest.param(chunk(b"cICP", bytes((1, 13, 0, 1))) + gama(100_000), b"", id="cicp"),
+        # 1/2.2 with no cHRM is what writers put beside sRGB levels; within 5% of it, as Chrome and libpng.
+        pytest.param(gama(45_455), b"", id="gama-45455"),
+        pytest.param(gama(47_000), b"", id="gama-within-5-percent"),
+        # Out of libpng's bounds (16 to 625,000,000): ignored.
+        pytest.param(gama(0), b"", id="gama-0"),
+        pytest.param(gama(15), b"", id="gama-15"),
+        pytest.param(gama(625_000_001), b"", id="gama-huge"),
+        pytest.param(gama(0xFFFF_FFFF), b"", id="gama-largest"),
+        pytest.param(chunk(b"gAMA", b"\0\1\x86\xa0\0"), b"", id="gama-too-long"),
+        # cHRM says nothing without a gAMA.
+        pytest.param(chrm(SRGB_WHITE, (0.30, 0.60), (0.64, 0.33), (0.15, 0.06)), b"", id="chrm-alone"),
+        # After the pixels a gAMA is out of place; Pillow reads it there, libpng does not.
+        pytest.param(b"", gama(100_000), id="gama-after-idat"),
+    ],
+)
+def test_gama_is_ignored_where_browsers_ignore_it(before_pixels: bytes, after_pixels: bytes) -> None:
+    assert_within(shown(stripes(RGB, 8, before_pixels, after_pixels)), stripe_colours(RGB), 3)
+
+
+def test_chrm_primaries_are_converted_to_srgb() -> None:
+    # sRGB's red and green swapped: a stripe of full red and no green shows as green.
+    primaries = chrm(SRGB_WHITE, (0.30, 0.60), (0.64, 0.33), (0.15, 0.06))
+    red = png_file(240, 64, 8, RGB, [bytes((255, 0, 0)) * 240] * 64, gama(45_455) + primaries)
+    display = open_variant(transcode(red, "image/png").variants[0].data).convert("RGB")
+    assert "icc_profile" not in display.info
+    assert_within([display.getpixel((120, 32))], [(0, 255, 0)], 4)
+
+
+def test_a_gama_beside_srgbs_own_chrm_still_sets_the_tone_curve() -> None:
+    # Browsers build a profile of a gAMA beside any cHRM: 1/2.2 is a plain power law, not sRGB's curve.
+    got = shown(stripes(RGB, 8, gama(45_455) + chrm(SRGB_WHITE, *SRGB_PRIMARIES)))
+    expected = [tuple(srgb_level((value / 255) ** 2.2) for value in colour) for colour in stripe_colours(RGB)]
+    assert_within(got, expected, 3)
+
+
+def test_a_chrm_that_describes_no_colour_space_is_ignored_and_its_gama_still_counts() -> None:
+    # The white outside the primaries' triangle.
+    outside = chrm((0.05, 0.05), (0.30, 0.60), (0.64, 0.33), (0.15, 0.06))
+    got = shown(stripes(RGB, 8, gama(100_000) + outside))
+    expected = [tuple(srgb_level(value / 255) for value in colour) for colour in stripe_colours(RGB)]
+    assert_within(got, expected, 3)
+
+
+def test_a_png_whose_chrm_is_display_p3_keeps_its_gamut_tagged_display_p3() -> None:
+    p3 = chrm(SRGB_WHITE, (0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+    red = png_file(240, 64, 8, RGB, [bytes((255, 0, 0)) * 240] * 64, gama(45_455) + p3)
+    for name, variant in check_variants(transcode(red, "image/png"), IMAGE_VARIANTS).items():
+        assert variant.info.get("icc_profile") == DISPLAY_P3, name
+        assert_within([variant.convert("RGB").getpixel((variant.width // 2, variant.height // 2))], [(255, 0, 0)], 4)
+
+
+def test_the_animation_of_a_png_with_gama_is_shown_in_its_tone_curve_as_its_stills() -> None:
+    frames = [Image.new("L", (64, 48), level) for level in (128, 64)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=100)
+    data = buffer.getvalue()
+    # After the signature and the IHDR chunk.
+    linear = data[:33] + gama(100_000) + data[33:]
+    made = {variant.name: variant.data for variant in transcode(linear, "image/png").animation.variants}
+    webp = Image.open(io.BytesIO(made[ANIMATION])).convert("L")
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = next(container.decode(video=0)).to_image().convert("L")
+    for picture, tolerance in ((webp, 4), (mp4, 8)):
+        assert abs(picture.getpixel((32, 24)) - round(srgb_level(128 / 255))) <= tolerance, picture.format

@@ -17,7 +17,8 @@ its frames converted to YUV with that matrix: untagged, a player guesses the mat
 the size (BT.601 below HD, BT.709 above), and swscale's default is BT.601, so the colours
 of a large gifv shifted. So a source with an ICC profile has its frames converted to sRGB
 as the stills are (decode.srgb_conversion), and a Display P3 one as well, although its
-stills keep P3 (colour.py): P3 colours outside sRGB are clipped here.
+stills keep P3 (colour.py): P3 colours outside sRGB are clipped here. A PNG whose gAMA gives
+another tone curve has its levels taken to sRGB's first, as the stills do (decode.tones).
 
 Only those formats animate. The further pictures of a JPEG (MPO: the gain map of an Ultra
 HDR photo, the other half of a stereo pair) and the further top-level images of a HEIF
@@ -39,7 +40,15 @@ import av
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
-from mediavault.imaging.decode import TRANSPOSE_FOR_ORIENTATION, eight_bit, exif_orientation, srgb_conversion, upright
+from mediavault.imaging.decode import (
+    TRANSPOSE_FOR_ORIENTATION,
+    eight_bit,
+    exif_orientation,
+    in_srgb_tones,
+    srgb_conversion,
+    tones,
+    upright,
+)
 from mediavault.imaging.spec import AnimationLimits, fit
 from mediavault.imaging.variants import Variant
 
@@ -97,6 +106,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     size = image.size
     icc = image.info.get("icc_profile")
     to_srgb = srgb_conversion(icc) if icc else None
+    levels = tones(image)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
         # Seeking to a GIF frame placed past the logical screen grows the canvas to fit it;
         # Pillow only warns when the new canvas is between one and two times open_image's
@@ -120,7 +130,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                     image.seek(0)
                     return None
                 # Loading the frame is what gives a WebP frame its duration.
-                rgba = eight_bit(image).convert("RGBA")
+                rgba = in_srgb_tones(eight_bit(image).convert("RGBA"), levels)
                 if to_srgb is not None:
                     rgba = rgba.filter(to_srgb)
                 if transpose is not None:

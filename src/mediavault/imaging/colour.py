@@ -6,6 +6,11 @@ they are, and every variant carries DISPLAY_P3, an ICC v4 profile of a few hundr
 built here (P3 primaries, D65 white, the sRGB tone curve), instead of the source's
 profile with its copyright, descriptions and whatever else a camera wrote in it.
 Anything else is converted to sRGB and carries no profile (decode._to_srgb).
+
+A PNG may describe its colours with gAMA and cHRM chunks instead of a profile, which browsers
+honour (png.py): its levels are taken to sRGB's tone curve (`srgb_tones`), and primaries
+other than sRGB's become a profile of those primaries with that curve (`matrix_profile`),
+converted as an embedded one is (or kept, if they are Display P3's).
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ from typing import TypeVar
 
 from PIL import Image, ImageCms
 
+Chromaticity = tuple[float, float]
+Primaries = tuple[Chromaticity, Chromaticity, Chromaticity]
+
 _D50 = (0.9642, 1.0, 0.8249)
-_D65_XY = (0.3127, 0.3290)
-_P3_PRIMARIES = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+D65: Chromaticity = (0.3127, 0.3290)
+SRGB_PRIMARIES: Primaries = ((0.640, 0.330), (0.300, 0.600), (0.150, 0.060))
+_P3_PRIMARIES: Primaries = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
 # The sRGB transfer function as an ICC parametric curve (type 3): g, a, b, c, d.
 _SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
 _BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0685, 1.0296))
@@ -86,12 +95,14 @@ def _text_tag(text: str) -> bytes:
     return b"mluc\0\0\0\0" + struct.pack(">II2s2sII", 1, 12, b"en", b"US", len(encoded), 28) + encoded
 
 
-def _build_display_p3() -> bytes:
-    chad = _adaptation(_xyz(*_D65_XY), _D50)
-    colorants = _matmul(chad, _rgb_to_xyz(_P3_PRIMARIES, _xyz(*_D65_XY)))
+def matrix_profile(primaries: Primaries, white: Chromaticity, description: str) -> bytes:
+    """A compact ICC v4 profile of RGB with these red, green and blue primaries and this white
+    (CIE xy), and the sRGB tone curve. The white must lie inside the primaries' triangle."""
+    chad = _adaptation(_xyz(*white), _D50)
+    colorants = _matmul(chad, _rgb_to_xyz(primaries, _xyz(*white)))
     curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(_s15(v) for v in _SRGB_CURVE)
     tags: list[tuple[bytes, bytes]] = [
-        (b"desc", _text_tag("Display P3")),
+        (b"desc", _text_tag(description)),
         (b"cprt", _text_tag("No copyright, use freely")),
         (b"wtpt", _xyz_tag(_D50)),
         (b"chad", b"sf32\0\0\0\0" + b"".join(_s15(v) for row in chad for v in row)),
@@ -115,8 +126,20 @@ def _build_display_p3() -> bytes:
     return header + struct.pack(">I", len(tags)) + b"".join(table) + data
 
 
-DISPLAY_P3 = _build_display_p3()
+DISPLAY_P3 = matrix_profile(_P3_PRIMARIES, D65, "Display P3")
 _DISPLAY_P3_PROFILE = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
+
+
+def srgb_tones(exponent: float) -> tuple[int, ...]:
+    """For each 8-bit level of a plain power-law tone curve, whose light is (level / 255) ** exponent,
+    the 8-bit level that shows the same light in sRGB's curve."""
+    g, a, b, c, d = _SRGB_CURVE
+
+    def encoded(light: float) -> float:
+        # _SRGB_CURVE inverted: linear below the light its linear part ends at.
+        return light / c if light < c * d else (light ** (1 / g) - b) / a
+
+    return tuple(round(255 * encoded((level / 255) ** exponent)) for level in range(256))
 
 
 def cached_by_digest(compute: Callable[[bytes], T]) -> Callable[[bytes], T]:

@@ -18,7 +18,7 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
 from mediavault.imaging import isobmff, lossless, png
-from mediavault.imaging.colour import DISPLAY_P3, cached_by_digest, is_display_p3
+from mediavault.imaging.colour import DISPLAY_P3, cached_by_digest, is_display_p3, matrix_profile, srgb_tones
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
@@ -141,6 +141,8 @@ def _describe_avif(image: Image.Image, primary: isobmff.PrimaryImage) -> None:
 _CLEAN_APERTURE = "mediavault_clean_aperture"
 # Where open_image leaves a 16-bit RGB PNG's transparent colour for decode_with_pillow.
 _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
+# Where open_image leaves a PNG's levels in sRGB's tone curve (see _describe_png).
+_SRGB_TONES = "mediavault_srgb_tones"
 
 
 def clean_aperture(image: Image.Image) -> Image.Image:
@@ -151,15 +153,23 @@ def clean_aperture(image: Image.Image) -> Image.Image:
 
 
 def _describe_png(image: Image.Image, data: bytes) -> None:
-    """What Pillow's PNG plugin gets wrong (see png): a 16-bit RGB PNG's transparent colour, left
-    for decode_with_pillow with the PNG's bytes, from which it decodes the samples' low bytes."""
-    colour = png.read(data).transparent_colour
-    if colour is None or image.mode != "RGB":
-        return
-    # Pillow's 16-bit samples of the colour: convert() would match their low bytes against the
-    # pixels' top bytes.
-    image.info.pop("transparency", None)
-    image.info[_TRANSPARENT_COLOUR] = (colour, data)
+    """What Pillow's PNG plugin gets wrong or leaves out (see png): a 16-bit RGB PNG's transparent
+    colour, left for decode_with_pillow with the PNG's bytes, from which it decodes the samples'
+    low bytes; and the colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of
+    its own (see srgb_tones) and, for primaries other than sRGB's, a profile of them with that
+    curve, which the stills and the animation convert from (or keep) as from an embedded one."""
+    chunks = png.read(data)
+    colour = chunks.transparent_colour
+    if colour is not None and image.mode == "RGB":
+        # Pillow's 16-bit samples of the colour: convert() would match their low bytes against
+        # the pixels' top bytes.
+        image.info.pop("transparency", None)
+        image.info[_TRANSPARENT_COLOUR] = (colour, data)
+    colours = chunks.colours
+    if colours is not None:
+        image.info[_SRGB_TONES] = srgb_tones(colours.exponent)
+        if colours.primaries is not None:
+            image.info["icc_profile"] = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
 
 
 def _with_transparent_colour(image: Image.Image) -> Image.Image:
@@ -309,6 +319,8 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         # A palette's colours are RGB, what its profile describes: _apply_profile and the
         # Display P3 check take RGB.
         image = image.convert("RGB")
+    # After the transparent levels are matched, before the profile, whose tone curve is sRGB's.
+    image = in_srgb_tones(image, tones(image))
     icc = image.info.get("icc_profile")
     wide = image.mode in ("RGB", "RGBA") and (is_display_p3(icc) if icc else _nclx_display_p3(image.info))
     converted = _apply_profile(image, icc) if icc and not wide else None
@@ -331,6 +343,26 @@ _NCLX_DISPLAY_P3 = (12, 13)
 def _nclx_display_p3(info: dict) -> bool:
     nclx = info.get("nclx_profile") or {}
     return (nclx.get("color_primaries"), nclx.get("transfer_characteristics")) == _NCLX_DISPLAY_P3
+
+
+def tones(image: Image.Image) -> tuple[int, ...] | None:
+    """The level in sRGB's tone curve of each 8-bit level of the opened image, where its PNG's
+    gAMA gives it another curve (see _describe_png); None where its levels are sRGB's."""
+    return image.info.get(_SRGB_TONES)
+
+
+# The bands of each mode that tones apply to; an alpha band after them keeps its levels.
+_TONED_BANDS = {"L": 1, "RGB": 3, "RGBA": 3}
+
+
+def in_srgb_tones(picture: Image.Image, levels: tuple[int, ...] | None) -> Image.Image:
+    """The L, RGB or RGBA picture with its colour levels mapped through `levels` (see tones), as
+    it is when `levels` is None; a picture of another mode as it is ("1": black and white are
+    black and white in every curve)."""
+    toned = _TONED_BANDS.get(picture.mode)
+    if levels is None or toned is None:
+        return picture
+    return picture.point([*levels] * toned + [*range(256)] * (len(picture.getbands()) - toned))
 
 
 def eight_bit(image: Image.Image) -> Image.Image:

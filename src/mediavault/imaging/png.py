@@ -1,4 +1,4 @@
-"""What a PNG's chunks say that Pillow's PNG reader gets wrong, read from the bytes as browsers read them.
+"""What a PNG's chunks say that Pillow's PNG reader gets wrong or leaves out, read from the bytes as browsers read them.
 
 A 16-bit RGB PNG may name one colour transparent (tRNS). Pillow reads its samples to their top
 bytes and compares those with the colour's low bytes, so the colour's own pixels stayed opaque
@@ -6,8 +6,23 @@ and others went transparent; browsers compare all 16 bits of each sample.
 `Chunks.transparent_colour` is that colour, for decode to match against both bytes of every
 sample.
 
-Only the chunks before the first IDAT count (libpng ignores these after it), and of each kind the
-first, as libpng keeps it.
+A PNG with no sRGB, iCCP or cICP chunk may describe its colours with gAMA (the exponent of a
+plain power-law tone curve, as 100000 / exponent) and cHRM (its primaries and white). Pillow
+reports them and applies nothing; browsers build a profile of them (Chrome's and Firefox's
+PNG decoders, by the PNG spec's precedence: cICP, then iCCP, then sRGB, then gAMA/cHRM), and
+`Chunks.colours` reads them as the browsers do:
+- cHRM without gAMA says nothing: without a tone curve the primaries cannot be applied.
+- A gAMA outside libpng's bounds (16 to 625,000,000: exponents from 6250 down to 1/6250) is
+  ignored, as libpng ignores it; 0, which some writers put there, among them (Chrome ignores
+  only 0, and shows the rest black or white).
+- A gAMA within 5% of 1/2.2 with no cHRM is sRGB as it is, as Chrome and libpng take it
+  (kPngGammaThreshold, PNG_GAMMA_THRESHOLD_FIXED): writers put 45455 there meaning sRGB.
+- A cHRM that describes no colour space (a coordinate off the chromaticity diagram, or a white
+  outside its primaries' triangle) is ignored, as libpng ignores it; the gAMA still counts
+  (Chrome ignores both then).
+
+Only the chunks before the first IDAT count (libpng ignores these after it, where Pillow reads
+them too), and of each kind the first, as libpng keeps it.
 """
 
 from __future__ import annotations
@@ -15,18 +30,44 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, Primaries
+
 _SIGNATURE_BYTES = 8
-# IHDR's colour type for RGB without alpha.
+# IHDR's colour type of RGB without alpha, and the bit set in those with colour (RGB with or
+# without alpha, a palette) but not in grey's.
 _TRUECOLOUR = 2
+_COLOUR_BIT = 2
 # The kinds read; each is a few bytes (a palette's tRNS at most 256).
-_READ = frozenset({b"IHDR", b"tRNS"})
+_READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM"})
+# The chunks that name the colours outright, each overriding gAMA and cHRM; only whether
+# they are there is kept.
+_NAMING_COLOURS = frozenset({b"sRGB", b"iCCP", b"cICP"})
+# gAMA and cHRM hold their values times this; gAMA's is 1 / the exponent.
+_SCALE = 100_000
+_GAMMA_BOUNDS = (16, 625_000_000)
+_SRGB_GAMMA = 1 / 2.2
+_NEUTRAL_WITHIN = 0.05
+# sRGB's primaries and white as writers round them into a cHRM come out within this of them.
+_SAME_CHROMATICITY_WITHIN = 0.001
+
+
+@dataclass(frozen=True)
+class Colours:
+    """How a PNG's gAMA and cHRM say its levels are to be shown: each level's light is
+    (level / max) ** exponent, of these primaries and white (sRGB's when None)."""
+
+    exponent: float
+    primaries: Primaries | None = None
+    white: Chromaticity = D65
 
 
 @dataclass(frozen=True)
 class Chunks:
-    """The first chunk of each kind `_READ` names before the pixels, by kind."""
+    """The first chunk of each kind `_READ` names before the pixels, by kind, and whether one
+    that names the colours outright came before them."""
 
     payloads: dict[bytes, bytes] = field(default_factory=dict)
+    names_colours: bool = False
 
     @property
     def bit_depth(self) -> int:
@@ -45,10 +86,61 @@ class Chunks:
         red, green, blue = struct.unpack(">3H", trns)
         return red, green, blue
 
+    @property
+    def colours(self) -> Colours | None:
+        """What the gAMA and cHRM say, where they count and say more than sRGB (see above)."""
+        gama = self.payloads.get(b"gAMA")
+        if self.names_colours or gama is None or len(gama) != 4:
+            return None
+        (gamma,) = struct.unpack(">I", gama)
+        if not _GAMMA_BOUNDS[0] <= gamma <= _GAMMA_BOUNDS[1]:
+            return None
+        exponent = _SCALE / gamma
+        chromaticities = _chromaticities(self.payloads.get(b"cHRM", b""))
+        if chromaticities is None:
+            if abs(exponent * _SRGB_GAMMA - 1) < _NEUTRAL_WITHIN:
+                return None
+            return Colours(exponent)
+        primaries, white = chromaticities
+        if not self.colour_type & _COLOUR_BIT or (_same(primaries, SRGB_PRIMARIES) and _same((white,), (D65,))):
+            # Nothing to convert: sRGB's own primaries, or a grey image's, whose levels (R = G = B)
+            # are its white however the primaries lie.
+            return Colours(exponent)
+        return Colours(exponent, primaries, white)
+
+
+def _chromaticities(chrm: bytes) -> tuple[Primaries, Chromaticity] | None:
+    """A cHRM's primaries and white, or None when it describes no colour space."""
+    if len(chrm) != 32:
+        return None
+    values = [value / _SCALE for value in struct.unpack(">8I", chrm)]
+    white, red, green, blue = ((values[i], values[i + 1]) for i in range(0, 8, 2))
+    if any(y <= 0 or x + y > 1 for x, y in (white, red, green, blue)):
+        return None
+    # The white inside the triangle: on the same side of each edge as the opposite corner.
+    for a, b, c in ((red, green, blue), (green, blue, red), (blue, red, green)):
+        if _side(a, b, white) * _side(a, b, c) <= 0:
+            return None
+    return (red, green, blue), white
+
+
+def _side(a: Chromaticity, b: Chromaticity, point: Chromaticity) -> float:
+    """Positive on one side of the line through a and b, negative on the other, 0 on it."""
+    return (b[0] - a[0]) * (point[1] - a[1]) - (b[1] - a[1]) * (point[0] - a[0])
+
+
+def _same(these: tuple[Chromaticity, ...], those: tuple[Chromaticity, ...]) -> bool:
+    return all(
+        abs(p - q) <= _SAME_CHROMATICITY_WITHIN
+        for xy, other in zip(these, those, strict=True)
+        for p, q in zip(xy, other, strict=True)
+    )
+
 
 def read(data: bytes) -> Chunks:
     """The chunks of a PNG Pillow opened (so its signature and a whole IHDR come first), as far as its first IDAT."""
     payloads: dict[bytes, bytes] = {}
+    names_colours = False
     position = _SIGNATURE_BYTES
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
@@ -57,8 +149,9 @@ def read(data: bytes) -> Chunks:
             break
         if kind in _READ and kind not in payloads:
             payloads[kind] = data[start : start + length]
+        names_colours = names_colours or kind in _NAMING_COLOURS
         # Past the payload and its CRC.
         position = start + length + 4
     if len(payloads.get(b"IHDR", b"")) != 13:
         payloads.pop(b"IHDR", None)
-    return Chunks(payloads)
+    return Chunks(payloads, names_colours)
