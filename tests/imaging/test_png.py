@@ -115,6 +115,33 @@ def test_a_sixteen_bit_rgb_png_keeps_its_transparent_colour_matched_on_all_sixte
         assert max(abs(a - b) for a, b in zip(centres[3][:3], (255, 128, 0), strict=True)) < 6, centres
 
 
+@pytest.mark.parametrize(
+    ("bit_depth", "transparent", "level"),
+    [
+        (2, 3, 255),
+        (2, 1, 85),
+        (4, 5, 85),
+        (4, 15, 255),
+        # Past the bit depth: masked to it, as libpng masks it.
+        (2, 6, 170),
+    ],
+)
+def test_a_grey_png_of_few_bits_keeps_its_transparent_level(bit_depth: int, transparent: int, level: int) -> None:
+    # A stripe of each level the bit depth has, 16 pixels wide: whole bytes of pixels of that level.
+    levels = range(1 << bit_depth)
+    per_byte = 8 // bit_depth
+    row = b"".join(bytes([sum(value << bit_depth * i for i in range(per_byte))]) * (16 // per_byte) for value in levels)
+    width = 16 * len(levels)
+    data = png_file(width, 16, bit_depth, GREY, [row] * 16, chunk(b"tRNS", struct.pack(">H", transparent)))
+    display = open_variant(transcode(data, "image/png").variants[0].data)
+    assert display.mode == "RGBA"
+    scale = 255 // ((1 << bit_depth) - 1)
+    for value in levels:
+        red, _, _, alpha = display.getpixel((16 * value + 8, 8))
+        assert abs(red - value * scale) <= 3, (value, red)
+        assert (alpha < 8) if value * scale == level else (alpha > 247), (value, alpha)
+
+
 # Stripes of these levels, each STRIPE pixels wide: a pixel of a stripe is (level, 255 - level,
 # level // 2) in colour, the level in grey.
 LEVELS = (16, 48, 96, 128, 160, 224)

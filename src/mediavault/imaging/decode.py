@@ -155,9 +155,10 @@ def clean_aperture(image: Image.Image) -> Image.Image:
 def _describe_png(image: Image.Image, data: bytes) -> None:
     """What Pillow's PNG plugin gets wrong or leaves out (see png): a 16-bit RGB PNG's transparent
     colour, left for decode_with_pillow with the PNG's bytes, from which it decodes the samples'
-    low bytes; and the colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of
-    its own (see srgb_tones) and, for primaries other than sRGB's, a profile of them with that
-    curve, which the stills and the animation convert from (or keep) as from an embedded one."""
+    low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; and the
+    colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of its own (see
+    srgb_tones) and, for primaries other than sRGB's, a profile of them with that curve, which
+    the stills and the animation convert from (or keep) as from an embedded one."""
     chunks = png.read(data)
     colour = chunks.transparent_colour
     if colour is not None and image.mode == "RGB":
@@ -165,6 +166,9 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
         # the pixels' top bytes.
         image.info.pop("transparency", None)
         image.info[_TRANSPARENT_COLOUR] = (colour, data)
+    grey = chunks.transparent_grey
+    if grey is not None:
+        image.info["transparency"] = grey
     colours = chunks.colours
     if colours is not None:
         image.info[_SRGB_TONES] = srgb_tones(colours.exponent)

@@ -4,7 +4,9 @@ A 16-bit RGB PNG may name one colour transparent (tRNS). Pillow reads its sample
 bytes and compares those with the colour's low bytes, so the colour's own pixels stayed opaque
 and others went transparent; browsers compare all 16 bits of each sample.
 `Chunks.transparent_colour` is that colour, for decode to match against both bytes of every
-sample.
+sample. A grey PNG of 1, 2 or 4 bits may name one level transparent: Pillow scales the pixels'
+levels to 8 bits but not that one, so no pixel matched it unless it was 0;
+`Chunks.transparent_grey` is the level scaled as the pixels' are.
 
 A PNG with no sRGB, iCCP or cICP chunk may describe its colours with gAMA (the exponent of a
 plain power-law tone curve, as 100000 / exponent) and cHRM (its primaries and white). Pillow
@@ -33,10 +35,13 @@ from dataclasses import dataclass, field
 from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, Primaries
 
 _SIGNATURE_BYTES = 8
-# IHDR's colour type of RGB without alpha, and the bit set in those with colour (RGB with or
-# without alpha, a palette) but not in grey's.
+# IHDR's colour types of grey and of RGB without alpha, and the bit set in those with colour
+# (RGB with or without alpha, a palette) but not in grey's.
+_GREY = 0
 _TRUECOLOUR = 2
 _COLOUR_BIT = 2
+# The bit depths below 8 a grey PNG may have.
+_FEW_BITS = frozenset({1, 2, 4})
 # The kinds read; each is a few bytes (a palette's tRNS at most 256).
 _READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM"})
 # The chunks that name the colours outright, each overriding gAMA and cHRM; only whether
@@ -85,6 +90,18 @@ class Chunks:
             return None
         red, green, blue = struct.unpack(">3H", trns)
         return red, green, blue
+
+    @property
+    def transparent_grey(self) -> int | None:
+        """The level a grey PNG of 1, 2 or 4 bits' tRNS makes transparent, scaled to 8 bits as
+        Pillow scales the pixels (0, 85, 170 and 255 at 2 bits); a level past the bit depth is
+        masked to it, as libpng masks it."""
+        trns = self.payloads.get(b"tRNS")
+        if self.colour_type != _GREY or self.bit_depth not in _FEW_BITS or trns is None or len(trns) != 2:
+            return None
+        largest = (1 << self.bit_depth) - 1
+        (level,) = struct.unpack(">H", trns)
+        return (level & largest) * 255 // largest
 
     @property
     def colours(self) -> Colours | None:
