@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, formats, transcode
-from mediavault.imaging.colour import DISPLAY_P3, is_display_p3
+from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES, is_display_p3, matrix_profile
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
 from tests.imaging.helpers import assert_no_metadata, check_variants, corpus, mean_difference, open_variant, transcoded
@@ -164,6 +164,25 @@ def test_a_palette_png_with_another_profile_is_converted_to_srgb() -> None:
     display = check_variants(transcode(buffer.getvalue(), "image/png"), IMAGE_VARIANTS)["display"]
     assert "icc_profile" not in display.info
     assert mean_difference(display, expected) < 3 < 6 < mean_difference(display, source)
+
+
+def linear_srgb_profile() -> bytes:
+    """sRGB's primaries and white with a linear tone curve, described as "Linear sRGB"."""
+    profile = matrix_profile(SRGB_PRIMARIES, D65, "Linear sRGB")
+    # The three channels share one tone curve, the profile's last data: a gamma of 1 in its place.
+    curve = profile.index(b"para")
+    return profile[:curve] + (b"para\0\0\0\0" + struct.pack(">HHi", 0, 0, 65536)).ljust(len(profile) - curve, b"\0")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_profile_named_srgb_that_is_not_is_converted(fmt: str) -> None:
+    # What a profile does decides, not its name: linear light level 64 shows as sRGB's 137.
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), (64, 64, 64)).save(buffer, fmt, icc_profile=linear_srgb_profile(), quality=95)
+    display = check_variants(transcode(buffer.getvalue(), f"image/{fmt.lower()}"), IMAGE_VARIANTS)["display"]
+    assert "icc_profile" not in display.info
+    pixel = display.getpixel((48, 32))
+    assert max(abs(level - 137) for level in pixel) <= 2, pixel
 
 
 def grey_profile(gamma: float) -> bytes:

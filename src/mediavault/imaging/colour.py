@@ -128,6 +128,7 @@ def matrix_profile(primaries: Primaries, white: Chromaticity, description: str) 
 
 DISPLAY_P3 = matrix_profile(_P3_PRIMARIES, D65, "Display P3")
 _DISPLAY_P3_PROFILE = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
+SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def srgb_tones(exponent: float) -> tuple[int, ...]:
@@ -166,9 +167,19 @@ def cached_by_digest(compute: Callable[[bytes], T]) -> Callable[[bytes], T]:
 @cached_by_digest
 def is_display_p3(icc: bytes) -> bool:
     """Whether pixels tagged with this RGB profile are Display P3 as they are (to within two levels)."""
+    return _shows_as(icc, _DISPLAY_P3_PROFILE)
+
+
+def is_srgb(icc: bytes) -> bool:
+    """Whether pixels tagged with this RGB profile are sRGB as they are (to within two levels):
+    what a profile does, not what it is called ("Linear sRGB" is not)."""
+    return _shows_as(icc, SRGB_PROFILE)
+
+
+def _shows_as(icc: bytes, target: ImageCms.ImageCmsProfile) -> bool:
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        transform = ImageCms.buildTransform(profile, _DISPLAY_P3_PROFILE, "RGB", "RGB")
+        transform = ImageCms.buildTransform(profile, target, "RGB", "RGB")
     except (ImageCms.PyCMSError, OSError, ValueError):
         return False
     grid = bytes(v for r in _GRID_STEPS for g in _GRID_STEPS for b in _GRID_STEPS for v in (r, g, b))

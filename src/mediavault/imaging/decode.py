@@ -18,7 +18,15 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
 from mediavault.imaging import isobmff, lossless, png
-from mediavault.imaging.colour import DISPLAY_P3, cached_by_digest, is_display_p3, matrix_profile, srgb_tones
+from mediavault.imaging.colour import (
+    DISPLAY_P3,
+    SRGB_PROFILE,
+    cached_by_digest,
+    is_display_p3,
+    is_srgb,
+    matrix_profile,
+    srgb_tones,
+)
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
@@ -67,7 +75,6 @@ TRANSPOSE_FOR_ORIENTATION = {
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
-_SRGB = ImageCms.createProfile("sRGB")
 # A 33-point grid keeps the mean error under half a level; lcms applied per pixel
 # costs about four times as much on a phone photo.
 _LUT_POINTS = 33
@@ -392,7 +399,7 @@ def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
             source = image.convert("RGB") if image.mode == "RGBA" else image
             return source if lut is None else source.filter(lut)
         if image.mode in ("CMYK", "L"):
-            return ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, outputMode="RGB")
+            return ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), SRGB_PROFILE, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError):
         # A broken or mismatched profile: the pixels are fine, the colour tag is not.
         return None
@@ -402,10 +409,9 @@ def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
 @cached_by_digest
 def _srgb_lut(icc: bytes) -> ImageFilter.Color3DLUT | None:
     """The embedded RGB profile's conversion to sRGB as a 3D LUT, None when it is sRGB already."""
-    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    if "srgb" in ImageCms.getProfileDescription(profile).lower():
+    if is_srgb(icc):
         return None
-    transform = ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
+    transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), SRGB_PROFILE, "RGB", "RGB")
     ramp = [round(i * 255 / (_LUT_POINTS - 1)) for i in range(_LUT_POINTS)]
     # Color3DLUT wants red to vary fastest, then green, then blue.
     grid = bytes(v for b in ramp for g in ramp for r in ramp for v in (r, g, b))
