@@ -45,6 +45,11 @@ class TcpProxy:
         # While set, no byte goes either way and new connections are accepted but never answered.
         self._frozen = False
         self._held: set[asyncio.StreamWriter] = set()
+        # Or: when a client sends hold_marker, the server's replies on that connection wait until
+        # a client sends release_marker.
+        self.hold_marker: bytes | None = None
+        self.release_marker: bytes | None = None
+        self._replies: set[asyncio.Event] = set()
 
     def url_for(self, url: str) -> str:
         """url with its host and port replaced by the proxy's (and no Unix socket host)."""
@@ -67,6 +72,8 @@ class TcpProxy:
             self._server.close()
             self._server = None
         self._frozen = False
+        for replies in self._replies:
+            replies.set()
         for transport in [*self._transports, *(writer.transport for writer in self._held)]:
             transport.abort()
         self._transports.clear()
@@ -88,7 +95,15 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._transports.update((writer.transport, upstream_writer.transport))
-        await asyncio.gather(self._pipe(reader, upstream_writer, upstream=True), self._pipe(upstream_reader, writer))
+        replies = asyncio.Event()
+        replies.set()
+        self._replies.add(replies)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, upstream_writer, replies, upstream=True), self._pipe(upstream_reader, writer, replies)
+            )
+        finally:
+            self._replies.discard(replies)
 
     def cut_after(self, more_bytes: int) -> None:
         """Kills every connection once clients have sent more_bytes more through the proxy."""
@@ -101,6 +116,12 @@ class TcpProxy:
         self.cut.clear()
         self.cut_marker = marker
 
+    def hold_replies(self, after: bytes, until: bytes) -> None:
+        """Holds back the server's replies on the connection that sends `after`, from then until
+        a client sends `until` on any connection: the server has acted on what it was sent, and
+        the client has heard nothing of it when it sends `until`."""
+        self.hold_marker, self.release_marker = after, until
+
     def _cut_point(self, data: bytes) -> int | None:
         """How much of data a client sends on before the cut; None when there is no cut in it."""
         if self.cut_at is not None and self.sent_upstream + len(data) >= self.cut_at:
@@ -109,11 +130,17 @@ class TcpProxy:
             return found + len(self.cut_marker)
         return None
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: asyncio.Event, upstream: bool = False
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 if self._frozen:
                     continue
+                if upstream:
+                    self._hold_or_release(data, replies)
+                else:
+                    await replies.wait()
                 cut_point = self._cut_point(data) if upstream else None
                 if cut_point is not None:
                     writer.write(data[:cut_point])
@@ -132,6 +159,15 @@ class TcpProxy:
         finally:
             self._transports.discard(writer.transport)
             writer.transport.abort()
+
+    def _hold_or_release(self, data: bytes, replies: asyncio.Event) -> None:
+        if self.hold_marker is not None and self.hold_marker in data:
+            self.hold_marker = None
+            replies.clear()
+        elif self.hold_marker is None and self.release_marker is not None and self.release_marker in data:
+            self.release_marker = None
+            for held in self._replies:
+                held.set()
 
 
 @contextlib.asynccontextmanager

@@ -301,13 +301,16 @@ PARTITION_DROP_RETRY_SECONDS = 2.0
 async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
     """Makes usage_events' partitions of the days ahead, then drops the partitions whose
     events were all received longer ago than the retention (age_seconds): whole days, so
-    an event stays between age_seconds and a day more. Counters (media_counters) are
-    lifetime totals and stay."""
+    an event stays between age_seconds and a day more, and deletes the RecordEvents
+    idempotency keys past their lifetime. Counters (media_counters) are lifetime totals
+    and stay."""
     pool: asyncpg.Pool = ctx["pool"]
     dropped: list[asyncpg.Record] = []
     async with pool.acquire() as conn:
         async with _transaction(conn, report.dry_run):
             added = await events.add_partitions(conn)
+        async with _transaction(conn, report.dry_run):
+            keys_dropped = await events.drop_idempotency_keys(conn)
         for attempt in range(1, PARTITION_DROP_ATTEMPTS + 1):
             try:
                 async with _transaction(conn, report.dry_run):
@@ -322,6 +325,7 @@ async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobCon
         partitions_added=added,
         partitions_dropped=[r["partition_name"] for r in dropped],
         estimated_events_dropped=sum(r["estimated_rows"] for r in dropped),
+        idempotency_keys_dropped=keys_dropped,
     )
 
 

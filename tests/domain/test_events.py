@@ -290,3 +290,45 @@ async def test_meta_of_non_ascii_text_is_kept_up_to_the_same_bytes_as_ascii(pool
 
     stored = await pool.fetch("SELECT meta FROM usage_events WHERE user_id = $1 ORDER BY event_id", user_id)
     assert [json.loads(row["meta"]) for row in stored] == metas
+
+
+async def test_calls_repeating_an_idempotency_key_store_its_batch_once_and_are_answered_alike(fresh_pool):
+    pool = fresh_pool
+    user_id, other_user = (f"user-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    media_id = await a_media_row(pool, user_id)
+    batch = [Event("impression", str(media_id), "feed", None, {}), Event("like", str(media_id), "feed", None, {}),
+             Event("click", "not-a-uuid", "feed", None, {})]
+    recorder = Events(pool)
+
+    answers = await asyncio.gather(*(recorder.record(user_id, batch, "batch-1") for _ in range(6)))
+    assert answers == [(2, 1)] * 6
+    # A repeat is answered as the call that stored the batch, whatever it carries.
+    assert await recorder.record(user_id, batch[:1], "batch-1") == (2, 1)
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id) == 2
+    counters = await pool.fetchrow("SELECT view_count, like_count FROM media_counters WHERE media_id = $1", media_id)
+    assert tuple(counters) == (1, 1)
+
+    # The key names one batch of one user; no key is no claim.
+    assert await recorder.record(user_id, batch, "batch-2") == (2, 1)
+    assert await recorder.record(other_user, batch, "batch-1") == (2, 1)
+    assert await recorder.record(user_id, batch) == (2, 1)
+    assert await recorder.record(user_id, batch) == (2, 1)
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id) == 10
+
+
+async def test_an_idempotency_key_past_its_lifetime_is_deleted_and_its_batch_stored_again(pool):
+    user_id, media_id = f"user-{uuid.uuid4().hex[:12]}", uuid.uuid4()
+    batch = [Event("impression", str(media_id), "feed", None, {})]
+    recorder = Events(pool)
+    for key in ("old", "young"):
+        assert await recorder.record(user_id, batch, key) == (1, 0)
+    await pool.execute(
+        "UPDATE usage_event_batches SET recorded_at = now() - $2::interval - interval '1 minute'"
+        " WHERE user_id = $1 AND idempotency_key = 'old'", user_id, events.IDEMPOTENCY_KEY_LIFETIME)
+
+    assert await events.drop_idempotency_keys(pool) >= 1
+    keys = await pool.fetch("SELECT idempotency_key FROM usage_event_batches WHERE user_id = $1", user_id)
+    assert [row["idempotency_key"] for row in keys] == ["young"]
+    for key in ("old", "young"):
+        assert await recorder.record(user_id, batch, key) == (1, 0)
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id) == 3

@@ -84,6 +84,7 @@ def test_nested_and_repeated_fields_are_checked_and_named_by_their_path():
     check = fields.checker(
         mpb.RecordEventsRequest.DESCRIPTOR,
         {
+            "mediavault.media.v1.RecordEventsRequest.idempotency_key": Text(max_len=3),
             "mediavault.media.v1.UsageEvent.media_id": fields.Uuid(),
             "mediavault.media.v1.UsageEvent.surface": Text(max_len=3),
             "mediavault.media.v1.UsageEvent.meta": fields.Domain("test"),

@@ -20,6 +20,7 @@ from mediavault.services import build_services
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, running
+from tests.faults import proxied
 from tests.helpers import error_info, fake_jpeg, fetch, settled, upload
 
 
@@ -540,3 +541,42 @@ async def test_events_are_counted_and_sanitised(storage, media, auth, user_id, p
     with pytest.raises(grpc.aio.AioRpcError) as empty:
         await media.RecordEvents(mpb.RecordEventsRequest(), metadata=md)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# What asyncpg sends to cancel a statement, on a connection of its own: a CancelRequest.
+CANCEL_REQUEST = b"\x00\x00\x00\x10\x04\xd2\x16\x2e"
+
+
+async def test_events_of_a_call_shed_after_their_insert_committed_are_stored_once_by_its_retry(
+    storage, media, auth, user_id, pool, make_settings
+):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1800))
+    surface = f"shed-{uuid.uuid4().hex[:8]}"
+    request = mpb.RecordEventsRequest(idempotency_key=f"batch-{uuid.uuid4()}")
+    for event_type in (mpb.USAGE_EVENT_TYPE_IMPRESSION, mpb.USAGE_EVENT_TYPE_IMPRESSION, mpb.USAGE_EVENT_TYPE_LIKE):
+        request.events.add(event_type=event_type, media_id=done.media_id, surface=surface)
+    settings = make_settings()
+    async with (
+        proxied(settings.database_url) as proxy,
+        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as draining,
+        grpc.aio.insecure_channel(f"127.0.0.1:{draining.grpc_port}") as channel,
+    ):
+        # PostgreSQL commits the insert (its parameters carry the surface); its reply is held until
+        # the drain sheds the call, which has asyncpg ask PostgreSQL to cancel what already ended.
+        proxy.hold_replies(after=surface.encode(), until=CANCEL_REQUEST)
+        call = media_pb2_grpc.MediaServiceStub(channel).RecordEvents(request, metadata=md)
+        while await pool.fetchval("SELECT count(*) FROM usage_events WHERE surface = $1", surface) < 3:
+            await asyncio.sleep(0.01)
+        shutdown = asyncio.create_task(draining.shutdown(0.1))
+        with pytest.raises(grpc.aio.AioRpcError) as shed:
+            await call
+        await shutdown
+    assert shed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(shed.value).reason == "SERVER_SHUTTING_DOWN"
+
+    retried = await media.RecordEvents(request, metadata=md)
+    assert (retried.accepted, retried.rejected) == (3, 0)
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE surface = $1", surface) == 3
+    item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
+    assert (item.view_count, item.like_count) == (2, 1)

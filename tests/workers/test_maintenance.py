@@ -19,7 +19,7 @@ from arq.connections import ArqRedis, RedisSettings
 from mediavault import devservers
 from mediavault.blobs import BlobStoreError, single_chunk
 from mediavault.db import migrate
-from mediavault.domain import cleanup, ledger
+from mediavault.domain import cleanup, events, ledger
 from mediavault.domain.media import Variant, variant_key
 from mediavault.jobs import TranscodeQueue
 from mediavault.media.v1 import media_pb2 as mpb
@@ -428,6 +428,25 @@ async def test_prune_drops_exactly_the_partitions_past_retention_and_keeps_the_c
     assert len(received) == 30 + 1 + 2
     assert await pool.fetchrow("SELECT * FROM media_counters WHERE media_id = $1::uuid", done.media_id) == counters_before
     assert (await run_job(ctx, "prune_telemetry")).changed == 0
+
+
+async def test_prune_deletes_the_event_idempotency_keys_past_their_lifetime(ctx, pool, user_id):
+    recorder = events.Events(pool)
+    batch = [events.Event("impression", str(uuid.uuid4()), "feed", None, {})]
+    for key in ("old", "young"):
+        await recorder.record(user_id, batch, key)
+    await pool.execute(
+        "UPDATE usage_event_batches SET recorded_at = now() - $2::interval - interval '1 minute'"
+        " WHERE user_id = $1 AND idempotency_key = 'old'", user_id, events.IDEMPOTENCY_KEY_LIFETIME)
+    keys = "SELECT array_agg(idempotency_key ORDER BY idempotency_key) FROM usage_event_batches WHERE user_id = $1"
+
+    dry = await run_job(ctx, "prune_telemetry", dry_run=True)
+    assert dry.details["idempotency_keys_dropped"] >= 1
+    assert await pool.fetchval(keys, user_id) == ["old", "young"]
+    report = await run_job(ctx, "prune_telemetry")
+    assert report.errors == 0
+    assert report.details["idempotency_keys_dropped"] >= 1
+    assert await pool.fetchval(keys, user_id) == ["young"]
 
 
 async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, pool):

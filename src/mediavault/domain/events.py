@@ -35,6 +35,10 @@ MAX_CLOCK_SKEW = timedelta(days=7)
 # partitions of today and this many days ahead are kept made, so that no insert waits for
 # one even when the prune_telemetry job has not run for days.
 PARTITION_DAYS_AHEAD = 7
+# A batch's idempotency key is kept this long after the call that stored its events: as long as
+# an event may lag the server's clock, so a client that queues its batches while offline still
+# has them stored once when it sends them again.
+IDEMPOTENCY_KEY_LIFETIME = MAX_CLOCK_SKEW
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Keys that look like personal data never reach the table, whatever the client sends: a key
@@ -58,13 +62,23 @@ def _personal(key: str) -> bool:
 
 # The events of media no one can see any more (deleted, or ephemeral and expired) are kept as
 # telemetry, but count for nothing: their counters are never read again.
+#
+# A batch with an idempotency key ($7) claims it first and stores its events only when the claim
+# is new; a call that finds the key taken (after waiting for the call holding it, if that one has
+# not committed yet) stores nothing. Answers whether the events were stored.
 _INSERT = f"""
-WITH incoming AS (
-    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
-        AS e(user_id, media_id, event_type, surface, occurred_at, meta)
+WITH claimed AS (
+    INSERT INTO usage_event_batches (user_id, idempotency_key, accepted, rejected)
+    SELECT $1::text, $7::text, $8::integer, $9::integer WHERE $7 <> ''
+    ON CONFLICT (user_id, idempotency_key) DO NOTHING
+    RETURNING true
+), incoming AS (
+    SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
+        AS e(media_id, event_type, surface, occurred_at, meta)
+    WHERE $7 = '' OR EXISTS (SELECT FROM claimed)
 ), stored AS (
     INSERT INTO usage_events (user_id, media_id, event_type, surface, occurred_at, meta)
-    SELECT user_id, media_id, event_type, surface, occurred_at, meta FROM incoming
+    SELECT $1, media_id, event_type, surface, occurred_at, meta FROM incoming
     RETURNING media_id, event_type
 ), counted AS (
     SELECT s.media_id,
@@ -75,14 +89,22 @@ WITH incoming AS (
     WHERE {PRESENT}
     GROUP BY s.media_id
     HAVING count(*) FILTER (WHERE s.event_type IN ('impression', 'like', 'share')) > 0
+), added AS (
+    INSERT INTO media_counters AS c (media_id, view_count, like_count, share_count)
+    SELECT media_id, views, likes, shares FROM counted ORDER BY media_id
+    ON CONFLICT (media_id) DO UPDATE SET
+        view_count = c.view_count + EXCLUDED.view_count,
+        like_count = c.like_count + EXCLUDED.like_count,
+        share_count = c.share_count + EXCLUDED.share_count
 )
-INSERT INTO media_counters AS c (media_id, view_count, like_count, share_count)
-SELECT media_id, views, likes, shares FROM counted ORDER BY media_id
-ON CONFLICT (media_id) DO UPDATE SET
-    view_count = c.view_count + EXCLUDED.view_count,
-    like_count = c.like_count + EXCLUDED.like_count,
-    share_count = c.share_count + EXCLUDED.share_count
+SELECT $7 = '' OR EXISTS (SELECT FROM claimed)
 """
+
+# Read in a statement of its own, whose snapshot holds the claim of a call that committed while
+# the insert waited for it.
+_ANSWERED = "SELECT accepted, rejected FROM usage_event_batches WHERE user_id = $1 AND idempotency_key = $2"
+
+_DROP_IDEMPOTENCY_KEYS = "DELETE FROM usage_event_batches WHERE recorded_at < now() - $1::interval"
 
 
 _ADD_PARTITIONS = """
@@ -107,6 +129,12 @@ async def drop_partitions(conn: asyncpg.Connection | PoolConnectionProxy, age_se
     ACCESS EXCLUSIVE request every insert queues, then raises LockNotAvailableError."""
     await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{lock_timeout_ms}ms")
     return await conn.fetch(_DROP_PARTITIONS, float(age_seconds))
+
+
+async def drop_idempotency_keys(conn: Executor) -> int:
+    """Deletes the idempotency keys older than IDEMPOTENCY_KEY_LIFETIME; returns how many."""
+    status = await conn.execute(_DROP_IDEMPOTENCY_KEYS, IDEMPOTENCY_KEY_LIFETIME)
+    return int(status.rpartition(" ")[2])
 
 
 def _no_partition(error: asyncpg.CheckViolationError) -> bool:
@@ -199,26 +227,38 @@ class Events:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def record(self, user_id: str, events: Sequence[Event]) -> tuple[int, int]:
+    async def record(self, user_id: str, events: Sequence[Event], idempotency_key: str = "") -> tuple[int, int]:
         """Stores the valid events of a batch; returns (accepted, rejected).
 
         A batch of the wrong length is refused before any of its events is read, so that a
-        caller making each event as it is read pays nothing for a batch of millions.
+        caller making each event as it is read pays nothing for a batch of millions. A batch
+        whose idempotency_key stored its events already stores nothing and is answered as that
+        call was.
         """
         if not 0 < len(events) <= MAX_BATCH:
             raise InvalidArgument.single("events", f"must hold 1-{MAX_BATCH} events")
         now = datetime.now(UTC)
         rows = [row for row in (_accept(e, now) for e in events) if row is not None]
-        if rows:
-            media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
-            arguments = ([user_id] * len(rows), media_ids, types, surfaces, times, metas)
-            try:
-                await self._pool.execute(_INSERT, *arguments)
-            except asyncpg.CheckViolationError as error:
-                if not _no_partition(error):
-                    raise
-                # Today's partition is missing (no job made it ahead): make it and store
-                # the batch after all. The failed statement stored nothing, counters included.
-                await add_partitions(self._pool)
-                await self._pool.execute(_INSERT, *arguments)
-        return len(rows), len(events) - len(rows)
+        accepted, rejected = len(rows), len(events) - len(rows)
+        if not rows:
+            return accepted, rejected
+        media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
+        arguments = (user_id, media_ids, types, surfaces, times, metas, idempotency_key, accepted, rejected)
+        while not await self._store(arguments):
+            answered = await self._pool.fetchrow(_ANSWERED, user_id, idempotency_key)
+            # None: the key outlived its lifetime and was deleted since; the batch is new again.
+            if answered is not None:
+                return answered["accepted"], answered["rejected"]
+        return accepted, rejected
+
+    async def _store(self, arguments: tuple[object, ...]) -> bool:
+        """Runs _INSERT; whether it stored the events."""
+        try:
+            return bool(await self._pool.fetchval(_INSERT, *arguments))
+        except asyncpg.CheckViolationError as error:
+            if not _no_partition(error):
+                raise
+            # Today's partition is missing (no job made it ahead): make it and store the batch
+            # after all. The failed statement stored nothing, counters and key included.
+            await add_partitions(self._pool)
+            return bool(await self._pool.fetchval(_INSERT, *arguments))

@@ -75,6 +75,7 @@ _CALLER_OR_USER_ID = Text(max_len=MAX_USER_ID_LENGTH)
 # 0 asks for the default page size and anything above the maximum gets the maximum.
 _PAGE_SIZE = Int(0, INT32_MAX)
 _PAGE_TOKEN = Domain("a token the same list issued (domain.pages)")
+_IDEMPOTENCY_KEY = Text(max_len=uploads.MAX_IDEMPOTENCY_KEY)
 # A hint, as an HTTP Accept header is: what the server does not make is ignored, never an error.
 _ACCEPT = Domain("image media ranges as in Accept header lines; unknown ones and ranges past the 16th ignored (domain.formats)")
 
@@ -86,7 +87,7 @@ FIELDS: dict[str, Rule] = {
     _STORAGE + "BeginUploadRequest.content_type": Domain("one of the allowed types (domain.content_types)"),
     _STORAGE + "BeginUploadRequest.size_bytes": Domain("1 to the configured maximum of its content type (uploads.validate_begin)"),
     _STORAGE + "BeginUploadRequest.sha256": Domain("empty, or 64 lowercase hex characters (uploads.validate_begin)"),
-    _STORAGE + "BeginUploadRequest.idempotency_key": Text(max_len=uploads.MAX_IDEMPOTENCY_KEY),
+    _STORAGE + "BeginUploadRequest.idempotency_key": _IDEMPOTENCY_KEY,
     _STORAGE + "FinalizeUploadRequest.upload_id": Uuid(),
     _STORAGE + "FailUploadRequest.upload_id": Uuid(),
     _STORAGE + "FailUploadRequest.reason": Text(max_len=uploads.MAX_FAIL_REASON),
@@ -122,6 +123,7 @@ FIELDS: dict[str, Rule] = {
     _MEDIA + "SaveMediaRequest.media_id": Uuid(),
     _MEDIA + "ReprocessMediaRequest.media_id": Uuid(),
     _MEDIA + "RecordEventsRequest.events": Domain("each event judged alone, a bad one counted in rejected (domain.events)"),
+    _MEDIA + "RecordEventsRequest.idempotency_key": _IDEMPOTENCY_KEY,
 }
 
 

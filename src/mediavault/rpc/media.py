@@ -198,7 +198,7 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
     @rpc(SERVICE)
     async def RecordEvents(self, request: pb.RecordEventsRequest, context, principal: Principal) -> pb.RecordEventsResponse:
         batch = Converted(request.events, _event)
-        accepted, rejected = await self.events.record(principal.user_id, batch)
+        accepted, rejected = await self.events.record(principal.user_id, batch, request.idempotency_key)
         metrics.EVENTS_RECORDED.labels("accepted").inc(accepted)
         metrics.EVENTS_RECORDED.labels("rejected").inc(rejected)
         return pb.RecordEventsResponse(accepted=accepted, rejected=rejected)

@@ -268,10 +268,12 @@ class UsageEvent(_message.Message):
     def __init__(self, event_type: _Optional[_Union[UsageEventType, str]] = ..., media_id: _Optional[str] = ..., surface: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., meta: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "idempotency_key")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RecordEventsResponse(_message.Message):
     __slots__ = ("accepted", "rejected")

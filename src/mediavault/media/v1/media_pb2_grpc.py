@@ -166,6 +166,10 @@ class MediaServiceServicer:
     def RecordEvents(self, request, context):
         """Stores the caller's usage events; an invalid event is counted in rejected, not answered with an error.
 
+        A call answered an error it may have got past (UNAVAILABLE, or no answer at all) may have
+        stored its events: retry it with the same idempotency_key, and they are stored once. Without
+        one, the retry stores them again.
+
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): the batch is empty or holds more than 500 events.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
