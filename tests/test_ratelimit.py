@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import random
 import re
@@ -26,7 +27,7 @@ from mediavault.ratelimit import RateLimiter
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.faults import PrivateRedis
+from tests.faults import PrivateRedis, proxied
 from tests.helpers import error_info, fake_jpeg, rich_status, upload
 
 SUMMARY = "StorageService/GetStorageSummary"
@@ -406,6 +407,61 @@ async def test_an_automatic_freeze_keeps_the_reason_an_operator_froze_the_accoun
     row = await pool.fetchrow("SELECT frozen, frozen_reason, frozen_at FROM accounts WHERE user_id = $1", user_id)
     assert (row["frozen"], row["frozen_reason"]) == (True, "chargeback fraud, case #4711")
     assert row["frozen_at"] == frozen.account.frozen_at.ToDatetime(tzinfo=row["frozen_at"].tzinfo)
+
+
+async def test_a_freeze_the_database_fails_leaves_the_refusal_answered_and_is_made_at_the_next_one(
+    make_settings, pool, auth, user_id, caplog
+):
+    settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=2)
+    md = auth(user_id)
+    async with (
+        limit(pool, SUMMARY, per_hour=1, burst=50),
+        proxied(settings.database_url) as proxy,
+        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        assert (await call_summary(stub, md))[0]
+        assert not (await call_summary(stub, md))[0]
+        # The second refusal reaches the threshold while PostgreSQL cannot be reached.
+        await proxy.down()
+        caplog.set_level(logging.WARNING, logger="mediavault.ratelimit")
+        ok, trailers, refused = await call_summary(stub, md)
+        assert not ok
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+        assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
+        assert int(trailers["retry-after"]) >= 1
+        assert [r.user_id for r in caplog.records if r.getMessage().startswith("automatic freeze failed")] == [user_id]
+        assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
+        await proxy.up()
+        ok, _, refused = await call_summary(stub, md)
+        assert not ok
+        assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
+    row = await pool.fetchrow("SELECT frozen, frozen_reason FROM accounts WHERE user_id = $1", user_id)
+    assert row["frozen"]
+    assert row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
+
+
+async def test_an_account_unfrozen_after_an_automatic_freeze_is_frozen_again_only_after_as_many_new_refusals(
+    pool, redis_url, user_id
+):
+    operators = Accounts(pool, 0)
+    client = Redis.from_url(redis_url)
+    limiter = RateLimiter(client, RateLimitConfig(pool), operators, auto_freeze_refusals=2)
+    try:
+        async with limit(pool, SUMMARY, per_hour=1, burst=50):
+            await limiter.reload()
+            assert [(await limiter.check(SUMMARY, user_id, "user")).allowed for _ in range(3)] == [True, False, False]
+            assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is True
+            await operators.unfreeze(user_id)
+            await limiter.reload()
+            await limiter.check(SUMMARY, user_id, "user")
+            assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
+            await limiter.check(SUMMARY, user_id, "user")
+            assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is True
+    finally:
+        await client.delete(f"rl:refusals:{user_id}")
+        await client.aclose()
 
 
 async def test_refusals_of_an_account_known_frozen_are_not_counted(pool, redis_url, user_id):

@@ -20,6 +20,7 @@ everything through, ``closed`` refuses everything. Every decision is counted onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -43,6 +44,8 @@ WRITES = frozenset({
     "MediaService/ReprocessMedia", "MediaService/RecordEvents", "tus/PATCH", "tus/DELETE",
 })
 _BUCKETS_KEPT = 100_000
+# What PostgreSQL's absence looks like to a statement: refused, cut or timed-out connections.
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 # GCRA: every allowed call pushes the theoretical arrival time (TAT) one emission interval
 # (an hour / limit) further; a call is allowed while TAT - now stays within the burst
@@ -136,7 +139,7 @@ class RateLimiter:
             await asyncio.sleep(every_seconds)
             try:
                 await self.reload()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            except _DATABASE_ERRORS:
                 log.warning("rate limit config reload failed; keeping the previous one", exc_info=True)
 
     def limit_for(self, method: str, scope: str) -> Limit | None:
@@ -232,12 +235,24 @@ class RateLimiter:
                 await self.redis.expire(key, self.auto_freeze_window_seconds)
         except (RedisError, OSError):
             return
-        if refusals == self.auto_freeze_refusals and self.accounts is not None:
-            reason = f"automatic: {refusals} rate-limit refusals within {self.auto_freeze_window_seconds} s"
+        # At or past the threshold: a freeze that PostgreSQL failed is tried again at the next refusal.
+        if refusals < self.auto_freeze_refusals or self.accounts is None:
+            return
+        reason = f"automatic: {refusals} rate-limit refusals within {self.auto_freeze_window_seconds} s"
+        try:
             # An operator may have frozen it since the last reload, here or in another process.
-            if await self.accounts.freeze_automatically(user_id, reason):
-                log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
-            self.frozen = self.frozen | {user_id}
+            frozen_now = await self.accounts.freeze_automatically(user_id, reason)
+        except _DATABASE_ERRORS:
+            # The call is answered the refusal it earned, not the database's fault.
+            log.warning("automatic freeze failed; tried again at the next refusal", extra={"user_id": user_id}, exc_info=True)
+            return
+        if frozen_now:
+            log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
+        self.frozen = self.frozen | {user_id}
+        # Counted afresh from here: an account an operator unfreezes is frozen again only after
+        # as many new refusals, not at its next one.
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(key)
 
 
 def _unmapped(address: str) -> str:
