@@ -184,3 +184,19 @@ async def partition_days(conn: asyncpg.Connection | asyncpg.Pool) -> dict[date, 
         assert (row["lower"], row["upper"]) == (midnight(day), midnight(day + timedelta(days=1))), row["name"]
         days[day] = row["name"]
     return days
+
+
+def other_uuid_spellings(written: str) -> dict[str, str]:
+    """By name, spellings of the UUID `written` (8-4-4-4-12 hex digits) that uuid.UUID reads and
+    the API does not; the last three put another character in place of one of its digits."""
+    compact = written.replace("-", "")
+    return {
+        "braces": "{" + written + "}",
+        "urn": "urn:uuid:" + written,
+        "no-hyphens": compact,
+        "hyphens-elsewhere": f"{compact[:4]}-{compact[4:]}",
+        "arabic-indic-digits": written.translate(str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")),
+        "underscore": written[:7] + "_" + written[8:],
+        "plus-sign": "+" + written[1:],
+        "leading-space": " " + written[1:],
+    }

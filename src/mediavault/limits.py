@@ -1,14 +1,28 @@
-"""What a value from outside may be before it goes near PostgreSQL: text it can store, integers a bigint can sum.
+"""What a value from outside may be before it goes near PostgreSQL: text it can store, integers a bigint can sum, ids.
 
 Each rule answers with the description of a violation, or None; the caller names the field.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass
 
 BIGINT_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
+
+# An id as the API writes it and reads it: 8-4-4-4-12 ASCII hex digits, in either case. uuid.UUID
+# alone reads much else: braces, "urn:" and "uuid:" anywhere, hyphens anywhere or none, any
+# script's decimal digits, and an underscore, sign or space, with which it names another UUID
+# than the one written ("1234567_-..." is 01234567-...).
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_VIOLATION = "must be a UUID: 8-4-4-4-12 hex digits"
+
+
+def parse_uuid(text: str) -> uuid.UUID | None:
+    """The UUID text writes, or None when it is not written as the API writes ids."""
+    return uuid.UUID(text) if _UUID.fullmatch(text) else None
 
 
 def storable(text: str) -> bool:

@@ -18,10 +18,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mediavault.config import GiB
 from mediavault.domain import ledger
 from mediavault.domain.pages import PageTokens
+from mediavault.limits import UUID_VIOLATION
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import JWT_SECRET
-from tests.helpers import bad_request, error_info, fake_jpeg, upload
+from tests.helpers import bad_request, error_info, fake_jpeg, other_uuid_spellings, upload
 
 
 @pytest.mark.parametrize("subject", ["a\x00b", "\x00", "", "u" * 129])
@@ -152,6 +153,20 @@ async def test_a_page_token_of_another_users_list_is_refused(storage, media, aut
     assert len(page.media) == 1
 
 
+async def test_an_id_spelt_otherwise_than_the_service_writes_it_is_invalid_argument_even_when_it_names_media(
+    storage, media, auth, user_id
+):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1700))
+    for name, spelling in other_uuid_spellings(done.media_id).items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await media.GetMedia(mpb.GetMediaRequest(media_id=spelling), metadata=md)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert [(v.field, v.description) for v in bad_request(caught.value).field_violations] == [("media_id", UUID_VIOLATION)]
+    got = await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id.upper()), metadata=md)
+    assert got.media.media_id == done.media_id
+
+
 def _bad_events(media_id: str) -> list[mpb.UsageEvent]:
     """One event per way a client can get an event wrong; each must be rejected alone."""
     click = mpb.USAGE_EVENT_TYPE_CLICK
@@ -160,6 +175,7 @@ def _bad_events(media_id: str) -> list[mpb.UsageEvent]:
         mpb.UsageEvent(event_type=click, media_id=media_id, surface="s" * 65),
         mpb.UsageEvent(event_type=click, media_id=media_id + "\x00"),
         mpb.UsageEvent(event_type=click, media_id="not-a-uuid"),
+        *(mpb.UsageEvent(event_type=click, media_id=spelling) for spelling in other_uuid_spellings(media_id).values()),
         mpb.UsageEvent(event_type=mpb.USAGE_EVENT_TYPE_UNSPECIFIED, media_id=media_id),
         mpb.UsageEvent(event_type=99, media_id=media_id),
     ]
@@ -254,7 +270,8 @@ REFUSED = {
     },
     "fail-reason-with-nul": ("FailUpload", {"upload_id": "{upload}", "reason": "gave up\x00"}, "reason", NUL),
     "fail-reason-too-long": ("FailUpload", {"upload_id": "{upload}", "reason": "r" * 501}, "reason", "must be at most 500 characters"),
-    "upload-id-with-nul": ("GetUpload", {"upload_id": "{upload}\x00"}, "upload_id", "must be a UUID"),
+    "upload-id-with-nul": ("GetUpload", {"upload_id": "{upload}\x00"}, "upload_id", UUID_VIOLATION),
+    "upload-id-in-braces": ("FinalizeUpload", {"upload_id": "{{upload}}"}, "upload_id", UUID_VIOLATION),
     "payment-reference-with-nul": (
         "AddStorageCredits", {**CREDIT, "user_id": "{owner}", "payment_reference": "pi_\x00"}, "payment_reference", NUL,
     ),
@@ -286,7 +303,11 @@ REFUSED = {
     "feed-owner-with-nul": ("ListFeed", {"user_id": "{owner}\x00"}, "user_id", NUL),
     "feed-owner-too-long": ("ListFeed", {"user_id": "u" * 129}, "user_id", "must be at most 128 characters"),
     "feed-page-size-negative": ("ListFeed", {"page_size": -(2**31)}, "page_size", "must not be negative"),
-    "media-id-with-nul": ("GetMedia", {"media_id": "\x00"}, "media_id", "must be a UUID"),
+    "media-id-with-nul": ("GetMedia", {"media_id": "\x00"}, "media_id", UUID_VIOLATION),
+    **{
+        f"media-id-{name}": ("GetMedia", {"media_id": spelling}, "media_id", UUID_VIOLATION)
+        for name, spelling in other_uuid_spellings(str(uuid.uuid4())).items()
+    },
 }
 
 

@@ -11,10 +11,11 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mediavault.errors import InvalidArgument
-from mediavault.limits import Int, Text
+from mediavault.limits import UUID_VIOLATION, Int, Text
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.rpc import fields
 from mediavault.storage.v1 import storage_pb2 as pb
+from tests.helpers import other_uuid_spellings
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["StorageService"], mpb.DESCRIPTOR.services_by_name["MediaService"])
 REQUESTS = sorted({method.input_type for service in SERVICES for method in service.methods}, key=lambda d: d.full_name)
@@ -98,7 +99,7 @@ def test_nested_and_repeated_fields_are_checked_and_named_by_their_path():
     with pytest.raises(InvalidArgument) as caught:
         check(mpb.RecordEventsRequest(events=[good, bad]))
     assert [(v.field, v.description) for v in caught.value.violations] == [
-        ("events[1].media_id", "must be a UUID"),
+        ("events[1].media_id", UUID_VIOLATION),
         ("events[1].surface", "must not contain NUL characters"),
         ("events[1].occurred_at.seconds", "must be at most 10"),
         ("events[1].occurred_at.nanos", "must not be negative"),
@@ -133,9 +134,12 @@ def test_a_repeated_message_with_nothing_to_check_in_it_is_not_walked():
         (Int(-3, 5), -4, "must be at least -3"),
         (Int(1, 2**50), 2**63 - 1, f"must be at most {2**50}"),
         (Int(1, 2**50), 2**50, None),
-        (fields.Uuid(), "", "must be a UUID"),
+        (fields.Uuid(), "", UUID_VIOLATION),
         (fields.Uuid(optional=True), "", None),
-        (fields.Uuid(optional=True), "\x00", "must be a UUID"),
+        (fields.Uuid(optional=True), "\x00", UUID_VIOLATION),
+        (fields.Uuid(), "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", None),
+        (fields.Uuid(), "0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0", None),
+        *((fields.Uuid(), spelling, UUID_VIOLATION) for spelling in other_uuid_spellings("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").values()),
     ],
 )
 def test_each_rule_says_why_a_value_breaks_it(rule, value, description):

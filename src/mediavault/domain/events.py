@@ -20,7 +20,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.domain.media import PRESENT
 from mediavault.errors import InvalidArgument
-from mediavault.limits import Text, storable
+from mediavault.limits import Text, parse_uuid, storable
 
 EVENT_TYPES = frozenset({"impression", "dwell_start", "dwell_end", "click", "open", "share", "like", "save", "hide", "report"})
 MAX_BATCH = 500
@@ -204,9 +204,8 @@ def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime,
     """The event's row, or None when it is rejected."""
     if event.event_type not in EVENT_TYPES or SURFACE.violation(event.surface) is not None:
         return None
-    try:
-        media_id = uuid.UUID(event.media_id)
-    except ValueError:
+    media_id = parse_uuid(event.media_id)
+    if media_id is None:
         return None
     occurred_at = _occurred_at(event.occurred_at_micros, now)
     if occurred_at is None:

@@ -14,8 +14,6 @@ itself. Each rule lives in one of the two places, never in both.
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,27 +24,19 @@ from mediavault.auth import MAX_USER_ID_LENGTH, USER_ID
 from mediavault.domain import accounts, purchases
 from mediavault.domain.uploads import validation as uploads
 from mediavault.errors import FieldViolation, InvalidArgument
-from mediavault.limits import BIGINT_MAX, INT32_MAX, Int, Text
-
-# The spelling clients send, matched without building the UUID the servicer builds anyway;
-# only other spellings go through uuid.UUID here.
-_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+from mediavault.limits import BIGINT_MAX, INT32_MAX, UUID_VIOLATION, Int, Text, parse_uuid
 
 
 @dataclass(frozen=True, slots=True)
 class Uuid:
-    """A UUID in any spelling uuid.UUID reads; when optional, also the empty string (not set)."""
+    """A UUID written as limits.parse_uuid reads it; when optional, also the empty string (not set)."""
 
     optional: bool = False
 
     def violation(self, value: str) -> str | None:
-        if (self.optional and not value) or _CANONICAL_UUID.fullmatch(value):
+        if (self.optional and not value) or parse_uuid(value) is not None:
             return None
-        try:
-            uuid.UUID(value)
-        except ValueError:
-            return "must be a UUID"
-        return None
+        return UUID_VIOLATION
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,8 @@ class StorageServiceStub:
     Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
     "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
     naming each bad field, the first 20 when there are more (the message counts the others).
+    An id (upload_id) is a UUID written as the service writes it, 8-4-4-4-12 hex digits in either
+    case; any other spelling (braces, a urn:uuid: prefix, no hyphens) is not a UUID here.
     Every RPC may answer, besides the errors listed on it:
     UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
@@ -111,6 +113,8 @@ class StorageServiceServicer:
     Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
     "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
     naming each bad field, the first 20 when there are more (the message counts the others).
+    An id (upload_id) is a UUID written as the service writes it, 8-4-4-4-12 hex digits in either
+    case; any other spelling (braces, a urn:uuid: prefix, no hyphens) is not a UUID here.
     Every RPC may answer, besides the errors listed on it:
     UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,
@@ -389,6 +393,8 @@ class StorageService:
     Errors follow the google.rpc model: a status code and exactly one ErrorInfo (domain
     "mediavault") whose reason clients switch on; INVALID_ARGUMENT also carries a BadRequest
     naming each bad field, the first 20 when there are more (the message counts the others).
+    An id (upload_id) is a UUID written as the service writes it, 8-4-4-4-12 hex digits in either
+    case; any other spelling (braces, a urn:uuid: prefix, no hyphens) is not a UUID here.
     Every RPC may answer, besides the errors listed on it:
     UNAUTHENTICATED (UNAUTHORIZED): the bearer JWT is missing, malformed or expired.
     RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): a rate limit was hit; RetryInfo says when to retry,

@@ -1260,7 +1260,7 @@ func (m *ReprocessMediaResponse) GetMedia() *Media {
 type UsageEvent struct {
 	// Kind of event; UNSPECIFIED is rejected.
 	EventType UsageEventType `protobuf:"varint,1,opt,name=event_type,json=eventType,proto3,enum=mediavault.media.v1.UsageEventType" json:"event_type,omitempty"`
-	// Media the event is about, a UUID.
+	// Media the event is about, a UUID (8-4-4-4-12 hex digits).
 	MediaId string `protobuf:"bytes,2,opt,name=media_id,json=mediaId,proto3" json:"media_id,omitempty"`
 	// Screen or surface that produced it (feed, profile, ...), up to 64 characters.
 	Surface string `protobuf:"bytes,3,opt,name=surface,proto3" json:"surface,omitempty"`
