@@ -125,7 +125,7 @@ async def add_partitions(conn: Executor, days_ahead: int = PARTITION_DAYS_AHEAD)
 async def drop_partitions(conn: asyncpg.Connection | PoolConnectionProxy, age_seconds: int, lock_timeout_ms: int) -> list[asyncpg.Record]:
     """Drops the partitions holding only events received more than age_seconds ago, on a
     connection the caller holds in a transaction; returns (partition_name, received_before,
-    estimated_rows) of each. Waits at most lock_timeout_ms for usage_events, behind whose
+    estimated_rows) of each, estimated_rows counted where the planner had no estimate (0021). Waits at most lock_timeout_ms for usage_events, behind whose
     ACCESS EXCLUSIVE request every insert queues, then raises LockNotAvailableError."""
     await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{lock_timeout_ms}ms")
     return await conn.fetch(_DROP_PARTITIONS, float(age_seconds))
