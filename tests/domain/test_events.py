@@ -332,3 +332,34 @@ async def test_an_idempotency_key_past_its_lifetime_is_deleted_and_its_batch_sto
     for key in ("old", "young"):
         assert await recorder.record(user_id, batch, key) == (1, 0)
     assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id) == 3
+
+
+async def test_a_partition_detached_and_left_in_place_is_attached_again_and_its_day_takes_inserts(fresh_pool):
+    pool = fresh_pool
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    today = datetime.now(UTC).date()
+    ahead = today + timedelta(days=PARTITION_DAYS_AHEAD)
+    before = await partition_days(pool)
+    # As an operator may leave them: detached, the tables kept under their names.
+    for day in (today, ahead):
+        await pool.execute(f'ALTER TABLE usage_events DETACH PARTITION "{before[day]}"')
+    await pool.execute(
+        f"""INSERT INTO "{before[today]}" (event_id, user_id, media_id, event_type, occurred_at, received_at)"""
+        " VALUES (2^40, $1, gen_random_uuid(), 'click', now(), now())", user_id)
+
+    # Today's insert finds no partition, and makes the missing ones: the detached tables are attached.
+    batch = [Event("impression", str(uuid.uuid4()), "feed", None, {})]
+    assert await Events(pool).record(user_id, batch) == (1, 0)
+    assert await partition_days(pool) == before
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", user_id) == 2
+    assert await events.add_partitions(pool) == 0
+
+
+async def test_a_table_of_a_partitions_name_that_cannot_be_attached_is_named_in_the_error(fresh_pool):
+    pool = fresh_pool
+    ahead = datetime.now(UTC).date() + timedelta(days=PARTITION_DAYS_AHEAD + 1)
+    name = f"usage_events_p{ahead:%Y%m%d}"
+    await pool.execute(f'CREATE TABLE "{name}" (note text)')
+    with pytest.raises(asyncpg.PostgresError, match=name):
+        await events.add_partitions(pool, PARTITION_DAYS_AHEAD + 1)
+    assert ahead not in await partition_days(pool)

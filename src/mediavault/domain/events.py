@@ -118,7 +118,8 @@ Executor = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
 
 
 async def add_partitions(conn: Executor, days_ahead: int = PARTITION_DAYS_AHEAD) -> int:
-    """Makes the missing partitions of today and the days_ahead days after; returns how many."""
+    """Makes the missing partitions of today and the days_ahead days after, attaching again a table
+    detached and left under a partition's name (0022); returns how many."""
     return int(await conn.fetchval(_ADD_PARTITIONS, days_ahead))
 
 
@@ -257,7 +258,7 @@ class Events:
         except asyncpg.CheckViolationError as error:
             if not _no_partition(error):
                 raise
-            # Today's partition is missing (no job made it ahead): make it and store the batch
-            # after all. The failed statement stored nothing, counters and key included.
+            # Today's partition is missing (no job made it ahead, or it was detached): make it
+            # and store the batch after all. The failed statement stored nothing, counters and key included.
             await add_partitions(self._pool)
             return bool(await self._pool.fetchval(_INSERT, *arguments))
