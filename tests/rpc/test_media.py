@@ -281,8 +281,15 @@ async def test_progress_is_the_running_attempts_alone(storage, media, auth, user
     assert (again.processing_status, again.processing_progress) == (mpb.PROCESSING_STATUS_PENDING, 0)
 
 
-async def test_a_reprocess_that_meets_a_delete_is_not_found_not_busy(storage, media, auth, user_id, pool):
-    md = auth(user_id)
+async def test_a_reprocess_that_meets_a_delete_is_not_found_not_busy(make_settings, auth, user_id, pool):
+    # A queue no worker serves: a worker that claimed the upload's run would make the media busy.
+    settings = make_settings(queue_name=f"reprocess-meets-delete:{user_id}")
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage, media = storage_pb2_grpc.StorageServiceStub(channel), media_pb2_grpc.MediaServiceStub(channel)
+        await _reprocess_meets_delete(storage, media, auth(user_id), user_id, pool)
+
+
+async def _reprocess_meets_delete(storage, media, md, user_id, pool) -> None:
     done = await upload(storage, md, fake_jpeg(1500))
     async with pool.acquire() as deleting:
         transaction = deleting.transaction()
