@@ -9,6 +9,7 @@ import json
 import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import av
@@ -28,7 +29,7 @@ from mediavault.imaging.animation import ANIMATION, GIFV, Animation
 from mediavault.imaging.colour import DISPLAY_P3
 from mediavault.imaging.errors import IMAGE_TOO_LARGE
 from mediavault.imaging.spec import AnimationLimits
-from tests.imaging.helpers import check_variants, corpus, transcoded
+from tests.imaging.helpers import check_variants, corpus, open_variant, transcoded
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 COLOURS = ((220, 30, 40, 255), (30, 180, 60, 255), (40, 60, 210, 255))
@@ -383,3 +384,58 @@ def test_a_heif_is_the_still_of_its_primary_image(primary: int) -> None:
     data = buffer.getvalue()
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
     assert_red_still(transcode(data, "image/heic", limits=Limits(max_pixels=1_000_000)))
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def apng_with_default_image(default: tuple[int, int, int], frames: list[tuple[tuple[int, int, int], int]]) -> bytes:
+    """A 160x120 RGB APNG whose IDAT, of colour `default`, is not part of its animation: the frames,
+    each (colour, milliseconds), are all fdAT chunks."""
+    width, height = 160, 120
+
+    def pixels(colour: tuple[int, int, int]) -> bytes:
+        return zlib.compress((b"\x00" + bytes(colour) * width) * height)
+
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    data += png_chunk(b"acTL", struct.pack(">II", len(frames), 0)) + png_chunk(b"IDAT", pixels(default))
+    sequence = 0
+    for colour, milliseconds in frames:
+        control = struct.pack(">IIIIIHHBB", sequence, width, height, 0, 0, milliseconds, 1000, 0, 0)
+        data += png_chunk(b"fcTL", control) + png_chunk(b"fdAT", struct.pack(">I", sequence + 1) + pixels(colour))
+        sequence += 2
+    return data + png_chunk(b"IEND", b"")
+
+
+def assert_centres(pictures: list[Image.Image], colour: tuple[int, ...]) -> None:
+    for picture in pictures:
+        centre = picture.convert("RGB").getpixel((picture.width // 2, picture.height // 2))
+        assert isinstance(centre, tuple)
+        assert max(abs(a - b) for a, b in zip(centre, colour[:3], strict=True)) < 12, (centre, colour)
+
+
+def test_an_apngs_default_image_left_out_of_its_animation_is_neither_a_frame_nor_the_still() -> None:
+    # Browsers never show such an IDAT: it is the picture for decoders that do not animate.
+    grey = (128, 128, 128)
+    data = apng_with_default_image(grey, [(COLOURS[0][:3], 100), (COLOURS[1][:3], 200), (COLOURS[2][:3], 300)])
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 4
+    result = transcode(data, "image/png")
+    stills = check_variants(result, IMAGE_VARIANTS)
+    alternates = [open_variant(a.data) for v in result.variants for a in v.alternates]
+    assert_centres([*stills.values(), *alternates], COLOURS[0])
+    assert result.animation is not None
+    assert (result.animation.frames, result.animation.duration_ms) == (3, 600)
+    made = renditions(result.animation)
+    assert webp_frame_durations(made[ANIMATION]) == [100, 200, 300]
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    assert_centres([webp], COLOURS[0])
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        assert_centres([next(container.decode(video=0)).to_image()], COLOURS[0])
+    assert mp4_facts(made[GIFV])[3] == pytest.approx(0.6, abs=0.03)
+
+
+def test_an_apng_of_one_frame_besides_its_default_image_is_a_still_of_that_frame() -> None:
+    result = transcode(apng_with_default_image((128, 128, 128), [(COLOURS[1][:3], 100)]), "image/png")
+    assert result.animation is None
+    assert_centres(list(check_variants(result, IMAGE_VARIANTS).values()), COLOURS[1])

@@ -1,7 +1,8 @@
 """Animated GIF, WebP, PNG and AVIF kept moving: an animated WebP and an H.264 MP4 ("gifv").
 
 The still variants still come from the first frame (strategies); these two come from
-every frame, decoded one at a time by Pillow and fed to both encoders (FFmpeg's libwebp
+every frame (an APNG's default image is neither when the animation leaves it out: see
+decode.first_frame), decoded one at a time by Pillow and fed to both encoders (FFmpeg's libwebp
 animation encoder and libx264, through PyAV) as it goes, so that memory holds one frame
 whatever the length. An animation over any of `AnimationLimits` keeps its stills only:
 the upload is still good, it is just not worth animating at that size.
@@ -44,6 +45,7 @@ from mediavault.imaging.decode import (
     TRANSPOSE_FOR_ORIENTATION,
     eight_bit,
     exif_orientation,
+    first_frame,
     in_srgb_tones,
     srgb_conversion,
     tones,
@@ -80,7 +82,7 @@ def is_animated(image: Image.Image) -> bool:
     return (
         image.format in _ANIMATED_FORMATS
         and bool(getattr(image, "is_animated", False))
-        and getattr(image, "n_frames", 1) > 1
+        and getattr(image, "n_frames", 1) - first_frame(image) > 1
     )
 
 
@@ -95,7 +97,8 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     """
     if not is_animated(image):
         return None
-    frames: int = getattr(image, "n_frames", 1)
+    first = first_frame(image)
+    frames: int = getattr(image, "n_frames", 1) - first
     if frames > limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
         return None
     # Turned upright as the stills are: neither rendition carries the EXIF that would turn it.
@@ -124,7 +127,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
             mp4_stream.codec_context.color_trc = _BT709
             mp4_stream.codec_context.color_range = ColorRange.MPEG
             start = 0
-            for index in range(frames):
+            for index in range(first, first + frames):
                 image.seek(index)
                 if image.size != size:
                     image.seek(0)

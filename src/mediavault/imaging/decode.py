@@ -212,7 +212,8 @@ def _opaque_but(picture: Image.Image, colour: tuple[int, ...]) -> Image.Image:
 
 
 def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Still:
-    """The opened image decoded by Pillow, in sRGB (or Display P3, see colour) and upright.
+    """The opened image decoded by Pillow, in sRGB (or Display P3, see colour) and upright: its
+    first frame a browser shows (first_frame).
 
     A JPEG is decoded at the smallest of libjpeg's scales that still covers the largest
     variant; libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, far less to decode.
@@ -221,6 +222,8 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
     with refused_if_corrupt():
         if image.format in ("JPEG", "MPO"):
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
+        if first := first_frame(image):
+            image.seek(first)
         image.load()
         orientation = exif_orientation(image)
         cropped = clean_aperture(image)
@@ -232,6 +235,16 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
+
+
+def first_frame(image: Image.Image) -> int:
+    """The index of the first frame a browser shows of an opened image: 1 for an animated PNG whose
+    default image (its IDAT) is not part of the animation, a picture for decoders that do not
+    animate, which Pillow counts as frame 0 and APNG decoders never show; else 0.
+
+    Pillow draws frame 1 over the default image, a browser over a clear canvas: the two differ
+    only where that frame leaves the canvas uncovered or is not opaque."""
+    return 1 if image.format == "PNG" and getattr(image, "default_image", False) else 0
 
 
 # Faults of the machine, not of the file (scratch space full, descriptors or memory out): the

@@ -68,6 +68,12 @@ def encode(picture: Image.Image, content_type: str, quality: int) -> bytes:
     icc = picture.info.get("icc_profile") or b""
     if picture.mode not in ("RGB", "RGBA"):
         picture = picture.convert("RGB")
+    elif getattr(picture, "n_frames", 1) > 1:
+        # A still no resize or conversion copied is the opened file itself (decode._to_srgb), and
+        # pillow-avif-plugin decodes every frame of a file to see whether all are grey, then
+        # encodes frame 0, which is not the still of an APNG whose default image is left out of
+        # its animation (decode.first_frame): it gets the still's pixels alone.
+        picture = picture.copy()
     buffer = io.BytesIO()
     if content_type == AVIF:
         picture.save(buffer, "AVIF", quality=quality, speed=_AVIF_SPEED, max_threads=1, codec="aom",
