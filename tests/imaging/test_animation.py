@@ -14,7 +14,7 @@ from pathlib import Path
 
 import av
 import pytest
-from PIL import Image, ImageChops, ImageCms, ImageStat
+from PIL import Image, ImageChops, ImageCms, ImageDraw, ImageStat
 
 from mediavault.imaging import (
     DEFAULT_LIMITS,
@@ -136,6 +136,33 @@ def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:
     assert isinstance(last, tuple)
     assert max(abs(a - b) for a, b in zip(first, COLOURS[0][:3], strict=True)) < 12
     assert min(last) > 240
+
+
+def sticker(fmt: str) -> bytes:
+    """An animation of three discs with smooth edges on a transparent canvas, as a sticker is."""
+    frames = []
+    for colour in COLOURS:
+        large = Image.new("RGBA", (640, 480), (0, 0, 0, 0))
+        ImageDraw.Draw(large).ellipse((80, 60, 560, 420), fill=colour)
+        frames.append(large.resize((160, 120), Image.Resampling.LANCZOS))
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=[100, 200, 300], loop=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_the_animated_webp_keeps_the_frames_transparency(fmt: str) -> None:
+    data = sticker(fmt)
+    source = Image.open(io.BytesIO(data))
+    webp = Image.open(io.BytesIO(renditions(transcode(data, f"image/{fmt.lower()}").animation)[ANIMATION]))
+    assert getattr(webp, "n_frames", 1) == 3
+    for index, colour in enumerate(COLOURS):
+        source.seek(index)
+        webp.seek(index)
+        expected, made = source.convert("RGBA"), webp.convert("RGBA")
+        assert ImageChops.difference(expected.getchannel("A"), made.getchannel("A")).getextrema()[1] <= 2
+        assert made.getpixel((0, 0)) == (0, 0, 0, 0)
+        assert_centres([made], colour)
 
 
 def test_the_mp4_is_tagged_bt709_and_its_colours_come_back_in_ffmpeg(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ whatever the length. An animation over any of `AnimationLimits` keeps its stills
 the upload is still good, it is just not worth animating at that size.
 
 Frame timing is kept in milliseconds: each frame is shown for the duration its source
-gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The MP4 has no
-alpha, so transparent pixels are composited over white; its sides are rounded down to
-even numbers, as 4:2:0 needs.
+gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The WebP keeps
+the frames' alpha; the MP4 has none, so transparent pixels are composited over white; its
+sides are rounded down to even numbers, as 4:2:0 needs.
 
 Both are sRGB: the WebP carries no profile, which browsers take for sRGB, and the MP4 is
 tagged BT.709 (primaries, transfer, matrix, limited range) as the video renditions are,
@@ -62,6 +62,11 @@ _MILLISECONDS = Fraction(1, 1000)
 _SHORTEST_FRAME_MS = 20
 _DEFAULT_FRAME_MS = 100
 _WEBP_QUALITY = "75"
+# FFmpeg's bgra: libwebp takes the frames as RGBA and makes their YUV itself, weighting each
+# pixel's colour by its alpha, so that a transparent pixel's colour (black, often) does not darken
+# the edges beside it as it does in swscale's YUV; and its animation encoder turns YUV frames back
+# into RGBA anyway, a loss of its own.
+_WEBP_PIXELS = "bgra"
 # ITU-T H.273's code for BT.709, the same for primaries, transfer and matrix.
 _BT709 = 1
 # No B-frames: with them, x264's reordering delay shifts the decode times below zero, and
@@ -120,7 +125,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
         webp = io.BytesIO()
         with av.open(webp, "w", format="webp", options={"loop": "0"}) as webp_out, \
                 av.open(mp4_path, "w", format="mp4", options={"movflags": "+faststart"}) as mp4_out:
-            webp_stream = _stream(webp_out, "libwebp_anim", (width, height), "yuva420p", {"quality": _WEBP_QUALITY})
+            webp_stream = _stream(webp_out, "libwebp_anim", (width, height), _WEBP_PIXELS, {"quality": _WEBP_QUALITY})
             mp4_stream = _stream(mp4_out, "libx264", even, "yuv420p", _X264_OPTIONS)
             mp4_stream.codec_context.colorspace = _BT709
             mp4_stream.codec_context.color_primaries = _BT709
@@ -141,7 +146,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
                 flat = _over_white(rgba).crop((0, 0, *even))
-                _encode(webp_out, webp_stream, _frame(rgba), start)
+                _encode(webp_out, webp_stream, _rgba(rgba), start)
                 _encode(mp4_out, mp4_stream, _bt709(flat), start)
                 start += _duration(image)
                 if start > limits.max_seconds * 1000:
@@ -202,8 +207,9 @@ def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int
     return stream
 
 
-def _frame(picture: Image.Image) -> av.VideoFrame:
-    return av.VideoFrame.from_image(picture)
+def _rgba(picture: Image.Image) -> av.VideoFrame:
+    # VideoFrame.from_image converts any picture to RGB, dropping its alpha.
+    return av.VideoFrame.from_bytes(picture.tobytes(), picture.width, picture.height, format="rgba")
 
 
 def _bt709(picture: Image.Image) -> av.VideoFrame:
