@@ -192,6 +192,24 @@ def test_the_mp4_is_tagged_bt709_and_its_colours_come_back_in_ffmpeg(tmp_path: P
         assert max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) <= 4, (pixel, colour)
 
 
+def test_the_mp4_declares_the_h264_level_its_frames_need_and_lasts_as_long_as_they_do(tmp_path: Path) -> None:
+    # 600x600 (the box) at most 50 frames a second (20 ms each) is level 3.1; the clock the frames
+    # are timed on, in milliseconds, is no frame rate of theirs.
+    frames = [Image.new("RGB", (600, 600), colour[:3]) for colour in COLOURS]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=[20, 300, 1500], loop=0)
+    mp4 = tmp_path / "gifv.mp4"
+    mp4.write_bytes(renditions(transcode(buffer.getvalue(), "image/gif").animation)[GIFV])
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-of", "json",
+         "-show_entries", "stream=profile,level,duration,nb_read_frames", str(mp4)],
+        capture_output=True, check=True, text=True,
+    )
+    stream = json.loads(probe.stdout)["streams"][0]
+    assert (stream["profile"], stream["level"], stream["nb_read_frames"]) == ("High", 31, "3")
+    assert float(stream["duration"]) == pytest.approx(1.82, abs=0.002)
+
+
 def centre_in_srgb(picture: Image.Image) -> tuple[int, ...]:
     """The centre pixel of a decoded picture in sRGB: converted from its embedded profile, if any."""
     rgb = picture.convert("RGB")

@@ -33,6 +33,8 @@ import io
 import os
 import tempfile
 import warnings
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import cast
@@ -61,6 +63,10 @@ _MILLISECONDS = Fraction(1, 1000)
 # What browsers do with a GIF frame shown for (nearly) no time.
 _SHORTEST_FRAME_MS = 20
 _DEFAULT_FRAME_MS = 100
+# The streams' frame rate, from which x264 works out the H.264 level the MP4 declares: the
+# most the frames reach. At the 1000 fps of their millisecond clock, a 600x600 gifv declared
+# level 5.2, past what many phones decode; at 50 it is 3.1.
+_HIGHEST_FRAME_RATE = 1000 // _SHORTEST_FRAME_MS
 _WEBP_QUALITY = "75"
 # FFmpeg's bgra: libwebp takes the frames as RGBA and makes their YUV itself, weighting each
 # pixel's colour by its alpha, so that a transparent pixel's colour (black, often) does not darken
@@ -132,6 +138,8 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
             mp4_stream.codec_context.color_trc = _BT709
             mp4_stream.codec_context.color_range = ColorRange.MPEG
             start = 0
+            # Each MP4 packet's duration, in the frames' order, which is the packets' (no B-frames).
+            mp4_durations: deque[int] = deque()
             for index in range(first, first + frames):
                 image.seek(index)
                 if image.size != size:
@@ -146,18 +154,16 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
                 flat = _over_white(rgba).crop((0, 0, *even))
+                shown = _duration(image)
+                mp4_durations.append(shown)
                 _encode(webp_out, webp_stream, _rgba(rgba), start)
-                _encode(mp4_out, mp4_stream, _bt709(flat), start)
-                start += _duration(image)
+                _encode(mp4_out, mp4_stream, _bt709(flat), start, mp4_durations)
+                start += shown
                 if start > limits.max_seconds * 1000:
                     image.seek(0)
                     return None
-            # An MP4 frame lasts until the next one: the last one, repeated at the end,
-            # makes the last frame last its own duration.
-            _encode(mp4_out, mp4_stream, _bt709(flat), start - 1)
-            for out, stream in ((webp_out, webp_stream), (mp4_out, mp4_stream)):
-                for packet in stream.encode():
-                    out.mux(packet)
+            _mux(webp_out, webp_stream.encode())
+            _mux(mp4_out, mp4_stream.encode(), mp4_durations)
         with open(mp4_path, "rb") as mp4:
             gifv = mp4.read()
     image.seek(0)
@@ -197,7 +203,7 @@ def _duration(image: Image.Image) -> int:
 
 def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int, int], pixel_format: str,
             options: dict[str, object]) -> av.VideoStream:
-    stream = cast(av.VideoStream, container.add_stream(codec, rate=1000))
+    stream = cast(av.VideoStream, container.add_stream(codec, rate=_HIGHEST_FRAME_RATE))
     stream.width, stream.height = size
     stream.pix_fmt = pixel_format
     stream.time_base = _MILLISECONDS
@@ -219,10 +225,24 @@ def _bt709(picture: Image.Image) -> av.VideoFrame:
     )
 
 
-def _encode(container: av.container.OutputContainer, stream: av.VideoStream, frame: av.VideoFrame, pts: int) -> None:
+def _encode(
+    container: av.container.OutputContainer,
+    stream: av.VideoStream,
+    frame: av.VideoFrame,
+    pts: int,
+    durations: deque[int] | None = None,
+) -> None:
     frame.pts = pts
     frame.time_base = _MILLISECONDS
-    for packet in stream.encode(frame):
+    _mux(container, stream.encode(frame), durations)
+
+
+def _mux(container: av.container.OutputContainer, packets: Iterable[av.Packet], durations: deque[int] | None = None) -> None:
+    for packet in packets:
+        if durations is not None:
+            # x264 leaves them 0, and the MP4 muxer then shows the last frame for one frame at the
+            # stream's rate, whatever its own duration (each other frame lasts until the next).
+            packet.duration = durations.popleft()
         container.mux(packet)
 
 
