@@ -117,6 +117,30 @@ def test_an_opaque_animation_keeps_each_frames_duration(fmt: str, mime: str) -> 
     assert webp_frame_durations(renditions(result.animation)[ANIMATION]) == [300, 100, 200]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "durations", "shown"),
+    [
+        # GIF delays are in centiseconds; 0 and 1 are shown for 100 ms.
+        ("GIF", (0, 10, 20, 30), (100, 100, 20, 30)),
+        # A 60 fps WebP or APNG: 16 and 17 ms are shown as they are.
+        ("WEBP", (0, 10, 11, 16, 17), (100, 100, 11, 16, 17)),
+        ("PNG", (0, 10, 11, 16, 17), (100, 100, 11, 16, 17)),
+    ],
+)
+def test_a_frame_of_10_ms_or_less_is_shown_for_100_as_browsers_do_and_any_longer_as_it_is(
+    fmt: str, durations: tuple[int, ...], shown: tuple[int, ...]
+) -> None:
+    frames = [Image.new("RGB", (64, 48), (40 * index, 80, 160)) for index in range(len(durations))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=list(durations), loop=0)
+    result = transcode(buffer.getvalue(), f"image/{fmt.lower()}")
+    assert result.animation is not None
+    assert result.animation.duration_ms == sum(shown)
+    made = renditions(result.animation)
+    assert webp_frame_durations(made[ANIMATION]) == list(shown)
+    assert mp4_facts(made[GIFV])[3] == pytest.approx(sum(shown) / 1000, abs=0.002)
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
 def test_the_webps_last_frame_lasts_its_own_duration(fmt: str) -> None:
     # A long last frame, a pause before the loop starts again, is common in GIFs.
@@ -193,8 +217,8 @@ def test_the_mp4_is_tagged_bt709_and_its_colours_come_back_in_ffmpeg(tmp_path: P
 
 
 def test_the_mp4_declares_the_h264_level_its_frames_need_and_lasts_as_long_as_they_do(tmp_path: Path) -> None:
-    # 600x600 (the box) at most 50 frames a second (20 ms each) is level 3.1; the clock the frames
-    # are timed on, in milliseconds, is no frame rate of theirs.
+    # 600x600 (the box) at most 1000/11 frames a second (a frame of 10 ms or less is shown for 100)
+    # is level 3.2; the clock the frames are timed on, in milliseconds, is no frame rate of theirs.
     frames = [Image.new("RGB", (600, 600), colour[:3]) for colour in COLOURS]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=[20, 300, 1500], loop=0)
@@ -206,7 +230,7 @@ def test_the_mp4_declares_the_h264_level_its_frames_need_and_lasts_as_long_as_th
         capture_output=True, check=True, text=True,
     )
     stream = json.loads(probe.stdout)["streams"][0]
-    assert (stream["profile"], stream["level"], stream["nb_read_frames"]) == ("High", 31, "3")
+    assert (stream["profile"], stream["level"], stream["nb_read_frames"]) == ("High", 32, "3")
     assert float(stream["duration"]) == pytest.approx(1.82, abs=0.002)
 
 

@@ -8,9 +8,9 @@ whatever the length. An animation over any of `AnimationLimits` keeps its stills
 the upload is still good, it is just not worth animating at that size.
 
 Frame timing is kept in milliseconds: each frame is shown for the duration its source
-gives (browsers show a GIF frame of 0 or 10 ms for 100 ms, and so do we). The WebP keeps
-the frames' alpha; the MP4 has none, so transparent pixels are composited over white; its
-sides are rounded down to even numbers, as 4:2:0 needs.
+gives (browsers show a frame of 10 ms or less for 100 ms, whatever its format, and so do
+we). The WebP keeps the frames' alpha; the MP4 has none, so transparent pixels are
+composited over white; its sides are rounded down to even numbers, as 4:2:0 needs.
 
 Both are sRGB: the WebP carries no profile, which browsers take for sRGB, and the MP4 is
 tagged BT.709 (primaries, transfer, matrix, limited range) as the video renditions are,
@@ -60,13 +60,14 @@ ANIMATION = "animation"
 GIFV = "gifv"
 _ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP", "AVIF"})
 _MILLISECONDS = Fraction(1, 1000)
-# What browsers do with a GIF frame shown for (nearly) no time.
-_SHORTEST_FRAME_MS = 20
+# Chromium and Firefox show a frame of any format that lasts this long or less (a GIF's 0 or
+# 1 centisecond) for _DEFAULT_FRAME_MS; a 60 fps WebP's or APNG's 16 or 17 ms they show as they are.
+_NO_DURATION_MS = 10
 _DEFAULT_FRAME_MS = 100
 # The streams' frame rate, from which x264 works out the H.264 level the MP4 declares: the
-# most the frames reach. At the 1000 fps of their millisecond clock, a 600x600 gifv declared
-# level 5.2, past what many phones decode; at 50 it is 3.1.
-_HIGHEST_FRAME_RATE = 1000 // _SHORTEST_FRAME_MS
+# most the frames reach, a frame every 11 ms. At the 1000 fps of their millisecond clock, a
+# 600x600 gifv declared level 5.2, past what many phones decode; at this rate it is 3.2.
+_HIGHEST_FRAME_RATE = Fraction(1000, _NO_DURATION_MS + 1)
 _WEBP_QUALITY = "75"
 # FFmpeg's bgra: libwebp takes the frames as RGBA and makes their YUV itself, weighting each
 # pixel's colour by its alpha, so that a transparent pixel's colour (black, often) does not darken
@@ -198,7 +199,7 @@ def _ending_at(webp: bytes, end_ms: int) -> bytes:
 
 def _duration(image: Image.Image) -> int:
     duration = int(image.info.get("duration") or _DEFAULT_FRAME_MS)
-    return _DEFAULT_FRAME_MS if duration < _SHORTEST_FRAME_MS else duration
+    return _DEFAULT_FRAME_MS if duration <= _NO_DURATION_MS else duration
 
 
 def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int, int], pixel_format: str,
