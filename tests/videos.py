@@ -193,6 +193,36 @@ def claims(path: Path, source: Path, seconds: float) -> Path:
     return path
 
 
+def _child(data: bytes | bytearray, start: int, end: int, kind: bytes) -> tuple[int, int]:
+    """The first box of that type between start and end: (start, end)."""
+    return next((at, box_end) for found, at, box_end in _boxes(data, start, end) if found == kind)
+
+
+def edited(path: Path, source: Path, start: float, seconds: float) -> Path:
+    """source (made by `h264`: ffmpeg gives each track an edit list of one edit) with its video track's
+    edit starting `start` seconds into the track's media and lasting `seconds`, past the media's end
+    if asked, and the track's and the movie's durations (tkhd, mvhd; version 0) stretched to match."""
+    data = bytearray(source.read_bytes())
+    moov = _child(data, 0, len(data), b"moov")
+    mvhd = _child(data, moov[0] + 8, moov[1], b"mvhd")
+    trak = _child(data, moov[0] + 8, moov[1], b"trak")
+    edts = _child(data, trak[0] + 8, trak[1], b"edts")
+    elst = _child(data, edts[0] + 8, edts[1], b"elst")
+    mdia = _child(data, trak[0] + 8, trak[1], b"mdia")
+    mdhd = _child(data, mdia[0] + 8, mdia[1], b"mdhd")
+    movie_timescale = struct.unpack_from(">I", data, mvhd[0] + 20)[0]
+    media_timescale = struct.unpack_from(">I", data, mdhd[0] + 20)[0]
+    # elst: size, type, version/flags, entry count; then each edit's duration (the movie's
+    # timescale), where it starts in the media (the media's timescale) and its rate.
+    assert struct.unpack_from(">II", data, elst[0] + 8) == (0, 1)
+    edit = round(seconds * movie_timescale)
+    struct.pack_into(">Ii", data, elst[0] + 16, edit, round(start * media_timescale))
+    struct.pack_into(">I", data, _child(data, trak[0] + 8, trak[1], b"tkhd")[0] + 28, edit)
+    struct.pack_into(">I", data, mvhd[0] + 24, max(edit, struct.unpack_from(">I", data, mvhd[0] + 24)[0]))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def turned(path: Path, source: Path, degrees: float | None) -> Path:
     """source with its video track's matrix (tkhd, version 0) turning the picture by `degrees`, any
     angle, as a hostile or odd writer may store it; None for an all-zero matrix, which turns nothing."""

@@ -186,6 +186,20 @@ async def test_a_variable_frame_rate_source_is_capped_by_its_bursts_not_its_aver
     assert make.probe(made[-1].path)["streams"][0]["level"] <= 40
 
 
+async def test_an_edit_list_past_the_end_of_its_media_ends_where_the_media_ends(clips):
+    # A second of frames under an edit, and headers, of three seconds: ffmpeg, as players, ends the
+    # video where its media ends, and the facts and the bitrate are those of that second.
+    path = make.edited(clips / "edit-past-end.mp4", make.h264(clips / "edit-1s.mp4"), start=0.0, seconds=3.0)
+    assert float(make.probe(path)["format"]["duration"]) == 3.0
+    source, made = await _transcode(path, "video/mp4", clips / "edit-past-end")
+    assert source.duration_seconds == pytest.approx(1.0, abs=0.05)
+    make.check_rendition(made[0].path, width=320, height=240, duration=source.duration_seconds, audio=True)
+    assert make.frame_count(made[0].path) == 30
+    assert made[0].bitrate == pytest.approx(made[0].size_bytes * 8 / 1.0, rel=0.05)
+    poster = transcode_poster(made[0].path, "video/mp4")
+    assert (poster.width, poster.height) == (320, 240)
+
+
 async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips):
     # The corpus file is Matroska written live: no duration in its header.
     source, made = await _transcode(CORPUS / "video/test.webm", "video/webm", clips / "webm")
@@ -232,9 +246,13 @@ async def test_an_hdr_or_bt2020_source_that_leaves_out_its_primaries_or_matrix_i
         (lambda d: _write(d / "text.mp4", b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 100), videos.VideoLimits(), "corrupt video"),
         # Sound only in a codec off the allow-list: its decoder is never reached.
         (lambda d: make.dubbed(d / "adpcm.mov", ("adpcm_ima_qt", 44100)), videos.VideoLimits(), "unsupported format"),
+        # The video's one edit starts after its second of frames: nothing of it is shown. ffmpeg made
+        # renditions of the sound alone, and the poster failed once their work was done.
+        (lambda d: make.edited(d / "edit-after.mp4", make.h264(d / "edited.mp4"), start=2.0, seconds=1.0), videos.VideoLimits(),
+         "corrupt video"),
     ],
     ids=["claims-10h", "claims-1s-holds-4s", "claims-0s-holds-4s", "truncated", "1x1", "4096x16", "too-large", "too-fast", "garbage",
-         "adpcm-sound"],
+         "adpcm-sound", "edit-after-the-media"],
 )
 async def test_refused_from_the_container_before_decoding(tmp_path, build, limits, reason):
     path = build(tmp_path)

@@ -404,11 +404,14 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
                 stated = replace(stated, transfer=await _frame_transfer(path, mime, stated, limits) or stated.transfer)
     except TimeoutError:
         raise PermanentImagingError(PROBE_TIMED_OUT) from None
-    source = replace(stated, duration_seconds=max(stated.duration_seconds, measured))
-    if source.duration_seconds <= 0:
+    # Checked: the longer of the two, as a header may claim hours over a second of frames. Reported
+    # and timed: what the packets present, as the renditions and a player end where the media ends
+    # (an edit list that runs past it lengthens only the headers).
+    longest = max(stated.duration_seconds, measured)
+    if longest <= 0:
         raise PermanentImagingError(CORRUPT_VIDEO)
-    check(source, limits)
-    return source
+    check(replace(stated, duration_seconds=longest), limits)
+    return replace(stated, duration_seconds=measured or stated.duration_seconds)
 
 
 async def _frame_transfer(path: Path, mime: str, source: Source, limits: VideoLimits) -> str | None:
@@ -442,16 +445,19 @@ def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> 
 
 
 async def _measured_duration(path: Path, mime: str, source: Source, limits: VideoLimits) -> float:
-    """How long the renditions' streams last by their packets' timestamps, counted from where ffmpeg
-    starts the renditions' clock; demuxing only, nothing decoded. Reading stops once past the
-    limit, and the packets are read as they come, so a file of millions of them costs no memory;
-    a file with more packets than the limits allow is refused when it passes them, since each one
-    costs the worker a line to parse."""
+    """How long the renditions' streams last by the timestamps of the packets they present, counted
+    from where ffmpeg starts the renditions' clock; demuxing only, nothing decoded. Reading stops
+    once past the limit, and the packets are read as they come, so a file of millions of them costs
+    no memory; a file with more packets than the limits allow is refused when it passes them, since
+    each one costs the worker a line to parse. A video stream that presents no frame at all (its MP4
+    edit list starts past the end of its media) is refused as corrupt: there is nothing to show."""
     wanted = {source.video_index, source.audio_index}
     video_packets = other_packets = 0
+    shows_video = False
     bound = limits.max_duration_seconds
     process = await asyncio.create_subprocess_exec(
-        *_ffprobe_command(path, mime, limits, "-show_entries", "packet=stream_index,pts_time,duration_time", "-of", "csv=p=0"),
+        *_ffprobe_command(path, mime, limits, "-show_entries", "packet=stream_index,pts_time,duration_time,flags",
+                          "-of", "csv=p=0"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     assert process.stdout is not None
@@ -461,19 +467,23 @@ async def _measured_duration(path: Path, mime: str, source: Source, limits: Vide
             fields = line.decode().strip().split(",")
             # A packet with side data (AAC's priming samples, say) ends its line with a comma and
             # is followed by an empty one: the side data section, whose fields were not asked for.
-            if len(fields) < 3:
+            if len(fields) < 4:
                 continue
-            index, pts, length = int(fields[0]), fields[1], fields[2]
+            index, pts, length, flags = int(fields[0]), fields[1], fields[2], fields[3]
             if index == source.video_index:
                 video_packets += 1
             else:
                 other_packets += 1
             if video_packets > limits.max_video_packets or other_packets > limits.max_other_packets:
                 raise PermanentImagingError(TOO_MANY_PACKETS)
-            if index in wanted and pts != "N/A":
-                measured = max(measured, float(pts) + (_seconds(length) or 0.0) - source.start_seconds)
-                if measured > bound:
-                    return measured
+            # "D": a packet outside the container's edit list, decoded only as a reference for
+            # the frames shown after it; the renditions, as players, never show it.
+            if index in wanted and "D" not in flags:
+                shows_video = shows_video or index == source.video_index
+                if pts != "N/A":
+                    measured = max(measured, float(pts) + (_seconds(length) or 0.0) - source.start_seconds)
+                    if measured > bound:
+                        return measured
         await process.wait()
     except ValueError:
         raise PermanentImagingError(CORRUPT_VIDEO) from None
@@ -482,7 +492,7 @@ async def _measured_duration(path: Path, mime: str, source: Source, limits: Vide
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
-    if process.returncode != 0:
+    if process.returncode != 0 or not shows_video:
         raise PermanentImagingError(CORRUPT_VIDEO)
     return measured
 
