@@ -130,6 +130,20 @@ def bursts(path: Path, size: str = "1920x1080", seconds: float = 1.0) -> Path:
     return path
 
 
+def stretches(path: Path, *rates: int, seconds: float = 2.0) -> Path:
+    """A phone's variable frame rate: 320x240 video, `seconds` at each of `rates` fps in turn, every
+    frame at its own time on a 600 Hz clock (an iPhone's .mov timescale; Matroska keeps milliseconds).
+    H.264, but VP9 in a .webm (as Android and browsers record)."""
+    inputs = [arg for rate in rates for arg in _testsrc("320x240", seconds, rate)]
+    graph = "".join(f"[{i}:v]settb=1/600[s{i}];" for i in range(len(rates)))
+    graph += "".join(f"[s{i}]" for i in range(len(rates))) + f"concat=n={len(rates)}:v=1[v]"
+    timescale = ["-video_track_timescale", "600"] if path.suffix == ".mov" else []
+    codec = ["libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"] if path.suffix == ".webm" else ["libx264", "-preset", "ultrafast"]
+    ffmpeg(*inputs, "-filter_complex", graph, "-map", "[v]", "-fps_mode", "passthrough", "-enc_time_base", "1/600",
+           "-c:v", *codec, "-pix_fmt", "yuv420p", *timescale, str(path))
+    return path
+
+
 def packed_sound(path: Path, seconds: float, rate: int) -> Path:
     """A 64x64 video at 1 fps in Matroska beside PCM sound of one sample a packet: `rate` packets a second."""
     ffmpeg(*_testsrc("64x64", seconds, 1), "-f", "lavfi", "-i", f"anullsrc=r={rate}:cl=mono", "-t", str(seconds),
@@ -386,6 +400,15 @@ def frame_count(path: Path) -> int:
     out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
                           "stream=nb_read_frames", "-of", "csv=p=0", str(path)], check=True, capture_output=True, text=True)
     return int(out.stdout)
+
+
+def frame_times(path: Path, *, keyframes: bool = False) -> list[float]:
+    """The times of path's video frames (or of its keyframes only), in order, to the millisecond, by
+    their packets: nothing decoded."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags", "-of",
+                          "csv=p=0", str(path)], check=True, capture_output=True, text=True).stdout
+    packets = [line.split(",") for line in out.split() if line.strip(",")]
+    return sorted(round(float(fields[0]), 3) for fields in packets if not keyframes or "K" in fields[1])
 
 
 def ssim(a: Path, b: Path) -> float:

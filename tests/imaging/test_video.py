@@ -125,8 +125,7 @@ async def test_the_ladder_follows_the_source_and_never_upscales(clips, size, run
 
 def _shown(width: int, height: int) -> videos.Source:
     return videos.Source(codec="h264", video_index=0, audio_index=None, coded_width=width, coded_height=height, width=width,
-                         height=height, rotation=0, duration_seconds=1.0, start_seconds=0.0, frame_rate=30.0, nominal_frame_rate=30.0,
-                         transfer="")
+                         height=height, rotation=0, duration_seconds=1.0, start_seconds=0.0, frame_rate=30.0, transfer="")
 
 
 @pytest.mark.parametrize(
@@ -177,11 +176,17 @@ async def test_a_variable_frame_rate_source_is_capped_by_its_bursts_not_its_aver
     source, made = await _transcode(source_path, "video/mp4", clips / "bursts")
     assert make.probe(source_path)["streams"][0]["r_frame_rate"] == "60/1"
     assert source.frame_rate < videos.MAX_RENDITION_FPS, "the average, as Media.frame_rate reports it"
+    times = make.frame_times(source_path)
     for rendition in made:
-        stream = make.check_rendition(rendition.path, width=rendition.width, height=rendition.height,
-                                      duration=source.duration_seconds, audio=False)
-        assert stream["r_frame_rate"] == "30/1"
-        assert int(stream["nb_frames"]) <= round(videos.MAX_RENDITION_FPS * source.duration_seconds)
+        make.check_rendition(rendition.path, width=rendition.width, height=rendition.height,
+                             duration=source.duration_seconds, audio=False)
+        kept = make.frame_times(rendition.path)
+        # The bursts thinned to the cap; every frame kept at its own time, none duplicated.
+        assert min(b - a for a, b in zip(kept, kept[1:], strict=False)) >= videos.MIN_FRAME_INTERVAL_SECONDS - 0.001
+        assert set(kept) <= set(times)
+        assert len(set(kept)) == len(kept)
+        # A frame the cap's interval or more after the one before it is never dropped.
+        assert {b for a, b in zip(times, times[1:], strict=False) if b - a >= 1 / videos.MAX_RENDITION_FPS} <= set(kept)
     # At 1080p, 30 fps is level 4.0; 60 fps would be 4.2, past what many phones decode.
     assert make.probe(made[-1].path)["streams"][0]["level"] <= 40
 
@@ -198,6 +203,27 @@ async def test_an_edit_list_past_the_end_of_its_media_ends_where_the_media_ends(
     assert made[0].bitrate == pytest.approx(made[0].size_bytes * 8 / 1.0, rel=0.05)
     poster = transcode_poster(made[0].path, "video/mp4")
     assert (poster.width, poster.height) == (320, 240)
+
+
+@pytest.mark.parametrize(
+    ("name", "mime"), [("stretches.mov", "video/quicktime"), ("stretches.mkv", "video/webm"), ("stretches.webm", "video/webm")]
+)
+async def test_a_variable_frame_rate_source_keeps_every_frame_at_its_time(clips, name, mime):
+    # 24 fps, then 30, as a phone's clip that sped up when the light came back. The MOV's nominal
+    # rate (r_frame_rate) is 120, the rate all its timestamps fit on: its renditions were made at a
+    # constant 30 fps, the 24 fps stretch's frames duplicated. The H.264 Matroska file's header
+    # average is its clock's 1000 fps: it was refused as "frame rate too high". The VP9 WebM's rates
+    # are both 24, its first frames': the encoder's clock ran at 24 fps, and one frame in five of the
+    # 30 fps stretch, meeting another on it, was dropped.
+    path = make.stretches(clips / name, 24, 30)
+    source, made = await _transcode(path, mime, clips / name.replace(".", "-"))
+    for rendition in made:
+        make.check_rendition(rendition.path, width=320, height=240, duration=source.duration_seconds, audio=False)
+        assert make.frame_times(rendition.path) == make.frame_times(path)
+        # A keyframe every 2 s of the frames' time, whatever their rate.
+        assert {0.0, 2.0} <= set(make.frame_times(rendition.path, keyframes=True))
+    # The frames' mean rate, start to start: 107 intervals in 3.97 s.
+    assert source.frame_rate == pytest.approx((48 + 60 - 1) / (4 - 1 / 30), abs=0.01)
 
 
 async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips):
@@ -631,12 +657,12 @@ async def test_the_renditions_are_shaped_as_ffmpeg_turns_the_frames(clips, degre
     "spoil",
     [
         lambda video: video.update(width="wide"),
-        lambda video: video.update(avg_frame_rate="thirty/1"),
+        lambda video: video.update(sample_aspect_ratio="wide:1"),
         lambda video: video.update(side_data_list=[{"displaymatrix": "a quarter", "rotation": 90}]),
         lambda video: video.pop("index"),
         lambda video: video.update(duration=["1.0"]),
     ],
-    ids=["width", "frame-rate", "rotation", "no-index", "duration"],
+    ids=["width", "aspect-ratio", "rotation", "no-index", "duration"],
 )
 def test_a_malformed_probe_report_is_a_corrupt_video_not_a_crash(clips, spoil):
     report = make.probe(make.h264(clips / "report.mp4", audio=False))

@@ -115,6 +115,13 @@ MAX_AUDIO_SAMPLE_RATE = 48000
 AUDIO_PACKETS_PER_SECOND = 400
 # The frame rate no rendition exceeds: 60 fps sources are halved.
 MAX_RENDITION_FPS = 30
+# The cap as the renditions' frames see it: a frame closer than this to the last one kept is
+# dropped, and every frame kept keeps its timestamp. A tenth under 1/30 s, since a phone's 30 fps
+# clock jitters by a tick of its 600 Hz timescale (19/600 s) and no such frame may go; no instant
+# of a rendition is above 33 fps.
+MIN_FRAME_INTERVAL_SECONDS = 0.9 / MAX_RENDITION_FPS
+# A keyframe at least this often, by the frames' time, whatever their rate.
+KEYFRAME_SECONDS = 2
 
 
 def memory_cap_bytes(threads: int) -> int:
@@ -209,11 +216,12 @@ class Source:
     duration_seconds: float
     # Where the container's clock starts: ffmpeg counts the renditions' time from here.
     start_seconds: float
-    # The average frame rate (frames over duration), what Media.frame_rate reports and the limit
-    # checks; and the stream's nominal one (ffprobe's r_frame_rate), which a variable-frame-rate
-    # source's bursts reach: a phone's 60 fps stream that drops frames averages far below it.
+    # The average frame rate, what Media.frame_rate reports and the limit checks: one over the mean
+    # interval between the video frames shown, by their packets (probe). The headers' average is no
+    # measure of a variable-frame-rate stream: in Matroska it is the rate of the timestamps' clock
+    # when the track states one (1000 for a phone's H.264 that ffmpeg wrote), else an estimate from
+    # its first frames. The renditions follow the frames' timestamps, never this figure (command).
     frame_rate: float
-    nominal_frame_rate: float
     # The colour tags as ffprobe names them ("" when untagged).
     transfer: str
     matrix: str = ""
@@ -224,11 +232,6 @@ class Source:
     @property
     def has_audio(self) -> bool:
         return self.audio_index is not None
-
-    @property
-    def is_capped(self) -> bool:
-        """Whether the renditions' frame rate is capped: when the average or the bursts go past it."""
-        return max(self.frame_rate, self.nominal_frame_rate) > MAX_RENDITION_FPS + 0.01
 
     @property
     def is_hdr(self) -> bool:
@@ -320,7 +323,8 @@ def _seconds(text: str | None) -> float | None:
 
 def parse_probe(report: dict) -> Source:
     """ffprobe's JSON (streams and format) as a Source whose duration is the longest the headers state
-    (0 when they state none); PermanentImagingError when it holds no usable video, or is malformed.
+    (0 when they state none) and whose frame rate is 0 (the packets' to tell: probe);
+    PermanentImagingError when it holds no usable video, or is malformed.
     """
     try:
         return _source(report)
@@ -350,10 +354,6 @@ def _source(report: dict) -> Source:
     # turned inside the frame's own size (its rotate filter), so the frames keep their shape.
     if rotation % 180 == 90:
         width, height = height, width
-    nominal = _ratio(video.get("r_frame_rate"))
-    rate = _ratio(video.get("avg_frame_rate")) or nominal
-    if rate is None:
-        raise PermanentImagingError(CORRUPT_VIDEO)
     container = report.get("format", {})
     stated = [d for d in (_seconds(container.get("duration")), _seconds(video.get("duration"))) if d is not None]
     return Source(
@@ -367,8 +367,7 @@ def _source(report: dict) -> Source:
         rotation=rotation,
         duration_seconds=max(stated, default=0.0),
         start_seconds=_seconds(container.get("start_time")) or 0.0,
-        frame_rate=float(rate),
-        nominal_frame_rate=float(nominal or rate),
+        frame_rate=0.0,
         audio_sample_rate=0 if audio is None else int(audio.get("sample_rate") or 0),
         transfer=video.get("color_transfer", ""),
         matrix=video.get("color_space", ""),
@@ -393,13 +392,13 @@ def check(source: Source, limits: VideoLimits) -> None:
 
 async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     """The source's facts from its container, checked against the limits: first as its headers state
-    them, then with the duration its packets actually last. The whole probe is bounded by
-    limits.max_probe_seconds, and ffprobe never outlives it, cancelled or not."""
+    them, then with the duration and the frame rate its packets actually present. The whole probe is
+    bounded by limits.max_probe_seconds, and ffprobe never outlives it, cancelled or not."""
     try:
         async with asyncio.timeout(limits.max_probe_seconds):
             stated = parse_probe(await _ffprobe(path, mime, limits, "-show_streams", "-show_format"))
             check(stated, limits)
-            measured = await _measured_duration(path, mime, stated, limits)
+            presented = await _presented(path, mime, stated, limits)
             if stated.primaries == "bt2020" and not stated.is_hdr:
                 stated = replace(stated, transfer=await _frame_transfer(path, mime, stated, limits) or stated.transfer)
     except TimeoutError:
@@ -407,11 +406,14 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     # Checked: the longer of the two, as a header may claim hours over a second of frames. Reported
     # and timed: what the packets present, as the renditions and a player end where the media ends
     # (an edit list that runs past it lengthens only the headers).
-    longest = max(stated.duration_seconds, measured)
+    longest = max(stated.duration_seconds, presented.duration_seconds)
     if longest <= 0:
         raise PermanentImagingError(CORRUPT_VIDEO)
-    check(replace(stated, duration_seconds=longest), limits)
-    return replace(stated, duration_seconds=measured or stated.duration_seconds)
+    source = replace(
+        stated, duration_seconds=presented.duration_seconds or stated.duration_seconds, frame_rate=presented.frame_rate
+    )
+    check(replace(source, duration_seconds=longest), limits)
+    return source
 
 
 async def _frame_transfer(path: Path, mime: str, source: Source, limits: VideoLimits) -> str | None:
@@ -444,16 +446,28 @@ def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> 
     ]
 
 
-async def _measured_duration(path: Path, mime: str, source: Source, limits: VideoLimits) -> float:
+@dataclass(frozen=True)
+class _Presented:
+    """What the packets of the renditions' streams present (see _presented)."""
+
+    # From where the renditions' clock starts to the end of the last packet.
+    duration_seconds: float
+    # One over the video frames' mean interval, start to start (the last frame's own duration may be
+    # stretched to its edit's end), to a thousandth (ffprobe prints microseconds); 0 for one frame.
+    frame_rate: float
+
+
+async def _presented(path: Path, mime: str, source: Source, limits: VideoLimits) -> _Presented:
     """How long the renditions' streams last by the timestamps of the packets they present, counted
-    from where ffmpeg starts the renditions' clock; demuxing only, nothing decoded. Reading stops
-    once past the limit, and the packets are read as they come, so a file of millions of them costs
-    no memory; a file with more packets than the limits allow is refused when it passes them, since
-    each one costs the worker a line to parse. A video stream that presents no frame at all (its MP4
-    edit list starts past the end of its media) is refused as corrupt: there is nothing to show."""
+    from where ffmpeg starts the renditions' clock, and the video's average frame rate; demuxing
+    only, nothing decoded. Reading stops once past the duration limit, and the packets are read as
+    they come, so a file of millions of them costs no memory; a file with more packets than the
+    limits allow is refused when it passes them, since each one costs the worker a line to parse. A
+    video stream that presents no frame at all (its MP4 edit list starts past the end of its media)
+    is refused as corrupt: there is nothing to show."""
     wanted = {source.video_index, source.audio_index}
-    video_packets = other_packets = 0
-    shows_video = False
+    video_packets = other_packets = shown = 0
+    first_frame, last_frame = math.inf, -math.inf
     bound = limits.max_duration_seconds
     process = await asyncio.create_subprocess_exec(
         *_ffprobe_command(path, mime, limits, "-show_entries", "packet=stream_index,pts_time,duration_time,flags",
@@ -479,11 +493,15 @@ async def _measured_duration(path: Path, mime: str, source: Source, limits: Vide
             # "D": a packet outside the container's edit list, decoded only as a reference for
             # the frames shown after it; the renditions, as players, never show it.
             if index in wanted and "D" not in flags:
-                shows_video = shows_video or index == source.video_index
+                shown += index == source.video_index
                 if pts != "N/A":
-                    measured = max(measured, float(pts) + (_seconds(length) or 0.0) - source.start_seconds)
+                    start = float(pts)
+                    end = start + (_seconds(length) or 0.0)
+                    if index == source.video_index:
+                        first_frame, last_frame = min(first_frame, start), max(last_frame, start)
+                    measured = max(measured, end - source.start_seconds)
                     if measured > bound:
-                        return measured
+                        return _Presented(measured, 0.0)
         await process.wait()
     except ValueError:
         raise PermanentImagingError(CORRUPT_VIDEO) from None
@@ -492,9 +510,10 @@ async def _measured_duration(path: Path, mime: str, source: Source, limits: Vide
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
-    if process.returncode != 0 or not shows_video:
+    if process.returncode != 0 or not shown:
         raise PermanentImagingError(CORRUPT_VIDEO)
-    return measured
+    span = last_frame - first_frame
+    return _Presented(measured, round((shown - 1) / span, 3) if span > 0 else 0.0)
 
 
 async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> dict:
@@ -522,7 +541,13 @@ def command(
     source_path: Path, mime: str, source: Source, planned: list[Planned], out_dir: Path, limits: VideoLimits, threads: int
 ) -> list[str]:
     """The ffmpeg command that makes every planned rendition in one decode."""
-    chain = []
+    # The frame-rate cap first, so that no filter works on a frame it drops. It drops frames and
+    # duplicates none, on every source: neither of ffprobe's rates can say which needs it, since a
+    # phone's variable-frame-rate stream runs at 24 fps here and 60 there, its average is neither,
+    # and its nominal rate (r_frame_rate) is read from its first frames or is the rate all its
+    # timestamps fit on (120 for 24 and 30). `fps=30` would make it constant-rate, duplicating the
+    # frames of its slower stretches.
+    chain = [f"select='isnan(prev_selected_t)+gte(t-prev_selected_t\\,{MIN_FRAME_INTERVAL_SECONDS:.6f})'"]
     if source.is_hdr or source.is_bt2020_sdr:
         # zscale finds no path from a frame whose primaries or matrix are unspecified, and the run
         # failed though every frame decodes: left out, they are read as BT.2020's, those HLG and PQ
@@ -543,8 +568,6 @@ def command(
         chain.append(TONEMAP_CHAIN)
     elif source.is_bt2020_sdr:
         chain.append(BT2020_TO_BT709_CHAIN)
-    if source.is_capped:
-        chain.append(f"fps={MAX_RENDITION_FPS}")
     # ffmpeg's autorotate has already turned the frames upright before this graph.
     chain.append(f"split={len(planned)}" + "".join(f"[s{i}]" for i in range(len(planned))))
     # By index: "v:0" would be the first video stream, which may be an attached cover picture.
@@ -554,7 +577,6 @@ def command(
     colour = f"in_color_matrix={source.scale_matrix}:out_color_matrix=bt709:out_range=tv"
     for i, item in enumerate(planned):
         graph += f";[s{i}]scale={item.width}:{item.height}:flags=bicubic:{colour},setsar=1,format=yuv420p[v{i}]"
-    gop = max(1, round((MAX_RENDITION_FPS if source.is_capped else source.frame_rate) * 2))
     args = [
         "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y", "-xerror",
         "-protocol_whitelist", _PROTOCOLS, "-threads", str(threads),
@@ -578,11 +600,18 @@ def command(
             "-c:v", "libx264", "-threads", str(threads), "-preset", X264_PRESET, "-rc-lookahead", str(X264_LOOKAHEAD_FRAMES),
             "-profile:v", "high",
             "-pix_fmt", "yuv420p", "-crf", str(rung.crf), "-maxrate", str(rung.maxrate_bps),
-            "-bufsize", str(rung.bufsize_bits), "-g", str(gop),
+            "-bufsize", str(rung.bufsize_bits),
+            # Keyframes by time, as a variable frame rate spaces frames unevenly; x264's own interval
+            # (in frames) is no shorter at the cap's rate.
+            "-force_key_frames", f"expr:gte(t,n_forced*{KEYFRAME_SECONDS})", "-g", str(KEYFRAME_SECONDS * MAX_RENDITION_FPS),
             "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709",
-            # Frames as the graph gives them: the MP4 muxer's default is a constant rate at the
-            # source's nominal one, which duplicates a variable-frame-rate source's frames up to it.
-            "-fps_mode", "vfr",
+            # Frames as the graph gives them, at their own timestamps: the MP4 muxer's default is a
+            # constant rate at the source's nominal one, which duplicates a variable-frame-rate
+            # source's frames up to it, and the encoder's default time base, 1/that rate, moved
+            # every frame onto its grid and dropped those that met on it (a stream nominally 24 fps
+            # lost a frame in five of its 30 fps stretches). x264 is told the cap's rate, from which
+            # it sets the level.
+            "-fps_mode", "vfr", "-enc_time_base:v", "-1", "-r", str(MAX_RENDITION_FPS),
             "-map_metadata", "-1", "-map_chapters", "-1", "-movflags", "+faststart", "-f", "mp4",
             str(out_dir / f"{rung.name}.mp4"),
         ]
