@@ -166,6 +166,26 @@ def tiny(path: Path) -> Path:
     return path
 
 
+def vp9(path: Path, seconds: float = 1.0) -> Path:
+    """320x240 VP9 in WebM, as Android and browsers record, encoded the same way every time (one thread)."""
+    ffmpeg(*_testsrc("320x240", seconds), "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-threads", "1",
+           "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+def broken_frame(path: Path, source: Path, frame: int = 10) -> Path:
+    """source (WebM) with 16 bytes of a frame's compressed data, 8 bytes in, zeroed: a frame VP9's
+    decoder refuses without a word in FFmpeg's log, every container byte left intact."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pos", "-of", "csv=p=0",
+                          str(source)], check=True, capture_output=True, text=True).stdout
+    # A block's data starts after its track number, timecode and flags (4 bytes).
+    start = int(out.split()[frame].strip(",")) + 4 + 8
+    data = bytearray(source.read_bytes())
+    data[start:start + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def truncated(path: Path, source: Path) -> Path:
     """The first half of an MP4 whose index (moov) comes last: the index is gone."""
     data = source.read_bytes()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -394,6 +395,43 @@ async def test_a_run_past_its_memory_cap_fails_for_good_as_too_large_and_leaves_
     assert refused.value.message == videos.VIDEO_TOO_LARGE
     # The session's other children (servers that fixtures started) are not this run's.
     assert not [pid for pid in children_of(os.getpid()) if _command(pid) in ("ffmpeg", "prlimit", "nice")]
+
+
+async def test_a_stream_that_fails_to_decode_without_a_word_is_corrupt_not_too_large(clips):
+    # ffmpeg's -xerror stops at VP9's refusal of this frame and its log says nothing: under the
+    # memory cap, that silence was taken for an allocation that failed ("video too large").
+    path = make.broken_frame(clips / "broken-frame.webm", make.vp9(clips / "whole.webm"))
+    silent = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"], capture_output=True)
+    assert (silent.returncode, silent.stderr) == (1, b"")
+    source = await videos.probe(path, "video/webm", _DEFAULT_LIMITS)
+    (clips / "broken-frame").mkdir()
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.transcode(path, "video/webm", source, clips / "broken-frame", limits=_DEFAULT_LIMITS,
+                               timeout_seconds=60, on_progress=_always, threads=1)
+    assert refused.value.message == "corrupt video"
+
+
+@pytest.mark.parametrize("processes", [1, 3], ids=["decoder-threads", "encoder-threads"])
+async def test_a_thread_that_cannot_start_fails_the_attempt_not_the_media(monkeypatch, processes):
+    # A limit on the processes and threads of ffmpeg's user, not its memory, refuses its threads
+    # (EAGAIN): with one process, the decoder's frame threads; with three, x264's, and its encoder
+    # does not open. Both were FAILED "video too large" for good, where the host is what failed.
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        work.chmod(0o777)
+        source_path = make.h264(work / "threads.mp4")
+        source_path.chmod(0o644)
+        source = await videos.probe(source_path, "video/mp4", _DEFAULT_LIMITS)
+        # RLIMIT_NPROC binds no process of root's: as root, ffmpeg runs as nobody.
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        monkeypatch.setattr(videos, "_capped", lambda limits: [
+            *user, "prlimit", f"--nproc={processes}", f"--data={limits.max_memory_bytes}", "--"
+        ])
+        with pytest.raises(ImagingError) as failed:
+            await videos.transcode(source_path, "video/mp4", source, work, limits=_DEFAULT_LIMITS, timeout_seconds=60,
+                                   on_progress=_always, threads=2)
+    assert not isinstance(failed.value, PermanentImagingError), failed.value.message
+    assert failed.value.message.startswith("ffmpeg could not start: ")
 
 
 async def test_ffmpeg_runs_under_its_memory_cap(clips):

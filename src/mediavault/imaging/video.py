@@ -29,12 +29,12 @@ import json
 import math
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
-from mediavault.imaging.errors import CORRUPT_VIDEO, UNSUPPORTED_FORMAT, ImagingError, PermanentImagingError
+from mediavault.imaging.errors import CORRUPT_VIDEO, TIMED_OUT, UNSUPPORTED_FORMAT, ImagingError, PermanentImagingError
 
 # The one demuxer each sniffed type may reach (mp4 and mov share FFmpeg's mov demuxer),
 # and only local files: no playlists, no network protocols.
@@ -97,15 +97,18 @@ SCALE_MATRICES = {
 }
 # What FFmpeg logs when a decoder meets a frame past -max_pixels.
 _FRAME_TOO_LARGE = b"exceeds specified max pixel count"
-# What ffmpeg logs when an allocation fails under its memory cap, as seen with the cap swept from
-# 48 MiB up to what 1080p H.264, 4K HLG HEVC and 4K VP9 sources need: FFmpeg's ENOMEM in its
-# several spellings, x264's own, a thread whose stack could not be mapped (EAGAIN), a decoder's
-# frame pool, and an encoder that does not open: with our parameters only for want of memory,
-# and x264 then says nothing of why.
-_OUT_OF_MEMORY = (
-    b"Cannot allocate memory", b"Could not allocate", b"malloc of size", b"Resource temporarily unavailable",
-    b"get_buffer() failed", b"Error while opening encoder",
-)
+# What ffmpeg logs when an allocation fails, the only sign that a run reached its memory cap:
+# FFmpeg's ENOMEM in its several spellings, x264's own, and a decoder's frame pool.
+_OUT_OF_MEMORY = (b"Cannot allocate memory", b"Could not allocate", b"malloc of size", b"get_buffer() failed")
+# What a decoder logs before "get_buffer() failed" when a frame's size, not memory, was refused.
+_INVALID_PICTURE = b"image parameters invalid"
+# What ffmpeg logs when a thread cannot be started (pthread_create's EAGAIN: the user's or the
+# host's limit on processes and threads) and when an encoder does not open without a failed
+# allocation (x264 says nothing of its threads that did not start). A fault of the machine, not of
+# the file nor of its memory: the attempt is tried again. A thread's stack can be refused by the
+# memory cap too (EAGAIN as well), but threads start before any frame is decoded, far under a cap
+# sized for them (memory_cap_bytes).
+_COULD_NOT_START = (b"Resource temporarily unavailable", b"Error while opening encoder")
 # The highest sample rate Android's AAC decoder is required to play (its compatibility
 # definition: 8 to 48 kHz); a faster source (96 or 88.2 kHz PCM from a camera) is resampled.
 MAX_AUDIO_SAMPLE_RATE = 48000
@@ -537,6 +540,20 @@ async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> di
     return report if isinstance(report, dict) else {}
 
 
+def _decoding(source_path: Path, mime: str, limits: VideoLimits, threads: int) -> list[str]:
+    """ffmpeg's input options and input: how every run decodes the source."""
+    return [
+        "-protocol_whitelist", _PROTOCOLS, "-threads", str(threads),
+        # The headers' facts bind nothing inside the stream: a later H.264 SPS may switch to any
+        # frame size, and the probe's duration may still fall short of what the demuxer delivers.
+        "-max_pixels", str(limits.max_frame_pixels), "-t", str(limits.max_duration_seconds),
+        # Only the mapped streams are decoded, but the input's stream analysis would take a first
+        # frame of each (a cover picture's, say) without this.
+        "-codec_whitelist", ",".join(sorted(RENDITION_DECODERS)),
+        "-f", DEMUXERS[mime], "-i", str(source_path),
+    ]
+
+
 def command(
     source_path: Path, mime: str, source: Source, planned: list[Planned], out_dir: Path, limits: VideoLimits, threads: int
 ) -> list[str]:
@@ -579,14 +596,7 @@ def command(
         graph += f";[s{i}]scale={item.width}:{item.height}:flags=bicubic:{colour},setsar=1,format=yuv420p[v{i}]"
     args = [
         "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y", "-xerror",
-        "-protocol_whitelist", _PROTOCOLS, "-threads", str(threads),
-        # The headers' facts bind nothing inside the stream: a later H.264 SPS may switch to any
-        # frame size, and the probe's duration may still fall short of what the demuxer delivers.
-        "-max_pixels", str(limits.max_frame_pixels), "-t", str(limits.max_duration_seconds),
-        # Only the mapped streams are decoded, but the input's stream analysis would take a first
-        # frame of each (a cover picture's, say) without this.
-        "-codec_whitelist", ",".join(sorted(RENDITION_DECODERS)),
-        "-f", DEMUXERS[mime], "-i", str(source_path),
+        *_decoding(source_path, mime, limits, threads),
         "-filter_complex_threads", str(threads), "-filter_complex", graph, "-progress", "pipe:1",
     ]
     for i, item in enumerate(planned):
@@ -643,39 +653,30 @@ async def transcode(
     when it returns False the subprocess is killed and Cancelled raised. Past
     timeout_seconds it is killed and the run fails for good ("processing timed out").
     A frame past limits' size, or a run past limits' memory, fails it for good too ("video too
-    large"); the renditions end at limits' duration whatever the source holds.
+    large"), and a stream that does not decode ("corrupt video"); a thread or an encoder that
+    does not start fails the attempt (ImagingError). The renditions end at limits' duration
+    whatever the source holds.
     """
     planned = plan(source)
-    # Niced, so that the photo pool's processes get the cores first, and capped, so that one source
-    # cannot take the host's memory: by nice(1) and prlimit(1), which exec ffmpeg in the same
-    # process, rather than a preexec_fn, Python code between fork and exec that deadlocks when
-    # another thread held a lock (an allocator's) at the fork.
-    capped = _capped(limits)
-    process = await asyncio.create_subprocess_exec(
-        *capped, "nice", "-n", str(niceness), *command(source_path, mime, source, planned, out_dir, limits, threads),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        # Its own process group, so that a kill reaches nothing else.
-        start_new_session=True,
-    )
-    try:
-        errors = await asyncio.wait_for(_follow(process, source.duration_seconds, on_progress), timeout_seconds)
-    except TimeoutError:
-        raise PermanentImagingError("processing timed out") from None
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+    async with _ffmpeg(command(source_path, mime, source, planned, out_dir, limits, threads), limits, niceness,
+                       stdout=asyncio.subprocess.PIPE) as process:
+        try:
+            errors = await asyncio.wait_for(_follow(process, source.duration_seconds, on_progress), timeout_seconds)
+        except TimeoutError:
+            raise PermanentImagingError(TIMED_OUT) from None
     if process.returncode is not None and process.returncode < 0:
         # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
         raise ImagingError("processing failed")
     if process.returncode != 0:
-        # Which check refused the stream, ffmpeg says only in its log. Past its memory cap it may say
-        # nothing at all (seen with 4K HEVC's decoder threads failing to start); a stream it cannot
-        # decode it always names.
-        if _FRAME_TOO_LARGE in errors or any(sign in errors for sign in _OUT_OF_MEMORY) or (capped and not errors.strip()):
-            raise PermanentImagingError(VIDEO_TOO_LARGE)
-        raise PermanentImagingError(CORRUPT_VIDEO)
+        # Which check refused the stream, ffmpeg says only in its log, and -xerror's stop at a
+        # decoding error not even there (a decoder says nothing of a failed allocation, VP9's
+        # nothing of much of its corrupt data): the streams are then decoded alone and to the end,
+        # and ffmpeg names each error on the way.
+        raise (
+            _failure(errors)
+            or _failure(await _decoding_log(source_path, mime, source, limits, threads, niceness, timeout_seconds))
+            or ImagingError("ffmpeg failed without a word, and the decoders alone did not fail")
+        )
     made = []
     for item in planned:
         path = out_dir / f"{item.rung.name}.mp4"
@@ -683,6 +684,64 @@ async def transcode(
         made.append(Rendition(item.rung.name, path, item.width, item.height, size,
                               max(1, math.floor(size * 8 / max(source.duration_seconds, 0.001)))))
     return made
+
+
+@contextlib.asynccontextmanager
+async def _ffmpeg(
+    args: list[str], limits: VideoLimits, niceness: int, *, stdout: int
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """ffmpeg run with args, its log on a pipe, killed with everything it started on any exit from
+    the block. Niced, so that the photo pool's processes get the cores first, and capped, so that one
+    source cannot take the host's memory: by nice(1) and prlimit(1), which exec ffmpeg in the same
+    process, rather than a preexec_fn, Python code between fork and exec that deadlocks when another
+    thread held a lock (an allocator's) at the fork."""
+    process = await asyncio.create_subprocess_exec(
+        *_capped(limits), "nice", "-n", str(niceness), *args, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+        # Its own process group, so that a kill reaches nothing else.
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+def _failure(log: bytes) -> ImagingError | None:
+    """What the log of a failed ffmpeg run says went wrong; None when it says nothing."""
+    if _FRAME_TOO_LARGE in log:
+        return PermanentImagingError(VIDEO_TOO_LARGE)
+    if _INVALID_PICTURE not in log and any(sign in log for sign in _OUT_OF_MEMORY):
+        return PermanentImagingError(VIDEO_TOO_LARGE)
+    if any(sign in log for sign in _COULD_NOT_START):
+        # ffmpeg's last word, for the log of the attempt.
+        return ImagingError("ffmpeg could not start: " + log.decode(errors="replace").strip().rsplit("\n", 1)[-1])
+    # Anything else it names is a stream it cannot decode.
+    return PermanentImagingError(CORRUPT_VIDEO) if log.strip() else None
+
+
+async def _decoding_log(
+    source_path: Path, mime: str, source: Source, limits: VideoLimits, threads: int, niceness: int, timeout_seconds: float
+) -> bytes:
+    """The log of ffmpeg decoding the renditions' streams as the transcode does, under the same cap,
+    but alone and without stopping at an error (no -xerror), so that it names each one."""
+    streams = [index for index in (source.video_index, source.audio_index) if index is not None]
+    args = [
+        "ffmpeg", "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
+        *_decoding(source_path, mime, limits, threads),
+        *(arg for index in streams for arg in ("-map", f"0:{index}")), "-f", "null", "-",
+    ]
+    async with _ffmpeg(args, limits, niceness, stdout=asyncio.subprocess.DEVNULL) as process:
+        assert process.stderr is not None
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                log = await _tail(process.stderr)
+                await process.wait()
+        except TimeoutError:
+            raise PermanentImagingError(TIMED_OUT) from None
+    return log
 
 
 async def _follow(process: asyncio.subprocess.Process, duration_seconds: float, on_progress: ProgressCallback) -> bytes:
