@@ -19,6 +19,7 @@ from mediavault.db import migrate
 from mediavault.db.migrate import available_migrations
 from mediavault.domain import events
 from mediavault.domain.events import PARTITION_DAYS_AHEAD, Event, Events
+from mediavault.errors import IdempotencyConflict
 from tests.helpers import MISREAD_ZONES, UTC_SESSION, midnight, partition_days, set_session_defaults
 
 
@@ -302,8 +303,12 @@ async def test_calls_repeating_an_idempotency_key_store_its_batch_once_and_are_a
 
     answers = await asyncio.gather(*(recorder.record(user_id, batch, "batch-1") for _ in range(6)))
     assert answers == [(2, 1)] * 6
-    # A repeat is answered as the call that stored the batch, whatever it carries.
-    assert await recorder.record(user_id, batch[:1], "batch-1") == (2, 1)
+    # A repeat must carry the events the key stored (their times as sent, none here): other
+    # events under it are a conflict, and store nothing.
+    with pytest.raises(IdempotencyConflict):
+        await recorder.record(user_id, batch[:1], "batch-1")
+    with pytest.raises(IdempotencyConflict):
+        await recorder.record(user_id, [*batch[:2], Event("click", "not-a-uuid", "grid", None, {})], "batch-1")
     assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE media_id = $1", media_id) == 2
     counters = await pool.fetchrow("SELECT view_count, like_count FROM media_counters WHERE media_id = $1", media_id)
     assert tuple(counters) == (1, 1)

@@ -585,5 +585,10 @@ async def test_events_of_a_call_shed_after_their_insert_committed_are_stored_onc
     retried = await media.RecordEvents(request, metadata=md)
     assert (retried.accepted, retried.rejected) == (3, 0)
     assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE surface = $1", surface) == 3
+    del request.events[-1]
+    with pytest.raises(grpc.aio.AioRpcError) as conflict:
+        await media.RecordEvents(request, metadata=md)
+    assert conflict.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_info(conflict.value).reason == "IDEMPOTENCY_CONFLICT"
     item = (await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id), metadata=md)).media
     assert (item.view_count, item.like_count) == (2, 1)

@@ -6,6 +6,7 @@ the others are stored, so that a bad event never costs the batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.domain.media import PRESENT
-from mediavault.errors import InvalidArgument
+from mediavault.errors import IdempotencyConflict, InvalidArgument
 from mediavault.limits import Text, parse_uuid, storable
 
 EVENT_TYPES = frozenset({"impression", "dwell_start", "dwell_end", "click", "open", "share", "like", "save", "hide", "report"})
@@ -68,8 +69,8 @@ def _personal(key: str) -> bool:
 # not committed yet) stores nothing. Answers whether the events were stored.
 _INSERT = f"""
 WITH claimed AS (
-    INSERT INTO usage_event_batches (user_id, idempotency_key, accepted, rejected)
-    SELECT $1::text, $7::text, $8::integer, $9::integer WHERE $7 <> ''
+    INSERT INTO usage_event_batches (user_id, idempotency_key, accepted, rejected, batch_sha256)
+    SELECT $1::text, $7::text, $8::integer, $9::integer, $10::bytea WHERE $7 <> ''
     ON CONFLICT (user_id, idempotency_key) DO NOTHING
     RETURNING true
 ), incoming AS (
@@ -102,7 +103,7 @@ SELECT $7 = '' OR EXISTS (SELECT FROM claimed)
 
 # Read in a statement of its own, whose snapshot holds the claim of a call that committed while
 # the insert waited for it.
-_ANSWERED = "SELECT accepted, rejected FROM usage_event_batches WHERE user_id = $1 AND idempotency_key = $2"
+_ANSWERED = "SELECT accepted, rejected, batch_sha256 FROM usage_event_batches WHERE user_id = $1 AND idempotency_key = $2"
 
 _DROP_IDEMPOTENCY_KEYS = "DELETE FROM usage_event_batches WHERE recorded_at < now() - $1::interval"
 
@@ -221,6 +222,16 @@ def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime,
     return media_id, event.event_type, event.surface, occurred_at, encoded
 
 
+def _batch_sha256(events: Sequence[Event]) -> bytes:
+    """What a repeat under a batch's idempotency key must repeat: its events as the client sent
+    them (an event without a time is stamped when it is stored, so the stored rows differ)."""
+    digest = hashlib.sha256()
+    for event in events:
+        sent = [event.event_type, event.media_id, event.surface, event.occurred_at_micros, sanitise_meta(event.meta)]
+        digest.update(json.dumps(sent, sort_keys=True).encode())
+    return digest.digest()
+
+
 class Events:
     """Usage telemetry: a client's batches of view, like and share events."""
 
@@ -243,11 +254,14 @@ class Events:
         if not rows:
             return accepted, rejected
         media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
-        arguments = (user_id, media_ids, types, surfaces, times, metas, idempotency_key, accepted, rejected)
+        batch_sha256 = _batch_sha256(events) if idempotency_key else b""
+        arguments = (user_id, media_ids, types, surfaces, times, metas, idempotency_key, accepted, rejected, batch_sha256)
         while not await self._store(arguments):
             answered = await self._pool.fetchrow(_ANSWERED, user_id, idempotency_key)
             # None: the key outlived its lifetime and was deleted since; the batch is new again.
             if answered is not None:
+                if answered["batch_sha256"] != batch_sha256:
+                    raise IdempotencyConflict("idempotency_key was used with other events")
                 return answered["accepted"], answered["rejected"]
         return accepted, rejected
 

@@ -171,11 +171,12 @@ class MediaServiceServicer:
         """Stores the caller's usage events; an invalid event is counted in rejected, not answered with an error.
 
         A call answered an error it may have got past (UNAVAILABLE, or no answer at all) may have
-        stored its events: retry it with the same idempotency_key, and they are stored once. Without
-        one, the retry stores them again.
+        stored its events: retry it with the same idempotency_key and the same events, and they are
+        stored once. Without one, the retry stores them again.
 
         Errors:
         INVALID_ARGUMENT (INVALID_ARGUMENT): the batch is empty or holds more than 500 events.
+        ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key stored other events.
         FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1338,8 +1338,8 @@ type RecordEventsRequest struct {
 	// The events, 1 to 500.
 	Events []*UsageEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
 	// Up to 128 characters naming this batch, a new one for each batch: a repeat of the call with the
-	// same key, within 7 days of the call that stored the events, stores nothing and is answered that
-	// call's counts, whatever events it carries.
+	// same key and the same events (their times as sent), within 7 days of the call that stored
+	// them, stores nothing and is answered that call's counts; one with other events is refused.
 	IdempotencyKey       string   `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	XXX_NoUnkeyedLiteral struct{} `json:"-"`
 	XXX_unrecognized     []byte   `json:"-"`
@@ -1642,12 +1642,13 @@ type MediaServiceClient interface {
 	// Stores the caller's usage events; an invalid event is counted in rejected, not answered with an error.
 	//
 	// A call answered an error it may have got past (UNAVAILABLE, or no answer at all) may have
-	// stored its events: retry it with the same idempotency_key, and they are stored once. Without
-	// one, the retry stores them again.
+	// stored its events: retry it with the same idempotency_key and the same events, and they are
+	// stored once. Without one, the retry stores them again.
 	//
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): the batch is empty or holds more than 500 events.
+	//	ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key stored other events.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
 	RecordEvents(ctx context.Context, in *RecordEventsRequest, opts ...grpc.CallOption) (*RecordEventsResponse, error)
 }
@@ -1765,12 +1766,13 @@ type MediaServiceServer interface {
 	// Stores the caller's usage events; an invalid event is counted in rejected, not answered with an error.
 	//
 	// A call answered an error it may have got past (UNAVAILABLE, or no answer at all) may have
-	// stored its events: retry it with the same idempotency_key, and they are stored once. Without
-	// one, the retry stores them again.
+	// stored its events: retry it with the same idempotency_key and the same events, and they are
+	// stored once. Without one, the retry stores them again.
 	//
 	// Errors:
 	//
 	//	INVALID_ARGUMENT (INVALID_ARGUMENT): the batch is empty or holds more than 500 events.
+	//	ALREADY_EXISTS (IDEMPOTENCY_CONFLICT): idempotency_key stored other events.
 	//	FAILED_PRECONDITION (ACCOUNT_FROZEN): the caller's account is frozen.
 	RecordEvents(context.Context, *RecordEventsRequest) (*RecordEventsResponse, error)
 }
