@@ -371,7 +371,8 @@ async def test_options_and_creation(tus_server, storage, http, auth, user_id, au
     async with http.options(base) as response:
         assert response.status == 204
         assert response.headers["Tus-Version"] == "1.0.0"
-        assert set(response.headers["Tus-Extension"].split(",")) == {"creation", "expiration", "termination", "checksum"}
+        extensions = {"creation", "creation-with-upload", "expiration", "termination", "checksum"}
+        assert set(response.headers["Tus-Extension"].split(",")) == extensions
         assert response.headers["Tus-Checksum-Algorithm"] == "sha1,sha256"
         assert int(response.headers["Tus-Max-Size"]) == tus_server.settings.max_video_bytes
         assert "Access-Control-Allow-Origin" not in response.headers
@@ -445,6 +446,195 @@ async def test_a_creation_that_defers_its_length_is_refused_and_creates_nothing(
     assert answers == [refused] * 3
     assert await summary(storage, auth(user_id)) == before
     assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
+
+
+def creation_headers(authenticator, user_id: str, length: int, **headers: str) -> dict[str, str]:
+    """A tus creation's headers; its body, when it has one, the upload's first chunk (creation-with-upload)."""
+    return {
+        **TUS,
+        "Authorization": f"Bearer {authenticator.issue(user_id, ['user'])}",
+        "Upload-Length": str(length),
+        "Upload-Metadata": A_JPEG,
+        "Content-Type": "application/offset+octet-stream",
+        **headers,
+    }
+
+
+def base64_digest(algorithm: str, data: bytes) -> str:
+    return base64.b64encode(hashlib.new(algorithm, data).digest()).decode()
+
+
+async def test_a_creation_with_a_body_stores_it_as_the_first_chunk_and_answers_its_offset(
+    tus_server, storage, http, pool, auth, user_id, authenticator
+):
+    """tus creation-with-upload: the POST's body is the upload's first chunk, stored as a PATCH at
+    offset 0 stores it (its Upload-Checksum checked), and the 201 carries the Upload-Offset after
+    it. The body was dropped unread and the 201 carried no offset: tus-js-client failed
+    ("invalid or missing offset value") with the upload left reserved, or sent the chunk again."""
+    md = auth(user_id)
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    data = fake_jpeg(CHUNK + 300_000, fill=b"\x11")
+    first = data[:CHUNK]
+    headers = creation_headers(authenticator, user_id, len(data), **{"Upload-Checksum": f"sha256 {base64_digest('sha256', first)}"})
+    async with http.post(base, data=first, headers=headers) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["Upload-Offset"] == str(CHUNK)
+        assert "Upload-Expires" in response.headers
+        location = response.headers["Location"]
+    assert (await head(http, location)).headers["Upload-Offset"] == str(CHUNK)
+    assert (await patch(http, location, CHUNK, data[CHUNK:])).status == 204
+    upload_id = location.split("/tus/")[1].split("?")[0]
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+    assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+
+    # The whole upload in its creation: complete at once, for FinalizeUpload.
+    whole = fake_jpeg(200_000, fill=b"\x22")
+    async with http.post(base, data=whole, headers=creation_headers(authenticator, user_id, len(whole))) as response:
+        assert (response.status, response.headers["Upload-Offset"]) == (201, str(len(whole)))
+        whole_id = response.headers["Location"].split("/tus/")[1].split("?")[0]
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=whole_id), metadata=md)
+    assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert await stored_sha256(tus_server, object_key_of(whole_id)) == sha256_hex(whole)
+    after = await summary(storage, md)
+    assert (after.used_bytes, after.reserved_bytes, after.pending_uploads) == (len(data) + len(whole), 0, 0)
+    assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 2
+
+
+async def test_a_creation_whose_body_is_refused_keeps_its_upload_and_says_where_to_go_on(tus_server, storage, http, auth, user_id, authenticator):
+    """A first chunk that fails its Upload-Checksum is refused 460 as a PATCH's is, nothing of it kept;
+    one that runs past Upload-Length (a chunked body) 413. The upload was made: the answer carries its
+    Location and Upload-Offset, and the client goes on from there."""
+    md = auth(user_id)
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    data = fake_jpeg(300_000, fill=b"\x33")
+    first = data[:100_000]
+    wrong = creation_headers(authenticator, user_id, len(data), **{"Upload-Checksum": f"sha1 {base64_digest('sha1', b'other')}"})
+    async with http.post(base, data=first, headers=wrong) as response:
+        assert (response.status, response.headers["Upload-Offset"]) == (460, "0")
+        location = response.headers["Location"]
+    assert (await head(http, location)).headers["Upload-Offset"] == "0"
+    assert (await summary(storage, md)).reserved_bytes == len(data)
+    assert (await patch(http, location, 0, first, **{"Upload-Checksum": f"sha1 {base64_digest('sha1', first)}"})).status == 204
+    assert (await patch(http, location, len(first), data[len(first) :])).status == 204
+    upload_id = location.split("/tus/")[1].split("?")[0]
+    finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+    assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+    assert await stored_sha256(tus_server, object_key_of(upload_id)) == sha256_hex(data)
+
+    async def past_its_length() -> AsyncIterator[bytes]:
+        yield data
+        yield b"past Upload-Length"
+
+    try:
+        async with http.post(base, data=past_its_length(), headers=creation_headers(authenticator, user_id, len(data))) as response:
+            assert (response.status, response.headers["Upload-Offset"]) == (413, "0")
+            assert (await head(http, response.headers["Location"])).headers["Upload-Offset"] == "0"
+    except aiohttp.ClientError:
+        pass  # the server may close the connection before the client has sent the whole body
+    after = await summary(storage, md)
+    assert (after.used_bytes, after.reserved_bytes, after.pending_uploads) == (len(data), len(data), 1)
+
+
+async def test_a_creation_body_the_upload_could_not_take_is_refused_before_anything_is_reserved(
+    tus_server, storage, http, pool, auth, user_id, authenticator
+):
+    """A body that is not application/offset+octet-stream (415, as a PATCH's: it was created without it,
+    its bytes dropped unread), a Content-Length past Upload-Length (413) and an Upload-Checksum of an
+    algorithm not offered (400) are refused with nothing reserved. A Content-Type without a body, which
+    some HTTP clients send with every POST, is a creation without one."""
+    base = f"http://127.0.0.1:{tus_server.http_port}/tus/"
+    data = fake_jpeg(50_000)
+    before = await summary(storage, auth(user_id))
+    answers = []
+    for body, headers in (
+        (data, {"Content-Type": "application/octet-stream"}),
+        (data, {"Content-Type": "image/jpeg"}),
+        (data + b"x", {}),
+        (data, {"Upload-Checksum": f"md5 {base64_digest('md5', data)}"}),
+    ):
+        async with http.post(base, data=body, headers=creation_headers(authenticator, user_id, len(data), **headers)) as response:
+            answers.append((response.status, response.headers.get("Location")))
+    assert answers == [(415, None), (415, None), (413, None), (400, None)]
+    assert await summary(storage, auth(user_id)) == before
+    assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
+
+    form = creation_headers(authenticator, user_id, len(data), **{"Content-Type": "application/x-www-form-urlencoded"})
+    async with http.post(base, data=b"", headers=form) as response:
+        assert response.status == 201
+        assert "Upload-Offset" not in response.headers
+        assert (await head(http, response.headers["Location"])).headers["Upload-Offset"] == "0"
+
+
+async def test_a_creation_whose_body_is_cut_off_is_released(tus_server, storage, pool, auth, user_id, authenticator):
+    """The connection lost mid-body, the creation is never answered, and its Location, told only
+    there, never reaches the client, which creates another upload: this one, which no one could
+    go on with, is released with what it stored, instead of staying reserved until it expired."""
+    md = auth(user_id)
+    data = fake_jpeg(12 * MiB, fill=b"\x44")
+    reader, writer = await asyncio.open_connection("127.0.0.1", tus_server.http_port)
+    header_lines = "".join(f"{name}: {value}\r\n" for name, value in creation_headers(authenticator, user_id, len(data)).items())
+    writer.write(f"POST /tus/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}Content-Length: {len(data)}\r\n\r\n".encode())
+    # Past a checkpoint (fs: a chunk; S3: a part), so that there are bytes to release.
+    writer.write(data[: 7 * MiB])
+    await writer.drain()
+    upload_id = None
+    async with asyncio.timeout(30):
+        while upload_id is None:
+            upload_id = await pool.fetchval("SELECT upload_id FROM uploads WHERE user_id = $1", user_id)
+            await asyncio.sleep(0.05)
+        checkpointed = "SELECT received_bytes FROM upload_checkpoints WHERE upload_id = $1"
+        while (await pool.fetchval(checkpointed, upload_id) or 0) < CHUNK:
+            await asyncio.sleep(0.05)
+    writer.transport.abort()
+    state = "SELECT state, failure_reason FROM uploads WHERE upload_id = $1"
+
+    async def released() -> tuple[tuple[str, str], list[str], list[str]]:
+        # The release commits first, then deletes what the upload stored.
+        row = await pool.fetchrow(state, upload_id)
+        return tuple(row), await partial_objects(tus_server, str(upload_id)), await multipart_uploads(tus_server, str(upload_id))
+
+    expected = (("failed", "CLIENT_FAILED"), [], [])
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            while await released() != expected:
+                await asyncio.sleep(0.05)
+    assert await released() == expected
+    after = await summary(storage, md)
+    assert (after.used_bytes, after.reserved_bytes, after.pending_uploads) == (0, 0, 0)
+
+
+async def test_a_creation_whose_body_stalls_keeps_what_came_and_answers_where_to_go_on(make_settings, http, auth, user_id, authenticator):
+    """A first chunk that stops coming ends as a PATCH's does (TUS_IDLE_TIMEOUT_SECONDS): what arrived is
+    kept, and the creation, its client still connected, is answered 201 with Location and the offset."""
+    async with (
+        running(make_settings(tus_idle_timeout_seconds=0.5)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(100_000, fill=b"\x55")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        header_lines = "".join(f"{name}: {value}\r\n" for name, value in creation_headers(authenticator, user_id, len(data)).items())
+        writer.write(
+            f"POST /tus/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}Content-Length: {len(data)}\r\n\r\n".encode() + data[:30_000]
+        )
+        await writer.drain()
+        try:
+            async with asyncio.timeout(10):
+                status, headers = await response_head(reader)
+        finally:
+            writer.close()
+        assert (status, headers["Upload-Offset"]) == (201, "30000")
+        location = headers["Location"]
+        assert (await head(http, location)).headers["Upload-Offset"] == "30000"
+        assert (await patch(http, location, 30_000, data[30_000:])).status == 204
+        upload_id = location.split("/tus/")[1].split("?")[0]
+        finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+        assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+        assert await stored_sha256(server, object_key_of(upload_id)) == sha256_hex(data)
+        after = await summary(storage, md)
+        assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
 
 
 async def test_upload_content_continues_a_tus_upload(tus_server, storage, http, auth, user_id):
@@ -748,6 +938,28 @@ async def test_a_patch_cut_by_the_servers_shutdown_keeps_what_arrived(make_setti
         assert await stored_sha256(second, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
 
 
+async def test_a_creation_cut_by_the_servers_shutdown_is_released(make_settings, pool, auth, user_id, authenticator):
+    """The listener's shutdown cuts a creation's body still coming: the creation is never answered,
+    so no one could go on with its upload, which is released."""
+    data = fake_jpeg(12 * MiB)
+    async with running(make_settings(tus_chunk_size_bytes=CHUNK)) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        header_lines = "".join(f"{name}: {value}\r\n" for name, value in creation_headers(authenticator, user_id, len(data)).items())
+        writer.write(
+            f"POST /tus/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}Content-Length: {len(data)}\r\n\r\n".encode()
+            + data[: 3 * MiB]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        await server.shutdown(1.0)
+        writer.close()
+    rows = await pool.fetch("SELECT state, failure_reason FROM uploads WHERE user_id = $1", user_id)
+    assert [tuple(row) for row in rows] == [("failed", "CLIENT_FAILED")]
+    async with running(make_settings()) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        after = await summary(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id))
+    assert (after.used_bytes, after.reserved_bytes, after.pending_uploads) == (0, 0, 0)
+
+
 async def test_busy_upload_is_refused(tus_server, storage, auth, user_id):
     """The gRPC face of the writer lease; two PATCHes on two processes are in test_tus_clients.py."""
     md = auth(user_id)
@@ -991,10 +1203,16 @@ async def response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 
 async def asked_patch(server: Server, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
     """The first answer to a PATCH's head that asks Expect: 100-continue, its body unsent."""
-    target = url.split(f":{server.http_port}", 1)[1]
+    return await asked(server, "PATCH", url.split(f":{server.http_port}", 1)[1], headers)
+
+
+async def asked(
+    server: Server, method: str, target: str, headers: dict[str, str]
+) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
+    """The first answer to a request's head that asks Expect: 100-continue, its body unsent."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
     header_lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    writer.write(f"PATCH {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n{header_lines}\r\n".encode())
+    writer.write(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n{header_lines}\r\n".encode())
     async with asyncio.timeout(10):
         status, answered = await response_head(reader)
     return status, answered, reader, writer
@@ -1034,6 +1252,64 @@ async def test_a_patch_that_will_be_refused_is_answered_before_its_body_is_sent(
     status, _, _, writer = await asked_patch(tus_server, url, {**chunk, "Upload-Offset": "100000", "Content-Length": "0"})
     writer.close()
     assert status == 410
+
+
+async def test_a_creation_that_will_be_refused_is_answered_before_its_body_is_sent(make_settings, pool, auth, user_id, authenticator):
+    """A creation whose body is its first chunk, asking Expect: 100-continue, is made before 100
+    Continue: one the creation refuses, by its headers or by the owner's quota, is answered that
+    refusal before a byte of the chunk is sent. aiohttp answered 100 Continue to every creation."""
+    async with (
+        running(make_settings(free_quota_bytes=150_000)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        data = fake_jpeg(100_000)
+        chunk = {**creation_headers(authenticator, user_id, len(data)), "Content-Length": str(len(data))}
+        refused = [
+            ({**chunk, "Tus-Resumable": "0.2.2"}, 412),
+            ({name: value for name, value in chunk.items() if name != "Authorization"}, 401),
+            ({**chunk, "Content-Type": "image/jpeg"}, 415),
+            ({**chunk, "Content-Length": str(len(data) + 1)}, 413),
+            # Past the account's free storage.
+            ({**chunk, "Upload-Length": "200000"}, 413),
+        ]
+        for headers, expected in refused:
+            status, answered, _, writer = await asked(server, "POST", "/tus/", headers)
+            writer.close()
+            assert (status, answered.get("Location")) == (expected, None), headers
+            assert answered["Connection"] == "close", "a next request on it would be read as the body held back"
+        assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
+
+        status, _, reader, writer = await asked(server, "POST", "/tus/", chunk)
+        try:
+            assert status == 100
+            writer.write(data)
+            async with asyncio.timeout(30):
+                status, answered = await response_head(reader)
+        finally:
+            writer.close()
+        assert (status, answered["Upload-Offset"]) == (201, str(len(data)))
+        assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 1
+        assert (await summary(storage, auth(user_id))).reserved_bytes == len(data)
+
+
+async def test_a_creation_that_asks_first_spends_the_begin_upload_budget_once(make_settings, pool, http, user_id, authenticator):
+    # The creation is made before 100 Continue, and the POST goes on with it: one BeginUpload.
+    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
+    async with limit(pool, BEGIN, per_hour=2, burst=10), running(settings) as server:
+        data = fake_jpeg(1000)
+        chunk = {**creation_headers(authenticator, user_id, len(data)), "Content-Length": str(len(data))}
+        status, _, reader, writer = await asked(server, "POST", "/tus/", chunk)
+        try:
+            assert status == 100
+            writer.write(data)
+            async with asyncio.timeout(30):
+                status, answered = await response_head(reader)
+        finally:
+            writer.close()
+        assert (status, answered["Upload-Offset"], answered["ratelimit-remaining"]) == (201, "1000", "1")
+        async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", data=data, headers=chunk) as response:
+            assert (response.status, response.headers["RateLimit-Remaining"]) == (201, "0")
 
 
 async def leased(server: Server, upload_id: str) -> None:
@@ -1189,6 +1465,43 @@ async def test_with_every_writer_slot_held_a_chunk_is_refused_as_busy_and_stores
             assert (await holder).status == 204, "slow bodies that make progress are not cut"
         done = await patch(http, other.upload_url, 0, other_data)
         assert (done.status, done.headers["Upload-Offset"]) == (204, "1000")
+
+
+async def test_a_creation_whose_chunk_finds_every_writer_busy_is_answered_201_at_its_offset(make_settings, http, auth, user_id, authenticator, monkeypatch):
+    """With both writer slots held, a creation's first chunk meets WritersBusy: the creation is answered
+    201 with Location and Upload-Offset 0, not 503, which tus-js-client would retry by creating
+    another upload, leaving this one reserved; the PATCH that goes on from there is taken."""
+    monkeypatch.setattr(resumable, "WRITER_SLOT_WAIT_SECONDS", 1.0)
+    piece = 64 * 1024
+    async with (
+        running(make_settings(db_pool_max_size=4, tus_idle_timeout_seconds=2.0)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        md = auth(user_id)
+        data = fake_jpeg(12 * piece)
+        holding = [await begin_tus(storage, md, data) for _ in range(2)]
+
+        async def slow_body():
+            for start in range(0, len(data), piece):
+                yield data[start : start + piece]
+                await asyncio.sleep(0.5)
+
+        holders = [asyncio.create_task(patch(http, begun.upload_url, 0, slow_body())) for begun in holding]
+        for begun in holding:
+            await leased(server, begun.upload.upload_id)
+        first = fake_jpeg(50_000, fill=b"\x66")
+        base = f"http://127.0.0.1:{server.http_port}/tus/"
+        async with http.post(base, data=first, headers=creation_headers(authenticator, user_id, len(first))) as response:
+            assert (response.status, response.headers["Upload-Offset"]) == (201, "0")
+            location = response.headers["Location"]
+        for holder in holders:
+            assert (await holder).status == 204
+        assert (await patch(http, location, 0, first)).status == 204
+        upload_id = location.split("/tus/")[1].split("?")[0]
+        finalized = await storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=upload_id), metadata=md)
+        assert finalized.upload.state == pb.UPLOAD_STATE_FINALIZED
+        assert await stored_sha256(server, object_key_of(upload_id)) == sha256_hex(first)
 
 
 async def test_tus_max_size_is_advertised_and_enforced(make_settings, http, auth, user_id, authenticator):

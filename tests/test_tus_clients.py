@@ -264,6 +264,55 @@ async def test_tus_js_client_creates_with_only_an_endpoint_and_a_token(stage: St
     assert await finalized_sha256(stage, auth(user_id), upload_id) == sha256_hex(data)
 
 
+async def test_tus_js_client_sends_its_first_chunk_with_the_creation(stage: Stage, auth, authenticator, user_id, node_modules, tmp_path):
+    """uploadDataDuringCreation: the first chunk is the creation POST's body (tus creation-with-upload),
+    and the client PATCHes the rest from the Upload-Offset the 201 answers. The body was dropped
+    unread and the 201 carried no offset: the client failed ("invalid or missing offset value") with
+    the upload left reserved until it expired."""
+    data = fake_jpeg(2 * CHUNK + 999, fill=os.urandom(1))
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(data)
+    endpoint = f"http://127.0.0.1:{stage.proxy.port}/tus/"
+    token = authenticator.issue(user_id, ["user"])
+    outcome = await node_upload(
+        node_modules, "create", endpoint, str(source), str(CHUNK), token, "photo.jpg", "image/jpeg", "--upload-data-during-creation"
+    )
+    assert outcome.get("done"), outcome
+    upload_id = outcome["url"].split("/tus/")[1].split("?")[0]
+    assert await finalized_sha256(stage, auth(user_id), upload_id) == sha256_hex(data)
+    summary = (await stage.storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=auth(user_id))).summary
+    assert (summary.used_bytes, summary.reserved_bytes, summary.pending_uploads) == (len(data), 0, 0)
+
+
+async def test_tus_js_client_whose_creation_is_cut_off_creates_again_and_nothing_stays_reserved(
+    stage: Stage, pool, auth, authenticator, user_id, node_modules, tmp_path
+):
+    """The connection cut while the creation's body goes up, the client, told no Location, creates
+    another upload on its retry: the cut one, which no one could go on with, is released with what
+    it stored, so the ledger holds the completed upload alone."""
+    md = auth(user_id)
+    data = fake_jpeg(2 * CHUNK + 999, fill=os.urandom(1))
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(data)
+    endpoint = f"http://127.0.0.1:{stage.proxy.port}/tus/"
+    token = authenticator.issue(user_id, ["user"])
+    stage.proxy.cut_after(CHUNK // 2)
+    outcome = await node_upload(
+        node_modules, "create", endpoint, str(source), str(CHUNK), token, "photo.jpg", "image/jpeg",
+        "--upload-data-during-creation", "--retry",
+    )
+    assert outcome.get("done"), outcome
+    assert stage.proxy.cut.is_set(), "the creation's body was cut"
+    upload_id = outcome["url"].split("/tus/")[1].split("?")[0]
+    assert await finalized_sha256(stage, md, upload_id) == sha256_hex(data)
+    async with asyncio.timeout(10):
+        while (summary := (await stage.storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary).pending_uploads:
+            await asyncio.sleep(0.1)
+    assert (summary.used_bytes, summary.reserved_bytes) == (len(data), 0)
+    outcomes = await pool.fetch("SELECT state, failure_reason FROM uploads WHERE user_id = $1 ORDER BY created_at", user_id)
+    assert [tuple(row) for row in outcomes] == [("failed", "CLIENT_FAILED"), ("finalized", None)]
+
+
 async def test_tus_js_client_with_parallel_uploads_is_refused_before_any_part_is_reserved(stage: Stage, auth, authenticator, user_id, node_modules, tmp_path):
     """parallelUploads creates each part with Upload-Concat: partial (tus concatenation, which the
     server does not offer): the first creation is refused 400, so the client fails at once with

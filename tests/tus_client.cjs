@@ -6,7 +6,8 @@
 // tus-js-client's overridePatchMethod sends); --endpoint=<url> --token=<bearer token> (resume: where
 // the client creates a new upload, with that credential, when the upload URL cannot be resumed);
 // --parallel=<n> (create: parallelUploads, n partial uploads concatenated by a final one, each part
-// created with the same metadata).
+// created with the same metadata); --upload-data-during-creation (create: the first chunk is the
+// creation POST's body, tus creation-with-upload).
 // NODE_PATH names the node_modules folder scripts/install-test-node-deps.sh filled.
 const fs = require("fs");
 const tus = require("tus-js-client");
@@ -23,6 +24,7 @@ const options = {
   chunkSize: Number(chunkSize),
   retryDelays: "retry" in named ? [100, 300, 1000, 2000, 3000, 5000] : null,
   overridePatchMethod: "override-patch" in named,
+  uploadDataDuringCreation: "upload-data-during-creation" in named,
   storeFingerprintForResuming: false,
   onError: (error) => {
     console.log(JSON.stringify({ error: String(error) }));

@@ -1,6 +1,7 @@
 """tus 1.0.0 on the service's HTTP listener: HTTP in, one call on a domain service, HTTP out.
 
-Extensions: creation (POST with the same bearer JWT as gRPC), checksum (sha1, sha256),
+Extensions: creation (POST with the same bearer JWT as gRPC), creation-with-upload (the POST's
+body is the upload's first chunk, stored as a PATCH at offset 0 stores it), checksum (sha1, sha256),
 expiration (Upload-Expires: the reservation's expiry) and termination (DELETE = FailUpload); not
 creation-defer-length nor concatenation, whose creations are refused 400.
 An upload URL is signed for its upload alone (domain.uploads.resumable), so HEAD, PATCH
@@ -14,12 +15,15 @@ and the writer's lock live in PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
 import functools
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
@@ -51,9 +55,11 @@ from mediavault.errors import (
 )
 from mediavault.pacing import making_progress
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 256 * 1024
 _OFFSET_TYPE = "application/offset+octet-stream"
-_EXTENSIONS = "creation,expiration,termination,checksum"
+_EXTENSIONS = "creation,creation-with-upload,expiration,termination,checksum"
 # 460 Checksum Mismatch: the tus checksum extension's own status.
 _CHECKSUM_MISMATCH = 460
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -93,7 +99,30 @@ _STATUS: dict[type[MediavaultError], int] = {
 }
 
 
+# The failures of a creation's first chunk that tus clients retry (503, 423): the creation is
+# answered 201 with the offset its upload kept, and the client goes on with PATCHes at the Location it
+# was told, where a failure that lasts meets it again. Answered as themselves, they would have
+# tus-js-client and Uppy, which read Location only from a 2xx creation answer, create another upload
+# on their retry, and this one stay reserved until it expired.
+_PASSING_FAILURES = (WritersBusy, BlobStoreUnavailable, UploadBusy)
+
 _Answer = TypeVar("_Answer")
+
+
+@dataclass(frozen=True)
+class _Creation:
+    """An upload a tus creation made, and the headers its answer carries whatever becomes of its body."""
+
+    upload_id: uuid.UUID
+    owner: str
+    headers: dict[str, str]
+    # creation-with-upload: whether the body is the upload's first chunk, and that chunk's Upload-Checksum.
+    carries_chunk: bool
+    checksum: ChunkChecksum | None
+
+
+# The creation a POST that asked before sending its body (Expect: 100-continue) made before its answer.
+_CREATION = web.RequestKey("tus_creation", _Creation)
 
 
 class _Refused(Exception):
@@ -125,8 +154,8 @@ class TusEndpoints:
         # tus core: X-HTTP-Method-Override, when present, is the request's method whatever was sent
         # (a POST standing for a PATCH, from clients and proxies that cannot send PATCH), so one
         # handler per URL takes every method but OPTIONS and dispatches on the method it stands for.
-        app.router.add_route("*", base, self._creation_url)
-        app.router.add_route("*", base + "/", self._creation_url)
+        app.router.add_route("*", base, self._creation_url, expect_handler=self._expect_creation)
+        app.router.add_route("*", base + "/", self._creation_url, expect_handler=self._expect_creation)
         app.router.add_route("*", one, self._upload_url, expect_handler=self._expect)
 
     def _respond(self, request: web.Request, status: int, headers: dict[str, str] | None = None, text: str | None = None) -> web.Response:
@@ -161,14 +190,17 @@ class TusEndpoints:
         except _Refused as refused:
             return self._respond(request, refused.status, text=refused.message)
         except MediavaultError as error:
-            headers = {}
-            if isinstance(error, OffsetMismatch):
-                headers["Upload-Offset"] = error.metadata["offset"]
-            if isinstance(error, RateLimited):
-                headers.update(error.decision.metadata())
-            if isinstance(error, WritersBusy):
-                headers["Retry-After"] = str(error.retry_after_seconds)
-            return self._respond(request, _status(error), headers, error.message)
+            return self._refusal(request, error)
+
+    def _refusal(self, request: web.Request, error: MediavaultError) -> web.Response:
+        headers = {}
+        if isinstance(error, OffsetMismatch):
+            headers["Upload-Offset"] = error.metadata["offset"]
+        if isinstance(error, RateLimited):
+            headers.update(error.decision.metadata())
+        if isinstance(error, WritersBusy):
+            headers["Retry-After"] = str(error.retry_after_seconds)
+        return self._respond(request, _status(error), headers, error.message)
 
     def _signed_upload_id(self, request: web.Request) -> uuid.UUID:
         upload_id = request.match_info["upload_id"]
@@ -190,6 +222,13 @@ class TusEndpoints:
         return await self._handle(request, self._create_upload)
 
     async def _create_upload(self, request: web.Request) -> web.Response:
+        # Made already when the POST asked before sending its body (_expect_creation).
+        creation = request.get(_CREATION) or await self._create(request)
+        if not creation.carries_chunk:
+            return self._respond(request, 201, creation.headers)
+        return await self._store_first_chunk(request, creation)
+
+    async def _create(self, request: web.Request) -> _Creation:
         # A creation is a BeginUpload: the same authentication, rate limit (the BeginUpload
         # limits, whichever way the upload begins) and freeze.
         credentials = [("authorization", request.headers.get("Authorization", "")), *_forwarded_for(request)]
@@ -202,6 +241,7 @@ class TusEndpoints:
             raise _Refused(400, "Upload-Length is required")
         if length > self._max_size:
             raise _Refused(413, f"Upload-Length exceeds Tus-Max-Size {self._max_size}")
+        carries_chunk, checksum = _first_chunk_head(request, length)
         raw_metadata = request.headers.get("Upload-Metadata")
         metadata = _metadata(raw_metadata or "")
         result = await self._uploads.begin(
@@ -218,7 +258,46 @@ class TusEndpoints:
             ),
         )
         headers = {"Location": result.upload_url, "Upload-Expires": _http_date(result.upload.expires_at), **dict(limits)}
+        return _Creation(result.upload.upload_id, result.upload.user_id, headers, carries_chunk, checksum)
+
+    async def _store_first_chunk(self, request: web.Request, creation: _Creation) -> web.Response:
+        """creation-with-upload: the body is appended as a PATCH at offset 0 appends its chunk, and the
+        creation answered 201 with the offset kept, as the PATCH's 204 would be. A refusal of the body
+        (460, 413, ...) is answered as the PATCH's, with Location and the offset beside it: the upload
+        exists, and the client may go on with it. A failure tus clients retry is answered 201 (see
+        _PASSING_FAILURES). A body cut off (the connection lost, the server shutting down) leaves the
+        creation unanswered, and its Location, told only there, with it: no one could go on with the
+        upload, which is released, as a creation that fails before its answer is, rather than left
+        reserved until it expires while the client, told nothing, creates another."""
+        body = _Body(request)
+        progress: Progress | None = None
+        failure: MediavaultError | None = None
+        try:
+            progress = await self._append(request, body, creation.upload_id, offset=0, checksum=creation.checksum)
+        except MediavaultError as error:
+            failure = error
+        except asyncio.CancelledError:
+            # In a task of its own, which a second cancellation does not stop.
+            await asyncio.shield(asyncio.ensure_future(self._release_unanswered(creation)))
+            raise
+        if body.cut:
+            await self._release_unanswered(creation)
+            raise _Refused(400, "the body was cut off before its end; the upload was released")
+        if progress is None:
+            progress = await self._resumable.progress(creation.upload_id)
+        headers = creation.headers | _progress_headers(progress)
+        if failure is not None and not isinstance(failure, _PASSING_FAILURES):
+            response = self._refusal(request, failure)
+            response.headers.update(headers)
+            return response
         return self._respond(request, 201, headers)
+
+    async def _release_unanswered(self, creation: _Creation) -> None:
+        owner = Principal(creation.owner, frozenset())
+        try:
+            await self._uploads.fail(owner, creation.upload_id, "tus creation cut off before its answer")
+        except Exception:  # the request ends either way; an unreleased reservation lapses at its expiry
+            log.warning("cut-off tus creation not released", extra={"upload_id": str(creation.upload_id)}, exc_info=True)
 
     async def _upload_url(self, request: web.Request) -> web.Response:
         method = _method(request)
@@ -266,16 +345,35 @@ class TusEndpoints:
 
     async def _patch_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
         offset, checksum = self._patch_head(request)
-        progress = await self._resumable.append(
+        progress = await self._append(request, _Body(request), upload_id, offset=offset, checksum=checksum)
+        return self._respond(request, 204, _progress_headers(progress))
+
+    async def _append(
+        self, request: web.Request, body: _Body, upload_id: uuid.UUID, *, offset: int, checksum: ChunkChecksum | None
+    ) -> Progress:
+        """Appends the request's body at offset: a PATCH's chunk, or a creation's first one."""
+        return await self._resumable.append(
             upload_id,
-            making_progress(_body(request), self._idle_seconds),
+            making_progress(body.chunks(), self._idle_seconds),
             offset=offset,
             length=request.content_length,
             checksum=checksum,
             # A frozen account writes nothing, through its signed URLs included, as UploadContent.
             owner_may_write=self._admission.refuse_frozen,
         )
-        return self._respond(request, 204, _progress_headers(progress))
+
+    async def _expect_creation(self, request: web.Request) -> web.StreamResponse | None:
+        """A creation that asks before sending its body (Expect: 100-continue) is made before 100
+        Continue, so that one the creation refuses (its headers, its rate limit, the owner's quota)
+        is answered that refusal before a byte of its body is sent; the POST then goes on with the
+        upload made, having spent the BeginUpload budget once."""
+        refusal = None
+        if _method(request) == "POST" and request.headers.get("Expect", "").lower() == "100-continue":
+            refusal = await self._handle(request, self._create_before_body)
+        return await answer_expectation(request, refusal)
+
+    async def _create_before_body(self, request: web.Request) -> None:
+        request[_CREATION] = await self._create(request)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """A PATCH that asks before sending its chunk (Expect: 100-continue) is answered what
@@ -377,10 +475,31 @@ def _checksum(header: str | None) -> ChunkChecksum | None:
         raise _Refused(400, "Upload-Checksum digest is not base64") from None
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    """The PATCH body; a connection cut mid-body just ends it, and what arrived is kept."""
-    try:
-        while data := await request.content.read(_CHUNK):
-            yield data
-    except (OSError, HttpProcessingError):
-        return
+def _first_chunk_head(request: web.Request, length: int) -> tuple[bool, ChunkChecksum | None]:
+    """creation-with-upload: whether the creation's body is the upload's first chunk, and its
+    Upload-Checksum, from headers that pass, before anything is reserved. A body of another type is
+    refused (415, as a PATCH's): dropped unread, as tusd drops it, its client would take its bytes
+    for sent. A Content-Type without a body, which some HTTP clients send with every POST, is a
+    creation without one."""
+    if request.headers.get("Content-Type") != _OFFSET_TYPE:
+        if request.body_exists:
+            raise _Refused(415, f"a creation's body must be {_OFFSET_TYPE}")
+        return False, None
+    if request.content_length is not None and request.content_length > length:
+        raise BeyondDeclaredSize(length)
+    return True, _checksum(request.headers.get("Upload-Checksum"))
+
+
+class _Body:
+    """A request's body as chunks: a connection cut mid-body just ends them, what arrived kept, and cut says so."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.cut = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while data := await self._request.content.read(_CHUNK):
+                yield data
+        except (OSError, HttpProcessingError):
+            self.cut = True
