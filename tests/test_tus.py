@@ -1659,6 +1659,28 @@ async def test_a_patch_that_asks_first_spends_the_patch_budget_before_its_check_
         assert statuses == [100, 429]
 
 
+async def test_a_patch_that_asks_first_spends_the_patch_budget_once(make_settings, pool, http, auth, user_id):
+    # Its check before 100 Continue and the PATCH that follows are one request of the client's.
+    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
+    data = fake_jpeg(1000)
+    async with (
+        limit(pool, "tus/PATCH", per_hour=2, burst=10),
+        running(settings) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), data)
+        chunk = {**PATCH_HEADERS, "Upload-Offset": "0", "Content-Length": "400"}
+        status, _, reader, writer = await asked_patch(server, begun.upload_url, chunk)
+        try:
+            assert status == 100
+            writer.write(data[:400])
+            async with asyncio.timeout(30):
+                assert (await response_head(reader))[0] == 204
+        finally:
+            writer.close()
+        assert (await patch(http, begun.upload_url, 400, data[400:])).status == 204
+
+
 async def test_an_upload_url_signed_before_urls_named_their_owner_spends_its_callers_address_budget(make_settings, pool, http, auth, user_id):
     # URLs handed out before this release stay valid until their reservations expire; they name
     # no owner, so their requests are limited as calls without a token are: per client address.

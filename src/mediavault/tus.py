@@ -125,6 +125,18 @@ class _Creation:
 _CREATION = web.RequestKey("tus_creation", _Creation)
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """The upload a request's URL is signed for, and the rate-limit headers of the budget it spent."""
+
+    upload_id: uuid.UUID
+    limits: tuple[tuple[str, str], ...]
+
+
+# The admission a PATCH that asked before sending its body (Expect: 100-continue) was given then.
+_ADMITTED = web.RequestKey("tus_admitted", _Admitted)
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -308,20 +320,21 @@ class TusEndpoints:
         return await self._handle(request, functools.partial(self._admitted_upload_url, method))
 
     async def _admitted_upload_url(self, method: str, request: web.Request) -> web.Response:
-        upload_id, limits = await self._admitted(method, request)
+        # Admitted already when the PATCH asked before sending its body (_check_patch).
+        admitted = request.get(_ADMITTED) or await self._admitted(method, request)
         actions = {"HEAD": self._head_upload, "PATCH": self._patch_upload, "DELETE": self._delete_upload}
-        response = await actions[method](request, upload_id)
-        response.headers.extend(limits)
+        response = await actions[method](request, admitted.upload_id)
+        response.headers.extend(admitted.limits)
         return response
 
-    async def _admitted(self, method: str, request: web.Request) -> tuple[uuid.UUID, tuple[tuple[str, str], ...]]:
+    async def _admitted(self, method: str, request: web.Request) -> _Admitted:
         """The upload the URL is signed for, and the rate-limit headers of its owner's budget, spent
         before any statement: each request on an upload URL costs the database at least one."""
         upload_id = self._signed_upload_id(request)
         limits = await self._admission.admit_signed_url(
             f"tus/{method}", signed_owner(dict(request.query)), _forwarded_for(request), request.remote or ""
         )
-        return upload_id, limits
+        return _Admitted(upload_id, limits)
 
     async def _head_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
         progress = await self._resumable.progress(upload_id)
@@ -384,11 +397,11 @@ class TusEndpoints:
         return await answer_expectation(request, refusal)
 
     async def _check_patch(self, request: web.Request) -> None:
-        # The check reads the upload: it spends the PATCH budget as the PATCH itself will.
-        upload_id, _ = await self._admitted("PATCH", request)
+        # The check reads the upload: it spends the PATCH's budget, once, for the PATCH that follows.
+        admitted = request[_ADMITTED] = await self._admitted("PATCH", request)
         offset, _ = self._patch_head(request)
         await self._resumable.check_append(
-            upload_id, offset=offset, length=request.content_length, owner_may_write=self._admission.refuse_frozen
+            admitted.upload_id, offset=offset, length=request.content_length, owner_may_write=self._admission.refuse_frozen
         )
 
     async def _delete_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
