@@ -1218,6 +1218,18 @@ async def asked(
     return status, answered, reader, writer
 
 
+async def sent_when_continued(server: Server, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
+    """The answer to a request that asks Expect: 100-continue, is answered 100 Continue and then sends its body."""
+    status, _, reader, writer = await asked(server, method, target, headers)
+    try:
+        assert status == 100
+        writer.write(body)
+        async with asyncio.timeout(30):
+            return await response_head(reader)
+    finally:
+        writer.close()
+
+
 async def test_a_patch_that_will_be_refused_is_answered_before_its_body_is_sent(tus_server, storage, http, auth, user_id):
     # aiohttp answered 100 Continue before any check ran, so a client that asks first sent the
     # whole chunk of a PATCH that was then refused.
@@ -1239,14 +1251,8 @@ async def test_a_patch_that_will_be_refused_is_answered_before_its_body_is_sent(
         writer.close()
         assert status == expected, headers
         assert answered["Connection"] == "close", "a next request on it would be read as the body held back"
-    status, _, reader, writer = await asked_patch(tus_server, url, chunk)
-    try:
-        assert status == 100
-        writer.write(data[40_000:])
-        async with asyncio.timeout(30):
-            assert (await response_head(reader))[0] == 204
-    finally:
-        writer.close()
+    target = url.split(f":{tus_server.http_port}", 1)[1]
+    assert (await sent_when_continued(tus_server, "PATCH", target, chunk, data[40_000:]))[0] == 204
     assert (await head(http, url)).headers["Upload-Offset"] == "100000"
     await storage.FailUpload(pb.FailUploadRequest(upload_id=begun.upload.upload_id), metadata=md)
     status, _, _, writer = await asked_patch(tus_server, url, {**chunk, "Upload-Offset": "100000", "Content-Length": "0"})
@@ -1280,14 +1286,7 @@ async def test_a_creation_that_will_be_refused_is_answered_before_its_body_is_se
             assert answered["Connection"] == "close", "a next request on it would be read as the body held back"
         assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 0
 
-        status, _, reader, writer = await asked(server, "POST", "/tus/", chunk)
-        try:
-            assert status == 100
-            writer.write(data)
-            async with asyncio.timeout(30):
-                status, answered = await response_head(reader)
-        finally:
-            writer.close()
+        status, answered = await sent_when_continued(server, "POST", "/tus/", chunk, data)
         assert (status, answered["Upload-Offset"]) == (201, str(len(data)))
         assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 1
         assert (await summary(storage, auth(user_id))).reserved_bytes == len(data)
@@ -1299,14 +1298,7 @@ async def test_a_creation_that_asks_first_spends_the_begin_upload_budget_once(ma
     async with limit(pool, BEGIN, per_hour=2, burst=10), running(settings) as server:
         data = fake_jpeg(1000)
         chunk = {**creation_headers(authenticator, user_id, len(data)), "Content-Length": str(len(data))}
-        status, _, reader, writer = await asked(server, "POST", "/tus/", chunk)
-        try:
-            assert status == 100
-            writer.write(data)
-            async with asyncio.timeout(30):
-                status, answered = await response_head(reader)
-        finally:
-            writer.close()
+        status, answered = await sent_when_continued(server, "POST", "/tus/", chunk, data)
         assert (status, answered["Upload-Offset"], answered["ratelimit-remaining"]) == (201, "1000", "1")
         async with http.post(f"http://127.0.0.1:{server.http_port}/tus/", data=data, headers=chunk) as response:
             assert (response.status, response.headers["RateLimit-Remaining"]) == (201, "0")
@@ -1670,14 +1662,8 @@ async def test_a_patch_that_asks_first_spends_the_patch_budget_once(make_setting
     ):
         begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), data)
         chunk = {**PATCH_HEADERS, "Upload-Offset": "0", "Content-Length": "400"}
-        status, _, reader, writer = await asked_patch(server, begun.upload_url, chunk)
-        try:
-            assert status == 100
-            writer.write(data[:400])
-            async with asyncio.timeout(30):
-                assert (await response_head(reader))[0] == 204
-        finally:
-            writer.close()
+        target = begun.upload_url.split(f":{server.http_port}", 1)[1]
+        assert (await sent_when_continued(server, "PATCH", target, chunk, data[:400]))[0] == 204
         assert (await patch(http, begun.upload_url, 400, data[400:])).status == 204
 
 
