@@ -1399,6 +1399,23 @@ async def test_a_trickling_patch_body_ends_within_the_idle_timeout_and_frees_its
         assert await stored_sha256(server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
 
 
+async def every_writer_held(server: Server, storage, http, md, piece: int) -> list[asyncio.Task]:
+    """PATCHes of slow but valid bodies (a piece every 0.5 s) holding the server's two writer
+    slots, once both hold their leases; each answers 204 when its body ends."""
+    data = fake_jpeg(12 * piece)
+    holding = [await begin_tus(storage, md, data) for _ in range(2)]
+
+    async def slow_body():
+        for start in range(0, len(data), piece):
+            yield data[start : start + piece]
+            await asyncio.sleep(0.5)
+
+    holders = [asyncio.create_task(patch(http, begun.upload_url, 0, slow_body())) for begun in holding]
+    for begun in holding:
+        await leased(server, begun.upload.upload_id)
+    return holders
+
+
 async def test_with_every_writer_slot_held_a_chunk_is_refused_as_busy_and_stores_nothing(
     make_settings, http, auth, user_id, monkeypatch
 ):
@@ -1414,21 +1431,10 @@ async def test_with_every_writer_slot_held_a_chunk_is_refused_as_busy_and_stores
     ):
         assert server.pool is not None
         storage = storage_pb2_grpc.StorageServiceStub(channel)
-        md = auth(user_id)
-        data = fake_jpeg(12 * piece)
-        holding = [await begin_tus(storage, md, data) for _ in range(2)]
         other_md = auth(f"{user_id}-other")
         other_data = fake_jpeg(1000)
         other = await begin_tus(storage, other_md, other_data)
-
-        async def slow_body():
-            for start in range(0, len(data), piece):
-                yield data[start : start + piece]
-                await asyncio.sleep(0.5)
-
-        holders = [asyncio.create_task(patch(http, begun.upload_url, 0, slow_body())) for begun in holding]
-        for begun in holding:
-            await leased(server, begun.upload.upload_id)
+        holders = await every_writer_held(server, storage, http, auth(user_id), piece)
 
         started = asyncio.get_running_loop().time()
         refused = await patch(http, other.upload_url, 0, other_data)
@@ -1471,17 +1477,7 @@ async def test_a_creation_whose_chunk_finds_every_writer_busy_is_answered_201_at
     ):
         storage = storage_pb2_grpc.StorageServiceStub(channel)
         md = auth(user_id)
-        data = fake_jpeg(12 * piece)
-        holding = [await begin_tus(storage, md, data) for _ in range(2)]
-
-        async def slow_body():
-            for start in range(0, len(data), piece):
-                yield data[start : start + piece]
-                await asyncio.sleep(0.5)
-
-        holders = [asyncio.create_task(patch(http, begun.upload_url, 0, slow_body())) for begun in holding]
-        for begun in holding:
-            await leased(server, begun.upload.upload_id)
+        holders = await every_writer_held(server, storage, http, md, piece)
         first = fake_jpeg(50_000, fill=b"\x66")
         base = f"http://127.0.0.1:{server.http_port}/tus/"
         async with http.post(base, data=first, headers=creation_headers(authenticator, user_id, len(first))) as response:
