@@ -10,14 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from mediavault import devservers
+from tests.faults import free_port
 from workers.worker import health_check_key
 
 
@@ -32,11 +35,11 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
                 process.kill()
 
 
-def start_dev(data_dir: Path, log_dir: Path) -> subprocess.Popen[bytes]:
+def start_dev(data_dir: Path, log_dir: Path, **extra_env: str) -> subprocess.Popen[bytes]:
     """dev in a session of its own, as a shell starts it: its process group is the terminal's
     foreground group, which a Ctrl-C signals whole."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
-    env.update(MEDIAVAULT_GRPC_ADDR="127.0.0.1:0", MEDIAVAULT_HTTP_ADDR="127.0.0.1:0", MEDIAVAULT_TRANSCODE_WORKERS="1")
+    env.update(MEDIAVAULT_GRPC_ADDR="127.0.0.1:0", MEDIAVAULT_HTTP_ADDR="127.0.0.1:0", MEDIAVAULT_TRANSCODE_WORKERS="1", **extra_env)
     with (log_dir / "dev.out").open("wb") as out, (log_dir / "dev.err").open("wb") as err:
         dev = subprocess.Popen(
             [sys.executable, "-m", "mediavault.cli", "dev", "--data-dir", str(data_dir)],
@@ -116,6 +119,22 @@ def test_a_dev_run_after_one_that_was_killed_stops_the_servers_it_left(data_dir,
     started = processes_of(dev, data_dir)
     stop_dev(dev, tmp_path)
     assert_gone(left + started)
+
+
+def test_dev_exports_the_metrics_of_its_server_and_its_workers_on_metrics_addr(data_dir, tmp_path):
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    dev = start_dev(data_dir, tmp_path, MEDIAVAULT_METRICS_ADDR=metrics_addr)
+    try:
+        with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as response:
+            exported = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(response.read().decode())
+                for sample in family.samples
+            }
+    finally:
+        stop_dev(dev, tmp_path)
+    assert exported["mediavault_database_up"] == 1, "the server's"
+    assert exported["mediavault_worker_redis_up"] == 1, "the workers'"
 
 
 def test_one_data_dir_has_one_embedded_valkey_at_a_time(tmp_path):

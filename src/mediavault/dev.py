@@ -52,7 +52,10 @@ async def run_dev(data_dir: str | Path = DEV_DIR) -> None:
 
         await migrate(settings.database_url)
         server = Server(settings)
-        workers = queue_workers(settings)
+        # The server's endpoint on METRICS_ADDR exports this process's registry, which holds the
+        # workers' metrics too; a second endpoint would find the address taken and stop the photo
+        # worker's start.
+        workers = queue_workers(settings.model_copy(update={"metrics_addr": ""}))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         # SIGHUP: the terminal closed. Left to its default, dev would end at once and leave
