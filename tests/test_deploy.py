@@ -36,6 +36,10 @@ from mediavault import cli
 from mediavault import metrics as mediavault_metrics
 from mediavault.config import Settings
 from tests.conftest import running_worker
+from tests.faults import proxied
+from tests.helpers import serve_environment
+from tests.test_shutdown import free_port, serving
+from tests.test_supervisor import scrape
 from workers.maintenance import JOBS
 from workers.worker import HEALTH_CHECK_INTERVAL_SECONDS, health_check_key
 
@@ -591,14 +595,17 @@ def known_metrics() -> dict[str, set[str]]:
         for wrapper in vars(mediavault_metrics).values()
         if isinstance(wrapper, MetricWrapperBase)
     }
-    # A SetGauge is in the registry only once this process has set it.
+    # A SetGauge is in the registry only once this process has set it. Under `serve --processes N`
+    # a gauge in a liveall mode has a series per process, labelled pid.
     names: dict[str, set[str]] = {"up": set()} | {
-        gauge.name: set() for gauge in vars(mediavault_metrics).values() if isinstance(gauge, mediavault_metrics.SetGauge)
+        gauge.name: {"pid"} if gauge.multiprocess_mode == "liveall" else set()
+        for gauge in vars(mediavault_metrics).values()
+        if isinstance(gauge, mediavault_metrics.SetGauge)
     }
     for family in REGISTRY.collect():
         base = family.name
         for suffix in SUFFIXES[family.type]:
-            labels = set(labels_of.get(base, set()))
+            labels = names.get(base + suffix, set()) | labels_of.get(base, set())
             if suffix == "_bucket":
                 labels.add("le")
             names[base + suffix] = labels | {sample_label for sample in family.samples for sample_label in sample.labels}
@@ -627,7 +634,7 @@ def check_names(expr: str, metrics: dict[str, set[str]], literals: set[str]) -> 
         assert name in metrics, f"{name} in {expr!r}: not a metric mediavault exports"
         for label, op, value in _MATCHER.findall(matchers):
             assert label in metrics[name] | TARGET_LABELS, f"{name} has no label {label} ({expr!r})"
-            if label == "instance":
+            if label in ("instance", "pid"):
                 continue
             if op in ("=~", "!~"):
                 assert re.fullmatch(r"[A-Za-z0-9_ -]+(\|[A-Za-z0-9_ -]+)*", value), f"keep regexes to alternations: {expr!r}"
@@ -717,6 +724,56 @@ def test_every_alert_expression_reads_real_metrics_labels_and_values(alert_rules
     metrics, literals = known_metrics(), source_literals()
     for rule in alert_rules:
         check_names(rule["expr"], metrics, literals)
+
+
+async def test_the_database_alert_fires_on_what_a_server_cut_from_postgresql_exports(alert_rules, database_url, redis_url, tmp_path):
+    """The series of a real server, scraped while PostgreSQL answers and once it no longer does, are
+    the input of the rule: it fires on the second, after its `for`, and not on the first."""
+    (rule,) = [rule for rule in alert_rules if rule["alert"] == "MediavaultDatabaseUnreachable"]
+    async with (
+        proxied(database_url) as proxy,
+        serve_environment(
+            proxy.url_for(database_url), redis_url, tmp_path / "blobs",
+            MEDIAVAULT_METRICS_ADDR=f"127.0.0.1:{free_port()}", MEDIAVAULT_HEALTH_PROBE_SECONDS="0.2",
+        ) as env,
+        serving(env),
+    ):
+        reachable = (await scrape(env))["mediavault_database_up"]
+        await proxy.down()
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while (cut := (await scrape(env))["mediavault_database_up"]) == reachable:
+                assert asyncio.get_running_loop().time() < deadline, f"still {cut} with PostgreSQL cut off"
+                await asyncio.sleep(0.1)
+        finally:
+            await proxy.up()
+    assert [value for _, value in reachable] == [1.0]
+    assert [labels for labels, _ in cut] == [labels for labels, _ in reachable]
+
+    target = {"instance": "server-1:9464", "job": "mediavault-server"}
+    series = [
+        {
+            "series": "mediavault_database_up{" + ",".join(f'{k}="{v}"' for k, v in {**labels, **target}.items()) + "}",
+            "values": f"{up:g}x5 {down:g}x10",
+        }
+        for (labels, up), (_, down) in zip(reachable, cut, strict=True)
+    ]
+    fired = {"exp_labels": {**rule["labels"], **target}}
+    # The rule as it is but its annotations, which the unit tests of alerts_test.yml check.
+    (tmp_path / "rule.yml").write_text(yaml.safe_dump({"groups": [{"name": "one", "rules": [
+        {key: value for key, value in rule.items() if key != "annotations"}
+    ]}]}))
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rule.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [
+            {"eval_time": "5m", "alertname": rule["alert"], "exp_alerts": []},
+            {"eval_time": "7m", "alertname": rule["alert"], "exp_alerts": []},
+            {"eval_time": "10m", "alertname": rule["alert"], "exp_alerts": [fired]},
+        ]}],
+    }))
+    result = promtool("test", "rules", "test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def duration_seconds(text: str) -> int:
