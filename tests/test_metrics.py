@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
+from arq import create_pool
+from arq.connections import RedisSettings
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
-from mediavault import metrics
-from tests.helpers import serve_environment
+from mediavault import devservers, metrics
+from mediavault.media.v1 import media_pb2 as mpb
+from mediavault.media.v1 import media_pb2_grpc
+from mediavault.storage.v1 import storage_pb2 as pb
+from mediavault.storage.v1 import storage_pb2_grpc
+from tests.conftest import CORPUS
+from tests.helpers import begin, serve_environment, settled, upload
+from tests.test_deploy import ALERTS_FILE, ALERTS_TEST_FILE, check_names, load_yaml, source_literals
 from tests.test_shutdown import free_port, serving
 from tests.test_supervisor import scrape
 from tests.workers.test_transcode import start_worker
@@ -22,6 +35,7 @@ SERVER_GAUGES = {"mediavault_database_up"}
 WORKER_GAUGES = {"mediavault_worker_redis_up", "mediavault_ledger_mismatches", "mediavault_heavy_reservation_accounts"}
 # No cleanup run of a worker here may touch the session's database.
 JOBS_OFF = {f"MEDIAVAULT_JOBS__{name.upper()}__ENABLED": "false" for name in JOBS}
+PHOTO = CORPUS / "images/formats/hopper.jpg"
 
 
 async def test_a_server_exports_its_own_gauges_and_none_of_the_workers(database_url, redis_url, tmp_path: Path):
@@ -89,3 +103,116 @@ def test_client_streaming_uploads_of_minutes_land_in_buckets_of_their_own_scale(
     # A video of up to MAX_VIDEO_BYTES sent over a mobile link takes minutes.
     upper = bucket_landed_in(metrics.RPC_LATENCY, seconds, service="StorageService", method="UploadContent")
     assert seconds <= upper <= 2 * seconds, upper
+
+
+@pytest.fixture
+async def exported_database(postgres_admin_url: str) -> AsyncIterator[str]:
+    dsn = await devservers.create_database(postgres_admin_url, "mediavault_exported")
+    yield dsn
+    await devservers.drop_database(postgres_admin_url, dsn)
+
+
+async def metric_families(metrics_addr: str) -> dict[str, Metric]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{metrics_addr}/metrics") as response:
+        assert response.status == 200
+        return {family.name: family for family in text_string_to_metric_families(await response.text())}
+
+
+def sample_labels(families: dict[str, Metric]) -> dict[str, set[str]]:
+    """Sample name -> the label names its samples carry, for every sample of the families."""
+    labels: dict[str, set[str]] = {}
+    for family in families.values():
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+async def test_every_metric_the_rules_and_docs_name_is_exported_by_a_running_server_and_worker(
+    exported_database, redis_url, tmp_path, auth, user_id, make_settings
+):
+    """A rule on a metric that is never exported never fires: what the alerting rules and their unit
+    tests read, and the metrics table of docs/operations.md, checked against the /metrics of a
+    `mediavault serve` and a `mediavault worker` that served an upload, a transcode, a formats job, a
+    feed page, events and an audit."""
+    server_addr, worker_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    async with serve_environment(exported_database, redis_url, tmp_path / "blobs", MEDIAVAULT_METRICS_ADDR=server_addr) as env:
+        settings = make_settings(
+            database_url=exported_database, queue_name=env["MEDIAVAULT_QUEUE_NAME"], blob_dir=tmp_path / "blobs"
+        )
+        jobs = {**JOBS_OFF, "MEDIAVAULT_JOBS__AUDIT_ACCOUNTS__ENABLED": "true"}
+        # Two processes: prometheus-client's multiprocess mode exports only the series a process wrote.
+        async with serving({**env, "MEDIAVAULT_RATE_LIMITS": "on"}, processes=2) as (_, port):
+            worker = start_worker(settings, MEDIAVAULT_METRICS_ADDR=worker_addr, **jobs)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    storage = storage_pb2_grpc.StorageServiceStub(channel)
+                    media = media_pb2_grpc.MediaServiceStub(channel)
+                    md = auth(user_id)
+                    done = await upload(storage, md, PHOTO.read_bytes())
+                    cancelled = await begin(storage, md, PHOTO.read_bytes(), filename="cancelled.jpg")
+                    await storage.FailUpload(pb.FailUploadRequest(upload_id=cancelled.upload.upload_id), metadata=md)
+                    await settled(media, md, done.media_id)
+                    await media.GetMedia(mpb.GetMediaRequest(media_id=done.media_id, accept=["image/webp"]), metadata=md)
+                    await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+                    events = mpb.RecordEventsRequest()
+                    events.events.add(event_type=mpb.USAGE_EVENT_TYPE_IMPRESSION, media_id=done.media_id, surface="feed")
+                    await media.RecordEvents(events, metadata=md)
+                arq = await create_pool(RedisSettings.from_dsn(redis_url))
+                try:
+                    await arq.enqueue_job("cron:audit_accounts", _queue_name=settings.cron_queue)
+                finally:
+                    await arq.aclose()
+                deadline = asyncio.get_running_loop().time() + 60
+                while True:
+                    assert worker.poll() is None, "the worker exited"
+                    worker_families = await metric_families(worker_addr)
+                    exported = sample_labels(worker_families)
+                    if {"mediavault_formats_made_total", "mediavault_ledger_mismatches"} <= set(exported):
+                        break
+                    assert asyncio.get_running_loop().time() < deadline, f"the worker exported only {sorted(exported)}"
+                    await asyncio.sleep(0.2)
+                server_families = await metric_families(server_addr)
+            finally:
+                worker.terminate()
+                await asyncio.to_thread(worker.wait)
+
+    exported = {name: labels for role in (server_families, worker_families) for name, labels in sample_labels(role).items()}
+    exported["up"] = set()  # Prometheus's own, for every target
+    literals = source_literals()
+    for rule in load_yaml(ALERTS_FILE)["groups"]:
+        for each in rule["rules"]:
+            check_names(each["expr"], exported, literals)
+    for unit_test in load_yaml(ALERTS_TEST_FILE)["tests"]:
+        for series in unit_test["input_series"]:
+            check_names(series["series"], exported, literals)
+
+    families = {**server_families, **worker_families}
+    documented = documented_metrics()
+    defined = {
+        wrapper._name + ("_total" if wrapper._type == "counter" else "")
+        for wrapper in vars(metrics).values()
+        if isinstance(wrapper, MetricWrapperBase)
+    } | {gauge.name for gauge in vars(metrics).values() if isinstance(gauge, metrics.SetGauge)}
+    assert set(documented) == defined, "every metric mediavault.metrics defines has its row in the table"
+    for name, (kind, labels, conditional) in documented.items():
+        family = families.get(name.removesuffix("_total") if kind == "counter" else name)
+        assert family is not None, f"{name}: documented, exported by neither the server nor the worker"
+        assert family.type == kind, f"{name}: documented as a {kind}, exported as a {family.type}"
+        sample = f"{name}_count" if kind == "histogram" else name
+        if sample in exported:
+            assert labels <= exported[sample] <= labels | conditional, (
+                f"{name}: documented with labels {labels} (and {conditional}), exported with {exported[sample]}"
+            )
+
+
+def documented_metrics() -> dict[str, tuple[str, set[str], set[str]]]:
+    """The table of docs/operations.md "Metrics": name -> (type, label names, label names in
+    parentheses, which a mode adds: `pid` under `--processes N`)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    table = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(mediavault_[a-z_]+)` \| (\w+) \|([^|]*)\|", table, re.MULTILINE)
+    label = re.compile(r"`([a-z_]+)`")
+    return {
+        name: (kind, set(label.findall(re.sub(r"\([^)]*\)", "", labels))), set(label.findall("".join(re.findall(r"\([^)]*\)", labels)))))
+        for name, kind, labels in rows
+    }
