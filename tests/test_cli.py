@@ -112,6 +112,23 @@ async def test_jobs_run_audit_accounts_exits_non_zero_on_a_mismatch(database_url
     assert report["findings"] == report["details"]["ledger_mismatches"] > 0
 
 
+@pytest.mark.parametrize("command", [["serve"], ["worker"], ["audit-ledger"], ["jobs", "run", "audit_accounts"]])
+def test_a_command_that_fails_logs_one_json_line_with_its_traceback(command, tmp_path):
+    # Nothing listens on port 1: the first connection fails.
+    result = mediavault(
+        *command, database_url="postgresql://mediavault:db-password@127.0.0.1:1/mediavault",
+        MEDIAVAULT_REDIS_URL="redis://:redis-password@127.0.0.1:1/0", MEDIAVAULT_WORKER_REDIS_OUTAGE_SECONDS="0.1",
+        MEDIAVAULT_LOG_FORMAT="json", MEDIAVAULT_BLOB_DIR=str(tmp_path),
+    )
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    failed = lines[-1]
+    assert (failed["level"], failed["msg"], failed["command"]) == ("critical", "command failed", command[0])
+    assert failed["exc"].startswith("Traceback (most recent call last):")
+    assert "Connect" in failed["exc"].rstrip().splitlines()[-1]
+    assert "password" not in result.stderr
+
+
 def test_serve_refuses_to_start_without_a_database():
     result = mediavault("serve")
     assert result.returncode != 0

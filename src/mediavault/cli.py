@@ -231,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except MigrationBlocked as blocked:
         # What the operator must do is in the message; a traceback would bury it.
         sys.exit(str(blocked))
+    except Exception:
+        # A line like every other, in the configured format: left to Python, the traceback came as
+        # bare lines, each of which a JSON log collector took for an event of its own.
+        log.critical("command failed", extra={"command": args.command}, exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":
