@@ -75,7 +75,9 @@ TRANSCODE_SECONDS = Histogram(
 )
 TRANSCODE_OUTCOMES = Counter("mediavault_transcode_total", "Transcode job outcomes", ["outcome", "reason"])
 FORMAT_OUTCOMES = Counter("mediavault_formats_made_total", "Outcomes of make_formats jobs (formats made on request)", ["outcome", "reason"])
-EVENTS_RECORDED = Counter("mediavault_usage_events_total", "Usage events received", ["result"])
+EVENTS_RECORDED = Counter(
+    "mediavault_usage_events_total", "Usage events received; a batch retried with its idempotency key counts once", ["result"]
+)
 
 JOB_RUNS = Counter("mediavault_job_runs_total", "Cleanup job runs", ["job", "outcome"])
 JOB_ITEMS = Counter("mediavault_job_items_total", "Rows or objects a cleanup job changed, and its errors", ["job", "kind"])

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from mediavault.domain import cleanup, ledger
 from mediavault.domain.media import Variant, variant_key
@@ -548,6 +549,23 @@ async def test_events_are_counted_and_sanitised(storage, media, auth, user_id, p
     with pytest.raises(grpc.aio.AioRpcError) as empty:
         await media.RecordEvents(mpb.RecordEventsRequest(), metadata=md)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def events_counted(result: str) -> float:
+    return REGISTRY.get_sample_value("mediavault_usage_events_total", {"result": result}) or 0.0
+
+
+async def test_a_batch_retried_with_its_idempotency_key_is_counted_once(storage, media, auth, user_id):
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1800))
+    request = mpb.RecordEventsRequest(idempotency_key=f"batch-{uuid.uuid4()}")
+    request.events.add(event_type=mpb.USAGE_EVENT_TYPE_IMPRESSION, media_id=done.media_id, surface="feed")
+    request.events.add(event_type=mpb.USAGE_EVENT_TYPE_LIKE, media_id=done.media_id, surface="feed")
+    request.events.add(event_type=mpb.USAGE_EVENT_TYPE_CLICK, media_id="not-a-uuid")
+    before = events_counted("accepted"), events_counted("rejected")
+    answers = [await media.RecordEvents(request, metadata=md) for _ in range(3)]
+    assert {(answer.accepted, answer.rejected) for answer in answers} == {(2, 1)}
+    assert (events_counted("accepted") - before[0], events_counted("rejected") - before[1]) == (2, 1)
 
 
 # What asyncpg sends to cancel a statement, on a connection of its own: a CancelRequest.

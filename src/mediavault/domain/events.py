@@ -19,6 +19,7 @@ from itertools import islice
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from mediavault import metrics
 from mediavault.domain.media import PRESENT
 from mediavault.errors import IdempotencyConflict, InvalidArgument
 from mediavault.limits import Text, parse_uuid, storable
@@ -251,18 +252,20 @@ class Events:
         now = datetime.now(UTC)
         rows = [row for row in (_accept(e, now) for e in events) if row is not None]
         accepted, rejected = len(rows), len(events) - len(rows)
-        if not rows:
-            return accepted, rejected
-        media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
-        batch_sha256 = _batch_sha256(events) if idempotency_key else b""
-        arguments = (user_id, media_ids, types, surfaces, times, metas, idempotency_key, accepted, rejected, batch_sha256)
-        while not await self._store(arguments):
-            answered = await self._pool.fetchrow(_ANSWERED, user_id, idempotency_key)
-            # None: the key outlived its lifetime and was deleted since; the batch is new again.
-            if answered is not None:
-                if answered["batch_sha256"] != batch_sha256:
-                    raise IdempotencyConflict("idempotency_key was used with other events")
-                return answered["accepted"], answered["rejected"]
+        if rows:
+            media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
+            batch_sha256 = _batch_sha256(events) if idempotency_key else b""
+            arguments = (user_id, media_ids, types, surfaces, times, metas, idempotency_key, accepted, rejected, batch_sha256)
+            while not await self._store(arguments):
+                answered = await self._pool.fetchrow(_ANSWERED, user_id, idempotency_key)
+                # None: the key outlived its lifetime and was deleted since; the batch is new again.
+                if answered is not None:
+                    if answered["batch_sha256"] != batch_sha256:
+                        raise IdempotencyConflict("idempotency_key was used with other events")
+                    # A retry of a batch stored already, whose call counted it.
+                    return answered["accepted"], answered["rejected"]
+        metrics.EVENTS_RECORDED.labels("accepted").inc(accepted)
+        metrics.EVENTS_RECORDED.labels("rejected").inc(rejected)
         return accepted, rejected
 
     async def _store(self, arguments: tuple[object, ...]) -> bool:

@@ -9,7 +9,6 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mediavault import metrics
 from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.domain import events as events_domain
@@ -199,6 +198,4 @@ class MediaServicer(Servicer, media_pb2_grpc.MediaServiceServicer):
     async def RecordEvents(self, request: pb.RecordEventsRequest, context, principal: Principal) -> pb.RecordEventsResponse:
         batch = Converted(request.events, _event)
         accepted, rejected = await self.events.record(principal.user_id, batch, request.idempotency_key)
-        metrics.EVENTS_RECORDED.labels("accepted").inc(accepted)
-        metrics.EVENTS_RECORDED.labels("rejected").inc(rejected)
         return pb.RecordEventsResponse(accepted=accepted, rejected=rejected)
