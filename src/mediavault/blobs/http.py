@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import os
 from collections.abc import AsyncIterator
 
@@ -26,8 +25,6 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
 from mediavault.pacing import making_progress
-
-log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
 # Variant keys are versioned per processing run, so their bytes never change.
