@@ -21,6 +21,7 @@ import pytest
 import yarl
 from google.protobuf.wrappers_pb2 import Int64Value
 from google.rpc import error_details_pb2
+from prometheus_client import REGISTRY
 
 from mediavault.blobs import single_chunk
 from mediavault.blobs.signing import UrlSigner
@@ -364,6 +365,38 @@ async def test_a_termination_that_loses_to_a_finalize_is_answered_as_one_of_a_fi
     assert await stored_sha256(tus_server, object_key_of(begun.upload.upload_id)) == sha256_hex(data)
     after = await summary(storage, md)
     assert (after.used_bytes, after.reserved_bytes) == (len(data), 0)
+
+
+async def test_every_answer_of_the_listener_is_counted_by_route_method_and_status(tus_server, storage, http, auth, user_id):
+    # tus requests had no metric: a PATCH failing for every client showed nowhere.
+    data = fake_jpeg(1000)
+    begun = await begin_tus(storage, auth(user_id), data)
+    upload_url = "/tus/{upload_id}"
+    counted = [
+        ("/tus/", "OPTIONS", "204"),
+        (upload_url, "HEAD", "200"),
+        (upload_url, "PATCH", "409"),
+        (upload_url, "PATCH", "415"),
+        ("unmatched", "GET", "404"),
+    ]
+    before = [requests_counted(*labels) for labels in counted]
+    base = f"http://127.0.0.1:{tus_server.http_port}"
+    async with http.options(f"{base}/tus/") as response:
+        assert response.status == 204
+    assert (await head(http, begun.upload_url)).status == 200
+    assert (await patch(http, begun.upload_url, 500, data)).status == 409
+    # Refused before its body, by the answer to Expect: 100-continue, which no handler gives.
+    status, _, _, writer = await asked_patch(tus_server, begun.upload_url, {**PATCH_HEADERS, "Content-Type": "image/jpeg", "Upload-Offset": "0", "Content-Length": "10"})
+    writer.close()
+    assert status == 415
+    async with http.get(f"{base}/nowhere/{begun.upload.upload_id}") as response:
+        assert response.status == 404
+    after = [requests_counted(*labels) for labels in counted]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1, 1]
+
+
+def requests_counted(route: str, method: str, status: str) -> float:
+    return REGISTRY.get_sample_value("mediavault_http_requests_total", {"route": route, "method": method, "status": status}) or 0.0
 
 
 async def test_options_and_creation(tus_server, storage, http, auth, user_id, authenticator):

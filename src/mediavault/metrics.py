@@ -15,6 +15,11 @@ RPC_LATENCY = Histogram(
     ["service", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+HTTP_REQUESTS = Counter(
+    "mediavault_http_requests_total",
+    "Requests the HTTP listener answered (tus, the fs backend's signed URLs), by route, method and status",
+    ["route", "method", "status"],
+)
 BLOB_DELETE_FAILURES = Counter("mediavault_blob_delete_failures_total", "Blob deletions that failed, left for a later cleanup run or the orphan sweep")
 
 

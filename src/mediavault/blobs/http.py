@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
+from mediavault import metrics
 from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
 from mediavault.pacing import making_progress
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
 # Variant keys are versioned per processing run, so their bytes never change.
@@ -45,6 +49,7 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
     idle_seconds: how long a PUT's body may keep the listener waiting without bringing
     pacing.MIN_PROGRESS_BYTES before it is refused (TUS_IDLE_TIMEOUT_SECONDS)."""
     app = web.Application(client_max_size=0)
+    app.on_response_prepare.append(_count_answer)
     if store is not None:
         app[_STORE] = store
         app[_IDLE_SECONDS] = idle_seconds
@@ -52,6 +57,21 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
         app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
     app.router.add_get("/healthz", _healthz)
     return app
+
+
+_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
+
+
+async def _count_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """Counts every answer of the listener as it starts, a refusal given before the body
+    (Expect: 100-continue) included, which no middleware sees. The route is its pattern, never
+    the path: upload ids and object keys would make a series each."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    method = request.method if request.method in _METHODS else "OTHER"
+    metrics.HTTP_REQUESTS.labels(route, method, str(response.status)).inc()
+    if response.status >= 500:
+        log.warning("http request failed", extra={"route": route, "method": method, "status": response.status})
 
 
 def _put_refusal(request: web.Request, store: FsBlobStore, key: str) -> web.Response | None:
