@@ -232,14 +232,15 @@ def _child(data: bytes | bytearray, start: int, end: int, kind: bytes) -> tuple[
     return next((at, box_end) for found, at, box_end in _boxes(data, start, end) if found == kind)
 
 
-def edited(path: Path, source: Path, start: float, seconds: float) -> Path:
-    """source (made by `h264`: ffmpeg gives each track an edit list of one edit) with its video track's
-    edit starting `start` seconds into the track's media and lasting `seconds`, past the media's end
-    if asked, and the track's and the movie's durations (tkhd, mvhd; version 0) stretched to match."""
+def edited(path: Path, source: Path, start: float, seconds: float, track: int = 0) -> Path:
+    """source (made by `h264`: ffmpeg gives each track an edit list of one edit) with the edit of its
+    track number `track` (0: the video's, 1: the sound's) starting `start` seconds into the track's
+    media and lasting `seconds`, past the media's end if asked, and the track's and the movie's
+    durations (tkhd, mvhd; version 0) stretched to match."""
     data = bytearray(source.read_bytes())
     moov = _child(data, 0, len(data), b"moov")
     mvhd = _child(data, moov[0] + 8, moov[1], b"mvhd")
-    trak = _child(data, moov[0] + 8, moov[1], b"trak")
+    trak = [(at, end) for kind, at, end in _boxes(data, moov[0] + 8, moov[1]) if kind == b"trak"][track]
     edts = _child(data, trak[0] + 8, trak[1], b"edts")
     elst = _child(data, edts[0] + 8, edts[1], b"elst")
     mdia = _child(data, trak[0] + 8, trak[1], b"mdia")

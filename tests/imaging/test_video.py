@@ -206,6 +206,26 @@ async def test_an_edit_list_past_the_end_of_its_media_ends_where_the_media_ends(
     assert (poster.width, poster.height) == (320, 240)
 
 
+async def test_a_sound_that_its_edit_list_shows_none_of_is_no_sound(clips):
+    # The sound's one edit starts after its second of samples and lasts 3 s. ffmpeg keeps its last
+    # packet, which its demuxer takes to last as long as the edit, and the decoder drops its samples:
+    # the renditions were silent while the source was said to have sound, and as long as that
+    # packet's stretched end.
+    plain = make.h264(clips / "sound-edited.mp4")
+    path = make.edited(clips / "sound-edit-after.mp4", plain, start=2.0, seconds=3.0, track=1)
+    source, made = await _transcode(path, "video/mp4", clips / "sound-edit-after")
+    assert (source.has_audio, source.audio_index) == (False, None)
+    assert source.duration_seconds == pytest.approx(1.0, abs=0.01)
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=False)
+    # An edit that starts inside the sound's media still has half a second of it heard.
+    path = make.edited(clips / "sound-edit-inside.mp4", plain, start=0.5, seconds=0.5, track=1)
+    source, made = await _transcode(path, "video/mp4", clips / "sound-edit-inside")
+    assert source.has_audio
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)
+    sound = next(s for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio")
+    assert float(sound["duration"]) == pytest.approx(0.5, abs=0.05)
+
+
 @pytest.mark.parametrize(
     ("name", "mime"), [("stretches.mov", "video/quicktime"), ("stretches.mkv", "video/webm"), ("stretches.webm", "video/webm")]
 )

@@ -251,6 +251,24 @@ async def test_a_free_text_rotate_tag_neither_fails_nor_retries_the_video(storag
     assert (item.width, item.height) == (320, 240)
 
 
+async def test_a_sound_that_its_edit_list_shows_none_of_is_no_sound_in_the_media_nor_its_renditions(
+    storage, media, auth, user_id, worker, tmp_path
+):
+    md = auth(user_id)
+    # The sound's edit starts after its second of samples: nothing of it is heard.
+    source = make.edited(tmp_path / "edited.mp4", make.h264(tmp_path / "plain.mp4"), start=2.0, seconds=3.0, track=1)
+    done = await upload(storage, md, source.read_bytes(), filename="clip.mp4", content_type="video/mp4")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert not item.has_audio
+    assert item.duration_seconds == pytest.approx(1.0, abs=0.01)
+    status, body, _ = await fetch(item.renditions[0].url)
+    assert status == 200
+    played = tmp_path / "played.mp4"
+    played.write_bytes(body)
+    make.check_rendition(played, width=320, height=240, duration=1.0, audio=False)
+
+
 def test_video_memory_limit_mb_is_ffmpegs_cap():
     assert video_limits(Settings(video_memory_limit_mb=300)).max_memory_bytes == 300 * 1024 * 1024
     assert video_limits(Settings(video_memory_limit_mb=0)).max_memory_bytes == 0

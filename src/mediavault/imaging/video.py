@@ -15,10 +15,11 @@ only the renditions' streams (mapped by index), and enforces the limits again on
 frame refused fails the run), and the duration (`-t`). ffmpeg's private memory is capped too
 (VideoLimits.max_memory_bytes), since neither limit bounds what its decoders and encoders allocate.
 
-Sound: the first audio stream whose codec is in AUDIO_CODECS becomes the renditions' AAC. A
-source whose audio streams are all of other codecs is refused as unsupported rather than made
-silent: its sound is part of what was uploaded, and a rendition without it would pass for a
-complete one.
+Sound: the first audio stream whose codec is in AUDIO_CODECS becomes the renditions' AAC, unless
+nothing of it is heard (an MP4 edit list may leave out every sample): then the source has no sound,
+as ffmpeg's renditions have none. A source whose audio streams are all of other codecs is refused as
+unsupported rather than made silent: its sound is part of what was uploaded, and a rendition
+without it would pass for a complete one.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ class Source:
 
     codec: str
     # The streams the renditions are made from, by their index in the container; audio_index
-    # is None when the source has no sound.
+    # is None when the source has no sound, or none of it is heard (probe).
     video_index: int
     audio_index: int | None
     coded_width: int
@@ -415,6 +416,9 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     source = replace(
         stated, duration_seconds=presented.duration_seconds or stated.duration_seconds, frame_rate=presented.frame_rate
     )
+    if not presented.has_audio:
+        # A sound stream of which nothing is heard: ffmpeg makes the renditions silent, and so they are said to be.
+        source = replace(source, audio_index=None, audio_sample_rate=0)
     check(replace(source, duration_seconds=longest), limits)
     return source
 
@@ -453,60 +457,77 @@ def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> 
 class _Presented:
     """What the packets of the renditions' streams present (see _presented)."""
 
-    # From where the renditions' clock starts to the end of the last packet.
+    # From where the renditions' clock starts to the end of the last packet presented.
     duration_seconds: float
     # One over the video frames' mean interval, start to start (the last frame's own duration may be
     # stretched to its edit's end), to a thousandth (ffprobe prints microseconds); 0 for one frame.
     frame_rate: float
+    # Whether the sound stream presents any of its samples: an MP4 edit list may leave them all out.
+    has_audio: bool
+
+
+# How ffprobe names the packet side data that tells the decoder how many samples to drop.
+_SKIP_SAMPLES = "Skip Samples"
+# ffprobe prints times to the microsecond: two times this close are one.
+_PRINTED_SECONDS = 1e-6
 
 
 async def _presented(path: Path, mime: str, source: Source, limits: VideoLimits) -> _Presented:
     """How long the renditions' streams last by the timestamps of the packets they present, counted
-    from where ffmpeg starts the renditions' clock, and the video's average frame rate; demuxing
-    only, nothing decoded. Reading stops once past the duration limit, and the packets are read as
-    they come, so a file of millions of them costs no memory; a file with more packets than the
-    limits allow is refused when it passes them, since each one costs the worker a line to parse. A
-    video stream that presents no frame at all (its MP4 edit list starts past the end of its media)
-    is refused as corrupt: there is nothing to show."""
+    from where ffmpeg starts the renditions' clock, the video's average frame rate, and whether the
+    sound presents anything; demuxing only, nothing decoded. Reading stops once past the duration
+    limit, and the packets are read as they come, so a file of millions of them costs no memory; a
+    file with more packets than the limits allow is refused when it passes them, since each one costs
+    the worker a line to parse. A video stream that presents no frame at all (its MP4 edit list starts
+    past the end of its media) is refused as corrupt: there is nothing to show. A sound stream that
+    presents no sample is no sound: ffmpeg drops it from the renditions."""
     wanted = {source.video_index, source.audio_index}
     video_packets = other_packets = shown = 0
     first_frame, last_frame = math.inf, -math.inf
-    bound = limits.max_duration_seconds
+    video_end = sound_end = 0.0
+    # Where the sound is first heard (_heard_from), and the latest start of a sound packet that the
+    # edit list keeps.
+    heard_from: float | None = None
+    last_sound = -math.inf
     process = await asyncio.create_subprocess_exec(
-        *_ffprobe_command(path, mime, limits, "-show_entries", "packet=stream_index,pts_time,duration_time,flags",
+        *_ffprobe_command(path, mime, limits, "-show_entries",
+                          "packet=stream_index,pts_time,duration_time,flags:packet_side_data=side_data_type,skip_samples",
                           "-of", "csv=p=0"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     assert process.stdout is not None
-    measured = 0.0
     try:
         async for line in process.stdout:
             fields = line.decode().strip().split(",")
-            # A packet with side data (AAC's priming samples, say) ends its line with a comma and
-            # is followed by an empty one: the side data section, whose fields were not asked for.
+            # A packet with side data ends its line with the side data's fields, and is followed by
+            # an empty line (the end of its side data list).
             if len(fields) < 4:
                 continue
             index, pts, length, flags = int(fields[0]), fields[1], fields[2], fields[3]
-            if index == source.video_index:
-                video_packets += 1
-            else:
-                other_packets += 1
+            video_packets += index == source.video_index
+            other_packets += index != source.video_index
             if video_packets > limits.max_video_packets or other_packets > limits.max_other_packets:
                 raise PermanentImagingError(TOO_MANY_PACKETS)
+            if index == source.audio_index and heard_from is None:
+                heard_from = _heard_from(fields, source.audio_sample_rate)
             # "D": a packet outside the container's edit list, decoded only as a reference for
             # the frames shown after it; the renditions, as players, never show it.
             if index in wanted and "D" not in flags:
                 shown += index == source.video_index
                 if pts != "N/A":
                     start = float(pts)
-                    end = start + (_seconds(length) or 0.0)
+                    end = start + (_seconds(length) or 0.0) - source.start_seconds
                     if index == source.video_index:
                         first_frame, last_frame = min(first_frame, start), max(last_frame, start)
-                    measured = max(measured, end - source.start_seconds)
-                    if measured > bound:
-                        return _Presented(measured, 0.0)
+                        video_end = max(video_end, end)
+                    else:
+                        last_sound = max(last_sound, start)
+                        sound_end = max(sound_end, end)
+                    if max(video_end, sound_end) > limits.max_duration_seconds:
+                        raise PermanentImagingError(VIDEO_TOO_LONG)
         await process.wait()
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
+        # A field unfit to be read, or samples to drop from a sound stream of no sample rate.
         raise PermanentImagingError(CORRUPT_VIDEO) from None
     finally:
         if process.returncode is None:
@@ -515,8 +536,24 @@ async def _presented(path: Path, mime: str, source: Source, limits: VideoLimits)
             await process.wait()
     if process.returncode != 0 or not shown:
         raise PermanentImagingError(CORRUPT_VIDEO)
+    # A packet kept that starts before where the sound is heard presents nothing of it: the decoder
+    # drops its samples too (the last packet of a sound whose MP4 edit starts past the end of its
+    # media, which FFmpeg's demuxer takes to last as long as the edit, and so keeps). A sound whose
+    # last such packet straddles that point presents less than a packet of it, and is no sound either.
+    has_audio = heard_from is not None and last_sound >= heard_from - _PRINTED_SECONDS
     span = last_frame - first_frame
-    return _Presented(measured, round((shown - 1) / span, 3) if span > 0 else 0.0)
+    return _Presented(
+        max(video_end, sound_end if has_audio else 0.0), round((shown - 1) / span, 3) if span > 0 else 0.0, has_audio
+    )
+
+
+def _heard_from(fields: list[str], sample_rate: int) -> float:
+    """Where a sound stream is first heard, from the line of its first packet: the packet's time plus
+    the samples it tells the decoder to drop (the encoder's priming, or up to where an MP4 edit list
+    starts, which may lie past every sample), which the demuxer puts on the first packet."""
+    skipped = int(fields[fields.index(_SKIP_SAMPLES) + 1]) if _SKIP_SAMPLES in fields else 0
+    start = -math.inf if fields[1] == "N/A" else float(fields[1])
+    return start + (skipped / sample_rate if skipped else 0.0)
 
 
 async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> dict:
