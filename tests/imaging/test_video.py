@@ -623,8 +623,17 @@ async def test_sound_is_taken_only_from_an_allow_listed_codec(clips):
     assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == ["22050"]
 
 
-@pytest.mark.parametrize(("rate", "expected"), [(96000, "48000"), (88200, "48000"), (48000, "48000"), (8000, "8000")])
-async def test_sound_above_48_khz_is_resampled_to_what_every_phone_plays(clips, rate, expected):
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [
+        (192000, "48000"), (96000, "48000"), (88200, "48000"), (48000, "48000"), (22050, "22050"), (8000, "8000"),
+        # AAC has a 7.35 kHz rate, which ffmpeg's encoder kept and phones do not play.
+        (7350, "8000"),
+        # A rate AAC does not have: ffmpeg's encoder took the nearest it has, 32 kHz, below the sound's.
+        (37800, "44100"),
+    ],
+)
+async def test_sound_is_resampled_to_a_rate_every_phone_plays_losing_none_of_it(clips, rate, expected):
     source_path = make.dubbed(clips / f"pcm-{rate}.mov", ("pcm_s24le", rate))
     _, made = await _transcode(source_path, "video/quicktime", clips / f"pcm-{rate}")
     make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)

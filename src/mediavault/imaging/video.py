@@ -110,9 +110,11 @@ _INVALID_PICTURE = b"image parameters invalid"
 # memory cap too (EAGAIN as well), but threads start before any frame is decoded, far under a cap
 # sized for them (memory_cap_bytes).
 _COULD_NOT_START = (b"Resource temporarily unavailable", b"Error while opening encoder")
-# The highest sample rate Android's AAC decoder is required to play (its compatibility
-# definition: 8 to 48 kHz); a faster source (96 or 88.2 kHz PCM from a camera) is resampled.
-MAX_AUDIO_SAMPLE_RATE = 48000
+# The AAC sample rates every phone plays: Android's AAC decoder is required to play AAC's standard
+# rates from 8 to 48 kHz (its compatibility definition). ffmpeg's encoder also writes 7.35, 64, 88.2
+# and 96 kHz, and gives a source at a rate it does not write the nearest one it does, lower than the
+# source's (37.8 kHz became 32) or outside that range (5 kHz became 7.35).
+AAC_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 # Packets a second of the duration limit may hold in the streams other than the video (the sound
 # and whatever is beside it): Opus's shortest frame, 2.5 ms, is the shortest packet of the allowed
 # audio codecs, and their usual ones last 20 ms or more (MOV's PCM is demuxed a chunk a packet).
@@ -236,6 +238,12 @@ class Source:
     @property
     def has_audio(self) -> bool:
         return self.audio_index is not None
+
+    @property
+    def rendition_sample_rate(self) -> int:
+        """The renditions' AAC sample rate: the lowest every phone plays that is not below the sound's,
+        so that none of it is lost (a 96 kHz camera's PCM gets the highest, 48 kHz)."""
+        return next((rate for rate in AAC_SAMPLE_RATES if rate >= self.audio_sample_rate), AAC_SAMPLE_RATES[-1])
 
     @property
     def is_hdr(self) -> bool:
@@ -640,9 +648,10 @@ def command(
         rung = item.rung
         args += ["-map", f"[v{i}]"]
         if source.audio_index is not None:
-            args += ["-map", f"0:{source.audio_index}", "-c:a", "aac", "-ac", "2", "-b:a", str(rung.audio_bps)]
-            if source.audio_sample_rate > MAX_AUDIO_SAMPLE_RATE:
-                args += ["-ar", str(MAX_AUDIO_SAMPLE_RATE)]
+            args += [
+                "-map", f"0:{source.audio_index}", "-c:a", "aac", "-ac", "2", "-ar", str(source.rendition_sample_rate),
+                "-b:a", str(rung.audio_bps),
+            ]
         args += [
             "-c:v", "libx264", "-threads", str(threads), "-preset", X264_PRESET, "-rc-lookahead", str(X264_LOOKAHEAD_FRAMES),
             "-profile:v", "high",
