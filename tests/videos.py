@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import subprocess
 import zlib
@@ -350,6 +351,36 @@ def dubbed(path: Path, *tracks: tuple[str, int]) -> Path:
     ffmpeg(*_testsrc("320x240", 1.0), *sounds, *maps, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
            *codecs, str(path))
     return path
+
+
+def late_sound(path: Path, seconds: float = 3.0, delay: float = 2.0) -> Path:
+    """320x240 H.264 of `seconds` with a 1 s tone in AAC from `delay` seconds in: ffmpeg's muxer puts an
+    empty edit before the sound's."""
+    ffmpeg(*_testsrc("320x240", seconds), "-itsoffset", str(delay), *_tone(1.0), "-c:v", "libx264", "-preset", "ultrafast",
+           "-pix_fmt", "yuv420p", "-c:a", "aac", str(path))
+    return path
+
+
+def gapped_sound(path: Path, seconds: float = 4.0, at: float = 1.0, gap: float = 2.0) -> Path:
+    """320x240 H.264 of `seconds` with a tone in AAC that stops at `at` seconds and starts again `gap`
+    seconds later: its timestamps jump, which MP4 can only say with a packet that lasts `gap` longer
+    than its samples."""
+    ffmpeg(*_testsrc("320x240", seconds), *_tone(seconds - gap), "-filter_complex",
+           f"[1:a]asetpts='if(gte(T,{at}),PTS+{gap}/TB,PTS)'[a]", "-map", "0:v", "-map", "[a]",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path))
+    return path
+
+
+def silences(path: Path, *, edit_lists: bool = True) -> list[tuple[float, float]]:
+    """The stretches of path's sound quieter than -50 dB for 10 ms or more, (start, end) in seconds,
+    as ffmpeg decodes it; with edit_lists False, as a player that ignores MP4 edit lists plays it (every
+    sample, from the track's start)."""
+    log = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", *([] if edit_lists else ["-ignore_editlist", "1"]),
+                          "-i", str(path), "-map", "0:a", "-af", "silencedetect=noise=-50dB:duration=0.01", "-f", "null", "-"],
+                         check=True, capture_output=True, text=True).stderr
+    starts = [float(value) for value in re.findall(r"silence_start: (\S+)", log)]
+    ends = [float(value) for value in re.findall(r"silence_end: (\S+)", log)]
+    return list(zip(starts, ends, strict=False))
 
 
 def tagged(path: Path, key: str, value: str) -> Path:

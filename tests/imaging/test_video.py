@@ -640,6 +640,32 @@ async def test_sound_is_resampled_to_a_rate_every_phone_plays_losing_none_of_it(
     assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == [expected]
 
 
+async def test_a_sound_that_starts_after_the_video_is_heard_at_its_time_by_every_player(clips):
+    # The tone starts 2 s into the video, behind an empty edit. The renditions' sound started there
+    # too, behind an empty edit of its own, which players that ignore MP4 edit lists (as Android's
+    # Stagefright long did) skip: they played the tone from the start, 2 s early.
+    path = make.late_sound(clips / "late-sound.mp4", delay=2.0)
+    assert make.silences(path)[0][1] == pytest.approx(2.0, abs=0.01), "the source's tone is heard from 2 s"
+    _, made = await _transcode(path, "video/mp4", clips / "late-sound")
+    make.check_rendition(made[0].path, width=320, height=240, duration=3.0, audio=True)
+    sound = next(s for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio")
+    assert float(sound["start_time"]) == 0.0
+    # Silence, then the tone at its time, whether the player applies the edit list (which leaves out
+    # the encoder's priming, 1024 samples) or not.
+    assert make.silences(made[0].path)[0] == (0.0, pytest.approx(2.0, abs=0.01))
+    assert make.silences(made[0].path, edit_lists=False)[0] == (0.0, pytest.approx(2.0 + 1024 / 44100, abs=0.01))
+
+
+async def test_a_sound_that_stops_and_starts_again_keeps_its_time_in_the_renditions(clips):
+    # A tone that stops at 1 s and starts again at 3 s. The renditions' sound had no gap: a player
+    # plays the samples one after the other, and heard the second half 2 s early.
+    path = make.gapped_sound(clips / "gapped-sound.mp4", at=1.0, gap=2.0)
+    _, made = await _transcode(path, "video/mp4", clips / "gapped-sound")
+    make.check_rendition(made[0].path, width=320, height=240, duration=4.0, audio=True)
+    gaps = [(start, end) for start, end in make.silences(made[0].path) if end - start > 1]
+    assert gaps == [(pytest.approx(1.0, abs=0.05), pytest.approx(3.0, abs=0.05))]
+
+
 async def test_a_source_with_a_stream_no_allowed_decoder_reads_is_refused_before_anything_decodes_it(clips):
     # An MPEG-4 Part 2 picture stream beside the H.264 video: the renditions would not use it, but
     # FFmpeg's stream analysis would decode its first frame.

@@ -649,8 +649,13 @@ def command(
         args += ["-map", f"[v{i}]"]
         if source.audio_index is not None:
             args += [
-                "-map", f"0:{source.audio_index}", "-c:a", "aac", "-ac", "2", "-ar", str(source.rendition_sample_rate),
-                "-b:a", str(rung.audio_bps),
+                "-map", f"0:{source.audio_index}",
+                # Silence where the sound starts after the video, or stops and starts again later
+                # (a gap of over 0.1 s, swresample's threshold): the renditions' sound starts with their
+                # clock and never skips, so that players which ignore MP4 edit lists keep it in sync
+                # (ffmpeg's muxer puts such a start in an empty edit, and a gap nowhere).
+                "-af", "aresample=first_pts=0",
+                "-c:a", "aac", "-ac", "2", "-ar", str(source.rendition_sample_rate), "-b:a", str(rung.audio_bps),
             ]
         args += [
             "-c:v", "libx264", "-threads", str(threads), "-preset", X264_PRESET, "-rc-lookahead", str(X264_LOOKAHEAD_FRAMES),
