@@ -371,6 +371,22 @@ def gapped_sound(path: Path, seconds: float = 4.0, at: float = 1.0, gap: float =
     return path
 
 
+def sound_only(path: Path, codec: str = "aac", *, cover: bool = False) -> Path:
+    """1 s of a tone and nothing else in path's container (.m4a, as a phone's voice memo; .webm), with a
+    cover picture (a red 64x64 PNG, attached) if asked."""
+    ffmpeg(*_tone(1.0), "-c:a", codec, str(path))
+    if cover:
+        picture = path.with_suffix(".png")
+        ffmpeg("-f", "lavfi", "-i", "color=red:size=64x64", "-frames:v", "1", str(picture))
+        bare = path.with_suffix(f".bare{path.suffix}")
+        path.rename(bare)
+        ffmpeg("-i", str(bare), "-i", str(picture), "-map", "0", "-map", "1", "-c", "copy", "-disposition:v:0", "attached_pic",
+               str(path))
+        picture.unlink()
+        bare.unlink()
+    return path
+
+
 def silences(path: Path, *, edit_lists: bool = True) -> list[tuple[float, float]]:
     """The stretches of path's sound quieter than -50 dB for 10 ms or more, (start, end) in seconds,
     as ffmpeg decodes it; with edit_lists False, as a player that ignores MP4 edit lists plays it (every

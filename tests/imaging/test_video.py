@@ -308,6 +308,19 @@ async def test_refused_from_the_container_before_decoding(tmp_path, build, limit
     assert refused.value.message == reason
 
 
+@pytest.mark.parametrize(
+    ("name", "codec", "cover", "mime"),
+    [("memo.m4a", "aac", False, "video/mp4"), ("song.m4a", "aac", True, "video/mp4"), ("memo.webm", "libopus", False, "video/webm")],
+    ids=["m4a", "m4a-with-cover", "opus-webm"],
+)
+async def test_sound_alone_is_an_unsupported_format_not_a_corrupt_video(tmp_path, name, codec, cover, mime):
+    # Well formed, and sniffed as MP4 or WebM like a video; it was refused as "corrupt video".
+    path = make.sound_only(tmp_path / name, codec, cover=cover)
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(path, mime, _DEFAULT_LIMITS)
+    assert refused.value.message == "unsupported format"
+
+
 async def test_a_source_of_more_packets_than_the_limits_allow_is_refused(tmp_path):
     # 8,000 one-sample PCM packets in 1 s, where 10 s of sound may hold 4,000: each one would
     # cost the worker a line to parse, and a file of millions of them seconds of its CPU.

@@ -86,8 +86,10 @@ async def test_an_iphone_video_completes_with_renditions_metadata_and_ranges(sto
         (lambda d: make.truncated(d / "cut.mp4", make.h264(d / "whole.mp4", faststart=False)), "corrupt video"),
         (lambda d: make.tiny(d / "dot.mp4"), "video too small"),
         (lambda d: make.dubbed(d / "adpcm.mov", ("adpcm_ima_qt", 44100)), "unsupported format"),
+        # A voice memo uploaded as video/mp4: sound alone, no video, nothing corrupt.
+        (lambda d: make.sound_only(d / "memo.m4a"), "unsupported format"),
     ],
-    ids=["claims-10h", "truncated", "1x1", "adpcm-sound"],
+    ids=["claims-10h", "truncated", "1x1", "adpcm-sound", "sound-only"],
 )
 async def test_refused_videos_fail_once_with_their_reason(storage, media, auth, user_id, worker, tmp_path, build, reason):
     md = auth(user_id)

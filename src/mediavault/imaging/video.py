@@ -349,6 +349,9 @@ def parse_probe(report: dict) -> Source:
 def _source(report: dict) -> Source:
     streams = report.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")), None)
+    if video is None and any(s.get("codec_type") == "audio" for s in streams):
+        # Sound alone (a voice memo, an .m4a with its cover picture) is no video, but nothing corrupt.
+        raise PermanentImagingError(UNSUPPORTED_FORMAT)
     if video is None or not video.get("width") or not video.get("height"):
         raise PermanentImagingError(CORRUPT_VIDEO)
     codec = video.get("codec_name", "")
