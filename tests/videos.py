@@ -399,6 +399,15 @@ def silences(path: Path, *, edit_lists: bool = True) -> list[tuple[float, float]
     return list(zip(starts, ends, strict=False))
 
 
+def unknown_codec(path: Path, source: Path, fourcc: bytes, unknown: bytes = b"apac") -> Path:
+    """source with the sample entry `fourcc` (once in the file) renamed `unknown`, a codec FFmpeg does
+    not know (APAC, an iPhone's spatial audio, is not in Debian's FFmpeg 5.1)."""
+    data = source.read_bytes()
+    assert data.count(fourcc) == 1
+    path.write_bytes(data.replace(fourcc, unknown))
+    return path
+
+
 def tagged(path: Path, key: str, value: str) -> Path:
     """1 s of 320x240 H.264 in Matroska whose video stream carries the tag key=value. ffmpeg turns a
     "rotate" tag into a display matrix or drops it, so the tag is written under a stand-in name of the

@@ -636,6 +636,20 @@ async def test_sound_is_taken_only_from_an_allow_listed_codec(clips):
     assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == ["22050"]
 
 
+async def test_a_sound_no_ffmpeg_decoder_reads_is_dropped_beside_an_allowed_one_and_refused_alone(clips):
+    beside = make.unknown_codec(clips / "aac-apac.mov", make.dubbed(clips / "aac-pcm.mov", ("aac", 44100), ("pcm_s16le", 22050)),
+                                b"sowt")
+    streams = make.probe(beside)["streams"]
+    assert [(s["codec_type"], s.get("codec_name")) for s in streams] == [("video", "h264"), ("audio", "aac"), ("audio", None)]
+    source, made = await _transcode(beside, "video/quicktime", clips / "aac-apac")
+    assert (source.audio_index, source.audio_sample_rate) == (1, 44100)
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)
+    alone = make.unknown_codec(clips / "apac.mov", make.dubbed(clips / "pcm.mov", ("pcm_s16le", 22050)), b"sowt")
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.probe(alone, "video/quicktime", _DEFAULT_LIMITS)
+    assert refused.value.message == "unsupported format"
+
+
 @pytest.mark.parametrize(
     ("rate", "expected"),
     [
