@@ -488,7 +488,9 @@ type Media struct {
 	LikeCount int64 `protobuf:"varint,20,opt,name=like_count,json=likeCount,proto3" json:"like_count,omitempty"`
 	// SHARE events recorded for it.
 	ShareCount int64 `protobuf:"varint,21,opt,name=share_count,json=shareCount,proto3" json:"share_count,omitempty"`
-	// Videos: length in seconds, as the container states it; 0 until processed and for images.
+	// Videos: length in seconds that the source presents, from the start of its clock to the end of
+	// the last video frame or sound that is played (where its renditions and players end it; what its
+	// headers or an MP4 edit list claim beyond that does not count); 0 until processed and for images.
 	DurationSeconds float64 `protobuf:"fixed64,30,opt,name=duration_seconds,json=durationSeconds,proto3" json:"duration_seconds,omitempty"`
 	// Videos: the source's average frames per second; 0 until processed and for images.
 	FrameRate float64 `protobuf:"fixed64,31,opt,name=frame_rate,json=frameRate,proto3" json:"frame_rate,omitempty"`
