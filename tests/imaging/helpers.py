@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageStat
 
 from mediavault.imaging import DEFAULT_VARIANTS, TranscodeResult, transcode, turbojpeg
-from mediavault.imaging.colour import DISPLAY_P3
+from mediavault.imaging.colour import DISPLAY_P3, Chromaticity, Primaries, matrix_profile
 from mediavault.imaging.pipeline import transcode_poster
 from tests.conftest import CORPUS
 
@@ -141,3 +142,13 @@ def chroma_440(data: bytes) -> bytes:
 def mean_difference(a: Image.Image, b: Image.Image) -> float:
     """Mean absolute difference over the channels of two pictures of one size, in RGB."""
     return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
+
+
+def power_law_profile(primaries: Primaries, white: Chromaticity, exponent: float, description: str) -> bytes:
+    """An RGB profile of these primaries and white whose tone curve is a plain power law: light is
+    level ** exponent (1 for a linear profile, 563 / 256 for Adobe RGB's, 1.8 for ProPhoto's)."""
+    profile = matrix_profile(primaries, white, description)
+    # The three channels share one tone curve, the profile's last data: the power law in its place.
+    curve = profile.index(b"para")
+    power_law = b"para\0\0\0\0" + struct.pack(">HHi", 0, 0, round(exponent * 65536))
+    return profile[:curve] + power_law.ljust(len(profile) - curve, b"\0")

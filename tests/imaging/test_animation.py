@@ -26,10 +26,10 @@ from mediavault.imaging import (
     transcode,
 )
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
-from mediavault.imaging.colour import DISPLAY_P3
+from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES
 from mediavault.imaging.errors import IMAGE_TOO_LARGE
 from mediavault.imaging.spec import AnimationLimits
-from tests.imaging.helpers import check_variants, corpus, open_variant, transcoded
+from tests.imaging.helpers import check_variants, corpus, open_variant, power_law_profile, transcoded
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 COLOURS = ((220, 30, 40, 255), (30, 180, 60, 255), (40, 60, 210, 255))
@@ -270,6 +270,26 @@ def test_the_renditions_show_a_tagged_sources_colours_in_srgb_as_the_stills_do(f
     for rendition, tolerance in ((webp, 4), (mp4, 8)):
         pixel = centre_in_srgb(rendition)
         assert max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) <= tolerance, (rendition.format, pixel, expected)
+
+
+def test_the_renditions_of_a_linear_profile_keep_its_shadows_as_lcms_converts_them() -> None:
+    # Stripes of the darkest levels, where a linear tone curve is steepest against sRGB's.
+    levels = (1, 2, 3, 4, 6, 8)
+    frame = Image.new("RGB", (40 * len(levels), 64))
+    for index, level in enumerate(levels):
+        frame.paste((level, level, level), (40 * index, 0, 40 * (index + 1), 64))
+    icc = power_law_profile(SRGB_PRIMARIES, D65, 1.0, "Linear sRGB")
+    mirrored = frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buffer = io.BytesIO()
+    frame.save(buffer, "PNG", save_all=True, append_images=[mirrored], duration=100, icc_profile=icc)
+    expected = ImageCms.profileToProfile(frame, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"))
+    webp = Image.open(io.BytesIO(renditions(transcode(buffer.getvalue(), "image/png").animation)[ANIMATION])).convert("RGB")
+    for index in range(len(levels)):
+        centre = (40 * index + 20, 32)
+        pixel, shown = webp.getpixel(centre), expected.getpixel(centre)
+        assert isinstance(pixel, tuple)
+        assert isinstance(shown, tuple)
+        assert max(abs(a - b) for a, b in zip(pixel, shown, strict=True)) <= 3, (levels[index], pixel, shown)
 
 
 @pytest.mark.parametrize(

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import io
+import random
 import struct
 
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageChops, ImageCms
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, formats, transcode
-from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES, is_display_p3, matrix_profile
+from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES, is_display_p3
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
-from tests.imaging.helpers import assert_no_metadata, check_variants, corpus, mean_difference, open_variant, transcoded
+from tests.imaging.helpers import (
+    assert_no_metadata,
+    check_variants,
+    corpus,
+    mean_difference,
+    open_variant,
+    power_law_profile,
+    transcoded,
+)
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The iPhone's own Display P3 profile, as its HEIC carries it.
@@ -168,10 +177,7 @@ def test_a_palette_png_with_another_profile_is_converted_to_srgb() -> None:
 
 def linear_srgb_profile() -> bytes:
     """sRGB's primaries and white with a linear tone curve, described as "Linear sRGB"."""
-    profile = matrix_profile(SRGB_PRIMARIES, D65, "Linear sRGB")
-    # The three channels share one tone curve, the profile's last data: a gamma of 1 in its place.
-    curve = profile.index(b"para")
-    return profile[:curve] + (b"para\0\0\0\0" + struct.pack(">HHi", 0, 0, 65536)).ljust(len(profile) - curve, b"\0")
+    return power_law_profile(SRGB_PRIMARIES, D65, 1.0, "Linear sRGB")
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -183,6 +189,40 @@ def test_a_profile_named_srgb_that_is_not_is_converted(fmt: str) -> None:
     assert "icc_profile" not in display.info
     pixel = display.getpixel((48, 32))
     assert max(abs(level - 137) for level in pixel) <= 2, pixel
+
+
+P3_PRIMARIES = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+ADOBE_RGB_PRIMARIES = ((0.64, 0.33), (0.21, 0.71), (0.15, 0.06))
+PROPHOTO_PRIMARIES = ((0.7347, 0.2653), (0.1596, 0.8404), (0.0366, 0.0001))
+D50 = (0.3457, 0.3585)
+
+
+@pytest.mark.parametrize(
+    ("icc", "ramp_levels"),
+    [
+        # Tone curves much steeper than sRGB's in the shadows, which a 3D LUT bends there.
+        pytest.param(power_law_profile(SRGB_PRIMARIES, D65, 1.0, "Linear sRGB"), 1, id="linear-srgb"),
+        pytest.param(power_law_profile(P3_PRIMARIES, D65, 1.0, "Linear P3"), 1, id="linear-p3"),
+        pytest.param(power_law_profile(ADOBE_RGB_PRIMARIES, D65, 563 / 256, "Adobe RGB (1998)"), 1, id="adobe-rgb"),
+        pytest.param(power_law_profile(PROPHOTO_PRIMARIES, D50, 1.8, "ProPhoto RGB"), 3, id="prophoto"),
+        pytest.param(Image.open(corpus("images/formats/icc_profile_big.jpg")).info["icc_profile"], 1, id="corpus-big"),
+    ],
+)
+def test_a_profile_is_converted_as_lcms_converts_it(icc: bytes, ramp_levels: int) -> None:
+    """A grey ramp within `ramp_levels` of lcms's own conversion (no banding in the shadows), and
+    random colours within half a level of it on average."""
+    greys = Image.frombytes("RGB", (256, 1), bytes(level for level in range(256) for _ in range(3))).resize((256, 16))
+    colours = Image.frombytes("RGB", (256, 256), random.Random(7).randbytes(256 * 256 * 3))
+    picture = Image.new("RGB", (256, 16 + 256))
+    picture.paste(greys, (0, 0))
+    picture.paste(colours, (0, 16))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", icc_profile=icc)
+    still = decode_with_pillow(open_image(buffer.getvalue(), "image/png", DEFAULT_LIMITS), DEFAULT_VARIANTS.image).image
+    expected = ImageCms.profileToProfile(picture, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"))
+    ramp = ImageChops.difference(still.crop((0, 0, 256, 16)), expected.crop((0, 0, 256, 16)))
+    assert max(highest for _, highest in ramp.getextrema()) <= ramp_levels
+    assert mean_difference(still.crop((0, 16, 256, 272)), expected.crop((0, 16, 256, 272))) < 0.5
 
 
 def grey_profile(gamma: float) -> bytes:

@@ -149,7 +149,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
                 # Loading the frame is what gives a WebP frame its duration.
                 rgba = in_srgb_tones(eight_bit(image).convert("RGBA"), levels)
                 if to_srgb is not None:
-                    rgba = rgba.filter(to_srgb)
+                    rgba = to_srgb.apply(rgba)
                 if transpose is not None:
                     rgba = rgba.transpose(transpose)
                 if rgba.size != (width, height):

@@ -7,7 +7,7 @@ import errno
 import io
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -78,6 +78,12 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # A 33-point grid keeps the mean error under half a level; lcms applied per pixel
 # costs about four times as much on a phone photo.
 _LUT_POINTS = 33
+# The LUT converts only a profile whose grey ramp it shows within this many levels of lcms: it
+# interpolates straight between its grid points, where a tone curve much steeper than sRGB's in the
+# shadows bends (a linear profile's, which showed as banding); lcms converts those pixel by pixel.
+# ProPhoto's gamma 1.8 comes within it, at its darkest levels.
+_LUT_WITHIN_LEVELS = 3
+_GREY_RAMP = Image.frombytes("RGB", (256, 1), bytes(level for level in range(256) for _ in range(3)))
 
 
 @dataclass
@@ -279,11 +285,26 @@ def converts_colour(icc: bytes) -> bool:
     return srgb_conversion(icc) is not None
 
 
-def srgb_conversion(icc: bytes) -> ImageFilter.Color3DLUT | None:
+@dataclass(frozen=True)
+class SrgbConversion:
+    """What takes RGB or RGBA pictures tagged with one profile to sRGB, their alpha kept: the
+    profile's conversion sampled into a 3D LUT, or, where the LUT is not close enough to it (see
+    _LUT_WITHIN_LEVELS), lcms's transforms of RGB and of RGBA applied to every pixel."""
+
+    lut: ImageFilter.Color3DLUT | None = None
+    transforms: dict[str, ImageCms.ImageCmsTransform] = field(default_factory=dict)
+
+    def apply(self, picture: Image.Image) -> Image.Image:
+        if self.lut is not None:
+            return picture.filter(self.lut)
+        return self.transforms[picture.mode].apply(picture)
+
+
+def srgb_conversion(icc: bytes) -> SrgbConversion | None:
     """What takes RGB pixels tagged with this ICC profile to sRGB (Display P3's included, which
     the stills keep: see _to_srgb); None when they are sRGB already."""
     try:
-        return _srgb_lut(icc)
+        return _srgb_conversion(icc)
     except (ImageCms.PyCMSError, OSError, ValueError):
         # _apply_profile ignores a broken profile too.
         return None
@@ -408,9 +429,9 @@ def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
     """The image converted from its embedded profile to sRGB, or None to convert it plainly."""
     try:
         if image.mode in ("RGB", "RGBA"):
-            lut = _srgb_lut(icc)
+            conversion = _srgb_conversion(icc)
             source = image.convert("RGB") if image.mode == "RGBA" else image
-            return source if lut is None else source.filter(lut)
+            return source if conversion is None else conversion.apply(source)
         if image.mode in ("CMYK", "L"):
             return ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), SRGB_PROFILE, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError):
@@ -420,16 +441,20 @@ def _apply_profile(image: Image.Image, icc: bytes) -> Image.Image | None:
 
 
 @cached_by_digest
-def _srgb_lut(icc: bytes) -> ImageFilter.Color3DLUT | None:
-    """The embedded RGB profile's conversion to sRGB as a 3D LUT, None when it is sRGB already."""
+def _srgb_conversion(icc: bytes) -> SrgbConversion | None:
+    """The embedded RGB profile's conversion to sRGB, None when it is sRGB already."""
     if is_srgb(icc):
         return None
-    transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), SRGB_PROFILE, "RGB", "RGB")
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    transform = ImageCms.buildTransform(profile, SRGB_PROFILE, "RGB", "RGB")
     ramp = [round(i * 255 / (_LUT_POINTS - 1)) for i in range(_LUT_POINTS)]
     # Color3DLUT wants red to vary fastest, then green, then blue.
     grid = bytes(v for b in ramp for g in ramp for r in ramp for v in (r, g, b))
     converted = transform.apply(Image.frombytes("RGB", (_LUT_POINTS**3, 1), grid))
-    return ImageFilter.Color3DLUT(_LUT_POINTS, [v / 255 for v in converted.tobytes()])
+    lut = ImageFilter.Color3DLUT(_LUT_POINTS, [v / 255 for v in converted.tobytes()])
+    if max(ImageChops.difference(_GREY_RAMP.filter(lut), transform.apply(_GREY_RAMP)).tobytes()) <= _LUT_WITHIN_LEVELS:
+        return SrgbConversion(lut=lut)
+    return SrgbConversion(transforms={"RGB": transform, "RGBA": ImageCms.buildTransform(profile, SRGB_PROFILE, "RGBA", "RGBA")})
 
 
 # A poster is the first frame in the first seconds that is not near-black (a fade-in or a
