@@ -11,9 +11,10 @@ import av
 import pytest
 from PIL import Image, ImageCms
 
-from mediavault.imaging import DEFAULT_VARIANTS, transcode
+from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, transcode
 from mediavault.imaging.animation import ANIMATION, GIFV
 from mediavault.imaging.colour import DISPLAY_P3
+from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.formats import AVIF
 from tests.imaging.helpers import check_variants, corpus, open_variant
 
@@ -28,7 +29,7 @@ SMALL_AVIF = dataclasses.replace(
     ),
 )
 # IHDR colour types.
-GREY, RGB = 0, 2
+GREY, RGB, GREY_ALPHA, RGBA = 0, 2, 4, 6
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -221,6 +222,33 @@ def test_a_png_with_gama_and_no_profile_is_shown_in_its_tone_curve_as_browsers_s
     exponent = 100_000 / gamma
     expected = [tuple(srgb_level((value / 255) ** exponent) for value in colour) for colour in stripe_colours(colour_type)]
     assert_within(got, [colour * 3 if len(colour) == 1 else colour for colour in expected], 3)
+
+
+@pytest.mark.parametrize(
+    "colour_type",
+    [GREY, RGB, GREY_ALPHA, RGBA],
+    ids=["grey", "rgb", "grey-alpha", "rgba"],
+)
+@pytest.mark.parametrize("gamma", [100_000, 55_556])
+def test_a_sixteen_bit_png_with_gama_takes_each_level_to_srgbs_curve_from_all_sixteen_bits(colour_type: int, gamma: int) -> None:
+    # The darkest 16-bit levels, one every 16 across the picture: their top 8 bits (0 to 15) have
+    # 16 levels to show what sRGB's curve shows in 72 (0 to 71 in a linear curve), the first 16
+    # samples (0 to 12 in a linear curve) all as black.
+    samples = [16 * x for x in range(256)]
+    colours = {GREY: 1, RGB: 3, GREY_ALPHA: 1, RGBA: 3}[colour_type]
+    alpha = [0xC0FF] if colour_type in (GREY_ALPHA, RGBA) else []
+    pixels = [[sample * (1 + band) for band in range(colours)] + alpha for sample in samples]
+    row = b"".join(struct.pack(f">{len(pixel)}H", *pixel) for pixel in pixels)
+    data = png_file(256, 4, 16, colour_type, [row] * 4, gama(gamma))
+    still = decode_with_pillow(open_image(data, "image/png", DEFAULT_LIMITS), DEFAULT_VARIANTS.image).image
+    exponent = 100_000 / gamma
+    for x, sample in enumerate(samples):
+        pixel = still.getpixel((x, 2))
+        assert isinstance(pixel, tuple)
+        expected = [srgb_level((sample * (1 + band) / 65535) ** exponent) for band in range(colours)] * (3 // colours)
+        assert max(abs(a - b) for a, b in zip(pixel[:3], expected, strict=True)) <= 1, (sample, pixel, expected)
+        # The alpha keeps its top 8 bits.
+        assert pixel[3:] == tuple(level >> 8 for level in alpha)
 
 
 def iccp(profile: bytes) -> bytes:

@@ -131,16 +131,17 @@ _DISPLAY_P3_PROFILE = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
 SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
-def srgb_tones(exponent: float) -> tuple[int, ...]:
-    """For each 8-bit level of a plain power-law tone curve, whose light is (level / 255) ** exponent,
-    the 8-bit level that shows the same light in sRGB's curve."""
+def srgb_tones(exponent: float, largest: int = 255) -> tuple[int, ...]:
+    """For each level, 0 to `largest` (255 of 8-bit samples, 65535 of 16-bit ones), of a plain
+    power-law tone curve, whose light is (level / largest) ** exponent, the 8-bit level that shows
+    the same light in sRGB's curve."""
     g, a, b, c, d = _SRGB_CURVE
 
     def encoded(light: float) -> float:
         # _SRGB_CURVE inverted: linear below the light its linear part ends at.
         return light / c if light < c * d else (light ** (1 / g) - b) / a
 
-    return tuple(round(255 * encoded((level / 255) ** exponent)) for level in range(256))
+    return tuple(round(255 * encoded((level / largest) ** exponent)) for level in range(largest + 1))
 
 
 def cached_by_digest(compute: Callable[[bytes], T]) -> Callable[[bytes], T]:

@@ -156,6 +156,24 @@ _CLEAN_APERTURE = "mediavault_clean_aperture"
 _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 # Where open_image leaves a PNG's levels in sRGB's tone curve (see _describe_png).
 _SRGB_TONES = "mediavault_srgb_tones"
+# Where open_image leaves a 16-bit PNG's levels in sRGB's tone curve, of all 16 bits (see _describe_png).
+_SIXTEEN_BIT_TONES = "mediavault_sixteen_bit_tones"
+_LARGEST_16_BIT = 65535
+# For each colour type of 16-bit PNG that Pillow opens in 8-bit bands (RGB; grey with alpha, opened
+# as RGBA; RGBA), the raw mode that decodes its pixels again to bands of their samples' low bytes,
+# and which of those bands holds the low byte of each colour band: a grey sample's bytes, unpacked
+# as RGBA, are its red and green.
+_LOW_BYTES = {2: ("RGB;16L", (0, 1, 2)), 4: ("RGBA", (1, 1, 1)), 6: ("RGBA;16L", (0, 1, 2))}
+
+
+@dataclass(frozen=True)
+class _SixteenBitTones:
+    """A 16-bit PNG's bytes and colour type, and for each of its 16-bit levels the 8-bit level in
+    sRGB's tone curve that shows the light its gAMA gives it."""
+
+    data: bytes
+    colour_type: int
+    levels: tuple[int, ...]
 
 
 def clean_aperture(image: Image.Image) -> Image.Image:
@@ -170,8 +188,9 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     colour, left for decode_with_pillow with the PNG's bytes, from which it decodes the samples'
     low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; and the
     colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of its own (see
-    srgb_tones) and, for primaries other than sRGB's, a profile of them with that curve, which
-    the stills and the animation convert from (or keep) as from an embedded one."""
+    srgb_tones; for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
+    _sixteen_bits_in_srgb_tones) and, for primaries other than sRGB's, a profile of them with that
+    curve, which the stills and the animation convert from (or keep) as from an embedded one."""
     chunks = png.read(data)
     colour = chunks.transparent_colour
     if colour is not None and image.mode == "RGB":
@@ -185,6 +204,10 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     colours = chunks.colours
     if colours is not None:
         image.info[_SRGB_TONES] = srgb_tones(colours.exponent)
+        if chunks.bit_depth == 16 and not first_frame(image):
+            # The picture the stills show is the IDAT's, whose bytes decode_with_pillow decodes again.
+            levels = srgb_tones(colours.exponent, _LARGEST_16_BIT)
+            image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, levels)
         if colours.primaries is not None:
             image.info["icc_profile"] = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
 
@@ -197,10 +220,7 @@ def _with_transparent_colour(image: Image.Image) -> Image.Image:
     if described is None:
         return image
     colour, data = described
-    low_bytes = Image.open(io.BytesIO(data), formats=["PNG"])
-    # "RGB;16L" unpacks the second byte of each sample, the low one of a PNG's big-endian
-    # samples; the zip decoder still undoes the filters over whole 6-byte pixels.
-    low_bytes.tile = [tile._replace(args="RGB;16L") for tile in low_bytes.tile]
+    low_bytes = _decoded_again(data, "RGB;16L")
     alpha = ImageChops.lighter(
         _opaque_but(image, tuple(sample >> 8 for sample in colour)),
         _opaque_but(low_bytes, tuple(sample & 0xFF for sample in colour)),
@@ -208,6 +228,41 @@ def _with_transparent_colour(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     rgba.putalpha(alpha)
     return rgba
+
+
+def _sixteen_bits_in_srgb_tones(image: Image.Image) -> Image.Image:
+    """The loaded still of a 16-bit PNG whose gAMA gives another tone curve (see _describe_png) with
+    its colour levels taken to sRGB's curve from all 16 bits of each sample, in 8 bits, and without
+    the 8-bit tones for _to_srgb to apply: from the top 8 bits, where Pillow leaves them, the 256
+    darkest levels of a linear PNG, 0 to 13 in sRGB's curve, were all black. Any other image as it is."""
+    sixteen = image.info.get(_SIXTEEN_BIT_TONES)
+    if sixteen is None:
+        return image
+    if image.mode in ("I;16", "I"):
+        toned = eight_bit(image, sixteen.levels)
+    else:
+        raw_mode, low_bands = _LOW_BYTES[sixteen.colour_type]
+        tops, lows = image.split(), _decoded_again(sixteen.data, raw_mode).split()
+        colours = [_samples(tops[band], lows[low]).point(sixteen.levels, "L") for band, low in enumerate(low_bands)]
+        # The alpha, if any, keeps its top 8 bits.
+        toned = Image.merge(image.mode, [*colours, *tops[len(colours) :]])
+    toned.info = {key: value for key, value in image.info.items() if key not in (_SRGB_TONES, _SIXTEEN_BIT_TONES)}
+    return toned
+
+
+def _samples(top_bytes: Image.Image, low_bytes: Image.Image) -> Image.Image:
+    """The 16-bit samples ("I") whose top and low bytes are these two bands'."""
+    # Side by side, each sample's two bytes are the sample as a PNG holds it, big-endian.
+    return Image.frombytes("I", top_bytes.size, Image.merge("LA", (top_bytes, low_bytes)).tobytes(), "raw", "I;16B")
+
+
+def _decoded_again(data: bytes, raw_mode: str) -> Image.Image:
+    """The PNG opened again, to be decoded with each pixel's bytes unpacked by `raw_mode`: the zip
+    decoder still undoes the filters over whole pixels, so it must take as many bytes a pixel as
+    the PNG's do ("RGB;16L" unpacks the second, low byte of each big-endian 16-bit sample)."""
+    picture = Image.open(io.BytesIO(data), formats=["PNG"])
+    picture.tile = [tile._replace(args=raw_mode) for tile in picture.tile]
+    return picture
 
 
 def _opaque_but(picture: Image.Image, colour: tuple[int, ...]) -> Image.Image:
@@ -237,7 +292,7 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
             width, height = cropped.size
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
-        picture = _to_srgb(_with_transparent_colour(cropped))
+        picture = _to_srgb(_sixteen_bits_in_srgb_tones(_with_transparent_colour(cropped)))
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
@@ -410,14 +465,15 @@ def in_srgb_tones(picture: Image.Image, levels: tuple[int, ...] | None) -> Image
     return picture.point([*levels] * toned + [*range(256)] * (len(picture.getbands()) - toned))
 
 
-def eight_bit(image: Image.Image) -> Image.Image:
+def eight_bit(image: Image.Image, tones: Sequence[int] | None = None) -> Image.Image:
     """16-bit grey as "L", the top 8 bits of each level (a plain convert clips everything above
-    255 to white); "LA" when a tRNS chunk makes a level transparent, matched against the 16-bit
-    levels, since many of them share their top 8 bits. Any other image as it is."""
+    255 to white), or where given the 8-bit level `tones` holds for it; "LA" when a tRNS chunk
+    makes a level transparent, matched against the 16-bit levels, since many of them share their
+    top 8 bits. Any other image as it is."""
     if image.mode not in ("I;16", "I"):
         return image
     levels = image.convert("I")
-    grey = levels.point(lambda v: v / 256).convert("L")
+    grey = levels.point(lambda v: v / 256).convert("L") if tones is None else levels.point(tones, "L")
     grey.info = {key: value for key, value in image.info.items() if key != "transparency"}
     transparent = image.info.get("transparency")
     if isinstance(transparent, int):
