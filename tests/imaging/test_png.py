@@ -16,7 +16,7 @@ from mediavault.imaging.animation import ANIMATION, GIFV
 from mediavault.imaging.colour import DISPLAY_P3
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.formats import AVIF
-from tests.imaging.helpers import check_variants, corpus, open_variant
+from tests.imaging.helpers import check_variants, corpus, open_variant, power_law_profile
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The default variants with their AVIF at a quality low enough to come out smaller than the WebP
@@ -283,6 +283,46 @@ SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 )
 def test_gama_is_ignored_where_browsers_ignore_it(before_pixels: bytes, after_pixels: bytes) -> None:
     assert_within(shown(stripes(RGB, 8, before_pixels, after_pixels)), stripe_colours(RGB), 3)
+
+
+LINEAR_ICC = power_law_profile(SRGB_PRIMARIES, SRGB_WHITE, 1.0, "Linear sRGB")
+
+
+@pytest.mark.parametrize(
+    ("before_pixels", "exponent"),
+    [
+        pytest.param(b"", None, id="alone"),
+        # The gAMA before the pixels counts, as if the iCCP were not there.
+        pytest.param(gama(55_556), 1.8, id="after-a-gama"),
+    ],
+)
+def test_an_iccp_after_the_pixels_is_ignored_as_browsers_ignore_it(before_pixels: bytes, exponent: float | None) -> None:
+    # Pillow reads it as it loads the pixels; libpng, and so browsers, ignore it there.
+    got = shown(stripes(RGB, 8, before_pixels, iccp(LINEAR_ICC)))
+    colours = stripe_colours(RGB)
+    expected = colours if exponent is None else [tuple(srgb_level((v / 255) ** exponent) for v in c) for c in colours]
+    assert_within(got, expected, 3)
+
+
+def test_an_iccp_after_the_pixels_leaves_the_chrm_before_them_converted() -> None:
+    # sRGB's red and green swapped: a stripe of full red and no green shows as green.
+    primaries = chrm(SRGB_WHITE, (0.30, 0.60), (0.64, 0.33), (0.15, 0.06))
+    red = png_file(240, 64, 8, RGB, [bytes((255, 0, 0)) * 240] * 64, gama(45_455) + primaries, iccp(LINEAR_ICC))
+    display = open_variant(transcode(red, "image/png").variants[0].data).convert("RGB")
+    assert_within([display.getpixel((120, 32))], [(0, 255, 0)], 4)
+
+
+def test_the_animation_of_a_png_ignores_an_iccp_after_its_pixels() -> None:
+    frames = [Image.new("L", (64, 48), level) for level in (64, 128)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=100)
+    data = buffer.getvalue()
+    idat = data.index(b"IDAT") - 4
+    after_idat = idat + 12 + struct.unpack(">I", data[idat : idat + 4])[0]
+    late = data[:after_idat] + iccp(LINEAR_ICC) + data[after_idat:]
+    made = {variant.name: variant.data for variant in transcode(late, "image/png").animation.variants}
+    # Converted from the linear profile, 64 would show as 137.
+    assert abs(Image.open(io.BytesIO(made[ANIMATION])).convert("L").getpixel((32, 24)) - 64) <= 4
 
 
 def test_chrm_primaries_are_converted_to_srgb() -> None:

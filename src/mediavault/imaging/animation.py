@@ -48,6 +48,7 @@ from mediavault.imaging.decode import (
     eight_bit,
     exif_orientation,
     first_frame,
+    icc_profile,
     in_srgb_tones,
     srgb_conversion,
     tones,
@@ -119,7 +120,7 @@ def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
     width, height = fit(*upright(image.width, image.height, orientation), limits.box)
     even = (max(2, width - width % 2), max(2, height - height % 2))
     size = image.size
-    icc = image.info.get("icc_profile")
+    icc = icc_profile(image)
     to_srgb = srgb_conversion(icc) if icc else None
     levels = tones(image)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:

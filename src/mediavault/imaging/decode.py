@@ -156,6 +156,8 @@ _CLEAN_APERTURE = "mediavault_clean_aperture"
 _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 # Where open_image leaves a PNG's levels in sRGB's tone curve (see _describe_png).
 _SRGB_TONES = "mediavault_srgb_tones"
+# Where open_image leaves the profile a PNG's colours are in (see icc_profile).
+_PNG_PROFILE = "mediavault_png_profile"
 # Where open_image leaves a 16-bit PNG's levels in sRGB's tone curve, of all 16 bits (see _describe_png).
 _SIXTEEN_BIT_TONES = "mediavault_sixteen_bit_tones"
 _LARGEST_16_BIT = 65535
@@ -186,11 +188,12 @@ def clean_aperture(image: Image.Image) -> Image.Image:
 def _describe_png(image: Image.Image, data: bytes) -> None:
     """What Pillow's PNG plugin gets wrong or leaves out (see png): a 16-bit RGB PNG's transparent
     colour, left for decode_with_pillow with the PNG's bytes, from which it decodes the samples'
-    low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; and the
+    low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; the
     colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of its own (see
     srgb_tones; for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
     _sixteen_bits_in_srgb_tones) and, for primaries other than sRGB's, a profile of them with that
-    curve, which the stills and the animation convert from (or keep) as from an embedded one."""
+    curve, which the stills and the animation convert from (or keep) as from an embedded one; and
+    which profile that is, or the PNG's iCCP, as browsers read them (see icc_profile)."""
     chunks = png.read(data)
     colour = chunks.transparent_colour
     if colour is not None and image.mode == "RGB":
@@ -201,6 +204,9 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     grey = chunks.transparent_grey
     if grey is not None:
         image.info["transparency"] = grey
+    # Pillow has read the chunks before the pixels so far; an iCCP after them, which libpng (and
+    # so browsers) ignores, it reads into info["icc_profile"] as it loads the pixels.
+    profile = image.info.get("icc_profile")
     colours = chunks.colours
     if colours is not None:
         image.info[_SRGB_TONES] = srgb_tones(colours.exponent)
@@ -209,7 +215,15 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
             levels = srgb_tones(colours.exponent, _LARGEST_16_BIT)
             image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, levels)
         if colours.primaries is not None:
-            image.info["icc_profile"] = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
+            profile = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
+    image.info[_PNG_PROFILE] = profile
+
+
+def icc_profile(image: Image.Image) -> bytes | None:
+    """The ICC profile the opened image's colours are in, None for sRGB: a PNG's iCCP before its
+    pixels, or the profile its cHRM describes (see _describe_png), never an iCCP after its pixels
+    that Pillow reads into its info with them; any other image's embedded profile."""
+    return image.info[_PNG_PROFILE] if _PNG_PROFILE in image.info else image.info.get("icc_profile")
 
 
 def _with_transparent_colour(image: Image.Image) -> Image.Image:
@@ -421,7 +435,7 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGB")
     # After the transparent levels are matched, before the profile, whose tone curve is sRGB's.
     image = in_srgb_tones(image, tones(image))
-    icc = image.info.get("icc_profile")
+    icc = icc_profile(image)
     wide = image.mode in ("RGB", "RGBA") and (is_display_p3(icc) if icc else _nclx_display_p3(image.info))
     converted = _apply_profile(image, icc) if icc and not wide else None
     # convert() copies even when the mode already matches: 16 ms on a phone photo.
