@@ -325,6 +325,37 @@ def test_the_animation_of_a_png_ignores_an_iccp_after_its_pixels() -> None:
     assert abs(Image.open(io.BytesIO(made[ANIMATION])).convert("L").getpixel((32, 24)) - 64) <= 4
 
 
+@pytest.mark.parametrize(
+    ("colour_type", "broken"),
+    [
+        pytest.param(RGB, chunk(b"iCCP", b"profile\0\0" + b"not deflate data"), id="not-inflatable"),
+        pytest.param(RGB, iccp(b"not a profile" * 20), id="not-a-profile"),
+        pytest.param(RGB, iccp(SRGB_ICC[:200]), id="truncated"),
+        # Of other colours than the pixels': libpng drops an RGB profile in a grey PNG.
+        pytest.param(GREY, iccp(SRGB_ICC), id="rgb-profile-in-grey"),
+    ],
+)
+def test_a_png_whose_iccp_cannot_be_used_is_shown_by_its_gama_as_browsers_show_it(colour_type: int, broken: bytes) -> None:
+    got = shown(stripes(colour_type, 8, gama(100_000) + broken))
+    expected = [tuple(srgb_level(value / 255) for value in colour) for colour in stripe_colours(colour_type)]
+    assert_within(got, [colour * 3 if len(colour) == 1 else colour for colour in expected], 3)
+
+
+def test_a_png_whose_iccp_cannot_be_used_has_its_chrm_primaries_converted() -> None:
+    # sRGB's red and green swapped: a stripe of full red and no green shows as green.
+    primaries = chrm(SRGB_WHITE, (0.30, 0.60), (0.64, 0.33), (0.15, 0.06))
+    broken = iccp(b"not a profile" * 20)
+    red = png_file(240, 64, 8, RGB, [bytes((255, 0, 0)) * 240] * 64, broken + gama(45_455) + primaries)
+    display = open_variant(transcode(red, "image/png").variants[0].data).convert("RGB")
+    assert_within([display.getpixel((120, 32))], [(0, 255, 0)], 4)
+
+
+def test_a_png_whose_iccp_cannot_be_used_is_still_srgb_by_its_srgb_chunk() -> None:
+    # The sRGB chunk comes before gAMA in the precedence, an iCCP libpng drops or not.
+    got = shown(stripes(RGB, 8, iccp(b"not a profile" * 20) + chunk(b"sRGB", b"\0") + gama(100_000)))
+    assert_within(got, stripe_colours(RGB), 3)
+
+
 def test_chrm_primaries_are_converted_to_srgb() -> None:
     # sRGB's red and green swapped: a stripe of full red and no green shows as green.
     primaries = chrm(SRGB_WHITE, (0.30, 0.60), (0.64, 0.33), (0.15, 0.06))

@@ -189,6 +189,15 @@ def _shows_as(icc: bytes, target: ImageCms.ImageCmsProfile) -> bool:
     return max(abs(a - b) for a, b in zip(grid, converted, strict=True)) <= _SAME_WITHIN_LEVELS
 
 
+def colour_space(icc: bytes) -> str | None:
+    """The colour space of the pixels an ICC profile describes, as its header names it ("RGB",
+    "GRAY", "CMYK", ...); None when lcms cannot read the profile."""
+    try:
+        return str(ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space).strip()
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return None
+
+
 def jpeg_icc_segment(icc: bytes) -> bytes:
     """An APP2 ICC_PROFILE segment holding the whole profile (one chunk: profiles under 64 KB)."""
     payload = b"ICC_PROFILE\0" + bytes((1, 1)) + icc

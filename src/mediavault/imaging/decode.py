@@ -22,6 +22,7 @@ from mediavault.imaging.colour import (
     DISPLAY_P3,
     SRGB_PROFILE,
     cached_by_digest,
+    colour_space,
     is_display_p3,
     is_srgb,
     matrix_profile,
@@ -205,9 +206,14 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     if grey is not None:
         image.info["transparency"] = grey
     # Pillow has read the chunks before the pixels so far; an iCCP after them, which libpng (and
-    # so browsers) ignores, it reads into info["icc_profile"] as it loads the pixels.
+    # so browsers) ignores, it reads into info["icc_profile"] as it loads the pixels. Pillow leaves
+    # None there for an iCCP it cannot inflate.
     profile = image.info.get("icc_profile")
-    colours = chunks.colours
+    if profile is not None and colour_space(profile) != ("RGB" if chunks.in_colour else "GRAY"):
+        # One lcms cannot read, or of other colours than the pixels': libpng drops it, and
+        # browsers go by the gAMA and cHRM.
+        profile = None
+    colours = chunks.colours if profile is None else None
     if colours is not None:
         image.info[_SRGB_TONES] = srgb_tones(colours.exponent)
         if chunks.bit_depth == 16 and not first_frame(image):

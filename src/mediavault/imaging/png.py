@@ -13,6 +13,10 @@ plain power-law tone curve, as 100000 / exponent) and cHRM (its primaries and wh
 reports them and applies nothing; browsers build a profile of them (Chrome's and Firefox's
 PNG decoders, by the PNG spec's precedence: cICP, then iCCP, then sRGB, then gAMA/cHRM), and
 `Chunks.colours` reads them as the browsers do:
+- An iCCP counts only where libpng keeps it: one it cannot inflate or read, or of other colours
+  than the pixels' (a grey profile in an RGB PNG), it drops, and browsers go by the gAMA and cHRM.
+  Pillow inflates the iCCP and decode judges it, so `colours` leaves it out: decode asks for
+  them only where it finds no profile it can use.
 - cHRM without gAMA says nothing: without a tone curve the primaries cannot be applied.
 - A gAMA outside libpng's bounds (16 to 625,000,000: exponents from 6250 down to 1/6250) is
   ignored, as libpng ignores it; 0, which some writers put there, among them (Chrome ignores
@@ -45,8 +49,8 @@ _FEW_BITS = frozenset({1, 2, 4})
 # The kinds read; each is a few bytes (a palette's tRNS at most 256).
 _READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM"})
 # The chunks that name the colours outright, each overriding gAMA and cHRM; only whether
-# they are there is kept.
-_NAMING_COLOURS = frozenset({b"sRGB", b"iCCP", b"cICP"})
+# they are there is kept. An iCCP does too, where its profile can be used: decode decides.
+_NAMING_COLOURS = frozenset({b"sRGB", b"cICP"})
 # gAMA and cHRM hold their values times this; gAMA's is 1 / the exponent.
 _SCALE = 100_000
 _GAMMA_BOUNDS = (16, 625_000_000)
@@ -83,6 +87,11 @@ class Chunks:
         return self.payloads.get(b"IHDR", bytes(13))[9]
 
     @property
+    def in_colour(self) -> bool:
+        """Whether the pixels are colours (RGB, with alpha or without, or a palette's), not grey levels."""
+        return bool(self.colour_type & _COLOUR_BIT)
+
+    @property
     def transparent_colour(self) -> tuple[int, int, int] | None:
         """The 16-bit samples of the colour a 16-bit RGB PNG's tRNS makes transparent."""
         trns = self.payloads.get(b"tRNS")
@@ -105,7 +114,8 @@ class Chunks:
 
     @property
     def colours(self) -> Colours | None:
-        """What the gAMA and cHRM say, where they count and say more than sRGB (see above)."""
+        """What the gAMA and cHRM say, where they count and say more than sRGB (see above), an
+        iCCP left out."""
         gama = self.payloads.get(b"gAMA")
         if self.names_colours or gama is None or len(gama) != 4:
             return None
@@ -119,7 +129,7 @@ class Chunks:
                 return None
             return Colours(exponent)
         primaries, white = chromaticities
-        if not self.colour_type & _COLOUR_BIT or (_same(primaries, SRGB_PRIMARIES) and _same((white,), (D65,))):
+        if not self.in_colour or (_same(primaries, SRGB_PRIMARIES) and _same((white,), (D65,))):
             # Nothing to convert: sRGB's own primaries, or a grey image's, whose levels (R = G = B)
             # are its white however the primaries lie.
             return Colours(exponent)
