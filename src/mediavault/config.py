@@ -180,7 +180,8 @@ class Settings(BaseSettings):
     # off: a JPEG's display is always re-encoded, never the original less its metadata
     # (see imaging.lossless).
     imaging_lossless_display: Literal["on", "off"] = "on"
-    # Animated GIF/WebP/PNG past any of these keep first-frame stills only (imaging.animation).
+    # Animated GIF/WebP/PNG/AVIF past any of these keep first-frame stills only (imaging.animation);
+    # no image is refused for its number of frames.
     imaging_animation_max_frames: int = Field(default=300, gt=1)
     imaging_animation_max_total_pixels: int = Field(default=20_000_000, gt=0)
     imaging_animation_max_seconds: float = Field(default=60.0, gt=0)

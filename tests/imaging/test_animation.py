@@ -9,7 +9,9 @@ import json
 import struct
 import subprocess
 import tempfile
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -305,6 +307,55 @@ def test_past_a_limit_only_the_stills_are_made(limits: AnimationLimits) -> None:
     result = transcode(animated("GIF"), "image/gif", limits=dataclasses.replace(DEFAULT_LIMITS, animation=limits))
     check_variants(result, IMAGE_VARIANTS)
     assert result.animation is None
+
+
+def many_frames(fmt: str, count: int) -> bytes:
+    frames = [Image.new("RGB", (16, 16), (index % 256, index // 256 * 40, 90)) for index in range(count)]
+    buffer = io.BytesIO()
+    # Lossless: libwebp merges a frame into the one before when they look alike.
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=20, loop=0, lossless=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_an_animation_of_more_frames_than_its_limit_keeps_its_stills_whatever_their_number(fmt: str) -> None:
+    data = many_frames(fmt, 1001)
+    result = transcode(data, f"image/{fmt.lower()}")
+    check_variants(result, IMAGE_VARIANTS)
+    assert result.animation is None
+    # No other bound on frames: within a limit raised past them, all of them are animated.
+    raised = dataclasses.replace(DEFAULT_LIMITS, animation=AnimationLimits(max_frames=1001))
+    moving = transcode(data, f"image/{fmt.lower()}", limits=raised).animation
+    assert moving is not None
+    assert (moving.frames, moving.duration_ms) == (1001, 20_020)
+    assert mp4_facts(renditions(moving)[GIFV])[2] == 1001
+
+
+def gif_of(frames: bytes) -> bytes:
+    """A 1x1 GIF of a two-colour palette holding `frames`, each an image descriptor and its data."""
+    return b"GIF89a" + struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff" + frames + b"\x3b"
+
+
+# A 1x1 frame at (0, 0): minimum code size 2, then clear, pixel 0 and end (3 bits each) in one sub-block.
+ONE_PIXEL = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00" + b"\x02\x02\x4c\x01\x00"
+MAX_GIF_BYTES = 50 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param(lambda: ONE_PIXEL * (MAX_GIF_BYTES // len(ONE_PIXEL)), id="3.5-million-frames"),
+        # The first frame's data goes on past the LZW end code in 1-byte sub-blocks, which decoders skip.
+        pytest.param(lambda: ONE_PIXEL[:-1] + b"\x01\x00" * (MAX_GIF_BYTES // 2) + b"\x00" + ONE_PIXEL, id="1-byte-sub-blocks"),
+    ],
+)
+def test_a_gif_is_never_walked_further_than_its_animation_could_go(frames: Callable[[], bytes]) -> None:
+    # Pillow walks the whole file to count the frames, a read call per sub-block: 15 s each time.
+    data = gif_of(frames())
+    started = time.perf_counter()
+    result = transcode(data, "image/gif")
+    assert time.perf_counter() - started < 5
+    assert (result.width, result.height, result.animation) == (1, 1, None)
 
 
 @pytest.mark.parametrize("relative", ["images/formats/hopper.gif", "images/formats/hopper.webp", "images/formats/hopper.png"])

@@ -23,13 +23,13 @@ import pytest
 from PIL import Image, ImageFile
 
 from mediavault.imaging import PermanentImagingError, transcode
-from mediavault.imaging.errors import CORRUPT_IMAGE, IMAGE_TOO_LARGE, TOO_MANY_FRAMES, UNSUPPORTED_FORMAT
+from mediavault.imaging.errors import CORRUPT_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_FORMAT
 from mediavault.media.v1 import media_pb2 as mpb
 from tests.conftest import CORPUS
 from tests.helpers import settled, upload
 from tests.imaging.helpers import content_type
 
-REASONS = {CORRUPT_IMAGE, IMAGE_TOO_LARGE, TOO_MANY_FRAMES, UNSUPPORTED_FORMAT}
+REASONS = {CORRUPT_IMAGE, IMAGE_TOO_LARGE, UNSUPPORTED_FORMAT}
 # Taken before any test has run the pipeline, which sets its own limit.
 STOCK_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 DJPEG = shutil.which("djpeg")

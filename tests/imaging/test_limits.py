@@ -167,22 +167,6 @@ def test_pixel_limit_at_the_image_size_is_allowed() -> None:
     assert (result.width, result.height) == (3264, 2448)
 
 
-def test_frame_limit_counts_declared_frames() -> None:
-    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(5)]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
-    data = buffer.getvalue()
-    assert refused(data, "image/webp", Limits(max_frames=4)) == "too many frames"
-    assert transcode(data, "image/webp", limits=Limits(max_frames=5)).width == 32
-
-
-def test_animated_png_frame_limit() -> None:
-    frames = [Image.new("RGB", (16, 16), (0, i * 40, 0)) for i in range(3)]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
-    assert refused(buffer.getvalue(), "image/png", Limits(max_frames=2)) == "too many frames"
-
-
 @pytest.mark.parametrize(
     "payload",
     [
@@ -226,11 +210,11 @@ def test_video_pixel_limit() -> None:
     assert refused(data, "video/mp4", Limits(max_pixels=320 * 240 - 1)) == "video too large"
 
 
-def test_frame_limit_bounds_the_search_for_a_keyframe() -> None:
+def test_packet_limit_bounds_the_search_for_a_keyframe() -> None:
     data = video_starting_mid_gop(skip=5)
     # Keyframes every 10 frames; cut at 5, the first one is the 6th packet.
-    assert refused(data, "video/mp4", Limits(max_frames=5)) == "corrupt video"
-    result = made(data, "video/mp4", Limits(max_frames=6))
+    assert refused(data, "video/mp4", Limits(max_packets_before_first_frame=5)) == "corrupt video"
+    result = made(data, "video/mp4", Limits(max_packets_before_first_frame=6))
     assert (result.kind, result.width, result.height) == ("video", 64, 48)
 
 

@@ -43,6 +43,7 @@ import av
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
+from mediavault.imaging import gif
 from mediavault.imaging.decode import (
     TRANSPOSE_FOR_ORIENTATION,
     eight_bit,
@@ -91,28 +92,35 @@ class Animation:
     variants: list[Variant]
 
 
-def is_animated(image: Image.Image) -> bool:
-    return (
-        image.format in _ANIMATED_FORMATS
-        and bool(getattr(image, "is_animated", False))
-        and getattr(image, "n_frames", 1) - first_frame(image) > 1
-    )
+def is_animated(image: Image.Image, data: bytes) -> bool:
+    """Whether the opened image, of these bytes, is an animation of more than one frame."""
+    return image.format in _ANIMATED_FORMATS and _frames(image, data, 2) > 1
 
 
-def animate(image: Image.Image, limits: AnimationLimits) -> Animation | None:
-    """The animation of a loaded, animated image (its first frame loaded: see decode.exif); None
-    when it is over a limit or not animated.
+def _frames(image: Image.Image, data: bytes, most: int) -> int:
+    """The frames of the opened image a browser shows, counted no further than `most` (see gif);
+    0 for a GIF too costly to count."""
+    if image.format == "GIF":
+        return gif.count_frames(data, most) or 0
+    # Read from a header or an index the decoder built: the chunks of a WebP, the samples of an AVIF,
+    # an APNG's acTL.
+    return min(most, getattr(image, "n_frames", 1) - first_frame(image))
+
+
+def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animation | None:
+    """The animation of a loaded, animated image (its first frame loaded: see decode.exif) of
+    these bytes; None when it is over a limit or not animated.
 
     None too when a frame is not the first one's size: browsers clip a GIF frame placed past
     the screen, Pillow grows the canvas instead, and the limits were checked on the first.
     Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode, Pillow's
     DecompressionBombWarning included; the caller turns that into the uploader's answer.
     """
-    if not is_animated(image):
+    if image.format not in _ANIMATED_FORMATS:
         return None
     first = first_frame(image)
-    frames: int = getattr(image, "n_frames", 1) - first
-    if frames > limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
+    frames = _frames(image, data, limits.max_frames + 1)
+    if not 1 < frames <= limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
         return None
     # Turned upright as the stills are: neither rendition carries the EXIF that would turn it.
     orientation = exif_orientation(image)

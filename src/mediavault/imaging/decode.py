@@ -32,7 +32,6 @@ from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
     CORRUPT_VIDEO,
     IMAGE_TOO_LARGE,
-    TOO_MANY_FRAMES,
     UNSUPPORTED_FORMAT,
     VIDEO_TOO_LARGE,
     ImagingError,
@@ -117,7 +116,8 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     if mime == "image/jpeg" and lossless.more_scans_than(data, limits.max_jpeg_scans):
         raise PermanentImagingError(IMAGE_TOO_LARGE)
     if mime in ("image/heif", "image/avif") and (
-        isobmff.runs_past_the_end(data) or not isobmff.av1_frames_match_their_declared_sizes(data, limits.max_frames)
+        isobmff.runs_past_the_end(data)
+        or not isobmff.av1_frames_match_their_declared_sizes(data, limits.animation.max_frames)
     ):
         # What the decoders would take and decode wrongly (see isobmff).
         raise PermanentImagingError(CORRUPT_IMAGE)
@@ -129,8 +129,6 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
         width, height = image.size
         if width * height > limits.max_pixels:
             raise PermanentImagingError(IMAGE_TOO_LARGE)
-        if getattr(image, "n_frames", 1) > limits.max_frames:
-            raise PermanentImagingError(TOO_MANY_FRAMES)
     if mime == "image/avif":
         _describe_avif(image, isobmff.primary_image(data))
     if mime == "image/png":
@@ -561,7 +559,7 @@ def _decode_poster(file: BinaryIO, mime: str, limits: Limits) -> Still:
             if codec.width * codec.height > limits.max_pixels:
                 raise PermanentImagingError(VIDEO_TOO_LARGE)
             codec.thread_count = 1
-            frame = _poster_frame(container, stream, limits.max_frames)
+            frame = _poster_frame(container, stream, limits.max_packets_before_first_frame)
             image = frame.to_image()
             rotation = frame.rotation
             aspect = stream.sample_aspect_ratio or codec.sample_aspect_ratio

@@ -56,11 +56,12 @@ def runs_past_the_end(data: bytes) -> bool:
     return position > len(data)
 
 
-def av1_frames_match_their_declared_sizes(data: bytes, max_samples: int = DEFAULT_LIMITS.max_frames) -> bool:
+def av1_frames_match_their_declared_sizes(data: bytes, max_samples: int = DEFAULT_LIMITS.animation.max_frames) -> bool:
     """Whether every AV1 image item (the primary, a grid's tiles, an alpha plane) codes a frame
     of exactly the size its ispe property declares, and every sequence header in the first
     max_samples samples of an AV1 track of an image sequence declares the size its track header
-    does (a sequence with more is refused as too many frames anyway). False too when the boxes
+    does (the animation decodes no more: a sequence with more keeps its stills, of the first
+    frame, see animation). False too when the boxes
     or a sequence header do not parse, or an item has no ispe or no sequence header, or a
     track's first sample none (libavif refuses those as well)."""
     try:

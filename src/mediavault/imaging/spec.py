@@ -79,9 +79,10 @@ class Limits:
 
     # Width x height from the header; decoding never starts above it.
     max_pixels: int = 100_000_000
-    # Frames an animated image may declare, and packets a video may need before
-    # its first decodable keyframe.
-    max_frames: int = 1_000
+    # Packets a video may need before its first decodable keyframe. An animated image has no
+    # such bound: past AnimationLimits it keeps its stills, whose first frame costs the same
+    # whatever follows it (see animation).
+    max_packets_before_first_frame: int = 1_000
     # Scans a progressive JPEG may hold: each is one more pass over the whole picture, and a file
     # of a thousand scans of a few bytes each takes a 12 MP decode past the job's time limit.
     # libjpeg's progressive scripts write ten for a colour picture.

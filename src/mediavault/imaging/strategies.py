@@ -190,12 +190,12 @@ def transcode_image(
     except turbojpeg.TurboJPEGError as exc:
         result = PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
     moving = None
-    if animation.is_animated(image):
+    if animation.is_animated(image, data):
         # From an image of its own: the stills' decode may keep this one's pixels and replace its
         # info (decode._to_srgb), where Pillow puts each frame's duration as it seeks.
         frames = open_image(data, mime, limits)
         with refused_if_corrupt():
             frames.load()
-            moving = animation.animate(frames, limits.animation)
+            moving = animation.animate(frames, data, limits.animation)
     # After the pixels: a JPEG's EXIF is read from its header, anything else's once loaded.
     return dataclasses.replace(result, photo=photo_facts(image), animation=moving)
