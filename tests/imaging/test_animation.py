@@ -29,7 +29,6 @@ from mediavault.imaging import (
 )
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
 from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES
-from mediavault.imaging.errors import IMAGE_TOO_LARGE
 from mediavault.imaging.spec import AnimationLimits
 from tests.imaging.helpers import check_variants, corpus, open_variant, power_law_profile, transcoded
 
@@ -453,20 +452,91 @@ def test_the_renditions_differ_from_frame_to_frame() -> None:
     assert max(ImageStat.Stat(ImageChops.difference(first, second)).mean) > 50
 
 
-def gif_with_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int]]) -> bytes:
-    """A GIF with a two-colour palette whose frames, each (left, top, width, height) on the
-    logical screen, are all of colour 0."""
-    data = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
-    for left, top, width, height in frames:
-        pixels = width * height
+# A GIF frame's box (left, top, width, height), its colour indices row by row, its transparent
+# index (or None) and its disposal method.
+GifFrame = tuple[tuple[int, int, int, int], list[int], int | None, int]
+
+
+def drawn_gif(screen: tuple[int, int], frames: list[GifFrame]) -> bytes:
+    """A GIF of a four-colour palette, COLOURS and black, whose background colour is 0 (red) and whose
+    frames each show for 100 ms."""
+    palette = b"".join(bytes(colour[:3]) for colour in COLOURS) + bytes(3)
+    data = b"GIF89a" + struct.pack("<HH", *screen) + b"\x81\x00\x00" + palette
+    for (left, top, width, height), indices, transparent, disposal in frames:
         # Minimum code size 2: clear is 4, end 5. A clear before every other pixel keeps the
         # code table from growing, so every code stays 3 bits wide.
-        codes = [code for i in range(0, pixels, 2) for code in (4, *[0] * min(2, pixels - i))] + [5]
+        codes = [code for i in range(0, len(indices), 2) for code in (4, *indices[i : i + 2])] + [5]
         lzw = sum(code << (3 * i) for i, code in enumerate(codes)).to_bytes((3 * len(codes) + 7) // 8, "little")
         blocks = b"".join(bytes([len(lzw[i : i + 255])]) + lzw[i : i + 255] for i in range(0, len(lzw), 255))
-        control = b"\x21\xf9\x04\x00\x0a\x00\x00\x00"
+        flags = disposal << 2 | (transparent is not None)
+        control = b"\x21\xf9\x04" + bytes([flags]) + struct.pack("<H", 10) + bytes([transparent or 0]) + b"\x00"
         data += control + b"\x2c" + struct.pack("<HHHH", left, top, width, height) + b"\x00\x02" + blocks + b"\x00"
     return data + b"\x3b"
+
+
+def gif_with_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int]]) -> bytes:
+    """A GIF whose frames, each (left, top, width, height) on the logical screen, are all of colour 0."""
+    return drawn_gif(screen, [(box, [0] * (box[2] * box[3]), None, 0) for box in frames])
+
+
+RED, GREEN, BLUE, CLEAR = 0, 1, 2, 3
+
+
+def test_the_animated_webp_of_opaque_shapes_on_a_clear_screen_says_it_has_transparency() -> None:
+    # libwebp keeps the first frame's opaque square alone, and set the alpha flag only for frames with alpha.
+    square = ([RED] * 16 + [CLEAR] * 16) * 16 + [CLEAR] * 512
+    data = drawn_gif((32, 32), [((0, 0, 32, 32), square, CLEAR, 1), ((16, 16, 16, 16), [BLUE] * 256, None, 1)])
+    webp = Image.open(io.BytesIO(renditions(transcode(data, "image/gif").animation)[ANIMATION]))
+    for index, corners in enumerate([(RED, CLEAR, CLEAR), (RED, CLEAR, BLUE)]):
+        webp.seek(index)
+        alpha = webp.convert("RGBA").getchannel("A")
+        alphas = [alpha.getpixel(point) for point in ((8, 8), (24, 8), (24, 24))]
+        assert alphas == [0 if colour == CLEAR else 255 for colour in corners], (index, alphas)
+
+
+def test_a_gif_frame_disposed_of_to_the_background_leaves_its_area_clear_as_browsers_do() -> None:
+    # Pillow paints a frame it disposes of in the background colour unless that frame has a
+    # transparent colour, and goes on disposing of the next frames so if they say nothing.
+    data = drawn_gif((32, 32), [
+        # Clear on the left, blue on the right; left in place (1).
+        ((0, 0, 32, 32), ([CLEAR] * 16 + [BLUE] * 16) * 32, CLEAR, 1),
+        # Green at the top, cleared after (2).
+        ((0, 0, 32, 16), [GREEN] * 512, None, 2),
+        # Blue at the bottom, with no disposal method (0): left in place.
+        ((0, 16, 32, 16), [BLUE] * 512, None, 0),
+        ((0, 0, 32, 16), [GREEN] * 512, None, 0),
+        # Green at the bottom, then what was there put back (3).
+        ((0, 16, 32, 16), [GREEN] * 512, None, 3),
+        ((0, 0, 32, 16), [RED] * 512, None, 0),
+    ])
+    # Each frame's quarters as browsers show them: top left, top right, bottom left, bottom right.
+    shown = [
+        (CLEAR, BLUE, CLEAR, BLUE),
+        (GREEN, GREEN, CLEAR, BLUE),
+        (CLEAR, CLEAR, BLUE, BLUE),
+        (GREEN, GREEN, BLUE, BLUE),
+        (GREEN, GREEN, GREEN, GREEN),
+        (RED, RED, BLUE, BLUE),
+    ]
+    made = renditions(transcode(data, "image/gif").animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = [frame.to_image() for frame in container.decode(video=0)]
+    assert (getattr(webp, "n_frames", 1), len(mp4)) == (len(shown), len(shown))
+    for index, quarters in enumerate(shown):
+        webp.seek(index)
+        frame = webp.convert("RGBA")
+        for (x, y), colour in zip(((8, 8), (24, 8), (8, 24), (24, 24)), quarters, strict=True):
+            pixel, flat = frame.getpixel((x, y)), mp4[index].getpixel((x, y))
+            assert isinstance(pixel, tuple)
+            assert isinstance(flat, tuple)
+            if colour == CLEAR:
+                assert pixel[3] == 0, (index, x, y, pixel)
+                assert min(flat) > 240, (index, x, y, flat)
+            else:
+                assert pixel[3] == 255, (index, x, y, pixel)
+                for got in (pixel[:3], flat):
+                    assert max(abs(a - b) for a, b in zip(got, COLOURS[colour][:3], strict=True)) < 12, (index, x, y, got)
 
 
 def gif_growing_to(corner: int) -> bytes:
@@ -479,18 +549,21 @@ def gif_growing_to(corner: int) -> bytes:
     return data
 
 
-def test_a_gif_frame_placed_past_its_screen_keeps_the_stills_only() -> None:
-    # The canvas grows to 150x150: within every limit, but not the canvas the header declares.
-    result = transcode(gif_growing_to(149), "image/gif")
+@pytest.mark.parametrize(
+    ("corner", "limits"),
+    [
+        # Pillow grows its canvas to 150x150: within every limit, but not the screen the header declares.
+        (149, DEFAULT_LIMITS),
+        # To 1100x1100, 1.21 times max_pixels, where Pillow only warns; no canvas is grown now.
+        (1099, Limits(max_pixels=1_000_000)),
+    ],
+    ids=["within-max-pixels", "past-max-pixels"],
+)
+def test_a_gif_frame_placed_past_its_screen_keeps_the_stills_only(corner: int, limits: Limits) -> None:
+    result = transcode(gif_growing_to(corner), "image/gif", limits=limits)
     assert result.animation is None
     assert (result.width, result.height) == (100, 100)
     assert all(picture.size[0] <= 100 for picture in check_variants(result, IMAGE_VARIANTS).values())
-
-
-def test_a_gif_canvas_grown_past_max_pixels_is_refused() -> None:
-    # To 1100x1100, 1.21 times max_pixels, where Pillow only warns.
-    with pytest.raises(PermanentImagingError, match=f"^{IMAGE_TOO_LARGE}$"):
-        transcode(gif_growing_to(1099), "image/gif", limits=Limits(max_pixels=1_000_000))
 
 
 def assert_red_still(result: TranscodeResult) -> None:

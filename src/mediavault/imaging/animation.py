@@ -2,10 +2,11 @@
 
 The still variants still come from the first frame (strategies); these two come from
 every frame (an APNG's default image is neither when the animation leaves it out: see
-decode.first_frame), decoded one at a time by Pillow and fed to both encoders (FFmpeg's libwebp
-animation encoder and libx264, through PyAV) as it goes, so that memory holds one frame
-whatever the length. An animation over any of `AnimationLimits` keeps its stills only:
-the upload is still good, it is just not worth animating at that size.
+decode.first_frame), decoded one at a time by Pillow (a GIF's drawn one over the other as
+browsers draw them: see gif) and fed to both encoders (FFmpeg's libwebp animation encoder and
+libx264, through PyAV) as it goes, so that memory holds one frame whatever the length. An
+animation over any of `AnimationLimits` keeps its stills only: the upload is still good, it is
+just not worth animating at that size.
 
 Frame timing is kept in milliseconds: each frame is shown for the duration its source
 gives (browsers show a frame of 10 ms or less for 100 ms, whatever its format, and so do
@@ -32,9 +33,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import cast
@@ -76,6 +76,8 @@ _WEBP_QUALITY = "75"
 # the edges beside it as it does in swscale's YUV; and its animation encoder turns YUV frames back
 # into RGBA anyway, a loss of its own.
 _WEBP_PIXELS = "bgra"
+# The VP8X chunk's flag saying that the canvas has transparency.
+_WEBP_ALPHA_FLAG = 0x10
 # ITU-T H.273's code for BT.709, the same for primaries, transfer and matrix.
 _BT709 = 1
 # No B-frames: with them, x264's reordering delay shifts the decode times below zero, and
@@ -101,7 +103,8 @@ def _frames(image: Image.Image, data: bytes, most: int) -> int:
     """The frames of the opened image a browser shows, counted no further than `most` (see gif);
     0 for a GIF too costly to count."""
     if image.format == "GIF":
-        return gif.count_frames(data, most) or 0
+        blocks = gif.read(data, most)
+        return 0 if blocks is None else len(blocks.frames)
     # Read from a header or an index the decoder built: the chunks of a WebP, the samples of an AVIF,
     # an APNG's acTL.
     return min(most, getattr(image, "n_frames", 1) - first_frame(image))
@@ -111,15 +114,24 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
     """The animation of a loaded, animated image (its first frame loaded: see decode.exif) of
     these bytes; None when it is over a limit or not animated.
 
-    None too when a frame is not the first one's size: browsers clip a GIF frame placed past
-    the screen, Pillow grows the canvas instead, and the limits were checked on the first.
-    Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode, Pillow's
-    DecompressionBombWarning included; the caller turns that into the uploader's answer.
+    None too when a GIF frame lies partly off the logical screen (browsers clip it), or a frame
+    of another format is not the first one's size: the limits were checked on the first.
+    Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode; the caller turns
+    that into the uploader's answer.
     """
     if image.format not in _ANIMATED_FORMATS:
         return None
-    first = first_frame(image)
-    frames = _frames(image, data, limits.max_frames + 1)
+    pictures: Iterator[tuple[Image.Image, int]]
+    if image.format == "GIF":
+        blocks = gif.read(data, limits.max_frames + 1)
+        if blocks is None or not blocks.within_screen():
+            return None
+        frames = len(blocks.frames)
+        pictures = gif.shown(data, blocks)
+    else:
+        first = first_frame(image)
+        frames = getattr(image, "n_frames", 1) - first
+        pictures = _seeking(image, range(first, first + frames))
     if not 1 < frames <= limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
         return None
     # Turned upright as the stills are: neither rendition carries the EXIF that would turn it.
@@ -131,11 +143,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
     icc = icc_profile(image)
     to_srgb = srgb_conversion(icc) if icc else None
     levels = tones(image)
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
-        # Seeking to a GIF frame placed past the logical screen grows the canvas to fit it;
-        # Pillow only warns when the new canvas is between one and two times open_image's
-        # limit (MAX_IMAGE_PIXELS), and would then decode it.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with tempfile.TemporaryDirectory(prefix="mediavault-gifv-") as folder:
         # The MP4's index goes first (faststart), which FFmpeg does by rewriting a file.
         mp4_path = os.path.join(folder, "gifv.mp4")
         webp = io.BytesIO()
@@ -150,21 +158,21 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
             start = 0
             # Each MP4 packet's duration, in the frames' order, which is the packets' (no B-frames).
             mp4_durations: deque[int] = deque()
-            for index in range(first, first + frames):
-                image.seek(index)
-                if image.size != size:
+            transparent = False
+            for picture, milliseconds in pictures:
+                if picture.size != size:
                     image.seek(0)
                     return None
-                # Loading the frame is what gives a WebP frame its duration.
-                rgba = in_srgb_tones(eight_bit(image).convert("RGBA"), levels)
+                rgba = in_srgb_tones(picture, levels)
                 if to_srgb is not None:
                     rgba = to_srgb.apply(rgba)
                 if transpose is not None:
                     rgba = rgba.transpose(transpose)
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
+                transparent = transparent or rgba.getchannel("A").getextrema()[0] != 255
                 flat = _over_white(rgba).crop((0, 0, *even))
-                shown = _duration(image)
+                shown = _DEFAULT_FRAME_MS if milliseconds <= _NO_DURATION_MS else milliseconds
                 mp4_durations.append(shown)
                 _encode(webp_out, webp_stream, _rgba(rgba), start)
                 _encode(mp4_out, mp4_stream, _bt709(flat), start, mp4_durations)
@@ -181,17 +189,25 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
         start,
         frames,
         [
-            Variant(ANIMATION, "image/webp", width, height, _ending_at(webp.getvalue(), start)),
+            Variant(ANIMATION, "image/webp", width, height, _completed(webp.getvalue(), start, transparent)),
             Variant(GIFV, "video/mp4", even[0], even[1], gifv),
         ],
     )
 
 
-def _ending_at(webp: bytes, end_ms: int) -> bytes:
-    """The animated WebP with its last frame shown until end_ms. FFmpeg's libwebp_anim never tells
-    libwebp when the last frame ends, and libwebp then shows it for the mean of the others' durations
-    (a GIF's long last frame, the pause before it loops, came out as short as the rest)."""
+def _completed(webp: bytes, end_ms: int, transparent: bool) -> bytes:
+    """The animated WebP completed with what FFmpeg's libwebp_anim leaves out: its last frame shown
+    until end_ms, and the flag saying that it has transparency when its frames had some.
+
+    FFmpeg's libwebp_anim never tells libwebp when the last frame ends, and libwebp then shows it
+    for the mean of the others' durations (a GIF's long last frame, the pause before it loops, came
+    out as short as the rest). And libwebp sets the alpha flag only when a frame it stores has
+    alpha, but it stores only the part of a frame that changed, or of the first the part that is
+    not transparent: a GIF of opaque shapes on a clear screen stored none, and decoders that go by
+    the flag (Pillow) showed the clear screen black; Chromium shows it clear all the same."""
     data = bytearray(webp)
+    if transparent and data[12:16] == b"VP8X":
+        data[20] |= _WEBP_ALPHA_FLAG
     # Each ANMF chunk's payload starts with its offset and size (3 bytes each), then its duration.
     position, last, shown = 12, None, 0
     while position + 8 <= len(data):
@@ -206,9 +222,14 @@ def _ending_at(webp: bytes, end_ms: int) -> bytes:
     return bytes(data)
 
 
-def _duration(image: Image.Image) -> int:
-    duration = int(image.info.get("duration") or _DEFAULT_FRAME_MS)
-    return _DEFAULT_FRAME_MS if duration <= _NO_DURATION_MS else duration
+def _seeking(image: Image.Image, frames: range) -> Iterator[tuple[Image.Image, int]]:
+    """The opened image's frames as Pillow draws them, RGBA, each with its duration in milliseconds
+    (0 without one)."""
+    for index in frames:
+        image.seek(index)
+        # Loading the frame is what gives a WebP frame its duration.
+        rgba = eight_bit(image).convert("RGBA")
+        yield rgba, int(image.info.get("duration") or 0)
 
 
 def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int, int], pixel_format: str,

@@ -1,10 +1,21 @@
-"""What a GIF's blocks say, read from the bytes without decoding a pixel.
+"""A GIF's frames as browsers show them, its blocks read from the bytes and each frame's pixels decoded by Pillow.
 
-Pillow counts a GIF's frames (`n_frames`, and `is_animated` for the first two) by walking the
-whole file in Python, a read call for each sub-block of each frame's data, so that a GIF of
-millions of tiny frames, or of one frame split into 1-byte sub-blocks, held a transcoding
-process for a good part of its time limit each time the file was opened. `count_frames` stops
-at the number of frames its caller can use, and at _MAX_BLOCKS blocks.
+Pillow's GIF reader falls short of browsers in two ways, which `read` and `shown` make up for:
+
+- It counts the frames (`n_frames`, and `is_animated` for the first two) by walking the whole
+  file in Python, a read call for each sub-block of each frame's data, so that a GIF of
+  millions of tiny frames, or of one frame split into 1-byte sub-blocks, held a transcoding
+  process for a good part of its time limit each time the file was opened. `read` stops at the
+  number of frames its caller can use, and at _MAX_BLOCKS blocks.
+- It draws each frame over the last its own way, not the browsers' (Chromium's and Firefox's
+  decoders, alike in this): a frame disposed of "to the background" leaves the background
+  colour behind, opaque, unless that frame has a transparent colour, where browsers clear its
+  area to transparent; a frame without a disposal method of its own takes the one before's;
+  and the screen outside the first frame is its colour 0, where browsers start from a
+  transparent screen. `shown` draws them as browsers do: each frame's own pixels (its
+  transparent colour clear) over what the frames before left, and after it its area left as it
+  is (disposal 0, 1 and 5 to 7), cleared (2), or put back as it was before the frame (3, and
+  4, which Chromium takes for 3 as some writers set that bit for it).
 
 Between blocks a stray byte is skipped, as Pillow skips it; data cut short ends the walk, the
 frame it cut counted (decoding it is what fails).
@@ -12,48 +23,140 @@ frame it cut counted (decoding it is what fails).
 
 from __future__ import annotations
 
+import io
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from PIL import Image
+
 _EXTENSION = 0x21
 _IMAGE = 0x2C
 _TRAILER = 0x3B
+_GRAPHIC_CONTROL = 0xF9
 # The signature and the logical screen descriptor, whose last byte but two says whether a
 # global colour table follows.
 _SCREEN_END = 13
 # The image descriptor: its introducer, position, size and the flags of a local colour table.
 _DESCRIPTOR = 10
+# The disposal methods after which browsers clear a frame's area, and put back what was there before it.
+_DISPOSAL_CLEARING = 2
+_DISPOSALS_PUTTING_BACK = frozenset({3, 4})
 # Sub-blocks hold at most 255 bytes, which every encoder fills: a 50 MB GIF has about 200,000.
 # Past this many, of any kind, the walk gives up.
 _MAX_BLOCKS = 1_000_000
+_TRANSPARENT = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image of a GIF: where it is on the logical screen, (left, top, right, bottom), and
+    where its bytes are: its graphic control extension (empty without one), and its image
+    descriptor up to the end of its data."""
+
+    box: tuple[int, int, int, int]
+    control: bytes
+    start: int
+    end: int
+
+    @property
+    def disposal(self) -> int:
+        return (self.control[3] >> 2) & 7 if len(self.control) > 3 else 0
+
+    @property
+    def delay_ms(self) -> int:
+        """The delay in centiseconds, as milliseconds; 0 without one."""
+        return int.from_bytes(self.control[4:6], "little") * 10 if len(self.control) > 5 else 0
+
+
+@dataclass(frozen=True)
+class Gif:
+    # The signature, the logical screen descriptor and the global colour table.
+    header: bytes
+    frames: tuple[Frame, ...]
+
+    @property
+    def screen(self) -> tuple[int, int]:
+        width, height = struct.unpack_from("<HH", self.header, 6)
+        return width, height
+
+    def within_screen(self) -> bool:
+        """Whether every frame lies on the logical screen (browsers clip the rest of one)."""
+        width, height = self.screen
+        return all(right <= width and bottom <= height for _, _, right, bottom in (frame.box for frame in self.frames))
 
 
 class _TooManyBlocks(Exception):
     pass
 
 
-def count_frames(data: bytes, most: int) -> int | None:
-    """How many frames the GIF has, counted no further than `most`; None when reaching that
-    far takes more than _MAX_BLOCKS blocks (a GIF no encoder writes, not worth animating)."""
+def read(data: bytes, most: int) -> Gif | None:
+    """The first `most` frames of the GIF Pillow opened (so a whole screen descriptor comes first),
+    fewer when it has fewer; None when reaching that far takes more than _MAX_BLOCKS blocks (a GIF
+    no encoder writes, not worth animating)."""
     walk = _Walk(data)
-    position = _SCREEN_END + _colour_table(data[10]) if len(data) > 10 else len(data)
-    frames = 0
+    position = _SCREEN_END + _colour_table(data[10])
+    frames: list[Frame] = []
+    control = b""
     try:
-        while frames < most and position < len(data):
+        while len(frames) < most and position < len(data):
             kind = data[position]
             if kind == _TRAILER:
                 break
             if kind == _EXTENSION:
                 # Past the introducer and the label, the extension's sub-blocks.
-                position = walk.past_sub_blocks(position + 2)
+                end = walk.past_sub_blocks(position + 2)
+                if data[position + 1 : position + 2] == bytes([_GRAPHIC_CONTROL]):
+                    # The last before the image counts, as in Pillow and browsers.
+                    control = data[position:end]
+                position = end
             elif kind == _IMAGE:
-                flags = data[position + _DESCRIPTOR - 1] if position + _DESCRIPTOR <= len(data) else 0
+                descriptor = data[position + 1 : position + _DESCRIPTOR].ljust(_DESCRIPTOR - 1, b"\0")
+                left, top, width, height, flags = struct.unpack("<4HB", descriptor)
                 # Past the descriptor, its colour table and the LZW minimum code size, the pixels' sub-blocks.
-                position = walk.past_sub_blocks(position + _DESCRIPTOR + _colour_table(flags) + 1)
-                frames += 1
+                end = walk.past_sub_blocks(position + _DESCRIPTOR + _colour_table(flags) + 1)
+                frames.append(Frame((left, top, left + width, top + height), control, position, end))
+                control = b""
+                position = end
             else:
                 walk.step()
                 position += 1
     except _TooManyBlocks:
         return None
-    return frames
+    return Gif(data[: _SCREEN_END + _colour_table(data[10])], tuple(frames))
+
+
+def shown(data: bytes, gif: Gif) -> Iterator[tuple[Image.Image, int]]:
+    """Each frame of the GIF read from `data`, all on its logical screen, as browsers show it (see
+    above), RGBA, with its delay in milliseconds. The picture is the one the next frame is drawn
+    on: use it before asking for the next."""
+    canvas = Image.new("RGBA", gif.screen, _TRANSPARENT)
+    for frame in gif.frames:
+        left, top, right, bottom = frame.box
+        before = canvas.crop(frame.box) if frame.disposal in _DISPOSALS_PUTTING_BACK else None
+        if right > left and bottom > top:
+            own = _own_pixels(data, gif, frame)
+            canvas.paste(own, (left, top), own)
+        yield canvas, frame.delay_ms
+        if frame.disposal == _DISPOSAL_CLEARING:
+            canvas.paste(_TRANSPARENT, frame.box)
+        elif before is not None:
+            canvas.paste(before, (left, top))
+
+
+def _own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image:
+    """The frame's pixels alone, RGBA, its transparent colour clear: decoded by Pillow as the one
+    frame of a GIF of its size, its graphic control extension and colour tables."""
+    left, top, right, bottom = frame.box
+    alone = (
+        gif.header[:6] + struct.pack("<HH", right - left, bottom - top) + gif.header[10:]
+        + frame.control
+        # The descriptor placed at the corner, its size, colour table and data as they are.
+        + bytes([_IMAGE]) + struct.pack("<HH", 0, 0) + data[frame.start + 5 : frame.end]
+        + bytes([_TRAILER])
+    )
+    with Image.open(io.BytesIO(alone), formats=["GIF"]) as picture:
+        return picture.convert("RGBA")
 
 
 class _Walk:
