@@ -47,6 +47,18 @@ def webp_frame_durations(data: bytes) -> list[int]:
     return durations
 
 
+def webp_plays(data: bytes) -> int:
+    """How many times an animated WebP plays through, from its ANIM chunk (0: for ever)."""
+    position = 12
+    while position + 8 <= len(data):
+        size = int.from_bytes(data[position + 4 : position + 8], "little")
+        if data[position : position + 4] == b"ANIM":
+            # Past the background colour.
+            return int.from_bytes(data[position + 12 : position + 14], "little")
+        position += 8 + size + (size & 1)
+    raise AssertionError("no ANIM chunk")
+
+
 def mp4_facts(data: bytes) -> tuple[str, tuple[int, int], int, float]:
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
@@ -147,6 +159,45 @@ def test_the_webps_last_frame_lasts_its_own_duration(fmt: str) -> None:
     # A long last frame, a pause before the loop starts again, is common in GIFs.
     made = renditions(transcode(animated(fmt, durations=(100, 200, 1500)), f"image/{fmt.lower()}").animation)
     assert webp_frame_durations(made[ANIMATION]) == [100, 200, 1500]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "loop", "plays"),
+    [
+        # A GIF without a loop count plays once; with one, as many times more (0: for ever).
+        ("GIF", None, 1),
+        ("GIF", 0, 0),
+        ("GIF", 1, 2),
+        ("GIF", 3, 4),
+        # 65536 plays, one more than the WebP holds.
+        ("GIF", 65535, 65535),
+        # A WebP's and an APNG's count the plays themselves.
+        ("WEBP", 0, 0),
+        ("WEBP", 3, 3),
+        ("PNG", 0, 0),
+        ("PNG", 1, 1),
+        ("PNG", 3, 3),
+        # Pillow reads no AVIF's; browsers play one without an edit list for ever.
+        ("AVIF", None, 0),
+    ],
+)
+def test_the_animated_webp_plays_as_many_times_as_browsers_play_the_source(fmt: str, loop: int | None, plays: int) -> None:
+    frames = [Image.new("RGB", (64, 48), colour[:3]) for colour in COLOURS]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=100, **({} if loop is None else {"loop": loop}))
+    result = transcode(buffer.getvalue(), f"image/{fmt.lower()}")
+    assert result.animation is not None
+    assert result.animation.plays == plays
+    assert webp_plays(renditions(result.animation)[ANIMATION]) == plays
+
+
+def test_a_gifs_loop_count_may_be_animexts_as_well_as_netscape() -> None:
+    data = animated("GIF")
+    assert b"NETSCAPE2.0\x03\x01\x00\x00" in data
+    # Loop count 2, under the other name: three plays.
+    result = transcode(data.replace(b"NETSCAPE2.0\x03\x01\x00\x00", b"ANIMEXTS1.0\x03\x01\x02\x00"), "image/gif")
+    assert result.animation is not None
+    assert (result.animation.plays, webp_plays(renditions(result.animation)[ANIMATION])) == (3, 3)
 
 
 def test_the_mp4_shows_transparency_over_white_and_keeps_the_colours() -> None:

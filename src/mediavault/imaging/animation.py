@@ -10,8 +10,10 @@ just not worth animating at that size.
 
 Frame timing is kept in milliseconds: each frame is shown for the duration its source
 gives (browsers show a frame of 10 ms or less for 100 ms, whatever its format, and so do
-we). The WebP keeps the frames' alpha; the MP4 has none, so transparent pixels are
-composited over white; its sides are rounded down to even numbers, as 4:2:0 needs.
+we). The WebP plays as many times as browsers play the source; the MP4 holds no such count,
+and plays once, or for ever as a `<video loop>`. The WebP keeps the frames' alpha; the MP4 has
+none, so transparent pixels are composited over white; its sides are rounded down to even
+numbers, as 4:2:0 needs.
 
 Both are sRGB: the WebP carries no profile, which browsers take for sRGB, and the MP4 is
 tagged BT.709 (primaries, transfer, matrix, limited range) as the video renditions are,
@@ -76,6 +78,8 @@ _WEBP_QUALITY = "75"
 # the edges beside it as it does in swscale's YUV; and its animation encoder turns YUV frames back
 # into RGBA anyway, a loss of its own.
 _WEBP_PIXELS = "bgra"
+# The most plays the WebP's ANIM chunk holds, in 16 bits, short of 0, which plays it for ever.
+_MOST_WEBP_PLAYS = 0xFFFF
 # The VP8X chunk's flag saying that the canvas has transparency.
 _WEBP_ALPHA_FLAG = 0x10
 # ITU-T H.273's code for BT.709, the same for primaries, transfer and matrix.
@@ -87,10 +91,12 @@ _X264_OPTIONS: dict[str, object] = {"crf": "23", "preset": "veryfast", "profile"
 
 @dataclass(frozen=True)
 class Animation:
-    """The moving renditions of an animated image and how long one loop lasts."""
+    """The moving renditions of an animated image, how long one loop lasts, and how many times it
+    plays through (0: for ever), as browsers play the source and the animated WebP says."""
 
     duration_ms: int
     frames: int
+    plays: int
     variants: list[Variant]
 
 
@@ -128,10 +134,15 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
             return None
         frames = len(blocks.frames)
         pictures = gif.shown(data, blocks)
+        plays = blocks.plays
     else:
         first = first_frame(image)
         frames = getattr(image, "n_frames", 1) - first
         pictures = _seeking(image, range(first, first + frames))
+        # A WebP's ANIM chunk and an APNG's acTL count the plays as the animated WebP does; Pillow
+        # reads none of an AVIF, which browsers then play for ever.
+        plays = int(image.info.get("loop", 0))
+    plays = min(plays, _MOST_WEBP_PLAYS)
     if not 1 < frames <= limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
         return None
     # Turned upright as the stills are: neither rendition carries the EXIF that would turn it.
@@ -147,7 +158,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
         # The MP4's index goes first (faststart), which FFmpeg does by rewriting a file.
         mp4_path = os.path.join(folder, "gifv.mp4")
         webp = io.BytesIO()
-        with av.open(webp, "w", format="webp", options={"loop": "0"}) as webp_out, \
+        with av.open(webp, "w", format="webp", options={"loop": str(plays)}) as webp_out, \
                 av.open(mp4_path, "w", format="mp4", options={"movflags": "+faststart"}) as mp4_out:
             webp_stream = _stream(webp_out, "libwebp_anim", (width, height), _WEBP_PIXELS, {"quality": _WEBP_QUALITY})
             mp4_stream = _stream(mp4_out, "libx264", even, "yuv420p", _X264_OPTIONS)
@@ -188,6 +199,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
     return Animation(
         start,
         frames,
+        plays,
         [
             Variant(ANIMATION, "image/webp", width, height, _completed(webp.getvalue(), start, transparent)),
             Variant(GIFV, "video/mp4", even[0], even[1], gifv),

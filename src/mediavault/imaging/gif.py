@@ -1,6 +1,6 @@
 """A GIF's frames as browsers show them, its blocks read from the bytes and each frame's pixels decoded by Pillow.
 
-Pillow's GIF reader falls short of browsers in two ways, which `read` and `shown` make up for:
+Pillow's GIF reader falls short of browsers in three ways, which `read` and `shown` make up for:
 
 - It counts the frames (`n_frames`, and `is_animated` for the first two) by walking the whole
   file in Python, a read call for each sub-block of each frame's data, so that a GIF of
@@ -16,6 +16,8 @@ Pillow's GIF reader falls short of browsers in two ways, which `read` and `shown
   transparent colour clear) over what the frames before left, and after it its area left as it
   is (disposal 0, 1 and 5 to 7), cleared (2), or put back as it was before the frame (3, and
   4, which Chromium takes for 3 as some writers set that bit for it).
+- It reads a loop count only before the first frame and says nothing of what it means: `Gif.plays`
+  is how many times browsers play the animation through (see there).
 
 Between blocks a stray byte is skipped, as Pillow skips it; data cut short ends the walk, the
 frame it cut counted (decoding it is what fails).
@@ -34,6 +36,10 @@ _EXTENSION = 0x21
 _IMAGE = 0x2C
 _TRAILER = 0x3B
 _GRAPHIC_CONTROL = 0xF9
+_APPLICATION = 0xFF
+# The application extensions whose data holds a loop count: Netscape's, and the same from AnimExts,
+# which Chromium reads too.
+_LOOPING = frozenset({b"NETSCAPE2.0", b"ANIMEXTS1.0"})
 # The signature and the logical screen descriptor, whose last byte but two says whether a
 # global colour table follows.
 _SCREEN_END = 13
@@ -74,6 +80,17 @@ class Gif:
     # The signature, the logical screen descriptor and the global colour table.
     header: bytes
     frames: tuple[Frame, ...]
+    # The first loop count among the blocks read; None without one.
+    loop: int | None
+
+    @property
+    def plays(self) -> int:
+        """How many times browsers play the animation through, 0 for ever: once without a loop count,
+        for ever with 0, and once more than any other count (Chromium's cc/paint/image_animation_count.h;
+        Firefox's alike)."""
+        if self.loop is None:
+            return 1
+        return 0 if self.loop == 0 else self.loop + 1
 
     @property
     def screen(self) -> tuple[int, int]:
@@ -98,6 +115,7 @@ def read(data: bytes, most: int) -> Gif | None:
     position = _SCREEN_END + _colour_table(data[10])
     frames: list[Frame] = []
     control = b""
+    loop = None
     try:
         while len(frames) < most and position < len(data):
             kind = data[position]
@@ -106,9 +124,12 @@ def read(data: bytes, most: int) -> Gif | None:
             if kind == _EXTENSION:
                 # Past the introducer and the label, the extension's sub-blocks.
                 end = walk.past_sub_blocks(position + 2)
-                if data[position + 1 : position + 2] == bytes([_GRAPHIC_CONTROL]):
+                label = data[position + 1 : position + 2]
+                if label == bytes([_GRAPHIC_CONTROL]):
                     # The last before the image counts, as in Pillow and browsers.
                     control = data[position:end]
+                elif label == bytes([_APPLICATION]) and loop is None:
+                    loop = _loop_count(data[position + 2 : end])
                 position = end
             elif kind == _IMAGE:
                 descriptor = data[position + 1 : position + _DESCRIPTOR].ljust(_DESCRIPTOR - 1, b"\0")
@@ -123,7 +144,18 @@ def read(data: bytes, most: int) -> Gif | None:
                 position += 1
     except _TooManyBlocks:
         return None
-    return Gif(data[: _SCREEN_END + _colour_table(data[10])], tuple(frames))
+    return Gif(data[: _SCREEN_END + _colour_table(data[10])], tuple(frames), loop)
+
+
+def _loop_count(sub_blocks: bytes) -> int | None:
+    """The loop count of an application extension's sub-blocks: an identifier of _LOOPING, then a
+    sub-block of 1 and the count; None for any other."""
+    if sub_blocks[:1] != b"\x0b" or sub_blocks[1:12] not in _LOOPING:
+        return None
+    data = sub_blocks[12:]
+    if len(data) < 4 or data[0] < 3 or data[1] != 1:
+        return None
+    return int.from_bytes(data[2:4], "little")
 
 
 def shown(data: bytes, gif: Gif) -> Iterator[tuple[Image.Image, int]]:
