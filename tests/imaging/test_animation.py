@@ -451,6 +451,21 @@ def test_a_scratch_space_fault_while_animating_is_tried_again_not_a_corrupt_imag
     assert not isinstance(caught.value, PermanentImagingError)
 
 
+@pytest.mark.parametrize("size", [(1, 40), (40, 1), (1, 1)], ids=["1-wide", "1-high", "1x1"])
+def test_a_one_pixel_side_is_doubled_in_the_mp4_with_its_own_pixels(size: tuple[int, int]) -> None:
+    # 4:2:0 needs even sides: there is nothing to crop, and black filled the side added.
+    made = renditions(transcode(animated("PNG", size=size), "image/png").animation)
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        pictures = [frame.to_image() for frame in container.decode(video=0)]
+    assert [picture.size for picture in pictures] == [(max(2, size[0]), max(2, size[1]))] * 3
+    for picture, colour in zip(pictures, COLOURS, strict=True):
+        for x in range(picture.width):
+            for y in range(picture.height):
+                pixel = picture.getpixel((x, y))
+                assert isinstance(pixel, tuple)
+                assert max(abs(a - b) for a, b in zip(pixel, colour[:3], strict=True)) < 16, (x, y, pixel, colour)
+
+
 def test_a_large_animation_is_scaled_into_its_box() -> None:
     result = transcode(animated("GIF", size=(1300, 700), durations=(100, 100)), "image/gif")
     made = renditions(result.animation)

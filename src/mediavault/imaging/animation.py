@@ -13,7 +13,7 @@ gives (browsers show a frame of 10 ms or less for 100 ms, whatever its format, a
 we). The WebP plays as many times as browsers play the source; the MP4 holds no such count,
 and plays once, or for ever as a `<video loop>`. The WebP keeps the frames' alpha; the MP4 has
 none, so transparent pixels are composited over white; its sides are rounded down to even
-numbers, as 4:2:0 needs.
+numbers, as 4:2:0 needs (a side of 1 doubled).
 
 Both are sRGB: the WebP carries no profile, which browsers take for sRGB, and the MP4 is
 tagged BT.709 (primaries, transfer, matrix, limited range) as the video renditions are,
@@ -182,7 +182,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
                 if rgba.size != (width, height):
                     rgba = rgba.resize((width, height), Image.Resampling.LANCZOS)
                 transparent = transparent or rgba.getchannel("A").getextrema()[0] != 255
-                flat = _over_white(rgba).crop((0, 0, *even))
+                flat = _even_sized(_over_white(rgba), even)
                 shown = _DEFAULT_FRAME_MS if milliseconds <= _NO_DURATION_MS else milliseconds
                 mp4_durations.append(shown)
                 _encode(webp_out, webp_stream, _rgba(rgba), start)
@@ -287,6 +287,14 @@ def _mux(container: av.container.OutputContainer, packets: Iterable[av.Packet], 
             # stream's rate, whatever its own duration (each other frame lasts until the next).
             packet.duration = durations.popleft()
         container.mux(packet)
+
+
+def _even_sized(picture: Image.Image, even: tuple[int, int]) -> Image.Image:
+    """The picture at the even size 4:2:0 needs: cropped, a side of 1 doubled with its own pixels
+    (cropping past it filled the new row or column with black, which bled into the picture's
+    colours through the shared chroma)."""
+    cropped = picture.crop((0, 0, min(picture.width, even[0]), min(picture.height, even[1])))
+    return cropped if cropped.size == even else cropped.resize(even, Image.Resampling.NEAREST)
 
 
 def _over_white(rgba: Image.Image) -> Image.Image:
