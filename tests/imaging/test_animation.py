@@ -718,3 +718,63 @@ def test_an_apng_of_one_frame_besides_its_default_image_is_a_still_of_that_frame
     result = transcode(apng_with_default_image((128, 128, 128), [(COLOURS[1][:3], 100)]), "image/png")
     assert result.animation is None
     assert_centres(list(check_variants(result, IMAGE_VARIANTS).values()), COLOURS[1])
+
+
+Sixteen = tuple[int, int, int]
+
+
+def sixteen_bit_apng(transparent: Sixteen, frames: list[tuple[Sixteen, Sixteen]], default: Sixteen | None = None) -> bytes:
+    """A 32x32 16-bit RGB APNG whose tRNS names `transparent`, of `frames` each given as the colours
+    of its left and right halves (16-bit samples), each drawn over the whole canvas in turn: the
+    first in the IDAT, or with a `default` image there, left out of the animation, all in fdATs."""
+    width = height = 32
+
+    def pixels(left: Sixteen, right: Sixteen) -> bytes:
+        return zlib.compress((b"\x00" + struct.pack(">3H", *left) * (width // 2) + struct.pack(">3H", *right) * (width // 2)) * height)
+
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+    data += png_chunk(b"acTL", struct.pack(">II", len(frames), 0)) + png_chunk(b"tRNS", struct.pack(">3H", *transparent))
+    if default is not None:
+        data += png_chunk(b"IDAT", pixels(default, default))
+    sequence = 0
+    for index, halves in enumerate(frames):
+        data += png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", sequence, width, height, 0, 0, 100, 1000, 0, 0))
+        sequence += 1
+        if index == 0 and default is None:
+            data += png_chunk(b"IDAT", pixels(*halves))
+        else:
+            data += png_chunk(b"fdAT", struct.pack(">I", sequence) + pixels(*halves))
+            sequence += 1
+    return data + png_chunk(b"IEND", b"")
+
+
+TRANSPARENT_16, BESIDE_16, RED_16 = (0x1234, 0x5678, 0x9ABC), (0x1234, 0x5678, 0x9ABD), (0xDC00, 0x1E00, 0x2800)
+
+
+@pytest.mark.parametrize("default", [None, BESIDE_16], ids=["first-frame-in-idat", "default-image-left-out"])
+def test_a_sixteen_bit_apngs_transparent_colour_is_transparent_in_its_animation_as_in_its_stills(default: Sixteen | None) -> None:
+    # Matched on all 16 bits: the colour beside it, of the same top bytes, stays opaque.
+    transparent, beside, red = TRANSPARENT_16, BESIDE_16, RED_16
+    data = sixteen_bit_apng(transparent, [(transparent, beside), (red, transparent), (beside, red)], default)
+    result = transcode(data, "image/png")
+    display = check_variants(result, IMAGE_VARIANTS)["display"].convert("RGBA").getchannel("A")
+    assert (display.getpixel((8, 16)), display.getpixel((24, 16))) == (0, 255)
+    made = renditions(result.animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = [frame.to_image() for frame in container.decode(video=0)]
+    assert (getattr(webp, "n_frames", 1), len(mp4)) == (3, 3)
+    for index, halves in enumerate([(transparent, beside), (red, transparent), (beside, red)]):
+        webp.seek(index)
+        frame = webp.convert("RGBA")
+        for x, colour in zip((8, 24), halves, strict=True):
+            pixel, flat = frame.getpixel((x, 16)), mp4[index].getpixel((x, 16))
+            assert isinstance(pixel, tuple)
+            assert isinstance(flat, tuple)
+            if colour == transparent:
+                assert (pixel[3], min(flat) > 240) == (0, True), (index, x, pixel, flat)
+            else:
+                expected = tuple(sample >> 8 for sample in colour)
+                assert pixel[3] == 255, (index, x, pixel)
+                for got in (pixel[:3], flat):
+                    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 12, (index, x, got, expected)

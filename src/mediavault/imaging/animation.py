@@ -55,6 +55,7 @@ from mediavault.imaging.decode import (
     in_srgb_tones,
     srgb_conversion,
     tones,
+    transparent_colour,
     upright,
 )
 from mediavault.imaging.spec import AnimationLimits, fit
@@ -237,10 +238,12 @@ def _completed(webp: bytes, end_ms: int, transparent: bool) -> bytes:
 def _seeking(image: Image.Image, frames: range) -> Iterator[tuple[Image.Image, int]]:
     """The opened image's frames as Pillow draws them, RGBA, each with its duration in milliseconds
     (0 without one)."""
+    made_transparent = transparent_colour(image)
     for index in frames:
         image.seek(index)
         # Loading the frame is what gives a WebP frame its duration.
-        rgba = eight_bit(image).convert("RGBA")
+        image.load()
+        rgba = eight_bit(made_transparent(image, index)).convert("RGBA")
         yield rgba, int(image.info.get("duration") or 0)
 
 

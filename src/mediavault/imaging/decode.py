@@ -6,7 +6,7 @@ import contextlib
 import errno
 import io
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -151,7 +151,7 @@ def _describe_avif(image: Image.Image, primary: isobmff.PrimaryImage) -> None:
 
 # Where open_image leaves an AVIF's clean aperture for decode_with_pillow.
 _CLEAN_APERTURE = "mediavault_clean_aperture"
-# Where open_image leaves a 16-bit RGB PNG's transparent colour for decode_with_pillow.
+# Where open_image leaves a 16-bit RGB PNG's transparent colour for transparent_colour.
 _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 # Where open_image leaves a PNG's levels in sRGB's tone curve (see _describe_png).
 _SRGB_TONES = "mediavault_srgb_tones"
@@ -186,7 +186,7 @@ def clean_aperture(image: Image.Image) -> Image.Image:
 
 def _describe_png(image: Image.Image, data: bytes) -> None:
     """What Pillow's PNG plugin gets wrong or leaves out (see png): a 16-bit RGB PNG's transparent
-    colour, left for decode_with_pillow with the PNG's bytes, from which it decodes the samples'
+    colour, left for transparent_colour with the PNG's bytes, from which it decodes the samples'
     low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; the
     colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of its own (see
     srgb_tones; for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
@@ -230,22 +230,47 @@ def icc_profile(image: Image.Image) -> bytes | None:
     return image.info[_PNG_PROFILE] if _PNG_PROFILE in image.info else image.info.get("icc_profile")
 
 
-def _with_transparent_colour(image: Image.Image) -> Image.Image:
-    """The loaded image with its PNG's transparent 16-bit colour (see _describe_png) made
-    transparent, as RGBA: each sample is compared whole, its top byte in the image and its low
-    byte in the PNG decoded again. Any other image as it is."""
+def transparent_colour(image: Image.Image) -> Callable[[Image.Image, int], Image.Image]:
+    """What makes the transparent 16-bit colour of the opened image's PNG (see _describe_png)
+    transparent in its frames. Handed a loaded frame and its index (the frames in order), it gives
+    the frame as RGBA, each sample compared whole: its top byte in the frame, its low byte in the
+    same frame of the PNG decoded again, by a second image drawn beside it frame after frame (the
+    stills' frame and an animation's alike). Any other image's frames it hands back as they are."""
     described = image.info.get(_TRANSPARENT_COLOUR)
     if described is None:
-        return image
+        return _as_it_is
     colour, data = described
-    low_bytes = _decoded_again(data, "RGB;16L")
-    alpha = ImageChops.lighter(
-        _opaque_but(image, tuple(sample >> 8 for sample in colour)),
-        _opaque_but(low_bytes, tuple(sample & 0xFF for sample in colour)),
-    )
-    rgba = image.convert("RGBA")
-    rgba.putalpha(alpha)
-    return rgba
+    low_bytes = Image.open(io.BytesIO(data), formats=["PNG"])
+
+    def made_transparent(picture: Image.Image, frame: int) -> Image.Image:
+        _load_low_bytes(low_bytes, frame)
+        alpha = ImageChops.lighter(
+            _opaque_but(picture, tuple(sample >> 8 for sample in colour)),
+            _opaque_but(low_bytes, tuple(sample & 0xFF for sample in colour)),
+        )
+        rgba = picture.convert("RGBA")
+        rgba.putalpha(alpha)
+        return rgba
+
+    return made_transparent
+
+
+def _as_it_is(picture: Image.Image, _frame: int) -> Image.Image:
+    return picture
+
+
+def _load_low_bytes(low_bytes: ImageFile.ImageFile, frame: int) -> None:
+    """The opened PNG loaded as far as `frame`, each frame's samples decoded to their low bytes, and
+    drawn over the one before as Pillow draws the top bytes' frames."""
+    while True:
+        # "RGB;16L" unpacks the second byte of each sample, the low one of a PNG's big-endian
+        # samples; the zip decoder still undoes the filters over whole 6-byte pixels. A loaded
+        # frame has no tiles left.
+        low_bytes.tile = [tile._replace(args="RGB;16L") for tile in low_bytes.tile]
+        low_bytes.load()
+        if low_bytes.tell() >= frame:
+            return
+        low_bytes.seek(low_bytes.tell() + 1)
 
 
 def _sixteen_bits_in_srgb_tones(image: Image.Image) -> Image.Image:
@@ -310,7 +335,7 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
             width, height = cropped.size
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
-        picture = _to_srgb(_sixteen_bits_in_srgb_tones(_with_transparent_colour(cropped)))
+        picture = _to_srgb(_sixteen_bits_in_srgb_tones(transparent_colour(image)(cropped, first)))
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
