@@ -106,10 +106,10 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
         # Every variant, and an animation's moving ones, each format under its own key.
         moving = result.animation.variants if result.animation else []
         stored = await store_pictures(ctx["blobs"], media_id, version, (*result.variants, *moving))
-        duration_ms = result.animation.duration_ms if result.animation else None
+        duration_ms, plays = (result.animation.duration_ms, result.animation.plays) if result.animation else (None, None)
         completed = await library.complete(
             media_id, version, result.width, result.height, stored, result.thumbhash,
-            photo=result.photo, animation_duration_ms=duration_ms,
+            photo=result.photo, animation_duration_ms=duration_ms, animation_plays=plays,
         )
         outcome, reason = ("complete", "") if completed else ("superseded", "")
     except PermanentImagingError as exc:

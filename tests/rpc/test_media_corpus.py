@@ -136,8 +136,8 @@ async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, au
     moving = await run_through(storage, media, auth(user_id), "images/formats/newtonscradle.gif")
     still = await run_through(storage, media, auth(user_id), "images/formats/hopper.gif")
     assert moving.processing_status == still.processing_status == mpb.PROCESSING_STATUS_COMPLETE
-    assert (moving.animated, moving.animation_duration_ms) == (True, 820)
-    assert (still.animated, still.animation_duration_ms) == (False, 0)
+    assert (moving.animated, moving.animation_duration_ms, moving.animation_plays) == (True, 820, 0)
+    assert (still.animated, still.animation_duration_ms, still.animation_plays) == (False, 0, 0)
     assert {v.name for v in moving.variants} == {"thumbnail", "preview", "display", "animation"}
     assert {v.name for v in still.variants} == {"thumbnail", "preview", "display"}
     assert not still.renditions
@@ -154,3 +154,21 @@ async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, au
         stream = container.streams.video[0]
         assert (stream.codec_context.name, stream.width, stream.height) == ("h264", gifv.width, gifv.height)
         assert sum(1 for _ in container.decode(stream)) >= 2
+
+
+@pytest.mark.parametrize(("loop", "plays"), [(None, 1), (2, 3)], ids=["no-loop-count", "loop-count-2"])
+async def test_an_animation_says_how_many_times_it_plays_which_its_mp4_cannot(
+    storage, media, auth, user_id, worker, loop, plays
+):
+    # A GIF plays once without a loop count, and once more than its count with one.
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((220, 30, 40), (30, 180, 60), (40, 60, 210))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, **({} if loop is None else {"loop": loop}))
+    md = auth(user_id)
+    done = await upload(storage, md, buffer.getvalue(), filename="plays.gif", content_type="image/gif")
+    item = await settled(media, md, done.media_id, timeout=120)
+    assert (item.processing_status, item.animated, item.animation_plays) == (mpb.PROCESSING_STATUS_COMPLETE, True, plays)
+    animation = next(v for v in item.variants if v.name == "animation")
+    status, body, _ = await fetch(animation.url)
+    assert status == 200
+    assert Image.open(io.BytesIO(body)).info["loop"] == plays

@@ -51,7 +51,8 @@ _COLUMNS = """
                  ORDER BY v.width, v.name, v.content_type)
               FROM media_variants v WHERE v.media_id = m.media_id), '[]') AS variants,
     m.duration_seconds, m.frame_rate, m.has_audio, m.source_codec, m.processing_progress,
-    m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms, m.requested_formats
+    m.taken_at, m.taken_at_utc_offset_minutes, m.camera, m.animated, m.animation_duration_ms, m.animation_plays,
+    m.requested_formats
 """
 
 
@@ -154,7 +155,7 @@ RETURNING owner_id
 # In the completing transaction, after _COMPLETE has matched the run. GPS is never stored.
 _RECORD_IMAGE_FACTS = """
 UPDATE media SET taken_at = $2, taken_at_utc_offset_minutes = $3, camera = nullif($4, ''),
-                 animated = $5::integer IS NOT NULL, animation_duration_ms = $5
+                 animated = $5::integer IS NOT NULL, animation_duration_ms = $5, animation_plays = $6
 WHERE media_id = $1
 """
 
@@ -323,6 +324,9 @@ class Media:
     camera: str | None = None
     animated: bool = False
     animation_duration_ms: int | None = None
+    # How many times it plays through, 0 for ever; None for a still, and for an animation made
+    # before it was recorded (whose WebP plays for ever).
+    animation_plays: int | None = None
     # Formats made on request that a client has asked for, as "<variant name>:<content type>";
     # each is made, or was no smaller than its primary and is not made (see Library.get).
     requested_formats: tuple[str, ...] = ()
@@ -637,9 +641,10 @@ class Library:
         video: VideoFacts | None = None,
         photo: PhotoFacts | None = None,
         animation_duration_ms: int | None = None,
+        animation_plays: int | None = None,
     ) -> bool:
         """Records the run's variants (every format of each), its ThumbHash, a video's facts or an
-        image's EXIF facts and animation length, and marks it complete; False when the run was superseded or the media deleted."""
+        image's EXIF facts and animation length and plays, and marks it complete; False when the run was superseded or the media deleted."""
         facts = (video.duration_seconds, video.frame_rate, video.has_audio, video.source_codec) if video else (None,) * 4
         async with self._pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchval(_COMPLETE, media_id, version, width, height, thumbhash or None, *facts)
@@ -648,7 +653,7 @@ class Library:
             if photo is not None:
                 await conn.execute(
                     _RECORD_IMAGE_FACTS, media_id, photo.taken_at, photo.utc_offset_minutes, photo.camera,
-                    animation_duration_ms,
+                    animation_duration_ms, animation_plays,
                 )
             await conn.executemany(
                 _STORE_VARIANT,

@@ -151,6 +151,7 @@ def media_pb(shown: media_domain.Shown) -> pb.Media:
         camera=media.camera or "",
         animated=media.animated,
         animation_duration_ms=media.animation_duration_ms or 0,
+        animation_plays=media.animation_plays or 0,
     )
 
 

@@ -112,7 +112,7 @@ class Rendition(_message.Message):
     def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., bitrate: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Media(_message.Message):
-    __slots__ = ("media_id", "user_id", "kind", "content_type", "size_bytes", "sha256", "width", "height", "retention", "processing_status", "processing_error", "attempts", "variants", "feed_url", "original_url", "created_at", "saved_at", "expires_at", "view_count", "like_count", "share_count", "duration_seconds", "frame_rate", "has_audio", "source_codec", "renditions", "processing_progress", "thumbhash", "taken_at", "camera", "animated", "animation_duration_ms")
+    __slots__ = ("media_id", "user_id", "kind", "content_type", "size_bytes", "sha256", "width", "height", "retention", "processing_status", "processing_error", "attempts", "variants", "feed_url", "original_url", "created_at", "saved_at", "expires_at", "view_count", "like_count", "share_count", "duration_seconds", "frame_rate", "has_audio", "source_codec", "renditions", "processing_progress", "thumbhash", "taken_at", "camera", "animated", "animation_duration_ms", "animation_plays")
     MEDIA_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class Media(_message.Message):
     CAMERA_FIELD_NUMBER: _ClassVar[int]
     ANIMATED_FIELD_NUMBER: _ClassVar[int]
     ANIMATION_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    ANIMATION_PLAYS_FIELD_NUMBER: _ClassVar[int]
     media_id: str
     user_id: str
     kind: MediaKind
@@ -177,7 +178,8 @@ class Media(_message.Message):
     camera: str
     animated: bool
     animation_duration_ms: int
-    def __init__(self, media_id: _Optional[str] = ..., user_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., retention: _Optional[_Union[_storage_pb2.Retention, str]] = ..., processing_status: _Optional[_Union[ProcessingStatus, str]] = ..., processing_error: _Optional[str] = ..., attempts: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., feed_url: _Optional[str] = ..., original_url: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., view_count: _Optional[int] = ..., like_count: _Optional[int] = ..., share_count: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., frame_rate: _Optional[float] = ..., has_audio: _Optional[bool] = ..., source_codec: _Optional[str] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., processing_progress: _Optional[int] = ..., thumbhash: _Optional[bytes] = ..., taken_at: _Optional[str] = ..., camera: _Optional[str] = ..., animated: _Optional[bool] = ..., animation_duration_ms: _Optional[int] = ...) -> None: ...
+    animation_plays: int
+    def __init__(self, media_id: _Optional[str] = ..., user_id: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., retention: _Optional[_Union[_storage_pb2.Retention, str]] = ..., processing_status: _Optional[_Union[ProcessingStatus, str]] = ..., processing_error: _Optional[str] = ..., attempts: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., feed_url: _Optional[str] = ..., original_url: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., view_count: _Optional[int] = ..., like_count: _Optional[int] = ..., share_count: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., frame_rate: _Optional[float] = ..., has_audio: _Optional[bool] = ..., source_codec: _Optional[str] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., processing_progress: _Optional[int] = ..., thumbhash: _Optional[bytes] = ..., taken_at: _Optional[str] = ..., camera: _Optional[str] = ..., animated: _Optional[bool] = ..., animation_duration_ms: _Optional[int] = ..., animation_plays: _Optional[int] = ...) -> None: ...
 
 class GetMediaRequest(_message.Message):
     __slots__ = ("media_id", "accept")
