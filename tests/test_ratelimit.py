@@ -103,8 +103,8 @@ def limited(make_settings):
     return make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
 
 
-async def call_summary(stub, md):
-    call = stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)
+async def call_summary(stub, md, timeout: float | None = None):
+    call = stub.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md, timeout=timeout)
     try:
         await call
         return True, dict(await call.trailing_metadata()), None
@@ -440,6 +440,48 @@ async def test_a_freeze_the_database_fails_leaves_the_refusal_answered_and_is_ma
     row = await pool.fetchrow("SELECT frozen, frozen_reason FROM accounts WHERE user_id = $1", user_id)
     assert row["frozen"]
     assert row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
+
+
+async def test_a_freeze_postgresql_never_answers_leaves_every_refusal_answered_promptly_and_is_made_later(
+    make_settings, pool, auth, user_id, caplog
+):
+    """PostgreSQL hangs rather than refuses: the freeze is given up within a bound, each refusal
+    of the account answered meanwhile, and made at a refusal after PostgreSQL answers again."""
+    settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=2)
+    md = auth(user_id)
+
+    async def refused_promptly(stub) -> None:
+        started = time.monotonic()
+        ok, trailers, refused = await call_summary(stub, md, timeout=20)
+        assert not ok
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+        assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
+        assert int(trailers["retry-after"]) >= 1
+        assert time.monotonic() - started < 8
+
+    async with (
+        limit(pool, SUMMARY, per_hour=1, burst=50),
+        proxied(settings.database_url) as proxy,
+        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        assert (await call_summary(stub, md))[0]
+        assert not (await call_summary(stub, md))[0]
+        caplog.set_level(logging.WARNING, logger="mediavault.ratelimit")
+        proxy.freeze()
+        try:
+            # The refusal that reaches the threshold, then several at once while PostgreSQL still hangs.
+            await refused_promptly(stub)
+            await asyncio.gather(*(refused_promptly(stub) for _ in range(4)))
+            await refused_promptly(stub)
+        finally:
+            await proxy.down()
+            await proxy.up()
+        assert user_id in [getattr(r, "user_id", None) for r in caplog.records if r.getMessage().startswith("automatic freeze failed")]
+        assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
+        await refused_promptly(stub)
+    assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is True
 
 
 async def test_an_account_unfrozen_after_an_automatic_freeze_is_frozen_again_only_after_as_many_new_refusals(

@@ -44,6 +44,9 @@ WRITES = frozenset({
     "MediaService/ReprocessMedia", "MediaService/RecordEvents", "tus/PATCH", "tus/DELETE",
 })
 _BUCKETS_KEPT = 100_000
+# How long a refused call waits for the automatic freeze it triggers; past it the refusal is
+# answered and the freeze is tried again at the next refusal.
+AUTO_FREEZE_WAIT_SECONDS = 1.0
 # What PostgreSQL's absence looks like to a statement: refused, cut or timed-out connections.
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
@@ -122,6 +125,9 @@ class RateLimiter:
         self.auto_freeze_window_seconds = auto_freeze_window_seconds
         self.limits: dict[tuple[str, str], Limit] = {}
         self.frozen: frozenset[str] = frozenset()
+        # The accounts whose automatic freeze this process is making: their other refusals meanwhile
+        # are answered at once rather than each waiting for a freeze of its own.
+        self._freezing: set[str] = set()
         self._buckets: OrderedDict[tuple[str, str, str], _Bucket] = OrderedDict()
         # Loads the script on first use and again after Redis lost its script cache.
         self._gcra = redis.register_script(_GCRA) if redis is not None else None
@@ -236,16 +242,19 @@ class RateLimiter:
         except (RedisError, OSError):
             return
         # At or past the threshold: a freeze that PostgreSQL failed is tried again at the next refusal.
-        if refusals < self.auto_freeze_refusals or self.accounts is None:
+        if refusals < self.auto_freeze_refusals or self.accounts is None or user_id in self._freezing:
             return
         reason = f"automatic: {refusals} rate-limit refusals within {self.auto_freeze_window_seconds} s"
+        self._freezing.add(user_id)
         try:
             # An operator may have frozen it since the last reload, here or in another process.
-            frozen_now = await self.accounts.freeze_automatically(user_id, reason)
-        except _DATABASE_ERRORS:
+            frozen_now = await self.accounts.freeze_automatically(user_id, reason, AUTO_FREEZE_WAIT_SECONDS)
+        except (*_DATABASE_ERRORS, TimeoutError):
             # The call is answered the refusal it earned, not the database's fault.
             log.warning("automatic freeze failed; tried again at the next refusal", extra={"user_id": user_id}, exc_info=True)
             return
+        finally:
+            self._freezing.discard(user_id)
         if frozen_now:
             log.warning("account frozen automatically", extra={"user_id": user_id, "refusals": refusals})
         self.frozen = self.frozen | {user_id}

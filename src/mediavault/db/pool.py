@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from mediavault import tracing
 from mediavault.config import Settings
@@ -73,3 +76,20 @@ async def close_pool(pool: asyncpg.Pool) -> None:
             await pool.close()
     except TimeoutError:
         log.warning("database connections cut: PostgreSQL did not answer their close")
+
+
+@contextlib.asynccontextmanager
+async def connection_within(pool: asyncpg.Pool, seconds: float) -> AsyncIterator[PoolConnectionProxy]:
+    """A connection of pool for a block that must end within seconds, the wait for the connection
+    included; TimeoutError past them.
+
+    A connection whose statement is cut is terminated, not given back: asyncpg gives it back only
+    once PostgreSQL has acknowledged the statement's cancel, which a PostgreSQL that stopped
+    answering never does, and the block would wait for it past its bound.
+    """
+    async with asyncio.timeout(seconds), pool.acquire() as conn:
+        try:
+            yield conn
+        except asyncio.CancelledError:
+            conn.terminate()
+            raise

@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from mediavault.db.pool import connection_within
 from mediavault.domain.media import PRESENT
 from mediavault.errors import InvalidArgument, NotFound
 
@@ -155,22 +156,30 @@ class Accounts:
         return StorageSummary(**row, derived_counted=self._counts_derived_bytes)
 
     async def freeze(self, user_id: str, reason: str) -> Account:
-        row = await self._freeze(user_id, reason, replace=True)
+        row = await self._freeze(self._pool, user_id, reason, replace=True)
         if row is None:
             raise NotFound("account not found")
         return Account(**row)
 
-    async def freeze_automatically(self, user_id: str, reason: str) -> bool:
-        """Freezes an account that is not frozen yet; whether it did. A frozen one keeps its freeze as it is."""
-        return await self._freeze(user_id, reason, replace=False) is not None
+    async def freeze_automatically(self, user_id: str, reason: str, within_seconds: float) -> bool:
+        """Freezes an account that is not frozen yet; whether it did. A frozen one keeps its freeze as it is.
 
-    async def _freeze(self, user_id: str, reason: str, *, replace: bool) -> asyncpg.Record | None:
+        TimeoutError when PostgreSQL has not done it within within_seconds, the wait for a
+        connection included: the caller is answering a call, which a PostgreSQL that hangs
+        would otherwise hold for as long as it hangs.
+        """
+        async with connection_within(self._pool, within_seconds) as conn:
+            return await self._freeze(conn, user_id, reason, replace=False) is not None
+
+    async def _freeze(
+        self, conn: asyncpg.Pool | PoolConnectionProxy, user_id: str, reason: str, *, replace: bool
+    ) -> asyncpg.Record | None:
         # The user id and the reason's length are declared at the boundary (rpc.fields).
         reason = reason.strip()
         if not reason:
             raise InvalidArgument.single("reason", f"must be 1-{MAX_FREEZE_REASON} characters")
-        await self.ensure(user_id)
-        return await self._pool.fetchrow(_FREEZE, user_id, reason, replace)
+        await ensure(conn, user_id, self.free_quota_bytes)
+        return await conn.fetchrow(_FREEZE, user_id, reason, replace)
 
     async def unfreeze(self, user_id: str) -> Account:
         row = await self._pool.fetchrow(_UNFREEZE, user_id)
