@@ -368,3 +368,52 @@ async def test_a_table_of_a_partitions_name_that_cannot_be_attached_is_named_in_
     with pytest.raises(asyncpg.PostgresError, match=name):
         await events.add_partitions(pool, PARTITION_DAYS_AHEAD + 1)
     assert ahead not in await partition_days(pool)
+
+
+async def half_detached(pool: asyncpg.Pool, partition: str) -> None:
+    """Leaves partition as an interrupted `DETACH PARTITION ... CONCURRENTLY` leaves it: its first
+    transaction committed (pg_inherits.inhdetachpending), the second never run. After its first
+    transaction the detach waits for the transactions that use usage_events, and is cancelled
+    while it waits for one kept open."""
+    async with pool.acquire() as older, pool.acquire() as detaching, older.transaction():
+        await older.fetchval("SELECT count(*) FROM usage_events")
+        detach = asyncio.create_task(detaching.execute(f'ALTER TABLE usage_events DETACH PARTITION "{partition}" CONCURRENTLY'))
+        pid = detaching.get_server_pid()
+        async with asyncio.timeout(10):
+            while not await pool.fetchval(
+                "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = to_regclass($1)", f'"{partition}"'
+            ):
+                await asyncio.sleep(0.02)
+        await pool.execute("SELECT pg_cancel_backend($1)", pid)
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await detach
+
+
+async def test_a_partition_left_half_detached_is_detached_and_attached_again_and_its_day_takes_inserts(fresh_pool):
+    pool = fresh_pool
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    today = datetime.now(UTC).date()
+    before = await partition_days(pool)
+    await pool.execute(
+        f"""INSERT INTO "{before[today]}" (event_id, user_id, media_id, event_type, occurred_at, received_at)"""
+        " VALUES (2^40, $1, gen_random_uuid(), 'click', now(), now())", user_id)
+    await half_detached(pool, before[today])
+
+    batch = [Event("impression", str(uuid.uuid4()), "feed", None, {})]
+    assert await Events(pool).record(user_id, batch) == (1, 0)
+    assert await partition_days(pool) == before
+    assert not await pool.fetchval("SELECT bool_or(inhdetachpending) FROM pg_inherits WHERE inhparent = 'usage_events'::regclass")
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", user_id) == 2
+
+
+async def test_the_half_detached_partition_of_a_past_day_is_left_detached_under_its_name(fresh_pool):
+    pool = fresh_pool
+    past = datetime.now(UTC).date() - timedelta(days=3)
+    await pool.fetchval("SELECT usage_events_add_partitions($1, $1)", past)
+    partition = (await partition_days(pool))[past]
+    await half_detached(pool, partition)
+
+    assert await events.add_partitions(pool) == 0
+    assert past not in await partition_days(pool)
+    assert await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{partition}"')
+    assert not await pool.fetchval("SELECT EXISTS (SELECT FROM pg_inherits WHERE inhrelid = to_regclass($1))", f'"{partition}"')

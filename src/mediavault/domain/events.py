@@ -121,7 +121,8 @@ Executor = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
 
 async def add_partitions(conn: Executor, days_ahead: int = PARTITION_DAYS_AHEAD) -> int:
     """Makes the missing partitions of today and the days_ahead days after, attaching again a table
-    detached and left under a partition's name (0022); returns how many."""
+    detached and left under a partition's name (0022); returns how many. First finishes the
+    detach of a partition left half-detached (0024), which waits for the transactions older than it."""
     return int(await conn.fetchval(_ADD_PARTITIONS, days_ahead))
 
 
