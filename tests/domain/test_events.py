@@ -417,3 +417,22 @@ async def test_the_half_detached_partition_of_a_past_day_is_left_detached_under_
     assert past not in await partition_days(pool)
     assert await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{partition}"')
     assert not await pool.fetchval("SELECT EXISTS (SELECT FROM pg_inherits WHERE inhrelid = to_regclass($1))", f'"{partition}"')
+
+
+async def test_inserts_wait_for_a_partition_drop_until_its_transaction_ends(fresh_pool):
+    """What operations.md says: the drop's ACCESS EXCLUSIVE lock on usage_events is held to the end
+    of its transaction, not only for its catalog change, so prune_telemetry commits at once."""
+    pool = fresh_pool
+    past = datetime.now(UTC).date() - timedelta(days=3)
+    await pool.fetchval("SELECT usage_events_add_partitions($1, $1)", past)
+    insert = "INSERT INTO usage_events (user_id, media_id, event_type, occurred_at) VALUES ('u', gen_random_uuid(), 'like', now())"
+    async with pool.acquire() as dropping, pool.acquire() as inserting:
+        async with dropping.transaction():
+            dropped = await events.drop_partitions(dropping, 86_400, 1000)
+            assert [r["partition_name"] for r in dropped] == [f"usage_events_p{past:%Y%m%d}"]
+            async with inserting.transaction():
+                await inserting.execute("SET LOCAL lock_timeout = '300ms'")
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await inserting.execute(insert)
+        await inserting.execute(insert)
+    assert past not in await partition_days(pool)
