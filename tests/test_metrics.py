@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +14,7 @@ import grpc
 import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
+from arq.constants import job_key_prefix
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
@@ -67,6 +69,38 @@ async def test_a_worker_exports_its_own_gauges_and_none_of_the_servers(make_sett
     assert samples["mediavault_worker_redis_up"] == [({}, 1.0)]
     # The audit's gauges appear with the worker's first audit, never as a 0 it did not find.
     assert not (SERVER_GAUGES | WORKER_GAUGES - {"mediavault_worker_redis_up"}) & set(samples), samples.keys()
+
+
+async def test_a_worker_exports_how_long_the_oldest_job_of_each_queue_has_waited(make_settings, user_id, redis_url):
+    settings = make_settings(queue_name=f"metrics-oldest:{user_id}")
+    env = {"MEDIAVAULT_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+    arq = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        # With every cleanup job disabled no worker serves the cron queue, and every worker samples it all the same.
+        due = datetime.now(UTC) - timedelta(minutes=20)
+        job = await arq.enqueue_job("cron:audit_accounts", _queue_name=settings.cron_queue, _defer_until=due)
+        assert job is not None
+        worker = start_worker(settings, **env, **JOBS_OFF)
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                assert worker.poll() is None, "the worker exited"
+                assert asyncio.get_running_loop().time() < deadline, "the worker never exported the queues' waits"
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    samples = await scrape(env)
+                    if "mediavault_queue_oldest_waiting_seconds" in samples:
+                        break
+                await asyncio.sleep(0.1)
+        finally:
+            worker.terminate()
+            await asyncio.to_thread(worker.wait)
+        await arq.delete(settings.cron_queue, job_key_prefix + job.job_id)
+    finally:
+        await arq.aclose()
+    waited = {labels["queue"]: value for labels, value in samples["mediavault_queue_oldest_waiting_seconds"]}
+    assert waited.keys() == {"photo", "video", "cron"}, waited
+    assert 20 * 60 <= waited["cron"] < 21 * 60, waited
+    assert waited["photo"] == waited["video"] == 0, waited
 
 
 def bucket_landed_in(histogram: MetricWrapperBase, seconds: float, **labels: str) -> float:

@@ -551,29 +551,42 @@ QUEUE_SAMPLE_SECONDS = 15.0
 # 100) due ones, and every job enqueued later is due later, so no running job is further back
 # than that: the in-progress keys are looked for among the oldest RUNNING_SCAN due jobs, which
 # covers workers of up to 200 job slots and keeps a long backlog from costing Redis its length.
+# The oldest waiting job is the first of them without an in-progress key: the very first due
+# job is usually one running, whose score tells when it was due, not that anything waits.
 RUNNING_SCAN = 1000
 _WAITING = """
 local due = redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1])
-local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
 local running = 0
-for _, job_id in ipairs(oldest) do
-    running = running + redis.call('EXISTS', ARGV[2] .. job_id)
+local oldest_waiting = false
+for i = 1, #oldest, 2 do
+    if redis.call('EXISTS', ARGV[2] .. oldest[i]) == 1 then
+        running = running + 1
+    elseif not oldest_waiting then
+        oldest_waiting = oldest[i + 1]
+    end
 end
-return due - running
+if not oldest_waiting and due > #oldest / 2 then
+    oldest_waiting = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', ARGV[3], 1)[2] or false
+end
+return {due - running, oldest_waiting}
 """
 
 
 async def observe_queue(ctx: dict[str, Any]) -> int:
-    """Exports how many jobs wait to run in the photo, video and cron queues: due now or earlier
-    and not running; returns all together."""
+    """Exports how many jobs wait to run in the photo, video and cron queues (due now or earlier
+    and not running) and how long the oldest of each has been due; returns the jobs of all together."""
     settings = ctx["settings"]
     redis = ctx["redis"]
     total = 0
     for queue, name in (("photo", settings.queue_name), ("video", settings.video_queue), ("cron", settings.cron_queue)):
         # arq's own clock, which rounds: a job queued this millisecond has a score rounded up.
-        depth = int(await redis.eval(_WAITING, 1, name, timestamp_ms(), in_progress_key_prefix, RUNNING_SCAN))
-        metrics.QUEUE_DEPTH.labels(queue).set(depth)
-        total += depth
+        now_ms = timestamp_ms()
+        depth, oldest_due_ms = await redis.eval(_WAITING, 1, name, now_ms, in_progress_key_prefix, RUNNING_SCAN)
+        metrics.QUEUE_DEPTH.labels(queue).set(int(depth))
+        waited_ms = 0.0 if oldest_due_ms is None else max(0.0, now_ms - float(oldest_due_ms))
+        metrics.QUEUE_OLDEST_WAITING.labels(queue).set(waited_ms / 1000)
+        total += int(depth)
     return total
 
 

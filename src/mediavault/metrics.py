@@ -103,6 +103,12 @@ STORAGE_BYTES = Gauge(
     "mediavault_storage_bytes", "Bytes across all accounts at the last audit", ["kind"], multiprocess_mode="livemostrecent"
 )
 QUEUE_DEPTH = Gauge("mediavault_queue_depth", "Jobs waiting in an arq queue", ["queue"], multiprocess_mode="livemostrecent")
+QUEUE_OLDEST_WAITING = Gauge(
+    "mediavault_queue_oldest_waiting_seconds",
+    "How long the oldest job waiting in an arq queue has been due (0 when none waits)",
+    ["queue"],
+    multiprocess_mode="livemostrecent",
+)
 RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )

@@ -1164,6 +1164,52 @@ async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_def
             await run
 
 
+async def test_the_oldest_waiting_job_is_timed_from_when_it_was_due_passing_over_running_and_deferred_ones(
+    make_ctx, make_settings, user_id
+):
+    from arq import Worker, func
+    from prometheus_client import REGISTRY
+
+    from workers.maintenance import observe_queue
+
+    ctx = await make_ctx(make_settings(queue_name=f"oldest-waiting:{user_id}"))
+    settings, redis = ctx["settings"], ctx["redis"]
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_ctx) -> None:
+        started.set()
+        await release.wait()
+
+    now = datetime.now(UTC)
+    # Due half an hour ago and running: first in the queue, yet waiting for nothing.
+    await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_until=now - timedelta(minutes=30))
+    await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_by=3600)
+    worker = Worker(
+        functions=[func(hold, name="hold")], redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=settings.queue_name, max_jobs=1, poll_delay=0.05, handle_signals=False,
+    )
+    run = asyncio.create_task(worker.async_run())
+    try:
+        async with asyncio.timeout(20):
+            await started.wait()
+        await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_until=now - timedelta(minutes=20))
+        await redis.enqueue_job("hold", _queue_name=settings.queue_name)
+        await redis.enqueue_job("transcode_video", "video-0", 0, _queue_name=settings.video_queue, _defer_by=3600)
+        assert await observe_queue(ctx) == 2
+        waited = {
+            queue: REGISTRY.get_sample_value("mediavault_queue_oldest_waiting_seconds", {"queue": queue})
+            for queue in ("photo", "video", "cron")
+        }
+    finally:
+        release.set()
+        await worker.close()
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+    assert 20 * 60 <= waited["photo"] < 21 * 60, waited
+    assert waited["video"] == waited["cron"] == 0, waited
+
+
 async def test_a_worker_samples_the_queues_itself_without_taking_a_job_slot(make_settings, user_id):
     from prometheus_client import REGISTRY
 
