@@ -599,6 +599,22 @@ async def sample_queues(ctx: dict[str, Any]) -> None:
         await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
 
 
+# Every second, not every QUEUE_SAMPLE_SECONDS: a scrape then sees the pool as it was a second
+# before, not up to a quarter of a minute.
+POOL_SAMPLE_SECONDS = 1.0
+
+
+async def sample_pool(ctx: dict[str, Any]) -> None:
+    """Exports, every POOL_SAMPLE_SECONDS for as long as the worker runs, how many connections of
+    its database pool are in use and the most it opens, labelled by the worker's queue."""
+    pool: asyncpg.Pool = ctx["pool"]
+    queue = ctx.get("queue", "photo")
+    metrics.WORKER_DB_CONNECTIONS_MAX.labels(queue).set(pool.get_max_size())
+    while True:
+        metrics.WORKER_DB_CONNECTIONS_IN_USE.labels(queue).set(pool.get_size() - pool.get_idle_size())
+        await asyncio.sleep(POOL_SAMPLE_SECONDS)
+
+
 def cron_task(name: str) -> WorkerCoroutine:
     async def task(ctx: dict[str, Any], *_: Any, **__: Any) -> dict[str, Any]:
         return dataclasses.asdict(await run_job(ctx, name))

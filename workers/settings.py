@@ -18,7 +18,7 @@ from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.imaging import DEFAULT_LIMITS, AnimationLimits, Transcoder, pool_size
 from mediavault.services import build_services
 from workers.formats import make_formats
-from workers.maintenance import JOBS, cron_task, job_config, sample_queues
+from workers.maintenance import JOBS, cron_task, job_config, sample_pool, sample_queues
 from workers.transcode import INFRASTRUCTURE_TRIES, transcode_media
 from workers.video import transcode_video
 
@@ -103,13 +103,15 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     # runs a cron job on one worker per tick, which would leave the others' gauges stale).
     if ctx.get("queue") is None:
         ctx["queue_sampler"] = asyncio.create_task(sample_queues(ctx))
+    ctx["pool_sampler"] = asyncio.create_task(sample_pool(ctx))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if "queue_sampler" in ctx:
-        ctx["queue_sampler"].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ctx["queue_sampler"]
+    for sampler in ("queue_sampler", "pool_sampler"):
+        if sampler in ctx:
+            ctx[sampler].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctx[sampler]
     if "transcoder" in ctx:
         await ctx["transcoder"].close()
     if "metrics" in ctx:

@@ -112,6 +112,19 @@ QUEUE_OLDEST_WAITING = Gauge(
 RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )
+# By the queue whose worker owns the pool: photo, video or cron.
+WORKER_DB_CONNECTIONS_IN_USE = Gauge(
+    "mediavault_worker_db_connections_in_use",
+    "Connections of a worker's database pool its jobs hold",
+    ["queue"],
+    multiprocess_mode="livesum",
+)
+WORKER_DB_CONNECTIONS_MAX = Gauge(
+    "mediavault_worker_db_connections_max",
+    "The most connections a worker's database pool opens",
+    ["queue"],
+    multiprocess_mode="livesum",
+)
 # Under `serve --processes N` one series per live process, labelled pid: each process probes on its own.
 HEALTH_DATABASE = SetGauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL", "liveall")
 WORKER_REDIS_UP = SetGauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis", "liveall")

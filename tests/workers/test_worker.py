@@ -134,3 +134,34 @@ async def test_sigterm_while_postgres_stops_answering_closes_every_worker(
                 await redis.delete(settings.queue_name)
                 await redis.aclose()
     assert sorted(closed) == ["cron", "photo", "video"], "every worker's resources are closed"
+
+
+async def test_a_worker_exports_its_database_pools_connections_in_use_and_their_most(make_settings, storage, auth, user_id, pool):
+    from prometheus_client import REGISTRY
+
+    from tests.conftest import CORPUS, running_worker
+    from tests.helpers import upload
+
+    def in_use(queue: str) -> float | None:
+        return REGISTRY.get_sample_value("mediavault_worker_db_connections_in_use", {"queue": queue})
+
+    async def until_in_use(queue: str, connections: int) -> None:
+        async with asyncio.timeout(20):
+            while in_use(queue) != connections:
+                await asyncio.sleep(0.05)
+
+    settings = make_settings(queue_name=f"pool-metrics:{uuid.uuid4().hex}")
+    done = await upload(storage, auth(user_id), (CORPUS / "images/formats/hopper.jpg").read_bytes())
+    async with running_worker(settings) as worker:
+        await until_in_use("photo", 0)
+        async with pool.acquire() as conn, conn.transaction():
+            # The job's claim waits for this lock on its media row, on a connection of the photo worker's pool.
+            await conn.execute("SELECT 1 FROM media WHERE media_id = $1::uuid FOR UPDATE", done.media_id)
+            await worker.pool.enqueue_job("transcode_media", done.media_id, 0, _queue_name=settings.queue_name)
+            await until_in_use("photo", 1)
+            assert in_use("video") == 0
+        await until_in_use("photo", 0)
+        most = {
+            queue: REGISTRY.get_sample_value("mediavault_worker_db_connections_max", {"queue": queue}) for queue in ("photo", "video")
+        }
+    assert most == {"photo": settings.db_pool_max_size, "video": settings.video_workers + 1}
