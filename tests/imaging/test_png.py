@@ -326,6 +326,33 @@ def test_the_animation_of_a_png_ignores_an_iccp_after_its_pixels() -> None:
 
 
 @pytest.mark.parametrize(
+    ("first", "second", "exponent"),
+    [
+        pytest.param(LINEAR_ICC, SRGB_ICC, 1.0, id="linear-first"),
+        pytest.param(SRGB_ICC, LINEAR_ICC, None, id="srgb-first"),
+    ],
+)
+def test_of_two_iccps_the_first_counts_as_libpng_keeps_it(first: bytes, second: bytes, exponent: float | None) -> None:
+    # Pillow keeps the last; libpng, and so browsers, the first.
+    got = shown(stripes(RGB, 8, iccp(first) + iccp(second)))
+    colours = stripe_colours(RGB)
+    expected = colours if exponent is None else [tuple(srgb_level((v / 255) ** exponent) for v in c) for c in colours]
+    assert_within(got, expected, 3)
+
+
+def test_the_animation_of_a_png_with_two_iccps_is_converted_from_the_first() -> None:
+    frames = [Image.new("RGB", (64, 48), (level,) * 3) for level in (64, 128)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], duration=100)
+    data = buffer.getvalue()
+    # After the signature and the IHDR chunk.
+    two = data[:33] + iccp(LINEAR_ICC) + iccp(SRGB_ICC) + data[33:]
+    made = {variant.name: variant.data for variant in transcode(two, "image/png").animation.variants}
+    # Linear light 64 is sRGB's 137.
+    assert abs(Image.open(io.BytesIO(made[ANIMATION])).convert("L").getpixel((32, 24)) - 137) <= 4
+
+
+@pytest.mark.parametrize(
     ("colour_type", "broken"),
     [
         pytest.param(RGB, chunk(b"iCCP", b"profile\0\0" + b"not deflate data"), id="not-inflatable"),

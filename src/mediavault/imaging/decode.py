@@ -192,7 +192,8 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     srgb_tones; for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
     _sixteen_bits_in_srgb_tones) and, for primaries other than sRGB's, a profile of them with that
     curve, which the stills and the animation convert from (or keep) as from an embedded one; and
-    which profile that is, or the PNG's iCCP, as browsers read them (see icc_profile)."""
+    which profile that is, or the PNG's first iCCP before its pixels, as browsers read them (see
+    icc_profile)."""
     chunks = png.read(data)
     colour = chunks.transparent_colour
     if colour is not None and image.mode == "RGB":
@@ -203,10 +204,9 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     grey = chunks.transparent_grey
     if grey is not None:
         image.info["transparency"] = grey
-    # Pillow has read the chunks before the pixels so far; an iCCP after them, which libpng (and
-    # so browsers) ignores, it reads into info["icc_profile"] as it loads the pixels. Pillow leaves
-    # None there for an iCCP it cannot inflate.
-    profile = image.info.get("icc_profile")
+    # Not Pillow's info["icc_profile"]: of two iCCP chunks it keeps the last, and it reads an iCCP
+    # after the pixels, which libpng (and so browsers) ignores, as it loads them.
+    profile = chunks.profile
     if profile is not None and colour_space(profile) != ("RGB" if chunks.in_colour else "GRAY"):
         # One lcms cannot read, or of other colours than the pixels': libpng drops it, and
         # browsers go by the gAMA and cHRM.
@@ -224,9 +224,10 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
 
 
 def icc_profile(image: Image.Image) -> bytes | None:
-    """The ICC profile the opened image's colours are in, None for sRGB: a PNG's iCCP before its
-    pixels, or the profile its cHRM describes (see _describe_png), never an iCCP after its pixels
-    that Pillow reads into its info with them; any other image's embedded profile."""
+    """The ICC profile the opened image's colours are in, None for sRGB: a PNG's first iCCP before
+    its pixels, or the profile its cHRM describes (see _describe_png), never a later iCCP that
+    Pillow reads into its info (a second one, or one after the pixels); any other image's embedded
+    profile."""
     return image.info[_PNG_PROFILE] if _PNG_PROFILE in image.info else image.info.get("icc_profile")
 
 

@@ -28,13 +28,17 @@ PNG decoders, by the PNG spec's precedence: cICP, then iCCP, then sRGB, then gAM
   (Chrome ignores both then).
 
 Only the chunks before the first IDAT count (libpng ignores these after it, where Pillow reads
-them too), and of each kind the first, as libpng keeps it.
+them too), and of each kind the first, as libpng keeps it: of two iCCP chunks, Pillow keeps the
+last profile, libpng (and so browsers) the first, which `Chunks.profile` is.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass, field
+
+from PIL import PngImagePlugin
 
 from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, Primaries
 
@@ -46,8 +50,9 @@ _TRUECOLOUR = 2
 _COLOUR_BIT = 2
 # The bit depths below 8 a grey PNG may have.
 _FEW_BITS = frozenset({1, 2, 4})
-# The kinds read; each is a few bytes (a palette's tRNS at most 256).
-_READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM"})
+# The kinds read; each is a few bytes (a palette's tRNS at most 256), but an iCCP, whose deflated
+# profile Pillow has inflated already (within PngImagePlugin.MAX_TEXT_CHUNK, or refused the PNG).
+_READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM", b"iCCP"})
 # The chunks that name the colours outright, each overriding gAMA and cHRM; only whether
 # they are there is kept. An iCCP does too, where its profile can be used: decode decides.
 _NAMING_COLOURS = frozenset({b"sRGB", b"cICP"})
@@ -111,6 +116,20 @@ class Chunks:
         largest = (1 << self.bit_depth) - 1
         (level,) = struct.unpack(">H", trns)
         return (level & largest) * 255 // largest
+
+    @property
+    def profile(self) -> bytes | None:
+        """The ICC profile of the first iCCP, None where there is none or it does not inflate
+        (Pillow leaves None for that too); whether lcms can use it is decode's to judge."""
+        iccp = self.payloads.get(b"iCCP")
+        if iccp is None:
+            return None
+        # A name of 1 to 79 bytes, its NUL, the compression method (0: Pillow refuses others), the profile.
+        deflated = iccp[iccp.find(b"\0") + 2 :]
+        try:
+            return zlib.decompressobj().decompress(deflated, PngImagePlugin.MAX_TEXT_CHUNK)
+        except zlib.error:
+            return None
 
     @property
     def colours(self) -> Colours | None:
