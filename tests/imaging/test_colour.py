@@ -296,3 +296,22 @@ def test_an_avif_whose_colour_box_says_display_p3_keeps_its_gamut(primaries: int
     for name, variant in check_variants(result, IMAGE_VARIANTS).items():
         assert variant.info.get("icc_profile") == (DISPLAY_P3 if wide else None), name
         assert variant.convert("RGB").getpixel((variant.width // 2, variant.height // 2))[0] > 250, name
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_a_picture_whose_colour_box_says_pq_is_shown_as_an_sdr_screen_shows_it(fmt: str) -> None:
+    """The nclx box is read as a PNG's cICP is (tests/imaging/test_png.py): PQ's level 128 is 92
+    cd/m2, 0.45 of its reference white, sRGB's 179."""
+    buffer = io.BytesIO()
+    grey = Image.new("RGB", (200, 100), (128, 128, 128))
+    if fmt == "HEIF":
+        grey.save(buffer, fmt, quality=95, color_primaries=9, transfer_characteristics=16, matrix_coefficients=9)
+    else:
+        grey.save(buffer, fmt, quality=95, speed=10)
+    data = bytearray(buffer.getvalue())
+    if fmt == "AVIF":
+        colr = data.index(b"colrnclx") + 8
+        struct.pack_into(">HH", data, colr, 9, 16)
+    display = check_variants(transcode(bytes(data), f"image/{fmt.lower()}"), IMAGE_VARIANTS)["display"]
+    assert "icc_profile" not in display.info
+    assert max(abs(level - 179) for level in display.convert("RGB").getpixel((100, 50))) <= 4

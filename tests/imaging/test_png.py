@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import struct
 import zlib
+from collections.abc import Callable
 
 import av
 import pytest
@@ -428,3 +430,68 @@ def test_the_animation_of_a_png_with_gama_is_shown_in_its_tone_curve_as_its_stil
         mp4 = next(container.decode(video=0)).to_image().convert("L")
     for picture, tolerance in ((webp, 4), (mp4, 8)):
         assert abs(picture.getpixel((32, 24)) - round(srgb_level(128 / 255))) <= tolerance, picture.format
+
+
+def cicp(primaries: int, transfer: int, matrix: int = 0, full_range: int = 1) -> bytes:
+    return chunk(b"cICP", bytes((primaries, transfer, matrix, full_range)))
+
+
+def test_a_png_whose_cicp_is_display_p3_keeps_its_gamut_tagged_display_p3() -> None:
+    # Its iCCP, of other colours, comes after the cICP in the precedence.
+    red = png_file(240, 64, 8, RGB, [bytes((255, 0, 0)) * 240] * 64, cicp(12, 13) + iccp(LINEAR_ICC))
+    for name, variant in check_variants(transcode(red, "image/png"), IMAGE_VARIANTS).items():
+        assert variant.info.get("icc_profile") == DISPLAY_P3, name
+        assert_within([variant.convert("RGB").getpixel((variant.width // 2, variant.height // 2))], [(255, 0, 0)], 4)
+
+
+def test_a_png_whose_cicp_is_srgb_is_shown_as_srgb_whatever_its_iccp() -> None:
+    assert_within(shown(stripes(RGB, 8, cicp(1, 13) + iccp(LINEAR_ICC))), stripe_colours(RGB), 3)
+
+
+@pytest.mark.parametrize(
+    "ignored",
+    [
+        # Chrome reads only RGB as it is (matrix 0) in full range; the rest are codes we do not read.
+        pytest.param(cicp(12, 13, matrix=1), id="ycbcr-matrix"),
+        pytest.param(cicp(12, 13, full_range=0), id="limited-range"),
+        pytest.param(cicp(1, 1), id="bt709-transfer"),
+        pytest.param(cicp(99, 13), id="no-such-primaries"),
+        pytest.param(chunk(b"cICP", bytes((12, 13, 0))), id="too-short"),
+    ],
+)
+def test_a_cicp_browsers_ignore_leaves_the_png_to_its_iccp(ignored: bytes) -> None:
+    got = shown(stripes(RGB, 8, ignored + iccp(LINEAR_ICC)))
+    assert_within(got, [tuple(srgb_level(v / 255) for v in colour) for colour in stripe_colours(RGB)], 3)
+
+
+def pq_nits(level: int) -> float:
+    """SMPTE ST 2084's light, in cd/m2, of an 8-bit PQ level."""
+    m1, m2, c1, c2, c3 = 0.1593017578125, 78.84375, 0.8359375, 18.8515625, 18.6875
+    power = (level / 255) ** (1 / m2)
+    return 10_000 * (max(power - c1, 0) / (c2 - c3 * power)) ** (1 / m1)
+
+
+def hlg_nits(level: int) -> float:
+    """BT.2100 HLG's light, in cd/m2, of an 8-bit grey level on a 1000 cd/m2 display (system gamma 1.2)."""
+    signal = level / 255
+    scene = signal**2 / 3 if signal <= 0.5 else (math.exp((signal - 0.55991073) / 0.17883277) + 0.28466892) / 12
+    return 1000 * scene**1.2
+
+
+# Linear BT.2020 to linear BT.709 (sRGB's primaries), both D65 (BT.2087).
+BT2020_TO_BT709 = ((1.6605, -0.5876, -0.0728), (-0.1246, 1.1329, -0.0083), (-0.0182, -0.1006, 1.1187))
+
+
+@pytest.mark.parametrize(("transfer", "nits"), [(16, pq_nits), (18, hlg_nits)], ids=["pq", "hlg"])
+def test_a_png_whose_cicp_is_hdr_shows_its_sdr_range_as_an_sdr_screen_does(
+    transfer: int, nits: Callable[[int], float]
+) -> None:
+    """BT.2100's reference white (203 cd/m2) is SDR's white, brighter light clipped to it; BT.2020's
+    colours are converted to sRGB's."""
+    got = shown(stripes(RGB, 8, cicp(9, transfer) + iccp(LINEAR_ICC)))
+    expected = []
+    for colour in stripe_colours(RGB):
+        light = [min(nits(level) / 203, 1) for level in colour]
+        in_bt709 = (sum(m * v for m, v in zip(row, light, strict=True)) for row in BT2020_TO_BT709)
+        expected.append(tuple(srgb_level(min(max(value, 0), 1)) for value in in_bt709))
+    assert_within(got, expected, 3)

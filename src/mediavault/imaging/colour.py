@@ -11,6 +11,13 @@ A PNG may describe its colours with gAMA and cHRM chunks instead of a profile, w
 honour (png.py): its levels are taken to sRGB's tone curve (`srgb_tones`), and primaries
 other than sRGB's become a profile of those primaries with that curve (`matrix_profile`),
 converted as an embedded one is (or kept, if they are Display P3's).
+
+A PNG's cICP chunk, or a HEIF's or AVIF's nclx box, names the colours by H.273 codes instead
+(`coded_colours`, the one reading of them): primaries 1 (sRGB's), 9 (BT.2020's) or 12 (Display
+P3's) with sRGB's tone curve (transfer 13) are those primaries' profile, Display P3's DISPLAY_P3;
+BT.2020 with PQ (16) or HLG (18), the HDR of Chrome's and Android's screenshots, is a profile of
+BT.2020 with a tone curve that shows it as an SDR screen does (`hdr_light`), converted as an
+embedded one is. Other codes are left unread, and the picture goes by what else describes it.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from PIL import Image, ImageCms
@@ -32,6 +41,7 @@ _D50 = (0.9642, 1.0, 0.8249)
 D65: Chromaticity = (0.3127, 0.3290)
 SRGB_PRIMARIES: Primaries = ((0.640, 0.330), (0.300, 0.600), (0.150, 0.060))
 _P3_PRIMARIES: Primaries = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
+_BT2020_PRIMARIES: Primaries = ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046))
 # The sRGB transfer function as an ICC parametric curve (type 3): g, a, b, c, d.
 _SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
 _BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0685, 1.0296))
@@ -90,17 +100,20 @@ def _xyz_tag(xyz: tuple[float, ...]) -> bytes:
     return b"XYZ \0\0\0\0" + b"".join(_s15(v) for v in xyz)
 
 
+_SRGB_CURVE_TAG = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(_s15(v) for v in _SRGB_CURVE)
+
+
 def _text_tag(text: str) -> bytes:
     encoded = text.encode("utf-16-be")
     return b"mluc\0\0\0\0" + struct.pack(">II2s2sII", 1, 12, b"en", b"US", len(encoded), 28) + encoded
 
 
-def matrix_profile(primaries: Primaries, white: Chromaticity, description: str) -> bytes:
+def matrix_profile(primaries: Primaries, white: Chromaticity, description: str, curve: bytes = _SRGB_CURVE_TAG) -> bytes:
     """A compact ICC v4 profile of RGB with these red, green and blue primaries and this white
-    (CIE xy), and the sRGB tone curve. The white must lie inside the primaries' triangle."""
+    (CIE xy), and this tone curve (a curv or para tag: sRGB's unless given). The white must lie
+    inside the primaries' triangle."""
     chad = _adaptation(_xyz(*white), _D50)
     colorants = _matmul(chad, _rgb_to_xyz(primaries, _xyz(*white)))
-    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(_s15(v) for v in _SRGB_CURVE)
     tags: list[tuple[bytes, bytes]] = [
         (b"desc", _text_tag(description)),
         (b"cprt", _text_tag("No copyright, use freely")),
@@ -131,17 +144,88 @@ _DISPLAY_P3_PROFILE = ImageCms.ImageCmsProfile(io.BytesIO(DISPLAY_P3))
 SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+def _srgb_encoded(light: float) -> float:
+    """The sRGB level (0 to 1) of a light (0 to 1): _SRGB_CURVE inverted, linear below the light
+    its linear part ends at."""
+    g, a, b, c, d = _SRGB_CURVE
+    return light / c if light < c * d else (light ** (1 / g) - b) / a
+
+
 def srgb_tones(exponent: float, largest: int = 255) -> tuple[int, ...]:
     """For each level, 0 to `largest` (255 of 8-bit samples, 65535 of 16-bit ones), of a plain
     power-law tone curve, whose light is (level / largest) ** exponent, the 8-bit level that shows
     the same light in sRGB's curve."""
-    g, a, b, c, d = _SRGB_CURVE
+    return tuple(round(255 * _srgb_encoded((level / largest) ** exponent)) for level in range(largest + 1))
 
-    def encoded(light: float) -> float:
-        # _SRGB_CURVE inverted: linear below the light its linear part ends at.
-        return light / c if light < c * d else (light ** (1 / g) - b) / a
 
-    return tuple(round(255 * encoded((level / largest) ** exponent)) for level in range(largest + 1))
+# H.273's codes (ITU-T H.273, tables 2 and 3) of the primaries and tone curves read.
+_H273_SRGB_CURVE = 13
+_H273_PQ = 16
+_H273_HLG = 18
+_H273_BT2020 = 9
+
+# HDR on an SDR screen, as BT.2408 has it: the reference white of PQ and HLG (203 cd/m2, HLG's 75%
+# signal) is the SDR white, so the SDR content of an HDR screenshot keeps its levels; brighter
+# highlights are clipped to it, channel by channel (a tone curve, as the video renditions' Hable
+# from 100 cd/m2, would grey a screenshot's white: docs/video.md). Each curve is sampled into a
+# profile's tone curve at this many points.
+_REFERENCE_WHITE_NITS = 203.0
+_HDR_CURVE_POINTS = 4096
+_PQ_PEAK_NITS = 10_000.0
+_PQ_M1, _PQ_M2 = 2610 / 16384, 2523 / 4096 * 128
+_PQ_C1, _PQ_C2, _PQ_C3 = 3424 / 4096, 2413 / 4096 * 32, 2392 / 4096 * 32
+# HLG's inverse OETF (BT.2100), and its OOTF on the 1000 cd/m2 display its reference white is set
+# for, applied to each channel as to a grey's (the OOTF proper scales a colour by its luminance).
+_HLG_A, _HLG_B, _HLG_C = 0.17883277, 0.28466892, 0.55991073
+_HLG_PEAK_NITS = 1000.0
+_HLG_SYSTEM_GAMMA = 1.2
+
+
+def _pq_nits(level: float) -> float:
+    power = level ** (1 / _PQ_M2)
+    return _PQ_PEAK_NITS * (max(power - _PQ_C1, 0.0) / (_PQ_C2 - _PQ_C3 * power)) ** (1 / _PQ_M1)
+
+
+def _hlg_nits(level: float) -> float:
+    scene = level * level / 3 if level <= 0.5 else (math.exp((level - _HLG_C) / _HLG_A) + _HLG_B) / 12
+    return _HLG_PEAK_NITS * scene**_HLG_SYSTEM_GAMMA
+
+
+def hdr_light(level: float, transfer: int) -> float:
+    """The light (0 to 1 of SDR white) a PQ or HLG level (0 to 1; H.273 transfer 16 or 18) shows on an SDR screen."""
+    nits = _pq_nits(level) if transfer == _H273_PQ else _hlg_nits(level)
+    return min(nits / _REFERENCE_WHITE_NITS, 1.0)
+
+
+def _sampled_curve(transfer: int) -> bytes:
+    samples = (hdr_light(i / (_HDR_CURVE_POINTS - 1), transfer) for i in range(_HDR_CURVE_POINTS))
+    return b"curv\0\0\0\0" + struct.pack(f">I{_HDR_CURVE_POINTS}H", _HDR_CURVE_POINTS, *(round(65535 * v) for v in samples))
+
+
+# The profile of each pair of codes read; None: sRGB itself.
+_H273_PROFILES: dict[tuple[int, int], bytes | None] = {
+    (1, _H273_SRGB_CURVE): None,
+    (12, _H273_SRGB_CURVE): DISPLAY_P3,
+    (_H273_BT2020, _H273_SRGB_CURVE): matrix_profile(_BT2020_PRIMARIES, D65, "BT.2020"),
+    **{
+        (_H273_BT2020, transfer): matrix_profile(_BT2020_PRIMARIES, D65, name, _sampled_curve(transfer))
+        for transfer, name in ((_H273_PQ, "BT.2100 PQ"), (_H273_HLG, "BT.2100 HLG"))
+    },
+}
+
+
+@dataclass(frozen=True)
+class CodedColours:
+    """What H.273 codes say a picture's colours are: those of an ICC profile, None for sRGB's."""
+
+    profile: bytes | None
+
+
+def coded_colours(primaries: int, transfer: int) -> CodedColours | None:
+    """The colours H.273 primaries and transfer characteristics name (see the module's docstring);
+    None for codes not read here."""
+    key = (primaries, transfer)
+    return CodedColours(_H273_PROFILES[key]) if key in _H273_PROFILES else None
 
 
 def cached_by_digest(compute: Callable[[bytes], T]) -> Callable[[bytes], T]:

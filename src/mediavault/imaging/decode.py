@@ -21,7 +21,9 @@ from mediavault.imaging import isobmff, lossless, png
 from mediavault.imaging.colour import (
     DISPLAY_P3,
     SRGB_PROFILE,
+    CodedColours,
     cached_by_digest,
+    coded_colours,
     colour_space,
     is_display_p3,
     is_srgb,
@@ -138,7 +140,7 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
 
 def _describe_avif(image: Image.Image, primary: isobmff.PrimaryImage) -> None:
     """What Pillow's AVIF plugin leaves out of the image's info: its nclx colours, under
-    pillow-heif's name for them (see _nclx_display_p3), and its clean aperture (see
+    pillow-heif's name for them (see _coded_colours), and its clean aperture (see
     clean_aperture). Only for the primary item's picture: an image sequence's frames may be
     another size."""
     if image.size != primary.size:
@@ -211,6 +213,12 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
         # One lcms cannot read, or of other colours than the pixels': libpng drops it, and
         # browsers go by the gAMA and cHRM.
         profile = None
+    coded = chunks.coded_colours
+    if coded is not None:
+        # A cICP comes before all else, and is read as a HEIF's or AVIF's nclx box (see _coded_colours).
+        cicp = chunks.payloads[b"cICP"]
+        image.info["nclx_profile"] = {"color_primaries": cicp[0], "transfer_characteristics": cicp[1]}
+        profile = coded.profile
     colours = chunks.colours if profile is None else None
     if colours is not None:
         image.info[_SRGB_TONES] = srgb_tones(colours.exponent)
@@ -224,11 +232,25 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
 
 
 def icc_profile(image: Image.Image) -> bytes | None:
-    """The ICC profile the opened image's colours are in, None for sRGB: a PNG's first iCCP before
-    its pixels, or the profile its cHRM describes (see _describe_png), never a later iCCP that
-    Pillow reads into its info (a second one, or one after the pixels); any other image's embedded
-    profile."""
-    return image.info[_PNG_PROFILE] if _PNG_PROFILE in image.info else image.info.get("icc_profile")
+    """The ICC profile the opened image's colours are in, None for sRGB: a PNG's, of its cICP (see
+    _coded_colours), its first iCCP before its pixels, or its cHRM (see _describe_png), never a
+    later iCCP that Pillow reads into its info (a second one, or one after the pixels); any other
+    image's embedded profile, or else that of its nclx box's colours."""
+    if _PNG_PROFILE in image.info:
+        return image.info[_PNG_PROFILE]
+    if embedded := image.info.get("icc_profile"):
+        return embedded
+    coded = _coded_colours(image.info)
+    return None if coded is None else coded.profile
+
+
+def _coded_colours(info: dict) -> CodedColours | None:
+    """The colours an image's H.273 codes name (colour.coded_colours): a HEIF's or AVIF's nclx box
+    (libheif's encoders write one instead of an ICC profile; see _describe_avif), or a PNG's cICP,
+    under pillow-heif's name for them (see _describe_png)."""
+    nclx = info.get("nclx_profile") or {}
+    primaries, transfer = nclx.get("color_primaries"), nclx.get("transfer_characteristics")
+    return None if primaries is None or transfer is None else coded_colours(primaries, transfer)
 
 
 def transparent_colour(image: Image.Image) -> Callable[[Image.Image, int], Image.Image]:
@@ -466,7 +488,7 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     # After the transparent levels are matched, before the profile, whose tone curve is sRGB's.
     image = in_srgb_tones(image, tones(image))
     icc = icc_profile(image)
-    wide = image.mode in ("RGB", "RGBA") and (is_display_p3(icc) if icc else _nclx_display_p3(image.info))
+    wide = icc is not None and image.mode in ("RGB", "RGBA") and is_display_p3(icc)
     converted = _apply_profile(image, icc) if icc and not wide else None
     # convert() copies even when the mode already matches: 16 ms on a phone photo.
     rgb = converted or (image if image.mode == "RGB" else image.convert("RGB"))
@@ -476,17 +498,6 @@ def _to_srgb(image: Image.Image) -> Image.Image:
     if alpha is not None:
         rgb.putalpha(alpha)
     return rgb
-
-
-# A HEIF may describe its colours with an nclx box (H.273 codes, pillow-heif's "nclx_profile")
-# instead of an ICC profile; libheif's encoders do. Primaries 12 (P3, D65 white) with transfer 13
-# (sRGB's curve) are Display P3, which DISPLAY_P3 tags as it is.
-_NCLX_DISPLAY_P3 = (12, 13)
-
-
-def _nclx_display_p3(info: dict) -> bool:
-    nclx = info.get("nclx_profile") or {}
-    return (nclx.get("color_primaries"), nclx.get("transfer_characteristics")) == _NCLX_DISPLAY_P3
 
 
 def tones(image: Image.Image) -> tuple[int, ...] | None:

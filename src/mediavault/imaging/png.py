@@ -8,6 +8,12 @@ sample. A grey PNG of 1, 2 or 4 bits may name one level transparent: Pillow scal
 levels to 8 bits but not that one, so no pixel matched it unless it was 0;
 `Chunks.transparent_grey` is the level scaled as the pixels' are.
 
+A PNG's cICP chunk names its colours by H.273 codes, before all else (PNG's 3rd edition), as
+Chrome, Safari and Firefox read it: `Chunks.coded_colours`, read as a HEIF's or AVIF's nclx box is
+(colour.coded_colours). Browsers ignore one whose matrix is not 0 (RGB as it is) or whose range is
+not full, as Chrome's does, and so is one of codes colour does not read: the PNG goes by its other
+chunks then.
+
 A PNG with no sRGB, iCCP or cICP chunk may describe its colours with gAMA (the exponent of a
 plain power-law tone curve, as 100000 / exponent) and cHRM (its primaries and white). Pillow
 reports them and applies nothing; browsers build a profile of them (Chrome's and Firefox's
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
 
-from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, Primaries
+from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, CodedColours, Primaries, coded_colours
 
 _SIGNATURE_BYTES = 8
 # IHDR's colour types of grey and of RGB without alpha, and the bit set in those with colour
@@ -52,10 +58,14 @@ _COLOUR_BIT = 2
 _FEW_BITS = frozenset({1, 2, 4})
 # The kinds read; each is a few bytes (a palette's tRNS at most 256), but an iCCP, whose deflated
 # profile Pillow has inflated already (within PngImagePlugin.MAX_TEXT_CHUNK, or refused the PNG).
-_READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM", b"iCCP"})
-# The chunks that name the colours outright, each overriding gAMA and cHRM; only whether
-# they are there is kept. An iCCP does too, where its profile can be used: decode decides.
-_NAMING_COLOURS = frozenset({b"sRGB", b"cICP"})
+_READ = frozenset({b"IHDR", b"tRNS", b"gAMA", b"cHRM", b"iCCP", b"cICP"})
+# The chunk that names the colours sRGB outright, overriding gAMA and cHRM; only whether it is
+# there is kept. An iCCP does too, where its profile can be used: decode decides; and a cICP,
+# where its codes are read.
+_SRGB = b"sRGB"
+# A cICP's matrix of RGB as it is, and its flag of full-range levels.
+_CICP_RGB = 0
+_CICP_FULL_RANGE = 1
 # gAMA and cHRM hold their values times this; gAMA's is 1 / the exponent.
 _SCALE = 100_000
 _GAMMA_BOUNDS = (16, 625_000_000)
@@ -77,11 +87,11 @@ class Colours:
 
 @dataclass(frozen=True)
 class Chunks:
-    """The first chunk of each kind `_READ` names before the pixels, by kind, and whether one
-    that names the colours outright came before them."""
+    """The first chunk of each kind `_READ` names before the pixels, by kind, and whether an sRGB
+    chunk came before them."""
 
     payloads: dict[bytes, bytes] = field(default_factory=dict)
-    names_colours: bool = False
+    srgb: bool = False
 
     @property
     def bit_depth(self) -> int:
@@ -118,6 +128,14 @@ class Chunks:
         return (level & largest) * 255 // largest
 
     @property
+    def coded_colours(self) -> CodedColours | None:
+        """The colours the cICP names, where browsers read it and its codes are read here (see above)."""
+        cicp = self.payloads.get(b"cICP")
+        if cicp is None or len(cicp) != 4 or (cicp[2], cicp[3]) != (_CICP_RGB, _CICP_FULL_RANGE):
+            return None
+        return coded_colours(cicp[0], cicp[1])
+
+    @property
     def profile(self) -> bytes | None:
         """The ICC profile of the first iCCP, None where there is none or it does not inflate
         (Pillow leaves None for that too); whether lcms can use it is decode's to judge."""
@@ -136,7 +154,7 @@ class Chunks:
         """What the gAMA and cHRM say, where they count and say more than sRGB (see above), an
         iCCP left out."""
         gama = self.payloads.get(b"gAMA")
-        if self.names_colours or gama is None or len(gama) != 4:
+        if self.srgb or self.coded_colours is not None or gama is None or len(gama) != 4:
             return None
         (gamma,) = struct.unpack(">I", gama)
         if not _GAMMA_BOUNDS[0] <= gamma <= _GAMMA_BOUNDS[1]:
@@ -186,7 +204,7 @@ def _same(these: tuple[Chromaticity, ...], those: tuple[Chromaticity, ...]) -> b
 def read(data: bytes) -> Chunks:
     """The chunks of a PNG Pillow opened (so its signature and a whole IHDR come first), as far as its first IDAT."""
     payloads: dict[bytes, bytes] = {}
-    names_colours = False
+    srgb = False
     position = _SIGNATURE_BYTES
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
@@ -195,9 +213,9 @@ def read(data: bytes) -> Chunks:
             break
         if kind in _READ and kind not in payloads:
             payloads[kind] = data[start : start + length]
-        names_colours = names_colours or kind in _NAMING_COLOURS
+        srgb = srgb or kind == _SRGB
         # Past the payload and its CRC.
         position = start + length + 4
     if len(payloads.get(b"IHDR", b"")) != 13:
         payloads.pop(b"IHDR", None)
-    return Chunks(payloads, names_colours)
+    return Chunks(payloads, srgb)
