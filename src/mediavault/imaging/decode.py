@@ -81,10 +81,11 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # costs about four times as much on a phone photo.
 _LUT_POINTS = 33
 # The LUT converts only a profile whose grey ramp it shows within this many levels of lcms: it
-# interpolates straight between its grid points, where a tone curve much steeper than sRGB's in the
-# shadows bends (a linear profile's, which showed as banding); lcms converts those pixel by pixel.
-# ProPhoto's gamma 1.8 comes within it, at its darkest levels.
-_LUT_WITHIN_LEVELS = 3
+# interpolates straight between its grid points, where a tone curve steeper than sRGB's in the
+# shadows bends (a linear profile's, which showed as banding; ProPhoto's gamma 1.8, whose darkest
+# greys it lifted by up to 3 levels); lcms converts those pixel by pixel. Adobe RGB, Display P3
+# and sRGB-like profiles come within 1.
+_LUT_WITHIN_LEVELS = 2
 _GREY_RAMP = Image.frombytes("RGB", (256, 1), bytes(level for level in range(256) for _ in range(3)))
 
 
