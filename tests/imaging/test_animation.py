@@ -408,6 +408,28 @@ def test_a_gif_is_never_walked_further_than_its_animation_could_go(frames: Calla
     assert (result.width, result.height, result.animation) == (1, 1, None)
 
 
+def test_a_gifs_comment_before_its_first_image_costs_no_time_and_is_ignored() -> None:
+    # 8 MB of comment in full sub-blocks: Pillow's open copied all it had gathered at each one.
+    comment = b"\x21\xfe" + (b"\xff" + b"c" * 255) * 32_000 + b"\x00"
+    data = animated("GIF", durations=(100, 200))
+    screen_end = 13 + (3 << ((data[10] & 7) + 1))
+    started = time.perf_counter()
+    result = transcode(data[:screen_end] + comment + data[screen_end:], "image/gif")
+    assert time.perf_counter() - started < 5
+    assert result.animation is not None
+    assert (result.width, result.height, result.animation.frames, result.animation.duration_ms) == (161, 121, 2, 300)
+
+
+def test_a_gif_of_more_blocks_before_its_first_image_than_any_encoder_writes_is_refused_at_once() -> None:
+    # 25 million 1-byte sub-blocks of an application extension, which Pillow's open read one by one.
+    extension = b"\x21\xff\x0bMEDIAVAULT1" + b"\x01x" * (MAX_GIF_BYTES // 2) + b"\x00"
+    data = gif_of(extension + ONE_PIXEL)
+    started = time.perf_counter()
+    with pytest.raises(PermanentImagingError, match="image too large"):
+        transcode(data, "image/gif")
+    assert time.perf_counter() - started < 2
+
+
 @pytest.mark.parametrize("relative", ["images/formats/hopper.gif", "images/formats/hopper.webp", "images/formats/hopper.png"])
 def test_still_images_are_not_animated(relative: str) -> None:
     assert transcoded(relative).animation is None

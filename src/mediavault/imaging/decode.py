@@ -17,7 +17,7 @@ import pillow_heif
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
-from mediavault.imaging import isobmff, lossless, png
+from mediavault.imaging import gif, isobmff, lossless, png
 from mediavault.imaging.colour import (
     DISPLAY_P3,
     SRGB_PROFILE,
@@ -124,6 +124,11 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     ):
         # What the decoders would take and decode wrongly (see isobmff).
         raise PermanentImagingError(CORRUPT_IMAGE)
+    if mime == "image/gif":
+        try:
+            data = gif.openable(data)
+        except gif.TooCostlyToOpen:
+            raise PermanentImagingError(IMAGE_TOO_LARGE) from None
     with refused_if_corrupt():
         with warnings.catch_warnings():
             # Pillow only warns between one and two times MAX_IMAGE_PIXELS; refuse those as well.

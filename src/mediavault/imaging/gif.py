@@ -19,6 +19,12 @@ Pillow's GIF reader falls short of browsers in three ways, which `read` and `sho
 - It reads a loop count only before the first frame and says nothing of what it means: `Gif.plays`
   is how many times browsers play the animation through (see there).
 
+Pillow's `Image.open` reads every block before the first image itself, one read call for each
+sub-block or stray byte, before any bound of ours applies, and gathers a comment by copying all it
+has gathered at each sub-block: a comment of a few megabytes took seconds, one of 50 MB far longer.
+`openable` hands Pillow the GIF without the comments before its first image, which browsers ignore,
+and refuses one with more than _MAX_BLOCKS_BEFORE_IMAGE blocks there.
+
 Between blocks a stray byte is skipped, as Pillow skips it; data cut short ends the walk, the
 frame it cut counted (decoding it is what fails).
 """
@@ -36,6 +42,7 @@ _EXTENSION = 0x21
 _IMAGE = 0x2C
 _TRAILER = 0x3B
 _GRAPHIC_CONTROL = 0xF9
+_COMMENT = 0xFE
 _APPLICATION = 0xFF
 # The application extensions whose data holds a loop count: Netscape's, and the same from AnimExts,
 # which Chromium reads too.
@@ -51,6 +58,10 @@ _DISPOSALS_PUTTING_BACK = frozenset({3, 4})
 # Sub-blocks hold at most 255 bytes, which every encoder fills: a 50 MB GIF has about 200,000.
 # Past this many, of any kind, the walk gives up.
 _MAX_BLOCKS = 1_000_000
+# Blocks (sub-blocks and stray bytes) before the first image: encoders write a few, an XMP packet
+# (read as sub-blocks of its own bytes' lengths) some thousands. Pillow's open reads this many in
+# a few hundredths of a second.
+_MAX_BLOCKS_BEFORE_IMAGE = 100_000
 _TRANSPARENT = (0, 0, 0, 0)
 
 
@@ -107,11 +118,42 @@ class _TooManyBlocks(Exception):
     pass
 
 
+class TooCostlyToOpen(Exception):
+    """More than _MAX_BLOCKS_BEFORE_IMAGE blocks before the GIF's first image."""
+
+
+def openable(data: bytes) -> bytes:
+    """The GIF's bytes for Pillow to open: without the comment extensions before its first image (see
+    above), the bytes themselves when there are none. Raises TooCostlyToOpen past
+    _MAX_BLOCKS_BEFORE_IMAGE blocks before it; bytes too short for a screen descriptor as they are,
+    for Pillow to refuse."""
+    if len(data) < _SCREEN_END:
+        return data
+    walk = _Walk(data, _MAX_BLOCKS_BEFORE_IMAGE)
+    position = _SCREEN_END + _colour_table(data[10])
+    kept: list[bytes] = []
+    start = 0
+    try:
+        while position < len(data) and data[position] not in (_IMAGE, _TRAILER):
+            if data[position] == _EXTENSION:
+                end = walk.past_sub_blocks(position + 2)
+                if data[position + 1 : position + 2] == bytes([_COMMENT]):
+                    kept.append(data[start:position])
+                    start = end
+                position = end
+            else:
+                walk.step()
+                position += 1
+    except _TooManyBlocks:
+        raise TooCostlyToOpen from None
+    return b"".join([*kept, data[start:]]) if kept else data
+
+
 def read(data: bytes, most: int) -> Gif | None:
     """The first `most` frames of the GIF Pillow opened (so a whole screen descriptor comes first),
     fewer when it has fewer; None when reaching that far takes more than _MAX_BLOCKS blocks (a GIF
     no encoder writes, not worth animating)."""
-    walk = _Walk(data)
+    walk = _Walk(data, _MAX_BLOCKS)
     position = _SCREEN_END + _colour_table(data[10])
     frames: list[Frame] = []
     control = b""
@@ -192,11 +234,11 @@ def _own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image:
 
 
 class _Walk:
-    """Block lengths read from `data`, at most _MAX_BLOCKS of them."""
+    """Block lengths read from `data`, at most `most` of them."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, most: int) -> None:
         self.data = data
-        self.left = _MAX_BLOCKS
+        self.left = most
 
     def step(self) -> None:
         self.left -= 1
