@@ -627,6 +627,26 @@ def test_a_gif_frame_disposed_of_to_the_background_leaves_its_area_clear_as_brow
                     assert max(abs(a - b) for a, b in zip(got, COLOURS[colour][:3], strict=True)) < 12, (index, x, y, got)
 
 
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_gifs_stills_leave_the_screen_its_first_frame_does_not_cover_clear_as_browsers_and_its_animation_do(
+    frames: int,
+) -> None:
+    # A blue square in the top left of the screen, with no transparent colour: Pillow showed the
+    # rest of the screen in colour 0 (red).
+    data = drawn_gif((32, 32), [((0, 0, 16, 16), [BLUE] * 256, None, 1), ((16, 16, 16, 16), [GREEN] * 256, None, 1)][:frames])
+    result = transcode(data, "image/gif")
+    stills = check_variants(result, IMAGE_VARIANTS)
+    pictures = [picture.convert("RGBA") for picture in stills.values()]
+    if frames > 1:
+        pictures.append(Image.open(io.BytesIO(renditions(result.animation)[ANIMATION])).convert("RGBA"))
+    for picture in pictures:
+        side = picture.width
+        assert picture.getpixel((side // 4, side // 4))[3] == 255
+        assert max(abs(a - b) for a, b in zip(picture.getpixel((side // 4, side // 4))[:3], COLOURS[BLUE][:3], strict=True)) < 12
+        for point in ((side * 3 // 4, side // 4), (side // 4, side * 3 // 4), (side * 3 // 4, side * 3 // 4)):
+            assert picture.getpixel(point)[3] == 0, (picture.size, point, picture.getpixel(point))
+
+
 def gif_growing_to(corner: int) -> bytes:
     """A 100x100 GIF whose second frame, at (corner, corner), grows Pillow's canvas past the screen."""
     data = gif_with_frames((100, 100), [(0, 0, 10, 10), (corner, corner, 1, 1)])

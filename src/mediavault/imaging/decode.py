@@ -141,6 +141,8 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
         _describe_avif(image, isobmff.primary_image(data))
     if mime == "image/png":
         _describe_png(image, data)
+    if mime == "image/gif":
+        image.info[_GIF_BYTES] = data
     return image
 
 
@@ -163,6 +165,8 @@ _CLEAN_APERTURE = "mediavault_clean_aperture"
 _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 # Where open_image leaves a PNG's levels in sRGB's tone curve (see _describe_png).
 _SRGB_TONES = "mediavault_srgb_tones"
+# Where open_image leaves a GIF's bytes, from which decode_with_pillow draws its still (see _first_gif_frame).
+_GIF_BYTES = "mediavault_gif_bytes"
 # Where open_image leaves the profile a PNG's colours are in (see icc_profile).
 _PNG_PROFILE = "mediavault_png_profile"
 # Where open_image leaves a 16-bit PNG's levels in sRGB's tone curve, of all 16 bits (see _describe_png).
@@ -362,12 +366,30 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
         cropped = clean_aperture(image)
         if cropped is not image:
             width, height = cropped.size
+        shown = _first_gif_frame(cropped)
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
-        picture = _to_srgb(_sixteen_bits_in_srgb_tones(transparent_colour(image)(cropped, first)))
+        picture = _to_srgb(_sixteen_bits_in_srgb_tones(transparent_colour(image)(shown, first)))
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
+
+
+def _first_gif_frame(image: Image.Image) -> Image.Image:
+    """The loaded GIF's first frame as browsers draw it and its animation shows it (see gif), RGBA,
+    with the image's info: where that frame leaves the screen uncovered, Pillow shows the screen in
+    colour 0 of the palette, browsers transparent. Any other image as it is, and a GIF that gif.read
+    does not read so far, or one whose frame lies partly off its screen, as Pillow draws it."""
+    data = image.info.get(_GIF_BYTES)
+    if data is None:
+        return image
+    blocks = gif.read(data, 1)
+    if blocks is None or not blocks.frames or not blocks.within_screen():
+        return image
+    picture, _ = next(gif.shown(data, blocks))
+    # Its transparency is its alpha.
+    picture.info = {key: value for key, value in image.info.items() if key != "transparency"}
+    return picture
 
 
 def first_frame(image: Image.Image) -> int:
