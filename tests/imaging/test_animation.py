@@ -662,16 +662,64 @@ def gif_growing_to(corner: int) -> bytes:
     [
         # Pillow grows its canvas to 150x150: within every limit, but not the screen the header declares.
         (149, DEFAULT_LIMITS),
-        # To 1100x1100, 1.21 times max_pixels, where Pillow only warns; no canvas is grown now.
+        # To 1100x1100, 1.21 times max_pixels, where Pillow only warns; no canvas is grown.
         (1099, Limits(max_pixels=1_000_000)),
     ],
     ids=["within-max-pixels", "past-max-pixels"],
 )
-def test_a_gif_frame_placed_past_its_screen_keeps_the_stills_only(corner: int, limits: Limits) -> None:
+def test_a_gif_frame_placed_past_its_screen_is_clipped_away_and_the_gif_animated(corner: int, limits: Limits) -> None:
     result = transcode(gif_growing_to(corner), "image/gif", limits=limits)
-    assert result.animation is None
     assert (result.width, result.height) == (100, 100)
     assert all(picture.size[0] <= 100 for picture in check_variants(result, IMAGE_VARIANTS).values())
+    assert result.animation is not None
+    assert (result.animation.frames, result.animation.duration_ms) == (2, 200)
+    webp = Image.open(io.BytesIO(renditions(result.animation)[ANIMATION]))
+    assert webp.size == (100, 100)
+    for index in range(getattr(webp, "n_frames", 1)):
+        webp.seek(index)
+        frame = webp.convert("RGBA")
+        assert (frame.getpixel((5, 5))[3], frame.getpixel((99, 99))[3]) == (255, 0)
+
+
+@pytest.mark.parametrize(
+    ("declared", "size"),
+    [
+        # Only the second frame goes past the screen, by 8 pixels each way.
+        ((32, 32), (32, 32)),
+        # The first frame is taller than the screen declared, which grows to cover it, as Pillow's
+        # stills and Chromium grow it.
+        ((32, 16), (32, 32)),
+    ],
+    ids=["later-frame", "first-frame"],
+)
+def test_a_gif_frame_partly_off_its_screen_is_clipped_as_browsers_clip_it(declared: tuple[int, int], size: tuple[int, int]) -> None:
+    data = drawn_gif(declared, [((0, 0, 32, 32), [BLUE] * 1024, None, 1), ((24, 24, 16, 16), [GREEN] * 256, None, 1)])
+    result = transcode(data, "image/gif")
+    assert (result.width, result.height) == size
+    assert_centres(list(check_variants(result, IMAGE_VARIANTS).values()), COLOURS[BLUE])
+    made = renditions(result.animation)
+    webp = Image.open(io.BytesIO(made[ANIMATION]))
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = [frame.to_image() for frame in container.decode(video=0)]
+    assert (webp.size, getattr(webp, "n_frames", 1), len(mp4)) == (size, 2, 2)
+    for index, corner in enumerate((BLUE, GREEN)):
+        webp.seek(index)
+        for picture in (webp.convert("RGB"), mp4[index]):
+            for point, colour in (((16, 16), BLUE), ((28, 28), corner)):
+                pixel = picture.getpixel(point)
+                assert isinstance(pixel, tuple)
+                assert max(abs(a - b) for a, b in zip(pixel, COLOURS[colour][:3], strict=True)) < 16, (index, point, pixel)
+
+
+def test_a_gif_whose_frames_own_pictures_are_over_the_pixel_limit_keeps_its_stills_only() -> None:
+    # Each frame's picture is decoded whole, off the screen as well: the second's 48x48 count.
+    data = drawn_gif((16, 16), [((0, 0, 16, 16), [BLUE] * 256, None, 1), ((8, 8, 48, 48), [GREEN] * 2304, None, 1)])
+    limits = dataclasses.replace(DEFAULT_LIMITS, animation=AnimationLimits(max_total_pixels=2 * 48 * 48))
+    assert transcode(data, "image/gif", limits=limits).animation is not None
+    limits = dataclasses.replace(DEFAULT_LIMITS, animation=AnimationLimits(max_total_pixels=48 * 48 + 16 * 16 - 1))
+    result = transcode(data, "image/gif", limits=limits)
+    check_variants(result, IMAGE_VARIANTS)
+    assert result.animation is None
 
 
 def assert_red_still(result: TranscodeResult) -> None:

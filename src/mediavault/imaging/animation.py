@@ -121,8 +121,10 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
     """The animation of a loaded, animated image (its first frame loaded: see decode.exif) of
     these bytes; None when it is over a limit or not animated.
 
-    None too when a GIF frame lies partly off the logical screen (browsers clip it), or a frame
-    of another format is not the first one's size: the limits were checked on the first.
+    None too when a frame of another format than GIF is not the first one's size: the limits were
+    checked on the first. A GIF's frames are drawn on its screen, clipped to it (see gif.Gif.screen),
+    and count towards max_total_pixels as the larger of the screen and their own pictures, which are
+    decoded whole.
     Raises what Pillow or FFmpeg raise on a frame they cannot decode or encode; the caller turns
     that into the uploader's answer.
     """
@@ -131,20 +133,22 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
     pictures: Iterator[tuple[Image.Image, int]]
     if image.format == "GIF":
         blocks = gif.read(data, limits.max_frames + 1)
-        if blocks is None or not blocks.within_screen():
+        if blocks is None:
             return None
         frames = len(blocks.frames)
+        pixels = max(frames * image.width * image.height, blocks.own_pixels)
         pictures = gif.shown(data, blocks)
         plays = blocks.plays
     else:
         first = first_frame(image)
         frames = getattr(image, "n_frames", 1) - first
+        pixels = frames * image.width * image.height
         pictures = _seeking(image, range(first, first + frames))
         # A WebP's ANIM chunk and an APNG's acTL count the plays as the animated WebP does; Pillow
         # reads none of an AVIF, which browsers then play for ever.
         plays = int(image.info.get("loop", 0))
     plays = min(plays, _MOST_WEBP_PLAYS)
-    if not 1 < frames <= limits.max_frames or frames * image.width * image.height > limits.max_total_pixels:
+    if not 1 < frames <= limits.max_frames or pixels > limits.max_total_pixels:
         return None
     # Turned upright as the stills are: neither rendition carries the EXIF that would turn it.
     orientation = exif_orientation(image)

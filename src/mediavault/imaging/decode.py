@@ -379,12 +379,12 @@ def _first_gif_frame(image: Image.Image) -> Image.Image:
     """The loaded GIF's first frame as browsers draw it and its animation shows it (see gif), RGBA,
     with the image's info: where that frame leaves the screen uncovered, Pillow shows the screen in
     colour 0 of the palette, browsers transparent. Any other image as it is, and a GIF that gif.read
-    does not read so far, or one whose frame lies partly off its screen, as Pillow draws it."""
+    does not read so far as Pillow draws it."""
     data = image.info.get(_GIF_BYTES)
     if data is None:
         return image
     blocks = gif.read(data, 1)
-    if blocks is None or not blocks.frames or not blocks.within_screen():
+    if blocks is None or not blocks.frames:
         return image
     picture, _ = next(gif.shown(data, blocks))
     # Its transparency is its alpha.

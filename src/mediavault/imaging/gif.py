@@ -105,13 +105,19 @@ class Gif:
 
     @property
     def screen(self) -> tuple[int, int]:
+        """The logical screen the frames are drawn on: as the header declares it, grown to cover the
+        first frame, as Pillow's open and Chromium grow it (a writer that left the screen 0 by 0);
+        the part of a later frame that lies off it is clipped, as browsers clip it."""
         width, height = struct.unpack_from("<HH", self.header, 6)
-        return width, height
+        if not self.frames:
+            return width, height
+        _, _, right, bottom = self.frames[0].box
+        return max(width, right), max(height, bottom)
 
-    def within_screen(self) -> bool:
-        """Whether every frame lies on the logical screen (browsers clip the rest of one)."""
-        width, height = self.screen
-        return all(right <= width and bottom <= height for _, _, right, bottom in (frame.box for frame in self.frames))
+    @property
+    def own_pixels(self) -> int:
+        """The pixels of the frames' own pictures, each decoded whole, on the screen or off it."""
+        return sum((right - left) * (bottom - top) for left, top, right, bottom in (frame.box for frame in self.frames))
 
 
 class _TooManyBlocks(Exception):
@@ -201,8 +207,8 @@ def _loop_count(sub_blocks: bytes) -> int | None:
 
 
 def shown(data: bytes, gif: Gif) -> Iterator[tuple[Image.Image, int]]:
-    """Each frame of the GIF read from `data`, all on its logical screen, as browsers show it (see
-    above), RGBA, with its delay in milliseconds. The picture is the one the next frame is drawn
+    """Each frame of the GIF read from `data`, on its logical screen (see Gif.screen), as browsers
+    show it (see above), RGBA, with its delay in milliseconds. The picture is the one the next frame is drawn
     on: use it before asking for the next."""
     canvas = Image.new("RGBA", gif.screen, _TRANSPARENT)
     for frame in gif.frames:
