@@ -13,11 +13,13 @@ import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
+from prometheus_client import REGISTRY
 
 import workers.settings
 from mediavault.config import JobsConfig
-from tests.conftest import POOLERS
+from tests.conftest import CORPUS, POOLERS, running_worker
 from tests.faults import PrivateRedis, database_through, proxied
+from tests.helpers import upload
 from workers.worker import run_workers
 
 
@@ -137,11 +139,6 @@ async def test_sigterm_while_postgres_stops_answering_closes_every_worker(
 
 
 async def test_a_worker_exports_its_database_pools_connections_in_use_and_their_most(make_settings, storage, auth, user_id, pool):
-    from prometheus_client import REGISTRY
-
-    from tests.conftest import CORPUS, running_worker
-    from tests.helpers import upload
-
     def in_use(queue: str) -> float | None:
         return REGISTRY.get_sample_value("mediavault_worker_db_connections_in_use", {"queue": queue})
 
@@ -152,16 +149,21 @@ async def test_a_worker_exports_its_database_pools_connections_in_use_and_their_
 
     settings = make_settings(queue_name=f"pool-metrics:{uuid.uuid4().hex}")
     done = await upload(storage, auth(user_id), (CORPUS / "images/formats/hopper.jpg").read_bytes())
-    async with running_worker(settings) as worker:
-        await until_in_use("photo", 0)
-        async with pool.acquire() as conn, conn.transaction():
-            # The job's claim waits for this lock on its media row, on a connection of the photo worker's pool.
-            await conn.execute("SELECT 1 FROM media WHERE media_id = $1::uuid FOR UPDATE", done.media_id)
-            await worker.pool.enqueue_job("transcode_media", done.media_id, 0, _queue_name=settings.queue_name)
-            await until_in_use("photo", 1)
-            assert in_use("video") == 0
-        await until_in_use("photo", 0)
-        most = {
-            queue: REGISTRY.get_sample_value("mediavault_worker_db_connections_max", {"queue": queue}) for queue in ("photo", "video")
-        }
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    try:
+        async with running_worker(settings):
+            async with pool.acquire() as conn, conn.transaction():
+                # The job's claim waits for this lock on its media row, on a connection of the photo
+                # worker's pool; the gauges of an earlier test's workers may still read 0.
+                await conn.execute("SELECT 1 FROM media WHERE media_id = $1::uuid FOR UPDATE", done.media_id)
+                await redis.enqueue_job("transcode_media", done.media_id, 0)
+                await until_in_use("photo", 1)
+                await until_in_use("video", 0)
+            await until_in_use("photo", 0)
+            most = {
+                queue: REGISTRY.get_sample_value("mediavault_worker_db_connections_max", {"queue": queue})
+                for queue in ("photo", "video")
+            }
+    finally:
+        await redis.aclose()
     assert most == {"photo": settings.db_pool_max_size, "video": settings.video_workers + 1}
