@@ -361,6 +361,15 @@ def late_sound(path: Path, seconds: float = 3.0, delay: float = 2.0) -> Path:
     return path
 
 
+def late_picture(path: Path, seconds: float = 3.0, delay: float = 1.0) -> Path:
+    """A 440 Hz tone in AAC of `seconds`, beside 320x240 H.264 from `delay` seconds in to the end: in MP4
+    or QuickTime behind an empty edit, in Matroska a track whose first block comes later. The frames
+    as they come (for MP4, ffmpeg would fill the delay with copies of the first frame)."""
+    ffmpeg("-itsoffset", str(delay), *_testsrc("320x240", seconds - delay), *_tone(seconds), "-c:v", "libx264", "-preset",
+           "ultrafast", "-pix_fmt", "yuv420p", "-fps_mode", "passthrough", "-c:a", "aac", str(path))
+    return path
+
+
 def gapped_sound(path: Path, seconds: float = 4.0, at: float = 1.0, gap: float = 2.0) -> Path:
     """320x240 H.264 of `seconds` with a tone in AAC that stops at `at` seconds and starts again `gap`
     seconds later: its timestamps jump, which MP4 can only say with a packet that lasts `gap` longer
@@ -397,6 +406,38 @@ def silences(path: Path, *, edit_lists: bool = True) -> list[tuple[float, float]
     starts = [float(value) for value in re.findall(r"silence_start: (\S+)", log)]
     ends = [float(value) for value in re.findall(r"silence_end: (\S+)", log)]
     return list(zip(starts, ends, strict=False))
+
+
+def edit_lists(path: Path) -> list[list[tuple[int, int]]]:
+    """Each track's MP4 edit list (elst; version 0 or 1), in track order: (duration, media time) per
+    edit, the media time -1 for an empty edit (time in which the track shows nothing)."""
+    data = path.read_bytes()
+    moov = _child(data, 0, len(data), b"moov")
+    lists = []
+    for kind, start, end in _boxes(data, moov[0] + 8, moov[1]):
+        if kind != b"trak":
+            continue
+        edits = []
+        for found, at, edts_end in _boxes(data, start + 8, end):
+            if found == b"edts":
+                elst = _child(data, at + 8, edts_end, b"elst")
+                version, count = data[elst[0] + 8], struct.unpack_from(">I", data, elst[0] + 12)[0]
+                entry = ">Qq" if version else ">Ii"
+                edits = [struct.unpack_from(entry, data, elst[0] + 16 + i * (struct.calcsize(entry) + 4)) for i in range(count)]
+        lists.append(edits)
+    return lists
+
+
+def picture(path: Path, seconds: float) -> bytes:
+    """What path shows at `seconds` (its first frame from then on, edit lists applied), as 80x60 RGB read
+    as its colour tags say."""
+    return subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-ss", str(seconds), "-frames:v", "1", "-vf",
+                           "scale=80:60,format=rgb24", "-f", "rawvideo", "-"], check=True, capture_output=True).stdout
+
+
+def difference(a: bytes, b: bytes) -> float:
+    """The mean absolute difference of two pictures' samples (0-255)."""
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def unknown_codec(path: Path, source: Path, fourcc: bytes, unknown: bytes = b"apac") -> Path:
@@ -479,10 +520,11 @@ def frame_count(path: Path) -> int:
     return int(out.stdout)
 
 
-def frame_times(path: Path, *, keyframes: bool = False) -> list[float]:
+def frame_times(path: Path, *, keyframes: bool = False, edit_lists: bool = True) -> list[float]:
     """The times of path's video frames (or of its keyframes only), in order, to the millisecond, by
-    their packets: nothing decoded."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags", "-of",
+    their packets: nothing decoded. With edit_lists False, as a player that ignores MP4 edit lists
+    shows them (from the track's start)."""
+    out = subprocess.run(["ffprobe", "-v", "error", *([] if edit_lists else ["-ignore_editlist", "1"]), "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags", "-of",
                           "csv=p=0", str(path)], check=True, capture_output=True, text=True).stdout
     packets = [line.split(",") for line in out.split() if line.strip(",")]
     return sorted(round(float(fields[0]), 3) for fields in packets if not keyframes or "K" in fields[1])

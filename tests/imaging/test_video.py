@@ -683,6 +683,34 @@ async def test_a_sound_that_starts_after_the_video_is_heard_at_its_time_by_every
     assert make.silences(made[0].path, edit_lists=False)[0] == (0.0, pytest.approx(2.0 + 1024 / 44100, abs=0.01))
 
 
+@pytest.mark.parametrize(("name", "mime"), [("late-picture.mkv", "video/webm"), ("late-picture.mp4", "video/mp4")])
+async def test_a_picture_that_starts_after_the_sound_is_shown_at_its_time_by_every_player(clips, name, mime):
+    # The picture starts 1 s after the sound: a Matroska track whose first block comes later, an MP4
+    # empty edit. The renditions' video started there too, behind an empty edit, which players that
+    # ignore MP4 edit lists (many Android and web players) skip: they showed the picture 1 s early.
+    path = make.late_picture(clips / name, delay=1.0)
+    times = make.frame_times(path)
+    assert times[0] >= 1.0
+    first = make.picture(path, times[0])
+    assert make.difference(first, make.picture(path, 2.0)) > 8, "the test picture moves"
+    source, made = await _transcode(path, mime, clips / name.replace(".", "-"))
+    for rendition in made:
+        make.check_rendition(rendition.path, width=320, height=240, duration=source.duration_seconds, audio=True)
+        assert [float(s["start_time"]) for s in make.probe(rendition.path)["streams"]] == [0.0, 0.0]
+        assert all(media_time != -1 for edits in make.edit_lists(rendition.path) for _, media_time in edits)
+        # The first frame is held from 0 until the picture starts, then every frame comes at its time.
+        kept = make.frame_times(rendition.path)
+        assert kept[0] == 0.0
+        assert [t for t in kept if t > times[0]] == times[1:]
+        assert make.difference(make.picture(rendition.path, 0.5), first) <= 4
+        assert make.difference(make.picture(rendition.path, 2.0), make.picture(path, 2.0)) <= 4
+        # A player that ignores the edit list shows every frame later by x264's B-frame delay only.
+        ignoring = make.frame_times(rendition.path, edit_lists=False)
+        assert max(b - a for a, b in zip(kept, ignoring, strict=True)) <= 0.1
+    # Where the probe found the picture's start.
+    assert source.first_frame_seconds == pytest.approx(times[0], abs=0.001)
+
+
 async def test_a_sound_that_stops_and_starts_again_keeps_its_time_in_the_renditions(clips):
     # A tone that stops at 1 s and starts again at 3 s. The renditions' sound had no gap: a player
     # plays the samples one after the other, and heard the second half 2 s early.

@@ -234,6 +234,9 @@ class Source:
     primaries: str = ""
     # The renditions' sound's, in Hz; 0 without sound.
     audio_sample_rate: int = 0
+    # Where the video's first frame is shown, counted from start_seconds (probe): after 0 when the
+    # picture starts after the sound, which the renditions hold it for (command).
+    first_frame_seconds: float = 0.0
 
     @property
     def has_audio(self) -> bool:
@@ -425,7 +428,8 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     if longest <= 0:
         raise PermanentImagingError(CORRUPT_VIDEO)
     source = replace(
-        stated, duration_seconds=presented.duration_seconds or stated.duration_seconds, frame_rate=presented.frame_rate
+        stated, duration_seconds=presented.duration_seconds or stated.duration_seconds, frame_rate=presented.frame_rate,
+        first_frame_seconds=presented.first_frame_seconds,
     )
     if not presented.has_audio:
         # A sound stream of which nothing is heard: ffmpeg makes the renditions silent, and so they are said to be.
@@ -475,6 +479,8 @@ class _Presented:
     frame_rate: float
     # Whether the sound stream presents any of its samples: an MP4 edit list may leave them all out.
     has_audio: bool
+    # From where the renditions' clock starts to the first video frame shown.
+    first_frame_seconds: float
 
 
 # How ffprobe names the packet side data that tells the decoder how many samples to drop.
@@ -554,7 +560,8 @@ async def _presented(path: Path, mime: str, source: Source, limits: VideoLimits)
     has_audio = heard_from is not None and last_sound >= heard_from - _PRINTED_SECONDS
     span = last_frame - first_frame
     return _Presented(
-        max(video_end, sound_end if has_audio else 0.0), round((shown - 1) / span, 3) if span > 0 else 0.0, has_audio
+        max(video_end, sound_end if has_audio else 0.0), round((shown - 1) / span, 3) if span > 0 else 0.0, has_audio,
+        first_frame - source.start_seconds if math.isfinite(first_frame) else 0.0,
     )
 
 
@@ -636,7 +643,21 @@ def command(
     # ffmpeg's autorotate has already turned the frames upright before this graph.
     chain.append(f"split={len(planned)}" + "".join(f"[s{i}]" for i in range(len(planned))))
     # By index: "v:0" would be the first video stream, which may be an attached cover picture.
-    graph = f"[0:{source.video_index}]" + ",".join(chain)
+    graph = f"[0:{source.video_index}]"
+    if source.first_frame_seconds > _PRINTED_SECONDS:
+        # A picture that starts after the sound is held from 0: copies of its first frame at the cap's
+        # rate until it starts (the cap then drops that frame if it comes within its interval of the
+        # last copy, the same picture), so that the renditions' video starts with their clock, as their
+        # sound does. Left to itself, ffmpeg's muxer put the late start in an empty edit, which players
+        # that ignore MP4 edit lists skip, showing the picture early by the delay; and the first frame
+        # alone moved to 0 made x264 date the frames before its B-frames back by the delay, in an edit
+        # that such players show the picture late by. Copying a frame only takes a reference to it.
+        copies = math.ceil(source.first_frame_seconds * MAX_RENDITION_FPS)
+        graph += (
+            f"split=2[picture][first];[first]trim=end_frame=1,loop=loop={copies - 1}:size=1,"
+            f"setpts=N/{MAX_RENDITION_FPS}/TB[held];[held][picture]interleave,"
+        )
+    graph += ",".join(chain)
     # The matrix and range named on both sides: swscale otherwise keeps the source's matrix in
     # renditions tagged BT.709, and guesses BT.601 for an untagged source.
     colour = f"in_color_matrix={source.scale_matrix}:out_color_matrix=bt709:out_range=tv"
