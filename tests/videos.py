@@ -353,6 +353,15 @@ def dubbed(path: Path, *tracks: tuple[str, int]) -> Path:
     return path
 
 
+def many_channels(path: Path, channels: int) -> Path:
+    """1 s of 320x240 H.264 beside 16-bit PCM of `channels` channels, each a tone of its own (220 Hz,
+    440, ...), and no channel layout stated; the container is path's suffix's (.mkv, .mov)."""
+    tones = "|".join(f"0.5*sin({220 * (i + 1)}*2*PI*t)" for i in range(channels))
+    ffmpeg(*_testsrc("320x240", 1.0), "-f", "lavfi", "-i", f"aevalsrc={tones}:s=48000:d=1", "-c:v", "libx264", "-preset",
+           "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "pcm_s16le", str(path))
+    return path
+
+
 def late_sound(path: Path, seconds: float = 3.0, delay: float = 2.0) -> Path:
     """320x240 H.264 of `seconds` with a 1 s tone in AAC from `delay` seconds in: ffmpeg's muxer puts an
     empty edit before the sound's."""
@@ -438,6 +447,13 @@ def picture(path: Path, seconds: float) -> bytes:
 def difference(a: bytes, b: bytes) -> float:
     """The mean absolute difference of two pictures' samples (0-255)."""
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def channel_levels(path: Path) -> list[float]:
+    """The RMS level of each channel of path's sound in dBFS, as ffmpeg decodes it (-inf for silence)."""
+    log = subprocess.run(["ffmpeg", "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:a", "-af", "astats=measure_overall=none",
+                          "-f", "null", "-"], check=True, capture_output=True, text=True).stderr
+    return [float(value) for value in re.findall(r"RMS level dB: (\S+)", log)]
 
 
 def unknown_codec(path: Path, source: Path, fourcc: bytes, unknown: bytes = b"apac") -> Path:

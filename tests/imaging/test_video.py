@@ -667,6 +667,23 @@ async def test_sound_is_resampled_to_a_rate_every_phone_plays_losing_none_of_it(
     assert [s["sample_rate"] for s in make.probe(made[0].path)["streams"] if s["codec_type"] == "audio"] == [expected]
 
 
+@pytest.mark.parametrize(
+    ("name", "mime", "channels"),
+    [("ten.mkv", "video/webm", 10), ("ten.mov", "video/quicktime", 10), ("twenty-five.mkv", "video/webm", 25)],
+)
+async def test_a_sound_of_channels_ffmpeg_has_no_layout_for_is_heard_from_its_first_two(clips, name, mime, channels):
+    # No layout stated, and ffmpeg guesses one only for 1 to 8, 16 and 24 channels: it could not mix
+    # the others down to stereo, and the run failed as "corrupt video". The renditions' left and right
+    # are the first two channels, each as it is.
+    path = make.many_channels(clips / name, channels)
+    assert "channel_layout" not in make.probe(path)["streams"][1]
+    source, made = await _transcode(path, mime, clips / name.replace(".", "-"))
+    assert source.has_audio
+    make.check_rendition(made[0].path, width=320, height=240, duration=1.0, audio=True)
+    assert make.channel_levels(made[0].path) == pytest.approx(make.channel_levels(path)[:2], abs=1.0)
+    assert not make.silences(made[0].path)
+
+
 async def test_a_sound_that_starts_after_the_video_is_heard_at_its_time_by_every_player(clips):
     # The tone starts 2 s into the video, behind an empty edit. The renditions' sound started there
     # too, behind an empty edit of its own, which players that ignore MP4 edit lists (as Android's

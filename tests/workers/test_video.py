@@ -271,6 +271,25 @@ async def test_a_sound_that_its_edit_list_shows_none_of_is_no_sound_in_the_media
     make.check_rendition(played, width=320, height=240, duration=1.0, audio=False)
 
 
+async def test_a_sound_of_ten_channels_and_no_layout_completes_with_its_first_two_as_stereo(
+    storage, media, auth, user_id, worker, tmp_path
+):
+    md = auth(user_id)
+    # A multitrack recorder's PCM: ffmpeg cannot mix 10 channels of no stated layout down to stereo,
+    # and the video was FAILED "corrupt video".
+    source = make.many_channels(tmp_path / "ten.mov", 10)
+    done = await upload(storage, md, source.read_bytes(), filename="clip.mov", content_type="video/quicktime")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    assert item.has_audio
+    status, body, _ = await fetch(item.renditions[0].url)
+    assert status == 200
+    played = tmp_path / "played.mp4"
+    played.write_bytes(body)
+    make.check_rendition(played, width=320, height=240, duration=1.0, audio=True)
+    assert make.channel_levels(played) == pytest.approx(make.channel_levels(source)[:2], abs=1.0)
+
+
 def test_video_memory_limit_mb_is_ffmpegs_cap():
     assert video_limits(Settings(video_memory_limit_mb=300)).max_memory_bytes == 300 * 1024 * 1024
     assert video_limits(Settings(video_memory_limit_mb=0)).max_memory_bytes == 0

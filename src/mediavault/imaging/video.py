@@ -115,6 +115,10 @@ _COULD_NOT_START = (b"Resource temporarily unavailable", b"Error while opening e
 # and 96 kHz, and gives a source at a rate it does not write the nearest one it does, lower than the
 # source's (37.8 kHz became 32) or outside that range (5 kHz became 7.35).
 AAC_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# The channel counts FFmpeg takes a layout for when a sound states none (av_channel_layout_default:
+# mono to 7.1, hexadecagonal, 22.2), and so can mix down to stereo; any other it cannot mix without
+# a stated layout (Source.first_two_channels).
+GUESSED_LAYOUT_CHANNELS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 16, 24})
 # Packets a second of the duration limit may hold in the streams other than the video (the sound
 # and whatever is beside it): Opus's shortest frame, 2.5 ms, is the shortest packet of the allowed
 # audio codecs, and their usual ones last 20 ms or more (MOV's PCM is demuxed a chunk a packet).
@@ -234,6 +238,9 @@ class Source:
     primaries: str = ""
     # The renditions' sound's, in Hz; 0 without sound.
     audio_sample_rate: int = 0
+    # Its channels, and whether it states their layout (without one, FFmpeg guesses it from their count).
+    audio_channels: int = 0
+    audio_layout_stated: bool = False
     # Where the video's first frame is shown, counted from start_seconds (probe): after 0 when the
     # picture starts after the sound, which the renditions hold it for (command).
     first_frame_seconds: float = 0.0
@@ -247,6 +254,13 @@ class Source:
         """The renditions' AAC sample rate: the lowest every phone plays that is not below the sound's,
         so that none of it is lost (a 96 kHz camera's PCM gets the highest, 48 kHz)."""
         return next((rate for rate in AAC_SAMPLE_RATES if rate >= self.audio_sample_rate), AAC_SAMPLE_RATES[-1])
+
+    @property
+    def first_two_channels(self) -> bool:
+        """Whether the renditions' stereo is the sound's first two channels as they are, FFmpeg having no
+        layout to mix it down from (GUESSED_LAYOUT_CHANNELS): every layout puts the front left and right
+        first, and Web Audio's discrete mixing keeps the first channels so."""
+        return self.has_audio and not self.audio_layout_stated and self.audio_channels not in GUESSED_LAYOUT_CHANNELS
 
     @property
     def is_hdr(self) -> bool:
@@ -387,6 +401,8 @@ def _source(report: dict) -> Source:
         start_seconds=_seconds(container.get("start_time")) or 0.0,
         frame_rate=0.0,
         audio_sample_rate=0 if audio is None else int(audio.get("sample_rate") or 0),
+        audio_channels=0 if audio is None else int(audio.get("channels") or 0),
+        audio_layout_stated=audio is not None and "channel_layout" in audio,
         transfer=video.get("color_transfer", ""),
         matrix=video.get("color_space", ""),
         primaries=video.get("color_primaries", ""),
@@ -433,7 +449,7 @@ async def probe(path: Path, mime: str, limits: VideoLimits) -> Source:
     )
     if not presented.has_audio:
         # A sound stream of which nothing is heard: ffmpeg makes the renditions silent, and so they are said to be.
-        source = replace(source, audio_index=None, audio_sample_rate=0)
+        source = replace(source, audio_index=None, audio_sample_rate=0, audio_channels=0, audio_layout_stated=False)
     check(replace(source, duration_seconds=longest), limits)
     return source
 
@@ -678,7 +694,8 @@ def command(
                 # (a gap of over 0.1 s, swresample's threshold): the renditions' sound starts with their
                 # clock and never skips, so that players which ignore MP4 edit lists keep it in sync
                 # (ffmpeg's muxer puts such a start in an empty edit, and a gap nowhere).
-                "-af", "aresample=first_pts=0",
+                # A sound of channels FFmpeg has no layout for failed the run: it cannot mix them down.
+                "-af", ("pan=stereo|c0=c0|c1=c1," if source.first_two_channels else "") + "aresample=first_pts=0",
                 "-c:a", "aac", "-ac", "2", "-ar", str(source.rendition_sample_rate), "-b:a", str(rung.audio_bps),
             ]
         args += [
