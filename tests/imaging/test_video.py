@@ -700,19 +700,27 @@ async def test_a_sound_that_starts_after_the_video_is_heard_at_its_time_by_every
     assert make.silences(made[0].path, edit_lists=False)[0] == (0.0, pytest.approx(2.0 + 1024 / 44100, abs=0.01))
 
 
-@pytest.mark.parametrize(("name", "mime"), [("late-picture.mkv", "video/webm"), ("late-picture.mp4", "video/mp4")])
-async def test_a_picture_that_starts_after_the_sound_is_shown_at_its_time_by_every_player(clips, name, mime):
+@pytest.mark.parametrize(
+    ("name", "mime", "degrees"),
+    [("late-picture.mkv", "video/webm", None), ("late-picture.mp4", "video/mp4", None), ("late-picture.mov", "video/quicktime", 90)],
+)
+async def test_a_picture_that_starts_after_the_sound_is_shown_at_its_time_by_every_player(clips, name, mime, degrees):
     # The picture starts 1 s after the sound: a Matroska track whose first block comes later, an MP4
     # empty edit. The renditions' video started there too, behind an empty edit, which players that
     # ignore MP4 edit lists (many Android and web players) skip: they showed the picture 1 s early.
+    # Turned a quarter by the display matrix, its first frame is held upright as the others are.
     path = make.late_picture(clips / name, delay=1.0)
+    if degrees is not None:
+        path = make.turned(clips / f"turned-{name}", path, degrees)
+    width, height = make.autorotated_size(path)
+    assert (width, height) == ((240, 320) if degrees else (320, 240))
     times = make.frame_times(path)
     assert times[0] >= 1.0
     first = make.picture(path, times[0])
     assert make.difference(first, make.picture(path, 2.0)) > 8, "the test picture moves"
     source, made = await _transcode(path, mime, clips / name.replace(".", "-"))
     for rendition in made:
-        make.check_rendition(rendition.path, width=320, height=240, duration=source.duration_seconds, audio=True)
+        make.check_rendition(rendition.path, width=width, height=height, duration=source.duration_seconds, audio=True)
         assert [float(s["start_time"]) for s in make.probe(rendition.path)["streams"]] == [0.0, 0.0]
         assert all(media_time != -1 for edits in make.edit_lists(rendition.path) for _, media_time in edits)
         # The first frame is held from 0 until the picture starts, then every frame comes at its time.
