@@ -379,6 +379,16 @@ def late_picture(path: Path, seconds: float = 3.0, delay: float = 1.0) -> Path:
     return path
 
 
+def late_black_lead_in(path: Path, delay: float = 2.0, seconds_black: float = 2.0) -> Path:
+    """A 440 Hz tone in AAC, beside 320x240 H.264 from `delay` seconds in that is black for its first
+    `seconds_black`, then a bright test picture for 2 s: in MP4 behind an empty edit."""
+    ffmpeg("-f", "lavfi", "-i", f"color=black:size=320x240:rate=30:duration={seconds_black}", *_testsrc("320x240", 2.0),
+           *_tone(delay + seconds_black + 2.0), "-filter_complex", f"[0:v][1:v]concat=n=2:v=1,setpts=PTS+{delay}/TB[v]",
+           "-map", "[v]", "-map", "2:a", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           "-fps_mode", "passthrough", "-c:a", "aac", str(path))
+    return path
+
+
 def gapped_sound(path: Path, seconds: float = 4.0, at: float = 1.0, gap: float = 2.0) -> Path:
     """320x240 H.264 of `seconds` with a tone in AAC that stops at `at` seconds and starts again `gap`
     seconds later: its timestamps jump, which MP4 can only say with a packet that lasts `gap` longer

@@ -115,8 +115,9 @@ async def _run(
         threads=settings.video_ffmpeg_threads,
     )
     # The poster comes from the smallest rendition: already upright, square-pixelled and
-    # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box.
-    poster = await ctx["transcoder"].run_poster(renditions[0].path, MP4)
+    # SDR, and the cheapest to decode; its 640 px cover the poster's 600 px box. Its first frame is
+    # held from 0 until the picture starts, where the search for a poster frame starts.
+    poster = await ctx["transcoder"].run_poster(renditions[0].path, MP4, source.first_frame_seconds)
     stored = await _store(ctx, media_id, version, poster, renditions)
     facts = VideoFacts(source.duration_seconds, source.frame_rate, source.has_audio, source.codec)
     # From here on the blobs stay, whatever complete() answers or raises: a fault may come

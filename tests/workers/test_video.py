@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import os
 import time
@@ -14,9 +15,11 @@ import pytest
 from arq.connections import RedisSettings
 from arq.connections import create_pool as create_arq_pool
 from arq.jobs import Job
+from PIL import Image
 
 from mediavault.config import Settings
 from mediavault.imaging import video as videos
+from mediavault.imaging.decode import NEAR_BLACK_LUMA
 from mediavault.jobs import enqueue_video, transcode_job_id
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
@@ -288,6 +291,26 @@ async def test_a_sound_of_ten_channels_and_no_layout_completes_with_its_first_tw
     played.write_bytes(body)
     make.check_rendition(played, width=320, height=240, duration=1.0, audio=True)
     assert make.channel_levels(played) == pytest.approx(make.channel_levels(source)[:2], abs=1.0)
+
+
+async def test_a_picture_that_starts_after_the_sound_with_a_black_fade_in_gets_a_poster_of_what_follows(
+    storage, media, auth, user_id, worker, tmp_path
+):
+    md = auth(user_id)
+    # The picture starts 2 s after the sound, black for its first 2 s. The smallest rendition holds its
+    # first frame from 0 until it starts, and the poster search's first 3 s were those black copies and
+    # 1 s of the black picture: the poster was black, where the same picture without the delay got its
+    # test picture.
+    source = make.late_black_lead_in(tmp_path / "late-fade.mp4")
+    done = await upload(storage, md, source.read_bytes(), filename="clip.mp4", content_type="video/mp4")
+    item = await settled(media, md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    poster = next(v for v in item.variants if v.name == "poster")
+    status, body, _ = await fetch(poster.url)
+    assert status == 200
+    luma = Image.open(io.BytesIO(body)).convert("L").resize((32, 32))
+    assert sum(luma.get_flattened_data()) / 1024 > NEAR_BLACK_LUMA
+    assert luma.getextrema()[1] > 200
 
 
 def test_video_memory_limit_mb_is_ffmpegs_cap():

@@ -604,15 +604,18 @@ _POSTER_SAMPLE_SECONDS = 0.25
 NEAR_BLACK_LUMA = 24
 
 
-def decode_poster(path: Path, mime: str, limits: Limits) -> Still:
+def decode_poster(path: Path, mime: str, limits: Limits, picture_start_seconds: float = 0.0) -> Still:
     """The first frame of the first seconds that is not near-black (else the first frame), upright,
     of the video file at path: the demuxer reads the file as far as that frame and the container's
-    index, never the whole of a long video into memory."""
+    index, never the whole of a long video into memory. The seconds are counted from
+    picture_start_seconds after the first frame: a rendition holds the first frame of a picture that
+    starts after its sound until the picture starts (video.Source.first_frame_seconds), and copies of
+    it are not what the video shows."""
     with open(path, "rb") as file:
-        return _decode_poster(file, mime, limits)
+        return _decode_poster(file, mime, limits, picture_start_seconds)
 
 
-def _decode_poster(file: BinaryIO, mime: str, limits: Limits) -> Still:
+def _decode_poster(file: BinaryIO, mime: str, limits: Limits, picture_start_seconds: float) -> Still:
     try:
         with av.open(file, mode="r", format=_DEMUXERS[mime]) as container:
             if not container.streams.video:
@@ -624,7 +627,7 @@ def _decode_poster(file: BinaryIO, mime: str, limits: Limits) -> Still:
             if codec.width * codec.height > limits.max_pixels:
                 raise PermanentImagingError(VIDEO_TOO_LARGE)
             codec.thread_count = 1
-            frame = _poster_frame(container, stream, limits.max_packets_before_first_frame)
+            frame = _poster_frame(container, stream, limits.max_packets_before_first_frame, picture_start_seconds)
             image = frame.to_image()
             rotation = frame.rotation
             aspect = stream.sample_aspect_ratio or codec.sample_aspect_ratio
@@ -645,14 +648,17 @@ def _decode_poster(file: BinaryIO, mime: str, limits: Limits) -> Still:
     return Still(image, image.width, image.height)
 
 
-def _poster_frame(container: av.container.InputContainer, stream: av.VideoStream, max_packets: int) -> av.VideoFrame:
+def _poster_frame(
+    container: av.container.InputContainer, stream: av.VideoStream, max_packets: int, picture_start_seconds: float
+) -> av.VideoFrame:
     first: av.VideoFrame | None = None
     next_sample = 0.0
     for count, packet in enumerate(container.demux(stream), start=1):
         for frame in packet.decode():
             at = float(frame.time) if frame.time is not None else 0.0
             if first is None:
-                first, start = frame, at
+                # The frames before the picture's start have a negative elapsed time: none is sampled.
+                first, start = frame, at + picture_start_seconds
             elapsed = at - start
             if elapsed > POSTER_SEARCH_SECONDS:
                 return first

@@ -37,15 +37,19 @@ def transcode(
 
 
 def transcode_poster(
-    path: Path, content_type: str, variants: VariantSet = DEFAULT_VARIANTS, limits: Limits = DEFAULT_LIMITS
+    path: Path,
+    content_type: str,
+    variants: VariantSet = DEFAULT_VARIANTS,
+    limits: Limits = DEFAULT_LIMITS,
+    picture_start_seconds: float = 0.0,
 ) -> TranscodeResult:
     """The poster and the other picture variants of the video file at path, from its poster frame
-    (decode.decode_poster, which reads the file only as far as that frame). Raises
-    PermanentImagingError when the file is refused, or is not a video."""
+    (decode.decode_poster, which reads the file only as far as that frame, searching from
+    picture_start_seconds on). Raises PermanentImagingError when the file is refused, or is not a video."""
     mime = _sniff_file(path, content_type)
     if content_types.kind_of(mime) != "video":
         raise PermanentImagingError(UNSUPPORTED_FORMAT)
-    poster = decode_poster(path, mime, limits)
+    poster = decode_poster(path, mime, limits, picture_start_seconds)
     made = make_variants(poster.image, poster.width, poster.height, (variants.poster, *variants.video))
     return with_thumbhash(TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name))
 

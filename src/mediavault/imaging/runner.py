@@ -168,9 +168,11 @@ class Transcoder:
             transcode, data, content_type, self.variants, self.limits, self.jpeg_planes, self.lossless_display
         )
 
-    async def run_poster(self, path: Path, content_type: str) -> TranscodeResult:
+    async def run_poster(self, path: Path, content_type: str, picture_start_seconds: float = 0.0) -> TranscodeResult:
         """`transcode_poster` of the video file at path (on this host) with this pool's variants and limits."""
-        return await self._in_worker(transcode_poster, path, content_type, self.variants, self.limits)
+        return await self._in_worker(
+            transcode_poster, path, content_type, self.variants, self.limits, picture_start_seconds
+        )
 
     async def made_on_request(
         self, path: Path, content_type: str, requested: Mapping[str, Collection[str]], primary_bytes: Mapping[str, int]
