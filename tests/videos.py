@@ -123,6 +123,14 @@ def vfr(path: Path) -> Path:
     return path
 
 
+def gapped_picture(path: Path, seconds: float = 12.0, at: float = 2.0, gap: float = 6.0) -> Path:
+    """320x240 H.264 of `seconds` at 30 fps with no frame for `gap` seconds from `at`: a phone's
+    variable frame rate across a pause (timestamps kept)."""
+    ffmpeg(*_testsrc("320x240", seconds), "-vf", f"select='lt(t,{at})+gte(t,{at + gap})'", "-fps_mode", "vfr",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
 def bursts(path: Path, size: str = "1920x1080", seconds: float = 1.0) -> Path:
     """A phone's variable frame rate: 60 fps bursts (12 frames a second) between every fifth frame of
     60 kept, so the nominal rate (r_frame_rate) is 60 and the average about 22."""

@@ -247,6 +247,16 @@ async def test_a_variable_frame_rate_source_keeps_every_frame_at_its_time(clips,
     assert source.frame_rate == pytest.approx((48 + 60 - 1) / (4 - 1 / 30), abs=0.01)
 
 
+async def test_keyframes_after_a_gap_in_the_frames_come_2_s_apart(clips):
+    # No frame from 2 s to 8 s. Keyframes were forced at every 2 s since 0, counted (gte(t,n_forced*2)):
+    # the frames at 8.0, 8.033, 8.067 and 8.1 s were all forced, until the count caught up with their time.
+    path = make.gapped_picture(clips / "gapped-picture.mp4")
+    assert make.frame_times(path)[59:61] == [1.967, 8.0]
+    _, made = await _transcode(path, "video/mp4", clips / "gapped-picture")
+    for rendition in made:
+        assert [t for t in make.frame_times(rendition.path, keyframes=True) if t >= 8.0] == [8.0, 10.0]
+
+
 async def test_a_webm_that_states_no_duration_is_measured_from_its_packets(clips):
     # The corpus file is Matroska written live: no duration in its header.
     source, made = await _transcode(CORPUS / "video/test.webm", "video/webm", clips / "webm")

@@ -704,8 +704,11 @@ def command(
             "-pix_fmt", "yuv420p", "-crf", str(rung.crf), "-maxrate", str(rung.maxrate_bps),
             "-bufsize", str(rung.bufsize_bits),
             # Keyframes by time, as a variable frame rate spaces frames unevenly; x264's own interval
-            # (in frames) is no shorter at the cap's rate.
-            "-force_key_frames", f"expr:gte(t,n_forced*{KEYFRAME_SECONDS})", "-g", str(KEYFRAME_SECONDS * MAX_RENDITION_FPS),
+            # (in frames) is no shorter at the cap's rate. Counted from the last one forced: counted
+            # from 0 (n_forced*2), every frame after a gap of several seconds was forced, one a
+            # frame, until the count caught up.
+            "-force_key_frames", f"expr:isnan(prev_forced_t)+gte(t,prev_forced_t+{KEYFRAME_SECONDS})",
+            "-g", str(KEYFRAME_SECONDS * MAX_RENDITION_FPS),
             "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709",
             # Frames as the graph gives them, at their own timestamps: the MP4 muxer's default is a
             # constant rate at the source's nominal one, which duplicates a variable-frame-rate
