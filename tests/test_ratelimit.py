@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from mediavault.domain import accounts
 from mediavault.domain.accounts import Accounts
 from mediavault.domain.rate_limit_config import RateLimitConfig
-from mediavault.ratelimit import RateLimiter
+from mediavault.ratelimit import Limit, RateLimiter
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
@@ -482,6 +482,57 @@ async def test_a_freeze_postgresql_never_answers_leaves_every_refusal_answered_p
         assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
         await refused_promptly(stub)
     assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is True
+
+
+async def test_reloads_postgresql_never_answers_are_given_up_and_the_changes_made_meanwhile_picked_up_after(
+    make_settings, pool, auth, user_id, caplog
+):
+    """PostgreSQL hangs rather than refuses: each reload is given up within a bound and logged, the
+    limits and frozen accounts read before kept, and a limit and a freeze made meanwhile are read
+    within a few reload periods of PostgreSQL answering again."""
+    reload_seconds = 0.2
+    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=reload_seconds)
+    md = auth(user_id)
+
+    def reloads_given_up() -> int:
+        return sum(r.getMessage().startswith("rate limit config reload failed") for r in caplog.records)
+
+    async with (
+        limit(pool, SUMMARY, per_hour=1000, burst=50),
+        proxied(settings.database_url) as proxy,
+        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        stub = storage_pb2_grpc.StorageServiceStub(channel)
+        ok, trailers, _ = await call_summary(stub, md)
+        assert ok
+        assert trailers["ratelimit-limit"] == "1000"
+        caplog.set_level(logging.WARNING, logger="mediavault.ratelimit")
+        proxy.freeze()
+        try:
+            # Made where the server cannot read them; limit() puts the row back.
+            await pool.execute("UPDATE rate_limit_config SET per_hour = 7 WHERE method = $1 AND scope = 'user'", SUMMARY)
+            await Accounts(pool, 0).freeze(user_id, "abuse")
+            async with asyncio.timeout(20):
+                while reloads_given_up() < 3:
+                    await asyncio.sleep(reload_seconds)
+            assert server.limiter.limit_for(SUMMARY, "user") == Limit(1000, 50)
+            assert user_id not in server.limiter.frozen
+        finally:
+            await proxy.down()
+            await proxy.up()
+        async with asyncio.timeout(10 * reload_seconds):
+            while server.limiter.limit_for(SUMMARY, "user") != Limit(7, 50) or user_id not in server.limiter.frozen:
+                await asyncio.sleep(reload_seconds / 4)
+        ok, trailers, _ = await call_summary(stub, md)
+        assert ok
+        assert trailers["ratelimit-limit"] == "7"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.BeginUpload(
+                pb.BeginUploadRequest(filename="a.jpg", content_type="image/jpeg", size_bytes=100, protocol=pb.UPLOAD_PROTOCOL_TUS),
+                metadata=md,
+            )
+        assert error_info(refused.value).reason == "ACCOUNT_FROZEN"
 
 
 async def test_an_account_unfrozen_after_an_automatic_freeze_is_frozen_again_only_after_as_many_new_refusals(

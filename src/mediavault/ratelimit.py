@@ -47,6 +47,10 @@ _BUCKETS_KEPT = 100_000
 # How long a refused call waits for the automatic freeze it triggers; past it the refusal is
 # answered and the freeze is tried again at the next refusal.
 AUTO_FREEZE_WAIT_SECONDS = 1.0
+# How long a reload waits for PostgreSQL; past it the reload is given up, the limits and frozen
+# accounts it had kept, and tried again at the next period. A PostgreSQL that hangs would otherwise
+# stall the reloads until the TCP connection drops.
+RELOAD_WAIT_SECONDS = 2.0
 # What PostgreSQL's absence looks like to a statement: refused, cut or timed-out connections.
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
@@ -133,10 +137,13 @@ class RateLimiter:
         self._gcra = redis.register_script(_GCRA) if redis is not None else None
 
     async def reload(self) -> None:
-        """Reads the limits and the frozen accounts; called at start-up and every few seconds."""
+        """Reads the limits and the frozen accounts; called at start-up and every few seconds.
+
+        TimeoutError when PostgreSQL has not answered within RELOAD_WAIT_SECONDS.
+        """
         if self.config is None:
             return
-        snapshot = await self.config.load()
+        snapshot = await self.config.load(RELOAD_WAIT_SECONDS)
         self.limits = {(c.method, c.scope): Limit(c.per_hour, c.burst_per_second) for c in snapshot.limits}
         self.frozen = snapshot.frozen
 
@@ -145,7 +152,7 @@ class RateLimiter:
             await asyncio.sleep(every_seconds)
             try:
                 await self.reload()
-            except _DATABASE_ERRORS:
+            except (*_DATABASE_ERRORS, TimeoutError):
                 log.warning("rate limit config reload failed; keeping the previous one", exc_info=True)
 
     def limit_for(self, method: str, scope: str) -> Limit | None:

@@ -25,6 +25,7 @@ from mediavault.blobs.http import create_app
 from mediavault.config import Settings, listen_address
 from mediavault.db import close_pool
 from mediavault.db import create_pool as create_db_pool
+from mediavault.db.pool import connection_within
 from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2
 from mediavault.ratelimit import RateLimiter
@@ -221,17 +222,8 @@ class Server:
 
     async def _select_one(self, pool: asyncpg.Pool) -> None:
         """SELECT 1 within health_probe_seconds; TimeoutError past them."""
-        seconds = self.settings.health_probe_seconds
-        async with pool.acquire(timeout=seconds) as conn:
-            try:
-                await conn.fetchval("SELECT 1", timeout=seconds)
-            except TimeoutError:
-                # asyncpg gives the connection of a statement that timed out back only once that
-                # statement has ended: never on a PostgreSQL that stopped answering, nor behind
-                # PgBouncer 1.18 while it waits for a server connection (PgBouncer ignores its
-                # cancel). The probe, and health with it, would wait as long.
-                conn.terminate()
-                raise
+        async with connection_within(pool, self.settings.health_probe_seconds) as conn:
+            await conn.fetchval("SELECT 1")
 
     async def _drain_and_close(self, grace: float, prestop: float) -> None:
         self._stopped.set()

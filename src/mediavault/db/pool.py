@@ -85,7 +85,8 @@ async def connection_within(pool: asyncpg.Pool, seconds: float) -> AsyncIterator
 
     A connection whose statement is cut is terminated, not given back: asyncpg gives it back only
     once PostgreSQL has acknowledged the statement's cancel, which a PostgreSQL that stopped
-    answering never does, and the block would wait for it past its bound.
+    answering never does, nor PgBouncer 1.18 while the statement waits for a server connection
+    (it ignores the cancel), and the block would wait for it past its bound.
     """
     async with asyncio.timeout(seconds), pool.acquire() as conn:
         try:

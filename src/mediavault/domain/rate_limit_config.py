@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from mediavault.db.pool import connection_within
+
 _LIMITS = "SELECT method, scope, per_hour, burst_per_second FROM rate_limit_config"
 _FROZEN = "SELECT user_id FROM accounts WHERE frozen"
 
@@ -30,8 +32,9 @@ class RateLimitConfig:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def load(self) -> Snapshot:
-        async with self._pool.acquire() as conn:
+    async def load(self, within_seconds: float) -> Snapshot:
+        """TimeoutError when PostgreSQL has not answered within within_seconds, the wait for a connection included."""
+        async with connection_within(self._pool, within_seconds) as conn:
             limits = await conn.fetch(_LIMITS)
             frozen = await conn.fetch(_FROZEN)
         return Snapshot(tuple(ConfiguredLimit(**row) for row in limits), frozenset(r["user_id"] for r in frozen))
