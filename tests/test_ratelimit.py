@@ -409,44 +409,13 @@ async def test_an_automatic_freeze_keeps_the_reason_an_operator_froze_the_accoun
     assert row["frozen_at"] == frozen.account.frozen_at.ToDatetime(tzinfo=row["frozen_at"].tzinfo)
 
 
-async def test_a_freeze_the_database_fails_leaves_the_refusal_answered_and_is_made_at_the_next_one(
-    make_settings, pool, auth, user_id, caplog
+@pytest.mark.parametrize("fault", ["refuses", "hangs"])
+async def test_a_freeze_postgresql_fails_leaves_every_refusal_answered_promptly_and_is_made_later(
+    make_settings, pool, auth, user_id, caplog, fault
 ):
-    settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=2)
-    md = auth(user_id)
-    async with (
-        limit(pool, SUMMARY, per_hour=1, burst=50),
-        proxied(settings.database_url) as proxy,
-        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-    ):
-        stub = storage_pb2_grpc.StorageServiceStub(channel)
-        assert (await call_summary(stub, md))[0]
-        assert not (await call_summary(stub, md))[0]
-        # The second refusal reaches the threshold while PostgreSQL cannot be reached.
-        await proxy.down()
-        caplog.set_level(logging.WARNING, logger="mediavault.ratelimit")
-        ok, trailers, refused = await call_summary(stub, md)
-        assert not ok
-        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
-        assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
-        assert int(trailers["retry-after"]) >= 1
-        assert [r.user_id for r in caplog.records if r.getMessage().startswith("automatic freeze failed")] == [user_id]
-        assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
-        await proxy.up()
-        ok, _, refused = await call_summary(stub, md)
-        assert not ok
-        assert error_info(refused).reason == "RATE_LIMIT_EXCEEDED"
-    row = await pool.fetchrow("SELECT frozen, frozen_reason FROM accounts WHERE user_id = $1", user_id)
-    assert row["frozen"]
-    assert row["frozen_reason"].startswith("automatic: 3 rate-limit refusals")
-
-
-async def test_a_freeze_postgresql_never_answers_leaves_every_refusal_answered_promptly_and_is_made_later(
-    make_settings, pool, auth, user_id, caplog
-):
-    """PostgreSQL hangs rather than refuses: the freeze is given up within a bound, each refusal
-    of the account answered meanwhile, and made at a refusal after PostgreSQL answers again."""
+    """PostgreSQL refuses, or hangs rather than refuses: the freeze fails (a hang within a bound),
+    is logged, each refusal of the account meanwhile answered RATE_LIMIT_EXCEEDED, not INTERNAL,
+    and the freeze made at a refusal after PostgreSQL answers again."""
     settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=2)
     md = auth(user_id)
 
@@ -469,9 +438,12 @@ async def test_a_freeze_postgresql_never_answers_leaves_every_refusal_answered_p
         assert (await call_summary(stub, md))[0]
         assert not (await call_summary(stub, md))[0]
         caplog.set_level(logging.WARNING, logger="mediavault.ratelimit")
-        proxy.freeze()
+        if fault == "refuses":
+            await proxy.down()
+        else:
+            proxy.freeze()
         try:
-            # The refusal that reaches the threshold, then several at once while PostgreSQL still hangs.
+            # The refusal that reaches the threshold, then several at once while PostgreSQL still fails.
             await refused_promptly(stub)
             await asyncio.gather(*(refused_promptly(stub) for _ in range(4)))
             await refused_promptly(stub)
@@ -481,7 +453,9 @@ async def test_a_freeze_postgresql_never_answers_leaves_every_refusal_answered_p
         assert user_id in [getattr(r, "user_id", None) for r in caplog.records if r.getMessage().startswith("automatic freeze failed")]
         assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is False
         await refused_promptly(stub)
-    assert await pool.fetchval("SELECT frozen FROM accounts WHERE user_id = $1", user_id) is True
+    row = await pool.fetchrow("SELECT frozen, frozen_reason FROM accounts WHERE user_id = $1", user_id)
+    assert row["frozen"]
+    assert row["frozen_reason"].startswith("automatic:")
 
 
 async def test_reloads_postgresql_never_answers_are_given_up_and_the_changes_made_meanwhile_picked_up_after(

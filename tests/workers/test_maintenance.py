@@ -9,6 +9,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -18,6 +19,7 @@ from arq.connections import ArqRedis, RedisSettings
 
 from mediavault import devservers
 from mediavault.blobs import BlobStoreError, single_chunk
+from mediavault.config import Settings
 from mediavault.db import migrate
 from mediavault.domain import cleanup, events, ledger
 from mediavault.domain.media import Variant, variant_key
@@ -1125,23 +1127,18 @@ async def test_the_queue_depth_is_exported_for_the_photo_video_and_cron_queues(m
     assert depth == {"photo": 2, "video": 3, "cron": 1}
 
 
-async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_deferred_ones(make_ctx, make_settings, user_id):
+@contextlib.asynccontextmanager
+async def its_one_slot_held(settings: Settings) -> AsyncIterator[None]:
+    """An arq worker with one job slot on the settings' queue, whose first job ("hold") holds that
+    slot until the block ends: from then on, the next job due waits."""
     from arq import Worker, func
-    from prometheus_client import REGISTRY
 
-    from workers.maintenance import observe_queue
-
-    ctx = await make_ctx(make_settings(queue_name=f"depth-waiting:{user_id}"))
-    settings, redis = ctx["settings"], ctx["redis"]
     started, release = asyncio.Event(), asyncio.Event()
 
     async def hold(_ctx) -> None:
         started.set()
         await release.wait()
 
-    await redis.enqueue_job("hold", _queue_name=settings.queue_name)
-    await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_by=3600)
-    # One job slot: the first job runs, the next one due waits.
     worker = Worker(
         functions=[func(hold, name="hold")], redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=settings.queue_name, max_jobs=1, poll_delay=0.05, handle_signals=False,
@@ -1150,12 +1147,7 @@ async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_def
     try:
         async with asyncio.timeout(20):
             await started.wait()
-        await redis.enqueue_job("hold", _queue_name=settings.queue_name)
-        await redis.enqueue_job("transcode_video", "video-0", 0, _queue_name=settings.video_queue)
-        await redis.enqueue_job("transcode_video", "video-1", 0, _queue_name=settings.video_queue, _defer_by=3600)
-        assert await observe_queue(ctx) == 2
-        depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")}
-        assert depth == {"photo": 1, "video": 1}
+        yield
     finally:
         release.set()
         await worker.close()
@@ -1164,34 +1156,38 @@ async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_def
             await run
 
 
+async def test_the_queue_depth_counts_the_jobs_waiting_to_run_not_running_or_deferred_ones(make_ctx, make_settings, user_id):
+    from prometheus_client import REGISTRY
+
+    from workers.maintenance import observe_queue
+
+    ctx = await make_ctx(make_settings(queue_name=f"depth-waiting:{user_id}"))
+    settings, redis = ctx["settings"], ctx["redis"]
+    await redis.enqueue_job("hold", _queue_name=settings.queue_name)
+    await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_by=3600)
+    async with its_one_slot_held(settings):
+        await redis.enqueue_job("hold", _queue_name=settings.queue_name)
+        await redis.enqueue_job("transcode_video", "video-0", 0, _queue_name=settings.video_queue)
+        await redis.enqueue_job("transcode_video", "video-1", 0, _queue_name=settings.video_queue, _defer_by=3600)
+        assert await observe_queue(ctx) == 2
+        depth = {queue: REGISTRY.get_sample_value("mediavault_queue_depth", {"queue": queue}) for queue in ("photo", "video")}
+        assert depth == {"photo": 1, "video": 1}
+
+
 async def test_the_oldest_waiting_job_is_timed_from_when_it_was_due_passing_over_running_and_deferred_ones(
     make_ctx, make_settings, user_id
 ):
-    from arq import Worker, func
     from prometheus_client import REGISTRY
 
     from workers.maintenance import observe_queue
 
     ctx = await make_ctx(make_settings(queue_name=f"oldest-waiting:{user_id}"))
     settings, redis = ctx["settings"], ctx["redis"]
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(_ctx) -> None:
-        started.set()
-        await release.wait()
-
     now = datetime.now(UTC)
     # Due half an hour ago and running: first in the queue, yet waiting for nothing.
     await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_until=now - timedelta(minutes=30))
     await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_by=3600)
-    worker = Worker(
-        functions=[func(hold, name="hold")], redis_settings=RedisSettings.from_dsn(settings.redis_url),
-        queue_name=settings.queue_name, max_jobs=1, poll_delay=0.05, handle_signals=False,
-    )
-    run = asyncio.create_task(worker.async_run())
-    try:
-        async with asyncio.timeout(20):
-            await started.wait()
+    async with its_one_slot_held(settings):
         await redis.enqueue_job("hold", _queue_name=settings.queue_name, _defer_until=now - timedelta(minutes=20))
         await redis.enqueue_job("hold", _queue_name=settings.queue_name)
         await redis.enqueue_job("transcode_video", "video-0", 0, _queue_name=settings.video_queue, _defer_by=3600)
@@ -1200,12 +1196,6 @@ async def test_the_oldest_waiting_job_is_timed_from_when_it_was_due_passing_over
             queue: REGISTRY.get_sample_value("mediavault_queue_oldest_waiting_seconds", {"queue": queue})
             for queue in ("photo", "video", "cron")
         }
-    finally:
-        release.set()
-        await worker.close()
-        run.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
     assert 20 * 60 <= waited["photo"] < 21 * 60, waited
     assert waited["video"] == waited["cron"] == 0, waited
 
