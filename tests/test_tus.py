@@ -1660,28 +1660,10 @@ async def test_requests_on_an_upload_url_spend_its_owners_budget_before_touching
             assert response.status == 204
 
 
-async def test_a_patch_that_asks_first_spends_the_patch_budget_before_its_check_reads_the_upload(make_settings, pool, auth, user_id):
+async def test_a_patch_that_asks_first_spends_the_patch_budget_once_before_its_check_reads_the_upload(make_settings, pool, http, auth, user_id):
     # The answer to Expect: 100-continue reads the upload (its state, its offset): it is limited as
-    # the PATCH is, or a loop of asking PATCHes would reach the database past every budget.
-    settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
-    data = fake_jpeg(1000)
-    async with (
-        limit(pool, "tus/PATCH", per_hour=1, burst=10),
-        running(settings) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-    ):
-        begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), data)
-        chunk = {**PATCH_HEADERS, "Upload-Offset": "0", "Content-Length": str(len(data))}
-        statuses = []
-        for _ in range(2):
-            status, _, _, writer = await asked_patch(server, begun.upload_url, chunk)
-            writer.close()
-            statuses.append(status)
-        assert statuses == [100, 429]
-
-
-async def test_a_patch_that_asks_first_spends_the_patch_budget_once(make_settings, pool, http, auth, user_id):
-    # Its check before 100 Continue and the PATCH that follows are one request of the client's.
+    # the PATCH is, or a loop of asking PATCHes would reach the database past every budget; and it
+    # and the PATCH that follows are one request of the client's, which spends the budget once.
     settings = make_settings(rate_limits="on", rate_limit_reload_seconds=0.2)
     data = fake_jpeg(1000)
     async with (
@@ -1693,7 +1675,10 @@ async def test_a_patch_that_asks_first_spends_the_patch_budget_once(make_setting
         chunk = {**PATCH_HEADERS, "Upload-Offset": "0", "Content-Length": "400"}
         target = begun.upload_url.split(f":{server.http_port}", 1)[1]
         assert (await sent_when_continued(server, "PATCH", target, chunk, data[:400]))[0] == 204
-        assert (await patch(http, begun.upload_url, 400, data[400:])).status == 204
+        assert (await patch(http, begun.upload_url, 400, data[400:900])).status == 204
+        status, _, _, writer = await asked_patch(server, begun.upload_url, {**chunk, "Upload-Offset": "900", "Content-Length": "100"})
+        writer.close()
+        assert status == 429
 
 
 async def test_an_upload_url_signed_before_urls_named_their_owner_spends_its_callers_address_budget(make_settings, pool, http, auth, user_id):
