@@ -47,7 +47,7 @@ async def _run(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> str:
             source = Path(scratch) / "source"
             await ctx["blobs"].download(wanted.object_key, source)
             made = await ctx["transcoder"].made_on_request(
-                source, wanted.content_type, wanted.requested, wanted.primary_bytes
+                source, wanted.content_type, wanted.requested, wanted.primary_bytes, wanted.poster_seconds
             )
         stored = await store_pictures(ctx["blobs"], media_id, version, made)
         outcome = "complete" if await library.add_formats(media_id, version, stored) else "superseded"

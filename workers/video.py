@@ -119,7 +119,7 @@ async def _run(
     # held from 0 until the picture starts, where the search for a poster frame starts.
     poster = await ctx["transcoder"].run_poster(renditions[0].path, MP4, source.first_frame_seconds)
     stored = await _store(ctx, media_id, version, poster, renditions)
-    facts = VideoFacts(source.duration_seconds, source.frame_rate, source.has_audio, source.codec)
+    facts = VideoFacts(source.duration_seconds, source.frame_rate, source.has_audio, source.codec, poster.poster_seconds)
     # From here on the blobs stay, whatever complete() answers or raises: a fault may come
     # after its COMMIT, and "superseded" may mean that another run of this version, whose rows
     # own these same keys, completed first. The orphan sweep removes what no row owns.

@@ -20,9 +20,11 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from mediavault.domain.media import Library
+from mediavault.imaging.decode import NEAR_BLACK_LUMA
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2_grpc
+from tests import videos as make
 from tests.conftest import CORPUS, POOLERS, running, running_worker
 from tests.faults import PrivateRedis
 from tests.helpers import fetch, settled, upload
@@ -223,6 +225,33 @@ async def test_a_videos_webp_is_made_from_the_rendition_its_poster_came_from(own
         media_id,
     )
     assert derived["derived_bytes"] == derived["summed"]
+
+
+async def test_a_late_pictures_webp_is_of_the_poster_frame_its_jpeg_is_of(own_queue, auth, user_id, tmp_path):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    # The picture starts 2 s after the sound, black for its first 2 s: the video job searched its
+    # poster frame from the picture's start, and the WebPs, searching from the rendition's start
+    # (its held first frame), found nothing but black.
+    source = make.late_black_lead_in(tmp_path / "late-fade.mp4")
+    async with running_worker(settings):
+        done = await upload(client.storage, client.md, source.read_bytes(), filename="clip.mp4", content_type="video/mp4")
+        item = await settled(client.media, client.md, done.media_id)
+    assert item.processing_status == mpb.PROCESSING_STATUS_COMPLETE, item.processing_error
+    first = {v.name: v for v in (await client.get(done.media_id, WEBP_FIRST)).variants}
+    async with running_worker(settings):
+        variants = await chosen(client, done.media_id, WEBP_FIRST)
+    for name in SMALL:
+        webp, jpeg = variants[name], first[name]
+        assert (webp.content_type, jpeg.content_type) == ("image/webp", "image/jpeg")
+        lumas = []
+        for variant in (webp, jpeg):
+            status, body, _ = await fetch(variant.url)
+            assert status == 200
+            luma = Image.open(io.BytesIO(body)).convert("L").resize((32, 32))
+            lumas.append(sum(luma.get_flattened_data()) / 1024)
+        assert lumas[1] > NEAR_BLACK_LUMA, name
+        assert lumas[0] == pytest.approx(lumas[1], abs=4), name
 
 
 async def test_a_reprocess_forgets_the_requests_and_the_stale_job_records_nothing(own_queue, auth, user_id, pool):

@@ -146,7 +146,7 @@ ON CONFLICT (media_id, name, content_type) DO UPDATE SET
 
 _COMPLETE = """
 UPDATE media SET processing_status = 'complete', width = $3, height = $4, thumbhash = $5, processing_error = NULL,
-                 duration_seconds = $6, frame_rate = $7, has_audio = $8, source_codec = $9,
+                 duration_seconds = $6, frame_rate = $7, has_audio = $8, source_codec = $9, poster_seconds = $10,
                  processing_progress = NULL, processed_at = now(), updated_at = now()
 WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
 RETURNING owner_id
@@ -227,7 +227,7 @@ WHERE media_id = $1 AND variants_version = $2
 
 # A video's formats are made from the rendition its poster came from, the smallest (workers.video).
 _FORMATS_TO_MAKE = """
-SELECT m.kind, m.content_type, m.object_key,
+SELECT m.kind, m.content_type, m.object_key, m.poster_seconds,
        (SELECT v.object_key FROM media_variants v
         WHERE v.media_id = m.media_id AND v.content_type = $3
         ORDER BY v.width * v.height, v.name LIMIT 1) AS smallest_rendition,
@@ -276,12 +276,14 @@ class Variant:
 
 @dataclass(frozen=True)
 class VideoFacts:
-    """What a source video is, as probed from its container."""
+    """What a source video is, as probed from its container, and the time of its poster frame in
+    its smallest rendition, where its formats made on request take that frame again."""
 
     duration_seconds: float
     frame_rate: float
     has_audio: bool
     source_codec: str
+    poster_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,8 @@ class Claim:
 @dataclass(frozen=True)
 class FormatsToMake:
     """What a make_formats job makes: `requested` content types by variant name, from the
-    object at object_key (an image's original; the rendition a video's poster came from).
+    object at object_key (an image's original; the rendition a video's poster came from, whose
+    poster frame is at poster_seconds, None for an image or a video processed before it was kept).
     `primary_bytes` is the size of each variant's stored primary, which a format made must be
     smaller than: the job's own JPEG of the variant may differ from it (the upload's job may
     have taken the planes or lossless strategy)."""
@@ -364,6 +367,7 @@ class FormatsToMake:
     object_key: str
     requested: dict[str, tuple[str, ...]]
     primary_bytes: dict[str, int]
+    poster_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -645,7 +649,11 @@ class Library:
     ) -> bool:
         """Records the run's variants (every format of each), its ThumbHash, a video's facts or an
         image's EXIF facts and animation length and plays, and marks it complete; False when the run was superseded or the media deleted."""
-        facts = (video.duration_seconds, video.frame_rate, video.has_audio, video.source_codec) if video else (None,) * 4
+        facts = (
+            (video.duration_seconds, video.frame_rate, video.has_audio, video.source_codec, video.poster_seconds)
+            if video
+            else (None,) * 5
+        )
         async with self._pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchval(_COMPLETE, media_id, version, width, height, thumbhash or None, *facts)
             if owner is None:
@@ -682,7 +690,7 @@ class Library:
             # A complete video has its renditions; without one there is no frame to make them from.
             if not row["smallest_rendition"]:
                 return None
-            return FormatsToMake(MP4, row["smallest_rendition"], requested, primary_bytes)
+            return FormatsToMake(MP4, row["smallest_rendition"], requested, primary_bytes, row["poster_seconds"])
         return FormatsToMake(row["content_type"], row["object_key"], requested, primary_bytes)
 
     async def add_formats(self, media_id: uuid.UUID, version: int, variants: Sequence[Variant]) -> bool:

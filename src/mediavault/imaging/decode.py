@@ -604,18 +604,31 @@ _POSTER_SAMPLE_SECONDS = 0.25
 NEAR_BLACK_LUMA = 24
 
 
-def decode_poster(path: Path, mime: str, limits: Limits, picture_start_seconds: float = 0.0) -> Still:
+@dataclass
+class Poster(Still):
+    """A video's poster frame, and its time in the file it came from: where a later decode of that
+    file finds the same frame without searching again (decode_poster's at_seconds)."""
+
+    seconds: float
+
+
+def decode_poster(
+    path: Path, mime: str, limits: Limits, picture_start_seconds: float = 0.0, at_seconds: float | None = None
+) -> Poster:
     """The first frame of the first seconds that is not near-black (else the first frame), upright,
     of the video file at path: the demuxer reads the file as far as that frame and the container's
     index, never the whole of a long video into memory. The seconds are counted from
     picture_start_seconds after the first frame: a rendition holds the first frame of a picture that
     starts after its sound until the picture starts (video.Source.first_frame_seconds), and copies of
-    it are not what the video shows."""
+    it are not what the video shows. With at_seconds (a Poster's seconds, of the same file), the frame
+    at that time, unsearched: the one the search chose."""
     with open(path, "rb") as file:
-        return _decode_poster(file, mime, limits, picture_start_seconds)
+        return _decode_poster(file, mime, limits, picture_start_seconds, at_seconds)
 
 
-def _decode_poster(file: BinaryIO, mime: str, limits: Limits, picture_start_seconds: float) -> Still:
+def _decode_poster(
+    file: BinaryIO, mime: str, limits: Limits, picture_start_seconds: float, at_seconds: float | None
+) -> Poster:
     try:
         with av.open(file, mode="r", format=_DEMUXERS[mime]) as container:
             if not container.streams.video:
@@ -627,8 +640,12 @@ def _decode_poster(file: BinaryIO, mime: str, limits: Limits, picture_start_seco
             if codec.width * codec.height > limits.max_pixels:
                 raise PermanentImagingError(VIDEO_TOO_LARGE)
             codec.thread_count = 1
-            frame = _poster_frame(container, stream, limits.max_packets_before_first_frame, picture_start_seconds)
+            if at_seconds is None:
+                frame = _poster_frame(container, stream, limits.max_packets_before_first_frame, picture_start_seconds)
+            else:
+                frame = _frame_at(container, stream, limits.max_packets_before_first_frame, at_seconds)
             image = frame.to_image()
+            seconds = _frame_seconds(frame)
             rotation = frame.rotation
             aspect = stream.sample_aspect_ratio or codec.sample_aspect_ratio
     except (PermanentImagingError, MemoryError):
@@ -645,7 +662,11 @@ def _decode_poster(file: BinaryIO, mime: str, limits: Limits, picture_start_seco
     # portrait video as landscape frames with a -90 there.
     if int(rotation) in _ROTATIONS:
         image = image.transpose(_ROTATIONS[int(rotation)])
-    return Still(image, image.width, image.height)
+    return Poster(image, image.width, image.height, seconds)
+
+
+def _frame_seconds(frame: av.VideoFrame) -> float:
+    return float(frame.time) if frame.time is not None else 0.0
 
 
 def _poster_frame(
@@ -655,7 +676,7 @@ def _poster_frame(
     next_sample = 0.0
     for count, packet in enumerate(container.demux(stream), start=1):
         for frame in packet.decode():
-            at = float(frame.time) if frame.time is not None else 0.0
+            at = _frame_seconds(frame)
             if first is None:
                 # The frames before the picture's start have a negative elapsed time: none is sampled.
                 first, start = frame, at + picture_start_seconds
@@ -671,6 +692,21 @@ def _poster_frame(
     if first is None:
         raise PermanentImagingError(CORRUPT_VIDEO)
     return first
+
+
+def _frame_at(
+    container: av.container.InputContainer, stream: av.VideoStream, max_packets: int, at_seconds: float
+) -> av.VideoFrame:
+    decoded = False
+    for count, packet in enumerate(container.demux(stream), start=1):
+        for frame in packet.decode():
+            # Decoded in presentation order: the first at or past the time is the frame there.
+            if _frame_seconds(frame) >= at_seconds:
+                return frame
+            decoded = True
+        if not decoded and count >= max_packets:
+            break
+    raise PermanentImagingError(CORRUPT_VIDEO)
 
 
 def _mean_luma(frame: av.VideoFrame) -> float:

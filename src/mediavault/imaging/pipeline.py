@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from mediavault.domain import content_types
-from mediavault.imaging.decode import decode_poster, decode_with_pillow, open_image, sniff
+from mediavault.imaging.decode import Still, decode_poster, decode_with_pillow, open_image, sniff
 from mediavault.imaging.errors import UNSUPPORTED_FORMAT, PermanentImagingError
 from mediavault.imaging.spec import DEFAULT_LIMITS, DEFAULT_VARIANTS, Limits, VariantSet
 from mediavault.imaging.strategies import PillowPipeline, transcode_image
@@ -51,7 +51,8 @@ def transcode_poster(
         raise PermanentImagingError(UNSUPPORTED_FORMAT)
     poster = decode_poster(path, mime, limits, picture_start_seconds)
     made = make_variants(poster.image, poster.width, poster.height, (variants.poster, *variants.video))
-    return with_thumbhash(TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name))
+    result = TranscodeResult("video", poster.width, poster.height, made, PillowPipeline.name, poster_seconds=poster.seconds)
+    return with_thumbhash(result)
 
 
 def with_thumbhash(result: TranscodeResult) -> TranscodeResult:
@@ -69,11 +70,14 @@ def made_on_request(
     primary_bytes: Mapping[str, int],
     variants: VariantSet = DEFAULT_VARIANTS,
     limits: Limits = DEFAULT_LIMITS,
+    poster_seconds: float | None = None,
 ) -> list[Variant]:
     """The formats `requested` (content types by variant name) of an image's or a video's
     variants, each made as its job makes an alternate beside the primary, from the file at path:
     an image's original, or the video the upload's job took its poster from (workers.video),
-    decoded only as far as the poster frame.
+    decoded only as far as the poster frame: the one at poster_seconds (the job's
+    TranscodeResult.poster_seconds), or, for a video processed before those were kept, the one
+    a search from its first frame finds.
 
     Pillow decodes an image, whatever strategy the upload's job took: that job's display and
     shared decode are not needed for a smaller variant, whose resize differs by rounding at
@@ -88,7 +92,7 @@ def made_on_request(
     if not specs:
         return []
     if kind == "video":
-        still = decode_poster(path, mime, limits)
+        still: Still = decode_poster(path, mime, limits, at_seconds=poster_seconds)
     else:
         still = decode_with_pillow(open_image(path.read_bytes(), mime, limits), specs)
     made = make_variants(still.image, still.width, still.height, specs, requested, primary_bytes)

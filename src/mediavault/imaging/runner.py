@@ -175,11 +175,16 @@ class Transcoder:
         )
 
     async def made_on_request(
-        self, path: Path, content_type: str, requested: Mapping[str, Collection[str]], primary_bytes: Mapping[str, int]
+        self,
+        path: Path,
+        content_type: str,
+        requested: Mapping[str, Collection[str]],
+        primary_bytes: Mapping[str, int],
+        poster_seconds: float | None = None,
     ) -> list[Variant]:
         """`pipeline.made_on_request` of the file at path (on this host) with this pool's variants and limits."""
         return await self._in_worker(
-            made_on_request, path, content_type, requested, primary_bytes, self.variants, self.limits
+            made_on_request, path, content_type, requested, primary_bytes, self.variants, self.limits, poster_seconds
         )
 
     async def _in_worker(self, job: Callable[..., T], *args: object) -> T:

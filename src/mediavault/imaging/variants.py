@@ -50,6 +50,8 @@ class TranscodeResult:
     thumbhash: bytes = b""
     photo: PhotoFacts = PhotoFacts()
     animation: Animation | None = None
+    # A video's: the time of its poster frame in the file it came from (decode.Poster); None for images.
+    poster_seconds: float | None = None
 
 
 def make_variants(
