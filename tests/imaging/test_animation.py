@@ -509,7 +509,7 @@ def stock_pillow_refuses_a_frame(data: bytes) -> bool:
         for index in range(getattr(image, "n_frames", 1)):
             image.seek(index)
             image.load()
-    except (OSError, EOFError, ValueError):
+    except (OSError, EOFError, ValueError, SyntaxError):
         return True
     return False
 
@@ -868,3 +868,131 @@ def test_a_sixteen_bit_apngs_transparent_colour_is_transparent_in_its_animation_
                 assert pixel[3] == 255, (index, x, pixel)
                 for got in (pixel[:3], flat):
                     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 12, (index, x, got, expected)
+
+
+# An APNG frame: its box (left, top, width, height), its rows of pixels, its dispose_op and blend_op.
+ApngFrame = tuple[tuple[int, int, int, int], list[bytes], int, int]
+NONE, BACKGROUND = 0, 1
+SOURCE, OVER = 0, 1
+
+
+def drawn_apng(
+    size: tuple[int, int], bit_depth: int, colour_type: int, frames: list[ApngFrame], before_pixels: bytes = b"",
+    default: list[bytes] | None = None,
+) -> bytes:
+    """An APNG of unfiltered rows whose frames each show for 100 ms: the first in the IDAT, or with a
+    `default` image there, left out of the animation, all in fdATs."""
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", *size, bit_depth, colour_type, 0, 0, 0))
+    data += png_chunk(b"acTL", struct.pack(">II", len(frames), 0)) + before_pixels
+    if default is not None:
+        data += png_chunk(b"IDAT", zlib.compress(b"".join(b"\0" + row for row in default)))
+    sequence = 0
+    for index, ((left, top, width, height), rows, dispose_op, blend_op) in enumerate(frames):
+        control = struct.pack(">IIIIIHHBB", sequence, width, height, left, top, 100, 1000, dispose_op, blend_op)
+        data += png_chunk(b"fcTL", control)
+        sequence += 1
+        pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+        if index == 0 and default is None:
+            data += png_chunk(b"IDAT", pixels)
+        else:
+            data += png_chunk(b"fdAT", struct.pack(">I", sequence) + pixels)
+            sequence += 1
+    return data + png_chunk(b"IEND", b"")
+
+
+def webp_frame(result: TranscodeResult, index: int) -> Image.Image:
+    webp = Image.open(io.BytesIO(renditions(result.animation)[ANIMATION]))
+    webp.seek(index)
+    return webp.convert("RGBA")
+
+
+def assert_pixel(picture: Image.Image, xy: tuple[int, int], expected: tuple[int, int, int, int]) -> None:
+    """The pixel is `expected`, its colour as near as a lossy encoder keeps it, where it is not transparent."""
+    pixel = picture.getpixel(xy)
+    assert isinstance(pixel, tuple)
+    assert abs(pixel[3] - expected[3]) < 8, (xy, pixel, expected)
+    if expected[3]:
+        assert max(abs(a - b) for a, b in zip(pixel[:3], expected[:3], strict=True)) < 12, (xy, pixel, expected)
+
+
+GREY_APNG, RGB_APNG, PALETTE_APNG = 0, 2, 3
+
+
+@pytest.mark.parametrize(
+    ("bit_depth", "colour_type", "before_pixels", "first", "second"),
+    [
+        (8, RGB_APNG, b"", bytes(COLOURS[0][:3]), bytes(COLOURS[1][:3])),
+        # Palette colour 0 is not the background: browsers clear to transparent black all the same.
+        (8, PALETTE_APNG, png_chunk(b"PLTE", bytes(COLOURS[0][:3]) + bytes(COLOURS[1][:3])), b"\x00", b"\x01"),
+    ],
+    ids=["rgb", "palette"],
+)
+def test_an_apng_frame_disposed_of_to_the_background_leaves_its_area_clear_as_browsers_do(
+    bit_depth: int, colour_type: int, before_pixels: bytes, first: bytes, second: bytes,
+) -> None:
+    data = drawn_apng(
+        (16, 16), bit_depth, colour_type,
+        [((0, 0, 16, 16), [first * 16] * 16, BACKGROUND, SOURCE), ((0, 0, 8, 8), [second * 8] * 8, NONE, OVER)],
+        before_pixels,
+    )
+    second_frame = webp_frame(transcode(data, "image/png"), 1)
+    assert_pixel(second_frame, (4, 4), COLOURS[1])
+    assert_pixel(second_frame, (12, 12), (0, 0, 0, 0))
+
+
+def test_a_grey_apngs_transparent_level_is_transparent_where_a_frame_is_drawn_over_another() -> None:
+    # tRNS names level 200: the half of a frame of it drawn over level 50 leaves the 50 showing.
+    data = drawn_apng(
+        (16, 16), 8, GREY_APNG,
+        [
+            ((0, 0, 16, 16), [bytes([50]) * 16] * 16, NONE, SOURCE),
+            ((0, 0, 16, 8), [bytes([200]) * 8 + bytes([100]) * 8] * 8, NONE, OVER),
+        ],
+        png_chunk(b"tRNS", struct.pack(">H", 200)),
+    )
+    second_frame = webp_frame(transcode(data, "image/png"), 1)
+    assert_pixel(second_frame, (4, 4), (50, 50, 50, 255))
+    assert_pixel(second_frame, (12, 4), (100, 100, 100, 255))
+
+
+def test_a_sixteen_bit_apngs_transparent_colour_shows_the_frame_below_where_a_frame_is_drawn_over_it() -> None:
+    red, transparent, beside = (struct.pack(">3H", *colour) for colour in (RED_16, TRANSPARENT_16, BESIDE_16))
+    data = drawn_apng(
+        (32, 32), 16, RGB_APNG,
+        [((0, 0, 32, 32), [red * 32] * 32, NONE, SOURCE), ((0, 0, 32, 32), [transparent * 16 + beside * 16] * 32, NONE, OVER)],
+        png_chunk(b"tRNS", transparent),
+    )
+    second_frame = webp_frame(transcode(data, "image/png"), 1)
+    assert_pixel(second_frame, (8, 16), (*(sample >> 8 for sample in RED_16), 255))
+    assert_pixel(second_frame, (24, 16), (*(sample >> 8 for sample in BESIDE_16), 255))
+
+
+def test_an_apngs_first_frame_after_a_default_image_left_out_is_drawn_on_a_clear_canvas_in_its_stills_and_animation() -> None:
+    grey = bytes([128, 128, 128])
+    data = drawn_apng(
+        (16, 16), 8, RGB_APNG,
+        [((0, 0, 8, 8), [bytes(COLOURS[0][:3]) * 8] * 8, NONE, OVER), ((8, 8, 8, 8), [bytes(COLOURS[1][:3]) * 8] * 8, NONE, OVER)],
+        default=[grey * 16] * 16,
+    )
+    result = transcode(data, "image/png")
+    display = check_variants(result, IMAGE_VARIANTS)["display"].convert("RGBA")
+    scale = display.width / 16
+    for picture, at in ((display, scale), (webp_frame(result, 0), 1.0)):
+        assert_pixel(picture, (round(4 * at), round(4 * at)), COLOURS[0])
+        assert_pixel(picture, (round(12 * at), round(12 * at)), (0, 0, 0, 0))
+    second_frame = webp_frame(result, 1)
+    assert_pixel(second_frame, (4, 4), COLOURS[0])
+    assert_pixel(second_frame, (12, 12), COLOURS[1])
+    assert_pixel(second_frame, (12, 4), (0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "out-of-sequence"])
+def test_an_apng_that_stock_pillow_refuses_is_refused(damage: str) -> None:
+    frames: list[ApngFrame] = [((0, 0, 16, 16), [bytes(colour[:3]) * 16] * 16, NONE, SOURCE) for colour in COLOURS]
+    data = drawn_apng((16, 16), 8, RGB_APNG, frames)
+    # The last fdAT's sequence number, 4, made 5.
+    damaged = data[:-40] if damage == "cut-short" else data.replace(struct.pack(">I", 4) + b"x", struct.pack(">I", 5) + b"x")
+    assert damaged != data
+    assert stock_pillow_refuses_a_frame(damaged)
+    with pytest.raises(PermanentImagingError, match="corrupt image"):
+        transcode(damaged, "image/png")

@@ -2,10 +2,10 @@
 
 The still variants still come from the first frame (strategies); these two come from
 every frame (an APNG's default image is neither when the animation leaves it out: see
-decode.first_frame), decoded one at a time by Pillow (a GIF's drawn one over the other as
-browsers draw them: see gif) and fed to both encoders (FFmpeg's libwebp animation encoder and
-libx264, through PyAV) as it goes, so that memory holds one frame whatever the length. An
-animation over any of `AnimationLimits` keeps its stills only: the upload is still good, it is
+decode.first_frame), decoded one at a time by Pillow (a GIF's and an APNG's drawn one over the
+other as browsers draw them: see canvas, gif and decode.apng_shown) and fed to both encoders
+(FFmpeg's libwebp animation encoder and libx264, through PyAV) as it goes, so that memory holds
+one frame whatever the length. An animation over any of `AnimationLimits` keeps its stills only: the upload is still good, it is
 just not worth animating at that size.
 
 Frame timing is kept in milliseconds: each frame is shown for the duration its source
@@ -48,14 +48,13 @@ from PIL import Image
 from mediavault.imaging import gif
 from mediavault.imaging.decode import (
     TRANSPOSE_FOR_ORIENTATION,
-    eight_bit,
+    apng_shown,
     exif_orientation,
     first_frame,
     icc_profile,
     in_srgb_tones,
     srgb_conversion,
     tones,
-    transparent_colour,
     upright,
 )
 from mediavault.imaging.spec import AnimationLimits, fit
@@ -143,7 +142,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
         first = first_frame(image)
         frames = getattr(image, "n_frames", 1) - first
         pixels = frames * image.width * image.height
-        pictures = _seeking(image, range(first, first + frames))
+        pictures = apng_shown(data, frames) if image.format == "PNG" else _seeking(image, range(first, first + frames))
         # A WebP's ANIM chunk and an APNG's acTL count the plays as the animated WebP does; Pillow
         # reads none of an AVIF, which browsers then play for ever.
         plays = int(image.info.get("loop", 0))
@@ -240,15 +239,13 @@ def _completed(webp: bytes, end_ms: int, transparent: bool) -> bytes:
 
 
 def _seeking(image: Image.Image, frames: range) -> Iterator[tuple[Image.Image, int]]:
-    """The opened image's frames as Pillow draws them, RGBA, each with its duration in milliseconds
-    (0 without one)."""
-    made_transparent = transparent_colour(image)
+    """The opened WebP's or AVIF's frames as Pillow draws them, RGBA, each with its duration in
+    milliseconds (0 without one)."""
     for index in frames:
         image.seek(index)
         # Loading the frame is what gives a WebP frame its duration.
         image.load()
-        rgba = eight_bit(made_transparent(image, index)).convert("RGBA")
-        yield rgba, int(image.info.get("duration") or 0)
+        yield image.convert("RGBA"), int(image.info.get("duration") or 0)
 
 
 def _stream(container: av.container.OutputContainer, codec: str, size: tuple[int, int], pixel_format: str,

@@ -17,7 +17,7 @@ import pillow_heif
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageFilter, ImageMath
 
 from mediavault.domain import content_types
-from mediavault.imaging import gif, isobmff, lossless, png
+from mediavault.imaging import canvas, gif, isobmff, lossless, png
 from mediavault.imaging.colour import (
     DISPLAY_P3,
     SRGB_PROFILE,
@@ -167,6 +167,9 @@ _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 _SRGB_TONES = "mediavault_srgb_tones"
 # Where open_image leaves a GIF's bytes, from which decode_with_pillow draws its still (see _first_gif_frame).
 _GIF_BYTES = "mediavault_gif_bytes"
+# Where open_image leaves the bytes of an APNG whose default image is left out of its animation, from
+# which decode_with_pillow draws its still (see _first_apng_frame).
+_APNG_BYTES = "mediavault_apng_bytes"
 # Where open_image leaves the profile a PNG's colours are in (see icc_profile).
 _PNG_PROFILE = "mediavault_png_profile"
 # Where open_image leaves a 16-bit PNG's levels in sRGB's tone curve, of all 16 bits (see _describe_png).
@@ -239,6 +242,8 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
         if colours.primaries is not None:
             profile = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
     image.info[_PNG_PROFILE] = profile
+    if first_frame(image):
+        image.info[_APNG_BYTES] = data
 
 
 def icc_profile(image: Image.Image) -> bytes | None:
@@ -366,30 +371,81 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
         cropped = clean_aperture(image)
         if cropped is not image:
             width, height = cropped.size
-        shown = _first_gif_frame(cropped)
+        shown = _first_gif_frame(cropped) or _first_apng_frame(image)
+        if shown is None:
+            shown = transparent_colour(image)(cropped, first)
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
-        picture = _to_srgb(_sixteen_bits_in_srgb_tones(transparent_colour(image)(shown, first)))
+        picture = _to_srgb(_sixteen_bits_in_srgb_tones(shown))
         if orientation in TRANSPOSE_FOR_ORIENTATION:
             picture = picture.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     return Still(picture, *upright(width, height, orientation))
 
 
-def _first_gif_frame(image: Image.Image) -> Image.Image:
+def _first_gif_frame(image: Image.Image) -> Image.Image | None:
     """The loaded GIF's first frame as browsers draw it and its animation shows it (see gif), RGBA,
     with the image's info: where that frame leaves the screen uncovered, Pillow shows the screen in
-    colour 0 of the palette, browsers transparent. Any other image as it is, and a GIF that gif.read
-    does not read so far as Pillow draws it."""
+    colour 0 of the palette, browsers transparent. None for any other image, and for a GIF that
+    gif.read does not read so far as Pillow draws it."""
     data = image.info.get(_GIF_BYTES)
     if data is None:
-        return image
+        return None
     blocks = gif.read(data, 1)
     if blocks is None or not blocks.frames:
-        return image
+        return None
     picture, _ = next(gif.shown(data, blocks))
     # Its transparency is its alpha.
     picture.info = {key: value for key, value in image.info.items() if key != "transparency"}
     return picture
+
+
+def _first_apng_frame(image: Image.Image) -> Image.Image | None:
+    """The first frame of an APNG whose default image is left out of its animation, as browsers draw
+    it and its animation shows it (see apng_shown), RGBA, with the image's info, its transparency
+    being its alpha: Pillow draws it over the default image, browsers over a clear canvas. None for
+    any other image: the first frame of an APNG whose default image is that frame is that image,
+    which Pillow decodes as browsers do (and the stills of a 16-bit one from all 16 bits)."""
+    data = image.info.get(_APNG_BYTES)
+    if data is None:
+        return None
+    picture, _ = next(apng_shown(data, 1))
+    picture.info = {key: value for key, value in image.info.items() if key not in ("transparency", _TRANSPARENT_COLOUR)}
+    return picture
+
+
+def apng_shown(data: bytes, most: int) -> Iterator[tuple[Image.Image, int]]:
+    """The first `most` frames of the APNG Pillow opened of `data`, as browsers draw them (see canvas:
+    dispose_op NONE, BACKGROUND and PREVIOUS keep, clear and put back a frame's area; blend_op SOURCE
+    replaces the canvas's pixels, OVER draws over them), RGBA, each with its delay in milliseconds.
+    Each frame's own pixels are decoded as a PNG of their own, and made transparent as a still's are
+    (a tRNS colour, of 16 bits or a grey level of few): Pillow draws each frame over the last
+    itself, ignoring the tRNS of grey and 16-bit frames there, and clears a frame disposed of to
+    the background to opaque black (a palette's colour 0). Raises ValueError where Pillow's reader
+    refuses the frames (see png.apng). The picture is the one the next frame is drawn on: use it
+    before asking for the next."""
+    animation = png.apng(data, most)
+    placed = ((_apng_placement(frame), _own_apng_pixels(data, animation, frame)) for frame in animation.frames)
+    return canvas.drawn(animation.size, placed)
+
+
+# APNG's dispose_op and blend_op values (the APNG spec's fcTL).
+_APNG_DISPOSALS = {0: canvas.Disposal.KEEP, 1: canvas.Disposal.CLEAR, 2: canvas.Disposal.PUT_BACK}
+_APNG_BLEND_SOURCE = 0
+
+
+def _apng_placement(frame: png.ApngFrame) -> canvas.Placement:
+    disposal = _APNG_DISPOSALS.get(frame.dispose_op)
+    if disposal is None or frame.blend_op > 1:
+        raise ValueError("APNG contains an unknown dispose_op or blend_op")
+    return canvas.Placement(frame.box, disposal, frame.blend_op == _APNG_BLEND_SOURCE, frame.delay_ms)
+
+
+def _own_apng_pixels(data: bytes, animation: png.Apng, frame: png.ApngFrame) -> Image.Image:
+    alone = animation.alone(data, frame)
+    picture = Image.open(io.BytesIO(alone), formats=["PNG"])
+    picture.load()
+    _describe_png(picture, alone)
+    return eight_bit(transparent_colour(picture)(picture, 0)).convert("RGBA")
 
 
 def first_frame(image: Image.Image) -> int:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from mediavault.imaging import canvas
+
 _EXTENSION = 0x21
 _IMAGE = 0x2C
 _TRAILER = 0x3B
@@ -62,7 +64,6 @@ _MAX_BLOCKS = 1_000_000
 # (read as sub-blocks of its own bytes' lengths) some thousands. Pillow's open reads this many in
 # a few hundredths of a second.
 _MAX_BLOCKS_BEFORE_IMAGE = 100_000
-_TRANSPARENT = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -208,26 +209,28 @@ def _loop_count(sub_blocks: bytes) -> int | None:
 
 def shown(data: bytes, gif: Gif) -> Iterator[tuple[Image.Image, int]]:
     """Each frame of the GIF read from `data`, on its logical screen (see Gif.screen), as browsers
-    show it (see above), RGBA, with its delay in milliseconds. The picture is the one the next frame is drawn
-    on: use it before asking for the next."""
-    canvas = Image.new("RGBA", gif.screen, _TRANSPARENT)
-    for frame in gif.frames:
-        left, top, right, bottom = frame.box
-        before = canvas.crop(frame.box) if frame.disposal in _DISPOSALS_PUTTING_BACK else None
-        if right > left and bottom > top:
-            own = _own_pixels(data, gif, frame)
-            canvas.paste(own, (left, top), own)
-        yield canvas, frame.delay_ms
-        if frame.disposal == _DISPOSAL_CLEARING:
-            canvas.paste(_TRANSPARENT, frame.box)
-        elif before is not None:
-            canvas.paste(before, (left, top))
+    show it (see above and canvas), RGBA, with its delay in milliseconds. The picture is the one the
+    next frame is drawn on: use it before asking for the next."""
+    return canvas.drawn(gif.screen, ((_placement(frame), _own_pixels(data, gif, frame)) for frame in gif.frames))
 
 
-def _own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image:
+def _placement(frame: Frame) -> canvas.Placement:
+    if frame.disposal == _DISPOSAL_CLEARING:
+        disposal = canvas.Disposal.CLEAR
+    elif frame.disposal in _DISPOSALS_PUTTING_BACK:
+        disposal = canvas.Disposal.PUT_BACK
+    else:
+        disposal = canvas.Disposal.KEEP
+    return canvas.Placement(frame.box, disposal, replaces=False, delay_ms=frame.delay_ms)
+
+
+def _own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image | None:
     """The frame's pixels alone, RGBA, its transparent colour clear: decoded by Pillow as the one
-    frame of a GIF of its size, its graphic control extension and colour tables."""
+    frame of a GIF of its size, its graphic control extension and colour tables; None for a frame
+    of no pixels."""
     left, top, right, bottom = frame.box
+    if right <= left or bottom <= top:
+        return None
     alone = (
         gif.header[:6] + struct.pack("<HH", right - left, bottom - top) + gif.header[10:]
         + frame.control

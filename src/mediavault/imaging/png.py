@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
@@ -219,3 +220,141 @@ def read(data: bytes) -> Chunks:
     if len(payloads.get(b"IHDR", b"")) != 13:
         payloads.pop(b"IHDR", None)
     return Chunks(payloads, srgb)
+
+
+@dataclass(frozen=True)
+class ApngFrame:
+    """One frame of an APNG, as its fcTL describes it: its box on the canvas, (left, top, right,
+    bottom), its delay, its dispose_op and blend_op, and where its compressed pixels lie in the
+    file (the payloads of its IDAT chunks, or of its fdAT chunks past their sequence numbers)."""
+
+    box: tuple[int, int, int, int]
+    delay_ms: int
+    dispose_op: int
+    blend_op: int
+    pixels: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Apng:
+    """An APNG's IHDR payload, the chunks each frame's pixels need (_FRAME_CHUNKS, whole), and its frames."""
+
+    header: bytes
+    frame_chunks: bytes
+    frames: tuple[ApngFrame, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        width, height = struct.unpack_from(">II", self.header)
+        return width, height
+
+    def alone(self, data: bytes, frame: ApngFrame) -> bytes:
+        """The frame as a PNG of its own, of the APNG's bytes `data`: its size, the APNG's palette and
+        tRNS, its pixels in one IDAT."""
+        left, top, right, bottom = frame.box
+        pixels = b"".join(data[start:end] for start, end in frame.pixels)
+        return (
+            data[:_SIGNATURE_BYTES]
+            + _chunk(b"IHDR", struct.pack(">II", right - left, bottom - top) + self.header[8:])
+            + self.frame_chunks
+            + _chunk(b"IDAT", pixels)
+            + _chunk(b"IEND", b"")
+        )
+
+
+# The chunks before the pixels that decoding a frame's pixels needs: the colours are read once, from
+# the APNG's own chunks.
+_FRAME_CHUNKS = frozenset({b"PLTE", b"tRNS"})
+_IHDR_BYTES = 13
+# An fcTL's payload: sequence number, width, height, x and y offsets, delay numerator and
+# denominator, dispose_op, blend_op.
+_FCTL = struct.Struct(">IIIIIHHBB")
+# A delay's denominator of 0 means hundredths of a second.
+_DEFAULT_DELAY_DENOMINATOR = 100
+
+
+def apng(data: bytes, most: int) -> Apng:
+    """The first `most` frames of the APNG Pillow opened, read as Pillow's reader reads them, and
+    refused where it refuses them (ValueError): an fcTL or fdAT out of sequence or cut short, a frame
+    off the canvas, of no pixels, or missing."""
+    # Pillow opened it, so a whole IHDR comes first, past its length and kind.
+    header = data[_SIGNATURE_BYTES + 8 : _SIGNATURE_BYTES + 8 + _IHDR_BYTES]
+    frame_chunks: list[bytes] = []
+    frames: list[ApngFrame] = []
+    control: tuple[tuple[int, int, int, int], int, int, int] | None = None
+    pixels: list[tuple[int, int]] = []
+    sequence = -1
+    pixels_seen = False
+    for kind, start, end in _chunks(data):
+        if kind == b"fcTL":
+            if control is not None:
+                frames.append(_frame(control, pixels))
+                pixels = []
+            if len(frames) == most:
+                break
+            sequence = _next_in_sequence(data[start:end], sequence, _FCTL.size)
+            control = _frame_control(data[start : start + _FCTL.size], header)
+        elif kind == b"IDAT":
+            # Before any fcTL, the default image, left out of the animation.
+            if control is not None and not frames:
+                pixels.append((start, end))
+            pixels_seen = True
+        elif kind == b"fdAT":
+            if control is None:
+                raise ValueError("APNG contains frame sequence errors")
+            sequence = _next_in_sequence(data[start:end], sequence, 4)
+            pixels.append((start + 4, end))
+        elif kind in _FRAME_CHUNKS and not pixels_seen:
+            # The whole chunk: its length and kind before, its CRC after.
+            frame_chunks.append(data[start - 8 : end + 4])
+    if len(frames) < most:
+        frames.append(_frame(control, pixels))
+    if len(frames) < most:
+        raise ValueError("No more images in APNG file")
+    return Apng(header, b"".join(frame_chunks), tuple(frames))
+
+
+def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """Each chunk's kind and where its payload starts and ends, as far as the IEND or a chunk cut short."""
+    position = _SIGNATURE_BYTES
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        start = position + 8
+        end = start + length
+        if end > len(data) or kind == b"IEND":
+            return
+        yield kind, start, end
+        # Past the payload and its CRC.
+        position = end + 4
+
+
+def _frame(control: tuple[tuple[int, int, int, int], int, int, int] | None, pixels: list[tuple[int, int]]) -> ApngFrame:
+    if control is None or not pixels:
+        raise ValueError("APNG missing frame data")
+    return ApngFrame(*control, tuple(pixels))
+
+
+def _next_in_sequence(payload: bytes, sequence: int, least: int) -> int:
+    """The sequence number an fcTL's or fdAT's payload, of at least `least` bytes, starts with,
+    which must follow `sequence`."""
+    if len(payload) < least:
+        raise ValueError("APNG contains a truncated fcTL or fdAT chunk")
+    (number,) = struct.unpack_from(">I", payload)
+    if number != sequence + 1:
+        raise ValueError("APNG contains frame sequence errors")
+    return int(number)
+
+
+def _frame_control(fctl: bytes, header: bytes) -> tuple[tuple[int, int, int, int], int, int, int]:
+    """An fcTL's box, delay in milliseconds (as Pillow works it out), dispose_op and blend_op; a
+    frame of no pixels or off the canvas IHDR's `header` gives is refused."""
+    _, width, height, left, top, numerator, denominator, dispose_op, blend_op = _FCTL.unpack(fctl)
+    canvas_width, canvas_height = struct.unpack_from(">II", header)
+    if left + width > canvas_width or top + height > canvas_height or not width or not height:
+        raise ValueError("APNG contains invalid frames")
+    delay_ms = int(numerator / (denominator or _DEFAULT_DELAY_DENOMINATOR) * 1000)
+    return (left, top, left + width, top + height), delay_ms, dispose_op, blend_op
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
