@@ -6,7 +6,7 @@ import contextlib
 import errno
 import io
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -268,47 +268,23 @@ def _coded_colours(info: dict) -> CodedColours | None:
     return None if primaries is None or transfer is None else coded_colours(primaries, transfer)
 
 
-def transparent_colour(image: Image.Image) -> Callable[[Image.Image, int], Image.Image]:
-    """What makes the transparent 16-bit colour of the opened image's PNG (see _describe_png)
-    transparent in its frames. Handed a loaded frame and its index (the frames in order), it gives
-    the frame as RGBA, each sample compared whole: its top byte in the frame, its low byte in the
-    same frame of the PNG decoded again, by a second image drawn beside it frame after frame (the
-    stills' frame and an animation's alike). Any other image's frames it hands back as they are."""
+def transparent_colour(image: Image.Image) -> Image.Image:
+    """The loaded picture of an opened PNG with its transparent 16-bit colour (see _describe_png)
+    made transparent, as RGBA, each sample compared whole: its top byte in the picture, its low byte
+    in the PNG decoded again (an APNG's frames are each a PNG of its own: see apng_shown). Any other
+    image as it is."""
     described = image.info.get(_TRANSPARENT_COLOUR)
     if described is None:
-        return _as_it_is
+        return image
     colour, data = described
-    low_bytes = Image.open(io.BytesIO(data), formats=["PNG"])
-
-    def made_transparent(picture: Image.Image, frame: int) -> Image.Image:
-        _load_low_bytes(low_bytes, frame)
-        alpha = ImageChops.lighter(
-            _opaque_but(picture, tuple(sample >> 8 for sample in colour)),
-            _opaque_but(low_bytes, tuple(sample & 0xFF for sample in colour)),
-        )
-        rgba = picture.convert("RGBA")
-        rgba.putalpha(alpha)
-        return rgba
-
-    return made_transparent
-
-
-def _as_it_is(picture: Image.Image, _frame: int) -> Image.Image:
-    return picture
-
-
-def _load_low_bytes(low_bytes: ImageFile.ImageFile, frame: int) -> None:
-    """The opened PNG loaded as far as `frame`, each frame's samples decoded to their low bytes, and
-    drawn over the one before as Pillow draws the top bytes' frames."""
-    while True:
-        # "RGB;16L" unpacks the second byte of each sample, the low one of a PNG's big-endian
-        # samples; the zip decoder still undoes the filters over whole 6-byte pixels. A loaded
-        # frame has no tiles left.
-        low_bytes.tile = [tile._replace(args="RGB;16L") for tile in low_bytes.tile]
-        low_bytes.load()
-        if low_bytes.tell() >= frame:
-            return
-        low_bytes.seek(low_bytes.tell() + 1)
+    low_bytes = _decoded_again(data, "RGB;16L")
+    alpha = ImageChops.lighter(
+        _opaque_but(image, tuple(sample >> 8 for sample in colour)),
+        _opaque_but(low_bytes, tuple(sample & 0xFF for sample in colour)),
+    )
+    rgba = image.convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba
 
 
 def _sixteen_bits_in_srgb_tones(image: Image.Image) -> Image.Image:
@@ -373,7 +349,7 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
             width, height = cropped.size
         shown = _first_gif_frame(cropped) or _first_apng_frame(image)
         if shown is None:
-            shown = transparent_colour(image)(cropped, first)
+            shown = transparent_colour(cropped)
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
         picture = _to_srgb(_sixteen_bits_in_srgb_tones(shown))
@@ -445,7 +421,7 @@ def _own_apng_pixels(data: bytes, animation: png.Apng, frame: png.ApngFrame) -> 
     picture = Image.open(io.BytesIO(alone), formats=["PNG"])
     picture.load()
     _describe_png(picture, alone)
-    return eight_bit(transparent_colour(picture)(picture, 0)).convert("RGBA")
+    return eight_bit(transparent_colour(picture)).convert("RGBA")
 
 
 def first_frame(image: Image.Image) -> int:
