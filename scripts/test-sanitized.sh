@@ -29,9 +29,11 @@ sanitizers="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-om
 # ffmpeg and ffprobe run under a memory cap, exec'd through prlimit, which ASan's shadow memory
 # alone passes, and they are not what this looks for: this prlimit execs the real one without the
 # sanitizer runtimes, for it and what it execs.
+# Readable by every user: a test runs ffmpeg as nobody (through setpriv), whose PATH lookup of
+# prlimit must find this one, not pass over a folder only root may enter (mktemp's 0700).
 mkdir "$work/bin"
 printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$(command -v prlimit)" > "$work/bin/prlimit"
-chmod +x "$work/bin/prlimit"
+chmod 755 "$work" "$work/bin" "$work/bin/prlimit"
 
 # CPython allocates for good at start-up and never frees: leaks are not what this looks for.
 # The transcoding processes' memory limit is tested by `make test` alone: ASan keeps freed memory
