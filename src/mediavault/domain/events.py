@@ -121,8 +121,8 @@ Executor = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
 
 async def add_partitions(conn: Executor, days_ahead: int = PARTITION_DAYS_AHEAD) -> int:
     """Makes the missing partitions of today and the days_ahead days after, attaching again a table
-    detached and left under a partition's name (0022); returns how many. First finishes the
-    detach of a partition left half-detached (0024), which waits for the transactions older than it."""
+    detached and left under a partition's name; returns how many. First finishes the detach of a
+    partition left half-detached, which waits for the transactions older than it (migration 0024)."""
     return int(await conn.fetchval(_ADD_PARTITIONS, days_ahead))
 
 

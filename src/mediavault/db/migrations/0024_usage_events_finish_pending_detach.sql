@@ -1,11 +1,19 @@
--- A partition left half-detached by an interrupted ALTER TABLE usage_events DETACH PARTITION ...
--- CONCURRENTLY (pg_inherits.inhdetachpending: the first of its two transactions committed) takes
--- no insert, since inserts no longer route to it, and usage_events_add_partitions skipped its day
--- as one that had its partition: every insert of that day failed, the insert that makes the missing
--- partitions included. The function now finishes such a detach (DETACH PARTITION ... FINALIZE,
--- which waits for the transactions older than it, as the interrupted detach would have), so that
--- the table is detached and left in place, which a day it makes attaches again (0022). At most one
--- partition of a table can be pending detach.
+-- usage_events_add_partitions skipped every day whose partition's name was taken, whatever that
+-- table was, so two kinds of partition left their day without one, and every insert of that day
+-- failed, the insert that makes the missing partitions included:
+-- - A partition detached and left in place (ALTER TABLE usage_events DETACH PARTITION, by hand):
+--   a table of the name that is no partition of usage_events is now attached for its day.
+--   PostgreSQL refuses it, with an error naming it, when its columns are not usage_events' or a row
+--   of it lies outside the day; nothing is attached or made then. Attaching scans the table for such
+--   rows (an ACCESS EXCLUSIVE lock on it, not on usage_events).
+-- - A partition left half-detached by an interrupted ALTER TABLE usage_events DETACH PARTITION ...
+--   CONCURRENTLY (pg_inherits.inhdetachpending: the first of its two transactions committed), which
+--   takes no insert since inserts no longer route to it: the function first finishes such a detach
+--   (DETACH PARTITION ... FINALIZE, which waits for the transactions older than it, as the
+--   interrupted detach would have), so that the table is detached and left in place, and attached
+--   again as above when its day is one it makes. At most one partition of a table can be pending detach.
+-- The first fix was once a migration of its own, 0022_usage_events_attach_detached, never released:
+-- a database that ran it keeps its name in schema_migrations, and this one replaces its function.
 CREATE OR REPLACE FUNCTION usage_events_add_partitions(first_day date, last_day date) RETURNS integer
 LANGUAGE plpgsql
 SET timezone = 'UTC'
