@@ -112,6 +112,19 @@ async def call_summary(stub, md, timeout: float | None = None):
         return False, dict(error.trailing_metadata()), error
 
 
+@contextlib.asynccontextmanager
+async def summary_limited_behind_proxy(pool, settings, per_hour: int):
+    """A server limiting GetStorageSummary to per_hour that reaches PostgreSQL through a proxy the
+    test can take down or freeze: yields the proxy, the server and a stub calling it."""
+    async with (
+        limit(pool, SUMMARY, per_hour=per_hour, burst=50),
+        proxied(settings.database_url) as proxy,
+        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        yield proxy, server, storage_pb2_grpc.StorageServiceStub(channel)
+
+
 async def test_a_burst_of_twice_the_limit_lets_exactly_the_limit_through_two_processes(limited, pool, auth, user_id):
     async with limit(pool, SUMMARY, per_hour=10, burst=50), running(limited) as first:
         port = free_port()
@@ -428,13 +441,7 @@ async def test_a_freeze_postgresql_fails_leaves_every_refusal_answered_promptly_
         assert int(trailers["retry-after"]) >= 1
         assert time.monotonic() - started < 8
 
-    async with (
-        limit(pool, SUMMARY, per_hour=1, burst=50),
-        proxied(settings.database_url) as proxy,
-        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-    ):
-        stub = storage_pb2_grpc.StorageServiceStub(channel)
+    async with summary_limited_behind_proxy(pool, settings, per_hour=1) as (proxy, _, stub):
         assert (await call_summary(stub, md))[0]
         assert not (await call_summary(stub, md))[0]
         caplog.set_level(logging.WARNING, logger="mediavault.ratelimit")
@@ -471,13 +478,7 @@ async def test_reloads_postgresql_never_answers_are_given_up_and_the_changes_mad
     def reloads_given_up() -> int:
         return sum(r.getMessage().startswith("rate limit config reload failed") for r in caplog.records)
 
-    async with (
-        limit(pool, SUMMARY, per_hour=1000, burst=50),
-        proxied(settings.database_url) as proxy,
-        running(settings.model_copy(update={"database_url": proxy.url_for(settings.database_url)})) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-    ):
-        stub = storage_pb2_grpc.StorageServiceStub(channel)
+    async with summary_limited_behind_proxy(pool, settings, per_hour=1000) as (proxy, server, stub):
         ok, trailers, _ = await call_summary(stub, md)
         assert ok
         assert trailers["ratelimit-limit"] == "1000"
