@@ -302,15 +302,13 @@ async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobCon
     """Makes usage_events' partitions of the days ahead, then drops the partitions whose
     events were all received longer ago than the retention (age_seconds): whole days, so
     an event stays between age_seconds and a day more, and deletes the RecordEvents
-    idempotency keys past their lifetime. Counters (media_counters) are lifetime totals
-    and stay."""
+    idempotency keys past their lifetime, batch_size at a time. Counters (media_counters)
+    are lifetime totals and stay."""
     pool: asyncpg.Pool = ctx["pool"]
     dropped: list[asyncpg.Record] = []
     async with pool.acquire() as conn:
         async with _transaction(conn, report.dry_run):
             added = await events.add_partitions(conn)
-        async with _transaction(conn, report.dry_run):
-            keys_dropped = await events.drop_idempotency_keys(conn)
         for attempt in range(1, PARTITION_DROP_ATTEMPTS + 1):
             try:
                 async with _transaction(conn, report.dry_run):
@@ -320,12 +318,19 @@ async def prune_telemetry(ctx: dict[str, Any], report: RunReport, config: JobCon
                 if attempt == PARTITION_DROP_ATTEMPTS:
                     raise
                 await asyncio.sleep(PARTITION_DROP_RETRY_SECONDS)
+
+    async def drop_keys(conn: cleanup.Connection, job: JobConfig, _: cleanup.Lane) -> cleanup.Batch:
+        return cleanup.Batch(await events.drop_idempotency_keys(conn, job.batch_size))
+
+    # Counted apart: the run's changes are the partitions it dropped.
+    keys = RunReport(report.job, report.dry_run)
+    await _batched(ctx, keys, config, drop_keys, None)
     report.scanned = report.changed = len(dropped)
     report.details.update(
         partitions_added=added,
         partitions_dropped=[r["partition_name"] for r in dropped],
         estimated_events_dropped=sum(r["estimated_rows"] for r in dropped),
-        idempotency_keys_dropped=keys_dropped,
+        idempotency_keys_dropped=keys.changed,
     )
 
 

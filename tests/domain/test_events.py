@@ -331,7 +331,7 @@ async def test_an_idempotency_key_past_its_lifetime_is_deleted_and_its_batch_sto
         "UPDATE usage_event_batches SET recorded_at = now() - $2::interval - interval '1 minute'"
         " WHERE user_id = $1 AND idempotency_key = 'old'", user_id, events.IDEMPOTENCY_KEY_LIFETIME)
 
-    assert await events.drop_idempotency_keys(pool) >= 1
+    assert await events.drop_idempotency_keys(pool, 1000) >= 1
     keys = await pool.fetch("SELECT idempotency_key FROM usage_event_batches WHERE user_id = $1", user_id)
     assert [row["idempotency_key"] for row in keys] == ["young"]
     for key in ("old", "young"):

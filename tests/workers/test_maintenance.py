@@ -455,6 +455,28 @@ async def test_prune_deletes_the_event_idempotency_keys_past_their_lifetime(ctx,
     assert await pool.fetchval(keys, user_id) == ["young"]
 
 
+async def test_prune_deletes_the_idempotency_keys_batch_by_batch_past_those_another_transaction_holds(make_ctx, make_settings, pool, user_id):
+    # Batches smaller than the keys due: the run goes on past a full batch.
+    ctx = await make_ctx(make_settings(jobs={"prune_telemetry": {"batch_size": 2}}))
+    recorder = events.Events(pool)
+    batch = [events.Event("impression", str(uuid.uuid4()), "feed", None, {})]
+    for key in ("old-0", "old-1", "old-2", "old-3", "old-4", "young"):
+        await recorder.record(user_id, batch, key)
+    await pool.execute(
+        "UPDATE usage_event_batches SET recorded_at = now() - $2::interval - interval '1 minute'"
+        " WHERE user_id = $1 AND idempotency_key LIKE 'old-%'", user_id, events.IDEMPOTENCY_KEY_LIFETIME)
+    keys = "SELECT array_agg(idempotency_key ORDER BY idempotency_key) FROM usage_event_batches WHERE user_id = $1"
+
+    # As another run deleting keys holds them (one by hand beside the cron's): its key is left to it.
+    async with pool.acquire() as other, other.transaction():
+        await other.execute("SELECT FROM usage_event_batches WHERE user_id = $1 AND idempotency_key = 'old-0' FOR UPDATE", user_id)
+        async with asyncio.timeout(10):
+            report = await run_job(ctx, "prune_telemetry")
+    assert report.errors == 0
+    assert report.details["idempotency_keys_dropped"] >= 4
+    assert await pool.fetchval(keys, user_id) == ["old-0", "young"]
+
+
 async def test_audit_reports_heavy_reservations(ctx, storage, auth, user_id, pool):
     from prometheus_client import REGISTRY
 

@@ -106,7 +106,20 @@ SELECT $7 = '' OR EXISTS (SELECT FROM claimed)
 # the insert waited for it.
 _ANSWERED = "SELECT accepted, rejected, batch_sha256 FROM usage_event_batches WHERE user_id = $1 AND idempotency_key = $2"
 
-_DROP_IDEMPOTENCY_KEYS = "DELETE FROM usage_event_batches WHERE recorded_at < now() - $1::interval"
+# A batch at a time, as the cleanup jobs delete: one statement deleting a day of keys would hold
+# their row locks, and keep vacuum from every dead row, until it ends, which on a large table a
+# job timeout may never let it reach. SKIP LOCKED leaves the keys another run holds to that run.
+_DROP_IDEMPOTENCY_KEYS = """
+WITH due AS (
+    SELECT user_id, idempotency_key FROM usage_event_batches
+    WHERE recorded_at < now() - $1::interval
+    ORDER BY recorded_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM usage_event_batches b USING due
+WHERE b.user_id = due.user_id AND b.idempotency_key = due.idempotency_key
+"""
 
 
 _ADD_PARTITIONS = """
@@ -135,9 +148,10 @@ async def drop_partitions(conn: asyncpg.Connection | PoolConnectionProxy, age_se
     return await conn.fetch(_DROP_PARTITIONS, float(age_seconds))
 
 
-async def drop_idempotency_keys(conn: Executor) -> int:
-    """Deletes the idempotency keys older than IDEMPOTENCY_KEY_LIFETIME; returns how many."""
-    status = await conn.execute(_DROP_IDEMPOTENCY_KEYS, IDEMPOTENCY_KEY_LIFETIME)
+async def drop_idempotency_keys(conn: Executor, batch_size: int) -> int:
+    """Deletes up to batch_size of the idempotency keys older than IDEMPOTENCY_KEY_LIFETIME, the
+    oldest first, none that another transaction holds; returns how many."""
+    status = await conn.execute(_DROP_IDEMPOTENCY_KEYS, IDEMPOTENCY_KEY_LIFETIME, batch_size)
     return int(status.rpartition(" ")[2])
 
 
