@@ -218,8 +218,8 @@ def _occurred_at(micros: int | None, now: datetime) -> datetime | None:
     return now + timedelta(microseconds=skew)
 
 
-def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime, str] | None:
-    """The event's row, or None when it is rejected."""
+def _accept(event: Event, meta: object, now: datetime) -> tuple[uuid.UUID, str, str, datetime, str] | None:
+    """The event's row, meta its meta sanitised, or None when it is rejected."""
     if event.event_type not in EVENT_TYPES or SURFACE.violation(event.surface) is not None:
         return None
     media_id = parse_uuid(event.media_id)
@@ -228,7 +228,7 @@ def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime,
     occurred_at = _occurred_at(event.occurred_at_micros, now)
     if occurred_at is None:
         return None
-    meta = sanitise_meta(event.meta) or {}
+    meta = meta or {}
     if not _storable_meta(meta):
         return None
     # Measured as stored, in UTF-8: escaped to ASCII, a character could count six bytes.
@@ -238,14 +238,11 @@ def _accept(event: Event, now: datetime) -> tuple[uuid.UUID, str, str, datetime,
     return media_id, event.event_type, event.surface, occurred_at, encoded
 
 
-def _batch_sha256(events: Sequence[Event]) -> bytes:
-    """What a repeat under a batch's idempotency key must repeat: its events as the client sent
-    them (an event without a time is stamped when it is stored, so the stored rows differ)."""
-    digest = hashlib.sha256()
-    for event in events:
-        sent = [event.event_type, event.media_id, event.surface, event.occurred_at_micros, sanitise_meta(event.meta)]
-        digest.update(json.dumps(sent, sort_keys=True).encode())
-    return digest.digest()
+def _as_sent(event: Event, meta: object) -> bytes:
+    """What a repeat under a batch's idempotency key must repeat of each event, meta its meta
+    sanitised: the event as the client sent it (an event without a time is stamped when it is
+    stored, so the stored rows differ)."""
+    return json.dumps([event.event_type, event.media_id, event.surface, event.occurred_at_micros, meta], sort_keys=True).encode()
 
 
 class Events:
@@ -265,11 +262,20 @@ class Events:
         if not 0 < len(events) <= MAX_BATCH:
             raise InvalidArgument.single("events", f"must hold 1-{MAX_BATCH} events")
         now = datetime.now(UTC)
-        rows = [row for row in (_accept(e, now) for e in events) if row is not None]
+        rows = []
+        digest = hashlib.sha256()
+        for event in events:
+            # Sanitised once for the row and the digest: reading the meta is most of this work.
+            meta = sanitise_meta(event.meta)
+            if idempotency_key:
+                digest.update(_as_sent(event, meta))
+            row = _accept(event, meta, now)
+            if row is not None:
+                rows.append(row)
         accepted, rejected = len(rows), len(events) - len(rows)
         if rows:
             media_ids, types, surfaces, times, metas = (list(column) for column in zip(*rows, strict=True))
-            batch_sha256 = _batch_sha256(events) if idempotency_key else b""
+            batch_sha256 = digest.digest() if idempotency_key else b""
             arguments = (user_id, media_ids, types, surfaces, times, metas, idempotency_key, accepted, rejected, batch_sha256)
             while not await self._store(arguments):
                 answered = await self._pool.fetchrow(_ANSWERED, user_id, idempotency_key)
