@@ -28,11 +28,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mediavault import metrics
+from mediavault.db.pool import DATABASE_ERRORS
 from mediavault.domain.accounts import Accounts
 from mediavault.domain.rate_limit_config import RateLimitConfig
 
@@ -51,8 +51,6 @@ AUTO_FREEZE_WAIT_SECONDS = 1.0
 # accounts it had kept, and tried again at the next period. A PostgreSQL that hangs would otherwise
 # stall the reloads until the TCP connection drops.
 RELOAD_WAIT_SECONDS = 2.0
-# What PostgreSQL's absence looks like to a statement: refused, cut or timed-out connections.
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 # GCRA: every allowed call pushes the theoretical arrival time (TAT) one emission interval
 # (an hour / limit) further; a call is allowed while TAT - now stays within the burst
@@ -152,7 +150,7 @@ class RateLimiter:
             await asyncio.sleep(every_seconds)
             try:
                 await self.reload()
-            except (*_DATABASE_ERRORS, TimeoutError):
+            except (*DATABASE_ERRORS, TimeoutError):
                 log.warning("rate limit config reload failed; keeping the previous one", exc_info=True)
 
     def limit_for(self, method: str, scope: str) -> Limit | None:
@@ -256,7 +254,7 @@ class RateLimiter:
         try:
             # An operator may have frozen it since the last reload, here or in another process.
             frozen_now = await self.accounts.freeze_automatically(user_id, reason, AUTO_FREEZE_WAIT_SECONDS)
-        except (*_DATABASE_ERRORS, TimeoutError):
+        except (*DATABASE_ERRORS, TimeoutError):
             # The call is answered the refusal it earned, not the database's fault.
             log.warning("automatic freeze failed; tried again at the next refusal", extra={"user_id": user_id}, exc_info=True)
             return

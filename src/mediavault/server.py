@@ -25,7 +25,7 @@ from mediavault.blobs.http import create_app
 from mediavault.config import Settings, listen_address
 from mediavault.db import close_pool
 from mediavault.db import create_pool as create_db_pool
-from mediavault.db.pool import connection_within
+from mediavault.db.pool import DATABASE_ERRORS, connection_within
 from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2
 from mediavault.ratelimit import RateLimiter
@@ -212,7 +212,7 @@ class Server:
             try:
                 await self._select_one(pool)
                 reachable = True
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            except (*DATABASE_ERRORS, TimeoutError):
                 reachable = False
             metrics.HEALTH_DATABASE.set(1 if reachable else 0)
             if reachable != serving and not self._stopped.is_set():

@@ -23,6 +23,7 @@ import asyncpg
 from mediavault.auth import Principal
 from mediavault.blobs import BlobStore
 from mediavault.config import Settings
+from mediavault.db.pool import DATABASE_ERRORS
 from mediavault.domain import formats
 from mediavault.domain.content_types import MP4
 from mediavault.errors import MediaBusy, NotFound
@@ -563,7 +564,7 @@ class Library:
                     await self.withdraw_formats(row["media_id"], row["variants_version"], row["entries"])
             # The cached pages learn that these are asked for, so their next reads ask no more.
             await self._feed.changed_many({row["owner_id"] for row in rows})
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        except DATABASE_ERRORS:
             log.warning("formats could not be requested", extra={"formats": len(wanted)}, exc_info=True)
 
     async def feed_page(

@@ -41,6 +41,7 @@ import asyncpg
 from mediavault.blobs import BlobStore, BlobStoreError, DirectParts, PartialState, PartialWriter, is_sha256_hex
 from mediavault.blobs.signing import UrlSigner
 from mediavault.config import S3_MAX_PARTS, Settings
+from mediavault.db.pool import DATABASE_ERRORS
 from mediavault.domain import content_types
 from mediavault.domain.uploads import statements
 from mediavault.domain.uploads.records import COLUMNS, Upload, partial_key_for
@@ -651,7 +652,7 @@ class _Lease:
             due = sent + self._renew_every
             try:
                 renewed = await self._pool.fetchval(_RENEW_LEASE, self._upload_id, self._token, self._seconds)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except (*DATABASE_ERRORS, TimeoutError) as exc:
                 # The next renewal may still get through before the fence.
                 log.warning("upload lease not renewed", extra={"upload_id": str(self._upload_id), "error": repr(exc)})
                 continue
@@ -666,7 +667,7 @@ class _Lease:
             return
         try:
             await self._pool.execute(_GIVE_BACK_LEASE, self._upload_id, self._token)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except (*DATABASE_ERRORS, TimeoutError) as exc:
             log.warning("upload lease not given back", extra={"upload_id": str(self._upload_id), "error": repr(exc)})
             return
         self._held = False
