@@ -16,7 +16,7 @@ from pathlib import Path
 
 import av
 import pytest
-from PIL import Image, ImageChops, ImageCms, ImageDraw, ImageStat
+from PIL import GifImagePlugin, Image, ImageChops, ImageCms, ImageDraw, ImageStat
 
 from mediavault.imaging import (
     DEFAULT_LIMITS,
@@ -709,6 +709,25 @@ def test_a_gif_frame_partly_off_its_screen_is_clipped_as_browsers_clip_it(declar
                 pixel = picture.getpixel(point)
                 assert isinstance(pixel, tuple)
                 assert max(abs(a - b) for a, b in zip(pixel, COLOURS[colour][:3], strict=True)) < 16, (index, point, pixel)
+
+
+def test_each_frame_of_a_gif_is_decoded_once_for_its_stills_and_its_animation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first frame was decoded four times: by Pillow for the stills and again for the animation,
+    # neither used, and as the stills and the animation each draw it.
+    sizes: list[tuple[int, int]] = []
+    load_prepare = GifImagePlugin.GifImageFile.load_prepare
+
+    def counted(image: GifImagePlugin.GifImageFile) -> None:
+        sizes.append(image.size)
+        load_prepare(image)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "load_prepare", counted)
+    data = drawn_gif((32, 32), [((0, 0, 32, 32), [BLUE] * 1024, None, 1), ((8, 8, 16, 16), [GREEN] * 256, None, 1)])
+    result = transcode(data, "image/gif")
+    assert result.animation is not None
+    assert result.animation.frames == 2
+    assert sorted(sizes) == [(16, 16), (32, 32)]
+    assert_centres(list(check_variants(result, IMAGE_VARIANTS).values()), COLOURS[BLUE])
 
 
 def test_a_gif_whose_frames_own_pictures_are_over_the_pixel_limit_keeps_its_stills_only() -> None:

@@ -51,6 +51,7 @@ from mediavault.imaging.decode import (
     apng_shown,
     exif_orientation,
     first_frame,
+    first_gif_pixels,
     icc_profile,
     in_srgb_tones,
     srgb_conversion,
@@ -117,8 +118,8 @@ def _frames(image: Image.Image, data: bytes, most: int) -> int:
 
 
 def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animation | None:
-    """The animation of a loaded, animated image (its first frame loaded: see decode.exif) of
-    these bytes; None when it is over a limit or not animated.
+    """The animation of an opened, animated image (its first frame loaded where that reads its
+    EXIF: see decode.exif) of these bytes; None when it is over a limit or not animated.
 
     None too when a frame of another format than GIF is not the first one's size: the limits were
     checked on the first. A GIF's frames are drawn on its screen, clipped to it (see gif.Gif.screen),
@@ -136,7 +137,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
             return None
         frames = len(blocks.frames)
         pixels = max(frames * image.width * image.height, blocks.own_pixels)
-        pictures = gif.shown(data, blocks)
+        pictures = gif.shown(data, blocks, first_gif_pixels(image))
         plays = blocks.plays
     else:
         first = first_frame(image)

@@ -167,6 +167,8 @@ _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 _SRGB_TONES = "mediavault_srgb_tones"
 # Where open_image leaves a GIF's bytes, from which decode_with_pillow draws its still (see _first_gif_frame).
 _GIF_BYTES = "mediavault_gif_bytes"
+# Where decode_with_pillow leaves the own pixels of a GIF's first frame (see first_gif_pixels).
+_GIF_FIRST_PIXELS = "mediavault_gif_first_pixels"
 # Where open_image leaves the bytes of an APNG whose default image is left out of its animation, from
 # which decode_with_pillow draws its still (see _first_apng_frame).
 _APNG_BYTES = "mediavault_apng_bytes"
@@ -340,16 +342,18 @@ def decode_with_pillow(image: Image.Image, specs: Sequence[VariantSpec]) -> Stil
     with refused_if_corrupt():
         if image.format in ("JPEG", "MPO"):
             image.draft(None, fit(width, height, max(spec.box for spec in specs)))
-        if first := first_frame(image):
-            image.seek(first)
-        image.load()
-        orientation = exif_orientation(image)
-        cropped = clean_aperture(image)
-        if cropped is not image:
-            width, height = cropped.size
-        shown = _first_gif_frame(cropped) or _first_apng_frame(image)
+        # Drawn from the GIF's bytes, not from Pillow's picture, which is left undecoded: a GIF's
+        # blocks, XMP among them, are read as it is opened.
+        shown = _first_gif_frame(image)
         if shown is None:
-            shown = transparent_colour(cropped)
+            if first := first_frame(image):
+                image.seek(first)
+            image.load()
+            cropped = clean_aperture(image)
+            if cropped is not image:
+                width, height = cropped.size
+            shown = _first_apng_frame(image) or transparent_colour(cropped)
+        orientation = exif_orientation(image)
         # Converting is where Pillow first checks some chunks against each other (a PNG's
         # tRNS longer than its palette), so what it raises is the decoder's answer too.
         picture = _to_srgb(_sixteen_bits_in_srgb_tones(shown))
@@ -369,10 +373,19 @@ def _first_gif_frame(image: Image.Image) -> Image.Image | None:
     blocks = gif.read(data, 1)
     if blocks is None or not blocks.frames:
         return None
-    picture, _ = next(gif.shown(data, blocks))
+    own = gif.own_pixels(data, blocks, blocks.frames[0])
+    picture, _ = next(gif.shown(data, blocks, own))
     # Its transparency is its alpha.
     picture.info = {key: value for key, value in image.info.items() if key != "transparency"}
+    image.info[_GIF_FIRST_PIXELS] = own
     return picture
+
+
+def first_gif_pixels(image: Image.Image) -> Image.Image | None:
+    """The own pixels of the opened GIF's first frame (gif.own_pixels) once decode_with_pillow has
+    decoded them for its stills, for its animation to draw them again undecoded (gif.shown's first);
+    None before that, and for any other image."""
+    return image.info.get(_GIF_FIRST_PIXELS)
 
 
 def _first_apng_frame(image: Image.Image) -> Image.Image | None:
@@ -506,7 +519,8 @@ MAX_EXIF_BYTES = 64 * 1024
 def exif(image: Image.Image) -> Image.Exif:
     """The image's EXIF, empty when its block is larger than MAX_EXIF_BYTES.
 
-    Only for a loaded image or a JPEG: a PNG's eXIf chunk may follow its pixels, so
+    Only for a loaded image, a JPEG or a GIF (whose blocks before its first image Pillow reads as
+    it opens it): a PNG's eXIf chunk may follow its pixels, so
     getexif() loads it, and a load error swallowed by a caller would leave the half-decoded
     pixels behind for a later load() to accept as the whole picture.
     """

@@ -207,11 +207,16 @@ def _loop_count(sub_blocks: bytes) -> int | None:
     return int.from_bytes(data[2:4], "little")
 
 
-def shown(data: bytes, gif: Gif) -> Iterator[tuple[Image.Image, int]]:
+def shown(data: bytes, gif: Gif, first: Image.Image | None = None) -> Iterator[tuple[Image.Image, int]]:
     """Each frame of the GIF read from `data`, on its logical screen (see Gif.screen), as browsers
-    show it (see above and canvas), RGBA, with its delay in milliseconds. The picture is the one the
-    next frame is drawn on: use it before asking for the next."""
-    return canvas.drawn(gif.screen, ((_placement(frame), _own_pixels(data, gif, frame)) for frame in gif.frames))
+    show it (see above and canvas), RGBA, with its delay in milliseconds; `first` is the first
+    frame's own_pixels where the caller has them already. The picture is the one the next frame is
+    drawn on: use it before asking for the next."""
+    placed = (
+        (_placement(frame), first if index == 0 and first is not None else own_pixels(data, gif, frame))
+        for index, frame in enumerate(gif.frames)
+    )
+    return canvas.drawn(gif.screen, placed)
 
 
 def _placement(frame: Frame) -> canvas.Placement:
@@ -224,7 +229,7 @@ def _placement(frame: Frame) -> canvas.Placement:
     return canvas.Placement(frame.box, disposal, replaces=False, delay_ms=frame.delay_ms)
 
 
-def _own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image | None:
+def own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image | None:
     """The frame's pixels alone, RGBA, its transparent colour clear: decoded by Pillow as the one
     frame of a GIF of its size, its graphic control extension and colour tables; None for a frame
     of no pixels."""

@@ -191,11 +191,20 @@ def transcode_image(
         result = PillowPipeline(image, f"libjpeg-turbo warned: {exc}").transcode(specs)
     moving = None
     if animation.is_animated(image, data):
-        # From an image of its own: the stills' decode may keep this one's pixels and replace its
-        # info (decode._to_srgb), where Pillow puts each frame's duration as it seeks.
-        frames = open_image(data, mime, limits)
         with refused_if_corrupt():
-            frames.load()
-            moving = animation.animate(frames, data, limits.animation)
+            moving = animation.animate(_to_animate(image, data, mime, limits), data, limits.animation)
     # After the pixels: a JPEG's EXIF is read from its header, anything else's once loaded.
     return dataclasses.replace(result, photo=photo_facts(image), animation=moving)
+
+
+def _to_animate(image: Image.Image, data: bytes, mime: str, limits: Limits) -> Image.Image:
+    """The opened image whose frames animate draws, its first frame loaded where that reads its EXIF
+    (see decode.exif). A GIF's is the stills' own: both draw its frames from its bytes (gif.shown),
+    the first decoded once (decode.first_gif_pixels). Any other is opened again: the stills' decode
+    may keep the first one's pixels and replace its info (decode._to_srgb), where Pillow puts each
+    frame's duration as it seeks."""
+    if image.format == "GIF":
+        return image
+    frames = open_image(data, mime, limits)
+    frames.load()
+    return frames
