@@ -177,7 +177,7 @@ def test_the_webps_last_frame_lasts_its_own_duration(fmt: str) -> None:
         ("PNG", 0, 0),
         ("PNG", 1, 1),
         ("PNG", 3, 3),
-        # Pillow reads no AVIF's; browsers play one without an edit list for ever.
+        # Pillow writes an AVIF whose edit list repeats for as long as its track, indefinite.
         ("AVIF", None, 0),
     ],
 )
@@ -187,6 +187,52 @@ def test_the_animated_webp_plays_as_many_times_as_browsers_play_the_source(fmt: 
     frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=100, **({} if loop is None else {"loop": loop}))
     result = transcode(buffer.getvalue(), f"image/{fmt.lower()}")
     assert result.animation is not None
+    assert result.animation.plays == plays
+    assert webp_plays(renditions(result.animation)[ANIMATION]) == plays
+
+
+def avif_sequence(repeats: bool | None, track_duration: int | None) -> bytes:
+    """A three-frame AVIF of 100 ms frames as Pillow writes it, its edit list (one 300 ms edit,
+    repeated for an indefinite track duration) made to repeat or not, or taken out (None), and its
+    track header's duration set to track_duration milliseconds (None: left indefinite)."""
+    frames = [Image.new("RGB", (64, 48), colour[:3]) for colour in COLOURS]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "AVIF", save_all=True, append_images=frames[1:], duration=100)
+    data = bytearray(buffer.getvalue())
+    # Version 1, flags 1 (repeat), one edit of 300 in the movie's timescale (1000).
+    elst = data.index(b"elst")
+    assert data[elst + 4 : elst + 20] == bytes.fromhex("01000001 00000001 000000000000012c")
+    if repeats is None:
+        data[data.index(b"edts") : data.index(b"edts") + 4] = b"free"
+    elif not repeats:
+        data[elst + 7] = 0
+    if track_duration is not None:
+        # Version 1: past the flags, two times, the track id and a reserved word.
+        duration = data.index(b"tkhd") + 4 + 4 + 24
+        assert data[duration : duration + 8] == b"\xff" * 8
+        data[duration : duration + 8] = track_duration.to_bytes(8, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("repeats", "track_duration", "plays"),
+    [
+        (True, None, 0),
+        # The track lasts three edits, or part of a third: the edit plays three times, as libavif and Chromium count.
+        (True, 900, 3),
+        (True, 601, 3),
+        (True, 300, 1),
+        (False, None, 1),
+        # Without an edit list libavif knows no count, and Chromium plays it for ever.
+        (None, None, 0),
+    ],
+)
+def test_an_avif_sequence_plays_as_many_times_as_its_edit_list_says(
+    repeats: bool | None, track_duration: int | None, plays: int
+) -> None:
+    result = transcode(avif_sequence(repeats, track_duration), "image/avif")
+    assert result.animation is not None
+    assert (result.animation.frames, result.animation.duration_ms) == (3, 300)
     assert result.animation.plays == plays
     assert webp_plays(renditions(result.animation)[ANIMATION]) == plays
 

@@ -45,7 +45,7 @@ import av
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
-from mediavault.imaging import gif
+from mediavault.imaging import gif, isobmff
 from mediavault.imaging.decode import (
     TRANSPOSE_FOR_ORIENTATION,
     apng_shown,
@@ -144,9 +144,9 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
         frames = getattr(image, "n_frames", 1) - first
         pixels = frames * image.width * image.height
         pictures = apng_shown(data, frames) if image.format == "PNG" else _seeking(image, range(first, first + frames))
-        # A WebP's ANIM chunk and an APNG's acTL count the plays as the animated WebP does; Pillow
-        # reads none of an AVIF, which browsers then play for ever.
-        plays = int(image.info.get("loop", 0))
+        # A WebP's ANIM chunk and an APNG's acTL count the plays as the animated WebP does, and Pillow
+        # reads them; an AVIF's edit list it does not read.
+        plays = isobmff.sequence_plays(data) if image.format == "AVIF" else int(image.info.get("loop", 0))
     plays = min(plays, _MOST_WEBP_PLAYS)
     if not 1 < frames <= limits.max_frames or pixels > limits.max_total_pixels:
         return None

@@ -106,6 +106,61 @@ def primary_image(data: bytes) -> PrimaryImage:
         return PrimaryImage()
 
 
+def sequence_plays(data: bytes) -> int:
+    """How many times browsers play the AVIF's image sequence through, counted as the animated WebP
+    counts them (0: for ever), from its colour track's edit list, as HEIF gives an image sequence's
+    repetition and libavif reads it (avifDecoder.repetitionCount, which Chromium plays that many
+    times after the first): an edit whose flags' bit 0 repeats it for as long as the track lasts,
+    ceil(tkhd's duration / the edit's segment_duration) times, for ever where that duration is
+    indefinite (all 1s); an edit not repeated, once. For ever without an edit list (libavif's count
+    unknown, which Chromium plays for ever as it played older files) and where the boxes do not
+    parse (libavif refuses those)."""
+    try:
+        moov = _top_level(data, b"moov")
+        for kind, start, end in _boxes(data, *moov) if moov is not None else ():
+            if kind != b"trak":
+                continue
+            track = _first_of_each(data, start, end)
+            stsd = _track_boxes(data, start, end).get(b"stsd")
+            if stsd is not None and _first_sample_entry(data, *stsd) == b"av01" and not _is_auxiliary(data, track):
+                return _plays(data, track)
+    except (Malformed, IndexError):
+        pass
+    return 0
+
+
+def _is_auxiliary(data: bytes, track: dict[bytes, tuple[int, int]]) -> bool:
+    """Whether the track is another's auxiliary (an alpha plane's), by an auxl reference."""
+    return b"tref" in track and any(kind == b"auxl" for kind, _, _ in _boxes(data, *track[b"tref"]))
+
+
+def _plays(data: bytes, track: dict[bytes, tuple[int, int]]) -> int:
+    """The plays of a colour track, its boxes by type (see sequence_plays)."""
+    if b"edts" not in track:
+        return 0
+    elst = _first_of_each(data, *track[b"edts"]).get(b"elst")
+    if elst is None or b"tkhd" not in track:
+        raise Malformed("an edit box without its edit list, or a track without its header")
+    edits = _Reader(data, *elst)
+    version, flags = edits.uint(1), edits.uint(3)
+    if not flags & 1:
+        return 1
+    if edits.uint(4) != 1:
+        raise Malformed("a repeated edit list of other than one edit")
+    segment = edits.uint(8 if version == 1 else 4)
+    header = _Reader(data, *track[b"tkhd"])
+    wide = header.uint(1) == 1
+    # Flags, creation and modification times, track id, reserved; then the duration.
+    header.uint(3 + (24 if wide else 16))
+    duration = header.uint(8 if wide else 4)
+    if duration == (1 << (64 if wide else 32)) - 1:
+        return 0
+    if not segment:
+        raise Malformed("an edit of no duration")
+    # A track of no duration comes to 0 plays, for ever, as libavif's count of -1 (unsigned, past an int) does.
+    return -(-duration // segment)
+
+
 def _clean_aperture(box: _Reader, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """The crop a clap box describes on a width x height picture (ISO/IEC 14496-12 12.1.4: its
     centre is offset from the picture's), None when it is not whole pixels inside the picture:
