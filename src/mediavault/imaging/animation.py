@@ -140,10 +140,10 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
         pictures = gif.shown(data, blocks, first_gif_pixels(image))
         plays = blocks.plays
     else:
-        first = first_frame(image)
-        frames = getattr(image, "n_frames", 1) - first
+        frames = _frames(image, data, limits.max_frames + 1)
         pixels = frames * image.width * image.height
-        pictures = apng_shown(data, frames) if image.format == "PNG" else _seeking(image, range(first, first + frames))
+        # Only an APNG's first frame may be past Pillow's frame 0 (decode.first_frame).
+        pictures = apng_shown(data, frames) if image.format == "PNG" else _seeking(image, frames)
         # A WebP's ANIM chunk and an APNG's acTL count the plays as the animated WebP does, and Pillow
         # reads them; an AVIF's edit list it does not read.
         plays = isobmff.sequence_plays(data) if image.format == "AVIF" else int(image.info.get("loop", 0))
@@ -177,7 +177,6 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
             transparent = False
             for picture, milliseconds in pictures:
                 if picture.size != size:
-                    image.seek(0)
                     return None
                 rgba = in_srgb_tones(picture, levels)
                 if to_srgb is not None:
@@ -194,13 +193,11 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
                 _encode(mp4_out, mp4_stream, _bt709(flat), start, mp4_durations)
                 start += shown
                 if start > limits.max_seconds * 1000:
-                    image.seek(0)
                     return None
             _mux(webp_out, webp_stream.encode())
             _mux(mp4_out, mp4_stream.encode(), mp4_durations)
         with open(mp4_path, "rb") as mp4:
             gifv = mp4.read()
-    image.seek(0)
     return Animation(
         start,
         frames,
@@ -239,10 +236,10 @@ def _completed(webp: bytes, end_ms: int, transparent: bool) -> bytes:
     return bytes(data)
 
 
-def _seeking(image: Image.Image, frames: range) -> Iterator[tuple[Image.Image, int]]:
-    """The opened WebP's or AVIF's frames as Pillow draws them, RGBA, each with its duration in
-    milliseconds (0 without one)."""
-    for index in frames:
+def _seeking(image: Image.Image, frames: int) -> Iterator[tuple[Image.Image, int]]:
+    """The opened WebP's or AVIF's first `frames` frames as Pillow draws them, RGBA, each with its
+    duration in milliseconds (0 without one)."""
+    for index in range(frames):
         image.seek(index)
         # Loading the frame is what gives a WebP frame its duration.
         image.load()
