@@ -51,7 +51,7 @@ from mediavault.imaging.decode import (
     apng_shown,
     exif_orientation,
     first_frame,
-    first_gif_pixels,
+    first_gif_picture,
     icc_profile,
     in_srgb_tones,
     srgb_conversion,
@@ -137,7 +137,7 @@ def animate(image: Image.Image, data: bytes, limits: AnimationLimits) -> Animati
             return None
         frames = len(blocks.frames)
         pixels = max(frames * image.width * image.height, blocks.own_pixels)
-        pictures = gif.shown(data, blocks, first_gif_pixels(image))
+        pictures = gif.shown(data, blocks, first_gif_picture(image))
         plays = blocks.plays
     else:
         frames = _frames(image, data, limits.max_frames + 1)

@@ -167,8 +167,8 @@ _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
 _SRGB_TONES = "mediavault_srgb_tones"
 # Where open_image leaves a GIF's bytes, from which decode_with_pillow draws its still (see _first_gif_frame).
 _GIF_BYTES = "mediavault_gif_bytes"
-# Where decode_with_pillow leaves the own pixels of a GIF's first frame (see first_gif_pixels).
-_GIF_FIRST_PIXELS = "mediavault_gif_first_pixels"
+# Where decode_with_pillow leaves the own picture of a GIF's first frame (see first_gif_picture).
+_GIF_FIRST_PICTURE = "mediavault_gif_first_picture"
 # Where open_image leaves the bytes of an APNG whose default image is left out of its animation, from
 # which decode_with_pillow draws its still (see _first_apng_frame).
 _APNG_BYTES = "mediavault_apng_bytes"
@@ -373,19 +373,19 @@ def _first_gif_frame(image: Image.Image) -> Image.Image | None:
     blocks = gif.read(data, 1)
     if blocks is None or not blocks.frames:
         return None
-    own = gif.own_pixels(data, blocks, blocks.frames[0])
+    own = gif.own_picture(data, blocks, blocks.frames[0])
     picture, _ = next(gif.shown(data, blocks, own))
     # Its transparency is its alpha.
     picture.info = {key: value for key, value in image.info.items() if key != "transparency"}
-    image.info[_GIF_FIRST_PIXELS] = own
+    image.info[_GIF_FIRST_PICTURE] = own
     return picture
 
 
-def first_gif_pixels(image: Image.Image) -> Image.Image | None:
-    """The own pixels of the opened GIF's first frame (gif.own_pixels) once decode_with_pillow has
-    decoded them for its stills, for its animation to draw them again undecoded (gif.shown's first);
+def first_gif_picture(image: Image.Image) -> Image.Image | None:
+    """The own picture of the opened GIF's first frame (gif.own_picture) once decode_with_pillow has
+    decoded it for its stills, for its animation to draw it again undecoded (gif.shown's first);
     None before that, and for any other image."""
-    return image.info.get(_GIF_FIRST_PIXELS)
+    return image.info.get(_GIF_FIRST_PICTURE)
 
 
 def _first_apng_frame(image: Image.Image) -> Image.Image | None:

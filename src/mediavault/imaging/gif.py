@@ -210,10 +210,10 @@ def _loop_count(sub_blocks: bytes) -> int | None:
 def shown(data: bytes, gif: Gif, first: Image.Image | None = None) -> Iterator[tuple[Image.Image, int]]:
     """Each frame of the GIF read from `data`, on its logical screen (see Gif.screen), as browsers
     show it (see above and canvas), RGBA, with its delay in milliseconds; `first` is the first
-    frame's own_pixels where the caller has them already. The picture is the one the next frame is
+    frame's own_picture where the caller has it already. The picture is the one the next frame is
     drawn on: use it before asking for the next."""
     placed = (
-        (_placement(frame), first if index == 0 and first is not None else own_pixels(data, gif, frame))
+        (_placement(frame), first if index == 0 and first is not None else own_picture(data, gif, frame))
         for index, frame in enumerate(gif.frames)
     )
     return canvas.drawn(gif.screen, placed)
@@ -229,7 +229,7 @@ def _placement(frame: Frame) -> canvas.Placement:
     return canvas.Placement(frame.box, disposal, replaces=False, delay_ms=frame.delay_ms)
 
 
-def own_pixels(data: bytes, gif: Gif, frame: Frame) -> Image.Image | None:
+def own_picture(data: bytes, gif: Gif, frame: Frame) -> Image.Image | None:
     """The frame's pixels alone, RGBA, its transparent colour clear: decoded by Pillow as the one
     frame of a GIF of its size, its graphic control extension and colour tables; None for a frame
     of no pixels."""

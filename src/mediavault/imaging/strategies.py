@@ -200,7 +200,7 @@ def transcode_image(
 def _to_animate(image: Image.Image, data: bytes, mime: str, limits: Limits) -> Image.Image:
     """The opened image whose frames animate draws, its first frame loaded where that reads its EXIF
     (see decode.exif). A GIF's is the stills' own: both draw its frames from its bytes (gif.shown),
-    the first decoded once (decode.first_gif_pixels). Any other is opened again: the stills' decode
+    the first decoded once (decode.first_gif_picture). Any other is opened again: the stills' decode
     may keep the first one's pixels and replace its info (decode._to_srgb), where Pillow puts each
     frame's duration as it seeks."""
     if image.format == "GIF":
