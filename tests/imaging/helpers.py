@@ -152,3 +152,26 @@ def power_law_profile(primaries: Primaries, white: Chromaticity, exponent: float
     curve = profile.index(b"para")
     power_law = b"para\0\0\0\0" + struct.pack(">HHi", 0, 0, round(exponent * 65536))
     return profile[:curve] + power_law.ljust(len(profile) - curve, b"\0")
+
+
+def avif_sequence(repeats: bool | None, track_duration: int | None) -> bytes:
+    """A three-frame AVIF of 100 ms frames as Pillow writes it, its edit list (one 300 ms edit,
+    repeated for an indefinite track duration) made to repeat or not, or taken out (None), and its
+    track header's duration set to track_duration milliseconds (None: left indefinite)."""
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((220, 30, 40), (30, 180, 60), (40, 60, 210))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "AVIF", save_all=True, append_images=frames[1:], duration=100)
+    data = bytearray(buffer.getvalue())
+    # Version 1, flags 1 (repeat), one edit of 300 in the movie's timescale (1000).
+    elst = data.index(b"elst")
+    assert data[elst + 4 : elst + 20] == bytes.fromhex("01000001 00000001 000000000000012c")
+    if repeats is None:
+        data[data.index(b"edts") : data.index(b"edts") + 4] = b"free"
+    elif not repeats:
+        data[elst + 7] = 0
+    if track_duration is not None:
+        # Version 1: past the flags, two times, the track id and a reserved word.
+        duration = data.index(b"tkhd") + 4 + 4 + 24
+        assert data[duration : duration + 8] == b"\xff" * 8
+        data[duration : duration + 8] = track_duration.to_bytes(8, "big")
+    return bytes(data)

@@ -30,7 +30,7 @@ from mediavault.imaging import (
 from mediavault.imaging.animation import ANIMATION, GIFV, Animation
 from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES
 from mediavault.imaging.spec import AnimationLimits
-from tests.imaging.helpers import check_variants, corpus, open_variant, power_law_profile, transcoded
+from tests.imaging.helpers import avif_sequence, check_variants, corpus, open_variant, power_law_profile, transcoded
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 COLOURS = ((220, 30, 40, 255), (30, 180, 60, 255), (40, 60, 210, 255))
@@ -189,29 +189,6 @@ def test_the_animated_webp_plays_as_many_times_as_browsers_play_the_source(fmt: 
     assert result.animation is not None
     assert result.animation.plays == plays
     assert webp_plays(renditions(result.animation)[ANIMATION]) == plays
-
-
-def avif_sequence(repeats: bool | None, track_duration: int | None) -> bytes:
-    """A three-frame AVIF of 100 ms frames as Pillow writes it, its edit list (one 300 ms edit,
-    repeated for an indefinite track duration) made to repeat or not, or taken out (None), and its
-    track header's duration set to track_duration milliseconds (None: left indefinite)."""
-    frames = [Image.new("RGB", (64, 48), colour[:3]) for colour in COLOURS]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "AVIF", save_all=True, append_images=frames[1:], duration=100)
-    data = bytearray(buffer.getvalue())
-    # Version 1, flags 1 (repeat), one edit of 300 in the movie's timescale (1000).
-    elst = data.index(b"elst")
-    assert data[elst + 4 : elst + 20] == bytes.fromhex("01000001 00000001 000000000000012c")
-    if repeats is None:
-        data[data.index(b"edts") : data.index(b"edts") + 4] = b"free"
-    elif not repeats:
-        data[elst + 7] = 0
-    if track_duration is not None:
-        # Version 1: past the flags, two times, the track id and a reserved word.
-        duration = data.index(b"tkhd") + 4 + 4 + 24
-        assert data[duration : duration + 8] == b"\xff" * 8
-        data[duration : duration + 8] = track_duration.to_bytes(8, "big")
-    return bytes(data)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from PIL import Image
 from mediavault.media.v1 import media_pb2 as mpb
 from tests.conftest import CORPUS
 from tests.helpers import fetch, settled, upload
+from tests.imaging.helpers import avif_sequence
 from tests.imaging.test_corpus import ALPHA, BAD, CAMERA, OPAQUE, ORIENTATION, VIDEOS
 
 CONTENT_TYPES = {
@@ -156,16 +157,29 @@ async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, au
         assert sum(1 for _ in container.decode(stream)) >= 2
 
 
-@pytest.mark.parametrize(("loop", "plays"), [(None, 1), (2, 3)], ids=["no-loop-count", "loop-count-2"])
-async def test_an_animation_says_how_many_times_it_plays_which_its_mp4_cannot(
-    storage, media, auth, user_id, worker, loop, plays
-):
-    # A GIF plays once without a loop count, and once more than its count with one.
+def looping_gif(loop: int | None) -> bytes:
     frames = [Image.new("RGB", (64, 48), colour) for colour in ((220, 30, 40), (30, 180, 60), (40, 60, 210))]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, **({} if loop is None else {"loop": loop}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("source", "content_type", "plays"),
+    [
+        # A GIF plays once without a loop count, and once more than its count with one.
+        (lambda: looping_gif(None), "image/gif", 1),
+        (lambda: looping_gif(2), "image/gif", 3),
+        # An AVIF sequence whose 300 ms edit repeats for a track of 900 ms plays three times.
+        (lambda: avif_sequence(True, 900), "image/avif", 3),
+    ],
+    ids=["gif-no-loop-count", "gif-loop-count-2", "avif-edit-list"],
+)
+async def test_an_animation_says_how_many_times_it_plays_which_its_mp4_cannot(
+    storage, media, auth, user_id, worker, source, content_type, plays
+):
     md = auth(user_id)
-    done = await upload(storage, md, buffer.getvalue(), filename="plays.gif", content_type="image/gif")
+    done = await upload(storage, md, source(), filename=f"plays.{content_type.removeprefix('image/')}", content_type=content_type)
     item = await settled(media, md, done.media_id, timeout=120)
     assert (item.processing_status, item.animated, item.animation_plays) == (mpb.PROCESSING_STATUS_COMPLETE, True, plays)
     animation = next(v for v in item.variants if v.name == "animation")
