@@ -387,6 +387,15 @@ def late_picture(path: Path, seconds: float = 3.0, delay: float = 1.0) -> Path:
     return path
 
 
+def delayed_picture(path: Path, source: Path, delay: float) -> Path:
+    """source's video, its frames copied as they are, from `delay` seconds in, beside a 440 Hz tone in
+    AAC from 0 to its end: in MP4 behind an empty edit."""
+    seconds = delay + float(probe(source)["format"]["duration"])
+    ffmpeg("-itsoffset", str(delay), "-i", str(source), *_tone(seconds), "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+           "-c:a", "aac", str(path))
+    return path
+
+
 def late_black_lead_in(path: Path, delay: float = 2.0, seconds_black: float = 2.0) -> Path:
     """A 440 Hz tone in AAC, beside 320x240 H.264 from `delay` seconds in that is black for its first
     `seconds_black`, then a bright test picture for 2 s: in MP4 behind an empty edit."""

@@ -746,6 +746,26 @@ async def test_a_picture_that_starts_after_the_sound_is_shown_at_its_time_by_eve
     assert source.first_frame_seconds == pytest.approx(times[0], abs=0.001)
 
 
+async def test_a_picture_that_starts_long_after_the_sound_is_held_on_its_first_frame_not_encoded_again_and_again(clips):
+    # The corpus's clip 20 s after its sound. Its first frame was held from 0 in copies at 30 fps: 600
+    # frames of one picture that the scaler and x264 worked through. Three copies at the cap's rate now
+    # (x264's B-frame delay is read from the third frame), the last lasting until the picture starts.
+    path = make.delayed_picture(clips / "late-20s.mp4", CORPUS / "video/realshort.mp4", 20.0)
+    times = make.frame_times(path)
+    assert times[0] == 20.0
+    source, made = await _transcode(path, "video/mp4", clips / "late-20s")
+    (rendition,) = made
+    make.check_rendition(rendition.path, width=320, height=240, duration=source.duration_seconds, audio=True)
+    assert make.frame_times(rendition.path) == [0.0, 0.033, 0.067, *times]
+    assert make.frame_count(rendition.path) == len(times) + 3
+    first = make.picture(path, times[0])
+    assert make.difference(make.picture(rendition.path, 10.0), first) <= 4
+    assert make.difference(make.picture(rendition.path, 19.9), first) <= 4
+    # A player that ignores the edit list shows every frame later by x264's B-frame delay only.
+    ignoring = make.frame_times(rendition.path, edit_lists=False)
+    assert max(b - a for a, b in zip(make.frame_times(rendition.path), ignoring, strict=True)) <= 0.1
+
+
 async def test_a_sound_that_stops_and_starts_again_keeps_its_time_in_the_renditions(clips):
     # A tone that stops at 1 s and starts again at 3 s. The renditions' sound had no gap: a player
     # plays the samples one after the other, and heard the second half 2 s early.

@@ -132,6 +132,9 @@ MAX_RENDITION_FPS = 30
 MIN_FRAME_INTERVAL_SECONDS = 0.9 / MAX_RENDITION_FPS
 # A keyframe at least this often, by the frames' time, whatever their rate.
 KEYFRAME_SECONDS = 2
+# The copies of a late picture's first frame held from 0, at the cap's rate (command): x264 reads its
+# B-frame delay from the time to its third frame (veryfast's B-pyramid delays two).
+_HELD_COPIES = 3
 
 
 def memory_cap_bytes(threads: int) -> int:
@@ -661,14 +664,18 @@ def command(
     # By index: "v:0" would be the first video stream, which may be an attached cover picture.
     graph = f"[0:{source.video_index}]"
     if source.first_frame_seconds > _PRINTED_SECONDS:
-        # A picture that starts after the sound is held from 0: copies of its first frame at the cap's
-        # rate until it starts (the cap then drops that frame if it comes within its interval of the
-        # last copy, the same picture), so that the renditions' video starts with their clock, as their
-        # sound does. Left to itself, ffmpeg's muxer put the late start in an empty edit, which players
-        # that ignore MP4 edit lists skip, showing the picture early by the delay; and the first frame
-        # alone moved to 0 made x264 date the frames before its B-frames back by the delay, in an edit
-        # that such players show the picture late by. Copying a frame only takes a reference to it.
-        copies = math.ceil(source.first_frame_seconds * MAX_RENDITION_FPS)
+        # A picture that starts after the sound is held from 0 on its first frame, so that the
+        # renditions' video starts with their clock, as their sound does: left to itself, ffmpeg's
+        # muxer put the late start in an empty edit, which players that ignore MP4 edit lists skip,
+        # showing the picture early by the delay. Held by timestamps, the last copy lasting until the
+        # picture starts (the cap then drops that frame if it comes within its interval of the copy,
+        # the same picture), as a variable-frame-rate source's pause is: copies at the cap's rate
+        # all along cost every rung's scaler and x264 30 frames a second of the delay (11 s of a 14 s
+        # run for 1.2 s of 1080p picture 20 s after its sound), and one a keyframe interval cost a
+        # keyframe each, which x264 gives the bits of a frame shown for 2 s. Not one copy: x264 dates
+        # the frames before its B-frames back by the time to its third frame, in an edit that such
+        # players show the picture late by (by the whole delay, were that frame the picture's).
+        copies = min(_HELD_COPIES, math.ceil(source.first_frame_seconds * MAX_RENDITION_FPS))
         graph += (
             f"split=2[picture][first];[first]trim=end_frame=1,loop=loop={copies - 1}:size=1,"
             f"setpts=N/{MAX_RENDITION_FPS}/TB[held];[held][picture]interleave,"
