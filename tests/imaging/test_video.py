@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -452,6 +453,24 @@ async def test_a_stream_that_fails_to_decode_without_a_word_is_corrupt_not_too_l
         await videos.transcode(path, "video/webm", source, clips / "broken-frame", limits=_DEFAULT_LIMITS,
                                timeout_seconds=60, on_progress=_always, threads=1)
     assert refused.value.message == "corrupt video"
+
+
+async def test_a_run_and_the_decode_that_names_its_error_share_one_time_limit(clips, monkeypatch):
+    # The run stops at the broken frame without a word, and the streams are decoded again to name the
+    # error. That decode had a time limit of its own: a run could last twice its limit, past the video
+    # queue's job timeout for the longest videos, where arq cancelled it and left the media PROCESSING. Each ffmpeg
+    # here starts 2 s late, so the two runs together outlast the 3 s limit and each alone does not.
+    path = make.broken_frame(clips / "broken-late.webm", make.vp9(clips / "whole-late.webm"))
+    source = await videos.probe(path, "video/webm", _DEFAULT_LIMITS)
+    (clips / "broken-late").mkdir()
+    capped = videos._capped
+    monkeypatch.setattr(videos, "_capped", lambda limits: ["sh", "-c", 'sleep 2 && exec "$@"', "sh", *capped(limits)])
+    started = time.monotonic()
+    with pytest.raises(PermanentImagingError) as refused:
+        await videos.transcode(path, "video/webm", source, clips / "broken-late", limits=_DEFAULT_LIMITS,
+                               timeout_seconds=3, on_progress=_always, threads=1)
+    assert refused.value.message == "processing timed out"
+    assert time.monotonic() - started < 3.5
 
 
 @pytest.mark.parametrize("processes", [1, 3], ids=["decoder-threads", "encoder-threads"])

@@ -753,32 +753,36 @@ async def transcode(
 
     on_progress gets the fraction done (0-1) as ffmpeg reports it, about twice a second;
     when it returns False the subprocess is killed and Cancelled raised. Past
-    timeout_seconds it is killed and the run fails for good ("processing timed out").
+    timeout_seconds, in all with the decode that names an error the run did not, ffmpeg is killed
+    and the run fails for good ("processing timed out").
     A frame past limits' size, or a run past limits' memory, fails it for good too ("video too
     large"), and a stream that does not decode ("corrupt video"); a thread or an encoder that
     does not start fails the attempt (ImagingError). The renditions end at limits' duration
     whatever the source holds.
     """
     planned = plan(source)
-    async with _ffmpeg(command(source_path, mime, source, planned, out_dir, limits, threads), limits, niceness,
-                       stdout=asyncio.subprocess.PIPE) as process:
-        try:
-            errors = await asyncio.wait_for(_follow(process, source.duration_seconds, on_progress), timeout_seconds)
-        except TimeoutError:
-            raise PermanentImagingError(TIMED_OUT) from None
-    if process.returncode is not None and process.returncode < 0:
-        # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
-        raise ImagingError("processing failed")
-    if process.returncode != 0:
-        # Which check refused the stream, ffmpeg says only in its log, and -xerror's stop at a
-        # decoding error not even there (a decoder says nothing of a failed allocation, VP9's
-        # nothing of much of its corrupt data): the streams are then decoded alone and to the end,
-        # and ffmpeg names each error on the way.
-        raise (
-            _failure(errors)
-            or _failure(await _decoding_log(source_path, mime, source, limits, threads, niceness, timeout_seconds))
-            or ImagingError("ffmpeg failed without a word, and the decoders alone did not fail")
-        )
+    try:
+        # One limit for the run and the decode that may follow it: each with its own, a run could last
+        # twice its limit, past the video job's timeout.
+        async with asyncio.timeout(timeout_seconds):
+            async with _ffmpeg(command(source_path, mime, source, planned, out_dir, limits, threads), limits, niceness,
+                               stdout=asyncio.subprocess.PIPE) as process:
+                errors = await _follow(process, source.duration_seconds, on_progress)
+            if process.returncode is not None and process.returncode < 0:
+                # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
+                raise ImagingError("processing failed")
+            if process.returncode != 0:
+                # Which check refused the stream, ffmpeg says only in its log, and -xerror's stop at a
+                # decoding error not even there (a decoder says nothing of a failed allocation, VP9's
+                # nothing of much of its corrupt data): the streams are then decoded alone and to the
+                # end, and ffmpeg names each error on the way.
+                raise (
+                    _failure(errors)
+                    or _failure(await _decoding_log(source_path, mime, source, limits, threads, niceness))
+                    or ImagingError("ffmpeg failed without a word, and the decoders alone did not fail")
+                )
+    except TimeoutError:
+        raise PermanentImagingError(TIMED_OUT) from None
     made = []
     for item in planned:
         path = out_dir / f"{item.rung.name}.mp4"
@@ -824,9 +828,7 @@ def _failure(log: bytes) -> ImagingError | None:
     return PermanentImagingError(CORRUPT_VIDEO) if log.strip() else None
 
 
-async def _decoding_log(
-    source_path: Path, mime: str, source: Source, limits: VideoLimits, threads: int, niceness: int, timeout_seconds: float
-) -> bytes:
+async def _decoding_log(source_path: Path, mime: str, source: Source, limits: VideoLimits, threads: int, niceness: int) -> bytes:
     """The log of ffmpeg decoding the renditions' streams as the transcode does, under the same cap,
     but alone and without stopping at an error (no -xerror), so that it names each one."""
     streams = [index for index in (source.video_index, source.audio_index) if index is not None]
@@ -837,12 +839,8 @@ async def _decoding_log(
     ]
     async with _ffmpeg(args, limits, niceness, stdout=asyncio.subprocess.DEVNULL) as process:
         assert process.stderr is not None
-        try:
-            async with asyncio.timeout(timeout_seconds):
-                log = await _tail(process.stderr)
-                await process.wait()
-        except TimeoutError:
-            raise PermanentImagingError(TIMED_OUT) from None
+        log = await _tail(process.stderr)
+        await process.wait()
     return log
 
 
