@@ -11,6 +11,8 @@ import subprocess
 import zlib
 from pathlib import Path
 
+from PIL import Image
+
 HLG = ["-color_primaries", "bt2020", "-color_trc", "arib-std-b67", "-colorspace", "bt2020nc"]
 PQ = ["-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "bt2020nc"]
 BT2020_SDR = ["-color_primaries", "bt2020", "-color_trc", "bt2020-10", "-colorspace", "bt2020nc"]
@@ -464,16 +466,12 @@ def edit_lists(path: Path) -> list[list[tuple[int, int]]]:
     return lists
 
 
-def picture(path: Path, seconds: float) -> bytes:
-    """What path shows at `seconds` (its first frame from then on, edit lists applied), as 80x60 RGB read
-    as its colour tags say."""
-    return subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-ss", str(seconds), "-frames:v", "1", "-vf",
-                           "scale=80:60,format=rgb24", "-f", "rawvideo", "-"], check=True, capture_output=True).stdout
-
-
-def difference(a: bytes, b: bytes) -> float:
-    """The mean absolute difference of two pictures' samples (0-255)."""
-    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+def picture(path: Path, seconds: float) -> Image.Image:
+    """What path shows at `seconds` (its first frame from then on, edit lists applied), at 80x60 in RGB
+    read as its colour tags say."""
+    pixels = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-ss", str(seconds), "-frames:v", "1", "-vf",
+                             "scale=80:60,format=rgb24", "-f", "rawvideo", "-"], check=True, capture_output=True).stdout
+    return Image.frombytes("RGB", (80, 60), pixels)
 
 
 def channel_levels(path: Path) -> list[float]:
