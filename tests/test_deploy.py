@@ -795,6 +795,26 @@ def test_cron_alerts_cover_every_job_at_two_to_three_times_its_schedule(alert_ru
         assert duration_seconds(missing[0]["for"]) == threshold, name
 
 
+def test_backlog_alerts_cover_the_photo_and_video_queues_each_above_the_longest_job_it_may_wait_behind(alert_rules, clean_env):
+    settings = Settings()
+    longest_job = {
+        "photo": settings.transcode_timeout_seconds,
+        "video": settings.video_timeout_seconds(settings.video_max_duration_seconds),
+    }
+    thresholds = {}
+    for rule in alert_rules:
+        if rule["alert"] == "MediavaultQueueBacklog":
+            queue, threshold = re.fullmatch(
+                r'max by \(queue\) \(mediavault_queue_oldest_waiting_seconds\{queue="(\w+)"\}\) > (\d+)\s*', rule["expr"]
+            ).groups()
+            assert rule["labels"]["queue"] == queue
+            thresholds[queue] = int(threshold)
+    assert thresholds.keys() == longest_job.keys()
+    for queue, seconds in longest_job.items():
+        # Over one job's limit (a wait behind a busy slot is no backlog), within 20 of them.
+        assert seconds < thresholds[queue] <= 20 * seconds, f"{queue}: {thresholds[queue]} s for jobs of up to {seconds} s"
+
+
 def test_ledger_alert_fires_on_mismatches_and_on_failed_audits(alert_rules):
     exprs = [rule["expr"] for rule in alert_rules if rule["alert"] == "MediavaultLedgerAuditFailed"]
     assert any("mediavault_ledger_mismatches" in e for e in exprs)
