@@ -45,6 +45,9 @@ class Worker(arq.Worker):
         self.redis_outage_seconds = redis_outage_seconds
         self._outage_since: float | None = None
         self._retry_delay = _FIRST_DELAY_SECONDS
+        # The photo worker's ctx names no queue: the sampler of the pool labels it likewise.
+        self._queue_label = self.ctx.get("queue", "photo")
+        metrics.WORKER_JOB_SLOTS_MAX.labels(self._queue_label).set(self.max_jobs)
 
     async def _poll_iteration(self) -> None:
         try:
@@ -52,6 +55,10 @@ class Worker(arq.Worker):
         except (RedisError, OSError) as exc:
             await self._ride_out(exc)
             return
+        finally:
+            # After the poll has started what it could: a worker with every slot busy and jobs
+            # waiting shows full at every poll, one whose jobs drain shows the slots they free.
+            metrics.WORKER_JOB_SLOTS_IN_USE.labels(self._queue_label).set(self.job_counter)
         # Every poll, not only after an outage: the gauge starts at 0.
         metrics.WORKER_REDIS_UP.set(1)
         if self._outage_since is not None:

@@ -125,6 +125,19 @@ WORKER_DB_CONNECTIONS_MAX = Gauge(
     ["queue"],
     multiprocess_mode="livesum",
 )
+# A worker's job slots are arq's max_jobs: the jobs it runs at once.
+WORKER_JOB_SLOTS_IN_USE = Gauge(
+    "mediavault_worker_job_slots_in_use",
+    "Jobs a worker runs now, of its job slots",
+    ["queue"],
+    multiprocess_mode="livesum",
+)
+WORKER_JOB_SLOTS_MAX = Gauge(
+    "mediavault_worker_job_slots_max",
+    "The most jobs a worker runs at once (arq's max_jobs)",
+    ["queue"],
+    multiprocess_mode="livesum",
+)
 # Under `serve --processes N` one series per live process, labelled pid: each process probes on its own.
 HEALTH_DATABASE = SetGauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL", "liveall")
 WORKER_REDIS_UP = SetGauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis", "liveall")
