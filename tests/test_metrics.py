@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS
+from tests.faults import PrivateRedis
 from tests.helpers import begin, serve_environment, settled, upload
 from tests.test_deploy import ALERTS_FILE, ALERTS_TEST_FILE, check_names, load_yaml, source_literals
 from tests.test_shutdown import free_port, serving
@@ -101,6 +103,67 @@ async def test_a_worker_exports_how_long_the_oldest_job_of_each_queue_has_waited
     assert waited.keys() == {"photo", "video", "cron"}, waited
     assert 20 * 60 <= waited["cron"] < 21 * 60, waited
     assert waited["photo"] == waited["video"] == 0, waited
+
+
+async def scrape_until(env: dict[str, str], worker, done, what: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The worker's samples once done(samples) holds, within a minute (the queues are sampled every 15 s)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        assert worker.poll() is None, "the worker exited"
+        assert asyncio.get_running_loop().time() < deadline, f"the worker never {what}"
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            samples = await scrape(env)
+            if done(samples):
+                return samples
+        await asyncio.sleep(0.2)
+
+
+async def test_a_worker_whose_redis_stops_answering_exports_no_queue_wait_and_the_time_of_its_last_sample(make_settings, user_id):
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        settings = make_settings(redis_url=redis.url, queue_name=f"metrics-stale:{user_id}")
+        arq = await create_pool(RedisSettings.from_dsn(redis.url))
+        try:
+            # A cron job 20 minutes overdue, which no worker takes with every cleanup job disabled.
+            due = datetime.now(UTC) - timedelta(minutes=20)
+            assert await arq.enqueue_job("cron:audit_accounts", _queue_name=settings.cron_queue, _defer_until=due) is not None
+        finally:
+            await arq.aclose()
+        env = {"MEDIAVAULT_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        # The worker waits for Redis longer than this test does, as it would through a failover.
+        worker = start_worker(settings, **env, **JOBS_OFF, MEDIAVAULT_WORKER_REDIS_OUTAGE_SECONDS="600")
+        try:
+            sampled = await scrape_until(
+                env, worker, lambda samples: "mediavault_queue_oldest_waiting_seconds" in samples, "sampled the queues"
+            )
+            redis.stop()
+            stopped = time.time()
+            gone = await scrape_until(
+                env, worker, lambda samples: "mediavault_queue_oldest_waiting_seconds" not in samples,
+                "stopped exporting the wait it sampled before Redis stopped",
+            )
+            redis.start()
+            back = await scrape_until(
+                env, worker, lambda samples: "mediavault_queue_oldest_waiting_seconds" in samples, "sampled again"
+            )
+        finally:
+            worker.terminate()
+            await asyncio.to_thread(worker.wait)
+    finally:
+        redis.close()
+    waited = {labels["queue"]: value for labels, value in sampled["mediavault_queue_oldest_waiting_seconds"]}
+    assert 20 * 60 <= waited["cron"] < 21 * 60, waited
+    assert "mediavault_queue_depth" not in gone, gone["mediavault_queue_depth"]
+    [(_, last_sample)] = gone["mediavault_queue_sampled_timestamp_seconds"]
+    assert last_sample <= stopped
+    assert gone["mediavault_worker_redis_up"] == [({}, 0.0)]
+    # The restarted Redis is empty: nothing waits, and the sample is of now.
+    assert {labels["queue"]: value for labels, value in back["mediavault_queue_oldest_waiting_seconds"]} == {
+        "photo": 0, "video": 0, "cron": 0
+    }
+    [(_, resumed)] = back["mediavault_queue_sampled_timestamp_seconds"]
+    assert resumed > stopped
 
 
 def bucket_landed_in(histogram: MetricWrapperBase, seconds: float, **labels: str) -> float:

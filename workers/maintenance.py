@@ -592,16 +592,34 @@ async def observe_queue(ctx: dict[str, Any]) -> int:
         waited_ms = 0.0 if oldest_due_ms is None else max(0.0, now_ms - float(oldest_due_ms))
         metrics.QUEUE_OLDEST_WAITING.labels(queue).set(waited_ms / 1000)
         total += int(depth)
+    metrics.QUEUE_SAMPLED.set(time.time())
     return total
 
 
+def forget_queue_samples() -> None:
+    """Takes this process's queue depths and waits out of its metrics."""
+    metrics.QUEUE_DEPTH.clear()
+    metrics.QUEUE_OLDEST_WAITING.clear()
+
+
 async def sample_queues(ctx: dict[str, Any]) -> None:
-    """observe_queue every QUEUE_SAMPLE_SECONDS, for as long as the worker runs."""
-    while True:
-        # While Redis is away the gauge keeps its last value; mediavault_worker_redis_up says so.
-        with contextlib.suppress(RedisError, OSError):
-            await observe_queue(ctx)
-        await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+    """observe_queue every QUEUE_SAMPLE_SECONDS, for as long as the worker runs.
+
+    A sample that fails (Redis away) and the sampler's end (whatever ends it) take the queues'
+    series away: a wait sampled before is not the wait of now, and exported on, it would hold
+    MediavaultQueueBacklog firing, or quiet, for as long as the process lives. The other workers'
+    samples stand in; the age of mediavault_queue_sampled_timestamp_seconds tells that this one
+    samples no more.
+    """
+    try:
+        while True:
+            try:
+                await observe_queue(ctx)
+            except (RedisError, OSError):
+                forget_queue_samples()
+            await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
+    finally:
+        forget_queue_samples()
 
 
 # Every second, not every QUEUE_SAMPLE_SECONDS: a scrape then sees the pool as it was a second

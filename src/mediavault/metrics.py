@@ -109,6 +109,11 @@ QUEUE_OLDEST_WAITING = Gauge(
     ["queue"],
     multiprocess_mode="livemostrecent",
 )
+QUEUE_SAMPLED = SetGauge(
+    "mediavault_queue_sampled_timestamp_seconds",
+    "When this worker last sampled the queues' depth and oldest wait",
+    "livemostrecent",
+)
 RATE_LIMIT_DECISIONS = Counter(
     "mediavault_rate_limit_decisions_total", "Rate limiter decisions", ["method", "layer", "decision"]
 )
