@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,17 @@ from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS
 from tests.faults import PrivateRedis
 from tests.helpers import begin, serve_environment, settled, upload
-from tests.test_deploy import ALERTS_FILE, ALERTS_TEST_FILE, check_names, load_yaml, source_literals
+from tests.test_deploy import (
+    ALERTS_FILE,
+    ALERTS_TEST_FILE,
+    DASHBOARD_FILE,
+    SUFFIXES,
+    check_names,
+    dashboard_queries,
+    known_metrics,
+    load_yaml,
+    source_literals,
+)
 from tests.test_shutdown import free_port, serving
 from tests.test_supervisor import scrape
 from tests.workers.test_transcode import start_worker
@@ -227,8 +238,9 @@ def sample_labels(families: dict[str, Metric]) -> dict[str, set[str]]:
 async def test_every_metric_the_rules_and_docs_name_is_exported_by_a_running_server_and_worker(
     exported_database, redis_url, tmp_path, auth, user_id, make_settings
 ):
-    """A rule on a metric that is never exported never fires: what the alerting rules and their unit
-    tests read, and the metrics table of docs/operations.md, checked against the /metrics of a
+    """A rule on a metric that is never exported never fires, a panel on one stays empty: what the
+    alerting rules, their unit tests and the dashboard's panels read, and the metrics table of
+    docs/operations.md, checked against the /metrics of a
     `mediavault serve` and a `mediavault worker` that served an upload, a transcode, a formats job, a
     feed page, events and an audit."""
     server_addr, worker_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -282,6 +294,9 @@ async def test_every_metric_the_rules_and_docs_name_is_exported_by_a_running_ser
     for unit_test in load_yaml(ALERTS_TEST_FILE)["tests"]:
         for series in unit_test["input_series"]:
             check_names(series["series"], exported, literals)
+    chartable = exported_or_declared(exported, [*server_families.values(), *worker_families.values()])
+    for panel_query in dashboard_queries(json.loads(DASHBOARD_FILE.read_text())).values():
+        check_names(panel_query, chartable, literals)
 
     families = {**server_families, **worker_families}
     documented = documented_metrics()
@@ -300,6 +315,21 @@ async def test_every_metric_the_rules_and_docs_name_is_exported_by_a_running_ser
             assert labels <= exported[sample] <= labels | conditional, (
                 f"{name}: documented with labels {labels} (and {conditional}), exported with {exported[sample]}"
             )
+
+
+def exported_or_declared(exported: dict[str, set[str]], families: list[Metric]) -> dict[str, set[str]]:
+    """The exported samples' names and labels, plus those of the families exported without a sample yet.
+
+    A panel may chart what no event of a run made: a labelled counter's family is exported from
+    start-up, its first series with its first event (a Redis fallback); its labels are the code's.
+    """
+    declared = known_metrics()
+    names = dict(exported)
+    for family in families:
+        for name in (family.name + suffix for suffix in SUFFIXES[family.type]):
+            if name not in names:
+                names[name] = declared[name]
+    return names
 
 
 def documented_metrics() -> dict[str, tuple[str, set[str], set[str]]]:
