@@ -133,3 +133,11 @@ def test_serve_refuses_to_start_without_a_database():
     result = mediavault("serve")
     assert result.returncode != 0
     assert "MEDIAVAULT_DATABASE_URL is not set" in result.stderr
+
+
+def test_a_misspelt_setting_stops_a_command_before_it_runs():
+    # Before: ignored, and the command ran on the default listen address.
+    result = mediavault("jobs", "list", MEDIAVAULT_GRPC_ADRR="0.0.0.0:50051")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "MEDIAVAULT_GRPC_ADRR\n  names no setting; the closest is MEDIAVAULT_GRPC_ADDR" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import ipaddress
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mediavault.auth import DEFAULT_LEEWAY_SECONDS
 
@@ -50,7 +52,8 @@ def listen_address(addr: str) -> ListenAddress:
 class JobConfig(BaseModel):
     """Schedule, age threshold and batch size of one cleanup job."""
 
-    # A misspelled field (MEDIAVAULT_JOBS__<JOB>__ENABLE) would otherwise be dropped unread.
+    # A misspelled field would otherwise be dropped unread: in a job's JSON
+    # (MEDIAVAULT_JOBS__<JOB>='{"enable": false}'); as a variable, unknown_variable refuses it first.
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # arq cron runs on whole minutes, so a schedule is a whole number of minutes.
@@ -98,8 +101,63 @@ class JobsConfig(BaseModel):
         return {**default.model_dump(), **value}
 
 
+PREFIX = "MEDIAVAULT_"
+# The project's other programs read variables of their own under the prefix, which are no settings:
+# the test suite's and the benchmarks' servers, the REST gateway's listener, the image tag
+# deploy/docker-compose.yml runs and scripts/install-imaging.sh's wheel cache.
+OTHER_PROGRAMS_PREFIXES = ("MEDIAVAULT_TEST_", "MEDIAVAULT_BENCH_", "MEDIAVAULT_GATEWAY_")
+OTHER_PROGRAMS_VARIABLES = frozenset({"MEDIAVAULT_TAG", "MEDIAVAULT_WHEELHOUSE"})
+
+
+def unknown_variable(name: str) -> str | None:
+    """Why a MEDIAVAULT_* variable names no setting, with the closest name that does; None when it
+    names one (or a section of them, set as JSON), or belongs to another of the project's programs."""
+    name = name.upper()
+    if name in OTHER_PROGRAMS_VARIABLES or name.startswith(OTHER_PROGRAMS_PREFIXES):
+        return None
+    path = name.removeprefix(PREFIX).lower().split("__")
+    model: type[BaseModel] | None = Settings
+    for depth, part in enumerate(path):
+        fields = model.model_fields if model is not None else {}
+        if part not in fields:
+            closest = difflib.get_close_matches(part, fields, n=1)
+            if not closest:
+                return "names no setting (docs/configuration.md lists them)"
+            return f"names no setting; the closest is {PREFIX}{'__'.join([*path[:depth], closest[0]]).upper()}"
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return None
+
+
+class _Environment(EnvSettingsSource):
+    """The settings' variables, refusing any under the prefix that names none: a misspelt one was
+    ignored, and a deploy ran on the default of the setting it meant."""
+
+    def __call__(self) -> dict[str, Any]:
+        errors = [
+            InitErrorDetails(type=PydanticCustomError("unknown_setting", why), loc=(variable.upper(),), input=variable)
+            for variable in sorted(self.env_vars)
+            if variable.upper().startswith(PREFIX) and (why := unknown_variable(variable)) is not None
+        ]
+        if errors:
+            # Without the values: a misspelt secret is a secret still.
+            raise ValidationError.from_exception_data(Settings.__name__, errors, hide_input=True)
+        return super().__call__()
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MEDIAVAULT_", env_nested_delimiter="__", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_nested_delimiter="__", frozen=True, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls), dotenv_settings, file_secret_settings
 
     database_url: str = ""
     # pgbouncer: database_url reaches PostgreSQL through a transaction-mode pooler (see

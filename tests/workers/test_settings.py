@@ -126,8 +126,16 @@ def test_an_accepted_schedule_runs_evenly_spaced(every_seconds):
     ("variable", "value", "named"),
     [
         # The operator believes the sweep is off; it would go on quarantining blobs every night.
-        ("MEDIAVAULT_JOBS__SWEEP_ORPHAN_BLOBS__ENABLE", "false", "jobs.sweep_orphan_blobs.enable"),
-        ("MEDIAVAULT_JOBS__PURGE_DELETD_MEDIA__AGE_SECONDS", "172800", "jobs.purge_deletd_media"),
+        (
+            "MEDIAVAULT_JOBS__SWEEP_ORPHAN_BLOBS__ENABLE", "false",
+            "MEDIAVAULT_JOBS__SWEEP_ORPHAN_BLOBS__ENABLE\n  names no setting; the closest is MEDIAVAULT_JOBS__SWEEP_ORPHAN_BLOBS__ENABLED",
+        ),
+        (
+            "MEDIAVAULT_JOBS__PURGE_DELETD_MEDIA__AGE_SECONDS", "172800",
+            "names no setting; the closest is MEDIAVAULT_JOBS__PURGE_DELETED_MEDIA [",
+        ),
+        # A job's fields as JSON reach no variable name to check: the job's model refuses them.
+        ("MEDIAVAULT_JOBS__SWEEP_ORPHAN_BLOBS", '{"enable": false}', "jobs.sweep_orphan_blobs.enable"),
     ],
 )
 def test_a_misspelled_cleanup_job_setting_fails_start_up_naming_it(monkeypatch, variable, value, named):
