@@ -233,6 +233,26 @@ async def test_bad_requests_change_nothing(tus_server, storage, http, auth, user
     assert got.upload.state == pb.UPLOAD_STATE_FAILED
 
 
+async def test_an_expired_upload_url_is_gone_and_a_tampered_one_forbidden(tus_server, storage, http, auth, user_id):
+    """tus expiration: requests for an expired upload are answered 410 Gone; before, a URL signed as
+    it stands but past its expiry (the reservation's) was 403 "URL expired", as a forged one is."""
+    md = auth(user_id)
+    data = fake_jpeg(5000)
+    begun = await begin_tus(storage, md, data)
+    signer = UrlSigner(tus_server.settings.url_signing_key, f"http://127.0.0.1:{tus_server.http_port}")
+    expired = signer.sign_until("TUS", begun.upload.upload_id, expires=int(time.time()) - 1, route="tus", owner=user_id)
+    assert (await head(http, expired)).status == 410
+    gone = await patch(http, expired, 0, data[:1000])
+    assert (gone.status, await gone.text()) == (410, "URL expired")
+    async with http.delete(expired, headers=TUS) as response:
+        assert response.status == 410
+    # The same past expiry put in a URL signed for a later one: no signature holds it.
+    tampered = yarl.URL(begun.upload_url).update_query({"X-Expires": str(int(time.time()) - 1)})
+    assert (await head(http, str(tampered))).status == 403
+    assert (await patch(http, str(tampered), 0, data[:1000])).status == 403
+    assert (await head(http, begun.upload_url)).headers["Upload-Offset"] == "0"
+
+
 async def test_x_http_method_override_is_the_requests_method(tus_server, storage, http, auth, user_id):
     """tus core: a POST with X-HTTP-Method-Override is the method the header names."""
     md = auth(user_id)

@@ -9,7 +9,7 @@ and DELETE need no other credential; it names its owner, whose rate limits they 
 tus/PATCH, tus/DELETE) before any statement runs. A finalized upload stays a complete tus upload (HEAD: its
 Upload-Offset is its Upload-Length, so a client resuming it is done at once) that takes no more
 bytes and is not terminated (DELETE: 403; it is media now, which DeleteMedia deletes); a failed or
-expired one is gone (410). Which replica takes a chunk does not matter: the offset, the hash state
+expired one is gone (410), as is any request on its URL once past its expiry, the reservation's. Which replica takes a chunk does not matter: the offset, the hash state
 and the writer's lock live in PostgreSQL.
 """
 
@@ -33,7 +33,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from mediavault.admission import Admission
 from mediavault.auth import Principal
 from mediavault.blobs.http import answer_expectation
-from mediavault.blobs.signing import signed_owner
+from mediavault.blobs.signing import URL_EXPIRED, signed_owner
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
 from mediavault.domain.uploads.resumable import CHECKSUM_ALGORITHMS, TUS_ROUTE, TUS_VERSION, Progress, check_writable
@@ -218,7 +218,10 @@ class TusEndpoints:
         upload_id = request.match_info["upload_id"]
         problem = self._resumable.verify_url(upload_id, dict(request.query))
         if problem:
-            raise _Refused(403, problem)
+            # tus expiration: an upload URL is signed until its reservation expires, and requests for
+            # an expired upload are answered that it is gone (410), which tus clients take for an
+            # end rather than a credential to fix; a URL not signed as it stands stays forbidden.
+            raise _Refused(410 if problem == URL_EXPIRED else 403, problem)
         return uuid.UUID(upload_id)
 
     def _not_allowed(self, request: web.Request, url: str, method: str, allowed: str) -> web.Response:

@@ -12,6 +12,9 @@ from urllib.parse import quote, quote_plus
 
 from mediavault.blobs.base import check_key
 
+# What verify says of a URL that is signed as it stands and only past its expiry.
+URL_EXPIRED = "URL expired"
+
 
 class UrlSigner:
     def __init__(self, key: bytes, base_url: str) -> None:
@@ -92,7 +95,7 @@ class UrlSigner:
         if not signature.isascii() or not hmac.compare_digest(expected, signature):
             return "signature does not match"
         if (now if now is not None else time.time()) > expires:
-            return "URL expired"
+            return URL_EXPIRED
         return None
 
 
