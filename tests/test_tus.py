@@ -10,6 +10,8 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
+import json
+import logging
 import random
 import time
 import uuid
@@ -23,6 +25,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from google.rpc import error_details_pb2
 from prometheus_client import REGISTRY
 
+from mediavault import logs
 from mediavault.blobs import single_chunk
 from mediavault.blobs.signing import UrlSigner
 from mediavault.domain.uploads import resumable
@@ -1196,6 +1199,8 @@ async def test_cors_for_the_configured_origins_only(make_settings, http):
             assert response.status == 401
             assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
             assert "Location" in response.headers["Access-Control-Expose-Headers"]
+            # A browser's script reads only the headers CORS exposes: the id to quote is one.
+            assert "X-Request-Id" in response.headers["Access-Control-Expose-Headers"].split(", ")
 
 
 async def test_a_silent_patch_body_ends_and_frees_the_upload(make_settings, http, auth, user_id):
@@ -1242,6 +1247,82 @@ async def open_patch(
     )
     await writer.drain()
     return reader, writer
+
+
+async def test_every_answer_of_the_listener_carries_its_request_id(tus_server, storage, http, auth, user_id):
+    """As a gRPC call's x-request-id: the caller's X-Request-Id (printable ASCII, at most 64
+    characters kept), else one made for the request; before, no HTTP answer carried one."""
+    begun = await begin_tus(storage, auth(user_id), fake_jpeg(5000))
+    url = begun.upload_url
+    base = f"http://127.0.0.1:{tus_server.http_port}"
+    given = {"X-Request-Id": "tus-req-1"}
+    answers = [
+        await head(http, url, **given),
+        await patch(http, url, 0, b"x" * 10, **given),
+        await head(http, url.replace("X-Signature=", "X-Signature=0"), **given),  # 403
+        await head(http, url, **given, **{"Tus-Resumable": "0.2.2"}),  # 412
+    ]
+    async with http.get(url, headers={**TUS, **given}) as response:  # 405
+        answers.append(response)
+    async with http.options(f"{base}/tus/", headers=given) as response:
+        answers.append(response)
+    async with http.get(f"{base}/nowhere", headers=given) as response:  # 404
+        answers.append(response)
+    async with http.get(f"{base}/healthz", headers=given) as response:
+        answers.append(response)
+    assert [(r.status, r.headers.get("X-Request-Id")) for r in answers] == [
+        (status, "tus-req-1") for status in (200, 204, 403, 412, 405, 204, 404, 200)
+    ]
+    # Refused before its body is sent (Expect: 100-continue), by no handler.
+    tampered = url.replace("X-Signature=", "X-Signature=0")
+    status, answered, _, writer = await asked_patch(
+        tus_server, tampered, {**PATCH_HEADERS, "Upload-Offset": "10", "Content-Length": "10", **given}
+    )
+    writer.close()
+    assert (status, answered["X-Request-Id"]) == (403, "tus-req-1")
+
+    long = "r" * 100
+    assert (await head(http, url, **{"X-Request-Id": long})).headers["X-Request-Id"] == long[:64]
+    made = [(await head(http, url, **headers)).headers["X-Request-Id"] for headers in ({}, {}, {"X-Request-Id": "tab\there"})]
+    assert all(len(rid) == 32 for rid in made)
+    assert len(set(made)) == 3
+
+
+async def test_a_log_line_written_while_a_tus_request_is_served_carries_its_request_id(make_settings, pool, auth, user_id):
+    lines: list[dict] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(logs.JsonFormatter().format(record)))
+
+    handler = Lines(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    # A request refused by its owner's rate limit freezes the account, and says so, while it is
+    # served: by its handler, or by the answer to Expect: 100-continue, which runs before any middleware.
+    settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=1)
+    asker = f"user-{uuid.uuid4().hex[:12]}"
+    try:
+        async with (
+            limit(pool, "tus/HEAD", per_hour=1, burst=50),
+            limit(pool, "tus/PATCH", per_hour=1, burst=50),
+            running(settings) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+            aiohttp.ClientSession() as http,
+        ):
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            begun = await begin_tus(storage, auth(user_id), fake_jpeg(1000))
+            assert (await head(http, begun.upload_url)).status == 200
+            assert (await head(http, begun.upload_url, **{"X-Request-Id": "freezing-head"})).status == 429
+            asked_url = (await begin_tus(storage, auth(asker), fake_jpeg(1000))).upload_url
+            chunk = {**PATCH_HEADERS, "Upload-Offset": "0", "Content-Length": "1000"}
+            for request_id, status in (("first-patch", 100), ("freezing-patch", 429)):
+                answered, _, _, writer = await asked_patch(server, asked_url, {**chunk, "X-Request-Id": request_id})
+                writer.close()
+                assert answered == status
+    finally:
+        logging.getLogger().removeHandler(handler)
+    frozen = {line["user_id"]: line.get("request_id") for line in lines if line["msg"] == "account frozen automatically"}
+    assert frozen == {user_id: "freezing-head", asker: "freezing-patch"}
 
 
 async def response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:

@@ -4,8 +4,10 @@ ids of the current span): one JSON object each, or in a terminal one short line 
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import secrets
 import sys
 import traceback
 from datetime import UTC, datetime
@@ -14,6 +16,20 @@ from typing import Any, Literal, TextIO
 from opentelemetry import trace
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+# A caller's own request id is kept only this long: it is written on every log line of the request.
+REQUEST_ID_MAX_CHARS = 64
+# Request ids only need to be unique, not secret: a random prefix per process and a counter.
+_new_request_ids = map(f"{secrets.token_hex(8)}{{:016x}}".format, itertools.count())
+
+
+def request_id_for(given: str | None) -> str:
+    """The id a request is known by (a gRPC call's x-request-id, an HTTP request's X-Request-Id):
+    the caller's own, cut to REQUEST_ID_MAX_CHARS, when it is printable ASCII, which gRPC metadata
+    can carry and an HTTP header echoes unchanged; else one made here."""
+    if given and given.isascii() and given.isprintable():
+        return given[:REQUEST_ID_MAX_CHARS]
+    return next(_new_request_ids)
 
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 

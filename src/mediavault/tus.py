@@ -32,7 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from mediavault.admission import Admission
 from mediavault.auth import Principal
-from mediavault.blobs.http import answer_expectation
+from mediavault.blobs.http import answer_expectation, expecting
 from mediavault.blobs.signing import URL_EXPIRED, signed_owner
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
@@ -78,7 +78,7 @@ _CORS_HEADERS = (
     "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
     "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With"
 )
-_CORS_EXPOSED = "Location, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata"
+_CORS_EXPOSED = "Location, X-Request-Id, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata"
 
 # Statuses of the domain errors a tus request can meet.
 _STATUS: dict[type[MediavaultError], int] = {
@@ -166,9 +166,9 @@ class TusEndpoints:
         # tus core: X-HTTP-Method-Override, when present, is the request's method whatever was sent
         # (a POST standing for a PATCH, from clients and proxies that cannot send PATCH), so one
         # handler per URL takes every method but OPTIONS and dispatches on the method it stands for.
-        app.router.add_route("*", base, self._creation_url, expect_handler=self._expect_creation)
-        app.router.add_route("*", base + "/", self._creation_url, expect_handler=self._expect_creation)
-        app.router.add_route("*", one, self._upload_url, expect_handler=self._expect)
+        app.router.add_route("*", base, self._creation_url, expect_handler=expecting(self._expect_creation))
+        app.router.add_route("*", base + "/", self._creation_url, expect_handler=expecting(self._expect_creation))
+        app.router.add_route("*", one, self._upload_url, expect_handler=expecting(self._expect))
 
     def _respond(self, request: web.Request, status: int, headers: dict[str, str] | None = None, text: str | None = None) -> web.Response:
         response = web.Response(status=status, text=text, headers={"Tus-Resumable": TUS_VERSION, **(headers or {})})

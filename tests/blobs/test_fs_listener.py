@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 import yarl
 from aiohttp import web
+from multidict import CIMultiDict
 
 from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, single_chunk
 from mediavault.blobs.fs import FsBlobStore
@@ -245,6 +246,23 @@ async def test_a_put_that_will_be_refused_is_answered_before_its_body_is_sent(st
     status, _, _, writer = await first_answer(signed.url, {"Content-Length": "5", **signed.headers})
     writer.close()
     assert status == 412, "an object is uploaded once"
+
+
+async def test_signed_put_and_get_answer_with_the_request_id(store):
+    signed = await store.presign_put("originals/ab/rid", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+    given = {"X-Request-Id": "blob-req-7"}
+    put = await send("PUT", signed.url, b"hello", {**signed.headers, **given})
+    get = await send("GET", await store.presign_get("originals/ab/rid", expires_in=60), headers=given)
+    again = await send("PUT", signed.url, b"hello", {**signed.headers, **given})
+    # aiohttp's client spells the header names it knows its own way: X-Request-ID.
+    assert [(status, CIMultiDict(headers).get("X-Request-Id")) for status, _, headers in (put, get, again)] == [
+        (200, "blob-req-7"), (200, "blob-req-7"), (412, "blob-req-7")
+    ]
+    status, answered, _, writer = await first_answer(signed.url.replace("rid", "other"), {"Content-Length": "5", **signed.headers, **given})
+    writer.close()
+    assert (status, answered["x-request-id"]) == (403, "blob-req-7")
+    _, _, made = await send("GET", await store.presign_get("originals/ab/rid", expires_in=60))
+    assert len(CIMultiDict(made)["X-Request-Id"]) == 32
 
 
 async def test_chunked_body_without_length_is_refused(store):

@@ -16,15 +16,17 @@ body (Expect: 100-continue) is answered its refusal, when it has one, instead of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from mediavault import metrics
+from mediavault import logs, metrics
 from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
 from mediavault.pacing import making_progress
 
@@ -48,18 +50,61 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
 
     idle_seconds: how long a PUT's body may keep the listener waiting without bringing
     pacing.MIN_PROGRESS_BYTES before it is refused (TUS_IDLE_TIMEOUT_SECONDS)."""
-    app = web.Application(client_max_size=0)
+    app = web.Application(client_max_size=0, middlewares=[_with_request_id])
+    app.on_response_prepare.append(_answer_request_id)
     app.on_response_prepare.append(_count_answer)
     if store is not None:
         app[_STORE] = store
         app[_IDLE_SECONDS] = idle_seconds
-        app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object, expect_handler=_expect_put)
+        app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object, expect_handler=expecting(_expect_put))
         app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
     app.router.add_get("/healthz", _healthz)
     return app
 
 
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
+_REQUEST_ID = web.RequestKey("request_id", str)
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def _request_id_of(request: web.Request) -> str:
+    """The id the request is known by, as a gRPC call's is (logs.request_id_for): its X-Request-Id, or one made for it."""
+    if _REQUEST_ID not in request:
+        request[_REQUEST_ID] = logs.request_id_for(request.headers.get("X-Request-Id"))
+    return request[_REQUEST_ID]
+
+
+@contextlib.contextmanager
+def _serving(request: web.Request) -> Iterator[None]:
+    """The request's id on every log line written meanwhile."""
+    token = logs.request_id.set(_request_id_of(request))
+    try:
+        yield
+    finally:
+        logs.request_id.reset(token)
+
+
+@web.middleware
+async def _with_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    with _serving(request):
+        return await handler(request)
+
+
+def expecting(expect_handler: ExpectHandler) -> ExpectHandler:
+    """A route's expect handler (Expect: 100-continue), which runs before any middleware does,
+    under the request's id too: it may do the request's work (a tus creation)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse | None:
+        with _serving(request):
+            return await expect_handler(request)
+
+    return handle
+
+
+async def _answer_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # Here rather than in the middleware, so that every answer carries it: refusals given before
+    # the body and aiohttp's own (404, 405, a handler's failure, 500) too.
+    response.headers["X-Request-Id"] = _request_id_of(request)
 
 
 async def _count_answer(request: web.Request, response: web.StreamResponse) -> None:
@@ -71,7 +116,8 @@ async def _count_answer(request: web.Request, response: web.StreamResponse) -> N
     method = request.method if request.method in _METHODS else "OTHER"
     metrics.HTTP_REQUESTS.labels(route, method, str(response.status)).inc()
     if response.status >= 500:
-        log.warning("http request failed", extra={"route": route, "method": method, "status": response.status})
+        with _serving(request):
+            log.warning("http request failed", extra={"route": route, "method": method, "status": response.status})
 
 
 def _put_refusal(request: web.Request, store: FsBlobStore, key: str) -> web.Response | None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
@@ -44,10 +42,6 @@ class Servicer:
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
-
-
-# Request ids only need to be unique, not secret: a random prefix per process and a counter.
-_request_ids = map(f"{secrets.token_hex(8)}{{:016x}}".format, itertools.count())
 
 
 # What a request whose bytes are no message of its type decodes to (invalid UTF-8 in a string,
@@ -142,8 +136,7 @@ def rpc(service: ServiceDescriptor) -> Callable[[Handler], Callable[[Any, Any, g
         @functools.wraps(method)
         async def handle(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = context.invocation_metadata() or ()
-            request_id = next((v for k, v in metadata if k == "x-request-id" and isinstance(v, str)), None)
-            request_id = request_id[:64] if request_id else next(_request_ids)
+            request_id = logs.request_id_for(next((v for k, v in metadata if k == "x-request-id" and isinstance(v, str)), None))
             token = logs.request_id.set(request_id)
             span = tracing.start_rpc(service.full_name, name, metadata, request_id)
             started = time.perf_counter()
