@@ -137,7 +137,26 @@ def test_serve_refuses_to_start_without_a_database():
 
 def test_a_misspelt_setting_stops_a_command_before_it_runs():
     # Before: ignored, and the command ran on the default listen address.
-    result = mediavault("jobs", "list", MEDIAVAULT_GRPC_ADRR="0.0.0.0:50051")
+    result = mediavault("jobs", "list", MEDIAVAULT_GRPC_ADRR="0.0.0.0:50051", MEDIAVAULT_LOG_FORMAT="json")
     assert result.returncode == 1
     assert result.stdout == ""
-    assert "MEDIAVAULT_GRPC_ADRR\n  names no setting; the closest is MEDIAVAULT_GRPC_ADDR" in result.stderr
+    [line] = [json.loads(line) for line in result.stderr.splitlines()]
+    assert (line["level"], line["msg"]) == ("critical", "invalid settings")
+    assert line["settings"] == [{"setting": "MEDIAVAULT_GRPC_ADRR", "problem": "names no setting; the closest is MEDIAVAULT_GRPC_ADDR"}]
+
+
+@pytest.mark.parametrize("log_format", ["json", "not-a-format"])
+def test_invalid_settings_are_one_log_line_naming_each_without_its_value(log_format):
+    # Before: a Python traceback, bare lines a JSON log collector took for events of their own,
+    # holding pydantic's input_value: the secret itself when a secret was the bad value.
+    result = mediavault(
+        "worker", MEDIAVAULT_DB_POOL_MIN_SIZE="db-password", MEDIAVAULT_LOG_FORMAT=log_format,
+        MEDIAVAULT_REDIS_URL="redis://127.0.0.1:1/0",
+    )
+    assert result.returncode == 1
+    [line] = [json.loads(line) for line in result.stderr.splitlines()]  # stderr is no terminal: JSON for "auto"
+    assert (line["level"], line["msg"]) == ("critical", "invalid settings")
+    problems = {problem["setting"] for problem in line["settings"]}
+    assert "MEDIAVAULT_DB_POOL_MIN_SIZE" in problems
+    assert ("MEDIAVAULT_LOG_FORMAT" in problems) == (log_format == "not-a-format")
+    assert "db-password" not in result.stderr

@@ -7,14 +7,16 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import uvloop
+from pydantic import ValidationError
 
 from mediavault import logs
 from mediavault.auth import ROLES, USER_ID, Authenticator
-from mediavault.config import Settings
+from mediavault.config import PREFIX, Settings
 
 log = logging.getLogger("mediavault.cli")
 
@@ -220,11 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_invalid_settings(invalid: ValidationError) -> None:
+    """One log line naming each setting at fault and why, never its value (a secret may be one)."""
+    # The log format is a setting itself: taken as given when valid, else left to the terminal.
+    log_format = os.environ.get(f"{PREFIX}LOG_FORMAT", "auto").lower()
+    logs.configure("INFO", "json" if log_format == "json" else "text" if log_format == "text" else "auto")
+    problems = [
+        {"setting": _variable(error["loc"]), "problem": error["msg"]}
+        for error in invalid.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    log.critical("invalid settings", extra={"settings": problems})
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    name = "__".join(str(part) for part in loc).upper()
+    return name if name.startswith(PREFIX) else PREFIX + name
+
+
 def main(argv: list[str] | None = None) -> int:
     from mediavault.db.migrate import MigrationBlocked
 
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as invalid:
+        _log_invalid_settings(invalid)
+        return 1
     logs.configure(settings.log_level, settings.log_format)
     try:
         return args.func(args)
