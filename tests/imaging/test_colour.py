@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageChops, ImageCms
 
 from mediavault.imaging import DEFAULT_LIMITS, DEFAULT_VARIANTS, formats, transcode
-from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES, is_display_p3
+from mediavault.imaging.colour import D65, DISPLAY_P3, SRGB_PRIMARIES, is_display_p3, matrix_profile
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.strategies import LosslessJpeg, PillowPipeline, choose
 from tests.imaging.helpers import (
@@ -224,6 +224,26 @@ def test_a_profile_is_converted_as_lcms_converts_it(icc: bytes, ramp_levels: int
     ramp = ImageChops.difference(still.crop((0, 0, 256, 16)), expected.crop((0, 0, 256, 16)))
     assert max(highest for _, highest in ramp.getextrema()) <= ramp_levels
     assert mean_difference(still.crop((0, 16, 256, 272)), expected.crop((0, 16, 256, 272))) < 0.5
+
+
+@pytest.mark.parametrize(
+    "icc",
+    [
+        pytest.param(power_law_profile(ADOBE_RGB_PRIMARIES, D65, 563 / 256, "Adobe RGB (1998)"), id="adobe-rgb"),
+        # A camera's wide gamut with sRGB's tone curve, whose grey ramp comes within a level of lcms's.
+        pytest.param(matrix_profile(PROPHOTO_PRIMARIES, D50, "Wide gamut camera RGB"), id="wide-camera"),
+    ],
+)
+def test_saturated_colours_of_a_wider_gamut_are_converted_as_lcms_converts_them(icc: bytes) -> None:
+    """Every colour of a grid through the RGB cube, its faces included, where a wider gamut than
+    sRGB's clips: a 3D LUT sampled from lcms showed them up to 20 and 29 levels off."""
+    steps = range(0, 256, 4)
+    picture = Image.frombytes("RGB", (512, 512), bytes(v for r in steps for g in steps for b in steps for v in (r, g, b)))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", icc_profile=icc)
+    still = decode_with_pillow(open_image(buffer.getvalue(), "image/png", DEFAULT_LIMITS), DEFAULT_VARIANTS.image).image
+    expected = ImageCms.profileToProfile(picture, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"))
+    assert max(ImageChops.difference(still, expected).tobytes()) <= 1
 
 
 def grey_profile(gamma: float) -> bytes:

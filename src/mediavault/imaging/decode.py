@@ -7,14 +7,14 @@ import errno
 import io
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import av
 import pillow_avif  # noqa: F401  registers the AVIF opener (libavif); Pillow-SIMD is built without one
 import pillow_heif
-from PIL import Image, ImageChops, ImageCms, ImageFile, ImageFilter, ImageMath
+from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from mediavault.domain import content_types
 from mediavault.imaging import canvas, gif, isobmff, lossless, png
@@ -76,17 +76,6 @@ TRANSPOSE_FOR_ORIENTATION = {
 }
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-
-# A 33-point grid keeps the mean error under half a level; lcms applied per pixel
-# costs about four times as much on a phone photo.
-_LUT_POINTS = 33
-# The LUT converts only a profile whose grey ramp it shows within this many levels of lcms: it
-# interpolates straight between its grid points, where a tone curve steeper than sRGB's in the
-# shadows bends (a linear profile's, which showed as banding; ProPhoto's gamma 1.8, whose darkest
-# greys it lifted by up to 3 levels); lcms converts those pixel by pixel. Adobe RGB, Display P3
-# and sRGB-like profiles come within 1.
-_LUT_WITHIN_LEVELS = 2
-_GREY_RAMP = Image.frombytes("RGB", (256, 1), bytes(level for level in range(256) for _ in range(3)))
 
 
 @dataclass
@@ -481,16 +470,11 @@ def converts_colour(icc: bytes) -> bool:
 
 @dataclass(frozen=True)
 class SrgbConversion:
-    """What takes RGB or RGBA pictures tagged with one profile to sRGB, their alpha kept: the
-    profile's conversion sampled into a 3D LUT, or, where the LUT is not close enough to it (see
-    _LUT_WITHIN_LEVELS), lcms's transforms of RGB and of RGBA applied to every pixel."""
+    """lcms's transforms of RGB and of RGBA pictures tagged with one profile to sRGB, their alpha kept."""
 
-    lut: ImageFilter.Color3DLUT | None = None
-    transforms: dict[str, ImageCms.ImageCmsTransform] = field(default_factory=dict)
+    transforms: dict[str, ImageCms.ImageCmsTransform]
 
     def apply(self, picture: Image.Image) -> Image.Image:
-        if self.lut is not None:
-            return picture.filter(self.lut)
         return self.transforms[picture.mode].apply(picture)
 
 
@@ -631,15 +615,11 @@ def _srgb_conversion(icc: bytes) -> SrgbConversion | None:
     if is_srgb(icc):
         return None
     profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    transform = ImageCms.buildTransform(profile, SRGB_PROFILE, "RGB", "RGB")
-    ramp = [round(i * 255 / (_LUT_POINTS - 1)) for i in range(_LUT_POINTS)]
-    # Color3DLUT wants red to vary fastest, then green, then blue.
-    grid = bytes(v for b in ramp for g in ramp for r in ramp for v in (r, g, b))
-    converted = transform.apply(Image.frombytes("RGB", (_LUT_POINTS**3, 1), grid))
-    lut = ImageFilter.Color3DLUT(_LUT_POINTS, [v / 255 for v in converted.tobytes()])
-    if max(ImageChops.difference(_GREY_RAMP.filter(lut), transform.apply(_GREY_RAMP)).tobytes()) <= _LUT_WITHIN_LEVELS:
-        return SrgbConversion(lut=lut)
-    return SrgbConversion(transforms={"RGB": transform, "RGBA": ImageCms.buildTransform(profile, SRGB_PROFILE, "RGBA", "RGBA")})
+    # lcms converts every pixel. A 33-point 3D LUT sampled from it, four times as fast, interpolated
+    # straight across where the conversion clips to sRGB's gamut, and showed saturated colours up to
+    # 17 to 29 levels off (Adobe RGB, ProPhoto, BT.2020, even sRGB's primaries with a D50 white);
+    # no profile whose gamut differs from sRGB's came within 2 levels.
+    return SrgbConversion({mode: ImageCms.buildTransform(profile, SRGB_PROFILE, mode, mode) for mode in ("RGB", "RGBA")})
 
 
 # A poster is the first frame in the first seconds that is not near-black (a fade-in or a
