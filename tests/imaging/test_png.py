@@ -495,3 +495,21 @@ def test_a_png_whose_cicp_is_hdr_shows_its_sdr_range_as_an_sdr_screen_does(
         in_bt709 = (sum(m * v for m, v in zip(row, light, strict=True)) for row in BT2020_TO_BT709)
         expected.append(tuple(srgb_level(min(max(value, 0), 1)) for value in in_bt709))
     assert_within(got, expected, 3)
+
+
+@pytest.mark.parametrize(
+    ("colour_type", "bit_depth"),
+    [(GREY, 8), (GREY, 16), (GREY_ALPHA, 8), (GREY_ALPHA, 16)],
+    ids=["grey", "grey-16", "grey-alpha", "grey-alpha-16"],
+)
+@pytest.mark.parametrize(("transfer", "nits"), [(16, pq_nits), (18, hlg_nits)], ids=["pq", "hlg"])
+def test_a_grey_png_whose_cicp_is_hdr_is_shown_as_an_sdr_screen_shows_it(
+    colour_type: int, bit_depth: int, transfer: int, nits: Callable[[int], float]
+) -> None:
+    """As an RGB one is (above): a grey's levels are its white, whatever the primaries."""
+    sample, scale = ("H", 257) if bit_depth == 16 else ("B", 1)
+    alpha = [255 * scale] if colour_type == GREY_ALPHA else []
+    pixels = [struct.pack(f">{1 + len(alpha)}{sample}", level * scale, *alpha) for level in LEVELS]
+    row = b"".join(pixel * STRIPE for pixel in pixels)
+    data = png_file(STRIPE * len(LEVELS), 64, bit_depth, colour_type, [row] * 64, cicp(9, transfer))
+    assert_within(shown(data), [(srgb_level(min(nits(level) / 203, 1)),) * 3 for level in LEVELS], 2)

@@ -17,7 +17,9 @@ A PNG's cICP chunk, or a HEIF's or AVIF's nclx box, names the colours by H.273 c
 P3's) with sRGB's tone curve (transfer 13) are those primaries' profile, Display P3's DISPLAY_P3;
 BT.2020 with PQ (16) or HLG (18), the HDR of Chrome's and Android's screenshots, is a profile of
 BT.2020 with a tone curve that shows it as an SDR screen does (`hdr_light`), converted as an
-embedded one is. Other codes are left unread, and the picture goes by what else describes it.
+embedded one is; a grey picture, which no RGB profile converts, has its levels taken to sRGB's
+tone curve by that light instead (`hdr_tones`), as a gAMA's are. Other codes are left unread, and
+the picture goes by what else describes it.
 """
 
 from __future__ import annotations
@@ -151,11 +153,11 @@ def _srgb_encoded(light: float) -> float:
     return light / c if light < c * d else (light ** (1 / g) - b) / a
 
 
-def srgb_tones(exponent: float, largest: int = 255) -> tuple[int, ...]:
-    """For each level, 0 to `largest` (255 of 8-bit samples, 65535 of 16-bit ones), of a plain
-    power-law tone curve, whose light is (level / largest) ** exponent, the 8-bit level that shows
-    the same light in sRGB's curve."""
-    return tuple(round(255 * _srgb_encoded((level / largest) ** exponent)) for level in range(largest + 1))
+def srgb_tones(light: Callable[[float], float], largest: int) -> tuple[int, ...]:
+    """For each level, 0 to `largest` (255 of 8-bit samples, 65535 of 16-bit ones), of a tone curve
+    whose light (0 to 1) is light(level / largest), the 8-bit level that shows the same light in
+    sRGB's curve."""
+    return tuple(round(255 * _srgb_encoded(light(level / largest))) for level in range(largest + 1))
 
 
 # H.273's codes (ITU-T H.273, tables 2 and 3) of the primaries and tone curves read.
@@ -202,30 +204,39 @@ def _sampled_curve(transfer: int) -> bytes:
     return b"curv\0\0\0\0" + struct.pack(f">I{_HDR_CURVE_POINTS}H", _HDR_CURVE_POINTS, *(round(65535 * v) for v in samples))
 
 
-# The profile of each pair of codes read; None: sRGB itself.
-_H273_PROFILES: dict[tuple[int, int], bytes | None] = {
-    (1, _H273_SRGB_CURVE): None,
-    (12, _H273_SRGB_CURVE): DISPLAY_P3,
-    (_H273_BT2020, _H273_SRGB_CURVE): matrix_profile(_BT2020_PRIMARIES, D65, "BT.2020"),
+@functools.cache
+def hdr_tones(transfer: int, largest: int) -> tuple[int, ...]:
+    """For each PQ or HLG level (H.273 transfer 16 or 18), 0 to `largest`, the 8-bit level in sRGB's
+    tone curve that shows its light on an SDR screen (see srgb_tones and hdr_light)."""
+    # Kept: the 65,536 levels of 16-bit samples cost too much to work out again for every picture.
+    return srgb_tones(functools.partial(hdr_light, transfer=transfer), largest)
+
+
+@dataclass(frozen=True)
+class CodedColours:
+    """What H.273 codes say a picture's colours are: those of an ICC profile, None for sRGB's, whose
+    levels are PQ's or HLG's where `transfer` says so (see hdr_tones)."""
+
+    profile: bytes | None
+    transfer: int | None = None
+
+
+# The colours of each pair of codes read.
+_H273_COLOURS = {
+    (1, _H273_SRGB_CURVE): CodedColours(None),
+    (12, _H273_SRGB_CURVE): CodedColours(DISPLAY_P3),
+    (_H273_BT2020, _H273_SRGB_CURVE): CodedColours(matrix_profile(_BT2020_PRIMARIES, D65, "BT.2020")),
     **{
-        (_H273_BT2020, transfer): matrix_profile(_BT2020_PRIMARIES, D65, name, _sampled_curve(transfer))
+        (_H273_BT2020, transfer): CodedColours(matrix_profile(_BT2020_PRIMARIES, D65, name, _sampled_curve(transfer)), transfer)
         for transfer, name in ((_H273_PQ, "BT.2100 PQ"), (_H273_HLG, "BT.2100 HLG"))
     },
 }
 
 
-@dataclass(frozen=True)
-class CodedColours:
-    """What H.273 codes say a picture's colours are: those of an ICC profile, None for sRGB's."""
-
-    profile: bytes | None
-
-
 def coded_colours(primaries: int, transfer: int) -> CodedColours | None:
     """The colours H.273 primaries and transfer characteristics name (see the module's docstring);
     None for codes not read here."""
-    key = (primaries, transfer)
-    return CodedColours(_H273_PROFILES[key]) if key in _H273_PROFILES else None
+    return _H273_COLOURS.get((primaries, transfer))
 
 
 def cached_by_digest(compute: Callable[[bytes], T]) -> Callable[[bytes], T]:

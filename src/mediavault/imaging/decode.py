@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,10 +26,10 @@ from mediavault.imaging.colour import (
     cached_by_digest,
     coded_colours,
     colour_space,
+    hdr_tones,
     is_display_p3,
     is_srgb,
     matrix_profile,
-    srgb_tones,
 )
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
@@ -165,6 +166,7 @@ _APNG_BYTES = "mediavault_apng_bytes"
 _PNG_PROFILE = "mediavault_png_profile"
 # Where open_image leaves a 16-bit PNG's levels in sRGB's tone curve, of all 16 bits (see _describe_png).
 _SIXTEEN_BIT_TONES = "mediavault_sixteen_bit_tones"
+_LARGEST_8_BIT = 255
 _LARGEST_16_BIT = 65535
 # For each colour type of 16-bit PNG that Pillow opens in 8-bit bands (RGB; grey with alpha, opened
 # as RGBA; RGBA), the raw mode that decodes its pixels again to bands of their samples' low bytes,
@@ -176,7 +178,7 @@ _LOW_BYTES = {2: ("RGB;16L", (0, 1, 2)), 4: ("RGBA", (1, 1, 1)), 6: ("RGBA;16L",
 @dataclass(frozen=True)
 class _SixteenBitTones:
     """A 16-bit PNG's bytes and colour type, and for each of its 16-bit levels the 8-bit level in
-    sRGB's tone curve that shows the light its gAMA gives it."""
+    sRGB's tone curve that shows the light its cICP or gAMA gives it."""
 
     data: bytes
     colour_type: int
@@ -193,13 +195,11 @@ def clean_aperture(image: Image.Image) -> Image.Image:
 def _describe_png(image: Image.Image, data: bytes) -> None:
     """What Pillow's PNG plugin gets wrong or leaves out (see png): a 16-bit RGB PNG's transparent
     colour, left for transparent_colour with the PNG's bytes, from which it decodes the samples'
-    low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; the
-    colours its gAMA and cHRM describe, as the levels in sRGB's tone curve of its own (see
-    srgb_tones; for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
-    _sixteen_bits_in_srgb_tones) and, for primaries other than sRGB's, a profile of them with that
-    curve, which the stills and the animation convert from (or keep) as from an embedded one; and
-    which profile that is, or the PNG's first iCCP before its pixels, as browsers read them (see
-    icc_profile)."""
+    low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; and the
+    colours its chunks describe, as browsers read them (see _png_colours): the levels in sRGB's tone
+    curve of its own (for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
+    _sixteen_bits_in_srgb_tones) and the profile the stills and the animation convert from (or
+    keep) after them (see icc_profile)."""
     chunks = png.read(data)
     colour = chunks.transparent_colour
     if colour is not None and image.mode == "RGB":
@@ -210,38 +210,49 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     grey = chunks.transparent_grey
     if grey is not None:
         image.info["transparency"] = grey
-    # Not Pillow's info["icc_profile"]: of two iCCP chunks it keeps the last, and it reads an iCCP
-    # after the pixels, which libpng (and so browsers) ignores, as it loads them.
-    profile = chunks.profile
-    if profile is not None and colour_space(profile) != ("RGB" if chunks.in_colour else "GRAY"):
-        # One lcms cannot read, or of other colours than the pixels': libpng drops it, and
-        # browsers go by the gAMA and cHRM.
-        profile = None
-    coded = chunks.coded_colours
-    if coded is not None:
-        # A cICP comes before all else, and is read as a HEIF's or AVIF's nclx box (see _coded_colours).
-        cicp = chunks.payloads[b"cICP"]
-        image.info["nclx_profile"] = {"color_primaries": cicp[0], "transfer_characteristics": cicp[1]}
-        profile = coded.profile
-    colours = chunks.colours if profile is None else None
-    if colours is not None:
-        image.info[_SRGB_TONES] = srgb_tones(colours.exponent)
+    profile, tone_levels = _png_colours(chunks)
+    if tone_levels is not None:
+        image.info[_SRGB_TONES] = tone_levels(_LARGEST_8_BIT)
         if chunks.bit_depth == 16 and not first_frame(image):
             # The picture the stills show is the IDAT's, whose bytes decode_with_pillow decodes again.
-            levels = srgb_tones(colours.exponent, _LARGEST_16_BIT)
-            image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, levels)
-        if colours.primaries is not None:
-            profile = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
+            image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, tone_levels(_LARGEST_16_BIT))
     image.info[_PNG_PROFILE] = profile
     if first_frame(image):
         image.info[_APNG_BYTES] = data
 
 
+def _png_colours(chunks: png.Chunks) -> tuple[bytes | None, Callable[[int], tuple[int, ...]] | None]:
+    """The profile a PNG's colours are in, None for sRGB, and, where its cICP or gAMA gives its levels
+    another tone curve that is not in that profile, what takes them to sRGB's curve first: for the
+    largest level (255 or 65535), the 8-bit level in sRGB's curve of each. Its cICP comes before all
+    else (read as a HEIF's or AVIF's nclx box: see _coded_colours), then its first iCCP before its
+    pixels, then its gAMA and cHRM (a profile of those primaries with sRGB's curve)."""
+    coded = chunks.coded_colours
+    if coded is not None:
+        hdr = None if coded.transfer is None else functools.partial(hdr_tones, coded.transfer)
+        if not chunks.in_colour:
+            # No RGB profile converts grey levels; they are the white, whatever the primaries.
+            return None, hdr
+        return coded.profile, None
+    # Not Pillow's info["icc_profile"]: of two iCCP chunks it keeps the last, and it reads an iCCP
+    # after the pixels, which libpng (and so browsers) ignores, as it loads them.
+    profile = chunks.profile
+    if profile is not None and colour_space(profile) == ("RGB" if chunks.in_colour else "GRAY"):
+        return profile, None
+    # No profile, or one lcms cannot read, or of other colours than the pixels': libpng drops it,
+    # and browsers go by the gAMA and cHRM.
+    colours = chunks.colours
+    if colours is None:
+        return None, None
+    return None if colours.primaries is None else matrix_profile(colours.primaries, colours.white, "PNG cHRM"), colours.tones
+
+
 def icc_profile(image: Image.Image) -> bytes | None:
-    """The ICC profile the opened image's colours are in, None for sRGB: a PNG's, of its cICP (see
-    _coded_colours), its first iCCP before its pixels, or its cHRM (see _describe_png), never a
-    later iCCP that Pillow reads into its info (a second one, or one after the pixels); any other
-    image's embedded profile, or else that of its nclx box's colours."""
+    """The ICC profile the opened image's colours are in, None for sRGB, once its levels are in
+    sRGB's tone curve (see tones): a PNG's, of its cICP, its first iCCP before its pixels, or its
+    cHRM (see _png_colours), never a later iCCP that Pillow reads into its info (a second one, or
+    one after the pixels); any other image's embedded profile, or else that of its nclx box's
+    colours."""
     if _PNG_PROFILE in image.info:
         return image.info[_PNG_PROFILE]
     if embedded := image.info.get("icc_profile"):
@@ -252,8 +263,8 @@ def icc_profile(image: Image.Image) -> bytes | None:
 
 def _coded_colours(info: dict) -> CodedColours | None:
     """The colours an image's H.273 codes name (colour.coded_colours): a HEIF's or AVIF's nclx box
-    (libheif's encoders write one instead of an ICC profile; see _describe_avif), or a PNG's cICP,
-    under pillow-heif's name for them (see _describe_png)."""
+    (libheif's encoders write one instead of an ICC profile; see _describe_avif), under
+    pillow-heif's name for it."""
     nclx = info.get("nclx_profile") or {}
     primaries, transfer = nclx.get("color_primaries"), nclx.get("transfer_characteristics")
     return None if primaries is None or transfer is None else coded_colours(primaries, transfer)
@@ -560,7 +571,8 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 
 def tones(image: Image.Image) -> tuple[int, ...] | None:
     """The level in sRGB's tone curve of each 8-bit level of the opened image, where its PNG's
-    gAMA gives it another curve (see _describe_png); None where its levels are sRGB's."""
+    cICP or gAMA gives it another curve (see _png_colours); None where its levels are sRGB's or its
+    profile's."""
     return image.info.get(_SRGB_TONES)
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
 
-from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, CodedColours, Primaries, coded_colours
+from mediavault.imaging.colour import D65, SRGB_PRIMARIES, Chromaticity, CodedColours, Primaries, coded_colours, srgb_tones
 
 _SIGNATURE_BYTES = 8
 # IHDR's colour types of grey and of RGB without alpha, and the bit set in those with colour
@@ -84,6 +84,10 @@ class Colours:
     exponent: float
     primaries: Primaries | None = None
     white: Chromaticity = D65
+
+    def tones(self, largest: int) -> tuple[int, ...]:
+        """For each level, 0 to `largest`, the 8-bit level in sRGB's tone curve that shows its light (see srgb_tones)."""
+        return srgb_tones(lambda level: level**self.exponent, largest)
 
 
 @dataclass(frozen=True)
