@@ -19,6 +19,7 @@ from mediavault.imaging.colour import DISPLAY_P3
 from mediavault.imaging.decode import decode_with_pillow, open_image
 from mediavault.imaging.formats import AVIF
 from tests.imaging.helpers import check_variants, corpus, open_variant, power_law_profile
+from tests.imaging.test_animation import NONE, SOURCE, drawn_apng
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The default variants with their AVIF at a quality low enough to come out smaller than the WebP
@@ -513,3 +514,50 @@ def test_a_grey_png_whose_cicp_is_hdr_is_shown_as_an_sdr_screen_shows_it(
     row = b"".join(pixel * STRIPE for pixel in pixels)
     data = png_file(STRIPE * len(LEVELS), 64, bit_depth, colour_type, [row] * 64, cicp(9, transfer))
     assert_within(shown(data), [(srgb_level(min(nits(level) / 203, 1)),) * 3 for level in LEVELS], 2)
+
+
+def bt2020_in_srgb(light: list[float]) -> list[float]:
+    """The sRGB levels of a colour's light in BT.2020's primaries, clipped to sRGB's gamut."""
+    return [srgb_level(min(max(sum(m * v for m, v in zip(row, light, strict=True)), 0), 1)) for row in BT2020_TO_BT709]
+
+
+@pytest.mark.parametrize("colour_type", [GREY, RGB, GREY_ALPHA, RGBA], ids=["grey", "rgb", "grey-alpha", "rgba"])
+@pytest.mark.parametrize("transfer", [16, 18], ids=["pq", "hlg"])
+def test_a_sixteen_bit_hdr_png_takes_each_level_to_srgb_from_all_sixteen_bits(colour_type: int, transfer: int) -> None:
+    # 16-bit levels from black to past the reference white, one every 160: from their top 8 bits,
+    # levels 256 apart showed as one (PQ's bands of 3 levels in sRGB near its reference white). A
+    # colour's primaries are converted after, from 8 bits in sRGB's tone curve: within 2 levels.
+    samples = [160 * x for x in range(256)]
+    colours = {GREY: 1, RGB: 3, GREY_ALPHA: 1, RGBA: 3}[colour_type]
+    alpha = [0xC0FF] if colour_type in (GREY_ALPHA, RGBA) else []
+    # A colour a little warmer than grey, within sRGB's gamut once converted from BT.2020's primaries.
+    pixels = [[sample * (16 - band) // 16 for band in range(colours)] + alpha for sample in samples]
+    row = b"".join(struct.pack(f">{len(pixel)}H", *pixel) for pixel in pixels)
+    data = png_file(256, 4, 16, colour_type, [row] * 4, cicp(9, transfer))
+    still = decode_with_pillow(open_image(data, "image/png", DEFAULT_LIMITS), DEFAULT_VARIANTS.image).image
+    nits = pq_nits if transfer == 16 else hlg_nits
+    for x, pixel in enumerate(pixels):
+        got = still.getpixel((x, 2))
+        assert isinstance(got, tuple)
+        # The 8-bit level of the light a 16-bit sample has, as pq_nits and hlg_nits take it.
+        light = [min(nits(sample * 255 / 65535) / 203, 1) for sample in pixel[:colours]] * (3 // colours)
+        expected = bt2020_in_srgb(light)
+        assert max(abs(a - b) for a, b in zip(got[:3], expected, strict=True)) <= (1 if colours == 1 else 2), (pixel, got, expected)
+        assert got[3:] == tuple(level >> 8 for level in alpha)
+
+
+@pytest.mark.parametrize("default_image", [False, True], ids=["default-image-a-frame", "default-image-left-out"])
+def test_the_animation_of_a_sixteen_bit_png_with_gama_is_toned_from_all_sixteen_bits(default_image: bool) -> None:
+    # A linear 16-bit level below 256, whose top 8 bits are 0: black from those, 13 in sRGB's curve.
+    rows = [struct.pack(">H", 255) * 64] * 48
+    frames = [((0, 0, 64, 48), rows, NONE, SOURCE)] * 2
+    data = drawn_apng((64, 48), 16, GREY, frames, gama(100_000), default=[bytes(128)] * 48 if default_image else None)
+    result = transcode(data, "image/png")
+    made = {variant.name: variant.data for variant in result.animation.variants}
+    webp = Image.open(io.BytesIO(made[ANIMATION])).convert("L")
+    with av.open(io.BytesIO(made[GIFV])) as container:
+        mp4 = next(container.decode(video=0)).to_image().convert("L")
+    display = open_variant(next(v for v in result.variants if v.name == "display").data).convert("L")
+    expected = srgb_level(255 / 65535)
+    for picture, tolerance in ((display, 1), (webp, 4), (mp4, 6)):
+        assert abs(picture.getpixel((32, 24)) - expected) <= tolerance, (picture.format, picture.getpixel((32, 24)), expected)

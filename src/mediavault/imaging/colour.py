@@ -17,9 +17,10 @@ A PNG's cICP chunk, or a HEIF's or AVIF's nclx box, names the colours by H.273 c
 P3's) with sRGB's tone curve (transfer 13) are those primaries' profile, Display P3's DISPLAY_P3;
 BT.2020 with PQ (16) or HLG (18), the HDR of Chrome's and Android's screenshots, is a profile of
 BT.2020 with a tone curve that shows it as an SDR screen does (`hdr_light`), converted as an
-embedded one is; a grey picture, which no RGB profile converts, has its levels taken to sRGB's
-tone curve by that light instead (`hdr_tones`), as a gAMA's are. Other codes are left unread, and
-the picture goes by what else describes it.
+embedded one is; or, where that profile cannot convert the pixels as they are (a grey picture, or
+one of 16 bits, of which lcms takes 8), its levels are first taken to sRGB's tone curve by that
+light (`hdr_tones`), as a gAMA's are. Other codes are left unread, and the picture goes
+by what else describes it.
 """
 
 from __future__ import annotations
@@ -214,20 +215,23 @@ def hdr_tones(transfer: int, largest: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class CodedColours:
-    """What H.273 codes say a picture's colours are: those of an ICC profile, None for sRGB's, whose
-    levels are PQ's or HLG's where `transfer` says so (see hdr_tones)."""
+    """What H.273 codes say a picture's colours are: those of an ICC profile, None for sRGB's; or
+    where their levels are PQ's or HLG's (`transfer`), once those are taken to sRGB's tone curve
+    (see hdr_tones), those of `toned` (else `toned` is `profile`)."""
 
     profile: bytes | None
+    toned: bytes | None
     transfer: int | None = None
 
 
+_BT2020 = matrix_profile(_BT2020_PRIMARIES, D65, "BT.2020")
 # The colours of each pair of codes read.
 _H273_COLOURS = {
-    (1, _H273_SRGB_CURVE): CodedColours(None),
-    (12, _H273_SRGB_CURVE): CodedColours(DISPLAY_P3),
-    (_H273_BT2020, _H273_SRGB_CURVE): CodedColours(matrix_profile(_BT2020_PRIMARIES, D65, "BT.2020")),
+    (1, _H273_SRGB_CURVE): CodedColours(None, None),
+    (12, _H273_SRGB_CURVE): CodedColours(DISPLAY_P3, DISPLAY_P3),
+    (_H273_BT2020, _H273_SRGB_CURVE): CodedColours(_BT2020, _BT2020),
     **{
-        (_H273_BT2020, transfer): CodedColours(matrix_profile(_BT2020_PRIMARIES, D65, name, _sampled_curve(transfer)), transfer)
+        (_H273_BT2020, transfer): CodedColours(matrix_profile(_BT2020_PRIMARIES, D65, name, _sampled_curve(transfer)), _BT2020, transfer)
         for transfer, name in ((_H273_PQ, "BT.2100 PQ"), (_H273_HLG, "BT.2100 HLG"))
     },
 }

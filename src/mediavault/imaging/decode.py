@@ -153,7 +153,7 @@ def _describe_avif(image: Image.Image, primary: isobmff.PrimaryImage) -> None:
 _CLEAN_APERTURE = "mediavault_clean_aperture"
 # Where open_image leaves a 16-bit RGB PNG's transparent colour for transparent_colour.
 _TRANSPARENT_COLOUR = "mediavault_transparent_colour"
-# Where open_image leaves a PNG's levels in sRGB's tone curve (see _describe_png).
+# Where open_image leaves an 8-bit PNG's levels in sRGB's tone curve (see _describe_png).
 _SRGB_TONES = "mediavault_srgb_tones"
 # Where open_image leaves a GIF's bytes, from which decode_with_pillow draws its still (see _first_gif_frame).
 _GIF_BYTES = "mediavault_gif_bytes"
@@ -198,8 +198,8 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     low bytes; a grey PNG of 1, 2 or 4 bits' transparent level, scaled as its pixels are; and the
     colours its chunks describe, as browsers read them (see _png_colours): the levels in sRGB's tone
     curve of its own (for the stills of a 16-bit PNG, of its 16-bit levels, with its bytes: see
-    _sixteen_bits_in_srgb_tones) and the profile the stills and the animation convert from (or
-    keep) after them (see icc_profile)."""
+    _sixteen_bits_in_srgb_tones; its animation's frames are toned as apng_shown decodes them) and
+    the profile the stills and the animation convert from (or keep) after them (see icc_profile)."""
     chunks = png.read(data)
     colour = chunks.transparent_colour
     if colour is not None and image.mode == "RGB":
@@ -211,11 +211,12 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     if grey is not None:
         image.info["transparency"] = grey
     profile, tone_levels = _png_colours(chunks)
-    if tone_levels is not None:
+    if tone_levels is not None and chunks.bit_depth != 16:
         image.info[_SRGB_TONES] = tone_levels(_LARGEST_8_BIT)
-        if chunks.bit_depth == 16 and not first_frame(image):
-            # The picture the stills show is the IDAT's, whose bytes decode_with_pillow decodes again.
-            image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, tone_levels(_LARGEST_16_BIT))
+    elif tone_levels is not None and not first_frame(image):
+        # The picture the stills show is the IDAT's, whose bytes decode_with_pillow decodes again; an
+        # APNG's frames are toned as apng_shown decodes them.
+        image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, tone_levels(_LARGEST_16_BIT))
     image.info[_PNG_PROFILE] = profile
     if first_frame(image):
         image.info[_APNG_BYTES] = data
@@ -233,6 +234,9 @@ def _png_colours(chunks: png.Chunks) -> tuple[bytes | None, Callable[[int], tupl
         if not chunks.in_colour:
             # No RGB profile converts grey levels; they are the white, whatever the primaries.
             return None, hdr
+        if chunks.bit_depth == 16:
+            # lcms would take the top 8 bits of each sample: toned from all 16 first.
+            return coded.toned, hdr
         return coded.profile, None
     # Not Pillow's info["icc_profile"]: of two iCCP chunks it keeps the last, and it reads an iCCP
     # after the pixels, which libpng (and so browsers) ignores, as it loads them.
@@ -290,23 +294,29 @@ def transparent_colour(image: Image.Image) -> Image.Image:
 
 
 def _sixteen_bits_in_srgb_tones(image: Image.Image) -> Image.Image:
-    """The loaded still of a 16-bit PNG whose gAMA gives another tone curve (see _describe_png) with
-    its colour levels taken to sRGB's curve from all 16 bits of each sample, in 8 bits, and without
-    the 8-bit tones for _to_srgb to apply: from the top 8 bits, where Pillow leaves them, the 256
-    darkest levels of a linear PNG, 0 to 13 in sRGB's curve, were all black. Any other image as it is."""
+    """The loaded still of a 16-bit PNG whose cICP or gAMA gives another tone curve (see
+    _describe_png) with its colour levels taken to sRGB's curve from all 16 bits of each sample (see
+    _toned_from_sixteen_bits), without the tones in its info. Any other image as it is."""
     sixteen = image.info.get(_SIXTEEN_BIT_TONES)
     if sixteen is None:
         return image
-    if image.mode in ("I;16", "I"):
-        toned = eight_bit(image, sixteen.levels)
-    else:
-        raw_mode, low_bands = _LOW_BYTES[sixteen.colour_type]
-        tops, lows = image.split(), _decoded_again(sixteen.data, raw_mode).split()
-        colours = [_samples(tops[band], lows[low]).point(sixteen.levels, "L") for band, low in enumerate(low_bands)]
-        # The alpha, if any, keeps its top 8 bits.
-        toned = Image.merge(image.mode, [*colours, *tops[len(colours) :]])
-    toned.info = {key: value for key, value in image.info.items() if key not in (_SRGB_TONES, _SIXTEEN_BIT_TONES)}
+    toned = _toned_from_sixteen_bits(image, sixteen)
+    toned.info = {key: value for key, value in image.info.items() if key != _SIXTEEN_BIT_TONES}
     return toned
+
+
+def _toned_from_sixteen_bits(image: Image.Image, sixteen: _SixteenBitTones) -> Image.Image:
+    """The loaded picture of the 16-bit PNG `sixteen` holds the bytes of, in 8 bits, its colour
+    levels taken to sRGB's tone curve from all 16 bits of each sample: from the top 8 bits, where
+    Pillow leaves them, the 256 darkest levels of a linear PNG, 0 to 13 in sRGB's curve, were all
+    black, and a PQ gradient near its reference white showed in bands 3 levels apart."""
+    if image.mode in ("I;16", "I"):
+        return eight_bit(image, sixteen.levels)
+    raw_mode, low_bands = _LOW_BYTES[sixteen.colour_type]
+    tops, lows = image.split(), _decoded_again(sixteen.data, raw_mode).split()
+    colours = [_samples(tops[band], lows[low]).point(sixteen.levels, "L") for band, low in enumerate(low_bands)]
+    # The alpha, if any, keeps its top 8 bits.
+    return Image.merge(image.mode, [*colours, *tops[len(colours) :]])
 
 
 def _samples(top_bytes: Image.Image, low_bytes: Image.Image) -> Image.Image:
@@ -413,7 +423,11 @@ def apng_shown(data: bytes, most: int) -> Iterator[tuple[Image.Image, int]]:
     refuses the frames (see png.apng). The picture is the one the next frame is drawn on: use it
     before asking for the next."""
     animation = png.apng(data, most)
-    placed = ((_apng_placement(frame), _own_apng_pixels(data, animation, frame)) for frame in animation.frames)
+    chunks = png.read(data)
+    _, tone_levels = _png_colours(chunks)
+    # A 16-bit APNG's frames are toned as they are taken to 8 bits (see tones).
+    levels = tone_levels(_LARGEST_16_BIT) if tone_levels is not None and chunks.bit_depth == 16 else None
+    placed = ((_apng_placement(frame), _own_apng_pixels(data, animation, frame, levels)) for frame in animation.frames)
     return canvas.drawn(animation.size, placed)
 
 
@@ -429,12 +443,17 @@ def _apng_placement(frame: png.ApngFrame) -> canvas.Placement:
     return canvas.Placement(frame.box, disposal, frame.blend_op == _APNG_BLEND_SOURCE, frame.delay_ms)
 
 
-def _own_apng_pixels(data: bytes, animation: png.Apng, frame: png.ApngFrame) -> Image.Image:
+def _own_apng_pixels(data: bytes, animation: png.Apng, frame: png.ApngFrame, levels: tuple[int, ...] | None) -> Image.Image:
+    """The frame's own pixels, RGBA, a 16-bit frame's in 8 bits: through `levels`, the 16-bit tones of
+    the APNG's tone curve, where it has one, else their top 8 bits."""
     alone = animation.alone(data, frame)
     picture = Image.open(io.BytesIO(alone), formats=["PNG"])
     picture.load()
     _describe_png(picture, alone)
-    return eight_bit(transparent_colour(picture)).convert("RGBA")
+    shown = transparent_colour(picture)
+    if levels is not None:
+        shown = _toned_from_sixteen_bits(shown, _SixteenBitTones(alone, png.read(alone).colour_type, levels))
+    return eight_bit(shown).convert("RGBA")
 
 
 def first_frame(image: Image.Image) -> int:
@@ -572,7 +591,8 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 def tones(image: Image.Image) -> tuple[int, ...] | None:
     """The level in sRGB's tone curve of each 8-bit level of the opened image, where its PNG's
     cICP or gAMA gives it another curve (see _png_colours); None where its levels are sRGB's or its
-    profile's."""
+    profile's, and for a 16-bit PNG, whose samples are toned as they are taken to 8 bits (its
+    stills', its animation's frames': see _describe_png)."""
     return image.info.get(_SRGB_TONES)
 
 
