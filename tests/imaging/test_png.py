@@ -395,6 +395,29 @@ def test_chrm_primaries_are_converted_to_srgb() -> None:
     assert_within([display.getpixel((120, 32))], [(0, 255, 0)], 4)
 
 
+BT2020_PRIMARIES = ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046))
+
+
+@pytest.mark.parametrize("gamma", [100_000, 45_455], ids=["linear", "gamma-2.2"])
+def test_saturated_colours_of_wide_chrm_primaries_are_converted_from_their_own_tone_curve(gamma: int) -> None:
+    """Every colour of a grid through the RGB cube, its faces included, where BT.2020's primaries clip
+    to sRGB's: taken to 8-bit levels in sRGB's tone curve before their primaries were converted,
+    saturated colours came out up to 14 levels off."""
+    steps = range(0, 256, 8)
+    colours = [(red, green, blue) for red in steps for green in steps for blue in steps]
+    rows = [b"".join(bytes(colour) for colour in colours[y * 256 : (y + 1) * 256]) for y in range(len(colours) // 256)]
+    data = png_file(256, len(rows), 8, RGB, rows, gama(gamma) + chrm(SRGB_WHITE, *BT2020_PRIMARIES))
+    still = decode_with_pillow(open_image(data, "image/png", DEFAULT_LIMITS), DEFAULT_VARIANTS.image).image
+    got = still.tobytes()
+    exponent = 100_000 / gamma
+    worst = max(
+        abs(got[3 * index + band] - level)
+        for index, colour in enumerate(colours)
+        for band, level in enumerate(bt2020_in_srgb([(value / 255) ** exponent for value in colour]))
+    )
+    assert worst <= 1
+
+
 def test_a_gama_beside_srgbs_own_chrm_still_sets_the_tone_curve() -> None:
     # Browsers build a profile of a gAMA beside any cHRM: 1/2.2 is a plain power law, not sRGB's curve.
     got = shown(stripes(RGB, 8, gama(45_455) + chrm(SRGB_WHITE, *SRGB_PRIMARIES)))

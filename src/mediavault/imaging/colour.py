@@ -8,9 +8,10 @@ profile with its copyright, descriptions and whatever else a camera wrote in it.
 Anything else is converted to sRGB and carries no profile (decode._to_srgb).
 
 A PNG may describe its colours with gAMA and cHRM chunks instead of a profile, which browsers
-honour (png.py): its levels are taken to sRGB's tone curve (`srgb_tones`), and primaries
-other than sRGB's become a profile of those primaries with that curve (`matrix_profile`),
-converted as an embedded one is (or kept, if they are Display P3's).
+honour (png.py): primaries other than sRGB's become a profile of those primaries with the gAMA's
+curve (`matrix_profile`, `power_law_curve`), converted as an embedded one is; otherwise its levels
+are taken to sRGB's tone curve (`srgb_tones`), and Display P3's primaries are kept, as are their
+levels once in sRGB's curve.
 
 A PNG's cICP chunk, or a HEIF's or AVIF's nclx box, names the colours by H.273 codes instead
 (`coded_colours`, the one reading of them): primaries 1 (sRGB's), 9 (BT.2020's) or 12 (Display
@@ -104,6 +105,11 @@ def _xyz_tag(xyz: tuple[float, ...]) -> bytes:
 
 
 _SRGB_CURVE_TAG = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(_s15(v) for v in _SRGB_CURVE)
+
+
+def power_law_curve(exponent: float) -> bytes:
+    """The tone curve tag (for matrix_profile) whose light is level ** exponent."""
+    return b"para\0\0\0\0" + struct.pack(">HH", 0, 0) + _s15(exponent)
 
 
 def _text_tag(text: str) -> bytes:

@@ -30,6 +30,7 @@ from mediavault.imaging.colour import (
     is_display_p3,
     is_srgb,
     matrix_profile,
+    power_law_curve,
 )
 from mediavault.imaging.errors import (
     CORRUPT_IMAGE,
@@ -227,7 +228,7 @@ def _png_colours(chunks: png.Chunks) -> tuple[bytes | None, Callable[[int], tupl
     another tone curve that is not in that profile, what takes them to sRGB's curve first: for the
     largest level (255 or 65535), the 8-bit level in sRGB's curve of each. Its cICP comes before all
     else (read as a HEIF's or AVIF's nclx box: see _coded_colours), then its first iCCP before its
-    pixels, then its gAMA and cHRM (a profile of those primaries with sRGB's curve)."""
+    pixels, then its gAMA and cHRM (a profile of those primaries)."""
     coded = chunks.coded_colours
     if coded is not None:
         hdr = None if coded.transfer is None else functools.partial(hdr_tones, coded.transfer)
@@ -248,7 +249,16 @@ def _png_colours(chunks: png.Chunks) -> tuple[bytes | None, Callable[[int], tupl
     colours = chunks.colours
     if colours is None:
         return None, None
-    return None if colours.primaries is None else matrix_profile(colours.primaries, colours.white, "PNG cHRM"), colours.tones
+    if colours.primaries is None:
+        return None, colours.tones
+    in_srgb_curve = matrix_profile(colours.primaries, colours.white, "PNG cHRM")
+    if chunks.bit_depth == 16 or is_display_p3(in_srgb_curve):
+        # lcms would take the top 8 bits of each sample: toned from all 16 first. Display P3's
+        # primaries are kept, and a variant's profile has sRGB's curve.
+        return in_srgb_curve, colours.tones
+    # Their own curve, not levels taken to sRGB's in 8 bits before the primaries are converted:
+    # saturated colours at the edge of a wider gamut than sRGB's came out up to 14 levels off.
+    return matrix_profile(colours.primaries, colours.white, "PNG cHRM", power_law_curve(colours.exponent)), None
 
 
 def icc_profile(image: Image.Image) -> bytes | None:
