@@ -18,17 +18,19 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"reflect"
 	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 	"unicode/utf8"
-	"unsafe"
 
+	"github.com/golang/protobuf/descriptor"
 	"github.com/golang/protobuf/proto"
+	descpb "github.com/golang/protobuf/protoc-gen-go/descriptor"
+	"github.com/grpc-ecosystem/grpc-gateway/protoc-gen-grpc-gateway/httprule"
 	"github.com/grpc-ecosystem/grpc-gateway/runtime"
+	"google.golang.org/genproto/googleapis/api/annotations"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -91,7 +93,10 @@ func main() {
 	if err := mediav1.RegisterMediaServiceHandler(ctx, mux, conn); err != nil {
 		log.Fatal(err)
 	}
-	routes := registeredRoutes(mux)
+	routes, err := annotatedRoutes(fileOf(&storagev1.BeginUploadRequest{}), fileOf(&mediav1.GetMediaRequest{}))
+	if err != nil {
+		log.Fatal(err)
+	}
 	runtime.OtherErrorHandler = func(w http.ResponseWriter, r *http.Request, _ string, httpStatus int) {
 		routingError(mux, routes, w, r, httpStatus)
 	}
@@ -120,6 +125,13 @@ func main() {
 	if err != nil {
 		log.Fatalf("shutdown: %v; the requests still in flight are cut", err)
 	}
+}
+
+// fileOf is the descriptor of the proto file that declares message, and the services whose
+// handlers were generated beside it.
+func fileOf(message descriptor.Message) *descpb.FileDescriptorProto {
+	file, _ := descriptor.ForMessage(message)
+	return file
 }
 
 func env(name, fallback string) string {
@@ -354,56 +366,118 @@ func routingError(mux *runtime.ServeMux, routes routes, w http.ResponseWriter, r
 	}
 }
 
-// routes is the mux's path patterns by method. grpc-gateway v1's ServeMux keeps them private and
-// tells OtherErrorHandler only that another method's route matched, not which: a 405's Allow
-// header and headAsGet read them from here.
-type routes map[string][]runtime.Pattern
-
-// registeredRoutes reads the routes registered on mux so far from its handlers field, a map of
-// method to []struct{pat Pattern; h HandlerFunc} in grpc-gateway 1.6.4 (Debian's, which
-// build.sh compiles against); any other shape stops the gateway at start-up.
-func registeredRoutes(mux *runtime.ServeMux) routes {
-	handlers := reflect.ValueOf(mux).Elem().FieldByName("handlers")
-	patternType := reflect.TypeOf(runtime.Pattern{})
-	if handlers.Kind() != reflect.Map || handlers.Type().Key().Kind() != reflect.String ||
-		handlers.Type().Elem().Kind() != reflect.Slice {
-		log.Fatalf("runtime.ServeMux has no handlers map of method to handlers: not grpc-gateway 1.6.4's")
-	}
-	table := routes{}
-	for _, method := range handlers.MapKeys() {
-		registered := handlers.MapIndex(method)
-		for i := 0; i < registered.Len(); i++ {
-			pattern := registered.Index(i).FieldByName("pat")
-			if !pattern.IsValid() || pattern.Type() != patternType {
-				log.Fatalf("runtime.ServeMux's handlers hold no runtime.Pattern named pat")
-			}
-			// An unexported field: reflect reads it only through its address.
-			table[method.String()] = append(table[method.String()], *(*runtime.Pattern)(unsafe.Pointer(pattern.UnsafeAddr())))
-		}
-	}
-	return table
+// route is a google.api.http binding of a method of the services: the HTTP method and path
+// pattern of the handler grpc-gateway generated for it, and the gRPC method it calls.
+type route struct {
+	method  string
+	pattern runtime.Pattern
+	rpc     string // as the gRPC client names it: /mediavault.storage.v1.StorageService/UploadContent
 }
 
-// allowed is the methods whose routes match path, split as ServeMux.ServeHTTP splits it (its
-// segments, and a verb after the last segment's last colon), sorted; HEAD where GET is.
-func (t routes) allowed(path string) []string {
-	components := strings.Split(strings.TrimPrefix(path, "/"), "/")
+// routes is what the mux serves, in the order the generated code registers it. grpc-gateway v1's
+// ServeMux keeps its routes to itself and tells OtherErrorHandler only that another method's
+// route matched, not which: a 405's Allow header and headAsGet read them here.
+type routes []route
+
+// annotatedRoutes reads the routes of the services of files from the google.api.http options of
+// their methods, additional_bindings too, each path template compiled as protoc-gen-grpc-gateway
+// compiled it into the handler it generated from these very options: the mux and this table
+// cannot disagree, whatever a grpc-gateway upgrade does to the mux's insides.
+func annotatedRoutes(files ...*descpb.FileDescriptorProto) (routes, error) {
+	var table routes
+	for _, file := range files {
+		for _, service := range file.GetService() {
+			for _, method := range service.GetMethod() {
+				if method.GetOptions() == nil || !proto.HasExtension(method.GetOptions(), annotations.E_Http) {
+					continue
+				}
+				rpc := "/" + file.GetPackage() + "." + service.GetName() + "/" + method.GetName()
+				extension, err := proto.GetExtension(method.GetOptions(), annotations.E_Http)
+				if err != nil {
+					return nil, fmt.Errorf("%s: %v", rpc, err)
+				}
+				rule := extension.(*annotations.HttpRule)
+				for _, binding := range append([]*annotations.HttpRule{rule}, rule.GetAdditionalBindings()...) {
+					httpMethod, template := httpBinding(binding)
+					if template == "" {
+						continue // no route: the generator makes none either
+					}
+					parsed, err := httprule.Parse(template)
+					if err != nil {
+						return nil, fmt.Errorf("%s: %v", rpc, err)
+					}
+					compiled := parsed.Compile()
+					pattern, err := runtime.NewPattern(compiled.Version, compiled.OpCodes, compiled.Pool, compiled.Verb)
+					if err != nil {
+						return nil, fmt.Errorf("%s %s: %v", rpc, template, err)
+					}
+					table = append(table, route{httpMethod, pattern, rpc})
+				}
+			}
+		}
+	}
+	return table, nil
+}
+
+// httpBinding is the HTTP method and path template of one google.api.http rule, read as
+// protoc-gen-grpc-gateway reads them.
+func httpBinding(rule *annotations.HttpRule) (method, template string) {
+	switch pattern := rule.GetPattern().(type) {
+	case *annotations.HttpRule_Get:
+		return http.MethodGet, pattern.Get
+	case *annotations.HttpRule_Put:
+		return http.MethodPut, pattern.Put
+	case *annotations.HttpRule_Post:
+		return http.MethodPost, pattern.Post
+	case *annotations.HttpRule_Delete:
+		return http.MethodDelete, pattern.Delete
+	case *annotations.HttpRule_Patch:
+		return http.MethodPatch, pattern.Patch
+	case *annotations.HttpRule_Custom:
+		return pattern.Custom.GetKind(), pattern.Custom.GetPath()
+	}
+	return "", ""
+}
+
+// routeOf is the route the mux serves a request for method and path with, if any: the first
+// that matches path, split as ServeMux.ServeHTTP splits it (its segments, and a verb after the
+// last segment's last colon).
+func (t routes) routeOf(method, path string) (route, bool) {
+	components, verb := splitPath(path)
+	for _, r := range t {
+		if r.method == method {
+			if _, err := r.pattern.Match(components, verb); err == nil {
+				return r, true
+			}
+		}
+	}
+	return route{}, false
+}
+
+func splitPath(path string) (components []string, verb string) {
+	components = strings.Split(strings.TrimPrefix(path, "/"), "/")
 	last := len(components) - 1
-	var verb string
 	if i := strings.LastIndex(components[last], ":"); i > 0 {
 		components[last], verb = components[last][:i], components[last][i+1:]
 	}
-	var methods []string
-	for method, patterns := range t {
-		for _, pattern := range patterns {
-			if _, err := pattern.Match(components, verb); err == nil {
-				methods = append(methods, method)
-				if method == http.MethodGet {
-					methods = append(methods, http.MethodHead)
-				}
-				break
-			}
+	return components, verb
+}
+
+// allowed is the methods whose routes match path, sorted; HEAD where GET is.
+func (t routes) allowed(path string) []string {
+	components, verb := splitPath(path)
+	taken := map[string]bool{}
+	for _, r := range t {
+		if _, err := r.pattern.Match(components, verb); err == nil {
+			taken[r.method] = true
 		}
+	}
+	if taken[http.MethodGet] {
+		taken[http.MethodHead] = true
+	}
+	methods := make([]string, 0, len(taken))
+	for method := range taken {
+		methods = append(methods, method)
 	}
 	sort.Strings(methods)
 	return methods
@@ -416,12 +490,9 @@ func (t routes) allowed(path string) []string {
 func headAsGet(routes routes, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodHead {
-			for _, method := range routes.allowed(r.URL.Path) {
-				if method == http.MethodGet {
-					r = r.Clone(r.Context())
-					r.Method = http.MethodGet
-					break
-				}
+			if _, ok := routes.routeOf(http.MethodGet, r.URL.Path); ok {
+				r = r.Clone(r.Context())
+				r.Method = http.MethodGet
 			}
 		}
 		next.ServeHTTP(w, r)

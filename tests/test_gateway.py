@@ -22,8 +22,11 @@ from typing import IO
 
 import aiohttp
 import pytest
+from google.api import annotations_pb2
 from PIL import Image
 
+from mediavault.media.v1 import media_pb2
+from mediavault.storage.v1 import storage_pb2
 from tests.conftest import CORPUS, running
 from tests.helpers import fake_jpeg, sha256_hex
 from tests.test_ratelimit import free_port, limit
@@ -651,6 +654,79 @@ async def test_head_on_a_get_route_is_answered_as_the_get_without_its_body(gatew
         assert head.status == 405
         assert head.headers["Allow"] == "POST"
         assert await head.read() == b""
+
+
+def annotated_routes() -> list[tuple[str, str]]:
+    """(HTTP method, path template) of every google.api.http binding of the services, additional
+    bindings too, as the protos' Python descriptors read them: not through the gateway's Go code."""
+    routes = []
+    for module in (storage_pb2, media_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                rule = method.GetOptions().Extensions[annotations_pb2.http]
+                for binding in (rule, *rule.additional_bindings):
+                    kind = binding.WhichOneof("pattern")
+                    if kind == "custom":
+                        routes.append((binding.custom.kind, binding.custom.path))
+                    elif kind is not None:
+                        routes.append((kind.upper(), getattr(binding, kind)))
+    return routes
+
+
+# The values sample_path gives a template's variables, and what matches them. No colon: the mux
+# reads a verb after the last one.
+VARIABLE_VALUES = {"{*}": "a1", "{**}": "a1/b2"}
+VARIABLE_MATCHES = {"{*}": "[^/:]+", "{**}": "[^:]*"}
+
+
+def template_parts(template: str) -> tuple[list[str], str]:
+    """A path template's pieces (literal text, {*} for a segment's variable, {**} for a deep one)
+    and its verb (google/api/http.proto's grammar: "/" segments [":" verb])."""
+    segments, colon, verb = template.rpartition(":")
+    if not colon or "/" in verb or "}" in verb:
+        segments, verb = template, ""
+    written = re.sub(r"\{\w+(?:=(\*\*?))?\}", lambda m: "{" + (m[1] or "*") + "}", segments)
+    assert re.fullmatch(r"(/(\w+|\{\*\*?\}))+", written), f"a template this test does not read: {template}"
+    return re.split(r"(\{\*\*?\})", written), verb
+
+
+def sample_path(template: str) -> str:
+    pieces, verb = template_parts(template)
+    return "".join(VARIABLE_VALUES.get(piece, piece) for piece in pieces) + (f":{verb}" if verb else "")
+
+
+def matches(template: str, path: str) -> bool:
+    pieces, verb = template_parts(template)
+    pattern = "".join(VARIABLE_MATCHES.get(piece) or re.escape(piece) for piece in pieces)
+    return re.fullmatch(pattern + (re.escape(f":{verb}") if verb else ""), path) is not None
+
+
+async def test_every_annotated_route_answers_head_and_405_with_the_methods_its_path_takes(gateway_binary, http):
+    routes = annotated_routes()
+    assert ("POST", "/v1/media/{media_id}:save") in routes, "a route with a custom verb and a path variable"
+    assert ("POST", "/v1/accounts/{user_id=**}:freeze") in routes, "a route with a deep wildcard and a verb"
+    # No server behind it: a call the mux routes answers 503 UNAVAILABLE, a method the path does
+    # not take 405 without calling anything.
+    async with started_gateway(gateway_binary, free_port()) as (url, _):
+        for _, template in routes:
+            path = sample_path(template)
+            methods = {method for method, other in routes if matches(other, path)}
+            allow = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+            refused = next(m for m in ("PATCH", "PUT", "DELETE", "POST", "GET") if m not in methods)
+            async with http.request(refused, f"{url}{path}") as response:
+                assert (response.status, response.headers.get("Allow")) == (405, allow), (refused, path)
+                assert reason(await response.json()) == "METHOD_NOT_ALLOWED"
+            async with http.head(f"{url}{path}") as head:
+                assert await head.read() == b""
+            if "GET" in methods:
+                async with http.get(f"{url}{path}") as got:
+                    assert got.status == 503, path
+                assert (head.status, head.headers.get("Allow")) == (got.status, None), path
+            else:
+                assert (head.status, head.headers.get("Allow")) == (405, allow), path
+            # The verb is part of the route: another one is no route at all.
+            async with http.request(refused, f"{url}{path.split(':')[0]}:nothing") as response:
+                assert (response.status, response.headers.get("Allow")) == (404, None), path
 
 
 async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, user_id):
