@@ -84,17 +84,17 @@ func main() {
 		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
 		runtime.WithForwardResponseOption(forwardResponse),
 	)
+	routes, err := annotatedRoutes(fileOf(&storagev1.BeginUploadRequest{}), fileOf(&mediav1.GetMediaRequest{}))
+	if err != nil {
+		log.Fatal(err)
+	}
 	ctx := context.Background()
 	// Before the generated handlers: the mux takes the first route that matches.
-	handleUploadContent(mux, storagev1.NewStorageServiceClient(conn))
+	handleUploadContent(mux, routes.of(uploadContentRPC), storagev1.NewStorageServiceClient(conn))
 	if err := storagev1.RegisterStorageServiceHandler(ctx, mux, conn); err != nil {
 		log.Fatal(err)
 	}
 	if err := mediav1.RegisterMediaServiceHandler(ctx, mux, conn); err != nil {
-		log.Fatal(err)
-	}
-	routes, err := annotatedRoutes(fileOf(&storagev1.BeginUploadRequest{}), fileOf(&mediav1.GetMediaRequest{}))
-	if err != nil {
 		log.Fatal(err)
 	}
 	runtime.OtherErrorHandler = func(w http.ResponseWriter, r *http.Request, _ string, httpStatus int) {
@@ -250,15 +250,17 @@ func withoutInternals(r *http.Request, err error) error {
 	return err
 }
 
-// uploadContentPattern is POST /v1/uploads:uploadContent, UploadContent's google.api.http rule.
-var uploadContentPattern = runtime.MustPattern(runtime.NewPattern(1, []int{2, 0, 2, 1}, []string{"v1", "uploads"}, "uploadContent"))
+const uploadContentRPC = "/mediavault.storage.v1.StorageService/UploadContent"
 
-// handleUploadContent serves UploadContent in place of the generated handler, which answered
-// the error of the Send that found the stream closed (io.EOF: the server had answered already,
-// for an unknown or finalized upload or a refused chunk) as a 500 instead of the server's status,
-// and read the whole body into memory before sending its first message.
-func handleUploadContent(mux *runtime.ServeMux, client storagev1.StorageServiceClient) {
-	mux.Handle("POST", uploadContentPattern, func(w http.ResponseWriter, req *http.Request, _ map[string]string) {
+// handleUploadContent serves UploadContent's routes in place of the generated handler, which
+// answered the error of the Send that found the stream closed (io.EOF: the server had answered
+// already, for an unknown or finalized upload or a refused chunk) as a 500 instead of the
+// server's status, and read the whole body into memory before sending its first message.
+func handleUploadContent(mux *runtime.ServeMux, uploadContentRoutes routes, client storagev1.StorageServiceClient) {
+	if len(uploadContentRoutes) == 0 {
+		log.Fatalf("%s has no google.api.http route for its handler to serve", uploadContentRPC)
+	}
+	handler := func(w http.ResponseWriter, req *http.Request, _ map[string]string) {
 		ctx, cancel := context.WithCancel(req.Context())
 		defer cancel()
 		inbound, outbound := runtime.MarshalerForRequest(mux, req)
@@ -274,7 +276,10 @@ func handleUploadContent(mux *runtime.ServeMux, client storagev1.StorageServiceC
 			return
 		}
 		runtime.ForwardResponseMessage(ctx, mux, outbound, w, req, resp, mux.GetForwardResponseOptions()...)
-	})
+	}
+	for _, r := range uploadContentRoutes {
+		mux.Handle(r.method, r.pattern, handler)
+	}
 }
 
 // uploadContent sends the body's messages, one JSON object after another, as they are decoded,
@@ -452,6 +457,17 @@ func (t routes) routeOf(method, path string) (route, bool) {
 		}
 	}
 	return route{}, false
+}
+
+// of is the routes that call rpc.
+func (t routes) of(rpc string) routes {
+	var called routes
+	for _, r := range t {
+		if r.rpc == rpc {
+			called = append(called, r)
+		}
+	}
+	return called
 }
 
 func splitPath(path string) (components []string, verb string) {
