@@ -101,9 +101,13 @@ func main() {
 		routingError(mux, routes, w, r, httpStatus)
 	}
 
+	// headAsGet first: the others read the method the mux will route.
+	feed := routes.of(listFeedRPC)
+	handler := headAsGet(routes, limitBody(mux, validMetadata(mux, decodableURL(mux,
+		acceptedFormats(append(routes.of(getMediaRPC), feed...), ifNoneMatch(feed, mux))))))
 	server := &http.Server{
 		Addr:              listen,
-		Handler:           headAsGet(routes, limitBody(mux, validMetadata(mux, decodableURL(mux, acceptedFormats(ifNoneMatch(mux)))))),
+		Handler:           handler,
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    maxHeaderBytes,
@@ -250,7 +254,11 @@ func withoutInternals(r *http.Request, err error) error {
 	return err
 }
 
-const uploadContentRPC = "/mediavault.storage.v1.StorageService/UploadContent"
+const (
+	uploadContentRPC = "/mediavault.storage.v1.StorageService/UploadContent"
+	listFeedRPC      = "/mediavault.media.v1.MediaService/ListFeed"
+	getMediaRPC      = "/mediavault.media.v1.MediaService/GetMedia"
+)
 
 // handleUploadContent serves UploadContent's routes in place of the generated handler, which
 // answered the error of the Send that found the stream closed (io.EOF: the server had answered
@@ -444,19 +452,18 @@ func httpBinding(rule *annotations.HttpRule) (method, template string) {
 	return "", ""
 }
 
-// routeOf is the route the mux serves a request for method and path with, if any: the first
-// that matches path, split as ServeMux.ServeHTTP splits it (its segments, and a verb after the
-// last segment's last colon).
-func (t routes) routeOf(method, path string) (route, bool) {
+// takes tells whether a route of t takes method on path, split as ServeMux.ServeHTTP splits it
+// (its segments, and a verb after the last segment's last colon).
+func (t routes) takes(method, path string) bool {
 	components, verb := splitPath(path)
 	for _, r := range t {
 		if r.method == method {
 			if _, err := r.pattern.Match(components, verb); err == nil {
-				return r, true
+				return true
 			}
 		}
 	}
-	return route{}, false
+	return false
 }
 
 // of is the routes that call rpc.
@@ -506,7 +513,7 @@ func (t routes) allowed(path string) []string {
 func headAsGet(routes routes, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodHead {
-			if _, ok := routes.routeOf(http.MethodGet, r.URL.Path); ok {
+			if routes.takes(http.MethodGet, r.URL.Path) {
 				r = r.Clone(r.Context())
 				r.Method = http.MethodGet
 			}
@@ -639,12 +646,17 @@ type heldETags struct {
 	any    bool
 }
 
-// ifNoneMatch reads If-None-Match on GET /v1/feed. A single etag also goes to the server as the
-// if_none_match query parameter (grpc-gateway v1 binds path, query and body to request fields,
-// never a header), which then leaves the page out; forwardResponse compares a list, or *, itself.
-func ifNoneMatch(next http.Handler) http.Handler {
+// ifNoneMatch reads If-None-Match on the feed's routes. A single etag also goes to the server as
+// the if_none_match query parameter (grpc-gateway v1 binds path, query and body to request
+// fields, never a header), which then leaves the page out; forwardResponse compares a list, or
+// *, itself.
+func ifNoneMatch(feed routes, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if named := entityTags(r.Header.Values("If-None-Match")); (named.any || len(named.opaque) > 0) && r.URL.Path == "/v1/feed" {
+		if !feed.takes(r.Method, r.URL.Path) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if named := entityTags(r.Header.Values("If-None-Match")); named.any || len(named.opaque) > 0 {
 			if len(named.opaque) == 1 && !named.any {
 				query := r.URL.Query()
 				query.Set("if_none_match", named.opaque[0])
@@ -695,12 +707,12 @@ func held(ctx context.Context, etag string) bool {
 }
 
 // acceptedFormats puts the Accept header's image media ranges, as the client wrote them, into
-// the accept query parameters of GET /v1/feed and GET /v1/media/{id}, unless the query names
-// some itself, and marks those responses Vary: Accept, since the variants' formats follow it.
-// The server ranks them (q values, wildcards: src/mediavault/domain/formats.py).
-func acceptedFormats(next http.Handler) http.Handler {
+// the accept query parameters of the routes of variants (the feed's and GetMedia's), unless
+// the query names some itself, and marks those responses Vary: Accept, since the variants'
+// formats follow it. The server ranks them (q values, wildcards: src/mediavault/domain/formats.py).
+func acceptedFormats(variants routes, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodGet && (r.URL.Path == "/v1/feed" || strings.HasPrefix(r.URL.Path, "/v1/media/")) {
+		if variants.takes(r.Method, r.URL.Path) {
 			// The answer is the caller's too (the owner's has the originals' URLs): no shared cache may keep it.
 			w.Header().Set("Vary", "Accept, Authorization")
 			w.Header().Set("Cache-Control", "private")

@@ -745,6 +745,20 @@ async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, use
     assert status == 200
 
 
+async def test_every_path_the_mux_serves_the_feed_at_is_private_and_takes_if_none_match(gateway, http, bearer, user_id):
+    md = bearer(user_id)
+    status, feed, headers = await call(http, "GET", f"{gateway}/v1/feed", md)
+    assert status == 200, feed
+    # The mux reads a verb after the last colon: /v1/feed: is ListFeed's route, its verb empty.
+    for path in ("/v1/feed:", "/v1/fe%65d"):
+        status, body, got = await call(http, "GET", f"{gateway}{path}", md)
+        assert status == 200, (path, body)
+        assert body["etag"] == feed["etag"], path
+        assert (got.get("Cache-Control"), got.get("Vary"), got.get("ETag")) == ("private", "Accept, Authorization", headers["ETag"]), path
+        async with http.get(f"{gateway}{path}", headers={**md, "If-None-Match": headers["ETag"]}) as response:
+            assert response.status == 304, path
+
+
 async def test_only_a_bare_star_is_the_if_none_match_wildcard(gateway, http, bearer, user_id):
     md = bearer(user_id)
     status, feed, _ = await call(http, "GET", f"{gateway}/v1/feed", md)
