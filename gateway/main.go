@@ -524,8 +524,8 @@ func headAsGet(routes routes, next http.Handler) http.Handler {
 
 // errHeadersTooLarge answers forwarded headers over maxForwardedBytes, with 431.
 var errHeadersTooLarge = gatewayError(codes.InvalidArgument, "HEADERS_TOO_LARGE",
-	fmt.Sprintf("the headers passed on to the service (Authorization, X-Request-Id, traceparent, tracestate, "+
-		"X-Forwarded-For, X-Forwarded-Host, Host) are larger than %d bytes together", maxForwardedBytes))
+	fmt.Sprintf("the headers passed on to the service (%s, Host) are larger than %d bytes together",
+		strings.Join(forwardedHeaders, ", "), maxForwardedBytes))
 
 // validMetadata drops the values of forwarded headers that gRPC metadata cannot carry (printable
 // ASCII only): the server would refuse the whole call, on every route, for an X-Request-Id. It

@@ -525,6 +525,8 @@ async def test_only_the_headers_the_server_reads_are_forwarded(gateway, http, be
     assert status == 431
     assert body["code"] == 3
     assert reason(body) == "HEADERS_TOO_LARGE"
+    forwarded = ("Authorization", "X-Request-Id", "traceparent", "tracestate", "X-Forwarded-For", "X-Forwarded-Host", "Host")
+    assert [name for name in forwarded if name.lower() not in body["message"].lower()] == [], body["message"]
     # Grpc-Metadata-* no longer reaches the server as metadata, so it cannot stand in for Authorization.
     status, body, _ = await call(http, "GET", f"{gateway}/v1/storage/summary", {"Grpc-Metadata-Authorization": md["Authorization"]})
     assert status == 401
