@@ -170,7 +170,8 @@ func incomingHeader(key string) (string, bool) {
 	return "", false
 }
 
-// outgoingHeader forwards header metadata of responseHeaders unprefixed, and no other.
+// outgoingHeader forwards header metadata of responseHeaders under their own names, which the
+// BFF reads, and no other: grpc-gateway's default would pass every key on as Grpc-Metadata-*.
 func outgoingHeader(key string) (string, bool) {
 	return key, responseHeaders[key]
 }
@@ -180,8 +181,9 @@ func outgoingHeader(key string) (string, bool) {
 // httpError writes a bodiless 304.
 var errNotModified = errors.New("not modified")
 
-// errTooLarge answers a body over maxRequestBytes, with 413 rather than the 400 of its gRPC code.
-// As errHeadersTooLarge, it is INVALID_ARGUMENT, the code of the other requests the gateway refuses.
+// errTooLarge answers a body over maxRequestBytes, with 413 rather than the 400 of its gRPC
+// code. As errHeadersTooLarge, it is INVALID_ARGUMENT, the code of the other requests the
+// gateway refuses.
 var errTooLarge = gatewayError(codes.InvalidArgument, "REQUEST_TOO_LARGE",
 	fmt.Sprintf("the request body is larger than %d bytes", maxRequestBytes))
 
@@ -232,8 +234,9 @@ func gatewayError(code codes.Code, reason, message string) error {
 // UNAVAILABLE or internal error comes from the connection to the server or from the gateway,
 // and its message names internal addresses or types: the client gets a generic one, the log
 // the error, with the path quoted: it is percent-decoded, and a %0A in it would otherwise
-// start a log line of the client's making. An INVALID_ARGUMENT without one is grpc-gateway's own, for a body or a parameter it
-// cannot decode into the request message: it gets the ErrorInfo the server's would carry.
+// start a log line of the client's making. An INVALID_ARGUMENT without one is grpc-gateway's
+// own, for a body or a parameter it cannot decode into the request message: it gets the
+// ErrorInfo the server's would carry.
 func withoutInternals(r *http.Request, err error) error {
 	s, _ := status.FromError(err)
 	for _, detail := range s.Details() {
@@ -530,9 +533,8 @@ var errHeadersTooLarge = gatewayError(codes.InvalidArgument, "HEADERS_TOO_LARGE"
 // validMetadata drops the values of forwarded headers that gRPC metadata cannot carry (printable
 // ASCII only): the server would refuse the whole call, on every route, for an X-Request-Id. It
 // joins the X-Forwarded-For lines into one. It answers 431 when what is left passes
-// maxForwardedBytes. It drops Grpc-Timeout, which
-// runtime.AnnotateContext would make the call's deadline: a client's header must not cut a call
-// short into a 504 that carries no ErrorInfo.
+// maxForwardedBytes. It drops Grpc-Timeout, which runtime.AnnotateContext would make the call's
+// deadline: a client's header must not cut a call short into a 504 that carries no ErrorInfo.
 func validMetadata(mux *runtime.ServeMux, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		r.Header.Del("Grpc-Timeout")
