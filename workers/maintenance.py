@@ -205,18 +205,18 @@ async def _delete_then_mark_purged(ctx: dict[str, Any], rows: list[asyncpg.Recor
     report.details["purge_retry_next_run"] = report.details.get("purge_retry_next_run", 0) + len(kept)
 
 
-async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
-    """Claims deleted media due for purge batch by batch and purges each claimed batch,
-    in config.concurrency loops (a claim is exclusive, and no account is touched)."""
-    await asyncio.gather(*(_purge_loop(ctx, report, config) for _ in range(config.concurrency)))
+async def _purge(ctx: dict[str, Any], report: RunReport, config: JobConfig, *, expired_only: bool = False) -> None:
+    """Claims deleted media due for purge (expired_only: those the expiry job deleted) batch by batch
+    and purges each claimed batch, in config.concurrency loops (a claim is exclusive, and no account is touched)."""
+    await asyncio.gather(*(_purge_loop(ctx, report, config, expired_only) for _ in range(config.concurrency)))
 
 
-async def _purge_loop(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:
+async def _purge_loop(ctx: dict[str, Any], report: RunReport, config: JobConfig, expired_only: bool) -> None:
     pool: asyncpg.Pool = ctx["pool"]
     async with _Overlap() as overlap:
         for _ in range(MAX_BATCHES_PER_RUN):
             async with pool.acquire() as conn, conn.transaction():
-                batch = await cleanup.claim_purge(conn, config.batch_size)
+                batch = await cleanup.claim_purge(conn, config.batch_size, expired_only=expired_only)
             if batch.rows:
                 await overlap.then(_delete_then_mark_purged(ctx, batch.rows, report))
             if batch.changed < config.batch_size:
@@ -241,7 +241,7 @@ async def expire_ephemeral_media(ctx: dict[str, Any], report: RunReport, config:
     )
     if not report.dry_run:
         # Earlier runs' items whose blob deletions failed, now that their claims lapsed.
-        await _purge(ctx, report, config)
+        await _purge(ctx, report, config, expired_only=True)
 
 
 async def purge_deleted_media(ctx: dict[str, Any], report: RunReport, config: JobConfig) -> None:

@@ -662,6 +662,37 @@ async def test_a_failing_item_never_stops_the_run(ctx, pool, user_id):
     assert await blobs_exist(ctx["blobs"], ids[0]) == (False, False)
 
 
+async def test_the_expiry_job_retries_its_own_purges_and_leaves_deleted_media_to_the_purge_job(ctx, media, auth, pool, user_id):
+    blobs = ctx["blobs"]
+    expired = await seed_media(pool, blobs, user_id, 1, retention="ephemeral", expired=True)
+    # An expiry whose blob deletions failed, its retry time since passed.
+    await pool.execute("UPDATE media SET object_key = 'originals/../escape' WHERE media_id = $1", expired[0])
+    assert (await run_job(ctx, "expire_ephemeral_media")).errors == 1
+    await pool.execute("UPDATE media SET object_key = $2 WHERE media_id = $1", expired[0], f"originals/{expired[0].hex[:2]}/{expired[0].hex}")
+    await retry_time_passed(pool, expired)
+    # Media the owner deleted, ephemeral and permanent, past the grace period: purge_deleted_media's
+    # to purge, on its own schedule, and not at all while it is disabled.
+    deleted = [*await seed_media(pool, blobs, user_id, 1, retention="ephemeral", expired=False),
+               *await seed_media(pool, blobs, user_id, 1, retention="permanent", expired=False)]
+    for media_id in deleted:
+        await media.DeleteMedia(mpb.DeleteMediaRequest(media_id=str(media_id)), metadata=auth(user_id))
+    await pool.execute("UPDATE media SET purge_after = now() - interval '1 second' WHERE media_id = ANY($1::uuid[])", deleted)
+
+    report = await run_job(ctx, "expire_ephemeral_media")
+    assert report.errors == 0
+    assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", expired[0]) is not None
+    assert await blobs_exist(blobs, expired[0]) == (False, False)
+    for media_id in deleted:
+        assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", media_id) is None
+        assert await blobs_exist(blobs, media_id) == (True, True)
+
+    assert (await run_job(ctx, "purge_deleted_media")).errors == 0
+    for media_id in deleted:
+        assert await pool.fetchval("SELECT purged_at FROM media WHERE media_id = $1", media_id) is not None
+        assert await blobs_exist(blobs, media_id) == (False, False)
+    assert await ledger.audit(pool) == []
+
+
 async def test_blob_delete_failure_is_retried_next_run_and_loses_nothing(make_ctx, make_settings, pool, user_id):
     from mediavault.blobs.s3 import S3BlobStore
     from tests.s3server import moto_server

@@ -117,10 +117,12 @@ WITH due AS (
 SELECT * FROM removed
 """
 
-_CLAIM_PURGE = f"""
+
+def _claim_purge(which: str) -> str:
+    return f"""
 WITH due AS (
-    SELECT media_id FROM media
-    WHERE {_PURGE_DUE}
+    SELECT media_id FROM media m
+    WHERE {_PURGE_DUE}{which}
     ORDER BY purge_after
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -130,6 +132,13 @@ FROM due WHERE m.media_id = due.media_id
 RETURNING m.media_id, m.owner_id, m.object_key,
           ARRAY(SELECT v.object_key FROM media_variants v WHERE v.media_id = m.media_id) AS variant_keys
 """
+
+
+_CLAIM_PURGE = _claim_purge("")
+# The expiry job retries only the purges of the media it expired (deleted past its expires_at),
+# never those of media DeleteMedia deleted: theirs are purge_deleted_media's, on that job's
+# schedule and settings, and none at all while it is disabled.
+_CLAIM_EXPIRED_PURGE = _claim_purge(f" AND {expired_by('m.deleted_at')}")
 
 # The claim listed the variants in its statement's snapshot: a format made on request that
 # committed between that snapshot and the claim's row lock is not in it, and its blob was not
@@ -266,8 +275,9 @@ async def expire_ephemeral_media(conn: Connection, batch_size: int, age_seconds:
     return Batch(len(rows), sum(r["size_bytes"] for r in rows), rows)
 
 
-async def claim_purge(conn: Connection, batch_size: int) -> Batch:
-    rows = await conn.fetch(_CLAIM_PURGE, batch_size, float(PURGE_CLAIM_SECONDS))
+async def claim_purge(conn: Connection, batch_size: int, *, expired_only: bool = False) -> Batch:
+    """Claims deleted media due for purge; expired_only, those the expiry job deleted (_CLAIM_EXPIRED_PURGE)."""
+    rows = await conn.fetch(_CLAIM_EXPIRED_PURGE if expired_only else _CLAIM_PURGE, batch_size, float(PURGE_CLAIM_SECONDS))
     return Batch(len(rows), 0, rows)
 
 
