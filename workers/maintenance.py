@@ -488,9 +488,13 @@ async def _fail_media_missing_originals(ctx: dict[str, Any], report: RunReport, 
         for row, found in zip(rows, await asyncio.gather(*(present(row) for row in rows)), strict=True):
             if found is not False:
                 continue
+            owner = None if report.dry_run else await cleanup.mark_original_missing(pool, row["media_id"])
+            if owner is None and not report.dry_run:
+                # Expired or deleted since it was listed: its original went with it.
+                continue
             missing += 1
             log.warning("original missing", extra={"job": report.job, "media_id": str(row["media_id"]), "object_key": row["object_key"]})
-            if not report.dry_run and (owner := await cleanup.mark_original_missing(pool, row["media_id"])):
+            if owner is not None:
                 await _feed_changed(ctx, {owner})
         if len(rows) < config.batch_size:
             return missing

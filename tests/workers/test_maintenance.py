@@ -898,6 +898,37 @@ async def test_the_daily_sweep_deletes_what_the_previous_days_run_quarantined(da
     assert await blobs.stat(key) is None
 
 
+async def test_the_sweep_reports_no_original_missing_of_media_expired_and_purged_meanwhile(
+    database_of_its_own, make_ctx, make_settings, tmp_path, user_id, monkeypatch
+):
+    ctx = await make_ctx(make_settings(database_url=database_of_its_own, blob_dir=tmp_path / "blobs"))
+    pool, blobs = ctx["pool"], ctx["blobs"]
+    # Past its expires_at, not yet removed by the expiry job: gone for clients, its blobs about to be.
+    expired = (await seed_media(pool, blobs, user_id, 1, retention="ephemeral", expired=True))[0]
+    expiring = (await seed_media(pool, blobs, user_id, 1, retention="ephemeral", expired=False))[0]
+    missing = (await seed_media(pool, blobs, user_id, 1, retention="permanent", expired=False))[0]
+    await blobs.delete(f"originals/{missing.hex[:2]}/{missing.hex}")
+    real_live_originals = cleanup.live_originals
+
+    async def listed_then_expired(conn, after, limit):
+        rows = await real_live_originals(conn, after, limit)
+        # The expiry job runs (every 5 minutes, and at 03:00 with the sweep) between the sweep's
+        # listing and its stat of the originals: it deletes the items that expired and their blobs.
+        await pool.execute("UPDATE media SET expires_at = now() WHERE media_id = $1", expiring)
+        await blobs.delete(f"originals/{expired.hex[:2]}/{expired.hex}")
+        assert (await run_job(ctx, "expire_ephemeral_media")).errors == 0
+        return rows
+
+    monkeypatch.setattr(cleanup, "live_originals", listed_then_expired)
+    report = await run_job(ctx, "sweep_orphan_blobs")
+    assert report.errors == 0
+    assert report.details["originals_missing"] == 1, "the permanent media's alone"
+    statuses = dict(await pool.fetch("SELECT media_id, processing_status FROM media WHERE media_id = ANY($1::uuid[])",
+                                     [expired, expiring, missing]))
+    assert statuses == {expired: "complete", expiring: "complete", missing: "failed"}
+    assert await ledger.audit(pool) == []
+
+
 async def test_an_original_the_store_cannot_stat_leaves_the_sweep_to_check_the_others(ctx, pool, user_id):
     blobs = ctx["blobs"]
     unreadable, missing = sorted(await seed_media(pool, blobs, user_id, 2, retention="permanent", expired=False))

@@ -20,7 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from mediavault.blobs import ListedObject, MultipartUpload
-from mediavault.domain.media import expired_by
+from mediavault.domain.media import PRESENT, expired_by
 
 # The orphan sweep: objects under these prefixes that no row owns are moved under
 # QUARANTINE first and deleted only if still unowned once they have been there for the
@@ -225,18 +225,21 @@ WHERE EXISTS (
 )
 """
 
-_LIVE_ORIGINALS = """
-SELECT media_id, object_key FROM media
-WHERE deleted_at IS NULL AND processing_status <> 'failed' AND media_id > $1
-ORDER BY media_id
+# Media that has expired is left out (PRESENT), and so is media that expired or was deleted
+# between the listing and the mark: the expiry job deletes its original with it, which is no
+# original missing.
+_LIVE_ORIGINALS = f"""
+SELECT m.media_id, m.object_key FROM media m
+WHERE {PRESENT} AND m.processing_status <> 'failed' AND m.media_id > $1
+ORDER BY m.media_id
 LIMIT $2
 """
 
-_MARK_ORIGINAL_MISSING = """
-UPDATE media SET processing_status = 'failed', processing_error = 'original missing', processing_progress = NULL,
-                 updated_at = now()
-WHERE media_id = $1 AND deleted_at IS NULL
-RETURNING owner_id
+_MARK_ORIGINAL_MISSING = f"""
+UPDATE media m SET processing_status = 'failed', processing_error = 'original missing', processing_progress = NULL,
+                   updated_at = now()
+WHERE m.media_id = $1 AND {PRESENT}
+RETURNING m.owner_id
 """
 
 
@@ -313,6 +316,7 @@ async def live_originals(
 
 
 async def mark_original_missing(conn: Connection | asyncpg.Pool, media_id: uuid.UUID) -> str | None:
+    """Marks the media FAILED "original missing"; returns its owner, None when it is gone (expired or deleted)."""
     owner: str | None = await conn.fetchval(_MARK_ORIGINAL_MISSING, media_id)
     return owner
 
