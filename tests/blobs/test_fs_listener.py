@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 import urllib.parse
@@ -16,9 +17,10 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
+from mediavault import logs
 from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, single_chunk
 from mediavault.blobs.fs import FsBlobStore
-from mediavault.blobs.http import create_app
+from mediavault.blobs.http import create_app, expecting
 from mediavault.blobs.signing import UrlSigner, signed_owner
 
 
@@ -263,6 +265,46 @@ async def test_signed_put_and_get_answer_with_the_request_id(store):
     assert (status, answered["x-request-id"]) == (403, "blob-req-7")
     _, _, made = await send("GET", await store.presign_get("originals/ab/rid", expires_in=60))
     assert len(CIMultiDict(made)["X-Request-Id"]) == 32
+
+
+async def test_an_unexpected_failure_is_logged_once_with_the_request_id_and_answered_500(unused_tcp_port):
+    """aiohttp's own "Error handling request" line was written outside the request's context, so
+    it had no request_id while the 500 answer carried X-Request-Id."""
+
+    async def broken(_request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("broken on purpose")
+
+    app = create_app(None, idle_seconds=60)
+    app.router.add_get("/broken", broken)
+    # An expect handler runs before any middleware (a tus PATCH's checks, a creation).
+    app.router.add_put("/broken", broken, expect_handler=expecting(broken))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    lines: list[dict] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(logs.JsonFormatter().format(record)))
+
+    handler = Lines(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    url = f"http://127.0.0.1:{unused_tcp_port}/broken"
+    try:
+        status, body, headers = await send("GET", url, headers={"X-Request-Id": "broken-get"})
+        assert (status, CIMultiDict(headers)["X-Request-Id"]) == (500, "broken-get")
+        assert b"broken on purpose" not in body
+        status, answered, _, writer = await first_answer(url, {"Content-Length": "5", "X-Request-Id": "broken-asked"})
+        writer.close()
+        assert (status, answered["x-request-id"], answered["connection"]) == (500, "broken-asked", "close")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        await runner.cleanup()
+    assert [(line["level"], line["msg"], line.get("request_id"), line.get("status")) for line in lines] == [
+        ("error", "http request failed", "broken-get", 500),
+        ("error", "http request failed", "broken-asked", 500),
+    ]
+    assert all("RuntimeError: broken on purpose" in line["exc"] for line in lines)
 
 
 async def test_chunked_body_without_length_is_refused(store):

@@ -50,7 +50,7 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
 
     idle_seconds: how long a PUT's body may keep the listener waiting without bringing
     pacing.MIN_PROGRESS_BYTES before it is refused (TUS_IDLE_TIMEOUT_SECONDS)."""
-    app = web.Application(client_max_size=0, middlewares=[_with_request_id])
+    app = web.Application(client_max_size=0, middlewares=[_served])
     app.on_response_prepare.append(_answer_request_id)
     app.on_response_prepare.append(_count_answer)
     if store is not None:
@@ -64,6 +64,8 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
 
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = web.RequestKey("request_id", str)
+# Set on a request whose handler failed unexpectedly, once that failure is logged.
+_FAILED = web.RequestKey("failed", bool)
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
@@ -72,6 +74,12 @@ def _request_id_of(request: web.Request) -> str:
     if _REQUEST_ID not in request:
         request[_REQUEST_ID] = logs.request_id_for(request.headers.get("X-Request-Id"))
     return request[_REQUEST_ID]
+
+
+def _route_of(request: web.Request) -> str | None:
+    """The route's pattern, never the path: upload ids and object keys would make a series each."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
 
 
 @contextlib.contextmanager
@@ -84,19 +92,42 @@ def _serving(request: web.Request) -> Iterator[None]:
         logs.request_id.reset(token)
 
 
-@web.middleware
-async def _with_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _handled(request: web.Request, handler: ExpectHandler) -> web.StreamResponse | None:
+    """handler(request)'s answer, under the request's id. A failure that is no answer (anything but
+    an HTTPException) is logged here, under the request's id, and answered 500: left to aiohttp, it
+    was logged outside the request's context."""
     with _serving(request):
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPException:  # aiohttp's own answers (404, 405) are raised
+            raise
+        except Exception as error:
+            return _failed(request, error)
+
+
+def _failed(request: web.Request, error: Exception) -> web.Response:
+    method, route = _method_of(request), _route_of(request) or "unmatched"
+    log.error("http request failed", exc_info=error, extra={"route": route, "method": method, "status": 500})
+    request[_FAILED] = True
+    response = web.Response(status=500, text="500: Internal Server Error")
+    # As aiohttp ends the connection after a failure: the body may be left unread.
+    response.force_close()
+    return response
+
+
+@web.middleware
+async def _served(request: web.Request, handler: Handler) -> web.StreamResponse:
+    answer = await _handled(request, handler)
+    assert answer is not None
+    return answer
 
 
 def expecting(expect_handler: ExpectHandler) -> ExpectHandler:
     """A route's expect handler (Expect: 100-continue), which runs before any middleware does,
-    under the request's id too: it may do the request's work (a tus creation)."""
+    as the request's handler does: it may do the request's work (a tus creation)."""
 
     async def handle(request: web.Request) -> web.StreamResponse | None:
-        with _serving(request):
-            return await expect_handler(request)
+        return await _handled(request, expect_handler)
 
     return handle
 
@@ -107,15 +138,17 @@ async def _answer_request_id(request: web.Request, response: web.StreamResponse)
     response.headers["X-Request-Id"] = _request_id_of(request)
 
 
+def _method_of(request: web.Request) -> str:
+    return request.method if request.method in _METHODS else "OTHER"
+
+
 async def _count_answer(request: web.Request, response: web.StreamResponse) -> None:
     """Counts every answer of the listener as it starts, a refusal given before the body
-    (Expect: 100-continue) included, which no middleware sees. The route is its pattern, never
-    the path: upload ids and object keys would make a series each."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    method = request.method if request.method in _METHODS else "OTHER"
+    (Expect: 100-continue) included, which no middleware sees."""
+    route, method = _route_of(request) or "unmatched", _method_of(request)
     metrics.HTTP_REQUESTS.labels(route, method, str(response.status)).inc()
-    if response.status >= 500:
+    # A failure _failed logged already, with its traceback, is not logged twice.
+    if response.status >= 500 and _FAILED not in request:
         with _serving(request):
             log.warning("http request failed", extra={"route": route, "method": method, "status": response.status})
 
