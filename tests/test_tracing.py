@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import secrets
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
+from aiohttp import web
 from arq.connections import RedisSettings
 from arq.connections import create_pool as create_arq_pool
 from arq.constants import job_key_prefix
@@ -25,13 +29,17 @@ from PIL import Image
 
 from mediavault import jobs, logs, tracing
 from mediavault.blobs import open_blob_store
+from mediavault.blobs.fs import FsBlobStore
+from mediavault.blobs.http import create_app
+from mediavault.blobs.signing import UrlSigner
 from mediavault.db import create_pool
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 from tests.conftest import running, running_worker
-from tests.helpers import settled, upload
+from tests.helpers import fake_jpeg, settled, upload
 from tests.test_shutdown import free_port
+from tests.test_tus import PATCH_HEADERS, asked, begin_tus, patch, response_head
 
 BEGIN = "mediavault.storage.v1.StorageService/BeginUpload"
 FINALIZE = "mediavault.storage.v1.StorageService/FinalizeUpload"
@@ -229,6 +237,7 @@ async def test_without_an_endpoint_tracing_stays_off_and_nothing_is_wrapped(monk
         async with pool.acquire() as conn:
             assert type(conn._con) is asyncpg.Connection
         assert tracing.traced_blobs(blobs, settings.blob_backend) is blobs
+        assert tracing.start_http("PATCH", "/tus/{upload_id}", "/tus/x", "http", {}, "request-1") is None
     finally:
         await blobs.close()
         await pool.close()
@@ -275,3 +284,144 @@ async def test_a_server_shuts_down_promptly_with_the_collector_down(collector_do
     assert tracing.tracer is None
     # No call is in flight, so the grace period is not waited out.
     assert elapsed < tracing.STOP_BUDGET_SECONDS + 2
+
+
+def signature_in_any_span(spans: list[trace_pb2.Span], signature: str) -> bool:
+    values = [a.value.string_value for s in spans for a in s.attributes]
+    values += [a.value.string_value for s in spans for e in s.events for a in e.attributes]
+    return any(signature in value or "X-Signature" in value for value in values)
+
+
+async def test_tus_patches_are_server_spans_of_the_callers_trace_over_their_statements_and_blob_calls(
+    otlp_receiver: Receiver, make_settings, auth, user_id
+):
+    """The HTTP listener had no spans: a tus PATCH, the slowest request served, was invisible in
+    traces, and its caller's traceparent was dropped."""
+    trace_id, client_span_id = secrets.token_bytes(16), secrets.token_bytes(8)
+    traceparent = f"00-{trace_id.hex()}-{client_span_id.hex()}-01"
+    data = fake_jpeg(300_000)
+    async with running(make_settings()) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            begun = await begin_tus(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id), data)
+        url = begun.upload_url
+        target = url.split(f":{server.http_port}", 1)[1]
+        async with aiohttp.ClientSession() as http:
+            plain = await patch(http, url, 0, data[:100_000], traceparent=traceparent, **{"X-Request-Id": "traced-patch"})
+            assert plain.status == 204
+            async with http.get(f"http://127.0.0.1:{server.http_port}/nowhere", headers={"traceparent": traceparent}) as nowhere:
+                assert nowhere.status == 404
+            async with http.get(f"http://127.0.0.1:{server.http_port}/healthz", headers={"traceparent": traceparent}) as probed:
+                assert probed.status == 200
+        # Asked first (Expect: 100-continue): the checks before its body and the chunk are one span.
+        headers = {**PATCH_HEADERS, "Upload-Offset": "100000", "Content-Length": "100000", "traceparent": traceparent}
+        status, _, reader, writer = await asked(server, "PATCH", target, headers)
+        try:
+            assert status == 100
+            continued = time.time_ns()
+            writer.write(data[100_000:200_000])
+            async with asyncio.timeout(30):
+                assert (await response_head(reader))[0] == 204
+        finally:
+            writer.close()
+        # Cut mid-body: the span ends all the same, with no answer sent.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        header_lines = "".join(f"{name}: {value}\r\n" for name, value in {**headers, "Upload-Offset": "200000"}.items())
+        writer.write(f"PATCH {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header_lines}\r\n".encode() + data[200_000:250_000])
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+        await asyncio.sleep(0.5)
+    assert tracing.tracer is None
+
+    spans = [span for _, span in otlp_receiver.spans if span.trace_id == trace_id]
+    print(f"\ntrace {trace_id.hex()}: {len(spans)} spans")
+    print(render(spans, client_span_id))
+    by_id = {span.span_id: span for span in spans}
+
+    def under(span: trace_pb2.Span, ancestor: trace_pb2.Span) -> bool:
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            if span.span_id == ancestor.span_id:
+                return True
+        return False
+
+    patches = sorted((s for s in spans if s.name == "PATCH /tus/{upload_id}"), key=lambda s: s.start_time_unix_nano)
+    assert len(patches) == 3
+    assert all(s.parent_span_id == client_span_id and s.kind == trace_pb2.Span.SPAN_KIND_SERVER for s in patches)
+    assert all(
+        (attribute(s, "http.request.method"), attribute(s, "http.route"), attribute(s, "url.path"), attribute(s, "url.scheme"))
+        == ("PATCH", "/tus/{upload_id}", target.split("?")[0], "http")
+        for s in patches
+    )
+    first, asked_first, cut = patches
+    assert (attribute(first, "http.response.status_code"), attribute(first, "mediavault.request_id")) == (204, "traced-patch")
+    assert attribute(asked_first, "http.response.status_code") == 204
+    assert first.status.code == asked_first.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+    # Every statement and blob call of the three is inside one of them; nothing hangs from the client's span directly.
+    assert {s.span_id for s in spans if s.parent_span_id == client_span_id} == {s.span_id for s in patches} | {
+        s.span_id for s in spans if s.name == "GET"
+    }
+    db_spans = [s for s in spans if attribute(s, "db.system.name") == "postgresql"]
+    blob_spans = [s for s in spans if s.name.startswith("blob ")]
+    for request in patches:
+        assert any(under(s, request) for s in db_spans), f"no database span under {request.name}"
+        assert any(under(s, request) for s in blob_spans), f"no blob span under {request.name}"
+    assert any(under(s, asked_first) and s.end_time_unix_nano < continued for s in db_spans), "the checks before 100 Continue"
+    assert attribute(cut, "http.response.status_code") is None
+    assert attribute(cut, "error.type") == tracing.CLIENT_DISCONNECTED
+    assert cut.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert not [s for s in spans if s.name == "GET /healthz"], "a load balancer's probe is no trace"
+    (nowhere_span,) = [s for s in spans if s.name == "GET"]
+    assert (attribute(nowhere_span, "http.route"), attribute(nowhere_span, "http.response.status_code")) == (None, 404)
+    assert nowhere_span.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+    signature = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["X-Signature"][0]
+    assert not signature_in_any_span([span for _, span in otlp_receiver.spans], signature)
+
+
+async def test_signed_blob_requests_and_a_failure_are_spans_and_the_failures_log_line_names_its_span(
+    otlp_receiver: Receiver, tmp_path, unused_tcp_port
+):
+    signer = UrlSigner(b"k" * 32, f"http://127.0.0.1:{unused_tcp_port}")
+    store = FsBlobStore(tmp_path, signer)
+
+    async def broken(_request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("broken on purpose")
+
+    lines = io.StringIO()
+    line_handler = logging.StreamHandler(lines)
+    line_handler.setFormatter(logs.JsonFormatter())
+    logging.getLogger("mediavault").addHandler(line_handler)
+    assert tracing.start("mediavault-test")
+    app = create_app(store, idle_seconds=60)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+        signed = await store.presign_put("originals/ab/traced", size_bytes=5, content_type="image/png", sha256=None, expires_in=60)
+        get_url = await store.presign_get("originals/ab/traced", expires_in=60)
+        async with aiohttp.ClientSession() as http:
+            async with http.put(signed.url, data=b"hello", headers=signed.headers) as put:
+                assert put.status == 200
+            async with http.get(get_url) as got:
+                assert (got.status, await got.read()) == (200, b"hello")
+            async with http.get(f"http://127.0.0.1:{unused_tcp_port}/broken") as failed:
+                assert failed.status == 500
+    finally:
+        logging.getLogger("mediavault").removeHandler(line_handler)
+        await runner.cleanup()
+        await tracing.stop()
+    spans = [span for _, span in otlp_receiver.spans]
+    (put_span,) = [s for s in spans if s.name == "PUT /blobs/{key}"]
+    (get_span,) = [s for s in spans if s.name == "GET /blobs/{key}"]
+    for span, status in ((put_span, 200), (get_span, 200)):
+        assert (attribute(span, "url.path"), attribute(span, "http.response.status_code")) == ("/blobs/originals/ab/traced", status)
+    (failed_span,) = [s for s in spans if s.name == "GET /broken"]
+    assert (attribute(failed_span, "http.response.status_code"), attribute(failed_span, "error.type")) == (500, "RuntimeError")
+    assert failed_span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert [event.name for event in failed_span.events] == ["exception"]
+    (line,) = [json.loads(text) for text in lines.getvalue().splitlines() if json.loads(text).get("exc")]
+    assert (line["trace_id"], line["span_id"]) == (failed_span.trace_id.hex(), failed_span.span_id.hex())
+    for url in (signed.url, get_url):
+        signature = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["X-Signature"][0]
+        assert not signature_in_any_span(spans, signature)

@@ -4,8 +4,8 @@ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, then exported by OTLP/gRPC.
 Every instrumented place reads `tracer` and does nothing more while it is None: with tracing
 off the database pool and blob store are not even wrapped, and an RPC pays a few calls that
 find it None.
-Spans of the database and the blob store are made only inside a sampled trace (an RPC or a
-job), so the health probe and the cron jobs send nothing. docs/operations.md lists the spans.
+Spans of the database and the blob store are made only inside a sampled trace (an RPC, an HTTP
+request or a job), so the health probe and the cron jobs send nothing. docs/operations.md lists the spans.
 """
 
 from __future__ import annotations
@@ -155,6 +155,68 @@ def start_rpc(service: str, method: str, metadata: Any, request_id: str) -> RpcS
         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method, "mediavault.request_id": request_id},
     )
     return RpcSpan(span, otel_context.attach(trace.set_span_in_context(span, parent)))
+
+
+# HTTP requests (the listener: mediavault.blobs.http, mediavault.tus) ---------------------------
+
+# The methods OpenTelemetry's HTTP conventions name; any other is _OTHER, its name kept apart.
+_HTTP_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
+# error.type of a request whose connection was lost before its answer was sent.
+CLIENT_DISCONNECTED = "client_disconnected"
+
+
+class HttpSpan:
+    """The server span of one HTTP request: current inside current(), which the answer to
+    Expect: 100-continue and the handler enter one after the other, and ended once by end()."""
+
+    __slots__ = ("_context", "_span")
+
+    def __init__(self, span: Span, context: otel_context.Context) -> None:
+        self._span = span
+        self._context = context
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        token = otel_context.attach(self._context)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    def end(self, status_code: int | None, error: BaseException | str | None = None) -> None:
+        """Ends the span: status_code is the answer's (None when none was sent); error, what failed
+        (an exception, or a name such as CLIENT_DISCONNECTED), makes it an error, as a 5xx does."""
+        span = self._span
+        if status_code is not None:
+            span.set_attribute("http.response.status_code", status_code)
+        if isinstance(error, BaseException):
+            span.record_exception(error)
+            error = type(error).__qualname__
+        elif error is None and status_code is not None and status_code >= 500:
+            error = str(status_code)
+        if error is not None:
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+
+def start_http(method: str, route: str | None, path: str, scheme: str, headers: Mapping[str, str], request_id: str) -> HttpSpan | None:
+    """The server span of one HTTP request (None while tracing is off), named and described by
+    OpenTelemetry's HTTP conventions; its parent is the caller's W3C traceparent header, if any.
+
+    path is the URL's path alone: the query of a signed URL holds its signature, a credential."""
+    if tracer is None:
+        return None
+    known = method if method in _HTTP_METHODS else "_OTHER"
+    attributes = {"http.request.method": known, "url.path": path, "url.scheme": scheme, "mediavault.request_id": request_id}
+    if known != method:
+        attributes["http.request.method_original"] = method
+    if route is not None:
+        attributes["http.route"] = route
+    parent = propagate.extract(headers) if "traceparent" in headers else None
+    name = "HTTP" if known == "_OTHER" else known
+    span = tracer.start_span(f"{name} {route}" if route else name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    return HttpSpan(span, trace.set_span_in_context(span, parent))
 
 
 # Batches (mediavault.batching) --------------------------------------------------------------

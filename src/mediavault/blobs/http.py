@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from mediavault import logs, metrics
+from mediavault import logs, metrics, tracing
 from mediavault.blobs.fs import FileWriter, FsBlobStore, remove_quietly
 from mediavault.pacing import making_progress
 
@@ -42,6 +42,8 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 _STORE = web.AppKey("store", FsBlobStore)
+# Not traced: a load balancer's probe every few seconds would make a trace each, as the gRPC health checks do not.
+_HEALTH_ROUTE = "/healthz"
 _IDLE_SECONDS = web.AppKey("idle_seconds", float)
 
 
@@ -58,12 +60,13 @@ def create_app(store: FsBlobStore | None, *, idle_seconds: float) -> web.Applica
         app[_IDLE_SECONDS] = idle_seconds
         app.router.add_put(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _put_object, expect_handler=expecting(_expect_put))
         app.router.add_get(r"/blobs/{key:[a-z0-9][a-z0-9_./\-]*}", _get_object)
-    app.router.add_get("/healthz", _healthz)
+    app.router.add_get(_HEALTH_ROUTE, _healthz)
     return app
 
 
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = web.RequestKey("request_id", str)
+_SPAN = web.RequestKey("span", tracing.HttpSpan)
 # Set on a request whose handler failed unexpectedly, once that failure is logged.
 _FAILED = web.RequestKey("failed", bool)
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
@@ -77,32 +80,62 @@ def _request_id_of(request: web.Request) -> str:
 
 
 def _route_of(request: web.Request) -> str | None:
-    """The route's pattern, never the path: upload ids and object keys would make a series each."""
+    """The route's pattern, never the path: upload ids and object keys would make a metric series, and a span name, each."""
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else None
 
 
 @contextlib.contextmanager
 def _serving(request: web.Request) -> Iterator[None]:
-    """The request's id on every log line written meanwhile."""
+    """The request's id on every log line written meanwhile, and its span, while tracing is on, the current one."""
     token = logs.request_id.set(_request_id_of(request))
     try:
-        yield
+        span = request.get(_SPAN)
+        if span is None:
+            yield
+        else:
+            with span.current():
+                yield
     finally:
         logs.request_id.reset(token)
 
 
-async def _handled(request: web.Request, handler: ExpectHandler) -> web.StreamResponse | None:
-    """handler(request)'s answer, under the request's id. A failure that is no answer (anything but
-    an HTTPException) is logged here, under the request's id, and answered 500: left to aiohttp, it
-    was logged outside the request's context."""
-    with _serving(request):
-        try:
-            return await handler(request)
-        except web.HTTPException:  # aiohttp's own answers (404, 405) are raised
-            raise
-        except Exception as error:
-            return _failed(request, error)
+async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue: bool) -> web.StreamResponse | None:
+    """handler(request)'s answer, under the request's id and in its span, which ends with the
+    answer, or with the handler when it fails or is cancelled (the server's shutdown); when
+    may_continue, a None answer (Expect: 100-continue) leaves the span to the request's handler.
+
+    A failure that is no answer (anything but an HTTPException) is logged here, under the
+    request's id, and answered 500: left to aiohttp, it was logged outside the request's context."""
+    span = request.get(_SPAN)
+    if span is None and tracing.tracer is not None and (route := _route_of(request)) != _HEALTH_ROUTE:
+        span = tracing.start_http(request.method, route, request.path, request.scheme, request.headers, _request_id_of(request))
+        if span is not None:
+            request[_SPAN] = span
+    answer: web.StreamResponse | None = None
+    failure: BaseException | None = None
+    try:
+        with _serving(request):
+            try:
+                answer = await handler(request)
+            except web.HTTPException as refusal:  # aiohttp's own answers (404, 405) are raised
+                answer = refusal
+                raise
+            except Exception as error:
+                failure = error
+                answer = _failed(request, error)
+    except BaseException as error:
+        if answer is None:  # cancelled (the server's shutdown)
+            failure = error
+        raise
+    finally:
+        if span is not None and not (may_continue and answer is None and failure is None):
+            if request.transport is None:
+                # The connection is gone: no answer reaches the client, whatever the handler made of it.
+                span.end(None, tracing.CLIENT_DISCONNECTED)
+            else:
+                span.end(answer.status if answer is not None else None, failure)
+    return answer
 
 
 def _failed(request: web.Request, error: Exception) -> web.Response:
@@ -117,7 +150,7 @@ def _failed(request: web.Request, error: Exception) -> web.Response:
 
 @web.middleware
 async def _served(request: web.Request, handler: Handler) -> web.StreamResponse:
-    answer = await _handled(request, handler)
+    answer = await _handled(request, handler, may_continue=False)
     assert answer is not None
     return answer
 
@@ -127,7 +160,7 @@ def expecting(expect_handler: ExpectHandler) -> ExpectHandler:
     as the request's handler does: it may do the request's work (a tus creation)."""
 
     async def handle(request: web.Request) -> web.StreamResponse | None:
-        return await _handled(request, expect_handler)
+        return await _handled(request, expect_handler, may_continue=True)
 
     return handle
 
