@@ -628,7 +628,7 @@ def check_names(expr: str, metrics: dict[str, set[str]], literals: set[str]) -> 
         assert name in metrics, f"{name} in {expr!r}: not a metric mediavault exports"
         for label, op, value in _MATCHER.findall(matchers):
             assert label in metrics[name] | TARGET_LABELS, f"{name} has no label {label} ({expr!r})"
-            if label in ("instance", "pid"):
+            if label in ("instance", "pid", "slot"):
                 continue
             if op in ("=~", "!~"):
                 assert re.fullmatch(r"[A-Za-z0-9_ -]+(\|[A-Za-z0-9_ -]+)*", value), f"keep regexes to alternations: {expr!r}"
@@ -833,6 +833,7 @@ DASHBOARD_METRICS = {
     "mediavault_database_up", "mediavault_http_requests_total", "mediavault_queue_oldest_waiting_seconds",
     "mediavault_queue_sampled_timestamp_seconds", "mediavault_worker_job_slots_in_use", "mediavault_worker_job_slots_max",
     "mediavault_worker_db_connections_in_use", "mediavault_worker_db_connections_max", "mediavault_worker_redis_up",
+    "mediavault_server_db_connections_in_use", "mediavault_server_db_connections_max", "mediavault_db_connection_wait_seconds_bucket",
 }
 
 

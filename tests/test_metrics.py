@@ -7,11 +7,13 @@ import contextlib
 import json
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import grpc
 import pytest
 from arq import create_pool
@@ -46,7 +48,7 @@ from tests.test_supervisor import scrape
 from tests.workers.test_transcode import start_worker
 from workers.maintenance import JOBS
 
-SERVER_GAUGES = {"mediavault_database_up"}
+SERVER_GAUGES = {"mediavault_database_up", "mediavault_server_db_connections_in_use", "mediavault_server_db_connections_max"}
 WORKER_GAUGES = {"mediavault_worker_redis_up", "mediavault_ledger_mismatches", "mediavault_heavy_reservation_accounts"}
 # No cleanup run of a worker here may touch the session's database.
 JOBS_OFF = {f"MEDIAVAULT_JOBS__{name.upper()}__ENABLED": "false" for name in JOBS}
@@ -60,7 +62,68 @@ async def test_a_server_exports_its_own_gauges_and_none_of_the_workers(database_
     ):
         samples = await scrape(env)
     assert samples["mediavault_database_up"] == [({}, 1.0)]
+    # A lone server is slot 0; its pool opens the default DB_POOL_MAX_SIZE.
+    assert samples["mediavault_server_db_connections_max"] == [({"slot": "0"}, 10.0)]
     assert not WORKER_GAUGES & set(samples), {name: samples[name] for name in WORKER_GAUGES & set(samples)}
+
+
+async def test_each_server_process_exports_its_database_pool_held_full_and_how_long_calls_waited_for_it(
+    exported_database, redis_url, tmp_path: Path, auth
+):
+    """`serve --processes 2` with pools of 2 connections: calls blocked on a locked table hold every
+    connection of both processes, the calls behind them wait, and the supervisor's /metrics shows
+    each process's pool full, by slot, then its waits once the lock goes."""
+    pool_size, channels = 2, 16
+    async with (
+        serve_environment(
+            exported_database, redis_url, tmp_path / "blobs",
+            MEDIAVAULT_METRICS_ADDR=f"127.0.0.1:{free_port()}", MEDIAVAULT_DB_POOL_MAX_SIZE=str(pool_size),
+        ) as env,
+        serving(env, processes=2) as (_, port),
+    ):
+        md = auth(f"user-{uuid.uuid4().hex[:12]}")
+
+        async def summary_on_a_channel_of_its_own() -> int:
+            # A connection of its own, which the kernel gives either process: with 16, each gets
+            # the 2 calls that fill its pool but for a chance of 1 in 1900.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                reply = await storage_pb2_grpc.StorageServiceStub(channel).GetStorageSummary(
+                    pb.GetStorageSummaryRequest(), metadata=md, timeout=60
+                )
+                return reply.summary.quota_bytes
+
+        async def pools_until(done) -> dict[str, list[tuple[dict[str, str], float]]]:
+            deadline = asyncio.get_running_loop().time() + 30
+            while not done(samples := await scrape(env)):
+                assert asyncio.get_running_loop().time() < deadline, samples.get("mediavault_server_db_connections_in_use")
+                await asyncio.sleep(0.1)
+            return samples
+
+        def in_use(samples) -> dict[str, float]:
+            return {labels["slot"]: value for labels, value in samples.get("mediavault_server_db_connections_in_use", [])}
+
+        # Both processes started (a start-up reads the frozen accounts, which the lock would hold up).
+        await pools_until(lambda samples: len(samples.get("mediavault_server_db_connections_max", [])) == 2)
+        holder = await asyncpg.connect(exported_database)
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+                calls = [asyncio.create_task(summary_on_a_channel_of_its_own()) for _ in range(channels)]
+                full = await pools_until(lambda samples: in_use(samples) == {"0": pool_size, "1": pool_size})
+                # Every call past the first 2 of each process waits for a connection longer than this.
+                await asyncio.sleep(1)
+        finally:
+            await holder.close()
+        answered = await asyncio.gather(*calls)
+        idle = await pools_until(lambda samples: in_use(samples) == {"0": 0, "1": 0})
+
+    assert all(quota > 0 for quota in answered)
+    assert sorted(full["mediavault_server_db_connections_max"], key=str) == [({"slot": "0"}, 2.0), ({"slot": "1"}, 2.0)]
+    assert sorted(idle["mediavault_server_db_connections_max"], key=str) == [({"slot": "0"}, 2.0), ({"slot": "1"}, 2.0)]
+    waits = {labels["le"]: count for labels, count in idle["mediavault_db_connection_wait_seconds_bucket"]}
+    [(_, acquired)] = idle["mediavault_db_connection_wait_seconds_count"]
+    assert acquired >= channels
+    assert acquired - waits["1.0"] >= channels - 2 * pool_size, waits
 
 
 async def test_a_worker_exports_its_own_gauges_and_none_of_the_servers(make_settings, user_id):

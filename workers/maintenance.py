@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from mediavault import metrics
 from mediavault.blobs import ListedObject, MultipartUpload
 from mediavault.config import JobConfig, Settings
+from mediavault.db.pool import sample_pool_use
 from mediavault.domain import cleanup, events, ledger
 from mediavault.domain.media import MAX_ATTEMPTS
 from mediavault.domain.uploads.records import partial_key_for
@@ -626,20 +627,13 @@ async def sample_queues(ctx: dict[str, Any]) -> None:
         forget_queue_samples()
 
 
-# Every second, not every QUEUE_SAMPLE_SECONDS: a scrape then sees the pool as it was a second
-# before, not up to a quarter of a minute.
-POOL_SAMPLE_SECONDS = 1.0
-
-
 async def sample_pool(ctx: dict[str, Any]) -> None:
     """Exports, every POOL_SAMPLE_SECONDS for as long as the worker runs, how many connections of
     its database pool are in use and the most it opens, labelled by the worker's queue."""
-    pool: asyncpg.Pool = ctx["pool"]
     queue = ctx.get("queue", "photo")
-    metrics.WORKER_DB_CONNECTIONS_MAX.labels(queue).set(pool.get_max_size())
-    while True:
-        metrics.WORKER_DB_CONNECTIONS_IN_USE.labels(queue).set(pool.get_size() - pool.get_idle_size())
-        await asyncio.sleep(POOL_SAMPLE_SECONDS)
+    await sample_pool_use(
+        ctx["pool"], metrics.WORKER_DB_CONNECTIONS_IN_USE.labels(queue), metrics.WORKER_DB_CONNECTIONS_MAX.labels(queue)
+    )
 
 
 def cron_task(name: str) -> WorkerCoroutine:

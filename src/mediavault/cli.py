@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         if not supervised:
             await migrate(settings.migration_url)
-        await Server(settings, reuse_port=supervised).serve()
+        await Server(settings, reuse_port=supervised, slot=args.slot).serve()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the ports (SO_REUSEPORT) under a supervising parent; 0: one per core (default 1)",
     )
     serve.add_argument("--supervisor-pid", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     commands.add_parser("worker", help="arq worker (jobs and cron)").set_defaults(func=cmd_worker)
     commands.add_parser("migrate", help="apply SQL migrations (safe to run from many replicas)").set_defaults(func=cmd_migrate)

@@ -143,6 +143,29 @@ WORKER_JOB_SLOTS_MAX = Gauge(
     ["queue"],
     multiprocess_mode="livesum",
 )
+# A server process's pool, by its slot under `serve --processes N` (0 to N-1, the slot the
+# supervisor logs; a restarted process takes its predecessor's; 0 for a lone server): one series
+# per process, since a sum over them would hide one process's full pool behind the others' idle
+# ones, and N of them at most, since a pid would start new series at every restart.
+SERVER_DB_CONNECTIONS_IN_USE = Gauge(
+    "mediavault_server_db_connections_in_use",
+    "Connections of a server process's database pool its calls hold",
+    ["slot"],
+    multiprocess_mode="livesum",
+)
+SERVER_DB_CONNECTIONS_MAX = Gauge(
+    "mediavault_server_db_connections_max",
+    "The most connections a server process's database pool opens",
+    ["slot"],
+    multiprocess_mode="livesum",
+)
+# From a free connection handed over (microseconds) or a new one opened (milliseconds) to a wait
+# for a full pool, which lasts until a connection comes back or the caller's deadline passes.
+DB_CONNECTION_WAIT = Histogram(
+    "mediavault_db_connection_wait_seconds",
+    "Time a use of the process's database pool waited for a connection, waits given up included",
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 # Under `serve --processes N` one series per live process, labelled pid: each process probes on its own.
 HEALTH_DATABASE = SetGauge("mediavault_database_up", "Whether the last health probe reached PostgreSQL", "liveall")
 WORKER_REDIS_UP = SetGauge("mediavault_worker_redis_up", "Whether the worker's last poll of its queue reached Redis", "liveall")

@@ -25,7 +25,7 @@ from mediavault.blobs.http import create_app
 from mediavault.config import Settings, listen_address
 from mediavault.db import close_pool
 from mediavault.db import create_pool as create_db_pool
-from mediavault.db.pool import DATABASE_ERRORS, connection_within
+from mediavault.db.pool import DATABASE_ERRORS, connection_within, sample_pool_use
 from mediavault.domain.rate_limit_config import RateLimitConfig
 from mediavault.media.v1 import media_pb2
 from mediavault.ratelimit import RateLimiter
@@ -55,12 +55,14 @@ class Server:
     ``async with Server(settings) as server`` starts it (tests use this);
     ``server.grpc_port`` / ``server.http_port`` give the bound ports when
     the configured ones are 0. With ``reuse_port`` (a child of ``serve --processes N``) both
-    listeners share their port with the other processes bound to it (SO_REUSEPORT).
+    listeners share their port with the other processes bound to it (SO_REUSEPORT); ``slot`` is
+    the child's place among the N, which labels the metrics of its own database pool.
     """
 
-    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False, slot: int = 0) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
+        self.slot = slot
         self.pool: asyncpg.Pool | None = None
         self.blobs: BlobStore | None = None
         self.grpc_server: grpc.aio.Server | None = None
@@ -144,6 +146,13 @@ class Server:
         self._background = [
             asyncio.create_task(self.limiter.run_reloads(settings.rate_limit_reload_seconds)),
             asyncio.create_task(self._probe_database()),
+            asyncio.create_task(
+                sample_pool_use(
+                    self.pool,
+                    metrics.SERVER_DB_CONNECTIONS_IN_USE.labels(self.slot),
+                    metrics.SERVER_DB_CONNECTIONS_MAX.labels(self.slot),
+                )
+            ),
         ]
         log.info(
             "server started",

@@ -2,10 +2,11 @@
 
 The parent binds nothing that serves. It reserves the ports (SO_REUSEPORT, never listening), so a
 port 0 becomes one real port every child binds and no other program takes it while a child
-restarts; starts each child as `mediavault serve --supervisor-pid PID`, which listens on the same
-ports with SO_REUSEPORT (the kernel spreads new connections over the listeners); restarts a child
-that exits, after a delay that doubles while children keep failing; and on SIGTERM or SIGINT passes
-SIGTERM to every child, each of which drains as a lone server does, then exits.
+restarts; starts each child as `mediavault serve --supervisor-pid PID --slot I` (I: its slot, 0 to
+N-1, which labels its own pool's metrics and which its replacement takes over), which listens on
+the same ports with SO_REUSEPORT (the kernel spreads new connections over the listeners); restarts
+a child that exits, after a delay that doubles while children keep failing; and on SIGTERM or
+SIGINT passes SIGTERM to every child, each of which drains as a lone server does, then exits.
 
 Metrics: prometheus-client's multiprocess mode. Each child writes its samples into files in a
 directory the parent makes for this run (the children's PROMETHEUS_MULTIPROC_DIR; removed at
@@ -189,7 +190,7 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> subprocess.Popen[bytes]:
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "mediavault.cli", "serve", "--supervisor-pid", str(os.getpid())],
+            [sys.executable, "-m", "mediavault.cli", "serve", "--supervisor-pid", str(os.getpid()), "--slot", str(slot.index)],
             env=self._env,
             stdin=subprocess.DEVNULL,
         )

@@ -3,13 +3,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from prometheus_client import Gauge
 
-from mediavault import tracing
+from mediavault import metrics, tracing
 from mediavault.config import Settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,9 @@ SESSION_SETTINGS = {"timezone": "UTC", "datestyle": "ISO, YMD"}
 
 # Past it, close_pool cuts the connections (asyncpg terminates a pool whose close is cancelled).
 CLOSE_SECONDS = 2.0
+# Every second, not at each scrape (under `serve --processes N` the supervisor answers scrapes
+# from what its children wrote): a scrape sees a pool as it was up to a second before.
+POOL_SAMPLE_SECONDS = 1.0
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -51,19 +56,52 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _WaitTimedPool(asyncpg.Pool):
+    """A pool that observes how long each use of it waited for a connection (DB_CONNECTION_WAIT).
+
+    Every way of using a pool (async with or await acquire(), fetch, execute...) takes its
+    connection through asyncpg's Pool._acquire, the one place that sees them all. A wait that ends
+    without a connection (the caller's deadline or timeout, a connection refused) counts too: with
+    a full pool the longest waits are those.
+    """
+
+    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy:
+        started = time.perf_counter()
+        try:
+            return await super()._acquire(timeout)  # type: ignore[misc]  # asyncpg-stubs leave the private method out
+        finally:
+            metrics.DB_CONNECTION_WAIT.observe(time.perf_counter() - started)
+
+
 async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Pool:
     dsn = dsn or settings.database_url
     if not dsn:
         raise ValueError("MEDIAVAULT_DATABASE_URL is not set")
-    return await asyncpg.create_pool(
+    # asyncpg.create_pool's call, with our class: it makes asyncpg's Pool only, and the Pool
+    # constructor has no defaults, so the arguments no setting gives are create_pool's defaults.
+    pool = _WaitTimedPool(
         dsn,
         min_size=settings.db_pool_min_size,
         max_size=settings.db_pool_max_size,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
         reset=_reset,
+        loop=None,
         # Statements are spans only while tracing is on; otherwise asyncpg's own class runs them.
         connection_class=tracing.TracedConnection if tracing.tracer is not None else asyncpg.Connection,
+        record_class=asyncpg.Record,
         **connect_options(settings),
     )
+    return await pool
+
+
+async def sample_pool_use(pool: asyncpg.Pool, in_use: Gauge, most: Gauge) -> None:
+    """Sets most to the most connections pool opens, then in_use to those its users hold, every
+    POOL_SAMPLE_SECONDS until cancelled."""
+    most.set(pool.get_max_size())
+    while True:
+        in_use.set(pool.get_size() - pool.get_idle_size())
+        await asyncio.sleep(POOL_SAMPLE_SECONDS)
 
 
 async def close_pool(pool: asyncpg.Pool) -> None:
