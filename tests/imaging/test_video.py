@@ -369,6 +369,35 @@ async def test_a_cancelled_probe_leaves_no_ffprobe_running(tmp_path):
         assert not _ffprobes()
 
 
+def _fed(fifo: Path, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError), fifo.open("wb") as reader:
+        reader.write(data)
+
+
+@pytest.mark.parametrize("run", [0, 1, 2], ids=["stated", "presented", "frame-transfer"])
+async def test_a_probe_cancelled_in_any_of_its_runs_leaves_no_ffprobe_running(clips, tmp_path, run):
+    """Each ffprobe run of a BT.2020 source that states an SDR transfer (three: its headers, its
+    packets, its first frame's transfer) reads the source from a pipe, fed to the runs before the
+    one cancelled: that one waits for it."""
+    data = make.bt2020_sdr_bars(clips / "cancelled-probe.mp4", size="320x240").read_bytes()
+    with _never_written(tmp_path / "fed.mp4") as fifo:
+        probing = asyncio.create_task(videos.probe(fifo, "video/mp4", _DEFAULT_LIMITS))
+        seen: set[int] = set()
+        while True:
+            while not (new := set(_ffprobes()) - seen):
+                assert not probing.done(), probing
+                await asyncio.sleep(0.01)
+            if len(seen) == run:
+                break
+            # Runs are one after the other: a new ffprobe means the last has exited, and no longer reads.
+            seen |= new
+            await asyncio.to_thread(_fed, fifo, data)
+        probing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probing
+        assert not _ffprobes()
+
+
 async def test_the_probe_runs_under_the_memory_cap(tmp_path):
     """ffprobe's demuxer allocates what a container's tables claim: it runs under the cap ffmpeg does."""
     with _never_written(tmp_path / "never.mp4") as never:
@@ -387,6 +416,50 @@ async def test_a_probe_past_its_time_limit_fails_for_good_and_leaves_no_ffprobe_
         await videos.probe(never, "video/mp4", videos.VideoLimits(max_probe_seconds=0.5))
     assert refused.value.message == videos.PROBE_TIMED_OUT
     assert not _ffprobes()
+
+
+# A worker whose terminal's Ctrl-C (a signal to its whole process group) it handles itself, by a
+# drain that cancels its jobs to be retried, as run_workers does: here it does nothing, and the
+# probe goes on to the verdict of its own time limit.
+_PROBING_WORKER = """
+import asyncio, signal, sys
+from pathlib import Path
+from mediavault.imaging import PermanentImagingError
+from mediavault.imaging import video as videos
+
+async def main():
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: None)
+    try:
+        await videos.probe(Path(sys.argv[1]), "video/mp4", videos.VideoLimits(max_probe_seconds=float(sys.argv[2])))
+    except PermanentImagingError as refused:
+        print(refused.message)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_signal_to_the_workers_process_group_does_not_end_its_probe(tmp_path):
+    """A Ctrl-C in the worker's terminal reaches every process of its group: an ffprobe among them
+    died of it, and the media was FAILED "corrupt video" by the signal meant for the worker's drain."""
+    never = tmp_path / "never.mp4"
+    os.mkfifo(never)
+    worker = subprocess.Popen([sys.executable, "-c", _PROBING_WORKER, str(never), "3"], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    probes: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (probes := [pid for pid in children_of(worker.pid) if _command(pid) == "ffprobe"]):
+            assert time.monotonic() < deadline, "the worker started no ffprobe"
+            await asyncio.sleep(0.01)
+        os.killpg(worker.pid, signal.SIGINT)
+        out, _ = await asyncio.to_thread(worker.communicate, timeout=30)
+    finally:
+        # Whatever a failed assertion left behind would wait for ever, the ffprobe in its session too.
+        worker.kill()
+        for pid in probes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert out.strip() == videos.PROBE_TIMED_OUT
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -480,6 +480,9 @@ def _capped(limits: VideoLimits) -> list[str]:
 
 def _ffprobe_command(path: Path, mime: str, limits: VideoLimits, *what: str) -> list[str]:
     # Under the renditions' memory cap too: the demuxer allocates what the container's tables claim.
+    # Not niced, unlike ffmpeg: the probe's limit is on the clock and its refusal final, so behind
+    # the photo pool on a busy machine a source would be refused for the machine's load; the packet
+    # limits bound its work instead.
     return [
         *_capped(limits),
         "ffprobe", "-v", "error", "-protocol_whitelist", _PROTOCOLS, "-codec_whitelist", ",".join(sorted(PROBE_DECODERS)),
@@ -525,51 +528,47 @@ async def _presented(path: Path, mime: str, source: Source, limits: VideoLimits)
     # edit list keeps.
     heard_from: float | None = None
     last_sound = -math.inf
-    process = await asyncio.create_subprocess_exec(
-        *_ffprobe_command(path, mime, limits, "-show_entries",
-                          "packet=stream_index,pts_time,duration_time,flags:packet_side_data=side_data_type,skip_samples",
-                          "-of", "csv=p=0"),
+    reading = _bounded(
+        _ffprobe_command(path, mime, limits, "-show_entries",
+                         "packet=stream_index,pts_time,duration_time,flags:packet_side_data=side_data_type,skip_samples",
+                         "-of", "csv=p=0"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
-    assert process.stdout is not None
     try:
-        async for line in process.stdout:
-            fields = line.decode().strip().split(",")
-            # A packet with side data ends its line with the side data's fields, and is followed by
-            # an empty line (the end of its side data list).
-            if len(fields) < 4:
-                continue
-            index, pts, length, flags = int(fields[0]), fields[1], fields[2], fields[3]
-            video_packets += index == source.video_index
-            other_packets += index != source.video_index
-            if video_packets > limits.max_video_packets or other_packets > limits.max_other_packets:
-                raise PermanentImagingError(TOO_MANY_PACKETS)
-            if index == source.audio_index and heard_from is None:
-                heard_from = _heard_from(fields, source.audio_sample_rate)
-            # "D": a packet outside the container's edit list, decoded only as a reference for
-            # the frames shown after it; the renditions, as players, never show it.
-            if index in wanted and "D" not in flags:
-                shown += index == source.video_index
-                if pts != "N/A":
-                    start = float(pts)
-                    end = start + (_seconds(length) or 0.0) - source.start_seconds
-                    if index == source.video_index:
-                        first_frame, last_frame = min(first_frame, start), max(last_frame, start)
-                        video_end = max(video_end, end)
-                    else:
-                        last_sound = max(last_sound, start)
-                        sound_end = max(sound_end, end)
-                    if max(video_end, sound_end) > limits.max_duration_seconds:
-                        raise PermanentImagingError(VIDEO_TOO_LONG)
-        await process.wait()
+        async with reading as process:
+            assert process.stdout is not None
+            async for line in process.stdout:
+                fields = line.decode().strip().split(",")
+                # A packet with side data ends its line with the side data's fields, and is followed by
+                # an empty line (the end of its side data list).
+                if len(fields) < 4:
+                    continue
+                index, pts, length, flags = int(fields[0]), fields[1], fields[2], fields[3]
+                video_packets += index == source.video_index
+                other_packets += index != source.video_index
+                if video_packets > limits.max_video_packets or other_packets > limits.max_other_packets:
+                    raise PermanentImagingError(TOO_MANY_PACKETS)
+                if index == source.audio_index and heard_from is None:
+                    heard_from = _heard_from(fields, source.audio_sample_rate)
+                # "D": a packet outside the container's edit list, decoded only as a reference for
+                # the frames shown after it; the renditions, as players, never show it.
+                if index in wanted and "D" not in flags:
+                    shown += index == source.video_index
+                    if pts != "N/A":
+                        start = float(pts)
+                        end = start + (_seconds(length) or 0.0) - source.start_seconds
+                        if index == source.video_index:
+                            first_frame, last_frame = min(first_frame, start), max(last_frame, start)
+                            video_end = max(video_end, end)
+                        else:
+                            last_sound = max(last_sound, start)
+                            sound_end = max(sound_end, end)
+                        if max(video_end, sound_end) > limits.max_duration_seconds:
+                            raise PermanentImagingError(VIDEO_TOO_LONG)
+            await process.wait()
     except (ValueError, ZeroDivisionError):
         # A field unfit to be read, or samples to drop from a sound stream of no sample rate.
         raise PermanentImagingError(CORRUPT_VIDEO) from None
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
     if process.returncode != 0 or not shown:
         raise PermanentImagingError(CORRUPT_VIDEO)
     # A packet kept that starts before where the sound is heard presents nothing of it: the decoder
@@ -594,17 +593,11 @@ def _heard_from(fields: list[str], sample_rate: int) -> float:
 
 
 async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> dict:
-    process = await asyncio.create_subprocess_exec(
-        *_ffprobe_command(path, mime, limits, "-print_format", "json", *what),
+    async with _bounded(
+        _ffprobe_command(path, mime, limits, "-print_format", "json", *what),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    ) as process:
         out, errors = await process.communicate()
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
     if process.returncode != 0:
         raise PermanentImagingError(UNSUPPORTED_FORMAT if _DECODER_REFUSED in errors else CORRUPT_VIDEO)
     try:
@@ -792,20 +785,25 @@ async def transcode(
     return made
 
 
-@contextlib.asynccontextmanager
-async def _ffmpeg(
+def _ffmpeg(
     args: list[str], limits: VideoLimits, niceness: int, *, stdout: int
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """ffmpeg run with args, its log on a pipe, killed with everything it started on any exit from
-    the block. Niced, so that the photo pool's processes get the cores first, and capped, so that one
-    source cannot take the host's memory: by nice(1) and prlimit(1), which exec ffmpeg in the same
-    process, rather than a preexec_fn, Python code between fork and exec that deadlocks when another
-    thread held a lock (an allocator's) at the fork."""
-    process = await asyncio.create_subprocess_exec(
-        *_capped(limits), "nice", "-n", str(niceness), *args, stdout=stdout, stderr=asyncio.subprocess.PIPE,
-        # Its own process group, so that a kill reaches nothing else.
-        start_new_session=True,
-    )
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """ffmpeg run with args, its log on a pipe, bounded (_bounded). Niced, so that the photo pool's
+    processes get the cores first, and capped, so that one source cannot take the host's memory: by
+    nice(1) and prlimit(1), which exec ffmpeg in the same process, rather than a preexec_fn, Python
+    code between fork and exec that deadlocks when another thread held a lock (an allocator's) at
+    the fork."""
+    return _bounded([*_capped(limits), "nice", "-n", str(niceness), *args], stdout=stdout, stderr=asyncio.subprocess.PIPE)
+
+
+@contextlib.asynccontextmanager
+async def _bounded(args: list[str], *, stdout: int, stderr: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """An FFmpeg tool run with args in a session of its own, killed with everything it started on any
+    exit from the block, a cancelled or timed-out one's included. Its own session, so that a kill
+    reaches nothing else, and so that a signal to the worker's process group (a Ctrl-C in its
+    terminal, which the worker answers with a drain that cancels its jobs to be retried) does not
+    reach it: it died of it, and its source was refused as corrupt."""
+    process = await asyncio.create_subprocess_exec(*args, stdout=stdout, stderr=stderr, start_new_session=True)
     try:
         yield process
     finally:
