@@ -374,28 +374,45 @@ def _fed(fifo: Path, data: bytes) -> None:
         reader.write(data)
 
 
+async def _waiting_run(probing: asyncio.Task, fifo: Path, data: bytes, run: int) -> int:
+    """The ffprobe of a probe's run number `run`, from 0, waiting for its source: the probe reads it
+    from a pipe, fed to each run before."""
+    seen: set[int] = set()
+    while True:
+        while not (new := set(_ffprobes()) - seen):
+            assert not probing.done(), probing
+            await asyncio.sleep(0.01)
+        if len(seen) == run:
+            return new.pop()
+        # Runs are one after the other: a new ffprobe means the last has exited, and no longer reads.
+        seen |= new
+        await asyncio.to_thread(_fed, fifo, data)
+
+
 @pytest.mark.parametrize("run", [0, 1, 2], ids=["stated", "presented", "frame-transfer"])
 async def test_a_probe_cancelled_in_any_of_its_runs_leaves_no_ffprobe_running(clips, tmp_path, run):
     """Each ffprobe run of a BT.2020 source that states an SDR transfer (three: its headers, its
-    packets, its first frame's transfer) reads the source from a pipe, fed to the runs before the
-    one cancelled: that one waits for it."""
-    data = make.bt2020_sdr_bars(clips / "cancelled-probe.mp4", size="320x240").read_bytes()
+    packets, its first frame's transfer)."""
+    data = make.bt2020_sdr_bars(clips / "probed.mp4", size="320x240").read_bytes()
     with _never_written(tmp_path / "fed.mp4") as fifo:
         probing = asyncio.create_task(videos.probe(fifo, "video/mp4", _DEFAULT_LIMITS))
-        seen: set[int] = set()
-        while True:
-            while not (new := set(_ffprobes()) - seen):
-                assert not probing.done(), probing
-                await asyncio.sleep(0.01)
-            if len(seen) == run:
-                break
-            # Runs are one after the other: a new ffprobe means the last has exited, and no longer reads.
-            seen |= new
-            await asyncio.to_thread(_fed, fifo, data)
+        await _waiting_run(probing, fifo, data, run)
         probing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probing
         assert not _ffprobes()
+
+
+@pytest.mark.parametrize("run", [0, 1, 2], ids=["stated", "presented", "frame-transfer"])
+async def test_an_ffprobe_killed_by_someone_else_fails_the_attempt_not_the_media(clips, tmp_path, run):
+    """The host's OOM killer, say: the same bytes may pass next time, as they do for ffmpeg."""
+    data = make.bt2020_sdr_bars(clips / "probed.mp4", size="320x240").read_bytes()
+    with _never_written(tmp_path / "fed.mp4") as fifo:
+        probing = asyncio.create_task(videos.probe(fifo, "video/mp4", _DEFAULT_LIMITS))
+        os.kill(await _waiting_run(probing, fifo, data, run), signal.SIGKILL)
+        with pytest.raises(ImagingError) as failed:
+            await probing
+    assert not isinstance(failed.value, PermanentImagingError), failed.value.message
 
 
 async def test_the_probe_runs_under_the_memory_cap(tmp_path):

@@ -569,6 +569,7 @@ async def _presented(path: Path, mime: str, source: Source, limits: VideoLimits)
     except (ValueError, ZeroDivisionError):
         # A field unfit to be read, or samples to drop from a sound stream of no sample rate.
         raise PermanentImagingError(CORRUPT_VIDEO) from None
+    _not_killed(process)
     if process.returncode != 0 or not shown:
         raise PermanentImagingError(CORRUPT_VIDEO)
     # A packet kept that starts before where the sound is heard presents nothing of it: the decoder
@@ -598,6 +599,7 @@ async def _ffprobe(path: Path, mime: str, limits: VideoLimits, *what: str) -> di
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     ) as process:
         out, errors = await process.communicate()
+    _not_killed(process)
     if process.returncode != 0:
         raise PermanentImagingError(UNSUPPORTED_FORMAT if _DECODER_REFUSED in errors else CORRUPT_VIDEO)
     try:
@@ -761,9 +763,7 @@ async def transcode(
             async with _ffmpeg(command(source_path, mime, source, planned, out_dir, limits, threads), limits, niceness,
                                stdout=asyncio.subprocess.PIPE) as process:
                 errors = await _follow(process, source.duration_seconds, on_progress)
-            if process.returncode is not None and process.returncode < 0:
-                # Killed by a signal we did not send (the OOM killer): the same bytes may pass next time.
-                raise ImagingError("processing failed")
+            _not_killed(process)
             if process.returncode != 0:
                 # Which check refused the stream, ffmpeg says only in its log, and -xerror's stop at a
                 # decoding error not even there (a decoder says nothing of a failed allocation, VP9's
@@ -811,6 +811,13 @@ async def _bounded(args: list[str], *, stdout: int, stderr: int) -> AsyncIterato
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+def _not_killed(process: asyncio.subprocess.Process) -> None:
+    """Raises when an FFmpeg tool was killed by a signal we did not send (the OOM killer): the same
+    bytes may pass next time, so the attempt fails, not the media."""
+    if process.returncode is not None and process.returncode < 0:
+        raise ImagingError("processing failed")
 
 
 def _failure(log: bytes) -> ImagingError | None:
