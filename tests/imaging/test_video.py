@@ -415,6 +415,18 @@ async def test_an_ffprobe_killed_by_someone_else_fails_the_attempt_not_the_media
     assert not isinstance(failed.value, PermanentImagingError), failed.value.message
 
 
+async def test_the_probes_time_limit_is_one_over_all_its_runs(clips, tmp_path):
+    """A BT.2020 source that states an SDR transfer is probed three times, its first frame last."""
+    data = make.bt2020_sdr_bars(clips / "probed.mp4", size="320x240").read_bytes()
+    with _never_written(tmp_path / "fed.mp4") as fifo:
+        probing = asyncio.create_task(videos.probe(fifo, "video/mp4", videos.VideoLimits(max_probe_seconds=4.0)))
+        await _waiting_run(probing, fifo, data, 2)
+        with pytest.raises(PermanentImagingError) as refused:
+            await probing
+    assert refused.value.message == videos.PROBE_TIMED_OUT
+    assert not _ffprobes()
+
+
 async def test_the_probe_runs_under_the_memory_cap(tmp_path):
     """ffprobe's demuxer allocates what a container's tables claim: it runs under the cap ffmpeg does."""
     with _never_written(tmp_path / "never.mp4") as never:

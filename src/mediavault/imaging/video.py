@@ -155,8 +155,9 @@ class VideoLimits:
     max_duration_seconds: float = 600.0
     max_long_side: int = 4096
     max_frame_rate: float = 240.0
-    # The whole probe, both ffprobe runs: the packet bounds below make it a read of at most
-    # max_video_packets + max_other_packets lines, and this leaves room for a busy machine.
+    # One deadline over the whole probe, every ffprobe run (the headers, the packets, and the first
+    # frame of a BT.2020 source that states an SDR transfer): the packet bounds below make it a read
+    # of at most max_video_packets + max_other_packets lines, and this leaves room for a busy machine.
     max_probe_seconds: float = 30.0
     # ffmpeg's private memory as RLIMIT_DATA counts it (0: no cap), for ffmpeg left to choose its threads.
     max_memory_bytes: int = field(default_factory=lambda: memory_cap_bytes(0))
