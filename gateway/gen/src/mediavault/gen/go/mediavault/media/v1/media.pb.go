@@ -168,8 +168,9 @@ func (UsageEventType) EnumDescriptor() ([]byte, []int) {
 
 // One stored rendition of a media item.
 type Variant struct {
-	// thumbnail, preview or display (the largest) for images; poster, thumbnail and preview for videos
-	// (whose playable encodings are in Media.renditions).
+	// thumbnail, preview or display (the largest) for images, and animation (an animated WebP) for
+	// those that move (Media.animated); poster, thumbnail and preview for videos (whose playable
+	// encodings, as a moving image's MP4, are in Media.renditions).
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// CDN URL, or a signed URL that expires after a server-configured time.
 	Url string `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
@@ -342,11 +343,13 @@ func (m *VariantFormat) GetSizeBytes() int64 {
 	return 0
 }
 
-// A playable encoding of a video: H.264 High (8-bit 4:2:0) with AAC-LC stereo when the
-// source has sound, in MP4 with its index first; upright, square pixels, at most 30 fps.
-// The URL serves byte ranges.
+// A playable encoding of a video, or of an image that moves (Media.animated): H.264 High (8-bit
+// 4:2:0) in MP4 with its index first; upright, square pixels. A video's has AAC-LC stereo when the
+// source has sound and at most 30 fps; a moving image's has no sound, and each frame lasts as long
+// as browsers show the image's. The URL serves byte ranges.
 type Rendition struct {
-	// 360p, 720p or 1080p (the short side it was made for; never above the source's).
+	// A video's: 360p, 720p or 1080p (the 16:9 box it fits, either way up; never above the source's
+	// size). A moving image's: gifv.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// CDN URL, or a signed URL that expires after a server-configured time.
 	Url string `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
@@ -498,7 +501,8 @@ type Media struct {
 	HasAudio bool `protobuf:"varint,32,opt,name=has_audio,json=hasAudio,proto3" json:"has_audio,omitempty"`
 	// Videos: the source's codec as FFmpeg names it (h264, hevc, vp9, av1, ...); empty for images.
 	SourceCodec string `protobuf:"bytes,33,opt,name=source_codec,json=sourceCodec,proto3" json:"source_codec,omitempty"`
-	// Videos: the playable renditions, smallest first; empty until processed and for images.
+	// Videos: the playable renditions, smallest first; animated images: their gifv; empty
+	// until processed and for stills.
 	Renditions []*Rendition `protobuf:"bytes,34,rep,name=renditions,proto3" json:"renditions,omitempty"`
 	// Videos: how far the running transcode is, 0-100; 0 when none runs.
 	ProcessingProgress int32 `protobuf:"varint,35,opt,name=processing_progress,json=processingProgress,proto3" json:"processing_progress,omitempty"`
@@ -513,8 +517,9 @@ type Media struct {
 	TakenAt string `protobuf:"bytes,45,opt,name=taken_at,json=takenAt,proto3" json:"taken_at,omitempty"`
 	// Photos: the camera, "Make Model" from EXIF ("Apple iPhone 11 Pro Max"); empty when unknown.
 	Camera string `protobuf:"bytes,46,opt,name=camera,proto3" json:"camera,omitempty"`
-	// An animated GIF, WebP or PNG (within the server's frame, pixel and duration limits): its
-	// variants are stills of the first frame.
+	// An animated GIF, WebP, PNG or AVIF image sequence (within the server's frame, pixel and
+	// duration limits): besides its stills of the first frame, it has an `animation` variant (an
+	// animated WebP) and a `gifv` rendition (an H.264 MP4) that move.
 	Animated bool `protobuf:"varint,47,opt,name=animated,proto3" json:"animated,omitempty"`
 	// Animated images: one loop, in milliseconds; 0 otherwise.
 	AnimationDurationMs int32 `protobuf:"varint,48,opt,name=animation_duration_ms,json=animationDurationMs,proto3" json:"animation_duration_ms,omitempty"`
