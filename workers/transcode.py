@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ from mediavault import imaging, metrics, tracing
 from mediavault.blobs import BlobStore, BlobStoreError, single_chunk
 from mediavault.domain.media import MAX_ATTEMPTS, Claim, Library, Variant, variant_key
 from mediavault.imaging import ImagingError, PermanentImagingError
+from mediavault.imaging.variants import bitrate
 from mediavault.jobs import TRANSCODE, enqueue_video
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,9 @@ async def _transcode(ctx: dict[str, Any], media_id: uuid.UUID, version: int) -> 
         moving = result.animation.variants if result.animation else []
         stored = await store_pictures(ctx["blobs"], media_id, version, (*result.variants, *moving))
         duration_ms, plays = (result.animation.duration_ms, result.animation.plays) if result.animation else (None, None)
+        if duration_ms is not None:
+            # The gifv lasts one loop, and says its bits a second as a video's renditions do.
+            stored = [replace(v, bitrate=bitrate(v.size_bytes, duration_ms / 1000)) if v.is_rendition else v for v in stored]
         completed = await library.complete(
             media_id, version, result.width, result.height, stored, result.thumbhash,
             photo=result.photo, animation_duration_ms=duration_ms, animation_plays=plays,

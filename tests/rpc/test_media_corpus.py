@@ -149,6 +149,8 @@ async def test_an_animated_gif_says_it_moves_and_for_how_long(storage, media, au
     assert (webp.format, webp.n_frames, webp.size) == ("WEBP", 36, (animation.width, animation.height))
     (gifv,) = moving.renditions
     assert (gifv.name, gifv.content_type) == ("gifv", "video/mp4")
+    # One loop's bits a second, as a video's renditions say theirs.
+    assert gifv.bitrate == pytest.approx(gifv.size_bytes * 8 / 0.820, rel=0.01)
     status, body, headers = await fetch(gifv.url)
     assert (status, headers["Content-Type"], len(body)) == (200, "video/mp4", gifv.size_bytes)
     with av.open(io.BytesIO(body)) as container:

@@ -266,7 +266,7 @@ class Variant:
     width: int
     height: int
     size_bytes: int
-    # Bits per second of a video rendition; None for pictures.
+    # Bits per second of a playable rendition (a video's, an animated image's gifv); None for pictures.
     bitrate: int | None = None
 
     @property

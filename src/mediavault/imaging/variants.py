@@ -34,6 +34,12 @@ class Variant:
     alternates: tuple[Variant, ...] = ()
 
 
+def bitrate(size_bytes: int, seconds: float) -> int:
+    """The average bits per second of a playable file of size_bytes lasting seconds: at least 1,
+    for a file of no duration too."""
+    return max(1, math.floor(size_bytes * 8 / max(seconds, 0.001)))
+
+
 @dataclass(frozen=True)
 class TranscodeResult:
     """What an upload became. width x height is the original's upright size (for video, the frame's);

@@ -36,6 +36,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from mediavault.imaging.errors import CORRUPT_VIDEO, TIMED_OUT, UNSUPPORTED_FORMAT, ImagingError, PermanentImagingError
+from mediavault.imaging.variants import bitrate
 
 # The one demuxer each sniffed type may reach (mp4 and mov share FFmpeg's mov demuxer),
 # and only local files: no playlists, no network protocols.
@@ -781,8 +782,7 @@ async def transcode(
     for item in planned:
         path = out_dir / f"{item.rung.name}.mp4"
         size = path.stat().st_size
-        made.append(Rendition(item.rung.name, path, item.width, item.height, size,
-                              max(1, math.floor(size * 8 / max(source.duration_seconds, 0.001)))))
+        made.append(Rendition(item.rung.name, path, item.width, item.height, size, bitrate(size, source.duration_seconds)))
     return made
 
 
