@@ -343,7 +343,7 @@ async def test_a_source_of_more_packets_than_the_limits_allow_is_refused(tmp_pat
 
 
 def _ffprobes() -> list[int]:
-    return [pid for pid in children_of(os.getpid()) if Path(f"/proc/{pid}/comm").read_text().strip() == "ffprobe"]
+    return [pid for pid in children_of(os.getpid()) if _command(pid) == "ffprobe"]
 
 
 @contextlib.contextmanager
