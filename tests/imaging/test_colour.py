@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 import struct
+from collections.abc import Callable
 
 import pytest
 from PIL import Image, ImageChops, ImageCms
@@ -22,6 +23,7 @@ from tests.imaging.helpers import (
     power_law_profile,
     transcoded,
 )
+from tests.imaging.test_png import hlg_nits, pq_nits, srgb_level
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The iPhone's own Display P3 profile, as its HEIC carries it.
@@ -336,3 +338,34 @@ def test_a_picture_whose_colour_box_says_pq_is_shown_as_an_sdr_screen_shows_it(f
     display = check_variants(transcode(bytes(data), f"image/{fmt.lower()}"), IMAGE_VARIANTS)["display"]
     assert "icc_profile" not in display.info
     assert max(abs(level - 179) for level in display.convert("RGB").getpixel((100, 50))) <= 4
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+@pytest.mark.parametrize(("transfer", "nits"), [(16, pq_nits), (18, hlg_nits)], ids=["pq", "hlg"])
+def test_a_grey_picture_whose_colour_box_is_hdr_is_shown_as_an_sdr_screen_shows_it(
+    fmt: str, transfer: int, nits: Callable[[int], float]
+) -> None:
+    """As a grey PNG's cICP is (tests/imaging/test_png.py): no RGB profile converts grey levels,
+    which showed as they are, as sRGB's."""
+    levels = (16, 64, 128, 160, 200)
+    grey = Image.new("L", (40 * len(levels), 64))
+    for i, level in enumerate(levels):
+        grey.paste(level, (40 * i, 0, 40 * (i + 1), 64))
+    buffer = io.BytesIO()
+    if fmt == "HEIF":
+        grey.save(buffer, fmt, quality=95, color_primaries=9, transfer_characteristics=transfer, matrix_coefficients=9)
+    else:
+        grey.save(buffer, fmt, quality=95, speed=10)
+    data = bytearray(buffer.getvalue())
+    if fmt == "AVIF":
+        colr = data.index(b"colrnclx") + 8
+        struct.pack_into(">HH", data, colr, 9, transfer)
+    image = open_image(bytes(data), f"image/{fmt.lower()}", DEFAULT_LIMITS)
+    assert image.mode == "L"
+    still = decode_with_pillow(image, DEFAULT_VARIANTS.image).image
+    assert "icc_profile" not in still.info
+    for i, level in enumerate(levels):
+        expected = srgb_level(min(nits(level) / 203, 1))
+        got = still.getpixel((40 * i + 20, 32))
+        assert isinstance(got, tuple)
+        assert max(abs(value - expected) for value in got) <= 2, (level, got, expected)

@@ -130,6 +130,8 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
             raise PermanentImagingError(IMAGE_TOO_LARGE)
     if mime == "image/avif":
         _describe_avif(image, isobmff.primary_image(data))
+    if mime in ("image/heif", "image/avif"):
+        _describe_coded(image)
     if mime == "image/png":
         _describe_png(image, data)
     if mime == "image/gif":
@@ -163,8 +165,9 @@ _GIF_FIRST_PICTURE = "mediavault_gif_first_picture"
 # Where open_image leaves the bytes of an APNG whose default image is left out of its animation, from
 # which decode_with_pillow draws its still (see _first_apng_frame).
 _APNG_BYTES = "mediavault_apng_bytes"
-# Where open_image leaves the profile a PNG's colours are in (see icc_profile).
-_PNG_PROFILE = "mediavault_png_profile"
+# Where open_image leaves the profile a PNG's colours are in, or those a HEIF's or AVIF's nclx box
+# names (see icc_profile).
+_PROFILE = "mediavault_profile"
 # Where open_image leaves a 16-bit PNG's levels in sRGB's tone curve, of all 16 bits (see _describe_png).
 _SIXTEEN_BIT_TONES = "mediavault_sixteen_bit_tones"
 _LARGEST_8_BIT = 255
@@ -218,7 +221,7 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
         # The picture the stills show is the IDAT's, whose bytes decode_with_pillow decodes again; an
         # APNG's frames are toned as apng_shown decodes them.
         image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, tone_levels(_LARGEST_16_BIT))
-    image.info[_PNG_PROFILE] = profile
+    image.info[_PROFILE] = profile
     if first_frame(image):
         image.info[_APNG_BYTES] = data
 
@@ -231,14 +234,7 @@ def _png_colours(chunks: png.Chunks) -> tuple[bytes | None, Callable[[int], tupl
     pixels, then its gAMA and cHRM (a profile of those primaries)."""
     coded = chunks.coded_colours
     if coded is not None:
-        hdr = None if coded.transfer is None else functools.partial(hdr_tones, coded.transfer)
-        if not chunks.in_colour:
-            # No RGB profile converts grey levels; they are the white, whatever the primaries.
-            return None, hdr
-        if chunks.bit_depth == 16:
-            # lcms would take the top 8 bits of each sample: toned from all 16 first.
-            return coded.toned, hdr
-        return coded.profile, None
+        return _coded_tones(coded, chunks.in_colour, chunks.bit_depth == 16)
     # Not Pillow's info["icc_profile"]: of two iCCP chunks it keeps the last, and it reads an iCCP
     # after the pixels, which libpng (and so browsers) ignores, as it loads them.
     profile = chunks.profile
@@ -261,18 +257,44 @@ def _png_colours(chunks: png.Chunks) -> tuple[bytes | None, Callable[[int], tupl
     return matrix_profile(colours.primaries, colours.white, "PNG cHRM", power_law_curve(colours.exponent)), None
 
 
+def _coded_tones(
+    coded: CodedColours, in_colour: bool, deep: bool
+) -> tuple[bytes | None, Callable[[int], tuple[int, ...]] | None]:
+    """The profile a picture whose H.273 codes name `coded` is in, as _png_colours answers: and where
+    its levels are PQ's or HLG's and that profile cannot convert them as they are, what takes them
+    to sRGB's tone curve first: a grey picture's, and one's of more than 8 bits a sample (`deep`)."""
+    hdr = None if coded.transfer is None else functools.partial(hdr_tones, coded.transfer)
+    if not in_colour:
+        # No RGB profile converts grey levels; they are the white, whatever the primaries.
+        return None, hdr
+    if deep:
+        # lcms would take the top 8 bits of each sample: toned from all of them first.
+        return coded.toned, hdr
+    return coded.profile, None
+
+
+def _describe_coded(image: Image.Image) -> None:
+    """The colours a HEIF's or AVIF's nclx box names (see _coded_colours), read as a PNG's cICP is
+    (see _coded_tones): the profile they are in (see icc_profile) and, for a grey picture in PQ or
+    HLG, its levels in sRGB's tone curve (see tones). An embedded ICC profile comes before them."""
+    coded = None if image.info.get("icc_profile") else _coded_colours(image.info)
+    if coded is None:
+        return
+    profile, tone_levels = _coded_tones(coded, image.mode in ("RGB", "RGBA"), deep=False)
+    image.info[_PROFILE] = profile
+    if tone_levels is not None:
+        image.info[_SRGB_TONES] = tone_levels(_LARGEST_8_BIT)
+
+
 def icc_profile(image: Image.Image) -> bytes | None:
     """The ICC profile the opened image's colours are in, None for sRGB, once its levels are in
     sRGB's tone curve (see tones): a PNG's, of its cICP, its first iCCP before its pixels, or its
     cHRM (see _png_colours), never a later iCCP that Pillow reads into its info (a second one, or
     one after the pixels); any other image's embedded profile, or else that of its nclx box's
-    colours."""
-    if _PNG_PROFILE in image.info:
-        return image.info[_PNG_PROFILE]
-    if embedded := image.info.get("icc_profile"):
-        return embedded
-    coded = _coded_colours(image.info)
-    return None if coded is None else coded.profile
+    colours (see _describe_coded)."""
+    if _PROFILE in image.info:
+        return image.info[_PROFILE]
+    return image.info.get("icc_profile") or None
 
 
 def _coded_colours(info: dict) -> CodedColours | None:
@@ -600,9 +622,10 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 
 def tones(image: Image.Image) -> tuple[int, ...] | None:
     """The level in sRGB's tone curve of each 8-bit level of the opened image, where its PNG's
-    cICP or gAMA gives it another curve (see _png_colours); None where its levels are sRGB's or its
-    profile's, and for a 16-bit PNG, whose samples are toned as they are taken to 8 bits (its
-    stills', its animation's frames': see _describe_png)."""
+    cICP or gAMA, or a grey HEIF's or AVIF's nclx box, gives it another curve (see _png_colours,
+    _describe_coded); None where its levels are sRGB's or its profile's, and for a 16-bit PNG, whose
+    samples are toned as they are taken to 8 bits (its stills', its animation's frames': see
+    _describe_png)."""
     return image.info.get(_SRGB_TONES)
 
 
