@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import struct
 from collections.abc import Callable
 
+import pillow_heif
 import pytest
 from PIL import Image, ImageChops, ImageCms
 
@@ -23,7 +25,7 @@ from tests.imaging.helpers import (
     power_law_profile,
     transcoded,
 )
-from tests.imaging.test_png import hlg_nits, pq_nits, srgb_level
+from tests.imaging.test_png import bt2020_in_srgb, hlg_nits, pq_nits, srgb_level
 
 IMAGE_VARIANTS = {spec.name for spec in DEFAULT_VARIANTS.image}
 # The iPhone's own Display P3 profile, as its HEIC carries it.
@@ -369,3 +371,46 @@ def test_a_grey_picture_whose_colour_box_is_hdr_is_shown_as_an_sdr_screen_shows_
         got = still.getpixel((40 * i + 20, 32))
         assert isinstance(got, tuple)
         assert max(abs(value - expected) for value in got) <= 2, (level, got, expected)
+
+
+def ten_bit_heif(samples: list[list[int]], transfer: int) -> bytes:
+    """A lossless 10-bit HEIF, one row of 4 of each of these pixels' 10-bit levels (one for grey,
+    three for RGB), whose nclx box names BT.2020's primaries with `transfer`."""
+    colours = len(samples[0])
+    row = b"".join(struct.pack(f"<{colours}H", *(level << 6 for level in pixel)) for pixel in samples) * 4
+    size = (len(samples), 4)
+    buffer = io.BytesIO()
+    params = {"quality": -1, "color_primaries": 9, "transfer_characteristics": transfer, "matrix_coefficients": 0, "full_range_flag": 1}
+    if colours == 1:
+        Image.frombytes("I;16", size, row).save(buffer, "HEIF", **params)
+    else:
+        pillow_heif.from_bytes(mode="RGB;16", size=size, data=row).save(buffer, chroma=444, **params)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("colours", [1, 3], ids=["grey", "rgb"])
+@pytest.mark.parametrize(("transfer", "nits"), [(16, pq_nits), (18, hlg_nits)], ids=["pq", "hlg"])
+def test_a_ten_bit_hdr_heif_takes_each_level_to_srgb_from_all_its_bits(
+    colours: int, transfer: int, nits: Callable[[int], float]
+) -> None:
+    # Every 10-bit level, black to white: from the 8 bits pillow-heif's plugin gives, four levels
+    # showed as one (PQ's bands of 5 levels in sRGB near its reference white). A colour's primaries
+    # are converted after, from 8 bits in sRGB's tone curve: within 2 levels, as a 16-bit PNG's
+    # (tests/imaging/test_png.py).
+    levels = range(1024)
+    # A colour a little warmer than grey, within sRGB's gamut once converted from BT.2020's primaries.
+    samples = [[level * (16 - band) // 16 for band in range(colours)] for level in levels]
+    image = open_image(ten_bit_heif(samples, transfer), "image/heif", DEFAULT_LIMITS)
+    still = decode_with_pillow(image, DEFAULT_VARIANTS.image).image
+    assert "icc_profile" not in still.info
+    within = 1 if colours == 1 else 2
+    for x, pixel in enumerate(samples):
+        got = still.getpixel((x, 2))
+        assert isinstance(got, tuple)
+        # nits takes an 8-bit level: the 10-bit one's light as a fraction of 255.
+        light = [min(nits(level * 255 / 1023) / 203, 1) for level in pixel] * (3 // colours)
+        expected = bt2020_in_srgb(light)
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= within, (pixel, got, expected)
+    # No bands: each level shown is at most that far from the next.
+    reds = sorted(set(still.getchannel("R").tobytes()))
+    assert max(b - a for a, b in itertools.pairwise(reds)) <= within

@@ -19,9 +19,9 @@ P3's) with sRGB's tone curve (transfer 13) are those primaries' profile, Display
 BT.2020 with PQ (16) or HLG (18), the HDR of Chrome's and Android's screenshots, is a profile of
 BT.2020 with a tone curve that shows it as an SDR screen does (`hdr_light`), converted as an
 embedded one is; or, where that profile cannot convert the pixels as they are (a grey picture, or
-one of 16 bits, of which lcms takes 8), its levels are first taken to sRGB's tone curve by that
-light (`hdr_tones`), as a gAMA's are. Other codes are left unread, and the picture goes
-by what else describes it.
+one of more than 8 bits, of which lcms takes 8), its levels are first taken to sRGB's tone curve by
+that light (`hdr_tones`), as a gAMA's are. Other codes are left unread, and the picture goes by what
+else describes it.
 """
 
 from __future__ import annotations

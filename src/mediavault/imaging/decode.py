@@ -131,7 +131,7 @@ def open_image(data: bytes, mime: str, limits: Limits) -> Image.Image:
     if mime == "image/avif":
         _describe_avif(image, isobmff.primary_image(data))
     if mime in ("image/heif", "image/avif"):
-        _describe_coded(image)
+        _describe_coded(image, data)
     if mime == "image/png":
         _describe_png(image, data)
     if mime == "image/gif":
@@ -181,11 +181,12 @@ _LOW_BYTES = {2: ("RGB;16L", (0, 1, 2)), 4: ("RGBA", (1, 1, 1)), 6: ("RGBA;16L",
 
 @dataclass(frozen=True)
 class _SixteenBitTones:
-    """A 16-bit PNG's bytes and colour type, and for each of its 16-bit levels the 8-bit level in
-    sRGB's tone curve that shows the light its cICP or gAMA gives it."""
+    """For each 16-bit sample of a 16-bit PNG, or of a HEIF of more than 8 bits, the 8-bit level in
+    sRGB's tone curve that shows the light its cICP, gAMA or nclx box gives it; and what decodes the
+    colour samples of its picture again, given the 8-bit RGB or RGBA picture Pillow decoded of it,
+    band by band, 16-bit ("I")."""
 
-    data: bytes
-    colour_type: int
+    samples: Callable[[Image.Image], Iterator[Image.Image]]
     levels: tuple[int, ...]
 
 
@@ -220,7 +221,9 @@ def _describe_png(image: Image.Image, data: bytes) -> None:
     elif tone_levels is not None and not first_frame(image):
         # The picture the stills show is the IDAT's, whose bytes decode_with_pillow decodes again; an
         # APNG's frames are toned as apng_shown decodes them.
-        image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(data, chunks.colour_type, tone_levels(_LARGEST_16_BIT))
+        image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(
+            functools.partial(_png_samples, data, chunks.colour_type), tone_levels(_LARGEST_16_BIT)
+        )
     image.info[_PROFILE] = profile
     if first_frame(image):
         image.info[_APNG_BYTES] = data
@@ -273,16 +276,26 @@ def _coded_tones(
     return coded.profile, None
 
 
-def _describe_coded(image: Image.Image) -> None:
+def _describe_coded(image: Image.Image, data: bytes) -> None:
     """The colours a HEIF's or AVIF's nclx box names (see _coded_colours), read as a PNG's cICP is
     (see _coded_tones): the profile they are in (see icc_profile) and, for a grey picture in PQ or
-    HLG, its levels in sRGB's tone curve (see tones). An embedded ICC profile comes before them."""
+    HLG, its levels in sRGB's tone curve (see tones), and for a HEIF of more than 8 bits in PQ or
+    HLG, those of its samples, with its bytes (see _sixteen_bits_in_srgb_tones). An embedded ICC
+    profile comes before them."""
     coded = None if image.info.get("icc_profile") else _coded_colours(image.info)
     if coded is None:
         return
-    profile, tone_levels = _coded_tones(coded, image.mode in ("RGB", "RGBA"), deep=False)
+    # pillow-heif's; the AVIF plugin decodes 8 bits of any AVIF, and says nothing of how many it had.
+    bit_depth = image.info.get("bit_depth", 8)
+    profile, tone_levels = _coded_tones(coded, image.mode in ("RGB", "RGBA"), deep=bit_depth > 8)
     image.info[_PROFILE] = profile
-    if tone_levels is not None:
+    if tone_levels is None:
+        return
+    if bit_depth > 8:
+        # pillow-heif shifts the levels to the top of 16-bit samples: each sample's tone is its level's.
+        levels = tuple(tone for tone in tone_levels((1 << bit_depth) - 1) for _ in range(1 << (16 - bit_depth)))
+        image.info[_SIXTEEN_BIT_TONES] = _SixteenBitTones(functools.partial(_heif_samples, data), levels)
+    else:
         image.info[_SRGB_TONES] = tone_levels(_LARGEST_8_BIT)
 
 
@@ -327,8 +340,9 @@ def transparent_colour(image: Image.Image) -> Image.Image:
 
 def _sixteen_bits_in_srgb_tones(image: Image.Image) -> Image.Image:
     """The loaded still of a 16-bit PNG whose cICP or gAMA gives another tone curve (see
-    _describe_png) with its colour levels taken to sRGB's curve from all 16 bits of each sample (see
-    _toned_from_sixteen_bits), without the tones in its info. Any other image as it is."""
+    _describe_png), or of a HEIF of more than 8 bits whose nclx box names PQ or HLG (see
+    _describe_coded), with its colour levels taken to sRGB's curve from all the bits of each sample
+    (see _toned_from_sixteen_bits), without the tones in its info. Any other image as it is."""
     sixteen = image.info.get(_SIXTEEN_BIT_TONES)
     if sixteen is None:
         return image
@@ -338,17 +352,37 @@ def _sixteen_bits_in_srgb_tones(image: Image.Image) -> Image.Image:
 
 
 def _toned_from_sixteen_bits(image: Image.Image, sixteen: _SixteenBitTones) -> Image.Image:
-    """The loaded picture of the 16-bit PNG `sixteen` holds the bytes of, in 8 bits, its colour
-    levels taken to sRGB's tone curve from all 16 bits of each sample: from the top 8 bits, where
+    """The loaded picture of the PNG or HEIF whose samples `sixteen` decodes, in 8 bits, its colour
+    levels taken to sRGB's tone curve from all the bits of each sample: from the top 8 bits, where
     Pillow leaves them, the 256 darkest levels of a linear PNG, 0 to 13 in sRGB's curve, were all
-    black, and a PQ gradient near its reference white showed in bands 3 levels apart."""
+    black, and a PQ gradient near its reference white showed in bands 3 to 5 levels apart."""
     if image.mode in ("I;16", "I"):
         return eight_bit(image, sixteen.levels)
-    raw_mode, low_bands = _LOW_BYTES[sixteen.colour_type]
-    tops, lows = image.split(), _decoded_again(sixteen.data, raw_mode).split()
-    colours = [_samples(tops[band], lows[low]).point(sixteen.levels, "L") for band, low in enumerate(low_bands)]
+    colours = [samples.point(sixteen.levels, "L") for samples in sixteen.samples(image)]
     # The alpha, if any, keeps its top 8 bits.
-    return Image.merge(image.mode, [*colours, *tops[len(colours) :]])
+    return Image.merge(image.mode, [*colours, *image.split()[len(colours) :]])
+
+
+def _png_samples(data: bytes, colour_type: int, picture: Image.Image) -> Iterator[Image.Image]:
+    """The colour samples of the 16-bit PNG of `data` (see _SixteenBitTones): their top bytes in
+    the picture Pillow decoded, their low bytes in the PNG decoded again."""
+    raw_mode, low_bands = _LOW_BYTES[colour_type]
+    tops, lows = picture.split(), _decoded_again(data, raw_mode).split()
+    return (_samples(tops[band], lows[low]) for band, low in enumerate(low_bands))
+
+
+def _heif_samples(data: bytes, picture: Image.Image) -> Iterator[Image.Image]:
+    """The colour samples of the primary image of the HEIF of `data` (see _SixteenBitTones), which
+    pillow-heif decodes again without taking them to 8 bits as its Pillow plugin does: 16-bit,
+    little-endian, the levels of 10 or 12 bits shifted to the top."""
+    heif = pillow_heif.open_heif(io.BytesIO(data), convert_hdr_to_8bit=False)
+    # Each of Pillow's raw modes keeps one byte of a 16-bit sample, the top one of the byte order it
+    # names: of little-endian samples, "16L" keeps the top byte, "16B" the low one.
+    tops, lows = (
+        Image.frombytes(picture.mode, heif.size, heif.data, "raw", (f"{picture.mode};16{order}", heif.stride)).split()
+        for order in "LB"
+    )
+    return (_samples(tops[band], lows[band]) for band in range(3))
 
 
 def _samples(top_bytes: Image.Image, low_bytes: Image.Image) -> Image.Image:
@@ -484,7 +518,8 @@ def _own_apng_pixels(data: bytes, animation: png.Apng, frame: png.ApngFrame, lev
     _describe_png(picture, alone)
     shown = transparent_colour(picture)
     if levels is not None:
-        shown = _toned_from_sixteen_bits(shown, _SixteenBitTones(alone, png.read(alone).colour_type, levels))
+        samples = functools.partial(_png_samples, alone, png.read(alone).colour_type)
+        shown = _toned_from_sixteen_bits(shown, _SixteenBitTones(samples, levels))
     return eight_bit(shown).convert("RGBA")
 
 
