@@ -147,6 +147,49 @@ async def test_a_worker_exports_its_own_gauges_and_none_of_the_servers(make_sett
     assert not (SERVER_GAUGES | WORKER_GAUGES - {"mediavault_worker_redis_up"}) & set(samples), samples.keys()
 
 
+async def test_a_worker_exports_its_job_slots_in_use_and_their_most(make_settings, storage, auth, user_id, pool):
+    # A worker process of its own: in this one, the session's worker sets the same series.
+    settings = make_settings(queue_name=f"slot-metrics:{user_id}")
+    md = auth(user_id)
+    media_ids = [(await upload(storage, md, PHOTO.read_bytes(), filename=f"{i}.jpg")).media_id for i in range(3)]
+    # A version of their own, as ReprocessMedia makes: whatever the session's worker does with the
+    # uploads' own transcodes (run, running or never), only this test's jobs can claim them.
+    await pool.execute(
+        "UPDATE media SET variants_version = 1, processing_status = 'pending' WHERE media_id = ANY($1::uuid[])", media_ids
+    )
+
+    def slots(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> dict[str, float]:
+        return {labels["queue"]: value for labels, value in samples.get(f"mediavault_worker_job_slots_{name}", [])}
+
+    env = {"MEDIAVAULT_METRICS_ADDR": f"127.0.0.1:{free_port()}", "MEDIAVAULT_JOB_TIMEOUT_SECONDS": "60"}
+    worker = start_worker(settings, **env, **JOBS_OFF)
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
+    try:
+        idle = await scrape_until(env, worker, lambda samples: slots(samples, "in_use").get("photo") == 0, "polled")
+        async with pool.acquire() as conn, conn.transaction():
+            # Each job's claim waits for these locks on its media row: two fill the photo
+            # worker's two slots (one transcoding process), the third waits in the queue.
+            await conn.execute("SELECT 1 FROM media WHERE media_id = ANY($1::uuid[]) FOR UPDATE", media_ids)
+            for media_id in media_ids:
+                await redis.enqueue_job("transcode_media", media_id, 1)
+            await scrape_until(env, worker, lambda samples: slots(samples, "in_use").get("photo") == 2, "filled its slots")
+            await asyncio.sleep(1)
+            full = slots(await scrape(env), "in_use")["photo"]
+            assert await redis.zcard(settings.queue_name) == 3, "every job still queued or running"
+        await scrape_until(env, worker, lambda samples: slots(samples, "in_use").get("photo") == 0, "freed its slots")
+        async with asyncio.timeout(60):
+            while (rows := await pool.fetch("SELECT processing_status FROM media WHERE media_id = ANY($1::uuid[])", media_ids)) and any(
+                row["processing_status"] != "complete" for row in rows
+            ):
+                await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait)
+    assert slots(idle, "max") == {"photo": 2, "video": settings.video_workers}
+    assert full == 2
+
+
 async def test_a_worker_exports_how_long_the_oldest_job_of_each_queue_has_waited(make_settings, user_id, redis_url):
     settings = make_settings(queue_name=f"metrics-oldest:{user_id}")
     env = {"MEDIAVAULT_METRICS_ADDR": f"127.0.0.1:{free_port()}"}

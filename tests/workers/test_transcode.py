@@ -22,14 +22,16 @@ from tests.helpers import fake_jpeg, upload
 def start_worker(settings, **extra_env: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAVAULT_")}
     env.update(
-        MEDIAVAULT_DATABASE_URL=settings.database_url,
-        MEDIAVAULT_REDIS_URL=settings.redis_url,
-        MEDIAVAULT_QUEUE_NAME=settings.queue_name,
-        MEDIAVAULT_BLOB_DIR=str(settings.blob_dir),
-        MEDIAVAULT_JWT_SECRET=settings.jwt_secret.get_secret_value(),
-        MEDIAVAULT_JOB_TIMEOUT_SECONDS="2",
-        MEDIAVAULT_TRANSCODE_WORKERS="1",
-        **extra_env,
+        {
+            "MEDIAVAULT_DATABASE_URL": settings.database_url,
+            "MEDIAVAULT_REDIS_URL": settings.redis_url,
+            "MEDIAVAULT_QUEUE_NAME": settings.queue_name,
+            "MEDIAVAULT_BLOB_DIR": str(settings.blob_dir),
+            "MEDIAVAULT_JWT_SECRET": settings.jwt_secret.get_secret_value(),
+            "MEDIAVAULT_JOB_TIMEOUT_SECONDS": "2",
+            "MEDIAVAULT_TRANSCODE_WORKERS": "1",
+            **extra_env,
+        }
     )
     return subprocess.Popen([sys.executable, "-m", "mediavault.cli", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

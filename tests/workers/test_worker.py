@@ -167,39 +167,3 @@ async def test_a_worker_exports_its_database_pools_connections_in_use_and_their_
     finally:
         await redis.aclose()
     assert most == {"photo": settings.db_pool_max_size, "video": settings.video_workers + 1}
-
-
-async def test_a_worker_exports_its_job_slots_in_use_and_their_most(make_settings, storage, auth, user_id, pool):
-    def slots(name: str, queue: str) -> float | None:
-        return REGISTRY.get_sample_value(f"mediavault_worker_job_slots_{name}", {"queue": queue})
-
-    async def until_in_use(queue: str, jobs: int) -> None:
-        async with asyncio.timeout(20):
-            while slots("in_use", queue) != jobs:
-                await asyncio.sleep(0.05)
-
-    settings = make_settings(queue_name=f"slot-metrics:{uuid.uuid4().hex}", transcode_workers=1)
-    md = auth(user_id)
-    photo = (CORPUS / "images/formats/hopper.jpg").read_bytes()
-    media_ids = [(await upload(storage, md, photo, filename=f"{i}.jpg")).media_id for i in range(3)]
-    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name)
-    try:
-        async with running_worker(settings):
-            most = {queue: slots("max", queue) for queue in ("photo", "video")}
-            async with pool.acquire() as conn, conn.transaction():
-                # Each job's claim waits for these locks on its media row: two fill the photo
-                # worker's two slots (one transcoding process), the third waits in the queue.
-                await conn.execute("SELECT 1 FROM media WHERE media_id = ANY($1::uuid[]) FOR UPDATE", media_ids)
-                for media_id in media_ids:
-                    await redis.enqueue_job("transcode_media", media_id, 0)
-                await until_in_use("photo", 2)
-                await asyncio.sleep(1)
-                full = slots("in_use", "photo")
-                assert await redis.zcard(settings.queue_name) == 3, "every job still queued or running"
-            await until_in_use("photo", 0)
-        rows = await pool.fetch("SELECT processing_status FROM media WHERE media_id = ANY($1::uuid[])", media_ids)
-    finally:
-        await redis.aclose()
-    assert most == {"photo": 2, "video": settings.video_workers}
-    assert full == 2
-    assert [row["processing_status"] for row in rows] == ["complete"] * 3
