@@ -22,17 +22,16 @@ import email.utils
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from mediavault.admission import Admission
 from mediavault.auth import Principal
-from mediavault.blobs.http import answer_expectation, expecting
+from mediavault.blobs.http import Body, answer_expectation, expecting
 from mediavault.blobs.signing import URL_EXPIRED, signed_owner
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
@@ -57,7 +56,6 @@ from mediavault.pacing import making_progress
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 256 * 1024
 _OFFSET_TYPE = "application/offset+octet-stream"
 _EXTENSIONS = "creation,creation-with-upload,expiration,termination,checksum"
 # 460 Checksum Mismatch: the tus checksum extension's own status.
@@ -284,7 +282,7 @@ class TusEndpoints:
         creation unanswered, and its Location, told only there, with it: no one could go on with the
         upload, which is released, as a creation that fails before its answer is, rather than left
         reserved until it expires while the client, told nothing, creates another."""
-        body = _Body(request)
+        body = Body(request)
         progress: Progress | None = None
         failure: MediavaultError | None = None
         try:
@@ -361,11 +359,11 @@ class TusEndpoints:
 
     async def _patch_upload(self, request: web.Request, upload_id: uuid.UUID) -> web.Response:
         offset, checksum = self._patch_head(request)
-        progress = await self._append(request, _Body(request), upload_id, offset=offset, checksum=checksum)
+        progress = await self._append(request, Body(request), upload_id, offset=offset, checksum=checksum)
         return self._respond(request, 204, _progress_headers(progress))
 
     async def _append(
-        self, request: web.Request, body: _Body, upload_id: uuid.UUID, *, offset: int, checksum: ChunkChecksum | None
+        self, request: web.Request, body: Body, upload_id: uuid.UUID, *, offset: int, checksum: ChunkChecksum | None
     ) -> Progress:
         """Appends the request's body at offset: a PATCH's chunk, or a creation's first one."""
         return await self._resumable.append(
@@ -504,18 +502,3 @@ def _first_chunk_head(request: web.Request, length: int) -> tuple[bool, ChunkChe
     if request.content_length is not None and request.content_length > length:
         raise BeyondDeclaredSize(length)
     return True, _checksum(request.headers.get("Upload-Checksum"))
-
-
-class _Body:
-    """A request's body as chunks: a connection cut mid-body just ends them, what arrived kept, and cut says so."""
-
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
-        self.cut = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            while data := await self._request.content.read(_CHUNK):
-                yield data
-        except (OSError, HttpProcessingError):
-            self.cut = True

@@ -16,9 +16,10 @@ import pytest
 import yarl
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
-from mediavault import logs
-from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, single_chunk
+from mediavault import logs, metrics
+from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, SignedRequest, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app, expecting
 from mediavault.blobs.signing import UrlSigner, signed_owner
@@ -105,11 +106,9 @@ async def test_a_failing_stream_leaves_neither_object_nor_temp_file(store):
     assert not any(Path(store.new_temp_file()).parent.iterdir())
 
 
-async def test_a_put_cut_mid_body_leaves_neither_object_nor_temp_file_and_the_url_still_works(store):
-    body = bytes(range(256)) * 40_000
-    signed = await store.presign_put(
-        "originals/ab/cut", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
-    )
+async def cut_put(store: FsBlobStore, signed: SignedRequest, body: bytes) -> None:
+    """Sends the signed PUT's head and half its body, closes the connection once the listener is
+    writing the body, and waits until the listener has removed its temp file."""
     url = urllib.parse.urlsplit(signed.url)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     headers = {"Content-Length": str(len(body)), **signed.headers}
@@ -127,9 +126,66 @@ async def test_a_put_cut_mid_body_leaves_neither_object_nor_temp_file_and_the_ur
     while any(temp_dir.iterdir()):
         assert time.monotonic() < deadline, "the cut PUT's temp file was never removed"
         await asyncio.sleep(0.01)
+
+
+async def test_a_put_cut_mid_body_leaves_neither_object_nor_temp_file_and_the_url_still_works(store):
+    body = bytes(range(256)) * 40_000
+    signed = await store.presign_put(
+        "originals/ab/cut", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
+    )
+    await cut_put(store, signed, body)
     assert not store.path("originals/ab/cut").exists()
     assert (await send("PUT", signed.url, body, signed.headers))[0] == 200
     assert store.path("originals/ab/cut").read_bytes() == body
+
+
+async def blob_puts_counted(metrics_port: int) -> dict[str, float]:
+    """The /metrics endpoint's mediavault_http_requests_total of signed PUTs, by status."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+        text = await response.text()
+    return {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mediavault_http_requests_total"
+        and sample.labels["route"] == "/blobs/{key}"
+        and sample.labels["method"] == "PUT"
+    }
+
+
+async def test_a_client_lost_mid_put_is_no_server_error(store):
+    """A client that leaves mid-body (a phone losing signal) was a server error: the read's
+    ConnectionResetError escaped the handler, logged "http request failed" at error and counted
+    500. It is a body shorter than signed, as a tus creation cut off is: 400, nothing logged."""
+    body = bytes(range(256)) * 40_000
+    signed = await store.presign_put(
+        "originals/ab/lost", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
+    )
+    endpoint = metrics.MetricsEndpoint("127.0.0.1:0")
+    lines: list[logging.LogRecord] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record)
+
+    handler = Lines(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        before = await blob_puts_counted(endpoint.port)
+        await cut_put(store, signed, body)
+        counted: dict[str, float] = {}
+        async with asyncio.timeout(10):
+            while not counted:
+                after = await blob_puts_counted(endpoint.port)
+                counted = {
+                    status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)
+                }
+    finally:
+        logging.getLogger().removeHandler(handler)
+        endpoint.close()
+    assert counted == {"400": 1.0}
+    assert [(record.name, record.getMessage()) for record in lines] == []
+    assert not store.path("originals/ab/lost").exists()
 
 
 async def test_a_put_records_the_sha256_of_its_body_with_the_object(store):

@@ -5,7 +5,8 @@ PUT needs the signed Content-Length and Content-Type, streams the body to a temp
 cuts off anything past the signed length and publishes the object only when complete,
 and only once (a second PUT to the same key is 412, as S3's If-None-Match: *). A body that stops
 coming is held to the tus PATCH's rule (pacing.making_progress): refused (400), nothing stored, so
-that it holds neither its connection nor a temp file for as long as the client keeps it. It hashes
+that it holds neither its connection nor a temp file for as long as the client keeps it; one cut
+off (the client gone) is refused as short (400), nothing stored, as a tus creation cut off is. It hashes
 the body as it arrives: a body that differs from a signed SHA-256 is refused (400 BadDigest,
 as S3 refuses one that differs from a signed x-amz-checksum-sha256), and the digest is recorded
 with the object, so FinalizeUpload does not read the object again. Like S3's, its 200 means the
@@ -23,6 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import _default_expect_handler
 
@@ -237,7 +239,7 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         writer = FileWriter(fd, digest)
         try:
-            async for chunk in making_progress(_body(request), request.app[_IDLE_SECONDS]):
+            async for chunk in making_progress(Body(request).chunks(), request.app[_IDLE_SECONDS]):
                 received += len(chunk)
                 if received > signed_length:
                     return _error(400, "EntityTooLarge", "body exceeds the signed length")
@@ -259,9 +261,21 @@ async def _put_object(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200)
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    while chunk := await request.content.read(_CHUNK):
-        yield chunk
+class Body:
+    """A request's body as chunks: a connection cut mid-body (the client gone, a phone losing signal)
+    just ends them, what arrived kept, and cut says so; its handler answers it as a body that stops
+    short, never as a server error."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.cut = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while data := await self._request.content.read(_CHUNK):
+                yield data
+        except (OSError, HttpProcessingError):
+            self.cut = True
 
 
 async def _get_object(request: web.Request) -> web.StreamResponse:
