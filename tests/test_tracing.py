@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import secrets
+import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -30,7 +32,7 @@ from PIL import Image
 from mediavault import jobs, logs, tracing
 from mediavault.blobs import open_blob_store
 from mediavault.blobs.fs import FsBlobStore
-from mediavault.blobs.http import create_app
+from mediavault.blobs.http import Body, answer_expectation, create_app, expecting
 from mediavault.blobs.signing import UrlSigner
 from mediavault.db import create_pool
 from mediavault.media.v1 import media_pb2 as mpb
@@ -425,3 +427,55 @@ async def test_signed_blob_requests_and_a_failure_are_spans_and_the_failures_log
     for url in (signed.url, get_url):
         signature = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["X-Signature"][0]
         assert not signature_in_any_span(spans, signature)
+
+
+async def test_the_span_of_a_request_whose_client_leaves_after_100_continue_ends(otlp_receiver: Receiver, unused_tcp_port):
+    """aiohttp waits for the 100 Continue to be sent between the expect handler and the request's
+    handler, before any middleware: that wait failing (the client gone while the connection's writes
+    were paused) skipped the handler, so the request's span never ended (and aiohttp logged "Error
+    handling request" and counted a 500). The client gone is now the handler's, its body cut off."""
+
+    async def held_back(request: web.Request) -> web.StreamResponse | None:
+        continued = await answer_expectation(request, None)
+        # As asyncio pauses a connection's writes while its send buffer is over the high-water mark
+        # (a client that stopped reading): the 100 Continue is still being sent when the client goes.
+        request.protocol.pause_writing()
+        return continued
+
+    async def receive(request: web.Request) -> web.StreamResponse:
+        body = Body(request)
+        received = sum([len(chunk) async for chunk in body.chunks()])
+        return web.Response(status=400 if body.cut else 200, text=str(received))
+
+    lines: list[logging.LogRecord] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record)
+
+    line_handler = Lines(logging.WARNING)
+    logging.getLogger().addHandler(line_handler)
+    assert tracing.start("mediavault-test")
+    app = create_app(None, idle_seconds=60)
+    app.router.add_put("/held", receive, expect_handler=expecting(held_back))
+    runner = web.AppRunner(app)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
+        writer.write(b"PUT /held HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await response_head(reader))[0] == 100
+        # Gone as a lost link goes: a reset, not an orderly close.
+        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await asyncio.sleep(0.5)
+    finally:
+        logging.getLogger().removeHandler(line_handler)
+        await runner.cleanup()
+        await tracing.stop()
+    held = [s for s in (span for _, span in otlp_receiver.spans) if s.name == "PUT /held"]
+    assert [(attribute(s, "http.response.status_code"), attribute(s, "error.type"), s.status.code) for s in held] == [
+        (None, tracing.CLIENT_DISCONNECTED, trace_pb2.Status.STATUS_CODE_ERROR)
+    ]
+    assert [(record.name, record.getMessage()) for record in lines] == []

@@ -105,7 +105,8 @@ def _serving(request: web.Request) -> Iterator[None]:
 async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue: bool) -> web.StreamResponse | None:
     """handler(request)'s answer, under the request's id and in its span, which ends with the
     answer, or with the handler when it fails or is cancelled (the server's shutdown); when
-    may_continue, a None answer (Expect: 100-continue) leaves the span to the request's handler.
+    may_continue, a None answer (Expect: 100-continue) leaves the span to the request's handler,
+    once its 100 Continue is sent (_continue_sent).
 
     A failure that is no answer (anything but an HTTPException) is logged here, under the
     request's id, and answered 500: left to aiohttp, it was logged outside the request's context."""
@@ -120,6 +121,8 @@ async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue
         with _serving(request):
             try:
                 answer = await handler(request)
+                if may_continue and answer is None:
+                    await _continue_sent(request)
             except web.HTTPException as refusal:  # aiohttp's own answers (404, 405) are raised
                 answer = refusal
                 raise
@@ -138,6 +141,16 @@ async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue
             else:
                 span.end(answer.status if answer is not None else None, failure)
     return answer
+
+
+async def _continue_sent(request: web.Request) -> None:
+    """Waits for the 100 Continue to be sent, as aiohttp does next between the expect handler and the
+    request's handler, before any middleware: there, the wait failing (the client gone while its
+    connection's writes were paused) skipped the handler, and the span's end with it, and was
+    aiohttp's "Error handling request" and a 500. Here a client gone is left to the handler, whose
+    body ends at once as a cut one does, and aiohttp's own wait then passes, the connection closed."""
+    with contextlib.suppress(ConnectionError):
+        await request.writer.drain()
 
 
 def _failed(request: web.Request, error: Exception) -> web.Response:
