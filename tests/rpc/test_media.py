@@ -444,6 +444,34 @@ async def test_save_makes_ephemeral_media_permanent(storage, media, auth, user_i
     assert not saved.HasField("expires_at")
 
 
+def feed_cache_lookups() -> tuple[float, float]:
+    """The feed page cache's hits and misses so far."""
+    return tuple(REGISTRY.get_sample_value("mediavault_feed_cache_total", {"result": result}) or 0.0 for result in ("hit", "miss"))
+
+
+async def test_saving_media_that_is_saved_already_keeps_the_cached_feed(storage, media, auth, user_id, worker):
+    """SaveMedia bumped the owner's feed version, dropping every cached page, even when it changed
+    nothing (the media permanent already); only a save that changes a row bumps it now."""
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(2550), retention=pb.RETENTION_EPHEMERAL)
+    # The session's worker processes it; its status changes would change the feed mid-test.
+    await settled(media, md, done.media_id)
+    save = mpb.SaveMediaRequest(media_id=done.media_id)
+
+    async def lookups_of_a_feed_read() -> tuple[float, float]:
+        before = feed_cache_lookups()
+        await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+        return tuple(after - earlier for after, earlier in zip(feed_cache_lookups(), before, strict=True))
+
+    await media.ListFeed(mpb.ListFeedRequest(), metadata=md)
+    assert await lookups_of_a_feed_read() == (1, 0)
+    await media.SaveMedia(save, metadata=md)
+    assert await lookups_of_a_feed_read() == (0, 1), "a save that makes the media permanent changes the feed"
+    assert await lookups_of_a_feed_read() == (1, 0)
+    assert (await media.SaveMedia(save, metadata=md)).media.retention == pb.RETENTION_PERMANENT
+    assert await lookups_of_a_feed_read() == (1, 0), "a save that changes nothing leaves the cached page"
+
+
 async def test_ephemeral_media_past_its_expiry_is_gone_before_the_expiry_job_removes_it(storage, media, auth, user_id, pool, worker):
     md = auth(user_id)
     expired = await upload(storage, md, fake_jpeg(2600), retention=pb.RETENTION_EPHEMERAL)

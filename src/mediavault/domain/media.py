@@ -115,9 +115,11 @@ WITH deleted AS (
 SELECT * FROM deleted
 """
 
+# No row when nothing changed: the media is permanent already, or expired meanwhile.
 _SAVE = f"""
 UPDATE media m SET retention = 'permanent', saved_at = coalesce(saved_at, now()), expires_at = NULL, updated_at = now()
 WHERE m.media_id = $1 AND {PRESENT} AND m.retention = 'ephemeral'
+RETURNING m.owner_id
 """
 
 _REPROCESS = """
@@ -609,9 +611,11 @@ class Library:
 
     async def save(self, principal: Principal, media_id: uuid.UUID) -> Shown:
         """An ephemeral item becomes permanent; saving a permanent one changes nothing."""
-        media = await self._visible(principal, media_id, read_roles=())
-        await self._pool.execute(_SAVE, media_id)
-        await self._feed.changed(media.owner_id)
+        await self._visible(principal, media_id, read_roles=())
+        owner = await self._pool.fetchval(_SAVE, media_id)
+        # Only a save that changed the row changes the feed: a bump drops every cached page of the owner's.
+        if owner is not None:
+            await self._feed.changed(owner)
         return await self.get(principal, media_id)
 
     async def reprocess(self, principal: Principal, media_id: uuid.UUID) -> Shown:
