@@ -341,6 +341,28 @@ async def test_stuck_media_is_re_enqueued_or_failed(ctx, storage, media, auth, u
     assert failed.processing_error == "processing did not finish"
 
 
+async def test_an_expired_render_not_yet_removed_is_neither_claimed_nor_requeued(ctx, storage, media, auth, user_id, pool, worker):
+    """Expired media is gone (media.PRESENT) before the expiry job removes it, up to one run later:
+    the transcode claim and the stuck-media sweep read deleted_at alone, so a worker claimed, and
+    the sweep re-queued, its render, a video's for minutes, for media no one can see any more."""
+    md = auth(user_id)
+    done = await upload(storage, md, fake_jpeg(1240), retention=pb.RETENTION_EPHEMERAL)
+    await settled(media, md, done.media_id)
+    media_id = uuid.UUID(done.media_id)
+    # A render left PENDING (a reprocess, a retry), its media expired and not removed yet.
+    await pool.execute(
+        "UPDATE media SET processing_status = 'pending', attempts = 1, expires_at = now() - interval '1 minute', "
+        "updated_at = now() - interval '2 hours' WHERE media_id = $1", media_id)
+    state = "SELECT processing_status, attempts, requeues, updated_at, deleted_at FROM media WHERE media_id = $1"
+    before = tuple(await pool.fetchrow(state, media_id))
+
+    assert await ctx["library"].claim(media_id, 0) is None
+    assert tuple(await pool.fetchrow(state, media_id)) == before
+    report = await run_job(ctx, "fail_stuck_processing")
+    assert report.errors == 0
+    assert tuple(await pool.fetchrow(state, media_id)) == before, "not re-queued; the expiry job removes it"
+
+
 async def stuck_before_its_claim(storage, media, md, pool) -> str:
     """A processed media put back as a database outage at the claim leaves one: PENDING, no
     attempt counted, no variants, and the job that should have run it finished (arq keeps
@@ -513,7 +535,9 @@ async def test_audit_totals_accounts_whose_quotas_add_up_past_bigint(ctx, pool, 
 async def test_dry_run_changes_nothing(ctx, pool, user_id, name):
     blobs = ctx["blobs"]
     expired = await seed_media(pool, blobs, user_id, 5, retention="ephemeral", expired=True)
-    await pool.execute("UPDATE media SET processing_status = 'processing', updated_at = now() - interval '2 hours' WHERE media_id = $1", expired[0])
+    # Present: the stuck-media sweep leaves expired media's runs to the expiry job.
+    (stuck,) = await seed_media(pool, blobs, user_id, 1, retention="permanent", expired=False)
+    await pool.execute("UPDATE media SET processing_status = 'processing', updated_at = now() - interval '2 hours' WHERE media_id = $1", stuck)
     await soft_delete(pool, [expired[1]], -3600)
     before = await snapshot(pool)
     report = await run_job(ctx, name, dry_run=True)

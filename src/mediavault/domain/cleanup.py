@@ -165,13 +165,15 @@ UPDATE media SET purge_claimed_until = now() + make_interval(secs => $2)
 WHERE media_id = ANY($1::uuid[]) AND purged_at IS NULL
 """
 
-_STUCK = """
+# Present media only (PRESENT), as the claim (media._CLAIM) would not take the run re-queued for
+# expired media; the expiry job removes that media on its next run.
+_STUCK = f"""
 WITH stuck AS (
-    SELECT media_id FROM media
-    WHERE processing_status IN ('pending', 'processing') AND deleted_at IS NULL
-      AND updated_at < now() - make_interval(secs => $2)
-      AND (next_attempt_at IS NULL OR next_attempt_at < now())
-    ORDER BY updated_at
+    SELECT m.media_id FROM media m
+    WHERE m.processing_status IN ('pending', 'processing') AND {PRESENT}
+      AND m.updated_at < now() - make_interval(secs => $2)
+      AND (m.next_attempt_at IS NULL OR m.next_attempt_at < now())
+    ORDER BY m.updated_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )

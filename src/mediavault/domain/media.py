@@ -130,12 +130,14 @@ WHERE media_id = $1 AND deleted_at IS NULL AND processing_status IN ('complete',
 RETURNING variants_version
 """
 
-_CLAIM = """
-UPDATE media SET processing_status = 'processing', attempts = attempts + 1, processing_started_at = now(),
-                 next_attempt_at = NULL, processing_progress = NULL, updated_at = now()
-WHERE media_id = $1 AND variants_version = $2 AND deleted_at IS NULL
-  AND processing_status IN ('pending', 'processing')
-RETURNING media_id, owner_id, kind, content_type, object_key, attempts
+# Present media only (PRESENT): a render of expired media is for no one, and the expiry job
+# removes that media on its next run.
+_CLAIM = f"""
+UPDATE media m SET processing_status = 'processing', attempts = m.attempts + 1, processing_started_at = now(),
+                   next_attempt_at = NULL, processing_progress = NULL, updated_at = now()
+WHERE m.media_id = $1 AND m.variants_version = $2 AND {PRESENT}
+  AND m.processing_status IN ('pending', 'processing')
+RETURNING m.media_id, m.owner_id, m.kind, m.content_type, m.object_key, m.attempts
 """
 
 _STORE_VARIANT = """
