@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 # Every session's, the migrations' included (db/migrate.py), rather than the database's
 # defaults: SQL that puts a timestamp through text (a partition bound of usage_events) reads
 # it back in the zone it was written in only under ISO, and days are UTC days.
+SESSION_SETTINGS = {"timezone": "UTC", "datestyle": "ISO, YMD"}
+
 # How a statement fails, whatever the cause: PostgreSQL refusing it, or the connection to it
 # refused, cut or timing out; for the callers that answer every such failure alike.
 DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-SESSION_SETTINGS = {"timezone": "UTC", "datestyle": "ISO, YMD"}
 
 # Past it, close_pool cuts the connections (asyncpg terminates a pool whose close is cancelled).
 CLOSE_SECONDS = 2.0
