@@ -16,6 +16,7 @@ import aiohttp
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from mediavault.media.v1 import media_pb2 as mpb
@@ -32,6 +33,18 @@ def fake_jpeg(size: int, fill: bytes = b"\x5a") -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+async def http_answers_counted(metrics_port: int, route: str, method: str) -> dict[str, float]:
+    """The /metrics endpoint's mediavault_http_requests_total of the listener's route and method, by status."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+        text = await response.text()
+    return {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mediavault_http_requests_total" and sample.labels["route"] == route and sample.labels["method"] == method
+    }
 
 
 async def put(url: str, headers: dict[str, str], body: bytes) -> int:

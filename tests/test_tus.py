@@ -13,6 +13,8 @@ import ipaddress
 import json
 import logging
 import random
+import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +35,7 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import bad_request, error_info, fake_jpeg, rich_status, sha256_hex
+from tests.helpers import bad_request, error_info, fake_jpeg, http_answers_counted, rich_status, sha256_hex
 from tests.s3server import MotoServer, moto_server
 from tests.test_ratelimit import limit
 
@@ -1424,6 +1426,58 @@ async def test_a_creation_that_will_be_refused_is_answered_before_its_body_is_se
         assert (status, answered["Upload-Offset"]) == (201, str(len(data)))
         assert await pool.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", user_id) == 1
         assert (await summary(storage, auth(user_id))).reserved_bytes == len(data)
+
+
+async def test_a_creation_whose_client_leaves_before_100_continue_is_released_unlogged_and_not_a_500(
+    make_settings, pool, auth, user_id, authenticator
+):
+    """A creation asking Expect: 100-continue is made before its 100 Continue: a client gone by then
+    (its connection closed, or reset as a lost link is) never learns the upload's Location, so the
+    upload is released, as a creation whose body is cut off is, and answered as one (400). Writing
+    the 100 Continue to the closed connection failed: the upload stayed reserved until it expired,
+    and the request was logged "http request failed" at error and counted a 500."""
+    lines: list[logging.LogRecord] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record)
+
+    handler = Lines(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    data = fake_jpeg(100_000)
+    header_lines = "".join(f"{name}: {value}\r\n" for name, value in creation_headers(authenticator, user_id, len(data)).items())
+    request_head = f"POST /tus/ HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n{header_lines}Content-Length: {len(data)}\r\n\r\n"
+    states = "SELECT state, failure_reason FROM uploads WHERE user_id = $1"
+    try:
+        async with (
+            running(make_settings(metrics_addr="127.0.0.1:0")) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        ):
+            assert server.metrics is not None
+            before = await http_answers_counted(server.metrics.port, "/tus/", "POST")
+            for leaving in ("close", "reset"):
+                _, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+                writer.write(request_head.encode())
+                await writer.drain()
+                if leaving == "reset":
+                    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                else:
+                    writer.close()
+            counted: dict[str, float] = {}
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while sum(counted.values()) < 2:
+                        await asyncio.sleep(0.05)
+                        after = await http_answers_counted(server.metrics.port, "/tus/", "POST")
+                        counted = {status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)}
+            assert counted == {"400": 2.0}
+            assert [tuple(row) for row in await pool.fetch(states, user_id)] == [("failed", "CLIENT_FAILED")] * 2
+            after_summary = await summary(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id))
+            assert (after_summary.used_bytes, after_summary.reserved_bytes, after_summary.pending_uploads) == (0, 0, 0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [(record.name, record.getMessage()) for record in lines] == []
 
 
 async def test_a_creation_that_asks_first_spends_the_begin_upload_budget_once(make_settings, pool, http, user_id, authenticator):

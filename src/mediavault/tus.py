@@ -380,7 +380,9 @@ class TusEndpoints:
         """A creation that asks before sending its body (Expect: 100-continue) is made before 100
         Continue, so that one the creation refuses (its headers, its rate limit, the owner's quota)
         is answered that refusal before a byte of its body is sent; the POST then goes on with the
-        upload made, having spent the BeginUpload budget once."""
+        upload made, having spent the BeginUpload budget once. A client gone before its 100 Continue
+        is left to the POST (answer_expectation), whose body is then cut off: the upload is released
+        (_store_first_chunk) rather than left reserved, its Location never told."""
         refusal = None
         if _method(request) == "POST" and request.headers.get("Expect", "").lower() == "100-continue":
             refusal = await self._handle(request, self._create_before_body)

@@ -16,13 +16,13 @@ import pytest
 import yarl
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client.parser import text_string_to_metric_families
 
 from mediavault import logs, metrics
 from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, SignedRequest, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app, expecting
 from mediavault.blobs.signing import UrlSigner, signed_owner
+from tests.helpers import http_answers_counted
 
 
 @pytest.fixture
@@ -139,20 +139,6 @@ async def test_a_put_cut_mid_body_leaves_neither_object_nor_temp_file_and_the_ur
     assert store.path("originals/ab/cut").read_bytes() == body
 
 
-async def blob_puts_counted(metrics_port: int) -> dict[str, float]:
-    """The /metrics endpoint's mediavault_http_requests_total of signed PUTs, by status."""
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
-        text = await response.text()
-    return {
-        sample.labels["status"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "mediavault_http_requests_total"
-        and sample.labels["route"] == "/blobs/{key}"
-        and sample.labels["method"] == "PUT"
-    }
-
-
 async def test_a_client_lost_mid_put_is_no_server_error(store):
     """A client that leaves mid-body (a phone losing signal) was a server error: the read's
     ConnectionResetError escaped the handler, logged "http request failed" at error and counted
@@ -171,12 +157,12 @@ async def test_a_client_lost_mid_put_is_no_server_error(store):
     handler = Lines(logging.WARNING)
     logging.getLogger().addHandler(handler)
     try:
-        before = await blob_puts_counted(endpoint.port)
+        before = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
         await cut_put(store, signed, body)
         counted: dict[str, float] = {}
         async with asyncio.timeout(10):
             while not counted:
-                after = await blob_puts_counted(endpoint.port)
+                after = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
                 counted = {
                     status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)
                 }

@@ -221,9 +221,15 @@ async def answer_expectation(request: web.Request, refusal: web.StreamResponse |
     """The answer to a request that asks before sending its body (Expect: 100-continue): its
     refusal when it has one, so that the client does not send a body only to have it refused, or
     else 100 Continue, as aiohttp answers it. A refusal ends the connection (Connection: close):
-    on a kept one, the client's next request would be read as the body it held back."""
+    on a kept one, the client's next request would be read as the body it held back.
+
+    A client gone before its 100 Continue is left to the request's handler, as one gone while it is
+    sent is (_continue_sent): its body ends at once as a cut one does, and the handler undoes what
+    the expect handler did for it (a tus creation is released). Raised, writing to the closed
+    connection was "http request failed" logged at error and a 500, and the handler never ran."""
     if refusal is None:
-        await _default_expect_handler(request)
+        with contextlib.suppress(ConnectionError):
+            await _default_expect_handler(request)
     else:
         refusal.force_close()
     return refusal
