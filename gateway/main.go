@@ -104,7 +104,7 @@ func main() {
 	// headAsGet first: the others read the method the mux will route.
 	feed := routes.of(listFeedRPC)
 	handler := headAsGet(routes, limitBody(mux, validMetadata(mux, decodableURL(mux,
-		acceptedFormats(append(routes.of(getMediaRPC), feed...), ifNoneMatch(feed, mux))))))
+		acceptedFormats(append(routes.of(getMediaRPC), feed...), ifNoneMatch(feed, routedAsSent(mux, routes)))))))
 	server := &http.Server{
 		Addr:              listen,
 		Handler:           handler,
@@ -365,10 +365,10 @@ func reject(mux *runtime.ServeMux, w http.ResponseWriter, r *http.Request, err e
 	runtime.HTTPError(r.Context(), mux, outbound, w, r, err)
 }
 
-// routingError is what runtime.OtherErrorHandler answers, in the JSON shape of every other error
-// rather than grpc-gateway's plain text: a path no route matches (404 NOT_FOUND), a method the
-// path's routes do not take (405 METHOD_NOT_ALLOWED, with the Allow header RFC 9110 15.5.6
-// requires), a path the mux cannot read (400).
+// routingError is what runtime.OtherErrorHandler and routedAsSent answer, in the JSON shape of
+// every other error rather than grpc-gateway's plain text: a path no route matches (404
+// NOT_FOUND), a method the path's routes do not take (405 METHOD_NOT_ALLOWED, with the Allow
+// header RFC 9110 15.5.6 requires), a path the mux cannot read (400).
 func routingError(mux *runtime.ServeMux, routes routes, w http.ResponseWriter, r *http.Request, httpStatus int) {
 	switch httpStatus {
 	case http.StatusNotFound:
@@ -522,6 +522,22 @@ func headAsGet(routes routes, next http.Handler) http.Handler {
 			}
 		}
 		next.ServeHTTP(w, r)
+	})
+}
+
+// routedAsSent has the mux route a request by the method it was sent with, which every handler
+// before it read, and answers 405 to a method the path's routes do not take: grpc-gateway v1
+// serves a POST with a form body (application/x-www-form-urlencoded) as the method its
+// X-HTTP-Method-Override names, and on a path without a POST route as another method's route,
+// the first its map of methods gives (GetMedia or DeleteMedia, at random, on /v1/media/{id}).
+func routedAsSent(mux *runtime.ServeMux, routes routes) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Header.Del("X-HTTP-Method-Override")
+		if !routes.takes(r.Method, r.URL.Path) && len(routes.allowed(r.URL.Path)) > 0 {
+			routingError(mux, routes, w, r, http.StatusMethodNotAllowed)
+			return
+		}
+		mux.ServeHTTP(w, r)
 	})
 }
 

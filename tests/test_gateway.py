@@ -204,6 +204,10 @@ async def test_mobile_flow_upload_process_feed_delete(gateway, http, bearer, use
     assert changed["etag"] != feed["etag"]
 
 
+# A body grpc-gateway v1 reads as a form: its POST fell back to the path's other routes.
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
 def thumbnail_of(media: dict) -> dict:
     return next(v for v in media["variants"] if v["name"] == "thumbnail")
 
@@ -726,9 +730,40 @@ async def test_every_annotated_route_answers_head_and_405_with_the_methods_its_p
                 assert (head.status, head.headers.get("Allow")) == (got.status, None), path
             else:
                 assert (head.status, head.headers.get("Allow")) == (405, allow), path
+            if "POST" not in methods:
+                async with http.post(f"{url}{path}", data="a=1", headers={**FORM, "X-HTTP-Method-Override": "GET"}) as response:
+                    assert (response.status, response.headers.get("Allow")) == (405, allow), path
             # The verb is part of the route: another one is no route at all.
             async with http.request(refused, f"{url}{path.split(':')[0]}:nothing") as response:
                 assert (response.status, response.headers.get("Allow")) == (404, None), path
+
+
+async def test_a_form_post_is_refused_where_no_post_route_is_whatever_method_it_names(gateway, http, bearer, user_id):
+    """grpc-gateway v1 served a POST with a form body on a path without a POST route as another of
+    the path's routes (one at random: GetMedia or DeleteMedia on /v1/media/{id}), and a form POST
+    as the method its X-HTTP-Method-Override named: past the gateway's own handling of the method
+    it read, so a user's feed came without Cache-Control: private, and a POST deleted media."""
+    md = bearer(user_id)
+    item, _ = await processed(http, gateway, md, small_jpeg())
+    media = f"/v1/media/{item['media']['media_id']}"
+    for path, allow in (("/v1/feed", "GET, HEAD"), (media, "DELETE, GET, HEAD"), ("/v1/storage/summary", "GET, HEAD")):
+        for override in ({}, {"X-HTTP-Method-Override": "GET"}, {"X-HTTP-Method-Override": "DELETE"}):
+            # Several times: the mux picked among the path's routes in Go's map order, at random.
+            for _ in range(4):
+                async with http.post(f"{gateway}{path}", data="page_size=1", headers={**md, **FORM, **override}) as response:
+                    assert (response.status, response.headers.get("Allow")) == (405, allow), (path, override)
+                    refused = await response.json()
+                assert (refused["code"], reason(refused)) == (12, "METHOD_NOT_ALLOWED"), (path, override)
+    status, kept, headers = await call(http, "GET", f"{gateway}{media}", md)
+    assert (status, kept["media"]["media_id"]) == (200, item["media"]["media_id"])
+    assert headers["Cache-Control"] == "private"
+    # Where a POST route is, a form POST is that route's, whatever its X-HTTP-Method-Override
+    # names: grpc-gateway's JSON decoding refuses its body.
+    async with http.post(f"{gateway}{media}:reprocess", data="a=1", headers={**md, **FORM, "X-HTTP-Method-Override": "DELETE"}) as response:
+        assert response.status == 400
+        assert reason(await response.json()) == "INVALID_ARGUMENT"
+    status, kept, _ = await call(http, "GET", f"{gateway}{media}", md)
+    assert status == 200, kept
 
 
 async def test_weak_listed_and_wildcard_etags_are_304(gateway, http, bearer, user_id):
