@@ -14,7 +14,8 @@ RUN python -m venv /venv \
  && /venv/bin/pip install --no-cache-dir --constraint requirements.lock .
 
 FROM python:3.11-slim-bookworm
-# ffmpeg (with ffprobe) makes the video renditions: the worker runs it as a subprocess.
+# ffmpeg (with ffprobe) makes the video renditions: the worker runs it as a subprocess, exec'd through
+# util-linux's setpriv (dies with the worker) and prlimit (memory cap), Essential in Debian and so here.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libjpeg62-turbo libturbojpeg0 libwebp7 libwebpmux3 libwebpdemux2 liblcms2-2 ffmpeg \
  && rm -rf /var/lib/apt/lists/* \

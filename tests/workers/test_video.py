@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +31,7 @@ from tests import videos as make
 from tests.conftest import CORPUS, running, running_worker
 from tests.faults import proxied
 from tests.helpers import fetch, retry_scheduled, settled, upload
-from tests.workers.test_transcode import children_of, is_alive
+from tests.workers.test_transcode import children_of, is_alive, start_worker
 from workers.video import limits as video_limits
 
 
@@ -163,6 +165,49 @@ async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_trans
         hex_id = done.media_id.replace("-", "")
         assert not list((Path(settings.blob_dir) / "variants" / hex_id[:2] / hex_id).rglob("*.*"))
         assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
+
+
+async def test_a_worker_killed_mid_transcode_leaves_no_ffmpeg_nor_pool_process(make_settings, auth, user_id, pool, clips):
+    # Five minutes of the corpus's clip, looped: ffmpeg is still on it when the worker is killed.
+    source = clips / "looped.mp4"
+    make.ffmpeg("-stream_loop", "-1", "-i", str(CORPUS / "video/realshort.mp4"), "-t", "300", "-map", "0:v", "-c", "copy",
+                str(source))
+    settings = make_settings(queue_name=f"video-kill:{user_id}")
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        done = await upload(storage, auth(user_id), source.read_bytes(), filename="looped.mp4", content_type="video/mp4")
+        worker = start_worker(settings, MEDIAVAULT_VIDEO_FFMPEG_THREADS="1")
+        try:
+            deadline = time.monotonic() + 60
+            while "ffmpeg" not in (started := _descendants(worker.pid)).values():
+                assert time.monotonic() < deadline, "the worker never started ffmpeg"
+                await asyncio.sleep(0.02)
+            worker.send_signal(signal.SIGKILL)
+        finally:
+            worker.wait()
+        assert await pool.fetchval("SELECT processing_status FROM media WHERE media_id = $1::uuid", done.media_id) == "processing"
+    # ffmpeg, the pools' processes and multiprocessing's resource tracker: a transcode left running
+    # would keep a core busy for up to its time limit, beside the replacement worker's run of it.
+    deadline = time.monotonic() + 5
+    try:
+        while survivors := {pid: name for pid, name in started.items() if is_alive(pid)}:
+            assert time.monotonic() < deadline, f"outlived the killed worker: {survivors}"
+            await asyncio.sleep(0.05)
+    finally:
+        # Not left to run on after a failure.
+        for pid in filter(is_alive, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process below pid, by its command's name."""
+    found = {}
+    for child in children_of(pid):
+        with contextlib.suppress(OSError):
+            found[child] = Path(f"/proc/{child}/comm").read_text().strip()
+        found.update(_descendants(child))
+    return found
 
 
 # What asyncpg sends to end a transaction: a simple Query message.

@@ -803,8 +803,16 @@ async def _bounded(args: list[str], *, stdout: int, stderr: int) -> AsyncIterato
     exit from the block, a cancelled or timed-out one's included. Its own session, so that a kill
     reaches nothing else, and so that a signal to the worker's process group (a Ctrl-C in its
     terminal, which the worker answers with a drain that cancels its jobs to be retried) does not
-    reach it: it died of it, and its source was refused as corrupt."""
-    process = await asyncio.create_subprocess_exec(*args, stdout=stdout, stderr=stderr, start_new_session=True)
+    reach it: it died of it, and its source was refused as corrupt.
+
+    A worker killed outright (SIGKILL, the OOM killer) runs no block's exit: the tool gets the
+    kernel's parent-death signal instead, set by setpriv(1) before it execs the rest, since a
+    preexec_fn is Python code between fork and exec (see _ffmpeg). The kernel sends it when the
+    thread that started the tool exits, not the process: here the event loop's, which forks it
+    (asyncio's subprocess transport and uvloop's alike) and lasts as long as the worker."""
+    process = await asyncio.create_subprocess_exec(
+        "setpriv", "--pdeathsig", "KILL", "--", *args, stdout=stdout, stderr=stderr, start_new_session=True
+    )
     try:
         yield process
     finally:
