@@ -31,7 +31,7 @@ from aiohttp import web
 
 from mediavault.admission import Admission
 from mediavault.auth import Principal
-from mediavault.blobs.http import Body, answer_expectation, expecting
+from mediavault.blobs.http import Body, expecting
 from mediavault.blobs.signing import URL_EXPIRED, signed_owner
 from mediavault.config import Settings
 from mediavault.domain.uploads import BeginRequest, ChunkChecksum, Resumable, Uploads
@@ -381,12 +381,11 @@ class TusEndpoints:
         Continue, so that one the creation refuses (its headers, its rate limit, the owner's quota)
         is answered that refusal before a byte of its body is sent; the POST then goes on with the
         upload made, having spent the BeginUpload budget once. A client gone before its 100 Continue
-        is left to the POST (answer_expectation), whose body is then cut off: the upload is released
+        is left to the POST (blobs.http.expecting), whose body is then cut off: the upload is released
         (_store_first_chunk) rather than left reserved, its Location never told."""
-        refusal = None
         if _method(request) == "POST" and request.headers.get("Expect", "").lower() == "100-continue":
-            refusal = await self._handle(request, self._create_before_body)
-        return await answer_expectation(request, refusal)
+            return await self._handle(request, self._create_before_body)
+        return None
 
     async def _create_before_body(self, request: web.Request) -> None:
         request[_CREATION] = await self._create(request)
@@ -394,10 +393,9 @@ class TusEndpoints:
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """A PATCH that asks before sending its chunk (Expect: 100-continue) is answered what
         _patch_upload would refuse it before reading a byte, instead of 100 Continue."""
-        refusal = None
         if _method(request) == "PATCH":
-            refusal = await self._handle(request, self._check_patch)
-        return await answer_expectation(request, refusal)
+            return await self._handle(request, self._check_patch)
+        return None
 
     async def _check_patch(self, request: web.Request) -> None:
         # The check reads the upload: it spends the PATCH's budget, once, for the PATCH that follows.

@@ -105,8 +105,8 @@ def _serving(request: web.Request) -> Iterator[None]:
 async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue: bool) -> web.StreamResponse | None:
     """handler(request)'s answer, under the request's id and in its span, which ends with the
     answer, or with the handler when it fails or is cancelled (the server's shutdown); when
-    may_continue, a None answer (Expect: 100-continue) leaves the span to the request's handler,
-    once its 100 Continue is sent (_continue_sent).
+    may_continue, handler is an expect handler (expecting), whose answer is given before the body
+    (_answer_expectation), and a None answer leaves the span to the request's handler.
 
     A failure that is no answer (anything but an HTTPException) is logged here, under the
     request's id, and answered 500: left to aiohttp, it was logged outside the request's context."""
@@ -121,8 +121,8 @@ async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue
         with _serving(request):
             try:
                 answer = await handler(request)
-                if may_continue and answer is None:
-                    await _continue_sent(request)
+                if may_continue:
+                    await _answer_expectation(request, answer)
             except web.HTTPException as refusal:  # aiohttp's own answers (404, 405) are raised
                 answer = refusal
                 raise
@@ -143,13 +143,24 @@ async def _handled(request: web.Request, handler: ExpectHandler, *, may_continue
     return answer
 
 
-async def _continue_sent(request: web.Request) -> None:
-    """Waits for the 100 Continue to be sent, as aiohttp does next between the expect handler and the
-    request's handler, before any middleware: there, the wait failing (the client gone while its
-    connection's writes were paused) skipped the handler, and the span's end with it, and was
-    aiohttp's "Error handling request" and a 500. Here a client gone is left to the handler, whose
-    body ends at once as a cut one does, and aiohttp's own wait then passes, the connection closed."""
+async def _answer_expectation(request: web.Request, refusal: web.StreamResponse | None) -> None:
+    """Answers a request that asks before sending its body (Expect: 100-continue): its refusal,
+    when it has one, so that the client does not send a body only to have it refused, or else 100
+    Continue, as aiohttp answers it. A refusal ends the connection (Connection: close): on a kept
+    one, the client's next request would be read as the body it held back.
+
+    The 100 Continue is sent, and waited for, here rather than by aiohttp, which waits next between
+    the expect handler and the request's handler, before any middleware: a client gone meanwhile
+    (writing to its closed connection, or the wait failing while its writes were paused) raised
+    there, which skipped the handler, and the span's end with it, and was aiohttp's "Error handling
+    request" and a 500. Here a client gone is left to the request's handler: its body ends at once
+    as a cut one does, the handler undoes what the expect handler did for it (a tus creation is
+    released), and aiohttp's own wait then passes, the connection closed."""
+    if refusal is not None:
+        refusal.force_close()
+        return
     with contextlib.suppress(ConnectionError):
+        await _default_expect_handler(request)
         await request.writer.drain()
 
 
@@ -172,7 +183,8 @@ async def _served(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def expecting(expect_handler: ExpectHandler) -> ExpectHandler:
     """A route's expect handler (Expect: 100-continue), which runs before any middleware does,
-    as the request's handler does: it may do the request's work (a tus creation)."""
+    as the request's handler does: it may do the request's work (a tus creation). expect_handler
+    returns the request's refusal, or None to have its body sent (see _answer_expectation)."""
 
     async def handle(request: web.Request) -> web.StreamResponse | None:
         return await _handled(request, expect_handler, may_continue=True)
@@ -217,26 +229,8 @@ def _put_refusal(request: web.Request, store: FsBlobStore, key: str) -> web.Resp
     return None
 
 
-async def answer_expectation(request: web.Request, refusal: web.StreamResponse | None) -> web.StreamResponse | None:
-    """The answer to a request that asks before sending its body (Expect: 100-continue): its
-    refusal when it has one, so that the client does not send a body only to have it refused, or
-    else 100 Continue, as aiohttp answers it. A refusal ends the connection (Connection: close):
-    on a kept one, the client's next request would be read as the body it held back.
-
-    A client gone before its 100 Continue is left to the request's handler, as one gone while it is
-    sent is (_continue_sent): its body ends at once as a cut one does, and the handler undoes what
-    the expect handler did for it (a tus creation is released). Raised, writing to the closed
-    connection was "http request failed" logged at error and a 500, and the handler never ran."""
-    if refusal is None:
-        with contextlib.suppress(ConnectionError):
-            await _default_expect_handler(request)
-    else:
-        refusal.force_close()
-    return refusal
-
-
 async def _expect_put(request: web.Request) -> web.StreamResponse | None:
-    return await answer_expectation(request, _put_refusal(request, request.app[_STORE], request.match_info["key"]))
+    return _put_refusal(request, request.app[_STORE], request.match_info["key"])
 
 
 async def _put_object(request: web.Request) -> web.StreamResponse:
