@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from mediavault import logs
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.storage.v1 import storage_pb2 as pb
 from tests.conftest import JWT_SECRET
@@ -45,6 +48,24 @@ async def http_answers_counted(metrics_port: int, route: str, method: str) -> di
         for sample in family.samples
         if sample.name == "mediavault_http_requests_total" and sample.labels["route"] == route and sample.labels["method"] == method
     }
+
+
+@contextlib.contextmanager
+def logged_lines(level: int = logging.WARNING) -> Iterator[list[dict]]:
+    """The lines this process logs at `level` or above meanwhile, as logs.JsonFormatter writes them:
+    formatted as each is logged, in the context that gives it its request id and span."""
+    lines: list[dict] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(logs.JsonFormatter().format(record)))
+
+    handler = Lines(level)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 async def put(url: str, headers: dict[str, str], body: bytes) -> int:

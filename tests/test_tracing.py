@@ -39,7 +39,7 @@ from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 from tests.conftest import running, running_worker
-from tests.helpers import fake_jpeg, settled, upload
+from tests.helpers import fake_jpeg, logged_lines, settled, upload
 from tests.test_shutdown import free_port
 from tests.test_tus import PATCH_HEADERS, asked, begin_tus, patch, response_head
 
@@ -446,35 +446,27 @@ async def test_the_span_of_a_request_whose_client_leaves_after_100_continue_ends
         received = sum([len(chunk) async for chunk in body.chunks()])
         return web.Response(status=400 if body.cut else 200, text=str(received))
 
-    lines: list[logging.LogRecord] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record)
-
-    line_handler = Lines(logging.WARNING)
-    logging.getLogger().addHandler(line_handler)
     assert tracing.start("mediavault-test")
     app = create_app(None, idle_seconds=60)
     app.router.add_put("/held", receive, expect_handler=expecting(held_back))
     runner = web.AppRunner(app)
     try:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
-        writer.write(b"PUT /held HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
-        async with asyncio.timeout(10):
-            assert (await response_head(reader))[0] == 100
-        # Gone as a lost link goes: a reset, not an orderly close.
-        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-        await asyncio.sleep(0.5)
+        with logged_lines() as lines:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
+            writer.write(b"PUT /held HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            async with asyncio.timeout(10):
+                assert (await response_head(reader))[0] == 100
+            # Gone as a lost link goes: a reset, not an orderly close.
+            writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await asyncio.sleep(0.5)
     finally:
-        logging.getLogger().removeHandler(line_handler)
         await runner.cleanup()
         await tracing.stop()
     held = [s for s in (span for _, span in otlp_receiver.spans) if s.name == "PUT /held"]
     assert [(attribute(s, "http.response.status_code"), attribute(s, "error.type"), s.status.code) for s in held] == [
         (None, tracing.CLIENT_DISCONNECTED, trace_pb2.Status.STATUS_CODE_ERROR)
     ]
-    assert [(record.name, record.getMessage()) for record in lines] == []
+    assert [(line["logger"], line["msg"]) for line in lines] == []

@@ -10,8 +10,6 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
-import json
-import logging
 import random
 import socket
 import struct
@@ -27,7 +25,6 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from google.rpc import error_details_pb2
 from prometheus_client import REGISTRY
 
-from mediavault import logs
 from mediavault.blobs import single_chunk
 from mediavault.blobs.signing import UrlSigner
 from mediavault.domain.uploads import resumable
@@ -35,7 +32,7 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import bad_request, error_info, fake_jpeg, http_answers_counted, rich_status, sha256_hex
+from tests.helpers import bad_request, error_info, fake_jpeg, http_answers_counted, logged_lines, rich_status, sha256_hex
 from tests.s3server import MotoServer, moto_server
 from tests.test_ratelimit import limit
 
@@ -1291,19 +1288,11 @@ async def test_every_answer_of_the_listener_carries_its_request_id(tus_server, s
 
 
 async def test_a_log_line_written_while_a_tus_request_is_served_carries_its_request_id(make_settings, pool, auth, user_id):
-    lines: list[dict] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(json.loads(logs.JsonFormatter().format(record)))
-
-    handler = Lines(logging.WARNING)
-    logging.getLogger().addHandler(handler)
     # A request refused by its owner's rate limit freezes the account, and says so, while it is
     # served: by its handler, or by the answer to Expect: 100-continue, which runs before any middleware.
     settings = make_settings(rate_limits="on", rate_limit_auto_freeze_refusals=1)
     asker = f"user-{uuid.uuid4().hex[:12]}"
-    try:
+    with logged_lines() as lines:
         async with (
             limit(pool, "tus/HEAD", per_hour=1, burst=50),
             limit(pool, "tus/PATCH", per_hour=1, burst=50),
@@ -1321,8 +1310,6 @@ async def test_a_log_line_written_while_a_tus_request_is_served_carries_its_requ
                 answered, _, _, writer = await asked_patch(server, asked_url, {**chunk, "X-Request-Id": request_id})
                 writer.close()
                 assert answered == status
-    finally:
-        logging.getLogger().removeHandler(handler)
     frozen = {line["user_id"]: line.get("request_id") for line in lines if line["msg"] == "account frozen automatically"}
     assert frozen == {user_id: "freezing-head", asker: "freezing-patch"}
 
@@ -1436,19 +1423,11 @@ async def test_a_creation_whose_client_leaves_before_100_continue_is_released_un
     upload is released, as a creation whose body is cut off is, and answered as one (400). Writing
     the 100 Continue to the closed connection failed: the upload stayed reserved until it expired,
     and the request was logged "http request failed" at error and counted a 500."""
-    lines: list[logging.LogRecord] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record)
-
-    handler = Lines(logging.WARNING)
-    logging.getLogger().addHandler(handler)
     data = fake_jpeg(100_000)
     header_lines = "".join(f"{name}: {value}\r\n" for name, value in creation_headers(authenticator, user_id, len(data)).items())
     request_head = f"POST /tus/ HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n{header_lines}Content-Length: {len(data)}\r\n\r\n"
     states = "SELECT state, failure_reason FROM uploads WHERE user_id = $1"
-    try:
+    with logged_lines() as lines:
         async with (
             running(make_settings(metrics_addr="127.0.0.1:0")) as server,
             grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
@@ -1475,9 +1454,7 @@ async def test_a_creation_whose_client_leaves_before_100_continue_is_released_un
             assert [tuple(row) for row in await pool.fetch(states, user_id)] == [("failed", "CLIENT_FAILED")] * 2
             after_summary = await summary(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id))
             assert (after_summary.used_bytes, after_summary.reserved_bytes, after_summary.pending_uploads) == (0, 0, 0)
-    finally:
-        logging.getLogger().removeHandler(handler)
-    assert [(record.name, record.getMessage()) for record in lines] == []
+    assert [(line["logger"], line["msg"]) for line in lines] == []
 
 
 async def test_a_creation_that_asks_first_spends_the_begin_upload_budget_once(make_settings, pool, http, user_id, authenticator):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import time
 import urllib.parse
@@ -17,12 +16,12 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from mediavault import logs, metrics
+from mediavault import metrics
 from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, SignedRequest, single_chunk
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app, expecting
 from mediavault.blobs.signing import UrlSigner, signed_owner
-from tests.helpers import http_answers_counted
+from tests.helpers import http_answers_counted, logged_lines
 
 
 @pytest.fixture
@@ -148,29 +147,21 @@ async def test_a_client_lost_mid_put_is_no_server_error(store):
         "originals/ab/lost", size_bytes=len(body), content_type="video/mp4", sha256=None, expires_in=60
     )
     endpoint = metrics.MetricsEndpoint("127.0.0.1:0")
-    lines: list[logging.LogRecord] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record)
-
-    handler = Lines(logging.WARNING)
-    logging.getLogger().addHandler(handler)
     try:
-        before = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
-        await cut_put(store, signed, body)
-        counted: dict[str, float] = {}
-        async with asyncio.timeout(10):
-            while not counted:
-                after = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
-                counted = {
-                    status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)
-                }
+        with logged_lines() as lines:
+            before = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
+            await cut_put(store, signed, body)
+            counted: dict[str, float] = {}
+            async with asyncio.timeout(10):
+                while not counted:
+                    after = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
+                    counted = {
+                        status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)
+                    }
     finally:
-        logging.getLogger().removeHandler(handler)
         endpoint.close()
     assert counted == {"400": 1.0}
-    assert [(record.name, record.getMessage()) for record in lines] == []
+    assert [(line["logger"], line["msg"]) for line in lines] == []
     assert not store.path("originals/ab/lost").exists()
 
 
@@ -323,24 +314,16 @@ async def test_an_unexpected_failure_is_logged_once_with_the_request_id_and_answ
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    lines: list[dict] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(json.loads(logs.JsonFormatter().format(record)))
-
-    handler = Lines(logging.WARNING)
-    logging.getLogger().addHandler(handler)
     url = f"http://127.0.0.1:{unused_tcp_port}/broken"
     try:
-        status, body, headers = await send("GET", url, headers={"X-Request-Id": "broken-get"})
-        assert (status, CIMultiDict(headers)["X-Request-Id"]) == (500, "broken-get")
-        assert b"broken on purpose" not in body
-        status, answered, _, writer = await first_answer(url, {"Content-Length": "5", "X-Request-Id": "broken-asked"})
-        writer.close()
-        assert (status, answered["x-request-id"], answered["connection"]) == (500, "broken-asked", "close")
+        with logged_lines() as lines:
+            status, body, headers = await send("GET", url, headers={"X-Request-Id": "broken-get"})
+            assert (status, CIMultiDict(headers)["X-Request-Id"]) == (500, "broken-get")
+            assert b"broken on purpose" not in body
+            status, answered, _, writer = await first_answer(url, {"Content-Length": "5", "X-Request-Id": "broken-asked"})
+            writer.close()
+            assert (status, answered["x-request-id"], answered["connection"]) == (500, "broken-asked", "close")
     finally:
-        logging.getLogger().removeHandler(handler)
         await runner.cleanup()
     assert [(line["level"], line["msg"], line.get("request_id"), line.get("status")) for line in lines] == [
         ("error", "http request failed", "broken-get", 500),
