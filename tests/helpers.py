@@ -38,16 +38,35 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def http_answers_counted(metrics_port: int, route: str, method: str) -> dict[str, float]:
-    """The /metrics endpoint's mediavault_http_requests_total of the listener's route and method, by status."""
+async def exported_by(metrics_port: int, name: str, by: str, **labels: str) -> dict[str, float]:
+    """The values of the /metrics endpoint's samples called `name` that carry `labels`, by their label `by`."""
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
         text = await response.text()
     return {
-        sample.labels["status"]: sample.value
+        sample.labels[by]: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "mediavault_http_requests_total" and sample.labels["route"] == route and sample.labels["method"] == method
+        if sample.name == name and labels.items() <= sample.labels.items()
     }
+
+
+async def http_answers_counted(metrics_port: int, route: str, method: str) -> dict[str, float]:
+    """The /metrics endpoint's mediavault_http_requests_total of the listener's route and method, by status."""
+    return await exported_by(metrics_port, "mediavault_http_requests_total", "status", route=route, method=method)
+
+
+async def http_answers_counted_since(metrics_port: int, route: str, method: str, before: dict[str, float], answers: int) -> dict[str, float]:
+    """The answers of the listener's route and method counted since http_answers_counted gave
+    `before`, by status, once they are `answers` or more, or else as they are after 10 seconds: an
+    answer is counted as it starts, which may be after the client that asked for it is gone."""
+    counted: dict[str, float] = {}
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            while sum(counted.values()) < answers:
+                await asyncio.sleep(0.05)
+                after = await http_answers_counted(metrics_port, route, method)
+                counted = {status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)}
+    return counted
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from mediavault.domain import ledger
 from mediavault.domain.uploads.records import object_key_for
@@ -26,7 +25,7 @@ from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import POOLERS, running
 from tests.faults import database_through, proxied
-from tests.helpers import begin, error_info, fake_jpeg, fetch, put
+from tests.helpers import begin, error_info, exported_by, fake_jpeg, fetch, put
 
 
 async def reflect(channel, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
@@ -197,14 +196,7 @@ async def test_metrics_count_calls_by_outcome(make_settings, auth, user_id):
 
 async def rpc_totals(server: Server, method: str) -> dict[str, float]:
     """The server's /metrics: mediavault_rpc_total of one method, by outcome."""
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.metrics.port}/metrics") as response:
-        text = await response.text()
-    return {
-        sample.labels["outcome"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "mediavault_rpc_total" and sample.labels["method"] == method
-    }
+    return await exported_by(server.metrics.port, "mediavault_rpc_total", "outcome", method=method)
 
 
 async def test_a_call_whose_deadline_passes_while_the_server_works_is_counted_cancelled(make_settings, auth, user_id, pool):

@@ -32,7 +32,16 @@ from mediavault.server import Server
 from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import running
-from tests.helpers import bad_request, error_info, fake_jpeg, http_answers_counted, logged_lines, rich_status, sha256_hex
+from tests.helpers import (
+    bad_request,
+    error_info,
+    fake_jpeg,
+    http_answers_counted,
+    http_answers_counted_since,
+    logged_lines,
+    rich_status,
+    sha256_hex,
+)
 from tests.s3server import MotoServer, moto_server
 from tests.test_ratelimit import limit
 
@@ -1443,13 +1452,7 @@ async def test_a_creation_whose_client_leaves_before_100_continue_is_released_un
                     writer.transport.abort()
                 else:
                     writer.close()
-            counted: dict[str, float] = {}
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    while sum(counted.values()) < 2:
-                        await asyncio.sleep(0.05)
-                        after = await http_answers_counted(server.metrics.port, "/tus/", "POST")
-                        counted = {status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)}
+            counted = await http_answers_counted_since(server.metrics.port, "/tus/", "POST", before, 2)
             assert counted == {"400": 2.0}
             assert [tuple(row) for row in await pool.fetch(states, user_id)] == [("failed", "CLIENT_FAILED")] * 2
             after_summary = await summary(storage_pb2_grpc.StorageServiceStub(channel), auth(user_id))

@@ -21,7 +21,7 @@ from mediavault.blobs.base import BlobStoreError, Inspection, ObjectInfo, Signed
 from mediavault.blobs.fs import FsBlobStore
 from mediavault.blobs.http import create_app, expecting
 from mediavault.blobs.signing import UrlSigner, signed_owner
-from tests.helpers import http_answers_counted, logged_lines
+from tests.helpers import http_answers_counted, http_answers_counted_since, logged_lines
 
 
 @pytest.fixture
@@ -151,13 +151,7 @@ async def test_a_client_lost_mid_put_is_no_server_error(store):
         with logged_lines() as lines:
             before = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
             await cut_put(store, signed, body)
-            counted: dict[str, float] = {}
-            async with asyncio.timeout(10):
-                while not counted:
-                    after = await http_answers_counted(endpoint.port, "/blobs/{key}", "PUT")
-                    counted = {
-                        status: value - before.get(status, 0.0) for status, value in after.items() if value != before.get(status)
-                    }
+            counted = await http_answers_counted_since(endpoint.port, "/blobs/{key}", "PUT", before, 1)
     finally:
         endpoint.close()
     assert counted == {"400": 1.0}
