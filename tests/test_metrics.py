@@ -79,7 +79,7 @@ async def test_each_server_process_exports_its_database_pool_held_full_and_how_l
             exported_database, redis_url, tmp_path / "blobs",
             MEDIAVAULT_METRICS_ADDR=f"127.0.0.1:{free_port()}", MEDIAVAULT_DB_POOL_MAX_SIZE=str(pool_size),
         ) as env,
-        serving(env, processes=2) as (_, port),
+        serving(env, processes=2) as (supervisor, port),
     ):
         md = auth(f"user-{uuid.uuid4().hex[:12]}")
 
@@ -92,30 +92,27 @@ async def test_each_server_process_exports_its_database_pool_held_full_and_how_l
                 )
                 return reply.summary.quota_bytes
 
-        async def pools_until(done) -> dict[str, list[tuple[dict[str, str], float]]]:
-            deadline = asyncio.get_running_loop().time() + 30
-            while not done(samples := await scrape(env)):
-                assert asyncio.get_running_loop().time() < deadline, samples.get("mediavault_server_db_connections_in_use")
-                await asyncio.sleep(0.1)
-            return samples
-
         def in_use(samples) -> dict[str, float]:
             return {labels["slot"]: value for labels, value in samples.get("mediavault_server_db_connections_in_use", [])}
 
         # Both processes started (a start-up reads the frozen accounts, which the lock would hold up).
-        await pools_until(lambda samples: len(samples.get("mediavault_server_db_connections_max", [])) == 2)
+        await scrape_until(
+            env, supervisor, lambda samples: len(samples.get("mediavault_server_db_connections_max", [])) == 2, "started both"
+        )
         holder = await asyncpg.connect(exported_database)
         try:
             async with holder.transaction():
                 await holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
                 calls = [asyncio.create_task(summary_on_a_channel_of_its_own()) for _ in range(channels)]
-                full = await pools_until(lambda samples: in_use(samples) == {"0": pool_size, "1": pool_size})
+                full = await scrape_until(
+                    env, supervisor, lambda samples: in_use(samples) == {"0": pool_size, "1": pool_size}, "filled both pools"
+                )
                 # Every call past the first 2 of each process waits for a connection longer than this.
                 await asyncio.sleep(1)
         finally:
             await holder.close()
         answered = await asyncio.gather(*calls)
-        idle = await pools_until(lambda samples: in_use(samples) == {"0": 0, "1": 0})
+        idle = await scrape_until(env, supervisor, lambda samples: in_use(samples) == {"0": 0, "1": 0}, "freed both pools")
 
     assert all(quota > 0 for quota in answered)
     assert sorted(full["mediavault_server_db_connections_max"], key=str) == [({"slot": "0"}, 2.0), ({"slot": "1"}, 2.0)]
@@ -222,12 +219,13 @@ async def test_a_worker_exports_how_long_the_oldest_job_of_each_queue_has_waited
     assert waited["photo"] == waited["video"] == 0, waited
 
 
-async def scrape_until(env: dict[str, str], worker, done, what: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """The worker's samples once done(samples) holds, within a minute (the queues are sampled every 15 s)."""
+async def scrape_until(env: dict[str, str], process, done, what: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The samples of the /metrics of process (a worker, or a supervisor of servers) once
+    done(samples) holds, within a minute (a worker samples the queues every 15 s)."""
     deadline = asyncio.get_running_loop().time() + 60
     while True:
-        assert worker.poll() is None, "the worker exited"
-        assert asyncio.get_running_loop().time() < deadline, f"the worker never {what}"
+        assert process.poll() is None, "the process exited"
+        assert asyncio.get_running_loop().time() < deadline, f"the process never {what}"
         with contextlib.suppress(aiohttp.ClientConnectionError):
             samples = await scrape(env)
             if done(samples):
