@@ -627,10 +627,15 @@ async def sample_queues(ctx: dict[str, Any]) -> None:
         forget_queue_samples()
 
 
+def queue_label(ctx: dict[str, Any]) -> str:
+    """The queue a worker's own metrics are labelled by: its ctx's, photo for the photo worker's, which names none."""
+    return ctx.get("queue", "photo")
+
+
 async def sample_pool(ctx: dict[str, Any]) -> None:
     """Exports, every POOL_SAMPLE_SECONDS for as long as the worker runs, how many connections of
     its database pool are in use and the most it opens, labelled by the worker's queue."""
-    queue = ctx.get("queue", "photo")
+    queue = queue_label(ctx)
     await sample_pool_use(
         ctx["pool"], metrics.WORKER_DB_CONNECTIONS_IN_USE.labels(queue), metrics.WORKER_DB_CONNECTIONS_MAX.labels(queue)
     )

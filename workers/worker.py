@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from mediavault import metrics
 from mediavault.config import Settings
+from workers.maintenance import queue_label
 from workers.settings import cron_worker_settings, video_worker_settings, worker_settings
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ class Worker(arq.Worker):
         self.redis_outage_seconds = redis_outage_seconds
         self._outage_since: float | None = None
         self._retry_delay = _FIRST_DELAY_SECONDS
-        # The photo worker's ctx names no queue: the sampler of the pool labels it likewise.
-        self._queue_label = self.ctx.get("queue", "photo")
+        self._queue_label = queue_label(self.ctx)
         metrics.WORKER_JOB_SLOTS_MAX.labels(self._queue_label).set(self.max_jobs)
 
     async def _poll_iteration(self) -> None:
