@@ -14,7 +14,7 @@ from pathlib import Path
 import uvloop
 from pydantic import ValidationError
 
-from mediavault import logs
+from mediavault import logs, scratch
 from mediavault.auth import ROLES, USER_ID, Authenticator
 from mediavault.config import PREFIX, Settings
 
@@ -63,7 +63,9 @@ def cmd_worker(_args: argparse.Namespace) -> int:
     _require_database(settings)
     if not settings.redis_url:
         sys.exit("MEDIAVAULT_REDIS_URL is not set")
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    # A video job's original and renditions, and the transcoding processes' and ffmpeg's files,
+    # are removed by the next worker to start when this one is killed.
+    with scratch.process_temp_dir("mediavault-worker-"), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_workers(settings))
     return 0
 

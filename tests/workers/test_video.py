@@ -8,6 +8,7 @@ import io
 import math
 import os
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.faults import proxied
 from tests.helpers import fetch, retry_scheduled, settled, upload
 from tests.workers.test_transcode import children_of, is_alive, start_worker
 from workers.video import limits as video_limits
+from workers.worker import health_check_key
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +169,11 @@ async def test_photos_pass_a_transcoding_video_and_deleting_it_cancels_the_trans
         assert await pool.fetchval("SELECT count(*) FROM media_variants WHERE media_id = $1::uuid", done.media_id) == 0
 
 
-def _looped(clips: Path) -> Path:
-    """Five minutes of the corpus's clip, looped: ffmpeg is still on it seconds after it starts."""
-    source = clips / "looped.mp4"
+def _looped(clips: Path, seconds: int = 300) -> Path:
+    """Minutes of the corpus's clip, looped: ffmpeg is still on it seconds after it starts."""
+    source = clips / f"looped-{seconds}.mp4"
     if not source.exists():
-        make.ffmpeg("-stream_loop", "-1", "-i", str(CORPUS / "video/realshort.mp4"), "-t", "300", "-map", "0:v",
+        make.ffmpeg("-stream_loop", "-1", "-i", str(CORPUS / "video/realshort.mp4"), "-t", str(seconds), "-map", "0:v",
                     "-c", "copy", str(source))
     return source
 
@@ -229,6 +231,63 @@ async def test_a_worker_killed_mid_transcode_leaves_no_ffmpeg_nor_pool_process(m
             await asyncio.sleep(0.05)
     finally:
         # Not left to run on after a failure.
+        for pid in filter(is_alive, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_the_temp_files_of_a_worker_killed_mid_transcode_are_removed_by_the_next_to_start(
+    make_settings, auth, user_id, pool, clips, tmp_path
+):
+    settings = make_settings(queue_name=f"video-temp:{user_id}")
+    # Workers sharing one temp dir, as on one host: one lives on, one is killed, one starts after.
+    env = {"MEDIAVAULT_VIDEO_FFMPEG_THREADS": "1", "TMPDIR": str(tmp_path)}
+    workers: list[subprocess.Popen] = []
+    started: dict[int, str] = {}
+
+    async def transcoding(data: bytes) -> subprocess.Popen:
+        await upload(storage, auth(user_id), data, filename="looped.mp4", content_type="video/mp4")
+        worker = start_worker(settings, **env)
+        workers.append(worker)
+        deadline = time.monotonic() + 60
+        while "ffmpeg" not in (descendants := _descendants(worker.pid)).values():
+            assert time.monotonic() < deadline, "the worker never started ffmpeg"
+            await asyncio.sleep(0.02)
+        started.update(descendants)
+        return worker
+
+    redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            storage = storage_pb2_grpc.StorageServiceStub(channel)
+            # Told apart by their sizes in the temp dir, where each worker downloads the original it transcodes.
+            living_original, killed_original = _looped(clips).read_bytes(), _looped(clips, 240).read_bytes()
+            living = await transcoding(living_original)
+            killed = await transcoding(killed_original)
+            originals = {path.stat().st_size: path for path in tmp_path.rglob("source")}
+            assert originals.keys() == {len(living_original), len(killed_original)}
+            killed.send_signal(signal.SIGKILL)
+            killed.wait()
+            next_one = start_worker(settings, **env)
+            workers.append(next_one)
+            async with asyncio.timeout(60):
+                while not await redis.exists(health_check_key(settings.queue_name, next_one.pid)):
+                    await asyncio.sleep(0.05)
+            assert not originals[len(killed_original)].exists(), "the killed worker's original is left on disk"
+            assert originals[len(living_original)].read_bytes() == living_original, "a living worker's original was touched"
+            assert "ffmpeg" in _descendants(living.pid).values()
+            for worker in (living, next_one):
+                worker.terminate()
+            async with asyncio.timeout(60):
+                while any(worker.poll() is None for worker in (living, next_one)):
+                    await asyncio.sleep(0.05)
+        # A worker that exits leaves nothing behind.
+        assert not list(tmp_path.iterdir())
+    finally:
+        await redis.aclose()
+        for worker in workers:
+            worker.kill()
+            worker.wait()
         for pid in filter(is_alive, started):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
