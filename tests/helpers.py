@@ -162,6 +162,18 @@ async def retry_scheduled(pool: asyncpg.Pool, media_id: str, timeout: float = 30
     return False
 
 
+async def until_waiting_for_lock(pool: asyncpg.Pool, call: asyncio.Future, statement: str, timeout: float = 30.0) -> None:
+    """Returns once a session of this test's database waits for a lock in a statement LIKE
+    statement: the call's, which ending first fails at once, and not waiting by timeout fails.
+    Other databases' sessions are other tests' (or another run's) and may run the same statements."""
+    waiting = ("SELECT count(*) FROM pg_stat_activity "
+               "WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1")
+    async with asyncio.timeout(timeout):
+        while not await pool.fetchval(waiting, statement):
+            assert not call.done(), call
+            await asyncio.sleep(0.02)
+
+
 async def fetch(url: str, headers: dict | None = None):
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers or {}) as response:
         return response.status, await response.read(), response.headers.copy()

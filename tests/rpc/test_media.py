@@ -22,7 +22,7 @@ from mediavault.storage.v1 import storage_pb2 as pb
 from mediavault.storage.v1 import storage_pb2_grpc
 from tests.conftest import CORPUS, running
 from tests.faults import proxied
-from tests.helpers import error_info, fake_jpeg, fetch, settled, upload
+from tests.helpers import error_info, fake_jpeg, fetch, settled, until_waiting_for_lock, upload
 
 
 async def test_photo_becomes_upright_variants_within_budget(storage, media, auth, user_id, worker):
@@ -305,11 +305,7 @@ async def _reprocess_meets_delete(storage, media, md, user_id, pool) -> None:
             user_id, -size, done.media_id)
         # The reprocess reads the media as live, then waits for the delete's row lock.
         reprocess = asyncio.ensure_future(media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md))
-        while not await pool.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%SET variants_version = variants_version + 1%'"
-        ):
-            assert not reprocess.done(), reprocess
-            await asyncio.sleep(0.02)
+        await until_waiting_for_lock(pool, reprocess, "%SET variants_version = variants_version + 1%")
         await transaction.commit()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await reprocess
@@ -333,12 +329,7 @@ async def test_a_reprocess_that_meets_the_expiry_of_its_media_is_not_found_and_c
                                    done.media_id)
             # The reprocess reads the media as present, then waits for the row, which expired meanwhile.
             reprocess = asyncio.ensure_future(media.ReprocessMedia(mpb.ReprocessMediaRequest(media_id=done.media_id), metadata=md))
-            while not await pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
-                "AND query LIKE '%SET variants_version = variants_version + 1%'"
-            ):
-                assert not reprocess.done(), reprocess
-                await asyncio.sleep(0.02)
+            await until_waiting_for_lock(pool, reprocess, "%SET variants_version = variants_version + 1%")
             await transaction.commit()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await reprocess
@@ -370,16 +361,10 @@ async def test_a_delete_that_meets_a_run_recording_its_variants_frees_their_byte
                 run = asyncio.ensure_future(library.complete(media_id, 0, 10, 10, [thumbnail]))
             else:
                 run = asyncio.ensure_future(library.add_formats(media_id, 0, [webp]))
-            waiting = ("SELECT count(*) FROM pg_stat_activity "
-                       "WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1")
-            while not await pool.fetchval(waiting, "%derived_bytes = a.derived_bytes + c.delta%"):
-                assert not run.done(), run
-                await asyncio.sleep(0.02)
+            await until_waiting_for_lock(pool, run, "%derived_bytes = a.derived_bytes + c.delta%")
             # The delete waits for the media row.
             delete = asyncio.ensure_future(media.DeleteMedia(mpb.DeleteMediaRequest(media_id=done.media_id), metadata=md))
-            while not await pool.fetchval(waiting, "%SET deleted_at = now()%"):
-                assert not delete.done(), delete
-                await asyncio.sleep(0.02)
+            await until_waiting_for_lock(pool, delete, "%SET deleted_at = now()%")
         assert await run
         await delete
         summary = (await storage.GetStorageSummary(pb.GetStorageSummaryRequest(), metadata=md)).summary
