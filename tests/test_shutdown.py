@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yarl
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mediavault import devservers
@@ -28,6 +29,7 @@ from tests.helpers import begin, error_info, fake_jpeg, put, serve_environment
 
 CALLS = 50
 USERS = 5
+MiB = 1024 * 1024
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -174,3 +176,55 @@ async def test_sigterm_under_load_answers_every_call_ok_or_unavailable_and_the_b
 
     audited = await audit_ledger(environment)
     assert audited.returncode == 0, audited.stdout + audited.stderr
+
+
+async def stalled_put(upload_url: str, headers: dict[str, str], body: bytes, sent: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A signed PUT of body that sends its first `sent` bytes and stalls, its connection kept open."""
+    url = yarl.URL(upload_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"PUT {url.raw_path_qs} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n{head}\r\n".encode() + body[:sent])
+    await writer.drain()
+    return reader, writer
+
+
+async def test_the_partial_file_of_a_server_killed_mid_put_is_removed_by_the_next_to_start(environment, auth, tmp_path):
+    temp_dir = tmp_path / "blobs" / ".tmp"
+    md = auth(f"user-{uuid.uuid4().hex[:12]}")
+    living_body, killed_body = fake_jpeg(2 * MiB), fake_jpeg(6 * MiB)
+
+    async def stalled(port: int, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Path]:
+        """The PUT of body's first half to the server on port, and the temp file it is written to."""
+        before = written()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            begun = await begin(storage_pb2_grpc.StorageServiceStub(channel), md, body)
+        reader, writer = await stalled_put(begun.upload_url, dict(begun.upload_headers), body, len(body) // 2)
+        async with asyncio.timeout(30):
+            while not (new := written() - before):
+                await asyncio.sleep(0.05)
+        (partial,) = new
+        return reader, writer, partial
+
+    def written() -> set[Path]:
+        return {path for path in temp_dir.rglob("*") if path.is_file() and path.stat().st_size}
+
+    async with serving(environment) as (_, living_port):
+        living_reader, living_writer, living_partial = await stalled(living_port, living_body)
+        try:
+            async with serving(environment) as (killed, killed_port):
+                _, killed_writer, killed_partial = await stalled(killed_port, killed_body)
+                killed.kill()
+                await asyncio.to_thread(killed.wait)
+                killed_writer.close()
+            assert killed_partial.exists()
+            async with serving(environment):
+                assert not killed_partial.exists(), "the killed server's partial file is left on disk"
+                assert living_partial.exists(), "a living server's temp file was removed"
+            # Published from its temp file, which it could not be had that gone.
+            living_writer.write(living_body[MiB:])
+            async with asyncio.timeout(30):
+                assert (await living_reader.readline()).startswith(b"HTTP/1.1 200 ")
+        finally:
+            living_writer.close()
+    # A server that exits leaves nothing behind.
+    assert not list(temp_dir.iterdir())

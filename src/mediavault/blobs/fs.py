@@ -34,6 +34,7 @@ from mediavault.blobs.base import (
 )
 from mediavault.blobs.signing import UrlSigner
 from mediavault.offload import InOrder
+from mediavault.scratch import OwnedFolder
 
 # Files up to this size are read on the event loop; larger ones in a thread.
 _INLINE_READ_LIMIT = 256 * 1024
@@ -100,10 +101,14 @@ class FsBlobStore:
         self.signer = signer
         tmp = self.root / ".tmp"
         tmp.mkdir(parents=True, exist_ok=True)
+        # Objects are written in a folder of this store's until published: a process killed
+        # mid-write (a signed PUT's body, up to the largest upload) leaves its partial file in it,
+        # which the next store to start on root removes, every process sharing root alike.
+        self._temp_folder = OwnedFolder(tmp, "store-")
         # The upload path (PUT, publish, inspect) joins str paths: building pathlib
         # objects there cost more than its system calls.
         self._root_prefix = f"{self.root}/"
-        self._tmp_prefix = f"{tmp}/"
+        self._tmp_prefix = f"{self._temp_folder.path}/"
         self._deleters = ThreadPoolExecutor(max_workers=_DELETE_THREADS, thread_name_prefix="blob-delete")
 
     def path(self, key: str) -> Path:
@@ -298,6 +303,7 @@ class FsBlobStore:
 
     async def close(self) -> None:
         self._deleters.shutdown(wait=False)
+        self._temp_folder.release()
 
     async def start_partial(self, key: str, *, content_type: str) -> str | None:
         check_key(key)
