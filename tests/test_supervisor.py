@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -262,7 +261,10 @@ async def test_sigterm_drains_every_process_and_the_books_add_up(environment, au
     assert f"ledger audit ok: {len(users)} account(s) add up" in audited.stdout
 
 
-async def test_processes_drain_and_exit_when_the_supervisor_is_killed(environment):
+async def test_processes_drain_and_exit_when_the_supervisor_is_killed(environment, tmp_path):
+    # Supervisors sharing one temp dir, as on one host, where each makes its run's metrics folder.
+    environment = {**environment, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
     async with serving(environment, processes=PROCESSES) as (process, port):
         pids = await children_listening(process, port)
         metrics_dir = metrics_dir_of(pids[0])
@@ -271,8 +273,13 @@ async def test_processes_drain_and_exit_when_the_supervisor_is_killed(environmen
         _, alive = await asyncio.to_thread(psutil.wait_procs, children, 30)
         assert not alive, "orphaned server processes would hold the ports"
         assert await health_status(port) is None
-    # Nobody was left to remove the run's metrics files.
-    shutil.rmtree(metrics_dir)
+    assert any(metrics_dir.glob("*.db"))
+    # The next supervisor to start removes the killed one's metrics files.
+    async with serving(environment, processes=PROCESSES) as (process, port):
+        next_metrics_dir = metrics_dir_of((await children_listening(process, port))[0])
+        assert not metrics_dir.exists(), "the killed supervisor's metrics folder is left on disk"
+        assert next_metrics_dir.is_dir()
+    assert not list((tmp_path / "tmp").iterdir())
 
 
 async def test_a_process_that_keeps_failing_is_restarted_ever_later(environment, supervised_database):

@@ -10,7 +10,8 @@ SIGINT passes SIGTERM to every child, each of which drains as a lone server does
 
 Metrics: prometheus-client's multiprocess mode. Each child writes its samples into files in a
 directory the parent makes for this run (the children's PROMETHEUS_MULTIPROC_DIR; removed at
-exit), and the parent alone serves METRICS_ADDR with the sum over every child, past ones included,
+exit, or when the parent is killed outright by the next supervisor to start: scratch.OwnedFolder),
+and the parent alone serves METRICS_ADDR with the sum over every child, past ones included,
 so counters never go back when a child restarts.
 """
 
@@ -20,7 +21,6 @@ import ctypes
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +33,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from mediavault import scratch
 from mediavault.config import ListenAddress, Settings, listen_address
 from mediavault.metrics import MetricsEndpoint
 
@@ -138,7 +139,7 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self._env: dict[str, str] = {}
         self._metrics: MetricsEndpoint | None = None
-        self._metrics_dir: Path | None = None
+        self._metrics_folder: scratch.OwnedFolder | None = None
 
     def run(self) -> int:
         """Runs the children until SIGTERM/SIGINT; 0 when every child drained and exited cleanly."""
@@ -181,8 +182,8 @@ class Supervisor:
         return reserved
 
     def _open_metrics(self) -> Path:
-        directory = Path(tempfile.mkdtemp(prefix="mediavault-metrics-"))
-        self._metrics_dir = directory
+        self._metrics_folder = scratch.OwnedFolder(Path(tempfile.gettempdir()), "mediavault-metrics-")
+        directory = self._metrics_folder.path
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(directory))
         self._metrics = MetricsEndpoint(self.settings.metrics_addr, registry)
@@ -217,8 +218,8 @@ class Supervisor:
 
     def _forget(self, slot: _Slot) -> None:
         assert slot.process is not None
-        if self._metrics_dir is not None:
-            mark_process_dead(slot.process.pid, str(self._metrics_dir))
+        if self._metrics_folder is not None:
+            mark_process_dead(slot.process.pid, str(self._metrics_folder.path))
         slot.process = None
 
     def _stop_all(self, slots: list[_Slot]) -> int:
@@ -249,5 +250,5 @@ class Supervisor:
             self._metrics.close()
         for sock in self._reserved:
             sock.close()
-        if self._metrics_dir is not None:
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        if self._metrics_folder is not None:
+            self._metrics_folder.release()
