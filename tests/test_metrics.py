@@ -24,7 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from mediavault import devservers, metrics
+from mediavault import db, devservers, metrics
 from mediavault.media.v1 import media_pb2 as mpb
 from mediavault.media.v1 import media_pb2_grpc
 from mediavault.storage.v1 import storage_pb2 as pb
@@ -121,6 +121,34 @@ async def test_each_server_process_exports_its_database_pool_held_full_and_how_l
     [(_, acquired)] = idle["mediavault_db_connection_wait_seconds_count"]
     assert acquired >= channels
     assert acquired - waits["1.0"] >= channels - 2 * pool_size, waits
+
+
+async def test_every_use_of_a_pool_counts_how_long_it_waited_for_a_connection_given_up_or_not(make_settings):
+    pool = await db.create_pool(make_settings(db_pool_min_size=1, db_pool_max_size=2))
+
+    def waits() -> tuple[float, float]:
+        """Waits counted, and those of them longer than 0.1 s."""
+        counted = REGISTRY.get_sample_value("mediavault_db_connection_wait_seconds_count") or 0.0
+        quick = REGISTRY.get_sample_value("mediavault_db_connection_wait_seconds_bucket", {"le": "0.1"}) or 0.0
+        return counted, counted - quick
+
+    try:
+        counted, slow = waits()
+        async with pool.acquire() as connection:
+            assert await connection.fetchval("SELECT 1") == 1
+        await pool.release(await pool.acquire())
+        assert await pool.fetchval("SELECT 2") == 2
+        await pool.execute("SELECT 3")
+        assert waits()[0] == counted + 4
+        async with pool.acquire(), pool.acquire():
+            with pytest.raises(TimeoutError):
+                await pool.acquire(timeout=0.2)
+            with pytest.raises(TimeoutError):
+                async with pool.acquire(timeout=0.2):
+                    pass
+        assert waits() == (counted + 8, slow + 2)
+    finally:
+        await db.close_pool(pool)
 
 
 async def test_a_worker_exports_its_own_gauges_and_none_of_the_servers(make_settings, user_id):

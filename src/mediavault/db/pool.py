@@ -4,11 +4,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 from prometheus_client import Gauge
 
 from mediavault import metrics, tracing
@@ -61,17 +61,35 @@ class _WaitTimedPool(asyncpg.Pool):
     """A pool that observes how long each use of it waited for a connection (DB_CONNECTION_WAIT).
 
     Every way of using a pool (async with or await acquire(), fetch, execute...) takes its
-    connection through asyncpg's Pool._acquire, the one place that sees them all. A wait that ends
-    without a connection (the caller's deadline or timeout, a connection refused) counts too: with
-    a full pool the longest waits are those.
+    connection through acquire(). A wait that ends without a connection (the caller's deadline or
+    timeout, a connection refused) counts too: with a full pool the longest waits are those.
     """
 
-    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy:
-        started = time.perf_counter()
-        try:
-            return await super()._acquire(timeout)  # type: ignore[misc]  # asyncpg-stubs leave the private method out
-        finally:
-            metrics.DB_CONNECTION_WAIT.observe(time.perf_counter() - started)
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext:
+        return _WaitTimedAcquire(self, timeout)
+
+
+class _WaitTimedAcquire(PoolAcquireContext):
+    """asyncpg's acquire(), used either way (async with, await), with its wait observed."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> PoolConnectionProxy:
+        with _observed_wait():
+            return await super().__aenter__()
+
+    def __await__(self) -> Generator[Any, None, PoolConnectionProxy]:
+        with _observed_wait():
+            return (yield from super().__await__())
+
+
+@contextlib.contextmanager
+def _observed_wait() -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.DB_CONNECTION_WAIT.observe(time.perf_counter() - started)
 
 
 async def create_pool(settings: Settings, dsn: str | None = None) -> asyncpg.Pool:
