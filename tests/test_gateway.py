@@ -28,7 +28,7 @@ from PIL import Image
 from mediavault.media.v1 import media_pb2
 from mediavault.storage.v1 import storage_pb2
 from tests.conftest import CORPUS, running
-from tests.helpers import fake_jpeg, sha256_hex
+from tests.helpers import fake_jpeg, sha256_hex, until_waiting_for_lock
 from tests.test_ratelimit import free_port, limit
 from tests.test_tracing import otlp_receiver
 from tests.test_tus_clients import node_modules, node_upload
@@ -880,11 +880,7 @@ async def test_sigterm_lets_requests_in_flight_finish(gateway_binary, make_setti
             try:
                 await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user_id)
                 finalizing = asyncio.create_task(call(http, "POST", f"{url}/v1/uploads/{begun['upload']['upload_id']}:finalize", md, {}))
-                deadline = time.monotonic() + 10
-                blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
-                while not await pool.fetchval(blocked, conn.get_server_pid()):
-                    assert time.monotonic() < deadline, "the finalize never waited for the account"
-                    await asyncio.sleep(0.05)
+                await until_waiting_for_lock(pool, finalizing, "%UPDATE uploads u SET state = 'finalized'%")
                 process.terminate()
                 await asyncio.sleep(0.5)
                 assert process.poll() is None, "the gateway waits for the request in flight"

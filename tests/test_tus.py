@@ -41,6 +41,7 @@ from tests.helpers import (
     logged_lines,
     rich_status,
     sha256_hex,
+    until_waiting_for_lock,
 )
 from tests.s3server import MotoServer, moto_server
 from tests.test_ratelimit import limit
@@ -373,11 +374,6 @@ async def test_a_termination_that_loses_to_a_finalize_is_answered_as_one_of_a_fi
     begun = await begin_tus(storage, md, data)
     upload_id = uuid.UUID(begun.upload.upload_id)
     assert (await patch(http, begun.upload_url, 0, data)).status == 204
-    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-
-    async def until_waiting(count: int) -> None:
-        while await pool.fetchval(waiting) < count:
-            await asyncio.sleep(0.02)
 
     async def terminate() -> tuple[int, str]:
         async with http.delete(begun.upload_url, headers=TUS) as response:
@@ -387,9 +383,9 @@ async def test_a_termination_that_loses_to_a_finalize_is_answered_as_one_of_a_fi
     async with pool.acquire() as holder, holder.transaction():
         await holder.execute("SELECT 1 FROM uploads WHERE upload_id = $1 FOR UPDATE", upload_id)
         finalize = asyncio.ensure_future(storage.FinalizeUpload(pb.FinalizeUploadRequest(upload_id=str(upload_id)), metadata=md))
-        await asyncio.wait_for(until_waiting(1), 30)
+        await until_waiting_for_lock(pool, finalize, "%UPDATE uploads u SET state = 'finalized'%")
         termination = asyncio.create_task(terminate())
-        await asyncio.wait_for(until_waiting(2), 30)
+        await until_waiting_for_lock(pool, termination, "%UPDATE uploads SET state = $2, failure_reason = $3%")
     assert (await finalize).upload.state == pb.UPLOAD_STATE_FINALIZED
     assert await termination == (403, "upload is finalized")
     assert (await head(http, begun.upload_url)).status == 200
