@@ -199,6 +199,7 @@ func httpError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, 
 		return
 	}
 	copyTrailers(ctx, w)
+	retryAfter(w, err)
 	if status.Code(err) == codes.Unauthenticated {
 		w.Header().Set("WWW-Authenticate", bearerChallenge(r))
 	}
@@ -207,6 +208,28 @@ func httpError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, 
 		return
 	}
 	runtime.DefaultHTTPError(ctx, mux, m, w, r, withoutInternals(r, err))
+}
+
+// retryAfter gives an error whose RetryInfo says when to retry (SERVER_BUSY, a 503) the
+// Retry-After header HTTP clients wait by (RFC 9110 10.2.3), the tus endpoint's for the same
+// refusal, unless the server sent one as a trailer (its rate limits do). RetryInfo is the gRPC
+// clients' contract, and no trailer repeats it.
+func retryAfter(w http.ResponseWriter, err error) {
+	if w.Header().Get("Retry-After") != "" {
+		return
+	}
+	s, _ := status.FromError(err)
+	for _, detail := range s.Details() {
+		if info, ok := detail.(*errdetails.RetryInfo); ok {
+			delay := info.GetRetryDelay()
+			seconds := delay.GetSeconds()
+			if delay.GetNanos() > 0 {
+				seconds++ // Retry-After is whole seconds: never earlier than asked
+			}
+			w.Header().Set("Retry-After", strconv.FormatInt(seconds, 10))
+			return
+		}
+	}
 }
 
 // bearerChallenge is the WWW-Authenticate header every 401 must carry (RFC 9110 15.5.2; Jetty's

@@ -21,16 +21,19 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+import grpc
 import pytest
 from google.api import annotations_pb2
 from PIL import Image
 
+from mediavault.domain.uploads import resumable
 from mediavault.media.v1 import media_pb2
-from mediavault.storage.v1 import storage_pb2
+from mediavault.storage.v1 import storage_pb2, storage_pb2_grpc
 from tests.conftest import CORPUS, running
 from tests.helpers import fake_jpeg, sha256_hex, until_waiting_for_lock
 from tests.test_ratelimit import free_port, limit
 from tests.test_tracing import otlp_receiver
+from tests.test_tus import begin_tus, every_writer_held
 from tests.test_tus_clients import node_modules, node_upload
 
 __all__ = ["node_modules", "otlp_receiver"]  # fixtures of other modules' tests used here
@@ -414,10 +417,37 @@ async def test_over_the_limit_is_429_with_ratelimit_and_retry_after_headers(gate
     assert body["code"] == 8
     assert reason(body) == "RATE_LIMIT_EXCEEDED"
     assert (headers["RateLimit-Limit"], headers["RateLimit-Remaining"]) == ("2", "0")
+    assert len(headers.getall("Retry-After")) == 1
     assert int(headers["Retry-After"]) > 0
     assert int(headers["RateLimit-Reset"]) > 0
     retry = next(d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
     assert retry["retry_delay"] == f'{headers["Retry-After"]}s'
+
+
+async def test_a_503_whose_retry_info_says_when_carries_retry_after(
+    gateway_binary, make_settings, http, auth, bearer, user_id, monkeypatch
+):
+    """UploadContent while slow tus bodies hold both writer slots is 503 SERVER_BUSY, whose
+    RetryInfo becomes the Retry-After header the tus endpoint sends for the same refusal."""
+    monkeypatch.setattr(resumable, "WRITER_SLOT_WAIT_SECONDS", 1.0)
+    waiting_user = f"{user_id}-other"
+    data = fake_jpeg(1000)
+    async with (
+        running(make_settings(db_pool_max_size=4, tus_idle_timeout_seconds=2.0)) as server,
+        gateway_process(gateway_binary, server.grpc_port) as url,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        storage = storage_pb2_grpc.StorageServiceStub(channel)
+        waiting = await begin_tus(storage, auth(waiting_user), data)
+        holders = await every_writer_held(server, storage, http, auth(user_id), 64 * 1024)
+        stream = json.dumps({"upload_id": waiting.upload.upload_id}) + json.dumps({"chunk": base64.b64encode(data).decode()})
+        async with http.post(f"{url}/v1/uploads:uploadContent", data=stream, headers=bearer(waiting_user)) as response:
+            status, refused, headers = response.status, await response.json(), response.headers
+        for holder in holders:
+            assert (await holder).status == 204
+    assert status == 503, refused
+    assert reason(refused) == "SERVER_BUSY"
+    assert headers.getall("Retry-After") == [str(resumable.WRITERS_BUSY_RETRY_AFTER_SECONDS)]
 
 
 async def test_request_id_goes_through_both_ways(gateway, http, bearer, user_id):
