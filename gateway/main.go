@@ -199,6 +199,7 @@ func httpError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, 
 		return
 	}
 	copyTrailers(ctx, w)
+	echoRequestID(w, r)
 	retryAfter(w, err)
 	if status.Code(err) == codes.Unauthenticated {
 		w.Header().Set("WWW-Authenticate", bearerChallenge(r))
@@ -208,6 +209,18 @@ func httpError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, 
 		return
 	}
 	runtime.DefaultHTTPError(ctx, mux, m, w, r, withoutInternals(r, err))
+}
+
+// echoRequestID answers the client's X-Request-Id on an error no server call answered (one the
+// gateway refuses itself, a body grpc-gateway cannot decode, a server it cannot reach), as the
+// server's answers carry it: the BFF finds every answer, these too, by the id it logged.
+func echoRequestID(w http.ResponseWriter, r *http.Request) {
+	if w.Header().Get("X-Request-Id") != "" {
+		return
+	}
+	if id := r.Header.Get("X-Request-Id"); id != "" && printableASCII(id) {
+		w.Header().Set("X-Request-Id", id)
+	}
 }
 
 // retryAfter gives an error whose RetryInfo says when to retry (SERVER_BUSY, a 503) the

@@ -462,6 +462,22 @@ async def test_request_id_goes_through_both_ways(gateway, http, bearer, user_id)
     assert len(headers["X-Request-Id"]) == 32, "the server makes one up when the caller sends none"
 
 
+async def test_the_answers_the_gateway_gives_itself_carry_the_request_id(gateway, http, bearer, user_id):
+    md = {**bearer(user_id), "X-Request-Id": "bff-789"}
+    refusals = [
+        ("GET", "/v1/nowhere", None, 404),
+        ("PUT", "/v1/feed", None, 405),
+        ("GET", "/v1/feed?page_token=%zz", None, 400),
+        ("GET", "/v1/feed?page_size=many", None, 400),
+        ("POST", "/v1/uploads", b"{not json", 400),
+        ("POST", "/v1/uploads", b"x" * (8 * 1024 * 1024 + 1), 413),
+    ]
+    for method, path, body, expected in refusals:
+        async with http.request(method, f"{gateway}{path}", headers=md, data=body) as response:
+            assert response.status == expected, (method, path)
+            assert response.headers.getall("X-Request-Id") == ["bff-789"], (method, path)
+
+
 async def test_the_bffs_trace_context_reaches_the_server_spans(gateway_binary, make_settings, otlp_receiver, http, bearer, user_id):
     trace_id, bff_span_id = secrets.token_hex(16), secrets.token_hex(8)
     headers = {**bearer(user_id), "traceparent": f"00-{trace_id}-{bff_span_id}-01", "tracestate": "bff=1"}
