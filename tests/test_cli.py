@@ -135,6 +135,19 @@ def test_serve_refuses_to_start_without_a_database():
     assert "MEDIAVAULT_DATABASE_URL is not set" in result.stderr
 
 
+def test_jobs_list_names_each_job_with_its_whole_description():
+    # Before: the first line of each job's docstring, cut mid-sentence for sweep_orphan_blobs
+    # ("quarantined ones still") and prune_telemetry.
+    result = mediavault("jobs", "list")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert set(lines) == {"reclaim_stale_uploads", "expire_ephemeral_media", "purge_deleted_media", "fail_stuck_processing",
+                          "sweep_orphan_blobs", "prune_telemetry", "audit_accounts"}
+    assert lines["sweep_orphan_blobs"].endswith("live media whose original is missing is marked FAILED.")
+    assert lines["prune_telemetry"].endswith("Counters (media_counters) are lifetime totals and stay.")
+    assert all(line.endswith(".") for line in lines.values())
+
+
 def test_a_misspelt_setting_stops_a_command_before_it_runs():
     # Before: ignored, and the command ran on the default listen address.
     result = mediavault("jobs", "list", MEDIAVAULT_GRPC_ADRR="0.0.0.0:50051", MEDIAVAULT_LOG_FORMAT="json")

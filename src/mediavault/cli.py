@@ -142,8 +142,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.jobs_command == "list":
         for name, function in JOBS.items():
             config = job_config(settings, name)
+            # The docstring's whole first paragraph: its first line alone stops mid-sentence.
+            summary = " ".join((function.__doc__ or name).split("\n\n")[0].split())
             print(f"{name:24} every {config.every_seconds:>6} s  age {config.age_seconds:>8} s  "
-                  f"batch {config.batch_size:>5}  {'on ' if config.enabled else 'off'}  {(function.__doc__ or name).splitlines()[0]}")
+                  f"batch {config.batch_size:>5}  {'on ' if config.enabled else 'off'}  {summary}")
         return 0
     _require_database(settings)
     if not settings.redis_url:
