@@ -249,7 +249,8 @@ async def test_the_temp_files_of_a_worker_killed_mid_transcode_are_removed_by_th
         await upload(storage, auth(user_id), data, filename="looped.mp4", content_type="video/mp4")
         worker = start_worker(settings, **env)
         workers.append(worker)
-        deadline = time.monotonic() + 60
+        # A worker's start, its download and probe of the clip: slow beside a full run on two cores.
+        deadline = time.monotonic() + 180
         while "ffmpeg" not in (descendants := _descendants(worker.pid)).values():
             assert time.monotonic() < deadline, "the worker never started ffmpeg"
             await asyncio.sleep(0.02)
