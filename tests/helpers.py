@@ -69,10 +69,15 @@ async def http_answers_counted_since(metrics_port: int, route: str, method: str,
     return counted
 
 
+# The service's own loggers and the HTTP server's, not the workers' (`workers.*`): the session's
+# worker in the test process logs its own jobs' failures meanwhile.
+_SERVICE_LOGGERS = ("mediavault", "aiohttp")
+
+
 @contextlib.contextmanager
 def logged_lines(level: int = logging.WARNING) -> Iterator[list[dict]]:
-    """The lines this process logs at `level` or above meanwhile, as logs.JsonFormatter writes them:
-    formatted as each is logged, in the context that gives it its request id and span."""
+    """The lines the service's loggers log at `level` or above meanwhile, as logs.JsonFormatter
+    writes them: formatted as each is logged, in the context that gives it its request id and span."""
     lines: list[dict] = []
 
     class Lines(logging.Handler):
@@ -80,11 +85,13 @@ def logged_lines(level: int = logging.WARNING) -> Iterator[list[dict]]:
             lines.append(json.loads(logs.JsonFormatter().format(record)))
 
     handler = Lines(level)
-    logging.getLogger().addHandler(handler)
+    for name in _SERVICE_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     try:
         yield lines
     finally:
-        logging.getLogger().removeHandler(handler)
+        for name in _SERVICE_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
 
 
 async def put(url: str, headers: dict[str, str], body: bytes) -> int:

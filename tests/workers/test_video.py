@@ -240,43 +240,49 @@ async def test_the_temp_files_of_a_worker_killed_mid_transcode_are_removed_by_th
     make_settings, auth, user_id, pool, clips, tmp_path
 ):
     settings = make_settings(queue_name=f"video-temp:{user_id}")
-    # Workers sharing one temp dir, as on one host: one lives on, one is killed, one starts after.
+    # Workers sharing one temp dir, as on one host: one lives on (on a queue of its own, idle, so
+    # that it takes no job of the other's), one is killed mid-transcode, one starts after.
     env = {"MEDIAVAULT_VIDEO_FFMPEG_THREADS": "1", "TMPDIR": str(tmp_path)}
     workers: list[subprocess.Popen] = []
     started: dict[int, str] = {}
 
-    async def transcoding(data: bytes) -> subprocess.Popen:
-        await upload(storage, auth(user_id), data, filename="looped.mp4", content_type="video/mp4")
-        worker = start_worker(settings, **env)
-        workers.append(worker)
-        # A worker's start, its download and probe of the clip: slow beside a full run on two cores.
-        deadline = time.monotonic() + 180
-        while "ffmpeg" not in (descendants := _descendants(worker.pid)).values():
-            assert time.monotonic() < deadline, "the worker never started ffmpeg"
-            await asyncio.sleep(0.02)
-        started.update(descendants)
-        return worker
+    async def healthy(worker_settings, worker: subprocess.Popen) -> None:
+        async with asyncio.timeout(120):
+            while not await redis.exists(health_check_key(worker_settings.queue_name, worker.pid)):
+                assert worker.poll() is None, "the worker exited"
+                await asyncio.sleep(0.05)
 
     redis = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
     try:
         async with running(settings) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             storage = storage_pb2_grpc.StorageServiceStub(channel)
-            # Told apart by their sizes in the temp dir, where each worker downloads the original it transcodes.
-            living_original, killed_original = _looped(clips).read_bytes(), _looped(clips, 240).read_bytes()
-            living = await transcoding(living_original)
-            killed = await transcoding(killed_original)
-            originals = {path.stat().st_size: path for path in tmp_path.rglob("source")}
-            assert originals.keys() == {len(living_original), len(killed_original)}
+            living_settings = make_settings(queue_name=f"video-temp-living:{user_id}")
+            living = start_worker(living_settings, **env)
+            workers.append(living)
+            await healthy(living_settings, living)
+            [living_folder] = [path for path in tmp_path.iterdir() if path.is_dir()]
+            living_files = sorted(path.name for path in tmp_path.iterdir())
+
+            original = _looped(clips).read_bytes()
+            await upload(storage, auth(user_id), original, filename="looped.mp4", content_type="video/mp4")
+            killed = start_worker(settings, **env)
+            workers.append(killed)
+            # A worker's start, its download and probe of the clip: slow beside a full run on two cores.
+            deadline = time.monotonic() + 180
+            while "ffmpeg" not in (descendants := _descendants(killed.pid)).values():
+                assert time.monotonic() < deadline, "the worker never started ffmpeg"
+                await asyncio.sleep(0.02)
+            started.update(descendants)
+            [source] = [path for path in tmp_path.rglob("source") if path.stat().st_size == len(original)]
             killed.send_signal(signal.SIGKILL)
             killed.wait()
             next_one = start_worker(settings, **env)
             workers.append(next_one)
-            async with asyncio.timeout(60):
-                while not await redis.exists(health_check_key(settings.queue_name, next_one.pid)):
-                    await asyncio.sleep(0.05)
-            assert not originals[len(killed_original)].exists(), "the killed worker's original is left on disk"
-            assert originals[len(living_original)].read_bytes() == living_original, "a living worker's original was touched"
-            assert "ffmpeg" in _descendants(living.pid).values()
+            await healthy(settings, next_one)
+            assert not source.exists(), "the killed worker's original is left on disk"
+            assert living_folder.is_dir(), "a living worker's folder was touched"
+            assert living.poll() is None
+            assert set(living_files) <= {path.name for path in tmp_path.iterdir()}
             for worker in (living, next_one):
                 worker.terminate()
             async with asyncio.timeout(60):
