@@ -158,15 +158,7 @@ async def test_a_worker_exports_its_own_gauges_and_none_of_the_servers(make_sett
     env = {"MEDIAVAULT_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
     worker = start_worker(make_settings(queue_name=f"metrics:{user_id}"), **env, **JOBS_OFF)
     try:
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:
-            assert worker.poll() is None, "the worker exited"
-            assert asyncio.get_running_loop().time() < deadline, "the worker never reported a poll of Redis"
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                samples = await scrape(env)
-                if "mediavault_worker_redis_up" in samples:
-                    break
-            await asyncio.sleep(0.1)
+        samples = await scrape_until(env, worker, lambda samples: "mediavault_worker_redis_up" in samples, "reported a poll of Redis")
     finally:
         worker.terminate()
         await asyncio.to_thread(worker.wait)
@@ -229,15 +221,9 @@ async def test_a_worker_exports_how_long_the_oldest_job_of_each_queue_has_waited
         assert job is not None
         worker = start_worker(settings, **env, **JOBS_OFF)
         try:
-            deadline = asyncio.get_running_loop().time() + 60
-            while True:
-                assert worker.poll() is None, "the worker exited"
-                assert asyncio.get_running_loop().time() < deadline, "the worker never exported the queues' waits"
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    samples = await scrape(env)
-                    if "mediavault_queue_oldest_waiting_seconds" in samples:
-                        break
-                await asyncio.sleep(0.1)
+            samples = await scrape_until(
+                env, worker, lambda samples: "mediavault_queue_oldest_waiting_seconds" in samples, "exported the queues' waits"
+            )
         finally:
             worker.terminate()
             await asyncio.to_thread(worker.wait)
